@@ -1,0 +1,77 @@
+"""keymgmt_proto: the sans-I/O protocol core of keymgmt.
+
+Bytes in, events out, bytes to send. No sockets, files, databases, clocks or
+OS randomness: time enters as ``now`` and randomness as an injected
+``random(n) -> bytes`` callable. See docs/architecture.md and docs/protocol.md.
+"""
+
+from ._client import ClientConnection, DetachedSession
+from ._crypto import Channel, Direction, RandomSource, derive_master_key, hkdf_sha3
+from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._events import (
+    NEED_DATA,
+    ConnectionFailed,
+    Event,
+    LoginFailed,
+    LoginRequested,
+    LoginSucceeded,
+    NeedData,
+    RegistrationCompleted,
+    RegistrationRequested,
+    RegistrationSucceeded,
+    RequestReceived,
+    ResponseReceived,
+    SessionClosed,
+    SessionEstablished,
+    SessionFailed,
+    SessionResumed,
+)
+from ._opaque import ServerSetup
+from ._server import ServerConfig, ServerConnection, SessionRegistry
+from ._state import Command, Role, SessionKind, State
+from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SESSION_ID, PROTOCOL_VERSION, Frame, FrameType
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "MAX_SESSION_ID",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "Channel",
+    "ClientConnection",
+    "Command",
+    "ConnectionFailed",
+    "DetachedSession",
+    "Direction",
+    "ErrorCode",
+    "Event",
+    "Frame",
+    "FrameType",
+    "LocalProtocolError",
+    "LoginFailed",
+    "LoginRequested",
+    "LoginSucceeded",
+    "NeedData",
+    "ProtocolError",
+    "RandomSource",
+    "RegistrationCompleted",
+    "RegistrationRequested",
+    "RegistrationSucceeded",
+    "RemoteProtocolError",
+    "RequestReceived",
+    "ResponseReceived",
+    "Role",
+    "ServerConfig",
+    "ServerConnection",
+    "ServerSetup",
+    "SessionClosed",
+    "SessionEstablished",
+    "SessionFailed",
+    "SessionKind",
+    "SessionRegistry",
+    "SessionResumed",
+    "State",
+    "derive_master_key",
+    "hkdf_sha3",
+]

@@ -1,0 +1,417 @@
+"""The client side of a connection: opens registration and request sessions.
+
+Typical use (an adapter does the I/O)::
+
+    conn = ClientConnection(random=os.urandom)
+    sid = conn.open_request_session(b"alice@example.org", password)
+    transport.write(conn.data_to_send())
+    ... conn.receive_data(transport.read()); event = conn.next_event() ...
+
+Passwords are held only between the OPAQUE steps that need them.
+``export_key`` reaches the application in the ``SessionEstablished`` or
+``RegistrationSucceeded`` event; ``master_key`` and ``storage_key`` never leave
+this module (REG-3).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+
+from . import _opaque
+from ._connection import ConnectionBase
+from ._crypto import Channel, RandomSource, derive_master_key, encrypt_storage_key
+from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._events import (
+    RegistrationSucceeded,
+    ResponseReceived,
+    SessionClosed,
+    SessionEstablished,
+    SessionFailed,
+    SessionResumed,
+)
+from ._messages import (
+    Abort,
+    Close,
+    CompleteRegistration,
+    LoginFinish,
+    LoginResponse,
+    LoginStart,
+    Record,
+    RegResponse,
+    RegStart,
+    RegUpload,
+    Request,
+    Response,
+    Resume,
+    Resumed,
+    ResumeEnvelope,
+    Welcome,
+    _check_account_name,
+)
+from ._state import Command, Role, SessionKind, State, next_state
+from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SESSION_ID, Frame, FrameType
+
+__all__ = ["ClientConnection", "DetachedSession"]
+
+#: Default cap on requests awaiting an answer in one session (the server enforces its own).
+DEFAULT_MAX_IN_FLIGHT = 16
+
+
+@dataclass(slots=True, repr=False, eq=False)
+class _ClientSession:
+    kind: SessionKind
+    session_id: int
+    account_name: bytes
+    state: State = State.IDLE
+    password: bytes | None = None
+    opaque_state: bytes | None = None
+    registration_export_key: bytes | None = None
+    export_key: bytes | None = None
+    user_id: bytes | None = None
+    channel: Channel | None = None
+    next_request_id: int = 1
+    #: request_id -> body, for requests not yet answered (re-sent on resumption)
+    unanswered: dict[int, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"<client session {self.session_id} {self.kind.value} {self.state.name}>"
+
+
+class DetachedSession:
+    """An established request session whose connection is gone; pass it to
+    :meth:`ClientConnection.resume_session` on a new connection. Holds keys: no repr details."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: _ClientSession) -> None:
+        self._session = session
+
+    @property
+    def user_id(self) -> bytes:
+        assert self._session.user_id is not None
+        return self._session.user_id
+
+    @property
+    def unanswered_requests(self) -> tuple[int, ...]:
+        """Request ids that will be re-sent on resumption (each is answered once)."""
+        return tuple(self._session.unanswered)
+
+    def __repr__(self) -> str:
+        return f"<DetachedSession {len(self._session.unanswered)} unanswered>"
+
+
+class ClientConnection(ConnectionBase):
+    """Client state machine for one transport connection carrying many sessions."""
+
+    role = Role.CLIENT
+
+    def __init__(
+        self,
+        random: RandomSource,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_requests_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
+        super().__init__(max_payload)
+        self._random = random
+        self.max_requests_in_flight = max_requests_in_flight
+        self._sessions: dict[int, _ClientSession] = {}
+        self._last_session_id = 0
+        self._detached: list[_ClientSession] = []
+
+    # ------------------------------------------------------------ commands
+
+    def open_registration(self, account_name: bytes, password: bytes) -> int:
+        """Start registering ``account_name`` (NET-5). Returns the new session id."""
+        session = self._new_session(SessionKind.REGISTRATION, account_name, password)
+        step = _opaque.client_registration_start(password)
+        message = RegStart(account_name, step.message)
+        self._commit_open(session, step.state)
+        self._send(FrameType.REG_START, session.session_id, message.encode())
+        return session.session_id
+
+    def open_request_session(self, account_name: bytes, password: bytes) -> int:
+        """Log in as ``account_name`` (NET-6). Returns the new session id."""
+        session = self._new_session(SessionKind.REQUEST, account_name, password)
+        step = _opaque.client_login_start(password)
+        message = LoginStart(account_name, step.message)
+        self._commit_open(session, step.state)
+        self._send(FrameType.LOGIN_START, session.session_id, message.encode())
+        return session.session_id
+
+    def send_request(self, session_id: int, body: bytes) -> int:
+        """Send an application request; returns its request id."""
+        session = self._live(session_id)
+        self._check(session, Command.SEND_REQUEST)
+        if len(session.unanswered) >= self.max_requests_in_flight:
+            raise LocalProtocolError(
+                f"{self.max_requests_in_flight} requests already in flight", ErrorCode.LIMIT_EXCEEDED
+            )
+        request_id = session.next_request_id
+        if request_id >= 2**32:
+            raise LocalProtocolError("request ids exhausted; open a new session")
+        request = Request(request_id, body)
+        self._check_size(request.encode())
+        session.next_request_id += 1
+        session.unanswered[request_id] = body
+        self._send_sealed(session, FrameType.REQUEST, request.encode())
+        return request_id
+
+    def close_session(self, session_id: int) -> None:
+        """Log out: tell the server (sealed CLOSE) and forget the session."""
+        session = self._live(session_id)
+        self._check(session, Command.CLOSE)
+        self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.CLIENT_CLOSED).encode())
+        self._end(session, State.CLOSED)
+
+    def take_detached_sessions(self) -> list[DetachedSession]:
+        """Established sessions whose connection failed or was lost, ready to resume."""
+        detached = [DetachedSession(s) for s in self._detached]
+        self._detached.clear()
+        return detached
+
+    def resume_session(self, detached: DetachedSession) -> int:
+        """Resume a session from a dead connection on this one (NET-2). Unanswered
+        requests are re-sent with their original ids; each is answered once."""
+        session = detached._session
+        self._check(session, Command.RESUME)
+        session_id = self._allocate_session_id()
+        assert session.channel is not None
+        record = session.channel.seal(FrameType.RESUME, Resume().encode())
+        envelope = ResumeEnvelope(session.channel.session_handle, record)
+        session.session_id = session_id
+        session.state = State.AWAIT_RESUMED
+        self._sessions[session_id] = session
+        self._send(FrameType.RESUME, session_id, envelope.encode())
+        for request_id, body in session.unanswered.items():
+            self._send_sealed(session, FrameType.REQUEST, Request(request_id, body).encode())
+        return session_id
+
+    def connection_lost(self) -> None:
+        if self.failed is None:
+            self._fail_connection(
+                ErrorCode.CONNECTION_LOST, "connection lost", remote=False, send_goaway=False
+            )
+
+    def session_state(self, session_id: int) -> State:
+        """The session's state (CLOSED for ended or unknown ids)."""
+        session = self._sessions.get(session_id)
+        return session.state if session is not None else State.CLOSED
+
+    # ------------------------------------------------------------ internals
+
+    def _allocate_session_id(self) -> int:
+        if self.failed is not None:
+            raise LocalProtocolError("connection has failed; open a new one")
+        if self._last_session_id >= MAX_SESSION_ID:
+            raise LocalProtocolError("session ids exhausted on this connection", ErrorCode.BAD_SESSION_ID)
+        self._last_session_id += 1
+        return self._last_session_id
+
+    def _new_session(self, kind: SessionKind, account_name: bytes, password: bytes) -> _ClientSession:
+        try:
+            _check_account_name(account_name)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc), ErrorCode.INVALID_ACCOUNT_NAME) from None
+        if not password:
+            raise LocalProtocolError("password must not be empty")
+        if self.failed is not None:
+            raise LocalProtocolError("connection has failed; open a new one")
+        if self._last_session_id >= MAX_SESSION_ID:
+            raise LocalProtocolError("session ids exhausted on this connection", ErrorCode.BAD_SESSION_ID)
+        return _ClientSession(kind, self._last_session_id + 1, account_name, password=password)
+
+    def _commit_open(self, session: _ClientSession, opaque_state: bytes) -> None:
+        session.state = self._check(session, Command.OPEN)
+        session.opaque_state = opaque_state
+        self._last_session_id = session.session_id
+        self._sessions[session.session_id] = session
+
+    def _live(self, session_id: int) -> _ClientSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise LocalProtocolError(f"no live session {session_id}")
+        return session
+
+    def _check(self, session: _ClientSession, trigger: Command) -> State:
+        target = next_state(Role.CLIENT, session.kind, session.state, trigger)
+        if target is None:
+            raise LocalProtocolError(
+                f"cannot {trigger.value} a {session.kind.value} session in state {session.state.name}"
+            )
+        return target
+
+    def _check_size(self, plaintext: bytes) -> None:
+        if 8 + len(plaintext) + 16 > self.max_payload:
+            raise LocalProtocolError("request larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
+
+    def _send_sealed(self, session: _ClientSession, frame_type: FrameType, plaintext: bytes) -> None:
+        assert session.channel is not None
+        record = session.channel.seal(frame_type, plaintext)
+        self._send(frame_type, session.session_id, record.encode())
+
+    def _end(self, session: _ClientSession, state: State) -> None:
+        session.state = state
+        session.password = None
+        session.opaque_state = None
+        self._sessions.pop(session.session_id, None)
+
+    def _fail(
+        self, session: _ClientSession, error: ProtocolError, *, remote: bool, notify: bool = True
+    ) -> None:
+        if notify:
+            self._send_abort(session.session_id, error.code, str(error))
+        self._end(session, State.CLOSED)
+        self._events.append(SessionFailed(session.session_id, error.code, str(error), remote))
+
+    def _on_connection_failed(self) -> None:
+        for session in list(self._sessions.values()):
+            target = next_state(Role.CLIENT, session.kind, session.state, Command.DETACH)
+            if target is State.DETACHED:
+                session.state = State.DETACHED
+                self._sessions.pop(session.session_id)
+                self._detached.append(session)
+            else:
+                self._end(session, State.CLOSED)
+                self._events.append(
+                    SessionFailed(
+                        session.session_id,
+                        ErrorCode.CONNECTION_LOST,
+                        "connection ended before the session was established",
+                        False,
+                    )
+                )
+
+    # ------------------------------------------------------------ frames in
+
+    def _handle_frame(self, frame: Frame) -> None:
+        session = self._sessions.get(frame.session_id)
+        if session is None:
+            if frame.session_id > self._last_session_id:
+                self._fail_connection(
+                    ErrorCode.BAD_SESSION_ID,
+                    f"frame for session {frame.session_id} never opened",
+                    remote=True,
+                )
+            # else: a late frame for a session that already ended; ignore it.
+            return
+        if frame.type is FrameType.ABORT:
+            self._on_abort(session, frame)
+            return
+        target = next_state(Role.CLIENT, session.kind, session.state, frame.type)
+        if target is None:
+            self._fail(
+                session,
+                RemoteProtocolError(
+                    f"unexpected {frame.type.name} in state {session.state.name}", ErrorCode.UNEXPECTED_FRAME
+                ),
+                remote=True,
+            )
+            return
+        try:
+            self._apply(session, frame, target)
+        except ProtocolError as exc:
+            self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
+
+    def _on_abort(self, session: _ClientSession, frame: Frame) -> None:
+        try:
+            abort = Abort.decode(frame.payload)
+        except RemoteProtocolError as exc:
+            self._fail(session, exc, remote=True, notify=False)
+            return
+        self._end(session, State.CLOSED)
+        self._events.append(
+            SessionFailed(session.session_id, abort.code, abort.reason or abort.code.name, True)
+        )
+
+    def _open_sealed(self, session: _ClientSession, frame: Frame, *, allow_gap: bool = False) -> bytes:
+        assert session.channel is not None
+        return session.channel.open(frame.type, Record.decode(frame.payload), allow_gap=allow_gap)
+
+    def _apply(self, session: _ClientSession, frame: Frame, target: State) -> None:
+        """Perform the transition to ``target``: compute first, then commit."""
+        t = frame.type
+        if t is FrameType.REG_RESPONSE:
+            self._on_reg_response(session, RegResponse.decode(frame.payload))
+        elif t is FrameType.LOGIN_RESPONSE:
+            self._on_login_response(session, LoginResponse.decode(frame.payload))
+        elif t is FrameType.WELCOME:
+            welcome = Welcome.decode(self._open_sealed(session, frame))
+            self._on_welcome(session, welcome)
+        elif t is FrameType.RESPONSE:
+            response = Response.decode(self._open_sealed(session, frame))
+            if response.request_id not in session.unanswered:
+                raise RemoteProtocolError(
+                    "response to a request that is not in flight", ErrorCode.INVALID_REQUEST
+                )
+            del session.unanswered[response.request_id]
+            self._events.append(ResponseReceived(session.session_id, response.request_id, response.body))
+        elif t is FrameType.CLOSE:
+            close = Close.decode(self._open_sealed(session, frame))
+            self._on_close(session, close)
+            return
+        elif t is FrameType.RESUMED:
+            Resumed.decode(self._open_sealed(session, frame, allow_gap=True))
+            assert session.user_id is not None
+            self._events.append(SessionResumed(session.session_id, session.user_id))
+        else:  # pragma: no cover - the table admits no other frame types for the client
+            raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
+        session.state = target
+
+    def _on_reg_response(self, session: _ClientSession, message: RegResponse) -> None:
+        assert session.password is not None and session.opaque_state is not None
+        finish = _opaque.client_registration_finish(
+            session.password, session.opaque_state, message.registration_response
+        )
+        login = _opaque.client_login_start(session.password)
+        upload = RegUpload(finish.message)
+        login_start = LoginStart(session.account_name, login.message)
+        session.registration_export_key = finish.state
+        session.opaque_state = login.state
+        self._send(FrameType.REG_UPLOAD, session.session_id, upload.encode())
+        self._send(FrameType.LOGIN_START, session.session_id, login_start.encode())
+
+    def _on_login_response(self, session: _ClientSession, message: LoginResponse) -> None:
+        assert session.password is not None and session.opaque_state is not None
+        result = _opaque.client_login_finish(
+            session.password, session.opaque_state, message.credential_response
+        )
+        if session.registration_export_key is not None and not hmac.compare_digest(
+            session.registration_export_key, result.export_key
+        ):
+            raise RemoteProtocolError(
+                "export key from login differs from registration", ErrorCode.AUTHENTICATION_FAILED
+            )
+        finish = LoginFinish(result.message)
+        session.channel = Channel(result.session_key, is_client=True)
+        session.export_key = result.export_key
+        session.password = None
+        session.opaque_state = None
+        session.registration_export_key = None
+        self._send(FrameType.LOGIN_FINISH, session.session_id, finish.encode())
+
+    def _on_welcome(self, session: _ClientSession, welcome: Welcome) -> None:
+        session.user_id = welcome.user_id
+        assert session.export_key is not None
+        if session.kind is SessionKind.REQUEST:
+            self._events.append(SessionEstablished(session.session_id, welcome.user_id, session.export_key))
+            return
+        # REG-3: master_key and storage_key live only inside this call.
+        master_key = derive_master_key(session.export_key)
+        storage_key = self._random(32)
+        encrypted = encrypt_storage_key(master_key, storage_key, welcome.user_id, self._random)
+        message = CompleteRegistration(welcome.user_id, encrypted)
+        self._send_sealed(session, FrameType.COMPLETE_REGISTRATION, message.encode())
+
+    def _on_close(self, session: _ClientSession, close: Close) -> None:
+        self._end(session, State.CLOSED)
+        if session.kind is SessionKind.REGISTRATION and close.code is ErrorCode.OK:
+            assert session.user_id is not None and session.export_key is not None
+            self._events.append(
+                RegistrationSucceeded(session.session_id, session.user_id, session.export_key)
+            )
+        elif session.kind is SessionKind.REGISTRATION:
+            self._events.append(SessionFailed(session.session_id, close.code, close.code.name, True))
+        else:
+            self._events.append(SessionClosed(session.session_id, close.code))

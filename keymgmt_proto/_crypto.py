@@ -1,0 +1,187 @@
+"""The project's own cryptographic constructions (CRY-2, CRY-3, CRY-6, NET-7, REG-3).
+
+Channel key schedule (HKDF with SHA3-256)::
+
+    prk            = HKDF-Extract(salt=CHANNEL_SALT, ikm=session_key)
+    session_handle = HKDF-Expand(prk, LABEL_HANDLE, 16)
+    c2s_key, c2s_iv = HKDF-Expand(prk, LABEL_C2S_KEY, 32), HKDF-Expand(prk, LABEL_C2S_IV, 12)
+    s2c_key, s2c_iv = HKDF-Expand(prk, LABEL_S2C_KEY, 32), HKDF-Expand(prk, LABEL_S2C_IV, 12)
+
+A record with sequence number ``seq`` uses ``nonce = iv XOR (0^4 || seq as u64)`` and
+``AD = session_handle || direction || frame_type || seq`` (1, 1 and 8 bytes), so a
+record moved to another session, direction, frame type or position fails to open.
+Nothing here draws randomness or reads a clock: callers pass them in.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from collections.abc import Callable
+from enum import IntEnum
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from ._errors import ErrorCode, RemoteProtocolError
+from ._messages import ENCRYPTED_STORAGE_KEY_SIZE, SESSION_HANDLE_SIZE, Record
+from ._wire import FrameType
+
+__all__ = [
+    "CHANNEL_SALT",
+    "LABEL_C2S_IV",
+    "LABEL_C2S_KEY",
+    "LABEL_HANDLE",
+    "LABEL_S2C_IV",
+    "LABEL_S2C_KEY",
+    "MASTER_KEY_INFO",
+    "STORAGE_KEY_AD_SUFFIX",
+    "Channel",
+    "Direction",
+    "RandomSource",
+    "decrypt_storage_key",
+    "derive_master_key",
+    "encrypt_storage_key",
+    "hkdf_sha3",
+]
+
+#: Injected randomness: returns ``n`` bytes from a CSPRNG (``os.urandom`` in adapters).
+RandomSource = Callable[[int], bytes]
+
+CHANNEL_SALT = b"keymgmt v1 channel"
+LABEL_HANDLE = b"keymgmt v1 session handle"
+LABEL_C2S_KEY = b"keymgmt v1 client-to-server key"
+LABEL_C2S_IV = b"keymgmt v1 client-to-server iv"
+LABEL_S2C_KEY = b"keymgmt v1 server-to-client key"
+LABEL_S2C_IV = b"keymgmt v1 server-to-client iv"
+#: REG-3, verbatim from the spec.
+MASTER_KEY_INFO = b"OPAQUE-derived Lock Keeper master key"
+STORAGE_KEY_AD_SUFFIX = b"storage key"
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+MAX_SEQ = 2**64 - 1
+_SHA3 = hashes.SHA3_256()
+
+
+class Direction(IntEnum):
+    """Which way a record travels; bound into its AD."""
+
+    CLIENT_TO_SERVER = 1
+    SERVER_TO_CLIENT = 2
+
+
+def hkdf_sha3(ikm: bytes, info: bytes, length: int, salt: bytes | None = None) -> bytes:
+    """HKDF (RFC 5869) with SHA3-256."""
+    return HKDF(algorithm=_SHA3, length=length, salt=salt, info=info).derive(ikm)
+
+
+def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    return HKDFExpand(algorithm=_SHA3, length=length, info=info).derive(prk)
+
+
+def _nonce(iv: bytes, seq: int) -> bytes:
+    return bytes(a ^ b for a, b in zip(iv, b"\x00\x00\x00\x00" + struct.pack(">Q", seq), strict=True))
+
+
+class Channel:
+    """Per-session AEAD channel state: keys, IVs and one sequence counter per direction.
+
+    ``seal`` and ``open`` either succeed and advance their counter, or raise and
+    change nothing. Records must arrive with exactly the next sequence number;
+    only a resumption (``allow_gap=True``) may skip ahead, never back.
+    """
+
+    __slots__ = (
+        "_recv_aead",
+        "_recv_dir",
+        "_recv_iv",
+        "_send_aead",
+        "_send_dir",
+        "_send_iv",
+        "recv_seq",
+        "send_seq",
+        "session_handle",
+    )
+
+    def __init__(self, session_key: bytes, *, is_client: bool) -> None:
+        prk = hmac.digest(CHANNEL_SALT, session_key, "sha3_256")
+        self.session_handle = _expand(prk, LABEL_HANDLE, SESSION_HANDLE_SIZE)
+        c2s = ChaCha20Poly1305(_expand(prk, LABEL_C2S_KEY, KEY_SIZE)), _expand(prk, LABEL_C2S_IV, NONCE_SIZE)
+        s2c = ChaCha20Poly1305(_expand(prk, LABEL_S2C_KEY, KEY_SIZE)), _expand(prk, LABEL_S2C_IV, NONCE_SIZE)
+        if is_client:
+            (self._send_aead, self._send_iv), (self._recv_aead, self._recv_iv) = c2s, s2c
+            self._send_dir, self._recv_dir = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
+        else:
+            (self._send_aead, self._send_iv), (self._recv_aead, self._recv_iv) = s2c, c2s
+            self._send_dir, self._recv_dir = Direction.SERVER_TO_CLIENT, Direction.CLIENT_TO_SERVER
+        self.send_seq = 0
+        self.recv_seq = 0
+
+    def __repr__(self) -> str:
+        return f"Channel(send_seq={self.send_seq}, recv_seq={self.recv_seq})"
+
+    def _ad(self, direction: Direction, frame_type: FrameType, seq: int) -> bytes:
+        return self.session_handle + struct.pack(">BBQ", direction, frame_type, seq)
+
+    def seal(self, frame_type: FrameType, plaintext: bytes) -> Record:
+        """Encrypt the next outgoing record."""
+        seq = self.send_seq
+        if seq >= MAX_SEQ:  # pragma: no cover - 2**64 records
+            raise RemoteProtocolError("sequence numbers exhausted", ErrorCode.BAD_RECORD)
+        ciphertext = self._send_aead.encrypt(
+            _nonce(self._send_iv, seq), plaintext, self._ad(self._send_dir, frame_type, seq)
+        )
+        self.send_seq = seq + 1
+        return Record(seq, ciphertext)
+
+    def open(self, frame_type: FrameType, record: Record, *, allow_gap: bool = False) -> bytes:
+        """Verify and decrypt an incoming record; raise RemoteProtocolError(BAD_RECORD) if it fails."""
+        seq = record.seq
+        if seq < self.recv_seq:
+            raise RemoteProtocolError("replayed or reordered record", ErrorCode.BAD_RECORD)
+        if seq != self.recv_seq and not allow_gap:
+            raise RemoteProtocolError("record out of sequence", ErrorCode.BAD_RECORD)
+        if seq >= MAX_SEQ:
+            raise RemoteProtocolError("sequence number out of range", ErrorCode.BAD_RECORD)
+        try:
+            plaintext = self._recv_aead.decrypt(
+                _nonce(self._recv_iv, seq),
+                record.ciphertext,
+                self._ad(self._recv_dir, frame_type, seq),
+            )
+        except InvalidTag:
+            raise RemoteProtocolError("record failed authentication", ErrorCode.BAD_RECORD) from None
+        self.recv_seq = seq + 1
+        return plaintext
+
+
+def derive_master_key(export_key: bytes) -> bytes:
+    """REG-3: master_key = HKDF(export_key, info=MASTER_KEY_INFO, 32 bytes)."""
+    return hkdf_sha3(export_key, MASTER_KEY_INFO, KEY_SIZE)
+
+
+def encrypt_storage_key(master_key: bytes, storage_key: bytes, user_id: bytes, random: RandomSource) -> bytes:
+    """REG-3: nonce || Enc(master_key, storage_key, AD = user_id || "storage key")."""
+    if len(storage_key) != KEY_SIZE:
+        raise ValueError("storage_key must be 32 bytes")
+    nonce = random(NONCE_SIZE)
+    sealed = ChaCha20Poly1305(master_key).encrypt(nonce, storage_key, user_id + STORAGE_KEY_AD_SUFFIX)
+    result = nonce + sealed
+    assert len(result) == ENCRYPTED_STORAGE_KEY_SIZE
+    return result
+
+
+def decrypt_storage_key(master_key: bytes, encrypted_storage_key: bytes, user_id: bytes) -> bytes:
+    """OPS-1: open ``encrypted_storage_key``; RemoteProtocolError if it does not verify."""
+    if len(encrypted_storage_key) != ENCRYPTED_STORAGE_KEY_SIZE:
+        raise RemoteProtocolError("encrypted storage key has the wrong length", ErrorCode.MALFORMED)
+    nonce, sealed = encrypted_storage_key[:NONCE_SIZE], encrypted_storage_key[NONCE_SIZE:]
+    try:
+        return ChaCha20Poly1305(master_key).decrypt(nonce, sealed, user_id + STORAGE_KEY_AD_SUFFIX)
+    except InvalidTag:
+        raise RemoteProtocolError(
+            "encrypted storage key failed authentication", ErrorCode.BAD_RECORD
+        ) from None

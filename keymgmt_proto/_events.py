@@ -1,0 +1,180 @@
+"""Events that ``next_event()`` returns. Frozen dataclasses; secrets are kept out of ``repr``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ._errors import ErrorCode
+
+__all__ = [
+    "NEED_DATA",
+    "ConnectionFailed",
+    "Event",
+    "LoginFailed",
+    "LoginRequested",
+    "LoginSucceeded",
+    "NeedData",
+    "RegistrationCompleted",
+    "RegistrationRequested",
+    "RegistrationSucceeded",
+    "RequestReceived",
+    "ResponseReceived",
+    "SessionClosed",
+    "SessionEstablished",
+    "SessionFailed",
+    "SessionResumed",
+]
+
+
+class NeedData(Enum):
+    """Sentinel: no complete event is buffered; feed more bytes."""
+
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData.NEED_DATA
+
+
+class Event:
+    """Base class of every event."""
+
+    __slots__ = ()
+
+
+# ------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationRequested(Event):
+    """A client wants to register ``account_name``.
+
+    Answer with ``accept_registration(session_id, user_id)`` if the name is free
+    and well-formed, else ``reject_session(session_id, ErrorCode.ACCOUNT_EXISTS or
+    INVALID_ACCOUNT_NAME)``.
+    """
+
+    session_id: int
+    account_name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationCompleted(Event):
+    """Registration finished on the wire; store it atomically (REG-4), then
+    ``confirm_registration(session_id)`` or ``reject_session(...)``."""
+
+    session_id: int
+    account_name: bytes
+    user_id: bytes
+    registration_record: bytes = field(repr=False)
+    encrypted_storage_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRequested(Event):
+    """A client wants to log in as ``account_name``: look up its record and call
+    ``accept_login(session_id, user_id, registration_record)``."""
+
+    session_id: int
+    account_name: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSucceeded(Event):
+    """OPAQUE login verified; the session is established (audit it)."""
+
+    session_id: int
+    account_name: bytes
+    user_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed(Event):
+    """OPAQUE login failed for ``account_name`` (audit and throttle it)."""
+
+    session_id: int
+    account_name: bytes
+    user_id: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived(Event):
+    """An application request on an established session; answer with ``send_response``."""
+
+    session_id: int
+    user_id: bytes
+    request_id: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResumed(Event):
+    """An established session moved to this connection under a new ``session_id``."""
+
+    session_id: int
+    user_id: bytes
+
+
+# ------------------------------------------------------------- client side
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationSucceeded(Event):
+    """The server stored the registration. ``export_key`` is the OPAQUE export key."""
+
+    session_id: int
+    user_id: bytes
+    export_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEstablished(Event):
+    """Login succeeded on both sides; requests may be sent."""
+
+    session_id: int
+    user_id: bytes
+    export_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived(Event):
+    """The answer to ``request_id``; each request is answered exactly once."""
+
+    session_id: int
+    request_id: int
+    body: bytes = field(repr=False)
+
+
+# ------------------------------------------------------------- both sides
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed(Event):
+    """The session ended normally or by policy (logout, expiry, request limit)."""
+
+    session_id: int
+    code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailed(Event):
+    """The session ended with an error. ``remote`` is True when the peer said so or
+    sent something invalid; False when this side ended it (timeout, connection lost)."""
+
+    session_id: int
+    code: ErrorCode
+    reason: str
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed(Event):
+    """The connection is unusable (broken framing or GOAWAY). Close the transport after
+    sending ``data_to_send()``; established request sessions stay resumable."""
+
+    code: ErrorCode
+    reason: str
+    remote: bool

@@ -1,0 +1,521 @@
+"""Typed payloads: one frozen dataclass per frame type, validated on construction.
+
+``encode()`` gives the payload bytes; ``decode(payload)`` parses them or raises
+:class:`RemoteProtocolError`. Clear payloads are the frame payload itself; a
+sealed frame's payload is a :class:`Record` whose plaintext is the message.
+Fields that hold secrets or key material are excluded from ``repr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, Self
+
+from ._errors import ErrorCode, RemoteProtocolError
+from ._wire import FrameType, Reader, Writer
+
+__all__ = [
+    "ACCOUNT_NAME_MAX",
+    "CREDENTIAL_FINALIZATION_SIZE",
+    "CREDENTIAL_REQUEST_SIZE",
+    "CREDENTIAL_RESPONSE_SIZE",
+    "ENCRYPTED_STORAGE_KEY_SIZE",
+    "MESSAGE_TYPES",
+    "REGISTRATION_REQUEST_SIZE",
+    "REGISTRATION_RESPONSE_SIZE",
+    "REGISTRATION_UPLOAD_SIZE",
+    "SESSION_HANDLE_SIZE",
+    "TAG_SIZE",
+    "USER_ID_SIZE",
+    "Abort",
+    "Close",
+    "CompleteRegistration",
+    "GoAway",
+    "LoginFinish",
+    "LoginResponse",
+    "LoginStart",
+    "Message",
+    "Record",
+    "RegResponse",
+    "RegStart",
+    "RegUpload",
+    "Request",
+    "Response",
+    "Resume",
+    "ResumeEnvelope",
+    "Resumed",
+    "Welcome",
+    "decode_message",
+]
+
+# OPAQUE-3DH (ristretto255, SHA-512, Argon2) message sizes, as produced by opaque-ke.
+REGISTRATION_REQUEST_SIZE = 32
+REGISTRATION_RESPONSE_SIZE = 64
+REGISTRATION_UPLOAD_SIZE = 192
+CREDENTIAL_REQUEST_SIZE = 96
+CREDENTIAL_RESPONSE_SIZE = 320
+CREDENTIAL_FINALIZATION_SIZE = 64
+
+USER_ID_SIZE = 16
+SESSION_HANDLE_SIZE = 16
+TAG_SIZE = 16
+#: nonce (12) || ChaCha20-Poly1305(storage_key (32)) || tag (16)
+ENCRYPTED_STORAGE_KEY_SIZE = 12 + 32 + TAG_SIZE
+#: Account names are 1..255 bytes (one-byte length prefix on the wire).
+ACCOUNT_NAME_MAX = 255
+#: ABORT/GOAWAY reasons are short ASCII text.
+REASON_MAX = 255
+
+
+class Message(Protocol):
+    """What every payload type offers."""
+
+    FRAME_TYPE: ClassVar[FrameType]
+
+    def encode(self) -> bytes: ...
+
+
+def _check_size(name: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes, got {len(value)}")
+
+
+def _check_account_name(account_name: bytes) -> None:
+    if not 1 <= len(account_name) <= ACCOUNT_NAME_MAX:
+        raise ValueError(f"account_name must be 1..{ACCOUNT_NAME_MAX} bytes")
+
+
+class _Decodable:
+    """Turns constructor ValueErrors into RemoteProtocolError during decode."""
+
+    __slots__ = ()
+
+    @classmethod
+    def _build(cls, what: str, *args: object) -> Self:
+        try:
+            return cls(*args)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"invalid {what}: {exc}") from None
+
+
+# ---------------------------------------------------------------- clear frames
+
+
+@dataclass(frozen=True, slots=True)
+class RegStart(_Decodable):
+    """Client opens a registration session: account name and OPAQUE RegistrationRequest."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.REG_START
+    account_name: bytes
+    registration_request: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_account_name(self.account_name)
+        _check_size("registration_request", self.registration_request, REGISTRATION_REQUEST_SIZE)
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .bytes8(self.account_name)
+            .fixed(self.registration_request, REGISTRATION_REQUEST_SIZE)
+            .getvalue()
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RegStart:
+        r = Reader(payload, "REG_START")
+        name = r.bytes8()
+        request = r.fixed(REGISTRATION_REQUEST_SIZE)
+        r.done()
+        return cls._build("REG_START", name, request)
+
+
+@dataclass(frozen=True, slots=True)
+class RegResponse(_Decodable):
+    """Server's OPAQUE RegistrationResponse."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.REG_RESPONSE
+    registration_response: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_size("registration_response", self.registration_response, REGISTRATION_RESPONSE_SIZE)
+
+    def encode(self) -> bytes:
+        return self.registration_response
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RegResponse:
+        r = Reader(payload, "REG_RESPONSE")
+        value = r.fixed(REGISTRATION_RESPONSE_SIZE)
+        r.done()
+        return cls(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RegUpload(_Decodable):
+    """Client's OPAQUE RegistrationUpload (becomes the server's registration record)."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.REG_UPLOAD
+    registration_upload: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_size("registration_upload", self.registration_upload, REGISTRATION_UPLOAD_SIZE)
+
+    def encode(self) -> bytes:
+        return self.registration_upload
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RegUpload:
+        r = Reader(payload, "REG_UPLOAD")
+        value = r.fixed(REGISTRATION_UPLOAD_SIZE)
+        r.done()
+        return cls(value)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginStart(_Decodable):
+    """Client starts OPAQUE login: account name and CredentialRequest."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.LOGIN_START
+    account_name: bytes
+    credential_request: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_account_name(self.account_name)
+        _check_size("credential_request", self.credential_request, CREDENTIAL_REQUEST_SIZE)
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .bytes8(self.account_name)
+            .fixed(self.credential_request, CREDENTIAL_REQUEST_SIZE)
+            .getvalue()
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LoginStart:
+        r = Reader(payload, "LOGIN_START")
+        name = r.bytes8()
+        request = r.fixed(CREDENTIAL_REQUEST_SIZE)
+        r.done()
+        return cls._build("LOGIN_START", name, request)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResponse(_Decodable):
+    """Server's OPAQUE CredentialResponse."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.LOGIN_RESPONSE
+    credential_response: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_size("credential_response", self.credential_response, CREDENTIAL_RESPONSE_SIZE)
+
+    def encode(self) -> bytes:
+        return self.credential_response
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LoginResponse:
+        r = Reader(payload, "LOGIN_RESPONSE")
+        value = r.fixed(CREDENTIAL_RESPONSE_SIZE)
+        r.done()
+        return cls(value)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFinish(_Decodable):
+    """Client's OPAQUE CredentialFinalization."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.LOGIN_FINISH
+    credential_finalization: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_size("credential_finalization", self.credential_finalization, CREDENTIAL_FINALIZATION_SIZE)
+
+    def encode(self) -> bytes:
+        return self.credential_finalization
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LoginFinish:
+        r = Reader(payload, "LOGIN_FINISH")
+        value = r.fixed(CREDENTIAL_FINALIZATION_SIZE)
+        r.done()
+        return cls(value)
+
+
+def _check_reason(reason: str) -> None:
+    if len(reason) > REASON_MAX or not reason.isascii() or not reason.isprintable():
+        raise ValueError(f"reason must be printable ASCII of at most {REASON_MAX} characters")
+
+
+def _read_code(r: Reader) -> ErrorCode:
+    raw = r.u16()
+    try:
+        return ErrorCode(raw)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown error code {raw}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(_Decodable):
+    """Ends one session with a code and a short reason (clear: may precede the channel)."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.ABORT
+    code: ErrorCode
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_reason(self.reason)
+
+    def encode(self) -> bytes:
+        return Writer().u16(self.code).bytes8(self.reason.encode("ascii")).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Abort:
+        r = Reader(payload, "ABORT")
+        code = _read_code(r)
+        raw = r.bytes8()
+        r.done()
+        try:
+            reason = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("ABORT reason is not ASCII") from None
+        return cls._build("ABORT", code, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway(_Decodable):
+    """Ends the whole connection (session id 0); same layout as ABORT."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.GOAWAY
+    code: ErrorCode
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_reason(self.reason)
+
+    def encode(self) -> bytes:
+        return Writer().u16(self.code).bytes8(self.reason.encode("ascii")).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> GoAway:
+        abort = Abort.decode(payload)
+        return cls._build("GOAWAY", abort.code, abort.reason)
+
+
+# ------------------------------------------------------------- sealed records
+
+
+@dataclass(frozen=True, slots=True)
+class Record(_Decodable):
+    """A sealed frame's payload: explicit sequence number and AEAD ciphertext (with tag)."""
+
+    seq: int
+    ciphertext: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seq < 2**64:
+            raise ValueError("seq out of range")
+        if len(self.ciphertext) < TAG_SIZE:
+            raise ValueError("ciphertext shorter than the tag")
+
+    def encode(self) -> bytes:
+        return Writer().u64(self.seq).rest(self.ciphertext).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Record:
+        r = Reader(payload, "sealed record")
+        seq = r.u64()
+        ciphertext = r.rest()
+        return cls._build("sealed record", seq, ciphertext)
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeEnvelope(_Decodable):
+    """RESUME frame payload: which session, then a record sealed with that session's keys."""
+
+    session_handle: bytes
+    record: Record
+
+    def __post_init__(self) -> None:
+        _check_size("session_handle", self.session_handle, SESSION_HANDLE_SIZE)
+
+    def encode(self) -> bytes:
+        return Writer().fixed(self.session_handle, SESSION_HANDLE_SIZE).rest(self.record.encode()).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ResumeEnvelope:
+        r = Reader(payload, "RESUME")
+        handle = r.fixed(SESSION_HANDLE_SIZE)
+        record = Record.decode(r.rest())
+        return cls._build("RESUME", handle, record)
+
+
+# ------------------------------------------------- sealed plaintext messages
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(_Decodable):
+    """First sealed server message: OPAQUE succeeded on the server; here is the user_id."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    user_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_size("user_id", self.user_id, USER_ID_SIZE)
+
+    def encode(self) -> bytes:
+        return self.user_id
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Welcome:
+        r = Reader(payload, "WELCOME")
+        user_id = r.fixed(USER_ID_SIZE)
+        r.done()
+        return cls(user_id)
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRegistration(_Decodable):
+    """REG-3: the client's user_id and encrypted_storage_key."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.COMPLETE_REGISTRATION
+    user_id: bytes
+    encrypted_storage_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_size("user_id", self.user_id, USER_ID_SIZE)
+        _check_size("encrypted_storage_key", self.encrypted_storage_key, ENCRYPTED_STORAGE_KEY_SIZE)
+
+    def encode(self) -> bytes:
+        return self.user_id + self.encrypted_storage_key
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CompleteRegistration:
+        r = Reader(payload, "COMPLETE_REGISTRATION")
+        user_id = r.fixed(USER_ID_SIZE)
+        esk = r.fixed(ENCRYPTED_STORAGE_KEY_SIZE)
+        r.done()
+        return cls(user_id, esk)
+
+
+@dataclass(frozen=True, slots=True)
+class Request(_Decodable):
+    """An application request: a per-session request id and an opaque body."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.REQUEST
+    request_id: int
+    body: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.request_id < 2**32:
+            raise ValueError("request_id must be 1..2**32-1")
+
+    def encode(self) -> bytes:
+        return Writer().u32(self.request_id).rest(self.body).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Request:
+        r = Reader(payload, "REQUEST")
+        request_id = r.u32()
+        body = r.rest()
+        return cls._build("REQUEST", request_id, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Response(_Decodable):
+    """The answer to the request with the same request id."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.RESPONSE
+    request_id: int
+    body: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.request_id < 2**32:
+            raise ValueError("request_id must be 1..2**32-1")
+
+    def encode(self) -> bytes:
+        return Writer().u32(self.request_id).rest(self.body).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Response:
+        r = Reader(payload, "RESPONSE")
+        request_id = r.u32()
+        body = r.rest()
+        return cls._build("RESPONSE", request_id, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Close(_Decodable):
+    """Authenticated end of an established session (logout, expiry, limit, registration done)."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.CLOSE
+    code: ErrorCode
+
+    def encode(self) -> bytes:
+        return Writer().u16(self.code).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Close:
+        r = Reader(payload, "CLOSE")
+        code = _read_code(r)
+        r.done()
+        return cls(code)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(_Decodable):
+    """Sealed body of a RESUME: empty; holding the keys for the next sequence number is the proof."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.RESUME
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Resume:
+        Reader(payload, "RESUME body").done()
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed(_Decodable):
+    """Sealed server acknowledgement of a RESUME."""
+
+    FRAME_TYPE: ClassVar[FrameType] = FrameType.RESUMED
+
+    def encode(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Resumed:
+        Reader(payload, "RESUMED body").done()
+        return cls()
+
+
+#: Frame type -> payload class (for sealed types: the class of the plaintext).
+MESSAGE_TYPES: dict[FrameType, type[_Decodable]] = {
+    FrameType.GOAWAY: GoAway,
+    FrameType.REG_START: RegStart,
+    FrameType.REG_RESPONSE: RegResponse,
+    FrameType.REG_UPLOAD: RegUpload,
+    FrameType.LOGIN_START: LoginStart,
+    FrameType.LOGIN_RESPONSE: LoginResponse,
+    FrameType.LOGIN_FINISH: LoginFinish,
+    FrameType.ABORT: Abort,
+    FrameType.WELCOME: Welcome,
+    FrameType.COMPLETE_REGISTRATION: CompleteRegistration,
+    FrameType.REQUEST: Request,
+    FrameType.RESPONSE: Response,
+    FrameType.CLOSE: Close,
+    FrameType.RESUME: Resume,
+    FrameType.RESUMED: Resumed,
+}
+
+
+def decode_message(frame_type: FrameType, payload: bytes) -> object:
+    """Decode a clear payload, or a sealed plaintext, of the given frame type."""
+    cls = MESSAGE_TYPES[frame_type]
+    decode = getattr(cls, "decode")  # noqa: B009 - every class defines it
+    result: object = decode(payload)
+    return result

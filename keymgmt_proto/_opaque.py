@@ -1,0 +1,143 @@
+"""The only module that calls opaque-ke-py (CRY-1: OPAQUE-3DH, ristretto255, SHA-512, Argon2).
+
+Every failure of the binding surfaces as ``ValueError``; here it becomes a
+:class:`RemoteProtocolError` with a fixed message, so nothing the binding says
+(which may quote sizes of secret structures) leaks into logs. Never call
+``ServerSetupData.get_public_key()``: in opaque-ke-py it returns the whole
+secret setup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import opaque_ke_py as _ok
+
+from ._errors import ErrorCode, RemoteProtocolError
+
+__all__ = [
+    "ServerSetup",
+    "client_login_finish",
+    "client_login_start",
+    "client_registration_finish",
+    "client_registration_start",
+    "server_login_finish",
+    "server_login_start",
+    "server_registration_finish",
+    "server_registration_start",
+]
+
+
+class ServerSetup:
+    """The long-term OPAQUE server secret (CRY-5). Its repr shows nothing."""
+
+    __slots__ = ("_setup",)
+
+    def __init__(self, setup: _ok.ServerSetupData) -> None:
+        self._setup = setup
+
+    @classmethod
+    def generate(cls) -> ServerSetup:
+        """Create a new setup (OPAQUE's own OS randomness). Do this once, explicitly."""
+        return cls(_ok.server_setup())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ServerSetup:
+        """Load a serialized setup; ValueError (without details) if it is corrupt."""
+        try:
+            return cls(_ok.ServerSetupData.from_bytes(data))
+        except ValueError:
+            raise ValueError("OPAQUE server setup is corrupt") from None
+
+    def to_bytes(self) -> bytes:
+        """Serialize (secret! store with owner-only permissions)."""
+        return self._setup.to_bytes()
+
+    def __repr__(self) -> str:
+        return "ServerSetup(<secret>)"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStep:
+    """A message to send and the private state (or key) the client keeps."""
+
+    message: bytes = field(repr=False)
+    state: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLoginResult:
+    message: bytes = field(repr=False)
+    session_key: bytes = field(repr=False)
+    export_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLoginStep:
+    message: bytes = field(repr=False)
+    state: bytes = field(repr=False)
+
+
+def _fail(what: str, code: ErrorCode = ErrorCode.MALFORMED) -> RemoteProtocolError:
+    return RemoteProtocolError(f"OPAQUE {what} failed", code)
+
+
+def client_registration_start(password: bytes) -> ClientStep:
+    result = _ok.client_registration_start(password)
+    return ClientStep(result.get_message(), result.get_state())
+
+
+def client_registration_finish(password: bytes, state: bytes, registration_response: bytes) -> ClientStep:
+    """Returns (upload message, export_key as ``state``)."""
+    try:
+        result = _ok.client_registration_finish(password, state, registration_response)
+    except ValueError:
+        raise _fail("registration response") from None
+    return ClientStep(result.get_message(), result.get_export_key())
+
+
+def client_login_start(password: bytes) -> ClientStep:
+    result = _ok.client_login_start(password)
+    return ClientStep(result.get_message(), result.get_state())
+
+
+def client_login_finish(password: bytes, state: bytes, credential_response: bytes) -> ClientLoginResult:
+    """AUTHENTICATION_FAILED for a wrong password, unknown account or a forged response."""
+    try:
+        result = _ok.client_login_finish(password, state, credential_response)
+    except ValueError:
+        raise _fail("login", ErrorCode.AUTHENTICATION_FAILED) from None
+    return ClientLoginResult(result.get_message(), result.get_session_key(), result.get_export_key())
+
+
+def server_registration_start(setup: ServerSetup, request: bytes, account_name: bytes) -> bytes:
+    try:
+        return _ok.server_registration_start(setup._setup, request, account_name).get_message()
+    except ValueError:
+        raise _fail("registration request") from None
+
+
+def server_registration_finish(upload: bytes) -> bytes:
+    """Returns the registration record (the "password file")."""
+    try:
+        return _ok.server_registration_finish(upload).get_password_file()
+    except ValueError:
+        raise _fail("registration upload") from None
+
+
+def server_login_start(
+    setup: ServerSetup, registration_record: bytes, request: bytes, account_name: bytes
+) -> ServerLoginStep:
+    try:
+        result = _ok.server_login_start(setup._setup, registration_record, request, account_name)
+    except ValueError:
+        raise _fail("credential request") from None
+    return ServerLoginStep(result.get_message(), result.get_state())
+
+
+def server_login_finish(state: bytes, finalization: bytes) -> bytes:
+    """Returns the session key; AUTHENTICATION_FAILED if the client's proof does not verify."""
+    try:
+        return _ok.server_login_finish(state, finalization).get_session_key()
+    except ValueError:
+        raise _fail("login", ErrorCode.AUTHENTICATION_FAILED) from None

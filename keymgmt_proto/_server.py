@@ -1,0 +1,625 @@
+"""The server side of a connection, and the registry that lets sessions outlive it.
+
+Decisions that need storage are events the application answers with a
+command: ``RegistrationRequested`` -> ``accept_registration`` /
+``reject_session``; ``RegistrationCompleted`` -> ``confirm_registration``;
+``LoginRequested`` -> ``accept_login``; ``RequestReceived`` ->
+``send_response``. Time enters as ``now`` (seconds, any monotonic origin);
+``get_timer()`` gives the next deadline and ``handle_timer(now)`` acts on it.
+
+Established request sessions live in a :class:`SessionRegistry` shared by all
+connections of one server; when a connection dies they stay there, DETACHED,
+until resumed on another connection or expired. The registry is plain
+in-memory data: all connections sharing it must be driven from one thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from . import _opaque
+from ._connection import ConnectionBase
+from ._crypto import Channel, RandomSource
+from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._events import (
+    LoginFailed,
+    LoginRequested,
+    LoginSucceeded,
+    RegistrationCompleted,
+    RegistrationRequested,
+    RequestReceived,
+    SessionClosed,
+    SessionFailed,
+    SessionResumed,
+)
+from ._messages import (
+    USER_ID_SIZE,
+    Abort,
+    Close,
+    CompleteRegistration,
+    LoginFinish,
+    LoginResponse,
+    LoginStart,
+    Record,
+    RegResponse,
+    RegStart,
+    RegUpload,
+    Request,
+    Response,
+    Resume,
+    Resumed,
+    ResumeEnvelope,
+    Welcome,
+)
+from ._opaque import ServerSetup
+from ._state import Command, Role, SessionKind, State, Trigger, next_state
+from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
+
+__all__ = ["ServerConfig", "ServerConnection", "SessionRegistry"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Server policy (NET-8, NET-11). Times are in seconds."""
+
+    #: A registration or login must finish within this time.
+    handshake_timeout: float = 30.0
+    #: An established session with no traffic for this long ends (NET-8).
+    idle_timeout: float = 300.0
+    #: An established session ends this long after its login started (NET-8).
+    session_lifetime: float = 3600.0
+    #: Requests one request session may carry (NET-11); 1 is the spec's strict mode.
+    max_requests_per_session: int = 1000
+    #: Requests awaiting an answer in one session; also the size of the reply cache.
+    max_requests_in_flight: int = 16
+    #: Live sessions one connection may carry.
+    max_sessions_per_connection: int = 256
+    #: Largest frame payload accepted.
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "idle_timeout", "session_lifetime"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("max_requests_per_session", "max_requests_in_flight", "max_sessions_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(slots=True, repr=False, eq=False)
+class _ServerSession:
+    kind: SessionKind
+    session_id: int
+    account_name: bytes
+    created: float
+    last_activity: float
+    state: State = State.IDLE
+    owner: ServerConnection | None = None
+    user_id: bytes | None = None
+    #: Precomputed REG_RESPONSE (registration) or OPAQUE server login state.
+    opaque_value: bytes | None = None
+    registration_record: bytes | None = None
+    channel: Channel | None = None
+    highest_request_id: int = 0
+    request_count: int = 0
+    pending: set[int] = field(default_factory=set)
+    answered: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+
+    def __repr__(self) -> str:
+        return f"<server session {self.session_id} {self.kind.value} {self.state.name}>"
+
+    def deadline(self, config: ServerConfig) -> tuple[float, ErrorCode]:
+        if self.state in (State.ESTABLISHED, State.DETACHED):
+            idle = self.last_activity + config.idle_timeout
+            lifetime = self.created + config.session_lifetime
+            if lifetime <= idle:
+                return lifetime, ErrorCode.LIFETIME_EXPIRED
+            return idle, ErrorCode.IDLE_TIMEOUT
+        return self.created + config.handshake_timeout, ErrorCode.HANDSHAKE_TIMEOUT
+
+
+class SessionRegistry:
+    """Established request sessions by handle, attached to a connection or DETACHED.
+
+    One per server process; pass it to every ServerConnection. ``handle_timer``
+    expires detached sessions (attached ones are expired by their connection).
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self._sessions: dict[bytes, _ServerSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, handle: object) -> bool:
+        return handle in self._sessions
+
+    def detached_count(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.owner is None)
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline among detached sessions."""
+        deadlines = [s.deadline(self.config)[0] for s in self._sessions.values() if s.owner is None]
+        return min(deadlines, default=None)
+
+    def handle_timer(self, now: float) -> list[tuple[bytes, ErrorCode]]:
+        """End detached sessions whose deadline passed; returns (user_id, reason) for auditing."""
+        expired: list[tuple[bytes, ErrorCode]] = []
+        for handle, session in list(self._sessions.items()):
+            if session.owner is not None:
+                continue
+            deadline, code = session.deadline(self.config)
+            if deadline <= now:
+                del self._sessions[handle]
+                session.state = State.CLOSED
+                assert session.user_id is not None
+                expired.append((session.user_id, code))
+        return expired
+
+    def _add(self, session: _ServerSession) -> bool:
+        assert session.channel is not None
+        handle = session.channel.session_handle
+        if handle in self._sessions:
+            return False
+        self._sessions[handle] = session
+        return True
+
+    def _remove(self, session: _ServerSession) -> None:
+        if session.channel is not None:
+            self._sessions.pop(session.channel.session_handle, None)
+
+    def _get(self, handle: bytes) -> _ServerSession | None:
+        return self._sessions.get(handle)
+
+
+class ServerConnection(ConnectionBase):
+    """Server state machine for one transport connection carrying many sessions."""
+
+    role = Role.SERVER
+
+    def __init__(
+        self,
+        server_setup: ServerSetup,
+        random: RandomSource,
+        *,
+        config: ServerConfig | None = None,
+        registry: SessionRegistry | None = None,
+        now: float = 0.0,
+    ) -> None:
+        config = config or (registry.config if registry is not None else ServerConfig())
+        super().__init__(config.max_payload)
+        self.config = config
+        self._setup = server_setup
+        self._random = random
+        self.registry = registry if registry is not None else SessionRegistry(config)
+        self._sessions: dict[int, _ServerSession] = {}
+        #: Sessions that left this connection (moved or detached) while requests were pending.
+        self._departed: dict[int, _ServerSession] = {}
+        self._highest_session_id = 0
+        self._now = now
+        self._lost = False
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {len(self._sessions)} sessions>"
+
+    # ------------------------------------------------------------ input, time
+
+    def receive_data(self, data: bytes, now: float | None = None) -> None:
+        """Buffer bytes received at time ``now``."""
+        if now is not None:
+            self._advance(now)
+        super().receive_data(data)
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline of this connection's sessions, or None."""
+        return min((s.deadline(self.config)[0] for s in self._sessions.values()), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        """End every session whose deadline is at or before ``now``."""
+        self._advance(now)
+        for session in list(self._sessions.values()):
+            deadline, code = session.deadline(self.config)
+            if deadline <= now:
+                self._expire(session, code)
+
+    def connection_lost(self) -> None:
+        """The transport is gone: established sessions detach, the others end."""
+        if self.failed is None:
+            self._fail_connection(
+                ErrorCode.CONNECTION_LOST, "connection lost", remote=False, send_goaway=False
+            )
+
+    # ------------------------------------------------------------ commands
+
+    def accept_registration(self, session_id: int, user_id: bytes) -> None:
+        """The account name is free and valid; ``user_id`` (16 fresh random bytes,
+        unique: REG-2) will be the account's id."""
+        session = self._live(session_id)
+        target = self._check(session, Command.ACCEPT_REGISTRATION)
+        if len(user_id) != USER_ID_SIZE:
+            raise LocalProtocolError("user_id must be 16 bytes")
+        assert session.opaque_value is not None
+        response = RegResponse(session.opaque_value)
+        session.user_id = user_id
+        session.opaque_value = None
+        session.state = target
+        self._send(FrameType.REG_RESPONSE, session_id, response.encode())
+
+    def accept_login(self, session_id: int, user_id: bytes, registration_record: bytes) -> None:
+        """Continue the login with the account's stored record."""
+        session = self._live(session_id)
+        target = self._check(session, Command.ACCEPT_LOGIN)
+        if len(user_id) != USER_ID_SIZE:
+            raise LocalProtocolError("user_id must be 16 bytes")
+        assert session.opaque_value is not None
+        try:
+            step = _opaque.server_login_start(
+                self._setup, registration_record, session.opaque_value, session.account_name
+            )
+        except RemoteProtocolError as exc:
+            self._fail(session, exc, remote=True)
+            return
+        session.user_id = user_id
+        session.opaque_value = step.state
+        session.state = target
+        self._send(FrameType.LOGIN_RESPONSE, session_id, LoginResponse(step.message).encode())
+
+    def confirm_registration(self, session_id: int) -> None:
+        """The registration is stored (REG-4): tell the client and close the session."""
+        session = self._live(session_id)
+        self._check(session, Command.CONFIRM_REGISTRATION)
+        self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.OK).encode())
+        self._end(session)
+
+    def reject_session(self, session_id: int, code: ErrorCode, reason: str = "") -> None:
+        """End a session by application decision (account exists, unknown account, ...)."""
+        session = self._live(session_id)
+        self._check(session, Command.ABORT)
+        if code is ErrorCode.OK:
+            raise LocalProtocolError("reject_session needs an error code")
+        self._close_with(session, code, reason)
+
+    def close_session(self, session_id: int, code: ErrorCode = ErrorCode.OK) -> None:
+        """End an established session by server decision (sealed CLOSE)."""
+        session = self._live(session_id)
+        self._check(session, Command.CLOSE)
+        self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
+        self._end(session)
+
+    def send_response(self, session_id: int, request_id: int, body: bytes) -> bool:
+        """Answer ``request_id``. Returns False if the session ended meanwhile (the
+        answer is dropped); if it moved to another connection or is detached, the
+        answer goes there or waits for the resumption."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._departed.get(session_id)
+            if session is None:
+                if 0 < session_id <= self._highest_session_id:
+                    return False
+                raise LocalProtocolError(f"no session {session_id}")
+        if request_id not in session.pending:
+            if session.state is State.CLOSED:
+                self._departed.pop(session_id, None)
+                return False
+            raise LocalProtocolError(f"request {request_id} is not awaiting an answer")
+        self._check(session, Command.SEND_RESPONSE)
+        response = Response(request_id, body)
+        plaintext = response.encode()
+        if 8 + len(plaintext) + 16 > self.config.max_payload:
+            raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
+        session.pending.discard(request_id)
+        session.answered[request_id] = body
+        while len(session.answered) > self.config.max_requests_in_flight:
+            session.answered.popitem(last=False)
+        if session_id in self._departed and not session.pending:
+            del self._departed[session_id]
+        owner = session.owner
+        if owner is not None and session.state is State.ESTABLISHED:
+            owner._send_sealed(session, FrameType.RESPONSE, plaintext)
+            owner._maybe_close_at_limit(session)
+        return True
+
+    def session_state(self, session_id: int) -> State:
+        session = self._sessions.get(session_id)
+        return session.state if session is not None else State.CLOSED
+
+    # ------------------------------------------------------------ internals
+
+    def _advance(self, now: float) -> None:
+        if now < self._now:
+            raise LocalProtocolError("time went backwards")
+        self._now = now
+
+    def _live(self, session_id: int) -> _ServerSession:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise LocalProtocolError(f"no live session {session_id}")
+        return session
+
+    def _check(self, session: _ServerSession, trigger: Trigger) -> State:
+        target = next_state(Role.SERVER, session.kind, session.state, trigger)
+        if target is None:
+            if isinstance(trigger, Command):
+                raise LocalProtocolError(
+                    f"cannot {trigger.value} a {session.kind.value} session in state {session.state.name}"
+                )
+            raise RemoteProtocolError(
+                f"unexpected {trigger.name} in state {session.state.name}", ErrorCode.UNEXPECTED_FRAME
+            )
+        return target
+
+    def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> None:
+        assert session.channel is not None
+        record = session.channel.seal(frame_type, plaintext)
+        self._send(frame_type, session.session_id, record.encode())
+
+    def _end(self, session: _ServerSession) -> None:
+        session.state = State.CLOSED
+        session.opaque_value = None
+        session.registration_record = None
+        self._sessions.pop(session.session_id, None)
+        if session.kind is SessionKind.REQUEST:
+            self.registry._remove(session)
+
+    def _close_with(self, session: _ServerSession, code: ErrorCode, reason: str) -> None:
+        """End a session, telling the peer: sealed CLOSE if the channel exists, else ABORT."""
+        if session.channel is not None:
+            self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
+        else:
+            self._send_abort(session.session_id, code, reason)
+        login_pending = session.state is State.AWAIT_LOGIN_FINISH
+        self._end(session)
+        if login_pending and session.kind is SessionKind.REQUEST:
+            self._events.append(LoginFailed(session.session_id, session.account_name, session.user_id))
+
+    def _fail(
+        self, session: _ServerSession, error: ProtocolError, *, remote: bool, notify: bool = True
+    ) -> None:
+        """End a session after a fault (clear ABORT: the channel may be out of step)."""
+        login_pending = session.state is State.AWAIT_LOGIN_FINISH
+        if notify:
+            self._send_abort(session.session_id, error.code, str(error))
+        self._end(session)
+        if login_pending and session.kind is SessionKind.REQUEST:
+            self._events.append(LoginFailed(session.session_id, session.account_name, session.user_id))
+        self._events.append(SessionFailed(session.session_id, error.code, str(error), remote))
+
+    def _expire(self, session: _ServerSession, code: ErrorCode) -> None:
+        if session.state is State.ESTABLISHED:
+            self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
+            self._end(session)
+            self._events.append(SessionClosed(session.session_id, code))
+        else:
+            self._fail(session, RemoteProtocolError("handshake took too long", code), remote=False)
+
+    def _maybe_close_at_limit(self, session: _ServerSession) -> None:
+        if (
+            session.request_count >= self.config.max_requests_per_session
+            and not session.pending
+            and session.state is State.ESTABLISHED
+        ):
+            self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.REQUEST_LIMIT).encode())
+            self._end(session)
+            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT))
+
+    def _on_connection_failed(self) -> None:
+        for session in list(self._sessions.values()):
+            target = next_state(Role.SERVER, session.kind, session.state, Command.DETACH)
+            if target is State.DETACHED:
+                session.state = State.DETACHED
+                session.owner = None
+                del self._sessions[session.session_id]
+                if session.pending:
+                    self._departed[session.session_id] = session
+            else:
+                self._fail(
+                    session,
+                    RemoteProtocolError("connection lost", ErrorCode.CONNECTION_LOST),
+                    remote=False,
+                    notify=False,
+                )
+
+    def _detach_moved(self, session: _ServerSession) -> None:
+        """A session resumed elsewhere leaves this connection quietly."""
+        self._sessions.pop(session.session_id, None)
+        if session.pending:
+            self._departed[session.session_id] = session
+
+    # ------------------------------------------------------------ frames in
+
+    def _handle_frame(self, frame: Frame) -> None:
+        session = self._sessions.get(frame.session_id)
+        if session is None:
+            self._handle_new(frame)
+            return
+        if frame.type is FrameType.ABORT:
+            self._on_abort(session, frame)
+            return
+        try:
+            target = self._check(session, frame.type)
+            self._apply(session, frame, target)
+        except ProtocolError as exc:
+            self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
+
+    def _on_abort(self, session: _ServerSession, frame: Frame) -> None:
+        try:
+            abort = Abort.decode(frame.payload)
+        except RemoteProtocolError as exc:
+            self._fail(session, exc, remote=True, notify=False)
+            return
+        self._fail(
+            session,
+            RemoteProtocolError(abort.reason or abort.code.name, abort.code),
+            remote=True,
+            notify=False,
+        )
+
+    def _handle_new(self, frame: Frame) -> None:
+        """A frame for a session id this connection has no live session under."""
+        session_id = frame.session_id
+        if session_id <= self._highest_session_id:
+            return  # a late frame for a session that ended here; ignore it
+        if frame.type not in (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME):
+            if frame.type is not FrameType.ABORT:
+                self._send_abort(
+                    session_id, ErrorCode.UNEXPECTED_FRAME, f"{frame.type.name} does not open a session"
+                )
+            return
+        self._highest_session_id = session_id
+        if len(self._sessions) >= self.config.max_sessions_per_connection:
+            self._send_abort(session_id, ErrorCode.LIMIT_EXCEEDED, "too many sessions on this connection")
+            return
+        kind = SessionKind.REGISTRATION if frame.type is FrameType.REG_START else SessionKind.REQUEST
+        try:
+            if frame.type is FrameType.RESUME:
+                self._on_resume(session_id, frame)
+                return
+            session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
+            target = self._check(session, frame.type)
+            if frame.type is FrameType.REG_START:
+                reg_start = RegStart.decode(frame.payload)
+                response = _opaque.server_registration_start(
+                    self._setup, reg_start.registration_request, reg_start.account_name
+                )
+                session.account_name = reg_start.account_name
+                session.opaque_value = response
+                event: RegistrationRequested | LoginRequested = RegistrationRequested(
+                    session_id, reg_start.account_name
+                )
+            else:
+                login_start = LoginStart.decode(frame.payload)
+                session.account_name = login_start.account_name
+                session.opaque_value = login_start.credential_request
+                event = LoginRequested(session_id, login_start.account_name)
+        except ProtocolError as exc:
+            self._send_abort(session_id, exc.code, str(exc))
+            self._events.append(SessionFailed(session_id, exc.code, str(exc), True))
+            return
+        session.state = target
+        self._sessions[session_id] = session
+        self._events.append(event)
+
+    def _on_resume(self, session_id: int, frame: Frame) -> None:
+        envelope = ResumeEnvelope.decode(frame.payload)
+        session = self.registry._get(envelope.session_handle)
+        unknown = RemoteProtocolError("no resumable session", ErrorCode.UNKNOWN_SESSION)
+        if session is None or session.channel is None:
+            raise unknown
+        deadline, code = session.deadline(self.config)
+        if deadline <= self._now:
+            if session.owner is not None:
+                session.owner._expire(session, code)
+            else:
+                self.registry._remove(session)
+                session.state = State.CLOSED
+            raise unknown
+        try:
+            Resume.decode(session.channel.open(FrameType.RESUME, envelope.record, allow_gap=True))
+        except RemoteProtocolError:
+            raise unknown from None
+        old_owner = session.owner
+        if old_owner is not None and old_owner is not self:
+            old_owner._detach_moved(session)
+        elif old_owner is self:
+            self._sessions.pop(session.session_id, None)
+        session.owner = self
+        session.session_id = session_id
+        session.state = State.ESTABLISHED
+        session.last_activity = self._now
+        self._sessions[session_id] = session
+        self._send_sealed(session, FrameType.RESUMED, Resumed().encode())
+        assert session.user_id is not None
+        self._events.append(SessionResumed(session_id, session.user_id))
+
+    def _open_sealed(self, session: _ServerSession, frame: Frame) -> bytes:
+        assert session.channel is not None
+        plaintext = session.channel.open(frame.type, Record.decode(frame.payload))
+        session.last_activity = self._now
+        return plaintext
+
+    def _apply(self, session: _ServerSession, frame: Frame, target: State) -> None:
+        t = frame.type
+        if t is FrameType.REG_UPLOAD:
+            upload = RegUpload.decode(frame.payload)
+            session.registration_record = _opaque.server_registration_finish(upload.registration_upload)
+        elif t is FrameType.LOGIN_START:  # inside a registration session
+            login_start = LoginStart.decode(frame.payload)
+            if not hmac.compare_digest(login_start.account_name, session.account_name):
+                raise RemoteProtocolError("login names another account", ErrorCode.INVALID_REQUEST)
+            assert session.registration_record is not None
+            step = _opaque.server_login_start(
+                self._setup,
+                session.registration_record,
+                login_start.credential_request,
+                session.account_name,
+            )
+            session.opaque_value = step.state
+            self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
+        elif t is FrameType.LOGIN_FINISH:
+            self._on_login_finish(session, LoginFinish.decode(frame.payload), target)
+            return
+        elif t is FrameType.COMPLETE_REGISTRATION:
+            message = CompleteRegistration.decode(self._open_sealed(session, frame))
+            assert session.user_id is not None and session.registration_record is not None
+            if not hmac.compare_digest(message.user_id, session.user_id):
+                raise RemoteProtocolError("user_id does not match the session", ErrorCode.INVALID_REQUEST)
+            self._events.append(
+                RegistrationCompleted(
+                    session.session_id,
+                    session.account_name,
+                    session.user_id,
+                    session.registration_record,
+                    message.encrypted_storage_key,
+                )
+            )
+        elif t is FrameType.REQUEST:
+            self._on_request(session, Request.decode(self._open_sealed(session, frame)))
+            return
+        elif t is FrameType.CLOSE:
+            close = Close.decode(self._open_sealed(session, frame))
+            self._end(session)
+            self._events.append(SessionClosed(session.session_id, close.code))
+            return
+        else:  # pragma: no cover - the table admits no other frame types for the server
+            raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
+        session.state = target
+
+    def _on_login_finish(self, session: _ServerSession, finish: LoginFinish, target: State) -> None:
+        assert session.opaque_value is not None and session.user_id is not None
+        session_key = _opaque.server_login_finish(session.opaque_value, finish.credential_finalization)
+        channel = Channel(session_key, is_client=False)
+        session.channel = channel
+        session.opaque_value = None
+        if session.kind is SessionKind.REQUEST and not self.registry._add(session):
+            raise RemoteProtocolError("session handle collision", ErrorCode.INTERNAL_ERROR)
+        session.state = target
+        session.last_activity = self._now
+        self._send_sealed(session, FrameType.WELCOME, Welcome(session.user_id).encode())
+        if session.kind is SessionKind.REQUEST:
+            self._events.append(LoginSucceeded(session.session_id, session.account_name, session.user_id))
+
+    def _on_request(self, session: _ServerSession, request: Request) -> None:
+        request_id = request.request_id
+        if request_id in session.pending:
+            return  # a re-send after resumption; the answer is on its way
+        if request_id in session.answered:
+            self._send_sealed(
+                session, FrameType.RESPONSE, Response(request_id, session.answered[request_id]).encode()
+            )
+            return
+        if request_id <= session.highest_request_id:
+            raise RemoteProtocolError("request id reused", ErrorCode.INVALID_REQUEST)
+        if len(session.pending) >= self.config.max_requests_in_flight:
+            raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
+        if session.request_count >= self.config.max_requests_per_session:
+            self.close_session(session.session_id, ErrorCode.REQUEST_LIMIT)
+            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT))
+            return
+        session.highest_request_id = request_id
+        session.request_count += 1
+        session.pending.add(request_id)
+        assert session.user_id is not None
+        self._events.append(RequestReceived(session.session_id, session.user_id, request_id, request.body))

@@ -1,0 +1,228 @@
+"""Wire format: frame header, frame types, and the fixed binary layout of every payload.
+
+A frame is::
+
+    version   u8    PROTOCOL_VERSION
+    type      u8    FrameType
+    session   u32   big-endian; 0 = the connection itself
+    length    u32   big-endian payload length, checked against the limit
+                    before any payload byte is buffered
+    payload   length bytes
+
+Payloads use a fixed binary layout (see docs/protocol.md): integers are
+big-endian, variable-length byte strings carry an explicit fixed-size length
+prefix, fixed-size values (OPAQUE messages, ids) carry none. A decoder consumes
+the whole payload or raises :class:`RemoteProtocolError`; trailing bytes are an
+error. There is exactly one encoding for every value.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ._errors import ErrorCode, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "HEADER_SIZE",
+    "MAX_SESSION_ID",
+    "PROTOCOL_VERSION",
+    "Frame",
+    "FrameType",
+    "Reader",
+    "Writer",
+    "decode_header",
+    "encode_frame",
+]
+
+PROTOCOL_VERSION = 1
+HEADER_SIZE = 10
+#: Default cap on a frame's payload length (the receiver's limit; configurable).
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+#: Session ids are 1..MAX_SESSION_ID; 0 names the connection.
+MAX_SESSION_ID = 2**31 - 1
+
+_HEADER = struct.Struct(">BBII")
+
+
+class FrameType(IntEnum):
+    """Every frame type. Values below 0x20 travel in clear (inside TLS); 0x20 and up are sealed."""
+
+    # Connection level (session id 0)
+    GOAWAY = 0x00
+    # OPAQUE registration (clear)
+    REG_START = 0x01
+    REG_RESPONSE = 0x02
+    REG_UPLOAD = 0x03
+    # OPAQUE login (clear)
+    LOGIN_START = 0x04
+    LOGIN_RESPONSE = 0x05
+    LOGIN_FINISH = 0x06
+    # Ends one session, either direction, before or after the channel exists
+    ABORT = 0x0F
+    # Sealed under the session's channel keys
+    WELCOME = 0x20
+    COMPLETE_REGISTRATION = 0x21
+    REQUEST = 0x22
+    RESPONSE = 0x23
+    CLOSE = 0x24
+    RESUME = 0x25
+    RESUMED = 0x26
+
+    @property
+    def sealed(self) -> bool:
+        """True for frames whose payload is an AEAD record."""
+        return self >= 0x20
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame: header fields and the raw payload."""
+
+    type: FrameType
+    session_id: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.session_id <= MAX_SESSION_ID:
+            raise ValueError("session_id out of range")
+
+    def __repr__(self) -> str:
+        return f"Frame({self.type.name}, session_id={self.session_id}, {len(self.payload)} bytes)"
+
+
+def encode_frame(frame_type: FrameType, session_id: int, payload: bytes) -> bytes:
+    """Serialise one frame."""
+    return _HEADER.pack(PROTOCOL_VERSION, frame_type, session_id, len(payload)) + payload
+
+
+def decode_header(header: bytes, max_payload: int) -> tuple[FrameType, int, int]:
+    """Parse and check a 10-byte header; return (type, session_id, payload length).
+
+    Raises RemoteProtocolError for an unknown version or type, a session id over
+    the cap, or a length over ``max_payload`` (before anything is allocated).
+    """
+    if len(header) != HEADER_SIZE:
+        raise RemoteProtocolError("truncated frame header", ErrorCode.MALFORMED)
+    version, type_byte, session_id, length = _HEADER.unpack(header)
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version}", ErrorCode.UNSUPPORTED_VERSION)
+    try:
+        frame_type = FrameType(type_byte)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown frame type 0x{type_byte:02x}") from None
+    if session_id > MAX_SESSION_ID:
+        raise RemoteProtocolError("session id over the cap", ErrorCode.BAD_SESSION_ID)
+    if length > max_payload:
+        raise RemoteProtocolError(
+            f"frame payload of {length} bytes exceeds the limit of {max_payload}",
+            ErrorCode.FRAME_TOO_LARGE,
+        )
+    return frame_type, session_id, length
+
+
+class Writer:
+    """Builds a payload field by field."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def u8(self, value: int) -> Writer:
+        self._parts.append(struct.pack(">B", value))
+        return self
+
+    def u16(self, value: int) -> Writer:
+        self._parts.append(struct.pack(">H", value))
+        return self
+
+    def u32(self, value: int) -> Writer:
+        self._parts.append(struct.pack(">I", value))
+        return self
+
+    def u64(self, value: int) -> Writer:
+        self._parts.append(struct.pack(">Q", value))
+        return self
+
+    def fixed(self, value: bytes, size: int) -> Writer:
+        if len(value) != size:
+            raise ValueError(f"expected {size} bytes, got {len(value)}")
+        self._parts.append(value)
+        return self
+
+    def bytes8(self, value: bytes) -> Writer:
+        """Byte string with a one-byte length prefix (at most 255 bytes)."""
+        if len(value) > 0xFF:
+            raise ValueError("value longer than 255 bytes")
+        self._parts.append(struct.pack(">B", len(value)) + value)
+        return self
+
+    def bytes16(self, value: bytes) -> Writer:
+        """Byte string with a two-byte length prefix."""
+        if len(value) > 0xFFFF:
+            raise ValueError("value longer than 65535 bytes")
+        self._parts.append(struct.pack(">H", len(value)) + value)
+        return self
+
+    def rest(self, value: bytes) -> Writer:
+        """Trailing bytes that run to the end of the payload (no prefix)."""
+        self._parts.append(value)
+        return self
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._parts)
+
+
+class Reader:
+    """Consumes a payload field by field; any shortfall or leftover is a RemoteProtocolError."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    def _take(self, size: int) -> bytes:
+        end = self._pos + size
+        if end > len(self._data):
+            raise RemoteProtocolError(f"truncated {self._what}")
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u16(self) -> int:
+        value: int = struct.unpack(">H", self._take(2))[0]
+        return value
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self._take(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = struct.unpack(">Q", self._take(8))[0]
+        return value
+
+    def fixed(self, size: int) -> bytes:
+        return self._take(size)
+
+    def bytes8(self) -> bytes:
+        return self._take(self.u8())
+
+    def bytes16(self) -> bytes:
+        return self._take(self.u16())
+
+    def rest(self) -> bytes:
+        chunk = self._data[self._pos :]
+        self._pos = len(self._data)
+        return chunk
+
+    def done(self) -> None:
+        if self._pos != len(self._data):
+            raise RemoteProtocolError(f"trailing bytes after {self._what}")
