@@ -80,8 +80,10 @@ def main() -> int:
     new_sid = pair.client.resume_session(detached)
     events = pair.pump()
     response = _expect(events, ResponseReceived)
-    say(f"   resumed without a new login; in-flight request {response.request_id} answered once: "
-        f"{response.body!r}")
+    say(
+        f"   resumed without a new login; in-flight request {response.request_id} answered once: "
+        f"{response.body!r}"
+    )
 
     say("5. a wrong password")
     pair.client.open_request_session(account, b"wrong password")

@@ -55,10 +55,10 @@ class ConnectionBase:
                 return NEED_DATA
             frame = self._next_frame()
             if frame is None:
-                if self._eof:
+                if self._eof and self.failed is None:
                     self.connection_lost()
-                    if self._events:
-                        break
+                if self._events:
+                    break
                 return NEED_DATA
             self._dispatch(frame)
         return self._events.popleft()

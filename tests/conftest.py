@@ -12,9 +12,7 @@ from keymgmt.adapters import Delivery, InMemoryPair, MemoryServerApp
 from keymgmt_proto import ClientConnection, ServerConfig, ServerConnection, ServerSetup, SessionRegistry
 
 settings.register_profile("dev", max_examples=50, deadline=None)
-settings.register_profile(
-    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
     "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

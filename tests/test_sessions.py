@@ -1,0 +1,390 @@
+"""Multiplexing, resumption and lifetimes (NET-2, NET-3, NET-8, NET-11)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keymgmt.adapters import Delivery, InMemoryPair
+from keymgmt_proto import (
+    ClientConnection,
+    ConnectionFailed,
+    ErrorCode,
+    FrameType,
+    LocalProtocolError,
+    RequestReceived,
+    ResponseReceived,
+    ServerConfig,
+    ServerConnection,
+    SessionClosed,
+    SessionEstablished,
+    SessionFailed,
+    SessionResumed,
+    State,
+)
+
+from .conftest import Harness
+from .frames import forge, frame_type, retarget, split_frames
+from .helpers import PASSWORD, login, only, register
+
+
+def _lose(pair: InMemoryPair):
+    pair.client.connection_lost()
+    pair.server.connection_lost()
+    pair.pump()
+    return pair.client.take_detached_sessions()
+
+
+def test_hundred_sessions_over_one_connection_one_fed_garbage(harness):
+    pair = harness.pair(Delivery.RANDOM_SPLITS, seed=11)
+    register(pair, b"multi")
+    sids = [pair.client.open_request_session(b"multi", PASSWORD) for _ in range(100)]
+    established = [e for e in pair.pump() if isinstance(e, SessionEstablished)]
+    assert sorted(e.session_id for e in established) == sids
+    victim = sids[42]
+    bodies = {sid: f"request for {sid}".encode() for sid in sids}
+    for sid in sids:
+        pair.client.send_request(sid, bodies[sid])
+    frames = split_frames(pair.client.data_to_send())
+    stream = b""
+    for frame in frames:
+        if frame[2:6] == victim.to_bytes(4, "big"):
+            frame = frame[:-1] + bytes([frame[-1] ^ 0x01])  # tamper with the tag
+        stream += frame
+    pair.to_server(stream)
+    events = pair.pump()
+    answered = {e.session_id: e.body for e in events if isinstance(e, ResponseReceived)}
+    assert answered == {sid: bodies[sid] for sid in sids if sid != victim}
+    failed = only(events, SessionFailed)
+    assert (failed.session_id, failed.code) == (victim, ErrorCode.BAD_RECORD)
+    assert pair.client.failed is None and pair.server.failed is None
+
+
+def test_session_ids_only_increase(harness):
+    pair = harness.pair()
+    register(pair, b"ids")
+    first = login(pair, b"ids").session_id
+    pair.client.close_session(first)
+    pair.pump()
+    # A frame that re-opens an old id is ignored by the server (the id is spent).
+    pair.to_server(forge(FrameType.LOGIN_START, first, bytes([3]) + b"ids" + bytes(96)))
+    assert pair.server.data_to_send() == b""
+    assert login(pair, b"ids").session_id == first + 1
+
+
+def test_resume_continues_sequence_and_answers_in_flight_request_once(harness):
+    pair = harness.pair()
+    register(pair, b"resume")
+    sid = login(pair, b"resume").session_id
+    pair.client.send_request(sid, b"one")
+    pair.pump()
+    in_flight = pair.client.send_request(sid, b"in flight")
+    pair.to_server(pair.client.data_to_send())  # the server gets it and answers...
+    assert pair.server_events[-1].request_id == in_flight
+    pair.server.data_to_send()  # ...but the answer is lost with the connection
+    (detached,) = _lose(pair)
+    assert detached.unanswered_requests == (in_flight,)
+
+    requests_seen = sum(isinstance(e, RequestReceived) for e in pair.server_events)
+    pair2 = harness.pair()
+    new_sid = pair2.client.resume_session(detached)
+    events = pair2.pump()
+    assert only(events, SessionResumed).session_id == new_sid
+    response = only(events, ResponseReceived)
+    assert (response.request_id, response.body) == (in_flight, b"in flight")
+    # The server application saw the request once only.
+    assert (
+        sum(isinstance(e, RequestReceived) for e in pair.server_events + pair2.server_events) == requests_seen
+    )
+    # The sequence continues and request ids keep increasing.
+    next_id = pair2.client.send_request(new_sid, b"after")
+    assert next_id == in_flight + 1
+    assert only(pair2.pump(), ResponseReceived).body == b"after"
+
+
+def test_request_pending_in_the_app_when_the_connection_dies_is_answered_on_the_new_one(harness):
+    pair = harness.pair()
+    register(pair, b"slowapp")
+    sid = login(pair, b"slowapp").session_id
+    held: list[RequestReceived] = []
+    app = pair.app
+    pair.app = lambda conn, event: (
+        held.append(event) if isinstance(event, RequestReceived) else app(conn, event)
+    )
+    request_id = pair.client.send_request(sid, b"slow")
+    pair.pump()
+    (request,) = held
+    (detached,) = _lose(pair)
+    pair2 = harness.pair()
+    pair2.app = pair.app
+    new_sid = pair2.client.resume_session(detached)
+    events = pair2.pump()  # the re-sent request is recognised as pending: not delivered again
+    assert not any(isinstance(e, ResponseReceived) for e in events)
+    assert len(held) == 1
+    # The application answers on the old connection object; the answer reaches the new one.
+    assert pair.server.send_response(request.session_id, request.request_id, b"done")
+    response = only(pair2.pump(), ResponseReceived)
+    assert (response.session_id, response.request_id, response.body) == (new_sid, request_id, b"done")
+
+
+def test_resume_while_the_old_connection_is_still_open_moves_the_session(harness):
+    pair = harness.pair()
+    register(pair, b"halfopen")
+    sid = login(pair, b"halfopen").session_id
+    pair.client.connection_lost()  # only the client noticed
+    pair.pump()
+    (detached,) = pair.client.take_detached_sessions()
+    pair2 = harness.pair()
+    new_sid = pair2.client.resume_session(detached)
+    only(pair2.pump(), SessionResumed)
+    assert pair.server.session_state(sid) is State.CLOSED
+    pair2.client.send_request(new_sid, b"here now")
+    assert only(pair2.pump(), ResponseReceived).body == b"here now"
+
+
+def test_a_replayed_resume_is_refused(harness):
+    pair = harness.pair()
+    register(pair, b"replay")
+    login(pair, b"replay")
+    (detached,) = _lose(pair)
+    pair2 = harness.pair()
+    new_sid = pair2.client.resume_session(detached)
+    resume_frame = pair2.client.data_to_send()
+    pair2.to_server(resume_frame)
+    assert only(pair2.pump(), SessionResumed).session_id == new_sid
+    attacker = harness.pair()
+    attacker.to_server(retarget(resume_frame, 1))
+    (abort,) = split_frames(attacker.server.data_to_send())
+    assert frame_type(abort) is FrameType.ABORT
+    assert isinstance(attacker.server_events[-1], SessionFailed)
+    assert attacker.server_events[-1].code is ErrorCode.UNKNOWN_SESSION
+    # The real session is untouched.
+    pair2.client.send_request(new_sid, b"still mine")
+    assert only(pair2.pump(), ResponseReceived).body == b"still mine"
+
+
+def test_a_bare_session_handle_is_not_enough(harness):
+    pair = harness.pair()
+    register(pair, b"handle")
+    login(pair, b"handle")
+    (detached,) = _lose(pair)
+    handle = detached._session.channel.session_handle
+    forged = forge(FrameType.RESUME, 1, handle + (5).to_bytes(8, "big") + bytes(16))
+    attacker = harness.pair()
+    attacker.to_server(forged)
+    assert attacker.server_events[-1].code is ErrorCode.UNKNOWN_SESSION
+    # and the owner can still resume
+    pair2 = harness.pair()
+    pair2.client.resume_session(detached)
+    only(pair2.pump(), SessionResumed)
+
+
+def test_ended_and_expired_sessions_cannot_be_resumed(server_setup):
+    harness = Harness(server_setup, ServerConfig(idle_timeout=30, session_lifetime=100))
+    pair = harness.pair()
+    register(pair, b"ended")
+    sid = login(pair, b"ended").session_id
+    pair.client.close_session(sid)
+    pair.pump()
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_request(sid, b"x")
+
+    # Expired while detached.
+    login(pair, b"ended")
+    (detached,) = _lose(pair)
+    pair2 = harness.pair(now=pair.now)
+    pair2.now = pair.now + 31
+    pair2.client.resume_session(detached)
+    failed = only(pair2.pump(), SessionFailed)
+    assert failed.code is ErrorCode.UNKNOWN_SESSION
+    assert len(harness.registry) == 0
+
+
+def test_deadlines_are_exact_with_a_virtual_clock(server_setup):
+    config = ServerConfig(handshake_timeout=10, idle_timeout=30, session_lifetime=100)
+    harness = Harness(server_setup, config)
+    pair = harness.pair(now=1000.0)
+    register(pair, b"clock")
+    assert pair.server.get_timer() is None
+    sid = login(pair, b"clock").session_id
+    assert pair.server.get_timer() == 1000.0 + 30  # idle deadline from the login
+    pair.now = 1020.0
+    pair.client.send_request(sid, b"keepalive")
+    pair.pump()
+    assert pair.server.get_timer() == 1020.0 + 30
+    assert pair.advance(29.999) == []  # 1049.999: not yet
+    closed = only(pair.advance(0.001), SessionClosed)  # 1050.0: idle timeout, exactly
+    assert closed.code is ErrorCode.IDLE_TIMEOUT
+    assert pair.server.get_timer() is None
+
+    # Absolute lifetime wins over activity.
+    sid = login(pair, b"clock").session_id
+    start = pair.now
+    for _ in range(4):
+        pair.now += 25
+        pair.client.send_request(sid, b"busy")
+        pair.pump()
+    assert pair.server.get_timer() == start + 100
+    closed = only(pair.advance(start + 100 - pair.now), SessionClosed)
+    assert closed.code is ErrorCode.LIFETIME_EXPIRED
+
+    # A handshake that stalls ends after handshake_timeout.
+    pair.client.open_request_session(b"clock", PASSWORD)
+    pair.to_server(pair.client.data_to_send())
+    pair.server.data_to_send()  # LOGIN_RESPONSE never reaches the client
+    assert pair.server.get_timer() == pair.now + 10
+    pair.advance(10)
+    assert pair.server_events[-1].code is ErrorCode.HANDSHAKE_TIMEOUT
+
+
+def test_request_limit_closes_after_the_last_answer(server_setup):
+    harness = Harness(server_setup, ServerConfig(max_requests_per_session=1))
+    pair = harness.pair()
+    register(pair, b"strict")
+    sid = login(pair, b"strict").session_id
+    pair.client.send_request(sid, b"only one")
+    events = pair.pump()
+    assert only(events, ResponseReceived).body == b"only one"
+    assert only(events, SessionClosed).code is ErrorCode.REQUEST_LIMIT
+    assert pair.client.session_state(sid) is State.CLOSED
+
+
+def test_requests_in_flight_are_bounded(server_setup):
+    harness = Harness(server_setup, ServerConfig(max_requests_in_flight=2))
+    pair = harness.pair()
+    register(pair, b"flight")
+    sid = login(pair, b"flight").session_id
+    pair.app = lambda conn, event: None  # never answers
+    pair.client.max_requests_in_flight = 10  # a client that ignores the server's limit
+    for i in range(3):
+        pair.client.send_request(sid, bytes([i]))
+    failed = only(pair.pump(), SessionFailed)
+    assert failed.code is ErrorCode.LIMIT_EXCEEDED
+
+
+def test_client_side_in_flight_limit(harness):
+    pair = harness.pair()
+    register(pair, b"local")
+    sid = login(pair, b"local").session_id
+    pair.client.max_requests_in_flight = 1
+    pair.client.send_request(sid, b"a")
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_request(sid, b"b")
+
+
+def test_sessions_per_connection_are_bounded(server_setup):
+    harness = Harness(server_setup, ServerConfig(max_sessions_per_connection=2))
+    pair = harness.pair()
+    register(pair, b"cap")
+    for _ in range(3):
+        pair.client.open_request_session(b"cap", PASSWORD)
+    events = pair.pump()
+    assert sum(isinstance(e, SessionEstablished) for e in events) == 2
+    assert only(events, SessionFailed).code is ErrorCode.LIMIT_EXCEEDED
+
+
+def test_oversized_frame_ends_the_connection_before_buffering(server_setup):
+    harness = Harness(server_setup)
+    pair = harness.pair()
+    header = forge(FrameType.REQUEST, 1, b"")[:6] + (10**6).to_bytes(4, "big")
+    pair.to_server(header)
+    failed = pair.server_events[-1]
+    assert isinstance(failed, ConnectionFailed) and failed.code is ErrorCode.FRAME_TOO_LARGE
+    assert len(pair.server._inbox) == 0
+
+
+def test_broken_framing_ends_the_connection_but_sessions_resume(harness):
+    pair = harness.pair()
+    register(pair, b"framing")
+    sid = login(pair, b"framing").session_id
+    pair.to_server(b"\x09" + bytes(9))  # unknown version
+    events = pair.pump()
+    failed = only(events, ConnectionFailed)
+    assert failed.remote and failed.code is ErrorCode.UNSUPPORTED_VERSION
+    (detached,) = pair.client.take_detached_sessions()
+    pair2 = harness.pair()
+    new_sid = pair2.client.resume_session(detached)
+    pair2.pump()
+    pair2.client.send_request(new_sid, b"back")
+    assert only(pair2.pump(), ResponseReceived).body == b"back"
+    assert sid != 0
+
+
+@pytest.mark.parametrize("attack", ["replay", "reorder", "cross-session", "truncate"])
+def test_channel_attacks_end_only_the_attacked_session(harness, attack):
+    pair = harness.pair()
+    register(pair, b"attacks")
+    victim = login(pair, b"attacks").session_id
+    other = login(pair, b"attacks").session_id
+    bystander = login(pair, b"attacks").session_id
+    pair.client.send_request(victim, b"first")
+    pair.client.send_request(victim, b"second")
+    first, second = split_frames(pair.client.data_to_send())
+    if attack == "replay":
+        stream = first + first
+    elif attack == "reorder":
+        stream = second + first
+    elif attack == "cross-session":
+        stream = retarget(first, other)
+    else:
+        stream = first[:6] + (int.from_bytes(first[6:10], "big") - 3).to_bytes(4, "big") + first[10:-3]
+    pair.to_server(stream)
+    events = pair.pump()
+    failed = only(events, SessionFailed)
+    expected_victim = other if attack == "cross-session" else victim
+    assert failed.session_id == expected_victim
+    assert failed.code in {ErrorCode.BAD_RECORD, ErrorCode.MALFORMED}
+    pair.client.send_request(bystander, b"fine")
+    assert only(pair.pump(), ResponseReceived).body == b"fine"
+    assert frame_type(first) is FrameType.REQUEST
+
+
+def test_frames_for_unopened_client_sessions_end_the_connection(harness):
+    pair = harness.pair()
+    events = pair.to_client(forge(FrameType.RESPONSE, 7, bytes(30)))
+    assert only(events, ConnectionFailed).code is ErrorCode.BAD_SESSION_ID
+
+
+def test_server_close_of_unknown_session_is_a_local_error(harness):
+    pair = harness.pair()
+    with pytest.raises(LocalProtocolError):
+        pair.server.close_session(5)
+    with pytest.raises(LocalProtocolError):
+        pair.server.handle_timer(-1.0)
+
+
+def test_client_connection_refuses_new_sessions_after_failure(harness):
+    pair = harness.pair()
+    pair.client.connection_lost()
+    with pytest.raises(LocalProtocolError):
+        pair.client.open_request_session(b"late", PASSWORD)
+    assert isinstance(pair.client.next_event(), ConnectionFailed)
+    # A fresh client connection is unaffected.
+    fresh = InMemoryPair(ClientConnection(os.urandom), pair.server, pair.app)
+    assert fresh.client.failed is None
+    assert isinstance(pair.server, ServerConnection)
+
+
+@pytest.mark.parametrize("frame", [t for t in FrameType if t is not FrameType.GOAWAY], ids=lambda t: t.name)
+def test_client_awaiting_resumed_gets_every_frame(harness, frame):
+    from keymgmt_proto._state import TRANSITIONS, Role, SessionKind
+
+    pair = harness.pair()
+    register(pair, b"resuming")
+    login(pair, b"resuming")
+    (detached,) = _lose(pair)
+    pair2 = harness.pair()
+    bystander = login(pair2, b"resuming").session_id
+    sid = pair2.client.resume_session(detached)
+    pair2.client.data_to_send()  # the RESUME never leaves
+    assert pair2.client.session_state(sid) is State.AWAIT_RESUMED
+    events = pair2.to_client(forge(frame, sid, bytes(40) if frame.sealed else b"\x01" + bytes(8)))
+    failed = only(events, SessionFailed)
+    legal = (Role.CLIENT, SessionKind.REQUEST, State.AWAIT_RESUMED, frame) in TRANSITIONS
+    if not legal and frame is not FrameType.ABORT:
+        assert failed.code is ErrorCode.UNEXPECTED_FRAME
+    assert pair2.client.session_state(sid) is State.CLOSED
+    pair2.pump()
+    pair2.client.send_request(bystander, b"ok")
+    assert only(pair2.pump(), ResponseReceived).body == b"ok"
