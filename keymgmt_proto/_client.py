@@ -165,6 +165,13 @@ class ClientConnection(ConnectionBase):
         self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.CLIENT_CLOSED).encode())
         self._end(session, State.CLOSED)
 
+    def abort_session(self, session_id: int, reason: str = "cancelled") -> None:
+        """Abandon a live session in any state (e.g. a login that takes too long)."""
+        session = self._live(session_id)
+        self._check(session, Command.ABORT)
+        self._send_abort(session_id, ErrorCode.CLIENT_CLOSED, reason)
+        self._end(session, State.CLOSED)
+
     def take_detached_sessions(self) -> list[DetachedSession]:
         """Established sessions whose connection failed or was lost, ready to resume."""
         detached = [DetachedSession(s) for s in self._detached]

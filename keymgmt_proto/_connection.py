@@ -124,7 +124,8 @@ class ConnectionBase:
         self._outbox += encode_frame(frame_type, session_id, payload)
 
     def _send_abort(self, session_id: int, code: ErrorCode, reason: str) -> None:
-        self._send(FrameType.ABORT, session_id, Abort(code, reason).encode())
+        printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in reason)[:255]
+        self._send(FrameType.ABORT, session_id, Abort(code, printable).encode())
 
     def _fail_connection(
         self, code: ErrorCode, reason: str, *, remote: bool, send_goaway: bool = True
@@ -132,7 +133,8 @@ class ConnectionBase:
         if self.failed is not None:
             return
         if send_goaway:
-            self._send(FrameType.GOAWAY, 0, GoAway(code, reason[:255]).encode())
+            printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in reason)[:255]
+            self._send(FrameType.GOAWAY, 0, GoAway(code, printable).encode())
         self.failed = ConnectionFailed(code, reason, remote)
         self._inbox.clear()
         self._events.append(self.failed)

@@ -89,6 +89,9 @@ class ProtocolError(Exception):
 class LocalProtocolError(ProtocolError):
     """The caller used the API wrongly (e.g. a request on a closed session). Nothing changed."""
 
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> None:
+        super().__init__(message, code)
+
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something that breaks the protocol."""

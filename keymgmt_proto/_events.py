@@ -157,6 +157,8 @@ class SessionClosed(Event):
 
     session_id: int
     code: ErrorCode
+    #: Server side: whose session it was (for the audit log). None on the client.
+    user_id: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

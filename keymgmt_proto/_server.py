@@ -35,6 +35,7 @@ from ._events import (
     SessionResumed,
 )
 from ._messages import (
+    REGISTRATION_UPLOAD_SIZE,
     USER_ID_SIZE,
     Abort,
     Close,
@@ -189,6 +190,8 @@ class ServerConnection(ConnectionBase):
         registry: SessionRegistry | None = None,
         now: float = 0.0,
     ) -> None:
+        if registry is not None and config is not None and config != registry.config:
+            raise ValueError("config differs from the registry's: pass one or make them equal")
         config = config or (registry.config if registry is not None else ServerConfig())
         super().__init__(config.max_payload)
         self.config = config
@@ -254,6 +257,8 @@ class ServerConnection(ConnectionBase):
         target = self._check(session, Command.ACCEPT_LOGIN)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
+        if len(registration_record) != REGISTRATION_UPLOAD_SIZE:
+            raise LocalProtocolError("registration_record has the wrong size")
         assert session.opaque_value is not None
         try:
             step = _opaque.server_login_start(
@@ -280,6 +285,8 @@ class ServerConnection(ConnectionBase):
         self._check(session, Command.ABORT)
         if code is ErrorCode.OK:
             raise LocalProtocolError("reject_session needs an error code")
+        if len(reason) > 255 or not reason.isascii() or not reason.isprintable():
+            raise LocalProtocolError("reason must be printable ASCII of at most 255 characters")
         self._close_with(session, code, reason)
 
     def close_session(self, session_id: int, code: ErrorCode = ErrorCode.OK) -> None:
@@ -300,10 +307,10 @@ class ServerConnection(ConnectionBase):
                 if 0 < session_id <= self._highest_session_id:
                     return False
                 raise LocalProtocolError(f"no session {session_id}")
+        if session.state is State.CLOSED:
+            self._departed.pop(session_id, None)
+            return False
         if request_id not in session.pending:
-            if session.state is State.CLOSED:
-                self._departed.pop(session_id, None)
-                return False
             raise LocalProtocolError(f"request {request_id} is not awaiting an answer")
         self._check(session, Command.SEND_RESPONSE)
         response = Response(request_id, body)
@@ -358,6 +365,7 @@ class ServerConnection(ConnectionBase):
 
     def _end(self, session: _ServerSession) -> None:
         session.state = State.CLOSED
+        session.pending.clear()
         session.opaque_value = None
         session.registration_record = None
         self._sessions.pop(session.session_id, None)
@@ -391,7 +399,7 @@ class ServerConnection(ConnectionBase):
         if session.state is State.ESTABLISHED:
             self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
             self._end(session)
-            self._events.append(SessionClosed(session.session_id, code))
+            self._events.append(SessionClosed(session.session_id, code, session.user_id))
         else:
             self._fail(session, RemoteProtocolError("handshake took too long", code), remote=False)
 
@@ -403,7 +411,7 @@ class ServerConnection(ConnectionBase):
         ):
             self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.REQUEST_LIMIT).encode())
             self._end(session)
-            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT))
+            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id))
 
     def _on_connection_failed(self) -> None:
         for session in list(self._sessions.values()):
@@ -460,9 +468,12 @@ class ServerConnection(ConnectionBase):
     def _handle_new(self, frame: Frame) -> None:
         """A frame for a session id this connection has no live session under."""
         session_id = frame.session_id
+        opening = frame.type in (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME)
         if session_id <= self._highest_session_id:
-            return  # a late frame for a session that ended here; ignore it
-        if frame.type not in (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME):
+            if opening:  # ids must increase; this one is spent
+                self._send_abort(session_id, ErrorCode.BAD_SESSION_ID, "session id already used")
+            return  # else a late frame for a session that ended here; ignore it
+        if not opening:
             if frame.type is not FrameType.ABORT:
                 self._send_abort(
                     session_id, ErrorCode.UNEXPECTED_FRAME, f"{frame.type.name} does not open a session"
@@ -516,6 +527,9 @@ class ServerConnection(ConnectionBase):
                 self.registry._remove(session)
                 session.state = State.CLOSED
             raise unknown
+        target = next_state(Role.SERVER, session.kind, session.state, Command.RESUME)
+        if target is None:
+            raise unknown
         try:
             Resume.decode(session.channel.open(FrameType.RESUME, envelope.record, allow_gap=True))
         except RemoteProtocolError:
@@ -527,7 +541,7 @@ class ServerConnection(ConnectionBase):
             self._sessions.pop(session.session_id, None)
         session.owner = self
         session.session_id = session_id
-        session.state = State.ESTABLISHED
+        session.state = target
         session.last_activity = self._now
         self._sessions[session_id] = session
         self._send_sealed(session, FrameType.RESUMED, Resumed().encode())
@@ -581,7 +595,7 @@ class ServerConnection(ConnectionBase):
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
             self._end(session)
-            self._events.append(SessionClosed(session.session_id, close.code))
+            self._events.append(SessionClosed(session.session_id, close.code, session.user_id))
             return
         else:  # pragma: no cover - the table admits no other frame types for the server
             raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
@@ -616,7 +630,7 @@ class ServerConnection(ConnectionBase):
             raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
         if session.request_count >= self.config.max_requests_per_session:
             self.close_session(session.session_id, ErrorCode.REQUEST_LIMIT)
-            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT))
+            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id))
             return
         session.highest_request_id = request_id
         session.request_count += 1

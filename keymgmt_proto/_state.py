@@ -103,7 +103,6 @@ _ROWS: list[tuple[Role, SessionKind, State, Trigger, State]] = [
     (C, REQ, St.ESTABLISHED, K.DETACH, St.DETACHED),
     # ---- client, resumption (NET-2)
     (C, REQ, St.DETACHED, K.RESUME, St.AWAIT_RESUMED),  # send RESUME, re-send unanswered requests
-    (C, REQ, St.DETACHED, K.CLOSE, St.CLOSED),  # forget locally
     (C, REQ, St.AWAIT_RESUMED, F.RESUMED, St.ESTABLISHED),
     (C, REQ, St.AWAIT_RESUMED, K.SEND_REQUEST, St.AWAIT_RESUMED),
     (C, REQ, St.AWAIT_RESUMED, F.CLOSE, St.CLOSED),
@@ -128,7 +127,11 @@ _ROWS: list[tuple[Role, SessionKind, State, Trigger, State]] = [
     (S, REQ, St.ESTABLISHED, K.DETACH, St.DETACHED),
     (S, REQ, St.DETACHED, K.SEND_RESPONSE, St.DETACHED),  # kept for the resumed connection
     (S, REQ, St.DETACHED, K.CLOSE, St.CLOSED),  # expired while detached
-    (S, REQ, St.IDLE, F.RESUME, St.ESTABLISHED),  # send RESUMED
+    # RESUME arrives on a fresh session id and re-attaches the named session, whether it
+    # is detached or still attached to a connection the client has given up on.
+    (S, REQ, St.IDLE, F.RESUME, St.ESTABLISHED),  # the new session id
+    (S, REQ, St.DETACHED, K.RESUME, St.ESTABLISHED),  # send RESUMED
+    (S, REQ, St.ESTABLISHED, K.RESUME, St.ESTABLISHED),  # send RESUMED
 ]
 
 #: States in which a session is alive and attached to a connection.

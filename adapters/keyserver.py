@@ -1,0 +1,292 @@
+"""The key-server application: answers the core's server events from a Storage.
+
+It lives in adapters/ because it does I/O (storage, wall clock) while the core
+stays pure; its decisions are plain code over the :class:`Storage` interface,
+so any backend (SQLite, PostgreSQL) gets the same behaviour. Every request,
+including refused and malformed ones, is audited from what the server did,
+in the same transaction as the operation (AUD-1).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from keymgmt_proto import (
+    ErrorCode,
+    Event,
+    LoginFailed,
+    LoginRequested,
+    LoginSucceeded,
+    RegistrationCompleted,
+    RegistrationRequested,
+    RequestReceived,
+    ServerConnection,
+    SessionClosed,
+)
+from keymgmt_proto._crypto import RandomSource
+from keymgmt_proto._errors import RemoteProtocolError
+from keymgmt_proto._ops import (
+    Action,
+    AuditRequest,
+    AuditResponse,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
+    Empty,
+    KeyIdResponse,
+    KeyInfo,
+    KeyListResponse,
+    ListKeysRequest,
+    Op,
+    OpRequest,
+    OpResponse,
+    Outcome,
+    RetrieveRequest,
+    RetrieveStorageKeyRequest,
+    SecretKind,
+    SecretResponse,
+    Status,
+    StorageKeyResponse,
+    StoreSecretRequest,
+    decode_request,
+    derive_key_id,
+    encode_response,
+    secret_ad,
+)
+
+from .storage import Account, AuditQuery, AuditRecord, SecretRecord, Storage, StorageError, Transaction
+
+__all__ = ["KeyServer", "default_account_name_policy"]
+
+log = logging.getLogger("keymgmt.server")
+
+#: Key ids one user may have drawn but not yet stored.
+MAX_RESERVED_KEY_IDS = 16
+
+_OP_ACTIONS = {
+    Op.RETRIEVE_STORAGE_KEY: Action.RETRIEVE_STORAGE_KEY,
+    Op.CREATE_KEY_ID: Action.CREATE_KEY_ID,
+    Op.RETRIEVE: Action.RETRIEVE,
+    Op.AUDIT: Action.AUDIT,
+    Op.LIST_KEYS: Action.LIST_KEYS,
+    Op.DELETE_KEY: Action.DELETE_KEY,
+}
+
+
+def default_account_name_policy(account_name: bytes) -> bool:
+    """REG-1: printable UTF-8 without surrounding whitespace, 1..255 bytes."""
+    try:
+        text = account_name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return 0 < len(account_name) <= 255 and text.isprintable() and text == text.strip()
+
+
+class _Refused(Exception):
+    """A request that is answered with an error status (and audited as a failure)."""
+
+    def __init__(self, status: Status, action: Action, key_id: bytes | None = None) -> None:
+        self.status = status
+        self.action = action
+        self.key_id = key_id
+
+
+class KeyServer:
+    """Server application: call it with each event of every ServerConnection."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        random: RandomSource = os.urandom,
+        clock: Callable[[], float] = time.time,
+        account_name_policy: Callable[[bytes], bool] = default_account_name_policy,
+    ) -> None:
+        self.storage = storage
+        self._random = random
+        self._clock = clock
+        self._name_ok = account_name_policy
+        self._reserved: dict[bytes, OrderedDict[bytes, SecretKind]] = {}
+
+    def __repr__(self) -> str:
+        return f"KeyServer({self.storage!r})"
+
+    def now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
+
+    def __call__(self, conn: ServerConnection, event: Event) -> None:
+        try:
+            self._dispatch(conn, event)
+        except StorageError as exc:
+            log.error("storage failure while handling %s: %s", type(event).__name__, exc)
+            session_id = getattr(event, "session_id", None)
+            if isinstance(event, RequestReceived):
+                conn.send_response(event.session_id, event.request_id, encode_response(Status.INTERNAL_ERROR))
+            elif session_id is not None and isinstance(
+                event, RegistrationRequested | RegistrationCompleted | LoginRequested
+            ):
+                conn.reject_session(session_id, ErrorCode.INTERNAL_ERROR, "storage failure")
+
+    # ------------------------------------------------------------ sessions
+
+    def _dispatch(self, conn: ServerConnection, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            conn.send_response(event.session_id, event.request_id, self.answer(event.user_id, event.body))
+        elif isinstance(event, RegistrationRequested):
+            self._on_registration_requested(conn, event)
+        elif isinstance(event, RegistrationCompleted):
+            self._on_registration_completed(conn, event)
+        elif isinstance(event, LoginRequested):
+            with self.storage.transaction() as tx:
+                account = tx.get_account(event.account_name)
+            if account is None:
+                conn.reject_session(event.session_id, ErrorCode.AUTHENTICATION_FAILED)
+                return
+            conn.accept_login(event.session_id, account.user_id, account.registration_record)
+        elif isinstance(event, LoginSucceeded):
+            self._audit(event.user_id, Action.LOGIN, Outcome.SUCCESS)
+            log.info("login succeeded (session %d)", event.session_id)
+        elif isinstance(event, LoginFailed):
+            if event.user_id is not None:
+                self._audit(event.user_id, Action.LOGIN, Outcome.FAILURE)
+            log.info("login failed (session %d)", event.session_id)
+        elif isinstance(event, SessionClosed) and event.user_id is not None:
+            action = Action.LOGOUT if event.code is ErrorCode.CLIENT_CLOSED else Action.SESSION_EXPIRED
+            if event.code in (ErrorCode.CLIENT_CLOSED, ErrorCode.IDLE_TIMEOUT, ErrorCode.LIFETIME_EXPIRED):
+                self._audit(event.user_id, action, Outcome.SUCCESS)
+            self._reserved.pop(event.user_id, None) if event.code is ErrorCode.CLIENT_CLOSED else None
+
+    def _on_registration_requested(self, conn: ServerConnection, event: RegistrationRequested) -> None:
+        if not self._name_ok(event.account_name):
+            conn.reject_session(event.session_id, ErrorCode.INVALID_ACCOUNT_NAME, "account name not allowed")
+            return
+        with self.storage.transaction() as tx:
+            if tx.get_account(event.account_name) is not None:
+                conn.reject_session(event.session_id, ErrorCode.ACCOUNT_EXISTS, "account name taken")
+                return
+            user_id = self._random(16)
+            while tx.user_id_exists(user_id):  # REG-2: redraw on collision
+                user_id = self._random(16)
+        conn.accept_registration(event.session_id, user_id)
+
+    def _on_registration_completed(self, conn: ServerConnection, event: RegistrationCompleted) -> None:
+        now = self.now_us()
+        account = Account(
+            event.account_name, event.user_id, event.registration_record, event.encrypted_storage_key, now
+        )
+        with self.storage.transaction() as tx:  # REG-4: the account and its audit entry, or nothing
+            stored = tx.insert_account(account)
+            if stored:
+                tx.append_audit(AuditRecord(event.user_id, Action.REGISTER, now, Outcome.SUCCESS))
+        if not stored:
+            conn.reject_session(event.session_id, ErrorCode.ACCOUNT_EXISTS, "account name taken")
+            return
+        conn.confirm_registration(event.session_id)
+        log.info("registered a new account (session %d)", event.session_id)
+
+    def _audit(self, user_id: bytes, action: Action, outcome: Outcome) -> None:
+        with self.storage.transaction() as tx:
+            tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
+
+    # ------------------------------------------------------------ requests
+
+    def answer(self, session_user_id: bytes, body: bytes) -> bytes:
+        """Answer one request body from the session of ``session_user_id``."""
+        now = self.now_us()
+        try:
+            request = decode_request(body)
+        except RemoteProtocolError:
+            action = _OP_ACTIONS.get(Op(body[0])) if body and body[0] in Op._value2member_map_ else None
+            if action is not None:
+                self._audit(session_user_id, action, Outcome.FAILURE)
+            return encode_response(Status.INVALID)
+        try:
+            if not hmac.compare_digest(request.user_id, session_user_id):
+                raise _Refused(Status.WRONG_USER, self._action_of(request))
+            with self.storage.transaction() as tx:
+                response, key_id = self._perform(tx, session_user_id, request, now)
+                tx.append_audit(
+                    AuditRecord(
+                        session_user_id,
+                        self._action_of(request),
+                        now,
+                        Outcome.SUCCESS,
+                        key_id,
+                        request.context if isinstance(request, RetrieveRequest) else None,
+                    )
+                )
+            return encode_response(Status.OK, response)
+        except _Refused as refused:
+            context = request.context if isinstance(request, RetrieveRequest) else None
+            with self.storage.transaction() as tx:
+                tx.append_audit(
+                    AuditRecord(
+                        session_user_id, refused.action, now, Outcome.FAILURE, refused.key_id, context
+                    )
+                )
+            return encode_response(refused.status)
+
+    @staticmethod
+    def _action_of(request: OpRequest) -> Action:
+        if isinstance(request, StoreSecretRequest):
+            return Action.IMPORT if request.kind is SecretKind.IMPORTED else Action.GENERATE
+        return _OP_ACTIONS[request.op]
+
+    def _perform(
+        self, tx: Transaction, user_id: bytes, request: OpRequest, now: int
+    ) -> tuple[OpResponse, bytes | None]:
+        if isinstance(request, RetrieveStorageKeyRequest):
+            account = tx.get_account_by_user_id(user_id)
+            if account is None:  # the account was removed under a live session
+                raise _Refused(Status.NOT_FOUND, Action.RETRIEVE_STORAGE_KEY)
+            return StorageKeyResponse(account.encrypted_storage_key), None
+        if isinstance(request, CreateKeyIdRequest):
+            reserved = self._reserved.setdefault(user_id, OrderedDict())
+            key_id = derive_key_id(user_id, self._random(32))
+            while key_id in reserved or tx.key_id_exists(key_id):  # KEY-1: redraw if it exists
+                key_id = derive_key_id(user_id, self._random(32))
+            reserved[key_id] = request.kind
+            while len(reserved) > MAX_RESERVED_KEY_IDS:
+                reserved.popitem(last=False)
+            return KeyIdResponse(key_id), key_id
+        if isinstance(request, StoreSecretRequest):
+            action = self._action_of(request)
+            reserved = self._reserved.get(user_id, OrderedDict())
+            if reserved.get(request.key_id) is not request.kind:
+                raise _Refused(Status.INVALID, action, request.key_id)
+            ad = secret_ad(user_id, request.key_id, request.kind)
+            if not tx.insert_secret(
+                SecretRecord(user_id, request.key_id, request.kind, request.ciphertext, ad, now)
+            ):
+                raise _Refused(Status.INVALID, action, request.key_id)
+            del reserved[request.key_id]
+            return Empty(), request.key_id
+        if isinstance(request, RetrieveRequest):
+            secret = tx.get_secret(user_id, request.key_id)
+            if secret is None:  # OPS-7: another user's key answers exactly like a missing one
+                raise _Refused(Status.NOT_FOUND, Action.RETRIEVE, request.key_id)
+            return SecretResponse(secret.kind, secret.ciphertext, secret.associated_data), request.key_id
+        if isinstance(request, ListKeysRequest):
+            keys = tuple(KeyInfo(s.key_id, s.kind, s.created) for s in tx.list_secrets(user_id))
+            return KeyListResponse(keys), None
+        if isinstance(request, DeleteKeyRequest):
+            if not tx.delete_secret(user_id, request.key_id):
+                raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
+            return Empty(), request.key_id
+        assert isinstance(request, AuditRequest)
+        entries, next_cursor = tx.query_audit(
+            user_id,
+            AuditQuery(
+                request.audit_type,
+                request.key_ids,
+                request.after,
+                request.before,
+                request.cursor,
+                request.limit,
+            ),
+        )
+        return AuditResponse(tuple(entries), next_cursor), None

@@ -1,0 +1,256 @@
+"""SQLite key-server storage: the embedded default (STO-1).
+
+Durability: WAL journal with ``synchronous=FULL``. In WAL mode ``NORMAL``
+already survives a crash of the server *process* (committed pages are in the
+WAL file, which the OS keeps), but may lose the last transactions on power
+loss; an acknowledged store must survive both, so every commit syncs the WAL.
+Foreign keys are on. The file is created with owner-only permissions.
+
+Schema changes are numbered migrations recorded in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, Outcome, SecretKind
+
+from .storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError, Transaction
+
+__all__ = ["SQLiteStorage"]
+
+_MIGRATIONS: list[str] = [
+    # 1: accounts, secrets, audit
+    """
+    CREATE TABLE accounts (
+        user_id BLOB PRIMARY KEY CHECK (length(user_id) = 16),
+        account_name BLOB NOT NULL UNIQUE,
+        registration_record BLOB NOT NULL,
+        encrypted_storage_key BLOB NOT NULL CHECK (length(encrypted_storage_key) = 60),
+        created_us INTEGER NOT NULL
+    );
+    CREATE TABLE secrets (
+        key_id BLOB PRIMARY KEY CHECK (length(key_id) = 16),
+        user_id BLOB NOT NULL REFERENCES accounts(user_id) ON DELETE CASCADE,
+        kind INTEGER NOT NULL,
+        ciphertext BLOB NOT NULL,
+        associated_data BLOB NOT NULL,
+        created_us INTEGER NOT NULL
+    );
+    CREATE INDEX secrets_by_user ON secrets(user_id, created_us);
+    CREATE TABLE audit (
+        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id BLOB NOT NULL REFERENCES accounts(user_id) ON DELETE CASCADE,
+        action INTEGER NOT NULL,
+        timestamp_us INTEGER NOT NULL,
+        outcome INTEGER NOT NULL,
+        key_id BLOB,
+        context INTEGER
+    );
+    CREATE INDEX audit_by_user ON audit(user_id, entry_id);
+    """,
+]
+
+_KEY_ACTIONS = tuple(int(a) for a in Action if a.is_key_action)
+
+
+class _SQLiteTransaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def get_account(self, account_name: bytes) -> Account | None:
+        row = self._db.execute(
+            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
+            "FROM accounts WHERE account_name = ?",
+            (account_name,),
+        ).fetchone()
+        return Account(*row) if row else None
+
+    def get_account_by_user_id(self, user_id: bytes) -> Account | None:
+        row = self._db.execute(
+            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
+            "FROM accounts WHERE user_id = ?",
+            (user_id,),
+        ).fetchone()
+        return Account(*row) if row else None
+
+    def user_id_exists(self, user_id: bytes) -> bool:
+        return self._db.execute("SELECT 1 FROM accounts WHERE user_id = ?", (user_id,)).fetchone() is not None
+
+    def insert_account(self, account: Account) -> bool:
+        try:
+            self._db.execute(
+                "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
+                "created_us) VALUES (?, ?, ?, ?, ?)",
+                (
+                    account.user_id,
+                    account.account_name,
+                    account.registration_record,
+                    account.encrypted_storage_key,
+                    account.created,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def key_id_exists(self, key_id: bytes) -> bool:
+        return self._db.execute("SELECT 1 FROM secrets WHERE key_id = ?", (key_id,)).fetchone() is not None
+
+    def insert_secret(self, secret: SecretRecord) -> bool:
+        try:
+            self._db.execute(
+                "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    secret.key_id,
+                    secret.user_id,
+                    int(secret.kind),
+                    secret.ciphertext,
+                    secret.associated_data,
+                    secret.created,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
+        row = self._db.execute(
+            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM secrets "
+            "WHERE user_id = ? AND key_id = ?",
+            (user_id, key_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+
+    def list_secrets(self, user_id: bytes) -> list[SecretRecord]:
+        rows = self._db.execute(
+            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM secrets "
+            "WHERE user_id = ? ORDER BY created_us, key_id",
+            (user_id,),
+        ).fetchall()
+        return [SecretRecord(r[0], r[1], SecretKind(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
+        cursor = self._db.execute("DELETE FROM secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))
+        return cursor.rowcount == 1
+
+    def append_audit(self, record: AuditRecord) -> None:
+        self._db.execute(
+            "INSERT INTO audit (user_id, action, timestamp_us, outcome, key_id, context) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.user_id,
+                int(record.action),
+                record.timestamp,
+                int(record.outcome),
+                record.key_id,
+                None if record.context is None else int(record.context),
+            ),
+        )
+
+    def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
+        sql = [
+            "SELECT entry_id, action, timestamp_us, outcome, key_id, context FROM audit "
+            "WHERE user_id = ? AND entry_id > ?"
+        ]
+        params: list[object] = [user_id, query.cursor]
+        marks = ", ".join("?" * len(_KEY_ACTIONS))
+        if query.audit_type is AuditType.KEY_ONLY:
+            sql.append(f"AND action IN ({marks})")
+            params += _KEY_ACTIONS
+        elif query.audit_type is AuditType.SYSTEM_ONLY:
+            sql.append(f"AND action NOT IN ({marks})")
+            params += _KEY_ACTIONS
+        if query.key_ids:
+            sql.append(f"AND key_id IN ({', '.join('?' * len(query.key_ids))})")
+            params += list(query.key_ids)
+        if query.after is not None:
+            sql.append("AND timestamp_us >= ?")
+            params.append(query.after)
+        if query.before is not None:
+            sql.append("AND timestamp_us < ?")
+            params.append(query.before)
+        sql.append("ORDER BY entry_id LIMIT ?")
+        params.append(query.limit + 1)
+        rows = self._db.execute(" ".join(sql), params).fetchall()
+        entries = [
+            AuditEntry(r[0], Action(r[1]), r[2], Outcome(r[3]), r[4], None if r[5] is None else Context(r[5]))
+            for r in rows[: query.limit]
+        ]
+        next_cursor = entries[-1].entry_id if len(rows) > query.limit else 0
+        return entries, next_cursor
+
+
+class SQLiteStorage:
+    """Key-server storage in one SQLite file (created 0600 if missing)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStorage({str(self.path)!r})"
+
+    def _migrate(self) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > len(_MIGRATIONS):
+            raise StorageError(f"database schema {current} is newer than this code ({len(_MIGRATIONS)})")
+        for version in range(current + 1, len(_MIGRATIONS) + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        value: int = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        return value
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot start a transaction: {exc}") from None
+        try:
+            yield _SQLiteTransaction(self._db)
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise StorageError(f"commit failed: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()

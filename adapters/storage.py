@@ -1,0 +1,111 @@
+"""The narrow storage interface the key server talks to, and its record types.
+
+All work happens inside ``with storage.transaction() as tx:``; leaving the
+block normally commits, an exception rolls everything back. An operation and
+its audit entry are written in the same transaction (AUD-1, REG-4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, Outcome, SecretKind
+
+__all__ = [
+    "Account",
+    "AuditQuery",
+    "AuditRecord",
+    "SecretRecord",
+    "Storage",
+    "StorageError",
+    "Transaction",
+]
+
+
+class StorageError(Exception):
+    """The backend failed; the transaction was rolled back. Never carries secret data."""
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    account_name: bytes
+    user_id: bytes
+    registration_record: bytes = field(repr=False)
+    encrypted_storage_key: bytes = field(repr=False)
+    created: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRecord:
+    user_id: bytes
+    key_id: bytes
+    kind: SecretKind
+    ciphertext: bytes = field(repr=False)
+    associated_data: bytes = field(repr=False)
+    created: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """An audit entry to write; the backend assigns ``entry_id``."""
+
+    user_id: bytes
+    action: Action
+    timestamp: int
+    outcome: Outcome
+    key_id: bytes | None = None
+    context: Context | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """OPS-6 selection: type, optional key ids, ``after <= timestamp < before``, paging."""
+
+    audit_type: AuditType
+    key_ids: Sequence[bytes] = ()
+    after: int | None = None
+    before: int | None = None
+    cursor: int = 0
+    limit: int = 256
+
+
+class Transaction(Protocol):
+    def get_account(self, account_name: bytes) -> Account | None: ...
+
+    def get_account_by_user_id(self, user_id: bytes) -> Account | None: ...
+
+    def user_id_exists(self, user_id: bytes) -> bool: ...
+
+    def insert_account(self, account: Account) -> bool:
+        """False (and nothing written) if the name or the user id is taken."""
+        ...
+
+    def key_id_exists(self, key_id: bytes) -> bool: ...
+
+    def insert_secret(self, secret: SecretRecord) -> bool:
+        """False if the key id is taken."""
+        ...
+
+    def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
+        """The user's secret; None for a missing key *and* for another user's key (OPS-7)."""
+        ...
+
+    def list_secrets(self, user_id: bytes) -> list[SecretRecord]: ...
+
+    def delete_secret(self, user_id: bytes, key_id: bytes) -> bool: ...
+
+    def append_audit(self, record: AuditRecord) -> None: ...
+
+    def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
+        """Matching entries in entry order, at most ``query.limit``, and the cursor for the
+        next page (0 when there is none)."""
+        ...
+
+
+class Storage(Protocol):
+    def transaction(self) -> AbstractContextManager[Transaction]: ...
+
+    def close(self) -> None: ...

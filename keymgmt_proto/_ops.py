@@ -1,0 +1,674 @@
+"""Operations on secrets (OPS-1..OPS-8, KEY-1, AUD-1): the bodies of REQUEST and RESPONSE.
+
+A request body is ``op (u8) || user_id (16) || fields``; every request names
+the user, and the server checks it against the session. A response body is
+``status (u8)`` followed, when the status is OK, by the fields of the op's
+response. Fixed binary layout as in :mod:`keymgmt_proto._wire`; see
+docs/protocol.md.
+
+Also here: KEY-1 key identifiers, sealing of secrets under ``storage_key``
+with the AD the spec prescribes, and the portable ``len || secret`` format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from ._crypto import RandomSource
+from ._errors import ErrorCode, RemoteProtocolError
+from ._messages import USER_ID_SIZE, _Decodable
+from ._wire import Reader, Writer
+
+__all__ = [
+    "GENERATED_SECRET_SIZE",
+    "IMPORTED_KEY_AD_SUFFIX",
+    "KEY_ID_DOMAIN",
+    "KEY_ID_SIZE",
+    "MAX_AUDIT_PAGE",
+    "MAX_SECRET_SIZE",
+    "Action",
+    "AuditEntry",
+    "AuditRequest",
+    "AuditResponse",
+    "AuditType",
+    "Context",
+    "CreateKeyIdRequest",
+    "DeleteKeyRequest",
+    "Empty",
+    "KeyIdResponse",
+    "KeyInfo",
+    "KeyListResponse",
+    "ListKeysRequest",
+    "Op",
+    "OpRequest",
+    "OpResponse",
+    "Outcome",
+    "RetrieveRequest",
+    "RetrieveStorageKeyRequest",
+    "SecretKind",
+    "SecretResponse",
+    "Status",
+    "StorageKeyResponse",
+    "StoreSecretRequest",
+    "ad_matches",
+    "decode_portable",
+    "decode_request",
+    "decode_response",
+    "derive_key_id",
+    "encode_portable",
+    "encode_response",
+    "open_secret",
+    "seal_secret",
+    "secret_ad",
+]
+
+KEY_ID_SIZE = 16
+#: KEY-1 domain-separation string ``d``.
+KEY_ID_DOMAIN = b"keymgmt v1 key id"
+#: OPS-3: the AD suffix of imported secrets.
+IMPORTED_KEY_AD_SUFFIX = b"imported key"
+#: OPS-2: generated secrets are 32 uniformly random bytes.
+GENERATED_SECRET_SIZE = 32
+#: OPS-3/OPS-5: the portable format's one length byte bounds a secret to 1..255 bytes.
+MAX_SECRET_SIZE = 255
+#: Most audit entries one response carries; ask again with ``cursor`` for more.
+MAX_AUDIT_PAGE = 256
+_NONCE = 12
+_TAG = 16
+_E = TypeVar("_E", bound=IntEnum)
+
+
+class Op(IntEnum):
+    RETRIEVE_STORAGE_KEY = 1
+    CREATE_KEY_ID = 2
+    STORE_SECRET = 3
+    RETRIEVE = 4
+    AUDIT = 5
+    LIST_KEYS = 6
+    DELETE_KEY = 7
+
+
+class Status(IntEnum):
+    """Outcome of a request, first byte of every response body."""
+
+    OK = 0
+    #: No such key for this user (OPS-7: also the answer for another user's key).
+    NOT_FOUND = 1
+    #: The request's user_id is not the session's.
+    WRONG_USER = 2
+    #: A field parses but is not acceptable (context, size, unknown key id reservation...).
+    INVALID = 3
+    #: The server failed (storage error); nothing was changed.
+    INTERNAL_ERROR = 4
+
+
+class SecretKind(IntEnum):
+    GENERATED = 1
+    IMPORTED = 2
+
+
+class Context(IntEnum):
+    """OPS-4 retrieve contexts."""
+
+    NULL = 0
+    LOCAL_ONLY = 1
+    EXPORT = 2
+
+
+class AuditType(IntEnum):
+    """OPS-6 audit selections."""
+
+    SYSTEM_ONLY = 1
+    KEY_ONLY = 2
+    ALL = 3
+
+
+class Action(IntEnum):
+    """What an audit entry records (AUD-1)."""
+
+    REGISTER = 1
+    LOGIN = 2
+    LOGOUT = 3
+    RETRIEVE_STORAGE_KEY = 4
+    CREATE_KEY_ID = 5
+    GENERATE = 6
+    IMPORT = 7
+    RETRIEVE = 8
+    LIST_KEYS = 9
+    DELETE_KEY = 10
+    AUDIT = 11
+    SESSION_EXPIRED = 12
+
+    @property
+    def is_key_action(self) -> bool:
+        """True for operations on keys (OPS-6 "key only"); the rest are "system only"."""
+        return self in _KEY_ACTIONS
+
+
+_KEY_ACTIONS = frozenset(
+    {
+        Action.CREATE_KEY_ID,
+        Action.GENERATE,
+        Action.IMPORT,
+        Action.RETRIEVE,
+        Action.LIST_KEYS,
+        Action.DELETE_KEY,
+    }
+)
+
+
+class Outcome(IntEnum):
+    SUCCESS = 0
+    FAILURE = 1
+
+
+def _enum(cls: type[_E], value: int, what: str) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown {what} {value}") from None
+
+
+def _check_user_id(user_id: bytes) -> None:
+    if len(user_id) != USER_ID_SIZE:
+        raise ValueError("user_id must be 16 bytes")
+
+
+def _check_key_id(key_id: bytes) -> None:
+    if len(key_id) != KEY_ID_SIZE:
+        raise ValueError("key_id must be 16 bytes")
+
+
+def _check_sealed_secret(kind: SecretKind, ciphertext: bytes) -> None:
+    size = len(ciphertext) - _NONCE - _TAG
+    if kind is SecretKind.GENERATED and size != GENERATED_SECRET_SIZE:
+        raise ValueError("a generated secret's ciphertext must hold 32 bytes")
+    if not 1 <= size <= MAX_SECRET_SIZE:
+        raise ValueError(f"a secret must be 1..{MAX_SECRET_SIZE} bytes")
+
+
+# ------------------------------------------------------------------ requests
+
+
+class OpRequest(_Decodable):
+    """Base of every request body."""
+
+    __slots__ = ()
+    OP: ClassVar[Op]
+    user_id: bytes
+
+    @property
+    def op(self) -> Op:
+        return self.OP
+
+    def encode(self) -> bytes:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveStorageKeyRequest(OpRequest):
+    """OPS-1."""
+
+    OP: ClassVar[Op] = Op.RETRIEVE_STORAGE_KEY
+    user_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+
+    def encode(self) -> bytes:
+        return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class CreateKeyIdRequest(OpRequest):
+    """OPS-2/OPS-3, first step: the server draws and reserves a fresh key id."""
+
+    OP: ClassVar[Op] = Op.CREATE_KEY_ID
+    user_id: bytes
+    kind: SecretKind
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+
+    def encode(self) -> bytes:
+        return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u8(self.kind).getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSecretRequest(OpRequest):
+    """OPS-2/OPS-3, second step: the sealed secret under a key id this session reserved."""
+
+    OP: ClassVar[Op] = Op.STORE_SECRET
+    user_id: bytes
+    key_id: bytes
+    kind: SecretKind
+    ciphertext: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        _check_key_id(self.key_id)
+        _check_sealed_secret(self.kind, self.ciphertext)
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .u8(self.OP)
+            .fixed(self.user_id, USER_ID_SIZE)
+            .fixed(self.key_id, KEY_ID_SIZE)
+            .u8(self.kind)
+            .bytes16(self.ciphertext)
+            .getvalue()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveRequest(OpRequest):
+    """OPS-4 (and OPS-5: export is a retrieve in the EXPORT context)."""
+
+    OP: ClassVar[Op] = Op.RETRIEVE
+    user_id: bytes
+    key_id: bytes
+    context: Context
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        _check_key_id(self.key_id)
+
+    def encode(self) -> bytes:
+        return (
+            Writer()
+            .u8(self.OP)
+            .fixed(self.user_id, USER_ID_SIZE)
+            .fixed(self.key_id, KEY_ID_SIZE)
+            .u8(self.context)
+            .getvalue()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRequest(OpRequest):
+    """OPS-6. Times are microseconds since the Unix epoch; ``after``/``before`` are
+    inclusive/exclusive bounds. ``cursor`` is 0 or a previous response's ``next_cursor``."""
+
+    OP: ClassVar[Op] = Op.AUDIT
+    user_id: bytes
+    audit_type: AuditType
+    key_ids: tuple[bytes, ...] = ()
+    after: int | None = None
+    before: int | None = None
+    cursor: int = 0
+    limit: int = MAX_AUDIT_PAGE
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        for key_id in self.key_ids:
+            _check_key_id(key_id)
+        if len(self.key_ids) > 1024:
+            raise ValueError("at most 1024 key ids per audit request")
+        if self.key_ids and self.audit_type is AuditType.SYSTEM_ONLY:
+            raise ValueError("key ids only select key operations")
+        for bound in (self.after, self.before):
+            if bound is not None and not 0 <= bound < 2**63:
+                raise ValueError("time bound out of range")
+        if not 0 <= self.cursor < 2**63:
+            raise ValueError("cursor out of range")
+        if not 1 <= self.limit <= MAX_AUDIT_PAGE:
+            raise ValueError(f"limit must be 1..{MAX_AUDIT_PAGE}")
+
+    def encode(self) -> bytes:
+        w = Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u8(self.audit_type)
+        w.u16(len(self.key_ids))
+        for key_id in self.key_ids:
+            w.fixed(key_id, KEY_ID_SIZE)
+        for bound in (self.after, self.before):
+            w.u8(0) if bound is None else w.u8(1).u64(bound)
+        return w.u64(self.cursor).u16(self.limit).getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class ListKeysRequest(OpRequest):
+    """OPS-8: the user's key ids with kind and creation time."""
+
+    OP: ClassVar[Op] = Op.LIST_KEYS
+    user_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+
+    def encode(self) -> bytes:
+        return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteKeyRequest(OpRequest):
+    """OPS-8: delete one of the user's keys."""
+
+    OP: ClassVar[Op] = Op.DELETE_KEY
+    user_id: bytes
+    key_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        _check_key_id(self.key_id)
+
+    def encode(self) -> bytes:
+        return (
+            Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).fixed(self.key_id, KEY_ID_SIZE).getvalue()
+        )
+
+
+def _optional_u64(r: Reader) -> int | None:
+    flag = r.u8()
+    if flag == 0:
+        return None
+    if flag != 1:
+        raise RemoteProtocolError("optional field flag must be 0 or 1")
+    return r.u64()
+
+
+def decode_request(body: bytes) -> OpRequest:
+    """Parse a request body; RemoteProtocolError if it is malformed."""
+    r = Reader(body, "request")
+    op = _enum(Op, r.u8(), "op")
+    user_id = r.fixed(USER_ID_SIZE)
+    request: OpRequest
+    if op is Op.RETRIEVE_STORAGE_KEY:
+        r.done()
+        request = RetrieveStorageKeyRequest._build("request", user_id)
+    elif op is Op.CREATE_KEY_ID:
+        kind = _enum(SecretKind, r.u8(), "secret kind")
+        r.done()
+        request = CreateKeyIdRequest._build("request", user_id, kind)
+    elif op is Op.STORE_SECRET:
+        key_id = r.fixed(KEY_ID_SIZE)
+        kind = _enum(SecretKind, r.u8(), "secret kind")
+        ciphertext = r.bytes16()
+        r.done()
+        request = StoreSecretRequest._build("request", user_id, key_id, kind, ciphertext)
+    elif op is Op.RETRIEVE:
+        key_id = r.fixed(KEY_ID_SIZE)
+        context = _enum(Context, r.u8(), "retrieve context")
+        r.done()
+        request = RetrieveRequest._build("request", user_id, key_id, context)
+    elif op is Op.AUDIT:
+        audit_type = _enum(AuditType, r.u8(), "audit type")
+        count = r.u16()
+        key_ids = tuple(r.fixed(KEY_ID_SIZE) for _ in range(count))
+        after = _optional_u64(r)
+        before = _optional_u64(r)
+        cursor = r.u64()
+        limit = r.u16()
+        r.done()
+        request = AuditRequest._build("request", user_id, audit_type, key_ids, after, before, cursor, limit)
+    elif op is Op.LIST_KEYS:
+        r.done()
+        request = ListKeysRequest._build("request", user_id)
+    else:
+        key_id = r.fixed(KEY_ID_SIZE)
+        r.done()
+        request = DeleteKeyRequest._build("request", user_id, key_id)
+    return request
+
+
+# ----------------------------------------------------------------- responses
+
+
+class OpResponse(_Decodable):
+    """Base of every OK response body (after the status byte)."""
+
+    __slots__ = ()
+
+    def encode_fields(self) -> bytes:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Empty(OpResponse):
+    """OK with nothing more (store, delete)."""
+
+    def encode_fields(self) -> bytes:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageKeyResponse(OpResponse):
+    encrypted_storage_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.encrypted_storage_key) != _NONCE + 32 + _TAG:
+            raise ValueError("encrypted_storage_key must be 60 bytes")
+
+    def encode_fields(self) -> bytes:
+        return self.encrypted_storage_key
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdResponse(OpResponse):
+    key_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id)
+
+    def encode_fields(self) -> bytes:
+        return self.key_id
+
+
+@dataclass(frozen=True, slots=True)
+class SecretResponse(OpResponse):
+    """The stored ciphertext and its AD (OPS-4)."""
+
+    kind: SecretKind
+    ciphertext: bytes = field(repr=False)
+    associated_data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_sealed_secret(self.kind, self.ciphertext)
+        if len(self.associated_data) > 255:
+            raise ValueError("associated data too long")
+
+    def encode_fields(self) -> bytes:
+        return Writer().u8(self.kind).bytes16(self.ciphertext).bytes8(self.associated_data).getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audit log entry (AUD-1). ``timestamp`` is microseconds since the Unix epoch."""
+
+    entry_id: int
+    action: Action
+    timestamp: int
+    outcome: Outcome
+    key_id: bytes | None = None
+    context: Context | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_id is not None:
+            _check_key_id(self.key_id)
+
+    def encode(self) -> bytes:
+        w = Writer().u64(self.entry_id).u8(self.action).u64(self.timestamp).u8(self.outcome)
+        w.u8(0) if self.key_id is None else w.u8(1).fixed(self.key_id, KEY_ID_SIZE)
+        w.u8(0xFF if self.context is None else self.context)
+        return w.getvalue()
+
+    @classmethod
+    def read(cls, r: Reader) -> AuditEntry:
+        entry_id = r.u64()
+        action = _enum(Action, r.u8(), "audit action")
+        timestamp = r.u64()
+        outcome = _enum(Outcome, r.u8(), "audit outcome")
+        flag = r.u8()
+        if flag not in (0, 1):
+            raise RemoteProtocolError("optional field flag must be 0 or 1")
+        key_id = r.fixed(KEY_ID_SIZE) if flag else None
+        raw_context = r.u8()
+        context = None if raw_context == 0xFF else _enum(Context, raw_context, "retrieve context")
+        return cls(entry_id, action, timestamp, outcome, key_id, context)
+
+    def to_json(self) -> dict[str, object]:
+        """AUD-2: the documented JSON form of an entry."""
+        return {
+            "entry_id": self.entry_id,
+            "action": self.action.name.lower(),
+            "timestamp_us": self.timestamp,
+            "outcome": self.outcome.name.lower(),
+            "key_id": self.key_id.hex() if self.key_id is not None else None,
+            "context": self.context.name.lower() if self.context is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResponse(OpResponse):
+    entries: tuple[AuditEntry, ...]
+    #: 0 when there is nothing more; else pass it as the next request's cursor.
+    next_cursor: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.entries) > MAX_AUDIT_PAGE:
+            raise ValueError("too many audit entries for one response")
+
+    def encode_fields(self) -> bytes:
+        w = Writer().u16(len(self.entries))
+        for entry in self.entries:
+            w.rest(entry.encode())
+        return w.u64(self.next_cursor).getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: bytes
+    kind: SecretKind
+    created: int
+
+    def __post_init__(self) -> None:
+        _check_key_id(self.key_id)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyListResponse(OpResponse):
+    keys: tuple[KeyInfo, ...]
+
+    def encode_fields(self) -> bytes:
+        w = Writer().u32(len(self.keys))
+        for info in self.keys:
+            w.fixed(info.key_id, KEY_ID_SIZE).u8(info.kind).u64(info.created)
+        return w.getvalue()
+
+
+def encode_response(status: Status, response: OpResponse | None = None) -> bytes:
+    """Build a response body: status, then the OK fields."""
+    if (status is Status.OK) != (response is not None):
+        raise ValueError("an OK status needs a response and an error status none")
+    head = struct.pack(">B", status)
+    return head if response is None else head + response.encode_fields()
+
+
+def decode_response(op: Op, body: bytes) -> tuple[Status, OpResponse | None]:
+    """Parse the response to a request of type ``op``."""
+    r = Reader(body, "response")
+    status = _enum(Status, r.u8(), "status")
+    if status is not Status.OK:
+        r.done()
+        return status, None
+    response: OpResponse
+    if op is Op.RETRIEVE_STORAGE_KEY:
+        response = StorageKeyResponse._build("response", r.fixed(_NONCE + 32 + _TAG))
+    elif op is Op.CREATE_KEY_ID:
+        response = KeyIdResponse._build("response", r.fixed(KEY_ID_SIZE))
+    elif op in (Op.STORE_SECRET, Op.DELETE_KEY):
+        response = Empty()
+    elif op is Op.RETRIEVE:
+        kind = _enum(SecretKind, r.u8(), "secret kind")
+        ciphertext = r.bytes16()
+        ad = r.bytes8()
+        response = SecretResponse._build("response", kind, ciphertext, ad)
+    elif op is Op.AUDIT:
+        count = r.u16()
+        if count > MAX_AUDIT_PAGE:
+            raise RemoteProtocolError("too many audit entries")
+        entries = tuple(AuditEntry.read(r) for _ in range(count))
+        response = AuditResponse._build("response", entries, r.u64())
+    else:
+        count = r.u32()
+        keys = []
+        for _ in range(count):
+            key_id = r.fixed(KEY_ID_SIZE)
+            kind = _enum(SecretKind, r.u8(), "secret kind")
+            keys.append(KeyInfo(key_id, kind, r.u64()))
+        response = KeyListResponse(tuple(keys))
+    r.done()
+    return status, response
+
+
+# ------------------------------------------------------ KEY-1, sealing, export
+
+
+def derive_key_id(user_id: bytes, r: bytes) -> bytes:
+    """KEY-1: SHA3-256(len(d) || d || 16 || user_id || 32 || r)[:16], lengths as u16 big-endian."""
+    _check_user_id(user_id)
+    if len(r) != 32:
+        raise ValueError("r must be 32 random bytes")
+    data = (
+        struct.pack(">H", len(KEY_ID_DOMAIN))
+        + KEY_ID_DOMAIN
+        + struct.pack(">H", USER_ID_SIZE)
+        + user_id
+        + struct.pack(">H", 32)
+        + r
+    )
+    return hashlib.sha3_256(data).digest()[:KEY_ID_SIZE]
+
+
+def secret_ad(user_id: bytes, key_id: bytes, kind: SecretKind) -> bytes:
+    """OPS-2/OPS-3: ``user_id || key_id`` (|| "imported key" for imported secrets)."""
+    _check_user_id(user_id)
+    _check_key_id(key_id)
+    ad = user_id + key_id
+    return ad + IMPORTED_KEY_AD_SUFFIX if kind is SecretKind.IMPORTED else ad
+
+
+def seal_secret(storage_key: bytes, secret: bytes, ad: bytes, random: RandomSource) -> bytes:
+    """``nonce (12) || ChaCha20-Poly1305(storage_key, secret, ad)``."""
+    if not 1 <= len(secret) <= MAX_SECRET_SIZE:
+        raise ValueError(f"a secret must be 1..{MAX_SECRET_SIZE} bytes")
+    nonce = random(_NONCE)
+    return nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, secret, ad)
+
+
+def open_secret(storage_key: bytes, ciphertext: bytes, ad: bytes) -> bytes:
+    """Open a sealed secret; RemoteProtocolError(BAD_RECORD) if it or its AD was altered."""
+    if len(ciphertext) < _NONCE + _TAG + 1:
+        raise RemoteProtocolError("sealed secret too short", ErrorCode.MALFORMED)
+    try:
+        return ChaCha20Poly1305(storage_key).decrypt(ciphertext[:_NONCE], ciphertext[_NONCE:], ad)
+    except InvalidTag:
+        raise RemoteProtocolError("stored secret failed authentication", ErrorCode.BAD_RECORD) from None
+
+
+def ad_matches(expected: bytes, received: bytes) -> bool:
+    """Constant-time AD comparison (CRY-6)."""
+    return hmac.compare_digest(expected, received)
+
+
+def encode_portable(secret: bytes) -> bytes:
+    """OPS-3/OPS-5 portable format: one length byte, then the secret."""
+    if not 1 <= len(secret) <= MAX_SECRET_SIZE:
+        raise ValueError(f"a secret must be 1..{MAX_SECRET_SIZE} bytes")
+    return bytes([len(secret)]) + secret
+
+
+def decode_portable(data: bytes) -> bytes:
+    """Parse ``len || secret``; ValueError if the length byte does not match."""
+    if len(data) < 2:
+        raise ValueError("portable secret must be a length byte and 1..255 bytes")
+    if data[0] != len(data) - 1:
+        raise ValueError(f"length byte says {data[0]} but {len(data) - 1} secret bytes follow")
+    return data[1:]

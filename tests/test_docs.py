@@ -1,0 +1,141 @@
+"""The docs stay true to the code: the generated state diagrams are current, and
+docs/protocol.md names every frame type, error code, label and size constant.
+
+Constants are gathered by introspection, so a new one that is not documented
+fails here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import keymgmt_proto
+from keymgmt_proto._crypto import Direction
+from keymgmt_proto._errors import ErrorCode
+from keymgmt_proto._wire import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_MD = ROOT / "docs" / "protocol.md"
+ARCHITECTURE_MD = ROOT / "docs" / "architecture.md"
+SCRIPT = ROOT / "scripts" / "gen_state_diagram.py"
+
+_CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+#: Core modules whose constants protocol.md does not cover yet. Every other
+#: ``keymgmt_proto`` module is scanned, so a new module or constant is caught.
+NOT_YET_DOCUMENTED = frozenset({"_ops"})  # secret operations (OPS-*, KEY-1): in progress
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_state_diagram", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _constants(module: ModuleType, kind: type) -> dict[str, object]:
+    """Module-level UPPER_CASE constants of exactly ``kind`` (not enums, not bools)."""
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if _CONSTANT_NAME.match(name) and type(value) is kind
+    }
+
+
+def _protocol_text() -> str:
+    return PROTOCOL_MD.read_text(encoding="utf-8")
+
+
+SCANNED_MODULES = [
+    importlib.import_module(f"keymgmt_proto.{info.name}")
+    for info in pkgutil.iter_modules(keymgmt_proto.__path__)
+    if info.name not in NOT_YET_DOCUMENTED
+]
+BYTES_CONSTANTS = {
+    name: value for module in SCANNED_MODULES for name, value in _constants(module, bytes).items()
+}
+INT_CONSTANTS = {name: value for module in SCANNED_MODULES for name, value in _constants(module, int).items()}
+
+
+# ------------------------------------------------------------ state diagrams
+
+
+def test_state_diagrams_in_architecture_md_are_current():
+    script = _load_script()
+    assert script.is_up_to_date(ARCHITECTURE_MD), (
+        "docs/architecture.md is stale: run `python scripts/gen_state_diagram.py --write`"
+    )
+    assert script.main(["--check", "--path", str(ARCHITECTURE_MD)]) == 0
+
+
+def test_diagram_check_detects_a_stale_block(tmp_path):
+    script = _load_script()
+    stale = tmp_path / "architecture.md"
+    stale.write_text(f"intro\n{script.BEGIN_MARKER}\nold\n{script.END_MARKER}\n", encoding="utf-8")
+    assert script.main(["--check", "--path", str(stale)]) == 1
+    assert script.main(["--write", "--path", str(stale)]) == 0
+    assert script.main(["--check", "--path", str(stale)]) == 0
+    text = stale.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and text.count("stateDiagram-v2") == 4
+
+
+# ------------------------------------------------------------ protocol.md
+
+
+def test_introspection_finds_the_constants():
+    # Guards the introspection itself: if these vanish, the tests below prove nothing.
+    assert {"CHANNEL_SALT", "MASTER_KEY_INFO", "STORAGE_KEY_AD_SUFFIX"} <= BYTES_CONSTANTS.keys()
+    assert {"LABEL_HANDLE", "LABEL_C2S_KEY", "LABEL_S2C_IV"} <= BYTES_CONSTANTS.keys()
+    assert {"HEADER_SIZE", "CREDENTIAL_RESPONSE_SIZE", "ENCRYPTED_STORAGE_KEY_SIZE"} <= INT_CONSTANTS.keys()
+    scanned = {module.__name__.rpartition(".")[2] for module in SCANNED_MODULES}
+    assert {"_wire", "_messages", "_crypto", "_client"} <= scanned
+
+
+def _has_row(*cells: str) -> bool:
+    """True if protocol.md has a table row whose consecutive cells start with ``cells``."""
+    pattern = r"^\|" + r"\|".join(rf"\s*{re.escape(cell)}\s*" for cell in cells) + r"\|"
+    return re.search(pattern, _protocol_text(), re.MULTILINE) is not None
+
+
+@pytest.mark.parametrize("frame_type", list(FrameType), ids=lambda t: t.name)
+def test_every_frame_type_is_documented_with_its_value(frame_type):
+    value = f"0x{frame_type.value:02X}"
+    assert _has_row(f"`{value}`", f"`{frame_type.name}`"), (
+        f"no `| {value} | {frame_type.name} |` row in protocol.md"
+    )
+
+
+@pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.name)
+def test_every_error_code_is_documented_with_its_value(code):
+    assert _has_row(str(code.value), f"`{code.name}`"), (
+        f"no `| {code.value} | {code.name} |` row in protocol.md"
+    )
+
+
+@pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.name)
+def test_every_direction_is_documented_with_its_value(direction):
+    assert f"`{direction.name}` = {direction.value}" in _protocol_text(), f"{direction.name} missing"
+
+
+@pytest.mark.parametrize("name", sorted(BYTES_CONSTANTS))
+def test_every_label_is_documented_as_ascii(name):
+    value = BYTES_CONSTANTS[name]
+    assert isinstance(value, bytes)
+    ascii_text = value.decode("ascii")
+    assert _has_row(f"`{name}`", f'`"{ascii_text}"`', str(len(value))), (
+        f'no `| {name} | "{ascii_text}" | {len(value)} |` row in protocol.md'
+    )
+
+
+@pytest.mark.parametrize("name", sorted(INT_CONSTANTS))
+def test_every_size_constant_is_documented_with_its_value(name):
+    value = INT_CONSTANTS[name]
+    assert _has_row(f"`{name}`", str(value)), f"no `| {name} | {value} |` row in protocol.md"
