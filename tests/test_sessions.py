@@ -70,7 +70,9 @@ def test_session_ids_only_increase(harness):
     # A frame that re-opens an old id is refused: the id is spent.
     pair.to_server(forge(FrameType.LOGIN_START, first, bytes([3]) + b"ids" + bytes(96)))
     (abort,) = split_frames(pair.server.data_to_send())
-    assert frame_type(abort) is FrameType.ABORT and abort[10:12] == ErrorCode.BAD_SESSION_ID.to_bytes(2, "big")
+    assert frame_type(abort) is FrameType.ABORT and abort[10:12] == ErrorCode.BAD_SESSION_ID.to_bytes(
+        2, "big"
+    )
     assert login(pair, b"ids").session_id == first + 1
 
 
