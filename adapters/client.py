@@ -1,0 +1,479 @@
+"""The high-level client: one method per operation, for asyncio and trio (via anyio).
+
+::
+
+    async with KeymgmtClient(stream, local_store=LocalStore("keys.db")) as client:
+        await client.register(b"alice@example.org", password)
+        session = await client.login(b"alice@example.org", password)
+        key_id = await session.generate()
+        secret = await session.retrieve(key_id, Context.LOCAL_ONLY)
+        await session.logout()
+
+``stream`` is any anyio byte stream (TLS in production, in-memory in tests).
+The client keeps ``export_key`` and ``storage_key`` in memory only; secrets are
+returned as ``bytes`` and never appear in a repr. Errors are subclasses of
+:class:`KeymgmtError` with one clear line of text.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+from anyio.abc import ByteStream, TaskGroup
+
+from keymgmt_proto import (
+    NEED_DATA,
+    ClientConnection,
+    ConnectionFailed,
+    ErrorCode,
+    Event,
+    LocalProtocolError,
+    RegistrationSucceeded,
+    RemoteProtocolError,
+    ResponseReceived,
+    SessionClosed,
+    SessionEstablished,
+    SessionFailed,
+    derive_master_key,
+)
+from keymgmt_proto._crypto import RandomSource, decrypt_storage_key
+from keymgmt_proto._ops import (
+    AuditEntry,
+    AuditRequest,
+    AuditResponse,
+    AuditType,
+    Context,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
+    KeyIdResponse,
+    KeyInfo,
+    KeyListResponse,
+    ListKeysRequest,
+    OpRequest,
+    OpResponse,
+    RetrieveRequest,
+    RetrieveStorageKeyRequest,
+    SecretKind,
+    SecretResponse,
+    Status,
+    StorageKeyResponse,
+    StoreSecretRequest,
+    decode_portable,
+    decode_response,
+    encode_portable,
+    open_secret,
+    seal_secret,
+    secret_ad,
+)
+
+from .localstore import LocalStore
+from .storage import SecretRecord
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionLostError",
+    "IntegrityError",
+    "KeySession",
+    "KeymgmtClient",
+    "KeymgmtError",
+    "NotFoundError",
+    "RegistrationError",
+    "RequestRefusedError",
+    "SessionEndedError",
+    "audit_to_json",
+]
+
+_T = TypeVar("_T")
+
+
+class KeymgmtError(Exception):
+    """Base of every error the high-level client raises."""
+
+
+class AuthenticationError(KeymgmtError):
+    """Wrong password or unknown account (deliberately indistinguishable, NET-9)."""
+
+
+class RegistrationError(KeymgmtError):
+    """Registration refused (name taken or not allowed); ``code`` says which."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SessionEndedError(KeymgmtError):
+    """The session is over (logout, idle timeout, lifetime, request limit); log in again."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionLostError(KeymgmtError):
+    """The connection to the key server failed."""
+
+
+class NotFoundError(KeymgmtError):
+    """No such key for this user."""
+
+
+class RequestRefusedError(KeymgmtError):
+    """The server refused the request; ``status`` says why."""
+
+    def __init__(self, message: str, status: Status) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class IntegrityError(KeymgmtError):
+    """Data from the server failed verification (tampered or swapped ciphertext, wrong AD)."""
+
+
+class _Waiter:
+    """One pending answer: an event and its outcome."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Event | None = None
+        self.error: KeymgmtError | None = None
+
+    def resolve(self, value: Event) -> None:
+        if not self.done.is_set():
+            self.value = value
+            self.done.set()
+
+    def fail(self, error: KeymgmtError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def wait(self) -> Event:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
+
+
+def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
+    if isinstance(event, SessionClosed):
+        return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
+    if event.code is ErrorCode.AUTHENTICATION_FAILED:
+        return AuthenticationError("login failed: wrong password or unknown account")
+    if event.code in (ErrorCode.ACCOUNT_EXISTS, ErrorCode.INVALID_ACCOUNT_NAME):
+        text = (
+            "account name already registered"
+            if event.code is ErrorCode.ACCOUNT_EXISTS
+            else ("account name not allowed")
+        )
+        return RegistrationError(f"registration refused: {text}", event.code)
+    return SessionEndedError(f"session failed: {event.code.name.lower().replace('_', ' ')}", event.code)
+
+
+class KeymgmtClient:
+    """One connection to a key server, carrying any number of sessions."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        *,
+        local_store: LocalStore | None = None,
+        random: RandomSource = os.urandom,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._stream = stream
+        self._conn = ClientConnection(random)
+        self._random = random
+        self._clock = clock
+        self.local_store = local_store if local_store is not None else LocalStore(":memory:")
+        self._send_lock = anyio.Lock()
+        self._session_waiters: dict[int, _Waiter] = {}
+        self._request_waiters: dict[tuple[int, int], _Waiter] = {}
+        self._task_group: TaskGroup | None = None
+        self._closed: KeymgmtError | None = None
+
+    def __repr__(self) -> str:
+        return f"<KeymgmtClient {len(self._session_waiters)} sessions>"
+
+    async def __aenter__(self) -> KeymgmtClient:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._reader)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(exc_type, exc, tb)
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+    # ------------------------------------------------------------ public API
+
+    async def register(self, account_name: bytes, password: bytes) -> bytes:
+        """Register a new account (NET-5, REG-3); returns its ``user_id``."""
+        session_id = self._command(lambda: self._conn.open_registration(account_name, password))
+        event = await self._await_session(session_id)
+        assert isinstance(event, RegistrationSucceeded)
+        return event.user_id
+
+    async def login(self, account_name: bytes, password: bytes) -> KeySession:
+        """Open a request session (NET-6)."""
+        session_id = self._command(lambda: self._conn.open_request_session(account_name, password))
+        event = await self._await_session(session_id)
+        assert isinstance(event, SessionEstablished)
+        return KeySession(self, session_id, event.user_id, event.export_key)
+
+    # ------------------------------------------------------------ internals
+
+    def _command(self, action: Callable[[], _T]) -> _T:
+        if self._closed is not None:
+            raise self._closed
+        try:
+            return action()
+        except LocalProtocolError as exc:
+            raise KeymgmtError(str(exc)) from None
+
+    async def _await_session(self, session_id: int) -> Event:
+        waiter = self._session_waiters.setdefault(session_id, _Waiter())
+        await self._flush()
+        return await waiter.wait()
+
+    async def request(self, session_id: int, body: bytes) -> bytes:
+        """Send a request body on a session and wait for its answer."""
+        request_id = self._command(lambda: self._conn.send_request(session_id, body))
+        waiter = _Waiter()
+        self._request_waiters[(session_id, request_id)] = waiter
+        await self._flush()
+        event = await waiter.wait()
+        assert isinstance(event, ResponseReceived)
+        return event.body
+
+    async def close_session(self, session_id: int) -> None:
+        self._command(lambda: self._conn.close_session(session_id))
+        self._fail_session(session_id, SessionEndedError("logged out", ErrorCode.CLIENT_CLOSED))
+        await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self._conn.data_to_send()
+            if data:
+                try:
+                    await self._stream.send(data)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self._conn.connection_lost()
+                    self._dispatch_all()
+
+    def _fail_session(self, session_id: int, error: KeymgmtError) -> None:
+        waiter = self._session_waiters.pop(session_id, None)
+        if waiter is not None:
+            waiter.fail(error)
+        for key in [k for k in self._request_waiters if k[0] == session_id]:
+            self._request_waiters.pop(key).fail(error)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, ResponseReceived):
+            waiter = self._request_waiters.pop((event.session_id, event.request_id), None)
+            if waiter is not None:
+                waiter.resolve(event)
+        elif isinstance(event, SessionEstablished | RegistrationSucceeded):
+            waiter = self._session_waiters.get(event.session_id)
+            if waiter is not None:
+                waiter.resolve(event)
+            if isinstance(event, RegistrationSucceeded):
+                self._session_waiters.pop(event.session_id, None)
+        elif isinstance(event, SessionFailed | SessionClosed):
+            self._fail_session(event.session_id, _session_error(event))
+        elif isinstance(event, ConnectionFailed):
+            self._closed = ConnectionLostError(f"connection to the key server lost: {event.reason}")
+            for session_id in list(self._session_waiters):
+                self._fail_session(session_id, self._closed)
+            for waiter in self._request_waiters.values():
+                waiter.fail(self._closed)
+            self._request_waiters.clear()
+
+    def _dispatch_all(self) -> None:
+        while (event := self._conn.next_event()) is not NEED_DATA:
+            assert isinstance(event, Event)
+            self._dispatch(event)
+
+    async def _reader(self) -> None:
+        while self._closed is None:
+            try:
+                data = await self._stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                data = b""
+            self._conn.receive_data(data)
+            self._dispatch_all()
+            await self._flush()
+
+
+@dataclass(frozen=True, slots=True)
+class _Sealed:
+    kind: SecretKind
+    ciphertext: bytes
+    associated_data: bytes
+
+
+class KeySession:
+    """An authenticated request session: the operations on secrets (OPS-1..OPS-8)."""
+
+    def __init__(self, client: KeymgmtClient, session_id: int, user_id: bytes, export_key: bytes) -> None:
+        self._client = client
+        self.session_id = session_id
+        self.user_id = user_id
+        self._export_key = export_key
+        self._storage_key: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<KeySession {self.session_id} user_id={self.user_id.hex()}>"
+
+    async def _call(self, request: OpRequest) -> OpResponse:
+        body = await self._client.request(self.session_id, request.encode())
+        try:
+            status, response = decode_response(request.op, body)
+        except RemoteProtocolError as exc:
+            raise IntegrityError(f"malformed response from the key server: {exc}") from None
+        if status is Status.NOT_FOUND:
+            raise NotFoundError("no such key")
+        if status is not Status.OK:
+            raise RequestRefusedError(f"request refused: {status.name.lower().replace('_', ' ')}", status)
+        assert response is not None
+        return response
+
+    async def _get_storage_key(self) -> bytes:
+        """OPS-1: fetch and decrypt ``storage_key`` once per session; kept in memory only."""
+        if self._storage_key is None:
+            response = await self._call(RetrieveStorageKeyRequest(self.user_id))
+            assert isinstance(response, StorageKeyResponse)
+            master_key = derive_master_key(self._export_key)
+            try:
+                self._storage_key = decrypt_storage_key(
+                    master_key, response.encrypted_storage_key, self.user_id
+                )
+            except RemoteProtocolError:
+                raise IntegrityError("the stored storage key failed verification") from None
+        return self._storage_key
+
+    async def _store(self, secret: bytes, kind: SecretKind) -> bytes:
+        storage_key = await self._get_storage_key()
+        reply = await self._call(CreateKeyIdRequest(self.user_id, kind))
+        assert isinstance(reply, KeyIdResponse)
+        key_id = reply.key_id
+        ad = secret_ad(self.user_id, key_id, kind)
+        ciphertext = seal_secret(storage_key, secret, ad, self._client._random)
+        await self._call(StoreSecretRequest(self.user_id, key_id, kind, ciphertext))
+        created = int(self._client._clock() * 1_000_000)
+        self._client.local_store.put(SecretRecord(self.user_id, key_id, kind, ciphertext, ad, created))
+        return key_id
+
+    async def generate(self) -> bytes:
+        """OPS-2: generate a random 32-byte secret, store it encrypted; returns its key id."""
+        return await self._store(self._client._random(32), SecretKind.GENERATED)
+
+    async def import_secret(self, portable: bytes) -> bytes:
+        """OPS-3: store ``len || secret`` (one length byte); returns the key id."""
+        try:
+            secret = decode_portable(portable)
+        except ValueError as exc:
+            raise KeymgmtError(f"cannot import: {exc}") from None
+        return await self._store(secret, SecretKind.IMPORTED)
+
+    def _open(self, storage_key: bytes, key_id: bytes, sealed: _Sealed) -> bytes:
+        expected = secret_ad(self.user_id, key_id, sealed.kind)
+        if not hmac.compare_digest(expected, sealed.associated_data):
+            raise IntegrityError("the ciphertext's associated data names another user or key")
+        try:
+            return open_secret(storage_key, sealed.ciphertext, sealed.associated_data)
+        except RemoteProtocolError:
+            raise IntegrityError("the ciphertext failed verification (tampered or swapped)") from None
+
+    async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
+        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: ``len || secret``."""
+        if len(key_id) != 16:
+            raise KeymgmtError("a key id is 16 bytes")
+        storage_key = await self._get_storage_key()
+        local = self._client.local_store.get(self.user_id, key_id)
+        secret: bytes | None = None
+        if local is not None:
+            try:
+                secret = self._open(
+                    storage_key, key_id, _Sealed(local.kind, local.ciphertext, local.associated_data)
+                )
+            except IntegrityError:
+                secret = None  # a damaged local copy: fetch the server's and replace it
+        if secret is None:
+            response = await self._call(RetrieveRequest(self.user_id, key_id, context))
+            assert isinstance(response, SecretResponse)
+            sealed = _Sealed(response.kind, response.ciphertext, response.associated_data)
+            secret = self._open(storage_key, key_id, sealed)
+            created = int(self._client._clock() * 1_000_000)
+            self._client.local_store.put(
+                SecretRecord(
+                    self.user_id, key_id, sealed.kind, sealed.ciphertext, sealed.associated_data, created
+                )
+            )
+        if context is Context.NULL:
+            return None
+        if context is Context.EXPORT:
+            return encode_portable(secret)
+        return secret
+
+    async def export(self, key_id: bytes) -> bytes:
+        """OPS-5: the secret in the portable ``len || secret`` format."""
+        result = await self.retrieve(key_id, Context.EXPORT)
+        assert result is not None
+        return result
+
+    async def list_keys(self) -> list[KeyInfo]:
+        """OPS-8: this user's key ids with kind and creation time (microseconds)."""
+        response = await self._call(ListKeysRequest(self.user_id))
+        assert isinstance(response, KeyListResponse)
+        return list(response.keys)
+
+    async def delete(self, key_id: bytes) -> None:
+        """OPS-8: delete a key on the server and locally."""
+        await self._call(DeleteKeyRequest(self.user_id, key_id))
+        self._client.local_store.delete(self.user_id, key_id)
+
+    async def audit(
+        self,
+        audit_type: AuditType = AuditType.ALL,
+        key_ids: Sequence[bytes] = (),
+        after: int | None = None,
+        before: int | None = None,
+    ) -> list[AuditEntry]:
+        """OPS-6: matching audit entries (all pages). Times in microseconds since the epoch."""
+        entries: list[AuditEntry] = []
+        cursor = 0
+        while True:
+            request = AuditRequest(self.user_id, audit_type, tuple(key_ids), after, before, cursor)
+            response = await self._call(request)
+            assert isinstance(response, AuditResponse)
+            entries += response.entries
+            if response.next_cursor == 0:
+                return entries
+            cursor = response.next_cursor
+
+    async def logout(self) -> None:
+        """Close the session on the server (OPS-8)."""
+        await self._client.close_session(self.session_id)
+        self._storage_key = None
+
+
+def audit_to_json(entries: Sequence[AuditEntry]) -> str:
+    """AUD-2: audit entries as a JSON document (see docs/protocol.md)."""
+    return json.dumps({"format": "keymgmt-audit-v1", "entries": [e.to_json() for e in entries]}, indent=2)

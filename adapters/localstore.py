@@ -1,0 +1,82 @@
+"""The client's local store (STO-2): ciphertexts and their AD, never plaintext or storage_key.
+
+A SQLite file created with owner-only permissions, keyed by ``(user_id, key_id)``.
+Retrieve looks here first (OPS-4); an entry that fails to decrypt is replaced
+by the server's copy.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from keymgmt_proto._ops import SecretKind
+
+from .storage import SecretRecord
+
+__all__ = ["LocalStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS local_secrets (
+    user_id BLOB NOT NULL,
+    key_id BLOB NOT NULL,
+    kind INTEGER NOT NULL,
+    ciphertext BLOB NOT NULL,
+    associated_data BLOB NOT NULL,
+    created_us INTEGER NOT NULL,
+    PRIMARY KEY (user_id, key_id)
+)
+"""
+
+
+class LocalStore:
+    """Ciphertext cache on the asset owner's device; ``":memory:"`` for a throwaway one."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        if self.path != ":memory:" and not Path(self.path).exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute(
+            "PRAGMA journal_mode = WAL" if self.path != ":memory:" else "PRAGMA journal_mode = MEMORY"
+        )
+        self._db.execute(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.path!r})"
+
+    def put(self, record: SecretRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO local_secrets VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.user_id,
+                record.key_id,
+                int(record.kind),
+                record.ciphertext,
+                record.associated_data,
+                record.created,
+            ),
+        )
+
+    def get(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
+        row = self._db.execute(
+            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM local_secrets "
+            "WHERE user_id = ? AND key_id = ?",
+            (user_id, key_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+
+    def delete(self, user_id: bytes, key_id: bytes) -> None:
+        self._db.execute("DELETE FROM local_secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))
+
+    def key_ids(self, user_id: bytes) -> list[bytes]:
+        rows = self._db.execute(
+            "SELECT key_id FROM local_secrets WHERE user_id = ? ORDER BY created_us", (user_id,)
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def close(self) -> None:
+        self._db.close()
