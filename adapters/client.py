@@ -200,6 +200,8 @@ class KeymgmtClient:
         self._send_lock = anyio.Lock()
         self._session_waiters: dict[int, _Waiter] = {}
         self._request_waiters: dict[tuple[int, int], _Waiter] = {}
+        #: Why recent sessions ended, so later calls on them say so (bounded).
+        self._ended: dict[int, KeymgmtError] = {}
         self._task_group: TaskGroup | None = None
         self._closed: KeymgmtError | None = None
 
@@ -254,6 +256,8 @@ class KeymgmtClient:
 
     async def request(self, session_id: int, body: bytes) -> bytes:
         """Send a request body on a session and wait for its answer."""
+        if session_id in self._ended:
+            raise self._ended[session_id]
         request_id = self._command(lambda: self._conn.send_request(session_id, body))
         waiter = _Waiter()
         self._request_waiters[(session_id, request_id)] = waiter
@@ -278,6 +282,9 @@ class KeymgmtClient:
                     self._dispatch_all()
 
     def _fail_session(self, session_id: int, error: KeymgmtError) -> None:
+        self._ended[session_id] = error
+        while len(self._ended) > 1024:
+            del self._ended[next(iter(self._ended))]
         waiter = self._session_waiters.pop(session_id, None)
         if waiter is not None:
             waiter.fail(error)

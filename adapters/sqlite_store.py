@@ -115,8 +115,10 @@ class _SQLiteTransaction:
                     secret.created,
                 ),
             )
-        except sqlite3.IntegrityError:
-            return False
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" in str(exc):
+                return False
+            raise StorageError("the secret's user has no account") from None
         return True
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:

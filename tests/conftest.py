@@ -47,3 +47,9 @@ class Harness:
 @pytest.fixture
 def harness(server_setup: ServerSetup) -> Harness:
     return Harness(server_setup)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run every anyio test on both event loops."""
+    return str(request.param)

@@ -1,0 +1,49 @@
+"""A key server over SQLite and in-memory byte streams, for the high-level API tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+
+from keymgmt.adapters.client import KeymgmtClient
+from keymgmt.adapters.keyserver import KeyServer
+from keymgmt.adapters.localstore import LocalStore
+from keymgmt.adapters.serve import serve_stream
+from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.streams import memory_stream_pair
+from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
+
+SETUP = ServerSetup.generate()
+
+
+@dataclass
+class World:
+    path: Path
+    storage: SQLiteStorage
+    keyserver: KeyServer
+    registry: SessionRegistry
+    task_group: TaskGroup
+
+    @asynccontextmanager
+    async def client(self, local_store: LocalStore | None = None) -> AsyncIterator[KeymgmtClient]:
+        client_end, server_end = memory_stream_pair()
+        self.task_group.start_soon(serve_stream, server_end, SETUP, self.keyserver, self.registry)
+        async with KeymgmtClient(client_end, local_store=local_store) as client:
+            yield client
+
+
+@asynccontextmanager
+async def key_server(
+    tmp_path: Path, config: ServerConfig | None = None, **kwargs: object
+) -> AsyncIterator[World]:
+    storage = SQLiteStorage(tmp_path / "keyserver.db")
+    keyserver = KeyServer(storage, **kwargs)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        yield World(tmp_path, storage, keyserver, SessionRegistry(config or ServerConfig()), tg)
+        tg.cancel_scope.cancel()
+    storage.close()

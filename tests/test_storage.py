@@ -1,0 +1,130 @@
+"""SQLite storage, the setup file (CRY-5) and atomic registration (REG-4)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from keymgmt.adapters.keyserver import KeyServer
+from keymgmt.adapters.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
+from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt_proto import ErrorCode, RegistrationCompleted, SessionFailed
+from keymgmt_proto._ops import Action, AuditType, Outcome, SecretKind
+
+from .conftest import Harness
+from .helpers import PASSWORD, only
+
+
+def test_setup_file_is_created_once_owner_only(tmp_path):
+    path = tmp_path / "server_setup.bin"
+    setup = create_server_setup_file(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_server_setup_file(path).to_bytes() == setup.to_bytes()
+    with pytest.raises(SetupFileError, match="refusing to overwrite"):
+        create_server_setup_file(path)
+    assert load_server_setup_file(path).to_bytes() == setup.to_bytes()
+    assert "secret" in repr(setup) and setup.to_bytes().hex() not in repr(setup)
+
+
+def test_missing_corrupt_or_open_setup_files_are_clear_errors(tmp_path):
+    with pytest.raises(SetupFileError, match="does not exist"):
+        load_server_setup_file(tmp_path / "nope.bin")
+    path = tmp_path / "setup.bin"
+    create_server_setup_file(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:20])
+    with pytest.raises(SetupFileError, match="corrupt"):
+        load_server_setup_file(path)
+    path.write_bytes(b"not a setup file at all")
+    with pytest.raises(SetupFileError, match="not a keymgmt server setup"):
+        load_server_setup_file(path)
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+    with pytest.raises(SetupFileError, match="readable by others"):
+        load_server_setup_file(path)
+    assert not (tmp_path / "nope.bin").exists()  # nothing was silently regenerated
+
+
+def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    assert storage.schema_version == 1
+    with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
+        tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
+    storage.close()
+    db = sqlite3.connect(tmp_path / "ks.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute("UPDATE schema_version SET version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StorageError, match="newer than this code"):
+        SQLiteStorage(tmp_path / "ks.db")
+
+
+def test_an_operation_and_its_audit_entry_commit_together(tmp_path):
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    account = Account(b"a", bytes(16), bytes(192), bytes(60), 1)
+    with storage.transaction() as tx:
+        assert tx.insert_account(account)
+        assert not tx.insert_account(account)  # taken: nothing written, transaction still usable
+    with pytest.raises(RuntimeError), storage.transaction() as tx:
+        tx.insert_secret(SecretRecord(bytes(16), b"k" * 16, SecretKind.GENERATED, bytes(60), b"ad", 2))
+        tx.append_audit(AuditRecord(bytes(16), Action.GENERATE, 2, Outcome.SUCCESS, b"k" * 16))
+        raise RuntimeError("crash between the two writes")
+    with storage.transaction() as tx:
+        assert tx.get_secret(bytes(16), b"k" * 16) is None
+        assert tx.query_audit(bytes(16), AuditQuery(AuditType.ALL)) == ([], 0)
+    storage.close()
+
+
+class _FailingStorage:
+    """A storage whose every transaction fails at commit time."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def transaction(self):
+        inner_cm = self.inner.transaction()
+
+        class _CM:
+            def __enter__(self_cm):
+                return inner_cm.__enter__()
+
+            def __exit__(self_cm, *exc):
+                inner_cm.__exit__(StorageError, StorageError("disk full"), None)
+                raise StorageError("disk full")
+
+        return _CM()
+
+    def close(self):
+        self.inner.close()
+
+
+def test_registration_is_atomic_when_storage_fails(server_setup, tmp_path):
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    harness = Harness(server_setup)
+    keyserver = KeyServer(storage)
+    pair = harness.pair()
+    failing = _FailingStorage(storage)
+
+    def app(conn, event):
+        if isinstance(event, RegistrationCompleted):  # the disk fills up at the final write
+            keyserver.storage = failing
+        keyserver(conn, event)
+
+    pair.app = app
+    pair.client.open_registration(b"alice", PASSWORD)
+    events = pair.pump()
+    failed = only(events, SessionFailed)
+    assert failed.code is ErrorCode.INTERNAL_ERROR
+    with storage.transaction() as tx:
+        assert tx.get_account(b"alice") is None
+    keyserver.storage = storage
+    pair.app = keyserver
+    pair.client.open_registration(b"alice", PASSWORD)
+    assert not [e for e in pair.pump() if isinstance(e, SessionFailed)]
+    with storage.transaction() as tx:
+        assert tx.get_account(b"alice") is not None
