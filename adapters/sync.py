@@ -1,0 +1,124 @@
+"""A small synchronous facade over :class:`KeymgmtClient` for scripts.
+
+::
+
+    with SyncKeymgmtClient(connect) as client:          # connect: async () -> ByteStream
+        session = client.login(b"alice@example.org", password)
+        key_id = session.generate()
+
+It runs an event loop in a helper thread (anyio's blocking portal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from types import TracebackType
+
+from anyio.abc import ByteStream
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from keymgmt_proto._ops import AuditEntry, AuditType, Context, KeyInfo
+
+from .client import KeymgmtClient, KeySession
+from .localstore import LocalStore
+
+__all__ = ["SyncKeySession", "SyncKeymgmtClient"]
+
+
+class SyncKeySession:
+    """Blocking twin of :class:`KeySession`."""
+
+    def __init__(self, portal: BlockingPortal, session: KeySession) -> None:
+        self._portal = portal
+        self._session = session
+        self.user_id = session.user_id
+
+    def __repr__(self) -> str:
+        return f"<SyncKeySession user_id={self.user_id.hex()}>"
+
+    def generate(self) -> bytes:
+        return self._portal.call(self._session.generate)
+
+    def import_secret(self, portable: bytes) -> bytes:
+        return self._portal.call(self._session.import_secret, portable)
+
+    def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
+        return self._portal.call(self._session.retrieve, key_id, context)
+
+    def export(self, key_id: bytes) -> bytes:
+        return self._portal.call(self._session.export, key_id)
+
+    def list_keys(self) -> list[KeyInfo]:
+        return self._portal.call(self._session.list_keys)
+
+    def delete(self, key_id: bytes) -> None:
+        self._portal.call(self._session.delete, key_id)
+
+    def audit(
+        self,
+        audit_type: AuditType = AuditType.ALL,
+        key_ids: Sequence[bytes] = (),
+        after: int | None = None,
+        before: int | None = None,
+    ) -> list[AuditEntry]:
+        return self._portal.call(self._session.audit, audit_type, key_ids, after, before)
+
+    def logout(self) -> None:
+        self._portal.call(self._session.logout)
+
+
+class SyncKeymgmtClient:
+    """Blocking client: ``connect`` opens the byte stream inside the helper loop.
+
+    Pass ``portal`` to share an event loop you already run (anyio blocking portal);
+    otherwise one is started on ``backend``.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[ByteStream]],
+        *,
+        local_store: LocalStore | None = None,
+        backend: str = "asyncio",
+        portal: BlockingPortal | None = None,
+    ) -> None:
+        self._connect = connect
+        self._local_store = local_store
+        self._backend = backend
+        self._stack = ExitStack()
+        self._portal: BlockingPortal | None = portal
+        self._own_portal = portal is None
+        self._client: KeymgmtClient | None = None
+
+    def __enter__(self) -> SyncKeymgmtClient:
+        if self._own_portal:
+            portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(self._backend)
+            self._portal = self._stack.enter_context(portal_cm)
+        assert self._portal is not None
+        try:
+            stream = self._portal.call(self._connect)
+            client = KeymgmtClient(stream, local_store=self._local_store)
+            self._client = self._stack.enter_context(self._portal.wrap_async_context_manager(client))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stack.close()
+
+    def _require(self) -> tuple[BlockingPortal, KeymgmtClient]:
+        if self._portal is None or self._client is None:
+            raise RuntimeError("use SyncKeymgmtClient in a `with` block")
+        return self._portal, self._client
+
+    def register(self, account_name: bytes, password: bytes) -> bytes:
+        portal, client = self._require()
+        return portal.call(client.register, account_name, password)
+
+    def login(self, account_name: bytes, password: bytes) -> SyncKeySession:
+        portal, client = self._require()
+        return SyncKeySession(portal, portal.call(client.login, account_name, password))

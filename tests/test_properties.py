@@ -1,0 +1,792 @@
+"""Property-based tests of the wire format, the decoders, the AEAD channel, REG-3 and framing.
+
+Run with ``HYPOTHESIS_PROFILE=ci`` (or ``long``) for more examples; profiles live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from collections.abc import Callable
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keymgmt_proto import (
+    NEED_DATA,
+    ClientConnection,
+    ConnectionFailed,
+    Event,
+    ServerConnection,
+    ServerSetup,
+    _opaque,
+)
+from keymgmt_proto._crypto import (
+    Channel,
+    decrypt_storage_key,
+    derive_master_key,
+    encrypt_storage_key,
+)
+from keymgmt_proto._errors import ErrorCode, RemoteProtocolError
+from keymgmt_proto._messages import (
+    CREDENTIAL_FINALIZATION_SIZE,
+    CREDENTIAL_REQUEST_SIZE,
+    CREDENTIAL_RESPONSE_SIZE,
+    ENCRYPTED_STORAGE_KEY_SIZE,
+    MESSAGE_TYPES,
+    REGISTRATION_REQUEST_SIZE,
+    REGISTRATION_RESPONSE_SIZE,
+    REGISTRATION_UPLOAD_SIZE,
+    SESSION_HANDLE_SIZE,
+    TAG_SIZE,
+    USER_ID_SIZE,
+    Abort,
+    Close,
+    CompleteRegistration,
+    GoAway,
+    LoginFinish,
+    LoginResponse,
+    LoginStart,
+    Record,
+    RegResponse,
+    RegStart,
+    RegUpload,
+    Request,
+    Response,
+    Resume,
+    Resumed,
+    ResumeEnvelope,
+    Welcome,
+)
+from keymgmt_proto._wire import (
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    MAX_SESSION_ID,
+    PROTOCOL_VERSION,
+    FrameType,
+    decode_header,
+    encode_frame,
+)
+
+# ----------------------------------------------------------------- strategies
+
+
+def fixed(size: int) -> st.SearchStrategy[bytes]:
+    return st.binary(min_size=size, max_size=size)
+
+
+account_names = st.binary(min_size=1, max_size=255)
+error_codes = st.sampled_from(ErrorCode)
+reasons = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=255)
+request_ids = st.integers(min_value=1, max_value=2**32 - 1)
+bodies = st.binary(max_size=512)
+seqs = st.integers(min_value=0, max_value=2**64 - 1)
+records = st.builds(Record, seqs, st.binary(min_size=TAG_SIZE, max_size=256))
+
+STRATEGIES: dict[type, st.SearchStrategy[object]] = {
+    GoAway: st.builds(GoAway, error_codes, reasons),
+    RegStart: st.builds(RegStart, account_names, fixed(REGISTRATION_REQUEST_SIZE)),
+    RegResponse: st.builds(RegResponse, fixed(REGISTRATION_RESPONSE_SIZE)),
+    RegUpload: st.builds(RegUpload, fixed(REGISTRATION_UPLOAD_SIZE)),
+    LoginStart: st.builds(LoginStart, account_names, fixed(CREDENTIAL_REQUEST_SIZE)),
+    LoginResponse: st.builds(LoginResponse, fixed(CREDENTIAL_RESPONSE_SIZE)),
+    LoginFinish: st.builds(LoginFinish, fixed(CREDENTIAL_FINALIZATION_SIZE)),
+    Abort: st.builds(Abort, error_codes, reasons),
+    Welcome: st.builds(Welcome, fixed(USER_ID_SIZE)),
+    CompleteRegistration: st.builds(
+        CompleteRegistration, fixed(USER_ID_SIZE), fixed(ENCRYPTED_STORAGE_KEY_SIZE)
+    ),
+    Request: st.builds(Request, request_ids, bodies),
+    Response: st.builds(Response, request_ids, bodies),
+    Close: st.builds(Close, error_codes),
+    Resume: st.just(Resume()),
+    Resumed: st.just(Resumed()),
+    Record: records,
+    ResumeEnvelope: st.builds(ResumeEnvelope, fixed(SESSION_HANDLE_SIZE), records),
+}
+
+#: Every payload class under test: MESSAGE_TYPES' values plus the two envelope classes.
+ALL_CLASSES = [*dict.fromkeys([*MESSAGE_TYPES.values(), Record, ResumeEnvelope])]
+
+#: Classes whose last field is a ``rest`` run to the end of the payload (no length prefix):
+#: name of that field and the number of bytes that precede it.
+REST_FIELD: dict[type, tuple[str, int]] = {
+    Request: ("body", 4),
+    Response: ("body", 4),
+    Record: ("ciphertext", 8),
+}
+#: Minimum length of a decodable payload for the rest-field classes.
+REST_MIN_SIZE = {
+    Request: 4,
+    Response: 4,
+    Record: 8 + TAG_SIZE,
+    ResumeEnvelope: SESSION_HANDLE_SIZE + 8 + TAG_SIZE,
+}
+
+parametrize_classes = pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+
+
+def decode(cls: type, payload: bytes) -> object:
+    return cls.decode(payload)  # type: ignore[attr-defined]
+
+
+def with_appended(value: object, extra: bytes) -> object:
+    """What a rest-field value decodes to after ``extra`` is appended to its encoding."""
+    if isinstance(value, ResumeEnvelope):
+        return dataclasses.replace(value, record=with_appended(value.record, extra))
+    name, _ = REST_FIELD[type(value)]
+    return dataclasses.replace(value, **{name: getattr(value, name) + extra})
+
+
+# ------------------------------------------------------- 1. payload round trip
+
+
+def test_every_message_type_has_a_strategy() -> None:
+    """A new frame type (or payload class) without a strategy here fails this test."""
+    assert set(MESSAGE_TYPES) == set(FrameType), "every frame type needs a payload class"
+    for frame_type, cls in MESSAGE_TYPES.items():
+        assert cls in STRATEGIES, f"no strategy for {frame_type.name} ({cls.__name__})"
+        assert cls.FRAME_TYPE is frame_type  # type: ignore[attr-defined]
+    assert set(STRATEGIES) == set(ALL_CLASSES)
+
+
+@parametrize_classes
+@given(data=st.data())
+def test_round_trip(cls: type, data: st.DataObject) -> None:
+    value = data.draw(STRATEGIES[cls])
+    encoded = value.encode()  # type: ignore[attr-defined]
+    assert isinstance(encoded, bytes)
+    decoded = decode(cls, encoded)
+    assert decoded == value
+    assert type(decoded) is cls
+    assert decoded.encode() == encoded  # type: ignore[attr-defined]
+
+
+def _mutate(data: st.DataObject, payload: bytes) -> bytes:
+    """A near-valid payload: a few bytes overwritten, maybe truncated or extended."""
+    buf = bytearray(payload)
+    for _ in range(data.draw(st.integers(0, 3), label="writes")):
+        if not buf:
+            break
+        i = data.draw(st.integers(0, len(buf) - 1), label="at")
+        buf[i] = data.draw(st.integers(0, 255), label="byte")
+    cut = data.draw(st.integers(0, len(buf)), label="cut")
+    return bytes(buf[:cut]) + data.draw(st.binary(max_size=4), label="tail")
+
+
+@parametrize_classes
+@given(data=st.data())
+def test_encoding_is_canonical(cls: type, data: st.DataObject) -> None:
+    """Any payload that decodes re-encodes to exactly the same bytes; nothing but
+    RemoteProtocolError escapes a decoder (arbitrary and near-valid input)."""
+    if data.draw(st.booleans(), label="arbitrary"):
+        payload = data.draw(st.binary(max_size=600), label="payload")
+    else:
+        payload = _mutate(data, data.draw(STRATEGIES[cls]).encode())  # type: ignore[attr-defined]
+    try:
+        value = decode(cls, payload)
+    except RemoteProtocolError as exc:
+        assert exc.code is ErrorCode.MALFORMED
+        return
+    assert type(value) is cls
+    assert value.encode() == payload  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------- 2. frame header
+
+max_payloads = st.integers(min_value=1024, max_value=DEFAULT_MAX_PAYLOAD)
+
+
+@given(
+    frame_type=st.sampled_from(FrameType),
+    session_id=st.integers(0, MAX_SESSION_ID),
+    max_payload=max_payloads,
+    data=st.data(),
+)
+def test_frame_header_round_trip(
+    frame_type: FrameType, session_id: int, max_payload: int, data: st.DataObject
+) -> None:
+    length = data.draw(st.one_of(st.just(max_payload), st.integers(0, max_payload)), label="length")
+    payload = bytes(length)
+    frame = encode_frame(frame_type, session_id, payload)
+    assert len(frame) == HEADER_SIZE + length
+    assert frame[HEADER_SIZE:] == payload
+    assert decode_header(frame[:HEADER_SIZE], max_payload) == (frame_type, session_id, length)
+
+
+FRAME_TYPE_VALUES = {int(t) for t in FrameType}
+valid_type_bytes = st.sampled_from(sorted(FRAME_TYPE_VALUES))
+
+
+def header(version: int, type_byte: int, session_id: int, length: int) -> bytes:
+    return struct.pack(">BBII", version, type_byte, session_id, length)
+
+
+@given(
+    version=st.integers(0, 255).filter(lambda v: v != PROTOCOL_VERSION),
+    type_byte=st.integers(0, 255),
+    session_id=st.integers(0, 2**32 - 1),
+    length=st.integers(0, 2**32 - 1),
+)
+def test_header_unknown_version(version: int, type_byte: int, session_id: int, length: int) -> None:
+    """Nothing after the version byte can be interpreted, so this wins over every other check."""
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_header(header(version, type_byte, session_id, length), DEFAULT_MAX_PAYLOAD)
+    assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
+
+
+@given(
+    type_byte=st.integers(0, 255).filter(lambda b: b not in FRAME_TYPE_VALUES),
+    session_id=st.integers(0, MAX_SESSION_ID),
+    length=st.integers(0, DEFAULT_MAX_PAYLOAD),
+)
+def test_header_unknown_type(type_byte: int, session_id: int, length: int) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_header(header(PROTOCOL_VERSION, type_byte, session_id, length), DEFAULT_MAX_PAYLOAD)
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+@given(
+    type_byte=valid_type_bytes,
+    session_id=st.integers(MAX_SESSION_ID + 1, 2**32 - 1),
+    length=st.integers(0, DEFAULT_MAX_PAYLOAD),
+)
+def test_header_session_id_over_cap(type_byte: int, session_id: int, length: int) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_header(header(PROTOCOL_VERSION, type_byte, session_id, length), DEFAULT_MAX_PAYLOAD)
+    assert info.value.code is ErrorCode.BAD_SESSION_ID
+
+
+@given(
+    type_byte=valid_type_bytes,
+    session_id=st.integers(0, MAX_SESSION_ID),
+    max_payload=max_payloads,
+    data=st.data(),
+)
+def test_header_length_over_limit(
+    type_byte: int, session_id: int, max_payload: int, data: st.DataObject
+) -> None:
+    length = data.draw(st.one_of(st.just(max_payload + 1), st.integers(max_payload + 1, 2**32 - 1)))
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_header(header(PROTOCOL_VERSION, type_byte, session_id, length), max_payload)
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+
+
+@given(raw=st.binary(max_size=2 * HEADER_SIZE), max_payload=max_payloads)
+def test_header_arbitrary_bytes(raw: bytes, max_payload: int) -> None:
+    """Any byte string either is a valid header (and re-encodes to itself) or raises
+    RemoteProtocolError; a wrong-sized header is MALFORMED."""
+    try:
+        frame_type, session_id, length = decode_header(raw, max_payload)
+    except RemoteProtocolError as exc:
+        if len(raw) != HEADER_SIZE:
+            assert exc.code is ErrorCode.MALFORMED
+        return
+    assert len(raw) == HEADER_SIZE
+    assert length <= max_payload and session_id <= MAX_SESSION_ID
+    assert header(PROTOCOL_VERSION, frame_type, session_id, length) == raw
+
+
+# ------------------------------------------------ 3. decoders reject bad input
+
+
+@parametrize_classes
+@given(payload=st.binary(max_size=700))
+def test_decode_arbitrary_bytes(cls: type, payload: bytes) -> None:
+    try:
+        value = decode(cls, payload)
+    except RemoteProtocolError:
+        return
+    assert type(value) is cls
+
+
+@parametrize_classes
+@given(data=st.data())
+def test_truncations_are_rejected(cls: type, data: st.DataObject) -> None:
+    """Every proper prefix of a valid encoding fails to decode, except for the classes that
+    end in a ``rest`` field: there a prefix that is still long enough decodes to the value
+    with that field shortened."""
+    value = data.draw(STRATEGIES[cls])
+    encoded = value.encode()  # type: ignore[attr-defined]
+    for cut in range(len(encoded)):
+        prefix = encoded[:cut]
+        if cls in REST_MIN_SIZE and cut >= REST_MIN_SIZE[cls]:
+            decoded = decode(cls, prefix)
+            assert decoded.encode() == prefix  # type: ignore[attr-defined]
+            assert with_appended(decoded, encoded[cut:]) == value
+        else:
+            with pytest.raises(RemoteProtocolError):
+                decode(cls, prefix)
+
+
+@parametrize_classes
+@given(data=st.data(), extra=st.binary(min_size=1, max_size=1))
+def test_extensions_are_rejected(cls: type, data: st.DataObject, extra: bytes) -> None:
+    """Trailing bytes are an error, except after a ``rest`` field, which absorbs them."""
+    value = data.draw(STRATEGIES[cls])
+    extended = value.encode() + extra  # type: ignore[attr-defined]
+    if cls in REST_MIN_SIZE:
+        assert decode(cls, extended) == with_appended(value, extra)
+    else:
+        with pytest.raises(RemoteProtocolError) as info:
+            decode(cls, extended)
+        assert info.value.code is ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize("cls", [Abort, GoAway])
+@given(
+    code=error_codes,
+    reason=st.binary(max_size=255).filter(lambda b: not (b.isascii() and b.decode().isprintable())),
+)
+def test_abort_reason_must_be_printable_ascii(cls: type, code: ErrorCode, reason: bytes) -> None:
+    payload = struct.pack(">HB", code, len(reason)) + reason
+    with pytest.raises(RemoteProtocolError):
+        decode(cls, payload)
+
+
+@pytest.mark.parametrize("cls", [Abort, GoAway, Close])
+@given(raw_code=st.integers(0, 0xFFFF).filter(lambda c: c not in set(ErrorCode)))
+def test_unknown_error_code_is_rejected(cls: type, raw_code: int) -> None:
+    payload = struct.pack(">H", raw_code) + (b"\x00" if cls is not Close else b"")
+    with pytest.raises(RemoteProtocolError):
+        decode(cls, payload)
+
+
+@pytest.mark.parametrize("cls", [Request, Response])
+@given(body=bodies)
+def test_request_id_zero_is_rejected(cls: type, body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode(cls, b"\x00\x00\x00\x00" + body)
+
+
+# ------------------------------------------------------------- 4. the channel
+
+session_keys = fixed(64)
+sealed_types = st.sampled_from([t for t in FrameType if t.sealed])
+any_types = st.sampled_from(FrameType)
+plaintexts = st.binary(max_size=200)
+
+
+def pair(key: bytes) -> tuple[Channel, Channel]:
+    return Channel(key, is_client=True), Channel(key, is_client=False)
+
+
+def assert_bad_record(channel: Channel, frame_type: FrameType, record: Record, **kw: bool) -> None:
+    before = (channel.recv_seq, channel.send_seq)
+    with pytest.raises(RemoteProtocolError) as info:
+        channel.open(frame_type, record, **kw)
+    assert info.value.code is ErrorCode.BAD_RECORD
+    assert (channel.recv_seq, channel.send_seq) == before
+
+
+@given(key=session_keys, messages=st.lists(st.tuples(any_types, plaintexts), max_size=8))
+def test_channel_round_trip_in_order(key: bytes, messages: list[tuple[FrameType, bytes]]) -> None:
+    client, server = pair(key)
+    assert client.session_handle == server.session_handle
+    assert len(client.session_handle) == SESSION_HANDLE_SIZE
+    for i, (frame_type, plaintext) in enumerate(messages):
+        c2s = client.seal(frame_type, plaintext)
+        assert c2s.seq == i and len(c2s.ciphertext) == len(plaintext) + TAG_SIZE
+        assert server.open(frame_type, Record.decode(c2s.encode())) == plaintext
+        s2c = server.seal(frame_type, plaintext)
+        assert s2c.seq == i
+        assert s2c.ciphertext != c2s.ciphertext  # different key/iv per direction
+        assert client.open(frame_type, s2c) == plaintext
+    assert client.send_seq == client.recv_seq == server.send_seq == server.recv_seq == len(messages)
+
+
+@given(key=session_keys, frame_type=sealed_types, p0=plaintexts, p1=plaintexts)
+def test_channel_rejects_replay(key: bytes, frame_type: FrameType, p0: bytes, p1: bytes) -> None:
+    client, server = pair(key)
+    r0, r1 = client.seal(frame_type, p0), client.seal(frame_type, p1)
+    assert server.open(frame_type, r0) == p0
+    assert_bad_record(server, frame_type, r0)
+    assert_bad_record(server, frame_type, r0, allow_gap=True)
+    assert server.open(frame_type, r1) == p1
+    assert_bad_record(server, frame_type, r1)
+    assert_bad_record(server, frame_type, r0)
+
+
+@given(key=session_keys, frame_type=sealed_types, p0=plaintexts, p1=plaintexts)
+def test_channel_rejects_reorder(key: bytes, frame_type: FrameType, p0: bytes, p1: bytes) -> None:
+    client, server = pair(key)
+    r0, r1 = client.seal(frame_type, p0), client.seal(frame_type, p1)
+    assert_bad_record(server, frame_type, r1)
+    assert server.open(frame_type, r0) == p0
+    assert server.open(frame_type, r1) == p1
+
+
+@given(key=session_keys, frame_type=sealed_types, plaintext=plaintexts, data=st.data())
+def test_channel_rejects_bit_flip(
+    key: bytes, frame_type: FrameType, plaintext: bytes, data: st.DataObject
+) -> None:
+    client, server = pair(key)
+    record = client.seal(frame_type, plaintext)
+    bit = data.draw(st.integers(0, 8 * len(record.ciphertext) - 1), label="bit")
+    flipped = bytearray(record.ciphertext)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    assert_bad_record(server, frame_type, Record(record.seq, bytes(flipped)))
+    assert server.open(frame_type, record) == plaintext
+
+
+@given(key=session_keys, types=st.lists(any_types, min_size=2, max_size=2, unique=True), plaintext=plaintexts)
+def test_channel_rejects_other_frame_type(key: bytes, types: list[FrameType], plaintext: bytes) -> None:
+    sealed_as, opened_as = types
+    client, server = pair(key)
+    record = client.seal(sealed_as, plaintext)
+    assert_bad_record(server, opened_as, record)
+    assert server.open(sealed_as, record) == plaintext
+
+
+@given(key=session_keys, frame_type=sealed_types, plaintext=plaintexts)
+def test_channel_rejects_other_direction(key: bytes, frame_type: FrameType, plaintext: bytes) -> None:
+    client, server = pair(key)
+    s2c = server.seal(frame_type, plaintext)
+    c2s = client.seal(frame_type, plaintext)
+    assert_bad_record(server, frame_type, s2c)  # the server's own record reflected back
+    assert_bad_record(client, frame_type, c2s)  # the client's own record reflected back
+    assert server.open(frame_type, c2s) == plaintext
+    assert client.open(frame_type, s2c) == plaintext
+
+
+@given(
+    keys=st.lists(session_keys, min_size=2, max_size=2, unique=True),
+    frame_type=sealed_types,
+    plaintext=plaintexts,
+)
+def test_channel_rejects_other_session(keys: list[bytes], frame_type: FrameType, plaintext: bytes) -> None:
+    client_a, server_a = pair(keys[0])
+    client_b, _server_b = pair(keys[1])
+    assert client_a.session_handle != client_b.session_handle
+    foreign = client_b.seal(frame_type, plaintext)
+    assert_bad_record(server_a, frame_type, foreign)
+    assert_bad_record(server_a, frame_type, foreign, allow_gap=True)
+    assert server_a.open(frame_type, client_a.seal(frame_type, plaintext)) == plaintext
+
+
+@given(key=session_keys, frame_type=sealed_types, plaintext=plaintexts, data=st.data())
+def test_channel_rejects_truncated_ciphertext(
+    key: bytes, frame_type: FrameType, plaintext: bytes, data: st.DataObject
+) -> None:
+    client, server = pair(key)
+    record = client.seal(frame_type, plaintext)
+    cut = data.draw(st.integers(0, len(record.ciphertext) - 1), label="cut")
+    truncated = record.encode()[: 8 + cut]
+    if cut < TAG_SIZE:  # too short to be a record at all: rejected while decoding
+        with pytest.raises(RemoteProtocolError) as info:
+            Record.decode(truncated)
+        assert info.value.code is ErrorCode.MALFORMED
+    else:
+        assert_bad_record(server, frame_type, Record.decode(truncated))
+    assert server.open(frame_type, record) == plaintext
+
+
+@given(key=session_keys, frame_type=sealed_types, plaintext=plaintexts, shift=st.integers(1, 2**64 - 2))
+def test_channel_rejects_relabelled_seq(
+    key: bytes, frame_type: FrameType, plaintext: bytes, shift: int
+) -> None:
+    """The sequence number is bound into nonce and AD: a record relabelled to a later seq fails
+    even where gaps are allowed."""
+    client, server = pair(key)
+    record = client.seal(frame_type, plaintext)
+    assert_bad_record(server, frame_type, Record(shift, record.ciphertext), allow_gap=True)
+    assert server.open(frame_type, record) == plaintext
+
+
+@given(key=session_keys, frame_type=sealed_types, n=st.integers(2, 12), data=st.data())
+def test_channel_allow_gap(key: bytes, frame_type: FrameType, n: int, data: st.DataObject) -> None:
+    client, server = pair(key)
+    sealed = [client.seal(frame_type, bytes([i])) for i in range(n)]
+    start = data.draw(st.integers(0, n - 2), label="start")
+    for record in sealed[:start]:
+        server.open(frame_type, record)
+    skip_to = data.draw(st.integers(start + 1, n - 1), label="skip_to")
+    # Without allow_gap a skip ahead is refused.
+    assert_bad_record(server, frame_type, sealed[skip_to])
+    assert server.open(frame_type, sealed[skip_to], allow_gap=True) == bytes([skip_to])
+    assert server.recv_seq == skip_to + 1
+    # Never back: every record below recv_seq is refused, gap or not.
+    for record in sealed[: skip_to + 1]:
+        assert_bad_record(server, frame_type, record, allow_gap=True)
+        assert_bad_record(server, frame_type, record)
+    # allow_gap also accepts exactly the next record.
+    if skip_to + 1 < n:
+        assert server.open(frame_type, sealed[skip_to + 1], allow_gap=True) == bytes([skip_to + 1])
+
+
+# ------------------------------------------------------- 5. known-answer test
+
+# The channel key schedule is documented in the docstring of keymgmt_proto/_crypto.py (and
+# docs/protocol.md). These literals were computed once by running the code; any change to the
+# schedule, labels, nonce or AD construction breaks this test -- which is the point: it is a
+# wire-format change.
+KAT_SESSION_KEY = bytes(range(64))
+KAT_SESSION_HANDLE = "a4d48bd97bef8f5223ec46b4f48b088a"
+KAT_FIRST_C2S_RECORD = "0000000000000000" + "69daf5746bb3276e5f4961164f55c7adf4fc68c205"
+
+
+def test_channel_known_answer() -> None:
+    client = Channel(KAT_SESSION_KEY, is_client=True)
+    assert client.session_handle.hex() == KAT_SESSION_HANDLE
+    record = client.seal(FrameType.REQUEST, b"hello")
+    assert record.seq == 0
+    assert record.encode().hex() == KAT_FIRST_C2S_RECORD
+    server = Channel(KAT_SESSION_KEY, is_client=False)
+    assert server.open(FrameType.REQUEST, Record.decode(bytes.fromhex(KAT_FIRST_C2S_RECORD))) == b"hello"
+
+
+def _sha3_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    return HKDFExpand(algorithm=hashes.SHA3_256(), length=length, info=info).derive(prk)
+
+
+def test_channel_key_schedule_matches_documentation() -> None:
+    """Recompute the KAT from the documented schedule with cryptography's primitives."""
+    mac = hmac.HMAC(b"keymgmt v1 channel", hashes.SHA3_256())
+    mac.update(KAT_SESSION_KEY)
+    prk = mac.finalize()  # HKDF-Extract(salt, ikm)
+    handle = _sha3_expand(prk, b"keymgmt v1 session handle", 16)
+    key = _sha3_expand(prk, b"keymgmt v1 client-to-server key", 32)
+    iv = _sha3_expand(prk, b"keymgmt v1 client-to-server iv", 12)
+    seq = 0
+    nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
+    ad = handle + bytes([1, FrameType.REQUEST]) + seq.to_bytes(8, "big")
+    ciphertext = ChaCha20Poly1305(key).encrypt(nonce, b"hello", ad)
+    assert handle.hex() == KAT_SESSION_HANDLE
+    assert (seq.to_bytes(8, "big") + ciphertext).hex() == KAT_FIRST_C2S_RECORD
+
+
+# ------------------------------------------------------------------- 6. REG-3
+
+
+def fixed_random(value: bytes) -> Callable[[int], bytes]:
+    def random(n: int) -> bytes:
+        assert n <= len(value)
+        return value[:n]
+
+    return random
+
+
+@given(master_key=fixed(32), storage_key=fixed(32), user_id=fixed(USER_ID_SIZE), nonce=fixed(12))
+def test_storage_key_round_trip(master_key: bytes, storage_key: bytes, user_id: bytes, nonce: bytes) -> None:
+    encrypted = encrypt_storage_key(master_key, storage_key, user_id, fixed_random(nonce))
+    assert len(encrypted) == ENCRYPTED_STORAGE_KEY_SIZE
+    assert encrypted[:12] == nonce
+    # Deterministic given the injected randomness.
+    assert encrypt_storage_key(master_key, storage_key, user_id, fixed_random(nonce)) == encrypted
+    assert decrypt_storage_key(master_key, encrypted, user_id) == storage_key
+
+
+@given(
+    master_key=fixed(32),
+    storage_key=fixed(32),
+    user_ids=st.lists(fixed(USER_ID_SIZE), min_size=2, max_size=2, unique=True),
+    nonce=fixed(12),
+)
+def test_storage_key_wrong_user_id(
+    master_key: bytes, storage_key: bytes, user_ids: list[bytes], nonce: bytes
+) -> None:
+    encrypted = encrypt_storage_key(master_key, storage_key, user_ids[0], fixed_random(nonce))
+    with pytest.raises(RemoteProtocolError) as info:
+        decrypt_storage_key(master_key, encrypted, user_ids[1])
+    assert info.value.code is ErrorCode.BAD_RECORD
+
+
+@given(
+    master_key=fixed(32),
+    storage_key=fixed(32),
+    user_id=fixed(USER_ID_SIZE),
+    nonce=fixed(12),
+    position=st.integers(0, ENCRYPTED_STORAGE_KEY_SIZE - 1),
+    mask=st.integers(1, 255),
+)
+def test_storage_key_tampered(
+    master_key: bytes, storage_key: bytes, user_id: bytes, nonce: bytes, position: int, mask: int
+) -> None:
+    encrypted = bytearray(encrypt_storage_key(master_key, storage_key, user_id, fixed_random(nonce)))
+    encrypted[position] ^= mask
+    with pytest.raises(RemoteProtocolError) as info:
+        decrypt_storage_key(master_key, bytes(encrypted), user_id)
+    assert info.value.code is ErrorCode.BAD_RECORD
+
+
+@given(
+    keys=st.lists(fixed(32), min_size=2, max_size=2, unique=True),
+    storage_key=fixed(32),
+    user_id=fixed(USER_ID_SIZE),
+    nonce=fixed(12),
+)
+def test_storage_key_wrong_master_key(
+    keys: list[bytes], storage_key: bytes, user_id: bytes, nonce: bytes
+) -> None:
+    encrypted = encrypt_storage_key(keys[0], storage_key, user_id, fixed_random(nonce))
+    with pytest.raises(RemoteProtocolError):
+        decrypt_storage_key(keys[1], encrypted, user_id)
+
+
+@given(
+    master_key=fixed(32),
+    user_id=fixed(USER_ID_SIZE),
+    blob=st.binary(max_size=2 * ENCRYPTED_STORAGE_KEY_SIZE).filter(
+        lambda b: len(b) != ENCRYPTED_STORAGE_KEY_SIZE
+    ),
+)
+def test_storage_key_wrong_length(master_key: bytes, user_id: bytes, blob: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decrypt_storage_key(master_key, blob, user_id)
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+@given(export_key=st.binary(min_size=1, max_size=128))
+def test_derive_master_key_is_hkdf_sha3(export_key: bytes) -> None:
+    expected = HKDF(
+        algorithm=hashes.SHA3_256(),
+        length=32,
+        salt=None,
+        info=b"OPAQUE-derived Lock Keeper master key",
+    ).derive(export_key)
+    assert derive_master_key(export_key) == expected
+
+
+# ------------------------------------------------------- 7. framing robustness
+
+SERVER_SETUP = ServerSetup.generate()
+
+
+def raw_frame(
+    version: int, type_byte: int, session_id: int, payload: bytes, length: int | None = None
+) -> bytes:
+    return header(version, type_byte, session_id, len(payload) if length is None else length) + payload
+
+
+#: A well-formed OPAQUE RegistrationRequest, so fuzzed REG_STARTs can get past OPAQUE on the server.
+VALID_REGISTRATION_REQUEST = _opaque.client_registration_start(b"password").message
+FUZZ_STRATEGIES = {
+    **STRATEGIES,
+    RegStart: st.builds(
+        RegStart,
+        account_names,
+        st.one_of(*[st.just(VALID_REGISTRATION_REQUEST)] * 3, fixed(REGISTRATION_REQUEST_SIZE)),
+    ),
+}
+
+
+def _rarely(draw: st.DrawFn, one_in: int) -> bool:
+    return draw(st.integers(0, one_in - 1)) == 0
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    """One frame, mostly well-formed with a payload that decodes as its frame type's class (a
+    Record for sealed types) so the session state machines are reached; sometimes with a bad
+    version, type byte, session id, length field or a random payload."""
+    frame_type = draw(st.sampled_from(FrameType))
+    version = draw(st.integers(0, 255)) if _rarely(draw, 20) else PROTOCOL_VERSION
+    type_byte = draw(st.integers(0, 255)) if _rarely(draw, 10) else int(frame_type)
+    session_id = draw(st.integers(0, 2**32 - 1)) if _rarely(draw, 10) else draw(st.integers(1, 4))
+    if _rarely(draw, 4):
+        payload = draw(st.binary(max_size=400))
+    else:
+        cls = Record if frame_type.sealed else MESSAGE_TYPES[frame_type]
+        payload = draw(FUZZ_STRATEGIES[cls]).encode()  # type: ignore[attr-defined]
+    length = draw(st.integers(0, 2**32 - 1)) if _rarely(draw, 10) else None
+    return raw_frame(version, type_byte, session_id, payload, length)
+
+
+wire_bytes = st.one_of(
+    st.binary(max_size=4096),
+    st.lists(frames(), max_size=8).map(b"".join),
+)
+
+
+def new_server() -> ServerConnection:
+    return ServerConnection(SERVER_SETUP, os.urandom)
+
+
+def new_client() -> ClientConnection:
+    return ClientConnection(os.urandom)
+
+
+def new_client_with_sessions() -> ClientConnection:
+    """A client with a request session (id 1) and a registration session (id 2) waiting for
+    the server's first reply, so fuzzed frames reach the session state machine."""
+    client = ClientConnection(os.urandom)
+    assert client.open_request_session(b"alice", b"password") == 1
+    assert client.open_registration(b"bob", b"password") == 2
+    client.data_to_send()
+    return client
+
+
+CONNECTIONS: dict[str, Callable[[], ServerConnection | ClientConnection]] = {
+    "server": new_server,
+    "client": new_client,
+    "client-with-sessions": new_client_with_sessions,
+}
+parametrize_connections = pytest.mark.parametrize("make", CONNECTIONS.values(), ids=CONNECTIONS.keys())
+
+
+def drain(conn: ServerConnection | ClientConnection) -> list[Event]:
+    events: list[Event] = []
+    for _ in range(10_000):
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return events
+        assert isinstance(event, Event)
+        assert type(event).__module__.startswith("keymgmt_proto.")
+        events.append(event)
+    raise AssertionError("next_event() never returned NEED_DATA")
+
+
+def check_output(conn: ServerConnection | ClientConnection) -> None:
+    """What the connection sends in reply is itself well-formed framing with valid clear payloads."""
+    out = conn.data_to_send()
+    while out:
+        frame_type, _session_id, length = decode_header(out[:HEADER_SIZE], DEFAULT_MAX_PAYLOAD)
+        payload = out[HEADER_SIZE : HEADER_SIZE + length]
+        assert len(payload) == length
+        if frame_type.sealed:
+            Record.decode(payload)
+        else:
+            MESSAGE_TYPES[frame_type].decode(payload)  # type: ignore[attr-defined]
+        out = out[HEADER_SIZE + length :]
+
+
+@parametrize_connections
+@given(data=wire_bytes)
+def test_connection_survives_arbitrary_bytes(make: Callable[[], ServerConnection], data: bytes) -> None:
+    conn = make()
+    if data:  # b"" would mean end of stream
+        conn.receive_data(data)
+    events = drain(conn)
+    check_output(conn)
+    assert sum(isinstance(e, ConnectionFailed) for e in events) <= 1
+    assert drain(conn) == []
+    # End of stream afterwards is also handled without raising.
+    conn.receive_data(b"")
+    drain(conn)
+    check_output(conn)
+
+
+@parametrize_connections
+@given(data=wire_bytes, cuts=st.lists(st.integers(0, 4096), max_size=12))
+def test_connection_split_delivery(
+    make: Callable[[], ServerConnection], data: bytes, cuts: list[int]
+) -> None:
+    whole = make()
+    if data:  # b"" would mean end of stream
+        whole.receive_data(data)
+    expected = drain(whole)
+
+    split = make()
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    got: list[Event] = []
+    for start, end in zip([0, *points], [*points, len(data)], strict=True):
+        if end > start:
+            split.receive_data(data[start:end])
+        got += drain(split)
+    assert [type(e) for e in got] == [type(e) for e in expected]
+    assert got == expected
