@@ -1,102 +1,96 @@
-"""`make demo`: a real registration, login and requests over the in-memory adapter.
+"""`make demo`: the whole flow on embedded defaults, printing each step.
 
-Prints each step as it happens. The network adapters will turn this into a
-real server run; until then the bytes cross an in-memory link.
+A key server over a fresh SQLite file in a temporary directory, and a client
+talking to it over an in-memory byte stream (the network issue replaces the
+stream with TLS 1.3 on loopback). Exits 0 only if every step checks out.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import TypeVar
+import tempfile
+from pathlib import Path
 
-from keymgmt_proto import (
-    ClientConnection,
-    ErrorCode,
-    Event,
-    RegistrationSucceeded,
-    ResponseReceived,
-    ServerConnection,
-    ServerSetup,
-    SessionEstablished,
-    SessionFailed,
-    SessionRegistry,
-)
+import anyio
 
-from .memory import InMemoryPair, MemoryServerApp
+from keymgmt_proto import AuditType, Context, ServerSetup, SessionRegistry
+
+from .client import AuthenticationError, KeymgmtClient, audit_to_json
+from .keyserver import KeyServer
+from .localstore import LocalStore
+from .serve import serve_stream
+from .setupfile import create_server_setup_file, load_server_setup_file
+from .sqlite_store import SQLiteStorage
+from .streams import memory_stream_pair
 
 __all__ = ["main"]
 
+ACCOUNT = b"alice@example.org"
+PASSWORD = b"correct horse battery staple"
 
-E = TypeVar("E", bound=Event)
 
-
-def _expect(events: list[Event], kind: type[E]) -> E:
-    for event in events:
-        if isinstance(event, kind):
-            return event
-    raise SystemExit(f"demo failed: expected {kind.__name__}, got {events!r}")
+async def _run(workdir: Path) -> bool:
+    say = print
+    create_server_setup_file(workdir / "server_setup.bin")
+    setup: ServerSetup = load_server_setup_file(workdir / "server_setup.bin")
+    storage = SQLiteStorage(workdir / "keyserver.db")
+    say(f"key server: OPAQUE setup and SQLite database in {workdir}")
+    ok = True
+    async with anyio.create_task_group() as tg:
+        client_end, server_end = memory_stream_pair()
+        tg.start_soon(serve_stream, server_end, setup, KeyServer(storage), SessionRegistry())
+        local = LocalStore(workdir / "client.db")
+        async with KeymgmtClient(client_end, local_store=local) as client:
+            user_id = await client.register(ACCOUNT, PASSWORD)
+            say(f"1. registered {ACCOUNT.decode()}: user_id {user_id.hex()}")
+            try:
+                await client.login(ACCOUNT, b"wrong password")
+                ok = False
+            except AuthenticationError as exc:
+                say(f"2. wrong password refused: {exc}")
+            session = await client.login(ACCOUNT, PASSWORD)
+            say(f"3. logged in (OPAQUE), user_id matches: {session.user_id == user_id}")
+            ok &= session.user_id == user_id
+            generated = await session.generate()
+            say(f"4. generated a 32-byte secret: key id {generated.hex()}")
+            imported = await session.import_secret(bytes([12]) + b"my seed word")
+            say(f"5. imported a 12-byte secret: key id {imported.hex()}")
+            local.delete(user_id, generated)  # so the next retrieve goes to the server
+            null = await session.retrieve(generated, Context.NULL)
+            secret = await session.retrieve(generated, Context.LOCAL_ONLY)
+            exported = await session.retrieve(imported, Context.EXPORT)
+            say(
+                f"6. retrieve: NULL -> {null!r}; LOCAL_ONLY -> {len(secret or b'')} bytes; "
+                f"EXPORT -> {exported!r}"
+            )
+            ok &= null is None and secret is not None and len(secret) == 32
+            ok &= exported == bytes([12]) + b"my seed word"
+            listed = await session.list_keys()
+            say(f"7. list: {', '.join(f'{k.key_id.hex()[:8]}... ({k.kind.name.lower()})' for k in listed)}")
+            await session.delete(generated)
+            say(f"8. deleted {generated.hex()[:8]}...; {len(await session.list_keys())} key left")
+            entries = await session.audit(AuditType.ALL)
+            say(f"9. audit log ({len(entries)} entries):")
+            for entry in entries:
+                key = entry.key_id.hex()[:8] + "..." if entry.key_id else ""
+                context = entry.context.name.lower() if entry.context is not None else ""
+                say(
+                    f"   {entry.entry_id:3d} {entry.action.name.lower():22s} {entry.outcome.name.lower():8s} "
+                    f"{key:11s} {context}"
+                )
+            (workdir / "audit.json").write_text(audit_to_json(entries))
+            say(f"   exported as JSON to {workdir / 'audit.json'}")
+            await session.logout()
+            say("10. logged out")
+        tg.cancel_scope.cancel()
+    storage.close()
+    return ok
 
 
 def main() -> int:
-    say = print
-    setup = ServerSetup.generate()
-    registry = SessionRegistry()
-    app = MemoryServerApp(handler=lambda user_id, body: b"echo: " + body)
-
-    def connect() -> InMemoryPair:
-        return InMemoryPair(
-            ClientConnection(os.urandom), ServerConnection(setup, os.urandom, registry=registry), app
-        )
-
-    pair = connect()
-    account, password = b"alice@example.org", b"correct horse battery staple"
-    say(f"1. register {account.decode()} (OPAQUE registration + login in one session)")
-    pair.client.open_registration(account, password)
-    registered = _expect(pair.pump(), RegistrationSucceeded)
-    say(f"   registered: user_id={registered.user_id.hex()}")
-
-    say("2. log in (request session)")
-    sid = pair.client.open_request_session(account, password)
-    established = _expect(pair.pump(), SessionEstablished)
-    same_key = established.export_key == registered.export_key
-    say(f"   logged in: user_id={established.user_id.hex()}, export_key matches registration: {same_key}")
-
-    say("3. two requests over the encrypted channel")
-    for body in (b"first request", b"second request"):
-        pair.client.send_request(sid, body)
-        response = _expect(pair.pump(), ResponseReceived)
-        say(f"   request {response.request_id}: {body!r} -> {response.body!r}")
-
-    say("4. the connection drops with a request in flight; resume on a new connection")
-    pair.client.send_request(sid, b"in flight")
-    pair.to_server(pair.client.data_to_send())
-    pair.server.data_to_send()  # the answer is lost with the connection
-    pair.client.connection_lost()
-    pair.server.connection_lost()
-    pair.pump()
-    (detached,) = pair.client.take_detached_sessions()
-    pair = connect()
-    new_sid = pair.client.resume_session(detached)
-    events = pair.pump()
-    response = _expect(events, ResponseReceived)
-    say(
-        f"   resumed without a new login; in-flight request {response.request_id} answered once: "
-        f"{response.body!r}"
-    )
-
-    say("5. a wrong password")
-    pair.client.open_request_session(account, b"wrong password")
-    failed = _expect(pair.pump(), SessionFailed)
-    say(f"   refused: {failed.code.name}")
-    assert failed.code is ErrorCode.AUTHENTICATION_FAILED
-
-    say("6. log out")
-    pair.client.close_session(new_sid)
-    pair.pump()
-    say(f"   server saw: {type(pair.server_events[-1]).__name__}")
-    ok = same_key and registered.user_id == established.user_id
-    say("demo finished: OK" if ok else "demo finished: MISMATCH")
+    with tempfile.TemporaryDirectory(prefix="keymgmt-demo-") as workdir:
+        ok = anyio.run(_run, Path(workdir))
+    print("demo finished: OK" if ok else "demo finished: FAILED")
     return 0 if ok else 1
 
 
