@@ -1,5 +1,7 @@
 """The docs stay true to the code: the generated state diagrams are current, and
-docs/protocol.md names every frame type, error code, label and size constant.
+docs/protocol.md names every frame type, error code, label and size constant, and
+every value of the operation enums (Op, Status, SecretKind, Context, AuditType,
+Action, Outcome), each in its own table.
 
 Constants are gathered by introspection, so a new one that is not documented
 fails here.
@@ -19,6 +21,7 @@ import pytest
 import keymgmt_proto
 from keymgmt_proto._crypto import Direction
 from keymgmt_proto._errors import ErrorCode
+from keymgmt_proto._ops import Action, AuditType, Context, Op, Outcome, SecretKind, Status
 from keymgmt_proto._wire import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +33,7 @@ _CONSTANT_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 #: Core modules whose constants protocol.md does not cover yet. Every other
 #: ``keymgmt_proto`` module is scanned, so a new module or constant is caught.
-NOT_YET_DOCUMENTED = frozenset({"_ops"})  # secret operations (OPS-*, KEY-1): in progress
+NOT_YET_DOCUMENTED: frozenset[str] = frozenset()
 
 
 def _load_script() -> ModuleType:
@@ -95,8 +98,15 @@ def test_introspection_finds_the_constants():
     assert {"CHANNEL_SALT", "MASTER_KEY_INFO", "STORAGE_KEY_AD_SUFFIX"} <= BYTES_CONSTANTS.keys()
     assert {"LABEL_HANDLE", "LABEL_C2S_KEY", "LABEL_S2C_IV"} <= BYTES_CONSTANTS.keys()
     assert {"HEADER_SIZE", "CREDENTIAL_RESPONSE_SIZE", "ENCRYPTED_STORAGE_KEY_SIZE"} <= INT_CONSTANTS.keys()
+    assert {"KEY_ID_DOMAIN", "IMPORTED_KEY_AD_SUFFIX"} <= BYTES_CONSTANTS.keys()
+    assert {
+        "KEY_ID_SIZE",
+        "GENERATED_SECRET_SIZE",
+        "MAX_SECRET_SIZE",
+        "MAX_AUDIT_PAGE",
+    } <= INT_CONSTANTS.keys()
     scanned = {module.__name__.rpartition(".")[2] for module in SCANNED_MODULES}
-    assert {"_wire", "_messages", "_crypto", "_client"} <= scanned
+    assert {"_wire", "_messages", "_crypto", "_client", "_ops"} <= scanned
 
 
 def _has_row(*cells: str) -> bool:
@@ -139,3 +149,64 @@ def test_every_label_is_documented_as_ascii(name):
 def test_every_size_constant_is_documented_with_its_value(name):
     value = INT_CONSTANTS[name]
     assert _has_row(f"`{name}`", str(value)), f"no `| {name} | {value} |` row in protocol.md"
+
+
+# ------------------------------------------------------------ operation enums
+
+#: The enums of the operation bodies. Their names and values overlap (``OK`` = 0
+#: in Status and ErrorCode, ``AUDIT`` in Op and Action), so each is checked in
+#: its own table: the one under the heading that ends with ``(`EnumName`)``.
+OPS_ENUMS = [Op, Status, SecretKind, Context, AuditType, Action, Outcome]
+_TABLE_ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*`([A-Z][A-Z0-9_]*)`\s*\|(.*)$", re.MULTILINE)
+
+
+def _enum_section(enum: type) -> str:
+    """The text from the heading ending in ``(`Name`)`` up to the next heading."""
+    text = _protocol_text()
+    heading = re.compile(rf"^#+ .*\(`{enum.__name__}`\)\s*$", re.MULTILINE)
+    matches = list(heading.finditer(text))
+    assert len(matches) == 1, f"protocol.md needs exactly one heading ending in (`{enum.__name__}`)"
+    start = matches[0].end()
+    following = re.search(r"^#", text[start:], re.MULTILINE)
+    return text[start : start + following.start()] if following else text[start:]
+
+
+def _enum_rows(enum: type) -> dict[str, tuple[int, str]]:
+    """``name -> (value, rest of the row)`` for the rows of the enum's own table."""
+    return {name: (int(value), rest) for value, name, rest in _TABLE_ROW.findall(_enum_section(enum))}
+
+
+@pytest.mark.parametrize("enum", OPS_ENUMS, ids=lambda e: e.__name__)
+def test_every_ops_enum_table_lists_exactly_its_members(enum):
+    rows = _TABLE_ROW.findall(_enum_section(enum))
+    documented = sorted((name, int(value)) for value, name, _rest in rows)
+    assert documented == sorted((member.name, member.value) for member in enum), (
+        f"the (`{enum.__name__}`) table in protocol.md does not match the code"
+    )
+
+
+@pytest.mark.parametrize(
+    "member",
+    [member for enum in OPS_ENUMS for member in enum],
+    ids=lambda m: f"{type(m).__name__}.{m.name}",
+)
+def test_every_ops_enum_member_is_documented_with_its_value(member):
+    rows = _enum_rows(type(member))
+    assert rows.get(member.name, (None, ""))[0] == member.value, (
+        f"no `| {member.value} | {member.name} |` row under (`{type(member).__name__}`) in protocol.md"
+    )
+
+
+@pytest.mark.parametrize("action", list(Action), ids=lambda a: a.name)
+def test_key_actions_are_marked_in_the_action_table(action):
+    _value, rest = _enum_rows(Action)[action.name]
+    marker = rest.split("|")[0].strip()
+    assert marker == ("yes" if action.is_key_action else "no"), (
+        f"{action.name}: the key action column says {marker!r}"
+    )
+
+
+def test_audit_entry_no_context_marker_is_documented():
+    # AuditEntry encodes "no context" as 0xFF; it must not be a Context value.
+    assert 0xFF not in {c.value for c in Context}
+    assert "`0xFF` = none" in _protocol_text()
