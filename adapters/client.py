@@ -92,6 +92,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class KeymgmtError(Exception):
@@ -219,9 +220,13 @@ class KeymgmtClient:
     ) -> None:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(exc_type, exc, tb)
-        with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
+        try:
+            # The block's own exception is not the reader's business: let it propagate
+            # unwrapped instead of inside an ExceptionGroup.
+            await self._task_group.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
 
     # ------------------------------------------------------------ public API
 
@@ -276,7 +281,11 @@ class KeymgmtClient:
             data = self._conn.data_to_send()
             if data:
                 try:
-                    await self._stream.send(data)
+                    # Shielded: once taken from the core, these bytes must reach the stream
+                    # whole, or later records would be out of sequence (and a half-written
+                    # TLS record would break the connection).
+                    with anyio.CancelScope(shield=True):
+                        await self._stream.send(data)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     self._conn.connection_lost()
                     self._dispatch_all()
@@ -348,6 +357,14 @@ class KeySession:
     def __repr__(self) -> str:
         return f"<KeySession {self.session_id} user_id={self.user_id.hex()}>"
 
+    @staticmethod
+    def _build(cls: Callable[..., _R], *args: object) -> _R:
+        """Construct a request, turning invalid arguments into a KeymgmtError."""
+        try:
+            return cls(*args)
+        except ValueError as exc:
+            raise KeymgmtError(f"invalid argument: {exc}") from None
+
     async def _call(self, request: OpRequest) -> OpResponse:
         body = await self._client.request(self.session_id, request.encode())
         try:
@@ -410,8 +427,7 @@ class KeySession:
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
         """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: ``len || secret``."""
-        if len(key_id) != 16:
-            raise KeymgmtError("a key id is 16 bytes")
+        request = self._build(RetrieveRequest, self.user_id, key_id, context)
         storage_key = await self._get_storage_key()
         local = self._client.local_store.get(self.user_id, key_id)
         secret: bytes | None = None
@@ -423,7 +439,7 @@ class KeySession:
             except IntegrityError:
                 secret = None  # a damaged local copy: fetch the server's and replace it
         if secret is None:
-            response = await self._call(RetrieveRequest(self.user_id, key_id, context))
+            response = await self._call(request)
             assert isinstance(response, SecretResponse)
             sealed = _Sealed(response.kind, response.ciphertext, response.associated_data)
             secret = self._open(storage_key, key_id, sealed)
@@ -446,15 +462,24 @@ class KeySession:
         return result
 
     async def list_keys(self) -> list[KeyInfo]:
-        """OPS-8: this user's key ids with kind and creation time (microseconds)."""
-        response = await self._call(ListKeysRequest(self.user_id))
-        assert isinstance(response, KeyListResponse)
-        return list(response.keys)
+        """OPS-8: this user's key ids with kind and creation time (microseconds), all pages."""
+        keys: list[KeyInfo] = []
+        cursor = 0
+        while True:
+            response = await self._call(self._build(ListKeysRequest, self.user_id, cursor))
+            assert isinstance(response, KeyListResponse)
+            keys += response.keys
+            if response.next_cursor == 0:
+                return keys
+            cursor = response.next_cursor
 
     async def delete(self, key_id: bytes) -> None:
-        """OPS-8: delete a key on the server and locally."""
-        await self._call(DeleteKeyRequest(self.user_id, key_id))
-        self._client.local_store.delete(self.user_id, key_id)
+        """OPS-8: delete a key on the server and locally (the local copy goes either way)."""
+        request = self._build(DeleteKeyRequest, self.user_id, key_id)
+        try:
+            await self._call(request)
+        finally:
+            self._client.local_store.delete(self.user_id, key_id)
 
     async def audit(
         self,
@@ -467,7 +492,9 @@ class KeySession:
         entries: list[AuditEntry] = []
         cursor = 0
         while True:
-            request = AuditRequest(self.user_id, audit_type, tuple(key_ids), after, before, cursor)
+            request = self._build(
+                AuditRequest, self.user_id, audit_type, tuple(key_ids), after, before, cursor
+            )
             response = await self._call(request)
             assert isinstance(response, AuditResponse)
             entries += response.entries
@@ -477,8 +504,10 @@ class KeySession:
 
     async def logout(self) -> None:
         """Close the session on the server (OPS-8)."""
-        await self._client.close_session(self.session_id)
-        self._storage_key = None
+        try:
+            await self._client.close_session(self.session_id)
+        finally:
+            self._storage_key = None
 
 
 def audit_to_json(entries: Sequence[AuditEntry]) -> str:

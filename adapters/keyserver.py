@@ -15,6 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
     ErrorCode,
@@ -22,11 +23,13 @@ from keymgmt_proto import (
     LoginFailed,
     LoginRequested,
     LoginSucceeded,
+    ProtocolError,
     RegistrationCompleted,
     RegistrationRequested,
     RequestReceived,
     ServerConnection,
     SessionClosed,
+    SessionFailed,
 )
 from keymgmt_proto._crypto import RandomSource
 from keymgmt_proto._errors import RemoteProtocolError
@@ -38,7 +41,6 @@ from keymgmt_proto._ops import (
     DeleteKeyRequest,
     Empty,
     KeyIdResponse,
-    KeyInfo,
     KeyListResponse,
     ListKeysRequest,
     Op,
@@ -110,7 +112,11 @@ class KeyServer:
         self._random = random
         self._clock = clock
         self._name_ok = account_name_policy
-        self._reserved: dict[bytes, OrderedDict[bytes, SecretKind]] = {}
+        #: Key ids drawn by CREATE_KEY_ID and not yet stored, per session (in memory only:
+        #: after a restart or a resumption the client asks for a fresh key id).
+        self._reserved: WeakKeyDictionary[ServerConnection, dict[int, OrderedDict[bytes, SecretKind]]] = (
+            WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
@@ -123,19 +129,32 @@ class KeyServer:
             self._dispatch(conn, event)
         except StorageError as exc:
             log.error("storage failure while handling %s: %s", type(event).__name__, exc)
-            session_id = getattr(event, "session_id", None)
+            self._refuse(conn, event, Status.INTERNAL_ERROR)
+        except Exception:
+            # A bug must cost one answer, not the connection and every session on it.
+            log.exception("error while handling %s", type(event).__name__)
+            self._refuse(conn, event, Status.INTERNAL_ERROR)
+
+    def _refuse(self, conn: ServerConnection, event: Event, status: Status) -> None:
+        try:
             if isinstance(event, RequestReceived):
-                conn.send_response(event.session_id, event.request_id, encode_response(Status.INTERNAL_ERROR))
-            elif session_id is not None and isinstance(
-                event, RegistrationRequested | RegistrationCompleted | LoginRequested
-            ):
-                conn.reject_session(session_id, ErrorCode.INTERNAL_ERROR, "storage failure")
+                conn.send_response(event.session_id, event.request_id, encode_response(status))
+            elif isinstance(event, RegistrationRequested | RegistrationCompleted | LoginRequested):
+                conn.reject_session(event.session_id, ErrorCode.INTERNAL_ERROR, "server error")
+        except ProtocolError:
+            log.exception("could not refuse %s", type(event).__name__)
+
+    def sessions_expired(self, expired: list[tuple[bytes, ErrorCode]]) -> None:
+        """Audit sessions the registry expired while detached (``SessionRegistry.handle_timer``)."""
+        for user_id, _code in expired:
+            self._audit(user_id, Action.SESSION_EXPIRED, Outcome.SUCCESS)
 
     # ------------------------------------------------------------ sessions
 
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
-            conn.send_response(event.session_id, event.request_id, self.answer(event.user_id, event.body))
+            body = self.answer(conn, event.session_id, event.user_id, event.body)
+            conn.send_response(event.session_id, event.request_id, body)
         elif isinstance(event, RegistrationRequested):
             self._on_registration_requested(conn, event)
         elif isinstance(event, RegistrationCompleted):
@@ -154,23 +173,31 @@ class KeyServer:
             if event.user_id is not None:
                 self._audit(event.user_id, Action.LOGIN, Outcome.FAILURE)
             log.info("login failed (session %d)", event.session_id)
-        elif isinstance(event, SessionClosed) and event.user_id is not None:
-            action = Action.LOGOUT if event.code is ErrorCode.CLIENT_CLOSED else Action.SESSION_EXPIRED
-            if event.code in (ErrorCode.CLIENT_CLOSED, ErrorCode.IDLE_TIMEOUT, ErrorCode.LIFETIME_EXPIRED):
+        elif isinstance(event, SessionClosed | SessionFailed):
+            self._session_reservations(conn).pop(event.session_id, None)
+            if isinstance(event, SessionClosed) and event.user_id is not None:
+                closed_by_client = event.code is ErrorCode.CLIENT_CLOSED
+                action = Action.LOGOUT if closed_by_client else Action.SESSION_EXPIRED
                 self._audit(event.user_id, action, Outcome.SUCCESS)
-            self._reserved.pop(event.user_id, None) if event.code is ErrorCode.CLIENT_CLOSED else None
+
+    def _session_reservations(self, conn: ServerConnection) -> dict[int, OrderedDict[bytes, SecretKind]]:
+        reservations = self._reserved.get(conn)
+        if reservations is None:
+            reservations = self._reserved[conn] = {}
+        return reservations
 
     def _on_registration_requested(self, conn: ServerConnection, event: RegistrationRequested) -> None:
         if not self._name_ok(event.account_name):
             conn.reject_session(event.session_id, ErrorCode.INVALID_ACCOUNT_NAME, "account name not allowed")
             return
         with self.storage.transaction() as tx:
-            if tx.get_account(event.account_name) is not None:
-                conn.reject_session(event.session_id, ErrorCode.ACCOUNT_EXISTS, "account name taken")
-                return
+            taken = tx.get_account(event.account_name) is not None
             user_id = self._random(16)
             while tx.user_id_exists(user_id):  # REG-2: redraw on collision
                 user_id = self._random(16)
+        if taken:
+            conn.reject_session(event.session_id, ErrorCode.ACCOUNT_EXISTS, "account name taken")
+            return
         conn.accept_registration(event.session_id, user_id)
 
     def _on_registration_completed(self, conn: ServerConnection, event: RegistrationCompleted) -> None:
@@ -194,50 +221,38 @@ class KeyServer:
 
     # ------------------------------------------------------------ requests
 
-    def answer(self, session_user_id: bytes, body: bytes) -> bytes:
-        """Answer one request body from the session of ``session_user_id``."""
+    def answer(self, conn: ServerConnection, session_id: int, user_id: bytes, body: bytes) -> bytes:
+        """Answer one request body from session ``session_id`` of ``user_id`` on ``conn``."""
         now = self.now_us()
         try:
             request = decode_request(body)
         except RemoteProtocolError:
-            action = _OP_ACTIONS.get(Op(body[0])) if body and body[0] in Op._value2member_map_ else None
-            if action is not None:
-                self._audit(session_user_id, action, Outcome.FAILURE)
+            self._audit(user_id, _action_of_malformed(body), Outcome.FAILURE)
             return encode_response(Status.INVALID)
+        action = _action_of(request)
+        context = request.context if isinstance(request, RetrieveRequest) else None
+        reservations = self._session_reservations(conn).setdefault(session_id, OrderedDict())
         try:
-            if not hmac.compare_digest(request.user_id, session_user_id):
-                raise _Refused(Status.WRONG_USER, self._action_of(request))
+            if not hmac.compare_digest(request.user_id, user_id):
+                raise _Refused(Status.WRONG_USER, action)
             with self.storage.transaction() as tx:
-                response, key_id = self._perform(tx, session_user_id, request, now)
-                tx.append_audit(
-                    AuditRecord(
-                        session_user_id,
-                        self._action_of(request),
-                        now,
-                        Outcome.SUCCESS,
-                        key_id,
-                        request.context if isinstance(request, RetrieveRequest) else None,
-                    )
-                )
-            return encode_response(Status.OK, response)
+                response, key_id = self._perform(tx, user_id, request, now, reservations)
+                tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
         except _Refused as refused:
-            context = request.context if isinstance(request, RetrieveRequest) else None
             with self.storage.transaction() as tx:
-                tx.append_audit(
-                    AuditRecord(
-                        session_user_id, refused.action, now, Outcome.FAILURE, refused.key_id, context
-                    )
-                )
+                tx.append_audit(AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context))
             return encode_response(refused.status)
-
-    @staticmethod
-    def _action_of(request: OpRequest) -> Action:
-        if isinstance(request, StoreSecretRequest):
-            return Action.IMPORT if request.kind is SecretKind.IMPORTED else Action.GENERATE
-        return _OP_ACTIONS[request.op]
+        if isinstance(request, StoreSecretRequest):  # only once the store committed
+            reservations.pop(request.key_id, None)
+        return encode_response(Status.OK, response)
 
     def _perform(
-        self, tx: Transaction, user_id: bytes, request: OpRequest, now: int
+        self,
+        tx: Transaction,
+        user_id: bytes,
+        request: OpRequest,
+        now: int,
+        reservations: OrderedDict[bytes, SecretKind],
     ) -> tuple[OpResponse, bytes | None]:
         if isinstance(request, RetrieveStorageKeyRequest):
             account = tx.get_account_by_user_id(user_id)
@@ -245,25 +260,21 @@ class KeyServer:
                 raise _Refused(Status.NOT_FOUND, Action.RETRIEVE_STORAGE_KEY)
             return StorageKeyResponse(account.encrypted_storage_key), None
         if isinstance(request, CreateKeyIdRequest):
-            reserved = self._reserved.setdefault(user_id, OrderedDict())
             key_id = derive_key_id(user_id, self._random(32))
-            while key_id in reserved or tx.key_id_exists(key_id):  # KEY-1: redraw if it exists
+            while key_id in reservations or tx.key_id_exists(key_id):  # KEY-1: redraw if it exists
                 key_id = derive_key_id(user_id, self._random(32))
-            reserved[key_id] = request.kind
-            while len(reserved) > MAX_RESERVED_KEY_IDS:
-                reserved.popitem(last=False)
+            reservations[key_id] = request.kind
+            while len(reservations) > MAX_RESERVED_KEY_IDS:
+                reservations.popitem(last=False)
             return KeyIdResponse(key_id), key_id
         if isinstance(request, StoreSecretRequest):
-            action = self._action_of(request)
-            reserved = self._reserved.get(user_id, OrderedDict())
-            if reserved.get(request.key_id) is not request.kind:
+            action = _action_of(request)
+            if reservations.get(request.key_id) is not request.kind:
                 raise _Refused(Status.INVALID, action, request.key_id)
             ad = secret_ad(user_id, request.key_id, request.kind)
-            if not tx.insert_secret(
-                SecretRecord(user_id, request.key_id, request.kind, request.ciphertext, ad, now)
-            ):
+            record = SecretRecord(user_id, request.key_id, request.kind, request.ciphertext, ad, now)
+            if not tx.insert_secret(record):
                 raise _Refused(Status.INVALID, action, request.key_id)
-            del reserved[request.key_id]
             return Empty(), request.key_id
         if isinstance(request, RetrieveRequest):
             secret = tx.get_secret(user_id, request.key_id)
@@ -271,22 +282,33 @@ class KeyServer:
                 raise _Refused(Status.NOT_FOUND, Action.RETRIEVE, request.key_id)
             return SecretResponse(secret.kind, secret.ciphertext, secret.associated_data), request.key_id
         if isinstance(request, ListKeysRequest):
-            keys = tuple(KeyInfo(s.key_id, s.kind, s.created) for s in tx.list_secrets(user_id))
-            return KeyListResponse(keys), None
+            keys, next_cursor = tx.list_keys(user_id, request.cursor, request.limit)
+            return KeyListResponse(tuple(keys), next_cursor), None
         if isinstance(request, DeleteKeyRequest):
             if not tx.delete_secret(user_id, request.key_id):
                 raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
             return Empty(), request.key_id
         assert isinstance(request, AuditRequest)
-        entries, next_cursor = tx.query_audit(
-            user_id,
-            AuditQuery(
-                request.audit_type,
-                request.key_ids,
-                request.after,
-                request.before,
-                request.cursor,
-                request.limit,
-            ),
+        query = AuditQuery(
+            request.audit_type, request.key_ids, request.after, request.before, request.cursor, request.limit
         )
+        entries, next_cursor = tx.query_audit(user_id, query)
         return AuditResponse(tuple(entries), next_cursor), None
+
+
+def _action_of(request: OpRequest) -> Action:
+    if isinstance(request, StoreSecretRequest):
+        return Action.IMPORT if request.kind is SecretKind.IMPORTED else Action.GENERATE
+    return _OP_ACTIONS[request.op]
+
+
+def _action_of_malformed(body: bytes) -> Action:
+    """The audit action for a body that does not parse: its op's, where the op byte is valid."""
+    if not body or body[0] not in Op._value2member_map_:
+        return Action.MALFORMED_REQUEST
+    op = Op(body[0])
+    if op is Op.STORE_SECRET:
+        kind_offset = 1 + 16 + 16
+        imported = len(body) > kind_offset and body[kind_offset] == SecretKind.IMPORTED
+        return Action.IMPORT if imported else Action.GENERATE
+    return _OP_ACTIONS[op]

@@ -13,9 +13,15 @@ from pathlib import Path
 
 from keymgmt_proto._ops import SecretKind
 
+from .files import ensure_private_file
 from .storage import SecretRecord
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "LocalStoreError"]
+
+
+class LocalStoreError(Exception):
+    """The local store file cannot be used (permissions, ownership)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS local_secrets (
@@ -35,8 +41,7 @@ class LocalStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
-        if self.path != ":memory:" and not Path(self.path).exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        ensure_private_file(Path(self.path), LocalStoreError)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute(
             "PRAGMA journal_mode = WAL" if self.path != ":memory:" else "PRAGMA journal_mode = MEMORY"

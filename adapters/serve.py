@@ -18,6 +18,7 @@ from anyio.abc import ByteStream
 from keymgmt_proto import (
     NEED_DATA,
     ConnectionFailed,
+    ErrorCode,
     Event,
     ServerConnection,
     ServerSetup,
@@ -40,14 +41,28 @@ async def serve_stream(
     *,
     random: RandomSource = os.urandom,
     receive_size: int = 65536,
+    on_expired: Callable[[list[tuple[bytes, ErrorCode]]], None] | None = None,
 ) -> None:
-    """Serve one connection until the peer closes it or it fails; then close the stream."""
+    """Serve one connection until the peer closes it or it fails; then close the stream.
+
+    ``on_expired`` receives the (user_id, reason) of detached sessions the registry
+    expired; by default the app's ``sessions_expired`` method, if it has one.
+    """
+    if on_expired is None:
+        on_expired = getattr(app, "sessions_expired", None)
     conn = ServerConnection(setup, random, registry=registry, now=anyio.current_time())
+
+    def run_app(event: Event) -> None:
+        try:
+            app(conn, event)
+        except Exception:  # one bad event must not take the other sessions down
+            log.exception("server application failed on %s", type(event).__name__)
+
     try:
         while True:
             while (event := conn.next_event()) is not NEED_DATA:
                 assert isinstance(event, Event)
-                app(conn, event)
+                run_app(event)
             output = conn.data_to_send()
             if output:
                 await stream.send(output)
@@ -66,7 +81,9 @@ async def serve_stream(
             now = anyio.current_time()
             if data is None:
                 conn.handle_timer(now)
-                registry.handle_timer(now)
+                expired = registry.handle_timer(now)
+                if expired and on_expired is not None:
+                    on_expired(expired)
             else:
                 conn.receive_data(data, now)
     finally:
@@ -75,6 +92,6 @@ async def serve_stream(
         while (event := conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if not isinstance(event, ConnectionFailed):
-                app(conn, event)
+                run_app(event)
         with anyio.CancelScope(shield=True):
             await stream.aclose()

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, Outcome, SecretKind
+from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
+from .files import ensure_private_file
 from .storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["SQLiteStorage"]
@@ -43,15 +44,15 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX secrets_by_user ON secrets(user_id, created_us);
     CREATE TABLE audit (
-        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
         user_id BLOB NOT NULL REFERENCES accounts(user_id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
         action INTEGER NOT NULL,
         timestamp_us INTEGER NOT NULL,
         outcome INTEGER NOT NULL,
         key_id BLOB,
-        context INTEGER
-    );
-    CREATE INDEX audit_by_user ON audit(user_id, entry_id);
+        context INTEGER,
+        PRIMARY KEY (user_id, seq)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -131,13 +132,14 @@ class _SQLiteTransaction:
             return None
         return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
 
-    def list_secrets(self, user_id: bytes) -> list[SecretRecord]:
+    def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
         rows = self._db.execute(
-            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM secrets "
-            "WHERE user_id = ? ORDER BY created_us, key_id",
-            (user_id,),
+            "SELECT key_id, kind, created_us FROM secrets WHERE user_id = ? "
+            "ORDER BY created_us, key_id LIMIT ? OFFSET ?",
+            (user_id, limit + 1, offset),
         ).fetchall()
-        return [SecretRecord(r[0], r[1], SecretKind(r[2]), r[3], r[4], r[5]) for r in rows]
+        keys = [KeyInfo(r[0], SecretKind(r[1]), r[2]) for r in rows[:limit]]
+        return keys, offset + limit if len(rows) > limit else 0
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
         cursor = self._db.execute("DELETE FROM secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))
@@ -145,9 +147,10 @@ class _SQLiteTransaction:
 
     def append_audit(self, record: AuditRecord) -> None:
         self._db.execute(
-            "INSERT INTO audit (user_id, action, timestamp_us, outcome, key_id, context) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context) "
+            "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?)",
             (
+                record.user_id,
                 record.user_id,
                 int(record.action),
                 record.timestamp,
@@ -159,8 +162,8 @@ class _SQLiteTransaction:
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         sql = [
-            "SELECT entry_id, action, timestamp_us, outcome, key_id, context FROM audit "
-            "WHERE user_id = ? AND entry_id > ?"
+            "SELECT seq, action, timestamp_us, outcome, key_id, context FROM audit "
+            "WHERE user_id = ? AND seq > ?"
         ]
         params: list[object] = [user_id, query.cursor]
         marks = ", ".join("?" * len(_KEY_ACTIONS))
@@ -179,7 +182,7 @@ class _SQLiteTransaction:
         if query.before is not None:
             sql.append("AND timestamp_us < ?")
             params.append(query.before)
-        sql.append("ORDER BY entry_id LIMIT ?")
+        sql.append("ORDER BY seq LIMIT ?")
         params.append(query.limit + 1)
         rows = self._db.execute(" ".join(sql), params).fetchall()
         entries = [
@@ -195,9 +198,7 @@ class SQLiteStorage:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            os.close(fd)
+        ensure_private_file(self.path, StorageError)
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -213,20 +214,24 @@ class SQLiteStorage:
 
     def _migrate(self) -> None:
         self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
-        current = row[0] or 0
-        if current > len(_MIGRATIONS):
-            raise StorageError(f"database schema {current} is newer than this code ({len(_MIGRATIONS)})")
-        for version in range(current + 1, len(_MIGRATIONS) + 1):
-            self._db.execute("BEGIN IMMEDIATE")
+        while True:
+            self._db.execute("BEGIN IMMEDIATE")  # read the version under the write lock
             try:
-                for statement in _MIGRATIONS[version - 1].split(";"):
+                current = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+                if current > len(_MIGRATIONS):
+                    raise StorageError(
+                        f"database schema {current} is newer than this code ({len(_MIGRATIONS)})"
+                    )
+                if current == len(_MIGRATIONS):
+                    self._db.execute("COMMIT")
+                    return
+                for statement in _MIGRATIONS[current].split(";"):
                     if statement.strip():
                         self._db.execute(statement)
-                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     @property
@@ -234,25 +239,31 @@ class SQLiteStorage:
         value: int = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         return value
 
+    def _rollback(self) -> None:
+        """Roll back if a transaction is still open (SQLite may already have done it)."""
+        if self._db.in_transaction:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot start a transaction: {exc}") from None
+            raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
         try:
             yield _SQLiteTransaction(self._db)
         except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK")
-            raise StorageError(f"commit failed: {exc}") from None
+            self._rollback()
+            raise StorageError(f"commit failed: {type(exc).__name__}") from None
 
     def close(self) -> None:
         self._db.close()

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, Outcome, SecretKind
+from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
 __all__ = [
     "Account",
@@ -93,11 +93,17 @@ class Transaction(Protocol):
         """The user's secret; None for a missing key *and* for another user's key (OPS-7)."""
         ...
 
-    def list_secrets(self, user_id: bytes) -> list[SecretRecord]: ...
+    def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
+        """The user's keys in creation order from ``offset``, at most ``limit``, and the
+        offset of the next page (0 when there is none)."""
+        ...
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool: ...
 
-    def append_audit(self, record: AuditRecord) -> None: ...
+    def append_audit(self, record: AuditRecord) -> None:
+        """Append an entry; entries are numbered 1, 2, ... per user (OPS-7: a user's
+        numbering reveals nothing about other users)."""
+        ...
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         """Matching entries in entry order, at most ``query.limit``, and the cursor for the

@@ -33,6 +33,7 @@ __all__ = [
     "KEY_ID_DOMAIN",
     "KEY_ID_SIZE",
     "MAX_AUDIT_PAGE",
+    "MAX_LIST_PAGE",
     "MAX_SECRET_SIZE",
     "Action",
     "AuditEntry",
@@ -81,6 +82,8 @@ GENERATED_SECRET_SIZE = 32
 MAX_SECRET_SIZE = 255
 #: Most audit entries one response carries; ask again with ``cursor`` for more.
 MAX_AUDIT_PAGE = 256
+#: Most keys one LIST_KEYS response carries (25 bytes each: well inside a frame).
+MAX_LIST_PAGE = 1024
 _NONCE = 12
 _TAG = 16
 _E = TypeVar("_E", bound=IntEnum)
@@ -145,7 +148,10 @@ class Action(IntEnum):
     LIST_KEYS = 9
     DELETE_KEY = 10
     AUDIT = 11
+    #: Ended by idle timeout, lifetime or request limit (NET-8, NET-11).
     SESSION_EXPIRED = 12
+    #: A request body that names no valid operation (audited all the same).
+    MALFORMED_REQUEST = 13
 
     @property
     def is_key_action(self) -> bool:
@@ -335,16 +341,26 @@ class AuditRequest(OpRequest):
 
 @dataclass(frozen=True, slots=True)
 class ListKeysRequest(OpRequest):
-    """OPS-8: the user's key ids with kind and creation time."""
+    """OPS-8: the user's key ids with kind and creation time, a page at a time.
+
+    ``cursor`` is 0 or a previous response's ``next_cursor`` (keys skipped so far)."""
 
     OP: ClassVar[Op] = Op.LIST_KEYS
     user_id: bytes
+    cursor: int = 0
+    limit: int = MAX_LIST_PAGE
 
     def __post_init__(self) -> None:
         _check_user_id(self.user_id)
+        if not 0 <= self.cursor < 2**32:
+            raise ValueError("cursor out of range")
+        if not 1 <= self.limit <= MAX_LIST_PAGE:
+            raise ValueError(f"limit must be 1..{MAX_LIST_PAGE}")
 
     def encode(self) -> bytes:
-        return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).getvalue()
+        return (
+            Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u32(self.cursor).u16(self.limit).getvalue()
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,8 +425,10 @@ def decode_request(body: bytes) -> OpRequest:
         r.done()
         request = AuditRequest._build("request", user_id, audit_type, key_ids, after, before, cursor, limit)
     elif op is Op.LIST_KEYS:
+        cursor32 = r.u32()
+        limit16 = r.u16()
         r.done()
-        request = ListKeysRequest._build("request", user_id)
+        request = ListKeysRequest._build("request", user_id, cursor32, limit16)
     else:
         key_id = r.fixed(KEY_ID_SIZE)
         r.done()
@@ -555,12 +573,18 @@ class KeyInfo:
 @dataclass(frozen=True, slots=True)
 class KeyListResponse(OpResponse):
     keys: tuple[KeyInfo, ...]
+    #: 0 when there is nothing more; else pass it as the next request's cursor.
+    next_cursor: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.keys) > MAX_LIST_PAGE:
+            raise ValueError("too many keys for one response")
 
     def encode_fields(self) -> bytes:
-        w = Writer().u32(len(self.keys))
+        w = Writer().u16(len(self.keys))
         for info in self.keys:
             w.fixed(info.key_id, KEY_ID_SIZE).u8(info.kind).u64(info.created)
-        return w.getvalue()
+        return w.u32(self.next_cursor).getvalue()
 
 
 def encode_response(status: Status, response: OpResponse | None = None) -> bytes:
@@ -597,13 +621,15 @@ def decode_response(op: Op, body: bytes) -> tuple[Status, OpResponse | None]:
         entries = tuple(AuditEntry.read(r) for _ in range(count))
         response = AuditResponse._build("response", entries, r.u64())
     else:
-        count = r.u32()
+        count = r.u16()
+        if count > MAX_LIST_PAGE:
+            raise RemoteProtocolError("too many keys in one response")
         keys = []
         for _ in range(count):
             key_id = r.fixed(KEY_ID_SIZE)
             kind = _enum(SecretKind, r.u8(), "secret kind")
             keys.append(KeyInfo(key_id, kind, r.u64()))
-        response = KeyListResponse(tuple(keys))
+        response = KeyListResponse(tuple(keys), r.u32())
     r.done()
     return status, response
 

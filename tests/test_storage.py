@@ -44,7 +44,7 @@ def test_missing_corrupt_or_open_setup_files_are_clear_errors(tmp_path):
         load_server_setup_file(path)
     path.write_bytes(data)
     os.chmod(path, 0o644)
-    with pytest.raises(SetupFileError, match="readable by others"):
+    with pytest.raises(SetupFileError, match="accessible to other users"):
         load_server_setup_file(path)
     assert not (tmp_path / "nope.bin").exists()  # nothing was silently regenerated
 
@@ -128,3 +128,16 @@ def test_registration_is_atomic_when_storage_fails(server_setup, tmp_path):
     assert not [e for e in pair.pump() if isinstance(e, SessionFailed)]
     with storage.transaction() as tx:
         assert tx.get_account(b"alice") is not None
+
+
+def test_existing_database_files_open_to_others_are_refused(tmp_path):
+    from keymgmt.adapters.localstore import LocalStore, LocalStoreError
+
+    SQLiteStorage(tmp_path / "ks.db").close()
+    LocalStore(tmp_path / "local.db").close()
+    os.chmod(tmp_path / "ks.db", 0o640)
+    os.chmod(tmp_path / "local.db", 0o604)
+    with pytest.raises(StorageError, match="chmod 600"):
+        SQLiteStorage(tmp_path / "ks.db")
+    with pytest.raises(LocalStoreError, match="chmod 600"):
+        LocalStore(tmp_path / "local.db")
