@@ -181,6 +181,9 @@ class InMemoryPair:
         """Move the virtual clock, fire due deadlines, and pump."""
         self.now += seconds
         self.server.handle_timer(self.now)
-        self.server.registry.handle_timer(self.now)
+        expired = self.server.registry.handle_timer(self.now)
+        on_expired = getattr(self.app, "sessions_expired", None)
+        if expired and on_expired is not None:
+            on_expired(expired)
         self._drain_server()
         return self.pump()
