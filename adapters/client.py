@@ -21,7 +21,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
@@ -33,6 +33,7 @@ from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
     ConnectionFailed,
+    DetachedSession,
     ErrorCode,
     Event,
     LocalProtocolError,
@@ -80,6 +81,7 @@ from .storage import SecretRecord
 __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
+    "Connector",
     "IntegrityError",
     "KeySession",
     "KeymgmtClient",
@@ -182,37 +184,71 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     return SessionEndedError(f"session failed: {event.code.name.lower().replace('_', ' ')}", event.code)
 
 
+#: Opens a new byte stream to the key server (used again to reconnect).
+Connector = Callable[[], Awaitable[ByteStream]]
+
+
 class KeymgmtClient:
-    """One connection to a key server, carrying any number of sessions."""
+    """One connection to a key server, carrying any number of sessions.
+
+    Give it a ``Connector`` (an async callable returning a fresh byte stream, e.g.
+    :func:`keymgmt.adapters.net.tls_connector`) and it reconnects when the
+    connection drops, resuming every established session without a new login
+    (NET-2); requests in flight are answered exactly once. Given a bare stream
+    it cannot reconnect.
+    """
 
     def __init__(
         self,
-        stream: ByteStream,
+        transport: ByteStream | Connector,
         *,
         local_store: LocalStore | None = None,
         random: RandomSource = os.urandom,
         clock: Callable[[], float] = time.time,
+        reconnect_attempts: int = 5,
+        reconnect_delay: float = 0.1,
     ) -> None:
-        self._stream = stream
-        self._conn = ClientConnection(random)
+        # A stream is anything with receive/send (duck-typed, as anyio does); else a connector.
+        if hasattr(transport, "receive") and hasattr(transport, "send"):
+            self._stream: ByteStream | None = transport  # type: ignore[assignment]
+            self._connector: Connector | None = None
+        else:
+            self._stream = None
+            self._connector = transport
         self._random = random
         self._clock = clock
+        self._conn = ClientConnection(random)
         self.local_store = local_store if local_store is not None else LocalStore(":memory:")
+        self.reconnect_attempts = reconnect_attempts
+        self.reconnect_delay = reconnect_delay
+        #: Bumped on every (re)connection; tells you how often the link was replaced.
+        self.connection_count = 0
         self._send_lock = anyio.Lock()
+        self._connected = anyio.Event()
+        # Sessions are known by a token that survives resumption on a new connection.
+        self._next_token = 1
+        self._token_of: dict[int, int] = {}  # session id on the current connection -> token
+        self._sid_of: dict[int, int] = {}  # token -> session id on the current connection
         self._session_waiters: dict[int, _Waiter] = {}
         self._request_waiters: dict[tuple[int, int], _Waiter] = {}
         #: Why recent sessions ended, so later calls on them say so (bounded).
         self._ended: dict[int, KeymgmtError] = {}
+        self._detached: list[DetachedSession] = []
         self._task_group: TaskGroup | None = None
         self._closed: KeymgmtError | None = None
 
     def __repr__(self) -> str:
-        return f"<KeymgmtClient {len(self._session_waiters)} sessions>"
+        return f"<KeymgmtClient {len(self._sid_of)} sessions>"
 
     async def __aenter__(self) -> KeymgmtClient:
+        if self._stream is None:
+            assert self._connector is not None
+            self._stream = await self._connector()
+        self.connection_count = 1
+        self._connected.set()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._reader)
+        self._task_group.start_soon(self._supervise)
         return self
 
     async def __aexit__(
@@ -226,25 +262,64 @@ class KeymgmtClient:
             await self._task_group.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
+                if self._stream is not None:
+                    await self._stream.aclose()
 
     # ------------------------------------------------------------ public API
 
     async def register(self, account_name: bytes, password: bytes) -> bytes:
         """Register a new account (NET-5, REG-3); returns its ``user_id``."""
-        session_id = self._command(lambda: self._conn.open_registration(account_name, password))
-        event = await self._await_session(session_id)
+        await self._ready()
+        token = self._open(lambda: self._conn.open_registration(account_name, password))
+        event = await self._await_session(token)
         assert isinstance(event, RegistrationSucceeded)
         return event.user_id
 
     async def login(self, account_name: bytes, password: bytes) -> KeySession:
         """Open a request session (NET-6)."""
-        session_id = self._command(lambda: self._conn.open_request_session(account_name, password))
-        event = await self._await_session(session_id)
+        await self._ready()
+        token = self._open(lambda: self._conn.open_request_session(account_name, password))
+        event = await self._await_session(token)
         assert isinstance(event, SessionEstablished)
-        return KeySession(self, session_id, event.user_id, event.export_key)
+        return KeySession(self, token, event.user_id, event.export_key)
+
+    async def request(self, token: int, body: bytes) -> bytes:
+        """Send a request body on a session and wait for its answer."""
+        await self._ready()
+        if token in self._ended:
+            raise self._ended[token]
+        session_id = self._sid_of.get(token)
+        if session_id is None:
+            raise KeymgmtError("no such session")
+        request_id = self._command(lambda: self._conn.send_request(session_id, body))
+        waiter = _Waiter()
+        self._request_waiters[(token, request_id)] = waiter
+        await self._flush()
+        event = await waiter.wait()
+        assert isinstance(event, ResponseReceived)
+        return event.body
+
+    async def close_session(self, token: int) -> None:
+        """Log out of a session."""
+        await self._ready()
+        if token in self._ended:
+            raise self._ended[token]
+        session_id = self._sid_of.get(token)
+        if session_id is None:
+            raise KeymgmtError("no such session")
+        self._command(lambda: self._conn.close_session(session_id))
+        self._fail_session(token, SessionEndedError("logged out", ErrorCode.CLIENT_CLOSED))
+        await self._flush()
 
     # ------------------------------------------------------------ internals
+
+    async def _ready(self) -> None:
+        """Wait while a reconnection is under way; raise if the client is closed."""
+        if self._closed is not None:
+            raise self._closed
+        await self._connected.wait()
+        if self._closed is not None:
+            raise self._closed
 
     def _command(self, action: Callable[[], _T]) -> _T:
         if self._closed is not None:
@@ -254,87 +329,158 @@ class KeymgmtClient:
         except LocalProtocolError as exc:
             raise KeymgmtError(str(exc)) from None
 
-    async def _await_session(self, session_id: int) -> Event:
-        waiter = self._session_waiters.setdefault(session_id, _Waiter())
+    def _open(self, action: Callable[[], int]) -> int:
+        session_id = self._command(action)
+        token = self._next_token
+        self._next_token += 1
+        self._token_of[session_id] = token
+        self._sid_of[token] = session_id
+        self._session_waiters[token] = _Waiter()
+        return token
+
+    async def _await_session(self, token: int) -> Event:
+        waiter = self._session_waiters[token]
         await self._flush()
         return await waiter.wait()
-
-    async def request(self, session_id: int, body: bytes) -> bytes:
-        """Send a request body on a session and wait for its answer."""
-        if session_id in self._ended:
-            raise self._ended[session_id]
-        request_id = self._command(lambda: self._conn.send_request(session_id, body))
-        waiter = _Waiter()
-        self._request_waiters[(session_id, request_id)] = waiter
-        await self._flush()
-        event = await waiter.wait()
-        assert isinstance(event, ResponseReceived)
-        return event.body
-
-    async def close_session(self, session_id: int) -> None:
-        self._command(lambda: self._conn.close_session(session_id))
-        self._fail_session(session_id, SessionEndedError("logged out", ErrorCode.CLIENT_CLOSED))
-        await self._flush()
 
     async def _flush(self) -> None:
         async with self._send_lock:
             data = self._conn.data_to_send()
-            if data:
+            if data and self._stream is not None:
                 try:
                     # Shielded: once taken from the core, these bytes must reach the stream
                     # whole, or later records would be out of sequence (and a half-written
                     # TLS record would break the connection).
                     with anyio.CancelScope(shield=True):
                         await self._stream.send(data)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     self._conn.connection_lost()
                     self._dispatch_all()
 
-    def _fail_session(self, session_id: int, error: KeymgmtError) -> None:
-        self._ended[session_id] = error
+    def _fail_session(self, token: int, error: KeymgmtError) -> None:
+        self._ended[token] = error
         while len(self._ended) > 1024:
             del self._ended[next(iter(self._ended))]
-        waiter = self._session_waiters.pop(session_id, None)
+        session_id = self._sid_of.pop(token, None)
+        if session_id is not None:
+            self._token_of.pop(session_id, None)
+        waiter = self._session_waiters.pop(token, None)
         if waiter is not None:
             waiter.fail(error)
-        for key in [k for k in self._request_waiters if k[0] == session_id]:
+        for key in [k for k in self._request_waiters if k[0] == token]:
             self._request_waiters.pop(key).fail(error)
 
     def _dispatch(self, event: Event) -> None:
+        if isinstance(event, ConnectionFailed):
+            self._on_connection_failed(event)
+            return
+        token = self._token_of.get(getattr(event, "session_id", -1))
+        if token is None:
+            return
         if isinstance(event, ResponseReceived):
-            waiter = self._request_waiters.pop((event.session_id, event.request_id), None)
+            waiter = self._request_waiters.pop((token, event.request_id), None)
             if waiter is not None:
                 waiter.resolve(event)
-        elif isinstance(event, SessionEstablished | RegistrationSucceeded):
-            waiter = self._session_waiters.get(event.session_id)
+        elif isinstance(event, SessionEstablished):
+            waiter = self._session_waiters.pop(token, None)
             if waiter is not None:
                 waiter.resolve(event)
-            if isinstance(event, RegistrationSucceeded):
-                self._session_waiters.pop(event.session_id, None)
+        elif isinstance(event, RegistrationSucceeded):
+            waiter = self._session_waiters.pop(token, None)
+            self._sid_of.pop(token, None)
+            self._token_of.pop(event.session_id, None)
+            if waiter is not None:
+                waiter.resolve(event)
         elif isinstance(event, SessionFailed | SessionClosed):
-            self._fail_session(event.session_id, _session_error(event))
-        elif isinstance(event, ConnectionFailed):
-            self._closed = ConnectionLostError(f"connection to the key server lost: {event.reason}")
-            for session_id in list(self._session_waiters):
-                self._fail_session(session_id, self._closed)
-            for waiter in self._request_waiters.values():
-                waiter.fail(self._closed)
-            self._request_waiters.clear()
+            if isinstance(event, SessionFailed) and event.code is ErrorCode.UNKNOWN_SESSION:
+                error: KeymgmtError = SessionEndedError(
+                    "the session could not be resumed (ended or expired); log in again",
+                    ErrorCode.UNKNOWN_SESSION,
+                )
+            else:
+                error = _session_error(event)
+            self._fail_session(token, error)
+
+    def _on_connection_failed(self, event: ConnectionFailed) -> None:
+        self._connected = anyio.Event()  # callers wait for the reconnection
+        lost = ConnectionLostError(f"connection to the key server lost: {event.reason}")
+        self._detached = self._conn.take_detached_sessions()
+        detached = {d.session_id for d in self._detached}
+        for session_id, token in list(self._token_of.items()):
+            if session_id not in detached or self._connector is None:
+                self._fail_session(token, lost)
+        if self._connector is None:
+            self._close(lost)
+
+    def _close(self, error: KeymgmtError) -> None:
+        self._closed = error
+        for token in list(self._sid_of):
+            self._fail_session(token, error)
+        for waiter in self._request_waiters.values():
+            waiter.fail(error)
+        self._request_waiters.clear()
+        self._connected.set()  # wake waiters so they see the error
 
     def _dispatch_all(self) -> None:
         while (event := self._conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             self._dispatch(event)
 
-    async def _reader(self) -> None:
-        while self._closed is None:
+    async def _read(self) -> None:
+        """Feed the connection until it fails."""
+        assert self._stream is not None
+        while self._conn.failed is None:
             try:
                 data = await self._stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 data = b""
             self._conn.receive_data(data)
             self._dispatch_all()
             await self._flush()
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._read()
+            if self._closed is not None or self._connector is None:
+                return
+            if not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        """Open a new connection and resume every detached session on it."""
+        assert self._connector is not None
+        detached, self._detached = self._detached, []
+        old_stream, self._stream = self._stream, None
+        if old_stream is not None:
+            with anyio.CancelScope(shield=True):
+                await old_stream.aclose()
+        delay = self.reconnect_delay
+        for attempt in range(self.reconnect_attempts):
+            try:
+                self._stream = await self._connector()
+                break
+            except KeymgmtError as exc:
+                last_error: KeymgmtError = exc
+                if attempt + 1 < self.reconnect_attempts:
+                    await anyio.sleep(delay)
+                    delay *= 2
+        if self._stream is None:
+            self._close(ConnectionLostError(f"cannot reconnect to the key server: {last_error}"))
+            return False
+        self._conn = ClientConnection(self._random)
+        self.connection_count += 1
+        tokens = {session_id: token for session_id, token in self._token_of.items()}
+        self._token_of.clear()
+        for session in detached:
+            token = tokens.get(session.session_id)
+            if token is None:
+                continue
+            new_id = self._conn.resume_session(session)
+            self._token_of[new_id] = token
+            self._sid_of[token] = new_id
+        self._connected.set()
+        await self._flush()
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +495,7 @@ class KeySession:
 
     def __init__(self, client: KeymgmtClient, session_id: int, user_id: bytes, export_key: bytes) -> None:
         self._client = client
+        #: This session's id in the client: stable across reconnections.
         self.session_id = session_id
         self.user_id = user_id
         self._export_key = export_key

@@ -93,6 +93,11 @@ class DetachedSession:
         return self._session.user_id
 
     @property
+    def session_id(self) -> int:
+        """The id the session had on the connection it was detached from."""
+        return self._session.session_id
+
+    @property
     def unanswered_requests(self) -> tuple[int, ...]:
         """Request ids that will be re-sent on resumption (each is answered once)."""
         return tuple(self._session.unanswered)
