@@ -1,8 +1,10 @@
 """Drive one ServerConnection over any anyio byte stream (asyncio or trio).
 
 Reads only when the core needs data, writes what ``data_to_send()`` returns,
-and wakes for the core's next deadline with one timer. The network runtime
-(TLS listener, limits, shutdown) builds on this.
+and wakes for the core's next deadline with one timer. ``stop()`` ends the
+connection gracefully: requests already received have been answered (the
+application answers while the driver processes events), a GOAWAY goes out,
+and established sessions stay resumable on another connection.
 """
 
 from __future__ import annotations
@@ -26,11 +28,99 @@ from keymgmt_proto import (
 )
 from keymgmt_proto._crypto import RandomSource
 
-__all__ = ["serve_stream"]
+__all__ = ["ConnectionDriver", "serve_stream"]
 
 log = logging.getLogger("keymgmt.server")
 
 ServerApp = Callable[[ServerConnection, Event], None]
+ExpiryHook = Callable[[list[tuple[bytes, ErrorCode]]], None]
+
+
+class ConnectionDriver:
+    """Runs one server connection; ``run()`` returns when it has ended and the stream is closed."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        setup: ServerSetup,
+        app: ServerApp,
+        registry: SessionRegistry,
+        *,
+        random: RandomSource = os.urandom,
+        receive_size: int = 65536,
+        on_expired: ExpiryHook | None = None,
+        peer: str = "peer",
+    ) -> None:
+        self.stream = stream
+        self.app = app
+        self.registry = registry
+        self.receive_size = receive_size
+        self.on_expired = on_expired if on_expired is not None else getattr(app, "sessions_expired", None)
+        self.peer = peer
+        self.conn = ServerConnection(setup, random, registry=registry, now=anyio.current_time())
+        self._stopping = False
+        self._receive_scope: anyio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """Finish what was received, say GOAWAY and close (graceful shutdown)."""
+        self._stopping = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    def _run_app(self, event: Event) -> None:
+        try:
+            self.app(self.conn, event)
+        except Exception:  # one bad event must not take the other sessions down
+            log.exception("server application failed on %s", type(event).__name__)
+
+    def _process(self) -> None:
+        while (event := self.conn.next_event()) is not NEED_DATA:
+            assert isinstance(event, Event)
+            if isinstance(event, ConnectionFailed):
+                if event.remote:
+                    log.info("connection from %s ended: %s", self.peer, event.reason)
+                continue
+            self._run_app(event)
+
+    async def run(self) -> None:
+        conn = self.conn
+        try:
+            while True:
+                self._process()
+                if self._stopping and conn.failed is None:
+                    conn.close("server shutting down")
+                    self._process()
+                output = conn.data_to_send()
+                if output:
+                    await self.stream.send(output)
+                if conn.failed is not None:
+                    return
+                deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
+                wait = max(0.0, min(deadlines) - anyio.current_time()) if deadlines else math.inf
+                data: bytes | None = None
+                with anyio.CancelScope(deadline=anyio.current_time() + wait) as scope:
+                    self._receive_scope = scope
+                    try:
+                        data = await self.stream.receive(self.receive_size)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        data = b""
+                self._receive_scope = None
+                now = anyio.current_time()
+                if data is not None:
+                    conn.receive_data(data, now)
+                elif not self._stopping:
+                    conn.handle_timer(now)
+                    expired = self.registry.handle_timer(now)
+                    if expired and self.on_expired is not None:
+                        self.on_expired(expired)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            log.info("connection from %s broke: %s", self.peer, type(exc).__name__)
+        finally:
+            if conn.failed is None:
+                conn.connection_lost()
+            self._process()
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
 
 
 async def serve_stream(
@@ -41,57 +131,14 @@ async def serve_stream(
     *,
     random: RandomSource = os.urandom,
     receive_size: int = 65536,
-    on_expired: Callable[[list[tuple[bytes, ErrorCode]]], None] | None = None,
+    on_expired: ExpiryHook | None = None,
 ) -> None:
     """Serve one connection until the peer closes it or it fails; then close the stream.
 
     ``on_expired`` receives the (user_id, reason) of detached sessions the registry
     expired; by default the app's ``sessions_expired`` method, if it has one.
     """
-    if on_expired is None:
-        on_expired = getattr(app, "sessions_expired", None)
-    conn = ServerConnection(setup, random, registry=registry, now=anyio.current_time())
-
-    def run_app(event: Event) -> None:
-        try:
-            app(conn, event)
-        except Exception:  # one bad event must not take the other sessions down
-            log.exception("server application failed on %s", type(event).__name__)
-
-    try:
-        while True:
-            while (event := conn.next_event()) is not NEED_DATA:
-                assert isinstance(event, Event)
-                run_app(event)
-            output = conn.data_to_send()
-            if output:
-                await stream.send(output)
-            if conn.failed is not None:
-                if conn.failed.remote:
-                    log.info("connection ended: %s", conn.failed.reason)
-                return
-            deadlines = [t for t in (conn.get_timer(), registry.get_timer()) if t is not None]
-            wait = max(0.0, min(deadlines) - anyio.current_time()) if deadlines else math.inf
-            data = None
-            with anyio.move_on_after(wait):
-                try:
-                    data = await stream.receive(receive_size)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    data = b""
-            now = anyio.current_time()
-            if data is None:
-                conn.handle_timer(now)
-                expired = registry.handle_timer(now)
-                if expired and on_expired is not None:
-                    on_expired(expired)
-            else:
-                conn.receive_data(data, now)
-    finally:
-        if conn.failed is None:
-            conn.connection_lost()
-        while (event := conn.next_event()) is not NEED_DATA:
-            assert isinstance(event, Event)
-            if not isinstance(event, ConnectionFailed):
-                run_app(event)
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()
+    driver = ConnectionDriver(
+        stream, setup, app, registry, random=random, receive_size=receive_size, on_expired=on_expired
+    )
+    await driver.run()

@@ -78,6 +78,12 @@ class ConnectionBase:
         """The transport is gone. Established sessions detach; the others end."""
         raise NotImplementedError
 
+    def close(self, reason: str = "closing") -> None:
+        """End the connection on purpose: queue GOAWAY(OK) for the peer, then behave as
+        on connection loss (established request sessions stay resumable elsewhere)."""
+        if self.failed is None:
+            self._fail_connection(ErrorCode.OK, reason, remote=False)
+
     # ------------------------------------------------------------- internals
 
     def _next_frame(self) -> Frame | None:

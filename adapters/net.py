@@ -1,0 +1,196 @@
+"""The network runtime: a TLS 1.3 key server on TCP, and the client's TLS connector.
+
+Both run on asyncio and on trio: they are written once against anyio, whose
+TLS stream wraps the standard ``ssl`` module on either loop.
+
+Server: accepts connections up to a limit, completes the TLS handshake within a
+timeout (a plaintext, TLS 1.2 or otherwise failed handshake is logged and
+dropped), then hands the stream to a :class:`ConnectionDriver`. ``shutdown()``
+stops accepting, lets every connection finish what it has received, sends
+GOAWAY, waits for them (bounded), and closes the storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
+from anyio.streams.tls import TLSStream
+
+from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
+
+from .client import ConnectionLostError, Connector
+from .keyserver import KeyServer
+from .serve import ConnectionDriver
+from .setupfile import load_server_setup_file
+from .sqlite_store import SQLiteStorage
+from .storage import Storage
+from .tls import client_context, server_context
+
+__all__ = ["KeyServerRuntime", "ServerSettings", "TLSConnectError", "tls_connector"]
+
+log = logging.getLogger("keymgmt.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Everything ``keymgmt-server serve`` reads from its TOML file (see the README)."""
+
+    storage_path: Path
+    setup_path: Path
+    cert_path: Path
+    key_path: Path
+    host: str = "127.0.0.1"
+    port: int = 7443
+    #: The TLS handshake must finish within this many seconds.
+    tls_handshake_timeout: float = 10.0
+    #: Open connections beyond this are refused.
+    max_connections: int = 1000
+    #: How long shutdown waits for connections to finish before cutting them.
+    shutdown_grace: float = 10.0
+    protocol: ServerConfig = field(default_factory=ServerConfig)
+
+
+class TLSConnectError(ConnectionLostError):
+    """The client could not open a verified TLS 1.3 connection to the key server."""
+
+
+def tls_connector(
+    host: str,
+    port: int,
+    *,
+    cafile: str | os.PathLike[str] | None = None,
+    context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float = 10.0,
+) -> Connector:
+    """An async callable that opens a verified TLS 1.3 stream to ``host:port``."""
+    ssl_context = context if context is not None else client_context(cafile)
+
+    async def connect() -> ByteStream:
+        try:
+            with anyio.fail_after(timeout):
+                stream = await anyio.connect_tcp(host, port)
+        except TimeoutError:
+            raise TLSConnectError(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise TLSConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            with anyio.fail_after(timeout):
+                return await TLSStream.wrap(
+                    stream,
+                    hostname=server_hostname or host,
+                    ssl_context=ssl_context,
+                    standard_compatible=False,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            reason = f"the key server's certificate is not trusted: {exc.verify_message}"
+        except ssl.SSLError as exc:
+            reason = f"TLS 1.3 handshake with {host}:{port} failed: {exc.reason}"
+        except TimeoutError:
+            reason = f"TLS 1.3 handshake with {host}:{port} timed out"
+        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream):
+            reason = f"TLS 1.3 handshake with {host}:{port} failed: the server closed the connection"
+        await anyio.aclose_forcefully(stream)
+        raise TLSConnectError(reason)
+
+    return connect
+
+
+class KeyServerRuntime:
+    """A key server process: storage, OPAQUE setup, TLS listener, connection drivers."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        storage: Storage | None = None,
+        setup: ServerSetup | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.setup = setup if setup is not None else load_server_setup_file(settings.setup_path)
+        self.ssl_context = server_context(settings.cert_path, settings.key_path)
+        self.storage: Storage = storage if storage is not None else SQLiteStorage(settings.storage_path)
+        kwargs = {} if clock is None else {"clock": clock}
+        self.keyserver = KeyServer(self.storage, **kwargs)  # type: ignore[arg-type]
+        self.registry = SessionRegistry(settings.protocol)
+        self.port: int | None = None
+        self._drivers: set[ConnectionDriver] = set()
+        self._stop = anyio.Event()
+        self.connections_served = 0
+
+    def __repr__(self) -> str:
+        return f"<KeyServerRuntime {self.settings.host}:{self.port} {len(self._drivers)} connections>"
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (safe to call more than once)."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until ``shutdown()``; reports the bound port through ``task_status``."""
+        listener = await anyio.create_tcp_listener(
+            local_host=self.settings.host, local_port=self.settings.port
+        )
+        self.port = listener.extra(SocketAttribute.local_port)
+        log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        try:
+            async with anyio.create_task_group() as connections:
+                async with anyio.create_task_group() as accepting:
+                    accepting.start_soon(listener.serve, self._handle, connections)
+                    task_status.started(self.port)
+                    await self._stop.wait()
+                    accepting.cancel_scope.cancel()
+                log.info("shutting down: no new connections; finishing %d", len(self._drivers))
+                for driver in list(self._drivers):
+                    driver.stop()
+                with anyio.move_on_after(self.settings.shutdown_grace) as grace:
+                    while self._drivers:
+                        await anyio.sleep(0.01)
+                if grace.cancelled_caught:
+                    log.warning("shutdown grace period over; closing %d connections", len(self._drivers))
+                    connections.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+            self.storage.close()
+            log.info("stopped")
+
+    async def _handle(self, tcp: SocketStream) -> None:
+        address = tcp.extra(SocketAttribute.remote_address, None)
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        if self._stop.is_set() or len(self._drivers) >= self.settings.max_connections:
+            log.warning("refused a connection from %s: connection limit or shutting down", peer)
+            await anyio.aclose_forcefully(tcp)
+            return
+        try:
+            with anyio.fail_after(self.settings.tls_handshake_timeout):
+                stream = await TLSStream.wrap(
+                    tcp, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
+                )
+        except TimeoutError:
+            log.warning("TLS handshake with %s timed out", peer)
+            await anyio.aclose_forcefully(tcp)
+            return
+        except ssl.SSLError as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc.reason or type(exc).__name__)
+            await anyio.aclose_forcefully(tcp)
+            return
+        except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+            log.warning("TLS handshake with %s failed: connection closed (%s)", peer, type(exc).__name__)
+            await anyio.aclose_forcefully(tcp)
+            return
+        driver = ConnectionDriver(stream, self.setup, self.keyserver, self.registry, peer=peer)
+        self._drivers.add(driver)
+        self.connections_served += 1
+        log.info("connection from %s (TLS 1.3)", peer)
+        try:
+            await driver.run()
+        finally:
+            self._drivers.discard(driver)
