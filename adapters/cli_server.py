@@ -1,0 +1,121 @@
+"""``keymgmt-server``: create a key server's files once (``init``), then ``serve``.
+
+Exit codes: 0 success (and after a graceful SIGTERM/SIGINT shutdown), 1 a
+runtime or configuration error (one line on stderr), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+
+from .config import ConfigError, load_settings, options_help, render_config
+from .files import ensure_private_file
+from .net import KeyServerRuntime
+from .setupfile import SetupFileError, create_server_setup_file
+from .storage import StorageError
+from .tls import PKIError, generate_dev_pki
+
+__all__ = ["main"]
+
+CONFIG_NAME = "keymgmt-server.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keymgmt-server",
+        description="Key server for keymgmt: OPAQUE logins, end-to-end encrypted secrets, TLS 1.3.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser(
+        "init",
+        help="create the OPAQUE server setup, a development PKI and a config file",
+        description="Create, in DIR: server_setup.bin (the long-term OPAQUE secret, 0600; never "
+        "overwritten), a development CA and server certificate (ca.pem, server.pem, server.key) "
+        f"and {CONFIG_NAME}. Production deployments replace the certificates with their own PKI.",
+    )
+    init.add_argument("--dir", type=Path, default=Path("keymgmt-server"), help="folder to create files in")
+    init.add_argument(
+        "--hostname",
+        action="append",
+        help="host name or IP the certificate is valid for (repeatable; default localhost, 127.0.0.1, ::1)",
+    )
+    init.add_argument("--port", type=int, default=7443, help="port written into the config file")
+    serve = sub.add_parser(
+        "serve",
+        help="run the key server",
+        description="Run the key server until SIGTERM or SIGINT, then shut down gracefully.",
+        epilog=options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    directory: Path = args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / CONFIG_NAME
+    if config.exists():
+        raise ConfigError(f"{config} already exists; refusing to overwrite it")
+    create_server_setup_file(directory / "server_setup.bin")
+    hostnames = tuple(args.hostname) if args.hostname else ("localhost", "127.0.0.1", "::1")
+    pki = generate_dev_pki(directory, hostnames)
+    ensure_private_file(config, ConfigError)
+    config.write_text(render_config({"server.port": args.port}))
+    print(f"created {directory / 'server_setup.bin'} (OPAQUE server setup, keep it secret)")
+    print(f"created {pki.ca_cert} (development CA: give it to clients with --ca)")
+    print(f"created {pki.server_cert} and {pki.server_key}")
+    print(f"created {config}")
+    print(f"next: keymgmt-server serve --config {config}")
+    return 0
+
+
+async def _serve(runtime: KeyServerRuntime) -> None:
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(runtime.run)
+        print(f"listening on {runtime.settings.host}:{port}", flush=True)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for received in signals:
+                logging.getLogger("keymgmt.server").info("received %s", signal.Signals(received).name)
+                runtime.shutdown()
+                break
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real exception inside (nested) task-group exception groups."""
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args)
+        logging.basicConfig(
+            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        settings = load_settings(args.config)
+        runtime = KeyServerRuntime(settings)
+        try:
+            anyio.run(_serve, runtime)
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
+        return 0
+    except (ConfigError, SetupFileError, PKIError, StorageError) as exc:
+        print(f"keymgmt-server: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"keymgmt-server: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""``keymgmt-server`` configuration: a TOML file, overridden by environment variables.
+
+Every option is declared once in :data:`OPTIONS` (section, key, type, default,
+environment variable, help); the ``--help`` text and the README table come
+from the same list. Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from keymgmt_proto import ServerConfig
+
+from .net import ServerSettings
+
+__all__ = ["OPTIONS", "ConfigError", "Option", "load_settings", "options_help", "render_config"]
+
+
+class ConfigError(Exception):
+    """The configuration is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    section: str
+    key: str
+    kind: type
+    default: object
+    env: str
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server", "host", str, "127.0.0.1", "KEYMGMT_HOST", "address to listen on"),
+    Option("server", "port", int, 7443, "KEYMGMT_PORT", "TCP port (0 picks a free one)"),
+    Option("server", "storage", Path, "keyserver.db", "KEYMGMT_STORAGE", "SQLite database file"),
+    Option("server", "setup", Path, "server_setup.bin", "KEYMGMT_SETUP", "OPAQUE server setup file (init)"),
+    Option("server", "tls_cert", Path, "server.pem", "KEYMGMT_TLS_CERT", "server certificate chain (PEM)"),
+    Option("server", "tls_key", Path, "server.key", "KEYMGMT_TLS_KEY", "server private key (PEM, 0600)"),
+    Option(
+        "server",
+        "tls_handshake_timeout",
+        float,
+        10.0,
+        "KEYMGMT_TLS_HANDSHAKE_TIMEOUT",
+        "seconds allowed for the TLS handshake",
+    ),
+    Option("server", "max_connections", int, 1000, "KEYMGMT_MAX_CONNECTIONS", "open connections at most"),
+    Option(
+        "server",
+        "shutdown_grace",
+        float,
+        10.0,
+        "KEYMGMT_SHUTDOWN_GRACE",
+        "seconds shutdown waits for connections to finish",
+    ),
+    Option(
+        "sessions",
+        "handshake_timeout",
+        float,
+        30.0,
+        "KEYMGMT_HANDSHAKE_TIMEOUT",
+        "seconds a registration or login may take",
+    ),
+    Option(
+        "sessions",
+        "idle_timeout",
+        float,
+        300.0,
+        "KEYMGMT_IDLE_TIMEOUT",
+        "seconds an idle session lives (NET-8)",
+    ),
+    Option("sessions", "lifetime", float, 3600.0, "KEYMGMT_LIFETIME", "absolute session lifetime (NET-8)"),
+    Option(
+        "sessions",
+        "max_requests",
+        int,
+        1000,
+        "KEYMGMT_MAX_REQUESTS",
+        "requests per session; 1 = the spec's strict mode (NET-11)",
+    ),
+    Option("sessions", "max_in_flight", int, 16, "KEYMGMT_MAX_IN_FLIGHT", "unanswered requests per session"),
+    Option(
+        "sessions",
+        "max_per_connection",
+        int,
+        256,
+        "KEYMGMT_MAX_SESSIONS_PER_CONNECTION",
+        "live sessions per connection",
+    ),
+    Option("sessions", "max_payload", int, 65536, "KEYMGMT_MAX_PAYLOAD", "largest frame payload in bytes"),
+)
+
+
+def _convert(option: Option, raw: object, origin: str) -> object:
+    try:
+        if option.kind is Path:
+            if not isinstance(raw, str) or not raw:
+                raise TypeError
+            return Path(raw)
+        if option.kind is str:
+            if not isinstance(raw, str):
+                raise TypeError
+            return raw
+        if option.kind is int:
+            if isinstance(raw, bool):
+                raise TypeError
+            value = int(raw)  # type: ignore[call-overload]
+            if isinstance(raw, float) and raw != value:
+                raise TypeError
+        else:
+            value = float(raw)  # type: ignore[arg-type]
+        if value < 0:
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        kind = {
+            Path: "a path",
+            str: "a string",
+            int: "a non-negative integer",
+            float: "a non-negative number",
+        }
+        raise ConfigError(f"{origin}: {option.section}.{option.key} must be {kind[option.kind]}") from None
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> ServerSettings:
+    """Read the TOML file (if any), apply environment overrides, check and build the settings."""
+    env = os.environ if env is None else env
+    data: dict[str, object] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        base = path.resolve().parent
+    known = {(o.section, o.key) for o in OPTIONS}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for key in table:
+            if (section, key) not in known:
+                raise ConfigError(f"{path}: unknown option {section}.{key}")
+    values: dict[str, object] = {}
+    for option in OPTIONS:
+        name = f"{option.section}.{option.key}"
+        value = option.default if option.kind is not Path else str(option.default)
+        origin = "default"
+        table = data.get(option.section, {})
+        assert isinstance(table, dict)
+        if option.key in table:
+            value, origin = table[option.key], str(path)
+        if option.env in env:
+            value, origin = env[option.env], f"${option.env}"
+        converted = _convert(option, value, origin)
+        if isinstance(converted, Path) and not converted.is_absolute():
+            converted = (base if origin == str(path) or origin == "default" else Path.cwd()) / converted
+        values[name] = converted
+    try:
+        protocol = ServerConfig(
+            handshake_timeout=values["sessions.handshake_timeout"],  # type: ignore[arg-type]
+            idle_timeout=values["sessions.idle_timeout"],  # type: ignore[arg-type]
+            session_lifetime=values["sessions.lifetime"],  # type: ignore[arg-type]
+            max_requests_per_session=values["sessions.max_requests"],  # type: ignore[arg-type]
+            max_requests_in_flight=values["sessions.max_in_flight"],  # type: ignore[arg-type]
+            max_sessions_per_connection=values["sessions.max_per_connection"],  # type: ignore[arg-type]
+            max_payload=values["sessions.max_payload"],  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid session settings: {exc}") from None
+    port = values["server.port"]
+    assert isinstance(port, int)
+    if port > 65535:
+        raise ConfigError("server.port must be at most 65535")
+    return ServerSettings(
+        storage_path=values["server.storage"],  # type: ignore[arg-type]
+        setup_path=values["server.setup"],  # type: ignore[arg-type]
+        cert_path=values["server.tls_cert"],  # type: ignore[arg-type]
+        key_path=values["server.tls_key"],  # type: ignore[arg-type]
+        host=values["server.host"],  # type: ignore[arg-type]
+        port=port,
+        tls_handshake_timeout=values["server.tls_handshake_timeout"],  # type: ignore[arg-type]
+        max_connections=values["server.max_connections"],  # type: ignore[arg-type]
+        shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
+        protocol=protocol,
+    )
+
+
+def options_help() -> str:
+    """The option table for ``keymgmt-server serve --help``."""
+    lines = ["configuration (TOML section.key, environment override, default):"]
+    for o in OPTIONS:
+        lines.append(f"  {o.section}.{o.key:22s} ${o.env:36s} {o.default!s:>16s}  {o.help}")
+    return "\n".join(lines)
+
+
+def render_config(overrides: Mapping[str, object]) -> str:
+    """A complete TOML config with defaults, ``overrides`` keyed by ``section.key``."""
+    out: list[str] = []
+    for section in ("server", "sessions"):
+        out.append(f"[{section}]")
+        for o in OPTIONS:
+            if o.section != section:
+                continue
+            value = overrides.get(f"{section}.{o.key}", o.default)
+            text = f'"{value}"' if isinstance(value, str | Path) else repr(value)
+            out.append(f"{f'{o.key} = {text}':44s} # {o.help}")
+        out.append("")
+    return "\n".join(out)
