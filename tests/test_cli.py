@@ -1,0 +1,208 @@
+"""The CLIs as subprocesses against a real key-server process over loopback TLS 1.3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+SERVER = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
+CLIENT = [sys.executable, "-m", "keymgmt.adapters.cli_client"]
+
+
+class ServerProcess:
+    def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
+        self.directory = directory
+        self.proc = subprocess.Popen(
+            [*SERVER, "serve", "--config", str(directory / "keymgmt-server.toml"), "--log-level", "DEBUG"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        line = self.proc.stdout.readline()
+        assert line.startswith("listening on "), line + self.proc.stderr.read()
+        self.port = int(line.rsplit(":", 1)[1])
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        self._reader.join(timeout=5)
+        return code
+
+
+@pytest.fixture
+def server_dir(tmp_path):
+    result = subprocess.run(
+        [*SERVER, "init", "--dir", str(tmp_path / "srv"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "created" in result.stdout
+    return tmp_path / "srv"
+
+
+@pytest.fixture
+def server(server_dir):
+    process = ServerProcess(server_dir)
+    yield process
+    if process.proc.poll() is None:
+        assert process.stop() == 0
+
+
+def run_client(server, tmp_path, *args, password="hunter2 but longer", account="alice@example.org", ca=None):
+    env = {
+        **os.environ,
+        "KEYMGMT_SERVER": f"127.0.0.1:{server.port}",
+        "KEYMGMT_CA": str(ca or server.directory / "ca.pem"),
+        "KEYMGMT_ACCOUNT": account,
+        "KEYMGMT_LOCAL_STORE": str(tmp_path / "client" / "local.db"),
+    }
+    return subprocess.run(
+        [*CLIENT, *args], input=f"{password}\n", capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_init_refuses_to_overwrite(server_dir):
+    again = subprocess.run([*SERVER, "init", "--dir", str(server_dir)], capture_output=True, text=True)
+    assert again.returncode == 1
+    assert again.stderr.startswith("keymgmt-server: error:") and "refusing to overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert oct(os.stat(server_dir / "server_setup.bin").st_mode & 0o777) == "0o600"
+
+
+def test_help_explains_the_options():
+    out = subprocess.run([*SERVER, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("server.port", "KEYMGMT_PORT", "sessions.idle_timeout", "KEYMGMT_IDLE_TIMEOUT"):
+        assert option in out
+    client_help = subprocess.run([*CLIENT, "--help"], capture_output=True, text=True, check=True).stdout
+    for word in (
+        "register",
+        "generate",
+        "import",
+        "retrieve",
+        "export",
+        "list",
+        "delete",
+        "audit",
+        "logout",
+        "exit codes",
+    ):
+        assert word in client_help
+
+
+def test_cli_end_to_end(server, tmp_path):
+    registered = run_client(server, tmp_path, "register")
+    assert registered.returncode == 0, registered.stderr
+    assert "registered alice@example.org" in registered.stdout
+    generated = run_client(server, tmp_path, "generate")
+    key_id = generated.stdout.strip()
+    assert generated.returncode == 0 and len(key_id) == 32
+    imported = run_client(server, tmp_path, "import", "--hex", "68656c6c6f")
+    imported_id = imported.stdout.strip()
+    assert run_client(server, tmp_path, "export", imported_id).stdout.strip() == "0568656c6c6f"
+    assert run_client(
+        server, tmp_path, "retrieve", imported_id, "--context", "local-only"
+    ).stdout.strip() == ("68656c6c6f")
+    assert run_client(server, tmp_path, "retrieve", key_id).stdout.strip() == "ok"
+    listed = json.loads(run_client(server, tmp_path, "list", "--json").stdout)
+    assert {k["key_id"] for k in listed} == {key_id, imported_id}
+    assert run_client(server, tmp_path, "delete", key_id).returncode == 0
+    table = run_client(server, tmp_path, "audit", "--type", "key").stdout
+    assert "generate" in table and "import" in table and "delete_key" in table and "register" not in table
+    document = json.loads(run_client(server, tmp_path, "audit", "--json", "--key", imported_id).stdout)
+    assert {e["key_id"] for e in document["entries"]} == {imported_id}
+    assert run_client(server, tmp_path, "logout").stdout.strip() == "logged out"
+    # The password never appears on a command line or in the server's log.
+    assert not any("hunter2" in line for line in server.log)
+
+
+def test_cli_errors_are_one_line_with_documented_exit_codes(server, tmp_path):
+    assert run_client(server, tmp_path, "register").returncode == 0
+    cases = [
+        (run_client(server, tmp_path, "list", password="wrong"), 3, "login failed"),
+        (run_client(server, tmp_path, "list", account="nobody@example.org"), 3, "login failed"),
+        (run_client(server, tmp_path, "retrieve", "00" * 16), 4, "no such key"),
+        (run_client(server, tmp_path, "register"), 5, "already registered"),
+        (run_client(server, tmp_path, "retrieve", "xyz"), 2, "not hex"),
+        (run_client(server, tmp_path, "import", "--hex", "00" * 256), 2, "1..255"),
+        (run_client(server, tmp_path, "list", ca=tmp_path / "nope.pem"), 6, "CA bundle"),
+        (run_client(server, tmp_path, "list", password=""), 2, "password is empty"),
+    ]
+    for result, code, text in cases:
+        assert result.returncode == code, (result.args, result.stderr)
+        assert text in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    other = subprocess.run(
+        [*SERVER, "init", "--dir", str(tmp_path / "other")], capture_output=True, check=True
+    )
+    assert other.returncode == 0
+    untrusted = run_client(server, tmp_path, "list", ca=tmp_path / "other" / "ca.pem")
+    assert untrusted.returncode == 6 and "not trusted" in untrusted.stderr
+    time.sleep(0.2)
+    assert any("TLS handshake" in line for line in server.log)
+
+
+def test_cli_reports_an_unreachable_server(tmp_path, server_dir):
+    env = {
+        **os.environ,
+        "KEYMGMT_SERVER": "127.0.0.1:1",
+        "KEYMGMT_CA": str(server_dir / "ca.pem"),
+        "KEYMGMT_ACCOUNT": "a@example.org",
+        "KEYMGMT_LOCAL_STORE": str(tmp_path / "l.db"),
+    }
+    result = subprocess.run([*CLIENT, "list"], input="", capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 6 and "cannot connect" in result.stderr
+
+
+def test_sigterm_during_requests_is_graceful_and_loses_nothing(server, tmp_path):
+    """Clients store in a loop; SIGTERM arrives mid-stream. Every acknowledged store is in the
+    database afterwards, the server exits 0, and the database is intact."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    acknowledged: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def store_loop() -> None:
+        while not stop.is_set():
+            result = run_client(server, tmp_path, "generate")
+            if result.returncode == 0:
+                acknowledged.append(result.stdout.strip())
+            else:
+                errors.append(result.stderr)
+                return
+
+    thread = threading.Thread(target=store_loop)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stop(signal.SIGTERM) == 0
+    stop.set()
+    thread.join(timeout=60)
+    assert len(acknowledged) >= 3
+    assert any("received SIGTERM" in line for line in server.log)
+    assert any("stopped" in line for line in server.log)
+    db = sqlite3.connect(server.directory / "keyserver.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {row[0].hex() for row in db.execute("SELECT key_id FROM secrets")}
+    assert set(acknowledged) <= stored
+    for error in errors:  # a request cut by the shutdown fails with a clean, one-line error
+        assert error.startswith("keymgmt: error:") and "Traceback" not in error
