@@ -1,27 +1,28 @@
 """`make demo`: the whole flow on embedded defaults, printing each step.
 
-A key server over a fresh SQLite file in a temporary directory, and a client
-talking to it over an in-memory byte stream (the network issue replaces the
-stream with TLS 1.3 on loopback). Exits 0 only if every step checks out.
+In a temporary directory it runs ``keymgmt-server init`` (OPAQUE setup,
+development CA and certificate, config), starts ``keymgmt-server serve`` as a
+real process on a free port (SQLite storage), and drives it over TLS 1.3 with
+the high-level client: register, a refused wrong password, login, generate,
+import, retrieve in each context, export, list, delete, audit, logout. Then it
+stops the server with SIGTERM. Exits 0 only if every step checks out.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import anyio
 
-from keymgmt_proto import AuditType, Context, ServerSetup, SessionRegistry
+from keymgmt_proto import AuditType, Context
 
-from .client import AuthenticationError, KeymgmtClient, audit_to_json
-from .keyserver import KeyServer
+from .client import AuthenticationError, Connector, KeymgmtClient, audit_to_json
 from .localstore import LocalStore
-from .serve import serve_stream
-from .setupfile import create_server_setup_file, load_server_setup_file
-from .sqlite_store import SQLiteStorage
-from .streams import memory_stream_pair
+from .net import tls_connector
 
 __all__ = ["main"]
 
@@ -29,18 +30,12 @@ ACCOUNT = b"alice@example.org"
 PASSWORD = b"correct horse battery staple"
 
 
-async def _run(workdir: Path) -> bool:
+async def _client_flow(connect: Connector, workdir: Path) -> bool:
     say = print
-    create_server_setup_file(workdir / "server_setup.bin")
-    setup: ServerSetup = load_server_setup_file(workdir / "server_setup.bin")
-    storage = SQLiteStorage(workdir / "keyserver.db")
-    say(f"key server: OPAQUE setup and SQLite database in {workdir}")
     ok = True
-    async with anyio.create_task_group() as tg:
-        client_end, server_end = memory_stream_pair()
-        tg.start_soon(serve_stream, server_end, setup, KeyServer(storage), SessionRegistry())
-        local = LocalStore(workdir / "client.db")
-        async with KeymgmtClient(client_end, local_store=local) as client:
+    local = LocalStore(workdir / "client.db")
+    try:
+        async with KeymgmtClient(connect, local_store=local) as client:
             user_id = await client.register(ACCOUNT, PASSWORD)
             say(f"1. registered {ACCOUNT.decode()}: user_id {user_id.hex()}")
             try:
@@ -82,14 +77,44 @@ async def _run(workdir: Path) -> bool:
             say(f"   exported as JSON to {workdir / 'audit.json'}")
             await session.logout()
             say("10. logged out")
-        tg.cancel_scope.cancel()
-    storage.close()
+    finally:
+        local.close()
     return ok
 
 
+def _start_server(workdir: Path) -> tuple[subprocess.Popen[str], int]:
+    server_cli = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
+    subprocess.run(
+        [*server_cli, "init", "--dir", str(workdir), "--port", "0"], check=True, stdout=subprocess.DEVNULL
+    )
+    print(f"key server: `keymgmt-server init` wrote the OPAQUE setup, a dev CA and a config to {workdir}")
+    process = subprocess.Popen(
+        [*server_cli, "serve", "--config", str(workdir / "keymgmt-server.toml"), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("listening on "):
+        process.kill()
+        raise SystemExit(f"demo failed: the server did not start ({line.strip()!r})")
+    port = int(line.rsplit(":", 1)[1])
+    print(f"key server: `keymgmt-server serve` is listening on 127.0.0.1:{port} (TLS 1.3, SQLite)")
+    return process, port
+
+
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="keymgmt-demo-") as workdir:
-        ok = anyio.run(_run, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="keymgmt-demo-") as directory:
+        workdir = Path(directory)
+        process, port = _start_server(workdir)
+        try:
+            connect = tls_connector("127.0.0.1", port, cafile=workdir / "ca.pem", server_hostname="localhost")
+            ok = anyio.run(_client_flow, connect, workdir)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=30)
+        print(f"key server: stopped by SIGTERM, exit code {code}")
+        ok = ok and code == 0
     print("demo finished: OK" if ok else "demo finished: FAILED")
     return 0 if ok else 1
 
