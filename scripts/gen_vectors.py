@@ -1,0 +1,1084 @@
+"""Regenerate or check the test vectors in ``tests/vectors/`` (issue #6).
+
+The vectors are for people porting the protocol: every input and every expected
+output is in the JSON files, so a port needs nothing from this repository but
+the files and docs/protocol.md. Every value is computed here by ``keymgmt_proto``
+itself; ``tests/test_vectors.py`` recomputes each one and compares, so a change
+to the wire format breaks the suite.
+
+Inputs that would be random (keys, nonces, user ids, ``r``, OPAQUE messages)
+come from a counter-based deterministic generator: block ``i`` is
+``SHA3-256(seed || u64(i))`` and the output is the blocks concatenated; each file
+has its own seed (``SEED`` || file stem), so files do not shift each other.
+A port takes these inputs as given and never needs the generator.
+
+Usage::
+
+    python scripts/gen_vectors.py --check   # exit 1 if a file differs from what the code computes
+    python scripts/gen_vectors.py --write   # rewrite the files
+    python scripts/gen_vectors.py           # list the files and their vector counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import hmac
+import json
+import struct
+import sys
+import types
+import typing
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import cast
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from keymgmt_proto._crypto import (
+    CHANNEL_SALT,
+    LABEL_C2S_IV,
+    LABEL_C2S_KEY,
+    LABEL_HANDLE,
+    LABEL_S2C_IV,
+    LABEL_S2C_KEY,
+    MASTER_KEY_INFO,
+    STORAGE_KEY_AD_SUFFIX,
+    Channel,
+    Direction,
+    derive_master_key,
+    encrypt_storage_key,
+)
+from keymgmt_proto._errors import ErrorCode, RemoteProtocolError
+from keymgmt_proto._messages import (
+    Abort,
+    Close,
+    CompleteRegistration,
+    GoAway,
+    LoginFinish,
+    LoginResponse,
+    LoginStart,
+    Record,
+    RegResponse,
+    RegStart,
+    RegUpload,
+    Request,
+    Response,
+    Resume,
+    Resumed,
+    ResumeEnvelope,
+    Welcome,
+)
+from keymgmt_proto._ops import (
+    KEY_ID_DOMAIN,
+    Action,
+    AuditEntry,
+    AuditRequest,
+    AuditResponse,
+    AuditType,
+    Context,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
+    Empty,
+    KeyIdResponse,
+    KeyInfo,
+    KeyListResponse,
+    ListKeysRequest,
+    Op,
+    OpRequest,
+    OpResponse,
+    Outcome,
+    RetrieveRequest,
+    RetrieveStorageKeyRequest,
+    SecretKind,
+    SecretResponse,
+    Status,
+    StorageKeyResponse,
+    StoreSecretRequest,
+    decode_portable,
+    decode_request,
+    derive_key_id,
+    encode_portable,
+    encode_response,
+    seal_secret,
+    secret_ad,
+)
+from keymgmt_proto._wire import (
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    MAX_SESSION_ID,
+    PROTOCOL_VERSION,
+    FrameType,
+    decode_header,
+    encode_frame,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTOR_DIR = ROOT / "tests" / "vectors"
+SEED = b"keymgmt test vectors v1/"
+
+JSON = dict[str, object]
+
+CONVENTIONS = (
+    "Byte strings are lower-case hex. Enum values are given by name (their numbers are in "
+    "docs/protocol.md and show in the hex). Integers are JSON numbers: read them as 64-bit "
+    "integers. Random-looking inputs come from a deterministic generator (scripts/gen_vectors.py); "
+    "a port takes them as given. Regenerate with `python scripts/gen_vectors.py --write`; "
+    "tests/test_vectors.py checks every value against keymgmt_proto."
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Drbg:
+    """Deterministic bytes: block i = SHA3-256(seed || u64(i)), concatenated."""
+
+    def __init__(self, label: str) -> None:
+        self._seed = SEED + label.encode("ascii")
+        self._counter = 0
+        self._buffer = b""
+
+    def __call__(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._buffer += hashlib.sha3_256(self._seed + struct.pack(">Q", self._counter)).digest()
+            self._counter += 1
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+
+def fixed_random(value: bytes) -> Callable[[int], bytes]:
+    """An injected RandomSource that returns exactly ``value`` (of the requested length)."""
+
+    def random(n: int) -> bytes:
+        if n != len(value):
+            raise ValueError(f"asked for {n} random bytes, have {len(value)}")
+        return value
+
+    return random
+
+
+def to_json(value: object) -> object:
+    """bytes -> hex, IntEnum -> name, dataclass -> object of its fields, tuple -> list."""
+    if isinstance(value, IntEnum):
+        return value.name
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, bool):
+        raise TypeError("no booleans in message fields")
+    if value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, tuple | list):
+        return [to_json(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    raise TypeError(f"cannot put {type(value).__name__} in a vector")
+
+
+def from_json(tp: object, data: object) -> object:
+    """The inverse of :func:`to_json`, guided by the type annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is types.UnionType or origin is typing.Union:
+        if data is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return from_json(inner, data)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        return tuple(from_json(inner, item) for item in cast(list[object], data))
+    if isinstance(tp, type):
+        if issubclass(tp, IntEnum):
+            return tp[cast(str, data)]
+        if tp is bytes:
+            return bytes.fromhex(cast(str, data))
+        if tp is int or tp is str:
+            if not isinstance(data, tp):
+                raise TypeError(f"expected {tp.__name__}, got {data!r}")
+            return data
+        if dataclasses.is_dataclass(tp):
+            return build(tp, cast(JSON, data))
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+def build(cls: type, fields: JSON) -> object:
+    """Construct ``cls`` from the JSON form of its fields (every field must be given)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if set(fields) != set(names):
+        raise ValueError(f"{cls.__name__}: fields {sorted(fields)} != {sorted(names)}")
+    return cls(**{name: from_json(hints[name], fields[name]) for name in names})
+
+
+def describe(what: str, fields: dict[str, str]) -> JSON:
+    return {"what": what, "conventions": CONVENTIONS, "fields": fields}
+
+
+def message_vector(name: str, message: object) -> JSON:
+    frame_type = getattr(message, "FRAME_TYPE", None)
+    encode = cast(Callable[[], bytes], getattr(message, "encode"))  # noqa: B009 - every class has it
+    return {
+        "name": name,
+        "class": type(message).__name__,
+        "frame_type": frame_type.name if isinstance(frame_type, FrameType) else None,
+        "sealed": bool(frame_type.sealed) if isinstance(frame_type, FrameType) else None,
+        "fields": to_json(message),
+        "encoding": encode().hex(),
+    }
+
+
+def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    return HKDFExpand(algorithm=hashes.SHA3_256(), length=length, info=info).derive(prk)
+
+
+def _nonce(iv: bytes, seq: int) -> bytes:
+    return bytes(a ^ b for a, b in zip(iv, bytes(4) + struct.pack(">Q", seq), strict=True))
+
+
+def key_schedule(session_key: bytes) -> dict[str, bytes]:
+    """The channel key schedule computed from the documented labels (not through Channel)."""
+    prk = hmac.digest(CHANNEL_SALT, session_key, "sha3_256")
+    return {
+        "prk": prk,
+        "session_handle": _expand(prk, LABEL_HANDLE, 16),
+        "c2s_key": _expand(prk, LABEL_C2S_KEY, 32),
+        "c2s_iv": _expand(prk, LABEL_C2S_IV, 12),
+        "s2c_key": _expand(prk, LABEL_S2C_KEY, 32),
+        "s2c_iv": _expand(prk, LABEL_S2C_IV, 12),
+    }
+
+
+def channel_at(session_key: bytes, *, is_client: bool, send_seq: int = 0, recv_seq: int = 0) -> Channel:
+    channel = Channel(session_key, is_client=is_client)
+    channel.send_seq = send_seq
+    channel.recv_seq = recv_seq
+    return channel
+
+
+def ad_of(handle: bytes, direction: Direction, frame_type: FrameType, seq: int) -> bytes:
+    return handle + struct.pack(">BBQ", direction, frame_type, seq)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def framing() -> JSON:
+    rng = Drbg("framing")
+    payloads: dict[FrameType, tuple[int, bytes]] = {
+        FrameType.GOAWAY: (0, GoAway(ErrorCode.FRAME_TOO_LARGE, "").encode()),
+        FrameType.REG_START: (1, RegStart(b"alice@example.org", rng(32)).encode()),
+        FrameType.REG_RESPONSE: (1, RegResponse(rng(64)).encode()),
+        FrameType.REG_UPLOAD: (1, RegUpload(rng(192)).encode()),
+        FrameType.LOGIN_START: (2, LoginStart(b"alice@example.org", rng(96)).encode()),
+        FrameType.LOGIN_RESPONSE: (2, LoginResponse(rng(320)).encode()),
+        FrameType.LOGIN_FINISH: (2, LoginFinish(rng(64)).encode()),
+        FrameType.ABORT: (MAX_SESSION_ID, Abort(ErrorCode.THROTTLED, "try later").encode()),
+    }
+    frames = []
+    for frame_type in FrameType:
+        if frame_type in payloads:
+            session_id, payload = payloads[frame_type]
+        else:  # sealed: the payload is a record (here with arbitrary ciphertext bytes)
+            session_id = 3 + int(frame_type) - 0x20
+            payload = Record(int(frame_type) - 0x20, rng(16 + int(frame_type) - 0x20)).encode()
+            if frame_type is FrameType.RESUME:
+                payload = ResumeEnvelope(rng(16), Record(5, rng(16))).encode()
+        frames.append(
+            {
+                "frame_type": frame_type.name,
+                "type_byte": int(frame_type),
+                "sealed": frame_type.sealed,
+                "session_id": session_id,
+                "payload": payload.hex(),
+                "frame": encode_frame(frame_type, session_id, payload).hex(),
+            }
+        )
+
+    def header(version: int, type_byte: int, session_id: int, length: int) -> bytes:
+        return struct.pack(">BBII", version, type_byte, session_id, length)
+
+    cases = [
+        ("largest payload the default limit accepts", header(1, 0x22, 7, DEFAULT_MAX_PAYLOAD)),
+        ("highest session id", header(1, 0x04, MAX_SESSION_ID, 114)),
+        ("empty payload", header(1, 0x26, 1, 0)),
+        ("version 0", header(0, 0x04, 1, 114)),
+        ("version 2", header(2, 0x04, 1, 114)),
+        ("unknown type 0x07", header(1, 0x07, 1, 0)),
+        ("unknown type 0x27", header(1, 0x27, 1, 24)),
+        ("session id with the top bit set", header(1, 0x22, MAX_SESSION_ID + 1, 24)),
+        ("length one over the limit", header(1, 0x22, 1, DEFAULT_MAX_PAYLOAD + 1)),
+        ("truncated header (9 bytes)", header(1, 0x22, 1, 24)[:9]),
+    ]
+    headers = []
+    for name, raw in cases:
+        entry: JSON = {"name": name, "header": raw.hex(), "max_payload": DEFAULT_MAX_PAYLOAD}
+        try:
+            frame_type, session_id, length = decode_header(raw, DEFAULT_MAX_PAYLOAD)
+        except RemoteProtocolError as exc:
+            entry["error"] = exc.code.name
+        else:
+            entry["accepted"] = {"frame_type": frame_type.name, "session_id": session_id, "length": length}
+        headers.append(entry)
+    return {
+        "description": describe(
+            "Frame header and framing of every FrameType (docs/protocol.md section 3). A frame is "
+            f"version u8 ({PROTOCOL_VERSION}) || type u8 || session_id u32 || length u32 || payload; "
+            f"the header is {HEADER_SIZE} bytes, big-endian. For sealed types the payload here is a "
+            "record with arbitrary ciphertext bytes: framing does not look inside.",
+            {
+                "frames[].frame_type / type_byte": "the FrameType name and its byte",
+                "frames[].sealed": "true for types 0x20 and up (payload is an AEAD record)",
+                "frames[].session_id": "u32 session id in the header (0 = the connection)",
+                "frames[].payload": "payload bytes",
+                "frames[].frame": "the whole frame: header || payload",
+                "headers[].header": "a 10-byte header (or a truncated one) checked with max_payload",
+                "headers[].accepted": "the decoded header, when it is valid",
+                "headers[].error": "the ErrorCode the receiver reports (a connection error)",
+            },
+        ),
+        "frames": frames,
+        "headers": headers,
+    }
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def messages() -> JSON:
+    rng = Drbg("messages")
+    user_id = rng(16)
+    samples: list[tuple[str, object]] = [
+        ("goaway empty reason", GoAway(ErrorCode.FRAME_TOO_LARGE, "")),
+        ("goaway with reason", GoAway(ErrorCode.UNSUPPORTED_VERSION, "unsupported protocol version 2")),
+        ("reg_start", RegStart(b"alice@example.org", rng(32))),
+        ("reg_start one-byte name", RegStart(b"a", rng(32))),
+        ("reg_response", RegResponse(rng(64))),
+        ("reg_upload", RegUpload(rng(192))),
+        ("login_start", LoginStart(b"alice@example.org", rng(96))),
+        ("login_start 255-byte name", LoginStart(b"n" * 255, rng(96))),
+        ("login_response", LoginResponse(rng(320))),
+        ("login_finish", LoginFinish(rng(64))),
+        ("abort with reason", Abort(ErrorCode.THROTTLED, "try later")),
+        ("abort empty reason", Abort(ErrorCode.UNKNOWN_SESSION, "")),
+        ("record seq 0", Record(0, rng(16))),
+        ("record large seq", Record(2**32 + 7, rng(21))),
+        ("resume envelope", ResumeEnvelope(rng(16), Record(5, rng(16)))),
+        ("welcome", Welcome(user_id)),
+        ("complete_registration", CompleteRegistration(user_id, rng(60))),
+        ("request empty body", Request(1, b"")),
+        ("request", Request(7, b"hello")),
+        ("response highest request id", Response(2**32 - 1, rng(10))),
+        ("close ok", Close(ErrorCode.OK)),
+        ("close logout", Close(ErrorCode.CLIENT_CLOSED)),
+        ("resume body", Resume()),
+        ("resumed body", Resumed()),
+    ]
+    rejected = [
+        ("RegStart", b"\x00" + rng(32), "account_name_len 0"),
+        ("RegStart", b"\x01a" + rng(31), "registration_request one byte short"),
+        ("LoginStart", b"\x01a" + rng(96) + b"\x00", "trailing byte"),
+        ("RegResponse", rng(65), "wrong fixed size"),
+        ("Abort", b"\x00\x63\x00", "unknown error code 99"),
+        ("Abort", b"\x00\x07\x02\x00\x01", "reason not printable ASCII"),
+        ("Abort", b"\x00\x07\x05abc", "reason shorter than its length byte"),
+        ("Close", b"\x00", "truncated code"),
+        ("Request", b"\x00\x00\x00\x00body", "request_id 0"),
+        ("Request", b"\x00\x00\x01", "shorter than a request_id"),
+        ("Record", bytes(8) + rng(15), "ciphertext shorter than the tag"),
+        ("Welcome", rng(17), "trailing byte after user_id"),
+        ("Resume", b"\x00", "RESUME body must be empty"),
+        ("ResumeEnvelope", rng(16 + 8 + 15), "record ciphertext shorter than the tag"),
+    ]
+    return {
+        "description": describe(
+            "Every payload class of keymgmt_proto._messages (docs/protocol.md section 4). For "
+            "clear frame types the encoding is the frame payload; for sealed types it is the "
+            "plaintext inside the record; Record and ResumeEnvelope are the sealed payload "
+            "layouts themselves. OPAQUE messages are arbitrary bytes of the right size (the "
+            "encoding does not parse them).",
+            {
+                "vectors[].class": "the keymgmt_proto._messages class",
+                "vectors[].frame_type": "the frame type it travels in (null for Record/ResumeEnvelope)",
+                "vectors[].sealed": "whether that frame type is sealed (null for the envelopes)",
+                "vectors[].fields": "the field values, by the class's field names",
+                "vectors[].encoding": "the one valid encoding of those fields",
+                "rejected[].encoding": "bytes the decoder of `class` must reject (MALFORMED)",
+                "rejected[].why": "what is wrong with them",
+            },
+        ),
+        "vectors": [message_vector(name, message) for name, message in samples],
+        "rejected": [{"class": cls, "encoding": raw.hex(), "why": why} for cls, raw, why in rejected],
+    }
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def ops() -> JSON:
+    rng = Drbg("ops")
+    user_id = rng(16)
+    key_a, key_b = derive_key_id(user_id, rng(32)), derive_key_id(user_id, rng(32))
+    generated_sealed, imported_sealed = rng(12 + 32 + 16), rng(12 + 5 + 16)
+    t0 = 1_700_000_000_123_456
+    requests: list[tuple[str, OpRequest]] = [
+        ("retrieve storage key", RetrieveStorageKeyRequest(user_id)),
+        ("create key id generated", CreateKeyIdRequest(user_id, SecretKind.GENERATED)),
+        ("create key id imported", CreateKeyIdRequest(user_id, SecretKind.IMPORTED)),
+        ("store generated", StoreSecretRequest(user_id, key_a, SecretKind.GENERATED, generated_sealed)),
+        ("store imported", StoreSecretRequest(user_id, key_b, SecretKind.IMPORTED, imported_sealed)),
+        *[(f"retrieve {c.name.lower()}", RetrieveRequest(user_id, key_a, c)) for c in Context],
+        ("audit all, defaults", AuditRequest(user_id, AuditType.ALL)),
+        (
+            "audit key only, two keys, both bounds, cursor",
+            AuditRequest(user_id, AuditType.KEY_ONLY, (key_a, key_b), t0, t0 + 10**6, 42, 10),
+        ),
+        ("audit system only, before only", AuditRequest(user_id, AuditType.SYSTEM_ONLY, before=t0)),
+        ("list keys first page", ListKeysRequest(user_id)),
+        ("list keys later page", ListKeysRequest(user_id, 1024, 5)),
+        ("delete key", DeleteKeyRequest(user_id, key_a)),
+    ]
+    entries = (
+        AuditEntry(7, Action.RETRIEVE, t0, Outcome.SUCCESS, key_a, Context.EXPORT),
+        AuditEntry(8, Action.AUDIT, t0 + 76_544, Outcome.SUCCESS),
+        AuditEntry(9, Action.RETRIEVE, t0 + 100_000, Outcome.FAILURE, key_b, Context.NULL),
+        AuditEntry(10, Action.LOGIN, t0 + 200_000, Outcome.FAILURE),
+    )
+    ok: list[tuple[str, Op, OpResponse]] = [
+        ("storage key", Op.RETRIEVE_STORAGE_KEY, StorageKeyResponse(rng(60))),
+        ("key id", Op.CREATE_KEY_ID, KeyIdResponse(key_a)),
+        ("stored", Op.STORE_SECRET, Empty()),
+        (
+            "secret generated",
+            Op.RETRIEVE,
+            SecretResponse(
+                SecretKind.GENERATED, generated_sealed, secret_ad(user_id, key_a, SecretKind.GENERATED)
+            ),
+        ),
+        (
+            "secret imported",
+            Op.RETRIEVE,
+            SecretResponse(
+                SecretKind.IMPORTED, imported_sealed, secret_ad(user_id, key_b, SecretKind.IMPORTED)
+            ),
+        ),
+        ("audit page with more", Op.AUDIT, AuditResponse(entries[:2], 8)),
+        ("audit last page", Op.AUDIT, AuditResponse(entries[2:], 0)),
+        ("audit empty", Op.AUDIT, AuditResponse((), 0)),
+        (
+            "key list",
+            Op.LIST_KEYS,
+            KeyListResponse(
+                (KeyInfo(key_a, SecretKind.GENERATED, t0), KeyInfo(key_b, SecretKind.IMPORTED, t0 + 1)), 0
+            ),
+        ),
+        (
+            "key list page with more",
+            Op.LIST_KEYS,
+            KeyListResponse((KeyInfo(key_a, SecretKind.GENERATED, t0),), 1),
+        ),
+        ("key list empty", Op.LIST_KEYS, KeyListResponse((), 0)),
+        ("deleted", Op.DELETE_KEY, Empty()),
+    ]
+    responses: list[JSON] = [
+        {
+            "name": name,
+            "op": op.name,
+            "status": Status.OK.name,
+            "class": type(response).__name__,
+            "fields": to_json(response),
+            "encoding": encode_response(Status.OK, response).hex(),
+        }
+        for name, op, response in ok
+    ]
+    for status in Status:
+        if status is not Status.OK:
+            responses.append(
+                {
+                    "name": f"error {status.name.lower()}",
+                    "op": Op.RETRIEVE.name,
+                    "status": status.name,
+                    "class": None,
+                    "fields": None,
+                    "encoding": encode_response(status).hex(),
+                }
+            )
+    retrieve = RetrieveRequest(user_id, key_a, Context.NULL).encode()
+    store = StoreSecretRequest(user_id, key_a, SecretKind.GENERATED, generated_sealed).encode()
+    rejected_requests = [
+        (b"", "empty body"),
+        (b"\xee" + user_id, "unknown op"),
+        (retrieve[:-1] + b"\x09", "unknown retrieve context"),
+        (retrieve + b"\x00", "trailing byte"),
+        (retrieve[:-1], "truncated"),
+        (store[:34] + b"\x00\x3d" + generated_sealed + b"\x00", "generated secret sealed to 61 bytes"),
+        (
+            bytes([Op.AUDIT]) + user_id + b"\x01\x00\x01" + key_a + b"\x00\x00" + bytes(8) + b"\x01\x00",
+            "key ids with audit type SYSTEM_ONLY",
+        ),
+        (bytes([Op.AUDIT]) + user_id + b"\x03\x00\x00\x02" + bytes(8 + 8 + 2), "optional flag 2"),
+        (bytes([Op.LIST_KEYS]) + user_id + bytes(4) + b"\x00\x00", "list limit 0"),
+    ]
+    for body, why in rejected_requests:  # keep the file honest: each must really be rejected
+        try:
+            decode_request(body)
+        except RemoteProtocolError:
+            continue
+        raise AssertionError(f"rejected request vector {why!r} decodes")
+    return {
+        "description": describe(
+            "Every operation request and response body of keymgmt_proto._ops (docs/protocol.md "
+            "section 12): the bodies carried in REQUEST and RESPONSE. A request is op u8 || "
+            "user_id[16] || fields; a response is status u8, then the op's fields when OK. A "
+            "response is decoded according to the op of its request. Ciphertexts are arbitrary "
+            "bytes of valid sizes.",
+            {
+                "requests[].class / op": "the request class and its Op",
+                "requests[].fields": "field values by name (key_ids is a list; after/before may be null)",
+                "requests[].encoding": "the request body",
+                "responses[].op": "the op of the request being answered",
+                "responses[].status": "the Status; non-OK responses are exactly one byte",
+                "responses[].class / fields": "the OK response class and its fields (null for errors)",
+                "responses[].encoding": "the response body",
+                "rejected_requests[].encoding": "request bodies the server must refuse as INVALID",
+            },
+        ),
+        "requests": [
+            {
+                "name": name,
+                "op": request.op.name,
+                "class": type(request).__name__,
+                "fields": to_json(request),
+                "encoding": request.encode().hex(),
+            }
+            for name, request in requests
+        ],
+        "responses": responses,
+        "rejected_requests": [{"encoding": body.hex(), "why": why} for body, why in rejected_requests],
+    }
+
+
+# --------------------------------------------------------------------------- key schedule, channel
+
+
+LABELS = {
+    "CHANNEL_SALT": CHANNEL_SALT,
+    "LABEL_HANDLE": LABEL_HANDLE,
+    "LABEL_C2S_KEY": LABEL_C2S_KEY,
+    "LABEL_C2S_IV": LABEL_C2S_IV,
+    "LABEL_S2C_KEY": LABEL_S2C_KEY,
+    "LABEL_S2C_IV": LABEL_S2C_IV,
+}
+
+
+def key_schedule_file() -> JSON:
+    rng = Drbg("key_schedule")
+    session_keys = [bytes(range(64)), rng(64), rng(64), bytes(64)]
+    return {
+        "description": describe(
+            "The channel key schedule (NET-7, CRY-3; docs/protocol.md section 5.1) for given "
+            "OPAQUE session keys: prk = HKDF-Extract(salt = CHANNEL_SALT, IKM = session_key) = "
+            "HMAC-SHA3-256(CHANNEL_SALT, session_key); each output = HKDF-Expand-SHA3-256(prk, "
+            "label, length). The first session key (00 01 .. 3f) is the worked example of "
+            "docs/protocol.md section 11.",
+            {
+                "labels": "the salt and info labels, as ASCII",
+                "vectors[].session_key": "the 64-byte OPAQUE session_key (input)",
+                "vectors[].prk": "HKDF-Extract output (32 bytes)",
+                "vectors[].session_handle": "Expand(prk, LABEL_HANDLE, 16)",
+                "vectors[].c2s_key / c2s_iv": "Expand(prk, LABEL_C2S_KEY, 32), Expand(prk, LABEL_C2S_IV, 12)",
+                "vectors[].s2c_key / s2c_iv": "Expand(prk, LABEL_S2C_KEY, 32), Expand(prk, LABEL_S2C_IV, 12)",
+            },
+        ),
+        "labels": {name: value.decode("ascii") for name, value in LABELS.items()},
+        "vectors": [
+            {"session_key": key.hex(), **{name: value.hex() for name, value in key_schedule(key).items()}}
+            for key in session_keys
+        ],
+    }
+
+
+def sealed_record(session_key: bytes, sender: str, frame_type: FrameType, seq: int, plaintext: bytes) -> JSON:
+    channel = channel_at(session_key, is_client=sender == "client", send_seq=seq)
+    record = channel.seal(frame_type, plaintext)
+    schedule = key_schedule(session_key)
+    direction = Direction.CLIENT_TO_SERVER if sender == "client" else Direction.SERVER_TO_CLIENT
+    iv = schedule["c2s_iv" if sender == "client" else "s2c_iv"]
+    return {
+        "sender": sender,
+        "direction": direction.name,
+        "frame_type": frame_type.name,
+        "seq": seq,
+        "plaintext": plaintext.hex(),
+        "nonce": _nonce(iv, seq).hex(),
+        "ad": ad_of(channel.session_handle, direction, frame_type, seq).hex(),
+        "record": record.encode().hex(),
+    }
+
+
+def channel_file() -> JSON:
+    rng = Drbg("channel")
+    session_key, other_key = rng(64), rng(64)
+    cases = [
+        ("server", FrameType.WELCOME, 0, Welcome(rng(16)).encode()),
+        ("client", FrameType.REQUEST, 0, Request(1, b"hi").encode()),
+        ("client", FrameType.REQUEST, 1, Request(2, rng(40)).encode()),
+        ("server", FrameType.RESPONSE, 3, Response(2, rng(33)).encode()),
+        ("client", FrameType.RESUME, 5, b""),
+        ("server", FrameType.RESUMED, 2**32 + 1, b""),
+        ("client", FrameType.CLOSE, 7, Close(ErrorCode.CLIENT_CLOSED).encode()),
+        ("server", FrameType.CLOSE, 9, Close(ErrorCode.IDLE_TIMEOUT).encode()),
+    ]
+    records = [sealed_record(session_key, *case) for case in cases]
+    request0 = bytes.fromhex(cast(str, records[1]["record"]))
+    request1 = bytes.fromhex(cast(str, records[2]["record"]))
+    foreign = (
+        channel_at(other_key, is_client=True).seal(FrameType.REQUEST, Request(1, b"hi").encode()).encode()
+    )
+    tampered = request0[:-1] + bytes([request0[-1] ^ 0x01])
+    rejections: list[tuple[str, str, int, FrameType, bytes, bool]] = [
+        ("replay: seq below the expected one", "server", 1, FrameType.REQUEST, request0, False),
+        ("gap: seq above the expected one", "server", 0, FrameType.REQUEST, request1, False),
+        ("opened as another frame type", "server", 0, FrameType.CLOSE, request0, False),
+        ("reflected: the sender's own direction", "client", 0, FrameType.REQUEST, request0, False),
+        ("tag altered", "server", 0, FrameType.REQUEST, tampered, False),
+        ("truncated by one byte", "server", 0, FrameType.REQUEST, request0[:-1], False),
+        ("sealed under another session's keys", "server", 0, FrameType.REQUEST, foreign, False),
+        ("replay even where a gap is allowed", "server", 1, FrameType.REQUEST, request0, True),
+    ]
+    for _why, receiver, expected, frame_type, raw, allow_gap in rejections:  # must really fail
+        channel = channel_at(session_key, is_client=receiver == "client", recv_seq=expected)
+        try:
+            channel.open(frame_type, Record.decode(raw), allow_gap=allow_gap)
+        except RemoteProtocolError:
+            continue
+        raise AssertionError(f"channel rejection vector {_why!r} opens")
+    return {
+        "description": describe(
+            "Channel records (NET-7, CRY-2; docs/protocol.md sections 4.2 and 5.2-5.3) for one "
+            "session key at given sequence numbers. nonce = iv XOR (0^4 || u64(seq)); AD = "
+            "session_handle || u8(direction) || u8(frame_type) || u64(seq); record = u64(seq) || "
+            "ChaCha20-Poly1305(key, nonce, plaintext, AD) (ciphertext || tag). The client seals "
+            "with c2s_key/c2s_iv, the server with s2c_key/s2c_iv (see key_schedule.json; they are "
+            "repeated here).",
+            {
+                "session_key": "the OPAQUE session_key both sides hold (input)",
+                "schedule": "its key schedule (as in key_schedule.json)",
+                "records[].sender": "client or server (who seals)",
+                "records[].direction": "Direction bound into the AD",
+                "records[].frame_type": "the frame type bound into the AD",
+                "records[].seq": "the sender's sequence number for this record",
+                "records[].plaintext / nonce / ad": "AEAD inputs",
+                "records[].record": "the sealed frame's payload: u64(seq) || ciphertext || tag",
+                "rejections[]": (
+                    "records the receiver must refuse (BAD_RECORD): receiver = who opens, "
+                    "expected_seq = its next expected seq, frame_type = the type it opens as, "
+                    "allow_gap = true only when opening a RESUME/RESUMED record"
+                ),
+            },
+        ),
+        "session_key": session_key.hex(),
+        "schedule": {name: value.hex() for name, value in key_schedule(session_key).items()},
+        "records": records,
+        "rejections": [
+            {
+                "why": why,
+                "receiver": receiver,
+                "expected_seq": expected,
+                "frame_type": frame_type.name,
+                "allow_gap": allow_gap,
+                "record": raw.hex(),
+            }
+            for why, receiver, expected, frame_type, raw, allow_gap in rejections
+        ],
+    }
+
+
+def resumption_file() -> JSON:
+    rng = Drbg("resumption")
+    session_key = rng(64)
+    handle = key_schedule(session_key)["session_handle"]
+    client_next, server_expected, server_next, new_session_id = 5, 3, 4, 9
+    client = channel_at(session_key, is_client=True, send_seq=client_next)
+    record = client.seal(FrameType.RESUME, Resume().encode())
+    envelope = ResumeEnvelope(handle, record)
+    server = channel_at(session_key, is_client=False, send_seq=server_next, recv_seq=server_expected)
+    server.open(FrameType.RESUME, record, allow_gap=True)
+    resumed = server.seal(FrameType.RESUMED, Resumed().encode())
+    return {
+        "description": describe(
+            "Resumption proof (NET-2; docs/protocol.md sections 4.2 and 8.3). On a new connection "
+            "the client opens a new session id with RESUME: payload = session_handle[16] || "
+            "record, the record sealed with the session's client-to-server keys at the client's "
+            "next sequence number, frame type RESUME in the AD, empty plaintext. The server opens "
+            "it allowing a forward gap (never backwards) and answers RESUMED sealed at its next "
+            "sequence number. Holding the keys is the proof; OPAQUE is not re-run.",
+            {
+                "session_key": "the session's OPAQUE session_key",
+                "session_handle": "from the key schedule",
+                "client_next_seq": "the client's next c2s sequence number (records before it were sent)",
+                "server_expected_seq": "the server's next expected c2s seq (some records were lost)",
+                "server_next_seq": "the server's next s2c sequence number",
+                "new_session_id": "the fresh session id the RESUME opens",
+                "resume_record": "u64(seq) || ciphertext || tag",
+                "resume_payload": "session_handle || resume_record (40 bytes)",
+                "resume_frame": "the whole RESUME frame",
+                "resumed_record / resumed_frame": "the server's RESUMED record and frame",
+                "replay_rejected": (
+                    "after accepting, the server's expected seq is client_next_seq + 1: the same "
+                    "RESUME again is a replay and must fail (UNKNOWN_SESSION on the wire)"
+                ),
+            },
+        ),
+        "session_key": session_key.hex(),
+        "session_handle": handle.hex(),
+        "client_next_seq": client_next,
+        "server_expected_seq": server_expected,
+        "server_next_seq": server_next,
+        "new_session_id": new_session_id,
+        "resume_record": record.encode().hex(),
+        "resume_payload": envelope.encode().hex(),
+        "resume_frame": encode_frame(FrameType.RESUME, new_session_id, envelope.encode()).hex(),
+        "resumed_record": resumed.encode().hex(),
+        "resumed_frame": encode_frame(FrameType.RESUMED, new_session_id, resumed.encode()).hex(),
+        "replay_rejected": True,
+    }
+
+
+# --------------------------------------------------------------------------- KEY-1, REG-3, secrets
+
+
+def key_id_file() -> JSON:
+    rng = Drbg("key_id")
+    inputs = [(b"\x22" * 16, b"\x44" * 32), (bytes(16), bytes(32)), (rng(16), rng(32)), (rng(16), rng(32))]
+    vectors = []
+    for user_id, r in inputs:
+        preimage = (
+            struct.pack(">H", len(KEY_ID_DOMAIN))
+            + KEY_ID_DOMAIN
+            + struct.pack(">H", len(user_id))
+            + user_id
+            + struct.pack(">H", len(r))
+            + r
+        )
+        digest = hashlib.sha3_256(preimage).digest()
+        key_id = derive_key_id(user_id, r)
+        assert key_id == digest[:16]
+        vectors.append(
+            {
+                "user_id": user_id.hex(),
+                "r": r.hex(),
+                "preimage": preimage.hex(),
+                "sha3_256": digest.hex(),
+                "key_id": key_id.hex(),
+            }
+        )
+    return {
+        "description": describe(
+            "KEY-1 key identifiers (docs/protocol.md section 12.5): key_id = SHA3-256(u16(len(d)) || "
+            "d || u16(16) || user_id || u16(32) || r)[:16] with d = KEY_ID_DOMAIN. The first "
+            "vector is the worked example of docs/protocol.md section 12.12.",
+            {
+                "domain": "d, as ASCII",
+                "vectors[].user_id": "16 bytes",
+                "vectors[].r": "32 bytes the server drew from its CSPRNG",
+                "vectors[].preimage": "the 71 hashed bytes",
+                "vectors[].sha3_256": "the full digest",
+                "vectors[].key_id": "its first 16 bytes",
+            },
+        ),
+        "domain": KEY_ID_DOMAIN.decode("ascii"),
+        "vectors": vectors,
+    }
+
+
+def storage_key_file() -> JSON:
+    rng = Drbg("storage_key")
+    inputs = [(bytes(64), b"\x11" * 32, b"\x22" * 16, b"\x33" * 12)]
+    inputs += [(rng(64), rng(32), rng(16), rng(12)) for _ in range(3)]
+    vectors = []
+    for export_key, storage_key, user_id, nonce in inputs:
+        master_key = derive_master_key(export_key)
+        vectors.append(
+            {
+                "export_key": export_key.hex(),
+                "master_key": master_key.hex(),
+                "storage_key": storage_key.hex(),
+                "user_id": user_id.hex(),
+                "nonce": nonce.hex(),
+                "associated_data": (user_id + STORAGE_KEY_AD_SUFFIX).hex(),
+                "encrypted_storage_key": encrypt_storage_key(
+                    master_key, storage_key, user_id, fixed_random(nonce)
+                ).hex(),
+            }
+        )
+    return {
+        "description": describe(
+            "REG-3 master key and storage-key wrap (docs/protocol.md sections 4.3 and 8.1): "
+            "master_key = HKDF-SHA3-256(salt = none, IKM = export_key, info = MASTER_KEY_INFO, "
+            "L = 32); encrypted_storage_key = nonce[12] || ChaCha20-Poly1305(master_key, nonce, "
+            "storage_key, AD = user_id || STORAGE_KEY_AD_SUFFIX). The first vector is the worked "
+            "example of docs/protocol.md section 11.",
+            {
+                "master_key_info": "the HKDF info label, as ASCII",
+                "storage_key_ad_suffix": "appended to user_id to form the AD, as ASCII",
+                "vectors[].export_key": "the 64-byte OPAQUE export_key (input)",
+                "vectors[].master_key": "derived (32 bytes)",
+                "vectors[].storage_key / user_id / nonce": "inputs (32, 16, 12 bytes)",
+                "vectors[].associated_data": "user_id || 'storage key'",
+                "vectors[].encrypted_storage_key": "60 bytes: nonce || ciphertext || tag",
+            },
+        ),
+        "master_key_info": MASTER_KEY_INFO.decode("ascii"),
+        "storage_key_ad_suffix": STORAGE_KEY_AD_SUFFIX.decode("ascii"),
+        "vectors": vectors,
+    }
+
+
+def secrets_file() -> JSON:
+    rng = Drbg("secrets")
+    doc_user, doc_key = b"\x22" * 16, derive_key_id(b"\x22" * 16, b"\x44" * 32)
+    inputs = [
+        (SecretKind.GENERATED, b"\x11" * 32, doc_user, doc_key, b"\x55" * 32, b"\x66" * 12),
+        (SecretKind.GENERATED, rng(32), rng(16), rng(16), rng(32), rng(12)),
+        (SecretKind.IMPORTED, rng(32), rng(16), rng(16), b"\x07", rng(12)),
+        (SecretKind.IMPORTED, rng(32), rng(16), rng(16), rng(255), rng(12)),
+        (SecretKind.IMPORTED, rng(32), rng(16), rng(16), b"hello world", rng(12)),
+    ]
+    vectors = []
+    for kind, storage_key, user_id, key_id, secret, nonce in inputs:
+        ad = secret_ad(user_id, key_id, kind)
+        vectors.append(
+            {
+                "kind": kind.name,
+                "storage_key": storage_key.hex(),
+                "user_id": user_id.hex(),
+                "key_id": key_id.hex(),
+                "secret": secret.hex(),
+                "nonce": nonce.hex(),
+                "associated_data": ad.hex(),
+                "sealed": seal_secret(storage_key, secret, ad, fixed_random(nonce)).hex(),
+            }
+        )
+    return {
+        "description": describe(
+            "Secrets sealed under storage_key (OPS-2, OPS-3; docs/protocol.md section 12.6): AD = "
+            "user_id || key_id for GENERATED, user_id || key_id || 'imported key' for IMPORTED; "
+            "sealed = nonce[12] || ChaCha20-Poly1305(storage_key, nonce, secret, AD). The first "
+            "vector is the worked example of docs/protocol.md section 12.12.",
+            {
+                "vectors[].kind": "SecretKind",
+                "vectors[].storage_key / user_id / key_id / secret / nonce": "inputs",
+                "vectors[].associated_data": "the AD (32 or 44 bytes)",
+                "vectors[].sealed": "nonce || ciphertext || tag (secret length + 28 bytes)",
+            },
+        ),
+        "vectors": vectors,
+    }
+
+
+def portable_file() -> JSON:
+    rng = Drbg("portable")
+    secrets = [b"\x07", bytes.fromhex("aabbcc"), rng(32), rng(255)]
+    rejected = [
+        (b"", "empty: no length byte"),
+        (b"\x00", "length 0 and no secret"),
+        (b"\x01", "length 1 but nothing follows"),
+        (b"\x05abc", "length byte says 5 but 3 bytes follow"),
+        (b"\x03abcd", "length byte says 3 but 4 bytes follow"),
+        (b"\xff" + rng(254), "length byte says 255 but 254 bytes follow"),
+        (b"\x00" + rng(1), "length byte 0 with a byte after it"),
+    ]
+    for raw, why in rejected:  # must really be rejected
+        try:
+            decode_portable(raw)
+        except ValueError:
+            continue
+        raise AssertionError(f"portable rejection vector {why!r} decodes")
+    return {
+        "description": describe(
+            "The portable secret format of import (OPS-3) and export (OPS-5), docs/protocol.md "
+            "section 12.7: len u8 || secret[len], len = 1..255.",
+            {
+                "valid[].secret": "the secret",
+                "valid[].portable": "its portable encoding",
+                "rejected[].portable": "inputs an importer must refuse",
+                "unencodable_secret_lengths": "secret lengths an exporter must refuse",
+            },
+        ),
+        "valid": [{"secret": s.hex(), "portable": encode_portable(s).hex()} for s in secrets],
+        "rejected": [{"portable": raw.hex(), "why": why} for raw, why in rejected],
+        "unencodable_secret_lengths": [0, 256],
+    }
+
+
+# --------------------------------------------------------------------------- transcript
+
+
+def _transcript_frame(
+    session_key: bytes, session_id: int, sender: str, seq: int, message: object, body: object | None = None
+) -> JSON:
+    frame_type = cast(FrameType, getattr(message, "FRAME_TYPE"))  # noqa: B009
+    plaintext = cast(Callable[[], bytes], getattr(message, "encode"))()  # noqa: B009
+    record = channel_at(session_key, is_client=sender == "client", send_seq=seq).seal(frame_type, plaintext)
+    entry: JSON = {
+        "direction": "C->S" if sender == "client" else "S->C",
+        "frame_type": frame_type.name,
+        "seq": seq,
+        "message": {"class": type(message).__name__, "fields": to_json(message)},
+        "plaintext": plaintext.hex(),
+        "frame": encode_frame(frame_type, session_id, record.encode()).hex(),
+    }
+    if body is not None:
+        entry["body"] = {"class": type(body).__name__, "fields": to_json(body)}
+    return entry
+
+
+def transcript_file() -> JSON:
+    rng = Drbg("transcript")
+    session_key, user_id = rng(64), rng(16)
+    session_id = 1
+    esk = rng(60)
+    key_id = derive_key_id(user_id, rng(32))
+    t0 = 1_700_000_000_000_000
+
+    retrieve = RetrieveStorageKeyRequest(user_id)
+    stored = StorageKeyResponse(esk)
+    listing = ListKeysRequest(user_id)
+    keys = KeyListResponse((KeyInfo(key_id, SecretKind.GENERATED, t0),), 0)
+
+    def frames(*entries: tuple[str, int, object, object | None]) -> list[JSON]:
+        return [_transcript_frame(session_key, session_id, *entry) for entry in entries]
+
+    welcome = ("server", 0, Welcome(user_id), None)
+    return {
+        "description": describe(
+            "A full request session on the channel, frame by frame (docs/protocol.md section 8.2). "
+            "The OPAQUE login that precedes it (LOGIN_START, LOGIN_RESPONSE, LOGIN_FINISH) uses "
+            "OPAQUE's internal randomness and cannot be fixed; session_key below is a STAND-IN for "
+            "the session_key OPAQUE gives both sides: a port injects it in place of its OPAQUE "
+            "output (the test does so through the real ClientConnection/ServerConnection) and "
+            "must then produce and accept exactly these frames. Two endings: the client logs out "
+            "(CLOSE C->S), or the server closes the session (CLOSE S->C, REQUEST_LIMIT: a server "
+            "configured with max_requests_per_session = 1, the spec's strict mode).",
+            {
+                "session_key": "stand-in for OPAQUE's 64-byte session_key (input)",
+                "session_handle": "from the key schedule",
+                "user_id": "the account's user_id (sent in WELCOME)",
+                "session_id": "the session id in every frame header",
+                "transcripts[].name": "which ending",
+                "transcripts[].server_config": "the ServerConfig fields that matter for it",
+                "transcripts[].frames[]": (
+                    "in order: direction, frame_type, the sender's seq, the message (class and "
+                    "fields), for REQUEST/RESPONSE the operation body decoded (class and fields), "
+                    "the plaintext, and the exact frame bytes"
+                ),
+            },
+        ),
+        "session_key": session_key.hex(),
+        "session_handle": key_schedule(session_key)["session_handle"].hex(),
+        "user_id": user_id.hex(),
+        "session_id": session_id,
+        "transcripts": [
+            {
+                "name": "client_logout",
+                "server_config": {"max_requests_per_session": 1000},
+                "frames": frames(
+                    welcome,
+                    ("client", 0, Request(1, retrieve.encode()), retrieve),
+                    ("server", 1, Response(1, encode_response(Status.OK, stored)), stored),
+                    ("client", 1, Close(ErrorCode.CLIENT_CLOSED), None),
+                ),
+            },
+            {
+                "name": "server_close",
+                "server_config": {"max_requests_per_session": 1},
+                "frames": frames(
+                    welcome,
+                    ("client", 0, Request(1, listing.encode()), listing),
+                    ("server", 1, Response(1, encode_response(Status.OK, keys)), keys),
+                    ("server", 2, Close(ErrorCode.REQUEST_LIMIT), None),
+                ),
+            },
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- files, main
+
+BUILDERS: dict[str, Callable[[], JSON]] = {
+    "framing.json": framing,
+    "messages.json": messages,
+    "ops.json": ops,
+    "key_schedule.json": key_schedule_file,
+    "channel.json": channel_file,
+    "resumption.json": resumption_file,
+    "key_id.json": key_id_file,
+    "storage_key.json": storage_key_file,
+    "secrets.json": secrets_file,
+    "portable.json": portable_file,
+    "transcript.json": transcript_file,
+}
+
+
+def render(document: JSON) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=True) + "\n"
+
+
+def build_all() -> dict[str, str]:
+    """File name -> its exact text."""
+    return {name: render(builder()) for name, builder in BUILDERS.items()}
+
+
+def stale_files(directory: Path) -> list[str]:
+    """Problems found comparing ``directory`` with what the code computes (empty if current)."""
+    problems = []
+    for name, text in build_all().items():
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+        elif path.read_text(encoding="utf-8") != text:
+            problems.append(f"{name}: differs from what keymgmt_proto computes")
+    known = set(BUILDERS)
+    if directory.is_dir():
+        problems += [
+            f"{p.name}: not produced by the generator"
+            for p in directory.glob("*.json")
+            if p.name not in known
+        ]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the vector files")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a vector file is stale")
+    parser.add_argument("--dir", type=Path, default=VECTOR_DIR, help="vector directory")
+    args = parser.parse_args(argv)
+    directory: Path = args.dir
+
+    if args.check:
+        problems = stale_files(directory)
+        for problem in problems:
+            print(f"{directory}/{problem}", file=sys.stderr)
+        if problems:
+            print("run: python scripts/gen_vectors.py --write", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in build_all().items():
+            path = directory / name
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                path.write_text(text, encoding="utf-8")
+                print(f"wrote {path}")
+        return 0
+    for name in BUILDERS:
+        print(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
