@@ -235,7 +235,7 @@ async def _session_command(args: argparse.Namespace, session: KeySession) -> Non
     elif command == "audit":
         key_ids = [_key_id(k) for k in args.key]
         entries = await session.audit(AUDIT_TYPES[args.type], key_ids, _time(args.after), _time(args.before))
-        print(audit_to_json(entries) if args.json else _audit_table(entries))
+        print(audit_to_json(entries, session.user_id) if args.json else _audit_table(entries))
     elif command == "logout":
         print("logged out")
 

@@ -17,7 +17,6 @@ returned as ``bytes`` and never appear in a repr. Errors are subclasses of
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import time
@@ -67,6 +66,7 @@ from keymgmt_proto._ops import (
     Status,
     StorageKeyResponse,
     StoreSecretRequest,
+    ad_matches,
     decode_portable,
     decode_response,
     encode_portable,
@@ -565,7 +565,7 @@ class KeySession:
 
     def _open(self, storage_key: bytes, key_id: bytes, sealed: _Sealed) -> bytes:
         expected = secret_ad(self.user_id, key_id, sealed.kind)
-        if not hmac.compare_digest(expected, sealed.associated_data):
+        if not ad_matches(expected, sealed.associated_data):
             raise IntegrityError("the ciphertext's associated data names another user or key")
         try:
             return open_secret(storage_key, sealed.ciphertext, sealed.associated_data)
@@ -657,6 +657,9 @@ class KeySession:
             self._storage_key = None
 
 
-def audit_to_json(entries: Sequence[AuditEntry]) -> str:
-    """AUD-2: audit entries as a JSON document (see docs/protocol.md)."""
-    return json.dumps({"format": "keymgmt-audit-v1", "entries": [e.to_json() for e in entries]}, indent=2)
+def audit_to_json(entries: Sequence[AuditEntry], actor: bytes) -> str:
+    """AUD-2: audit entries of user ``actor`` as a JSON document (see docs/protocol.md)."""
+    if len(actor) != 16:
+        raise ValueError("actor is a 16-byte user_id")
+    documents = [{**e.to_json(), "actor": actor.hex()} for e in entries]
+    return json.dumps({"format": "keymgmt-audit-v1", "entries": documents}, indent=2)

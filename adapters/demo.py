@@ -73,7 +73,7 @@ async def _client_flow(connect: Connector, workdir: Path) -> bool:
                     f"   {entry.entry_id:3d} {entry.action.name.lower():22s} {entry.outcome.name.lower():8s} "
                     f"{key:11s} {context}"
                 )
-            (workdir / "audit.json").write_text(audit_to_json(entries))
+            (workdir / "audit.json").write_text(audit_to_json(entries, session.user_id))
             say(f"   exported as JSON to {workdir / 'audit.json'}")
             await session.logout()
             say("10. logged out")
