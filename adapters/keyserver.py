@@ -163,6 +163,8 @@ class KeyServer:
             with self.storage.transaction() as tx:
                 account = tx.get_account(event.account_name)
             if account is None:
+                # No per-user log to write to: the attempt is logged (the name is not).
+                log.info("login attempt for an unknown account (session %d)", event.session_id)
                 conn.reject_session(event.session_id, ErrorCode.AUTHENTICATION_FAILED)
                 return
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
