@@ -129,6 +129,8 @@ class InMemoryPair:
         self.server_events: list[Event] = []
 
     def _chunks(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []  # nothing to deliver (b"" would mean end of stream to the receiver)
         if self.delivery is Delivery.WHOLE or len(data) <= 1:
             return [data]
         if self.delivery is Delivery.BYTEWISE:
