@@ -21,6 +21,7 @@ from .client import (
     RegistrationError,
     RequestRefusedError,
     SessionEndedError,
+    ThrottledError,
     audit_to_json,
 )
 from .keyserver import KeyServer, default_account_name_policy
@@ -60,6 +61,7 @@ __all__ = [
     "StorageError",
     "SyncKeySession",
     "SyncKeymgmtClient",
+    "ThrottledError",
     "Transaction",
     "audit_to_json",
     "create_server_setup_file",

@@ -43,6 +43,7 @@ from .client import (
     RegistrationError,
     RequestRefusedError,
     SessionEndedError,
+    ThrottledError,
     audit_to_json,
 )
 from .localstore import LocalStore, LocalStoreError
@@ -53,6 +54,7 @@ __all__ = ["EXIT_CODES", "main"]
 
 EXIT_CODES: dict[type[BaseException], int] = {
     AuthenticationError: 3,
+    ThrottledError: 3,
     NotFoundError: 4,
     RequestRefusedError: 5,
     RegistrationError: 5,

@@ -17,6 +17,7 @@ returned as ``bytes`` and never appear in a repr. Errors are subclasses of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -90,6 +91,7 @@ __all__ = [
     "RegistrationError",
     "RequestRefusedError",
     "SessionEndedError",
+    "ThrottledError",
     "audit_to_json",
 ]
 
@@ -103,6 +105,10 @@ class KeymgmtError(Exception):
 
 class AuthenticationError(KeymgmtError):
     """Wrong password or unknown account (deliberately indistinguishable, NET-9)."""
+
+
+class ThrottledError(KeymgmtError):
+    """Too many failed logins for this account: the server refuses logins for a while (NET-10)."""
 
 
 class RegistrationError(KeymgmtError):
@@ -174,6 +180,8 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
         return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
     if event.code is ErrorCode.AUTHENTICATION_FAILED:
         return AuthenticationError("login failed: wrong password or unknown account")
+    if event.code is ErrorCode.THROTTLED:
+        return ThrottledError("too many failed logins for this account; try again later")
     if event.code in (ErrorCode.ACCOUNT_EXISTS, ErrorCode.INVALID_ACCOUNT_NAME):
         text = (
             "account name already registered"
@@ -256,6 +264,8 @@ class KeymgmtClient:
     ) -> None:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await self._say_goodbye()
         try:
             # The block's own exception is not the reader's business: let it propagate
             # unwrapped instead of inside an ExceptionGroup.
@@ -264,6 +274,21 @@ class KeymgmtClient:
             with anyio.CancelScope(shield=True):
                 if self._stream is not None:
                     await self._stream.aclose()
+
+    async def _say_goodbye(self) -> None:
+        """Log out of every open session and close the connection with GOAWAY (best effort)."""
+        if self._closed is not None or self._conn.failed is not None or self._stream is None:
+            return
+        for session_id in list(self._token_of):
+            try:
+                self._conn.close_session(session_id)
+            except LocalProtocolError:
+                continue  # still in its handshake: it ends with the connection
+        self._conn.close("client closing")
+        data = self._conn.data_to_send()
+        if data:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await self._stream.send(data)
 
     # ------------------------------------------------------------ public API
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from keymgmt_proto import ServerConfig
 
+from .keyserver import ThrottlePolicy
 from .net import ServerSettings
 
 __all__ = ["OPTIONS", "ConfigError", "Option", "load_settings", "options_help", "render_config"]
@@ -93,6 +94,17 @@ OPTIONS: tuple[Option, ...] = (
         "live sessions per connection",
     ),
     Option("sessions", "max_payload", int, 65536, "KEYMGMT_MAX_PAYLOAD", "largest frame payload in bytes"),
+    Option(
+        "throttle",
+        "threshold",
+        int,
+        5,
+        "KEYMGMT_THROTTLE_THRESHOLD",
+        "consecutive failed logins before logins must wait (NET-10)",
+    ),
+    Option("throttle", "base_delay", float, 1.0, "KEYMGMT_THROTTLE_BASE_DELAY", "first wait, seconds"),
+    Option("throttle", "growth", float, 2.0, "KEYMGMT_THROTTLE_GROWTH", "factor per further failure"),
+    Option("throttle", "max_delay", float, 900.0, "KEYMGMT_THROTTLE_MAX_DELAY", "longest wait, seconds"),
 )
 
 
@@ -174,8 +186,14 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             max_sessions_per_connection=values["sessions.max_per_connection"],  # type: ignore[arg-type]
             max_payload=values["sessions.max_payload"],  # type: ignore[arg-type]
         )
+        throttle = ThrottlePolicy(
+            threshold=values["throttle.threshold"],  # type: ignore[arg-type]
+            base_delay=values["throttle.base_delay"],  # type: ignore[arg-type]
+            growth=values["throttle.growth"],  # type: ignore[arg-type]
+            max_delay=values["throttle.max_delay"],  # type: ignore[arg-type]
+        )
     except ValueError as exc:
-        raise ConfigError(f"invalid session settings: {exc}") from None
+        raise ConfigError(f"invalid session or throttle settings: {exc}") from None
     port = values["server.port"]
     assert isinstance(port, int)
     if port > 65535:
@@ -191,6 +209,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         max_connections=values["server.max_connections"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         protocol=protocol,
+        throttle=throttle,
     )
 
 
@@ -205,7 +224,7 @@ def options_help() -> str:
 def render_config(overrides: Mapping[str, object]) -> str:
     """A complete TOML config with defaults, ``overrides`` keyed by ``section.key``."""
     out: list[str] = []
-    for section in ("server", "sessions"):
+    for section in ("server", "sessions", "throttle"):
         out.append(f"[{section}]")
         for o in OPTIONS:
             if o.section != section:

@@ -15,6 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
@@ -60,14 +61,39 @@ from keymgmt_proto._ops import (
     secret_ad,
 )
 
+from .decoy import DecoyRecords
 from .storage import Account, AuditQuery, AuditRecord, SecretRecord, Storage, StorageError, Transaction
 
-__all__ = ["KeyServer", "default_account_name_policy"]
+__all__ = ["KeyServer", "ThrottlePolicy", "default_account_name_policy"]
 
 log = logging.getLogger("keymgmt.server")
 
-#: Key ids one user may have drawn but not yet stored.
+#: Key ids one session may have drawn but not yet stored.
 MAX_RESERVED_KEY_IDS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottlePolicy:
+    """NET-10: after ``threshold`` consecutive failed logins for a name, each further
+    attempt must wait ``base_delay * growth ** (failures - threshold)`` seconds, at most
+    ``max_delay``. A successful login resets the count."""
+
+    threshold: int = 5
+    base_delay: float = 1.0
+    growth: float = 2.0
+    max_delay: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.threshold < 1 or self.base_delay < 0 or self.growth < 1 or self.max_delay < 0:
+            raise ValueError("threshold >= 1, base_delay >= 0, growth >= 1, max_delay >= 0")
+
+    def locked_for(self, failures: int) -> float:
+        """Seconds a name stays locked after its ``failures``-th consecutive failure."""
+        if failures < self.threshold:
+            return 0.0
+        exponent = min(failures - self.threshold, 64)
+        return float(min(self.max_delay, self.base_delay * self.growth**exponent))
+
 
 _OP_ACTIONS = {
     Op.RETRIEVE_STORAGE_KEY: Action.RETRIEVE_STORAGE_KEY,
@@ -107,8 +133,17 @@ class KeyServer:
         random: RandomSource = os.urandom,
         clock: Callable[[], float] = time.time,
         account_name_policy: Callable[[bytes], bool] = default_account_name_policy,
+        throttle: ThrottlePolicy | None = None,
+        decoys: DecoyRecords | None = None,
+        max_keys_per_user: int = 10_000,
     ) -> None:
         self.storage = storage
+        self.throttle = throttle or ThrottlePolicy()
+        #: NET-9: unknown accounts get a decoy login; without decoys they are refused at once.
+        self.decoys = decoys
+        self.max_keys_per_user = max_keys_per_user
+        #: Sessions whose login runs against a decoy record (never a real account).
+        self._decoy_sessions: WeakKeyDictionary[ServerConnection, set[int]] = WeakKeyDictionary()
         self._random = random
         self._clock = clock
         self._name_ok = account_name_policy
@@ -160,27 +195,60 @@ class KeyServer:
         elif isinstance(event, RegistrationCompleted):
             self._on_registration_completed(conn, event)
         elif isinstance(event, LoginRequested):
-            with self.storage.transaction() as tx:
-                account = tx.get_account(event.account_name)
-            if account is None:
-                # No per-user log to write to: the attempt is logged (the name is not).
-                log.info("login attempt for an unknown account (session %d)", event.session_id)
-                conn.reject_session(event.session_id, ErrorCode.AUTHENTICATION_FAILED)
-                return
-            conn.accept_login(event.session_id, account.user_id, account.registration_record)
+            self._on_login_requested(conn, event)
         elif isinstance(event, LoginSucceeded):
-            self._audit(event.user_id, Action.LOGIN, Outcome.SUCCESS)
+            with self.storage.transaction() as tx:
+                tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, self.now_us(), Outcome.SUCCESS))
+                tx.set_login_failures(event.account_name, 0, 0, self.now_us())
             log.info("login succeeded (session %d)", event.session_id)
         elif isinstance(event, LoginFailed):
-            if event.user_id is not None:
-                self._audit(event.user_id, Action.LOGIN, Outcome.FAILURE)
-            log.info("login failed (session %d)", event.session_id)
+            self._on_login_failed(conn, event)
         elif isinstance(event, SessionClosed | SessionFailed):
             self._session_reservations(conn).pop(event.session_id, None)
             if isinstance(event, SessionClosed) and event.user_id is not None:
                 closed_by_client = event.code is ErrorCode.CLIENT_CLOSED
                 action = Action.LOGOUT if closed_by_client else Action.SESSION_EXPIRED
                 self._audit(event.user_id, action, Outcome.SUCCESS)
+
+    def _on_login_requested(self, conn: ServerConnection, event: LoginRequested) -> None:
+        now = self.now_us()
+        with self.storage.transaction() as tx:
+            account = tx.get_account(event.account_name)
+            _failures, locked_until = tx.get_login_failures(event.account_name)
+            throttled = now < locked_until
+            if throttled and account is not None:
+                tx.append_audit(AuditRecord(account.user_id, Action.LOGIN_THROTTLED, now, Outcome.FAILURE))
+        if throttled:  # the same answer for registered and unknown names (NET-9)
+            log.info("login throttled (session %d)", event.session_id)
+            conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many failed logins; retry later")
+            return
+        if account is not None:
+            conn.accept_login(event.session_id, account.user_id, account.registration_record)
+            return
+        # No per-user log to write to: the attempt is logged (the name is not).
+        log.info("login attempt for an unknown account (session %d)", event.session_id)
+        if self.decoys is None:
+            conn.reject_session(event.session_id, ErrorCode.AUTHENTICATION_FAILED)
+            return
+        user_id, record = self.decoys.record_for(event.account_name)
+        decoy_sessions = self._decoy_sessions.get(conn)
+        if decoy_sessions is None:
+            decoy_sessions = self._decoy_sessions[conn] = set()
+        decoy_sessions.add(event.session_id)
+        conn.accept_login(event.session_id, user_id, record)
+
+    def _on_login_failed(self, conn: ServerConnection, event: LoginFailed) -> None:
+        now = self.now_us()
+        decoy = event.session_id in self._decoy_sessions.get(conn, set())
+        self._decoy_sessions.get(conn, set()).discard(event.session_id)
+        with self.storage.transaction() as tx:
+            failures, _locked_until = tx.get_login_failures(event.account_name)
+            failures += 1
+            locked_until = now + int(self.throttle.locked_for(failures) * 1_000_000)
+            tx.set_login_failures(event.account_name, failures, locked_until, now)
+            if event.user_id is not None and not decoy:
+                tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, now, Outcome.FAILURE))
+        log.info("login failed (session %d)", event.session_id)
 
     def _session_reservations(self, conn: ServerConnection) -> dict[int, OrderedDict[bytes, SecretKind]]:
         reservations = self._reserved.get(conn)
@@ -262,6 +330,8 @@ class KeyServer:
                 raise _Refused(Status.NOT_FOUND, Action.RETRIEVE_STORAGE_KEY)
             return StorageKeyResponse(account.encrypted_storage_key), None
         if isinstance(request, CreateKeyIdRequest):
+            if tx.count_keys(user_id) >= self.max_keys_per_user:
+                raise _Refused(Status.LIMIT_REACHED, Action.CREATE_KEY_ID)
             key_id = derive_key_id(user_id, self._random(32))
             while key_id in reservations or tx.key_id_exists(key_id):  # KEY-1: redraw if it exists
                 key_id = derive_key_id(user_id, self._random(32))

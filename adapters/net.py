@@ -26,7 +26,8 @@ from anyio.streams.tls import TLSStream
 from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
 
 from .client import ConnectionLostError, Connector
-from .keyserver import KeyServer
+from .decoy import DecoyRecords
+from .keyserver import KeyServer, ThrottlePolicy
 from .serve import ConnectionDriver
 from .setupfile import load_server_setup_file
 from .sqlite_store import SQLiteStorage
@@ -55,6 +56,7 @@ class ServerSettings:
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
+    throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
 
 
 class TLSConnectError(ConnectionLostError):
@@ -119,10 +121,16 @@ class KeyServerRuntime:
         self.ssl_context = server_context(settings.cert_path, settings.key_path)
         self.storage: Storage = storage if storage is not None else SQLiteStorage(settings.storage_path)
         kwargs = {} if clock is None else {"clock": clock}
-        self.keyserver = KeyServer(self.storage, **kwargs)  # type: ignore[arg-type]
+        self.keyserver = KeyServer(
+            self.storage,
+            decoys=DecoyRecords(self.setup),
+            throttle=settings.throttle,
+            **kwargs,  # type: ignore[arg-type]
+        )
         self.registry = SessionRegistry(settings.protocol)
         self.port: int | None = None
         self._drivers: set[ConnectionDriver] = set()
+        self._open_connections = 0  # accepted, including those still in the TLS handshake
         self._stop = anyio.Event()
         self.connections_served = 0
 
@@ -144,6 +152,7 @@ class KeyServerRuntime:
             async with anyio.create_task_group() as connections:
                 async with anyio.create_task_group() as accepting:
                     accepting.start_soon(listener.serve, self._handle, connections)
+                    accepting.start_soon(self._expire_detached_sessions)
                     task_status.started(self.port)
                     await self._stop.wait()
                     accepting.cancel_scope.cancel()
@@ -162,10 +171,26 @@ class KeyServerRuntime:
             self.storage.close()
             log.info("stopped")
 
+    async def _expire_detached_sessions(self) -> None:
+        """Expire (and audit) detached sessions even when no connection is open to do it."""
+        while True:
+            deadline = self.registry.get_timer()
+            await anyio.sleep(1.0 if deadline is None else max(0.0, deadline - anyio.current_time()))
+            expired = self.registry.handle_timer(anyio.current_time())
+            if expired:
+                self.keyserver.sessions_expired(expired)
+
     async def _handle(self, tcp: SocketStream) -> None:
+        self._open_connections += 1
+        try:
+            await self._handle_connection(tcp)
+        finally:
+            self._open_connections -= 1
+
+    async def _handle_connection(self, tcp: SocketStream) -> None:
         address = tcp.extra(SocketAttribute.remote_address, None)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        if self._stop.is_set() or len(self._drivers) >= self.settings.max_connections:
+        if self._stop.is_set() or self._open_connections > self.settings.max_connections:
             log.warning("refused a connection from %s: connection limit or shutting down", peer)
             await anyio.aclose_forcefully(tcp)
             return

@@ -54,6 +54,16 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 2: login throttling state (NET-10), for registered and unknown names alike
+    """
+    CREATE TABLE login_throttle (
+        account_name BLOB PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        locked_until_us INTEGER NOT NULL,
+        last_failure_us INTEGER NOT NULL
+    );
+    CREATE INDEX login_throttle_by_age ON login_throttle(last_failure_us);
+    """,
 ]
 
 _KEY_ACTIONS = tuple(int(a) for a in Action if a.is_key_action)
@@ -98,6 +108,34 @@ class _SQLiteTransaction:
         except sqlite3.IntegrityError:
             return False
         return True
+
+    def count_keys(self, user_id: bytes) -> int:
+        count: int = self._db.execute(
+            "SELECT count(*) FROM secrets WHERE user_id = ?", (user_id,)
+        ).fetchone()[0]
+        return count
+
+    def get_login_failures(self, account_name: bytes) -> tuple[int, int]:
+        row = self._db.execute(
+            "SELECT failures, locked_until_us FROM login_throttle WHERE account_name = ?", (account_name,)
+        ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def set_login_failures(self, account_name: bytes, failures: int, locked_until: int, now: int) -> None:
+        if failures == 0:
+            self._db.execute("DELETE FROM login_throttle WHERE account_name = ?", (account_name,))
+            return
+        self._db.execute(
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (account_name) DO UPDATE SET failures = excluded.failures, "
+            "locked_until_us = excluded.locked_until_us, last_failure_us = excluded.last_failure_us",
+            (account_name, failures, locked_until, now),
+        )
+        # Forget names nobody has failed on for a day (keeps probes of random names bounded).
+        self._db.execute(
+            "DELETE FROM login_throttle WHERE last_failure_us < ? AND locked_until_us < ?",
+            (now - 86_400_000_000, now),
+        )
 
     def key_id_exists(self, key_id: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM secrets WHERE key_id = ?", (key_id,)).fetchone() is not None

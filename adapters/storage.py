@@ -85,6 +85,18 @@ class Transaction(Protocol):
 
     def key_id_exists(self, key_id: bytes) -> bool: ...
 
+    def count_keys(self, user_id: bytes) -> int: ...
+
+    def get_login_failures(self, account_name: bytes) -> tuple[int, int]:
+        """NET-10: (consecutive failed logins, locked until [us since the epoch]) for a name,
+        registered or not; (0, 0) when there is no record."""
+        ...
+
+    def set_login_failures(self, account_name: bytes, failures: int, locked_until: int, now: int) -> None:
+        """Record the throttling state of a name (failures 0 clears it); records untouched
+        for a day may be dropped."""
+        ...
+
     def insert_secret(self, secret: SecretRecord) -> bool:
         """False if the key id is taken."""
         ...

@@ -83,7 +83,9 @@ def _expand(prk: bytes, info: bytes, length: int) -> bytes:
 
 
 def _nonce(iv: bytes, seq: int) -> bytes:
-    return bytes(a ^ b for a, b in zip(iv, b"\x00\x00\x00\x00" + struct.pack(">Q", seq), strict=True))
+    """``iv XOR (0^4 || seq as u64)``, computed as one integer XOR (seq < 2**64 touches only
+    the last 8 bytes); tests/test_crypto_nonce.py checks it against the byte-wise definition."""
+    return (int.from_bytes(iv, "big") ^ seq).to_bytes(NONCE_SIZE, "big")
 
 
 class Channel:

@@ -111,6 +111,8 @@ class Status(IntEnum):
     INVALID = 3
     #: The server failed (storage error); nothing was changed.
     INTERNAL_ERROR = 4
+    #: A per-user limit of the server was reached (e.g. the number of stored keys).
+    LIMIT_REACHED = 5
 
 
 class SecretKind(IntEnum):
@@ -152,6 +154,8 @@ class Action(IntEnum):
     SESSION_EXPIRED = 12
     #: A request body that names no valid operation (audited all the same).
     MALFORMED_REQUEST = 13
+    #: A login refused because of earlier failed logins (NET-10).
+    LOGIN_THROTTLED = 14
 
     @property
     def is_key_action(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 
@@ -69,3 +71,9 @@ async def test_tls_handshake_timeout_drops_silent_connections(tmp_path, caplog):
                 await silent.receive()
         await silent.aclose()
     assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_readme_lists_every_option():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for option in OPTIONS:
+        assert f"`{option.section}." in readme and option.env.rsplit("_", 1)[-1] in readme, option.key

@@ -1,0 +1,153 @@
+"""NET-9 (unknown account = wrong password), NET-10 (throttling), per-user limits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keymgmt.adapters import InMemoryPair
+from keymgmt.adapters.client import AuthenticationError, RequestRefusedError, ThrottledError
+from keymgmt.adapters.decoy import DecoyRecords
+from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
+from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.storage import AuditQuery
+from keymgmt_proto import (
+    Action,
+    AuditType,
+    ClientConnection,
+    ErrorCode,
+    LoginFailed,
+    Outcome,
+    ServerConnection,
+    SessionFailed,
+    SessionRegistry,
+    Status,
+)
+
+from .frames import frame_type, split_frames
+from .helpers import PASSWORD, register
+from .keyserver_world import SETUP, key_server
+
+
+def _transcript(pair: InMemoryPair, account: bytes, password: bytes):
+    """Every frame of one login attempt, both directions, as (direction, type, length)."""
+    frames, events = [], []
+    pair.client.open_request_session(account, password)
+    while True:
+        up = pair.client.data_to_send()
+        for frame in split_frames(up):
+            frames.append(("c2s", frame_type(frame), len(frame)))
+        if up:
+            pair.to_server(up)
+        down = pair.server.data_to_send()
+        for frame in split_frames(down):
+            frames.append(("s2c", frame_type(frame), len(frame)))
+        events += pair.to_client(down) if down else []
+        if not up and not down:
+            return frames, events
+
+
+def _pair(storage: SQLiteStorage, keyserver: KeyServer) -> InMemoryPair:
+    return InMemoryPair(
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=SessionRegistry()),
+        keyserver,
+    )
+
+
+def test_unknown_account_and_wrong_password_look_the_same(tmp_path):
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    keyserver = KeyServer(storage, decoys=DecoyRecords(SETUP), throttle=ThrottlePolicy(threshold=100))
+    pair = _pair(storage, keyserver)
+    register(pair, b"alice@example.org")
+    wrong, wrong_events = _transcript(pair, b"alice@example.org", b"not the password")
+    unknown, unknown_events = _transcript(pair, b"alfie@example.org", b"not the password")  # same length
+    assert wrong == unknown  # same frames, same sizes, same order
+    assert [f[1].name for f in wrong] == ["LOGIN_START", "LOGIN_RESPONSE", "ABORT"]
+    (wrong_failure,) = [e for e in wrong_events if isinstance(e, SessionFailed)]
+    (unknown_failure,) = [e for e in unknown_events if isinstance(e, SessionFailed)]
+    assert (wrong_failure.code, wrong_failure.reason, wrong_failure.remote) == (
+        unknown_failure.code,
+        unknown_failure.reason,
+        unknown_failure.remote,
+    )
+    assert wrong_failure.code is ErrorCode.AUTHENTICATION_FAILED
+    # The server saw a failed login in both cases; only the real account's is audited.
+    assert sum(isinstance(e, LoginFailed) for e in pair.server_events) == 2
+    with storage.transaction() as tx:
+        account = tx.get_account(b"alice@example.org")
+        entries, _ = tx.query_audit(account.user_id, AuditQuery(AuditType.SYSTEM_ONLY))
+    assert [(e.action, e.outcome) for e in entries][-1] == (Action.LOGIN, Outcome.FAILURE)
+
+
+def test_decoys_are_stable_per_name_and_across_instances():
+    first, second = DecoyRecords(SETUP), DecoyRecords(SETUP)
+    user_a, record_a = first.record_for(b"nobody@example.org")
+    assert first.record_for(b"nobody@example.org") == (user_a, record_a)
+    other_user, other_record = second.record_for(b"nobody@example.org")
+    assert other_user == user_a and other_record[32:] == record_a[32:]  # masking key and envelope
+    assert first.record_for(b"someone@example.org")[0] != user_a
+    assert len(record_a) == 192
+    assert "secret" in repr(first) and record_a.hex() not in repr(first)
+
+
+def test_throttle_policy_grows_and_caps():
+    policy = ThrottlePolicy(threshold=3, base_delay=2.0, growth=3.0, max_delay=50.0)
+    assert [policy.locked_for(n) for n in range(1, 8)] == [0.0, 0.0, 2.0, 6.0, 18.0, 50.0, 50.0]
+    assert policy.locked_for(10_000) == 50.0
+    with pytest.raises(ValueError):
+        ThrottlePolicy(threshold=0)
+
+
+@pytest.mark.anyio
+async def test_failed_logins_are_throttled_audited_reset_and_survive_a_restart(tmp_path):
+    clock = [1_000.0]
+    policy = ThrottlePolicy(threshold=3, base_delay=10.0, growth=2.0, max_delay=60.0)
+    async with (
+        key_server(tmp_path, clock=lambda: clock[0], throttle=policy) as world,
+        world.client() as client,
+    ):
+        user_id = await client.register(b"carol@example.org", PASSWORD)
+        for _ in range(3):
+            with pytest.raises(AuthenticationError):
+                await client.login(b"carol@example.org", b"guess")
+        # Locked for 10 s now: even the right password is refused, with a distinct error.
+        with pytest.raises(ThrottledError, match="too many failed logins"):
+            await client.login(b"carol@example.org", PASSWORD)
+        # Unknown names are throttled exactly the same way (NET-9 holds under NET-10 too).
+        for _ in range(3):
+            with pytest.raises(AuthenticationError):
+                await client.login(b"ghost@example.org", b"guess")
+        with pytest.raises(ThrottledError):
+            await client.login(b"ghost@example.org", b"guess")
+    # A new server on the same database remembers the lock.
+    async with (
+        key_server(tmp_path, clock=lambda: clock[0], throttle=policy) as world,
+        world.client() as client,
+    ):
+        with pytest.raises(ThrottledError):
+            await client.login(b"carol@example.org", PASSWORD)
+        clock[0] += 10.0
+        session = await client.login(b"carol@example.org", PASSWORD)  # the wait is over
+        entries = await session.audit(AuditType.SYSTEM_ONLY)
+        assert [e.action for e in entries].count(Action.LOGIN_THROTTLED) == 2
+        assert session.user_id == user_id
+        # Success reset the count: three more failures are needed to lock again.
+        for _ in range(2):
+            with pytest.raises(AuthenticationError):
+                await client.login(b"carol@example.org", b"guess")
+        assert (await client.login(b"carol@example.org", PASSWORD)).user_id == user_id
+
+
+@pytest.mark.anyio
+async def test_per_user_key_limit(tmp_path):
+    async with key_server(tmp_path, max_keys_per_user=2) as world, world.client() as client:
+        await client.register(b"dave@example.org", PASSWORD)
+        session = await client.login(b"dave@example.org", PASSWORD)
+        await session.generate()
+        await session.import_secret(b"\x01x")
+        with pytest.raises(RequestRefusedError) as refused:
+            await session.generate()
+        assert refused.value.status is Status.LIMIT_REACHED
+        assert len(await session.list_keys()) == 2
