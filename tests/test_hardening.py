@@ -151,3 +151,37 @@ async def test_per_user_key_limit(tmp_path):
             await session.generate()
         assert refused.value.status is Status.LIMIT_REACHED
         assert len(await session.list_keys()) == 2
+
+
+@pytest.mark.anyio
+async def test_key_id_reservations_per_session_are_bounded(tmp_path):
+    from keymgmt.adapters.keyserver import MAX_RESERVED_KEY_IDS
+    from keymgmt_proto._ops import (
+        CreateKeyIdRequest,
+        KeyIdResponse,
+        SecretKind,
+        StoreSecretRequest,
+        seal_secret,
+        secret_ad,
+    )
+
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(b"erin@example.org", PASSWORD)
+        session = await client.login(b"erin@example.org", PASSWORD)
+        storage_key = await session._get_storage_key()
+        key_ids = []
+        for _ in range(MAX_RESERVED_KEY_IDS + 1):
+            reply = await session._call(CreateKeyIdRequest(session.user_id, SecretKind.GENERATED))
+            assert isinstance(reply, KeyIdResponse)
+            key_ids.append(reply.key_id)
+
+        def store(key_id):
+            ad = secret_ad(session.user_id, key_id, SecretKind.GENERATED)
+            sealed = seal_secret(storage_key, bytes(32), ad, os.urandom)
+            return session._call(StoreSecretRequest(session.user_id, key_id, SecretKind.GENERATED, sealed))
+
+        with pytest.raises(RequestRefusedError) as refused:  # the oldest reservation was dropped
+            await store(key_ids[0])
+        assert refused.value.status is Status.INVALID
+        await store(key_ids[-1])
+        assert [k.key_id for k in await session.list_keys()] == [key_ids[-1]]
