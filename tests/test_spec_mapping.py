@@ -263,3 +263,11 @@ def test_checker_reports_bad_rows():
 @pytest.mark.xfail(strict=True, reason="an expected failure for test_checker_reports_bad_rows to point at")
 def test_an_expected_failure_for_the_checker():
     raise AssertionError("deliberate: a done row resting only on this test must be reported")
+
+
+def test_readme_names_only_tests_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    references = re.findall(r"`(tests/[\w/]+\.py::[\w:]+)`", readme)
+    assert len(references) >= 10
+    problems = [problem for ref in references if (problem := resolve_test(ref)[0]) is not None]
+    assert problems == []
