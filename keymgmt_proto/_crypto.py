@@ -97,6 +97,8 @@ class Channel:
     """
 
     __slots__ = (
+        "_is_client",
+        "_prk",
         "_recv_aead",
         "_recv_dir",
         "_recv_iv",
@@ -109,7 +111,25 @@ class Channel:
     )
 
     def __init__(self, session_key: bytes, *, is_client: bool) -> None:
-        prk = hmac.digest(CHANNEL_SALT, session_key, "sha3_256")
+        self._setup(hmac.digest(CHANNEL_SALT, session_key, "sha3_256"), is_client)
+
+    @classmethod
+    def restore(cls, prk: bytes, *, is_client: bool, send_seq: int, recv_seq: int) -> Channel:
+        """Rebuild a channel from :meth:`export` output (sealed session state)."""
+        if len(prk) != 32 or not 0 <= send_seq <= MAX_SEQ or not 0 <= recv_seq <= MAX_SEQ:
+            raise ValueError("invalid channel state")
+        channel = cls.__new__(cls)
+        channel._setup(prk, is_client)
+        channel.send_seq, channel.recv_seq = send_seq, recv_seq
+        return channel
+
+    def export(self) -> tuple[bytes, int, int]:
+        """``(prk, send_seq, recv_seq)``: everything :meth:`restore` needs. Secret."""
+        return self._prk, self.send_seq, self.recv_seq
+
+    def _setup(self, prk: bytes, is_client: bool) -> None:
+        self._prk = prk
+        self._is_client = is_client
         self.session_handle = _expand(prk, LABEL_HANDLE, SESSION_HANDLE_SIZE)
         c2s = ChaCha20Poly1305(_expand(prk, LABEL_C2S_KEY, KEY_SIZE)), _expand(prk, LABEL_C2S_IV, NONCE_SIZE)
         s2c = ChaCha20Poly1305(_expand(prk, LABEL_S2C_KEY, KEY_SIZE)), _expand(prk, LABEL_S2C_IV, NONCE_SIZE)

@@ -55,6 +55,7 @@ from ._messages import (
     Welcome,
 )
 from ._opaque import ServerSetup
+from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
 from ._state import Command, Role, SessionKind, State, Trigger, next_state
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
@@ -126,11 +127,29 @@ class SessionRegistry:
 
     One per server process; pass it to every ServerConnection. ``handle_timer``
     expires detached sessions (attached ones are expired by their connection).
+
+    With a ``store`` (shared by several server instances), a session that loses its
+    connection is sealed under ``sealing_key`` and saved there instead of kept in
+    memory, and a RESUME for a handle this instance does not hold claims it from the
+    store: a session opened on one instance resumes on another (or after a restart).
+    A session with requests still being answered stays in memory until it is resumed.
     """
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        store: DetachedSessionStore | None = None,
+        sealing_key: bytes | None = None,
+        random: RandomSource | None = None,
+    ) -> None:
+        if store is not None and (sealing_key is None or len(sealing_key) != 32 or random is None):
+            raise ValueError("a session store needs a 32-byte sealing_key and a random source")
         self.config = config or ServerConfig()
         self._sessions: dict[bytes, _ServerSession] = {}
+        self._store = store
+        self._sealing_key = sealing_key
+        self._random = random
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -173,7 +192,62 @@ class SessionRegistry:
             self._sessions.pop(session.channel.session_handle, None)
 
     def _get(self, handle: bytes) -> _ServerSession | None:
-        return self._sessions.get(handle)
+        session = self._sessions.get(handle)
+        if session is None and self._store is not None:
+            session = self._claim(handle)
+        return session
+
+    def _detach(self, session: _ServerSession) -> None:
+        """The session's connection is gone: keep it for resumption (in the store if any)."""
+        session.state = State.DETACHED
+        session.owner = None
+        if self._store is None or session.pending or session.channel is None:
+            return
+        assert self._sealing_key is not None and self._random is not None and session.user_id is not None
+        prk, send_seq, recv_seq = session.channel.export()
+        state = SessionState(
+            session.user_id,
+            session.account_name,
+            session.created,
+            session.last_activity,
+            prk,
+            send_seq,
+            recv_seq,
+            session.highest_request_id,
+            session.request_count,
+            session.answered,
+        )
+        handle = session.channel.session_handle
+        sealed = seal_session_state(state, handle, self._sealing_key, self._random)
+        self._store.save(handle, sealed, session.deadline(self.config)[0])
+        self._sessions.pop(handle, None)
+        session.state = State.CLOSED  # this copy is done; the store holds the session now
+
+    def _claim(self, handle: bytes) -> _ServerSession | None:
+        assert self._store is not None and self._sealing_key is not None
+        sealed = self._store.claim(handle)
+        if sealed is None:
+            return None
+        state = unseal_session_state(sealed, handle, self._sealing_key)
+        if state is None:
+            return None
+        session = _ServerSession(
+            SessionKind.REQUEST,
+            0,
+            state.account_name,
+            state.created,
+            state.last_activity,
+            state=State.DETACHED,
+            user_id=state.user_id,
+            channel=Channel.restore(
+                state.prk, is_client=False, send_seq=state.send_seq, recv_seq=state.recv_seq
+            ),
+            highest_request_id=state.highest_request_id,
+            request_count=state.request_count,
+            answered=state.answered,
+        )
+        self._sessions[handle] = session
+        return session
 
 
 class ServerConnection(ConnectionBase):
@@ -336,9 +410,7 @@ class ServerConnection(ConnectionBase):
     # ------------------------------------------------------------ internals
 
     def _advance(self, now: float) -> None:
-        if now < self._now:
-            raise LocalProtocolError("time went backwards")
-        self._now = now
+        self._now = max(self._now, now)  # a clock that steps back (NTP) never undoes time
 
     def _live(self, session_id: int) -> _ServerSession:
         session = self._sessions.get(session_id)
@@ -417,11 +489,10 @@ class ServerConnection(ConnectionBase):
         for session in list(self._sessions.values()):
             target = next_state(Role.SERVER, session.kind, session.state, Command.DETACH)
             if target is State.DETACHED:
-                session.state = State.DETACHED
-                session.owner = None
                 del self._sessions[session.session_id]
                 if session.pending:
                     self._departed[session.session_id] = session
+                self.registry._detach(session)
             else:
                 self._fail(
                     session,
@@ -533,6 +604,8 @@ class ServerConnection(ConnectionBase):
         try:
             Resume.decode(session.channel.open(FrameType.RESUME, envelope.record, allow_gap=True))
         except RemoteProtocolError:
+            if session.owner is None:
+                self.registry._detach(session)  # not its owner: leave it where it was
             raise unknown from None
         old_owner = session.owner
         if old_owner is not None and old_owner is not self:

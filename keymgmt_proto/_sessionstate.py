@@ -1,0 +1,119 @@
+"""Sealed state of a detached request session, so another server instance can resume it.
+
+A server that loses a connection (or shuts down) seals each established request
+session and hands it to a :class:`DetachedSessionStore` shared by all instances
+(a database table); the instance that receives the RESUME claims it atomically.
+The state holds the channel's key material, so it is sealed with
+ChaCha20-Poly1305 under a key every instance derives from the OPAQUE server
+setup they already share (``session_sealing_key``), with the session handle as
+AD. Layout of the plaintext (big-endian)::
+
+    version u8 (1) || user_id 16 || account_name (u8 length) || created f64 ||
+    last_activity f64 || channel prk 32 || send_seq u64 || recv_seq u64 ||
+    highest_request_id u32 || request_count u32 ||
+    answered count u16 || count x (request_id u32 || body (u32 length))
+
+Sealed: ``nonce 12 || ciphertext || tag 16``. This is a server-internal format
+shared by instances running the same version; it never reaches a client.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from ._crypto import RandomSource, hkdf_sha3
+from ._errors import RemoteProtocolError
+from ._messages import USER_ID_SIZE
+from ._wire import Reader, Writer
+
+__all__ = [
+    "SESSION_STATE_KEY_INFO",
+    "DetachedSessionStore",
+    "SessionState",
+    "seal_session_state",
+    "session_sealing_key",
+    "unseal_session_state",
+]
+
+SESSION_STATE_KEY_INFO = b"keymgmt v1 session state key"
+SESSION_STATE_AD_PREFIX = b"keymgmt v1 session state"
+_VERSION = 1
+
+
+class DetachedSessionStore(Protocol):
+    """Where detached sessions wait to be resumed (shared by all server instances)."""
+
+    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+        """Store (or replace) a sealed session; it may be dropped after ``expires_at``."""
+        ...
+
+    def claim(self, handle: bytes) -> bytes | None:
+        """Atomically remove and return the sealed session, or None if there is none."""
+        ...
+
+
+@dataclass(slots=True, repr=False)
+class SessionState:
+    user_id: bytes
+    account_name: bytes
+    created: float
+    last_activity: float
+    prk: bytes
+    send_seq: int
+    recv_seq: int
+    highest_request_id: int
+    request_count: int
+    answered: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+
+    def __repr__(self) -> str:
+        return "SessionState(<secret>)"
+
+
+def session_sealing_key(server_setup_bytes: bytes) -> bytes:
+    """The key that seals session state, derived from the (shared, secret) OPAQUE setup."""
+    return hkdf_sha3(server_setup_bytes, SESSION_STATE_KEY_INFO, 32)
+
+
+def seal_session_state(state: SessionState, handle: bytes, key: bytes, random: RandomSource) -> bytes:
+    w = Writer().u8(_VERSION).fixed(state.user_id, USER_ID_SIZE).bytes8(state.account_name)
+    w.rest(struct.pack(">dd", state.created, state.last_activity)).fixed(state.prk, 32)
+    w.u64(state.send_seq).u64(state.recv_seq).u32(state.highest_request_id).u32(state.request_count)
+    w.u16(len(state.answered))
+    for request_id, body in state.answered.items():
+        w.u32(request_id).u32(len(body)).rest(body)
+    nonce = random(12)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, w.getvalue(), SESSION_STATE_AD_PREFIX + handle)
+
+
+def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionState | None:
+    """The state, or None if it does not verify or parse (never trust a store blindly)."""
+    try:
+        plaintext = ChaCha20Poly1305(key).decrypt(sealed[:12], sealed[12:], SESSION_STATE_AD_PREFIX + handle)
+    except (InvalidTag, ValueError):
+        return None
+    try:
+        r = Reader(plaintext, "session state")
+        if r.u8() != _VERSION:
+            return None
+        user_id = r.fixed(USER_ID_SIZE)
+        account_name = r.bytes8()
+        created, last_activity = struct.unpack(">dd", r.fixed(16))
+        prk = r.fixed(32)
+        send_seq, recv_seq = r.u64(), r.u64()
+        highest, count = r.u32(), r.u32()
+        answered: OrderedDict[int, bytes] = OrderedDict()
+        for _ in range(r.u16()):
+            request_id = r.u32()
+            answered[request_id] = r.fixed(r.u32())
+        r.done()
+    except (RemoteProtocolError, struct.error):  # verifies but does not parse: another version
+        return None
+    return SessionState(
+        user_id, account_name, created, last_activity, prk, send_seq, recv_seq, highest, count, answered
+    )
