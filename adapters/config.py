@@ -39,6 +39,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "host", str, "127.0.0.1", "KEYMGMT_HOST", "address to listen on"),
     Option("server", "port", int, 7443, "KEYMGMT_PORT", "TCP port (0 picks a free one)"),
     Option("server", "storage", Path, "keyserver.db", "KEYMGMT_STORAGE", "SQLite database file"),
+    Option("server", "database_url", str, "", "KEYMGMT_DATABASE_URL",
+           "PostgreSQL connection string; set it to use PostgreSQL instead of SQLite"),
+    Option("server", "database_schema", str, "keymgmt", "KEYMGMT_DATABASE_SCHEMA",
+           "PostgreSQL schema for the tables (one per deployment)"),
     Option("server", "setup", Path, "server_setup.bin", "KEYMGMT_SETUP", "OPAQUE server setup file (init)"),
     Option("server", "tls_cert", Path, "server.pem", "KEYMGMT_TLS_CERT", "server certificate chain (PEM)"),
     Option("server", "tls_key", Path, "server.key", "KEYMGMT_TLS_KEY", "server private key (PEM, 0600)"),
@@ -210,6 +214,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,
+        database_url=values["server.database_url"] or None,  # type: ignore[arg-type]
+        database_schema=values["server.database_schema"],  # type: ignore[arg-type]
     )
 
 

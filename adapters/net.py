@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.tls import TLSStream
 
 from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
+from keymgmt_proto._sessionstate import session_sealing_key
 
 from .client import ConnectionLostError, Connector
 from .decoy import DecoyRecords
@@ -34,7 +36,7 @@ from .sqlite_store import SQLiteStorage
 from .storage import Storage
 from .tls import client_context, server_context
 
-__all__ = ["KeyServerRuntime", "ServerSettings", "TLSConnectError", "tls_connector"]
+__all__ = ["KeyServerRuntime", "ServerSettings", "TLSConnectError", "open_storage", "tls_connector"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -57,6 +59,19 @@ class ServerSettings:
     shutdown_grace: float = 10.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
+    #: A PostgreSQL connection string: use PostgreSQL (several instances) instead of SQLite.
+    database_url: str | None = None
+    #: The PostgreSQL schema holding the tables (one per deployment).
+    database_schema: str = "keymgmt"
+
+
+def open_storage(settings: ServerSettings) -> Storage:
+    """PostgreSQL when ``database_url`` is set, else the SQLite file at ``storage_path``."""
+    if settings.database_url:
+        from .postgres_store import PostgresStorage  # psycopg is needed only for PostgreSQL
+
+        return PostgresStorage(settings.database_url, schema=settings.database_schema)
+    return SQLiteStorage(settings.storage_path)
 
 
 class TLSConnectError(ConnectionLostError):
@@ -119,7 +134,7 @@ class KeyServerRuntime:
         self.settings = settings
         self.setup = setup if setup is not None else load_server_setup_file(settings.setup_path)
         self.ssl_context = server_context(settings.cert_path, settings.key_path)
-        self.storage: Storage = storage if storage is not None else SQLiteStorage(settings.storage_path)
+        self.storage: Storage = storage if storage is not None else open_storage(settings)
         kwargs = {} if clock is None else {"clock": clock}
         self.keyserver = KeyServer(
             self.storage,
@@ -127,7 +142,14 @@ class KeyServerRuntime:
             throttle=settings.throttle,
             **kwargs,  # type: ignore[arg-type]
         )
-        self.registry = SessionRegistry(settings.protocol)
+        # Detached sessions go to the storage's session store: they resume on any instance
+        # sharing the database, and survive a restart of this one.
+        self.registry = SessionRegistry(
+            settings.protocol,
+            store=self.storage.session_store,
+            sealing_key=session_sealing_key(self.setup.to_bytes()),
+            random=os.urandom,
+        )
         self.port: int | None = None
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
@@ -175,8 +197,8 @@ class KeyServerRuntime:
         """Expire (and audit) detached sessions even when no connection is open to do it."""
         while True:
             deadline = self.registry.get_timer()
-            await anyio.sleep(1.0 if deadline is None else max(0.0, deadline - anyio.current_time()))
-            expired = self.registry.handle_timer(anyio.current_time())
+            await anyio.sleep(1.0 if deadline is None else min(60.0, max(0.0, deadline - time.time())))
+            expired = self.registry.handle_timer(time.time())
             if expired:
                 self.keyserver.sessions_expired(expired)
 

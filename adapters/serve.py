@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 
 import anyio
@@ -50,14 +51,16 @@ class ConnectionDriver:
         receive_size: int = 65536,
         on_expired: ExpiryHook | None = None,
         peer: str = "peer",
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # wall clock: session deadlines must agree across instances
         self.stream = stream
         self.app = app
         self.registry = registry
         self.receive_size = receive_size
         self.on_expired = on_expired if on_expired is not None else getattr(app, "sessions_expired", None)
         self.peer = peer
-        self.conn = ServerConnection(setup, random, registry=registry, now=anyio.current_time())
+        self.conn = ServerConnection(setup, random, registry=registry, now=self.clock())
         self._stopping = False
         self._receive_scope: anyio.CancelScope | None = None
 
@@ -96,7 +99,7 @@ class ConnectionDriver:
                 if conn.failed is not None:
                     return
                 deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
-                wait = max(0.0, min(deadlines) - anyio.current_time()) if deadlines else math.inf
+                wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
                 data: bytes | None = None
                 with anyio.CancelScope(deadline=anyio.current_time() + wait) as scope:
                     self._receive_scope = scope
@@ -105,7 +108,7 @@ class ConnectionDriver:
                     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                         data = b""
                 self._receive_scope = None
-                now = anyio.current_time()
+                now = self.clock()
                 if data is not None:
                     conn.receive_data(data, now)
                 elif not self._stopping:

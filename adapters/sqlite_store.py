@@ -64,6 +64,14 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX login_throttle_by_age ON login_throttle(last_failure_us);
     """,
+    # 3: detached sessions, so a restarted server can still resume them
+    """
+    CREATE TABLE detached_sessions (
+        handle BLOB PRIMARY KEY,
+        sealed_state BLOB NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 ]
 
 _KEY_ACTIONS = tuple(int(a) for a in Action if a.is_key_action)
@@ -231,6 +239,29 @@ class _SQLiteTransaction:
         return entries, next_cursor
 
 
+class _SQLiteSessionStore:
+    """Detached sessions in the database file (they survive a restart of this server)."""
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self._storage = storage
+
+    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+        with self._storage._locked() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO detached_sessions (handle, sealed_state, expires_at) "
+                "VALUES (?, ?, ?)",
+                (handle, sealed_state, expires_at),
+            )
+            db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
+
+    def claim(self, handle: bytes) -> bytes | None:
+        with self._storage._locked() as db:
+            row = db.execute(
+                "DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state", (handle,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+
 class SQLiteStorage:
     """Key-server storage in one SQLite file (created 0600 if missing)."""
 
@@ -246,6 +277,7 @@ class SQLiteStorage:
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
+        self.session_store = _SQLiteSessionStore(self)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self.path)!r})"
@@ -282,6 +314,12 @@ class SQLiteStorage:
         if self._db.in_transaction:
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction outside the Transaction interface."""
+        with self.transaction():
+            yield self._db
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

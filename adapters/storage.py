@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto._sessionstate import DetachedSessionStore
 
 __all__ = [
     "Account",
@@ -125,5 +126,10 @@ class Transaction(Protocol):
 
 class Storage(Protocol):
     def transaction(self) -> AbstractContextManager[Transaction]: ...
+
+    @property
+    def session_store(self) -> DetachedSessionStore:
+        """Where detached sessions wait to be resumed (on this or another instance)."""
+        ...
 
     def close(self) -> None: ...

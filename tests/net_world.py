@@ -54,6 +54,8 @@ class Proxy:
     port: int = 0
     cut_next_response: bool = False
     connections: int = 0
+    #: Seconds to wait before connecting upstream (lets a server notice a dropped link first).
+    connect_delay: float = 0.0
 
     async def _pipe(self, source: SocketStream, sink: SocketStream, upstream: bool, tg: TaskGroup) -> None:
         try:
@@ -69,6 +71,8 @@ class Proxy:
 
     async def _handle(self, client: SocketStream) -> None:
         self.connections += 1
+        if self.connect_delay and self.connections > 1:
+            await anyio.sleep(self.connect_delay)
         server = await anyio.connect_tcp("127.0.0.1", self.target_port)
         try:
             async with anyio.create_task_group() as tg:

@@ -1,0 +1,354 @@
+"""PostgreSQL key-server storage, for several key-server instances sharing one database.
+
+Same contract as the SQLite backend: every ``transaction()`` is one PostgreSQL
+transaction (an operation and its audit entry commit together); key ids and
+account names are unique by constraint; audit entries are numbered per user
+through a counter on the account row, whose row lock orders concurrent
+appends from any instance. It also stores detached sessions
+(:class:`~keymgmt_proto._sessionstate.DetachedSessionStore`) so a session can
+resume on another instance, and the login-throttling state shared by all of
+them (NET-10).
+
+Everything lives in one schema (``keymgmt`` by default), created and migrated
+on startup under an advisory lock so that instances starting together agree.
+Uses psycopg 3 with a connection pool (psycopg_pool).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+
+from .storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError, Transaction
+
+__all__ = ["PostgresStorage"]
+
+_MIGRATIONS: list[str] = [
+    # 1: accounts, secrets, audit (numbered per user), login throttling, detached sessions
+    """
+    CREATE TABLE accounts (
+        user_id BYTEA PRIMARY KEY CHECK (length(user_id) = 16),
+        account_name BYTEA NOT NULL UNIQUE,
+        registration_record BYTEA NOT NULL,
+        encrypted_storage_key BYTEA NOT NULL CHECK (length(encrypted_storage_key) = 60),
+        created_us BIGINT NOT NULL,
+        audit_seq BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE secrets (
+        key_id BYTEA PRIMARY KEY CHECK (length(key_id) = 16),
+        user_id BYTEA NOT NULL REFERENCES accounts(user_id) ON DELETE CASCADE,
+        kind SMALLINT NOT NULL,
+        ciphertext BYTEA NOT NULL,
+        associated_data BYTEA NOT NULL,
+        created_us BIGINT NOT NULL
+    );
+    CREATE INDEX secrets_by_user ON secrets(user_id, created_us, key_id);
+    CREATE TABLE audit (
+        user_id BYTEA NOT NULL REFERENCES accounts(user_id) ON DELETE CASCADE,
+        seq BIGINT NOT NULL,
+        action SMALLINT NOT NULL,
+        timestamp_us BIGINT NOT NULL,
+        outcome SMALLINT NOT NULL,
+        key_id BYTEA,
+        context SMALLINT,
+        PRIMARY KEY (user_id, seq)
+    );
+    CREATE TABLE login_throttle (
+        account_name BYTEA PRIMARY KEY,
+        failures INTEGER NOT NULL,
+        locked_until_us BIGINT NOT NULL,
+        last_failure_us BIGINT NOT NULL
+    );
+    CREATE INDEX login_throttle_by_age ON login_throttle(last_failure_us);
+    CREATE TABLE detached_sessions (
+        handle BYTEA PRIMARY KEY,
+        sealed_state BYTEA NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX detached_sessions_by_expiry ON detached_sessions(expires_at)
+    """,
+]
+
+_KEY_ACTIONS = [int(a) for a in Action if a.is_key_action]
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class _PgTransaction:
+    def __init__(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._conn = conn
+
+    def _one(self, query: str, params: tuple[object, ...]) -> TupleRow | None:
+        return self._conn.execute(query, params).fetchone()
+
+    def get_account(self, account_name: bytes) -> Account | None:
+        row = self._one(
+            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
+            "FROM accounts WHERE account_name = %s",
+            (account_name,),
+        )
+        return Account(*row) if row else None
+
+    def get_account_by_user_id(self, user_id: bytes) -> Account | None:
+        row = self._one(
+            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
+            "FROM accounts WHERE user_id = %s",
+            (user_id,),
+        )
+        return Account(*row) if row else None
+
+    def user_id_exists(self, user_id: bytes) -> bool:
+        return self._one("SELECT 1 FROM accounts WHERE user_id = %s", (user_id,)) is not None
+
+    def insert_account(self, account: Account) -> bool:
+        cursor = self._conn.execute(
+            "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
+            "created_us) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (
+                account.user_id,
+                account.account_name,
+                account.registration_record,
+                account.encrypted_storage_key,
+                account.created,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def key_id_exists(self, key_id: bytes) -> bool:
+        return self._one("SELECT 1 FROM secrets WHERE key_id = %s", (key_id,)) is not None
+
+    def count_keys(self, user_id: bytes) -> int:
+        row = self._one("SELECT count(*) FROM secrets WHERE user_id = %s", (user_id,))
+        assert row is not None
+        return int(row[0])
+
+    def insert_secret(self, secret: SecretRecord) -> bool:
+        try:
+            cursor = self._conn.execute(
+                "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (key_id) DO NOTHING",
+                (
+                    secret.key_id,
+                    secret.user_id,
+                    int(secret.kind),
+                    secret.ciphertext,
+                    secret.associated_data,
+                    secret.created,
+                ),
+            )
+        except psycopg.errors.ForeignKeyViolation:
+            raise StorageError("the secret's user has no account") from None
+        return cursor.rowcount == 1
+
+    def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
+        row = self._one(
+            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM secrets "
+            "WHERE user_id = %s AND key_id = %s",
+            (user_id, key_id),
+        )
+        if row is None:
+            return None
+        return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+
+    def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
+        rows = self._conn.execute(
+            "SELECT key_id, kind, created_us FROM secrets WHERE user_id = %s "
+            "ORDER BY created_us, key_id LIMIT %s OFFSET %s",
+            (user_id, limit + 1, offset),
+        ).fetchall()
+        keys = [KeyInfo(bytes(r[0]), SecretKind(r[1]), r[2]) for r in rows[:limit]]
+        return keys, offset + limit if len(rows) > limit else 0
+
+    def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
+        cursor = self._conn.execute(
+            "DELETE FROM secrets WHERE user_id = %s AND key_id = %s", (user_id, key_id)
+        )
+        return cursor.rowcount == 1
+
+    def append_audit(self, record: AuditRecord) -> None:
+        # The row lock taken by this UPDATE orders concurrent appends for one user (any instance).
+        row = self._one(
+            "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s RETURNING audit_seq",
+            (record.user_id,),
+        )
+        if row is None:
+            raise StorageError("audit entry for a user that has no account")
+        self._conn.execute(
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                record.user_id,
+                row[0],
+                int(record.action),
+                record.timestamp,
+                int(record.outcome),
+                record.key_id,
+                None if record.context is None else int(record.context),
+            ),
+        )
+
+    def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
+        clauses = ["user_id = %s", "seq > %s"]
+        params: list[object] = [user_id, query.cursor]
+        if query.audit_type is AuditType.KEY_ONLY:
+            clauses.append("action = ANY(%s)")
+            params.append(_KEY_ACTIONS)
+        elif query.audit_type is AuditType.SYSTEM_ONLY:
+            clauses.append("NOT (action = ANY(%s))")
+            params.append(_KEY_ACTIONS)
+        if query.key_ids:
+            clauses.append("key_id = ANY(%s)")
+            params.append(list(query.key_ids))
+        if query.after is not None:
+            clauses.append("timestamp_us >= %s")
+            params.append(query.after)
+        if query.before is not None:
+            clauses.append("timestamp_us < %s")
+            params.append(query.before)
+        params.append(query.limit + 1)
+        rows = self._conn.execute(
+            "SELECT seq, action, timestamp_us, outcome, key_id, context FROM audit WHERE "  # noqa: S608
+            + " AND ".join(clauses)
+            + " ORDER BY seq LIMIT %s",
+            params,
+        ).fetchall()
+        entries = [
+            AuditEntry(
+                r[0],
+                Action(r[1]),
+                r[2],
+                Outcome(r[3]),
+                None if r[4] is None else bytes(r[4]),
+                None if r[5] is None else Context(r[5]),
+            )
+            for r in rows[: query.limit]
+        ]
+        return entries, entries[-1].entry_id if len(rows) > query.limit else 0
+
+    def get_login_failures(self, account_name: bytes) -> tuple[int, int]:
+        row = self._one(
+            "SELECT failures, locked_until_us FROM login_throttle WHERE account_name = %s", (account_name,)
+        )
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def set_login_failures(self, account_name: bytes, failures: int, locked_until: int, now: int) -> None:
+        if failures == 0:
+            self._conn.execute("DELETE FROM login_throttle WHERE account_name = %s", (account_name,))
+            return
+        self._conn.execute(
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (account_name) DO UPDATE SET failures = EXCLUDED.failures, "
+            "locked_until_us = EXCLUDED.locked_until_us, last_failure_us = EXCLUDED.last_failure_us",
+            (account_name, failures, locked_until, now),
+        )
+        self._conn.execute(
+            "DELETE FROM login_throttle WHERE last_failure_us < %s AND locked_until_us < %s",
+            (now - 86_400_000_000, now),
+        )
+
+
+class _PgSessionStore:
+    """Detached sessions in the shared database: claimed atomically with DELETE ... RETURNING."""
+
+    def __init__(self, storage: PostgresStorage) -> None:
+        self._storage = storage
+
+    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+        with self._storage._connection() as conn:
+            conn.execute(
+                "INSERT INTO detached_sessions (handle, sealed_state, expires_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (handle) DO UPDATE SET sealed_state = EXCLUDED.sealed_state, "
+                "expires_at = EXCLUDED.expires_at",
+                (handle, sealed_state, expires_at),
+            )
+            conn.execute("DELETE FROM detached_sessions WHERE expires_at < extract(epoch FROM now()) - 3600")
+
+    def claim(self, handle: bytes) -> bytes | None:
+        with self._storage._connection() as conn:
+            row = conn.execute(
+                "DELETE FROM detached_sessions WHERE handle = %s RETURNING sealed_state", (handle,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+
+class PostgresStorage:
+    """Key-server storage in a PostgreSQL schema, shared by several instances."""
+
+    def __init__(
+        self, conninfo: str, *, schema: str = "keymgmt", min_size: int = 1, max_size: int = 8
+    ) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise StorageError(f"schema name {schema!r} must be a plain lower-case identifier")
+        self.schema = schema
+        self._conninfo_display = re.sub(r"password=\S+", "password=***", conninfo)
+
+        def configure(conn: psycopg.Connection[TupleRow]) -> None:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            conn.commit()
+
+        try:
+            self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+                conninfo, min_size=min_size, max_size=max_size, configure=configure, open=False
+            )
+            self._pool.open(wait=True, timeout=10)
+            self._migrate()
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StorageError(f"cannot use PostgreSQL ({self._conninfo_display}): {exc}") from None
+        self.session_store = _PgSessionStore(self)
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self._conninfo_display!r}, schema={self.schema!r})"
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('keymgmt schema migration'))")
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = (row[0] if row else None) or 0
+            if current > len(_MIGRATIONS):
+                raise StorageError(f"database schema {current} is newer than this code ({len(_MIGRATIONS)})")
+            for version in range(current + 1, len(_MIGRATIONS) + 1):
+                for statement in _MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    @property
+    def schema_version(self) -> int:
+        with self._connection() as conn:
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield _PgTransaction(conn)
+        except psycopg.Error as exc:
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def drop_schema(self) -> None:
+        """Remove the schema and everything in it (tests; irreversible)."""
+        with self._pool.connection() as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))

@@ -1,0 +1,216 @@
+"""The storage contract, run against SQLite and against the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
+
+from .pg import schema_fixture
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_storage(request, tmp_path):
+    """A factory: each call opens the same database again (as another process would)."""
+    opened = []
+    if request.param == "sqlite":
+
+        def make():
+            opened.append(SQLiteStorage(tmp_path / "ks.db"))
+            return opened[-1]
+
+        yield make
+    else:
+        from keymgmt.adapters.postgres_store import PostgresStorage
+
+        fixture = schema_fixture()
+        conninfo, schema = next(fixture)
+
+        def make():
+            opened.append(PostgresStorage(conninfo, schema=schema))
+            return opened[-1]
+
+        yield make
+        for storage in opened:
+            storage.close()
+        opened.clear()
+        next(fixture, None)
+    for storage in opened:
+        storage.close()
+
+
+@pytest.fixture
+def storage(make_storage):
+    return make_storage()
+
+
+ALICE = Account(b"alice", b"A" * 16, bytes(192), bytes(60), 1)
+BOB = Account(b"bob", b"B" * 16, bytes(192), bytes(60), 2)
+
+
+def _secret(user_id, n, created=0):
+    return SecretRecord(
+        user_id, n.to_bytes(16, "big"), SecretKind.GENERATED, bytes(60), b"ad" + n.to_bytes(4, "big"), created
+    )
+
+
+def test_accounts_are_unique_by_name_and_user_id(storage):
+    with storage.transaction() as tx:
+        assert tx.insert_account(ALICE)
+        assert not tx.insert_account(ALICE)
+        assert not tx.insert_account(Account(b"alice", b"C" * 16, bytes(192), bytes(60)))
+        assert not tx.insert_account(Account(b"carol", ALICE.user_id, bytes(192), bytes(60)))
+        assert tx.get_account(b"alice").user_id == ALICE.user_id
+        assert tx.get_account_by_user_id(ALICE.user_id).account_name == b"alice"
+        assert tx.user_id_exists(ALICE.user_id) and not tx.user_id_exists(b"Z" * 16)
+        assert tx.get_account(b"nobody") is None
+
+
+def test_secrets_belong_to_their_user_only(storage):
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        assert tx.insert_secret(_secret(ALICE.user_id, 1))
+        assert not tx.insert_secret(_secret(BOB.user_id, 1))  # key ids are unique across users
+        assert tx.key_id_exists((1).to_bytes(16, "big"))
+        assert tx.get_secret(BOB.user_id, (1).to_bytes(16, "big")) is None  # OPS-7
+        assert tx.get_secret(ALICE.user_id, (1).to_bytes(16, "big")).associated_data == b"ad\x00\x00\x00\x01"
+        assert not tx.delete_secret(BOB.user_id, (1).to_bytes(16, "big"))
+        assert tx.count_keys(ALICE.user_id) == 1
+        assert tx.delete_secret(ALICE.user_id, (1).to_bytes(16, "big"))
+        assert tx.count_keys(ALICE.user_id) == 0
+    with pytest.raises(StorageError), storage.transaction() as tx:
+        tx.insert_secret(_secret(b"Z" * 16, 9))  # no such account
+
+
+def test_list_keys_pages_in_creation_order(storage):
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+        for n in range(7):
+            tx.insert_secret(_secret(ALICE.user_id, n, created=100 - n))
+        first, cursor = tx.list_keys(ALICE.user_id, 0, 3)
+        second, cursor2 = tx.list_keys(ALICE.user_id, cursor, 3)
+        third, cursor3 = tx.list_keys(ALICE.user_id, cursor2, 3)
+    ordered = [k.key_id for k in first + second + third]
+    assert ordered == [n.to_bytes(16, "big") for n in range(6, -1, -1)]
+    assert (cursor, cursor2, cursor3) == (3, 6, 0)
+
+
+def test_audit_is_numbered_per_user_and_filters(storage):
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGIN, 10, Outcome.SUCCESS))
+        tx.append_audit(AuditRecord(BOB.user_id, Action.LOGIN, 11, Outcome.SUCCESS))
+        tx.append_audit(
+            AuditRecord(ALICE.user_id, Action.RETRIEVE, 20, Outcome.FAILURE, b"k" * 16, Context.EXPORT)
+        )
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.GENERATE, 30, Outcome.SUCCESS, b"j" * 16))
+        entries, cursor = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
+        assert [e.entry_id for e in entries] == [1, 2, 3] and cursor == 0
+        assert entries[1].context is Context.EXPORT and entries[1].key_id == b"k" * 16
+        keys, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.KEY_ONLY))
+        assert [e.action for e in keys] == [Action.RETRIEVE, Action.GENERATE]
+        system, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.SYSTEM_ONLY))
+        assert [e.action for e in system] == [Action.LOGIN]
+        one_key, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.KEY_ONLY, key_ids=[b"j" * 16]))
+        assert [e.entry_id for e in one_key] == [3]
+        window, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, after=20, before=30))
+        assert [e.entry_id for e in window] == [2]
+        page, cursor = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, limit=2))
+        rest, end = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, cursor=cursor, limit=2))
+        assert [e.entry_id for e in page + rest] == [1, 2, 3] and end == 0
+        assert [e.entry_id for e in tx.query_audit(BOB.user_id, AuditQuery(AuditType.ALL))[0]] == [1]
+
+
+def test_an_operation_and_its_audit_entry_commit_together(storage):
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+    with pytest.raises(RuntimeError), storage.transaction() as tx:
+        tx.insert_secret(_secret(ALICE.user_id, 5))
+        tx.append_audit(
+            AuditRecord(ALICE.user_id, Action.GENERATE, 1, Outcome.SUCCESS, (5).to_bytes(16, "big"))
+        )
+        raise RuntimeError("crash between the write and the commit")
+    with storage.transaction() as tx:
+        assert tx.get_secret(ALICE.user_id, (5).to_bytes(16, "big")) is None
+        assert tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL)) == ([], 0)
+
+
+def test_login_throttling_state(storage):
+    day = 86_400_000_000
+    with storage.transaction() as tx:
+        assert tx.get_login_failures(b"x") == (0, 0)
+        tx.set_login_failures(b"x", 3, 500, now=100)
+        tx.set_login_failures(b"old", 1, 0, now=100)
+        assert tx.get_login_failures(b"x") == (3, 500)
+        tx.set_login_failures(b"x", 4, 900, now=200)
+        assert tx.get_login_failures(b"x") == (4, 900)
+        tx.set_login_failures(b"y", 1, 0, now=100 + 2 * day)  # prunes records a day old
+        assert tx.get_login_failures(b"old") == (0, 0)
+        tx.set_login_failures(b"x", 0, 0, now=300)
+        assert tx.get_login_failures(b"x") == (0, 0)
+
+
+def test_state_is_visible_to_a_second_opening(make_storage):
+    first = make_storage()
+    with first.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_secret(_secret(ALICE.user_id, 1))
+    second = make_storage()
+    with second.transaction() as tx:
+        assert tx.get_secret(ALICE.user_id, (1).to_bytes(16, "big")) is not None
+    assert second.schema_version == first.schema_version >= 1
+
+
+def test_detached_sessions_are_claimed_once(make_storage):
+    first, second = make_storage(), make_storage()
+    first.session_store.save(b"h" * 16, b"sealed one", 1e12)
+    first.session_store.save(b"h" * 16, b"sealed two", 1e12)  # replaces
+    assert second.session_store.claim(b"h" * 16) == b"sealed two"
+    assert first.session_store.claim(b"h" * 16) is None
+    assert second.session_store.claim(b"missing" * 2) is None
+
+
+def test_concurrent_writers_lose_nothing(make_storage):
+    """Several connections (as several instances would) store and audit for one user at once."""
+    with make_storage().transaction() as tx:
+        tx.insert_account(ALICE)
+    writers, per_writer = 4, 25
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        storage = make_storage()
+        try:
+            for n in range(per_writer):
+                key = index * 1000 + n
+                with storage.transaction() as tx:
+                    assert tx.insert_secret(_secret(ALICE.user_id, key))
+                    tx.append_audit(
+                        AuditRecord(
+                            ALICE.user_id, Action.GENERATE, key, Outcome.SUCCESS, key.to_bytes(16, "big")
+                        )
+                    )
+        except BaseException as exc:  # collected and reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with make_storage().transaction() as tx:
+        assert tx.count_keys(ALICE.user_id) == writers * per_writer
+        entries = []
+        cursor = 0
+        while True:
+            page, cursor = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, cursor=cursor))
+            entries += page
+            if cursor == 0:
+                break
+    assert [e.entry_id for e in entries] == list(range(1, writers * per_writer + 1))
