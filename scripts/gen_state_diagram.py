@@ -25,6 +25,7 @@ from keymgmt_proto._wire import FrameType
 BEGIN_MARKER = "<!-- BEGIN GENERATED STATE DIAGRAMS -->"
 END_MARKER = "<!-- END GENERATED STATE DIAGRAMS -->"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+DEFAULT_PATHS = (DEFAULT_PATH, DEFAULT_PATH.with_name("protocol.md"))
 
 Table = Mapping[tuple[Role, SessionKind, State, Trigger], State]
 
@@ -106,28 +107,35 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the generated block in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if the generated block is stale")
-    parser.add_argument("--path", type=Path, default=DEFAULT_PATH, help="document to update")
+    parser.add_argument(
+        "--path", type=Path, action="append", help="document to update (repeatable; default: both docs)"
+    )
     args = parser.parse_args(argv)
-    path: Path = args.path
+    paths: list[Path] = args.path or list(DEFAULT_PATHS)
 
     if not (args.write or args.check):
         print(render_block())
         return 0
-    text = path.read_text(encoding="utf-8")
-    try:
-        updated = update_document(text)
-    except ValueError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
-        return 1
-    if args.check:
-        if updated != text:
-            print(f"{path} is out of date; run: python scripts/gen_state_diagram.py --write", file=sys.stderr)
-            return 1
-        return 0
-    if updated != text:
-        path.write_text(updated, encoding="utf-8")
-        print(f"updated {path}")
-    return 0
+    status = 0
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        try:
+            updated = update_document(text)
+        except ValueError as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if args.check:
+            if updated != text:
+                print(
+                    f"{path} is out of date; run: python scripts/gen_state_diagram.py --write",
+                    file=sys.stderr,
+                )
+                status = 1
+        elif updated != text:
+            path.write_text(updated, encoding="utf-8")
+            print(f"updated {path}")
+    return status
 
 
 if __name__ == "__main__":
