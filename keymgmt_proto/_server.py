@@ -615,6 +615,9 @@ class ServerConnection(ConnectionBase):
         session.owner = self
         session.session_id = session_id
         session.state = target
+        # Jump the send sequence forward by a random offset (the client accepts the gap on
+        # RESUMED): even a session state rolled back in a shared store never reuses a nonce.
+        session.channel.send_seq += 1 + int.from_bytes(self._random(6), "big")
         session.last_activity = self._now
         self._sessions[session_id] = session
         self._send_sealed(session, FrameType.RESUMED, Resumed().encode())

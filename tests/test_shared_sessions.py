@@ -148,3 +148,42 @@ def test_a_tampered_store_entry_is_no_session():
     other = _pair(_instance(store), app)
     other.client.resume_session(detached)
     assert only(other.pump(), SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+
+
+def test_a_rolled_back_store_entry_never_makes_the_server_reuse_a_sequence_number():
+    """An attacker with write access to the store restores an older sealed state: the server
+    resumes it, but its sends start at a fresh random offset, so no nonce is used twice."""
+    from keymgmt_proto import FrameType
+    from keymgmt_proto._messages import Record
+
+    from .frames import frame_type, split_frames
+
+    store, app = DictStore(), MemoryServerApp()
+    pair = _pair(_instance(store), app)
+    register(pair, b"rollback")
+    login(pair, b"rollback")
+    pair.client.connection_lost()
+    pair.server.connection_lost()
+    pair.pump()
+    (detached,) = pair.client.take_detached_sessions()
+    old_blob = dict(store.rows)
+
+    def resumed_seq(p: InMemoryPair) -> int:
+        p.to_server(p.client.data_to_send())
+        for frame in split_frames(p.server.data_to_send()):
+            if frame_type(frame) is FrameType.RESUMED:
+                return Record.decode(frame[10:]).seq
+        raise AssertionError("no RESUMED")
+
+    first = _pair(_instance(store), app)
+    first.client.resume_session(detached)
+    seq_one = resumed_seq(first)
+    first.client.connection_lost()
+    first.pump()
+    (detached,) = first.client.take_detached_sessions()
+    store.rows.update(old_blob)  # roll the store back to the older state
+    second = _pair(_instance(store), app)
+    second.client.resume_session(detached)
+    seq_two = resumed_seq(second)
+    assert seq_one != seq_two
+    assert min(seq_one, seq_two) > 0
