@@ -1,0 +1,1 @@
+"""Coverage-guided fuzz harnesses (atheris) for the sans-I/O core; see fuzz/README.md."""
