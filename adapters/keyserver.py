@@ -199,7 +199,7 @@ class KeyServer:
         elif isinstance(event, LoginSucceeded):
             with self.storage.transaction() as tx:
                 tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, self.now_us(), Outcome.SUCCESS))
-                tx.set_login_failures(event.account_name, 0, 0, self.now_us())
+                tx.clear_login_failures(event.account_name)
             log.info("login succeeded (session %d)", event.session_id)
         elif isinstance(event, LoginFailed):
             self._on_login_failed(conn, event)
@@ -242,10 +242,10 @@ class KeyServer:
         decoy = event.session_id in self._decoy_sessions.get(conn, set())
         self._decoy_sessions.get(conn, set()).discard(event.session_id)
         with self.storage.transaction() as tx:
-            failures, _locked_until = tx.get_login_failures(event.account_name)
-            failures += 1
-            locked_until = now + int(self.throttle.locked_for(failures) * 1_000_000)
-            tx.set_login_failures(event.account_name, failures, locked_until, now)
+            failures = tx.record_login_failure(event.account_name, now)
+            wait = self.throttle.locked_for(failures)
+            if wait > 0:
+                tx.lock_login(event.account_name, now + int(wait * 1_000_000))
             if event.user_id is not None and not decoy:
                 tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, now, Outcome.FAILURE))
         log.info("login failed (session %d)", event.session_id)

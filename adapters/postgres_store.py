@@ -238,20 +238,31 @@ class _PgTransaction:
         )
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
-    def set_login_failures(self, account_name: bytes, failures: int, locked_until: int, now: int) -> None:
-        if failures == 0:
-            self._conn.execute("DELETE FROM login_throttle WHERE account_name = %s", (account_name,))
-            return
-        self._conn.execute(
+    def record_login_failure(self, account_name: bytes, now: int) -> int:
+        # One statement: concurrent failures on several instances each count.
+        row = self._one(
             "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us) "
-            "VALUES (%s, %s, %s, %s) ON CONFLICT (account_name) DO UPDATE SET failures = EXCLUDED.failures, "
-            "locked_until_us = EXCLUDED.locked_until_us, last_failure_us = EXCLUDED.last_failure_us",
-            (account_name, failures, locked_until, now),
+            "VALUES (%s, 1, 0, %s) ON CONFLICT (account_name) DO UPDATE SET "
+            "failures = login_throttle.failures + 1, last_failure_us = EXCLUDED.last_failure_us "
+            "RETURNING failures",
+            (account_name, now),
         )
+        assert row is not None
         self._conn.execute(
             "DELETE FROM login_throttle WHERE last_failure_us < %s AND locked_until_us < %s",
             (now - 86_400_000_000, now),
         )
+        return int(row[0])
+
+    def lock_login(self, account_name: bytes, locked_until: int) -> None:
+        self._conn.execute(
+            "UPDATE login_throttle SET locked_until_us = GREATEST(locked_until_us, %s) "
+            "WHERE account_name = %s",
+            (locked_until, account_name),
+        )
+
+    def clear_login_failures(self, account_name: bytes) -> None:
+        self._conn.execute("DELETE FROM login_throttle WHERE account_name = %s", (account_name,))
 
 
 class _PgSessionStore:

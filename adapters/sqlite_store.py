@@ -129,21 +129,28 @@ class _SQLiteTransaction:
         ).fetchone()
         return (row[0], row[1]) if row else (0, 0)
 
-    def set_login_failures(self, account_name: bytes, failures: int, locked_until: int, now: int) -> None:
-        if failures == 0:
-            self._db.execute("DELETE FROM login_throttle WHERE account_name = ?", (account_name,))
-            return
-        self._db.execute(
+    def record_login_failure(self, account_name: bytes, now: int) -> int:
+        row = self._db.execute(
             "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (account_name) DO UPDATE SET failures = excluded.failures, "
-            "locked_until_us = excluded.locked_until_us, last_failure_us = excluded.last_failure_us",
-            (account_name, failures, locked_until, now),
-        )
+            "VALUES (?, 1, 0, ?) ON CONFLICT (account_name) DO UPDATE SET failures = failures + 1, "
+            "last_failure_us = excluded.last_failure_us RETURNING failures",
+            (account_name, now),
+        ).fetchone()
         # Forget names nobody has failed on for a day (keeps probes of random names bounded).
         self._db.execute(
             "DELETE FROM login_throttle WHERE last_failure_us < ? AND locked_until_us < ?",
             (now - 86_400_000_000, now),
         )
+        return int(row[0])
+
+    def lock_login(self, account_name: bytes, locked_until: int) -> None:
+        self._db.execute(
+            "UPDATE login_throttle SET locked_until_us = max(locked_until_us, ?) WHERE account_name = ?",
+            (locked_until, account_name),
+        )
+
+    def clear_login_failures(self, account_name: bytes) -> None:
+        self._db.execute("DELETE FROM login_throttle WHERE account_name = ?", (account_name,))
 
     def key_id_exists(self, key_id: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM secrets WHERE key_id = ?", (key_id,)).fetchone() is not None

@@ -93,9 +93,17 @@ class Transaction(Protocol):
         registered or not; (0, 0) when there is no record."""
         ...
 
-    def set_login_failures(self, account_name: bytes, failures: int, locked_until: int, now: int) -> None:
-        """Record the throttling state of a name (failures 0 clears it); records untouched
-        for a day may be dropped."""
+    def record_login_failure(self, account_name: bytes, now: int) -> int:
+        """Count one more consecutive failure for a name, atomically (several instances may
+        count at once), and return the new count. Records untouched for a day may be dropped."""
+        ...
+
+    def lock_login(self, account_name: bytes, locked_until: int) -> None:
+        """Refuse logins for the name until ``locked_until`` (us since the epoch)."""
+        ...
+
+    def clear_login_failures(self, account_name: bytes) -> None:
+        """A successful login: forget the name's failures and lock."""
         ...
 
     def insert_secret(self, secret: SecretRecord) -> bool:

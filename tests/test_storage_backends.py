@@ -145,15 +145,34 @@ def test_login_throttling_state(storage):
     day = 86_400_000_000
     with storage.transaction() as tx:
         assert tx.get_login_failures(b"x") == (0, 0)
-        tx.set_login_failures(b"x", 3, 500, now=100)
-        tx.set_login_failures(b"old", 1, 0, now=100)
+        assert [tx.record_login_failure(b"x", now=100) for _ in range(3)] == [1, 2, 3]
+        tx.lock_login(b"x", 500)
+        tx.lock_login(b"x", 400)  # a lock never shortens
         assert tx.get_login_failures(b"x") == (3, 500)
-        tx.set_login_failures(b"x", 4, 900, now=200)
-        assert tx.get_login_failures(b"x") == (4, 900)
-        tx.set_login_failures(b"y", 1, 0, now=100 + 2 * day)  # prunes records a day old
+        assert tx.record_login_failure(b"old", now=100) == 1
+        tx.record_login_failure(b"y", now=100 + 2 * day)  # prunes records a day old
         assert tx.get_login_failures(b"old") == (0, 0)
-        tx.set_login_failures(b"x", 0, 0, now=300)
+        tx.clear_login_failures(b"x")
         assert tx.get_login_failures(b"x") == (0, 0)
+
+
+def test_concurrent_failures_all_count(make_storage):
+    """Failed logins for one name on several instances at once: none is lost (NET-10)."""
+    threads_count, each = 4, 10
+
+    def fail_many() -> None:
+        storage = make_storage()
+        for _ in range(each):
+            with storage.transaction() as tx:
+                tx.record_login_failure(b"target", now=1)
+
+    threads = [threading.Thread(target=fail_many) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with make_storage().transaction() as tx:
+        assert tx.get_login_failures(b"target")[0] == threads_count * each
 
 
 def test_state_is_visible_to_a_second_opening(make_storage):
