@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
+import hmac
 import json
 import os
 import sys
@@ -178,7 +179,8 @@ def _read_password(args: argparse.Namespace, confirm: bool) -> bytes:
         password = line.rstrip("\r\n")
     else:
         password = getpass.getpass("password: ")
-        if confirm and getpass.getpass("password again: ") != password:
+        again = getpass.getpass("password again: ") if confirm else password
+        if not hmac.compare_digest(again.encode("utf-8"), password.encode("utf-8")):
             raise UsageError("the passwords do not match")
     if not password:
         raise UsageError("the password is empty")

@@ -244,6 +244,7 @@ class KeymgmtClient:
         self._detached: list[DetachedSession] = []
         self._task_group: TaskGroup | None = None
         self._closed: KeymgmtError | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"<KeymgmtClient {len(self._sid_of)} sessions>"
@@ -263,6 +264,7 @@ class KeymgmtClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._task_group is not None
+        self._closing = True  # from here on, a dropped connection is not reconnected
         self._task_group.cancel_scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await self._say_goodbye()
@@ -466,7 +468,7 @@ class KeymgmtClient:
     async def _supervise(self) -> None:
         while True:
             await self._read()
-            if self._closed is not None or self._connector is None:
+            if self._closed is not None or self._connector is None or self._closing:
                 return
             if not await self._reconnect():
                 return

@@ -51,7 +51,9 @@ def test_missing_corrupt_or_open_setup_files_are_clear_errors(tmp_path):
 
 def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
-    assert storage.schema_version == 2  # accounts/secrets/audit, then login throttling
+    from keymgmt.adapters.sqlite_store import _MIGRATIONS
+
+    assert storage.schema_version == len(_MIGRATIONS) == 3  # accounts etc., throttling, sessions
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     storage.close()
