@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit demo diagram clean test-long
+.PHONY: test lint typecheck unit demo diagram clean test-long load durability bench bench-smoke fuzz fuzz-smoke fuzz-corpus
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -19,7 +19,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict keymgmt_proto adapters scripts
+	$(BIN)/mypy --strict keymgmt_proto adapters scripts fuzz
+	@# bench/ imports keymgmt.adapters, which the editable install maps with an import hook
+	@# mypy cannot follow: give mypy the same mapping as a search path.
+	mkdir -p .mypy_cache/paths/keymgmt && ln -sfn "$(CURDIR)/adapters" .mypy_cache/paths/keymgmt/adapters
+	MYPYPATH=.mypy_cache/paths $(BIN)/mypy --strict bench
 
 unit: $(STAMP)
 	$(BIN)/pytest
@@ -31,9 +35,42 @@ test: lint typecheck unit
 test-long: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/test_state_machine.py tests/test_properties.py
 
+## Bounded load test on loopback, asyncio and trio (not part of `make test`; its short
+## variant is tests/test_load.py). Override: make load LOAD_ARGS="--clients 50 --requests 1000".
+LOAD_ARGS ?= --clients 20 --requests 200 --time-limit 600
+load: $(STAMP)
+	$(BIN)/python -m tests.load $(LOAD_ARGS)
+
+## SIGKILL crash durability (STO-1), many rounds (`make test` runs 3).
+DURABILITY_ROUNDS ?= 20
+durability: $(STAMP)
+	KEYMGMT_DURABILITY_ROUNDS=$(DURABILITY_ROUNDS) $(BIN)/pytest -q -s tests/test_durability.py
+
 ## The README's first command: register, log in and send requests, printing each step.
 demo: $(STAMP)
 	$(BIN)/python -m keymgmt.adapters.demo
+
+## Benchmarks (issue #7): prints the table, writes bench/results.json; a few minutes on 2 cores.
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+## Every benchmark with tiny sizes (seconds); writes bench/results-smoke.json.
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke --json bench/results-smoke.json
+
+## Coverage-guided fuzzing (atheris): each harness in fuzz/ for FUZZ_SECONDS (default 60).
+## A crash fails the target; its input is saved as fuzz/crashes/<harness>-crash-*.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.run --seconds $(FUZZ_SECONDS)
+
+## A few seconds per harness (also run by `make test` through tests/test_fuzz_smoke.py).
+fuzz-smoke: $(STAMP)
+	$(BIN)/python -m fuzz.run --seconds 4
+
+## Regenerate the seed corpora in fuzz/corpus/ from real transcripts.
+fuzz-corpus: $(STAMP)
+	$(BIN)/python -m fuzz.make_corpus
 
 ## Regenerate the state diagram in docs/architecture.md from the transition table.
 diagram: $(STAMP)

@@ -1,0 +1,290 @@
+"""Load drivers over loopback TLS 1.3: P3 throughput, P5 multiplexing, P7 client event-loop lag.
+
+The key server is a real ``KeyServerRuntime`` (SQLite, WAL, synchronous=FULL)
+in a subprocess pinned to CPU 0 (``python -m bench.netload serve ...``); the
+client is the calling process, pinned to the other CPU. Server CPU is read
+from ``/proc/PID/task/*/schedstat`` (nanoseconds of CPU actually used by the
+server process), so the client's own work never counts. Every loop is bounded
+by a count or a deadline and only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from keymgmt.adapters.client import KeymgmtClient
+from keymgmt.adapters.net import KeyServerRuntime, ServerSettings, tls_connector
+from keymgmt.adapters.setupfile import create_server_setup_file
+from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.tls import generate_dev_pki
+from keymgmt_proto import NEED_DATA, Context, Event, Status
+from keymgmt_proto._ops import RetrieveRequest
+from keymgmt_proto._wire import HEADER_SIZE
+
+from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, process_cpu_seconds
+
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+
+# ------------------------------------------------------------------ the server process
+
+
+class NoSyncSQLiteStorage(SQLiteStorage):
+    """BASELINE ONLY: the same schema and transactions with ``synchronous=OFF``.
+
+    It shows what the per-request fsync costs; it is never a product setting (STO-1)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._db.execute("PRAGMA synchronous = OFF")
+
+
+async def _serve(directory: Path, nosync: bool) -> None:
+    settings = ServerSettings(
+        storage_path=directory / "keyserver.db",
+        setup_path=directory / "server_setup.bin",
+        cert_path=directory / "pki" / "server.pem",
+        key_path=directory / "pki" / "server.key",
+        port=0,
+        max_connections=5000,
+        protocol=BENCH_CONFIG,
+    )
+    storage = NoSyncSQLiteStorage(settings.storage_path) if nosync else None
+    runtime = KeyServerRuntime(settings, storage=storage)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(runtime.run)
+        print(f"PORT {port}", flush=True)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                runtime.shutdown()
+                break
+
+
+def serve_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.netload serve")
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--cpu", type=int, default=SERVER_CPU)
+    parser.add_argument("--nosync", action="store_true")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {args.cpu})
+    anyio.run(_serve, args.dir, args.nosync, backend=args.backend)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    port: int
+    ca: Path
+
+    @property
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+
+@contextlib.contextmanager
+def server_process(directory: Path, backend: str = "asyncio", *, nosync: bool = False) -> Iterator[Server]:
+    """A key server in a pinned subprocess, with a fresh database, setup and dev PKI."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = generate_dev_pki(directory / "pki")
+    create_server_setup_file(directory / "server_setup.bin")
+    cmd = [sys.executable, "-m", "bench.netload", "serve", "--dir", str(directory), "--backend", backend]
+    if nosync:
+        cmd.append("--nosync")
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # noqa: S603 - our own module
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the benchmark server did not start: {line!r}")
+        yield Server(process, int(line.split()[1]), pki.ca_cert)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _client(server: Server, cls: type[KeymgmtClient] = KeymgmtClient) -> KeymgmtClient:
+    """A client over one new verified TLS 1.3 connection.
+
+    The client gets the stream, not the connector: given a connector, KeymgmtClient
+    starts a reconnection when its own exit closes the stream (observed here: one
+    extra TCP connection and an aborted TLS handshake per client), which would
+    add server work to every measurement."""
+    stream = await tls_connector("127.0.0.1", server.port, cafile=server.ca)()
+    return cls(stream)
+
+
+# ------------------------------------------------------------------ P3: throughput
+
+
+async def throughput(server: Server, sessions: int, duration: float, warmup: float) -> dict[str, float]:
+    """Durable retrieves per second from ``sessions`` sessions sharing one TLS connection."""
+    async with await _client(server) as client:
+        await client.register(ACCOUNT, PASSWORD)
+        first = await client.login(ACCOUNT, PASSWORD)
+        key_id = await first.generate()
+        logged_in = [first] + [await client.login(ACCOUNT, PASSWORD) for _ in range(sessions - 1)]
+        body = RetrieveRequest(first.user_id, key_id, Context.NULL).encode()
+        state = {"measuring": False, "stop": False, "done": 0, "failed": 0}
+
+        async def worker(token: int) -> None:
+            while not state["stop"]:
+                answer = await client.request(token, body)
+                if state["measuring"]:
+                    state["done"] += 1
+                    state["failed"] += answer[0] != Status.OK
+
+        async with anyio.create_task_group() as tg:
+            for session in logged_in:
+                tg.start_soon(worker, session.session_id)
+            await anyio.sleep(warmup)
+            cpu0, client0, t0 = server.cpu_seconds, time.process_time(), time.perf_counter()
+            state["measuring"] = True
+            await anyio.sleep(duration)
+            state["measuring"] = False
+            cpu1, client1, t1 = server.cpu_seconds, time.process_time(), time.perf_counter()
+            state["stop"] = True
+    elapsed = t1 - t0
+    if state["failed"]:
+        raise RuntimeError(f"{state['failed']} retrieves failed")
+    return {
+        "per_second": state["done"] / elapsed,
+        "requests": state["done"],
+        "seconds": elapsed,
+        "server_cpu_share": (cpu1 - cpu0) / elapsed,
+        "client_cpu_share": (client1 - client0) / elapsed,
+    }
+
+
+# ------------------------------------------------------------------ P5: multiplexing
+
+
+async def open_sessions(server: Server, count: int, concurrency: int, *, shared: bool) -> dict[str, float]:
+    """Server CPU to open ``count`` request sessions over one connection (``shared``) or
+    over one new TLS connection each. Registration happens before the measurement."""
+    async with await _client(server) as client:
+        await client.register(ACCOUNT, PASSWORD)
+    limiter = anyio.CapacityLimiter(concurrency)
+    await anyio.sleep(0.2)
+    cpu0, t0 = server.cpu_seconds, time.perf_counter()
+    if shared:
+        async with await _client(server) as client:
+
+            async def one_shared() -> None:
+                async with limiter:
+                    await client.login(ACCOUNT, PASSWORD)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(one_shared)
+            await anyio.sleep(0.2)
+    else:
+
+        async def one_connection() -> None:
+            async with limiter, await _client(server) as own:
+                await own.login(ACCOUNT, PASSWORD)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one_connection)
+        await anyio.sleep(0.2)  # let the server finish closing the last connections
+    cpu1, t1 = server.cpu_seconds, time.perf_counter()
+    return {"server_cpu_per_session": (cpu1 - cpu0) / count, "seconds": t1 - t0, "sessions": count}
+
+
+# ------------------------------------------------------------------ P7: client event loop
+
+
+class FrameAtATimeClient(KeymgmtClient):
+    """PROTOTYPE (bench only) of a change to adapters/client.py's reader: hand the core
+    one frame at a time and yield to the event loop in between, so a burst of
+    LOGIN_RESPONSE frames costs the loop one Argon2 run per turn instead of all of them
+    in one go. Uses only the documented frame header (docs/protocol.md) and the
+    client's own reader hooks; the core's API is unchanged."""
+
+    async def _read(self) -> None:
+        assert self._stream is not None
+        buffer = bytearray()
+        while self._conn.failed is None:
+            try:
+                data = await self._stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self._conn.receive_data(b"")
+                self._dispatch_all()
+                await self._flush()
+                return
+            buffer += data
+            while len(buffer) >= HEADER_SIZE:
+                end = HEADER_SIZE + int.from_bytes(buffer[6:10], "big")
+                if len(buffer) < end:
+                    break
+                self._conn.receive_data(bytes(buffer[:end]))
+                del buffer[:end]
+                while (event := self._conn.next_event()) is not NEED_DATA:
+                    assert isinstance(event, Event)
+                    self._dispatch(event)
+                await self._flush()
+                await anyio.sleep(0)
+
+
+async def loop_lag(server: Server, logins: int, *, frame_at_a_time: bool) -> dict[str, float]:
+    """Worst event-loop lag seen by a 2 ms ticker while ``logins`` logins run concurrently."""
+    cls = FrameAtATimeClient if frame_at_a_time else KeymgmtClient
+    async with await _client(server) as setup_client:
+        with contextlib.suppress(Exception):
+            await setup_client.register(ACCOUNT, PASSWORD)
+    lags: list[float] = []
+    async with await _client(server, cls) as client:
+        done = anyio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                start = anyio.current_time()
+                await anyio.sleep(0.002)
+                lags.append(anyio.current_time() - start - 0.002)
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            async with anyio.create_task_group() as logins_tg:
+                for _ in range(logins):
+                    logins_tg.start_soon(client.login, ACCOUNT, PASSWORD)
+            done.set()
+        elapsed = time.perf_counter() - t0
+    lags.sort()
+    return {
+        "max_lag_ms": lags[-1] * 1e3,
+        "p99_lag_ms": lags[int(0.99 * (len(lags) - 1))] * 1e3,
+        "logins_seconds": elapsed,
+        "logins": logins,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve_main(sys.argv[2:])
+        return
+    raise SystemExit("usage: python -m bench.netload serve --dir DIR [--backend asyncio|trio] [--nosync]")
+
+
+if __name__ == "__main__":
+    main()
