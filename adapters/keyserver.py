@@ -15,6 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -155,6 +156,12 @@ class KeyServer:
 
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Group commit for a run of events (the storage's ``batch()`` if it has one): the
+        driver answers nothing from inside until this exits normally (STO-1)."""
+        batch = getattr(self.storage, "batch", None)
+        return batch() if batch is not None else nullcontext()
 
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)

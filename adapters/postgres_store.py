@@ -299,6 +299,7 @@ class PostgresStorage:
             raise StorageError(f"schema name {schema!r} must be a plain lower-case identifier")
         self.schema = schema
         self._conninfo_display = re.sub(r"password=\S+", "password=***", conninfo)
+        self._batch_conn: psycopg.Connection[TupleRow] | None = None
 
         def configure(conn: psycopg.Connection[TupleRow]) -> None:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
@@ -351,10 +352,31 @@ class PostgresStorage:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         try:
+            if self._batch_conn is not None:  # inside batch(): a savepoint
+                with self._batch_conn.transaction():
+                    yield _PgTransaction(self._batch_conn)
+                return
             with self._pool.connection() as conn, conn.transaction():
                 yield _PgTransaction(conn)
         except psycopg.Error as exc:
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit (as SQLiteStorage.batch): one database transaction for everything
+        inside, each ``transaction()`` a savepoint; acknowledge nothing before it exits."""
+        if self._batch_conn is not None:
+            yield
+            return
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                self._batch_conn = conn
+                try:
+                    yield
+                finally:
+                    self._batch_conn = None
+        except psycopg.Error as exc:
+            raise StorageError(f"commit failed: {type(exc).__name__}") from None
 
     def close(self) -> None:
         self._pool.close()

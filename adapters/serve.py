@@ -29,6 +29,8 @@ from keymgmt_proto import (
 )
 from keymgmt_proto._crypto import RandomSource
 
+from .storage import StorageError
+
 __all__ = ["ConnectionDriver", "serve_stream"]
 
 log = logging.getLogger("keymgmt.server")
@@ -77,6 +79,22 @@ class ConnectionDriver:
             log.exception("server application failed on %s", type(event).__name__)
 
     def _process(self) -> None:
+        """Handle every event ready now, as one group commit when the app offers batch():
+        the output they produce is sent only after the commit; if it fails, the connection is
+        abandoned (nothing sent, its sessions ended) so no uncommitted answer is ever seen."""
+        batch = getattr(self.app, "batch", None)
+        if batch is None:
+            self._process_events()
+            return
+        try:
+            with batch():
+                self._process_events()
+        except StorageError as exc:
+            log.error("group commit failed; abandoning the connection from %s: %s", self.peer, exc)
+            self.conn.abandon()
+            self._process_events()
+
+    def _process_events(self) -> None:
         while (event := self.conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):

@@ -275,6 +275,8 @@ class SQLiteStorage:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         ensure_private_file(self.path, StorageError)
+        self._batch_depth = 0
+        self._savepoints = 0
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -329,7 +331,55 @@ class SQLiteStorage:
             yield self._db
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: every ``transaction()`` inside becomes a savepoint of one SQLite
+        transaction, committed (and synced) once at the end. The caller must not
+        acknowledge anything done inside before this block has exited normally: if the
+        commit fails, StorageError is raised and all of it is rolled back."""
+        if self._batch_depth:
+            yield
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
+        self._batch_depth = 1
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        finally:
+            self._batch_depth = 0
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise StorageError(f"commit failed: {type(exc).__name__}") from None
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[Transaction]:
+        """A transaction() inside batch(): a savepoint that rolls back on its own."""
+        self._savepoints += 1
+        name = f"op{self._savepoints}"
+        self._db.execute(f"SAVEPOINT {name}")
+        try:
+            yield _SQLiteTransaction(self._db)
+        except BaseException as exc:
+            with suppress(sqlite3.Error):
+                self._db.execute(f"ROLLBACK TO {name}")
+                self._db.execute(f"RELEASE {name}")
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+            raise
+        self._db.execute(f"RELEASE {name}")
+
+    @contextmanager
     def transaction(self) -> Iterator[Transaction]:
+        if self._batch_depth:
+            with self._savepoint() as tx:
+                yield tx
+            return
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:

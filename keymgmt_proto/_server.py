@@ -302,6 +302,21 @@ class ServerConnection(ConnectionBase):
             if deadline <= now:
                 self._expire(session, code)
 
+    def abandon(self, reason: str = "server storage failure") -> None:
+        """Storage could not commit what this connection's latest events did: drop every byte
+        not yet sent and end every session (none stays resumable, so no answer that was
+        never committed can reach the client later). The connection fails."""
+        if self.failed is not None:
+            return
+        self._outbox.clear()
+        for session in list(self._sessions.values()):
+            self._end(session)
+        for session in list(self._departed.values()):
+            self.registry._remove(session)
+            session.state = State.CLOSED
+        self._departed.clear()
+        self._fail_connection(ErrorCode.INTERNAL_ERROR, reason, remote=False, send_goaway=False)
+
     def connection_lost(self) -> None:
         """The transport is gone: established sessions detach, the others end."""
         if self.failed is None:

@@ -233,3 +233,32 @@ def test_concurrent_writers_lose_nothing(make_storage):
             if cursor == 0:
                 break
     assert [e.entry_id for e in entries] == list(range(1, writers * per_writer + 1))
+
+
+def test_a_batch_commits_once_and_a_failed_operation_rolls_back_alone(storage):
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+    with storage.batch():
+        with storage.transaction() as tx:
+            tx.insert_secret(_secret(ALICE.user_id, 1))
+        with pytest.raises(RuntimeError), storage.transaction() as tx:
+            tx.insert_secret(_secret(ALICE.user_id, 2))
+            raise RuntimeError("this operation fails")
+        with storage.transaction() as tx:
+            tx.append_audit(AuditRecord(ALICE.user_id, Action.GENERATE, 1, Outcome.SUCCESS))
+    with storage.transaction() as tx:
+        assert tx.key_id_exists((1).to_bytes(16, "big"))
+        assert not tx.key_id_exists((2).to_bytes(16, "big"))
+        assert len(tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))[0]) == 1
+
+
+def test_a_failed_batch_leaves_nothing(storage):
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+    with pytest.raises(RuntimeError), storage.batch():
+        with storage.transaction() as tx:
+            tx.insert_secret(_secret(ALICE.user_id, 3))
+        raise RuntimeError("the batch fails before its commit")
+    with storage.transaction() as tx:
+        assert not tx.key_id_exists((3).to_bytes(16, "big"))
+        assert tx.get_account(ALICE.account_name) is not None
