@@ -7,7 +7,7 @@ import platform
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,13 @@ ServerApp = Callable[[ServerConnection, Event], None]
 
 
 def drain_server(server: ServerConnection, app: ServerApp) -> None:
-    """What ConnectionDriver._process does: hand every server event to the application."""
-    while (event := server.next_event()) is not NEED_DATA:
-        assert isinstance(event, Event)
-        app(server, event)
+    """What ConnectionDriver._process does: hand every server event to the application,
+    inside the application's group commit when it has one (as the real driver does)."""
+    batch = getattr(app, "batch", None)
+    with batch() if batch is not None else nullcontext():
+        while (event := server.next_event()) is not NEED_DATA:
+            assert isinstance(event, Event)
+            app(server, event)
 
 
 def drain_client(client: ClientConnection) -> list[Event]:
