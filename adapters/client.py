@@ -75,6 +75,7 @@ from keymgmt_proto._ops import (
     seal_secret,
     secret_ad,
 )
+from keymgmt_proto._wire import HEADER_SIZE
 
 from .localstore import LocalStore
 from .storage import SecretRecord
@@ -454,16 +455,37 @@ class KeymgmtClient:
             self._dispatch(event)
 
     async def _read(self) -> None:
-        """Feed the connection until it fails."""
+        """Feed the connection until it fails, one frame at a time.
+
+        A frame can cost a whole OPAQUE step (Argon2, ~15-25 ms holding the GIL): handing
+        the core a burst of LOGIN_RESPONSE frames at once would block the event loop for
+        all of them. Between frames the reader yields, so the loop stays responsive while
+        many sessions log in."""
         assert self._stream is not None
+        buffer = bytearray()
         while self._conn.failed is None:
             try:
                 data = await self._stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 data = b""
-            self._conn.receive_data(data)
-            self._dispatch_all()
-            await self._flush()
+            if not data:
+                self._conn.receive_data(b"")
+                self._dispatch_all()
+                await self._flush()
+                return
+            buffer += data
+            while len(buffer) >= HEADER_SIZE and self._conn.failed is None:
+                length = int.from_bytes(buffer[6:10], "big")
+                # An oversized length goes to the core at once: it refuses the frame
+                # before anything else is buffered.
+                end = HEADER_SIZE + length if length <= self._conn.max_payload else len(buffer)
+                if len(buffer) < end:
+                    break
+                self._conn.receive_data(bytes(buffer[:end]))
+                del buffer[:end]
+                self._dispatch_all()
+                await self._flush()
+                await anyio.sleep(0)
 
     async def _supervise(self) -> None:
         while True:

@@ -250,11 +250,11 @@ def bench_lag(cfg: Config, workdir: Path) -> list[Line]:
     return [
         Line(
             "p7_loop_lag",
-            f"P7 max event-loop lag, {n} concurrent logins, frame-at-a-time reader",
+            f"P7 max event-loop lag, {n} concurrent logins (KeymgmtClient, frame at a time)",
             "ms",
             proto["max_lag_ms"],
             stock["max_lag_ms"],
-            "current KeymgmtClient reader",
+            "whole-buffer reader (the client before)",
             "max_value",
             50.0,
             notes=f"p99 lag {proto['p99_lag_ms']:.1f} ms vs {stock['p99_lag_ms']:.1f} ms; "

@@ -28,9 +28,8 @@ from keymgmt.adapters.net import KeyServerRuntime, ServerSettings, tls_connector
 from keymgmt.adapters.setupfile import create_server_setup_file
 from keymgmt.adapters.sqlite_store import SQLiteStorage
 from keymgmt.adapters.tls import generate_dev_pki
-from keymgmt_proto import NEED_DATA, Context, Event, Status
+from keymgmt_proto import Context, Status
 from keymgmt_proto._ops import RetrieveRequest
-from keymgmt_proto._wire import HEADER_SIZE
 
 from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, process_cpu_seconds
 
@@ -212,43 +211,26 @@ async def open_sessions(server: Server, count: int, concurrency: int, *, shared:
 # ------------------------------------------------------------------ P7: client event loop
 
 
-class FrameAtATimeClient(KeymgmtClient):
-    """PROTOTYPE (bench only) of a change to adapters/client.py's reader: hand the core
-    one frame at a time and yield to the event loop in between, so a burst of
-    LOGIN_RESPONSE frames costs the loop one Argon2 run per turn instead of all of them
-    in one go. Uses only the documented frame header (docs/protocol.md) and the
-    client's own reader hooks; the core's API is unchanged."""
+class WholeBufferClient(KeymgmtClient):
+    """Baseline for P7: the client reader before it handed the core one frame at a time,
+    i.e. every received byte at once, so a burst of LOGIN_RESPONSE frames ran all their
+    Argon2 steps in one event-loop turn."""
 
     async def _read(self) -> None:
         assert self._stream is not None
-        buffer = bytearray()
         while self._conn.failed is None:
             try:
                 data = await self._stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 data = b""
-            if not data:
-                self._conn.receive_data(b"")
-                self._dispatch_all()
-                await self._flush()
-                return
-            buffer += data
-            while len(buffer) >= HEADER_SIZE:
-                end = HEADER_SIZE + int.from_bytes(buffer[6:10], "big")
-                if len(buffer) < end:
-                    break
-                self._conn.receive_data(bytes(buffer[:end]))
-                del buffer[:end]
-                while (event := self._conn.next_event()) is not NEED_DATA:
-                    assert isinstance(event, Event)
-                    self._dispatch(event)
-                await self._flush()
-                await anyio.sleep(0)
+            self._conn.receive_data(data)
+            self._dispatch_all()
+            await self._flush()
 
 
 async def loop_lag(server: Server, logins: int, *, frame_at_a_time: bool) -> dict[str, float]:
     """Worst event-loop lag seen by a 2 ms ticker while ``logins`` logins run concurrently."""
-    cls = FrameAtATimeClient if frame_at_a_time else KeymgmtClient
+    cls = KeymgmtClient if frame_at_a_time else WholeBufferClient
     async with await _client(server) as setup_client:
         with contextlib.suppress(Exception):
             await setup_client.register(ACCOUNT, PASSWORD)
