@@ -75,7 +75,7 @@ from keymgmt_proto._ops import (
     seal_secret,
     secret_ad,
 )
-from keymgmt_proto._wire import HEADER_SIZE
+from keymgmt_proto._wire import HEADER_SIZE, FrameType
 
 from .localstore import LocalStore
 from .storage import SecretRecord
@@ -97,6 +97,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+#: Frames whose handling runs an OPAQUE client step (Argon2) in the core.
+_OPAQUE_STEP_FRAMES = frozenset({FrameType.REG_RESPONSE, FrameType.LOGIN_RESPONSE})
 _R = TypeVar("_R")
 
 
@@ -457,10 +459,10 @@ class KeymgmtClient:
     async def _read(self) -> None:
         """Feed the connection until it fails, one frame at a time.
 
-        A frame can cost a whole OPAQUE step (Argon2, ~15-25 ms holding the GIL): handing
-        the core a burst of LOGIN_RESPONSE frames at once would block the event loop for
-        all of them. Between frames the reader yields, so the loop stays responsive while
-        many sessions log in."""
+        A REG_RESPONSE or LOGIN_RESPONSE frame costs a whole OPAQUE step (Argon2, ~15-25 ms
+        holding the GIL): handing the core a burst of them at once would block the event
+        loop for all of them. The reader yields after each such frame, so the loop stays
+        responsive while many sessions log in; other frames are handled together."""
         assert self._stream is not None
         buffer = bytearray()
         while self._conn.failed is None:
@@ -481,11 +483,13 @@ class KeymgmtClient:
                 end = HEADER_SIZE + length if length <= self._conn.max_payload else len(buffer)
                 if len(buffer) < end:
                     break
+                expensive = buffer[1] in _OPAQUE_STEP_FRAMES
                 self._conn.receive_data(bytes(buffer[:end]))
                 del buffer[:end]
                 self._dispatch_all()
-                await self._flush()
-                await anyio.sleep(0)
+                if expensive:  # an Argon2 run just happened: let the other tasks in
+                    await anyio.sleep(0)
+            await self._flush()
 
     async def _supervise(self) -> None:
         while True:
