@@ -487,8 +487,10 @@ class KeymgmtClient:
                 self._conn.receive_data(bytes(buffer[:end]))
                 del buffer[:end]
                 self._dispatch_all()
-                if expensive:  # an Argon2 run just happened: let the other tasks in
-                    await anyio.sleep(0)
+                if expensive:
+                    # An Argon2 run just happened: let the other tasks in. A zero sleep
+                    # would requeue this task ahead of timers that fell due meanwhile.
+                    await anyio.sleep(0.0005)
             await self._flush()
 
     async def _supervise(self) -> None:
