@@ -98,6 +98,27 @@ class _Decodable:
             raise RemoteProtocolError(f"invalid {what}: {exc}") from None
 
 
+def _named(account_name: bytes, message: bytes, size: int) -> bytes:
+    """``account_name (u8 length) || message (fixed size)``: REG_START and LOGIN_START."""
+    return Writer().bytes8(account_name).fixed(message, size).getvalue()
+
+
+def _read_named(payload: bytes, size: int, what: str) -> tuple[bytes, bytes]:
+    r = Reader(payload, what)
+    account_name = r.bytes8()
+    message = r.fixed(size)
+    r.done()
+    return account_name, message
+
+
+def _read_fixed(payload: bytes, size: int, what: str) -> bytes:
+    """A payload that is exactly one fixed-size value (an OPAQUE message, a user id)."""
+    r = Reader(payload, what)
+    value = r.fixed(size)
+    r.done()
+    return value
+
+
 # ---------------------------------------------------------------- clear frames
 
 
@@ -114,20 +135,11 @@ class RegStart(_Decodable):
         _check_size("registration_request", self.registration_request, REGISTRATION_REQUEST_SIZE)
 
     def encode(self) -> bytes:
-        return (
-            Writer()
-            .bytes8(self.account_name)
-            .fixed(self.registration_request, REGISTRATION_REQUEST_SIZE)
-            .getvalue()
-        )
+        return _named(self.account_name, self.registration_request, REGISTRATION_REQUEST_SIZE)
 
     @classmethod
     def decode(cls, payload: bytes) -> RegStart:
-        r = Reader(payload, "REG_START")
-        name = r.bytes8()
-        request = r.fixed(REGISTRATION_REQUEST_SIZE)
-        r.done()
-        return cls._build("REG_START", name, request)
+        return cls._build("REG_START", *_read_named(payload, REGISTRATION_REQUEST_SIZE, "REG_START"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +157,7 @@ class RegResponse(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> RegResponse:
-        r = Reader(payload, "REG_RESPONSE")
-        value = r.fixed(REGISTRATION_RESPONSE_SIZE)
-        r.done()
-        return cls(value)
+        return cls(_read_fixed(payload, REGISTRATION_RESPONSE_SIZE, "REG_RESPONSE"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +175,7 @@ class RegUpload(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> RegUpload:
-        r = Reader(payload, "REG_UPLOAD")
-        value = r.fixed(REGISTRATION_UPLOAD_SIZE)
-        r.done()
-        return cls(value)
+        return cls(_read_fixed(payload, REGISTRATION_UPLOAD_SIZE, "REG_UPLOAD"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,20 +191,11 @@ class LoginStart(_Decodable):
         _check_size("credential_request", self.credential_request, CREDENTIAL_REQUEST_SIZE)
 
     def encode(self) -> bytes:
-        return (
-            Writer()
-            .bytes8(self.account_name)
-            .fixed(self.credential_request, CREDENTIAL_REQUEST_SIZE)
-            .getvalue()
-        )
+        return _named(self.account_name, self.credential_request, CREDENTIAL_REQUEST_SIZE)
 
     @classmethod
     def decode(cls, payload: bytes) -> LoginStart:
-        r = Reader(payload, "LOGIN_START")
-        name = r.bytes8()
-        request = r.fixed(CREDENTIAL_REQUEST_SIZE)
-        r.done()
-        return cls._build("LOGIN_START", name, request)
+        return cls._build("LOGIN_START", *_read_named(payload, CREDENTIAL_REQUEST_SIZE, "LOGIN_START"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,10 +213,7 @@ class LoginResponse(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> LoginResponse:
-        r = Reader(payload, "LOGIN_RESPONSE")
-        value = r.fixed(CREDENTIAL_RESPONSE_SIZE)
-        r.done()
-        return cls(value)
+        return cls(_read_fixed(payload, CREDENTIAL_RESPONSE_SIZE, "LOGIN_RESPONSE"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +231,7 @@ class LoginFinish(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> LoginFinish:
-        r = Reader(payload, "LOGIN_FINISH")
-        value = r.fixed(CREDENTIAL_FINALIZATION_SIZE)
-        r.done()
-        return cls(value)
+        return cls(_read_fixed(payload, CREDENTIAL_FINALIZATION_SIZE, "LOGIN_FINISH"))
 
 
 def _check_reason(reason: str) -> None:
@@ -369,10 +360,7 @@ class Welcome(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> Welcome:
-        r = Reader(payload, "WELCOME")
-        user_id = r.fixed(USER_ID_SIZE)
-        r.done()
-        return cls(user_id)
+        return cls(_read_fixed(payload, USER_ID_SIZE, "WELCOME"))
 
 
 @dataclass(frozen=True, slots=True)
