@@ -231,6 +231,8 @@ class KeymgmtClient:
         self._conn = ClientConnection(random)
         self.local_store = local_store if local_store is not None else LocalStore(":memory:")
         self.reconnect_attempts = reconnect_attempts
+        #: A send that takes longer (the server stopped reading) counts as a lost connection.
+        self.send_timeout = 30.0
         self.reconnect_delay = reconnect_delay
         #: Bumped on every (re)connection; tells you how often the link was replaced.
         self.connection_count = 0
@@ -290,10 +292,11 @@ class KeymgmtClient:
             except LocalProtocolError:
                 continue  # still in its handshake: it ends with the connection
         self._conn.close("client closing")
-        data = self._conn.data_to_send()
-        if data:
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await self._stream.send(data)
+        async with self._send_lock:  # never interleave with a send still in progress
+            data = self._conn.data_to_send()
+            if data:
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    await self._stream.send(data)
 
     # ------------------------------------------------------------ public API
 
@@ -381,9 +384,9 @@ class KeymgmtClient:
                     # Shielded: once taken from the core, these bytes must reach the stream
                     # whole, or later records would be out of sequence (and a half-written
                     # TLS record would break the connection).
-                    with anyio.CancelScope(shield=True):
+                    with anyio.CancelScope(shield=True), anyio.fail_after(self.send_timeout):
                         await self._stream.send(data)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, TimeoutError):
                     self._conn.connection_lost()
                     self._dispatch_all()
 

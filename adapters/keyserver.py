@@ -225,6 +225,13 @@ class KeyServer:
             throttled = now < locked_until
             if throttled and account is not None:
                 tx.append_audit(AuditRecord(account.user_id, Action.LOGIN_THROTTLED, now, Outcome.FAILURE))
+            if not throttled:
+                # Count the attempt now, as a failure until it succeeds: logins started in
+                # parallel cannot slip past the threshold before the first one fails.
+                attempts = tx.record_login_failure(event.account_name, now)
+                wait = self.throttle.locked_for(attempts)
+                if wait > 0:
+                    tx.lock_login(event.account_name, now + int(wait * 1_000_000))
         if throttled:  # the same answer for registered and unknown names (NET-9)
             log.info("login throttled (session %d)", event.session_id)
             conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many failed logins; retry later")
@@ -248,12 +255,8 @@ class KeyServer:
         now = self.now_us()
         decoy = event.session_id in self._decoy_sessions.get(conn, set())
         self._decoy_sessions.get(conn, set()).discard(event.session_id)
-        with self.storage.transaction() as tx:
-            failures = tx.record_login_failure(event.account_name, now)
-            wait = self.throttle.locked_for(failures)
-            if wait > 0:
-                tx.lock_login(event.account_name, now + int(wait * 1_000_000))
-            if event.user_id is not None and not decoy:
+        if event.user_id is not None and not decoy:  # already counted when it started
+            with self.storage.transaction() as tx:
                 tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, now, Outcome.FAILURE))
         log.info("login failed (session %d)", event.session_id)
 

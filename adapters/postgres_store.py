@@ -343,7 +343,13 @@ class PostgresStorage:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A connection for a short statement: inside batch(), the batch's own (a savepoint),
+        so that e.g. a session saved while a batch fails is rolled back with it."""
         try:
+            if self._batch_conn is not None:
+                with self._batch_conn.transaction():
+                    yield self._batch_conn
+                return
             with self._pool.connection() as conn:
                 yield conn
         except psycopg.Error as exc:

@@ -219,13 +219,19 @@ class SessionRegistry:
         )
         handle = session.channel.session_handle
         sealed = seal_session_state(state, handle, self._sealing_key, self._random)
-        self._store.save(handle, sealed, session.deadline(self.config)[0])
+        try:
+            self._store.save(handle, sealed, session.deadline(self.config)[0])
+        except Exception:  # an injected store may fail: keep the session here instead
+            return
         self._sessions.pop(handle, None)
         session.state = State.CLOSED  # this copy is done; the store holds the session now
 
     def _claim(self, handle: bytes) -> _ServerSession | None:
         assert self._store is not None and self._sealing_key is not None
-        sealed = self._store.claim(handle)
+        try:
+            sealed = self._store.claim(handle)
+        except Exception:  # an injected store may fail: treat it as "no such session"
+            return None
         if sealed is None:
             return None
         state = unseal_session_state(sealed, handle, self._sealing_key)
@@ -275,6 +281,8 @@ class ServerConnection(ConnectionBase):
         self._sessions: dict[int, _ServerSession] = {}
         #: Sessions that left this connection (moved or detached) while requests were pending.
         self._departed: dict[int, _ServerSession] = {}
+        #: Sessions this connection detached when it failed (see abandon()).
+        self._detached_here: list[_ServerSession] = []
         self._highest_session_id = 0
         self._now = now
         self._lost = False
@@ -306,16 +314,19 @@ class ServerConnection(ConnectionBase):
         """Storage could not commit what this connection's latest events did: drop every byte
         not yet sent and end every session (none stays resumable, so no answer that was
         never committed can reach the client later). The connection fails."""
-        if self.failed is not None:
-            return
         self._outbox.clear()
         for session in list(self._sessions.values()):
             self._end(session)
-        for session in list(self._departed.values()):
+        # Sessions this connection detached (in the batch that failed): their reply caches
+        # may hold answers that were never committed, so none may be resumed.
+        for session in [*self._departed.values(), *self._detached_here]:
             self.registry._remove(session)
+            session.pending.clear()
             session.state = State.CLOSED
         self._departed.clear()
-        self._fail_connection(ErrorCode.INTERNAL_ERROR, reason, remote=False, send_goaway=False)
+        self._detached_here.clear()
+        if self.failed is None:
+            self._fail_connection(ErrorCode.INTERNAL_ERROR, reason, remote=False, send_goaway=False)
 
     def connection_lost(self) -> None:
         """The transport is gone: established sessions detach, the others end."""
@@ -507,6 +518,7 @@ class ServerConnection(ConnectionBase):
                 del self._sessions[session.session_id]
                 if session.pending:
                     self._departed[session.session_id] = session
+                self._detached_here.append(session)
                 self.registry._detach(session)
             else:
                 self._fail(

@@ -61,3 +61,113 @@ async def test_nothing_is_acknowledged_when_the_group_commit_fails(tmp_path):
             assert await fresh.list_keys() == []
             generated = [e for e in await fresh.audit(AuditType.KEY_ONLY) if e.action is Action.GENERATE]
             assert generated == []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_storage(request, tmp_path):
+    if request.param == "sqlite":
+        from keymgmt.adapters.sqlite_store import SQLiteStorage
+
+        storage = SQLiteStorage(tmp_path / "ks.db")
+        yield storage
+        storage.close()
+        return
+    from keymgmt.adapters.postgres_store import PostgresStorage
+
+    from .pg import schema_fixture
+
+    fixture = schema_fixture()
+    conninfo, schema = next(fixture)
+    storage = PostgresStorage(conninfo, schema=schema)
+    yield storage
+    storage.close()
+    next(fixture, None)
+
+
+def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_nothing(backend_storage):
+    """One read holds a request and then GOAWAY: the connection fails (detaching the session)
+    inside the same batch whose commit then fails. Nothing may be sent, and the session,
+    whose reply cache holds the uncommitted answer, must not be resumable anywhere."""
+    import os
+
+    from keymgmt.adapters import InMemoryPair
+    from keymgmt.adapters.decoy import DecoyRecords
+    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt_proto import (
+        NEED_DATA,
+        ClientConnection,
+        ErrorCode,
+        ServerConnection,
+        SessionFailed,
+        SessionRegistry,
+    )
+    from keymgmt_proto._ops import CreateKeyIdRequest, SecretKind
+    from keymgmt_proto._sessionstate import session_sealing_key
+
+    from .helpers import login, register
+
+    storage = backend_storage
+    keyserver = KeyServer(storage, decoys=DecoyRecords(SETUP))
+
+    def registry():
+        return SessionRegistry(
+            store=storage.session_store, sealing_key=session_sealing_key(SETUP.to_bytes()), random=os.urandom
+        )
+
+    pair = InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry()), keyserver
+    )
+    register(pair, b"abandon@example.org")
+    established = login(pair, b"abandon@example.org")
+    pair.client.send_request(
+        established.session_id, CreateKeyIdRequest(established.user_id, SecretKind.GENERATED).encode()
+    )
+    pair.client.close()  # GOAWAY right behind the request, in the same read
+    server = pair.server
+    server.receive_data(pair.client.data_to_send(), 1.0)
+    with pytest.raises(StorageError), storage.batch():
+        while (event := server.next_event()) is not NEED_DATA:
+            keyserver(server, event)
+        raise StorageError("the commit fails")
+    server.abandon()
+    assert server.data_to_send() == b""  # not even the answer produced before the failure
+    (detached,) = pair.client.take_detached_sessions()
+    other = InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry()), keyserver
+    )
+    other.client.resume_session(detached)
+    failed = [e for e in other.pump() if isinstance(e, SessionFailed)]
+    assert [f.code for f in failed] == [ErrorCode.UNKNOWN_SESSION]
+
+
+def test_a_failing_session_store_keeps_the_session_in_memory():
+    import os
+
+    from keymgmt.adapters import InMemoryPair, MemoryServerApp
+    from keymgmt_proto import ClientConnection, ServerConnection, SessionRegistry, SessionResumed
+
+    from .helpers import login, register
+
+    class BrokenStore:
+        def save(self, handle, sealed_state, expires_at):
+            raise StorageError("database is locked")
+
+        def claim(self, handle):
+            raise StorageError("database is locked")
+
+    registry = SessionRegistry(store=BrokenStore(), sealing_key=bytes(32), random=os.urandom)
+    app = MemoryServerApp()
+    pair = InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
+    )
+    register(pair, b"kept")
+    login(pair, b"kept")
+    pair.client.connection_lost()
+    pair.server.connection_lost()  # the save fails: no exception, the session stays here
+    pair.pump()
+    (detached,) = pair.client.take_detached_sessions()
+    again = InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
+    )
+    again.client.resume_session(detached)
+    assert any(isinstance(e, SessionResumed) for e in again.pump())

@@ -185,3 +185,27 @@ async def test_key_id_reservations_per_session_are_bounded(tmp_path):
         assert refused.value.status is Status.INVALID
         await store(key_ids[-1])
         assert [k.key_id for k in await session.list_keys()] == [key_ids[-1]]
+
+
+@pytest.mark.anyio
+async def test_logins_started_in_parallel_cannot_pass_the_threshold(tmp_path):
+    import anyio
+
+    policy = ThrottlePolicy(threshold=5, base_delay=60.0)
+    async with key_server(tmp_path, throttle=policy) as world, world.client() as client:
+        await client.register(b"frank@example.org", PASSWORD)
+        outcomes: list[str] = []
+
+        async def guess() -> None:
+            try:
+                await client.login(b"frank@example.org", b"guess")
+            except AuthenticationError:
+                outcomes.append("wrong password")
+            except ThrottledError:
+                outcomes.append("throttled")
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(guess)
+        assert outcomes.count("wrong password") <= 5  # at most the threshold got to try
+        assert outcomes.count("throttled") >= 25
