@@ -114,20 +114,20 @@ class ThrottledError(KeymgmtError):
     """Too many failed logins for this account: the server refuses logins for a while (NET-10)."""
 
 
-class RegistrationError(KeymgmtError):
+class _CodedError(KeymgmtError):
+    """An error that carries the protocol's ``ErrorCode``."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RegistrationError(_CodedError):
     """Registration refused (name taken or not allowed); ``code`` says which."""
 
-    def __init__(self, message: str, code: ErrorCode) -> None:
-        super().__init__(message)
-        self.code = code
 
-
-class SessionEndedError(KeymgmtError):
+class SessionEndedError(_CodedError):
     """The session is over (logout, idle timeout, lifetime, request limit); log in again."""
-
-    def __init__(self, message: str, code: ErrorCode) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class ConnectionLostError(KeymgmtError):

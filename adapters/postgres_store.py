@@ -386,8 +386,3 @@ class PostgresStorage:
 
     def close(self) -> None:
         self._pool.close()
-
-    def drop_schema(self) -> None:
-        """Remove the schema and everything in it (tests; irreversible)."""
-        with self._pool.connection() as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))

@@ -69,11 +69,6 @@ class ErrorCode(IntEnum):
     #: The handshake (registration/login) took longer than the server allows.
     HANDSHAKE_TIMEOUT = 20
 
-    @classmethod
-    def from_wire(cls, value: int) -> ErrorCode:
-        """Map a received code; unknown values are reported as MALFORMED by the caller."""
-        return cls(value)
-
 
 class ProtocolError(Exception):
     """Base class: a protocol rule was broken. ``code`` says which."""
