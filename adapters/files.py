@@ -1,12 +1,15 @@
-"""Owner-only files: created 0600, refused if they already exist with wider permissions."""
+"""Owner-only files (created 0600, refused if they exist with wider permissions) and the
+shared set-up of the project's SQLite files."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+import time
 from pathlib import Path
 
-__all__ = ["ensure_private_file"]
+__all__ = ["BUSY_TIMEOUT_MS", "enable_wal", "ensure_private_file"]
 
 
 def ensure_private_file(path: Path, error: type[Exception]) -> None:
@@ -26,3 +29,28 @@ def ensure_private_file(path: Path, error: type[Exception]) -> None:
     except OSError as exc:
         raise error(f"cannot create {path}: {exc.strerror}") from None
     os.close(fd)
+
+
+BUSY_TIMEOUT_MS = 5000
+"""How long a SQLite connection waits for another one's write lock."""
+
+
+def enable_wal(db: sqlite3.Connection, path: Path, error: type[Exception]) -> None:
+    """Put the SQLite file behind ``db`` in WAL mode (``":memory:"`` stays in memory).
+
+    SQLite answers "database is locked" at once, without waiting on busy_timeout, when
+    another connection holds the file during the switch (several processes opening a new
+    file together), so this retries for up to BUSY_TIMEOUT_MS.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+            continue
+        if mode not in ("wal", "memory"):
+            raise error(f"{path}: SQLite refused WAL mode (journal_mode={mode})")
+        return

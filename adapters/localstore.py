@@ -13,14 +13,14 @@ from pathlib import Path
 
 from keymgmt_proto._ops import SecretKind
 
-from .files import ensure_private_file
+from .files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .storage import SecretRecord
 
 __all__ = ["LocalStore", "LocalStoreError"]
 
 
 class LocalStoreError(Exception):
-    """The local store file cannot be used (permissions, ownership)."""
+    """The local store file cannot be used (permissions, ownership, not a database)."""
 
 
 _SCHEMA = """
@@ -42,11 +42,13 @@ class LocalStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         ensure_private_file(Path(self.path), LocalStoreError)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute(
-            "PRAGMA journal_mode = WAL" if self.path != ":memory:" else "PRAGMA journal_mode = MEMORY"
-        )
-        self._db.execute(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            enable_wal(self._db, Path(self.path), LocalStoreError)
+            self._db.execute(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise LocalStoreError(f"cannot open local store {self.path}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"LocalStore({self.path!r})"

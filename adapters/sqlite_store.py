@@ -19,7 +19,7 @@ from pathlib import Path
 
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
-from .files import ensure_private_file
+from .files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["SQLiteStorage"]
@@ -279,10 +279,10 @@ class SQLiteStorage:
         self._savepoints = 0
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            enable_wal(self._db, self.path, StorageError)
             self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA busy_timeout = 5000")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None

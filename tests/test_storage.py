@@ -143,3 +143,46 @@ def test_existing_database_files_open_to_others_are_refused(tmp_path):
         SQLiteStorage(tmp_path / "ks.db")
     with pytest.raises(LocalStoreError, match="chmod 600"):
         LocalStore(tmp_path / "local.db")
+
+
+def _open_together(open_one, rounds: int = 80, openers: int = 8) -> list[Exception]:
+    """Open a new file from several threads at once, ``rounds`` times; return what failed."""
+    import threading
+
+    failures: list[Exception] = []
+    for round_no in range(rounds):
+        barrier = threading.Barrier(openers)
+
+        def opener(round_no: int = round_no, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                open_one(round_no).close()
+            except Exception as exc:  # collected and asserted on below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=opener) for _ in range(openers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return failures
+
+
+def test_several_processes_can_open_a_new_key_server_database_together(tmp_path):
+    """Switching a new file to WAL answers "database is locked" without waiting when
+    another connection holds it; several instances starting at once must all open it."""
+    assert _open_together(lambda n: SQLiteStorage(tmp_path / f"ks{n}.db")) == []
+    storage = SQLiteStorage(tmp_path / "ks0.db")
+    assert storage._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    storage.close()
+
+
+def test_local_store_opens_together_and_rejects_a_non_database(tmp_path):
+    from keymgmt.adapters.localstore import LocalStore, LocalStoreError
+
+    assert _open_together(lambda n: LocalStore(tmp_path / f"local{n}.db")) == []
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database file, it is just text" * 100)
+    garbage.chmod(0o600)
+    with pytest.raises(LocalStoreError, match=r"cannot open local store .*garbage\.db"):
+        LocalStore(garbage)
