@@ -111,6 +111,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("sessions", "max_payload", int, 65536, "KEYMGMT_MAX_PAYLOAD", "largest frame payload in bytes"),
     Option(
+        "sessions",
+        "max_hot",
+        int,
+        1024,
+        "KEYMGMT_MAX_HOT_SESSIONS",
+        "sessions whose ciphers stay built; idle ones beyond keep only their keys",
+    ),
+    Option(
         "throttle",
         "threshold",
         int,
@@ -201,6 +209,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             max_requests_in_flight=values["sessions.max_in_flight"],  # type: ignore[arg-type]
             max_sessions_per_connection=values["sessions.max_per_connection"],  # type: ignore[arg-type]
             max_payload=values["sessions.max_payload"],  # type: ignore[arg-type]
+            max_hot_channels=values["sessions.max_hot"],  # type: ignore[arg-type]
         )
         throttle = ThrottlePolicy(
             threshold=values["throttle.threshold"],  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from . import _opaque
 from ._connection import ConnectionBase
-from ._crypto import Channel, RandomSource
+from ._crypto import Channel, HotChannels, RandomSource
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     LoginFailed,
@@ -80,12 +80,21 @@ class ServerConfig:
     max_sessions_per_connection: int = 256
     #: Largest frame payload accepted.
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    #: Sessions (across the registry) whose AEAD objects stay built: the most recently
+    #: used. The others keep only their keys and rebuild them on use (about 2 µs); this
+    #: bounds the memory of idle sessions (P4).
+    max_hot_channels: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "idle_timeout", "session_lifetime"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("max_requests_per_session", "max_requests_in_flight", "max_sessions_per_connection"):
+        for name in (
+            "max_requests_per_session",
+            "max_requests_in_flight",
+            "max_sessions_per_connection",
+            "max_hot_channels",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -150,6 +159,7 @@ class SessionRegistry:
         self._store = store
         self._sealing_key = sealing_key
         self._random = random
+        self._hot = HotChannels(self.config.max_hot_channels)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -175,6 +185,8 @@ class SessionRegistry:
             if deadline <= now:
                 del self._sessions[handle]
                 session.state = State.CLOSED
+                if session.channel is not None:
+                    self._hot.discard(session.channel)
                 assert session.user_id is not None
                 expired.append((session.user_id, code))
         return expired
@@ -190,6 +202,7 @@ class SessionRegistry:
     def _remove(self, session: _ServerSession) -> None:
         if session.channel is not None:
             self._sessions.pop(session.channel.session_handle, None)
+            self._hot.discard(session.channel)
 
     def _get(self, handle: bytes) -> _ServerSession | None:
         session = self._sessions.get(handle)
@@ -224,6 +237,7 @@ class SessionRegistry:
         except Exception:  # an injected store may fail: keep the session here instead
             return
         self._sessions.pop(handle, None)
+        self._hot.discard(session.channel)
         session.state = State.CLOSED  # this copy is done; the store holds the session now
 
     def _claim(self, handle: bytes) -> _ServerSession | None:
@@ -458,6 +472,7 @@ class ServerConnection(ConnectionBase):
 
     def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> None:
         assert session.channel is not None
+        self.registry._hot.touch(session.channel)
         record = session.channel.seal(frame_type, plaintext)
         self._send(frame_type, session.session_id, record.encode())
 
@@ -469,6 +484,8 @@ class ServerConnection(ConnectionBase):
         self._sessions.pop(session.session_id, None)
         if session.kind is SessionKind.REQUEST:
             self.registry._remove(session)
+        elif session.channel is not None:
+            self.registry._hot.discard(session.channel)
 
     def _close_with(self, session: _ServerSession, code: ErrorCode, reason: str) -> None:
         """End a session, telling the peer: sealed CLOSE if the channel exists, else ABORT."""
@@ -628,6 +645,7 @@ class ServerConnection(ConnectionBase):
         target = next_state(Role.SERVER, session.kind, session.state, Command.RESUME)
         if target is None:
             raise unknown
+        self.registry._hot.touch(session.channel)
         try:
             Resume.decode(session.channel.open(FrameType.RESUME, envelope.record, allow_gap=True))
         except RemoteProtocolError:
@@ -653,6 +671,7 @@ class ServerConnection(ConnectionBase):
 
     def _open_sealed(self, session: _ServerSession, frame: Frame) -> bytes:
         assert session.channel is not None
+        self.registry._hot.touch(session.channel)
         plaintext = session.channel.open(frame.type, Record.decode(frame.payload))
         session.last_activity = self._now
         return plaintext

@@ -28,17 +28,25 @@ __all__ = [
 ]
 
 
-class Role(Enum):
+class _FastHashEnum(Enum):
+    """Members are singletons compared by identity, so hash them by identity too: the
+    transition table is looked up several times per frame and Enum's own ``__hash__``
+    runs Python code."""
+
+    __hash__ = object.__hash__
+
+
+class Role(_FastHashEnum):
     CLIENT = "client"
     SERVER = "server"
 
 
-class SessionKind(Enum):
+class SessionKind(_FastHashEnum):
     REGISTRATION = "registration"
     REQUEST = "request"
 
 
-class State(Enum):
+class State(_FastHashEnum):
     """Session states. Client-only, server-only and shared states share one namespace."""
 
     IDLE = "IDLE"
@@ -62,7 +70,7 @@ class State(Enum):
     CLOSED = "CLOSED"
 
 
-class Command(Enum):
+class Command(_FastHashEnum):
     """Local actions on a session (API calls, timers, connection loss)."""
 
     OPEN = "open"

@@ -22,6 +22,8 @@ def test_defaults_file_and_environment_layer_in_that_order(tmp_path):
     assert settings.protocol.idle_timeout == 300.0
     settings = load_settings(config, env={"KEYMGMT_PORT": "9100", "KEYMGMT_IDLE_TIMEOUT": "12.5"})
     assert settings.port == 9100 and settings.protocol.idle_timeout == 12.5
+    hot = load_settings(None, env={"KEYMGMT_MAX_HOT_SESSIONS": "7"}).protocol.max_hot_channels
+    assert hot == 7
     assert load_settings(None, env={}).port == 7443
 
 
@@ -41,6 +43,7 @@ def test_every_option_is_rendered_and_parsed(tmp_path):
         ("[server]\nport = 70000\n", {}, "at most 65535"),
         ("[server]\nprot = 1\n", {}, "unknown option server.prot"),
         ("[sessions]\nidle_timeout = 0\n", {}, "idle_timeout must be positive"),
+        ("[sessions]\nmax_hot = 0\n", {}, "max_hot_channels must be at least 1"),
         ("[server\n", {}, "not valid TOML"),
         ("", {"KEYMGMT_MAX_CONNECTIONS": "-3"}, "$KEYMGMT_MAX_CONNECTIONS"),
         ("server = 3\n", {}, "must be a table"),
