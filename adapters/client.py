@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
@@ -237,6 +237,8 @@ class KeymgmtClient:
         #: Bumped on every (re)connection; tells you how often the link was replaced.
         self.connection_count = 0
         self._send_lock = anyio.Lock()
+        # account name -> (lock, logins holding or waiting for it); see _login_turn
+        self._login_turns: dict[bytes, tuple[anyio.Lock, int]] = {}
         self._connected = anyio.Event()
         # Sessions are known by a token that survives resumption on a new connection.
         self._next_token = 1
@@ -309,12 +311,32 @@ class KeymgmtClient:
         return event.user_id
 
     async def login(self, account_name: bytes, password: bytes) -> KeySession:
-        """Open a request session (NET-6)."""
-        await self._ready()
-        token = self._open(lambda: self._conn.open_request_session(account_name, password))
-        event = await self._await_session(token)
+        """Open a request session (NET-6). Logins of one account on this client take
+        turns (logins of different accounts run in parallel): the key server counts every
+        login as a failed attempt until it succeeds (NET-10), so a burst of parallel
+        logins of one account would trip its throttle."""
+        async with self._login_turn(account_name):
+            await self._ready()
+            token = self._open(lambda: self._conn.open_request_session(account_name, password))
+            event = await self._await_session(token)
         assert isinstance(event, SessionEstablished)
         return KeySession(self, token, event.user_id, event.export_key)
+
+    @contextlib.asynccontextmanager
+    async def _login_turn(self, account_name: bytes) -> AsyncIterator[None]:
+        lock, users = self._login_turns.get(account_name, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._login_turns[account_name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._login_turns[account_name]
+            if users == 1:
+                del self._login_turns[account_name]
+            else:
+                self._login_turns[account_name] = (lock, users - 1)
 
     async def request(self, token: int, body: bytes) -> bytes:
         """Send a request body on a session and wait for its answer."""

@@ -177,32 +177,37 @@ async def throughput(server: Server, sessions: int, duration: float, warmup: flo
 
 async def open_sessions(server: Server, count: int, concurrency: int, *, shared: bool) -> dict[str, float]:
     """Server CPU to open ``count`` request sessions over one connection (``shared``) or
-    over one new TLS connection each. Registration happens before the measurement."""
+    over one new TLS connection each, ``concurrency`` logins at a time. Login ``i`` uses
+    account ``i % concurrency``: a client takes turns for logins of one account (NET-10
+    counts each as a failed attempt until it succeeds), so one account per concurrent
+    login keeps both cases equally parallel. Registration happens before the measurement."""
+    accounts = [ACCOUNT + b"-p5-%d" % i for i in range(concurrency)]
     async with await _client(server) as client:
-        await client.register(ACCOUNT, PASSWORD)
+        for account in accounts:
+            await client.register(account, PASSWORD)
     limiter = anyio.CapacityLimiter(concurrency)
     await anyio.sleep(0.2)
     cpu0, t0 = server.cpu_seconds, time.perf_counter()
     if shared:
         async with await _client(server) as client:
 
-            async def one_shared() -> None:
+            async def one_shared(account: bytes) -> None:
                 async with limiter:
-                    await client.login(ACCOUNT, PASSWORD)
+                    await client.login(account, PASSWORD)
 
             async with anyio.create_task_group() as tg:
-                for _ in range(count):
-                    tg.start_soon(one_shared)
+                for i in range(count):
+                    tg.start_soon(one_shared, accounts[i % concurrency])
             await anyio.sleep(0.2)
     else:
 
-        async def one_connection() -> None:
+        async def one_connection(account: bytes) -> None:
             async with limiter, await _client(server) as own:
-                await own.login(ACCOUNT, PASSWORD)
+                await own.login(account, PASSWORD)
 
         async with anyio.create_task_group() as tg:
-            for _ in range(count):
-                tg.start_soon(one_connection)
+            for i in range(count):
+                tg.start_soon(one_connection, accounts[i % concurrency])
         await anyio.sleep(0.2)  # let the server finish closing the last connections
     cpu1, t1 = server.cpu_seconds, time.perf_counter()
     return {"server_cpu_per_session": (cpu1 - cpu0) / count, "seconds": t1 - t0, "sessions": count}
@@ -231,9 +236,12 @@ class WholeBufferClient(KeymgmtClient):
 async def loop_lag(server: Server, logins: int, *, frame_at_a_time: bool) -> dict[str, float]:
     """Worst event-loop lag seen by a 2 ms ticker while ``logins`` logins run concurrently."""
     cls = KeymgmtClient if frame_at_a_time else WholeBufferClient
+    # One account per login: a client takes turns for logins of one account (NET-10).
+    accounts = [ACCOUNT + b"-%d" % i for i in range(logins)]
     async with await _client(server) as setup_client:
-        with contextlib.suppress(Exception):
-            await setup_client.register(ACCOUNT, PASSWORD)
+        for account in accounts:
+            with contextlib.suppress(Exception):  # already there from the previous run
+                await setup_client.register(account, PASSWORD)
     lags: list[float] = []
     async with await _client(server, cls) as client:
         done = anyio.Event()
@@ -248,8 +256,8 @@ async def loop_lag(server: Server, logins: int, *, frame_at_a_time: bool) -> dic
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
             async with anyio.create_task_group() as logins_tg:
-                for _ in range(logins):
-                    logins_tg.start_soon(client.login, ACCOUNT, PASSWORD)
+                for account in accounts:
+                    logins_tg.start_soon(client.login, account, PASSWORD)
             done.set()
         elapsed = time.perf_counter() - t0
     lags.sort()

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from keymgmt.adapters import InMemoryPair
-from keymgmt.adapters.client import AuthenticationError, RequestRefusedError, ThrottledError
+from keymgmt.adapters.client import AuthenticationError, KeymgmtClient, RequestRefusedError, ThrottledError
 from keymgmt.adapters.decoy import DecoyRecords
 from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
 from keymgmt.adapters.sqlite_store import SQLiteStorage
@@ -189,14 +189,19 @@ async def test_key_id_reservations_per_session_are_bounded(tmp_path):
 
 @pytest.mark.anyio
 async def test_logins_started_in_parallel_cannot_pass_the_threshold(tmp_path):
+    from contextlib import AsyncExitStack
+
     import anyio
 
     policy = ThrottlePolicy(threshold=5, base_delay=60.0)
-    async with key_server(tmp_path, throttle=policy) as world, world.client() as client:
-        await client.register(b"frank@example.org", PASSWORD)
+    async with key_server(tmp_path, throttle=policy) as world, AsyncExitStack() as stack:
+        # One client per guess: a KeymgmtClient takes turns for logins of one account, an
+        # attacker's own code does not.
+        clients = [await stack.enter_async_context(world.client()) for _ in range(30)]
+        await clients[0].register(b"frank@example.org", PASSWORD)
         outcomes: list[str] = []
 
-        async def guess() -> None:
+        async def guess(client: KeymgmtClient) -> None:
             try:
                 await client.login(b"frank@example.org", b"guess")
             except AuthenticationError:
@@ -205,7 +210,31 @@ async def test_logins_started_in_parallel_cannot_pass_the_threshold(tmp_path):
                 outcomes.append("throttled")
 
         async with anyio.create_task_group() as tg:
-            for _ in range(30):
-                tg.start_soon(guess)
+            for client in clients:
+                tg.start_soon(guess, client)
         assert outcomes.count("wrong password") <= 5  # at most the threshold got to try
         assert outcomes.count("throttled") >= 25
+
+
+@pytest.mark.anyio
+async def test_one_client_logs_in_one_account_many_times_at_once(tmp_path):
+    """Every login counts as a failed attempt until it succeeds (NET-10), so the client
+    takes turns for logins of one account: a burst of them must not trip the throttle."""
+    import anyio
+
+    policy = ThrottlePolicy(threshold=3, base_delay=60.0)
+    async with key_server(tmp_path, throttle=policy) as world, world.client() as client:
+        await client.register(b"grace@example.org", PASSWORD)
+        await client.register(b"heidi@example.org", PASSWORD)
+        sessions = []
+
+        async def login(name: bytes) -> None:
+            sessions.append(await client.login(name, PASSWORD))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(login, b"grace@example.org" if i % 2 else b"heidi@example.org")
+        assert len(sessions) == 12
+        assert client._login_turns == {}  # nothing left behind per account
+        with world.storage.transaction() as tx:
+            assert tx.get_login_failures(b"grace@example.org")[0] == 0
