@@ -276,7 +276,6 @@ class SQLiteStorage:
         self.path = Path(path)
         ensure_private_file(self.path, StorageError)
         self._batch_depth = 0
-        self._savepoints = 0
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -359,20 +358,20 @@ class SQLiteStorage:
 
     @contextmanager
     def _savepoint(self) -> Iterator[Transaction]:
-        """A transaction() inside batch(): a savepoint that rolls back on its own."""
-        self._savepoints += 1
-        name = f"op{self._savepoints}"
-        self._db.execute(f"SAVEPOINT {name}")
+        """A transaction() inside batch(): a savepoint that rolls back on its own. Nested
+        ones share the name (SQLite pairs ROLLBACK TO and RELEASE with the innermost), so
+        the three statements stay in sqlite3's prepared-statement cache."""
+        self._db.execute("SAVEPOINT op")
         try:
             yield _SQLiteTransaction(self._db)
         except BaseException as exc:
             with suppress(sqlite3.Error):
-                self._db.execute(f"ROLLBACK TO {name}")
-                self._db.execute(f"RELEASE {name}")
+                self._db.execute("ROLLBACK TO op")
+                self._db.execute("RELEASE op")
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
             raise
-        self._db.execute(f"RELEASE {name}")
+        self._db.execute("RELEASE op")
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
