@@ -111,7 +111,8 @@ class AuthenticationError(KeymgmtError):
 
 
 class ThrottledError(KeymgmtError):
-    """Too many failed logins for this account: the server refuses logins for a while (NET-10)."""
+    """Too many login attempts for this account (failed, or started and not yet finished):
+    the server refuses logins for a while (NET-10)."""
 
 
 class _CodedError(KeymgmtError):
@@ -184,7 +185,7 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     if event.code is ErrorCode.AUTHENTICATION_FAILED:
         return AuthenticationError("login failed: wrong password or unknown account")
     if event.code is ErrorCode.THROTTLED:
-        return ThrottledError("too many failed logins for this account; try again later")
+        return ThrottledError("too many login attempts for this account; try again later")
     if event.code in (ErrorCode.ACCOUNT_EXISTS, ErrorCode.INVALID_ACCOUNT_NAME):
         text = (
             "account name already registered"

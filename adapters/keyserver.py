@@ -234,7 +234,7 @@ class KeyServer:
                     tx.lock_login(event.account_name, now + int(wait * 1_000_000))
         if throttled:  # the same answer for registered and unknown names (NET-9)
             log.info("login throttled (session %d)", event.session_id)
-            conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many failed logins; retry later")
+            conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many login attempts; retry later")
             return
         if account is not None:
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
