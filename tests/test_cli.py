@@ -156,7 +156,9 @@ def test_cli_errors_are_one_line_with_documented_exit_codes(server, tmp_path):
     assert other.returncode == 0
     untrusted = run_client(server, tmp_path, "list", ca=tmp_path / "other" / "ca.pem")
     assert untrusted.returncode == 6 and "not trusted" in untrusted.stderr
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10  # the server logs the refused handshake on its own time
+    while not any("TLS handshake" in line for line in server.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert any("TLS handshake" in line for line in server.log)
 
 

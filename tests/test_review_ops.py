@@ -245,7 +245,7 @@ def test_a_bit_flipped_or_extended_setup_file_is_a_clear_error(tmp_path):
 async def test_expiry_of_a_detached_session_is_audited(tmp_path):
     from keymgmt_proto import ServerConfig
 
-    async with key_server(tmp_path, ServerConfig(idle_timeout=0.3)) as world:
+    async with key_server(tmp_path, ServerConfig(idle_timeout=1.5)) as world:
         async with world.client() as client:
             await client.register(ALICE, PW)
             session = await client.login(ALICE, PW)
@@ -254,7 +254,7 @@ async def test_expiry_of_a_detached_session_is_audited(tmp_path):
             await anyio.sleep(0.05)
         # The connection is gone; the session is detached and expires on the server.
         async with world.client() as client:
-            await anyio.sleep(0.8)
+            await anyio.sleep(2.5)
             session = await client.login(ALICE, PW)
             actions = [e.action for e in await session.audit()]
         assert Action.SESSION_EXPIRED in actions
