@@ -396,8 +396,25 @@ class KeymgmtClient:
 
     async def _await_session(self, token: int) -> Event:
         waiter = self._session_waiters[token]
+        try:
+            await self._flush()
+            return await waiter.wait()
+        except BaseException:
+            # Cancelled (a caller's timeout) or failed while the handshake runs: abort it
+            # before the caller goes on, so no session is left that nobody holds, and the
+            # next login of this account starts only after the server has heard of it.
+            with anyio.CancelScope(shield=True):
+                await self._abort_handshake(token)
+            raise
+
+    async def _abort_handshake(self, token: int) -> None:
+        session_id = self._sid_of.get(token)
+        if session_id is None:  # it has ended already (that is what raised)
+            return
+        with contextlib.suppress(LocalProtocolError):
+            self._conn.abort_session(session_id, "abandoned by the client")
+        self._fail_session(token, KeymgmtError("abandoned while opening"))
         await self._flush()
-        return await waiter.wait()
 
     async def _flush(self) -> None:
         async with self._send_lock:

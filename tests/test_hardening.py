@@ -238,3 +238,48 @@ async def test_one_client_logs_in_one_account_many_times_at_once(tmp_path):
         assert client._login_turns == {}  # nothing left behind per account
         with world.storage.transaction() as tx:
             assert tx.get_login_failures(b"grace@example.org")[0] == 0
+
+
+class _SlowAnswers:
+    """The client's end of a link whose answers arrive ``delay`` seconds late."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        import anyio
+
+        await anyio.sleep(self.delay)
+        return await self.inner.receive(max_bytes)
+
+    async def send(self, data: bytes) -> None:
+        await self.inner.send(data)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_login_is_aborted_before_the_next_one(tmp_path):
+    """A login cancelled by the caller (its timeout) is aborted at once: no session is
+    left that nobody holds, on either side, and the next login of the account follows it."""
+    import anyio
+
+    from keymgmt.adapters.serve import serve_stream
+    from keymgmt.adapters.streams import memory_stream_pair
+
+    policy = ThrottlePolicy(threshold=5, base_delay=60.0)
+    async with key_server(tmp_path, throttle=policy) as world:
+        async with world.client() as setup_client:
+            await setup_client.register(b"ivan@example.org", PASSWORD)
+        client_end, server_end = memory_stream_pair()
+        world.task_group.start_soon(serve_stream, server_end, SETUP, world.keyserver, world.registry)
+        async with KeymgmtClient(_SlowAnswers(client_end, 0.1)) as client:
+            for _ in range(2):
+                with anyio.move_on_after(0.02):
+                    await client.login(b"ivan@example.org", PASSWORD)
+            session = await client.login(b"ivan@example.org", PASSWORD)
+            await session.list_keys()
+            assert len(client._sid_of) == 1  # only the session the caller holds
+            assert client._login_turns == {}
+            assert len(world.registry) == 1  # the server kept no session for the cancelled ones
