@@ -361,6 +361,12 @@ class SQLiteStorage:
         """A transaction() inside batch(): a savepoint that rolls back on its own. Nested
         ones share the name (SQLite pairs ROLLBACK TO and RELEASE with the innermost), so
         the three statements stay in sqlite3's prepared-statement cache."""
+        if not self._db.in_transaction:
+            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
+            # whole batch, not just their savepoint. Without this check the next SAVEPOINT
+            # would start, and its RELEASE commit, a transaction of its own: writes whose
+            # answers abandon() drops would be durable all the same.
+            raise StorageError("the batch's transaction was rolled back")
         self._db.execute("SAVEPOINT op")
         try:
             yield _SQLiteTransaction(self._db)

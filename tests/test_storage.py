@@ -186,3 +186,27 @@ def test_local_store_opens_together_and_rejects_a_non_database(tmp_path):
     garbage.chmod(0o600)
     with pytest.raises(LocalStoreError, match=r"cannot open local store .*garbage\.db"):
         LocalStore(garbage)
+
+
+def test_nothing_commits_after_an_error_rolled_back_the_whole_batch(tmp_path):
+    """An error that rolls back the whole transaction mid-batch (here a trigger's
+    RAISE(ROLLBACK); disk full and I/O errors do the same) must not let the batch's later
+    operations commit on their own: the batch fails and none of it is stored."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    storage._db.execute(
+        "CREATE TEMP TRIGGER boom BEFORE INSERT ON login_throttle WHEN NEW.account_name = x'626f6f6d' "
+        "BEGIN SELECT RAISE(ROLLBACK, 'boom'); END"
+    )
+    with pytest.raises(StorageError), storage.batch():
+        with storage.transaction() as tx:
+            tx.record_login_failure(b"before", now=1)
+        with pytest.raises(StorageError), storage.transaction() as tx:
+            tx.record_login_failure(b"boom", now=1)
+        with pytest.raises(StorageError, match="rolled back"), storage.transaction() as tx:
+            tx.record_login_failure(b"after", now=1)
+    with storage.transaction() as tx:
+        assert tx.get_login_failures(b"before")[0] == 0
+        assert tx.get_login_failures(b"after")[0] == 0
+    with storage.transaction() as tx:  # the storage is usable again
+        assert tx.record_login_failure(b"after", now=2) == 1
+    storage.close()
