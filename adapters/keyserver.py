@@ -17,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TypeVar
 from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
@@ -33,7 +32,6 @@ from keymgmt_proto import (
     ServerConnection,
     SessionClosed,
     SessionFailed,
-    State,
 )
 from keymgmt_proto._crypto import RandomSource
 from keymgmt_proto._errors import RemoteProtocolError
@@ -65,14 +63,11 @@ from keymgmt_proto._ops import (
 )
 
 from .decoy import DecoyRecords
-from .logingate import LoginGate
 from .storage import Account, AuditQuery, AuditRecord, SecretRecord, Storage, StorageError, Transaction
 
 __all__ = ["KeyServer", "ThrottlePolicy", "default_account_name_policy"]
 
 log = logging.getLogger("keymgmt.server")
-
-_E = TypeVar("_E", bound=Event)
 
 #: Key ids one session may have drawn but not yet stored.
 MAX_RESERVED_KEY_IDS = 16
@@ -158,8 +153,6 @@ class KeyServer:
         self._reserved: WeakKeyDictionary[ServerConnection, dict[int, OrderedDict[bytes, SecretKind]]] = (
             WeakKeyDictionary()
         )
-        #: Logins of one account take turns, below the throttle threshold (logingate.py).
-        self._gate = LoginGate(max(1, self.throttle.threshold - 1))
 
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
@@ -173,25 +166,9 @@ class KeyServer:
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
 
-    def attach(self, conn: ServerConnection, wake: Callable[[], None]) -> None:
-        """For the connection driver: ``wake()`` makes it run a batch (and :meth:`poll`)
-        soon; called when a login queued on ``conn`` may go ahead."""
-        self._gate.attach(conn, wake)
-
-    def poll(self, conn: ServerConnection) -> None:
-        """For the connection driver, at the start of each batch: start ``conn``'s queued
-        logins whose turn has come."""
-        for event in self._gate.ready(conn):
-            self._handle(conn, event, self._begin_login)
-
     def __call__(self, conn: ServerConnection, event: Event) -> None:
-        self._handle(conn, event, self._dispatch)
-
-    def _handle(
-        self, conn: ServerConnection, event: _E, handler: Callable[[ServerConnection, _E], None]
-    ) -> None:
         try:
-            handler(conn, event)
+            self._dispatch(conn, event)
         except StorageError as exc:
             log.error("storage failure while handling %s: %s", type(event).__name__, exc)
             self._refuse(conn, event, Status.INTERNAL_ERROR)
@@ -225,21 +202,14 @@ class KeyServer:
         elif isinstance(event, RegistrationCompleted):
             self._on_registration_completed(conn, event)
         elif isinstance(event, LoginRequested):
-            if self._gate.may_start(conn, event):
-                self._begin_login(conn, event)
+            self._on_login_requested(conn, event)
         elif isinstance(event, LoginSucceeded):
-            try:
-                with self.storage.transaction() as tx:
-                    tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, self.now_us(), Outcome.SUCCESS))
-                    tx.clear_login_failures(event.account_name)
-            finally:
-                self._gate.resolved(event.account_name)
+            with self.storage.transaction() as tx:
+                tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, self.now_us(), Outcome.SUCCESS))
+                tx.clear_login_failures(event.account_name)
             log.info("login succeeded (session %d)", event.session_id)
         elif isinstance(event, LoginFailed):
-            try:
-                self._on_login_failed(conn, event)
-            finally:
-                self._gate.resolved(event.account_name)
+            self._on_login_failed(conn, event)
         elif isinstance(event, SessionClosed | SessionFailed):
             self._session_reservations(conn).pop(event.session_id, None)
             if isinstance(event, SessionClosed) and event.user_id is not None:
@@ -247,14 +217,7 @@ class KeyServer:
                 action = Action.LOGOUT if closed_by_client else Action.SESSION_EXPIRED
                 self._audit(event.user_id, action, Outcome.SUCCESS)
 
-    def _begin_login(self, conn: ServerConnection, event: LoginRequested) -> None:
-        try:
-            self._start_login(conn, event)
-        finally:
-            if conn.session_state(event.session_id) is not State.AWAIT_LOGIN_FINISH:
-                self._gate.resolved(event.account_name)  # refused at once: the next may go
-
-    def _start_login(self, conn: ServerConnection, event: LoginRequested) -> None:
+    def _on_login_requested(self, conn: ServerConnection, event: LoginRequested) -> None:
         now = self.now_us()
         with self.storage.transaction() as tx:
             account = tx.get_account(event.account_name)
@@ -275,7 +238,6 @@ class KeyServer:
             return
         if account is not None:
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
-            self._gate.started(conn, event)
             return
         # No per-user log to write to: the attempt is logged (the name is not).
         log.info("login attempt for an unknown account (session %d)", event.session_id)
@@ -288,7 +250,6 @@ class KeyServer:
             decoy_sessions = self._decoy_sessions[conn] = set()
         decoy_sessions.add(event.session_id)
         conn.accept_login(event.session_id, user_id, record)
-        self._gate.started(conn, event)
 
     def _on_login_failed(self, conn: ServerConnection, event: LoginFailed) -> None:
         now = self.now_us()

@@ -64,25 +64,11 @@ class ConnectionDriver:
         self.peer = peer
         self.conn = ServerConnection(setup, random, registry=registry, now=self.clock())
         self._stopping = False
-        self._woken = False
         self._receive_scope: anyio.CancelScope | None = None
-        # Optional app hooks: poll(conn) at the start of each batch, and attach(conn, wake)
-        # so the app can wake this driver when something for this connection is ready
-        # outside its own events (KeyServer: a queued login whose turn has come).
-        self._poll: Callable[[ServerConnection], None] | None = getattr(app, "poll", None)
-        attach = getattr(app, "attach", None)
-        if attach is not None:
-            attach(self.conn, self.wake)
 
     def stop(self) -> None:
         """Finish what was received, say GOAWAY and close (graceful shutdown)."""
         self._stopping = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
-
-    def wake(self) -> None:
-        """Run a batch soon even if no bytes arrive (safe to call at any time)."""
-        self._woken = True
         if self._receive_scope is not None:
             self._receive_scope.cancel()
 
@@ -109,12 +95,6 @@ class ConnectionDriver:
             self._process_events()
 
     def _process_events(self) -> None:
-        self._woken = False
-        if self._poll is not None:
-            try:
-                self._poll(self.conn)
-            except Exception:
-                log.exception("server application failed in poll")
         while (event := self.conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
@@ -138,8 +118,6 @@ class ConnectionDriver:
                     return
                 deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
                 wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
-                if self._woken:  # woken while this loop was busy: go round again at once
-                    wait = 0.0
                 data: bytes | None = None
                 with anyio.CancelScope(deadline=anyio.current_time() + wait) as scope:
                     self._receive_scope = scope
