@@ -54,6 +54,7 @@ class ConnectionDriver:
         on_expired: ExpiryHook | None = None,
         peer: str = "peer",
         clock: Callable[[], float] = time.time,
+        send_timeout: float = 30.0,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
         self.stream = stream
@@ -62,8 +63,12 @@ class ConnectionDriver:
         self.receive_size = receive_size
         self.on_expired = on_expired if on_expired is not None else getattr(app, "sessions_expired", None)
         self.peer = peer
+        #: A peer that takes longer than this to take our bytes has stopped reading: the
+        #: connection is dropped, since a driver stuck in send() runs no session timers.
+        self.send_timeout = send_timeout
         self.conn = ServerConnection(setup, random, registry=registry, now=self.clock())
         self._stopping = False
+        self._stuck = False
         self._receive_scope: anyio.CancelScope | None = None
 
     def stop(self) -> None:
@@ -113,7 +118,13 @@ class ConnectionDriver:
                     self._process()
                 output = conn.data_to_send()
                 if output:
-                    await self.stream.send(output)
+                    try:
+                        with anyio.fail_after(self.send_timeout):
+                            await self.stream.send(output)
+                    except TimeoutError:
+                        log.info("connection from %s dropped: it stopped reading", self.peer)
+                        self._stuck = True
+                        return
                 if conn.failed is not None:
                     return
                 deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
@@ -141,7 +152,12 @@ class ConnectionDriver:
                 conn.connection_lost()
             self._process()
             with anyio.CancelScope(shield=True):
-                await self.stream.aclose()
+                graceful = None
+                if not self._stuck:  # else a graceful close would wait on the same full buffer
+                    with anyio.move_on_after(self.send_timeout) as graceful:
+                        await self.stream.aclose()
+                if graceful is None or graceful.cancelled_caught:
+                    await anyio.aclose_forcefully(self.stream)
 
 
 async def serve_stream(

@@ -19,11 +19,13 @@ from keymgmt_proto import (
     ErrorCode,
     LoginFailed,
     Outcome,
+    ServerConfig,
     ServerConnection,
     SessionFailed,
     SessionRegistry,
     Status,
 )
+from keymgmt_proto._wire import encode_frame
 
 from .frames import frame_type, split_frames
 from .helpers import PASSWORD, register
@@ -283,3 +285,41 @@ async def test_a_cancelled_login_is_aborted_before_the_next_one(tmp_path):
             assert len(client._sid_of) == 1  # only the session the caller holds
             assert client._login_turns == {}
             assert len(world.registry) == 1  # the server kept no session for the cancelled ones
+
+
+@pytest.mark.anyio
+async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog):
+    """A driver stuck in send() would run no timers (its sessions would never expire):
+    a peer that leaves the server's answers unread past send_timeout is dropped."""
+    import logging
+
+    import anyio
+
+    from keymgmt.adapters.serve import ConnectionDriver
+    from keymgmt.adapters.streams import memory_stream_pair
+    from keymgmt_proto import FrameType
+    from keymgmt_proto._messages import REGISTRATION_REQUEST_SIZE, RegStart
+
+    caplog.set_level(logging.INFO, logger="keymgmt.server")
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    client_end, server_end = memory_stream_pair(buffer=4)
+    driver = ConnectionDriver(
+        server_end, SETUP, KeyServer(storage), SessionRegistry(ServerConfig()), send_timeout=0.3
+    )
+    refused = RegStart(b" not a valid name ", bytes(REGISTRATION_REQUEST_SIZE)).encode()
+
+    async def flood() -> None:  # each frame draws an ABORT; none is ever read
+        for session_id in range(1, 400, 2):
+            try:
+                await client_end.send(encode_frame(FrameType.REG_START, session_id, refused))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            await anyio.sleep(0)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            await driver.run()
+            tg.cancel_scope.cancel()
+    assert any("stopped reading" in r.getMessage() for r in caplog.records)
+    storage.close()
