@@ -210,3 +210,34 @@ def test_nothing_commits_after_an_error_rolled_back_the_whole_batch(tmp_path):
     with storage.transaction() as tx:  # the storage is usable again
         assert tx.record_login_failure(b"after", now=2) == 1
     storage.close()
+
+
+def test_enable_wal_reports_a_refusal_and_does_not_retry_other_errors(tmp_path):
+    from keymgmt.adapters.files import enable_wal
+
+    class _Refusing:  # a file system where SQLite keeps the rollback journal
+        calls = 0
+
+        def execute(self, sql):
+            _Refusing.calls += 1
+            return _Cursor(("delete",))
+
+    class _Broken:
+        calls = 0
+
+        def execute(self, sql):
+            _Broken.calls += 1
+            raise sqlite3.OperationalError("disk I/O error")
+
+    class _Cursor:
+        def __init__(self, row):
+            self.row = row
+
+        def fetchone(self):
+            return self.row
+
+    with pytest.raises(StorageError, match=r"refused WAL mode \(journal_mode=delete\)"):
+        enable_wal(_Refusing(), tmp_path / "x.db", StorageError)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        enable_wal(_Broken(), tmp_path / "x.db", StorageError)
+    assert (_Refusing.calls, _Broken.calls) == (1, 1)  # only "locked" is retried
