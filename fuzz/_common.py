@@ -26,7 +26,7 @@ from keymgmt_proto import (
 from keymgmt_proto._connection import ConnectionBase
 from keymgmt_proto._crypto import Channel
 from keymgmt_proto._messages import Record as SealedRecord
-from keymgmt_proto._messages import ResumeEnvelope, decode_message
+from keymgmt_proto._messages import ResumedEnvelope, ResumeEnvelope, decode_message
 from keymgmt_proto._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, decode_header
 
 __all__ = [
@@ -203,6 +203,8 @@ def check_output(data: bytes, *, budget: int) -> None:
         try:
             if frame_type is FrameType.RESUME:
                 ResumeEnvelope.decode(payload)
+            elif frame_type is FrameType.RESUMED:
+                ResumedEnvelope.decode(payload)
             elif frame_type.sealed:
                 SealedRecord.decode(payload)
             else:

@@ -1,4 +1,4 @@
-"""Fuzz every payload decoder: each MESSAGE_TYPES class, Record, ResumeEnvelope,
+"""Fuzz every payload decoder: each MESSAGE_TYPES class, Record, both resumption envelopes,
 and the REQUEST/RESPONSE bodies (``decode_request``, ``decode_response`` per Op).
 
 Input: one selector byte (which decoder, modulo ``len(TARGETS)``), then the
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keymgmt_proto import RemoteProtocolError
-from keymgmt_proto._messages import MESSAGE_TYPES, Record, ResumeEnvelope, decode_message
+from keymgmt_proto._messages import MESSAGE_TYPES, Record, ResumedEnvelope, ResumeEnvelope, decode_message
 from keymgmt_proto._ops import Op, decode_request, decode_response, encode_response
 
 from ._common import main, violated
@@ -40,6 +40,12 @@ def _envelope(payload: bytes) -> bytes:
     return envelope.encode()
 
 
+def _resumed_envelope(payload: bytes) -> bytes:
+    envelope = ResumedEnvelope.decode(payload)
+    repr(envelope)
+    return envelope.encode()
+
+
 def _request(payload: bytes) -> bytes:
     request = decode_request(payload)
     repr(request)
@@ -61,6 +67,7 @@ TARGETS: list[tuple[str, Callable[[bytes], bytes]]] = [
     ("record", _record),
     ("resume-envelope", _envelope),
     ("request", _request),
+    ("resumed-envelope", _resumed_envelope),
     *((f"response:{op.name}", _response(op)) for op in Op),
 ]
 

@@ -70,7 +70,7 @@ from keymgmt_proto import (
     SessionRegistry,
 )
 from keymgmt_proto._crypto import Channel
-from keymgmt_proto._messages import ResumeEnvelope
+from keymgmt_proto._messages import ResumedEnvelope, ResumeEnvelope
 from keymgmt_proto._wire import FrameType, encode_frame
 
 from ._adapters import InMemoryPair, MemoryServerApp
@@ -292,10 +292,15 @@ def test_one_input(data: bytes) -> None:
             if drift >= 0x80:
                 seq += (drift & 7) - 3
             sealer.send_seq = max(seq, 0)
-            record = sealer.seal(frame_type, plaintext)
-            payload = record.encode()
-            if frame_type is FrameType.RESUME:
+            if frame_type is FrameType.RESUME:  # sealed under the resume key, its own counter
+                sealer.resume_seq = max(sealer.resume_seq + (drift & 7) - 3, 0)
+                record = sealer.seal_resume(plaintext)
                 payload = ResumeEnvelope(sealer.session_handle, record).encode()
+            else:
+                record = sealer.seal(frame_type, plaintext)
+                payload = record.encode()
+                if frame_type is FrameType.RESUMED:
+                    payload = ResumedEnvelope(plaintext[:32].ljust(32, b"\0"), record).encode()
             session_id = SESSION_ID if selector < 0x80 else selector - 0x7F
             delivered = encode_frame(frame_type, session_id, payload)
         elif op == Op.RAW:

@@ -198,7 +198,7 @@ class Transcripts:
         q.pump()
         q.client.close_session(resumed_id)
         q.pump()
-        self.plaintexts.append((FrameType.RESUME, Resume().encode()))
+        self.plaintexts.append((FrameType.RESUME, Resume(bytes(32), 3).encode()))
         self.plaintexts.append((FrameType.RESUMED, Resumed().encode()))
 
         # conn4: refusals.

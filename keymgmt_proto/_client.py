@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from . import _opaque
 from ._connection import ConnectionBase
-from ._crypto import Channel, RandomSource, derive_master_key, encrypt_storage_key
+from ._crypto import MAX_SEQ, Channel, RandomSource, derive_master_key, encrypt_storage_key
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     RegistrationSucceeded,
@@ -31,6 +31,7 @@ from ._events import (
     SessionResumed,
 )
 from ._messages import (
+    RESUME_NONCE_SIZE,
     Abort,
     Close,
     CompleteRegistration,
@@ -45,6 +46,7 @@ from ._messages import (
     Response,
     Resume,
     Resumed,
+    ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
     _check_account_name,
@@ -73,6 +75,8 @@ class _ClientSession:
     next_request_id: int = 1
     #: request_id -> body, for requests not yet answered (re-sent on resumption)
     unanswered: dict[int, bytes] = field(default_factory=dict)
+    #: This side's contribution to the key epoch a RESUME under way starts (NET-14).
+    resume_nonce: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<client session {self.session_id} {self.kind.value} {self.state.name}>"
@@ -146,7 +150,8 @@ class ClientConnection(ConnectionBase):
         return session.session_id
 
     def send_request(self, session_id: int, body: bytes) -> int:
-        """Send an application request; returns its request id."""
+        """Send an application request; returns its request id. While a resumption is under
+        way the request waits and goes out, sealed in the new key epoch, once RESUMED arrives."""
         session = self._live(session_id)
         self._check(session, Command.SEND_REQUEST)
         if len(session.unanswered) >= self.max_requests_in_flight:
@@ -156,17 +161,27 @@ class ClientConnection(ConnectionBase):
         request_id = session.next_request_id
         if request_id >= 2**32:
             raise LocalProtocolError("request ids exhausted; open a new session")
+        assert session.channel is not None
+        if session.state is State.ESTABLISHED and session.channel.sends_left <= 1:  # the last is CLOSE's
+            raise LocalProtocolError(
+                "sequence numbers exhausted; open a new session", ErrorCode.SEQUENCE_EXHAUSTED
+            )
         request = Request(request_id, body)
         self._check_size(request.encode())
         session.next_request_id += 1
         session.unanswered[request_id] = body
-        self._send_sealed(session, FrameType.REQUEST, request.encode())
+        if session.state is State.ESTABLISHED:
+            self._send_sealed(session, FrameType.REQUEST, request.encode())
         return request_id
 
     def close_session(self, session_id: int) -> None:
-        """Log out: tell the server (sealed CLOSE) and forget the session."""
+        """Log out: tell the server (sealed CLOSE) and forget the session. During a resumption
+        the CLOSE goes out once RESUMED arrives (the session can no longer be used)."""
         session = self._live(session_id)
-        self._check(session, Command.CLOSE)
+        target = self._check(session, Command.CLOSE)
+        if target is State.CLOSE_AFTER_RESUMED:
+            session.state = target
+            return
         self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.CLIENT_CLOSED).encode())
         self._end(session, State.CLOSED)
 
@@ -184,20 +199,24 @@ class ClientConnection(ConnectionBase):
         return detached
 
     def resume_session(self, detached: DetachedSession) -> int:
-        """Resume a session from a dead connection on this one (NET-2). Unanswered
-        requests are re-sent with their original ids; each is answered once."""
+        """Resume a session from a dead connection on this one (NET-2, NET-14). Once RESUMED
+        arrives the session is in a new key epoch and its unanswered requests are re-sent
+        with their original ids; each is answered once."""
         session = detached._session
-        self._check(session, Command.RESUME)
+        target = self._check(session, Command.RESUME)
+        channel = session.channel
+        assert channel is not None
+        if channel.resume_seq >= MAX_SEQ:
+            raise LocalProtocolError("resumptions exhausted; log in again", ErrorCode.SEQUENCE_EXHAUSTED)
         session_id = self._allocate_session_id()
-        assert session.channel is not None
-        record = session.channel.seal(FrameType.RESUME, Resume().encode())
-        envelope = ResumeEnvelope(session.channel.session_handle, record)
+        nonce = self._random(RESUME_NONCE_SIZE)
+        record = channel.seal_resume(Resume(nonce, channel.received_total).encode())
+        envelope = ResumeEnvelope(channel.session_handle, record)
         session.session_id = session_id
-        session.state = State.AWAIT_RESUMED
+        session.resume_nonce = nonce
+        session.state = target
         self._sessions[session_id] = session
         self._send(FrameType.RESUME, session_id, envelope.encode())
-        for request_id, body in session.unanswered.items():
-            self._send_sealed(session, FrameType.REQUEST, Request(request_id, body).encode())
         return session_id
 
     def connection_lost(self) -> None:
@@ -337,9 +356,9 @@ class ClientConnection(ConnectionBase):
             SessionFailed(session.session_id, abort.code, abort.reason or abort.code.name, True)
         )
 
-    def _open_sealed(self, session: _ClientSession, frame: Frame, *, allow_gap: bool = False) -> bytes:
+    def _open_sealed(self, session: _ClientSession, frame: Frame) -> bytes:
         assert session.channel is not None
-        return session.channel.open(frame.type, Record.decode(frame.payload), allow_gap=allow_gap)
+        return session.channel.open(frame.type, Record.decode(frame.payload))
 
     def _apply(self, session: _ClientSession, frame: Frame, target: State) -> None:
         """Perform the transition to ``target``: compute first, then commit."""
@@ -364,9 +383,8 @@ class ClientConnection(ConnectionBase):
             self._on_close(session, close)
             return
         elif t is FrameType.RESUMED:
-            Resumed.decode(self._open_sealed(session, frame, allow_gap=True))
-            assert session.user_id is not None
-            self._events.append(SessionResumed(session.session_id, session.user_id))
+            self._on_resumed(session, ResumedEnvelope.decode(frame.payload), target)
+            return
         else:  # pragma: no cover - the table admits no other frame types for the client
             raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
         session.state = target
@@ -415,6 +433,23 @@ class ClientConnection(ConnectionBase):
         encrypted = encrypt_storage_key(master_key, storage_key, welcome.user_id, self._random)
         message = CompleteRegistration(welcome.user_id, encrypted)
         self._send_sealed(session, FrameType.COMPLETE_REGISTRATION, message.encode())
+
+    def _on_resumed(self, session: _ClientSession, envelope: ResumedEnvelope, target: State) -> None:
+        """Move to the key epoch both nonces define; RESUMED must open there at sequence 0."""
+        assert session.channel is not None and session.resume_nonce is not None
+        channel = session.channel.next_epoch(session.resume_nonce, envelope.server_nonce)
+        Resumed.decode(channel.open(FrameType.RESUMED, envelope.record))
+        session.channel = channel
+        session.resume_nonce = None
+        session.state = target
+        if target is State.CLOSED:  # logout asked during the resumption
+            self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.CLIENT_CLOSED).encode())
+            self._end(session, State.CLOSED)
+            return
+        assert session.user_id is not None
+        self._events.append(SessionResumed(session.session_id, session.user_id))
+        for request_id, body in session.unanswered.items():
+            self._send_sealed(session, FrameType.REQUEST, Request(request_id, body).encode())
 
     def _on_close(self, session: _ClientSession, close: Close) -> None:
         self._end(session, State.CLOSED)

@@ -1,15 +1,22 @@
-"""The project's own cryptographic constructions (CRY-2, CRY-3, CRY-6, NET-7, REG-3).
+"""The project's own cryptographic constructions (CRY-2, CRY-3, CRY-6, NET-7, NET-14, REG-3).
 
 Channel key schedule (HKDF with SHA3-256)::
 
     prk            = HKDF-Extract(salt=CHANNEL_SALT, ikm=session_key)
     session_handle = HKDF-Expand(prk, LABEL_HANDLE, 16)
-    c2s_key, c2s_iv = HKDF-Expand(prk, LABEL_C2S_KEY, 32), HKDF-Expand(prk, LABEL_C2S_IV, 12)
-    s2c_key, s2c_iv = HKDF-Expand(prk, LABEL_S2C_KEY, 32), HKDF-Expand(prk, LABEL_S2C_IV, 12)
+    resume_key     = HKDF-Expand(prk, LABEL_RESUME_KEY, 32)
+    resume_iv      = HKDF-Expand(prk, LABEL_RESUME_IV, 12)
+    epoch          = prk at login; after each resumption
+                     HKDF-Expand(prk, LABEL_EPOCH || client_nonce || server_nonce, 32)
+    c2s_key, c2s_iv = HKDF-Expand(epoch, LABEL_C2S_KEY, 32), HKDF-Expand(epoch, LABEL_C2S_IV, 12)
+    s2c_key, s2c_iv = HKDF-Expand(epoch, LABEL_S2C_KEY, 32), HKDF-Expand(epoch, LABEL_S2C_IV, 12)
 
 A record with sequence number ``seq`` uses ``nonce = iv XOR (0^4 || seq as u64)`` and
 ``AD = session_handle || direction || frame_type || seq`` (1, 1 and 8 bytes), so a
 record moved to another session, direction, frame type or position fails to open.
+Each key epoch starts its sequence numbers at 0; the nonces that both sides
+contribute to a resumption make every epoch's keys fresh, so no (key, nonce) pair
+is ever used twice, even by a server whose stored session state was rolled back.
 Nothing here draws randomness or reads a clock: callers pass them in.
 """
 
@@ -19,6 +26,7 @@ import hmac
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
@@ -26,20 +34,25 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from ._errors import ErrorCode, RemoteProtocolError
-from ._messages import ENCRYPTED_STORAGE_KEY_SIZE, SESSION_HANDLE_SIZE, Record
+from ._errors import ErrorCode, ProtocolError, RemoteProtocolError
+from ._messages import ENCRYPTED_STORAGE_KEY_SIZE, RESUME_NONCE_SIZE, SESSION_HANDLE_SIZE, Record
 from ._wire import FrameType
 
 __all__ = [
     "CHANNEL_SALT",
     "LABEL_C2S_IV",
     "LABEL_C2S_KEY",
+    "LABEL_EPOCH",
     "LABEL_HANDLE",
+    "LABEL_RESUME_IV",
+    "LABEL_RESUME_KEY",
     "LABEL_S2C_IV",
     "LABEL_S2C_KEY",
     "MASTER_KEY_INFO",
+    "MAX_SEQ",
     "STORAGE_KEY_AD_SUFFIX",
     "Channel",
+    "ChannelState",
     "Direction",
     "HotChannels",
     "RandomSource",
@@ -58,12 +71,16 @@ LABEL_C2S_KEY = b"keymgmt v1 client-to-server key"
 LABEL_C2S_IV = b"keymgmt v1 client-to-server iv"
 LABEL_S2C_KEY = b"keymgmt v1 server-to-client key"
 LABEL_S2C_IV = b"keymgmt v1 server-to-client iv"
+LABEL_RESUME_KEY = b"keymgmt v1 resume key"
+LABEL_RESUME_IV = b"keymgmt v1 resume iv"
+LABEL_EPOCH = b"keymgmt v1 key epoch"
 #: REG-3, verbatim from the spec.
 MASTER_KEY_INFO = b"OPAQUE-derived Lock Keeper master key"
 STORAGE_KEY_AD_SUFFIX = b"storage key"
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
+#: Sequence numbers are below this (2**64 - 1); the last one a sender may use is MAX_SEQ - 1.
 MAX_SEQ = 2**64 - 1
 _SHA3 = hashes.SHA3_256()
 
@@ -90,12 +107,35 @@ def _nonce(iv: bytes, seq: int) -> bytes:
     return (int.from_bytes(iv, "big") ^ seq).to_bytes(NONCE_SIZE, "big")
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class ChannelState:
+    """Everything :meth:`Channel.restore` needs (secret: it holds key material).
+
+    ``prk`` is the session's base key, ``epoch_secret`` the current key epoch's;
+    ``send_seq``/``recv_seq`` count records in this epoch, ``resume_seq`` RESUME records
+    (the next to send or accept), ``sent_total``/``received_total`` every record over
+    the session's life (they never restart)."""
+
+    prk: bytes = field(repr=False)
+    epoch_secret: bytes = field(repr=False)
+    send_seq: int = 0
+    recv_seq: int = 0
+    resume_seq: int = 0
+    sent_total: int = 0
+    received_total: int = 0
+
+    def __repr__(self) -> str:
+        return "ChannelState(<secret>)"
+
+
 class Channel:
     """Per-session AEAD channel state: keys, IVs and one sequence counter per direction.
 
     ``seal`` and ``open`` either succeed and advance their counter, or raise and
-    change nothing. Records must arrive with exactly the next sequence number;
-    only a resumption (``allow_gap=True``) may skip ahead, never back.
+    change nothing. Records must arrive with exactly the next sequence number.
+    A resumption (NET-14) moves the session to a new key epoch (:meth:`next_epoch`)
+    whose counters start at 0; the RESUME record itself is sealed under a separate
+    resume key with its own counter (:meth:`seal_resume`, :meth:`open_resume`).
 
     The AEAD objects (each holds an OpenSSL context of about 2.4 KB) are built on first
     use; :meth:`release` drops them and keeps the 32-byte keys, which is how a server
@@ -103,45 +143,76 @@ class Channel:
     """
 
     __slots__ = (
+        "_epoch_secret",
         "_is_client",
         "_prk",
         "_recv_aead",
         "_recv_dir",
         "_recv_iv",
         "_recv_key",
+        "_resume_iv",
+        "_resume_key",
         "_send_aead",
         "_send_dir",
         "_send_iv",
         "_send_key",
+        "received_total",
         "recv_seq",
+        "resume_seq",
         "send_seq",
+        "sent_total",
         "session_handle",
     )
 
     def __init__(self, session_key: bytes, *, is_client: bool) -> None:
-        self._setup(hmac.digest(CHANNEL_SALT, session_key, "sha3_256"), is_client)
+        prk = hmac.digest(CHANNEL_SALT, session_key, "sha3_256")
+        self._setup(ChannelState(prk, prk), is_client)
 
     @classmethod
-    def restore(cls, prk: bytes, *, is_client: bool, send_seq: int, recv_seq: int) -> Channel:
+    def restore(cls, state: ChannelState, *, is_client: bool) -> Channel:
         """Rebuild a channel from :meth:`export` output (sealed session state)."""
-        if len(prk) != 32 or not 0 <= send_seq <= MAX_SEQ or not 0 <= recv_seq <= MAX_SEQ:
+        counters = (state.send_seq, state.recv_seq, state.resume_seq, state.sent_total, state.received_total)
+        if (
+            len(state.prk) != 32
+            or len(state.epoch_secret) != 32
+            or not all(0 <= c <= MAX_SEQ for c in counters)
+        ):
             raise ValueError("invalid channel state")
         channel = cls.__new__(cls)
-        channel._setup(prk, is_client)
-        channel.send_seq, channel.recv_seq = send_seq, recv_seq
+        channel._setup(state, is_client)
         return channel
 
-    def export(self) -> tuple[bytes, int, int]:
-        """``(prk, send_seq, recv_seq)``: everything :meth:`restore` needs. Secret."""
-        return self._prk, self.send_seq, self.recv_seq
+    def export(self) -> ChannelState:
+        """Everything :meth:`restore` needs. Secret."""
+        return ChannelState(
+            self._prk,
+            self._epoch_secret,
+            self.send_seq,
+            self.recv_seq,
+            self.resume_seq,
+            self.sent_total,
+            self.received_total,
+        )
 
-    def _setup(self, prk: bytes, is_client: bool) -> None:
+    def _setup(self, state: ChannelState, is_client: bool) -> None:
+        prk = state.prk
         self._prk = prk
         self._is_client = is_client
         self.session_handle = _expand(prk, LABEL_HANDLE, SESSION_HANDLE_SIZE)
-        c2s = _expand(prk, LABEL_C2S_KEY, KEY_SIZE), _expand(prk, LABEL_C2S_IV, NONCE_SIZE)
-        s2c = _expand(prk, LABEL_S2C_KEY, KEY_SIZE), _expand(prk, LABEL_S2C_IV, NONCE_SIZE)
-        if is_client:
+        self._resume_key = _expand(prk, LABEL_RESUME_KEY, KEY_SIZE)
+        self._resume_iv = _expand(prk, LABEL_RESUME_IV, NONCE_SIZE)
+        self.resume_seq = state.resume_seq
+        self.sent_total = state.sent_total
+        self.received_total = state.received_total
+        self._set_epoch(state.epoch_secret)
+        self.send_seq = state.send_seq
+        self.recv_seq = state.recv_seq
+
+    def _set_epoch(self, epoch_secret: bytes) -> None:
+        self._epoch_secret = epoch_secret
+        c2s = _expand(epoch_secret, LABEL_C2S_KEY, KEY_SIZE), _expand(epoch_secret, LABEL_C2S_IV, NONCE_SIZE)
+        s2c = _expand(epoch_secret, LABEL_S2C_KEY, KEY_SIZE), _expand(epoch_secret, LABEL_S2C_IV, NONCE_SIZE)
+        if self._is_client:
             (self._send_key, self._send_iv), (self._recv_key, self._recv_iv) = c2s, s2c
             self._send_dir, self._recv_dir = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
         else:
@@ -152,6 +223,19 @@ class Channel:
         self.send_seq = 0
         self.recv_seq = 0
 
+    def next_epoch(self, client_nonce: bytes, server_nonce: bytes) -> Channel:
+        """A copy of this channel in the key epoch a resumption with these nonces starts
+        (NET-14): fresh keys, both sequence counters at 0; this channel is unchanged."""
+        if len(client_nonce) != RESUME_NONCE_SIZE or len(server_nonce) != RESUME_NONCE_SIZE:
+            raise ValueError(f"resumption nonces are {RESUME_NONCE_SIZE} bytes")
+        epoch_secret = _expand(self._prk, LABEL_EPOCH + client_nonce + server_nonce, KEY_SIZE)
+        return Channel.restore(
+            ChannelState(
+                self._prk, epoch_secret, 0, 0, self.resume_seq, self.sent_total, self.received_total
+            ),
+            is_client=self._is_client,
+        )
+
     def release(self) -> None:
         """Drop the AEAD objects (rebuilt from the kept keys on next use)."""
         self._send_aead = self._recv_aead = None
@@ -161,6 +245,11 @@ class Channel:
         """Whether an AEAD object is currently built."""
         return self._send_aead is not None or self._recv_aead is not None
 
+    @property
+    def sends_left(self) -> int:
+        """Records this side may still seal in the current epoch (the last one is kept for CLOSE)."""
+        return MAX_SEQ - self.send_seq
+
     def __repr__(self) -> str:
         return f"Channel(send_seq={self.send_seq}, recv_seq={self.recv_seq})"
 
@@ -168,10 +257,10 @@ class Channel:
         return self.session_handle + struct.pack(">BBQ", direction, frame_type, seq)
 
     def seal(self, frame_type: FrameType, plaintext: bytes) -> Record:
-        """Encrypt the next outgoing record."""
+        """Encrypt the next outgoing record (ProtocolError if the epoch has no sequence number left)."""
         seq = self.send_seq
-        if seq >= MAX_SEQ:  # pragma: no cover - 2**64 records
-            raise RemoteProtocolError("sequence numbers exhausted", ErrorCode.BAD_RECORD)
+        if seq >= MAX_SEQ:
+            raise ProtocolError("sequence numbers exhausted", ErrorCode.SEQUENCE_EXHAUSTED)
         aead = self._send_aead
         if aead is None:
             aead = self._send_aead = ChaCha20Poly1305(self._send_key)
@@ -179,14 +268,15 @@ class Channel:
             _nonce(self._send_iv, seq), plaintext, self._ad(self._send_dir, frame_type, seq)
         )
         self.send_seq = seq + 1
+        self.sent_total = min(self.sent_total + 1, MAX_SEQ)
         return Record(seq, ciphertext)
 
-    def open(self, frame_type: FrameType, record: Record, *, allow_gap: bool = False) -> bytes:
+    def open(self, frame_type: FrameType, record: Record) -> bytes:
         """Verify and decrypt an incoming record; raise RemoteProtocolError(BAD_RECORD) if it fails."""
         seq = record.seq
         if seq < self.recv_seq:
             raise RemoteProtocolError("replayed or reordered record", ErrorCode.BAD_RECORD)
-        if seq != self.recv_seq and not allow_gap:
+        if seq != self.recv_seq:
             raise RemoteProtocolError("record out of sequence", ErrorCode.BAD_RECORD)
         if seq >= MAX_SEQ:
             raise RemoteProtocolError("sequence number out of range", ErrorCode.BAD_RECORD)
@@ -202,6 +292,38 @@ class Channel:
         except InvalidTag:
             raise RemoteProtocolError("record failed authentication", ErrorCode.BAD_RECORD) from None
         self.recv_seq = seq + 1
+        self.received_total = min(self.received_total + 1, MAX_SEQ)
+        return plaintext
+
+    def _resume_ad(self, seq: int) -> bytes:
+        return self._ad(Direction.CLIENT_TO_SERVER, FrameType.RESUME, seq)
+
+    def seal_resume(self, plaintext: bytes) -> Record:
+        """Client: seal a RESUME record under the resume key at the next resume sequence number."""
+        seq = self.resume_seq
+        if seq >= MAX_SEQ:
+            raise ProtocolError("resume sequence numbers exhausted", ErrorCode.SEQUENCE_EXHAUSTED)
+        ciphertext = ChaCha20Poly1305(self._resume_key).encrypt(
+            _nonce(self._resume_iv, seq), plaintext, self._resume_ad(seq)
+        )
+        self.resume_seq = seq + 1
+        return Record(seq, ciphertext)
+
+    def open_resume(self, record: Record) -> bytes:
+        """Server: open a RESUME record. Its sequence number may skip ahead (RESUMEs that never
+        arrived), never back, so a replayed RESUME fails; on success later ones must be higher."""
+        seq = record.seq
+        if seq < self.resume_seq:
+            raise RemoteProtocolError("replayed RESUME", ErrorCode.BAD_RECORD)
+        if seq >= MAX_SEQ:
+            raise RemoteProtocolError("sequence number out of range", ErrorCode.BAD_RECORD)
+        try:
+            plaintext = ChaCha20Poly1305(self._resume_key).decrypt(
+                _nonce(self._resume_iv, seq), record.ciphertext, self._resume_ad(seq)
+            )
+        except InvalidTag:
+            raise RemoteProtocolError("RESUME failed authentication", ErrorCode.BAD_RECORD) from None
+        self.resume_seq = seq + 1
         return plaintext
 
 

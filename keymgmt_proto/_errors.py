@@ -68,6 +68,8 @@ class ErrorCode(IntEnum):
     CONNECTION_LOST = 19
     #: The handshake (registration/login) took longer than the server allows.
     HANDSHAKE_TIMEOUT = 20
+    #: The session's key epoch has no sequence number left (NET-14): log in again.
+    SEQUENCE_EXHAUSTED = 21
 
 
 class ProtocolError(Exception):

@@ -24,6 +24,7 @@ __all__ = [
     "REGISTRATION_REQUEST_SIZE",
     "REGISTRATION_RESPONSE_SIZE",
     "REGISTRATION_UPLOAD_SIZE",
+    "RESUME_NONCE_SIZE",
     "SESSION_HANDLE_SIZE",
     "TAG_SIZE",
     "USER_ID_SIZE",
@@ -44,6 +45,7 @@ __all__ = [
     "Resume",
     "ResumeEnvelope",
     "Resumed",
+    "ResumedEnvelope",
     "Welcome",
     "decode_message",
 ]
@@ -58,6 +60,8 @@ CREDENTIAL_FINALIZATION_SIZE = 64
 
 USER_ID_SIZE = 16
 SESSION_HANDLE_SIZE = 16
+#: Each side's contribution to a resumption's new key epoch (NET-14).
+RESUME_NONCE_SIZE = 32
 TAG_SIZE = 16
 #: nonce (12) || ChaCha20-Poly1305(storage_key (32)) || tag (16)
 ENCRYPTED_STORAGE_KEY_SIZE = 12 + 32 + TAG_SIZE
@@ -323,7 +327,7 @@ class Record(_Decodable):
 
 @dataclass(frozen=True, slots=True)
 class ResumeEnvelope(_Decodable):
-    """RESUME frame payload: which session, then a record sealed with that session's keys."""
+    """RESUME frame payload: which session, then a record sealed with that session's resume key."""
 
     session_handle: bytes
     record: Record
@@ -340,6 +344,28 @@ class ResumeEnvelope(_Decodable):
         handle = r.fixed(SESSION_HANDLE_SIZE)
         record = Record.decode(r.rest())
         return cls._build("RESUME", handle, record)
+
+
+@dataclass(frozen=True, slots=True)
+class ResumedEnvelope(_Decodable):
+    """RESUMED frame payload: the server's nonce for the new key epoch, then a record sealed
+    in that epoch (sequence number 0), which proves the server derived the same keys."""
+
+    server_nonce: bytes = field(repr=False)
+    record: Record
+
+    def __post_init__(self) -> None:
+        _check_size("server_nonce", self.server_nonce, RESUME_NONCE_SIZE)
+
+    def encode(self) -> bytes:
+        return Writer().fixed(self.server_nonce, RESUME_NONCE_SIZE).rest(self.record.encode()).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ResumedEnvelope:
+        r = Reader(payload, "RESUMED")
+        nonce = r.fixed(RESUME_NONCE_SIZE)
+        record = Record.decode(r.rest())
+        return cls._build("RESUMED", nonce, record)
 
 
 # ------------------------------------------------- sealed plaintext messages
@@ -453,22 +479,34 @@ class Close(_Decodable):
 
 @dataclass(frozen=True, slots=True)
 class Resume(_Decodable):
-    """Sealed body of a RESUME: empty; holding the keys for the next sequence number is the proof."""
+    """Sealed body of a RESUME (under the session's resume key): the client's nonce for the new
+    key epoch and how many records it has received from the server over the session's life
+    (a server whose state says it sent fewer has been rolled back and refuses)."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.RESUME
+    client_nonce: bytes = field(repr=False)
+    received_total: int
+
+    def __post_init__(self) -> None:
+        _check_size("client_nonce", self.client_nonce, RESUME_NONCE_SIZE)
+        if not 0 <= self.received_total < 2**64:
+            raise ValueError("received_total out of range")
 
     def encode(self) -> bytes:
-        return b""
+        return Writer().fixed(self.client_nonce, RESUME_NONCE_SIZE).u64(self.received_total).getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> Resume:
-        Reader(payload, "RESUME body").done()
-        return cls()
+        r = Reader(payload, "RESUME body")
+        nonce = r.fixed(RESUME_NONCE_SIZE)
+        received = r.u64()
+        r.done()
+        return cls(nonce, received)
 
 
 @dataclass(frozen=True, slots=True)
 class Resumed(_Decodable):
-    """Sealed server acknowledgement of a RESUME."""
+    """Sealed server acknowledgement of a RESUME: empty, the first record of the new key epoch."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.RESUMED
 

@@ -36,6 +36,7 @@ from ._events import (
 )
 from ._messages import (
     REGISTRATION_UPLOAD_SIZE,
+    RESUME_NONCE_SIZE,
     USER_ID_SIZE,
     Abort,
     Close,
@@ -51,6 +52,7 @@ from ._messages import (
     Response,
     Resume,
     Resumed,
+    ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
 )
@@ -204,6 +206,13 @@ class SessionRegistry:
             self._sessions.pop(session.channel.session_handle, None)
             self._hot.discard(session.channel)
 
+    def _replace_channel(self, session: _ServerSession, channel: Channel) -> None:
+        """A resumption moved the session to a new key epoch (same handle)."""
+        if session.channel is not None:
+            self._hot.discard(session.channel)
+        session.channel = channel
+        self._hot.touch(channel)
+
     def _get(self, handle: bytes) -> _ServerSession | None:
         session = self._sessions.get(handle)
         if session is None and self._store is not None:
@@ -217,15 +226,12 @@ class SessionRegistry:
         if self._store is None or session.pending or session.channel is None:
             return
         assert self._sealing_key is not None and self._random is not None and session.user_id is not None
-        prk, send_seq, recv_seq = session.channel.export()
         state = SessionState(
             session.user_id,
             session.account_name,
             session.created,
             session.last_activity,
-            prk,
-            send_seq,
-            recv_seq,
+            session.channel.export(),
             session.highest_request_id,
             session.request_count,
             session.answered,
@@ -259,9 +265,7 @@ class SessionRegistry:
             state.last_activity,
             state=State.DETACHED,
             user_id=state.user_id,
-            channel=Channel.restore(
-                state.prk, is_client=False, send_seq=state.send_seq, recv_seq=state.recv_seq
-            ),
+            channel=Channel.restore(state.channel, is_client=False),
             highest_request_id=state.highest_request_id,
             request_count=state.request_count,
             answered=state.answered,
@@ -470,11 +474,26 @@ class ServerConnection(ConnectionBase):
             )
         return target
 
-    def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> None:
-        assert session.channel is not None
-        self.registry._hot.touch(session.channel)
-        record = session.channel.seal(frame_type, plaintext)
+    def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> bool:
+        """Seal and queue a record. The epoch's last sequence number is kept for CLOSE: a
+        session that reaches it ends with CLOSE(SEQUENCE_EXHAUSTED) instead (False)."""
+        channel = session.channel
+        assert channel is not None
+        self.registry._hot.touch(channel)
+        if frame_type is not FrameType.CLOSE and channel.sends_left <= 1:
+            self._send(
+                FrameType.CLOSE,
+                session.session_id,
+                channel.seal(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()).encode(),
+            )
+            self._end(session)
+            self._events.append(
+                SessionClosed(session.session_id, ErrorCode.SEQUENCE_EXHAUSTED, session.user_id)
+            )
+            return False
+        record = channel.seal(frame_type, plaintext)
         self._send(frame_type, session.session_id, record.encode())
+        return True
 
     def _end(self, session: _ServerSession) -> None:
         session.state = State.CLOSED
@@ -630,10 +649,12 @@ class ServerConnection(ConnectionBase):
 
     def _on_resume(self, session_id: int, frame: Frame) -> None:
         envelope = ResumeEnvelope.decode(frame.payload)
-        session = self.registry._get(envelope.session_handle)
         unknown = RemoteProtocolError("no resumable session", ErrorCode.UNKNOWN_SESSION)
+        session = self.registry._get(envelope.session_handle)
         if session is None or session.channel is None:
             raise unknown
+        if session.owner is self:  # a client resumes only away from a connection it gave up on
+            raise RemoteProtocolError("the session is attached to this connection", ErrorCode.UNKNOWN_SESSION)
         deadline, code = session.deadline(self.config)
         if deadline <= self._now:
             if session.owner is not None:
@@ -645,27 +666,34 @@ class ServerConnection(ConnectionBase):
         target = next_state(Role.SERVER, session.kind, session.state, Command.RESUME)
         if target is None:
             raise unknown
-        self.registry._hot.touch(session.channel)
         try:
-            Resume.decode(session.channel.open(FrameType.RESUME, envelope.record, allow_gap=True))
+            resume = Resume.decode(session.channel.open_resume(envelope.record))
         except RemoteProtocolError:
             if session.owner is None:
                 self.registry._detach(session)  # not its owner: leave it where it was
             raise unknown from None
+        if resume.received_total > session.channel.sent_total:
+            # The client holds records this state never sent: the state was rolled back (a
+            # restored store entry). It is stale for good; the client logs in again.
+            if session.owner is None:
+                self.registry._remove(session)
+                session.state = State.CLOSED
+            raise RemoteProtocolError(
+                "the session's stored state is older than the client's", code=ErrorCode.UNKNOWN_SESSION
+            )
+        server_nonce = self._random(RESUME_NONCE_SIZE)
+        channel = session.channel.next_epoch(resume.client_nonce, server_nonce)
         old_owner = session.owner
-        if old_owner is not None and old_owner is not self:
+        if old_owner is not None:
             old_owner._detach_moved(session)
-        elif old_owner is self:
-            self._sessions.pop(session.session_id, None)
+        self.registry._replace_channel(session, channel)
         session.owner = self
         session.session_id = session_id
         session.state = target
-        # Jump the send sequence forward by a random offset (the client accepts the gap on
-        # RESUMED): even a session state rolled back in a shared store never reuses a nonce.
-        session.channel.send_seq += 1 + int.from_bytes(self._random(6), "big")
         session.last_activity = self._now
         self._sessions[session_id] = session
-        self._send_sealed(session, FrameType.RESUMED, Resumed().encode())
+        record = channel.seal(FrameType.RESUMED, Resumed().encode())
+        self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
         assert session.user_id is not None
         self._events.append(SessionResumed(session_id, session.user_id))
 

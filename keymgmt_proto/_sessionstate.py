@@ -8,8 +8,9 @@ ChaCha20-Poly1305 under a key every instance derives from the OPAQUE server
 setup they already share (``session_sealing_key``), with the session handle as
 AD. Layout of the plaintext (big-endian)::
 
-    version u8 (1) || user_id 16 || account_name (u8 length) || created f64 ||
-    last_activity f64 || channel prk 32 || send_seq u64 || recv_seq u64 ||
+    version u8 (2) || user_id 16 || account_name (u8 length) || created f64 ||
+    last_activity f64 || prk 32 || epoch_secret 32 || send_seq u64 || recv_seq u64 ||
+    resume_seq u64 || sent_total u64 || received_total u64 ||
     highest_request_id u32 || request_count u32 ||
     answered count u16 || count x (request_id u32 || body (u32 length))
 
@@ -27,7 +28,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from ._crypto import RandomSource, hkdf_sha3
+from ._crypto import ChannelState, RandomSource, hkdf_sha3
 from ._errors import RemoteProtocolError
 from ._messages import USER_ID_SIZE
 from ._wire import Reader, Writer
@@ -43,7 +44,7 @@ __all__ = [
 
 SESSION_STATE_KEY_INFO = b"keymgmt v1 session state key"
 SESSION_STATE_AD_PREFIX = b"keymgmt v1 session state"
-_VERSION = 1
+_VERSION = 2
 
 
 class DetachedSessionStore(Protocol):
@@ -64,9 +65,7 @@ class SessionState:
     account_name: bytes
     created: float
     last_activity: float
-    prk: bytes
-    send_seq: int
-    recv_seq: int
+    channel: ChannelState
     highest_request_id: int
     request_count: int
     answered: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
@@ -82,8 +81,11 @@ def session_sealing_key(server_setup_bytes: bytes) -> bytes:
 
 def seal_session_state(state: SessionState, handle: bytes, key: bytes, random: RandomSource) -> bytes:
     w = Writer().u8(_VERSION).fixed(state.user_id, USER_ID_SIZE).bytes8(state.account_name)
-    w.rest(struct.pack(">dd", state.created, state.last_activity)).fixed(state.prk, 32)
-    w.u64(state.send_seq).u64(state.recv_seq).u32(state.highest_request_id).u32(state.request_count)
+    channel = state.channel
+    w.rest(struct.pack(">dd", state.created, state.last_activity))
+    w.fixed(channel.prk, 32).fixed(channel.epoch_secret, 32).u64(channel.send_seq).u64(channel.recv_seq)
+    w.u64(channel.resume_seq).u64(channel.sent_total).u64(channel.received_total)
+    w.u32(state.highest_request_id).u32(state.request_count)
     w.u16(len(state.answered))
     for request_id, body in state.answered.items():
         w.u32(request_id).u32(len(body)).rest(body)
@@ -104,8 +106,8 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
         user_id = r.fixed(USER_ID_SIZE)
         account_name = r.bytes8()
         created, last_activity = struct.unpack(">dd", r.fixed(16))
-        prk = r.fixed(32)
-        send_seq, recv_seq = r.u64(), r.u64()
+        prk, epoch_secret = r.fixed(32), r.fixed(32)
+        channel = ChannelState(prk, epoch_secret, r.u64(), r.u64(), r.u64(), r.u64(), r.u64())
         highest, count = r.u32(), r.u32()
         answered: OrderedDict[int, bytes] = OrderedDict()
         for _ in range(r.u16()):
@@ -114,6 +116,4 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
         r.done()
     except (RemoteProtocolError, struct.error):  # verifies but does not parse: another version
         return None
-    return SessionState(
-        user_id, account_name, created, last_activity, prk, send_seq, recv_seq, highest, count, answered
-    )
+    return SessionState(user_id, account_name, created, last_activity, channel, highest, count, answered)

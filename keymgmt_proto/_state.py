@@ -56,6 +56,8 @@ class State(_FastHashEnum):
     AWAIT_WELCOME = "AWAIT_WELCOME"
     AWAIT_REG_CLOSE = "AWAIT_REG_CLOSE"
     AWAIT_RESUMED = "AWAIT_RESUMED"
+    #: Logout asked while a resumption was under way: CLOSE goes out once RESUMED arrives.
+    CLOSE_AFTER_RESUMED = "CLOSE_AFTER_RESUMED"
     # server
     AWAIT_REG_DECISION = "AWAIT_REG_DECISION"
     AWAIT_REG_UPLOAD = "AWAIT_REG_UPLOAD"
@@ -110,12 +112,14 @@ _ROWS: list[tuple[Role, SessionKind, State, Trigger, State]] = [
     (C, REQ, St.ESTABLISHED, K.CLOSE, St.CLOSED),  # send CLOSE (logout)
     (C, REQ, St.ESTABLISHED, K.DETACH, St.DETACHED),
     # ---- client, resumption (NET-2)
-    (C, REQ, St.DETACHED, K.RESUME, St.AWAIT_RESUMED),  # send RESUME, re-send unanswered requests
-    (C, REQ, St.AWAIT_RESUMED, F.RESUMED, St.ESTABLISHED),
-    (C, REQ, St.AWAIT_RESUMED, K.SEND_REQUEST, St.AWAIT_RESUMED),
+    (C, REQ, St.DETACHED, K.RESUME, St.AWAIT_RESUMED),  # send RESUME
+    (C, REQ, St.AWAIT_RESUMED, F.RESUMED, St.ESTABLISHED),  # new key epoch; re-send unanswered requests
+    (C, REQ, St.AWAIT_RESUMED, K.SEND_REQUEST, St.AWAIT_RESUMED),  # queued until RESUMED
     (C, REQ, St.AWAIT_RESUMED, F.CLOSE, St.CLOSED),
-    (C, REQ, St.AWAIT_RESUMED, K.CLOSE, St.CLOSED),
+    (C, REQ, St.AWAIT_RESUMED, K.CLOSE, St.CLOSE_AFTER_RESUMED),
     (C, REQ, St.AWAIT_RESUMED, K.DETACH, St.DETACHED),
+    (C, REQ, St.CLOSE_AFTER_RESUMED, F.RESUMED, St.CLOSED),  # send CLOSE in the new epoch
+    (C, REQ, St.CLOSE_AFTER_RESUMED, F.CLOSE, St.CLOSED),
     # ---- server, registration session (NET-5, REG-1..REG-4)
     (S, REG, St.IDLE, F.REG_START, St.AWAIT_REG_DECISION),  # event RegistrationRequested
     (S, REG, St.AWAIT_REG_DECISION, K.ACCEPT_REGISTRATION, St.AWAIT_REG_UPLOAD),  # send REG_RESPONSE
@@ -136,7 +140,7 @@ _ROWS: list[tuple[Role, SessionKind, State, Trigger, State]] = [
     (S, REQ, St.DETACHED, K.SEND_RESPONSE, St.DETACHED),  # kept for the resumed connection
     (S, REQ, St.DETACHED, K.CLOSE, St.CLOSED),  # expired while detached
     # RESUME arrives on a fresh session id and re-attaches the named session, whether it
-    # is detached or still attached to a connection the client has given up on.
+    # is detached or still attached to another connection the client has given up on.
     (S, REQ, St.IDLE, F.RESUME, St.ESTABLISHED),  # the new session id
     (S, REQ, St.DETACHED, K.RESUME, St.ESTABLISHED),  # send RESUMED
     (S, REQ, St.ESTABLISHED, K.RESUME, St.ESTABLISHED),  # send RESUMED

@@ -36,13 +36,17 @@ from pathlib import Path
 from typing import cast
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from keymgmt_proto._crypto import (
     CHANNEL_SALT,
     LABEL_C2S_IV,
     LABEL_C2S_KEY,
+    LABEL_EPOCH,
     LABEL_HANDLE,
+    LABEL_RESUME_IV,
+    LABEL_RESUME_KEY,
     LABEL_S2C_IV,
     LABEL_S2C_KEY,
     MASTER_KEY_INFO,
@@ -69,6 +73,7 @@ from keymgmt_proto._messages import (
     Response,
     Resume,
     Resumed,
+    ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
 )
@@ -237,16 +242,26 @@ def _nonce(iv: bytes, seq: int) -> bytes:
     return bytes(a ^ b for a, b in zip(iv, bytes(4) + struct.pack(">Q", seq), strict=True))
 
 
+def epoch_keys(epoch_secret: bytes) -> dict[str, bytes]:
+    """The four directional keys and IVs of one key epoch."""
+    return {
+        "c2s_key": _expand(epoch_secret, LABEL_C2S_KEY, 32),
+        "c2s_iv": _expand(epoch_secret, LABEL_C2S_IV, 12),
+        "s2c_key": _expand(epoch_secret, LABEL_S2C_KEY, 32),
+        "s2c_iv": _expand(epoch_secret, LABEL_S2C_IV, 12),
+    }
+
+
 def key_schedule(session_key: bytes) -> dict[str, bytes]:
-    """The channel key schedule computed from the documented labels (not through Channel)."""
+    """The channel key schedule computed from the documented labels (not through Channel);
+    the directional keys are those of epoch 0, whose secret is prk itself."""
     prk = hmac.digest(CHANNEL_SALT, session_key, "sha3_256")
     return {
         "prk": prk,
         "session_handle": _expand(prk, LABEL_HANDLE, 16),
-        "c2s_key": _expand(prk, LABEL_C2S_KEY, 32),
-        "c2s_iv": _expand(prk, LABEL_C2S_IV, 12),
-        "s2c_key": _expand(prk, LABEL_S2C_KEY, 32),
-        "s2c_iv": _expand(prk, LABEL_S2C_IV, 12),
+        **epoch_keys(prk),
+        "resume_key": _expand(prk, LABEL_RESUME_KEY, 32),
+        "resume_iv": _expand(prk, LABEL_RESUME_IV, 12),
     }
 
 
@@ -284,7 +299,9 @@ def framing() -> JSON:
             session_id = 3 + int(frame_type) - 0x20
             payload = Record(int(frame_type) - 0x20, rng(16 + int(frame_type) - 0x20)).encode()
             if frame_type is FrameType.RESUME:
-                payload = ResumeEnvelope(rng(16), Record(5, rng(16))).encode()
+                payload = ResumeEnvelope(rng(16), Record(5, rng(16 + 40))).encode()
+            elif frame_type is FrameType.RESUMED:
+                payload = ResumedEnvelope(rng(32), Record(0, rng(16))).encode()
         frames.append(
             {
                 "frame_type": frame_type.name,
@@ -364,7 +381,8 @@ def messages() -> JSON:
         ("abort empty reason", Abort(ErrorCode.UNKNOWN_SESSION, "")),
         ("record seq 0", Record(0, rng(16))),
         ("record large seq", Record(2**32 + 7, rng(21))),
-        ("resume envelope", ResumeEnvelope(rng(16), Record(5, rng(16)))),
+        ("resume envelope", ResumeEnvelope(rng(16), Record(5, rng(16 + 40)))),
+        ("resumed envelope", ResumedEnvelope(rng(32), Record(0, rng(16)))),
         ("welcome", Welcome(user_id)),
         ("complete_registration", CompleteRegistration(user_id, rng(60))),
         ("request empty body", Request(1, b"")),
@@ -372,7 +390,7 @@ def messages() -> JSON:
         ("response highest request id", Response(2**32 - 1, rng(10))),
         ("close ok", Close(ErrorCode.OK)),
         ("close logout", Close(ErrorCode.CLIENT_CLOSED)),
-        ("resume body", Resume()),
+        ("resume body", Resume(rng(32), 7)),
         ("resumed body", Resumed()),
     ]
     rejected = [
@@ -388,19 +406,21 @@ def messages() -> JSON:
         ("Request", b"\x00\x00\x01", "shorter than a request_id"),
         ("Record", bytes(8) + rng(15), "ciphertext shorter than the tag"),
         ("Welcome", rng(17), "trailing byte after user_id"),
-        ("Resume", b"\x00", "RESUME body must be empty"),
+        ("Resume", rng(32) + bytes(7), "received_total one byte short"),
+        ("Resumed", b"\x00", "RESUMED body must be empty"),
         ("ResumeEnvelope", rng(16 + 8 + 15), "record ciphertext shorter than the tag"),
+        ("ResumedEnvelope", rng(31), "shorter than the server nonce"),
     ]
     return {
         "description": describe(
             "Every payload class of keymgmt_proto._messages (docs/protocol.md section 4). For "
             "clear frame types the encoding is the frame payload; for sealed types it is the "
-            "plaintext inside the record; Record and ResumeEnvelope are the sealed payload "
-            "layouts themselves. OPAQUE messages are arbitrary bytes of the right size (the "
+            "plaintext inside the record; Record, ResumeEnvelope and ResumedEnvelope are the "
+            "sealed payload layouts themselves. OPAQUE messages are arbitrary bytes of the right size (the "
             "encoding does not parse them).",
             {
                 "vectors[].class": "the keymgmt_proto._messages class",
-                "vectors[].frame_type": "the frame type it travels in (null for Record/ResumeEnvelope)",
+                "vectors[].frame_type": "the frame type it travels in (null for the envelopes and Record)",
                 "vectors[].sealed": "whether that frame type is sealed (null for the envelopes)",
                 "vectors[].fields": "the field values, by the class's field names",
                 "vectors[].encoding": "the one valid encoding of those fields",
@@ -569,6 +589,9 @@ LABELS = {
     "LABEL_C2S_IV": LABEL_C2S_IV,
     "LABEL_S2C_KEY": LABEL_S2C_KEY,
     "LABEL_S2C_IV": LABEL_S2C_IV,
+    "LABEL_RESUME_KEY": LABEL_RESUME_KEY,
+    "LABEL_RESUME_IV": LABEL_RESUME_IV,
+    "LABEL_EPOCH": LABEL_EPOCH,
 }
 
 
@@ -580,8 +603,9 @@ def key_schedule_file() -> JSON:
             "The channel key schedule (NET-7, CRY-3; docs/protocol.md section 5.1) for given "
             "OPAQUE session keys: prk = HKDF-Extract(salt = CHANNEL_SALT, IKM = session_key) = "
             "HMAC-SHA3-256(CHANNEL_SALT, session_key); each output = HKDF-Expand-SHA3-256(prk, "
-            "label, length). The first session key (00 01 .. 3f) is the worked example of "
-            "docs/protocol.md section 11.",
+            "label, length). The directional keys are those of key epoch 0 (whose secret is prk); "
+            "resumption.json shows a later epoch. The first session key (00 01 .. 3f) is the "
+            "worked example of docs/protocol.md section 11.",
             {
                 "labels": "the salt and info labels, as ASCII",
                 "vectors[].session_key": "the 64-byte OPAQUE session_key (input)",
@@ -589,6 +613,10 @@ def key_schedule_file() -> JSON:
                 "vectors[].session_handle": "Expand(prk, LABEL_HANDLE, 16)",
                 "vectors[].c2s_key / c2s_iv": "Expand(prk, LABEL_C2S_KEY, 32), Expand(prk, LABEL_C2S_IV, 12)",
                 "vectors[].s2c_key / s2c_iv": "Expand(prk, LABEL_S2C_KEY, 32), Expand(prk, LABEL_S2C_IV, 12)",
+                "vectors[].resume_key / resume_iv": (
+                    "Expand(prk, LABEL_RESUME_KEY, 32), Expand(prk, LABEL_RESUME_IV, 12): they seal "
+                    "RESUME records"
+                ),
             },
         ),
         "labels": {name: value.decode("ascii") for name, value in LABELS.items()},
@@ -625,8 +653,8 @@ def channel_file() -> JSON:
         ("client", FrameType.REQUEST, 0, Request(1, b"hi").encode()),
         ("client", FrameType.REQUEST, 1, Request(2, rng(40)).encode()),
         ("server", FrameType.RESPONSE, 3, Response(2, rng(33)).encode()),
-        ("client", FrameType.RESUME, 5, b""),
-        ("server", FrameType.RESUMED, 2**32 + 1, b""),
+        ("server", FrameType.RESUMED, 0, Resumed().encode()),
+        ("server", FrameType.RESPONSE, 2**32 + 1, Response(9, b"").encode()),
         ("client", FrameType.CLOSE, 7, Close(ErrorCode.CLIENT_CLOSED).encode()),
         ("server", FrameType.CLOSE, 9, Close(ErrorCode.IDLE_TIMEOUT).encode()),
     ]
@@ -637,20 +665,19 @@ def channel_file() -> JSON:
         channel_at(other_key, is_client=True).seal(FrameType.REQUEST, Request(1, b"hi").encode()).encode()
     )
     tampered = request0[:-1] + bytes([request0[-1] ^ 0x01])
-    rejections: list[tuple[str, str, int, FrameType, bytes, bool]] = [
-        ("replay: seq below the expected one", "server", 1, FrameType.REQUEST, request0, False),
-        ("gap: seq above the expected one", "server", 0, FrameType.REQUEST, request1, False),
-        ("opened as another frame type", "server", 0, FrameType.CLOSE, request0, False),
-        ("reflected: the sender's own direction", "client", 0, FrameType.REQUEST, request0, False),
-        ("tag altered", "server", 0, FrameType.REQUEST, tampered, False),
-        ("truncated by one byte", "server", 0, FrameType.REQUEST, request0[:-1], False),
-        ("sealed under another session's keys", "server", 0, FrameType.REQUEST, foreign, False),
-        ("replay even where a gap is allowed", "server", 1, FrameType.REQUEST, request0, True),
+    rejections: list[tuple[str, str, int, FrameType, bytes]] = [
+        ("replay: seq below the expected one", "server", 1, FrameType.REQUEST, request0),
+        ("gap: seq above the expected one", "server", 0, FrameType.REQUEST, request1),
+        ("opened as another frame type", "server", 0, FrameType.CLOSE, request0),
+        ("reflected: the sender's own direction", "client", 0, FrameType.REQUEST, request0),
+        ("tag altered", "server", 0, FrameType.REQUEST, tampered),
+        ("truncated by one byte", "server", 0, FrameType.REQUEST, request0[:-1]),
+        ("sealed under another session's keys", "server", 0, FrameType.REQUEST, foreign),
     ]
-    for _why, receiver, expected, frame_type, raw, allow_gap in rejections:  # must really fail
+    for _why, receiver, expected, frame_type, raw in rejections:  # must really fail
         channel = channel_at(session_key, is_client=receiver == "client", recv_seq=expected)
         try:
-            channel.open(frame_type, Record.decode(raw), allow_gap=allow_gap)
+            channel.open(frame_type, Record.decode(raw))
         except RemoteProtocolError:
             continue
         raise AssertionError(f"channel rejection vector {_why!r} opens")
@@ -673,8 +700,7 @@ def channel_file() -> JSON:
                 "records[].record": "the sealed frame's payload: u64(seq) || ciphertext || tag",
                 "rejections[]": (
                     "records the receiver must refuse (BAD_RECORD): receiver = who opens, "
-                    "expected_seq = its next expected seq, frame_type = the type it opens as, "
-                    "allow_gap = true only when opening a RESUME/RESUMED record"
+                    "expected_seq = its next expected seq, frame_type = the type it opens as"
                 ),
             },
         ),
@@ -687,62 +713,126 @@ def channel_file() -> JSON:
                 "receiver": receiver,
                 "expected_seq": expected,
                 "frame_type": frame_type.name,
-                "allow_gap": allow_gap,
                 "record": raw.hex(),
             }
-            for why, receiver, expected, frame_type, raw, allow_gap in rejections
+            for why, receiver, expected, frame_type, raw in rejections
         ],
     }
+
+
+def _aead_seal(key: bytes, iv: bytes, seq: int, plaintext: bytes, ad: bytes) -> bytes:
+    """``u64(seq) || ChaCha20-Poly1305(key, iv XOR seq, plaintext, ad)``, from the documentation."""
+    return struct.pack(">Q", seq) + ChaCha20Poly1305(key).encrypt(_nonce(iv, seq), plaintext, ad)
 
 
 def resumption_file() -> JSON:
     rng = Drbg("resumption")
     session_key = rng(64)
-    handle = key_schedule(session_key)["session_handle"]
-    client_next, server_expected, server_next, new_session_id = 5, 3, 4, 9
-    client = channel_at(session_key, is_client=True, send_seq=client_next)
-    record = client.seal(FrameType.RESUME, Resume().encode())
-    envelope = ResumeEnvelope(handle, record)
-    server = channel_at(session_key, is_client=False, send_seq=server_next, recv_seq=server_expected)
-    server.open(FrameType.RESUME, record, allow_gap=True)
-    resumed = server.seal(FrameType.RESUMED, Resumed().encode())
+    schedule = key_schedule(session_key)
+    handle, prk = schedule["session_handle"], schedule["prk"]
+    resume_seq, received_total, server_sent_total, new_session_id = 1, 4, 5, 9
+    client_nonce, server_nonce = rng(32), rng(32)
+    resume_plaintext = client_nonce + struct.pack(">Q", received_total)
+    resume_ad = ad_of(handle, Direction.CLIENT_TO_SERVER, FrameType.RESUME, resume_seq)
+    resume_record = _aead_seal(
+        schedule["resume_key"], schedule["resume_iv"], resume_seq, resume_plaintext, resume_ad
+    )
+    envelope = handle + resume_record
+    epoch_secret = _expand(prk, LABEL_EPOCH + client_nonce + server_nonce, 32)
+    epoch = epoch_keys(epoch_secret)
+    resumed_ad = ad_of(handle, Direction.SERVER_TO_CLIENT, FrameType.RESUMED, 0)
+    resumed_record = _aead_seal(epoch["s2c_key"], epoch["s2c_iv"], 0, b"", resumed_ad)
+    resumed_payload = server_nonce + resumed_record
+    request = Request(3, b"again").encode()
+    request_ad = ad_of(handle, Direction.CLIENT_TO_SERVER, FrameType.REQUEST, 0)
+    request_record = _aead_seal(epoch["c2s_key"], epoch["c2s_iv"], 0, request, request_ad)
+    rollback_plaintext = client_nonce + struct.pack(">Q", server_sent_total + 1)
+    rollback_record = _aead_seal(
+        schedule["resume_key"],
+        schedule["resume_iv"],
+        resume_seq + 1,
+        rollback_plaintext,
+        ad_of(handle, Direction.CLIENT_TO_SERVER, FrameType.RESUME, resume_seq + 1),
+    )
+
+    # The implementation must agree with the construction above, step by step.
+    client = Channel(session_key, is_client=True)
+    client.resume_seq, client.received_total = resume_seq, received_total
+    assert client.seal_resume(Resume(client_nonce, received_total).encode()).encode() == resume_record
+    server = Channel(session_key, is_client=False)
+    server.sent_total = server_sent_total
+    assert Resume.decode(server.open_resume(Record.decode(resume_record))).client_nonce == client_nonce
+    try:
+        server.open_resume(Record.decode(resume_record))
+        raise AssertionError("a replayed RESUME opens")
+    except RemoteProtocolError:
+        pass
+    server_epoch = server.next_epoch(client_nonce, server_nonce)
+    assert server_epoch.seal(FrameType.RESUMED, b"").encode() == resumed_record
+    client_epoch = client.next_epoch(client_nonce, server_nonce)
+    assert client_epoch.open(FrameType.RESUMED, Record.decode(resumed_record)) == b""
+    assert client_epoch.seal(FrameType.REQUEST, request).encode() == request_record
     return {
         "description": describe(
-            "Resumption proof (NET-2; docs/protocol.md sections 4.2 and 8.3). On a new connection "
-            "the client opens a new session id with RESUME: payload = session_handle[16] || "
-            "record, the record sealed with the session's client-to-server keys at the client's "
-            "next sequence number, frame type RESUME in the AD, empty plaintext. The server opens "
-            "it allowing a forward gap (never backwards) and answers RESUMED sealed at its next "
-            "sequence number. Holding the keys is the proof; OPAQUE is not re-run.",
+            "Resumption and key epochs (NET-2, NET-14; docs/protocol.md sections 4.2, 5.4 and 8.3). "
+            "On a new connection the client opens a new session id with RESUME: payload = "
+            "session_handle[16] || resume record. The resume record is sealed under resume_key / "
+            "resume_iv (key_schedule.json) at the client's resume sequence number, AD = handle || "
+            "u8(1) || u8(0x25) || u64(seq); its plaintext is client_nonce[32] || u64(the number of "
+            "records the client has received from the server over the session's life). The "
+            "server accepts a resume seq at or above the next it expects (RESUMEs may be lost), "
+            "never below, and refuses a received count above the records it has sealed (its "
+            "state was rolled back). It answers RESUMED: server_nonce[32] || a record sealed at "
+            "seq 0 of the new key epoch: epoch secret = HKDF-Expand(prk, LABEL_EPOCH || "
+            "client_nonce || server_nonce, 32), and the epoch's keys and IVs are expanded from it "
+            "with the usual labels. Both directions restart at seq 0 in the new epoch; the "
+            "client then re-sends its unanswered requests there.",
             {
                 "session_key": "the session's OPAQUE session_key",
                 "session_handle": "from the key schedule",
-                "client_next_seq": "the client's next c2s sequence number (records before it were sent)",
-                "server_expected_seq": "the server's next expected c2s seq (some records were lost)",
-                "server_next_seq": "the server's next s2c sequence number",
-                "new_session_id": "the fresh session id the RESUME opens",
-                "resume_record": "u64(seq) || ciphertext || tag",
-                "resume_payload": "session_handle || resume_record (40 bytes)",
-                "resume_frame": "the whole RESUME frame",
-                "resumed_record / resumed_frame": "the server's RESUMED record and frame",
-                "replay_rejected": (
-                    "after accepting, the server's expected seq is client_next_seq + 1: the same "
-                    "RESUME again is a replay and must fail (UNKNOWN_SESSION on the wire)"
+                "resume_key / resume_iv": "from the key schedule",
+                "resume_seq": "the client's next resume sequence number (an earlier RESUME was lost)",
+                "received_total": "records the client has received from the server (all epochs)",
+                "server_sent_total": "records the server's state says it has sealed (all epochs)",
+                "client_nonce / server_nonce": "each side's 32 random bytes for the new epoch",
+                "resume_plaintext": "client_nonce || u64(received_total)",
+                "resume_record": "u64(resume_seq) || ciphertext || tag",
+                "resume_payload / resume_frame": "handle || resume_record, and the whole frame",
+                "epoch_secret": "HKDF-Expand(prk, LABEL_EPOCH || client_nonce || server_nonce, 32)",
+                "epoch": "the new epoch's c2s/s2c keys and IVs",
+                "resumed_payload / resumed_frame": "server_nonce || record (seq 0, empty plaintext)",
+                "request_after / request_after_frame": (
+                    "the first REQUEST of the new epoch (request id 3, body 'again', c2s seq 0)"
+                ),
+                "replay_rejected": "the same RESUME a second time must fail (UNKNOWN_SESSION)",
+                "rollback_record": (
+                    "a genuine RESUME (resume seq 2) whose received count exceeds server_sent_total: "
+                    "the server must refuse it (UNKNOWN_SESSION)"
                 ),
             },
         ),
         "session_key": session_key.hex(),
         "session_handle": handle.hex(),
-        "client_next_seq": client_next,
-        "server_expected_seq": server_expected,
-        "server_next_seq": server_next,
+        "resume_key": schedule["resume_key"].hex(),
+        "resume_iv": schedule["resume_iv"].hex(),
+        "resume_seq": resume_seq,
+        "received_total": received_total,
+        "server_sent_total": server_sent_total,
         "new_session_id": new_session_id,
-        "resume_record": record.encode().hex(),
-        "resume_payload": envelope.encode().hex(),
-        "resume_frame": encode_frame(FrameType.RESUME, new_session_id, envelope.encode()).hex(),
-        "resumed_record": resumed.encode().hex(),
-        "resumed_frame": encode_frame(FrameType.RESUMED, new_session_id, resumed.encode()).hex(),
+        "client_nonce": client_nonce.hex(),
+        "server_nonce": server_nonce.hex(),
+        "resume_plaintext": resume_plaintext.hex(),
+        "resume_record": resume_record.hex(),
+        "resume_payload": envelope.hex(),
+        "resume_frame": encode_frame(FrameType.RESUME, new_session_id, envelope).hex(),
+        "epoch_secret": epoch_secret.hex(),
+        "epoch": {name: value.hex() for name, value in epoch.items()},
+        "resumed_payload": resumed_payload.hex(),
+        "resumed_frame": encode_frame(FrameType.RESUMED, new_session_id, resumed_payload).hex(),
+        "request_after": request_record.hex(),
+        "request_after_frame": encode_frame(FrameType.REQUEST, new_session_id, request_record).hex(),
         "replay_rejected": True,
+        "rollback_record": rollback_record.hex(),
     }
 
 

@@ -180,10 +180,53 @@ def test_server_gets_every_frame_in_every_state(world, kind, state, frame):
     _bystander_still_works(pair, bystander)
 
 
+RESUMING_STATES = [State.AWAIT_RESUMED, State.CLOSE_AFTER_RESUMED]
+
+
+def _resuming(world, target: State):
+    """A session resuming on a second connection (its RESUME never delivered), in ``target``."""
+    inner, registry = world
+    first = InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), inner
+    )
+    login(first, ACCOUNT)
+    first.client.connection_lost()
+    first.server.connection_lost()
+    first.pump()
+    [detached] = first.client.take_detached_sessions()
+    pair = InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), inner
+    )
+    bystander = login(pair, ACCOUNT).session_id
+    sid = pair.client.resume_session(detached)
+    if target is State.CLOSE_AFTER_RESUMED:
+        pair.client.close_session(sid)
+    pair.client.data_to_send()  # the test speaks for the server
+    assert pair.client.session_state(sid) is target
+    return pair, bystander, sid
+
+
+@pytest.mark.parametrize("frame", SESSION_FRAMES, ids=lambda t: t.name)
+@pytest.mark.parametrize("state", RESUMING_STATES, ids=lambda s: s.name)
+def test_client_gets_every_frame_while_resuming(world, state, frame):
+    pair, bystander, sid = _resuming(world, state)
+    events = pair.to_client(forge(frame, sid, _junk_payload(frame)))
+    failed = only(events, SessionFailed)
+    assert failed.session_id == sid
+    if (Role.CLIENT, SessionKind.REQUEST, state, frame) not in TRANSITIONS and frame is not FrameType.ABORT:
+        assert failed.code is ErrorCode.UNEXPECTED_FRAME
+    else:
+        assert failed.code in {ErrorCode.MALFORMED, ErrorCode.BAD_RECORD}
+    assert pair.client.session_state(sid) is State.CLOSED
+    pair.pump()
+    _bystander_still_works(pair, bystander)
+
+
 def test_every_table_state_is_exercised():
-    exercised = {(Role.CLIENT, k, s) for k, s in CLIENT_STATES} | {
-        (Role.SERVER, k, s) for k, s in SERVER_STATES
-    }
+    exercised = (
+        {(Role.CLIENT, k, s) for k, s in CLIENT_STATES}
+        | {(Role.SERVER, k, s) for k, s in SERVER_STATES}
+        | {(Role.CLIENT, SessionKind.REQUEST, s) for s in RESUMING_STATES}
+    )
     in_table = {key[:3] for key in TRANSITIONS if key[2] not in (State.IDLE, State.DETACHED)}
-    # AWAIT_RESUMED is exercised in test_sessions.py (it needs a second connection).
-    assert in_table - exercised == {(Role.CLIENT, SessionKind.REQUEST, State.AWAIT_RESUMED)}
+    assert in_table == exercised

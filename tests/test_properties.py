@@ -42,6 +42,7 @@ from keymgmt_proto._messages import (
     REGISTRATION_REQUEST_SIZE,
     REGISTRATION_RESPONSE_SIZE,
     REGISTRATION_UPLOAD_SIZE,
+    RESUME_NONCE_SIZE,
     SESSION_HANDLE_SIZE,
     TAG_SIZE,
     USER_ID_SIZE,
@@ -60,6 +61,7 @@ from keymgmt_proto._messages import (
     Response,
     Resume,
     Resumed,
+    ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
 )
@@ -104,14 +106,15 @@ STRATEGIES: dict[type, st.SearchStrategy[object]] = {
     Request: st.builds(Request, request_ids, bodies),
     Response: st.builds(Response, request_ids, bodies),
     Close: st.builds(Close, error_codes),
-    Resume: st.just(Resume()),
+    Resume: st.builds(Resume, fixed(RESUME_NONCE_SIZE), st.integers(0, 2**64 - 1)),
     Resumed: st.just(Resumed()),
     Record: records,
     ResumeEnvelope: st.builds(ResumeEnvelope, fixed(SESSION_HANDLE_SIZE), records),
+    ResumedEnvelope: st.builds(ResumedEnvelope, fixed(RESUME_NONCE_SIZE), records),
 }
 
-#: Every payload class under test: MESSAGE_TYPES' values plus the two envelope classes.
-ALL_CLASSES = [*dict.fromkeys([*MESSAGE_TYPES.values(), Record, ResumeEnvelope])]
+#: Every payload class under test: MESSAGE_TYPES' values plus the envelope classes.
+ALL_CLASSES = [*dict.fromkeys([*MESSAGE_TYPES.values(), Record, ResumeEnvelope, ResumedEnvelope])]
 
 #: Classes whose last field is a ``rest`` run to the end of the payload (no length prefix):
 #: name of that field and the number of bytes that precede it.
@@ -126,6 +129,7 @@ REST_MIN_SIZE = {
     Response: 4,
     Record: 8 + TAG_SIZE,
     ResumeEnvelope: SESSION_HANDLE_SIZE + 8 + TAG_SIZE,
+    ResumedEnvelope: RESUME_NONCE_SIZE + 8 + TAG_SIZE,
 }
 
 parametrize_classes = pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
@@ -137,7 +141,7 @@ def decode(cls: type, payload: bytes) -> object:
 
 def with_appended(value: object, extra: bytes) -> object:
     """What a rest-field value decodes to after ``extra`` is appended to its encoding."""
-    if isinstance(value, ResumeEnvelope):
+    if isinstance(value, ResumeEnvelope | ResumedEnvelope):
         return dataclasses.replace(value, record=with_appended(value.record, extra))
     name, _ = REST_FIELD[type(value)]
     return dataclasses.replace(value, **{name: getattr(value, name) + extra})
@@ -376,12 +380,20 @@ def pair(key: bytes) -> tuple[Channel, Channel]:
     return Channel(key, is_client=True), Channel(key, is_client=False)
 
 
-def assert_bad_record(channel: Channel, frame_type: FrameType, record: Record, **kw: bool) -> None:
-    before = (channel.recv_seq, channel.send_seq)
+def assert_bad_record(channel: Channel, frame_type: FrameType, record: Record) -> None:
+    before = channel.export()
     with pytest.raises(RemoteProtocolError) as info:
-        channel.open(frame_type, record, **kw)
+        channel.open(frame_type, record)
     assert info.value.code is ErrorCode.BAD_RECORD
-    assert (channel.recv_seq, channel.send_seq) == before
+    assert channel.export() == before
+
+
+def assert_bad_resume(channel: Channel, record: Record) -> None:
+    before = channel.export()
+    with pytest.raises(RemoteProtocolError) as info:
+        channel.open_resume(record)
+    assert info.value.code is ErrorCode.BAD_RECORD
+    assert channel.export() == before
 
 
 @given(key=session_keys, messages=st.lists(st.tuples(any_types, plaintexts), max_size=8))
@@ -406,7 +418,6 @@ def test_channel_rejects_replay(key: bytes, frame_type: FrameType, p0: bytes, p1
     r0, r1 = client.seal(frame_type, p0), client.seal(frame_type, p1)
     assert server.open(frame_type, r0) == p0
     assert_bad_record(server, frame_type, r0)
-    assert_bad_record(server, frame_type, r0, allow_gap=True)
     assert server.open(frame_type, r1) == p1
     assert_bad_record(server, frame_type, r1)
     assert_bad_record(server, frame_type, r0)
@@ -465,7 +476,6 @@ def test_channel_rejects_other_session(keys: list[bytes], frame_type: FrameType,
     assert client_a.session_handle != client_b.session_handle
     foreign = client_b.seal(frame_type, plaintext)
     assert_bad_record(server_a, frame_type, foreign)
-    assert_bad_record(server_a, frame_type, foreign, allow_gap=True)
     assert server_a.open(frame_type, client_a.seal(frame_type, plaintext)) == plaintext
 
 
@@ -490,33 +500,64 @@ def test_channel_rejects_truncated_ciphertext(
 def test_channel_rejects_relabelled_seq(
     key: bytes, frame_type: FrameType, plaintext: bytes, shift: int
 ) -> None:
-    """The sequence number is bound into nonce and AD: a record relabelled to a later seq fails
-    even where gaps are allowed."""
+    """The sequence number is bound into nonce and AD: a record relabelled to another seq fails."""
     client, server = pair(key)
     record = client.seal(frame_type, plaintext)
-    assert_bad_record(server, frame_type, Record(shift, record.ciphertext), allow_gap=True)
+    server.recv_seq = shift  # even where the receiver expects that seq
+    assert_bad_record(server, frame_type, Record(shift, record.ciphertext))
+    server.recv_seq = 0
     assert server.open(frame_type, record) == plaintext
 
 
-@given(key=session_keys, frame_type=sealed_types, n=st.integers(2, 12), data=st.data())
-def test_channel_allow_gap(key: bytes, frame_type: FrameType, n: int, data: st.DataObject) -> None:
+@given(key=session_keys, n=st.integers(2, 12), data=st.data())
+def test_resume_records_may_skip_ahead_but_never_back(key: bytes, n: int, data: st.DataObject) -> None:
+    """RESUME records have their own key and counter: lost ones may be skipped, none replayed."""
     client, server = pair(key)
-    sealed = [client.seal(frame_type, bytes([i])) for i in range(n)]
-    start = data.draw(st.integers(0, n - 2), label="start")
-    for record in sealed[:start]:
-        server.open(frame_type, record)
-    skip_to = data.draw(st.integers(start + 1, n - 1), label="skip_to")
-    # Without allow_gap a skip ahead is refused.
-    assert_bad_record(server, frame_type, sealed[skip_to])
-    assert server.open(frame_type, sealed[skip_to], allow_gap=True) == bytes([skip_to])
-    assert server.recv_seq == skip_to + 1
-    # Never back: every record below recv_seq is refused, gap or not.
+    sealed = [client.seal_resume(bytes([i])) for i in range(n)]
+    assert [r.seq for r in sealed] == list(range(n))
+    skip_to = data.draw(st.integers(1, n - 1), label="skip_to")
+    assert server.open_resume(sealed[skip_to]) == bytes([skip_to])
+    assert server.resume_seq == skip_to + 1
     for record in sealed[: skip_to + 1]:
-        assert_bad_record(server, frame_type, record, allow_gap=True)
-        assert_bad_record(server, frame_type, record)
-    # allow_gap also accepts exactly the next record.
+        assert_bad_resume(server, record)
+    # A RESUME record is not a channel record, and a channel record is not a RESUME record.
+    assert_bad_record(server, FrameType.RESUME, Record(0, sealed[0].ciphertext))
+    assert_bad_resume(server, Record(skip_to + 1, client.seal(FrameType.RESUME, b"").ciphertext))
     if skip_to + 1 < n:
-        assert server.open(frame_type, sealed[skip_to + 1], allow_gap=True) == bytes([skip_to + 1])
+        assert server.open_resume(sealed[skip_to + 1]) == bytes([skip_to + 1])
+
+
+@given(
+    key=session_keys,
+    nonces=st.lists(fixed(RESUME_NONCE_SIZE), min_size=3, max_size=3, unique=True),
+    frame_type=sealed_types,
+    plaintext=plaintexts,
+)
+def test_each_key_epoch_has_fresh_keys_and_restarts_its_counters(
+    key: bytes, nonces: list[bytes], frame_type: FrameType, plaintext: bytes
+) -> None:
+    """NET-14: both sides reach the same epoch from the two nonces; its counters start at 0
+    and its records differ from every other epoch's at the same seq (no nonce reuse); the
+    lifetime totals carry on."""
+    client, server = pair(key)
+    first = client.seal(frame_type, plaintext)
+    assert server.open(frame_type, first) == plaintext
+    client_nonce, server_nonce, other = nonces
+    client2 = client.next_epoch(client_nonce, server_nonce)
+    server2 = server.next_epoch(client_nonce, server_nonce)
+    assert client.send_seq == 1  # next_epoch leaves the channel it came from alone
+    assert (client2.send_seq, client2.recv_seq, server2.send_seq, server2.recv_seq) == (0, 0, 0, 0)
+    assert client2.session_handle == client.session_handle
+    assert (client2.sent_total, server2.received_total) == (1, 1)
+    again = client2.seal(frame_type, plaintext)
+    assert again.seq == first.seq == 0 and again.ciphertext != first.ciphertext
+    assert server2.open(frame_type, again) == plaintext
+    assert_bad_record(server2, frame_type, first)  # the old epoch's record at seq 0 fails
+    # Either nonce changed gives other keys.
+    for client_side, server_side in ((other, server_nonce), (client_nonce, other)):
+        elsewhere = client.next_epoch(client_side, server_side).seal(frame_type, plaintext)
+        assert elsewhere.ciphertext != again.ciphertext
+        assert_bad_record(server.next_epoch(client_nonce, server_nonce), frame_type, elsewhere)
 
 
 # ------------------------------------------------------- 5. known-answer test

@@ -369,25 +369,78 @@ def test_client_connection_refuses_new_sessions_after_failure(harness):
     assert isinstance(pair.server, ServerConnection)
 
 
-@pytest.mark.parametrize("frame", [t for t in FrameType if t is not FrameType.GOAWAY], ids=lambda t: t.name)
-def test_client_awaiting_resumed_gets_every_frame(harness, frame):
-    from keymgmt_proto._state import TRANSITIONS, Role, SessionKind
+def test_a_resume_of_a_session_attached_to_the_same_connection_is_refused(harness):
+    """NET-14: the RESUME loop that once burned the server's sequence space (each RESUME of an
+    attached session jumped its send counter) is refused before anything changes, and the
+    session goes on with its counters where they were."""
+    pair = harness.pair()
+    register(pair, b"loop")
+    sid = login(pair, b"loop").session_id
+    session = pair.server._sessions[sid]
+    before = session.channel.export()
+    handle = session.channel.session_handle
+    client_channel = pair.client._sessions[sid].channel
+    for n in range(200):
+        record = client_channel.seal_resume(bytes(32) + (0).to_bytes(8, "big"))
+        pair.to_server(forge(FrameType.RESUME, sid + 1 + n, handle + record.encode()))
+        failed = pair.server_events[-1]
+        assert isinstance(failed, SessionFailed) and failed.code is ErrorCode.UNKNOWN_SESSION
+    assert session.channel.export() == before  # nothing moved, nothing burned
+    assert pair.server.session_state(sid) is State.ESTABLISHED
+    pair.client.data_to_send()
+    pair.server.data_to_send()  # the ABORTs for the refused ids
+    pair.client._last_session_id = sid + 200
+    pair.client.send_request(sid, b"still fine")
+    assert only(pair.pump(), ResponseReceived).body == b"still fine"
+
+
+def test_every_resume_starts_a_new_key_epoch_with_counters_at_zero(harness):
+    """NET-14: a session resumed many times never skips sequence space: each epoch starts
+    at 0, the handle stays, and requests in flight are answered once."""
+    pair = harness.pair()
+    register(pair, b"epochs")
+    sid = login(pair, b"epochs").session_id
+    for round_ in range(20):
+        pair.client.send_request(sid, b"round %d" % round_)
+        pair.to_server(pair.client.data_to_send())
+        pair.server.data_to_send()  # the answer is lost with the connection
+        (detached,) = _lose(pair)
+        pair = harness.pair()
+        sid = pair.client.resume_session(detached)
+        events = pair.pump()
+        only(events, SessionResumed)
+        assert only(events, ResponseReceived).body == b"round %d" % round_
+        server_channel = pair.server._sessions[sid].channel
+        # RESUMED (seq 0) and the cached answer (seq 1): nothing skipped.
+        assert (server_channel.send_seq, server_channel.recv_seq) == (2, 1)
+
+
+def test_sequence_exhaustion_ends_the_session_with_a_clean_close(harness):
+    """NET-14: the epoch's last sequence number is kept for CLOSE: a session that reaches it
+    ends with CLOSE(SEQUENCE_EXHAUSTED) on both sides; nothing raises."""
+    from keymgmt_proto._crypto import MAX_SEQ
 
     pair = harness.pair()
-    register(pair, b"resuming")
-    login(pair, b"resuming")
-    (detached,) = _lose(pair)
-    pair2 = harness.pair()
-    bystander = login(pair2, b"resuming").session_id
-    sid = pair2.client.resume_session(detached)
-    pair2.client.data_to_send()  # the RESUME never leaves
-    assert pair2.client.session_state(sid) is State.AWAIT_RESUMED
-    events = pair2.to_client(forge(frame, sid, bytes(40) if frame.sealed else b"\x01" + bytes(8)))
-    failed = only(events, SessionFailed)
-    legal = (Role.CLIENT, SessionKind.REQUEST, State.AWAIT_RESUMED, frame) in TRANSITIONS
-    if not legal and frame is not FrameType.ABORT:
-        assert failed.code is ErrorCode.UNEXPECTED_FRAME
-    assert pair2.client.session_state(sid) is State.CLOSED
-    pair2.pump()
-    pair2.client.send_request(bystander, b"ok")
-    assert only(pair2.pump(), ResponseReceived).body == b"ok"
+    register(pair, b"exhaust")
+    sid = login(pair, b"exhaust").session_id
+    server_channel = pair.server._sessions[sid].channel
+    client_channel = pair.client._sessions[sid].channel
+    server_channel.send_seq = client_channel.recv_seq = MAX_SEQ - 2  # two records left
+    pair.client.send_request(sid, b"one more")
+    assert only(pair.pump(), ResponseReceived).body == b"one more"  # uses MAX_SEQ - 2
+    pair.client.send_request(sid, b"too many")
+    events = pair.pump()  # the answer would need the last seq, which CLOSE keeps
+    closed = only(events, SessionClosed)
+    assert (closed.session_id, closed.code) == (sid, ErrorCode.SEQUENCE_EXHAUSTED)
+    server_closed = [e for e in pair.server_events if isinstance(e, SessionClosed)]
+    assert server_closed[-1].code is ErrorCode.SEQUENCE_EXHAUSTED
+    assert pair.server.session_state(sid) is State.CLOSED
+    # The client side refuses to seal past its own last number, and says why.
+    sid2 = login(pair, b"exhaust").session_id
+    pair.client._sessions[sid2].channel.send_seq = MAX_SEQ - 1
+    with pytest.raises(LocalProtocolError) as info:
+        pair.client.send_request(sid2, b"no")
+    assert info.value.code is ErrorCode.SEQUENCE_EXHAUSTED
+    pair.client.close_session(sid2)  # the last number: logout still works
+    pair.pump()
+    assert pair.server.session_state(sid2) is State.CLOSED

@@ -150,40 +150,85 @@ def test_a_tampered_store_entry_is_no_session():
     assert only(other.pump(), SessionFailed).code is ErrorCode.UNKNOWN_SESSION
 
 
-def test_a_rolled_back_store_entry_never_makes_the_server_reuse_a_sequence_number():
-    """An attacker with write access to the store restores an older sealed state: the server
-    resumes it, but its sends start at a fresh random offset, so no nonce is used twice."""
-    from keymgmt_proto import FrameType
-    from keymgmt_proto._messages import Record
+class _SealLog:
+    """Records the (key, iv, seq) of every record the server seals, to prove none repeats."""
 
-    from .frames import frame_type, split_frames
+    def __init__(self, monkeypatch) -> None:
+        from keymgmt_proto._crypto import Channel
 
-    store, app = DictStore(), MemoryServerApp()
-    pair = _pair(_instance(store), app)
-    register(pair, b"rollback")
-    login(pair, b"rollback")
+        self.used: list[tuple[bytes, bytes, int]] = []
+        original = Channel.seal
+
+        def seal(channel, frame_type, plaintext):
+            if not channel._is_client:
+                self.used.append((channel._send_key, channel._send_iv, channel.send_seq))
+            return original(channel, frame_type, plaintext)
+
+        monkeypatch.setattr(Channel, "seal", seal)
+
+
+def _lost(pair: InMemoryPair):
     pair.client.connection_lost()
     pair.server.connection_lost()
     pair.pump()
-    (detached,) = pair.client.take_detached_sessions()
-    old_blob = dict(store.rows)
+    return pair.client.take_detached_sessions()
 
-    def resumed_seq(p: InMemoryPair) -> int:
-        p.to_server(p.client.data_to_send())
-        for frame in split_frames(p.server.data_to_send()):
-            if frame_type(frame) is FrameType.RESUMED:
-                return Record.decode(frame[10:]).seq
-        raise AssertionError("no RESUMED")
 
-    first = _pair(_instance(store), app)
-    first.client.resume_session(detached)
-    seq_one = resumed_seq(first)
-    first.client.connection_lost()
-    first.pump()
-    (detached,) = first.client.take_detached_sessions()
-    store.rows.update(old_blob)  # roll the store back to the older state
+def test_a_rolled_back_store_entry_is_refused_when_the_client_has_seen_more(monkeypatch):
+    """NET-14: an attacker who can write the store restores an older sealed state. The
+    client's RESUME says how many records it has received; the old state sent fewer, so the
+    server refuses (UNKNOWN_SESSION, the client logs in again) and drops the stale state.
+    No record was ever sealed twice under one key and nonce."""
+    seals = _SealLog(monkeypatch)
+    store, app = DictStore(), MemoryServerApp()
+    pair = _pair(_instance(store), app)
+    register(pair, b"rollback")
+    sid = login(pair, b"rollback").session_id
+    (detached,) = _lost(pair)
+    old_rows = dict(store.rows)  # the state after WELCOME only
+    second = _pair(_instance(store), app)
+    sid = second.client.resume_session(detached)
+    second.pump()
+    second.client.send_request(sid, b"seen by the client")
+    only(second.pump(), ResponseReceived)
+    (detached,) = _lost(second)
+    store.rows.update(old_rows)  # roll back
+    third = _pair(_instance(store), app)
+    third.client.resume_session(detached)
+    assert only(third.pump(), SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+    assert not store.rows  # the stale state is gone, not put back
+    assert len(seals.used) == len(set(seals.used)) >= 4
+
+
+def test_a_rollback_the_client_cannot_see_still_never_reuses_a_nonce(monkeypatch):
+    """A rolled-back state that matches what the client has received (here: a RESUMED that
+    was sealed and lost) is resumed; the server's fresh nonce puts the session in a key
+    epoch of its own, so the second RESUMED, sealed at seq 0 again, uses new keys."""
+    seals = _SealLog(monkeypatch)
+    store, app = DictStore(), MemoryServerApp()
+    pair = _pair(_instance(store), app)
+    register(pair, b"unseen")
+    login(pair, b"unseen")
+    (detached,) = _lost(pair)
+    old_rows = dict(store.rows)
     second = _pair(_instance(store), app)
     second.client.resume_session(detached)
-    seq_two = resumed_seq(second)
-    assert seq_one != seq_two
-    assert min(seq_one, seq_two) > 0
+    captured_resume = second.client.data_to_send()
+    second.to_server(captured_resume)
+    assert second.server.data_to_send()  # RESUMED sealed (seq 0 of a new epoch), then lost
+    (detached,) = _lost(second)
+    # Someone who saw the RESUME inside TLS and can write the store replays both: the same
+    # client nonce, but the server's own fresh nonce still gives the replay an epoch of its own.
+    store.rows.update(old_rows)
+    replayer = _pair(_instance(store), app)
+    replayer.to_server(captured_resume)
+    assert isinstance(replayer.server_events[-1], SessionResumed)
+    _lost(replayer)
+    store.rows.update(old_rows)
+    third = _pair(_instance(store), app)
+    sid = third.client.resume_session(detached)
+    only(third.pump(), SessionResumed)
+    third.client.send_request(sid, b"works")
+    assert only(third.pump(), ResponseReceived).body == b"works"
+    assert len(seals.used) == len(set(seals.used))
+    assert [seq for _, _, seq in seals.used].count(0) >= 4  # WELCOME and three RESUMEDs, all at 0

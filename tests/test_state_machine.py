@@ -81,7 +81,11 @@ HANDSHAKE_STATES = {
     State.AWAIT_REG_RESPONSE,
     State.AWAIT_REG_CLOSE,
 }
-CLIENT_STATE = {"established": State.ESTABLISHED, "resuming": State.AWAIT_RESUMED}
+CLIENT_STATE = {
+    "established": State.ESTABLISHED,
+    "resuming": State.AWAIT_RESUMED,
+    "closing": State.CLOSE_AFTER_RESUMED,
+}
 ACTIONS = [
     "drop",
     "duplicate",
@@ -142,7 +146,8 @@ class Sess:
     kind: str  # "login" or "registration" (a registration of a taken name)
     password_ok: bool
     sid: int
-    #: handshake | established | resuming | detached | ended | forgotten
+    #: handshake | established | resuming | closing (logged out while resuming) | detached |
+    #: ended | forgotten
     client: str = "handshake"
     tainted: bool = False
     user_id: bytes | None = None
@@ -259,7 +264,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         if what == "resume":
             if s.server in ("detached", "stale") and s.deadline()[0] > self.now:
                 s.server, s.last_activity = "current", self.now
+                if s.client == "closing":  # RESUMED, then the client's CLOSE in the new epoch
+                    s.server = "dead"
+                    return
                 s.expect(("resumed",))
+                # Once RESUMED arrives the client sends every unanswered request (NET-14).
+                for request_id in s.unanswered():
+                    self._server_receives(s, ("req", request_id))
             else:
                 s.server = "dead"
                 s.expect(("failed", ErrorCode.UNKNOWN_SESSION))
@@ -318,7 +329,10 @@ class ProtocolMachine(RuleBasedStateMachine):
                 continue
             s = self.by_sid.get(ev.session_id)
             assert s is not None, f"event for a session never opened: {ev!r}"
-            assert s.client in ("handshake", "established", "resuming"), f"{ev!r} for {s!r}"
+            if s.client == "closing":  # the resumption failed or the connection went
+                assert isinstance(ev, SessionFailed), (ev, s)
+            else:
+                assert s.client in ("handshake", "established", "resuming"), f"{ev!r} for {s!r}"
             if isinstance(ev, SessionEstablished):
                 assert s.kind == "login" and s.client == "handshake", (ev, s)
                 assert s.password_ok, f"login with a wrong password succeeded: {s!r}"
@@ -359,6 +373,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         client = self.pair.client
         for s in self.by_sid.values():
             state = client.session_state(s.sid)
+            if s.client == "closing" and state is State.CLOSED:
+                s.client = "ended"  # RESUMED came and the CLOSE went out
             if s.client == "handshake":
                 assert state in HANDSHAKE_STATES, (s, state)
             else:
@@ -456,7 +472,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             request_id = self.pair.client.send_request(s.sid, body)
             assert request_id not in s.requests
             s.requests[request_id] = body
-            s.queued.append(("req", request_id))
+            if s.client == "established":  # while resuming it waits for RESUMED
+                s.queued.append(("req", request_id))
             self.body_owner[body] = (s, request_id)
         if deliver:
             self._pump()
@@ -470,6 +487,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         if logout and self._ready():
             s = data.draw(st.sampled_from(self._ready()), label="session")
             self.pair.client.close_session(s.sid)
+            if s.client == "resuming":  # CLOSE goes out once RESUMED has arrived
+                s.client = "closing"
+                return
             s.queued.append(("close",))
         else:
             s = data.draw(st.sampled_from(self._live()), label="session")
@@ -614,7 +634,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         """Drop the connection (pending bytes are lost) and resume detached sessions on a new one."""
         old = self.pair
         for s in self.by_sid.values():
-            if not s.tainted and s.client == "handshake":
+            if not s.tainted and s.client in ("handshake", "closing"):
                 s.expect(("failed", ErrorCode.CONNECTION_LOST))
             s.queued.clear()
         old.client.connection_lost()
@@ -645,7 +665,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             event("resume")
             s.sid = self.pair.client.resume_session(d)
             s.client = "resuming"
-            s.queued = [("resume",)] + [("req", rid) for rid in s.unanswered()]
+            s.queued = [("resume",)]  # the unanswered requests follow RESUMED
             self.by_sid[s.sid] = s
         self._check_model()
 

@@ -50,7 +50,7 @@ from keymgmt_proto._crypto import (
     encrypt_storage_key,
 )
 from keymgmt_proto._errors import ErrorCode, RemoteProtocolError
-from keymgmt_proto._messages import MESSAGE_TYPES, Record, ResumeEnvelope
+from keymgmt_proto._messages import MESSAGE_TYPES, Record, Request, Resume, ResumedEnvelope, ResumeEnvelope
 from keymgmt_proto._ops import (
     Context,
     Op,
@@ -183,7 +183,7 @@ def test_header_vectors():
 
 def test_message_vectors_cover_every_payload_class():
     classes = {v["class"] for v in load("messages.json")["vectors"]}
-    expected = {cls.__name__ for cls in [*MESSAGE_TYPES.values(), Record, ResumeEnvelope]}
+    expected = {cls.__name__ for cls in [*MESSAGE_TYPES.values(), Record, ResumeEnvelope, ResumedEnvelope]}
     assert classes == expected
 
 
@@ -270,6 +270,8 @@ def test_key_schedule_vectors():
             ("c2s_iv", "LABEL_C2S_IV", 12),
             ("s2c_key", "LABEL_S2C_KEY", 32),
             ("s2c_iv", "LABEL_S2C_IV", 12),
+            ("resume_key", "LABEL_RESUME_KEY", 32),
+            ("resume_iv", "LABEL_RESUME_IV", 12),
         ]:
             assert _sha3_expand(prk, labels[label], size).hex() == vector[field], field
         assert Channel(session_key, is_client=True).session_handle.hex() == vector["session_handle"]
@@ -310,45 +312,80 @@ def test_channel_rejections():
             session_key, client=vector["receiver"] == "client", recv_seq=vector["expected_seq"]
         )
         with pytest.raises(RemoteProtocolError) as info:
-            receiver.open(
-                FrameType[vector["frame_type"]],
-                Record.decode(h(vector["record"])),
-                allow_gap=vector["allow_gap"],
-            )
+            receiver.open(FrameType[vector["frame_type"]], Record.decode(h(vector["record"])))
         assert info.value.code is ErrorCode.BAD_RECORD, vector["why"]
         assert receiver.recv_seq == vector["expected_seq"]  # a failed open changes nothing
 
 
+def _seal(key: bytes, iv: bytes, seq: int, plaintext: bytes, ad: bytes) -> bytes:
+    nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + struct.pack(">Q", seq), strict=True))
+    return struct.pack(">Q", seq) + ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
+
+
 def test_resumption_vectors():
+    """The documented construction (sections 5.4 and 8.3), computed here from the labels and
+    HKDF, gives the file's bytes; and the library's Channel agrees at every step."""
     data = load("resumption.json")
     session_key, handle = h(data["session_key"]), h(data["session_handle"])
-    client = channel(session_key, client=True, send_seq=data["client_next_seq"])
-    assert client.session_handle == handle
-    record = client.seal(FrameType.RESUME, b"")
-    assert record.encode().hex() == data["resume_record"]
-    envelope = ResumeEnvelope(handle, record)
-    assert envelope.encode().hex() == data["resume_payload"]
-    assert ResumeEnvelope.decode(envelope.encode()) == envelope
-    frame = encode_frame(FrameType.RESUME, data["new_session_id"], envelope.encode())
-    assert frame.hex() == data["resume_frame"]
-
-    server = channel(
-        session_key, client=False, send_seq=data["server_next_seq"], recv_seq=data["server_expected_seq"]
-    )
-    with pytest.raises(RemoteProtocolError):  # a gap is allowed for RESUME only
-        server.open(FrameType.RESUME, record)
-    assert server.open(FrameType.RESUME, record, allow_gap=True) == b""
-    resumed = server.seal(FrameType.RESUMED, b"")
-    assert resumed.encode().hex() == data["resumed_record"]
+    prk = hmac.digest(crypto_module.CHANNEL_SALT, session_key, "sha3_256")
+    resume_key = _sha3_expand(prk, crypto_module.LABEL_RESUME_KEY, 32)
+    resume_iv = _sha3_expand(prk, crypto_module.LABEL_RESUME_IV, 12)
+    assert (resume_key.hex(), resume_iv.hex()) == (data["resume_key"], data["resume_iv"])
+    client_nonce, server_nonce = h(data["client_nonce"]), h(data["server_nonce"])
+    resume_seq = data["resume_seq"]
+    plaintext = client_nonce + struct.pack(">Q", data["received_total"])
+    assert plaintext.hex() == data["resume_plaintext"]
+    resume_ad = handle + struct.pack(">BBQ", Direction.CLIENT_TO_SERVER, FrameType.RESUME, resume_seq)
+    resume_record = _seal(resume_key, resume_iv, resume_seq, plaintext, resume_ad)
+    assert resume_record.hex() == data["resume_record"]
+    assert (handle + resume_record).hex() == data["resume_payload"]
     assert (
-        encode_frame(FrameType.RESUMED, data["new_session_id"], resumed.encode()).hex()
+        encode_frame(FrameType.RESUME, data["new_session_id"], handle + resume_record).hex()
+        == data["resume_frame"]
+    )
+    epoch_secret = _sha3_expand(prk, crypto_module.LABEL_EPOCH + client_nonce + server_nonce, 32)
+    assert epoch_secret.hex() == data["epoch_secret"]
+    epoch = {
+        name: _sha3_expand(epoch_secret, getattr(crypto_module, label), size)
+        for name, label, size in [
+            ("c2s_key", "LABEL_C2S_KEY", 32),
+            ("c2s_iv", "LABEL_C2S_IV", 12),
+            ("s2c_key", "LABEL_S2C_KEY", 32),
+            ("s2c_iv", "LABEL_S2C_IV", 12),
+        ]
+    }
+    assert {k: v.hex() for k, v in epoch.items()} == data["epoch"]
+    resumed_ad = handle + struct.pack(">BBQ", Direction.SERVER_TO_CLIENT, FrameType.RESUMED, 0)
+    resumed_payload = server_nonce + _seal(epoch["s2c_key"], epoch["s2c_iv"], 0, b"", resumed_ad)
+    assert resumed_payload.hex() == data["resumed_payload"]
+    assert (
+        encode_frame(FrameType.RESUMED, data["new_session_id"], resumed_payload).hex()
         == data["resumed_frame"]
     )
+    request = Request(3, b"again").encode()
+    request_ad = handle + struct.pack(">BBQ", Direction.CLIENT_TO_SERVER, FrameType.REQUEST, 0)
+    assert _seal(epoch["c2s_key"], epoch["c2s_iv"], 0, request, request_ad).hex() == data["request_after"]
+
+    # The library, both sides.
+    client = Channel(session_key, is_client=True)
+    client.resume_seq, client.received_total = resume_seq, data["received_total"]
+    record = client.seal_resume(Resume(client_nonce, data["received_total"]).encode())
+    assert ResumeEnvelope(handle, record).encode().hex() == data["resume_payload"]
+    server = Channel(session_key, is_client=False)
+    server.sent_total = data["server_sent_total"]
+    resume = Resume.decode(server.open_resume(record))
+    assert resume.received_total <= server.sent_total  # not rolled back: accepted
     assert data["replay_rejected"]
     with pytest.raises(RemoteProtocolError):
-        server.open(FrameType.RESUME, record, allow_gap=True)
-    client.recv_seq = 0  # the client opens RESUMED with a forward gap too
-    assert client.open(FrameType.RESUMED, Record.decode(h(data["resumed_record"])), allow_gap=True) == b""
+        server.open_resume(record)
+    server_epoch = server.next_epoch(resume.client_nonce, server_nonce)
+    resumed = ResumedEnvelope(server_nonce, server_epoch.seal(FrameType.RESUMED, b""))
+    assert resumed.encode().hex() == data["resumed_payload"]
+    client_epoch = client.next_epoch(client_nonce, ResumedEnvelope.decode(resumed_payload).server_nonce)
+    assert client_epoch.open(FrameType.RESUMED, resumed.record) == b""
+    assert client_epoch.seal(FrameType.REQUEST, request).encode().hex() == data["request_after"]
+    rollback = Resume.decode(server.open_resume(Record.decode(h(data["rollback_record"]))))
+    assert rollback.received_total > data["server_sent_total"]  # the server must refuse this one
 
 
 # ------------------------------------------------------------------ KEY-1, REG-3, secrets, portable
