@@ -13,6 +13,7 @@ GOAWAY, waits for them (bounded), and closes the storage.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import ssl
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSStream
 
 from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
@@ -155,6 +156,8 @@ class KeyServerRuntime:
         self._open_connections = 0  # accepted, including those still in the TLS handshake
         self._stop = anyio.Event()
         self.connections_served = 0
+        #: Connections ended by an internal error (NET-12); each is logged with its traceback.
+        self.connection_faults = 0
 
     def __repr__(self) -> str:
         return f"<KeyServerRuntime {self.settings.host}:{self.port} {len(self._drivers)} connections>"
@@ -173,7 +176,9 @@ class KeyServerRuntime:
         try:
             async with anyio.create_task_group() as connections:
                 async with anyio.create_task_group() as accepting:
-                    accepting.start_soon(listener.serve, self._handle, connections)
+                    for each in listener.listeners:
+                        assert isinstance(each, SocketListener)
+                        accepting.start_soon(self._accept, each, connections)
                     accepting.start_soon(self._expire_detached_sessions)
                     task_status.started(self.port)
                     await self._stop.wait()
@@ -193,19 +198,44 @@ class KeyServerRuntime:
             self.storage.close()
             log.info("stopped")
 
+    async def _accept(self, listener: SocketListener, connections: TaskGroup) -> None:
+        """Accept connections until cancelled. An accept that fails (out of file descriptors,
+        a connection reset before it was taken) is logged and retried shortly: it never
+        ends the server (NET-12)."""
+        warned_at = -math.inf
+        while True:
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:
+                if time.monotonic() - warned_at > 10:  # one line per burst, not one per retry
+                    warned_at = time.monotonic()
+                    log.warning("accepting connections fails (%s); retrying", exc.strerror or exc)
+                await anyio.sleep(0.05)
+                continue
+            connections.start_soon(self._handle, tcp)
+
     async def _expire_detached_sessions(self) -> None:
         """Expire (and audit) detached sessions even when no connection is open to do it."""
         while True:
             deadline = self.registry.get_timer()
             await anyio.sleep(1.0 if deadline is None else min(60.0, max(0.0, deadline - time.time())))
-            expired = self.registry.handle_timer(time.time())
-            if expired:
-                self.keyserver.sessions_expired(expired)
+            try:
+                expired = self.registry.handle_timer(time.time())
+                if expired:
+                    self.keyserver.sessions_expired(expired)
+            except Exception:  # e.g. the database is briefly unreachable: try again later
+                log.error("expiring detached sessions failed", exc_info=True)
 
     async def _handle(self, tcp: SocketStream) -> None:
+        """One connection, from accept to close. Whatever goes wrong stays here (NET-12)."""
         self._open_connections += 1
         try:
             await self._handle_connection(tcp)
+        except Exception:
+            self.connection_faults += 1
+            log.error("connection handler failed", exc_info=True)
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(tcp)
         finally:
             self._open_connections -= 1
 
@@ -241,3 +271,5 @@ class KeyServerRuntime:
             await driver.run()
         finally:
             self._drivers.discard(driver)
+            if driver.faulted:
+                self.connection_faults += 1

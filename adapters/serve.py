@@ -69,6 +69,8 @@ class ConnectionDriver:
         self.conn = ServerConnection(setup, random, registry=registry, now=self.clock())
         self._stopping = False
         self._stuck = False
+        #: Set when an internal error ended the connection (see run()).
+        self.faulted = False
         self._receive_scope: anyio.CancelScope | None = None
 
     def stop(self) -> None:
@@ -109,55 +111,94 @@ class ConnectionDriver:
             self._run_app(event)
 
     async def run(self) -> None:
-        conn = self.conn
+        """Serve until the connection ends. A fault while serving it (a bug in the core or the
+        application, a storage error the application did not handle) ends this connection
+        only (NET-12): it is logged once with its traceback, ``faulted`` is set, every session
+        of the connection ends unresumable (its state may be half-changed), and the stream is
+        closed. It never reaches the caller, so one connection cannot end the server."""
         try:
-            while True:
-                self._process()
-                if self._stopping and conn.failed is None:
-                    conn.close("server shutting down")
-                    self._process()
-                output = conn.data_to_send()
-                if output:
-                    try:
-                        with anyio.fail_after(self.send_timeout):
-                            await self.stream.send(output)
-                    except TimeoutError:
-                        log.info("connection from %s dropped: it stopped reading", self.peer)
-                        self._stuck = True
-                        return
-                if conn.failed is not None:
-                    return
-                deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
-                wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
-                data: bytes | None = None
-                with anyio.CancelScope(deadline=anyio.current_time() + wait) as scope:
-                    self._receive_scope = scope
-                    try:
-                        data = await self.stream.receive(self.receive_size)
-                    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                        data = b""
-                self._receive_scope = None
-                now = self.clock()
-                if data is not None:
-                    conn.receive_data(data, now)
-                elif not self._stopping:
-                    conn.handle_timer(now)
-                    expired = self.registry.handle_timer(now)
-                    if expired and self.on_expired is not None:
-                        self.on_expired(expired)
+            await self._serve()
+        except Exception:
+            self.faulted = True
+            log.error("connection from %s ended by an internal error", self.peer, exc_info=True)
+            try:
+                self.conn.abandon("internal error")
+            except Exception:  # the core is in a state nobody planned for; the stream still closes
+                log.error("could not end the sessions of the connection from %s", self.peer)
+        finally:
+            await self._close_stream()
+
+    async def _serve(self) -> None:
+        try:
+            await self._loop()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.info("connection from %s broke: %s", self.peer, type(exc).__name__)
-        finally:
-            if conn.failed is None:
-                conn.connection_lost()
+        except Exception:
+            raise  # a fault: run() abandons the connection, no graceful detach
+        except BaseException:  # cancelled (shutdown grace over): detach what can be resumed
+            self._end_quietly()
+            raise
+        self._end_quietly()
+
+    def _end_quietly(self) -> None:
+        """The transport is gone: established sessions detach, the rest end (and are audited)."""
+        if self.conn.failed is None:
+            self.conn.connection_lost()
+        self._process()
+
+    async def _close_stream(self) -> None:
+        with anyio.CancelScope(shield=True):
+            graceful = None
+            if not self._stuck and not self.faulted:  # else a graceful close could wait on a full buffer
+                with anyio.move_on_after(self.send_timeout) as graceful:
+                    await self.stream.aclose()
+            if graceful is None or graceful.cancelled_caught:
+                await anyio.aclose_forcefully(self.stream)
+
+    def _expire_detached(self, now: float) -> None:
+        """Expire the registry's detached sessions and audit them. A failure here concerns no
+        session of this connection: it is logged and the connection goes on."""
+        try:
+            expired = self.registry.handle_timer(now)
+            if expired and self.on_expired is not None:
+                self.on_expired(expired)
+        except Exception:
+            log.error("expiring detached sessions failed", exc_info=True)
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        while True:
             self._process()
-            with anyio.CancelScope(shield=True):
-                graceful = None
-                if not self._stuck:  # else a graceful close would wait on the same full buffer
-                    with anyio.move_on_after(self.send_timeout) as graceful:
-                        await self.stream.aclose()
-                if graceful is None or graceful.cancelled_caught:
-                    await anyio.aclose_forcefully(self.stream)
+            if self._stopping and conn.failed is None:
+                conn.close("server shutting down")
+                self._process()
+            output = conn.data_to_send()
+            if output:
+                try:
+                    with anyio.fail_after(self.send_timeout):
+                        await self.stream.send(output)
+                except TimeoutError:
+                    log.info("connection from %s dropped: it stopped reading", self.peer)
+                    self._stuck = True
+                    return
+            if conn.failed is not None:
+                return
+            deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
+            wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
+            data: bytes | None = None
+            with anyio.CancelScope(deadline=anyio.current_time() + wait) as scope:
+                self._receive_scope = scope
+                try:
+                    data = await self.stream.receive(self.receive_size)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    data = b""
+            self._receive_scope = None
+            now = self.clock()
+            if data is not None:
+                conn.receive_data(data, now)
+            elif not self._stopping:
+                conn.handle_timer(now)
+                self._expire_detached(now)
 
 
 async def serve_stream(

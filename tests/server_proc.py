@@ -33,6 +33,12 @@ def init_server_dir(directory: Path) -> Path:
     return directory
 
 
+def _limit_open_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 class ServerProcess:
     """One running server. ``backend=None`` runs the real ``keymgmt-server serve`` (asyncio);
     ``"asyncio"``/``"trio"`` run tests/serve_backend.py on that backend."""
@@ -45,6 +51,7 @@ class ServerProcess:
         log_level: str = "INFO",
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
+        max_open_files: int | None = None,
     ) -> None:
         self.directory = directory
         config = str(directory / CONFIG_NAME)
@@ -58,6 +65,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=None if max_open_files is None else lambda: _limit_open_files(max_open_files),
         )
         self.log: list[str] = []
         self._reader = threading.Thread(target=self._read_log, daemon=True)
