@@ -89,6 +89,7 @@ __all__ = [
     "KeymgmtClient",
     "KeymgmtError",
     "NotFoundError",
+    "RateLimitedError",
     "RegistrationError",
     "RequestRefusedError",
     "SessionEndedError",
@@ -113,6 +114,11 @@ class AuthenticationError(KeymgmtError):
 class ThrottledError(KeymgmtError):
     """Too many login attempts for this account (failed, or started and not yet finished):
     the server refuses logins for a while (NET-10)."""
+
+
+class RateLimitedError(ThrottledError):
+    """Too many registration, login or resumption attempts from this client's address:
+    the server refuses new ones for a moment (NET-13)."""
 
 
 class _CodedError(KeymgmtError):
@@ -186,6 +192,8 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
         return AuthenticationError("login failed: wrong password or unknown account")
     if event.code is ErrorCode.THROTTLED:
         return ThrottledError("too many login attempts for this account; try again later")
+    if event.code is ErrorCode.RATE_LIMITED:
+        return RateLimitedError("too many attempts from this address; try again in a few seconds")
     if event.code in (ErrorCode.ACCOUNT_EXISTS, ErrorCode.INVALID_ACCOUNT_NAME):
         text = (
             "account name already registered"
@@ -241,6 +249,8 @@ class KeymgmtClient:
         # account name -> (lock, logins holding or waiting for it); see _login_turn
         self._login_turns: dict[bytes, tuple[anyio.Lock, int]] = {}
         self._connected = anyio.Event()
+        #: Set when a call needs a connection while there is none (see _supervise).
+        self._wanted = anyio.Event()
         # Sessions are known by a token that survives resumption on a new connection.
         self._next_token = 1
         self._token_of: dict[int, int] = {}  # session id on the current connection -> token
@@ -370,9 +380,12 @@ class KeymgmtClient:
     # ------------------------------------------------------------ internals
 
     async def _ready(self) -> None:
-        """Wait while a reconnection is under way; raise if the client is closed."""
+        """Wait while a reconnection is under way (asking for one if the connection was
+        closed while idle); raise if the client is closed."""
         if self._closed is not None:
             raise self._closed
+        if not self._connected.is_set():
+            self._wanted.set()
         await self._connected.wait()
         if self._closed is not None:
             raise self._closed
@@ -476,6 +489,7 @@ class KeymgmtClient:
 
     def _on_connection_failed(self, event: ConnectionFailed) -> None:
         self._connected = anyio.Event()  # callers wait for the reconnection
+        self._wanted = anyio.Event()
         lost = ConnectionLostError(f"connection to the key server lost: {event.reason}")
         self._detached = self._conn.take_detached_sessions()
         detached = {d.session_id for d in self._detached}
@@ -541,6 +555,10 @@ class KeymgmtClient:
             await self._read()
             if self._closed is not None or self._connector is None or self._closing:
                 return
+            if not self._detached:
+                # Nothing to resume (the server closes connections that carry no session,
+                # NET-13): reconnect when a call needs the connection, not before.
+                await self._wanted.wait()
             if not await self._reconnect():
                 return
 

@@ -69,6 +69,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "max_connections", int, 1000, "KEYMGMT_MAX_CONNECTIONS", "open connections at most"),
     Option(
         "server",
+        "max_connections_per_address",
+        int,
+        64,
+        "KEYMGMT_MAX_CONNECTIONS_PER_ADDRESS",
+        "open connections from one client address (IPv6: one /64) at most",
+    ),
+    Option(
+        "server",
+        "connection_idle_timeout",
+        float,
+        10.0,
+        "KEYMGMT_CONNECTION_IDLE_TIMEOUT",
+        "seconds a connection may carry no session before it is closed",
+    ),
+    Option(
+        "server",
+        "frame_timeout",
+        float,
+        10.0,
+        "KEYMGMT_FRAME_TIMEOUT",
+        "seconds a frame may take to arrive whole",
+    ),
+    Option(
+        "server",
         "shutdown_grace",
         float,
         10.0,
@@ -129,6 +153,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("throttle", "base_delay", float, 1.0, "KEYMGMT_THROTTLE_BASE_DELAY", "first wait, seconds"),
     Option("throttle", "growth", float, 2.0, "KEYMGMT_THROTTLE_GROWTH", "factor per further failure"),
     Option("throttle", "max_delay", float, 900.0, "KEYMGMT_THROTTLE_MAX_DELAY", "longest wait, seconds"),
+    Option(
+        "admission",
+        "rate",
+        float,
+        20.0,
+        "KEYMGMT_ADMISSION_RATE",
+        "registrations, logins and resumptions a second from one client address",
+    ),
+    Option(
+        "admission",
+        "burst",
+        float,
+        100.0,
+        "KEYMGMT_ADMISSION_BURST",
+        "how many of those one address may start at once",
+    ),
 )
 
 
@@ -210,7 +250,15 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             max_sessions_per_connection=values["sessions.max_per_connection"],  # type: ignore[arg-type]
             max_payload=values["sessions.max_payload"],  # type: ignore[arg-type]
             max_hot_channels=values["sessions.max_hot"],  # type: ignore[arg-type]
+            connection_idle_timeout=values["server.connection_idle_timeout"],  # type: ignore[arg-type]
+            frame_timeout=values["server.frame_timeout"],  # type: ignore[arg-type]
         )
+        if values["server.max_connections_per_address"] < 1:  # type: ignore[operator]
+            raise ValueError("server.max_connections_per_address must be at least 1")
+        if values["admission.rate"] <= 0:  # type: ignore[operator]
+            raise ValueError("admission.rate must be positive")
+        if values["admission.burst"] < 1:  # type: ignore[operator]
+            raise ValueError("admission.burst must be at least 1")
         throttle = ThrottlePolicy(
             threshold=values["throttle.threshold"],  # type: ignore[arg-type]
             base_delay=values["throttle.base_delay"],  # type: ignore[arg-type]
@@ -218,7 +266,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             max_delay=values["throttle.max_delay"],  # type: ignore[arg-type]
         )
     except ValueError as exc:
-        raise ConfigError(f"invalid session or throttle settings: {exc}") from None
+        raise ConfigError(f"invalid settings: {exc}") from None
     port = values["server.port"]
     assert isinstance(port, int)
     if port > 65535:
@@ -232,6 +280,9 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         port=port,
         tls_handshake_timeout=values["server.tls_handshake_timeout"],  # type: ignore[arg-type]
         max_connections=values["server.max_connections"],  # type: ignore[arg-type]
+        max_connections_per_address=values["server.max_connections_per_address"],  # type: ignore[arg-type]
+        admission_rate=values["admission.rate"],  # type: ignore[arg-type]
+        admission_burst=values["admission.burst"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,
@@ -251,7 +302,7 @@ def options_help() -> str:
 def render_config(overrides: Mapping[str, object]) -> str:
     """A complete TOML config with defaults, ``overrides`` keyed by ``section.key``."""
     out: list[str] = []
-    for section in ("server", "sessions", "throttle"):
+    for section in ("server", "sessions", "throttle", "admission"):
         out.append(f"[{section}]")
         for o in OPTIONS:
             if o.section != section:

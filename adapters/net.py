@@ -25,9 +25,10 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSStream
 
-from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
+from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry, TokenBucket
 from keymgmt_proto._sessionstate import session_sealing_key
 
+from .admission import AddressLimits, address_key
 from .client import ConnectionLostError, Connector
 from .decoy import DecoyRecords
 from .keyserver import KeyServer, ThrottlePolicy
@@ -56,6 +57,12 @@ class ServerSettings:
     tls_handshake_timeout: float = 10.0
     #: Open connections beyond this are refused.
     max_connections: int = 1000
+    #: Open connections from one client address (an IPv6 /64) beyond this are refused (NET-13).
+    max_connections_per_address: int = 64
+    #: Registration, login and resumption starts per second from one client address...
+    admission_rate: float = 20.0
+    #: ...with this many allowed in a burst (NET-13).
+    admission_burst: float = 100.0
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
@@ -158,6 +165,15 @@ class KeyServerRuntime:
         self.connections_served = 0
         #: Connections ended by an internal error (NET-12); each is logged with its traceback.
         self.connection_faults = 0
+        #: Connections and session starts per client address (NET-13).
+        self.address_limits = AddressLimits(
+            max_connections_per_address=settings.max_connections_per_address,
+            rate=settings.admission_rate,
+            burst=settings.admission_burst,
+        )
+        #: Connections refused before their TLS handshake (connection limits, shutdown).
+        self.connections_refused = 0
+        self._warnings = _WarningThrottle()
 
     def __repr__(self) -> str:
         return f"<KeyServerRuntime {self.settings.host}:{self.port} {len(self._drivers)} connections>"
@@ -242,28 +258,49 @@ class KeyServerRuntime:
     async def _handle_connection(self, tcp: SocketStream) -> None:
         address = tcp.extra(SocketAttribute.remote_address, None)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        key = address_key(str(address[0]) if isinstance(address, tuple) else str(address))
         if self._stop.is_set() or self._open_connections > self.settings.max_connections:
-            log.warning("refused a connection from %s: connection limit or shutting down", peer)
+            self._refuse(tcp, peer, "connection limit or shutting down")
             await anyio.aclose_forcefully(tcp)
             return
+        bucket = self.address_limits.open(key, time.time())
+        if bucket is None:
+            self._refuse(tcp, peer, f"{self.settings.max_connections_per_address} connections from {key}")
+            await anyio.aclose_forcefully(tcp)
+            return
+        try:
+            await self._serve_tls(tcp, peer, bucket)
+        finally:
+            self.address_limits.close(key)
+
+    def _refuse(self, tcp: SocketStream, peer: str, why: str) -> None:
+        self.connections_refused += 1
+        self._warnings.warn(why, "refused a connection from %s: %s", peer, why)
+
+    async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: TokenBucket) -> None:
         try:
             with anyio.fail_after(self.settings.tls_handshake_timeout):
                 stream = await TLSStream.wrap(
                     tcp, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
                 )
         except TimeoutError:
-            log.warning("TLS handshake with %s timed out", peer)
+            self._warnings.warn("tls timeout", "TLS handshake with %s timed out", peer)
             await anyio.aclose_forcefully(tcp)
             return
         except ssl.SSLError as exc:
-            log.warning("TLS handshake with %s failed: %s", peer, exc.reason or type(exc).__name__)
+            reason = exc.reason or type(exc).__name__
+            self._warnings.warn(f"tls {reason}", "TLS handshake with %s failed: %s", peer, reason)
             await anyio.aclose_forcefully(tcp)
             return
         except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
-            log.warning("TLS handshake with %s failed: connection closed (%s)", peer, type(exc).__name__)
+            self._warnings.warn(
+                "tls closed", "TLS handshake with %s failed: connection closed (%s)", peer, type(exc).__name__
+            )
             await anyio.aclose_forcefully(tcp)
             return
-        driver = ConnectionDriver(stream, self.setup, self.keyserver, self.registry, peer=peer)
+        driver = ConnectionDriver(
+            stream, self.setup, self.keyserver, self.registry, peer=peer, admission=bucket
+        )
         self._drivers.add(driver)
         self.connections_served += 1
         log.info("connection from %s (TLS 1.3)", peer)
@@ -273,3 +310,26 @@ class KeyServerRuntime:
             self._drivers.discard(driver)
             if driver.faulted:
                 self.connection_faults += 1
+
+
+class _WarningThrottle:
+    """At most one warning line per kind every ``interval`` seconds, with a count of the
+    ones left out: a flood of refused connections must not become a flood of log lines."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(kind, (-math.inf, 0))
+        if now - last < self.interval:
+            self._last[kind] = (last, suppressed + 1)
+            return
+        if len(self._last) > 1000:  # kinds come from a fixed set of reasons; stay bounded anyway
+            self._last.clear()
+        self._last[kind] = (now, 0)
+        if suppressed:
+            log.warning(message + " (and %d more like it)", *args, suppressed)
+        else:
+            log.warning(message, *args)

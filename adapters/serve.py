@@ -20,11 +20,13 @@ from anyio.abc import ByteStream
 
 from keymgmt_proto import (
     NEED_DATA,
+    Admission,
     ConnectionFailed,
     ErrorCode,
     Event,
     ServerConnection,
     ServerSetup,
+    SessionFailed,
     SessionRegistry,
 )
 from keymgmt_proto._crypto import RandomSource
@@ -55,6 +57,7 @@ class ConnectionDriver:
         peer: str = "peer",
         clock: Callable[[], float] = time.time,
         send_timeout: float = 30.0,
+        admission: Admission | None = None,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
         self.stream = stream
@@ -66,7 +69,9 @@ class ConnectionDriver:
         #: A peer that takes longer than this to take our bytes has stopped reading: the
         #: connection is dropped, since a driver stuck in send() runs no session timers.
         self.send_timeout = send_timeout
-        self.conn = ServerConnection(setup, random, registry=registry, now=self.clock())
+        self.conn = ServerConnection(setup, random, registry=registry, now=self.clock(), admission=admission)
+        #: Session starts refused because the peer's address ran out of tokens (NET-13).
+        self.rate_limited = 0
         self._stopping = False
         self._stuck = False
         #: Set when an internal error ended the connection (see run()).
@@ -107,7 +112,13 @@ class ConnectionDriver:
             if isinstance(event, ConnectionFailed):
                 if event.remote:
                     log.info("connection from %s ended: %s", self.peer, event.reason)
+                elif event.code is ErrorCode.IDLE_TIMEOUT:
+                    log.info("connection from %s closed: %s", self.peer, event.reason)
                 continue
+            if isinstance(event, SessionFailed) and event.code is ErrorCode.RATE_LIMITED:
+                self.rate_limited += 1
+                if self.rate_limited == 1:  # one line per connection, not one per attempt
+                    log.warning("connection from %s is rate limited: %s", self.peer, event.reason)
             self._run_app(event)
 
     async def run(self) -> None:

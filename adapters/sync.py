@@ -97,13 +97,16 @@ class SyncKeymgmtClient:
             self._portal = self._stack.enter_context(portal_cm)
         assert self._portal is not None
         try:
-            stream = self._portal.call(self._connect)
-            client = KeymgmtClient(stream, local_store=self._local_store)
+            # The connector, not a stream: the client reconnects (and resumes) by itself.
+            client = self._portal.call(self._make_client)
             self._client = self._stack.enter_context(self._portal.wrap_async_context_manager(client))
         except BaseException:
             self._stack.close()
             raise
         return self
+
+    async def _make_client(self) -> KeymgmtClient:
+        return KeymgmtClient(self._connect, local_store=self._local_store)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

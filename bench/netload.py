@@ -59,6 +59,11 @@ async def _serve(directory: Path, nosync: bool) -> None:
         port=0,
         max_connections=5000,
         protocol=BENCH_CONFIG,
+        # Every load client runs on 127.0.0.1: per-address limits (NET-13) would measure
+        # themselves, not the server.
+        max_connections_per_address=5000,
+        admission_rate=1e9,
+        admission_burst=1e9,
     )
     storage = NoSyncSQLiteStorage(settings.storage_path) if nosync else None
     runtime = KeyServerRuntime(settings, storage=storage)

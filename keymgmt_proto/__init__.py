@@ -5,6 +5,7 @@ OS randomness: time enters as ``now`` and randomness as an injected
 ``random(n) -> bytes`` callable. See docs/architecture.md and docs/protocol.md.
 """
 
+from ._admission import Admission, TokenBucket
 from ._client import ClientConnection, DetachedSession
 from ._crypto import Channel, Direction, RandomSource, derive_master_key, hkdf_sha3
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -56,6 +57,7 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "Action",
+    "Admission",
     "AuditEntry",
     "AuditType",
     "Channel",
@@ -98,6 +100,7 @@ __all__ = [
     "SessionResumed",
     "State",
     "Status",
+    "TokenBucket",
     "decode_portable",
     "decode_request",
     "decode_response",

@@ -70,6 +70,8 @@ class ErrorCode(IntEnum):
     HANDSHAKE_TIMEOUT = 20
     #: The session's key epoch has no sequence number left (NET-14): log in again.
     SEQUENCE_EXHAUSTED = 21
+    #: Too many registration, login or resumption starts from this client address (NET-13).
+    RATE_LIMITED = 22
 
 
 class ProtocolError(Exception):

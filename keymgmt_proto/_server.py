@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import _opaque
+from ._admission import Admission
 from ._connection import ConnectionBase
 from ._crypto import Channel, HotChannels, RandomSource
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -86,9 +87,20 @@ class ServerConfig:
     #: used. The others keep only their keys and rebuild them on use (about 2 µs); this
     #: bounds the memory of idle sessions (P4).
     max_hot_channels: int = 1024
+    #: A connection that carries no session for this long (from its start, or since its
+    #: last session ended) is closed with GOAWAY(IDLE_TIMEOUT) (NET-13).
+    connection_idle_timeout: float = 10.0
+    #: A frame must arrive whole within this many seconds of its first byte (slowloris).
+    frame_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("handshake_timeout", "idle_timeout", "session_lifetime"):
+        for name in (
+            "handshake_timeout",
+            "idle_timeout",
+            "session_lifetime",
+            "connection_idle_timeout",
+            "frame_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in (
@@ -287,6 +299,7 @@ class ServerConnection(ConnectionBase):
         config: ServerConfig | None = None,
         registry: SessionRegistry | None = None,
         now: float = 0.0,
+        admission: Admission | None = None,
     ) -> None:
         if registry is not None and config is not None and config != registry.config:
             raise ValueError("config differs from the registry's: pass one or make them equal")
@@ -303,7 +316,12 @@ class ServerConnection(ConnectionBase):
         self._detached_here: list[_ServerSession] = []
         self._highest_session_id = 0
         self._now = now
-        self._lost = False
+        #: Asked before any work for a frame that opens a session (NET-13); None admits all.
+        self._admission = admission
+        #: Since when the connection has carried no session (None while it carries one).
+        self._idle_since: float | None = now
+        #: When the first byte of a frame not yet whole arrived (None when none is pending).
+        self._partial_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<ServerConnection {len(self._sessions)} sessions>"
@@ -315,18 +333,34 @@ class ServerConnection(ConnectionBase):
         if now is not None:
             self._advance(now)
         super().receive_data(data)
+        if self._inbox and self._partial_since is None:
+            self._partial_since = self._now
 
     def get_timer(self) -> float | None:
-        """The earliest deadline of this connection's sessions, or None."""
-        return min((s.deadline(self.config)[0] for s in self._sessions.values()), default=None)
+        """The earliest deadline of this connection (its sessions', an idle connection's,
+        an incomplete frame's), or None."""
+        deadlines = [s.deadline(self.config)[0] for s in self._sessions.values()]
+        if self.failed is None:
+            if self._idle_since is not None:
+                deadlines.append(self._idle_since + self.config.connection_idle_timeout)
+            if self._partial_since is not None:
+                deadlines.append(self._partial_since + self.config.frame_timeout)
+        return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
-        """End every session whose deadline is at or before ``now``."""
+        """End every session whose deadline is at or before ``now``; close the connection if
+        it has carried no session, or has waited for the rest of a frame, for too long."""
         self._advance(now)
         for session in list(self._sessions.values()):
             deadline, code = session.deadline(self.config)
             if deadline <= now:
                 self._expire(session, code)
+        if self.failed is not None:
+            return
+        if self._partial_since is not None and self._partial_since + self.config.frame_timeout <= now:
+            self._fail_connection(ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive", remote=False)
+        elif self._idle_since is not None and self._idle_since + self.config.connection_idle_timeout <= now:
+            self._fail_connection(ErrorCode.IDLE_TIMEOUT, "no session on this connection", remote=False)
 
     def abandon(self, reason: str = "server storage failure") -> None:
         """Storage could not commit what this connection's latest events did: drop every byte
@@ -495,12 +529,26 @@ class ServerConnection(ConnectionBase):
         self._send(frame_type, session.session_id, record.encode())
         return True
 
+    def _sessions_changed(self) -> None:
+        """Keep the idle-connection clock: it runs while the connection carries no session."""
+        if self._sessions:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = self._now
+
+    def _next_frame(self) -> Frame | None:
+        frame = super()._next_frame()
+        if frame is not None:  # what is left, if anything, is the start of the next frame
+            self._partial_since = self._now if self._inbox else None
+        return frame
+
     def _end(self, session: _ServerSession) -> None:
         session.state = State.CLOSED
         session.pending.clear()
         session.opaque_value = None
         session.registration_record = None
-        self._sessions.pop(session.session_id, None)
+        if self._sessions.pop(session.session_id, None) is not None:
+            self._sessions_changed()
         if session.kind is SessionKind.REQUEST:
             self.registry._remove(session)
         elif session.channel is not None:
@@ -567,6 +615,7 @@ class ServerConnection(ConnectionBase):
     def _detach_moved(self, session: _ServerSession) -> None:
         """A session resumed elsewhere leaves this connection quietly."""
         self._sessions.pop(session.session_id, None)
+        self._sessions_changed()
         if session.pending:
             self._departed[session.session_id] = session
 
@@ -617,6 +666,12 @@ class ServerConnection(ConnectionBase):
         if len(self._sessions) >= self.config.max_sessions_per_connection:
             self._send_abort(session_id, ErrorCode.LIMIT_EXCEEDED, "too many sessions on this connection")
             return
+        if self._admission is not None and not self._admission.admit(frame.type, self._now):
+            # Refused before any OPAQUE work, storage access or session lookup (NET-13).
+            reason = "too many attempts from this address; retry later"
+            self._send_abort(session_id, ErrorCode.RATE_LIMITED, reason)
+            self._events.append(SessionFailed(session_id, ErrorCode.RATE_LIMITED, reason, True))
+            return
         kind = SessionKind.REGISTRATION if frame.type is FrameType.REG_START else SessionKind.REQUEST
         try:
             if frame.type is FrameType.RESUME:
@@ -645,6 +700,7 @@ class ServerConnection(ConnectionBase):
             return
         session.state = target
         self._sessions[session_id] = session
+        self._sessions_changed()
         self._events.append(event)
 
     def _on_resume(self, session_id: int, frame: Frame) -> None:
@@ -692,6 +748,7 @@ class ServerConnection(ConnectionBase):
         session.state = target
         session.last_activity = self._now
         self._sessions[session_id] = session
+        self._sessions_changed()
         record = channel.seal(FrameType.RESUMED, Resumed().encode())
         self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
         assert session.user_id is not None

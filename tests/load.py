@@ -271,7 +271,15 @@ def run_load(
     with tempfile.TemporaryDirectory(prefix="keymgmt-load-", dir=workdir) as tmp:
         directory = init_server_dir(Path(tmp) / "srv")
         # asyncio: the real CLI; trio: the same runtime on trio.
-        server = ServerProcess(directory, backend=None if backend == "asyncio" else backend, env=server_env)
+        # Every client runs on 127.0.0.1: lift the per-address limits (NET-13), which this
+        # test does not measure (tests/test_admission.py does).
+        env = {
+            "KEYMGMT_MAX_CONNECTIONS_PER_ADDRESS": "100000",
+            "KEYMGMT_ADMISSION_RATE": "1000000",
+            "KEYMGMT_ADMISSION_BURST": "1000000",
+            **(server_env or {}),
+        }
+        server = ServerProcess(directory, backend=None if backend == "asyncio" else backend, env=env)
         try:
             report.rss_start_kib = server.rss_kib()
             anyio.run(_drive, report, server, seed, time_limit, backend=backend)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import ByteStream, SocketStream, TaskGroup
+from anyio.streams.tls import TLSStream
 
 from keymgmt.adapters.net import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.setupfile import create_server_setup_file
-from keymgmt.adapters.tls import DevPKI, generate_dev_pki
-from keymgmt_proto import ServerConfig
+from keymgmt.adapters.tls import DevPKI, client_context, generate_dev_pki
+from keymgmt_proto import NEED_DATA, ClientConnection, ServerConfig, SessionEstablished, SessionFailed
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> tuple[ServerSettings, DevPKI]:
@@ -88,3 +90,25 @@ class Proxy:
         async with listener:
             task_status.started(self.port)
             await listener.serve(self._handle)
+
+
+async def raw_login(stream: ByteStream, account: bytes, password: bytes) -> tuple[ClientConnection, int]:
+    """Log in with the bare core over ``stream``: a test that attacks drives its own frames."""
+    conn = ClientConnection(os.urandom)
+    sid = conn.open_request_session(account, password)
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            await stream.send(conn.data_to_send())
+            conn.receive_data(await stream.receive())
+            continue
+        if isinstance(event, SessionEstablished):
+            return conn, sid
+        assert not isinstance(event, SessionFailed), event
+
+
+async def tls_from(port: int, ca_cert: Path, local_host: str = "127.0.0.1") -> ByteStream:
+    """A verified TLS 1.3 client stream from a chosen loopback source address."""
+    tcp = await anyio.connect_tcp("127.0.0.1", port, local_host=local_host)
+    context = client_context(ca_cert)
+    return await TLSStream.wrap(tcp, hostname="localhost", ssl_context=context, standard_compatible=False)

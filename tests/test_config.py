@@ -24,6 +24,17 @@ def test_defaults_file_and_environment_layer_in_that_order(tmp_path):
     assert settings.port == 9100 and settings.protocol.idle_timeout == 12.5
     hot = load_settings(None, env={"KEYMGMT_MAX_HOT_SESSIONS": "7"}).protocol.max_hot_channels
     assert hot == 7
+    admission = load_settings(
+        None,
+        env={
+            "KEYMGMT_ADMISSION_RATE": "2.5",
+            "KEYMGMT_MAX_CONNECTIONS_PER_ADDRESS": "3",
+            "KEYMGMT_FRAME_TIMEOUT": "4",
+            "KEYMGMT_CONNECTION_IDLE_TIMEOUT": "6",
+        },
+    )
+    assert (admission.admission_rate, admission.max_connections_per_address) == (2.5, 3)
+    assert (admission.protocol.frame_timeout, admission.protocol.connection_idle_timeout) == (4, 6)
     assert load_settings(None, env={}).port == 7443
 
 
@@ -47,6 +58,10 @@ def test_every_option_is_rendered_and_parsed(tmp_path):
         ("[server\n", {}, "not valid TOML"),
         ("", {"KEYMGMT_MAX_CONNECTIONS": "-3"}, "$KEYMGMT_MAX_CONNECTIONS"),
         ("server = 3\n", {}, "must be a table"),
+        ("[admission]\nrate = 0\n", {}, "admission.rate must be positive"),
+        ("", {"KEYMGMT_ADMISSION_BURST": "0.5"}, "admission.burst must be at least 1"),
+        ("[server]\nmax_connections_per_address = 0\n", {}, "at least 1"),
+        ("[server]\nconnection_idle_timeout = 0\n", {}, "connection_idle_timeout must be positive"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, content, env, message):

@@ -106,7 +106,11 @@ async def test_refused_tls_versions_and_untrusted_servers(tmp_path, caplog):
         await plain.aclose()
         await anyio.sleep(0.1)
     failures = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
-    assert len(failures) >= 4, failures
+    # One line per kind of failure within 10 s (a flood of refusals is not a flood of lines):
+    # the two certificate refusals both look like a closed connection to the server.
+    assert any("UNSUPPORTED_PROTOCOL" in f for f in failures), failures
+    assert any("WRONG_VERSION_NUMBER" in f for f in failures), failures
+    assert sum("connection closed" in f for f in failures) == 1, failures
     assert runtime.connections_served == 0
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from keymgmt.adapters import Delivery, InMemoryPair
 from keymgmt_proto import (
+    NEED_DATA,
     ClientConnection,
     ConnectionFailed,
     ErrorCode,
@@ -205,11 +206,13 @@ def test_ended_and_expired_sessions_cannot_be_resumed(server_setup):
 
 
 def test_deadlines_are_exact_with_a_virtual_clock(server_setup):
-    config = ServerConfig(handshake_timeout=10, idle_timeout=30, session_lifetime=100)
+    config = ServerConfig(
+        handshake_timeout=10, idle_timeout=30, session_lifetime=100, connection_idle_timeout=10_000
+    )
     harness = Harness(server_setup, config)
     pair = harness.pair(now=1000.0)
     register(pair, b"clock")
-    assert pair.server.get_timer() is None
+    assert pair.server.get_timer() == 1000.0 + 10_000  # only the idle-connection deadline
     sid = login(pair, b"clock").session_id
     assert pair.server.get_timer() == 1000.0 + 30  # idle deadline from the login
     pair.now = 1020.0
@@ -219,7 +222,7 @@ def test_deadlines_are_exact_with_a_virtual_clock(server_setup):
     assert pair.advance(29.999) == []  # 1049.999: not yet
     closed = only(pair.advance(0.001), SessionClosed)  # 1050.0: idle timeout, exactly
     assert closed.code is ErrorCode.IDLE_TIMEOUT
-    assert pair.server.get_timer() is None
+    assert pair.server.get_timer() == 1050.0 + 10_000  # idle connection from now on
 
     # Absolute lifetime wins over activity.
     sid = login(pair, b"clock").session_id
@@ -239,6 +242,63 @@ def test_deadlines_are_exact_with_a_virtual_clock(server_setup):
     assert pair.server.get_timer() == pair.now + 10
     pair.advance(10)
     assert pair.server_events[-1].code is ErrorCode.HANDSHAKE_TIMEOUT
+
+
+def test_a_connection_without_a_session_is_closed_at_its_deadline(server_setup):
+    """NET-13: a connection that never opens a session, or whose sessions have all ended, is
+    closed connection_idle_timeout later with GOAWAY(IDLE_TIMEOUT); a session in between
+    stops the clock."""
+    config = ServerConfig(connection_idle_timeout=10, handshake_timeout=30)
+    harness = Harness(server_setup, config)
+    silent = harness.pair(now=500.0)
+    assert silent.server.get_timer() == 510.0
+    assert silent.advance(9.999) == []
+    failed = only(silent.advance(0.001), ConnectionFailed)
+    assert (failed.code, failed.reason) == (
+        ErrorCode.IDLE_TIMEOUT,
+        "peer sent GOAWAY: no session on this connection",
+    )
+
+    pair = harness.pair(now=0.0)
+    pair.now = 9.0
+    register(pair, b"idle")  # a registration session: the clock stops, then starts again
+    assert pair.server.get_timer() == 9.0 + 10
+    sid = login(pair, b"idle").session_id
+    assert pair.server.get_timer() == 9.0 + ServerConfig().idle_timeout  # the session's deadline
+    pair.now = 100.0
+    pair.client.close_session(sid)
+    pair.pump()
+    assert pair.server.get_timer() == 110.0
+    only(pair.advance(10), ConnectionFailed)
+
+
+def test_a_frame_that_trickles_in_is_cut_off_at_its_deadline(server_setup):
+    """NET-13 (slowloris): a frame must arrive whole within frame_timeout of its first byte,
+    even on a connection that carries an established session."""
+    config = ServerConfig(frame_timeout=5, connection_idle_timeout=1000)
+    harness = Harness(server_setup, config)
+    pair = harness.pair(now=0.0)
+    register(pair, b"slow")
+    sid = login(pair, b"slow").session_id
+    pair.client.send_request(sid, b"x" * 100)
+    frame = pair.client.data_to_send()
+    for i in range(4):  # one byte a second: never whole in time
+        pair.server.receive_data(frame[i : i + 1], 10.0 + i)
+        assert pair.server.next_event() is NEED_DATA
+    assert pair.server.get_timer() == 15.0
+    pair.server.handle_timer(14.999)
+    assert pair.server.failed is None
+    pair.server.handle_timer(15.0)
+    assert pair.server.failed is not None and pair.server.failed.code is ErrorCode.IDLE_TIMEOUT
+    assert pair.server.failed.reason == "a frame took too long to arrive"
+    # Whole frames, however many, reset the clock: only a frame left incomplete counts.
+    other = harness.pair(now=0.0)
+    sid = login(other, b"slow").session_id
+    for second in range(20):
+        other.now = float(second)
+        other.client.send_request(sid, b"quick")
+        other.pump()
+    assert other.server.failed is None
 
 
 def test_request_limit_closes_after_the_last_answer(server_setup):

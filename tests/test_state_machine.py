@@ -63,7 +63,13 @@ from .frames import frame_session, frame_type, retarget, split_frames
 SETUP = ServerSetup.generate()
 REQUEST_LIMIT = 6
 CONFIG = ServerConfig(
-    handshake_timeout=10, idle_timeout=30, session_lifetime=120, max_requests_per_session=REQUEST_LIMIT
+    handshake_timeout=10,
+    idle_timeout=30,
+    session_lifetime=120,
+    max_requests_per_session=REQUEST_LIMIT,
+    # Connection-level deadlines are tested on their own (tests/test_sessions.py).
+    connection_idle_timeout=10**6,
+    frame_timeout=10**6,
 )
 PASSWORDS = {b"alice@example.org": b"alice's long password", b"bob": b"hunter2 but longer"}
 UNKNOWN_ACCOUNT = b"nobody@example.org"

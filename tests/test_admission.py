@@ -1,0 +1,238 @@
+"""NET-13: admission control before authentication, each protection attacked on loopback.
+
+Before a peer has proved anything it may cost the server only bounded memory, bounded
+CPU and no storage writes: idle connections are closed, a frame that trickles in is cut
+off, one address holds a bounded number of connections and starts a bounded number of
+registrations, logins and resumptions per second, refused cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import anyio
+import pytest
+
+from keymgmt.adapters.admission import AddressLimits, address_key
+from keymgmt.adapters.client import KeymgmtClient, RateLimitedError
+from keymgmt.adapters.net import tls_connector
+from keymgmt_proto import ClientConnection, ErrorCode, FrameType, LoginRequested, ServerConfig, TokenBucket
+from keymgmt_proto._messages import GoAway
+
+from .net_world import raw_login, running_server, tls_from
+
+PW = b"correct horse battery staple"
+
+
+# ------------------------------------------------------------------ the pieces
+
+
+def test_a_token_bucket_starts_full_refills_at_its_rate_and_caps_at_its_burst():
+    bucket = TokenBucket(rate=2.0, burst=3)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(100.4) is False  # 0.8 tokens
+    assert bucket.take(100.5) is True  # 1.0 token
+    assert bucket.tokens(1000.0) == 3  # never more than the burst
+    assert bucket.take(999.0) is True  # a clock that steps back adds nothing...
+    assert bucket.tokens(999.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0, burst=1)
+
+
+def test_addresses_are_grouped_as_one_client_owns_them():
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("not an address") == "not an address"
+
+
+def test_address_limits_count_connections_and_stay_bounded():
+    limits = AddressLimits(max_connections_per_address=2, rate=1, burst=1, max_addresses=100)
+    first = limits.open("a", 0.0)
+    assert first is not None and limits.open("a", 0.0) is first  # one bucket per address
+    assert limits.open("a", 0.0) is None  # the third is refused
+    limits.close("a")
+    assert limits.open("a", 0.0) is first
+    # A flood of fresh addresses (each spends its token) cannot grow the table past the cap,
+    # and never forgets an address that holds connections.
+    for n in range(10_000):
+        bucket = limits.open(f"flood{n}", 1.0)
+        assert bucket is not None and bucket.take(1.0)
+        limits.close(f"flood{n}")
+    assert len(limits) <= 100
+    assert limits.connections("a") == 2
+
+
+# ------------------------------------------------------------------ attacks on a real server
+
+pytestmark = pytest.mark.anyio
+
+
+async def _hold(port: int, ca_cert, local_host: str, count: int, held: list) -> int:
+    """Open ``count`` connections from ``local_host`` and keep those the server lets in."""
+    refused = 0
+    for _ in range(count):
+        try:
+            with anyio.fail_after(5):
+                held.append(await tls_from(port, ca_cert, local_host))
+        except Exception:
+            refused += 1
+    return refused
+
+
+async def test_a_thousand_idle_connections_from_one_address_do_not_lock_others_out(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="keymgmt")
+    async with running_server(tmp_path, max_connections=200, max_connections_per_address=16) as (
+        runtime,
+        pki,
+    ):
+        held: list = []
+        try:
+            refused = await _hold(runtime.port, pki.ca_cert, "127.0.0.2", 1000, held)
+            assert len(held) == 16 and refused == 984
+            connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+            with anyio.fail_after(10):
+                async with KeymgmtClient(connect) as client:
+                    await client.register(b"legit@example.org", PW)
+                    session = await client.login(b"legit@example.org", PW)
+                    await session.list_keys()
+        finally:
+            for stream in held:
+                await anyio.aclose_forcefully(stream)
+    refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert 1 <= len(refusals) <= 3  # 984 refusals, a few log lines
+
+
+async def test_idle_connections_are_closed_so_a_full_server_frees_up(tmp_path):
+    """Many addresses fill every connection slot with TLS connections that never send a
+    frame: each is closed connection_idle_timeout later and a legitimate client gets in."""
+    config = ServerConfig(connection_idle_timeout=1.0)
+    async with running_server(tmp_path, protocol=config, max_connections=40) as (runtime, pki):
+        held: list = []
+        try:
+            for n in range(2, 6):
+                await _hold(runtime.port, pki.ca_cert, f"127.0.0.{n}", 10, held)
+            assert len(held) == 40
+            connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert, timeout=2)
+            with pytest.raises(Exception):  # noqa: B017 - full: any refusal will do
+                await connect()
+            with anyio.fail_after(5):  # the server closes every idle one: GOAWAY, then EOF
+                for stream in held:
+                    data = await stream.receive()
+                    assert GoAway.decode(data[10:]).code is ErrorCode.IDLE_TIMEOUT
+            await anyio.sleep(0.2)
+            async with KeymgmtClient(connect) as client:
+                await client.register(b"patient@example.org", PW)
+        finally:
+            for stream in held:
+                await anyio.aclose_forcefully(stream)
+
+
+async def test_a_frame_that_trickles_in_ends_the_connection(tmp_path):
+    """Slowloris with a session open: the header of a frame arrives, the rest never does."""
+    config = ServerConfig(frame_timeout=0.5)
+    async with running_server(tmp_path, protocol=config) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"slow@example.org", PW)
+        stream = await connect()
+        try:
+            await raw_login(stream, b"slow@example.org", PW)
+            await stream.send(b"\x01\x22\x00\x00\x00\x01\x00\x00\x01\x00")  # 256 bytes announced
+            with anyio.fail_after(5):
+                data = await stream.receive()
+            goaway = GoAway.decode(data[10:])
+            assert data[1] == FrameType.GOAWAY
+            assert (goaway.code, goaway.reason) == (ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive")
+        finally:
+            await anyio.aclose_forcefully(stream)
+
+
+async def test_login_starts_beyond_the_rate_are_refused_before_any_work(tmp_path, monkeypatch):
+    """A burst of LOGIN_STARTs from one address: the first `burst` reach the application
+    (each costs a storage write: the throttle count), the rest are ABORT(RATE_LIMITED)
+    without reaching it. Another address is not affected."""
+    async with running_server(tmp_path, admission_rate=1.0, admission_burst=20) as (runtime, pki):
+        seen: list[bytes] = []
+        app = runtime.keyserver
+        original = type(app).__call__
+
+        def counting(self, conn, event):
+            if isinstance(event, LoginRequested):
+                seen.append(event.account_name)
+            return original(self, conn, event)
+
+        monkeypatch.setattr(type(app), "__call__", counting)
+        stream = await tls_from(runtime.port, pki.ca_cert, "127.0.0.2")
+        try:
+            conn = ClientConnection(os.urandom)
+            for n in range(300):
+                conn.open_request_session(b"victim%d@example.org" % n, b"guess")
+            await stream.send(conn.data_to_send())
+            aborts = []
+            buffer = b""
+            with anyio.fail_after(20):
+                while len(aborts) < 280:
+                    buffer += await stream.receive()
+                    while len(buffer) >= 10 and len(buffer) >= 10 + int.from_bytes(buffer[6:10], "big"):
+                        end = 10 + int.from_bytes(buffer[6:10], "big")
+                        frame, buffer = buffer[:end], buffer[end:]
+                        if frame[1] == FrameType.ABORT:
+                            aborts.append(int.from_bytes(frame[10:12], "big"))
+        finally:
+            await anyio.aclose_forcefully(stream)
+        assert aborts.count(ErrorCode.RATE_LIMITED) >= 275
+        assert 20 <= len(seen) <= 25  # the burst, plus what the rate refilled meanwhile
+        # The client library says what happened; another address logs in at once.
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"other@example.org", PW)
+            await client.login(b"other@example.org", PW)
+        async with KeymgmtClient(await tls_from(runtime.port, pki.ca_cert, "127.0.0.2")) as client:
+            with pytest.raises(RateLimitedError, match="too many attempts from this address"):
+                await client.login(b"other@example.org", PW)
+
+
+async def test_a_client_whose_idle_connection_was_closed_reconnects_when_used(tmp_path):
+    """The server closes a connection that carries no session; the client opens a new one
+    only when it is used again (no reconnection churn while idle)."""
+    config = ServerConfig(connection_idle_timeout=0.3)
+    async with running_server(tmp_path, protocol=config) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"dozy@example.org", PW)
+            await anyio.sleep(1.2)  # closed after 0.3 s; no reconnection while idle
+            assert client.connection_count == 1
+            session = await client.login(b"dozy@example.org", PW)
+            assert client.connection_count == 2
+            await session.list_keys()
+        assert runtime.connections_served == 2
+
+
+def test_the_sync_client_reconnects_too(tmp_path):
+    """SyncKeymgmtClient hands the async client its connector, so it survives the same."""
+    from anyio.from_thread import start_blocking_portal
+
+    from keymgmt.adapters.net import KeyServerRuntime
+    from keymgmt.adapters.sync import SyncKeymgmtClient
+
+    from .net_world import make_settings
+
+    settings, pki = make_settings(tmp_path, protocol=ServerConfig(connection_idle_timeout=0.3))
+    with start_blocking_portal("asyncio") as portal:
+        runtime = KeyServerRuntime(settings)
+        future, port = portal.start_task(runtime.run)
+        try:
+            connect = tls_connector("127.0.0.1", port, cafile=pki.ca_cert)
+            with SyncKeymgmtClient(connect, portal=portal) as client:
+                client.register(b"sleepy@example.org", PW)
+                portal.call(anyio.sleep, 1.0)
+                session = client.login(b"sleepy@example.org", PW)
+                assert session.list_keys() == []
+            assert runtime.connections_served == 2
+        finally:
+            portal.call(runtime.shutdown)
+            future.result(timeout=20)
