@@ -778,4 +778,4 @@ def audit_to_json(entries: Sequence[AuditEntry], actor: bytes) -> str:
     if len(actor) != 16:
         raise ValueError("actor is a 16-byte user_id")
     documents = [{**e.to_json(), "actor": actor.hex()} for e in entries]
-    return json.dumps({"format": "keymgmt-audit-v1", "entries": documents}, indent=2)
+    return json.dumps({"format": "keymgmt-audit-v2", "entries": documents}, indent=2)

@@ -154,6 +154,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("throttle", "growth", float, 2.0, "KEYMGMT_THROTTLE_GROWTH", "factor per further failure"),
     Option("throttle", "max_delay", float, 900.0, "KEYMGMT_THROTTLE_MAX_DELAY", "longest wait, seconds"),
     Option(
+        "throttle",
+        "forget_after",
+        float,
+        86400.0,
+        "KEYMGMT_THROTTLE_FORGET_AFTER",
+        "seconds after its last login attempt a name's record is forgotten",
+    ),
+    Option(
+        "throttle",
+        "max_records",
+        int,
+        100_000,
+        "KEYMGMT_THROTTLE_MAX_RECORDS",
+        "names with a throttling record at most (the oldest unlocked go first)",
+    ),
+    Option(
+        "throttle",
+        "sweep_interval",
+        float,
+        60.0,
+        "KEYMGMT_THROTTLE_SWEEP_INTERVAL",
+        "seconds between sweeps of the throttling records",
+    ),
+    Option(
         "admission",
         "rate",
         float,
@@ -264,7 +288,11 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             base_delay=values["throttle.base_delay"],  # type: ignore[arg-type]
             growth=values["throttle.growth"],  # type: ignore[arg-type]
             max_delay=values["throttle.max_delay"],  # type: ignore[arg-type]
+            forget_after=values["throttle.forget_after"],  # type: ignore[arg-type]
+            max_records=values["throttle.max_records"],  # type: ignore[arg-type]
         )
+        if values["throttle.sweep_interval"] <= 0:  # type: ignore[operator]
+            raise ValueError("throttle.sweep_interval must be positive")
     except ValueError as exc:
         raise ConfigError(f"invalid settings: {exc}") from None
     port = values["server.port"]
@@ -283,6 +311,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         max_connections_per_address=values["server.max_connections_per_address"],  # type: ignore[arg-type]
         admission_rate=values["admission.rate"],  # type: ignore[arg-type]
         admission_burst=values["admission.burst"],  # type: ignore[arg-type]
+        maintenance_interval=values["throttle.sweep_interval"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,

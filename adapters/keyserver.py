@@ -62,8 +62,16 @@ from keymgmt_proto._ops import (
     secret_ad,
 )
 
-from .decoy import DecoyRecords
-from .storage import Account, AuditQuery, AuditRecord, SecretRecord, Storage, StorageError, Transaction
+from .storage import (
+    Account,
+    AuditQuery,
+    AuditRecord,
+    LoginRecord,
+    SecretRecord,
+    Storage,
+    StorageError,
+    Transaction,
+)
 
 __all__ = ["KeyServer", "ThrottlePolicy", "default_account_name_policy"]
 
@@ -77,16 +85,24 @@ MAX_RESERVED_KEY_IDS = 16
 class ThrottlePolicy:
     """NET-10: after ``threshold`` consecutive failed logins for a name, each further
     attempt must wait ``base_delay * growth ** (failures - threshold)`` seconds, at most
-    ``max_delay``. A successful login resets the count."""
+    ``max_delay``. A successful login resets the count.
+
+    The records behind it are bounded (NET-13): :meth:`KeyServer.maintain` forgets a name
+    ``forget_after`` seconds after its last attempt (once no lock holds), and keeps at most
+    ``max_records`` names, forgetting the oldest unlocked ones first."""
 
     threshold: int = 5
     base_delay: float = 1.0
     growth: float = 2.0
     max_delay: float = 900.0
+    forget_after: float = 86_400.0
+    max_records: int = 100_000
 
     def __post_init__(self) -> None:
         if self.threshold < 1 or self.base_delay < 0 or self.growth < 1 or self.max_delay < 0:
             raise ValueError("threshold >= 1, base_delay >= 0, growth >= 1, max_delay >= 0")
+        if self.forget_after <= 0 or self.max_records < 10:
+            raise ValueError("forget_after > 0, max_records >= 10")
 
     def locked_for(self, failures: int) -> float:
         """Seconds a name stays locked after its ``failures``-th consecutive failure."""
@@ -135,16 +151,11 @@ class KeyServer:
         clock: Callable[[], float] = time.time,
         account_name_policy: Callable[[bytes], bool] = default_account_name_policy,
         throttle: ThrottlePolicy | None = None,
-        decoys: DecoyRecords | None = None,
         max_keys_per_user: int = 10_000,
     ) -> None:
         self.storage = storage
         self.throttle = throttle or ThrottlePolicy()
-        #: NET-9: unknown accounts get a decoy login; without decoys they are refused at once.
-        self.decoys = decoys
         self.max_keys_per_user = max_keys_per_user
-        #: Sessions whose login runs against a decoy record (never a real account).
-        self._decoy_sessions: WeakKeyDictionary[ServerConnection, set[int]] = WeakKeyDictionary()
         self._random = random
         self._clock = clock
         self._name_ok = account_name_policy
@@ -204,12 +215,17 @@ class KeyServer:
         elif isinstance(event, LoginRequested):
             self._on_login_requested(conn, event)
         elif isinstance(event, LoginSucceeded):
+            # Authenticated from here on: the attempts counted for the name since the last
+            # success go into the owner's log, then the success itself.
             with self.storage.transaction() as tx:
+                record = tx.take_login_record(event.account_name)
+                if record is not None:
+                    self._log_attempts(tx, event.user_id, record, succeeded=True)
                 tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, self.now_us(), Outcome.SUCCESS))
-                tx.clear_login_failures(event.account_name)
-            log.info("login succeeded (session %d)", event.session_id)
         elif isinstance(event, LoginFailed):
-            self._on_login_failed(conn, event)
+            # Nothing to write: the attempt was counted when it started, for registered and
+            # unknown names alike (a write for one kind only would be a timing oracle, NET-9).
+            log.debug("login failed (session %d)", event.session_id)
         elif isinstance(event, SessionClosed | SessionFailed):
             self._session_reservations(conn).pop(event.session_id, None)
             if isinstance(event, SessionClosed) and event.user_id is not None:
@@ -218,47 +234,64 @@ class KeyServer:
                 self._audit(event.user_id, action, Outcome.SUCCESS)
 
     def _on_login_requested(self, conn: ServerConnection, event: LoginRequested) -> None:
+        """NET-9, NET-10: the storage work is the same for registered and unknown names (one
+        lookup each, then one write to the name's throttling record), so neither the answer
+        nor its timing says whether the name exists."""
         now = self.now_us()
         with self.storage.transaction() as tx:
             account = tx.get_account(event.account_name)
             _failures, locked_until = tx.get_login_failures(event.account_name)
             throttled = now < locked_until
-            if throttled and account is not None:
-                tx.append_audit(AuditRecord(account.user_id, Action.LOGIN_THROTTLED, now, Outcome.FAILURE))
-            if not throttled:
+            if throttled:
+                tx.record_throttled(event.account_name, now)
+            else:
                 # Count the attempt now, as a failure until it succeeds: logins started in
                 # parallel cannot slip past the threshold before the first one fails.
                 attempts = tx.record_login_failure(event.account_name, now)
                 wait = self.throttle.locked_for(attempts)
                 if wait > 0:
                     tx.lock_login(event.account_name, now + int(wait * 1_000_000))
-        if throttled:  # the same answer for registered and unknown names (NET-9)
-            log.info("login throttled (session %d)", event.session_id)
+        if throttled:
             conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many login attempts; retry later")
-            return
-        if account is not None:
+        elif account is not None:
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
-            return
-        # No per-user log to write to: the attempt is logged (the name is not).
-        log.info("login attempt for an unknown account (session %d)", event.session_id)
-        if self.decoys is None:
-            conn.reject_session(event.session_id, ErrorCode.AUTHENTICATION_FAILED)
-            return
-        user_id, record = self.decoys.record_for(event.account_name)
-        decoy_sessions = self._decoy_sessions.get(conn)
-        if decoy_sessions is None:
-            decoy_sessions = self._decoy_sessions[conn] = set()
-        decoy_sessions.add(event.session_id)
-        conn.accept_login(event.session_id, user_id, record)
+        else:
+            conn.accept_unknown_login(event.session_id)
 
-    def _on_login_failed(self, conn: ServerConnection, event: LoginFailed) -> None:
+    @staticmethod
+    def _log_attempts(tx: Transaction, user_id: bytes, record: LoginRecord, *, succeeded: bool) -> None:
+        """Write a name's counted attempts into its owner's log, one entry per kind with its
+        count and the time of the last attempt (NET-6, AUD-1; aggregated: NET-13)."""
+        failures = record.failures - 1 if succeeded else record.failures
+        if failures > 0:
+            tx.append_audit(
+                AuditRecord(user_id, Action.LOGIN, record.last_attempt, Outcome.FAILURE, count=failures)
+            )
+        if record.throttled > 0:
+            tx.append_audit(
+                AuditRecord(
+                    user_id,
+                    Action.LOGIN_THROTTLED,
+                    record.last_attempt,
+                    Outcome.FAILURE,
+                    count=record.throttled,
+                )
+            )
+
+    def maintain(self, batch: int = 1000) -> int:
+        """Forget stale login-throttling records and keep their number under
+        ``throttle.max_records`` (NET-13), writing what they counted into the owners' logs
+        (off the answer path of any login). Removes at most ``batch`` records; call again
+        while it returns ``batch``. Returns how many it removed."""
         now = self.now_us()
-        decoy = event.session_id in self._decoy_sessions.get(conn, set())
-        self._decoy_sessions.get(conn, set()).discard(event.session_id)
-        if event.user_id is not None and not decoy:  # already counted when it started
-            with self.storage.transaction() as tx:
-                tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, now, Outcome.FAILURE))
-        log.info("login failed (session %d)", event.session_id)
+        stale_before = now - int(self.throttle.forget_after * 1_000_000)
+        with self.storage.transaction() as tx:
+            records = tx.sweep_login_records(now, stale_before, self.throttle.max_records, batch)
+            for record in records:
+                account = tx.get_account(record.account_name)
+                if account is not None:
+                    self._log_attempts(tx, account.user_id, record, succeeded=False)
+        return len(records)
 
     def _session_reservations(self, conn: ServerConnection) -> dict[int, OrderedDict[bytes, SecretKind]]:
         reservations = self._reserved.get(conn)

@@ -87,8 +87,8 @@ class MemoryServerApp:
             conn.confirm_registration(event.session_id)
         elif isinstance(event, LoginRequested):
             account = self.accounts.get(event.account_name)
-            if account is None:
-                conn.reject_session(event.session_id, ErrorCode.AUTHENTICATION_FAILED)
+            if account is None:  # NET-9: a decoy login, indistinguishable from a wrong password
+                conn.accept_unknown_login(event.session_id)
                 return
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
         elif isinstance(event, RequestReceived):

@@ -30,7 +30,6 @@ from keymgmt_proto._sessionstate import session_sealing_key
 
 from .admission import AddressLimits, address_key
 from .client import ConnectionLostError, Connector
-from .decoy import DecoyRecords
 from .keyserver import KeyServer, ThrottlePolicy
 from .serve import ConnectionDriver
 from .setupfile import load_server_setup_file
@@ -63,6 +62,8 @@ class ServerSettings:
     admission_rate: float = 20.0
     #: ...with this many allowed in a burst (NET-13).
     admission_burst: float = 100.0
+    #: Seconds between sweeps of the login-throttling records (KeyServer.maintain).
+    maintenance_interval: float = 60.0
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
@@ -146,7 +147,6 @@ class KeyServerRuntime:
         kwargs = {} if clock is None else {"clock": clock}
         self.keyserver = KeyServer(
             self.storage,
-            decoys=DecoyRecords(self.setup),
             throttle=settings.throttle,
             **kwargs,  # type: ignore[arg-type]
         )
@@ -196,6 +196,7 @@ class KeyServerRuntime:
                         assert isinstance(each, SocketListener)
                         accepting.start_soon(self._accept, each, connections)
                     accepting.start_soon(self._expire_detached_sessions)
+                    accepting.start_soon(self._maintain)
                     task_status.started(self.port)
                     await self._stop.wait()
                     accepting.cancel_scope.cancel()
@@ -241,6 +242,17 @@ class KeyServerRuntime:
                     self.keyserver.sessions_expired(expired)
             except Exception:  # e.g. the database is briefly unreachable: try again later
                 log.error("expiring detached sessions failed", exc_info=True)
+
+    async def _maintain(self) -> None:
+        """Sweep the login-throttling records now and then (NET-13), a batch at a time so the
+        event loop stays responsive; a storage failure is logged and the sweep tried later."""
+        while True:
+            await anyio.sleep(self.settings.maintenance_interval)
+            try:
+                while self.keyserver.maintain(batch=1000) == 1000:
+                    await anyio.sleep(0)
+            except Exception:
+                log.error("sweeping login-throttling records failed", exc_info=True)
 
     async def _handle(self, tcp: SocketStream) -> None:
         """One connection, from accept to close. Whatever goes wrong stays here (NET-12)."""

@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
-from .storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError, Transaction
+from .storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["PostgresStorage"]
 
@@ -74,6 +74,13 @@ _MIGRATIONS: list[str] = [
         expires_at DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX detached_sessions_by_expiry ON detached_sessions(expires_at)
+    """,
+    # 2: aggregated login attempts (NET-9, NET-13): refused attempts are counted, and an
+    # audit entry can stand for several events
+    """
+    ALTER TABLE login_throttle RENAME COLUMN last_failure_us TO last_attempt_us;
+    ALTER TABLE login_throttle ADD COLUMN throttled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1
     """,
 ]
 
@@ -181,8 +188,8 @@ class _PgTransaction:
         if row is None:
             raise StorageError("audit entry for a user that has no account")
         self._conn.execute(
-            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 record.user_id,
                 row[0],
@@ -191,6 +198,7 @@ class _PgTransaction:
                 int(record.outcome),
                 record.key_id,
                 None if record.context is None else int(record.context),
+                record.count,
             ),
         )
 
@@ -214,7 +222,7 @@ class _PgTransaction:
             params.append(query.before)
         params.append(query.limit + 1)
         rows = self._conn.execute(
-            "SELECT seq, action, timestamp_us, outcome, key_id, context FROM audit WHERE "  # noqa: S608
+            "SELECT seq, action, timestamp_us, outcome, key_id, context, event_count FROM audit WHERE "  # noqa: S608
             + " AND ".join(clauses)
             + " ORDER BY seq LIMIT %s",
             params,
@@ -227,6 +235,7 @@ class _PgTransaction:
                 Outcome(r[3]),
                 None if r[4] is None else bytes(r[4]),
                 None if r[5] is None else Context(r[5]),
+                r[6],
             )
             for r in rows[: query.limit]
         ]
@@ -241,18 +250,52 @@ class _PgTransaction:
     def record_login_failure(self, account_name: bytes, now: int) -> int:
         # One statement: concurrent failures on several instances each count.
         row = self._one(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us) "
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_attempt_us) "
             "VALUES (%s, 1, 0, %s) ON CONFLICT (account_name) DO UPDATE SET "
-            "failures = login_throttle.failures + 1, last_failure_us = EXCLUDED.last_failure_us "
+            "failures = login_throttle.failures + 1, last_attempt_us = EXCLUDED.last_attempt_us "
             "RETURNING failures",
             (account_name, now),
         )
         assert row is not None
-        self._conn.execute(
-            "DELETE FROM login_throttle WHERE last_failure_us < %s AND locked_until_us < %s",
-            (now - 86_400_000_000, now),
-        )
         return int(row[0])
+
+    def record_throttled(self, account_name: bytes, now: int) -> None:
+        self._conn.execute(
+            "UPDATE login_throttle SET throttled = throttled + 1, last_attempt_us = %s "
+            "WHERE account_name = %s",
+            (now, account_name),
+        )
+
+    def take_login_record(self, account_name: bytes) -> LoginRecord | None:
+        row = self._one(
+            "DELETE FROM login_throttle WHERE account_name = %s "
+            "RETURNING account_name, failures, throttled, last_attempt_us",
+            (account_name,),
+        )
+        return None if row is None else LoginRecord(bytes(row[0]), row[1], row[2], row[3])
+
+    def sweep_login_records(
+        self, now: int, stale_before: int, max_records: int, limit: int
+    ) -> list[LoginRecord]:
+        # SKIP LOCKED: instances sweeping at once take disjoint rows, and never wait on a login.
+        rows = self._conn.execute(
+            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "
+            "WHERE last_attempt_us < %s AND locked_until_us < %s LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "RETURNING account_name, failures, throttled, last_attempt_us",
+            (stale_before, now, limit),
+        ).fetchall()
+        count_row = self._one("SELECT count(*) FROM login_throttle", ())
+        assert count_row is not None
+        count = int(count_row[0])
+        excess = min(count - max_records * 9 // 10, limit - len(rows)) if count > max_records else 0
+        if excess > 0:
+            rows += self._conn.execute(
+                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM "
+                "login_throttle ORDER BY locked_until_us >= %s, last_attempt_us LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) RETURNING account_name, failures, throttled, last_attempt_us",
+                (now, excess),
+            ).fetchall()
+        return [LoginRecord(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def lock_login(self, account_name: bytes, locked_until: int) -> None:
         self._conn.execute(
@@ -260,9 +303,6 @@ class _PgTransaction:
             "WHERE account_name = %s",
             (locked_until, account_name),
         )
-
-    def clear_login_failures(self, account_name: bytes) -> None:
-        self._conn.execute("DELETE FROM login_throttle WHERE account_name = %s", (account_name,))
 
 
 class _PgSessionStore:

@@ -20,7 +20,7 @@ from pathlib import Path
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
 from .files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
-from .storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError, Transaction
+from .storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["SQLiteStorage"]
 
@@ -71,6 +71,13 @@ _MIGRATIONS: list[str] = [
         sealed_state BLOB NOT NULL,
         expires_at REAL NOT NULL
     );
+    """,
+    # 4: aggregated login attempts (NET-9, NET-13): refused attempts are counted, and an
+    # audit entry can stand for several events
+    """
+    ALTER TABLE login_throttle RENAME COLUMN last_failure_us TO last_attempt_us;
+    ALTER TABLE login_throttle ADD COLUMN throttled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1;
     """,
 ]
 
@@ -131,26 +138,52 @@ class _SQLiteTransaction:
 
     def record_login_failure(self, account_name: bytes, now: int) -> int:
         row = self._db.execute(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us) "
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_attempt_us) "
             "VALUES (?, 1, 0, ?) ON CONFLICT (account_name) DO UPDATE SET failures = failures + 1, "
-            "last_failure_us = excluded.last_failure_us RETURNING failures",
+            "last_attempt_us = excluded.last_attempt_us RETURNING failures",
             (account_name, now),
         ).fetchone()
-        # Forget names nobody has failed on for a day (keeps probes of random names bounded).
-        self._db.execute(
-            "DELETE FROM login_throttle WHERE last_failure_us < ? AND locked_until_us < ?",
-            (now - 86_400_000_000, now),
-        )
         return int(row[0])
+
+    def record_throttled(self, account_name: bytes, now: int) -> None:
+        self._db.execute(
+            "UPDATE login_throttle SET throttled = throttled + 1, last_attempt_us = ? WHERE account_name = ?",
+            (now, account_name),
+        )
+
+    def take_login_record(self, account_name: bytes) -> LoginRecord | None:
+        row = self._db.execute(
+            "DELETE FROM login_throttle WHERE account_name = ? "
+            "RETURNING account_name, failures, throttled, last_attempt_us",
+            (account_name,),
+        ).fetchone()
+        return None if row is None else LoginRecord(*row)
+
+    def sweep_login_records(
+        self, now: int, stale_before: int, max_records: int, limit: int
+    ) -> list[LoginRecord]:
+        rows = self._db.execute(
+            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "
+            "WHERE last_attempt_us < ? AND locked_until_us < ? LIMIT ?) "
+            "RETURNING account_name, failures, throttled, last_attempt_us",
+            (stale_before, now, limit),
+        ).fetchall()
+        (count,) = self._db.execute("SELECT count(*) FROM login_throttle").fetchone()
+        excess = min(count - max_records * 9 // 10, limit - len(rows)) if count > max_records else 0
+        if excess > 0:
+            rows += self._db.execute(
+                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM "
+                "login_throttle ORDER BY locked_until_us >= ?, last_attempt_us LIMIT ?) "
+                "RETURNING account_name, failures, throttled, last_attempt_us",
+                (now, excess),
+            ).fetchall()
+        return [LoginRecord(*row) for row in rows]
 
     def lock_login(self, account_name: bytes, locked_until: int) -> None:
         self._db.execute(
             "UPDATE login_throttle SET locked_until_us = max(locked_until_us, ?) WHERE account_name = ?",
             (locked_until, account_name),
         )
-
-    def clear_login_failures(self, account_name: bytes) -> None:
-        self._db.execute("DELETE FROM login_throttle WHERE account_name = ?", (account_name,))
 
     def key_id_exists(self, key_id: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM secrets WHERE key_id = ?", (key_id,)).fetchone() is not None
@@ -200,8 +233,8 @@ class _SQLiteTransaction:
 
     def append_audit(self, record: AuditRecord) -> None:
         self._db.execute(
-            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context) "
-            "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?)",
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
+            "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?, ?)",
             (
                 record.user_id,
                 record.user_id,
@@ -210,12 +243,13 @@ class _SQLiteTransaction:
                 int(record.outcome),
                 record.key_id,
                 None if record.context is None else int(record.context),
+                record.count,
             ),
         )
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         sql = [
-            "SELECT seq, action, timestamp_us, outcome, key_id, context FROM audit "
+            "SELECT seq, action, timestamp_us, outcome, key_id, context, event_count FROM audit "
             "WHERE user_id = ? AND seq > ?"
         ]
         params: list[object] = [user_id, query.cursor]
@@ -239,7 +273,9 @@ class _SQLiteTransaction:
         params.append(query.limit + 1)
         rows = self._db.execute(" ".join(sql), params).fetchall()
         entries = [
-            AuditEntry(r[0], Action(r[1]), r[2], Outcome(r[3]), r[4], None if r[5] is None else Context(r[5]))
+            AuditEntry(
+                r[0], Action(r[1]), r[2], Outcome(r[3]), r[4], None if r[5] is None else Context(r[5]), r[6]
+            )
             for r in rows[: query.limit]
         ]
         next_cursor = entries[-1].entry_id if len(rows) > query.limit else 0

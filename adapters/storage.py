@@ -19,6 +19,7 @@ __all__ = [
     "Account",
     "AuditQuery",
     "AuditRecord",
+    "LoginRecord",
     "SecretRecord",
     "Storage",
     "StorageError",
@@ -59,6 +60,22 @@ class AuditRecord:
     outcome: Outcome
     key_id: bytes | None = None
     context: Context | None = None
+    #: How many events of this kind the entry stands for (aggregated login attempts).
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRecord:
+    """The login-throttling state of one account name (NET-10), registered or not.
+
+    ``failures`` counts logins started since the last success (each counts from its start,
+    as a failure until it succeeds), ``throttled`` the logins refused while locked; both
+    go into the owner's audit log later, as one entry each (see KeyServer)."""
+
+    account_name: bytes
+    failures: int
+    throttled: int
+    last_attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,15 +112,28 @@ class Transaction(Protocol):
 
     def record_login_failure(self, account_name: bytes, now: int) -> int:
         """Count one more consecutive failure for a name, atomically (several instances may
-        count at once), and return the new count. Records untouched for a day may be dropped."""
+        count at once), and return the new count."""
+        ...
+
+    def record_throttled(self, account_name: bytes, now: int) -> None:
+        """Count a login refused while the name is locked (the name has a record then)."""
         ...
 
     def lock_login(self, account_name: bytes, locked_until: int) -> None:
         """Refuse logins for the name until ``locked_until`` (us since the epoch)."""
         ...
 
-    def clear_login_failures(self, account_name: bytes) -> None:
-        """A successful login: forget the name's failures and lock."""
+    def take_login_record(self, account_name: bytes) -> LoginRecord | None:
+        """A successful login: remove the name's record (failures, lock) and return it."""
+        ...
+
+    def sweep_login_records(
+        self, now: int, stale_before: int, max_records: int, limit: int
+    ) -> list[LoginRecord]:
+        """Remove and return at most ``limit`` records: those last used before
+        ``stale_before`` whose lock has ended, then, while more than ``max_records`` remain,
+        the oldest others (unlocked first) down to 90% of it. Each record is returned by
+        one sweep only, whichever instance runs it."""
         ...
 
     def insert_secret(self, secret: SecretRecord) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import opaque_ke_py as _ok
 
+from ._crypto import RandomSource, hkdf_expand_sha3, hkdf_sha3
 from ._errors import ErrorCode, RemoteProtocolError
 
 __all__ = [
@@ -28,13 +29,18 @@ __all__ = [
 ]
 
 
+_DECOY_LABEL = b"keymgmt v1 decoy records"
+
+
 class ServerSetup:
     """The long-term OPAQUE server secret (CRY-5). Its repr shows nothing."""
 
-    __slots__ = ("_setup",)
+    __slots__ = ("_decoy_public_key", "_decoy_secret", "_setup")
 
     def __init__(self, setup: _ok.ServerSetupData) -> None:
         self._setup = setup
+        self._decoy_secret: bytes | None = None
+        self._decoy_public_key: bytes | None = None
 
     @classmethod
     def generate(cls) -> ServerSetup:
@@ -55,6 +61,28 @@ class ServerSetup:
 
     def __repr__(self) -> str:
         return "ServerSetup(<secret>)"
+
+    def decoy_record(self, account_name: bytes, random: RandomSource) -> tuple[bytes, bytes]:
+        """NET-9: the ``(user_id, registration_record)`` an unknown account name logs in
+        against, so the client sees exactly what a wrong password gives.
+
+        A record is ``client public key (32) || masking key (64) || envelope (96)``. The
+        masking key, the envelope and the user id come from a secret derived from this
+        setup and the name, so every instance sharing the setup answers repeated probes of
+        one name like probes of one real account. The public key must be a valid
+        ristretto255 point: it comes from one throwaway registration made the first time
+        (``random`` draws its password). No password opens the envelope."""
+        if self._decoy_secret is None or self._decoy_public_key is None:
+            password = random(32)
+            start = _ok.client_registration_start(password)
+            response = _ok.server_registration_start(_ok.server_setup(), start.get_message(), b"decoy")
+            finish = _ok.client_registration_finish(password, start.get_state(), response.get_message())
+            self._decoy_public_key = finish.get_message()[:32]
+            self._decoy_secret = hkdf_sha3(self.to_bytes(), _DECOY_LABEL, 32)
+        # user id (16) || masking key (64) || envelope (96), in one expansion: a few
+        # microseconds, and the same work whether or not the name exists (see accept_login).
+        material = hkdf_expand_sha3(self._decoy_secret, b"decoy record" + account_name, 176)
+        return material[:16], self._decoy_public_key + material[16:]
 
 
 @dataclass(frozen=True, slots=True)

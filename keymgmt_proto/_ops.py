@@ -502,7 +502,10 @@ class SecretResponse(OpResponse):
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One audit log entry (AUD-1). ``timestamp`` is microseconds since the Unix epoch."""
+    """One audit log entry (AUD-1). ``timestamp`` is microseconds since the Unix epoch;
+    ``count`` is how many events the entry stands for: 1, except for login attempts, which
+    are recorded as one entry per run (the failures since the last success, the attempts
+    refused while throttled) with the time of the last one."""
 
     entry_id: int
     action: Action
@@ -510,13 +513,16 @@ class AuditEntry:
     outcome: Outcome
     key_id: bytes | None = None
     context: Context | None = None
+    count: int = 1
 
     def __post_init__(self) -> None:
         if self.key_id is not None:
             _check_key_id(self.key_id)
+        if not 1 <= self.count < 2**32:
+            raise ValueError("count must be 1..2**32-1")
 
     def encode(self) -> bytes:
-        w = Writer().u64(self.entry_id).u8(self.action).u64(self.timestamp).u8(self.outcome)
+        w = Writer().u64(self.entry_id).u8(self.action).u64(self.timestamp).u8(self.outcome).u32(self.count)
         w.u8(0) if self.key_id is None else w.u8(1).fixed(self.key_id, KEY_ID_SIZE)
         w.u8(0xFF if self.context is None else self.context)
         return w.getvalue()
@@ -527,13 +533,17 @@ class AuditEntry:
         action = _enum(Action, r.u8(), "audit action")
         timestamp = r.u64()
         outcome = _enum(Outcome, r.u8(), "audit outcome")
+        count = r.u32()
         flag = r.u8()
         if flag not in (0, 1):
             raise RemoteProtocolError("optional field flag must be 0 or 1")
         key_id = r.fixed(KEY_ID_SIZE) if flag else None
         raw_context = r.u8()
         context = None if raw_context == 0xFF else _enum(Context, raw_context, "retrieve context")
-        return cls(entry_id, action, timestamp, outcome, key_id, context)
+        try:
+            return cls(entry_id, action, timestamp, outcome, key_id, context, count)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"invalid audit entry: {exc}") from None
 
     def to_json(self) -> dict[str, object]:
         """AUD-2: the documented JSON form of an entry."""
@@ -544,6 +554,7 @@ class AuditEntry:
             "outcome": self.outcome.name.lower(),
             "key_id": self.key_id.hex() if self.key_id is not None else None,
             "context": self.context.name.lower() if self.context is not None else None,
+            "count": self.count,
         }
 
 

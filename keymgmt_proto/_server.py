@@ -127,6 +127,8 @@ class _ServerSession:
     opaque_value: bytes | None = None
     registration_record: bytes | None = None
     channel: Channel | None = None
+    #: The login runs against a decoy record: the account name is not registered (NET-9).
+    decoy: bool = False
     highest_request_id: int = 0
     request_count: int = 0
     pending: set[int] = field(default_factory=set)
@@ -411,18 +413,32 @@ class ServerConnection(ConnectionBase):
             raise LocalProtocolError("user_id must be 16 bytes")
         if len(registration_record) != REGISTRATION_UPLOAD_SIZE:
             raise LocalProtocolError("registration_record has the wrong size")
+        # The work accept_unknown_login does, done and dropped: a login costs the same
+        # whether or not the name is registered (NET-9; a timing probe sees no difference).
+        self._setup.decoy_record(session.account_name, self._random)
+        self._start_login(session, target, user_id, registration_record)
+
+    def accept_unknown_login(self, session_id: int) -> None:
+        """The account name is not registered: go on against a decoy record (NET-9), so the
+        client sees the same messages, sizes and failure as for a wrong password. The login
+        then fails; its ``LoginFailed`` carries no user id."""
+        session = self._live(session_id)
+        target = self._check(session, Command.ACCEPT_LOGIN)
+        user_id, record = self._setup.decoy_record(session.account_name, self._random)
+        session.decoy = True
+        self._start_login(session, target, user_id, record)
+
+    def _start_login(self, session: _ServerSession, target: State, user_id: bytes, record: bytes) -> None:
         assert session.opaque_value is not None
         try:
-            step = _opaque.server_login_start(
-                self._setup, registration_record, session.opaque_value, session.account_name
-            )
-        except RemoteProtocolError as exc:
+            step = _opaque.server_login_start(self._setup, record, session.opaque_value, session.account_name)
+        except RemoteProtocolError as exc:  # a malformed credential request: the session ends
             self._fail(session, exc, remote=True)
             return
         session.user_id = user_id
         session.opaque_value = step.state
         session.state = target
-        self._send(FrameType.LOGIN_RESPONSE, session_id, LoginResponse(step.message).encode())
+        self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
 
     def confirm_registration(self, session_id: int) -> None:
         """The registration is stored (REG-4): tell the client and close the session."""
@@ -563,7 +579,11 @@ class ServerConnection(ConnectionBase):
         login_pending = session.state is State.AWAIT_LOGIN_FINISH
         self._end(session)
         if login_pending and session.kind is SessionKind.REQUEST:
-            self._events.append(LoginFailed(session.session_id, session.account_name, session.user_id))
+            self._login_failed(session)
+
+    def _login_failed(self, session: _ServerSession) -> None:
+        user_id = None if session.decoy else session.user_id
+        self._events.append(LoginFailed(session.session_id, session.account_name, user_id))
 
     def _fail(
         self, session: _ServerSession, error: ProtocolError, *, remote: bool, notify: bool = True
@@ -574,7 +594,7 @@ class ServerConnection(ConnectionBase):
             self._send_abort(session.session_id, error.code, str(error))
         self._end(session)
         if login_pending and session.kind is SessionKind.REQUEST:
-            self._events.append(LoginFailed(session.session_id, session.account_name, session.user_id))
+            self._login_failed(session)
         self._events.append(SessionFailed(session.session_id, error.code, str(error), remote))
 
     def _expire(self, session: _ServerSession, code: ErrorCode) -> None:

@@ -11,7 +11,6 @@ import anyio
 from anyio.abc import TaskGroup
 
 from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.decoy import DecoyRecords
 from keymgmt.adapters.keyserver import KeyServer
 from keymgmt.adapters.localstore import LocalStore
 from keymgmt.adapters.serve import serve_stream
@@ -43,7 +42,7 @@ async def key_server(
     tmp_path: Path, config: ServerConfig | None = None, **kwargs: object
 ) -> AsyncIterator[World]:
     storage = SQLiteStorage(tmp_path / "keyserver.db")
-    keyserver = KeyServer(storage, decoys=DecoyRecords(SETUP), **kwargs)  # type: ignore[arg-type]
+    keyserver = KeyServer(storage, **kwargs)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         yield World(tmp_path, storage, keyserver, SessionRegistry(config or ServerConfig()), tg)
         tg.cancel_scope.cancel()

@@ -91,7 +91,6 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
     import os
 
     from keymgmt.adapters import InMemoryPair
-    from keymgmt.adapters.decoy import DecoyRecords
     from keymgmt.adapters.keyserver import KeyServer
     from keymgmt_proto import (
         NEED_DATA,
@@ -107,7 +106,7 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
     from .helpers import login, register
 
     storage = backend_storage
-    keyserver = KeyServer(storage, decoys=DecoyRecords(SETUP))
+    keyserver = KeyServer(storage)
 
     def registry():
         return SessionRegistry(

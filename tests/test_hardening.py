@@ -8,7 +8,6 @@ import pytest
 
 from keymgmt.adapters import InMemoryPair
 from keymgmt.adapters.client import AuthenticationError, KeymgmtClient, RequestRefusedError, ThrottledError
-from keymgmt.adapters.decoy import DecoyRecords
 from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
 from keymgmt.adapters.sqlite_store import SQLiteStorage
 from keymgmt.adapters.storage import AuditQuery
@@ -21,6 +20,7 @@ from keymgmt_proto import (
     Outcome,
     ServerConfig,
     ServerConnection,
+    ServerSetup,
     SessionFailed,
     SessionRegistry,
     Status,
@@ -60,7 +60,7 @@ def _pair(storage: SQLiteStorage, keyserver: KeyServer) -> InMemoryPair:
 
 def test_unknown_account_and_wrong_password_look_the_same(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
-    keyserver = KeyServer(storage, decoys=DecoyRecords(SETUP), throttle=ThrottlePolicy(threshold=100))
+    keyserver = KeyServer(storage, throttle=ThrottlePolicy(threshold=100))
     pair = _pair(storage, keyserver)
     register(pair, b"alice@example.org")
     wrong, wrong_events = _transcript(pair, b"alice@example.org", b"not the password")
@@ -75,23 +75,35 @@ def test_unknown_account_and_wrong_password_look_the_same(tmp_path):
         unknown_failure.remote,
     )
     assert wrong_failure.code is ErrorCode.AUTHENTICATION_FAILED
-    # The server saw a failed login in both cases; only the real account's is audited.
-    assert sum(isinstance(e, LoginFailed) for e in pair.server_events) == 2
+    # The server saw a failed login in both cases, without a user id for the unknown name;
+    # neither wrote anything on failing (the attempt was counted when it started).
+    failed = [e for e in pair.server_events if isinstance(e, LoginFailed)]
+    assert [e.user_id is None for e in failed] == [False, True]
     with storage.transaction() as tx:
         account = tx.get_account(b"alice@example.org")
         entries, _ = tx.query_audit(account.user_id, AuditQuery(AuditType.SYSTEM_ONLY))
-    assert [(e.action, e.outcome) for e in entries][-1] == (Action.LOGIN, Outcome.FAILURE)
+    assert [e.action for e in entries] == [Action.REGISTER]
+    # The owner's next login puts the failed attempt in the log, then the success.
+    _transcript(pair, b"alice@example.org", PASSWORD)
+    with storage.transaction() as tx:
+        entries, _ = tx.query_audit(account.user_id, AuditQuery(AuditType.SYSTEM_ONLY))
+    assert [(e.action, e.outcome, e.count) for e in entries[1:]] == [
+        (Action.LOGIN, Outcome.FAILURE, 1),
+        (Action.LOGIN, Outcome.SUCCESS, 1),
+    ]
 
 
 def test_decoys_are_stable_per_name_and_across_instances():
-    first, second = DecoyRecords(SETUP), DecoyRecords(SETUP)
-    user_a, record_a = first.record_for(b"nobody@example.org")
-    assert first.record_for(b"nobody@example.org") == (user_a, record_a)
-    other_user, other_record = second.record_for(b"nobody@example.org")
+    """Two instances sharing a setup (the same file, loaded twice) give one name the same
+    decoy user id, masking key and envelope, so probes of a name look like one account."""
+    first, second = ServerSetup.from_bytes(SETUP.to_bytes()), ServerSetup.from_bytes(SETUP.to_bytes())
+    user_a, record_a = first.decoy_record(b"nobody@example.org", os.urandom)
+    assert first.decoy_record(b"nobody@example.org", os.urandom) == (user_a, record_a)
+    other_user, other_record = second.decoy_record(b"nobody@example.org", os.urandom)
     assert other_user == user_a and other_record[32:] == record_a[32:]  # masking key and envelope
-    assert first.record_for(b"someone@example.org")[0] != user_a
+    assert first.decoy_record(b"someone@example.org", os.urandom)[0] != user_a
     assert len(record_a) == 192
-    assert "secret" in repr(first) and record_a.hex() not in repr(first)
+    assert repr(first) == "ServerSetup(<secret>)"
 
 
 def test_throttle_policy_grows_and_caps():
@@ -133,7 +145,12 @@ async def test_failed_logins_are_throttled_audited_reset_and_survive_a_restart(t
         clock[0] += 10.0
         session = await client.login(b"carol@example.org", PASSWORD)  # the wait is over
         entries = await session.audit(AuditType.SYSTEM_ONLY)
-        assert [e.action for e in entries].count(Action.LOGIN_THROTTLED) == 2
+        # One entry per kind of attempt since the last success, with its count (NET-13).
+        assert [(e.action, e.outcome, e.count) for e in entries[-3:]] == [
+            (Action.LOGIN, Outcome.FAILURE, 3),
+            (Action.LOGIN_THROTTLED, Outcome.FAILURE, 2),
+            (Action.LOGIN, Outcome.SUCCESS, 1),
+        ]
         assert session.user_id == user_id
         # Success reset the count: three more failures are needed to lock again.
         for _ in range(2):

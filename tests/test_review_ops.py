@@ -8,7 +8,6 @@ import anyio
 import pytest
 
 from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.decoy import DecoyRecords
 from keymgmt.adapters.keyserver import KeyServer
 from keymgmt.adapters.serve import serve_stream
 from keymgmt.adapters.sqlite_store import SQLiteStorage
@@ -77,7 +76,7 @@ def _login_reply_frames(tmp_path, account_name):
     from keymgmt_proto import NEED_DATA, ClientConnection, ServerConnection, SessionRegistry
 
     storage = SQLiteStorage(tmp_path / "ks9.db")
-    server_app = KeyServer(storage, decoys=DecoyRecords(SETUP))
+    server_app = KeyServer(storage)
     client = ClientConnection(os.urandom)
     server = ServerConnection(SETUP, os.urandom, registry=SessionRegistry(), now=0.0)
     client.open_request_session(account_name, PW)

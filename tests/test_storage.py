@@ -53,7 +53,7 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
     from keymgmt.adapters.sqlite_store import _MIGRATIONS
 
-    assert storage.schema_version == len(_MIGRATIONS) == 3  # accounts etc., throttling, sessions
+    assert storage.schema_version == len(_MIGRATIONS) == 4  # accounts etc., throttling, sessions, counts
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     storage.close()

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError
 from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
 
 from .pg import schema_fixture
@@ -142,18 +142,38 @@ def test_an_operation_and_its_audit_entry_commit_together(storage):
 
 
 def test_login_throttling_state(storage):
-    day = 86_400_000_000
     with storage.transaction() as tx:
         assert tx.get_login_failures(b"x") == (0, 0)
         assert [tx.record_login_failure(b"x", now=100) for _ in range(3)] == [1, 2, 3]
         tx.lock_login(b"x", 500)
         tx.lock_login(b"x", 400)  # a lock never shortens
         assert tx.get_login_failures(b"x") == (3, 500)
-        assert tx.record_login_failure(b"old", now=100) == 1
-        tx.record_login_failure(b"y", now=100 + 2 * day)  # prunes records a day old
-        assert tx.get_login_failures(b"old") == (0, 0)
-        tx.clear_login_failures(b"x")
+        tx.record_throttled(b"x", now=200)
+        tx.record_throttled(b"x", now=300)
+        tx.record_throttled(b"nobody", now=300)  # no record, nothing counted
+        assert tx.take_login_record(b"x") == LoginRecord(b"x", 3, 2, 300)
         assert tx.get_login_failures(b"x") == (0, 0)
+        assert tx.take_login_record(b"x") is None
+
+
+def test_login_records_are_swept_when_stale_and_kept_under_the_cap(storage):
+    with storage.transaction() as tx:
+        tx.record_login_failure(b"stale", now=100)
+        tx.record_login_failure(b"stale but locked", now=100)
+        tx.lock_login(b"stale but locked", 10_000)
+        for n in range(30):
+            tx.record_login_failure(b"fresh%02d" % n, now=1_000 + n)
+        tx.lock_login(b"fresh00", 10_000)  # the oldest, but locked: kept while others can go
+        swept = tx.sweep_login_records(now=5_000, stale_before=500, max_records=20, limit=1000)
+        names = [r.account_name for r in swept]
+        assert names[0] == b"stale"  # stale first, then the oldest unlocked down to 90% of 20
+        assert names[1:] == [b"fresh%02d" % n for n in range(1, 14)]
+        remaining = [b"stale but locked", b"fresh00", *(b"fresh%02d" % n for n in range(14, 30))]
+        assert sorted(r.account_name for r in tx.sweep_login_records(5_000, 0, 10**6, 1000)) == []
+        for name in remaining:
+            assert tx.get_login_failures(name)[0] == 1
+        # A limit bounds one sweep; the rest waits for the next.
+        assert len(tx.sweep_login_records(now=20_000, stale_before=20_000, max_records=10**6, limit=5)) == 5
 
 
 def test_concurrent_failures_all_count(make_storage):
@@ -262,3 +282,79 @@ def test_a_failed_batch_leaves_nothing(storage):
     with storage.transaction() as tx:
         assert not tx.key_id_exists((3).to_bytes(16, "big"))
         assert tx.get_account(ALICE.account_name) is not None
+
+
+def _previous_schema_sqlite(tmp_path):
+    """An SQLite database as the release before login-attempt counts (schema 3) left it."""
+    import sqlite3
+
+    from keymgmt.adapters.sqlite_store import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for migration in _MIGRATIONS[:3]:
+        db.executescript(migration)
+    db.execute("INSERT INTO schema_version (version) VALUES (3)")
+    db.execute(
+        "INSERT INTO accounts VALUES (?, ?, ?, ?, ?)", (ALICE.user_id, b"alice", bytes(192), bytes(60), 1)
+    )
+    db.execute("INSERT INTO audit VALUES (?, 1, ?, 5, 0, NULL, NULL)", (ALICE.user_id, int(Action.REGISTER)))
+    db.execute("INSERT INTO login_throttle VALUES (?, 2, 0, 777)", (b"alice",))
+    db.close()
+    path.chmod(0o600)
+    return lambda: SQLiteStorage(path)
+
+
+def _previous_schema_postgres():
+    """A PostgreSQL schema as the release before login-attempt counts (schema 1) left it."""
+    import psycopg
+    from psycopg import sql
+
+    from keymgmt.adapters.postgres_store import _MIGRATIONS, PostgresStorage
+
+    fixture = schema_fixture()
+    conninfo, schema = next(fixture)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in _MIGRATIONS[0].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        conn.execute(
+            "INSERT INTO accounts VALUES (%s, %s, %s, %s, 1, 1)",
+            (ALICE.user_id, b"alice", bytes(192), bytes(60)),
+        )
+        conn.execute(
+            "INSERT INTO audit VALUES (%s, 1, %s, 5, 0, NULL, NULL)", (ALICE.user_id, int(Action.REGISTER))
+        )
+        conn.execute("INSERT INTO login_throttle VALUES (%s, 2, 0, 777)", (b"alice",))
+    return (lambda: PostgresStorage(conninfo, schema=schema)), fixture
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_database_of_the_previous_schema_is_upgraded_in_place(tmp_path, backend):
+    fixture = None
+    if backend == "sqlite":
+        open_storage = _previous_schema_sqlite(tmp_path)
+    else:
+        open_storage, fixture = _previous_schema_postgres()
+    storage = open_storage()
+    try:
+        with storage.transaction() as tx:
+            entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
+            assert [(e.entry_id, e.action, e.count) for e in entries] == [(1, Action.REGISTER, 1)]
+            assert tx.get_login_failures(b"alice") == (2, 0)
+            tx.record_throttled(b"alice", now=900)
+            assert tx.take_login_record(b"alice") == LoginRecord(b"alice", 2, 1, 900)
+            tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGIN, 950, Outcome.FAILURE, count=7))
+            entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
+            assert entries[-1].count == 7
+    finally:
+        storage.close()
+    reopened = open_storage()  # already current: opens without migrating again
+    reopened.close()
+    if fixture is not None:
+        next(fixture, None)
