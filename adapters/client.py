@@ -18,6 +18,7 @@ returned as ``bytes`` and never appear in a repr. Errors are subclasses of
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 import time
@@ -47,6 +48,7 @@ from keymgmt_proto import (
 )
 from keymgmt_proto._crypto import RandomSource, decrypt_storage_key
 from keymgmt_proto._ops import (
+    KEY_ID_NONCE_SIZE,
     AuditEntry,
     AuditRequest,
     AuditResponse,
@@ -71,6 +73,7 @@ from keymgmt_proto._ops import (
     decode_portable,
     decode_response,
     encode_portable,
+    joint_key_id,
     open_secret,
     seal_secret,
     secret_ad,
@@ -657,9 +660,17 @@ class KeySession:
 
     async def _store(self, secret: bytes, kind: SecretKind) -> bytes:
         storage_key = await self._get_storage_key()
-        reply = await self._call(CreateKeyIdRequest(self.user_id, kind))
+        client_nonce = self._client._random(KEY_ID_NONCE_SIZE)
+        reply = await self._call(CreateKeyIdRequest(self.user_id, kind, client_nonce))
         assert isinstance(reply, KeyIdResponse)
         key_id = reply.key_id
+        # KEY-2: the id must come from our fresh nonce, so a server cannot hand one id to two
+        # stores (and later serve either ciphertext); and it must be new to us.
+        expected = joint_key_id(self.user_id, client_nonce, reply.server_nonce)
+        if not hmac.compare_digest(expected, key_id):
+            raise IntegrityError("the key id from the key server is not derived from this client's nonce")
+        if self._client.local_store.get(self.user_id, key_id) is not None:
+            raise IntegrityError("the key server handed out a key id this client already holds")
         ad = secret_ad(self.user_id, key_id, kind)
         ciphertext = seal_secret(storage_key, secret, ad, self._client._random)
         await self._call(StoreSecretRequest(self.user_id, key_id, kind, ciphertext))

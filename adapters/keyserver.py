@@ -36,6 +36,7 @@ from keymgmt_proto import (
 from keymgmt_proto._crypto import RandomSource
 from keymgmt_proto._errors import RemoteProtocolError
 from keymgmt_proto._ops import (
+    KEY_ID_NONCE_SIZE,
     Action,
     AuditRequest,
     AuditResponse,
@@ -57,8 +58,8 @@ from keymgmt_proto._ops import (
     StorageKeyResponse,
     StoreSecretRequest,
     decode_request,
-    derive_key_id,
     encode_response,
+    joint_key_id,
     secret_ad,
 )
 
@@ -375,13 +376,16 @@ class KeyServer:
         if isinstance(request, CreateKeyIdRequest):
             if tx.count_keys(user_id) >= self.max_keys_per_user:
                 raise _Refused(Status.LIMIT_REACHED, Action.CREATE_KEY_ID)
-            key_id = derive_key_id(user_id, self._random(32))
-            while key_id in reservations or tx.key_id_exists(key_id):  # KEY-1: redraw if it exists
-                key_id = derive_key_id(user_id, self._random(32))
+            # KEY-1/KEY-2: the client's nonce and ours; redraw ours while the id is taken.
+            server_nonce = self._random(KEY_ID_NONCE_SIZE)
+            key_id = joint_key_id(user_id, request.client_nonce, server_nonce)
+            while key_id in reservations or tx.key_id_exists(key_id):
+                server_nonce = self._random(KEY_ID_NONCE_SIZE)
+                key_id = joint_key_id(user_id, request.client_nonce, server_nonce)
             reservations[key_id] = request.kind
             while len(reservations) > MAX_RESERVED_KEY_IDS:
                 reservations.popitem(last=False)
-            return KeyIdResponse(key_id), key_id
+            return KeyIdResponse(key_id, server_nonce), key_id
         if isinstance(request, StoreSecretRequest):
             action = _action_of(request)
             if reservations.get(request.key_id) is not request.kind:

@@ -241,7 +241,7 @@ class _OpsWorld:
         return response.body
 
     def new_key_id(self) -> bytes:
-        body = self.call(CreateKeyIdRequest(self.user_id, SecretKind.GENERATED).encode())
+        body = self.call(CreateKeyIdRequest(self.user_id, SecretKind.GENERATED, bytes(32)).encode())
         status, reply = decode_response(CreateKeyIdRequest.OP, body)
         assert status is Status.OK and isinstance(reply, KeyIdResponse)
         return reply.key_id

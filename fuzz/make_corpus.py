@@ -159,7 +159,8 @@ class Transcripts:
         key_ids = []
         for kind, secret in ((SecretKind.GENERATED, self.random(32)), (SecretKind.IMPORTED, b"imported!")):
             status, got = decode_response(
-                Op.CREATE_KEY_ID, self.request(p, sid, CreateKeyIdRequest(uid, kind).encode())
+                Op.CREATE_KEY_ID,
+                self.request(p, sid, CreateKeyIdRequest(uid, kind, self.random(32)).encode()),
             )
             assert status is Status.OK and isinstance(got, KeyIdResponse)
             key_ids.append(got.key_id)

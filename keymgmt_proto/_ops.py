@@ -30,7 +30,9 @@ from ._wire import Reader, Writer
 __all__ = [
     "GENERATED_SECRET_SIZE",
     "IMPORTED_KEY_AD_SUFFIX",
+    "KEY_ID_CONTRIBUTION_DOMAIN",
     "KEY_ID_DOMAIN",
+    "KEY_ID_NONCE_SIZE",
     "KEY_ID_SIZE",
     "MAX_AUDIT_PAGE",
     "MAX_LIST_PAGE",
@@ -66,6 +68,7 @@ __all__ = [
     "derive_key_id",
     "encode_portable",
     "encode_response",
+    "joint_key_id",
     "open_secret",
     "seal_secret",
     "secret_ad",
@@ -74,6 +77,10 @@ __all__ = [
 KEY_ID_SIZE = 16
 #: KEY-1 domain-separation string ``d``.
 KEY_ID_DOMAIN = b"keymgmt v1 key id"
+#: KEY-2: domain separation for combining the two sides' randomness into KEY-1's ``r``.
+KEY_ID_CONTRIBUTION_DOMAIN = b"keymgmt v1 key id contributions"
+#: KEY-2: each side's random contribution to a key id.
+KEY_ID_NONCE_SIZE = 32
 #: OPS-3: the AD suffix of imported secrets.
 IMPORTED_KEY_AD_SUFFIX = b"imported key"
 #: OPS-2: generated secrets are 32 uniformly random bytes.
@@ -239,17 +246,22 @@ class RetrieveStorageKeyRequest(OpRequest):
 
 @dataclass(frozen=True, slots=True)
 class CreateKeyIdRequest(OpRequest):
-    """OPS-2/OPS-3, first step: the server draws and reserves a fresh key id."""
+    """OPS-2/OPS-3, first step: the server reserves a fresh key id, derived from the client's
+    nonce and its own randomness (KEY-2, :func:`joint_key_id`)."""
 
     OP: ClassVar[Op] = Op.CREATE_KEY_ID
     user_id: bytes
     kind: SecretKind
+    client_nonce: bytes
 
     def __post_init__(self) -> None:
         _check_user_id(self.user_id)
+        if len(self.client_nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"client_nonce must be {KEY_ID_NONCE_SIZE} bytes")
 
     def encode(self) -> bytes:
-        return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u8(self.kind).getvalue()
+        w = Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u8(self.kind)
+        return w.fixed(self.client_nonce, KEY_ID_NONCE_SIZE).getvalue()
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,8 +417,9 @@ def decode_request(body: bytes) -> OpRequest:
         request = RetrieveStorageKeyRequest._build("request", user_id)
     elif op is Op.CREATE_KEY_ID:
         kind = _enum(SecretKind, r.u8(), "secret kind")
+        client_nonce = r.fixed(KEY_ID_NONCE_SIZE)
         r.done()
-        request = CreateKeyIdRequest._build("request", user_id, kind)
+        request = CreateKeyIdRequest._build("request", user_id, kind, client_nonce)
     elif op is Op.STORE_SECRET:
         key_id = r.fixed(KEY_ID_SIZE)
         kind = _enum(SecretKind, r.u8(), "secret kind")
@@ -474,13 +487,19 @@ class StorageKeyResponse(OpResponse):
 
 @dataclass(frozen=True, slots=True)
 class KeyIdResponse(OpResponse):
+    """The reserved key id and the server's contribution to it (KEY-2): the client checks
+    ``key_id == joint_key_id(user_id, its nonce, server_nonce)``."""
+
     key_id: bytes
+    server_nonce: bytes
 
     def __post_init__(self) -> None:
         _check_key_id(self.key_id)
+        if len(self.server_nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"server_nonce must be {KEY_ID_NONCE_SIZE} bytes")
 
     def encode_fields(self) -> bytes:
-        return self.key_id
+        return self.key_id + self.server_nonce
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,7 +640,7 @@ def decode_response(op: Op, body: bytes) -> tuple[Status, OpResponse | None]:
     if op is Op.RETRIEVE_STORAGE_KEY:
         response = StorageKeyResponse._build("response", r.fixed(_NONCE + 32 + _TAG))
     elif op is Op.CREATE_KEY_ID:
-        response = KeyIdResponse._build("response", r.fixed(KEY_ID_SIZE))
+        response = KeyIdResponse._build("response", r.fixed(KEY_ID_SIZE), r.fixed(KEY_ID_NONCE_SIZE))
     elif op in (Op.STORE_SECRET, Op.DELETE_KEY):
         response = Empty()
     elif op is Op.RETRIEVE:
@@ -666,6 +685,25 @@ def derive_key_id(user_id: bytes, r: bytes) -> bytes:
         + r
     )
     return hashlib.sha3_256(data).digest()[:KEY_ID_SIZE]
+
+
+def joint_key_id(user_id: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """KEY-2: the key id both sides contribute to. KEY-1 with
+    ``r = SHA3-256(len(d2) || d2 || 32 || client_nonce || 32 || server_nonce)`` (lengths u16):
+    the client's fresh nonce means no server can make two stores share a key id (it would
+    need a SHA3-256 collision), and the server's keeps it unpredictable to the client."""
+    for nonce in (client_nonce, server_nonce):
+        if len(nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"key id contributions are {KEY_ID_NONCE_SIZE} bytes")
+    r = hashlib.sha3_256(
+        struct.pack(">H", len(KEY_ID_CONTRIBUTION_DOMAIN))
+        + KEY_ID_CONTRIBUTION_DOMAIN
+        + struct.pack(">H", KEY_ID_NONCE_SIZE)
+        + client_nonce
+        + struct.pack(">H", KEY_ID_NONCE_SIZE)
+        + server_nonce
+    ).digest()
+    return derive_key_id(user_id, r)
 
 
 def secret_ad(user_id: bytes, key_id: bytes, kind: SecretKind) -> bytes:

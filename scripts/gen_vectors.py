@@ -78,6 +78,7 @@ from keymgmt_proto._messages import (
     Welcome,
 )
 from keymgmt_proto._ops import (
+    KEY_ID_CONTRIBUTION_DOMAIN,
     KEY_ID_DOMAIN,
     Action,
     AuditEntry,
@@ -108,6 +109,7 @@ from keymgmt_proto._ops import (
     derive_key_id,
     encode_portable,
     encode_response,
+    joint_key_id,
     seal_secret,
     secret_ad,
 )
@@ -439,13 +441,14 @@ def messages() -> JSON:
 def ops() -> JSON:
     rng = Drbg("ops")
     user_id = rng(16)
-    key_a, key_b = derive_key_id(user_id, rng(32)), derive_key_id(user_id, rng(32))
+    client_nonce, server_nonce = rng(32), rng(32)
+    key_a, key_b = joint_key_id(user_id, client_nonce, server_nonce), derive_key_id(user_id, rng(32))
     generated_sealed, imported_sealed = rng(12 + 32 + 16), rng(12 + 5 + 16)
     t0 = 1_700_000_000_123_456
     requests: list[tuple[str, OpRequest]] = [
         ("retrieve storage key", RetrieveStorageKeyRequest(user_id)),
-        ("create key id generated", CreateKeyIdRequest(user_id, SecretKind.GENERATED)),
-        ("create key id imported", CreateKeyIdRequest(user_id, SecretKind.IMPORTED)),
+        ("create key id generated", CreateKeyIdRequest(user_id, SecretKind.GENERATED, client_nonce)),
+        ("create key id imported", CreateKeyIdRequest(user_id, SecretKind.IMPORTED, rng(32))),
         ("store generated", StoreSecretRequest(user_id, key_a, SecretKind.GENERATED, generated_sealed)),
         ("store imported", StoreSecretRequest(user_id, key_b, SecretKind.IMPORTED, imported_sealed)),
         *[(f"retrieve {c.name.lower()}", RetrieveRequest(user_id, key_a, c)) for c in Context],
@@ -467,7 +470,7 @@ def ops() -> JSON:
     )
     ok: list[tuple[str, Op, OpResponse]] = [
         ("storage key", Op.RETRIEVE_STORAGE_KEY, StorageKeyResponse(rng(60))),
-        ("key id", Op.CREATE_KEY_ID, KeyIdResponse(key_a)),
+        ("key id", Op.CREATE_KEY_ID, KeyIdResponse(key_a, server_nonce)),
         ("stored", Op.STORE_SECRET, Empty()),
         (
             "secret generated",
@@ -842,6 +845,31 @@ def resumption_file() -> JSON:
 def key_id_file() -> JSON:
     rng = Drbg("key_id")
     inputs = [(b"\x22" * 16, b"\x44" * 32), (bytes(16), bytes(32)), (rng(16), rng(32)), (rng(16), rng(32))]
+    joint = []
+    for user_id, client_nonce, server_nonce in [
+        (b"\x22" * 16, b"\x55" * 32, b"\x66" * 32),
+        (rng(16), rng(32), rng(32)),
+    ]:
+        contribution = (
+            struct.pack(">H", len(KEY_ID_CONTRIBUTION_DOMAIN))
+            + KEY_ID_CONTRIBUTION_DOMAIN
+            + struct.pack(">H", 32)
+            + client_nonce
+            + struct.pack(">H", 32)
+            + server_nonce
+        )
+        r = hashlib.sha3_256(contribution).digest()
+        assert joint_key_id(user_id, client_nonce, server_nonce) == derive_key_id(user_id, r)
+        joint.append(
+            {
+                "user_id": user_id.hex(),
+                "client_nonce": client_nonce.hex(),
+                "server_nonce": server_nonce.hex(),
+                "r_preimage": contribution.hex(),
+                "r": r.hex(),
+                "key_id": derive_key_id(user_id, r).hex(),
+            }
+        )
     vectors = []
     for user_id, r in inputs:
         preimage = (
@@ -868,7 +896,9 @@ def key_id_file() -> JSON:
         "description": describe(
             "KEY-1 key identifiers (docs/protocol.md section 12.5): key_id = SHA3-256(u16(len(d)) || "
             "d || u16(16) || user_id || u16(32) || r)[:16] with d = KEY_ID_DOMAIN. The first "
-            "vector is the worked example of docs/protocol.md section 12.12.",
+            "vector is the worked example of docs/protocol.md section 12.12. KEY-2: the r of a "
+            "new key id is SHA3-256(u16(len(d2)) || d2 || u16(32) || client_nonce || u16(32) || "
+            "server_nonce) with d2 = KEY_ID_CONTRIBUTION_DOMAIN (the 'joint' vectors).",
             {
                 "domain": "d, as ASCII",
                 "vectors[].user_id": "16 bytes",
@@ -876,10 +906,16 @@ def key_id_file() -> JSON:
                 "vectors[].preimage": "the 71 hashed bytes",
                 "vectors[].sha3_256": "the full digest",
                 "vectors[].key_id": "its first 16 bytes",
+                "contribution_domain": "d2, as ASCII",
+                "joint[].client_nonce / server_nonce": "each side's 32 random bytes (CREATE_KEY_ID)",
+                "joint[].r_preimage / r": "the hashed bytes and r = their SHA3-256",
+                "joint[].key_id": "KEY-1 of user_id and that r",
             },
         ),
         "domain": KEY_ID_DOMAIN.decode("ascii"),
         "vectors": vectors,
+        "contribution_domain": KEY_ID_CONTRIBUTION_DOMAIN.decode("ascii"),
+        "joint": joint,
     }
 
 

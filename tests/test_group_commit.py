@@ -119,7 +119,8 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
     register(pair, b"abandon@example.org")
     established = login(pair, b"abandon@example.org")
     pair.client.send_request(
-        established.session_id, CreateKeyIdRequest(established.user_id, SecretKind.GENERATED).encode()
+        established.session_id,
+        CreateKeyIdRequest(established.user_id, SecretKind.GENERATED, bytes(32)).encode(),
     )
     pair.client.close()  # GOAWAY right behind the request, in the same read
     server = pair.server

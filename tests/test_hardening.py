@@ -190,7 +190,9 @@ async def test_key_id_reservations_per_session_are_bounded(tmp_path):
         storage_key = await session._get_storage_key()
         key_ids = []
         for _ in range(MAX_RESERVED_KEY_IDS + 1):
-            reply = await session._call(CreateKeyIdRequest(session.user_id, SecretKind.GENERATED))
+            reply = await session._call(
+                CreateKeyIdRequest(session.user_id, SecretKind.GENERATED, os.urandom(32))
+            )
             assert isinstance(reply, KeyIdResponse)
             key_ids.append(reply.key_id)
 

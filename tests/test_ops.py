@@ -146,7 +146,7 @@ async def test_wrong_user_id_is_refused_and_audited(tmp_path):
         await client.register(BOB, PW)
         alice = await client.login(ALICE, PW)
         bob = await client.login(BOB, PW)
-        body = CreateKeyIdRequest(bob.user_id, SecretKind.GENERATED).encode()
+        body = CreateKeyIdRequest(bob.user_id, SecretKind.GENERATED, bytes(32)).encode()
         assert await client.request(alice.session_id, body) == bytes([Status.WRONG_USER])
         refused = [e for e in await alice.audit() if e.outcome is Outcome.FAILURE]
         assert [e.action for e in refused] == [Action.CREATE_KEY_ID]
@@ -184,7 +184,7 @@ async def test_oversized_and_mislabelled_secrets_are_refused(tmp_path):
             await alice.import_secret(bytes([255]) + bytes(256))
         # A raw store of a 300-byte "secret" does not even parse on the server.
         key_reply = await client.request(
-            alice.session_id, CreateKeyIdRequest(alice.user_id, SecretKind.IMPORTED).encode()
+            alice.session_id, CreateKeyIdRequest(alice.user_id, SecretKind.IMPORTED, bytes(32)).encode()
         )
         _, reply = decode_response(Op.CREATE_KEY_ID, key_reply)
         raw = StoreSecretRequest(
@@ -408,3 +408,42 @@ def test_store_secret_request_rejects_wrong_sizes():
         StoreSecretRequest(bytes(16), bytes(16), SecretKind.GENERATED, bytes(61))
     with pytest.raises(ValueError):
         StoreSecretRequest(bytes(16), bytes(16), SecretKind.IMPORTED, bytes(12 + 256 + 16))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("lie", ["an id the client holds", "an id not from the client's nonce"])
+async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, monkeypatch):
+    """KEY-2: a malicious server answers CREATE_KEY_ID with a key id that is not derived from
+    the client's nonce, or with one the client already holds (here the client's randomness
+    repeats, and the server replays its own earlier nonce so the derivation matches). The
+    client refuses before sealing anything, and nothing more is stored."""
+    from keymgmt.adapters.client import IntegrityError
+    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt_proto._ops import KeyIdResponse, joint_key_id
+
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(b"kim@example.org", PW)
+        session = await client.login(b"kim@example.org", PW)
+        if lie == "an id the client holds":
+            client._random = lambda n: b"\x07" * n if n == 32 else os.urandom(n)  # a broken RNG
+        original = KeyServer._perform
+        nonces: list[bytes] = []
+
+        def lying(self, tx, user_id, request, now, reservations):
+            response, key_id = original(self, tx, user_id, request, now, reservations)
+            if isinstance(response, KeyIdResponse):
+                nonces.append(response.server_nonce)
+                if len(nonces) > 1:
+                    client_nonce = request.client_nonce if lie == "an id the client holds" else bytes(32)
+                    forged = joint_key_id(user_id, client_nonce, nonces[0])
+                    response = KeyIdResponse(forged, nonces[0])
+                    reservations[forged] = request.kind
+            return response, key_id
+
+        monkeypatch.setattr(KeyServer, "_perform", lying)
+        first = await session.import_secret(b"\x05first")
+        with pytest.raises(IntegrityError, match="key id"):
+            await session.import_secret(b"\x06second")
+        monkeypatch.setattr(KeyServer, "_perform", original)
+        assert [k.key_id for k in await session.list_keys()] == [first]
+        assert await session.export(first) == b"\x05first"

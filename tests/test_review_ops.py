@@ -42,7 +42,7 @@ async def test_logout_of_one_session_does_not_cancel_another_sessions_key_reserv
         first = await client.login(ALICE, PW)
         second = await client.login(ALICE, PW)
         storage_key = await second._get_storage_key()
-        reply = await second._call(CreateKeyIdRequest(second.user_id, SecretKind.GENERATED))
+        reply = await second._call(CreateKeyIdRequest(second.user_id, SecretKind.GENERATED, bytes(32)))
         assert isinstance(reply, KeyIdResponse)
         await first.logout()  # NET-3: must not disturb `second`
         ad = secret_ad(second.user_id, reply.key_id, SecretKind.GENERATED)

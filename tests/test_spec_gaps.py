@@ -44,7 +44,7 @@ from keymgmt_proto._ops import (
     SecretKind,
     Status,
     decode_response,
-    derive_key_id,
+    joint_key_id,
 )
 from keymgmt_proto._wire import encode_frame
 
@@ -93,23 +93,25 @@ def test_user_id_is_redrawn_on_collision(server_setup, storage):
 
 def test_key_id_is_redrawn_when_it_exists(server_setup, storage):
     user_id, r1, r2, r3 = bytes(range(16)), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    client_nonce = b"\x0c" * 32
     with storage.transaction() as tx:
         tx.insert_account(Account(b"alice", user_id, bytes(192), bytes(60), 0))
-        existing = derive_key_id(user_id, r1)
+        existing = joint_key_id(user_id, client_nonce, r1)
         tx.insert_secret(SecretRecord(user_id, existing, SecretKind.GENERATED, bytes(60), b"", 0))
     random = Scripted(r1, r2)
     keyserver = KeyServer(storage, random=random)
     conn = ServerConnection(server_setup, os.urandom)
-    body = CreateKeyIdRequest(user_id, SecretKind.GENERATED).encode()
+    body = CreateKeyIdRequest(user_id, SecretKind.GENERATED, client_nonce).encode()
 
-    def create() -> bytes:
+    def create() -> KeyIdResponse:
         status, reply = decode_response(Op.CREATE_KEY_ID, keyserver.answer(conn, 1, user_id, body))
         assert status is Status.OK and isinstance(reply, KeyIdResponse)
-        return reply.key_id
+        return reply
 
-    assert create() == derive_key_id(user_id, r2)  # r1's key id is stored: KEY-1 redraws
+    # r1's key id is stored: KEY-1 redraws the server's contribution.
+    assert create() == KeyIdResponse(joint_key_id(user_id, client_nonce, r2), r2)
     random.queue = [r2, r3]
-    assert create() == derive_key_id(user_id, r3)  # r2's key id is reserved: redrawn too
+    assert create().key_id == joint_key_id(user_id, client_nonce, r3)  # r2's is reserved: redrawn too
 
 
 def test_complete_registration_naming_another_user_id_is_refused(server_setup, storage):

@@ -401,6 +401,21 @@ def test_key_id_vectors():
         assert preimage.hex() == vector["preimage"]
         assert hashlib.sha3_256(preimage).hexdigest() == vector["sha3_256"]
         assert derive_key_id(user_id, r).hex() == vector["key_id"] == vector["sha3_256"][:32]
+    contribution_domain = data["contribution_domain"].encode("ascii")
+    assert contribution_domain == ops_module.KEY_ID_CONTRIBUTION_DOMAIN
+    assert data["joint"]
+    for vector in data["joint"]:
+        user_id, client_nonce, server_nonce = (
+            h(vector[k]) for k in ("user_id", "client_nonce", "server_nonce")
+        )
+        preimage = b"".join(
+            struct.pack(">H", len(p)) + p for p in (contribution_domain, client_nonce, server_nonce)
+        )
+        assert preimage.hex() == vector["r_preimage"]
+        r = hashlib.sha3_256(preimage).digest()
+        assert r.hex() == vector["r"]
+        assert derive_key_id(user_id, r).hex() == vector["key_id"]
+        assert ops_module.joint_key_id(user_id, client_nonce, server_nonce).hex() == vector["key_id"]
 
 
 def test_storage_key_vectors():
