@@ -32,6 +32,7 @@ from pathlib import Path
 import anyio
 
 from keymgmt_proto import AuditEntry, AuditType, Context, ErrorCode
+from keymgmt_proto._ops import MAX_SECRET_SIZE, decode_portable
 
 from .client import (
     AuthenticationError,
@@ -108,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true", help="read the password from the first line of stdin"
     )
     parser.add_argument(
+        "--password-file",
+        type=Path,
+        default=os.environ.get("KEYMGMT_PASSWORD_FILE") or None,
+        help="read the password from the first line of this file (env KEYMGMT_PASSWORD_FILE)",
+    )
+    parser.add_argument(
         "--backend",
         choices=["asyncio", "trio"],
         default=os.environ.get("KEYMGMT_BACKEND", "asyncio"),
@@ -116,10 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("register", help="create the account (asks for a new password)")
     sub.add_parser("generate", help="generate and store a random 32-byte secret; prints its key id")
-    imp = sub.add_parser("import", help="store a secret of 1..255 bytes; prints its key id")
-    source = imp.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hex", help="the secret as hex")
-    source.add_argument("--file", type=Path, help="a file holding the secret's raw bytes")
+    imp = sub.add_parser(
+        "import",
+        help="store a secret of 1..255 bytes; prints its key id",
+        description="Store a secret of 1..255 bytes and print its key id. The secret comes from "
+        "--file (its raw bytes; - for stdin), from stdin when stdin is not a terminal, or else "
+        "from a prompt that does not echo (hex). When the secret comes from stdin, give the "
+        "password with --password-file or at the prompt.",
+    )
+    source = imp.add_mutually_exclusive_group()
+    source.add_argument("--file", type=Path, help="a file holding the secret's raw bytes (- = stdin)")
+    source.add_argument(
+        "--hex",
+        help="the secret as hex; avoid it: a command line is visible to other users (ps) and kept "
+        "in shell history",
+    )
     imp.add_argument("--portable", action="store_true", help="the input is already in `len || secret` form")
     ret = sub.add_parser("retrieve", help="retrieve a secret")
     ret.add_argument("key_id", help="key id (hex)")
@@ -173,8 +191,54 @@ def _format_time(microseconds: int) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _read_import_secret(args: argparse.Namespace) -> bytes:
+    """The secret to import, in the portable form, checked before anything else happens.
+    Returns it and marks ``args.stdin_taken`` when it came from stdin."""
+    if args.hex is not None:
+        print(
+            "keymgmt: warning: --hex puts the secret in the process list and shell history; "
+            "use --file, stdin or the prompt",
+            file=sys.stderr,
+        )
+        try:
+            raw = bytes.fromhex(args.hex)
+        except ValueError:
+            raise UsageError("--hex is not hexadecimal") from None
+    elif args.file is not None and str(args.file) != "-":
+        try:
+            raw = args.file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    elif args.file is not None or not sys.stdin.isatty():
+        args.stdin_taken = True
+        raw = sys.stdin.buffer.read(MAX_SECRET_SIZE + 2)
+    else:
+        try:
+            raw = bytes.fromhex(getpass.getpass("secret (hex, not echoed): "))
+        except ValueError:
+            raise UsageError("the secret is not hexadecimal") from None
+    if args.portable:
+        try:
+            decode_portable(raw)
+        except ValueError as exc:
+            raise UsageError(f"not in the portable form: {exc}") from None
+        return raw
+    if not 0 < len(raw) <= MAX_SECRET_SIZE:
+        raise UsageError(f"a secret must be 1..{MAX_SECRET_SIZE} bytes")
+    return bytes([len(raw)]) + raw
+
+
 def _read_password(args: argparse.Namespace, confirm: bool) -> bytes:
-    if args.password_stdin or not sys.stdin.isatty():
+    stdin_taken = getattr(args, "stdin_taken", False)
+    if args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as file:
+                password = file.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the password file {args.password_file}: {exc}") from None
+    elif args.password_stdin and stdin_taken:
+        raise UsageError("the secret comes from stdin; give the password with --password-file")
+    elif args.password_stdin or (not sys.stdin.isatty() and not stdin_taken):
         line = sys.stdin.readline()
         password = line.rstrip("\r\n")
     else:
@@ -204,11 +268,7 @@ async def _session_command(args: argparse.Namespace, session: KeySession) -> Non
     if command == "generate":
         print((await session.generate()).hex())
     elif command == "import":
-        raw = bytes.fromhex(args.hex) if args.hex is not None else args.file.read_bytes()
-        portable = raw if args.portable else (bytes([len(raw)]) + raw if 0 < len(raw) < 256 else b"")
-        if not portable:
-            raise UsageError("a secret must be 1..255 bytes")
-        print((await session.import_secret(portable)).hex())
+        print((await session.import_secret(args.portable_secret)).hex())
     elif command in ("retrieve", "export"):
         context = CONTEXTS[args.context] if command == "retrieve" else Context.EXPORT
         result = await session.retrieve(_key_id(args.key_id), context)
@@ -247,6 +307,10 @@ async def _session_command(args: argparse.Namespace, session: KeySession) -> Non
 async def _run(args: argparse.Namespace) -> None:
     if not args.account:
         raise UsageError("--account (or KEYMGMT_ACCOUNT) is required")
+    if args.command == "import":  # local input first: bad input costs no connection, no login
+        args.portable_secret = _read_import_secret(args)
+        if args.password_stdin and getattr(args, "stdin_taken", False):
+            raise UsageError("the secret comes from stdin; give the password with --password-file")
     account = args.account.encode("utf-8")
     host, sep, port_text = args.server.rpartition(":")
     if not sep or not port_text.isdigit():

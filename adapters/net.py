@@ -69,7 +69,8 @@ class ServerSettings:
     protocol: ServerConfig = field(default_factory=ServerConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     #: A PostgreSQL connection string: use PostgreSQL (several instances) instead of SQLite.
-    database_url: str | None = None
+    #: It may hold a password: never in the settings' repr.
+    database_url: str | None = field(default=None, repr=False)
     #: The PostgreSQL schema holding the tables (one per deployment).
     database_schema: str = "keymgmt"
 

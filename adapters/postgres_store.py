@@ -27,6 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
+from .redaction import redact_database_url
 from .storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["PostgresStorage"]
@@ -333,26 +334,43 @@ class PostgresStorage:
     """Key-server storage in a PostgreSQL schema, shared by several instances."""
 
     def __init__(
-        self, conninfo: str, *, schema: str = "keymgmt", min_size: int = 1, max_size: int = 8
+        self,
+        conninfo: str,
+        *,
+        schema: str = "keymgmt",
+        min_size: int = 1,
+        max_size: int = 8,
+        open_timeout: float = 10.0,
     ) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise StorageError(f"schema name {schema!r} must be a plain lower-case identifier")
         self.schema = schema
-        self._conninfo_display = re.sub(r"password=\S+", "password=***", conninfo)
+        self._conninfo_display = redact_database_url(conninfo)
         self._batch_conn: psycopg.Connection[TupleRow] | None = None
+        try:
+            password = str(psycopg.conninfo.conninfo_to_dict(conninfo).get("password") or "")
+        except psycopg.Error:
+            password = ""
 
         def configure(conn: psycopg.Connection[TupleRow]) -> None:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
             conn.commit()
 
         try:
+            # One direct connection first: an unreachable or misconfigured database is then one
+            # clear error with libpq's reason, not a pool retrying until its timeout.
+            with psycopg.connect(conninfo, connect_timeout=max(1, int(open_timeout))):
+                pass
             self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
                 conninfo, min_size=min_size, max_size=max_size, configure=configure, open=False
             )
-            self._pool.open(wait=True, timeout=10)
+            self._pool.open(wait=True, timeout=open_timeout)
             self._migrate()
         except (psycopg.Error, TimeoutError) as exc:
-            raise StorageError(f"cannot use PostgreSQL ({self._conninfo_display}): {exc}") from None
+            # libpq's message may quote the connection string: redact it as well.
+            reason = " ".join(str(exc).split())  # one line
+            reason = redact_database_url(reason.replace(password, "***") if password else reason)
+            raise StorageError(f"cannot use PostgreSQL ({self._conninfo_display}): {reason}") from None
         self.session_store = _PgSessionStore(self)
 
     def __repr__(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -136,13 +137,15 @@ def test_cli_end_to_end(server, tmp_path):
 
 def test_cli_errors_are_one_line_with_documented_exit_codes(server, tmp_path):
     assert run_client(server, tmp_path, "register").returncode == 0
+    big_file = tmp_path / "big.bin"
+    big_file.write_bytes(bytes(256))
     cases = [
         (run_client(server, tmp_path, "list", password="wrong"), 3, "login failed"),
         (run_client(server, tmp_path, "list", account="nobody@example.org"), 3, "login failed"),
         (run_client(server, tmp_path, "retrieve", "00" * 16), 4, "no such key"),
         (run_client(server, tmp_path, "register"), 5, "already registered"),
         (run_client(server, tmp_path, "retrieve", "xyz"), 2, "not hex"),
-        (run_client(server, tmp_path, "import", "--hex", "00" * 256), 2, "1..255"),
+        (run_client(server, tmp_path, "import", "--file", str(big_file)), 2, "1..255"),
         (run_client(server, tmp_path, "list", ca=tmp_path / "nope.pem"), 6, "CA bundle"),
         (run_client(server, tmp_path, "list", password=""), 2, "password is empty"),
     ]
@@ -208,3 +211,73 @@ def test_sigterm_during_requests_is_graceful_and_loses_nothing(server, tmp_path)
     assert set(acknowledged) <= stored
     for error in errors:  # a request cut by the shutdown fails with a clean, one-line error
         assert error.startswith("keymgmt: error:") and "Traceback" not in error
+
+
+def _client_env(port: int, ca: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KEYMGMT_SERVER": f"127.0.0.1:{port}",
+        "KEYMGMT_CA": str(ca),
+        "KEYMGMT_ACCOUNT": "alice@example.org",
+        "KEYMGMT_LOCAL_STORE": str(tmp_path / "client" / "local.db"),
+        **extra,
+    }
+
+
+def test_secrets_to_import_never_need_the_command_line(server, tmp_path):
+    """A secret on a command line is visible to every local user (ps, /proc) and kept in shell
+    history: `import` reads it from stdin, a file or a no-echo prompt; --hex still works but
+    warns."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    password_file = tmp_path / "password"
+    password_file.write_text("hunter2 but longer\n")
+    password_file.chmod(0o600)
+    env = _client_env(server.port, server.directory / "ca.pem", tmp_path)
+    secret = b"\x00ZQX-4417\nsecret bytes\xff"
+    proc = subprocess.Popen(
+        [*CLIENT, "--password-file", str(password_file), "import"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 10
+    command_line = b""
+    while b"cli_client" not in command_line and time.monotonic() < deadline:  # (once exec is done)
+        command_line = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # what `ps` shows everyone
+    assert b"cli_client" in command_line
+    out, err = proc.communicate(secret, timeout=60)
+    assert proc.returncode == 0, err
+    assert b"ZQX-4417" not in command_line, command_line
+    key_id = out.decode().strip()
+    shown = run_client(server, tmp_path, "retrieve", key_id, "--context", "local-only")
+    assert shown.stdout.strip() == secret.hex()
+    from_file = tmp_path / "secret.bin"
+    from_file.write_bytes(b"from a file")
+    stored = run_client(server, tmp_path, "import", "--file", str(from_file))
+    assert stored.returncode == 0 and "warning" not in stored.stderr, stored.stderr
+    warned = run_client(server, tmp_path, "import", "--hex", "6869")
+    assert warned.returncode == 0
+    assert "warning: --hex puts the secret in the process list" in warned.stderr
+
+
+def test_bad_import_input_is_refused_before_connecting(tmp_path):
+    """Checked locally first: one line, exit 2, and no connection attempt (the server address
+    here is closed, which would be exit 6)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = _client_env(closed_port, tmp_path / "ca.pem", tmp_path)
+    cases = [
+        (["import", "--hex", "zz"], b"", "not hexadecimal"),
+        (["import", "--file", str(tmp_path / "missing")], b"", "cannot read"),
+        (["--password-stdin", "import", "--file", "-"], b"hello", "give the password with --password-file"),
+        (["--password-stdin", "import"], b"hello", "give the password with --password-file"),
+        (["import", "--portable"], b"\x05abc", "not in the portable form"),
+        (["import"], b"", "1..255 bytes"),
+    ]
+    for args, stdin, message in cases:
+        result = subprocess.run([*CLIENT, *args], input=stdin, capture_output=True, env=env, timeout=60)
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, (args, stderr)
+        assert message in stderr and "Traceback" not in stderr, (args, stderr)
