@@ -121,7 +121,16 @@ def _parser() -> argparse.ArgumentParser:
         help="event loop to run on",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("register", help="create the account (asks for a new password)")
+    reg = sub.add_parser(
+        "register",
+        help="create the account (asks for a new password)",
+        description="Create the account; the password is asked twice. A key server that "
+        "requires invitations wants one: --token-file FILE or KEYMGMT_INVITATION (--token works "
+        "but puts it on the command line, visible to other users).",
+    )
+    invitation = reg.add_mutually_exclusive_group()
+    invitation.add_argument("--token", help="the invitation itself (visible in ps: prefer --token-file)")
+    invitation.add_argument("--token-file", type=Path, help="a file holding the invitation")
     sub.add_parser("generate", help="generate and store a random 32-byte secret; prints its key id")
     imp = sub.add_parser(
         "import",
@@ -228,6 +237,23 @@ def _read_import_secret(args: argparse.Namespace) -> bytes:
     return bytes([len(raw)]) + raw
 
 
+def _read_invitation(args: argparse.Namespace) -> bytes:
+    """The registration token (REG-5): --token-file, --token (warned) or KEYMGMT_INVITATION."""
+    if args.token_file is not None:
+        try:
+            return Path(args.token_file).read_text(encoding="utf-8").strip().encode()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the invitation file {args.token_file}: {exc}") from None
+    if args.token is not None:
+        print(
+            "keymgmt: warning: --token puts the invitation in the process list and shell history; "
+            "use --token-file or KEYMGMT_INVITATION",
+            file=sys.stderr,
+        )
+        return str(args.token).strip().encode()
+    return os.environ.get("KEYMGMT_INVITATION", "").strip().encode()
+
+
 def _read_password(args: argparse.Namespace, confirm: bool) -> bytes:
     stdin_taken = getattr(args, "stdin_taken", False)
     if args.password_file is not None:
@@ -307,6 +333,8 @@ async def _session_command(args: argparse.Namespace, session: KeySession) -> Non
 async def _run(args: argparse.Namespace) -> None:
     if not args.account:
         raise UsageError("--account (or KEYMGMT_ACCOUNT) is required")
+    if args.command == "register":
+        args.invitation = _read_invitation(args)
     if args.command == "import":  # local input first: bad input costs no connection, no login
         args.portable_secret = _read_import_secret(args)
         if args.password_stdin and getattr(args, "stdin_taken", False):
@@ -326,7 +354,7 @@ async def _run(args: argparse.Namespace) -> None:
             # Connected first, so an unreachable server is reported before asking for a password.
             password = _read_password(args, confirm=args.command == "register")
             if args.command == "register":
-                user_id = await client.register(account, password)
+                user_id = await client.register(account, password, invitation=args.invitation)
                 print(f"registered {args.account} (user id {user_id.hex()})")
                 return
             session = await client.login(account, password)

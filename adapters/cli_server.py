@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import anyio
 
 from .config import ConfigError, load_settings, options_help, render_config
 from .files import ensure_private_file
+from .invitations import InvitationAuthorizer
 from .net import KeyServerRuntime
-from .setupfile import SetupFileError, create_server_setup_file
+from .setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
 from .storage import StorageError
 from .tls import PKIError, generate_dev_pki
 
@@ -55,7 +58,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    invite = sub.add_parser(
+        "invite",
+        help="print an invitation to register (for registration.require_invitation)",
+        description="Print an invitation that lets a client register (REG-5): keymgmt register "
+        "--token-file FILE, or KEYMGMT_INVITATION. It is signed with a key derived from the "
+        "server's OPAQUE setup, so every instance sharing the setup accepts it. With --account "
+        "it registers that name only (so it works once); without, any name until it expires.",
+    )
+    invite.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    invite.add_argument("--account", help="the only account name the invitation registers")
+    invite.add_argument(
+        "--valid-for", default="7d", help="how long it is valid: seconds, or a number with s, m, h or d"
+    )
     return parser
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ConfigError(f"--valid-for {text!r} is not a duration (e.g. 3600, 90m, 12h, 7d)") from None
+    if value <= 0:
+        raise ConfigError("--valid-for must be positive")
+    return value
+
+
+def _invite(args: argparse.Namespace) -> int:
+    valid_for = _duration(args.valid_for)
+    settings = load_settings(args.config)
+    authorizer = InvitationAuthorizer.from_setup(load_server_setup_file(settings.setup_path))
+    account = args.account.encode("utf-8") if args.account is not None else None
+    print(authorizer.mint(account, valid_for, time.time(), os.urandom))
+    return 0
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -99,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _init(args)
+        if args.command == "invite":
+            return _invite(args)
         logging.basicConfig(
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )

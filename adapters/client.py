@@ -197,13 +197,13 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
         return ThrottledError("too many login attempts for this account; try again later")
     if event.code is ErrorCode.RATE_LIMITED:
         return RateLimitedError("too many attempts from this address; try again in a few seconds")
-    if event.code in (ErrorCode.ACCOUNT_EXISTS, ErrorCode.INVALID_ACCOUNT_NAME):
-        text = (
-            "account name already registered"
-            if event.code is ErrorCode.ACCOUNT_EXISTS
-            else ("account name not allowed")
-        )
-        return RegistrationError(f"registration refused: {text}", event.code)
+    refusals = {
+        ErrorCode.ACCOUNT_EXISTS: "account name already registered",
+        ErrorCode.INVALID_ACCOUNT_NAME: "account name not allowed",
+        ErrorCode.NOT_AUTHORIZED: "the key server asks for a valid invitation",
+    }
+    if event.code in refusals:
+        return RegistrationError(f"registration refused: {refusals[event.code]}", event.code)
     return SessionEndedError(f"session failed: {event.code.name.lower().replace('_', ' ')}", event.code)
 
 
@@ -316,10 +316,11 @@ class KeymgmtClient:
 
     # ------------------------------------------------------------ public API
 
-    async def register(self, account_name: bytes, password: bytes) -> bytes:
-        """Register a new account (NET-5, REG-3); returns its ``user_id``."""
+    async def register(self, account_name: bytes, password: bytes, *, invitation: bytes = b"") -> bytes:
+        """Register a new account (NET-5, REG-3); returns its ``user_id``. ``invitation`` is
+        the token a key server that authorizes registrations asks for (REG-5)."""
         await self._ready()
-        token = self._open(lambda: self._conn.open_registration(account_name, password))
+        token = self._open(lambda: self._conn.open_registration(account_name, password, invitation))
         event = await self._await_session(token)
         assert isinstance(event, RegistrationSucceeded)
         return event.user_id

@@ -178,6 +178,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds between sweeps of the throttling records",
     ),
     Option(
+        "registration",
+        "require_invitation",
+        bool,
+        False,
+        "KEYMGMT_REQUIRE_INVITATION",
+        "registration needs an invitation from `keymgmt-server invite` (REG-5)",
+    ),
+    Option(
         "admission",
         "rate",
         float,
@@ -196,7 +204,16 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _convert(option: Option, raw: object, origin: str) -> object:
+    if option.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _BOOLEANS:
+            return _BOOLEANS[raw.lower()]
+        raise ConfigError(f"{origin}: {option.section}.{option.key} must be true or false")
     try:
         if option.kind is Path:
             if not isinstance(raw, str) or not raw:
@@ -312,6 +329,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         admission_rate=values["admission.rate"],  # type: ignore[arg-type]
         admission_burst=values["admission.burst"],  # type: ignore[arg-type]
         maintenance_interval=values["throttle.sweep_interval"],  # type: ignore[arg-type]
+        require_invitation=values["registration.require_invitation"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,
@@ -331,13 +349,16 @@ def options_help() -> str:
 def render_config(overrides: Mapping[str, object]) -> str:
     """A complete TOML config with defaults, ``overrides`` keyed by ``section.key``."""
     out: list[str] = []
-    for section in ("server", "sessions", "throttle", "admission"):
+    for section in ("server", "sessions", "throttle", "admission", "registration"):
         out.append(f"[{section}]")
         for o in OPTIONS:
             if o.section != section:
                 continue
             value = overrides.get(f"{section}.{o.key}", o.default)
-            text = f'"{value}"' if isinstance(value, str | Path) else repr(value)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = f'"{value}"' if isinstance(value, str | Path) else repr(value)
             out.append(f"{f'{o.key} = {text}':44s} # {o.help}")
         out.append("")
     return "\n".join(out)

@@ -63,6 +63,7 @@ from keymgmt_proto._ops import (
     secret_ad,
 )
 
+from .invitations import RegistrationAuthorizer
 from .storage import (
     Account,
     AuditQuery,
@@ -153,9 +154,12 @@ class KeyServer:
         account_name_policy: Callable[[bytes], bool] = default_account_name_policy,
         throttle: ThrottlePolicy | None = None,
         max_keys_per_user: int = 10_000,
+        registration_authorizer: RegistrationAuthorizer | None = None,
     ) -> None:
         self.storage = storage
         self.throttle = throttle or ThrottlePolicy()
+        #: REG-5: asked first for every registration; None lets anyone register.
+        self.registration_authorizer = registration_authorizer
         self.max_keys_per_user = max_keys_per_user
         self._random = random
         self._clock = clock
@@ -303,6 +307,13 @@ class KeyServer:
     def _on_registration_requested(self, conn: ServerConnection, event: RegistrationRequested) -> None:
         if not self._name_ok(event.account_name):
             conn.reject_session(event.session_id, ErrorCode.INVALID_ACCOUNT_NAME, "account name not allowed")
+            return
+        authorizer = self.registration_authorizer
+        if authorizer is not None and not authorizer.authorize(
+            event.account_name, event.token, self._clock()
+        ):  # before the name is looked up: an unauthorized peer learns nothing about it
+            reason = "registration needs an invitation"
+            conn.reject_session(event.session_id, ErrorCode.NOT_AUTHORIZED, reason)
             return
         with self.storage.transaction() as tx:
             taken = tx.get_account(event.account_name) is not None

@@ -30,6 +30,7 @@ from keymgmt_proto._sessionstate import session_sealing_key
 
 from .admission import AddressLimits, address_key
 from .client import ConnectionLostError, Connector
+from .invitations import InvitationAuthorizer
 from .keyserver import KeyServer, ThrottlePolicy
 from .serve import ConnectionDriver
 from .setupfile import load_server_setup_file
@@ -64,6 +65,8 @@ class ServerSettings:
     admission_burst: float = 100.0
     #: Seconds between sweeps of the login-throttling records (KeyServer.maintain).
     maintenance_interval: float = 60.0
+    #: Registration needs an invitation minted with ``keymgmt-server invite`` (REG-5).
+    require_invitation: bool = False
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
@@ -146,8 +149,10 @@ class KeyServerRuntime:
         self.ssl_context = server_context(settings.cert_path, settings.key_path)
         self.storage: Storage = storage if storage is not None else open_storage(settings)
         kwargs = {} if clock is None else {"clock": clock}
+        authorizer = InvitationAuthorizer.from_setup(self.setup) if settings.require_invitation else None
         self.keyserver = KeyServer(
             self.storage,
+            registration_authorizer=authorizer,
             throttle=settings.throttle,
             **kwargs,  # type: ignore[arg-type]
         )

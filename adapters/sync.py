@@ -11,6 +11,7 @@ It runs an event loop in a helper thread (anyio's blocking portal).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from types import TracebackType
@@ -118,9 +119,9 @@ class SyncKeymgmtClient:
             raise RuntimeError("use SyncKeymgmtClient in a `with` block")
         return self._portal, self._client
 
-    def register(self, account_name: bytes, password: bytes) -> bytes:
+    def register(self, account_name: bytes, password: bytes, *, invitation: bytes = b"") -> bytes:
         portal, client = self._require()
-        return portal.call(client.register, account_name, password)
+        return portal.call(functools.partial(client.register, invitation=invitation), account_name, password)
 
     def login(self, account_name: bytes, password: bytes) -> SyncKeySession:
         portal, client = self._require()

@@ -31,6 +31,7 @@ from ._events import (
     SessionResumed,
 )
 from ._messages import (
+    REGISTRATION_TOKEN_MAX,
     RESUME_NONCE_SIZE,
     Abort,
     Close,
@@ -131,11 +132,14 @@ class ClientConnection(ConnectionBase):
 
     # ------------------------------------------------------------ commands
 
-    def open_registration(self, account_name: bytes, password: bytes) -> int:
-        """Start registering ``account_name`` (NET-5). Returns the new session id."""
+    def open_registration(self, account_name: bytes, password: bytes, token: bytes = b"") -> int:
+        """Start registering ``account_name`` (NET-5), with ``token`` where the server asks for
+        an authorization (REG-5, e.g. an invitation). Returns the new session id."""
+        if len(token) > REGISTRATION_TOKEN_MAX:
+            raise LocalProtocolError(f"a registration token is at most {REGISTRATION_TOKEN_MAX} bytes")
         session = self._new_session(SessionKind.REGISTRATION, account_name, password)
         step = _opaque.client_registration_start(password)
-        message = RegStart(account_name, step.message)
+        message = RegStart(account_name, step.message, token)
         self._commit_open(session, step.state)
         self._send(FrameType.REG_START, session.session_id, message.encode())
         return session.session_id

@@ -53,12 +53,15 @@ class RegistrationRequested(Event):
     """A client wants to register ``account_name``.
 
     Answer with ``accept_registration(session_id, user_id)`` if the name is free
-    and well-formed, else ``reject_session(session_id, ErrorCode.ACCOUNT_EXISTS or
-    INVALID_ACCOUNT_NAME)``.
+    and well-formed (and the token authorizes it, where the server asks for one), else
+    ``reject_session(session_id, ErrorCode.ACCOUNT_EXISTS, INVALID_ACCOUNT_NAME or
+    NOT_AUTHORIZED)``. No OPAQUE work has been done yet.
     """
 
     session_id: int
     account_name: bytes
+    #: What the client sent to be allowed to register (REG-5): empty, or e.g. an invitation.
+    token: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "REGISTRATION_REQUEST_SIZE",
     "REGISTRATION_RESPONSE_SIZE",
+    "REGISTRATION_TOKEN_MAX",
     "REGISTRATION_UPLOAD_SIZE",
     "RESUME_NONCE_SIZE",
     "SESSION_HANDLE_SIZE",
@@ -69,6 +70,8 @@ ENCRYPTED_STORAGE_KEY_SIZE = 12 + 32 + TAG_SIZE
 ACCOUNT_NAME_MAX = 255
 #: ABORT/GOAWAY reasons are short ASCII text.
 REASON_MAX = 255
+#: A registration token (an invitation, REG-5) is at most this many bytes.
+REGISTRATION_TOKEN_MAX = 1024
 
 
 class Message(Protocol):
@@ -128,22 +131,32 @@ def _read_fixed(payload: bytes, size: int, what: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class RegStart(_Decodable):
-    """Client opens a registration session: account name and OPAQUE RegistrationRequest."""
+    """Client opens a registration session: account name, OPAQUE RegistrationRequest and an
+    opaque authorization token (empty unless the server requires one, REG-5)."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.REG_START
     account_name: bytes
     registration_request: bytes = field(repr=False)
+    token: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         _check_account_name(self.account_name)
         _check_size("registration_request", self.registration_request, REGISTRATION_REQUEST_SIZE)
+        if len(self.token) > REGISTRATION_TOKEN_MAX:
+            raise ValueError(f"token longer than {REGISTRATION_TOKEN_MAX} bytes")
 
     def encode(self) -> bytes:
-        return _named(self.account_name, self.registration_request, REGISTRATION_REQUEST_SIZE)
+        w = Writer().bytes8(self.account_name).fixed(self.registration_request, REGISTRATION_REQUEST_SIZE)
+        return w.bytes16(self.token).getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> RegStart:
-        return cls._build("REG_START", *_read_named(payload, REGISTRATION_REQUEST_SIZE, "REG_START"))
+        r = Reader(payload, "REG_START")
+        account_name = r.bytes8()
+        request = r.fixed(REGISTRATION_REQUEST_SIZE)
+        token = r.bytes16()
+        r.done()
+        return cls._build("REG_START", account_name, request, token)
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,7 +123,8 @@ class _ServerSession:
     state: State = State.IDLE
     owner: ServerConnection | None = None
     user_id: bytes | None = None
-    #: Precomputed REG_RESPONSE (registration) or OPAQUE server login state.
+    #: The OPAQUE message waiting for the application's decision (RegistrationRequest or
+    #: CredentialRequest), then the OPAQUE server login state.
     opaque_value: bytes | None = None
     registration_record: bytes | None = None
     channel: Channel | None = None
@@ -399,7 +400,13 @@ class ServerConnection(ConnectionBase):
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         assert session.opaque_value is not None
-        response = RegResponse(session.opaque_value)
+        try:
+            response = RegResponse(
+                _opaque.server_registration_start(self._setup, session.opaque_value, session.account_name)
+            )
+        except RemoteProtocolError as exc:  # a malformed registration request: the session ends
+            self._fail(session, exc, remote=True)
+            return
         session.user_id = user_id
         session.opaque_value = None
         session.state = target
@@ -700,14 +707,13 @@ class ServerConnection(ConnectionBase):
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
             target = self._check(session, frame.type)
             if frame.type is FrameType.REG_START:
+                # The OPAQUE step waits for accept_registration: a registration the server
+                # refuses (name taken, not authorized) costs no OPAQUE work.
                 reg_start = RegStart.decode(frame.payload)
-                response = _opaque.server_registration_start(
-                    self._setup, reg_start.registration_request, reg_start.account_name
-                )
                 session.account_name = reg_start.account_name
-                session.opaque_value = response
+                session.opaque_value = reg_start.registration_request
                 event: RegistrationRequested | LoginRequested = RegistrationRequested(
-                    session_id, reg_start.account_name
+                    session_id, reg_start.account_name, reg_start.token
                 )
             else:
                 login_start = LoginStart.decode(frame.payload)
