@@ -232,3 +232,21 @@ def test_a_rollback_the_client_cannot_see_still_never_reuses_a_nonce(monkeypatch
     assert only(third.pump(), ResponseReceived).body == b"works"
     assert len(seals.used) == len(set(seals.used))
     assert [seq for _, _, seq in seals.used].count(0) >= 4  # WELCOME and three RESUMEDs, all at 0
+
+
+def test_a_session_attached_to_a_crashed_instance_cannot_be_resumed_elsewhere():
+    """Deviation 14: a session lives in the shared store only while detached. An instance that
+    dies without detaching (SIGKILL) takes its attached sessions with it: another instance
+    answers UNKNOWN_SESSION, and the client logs in again there."""
+    store, app = DictStore(), MemoryServerApp()
+    crashed = _pair(_instance(store), app)
+    register(crashed, b"crash")
+    login(crashed, b"crash")
+    crashed.client.connection_lost()  # only the client sees the end: the instance is gone
+    crashed.pump()
+    (detached,) = crashed.client.take_detached_sessions()
+    assert store.rows == {}  # it was never saved
+    other = _pair(_instance(store), app)
+    other.client.resume_session(detached)
+    assert only(other.pump(), SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+    assert login(other, b"crash").user_id is not None

@@ -1,0 +1,31 @@
+"""The transition table agrees exactly with the hand-written statement of what each session
+kind allows (tests/legal_transitions.py, written from docs/protocol.md)."""
+
+from __future__ import annotations
+
+from keymgmt_proto import Command, FrameType
+from keymgmt_proto._state import TRANSITIONS
+
+from .legal_transitions import expected_transitions
+
+
+def _name(trigger: FrameType | Command) -> str:
+    return trigger.name if isinstance(trigger, FrameType) else trigger.value
+
+
+def test_the_table_is_exactly_what_the_protocol_document_allows():
+    implemented = {
+        (role.value, kind.value, state.value, _name(trigger), target.value)
+        for (role, kind, state, trigger), target in TRANSITIONS.items()
+    }
+    expected = expected_transitions()
+    assert sorted(implemented - expected) == [], "in the table, not allowed by the protocol"
+    assert sorted(expected - implemented) == [], "allowed by the protocol, missing from the table"
+
+
+def test_the_statement_is_not_empty_or_trivial():
+    expected = expected_transitions()
+    assert len(expected) > 60
+    # A REQUEST is legal only in an established request session, and only for the server.
+    requests = {(role, kind, state) for role, kind, state, trigger, _ in expected if trigger == "REQUEST"}
+    assert requests == {("server", "request", "ESTABLISHED")}
