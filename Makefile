@@ -31,9 +31,11 @@ unit: $(STAMP)
 ## The README's test command: lint, strict typing, the whole suite.
 test: lint typecheck unit
 
-## Long Hypothesis searches (not part of `make test`).
+## Long Hypothesis searches (not part of `make test`): 2,000 examples each, and 10,000 for the
+## state machine over the real key-server application.
 test-long: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/test_state_machine.py tests/test_properties.py
+	HYPOTHESIS_PROFILE=long KEYMGMT_MACHINE_EXAMPLES=10000 $(BIN)/pytest tests/test_state_machine.py \
+		tests/test_properties.py tests/test_keyserver_machine.py
 
 ## Bounded load test on loopback, asyncio and trio (not part of `make test`; its short
 ## variant is tests/test_load.py). Override: make load LOAD_ARGS="--clients 50 --requests 1000".

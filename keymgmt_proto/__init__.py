@@ -27,7 +27,7 @@ from ._events import (
     SessionFailed,
     SessionResumed,
 )
-from ._opaque import ServerSetup
+from ._opaque import OpaqueSuite, RealOpaque, ServerSetup
 from ._ops import (
     Action,
     AuditEntry,
@@ -78,9 +78,11 @@ __all__ = [
     "LoginSucceeded",
     "NeedData",
     "Op",
+    "OpaqueSuite",
     "Outcome",
     "ProtocolError",
     "RandomSource",
+    "RealOpaque",
     "RegistrationCompleted",
     "RegistrationRequested",
     "RegistrationSucceeded",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 
-from . import _opaque
 from ._connection import ConnectionBase
 from ._crypto import MAX_SEQ, Channel, RandomSource, derive_master_key, encrypt_storage_key
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -52,6 +51,7 @@ from ._messages import (
     Welcome,
     _check_account_name,
 )
+from ._opaque import REAL_OPAQUE, OpaqueSuite
 from ._state import Command, Role, SessionKind, State, next_state
 from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SESSION_ID, Frame, FrameType
 
@@ -122,9 +122,11 @@ class ClientConnection(ConnectionBase):
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_requests_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        opaque: OpaqueSuite = REAL_OPAQUE,
     ) -> None:
         super().__init__(max_payload)
         self._random = random
+        self._opaque = opaque
         self.max_requests_in_flight = max_requests_in_flight
         self._sessions: dict[int, _ClientSession] = {}
         self._last_session_id = 0
@@ -138,7 +140,7 @@ class ClientConnection(ConnectionBase):
         if len(token) > REGISTRATION_TOKEN_MAX:
             raise LocalProtocolError(f"a registration token is at most {REGISTRATION_TOKEN_MAX} bytes")
         session = self._new_session(SessionKind.REGISTRATION, account_name, password)
-        step = _opaque.client_registration_start(password)
+        step = self._opaque.client_registration_start(password)
         message = RegStart(account_name, step.message, token)
         self._commit_open(session, step.state)
         self._send(FrameType.REG_START, session.session_id, message.encode())
@@ -147,7 +149,7 @@ class ClientConnection(ConnectionBase):
     def open_request_session(self, account_name: bytes, password: bytes) -> int:
         """Log in as ``account_name`` (NET-6). Returns the new session id."""
         session = self._new_session(SessionKind.REQUEST, account_name, password)
-        step = _opaque.client_login_start(password)
+        step = self._opaque.client_login_start(password)
         message = LoginStart(account_name, step.message)
         self._commit_open(session, step.state)
         self._send(FrameType.LOGIN_START, session.session_id, message.encode())
@@ -395,10 +397,10 @@ class ClientConnection(ConnectionBase):
 
     def _on_reg_response(self, session: _ClientSession, message: RegResponse) -> None:
         assert session.password is not None and session.opaque_state is not None
-        finish = _opaque.client_registration_finish(
+        finish = self._opaque.client_registration_finish(
             session.password, session.opaque_state, message.registration_response
         )
-        login = _opaque.client_login_start(session.password)
+        login = self._opaque.client_login_start(session.password)
         upload = RegUpload(finish.message)
         login_start = LoginStart(session.account_name, login.message)
         session.registration_export_key = finish.state
@@ -408,7 +410,7 @@ class ClientConnection(ConnectionBase):
 
     def _on_login_response(self, session: _ClientSession, message: LoginResponse) -> None:
         assert session.password is not None and session.opaque_state is not None
-        result = _opaque.client_login_finish(
+        result = self._opaque.client_login_finish(
             session.password, session.opaque_state, message.credential_response
         )
         if session.registration_export_key is not None and not hmac.compare_digest(

@@ -10,6 +10,7 @@ secret setup.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import opaque_ke_py as _ok
 
@@ -17,6 +18,12 @@ from ._crypto import RandomSource, hkdf_expand_sha3, hkdf_sha3
 from ._errors import ErrorCode, RemoteProtocolError
 
 __all__ = [
+    "REAL_OPAQUE",
+    "ClientLoginResult",
+    "ClientStep",
+    "OpaqueSuite",
+    "RealOpaque",
+    "ServerLoginStep",
     "ServerSetup",
     "client_login_finish",
     "client_login_start",
@@ -169,3 +176,76 @@ def server_login_finish(state: bytes, finalization: bytes) -> bytes:
         return _ok.server_login_finish(state, finalization).get_session_key()
     except ValueError:
         raise _fail("login", ErrorCode.AUTHENTICATION_FAILED) from None
+
+
+class OpaqueSuite(Protocol):
+    """The OPAQUE operations the connections run, injectable so that tests can use a fast,
+    deterministic stand-in (``keymgmt_proto.testing.FakeOpaque``). Every failure is a
+    :class:`RemoteProtocolError` (``AUTHENTICATION_FAILED`` for a login that does not verify)."""
+
+    def client_registration_start(self, password: bytes) -> ClientStep: ...
+
+    def client_registration_finish(
+        self, password: bytes, state: bytes, registration_response: bytes
+    ) -> ClientStep:
+        """Returns (upload message, export_key as ``state``)."""
+        ...
+
+    def client_login_start(self, password: bytes) -> ClientStep: ...
+
+    def client_login_finish(
+        self, password: bytes, state: bytes, credential_response: bytes
+    ) -> ClientLoginResult: ...
+
+    def server_registration_start(self, setup: ServerSetup, request: bytes, account_name: bytes) -> bytes: ...
+
+    def server_registration_finish(self, upload: bytes) -> bytes: ...
+
+    def server_login_start(
+        self, setup: ServerSetup, registration_record: bytes, request: bytes, account_name: bytes
+    ) -> ServerLoginStep: ...
+
+    def server_login_finish(self, state: bytes, finalization: bytes) -> bytes: ...
+
+
+class RealOpaque:
+    """OPAQUE-3DH through opaque-ke-py (CRY-1): the suite every connection uses by default.
+    Each method calls this module's function of the same name."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "RealOpaque()"
+
+    def client_registration_start(self, password: bytes) -> ClientStep:
+        return client_registration_start(password)
+
+    def client_registration_finish(
+        self, password: bytes, state: bytes, registration_response: bytes
+    ) -> ClientStep:
+        return client_registration_finish(password, state, registration_response)
+
+    def client_login_start(self, password: bytes) -> ClientStep:
+        return client_login_start(password)
+
+    def client_login_finish(
+        self, password: bytes, state: bytes, credential_response: bytes
+    ) -> ClientLoginResult:
+        return client_login_finish(password, state, credential_response)
+
+    def server_registration_start(self, setup: ServerSetup, request: bytes, account_name: bytes) -> bytes:
+        return server_registration_start(setup, request, account_name)
+
+    def server_registration_finish(self, upload: bytes) -> bytes:
+        return server_registration_finish(upload)
+
+    def server_login_start(
+        self, setup: ServerSetup, registration_record: bytes, request: bytes, account_name: bytes
+    ) -> ServerLoginStep:
+        return server_login_start(setup, registration_record, request, account_name)
+
+    def server_login_finish(self, state: bytes, finalization: bytes) -> bytes:
+        return server_login_finish(state, finalization)
+
+
+REAL_OPAQUE: OpaqueSuite = RealOpaque()

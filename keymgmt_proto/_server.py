@@ -19,7 +19,6 @@ import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from . import _opaque
 from ._admission import Admission
 from ._connection import ConnectionBase
 from ._crypto import Channel, HotChannels, RandomSource
@@ -57,7 +56,7 @@ from ._messages import (
     ResumeEnvelope,
     Welcome,
 )
-from ._opaque import ServerSetup
+from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
 from ._state import Command, Role, SessionKind, State, Trigger, next_state
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
@@ -303,6 +302,7 @@ class ServerConnection(ConnectionBase):
         registry: SessionRegistry | None = None,
         now: float = 0.0,
         admission: Admission | None = None,
+        opaque: OpaqueSuite = REAL_OPAQUE,
     ) -> None:
         if registry is not None and config is not None and config != registry.config:
             raise ValueError("config differs from the registry's: pass one or make them equal")
@@ -311,6 +311,7 @@ class ServerConnection(ConnectionBase):
         self.config = config
         self._setup = server_setup
         self._random = random
+        self._opaque = opaque
         self.registry = registry if registry is not None else SessionRegistry(config)
         self._sessions: dict[int, _ServerSession] = {}
         #: Sessions that left this connection (moved or detached) while requests were pending.
@@ -402,7 +403,9 @@ class ServerConnection(ConnectionBase):
         assert session.opaque_value is not None
         try:
             response = RegResponse(
-                _opaque.server_registration_start(self._setup, session.opaque_value, session.account_name)
+                self._opaque.server_registration_start(
+                    self._setup, session.opaque_value, session.account_name
+                )
             )
         except RemoteProtocolError as exc:  # a malformed registration request: the session ends
             self._fail(session, exc, remote=True)
@@ -438,7 +441,9 @@ class ServerConnection(ConnectionBase):
     def _start_login(self, session: _ServerSession, target: State, user_id: bytes, record: bytes) -> None:
         assert session.opaque_value is not None
         try:
-            step = _opaque.server_login_start(self._setup, record, session.opaque_value, session.account_name)
+            step = self._opaque.server_login_start(
+                self._setup, record, session.opaque_value, session.account_name
+            )
         except RemoteProtocolError as exc:  # a malformed credential request: the session ends
             self._fail(session, exc, remote=True)
             return
@@ -791,13 +796,13 @@ class ServerConnection(ConnectionBase):
         t = frame.type
         if t is FrameType.REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
-            session.registration_record = _opaque.server_registration_finish(upload.registration_upload)
+            session.registration_record = self._opaque.server_registration_finish(upload.registration_upload)
         elif t is FrameType.LOGIN_START:  # inside a registration session
             login_start = LoginStart.decode(frame.payload)
             if not hmac.compare_digest(login_start.account_name, session.account_name):
                 raise RemoteProtocolError("login names another account", ErrorCode.INVALID_REQUEST)
             assert session.registration_record is not None
-            step = _opaque.server_login_start(
+            step = self._opaque.server_login_start(
                 self._setup,
                 session.registration_record,
                 login_start.credential_request,
@@ -836,7 +841,7 @@ class ServerConnection(ConnectionBase):
 
     def _on_login_finish(self, session: _ServerSession, finish: LoginFinish, target: State) -> None:
         assert session.opaque_value is not None and session.user_id is not None
-        session_key = _opaque.server_login_finish(session.opaque_value, finish.credential_finalization)
+        session_key = self._opaque.server_login_finish(session.opaque_value, finish.credential_finalization)
         channel = Channel(session_key, is_client=False)
         session.channel = channel
         session.opaque_value = None
