@@ -1,7 +1,8 @@
 """Per-client-address limits before authentication (NET-13).
 
 Before a peer has proved anything it may cost the server only bounded memory, bounded
-CPU and no storage writes. :class:`AddressLimits` keeps, per client address, the number
+CPU and no storage writes beyond counting its login attempts (NET-10). :class:`AddressLimits`
+keeps, per client address, the number
 of open connections (capped: a connection over the cap is closed before its TLS
 handshake) and one :class:`~keymgmt_proto.TokenBucket` that every connection from that
 address shares: the core asks it before each REG_START, LOGIN_START and RESUME, and
@@ -17,10 +18,12 @@ then, if it must, the least recently seen ones.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from keymgmt_proto import TokenBucket
+from keymgmt_proto import Admission, FrameType, TokenBucket
 
 __all__ = ["AddressLimits", "address_key"]
 
@@ -36,6 +39,19 @@ def address_key(host: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
     return str(address)
+
+
+class _BucketAdmission:
+    """An address's bucket as a connection's Admission, refilled on the limits' clock."""
+
+    __slots__ = ("_bucket", "_clock")
+
+    def __init__(self, bucket: TokenBucket, clock: Callable[[], float]) -> None:
+        self._bucket = bucket
+        self._clock = clock
+
+    def admit(self, frame_type: FrameType, now: float) -> bool:
+        return self._bucket.admit(frame_type, self._clock())
 
 
 @dataclass(slots=True)
@@ -54,6 +70,7 @@ class AddressLimits:
         rate: float = 20.0,
         burst: float = 100.0,
         max_addresses: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_connections_per_address < 1 or max_addresses < 1:
             raise ValueError("max_connections_per_address and max_addresses must be at least 1")
@@ -62,6 +79,9 @@ class AddressLimits:
         self.rate = rate
         self.burst = burst
         self.max_addresses = max_addresses
+        #: Buckets refill on this clock, not on the wall clock the sessions use: a wall clock
+        #: stepped back (NTP) would stop every refill for as long.
+        self.clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
@@ -98,14 +118,15 @@ class AddressLimits:
             if entry.connections == 0:
                 del self._entries[key]
 
-    def open(self, key: str, now: float) -> TokenBucket | None:
-        """A connection from ``key`` arrives: its address's bucket, or None if the address
-        already has ``max_connections_per_address`` open (refuse the connection)."""
-        entry = self._entry(key, now)
+    def open(self, key: str) -> Admission | None:
+        """A connection from ``key`` arrives: the admission its connection's core asks (the
+        address's bucket, on this object's clock), or None if the address already has
+        ``max_connections_per_address`` open (refuse the connection)."""
+        entry = self._entry(key, self.clock())
         if entry.connections >= self.max_connections_per_address:
             return None
         entry.connections += 1
-        return entry.bucket
+        return _BucketAdmission(entry.bucket, self.clock)
 
     def close(self, key: str) -> None:
         """A connection from ``key`` that :meth:`open` admitted has ended."""

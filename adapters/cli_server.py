@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_VALIDITY = 10 * 365 * 86400
 
 
 def _duration(text: str) -> float:
@@ -82,9 +84,11 @@ def _duration(text: str) -> float:
     try:
         value = float(number) * _UNITS[unit]
     except ValueError:
-        raise ConfigError(f"--valid-for {text!r} is not a duration (e.g. 3600, 90m, 12h, 7d)") from None
-    if value <= 0:
-        raise ConfigError("--valid-for must be positive")
+        value = math.nan
+    if not 0 < value <= _MAX_VALIDITY:  # (also false for nan)
+        raise ConfigError(
+            f"--valid-for {text!r} is not a duration from 1 s to 10 years (e.g. 3600, 90m, 12h, 7d)"
+        )
     return value
 
 

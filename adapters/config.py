@@ -7,6 +7,7 @@ from the same list. Relative paths are resolved against the config file's folder
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -231,6 +232,8 @@ def _convert(option: Option, raw: object, origin: str) -> object:
                 raise TypeError
         else:
             value = float(raw)  # type: ignore[arg-type]
+            if not math.isfinite(value):  # nan would disable a limit, inf never fire a deadline
+                raise ValueError
         if value < 0:
             raise ValueError
         return value
@@ -239,7 +242,7 @@ def _convert(option: Option, raw: object, origin: str) -> object:
             Path: "a path",
             str: "a string",
             int: "a non-negative integer",
-            float: "a non-negative number",
+            float: "a finite non-negative number",
         }
         raise ConfigError(f"{origin}: {option.section}.{option.key} must be {kind[option.kind]}") from None
 

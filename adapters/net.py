@@ -25,7 +25,7 @@ import anyio
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSStream
 
-from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry, TokenBucket
+from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry
 from keymgmt_proto._sessionstate import session_sealing_key
 
 from .admission import AddressLimits, address_key
@@ -281,7 +281,7 @@ class KeyServerRuntime:
             self._refuse(tcp, peer, "connection limit or shutting down")
             await anyio.aclose_forcefully(tcp)
             return
-        bucket = self.address_limits.open(key, time.time())
+        bucket = self.address_limits.open(key)
         if bucket is None:
             self._refuse(tcp, peer, f"{self.settings.max_connections_per_address} connections from {key}")
             await anyio.aclose_forcefully(tcp)
@@ -295,7 +295,7 @@ class KeyServerRuntime:
         self.connections_refused += 1
         self._warnings.warn(why, "refused a connection from %s: %s", peer, why)
 
-    async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: TokenBucket) -> None:
+    async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: Admission) -> None:
         try:
             with anyio.fail_after(self.settings.tls_handshake_timeout):
                 stream = await TLSStream.wrap(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import psycopg
 from psycopg import sql
@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
-from .redaction import redact_database_url
+from .redaction import database_url_secrets, redact_database_url
 from .storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["PostgresStorage"]
@@ -347,10 +347,9 @@ class PostgresStorage:
         self.schema = schema
         self._conninfo_display = redact_database_url(conninfo)
         self._batch_conn: psycopg.Connection[TupleRow] | None = None
-        try:
-            password = str(psycopg.conninfo.conninfo_to_dict(conninfo).get("password") or "")
-        except psycopg.Error:
-            password = ""
+        secrets = database_url_secrets(conninfo)
+        with suppress(psycopg.Error):  # (a string libpq cannot parse has no password to add)
+            secrets.append(str(psycopg.conninfo.conninfo_to_dict(conninfo).get("password") or ""))
 
         def configure(conn: psycopg.Connection[TupleRow]) -> None:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
@@ -367,9 +366,11 @@ class PostgresStorage:
             self._pool.open(wait=True, timeout=open_timeout)
             self._migrate()
         except (psycopg.Error, TimeoutError) as exc:
-            # libpq's message may quote the connection string: redact it as well.
+            # libpq's message may quote the connection string, or a piece of it: redact it too.
             reason = " ".join(str(exc).split())  # one line
-            reason = redact_database_url(reason.replace(password, "***") if password else reason)
+            for secret in sorted(filter(None, secrets), key=len, reverse=True):
+                reason = reason.replace(secret, "***")
+            reason = redact_database_url(reason)
             raise StorageError(f"cannot use PostgreSQL ({self._conninfo_display}): {reason}") from None
         self.session_store = _PgSessionStore(self)
 

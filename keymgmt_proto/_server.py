@@ -376,6 +376,8 @@ class ServerConnection(ConnectionBase):
         # Sessions this connection detached (in the batch that failed): their reply caches
         # may hold answers that were never committed, so none may be resumed.
         for session in [*self._departed.values(), *self._detached_here]:
+            if session.owner is not None and session.owner is not self:
+                continue  # resumed on another connection since: that connection holds it now
             self.registry._remove(session)
             session.pending.clear()
             session.state = State.CLOSED

@@ -50,20 +50,39 @@ def test_addresses_are_grouped_as_one_client_owns_them():
 
 
 def test_address_limits_count_connections_and_stay_bounded():
-    limits = AddressLimits(max_connections_per_address=2, rate=1, burst=1, max_addresses=100)
-    first = limits.open("a", 0.0)
-    assert first is not None and limits.open("a", 0.0) is first  # one bucket per address
-    assert limits.open("a", 0.0) is None  # the third is refused
+    clock = [0.0]
+    limits = AddressLimits(
+        max_connections_per_address=2, rate=1, burst=1, max_addresses=100, clock=lambda: clock[0]
+    )
+    first, second = limits.open("a"), limits.open("a")
+    assert first is not None and second is not None
+    assert first.admit(FrameType.LOGIN_START, 0.0)
+    assert not second.admit(FrameType.LOGIN_START, 0.0)  # one bucket per address, shared
+    assert limits.open("a") is None  # the third is refused
     limits.close("a")
-    assert limits.open("a", 0.0) is first
+    assert limits.open("a") is not None
     # A flood of fresh addresses (each spends its token) cannot grow the table past the cap,
     # and never forgets an address that holds connections.
+    clock[0] = 1.0
     for n in range(10_000):
-        bucket = limits.open(f"flood{n}", 1.0)
-        assert bucket is not None and bucket.take(1.0)
+        admission = limits.open(f"flood{n}")
+        assert admission is not None and admission.admit(FrameType.LOGIN_START, 0.0)
         limits.close(f"flood{n}")
     assert len(limits) <= 100
     assert limits.connections("a") == 2
+
+
+def test_refills_follow_a_monotonic_clock_not_the_wall_clock():
+    """The core passes its wall-clock time; a wall clock stepped back an hour (NTP) must not
+    stop an address's refills for an hour: the buckets run on their own monotonic clock."""
+    clock = [100.0]
+    limits = AddressLimits(rate=1, burst=1, clock=lambda: clock[0])
+    admission = limits.open("a")
+    assert admission is not None
+    assert admission.admit(FrameType.LOGIN_START, 5_000.0)
+    assert not admission.admit(FrameType.LOGIN_START, 5_000.0)
+    clock[0] += 2.0
+    assert admission.admit(FrameType.LOGIN_START, 1_400.0)  # the wall clock went back
 
 
 # ------------------------------------------------------------------ attacks on a real server

@@ -171,3 +171,46 @@ def test_a_failing_session_store_keeps_the_session_in_memory():
     )
     again.client.resume_session(detached)
     assert any(isinstance(e, SessionResumed) for e in again.pump())
+
+
+def test_abandon_leaves_alone_a_session_that_has_moved_to_another_connection():
+    """A session left connection A with a request pending (an application that answers
+    later) and was resumed on B; a failed commit on A then abandons A. The session belongs
+    to B now: it must go on there."""
+    import os
+    import random
+
+    from keymgmt.adapters import InMemoryPair, MemoryServerApp
+    from keymgmt_proto import ClientConnection, RequestReceived, ResponseReceived, ServerConnection
+    from keymgmt_proto import SessionRegistry, SessionResumed
+
+    from .helpers import only
+
+    registry, base, held = SessionRegistry(), MemoryServerApp(), []
+
+    def app(conn, event):
+        if isinstance(event, RequestReceived) and event.body == b"slow":
+            held.append(event)  # answered later
+            return
+        base(conn, event)
+
+    def pair():
+        server = ServerConnection(SETUP, os.urandom, registry=registry)
+        return InMemoryPair(ClientConnection(os.urandom), server, app, rng=random.Random(0))
+
+    first = pair()
+    first.client.open_registration(b"mover", b"pw")
+    first.pump()
+    sid = first.client.open_request_session(b"mover", b"pw")
+    first.pump()
+    first.client.send_request(sid, b"slow")
+    first.pump()
+    first.client.connection_lost()  # the client gives up on A; A's side is still up
+    first.pump()
+    (detached,) = first.client.take_detached_sessions()
+    second = pair()
+    new_sid = second.client.resume_session(detached)
+    only(second.pump(), SessionResumed)
+    first.server.abandon()
+    second.client.send_request(new_sid, b"ping")
+    assert only(second.pump(), ResponseReceived).body == b"ping"

@@ -23,6 +23,10 @@ CASES = [
     f'host=db password="{SECRET}" user=alice',
     f"host=db sslpassword={SECRET} dbname=x",
     f"PASSWORD={SECRET} host=x",
+    f"postgresql://u:Zx9/{SECRET}@db/keymgmt",  # an unencoded / (or ? or #) in the password
+    f"postgresql://u:a?b#{SECRET}@db:5432/keymgmt",
+    f"host=db password=Zx9\\ {SECRET} user=x",  # libpq's backslash escape in a bare value
+    f"postgresql://db/x?password=s#{SECRET}&user=u",
     f"error: connection to postgresql://u:{SECRET}@127.0.0.1:1/x failed",
 ]
 
@@ -37,6 +41,7 @@ def test_every_form_of_password_is_redacted(text):
 def test_what_is_not_a_password_stays():
     for text in [
         "postgresql://alice@db/keymgmt?sslmode=require",
+        "postgresql://db.internal:5432/keymgmt",
         "host=db user=alice dbname=keymgmt",
         "host=db xpassword=notakey",
     ]:
@@ -44,7 +49,7 @@ def test_what_is_not_a_password_stays():
     assert redact_database_url(f"host=db password={SECRET} user=alice") == "host=db password=*** user=alice"
 
 
-@pytest.mark.parametrize("conninfo", [CASES[0], CASES[4]])
+@pytest.mark.parametrize("conninfo", [CASES[0], CASES[4], CASES[10], CASES[12]])
 def test_an_unreachable_database_is_reported_without_its_password(conninfo):
     from keymgmt.adapters.postgres_store import PostgresStorage
     from keymgmt.adapters.storage import StorageError

@@ -21,6 +21,7 @@ from .keyserver_world import SETUP
 from .net_world import running_server, tls_from
 
 PW = b"correct horse battery staple"
+SERVER_CLI = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
 
 
 def _flip(token: bytes, index: int) -> bytes:
@@ -175,21 +176,14 @@ def test_keymgmt_server_invite_and_keymgmt_register_with_it(tmp_path):
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
-        bad = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "keymgmt.adapters.cli_server",
-                "invite",
-                "--config",
-                str(config),
-                "--valid-for",
-                "soon",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert bad.returncode == 1 and "not a duration" in bad.stderr and "Traceback" not in bad.stderr
+        for bad_duration in ("soon", "nan", "inf", "1e30d", "-5", "0"):
+            bad = subprocess.run(
+                [*SERVER_CLI, "invite", "--config", str(config), "--valid-for", bad_duration],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert bad.returncode == 1, (bad_duration, bad.stderr)
+            assert "not a duration" in bad.stderr and "Traceback" not in bad.stderr
     finally:
         server.stop()
