@@ -3,8 +3,9 @@
 Before a peer has proved anything it may cost the server only bounded memory, bounded
 CPU and no storage writes beyond counting its login attempts (NET-10).
 :class:`AddressLimits` keeps, per client address, the number of open connections
-(capped: a connection over the cap is closed before its TLS handshake) and one :class:`~keymgmt_proto.TokenBucket` that every connection from that
-address shares: the core asks it before each REG_START, LOGIN_START and RESUME, and
+(capped: a connection over the cap is closed before its TLS handshake) and one
+:class:`~keymgmt_proto.TokenBucket` that every connection from that address shares: the
+core asks it before each REG_START, LOGIN_START and RESUME, and
 refuses with ABORT(RATE_LIMITED) when it is empty.
 
 Addresses are grouped the way one client usually owns them: an IPv4 address alone, an

@@ -181,8 +181,14 @@ def test_abandon_leaves_alone_a_session_that_has_moved_to_another_connection():
     import random
 
     from keymgmt.adapters import InMemoryPair, MemoryServerApp
-    from keymgmt_proto import ClientConnection, RequestReceived, ResponseReceived, ServerConnection
-    from keymgmt_proto import SessionRegistry, SessionResumed
+    from keymgmt_proto import (
+        ClientConnection,
+        RequestReceived,
+        ResponseReceived,
+        ServerConnection,
+        SessionRegistry,
+        SessionResumed,
+    )
 
     from .helpers import only
 
