@@ -149,7 +149,7 @@ OPTIONS: tuple[Option, ...] = (
         int,
         5,
         "KEYMGMT_THROTTLE_THRESHOLD",
-        "consecutive failed logins before logins must wait (NET-10)",
+        "failed logins of a name before it is locked for a while (NET-10)",
     ),
     Option("throttle", "base_delay", float, 1.0, "KEYMGMT_THROTTLE_BASE_DELAY", "first wait, seconds"),
     Option("throttle", "growth", float, 2.0, "KEYMGMT_THROTTLE_GROWTH", "factor per further failure"),
@@ -160,7 +160,7 @@ OPTIONS: tuple[Option, ...] = (
         float,
         86400.0,
         "KEYMGMT_THROTTLE_FORGET_AFTER",
-        "seconds after its last login attempt a name's record is forgotten",
+        "seconds after its last failed login a name's record is forgotten",
     ),
     Option(
         "throttle",
@@ -168,7 +168,7 @@ OPTIONS: tuple[Option, ...] = (
         int,
         100_000,
         "KEYMGMT_THROTTLE_MAX_RECORDS",
-        "names with a throttling record at most (the oldest unlocked go first)",
+        "names with a throttling record at most (the least recently used harmless ones go first)",
     ),
     Option(
         "throttle",
@@ -310,6 +310,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             max_delay=values["throttle.max_delay"],  # type: ignore[arg-type]
             forget_after=values["throttle.forget_after"],  # type: ignore[arg-type]
             max_records=values["throttle.max_records"],  # type: ignore[arg-type]
+            # A login longer than this stops counting as in flight: past any handshake.
+            in_flight_for=max(60.0, 2 * protocol.handshake_timeout),
         )
         if values["throttle.sweep_interval"] <= 0:  # type: ignore[operator]
             raise ValueError("throttle.sweep_interval must be positive")

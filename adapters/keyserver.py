@@ -85,13 +85,18 @@ MAX_RESERVED_KEY_IDS = 16
 
 @dataclass(frozen=True, slots=True)
 class ThrottlePolicy:
-    """NET-10: after ``threshold`` consecutive failed logins for a name, each further
-    attempt must wait ``base_delay * growth ** (failures - threshold)`` seconds, at most
-    ``max_delay``. A successful login resets the count.
+    """NET-10: after ``threshold`` failed logins for a name, each further failure locks the
+    name for ``base_delay * growth ** (failures - threshold)`` seconds, at most
+    ``max_delay``; while locked, logins are refused. Logins in flight count as well: up to
+    ``threshold`` may run at once, and once that many have failed only one at a time, so
+    logins started in parallel cannot pass the threshold. A login is in flight from its
+    start until it ends, at most ``in_flight_for`` seconds.
 
-    The records behind it are bounded (NET-13): :meth:`KeyServer.maintain` forgets a name
-    ``forget_after`` seconds after its last attempt (once no lock holds), and keeps at most
-    ``max_records`` names, forgetting the oldest unlocked ones first."""
+    A success does not clear the count (that would tell a prober the name is registered and
+    in use, NET-9): the name's record is forgotten ``forget_after`` seconds after its last
+    failure (once no lock holds). :meth:`KeyServer.maintain` does that, and keeps at most
+    ``max_records`` names, forgetting the oldest harmless ones (below the threshold, not
+    locked) first (NET-13)."""
 
     threshold: int = 5
     base_delay: float = 1.0
@@ -99,15 +104,16 @@ class ThrottlePolicy:
     max_delay: float = 900.0
     forget_after: float = 86_400.0
     max_records: int = 100_000
+    in_flight_for: float = 60.0
 
     def __post_init__(self) -> None:
         if self.threshold < 1 or self.base_delay < 0 or self.growth < 1 or self.max_delay < 0:
             raise ValueError("threshold >= 1, base_delay >= 0, growth >= 1, max_delay >= 0")
-        if self.forget_after <= 0 or self.max_records < 10:
-            raise ValueError("forget_after > 0, max_records >= 10")
+        if self.forget_after <= 0 or self.max_records < 10 or self.in_flight_for <= 0:
+            raise ValueError("forget_after > 0, max_records >= 10, in_flight_for > 0")
 
     def locked_for(self, failures: int) -> float:
-        """Seconds a name stays locked after its ``failures``-th consecutive failure."""
+        """Seconds a name stays locked after its ``failures``-th failure."""
         if failures < self.threshold:
             return 0.0
         exponent = min(failures - self.threshold, 64)
@@ -169,6 +175,9 @@ class KeyServer:
         self._reserved: WeakKeyDictionary[ServerConnection, dict[int, OrderedDict[bytes, SecretKind]]] = (
             WeakKeyDictionary()
         )
+        #: Admitted logins not yet ended, per connection: session id -> account name. An
+        #: entry lives as long as its session (every end pops it, whatever the name).
+        self._in_flight: WeakKeyDictionary[ServerConnection, dict[int, bytes]] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
@@ -220,18 +229,11 @@ class KeyServer:
         elif isinstance(event, LoginRequested):
             self._on_login_requested(conn, event)
         elif isinstance(event, LoginSucceeded):
-            # Authenticated from here on: the attempts counted for the name since the last
-            # success go into the owner's log, then the success itself.
-            with self.storage.transaction() as tx:
-                record = tx.take_login_record(event.account_name)
-                if record is not None:
-                    self._log_attempts(tx, event.user_id, record, succeeded=True)
-                tx.append_audit(AuditRecord(event.user_id, Action.LOGIN, self.now_us(), Outcome.SUCCESS))
+            self._login_ended(conn, event.session_id, event.user_id)
         elif isinstance(event, LoginFailed):
-            # Nothing to write: the attempt was counted when it started, for registered and
-            # unknown names alike (a write for one kind only would be a timing oracle, NET-9).
-            log.debug("login failed (session %d)", event.session_id)
+            self._login_ended(conn, event.session_id, None)
         elif isinstance(event, SessionClosed | SessionFailed):
+            self._login_ended(conn, event.session_id, None)  # a login abandoned on the way
             self._session_reservations(conn).pop(event.session_id, None)
             if isinstance(event, SessionClosed) and event.user_id is not None:
                 closed_by_client = event.code is ErrorCode.CLIENT_CLOSED
@@ -243,41 +245,63 @@ class KeyServer:
         lookup each, then one write to the name's throttling record), so neither the answer
         nor its timing says whether the name exists."""
         now = self.now_us()
+        policy = self.throttle
         with self.storage.transaction() as tx:
             account = tx.get_account(event.account_name)
-            _failures, locked_until = tx.get_login_failures(event.account_name)
-            throttled = now < locked_until
-            if throttled:
-                tx.record_throttled(event.account_name, now)
-            else:
-                # Count the attempt now, as a failure until it succeeds: logins started in
-                # parallel cannot slip past the threshold before the first one fails.
-                attempts = tx.record_login_failure(event.account_name, now)
-                wait = self.throttle.locked_for(attempts)
-                if wait > 0:
-                    tx.lock_login(event.account_name, now + int(wait * 1_000_000))
-        if throttled:
+            admitted = tx.start_login(
+                event.account_name, now, policy.threshold, int(policy.in_flight_for * 1_000_000)
+            )
+        if not admitted:
             conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many login attempts; retry later")
-        elif account is not None:
+            return
+        self._logins_in_flight(conn)[event.session_id] = event.account_name
+        if account is not None:
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
         else:
             conn.accept_unknown_login(event.session_id)
 
+    def _logins_in_flight(self, conn: ServerConnection) -> dict[int, bytes]:
+        logins = self._in_flight.get(conn)
+        if logins is None:
+            logins = self._in_flight[conn] = {}
+        return logins
+
+    def _login_ended(self, conn: ServerConnection, session_id: int, user_id: bytes | None) -> None:
+        """An admitted login ended: succeeded (``user_id``, authenticated) or not (a wrong
+        password, an unknown name, abandoned, timed out: the same write for every name)."""
+        name = self._logins_in_flight(conn).pop(session_id, None)
+        if name is None:
+            return
+        now = self.now_us()
+        with self.storage.transaction() as tx:
+            record = tx.finish_login(name, now, succeeded=user_id is not None)
+            if user_id is not None:
+                # Authenticated from here on: the attempts counted for the name since they
+                # were last logged go into the owner's log, then the success itself.
+                if record is not None:
+                    self._log_attempts(tx, user_id, record)
+                tx.append_audit(AuditRecord(user_id, Action.LOGIN, now, Outcome.SUCCESS))
+            elif record is not None:
+                wait = self.throttle.locked_for(record.failures)
+                if wait > 0:
+                    tx.lock_login(name, now + int(wait * 1_000_000))
+
     @staticmethod
-    def _log_attempts(tx: Transaction, user_id: bytes, record: LoginRecord, *, succeeded: bool) -> None:
+    def _log_attempts(tx: Transaction, user_id: bytes, record: LoginRecord) -> None:
         """Write a name's counted attempts into its owner's log, one entry per kind with its
-        count and the time of the last attempt (NET-6, AUD-1; aggregated: NET-13)."""
-        failures = record.failures - 1 if succeeded else record.failures
-        if failures > 0:
+        count and the time of the last one (NET-6, AUD-1; aggregated: NET-13)."""
+        if record.unlogged > 0:
             tx.append_audit(
-                AuditRecord(user_id, Action.LOGIN, record.last_attempt, Outcome.FAILURE, count=failures)
+                AuditRecord(
+                    user_id, Action.LOGIN, record.last_failure, Outcome.FAILURE, count=record.unlogged
+                )
             )
         if record.throttled > 0:
             tx.append_audit(
                 AuditRecord(
                     user_id,
                     Action.LOGIN_THROTTLED,
-                    record.last_attempt,
+                    record.last_throttled,
                     Outcome.FAILURE,
                     count=record.throttled,
                 )
@@ -289,13 +313,20 @@ class KeyServer:
         (off the answer path of any login). Removes at most ``batch`` records; call again
         while it returns ``batch``. Returns how many it removed."""
         now = self.now_us()
-        stale_before = now - int(self.throttle.forget_after * 1_000_000)
+        policy = self.throttle
+        stale_before = now - int(policy.forget_after * 1_000_000)
         with self.storage.transaction() as tx:
-            records = tx.sweep_login_records(now, stale_before, self.throttle.max_records, batch)
+            in_flight_for = int(policy.in_flight_for * 1_000_000)
+            records = tx.sweep_login_records(now, stale_before, in_flight_for, batch)
+            if len(records) < batch:
+                excess = tx.count_login_records() - policy.max_records
+                if excess > 0:  # down to 90% of the cap, harmless records first
+                    count = min(batch - len(records), excess + policy.max_records // 10)
+                    records += tx.evict_login_records(now, policy.threshold, in_flight_for, count)
             for record in records:
                 account = tx.get_account(record.account_name)
                 if account is not None:
-                    self._log_attempts(tx, account.user_id, record, succeeded=False)
+                    self._log_attempts(tx, account.user_id, record)
         return len(records)
 
     def _session_reservations(self, conn: ServerConnection) -> dict[int, OrderedDict[bytes, SecretKind]]:

@@ -76,16 +76,26 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX detached_sessions_by_expiry ON detached_sessions(expires_at)
     """,
-    # 2: aggregated login attempts (NET-9, NET-13): refused attempts are counted, and an
-    # audit entry can stand for several events
+    # 2: logins in flight, and attempts counted for the owner's log (NET-9, NET-10, NET-13);
+    # an audit entry can stand for several events
     """
-    ALTER TABLE login_throttle RENAME COLUMN last_failure_us TO last_attempt_us;
+    ALTER TABLE login_throttle ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN last_start_us BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN admitted BOOLEAN NOT NULL DEFAULT FALSE;
+    ALTER TABLE login_throttle ADD COLUMN unlogged INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE login_throttle ADD COLUMN throttled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN last_throttled_us BIGINT NOT NULL DEFAULT 0;
+    UPDATE login_throttle SET unlogged = failures;
+    CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
+    CREATE INDEX login_throttle_by_use ON login_throttle(GREATEST(last_failure_us, last_start_us));
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1
     """,
 ]
 
 _KEY_ACTIONS = [int(a) for a in Action if a.is_key_action]
+_LOGIN_COLUMNS = (
+    "account_name, failures, unlogged, throttled, last_failure_us, last_throttled_us, locked_until_us"
+)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -242,61 +252,52 @@ class _PgTransaction:
         ]
         return entries, entries[-1].entry_id if len(rows) > query.limit else 0
 
-    def get_login_failures(self, account_name: bytes) -> tuple[int, int]:
-        row = self._one(
-            "SELECT failures, locked_until_us FROM login_throttle WHERE account_name = %s", (account_name,)
+    def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
+        # One statement: concurrent starts on several instances serialize on the row's lock.
+        t = "login_throttle"
+        in_flight = f"(CASE WHEN {t}.last_start_us > %(recent)s THEN {t}.pending ELSE 0 END)"
+        admit = (
+            f"({t}.locked_until_us <= %(now)s AND ({t}.failures + {in_flight} < %(threshold)s "
+            f"OR {in_flight} = 0))"
         )
-        return (int(row[0]), int(row[1])) if row else (0, 0)
-
-    def record_login_failure(self, account_name: bytes, now: int) -> int:
-        # One statement: concurrent failures on several instances each count.
         row = self._one(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_attempt_us) "
-            "VALUES (%s, 1, 0, %s) ON CONFLICT (account_name) DO UPDATE SET "
-            "failures = login_throttle.failures + 1, last_attempt_us = EXCLUDED.last_attempt_us "
-            "RETURNING failures",
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
+            "pending, last_start_us, admitted, unlogged, throttled) "
+            "VALUES (%(name)s, 0, 0, 0, 1, %(now)s, TRUE, 0, 0) "
+            f"ON CONFLICT (account_name) DO UPDATE SET admitted = {admit}, "
+            f"pending = CASE WHEN {admit} THEN {in_flight} + 1 ELSE {t}.pending END, "
+            f"throttled = CASE WHEN {admit} THEN {t}.throttled ELSE {t}.throttled + 1 END, "
+            f"last_throttled_us = CASE WHEN {admit} THEN {t}.last_throttled_us ELSE %(now)s END, "
+            f"last_start_us = CASE WHEN {admit} THEN %(now)s ELSE {t}.last_start_us END RETURNING admitted",
+            {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for},  # type: ignore[arg-type]
+        )
+        assert row is not None
+        return bool(row[0])
+
+    def finish_login(self, account_name: bytes, now: int, succeeded: bool) -> LoginRecord | None:
+        if succeeded:
+            row = self._one(
+                f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s FOR UPDATE",  # noqa: S608
+                (account_name,),
+            )
+            if row is not None:
+                self._conn.execute(
+                    "UPDATE login_throttle SET pending = GREATEST(pending - 1, 0), unlogged = 0, "
+                    "throttled = 0 WHERE account_name = %s",
+                    (account_name,),
+                )
+            return None if row is None else _login_record(row)
+        # An upsert: a failure counts even if the record went while the login ran.
+        row = self._one(
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
+            "unlogged) VALUES (%s, 1, 0, %s, 1) ON CONFLICT (account_name) DO UPDATE SET "
+            "pending = GREATEST(login_throttle.pending - 1, 0), failures = login_throttle.failures + 1, "
+            "unlogged = login_throttle.unlogged + 1, last_failure_us = EXCLUDED.last_failure_us "
+            f"RETURNING {_LOGIN_COLUMNS}",
             (account_name, now),
         )
         assert row is not None
-        return int(row[0])
-
-    def record_throttled(self, account_name: bytes, now: int) -> None:
-        self._conn.execute(
-            "UPDATE login_throttle SET throttled = throttled + 1, last_attempt_us = %s "
-            "WHERE account_name = %s",
-            (now, account_name),
-        )
-
-    def take_login_record(self, account_name: bytes) -> LoginRecord | None:
-        row = self._one(
-            "DELETE FROM login_throttle WHERE account_name = %s "
-            "RETURNING account_name, failures, throttled, last_attempt_us",
-            (account_name,),
-        )
-        return None if row is None else LoginRecord(bytes(row[0]), row[1], row[2], row[3])
-
-    def sweep_login_records(
-        self, now: int, stale_before: int, max_records: int, limit: int
-    ) -> list[LoginRecord]:
-        # SKIP LOCKED: instances sweeping at once take disjoint rows, and never wait on a login.
-        rows = self._conn.execute(
-            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "
-            "WHERE last_attempt_us < %s AND locked_until_us < %s LIMIT %s FOR UPDATE SKIP LOCKED) "
-            "RETURNING account_name, failures, throttled, last_attempt_us",
-            (stale_before, now, limit),
-        ).fetchall()
-        count_row = self._one("SELECT count(*) FROM login_throttle", ())
-        assert count_row is not None
-        count = int(count_row[0])
-        excess = min(count - max_records * 9 // 10, limit - len(rows)) if count > max_records else 0
-        if excess > 0:
-            rows += self._conn.execute(
-                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM "
-                "login_throttle ORDER BY locked_until_us >= %s, last_attempt_us LIMIT %s "
-                "FOR UPDATE SKIP LOCKED) RETURNING account_name, failures, throttled, last_attempt_us",
-                (now, excess),
-            ).fetchall()
-        return [LoginRecord(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+        return _login_record(row)
 
     def lock_login(self, account_name: bytes, locked_until: int) -> None:
         self._conn.execute(
@@ -304,6 +305,62 @@ class _PgTransaction:
             "WHERE account_name = %s",
             (locked_until, account_name),
         )
+
+    def get_login_record(self, account_name: bytes) -> LoginRecord | None:
+        row = self._one(
+            f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s",  # noqa: S608
+            (account_name,),
+        )
+        return None if row is None else _login_record(row)
+
+    def sweep_login_records(
+        self, now: int, stale_before: int, in_flight_for: int, limit: int
+    ) -> list[LoginRecord]:
+        # SKIP LOCKED: instances sweeping at once take disjoint rows, and never wait on a login.
+        rows = self._conn.execute(
+            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists, values bound
+            "WHERE last_failure_us < %s AND locked_until_us < %s "
+            "AND (pending = 0 OR last_start_us < %s) LIMIT %s "
+            f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
+            (stale_before, now, now - in_flight_for, limit),
+        ).fetchall()
+        return [_login_record(row) for row in rows]
+
+    def evict_login_records(
+        self, now: int, threshold: int, in_flight_for: int, count: int
+    ) -> list[LoginRecord]:
+        # Least recently used first, from an index: the harmless, then the unlocked, then any.
+        tiers = (
+            "failures < %(threshold)s AND locked_until_us < %(now)s "
+            "AND (pending = 0 OR last_start_us < %(recent)s)",
+            "locked_until_us < %(now)s",
+            "TRUE",
+        )
+        rows: list[TupleRow] = []
+        for where in tiers:
+            if len(rows) == count:
+                break
+            rows += self._conn.execute(
+                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists and conditions, values bound
+                f"WHERE {where} ORDER BY GREATEST(last_failure_us, last_start_us) LIMIT %(limit)s "
+                f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
+                {
+                    "threshold": threshold,
+                    "now": now,
+                    "recent": now - in_flight_for,
+                    "limit": count - len(rows),
+                },
+            ).fetchall()
+        return [_login_record(row) for row in rows]
+
+    def count_login_records(self) -> int:
+        row = self._one("SELECT count(*) FROM login_throttle", ())
+        assert row is not None
+        return int(row[0])
+
+
+def _login_record(row: TupleRow) -> LoginRecord:
+    return LoginRecord(bytes(row[0]), row[1], row[2], row[3], row[4], row[5], row[6])
 
 
 class _PgSessionStore:

@@ -134,6 +134,7 @@ class ConnectionDriver:
             log.error("connection from %s ended by an internal error", self.peer, exc_info=True)
             try:
                 self.conn.abandon("internal error")
+                self._process_events()  # logins cut short still count as failed (NET-10)
             except Exception:  # the core is in a state nobody planned for; the stream still closes
                 log.error("could not end the sessions of the connection from %s", self.peer)
         finally:

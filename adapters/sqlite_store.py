@@ -72,16 +72,26 @@ _MIGRATIONS: list[str] = [
         expires_at REAL NOT NULL
     );
     """,
-    # 4: aggregated login attempts (NET-9, NET-13): refused attempts are counted, and an
-    # audit entry can stand for several events
+    # 4: logins in flight, and attempts counted for the owner's log (NET-9, NET-10, NET-13);
+    # an audit entry can stand for several events
     """
-    ALTER TABLE login_throttle RENAME COLUMN last_failure_us TO last_attempt_us;
+    ALTER TABLE login_throttle ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN last_start_us INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN admitted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN unlogged INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE login_throttle ADD COLUMN throttled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE login_throttle ADD COLUMN last_throttled_us INTEGER NOT NULL DEFAULT 0;
+    UPDATE login_throttle SET unlogged = failures;
+    CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
+    CREATE INDEX login_throttle_by_use ON login_throttle(max(last_failure_us, last_start_us));
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1;
     """,
 ]
 
 _KEY_ACTIONS = tuple(int(a) for a in Action if a.is_key_action)
+_LOGIN_COLUMNS = (
+    "account_name, failures, unlogged, throttled, last_failure_us, last_throttled_us, locked_until_us"
+)
 
 
 class _SQLiteTransaction:
@@ -130,60 +140,96 @@ class _SQLiteTransaction:
         ).fetchone()[0]
         return count
 
-    def get_login_failures(self, account_name: bytes) -> tuple[int, int]:
+    def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
+        # One statement, so that concurrent starts (other processes) serialize on the row.
+        in_flight = "(CASE WHEN last_start_us > :recent THEN pending ELSE 0 END)"
+        admit = f"(locked_until_us <= :now AND (failures + {in_flight} < :threshold OR {in_flight} = 0))"
         row = self._db.execute(
-            "SELECT failures, locked_until_us FROM login_throttle WHERE account_name = ?", (account_name,)
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, pending, "  # noqa: S608 - constant column lists, values bound
+            "last_start_us, admitted, unlogged, throttled) VALUES (:name, 0, 0, 0, 1, :now, 1, 0, 0) "
+            f"ON CONFLICT (account_name) DO UPDATE SET admitted = {admit}, "
+            f"pending = CASE WHEN {admit} THEN {in_flight} + 1 ELSE pending END, "
+            f"throttled = CASE WHEN {admit} THEN throttled ELSE throttled + 1 END, "
+            f"last_throttled_us = CASE WHEN {admit} THEN last_throttled_us ELSE :now END, "
+            f"last_start_us = CASE WHEN {admit} THEN :now ELSE last_start_us END RETURNING admitted",
+            {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for},
         ).fetchone()
-        return (row[0], row[1]) if row else (0, 0)
+        return bool(row[0])
 
-    def record_login_failure(self, account_name: bytes, now: int) -> int:
+    def finish_login(self, account_name: bytes, now: int, succeeded: bool) -> LoginRecord | None:
+        if succeeded:
+            record = self.get_login_record(account_name)
+            if record is not None:
+                self._db.execute(
+                    "UPDATE login_throttle SET pending = max(pending - 1, 0), unlogged = 0, throttled = 0 "
+                    "WHERE account_name = ?",
+                    (account_name,),
+                )
+            return record
+        # An upsert: a failure counts even if the record went while the login ran.
         row = self._db.execute(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_attempt_us) "
-            "VALUES (?, 1, 0, ?) ON CONFLICT (account_name) DO UPDATE SET failures = failures + 1, "
-            "last_attempt_us = excluded.last_attempt_us RETURNING failures",
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
+            "unlogged) VALUES (?, 1, 0, ?, 1) ON CONFLICT (account_name) DO UPDATE SET "
+            "pending = max(pending - 1, 0), failures = failures + 1, unlogged = unlogged + 1, "
+            f"last_failure_us = excluded.last_failure_us RETURNING {_LOGIN_COLUMNS}",
             (account_name, now),
         ).fetchone()
-        return int(row[0])
-
-    def record_throttled(self, account_name: bytes, now: int) -> None:
-        self._db.execute(
-            "UPDATE login_throttle SET throttled = throttled + 1, last_attempt_us = ? WHERE account_name = ?",
-            (now, account_name),
-        )
-
-    def take_login_record(self, account_name: bytes) -> LoginRecord | None:
-        row = self._db.execute(
-            "DELETE FROM login_throttle WHERE account_name = ? "
-            "RETURNING account_name, failures, throttled, last_attempt_us",
-            (account_name,),
-        ).fetchone()
-        return None if row is None else LoginRecord(*row)
-
-    def sweep_login_records(
-        self, now: int, stale_before: int, max_records: int, limit: int
-    ) -> list[LoginRecord]:
-        rows = self._db.execute(
-            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "
-            "WHERE last_attempt_us < ? AND locked_until_us < ? LIMIT ?) "
-            "RETURNING account_name, failures, throttled, last_attempt_us",
-            (stale_before, now, limit),
-        ).fetchall()
-        (count,) = self._db.execute("SELECT count(*) FROM login_throttle").fetchone()
-        excess = min(count - max_records * 9 // 10, limit - len(rows)) if count > max_records else 0
-        if excess > 0:
-            rows += self._db.execute(
-                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM "
-                "login_throttle ORDER BY locked_until_us >= ?, last_attempt_us LIMIT ?) "
-                "RETURNING account_name, failures, throttled, last_attempt_us",
-                (now, excess),
-            ).fetchall()
-        return [LoginRecord(*row) for row in rows]
+        return LoginRecord(*row)
 
     def lock_login(self, account_name: bytes, locked_until: int) -> None:
         self._db.execute(
             "UPDATE login_throttle SET locked_until_us = max(locked_until_us, ?) WHERE account_name = ?",
             (locked_until, account_name),
         )
+
+    def get_login_record(self, account_name: bytes) -> LoginRecord | None:
+        row = self._db.execute(
+            f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = ?",  # noqa: S608
+            (account_name,),
+        ).fetchone()
+        return None if row is None else LoginRecord(*row)
+
+    def sweep_login_records(
+        self, now: int, stale_before: int, in_flight_for: int, limit: int
+    ) -> list[LoginRecord]:
+        rows = self._db.execute(
+            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists, values bound
+            "WHERE last_failure_us < ? AND locked_until_us < ? "
+            "AND (pending = 0 OR last_start_us < ?) LIMIT ?) "
+            f"RETURNING {_LOGIN_COLUMNS}",
+            (stale_before, now, now - in_flight_for, limit),
+        ).fetchall()
+        return [LoginRecord(*row) for row in rows]
+
+    def evict_login_records(
+        self, now: int, threshold: int, in_flight_for: int, count: int
+    ) -> list[LoginRecord]:
+        # Least recently used first, from an index: the harmless, then the unlocked, then any.
+        tiers = (
+            ("failures < :threshold AND locked_until_us < :now AND (pending = 0 OR last_start_us < :recent)"),
+            "locked_until_us < :now",
+            "1",
+        )
+        rows: list[tuple[bytes, int, int, int, int, int, int]] = []
+        for where in tiers:
+            if len(rows) == count:
+                break
+            rows += self._db.execute(
+                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists and conditions, values bound
+                f"WHERE {where} ORDER BY max(last_failure_us, last_start_us) LIMIT :limit) "
+                f"RETURNING {_LOGIN_COLUMNS}",
+                {
+                    "threshold": threshold,
+                    "now": now,
+                    "recent": now - in_flight_for,
+                    "limit": count - len(rows),
+                },
+            ).fetchall()
+        return [LoginRecord(*row) for row in rows]
+
+    def count_login_records(self) -> int:
+        count: int = self._db.execute("SELECT count(*) FROM login_throttle").fetchone()[0]
+        return count
 
     def key_id_exists(self, key_id: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM secrets WHERE key_id = ?", (key_id,)).fetchone() is not None

@@ -68,14 +68,19 @@ class AuditRecord:
 class LoginRecord:
     """The login-throttling state of one account name (NET-10), registered or not.
 
-    ``failures`` counts logins started since the last success (each counts from its start,
-    as a failure until it succeeds), ``throttled`` the logins refused while locked; both
-    go into the owner's audit log later, as one entry each (see KeyServer)."""
+    ``failures`` counts the logins that failed or were abandoned (a success does not clear
+    it: that would tell a prober the name belongs to an active account, NET-9; the record
+    is forgotten a while after its last failure instead). ``unlogged`` and ``throttled``
+    count the failures and the refused attempts not yet written to the owner's audit log.
+    Times are microseconds since the epoch."""
 
     account_name: bytes
     failures: int
+    unlogged: int
     throttled: int
-    last_attempt: int
+    last_failure: int
+    last_throttled: int
+    locked_until: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,36 +110,48 @@ class Transaction(Protocol):
 
     def count_keys(self, user_id: bytes) -> int: ...
 
-    def get_login_failures(self, account_name: bytes) -> tuple[int, int]:
-        """NET-10: (consecutive failed logins, locked until [us since the epoch]) for a name,
-        registered or not; (0, 0) when there is no record."""
+    def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
+        """NET-10, in one atomic step (several instances may start logins of a name at once):
+        admit a login of the name unless it is locked, or unless ``threshold`` failures and
+        logins in flight are reached while another login is in flight (a login is in flight
+        from its admission until :meth:`finish_login`, at most ``in_flight_for`` us). An
+        admitted login is counted in flight; a refused one is counted as throttled. The same
+        work for every name, registered or not (NET-9). True if admitted."""
         ...
 
-    def record_login_failure(self, account_name: bytes, now: int) -> int:
-        """Count one more consecutive failure for a name, atomically (several instances may
-        count at once), and return the new count."""
-        ...
-
-    def record_throttled(self, account_name: bytes, now: int) -> None:
-        """Count a login refused while the name is locked (the name has a record then)."""
+    def finish_login(self, account_name: bytes, now: int, succeeded: bool) -> LoginRecord | None:
+        """An admitted login ended: it is no longer in flight. A failure counts (``failures``
+        and ``unlogged`` go up, ``last_failure`` is now; the record is made again if it went
+        meanwhile) and the record is returned. After a success the returned record holds the
+        ``unlogged`` and ``throttled`` counts that were waiting for the owner's log, and the
+        stored record has them cleared; None if the name has no record."""
         ...
 
     def lock_login(self, account_name: bytes, locked_until: int) -> None:
-        """Refuse logins for the name until ``locked_until`` (us since the epoch)."""
+        """Refuse logins for the name until ``locked_until`` (a lock never shortens)."""
         ...
 
-    def take_login_record(self, account_name: bytes) -> LoginRecord | None:
-        """A successful login: remove the name's record (failures, lock) and return it."""
+    def get_login_record(self, account_name: bytes) -> LoginRecord | None:
+        """The name's throttling record, if it has one."""
         ...
 
     def sweep_login_records(
-        self, now: int, stale_before: int, max_records: int, limit: int
+        self, now: int, stale_before: int, in_flight_for: int, limit: int
     ) -> list[LoginRecord]:
-        """Remove and return at most ``limit`` records: those last used before
-        ``stale_before`` whose lock has ended, then, while more than ``max_records`` remain,
-        the oldest others (unlocked first) down to 90% of it. Each record is returned by
-        one sweep only, whichever instance runs it."""
+        """Remove and return at most ``limit`` records whose last failure is before
+        ``stale_before``, whose lock has ended and that have no login in flight. Each record is
+        returned by one sweep only, whichever instance runs it."""
         ...
+
+    def evict_login_records(
+        self, now: int, threshold: int, in_flight_for: int, count: int
+    ) -> list[LoginRecord]:
+        """Remove and return ``count`` records to keep the table under its cap: first the
+        least recently used of the harmless ones (below ``threshold`` failures, not locked, no
+        login in flight), then the least recently used others."""
+        ...
+
+    def count_login_records(self) -> int: ...
 
     def insert_secret(self, secret: SecretRecord) -> bool:
         """False if the key id is taken."""

@@ -369,10 +369,15 @@ class ServerConnection(ConnectionBase):
     def abandon(self, reason: str = "server storage failure") -> None:
         """Storage could not commit what this connection's latest events did: drop every byte
         not yet sent and end every session (none stays resumable, so no answer that was
-        never committed can reach the client later). The connection fails."""
+        never committed can reach the client later). The connection fails. A login that was
+        waiting for its LOGIN_FINISH ends with LoginFailed, as when the client goes away (the
+        client may have tested a password guess, NET-10)."""
         self._outbox.clear()
         for session in list(self._sessions.values()):
+            login_pending = session.state is State.AWAIT_LOGIN_FINISH
             self._end(session)
+            if login_pending and session.kind is SessionKind.REQUEST:
+                self._login_failed(session)
         # Sessions this connection detached (in the batch that failed): their reply caches
         # may hold answers that were never committed, so none may be resumed.
         for session in [*self._departed.values(), *self._detached_here]:

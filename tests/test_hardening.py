@@ -115,9 +115,9 @@ def test_throttle_policy_grows_and_caps():
 
 
 @pytest.mark.anyio
-async def test_failed_logins_are_throttled_audited_reset_and_survive_a_restart(tmp_path):
+async def test_failed_logins_are_throttled_audited_and_survive_a_restart(tmp_path):
     clock = [1_000.0]
-    policy = ThrottlePolicy(threshold=3, base_delay=10.0, growth=2.0, max_delay=60.0)
+    policy = ThrottlePolicy(threshold=3, base_delay=10.0, growth=2.0, max_delay=60.0, forget_after=3_600.0)
     async with (
         key_server(tmp_path, clock=lambda: clock[0], throttle=policy) as world,
         world.client() as client,
@@ -145,17 +145,35 @@ async def test_failed_logins_are_throttled_audited_reset_and_survive_a_restart(t
         clock[0] += 10.0
         session = await client.login(b"carol@example.org", PASSWORD)  # the wait is over
         entries = await session.audit(AuditType.SYSTEM_ONLY)
-        # One entry per kind of attempt since the last success, with its count (NET-13).
+        # One entry per kind of attempt since they were last logged, with its count (NET-13).
         assert [(e.action, e.outcome, e.count) for e in entries[-3:]] == [
             (Action.LOGIN, Outcome.FAILURE, 3),
             (Action.LOGIN_THROTTLED, Outcome.FAILURE, 2),
             (Action.LOGIN, Outcome.SUCCESS, 1),
         ]
         assert session.user_id == user_id
-        # Success reset the count: three more failures are needed to lock again.
-        for _ in range(2):
-            with pytest.raises(AuthenticationError):
-                await client.login(b"carol@example.org", b"guess")
+        # The success did not clear the count (a prober would learn that the name is in use,
+        # NET-9): the next failure locks the name again, for twice as long.
+        with pytest.raises(AuthenticationError):
+            await client.login(b"carol@example.org", b"guess")
+        with pytest.raises(ThrottledError):
+            await client.login(b"carol@example.org", PASSWORD)
+        clock[0] += 20.0
+        session = await client.login(b"carol@example.org", PASSWORD)
+        entries = await session.audit(AuditType.SYSTEM_ONLY)
+        assert [(e.action, e.outcome, e.count) for e in entries[-3:]] == [
+            (Action.LOGIN, Outcome.FAILURE, 1),
+            (Action.LOGIN_THROTTLED, Outcome.FAILURE, 1),
+            (Action.LOGIN, Outcome.SUCCESS, 1),
+        ]
+        # An hour after the last failure the name's record is forgotten: three failures
+        # again before a lock, for the owner and the unknown name alike.
+        clock[0] += 3_600.0
+        assert world.keyserver.maintain() == 2
+        for name in (b"carol@example.org", b"ghost@example.org"):
+            for _ in range(2):
+                with pytest.raises(AuthenticationError):
+                    await client.login(name, b"guess")
         assert (await client.login(b"carol@example.org", PASSWORD)).user_id == user_id
 
 
@@ -239,8 +257,8 @@ async def test_logins_started_in_parallel_cannot_pass_the_threshold(tmp_path):
 
 @pytest.mark.anyio
 async def test_one_client_logs_in_one_account_many_times_at_once(tmp_path):
-    """Every login counts as a failed attempt until it succeeds (NET-10), so the client
-    takes turns for logins of one account: a burst of them must not trip the throttle."""
+    """Logins in flight count towards the threshold (NET-10), so the client takes turns
+    for logins of one account: a burst of them must not trip the throttle."""
     import anyio
 
     policy = ThrottlePolicy(threshold=3, base_delay=60.0)
@@ -258,7 +276,8 @@ async def test_one_client_logs_in_one_account_many_times_at_once(tmp_path):
         assert len(sessions) == 12
         assert client._login_turns == {}  # nothing left behind per account
         with world.storage.transaction() as tx:
-            assert tx.get_login_failures(b"grace@example.org")[0] == 0
+            record = tx.get_login_record(b"grace@example.org")
+            assert record is not None and record.failures == 0
 
 
 class _SlowAnswers:

@@ -85,7 +85,7 @@ from keymgmt_proto._sessionstate import session_sealing_key
 from keymgmt_proto.testing import FakeOpaque
 
 SETUP = ServerSetup.generate()
-POLICY = ThrottlePolicy(threshold=3, base_delay=10.0, growth=2.0, max_delay=40.0)
+POLICY = ThrottlePolicy(threshold=3, base_delay=10.0, growth=2.0, max_delay=40.0, forget_after=150.0)
 CONFIG = ServerConfig(idle_timeout=100, session_lifetime=1000, connection_idle_timeout=10**6)
 NAMES = [b"alice@example.org", b"bob@example.org", b"carol@example.org"]
 PASSWORDS = {name: b"password of " + name for name in NAMES}
@@ -132,8 +132,26 @@ class Throttle:
     """The model of one name's throttling record (NET-10)."""
 
     failures: int = 0
-    throttled: int = 0
+    unlogged: int = 0  # failures not yet in the owner's log
+    throttled: int = 0  # refused logins not yet in the owner's log
     locked_until: float = 0.0
+    last_failure: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.unlogged += 1
+        self.last_failure = now
+        wait = POLICY.locked_for(self.failures)
+        if wait:
+            self.locked_until = max(self.locked_until, now + wait)
+
+    def log_into(self, model: Model) -> None:
+        """The counts waiting for the owner's log go there."""
+        if self.unlogged:
+            model.log(Action.LOGIN, Outcome.FAILURE, count=self.unlogged)
+        if self.throttled:
+            model.log(Action.LOGIN_THROTTLED, Outcome.FAILURE, count=self.throttled)
+        self.unlogged = self.throttled = 0
 
 
 @dataclass(eq=False)
@@ -290,33 +308,33 @@ class KeyServerMachine(RuleBasedStateMachine):
         password = PASSWORDS.get(name, b"x") if right else b"a wrong password"
         session_id = self.client.open_request_session(name, password)
         events = self._pump()
-        if self._lost(events):  # the commit of its first step failed: nothing happened
-            return
         record = self.throttle.setdefault(name, Throttle())
+        # One login at a time here, so none is in flight when this one starts: it is
+        # admitted unless the name is locked.
+        admitted = self.now >= record.locked_until
+        if self._lost(events):
+            # The commit of its first step failed: the start is rolled back, and the login,
+            # abandoned with the connection, counts as failed (the same for every name).
+            if admitted:
+                record.failed(self.now)
+            return
         established = [e for e in events if isinstance(e, SessionEstablished)]
         failed = [e for e in events if isinstance(e, SessionFailed) and e.session_id == session_id]
-        if self.now < record.locked_until:
+        if not admitted:
             assert failed and failed[0].code is ErrorCode.THROTTLED, events
             record.throttled += 1
             return
-        record.failures += 1
-        wait = POLICY.locked_for(record.failures)
-        if wait:
-            record.locked_until = max(record.locked_until, self.now + wait)
         if right and name in self.models:
             assert established, events
             model = self.models[name]
             assert established[0].user_id == model.user_id
-            if record.failures > 1:
-                model.log(Action.LOGIN, Outcome.FAILURE, count=record.failures - 1)
-            if record.throttled:
-                model.log(Action.LOGIN_THROTTLED, Outcome.FAILURE, count=record.throttled)
+            record.log_into(model)  # a success does not clear the failures (NET-9)
             model.log(Action.LOGIN)
-            self.throttle[name] = Throttle()
             self.sessions.append(Live(name, model.user_id, session_id))
         else:
             assert not established
             assert failed[0].code is ErrorCode.AUTHENTICATION_FAILED, failed
+            record.failed(self.now)
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data())
@@ -465,6 +483,22 @@ class KeyServerMachine(RuleBasedStateMachine):
                 self._model(live).log(Action.SESSION_EXPIRED)
                 ended.add(event.session_id)
         self.sessions = [s for s in self.sessions if s.session_id not in ended]
+        self._maintain()
+
+    def _maintain(self) -> None:
+        """The runtime's maintenance: records forgotten ``forget_after`` after their last
+        failure, their counts written into the owner's log first (NET-10, NET-13)."""
+        assert self.keyserver is not None
+        forgotten = []
+        for name, record in self.throttle.items():
+            # (No login is ever in flight here: they run one at a time.)
+            if record.last_failure < self.now - POLICY.forget_after and record.locked_until < self.now:
+                forgotten.append(name)
+                if name in self.models:
+                    record.log_into(self.models[name])
+        for name in forgotten:
+            del self.throttle[name]
+        assert self.keyserver.maintain() == len(forgotten)
 
     @rule()
     def fail_next_commit(self) -> None:

@@ -199,16 +199,17 @@ def test_nothing_commits_after_an_error_rolled_back_the_whole_batch(tmp_path):
     )
     with pytest.raises(StorageError), storage.batch():
         with storage.transaction() as tx:
-            tx.record_login_failure(b"before", now=1)
+            tx.start_login(b"before", 1, 5, 10)
         with pytest.raises(StorageError), storage.transaction() as tx:
-            tx.record_login_failure(b"boom", now=1)
+            tx.start_login(b"boom", 1, 5, 10)
         with pytest.raises(StorageError, match="rolled back"), storage.transaction() as tx:
-            tx.record_login_failure(b"after", now=1)
+            tx.start_login(b"after", 1, 5, 10)
     with storage.transaction() as tx:
-        assert tx.get_login_failures(b"before")[0] == 0
-        assert tx.get_login_failures(b"after")[0] == 0
+        assert tx.get_login_record(b"before") is None
+        assert tx.get_login_record(b"after") is None
     with storage.transaction() as tx:  # the storage is usable again
-        assert tx.record_login_failure(b"after", now=2) == 1
+        assert tx.start_login(b"after", 2, 5, 10)
+        assert tx.get_login_record(b"after") is not None
     storage.close()
 
 

@@ -142,38 +142,63 @@ def test_an_operation_and_its_audit_entry_commit_together(storage):
 
 
 def test_login_throttling_state(storage):
+    """NET-10 in storage: logins in flight count towards the threshold; once it is reached
+    only one login at a time; a lock refuses all; a success does not clear the failures."""
+    x = b"x"
     with storage.transaction() as tx:
-        assert tx.get_login_failures(b"x") == (0, 0)
-        assert [tx.record_login_failure(b"x", now=100) for _ in range(3)] == [1, 2, 3]
-        tx.lock_login(b"x", 500)
-        tx.lock_login(b"x", 400)  # a lock never shortens
-        assert tx.get_login_failures(b"x") == (3, 500)
-        tx.record_throttled(b"x", now=200)
-        tx.record_throttled(b"x", now=300)
-        tx.record_throttled(b"nobody", now=300)  # no record, nothing counted
-        assert tx.take_login_record(b"x") == LoginRecord(b"x", 3, 2, 300)
-        assert tx.get_login_failures(b"x") == (0, 0)
-        assert tx.take_login_record(b"x") is None
+        assert tx.get_login_record(x) is None
+        assert [tx.start_login(x, now, 3, 50) for now in (100, 101, 102, 103)] == [True, True, True, False]
+        assert tx.finish_login(x, 110, succeeded=False) == LoginRecord(x, 1, 1, 1, 110, 103, 0)
+        assert tx.finish_login(x, 111, succeeded=False) == LoginRecord(x, 2, 2, 1, 111, 103, 0)
+        assert not tx.start_login(x, 112, 3, 50)  # 2 failures + 1 in flight
+        assert tx.finish_login(x, 113, succeeded=False) == LoginRecord(x, 3, 3, 2, 113, 112, 0)
+        assert tx.start_login(x, 114, 3, 50)  # at the threshold: one at a time
+        assert not tx.start_login(x, 115, 3, 50)
+        # A login that never ends stops counting as in flight after ``in_flight_for``.
+        assert tx.start_login(x, 200, 3, 50)
+        tx.lock_login(x, 500)
+        tx.lock_login(x, 400)  # a lock never shortens
+        assert not tx.start_login(x, 300, 3, 50)
+        assert tx.get_login_record(x) == LoginRecord(x, 3, 3, 4, 113, 300, 500)
+        # A success hands over what waits for the owner's log and keeps the failures.
+        assert tx.finish_login(x, 310, succeeded=True) == LoginRecord(x, 3, 3, 4, 113, 300, 500)
+        assert tx.get_login_record(x) == LoginRecord(x, 3, 0, 0, 113, 300, 500)
+        assert tx.finish_login(b"nobody", 310, succeeded=True) is None
+        # A failure counts even when the record went while the login ran.
+        assert tx.finish_login(b"gone", 320, succeeded=False) == LoginRecord(b"gone", 1, 1, 0, 320, 0, 0)
 
 
-def test_login_records_are_swept_when_stale_and_kept_under_the_cap(storage):
+def _fail(tx, name: bytes, now: int) -> None:
+    assert tx.start_login(name, now, 5, 50)
+    tx.finish_login(name, now, succeeded=False)
+
+
+def test_login_records_are_swept_when_stale_and_evicted_harmless_first(storage):
     with storage.transaction() as tx:
-        tx.record_login_failure(b"stale", now=100)
-        tx.record_login_failure(b"stale but locked", now=100)
+        _fail(tx, b"stale", 100)
+        _fail(tx, b"stale but locked", 100)
         tx.lock_login(b"stale but locked", 10_000)
+        assert tx.start_login(b"succeeded", 200, 5, 50)
+        tx.finish_login(b"succeeded", 200, succeeded=True)  # never failed: nothing to keep
+        assert tx.start_login(b"in flight", 4_990, 5, 50)
         for n in range(30):
-            tx.record_login_failure(b"fresh%02d" % n, now=1_000 + n)
-        tx.lock_login(b"fresh00", 10_000)  # the oldest, but locked: kept while others can go
-        swept = tx.sweep_login_records(now=5_000, stale_before=500, max_records=20, limit=1000)
-        names = [r.account_name for r in swept]
-        assert names[0] == b"stale"  # stale first, then the oldest unlocked down to 90% of 20
-        assert names[1:] == [b"fresh%02d" % n for n in range(1, 14)]
-        remaining = [b"stale but locked", b"fresh00", *(b"fresh%02d" % n for n in range(14, 30))]
-        assert sorted(r.account_name for r in tx.sweep_login_records(5_000, 0, 10**6, 1000)) == []
-        for name in remaining:
-            assert tx.get_login_failures(name)[0] == 1
+            _fail(tx, b"fresh%02d" % n, 1_000 + n)
+        tx.lock_login(b"fresh00", 10_000)  # the oldest, but locked
+        for _ in range(4):
+            _fail(tx, b"fresh01", 1_001)  # the next oldest, but at the threshold
+        swept = tx.sweep_login_records(now=5_000, stale_before=500, in_flight_for=50, limit=1000)
+        assert sorted(r.account_name for r in swept) == [b"stale", b"succeeded"]
+        assert tx.count_login_records() == 32
+        # Over the cap: the least recently used harmless records go first.
+        evicted = tx.evict_login_records(now=5_000, threshold=5, in_flight_for=50, count=10)
+        assert sorted(r.account_name for r in evicted) == [b"fresh%02d" % n for n in range(2, 12)]
+        # With no harmless record left, the others go, unlocked before locked.
+        evicted = tx.evict_login_records(now=5_000, threshold=0, in_flight_for=50, count=3)
+        assert sorted(r.account_name for r in evicted) == [b"fresh01", b"fresh12", b"fresh13"]
+        assert tx.get_login_record(b"fresh00") is not None
+        assert tx.get_login_record(b"in flight") is not None
         # A limit bounds one sweep; the rest waits for the next.
-        assert len(tx.sweep_login_records(now=20_000, stale_before=20_000, max_records=10**6, limit=5)) == 5
+        assert len(tx.sweep_login_records(now=20_000, stale_before=20_000, in_flight_for=50, limit=5)) == 5
 
 
 def test_concurrent_failures_all_count(make_storage):
@@ -184,7 +209,7 @@ def test_concurrent_failures_all_count(make_storage):
         storage = make_storage()
         for _ in range(each):
             with storage.transaction() as tx:
-                tx.record_login_failure(b"target", now=1)
+                tx.finish_login(b"target", 1, succeeded=False)
 
     threads = [threading.Thread(target=fail_many) for _ in range(threads_count)]
     for thread in threads:
@@ -192,7 +217,30 @@ def test_concurrent_failures_all_count(make_storage):
     for thread in threads:
         thread.join()
     with make_storage().transaction() as tx:
-        assert tx.get_login_failures(b"target")[0] == threads_count * each
+        record = tx.get_login_record(b"target")
+        assert record is not None and record.failures == threads_count * each
+
+
+def test_concurrent_starts_admit_at_most_the_threshold(make_storage):
+    """Logins of one name started on several instances at once: no more than the
+    threshold are admitted (NET-10; each start is one atomic statement)."""
+    threads_count, each, admitted = 4, 10, []
+
+    def start_many() -> None:
+        storage = make_storage()
+        for _ in range(each):
+            with storage.transaction() as tx:
+                admitted.append(tx.start_login(b"target", 1, 5, 10**9))
+
+    threads = [threading.Thread(target=start_many) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert admitted.count(True) == 5
+    with make_storage().transaction() as tx:
+        record = tx.get_login_record(b"target")
+        assert record is not None and record.throttled == threads_count * each - 5
 
 
 def test_state_is_visible_to_a_second_opening(make_storage):
@@ -346,9 +394,10 @@ def test_a_database_of_the_previous_schema_is_upgraded_in_place(tmp_path, backen
         with storage.transaction() as tx:
             entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
             assert [(e.entry_id, e.action, e.count) for e in entries] == [(1, Action.REGISTER, 1)]
-            assert tx.get_login_failures(b"alice") == (2, 0)
-            tx.record_throttled(b"alice", now=900)
-            assert tx.take_login_record(b"alice") == LoginRecord(b"alice", 2, 1, 900)
+            # The failures of the old schema had not been logged yet: they wait for the owner.
+            assert tx.get_login_record(b"alice") == LoginRecord(b"alice", 2, 2, 0, 777, 0, 0)
+            assert tx.start_login(b"alice", 900, 5, 50)
+            assert tx.finish_login(b"alice", 901, succeeded=True) == LoginRecord(b"alice", 2, 2, 0, 777, 0, 0)
             tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGIN, 950, Outcome.FAILURE, count=7))
             entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
             assert entries[-1].count == 7
