@@ -53,6 +53,9 @@ class _BucketAdmission:
     def admit(self, frame_type: FrameType, now: float) -> bool:
         return self._bucket.admit(frame_type, self._clock())
 
+    def refund(self, frame_type: FrameType, now: float) -> None:
+        self._bucket.refund(frame_type, self._clock())
+
 
 @dataclass(slots=True)
 class _Entry:

@@ -41,9 +41,11 @@ from keymgmt_proto import (
     RegistrationSucceeded,
     RemoteProtocolError,
     ResponseReceived,
+    ResumeDeferred,
     SessionClosed,
     SessionEstablished,
     SessionFailed,
+    SessionResumed,
     derive_master_key,
 )
 from keymgmt_proto._crypto import RandomSource, decrypt_storage_key
@@ -263,6 +265,10 @@ class KeymgmtClient:
         #: Why recent sessions ended, so later calls on them say so (bounded).
         self._ended: dict[int, KeymgmtError] = {}
         self._detached: list[DetachedSession] = []
+        #: Sessions whose RESUME the server deferred (RATE_LIMITED): token -> set when it is
+        #: resumed again or has failed. Calls on them wait for it.
+        self._deferred: dict[int, anyio.Event] = {}
+        self._deferred_rounds = 0
         self._task_group: TaskGroup | None = None
         self._closed: KeymgmtError | None = None
         self._closing = False
@@ -356,6 +362,7 @@ class KeymgmtClient:
     async def request(self, token: int, body: bytes) -> bytes:
         """Send a request body on a session and wait for its answer."""
         await self._ready()
+        await self._resumed(token)
         if token in self._ended:
             raise self._ended[token]
         session_id = self._sid_of.get(token)
@@ -372,6 +379,7 @@ class KeymgmtClient:
     async def close_session(self, token: int) -> None:
         """Log out of a session."""
         await self._ready()
+        await self._resumed(token)
         if token in self._ended:
             raise self._ended[token]
         session_id = self._sid_of.get(token)
@@ -393,6 +401,12 @@ class KeymgmtClient:
         await self._connected.wait()
         if self._closed is not None:
             raise self._closed
+
+    async def _resumed(self, token: int) -> None:
+        """Wait while the session's resumption is deferred (see _resume_deferred)."""
+        while (event := self._deferred.get(token)) is not None:
+            await event.wait()
+            await self._ready()
 
     def _command(self, action: Callable[[], _T]) -> _T:
         if self._closed is not None:
@@ -481,6 +495,13 @@ class KeymgmtClient:
             self._token_of.pop(event.session_id, None)
             if waiter is not None:
                 waiter.resolve(event)
+        elif isinstance(event, ResumeDeferred):
+            if not self._deferred:
+                assert self._task_group is not None
+                self._task_group.start_soon(self._resume_deferred, self._conn)
+            self._deferred.setdefault(token, anyio.Event())
+        elif isinstance(event, SessionResumed):
+            self._deferred_rounds = 0
         elif isinstance(event, SessionFailed | SessionClosed):
             if isinstance(event, SessionFailed) and event.code is ErrorCode.UNKNOWN_SESSION:
                 error: KeymgmtError = SessionEndedError(
@@ -502,6 +523,41 @@ class KeymgmtClient:
                 self._fail_session(token, lost)
         if self._connector is None:
             self._close(lost)
+
+    async def _resume_deferred(self, conn: ClientConnection) -> None:
+        """The server refused some RESUMEs unseen (too many session-opening frames from this
+        address, NET-13): the sessions are intact. Resume them again on the same connection
+        after a backoff that doubles each round; after ``reconnect_attempts`` rounds in a
+        row, give up on them (RateLimitedError)."""
+        await anyio.sleep(min(5.0, self.reconnect_delay * 2**self._deferred_rounds))
+        deferred, self._deferred = self._deferred, {}
+        try:
+            if conn is not self._conn or conn.failed is not None:
+                return  # the reconnection took them (they were detached with the rest)
+            self._deferred_rounds += 1
+            give_up = self._deferred_rounds > self.reconnect_attempts
+            for session in conn.take_detached_sessions():
+                token = self._token_of.pop(session.session_id, None)
+                if token is None:
+                    continue
+                if give_up:
+                    self._fail_session(
+                        token,
+                        RateLimitedError(
+                            "the key server kept deferring the session's resumption (too many "
+                            "attempts from this address); log in again"
+                        ),
+                    )
+                    continue
+                new_id = conn.resume_session(session)
+                self._token_of[new_id] = token
+                self._sid_of[token] = new_id
+            if give_up:
+                self._deferred_rounds = 0
+        finally:
+            for event in deferred.values():
+                event.set()
+        await self._flush()
 
     def _close(self, error: KeymgmtError) -> None:
         self._closed = error

@@ -4,7 +4,10 @@ The key server gives each connection an :class:`Admission` (in practice the toke
 bucket of the connection's client address, shared by all its connections). The
 core asks it before any work a frame that opens a session would cost (OPAQUE,
 storage, a session lookup): REG_START, LOGIN_START and RESUME. A refusal is an
-ABORT(``RATE_LIMITED``) and nothing else.
+ABORT(``RATE_LIMITED``) and nothing else. A RESUME that succeeds is handed back
+(:meth:`Admission.refund`): a client resuming its own sessions after a dropped
+connection pays nothing, however many it has, while guessed or replayed RESUMEs
+pay like any other opening frame.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ class Admission(Protocol):
 
     def admit(self, frame_type: FrameType, now: float) -> bool:
         """True to go on with the frame received at ``now``; False to refuse it cheaply."""
+        ...
+
+    def refund(self, frame_type: FrameType, now: float) -> None:
+        """An admitted frame turned out legitimate (a RESUME that resumed): give back what
+        :meth:`admit` took for it."""
         ...
 
 
@@ -60,6 +68,16 @@ class TokenBucket:
         self._tokens = tokens - 1
         return True
 
+    def give_back(self, now: float) -> None:
+        """Return one token (never above ``burst``)."""
+        self._tokens = min(self.burst, self.tokens(now) + 1)
+        if self._stamp is None or now > self._stamp:
+            self._stamp = now
+
     def admit(self, frame_type: FrameType, now: float) -> bool:
         """:class:`Admission` for every opening frame alike: one token each."""
         return self.take(now)
+
+    def refund(self, frame_type: FrameType, now: float) -> None:
+        """:class:`Admission`: a successful RESUME costs nothing."""
+        self.give_back(now)

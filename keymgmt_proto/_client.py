@@ -24,6 +24,7 @@ from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtoco
 from ._events import (
     RegistrationSucceeded,
     ResponseReceived,
+    ResumeDeferred,
     SessionClosed,
     SessionEstablished,
     SessionFailed,
@@ -357,6 +358,15 @@ class ClientConnection(ConnectionBase):
         except RemoteProtocolError as exc:
             self._fail(session, exc, remote=True, notify=False)
             return
+        if abort.code is ErrorCode.RATE_LIMITED:
+            target = next_state(Role.CLIENT, session.kind, session.state, Command.DEFER)
+            if target is State.DETACHED:
+                # Refused before the server looked at it: still resumable, later (NET-13).
+                session.state = target
+                self._sessions.pop(session.session_id)
+                self._detached.append(session)
+                self._events.append(ResumeDeferred(session.session_id, abort.reason or abort.code.name))
+                return
         self._end(session, State.CLOSED)
         self._events.append(
             SessionFailed(session.session_id, abort.code, abort.reason or abort.code.name, True)

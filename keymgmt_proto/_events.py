@@ -20,6 +20,7 @@ __all__ = [
     "RegistrationSucceeded",
     "RequestReceived",
     "ResponseReceived",
+    "ResumeDeferred",
     "SessionClosed",
     "SessionEstablished",
     "SessionFailed",
@@ -162,6 +163,17 @@ class SessionClosed(Event):
     code: ErrorCode
     #: Server side: whose session it was (for the audit log). None on the client.
     user_id: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeDeferred(Event):
+    """The server refused to look at a RESUME yet (ABORT ``RATE_LIMITED``: too many
+    session-opening frames from this address). The session is detached again, unharmed:
+    :meth:`ClientConnection.take_detached_sessions` returns it; resume it a little later.
+    ``session_id`` is the id the refused RESUME used."""
+
+    session_id: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

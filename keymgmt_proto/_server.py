@@ -715,6 +715,8 @@ class ServerConnection(ConnectionBase):
         try:
             if frame.type is FrameType.RESUME:
                 self._on_resume(session_id, frame)
+                if self._admission is not None:  # a real resumption costs nothing (NET-13)
+                    self._admission.refund(frame.type, self._now)
                 return
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
             target = self._check(session, frame.type)

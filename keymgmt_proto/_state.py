@@ -87,6 +87,8 @@ class Command(_FastHashEnum):
     ABORT = "abort"
     #: The connection went away under an established session.
     DETACH = "detach"
+    #: The server refused a RESUME unseen (ABORT ``RATE_LIMITED``): resume again later.
+    DEFER = "defer"
 
 
 Trigger = FrameType | Command
@@ -118,6 +120,7 @@ _ROWS: list[tuple[Role, SessionKind, State, Trigger, State]] = [
     (C, REQ, St.AWAIT_RESUMED, F.CLOSE, St.CLOSED),
     (C, REQ, St.AWAIT_RESUMED, K.CLOSE, St.CLOSE_AFTER_RESUMED),
     (C, REQ, St.AWAIT_RESUMED, K.DETACH, St.DETACHED),
+    (C, REQ, St.AWAIT_RESUMED, K.DEFER, St.DETACHED),  # ABORT(RATE_LIMITED): event ResumeDeferred
     (C, REQ, St.CLOSE_AFTER_RESUMED, F.RESUMED, St.CLOSED),  # send CLOSE in the new epoch
     (C, REQ, St.CLOSE_AFTER_RESUMED, F.CLOSE, St.CLOSED),
     # ---- server, registration session (NET-5, REG-1..REG-4)

@@ -48,6 +48,7 @@ AWAIT_RESUMED         send_request          -> AWAIT_RESUMED
 AWAIT_RESUMED         CLOSE                 -> CLOSED
 AWAIT_RESUMED         close                 -> CLOSE_AFTER_RESUMED
 AWAIT_RESUMED         detach                -> DETACHED
+AWAIT_RESUMED         defer                 -> DETACHED
 CLOSE_AFTER_RESUMED   RESUMED               -> CLOSED
 CLOSE_AFTER_RESUMED   CLOSE                 -> CLOSED
 """

@@ -255,3 +255,185 @@ def test_the_sync_client_reconnects_too(tmp_path):
         finally:
             portal.call(runtime.shutdown)
             future.result(timeout=20)
+
+
+def _resume_world(bucket: TokenBucket, sessions: int):
+    """``sessions`` established sessions of one account, detached by a dropped connection,
+    and a new connection whose server side admits through ``bucket``."""
+    import random
+
+    from keymgmt.adapters import InMemoryPair, MemoryServerApp
+    from keymgmt_proto import ServerConnection, ServerSetup, SessionEstablished, SessionRegistry
+
+    setup, registry, app = ServerSetup.generate(), SessionRegistry(ServerConfig()), MemoryServerApp()
+
+    def pair(admission, client=None):
+        server = ServerConnection(setup, os.urandom, registry=registry, admission=admission)
+        return InMemoryPair(client or ClientConnection(os.urandom), server, app, rng=random.Random(0))
+
+    first = pair(None)
+    first.client.open_registration(b"sp@example.org", PW)
+    first.pump()
+    for _ in range(sessions):
+        first.client.open_request_session(b"sp@example.org", PW)
+    assert sum(isinstance(e, SessionEstablished) for e in first.pump()) == sessions
+    first.client.connection_lost()
+    first.server.connection_lost()
+    first.pump()
+    return first.client.take_detached_sessions(), pair(bucket), registry
+
+
+def test_a_client_resumes_more_sessions_than_the_burst_after_a_drop():
+    """After a dropped connection a client resumes all its sessions at once: a RESUME that
+    resumes gets its token back, so their number is not limited by the address's burst
+    (NET-2 under NET-13)."""
+    from keymgmt_proto import SessionFailed, SessionResumed
+
+    detached, second, _ = _resume_world(TokenBucket(rate=1.0, burst=20), 60)
+    for session in detached:
+        second.client.resume_session(session)
+    events = second.pump()
+    assert sum(isinstance(e, SessionResumed) for e in events) == 60
+    assert not [e for e in events if isinstance(e, SessionFailed)]
+
+
+def test_failed_resumes_pay_and_a_refused_one_leaves_the_session_resumable():
+    """RESUMEs that resume nothing (guessed handles) drain the bucket like logins. A real
+    RESUME refused while it is empty is not lost: the client core says ResumeDeferred, keeps
+    the session detached, and a RESUME once the bucket has refilled works."""
+    from keymgmt_proto import ResponseReceived, ResumeDeferred, SessionFailed, SessionResumed
+    from keymgmt_proto._messages import Record, ResumeEnvelope
+
+    from .frames import forge
+
+    bucket = TokenBucket(rate=1.0, burst=10)
+    detached, second, registry = _resume_world(bucket, 1)
+    for n in range(1, 13):  # a prober guessing session handles, on the same address
+        bogus = ResumeEnvelope(os.urandom(16), Record(0, os.urandom(40))).encode()
+        second.to_server(forge(FrameType.RESUME, 1000 + n, bogus))
+    refusals = [e.code for e in second.server_events if isinstance(e, SessionFailed)]
+    assert refusals.count(ErrorCode.UNKNOWN_SESSION) == 10 and refusals.count(ErrorCode.RATE_LIMITED) == 2
+    second.server.data_to_send()  # the prober's ABORTs are not the owner's business
+    second.client._last_session_id = 2000  # its ids above the prober's
+    # The owner's RESUME now finds the bucket empty.
+    sid = second.client.resume_session(detached[0])
+    events = second.pump()
+    assert [type(e) for e in events] == [ResumeDeferred] and events[0].session_id == sid
+    assert registry.detached_count() == 1  # the server still holds it, untouched
+    (again,) = second.client.take_detached_sessions()
+    second.now += 1.5  # a token refilled
+    sid = second.client.resume_session(again)
+    assert any(isinstance(e, SessionResumed) for e in second.pump())
+    second.client.send_request(sid, b"still here")
+    assert [e.body for e in second.pump() if isinstance(e, ResponseReceived)] == [b"still here"]
+
+
+class _Breakable:
+    """A stream the test can cut, as a network failure would."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.broken = inner, anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        async with anyio.create_task_group() as tg:
+            result: list[bytes] = []
+
+            async def read() -> None:
+                result.append(await self.inner.receive(max_bytes))
+                tg.cancel_scope.cancel()
+
+            async def cut() -> None:
+                await self.broken.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(read)
+            tg.start_soon(cut)
+        if not result:
+            raise anyio.BrokenResourceError
+        return result[0]
+
+    async def send(self, data: bytes) -> None:
+        if self.broken.is_set():
+            raise anyio.BrokenResourceError
+        await self.inner.send(data)
+
+    async def aclose(self) -> None:
+        await anyio.aclose_forcefully(self.inner)
+
+
+async def test_the_client_resumes_again_when_a_prober_on_its_address_drained_the_bucket(
+    tmp_path, monkeypatch
+):
+    """Behind one NAT address, a prober guesses RESUME handles until the address's bucket is
+    empty; then the owner's connection drops. KeymgmtClient's RESUMEs are deferred, and it
+    resumes them again after a short backoff: the owner's sessions carry on (NET-2, NET-13)."""
+    deferrals = []
+    original = KeymgmtClient._resume_deferred
+
+    async def counting(self, conn):
+        deferrals.append(len(self._deferred))
+        await original(self, conn)
+
+    monkeypatch.setattr(KeymgmtClient, "_resume_deferred", counting)
+    async with running_server(tmp_path, admission_rate=10.0, admission_burst=20) as (runtime, pki):
+        streams: list[_Breakable] = []
+
+        async def connect():
+            streams.append(_Breakable(await tls_from(runtime.port, pki.ca_cert, "127.0.0.4")))
+            return streams[-1]
+
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"nat@example.org", PW)
+            sessions = [await client.login(b"nat@example.org", PW) for _ in range(3)]
+            prober = await tls_from(runtime.port, pki.ca_cert, "127.0.0.4")
+            try:
+                from keymgmt_proto._messages import Record, ResumeEnvelope
+
+                from .frames import forge
+
+                frames = b"".join(
+                    forge(
+                        FrameType.RESUME,
+                        n,
+                        ResumeEnvelope(os.urandom(16), Record(0, os.urandom(40))).encode(),
+                    )
+                    for n in range(1, 60)
+                )
+                await prober.send(frames)
+                streams[-1].broken.set()  # the owner's connection drops now
+                with anyio.fail_after(20):
+                    for session in sessions:
+                        assert await session.list_keys() == []
+            finally:
+                await anyio.aclose_forcefully(prober)
+            assert client.connection_count == 2
+    assert deferrals and deferrals[0] >= 1
+
+
+async def test_the_client_gives_up_on_a_resumption_deferred_round_after_round(tmp_path):
+    """If the address's bucket stays empty, the deferred sessions fail after
+    ``reconnect_attempts`` rounds with a RateLimitedError that says what to do."""
+    from keymgmt_proto._messages import Record, ResumeEnvelope
+
+    from .frames import forge
+
+    async with running_server(tmp_path, admission_rate=0.01, admission_burst=8) as (runtime, pki):
+        streams: list[_Breakable] = []
+
+        async def connect():
+            streams.append(_Breakable(await tls_from(runtime.port, pki.ca_cert, "127.0.0.5")))
+            return streams[-1]
+
+        async with KeymgmtClient(connect, reconnect_attempts=2, reconnect_delay=0.01) as client:
+            await client.register(b"unlucky@example.org", PW)
+            session = await client.login(b"unlucky@example.org", PW)
+            prober = await tls_from(runtime.port, pki.ca_cert, "127.0.0.5")
+            try:
+                envelope = ResumeEnvelope(os.urandom(16), Record(0, os.urandom(40))).encode()
+                await prober.send(b"".join(forge(FrameType.RESUME, n, envelope) for n in range(1, 20)))
+                await anyio.sleep(0.2)  # the prober's frames are in before the drop
+                streams[-1].broken.set()
+                with anyio.fail_after(10), pytest.raises(RateLimitedError, match="kept deferring"):
+                    await session.list_keys()
+            finally:
+                await anyio.aclose_forcefully(prober)
