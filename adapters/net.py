@@ -43,6 +43,25 @@ __all__ = ["KeyServerRuntime", "ServerSettings", "TLSConnectError", "open_storag
 log = logging.getLogger("keymgmt.server")
 
 
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """One accepted connection, as the connection limit sees it."""
+
+    key: str
+    scope: anyio.CancelScope
+    opened: float
+    driver: ConnectionDriver | None = None  # once the TLS handshake is done
+
+    @property
+    def live(self) -> bool:
+        return not self.scope.cancel_called
+
+    @property
+    def authenticated(self) -> bool:
+        """Carries a logged-in session (a peer that proved a password)."""
+        return self.driver is not None and self.driver.conn.authenticated_sessions > 0
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """Everything ``keymgmt-server serve`` reads from its TOML file (see the README)."""
@@ -179,6 +198,9 @@ class KeyServerRuntime:
         )
         #: Connections refused before their TLS handshake (connection limits, shutdown).
         self.connections_refused = 0
+        #: Connections closed to make room for an address holding fewer (see _make_room).
+        self.connections_preempted = 0
+        self._slots: dict[str, list[_Slot]] = {}
         self._warnings = _WarningThrottle()
 
     def __repr__(self) -> str:
@@ -277,8 +299,12 @@ class KeyServerRuntime:
         address = tcp.extra(SocketAttribute.remote_address, None)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         key = address_key(str(address[0]) if isinstance(address, tuple) else str(address))
-        if self._stop.is_set() or self._open_connections > self.settings.max_connections:
-            self._refuse(tcp, peer, "connection limit or shutting down")
+        if self._stop.is_set():
+            self._refuse(tcp, peer, "shutting down")
+            await anyio.aclose_forcefully(tcp)
+            return
+        if self._open_connections > self.settings.max_connections and not self._make_room(key):
+            self._refuse(tcp, peer, "connection limit")
             await anyio.aclose_forcefully(tcp)
             return
         bucket = self.address_limits.open(key)
@@ -286,16 +312,50 @@ class KeyServerRuntime:
             self._refuse(tcp, peer, f"{self.settings.max_connections_per_address} connections from {key}")
             await anyio.aclose_forcefully(tcp)
             return
+        slot = _Slot(key, anyio.CancelScope(), time.monotonic())
+        self._slots.setdefault(key, []).append(slot)
         try:
-            await self._serve_tls(tcp, peer, bucket)
+            with slot.scope:
+                await self._serve_tls(tcp, peer, bucket, slot)
+            if slot.scope.cancelled_caught:
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(tcp)
         finally:
+            slots = self._slots[key]
+            slots.remove(slot)
+            if not slots:
+                del self._slots[key]
             self.address_limits.close(key)
+
+    def _make_room(self, key: str) -> bool:
+        """The server is full and a connection arrives from ``key``. Fair shares (NET-13):
+        if another address holds more than one connection more than ``key`` does, close one
+        of the heaviest address's connections (one without a logged-in session if it has
+        one, else its oldest; its sessions detach and stay resumable) and admit the
+        newcomer. Otherwise refuse it. So a few addresses cannot hold every slot: to keep
+        others out an attacker needs as many addresses as the server has slots."""
+        mine = sum(1 for s in self._slots.get(key, ()) if s.live)
+        heaviest: list[_Slot] = []
+        for slots in self._slots.values():
+            live = [s for s in slots if s.live]
+            if len(live) > len(heaviest):
+                heaviest = live
+        if len(heaviest) <= mine + 1:
+            return False
+        idle = [s for s in heaviest if not s.authenticated]
+        victim = min(idle or heaviest, key=lambda s: s.opened)
+        victim.scope.cancel()
+        self.connections_preempted += 1
+        self._warnings.warn(
+            "preempted", "closed a connection from %s to make room for %s (connection limit)", victim.key, key
+        )
+        return True
 
     def _refuse(self, tcp: SocketStream, peer: str, why: str) -> None:
         self.connections_refused += 1
         self._warnings.warn(why, "refused a connection from %s: %s", peer, why)
 
-    async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: Admission) -> None:
+    async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: Admission, slot: _Slot) -> None:
         try:
             with anyio.fail_after(self.settings.tls_handshake_timeout):
                 stream = await TLSStream.wrap(
@@ -320,6 +380,7 @@ class KeyServerRuntime:
             stream, self.setup, self.keyserver, self.registry, peer=peer, admission=bucket
         )
         self._drivers.add(driver)
+        slot.driver = driver
         self.connections_served += 1
         log.info("connection from %s (TLS 1.3)", peer)
         try:

@@ -520,6 +520,11 @@ class ServerConnection(ConnectionBase):
         session = self._sessions.get(session_id)
         return session.state if session is not None else State.CLOSED
 
+    @property
+    def authenticated_sessions(self) -> int:
+        """Request sessions established (logged in) on this connection now."""
+        return sum(1 for s in self._sessions.values() if s.state is State.ESTABLISHED)
+
     # ------------------------------------------------------------ internals
 
     def _advance(self, now: float) -> None:
