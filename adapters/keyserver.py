@@ -14,8 +14,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -178,15 +178,29 @@ class KeyServer:
         #: Admitted logins not yet ended, per connection: session id -> account name. An
         #: entry lives as long as its session (every end pops it, whatever the name).
         self._in_flight: WeakKeyDictionary[ServerConnection, dict[int, bytes]] = WeakKeyDictionary()
+        #: Failed logins (name, time) to count once the batch they ended in is over (see
+        #: _record_failures); kept until storage takes them.
+        self._failures: list[tuple[bytes, int]] = []
+        self._batch_depth = 0
 
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
 
-    def batch(self) -> AbstractContextManager[None]:
+    @contextmanager
+    def batch(self) -> Iterator[None]:
         """Group commit for a run of events (the storage's ``batch()`` if it has one): the
-        driver answers nothing from inside until this exits normally (STO-1)."""
-        batch = getattr(self.storage, "batch", None)
-        return batch() if batch is not None else nullcontext()
+        driver answers nothing from inside until this exits normally (STO-1). The failed
+        logins of the batch are counted as it ends, committed or not (see
+        :meth:`_record_failures`)."""
+        storage_batch = getattr(self.storage, "batch", None)
+        self._batch_depth += 1
+        try:
+            with storage_batch() if storage_batch is not None else nullcontext():
+                yield
+        finally:
+            self._batch_depth -= 1
+            if self._batch_depth == 0:
+                self._record_failures()
 
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -273,18 +287,40 @@ class KeyServer:
         if name is None:
             return
         now = self.now_us()
+        if user_id is None:
+            self._failures.append((name, now))
+            if self._batch_depth == 0:
+                self._record_failures()
+            return
         with self.storage.transaction() as tx:
-            record = tx.finish_login(name, now, succeeded=user_id is not None)
-            if user_id is not None:
-                # Authenticated from here on: the attempts counted for the name since they
-                # were last logged go into the owner's log, then the success itself.
-                if record is not None:
-                    self._log_attempts(tx, user_id, record)
-                tx.append_audit(AuditRecord(user_id, Action.LOGIN, now, Outcome.SUCCESS))
-            elif record is not None:
-                wait = self.throttle.locked_for(record.failures)
-                if wait > 0:
-                    tx.lock_login(name, now + int(wait * 1_000_000))
+            record = tx.finish_login(name, now, succeeded=True)
+            # Authenticated from here on: the attempts counted for the name since they were
+            # last logged go into the owner's log, then the success itself. (If the batch
+            # fails to commit, the login fails with it, and so does that log entry; with
+            # PostgreSQL the counts it took are then lost from the owner's log.)
+            if record is not None:
+                self._log_attempts(tx, user_id, record)
+            tx.append_audit(AuditRecord(user_id, Action.LOGIN, now, Outcome.SUCCESS))
+
+    def _record_failures(self) -> None:
+        """Count the failed logins waiting to be counted, each in a transaction of its own
+        and outside any batch: a storage failure in a batch, or its commit failing, cannot
+        make a tested guess go uncounted (NET-10). What storage refuses stays queued for the
+        next batch or :meth:`maintain` (a crash loses it; the login then stops counting as
+        in flight after ``in_flight_for``)."""
+        lock_for = self._lock_for_us
+        while self._failures:
+            name, when = self._failures[0]
+            try:
+                with self.storage.transaction() as tx:
+                    tx.finish_login(name, when, succeeded=False, lock_for=lock_for)
+            except StorageError as exc:
+                log.error("could not count %d failed logins yet: %s", len(self._failures), exc)
+                return
+            self._failures.pop(0)
+
+    def _lock_for_us(self, failures: int) -> int:
+        return int(self.throttle.locked_for(failures) * 1_000_000)
 
     @staticmethod
     def _log_attempts(tx: Transaction, user_id: bytes, record: LoginRecord) -> None:
@@ -312,6 +348,7 @@ class KeyServer:
         ``throttle.max_records`` (NET-13), writing what they counted into the owners' logs
         (off the answer path of any login). Removes at most ``batch`` records; call again
         while it returns ``batch``. Returns how many it removed."""
+        self._record_failures()
         now = self.now_us()
         policy = self.throttle
         stale_before = now - int(policy.forget_after * 1_000_000)

@@ -328,22 +328,24 @@ class KeyServerRuntime:
             self.address_limits.close(key)
 
     def _make_room(self, key: str) -> bool:
-        """The server is full and a connection arrives from ``key``. Fair shares (NET-13):
-        if another address holds more than one connection more than ``key`` does, close one
-        of the heaviest address's connections (one without a logged-in session if it has
-        one, else its oldest; its sessions detach and stay resumable) and admit the
-        newcomer. Otherwise refuse it. So a few addresses cannot hold every slot: to keep
-        others out an attacker needs as many addresses as the server has slots."""
-        mine = sum(1 for s in self._slots.get(key, ()) if s.live)
-        heaviest: list[_Slot] = []
-        for slots in self._slots.values():
-            live = [s for s in slots if s.live]
-            if len(live) > len(heaviest):
-                heaviest = live
-        if len(heaviest) <= mine + 1:
-            return False
-        idle = [s for s in heaviest if not s.authenticated]
-        victim = min(idle or heaviest, key=lambda s: s.opened)
+        """The server is full and a connection arrives from ``key``: fair shares (NET-13).
+
+        First the connections that have proved nothing (no logged-in session): if some
+        address holds more than one more of those than ``key`` does, its oldest such
+        connection is closed. Otherwise, if some address holds more than one connection
+        more than ``key`` does in all, the oldest connection of the heaviest one is closed
+        (its sessions detach and stay resumable). Otherwise the newcomer is refused. So a
+        few addresses cannot hold every slot: keeping everyone out takes as many addresses
+        as there are slots, and logged-in users lose their connection only to an address
+        holding fewer."""
+        live = {k: [s for s in slots if s.live] for k, slots in self._slots.items()}
+        unproven = {k: [s for s in slots if not s.authenticated] for k, slots in live.items()}
+        victims = max(unproven.values(), key=len, default=[])
+        if len(victims) <= len(unproven.get(key, ())) + 1:
+            victims = max(live.values(), key=len, default=[])
+            if len(victims) <= len(live.get(key, ())) + 1:
+                return False
+        victim = min(victims, key=lambda s: s.opened)
         victim.scope.cancel()
         self.connections_preempted += 1
         self._warnings.warn(

@@ -17,8 +17,9 @@ Uses psycopg 3 with a connection pool (psycopg_pool).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 
 import psycopg
 from psycopg import sql
@@ -87,7 +88,6 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE login_throttle ADD COLUMN last_throttled_us BIGINT NOT NULL DEFAULT 0;
     UPDATE login_throttle SET unlogged = failures;
     CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
-    CREATE INDEX login_throttle_by_use ON login_throttle(GREATEST(last_failure_us, last_start_us));
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1
     """,
 ]
@@ -100,8 +100,20 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class _PgTransaction:
-    def __init__(self, conn: psycopg.Connection[TupleRow]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[TupleRow], pool: ConnectionPool[psycopg.Connection[TupleRow]]
+    ) -> None:
         self._conn = conn
+        self._pool = pool
+
+    @contextmanager
+    def _own(self) -> Iterator[psycopg.Connection[TupleRow]]:
+        """A short transaction of its own, committed at once: for the login-throttling rows.
+        Inside the caller's transaction (a batch an attacker composes frame by frame) their
+        row locks would be held to its end, and two instances could wait on each other's
+        (a deadlock, which loses a write and stalls both event loops)."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn
 
     def _one(self, query: str, params: tuple[object, ...]) -> TupleRow | None:
         return self._conn.execute(query, params).fetchone()
@@ -260,76 +272,84 @@ class _PgTransaction:
             f"({t}.locked_until_us <= %(now)s AND ({t}.failures + {in_flight} < %(threshold)s "
             f"OR {in_flight} = 0))"
         )
-        row = self._one(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
-            "pending, last_start_us, admitted, unlogged, throttled) "
-            "VALUES (%(name)s, 0, 0, 0, 1, %(now)s, TRUE, 0, 0) "
-            f"ON CONFLICT (account_name) DO UPDATE SET admitted = {admit}, "
-            f"pending = CASE WHEN {admit} THEN {in_flight} + 1 ELSE {t}.pending END, "
-            f"throttled = CASE WHEN {admit} THEN {t}.throttled ELSE {t}.throttled + 1 END, "
-            f"last_throttled_us = CASE WHEN {admit} THEN {t}.last_throttled_us ELSE %(now)s END, "
-            f"last_start_us = CASE WHEN {admit} THEN %(now)s ELSE {t}.last_start_us END RETURNING admitted",
-            {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for},  # type: ignore[arg-type]
-        )
+        with self._own() as conn:
+            row = conn.execute(
+                "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
+                "pending, last_start_us, admitted, unlogged, throttled) "
+                "VALUES (%(name)s, 0, 0, 0, 1, %(now)s, TRUE, 0, 0) "
+                f"ON CONFLICT (account_name) DO UPDATE SET admitted = {admit}, "
+                f"pending = CASE WHEN {admit} THEN {in_flight} + 1 ELSE {t}.pending END, "
+                f"throttled = CASE WHEN {admit} THEN {t}.throttled ELSE {t}.throttled + 1 END, "
+                f"last_throttled_us = CASE WHEN {admit} THEN {t}.last_throttled_us ELSE %(now)s END, "
+                f"last_start_us = CASE WHEN {admit} THEN %(now)s ELSE {t}.last_start_us END "
+                "RETURNING admitted",
+                {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for},
+            ).fetchone()
         assert row is not None
         return bool(row[0])
 
-    def finish_login(self, account_name: bytes, now: int, succeeded: bool) -> LoginRecord | None:
-        if succeeded:
-            row = self._one(
-                f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s FOR UPDATE",  # noqa: S608
-                (account_name,),
-            )
-            if row is not None:
-                self._conn.execute(
-                    "UPDATE login_throttle SET pending = GREATEST(pending - 1, 0), unlogged = 0, "
-                    "throttled = 0 WHERE account_name = %s",
+    def finish_login(
+        self, account_name: bytes, now: int, succeeded: bool, lock_for: Callable[[int], int] | None = None
+    ) -> LoginRecord | None:
+        with self._own() as conn:
+            if succeeded:
+                row = conn.execute(
+                    f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s FOR UPDATE",  # noqa: S608
                     (account_name,),
+                ).fetchone()
+                if row is not None:
+                    conn.execute(
+                        "UPDATE login_throttle SET pending = GREATEST(pending - 1, 0), unlogged = 0, "
+                        "throttled = 0 WHERE account_name = %s",
+                        (account_name,),
+                    )
+                return None if row is None else _login_record(row)
+            # An upsert: a failure counts even if the record went while the login ran.
+            row = conn.execute(
+                "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
+                "unlogged) VALUES (%s, 1, 0, %s, 1) ON CONFLICT (account_name) DO UPDATE SET "
+                "pending = GREATEST(login_throttle.pending - 1, 0), "
+                "failures = login_throttle.failures + 1, unlogged = login_throttle.unlogged + 1, "
+                f"last_failure_us = EXCLUDED.last_failure_us RETURNING {_LOGIN_COLUMNS}",
+                (account_name, now),
+            ).fetchone()
+            assert row is not None
+            record = _login_record(row)
+            wait = lock_for(record.failures) if lock_for is not None else 0
+            if wait > 0 and now + wait > record.locked_until:
+                conn.execute(
+                    "UPDATE login_throttle SET locked_until_us = %s WHERE account_name = %s",
+                    (now + wait, account_name),
                 )
-            return None if row is None else _login_record(row)
-        # An upsert: a failure counts even if the record went while the login ran.
-        row = self._one(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
-            "unlogged) VALUES (%s, 1, 0, %s, 1) ON CONFLICT (account_name) DO UPDATE SET "
-            "pending = GREATEST(login_throttle.pending - 1, 0), failures = login_throttle.failures + 1, "
-            "unlogged = login_throttle.unlogged + 1, last_failure_us = EXCLUDED.last_failure_us "
-            f"RETURNING {_LOGIN_COLUMNS}",
-            (account_name, now),
-        )
-        assert row is not None
-        return _login_record(row)
-
-    def lock_login(self, account_name: bytes, locked_until: int) -> None:
-        self._conn.execute(
-            "UPDATE login_throttle SET locked_until_us = GREATEST(locked_until_us, %s) "
-            "WHERE account_name = %s",
-            (locked_until, account_name),
-        )
+                record = replace(record, locked_until=now + wait)
+            return record
 
     def get_login_record(self, account_name: bytes) -> LoginRecord | None:
-        row = self._one(
-            f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s",  # noqa: S608
-            (account_name,),
-        )
+        with self._own() as conn:
+            row = conn.execute(
+                f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s",  # noqa: S608
+                (account_name,),
+            ).fetchone()
         return None if row is None else _login_record(row)
 
     def sweep_login_records(
         self, now: int, stale_before: int, in_flight_for: int, limit: int
     ) -> list[LoginRecord]:
         # SKIP LOCKED: instances sweeping at once take disjoint rows, and never wait on a login.
-        rows = self._conn.execute(
-            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists, values bound
-            "WHERE last_failure_us < %s AND locked_until_us < %s "
-            "AND (pending = 0 OR last_start_us < %s) LIMIT %s "
-            f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
-            (stale_before, now, now - in_flight_for, limit),
-        ).fetchall()
+        with self._own() as conn:
+            rows = conn.execute(
+                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists, values bound
+                "WHERE last_failure_us < %s AND locked_until_us < %s "
+                "AND (pending = 0 OR last_start_us < %s) LIMIT %s "
+                f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
+                (stale_before, now, now - in_flight_for, limit),
+            ).fetchall()
         return [_login_record(row) for row in rows]
 
     def evict_login_records(
         self, now: int, threshold: int, in_flight_for: int, count: int
     ) -> list[LoginRecord]:
-        # Least recently used first, from an index: the harmless, then the unlocked, then any.
+        # Oldest last failure first, from an index: the harmless, then the unlocked, then any.
         tiers = (
             "failures < %(threshold)s AND locked_until_us < %(now)s "
             "AND (pending = 0 OR last_start_us < %(recent)s)",
@@ -337,24 +357,27 @@ class _PgTransaction:
             "TRUE",
         )
         rows: list[TupleRow] = []
-        for where in tiers:
-            if len(rows) == count:
-                break
-            rows += self._conn.execute(
-                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists and conditions, values bound
-                f"WHERE {where} ORDER BY GREATEST(last_failure_us, last_start_us) LIMIT %(limit)s "
-                f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
-                {
-                    "threshold": threshold,
-                    "now": now,
-                    "recent": now - in_flight_for,
-                    "limit": count - len(rows),
-                },
-            ).fetchall()
+        with self._own() as conn:
+            for where in tiers:
+                if len(rows) == count:
+                    break
+                rows += conn.execute(
+                    "DELETE FROM login_throttle WHERE account_name IN "  # noqa: S608 - constant column lists and conditions, values bound
+                    f"(SELECT account_name FROM login_throttle WHERE {where} "
+                    "ORDER BY last_failure_us LIMIT %(limit)s "
+                    f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
+                    {
+                        "threshold": threshold,
+                        "now": now,
+                        "recent": now - in_flight_for,
+                        "limit": count - len(rows),
+                    },
+                ).fetchall()
         return [_login_record(row) for row in rows]
 
     def count_login_records(self) -> int:
-        row = self._one("SELECT count(*) FROM login_throttle", ())
+        with self._own() as conn:
+            row = conn.execute("SELECT count(*) FROM login_throttle").fetchone()
         assert row is not None
         return int(row[0])
 
@@ -410,6 +433,8 @@ class PostgresStorage:
 
         def configure(conn: psycopg.Connection[TupleRow]) -> None:
             conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            # A lock wait is a bug or an attack: fail the statement rather than stall the loop.
+            conn.execute("SET lock_timeout = '5s'")
             conn.commit()
 
         try:
@@ -476,10 +501,10 @@ class PostgresStorage:
         try:
             if self._batch_conn is not None:  # inside batch(): a savepoint
                 with self._batch_conn.transaction():
-                    yield _PgTransaction(self._batch_conn)
+                    yield _PgTransaction(self._batch_conn, self._pool)
                 return
             with self._pool.connection() as conn, conn.transaction():
-                yield _PgTransaction(conn)
+                yield _PgTransaction(conn, self._pool)
         except psycopg.Error as exc:
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
@@ -83,7 +84,6 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE login_throttle ADD COLUMN last_throttled_us INTEGER NOT NULL DEFAULT 0;
     UPDATE login_throttle SET unlogged = failures;
     CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
-    CREATE INDEX login_throttle_by_use ON login_throttle(max(last_failure_us, last_start_us));
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1;
     """,
 ]
@@ -156,7 +156,10 @@ class _SQLiteTransaction:
         ).fetchone()
         return bool(row[0])
 
-    def finish_login(self, account_name: bytes, now: int, succeeded: bool) -> LoginRecord | None:
+    def finish_login(
+        self, account_name: bytes, now: int, succeeded: bool, lock_for: Callable[[int], int] | None = None
+    ) -> LoginRecord | None:
+        # In the caller's transaction: SQLite has one writer at a time, so no lock cycle.
         if succeeded:
             record = self.get_login_record(account_name)
             if record is not None:
@@ -174,13 +177,15 @@ class _SQLiteTransaction:
             f"last_failure_us = excluded.last_failure_us RETURNING {_LOGIN_COLUMNS}",
             (account_name, now),
         ).fetchone()
-        return LoginRecord(*row)
-
-    def lock_login(self, account_name: bytes, locked_until: int) -> None:
-        self._db.execute(
-            "UPDATE login_throttle SET locked_until_us = max(locked_until_us, ?) WHERE account_name = ?",
-            (locked_until, account_name),
-        )
+        record = LoginRecord(*row)
+        wait = lock_for(record.failures) if lock_for is not None else 0
+        if wait > 0 and now + wait > record.locked_until:
+            self._db.execute(
+                "UPDATE login_throttle SET locked_until_us = ? WHERE account_name = ?",
+                (now + wait, account_name),
+            )
+            record = replace(record, locked_until=now + wait)
+        return record
 
     def get_login_record(self, account_name: bytes) -> LoginRecord | None:
         row = self._db.execute(
@@ -204,7 +209,8 @@ class _SQLiteTransaction:
     def evict_login_records(
         self, now: int, threshold: int, in_flight_for: int, count: int
     ) -> list[LoginRecord]:
-        # Least recently used first, from an index: the harmless, then the unlocked, then any.
+        # Oldest last failure first, from an index: the harmless, then the unlocked, then any.
+        # (Not by last use: a success moves that, and the order would tell a prober, NET-9.)
         tiers = (
             ("failures < :threshold AND locked_until_us < :now AND (pending = 0 OR last_start_us < :recent)"),
             "locked_until_us < :now",
@@ -216,7 +222,7 @@ class _SQLiteTransaction:
                 break
             rows += self._db.execute(
                 "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists and conditions, values bound
-                f"WHERE {where} ORDER BY max(last_failure_us, last_start_us) LIMIT :limit) "
+                f"WHERE {where} ORDER BY last_failure_us LIMIT :limit) "
                 f"RETURNING {_LOGIN_COLUMNS}",
                 {
                     "threshold": threshold,

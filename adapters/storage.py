@@ -7,7 +7,7 @@ its audit entry are written in the same transaction (AUD-1, REG-4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -119,16 +119,20 @@ class Transaction(Protocol):
         work for every name, registered or not (NET-9). True if admitted."""
         ...
 
-    def finish_login(self, account_name: bytes, now: int, succeeded: bool) -> LoginRecord | None:
+    def finish_login(
+        self, account_name: bytes, now: int, succeeded: bool, lock_for: Callable[[int], int] | None = None
+    ) -> LoginRecord | None:
         """An admitted login ended: it is no longer in flight. A failure counts (``failures``
         and ``unlogged`` go up, ``last_failure`` is now; the record is made again if it went
-        meanwhile) and the record is returned. After a success the returned record holds the
-        ``unlogged`` and ``throttled`` counts that were waiting for the owner's log, and the
-        stored record has them cleared; None if the name has no record."""
-        ...
+        meanwhile), and in the same atomic step the name is locked until ``now +
+        lock_for(failures)`` us when that is later than its lock (a lock never shortens);
+        the record is returned. After a success the returned record holds the ``unlogged``
+        and ``throttled`` counts that were waiting for the owner's log, and the stored record
+        has them cleared; None if the name has no record.
 
-    def lock_login(self, account_name: bytes, locked_until: int) -> None:
-        """Refuse logins for the name until ``locked_until`` (a lock never shortens)."""
+        The throttling statements may commit on their own, outside the caller's transaction
+        and batch (PostgreSQL does: a row lock held for a whole batch that an attacker
+        composes would let two instances deadlock)."""
         ...
 
     def get_login_record(self, account_name: bytes) -> LoginRecord | None:

@@ -40,6 +40,21 @@ def test_a_token_bucket_starts_full_refills_at_its_rate_and_caps_at_its_burst():
         TokenBucket(rate=0, burst=1)
 
 
+def test_a_refund_returns_one_token_and_keeps_the_refill_honest():
+    """A successful RESUME's token comes back: exactly one, never above the burst, and the
+    refill it includes is not counted twice (nor a clock stepping back counted at all)."""
+    bucket = TokenBucket(rate=1.0, burst=10)
+    assert all(bucket.take(0.0) for _ in range(10))
+    bucket.refund(FrameType.RESUME, 5.0)  # 5 refilled, and the one given back
+    assert bucket.tokens(5.0) == pytest.approx(6.0)
+    assert bucket.tokens(6.0) == pytest.approx(7.0)
+    bucket.refund(FrameType.RESUME, 3.0)  # a clock that steps back: the stamp stays at 5
+    assert bucket.tokens(6.0) == pytest.approx(8.0)
+    for _ in range(5):
+        bucket.give_back(6.0)
+    assert bucket.tokens(6.0) == 10  # never above the burst
+
+
 def test_addresses_are_grouped_as_one_client_owns_them():
     assert address_key("192.0.2.7") == "192.0.2.7"
     assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
@@ -487,3 +502,43 @@ async def test_a_few_addresses_cannot_hold_every_connection_slot(tmp_path):
         finally:
             for stream in held:
                 await anyio.aclose_forcefully(stream)
+
+
+async def test_a_full_server_makes_room_from_idle_connections_before_logged_in_ones(tmp_path):
+    """Four logged-in users behind one address and two idle connections from another fill
+    the server. A newcomer takes the place of an idle connection, though the logged-in
+    users' address holds more: the users keep their connections."""
+    async with running_server(
+        tmp_path,
+        max_connections=6,
+        max_connections_per_address=8,
+        protocol=ServerConfig(connection_idle_timeout=60),
+    ) as (runtime, pki):
+        async with KeymgmtClient(
+            tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        ) as setup_client:
+            await setup_client.register(b"nat@example.org", PW)
+        from contextlib import AsyncExitStack
+
+        async with AsyncExitStack() as stack:
+            users = []
+            for _ in range(4):
+                client = await stack.enter_async_context(
+                    KeymgmtClient(await tls_from(runtime.port, pki.ca_cert, "127.0.0.2"))
+                )
+                users.append((client, await client.login(b"nat@example.org", PW)))
+            idle = [await tls_from(runtime.port, pki.ca_cert, "127.0.0.3") for _ in range(2)]
+            for stream in idle:
+                stack.push_async_callback(anyio.aclose_forcefully, stream)
+            with anyio.fail_after(5):
+                while runtime._open_connections < 6:
+                    await anyio.sleep(0.01)
+            newcomer = await tls_from(runtime.port, pki.ca_cert, "127.0.0.4")
+            stack.push_async_callback(anyio.aclose_forcefully, newcomer)
+            with anyio.fail_after(5):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await idle[0].receive()  # the oldest idle connection made room
+            assert runtime.connections_preempted == 1
+            for client, session in users:
+                assert await session.list_keys() == []
+                assert client.connection_count == 1

@@ -156,47 +156,49 @@ def test_login_throttling_state(storage):
         assert not tx.start_login(x, 115, 3, 50)
         # A login that never ends stops counting as in flight after ``in_flight_for``.
         assert tx.start_login(x, 200, 3, 50)
-        tx.lock_login(x, 500)
-        tx.lock_login(x, 400)  # a lock never shortens
+        # A failure locks the name in the same step, for what lock_for says of its count.
+        seen = []
+        locked = tx.finish_login(x, 210, succeeded=False, lock_for=lambda n: seen.append(n) or 290)
+        assert seen == [4] and locked == LoginRecord(x, 4, 4, 3, 210, 115, 500)
+        tx.finish_login(x, 220, succeeded=False, lock_for=lambda n: 100)  # a lock never shortens
         assert not tx.start_login(x, 300, 3, 50)
-        assert tx.get_login_record(x) == LoginRecord(x, 3, 3, 4, 113, 300, 500)
+        assert tx.get_login_record(x) == LoginRecord(x, 5, 5, 4, 220, 300, 500)
         # A success hands over what waits for the owner's log and keeps the failures.
-        assert tx.finish_login(x, 310, succeeded=True) == LoginRecord(x, 3, 3, 4, 113, 300, 500)
-        assert tx.get_login_record(x) == LoginRecord(x, 3, 0, 0, 113, 300, 500)
+        assert tx.finish_login(x, 310, succeeded=True) == LoginRecord(x, 5, 5, 4, 220, 300, 500)
+        assert tx.get_login_record(x) == LoginRecord(x, 5, 0, 0, 220, 300, 500)
         assert tx.finish_login(b"nobody", 310, succeeded=True) is None
         # A failure counts even when the record went while the login ran.
         assert tx.finish_login(b"gone", 320, succeeded=False) == LoginRecord(b"gone", 1, 1, 0, 320, 0, 0)
 
 
-def _fail(tx, name: bytes, now: int) -> None:
+def _fail(tx, name: bytes, now: int, locked_until: int = 0) -> None:
     assert tx.start_login(name, now, 5, 50)
-    tx.finish_login(name, now, succeeded=False)
+    tx.finish_login(name, now, succeeded=False, lock_for=lambda n: max(0, locked_until - now))
 
 
 def test_login_records_are_swept_when_stale_and_evicted_harmless_first(storage):
     with storage.transaction() as tx:
         _fail(tx, b"stale", 100)
-        _fail(tx, b"stale but locked", 100)
-        tx.lock_login(b"stale but locked", 10_000)
+        _fail(tx, b"stale but locked", 100, locked_until=10_000)
         assert tx.start_login(b"succeeded", 200, 5, 50)
         tx.finish_login(b"succeeded", 200, succeeded=True)  # never failed: nothing to keep
         assert tx.start_login(b"in flight", 4_990, 5, 50)
-        for n in range(30):
-            _fail(tx, b"fresh%02d" % n, 1_000 + n)
-        tx.lock_login(b"fresh00", 10_000)  # the oldest, but locked
+        for n in range(30):  # fresh00: the oldest, but locked
+            _fail(tx, b"fresh%02d" % n, 1_000 + n, locked_until=10_000 if n == 0 else 0)
         for _ in range(4):
             _fail(tx, b"fresh01", 1_001)  # the next oldest, but at the threshold
         swept = tx.sweep_login_records(now=5_000, stale_before=500, in_flight_for=50, limit=1000)
         assert sorted(r.account_name for r in swept) == [b"stale", b"succeeded"]
         assert tx.count_login_records() == 32
-        # Over the cap: the least recently used harmless records go first.
+        # Over the cap: the harmless records with the oldest failures go first.
         evicted = tx.evict_login_records(now=5_000, threshold=5, in_flight_for=50, count=10)
         assert sorted(r.account_name for r in evicted) == [b"fresh%02d" % n for n in range(2, 12)]
-        # With no harmless record left, the others go, unlocked before locked.
-        evicted = tx.evict_login_records(now=5_000, threshold=0, in_flight_for=50, count=3)
-        assert sorted(r.account_name for r in evicted) == [b"fresh01", b"fresh12", b"fresh13"]
-        assert tx.get_login_record(b"fresh00") is not None
         assert tx.get_login_record(b"in flight") is not None
+        # With no harmless record left, the others go, unlocked before locked (a login in
+        # flight too: if it fails, its failure makes the record again).
+        evicted = tx.evict_login_records(now=5_000, threshold=0, in_flight_for=50, count=3)
+        assert sorted(r.account_name for r in evicted) == [b"fresh01", b"fresh12", b"in flight"]
+        assert tx.get_login_record(b"fresh00") is not None
         # A limit bounds one sweep; the rest waits for the next.
         assert len(tx.sweep_login_records(now=20_000, stale_before=20_000, in_flight_for=50, limit=5)) == 5
 
@@ -407,3 +409,24 @@ def test_a_database_of_the_previous_schema_is_upgraded_in_place(tmp_path, backen
     reopened.close()
     if fixture is not None:
         next(fixture, None)
+
+
+def test_a_batch_holds_no_lock_on_the_throttling_rows(make_storage):
+    """Two instances: while one is in the middle of a batch that has started and ended
+    logins of a name, the other can start and end logins of that name at once. With the
+    rows locked until the batch commits, two batches an attacker composes could each wait
+    for the other (a deadlock that loses a failure count and stalls both, NET-10)."""
+    import time
+
+    first, second = make_storage(), make_storage()
+    with first.batch():
+        with first.transaction() as tx:
+            assert tx.start_login(b"victim", 100, 5, 10**9)
+            tx.finish_login(b"victim", 101, succeeded=False)
+        if isinstance(first, SQLiteStorage):
+            return  # one writer at a time: the other process waits for the batch, no cycle
+        started = time.monotonic()
+        with second.transaction() as tx:
+            assert tx.start_login(b"victim", 102, 5, 10**9)
+            assert tx.finish_login(b"victim", 103, succeeded=False).failures == 2
+        assert time.monotonic() - started < 1.0  # no wait for the batch's commit

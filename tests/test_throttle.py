@@ -246,3 +246,85 @@ async def test_the_client_takes_turns_so_its_own_burst_stays_under_the_threshold
             for _ in range(8):
                 tg.start_soon(login)
         assert len(sessions) == 8
+
+
+class _Flaky(SQLiteStorage):
+    """SQLite storage whose next batch fails to commit, or whose transactions all fail."""
+
+    fail_commit = False
+    down = False
+
+    def batch(self):
+        from contextlib import contextmanager
+
+        from keymgmt.adapters.storage import StorageError
+
+        @contextmanager
+        def failing():
+            with SQLiteStorage.batch(self):
+                yield
+                if self.fail_commit:
+                    self.fail_commit = False
+                    raise StorageError("injected commit failure")
+
+        return failing()
+
+    def transaction(self):
+        from keymgmt.adapters.storage import StorageError
+
+        if self.down:
+            raise StorageError("injected: storage unreachable")
+        return SQLiteStorage.transaction(self)
+
+
+def _login_then_cut(keyserver: KeyServer, registry: SessionRegistry, *, commit_fails: bool = False) -> None:
+    """A login of nobody@example.org admitted, its LOGIN_RESPONSE out; then the client goes
+    away, in a batch that fails to commit if ``commit_fails``."""
+    from keymgmt.adapters.storage import StorageError
+
+    client = ClientConnection(os.urandom)
+    server = ServerConnection(SETUP, os.urandom, registry=registry)
+    client.open_request_session(b"nobody@example.org", b"a guess")
+    server.receive_data(client.data_to_send(), time.time())
+    _serve(server, keyserver)
+    assert server.data_to_send()[1] == FrameType.LOGIN_RESPONSE
+    keyserver.storage.fail_commit = commit_fails  # type: ignore[attr-defined]
+    server.connection_lost()
+    try:
+        _serve(server, keyserver)
+    except StorageError:
+        assert commit_fails
+
+
+def test_a_failed_login_counts_even_when_its_batch_fails_to_commit(tmp_path):
+    storage = _Flaky(tmp_path / "ks.db")
+    keyserver = KeyServer(storage, throttle=ThrottlePolicy(threshold=3, base_delay=60.0))
+    _login_then_cut(keyserver, SessionRegistry(), commit_fails=True)
+    with storage.transaction() as tx:
+        record = tx.get_login_record(b"nobody@example.org")
+    assert record is not None and record.failures == 1
+    storage.close()
+
+
+def test_a_failed_login_storage_refused_is_counted_once_storage_is_back(tmp_path):
+    """The end of a tested guess meets a storage outage: the failure waits in memory and is
+    counted by the next batch or maintenance run, not dropped."""
+    storage = _Flaky(tmp_path / "ks.db")
+    keyserver = KeyServer(storage, throttle=ThrottlePolicy(threshold=3, base_delay=60.0))
+    registry = SessionRegistry()
+    client = ClientConnection(os.urandom)
+    server = ServerConnection(SETUP, os.urandom, registry=registry)
+    client.open_request_session(b"nobody@example.org", b"a guess")
+    server.receive_data(client.data_to_send(), time.time())
+    _serve(server, keyserver)
+    storage.down = True
+    server.connection_lost()
+    for event in iter(server.next_event, NEED_DATA):
+        keyserver(server, event)  # outside a batch: the count is tried at once, and refused
+    storage.down = False
+    with storage.transaction() as tx:
+        assert tx.get_login_record(b"nobody@example.org").failures == 0  # not yet
+    keyserver.maintain()
+    with storage.transaction() as tx:
+        assert tx.get_login_record(b"nobody@example.org").failures == 1
+    storage.close()
