@@ -217,7 +217,9 @@ class SessionRegistry:
 
     def _remove(self, session: _ServerSession) -> None:
         if session.channel is not None:
-            self._sessions.pop(session.channel.session_handle, None)
+            handle = session.channel.session_handle
+            if self._sessions.get(handle) is session:  # never another session's entry
+                del self._sessions[handle]
             self._hot.discard(session.channel)
 
     def _replace_channel(self, session: _ServerSession, channel: Channel) -> None:

@@ -114,6 +114,32 @@ async def test_refused_tls_versions_and_untrusted_servers(tmp_path, caplog):
     assert runtime.connections_served == 0
 
 
+async def test_the_client_refuses_a_server_that_offers_only_tls_1_2(tmp_path):
+    """NET-1 from the client's side: a server (an impostor, a misconfigured proxy) that
+    cannot speak TLS 1.3 gets no handshake from the client, even with a trusted
+    certificate."""
+    from anyio.streams.tls import TLSListener
+
+    pki = generate_dev_pki(tmp_path / "pki")
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.load_cert_chain(pki.server_cert, pki.server_key)
+    listener = TLSListener(await anyio.create_tcp_listener(local_host="127.0.0.1"), old)
+    port = listener.listener.extra(anyio.abc.SocketAttribute.local_port)
+    handshakes: list[str] = []
+
+    async def serve(stream) -> None:
+        handshakes.append(stream.extra(anyio.streams.tls.TLSAttribute.tls_version))
+        await stream.aclose()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        with pytest.raises(TLSConnectError, match="handshake"):
+            await tls_connector("127.0.0.1", port, cafile=pki.ca_cert)()
+        tg.cancel_scope.cancel()
+    assert handshakes == []
+
+
 async def test_sessions_expire_on_the_servers_clock(tmp_path):
     config = ServerConfig(idle_timeout=0.3)
     async with running_server(tmp_path, protocol=config) as (runtime, pki):

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import stat
 
+import anyio
 import pytest
 
 from keymgmt.adapters.keyserver import KeyServer
@@ -242,3 +243,79 @@ def test_enable_wal_reports_a_refusal_and_does_not_retry_other_errors(tmp_path):
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
         enable_wal(_Broken(), tmp_path / "x.db", StorageError)
     assert (_Refusing.calls, _Broken.calls) == (1, 1)  # only "locked" is retried
+
+
+def test_sqlite_storage_syncs_every_commit_to_disk(tmp_path):
+    """STO-1: WAL with synchronous=FULL, so an acknowledged commit survives a power cut
+    (synchronous=OFF would pass every other test and lose the last commits)."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    assert storage._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert storage._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    storage.close()
+
+
+class _AuditFails(SQLiteStorage):
+    """SQLite storage whose audit appends for the chosen actions fail (a full disk, say)."""
+
+    fail_on: frozenset[Action] = frozenset()
+
+    def transaction(self):
+        from contextlib import contextmanager
+
+        inner = SQLiteStorage.transaction(self)
+        storage = self
+
+        @contextmanager
+        def with_failing_audit():
+            with inner as tx:
+                append = tx.append_audit
+
+                def failing(record: AuditRecord) -> None:
+                    if record.action in storage.fail_on:
+                        raise StorageError("injected: the audit write failed")
+                    append(record)
+
+                tx.append_audit = failing
+                yield tx
+
+        return with_failing_audit()
+
+
+@pytest.mark.anyio
+async def test_the_key_server_writes_each_effect_and_its_audit_entry_in_one_transaction(tmp_path):
+    """AUD-1, STO-1: registration, store, import and delete write their audit entry in the
+    same transaction as their effect. When the audit write fails, the effect is gone too
+    (in separate transactions the account or secret would stay, unaudited)."""
+    from keymgmt.adapters.client import KeymgmtClient, KeymgmtError
+    from keymgmt.adapters.serve import serve_stream
+    from keymgmt.adapters.streams import memory_stream_pair
+    from keymgmt_proto import SessionRegistry
+
+    from .keyserver_world import SETUP
+
+    storage = _AuditFails(tmp_path / "ks.db")
+    keyserver = KeyServer(storage)
+    async with anyio.create_task_group() as tg:
+        client_end, server_end = memory_stream_pair()
+        tg.start_soon(serve_stream, server_end, SETUP, keyserver, SessionRegistry())
+        async with KeymgmtClient(client_end) as client:
+            storage.fail_on = frozenset({Action.REGISTER})
+            with pytest.raises(KeymgmtError):
+                await client.register(b"erin@example.org", PASSWORD)
+            with storage.transaction() as tx:
+                assert tx.get_account(b"erin@example.org") is None
+            storage.fail_on = frozenset()
+            await client.register(b"erin@example.org", PASSWORD)
+            session = await client.login(b"erin@example.org", PASSWORD)
+            kept = await session.generate()
+            storage.fail_on = frozenset({Action.GENERATE, Action.IMPORT, Action.DELETE_KEY})
+            with pytest.raises(KeymgmtError):
+                await session.generate()
+            with pytest.raises(KeymgmtError):
+                await session.import_secret(b"\x01" * 32)
+            with pytest.raises(KeymgmtError):
+                await session.delete(kept)
+            storage.fail_on = frozenset()
+            assert [k.key_id for k in await session.list_keys()] == [kept]
+        tg.cancel_scope.cancel()
+    storage.close()
