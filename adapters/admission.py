@@ -96,18 +96,20 @@ class AddressLimits:
     def _entry(self, key: str, now: float) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(0, TokenBucket(self.rate, self.burst))
+            # Make room first: pruning after the insert could forget this very entry (it
+            # is as good as new), and the connection about to be counted on it with it.
             self._prune(now)
+            entry = self._entries[key] = _Entry(0, TokenBucket(self.rate, self.burst))
         else:
             self._entries.move_to_end(key)
         return entry
 
     def _prune(self, now: float) -> None:
-        """Over the cap, forget down to 90% of it in one pass (amortised O(1) per address):
+        """At the cap, forget down to 90% of it in one pass (amortised O(1) per address):
         first the addresses as good as new, then the least recently seen without a
         connection. Addresses with open connections stay (there are at most as many as the
         server's connection limit, far below the cap)."""
-        if len(self._entries) <= self.max_addresses:
+        if len(self._entries) < self.max_addresses:
             return
         target = int(self.max_addresses * 0.9)
         for key, entry in list(self._entries.items()):

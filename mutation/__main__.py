@@ -208,13 +208,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the last recorded coverage")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--budget", type=float, default=6.0, help="seconds of covering tests per mutant at most (default 6)"
+        "--budget",
+        type=float,
+        help="seconds of covering tests per mutant at most (default 6; with --survivors, 60)",
     )
-    parser.add_argument("--max-tests", type=int, default=40, help="covering tests per mutant at most")
+    parser.add_argument(
+        "--max-tests", type=int, help="covering tests per mutant at most (default 40; with --survivors, 400)"
+    )
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="run only the last run's survivors again, each against every test that covers it",
+        help="run only the last run's survivors again, each against many more of the tests that cover it",
     )
     args = parser.parse_args()
     started = time.monotonic()
@@ -225,8 +229,9 @@ def main() -> None:
     if args.survivors:
         last = json.loads((WORK / "results.json").read_text())
         keys = {Mutant.from_json(r["mutant"]).key for r in last if r["verdict"] == "survived"}
-        args.budget, args.max_tests = 1e9, 10**6
-    entries = plan(args.only, args.budget, args.max_tests, keys)
+    budget = args.budget or (60.0 if args.survivors else 6.0)
+    max_tests = args.max_tests or (400 if args.survivors else 40)
+    entries = plan(args.only, budget, max_tests, keys)
     runnable = [e for e in entries if e["tests"]]
     uncovered = [Mutant.from_json(e["mutant"]) for e in entries if not e["tests"]]  # type: ignore[arg-type]
     print(f"{len(entries)} mutants, {len(uncovered)} covered by no test; running the others ...", flush=True)
