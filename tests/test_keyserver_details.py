@@ -303,3 +303,70 @@ async def test_a_single_throttled_attempt_reaches_the_owners_log(tmp_path):
         entries = await session.audit()
     throttled = [e for e in entries if e.action is Action.LOGIN_THROTTLED]
     assert [(e.outcome, e.count) for e in throttled] == [(Outcome.FAILURE, 1)]
+
+
+def test_a_login_in_flight_keeps_its_record_for_in_flight_for_and_no_longer():
+    """NET-10/NET-13: a record whose login has started and not ended is not forgotten while
+    the login may still end (``in_flight_for``), however old its last failure."""
+    from keymgmt.adapters import InMemoryPair
+    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt_proto import ClientConnection, ServerConnection, ServerSetup, SessionRegistry
+    from keymgmt_proto.testing import FakeOpaque
+
+    clock = Clock(1_000_000.0)
+    storage = SQLiteStorage(":memory:")
+    keyserver = KeyServer(
+        storage, clock=clock, throttle=ThrottlePolicy(forget_after=100.0, in_flight_for=10.0)
+    )
+    fake = FakeOpaque(os.urandom)
+    server = ServerConnection(ServerSetup.generate(), os.urandom, registry=SessionRegistry(), opaque=fake)
+    pair = InMemoryPair(ClientConnection(os.urandom, opaque=fake), server, keyserver)
+    pair.client.open_request_session(ALICE, PW)  # unknown name: a decoy login, failed
+    pair.pump()
+    clock.now += 200.0  # that failure is stale now
+    pair.client.open_request_session(ALICE, PW)
+    pair.to_server(pair.client.data_to_send())  # LOGIN_START arrives; the answer is held
+    with storage.transaction() as tx:
+        assert tx.count_login_records() == 1
+    clock.now += 9.0
+    assert keyserver.maintain() == 0  # in flight for 9 s of 10
+    clock.now += 1.000005
+    assert keyserver.maintain() == 1  # 5 us past: no longer counted as in flight
+    storage.close()
+
+
+def test_a_login_stuck_in_flight_stops_counting_after_in_flight_for():
+    """NET-10: with threshold 1 a second login for a name waits while one is in flight, but
+    a login that never ends stops holding the name after ``in_flight_for``."""
+    from keymgmt.adapters import InMemoryPair
+    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt_proto import (
+        ClientConnection,
+        ErrorCode,
+        ServerConnection,
+        ServerSetup,
+        SessionFailed,
+        SessionRegistry,
+    )
+    from keymgmt_proto.testing import FakeOpaque
+
+    clock = Clock(1_000_000.0)
+    storage = SQLiteStorage(":memory:")
+    keyserver = KeyServer(storage, clock=clock, throttle=ThrottlePolicy(threshold=1, in_flight_for=10.0))
+    fake = FakeOpaque(os.urandom)
+    server = ServerConnection(ServerSetup.generate(), os.urandom, registry=SessionRegistry(), opaque=fake)
+    pair = InMemoryPair(ClientConnection(os.urandom, opaque=fake), server, keyserver)
+    pair.client.open_request_session(ALICE, PW)
+    pair.to_server(pair.client.data_to_send())  # in flight; its answer is held
+    pair.server.data_to_send()
+    clock.now += 9.99999
+    pair.client.open_request_session(ALICE, PW)
+    (refused,) = [e for e in pair.pump() if isinstance(e, SessionFailed)]
+    assert refused.code is ErrorCode.THROTTLED
+    clock.now += 0.000015  # 10 s and 5 us after the first started
+    pair.client.open_request_session(ALICE, PW)
+    events = pair.pump()
+    assert not [e for e in events if isinstance(e, SessionFailed) and e.code is ErrorCode.THROTTLED]
+    storage.close()
