@@ -550,9 +550,9 @@ class ServerConnection(ConnectionBase):
             )
         return target
 
-    def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> bool:
+    def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> None:
         """Seal and queue a record. The epoch's last sequence number is kept for CLOSE: a
-        session that reaches it ends with CLOSE(SEQUENCE_EXHAUSTED) instead (False)."""
+        session that reaches it ends with CLOSE(SEQUENCE_EXHAUSTED) instead."""
         channel = session.channel
         assert channel is not None
         self.registry._hot.touch(channel)
@@ -566,10 +566,9 @@ class ServerConnection(ConnectionBase):
             self._events.append(
                 SessionClosed(session.session_id, ErrorCode.SEQUENCE_EXHAUSTED, session.user_id)
             )
-            return False
+            return
         record = channel.seal(frame_type, plaintext)
         self._send(frame_type, session.session_id, record.encode())
-        return True
 
     def _sessions_changed(self) -> None:
         """Keep the idle-connection clock: it runs while the connection carries no session."""
