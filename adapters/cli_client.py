@@ -26,12 +26,13 @@ import hmac
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import anyio
 
-from keymgmt_proto import AuditEntry, AuditType, Context, ErrorCode
+from keymgmt_proto import AuditEntry, AuditType, Context, ErrorCode, Op
 from keymgmt_proto._ops import MAX_SECRET_SIZE, decode_portable
 
 from .client import (
@@ -52,7 +53,7 @@ from .localstore import LocalStore, LocalStoreError
 from .net import tls_connector
 from .tls import PKIError
 
-__all__ = ["EXIT_CODES", "main"]
+__all__ = ["CLI_COMMANDS", "EXIT_CODES", "main"]
 
 EXIT_CODES: dict[type[BaseException], int] = {
     AuthenticationError: 3,
@@ -73,6 +74,21 @@ AUDIT_TYPES = {"all": AuditType.ALL, "system": AuditType.SYSTEM_ONLY, "key": Aud
 
 class UsageError(Exception):
     """Bad arguments found after parsing (exit code 2)."""
+
+
+#: The command that runs each operation of ``keymgmt_proto.OPERATIONS`` (every command
+#: fetches the storage key first; generate and import both reserve a key id and store).
+CLI_COMMANDS: Mapping[Op, str] = MappingProxyType(
+    {
+        Op.RETRIEVE_STORAGE_KEY: "retrieve",
+        Op.CREATE_KEY_ID: "generate",
+        Op.STORE_SECRET: "import",
+        Op.RETRIEVE: "retrieve",
+        Op.AUDIT: "audit",
+        Op.LIST_KEYS: "list",
+        Op.DELETE_KEY: "delete",
+    }
+)
 
 
 def _parser() -> argparse.ArgumentParser:

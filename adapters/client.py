@@ -22,9 +22,9 @@ import hmac
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TypeVar
 
 import anyio
@@ -38,6 +38,7 @@ from keymgmt_proto import (
     ErrorCode,
     Event,
     LocalProtocolError,
+    Op,
     RegistrationSucceeded,
     RemoteProtocolError,
     ResponseReceived,
@@ -86,6 +87,7 @@ from .localstore import LocalStore
 from .storage import SecretRecord
 
 __all__ = [
+    "CLIENT_METHODS",
     "AuthenticationError",
     "ConnectionLostError",
     "Connector",
@@ -839,6 +841,22 @@ class KeySession:
             await self._client.close_session(self.session_id)
         finally:
             self._storage_key = None
+
+
+#: The KeySession method that sends each operation (``keymgmt_proto.OPERATIONS`` declares
+#: them). The storage key (OPS-1) is fetched by every public method, through
+#: ``_get_storage_key``.
+CLIENT_METHODS: Mapping[Op, str] = MappingProxyType(
+    {
+        Op.RETRIEVE_STORAGE_KEY: "_get_storage_key",
+        Op.CREATE_KEY_ID: "generate",
+        Op.STORE_SECRET: "generate",
+        Op.RETRIEVE: "retrieve",
+        Op.AUDIT: "audit",
+        Op.LIST_KEYS: "list_keys",
+        Op.DELETE_KEY: "delete",
+    }
+)
 
 
 def audit_to_json(entries: Sequence[AuditEntry], actor: bytes) -> str:

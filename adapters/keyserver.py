@@ -14,9 +14,11 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
@@ -37,6 +39,7 @@ from keymgmt_proto._crypto import RandomSource
 from keymgmt_proto._errors import RemoteProtocolError
 from keymgmt_proto._ops import (
     KEY_ID_NONCE_SIZE,
+    OPERATIONS,
     Action,
     AuditRequest,
     AuditResponse,
@@ -118,16 +121,6 @@ class ThrottlePolicy:
             return 0.0
         exponent = min(failures - self.threshold, 64)
         return float(min(self.max_delay, self.base_delay * self.growth**exponent))
-
-
-_OP_ACTIONS = {
-    Op.RETRIEVE_STORAGE_KEY: Action.RETRIEVE_STORAGE_KEY,
-    Op.CREATE_KEY_ID: Action.CREATE_KEY_ID,
-    Op.RETRIEVE: Action.RETRIEVE,
-    Op.AUDIT: Action.AUDIT,
-    Op.LIST_KEYS: Action.LIST_KEYS,
-    Op.DELETE_KEY: Action.DELETE_KEY,
-}
 
 
 def default_account_name_policy(account_name: bytes) -> bool:
@@ -422,7 +415,7 @@ class KeyServer:
         except RemoteProtocolError:
             self._audit(user_id, _action_of_malformed(body), Outcome.FAILURE)
             return encode_response(Status.INVALID)
-        action = _action_of(request)
+        action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
         reservations = self._session_reservations(conn).setdefault(session_id, OrderedDict())
         try:
@@ -447,57 +440,92 @@ class KeyServer:
         now: int,
         reservations: OrderedDict[bytes, SecretKind],
     ) -> tuple[OpResponse, bytes | None]:
-        if isinstance(request, RetrieveStorageKeyRequest):
-            account = tx.get_account_by_user_id(user_id)
-            if account is None:  # the account was removed under a live session
-                raise _Refused(Status.NOT_FOUND, Action.RETRIEVE_STORAGE_KEY)
-            return StorageKeyResponse(account.encrypted_storage_key), None
-        if isinstance(request, CreateKeyIdRequest):
-            if tx.count_keys(user_id) >= self.max_keys_per_user:
-                raise _Refused(Status.LIMIT_REACHED, Action.CREATE_KEY_ID)
-            # KEY-1/KEY-2: the client's nonce and ours; redraw ours while the id is taken.
+        handler = HANDLERS.get(request.op)
+        if handler is None:  # declared in the core's OPERATIONS but not served here
+            raise _Refused(Status.INVALID, request.audit_action)
+        return handler(self, _Op(tx, user_id, now, reservations), request)
+
+    def _retrieve_storage_key(self, op: _Op, request: RetrieveStorageKeyRequest) -> _Answer:
+        account = op.tx.get_account_by_user_id(op.user_id)
+        if account is None:  # the account was removed under a live session
+            raise _Refused(Status.NOT_FOUND, Action.RETRIEVE_STORAGE_KEY)
+        return StorageKeyResponse(account.encrypted_storage_key), None
+
+    def _create_key_id(self, op: _Op, request: CreateKeyIdRequest) -> _Answer:
+        if op.tx.count_keys(op.user_id) >= self.max_keys_per_user:
+            raise _Refused(Status.LIMIT_REACHED, Action.CREATE_KEY_ID)
+        # KEY-1/KEY-2: the client's nonce and ours; redraw ours while the id is taken.
+        reservations = op.reservations
+        server_nonce = self._random(KEY_ID_NONCE_SIZE)
+        key_id = joint_key_id(op.user_id, request.client_nonce, server_nonce)
+        while key_id in reservations or op.tx.key_id_exists(key_id):
             server_nonce = self._random(KEY_ID_NONCE_SIZE)
-            key_id = joint_key_id(user_id, request.client_nonce, server_nonce)
-            while key_id in reservations or tx.key_id_exists(key_id):
-                server_nonce = self._random(KEY_ID_NONCE_SIZE)
-                key_id = joint_key_id(user_id, request.client_nonce, server_nonce)
-            reservations[key_id] = request.kind
-            while len(reservations) > MAX_RESERVED_KEY_IDS:
-                reservations.popitem(last=False)
-            return KeyIdResponse(key_id, server_nonce), key_id
-        if isinstance(request, StoreSecretRequest):
-            action = _action_of(request)
-            if reservations.get(request.key_id) is not request.kind:
-                raise _Refused(Status.INVALID, action, request.key_id)
-            ad = secret_ad(user_id, request.key_id, request.kind)
-            record = SecretRecord(user_id, request.key_id, request.kind, request.ciphertext, ad, now)
-            if not tx.insert_secret(record):
-                raise _Refused(Status.INVALID, action, request.key_id)
-            return Empty(), request.key_id
-        if isinstance(request, RetrieveRequest):
-            secret = tx.get_secret(user_id, request.key_id)
-            if secret is None:  # OPS-7: another user's key answers exactly like a missing one
-                raise _Refused(Status.NOT_FOUND, Action.RETRIEVE, request.key_id)
-            return SecretResponse(secret.kind, secret.ciphertext, secret.associated_data), request.key_id
-        if isinstance(request, ListKeysRequest):
-            keys, next_cursor = tx.list_keys(user_id, request.cursor, request.limit)
-            return KeyListResponse(tuple(keys), next_cursor), None
-        if isinstance(request, DeleteKeyRequest):
-            if not tx.delete_secret(user_id, request.key_id):
-                raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
-            return Empty(), request.key_id
-        assert isinstance(request, AuditRequest)
+            key_id = joint_key_id(op.user_id, request.client_nonce, server_nonce)
+        reservations[key_id] = request.kind
+        while len(reservations) > MAX_RESERVED_KEY_IDS:
+            reservations.popitem(last=False)
+        return KeyIdResponse(key_id, server_nonce), key_id
+
+    def _store_secret(self, op: _Op, request: StoreSecretRequest) -> _Answer:
+        action = request.audit_action
+        if op.reservations.get(request.key_id) is not request.kind:
+            raise _Refused(Status.INVALID, action, request.key_id)
+        ad = secret_ad(op.user_id, request.key_id, request.kind)
+        record = SecretRecord(op.user_id, request.key_id, request.kind, request.ciphertext, ad, op.now)
+        if not op.tx.insert_secret(record):
+            raise _Refused(Status.INVALID, action, request.key_id)
+        return Empty(), request.key_id
+
+    def _retrieve(self, op: _Op, request: RetrieveRequest) -> _Answer:
+        secret = op.tx.get_secret(op.user_id, request.key_id)
+        if secret is None:  # OPS-7: another user's key answers exactly like a missing one
+            raise _Refused(Status.NOT_FOUND, Action.RETRIEVE, request.key_id)
+        return SecretResponse(secret.kind, secret.ciphertext, secret.associated_data), request.key_id
+
+    def _audit_query(self, op: _Op, request: AuditRequest) -> _Answer:
         query = AuditQuery(
             request.audit_type, request.key_ids, request.after, request.before, request.cursor, request.limit
         )
-        entries, next_cursor = tx.query_audit(user_id, query)
+        entries, next_cursor = op.tx.query_audit(op.user_id, query)
         return AuditResponse(tuple(entries), next_cursor), None
 
+    def _list_keys(self, op: _Op, request: ListKeysRequest) -> _Answer:
+        keys, next_cursor = op.tx.list_keys(op.user_id, request.cursor, request.limit)
+        return KeyListResponse(tuple(keys), next_cursor), None
 
-def _action_of(request: OpRequest) -> Action:
-    if isinstance(request, StoreSecretRequest):
-        return Action.IMPORT if request.kind is SecretKind.IMPORTED else Action.GENERATE
-    return _OP_ACTIONS[request.op]
+    def _delete_key(self, op: _Op, request: DeleteKeyRequest) -> _Answer:
+        if not op.tx.delete_secret(op.user_id, request.key_id):
+            raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
+        return Empty(), request.key_id
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """What every operation handler works with: the request's transaction, its user, the
+    time and the session's key-id reservations."""
+
+    tx: Transaction
+    user_id: bytes
+    now: int
+    reservations: OrderedDict[bytes, SecretKind]
+
+
+#: An OK response and the key id its audit entry names (None for none).
+_Answer = tuple[OpResponse, "bytes | None"]
+
+#: The key server's handler of each operation of ``keymgmt_proto.OPERATIONS`` (a test
+#: checks that every operation has one).
+HANDLERS: Mapping[Op, Callable[[KeyServer, _Op, Any], _Answer]] = MappingProxyType(
+    {
+        Op.RETRIEVE_STORAGE_KEY: KeyServer._retrieve_storage_key,
+        Op.CREATE_KEY_ID: KeyServer._create_key_id,
+        Op.STORE_SECRET: KeyServer._store_secret,
+        Op.RETRIEVE: KeyServer._retrieve,
+        Op.AUDIT: KeyServer._audit_query,
+        Op.LIST_KEYS: KeyServer._list_keys,
+        Op.DELETE_KEY: KeyServer._delete_key,
+    }
+)
 
 
 def _action_of_malformed(body: bytes) -> Action:
@@ -509,4 +537,4 @@ def _action_of_malformed(body: bytes) -> Action:
         kind_offset = 1 + 16 + 16
         imported = len(body) > kind_offset and body[kind_offset] == SecretKind.IMPORTED
         return Action.IMPORT if imported else Action.GENERATE
-    return _OP_ACTIONS[op]
+    return OPERATIONS[op].action if op in OPERATIONS else Action.MALFORMED_REQUEST

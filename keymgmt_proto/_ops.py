@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, TypeVar
+from types import MappingProxyType
+from typing import ClassVar, Self, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_AUDIT_PAGE",
     "MAX_LIST_PAGE",
     "MAX_SECRET_SIZE",
+    "OPERATIONS",
     "Action",
     "AuditEntry",
     "AuditRequest",
@@ -53,6 +56,7 @@ __all__ = [
     "Op",
     "OpRequest",
     "OpResponse",
+    "Operation",
     "Outcome",
     "RetrieveRequest",
     "RetrieveStorageKeyRequest",
@@ -226,7 +230,17 @@ class OpRequest(_Decodable):
     def op(self) -> Op:
         return self.OP
 
+    @property
+    def audit_action(self) -> Action:
+        """What the key server's audit log records for this request (AUD-1)."""
+        return OPERATIONS[self.OP].action
+
     def encode(self) -> bytes:
+        raise NotImplementedError
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        """Decode the fields after the op byte and the user id."""
         raise NotImplementedError
 
 
@@ -242,6 +256,10 @@ class RetrieveStorageKeyRequest(OpRequest):
 
     def encode(self) -> bytes:
         return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).getvalue()
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        return cls._build("request", user_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +280,11 @@ class CreateKeyIdRequest(OpRequest):
     def encode(self) -> bytes:
         w = Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u8(self.kind)
         return w.fixed(self.client_nonce, KEY_ID_NONCE_SIZE).getvalue()
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        kind = _enum(SecretKind, r.u8(), "secret kind")
+        return cls._build("request", user_id, kind, r.fixed(KEY_ID_NONCE_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +313,16 @@ class StoreSecretRequest(OpRequest):
             .getvalue()
         )
 
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        key_id = r.fixed(KEY_ID_SIZE)
+        kind = _enum(SecretKind, r.u8(), "secret kind")
+        return cls._build("request", user_id, key_id, kind, r.bytes16())
+
+    @property
+    def audit_action(self) -> Action:
+        return Action.IMPORT if self.kind is SecretKind.IMPORTED else Action.GENERATE
+
 
 @dataclass(frozen=True, slots=True)
 class RetrieveRequest(OpRequest):
@@ -313,6 +346,11 @@ class RetrieveRequest(OpRequest):
             .u8(self.context)
             .getvalue()
         )
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        key_id = r.fixed(KEY_ID_SIZE)
+        return cls._build("request", user_id, key_id, _enum(Context, r.u8(), "retrieve context"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +392,14 @@ class AuditRequest(OpRequest):
             w.u8(0) if bound is None else w.u8(1).u64(bound)
         return w.u64(self.cursor).u16(self.limit).getvalue()
 
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        audit_type = _enum(AuditType, r.u8(), "audit type")
+        key_ids = tuple(r.fixed(KEY_ID_SIZE) for _ in range(r.u16()))
+        after = _optional_u64(r)
+        before = _optional_u64(r)
+        return cls._build("request", user_id, audit_type, key_ids, after, before, r.u64(), r.u16())
+
 
 @dataclass(frozen=True, slots=True)
 class ListKeysRequest(OpRequest):
@@ -378,6 +424,10 @@ class ListKeysRequest(OpRequest):
             Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).u32(self.cursor).u16(self.limit).getvalue()
         )
 
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        return cls._build("request", user_id, r.u32(), r.u16())
+
 
 @dataclass(frozen=True, slots=True)
 class DeleteKeyRequest(OpRequest):
@@ -396,6 +446,10 @@ class DeleteKeyRequest(OpRequest):
             Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).fixed(self.key_id, KEY_ID_SIZE).getvalue()
         )
 
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        return cls._build("request", user_id, r.fixed(KEY_ID_SIZE))
+
 
 def _optional_u64(r: Reader) -> int | None:
     flag = r.u8()
@@ -407,49 +461,15 @@ def _optional_u64(r: Reader) -> int | None:
 
 
 def decode_request(body: bytes) -> OpRequest:
-    """Parse a request body; RemoteProtocolError if it is malformed."""
+    """Parse a request body; RemoteProtocolError if it is malformed or names no operation."""
     r = Reader(body, "request")
     op = _enum(Op, r.u8(), "op")
     user_id = r.fixed(USER_ID_SIZE)
-    request: OpRequest
-    if op is Op.RETRIEVE_STORAGE_KEY:
-        r.done()
-        request = RetrieveStorageKeyRequest._build("request", user_id)
-    elif op is Op.CREATE_KEY_ID:
-        kind = _enum(SecretKind, r.u8(), "secret kind")
-        client_nonce = r.fixed(KEY_ID_NONCE_SIZE)
-        r.done()
-        request = CreateKeyIdRequest._build("request", user_id, kind, client_nonce)
-    elif op is Op.STORE_SECRET:
-        key_id = r.fixed(KEY_ID_SIZE)
-        kind = _enum(SecretKind, r.u8(), "secret kind")
-        ciphertext = r.bytes16()
-        r.done()
-        request = StoreSecretRequest._build("request", user_id, key_id, kind, ciphertext)
-    elif op is Op.RETRIEVE:
-        key_id = r.fixed(KEY_ID_SIZE)
-        context = _enum(Context, r.u8(), "retrieve context")
-        r.done()
-        request = RetrieveRequest._build("request", user_id, key_id, context)
-    elif op is Op.AUDIT:
-        audit_type = _enum(AuditType, r.u8(), "audit type")
-        count = r.u16()
-        key_ids = tuple(r.fixed(KEY_ID_SIZE) for _ in range(count))
-        after = _optional_u64(r)
-        before = _optional_u64(r)
-        cursor = r.u64()
-        limit = r.u16()
-        r.done()
-        request = AuditRequest._build("request", user_id, audit_type, key_ids, after, before, cursor, limit)
-    elif op is Op.LIST_KEYS:
-        cursor32 = r.u32()
-        limit16 = r.u16()
-        r.done()
-        request = ListKeysRequest._build("request", user_id, cursor32, limit16)
-    else:
-        key_id = r.fixed(KEY_ID_SIZE)
-        r.done()
-        request = DeleteKeyRequest._build("request", user_id, key_id)
+    operation = OPERATIONS.get(op)
+    if operation is None:  # an Op not declared in OPERATIONS: refused, never guessed
+        raise RemoteProtocolError(f"op {op.name} is not supported")
+    request = operation.request.read_fields(user_id, r)
+    r.done()
     return request
 
 
@@ -464,6 +484,11 @@ class OpResponse(_Decodable):
     def encode_fields(self) -> bytes:
         raise NotImplementedError
 
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        """Decode the fields after the status byte."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, slots=True)
 class Empty(OpResponse):
@@ -471,6 +496,10 @@ class Empty(OpResponse):
 
     def encode_fields(self) -> bytes:
         return b""
+
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        return cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +512,10 @@ class StorageKeyResponse(OpResponse):
 
     def encode_fields(self) -> bytes:
         return self.encrypted_storage_key
+
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        return cls._build("response", r.fixed(_NONCE + 32 + _TAG))
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +534,10 @@ class KeyIdResponse(OpResponse):
     def encode_fields(self) -> bytes:
         return self.key_id + self.server_nonce
 
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        return cls._build("response", r.fixed(KEY_ID_SIZE), r.fixed(KEY_ID_NONCE_SIZE))
+
 
 @dataclass(frozen=True, slots=True)
 class SecretResponse(OpResponse):
@@ -517,6 +554,11 @@ class SecretResponse(OpResponse):
 
     def encode_fields(self) -> bytes:
         return Writer().u8(self.kind).bytes16(self.ciphertext).bytes8(self.associated_data).getvalue()
+
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        kind = _enum(SecretKind, r.u8(), "secret kind")
+        return cls._build("response", kind, r.bytes16(), r.bytes8())
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,6 +635,14 @@ class AuditResponse(OpResponse):
             w.rest(entry.encode())
         return w.u64(self.next_cursor).getvalue()
 
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        count = r.u16()
+        if count > MAX_AUDIT_PAGE:
+            raise RemoteProtocolError("too many audit entries")
+        entries = tuple(AuditEntry.read(r) for _ in range(count))
+        return cls._build("response", entries, r.u64())
+
 
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
@@ -620,6 +670,18 @@ class KeyListResponse(OpResponse):
             w.fixed(info.key_id, KEY_ID_SIZE).u8(info.kind).u64(info.created)
         return w.u32(self.next_cursor).getvalue()
 
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        count = r.u16()
+        if count > MAX_LIST_PAGE:
+            raise RemoteProtocolError("too many keys in one response")
+        keys = []
+        for _ in range(count):
+            key_id = r.fixed(KEY_ID_SIZE)
+            kind = _enum(SecretKind, r.u8(), "secret kind")
+            keys.append(KeyInfo(key_id, kind, r.u64()))
+        return cls._build("response", tuple(keys), r.u32())
+
 
 def encode_response(status: Status, response: OpResponse | None = None) -> bytes:
     """Build a response body: status, then the OK fields."""
@@ -633,39 +695,51 @@ def decode_response(op: Op, body: bytes) -> tuple[Status, OpResponse | None]:
     """Parse the response to a request of type ``op``."""
     r = Reader(body, "response")
     status = _enum(Status, r.u8(), "status")
-    if status is not Status.OK:
-        r.done()
-        return status, None
-    response: OpResponse
-    if op is Op.RETRIEVE_STORAGE_KEY:
-        response = StorageKeyResponse._build("response", r.fixed(_NONCE + 32 + _TAG))
-    elif op is Op.CREATE_KEY_ID:
-        response = KeyIdResponse._build("response", r.fixed(KEY_ID_SIZE), r.fixed(KEY_ID_NONCE_SIZE))
-    elif op in (Op.STORE_SECRET, Op.DELETE_KEY):
-        response = Empty()
-    elif op is Op.RETRIEVE:
-        kind = _enum(SecretKind, r.u8(), "secret kind")
-        ciphertext = r.bytes16()
-        ad = r.bytes8()
-        response = SecretResponse._build("response", kind, ciphertext, ad)
-    elif op is Op.AUDIT:
-        count = r.u16()
-        if count > MAX_AUDIT_PAGE:
-            raise RemoteProtocolError("too many audit entries")
-        entries = tuple(AuditEntry.read(r) for _ in range(count))
-        response = AuditResponse._build("response", entries, r.u64())
-    else:
-        count = r.u16()
-        if count > MAX_LIST_PAGE:
-            raise RemoteProtocolError("too many keys in one response")
-        keys = []
-        for _ in range(count):
-            key_id = r.fixed(KEY_ID_SIZE)
-            kind = _enum(SecretKind, r.u8(), "secret kind")
-            keys.append(KeyInfo(key_id, kind, r.u64()))
-        response = KeyListResponse(tuple(keys), r.u32())
+    operation = OPERATIONS.get(op)
+    if operation is None:
+        raise RemoteProtocolError(f"op {op.name} is not supported")
+    response = operation.response.read_fields(r) if status is Status.OK else None
     r.done()
     return status, response
+
+
+# ------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One operation, declared once: its op code, the request and OK-response types (each
+    with its codec) and the action its audit entries record. The key server's handler, the
+    client's method and the CLI's command are keyed by ``op`` in their own modules, and a
+    test checks that every operation has each."""
+
+    op: Op
+    request: type[OpRequest]
+    response: type[OpResponse]
+    action: Action
+
+
+#: Every operation of the protocol (docs/protocol.md, section 12).
+OPERATIONS: Mapping[Op, Operation] = MappingProxyType(
+    {
+        o.op: o
+        for o in (
+            Operation(
+                Op.RETRIEVE_STORAGE_KEY,
+                RetrieveStorageKeyRequest,
+                StorageKeyResponse,
+                Action.RETRIEVE_STORAGE_KEY,
+            ),
+            Operation(Op.CREATE_KEY_ID, CreateKeyIdRequest, KeyIdResponse, Action.CREATE_KEY_ID),
+            # GENERATE or IMPORT by the secret's kind (StoreSecretRequest.audit_action)
+            Operation(Op.STORE_SECRET, StoreSecretRequest, Empty, Action.GENERATE),
+            Operation(Op.RETRIEVE, RetrieveRequest, SecretResponse, Action.RETRIEVE),
+            Operation(Op.AUDIT, AuditRequest, AuditResponse, Action.AUDIT),
+            Operation(Op.LIST_KEYS, ListKeysRequest, KeyListResponse, Action.LIST_KEYS),
+            Operation(Op.DELETE_KEY, DeleteKeyRequest, Empty, Action.DELETE_KEY),
+        )
+    }
+)
 
 
 # ------------------------------------------------------ KEY-1, sealing, export

@@ -435,3 +435,13 @@ def test_fake_opaque_rejects_wrong_sized_messages_like_the_real_suite(step):
 
 def test_fake_opaque_says_what_it_is():
     assert repr(FakeOpaque(os.urandom)) == "FakeOpaque()"
+
+
+def test_session_state_with_bytes_after_its_last_field_is_not_trusted():
+    state = SessionState(
+        USER, b"alice", 1.0, 2.0, ChannelState(bytes(32), bytes(32), 0, 0, 0, 0, 0), 0, 0, OrderedDict()
+    )
+    sealed = seal_session_state(state, HANDLE, SEAL_KEY, os.urandom)
+    plaintext = ChaCha20Poly1305(SEAL_KEY).decrypt(sealed[:12], sealed[12:], SESSION_STATE_AD_PREFIX + HANDLE)
+    assert unseal_session_state(_seal_plaintext(plaintext), HANDLE, SEAL_KEY) is not None
+    assert unseal_session_state(_seal_plaintext(plaintext + b"\x00"), HANDLE, SEAL_KEY) is None

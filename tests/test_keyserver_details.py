@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+import anyio
 import pytest
 
 from keymgmt.adapters.client import (
@@ -369,4 +370,79 @@ def test_a_login_stuck_in_flight_stops_counting_after_in_flight_for():
     pair.client.open_request_session(ALICE, PW)
     events = pair.pump()
     assert not [e for e in events if isinstance(e, SessionFailed) and e.code is ErrorCode.THROTTLED]
+    storage.close()
+
+
+@pytest.mark.anyio
+async def test_a_bug_in_one_operation_costs_one_answer_not_the_session(tmp_path, monkeypatch, caplog):
+    """An unexpected exception while answering is logged and answered INTERNAL_ERROR; the
+    session goes on. An operation without a handler is answered INVALID."""
+    from keymgmt.adapters import keyserver as keyserver_module
+
+    def broken(server, op, request):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug")
+
+    handlers = dict(keyserver_module.HANDLERS)
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        monkeypatch.setattr(keyserver_module, "HANDLERS", {**handlers, Op.LIST_KEYS: broken})
+        with pytest.raises(RequestRefusedError) as failed, anyio.fail_after(10):  # never a hang
+            await session.list_keys()
+        assert failed.value.status is Status.INTERNAL_ERROR
+        monkeypatch.setattr(
+            keyserver_module, "HANDLERS", {k: v for k, v in handlers.items() if k is not Op.LIST_KEYS}
+        )
+        with pytest.raises(RequestRefusedError) as refused:
+            await session.list_keys()
+        assert refused.value.status is Status.INVALID
+        monkeypatch.setattr(keyserver_module, "HANDLERS", handlers)
+        assert await session.list_keys() == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "error while handling RequestReceived"
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_user_id_already_taken_is_drawn_again(tmp_path):
+    """REG-2: a new account never gets an existing account's user id."""
+    queue: list[bytes] = []
+
+    def random(n: int) -> bytes:
+        return queue.pop(0) if queue and n == 16 else os.urandom(n)
+
+    async with key_server(tmp_path, random=random) as world, world.client() as client:
+        alice = await client.register(ALICE, PW)
+        queue.append(alice)  # the first draw for bob collides with alice's id
+        bob = await client.register(BOB, PW)
+    assert len(bob) == 16 and bob != alice and not queue
+
+
+def test_of_two_registrations_racing_for_one_name_only_the_first_completes():
+    """Both pass the name check at REG_START; the second's COMPLETE_REGISTRATION finds the name
+    taken and is refused (ACCOUNT_EXISTS), never confirmed."""
+    from keymgmt.adapters import InMemoryPair
+    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt_proto import (
+        ClientConnection,
+        ErrorCode,
+        RegistrationSucceeded,
+        ServerConnection,
+        ServerSetup,
+        SessionFailed,
+        SessionRegistry,
+    )
+    from keymgmt_proto.testing import FakeOpaque
+
+    storage = SQLiteStorage(":memory:")
+    fake = FakeOpaque(os.urandom)
+    server = ServerConnection(ServerSetup.generate(), os.urandom, registry=SessionRegistry(), opaque=fake)
+    pair = InMemoryPair(ClientConnection(os.urandom, opaque=fake), server, KeyServer(storage))
+    pair.client.open_registration(ALICE, PW)
+    pair.client.open_registration(ALICE, PW)
+    events = pair.pump()
+    assert len([e for e in events if isinstance(e, RegistrationSucceeded)]) == 1
+    (refused,) = [e for e in events if isinstance(e, SessionFailed)]
+    assert refused.code is ErrorCode.ACCOUNT_EXISTS
     storage.close()
