@@ -43,7 +43,7 @@ coverage: $(STAMP)
 		--cov-report=term:skip-covered --cov-fail-under=0
 
 ## Mutation testing (issue #12): plant one small bug at a time in the core, the key-server
-## application and its storage, and check that a test fails; about 30 minutes on 2 cores.
+## application and its storage, and check that a test fails; about 15 minutes on 2 cores.
 ## Prints the kill rate per module and every survivor not listed in mutation/equivalent.txt.
 ## MUTATION_ARGS="--only keymgmt_proto._wire" narrows it; "--reuse" skips re-recording coverage.
 MUTATION_ARGS ?=

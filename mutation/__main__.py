@@ -27,6 +27,10 @@ from .mutants import ROOT, TARGETS, Mutant, find_mutants
 
 WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "mutation" / "equivalent.txt"
+#: The test that last killed each mutant (kept in the repository, so a fresh clone's run
+#: tries it first): a mutant covered by hundreds of tests may otherwise be checked only
+#: against others, within the per-mutant budget.
+KILLERS = ROOT / "mutation" / "killers.json"
 #: Tests that cannot kill an in-process mutant (they run the code in a subprocess) or
 #: that take long for what they add here; the rest of the suite is the selection.
 DESELECTED = (
@@ -76,14 +80,16 @@ def plan(
     only: str | None, budget: float, max_tests: int, keys: set[str] | None = None
 ) -> list[dict[str, object]]:
     """Step 2: every mutant (of ``keys`` if given) with the tests that cover it, as many as
-    fit in ``budget`` seconds (of their usual run time) and ``max_tests``: first those that
-    killed most mutants of the module in earlier runs, then the fastest."""
+    fit in ``budget`` seconds (of their usual run time) and ``max_tests``: first the test
+    that last killed it, then those that killed most mutants of the module in earlier runs,
+    then the fastest."""
     import coverage
 
     data = coverage.CoverageData(basename=str(WORK / "coverage"))
     data.read()
     durations: dict[str, float] = json.loads((WORK / "durations.json").read_text())
     kills = _kill_history()
+    killers = _killers()
     entries = []
     for module, relative in TARGETS.items():
         path = ROOT / relative
@@ -96,7 +102,8 @@ def plan(
             first, last = mutant.lines
             for line in range(first, last + 1):
                 tests.update(context.split("|")[0] for context in by_line.get(line, ()) if context)
-            ordered = sorted(tests, key=lambda t: (-history.get(t, 0), durations.get(t, 1.0), t))
+            killer = killers.get(mutant.key)
+            ordered = sorted(tests, key=lambda t: (t != killer, -history.get(t, 0), durations.get(t, 1.0), t))
             chosen: list[str] = []
             spent = 0.0
             for test in ordered:  # the fastest first, within the budget
@@ -121,16 +128,26 @@ def _kill_history() -> dict[str, dict[str, int]]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _killers() -> dict[str, str]:
+    return json.loads(KILLERS.read_text()) if KILLERS.exists() else {}
+
+
 def _remember_kills(results: list[dict[str, object]]) -> None:
-    """Which test killed which module's mutants: the next runs try those tests first."""
+    """Which test killed which mutant, and how many of each module's: the next runs try
+    those tests first."""
     history = _kill_history()
+    killers = _killers()
+    before = dict(killers)
     for result in results:
         killer = str(result.get("killer") or "")
         if killer:
-            module = str(result["mutant"]["module"])  # type: ignore[index]
-            counts = history.setdefault(module, {})
+            mutant = Mutant.from_json(result["mutant"])  # type: ignore[arg-type]
+            counts = history.setdefault(mutant.module, {})
             counts[killer] = counts.get(killer, 0) + 1
+            killers[mutant.key] = killer
     (WORK / "kills.json").write_text(json.dumps(history, sort_keys=True))
+    if killers != before:
+        KILLERS.write_text(json.dumps(killers, sort_keys=True, indent=0) + "\n")
 
 
 def load_equivalents() -> dict[str, str]:
@@ -144,8 +161,9 @@ def load_equivalents() -> dict[str, str]:
     return equivalents
 
 
-def report(results: list[dict[str, object]], uncovered: list[Mutant]) -> bool:
-    """Step 4: print the rates and the survivors; True if every target is met."""
+def report(results: list[dict[str, object]], uncovered: list[Mutant], *, partial: bool = False) -> bool:
+    """Step 4: print the rates and the survivors; True if every target is met. A partial run
+    (``--only``, ``--survivors``) does not list equivalents that match no mutant."""
     equivalents = load_equivalents()
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     survivors: list[Mutant] = []
@@ -194,7 +212,7 @@ def report(results: list[dict[str, object]], uncovered: list[Mutant]) -> bool:
             change = f"`{mutant.original}` -> {mutant.replacement}"
             print(f"  {mutant.path}:{mutant.line}  {mutant.operator}  {change}")
             print(f"      {mutant.key}")
-    stale = sorted(set(equivalents) - seen_equivalent)
+    stale = [] if partial else sorted(set(equivalents) - seen_equivalent)
     if stale:
         print(f"\n{len(stale)} entries of mutation/equivalent.txt match no mutant any more:")
         for key in stale:
@@ -228,7 +246,8 @@ def main() -> None:
     keys = None
     if args.survivors:
         last = json.loads((WORK / "results.json").read_text())
-        keys = {Mutant.from_json(r["mutant"]).key for r in last if r["verdict"] == "survived"}
+        survived = {Mutant.from_json(r["mutant"]).key for r in last if r["verdict"] == "survived"}
+        keys = survived - set(load_equivalents())
     budget = args.budget or (60.0 if args.survivors else 6.0)
     max_tests = args.max_tests or (400 if args.survivors else 40)
     entries = plan(args.only, budget, max_tests, keys)
@@ -248,7 +267,7 @@ def main() -> None:
     )
     results = json.loads(results_path.read_text())
     _remember_kills(results)
-    ok = report(results, uncovered)
+    ok = report(results, uncovered, partial=bool(args.only or args.survivors))
     print(f"\n{time.monotonic() - started:.0f} s")
     raise SystemExit(0 if ok else 1)
 

@@ -273,6 +273,8 @@ class ProtocolMachine(RuleBasedStateMachine):
                 if s.client == "closing":  # RESUMED, then the client's CLOSE in the new epoch
                     s.server = "dead"
                     return
+                if s.client == "ended":  # aborted while resuming: the ABORT follows, and the
+                    return  # client never sees RESUMED, so it resends nothing
                 s.expect(("resumed",))
                 # Once RESUMED arrives the client sends every unanswered request (NET-14).
                 for request_id in s.unanswered():
@@ -596,8 +598,13 @@ class ProtocolMachine(RuleBasedStateMachine):
             other = frames[j]
             frames[i], frames[j] = other, frame
             other_sid = frame_session(other)
-            # Frames of different sessions are independent of each other...
+            # Frames of different sessions are independent of each other; but the swap also
+            # moves each of the two past every frame between them, so a session with a frame
+            # in between sees its frames out of order too.
+            lo, hi = sorted((i, j))
+            between = {frame_session(f) for f in frames[lo + 1 : hi]}
             hit = {sid, other_sid} if sid == other_sid or 0 in (sid, other_sid) else set()
+            hit |= {x for x in (sid, other_sid) if x in between}
             if frame_type(frame) in OPENING_TYPES or frame_type(other) in OPENING_TYPES:
                 # ...except that new session ids must arrive in increasing order: every
                 # session opened in this batch may now be refused (BAD_SESSION_ID).
