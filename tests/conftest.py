@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, settings
 from keymgmt.adapters import Delivery, InMemoryPair, MemoryServerApp
 from keymgmt_proto import ClientConnection, ServerConfig, ServerConnection, ServerSetup, SessionRegistry
 
+from .fake_pairs import FakeWorld
+
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
@@ -56,6 +58,12 @@ class Harness:
 @pytest.fixture
 def harness(server_setup: ServerSetup) -> Harness:
     return Harness(server_setup)
+
+
+@pytest.fixture
+def world(server_setup: ServerSetup) -> FakeWorld:
+    """A fast server (fake OPAQUE) that tests connect as many clients to as they need."""
+    return FakeWorld(server_setup)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

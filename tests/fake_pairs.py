@@ -20,7 +20,7 @@ from keymgmt_proto.testing import FakeOpaque
 
 from .helpers import PASSWORD
 
-__all__ = ["PASSWORD", "FakeWorld", "HoldingApp", "lose"]
+__all__ = ["PASSWORD", "FakeWorld", "HoldingApp", "fake_client", "lose"]
 
 
 class HoldingApp(MemoryServerApp):
@@ -71,3 +71,8 @@ def lose(pair: InMemoryPair) -> list[DetachedSession]:
     pair.server.connection_lost()
     pair.pump()
     return pair.client.take_detached_sessions()
+
+
+def fake_client() -> ClientConnection:
+    """A client connection with the fake OPAQUE, for tests that drive the server by hand."""
+    return ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom))

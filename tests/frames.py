@@ -34,3 +34,8 @@ def retarget(frame: bytes, session_id: int) -> bytes:
 
 def forge(kind: FrameType, session_id: int, payload: bytes) -> bytes:
     return encode_frame(kind, session_id, payload)
+
+
+def parsed(data: bytes) -> list[tuple[FrameType, int, bytes]]:
+    """Each whole frame of ``data`` as (type, session id, payload)."""
+    return [(frame_type(f), frame_session(f), f[HEADER_SIZE:]) for f in split_frames(data)]

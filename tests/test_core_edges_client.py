@@ -29,20 +29,11 @@ from keymgmt_proto._crypto import MAX_SEQ
 from keymgmt_proto._messages import REGISTRATION_TOKEN_MAX, Abort, GoAway, Response
 from keymgmt_proto.testing import FakeOpaque, _h, _pad
 
-from .fake_pairs import PASSWORD, FakeWorld, HoldingApp, lose
+from .fake_pairs import PASSWORD, FakeWorld, HoldingApp, fake_client, lose
 from .frames import forge, frame_type, split_frames
 from .helpers import login, only, register
 
 ACCOUNT = b"alice@example.org"
-
-
-@pytest.fixture
-def world(server_setup) -> FakeWorld:
-    return FakeWorld(server_setup)
-
-
-def _client() -> ClientConnection:
-    return ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom))
 
 
 def _types(data: bytes) -> list[FrameType]:
@@ -53,7 +44,7 @@ def _types(data: bytes) -> list[FrameType]:
 
 
 def test_an_oversized_registration_token_is_refused_before_anything_is_sent():
-    client = _client()
+    client = fake_client()
     with pytest.raises(LocalProtocolError, match=f"at most {REGISTRATION_TOKEN_MAX} bytes"):
         client.open_registration(ACCOUNT, PASSWORD, token=bytes(REGISTRATION_TOKEN_MAX + 1))
     assert client.data_to_send() == b""
@@ -95,7 +86,7 @@ def test_session_ids_run_out_for_new_logins_and_for_resumptions(world):
     register(pair, ACCOUNT)
     login(pair, ACCOUNT)
     (detached,) = lose(pair)
-    client = _client()
+    client = fake_client()
     client._last_session_id = MAX_SESSION_ID  # as after 2**31-1 sessions on one connection
     with pytest.raises(LocalProtocolError, match="session ids exhausted") as opening:
         client.open_request_session(ACCOUNT, PASSWORD)
@@ -115,7 +106,7 @@ def test_a_session_that_has_used_every_resumption_must_log_in_again(world):
     login(pair, ACCOUNT)
     (detached,) = lose(pair)
     detached._session.channel.resume_seq = MAX_SEQ  # as after 2**64-1 resumptions
-    client = _client()
+    client = fake_client()
     with pytest.raises(LocalProtocolError, match="resumptions exhausted") as info:
         client.resume_session(detached)
     assert info.value.code is ErrorCode.SEQUENCE_EXHAUSTED
@@ -128,7 +119,7 @@ def test_a_failed_connection_cannot_carry_a_resumption(world):
     register(pair, ACCOUNT)
     login(pair, ACCOUNT)
     (detached,) = lose(pair)
-    client = _client()
+    client = fake_client()
     client.receive_data(forge(FrameType.GOAWAY, 0, GoAway(ErrorCode.OK, "bye").encode()))
     assert isinstance(client.next_event(), ConnectionFailed)
     with pytest.raises(LocalProtocolError, match="connection has failed"):
@@ -168,7 +159,7 @@ class _RecordSwappingOpaque(FakeOpaque):
 def test_registration_fails_when_the_login_export_key_differs_from_the_registration(server_setup):
     """REG-3 binds the storage key to the export key: a swapped record must not get that far."""
     world = FakeWorld(server_setup)
-    client = _client()
+    client = fake_client()
     server = ServerConnection(server_setup, os.urandom, opaque=_RecordSwappingOpaque(os.urandom))
     pair = InMemoryPair(client, server, world.app)
     sid = client.open_registration(ACCOUNT, PASSWORD)
@@ -260,14 +251,14 @@ def test_a_connection_needs_room_for_at_least_a_kilobyte_per_frame(server_setup)
 
 
 def test_no_data_may_follow_the_end_of_the_stream():
-    client = _client()
+    client = fake_client()
     client.receive_data(b"")
     with pytest.raises(LocalProtocolError, match="after end of stream"):
         client.receive_data(b"\x01")
 
 
 def test_closing_twice_sends_one_goaway():
-    client = _client()
+    client = fake_client()
     client.close("done")
     (goaway,) = split_frames(client.data_to_send())
     assert frame_type(goaway) is FrameType.GOAWAY
@@ -289,7 +280,7 @@ def test_a_session_frame_on_session_id_zero_ends_the_connection(server_setup):
 
 
 def test_a_goaway_on_a_session_id_ends_the_connection_as_malformed():
-    client = _client()
+    client = fake_client()
     client.receive_data(forge(FrameType.GOAWAY, 3, GoAway(ErrorCode.OK).encode()))
     event = client.next_event()
     assert event == ConnectionFailed(ErrorCode.MALFORMED, "GOAWAY on a session id", True)

@@ -44,20 +44,11 @@ from keymgmt_proto._opaque import client_registration_start
 from keymgmt_proto.testing import FakeOpaque
 
 from .fake_pairs import PASSWORD, FakeWorld, HoldingApp, lose
-from .frames import forge, frame_type, split_frames
+from .frames import forge, frame_type, parsed, split_frames
 from .helpers import login, only, register
 
 ACCOUNT = b"alice@example.org"
 USER_ID = bytes(range(16))
-
-
-@pytest.fixture
-def world(server_setup) -> FakeWorld:
-    return FakeWorld(server_setup)
-
-
-def _frames(data: bytes) -> list[tuple[FrameType, int, bytes]]:
-    return [(frame_type(f), int.from_bytes(f[2:6], "big"), f[10:]) for f in split_frames(data)]
 
 
 def _abort_code(data: bytes) -> ErrorCode:
@@ -176,7 +167,7 @@ def test_a_failed_connection_has_no_deadlines_and_ignores_the_timer(server_setup
     server = _manual_server(server_setup, now=0.0)
     assert server.get_timer() == 10.0  # an idle connection is closed after 10 s
     server.close("shutting down")
-    assert _frames(server.data_to_send())[0][0] is FrameType.GOAWAY
+    assert parsed(server.data_to_send())[0][0] is FrameType.GOAWAY
     assert server.get_timer() is None
     server.handle_timer(100.0)
     assert server.data_to_send() == b""
@@ -218,7 +209,7 @@ def test_accept_registration_needs_a_16_byte_user_id(server_setup):
     assert server.session_state(sid) is State.AWAIT_REG_DECISION
     assert server.data_to_send() == b""
     server.accept_registration(sid, USER_ID)
-    assert [t for t, _, _ in _frames(server.data_to_send())] == [FrameType.REG_RESPONSE]
+    assert [t for t, _, _ in parsed(server.data_to_send())] == [FrameType.REG_RESPONSE]
 
 
 def test_a_decision_the_session_state_does_not_allow_is_a_local_error(server_setup):
@@ -336,7 +327,7 @@ def test_a_completed_registration_must_carry_the_session_user_id(world):
     pair.to_client(pair.server.data_to_send())  # LOGIN_RESPONSE
     channel = pair.client._sessions[sid].channel  # the keys the client just derived
     pair.to_server(pair.client.data_to_send())  # LOGIN_FINISH; the server's WELCOME is held back
-    assert [t for t, _, _ in _frames(pair.server.data_to_send())] == [FrameType.WELCOME]
+    assert [t for t, _, _ in parsed(pair.server.data_to_send())] == [FrameType.WELCOME]
     other = CompleteRegistration(b"\xee" * 16, bytes(60))
     record = channel.seal(FrameType.COMPLETE_REGISTRATION, other.encode())
     pair.to_server(forge(FrameType.COMPLETE_REGISTRATION, sid, record.encode()))
@@ -359,7 +350,7 @@ def test_a_request_id_reused_after_its_answer_left_the_cache_ends_the_session(se
     # Request 2 is still cached: a repeat gets the same answer again, nothing new happens.
     again = channel.seal(FrameType.REQUEST, Request(2, b"two").encode())
     pair.to_server(forge(FrameType.REQUEST, sid, again.encode()))
-    assert [t for t, _, _ in _frames(pair.server.data_to_send())] == [FrameType.RESPONSE]
+    assert [t for t, _, _ in parsed(pair.server.data_to_send())] == [FrameType.RESPONSE]
     assert sum(isinstance(e, RequestReceived) for e in pair.server_events) == 2
     # Request 1 left the one-entry cache: reusing its id is a fault.
     reused = channel.seal(FrameType.REQUEST, Request(1, b"one again").encode())
@@ -430,7 +421,7 @@ def test_resuming_an_expired_session_still_attached_elsewhere_expires_it_there(s
     failed = only(fresh.pump(), SessionFailed)
     assert (failed.session_id, failed.code) == (new_sid, ErrorCode.UNKNOWN_SESSION)
     # The old connection ended the session with a sealed CLOSE and told its application.
-    ((close_type, close_sid, _),) = _frames(old.server.data_to_send())
+    ((close_type, close_sid, _),) = parsed(old.server.data_to_send())
     assert (close_type, close_sid) == (FrameType.CLOSE, sid)
     closed = only(_drain(old.server), SessionClosed)
     assert (closed.session_id, closed.code) == (sid, ErrorCode.IDLE_TIMEOUT)

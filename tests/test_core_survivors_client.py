@@ -5,13 +5,10 @@ plus the framing both roles share (end of stream, header faults, reasons cleaned
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from keymgmt.adapters import InMemoryPair, MemoryServerApp
 from keymgmt_proto import (
-    ClientConnection,
     ConnectionFailed,
     ErrorCode,
     Event,
@@ -29,22 +26,12 @@ from keymgmt_proto import (
 from keymgmt_proto._crypto import MAX_SEQ
 from keymgmt_proto._messages import Abort, GoAway, LoginResponse
 from keymgmt_proto._wire import encode_frame
-from keymgmt_proto.testing import FakeOpaque
 
-from .fake_pairs import PASSWORD, FakeWorld, HoldingApp, lose
+from .fake_pairs import PASSWORD, FakeWorld, HoldingApp, fake_client, lose
 from .frames import forge, frame_type, split_frames
 from .helpers import login, only, register
 
 ACCOUNT = b"alice@example.org"
-
-
-@pytest.fixture
-def world(server_setup) -> FakeWorld:
-    return FakeWorld(server_setup)
-
-
-def _client() -> ClientConnection:
-    return ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom))
 
 
 def _events(conn) -> list[Event]:
@@ -135,7 +122,7 @@ def test_a_closed_session_is_gone_from_the_connection(world):
 
 
 def test_connection_lost_is_local_and_sends_nothing():
-    client = _client()
+    client = fake_client()
     client.connection_lost()
     assert client.next_event() == ConnectionFailed(ErrorCode.CONNECTION_LOST, "connection lost", False)
     assert client.data_to_send() == b""
@@ -166,7 +153,7 @@ def test_a_login_cut_off_by_connection_loss_fails_locally(world):
 def test_a_resumption_takes_the_next_session_id(world):
     pair, _ = _established(world)
     (detached,) = lose(pair)
-    client = _client()
+    client = fake_client()
     assert client.open_request_session(ACCOUNT, PASSWORD) == 1
     assert client.resume_session(detached) == 2
     assert client.open_registration(b"bob@example.org", PASSWORD) == 3
@@ -176,7 +163,7 @@ def test_a_resumption_takes_the_next_session_id(world):
 
 
 def test_a_late_frame_for_the_last_session_that_ended_is_ignored():
-    client = _client()
+    client = fake_client()
     sid = client.open_request_session(ACCOUNT, PASSWORD)
     client.abort_session(sid)
     client.data_to_send()
@@ -186,7 +173,7 @@ def test_a_late_frame_for_the_last_session_that_ended_is_ignored():
 
 
 def test_a_frame_for_a_session_never_opened_is_the_servers_fault():
-    client = _client()
+    client = fake_client()
     sid = client.open_request_session(ACCOUNT, PASSWORD)
     client.data_to_send()
     client.receive_data(forge(FrameType.ABORT, 7, Abort(ErrorCode.OK).encode()))
@@ -199,7 +186,7 @@ def test_a_frame_for_a_session_never_opened_is_the_servers_fault():
 
 
 def test_a_frame_the_session_state_does_not_allow_is_the_servers_fault():
-    client = _client()
+    client = fake_client()
     sid = client.open_request_session(ACCOUNT, PASSWORD)
     client.data_to_send()
     client.receive_data(forge(FrameType.RESPONSE, sid, bytes(30)))
@@ -229,7 +216,7 @@ def test_a_deferred_resumption_is_detached_again_with_the_servers_reason(world):
     """NET-13: ABORT(RATE_LIMITED) on a RESUME hands the session back for a later retry."""
     pair, _ = _established(world)
     (detached,) = lose(pair)
-    client = _client()
+    client = fake_client()
     sid = client.resume_session(detached)
     client.data_to_send()
     client.receive_data(forge(FrameType.ABORT, sid, Abort(ErrorCode.RATE_LIMITED, "retry later").encode()))
@@ -278,13 +265,13 @@ def test_a_registration_closed_with_an_error_fails_as_the_servers_decision(serve
 
 
 def test_end_of_stream_is_a_lost_connection():
-    client = _client()
+    client = fake_client()
     client.receive_data(b"")
     assert client.next_event() == ConnectionFailed(ErrorCode.CONNECTION_LOST, "connection lost", False)
 
 
 def test_a_header_with_an_unknown_version_is_the_peers_fault():
-    client = _client()
+    client = fake_client()
     client.receive_data(bytes([9]) + encode_frame(FrameType.GOAWAY, 0, b"")[1:])
     failed = client.next_event()
     assert isinstance(failed, ConnectionFailed)
@@ -293,7 +280,7 @@ def test_a_header_with_an_unknown_version_is_the_peers_fault():
 
 def test_abort_reasons_are_cleaned_and_cut_for_the_wire():
     """A reason goes out as printable ASCII of at most 255 characters."""
-    client = _client()
+    client = fake_client()
     first = client.open_request_session(ACCOUNT, PASSWORD)
     second = client.open_request_session(ACCOUNT, PASSWORD)
     client.data_to_send()
@@ -307,7 +294,7 @@ def test_abort_reasons_are_cleaned_and_cut_for_the_wire():
     ("reason", "sent"), [("bye\n", "bye?"), ("y" * 300, "y" * 255)], ids=["control", "long"]
 )
 def test_goaway_reasons_are_cleaned_and_cut_for_the_wire(reason, sent):
-    client = _client()
+    client = fake_client()
     client.close(reason)
     assert GoAway.decode(_only_frame(client.data_to_send(), FrameType.GOAWAY)).reason == sent
     assert client.next_event() == ConnectionFailed(ErrorCode.OK, reason, False)

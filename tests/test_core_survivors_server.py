@@ -46,24 +46,15 @@ from keymgmt_proto._opaque import ServerLoginStep
 from keymgmt_proto.testing import FakeOpaque
 
 from .fake_pairs import PASSWORD, FakeWorld, HoldingApp, lose
-from .frames import forge, frame_type, split_frames
+from .frames import forge, parsed
 from .helpers import login, only, register
 
 ACCOUNT = b"alice@example.org"
 USER_ID = bytes(range(16))
 
 
-@pytest.fixture
-def world(server_setup) -> FakeWorld:
-    return FakeWorld(server_setup)
-
-
-def _frames(data: bytes) -> list[tuple[FrameType, int, bytes]]:
-    return [(frame_type(f), int.from_bytes(f[2:6], "big"), f[10:]) for f in split_frames(data)]
-
-
 def _aborts(data: bytes) -> list[tuple[int, Abort]]:
-    return [(sid, Abort.decode(payload)) for kind, sid, payload in _frames(data) if kind is FrameType.ABORT]
+    return [(sid, Abort.decode(payload)) for kind, sid, payload in parsed(data) if kind is FrameType.ABORT]
 
 
 def _drain(conn) -> list:
@@ -131,7 +122,7 @@ def test_a_frame_trickled_in_must_be_whole_within_the_frame_timeout(server_setup
     assert _drain(server) == [
         ConnectionFailed(ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive", False)
     ]
-    ((kind, _, payload),) = _frames(server.data_to_send())
+    ((kind, _, payload),) = parsed(server.data_to_send())
     assert kind is FrameType.GOAWAY and GoAway.decode(payload).code is ErrorCode.IDLE_TIMEOUT
 
 
@@ -337,7 +328,7 @@ def test_a_login_for_a_registered_name_derives_a_decoy_record_too(server_setup):
     only(_drain(server), LoginRequested)
     server.accept_login(1, USER_ID, bytes(REGISTRATION_UPLOAD_SIZE))
     assert setup.decoys == [ACCOUNT]
-    assert [kind for kind, _, _ in _frames(server.data_to_send())] == [FrameType.LOGIN_RESPONSE]
+    assert [kind for kind, _, _ in parsed(server.data_to_send())] == [FrameType.LOGIN_RESPONSE]
 
 
 class _RefusingCredentialOpaque(FakeOpaque):
@@ -454,7 +445,7 @@ def test_answering_the_last_allowed_request_closes_the_session(server_setup):
     request_id = pair.client.send_request(sid, b"q")
     pair.pump()
     assert pair.server.send_response(sid, request_id, b"a") is True
-    assert [kind for kind, _, _ in _frames(pair.server.data_to_send())] == [
+    assert [kind for kind, _, _ in parsed(pair.server.data_to_send())] == [
         FrameType.RESPONSE,
         FrameType.CLOSE,
     ]

@@ -30,6 +30,7 @@ from keymgmt.adapters.storage import SecretRecord
 from keymgmt_proto import Action, Op, Outcome, SecretKind, Status
 from keymgmt_proto._ops import CreateKeyIdRequest, KeyIdResponse, StoreSecretRequest
 
+from .fake_pairs import FakeWorld
 from .keyserver_world import key_server
 
 ALICE = b"alice"
@@ -306,23 +307,18 @@ async def test_a_single_throttled_attempt_reaches_the_owners_log(tmp_path):
     assert [(e.outcome, e.count) for e in throttled] == [(Outcome.FAILURE, 1)]
 
 
-def test_a_login_in_flight_keeps_its_record_for_in_flight_for_and_no_longer():
+def test_a_login_in_flight_keeps_its_record_for_in_flight_for_and_no_longer(server_setup):
     """NET-10/NET-13: a record whose login has started and not ended is not forgotten while
     the login may still end (``in_flight_for``), however old its last failure."""
-    from keymgmt.adapters import InMemoryPair
     from keymgmt.adapters.keyserver import KeyServer
     from keymgmt.adapters.sqlite_store import SQLiteStorage
-    from keymgmt_proto import ClientConnection, ServerConnection, ServerSetup, SessionRegistry
-    from keymgmt_proto.testing import FakeOpaque
 
     clock = Clock(1_000_000.0)
     storage = SQLiteStorage(":memory:")
     keyserver = KeyServer(
         storage, clock=clock, throttle=ThrottlePolicy(forget_after=100.0, in_flight_for=10.0)
     )
-    fake = FakeOpaque(os.urandom)
-    server = ServerConnection(ServerSetup.generate(), os.urandom, registry=SessionRegistry(), opaque=fake)
-    pair = InMemoryPair(ClientConnection(os.urandom, opaque=fake), server, keyserver)
+    pair = FakeWorld(server_setup, app=keyserver).pair()
     pair.client.open_request_session(ALICE, PW)  # unknown name: a decoy login, failed
     pair.pump()
     clock.now += 200.0  # that failure is stale now
@@ -337,28 +333,20 @@ def test_a_login_in_flight_keeps_its_record_for_in_flight_for_and_no_longer():
     storage.close()
 
 
-def test_a_login_stuck_in_flight_stops_counting_after_in_flight_for():
+def test_a_login_stuck_in_flight_stops_counting_after_in_flight_for(server_setup):
     """NET-10: with threshold 1 a second login for a name waits while one is in flight, but
     a login that never ends stops holding the name after ``in_flight_for``."""
-    from keymgmt.adapters import InMemoryPair
     from keymgmt.adapters.keyserver import KeyServer
     from keymgmt.adapters.sqlite_store import SQLiteStorage
     from keymgmt_proto import (
-        ClientConnection,
         ErrorCode,
-        ServerConnection,
-        ServerSetup,
         SessionFailed,
-        SessionRegistry,
     )
-    from keymgmt_proto.testing import FakeOpaque
 
     clock = Clock(1_000_000.0)
     storage = SQLiteStorage(":memory:")
     keyserver = KeyServer(storage, clock=clock, throttle=ThrottlePolicy(threshold=1, in_flight_for=10.0))
-    fake = FakeOpaque(os.urandom)
-    server = ServerConnection(ServerSetup.generate(), os.urandom, registry=SessionRegistry(), opaque=fake)
-    pair = InMemoryPair(ClientConnection(os.urandom, opaque=fake), server, keyserver)
+    pair = FakeWorld(server_setup, app=keyserver).pair()
     pair.client.open_request_session(ALICE, PW)
     pair.to_server(pair.client.data_to_send())  # in flight; its answer is held
     pair.server.data_to_send()
@@ -418,27 +406,19 @@ async def test_a_user_id_already_taken_is_drawn_again(tmp_path):
     assert len(bob) == 16 and bob != alice and not queue
 
 
-def test_of_two_registrations_racing_for_one_name_only_the_first_completes():
+def test_of_two_registrations_racing_for_one_name_only_the_first_completes(server_setup):
     """Both pass the name check at REG_START; the second's COMPLETE_REGISTRATION finds the name
     taken and is refused (ACCOUNT_EXISTS), never confirmed."""
-    from keymgmt.adapters import InMemoryPair
     from keymgmt.adapters.keyserver import KeyServer
     from keymgmt.adapters.sqlite_store import SQLiteStorage
     from keymgmt_proto import (
-        ClientConnection,
         ErrorCode,
         RegistrationSucceeded,
-        ServerConnection,
-        ServerSetup,
         SessionFailed,
-        SessionRegistry,
     )
-    from keymgmt_proto.testing import FakeOpaque
 
     storage = SQLiteStorage(":memory:")
-    fake = FakeOpaque(os.urandom)
-    server = ServerConnection(ServerSetup.generate(), os.urandom, registry=SessionRegistry(), opaque=fake)
-    pair = InMemoryPair(ClientConnection(os.urandom, opaque=fake), server, KeyServer(storage))
+    pair = FakeWorld(server_setup, app=KeyServer(storage)).pair()
     pair.client.open_registration(ALICE, PW)
     pair.client.open_registration(ALICE, PW)
     events = pair.pump()
