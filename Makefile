@@ -20,10 +20,11 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict keymgmt_proto adapters scripts fuzz mutation
-	@# bench/ imports keymgmt.adapters, which the editable install maps with an import hook
-	@# mypy cannot follow: give mypy the same mapping as a search path.
+	@# keymgmt/ and bench/ import keymgmt.adapters, which the editable install maps with an
+	@# import hook mypy cannot follow: give mypy the same mapping as a search path.
 	mkdir -p .mypy_cache/paths/keymgmt && ln -sfn "$(CURDIR)/adapters" .mypy_cache/paths/keymgmt/adapters
-	MYPYPATH=.mypy_cache/paths $(BIN)/mypy --strict bench
+	ln -sfn "$(CURDIR)/keymgmt/__init__.py" .mypy_cache/paths/keymgmt/__init__.py
+	MYPYPATH=.mypy_cache/paths $(BIN)/mypy --strict bench keymgmt/__init__.py
 
 unit: $(STAMP)
 	$(BIN)/pytest
@@ -63,7 +64,7 @@ durability: $(STAMP)
 
 ## The README's first command: register, log in and send requests, printing each step.
 demo: $(STAMP)
-	$(BIN)/python -m keymgmt.adapters.demo
+	$(BIN)/python -m keymgmt.adapters.cli.demo
 
 ## Benchmarks (issue #7): prints the table, writes bench/results.json; a few minutes on 2 cores.
 bench: $(STAMP)

@@ -1,16 +1,16 @@
-"""keymgmt.adapters: everything that touches the world around the sans-I/O core.
+"""keymgmt.adapters: everything that touches the world around the sans-I/O core, by layer.
 
-- in-memory: :class:`InMemoryPair` (synchronous, for tests and harnesses) and
-  :func:`memory_stream_pair` (anyio byte streams);
-- the key-server application :class:`KeyServer` over a :class:`Storage`
-  (:class:`SQLiteStorage` is the embedded default), driven per connection by
-  :func:`serve_stream`;
-- the high-level client :class:`KeymgmtClient` / :class:`KeySession`, its
-  :class:`LocalStore`, and the blocking :class:`SyncKeymgmtClient`;
-- the OPAQUE server setup file helpers.
+- :mod:`.server`: the key-server application :class:`KeyServer`, the connection
+  driver, the network runtime and its configuration;
+- :mod:`.storage`: the storage interface, SQLite (the embedded default) and PostgreSQL;
+- :mod:`.client`: the async client :class:`KeymgmtClient`, the blocking
+  :class:`SyncKeymgmtClient`, the local store and the TLS connector;
+- :mod:`.cli`: the ``keymgmt`` and ``keymgmt-server`` command lines and the demo;
+- :mod:`.testing`: in-memory pairs and streams for tests and harnesses;
+- shared helpers: :mod:`.tls`, :mod:`.files`, :mod:`.redaction`.
 """
 
-from .client import (
+from .client.async_client import (
     AuthenticationError,
     ConnectionLostError,
     IntegrityError,
@@ -25,15 +25,15 @@ from .client import (
     ThrottledError,
     audit_to_json,
 )
-from .keyserver import KeyServer, default_account_name_policy
-from .localstore import LocalStore
-from .memory import Delivery, InMemoryPair, MemoryServerApp
-from .serve import serve_stream
-from .setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
-from .sqlite_store import SQLiteStorage
-from .storage import Account, AuditQuery, AuditRecord, SecretRecord, Storage, StorageError, Transaction
-from .streams import MemoryByteStream, memory_stream_pair
-from .sync import SyncKeymgmtClient, SyncKeySession
+from .client.localstore import LocalStore
+from .client.sync_client import SyncKeymgmtClient, SyncKeySession
+from .server.app import KeyServer, default_account_name_policy
+from .server.driver import serve_stream
+from .server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
+from .storage.base import Account, AuditQuery, AuditRecord, SecretRecord, Storage, StorageError, Transaction
+from .storage.sqlite import SQLiteStorage
+from .testing.memory import Delivery, InMemoryPair, MemoryServerApp
+from .testing.streams import MemoryByteStream, memory_stream_pair
 
 __all__ = [
     "Account",

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,

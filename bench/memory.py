@@ -132,7 +132,7 @@ def build_sessions(
 
 
 def _real_account(setup: ServerSetup) -> tuple[bytes, bytes]:
-    from keymgmt.adapters.memory import MemoryServerApp
+    from keymgmt.adapters.testing.memory import MemoryServerApp
 
     app = MemoryServerApp()
     Pair(ClientConnection(os.urandom), ServerConnection(setup, os.urandom), app).register()

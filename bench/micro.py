@@ -26,8 +26,8 @@ import opaque_ke_py as ok
 import pyperf
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.memory import MemoryServerApp
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.testing.memory import MemoryServerApp
 from keymgmt_proto import (
     Context,
     Event,

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import anyio
 
-from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.net import KeyServerRuntime, ServerSettings, tls_connector
-from keymgmt.adapters.setupfile import create_server_setup_file
-from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
+from keymgmt.adapters.server.setupfile import create_server_setup_file
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.tls import generate_dev_pki
 from keymgmt_proto import Context, Status
 from keymgmt_proto._ops import RetrieveRequest

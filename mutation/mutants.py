@@ -43,8 +43,15 @@ TARGETS: dict[str, str] = {
         )
     },
     **{
-        f"keymgmt.adapters.{name}": f"adapters/{name}.py"
-        for name in ("keyserver", "storage", "sqlite_store", "postgres_store", "admission", "invitations")
+        f"keymgmt.adapters.{name}": f"adapters/{name.replace('.', '/')}.py"
+        for name in (
+            "server.app",
+            "server.admission",
+            "server.invitations",
+            "storage.base",
+            "storage.sqlite",
+            "storage.postgres",
+        )
     },
 }
 ROOT = Path(__file__).resolve().parent.parent

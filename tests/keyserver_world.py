@@ -10,12 +10,12 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.localstore import LocalStore
-from keymgmt.adapters.serve import serve_stream
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.streams import memory_stream_pair
+from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.localstore import LocalStore
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.driver import serve_stream
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
 
 SETUP = ServerSetup.generate()

@@ -12,8 +12,8 @@ import anyio
 from anyio.abc import ByteStream, SocketStream, TaskGroup
 from anyio.streams.tls import TLSStream
 
-from keymgmt.adapters.net import KeyServerRuntime, ServerSettings
-from keymgmt.adapters.setupfile import create_server_setup_file
+from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
+from keymgmt.adapters.server.setupfile import create_server_setup_file
 from keymgmt.adapters.tls import DevPKI, client_context, generate_dev_pki
 from keymgmt_proto import NEED_DATA, ClientConnection, ServerConfig, SessionEstablished, SessionFailed
 

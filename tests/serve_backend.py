@@ -18,8 +18,8 @@ from pathlib import Path
 
 import anyio
 
-from keymgmt.adapters.config import load_settings
-from keymgmt.adapters.net import KeyServerRuntime
+from keymgmt.adapters.server.config import load_settings
+from keymgmt.adapters.server.runtime import KeyServerRuntime
 
 
 async def _serve(runtime: KeyServerRuntime) -> None:

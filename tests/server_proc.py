@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-SERVER = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
+SERVER = [sys.executable, "-m", "keymgmt.adapters.cli.server"]
 BACKEND_SCRIPT = Path(__file__).with_name("serve_backend.py")
 CONFIG_NAME = "keymgmt-server.toml"
 

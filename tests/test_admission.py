@@ -14,9 +14,9 @@ import os
 import anyio
 import pytest
 
-from keymgmt.adapters.admission import AddressLimits, address_key
-from keymgmt.adapters.client import KeymgmtClient, RateLimitedError
-from keymgmt.adapters.net import tls_connector
+from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server.admission import AddressLimits, address_key
 from keymgmt_proto import ClientConnection, ErrorCode, FrameType, LoginRequested, ServerConfig, TokenBucket
 from keymgmt_proto._messages import GoAway
 
@@ -256,8 +256,8 @@ def test_the_sync_client_reconnects_too(tmp_path):
     """SyncKeymgmtClient hands the async client its connector, so it survives the same."""
     from anyio.from_thread import start_blocking_portal
 
-    from keymgmt.adapters.net import KeyServerRuntime
-    from keymgmt.adapters.sync import SyncKeymgmtClient
+    from keymgmt.adapters.client.sync_client import SyncKeymgmtClient
+    from keymgmt.adapters.server.runtime import KeyServerRuntime
 
     from .net_world import make_settings
 

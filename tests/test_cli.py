@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
-SERVER = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
-CLIENT = [sys.executable, "-m", "keymgmt.adapters.cli_client"]
+SERVER = [sys.executable, "-m", "keymgmt.adapters.cli.server"]
+CLIENT = [sys.executable, "-m", "keymgmt.adapters.cli.client"]
 
 
 class ServerProcess:
@@ -243,9 +243,9 @@ def test_secrets_to_import_never_need_the_command_line(server, tmp_path):
     )
     deadline = time.monotonic() + 10
     command_line = b""
-    while b"cli_client" not in command_line and time.monotonic() < deadline:  # (once exec is done)
+    while b"cli.client" not in command_line and time.monotonic() < deadline:  # (once exec is done)
         command_line = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # what `ps` shows everyone
-    assert b"cli_client" in command_line
+    assert b"cli.client" in command_line
     out, err = proc.communicate(secret, timeout=60)
     assert proc.returncode == 0, err
     assert b"ZQX-4417" not in command_line, command_line

@@ -7,7 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from keymgmt.adapters.config import OPTIONS, ConfigError, load_settings, render_config
+from keymgmt.adapters.server.config import OPTIONS, ConfigError, load_settings, render_config
 
 from .net_world import running_server
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from keymgmt.adapters.admission import AddressLimits
-from keymgmt.adapters.invitations import InvitationAuthorizer
-from keymgmt.adapters.keyserver import ThrottlePolicy
+from keymgmt.adapters.server.admission import AddressLimits
+from keymgmt.adapters.server.app import ThrottlePolicy
+from keymgmt.adapters.server.invitations import InvitationAuthorizer
 from keymgmt_proto import MAX_SESSION_ID, Frame, FrameType, ServerConfig
 from keymgmt_proto._crypto import HotChannels
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from keymgmt.adapters.invitations import InvitationAuthorizer
+from keymgmt.adapters.server.invitations import InvitationAuthorizer
 from keymgmt_proto import Context, ServerSetup
 
 from .fake_pairs import FakeWorld

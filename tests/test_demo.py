@@ -8,7 +8,7 @@ import sys
 
 def test_demo_runs_the_whole_flow_and_exits_zero():
     result = subprocess.run(
-        [sys.executable, "-m", "keymgmt.adapters.demo"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "keymgmt.adapters.cli.demo"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

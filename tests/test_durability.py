@@ -29,9 +29,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient, KeymgmtError, KeySession
-from keymgmt.adapters.localstore import LocalStore
-from keymgmt.adapters.net import tls_connector
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError, KeySession
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.client.localstore import LocalStore
 from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
 from keymgmt_proto._ops import encode_portable, open_secret
 

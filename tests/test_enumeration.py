@@ -17,10 +17,10 @@ import time
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
-from keymgmt.adapters.net import tls_connector
-from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server.app import KeyServer, ThrottlePolicy
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
@@ -78,7 +78,7 @@ def test_registered_and_unknown_names_cost_the_same_storage_work(tmp_path):
     failed login, a throttled login) is the same for a registered name and an unknown one."""
     traced = _Traced(tmp_path)
     with traced.storage.transaction() as tx:  # a registered account, without running OPAQUE
-        from keymgmt.adapters.storage import Account
+        from keymgmt.adapters.storage.base import Account
 
         record = SETUP.decoy_record(b"seed", os.urandom)[1]  # any valid-looking record
         tx.insert_account(Account(b"alice@example.org", os.urandom(16), record, bytes(60), 1))

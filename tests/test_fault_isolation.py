@@ -19,10 +19,10 @@ from contextlib import contextmanager
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient, KeymgmtError
-from keymgmt.adapters.net import tls_connector
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Transaction
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.storage.base import Transaction
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import NEED_DATA, Context, ErrorCode, FrameType
 from keymgmt_proto._messages import Resume, ResumeEnvelope
 from keymgmt_proto._server import ServerConnection
@@ -207,7 +207,7 @@ def test_running_out_of_file_descriptors_does_not_end_the_server(tmp_path):
             "KEYMGMT_LOCAL_STORE": str(tmp_path / "local.db"),
         }
         result = subprocess.run(
-            [sys.executable, "-m", "keymgmt.adapters.cli_client", "register"],
+            [sys.executable, "-m", "keymgmt.adapters.cli.client", "register"],
             input="a long enough password\n",
             capture_output=True,
             text=True,

@@ -18,8 +18,8 @@ import anyio
 import opaque_ke_py
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient, ThrottledError
-from keymgmt.adapters.net import tls_connector
+from keymgmt.adapters.client.async_client import KeymgmtClient, ThrottledError
+from keymgmt.adapters.client.connect import tls_connector
 from keymgmt_proto import Action, AuditType, ErrorCode, FrameType
 from keymgmt_proto._messages import Abort, LoginStart
 
@@ -100,7 +100,7 @@ def test_a_login_flood_leaves_memory_storage_and_the_victims_log_bounded(tmp_pat
     ca = directory / "ca.pem"
     try:
         register = subprocess.run(
-            [sys.executable, "-m", "keymgmt.adapters.cli_client", "register"],
+            [sys.executable, "-m", "keymgmt.adapters.cli.client", "register"],
             input=PW.decode() + "\n",
             capture_output=True,
             text=True,
@@ -172,8 +172,8 @@ def test_failed_logins_leave_no_bookkeeping_behind(tmp_path, valid_ke1):
     import gc
     import tracemalloc
 
-    from keymgmt.adapters.keyserver import KeyServer
-    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
     from keymgmt_proto import NEED_DATA, ServerConnection, SessionRegistry
 
     from .keyserver_world import SETUP

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient, KeymgmtError
-from keymgmt.adapters.serve import serve_stream
-from keymgmt.adapters.storage import StorageError
-from keymgmt.adapters.streams import memory_stream_pair
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError
+from keymgmt.adapters.server.driver import serve_stream
+from keymgmt.adapters.storage.base import StorageError
+from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt_proto import Action, AuditType, Op
 
 from .keyserver_world import SETUP, key_server
@@ -66,13 +66,13 @@ async def test_nothing_is_acknowledged_when_the_group_commit_fails(tmp_path):
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend_storage(request, tmp_path):
     if request.param == "sqlite":
-        from keymgmt.adapters.sqlite_store import SQLiteStorage
+        from keymgmt.adapters.storage.sqlite import SQLiteStorage
 
         storage = SQLiteStorage(tmp_path / "ks.db")
         yield storage
         storage.close()
         return
-    from keymgmt.adapters.postgres_store import PostgresStorage
+    from keymgmt.adapters.storage.postgres import PostgresStorage
 
     from .pg import schema_fixture
 
@@ -91,7 +91,7 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
     import os
 
     from keymgmt.adapters import InMemoryPair
-    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt.adapters.server.app import KeyServer
     from keymgmt_proto import (
         NEED_DATA,
         ClientConnection,

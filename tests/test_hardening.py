@@ -7,10 +7,15 @@ import os
 import pytest
 
 from keymgmt.adapters import InMemoryPair
-from keymgmt.adapters.client import AuthenticationError, KeymgmtClient, RequestRefusedError, ThrottledError
-from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import AuditQuery
+from keymgmt.adapters.client.async_client import (
+    AuthenticationError,
+    KeymgmtClient,
+    RequestRefusedError,
+    ThrottledError,
+)
+from keymgmt.adapters.server.app import KeyServer, ThrottlePolicy
+from keymgmt.adapters.storage.base import AuditQuery
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     Action,
     AuditType,
@@ -192,7 +197,7 @@ async def test_per_user_key_limit(tmp_path):
 
 @pytest.mark.anyio
 async def test_key_id_reservations_per_session_are_bounded(tmp_path):
-    from keymgmt.adapters.keyserver import MAX_RESERVED_KEY_IDS
+    from keymgmt.adapters.server.app import MAX_RESERVED_KEY_IDS
     from keymgmt_proto._ops import (
         CreateKeyIdRequest,
         KeyIdResponse,
@@ -305,8 +310,8 @@ async def test_a_cancelled_login_is_aborted_before_the_next_one(tmp_path):
     left that nobody holds, on either side, and the next login of the account follows it."""
     import anyio
 
-    from keymgmt.adapters.serve import serve_stream
-    from keymgmt.adapters.streams import memory_stream_pair
+    from keymgmt.adapters.server.driver import serve_stream
+    from keymgmt.adapters.testing.streams import memory_stream_pair
 
     policy = ThrottlePolicy(threshold=5, base_delay=60.0)
     async with key_server(tmp_path, throttle=policy) as world:
@@ -333,8 +338,8 @@ async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog):
 
     import anyio
 
-    from keymgmt.adapters.serve import ConnectionDriver
-    from keymgmt.adapters.streams import memory_stream_pair
+    from keymgmt.adapters.server.driver import ConnectionDriver
+    from keymgmt.adapters.testing.streams import memory_stream_pair
     from keymgmt_proto import FrameType
     from keymgmt_proto._messages import REGISTRATION_REQUEST_SIZE, RegStart
 

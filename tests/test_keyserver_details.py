@@ -14,19 +14,19 @@ import os
 import anyio
 import pytest
 
-from keymgmt.adapters.client import (
+from keymgmt.adapters.client.async_client import (
     AuthenticationError,
     KeymgmtError,
     KeySession,
     RequestRefusedError,
 )
-from keymgmt.adapters.keyserver import (
+from keymgmt.adapters.server.app import (
     MAX_RESERVED_KEY_IDS,
     ThrottlePolicy,
     _action_of_malformed,
     default_account_name_policy,
 )
-from keymgmt.adapters.storage import SecretRecord
+from keymgmt.adapters.storage.base import SecretRecord
 from keymgmt_proto import Action, Op, Outcome, SecretKind, Status
 from keymgmt_proto._ops import CreateKeyIdRequest, KeyIdResponse, StoreSecretRequest
 
@@ -310,8 +310,8 @@ async def test_a_single_throttled_attempt_reaches_the_owners_log(tmp_path):
 def test_a_login_in_flight_keeps_its_record_for_in_flight_for_and_no_longer(server_setup):
     """NET-10/NET-13: a record whose login has started and not ended is not forgotten while
     the login may still end (``in_flight_for``), however old its last failure."""
-    from keymgmt.adapters.keyserver import KeyServer
-    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
 
     clock = Clock(1_000_000.0)
     storage = SQLiteStorage(":memory:")
@@ -336,8 +336,8 @@ def test_a_login_in_flight_keeps_its_record_for_in_flight_for_and_no_longer(serv
 def test_a_login_stuck_in_flight_stops_counting_after_in_flight_for(server_setup):
     """NET-10: with threshold 1 a second login for a name waits while one is in flight, but
     a login that never ends stops holding the name after ``in_flight_for``."""
-    from keymgmt.adapters.keyserver import KeyServer
-    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
     from keymgmt_proto import (
         ErrorCode,
         SessionFailed,
@@ -365,7 +365,7 @@ def test_a_login_stuck_in_flight_stops_counting_after_in_flight_for(server_setup
 async def test_a_bug_in_one_operation_costs_one_answer_not_the_session(tmp_path, monkeypatch, caplog):
     """An unexpected exception while answering is logged and answered INTERNAL_ERROR; the
     session goes on. An operation without a handler is answered INVALID."""
-    from keymgmt.adapters import keyserver as keyserver_module
+    from keymgmt.adapters.server import app as keyserver_module
 
     def broken(server, op, request):  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug")
@@ -409,8 +409,8 @@ async def test_a_user_id_already_taken_is_drawn_again(tmp_path):
 def test_of_two_registrations_racing_for_one_name_only_the_first_completes(server_setup):
     """Both pass the name check at REG_START; the second's COMPLETE_REGISTRATION finds the name
     taken and is refused (ACCOUNT_EXISTS), never confirmed."""
-    from keymgmt.adapters.keyserver import KeyServer
-    from keymgmt.adapters.sqlite_store import SQLiteStorage
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
     from keymgmt_proto import (
         ErrorCode,
         RegistrationSucceeded,

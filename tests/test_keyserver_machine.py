@@ -34,9 +34,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import AuditQuery, StorageError
+from keymgmt.adapters.server.app import KeyServer, ThrottlePolicy
+from keymgmt.adapters.storage.base import AuditQuery, StorageError
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     NEED_DATA,
     Action,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.net import tls_connector
+from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.connect import tls_connector
 from keymgmt_proto import Action, AuditType, Context
 
 from .net_world import Proxy

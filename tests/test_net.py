@@ -8,8 +8,8 @@ import ssl
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient, SessionEndedError
-from keymgmt.adapters.net import TLSConnectError, tls_connector
+from keymgmt.adapters.client.async_client import KeymgmtClient, SessionEndedError
+from keymgmt.adapters.client.connect import TLSConnectError, tls_connector
 from keymgmt.adapters.tls import client_context, generate_dev_pki
 from keymgmt_proto import Action, AuditType, Context, ServerConfig
 

@@ -10,9 +10,9 @@ import inspect
 
 import pytest
 
-from keymgmt.adapters.cli_client import CLI_COMMANDS, _parser
-from keymgmt.adapters.client import CLIENT_METHODS, KeySession
-from keymgmt.adapters.keyserver import HANDLERS
+from keymgmt.adapters.cli.client import CLI_COMMANDS, _parser
+from keymgmt.adapters.client.async_client import CLIENT_METHODS, KeySession
+from keymgmt.adapters.server.app import HANDLERS
 from keymgmt_proto import (
     OPERATIONS,
     Action,

@@ -11,7 +11,7 @@ import sys
 import anyio
 import pytest
 
-from keymgmt.adapters.client import (
+from keymgmt.adapters.client.async_client import (
     AuthenticationError,
     IntegrityError,
     KeymgmtError,
@@ -20,8 +20,8 @@ from keymgmt.adapters.client import (
     SessionEndedError,
     audit_to_json,
 )
-from keymgmt.adapters.localstore import LocalStore
-from keymgmt.adapters.storage import SecretRecord
+from keymgmt.adapters.client.localstore import LocalStore
+from keymgmt.adapters.storage.base import SecretRecord
 from keymgmt_proto import ErrorCode, ServerConfig
 from keymgmt_proto._ops import (
     Action,
@@ -91,8 +91,8 @@ async def test_state_survives_reopening_the_database_in_a_new_process(tmp_path):
         session = await client.login(ALICE, PW)
         key_id = await session.generate()
     script = (
-        "import sys; from keymgmt.adapters.sqlite_store import SQLiteStorage\n"
-        "from keymgmt.adapters.storage import AuditQuery\n"
+        "import sys; from keymgmt.adapters.storage.sqlite import SQLiteStorage\n"
+        "from keymgmt.adapters.storage.base import AuditQuery\n"
         "from keymgmt_proto._ops import AuditType\n"
         "s = SQLiteStorage(sys.argv[1])\n"
         "with s.transaction() as tx:\n"
@@ -417,8 +417,8 @@ async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, mon
     the client's nonce, or with one the client already holds (here the client's randomness
     repeats, and the server replays its own earlier nonce so the derivation matches). The
     client refuses before sealing anything, and nothing more is stored."""
-    from keymgmt.adapters.client import IntegrityError
-    from keymgmt.adapters.keyserver import KeyServer
+    from keymgmt.adapters.client.async_client import IntegrityError
+    from keymgmt.adapters.server.app import KeyServer
     from keymgmt_proto._ops import KeyIdResponse, joint_key_id
 
     async with key_server(tmp_path) as world, world.client() as client:

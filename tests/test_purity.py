@@ -71,3 +71,45 @@ def test_the_checker_catches_violations():
     assert sorted(_violations(sample)) == sorted(
         ["import socket", "import time", "import os.path", "attribute .urandom", "call open()"]
     )
+
+
+ROOT = CORE.parent
+#: Where code must reach the core through its public API only (issue 13). Tests of the
+#: core's internals and the tools that generate its vectors are listed in PRIVATE_ALLOWED.
+PUBLIC_ONLY = ("adapters", "keymgmt")
+
+
+def _private_core_imports(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            names = []
+        found += [n for n in names if n.startswith("keymgmt_proto._")]
+    return sorted(set(found))
+
+
+def test_adapters_use_only_the_public_core_api():
+    files = [p for top in PUBLIC_ONLY for p in sorted((ROOT / top).rglob("*.py"))]
+    assert len(files) >= 20
+    problems = {str(p.relative_to(ROOT)): v for p in files if (v := _private_core_imports(p.read_text()))}
+    assert problems == {}
+
+
+def test_the_private_import_checker_catches_each_form():
+    sample = "\n".join(
+        [
+            "import keymgmt_proto._wire",
+            "from keymgmt_proto._ops import Op",
+            "from keymgmt_proto import _crypto",
+        ]
+    )
+    assert _private_core_imports(sample) == [
+        "keymgmt_proto._crypto",
+        "keymgmt_proto._ops",
+        "keymgmt_proto._ops.Op",
+        "keymgmt_proto._wire",
+    ]

@@ -51,8 +51,8 @@ def test_what_is_not_a_password_stays():
 
 @pytest.mark.parametrize("conninfo", [CASES[0], CASES[4], CASES[10], CASES[12]])
 def test_an_unreachable_database_is_reported_without_its_password(conninfo):
-    from keymgmt.adapters.postgres_store import PostgresStorage
-    from keymgmt.adapters.storage import StorageError
+    from keymgmt.adapters.storage.base import StorageError
+    from keymgmt.adapters.storage.postgres import PostgresStorage
 
     conninfo = conninfo.replace("db.internal:5432", "127.0.0.1:1").replace("host=db", "host=127.0.0.1 port=1")
     with pytest.raises(StorageError) as error:
@@ -64,7 +64,7 @@ def test_an_unreachable_database_is_reported_without_its_password(conninfo):
 
 def test_keymgmt_server_prints_an_unreachable_url_without_its_password(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "keymgmt.adapters.cli_server", "init", "--dir", str(tmp_path), "--port", "0"],
+        [sys.executable, "-m", "keymgmt.adapters.cli.server", "init", "--dir", str(tmp_path), "--port", "0"],
         capture_output=True,
         check=True,
     )
@@ -73,7 +73,7 @@ def test_keymgmt_server_prints_an_unreachable_url_without_its_password(tmp_path)
         [
             sys.executable,
             "-m",
-            "keymgmt.adapters.cli_server",
+            "keymgmt.adapters.cli.server",
             "serve",
             "--config",
             str(tmp_path / "keymgmt-server.toml"),

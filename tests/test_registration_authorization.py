@@ -12,16 +12,16 @@ import time
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient, RateLimitedError, RegistrationError
-from keymgmt.adapters.invitations import InvitationAuthorizer
-from keymgmt.adapters.net import tls_connector
+from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError, RegistrationError
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server.invitations import InvitationAuthorizer
 from keymgmt_proto import ClientConnection, ErrorCode, _opaque
 
 from .keyserver_world import SETUP
 from .net_world import running_server, tls_from
 
 PW = b"correct horse battery staple"
-SERVER_CLI = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
+SERVER_CLI = [sys.executable, "-m", "keymgmt.adapters.cli.server"]
 
 
 def _flip(token: bytes, index: int) -> bytes:
@@ -131,7 +131,7 @@ def test_keymgmt_server_invite_and_keymgmt_register_with_it(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "keymgmt.adapters.cli_server",
+                "keymgmt.adapters.cli.server",
                 "invite",
                 "--config",
                 str(config),
@@ -156,7 +156,7 @@ def test_keymgmt_server_invite_and_keymgmt_register_with_it(tmp_path):
             "KEYMGMT_ACCOUNT": "carol@example.org",
             "KEYMGMT_LOCAL_STORE": str(tmp_path / "local.db"),
         }
-        client = [sys.executable, "-m", "keymgmt.adapters.cli_client"]
+        client = [sys.executable, "-m", "keymgmt.adapters.cli.client"]
         refused = subprocess.run(
             [*client, "register"],
             input="a fine password\n",

@@ -7,12 +7,12 @@ import os
 import anyio
 import pytest
 
-from keymgmt.adapters.client import KeymgmtClient
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.serve import serve_stream
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
-from keymgmt.adapters.streams import memory_stream_pair
+from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.driver import serve_stream
+from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt_proto import FrameType, ServerConnection
 from keymgmt_proto._ops import (
     Action,
@@ -94,7 +94,7 @@ def test_unknown_account_gets_the_same_reply_shape_as_a_known_one(tmp_path):
 
 @pytest.mark.anyio
 async def test_repeated_failed_logins_are_throttled(tmp_path):
-    from keymgmt.adapters.client import AuthenticationError, ThrottledError
+    from keymgmt.adapters.client.async_client import AuthenticationError, ThrottledError
 
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(ALICE, PW)
@@ -112,7 +112,7 @@ async def test_repeated_failed_logins_are_throttled(tmp_path):
 
 @pytest.mark.anyio
 async def test_list_keys_of_a_user_with_many_keys_is_a_clear_answer(tmp_path):
-    from keymgmt.adapters.client import KeymgmtError
+    from keymgmt.adapters.client.async_client import KeymgmtError
 
     async with key_server(tmp_path) as world, world.client() as client:
         user_id = await client.register(ALICE, PW)
@@ -168,7 +168,7 @@ async def test_audit_entry_ids_do_not_reveal_other_users_activity(tmp_path):
 
 @pytest.mark.anyio
 async def test_errors_raised_inside_the_client_block_are_not_wrapped(tmp_path):
-    from keymgmt.adapters.client import NotFoundError
+    from keymgmt.adapters.client.async_client import NotFoundError
 
     async with key_server(tmp_path) as world:
         client_end, server_end = memory_stream_pair()
@@ -219,7 +219,11 @@ async def test_a_cancelled_request_does_not_break_the_session(tmp_path):
 
 
 def test_a_bit_flipped_or_extended_setup_file_is_a_clear_error(tmp_path):
-    from keymgmt.adapters.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
+    from keymgmt.adapters.server.setupfile import (
+        SetupFileError,
+        create_server_setup_file,
+        load_server_setup_file,
+    )
 
     path = tmp_path / "setup.bin"
     create_server_setup_file(path)
@@ -261,7 +265,7 @@ async def test_expiry_of_a_detached_session_is_audited(tmp_path):
 
 @pytest.mark.anyio
 async def test_bad_arguments_raise_keymgmt_errors_not_value_errors(tmp_path):
-    from keymgmt.adapters.client import KeymgmtError
+    from keymgmt.adapters.client.async_client import KeymgmtError
 
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(ALICE, PW)

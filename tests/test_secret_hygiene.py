@@ -43,9 +43,8 @@ import anyio
 import pytest
 
 import keymgmt_proto
-from keymgmt.adapters import client as client_module
-from keymgmt.adapters import serve as serve_module
-from keymgmt.adapters.client import (
+from keymgmt.adapters.client import async_client as client_module
+from keymgmt.adapters.client.async_client import (
     AuthenticationError,
     IntegrityError,
     KeymgmtClient,
@@ -53,8 +52,9 @@ from keymgmt.adapters.client import (
     NotFoundError,
     RegistrationError,
 )
-from keymgmt.adapters.localstore import LocalStore
-from keymgmt.adapters.net import tls_connector
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.client.localstore import LocalStore
+from keymgmt.adapters.server import driver as serve_module
 from keymgmt_proto import (
     AuditType,
     ClientConnection,
@@ -606,9 +606,9 @@ def test_no_eq_comparison_on_secret_data():
 
 
 def test_password_confirmation_is_constant_time():
-    source = (ROOT / "adapters" / "cli_client.py").read_text()
+    source = (ROOT / "adapters" / "cli" / "client.py").read_text()
     assert "hmac.compare_digest(again" in source
-    assert not [f for f in _findings() if f[0] == "adapters/cli_client.py"]
+    assert not [f for f in _findings() if f[0] == "adapters/cli/client.py"]
 
 
 def test_the_lint_catches_a_planted_comparison():

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from keymgmt.adapters import InMemoryPair
-from keymgmt.adapters.client import audit_to_json
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Account, AuditQuery, SecretRecord
+from keymgmt.adapters.client.async_client import audit_to_json
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.storage.base import Account, AuditQuery, SecretRecord
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     ClientConnection,
     ErrorCode,

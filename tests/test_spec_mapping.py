@@ -479,8 +479,8 @@ def test_the_checker_cannot_be_fooled_by_an_imported_name():
     """`module:name` must name something the module defines, not something it imports: every
     adapters module imports ErrorCode, yet only keymgmt_proto._errors defines it."""
     assert resolve_code("keymgmt_proto._errors:ErrorCode") is None
-    problem = resolve_code("keymgmt.adapters.keyserver:ErrorCode")
-    assert problem is not None and "not defined in keymgmt.adapters.keyserver" in problem
+    problem = resolve_code("keymgmt.adapters.server.app:ErrorCode")
+    assert problem is not None and "not defined in keymgmt.adapters.server.app" in problem
     problem = resolve_code("keymgmt_proto._server:ServerConnection.receive_data_nope")
     assert problem is not None and "not found" in problem
     inherited = resolve_code("keymgmt_proto._server:ServerConnection.data_to_send")  # from ConnectionBase

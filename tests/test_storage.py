@@ -9,10 +9,10 @@ import stat
 import anyio
 import pytest
 
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
+from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import ErrorCode, RegistrationCompleted, SessionFailed
 from keymgmt_proto._ops import Action, AuditType, Outcome, SecretKind
 
@@ -52,7 +52,7 @@ def test_missing_corrupt_or_open_setup_files_are_clear_errors(tmp_path):
 
 def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
-    from keymgmt.adapters.sqlite_store import _MIGRATIONS
+    from keymgmt.adapters.storage.sqlite import _MIGRATIONS
 
     assert storage.schema_version == len(_MIGRATIONS) == 4  # accounts etc., throttling, sessions, counts
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
@@ -134,7 +134,7 @@ def test_registration_is_atomic_when_storage_fails(server_setup, tmp_path):
 
 
 def test_existing_database_files_open_to_others_are_refused(tmp_path):
-    from keymgmt.adapters.localstore import LocalStore, LocalStoreError
+    from keymgmt.adapters.client.localstore import LocalStore, LocalStoreError
 
     SQLiteStorage(tmp_path / "ks.db").close()
     LocalStore(tmp_path / "local.db").close()
@@ -179,7 +179,7 @@ def test_several_processes_can_open_a_new_key_server_database_together(tmp_path)
 
 
 def test_local_store_opens_together_and_rejects_a_non_database(tmp_path):
-    from keymgmt.adapters.localstore import LocalStore, LocalStoreError
+    from keymgmt.adapters.client.localstore import LocalStore, LocalStoreError
 
     assert _open_together(lambda n: LocalStore(tmp_path / f"local{n}.db")) == []
     garbage = tmp_path / "garbage.db"
@@ -286,9 +286,9 @@ async def test_the_key_server_writes_each_effect_and_its_audit_entry_in_one_tran
     """AUD-1, STO-1: registration, store, import and delete write their audit entry in the
     same transaction as their effect. When the audit write fails, the effect is gone too
     (in separate transactions the account or secret would stay, unaudited)."""
-    from keymgmt.adapters.client import KeymgmtClient, KeymgmtError
-    from keymgmt.adapters.serve import serve_stream
-    from keymgmt.adapters.streams import memory_stream_pair
+    from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError
+    from keymgmt.adapters.server.driver import serve_stream
+    from keymgmt.adapters.testing.streams import memory_stream_pair
     from keymgmt_proto import SessionRegistry
 
     from .keyserver_world import SETUP

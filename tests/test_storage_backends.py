@@ -6,8 +6,15 @@ import threading
 
 import pytest
 
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage.base import (
+    Account,
+    AuditQuery,
+    AuditRecord,
+    LoginRecord,
+    SecretRecord,
+    StorageError,
+)
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
 
 from .pg import schema_fixture
@@ -25,7 +32,7 @@ def make_storage(request, tmp_path):
 
         yield make
     else:
-        from keymgmt.adapters.postgres_store import PostgresStorage
+        from keymgmt.adapters.storage.postgres import PostgresStorage
 
         fixture = schema_fixture()
         conninfo, schema = next(fixture)
@@ -338,7 +345,7 @@ def _previous_schema_sqlite(tmp_path):
     """An SQLite database as the release before login-attempt counts (schema 3) left it."""
     import sqlite3
 
-    from keymgmt.adapters.sqlite_store import _MIGRATIONS
+    from keymgmt.adapters.storage.sqlite import _MIGRATIONS
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path, isolation_level=None)
@@ -361,7 +368,7 @@ def _previous_schema_postgres():
     import psycopg
     from psycopg import sql
 
-    from keymgmt.adapters.postgres_store import _MIGRATIONS, PostgresStorage
+    from keymgmt.adapters.storage.postgres import _MIGRATIONS, PostgresStorage
 
     fixture = schema_fixture()
     conninfo, schema = next(fixture)

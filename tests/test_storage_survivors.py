@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from keymgmt.adapters.files import BUSY_TIMEOUT_MS
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.storage import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
 from keymgmt_proto._ops import AuditEntry, KeyInfo
 
@@ -50,7 +50,7 @@ def pg():
 @pytest.fixture
 def open_pg(pg):
     """A factory for PostgresStorage on the fresh schema; every one is closed afterwards."""
-    from keymgmt.adapters.postgres_store import PostgresStorage
+    from keymgmt.adapters.storage.postgres import PostgresStorage
 
     opened = []
 
@@ -351,7 +351,7 @@ def test_sqlite_batch_failed_outer_transaction_after_a_failed_inner_one_undoes_e
 
 def _postgres_storage_class():
     try:
-        from keymgmt.adapters.postgres_store import PostgresStorage
+        from keymgmt.adapters.storage.postgres import PostgresStorage
     except ImportError:  # psycopg missing: skip, or fail under KEYMGMT_REQUIRE_POSTGRES=1
         postgres_or_skip()
         raise
@@ -421,7 +421,7 @@ def test_postgres_startup_fails_when_the_pool_cannot_fill(pg):
     from psycopg import sql
     from psycopg.conninfo import make_conninfo
 
-    from keymgmt.adapters.postgres_store import PostgresStorage
+    from keymgmt.adapters.storage.postgres import PostgresStorage
 
     role_name = f"kmtest_role_{uuid.uuid4().hex[:10]}"
     role = sql.Identifier(role_name)
@@ -489,7 +489,7 @@ def test_postgres_refused_batch_commit_is_storage_error_and_writes_nothing(open_
 
 def test_postgres_close_releases_the_connections(pg):
     """close() closes the pool: its server connections go away and later work is refused."""
-    from keymgmt.adapters.postgres_store import PostgresStorage
+    from keymgmt.adapters.storage.postgres import PostgresStorage
 
     name = f"kmtest_{uuid.uuid4().hex[:10]}"
     from psycopg.conninfo import make_conninfo

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from keymgmt.adapters.client import AuthenticationError, NotFoundError
-from keymgmt.adapters.keyserver import KeyServer
-from keymgmt.adapters.serve import serve_stream
-from keymgmt.adapters.sqlite_store import SQLiteStorage
-from keymgmt.adapters.streams import memory_stream_pair
-from keymgmt.adapters.sync import SyncKeymgmtClient
+from keymgmt.adapters.client.async_client import AuthenticationError, NotFoundError
+from keymgmt.adapters.client.sync_client import SyncKeymgmtClient
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.driver import serve_stream
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt_proto import ServerSetup, SessionRegistry
 from keymgmt_proto._ops import Action, AuditType, Context
 

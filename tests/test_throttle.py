@@ -14,9 +14,9 @@ import time
 import anyio
 import pytest
 
-from keymgmt.adapters.client import AuthenticationError, ThrottledError
-from keymgmt.adapters.keyserver import KeyServer, ThrottlePolicy
-from keymgmt.adapters.sqlite_store import SQLiteStorage
+from keymgmt.adapters.client.async_client import AuthenticationError, ThrottledError
+from keymgmt.adapters.server.app import KeyServer, ThrottlePolicy
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
@@ -257,7 +257,7 @@ class _Flaky(SQLiteStorage):
     def batch(self):
         from contextlib import contextmanager
 
-        from keymgmt.adapters.storage import StorageError
+        from keymgmt.adapters.storage.base import StorageError
 
         @contextmanager
         def failing():
@@ -270,7 +270,7 @@ class _Flaky(SQLiteStorage):
         return failing()
 
     def transaction(self):
-        from keymgmt.adapters.storage import StorageError
+        from keymgmt.adapters.storage.base import StorageError
 
         if self.down:
             raise StorageError("injected: storage unreachable")
@@ -280,7 +280,7 @@ class _Flaky(SQLiteStorage):
 def _login_then_cut(keyserver: KeyServer, registry: SessionRegistry, *, commit_fails: bool = False) -> None:
     """A login of nobody@example.org admitted, its LOGIN_RESPONSE out; then the client goes
     away, in a batch that fails to commit if ``commit_fails``."""
-    from keymgmt.adapters.storage import StorageError
+    from keymgmt.adapters.storage.base import StorageError
 
     client = ClientConnection(os.urandom)
     server = ServerConnection(SETUP, os.urandom, registry=registry)

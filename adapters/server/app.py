@@ -22,22 +22,6 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
-    ErrorCode,
-    Event,
-    LoginFailed,
-    LoginRequested,
-    LoginSucceeded,
-    ProtocolError,
-    RegistrationCompleted,
-    RegistrationRequested,
-    RequestReceived,
-    ServerConnection,
-    SessionClosed,
-    SessionFailed,
-)
-from keymgmt_proto._crypto import RandomSource
-from keymgmt_proto._errors import RemoteProtocolError
-from keymgmt_proto._ops import (
     KEY_ID_NONCE_SIZE,
     OPERATIONS,
     Action,
@@ -46,17 +30,31 @@ from keymgmt_proto._ops import (
     CreateKeyIdRequest,
     DeleteKeyRequest,
     Empty,
+    ErrorCode,
+    Event,
     KeyIdResponse,
     KeyListResponse,
     ListKeysRequest,
+    LoginFailed,
+    LoginRequested,
+    LoginSucceeded,
     Op,
     OpRequest,
     OpResponse,
     Outcome,
+    ProtocolError,
+    RandomSource,
+    RegistrationCompleted,
+    RegistrationRequested,
+    RemoteProtocolError,
+    RequestReceived,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
     SecretKind,
     SecretResponse,
+    ServerConnection,
+    SessionClosed,
+    SessionFailed,
     Status,
     StorageKeyResponse,
     StoreSecretRequest,
@@ -66,8 +64,7 @@ from keymgmt_proto._ops import (
     secret_ad,
 )
 
-from .invitations import RegistrationAuthorizer
-from .storage import (
+from ..storage.base import (
     Account,
     AuditQuery,
     AuditRecord,
@@ -77,6 +74,7 @@ from .storage import (
     StorageError,
     Transaction,
 )
+from .invitations import RegistrationAuthorizer
 
 __all__ = ["KeyServer", "ThrottlePolicy", "default_account_name_policy"]
 

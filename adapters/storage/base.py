@@ -12,8 +12,16 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
-from keymgmt_proto._sessionstate import DetachedSessionStore
+from keymgmt_proto import (
+    Action,
+    AuditEntry,
+    AuditType,
+    Context,
+    DetachedSessionStore,
+    KeyInfo,
+    Outcome,
+    SecretKind,
+)
 
 __all__ = [
     "Account",

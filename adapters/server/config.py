@@ -16,8 +16,8 @@ from pathlib import Path
 
 from keymgmt_proto import ServerConfig
 
-from .keyserver import ThrottlePolicy
-from .net import ServerSettings
+from .app import ThrottlePolicy
+from .runtime import ServerSettings
 
 __all__ = ["OPTIONS", "ConfigError", "Option", "load_settings", "options_help", "render_config"]
 

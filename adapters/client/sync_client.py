@@ -19,9 +19,9 @@ from types import TracebackType
 from anyio.abc import ByteStream
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from keymgmt_proto._ops import AuditEntry, AuditType, Context, KeyInfo
+from keymgmt_proto import AuditEntry, AuditType, Context, KeyInfo
 
-from .client import KeymgmtClient, KeySession
+from .async_client import KeymgmtClient, KeySession
 from .localstore import LocalStore
 
 __all__ = ["SyncKeySession", "SyncKeymgmtClient"]

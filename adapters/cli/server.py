@@ -17,13 +17,13 @@ from pathlib import Path
 
 import anyio
 
-from .config import ConfigError, load_settings, options_help, render_config
-from .files import ensure_private_file
-from .invitations import InvitationAuthorizer
-from .net import KeyServerRuntime
-from .setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
-from .storage import StorageError
-from .tls import PKIError, generate_dev_pki
+from ..files import ensure_private_file
+from ..server.config import ConfigError, load_settings, options_help, render_config
+from ..server.invitations import InvitationAuthorizer
+from ..server.runtime import KeyServerRuntime
+from ..server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
+from ..storage.base import StorageError
+from ..tls import PKIError, generate_dev_pki
 
 __all__ = ["main"]
 

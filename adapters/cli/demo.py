@@ -20,9 +20,9 @@ import anyio
 
 from keymgmt_proto import AuditType, Context
 
-from .client import AuthenticationError, Connector, KeymgmtClient, audit_to_json
-from .localstore import LocalStore
-from .net import tls_connector
+from ..client.async_client import AuthenticationError, Connector, KeymgmtClient, audit_to_json
+from ..client.connect import tls_connector
+from ..client.localstore import LocalStore
 
 __all__ = ["main"]
 
@@ -83,7 +83,7 @@ async def _client_flow(connect: Connector, workdir: Path) -> bool:
 
 
 def _start_server(workdir: Path) -> tuple[subprocess.Popen[str], int]:
-    server_cli = [sys.executable, "-m", "keymgmt.adapters.cli_server"]
+    server_cli = [sys.executable, "-m", "keymgmt.adapters.cli.server"]
     subprocess.run(
         [*server_cli, "init", "--dir", str(workdir), "--port", "0"], check=True, stdout=subprocess.DEVNULL
     )

@@ -18,10 +18,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
-from .files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
-from .storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
+from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["SQLiteStorage"]
 

@@ -1,4 +1,4 @@
-"""The network runtime: a TLS 1.3 key server on TCP, and the client's TLS connector.
+"""The network runtime: a TLS 1.3 key server on TCP.
 
 Both run on asyncio and on trio: they are written once against anyio, whose
 TLS stream wraps the standard ``ssl`` module on either loop.
@@ -22,23 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSStream
 
-from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry
-from keymgmt_proto._sessionstate import session_sealing_key
+from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry, session_sealing_key
 
+from ..storage.base import Storage
+from ..storage.sqlite import SQLiteStorage
+from ..tls import server_context
 from .admission import AddressLimits, address_key
-from .client import ConnectionLostError, Connector
+from .app import KeyServer, ThrottlePolicy
+from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
-from .keyserver import KeyServer, ThrottlePolicy
-from .serve import ConnectionDriver
 from .setupfile import load_server_setup_file
-from .sqlite_store import SQLiteStorage
-from .storage import Storage
-from .tls import client_context, server_context
 
-__all__ = ["KeyServerRuntime", "ServerSettings", "TLSConnectError", "open_storage", "tls_connector"]
+__all__ = ["KeyServerRuntime", "ServerSettings", "open_storage"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -100,56 +98,10 @@ class ServerSettings:
 def open_storage(settings: ServerSettings) -> Storage:
     """PostgreSQL when ``database_url`` is set, else the SQLite file at ``storage_path``."""
     if settings.database_url:
-        from .postgres_store import PostgresStorage  # psycopg is needed only for PostgreSQL
+        from ..storage.postgres import PostgresStorage  # psycopg is needed only for PostgreSQL
 
         return PostgresStorage(settings.database_url, schema=settings.database_schema)
     return SQLiteStorage(settings.storage_path)
-
-
-class TLSConnectError(ConnectionLostError):
-    """The client could not open a verified TLS 1.3 connection to the key server."""
-
-
-def tls_connector(
-    host: str,
-    port: int,
-    *,
-    cafile: str | os.PathLike[str] | None = None,
-    context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    timeout: float = 10.0,
-) -> Connector:
-    """An async callable that opens a verified TLS 1.3 stream to ``host:port``."""
-    ssl_context = context if context is not None else client_context(cafile)
-
-    async def connect() -> ByteStream:
-        try:
-            with anyio.fail_after(timeout):
-                stream = await anyio.connect_tcp(host, port)
-        except TimeoutError:
-            raise TLSConnectError(f"connecting to {host}:{port} timed out") from None
-        except OSError as exc:
-            raise TLSConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-        try:
-            with anyio.fail_after(timeout):
-                return await TLSStream.wrap(
-                    stream,
-                    hostname=server_hostname or host,
-                    ssl_context=ssl_context,
-                    standard_compatible=False,
-                )
-        except ssl.SSLCertVerificationError as exc:
-            reason = f"the key server's certificate is not trusted: {exc.verify_message}"
-        except ssl.SSLError as exc:
-            reason = f"TLS 1.3 handshake with {host}:{port} failed: {exc.reason}"
-        except TimeoutError:
-            reason = f"TLS 1.3 handshake with {host}:{port} timed out"
-        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream):
-            reason = f"TLS 1.3 handshake with {host}:{port} failed: the server closed the connection"
-        await anyio.aclose_forcefully(stream)
-        raise TLSConnectError(reason)
-
-    return connect
 
 
 class KeyServerRuntime:

@@ -11,10 +11,10 @@ import os
 import sqlite3
 from pathlib import Path
 
-from keymgmt_proto._ops import SecretKind
+from keymgmt_proto import SecretKind
 
-from .files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
-from .storage import SecretRecord
+from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
+from ..storage.base import SecretRecord
 
 __all__ = ["LocalStore", "LocalStoreError"]
 

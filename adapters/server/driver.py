@@ -24,14 +24,14 @@ from keymgmt_proto import (
     ConnectionFailed,
     ErrorCode,
     Event,
+    RandomSource,
     ServerConnection,
     ServerSetup,
     SessionFailed,
     SessionRegistry,
 )
-from keymgmt_proto._crypto import RandomSource
 
-from .storage import StorageError
+from ..storage.base import StorageError
 
 __all__ = ["ConnectionDriver", "serve_stream"]
 

@@ -32,10 +32,9 @@ from types import MappingProxyType
 
 import anyio
 
-from keymgmt_proto import AuditEntry, AuditType, Context, ErrorCode, Op
-from keymgmt_proto._ops import MAX_SECRET_SIZE, decode_portable
+from keymgmt_proto import MAX_SECRET_SIZE, AuditEntry, AuditType, Context, ErrorCode, Op, decode_portable
 
-from .client import (
+from ..client.async_client import (
     AuthenticationError,
     ConnectionLostError,
     IntegrityError,
@@ -49,9 +48,9 @@ from .client import (
     ThrottledError,
     audit_to_json,
 )
-from .localstore import LocalStore, LocalStoreError
-from .net import tls_connector
-from .tls import PKIError
+from ..client.connect import tls_connector
+from ..client.localstore import LocalStore, LocalStoreError
+from ..tls import PKIError
 
 __all__ = ["CLI_COMMANDS", "EXIT_CODES", "main"]
 

@@ -5,7 +5,7 @@ transaction (an operation and its audit entry commit together); key ids and
 account names are unique by constraint; audit entries are numbered per user
 through a counter on the account row, whose row lock orders concurrent
 appends from any instance. It also stores detached sessions
-(:class:`~keymgmt_proto._sessionstate.DetachedSessionStore`) so a session can
+(:class:`~keymgmt_proto.DetachedSessionStore`) so a session can
 resume on another instance, and the login-throttling state shared by all of
 them (NET-10).
 
@@ -26,10 +26,10 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from keymgmt_proto._ops import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
-from .redaction import database_url_secrets, redact_database_url
-from .storage import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from ..redaction import database_url_secrets, redact_database_url
+from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
 
 __all__ = ["PostgresStorage"]
 

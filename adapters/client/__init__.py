@@ -1,0 +1,46 @@
+"""The client: :class:`KeymgmtClient` (async, asyncio or trio), its blocking facade
+:class:`SyncKeymgmtClient`, the local ciphertext cache :class:`LocalStore`, and
+:func:`tls_connector`, the way to a key server over TLS 1.3."""
+
+from .async_client import (
+    AuthenticationError,
+    ConnectionLostError,
+    Connector,
+    IntegrityError,
+    KeymgmtClient,
+    KeymgmtError,
+    KeySession,
+    NotFoundError,
+    RateLimitedError,
+    RegistrationError,
+    RequestRefusedError,
+    SessionEndedError,
+    ThrottledError,
+    audit_to_json,
+)
+from .connect import TLSConnectError, tls_connector
+from .localstore import LocalStore, LocalStoreError
+from .sync_client import SyncKeymgmtClient, SyncKeySession
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionLostError",
+    "Connector",
+    "IntegrityError",
+    "KeySession",
+    "KeymgmtClient",
+    "KeymgmtError",
+    "LocalStore",
+    "LocalStoreError",
+    "NotFoundError",
+    "RateLimitedError",
+    "RegistrationError",
+    "RequestRefusedError",
+    "SessionEndedError",
+    "SyncKeySession",
+    "SyncKeymgmtClient",
+    "TLSConnectError",
+    "ThrottledError",
+    "audit_to_json",
+    "tls_connector",
+]

@@ -1,0 +1,64 @@
+"""The client's way to the key server: a verified TLS 1.3 connection over TCP.
+
+Written once against anyio, so it runs on asyncio and on trio.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+import anyio
+from anyio.abc import ByteStream
+from anyio.streams.tls import TLSStream
+
+from ..tls import client_context
+from .async_client import ConnectionLostError, Connector
+
+__all__ = ["TLSConnectError", "tls_connector"]
+
+
+class TLSConnectError(ConnectionLostError):
+    """The client could not open a verified TLS 1.3 connection to the key server."""
+
+
+def tls_connector(
+    host: str,
+    port: int,
+    *,
+    cafile: str | os.PathLike[str] | None = None,
+    context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float = 10.0,
+) -> Connector:
+    """An async callable that opens a verified TLS 1.3 stream to ``host:port``."""
+    ssl_context = context if context is not None else client_context(cafile)
+
+    async def connect() -> ByteStream:
+        try:
+            with anyio.fail_after(timeout):
+                stream = await anyio.connect_tcp(host, port)
+        except TimeoutError:
+            raise TLSConnectError(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise TLSConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            with anyio.fail_after(timeout):
+                return await TLSStream.wrap(
+                    stream,
+                    hostname=server_hostname or host,
+                    ssl_context=ssl_context,
+                    standard_compatible=False,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            reason = f"the key server's certificate is not trusted: {exc.verify_message}"
+        except ssl.SSLError as exc:
+            reason = f"TLS 1.3 handshake with {host}:{port} failed: {exc.reason}"
+        except TimeoutError:
+            reason = f"TLS 1.3 handshake with {host}:{port} timed out"
+        except (OSError, anyio.BrokenResourceError, anyio.EndOfStream):
+            reason = f"TLS 1.3 handshake with {host}:{port} failed: the server closed the connection"
+        await anyio.aclose_forcefully(stream)
+        raise TLSConnectError(reason)
+
+    return connect
