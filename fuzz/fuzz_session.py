@@ -209,7 +209,7 @@ def world() -> World:
 
 def _expected_seq(target: ServerConnection | ClientConnection, handle: bytes) -> int | None:
     if isinstance(target, ServerConnection):
-        session = target.registry._get(handle)
+        session = target.registry.lookup(handle)
         return session.channel.recv_seq if session is not None and session.channel is not None else None
     for client_session in (*target._sessions.values(), *target._detached):
         channel = client_session.channel

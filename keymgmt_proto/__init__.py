@@ -26,6 +26,7 @@ from ._events import (
     SessionClosed,
     SessionEstablished,
     SessionFailed,
+    SessionHandle,
     SessionResumed,
 )
 from ._opaque import OpaqueSuite, RealOpaque, ServerSetup
@@ -77,7 +78,7 @@ from ._ops import (
     seal_secret,
     secret_ad,
 )
-from ._server import ServerConfig, ServerConnection, SessionRegistry
+from ._server import ExpiredSession, ServerConfig, ServerConnection, SessionRegistry
 from ._sessionstate import DetachedSessionStore, session_sealing_key
 from ._state import Command, Role, SessionKind, State
 from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_SESSION_ID, PROTOCOL_VERSION, Frame, FrameType
@@ -119,6 +120,7 @@ __all__ = [
     "Empty",
     "ErrorCode",
     "Event",
+    "ExpiredSession",
     "Frame",
     "FrameType",
     "KeyIdResponse",
@@ -157,6 +159,7 @@ __all__ = [
     "SessionClosed",
     "SessionEstablished",
     "SessionFailed",
+    "SessionHandle",
     "SessionKind",
     "SessionRegistry",
     "SessionResumed",

@@ -24,6 +24,7 @@ __all__ = [
     "SessionClosed",
     "SessionEstablished",
     "SessionFailed",
+    "SessionHandle",
     "SessionResumed",
 ]
 
@@ -46,6 +47,18 @@ class Event:
     __slots__ = ()
 
 
+class SessionHandle:
+    """Names one session for its whole life in this process: the same object on every
+    event of the session, across resumptions on other connections (session ids are per
+    connection and change). Compare it with ``is`` or use it as a dict key. A session a
+    server instance claims from a shared store gets a new handle there."""
+
+    __slots__ = ("__weakref__",)
+
+    def __repr__(self) -> str:
+        return f"<SessionHandle {id(self):#x}>"
+
+
 # ------------------------------------------------------------- server side
 
 
@@ -63,6 +76,8 @@ class RegistrationRequested(Event):
     account_name: bytes
     #: What the client sent to be allowed to register (REG-5): empty, or e.g. an invitation.
     token: bytes = field(default=b"", repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +90,8 @@ class RegistrationCompleted(Event):
     user_id: bytes
     registration_record: bytes = field(repr=False)
     encrypted_storage_key: bytes = field(repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +101,8 @@ class LoginRequested(Event):
 
     session_id: int
     account_name: bytes
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +112,8 @@ class LoginSucceeded(Event):
     session_id: int
     account_name: bytes
     user_id: bytes
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +123,8 @@ class LoginFailed(Event):
     session_id: int
     account_name: bytes
     user_id: bytes | None
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +135,8 @@ class RequestReceived(Event):
     user_id: bytes
     request_id: int
     body: bytes = field(repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +146,9 @@ class SessionResumed(Event):
     session_id: int
     user_id: bytes
 
-
-# ------------------------------------------------------------- client side
+    # ------------------------------------------------------------- client side
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +189,8 @@ class SessionClosed(Event):
     code: ErrorCode
     #: Server side: whose session it was (for the audit log). None on the client.
     user_id: bytes | None = None
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +213,8 @@ class SessionFailed(Event):
     code: ErrorCode
     reason: str
     remote: bool
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

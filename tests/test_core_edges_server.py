@@ -18,6 +18,7 @@ from keymgmt_proto import (
     LocalProtocolError,
     LoginFailed,
     LoginRequested,
+    LoginSucceeded,
     RegistrationCompleted,
     RegistrationRequested,
     RequestReceived,
@@ -116,12 +117,15 @@ def test_detached_sessions_expire_only_once_their_deadline_passes(server_setup):
     pair = world.pair(now=0.0)
     register(pair, ACCOUNT)
     user_id = login(pair, ACCOUNT).user_id
+    (succeeded,) = [e for e in pair.server_events if isinstance(e, LoginSucceeded)]
     lose(pair)
     assert world.registry.detached_count() == 1
     assert world.registry.get_timer() == 50.0
     assert world.registry.handle_timer(49.0) == []
     assert world.registry.detached_count() == 1
-    assert world.registry.handle_timer(50.0) == [(user_id, ErrorCode.IDLE_TIMEOUT)]
+    (expired,) = world.registry.handle_timer(50.0)
+    assert expired == (user_id, ErrorCode.IDLE_TIMEOUT, succeeded.handle)
+    assert expired.handle is succeeded.handle is not None
     assert len(world.registry) == 0 and world.registry.get_timer() is None
 
 

@@ -14,6 +14,7 @@ from keymgmt_proto import (
     ErrorCode,
     FrameType,
     LocalProtocolError,
+    LoginSucceeded,
     RequestReceived,
     ResponseReceived,
     ServerConfig,
@@ -504,3 +505,67 @@ def test_sequence_exhaustion_ends_the_session_with_a_clean_close(harness):
     pair.client.close_session(sid2)  # the last number: logout still works
     pair.pump()
     assert pair.server.session_state(sid2) is State.CLOSED
+
+
+def test_a_moved_session_keeps_its_handle_and_the_registry_names_the_connections_it_changed(harness):
+    """Issue 13: a session's handle survives resumption, and a connection whose work changes
+    another connection (a session moved away from it, an answer queued there) names that
+    connection in take_woken(), so its driver can be woken; no connection reaches into another."""
+    pair = harness.pair()
+    register(pair, b"woken")
+    established = login(pair, b"woken")
+    (succeeded,) = [e for e in pair.server_events if isinstance(e, LoginSucceeded)]
+    held: list[RequestReceived] = []
+    app = pair.app
+    pair.app = lambda conn, event: (
+        held.append(event) if isinstance(event, RequestReceived) else app(conn, event)
+    )
+    pair.client.send_request(established.session_id, b"slow")
+    pair.pump()
+    (request,) = held
+    assert request.handle is succeeded.handle is not None
+    assert harness.registry.take_woken() == []
+    # The client gives up on the first connection (the server's side of it stays open).
+    pair.client.connection_lost()
+    (detached,) = pair.client.take_detached_sessions()
+    pair2 = harness.pair()
+    pair2.app = pair.app
+    pair2.client.resume_session(detached)
+    events = pair2.pump()
+    (resumed,) = [e for e in pair2.server_events if isinstance(e, SessionResumed)]
+    assert resumed.handle is succeeded.handle  # same session, same handle, new session id
+    assert not any(isinstance(e, ResponseReceived) for e in events)
+    assert harness.registry.take_woken() == [pair.server]  # the session left it: its timer changed
+    assert harness.registry.take_woken() == []  # taken once
+    assert pair.server.authenticated_sessions == 0 and pair2.server.authenticated_sessions == 1
+    # The application answers on the first connection; the answer is sealed on the second,
+    # and the second is named (its driver sleeps while another connection queues its output).
+    assert pair2.server.pending_output == 0
+    assert pair.server.send_response(request.session_id, request.request_id, b"done")
+    assert pair.server.pending_output == 0 and pair2.server.pending_output > 0
+    assert harness.registry.take_woken() == [pair2.server]
+    assert only(pair2.pump(), ResponseReceived).body == b"done"
+    # Answered: the first connection forgot the session (a second answer is dropped).
+    assert not pair.server.send_response(request.session_id, request.request_id, b"again")
+    assert pair2.server.pending_output == 0
+
+
+def test_a_resume_of_an_expired_session_ends_it_on_the_connection_that_holds_it(harness):
+    pair = harness.pair()
+    register(pair, b"stale")
+    login(pair, b"stale")
+    (succeeded,) = [e for e in pair.server_events if isinstance(e, LoginSucceeded)]
+    pair.client.connection_lost()
+    (detached,) = pair.client.take_detached_sessions()
+    late = harness.config.idle_timeout + 1.0
+    pair2 = harness.pair(now=late)
+    pair2.client.resume_session(detached)
+    pair2.pump()
+    assert only(pair2.server_events, SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+    # The first connection ended it, with its own event (for the audit log) and a CLOSE.
+    assert pair.server.pending_output > 0
+    assert harness.registry.take_woken() == [pair.server]
+    pair.pump()
+    closed = only(pair.server_events, SessionClosed)
+    assert closed.code is ErrorCode.IDLE_TIMEOUT and closed.handle is succeeded.handle
+    assert len(harness.registry) == 0
