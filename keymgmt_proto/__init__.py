@@ -7,7 +7,15 @@ OS randomness: time enters as ``now`` and randomness as an injected
 
 from ._admission import Admission, TokenBucket
 from ._client import ClientConnection, DetachedSession
-from ._crypto import Channel, Direction, RandomSource, decrypt_storage_key, derive_master_key, hkdf_sha3
+from ._crypto import (
+    Channel,
+    Direction,
+    RandomSource,
+    decrypt_storage_key,
+    derive_master_key,
+    encrypt_storage_key,
+    hkdf_sha3,
+)
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
@@ -78,6 +86,7 @@ from ._ops import (
     seal_secret,
     secret_ad,
 )
+from ._secrets import IntegrityFailure, OperationRefused, Plan, SealedCopy, SecretOps
 from ._server import ExpiredSession, ServerConfig, ServerConnection, SessionRegistry
 from ._sessionstate import DetachedSessionStore, session_sealing_key
 from ._state import Command, Role, SessionKind, State
@@ -123,6 +132,7 @@ __all__ = [
     "ExpiredSession",
     "Frame",
     "FrameType",
+    "IntegrityFailure",
     "KeyIdResponse",
     "KeyInfo",
     "KeyListResponse",
@@ -137,7 +147,9 @@ __all__ = [
     "OpResponse",
     "OpaqueSuite",
     "Operation",
+    "OperationRefused",
     "Outcome",
+    "Plan",
     "ProtocolError",
     "RandomSource",
     "RealOpaque",
@@ -151,7 +163,9 @@ __all__ = [
     "RetrieveRequest",
     "RetrieveStorageKeyRequest",
     "Role",
+    "SealedCopy",
     "SecretKind",
+    "SecretOps",
     "SecretResponse",
     "ServerConfig",
     "ServerConnection",
@@ -177,6 +191,7 @@ __all__ = [
     "derive_master_key",
     "encode_portable",
     "encode_response",
+    "encrypt_storage_key",
     "hkdf_sha3",
     "joint_key_id",
     "open_secret",
