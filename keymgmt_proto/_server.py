@@ -61,7 +61,7 @@ from ._messages import (
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
-from ._state import Command, Role, SessionKind, State, Trigger, next_state
+from ._state import Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
 __all__ = ["ExpiredSession", "ServerConfig", "ServerConnection", "SessionRegistry"]
@@ -229,7 +229,7 @@ class SessionRegistry:
             deadline, code = session.deadline(self.config)
             if deadline <= now:
                 del self._sessions[key]
-                session.state = State.CLOSED
+                transition(Role.SERVER, session, Command.CLOSE)  # expired while detached
                 if session.channel is not None:
                     self._hot.discard(session.channel)
                 assert session.user_id is not None
@@ -292,7 +292,7 @@ class SessionRegistry:
             self._woken.add(owner)
         else:
             self.remove(session)
-            session.state = State.CLOSED
+            transition(Role.SERVER, session, Command.CLOSE)
 
     def deliver(self, session: _ServerSession, request_id: int, body: bytes) -> bool:
         """An answer computed on a connection the session has left: it goes to the
@@ -305,7 +305,8 @@ class SessionRegistry:
 
     def detach(self, session: _ServerSession) -> None:
         """The session's connection is gone: keep it for resumption (in the store if any)."""
-        session.state = State.DETACHED
+        if session.state is not State.DETACHED:  # (a claimed session put back is DETACHED already)
+            transition(Role.SERVER, session, Command.DETACH)
         session.owner = None
         if self._store is None or session.pending or session.channel is None:
             return
@@ -328,7 +329,7 @@ class SessionRegistry:
             return
         self._sessions.pop(key, None)
         self._hot.discard(session.channel)
-        session.state = State.CLOSED  # this copy is done; the store holds the session now
+        transition(Role.SERVER, session, Command.CLOSE)  # this copy is done; the store holds it now
 
     def _claim(self, key: bytes) -> _ServerSession | None:
         assert self._store is not None and self._sealing_key is not None
@@ -455,7 +456,8 @@ class ServerConnection(ConnectionBase):
                 continue  # resumed on another connection since: that connection holds it now
             self.registry.remove(session)
             session.pending.clear()
-            session.state = State.CLOSED
+            if session.state is not State.CLOSED:
+                transition(Role.SERVER, session, Command.CLOSE)
         self._departed.clear()
         self._detached_here.clear()
         if self.failed is None:
@@ -474,7 +476,7 @@ class ServerConnection(ConnectionBase):
         """The account name is free and valid; ``user_id`` (16 fresh random bytes,
         unique: REG-2) will be the account's id."""
         session = self._live(session_id)
-        target = self._check(session, Command.ACCEPT_REGISTRATION)
+        self._check(session, Command.ACCEPT_REGISTRATION)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         assert session.opaque_value is not None
@@ -489,13 +491,13 @@ class ServerConnection(ConnectionBase):
             return
         session.user_id = user_id
         session.opaque_value = None
-        session.state = target
+        transition(Role.SERVER, session, Command.ACCEPT_REGISTRATION)
         self._send(FrameType.REG_RESPONSE, session_id, response.encode())
 
     def accept_login(self, session_id: int, user_id: bytes, registration_record: bytes) -> None:
         """Continue the login with the account's stored record."""
         session = self._live(session_id)
-        target = self._check(session, Command.ACCEPT_LOGIN)
+        self._check(session, Command.ACCEPT_LOGIN)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         if len(registration_record) != REGISTRATION_UPLOAD_SIZE:
@@ -503,19 +505,19 @@ class ServerConnection(ConnectionBase):
         # The work accept_unknown_login does, done and dropped: a login costs the same
         # whether or not the name is registered (NET-9; a timing probe sees no difference).
         self._setup.decoy_record(session.account_name, self._random)
-        self._start_login(session, target, user_id, registration_record)
+        self._start_login(session, user_id, registration_record)
 
     def accept_unknown_login(self, session_id: int) -> None:
         """The account name is not registered: go on against a decoy record (NET-9), so the
         client sees the same messages, sizes and failure as for a wrong password. The login
         then fails; its ``LoginFailed`` carries no user id."""
         session = self._live(session_id)
-        target = self._check(session, Command.ACCEPT_LOGIN)
+        self._check(session, Command.ACCEPT_LOGIN)
         user_id, record = self._setup.decoy_record(session.account_name, self._random)
         session.decoy = True
-        self._start_login(session, target, user_id, record)
+        self._start_login(session, user_id, record)
 
-    def _start_login(self, session: _ServerSession, target: State, user_id: bytes, record: bytes) -> None:
+    def _start_login(self, session: _ServerSession, user_id: bytes, record: bytes) -> None:
         assert session.opaque_value is not None
         try:
             step = self._opaque.server_login_start(
@@ -526,7 +528,7 @@ class ServerConnection(ConnectionBase):
             return
         session.user_id = user_id
         session.opaque_value = step.state
-        session.state = target
+        transition(Role.SERVER, session, Command.ACCEPT_LOGIN)
         self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
 
     def confirm_registration(self, session_id: int) -> None:
@@ -534,7 +536,7 @@ class ServerConnection(ConnectionBase):
         session = self._live(session_id)
         self._check(session, Command.CONFIRM_REGISTRATION)
         self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.OK).encode())
-        self._end(session)
+        self._end(session, Command.CONFIRM_REGISTRATION)
 
     def reject_session(self, session_id: int, code: ErrorCode, reason: str = "") -> None:
         """End a session by application decision (account exists, unknown account, ...)."""
@@ -551,7 +553,7 @@ class ServerConnection(ConnectionBase):
         session = self._live(session_id)
         self._check(session, Command.CLOSE)
         self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
-        self._end(session)
+        self._end(session, Command.CLOSE)
 
     def send_response(self, session_id: int, request_id: int, body: bytes) -> bool:
         """Answer ``request_id``. Returns False if the session ended meanwhile (the
@@ -645,7 +647,7 @@ class ServerConnection(ConnectionBase):
                 session.session_id,
                 channel.seal(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()).encode(),
             )
-            self._end(session)
+            self._end(session, Command.CLOSE)
             self._events.append(
                 SessionClosed(
                     session.session_id, ErrorCode.SEQUENCE_EXHAUSTED, session.user_id, handle=session.handle
@@ -668,8 +670,10 @@ class ServerConnection(ConnectionBase):
             self._partial_since = self._now if self._inbox else None
         return frame
 
-    def _end(self, session: _ServerSession) -> None:
-        session.state = State.CLOSED
+    def _end(self, session: _ServerSession, trigger: Trigger = Command.ABORT) -> None:
+        """End a live session (by ``trigger``: ABORT unless the caller checked another)."""
+        if session.state is not State.CLOSED:
+            transition(Role.SERVER, session, trigger)
         session.pending.clear()
         session.opaque_value = None
         session.registration_record = None
@@ -714,7 +718,7 @@ class ServerConnection(ConnectionBase):
     def _expire(self, session: _ServerSession, code: ErrorCode) -> None:
         if session.state is State.ESTABLISHED:
             self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
-            self._end(session)
+            self._end(session, Command.CLOSE)
             self._events.append(
                 SessionClosed(session.session_id, code, session.user_id, handle=session.handle)
             )
@@ -728,7 +732,7 @@ class ServerConnection(ConnectionBase):
             and session.state is State.ESTABLISHED
         ):
             self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.REQUEST_LIMIT).encode())
-            self._end(session)
+            self._end(session, Command.CLOSE)
             self._events.append(
                 SessionClosed(
                     session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
@@ -763,8 +767,8 @@ class ServerConnection(ConnectionBase):
             self._on_abort(session, frame)
             return
         try:
-            target = self._check(session, frame.type)
-            self._apply(session, frame, target)
+            self._check(session, frame.type)
+            self._apply(session, frame)
         except ProtocolError as exc:
             self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
 
@@ -813,7 +817,7 @@ class ServerConnection(ConnectionBase):
                     self._admission.refund(frame.type, self._now)
                 return
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
-            target = self._check(session, frame.type)
+            self._check(session, frame.type)
             if frame.type is FrameType.REG_START:
                 # The OPAQUE step waits for accept_registration: a registration the server
                 # refuses (name taken, not authorized) costs no OPAQUE work.
@@ -832,7 +836,7 @@ class ServerConnection(ConnectionBase):
             self._send_abort(session_id, exc.code, str(exc))
             self._events.append(SessionFailed(session_id, exc.code, str(exc), True))
             return
-        session.state = target
+        transition(Role.SERVER, session, frame.type)
         self._sessions[session_id] = session
         self._sessions_changed()
         self._events.append(event)
@@ -862,14 +866,14 @@ class ServerConnection(ConnectionBase):
             # restored store entry). It is stale for good; the client logs in again.
             if session.owner is None:
                 self.registry.remove(session)
-                session.state = State.CLOSED
+                transition(Role.SERVER, session, Command.CLOSE)
             raise RemoteProtocolError(
                 "the session's stored state is older than the client's", code=ErrorCode.UNKNOWN_SESSION
             )
         server_nonce = self._random(RESUME_NONCE_SIZE)
         channel = session.channel.next_epoch(resume.client_nonce, server_nonce)
         self.registry.move(session, self, session_id, channel)
-        session.state = target
+        transition(Role.SERVER, session, Command.RESUME)
         session.last_activity = self._now
         self._sessions[session_id] = session
         self._sessions_changed()
@@ -885,7 +889,7 @@ class ServerConnection(ConnectionBase):
         session.last_activity = self._now
         return plaintext
 
-    def _apply(self, session: _ServerSession, frame: Frame, target: State) -> None:
+    def _apply(self, session: _ServerSession, frame: Frame) -> None:
         t = frame.type
         if t is FrameType.REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
@@ -904,7 +908,7 @@ class ServerConnection(ConnectionBase):
             session.opaque_value = step.state
             self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
         elif t is FrameType.LOGIN_FINISH:
-            self._on_login_finish(session, LoginFinish.decode(frame.payload), target)
+            self._on_login_finish(session, LoginFinish.decode(frame.payload))
             return
         elif t is FrameType.COMPLETE_REGISTRATION:
             message = CompleteRegistration.decode(self._open_sealed(session, frame))
@@ -926,16 +930,16 @@ class ServerConnection(ConnectionBase):
             return
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
-            self._end(session)
+            self._end(session, FrameType.CLOSE)
             self._events.append(
                 SessionClosed(session.session_id, close.code, session.user_id, handle=session.handle)
             )
             return
         else:  # pragma: no cover - the table admits no other frame types for the server
             raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
-        session.state = target
+        transition(Role.SERVER, session, t)
 
-    def _on_login_finish(self, session: _ServerSession, finish: LoginFinish, target: State) -> None:
+    def _on_login_finish(self, session: _ServerSession, finish: LoginFinish) -> None:
         assert session.opaque_value is not None and session.user_id is not None
         session_key = self._opaque.server_login_finish(session.opaque_value, finish.credential_finalization)
         channel = Channel(session_key, is_client=False)
@@ -943,7 +947,7 @@ class ServerConnection(ConnectionBase):
         session.opaque_value = None
         if session.kind is SessionKind.REQUEST and not self.registry.add(session):
             raise RemoteProtocolError("session handle collision", ErrorCode.INTERNAL_ERROR)
-        session.state = target
+        transition(Role.SERVER, session, FrameType.LOGIN_FINISH)
         session.last_activity = self._now
         self._send_sealed(session, FrameType.WELCOME, Welcome(session.user_id).encode())
         if session.kind is SessionKind.REQUEST:

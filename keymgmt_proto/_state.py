@@ -13,7 +13,9 @@ UNEXPECTED_FRAME), a command is a :class:`LocalProtocolError`.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Protocol
 
+from ._errors import LocalProtocolError
 from ._wire import FrameType
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "State",
     "Trigger",
     "next_state",
+    "transition",
 ]
 
 
@@ -176,3 +179,20 @@ for _row in _ROWS:
 def next_state(role: Role, kind: SessionKind, state: State, trigger: Trigger) -> State | None:
     """The state after ``trigger``, or None if the table has no such transition."""
     return TRANSITIONS.get((role, kind, state, trigger))
+
+
+class _Session(Protocol):
+    kind: SessionKind
+    state: State
+
+
+def transition(role: Role, session: _Session, trigger: Trigger) -> State:
+    """Move ``session`` to the state the table gives for ``trigger`` and return it: the one
+    place a session's state changes. Callers check legality first (``next_state``), so a
+    missing row here is a bug, reported as LocalProtocolError."""
+    target = TRANSITIONS.get((role, session.kind, session.state, trigger))
+    if target is None:
+        name = trigger.name if isinstance(trigger, FrameType) else trigger.value
+        raise LocalProtocolError(f"no {name} transition from {session.state.name}")
+    session.state = target
+    return target
