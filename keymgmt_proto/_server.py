@@ -371,7 +371,7 @@ class ServerConnection(ConnectionBase):
         *,
         config: ServerConfig | None = None,
         registry: SessionRegistry | None = None,
-        now: float = 0.0,
+        now: float,
         admission: Admission | None = None,
         opaque: OpaqueSuite = REAL_OPAQUE,
     ) -> None:
@@ -403,10 +403,10 @@ class ServerConnection(ConnectionBase):
 
     # ------------------------------------------------------------ input, time
 
-    def receive_data(self, data: bytes, now: float | None = None) -> None:
-        """Buffer bytes received at time ``now``."""
-        if now is not None:
-            self._advance(now)
+    def receive_data(self, data: bytes, now: float) -> None:  # type: ignore[override]
+        """Buffer bytes received at time ``now``. The time is required: every input moves
+        the connection's clock, so no deadline is measured from a stale time."""
+        self._advance(now)
         super().receive_data(data)
         if self._inbox and self._partial_since is None:
             self._partial_since = self._now

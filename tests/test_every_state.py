@@ -79,7 +79,10 @@ def world():
     app = MemoryServerApp()
     registry = SessionRegistry()
     pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
+        app,
+        now=0.0,
     )
     register(pair, ACCOUNT)
     return app, registry
@@ -108,7 +111,10 @@ def _setup(world, role: Role, kind: SessionKind, target: State):
     inner, registry = world
     app = HoldingApp(inner)
     pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
+        app,
+        now=0.0,
     )
     bystander = login(pair, ACCOUNT).session_id
     sid = bystander + 1
@@ -187,7 +193,10 @@ def _resuming(world, target: State):
     """A session resuming on a second connection (its RESUME never delivered), in ``target``."""
     inner, registry = world
     first = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), inner
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
+        inner,
+        now=0.0,
     )
     login(first, ACCOUNT)
     first.client.connection_lost()
@@ -195,7 +204,10 @@ def _resuming(world, target: State):
     first.pump()
     [detached] = first.client.take_detached_sessions()
     pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), inner
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
+        inner,
+        now=0.0,
     )
     bystander = login(pair, ACCOUNT).session_id
     sid = pair.client.resume_session(detached)

@@ -745,7 +745,7 @@ wire_bytes = st.one_of(
 
 
 def new_server() -> ServerConnection:
-    return ServerConnection(SERVER_SETUP, os.urandom)
+    return ServerConnection(SERVER_SETUP, os.urandom, now=0.0)
 
 
 def new_client() -> ClientConnection:
@@ -768,6 +768,14 @@ CONNECTIONS: dict[str, Callable[[], ServerConnection | ClientConnection]] = {
     "client-with-sessions": new_client_with_sessions,
 }
 parametrize_connections = pytest.mark.parametrize("make", CONNECTIONS.values(), ids=CONNECTIONS.keys())
+
+
+def receive(conn: ServerConnection | ClientConnection, data: bytes) -> None:
+    """Bytes (b"" = end of stream) for either side; a server gets them at t=0, when it was made."""
+    if isinstance(conn, ServerConnection):
+        conn.receive_data(data, 0.0)
+    else:
+        conn.receive_data(data)
 
 
 def drain(conn: ServerConnection | ClientConnection) -> list[Event]:
@@ -801,13 +809,13 @@ def check_output(conn: ServerConnection | ClientConnection) -> None:
 def test_connection_survives_arbitrary_bytes(make: Callable[[], ServerConnection], data: bytes) -> None:
     conn = make()
     if data:  # b"" would mean end of stream
-        conn.receive_data(data)
+        receive(conn, data)
     events = drain(conn)
     check_output(conn)
     assert sum(isinstance(e, ConnectionFailed) for e in events) <= 1
     assert drain(conn) == []
     # End of stream afterwards is also handled without raising.
-    conn.receive_data(b"")
+    receive(conn, b"")
     drain(conn)
     check_output(conn)
 
@@ -819,7 +827,7 @@ def test_connection_split_delivery(
 ) -> None:
     whole = make()
     if data:  # b"" would mean end of stream
-        whole.receive_data(data)
+        receive(whole, data)
     expected = drain(whole)
 
     split = make()
@@ -827,7 +835,7 @@ def test_connection_split_delivery(
     got: list[Event] = []
     for start, end in zip([0, *points], [*points, len(data)], strict=True):
         if end > start:
-            split.receive_data(data[start:end])
+            receive(split, data[start:end])
         got += drain(split)
     assert [type(e) for e in got] == [type(e) for e in expected]
     assert got == expected

@@ -14,6 +14,7 @@ from keymgmt_proto import (
     ErrorCode,
     FrameType,
     LocalProtocolError,
+    LoginRequested,
     LoginSucceeded,
     RequestReceived,
     ResponseReceived,
@@ -302,6 +303,41 @@ def test_a_frame_that_trickles_in_is_cut_off_at_its_deadline(server_setup):
     assert other.server.failed is None
 
 
+def test_the_server_clock_is_the_now_each_input_comes_with(server_setup):
+    """Issue 13: time is a required argument of the server's receive_data (and of its
+    constructor), so an adapter cannot forget it and leave the connection on a stale clock.
+    Each deadline runs from the ``now`` its input came with: the slow-frame deadline from the
+    partial frame's first bytes, the handshake's from the frame that made it whole."""
+    config = ServerConfig(frame_timeout=5.0, connection_idle_timeout=60.0)
+    client = ClientConnection(os.urandom)
+    client.open_request_session(b"clock", PASSWORD)
+    frame = client.data_to_send()
+    with pytest.raises(TypeError):
+        ServerConnection(server_setup, os.urandom, config=config)
+    server = ServerConnection(server_setup, os.urandom, config=config, now=100.0)
+    with pytest.raises(TypeError):
+        server.receive_data(frame[:3])
+    with pytest.raises(TypeError):
+        InMemoryPair(client, server, lambda conn, event: None)
+    assert server.get_timer() == 160.0  # the refused call buffered nothing: only the idle deadline
+    server.receive_data(frame[:3], 130.0)
+    assert server.next_event() is NEED_DATA
+    assert server.get_timer() == 135.0  # from the first bytes (t=130), not from t=100
+    server.handle_timer(134.9)
+    server.receive_data(frame[3:6], 120.0)  # a clock stepping back moves no deadline
+    assert server.get_timer() == 135.0
+    server.receive_data(frame[6:], 134.9)
+    assert isinstance(server.next_event(), LoginRequested)
+    assert server.failed is None and server.get_timer() == 134.9 + config.handshake_timeout
+
+    slow = ServerConnection(server_setup, os.urandom, config=config, now=100.0)
+    slow.receive_data(frame[:3], 130.0)
+    slow.handle_timer(134.999)
+    assert slow.failed is None
+    slow.handle_timer(135.0)
+    assert slow.failed is not None and slow.failed.reason == "a frame took too long to arrive"
+
+
 def test_request_limit_closes_after_the_last_answer(server_setup):
     harness = Harness(server_setup, ServerConfig(max_requests_per_session=1))
     pair = harness.pair()
@@ -425,7 +461,7 @@ def test_client_connection_refuses_new_sessions_after_failure(harness):
         pair.client.open_request_session(b"late", PASSWORD)
     assert isinstance(pair.client.next_event(), ConnectionFailed)
     # A fresh client connection is unaffected.
-    fresh = InMemoryPair(ClientConnection(os.urandom), pair.server, pair.app)
+    fresh = InMemoryPair(ClientConnection(os.urandom), pair.server, pair.app, now=pair.now)
     assert fresh.client.failed is None
     assert isinstance(pair.server, ServerConnection)
 

@@ -77,7 +77,9 @@ def storage(tmp_path) -> Iterator[SQLiteStorage]:
 
 
 def _pair(server_setup, app) -> InMemoryPair:
-    return InMemoryPair(ClientConnection(os.urandom), ServerConnection(server_setup, os.urandom), app)
+    return InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(server_setup, os.urandom, now=0.0), app, now=0.0
+    )
 
 
 def test_user_id_is_redrawn_on_collision(server_setup, storage):

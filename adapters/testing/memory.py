@@ -108,6 +108,7 @@ class InMemoryPair:
     ``pump()`` moves bytes both ways until neither side has anything to say,
     runs the server application on each server event, and returns the client's
     events in order. ``rng`` drives random splits (seed it for reproducibility).
+    ``now`` starts the virtual clock: pass the ``now`` the server connection was made at.
     """
 
     def __init__(
@@ -118,7 +119,7 @@ class InMemoryPair:
         *,
         delivery: Delivery = Delivery.WHOLE,
         rng: _random.Random | None = None,
-        now: float = 0.0,
+        now: float,
     ) -> None:
         self.client = client
         self.server = server
