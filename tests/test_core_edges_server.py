@@ -18,6 +18,7 @@ from keymgmt_proto import (
     LocalProtocolError,
     LoginFailed,
     LoginRequested,
+    OpaqueStepRequired,
     RegistrationCompleted,
     RegistrationRequested,
     RequestReceived,
@@ -499,6 +500,9 @@ def test_a_registration_response_that_does_not_parse_ends_the_client_session():
     sid = client.open_registration(ACCOUNT, PASSWORD)
     client.data_to_send()
     client.receive_data(forge(FrameType.REG_RESPONSE, sid, b"\xff" * 64))
+    step = client.next_event()
+    assert isinstance(step, OpaqueStepRequired)
+    assert client.complete_opaque_step(step.run(client.opaque))
     failed = client.next_event()
     assert failed == SessionFailed(sid, ErrorCode.MALFORMED, "OPAQUE registration response failed", True)
     assert _abort_code(client.data_to_send()) is ErrorCode.MALFORMED

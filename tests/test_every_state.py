@@ -18,6 +18,7 @@ from keymgmt_proto import (
     ErrorCode,
     Event,
     FrameType,
+    OpaqueStepRequired,
     ResponseReceived,
     Role,
     ServerConnection,
@@ -38,10 +39,13 @@ NEW_ACCOUNT = b"newcomer@example.org"
 
 CLIENT_STATES = [
     (SessionKind.REGISTRATION, State.AWAIT_REG_RESPONSE),
+    (SessionKind.REGISTRATION, State.AWAIT_REG_STEP),
     (SessionKind.REGISTRATION, State.AWAIT_LOGIN_RESPONSE),
+    (SessionKind.REGISTRATION, State.AWAIT_LOGIN_STEP),
     (SessionKind.REGISTRATION, State.AWAIT_WELCOME),
     (SessionKind.REGISTRATION, State.AWAIT_REG_CLOSE),
     (SessionKind.REQUEST, State.AWAIT_LOGIN_RESPONSE),
+    (SessionKind.REQUEST, State.AWAIT_LOGIN_STEP),
     (SessionKind.REQUEST, State.AWAIT_WELCOME),
     (SessionKind.REQUEST, State.ESTABLISHED),
 ]
@@ -86,7 +90,8 @@ def world():
 
 
 def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: State) -> None:
-    """Deliver frames one at a time until session ``sid`` on ``role``'s side is in ``target``."""
+    """Deliver frames one at a time until session ``sid`` on ``role``'s side is in ``target``,
+    running the client's OPAQUE steps unless the target is the state that waits for one."""
     side = pair.client if role is Role.CLIENT else pair.server
     to_server: list[bytes] = []
     to_client: list[bytes] = []
@@ -98,7 +103,9 @@ def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: St
         if to_server:
             pair.to_server(to_server.pop(0))
         elif to_client:
-            pair.to_client(to_client.pop(0))
+            for event in pair.to_client(to_client.pop(0)):
+                if isinstance(event, OpaqueStepRequired) and side.session_state(sid) is not target:
+                    pair.client.complete_opaque_step(event.run(pair.client.opaque))
         else:
             break
     raise AssertionError(f"could not reach {target} (stuck in {side.session_state(sid)})")
@@ -113,6 +120,7 @@ def _setup(world, role: Role, kind: SessionKind, target: State):
     bystander = login(pair, ACCOUNT).session_id
     sid = bystander + 1
     app.hold = (sid, target)
+    pair.run_opaque_steps = False  # _drive runs them, up to the target state
     inner.accounts.pop(NEW_ACCOUNT, None)
     if kind is SessionKind.REGISTRATION:
         pair.client.open_registration(NEW_ACCOUNT, PASSWORD)
