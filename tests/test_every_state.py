@@ -29,6 +29,7 @@ from keymgmt_proto import (
     State,
 )
 from keymgmt_proto._state import TRANSITIONS
+from keymgmt_proto.testing import FakeOpaque
 
 from .frames import forge, split_frames
 from .helpers import PASSWORD, login, only, register
@@ -63,6 +64,14 @@ SERVER_STATES = [
 SESSION_FRAMES = [t for t in FrameType if t is not FrameType.GOAWAY]
 
 
+def _connections(registry: SessionRegistry) -> tuple[ClientConnection, ServerConnection]:
+    """A linked client and server with the fake OPAQUE (the table is under test, not OPAQUE)."""
+    return (
+        ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom)),
+        ServerConnection(SETUP, os.urandom, registry=registry, opaque=FakeOpaque(os.urandom)),
+    )
+
+
 class HoldingApp:
     """The reference app, except that it leaves a decision unanswered when the
     target session sits in the target state (so the test can stop there)."""
@@ -82,9 +91,7 @@ class HoldingApp:
 def world():
     app = MemoryServerApp()
     registry = SessionRegistry()
-    pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
-    )
+    pair = InMemoryPair(*_connections(registry), app)
     register(pair, ACCOUNT)
     return app, registry
 
@@ -114,9 +121,7 @@ def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: St
 def _setup(world, role: Role, kind: SessionKind, target: State):
     inner, registry = world
     app = HoldingApp(inner)
-    pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
-    )
+    pair = InMemoryPair(*_connections(registry), app)
     bystander = login(pair, ACCOUNT).session_id
     sid = bystander + 1
     app.hold = (sid, target)
@@ -194,17 +199,13 @@ RESUMING_STATES = [State.AWAIT_RESUMED, State.CLOSE_AFTER_RESUMED]
 def _resuming(world, target: State):
     """A session resuming on a second connection (its RESUME never delivered), in ``target``."""
     inner, registry = world
-    first = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), inner
-    )
+    first = InMemoryPair(*_connections(registry), inner)
     login(first, ACCOUNT)
     first.client.connection_lost()
     first.server.connection_lost()
     first.pump()
     [detached] = first.client.take_detached_sessions()
-    pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), inner
-    )
+    pair = InMemoryPair(*_connections(registry), inner)
     bystander = login(pair, ACCOUNT).session_id
     sid = pair.client.resume_session(detached)
     if target is State.CLOSE_AFTER_RESUMED:
