@@ -220,6 +220,19 @@ def test_a_failed_registration_step_is_the_servers_fault(world):
     )
 
 
+def test_a_login_whose_export_key_is_not_registrations_ends_the_registration(world):
+    pair, _ = _spied_pair(world)
+    sid = pair.client.open_registration(ACCOUNT, PASSWORD)
+    assert pair.client.complete_opaque_step(_step(pair.pump()).run(pair.client.opaque))
+    login = _step(pair.pump()).run(pair.client.opaque)
+    other = dataclasses.replace(login, export_key=bytes(64))
+    assert pair.client.complete_opaque_step(other) is True
+    failed = only(pair.client._events, SessionFailed)
+    assert (failed.session_id, failed.code, failed.remote) == (sid, ErrorCode.AUTHENTICATION_FAILED, False)
+    assert [kind for kind, _, _ in parsed(pair.client.data_to_send())] == [FrameType.ABORT]
+    assert pair.client.session_state(sid) is State.CLOSED
+
+
 # ------------------------------------------------------------------ misuse
 
 
