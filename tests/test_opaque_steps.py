@@ -350,6 +350,34 @@ def test_any_other_frame_while_the_step_is_out_ends_the_session(world):
 # ------------------------------------------------------------------ KeymgmtClient
 
 
+@pytest.mark.anyio
+async def test_the_client_skips_the_steps_of_sessions_that_ended_meanwhile(world):
+    """A step queued for a session that was abandoned (or whose connection failed)
+    before its turn costs no Argon2 run; a live one runs and completes."""
+    register(world.pair(), ACCOUNT)
+    pair, spy = _spied_pair(world)
+    abandoned = pair.client.open_request_session(ACCOUNT, PASSWORD)
+    live = pair.client.open_request_session(ACCOUNT, PASSWORD)
+    steps = [e for e in pair.pump() if isinstance(e, OpaqueStepRequired)]
+    assert [s.session_id for s in steps] == [abandoned, live]
+    pair.client.abort_session(abandoned)
+    client = KeymgmtClient(memory_stream_pair()[0])
+    client._conn = pair.client
+    client._steps.extend((pair.client, step) for step in steps)
+    await client._run_opaque_steps()
+    assert spy.calls.count("client_login_finish") == 1
+    assert not client._steps
+    assert pair.client.session_state(live) is State.AWAIT_WELCOME
+    lost, _ = _spied_pair(world)
+    lost.client = ClientConnection(os.urandom, opaque=spy)
+    lost.client.open_request_session(ACCOUNT, PASSWORD)
+    (step,) = [e for e in lost.pump() if isinstance(e, OpaqueStepRequired)]
+    lost.client.connection_lost()
+    client._steps.append((lost.client, step))
+    await client._run_opaque_steps()
+    assert spy.calls.count("client_login_finish") == 1
+
+
 class BurstStream(ByteStream):
     """The client's end of an in-memory link that holds back what the server sends until
     ``count`` LOGIN_RESPONSE frames have come, then hands them over in one receive()."""

@@ -605,8 +605,8 @@ class KeymgmtClient:
         result goes to the connection that asked; one that failed meanwhile drops it."""
         while self._steps:
             conn, step = self._steps.popleft()
-            if conn.failed is not None or conn.session_state(step.session_id) is State.CLOSED:
-                continue  # abandoned meanwhile: spare the Argon2 run
+            if conn.session_state(step.session_id) is State.CLOSED:
+                continue  # abandoned, or its connection failed, meanwhile: spare the Argon2 run
             result = step.run(conn.opaque)
             del step  # it holds the password
             conn.complete_opaque_step(result)
