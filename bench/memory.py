@@ -58,6 +58,8 @@ from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, Pair, drain_server
 
 USER_ID = bytes(range(16))
 RECORD = os.urandom(REGISTRATION_UPLOAD_SIZE)
+#: The server's virtual time: the measurement lets none pass, so no session expires.
+NOW = 0.0
 
 
 def _rss_bytes() -> int:
@@ -123,10 +125,10 @@ def build_sessions(
     first = server._highest_session_id + 1
     for sid in range(first, first + n):
         start, finish = client()
-        server.receive_data(encode_frame(FrameType.LOGIN_START, sid, start))
+        server.receive_data(encode_frame(FrameType.LOGIN_START, sid, start), NOW)
         drain_server(server, app)
         response = server.data_to_send()
-        server.receive_data(encode_frame(FrameType.LOGIN_FINISH, sid, finish(response)))
+        server.receive_data(encode_frame(FrameType.LOGIN_FINISH, sid, finish(response)), NOW)
         drain_server(server, app)
         server.data_to_send()
 
@@ -135,7 +137,7 @@ def _real_account(setup: ServerSetup) -> tuple[bytes, bytes]:
     from keymgmt.adapters.testing.memory import MemoryServerApp
 
     app = MemoryServerApp()
-    Pair(ClientConnection(os.urandom), ServerConnection(setup, os.urandom), app).register()
+    Pair(ClientConnection(os.urandom), ServerConnection(setup, os.urandom, now=NOW), app, now=NOW).register()
     account = app.accounts[ACCOUNT]
     return account.user_id, account.registration_record
 
@@ -152,7 +154,7 @@ def measure(n: int, mode: str, meter: str) -> dict[str, float]:
         _opaque.server_login_start = _fake_server_login_start  # type: ignore[assignment]
         _opaque.server_login_finish = _fake_server_login_finish
     registry = SessionRegistry(BENCH_CONFIG)
-    server = ServerConnection(setup, os.urandom, registry=registry)
+    server = ServerConnection(setup, os.urandom, registry=registry, now=NOW)
     app = _AcceptAll(user_id, record)
     keep: list[Channel] = []
 

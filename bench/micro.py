@@ -103,7 +103,7 @@ def time_p1_core(loops: int) -> float:
     for _ in range(loops):
         t0 = clock()
         client.send_request(sid, body)
-        server.receive_data(client.data_to_send())
+        server.receive_data(client.data_to_send(), pair.now)
         event = server.next_event()
         total += clock() - t0
         assert isinstance(event, RequestReceived)
@@ -144,7 +144,7 @@ def time_p2_core(loops: int) -> float:
         sid = client.open_request_session(ACCOUNT, PASSWORD)
         up = client.data_to_send()
         t0 = clock()
-        server.receive_data(up)
+        server.receive_data(up, pair.now)
         _drain(server, app)
         down = server.data_to_send()
         total += clock() - t0
@@ -152,7 +152,7 @@ def time_p2_core(loops: int) -> float:
         _drain_client(client)  # client_login_finish: Argon2, not timed
         up = client.data_to_send()
         t0 = clock()
-        server.receive_data(up)
+        server.receive_data(up, pair.now)
         _drain(server, app)
         down = server.data_to_send()
         total += clock() - t0
@@ -262,7 +262,7 @@ class _OpsWorld:
         client.send_request(self.sid, body)
         up = client.data_to_send()
         t0 = time.process_time()
-        server.receive_data(up)
+        server.receive_data(up, self.pair.now)
         _drain(server, self.app)
         down = server.data_to_send()
         elapsed = time.process_time() - t0

@@ -14,16 +14,16 @@ from collections.abc import Callable
 from keymgmt_proto import RemoteProtocolError
 from keymgmt_proto._messages import MESSAGE_TYPES, Record, ResumedEnvelope, ResumeEnvelope, decode_message
 from keymgmt_proto._ops import Op, decode_request, decode_response, encode_response
+from keymgmt_proto._wire import FrameType
 
 from ._common import main, violated
 
 
-def _message(frame_type: object) -> Callable[[bytes], bytes]:
+def _message(frame_type: FrameType) -> Callable[[bytes], bytes]:
     def run(payload: bytes) -> bytes:
-        message = decode_message(frame_type, payload)  # type: ignore[arg-type]
+        message = decode_message(frame_type, payload)
         repr(message)
-        encoded: bytes = message.encode()  # type: ignore[attr-defined]
-        return encoded
+        return message.encode()
 
     return run
 

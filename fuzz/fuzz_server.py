@@ -61,7 +61,12 @@ def world() -> tuple[ServerSetup, FuzzServerApp]:
     """A server setup and an application holding one real registration (made once)."""
     setup = ServerSetup.generate()
     app = FuzzServerApp()
-    pair = InMemoryPair(ClientConnection(det_random), ServerConnection(setup, det_random, config=CONFIG), app)
+    pair = InMemoryPair(
+        ClientConnection(det_random),
+        ServerConnection(setup, det_random, config=CONFIG, now=0.0),
+        app,
+        now=0.0,
+    )
     pair.client.open_registration(ACCOUNT, PASSWORD)
     if not any(isinstance(e, RegistrationSucceeded) for e in pair.pump()):
         raise RuntimeError("fuzz setup: registration failed")
@@ -75,7 +80,7 @@ def new_server() -> tuple[ServerConnection, FuzzServerApp]:
     app = FuzzServerApp(template.decoy)
     app.accounts = dict(template.accounts)
     det_random.reset()
-    server = ServerConnection(setup, det_random, config=CONFIG, registry=SessionRegistry(CONFIG))
+    server = ServerConnection(setup, det_random, config=CONFIG, registry=SessionRegistry(CONFIG), now=0.0)
     return server, app
 
 
@@ -91,7 +96,8 @@ def test_one_input(data: bytes) -> None:
     check_bounded(server)
     check_output(server.data_to_send(), budget=output)
 
-    # Then every deadline passes and the stream ends, in an order the input picks.
+    # Then, at one late instant, every deadline passes and the stream ends, in an order the
+    # input picks.
     steps = [_expire_all, _end_of_stream]
     if len(data) % 2:
         steps.reverse()
@@ -102,13 +108,17 @@ def test_one_input(data: bytes) -> None:
         check_output(server.data_to_send(), budget=output)
 
 
+#: Past every deadline (the input arrives at 0.0).
+LATER = 1e9
+
+
 def _expire_all(server: ServerConnection) -> None:
-    server.handle_timer(1e9)
-    server.registry.handle_timer(1e9)
+    server.handle_timer(LATER)
+    server.registry.handle_timer(LATER)
 
 
 def _end_of_stream(server: ServerConnection) -> None:
-    server.receive_data(b"")
+    server.receive_data(b"", LATER)
 
 
 if __name__ == "__main__":

@@ -141,9 +141,9 @@ def _client_channel(client: ClientConnection) -> Channel:
 def world() -> World:
     setup = ServerSetup.generate()
     app = MemoryServerApp(random=det_random)
-    server = ServerConnection(setup, det_random, config=CONFIG, registry=SessionRegistry(CONFIG))
+    server = ServerConnection(setup, det_random, config=CONFIG, registry=SessionRegistry(CONFIG), now=0.0)
     client = ClientConnection(det_random, max_payload=CONFIG.max_payload, max_requests_in_flight=4)
-    pair = InMemoryPair(client, server, app)
+    pair = InMemoryPair(client, server, app, now=0.0)
     client.open_registration(ACCOUNT, PASSWORD)
     if not any(isinstance(e, RegistrationSucceeded) for e in pair.pump()):
         raise RuntimeError("fuzz setup: registration failed")
@@ -209,7 +209,7 @@ def world() -> World:
 
 def _expected_seq(target: ServerConnection | ClientConnection, handle: bytes) -> int | None:
     if isinstance(target, ServerConnection):
-        session = target.registry._get(handle)
+        session = target.registry.lookup(handle)
         return session.channel.recv_seq if session is not None and session.channel is not None else None
     for client_session in (*target._sessions.values(), *target._detached):
         channel = client_session.channel
@@ -246,6 +246,14 @@ def _act(target: ServerConnection | ClientConnection, choice: int, now: float) -
     except LocalProtocolError:
         pass  # the API refusing a command the state does not allow
     return now
+
+
+def _receive(target: ServerConnection | ClientConnection, data: bytes, now: float) -> None:
+    """Bytes (b"" = end of stream) reach the target at ``now`` (only the server keeps time)."""
+    if isinstance(target, ServerConnection):
+        target.receive_data(data, now)
+    else:
+        target.receive_data(data)
 
 
 def test_one_input(data: bytes) -> None:
@@ -308,12 +316,9 @@ def test_one_input(data: bytes) -> None:
         elif op == Op.TICK:
             now = _act(target, reader.u8(), now)
         else:
-            target.receive_data(b"")
+            _receive(target, b"", now)
         if delivered:
-            if isinstance(target, ServerConnection):
-                target.receive_data(delivered, now)
-            else:
-                target.receive_data(delivered)
+            _receive(target, delivered, now)
         drain(target, app, 3 * (len(delivered) // 10 + 1) + 16)
         check_bounded(target)
         check_output(target.data_to_send(), budget=32 * len(delivered) + 4096)

@@ -79,8 +79,10 @@ CONFIG = ServerConfig(idle_timeout=60.0)
 class RecordingPair(InMemoryPair):
     """An InMemoryPair that keeps every chunk it moves."""
 
-    def __init__(self, client: ClientConnection, server: ServerConnection, app: KeyServer) -> None:
-        super().__init__(client, server, app)
+    def __init__(
+        self, client: ClientConnection, server: ServerConnection, app: KeyServer, *, now: float
+    ) -> None:
+        super().__init__(client, server, app, now=now)
         self.c2s: list[bytes] = []
         self.s2c: list[bytes] = []
 
@@ -120,8 +122,9 @@ class Transcripts:
 
     def pair(self, name: str) -> RecordingPair:
         client = ClientConnection(self.random)
-        server = ServerConnection(self.setup, self.random, config=CONFIG, registry=self.registry)
-        pair = RecordingPair(client, server, self.app)
+        # Virtual time: every connection starts at t=0 (only conn5 lets time pass, last).
+        server = ServerConnection(self.setup, self.random, config=CONFIG, registry=self.registry, now=0.0)
+        pair = RecordingPair(client, server, self.app, now=0.0)
         self.pairs[name] = pair
         return pair
 

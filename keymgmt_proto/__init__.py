@@ -7,7 +7,15 @@ OS randomness: time enters as ``now`` and randomness as an injected
 
 from ._admission import Admission, TokenBucket
 from ._client import ClientConnection, DetachedSession
-from ._crypto import Channel, Direction, RandomSource, decrypt_storage_key, derive_master_key, hkdf_sha3
+from ._crypto import (
+    Channel,
+    Direction,
+    RandomSource,
+    decrypt_storage_key,
+    derive_master_key,
+    encrypt_storage_key,
+    hkdf_sha3,
+)
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
@@ -29,6 +37,7 @@ from ._events import (
     SessionClosed,
     SessionEstablished,
     SessionFailed,
+    SessionHandle,
     SessionResumed,
 )
 from ._opaque import OpaqueSuite, RealOpaque, ServerSetup
@@ -80,7 +89,8 @@ from ._ops import (
     seal_secret,
     secret_ad,
 )
-from ._server import ServerConfig, ServerConnection, SessionRegistry
+from ._secrets import IntegrityFailure, OperationRefused, Plan, SealedCopy, SecretOps
+from ._server import ExpiredSession, ServerConfig, ServerConnection, SessionRegistry
 from ._sessionstate import DetachedSessionStore, session_sealing_key
 from ._state import Command, Role, SessionKind, State
 from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_SESSION_ID, PROTOCOL_VERSION, Frame, FrameType
@@ -122,8 +132,10 @@ __all__ = [
     "Empty",
     "ErrorCode",
     "Event",
+    "ExpiredSession",
     "Frame",
     "FrameType",
+    "IntegrityFailure",
     "KeyIdResponse",
     "KeyInfo",
     "KeyListResponse",
@@ -141,7 +153,9 @@ __all__ = [
     "OpaqueStepResult",
     "OpaqueSuite",
     "Operation",
+    "OperationRefused",
     "Outcome",
+    "Plan",
     "ProtocolError",
     "RandomSource",
     "RealOpaque",
@@ -155,7 +169,9 @@ __all__ = [
     "RetrieveRequest",
     "RetrieveStorageKeyRequest",
     "Role",
+    "SealedCopy",
     "SecretKind",
+    "SecretOps",
     "SecretResponse",
     "ServerConfig",
     "ServerConnection",
@@ -163,6 +179,7 @@ __all__ = [
     "SessionClosed",
     "SessionEstablished",
     "SessionFailed",
+    "SessionHandle",
     "SessionKind",
     "SessionRegistry",
     "SessionResumed",
@@ -180,6 +197,7 @@ __all__ = [
     "derive_master_key",
     "encode_portable",
     "encode_response",
+    "encrypt_storage_key",
     "hkdf_sha3",
     "joint_key_id",
     "open_secret",

@@ -31,6 +31,7 @@ __all__ = [
     "SessionClosed",
     "SessionEstablished",
     "SessionFailed",
+    "SessionHandle",
     "SessionResumed",
 ]
 
@@ -53,6 +54,18 @@ class Event:
     __slots__ = ()
 
 
+class SessionHandle:
+    """Names one session for its whole life in this process: the same object on every
+    event of the session, across resumptions on other connections (session ids are per
+    connection and change). Compare it with ``is`` or use it as a dict key. A session a
+    server instance claims from a shared store gets a new handle there."""
+
+    __slots__ = ("__weakref__",)
+
+    def __repr__(self) -> str:
+        return f"<SessionHandle {id(self):#x}>"
+
+
 # ------------------------------------------------------------- server side
 
 
@@ -70,6 +83,8 @@ class RegistrationRequested(Event):
     account_name: bytes
     #: What the client sent to be allowed to register (REG-5): empty, or e.g. an invitation.
     token: bytes = field(default=b"", repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +97,8 @@ class RegistrationCompleted(Event):
     user_id: bytes
     registration_record: bytes = field(repr=False)
     encrypted_storage_key: bytes = field(repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +108,8 @@ class LoginRequested(Event):
 
     session_id: int
     account_name: bytes
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +119,8 @@ class LoginSucceeded(Event):
     session_id: int
     account_name: bytes
     user_id: bytes
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +130,8 @@ class LoginFailed(Event):
     session_id: int
     account_name: bytes
     user_id: bytes | None
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +142,8 @@ class RequestReceived(Event):
     user_id: bytes
     request_id: int
     body: bytes = field(repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +153,9 @@ class SessionResumed(Event):
     session_id: int
     user_id: bytes
 
-
-# ------------------------------------------------------------- client side
+    # ------------------------------------------------------------- client side
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 class OpaqueStep(Enum):
@@ -227,6 +253,8 @@ class SessionClosed(Event):
     code: ErrorCode
     #: Server side: whose session it was (for the audit log). None on the client.
     user_id: bytes | None = None
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +277,8 @@ class SessionFailed(Event):
     code: ErrorCode
     reason: str
     remote: bool
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ Fields that hold secrets or key material are excluded from ``repr``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Protocol, Self
 
 from ._errors import ErrorCode, RemoteProtocolError
@@ -75,11 +75,14 @@ REGISTRATION_TOKEN_MAX = 1024
 
 
 class Message(Protocol):
-    """What every payload type offers."""
+    """What every payload class in :data:`MESSAGE_TYPES` offers."""
 
     FRAME_TYPE: ClassVar[FrameType]
 
     def encode(self) -> bytes: ...
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self: ...
 
 
 def _check_size(name: str, value: bytes, size: int) -> None:
@@ -90,6 +93,14 @@ def _check_size(name: str, value: bytes, size: int) -> None:
 def _check_account_name(account_name: bytes) -> None:
     if not 1 <= len(account_name) <= ACCOUNT_NAME_MAX:
         raise ValueError(f"account_name must be 1..{ACCOUNT_NAME_MAX} bytes")
+
+
+def _read_code(r: Reader) -> ErrorCode:
+    raw = r.u16()
+    try:
+        return ErrorCode(raw)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown error code {raw}") from None
 
 
 class _Decodable:
@@ -105,25 +116,85 @@ class _Decodable:
             raise RemoteProtocolError(f"invalid {what}: {exc}") from None
 
 
-def _named(account_name: bytes, message: bytes, size: int) -> bytes:
-    """``account_name (u8 length) || message (fixed size)``: REG_START and LOGIN_START."""
-    return Writer().bytes8(account_name).fixed(message, size).getvalue()
+# ----------------------------------------------------------- shared layouts
+# Payloads of the same shape share one codec; each frame's class declares its FRAME_TYPE
+# (whose name labels decode errors) and, where the shape has one, its field and SIZE.
 
 
-def _read_named(payload: bytes, size: int, what: str) -> tuple[bytes, bytes]:
-    r = Reader(payload, what)
-    account_name = r.bytes8()
-    message = r.fixed(size)
-    r.done()
-    return account_name, message
+@dataclass(frozen=True, slots=True)
+class _FixedSize(_Decodable):
+    """A payload that is exactly one fixed-size value (an OPAQUE message, a user id). A subclass
+    declares that one field and its SIZE."""
+
+    FRAME_TYPE: ClassVar[FrameType]
+    SIZE: ClassVar[int]
+
+    def _field(self) -> tuple[str, bytes]:
+        (only,) = fields(self)
+        value: bytes = getattr(self, only.name)
+        return only.name, value
+
+    def __post_init__(self) -> None:
+        _check_size(*self._field(), self.SIZE)
+
+    def encode(self) -> bytes:
+        return self._field()[1]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        what = cls.FRAME_TYPE.name
+        r = Reader(payload, what)
+        value = r.fixed(cls.SIZE)
+        r.done()
+        return cls._build(what, value)
 
 
-def _read_fixed(payload: bytes, size: int, what: str) -> bytes:
-    """A payload that is exactly one fixed-size value (an OPAQUE message, a user id)."""
-    r = Reader(payload, what)
-    value = r.fixed(size)
-    r.done()
-    return value
+@dataclass(frozen=True, slots=True)
+class _AbortOrGoAway(_Decodable):
+    """ABORT and GOAWAY: an error code and a short printable ASCII reason."""
+
+    FRAME_TYPE: ClassVar[FrameType]
+    code: ErrorCode
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.reason) > REASON_MAX or not self.reason.isascii() or not self.reason.isprintable():
+            raise ValueError(f"reason must be printable ASCII of at most {REASON_MAX} characters")
+
+    def encode(self) -> bytes:
+        return Writer().u16(self.code).bytes8(self.reason.encode("ascii")).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        what = cls.FRAME_TYPE.name
+        r = Reader(payload, what)
+        code = _read_code(r)
+        reason = r.bytes8().decode("latin-1")  # any byte decodes; the constructor wants ASCII
+        r.done()
+        return cls._build(what, code, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestOrResponse(_Decodable):
+    """REQUEST and RESPONSE: a per-session request id, then a body that runs to the end."""
+
+    FRAME_TYPE: ClassVar[FrameType]
+    request_id: int
+    body: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.request_id < 2**32:
+            raise ValueError("request_id must be 1..2**32-1")
+
+    def encode(self) -> bytes:
+        return Writer().u32(self.request_id).rest(self.body).getvalue()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        what = cls.FRAME_TYPE.name
+        r = Reader(payload, what)
+        request_id = r.u32()
+        return cls._build(what, request_id, r.rest())
 
 
 # ---------------------------------------------------------------- clear frames
@@ -160,39 +231,21 @@ class RegStart(_Decodable):
 
 
 @dataclass(frozen=True, slots=True)
-class RegResponse(_Decodable):
+class RegResponse(_FixedSize):
     """Server's OPAQUE RegistrationResponse."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.REG_RESPONSE
+    SIZE: ClassVar[int] = REGISTRATION_RESPONSE_SIZE
     registration_response: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        _check_size("registration_response", self.registration_response, REGISTRATION_RESPONSE_SIZE)
-
-    def encode(self) -> bytes:
-        return self.registration_response
-
-    @classmethod
-    def decode(cls, payload: bytes) -> RegResponse:
-        return cls(_read_fixed(payload, REGISTRATION_RESPONSE_SIZE, "REG_RESPONSE"))
 
 
 @dataclass(frozen=True, slots=True)
-class RegUpload(_Decodable):
+class RegUpload(_FixedSize):
     """Client's OPAQUE RegistrationUpload (becomes the server's registration record)."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.REG_UPLOAD
+    SIZE: ClassVar[int] = REGISTRATION_UPLOAD_SIZE
     registration_upload: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        _check_size("registration_upload", self.registration_upload, REGISTRATION_UPLOAD_SIZE)
-
-    def encode(self) -> bytes:
-        return self.registration_upload
-
-    @classmethod
-    def decode(cls, payload: bytes) -> RegUpload:
-        return cls(_read_fixed(payload, REGISTRATION_UPLOAD_SIZE, "REG_UPLOAD"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,107 +261,48 @@ class LoginStart(_Decodable):
         _check_size("credential_request", self.credential_request, CREDENTIAL_REQUEST_SIZE)
 
     def encode(self) -> bytes:
-        return _named(self.account_name, self.credential_request, CREDENTIAL_REQUEST_SIZE)
+        w = Writer().bytes8(self.account_name)
+        return w.fixed(self.credential_request, CREDENTIAL_REQUEST_SIZE).getvalue()
 
     @classmethod
     def decode(cls, payload: bytes) -> LoginStart:
-        return cls._build("LOGIN_START", *_read_named(payload, CREDENTIAL_REQUEST_SIZE, "LOGIN_START"))
+        r = Reader(payload, "LOGIN_START")
+        account_name = r.bytes8()
+        request = r.fixed(CREDENTIAL_REQUEST_SIZE)
+        r.done()
+        return cls._build("LOGIN_START", account_name, request)
 
 
 @dataclass(frozen=True, slots=True)
-class LoginResponse(_Decodable):
+class LoginResponse(_FixedSize):
     """Server's OPAQUE CredentialResponse."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.LOGIN_RESPONSE
+    SIZE: ClassVar[int] = CREDENTIAL_RESPONSE_SIZE
     credential_response: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        _check_size("credential_response", self.credential_response, CREDENTIAL_RESPONSE_SIZE)
-
-    def encode(self) -> bytes:
-        return self.credential_response
-
-    @classmethod
-    def decode(cls, payload: bytes) -> LoginResponse:
-        return cls(_read_fixed(payload, CREDENTIAL_RESPONSE_SIZE, "LOGIN_RESPONSE"))
 
 
 @dataclass(frozen=True, slots=True)
-class LoginFinish(_Decodable):
+class LoginFinish(_FixedSize):
     """Client's OPAQUE CredentialFinalization."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.LOGIN_FINISH
+    SIZE: ClassVar[int] = CREDENTIAL_FINALIZATION_SIZE
     credential_finalization: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        _check_size("credential_finalization", self.credential_finalization, CREDENTIAL_FINALIZATION_SIZE)
-
-    def encode(self) -> bytes:
-        return self.credential_finalization
-
-    @classmethod
-    def decode(cls, payload: bytes) -> LoginFinish:
-        return cls(_read_fixed(payload, CREDENTIAL_FINALIZATION_SIZE, "LOGIN_FINISH"))
-
-
-def _check_reason(reason: str) -> None:
-    if len(reason) > REASON_MAX or not reason.isascii() or not reason.isprintable():
-        raise ValueError(f"reason must be printable ASCII of at most {REASON_MAX} characters")
-
-
-def _read_code(r: Reader) -> ErrorCode:
-    raw = r.u16()
-    try:
-        return ErrorCode(raw)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown error code {raw}") from None
 
 
 @dataclass(frozen=True, slots=True)
-class Abort(_Decodable):
+class Abort(_AbortOrGoAway):
     """Ends one session with a code and a short reason (clear: may precede the channel)."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.ABORT
-    code: ErrorCode
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        _check_reason(self.reason)
-
-    def encode(self) -> bytes:
-        return Writer().u16(self.code).bytes8(self.reason.encode("ascii")).getvalue()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Abort:
-        r = Reader(payload, "ABORT")
-        code = _read_code(r)
-        raw = r.bytes8()
-        r.done()
-        try:
-            reason = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise RemoteProtocolError("ABORT reason is not ASCII") from None
-        return cls._build("ABORT", code, reason)
 
 
 @dataclass(frozen=True, slots=True)
-class GoAway(_Decodable):
+class GoAway(_AbortOrGoAway):
     """Ends the whole connection (session id 0); same layout as ABORT."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.GOAWAY
-    code: ErrorCode
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        _check_reason(self.reason)
-
-    def encode(self) -> bytes:
-        return Writer().u16(self.code).bytes8(self.reason.encode("ascii")).getvalue()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> GoAway:
-        abort = Abort.decode(payload)
-        return cls._build("GOAWAY", abort.code, abort.reason)
 
 
 # ------------------------------------------------------------- sealed records
@@ -385,21 +379,12 @@ class ResumedEnvelope(_Decodable):
 
 
 @dataclass(frozen=True, slots=True)
-class Welcome(_Decodable):
+class Welcome(_FixedSize):
     """First sealed server message: OPAQUE succeeded on the server; here is the user_id."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    SIZE: ClassVar[int] = USER_ID_SIZE
     user_id: bytes
-
-    def __post_init__(self) -> None:
-        _check_size("user_id", self.user_id, USER_ID_SIZE)
-
-    def encode(self) -> bytes:
-        return self.user_id
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Welcome:
-        return cls(_read_fixed(payload, USER_ID_SIZE, "WELCOME"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,49 +412,17 @@ class CompleteRegistration(_Decodable):
 
 
 @dataclass(frozen=True, slots=True)
-class Request(_Decodable):
+class Request(_RequestOrResponse):
     """An application request: a per-session request id and an opaque body."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.REQUEST
-    request_id: int
-    body: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.request_id < 2**32:
-            raise ValueError("request_id must be 1..2**32-1")
-
-    def encode(self) -> bytes:
-        return Writer().u32(self.request_id).rest(self.body).getvalue()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Request:
-        r = Reader(payload, "REQUEST")
-        request_id = r.u32()
-        body = r.rest()
-        return cls._build("REQUEST", request_id, body)
 
 
 @dataclass(frozen=True, slots=True)
-class Response(_Decodable):
+class Response(_RequestOrResponse):
     """The answer to the request with the same request id."""
 
     FRAME_TYPE: ClassVar[FrameType] = FrameType.RESPONSE
-    request_id: int
-    body: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.request_id < 2**32:
-            raise ValueError("request_id must be 1..2**32-1")
-
-    def encode(self) -> bytes:
-        return Writer().u32(self.request_id).rest(self.body).getvalue()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Response:
-        r = Reader(payload, "RESPONSE")
-        request_id = r.u32()
-        body = r.rest()
-        return cls._build("RESPONSE", request_id, body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,29 +485,28 @@ class Resumed(_Decodable):
         return cls()
 
 
-#: Frame type -> payload class (for sealed types: the class of the plaintext).
-MESSAGE_TYPES: dict[FrameType, type[_Decodable]] = {
-    FrameType.GOAWAY: GoAway,
-    FrameType.REG_START: RegStart,
-    FrameType.REG_RESPONSE: RegResponse,
-    FrameType.REG_UPLOAD: RegUpload,
-    FrameType.LOGIN_START: LoginStart,
-    FrameType.LOGIN_RESPONSE: LoginResponse,
-    FrameType.LOGIN_FINISH: LoginFinish,
-    FrameType.ABORT: Abort,
-    FrameType.WELCOME: Welcome,
-    FrameType.COMPLETE_REGISTRATION: CompleteRegistration,
-    FrameType.REQUEST: Request,
-    FrameType.RESPONSE: Response,
-    FrameType.CLOSE: Close,
-    FrameType.RESUME: Resume,
-    FrameType.RESUMED: Resumed,
-}
+_PAYLOAD_CLASSES: tuple[type[Message], ...] = (
+    GoAway,
+    RegStart,
+    RegResponse,
+    RegUpload,
+    LoginStart,
+    LoginResponse,
+    LoginFinish,
+    Abort,
+    Welcome,
+    CompleteRegistration,
+    Request,
+    Response,
+    Close,
+    Resume,
+    Resumed,
+)
+#: Frame type -> payload class (for sealed types: the class of the plaintext), as each class's
+#: FRAME_TYPE says.
+MESSAGE_TYPES: dict[FrameType, type[Message]] = {cls.FRAME_TYPE: cls for cls in _PAYLOAD_CLASSES}
 
 
-def decode_message(frame_type: FrameType, payload: bytes) -> object:
+def decode_message(frame_type: FrameType, payload: bytes) -> Message:
     """Decode a clear payload, or a sealed plaintext, of the given frame type."""
-    cls = MESSAGE_TYPES[frame_type]
-    decode = getattr(cls, "decode")  # noqa: B009 - every class defines it
-    result: object = decode(payload)
-    return result
+    return MESSAGE_TYPES[frame_type].decode(payload)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
+from weakref import WeakSet
 
 from ._admission import Admission
 from ._connection import ConnectionBase
@@ -32,6 +34,7 @@ from ._events import (
     RequestReceived,
     SessionClosed,
     SessionFailed,
+    SessionHandle,
     SessionResumed,
 )
 from ._messages import (
@@ -58,10 +61,10 @@ from ._messages import (
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
-from ._state import Command, Role, SessionKind, State, Trigger, next_state
+from ._state import Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
-__all__ = ["ServerConfig", "ServerConnection", "SessionRegistry"]
+__all__ = ["ExpiredSession", "ServerConfig", "ServerConnection", "SessionRegistry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,8 @@ class _ServerSession:
     request_count: int = 0
     pending: set[int] = field(default_factory=set)
     answered: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    #: What every event of the session carries: the same object across resumptions.
+    handle: SessionHandle = field(default_factory=SessionHandle)
 
     def __repr__(self) -> str:
         return f"<server session {self.session_id} {self.kind.value} {self.state.name}>"
@@ -147,11 +152,26 @@ class _ServerSession:
         return self.created + config.handshake_timeout, ErrorCode.HANDSHAKE_TIMEOUT
 
 
+class ExpiredSession(NamedTuple):
+    """A detached session the registry ended at its deadline (for the audit log)."""
+
+    user_id: bytes
+    code: ErrorCode
+    handle: SessionHandle
+
+
 class SessionRegistry:
     """Established request sessions by handle, attached to a connection or DETACHED.
 
     One per server process; pass it to every ServerConnection. ``handle_timer``
     expires detached sessions (attached ones are expired by their connection).
+
+    The registry is the one owner of what crosses connections: a session resuming on
+    another connection, an answer for a session that moved, a session found expired by
+    another connection. Connections ask it through the methods below and never touch
+    each other. When such a move queues output on (or changes the deadlines of) a
+    connection other than the one being driven, that connection is listed by
+    :meth:`take_woken`: its driver should send its output and recompute its timer.
 
     With a ``store`` (shared by several server instances), a session that loses its
     connection is sealed under ``sealing_key`` and saved there instead of kept in
@@ -176,6 +196,8 @@ class SessionRegistry:
         self._sealing_key = sealing_key
         self._random = random
         self._hot = HotChannels(self.config.max_hot_channels)
+        #: Weak: a connection nobody drives any more is not kept alive by being listed.
+        self._woken: WeakSet[ServerConnection] = WeakSet()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -186,58 +208,105 @@ class SessionRegistry:
     def detached_count(self) -> int:
         return sum(1 for s in self._sessions.values() if s.owner is None)
 
+    def take_woken(self) -> list[ServerConnection]:
+        """Connections whose output or deadlines another connection's work changed since
+        the last call (a session moved away, expired, or got an answer there)."""
+        woken = list(self._woken)
+        self._woken.clear()
+        return woken
+
     def get_timer(self) -> float | None:
         """The earliest deadline among detached sessions."""
         deadlines = [s.deadline(self.config)[0] for s in self._sessions.values() if s.owner is None]
         return min(deadlines, default=None)
 
-    def handle_timer(self, now: float) -> list[tuple[bytes, ErrorCode]]:
-        """End detached sessions whose deadline passed; returns (user_id, reason) for auditing."""
-        expired: list[tuple[bytes, ErrorCode]] = []
-        for handle, session in list(self._sessions.items()):
+    def handle_timer(self, now: float) -> list[ExpiredSession]:
+        """End detached sessions whose deadline passed; returns them for auditing."""
+        expired: list[ExpiredSession] = []
+        for key, session in list(self._sessions.items()):
             if session.owner is not None:
                 continue
             deadline, code = session.deadline(self.config)
             if deadline <= now:
-                del self._sessions[handle]
-                session.state = State.CLOSED
+                del self._sessions[key]
+                transition(Role.SERVER, session, Command.CLOSE)  # expired while detached
                 if session.channel is not None:
                     self._hot.discard(session.channel)
                 assert session.user_id is not None
-                expired.append((session.user_id, code))
+                expired.append(ExpiredSession(session.user_id, code, session.handle))
         return expired
 
-    def _add(self, session: _ServerSession) -> bool:
+    # --------------------------------------------- used by ServerConnection
+
+    def add(self, session: _ServerSession) -> bool:
+        """Register a session that just logged in; False if its handle is taken."""
         assert session.channel is not None
-        handle = session.channel.session_handle
-        if handle in self._sessions:
+        key = session.channel.session_handle
+        if key in self._sessions:
             return False
-        self._sessions[handle] = session
+        self._sessions[key] = session
         return True
 
-    def _remove(self, session: _ServerSession) -> None:
+    def remove(self, session: _ServerSession) -> None:
+        """Forget an ended session (never another session under the same handle)."""
         if session.channel is not None:
-            handle = session.channel.session_handle
-            if self._sessions.get(handle) is session:  # never another session's entry
-                del self._sessions[handle]
+            key = session.channel.session_handle
+            if self._sessions.get(key) is session:
+                del self._sessions[key]
             self._hot.discard(session.channel)
 
-    def _replace_channel(self, session: _ServerSession, channel: Channel) -> None:
-        """A resumption moved the session to a new key epoch (same handle)."""
+    def lookup(self, key: bytes) -> _ServerSession | None:
+        """The session a RESUME names, from memory or claimed from the shared store."""
+        session = self._sessions.get(key)
+        if session is None and self._store is not None:
+            session = self._claim(key)
+        return session
+
+    def warm(self, channel: Channel) -> None:
+        """The channel is in use: keep its AEAD objects built (most recently used first)."""
+        self._hot.touch(channel)
+
+    def cool(self, channel: Channel) -> None:
+        """The channel's session ended: drop it from the built ones."""
+        self._hot.discard(channel)
+
+    def move(self, session: _ServerSession, to: ServerConnection, session_id: int, channel: Channel) -> None:
+        """A RESUME on ``to`` proved the session: it leaves its old connection (if any)
+        and continues on ``to`` as ``session_id`` in the key epoch of ``channel``."""
+        old = session.owner
+        if old is not None and old is not to:
+            old.release(session.session_id)
+            self._woken.add(old)
         if session.channel is not None:
             self._hot.discard(session.channel)
         session.channel = channel
         self._hot.touch(channel)
+        session.owner = to
+        session.session_id = session_id
 
-    def _get(self, handle: bytes) -> _ServerSession | None:
-        session = self._sessions.get(handle)
-        if session is None and self._store is not None:
-            session = self._claim(handle)
-        return session
+    def expire(self, session: _ServerSession, now: float) -> None:
+        """A RESUME found the session past its deadline: end it where it is."""
+        owner = session.owner
+        if owner is not None:
+            owner.handle_timer(now)  # its owner ends it (CLOSE on that connection, an event there)
+            self._woken.add(owner)
+        else:
+            self.remove(session)
+            transition(Role.SERVER, session, Command.CLOSE)
 
-    def _detach(self, session: _ServerSession) -> None:
+    def deliver(self, session: _ServerSession, request_id: int, body: bytes) -> bool:
+        """An answer computed on a connection the session has left: it goes to the
+        connection the session is on now (or waits in the reply cache while detached)."""
+        owner = session.owner
+        if owner is None:
+            return False
+        self._woken.add(owner)
+        return owner.send_response(session.session_id, request_id, body)
+
+    def detach(self, session: _ServerSession) -> None:
         """The session's connection is gone: keep it for resumption (in the store if any)."""
-        session.state = State.DETACHED
+        if session.state is not State.DETACHED:  # (a claimed session put back is DETACHED already)
+            transition(Role.SERVER, session, Command.DETACH)
         session.owner = None
         if self._store is None or session.pending or session.channel is None:
             return
@@ -252,25 +321,25 @@ class SessionRegistry:
             session.request_count,
             session.answered,
         )
-        handle = session.channel.session_handle
-        sealed = seal_session_state(state, handle, self._sealing_key, self._random)
+        key = session.channel.session_handle
+        sealed = seal_session_state(state, key, self._sealing_key, self._random)
         try:
-            self._store.save(handle, sealed, session.deadline(self.config)[0])
+            self._store.save(key, sealed, session.deadline(self.config)[0])
         except Exception:  # an injected store may fail: keep the session here instead
             return
-        self._sessions.pop(handle, None)
+        self._sessions.pop(key, None)
         self._hot.discard(session.channel)
-        session.state = State.CLOSED  # this copy is done; the store holds the session now
+        transition(Role.SERVER, session, Command.CLOSE)  # this copy is done; the store holds it now
 
-    def _claim(self, handle: bytes) -> _ServerSession | None:
+    def _claim(self, key: bytes) -> _ServerSession | None:
         assert self._store is not None and self._sealing_key is not None
         try:
-            sealed = self._store.claim(handle)
+            sealed = self._store.claim(key)
         except Exception:  # an injected store may fail: treat it as "no such session"
             return None
         if sealed is None:
             return None
-        state = unseal_session_state(sealed, handle, self._sealing_key)
+        state = unseal_session_state(sealed, key, self._sealing_key)
         if state is None:
             return None
         session = _ServerSession(
@@ -286,7 +355,7 @@ class SessionRegistry:
             request_count=state.request_count,
             answered=state.answered,
         )
-        self._sessions[handle] = session
+        self._sessions[key] = session
         return session
 
 
@@ -302,7 +371,7 @@ class ServerConnection(ConnectionBase):
         *,
         config: ServerConfig | None = None,
         registry: SessionRegistry | None = None,
-        now: float = 0.0,
+        now: float,
         admission: Admission | None = None,
         opaque: OpaqueSuite = REAL_OPAQUE,
     ) -> None:
@@ -334,10 +403,10 @@ class ServerConnection(ConnectionBase):
 
     # ------------------------------------------------------------ input, time
 
-    def receive_data(self, data: bytes, now: float | None = None) -> None:
-        """Buffer bytes received at time ``now``."""
-        if now is not None:
-            self._advance(now)
+    def receive_data(self, data: bytes, now: float) -> None:  # type: ignore[override]
+        """Buffer bytes received at time ``now``. The time is required: every input moves
+        the connection's clock, so no deadline is measured from a stale time."""
+        self._advance(now)
         super().receive_data(data)
         if self._inbox and self._partial_since is None:
             self._partial_since = self._now
@@ -385,9 +454,10 @@ class ServerConnection(ConnectionBase):
         for session in [*self._departed.values(), *self._detached_here]:
             if session.owner is not None and session.owner is not self:
                 continue  # resumed on another connection since: that connection holds it now
-            self.registry._remove(session)
+            self.registry.remove(session)
             session.pending.clear()
-            session.state = State.CLOSED
+            if session.state is not State.CLOSED:
+                transition(Role.SERVER, session, Command.CLOSE)
         self._departed.clear()
         self._detached_here.clear()
         if self.failed is None:
@@ -406,7 +476,7 @@ class ServerConnection(ConnectionBase):
         """The account name is free and valid; ``user_id`` (16 fresh random bytes,
         unique: REG-2) will be the account's id."""
         session = self._live(session_id)
-        target = self._check(session, Command.ACCEPT_REGISTRATION)
+        self._check(session, Command.ACCEPT_REGISTRATION)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         assert session.opaque_value is not None
@@ -421,13 +491,13 @@ class ServerConnection(ConnectionBase):
             return
         session.user_id = user_id
         session.opaque_value = None
-        session.state = target
+        transition(Role.SERVER, session, Command.ACCEPT_REGISTRATION)
         self._send(FrameType.REG_RESPONSE, session_id, response.encode())
 
     def accept_login(self, session_id: int, user_id: bytes, registration_record: bytes) -> None:
         """Continue the login with the account's stored record."""
         session = self._live(session_id)
-        target = self._check(session, Command.ACCEPT_LOGIN)
+        self._check(session, Command.ACCEPT_LOGIN)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         if len(registration_record) != REGISTRATION_UPLOAD_SIZE:
@@ -435,19 +505,19 @@ class ServerConnection(ConnectionBase):
         # The work accept_unknown_login does, done and dropped: a login costs the same
         # whether or not the name is registered (NET-9; a timing probe sees no difference).
         self._setup.decoy_record(session.account_name, self._random)
-        self._start_login(session, target, user_id, registration_record)
+        self._start_login(session, user_id, registration_record)
 
     def accept_unknown_login(self, session_id: int) -> None:
         """The account name is not registered: go on against a decoy record (NET-9), so the
         client sees the same messages, sizes and failure as for a wrong password. The login
         then fails; its ``LoginFailed`` carries no user id."""
         session = self._live(session_id)
-        target = self._check(session, Command.ACCEPT_LOGIN)
+        self._check(session, Command.ACCEPT_LOGIN)
         user_id, record = self._setup.decoy_record(session.account_name, self._random)
         session.decoy = True
-        self._start_login(session, target, user_id, record)
+        self._start_login(session, user_id, record)
 
-    def _start_login(self, session: _ServerSession, target: State, user_id: bytes, record: bytes) -> None:
+    def _start_login(self, session: _ServerSession, user_id: bytes, record: bytes) -> None:
         assert session.opaque_value is not None
         try:
             step = self._opaque.server_login_start(
@@ -458,7 +528,7 @@ class ServerConnection(ConnectionBase):
             return
         session.user_id = user_id
         session.opaque_value = step.state
-        session.state = target
+        transition(Role.SERVER, session, Command.ACCEPT_LOGIN)
         self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
 
     def confirm_registration(self, session_id: int) -> None:
@@ -466,7 +536,7 @@ class ServerConnection(ConnectionBase):
         session = self._live(session_id)
         self._check(session, Command.CONFIRM_REGISTRATION)
         self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.OK).encode())
-        self._end(session)
+        self._end(session, Command.CONFIRM_REGISTRATION)
 
     def reject_session(self, session_id: int, code: ErrorCode, reason: str = "") -> None:
         """End a session by application decision (account exists, unknown account, ...)."""
@@ -483,7 +553,7 @@ class ServerConnection(ConnectionBase):
         session = self._live(session_id)
         self._check(session, Command.CLOSE)
         self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
-        self._end(session)
+        self._end(session, Command.CLOSE)
 
     def send_response(self, session_id: int, request_id: int, body: bytes) -> bool:
         """Answer ``request_id``. Returns False if the session ended meanwhile (the
@@ -501,6 +571,12 @@ class ServerConnection(ConnectionBase):
             return False
         if request_id not in session.pending:
             raise LocalProtocolError(f"request {request_id} is not awaiting an answer")
+        if session.owner is not None and session.owner is not self:
+            # The session resumed elsewhere: the connection it is on now sends the answer.
+            delivered = self.registry.deliver(session, request_id, body)
+            if not session.pending:
+                self._departed.pop(session_id, None)
+            return delivered
         self._check(session, Command.SEND_RESPONSE)
         response = Response(request_id, body)
         plaintext = response.encode()
@@ -512,11 +588,20 @@ class ServerConnection(ConnectionBase):
             session.answered.popitem(last=False)
         if session_id in self._departed and not session.pending:
             del self._departed[session_id]
-        owner = session.owner
-        if owner is not None and session.state is State.ESTABLISHED:
-            owner._send_sealed(session, FrameType.RESPONSE, plaintext)
-            owner._maybe_close_at_limit(session)
+        if session.owner is self and session.state is State.ESTABLISHED:
+            self._send_sealed(session, FrameType.RESPONSE, plaintext)
+            self._maybe_close_at_limit(session)
         return True
+
+    def release(self, session_id: int) -> None:
+        """The session resumed on another connection (the registry calls this): it leaves
+        this one quietly; answers to its requests still pending here follow it there."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        self._sessions_changed()
+        if session.pending:
+            self._departed[session_id] = session
 
     def session_state(self, session_id: int) -> State:
         session = self._sessions.get(session_id)
@@ -555,16 +640,18 @@ class ServerConnection(ConnectionBase):
         session that reaches it ends with CLOSE(SEQUENCE_EXHAUSTED) instead."""
         channel = session.channel
         assert channel is not None
-        self.registry._hot.touch(channel)
+        self.registry.warm(channel)
         if frame_type is not FrameType.CLOSE and channel.sends_left <= 1:
             self._send(
                 FrameType.CLOSE,
                 session.session_id,
                 channel.seal(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()).encode(),
             )
-            self._end(session)
+            self._end(session, Command.CLOSE)
             self._events.append(
-                SessionClosed(session.session_id, ErrorCode.SEQUENCE_EXHAUSTED, session.user_id)
+                SessionClosed(
+                    session.session_id, ErrorCode.SEQUENCE_EXHAUSTED, session.user_id, handle=session.handle
+                )
             )
             return
         record = channel.seal(frame_type, plaintext)
@@ -583,17 +670,19 @@ class ServerConnection(ConnectionBase):
             self._partial_since = self._now if self._inbox else None
         return frame
 
-    def _end(self, session: _ServerSession) -> None:
-        session.state = State.CLOSED
+    def _end(self, session: _ServerSession, trigger: Trigger = Command.ABORT) -> None:
+        """End a live session (by ``trigger``: ABORT unless the caller checked another)."""
+        if session.state is not State.CLOSED:
+            transition(Role.SERVER, session, trigger)
         session.pending.clear()
         session.opaque_value = None
         session.registration_record = None
         if self._sessions.pop(session.session_id, None) is not None:
             self._sessions_changed()
         if session.kind is SessionKind.REQUEST:
-            self.registry._remove(session)
+            self.registry.remove(session)
         elif session.channel is not None:
-            self.registry._hot.discard(session.channel)
+            self.registry.cool(session.channel)
 
     def _close_with(self, session: _ServerSession, code: ErrorCode, reason: str) -> None:
         """End a session, telling the peer: sealed CLOSE if the channel exists, else ABORT."""
@@ -608,7 +697,9 @@ class ServerConnection(ConnectionBase):
 
     def _login_failed(self, session: _ServerSession) -> None:
         user_id = None if session.decoy else session.user_id
-        self._events.append(LoginFailed(session.session_id, session.account_name, user_id))
+        self._events.append(
+            LoginFailed(session.session_id, session.account_name, user_id, handle=session.handle)
+        )
 
     def _fail(
         self, session: _ServerSession, error: ProtocolError, *, remote: bool, notify: bool = True
@@ -620,13 +711,17 @@ class ServerConnection(ConnectionBase):
         self._end(session)
         if login_pending and session.kind is SessionKind.REQUEST:
             self._login_failed(session)
-        self._events.append(SessionFailed(session.session_id, error.code, str(error), remote))
+        self._events.append(
+            SessionFailed(session.session_id, error.code, str(error), remote, handle=session.handle)
+        )
 
     def _expire(self, session: _ServerSession, code: ErrorCode) -> None:
         if session.state is State.ESTABLISHED:
             self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
-            self._end(session)
-            self._events.append(SessionClosed(session.session_id, code, session.user_id))
+            self._end(session, Command.CLOSE)
+            self._events.append(
+                SessionClosed(session.session_id, code, session.user_id, handle=session.handle)
+            )
         else:
             self._fail(session, RemoteProtocolError("handshake took too long", code), remote=False)
 
@@ -637,8 +732,12 @@ class ServerConnection(ConnectionBase):
             and session.state is State.ESTABLISHED
         ):
             self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.REQUEST_LIMIT).encode())
-            self._end(session)
-            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id))
+            self._end(session, Command.CLOSE)
+            self._events.append(
+                SessionClosed(
+                    session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
+                )
+            )
 
     def _on_connection_failed(self) -> None:
         for session in list(self._sessions.values()):
@@ -648,7 +747,7 @@ class ServerConnection(ConnectionBase):
                 if session.pending:
                     self._departed[session.session_id] = session
                 self._detached_here.append(session)
-                self.registry._detach(session)
+                self.registry.detach(session)
             else:
                 self._fail(
                     session,
@@ -656,13 +755,6 @@ class ServerConnection(ConnectionBase):
                     remote=False,
                     notify=False,
                 )
-
-    def _detach_moved(self, session: _ServerSession) -> None:
-        """A session resumed elsewhere leaves this connection quietly."""
-        self._sessions.pop(session.session_id, None)
-        self._sessions_changed()
-        if session.pending:
-            self._departed[session.session_id] = session
 
     # ------------------------------------------------------------ frames in
 
@@ -675,8 +767,8 @@ class ServerConnection(ConnectionBase):
             self._on_abort(session, frame)
             return
         try:
-            target = self._check(session, frame.type)
-            self._apply(session, frame, target)
+            self._check(session, frame.type)
+            self._apply(session, frame)
         except ProtocolError as exc:
             self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
 
@@ -725,7 +817,7 @@ class ServerConnection(ConnectionBase):
                     self._admission.refund(frame.type, self._now)
                 return
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
-            target = self._check(session, frame.type)
+            self._check(session, frame.type)
             if frame.type is FrameType.REG_START:
                 # The OPAQUE step waits for accept_registration: a registration the server
                 # refuses (name taken, not authorized) costs no OPAQUE work.
@@ -733,18 +825,18 @@ class ServerConnection(ConnectionBase):
                 session.account_name = reg_start.account_name
                 session.opaque_value = reg_start.registration_request
                 event: RegistrationRequested | LoginRequested = RegistrationRequested(
-                    session_id, reg_start.account_name, reg_start.token
+                    session_id, reg_start.account_name, reg_start.token, handle=session.handle
                 )
             else:
                 login_start = LoginStart.decode(frame.payload)
                 session.account_name = login_start.account_name
                 session.opaque_value = login_start.credential_request
-                event = LoginRequested(session_id, login_start.account_name)
+                event = LoginRequested(session_id, login_start.account_name, handle=session.handle)
         except ProtocolError as exc:
             self._send_abort(session_id, exc.code, str(exc))
             self._events.append(SessionFailed(session_id, exc.code, str(exc), True))
             return
-        session.state = target
+        transition(Role.SERVER, session, frame.type)
         self._sessions[session_id] = session
         self._sessions_changed()
         self._events.append(event)
@@ -752,18 +844,13 @@ class ServerConnection(ConnectionBase):
     def _on_resume(self, session_id: int, frame: Frame) -> None:
         envelope = ResumeEnvelope.decode(frame.payload)
         unknown = RemoteProtocolError("no resumable session", ErrorCode.UNKNOWN_SESSION)
-        session = self.registry._get(envelope.session_handle)
+        session = self.registry.lookup(envelope.session_handle)
         if session is None or session.channel is None:
             raise unknown
         if session.owner is self:  # a client resumes only away from a connection it gave up on
             raise RemoteProtocolError("the session is attached to this connection", ErrorCode.UNKNOWN_SESSION)
-        deadline, code = session.deadline(self.config)
-        if deadline <= self._now:
-            if session.owner is not None:
-                session.owner._expire(session, code)
-            else:
-                self.registry._remove(session)
-                session.state = State.CLOSED
+        if session.deadline(self.config)[0] <= self._now:
+            self.registry.expire(session, self._now)
             raise unknown
         target = next_state(Role.SERVER, session.kind, session.state, Command.RESUME)
         if target is None:
@@ -772,42 +859,37 @@ class ServerConnection(ConnectionBase):
             resume = Resume.decode(session.channel.open_resume(envelope.record))
         except RemoteProtocolError:
             if session.owner is None:
-                self.registry._detach(session)  # not its owner: leave it where it was
+                self.registry.detach(session)  # not its owner: leave it where it was
             raise unknown from None
         if resume.received_total > session.channel.sent_total:
             # The client holds records this state never sent: the state was rolled back (a
             # restored store entry). It is stale for good; the client logs in again.
             if session.owner is None:
-                self.registry._remove(session)
-                session.state = State.CLOSED
+                self.registry.remove(session)
+                transition(Role.SERVER, session, Command.CLOSE)
             raise RemoteProtocolError(
                 "the session's stored state is older than the client's", code=ErrorCode.UNKNOWN_SESSION
             )
         server_nonce = self._random(RESUME_NONCE_SIZE)
         channel = session.channel.next_epoch(resume.client_nonce, server_nonce)
-        old_owner = session.owner
-        if old_owner is not None:
-            old_owner._detach_moved(session)
-        self.registry._replace_channel(session, channel)
-        session.owner = self
-        session.session_id = session_id
-        session.state = target
+        self.registry.move(session, self, session_id, channel)
+        transition(Role.SERVER, session, Command.RESUME)
         session.last_activity = self._now
         self._sessions[session_id] = session
         self._sessions_changed()
         record = channel.seal(FrameType.RESUMED, Resumed().encode())
         self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
         assert session.user_id is not None
-        self._events.append(SessionResumed(session_id, session.user_id))
+        self._events.append(SessionResumed(session_id, session.user_id, handle=session.handle))
 
     def _open_sealed(self, session: _ServerSession, frame: Frame) -> bytes:
         assert session.channel is not None
-        self.registry._hot.touch(session.channel)
+        self.registry.warm(session.channel)
         plaintext = session.channel.open(frame.type, Record.decode(frame.payload))
         session.last_activity = self._now
         return plaintext
 
-    def _apply(self, session: _ServerSession, frame: Frame, target: State) -> None:
+    def _apply(self, session: _ServerSession, frame: Frame) -> None:
         t = frame.type
         if t is FrameType.REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
@@ -826,7 +908,7 @@ class ServerConnection(ConnectionBase):
             session.opaque_value = step.state
             self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
         elif t is FrameType.LOGIN_FINISH:
-            self._on_login_finish(session, LoginFinish.decode(frame.payload), target)
+            self._on_login_finish(session, LoginFinish.decode(frame.payload))
             return
         elif t is FrameType.COMPLETE_REGISTRATION:
             message = CompleteRegistration.decode(self._open_sealed(session, frame))
@@ -840,6 +922,7 @@ class ServerConnection(ConnectionBase):
                     session.user_id,
                     session.registration_record,
                     message.encrypted_storage_key,
+                    handle=session.handle,
                 )
             )
         elif t is FrameType.REQUEST:
@@ -847,26 +930,32 @@ class ServerConnection(ConnectionBase):
             return
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
-            self._end(session)
-            self._events.append(SessionClosed(session.session_id, close.code, session.user_id))
+            self._end(session, FrameType.CLOSE)
+            self._events.append(
+                SessionClosed(session.session_id, close.code, session.user_id, handle=session.handle)
+            )
             return
         else:  # pragma: no cover - the table admits no other frame types for the server
             raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
-        session.state = target
+        transition(Role.SERVER, session, t)
 
-    def _on_login_finish(self, session: _ServerSession, finish: LoginFinish, target: State) -> None:
+    def _on_login_finish(self, session: _ServerSession, finish: LoginFinish) -> None:
         assert session.opaque_value is not None and session.user_id is not None
         session_key = self._opaque.server_login_finish(session.opaque_value, finish.credential_finalization)
         channel = Channel(session_key, is_client=False)
         session.channel = channel
         session.opaque_value = None
-        if session.kind is SessionKind.REQUEST and not self.registry._add(session):
+        if session.kind is SessionKind.REQUEST and not self.registry.add(session):
             raise RemoteProtocolError("session handle collision", ErrorCode.INTERNAL_ERROR)
-        session.state = target
+        transition(Role.SERVER, session, FrameType.LOGIN_FINISH)
         session.last_activity = self._now
         self._send_sealed(session, FrameType.WELCOME, Welcome(session.user_id).encode())
         if session.kind is SessionKind.REQUEST:
-            self._events.append(LoginSucceeded(session.session_id, session.account_name, session.user_id))
+            self._events.append(
+                LoginSucceeded(
+                    session.session_id, session.account_name, session.user_id, handle=session.handle
+                )
+            )
 
     def _on_request(self, session: _ServerSession, request: Request) -> None:
         request_id = request.request_id
@@ -883,10 +972,18 @@ class ServerConnection(ConnectionBase):
             raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
         if session.request_count >= self.config.max_requests_per_session:
             self.close_session(session.session_id, ErrorCode.REQUEST_LIMIT)
-            self._events.append(SessionClosed(session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id))
+            self._events.append(
+                SessionClosed(
+                    session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
+                )
+            )
             return
         session.highest_request_id = request_id
         session.request_count += 1
         session.pending.add(request_id)
         assert session.user_id is not None
-        self._events.append(RequestReceived(session.session_id, session.user_id, request_id, request.body))
+        self._events.append(
+            RequestReceived(
+                session.session_id, session.user_id, request_id, request.body, handle=session.handle
+            )
+        )

@@ -18,7 +18,9 @@ the result back (``complete_opaque_step``).
 from __future__ import annotations
 
 from enum import Enum
+from typing import Protocol
 
+from ._errors import LocalProtocolError
 from ._wire import FrameType
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "State",
     "Trigger",
     "next_state",
+    "transition",
 ]
 
 
@@ -192,3 +195,20 @@ for _row in _ROWS:
 def next_state(role: Role, kind: SessionKind, state: State, trigger: Trigger) -> State | None:
     """The state after ``trigger``, or None if the table has no such transition."""
     return TRANSITIONS.get((role, kind, state, trigger))
+
+
+class _Session(Protocol):
+    kind: SessionKind
+    state: State
+
+
+def transition(role: Role, session: _Session, trigger: Trigger) -> State:
+    """Move ``session`` to the state the table gives for ``trigger`` and return it: the one
+    place a session's state changes. Callers check legality first (``next_state``), so a
+    missing row here is a bug, reported as LocalProtocolError."""
+    target = TRANSITIONS.get((role, session.kind, session.state, trigger))
+    if target is None:
+        name = trigger.name if isinstance(trigger, FrameType) else trigger.value
+        raise LocalProtocolError(f"no {name} transition from {session.state.name}")
+    session.state = target
+    return target

@@ -37,6 +37,7 @@ TARGETS: dict[str, str] = {
             "_messages",
             "_opaque",
             "_ops",
+            "_secrets",
             "_server",
             "_sessionstate",
             "_state",

@@ -147,8 +147,8 @@ class _Client:
             key_id = await session.generate()
             self.check(len(key_id) == 16 and key_id not in self.keys, "generate returned a bad key id")
             local = self.client.local_store.get(session.user_id, key_id)
-            assert local is not None and session._storage_key is not None
-            secret = open_secret(session._storage_key, local.ciphertext, local.associated_data)
+            assert local is not None and session._ops._storage_key is not None
+            secret = open_secret(session._ops._storage_key, local.ciphertext, local.associated_data)
             self.check(len(secret) == 32, "generated secret is not 32 bytes")
             self.keys[key_id] = (SecretKind.GENERATED, secret)
         elif step in (2, 6):

@@ -289,8 +289,10 @@ def _resume_world(bucket: TokenBucket, sessions: int):
     setup, registry, app = ServerSetup.generate(), SessionRegistry(ServerConfig()), MemoryServerApp()
 
     def pair(admission, client=None):
-        server = ServerConnection(setup, os.urandom, registry=registry, admission=admission)
-        return InMemoryPair(client or ClientConnection(os.urandom), server, app, rng=random.Random(0))
+        server = ServerConnection(setup, os.urandom, registry=registry, admission=admission, now=0.0)
+        return InMemoryPair(
+            client or ClientConnection(os.urandom), server, app, rng=random.Random(0), now=0.0
+        )
 
     first = pair(None)
     first.client.open_registration(b"sp@example.org", PW)

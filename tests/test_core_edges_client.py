@@ -160,8 +160,8 @@ def test_registration_fails_when_the_login_export_key_differs_from_the_registrat
     """REG-3 binds the storage key to the export key: a swapped record must not get that far."""
     world = FakeWorld(server_setup)
     client = fake_client()
-    server = ServerConnection(server_setup, os.urandom, opaque=_RecordSwappingOpaque(os.urandom))
-    pair = InMemoryPair(client, server, world.app)
+    server = ServerConnection(server_setup, os.urandom, opaque=_RecordSwappingOpaque(os.urandom), now=0.0)
+    pair = InMemoryPair(client, server, world.app, now=0.0)
     sid = client.open_registration(ACCOUNT, PASSWORD)
     events = pair.pump()
     failed = only(events, SessionFailed)
@@ -247,7 +247,7 @@ def test_a_connection_needs_room_for_at_least_a_kilobyte_per_frame(server_setup)
     with pytest.raises(ValueError, match="at least 1024"):
         ClientConnection(os.urandom, max_payload=1023)
     with pytest.raises(ValueError, match="at least 1024"):
-        ServerConnection(server_setup, os.urandom, config=ServerConfig(max_payload=1000))
+        ServerConnection(server_setup, os.urandom, config=ServerConfig(max_payload=1000), now=0.0)
 
 
 def test_no_data_may_follow_the_end_of_the_stream():
@@ -271,8 +271,8 @@ def test_closing_twice_sends_one_goaway():
 
 
 def test_a_session_frame_on_session_id_zero_ends_the_connection(server_setup):
-    server = ServerConnection(server_setup, os.urandom)
-    server.receive_data(forge(FrameType.LOGIN_START, 0, b""))
+    server = ServerConnection(server_setup, os.urandom, now=0.0)
+    server.receive_data(forge(FrameType.LOGIN_START, 0, b""), 0.0)
     event = server.next_event()
     assert event == ConnectionFailed(ErrorCode.BAD_SESSION_ID, "LOGIN_START on session id 0", True)
     (goaway,) = split_frames(server.data_to_send())

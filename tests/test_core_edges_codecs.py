@@ -33,8 +33,16 @@ from keymgmt_proto import (
 from keymgmt_proto._crypto import MAX_SEQ, ChannelState, encrypt_storage_key, hkdf_expand_sha3
 from keymgmt_proto._messages import (
     REGISTRATION_TOKEN_MAX,
+    Abort,
+    GoAway,
+    LoginFinish,
+    LoginResponse,
     Record,
+    RegResponse,
     RegStart,
+    RegUpload,
+    Request,
+    Response,
     Resume,
     Welcome,
 )
@@ -107,6 +115,35 @@ def test_writer_refuses_values_its_length_prefix_cannot_describe(write, message)
 def test_fixed_size_payload_fields_are_checked_on_construction():
     with pytest.raises(ValueError, match="user_id must be 16 bytes, got 15"):
         Welcome(bytes(15))
+
+
+#: Payload classes that share their codec with others of the same shape.
+SHARED_CODECS = [
+    RegResponse,
+    RegUpload,
+    LoginResponse,
+    LoginFinish,
+    Welcome,
+    Abort,
+    GoAway,
+    Request,
+    Response,
+]
+
+
+@pytest.mark.parametrize("cls", SHARED_CODECS, ids=lambda cls: cls.__name__)
+def test_a_shared_codec_names_its_own_frame_when_decoding_fails(cls):
+    with pytest.raises(RemoteProtocolError, match=f"^truncated {cls.FRAME_TYPE.name}$") as info:
+        cls.decode(b"\x00")
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_messages_of_one_shape_stay_distinct_and_keep_their_secrets_out_of_repr():
+    assert Request(1, b"body") != Response(1, b"body")
+    assert Abort(ErrorCode.MALFORMED) != GoAway(ErrorCode.MALFORMED)
+    assert repr(Response(7, b"secret body")) == "Response(request_id=7)"
+    assert repr(LoginFinish(bytes(64))) == "LoginFinish()"
+    assert repr(Welcome(bytes(16))) == f"Welcome(user_id={bytes(16)!r})"
 
 
 def test_reg_start_with_an_oversized_token_does_not_decode():

@@ -18,6 +18,7 @@ from keymgmt_proto import (
     LocalProtocolError,
     LoginFailed,
     LoginRequested,
+    LoginSucceeded,
     OpaqueStepRequired,
     RegistrationCompleted,
     RegistrationRequested,
@@ -93,10 +94,10 @@ def test_a_session_store_needs_a_sealing_key_and_randomness(kwargs):
 def test_a_connection_and_its_registry_must_agree_on_the_config(server_setup):
     registry = SessionRegistry(ServerConfig(idle_timeout=60.0))
     with pytest.raises(ValueError, match="config differs"):
-        ServerConnection(server_setup, os.urandom, config=ServerConfig(), registry=registry)
+        ServerConnection(server_setup, os.urandom, config=ServerConfig(), registry=registry, now=0.0)
     # The same policy, passed twice, is fine.
     same = ServerConnection(
-        server_setup, os.urandom, config=ServerConfig(idle_timeout=60.0), registry=registry
+        server_setup, os.urandom, config=ServerConfig(idle_timeout=60.0), registry=registry, now=0.0
     )
     assert same.config.idle_timeout == 60.0 and same.registry is registry
 
@@ -117,12 +118,15 @@ def test_detached_sessions_expire_only_once_their_deadline_passes(server_setup):
     pair = world.pair(now=0.0)
     register(pair, ACCOUNT)
     user_id = login(pair, ACCOUNT).user_id
+    (succeeded,) = [e for e in pair.server_events if isinstance(e, LoginSucceeded)]
     lose(pair)
     assert world.registry.detached_count() == 1
     assert world.registry.get_timer() == 50.0
     assert world.registry.handle_timer(49.0) == []
     assert world.registry.detached_count() == 1
-    assert world.registry.handle_timer(50.0) == [(user_id, ErrorCode.IDLE_TIMEOUT)]
+    (expired,) = world.registry.handle_timer(50.0)
+    assert expired == (user_id, ErrorCode.IDLE_TIMEOUT, succeeded.handle)
+    assert expired.handle is succeeded.handle is not None
     assert len(world.registry) == 0 and world.registry.get_timer() is None
 
 
@@ -176,7 +180,7 @@ def test_a_failed_connection_has_no_deadlines_and_ignores_the_timer(server_setup
 
 
 def test_losing_the_connection_twice_reports_it_once(server_setup):
-    server = _manual_server(server_setup)
+    server = _manual_server(server_setup, now=0.0)
     server.connection_lost()
     server.connection_lost()
     assert _drain(server) == [ConnectionFailed(ErrorCode.CONNECTION_LOST, "connection lost", False)]
@@ -187,10 +191,10 @@ def test_losing_the_connection_twice_reports_it_once(server_setup):
 
 
 def _registration_requested(server_setup) -> tuple[ServerConnection, int]:
-    server = _manual_server(server_setup)
+    server = _manual_server(server_setup, now=0.0)
     client = _fake_client()
     sid = client.open_registration(ACCOUNT, PASSWORD)
-    server.receive_data(client.data_to_send())
+    server.receive_data(client.data_to_send(), 0.0)
     only(_drain(server), RegistrationRequested)
     return server, sid
 
@@ -199,7 +203,7 @@ def _login_requested(world: FakeWorld) -> tuple[InMemoryPair, int, LoginRequeste
     pair = world.pair()
     register(pair, ACCOUNT)
     sid = pair.client.open_request_session(ACCOUNT, PASSWORD)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(pair.client.data_to_send(), pair.now)
     return pair, sid, only(_drain(pair.server), LoginRequested)
 
 
@@ -457,8 +461,8 @@ def test_a_resume_claiming_records_never_sent_leaves_the_attached_session_alone(
 
 
 def test_a_registration_request_that_is_not_a_group_element_ends_the_session(server_setup):
-    server = ServerConnection(server_setup, os.urandom)
-    server.receive_data(forge(FrameType.REG_START, 1, RegStart(ACCOUNT, b"\xff" * 32).encode()))
+    server = ServerConnection(server_setup, os.urandom, now=0.0)
+    server.receive_data(forge(FrameType.REG_START, 1, RegStart(ACCOUNT, b"\xff" * 32).encode()), 0.0)
     assert isinstance(server.next_event(), RegistrationRequested)
     server.accept_registration(1, USER_ID)
     failed = only(_drain(server), SessionFailed)
@@ -472,21 +476,21 @@ def test_a_registration_request_that_is_not_a_group_element_ends_the_session(ser
 
 
 def test_a_registration_upload_that_does_not_parse_ends_the_session(server_setup):
-    server = ServerConnection(server_setup, os.urandom)
+    server = ServerConnection(server_setup, os.urandom, now=0.0)
     request = client_registration_start(PASSWORD).message
-    server.receive_data(forge(FrameType.REG_START, 1, RegStart(ACCOUNT, request).encode()))
+    server.receive_data(forge(FrameType.REG_START, 1, RegStart(ACCOUNT, request).encode()), 0.0)
     assert isinstance(server.next_event(), RegistrationRequested)
     server.accept_registration(1, USER_ID)
     server.data_to_send()
-    server.receive_data(forge(FrameType.REG_UPLOAD, 1, b"\xff" * 192))
+    server.receive_data(forge(FrameType.REG_UPLOAD, 1, b"\xff" * 192), 0.0)
     failed = only(_drain(server), SessionFailed)
     assert (failed.code, failed.reason) == (ErrorCode.MALFORMED, "OPAQUE registration upload failed")
     assert _abort_code(server.data_to_send()) is ErrorCode.MALFORMED
 
 
 def test_a_credential_request_that_does_not_parse_ends_the_login(server_setup):
-    server = ServerConnection(server_setup, os.urandom)
-    server.receive_data(forge(FrameType.LOGIN_START, 1, LoginStart(ACCOUNT, b"\xff" * 96).encode()))
+    server = ServerConnection(server_setup, os.urandom, now=0.0)
+    server.receive_data(forge(FrameType.LOGIN_START, 1, LoginStart(ACCOUNT, b"\xff" * 96).encode()), 0.0)
     assert isinstance(server.next_event(), LoginRequested)
     server.accept_unknown_login(1)
     failed = only(_drain(server), SessionFailed)

@@ -294,8 +294,8 @@ def test_abandon_discards_answers_pending_for_a_session_that_left(server_setup):
 
 
 def test_a_connection_lost_during_a_handshake_fails_the_session_locally_without_sending(server_setup):
-    server = _server(server_setup)
-    server.receive_data(_login_start(1))
+    server = _server(server_setup, now=0.0)
+    server.receive_data(_login_start(1), 0.0)
     only(_drain(server), LoginRequested)
     server.connection_lost()
     assert _drain(server) == [
@@ -323,8 +323,8 @@ class _CountingSetup(ServerSetup):
 def test_a_login_for_a_registered_name_derives_a_decoy_record_too(server_setup):
     """NET-9: accept_login does the decoy work accept_unknown_login does, so both cost the same."""
     setup = _CountingSetup(server_setup)
-    server = ServerConnection(setup, os.urandom, opaque=FakeOpaque(os.urandom))
-    server.receive_data(_login_start(1))
+    server = ServerConnection(setup, os.urandom, opaque=FakeOpaque(os.urandom), now=0.0)
+    server.receive_data(_login_start(1), 0.0)
     only(_drain(server), LoginRequested)
     server.accept_login(1, USER_ID, bytes(REGISTRATION_UPLOAD_SIZE))
     assert setup.decoys == [ACCOUNT]
@@ -338,9 +338,9 @@ class _RefusingCredentialOpaque(FakeOpaque):
 
 def test_a_credential_request_the_server_cannot_use_is_the_clients_fault(server_setup):
     server = ServerConnection(
-        _CountingSetup(server_setup), os.urandom, opaque=_RefusingCredentialOpaque(os.urandom)
+        _CountingSetup(server_setup), os.urandom, opaque=_RefusingCredentialOpaque(os.urandom), now=0.0
     )
-    server.receive_data(_login_start(1))
+    server.receive_data(_login_start(1), 0.0)
     only(_drain(server), LoginRequested)
     server.accept_login(1, USER_ID, bytes(REGISTRATION_UPLOAD_SIZE))
     assert _drain(server) == [SessionFailed(1, ErrorCode.MALFORMED, "OPAQUE credential request failed", True)]
@@ -351,7 +351,7 @@ def test_a_credential_request_the_server_cannot_use_is_the_clients_fault(server_
 def test_reject_session_takes_a_reason_of_exactly_255_characters(world):
     pair = world.pair()
     sid = pair.client.open_request_session(ACCOUNT, PASSWORD)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(pair.client.data_to_send(), pair.now)
     only(_drain(pair.server), LoginRequested)
     reason = "r" * 255
     pair.server.reject_session(sid, ErrorCode.THROTTLED, reason)
@@ -364,7 +364,7 @@ def test_rejecting_a_login_before_it_started_is_no_failed_login(world):
     pair = world.pair()
     register(pair, ACCOUNT)
     sid = pair.client.open_request_session(ACCOUNT, PASSWORD)
-    pair.server.receive_data(pair.client.data_to_send())
+    pair.server.receive_data(pair.client.data_to_send(), pair.now)
     only(_drain(pair.server), LoginRequested)
     pair.server.reject_session(sid, ErrorCode.THROTTLED, "slow down")
     assert _drain(pair.server) == []
@@ -372,8 +372,8 @@ def test_rejecting_a_login_before_it_started_is_no_failed_login(world):
 
 
 def test_close_session_is_only_for_established_sessions(server_setup):
-    server = _server(server_setup)
-    server.receive_data(_login_start(1))
+    server = _server(server_setup, now=0.0)
+    server.receive_data(_login_start(1), 0.0)
     only(_drain(server), LoginRequested)
     with pytest.raises(
         LocalProtocolError, match="cannot close a request session in state AWAIT_LOGIN_DECISION"
@@ -574,20 +574,20 @@ def test_an_abort_that_does_not_parse_still_ends_the_session_without_a_reply(wor
 
 
 def test_an_opening_frame_on_the_last_used_session_id_is_refused(server_setup):
-    server = _server(server_setup)
-    server.receive_data(_login_start(1))
+    server = _server(server_setup, now=0.0)
+    server.receive_data(_login_start(1), 0.0)
     only(_drain(server), LoginRequested)
     server.reject_session(1, ErrorCode.THROTTLED, "later")
     server.data_to_send()
-    server.receive_data(_login_start(1))
+    server.receive_data(_login_start(1), 0.0)
     assert _drain(server) == []
     ((sid, abort),) = _aborts(server.data_to_send())
     assert (sid, abort.code) == (1, ErrorCode.BAD_SESSION_ID)
 
 
 def test_a_frame_that_opens_nothing_on_a_new_id_is_refused_unless_it_is_an_abort(server_setup):
-    server = _server(server_setup)
-    server.receive_data(forge(FrameType.REQUEST, 5, b"\x00" * 30))
+    server = _server(server_setup, now=0.0)
+    server.receive_data(forge(FrameType.REQUEST, 5, b"\x00" * 30), 0.0)
     assert _drain(server) == []
     ((sid, abort),) = _aborts(server.data_to_send())
     assert (sid, abort.code, abort.reason) == (
@@ -595,14 +595,14 @@ def test_a_frame_that_opens_nothing_on_a_new_id_is_refused_unless_it_is_an_abort
         ErrorCode.UNEXPECTED_FRAME,
         "REQUEST does not open a session",
     )
-    server.receive_data(forge(FrameType.ABORT, 6, Abort(ErrorCode.CLIENT_CLOSED).encode()))
+    server.receive_data(forge(FrameType.ABORT, 6, Abort(ErrorCode.CLIENT_CLOSED).encode()), 0.0)
     assert _drain(server) == []
     assert server.data_to_send() == b""  # an ABORT is never answered with an ABORT
 
 
 def test_a_connection_carries_at_most_max_sessions_per_connection(server_setup):
-    server = _server(server_setup, config=ServerConfig(max_sessions_per_connection=1))
-    server.receive_data(_login_start(1) + _login_start(2))
+    server = _server(server_setup, config=ServerConfig(max_sessions_per_connection=1), now=0.0)
+    server.receive_data(_login_start(1) + _login_start(2), 0.0)
     assert [e.session_id for e in _drain(server)] == [1]
     ((sid, abort),) = _aborts(server.data_to_send())
     assert (sid, abort.code) == (2, ErrorCode.LIMIT_EXCEEDED)
@@ -623,20 +623,20 @@ class _Gate:
 def test_admission_decides_whether_an_opening_frame_is_looked_at(server_setup):
     """NET-13: a refused frame gets ABORT(RATE_LIMITED) and a remote SessionFailed; an admitted one
     goes on normally."""
-    refusing = _server(server_setup, admission=_Gate(False))
-    refusing.receive_data(_login_start(1))
+    refusing = _server(server_setup, admission=_Gate(False), now=0.0)
+    refusing.receive_data(_login_start(1), 0.0)
     reason = "too many attempts from this address; retry later"
     assert _drain(refusing) == [SessionFailed(1, ErrorCode.RATE_LIMITED, reason, True)]
     ((_, abort),) = _aborts(refusing.data_to_send())
     assert abort.code is ErrorCode.RATE_LIMITED
-    admitting = _server(server_setup, admission=_Gate(True))
-    admitting.receive_data(_login_start(1))
+    admitting = _server(server_setup, admission=_Gate(True), now=0.0)
+    admitting.receive_data(_login_start(1), 0.0)
     assert only(_drain(admitting), LoginRequested).session_id == 1
 
 
 def test_an_opening_frame_that_does_not_parse_is_the_clients_fault(server_setup):
-    server = _server(server_setup)
-    server.receive_data(forge(FrameType.LOGIN_START, 1, b"\x05"))
+    server = _server(server_setup, now=0.0)
+    server.receive_data(forge(FrameType.LOGIN_START, 1, b"\x05"), 0.0)
     (failed,) = _drain(server)
     assert isinstance(failed, SessionFailed)
     assert (failed.session_id, failed.code, failed.remote) == (1, ErrorCode.MALFORMED, True)
@@ -645,8 +645,8 @@ def test_an_opening_frame_that_does_not_parse_is_the_clients_fault(server_setup)
 
 
 def test_a_session_may_open_on_the_highest_session_id(server_setup):
-    server = _server(server_setup)
-    server.receive_data(_login_start(MAX_SESSION_ID))
+    server = _server(server_setup, now=0.0)
+    server.receive_data(_login_start(MAX_SESSION_ID), 0.0)
     assert only(_drain(server), LoginRequested).session_id == MAX_SESSION_ID
 
 

@@ -5,12 +5,18 @@ Action, Outcome), each in its own table.
 
 Constants are gathered by introspection, so a new one that is not documented
 fails here.
+
+The docs also stay true to each other: every reference to a section (``README,
+*Security*``, ``docs/architecture.md, "Group commit"``, ``see *Tests*``,
+``protocol.md section 5.4``) and every relative Markdown link, in the documents
+and in the code, names a heading and a file that exist.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pkgutil
 import re
 from pathlib import Path
@@ -213,3 +219,171 @@ def test_audit_entry_no_context_marker_is_documented():
     # AuditEntry encodes "no context" as 0xFF; it must not be a Context value.
     assert 0xFF not in {c.value for c in Context}
     assert "`0xFF` = none" in _protocol_text()
+
+
+# ------------------------------------------------------------ references between documents
+
+#: A reference that names its document: ``README, *Security*``, ``docs/architecture.md,
+#: *Threats*``, ``(architecture.md, "Group commit")``, or ``[operations.md, *Logs*](...)``.
+_QUALIFIED_REFERENCE = re.compile(
+    r"\b(?P<document>README(?:\.md)?|SPEC_MAPPING\.md|(?:docs/)?[a-z_]+\.md),\s+"
+    r"(?:\*(?P<starred>[^*]+)\*|\"(?P<quoted>[^\"]+)\")"
+)
+#: A reference to a section of the same document: ``see *Tests*``, ``under *Network runtime*``.
+_LOCAL_REFERENCE = re.compile(r"\b(?:see|under)\s+\*(?P<section>[A-Z][^*]*)\*")
+#: ``protocol.md section 5.4``, ``docs/protocol.md, section 12``, ``sections 4.2 and 5.2-5.3``.
+_PROTOCOL_SECTIONS = re.compile(
+    r"protocol\.md,?\s+sections?\s+(?P<numbers>\d+(?:\.\d+)*(?:(?:\s*,\s*|\s+and\s+|-)\d+(?:\.\d+)*)*)"
+)
+#: A Markdown link (not an image): ``[text](target)``.
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6}\s+(?P<text>.+?)\s*#*\s*$")
+_SECTION_NUMBER = re.compile(r"^(?P<number>\d+(?:\.\d+)*)\.?\s+")
+_SKIPPED_DIRECTORIES = {"__pycache__", "build", "dist", "mutants", "node_modules"}
+
+
+def _repository_texts() -> dict[Path, str]:
+    """Every Markdown and Python file of the repository (not .venv, caches, build output)."""
+    texts: dict[Path, str] = {}
+    for folder, directories, files in os.walk(ROOT):
+        directories[:] = [
+            d
+            for d in directories
+            if not d.startswith(".") and not d.endswith(".egg-info") and d not in _SKIPPED_DIRECTORIES
+        ]
+        for name in files:
+            if name.endswith((".md", ".py")):
+                path = Path(folder) / name
+                texts[path] = path.read_text(encoding="utf-8")
+    return texts
+
+
+def headings(markdown: str) -> list[str]:
+    """The headings of a Markdown text, in order, outside fenced code blocks."""
+    found: list[str] = []
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and (match := _HEADING.match(line)):
+            found.append(match["text"])
+    return found
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings (lower case, punctuation dropped, spaces to
+    hyphens; a repeated one gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    result: set[str] = set()
+    for heading in headings(markdown):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        result.add(slug if count == 0 else f"{slug}-{count}")
+    return result
+
+
+def _section_names(heading: str) -> set[str]:
+    """What a reference may call a heading: all of it, without its number
+    (``10. Limits and defaults``), and without a trailing parenthesis as well
+    (``Several instances (PostgreSQL)``, ``Network runtime (adapters/server/, ...)``)."""
+    name = " ".join(heading.replace("`", "").split())
+    unnumbered = _SECTION_NUMBER.sub("", name)
+    return {name, unnumbered, re.sub(r"\s*\([^()]*\)$", "", unnumbered)}
+
+
+def _document_path(name: str) -> Path:
+    if name in ("README", "README.md"):
+        return ROOT / "README.md"
+    if "/" in name or name == "SPEC_MAPPING.md":
+        return ROOT / name
+    return ROOT / "docs" / name
+
+
+def reference_problems(texts: dict[Path, str]) -> list[str]:
+    """Every section reference or relative link in ``texts`` that names no existing
+    heading or file. Documents are read from ``texts`` when they are in it (so a test can
+    hand in a changed copy), else from the disk."""
+
+    def document(path: Path) -> str | None:
+        if path in texts:
+            return texts[path]
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def has_section(path: Path, section: str) -> bool:
+        markdown = document(path)
+        wanted = " ".join(section.replace("`", "").split())
+        return markdown is not None and any(wanted in _section_names(h) for h in headings(markdown))
+
+    protocol = document(ROOT / "docs" / "protocol.md") or ""
+    protocol_numbers = {m["number"] for h in headings(protocol) if (m := _SECTION_NUMBER.match(h))}
+    problems: list[str] = []
+    for path, raw in sorted(texts.items()):
+        where = path.relative_to(ROOT)
+        # One line of prose, even when a reference is wrapped (in Python, across "#" comments too).
+        text = " ".join((re.sub(r"\n\s*#", "\n", raw) if path.suffix == ".py" else raw).split())
+        for match in _QUALIFIED_REFERENCE.finditer(text):
+            section = match["starred"] or match["quoted"]
+            target = _document_path(match["document"])
+            if document(target) is None:
+                problems.append(f"{where}: {match[0]!r} names no document")
+            elif not has_section(target, section):
+                problems.append(f"{where}: {match[0]!r}: no such heading in {target.relative_to(ROOT)}")
+        for match in _PROTOCOL_SECTIONS.finditer(text):
+            for number in re.findall(r"\d+(?:\.\d+)*", match["numbers"]):
+                if number not in protocol_numbers:
+                    problems.append(f"{where}: {match[0]!r}: protocol.md has no section {number}")
+        if path.suffix != ".md":
+            continue
+        for match in _LOCAL_REFERENCE.finditer(text):
+            start = match.start()
+            if _QUALIFIED_REFERENCE.search(text[max(0, start - 60) : match.end()]):
+                continue  # "README, see *X*" and the like name their document
+            if not has_section(path, match["section"]):
+                problems.append(f"{where}: {match[0]!r}: no such heading in this file")
+        for match in _LINK.finditer(text):
+            target = match["target"]
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue  # https:, mailto:
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                problems.append(f"{where}: link {target!r}: no such file")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(document(linked) or ""):
+                problems.append(f"{where}: link {target!r}: no such heading")
+    return problems
+
+
+def test_every_section_reference_and_link_resolves():
+    texts = _repository_texts()
+    assert {ROOT / "README.md", ROOT / "docs" / "operations.md", ROOT / "SPEC_MAPPING.md"} <= texts.keys()
+    assert reference_problems(texts) == []
+
+
+def test_reference_check_finds_broken_references():
+    readme, operations = ROOT / "README.md", ROOT / "docs" / "operations.md"
+    sample = ROOT / "docs" / "sample.md"
+    s, q = "*", '"'  # so that this file itself holds no broken reference
+    broken = {
+        f"README, {s}No such section{s}": "no such heading in README.md",
+        f"docs/architecture.md, {q}Gone{q}": "no such heading in docs/architecture.md",
+        "protocol.md section " + "99.1": "protocol.md has no section 99.1",
+        f"nowhere.md, {s}Anything{s}": "names no document",
+        f"see {s}Missing{s}": "no such heading in this file",
+        "[text](operations.md#" + "no-such-anchor)": "no such heading",
+        "[text](" + "missing.md)": "no such file",
+    }
+    for reference, complaint in broken.items():
+        problems = reference_problems({sample: f"# Sample\n\nAs the text says ({reference}).\n"})
+        assert len(problems) == 1 and complaint in problems[0], (reference, problems)
+    fine = (
+        "# Sample\n\nREADME, *Security*; docs/architecture.md, *Several instances*;"
+        " protocol.md, *Limits and defaults*; protocol.md sections 4.2 and 5.2-5.3;"
+        " see *Sample*; [logs](operations.md#logs); [home](../README.md#security)\n"
+    )
+    assert reference_problems({sample: fine}) == []
+    # Renaming a heading breaks the references to it, wherever they are.
+    renamed = readme.read_text(encoding="utf-8").replace("\n## Security\n", "\n## Safety\n")
+    problems = reference_problems({readme: renamed, operations: operations.read_text(encoding="utf-8")})
+    assert any("docs/operations.md" in p and "Security" in p for p in problems)
+    assert any("README.md" in p and "see *Security*" in p for p in problems)

@@ -134,7 +134,7 @@ async def _stream(
                     # Acknowledged: record what the client stored (its local copy, no network).
                     local = client.local_store.get(user_id, key_id)
                     assert local is not None and local.kind is kind
-                    storage_key = session._storage_key
+                    storage_key = session._ops._storage_key
                     assert storage_key is not None
                     plain = open_secret(storage_key, local.ciphertext, local.associated_data)
                     if kind is SecretKind.IMPORTED:

@@ -59,7 +59,7 @@ class _Traced:
         """Three logins of ``name``: a bogus LOGIN_FINISH twice (the threshold locks it), then
         a LOGIN_START while locked. Returns the statements they ran."""
         self.statements.clear()
-        server = ServerConnection(SETUP, os.urandom, registry=self.registry)
+        server = ServerConnection(SETUP, os.urandom, registry=self.registry, now=time.time())
         client = ClientConnection(os.urandom)
         for _ in range(2):
             sid = client.open_request_session(name, b"a guess")

@@ -68,7 +68,7 @@ def _connections(registry: SessionRegistry) -> tuple[ClientConnection, ServerCon
     """A linked client and server with the fake OPAQUE (the table is under test, not OPAQUE)."""
     return (
         ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom)),
-        ServerConnection(SETUP, os.urandom, registry=registry, opaque=FakeOpaque(os.urandom)),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0, opaque=FakeOpaque(os.urandom)),
     )
 
 
@@ -91,7 +91,7 @@ class HoldingApp:
 def world():
     app = MemoryServerApp()
     registry = SessionRegistry()
-    pair = InMemoryPair(*_connections(registry), app)
+    pair = InMemoryPair(*_connections(registry), app, now=0.0)
     register(pair, ACCOUNT)
     return app, registry
 
@@ -121,7 +121,7 @@ def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: St
 def _setup(world, role: Role, kind: SessionKind, target: State):
     inner, registry = world
     app = HoldingApp(inner)
-    pair = InMemoryPair(*_connections(registry), app)
+    pair = InMemoryPair(*_connections(registry), app, now=0.0)
     bystander = login(pair, ACCOUNT).session_id
     sid = bystander + 1
     app.hold = (sid, target)
@@ -199,13 +199,13 @@ RESUMING_STATES = [State.AWAIT_RESUMED, State.CLOSE_AFTER_RESUMED]
 def _resuming(world, target: State):
     """A session resuming on a second connection (its RESUME never delivered), in ``target``."""
     inner, registry = world
-    first = InMemoryPair(*_connections(registry), inner)
+    first = InMemoryPair(*_connections(registry), inner, now=0.0)
     login(first, ACCOUNT)
     first.client.connection_lost()
     first.server.connection_lost()
     first.pump()
     [detached] = first.client.take_detached_sessions()
-    pair = InMemoryPair(*_connections(registry), inner)
+    pair = InMemoryPair(*_connections(registry), inner, now=0.0)
     bystander = login(pair, ACCOUNT).session_id
     sid = pair.client.resume_session(detached)
     if target is State.CLOSE_AFTER_RESUMED:

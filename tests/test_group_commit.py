@@ -31,10 +31,10 @@ async def test_nothing_is_acknowledged_when_the_group_commit_fails(tmp_path):
         real_batch, real_answer = storage.batch, keyserver.answer
         fail = {"store": False}
 
-        def answer(conn, session_id, user_id, body):
+        def answer(session, user_id, body):
             if body[:1] == bytes([Op.STORE_SECRET]):
                 fail["store"] = True
-            return real_answer(conn, session_id, user_id, body)
+            return real_answer(session, user_id, body)
 
         @contextmanager
         def failing_batch():
@@ -114,7 +114,10 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
         )
 
     pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry()), keyserver
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry(), now=0.0),
+        keyserver,
+        now=0.0,
     )
     register(pair, b"abandon@example.org")
     established = login(pair, b"abandon@example.org")
@@ -133,7 +136,10 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
     assert server.data_to_send() == b""  # not even the answer produced before the failure
     (detached,) = pair.client.take_detached_sessions()
     other = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry()), keyserver
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry(), now=0.0),
+        keyserver,
+        now=0.0,
     )
     other.client.resume_session(detached)
     failed = [e for e in other.pump() if isinstance(e, SessionFailed)]
@@ -158,7 +164,10 @@ def test_a_failing_session_store_keeps_the_session_in_memory():
     registry = SessionRegistry(store=BrokenStore(), sealing_key=bytes(32), random=os.urandom)
     app = MemoryServerApp()
     pair = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
+        app,
+        now=0.0,
     )
     register(pair, b"kept")
     login(pair, b"kept")
@@ -167,7 +176,10 @@ def test_a_failing_session_store_keeps_the_session_in_memory():
     pair.pump()
     (detached,) = pair.client.take_detached_sessions()
     again = InMemoryPair(
-        ClientConnection(os.urandom), ServerConnection(SETUP, os.urandom, registry=registry), app
+        ClientConnection(os.urandom),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
+        app,
+        now=0.0,
     )
     again.client.resume_session(detached)
     assert any(isinstance(e, SessionResumed) for e in again.pump())
@@ -201,8 +213,8 @@ def test_abandon_leaves_alone_a_session_that_has_moved_to_another_connection():
         base(conn, event)
 
     def pair():
-        server = ServerConnection(SETUP, os.urandom, registry=registry)
-        return InMemoryPair(ClientConnection(os.urandom), server, app, rng=random.Random(0))
+        server = ServerConnection(SETUP, os.urandom, registry=registry, now=0.0)
+        return InMemoryPair(ClientConnection(os.urandom), server, app, rng=random.Random(0), now=0.0)
 
     first = pair()
     first.client.open_registration(b"mover", b"pw")

@@ -58,8 +58,9 @@ def _transcript(pair: InMemoryPair, account: bytes, password: bytes):
 def _pair(storage: SQLiteStorage, keyserver: KeyServer) -> InMemoryPair:
     return InMemoryPair(
         ClientConnection(os.urandom),
-        ServerConnection(SETUP, os.urandom, registry=SessionRegistry()),
+        ServerConnection(SETUP, os.urandom, registry=SessionRegistry(), now=0.0),
         keyserver,
+        now=0.0,
     )
 
 

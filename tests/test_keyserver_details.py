@@ -135,11 +135,11 @@ async def test_a_failed_login_and_an_ended_session_leave_nothing_behind_and_log_
             await client.login(ALICE, b"wrong")
         session = await client.login(ALICE, PW)
         await session.generate()
-        reserved = [r for per_conn in world.keyserver._reserved.values() for r in per_conn.values()]
+        reserved = list(world.keyserver._reserved.values())
         assert reserved == [{}]  # the stored key's reservation is spent; the session's map stays
         await session.logout()
         await client.login(ALICE, PW)  # the server has handled the CLOSE before this login
-        assert all(not per_conn for per_conn in world.keyserver._reserved.values())
+        assert len(world.keyserver._reserved) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -425,4 +425,35 @@ def test_of_two_registrations_racing_for_one_name_only_the_first_completes(serve
     assert len([e for e in events if isinstance(e, RegistrationSucceeded)]) == 1
     (refused,) = [e for e in events if isinstance(e, SessionFailed)]
     assert refused.code is ErrorCode.ACCOUNT_EXISTS
+    storage.close()
+
+
+def test_a_key_id_reserved_before_a_resumption_can_be_stored_after_it(server_setup):
+    """Reservations follow the session's handle, not its connection: a CREATE_KEY_ID answered
+    on one connection is honoured by STORE_SECRET on the connection the session resumed on."""
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
+    from keymgmt_proto import KeyIdResponse, ResponseReceived, decode_response
+
+    from .fake_pairs import lose
+    from .helpers import login, only, register
+
+    storage = SQLiteStorage(":memory:")
+    world = FakeWorld(server_setup, app=KeyServer(storage))
+    pair = world.pair()
+    register(pair, ALICE, PW)
+    established = login(pair, ALICE, PW)
+    user_id = established.user_id
+    body = CreateKeyIdRequest(user_id, SecretKind.GENERATED, bytes(32)).encode()
+    pair.client.send_request(established.session_id, body)
+    status, reply = decode_response(Op.CREATE_KEY_ID, only(pair.pump(), ResponseReceived).body)
+    assert status is Status.OK and isinstance(reply, KeyIdResponse)
+    (detached,) = lose(pair)
+    pair2 = world.pair()
+    sid = pair2.client.resume_session(detached)
+    pair2.pump()
+    store = StoreSecretRequest(user_id, reply.key_id, SecretKind.GENERATED, bytes(60)).encode()
+    pair2.client.send_request(sid, store)
+    status, _ = decode_response(Op.STORE_SECRET, only(pair2.pump(), ResponseReceived).body)
+    assert status is Status.OK
     storage.close()

@@ -556,8 +556,9 @@ def test_the_fake_opaque_keeps_the_failures_of_the_real_one():
     fake = FakeOpaque(rng.randbytes)
     pair = InMemoryPair(
         ClientConnection(rng.randbytes, opaque=fake),
-        ServerConnection(SETUP, rng.randbytes, registry=SessionRegistry(), opaque=fake),
+        ServerConnection(SETUP, rng.randbytes, registry=SessionRegistry(), opaque=fake, now=0.0),
         MemoryServerApp(random=rng.randbytes),
+        now=0.0,
     )
     pair.client.open_registration(b"f", b"pw")
     (registered,) = pair.pump()

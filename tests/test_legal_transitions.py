@@ -3,6 +3,10 @@ kind allows (tests/legal_transitions.py, written from docs/protocol.md)."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
+import keymgmt_proto
 from keymgmt_proto import Command, FrameType
 from keymgmt_proto._state import TRANSITIONS
 
@@ -29,3 +33,26 @@ def test_the_statement_is_not_empty_or_trivial():
     # A REQUEST is legal only in an established request session, and only for the server.
     requests = {(role, kind, state) for role, kind, state, trigger, _ in expected if trigger == "REQUEST"}
     assert requests == {("server", "request", "ESTABLISHED")}
+
+
+def _state_assignments(source: str) -> list[int]:
+    """Lines that assign a session's ``state`` directly (instead of through transition())."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign | ast.AugAssign)
+            else []
+        )
+        lines += [node.lineno for t in targets if isinstance(t, ast.Attribute) and t.attr == "state"]
+    return lines
+
+
+def test_every_server_state_change_goes_through_the_transition_table():
+    """Issue 13: one transition function (keymgmt_proto._state.transition) changes states;
+    it looks the target up in TRANSITIONS, so no state change can bypass the table."""
+    source = (Path(keymgmt_proto.__file__).parent / "_server.py").read_text()
+    assert _state_assignments(source) == []
+    assert _state_assignments("session.state = State.CLOSED\nx = 1\n") == [1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 
 import anyio
@@ -11,9 +12,19 @@ import pytest
 from keymgmt.adapters.client.async_client import KeymgmtClient, SessionEndedError
 from keymgmt.adapters.client.connect import TLSConnectError, tls_connector
 from keymgmt.adapters.tls import client_context, generate_dev_pki
-from keymgmt_proto import Action, AuditType, Context, ServerConfig
+from keymgmt_proto import (
+    NEED_DATA,
+    Action,
+    AuditType,
+    ClientConnection,
+    ConnectionFailed,
+    Context,
+    ErrorCode,
+    ServerConfig,
+    SessionResumed,
+)
 
-from .net_world import Proxy, running_server
+from .net_world import Proxy, raw_login, running_server, tls_from
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +191,38 @@ async def test_graceful_shutdown_lets_sessions_go_and_closes_storage(tmp_path):
         with pytest.raises(Exception) as failure:
             await session.list_keys()
         assert "reconnect" in str(failure.value) or "lost" in str(failure.value)
+
+
+async def test_a_connection_whose_session_resumed_elsewhere_is_closed_when_idle_not_at_the_session_deadline(
+    tmp_path,
+):
+    """A session resumes on a second connection while the first stays open (only the client
+    gave up on it). The first connection's driver sleeps until the session's deadline (here
+    300 s); the move wakes it (SessionRegistry.take_woken), so the now empty connection is
+    closed after connection_idle_timeout instead of holding a connection slot for minutes."""
+    config = ServerConfig(connection_idle_timeout=1.0, idle_timeout=300.0)
+    async with running_server(tmp_path, protocol=config) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"mover", PW)
+        first = await tls_from(runtime.port, pki.ca_cert)
+        conn, _sid = await raw_login(first, b"mover", PW)
+        conn.connection_lost()  # the client alone gives up on the first connection
+        (detached,) = conn.take_detached_sessions()
+        second = await tls_from(runtime.port, pki.ca_cert)
+        conn2 = ClientConnection(os.urandom)
+        conn2.resume_session(detached)
+        await second.send(conn2.data_to_send())
+        with anyio.fail_after(10):
+            while not isinstance(event := conn2.next_event(), SessionResumed):
+                assert event is NEED_DATA, event
+                conn2.receive_data(await second.receive())
+        # The first connection now carries no session: GOAWAY(IDLE_TIMEOUT) within about 1 s.
+        watcher = ClientConnection(os.urandom)
+        with anyio.fail_after(8):
+            while not isinstance(event := watcher.next_event(), ConnectionFailed):
+                assert event is NEED_DATA, event
+                watcher.receive_data(await first.receive())
+        assert event.code is ErrorCode.IDLE_TIMEOUT and event.remote
+        await anyio.aclose_forcefully(first)
+        await anyio.aclose_forcefully(second)

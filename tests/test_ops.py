@@ -425,7 +425,7 @@ async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, mon
         await client.register(b"kim@example.org", PW)
         session = await client.login(b"kim@example.org", PW)
         if lie == "an id the client holds":
-            client._random = lambda n: b"\x07" * n if n == 32 else os.urandom(n)  # a broken RNG
+            session._ops._random = lambda n: b"\x07" * n if n == 32 else os.urandom(n)  # a broken RNG
         original = KeyServer._perform
         nonces: list[bytes] = []
 

@@ -13,7 +13,7 @@ from keymgmt.adapters.server.driver import serve_stream
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
-from keymgmt_proto import FrameType, ServerConnection
+from keymgmt_proto import FrameType, ServerConnection, SessionHandle
 from keymgmt_proto._ops import (
     Action,
     AuditType,
@@ -62,8 +62,7 @@ def _server_with_account(tmp_path):
 def test_malformed_store_requests_are_audited(tmp_path):
     storage, server, user_id = _server_with_account(tmp_path)
     body = bytes([Op.STORE_SECRET]) + user_id + b"junk"
-    conn = ServerConnection(SETUP, os.urandom)
-    assert server.answer(conn, 1, user_id, body) == bytes([Status.INVALID])
+    assert server.answer(SessionHandle(), user_id, body) == bytes([Status.INVALID])
     with storage.transaction() as tx:
         entries, _ = tx.query_audit(user_id, AuditQuery(AuditType.ALL))
     assert [(e.action, e.outcome) for e in entries] in (
@@ -73,7 +72,7 @@ def test_malformed_store_requests_are_audited(tmp_path):
 
 
 def _login_reply_frames(tmp_path, account_name):
-    from keymgmt_proto import NEED_DATA, ClientConnection, ServerConnection, SessionRegistry
+    from keymgmt_proto import NEED_DATA, ClientConnection, SessionRegistry
 
     storage = SQLiteStorage(tmp_path / "ks9.db")
     server_app = KeyServer(storage)

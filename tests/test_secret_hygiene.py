@@ -379,8 +379,8 @@ async def test_no_secret_in_logs_reprs_or_errors(tmp_path, recorder, capture_all
             await expect(IntegrityError, session.retrieve(other_id, Context.LOCAL_ONLY))
             second = await client.login(ACCOUNT, PASSWORD)
             await second.delete(generated_id)
-            storage_key = session._storage_key
-            export_key = session._export_key
+            storage_key = session._ops._storage_key
+            export_key = session._ops._export_key
             live = client._conn
             roots.extend([client, session, second, client.local_store.get(user_id, imported_id)])
             # Mid-run, while sessions hold their keys and connections are open (logout clears some).

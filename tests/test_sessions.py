@@ -14,6 +14,8 @@ from keymgmt_proto import (
     ErrorCode,
     FrameType,
     LocalProtocolError,
+    LoginRequested,
+    LoginSucceeded,
     RequestReceived,
     ResponseReceived,
     ServerConfig,
@@ -301,6 +303,41 @@ def test_a_frame_that_trickles_in_is_cut_off_at_its_deadline(server_setup):
     assert other.server.failed is None
 
 
+def test_the_server_clock_is_the_now_each_input_comes_with(server_setup):
+    """Issue 13: time is a required argument of the server's receive_data (and of its
+    constructor), so an adapter cannot forget it and leave the connection on a stale clock.
+    Each deadline runs from the ``now`` its input came with: the slow-frame deadline from the
+    partial frame's first bytes, the handshake's from the frame that made it whole."""
+    config = ServerConfig(frame_timeout=5.0, connection_idle_timeout=60.0)
+    client = ClientConnection(os.urandom)
+    client.open_request_session(b"clock", PASSWORD)
+    frame = client.data_to_send()
+    with pytest.raises(TypeError):
+        ServerConnection(server_setup, os.urandom, config=config)
+    server = ServerConnection(server_setup, os.urandom, config=config, now=100.0)
+    with pytest.raises(TypeError):
+        server.receive_data(frame[:3])
+    with pytest.raises(TypeError):
+        InMemoryPair(client, server, lambda conn, event: None)
+    assert server.get_timer() == 160.0  # the refused call buffered nothing: only the idle deadline
+    server.receive_data(frame[:3], 130.0)
+    assert server.next_event() is NEED_DATA
+    assert server.get_timer() == 135.0  # from the first bytes (t=130), not from t=100
+    server.handle_timer(134.9)
+    server.receive_data(frame[3:6], 120.0)  # a clock stepping back moves no deadline
+    assert server.get_timer() == 135.0
+    server.receive_data(frame[6:], 134.9)
+    assert isinstance(server.next_event(), LoginRequested)
+    assert server.failed is None and server.get_timer() == 134.9 + config.handshake_timeout
+
+    slow = ServerConnection(server_setup, os.urandom, config=config, now=100.0)
+    slow.receive_data(frame[:3], 130.0)
+    slow.handle_timer(134.999)
+    assert slow.failed is None
+    slow.handle_timer(135.0)
+    assert slow.failed is not None and slow.failed.reason == "a frame took too long to arrive"
+
+
 def test_request_limit_closes_after_the_last_answer(server_setup):
     harness = Harness(server_setup, ServerConfig(max_requests_per_session=1))
     pair = harness.pair()
@@ -424,7 +461,7 @@ def test_client_connection_refuses_new_sessions_after_failure(harness):
         pair.client.open_request_session(b"late", PASSWORD)
     assert isinstance(pair.client.next_event(), ConnectionFailed)
     # A fresh client connection is unaffected.
-    fresh = InMemoryPair(ClientConnection(os.urandom), pair.server, pair.app)
+    fresh = InMemoryPair(ClientConnection(os.urandom), pair.server, pair.app, now=pair.now)
     assert fresh.client.failed is None
     assert isinstance(pair.server, ServerConnection)
 
@@ -504,3 +541,67 @@ def test_sequence_exhaustion_ends_the_session_with_a_clean_close(harness):
     pair.client.close_session(sid2)  # the last number: logout still works
     pair.pump()
     assert pair.server.session_state(sid2) is State.CLOSED
+
+
+def test_a_moved_session_keeps_its_handle_and_the_registry_names_the_connections_it_changed(harness):
+    """Issue 13: a session's handle survives resumption, and a connection whose work changes
+    another connection (a session moved away from it, an answer queued there) names that
+    connection in take_woken(), so its driver can be woken; no connection reaches into another."""
+    pair = harness.pair()
+    register(pair, b"woken")
+    established = login(pair, b"woken")
+    (succeeded,) = [e for e in pair.server_events if isinstance(e, LoginSucceeded)]
+    held: list[RequestReceived] = []
+    app = pair.app
+    pair.app = lambda conn, event: (
+        held.append(event) if isinstance(event, RequestReceived) else app(conn, event)
+    )
+    pair.client.send_request(established.session_id, b"slow")
+    pair.pump()
+    (request,) = held
+    assert request.handle is succeeded.handle is not None
+    assert harness.registry.take_woken() == []
+    # The client gives up on the first connection (the server's side of it stays open).
+    pair.client.connection_lost()
+    (detached,) = pair.client.take_detached_sessions()
+    pair2 = harness.pair()
+    pair2.app = pair.app
+    pair2.client.resume_session(detached)
+    events = pair2.pump()
+    (resumed,) = [e for e in pair2.server_events if isinstance(e, SessionResumed)]
+    assert resumed.handle is succeeded.handle  # same session, same handle, new session id
+    assert not any(isinstance(e, ResponseReceived) for e in events)
+    assert harness.registry.take_woken() == [pair.server]  # the session left it: its timer changed
+    assert harness.registry.take_woken() == []  # taken once
+    assert pair.server.authenticated_sessions == 0 and pair2.server.authenticated_sessions == 1
+    # The application answers on the first connection; the answer is sealed on the second,
+    # and the second is named (its driver sleeps while another connection queues its output).
+    assert pair2.server.pending_output == 0
+    assert pair.server.send_response(request.session_id, request.request_id, b"done")
+    assert pair.server.pending_output == 0 and pair2.server.pending_output > 0
+    assert harness.registry.take_woken() == [pair2.server]
+    assert only(pair2.pump(), ResponseReceived).body == b"done"
+    # Answered: the first connection forgot the session (a second answer is dropped).
+    assert not pair.server.send_response(request.session_id, request.request_id, b"again")
+    assert pair2.server.pending_output == 0
+
+
+def test_a_resume_of_an_expired_session_ends_it_on_the_connection_that_holds_it(harness):
+    pair = harness.pair()
+    register(pair, b"stale")
+    login(pair, b"stale")
+    (succeeded,) = [e for e in pair.server_events if isinstance(e, LoginSucceeded)]
+    pair.client.connection_lost()
+    (detached,) = pair.client.take_detached_sessions()
+    late = harness.config.idle_timeout + 1.0
+    pair2 = harness.pair(now=late)
+    pair2.client.resume_session(detached)
+    pair2.pump()
+    assert only(pair2.server_events, SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+    # The first connection ended it, with its own event (for the audit log) and a CLOSE.
+    assert pair.server.pending_output > 0
+    assert harness.registry.take_woken() == [pair.server]
+    pair.pump()
+    closed = only(pair.server_events, SessionClosed)
+    assert closed.code is ErrorCode.IDLE_TIMEOUT and closed.handle is succeeded.handle
+    assert len(harness.registry) == 0

@@ -30,6 +30,7 @@ from keymgmt_proto import (
     ServerConfig,
     ServerConnection,
     SessionFailed,
+    SessionHandle,
 )
 from keymgmt_proto._messages import CompleteRegistration
 from keymgmt_proto._ops import (
@@ -76,7 +77,9 @@ def storage(tmp_path) -> Iterator[SQLiteStorage]:
 
 
 def _pair(server_setup, app) -> InMemoryPair:
-    return InMemoryPair(ClientConnection(os.urandom), ServerConnection(server_setup, os.urandom), app)
+    return InMemoryPair(
+        ClientConnection(os.urandom), ServerConnection(server_setup, os.urandom, now=0.0), app, now=0.0
+    )
 
 
 def test_user_id_is_redrawn_on_collision(server_setup, storage):
@@ -100,11 +103,11 @@ def test_key_id_is_redrawn_when_it_exists(server_setup, storage):
         tx.insert_secret(SecretRecord(user_id, existing, SecretKind.GENERATED, bytes(60), b"", 0))
     random = Scripted(r1, r2)
     keyserver = KeyServer(storage, random=random)
-    conn = ServerConnection(server_setup, os.urandom)
+    session = SessionHandle()
     body = CreateKeyIdRequest(user_id, SecretKind.GENERATED, client_nonce).encode()
 
     def create() -> KeyIdResponse:
-        status, reply = decode_response(Op.CREATE_KEY_ID, keyserver.answer(conn, 1, user_id, body))
+        status, reply = decode_response(Op.CREATE_KEY_ID, keyserver.answer(session, user_id, body))
         assert status is Status.OK and isinstance(reply, KeyIdResponse)
         return reply
 

@@ -141,7 +141,7 @@ def test_a_login_cut_short_after_its_response_counts_as_failed(tmp_path, cut):
     registry = SessionRegistry()
     for attempt in range(1, 4):
         client = ClientConnection(os.urandom)
-        server = ServerConnection(SETUP, os.urandom, registry=registry)
+        server = ServerConnection(SETUP, os.urandom, registry=registry, now=time.time())
         client.open_request_session(b"nobody@example.org", b"a guess")
         client_bytes = client.data_to_send()
         server.receive_data(client_bytes, time.time())
@@ -160,7 +160,7 @@ def test_a_login_cut_short_after_its_response_counts_as_failed(tmp_path, cut):
         assert record is not None and record.failures == attempt
     # Three guesses tested: the name is locked.
     client = ClientConnection(os.urandom)
-    server = ServerConnection(SETUP, os.urandom, registry=registry)
+    server = ServerConnection(SETUP, os.urandom, registry=registry, now=time.time())
     client.open_request_session(b"nobody@example.org", b"a guess")
     server.receive_data(client.data_to_send(), time.time())
     _serve(server, keyserver)
@@ -175,7 +175,7 @@ def test_logins_held_open_are_admitted_up_to_the_threshold_only(tmp_path):
     once they end, each has counted."""
     storage = SQLiteStorage(tmp_path / "ks.db")
     keyserver = KeyServer(storage, throttle=ThrottlePolicy(threshold=4, base_delay=60.0))
-    server = ServerConnection(SETUP, os.urandom, registry=SessionRegistry())
+    server = ServerConnection(SETUP, os.urandom, registry=SessionRegistry(), now=time.time())
     client = ClientConnection(os.urandom)
     for _ in range(12):
         client.open_request_session(b"victim@example.org", b"a guess")
@@ -283,7 +283,7 @@ def _login_then_cut(keyserver: KeyServer, registry: SessionRegistry, *, commit_f
     from keymgmt.adapters.storage.base import StorageError
 
     client = ClientConnection(os.urandom)
-    server = ServerConnection(SETUP, os.urandom, registry=registry)
+    server = ServerConnection(SETUP, os.urandom, registry=registry, now=time.time())
     client.open_request_session(b"nobody@example.org", b"a guess")
     server.receive_data(client.data_to_send(), time.time())
     _serve(server, keyserver)
@@ -313,7 +313,7 @@ def test_a_failed_login_storage_refused_is_counted_once_storage_is_back(tmp_path
     keyserver = KeyServer(storage, throttle=ThrottlePolicy(threshold=3, base_delay=60.0))
     registry = SessionRegistry()
     client = ClientConnection(os.urandom)
-    server = ServerConnection(SETUP, os.urandom, registry=registry)
+    server = ServerConnection(SETUP, os.urandom, registry=registry, now=time.time())
     client.open_request_session(b"nobody@example.org", b"a guess")
     server.receive_data(client.data_to_send(), time.time())
     _serve(server, keyserver)

@@ -541,7 +541,10 @@ def test_transcript_replays_through_real_connections(monkeypatch, name):
     app = MemoryServerApp(random=lambda n: user_id, handler=lambda uid, body: response_body)
     config = ServerConfig(**transcript["server_config"])
     # Register on one connection...
-    reg_client, reg_server = ClientConnection(os.urandom), ServerConnection(setup, os.urandom, config=config)
+    reg_client, reg_server = (
+        ClientConnection(os.urandom),
+        ServerConnection(setup, os.urandom, config=config, now=0.0),
+    )
     reg_client.open_registration(b"alice@example.org", b"password")
     reg_events: list[Event] = []
     for _ in range(4):
@@ -552,7 +555,7 @@ def test_transcript_replays_through_real_connections(monkeypatch, name):
     assert any(isinstance(e, RegistrationSucceeded) for e in reg_events)
 
     # ...and log in on a fresh one, so the request session is session 1.
-    client, server = ClientConnection(os.urandom), ServerConnection(setup, os.urandom, config=config)
+    client, server = ClientConnection(os.urandom), ServerConnection(setup, os.urandom, config=config, now=0.0)
     session_id = client.open_request_session(b"alice@example.org", b"password")
     assert session_id == data["session_id"]
     sealed: list[bytes] = []

@@ -5,7 +5,7 @@ Every command opens a TLS 1.3 connection to the key server, logs in with OPAQUE
 with ``--password-stdin``; never from the command line), does its work in one
 request session and logs out.
 
-Exit codes (also in the README):
+Exit codes (also in the README; docs/operations.md names the exceptions behind each):
 
     0  success
     1  any other error

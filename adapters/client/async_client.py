@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hmac
 import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import TypeVar
 
@@ -32,56 +30,36 @@ import anyio
 from anyio.abc import ByteStream, TaskGroup
 
 from keymgmt_proto import (
-    KEY_ID_NONCE_SIZE,
     NEED_DATA,
     AuditEntry,
-    AuditRequest,
-    AuditResponse,
     AuditType,
     ClientConnection,
     ConnectionFailed,
     Context,
-    CreateKeyIdRequest,
-    DeleteKeyRequest,
     DetachedSession,
     ErrorCode,
     Event,
-    KeyIdResponse,
+    IntegrityFailure,
     KeyInfo,
-    KeyListResponse,
-    ListKeysRequest,
     LocalProtocolError,
     Op,
     OpaqueStepRequired,
+    OperationRefused,
     OpRequest,
     OpResponse,
+    Plan,
     RandomSource,
     RegistrationSucceeded,
-    RemoteProtocolError,
     ResponseReceived,
     ResumeDeferred,
-    RetrieveRequest,
-    RetrieveStorageKeyRequest,
-    SecretKind,
-    SecretResponse,
+    SealedCopy,
+    SecretOps,
     SessionClosed,
     SessionEstablished,
     SessionFailed,
     SessionResumed,
     State,
     Status,
-    StorageKeyResponse,
-    StoreSecretRequest,
-    ad_matches,
-    decode_portable,
-    decode_response,
-    decrypt_storage_key,
-    derive_master_key,
-    encode_portable,
-    joint_key_id,
-    open_secret,
-    seal_secret,
-    secret_ad,
 )
 
 from ..storage.base import SecretRecord
@@ -664,131 +642,81 @@ class KeymgmtClient:
         return True
 
 
-@dataclass(frozen=True, slots=True)
-class _Sealed:
-    kind: SecretKind
-    ciphertext: bytes
-    associated_data: bytes
-
-
 class KeySession:
-    """An authenticated request session: the operations on secrets (OPS-1..OPS-8)."""
+    """An authenticated request session: the operations on secrets (OPS-1..OPS-8).
+
+    The checks the protocol asks of the client (docs/protocol.md section 12.10) are the
+    core's :class:`~keymgmt_proto.SecretOps`; this class carries its requests and answers
+    and keeps the local store."""
 
     def __init__(self, client: KeymgmtClient, session_id: int, user_id: bytes, export_key: bytes) -> None:
         self._client = client
         #: This session's id in the client: stable across reconnections.
         self.session_id = session_id
         self.user_id = user_id
-        self._export_key = export_key
-        self._storage_key: bytes | None = None
+        self._ops = SecretOps(user_id, export_key, client._random)
 
     def __repr__(self) -> str:
         return f"<KeySession {self.session_id} user_id={self.user_id.hex()}>"
 
-    @staticmethod
-    def _build(cls: Callable[..., _R], *args: object) -> _R:
-        """Construct a request, turning invalid arguments into a KeymgmtError."""
+    async def _run(self, plan: Plan[_R]) -> _R:
+        """Send the plan's requests one by one and hand it the answers; its result."""
         try:
-            return cls(*args)
-        except ValueError as exc:
+            request = next(plan)
+            while True:
+                body = await self._client.request(self.session_id, request.encode())
+                request = plan.send(self._ops.answer(request, body))
+        except StopIteration as done:
+            result: _R = done.value
+            return result
+        except OperationRefused as refused:
+            if refused.status is Status.NOT_FOUND:
+                raise NotFoundError("no such key") from None
+            raise RequestRefusedError(str(refused), refused.status) from None
+        except IntegrityFailure as exc:
+            raise IntegrityError(str(exc)) from None
+        except ValueError as exc:  # an argument the core refused before sending anything
             raise KeymgmtError(f"invalid argument: {exc}") from None
 
     async def _call(self, request: OpRequest) -> OpResponse:
-        body = await self._client.request(self.session_id, request.encode())
-        try:
-            status, response = decode_response(request.op, body)
-        except RemoteProtocolError as exc:
-            raise IntegrityError(f"malformed response from the key server: {exc}") from None
-        if status is Status.NOT_FOUND:
-            raise NotFoundError("no such key")
-        if status is not Status.OK:
-            raise RequestRefusedError(f"request refused: {status.name.lower().replace('_', ' ')}", status)
-        assert response is not None
-        return response
+        """Send one request as it is and return its decoded answer (tests and harnesses)."""
+        return await self._run(_one(request))
+
+    def _keep(self, key_id: bytes, copy: SealedCopy) -> None:
+        created = int(self._client._clock() * 1_000_000)
+        record = SecretRecord(self.user_id, key_id, copy.kind, copy.ciphertext, copy.associated_data, created)
+        self._client.local_store.put(record)
+
+    def _holds(self, key_id: bytes) -> bool:
+        return self._client.local_store.get(self.user_id, key_id) is not None
 
     async def _get_storage_key(self) -> bytes:
         """OPS-1: fetch and decrypt ``storage_key`` once per session; kept in memory only."""
-        if self._storage_key is None:
-            response = await self._call(RetrieveStorageKeyRequest(self.user_id))
-            assert isinstance(response, StorageKeyResponse)
-            master_key = derive_master_key(self._export_key)
-            try:
-                self._storage_key = decrypt_storage_key(
-                    master_key, response.encrypted_storage_key, self.user_id
-                )
-            except RemoteProtocolError:
-                raise IntegrityError("the stored storage key failed verification") from None
-        return self._storage_key
-
-    async def _store(self, secret: bytes, kind: SecretKind) -> bytes:
-        storage_key = await self._get_storage_key()
-        client_nonce = self._client._random(KEY_ID_NONCE_SIZE)
-        reply = await self._call(CreateKeyIdRequest(self.user_id, kind, client_nonce))
-        assert isinstance(reply, KeyIdResponse)
-        key_id = reply.key_id
-        # KEY-2: the id must come from our fresh nonce, so a server cannot hand one id to two
-        # stores (and later serve either ciphertext); and it must be new to us.
-        expected = joint_key_id(self.user_id, client_nonce, reply.server_nonce)
-        if not hmac.compare_digest(expected, key_id):
-            raise IntegrityError("the key id from the key server is not derived from this client's nonce")
-        if self._client.local_store.get(self.user_id, key_id) is not None:
-            raise IntegrityError("the key server handed out a key id this client already holds")
-        ad = secret_ad(self.user_id, key_id, kind)
-        ciphertext = seal_secret(storage_key, secret, ad, self._client._random)
-        await self._call(StoreSecretRequest(self.user_id, key_id, kind, ciphertext))
-        created = int(self._client._clock() * 1_000_000)
-        self._client.local_store.put(SecretRecord(self.user_id, key_id, kind, ciphertext, ad, created))
-        return key_id
+        return await self._run(self._ops.storage_key())
 
     async def generate(self) -> bytes:
         """OPS-2: generate a random 32-byte secret, store it encrypted; returns its key id."""
-        return await self._store(self._client._random(32), SecretKind.GENERATED)
+        key_id, copy = await self._run(self._ops.generate(self._holds))
+        self._keep(key_id, copy)
+        return key_id
 
     async def import_secret(self, portable: bytes) -> bytes:
         """OPS-3: store ``len || secret`` (one length byte); returns the key id."""
         try:
-            secret = decode_portable(portable)
+            plan = self._ops.import_portable(portable, self._holds)
         except ValueError as exc:
             raise KeymgmtError(f"cannot import: {exc}") from None
-        return await self._store(secret, SecretKind.IMPORTED)
-
-    def _open(self, storage_key: bytes, key_id: bytes, sealed: _Sealed) -> bytes:
-        expected = secret_ad(self.user_id, key_id, sealed.kind)
-        if not ad_matches(expected, sealed.associated_data):
-            raise IntegrityError("the ciphertext's associated data names another user or key")
-        try:
-            return open_secret(storage_key, sealed.ciphertext, sealed.associated_data)
-        except RemoteProtocolError:
-            raise IntegrityError("the ciphertext failed verification (tampered or swapped)") from None
+        key_id, copy = await self._run(plan)
+        self._keep(key_id, copy)
+        return key_id
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
         """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: ``len || secret``."""
-        request = self._build(RetrieveRequest, self.user_id, key_id, context)
-        storage_key = await self._get_storage_key()
-        local = self._client.local_store.get(self.user_id, key_id)
-        secret: bytes | None = None
-        if local is not None:
-            try:
-                secret = self._open(
-                    storage_key, key_id, _Sealed(local.kind, local.ciphertext, local.associated_data)
-                )
-            except IntegrityError:
-                secret = None  # a damaged local copy: fetch the server's and replace it
-        if secret is None:
-            response = await self._call(request)
-            assert isinstance(response, SecretResponse)
-            sealed = _Sealed(response.kind, response.ciphertext, response.associated_data)
-            secret = self._open(storage_key, key_id, sealed)
-            created = int(self._client._clock() * 1_000_000)
-            self._client.local_store.put(
-                SecretRecord(
-                    self.user_id, key_id, sealed.kind, sealed.ciphertext, sealed.associated_data, created
-                )
-            )
-        if context is Context.NULL:
-            return None
-        if context is Context.EXPORT:
-            return encode_portable(secret)
+        local = self._client.local_store.get(self.user_id, key_id) if len(key_id) == 16 else None
+        copy = None if local is None else SealedCopy(local.kind, local.ciphertext, local.associated_data)
+        secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
+        if to_keep is not None:
+            self._keep(key_id, to_keep)
         return secret
 
     async def export(self, key_id: bytes) -> bytes:
@@ -799,23 +727,15 @@ class KeySession:
 
     async def list_keys(self) -> list[KeyInfo]:
         """OPS-8: this user's key ids with kind and creation time (microseconds), all pages."""
-        keys: list[KeyInfo] = []
-        cursor = 0
-        while True:
-            response = await self._call(self._build(ListKeysRequest, self.user_id, cursor))
-            assert isinstance(response, KeyListResponse)
-            keys += response.keys
-            if response.next_cursor == 0:
-                return keys
-            cursor = response.next_cursor
+        return await self._run(self._ops.list_keys())
 
     async def delete(self, key_id: bytes) -> None:
         """OPS-8: delete a key on the server and locally (the local copy goes either way)."""
-        request = self._build(DeleteKeyRequest, self.user_id, key_id)
         try:
-            await self._call(request)
+            await self._run(self._ops.delete(key_id))
         finally:
-            self._client.local_store.delete(self.user_id, key_id)
+            if len(key_id) == 16:
+                self._client.local_store.delete(self.user_id, key_id)
 
     async def audit(
         self,
@@ -825,25 +745,19 @@ class KeySession:
         before: int | None = None,
     ) -> list[AuditEntry]:
         """OPS-6: matching audit entries (all pages). Times in microseconds since the epoch."""
-        entries: list[AuditEntry] = []
-        cursor = 0
-        while True:
-            request = self._build(
-                AuditRequest, self.user_id, audit_type, tuple(key_ids), after, before, cursor
-            )
-            response = await self._call(request)
-            assert isinstance(response, AuditResponse)
-            entries += response.entries
-            if response.next_cursor == 0:
-                return entries
-            cursor = response.next_cursor
+        return await self._run(self._ops.audit(audit_type, key_ids, after, before))
 
     async def logout(self) -> None:
         """Close the session on the server (OPS-8)."""
         try:
             await self._client.close_session(self.session_id)
         finally:
-            self._storage_key = None
+            self._ops.forget()
+
+
+def _one(request: OpRequest) -> Plan[OpResponse]:
+    response = yield request
+    return response
 
 
 #: The KeySession method that sends each operation (``keymgmt_proto.OPERATIONS`` declares

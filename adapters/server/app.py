@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -32,6 +32,7 @@ from keymgmt_proto import (
     Empty,
     ErrorCode,
     Event,
+    ExpiredSession,
     KeyIdResponse,
     KeyListResponse,
     ListKeysRequest,
@@ -55,6 +56,7 @@ from keymgmt_proto import (
     ServerConnection,
     SessionClosed,
     SessionFailed,
+    SessionHandle,
     Status,
     StorageKeyResponse,
     StoreSecretRequest,
@@ -161,14 +163,13 @@ class KeyServer:
         self._random = random
         self._clock = clock
         self._name_ok = account_name_policy
-        #: Key ids drawn by CREATE_KEY_ID and not yet stored, per session (in memory only:
-        #: after a restart or a resumption the client asks for a fresh key id).
-        self._reserved: WeakKeyDictionary[ServerConnection, dict[int, OrderedDict[bytes, SecretKind]]] = (
-            WeakKeyDictionary()
-        )
-        #: Admitted logins not yet ended, per connection: session id -> account name. An
-        #: entry lives as long as its session (every end pops it, whatever the name).
-        self._in_flight: WeakKeyDictionary[ServerConnection, dict[int, bytes]] = WeakKeyDictionary()
+        #: Key ids drawn by CREATE_KEY_ID and not yet stored, per session (by its handle, so
+        #: they survive a resumption; in memory only: after a restart the client asks for a
+        #: fresh key id). Weak keys: a session gone for good takes its entry with it.
+        self._reserved: WeakKeyDictionary[SessionHandle, OrderedDict[bytes, SecretKind]] = WeakKeyDictionary()
+        #: Admitted logins not yet ended: session handle -> account name. An entry lives as
+        #: long as its session (every end pops it, whatever the name).
+        self._in_flight: dict[SessionHandle, bytes] = {}
         #: Failed logins (name, time) to count once the batch they ended in is over (see
         #: _record_failures); kept until storage takes them.
         self._failures: list[tuple[bytes, int]] = []
@@ -216,16 +217,18 @@ class KeyServer:
         except ProtocolError:
             log.exception("could not refuse %s", type(event).__name__)
 
-    def sessions_expired(self, expired: list[tuple[bytes, ErrorCode]]) -> None:
+    def sessions_expired(self, expired: Sequence[ExpiredSession]) -> None:
         """Audit sessions the registry expired while detached (``SessionRegistry.handle_timer``)."""
-        for user_id, _code in expired:
-            self._audit(user_id, Action.SESSION_EXPIRED, Outcome.SUCCESS)
+        for session in expired:
+            self._reserved.pop(session.handle, None)
+            self._audit(session.user_id, Action.SESSION_EXPIRED, Outcome.SUCCESS)
 
     # ------------------------------------------------------------ sessions
 
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
-            body = self.answer(conn, event.session_id, event.user_id, event.body)
+            assert event.handle is not None
+            body = self.answer(event.handle, event.user_id, event.body)
             conn.send_response(event.session_id, event.request_id, body)
         elif isinstance(event, RegistrationRequested):
             self._on_registration_requested(conn, event)
@@ -234,12 +237,13 @@ class KeyServer:
         elif isinstance(event, LoginRequested):
             self._on_login_requested(conn, event)
         elif isinstance(event, LoginSucceeded):
-            self._login_ended(conn, event.session_id, event.user_id)
+            self._login_ended(event.handle, event.user_id)
         elif isinstance(event, LoginFailed):
-            self._login_ended(conn, event.session_id, None)
+            self._login_ended(event.handle, None)
         elif isinstance(event, SessionClosed | SessionFailed):
-            self._login_ended(conn, event.session_id, None)  # a login abandoned on the way
-            self._session_reservations(conn).pop(event.session_id, None)
+            self._login_ended(event.handle, None)  # a login abandoned on the way
+            if event.handle is not None:
+                self._reserved.pop(event.handle, None)
             if isinstance(event, SessionClosed) and event.user_id is not None:
                 closed_by_client = event.code is ErrorCode.CLIENT_CLOSED
                 action = Action.LOGOUT if closed_by_client else Action.SESSION_EXPIRED
@@ -259,22 +263,17 @@ class KeyServer:
         if not admitted:
             conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many login attempts; retry later")
             return
-        self._logins_in_flight(conn)[event.session_id] = event.account_name
+        assert event.handle is not None
+        self._in_flight[event.handle] = event.account_name
         if account is not None:
             conn.accept_login(event.session_id, account.user_id, account.registration_record)
         else:
             conn.accept_unknown_login(event.session_id)
 
-    def _logins_in_flight(self, conn: ServerConnection) -> dict[int, bytes]:
-        logins = self._in_flight.get(conn)
-        if logins is None:
-            logins = self._in_flight[conn] = {}
-        return logins
-
-    def _login_ended(self, conn: ServerConnection, session_id: int, user_id: bytes | None) -> None:
+    def _login_ended(self, handle: SessionHandle | None, user_id: bytes | None) -> None:
         """An admitted login ended: succeeded (``user_id``, authenticated) or not (a wrong
         password, an unknown name, abandoned, timed out: the same write for every name)."""
-        name = self._logins_in_flight(conn).pop(session_id, None)
+        name = self._in_flight.pop(handle, None) if handle is not None else None
         if name is None:
             return
         now = self.now_us()
@@ -357,12 +356,6 @@ class KeyServer:
                     self._log_attempts(tx, account.user_id, record)
         return len(records)
 
-    def _session_reservations(self, conn: ServerConnection) -> dict[int, OrderedDict[bytes, SecretKind]]:
-        reservations = self._reserved.get(conn)
-        if reservations is None:
-            reservations = self._reserved[conn] = {}
-        return reservations
-
     def _on_registration_requested(self, conn: ServerConnection, event: RegistrationRequested) -> None:
         if not self._name_ok(event.account_name):
             conn.reject_session(event.session_id, ErrorCode.INVALID_ACCOUNT_NAME, "account name not allowed")
@@ -405,8 +398,8 @@ class KeyServer:
 
     # ------------------------------------------------------------ requests
 
-    def answer(self, conn: ServerConnection, session_id: int, user_id: bytes, body: bytes) -> bytes:
-        """Answer one request body from session ``session_id`` of ``user_id`` on ``conn``."""
+    def answer(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+        """Answer one request body from ``session`` (its handle) of ``user_id``."""
         now = self.now_us()
         try:
             request = decode_request(body)
@@ -415,7 +408,7 @@ class KeyServer:
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
-        reservations = self._session_reservations(conn).setdefault(session_id, OrderedDict())
+        reservations = self._reserved.setdefault(session, OrderedDict())
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)

@@ -1,8 +1,10 @@
 """``keymgmt-server`` configuration: a TOML file, overridden by environment variables.
 
 Every option is declared once in :data:`OPTIONS` (section, key, type, default,
-environment variable, help); the ``--help`` text and the README table come
-from the same list. Relative paths are resolved against the config file's folder.
+environment variable, help); the ``--help`` text and the file ``init`` writes
+come from the same list, and a test checks that the README's table names every
+option. Relative paths are resolved against the config file's folder (see
+docs/operations.md, *Configuration*, for the layering and the checks).
 """
 
 from __future__ import annotations

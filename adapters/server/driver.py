@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from weakref import WeakKeyDictionary
 
 import anyio
 from anyio.abc import ByteStream
@@ -24,6 +25,7 @@ from keymgmt_proto import (
     ConnectionFailed,
     ErrorCode,
     Event,
+    ExpiredSession,
     RandomSource,
     ServerConnection,
     ServerSetup,
@@ -38,7 +40,11 @@ __all__ = ["ConnectionDriver", "serve_stream"]
 log = logging.getLogger("keymgmt.server")
 
 ServerApp = Callable[[ServerConnection, Event], None]
-ExpiryHook = Callable[[list[tuple[bytes, ErrorCode]]], None]
+ExpiryHook = Callable[[Sequence[ExpiredSession]], None]
+
+#: The driver of each live server connection, so that a driver whose work changed another
+#: connection (SessionRegistry.take_woken) can wake that connection's driver.
+_DRIVERS: WeakKeyDictionary[ServerConnection, ConnectionDriver] = WeakKeyDictionary()
 
 
 class ConnectionDriver:
@@ -77,6 +83,22 @@ class ConnectionDriver:
         #: Set when an internal error ended the connection (see run()).
         self.faulted = False
         self._receive_scope: anyio.CancelScope | None = None
+        #: Set when another connection's work queued output here or changed its deadlines.
+        self._woken = False
+        _DRIVERS[self.conn] = self
+
+    def wake(self) -> None:
+        """Another connection changed this one (a session moved away, or an answer for a
+        session now here was queued): send its output and recompute its timer now."""
+        self._woken = True
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    def _wake_others(self) -> None:
+        for conn in self.registry.take_woken():
+            driver = _DRIVERS.get(conn)
+            if driver is not None and driver is not self:
+                driver.wake()
 
     def stop(self) -> None:
         """Finish what was received, say GOAWAY and close (graceful shutdown)."""
@@ -95,16 +117,19 @@ class ConnectionDriver:
         the output they produce is sent only after the commit; if it fails, the connection is
         abandoned (nothing sent, its sessions ended) so no uncommitted answer is ever seen."""
         batch = getattr(self.app, "batch", None)
-        if batch is None:
-            self._process_events()
-            return
         try:
-            with batch():
+            if batch is None:
                 self._process_events()
-        except StorageError as exc:
-            log.error("group commit failed; abandoning the connection from %s: %s", self.peer, exc)
-            self.conn.abandon()
-            self._process_events()
+                return
+            try:
+                with batch():
+                    self._process_events()
+            except StorageError as exc:
+                log.error("group commit failed; abandoning the connection from %s: %s", self.peer, exc)
+                self.conn.abandon()
+                self._process_events()
+        finally:
+            self._wake_others()
 
     def _process_events(self) -> None:
         while (event := self.conn.next_event()) is not NEED_DATA:
@@ -195,6 +220,9 @@ class ConnectionDriver:
                     return
             if conn.failed is not None:
                 return
+            if self._woken:  # output or deadlines changed while this driver was busy
+                self._woken = False
+                continue
             deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
             wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             data: bytes | None = None

@@ -113,7 +113,8 @@ class InMemoryPair:
     suite, as soon as it comes out, and is not returned; with ``run_opaque_steps``
     False it is returned like any other event and the caller hands its result back
     (``client.complete_opaque_step``). ``rng`` drives random splits (seed it for
-    reproducibility).
+    reproducibility). ``now`` starts the virtual clock: pass the ``now`` the server
+    connection was made at.
     """
 
     def __init__(
@@ -124,7 +125,7 @@ class InMemoryPair:
         *,
         delivery: Delivery = Delivery.WHOLE,
         rng: _random.Random | None = None,
-        now: float = 0.0,
+        now: float,
         run_opaque_steps: bool = True,
     ) -> None:
         self.client = client

@@ -1,0 +1,245 @@
+"""What the client checks around each operation on secrets (docs/protocol.md section 12.10).
+
+:class:`SecretOps` holds one session's keys and turns each operation into a
+*plan*: a generator that yields the requests to send and is sent each decoded
+answer (:meth:`SecretOps.answer` turns a response body into one, or raises).
+The plan returns the operation's result. Every check the protocol asks of the
+client lives here, so an adapter only carries requests and answers::
+
+    plan = ops.retrieve(key_id, Context.LOCAL_ONLY, local=None)
+    try:
+        request = next(plan)
+        while True:
+            body = send_and_wait(request.encode())      # the adapter's I/O
+            request = plan.send(ops.answer(request, body))
+    except StopIteration as done:
+        secret, to_keep = done.value
+
+No I/O: the local store is the adapter's; a plan is told what it holds
+(``local`` copies, a ``holds(key_id)`` predicate) and says what to keep.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ._crypto import RandomSource, decrypt_storage_key, derive_master_key
+from ._errors import RemoteProtocolError
+from ._ops import (
+    GENERATED_SECRET_SIZE,
+    KEY_ID_NONCE_SIZE,
+    AuditEntry,
+    AuditRequest,
+    AuditResponse,
+    AuditType,
+    Context,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
+    KeyIdResponse,
+    KeyInfo,
+    KeyListResponse,
+    ListKeysRequest,
+    OpRequest,
+    OpResponse,
+    RetrieveRequest,
+    RetrieveStorageKeyRequest,
+    SecretKind,
+    SecretResponse,
+    Status,
+    StorageKeyResponse,
+    StoreSecretRequest,
+    ad_matches,
+    decode_portable,
+    decode_response,
+    encode_portable,
+    joint_key_id,
+    open_secret,
+    seal_secret,
+    secret_ad,
+)
+
+__all__ = ["IntegrityFailure", "OperationRefused", "Plan", "SealedCopy", "SecretOps"]
+
+_T = TypeVar("_T")
+
+#: A plan: yields requests, is sent their decoded answers, returns the result.
+Plan = Generator[OpRequest, OpResponse, _T]
+
+
+class IntegrityFailure(Exception):
+    """The key server's answer failed a check the client makes (a tampered, swapped or
+    malformed answer); nothing it carried is used."""
+
+
+class OperationRefused(Exception):
+    """The key server answered with a status other than OK."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(f"request refused: {status.name.lower().replace('_', ' ')}")
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class SealedCopy:
+    """A sealed secret as the local store keeps it (ciphertext and AD only, STO-2)."""
+
+    kind: SecretKind
+    ciphertext: bytes = field(repr=False)
+    associated_data: bytes = field(repr=False)
+
+
+class SecretOps:
+    """The client side of the operations of one authenticated session of ``user_id``.
+
+    ``export_key`` is the OPAQUE export key of the login; the storage key it unlocks
+    (OPS-1) is fetched by the first plan that needs it and kept until :meth:`forget`.
+    """
+
+    __slots__ = ("_export_key", "_random", "_storage_key", "user_id")
+
+    def __init__(self, user_id: bytes, export_key: bytes, random: RandomSource) -> None:
+        self.user_id = user_id
+        self._export_key = export_key
+        self._random = random
+        self._storage_key: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<SecretOps user_id={self.user_id.hex()}>"
+
+    def forget(self) -> None:
+        """Drop the storage key (logout)."""
+        self._storage_key = None
+
+    @staticmethod
+    def answer(request: OpRequest, body: bytes) -> OpResponse:
+        """Decode the answer to ``request``: a body that does not decode for its op is an
+        IntegrityFailure, a status other than OK an OperationRefused."""
+        try:
+            status, response = decode_response(request.op, body)
+        except RemoteProtocolError as exc:
+            raise IntegrityFailure(f"malformed response from the key server: {exc}") from None
+        if status is not Status.OK:
+            raise OperationRefused(status)
+        assert response is not None
+        return response
+
+    # ------------------------------------------------------------ plans
+
+    def storage_key(self) -> Plan[bytes]:
+        """OPS-1: the session's storage key, fetched and opened once."""
+        if self._storage_key is None:
+            response = yield RetrieveStorageKeyRequest(self.user_id)
+            assert isinstance(response, StorageKeyResponse)
+            master_key = derive_master_key(self._export_key)
+            try:
+                self._storage_key = decrypt_storage_key(
+                    master_key, response.encrypted_storage_key, self.user_id
+                )
+            except RemoteProtocolError:
+                raise IntegrityFailure("the stored storage key failed verification") from None
+        return self._storage_key
+
+    def store(
+        self, secret: bytes, kind: SecretKind, holds: Callable[[bytes], bool]
+    ) -> Plan[tuple[bytes, SealedCopy]]:
+        """OPS-2/OPS-3: store ``secret``; returns its key id and the copy to keep locally.
+        ``holds(key_id)`` says whether the local store already has a key id."""
+        storage_key = yield from self.storage_key()
+        client_nonce = self._random(KEY_ID_NONCE_SIZE)
+        reply = yield CreateKeyIdRequest(self.user_id, kind, client_nonce)
+        assert isinstance(reply, KeyIdResponse)
+        key_id = reply.key_id
+        # KEY-2: the id must come from our fresh nonce, so a server cannot hand one id to two
+        # stores (and later serve either ciphertext); and it must be new to us.
+        expected = joint_key_id(self.user_id, client_nonce, reply.server_nonce)
+        if not hmac.compare_digest(expected, key_id):
+            raise IntegrityFailure("the key id from the key server is not derived from this client's nonce")
+        if holds(key_id):
+            raise IntegrityFailure("the key server handed out a key id this client already holds")
+        ad = secret_ad(self.user_id, key_id, kind)
+        ciphertext = seal_secret(storage_key, secret, ad, self._random)
+        yield StoreSecretRequest(self.user_id, key_id, kind, ciphertext)
+        return key_id, SealedCopy(kind, ciphertext, ad)
+
+    def generate(self, holds: Callable[[bytes], bool]) -> Plan[tuple[bytes, SealedCopy]]:
+        """OPS-2: store a fresh random secret."""
+        return self.store(self._random(GENERATED_SECRET_SIZE), SecretKind.GENERATED, holds)
+
+    def import_portable(
+        self, portable: bytes, holds: Callable[[bytes], bool]
+    ) -> Plan[tuple[bytes, SealedCopy]]:
+        """OPS-3: store a secret given as ``len || secret`` (ValueError if it is not)."""
+        return self.store(decode_portable(portable), SecretKind.IMPORTED, holds)
+
+    def retrieve(
+        self, key_id: bytes, context: Context, local: SealedCopy | None
+    ) -> Plan[tuple[bytes | None, SealedCopy | None]]:
+        """OPS-4/OPS-5: the secret as ``context`` asks (None, the secret, or ``len || secret``),
+        from ``local`` if it verifies, else from the server; returns it with the verified
+        copy the local store should keep (None when ``local`` served)."""
+        request = RetrieveRequest(self.user_id, key_id, context)  # invalid arguments: before any I/O
+        storage_key = yield from self.storage_key()
+        secret, to_keep = None, None
+        if local is not None:
+            try:
+                secret = self._open(storage_key, key_id, local)
+            except IntegrityFailure:
+                secret = None  # a damaged local copy: fetch the server's and replace it
+        if secret is None:
+            response = yield request
+            assert isinstance(response, SecretResponse)
+            to_keep = SealedCopy(response.kind, response.ciphertext, response.associated_data)
+            secret = self._open(storage_key, key_id, to_keep)
+        if context is Context.NULL:
+            return None, to_keep
+        if context is Context.EXPORT:
+            return encode_portable(secret), to_keep
+        return secret, to_keep
+
+    def list_keys(self) -> Plan[list[KeyInfo]]:
+        """OPS-8: every key of the user, all pages."""
+        keys: list[KeyInfo] = []
+        cursor = 0
+        while True:
+            response = yield ListKeysRequest(self.user_id, cursor)
+            assert isinstance(response, KeyListResponse)
+            keys += response.keys
+            if response.next_cursor == 0:
+                return keys
+            cursor = response.next_cursor
+
+    def audit(
+        self,
+        audit_type: AuditType = AuditType.ALL,
+        key_ids: Sequence[bytes] = (),
+        after: int | None = None,
+        before: int | None = None,
+    ) -> Plan[list[AuditEntry]]:
+        """OPS-6: the matching audit entries, all pages."""
+        entries: list[AuditEntry] = []
+        cursor = 0
+        while True:
+            response = yield AuditRequest(self.user_id, audit_type, tuple(key_ids), after, before, cursor)
+            assert isinstance(response, AuditResponse)
+            entries += response.entries
+            if response.next_cursor == 0:
+                return entries
+            cursor = response.next_cursor
+
+    def delete(self, key_id: bytes) -> Plan[None]:
+        """OPS-8: delete a key on the server (the adapter drops its local copy either way)."""
+        yield DeleteKeyRequest(self.user_id, key_id)
+
+    # ------------------------------------------------------------ internals
+
+    def _open(self, storage_key: bytes, key_id: bytes, sealed: SealedCopy) -> bytes:
+        expected = secret_ad(self.user_id, key_id, sealed.kind)
+        if not ad_matches(expected, sealed.associated_data):
+            raise IntegrityFailure("the ciphertext's associated data names another user or key")
+        try:
+            return open_secret(storage_key, sealed.ciphertext, sealed.associated_data)
+        except RemoteProtocolError:
+            raise IntegrityFailure("the ciphertext failed verification (tampered or swapped)") from None

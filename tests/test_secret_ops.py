@@ -1,0 +1,211 @@
+"""SecretOps, the client's checks around each operation (docs/protocol.md section 12.10), driven
+without any I/O: each test plays the key server by hand, honest or lying."""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import pytest
+
+from keymgmt_proto import (
+    AuditRequest,
+    AuditResponse,
+    Context,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
+    Empty,
+    IntegrityFailure,
+    KeyIdResponse,
+    KeyInfo,
+    KeyListResponse,
+    ListKeysRequest,
+    Op,
+    OperationRefused,
+    OpRequest,
+    OpResponse,
+    Plan,
+    RetrieveRequest,
+    RetrieveStorageKeyRequest,
+    SealedCopy,
+    SecretKind,
+    SecretOps,
+    SecretResponse,
+    Status,
+    StorageKeyResponse,
+    StoreSecretRequest,
+    derive_master_key,
+    encode_response,
+    encrypt_storage_key,
+    joint_key_id,
+)
+
+T = TypeVar("T")
+USER = bytes(range(16))
+EXPORT_KEY = bytes(range(32, 96))
+STORAGE_KEY = bytes(range(100, 132))
+NEVER: frozenset[bytes] = frozenset()
+
+
+def _ops() -> SecretOps:
+    return SecretOps(USER, EXPORT_KEY, os.urandom)
+
+
+def _storage_key_answer() -> StorageKeyResponse:
+    wrapped = encrypt_storage_key(derive_master_key(EXPORT_KEY), STORAGE_KEY, USER, os.urandom)
+    return StorageKeyResponse(wrapped)
+
+
+def _run(
+    plan: Plan[T], answer: dict[type[OpRequest], OpResponse | list[OpResponse]]
+) -> tuple[T, list[OpRequest]]:
+    """Drive ``plan`` to its end, answering each request type from ``answer``."""
+    sent: list[OpRequest] = []
+    try:
+        request = next(plan)
+        while True:
+            sent.append(request)
+            reply = answer[type(request)]
+            response = reply.pop(0) if isinstance(reply, list) else reply
+            request = plan.send(response)
+    except StopIteration as done:
+        return done.value, sent
+
+
+class HonestKeyIds:
+    """Answers CREATE_KEY_ID as an honest server: the id both nonces give."""
+
+    def __init__(self) -> None:
+        self.server_nonce = bytes(range(7, 39))
+
+    def answer(self, request: CreateKeyIdRequest) -> KeyIdResponse:
+        key_id = joint_key_id(USER, request.client_nonce, self.server_nonce)
+        return KeyIdResponse(key_id, self.server_nonce)
+
+
+def _store(ops: SecretOps, secret: bytes, holds: frozenset[bytes] = NEVER, forge: bool = False):
+    plan = ops.store(secret, SecretKind.IMPORTED, holds.__contains__)
+    create = next(plan)
+    if isinstance(create, RetrieveStorageKeyRequest):  # the first plan of the session
+        create = plan.send(_storage_key_answer())
+    assert isinstance(create, CreateKeyIdRequest) and create.kind is SecretKind.IMPORTED
+    reply = HonestKeyIds().answer(create)
+    if forge:
+        reply = KeyIdResponse(joint_key_id(USER, bytes(32), reply.server_nonce), reply.server_nonce)
+    store = plan.send(reply)
+    assert isinstance(store, StoreSecretRequest)
+    with pytest.raises(StopIteration) as done:
+        plan.send(Empty())
+    return done.value.value, store
+
+
+def test_a_store_seals_under_the_key_id_both_nonces_give_and_fetches_the_storage_key_once():
+    ops = _ops()
+    (key_id, copy), store = _store(ops, b"hello")
+    assert store.key_id == key_id and copy.ciphertext == store.ciphertext and copy.kind is SecretKind.IMPORTED
+    assert copy.associated_data == USER + key_id + b"imported key"
+    # The storage key is kept: the next plan starts with CREATE_KEY_ID.
+    plan = ops.generate(NEVER.__contains__)
+    assert isinstance(next(plan), CreateKeyIdRequest)
+    # ... and forget() drops it (logout).
+    ops.forget()
+    assert isinstance(next(ops.generate(NEVER.__contains__)), RetrieveStorageKeyRequest)
+
+
+def test_a_key_id_not_from_the_clients_nonce_or_already_held_is_an_integrity_failure():
+    with pytest.raises(IntegrityFailure, match="not derived from this client's nonce"):
+        _store(_ops(), b"x", forge=True)
+    ops = _ops()
+    (key_id, _copy), _ = _store(ops, b"x")
+    plan = ops.store(b"y", SecretKind.GENERATED, {key_id}.__contains__)
+    create = next(plan)
+    assert isinstance(create, CreateKeyIdRequest)
+    # A broken client RNG repeats the nonce; the server repeats its own: the same id again.
+    forged = KeyIdResponse(key_id, HonestKeyIds().server_nonce)
+    with pytest.raises(IntegrityFailure):
+        plan.send(forged)
+
+
+def test_a_storage_key_that_does_not_verify_is_an_integrity_failure():
+    plan = _ops().storage_key()
+    next(plan)
+    wrapped = bytearray(_storage_key_answer().encrypted_storage_key)
+    wrapped[-1] ^= 1
+    with pytest.raises(IntegrityFailure, match="storage key failed verification"):
+        plan.send(StorageKeyResponse(bytes(wrapped)))
+
+
+def _retrieve(
+    ops: SecretOps, key_id: bytes, context: Context, local: SealedCopy | None, server: SecretResponse
+):
+    return _run(
+        ops.retrieve(key_id, context, local),
+        {RetrieveStorageKeyRequest: _storage_key_answer(), RetrieveRequest: server},
+    )
+
+
+def test_retrieve_uses_a_verified_local_copy_and_replaces_a_damaged_one():
+    ops = _ops()
+    (key_id, copy), _ = _store(ops, b"secret")
+    server = SecretResponse(copy.kind, copy.ciphertext, copy.associated_data)
+    (secret, keep), sent = _retrieve(ops, key_id, Context.LOCAL_ONLY, copy, server)
+    assert (secret, keep) == (b"secret", None) and sent == []  # the server is not asked
+    damaged = SealedCopy(
+        copy.kind, copy.ciphertext[:-1] + bytes([copy.ciphertext[-1] ^ 1]), copy.associated_data
+    )
+    (secret, keep), sent = _retrieve(ops, key_id, Context.EXPORT, damaged, server)
+    assert secret == b"\x06secret" and keep == copy and [type(r) for r in sent] == [RetrieveRequest]
+    (secret, keep), _ = _retrieve(ops, key_id, Context.NULL, None, server)
+    assert secret is None and keep == copy
+
+
+@pytest.mark.parametrize("lie", ["another key's AD", "another kind", "a flipped bit"])
+def test_a_secret_the_server_altered_or_swapped_is_an_integrity_failure(lie):
+    ops = _ops()
+    (key_id, copy), _ = _store(ops, bytes(32))  # the size of a generated secret
+    (_other_id, other), _ = _store(ops, b"other")
+    if lie == "another key's AD":
+        server = SecretResponse(other.kind, other.ciphertext, other.associated_data)
+    elif lie == "another kind":
+        server = SecretResponse(SecretKind.GENERATED, copy.ciphertext, USER + key_id)
+    else:
+        server = SecretResponse(
+            copy.kind, copy.ciphertext[:-1] + bytes([copy.ciphertext[-1] ^ 1]), copy.associated_data
+        )
+    with pytest.raises(IntegrityFailure):
+        _retrieve(ops, key_id, Context.LOCAL_ONLY, None, server)
+
+
+def test_answers_decode_for_the_op_sent_and_refusals_carry_their_status():
+    request = DeleteKeyRequest(USER, bytes(16))
+    assert SecretOps.answer(request, encode_response(Status.OK, Empty())) == Empty()
+    with pytest.raises(OperationRefused) as refused:
+        SecretOps.answer(request, encode_response(Status.NOT_FOUND))
+    assert refused.value.status is Status.NOT_FOUND and str(refused.value) == "request refused: not found"
+    with pytest.raises(IntegrityFailure, match="malformed response"):
+        SecretOps.answer(request, b"")
+    key_list = encode_response(Status.OK, KeyListResponse(()))
+    with pytest.raises(IntegrityFailure):  # an answer of another op's shape
+        SecretOps.answer(CreateKeyIdRequest(USER, SecretKind.GENERATED, bytes(32)), key_list)
+    assert Op.DELETE_KEY is request.op
+
+
+def test_list_and_audit_follow_the_cursor_to_the_last_page():
+    first = KeyInfo(bytes(16), SecretKind.GENERATED, 1)
+    second = KeyInfo(bytes([1]) * 16, SecretKind.IMPORTED, 2)
+    pages = [KeyListResponse((first,), next_cursor=9), KeyListResponse((second,))]
+    keys, sent = _run(_ops().list_keys(), {ListKeysRequest: pages})
+    assert keys == [first, second]
+    assert [r.cursor for r in sent if isinstance(r, ListKeysRequest)] == [0, 9]
+    audits = [AuditResponse((), next_cursor=3), AuditResponse(())]
+    entries, sent = _run(_ops().audit(), {AuditRequest: audits})
+    assert entries == [] and [r.cursor for r in sent if isinstance(r, AuditRequest)] == [0, 3]
+
+
+def test_invalid_arguments_are_refused_before_any_request():
+    with pytest.raises(ValueError):
+        next(_ops().retrieve(b"short", Context.NULL, None))
+    with pytest.raises(ValueError):
+        next(_ops().delete(b"short"))
+    with pytest.raises(ValueError):
+        _ops().import_portable(b"\x05abc", NEVER.__contains__)
