@@ -18,6 +18,7 @@ from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
     Event,
+    OpaqueStepRequired,
     RegistrationSucceeded,
     ServerConfig,
     ServerConnection,
@@ -58,10 +59,14 @@ def drain_server(server: ServerConnection, app: ServerApp) -> None:
 
 
 def drain_client(client: ClientConnection) -> list[Event]:
+    """The client's events until NEED_DATA; its OPAQUE steps (Argon2) run inline."""
     events: list[Event] = []
     while (event := client.next_event()) is not NEED_DATA:
         assert isinstance(event, Event)
-        events.append(event)
+        if isinstance(event, OpaqueStepRequired):
+            client.complete_opaque_step(event.run(client.opaque))
+        else:
+            events.append(event)
     return events
 
 

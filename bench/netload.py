@@ -29,7 +29,7 @@ from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.tls import generate_dev_pki
-from keymgmt_proto import Context, Status
+from keymgmt_proto import ClientConnection, Context, OpaqueStepRequired, Status
 from keymgmt_proto._ops import RetrieveRequest
 
 from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, process_cpu_seconds
@@ -222,26 +222,39 @@ async def open_sessions(server: Server, count: int, concurrency: int, *, shared:
 # ------------------------------------------------------------------ P7: client event loop
 
 
-class WholeBufferClient(KeymgmtClient):
-    """Baseline for P7: the client reader before it handed the core one frame at a time,
-    i.e. every received byte at once, so a burst of LOGIN_RESPONSE frames ran all their
-    Argon2 steps in one event-loop turn."""
+class AllStepsAtOnceClient(KeymgmtClient):
+    """Baseline for P7: the client as it was before it paced its OPAQUE steps, running
+    every step that a burst of LOGIN_RESPONSE frames asks for in one event-loop turn."""
 
-    async def _read(self) -> None:
-        assert self._stream is not None
-        while self._conn.failed is None:
-            try:
-                data = await self._stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                data = b""
-            self._conn.receive_data(data)
-            self._dispatch_all()
-            await self._flush()
+    async def _run_opaque_steps(self) -> None:
+        while self._steps:
+            conn, step = self._steps.popleft()
+            conn.complete_opaque_step(step.run(conn.opaque))
+        self._dispatch_all()
 
 
-async def loop_lag(server: Server, logins: int, *, frame_at_a_time: bool) -> dict[str, float]:
-    """Worst event-loop lag seen by a 2 ms ticker while ``logins`` logins run concurrently."""
-    cls = KeymgmtClient if frame_at_a_time else WholeBufferClient
+class ThreadStepClient(KeymgmtClient):
+    """Comparison for P7: every OPAQUE step in a worker thread (``anyio.to_thread``), all
+    at once. The binding holds the GIL through Argon2, so this frees the loop no better."""
+
+    async def _run_opaque_steps(self) -> None:
+        async def one(conn: ClientConnection, step: OpaqueStepRequired) -> None:
+            result = await anyio.to_thread.run_sync(step.run, conn.opaque)
+            conn.complete_opaque_step(result)
+            if conn is self._conn:
+                self._dispatch_all()
+                await self._flush()
+
+        steps = list(self._steps)
+        self._steps.clear()
+        async with anyio.create_task_group() as tg:
+            for conn, step in steps:
+                tg.start_soon(one, conn, step)
+
+
+async def loop_lag(server: Server, logins: int, cls: type[KeymgmtClient] = KeymgmtClient) -> dict[str, float]:
+    """Worst event-loop lag seen by a 2 ms ticker while ``logins`` logins run concurrently
+    on one ``cls`` client."""
     # One account per login: a client takes turns for logins of one account (NET-10).
     accounts = [ACCOUNT + b"-%d" % i for i in range(logins)]
     async with await _client(server) as setup_client:

@@ -20,6 +20,7 @@ from keymgmt_proto import (
     ClientConnection,
     Event,
     FrameType,
+    OpaqueStepRequired,
     RemoteProtocolError,
     ServerConnection,
 )
@@ -135,6 +136,8 @@ def drain(
 ) -> list[Event]:
     """Take every event (answering server events with ``app``) until NEED_DATA.
 
+    A client's OPAQUE steps run at once, inline, with its suite; the result of a step
+    just asked for is always taken (anything else is a finding).
     ``budget`` bounds the number of events: more than that for the input at
     hand is an event storm (a loop in the state machine), reported as a finding.
     """
@@ -148,6 +151,12 @@ def drain(
         events.append(event)
         if len(events) > budget:
             raise violated(f"more than {budget} events for this input")
+        if (
+            isinstance(event, OpaqueStepRequired)
+            and isinstance(conn, ClientConnection)
+            and not conn.complete_opaque_step(event.run(conn.opaque))
+        ):
+            raise violated(f"the result of {event!r} was dropped")
         if app is not None and isinstance(conn, ServerConnection):
             app(conn, event)
 

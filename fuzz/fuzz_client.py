@@ -3,8 +3,9 @@
 Input: the byte stream a server sends. The client has two sessions open, as
 after ``open_registration`` (session 1, awaiting REG_RESPONSE) and
 ``open_request_session`` (session 2, awaiting LOGIN_RESPONSE), so frames for
-them reach the session state machine and the OPAQUE client steps rather than
-stopping at "never opened". The opened client is built once and deep-copied
+them reach the session state machine and the OPAQUE client steps (``drain`` runs
+each ``OpaqueStepRequired`` inline, as an adapter would) rather than stopping at
+"never opened". The opened client is built once and deep-copied
 per input (its OPAQUE state is plain bytes), so every input starts from the
 same state. After the bytes comes the end of the stream.
 

@@ -6,6 +6,13 @@ Typical use (an adapter does the I/O)::
     sid = conn.open_request_session(b"alice@example.org", password)
     transport.write(conn.data_to_send())
     ... conn.receive_data(transport.read()); event = conn.next_event() ...
+    ... if isinstance(event, OpaqueStepRequired):
+            conn.complete_opaque_step(event.run(conn.opaque)) ...
+
+The cheap OPAQUE start steps run inside ``open_*`` (and, for a registration, when its
+first step's result comes back). The two expensive finish steps (Argon2) never run inside
+``next_event``: it returns an ``OpaqueStepRequired`` event with their inputs, the adapter
+runs them where it likes, and ``complete_opaque_step`` takes the result back.
 
 Passwords are held only between the OPAQUE steps that need them.
 ``export_key`` reaches the application in the ``SessionEstablished`` or
@@ -22,6 +29,9 @@ from ._connection import ConnectionBase
 from ._crypto import MAX_SEQ, Channel, RandomSource, derive_master_key, encrypt_storage_key
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
+    OpaqueStep,
+    OpaqueStepRequired,
+    OpaqueStepResult,
     RegistrationSucceeded,
     ResponseReceived,
     ResumeDeferred,
@@ -60,6 +70,13 @@ __all__ = ["ClientConnection", "DetachedSession"]
 
 #: Default cap on requests awaiting an answer in one session (the server enforces its own).
 DEFAULT_MAX_IN_FLIGHT = 16
+#: Size of OPAQUE's export key and session key (OPAQUE-3DH with SHA-512).
+_OPAQUE_KEY_SIZE = 64
+#: The command that hands back each step's result (the transition table decides where it is legal).
+_STEP_COMMANDS = {
+    OpaqueStep.REGISTRATION_FINISH: Command.COMPLETE_REG_STEP,
+    OpaqueStep.LOGIN_FINISH: Command.COMPLETE_LOGIN_STEP,
+}
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -155,6 +172,53 @@ class ClientConnection(ConnectionBase):
         self._commit_open(session, step.state)
         self._send(FrameType.LOGIN_START, session.session_id, message.encode())
         return session.session_id
+
+    @property
+    def opaque(self) -> OpaqueSuite:
+        """The OPAQUE suite this connection was made with: run its steps with it."""
+        return self._opaque
+
+    def complete_opaque_step(self, result: OpaqueStepResult) -> bool:
+        """Hand back what an :class:`OpaqueStepRequired` gave (``event.run(conn.opaque)``).
+
+        After a registration step REG_UPLOAD and LOGIN_START are queued; after a login step
+        LOGIN_FINISH is queued and the channel is set up; a failed step ends the session
+        (``SessionFailed``, ABORT to the server). Returns False and changes nothing if the
+        session ended meanwhile (aborted, failed, its connection lost). Raises
+        :class:`LocalProtocolError` for a session never opened on this connection, a
+        session not waiting for this step (a result handed back twice, or for the other
+        step) and a result whose sizes are not OPAQUE's."""
+        session = self._sessions.get(result.session_id)
+        if session is None:
+            if 0 < result.session_id <= self._last_session_id:
+                return False
+            raise LocalProtocolError(f"no session {result.session_id}")
+        target = self._check(session, _STEP_COMMANDS[result.step])
+        if result.error is not None:
+            error = RemoteProtocolError(result.reason, result.error)
+            self._fail(session, error, remote=result.error is not ErrorCode.AUTHENTICATION_FAILED)
+            return True
+        keys = [result.export_key]
+        try:
+            if result.step is OpaqueStep.REGISTRATION_FINISH:
+                upload = RegUpload(result.message)
+            else:
+                finish = LoginFinish(result.message)
+                keys.append(result.session_key)
+        except ValueError as exc:
+            raise LocalProtocolError(f"not an OPAQUE step result: {exc}") from None
+        if any(len(key) != _OPAQUE_KEY_SIZE for key in keys):
+            raise LocalProtocolError(f"not an OPAQUE step result: its keys are {_OPAQUE_KEY_SIZE} bytes")
+        if result.step is OpaqueStep.REGISTRATION_FINISH:
+            self._after_registration_step(session, upload, result.export_key)
+        else:
+            try:
+                self._after_login_step(session, finish, result)
+            except RemoteProtocolError as exc:
+                self._fail(session, exc, remote=False)
+                return True
+        session.state = target
+        return True
 
     def send_request(self, session_id: int, body: bytes) -> int:
         """Send an application request; returns its request id. While a resumption is under
@@ -407,33 +471,51 @@ class ClientConnection(ConnectionBase):
 
     def _on_reg_response(self, session: _ClientSession, message: RegResponse) -> None:
         assert session.password is not None and session.opaque_state is not None
-        finish = self._opaque.client_registration_finish(
-            session.password, session.opaque_state, message.registration_response
+        step = OpaqueStepRequired(
+            session.session_id,
+            OpaqueStep.REGISTRATION_FINISH,
+            session.password,
+            session.opaque_state,
+            message.registration_response,
         )
+        session.opaque_state = None  # the password stays: the login start needs it
+        self._events.append(step)
+
+    def _on_login_response(self, session: _ClientSession, message: LoginResponse) -> None:
+        assert session.password is not None and session.opaque_state is not None
+        step = OpaqueStepRequired(
+            session.session_id,
+            OpaqueStep.LOGIN_FINISH,
+            session.password,
+            session.opaque_state,
+            message.credential_response,
+        )
+        session.password = None  # the step is the last to need it
+        session.opaque_state = None
+        self._events.append(step)
+
+    def _after_registration_step(self, session: _ClientSession, upload: RegUpload, export_key: bytes) -> None:
+        """Send the upload and start the login that proves it (compute first, then commit)."""
+        assert session.password is not None
         login = self._opaque.client_login_start(session.password)
-        upload = RegUpload(finish.message)
         login_start = LoginStart(session.account_name, login.message)
-        session.registration_export_key = finish.state
+        session.registration_export_key = export_key
         session.opaque_state = login.state
         self._send(FrameType.REG_UPLOAD, session.session_id, upload.encode())
         self._send(FrameType.LOGIN_START, session.session_id, login_start.encode())
 
-    def _on_login_response(self, session: _ClientSession, message: LoginResponse) -> None:
-        assert session.password is not None and session.opaque_state is not None
-        result = self._opaque.client_login_finish(
-            session.password, session.opaque_state, message.credential_response
-        )
+    def _after_login_step(
+        self, session: _ClientSession, finish: LoginFinish, result: OpaqueStepResult
+    ) -> None:
+        """Check the export key against registration's, then set up the channel."""
         if session.registration_export_key is not None and not hmac.compare_digest(
             session.registration_export_key, result.export_key
         ):
             raise RemoteProtocolError(
                 "export key from login differs from registration", ErrorCode.AUTHENTICATION_FAILED
             )
-        finish = LoginFinish(result.message)
         session.channel = Channel(result.session_key, is_client=True)
         session.export_key = result.export_key
-        session.password = None
-        session.opaque_state = None
         session.registration_export_key = None
         self._send(FrameType.LOGIN_FINISH, session.session_id, finish.encode())
 

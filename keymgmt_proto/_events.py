@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from ._errors import ErrorCode
+from ._errors import ErrorCode, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from ._opaque import OpaqueSuite
 
 __all__ = [
     "NEED_DATA",
@@ -15,6 +19,9 @@ __all__ = [
     "LoginRequested",
     "LoginSucceeded",
     "NeedData",
+    "OpaqueStep",
+    "OpaqueStepRequired",
+    "OpaqueStepResult",
     "RegistrationCompleted",
     "RegistrationRequested",
     "RegistrationSucceeded",
@@ -149,6 +156,63 @@ class SessionResumed(Event):
     # ------------------------------------------------------------- client side
     #: The session's handle, stable across resumptions (None where the session has none).
     handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
+
+
+class OpaqueStep(Enum):
+    """Which expensive OPAQUE client step an :class:`OpaqueStepRequired` asks for."""
+
+    #: ``client_registration_finish``: the upload for REG_UPLOAD and the export key.
+    REGISTRATION_FINISH = "registration_finish"
+    #: ``client_login_finish``: the finalization for LOGIN_FINISH, session and export keys.
+    LOGIN_FINISH = "login_finish"
+
+
+@dataclass(frozen=True, slots=True)
+class OpaqueStepResult:
+    """What running an :class:`OpaqueStepRequired` gave; hand it to
+    :meth:`ClientConnection.complete_opaque_step`. Plain data (it can come back from a
+    process pool). ``error`` is set, and the keys empty, when the step failed
+    (``AUTHENTICATION_FAILED`` for a wrong password or an unknown account)."""
+
+    session_id: int
+    step: OpaqueStep
+    message: bytes = field(default=b"", repr=False)
+    export_key: bytes = field(default=b"", repr=False)
+    #: Login only; empty for a registration step.
+    session_key: bytes = field(default=b"", repr=False)
+    error: ErrorCode | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OpaqueStepRequired(Event):
+    """A session needs an expensive OPAQUE client step (Argon2 key stretching: tens of
+    milliseconds of CPU). Run it wherever suits the adapter, with the connection's suite:
+    ``conn.complete_opaque_step(event.run(conn.opaque))`` inline, or ``event.run`` in a
+    thread or a process pool (the fields are plain bytes), and hand the result back. The
+    session waits meanwhile (``AWAIT_REG_STEP`` or ``AWAIT_LOGIN_STEP``). The event holds
+    the password: drop it once it has run."""
+
+    session_id: int
+    step: OpaqueStep
+    password: bytes = field(repr=False)
+    #: The client's OPAQUE state from the matching start step.
+    state: bytes = field(repr=False)
+    #: The server's RegistrationResponse or CredentialResponse.
+    server_message: bytes = field(repr=False)
+
+    def run(self, opaque: OpaqueSuite) -> OpaqueStepResult:
+        """Run the step with ``opaque``; a failure becomes a result carrying its error."""
+        try:
+            if self.step is OpaqueStep.REGISTRATION_FINISH:
+                upload = opaque.client_registration_finish(self.password, self.state, self.server_message)
+                return OpaqueStepResult(self.session_id, self.step, upload.message, upload.state)
+            login = opaque.client_login_finish(self.password, self.state, self.server_message)
+        except RemoteProtocolError as exc:
+            return OpaqueStepResult(self.session_id, self.step, error=exc.code, reason=str(exc))
+        return OpaqueStepResult(
+            self.session_id, self.step, login.message, login.export_key, login.session_key
+        )
 
 
 @dataclass(frozen=True, slots=True)

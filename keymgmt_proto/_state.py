@@ -6,6 +6,11 @@ received from the peer (a :class:`~keymgmt_proto._wire.FrameType`) or a local
 state; a missing key is illegal: a frame is a peer fault (the session ends with
 UNEXPECTED_FRAME), a command is a :class:`LocalProtocolError`.
 
+Two client states wait for the local adapter, not the peer: ``AWAIT_REG_STEP`` and
+``AWAIT_LOGIN_STEP`` hold a session while the adapter runs the OPAQUE step an
+``OpaqueStepRequired`` event asked for; nothing crosses the wire until it hands
+the result back (``complete_opaque_step``).
+
 ``docs/architecture.md`` carries a diagram generated from this table by
 ``scripts/gen_state_diagram.py``.
 """
@@ -55,7 +60,11 @@ class State(_FastHashEnum):
     IDLE = "IDLE"
     # client
     AWAIT_REG_RESPONSE = "AWAIT_REG_RESPONSE"
+    #: An ``OpaqueStepRequired`` (registration finish) is out: the adapter runs it.
+    AWAIT_REG_STEP = "AWAIT_REG_STEP"
     AWAIT_LOGIN_RESPONSE = "AWAIT_LOGIN_RESPONSE"
+    #: An ``OpaqueStepRequired`` (login finish) is out: the adapter runs it.
+    AWAIT_LOGIN_STEP = "AWAIT_LOGIN_STEP"
     AWAIT_WELCOME = "AWAIT_WELCOME"
     AWAIT_REG_CLOSE = "AWAIT_REG_CLOSE"
     AWAIT_RESUMED = "AWAIT_RESUMED"
@@ -82,6 +91,10 @@ class Command(_FastHashEnum):
     ACCEPT_REGISTRATION = "accept_registration"
     ACCEPT_LOGIN = "accept_login"
     CONFIRM_REGISTRATION = "confirm_registration"
+    #: The client hands back the result of an OPAQUE registration-finish step.
+    COMPLETE_REG_STEP = "complete_reg_step"
+    #: The client hands back the result of an OPAQUE login-finish step.
+    COMPLETE_LOGIN_STEP = "complete_login_step"
     SEND_REQUEST = "send_request"
     SEND_RESPONSE = "send_response"
     RESUME = "resume"
@@ -103,13 +116,16 @@ St, F, K = State, FrameType, Command
 _ROWS: list[tuple[Role, SessionKind, State, Trigger, State]] = [
     # ---- client, registration session (NET-5)
     (C, REG, St.IDLE, K.OPEN, St.AWAIT_REG_RESPONSE),  # send REG_START
-    (C, REG, St.AWAIT_REG_RESPONSE, F.REG_RESPONSE, St.AWAIT_LOGIN_RESPONSE),  # send REG_UPLOAD, LOGIN_START
-    (C, REG, St.AWAIT_LOGIN_RESPONSE, F.LOGIN_RESPONSE, St.AWAIT_WELCOME),  # send LOGIN_FINISH
+    (C, REG, St.AWAIT_REG_RESPONSE, F.REG_RESPONSE, St.AWAIT_REG_STEP),  # event OpaqueStepRequired
+    (C, REG, St.AWAIT_REG_STEP, K.COMPLETE_REG_STEP, St.AWAIT_LOGIN_RESPONSE),  # send REG_UPLOAD, LOGIN_START
+    (C, REG, St.AWAIT_LOGIN_RESPONSE, F.LOGIN_RESPONSE, St.AWAIT_LOGIN_STEP),  # event OpaqueStepRequired
+    (C, REG, St.AWAIT_LOGIN_STEP, K.COMPLETE_LOGIN_STEP, St.AWAIT_WELCOME),  # send LOGIN_FINISH
     (C, REG, St.AWAIT_WELCOME, F.WELCOME, St.AWAIT_REG_CLOSE),  # send COMPLETE_REGISTRATION
     (C, REG, St.AWAIT_REG_CLOSE, F.CLOSE, St.CLOSED),
     # ---- client, request session (NET-6)
     (C, REQ, St.IDLE, K.OPEN, St.AWAIT_LOGIN_RESPONSE),  # send LOGIN_START
-    (C, REQ, St.AWAIT_LOGIN_RESPONSE, F.LOGIN_RESPONSE, St.AWAIT_WELCOME),  # send LOGIN_FINISH
+    (C, REQ, St.AWAIT_LOGIN_RESPONSE, F.LOGIN_RESPONSE, St.AWAIT_LOGIN_STEP),  # event OpaqueStepRequired
+    (C, REQ, St.AWAIT_LOGIN_STEP, K.COMPLETE_LOGIN_STEP, St.AWAIT_WELCOME),  # send LOGIN_FINISH
     (C, REQ, St.AWAIT_WELCOME, F.WELCOME, St.ESTABLISHED),
     (C, REQ, St.ESTABLISHED, K.SEND_REQUEST, St.ESTABLISHED),
     (C, REQ, St.ESTABLISHED, F.RESPONSE, St.ESTABLISHED),

@@ -33,6 +33,7 @@ TARGETS: dict[str, str] = {
             "_client",
             "_connection",
             "_crypto",
+            "_events",
             "_messages",
             "_opaque",
             "_ops",

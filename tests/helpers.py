@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import TypeVar
 
 from keymgmt.adapters import InMemoryPair
-from keymgmt_proto import Event, RegistrationSucceeded, SessionEstablished
+from keymgmt_proto import (
+    NEED_DATA,
+    ClientConnection,
+    Event,
+    OpaqueStepRequired,
+    RegistrationSucceeded,
+    ServerConnection,
+    SessionEstablished,
+)
 
 E = TypeVar("E", bound=Event)
 
@@ -17,6 +25,20 @@ def only(events: list[Event], kind: type[E]) -> E:
     found = [e for e in events if isinstance(e, kind)]
     assert len(found) == 1, f"expected one {kind.__name__} in {events!r}"
     return found[0]
+
+
+def drain(conn: ClientConnection | ServerConnection) -> list[Event]:
+    """Every event until NEED_DATA. A client's OPAQUE steps run inline with its suite (as
+    InMemoryPair runs them) and are not returned."""
+    events: list[Event] = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        assert isinstance(event, Event)
+        if isinstance(event, OpaqueStepRequired):
+            assert isinstance(conn, ClientConnection)
+            conn.complete_opaque_step(event.run(conn.opaque))
+        else:
+            events.append(event)
+    return events
 
 
 def register(pair: InMemoryPair, account: bytes, password: bytes = PASSWORD) -> RegistrationSucceeded:

@@ -7,6 +7,8 @@ exactly, so a wrong, missing or extra entry in the implementation fails a test.
 
 Each line is ``STATE  trigger  -> NEXT``; a trigger in capitals is a frame received from
 the peer, one in lower case a local command (the API call, timer or connection loss).
+The client's ``AWAIT_*_STEP`` states are local (section 8.4): the client computes its
+OPAQUE finish step there, and ``complete_*_step`` is handing the result back.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 CLIENT_REGISTRATION = """
 IDLE                  open                  -> AWAIT_REG_RESPONSE
-AWAIT_REG_RESPONSE    REG_RESPONSE          -> AWAIT_LOGIN_RESPONSE
-AWAIT_LOGIN_RESPONSE  LOGIN_RESPONSE        -> AWAIT_WELCOME
+AWAIT_REG_RESPONSE    REG_RESPONSE          -> AWAIT_REG_STEP
+AWAIT_REG_STEP        complete_reg_step     -> AWAIT_LOGIN_RESPONSE
+AWAIT_LOGIN_RESPONSE  LOGIN_RESPONSE        -> AWAIT_LOGIN_STEP
+AWAIT_LOGIN_STEP      complete_login_step   -> AWAIT_WELCOME
 AWAIT_WELCOME         WELCOME               -> AWAIT_REG_CLOSE
 AWAIT_REG_CLOSE       CLOSE                 -> CLOSED
 """
@@ -35,7 +39,8 @@ AWAIT_STORE           confirm_registration  -> CLOSED
 
 CLIENT_REQUEST = """
 IDLE                  open                  -> AWAIT_LOGIN_RESPONSE
-AWAIT_LOGIN_RESPONSE  LOGIN_RESPONSE        -> AWAIT_WELCOME
+AWAIT_LOGIN_RESPONSE  LOGIN_RESPONSE        -> AWAIT_LOGIN_STEP
+AWAIT_LOGIN_STEP      complete_login_step   -> AWAIT_WELCOME
 AWAIT_WELCOME         WELCOME               -> ESTABLISHED
 ESTABLISHED           send_request          -> ESTABLISHED
 ESTABLISHED           RESPONSE              -> ESTABLISHED

@@ -15,7 +15,14 @@ from anyio.streams.tls import TLSStream
 from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
 from keymgmt.adapters.tls import DevPKI, client_context, generate_dev_pki
-from keymgmt_proto import NEED_DATA, ClientConnection, ServerConfig, SessionEstablished, SessionFailed
+from keymgmt_proto import (
+    NEED_DATA,
+    ClientConnection,
+    OpaqueStepRequired,
+    ServerConfig,
+    SessionEstablished,
+    SessionFailed,
+)
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> tuple[ServerSettings, DevPKI]:
@@ -101,6 +108,9 @@ async def raw_login(stream: ByteStream, account: bytes, password: bytes) -> tupl
         if event is NEED_DATA:
             await stream.send(conn.data_to_send())
             conn.receive_data(await stream.receive())
+            continue
+        if isinstance(event, OpaqueStepRequired):
+            conn.complete_opaque_step(event.run(conn.opaque))
             continue
         if isinstance(event, SessionEstablished):
             return conn, sid

@@ -64,7 +64,7 @@ def test_registration_compares_names_user_ids_and_export_keys_in_constant_time(c
     # ...and COMPLETE_REGISTRATION carries the user id the server assigned.
     assert Call("ServerConnection._apply", done.user_id, done.user_id) in server
     # The client checks that login gave the export key registration gave.
-    client = by(compared, "ClientConnection._on_login_response")
+    client = by(compared, "ClientConnection._after_login_step")
     assert len(client) == 1
     assert client[0].a == client[0].b and len(client[0].a) == 64
 

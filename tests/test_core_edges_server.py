@@ -19,6 +19,7 @@ from keymgmt_proto import (
     LoginFailed,
     LoginRequested,
     LoginSucceeded,
+    OpaqueStepRequired,
     RegistrationCompleted,
     RegistrationRequested,
     RequestReceived,
@@ -503,6 +504,9 @@ def test_a_registration_response_that_does_not_parse_ends_the_client_session():
     sid = client.open_registration(ACCOUNT, PASSWORD)
     client.data_to_send()
     client.receive_data(forge(FrameType.REG_RESPONSE, sid, b"\xff" * 64))
+    step = client.next_event()
+    assert isinstance(step, OpaqueStepRequired)
+    assert client.complete_opaque_step(step.run(client.opaque))
     failed = client.next_event()
     assert failed == SessionFailed(sid, ErrorCode.MALFORMED, "OPAQUE registration response failed", True)
     assert _abort_code(client.data_to_send()) is ErrorCode.MALFORMED

@@ -18,6 +18,7 @@ from keymgmt_proto import (
     ErrorCode,
     Event,
     FrameType,
+    OpaqueStepRequired,
     ResponseReceived,
     Role,
     ServerConnection,
@@ -28,6 +29,7 @@ from keymgmt_proto import (
     State,
 )
 from keymgmt_proto._state import TRANSITIONS
+from keymgmt_proto.testing import FakeOpaque
 
 from .frames import forge, split_frames
 from .helpers import PASSWORD, login, only, register
@@ -38,10 +40,13 @@ NEW_ACCOUNT = b"newcomer@example.org"
 
 CLIENT_STATES = [
     (SessionKind.REGISTRATION, State.AWAIT_REG_RESPONSE),
+    (SessionKind.REGISTRATION, State.AWAIT_REG_STEP),
     (SessionKind.REGISTRATION, State.AWAIT_LOGIN_RESPONSE),
+    (SessionKind.REGISTRATION, State.AWAIT_LOGIN_STEP),
     (SessionKind.REGISTRATION, State.AWAIT_WELCOME),
     (SessionKind.REGISTRATION, State.AWAIT_REG_CLOSE),
     (SessionKind.REQUEST, State.AWAIT_LOGIN_RESPONSE),
+    (SessionKind.REQUEST, State.AWAIT_LOGIN_STEP),
     (SessionKind.REQUEST, State.AWAIT_WELCOME),
     (SessionKind.REQUEST, State.ESTABLISHED),
 ]
@@ -57,6 +62,14 @@ SERVER_STATES = [
     (SessionKind.REQUEST, State.ESTABLISHED),
 ]
 SESSION_FRAMES = [t for t in FrameType if t is not FrameType.GOAWAY]
+
+
+def _connections(registry: SessionRegistry) -> tuple[ClientConnection, ServerConnection]:
+    """A linked client and server with the fake OPAQUE (the table is under test, not OPAQUE)."""
+    return (
+        ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom)),
+        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0, opaque=FakeOpaque(os.urandom)),
+    )
 
 
 class HoldingApp:
@@ -78,18 +91,14 @@ class HoldingApp:
 def world():
     app = MemoryServerApp()
     registry = SessionRegistry()
-    pair = InMemoryPair(
-        ClientConnection(os.urandom),
-        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
-        app,
-        now=0.0,
-    )
+    pair = InMemoryPair(*_connections(registry), app, now=0.0)
     register(pair, ACCOUNT)
     return app, registry
 
 
 def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: State) -> None:
-    """Deliver frames one at a time until session ``sid`` on ``role``'s side is in ``target``."""
+    """Deliver frames one at a time until session ``sid`` on ``role``'s side is in ``target``,
+    running the client's OPAQUE steps unless the target is the state that waits for one."""
     side = pair.client if role is Role.CLIENT else pair.server
     to_server: list[bytes] = []
     to_client: list[bytes] = []
@@ -101,7 +110,9 @@ def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: St
         if to_server:
             pair.to_server(to_server.pop(0))
         elif to_client:
-            pair.to_client(to_client.pop(0))
+            for event in pair.to_client(to_client.pop(0)):
+                if isinstance(event, OpaqueStepRequired) and side.session_state(sid) is not target:
+                    pair.client.complete_opaque_step(event.run(pair.client.opaque))
         else:
             break
     raise AssertionError(f"could not reach {target} (stuck in {side.session_state(sid)})")
@@ -110,15 +121,11 @@ def _drive(pair: InMemoryPair, app: HoldingApp, role: Role, sid: int, target: St
 def _setup(world, role: Role, kind: SessionKind, target: State):
     inner, registry = world
     app = HoldingApp(inner)
-    pair = InMemoryPair(
-        ClientConnection(os.urandom),
-        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
-        app,
-        now=0.0,
-    )
+    pair = InMemoryPair(*_connections(registry), app, now=0.0)
     bystander = login(pair, ACCOUNT).session_id
     sid = bystander + 1
     app.hold = (sid, target)
+    pair.run_opaque_steps = False  # _drive runs them, up to the target state
     inner.accounts.pop(NEW_ACCOUNT, None)
     if kind is SessionKind.REGISTRATION:
         pair.client.open_registration(NEW_ACCOUNT, PASSWORD)
@@ -192,23 +199,13 @@ RESUMING_STATES = [State.AWAIT_RESUMED, State.CLOSE_AFTER_RESUMED]
 def _resuming(world, target: State):
     """A session resuming on a second connection (its RESUME never delivered), in ``target``."""
     inner, registry = world
-    first = InMemoryPair(
-        ClientConnection(os.urandom),
-        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
-        inner,
-        now=0.0,
-    )
+    first = InMemoryPair(*_connections(registry), inner, now=0.0)
     login(first, ACCOUNT)
     first.client.connection_lost()
     first.server.connection_lost()
     first.pump()
     [detached] = first.client.take_detached_sessions()
-    pair = InMemoryPair(
-        ClientConnection(os.urandom),
-        ServerConnection(SETUP, os.urandom, registry=registry, now=0.0),
-        inner,
-        now=0.0,
-    )
+    pair = InMemoryPair(*_connections(registry), inner, now=0.0)
     bystander = login(pair, ACCOUNT).session_id
     sid = pair.client.resume_session(detached)
     if target is State.CLOSE_AFTER_RESUMED:

@@ -84,6 +84,8 @@ from keymgmt_proto._ops import (
 from keymgmt_proto._sessionstate import session_sealing_key
 from keymgmt_proto.testing import FakeOpaque
 
+from .helpers import drain
+
 SETUP = ServerSetup.generate()
 POLICY = ThrottlePolicy(threshold=3, base_delay=10.0, growth=2.0, max_delay=40.0, forget_after=150.0)
 CONFIG = ServerConfig(idle_timeout=100, session_lifetime=1000, connection_idle_timeout=10**6)
@@ -230,9 +232,7 @@ class KeyServerMachine(RuleBasedStateMachine):
             down = self.server.data_to_send()
             if down:
                 self.client.receive_data(down)
-            while (event := self.client.next_event()) is not NEED_DATA:
-                assert isinstance(event, Event)
-                events.append(event)
+            events += drain(self.client)
             if not up and not down:
                 return events
 

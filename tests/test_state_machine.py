@@ -37,7 +37,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from keymgmt.adapters import Delivery, InMemoryPair, MemoryServerApp
 from keymgmt_proto import (
-    NEED_DATA,
     ClientConnection,
     ConnectionFailed,
     ErrorCode,
@@ -58,6 +57,7 @@ from keymgmt_proto import (
 )
 
 from .frames import frame_session, frame_type, retarget, split_frames
+from .helpers import drain
 
 #: Made once: generating the OPAQUE server setup is the slow part of a fresh server.
 SETUP = ServerSetup.generate()
@@ -133,14 +133,6 @@ class RecordingApp:
                 self.deferred.append((conn, server_event.session_id, server_event.request_id, body, answer))
                 return
         self.inner(conn, server_event)
-
-
-def drain(conn: ClientConnection | ServerConnection) -> list[Event]:
-    events = []
-    while (item := conn.next_event()) is not NEED_DATA:
-        assert isinstance(item, Event)
-        events.append(item)
-    return events
 
 
 @dataclass(eq=False)

@@ -35,6 +35,7 @@ from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
     Event,
+    OpaqueStepRequired,
     RegistrationSucceeded,
     ServerConfig,
     ServerConnection,
@@ -506,6 +507,8 @@ def _drain(conn, app=None) -> list[Event]:
     events = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
+        if isinstance(event, OpaqueStepRequired):  # the client's OPAQUE step, run inline
+            conn.complete_opaque_step(event.run(conn.opaque))
         if app is not None:
             app(conn, event)
     return events

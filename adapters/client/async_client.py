@@ -17,6 +17,7 @@ returned as ``bytes`` and never appear in a repr. Errors are subclasses of
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -29,7 +30,6 @@ import anyio
 from anyio.abc import ByteStream, TaskGroup
 
 from keymgmt_proto import (
-    HEADER_SIZE,
     NEED_DATA,
     AuditEntry,
     AuditType,
@@ -39,11 +39,11 @@ from keymgmt_proto import (
     DetachedSession,
     ErrorCode,
     Event,
-    FrameType,
     IntegrityFailure,
     KeyInfo,
     LocalProtocolError,
     Op,
+    OpaqueStepRequired,
     OperationRefused,
     OpRequest,
     OpResponse,
@@ -58,6 +58,7 @@ from keymgmt_proto import (
     SessionEstablished,
     SessionFailed,
     SessionResumed,
+    State,
     Status,
 )
 
@@ -83,8 +84,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-#: Frames whose handling runs an OPAQUE client step (Argon2) in the core.
-_OPAQUE_STEP_FRAMES = frozenset({FrameType.REG_RESPONSE, FrameType.LOGIN_RESPONSE})
 _R = TypeVar("_R")
 
 
@@ -249,6 +248,8 @@ class KeymgmtClient:
         #: resumed again or has failed. Calls on them wait for it.
         self._deferred: dict[int, anyio.Event] = {}
         self._deferred_rounds = 0
+        #: OPAQUE steps the core asked for, not yet run (see _run_opaque_steps).
+        self._steps: collections.deque[tuple[ClientConnection, OpaqueStepRequired]] = collections.deque()
         self._task_group: TaskGroup | None = None
         self._closed: KeymgmtError | None = None
         self._closing = False
@@ -551,44 +552,46 @@ class KeymgmtClient:
     def _dispatch_all(self) -> None:
         while (event := self._conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
-            self._dispatch(event)
+            if isinstance(event, OpaqueStepRequired):
+                self._steps.append((self._conn, event))
+            else:
+                self._dispatch(event)
 
     async def _read(self) -> None:
-        """Feed the connection until it fails, one frame at a time.
-
-        A REG_RESPONSE or LOGIN_RESPONSE frame costs a whole OPAQUE step (Argon2, ~15-25 ms
-        holding the GIL): handing the core a burst of them at once would block the event
-        loop for all of them. The reader yields after each such frame, so the loop stays
-        responsive while many sessions log in; other frames are handled together."""
+        """Feed the connection until it fails; run the OPAQUE steps it asks for in between."""
         assert self._stream is not None
-        buffer = bytearray()
         while self._conn.failed is None:
             try:
                 data = await self._stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 data = b""
+            self._conn.receive_data(data)
+            self._dispatch_all()
+            await self._run_opaque_steps()
+            await self._flush()
             if not data:
-                self._conn.receive_data(b"")
+                return
+
+    async def _run_opaque_steps(self) -> None:
+        """Run the OPAQUE steps the core asked for, one per event-loop turn.
+
+        Each is an Argon2 run (15-25 ms) that holds the GIL all along: a worker thread
+        would not free the event loop (it waits for the GIL just the same), and twenty
+        of them would contend with it for the GIL. So the steps run here, inline, and
+        the reader sleeps briefly after each, letting timers and other tasks in (a zero
+        sleep would requeue this task ahead of timers that fell due meanwhile). The
+        result goes to the connection that asked; one that failed meanwhile drops it."""
+        while self._steps:
+            conn, step = self._steps.popleft()
+            if conn.session_state(step.session_id) is State.CLOSED:
+                continue  # abandoned, or its connection failed, meanwhile: spare the Argon2 run
+            result = step.run(conn.opaque)
+            del step  # it holds the password
+            conn.complete_opaque_step(result)
+            if conn is self._conn:
                 self._dispatch_all()
                 await self._flush()
-                return
-            buffer += data
-            while len(buffer) >= HEADER_SIZE and self._conn.failed is None:
-                length = int.from_bytes(buffer[6:10], "big")
-                # An oversized length goes to the core at once: it refuses the frame
-                # before anything else is buffered.
-                end = HEADER_SIZE + length if length <= self._conn.max_payload else len(buffer)
-                if len(buffer) < end:
-                    break
-                expensive = buffer[1] in _OPAQUE_STEP_FRAMES
-                self._conn.receive_data(bytes(buffer[:end]))
-                del buffer[:end]
-                self._dispatch_all()
-                if expensive:
-                    # An Argon2 run just happened: let the other tasks in. A zero sleep
-                    # would requeue this task ahead of timers that fell due meanwhile.
-                    await anyio.sleep(0.0005)
-            await self._flush()
+            await anyio.sleep(0.0005)
 
     async def _supervise(self) -> None:
         while True:

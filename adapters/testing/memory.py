@@ -2,7 +2,8 @@
 
 :class:`InMemoryPair` moves bytes between a :class:`ClientConnection` and a
 :class:`ServerConnection`, handing every server event to an application
-callback and collecting the client's events. Bytes are delivered whole, one
+callback, running the client's OPAQUE steps inline and collecting the client's
+other events. Bytes are delivered whole, one
 byte at a time, or in random splits, so tests exercise the parsers' buffering.
 Time is virtual: ``advance(seconds)`` moves the clock and fires the server's
 deadlines. Plaintext is allowed here only (NET-1): there is no transport.
@@ -25,6 +26,7 @@ from keymgmt_proto import (
     ErrorCode,
     Event,
     LoginRequested,
+    OpaqueStepRequired,
     RandomSource,
     RegistrationCompleted,
     RegistrationRequested,
@@ -107,8 +109,12 @@ class InMemoryPair:
 
     ``pump()`` moves bytes both ways until neither side has anything to say,
     runs the server application on each server event, and returns the client's
-    events in order. ``rng`` drives random splits (seed it for reproducibility).
-    ``now`` starts the virtual clock: pass the ``now`` the server connection was made at.
+    events in order. Each ``OpaqueStepRequired`` is run inline, with the client's
+    suite, as soon as it comes out, and is not returned; with ``run_opaque_steps``
+    False it is returned like any other event and the caller hands its result back
+    (``client.complete_opaque_step``). ``rng`` drives random splits (seed it for
+    reproducibility). ``now`` starts the virtual clock: pass the ``now`` the server
+    connection was made at.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class InMemoryPair:
         delivery: Delivery = Delivery.WHOLE,
         rng: _random.Random | None = None,
         now: float,
+        run_opaque_steps: bool = True,
     ) -> None:
         self.client = client
         self.server = server
@@ -127,6 +134,7 @@ class InMemoryPair:
         self.delivery = delivery
         self.rng = rng or _random.Random(0)  # noqa: S311 - split points, not secrets
         self.now = now
+        self.run_opaque_steps = run_opaque_steps
         self.server_events: list[Event] = []
 
     def _chunks(self, data: bytes) -> list[bytes]:
@@ -163,7 +171,10 @@ class InMemoryPair:
         events: list[Event] = []
         while (event := self.client.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
-            events.append(event)
+            if isinstance(event, OpaqueStepRequired) and self.run_opaque_steps:
+                self.client.complete_opaque_step(event.run(self.client.opaque))
+            else:
+                events.append(event)
         return events
 
     def pump(self) -> list[Event]:
