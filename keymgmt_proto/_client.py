@@ -63,7 +63,7 @@ from ._messages import (
     _check_account_name,
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite
-from ._state import Command, Role, SessionKind, State, next_state
+from ._state import Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SESSION_ID, Frame, FrameType
 
 __all__ = ["ClientConnection", "DetachedSession"]
@@ -193,7 +193,7 @@ class ClientConnection(ConnectionBase):
             if 0 < result.session_id <= self._last_session_id:
                 return False
             raise LocalProtocolError(f"no session {result.session_id}")
-        target = self._check(session, _STEP_COMMANDS[result.step])
+        self._check(session, _STEP_COMMANDS[result.step])
         if result.error is not None:
             error = RemoteProtocolError(result.reason, result.error)
             self._fail(session, error, remote=result.error is not ErrorCode.AUTHENTICATION_FAILED)
@@ -217,7 +217,7 @@ class ClientConnection(ConnectionBase):
             except RemoteProtocolError as exc:
                 self._fail(session, exc, remote=False)
                 return True
-        session.state = target
+        transition(Role.CLIENT, session, _STEP_COMMANDS[result.step])
         return True
 
     def send_request(self, session_id: int, body: bytes) -> int:
@@ -251,17 +251,17 @@ class ClientConnection(ConnectionBase):
         session = self._live(session_id)
         target = self._check(session, Command.CLOSE)
         if target is State.CLOSE_AFTER_RESUMED:
-            session.state = target
+            transition(Role.CLIENT, session, Command.CLOSE)
             return
         self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.CLIENT_CLOSED).encode())
-        self._end(session, State.CLOSED)
+        self._end(session, Command.CLOSE)
 
     def abort_session(self, session_id: int, reason: str = "cancelled") -> None:
         """Abandon a live session in any state (e.g. a login that takes too long)."""
         session = self._live(session_id)
         self._check(session, Command.ABORT)
         self._send_abort(session_id, ErrorCode.CLIENT_CLOSED, reason)
-        self._end(session, State.CLOSED)
+        self._end(session, Command.ABORT)
 
     def take_detached_sessions(self) -> list[DetachedSession]:
         """Established sessions whose connection failed or was lost, ready to resume."""
@@ -274,7 +274,7 @@ class ClientConnection(ConnectionBase):
         arrives the session is in a new key epoch and its unanswered requests are re-sent
         with their original ids; each is answered once."""
         session = detached._session
-        target = self._check(session, Command.RESUME)
+        self._check(session, Command.RESUME)
         channel = session.channel
         assert channel is not None
         if channel.resume_seq >= MAX_SEQ:
@@ -285,7 +285,7 @@ class ClientConnection(ConnectionBase):
         envelope = ResumeEnvelope(channel.session_handle, record)
         session.session_id = session_id
         session.resume_nonce = nonce
-        session.state = target
+        transition(Role.CLIENT, session, Command.RESUME)
         self._sessions[session_id] = session
         self._send(FrameType.RESUME, session_id, envelope.encode())
         return session_id
@@ -325,7 +325,7 @@ class ClientConnection(ConnectionBase):
         return _ClientSession(kind, self._last_session_id + 1, account_name, password=password)
 
     def _commit_open(self, session: _ClientSession, opaque_state: bytes) -> None:
-        session.state = self._check(session, Command.OPEN)
+        transition(Role.CLIENT, session, Command.OPEN)
         session.opaque_state = opaque_state
         self._last_session_id = session.session_id
         self._sessions[session.session_id] = session
@@ -353,8 +353,10 @@ class ClientConnection(ConnectionBase):
         record = session.channel.seal(frame_type, plaintext)
         self._send(frame_type, session.session_id, record.encode())
 
-    def _end(self, session: _ClientSession, state: State) -> None:
-        session.state = state
+    def _end(self, session: _ClientSession, trigger: Trigger) -> None:
+        """End a session by ``trigger`` (a no-op on the state if it already reached CLOSED)."""
+        if session.state is not State.CLOSED:
+            transition(Role.CLIENT, session, trigger)
         session.password = None
         session.opaque_state = None
         self._sessions.pop(session.session_id, None)
@@ -364,18 +366,18 @@ class ClientConnection(ConnectionBase):
     ) -> None:
         if notify:
             self._send_abort(session.session_id, error.code, str(error))
-        self._end(session, State.CLOSED)
+        self._end(session, Command.ABORT)
         self._events.append(SessionFailed(session.session_id, error.code, str(error), remote))
 
     def _on_connection_failed(self) -> None:
         for session in list(self._sessions.values()):
             target = next_state(Role.CLIENT, session.kind, session.state, Command.DETACH)
             if target is State.DETACHED:
-                session.state = State.DETACHED
+                transition(Role.CLIENT, session, Command.DETACH)
                 self._sessions.pop(session.session_id)
                 self._detached.append(session)
             else:
-                self._end(session, State.CLOSED)
+                self._end(session, Command.DETACH)
                 self._events.append(
                     SessionFailed(
                         session.session_id,
@@ -426,12 +428,12 @@ class ClientConnection(ConnectionBase):
             target = next_state(Role.CLIENT, session.kind, session.state, Command.DEFER)
             if target is State.DETACHED:
                 # Refused before the server looked at it: still resumable, later (NET-13).
-                session.state = target
+                transition(Role.CLIENT, session, Command.DEFER)
                 self._sessions.pop(session.session_id)
                 self._detached.append(session)
                 self._events.append(ResumeDeferred(session.session_id, abort.reason or abort.code.name))
                 return
-        self._end(session, State.CLOSED)
+        self._end(session, FrameType.ABORT)
         self._events.append(
             SessionFailed(session.session_id, abort.code, abort.reason or abort.code.name, True)
         )
@@ -467,7 +469,7 @@ class ClientConnection(ConnectionBase):
             return
         else:  # pragma: no cover - the table admits no other frame types for the client
             raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
-        session.state = target
+        transition(Role.CLIENT, session, frame.type)
 
     def _on_reg_response(self, session: _ClientSession, message: RegResponse) -> None:
         assert session.password is not None and session.opaque_state is not None
@@ -539,10 +541,10 @@ class ClientConnection(ConnectionBase):
         Resumed.decode(channel.open(FrameType.RESUMED, envelope.record))
         session.channel = channel
         session.resume_nonce = None
-        session.state = target
+        transition(Role.CLIENT, session, FrameType.RESUMED)
         if target is State.CLOSED:  # logout asked during the resumption
             self._send_sealed(session, FrameType.CLOSE, Close(ErrorCode.CLIENT_CLOSED).encode())
-            self._end(session, State.CLOSED)
+            self._end(session, Command.ABORT)
             return
         assert session.user_id is not None
         self._events.append(SessionResumed(session.session_id, session.user_id))
@@ -550,7 +552,7 @@ class ClientConnection(ConnectionBase):
             self._send_sealed(session, FrameType.REQUEST, Request(request_id, body).encode())
 
     def _on_close(self, session: _ClientSession, close: Close) -> None:
-        self._end(session, State.CLOSED)
+        self._end(session, FrameType.CLOSE)
         if session.kind is SessionKind.REGISTRATION and close.code is ErrorCode.OK:
             assert session.user_id is not None and session.export_key is not None
             self._events.append(
