@@ -35,8 +35,8 @@ test: lint typecheck unit
 ## Long Hypothesis searches (not part of `make test`): 2,000 examples each, and 10,000 for the
 ## state machine over the real key-server application.
 test-long: $(STAMP)
-	HYPOTHESIS_PROFILE=long KEYMGMT_MACHINE_EXAMPLES=10000 $(BIN)/pytest tests/test_state_machine.py \
-		tests/test_properties.py tests/test_keyserver_machine.py
+	HYPOTHESIS_PROFILE=long KEYMGMT_MACHINE_EXAMPLES=10000 $(BIN)/pytest tests/core/test_state_machine.py \
+		tests/core/test_properties.py tests/server/test_keyserver_machine.py
 
 ## Branch coverage of the core and the adapters, per file, over the whole suite (a few minutes).
 coverage: $(STAMP)
@@ -52,15 +52,15 @@ mutation: $(STAMP)
 	$(BIN)/python -m mutation $(MUTATION_ARGS)
 
 ## Bounded load test on loopback, asyncio and trio (not part of `make test`; its short
-## variant is tests/test_load.py). Override: make load LOAD_ARGS="--clients 50 --requests 1000".
+## variant is tests/system/test_load.py). Override: make load LOAD_ARGS="--clients 50 --requests 1000".
 LOAD_ARGS ?= --clients 20 --requests 200 --time-limit 600
 load: $(STAMP)
-	$(BIN)/python -m tests.load $(LOAD_ARGS)
+	$(BIN)/python -m tests.system.load $(LOAD_ARGS)
 
 ## SIGKILL crash durability (STO-1), many rounds (`make test` runs 3).
 DURABILITY_ROUNDS ?= 20
 durability: $(STAMP)
-	KEYMGMT_DURABILITY_ROUNDS=$(DURABILITY_ROUNDS) $(BIN)/pytest -q -s tests/test_durability.py
+	KEYMGMT_DURABILITY_ROUNDS=$(DURABILITY_ROUNDS) $(BIN)/pytest -q -s tests/system/test_durability.py
 
 ## The README's first command: register, log in and send requests, printing each step.
 demo: $(STAMP)
@@ -80,7 +80,7 @@ FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(BIN)/python -m fuzz.run --seconds $(FUZZ_SECONDS)
 
-## A few seconds per harness (also run by `make test` through tests/test_fuzz_smoke.py).
+## A few seconds per harness (also run by `make test` through tests/repo/test_fuzz_smoke.py).
 fuzz-smoke: $(STAMP)
 	$(BIN)/python -m fuzz.run --seconds 4
 

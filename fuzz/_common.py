@@ -2,7 +2,7 @@
 invariant checks on connections, and the atheris entry point.
 
 Nothing here imports atheris at module level: the corpus replay test
-(tests/test_fuzz_smoke.py) runs every harness's ``test_one_input`` without it.
+(tests/repo/test_fuzz_smoke.py) runs every harness's ``test_one_input`` without it.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ _expand = hkdf_expand_sha3
 
 def _nonce(iv: bytes, seq: int) -> bytes:
     """``iv XOR (0^4 || seq as u64)``, computed as one integer XOR (seq < 2**64 touches only
-    the last 8 bytes); tests/test_crypto_nonce.py checks it against the byte-wise definition."""
+    the last 8 bytes); tests/core/test_crypto_nonce.py checks it against the byte-wise definition."""
     return (int.from_bytes(iv, "big") ^ seq).to_bytes(NONCE_SIZE, "big")
 
 

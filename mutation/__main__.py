@@ -34,17 +34,17 @@ KILLERS = ROOT / "mutation" / "killers.json"
 #: Tests that cannot kill an in-process mutant (they run the code in a subprocess) or
 #: that take long for what they add here; the rest of the suite is the selection.
 DESELECTED = (
-    "tests/test_cli.py",
-    "tests/test_demo.py",
-    "tests/test_durability.py",
-    "tests/test_fuzz_smoke.py",
-    "tests/test_load.py",
-    "tests/test_bench_smoke.py",
-    "tests/test_docs.py",
-    "tests/test_purity.py",
-    "tests/test_spec_gaps.py",
-    "tests/test_spec_mapping.py",
-    "tests/test_mutation_tool.py",
+    "tests/cli/test_cli.py",
+    "tests/cli/test_demo.py",
+    "tests/system/test_durability.py",
+    "tests/repo/test_fuzz_smoke.py",
+    "tests/system/test_load.py",
+    "tests/repo/test_bench_smoke.py",
+    "tests/repo/test_docs.py",
+    "tests/core/test_purity.py",
+    "tests/server/test_spec_gaps.py",
+    "tests/repo/test_spec_mapping.py",
+    "tests/repo/test_mutation_tool.py",
 )
 TARGET_RATES = {"keymgmt_proto": 0.90, "keymgmt.adapters": 0.85}
 

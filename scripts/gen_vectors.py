@@ -3,7 +3,7 @@
 The vectors are for people porting the protocol: every input and every expected
 output is in the JSON files, so a port needs nothing from this repository but
 the files and docs/protocol.md. Every value is computed here by ``keymgmt_proto``
-itself; ``tests/test_vectors.py`` recomputes each one and compares, so a change
+itself; ``tests/core/test_vectors.py`` recomputes each one and compares, so a change
 to the wire format breaks the suite.
 
 Inputs that would be random (keys, nonces, user ids, ``r``, OPAQUE messages)

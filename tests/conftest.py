@@ -1,17 +1,19 @@
-"""Shared fixtures: a server setup made once per run, a pairing helper, Hypothesis profiles."""
+"""Shared fixtures for every test folder: a server setup made once per run, a pairing helper
+(``harness``), a fake-OPAQUE world (``world``), both anyio backends, Hypothesis profiles.
+
+The helpers themselves live in tests/support/."""
 
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from keymgmt.adapters import Delivery, InMemoryPair, MemoryServerApp
-from keymgmt_proto import ClientConnection, ServerConfig, ServerConnection, ServerSetup, SessionRegistry
+from keymgmt_proto import ServerSetup
 
-from .fake_pairs import FakeWorld
+from .support.fake_pairs import FakeWorld
+from .support.helpers import Harness
 
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -33,26 +35,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 @pytest.fixture(scope="session")
 def server_setup() -> ServerSetup:
     return ServerSetup.generate()
-
-
-class Harness:
-    """Builds linked pairs that share one server application and session registry."""
-
-    def __init__(self, setup: ServerSetup, config: ServerConfig | None = None) -> None:
-        self.setup = setup
-        self.config = config or ServerConfig()
-        self.registry = SessionRegistry(self.config)
-        self.app = MemoryServerApp()
-
-    def pair(self, delivery: Delivery = Delivery.WHOLE, seed: int = 0, now: float = 0.0) -> InMemoryPair:
-        return InMemoryPair(
-            ClientConnection(os.urandom),
-            ServerConnection(self.setup, os.urandom, config=self.config, registry=self.registry, now=now),
-            self.app,
-            delivery=delivery,
-            rng=random.Random(seed),
-            now=now,
-        )
 
 
 @pytest.fixture

@@ -1,0 +1,71 @@
+"""Idle sessions keep only their keys (P4): AEAD objects are built on use and released
+when a session falls out of the registry's hot set, with no change on the wire."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keymgmt_proto import ResponseReceived, ServerConfig
+from keymgmt_proto._crypto import Channel, HotChannels
+from keymgmt_proto._wire import FrameType
+
+from ..support.helpers import Harness, login, register
+
+
+def test_a_released_channel_seals_and_opens_exactly_as_before() -> None:
+    key = os.urandom(64)
+    steady_client, steady_server = Channel(key, is_client=True), Channel(key, is_client=False)
+    cold_client, cold_server = Channel(key, is_client=True), Channel(key, is_client=False)
+    assert not cold_client.is_hot  # nothing built until first use
+    for i in range(6):
+        body = bytes([i]) * (i * 100)
+        expected = steady_client.seal(FrameType.REQUEST, body)
+        cold_client.release()
+        got = cold_client.seal(FrameType.REQUEST, body)
+        assert got == expected
+        cold_server.release()
+        assert cold_server.open(FrameType.REQUEST, got) == steady_server.open(FrameType.REQUEST, expected)
+        assert cold_server.is_hot
+    assert (cold_client.send_seq, cold_server.recv_seq) == (6, 6)
+
+
+def test_hot_channels_keep_the_most_recently_used() -> None:
+    hot = HotChannels(2)
+    a, b, c = (Channel(os.urandom(64), is_client=False) for _ in range(3))
+    for channel in (a, b):
+        channel.seal(FrameType.RESPONSE, b"x")
+        hot.touch(channel)
+    hot.touch(a)  # a is now the most recent: b is the one to go
+    c.seal(FrameType.RESPONSE, b"x")
+    hot.touch(c)
+    assert (a.is_hot, b.is_hot, c.is_hot, len(hot)) == (True, False, True, 2)
+    hot.discard(a)
+    assert (a.is_hot, len(hot)) == (False, 1)
+    with pytest.raises(ValueError):
+        HotChannels(0)
+    with pytest.raises(ValueError):
+        ServerConfig(max_hot_channels=0)
+
+
+def test_server_keeps_at_most_max_hot_channels_and_cold_sessions_still_work(server_setup) -> None:
+    harness = Harness(server_setup, ServerConfig(max_hot_channels=2))
+    pair = harness.pair()
+    register(pair, b"alice")
+    sessions = [login(pair, b"alice").session_id for _ in range(5)]
+    server_channels = [s.channel for s in pair.server._sessions.values() if s.channel is not None]
+    assert len(server_channels) == 5
+    assert sum(c.is_hot for c in server_channels) == 2
+    assert len(harness.registry._hot) == 2
+    for sid in sessions:  # every session, hot or not, answers; the set never grows past 2
+        request_id = pair.client.send_request(sid, b"ping %d" % sid)
+        responses = [e for e in pair.pump() if isinstance(e, ResponseReceived)]
+        assert [(r.session_id, r.request_id, r.body) for r in responses] == [
+            (sid, request_id, b"ping %d" % sid)
+        ]
+        assert sum(c.is_hot for c in server_channels) == 2
+    pair.client.close_session(sessions[-1])
+    pair.pump()
+    assert len(harness.registry._hot) == 1  # an ended session leaves the hot set
+    assert sum(c.is_hot for c in server_channels) == 1

@@ -1,0 +1,100 @@
+"""keymgmt-server configuration: TOML, environment overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from keymgmt.adapters.server.config import OPTIONS, ConfigError, load_settings, render_config
+
+from ..support.net_world import running_server
+
+
+def test_defaults_file_and_environment_layer_in_that_order(tmp_path):
+    config = tmp_path / "conf" / "server.toml"
+    config.parent.mkdir()
+    config.write_text(render_config({"server.port": 9000, "server.storage": "data/ks.db"}))
+    settings = load_settings(config, env={})
+    assert settings.port == 9000
+    assert settings.storage_path == config.parent / "data" / "ks.db"  # relative to the file
+    assert settings.protocol.idle_timeout == 300.0
+    settings = load_settings(config, env={"KEYMGMT_PORT": "9100", "KEYMGMT_IDLE_TIMEOUT": "12.5"})
+    assert settings.port == 9100 and settings.protocol.idle_timeout == 12.5
+    hot = load_settings(None, env={"KEYMGMT_MAX_HOT_SESSIONS": "7"}).protocol.max_hot_channels
+    assert hot == 7
+    admission = load_settings(
+        None,
+        env={
+            "KEYMGMT_ADMISSION_RATE": "2.5",
+            "KEYMGMT_MAX_CONNECTIONS_PER_ADDRESS": "3",
+            "KEYMGMT_FRAME_TIMEOUT": "4",
+            "KEYMGMT_CONNECTION_IDLE_TIMEOUT": "6",
+        },
+    )
+    assert (admission.admission_rate, admission.max_connections_per_address) == (2.5, 3)
+    assert (admission.protocol.frame_timeout, admission.protocol.connection_idle_timeout) == (4, 6)
+    assert load_settings(None, env={}).port == 7443
+
+
+def test_every_option_is_rendered_and_parsed(tmp_path):
+    config = tmp_path / "all.toml"
+    config.write_text(render_config({}))
+    text = config.read_text()
+    for option in OPTIONS:
+        assert f"{option.key} = " in text
+    load_settings(config, env={})
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "message"),
+    [
+        ("[server]\nport = 'x'\n", {}, "server.port must be a non-negative integer"),
+        ("[server]\nport = 70000\n", {}, "at most 65535"),
+        ("[server]\nprot = 1\n", {}, "unknown option server.prot"),
+        ("[sessions]\nidle_timeout = 0\n", {}, "idle_timeout must be positive"),
+        ("[sessions]\nmax_hot = 0\n", {}, "max_hot_channels must be at least 1"),
+        ("[server\n", {}, "not valid TOML"),
+        ("", {"KEYMGMT_MAX_CONNECTIONS": "-3"}, "$KEYMGMT_MAX_CONNECTIONS"),
+        ("server = 3\n", {}, "must be a table"),
+        ("[admission]\nrate = 0\n", {}, "admission.rate must be positive"),
+        ("[admission]\nrate = nan\n", {}, "admission.rate must be a finite non-negative number"),
+        ("", {"KEYMGMT_CONNECTION_IDLE_TIMEOUT": "inf"}, "must be a finite non-negative number"),
+        ("", {"KEYMGMT_ADMISSION_BURST": "nan"}, "must be a finite non-negative number"),
+        ("", {"KEYMGMT_ADMISSION_BURST": "0.5"}, "admission.burst must be at least 1"),
+        ("[server]\nmax_connections_per_address = 0\n", {}, "at least 1"),
+        ("[server]\nconnection_idle_timeout = 0\n", {}, "connection_idle_timeout must be positive"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(tmp_path, content, env, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_settings(config, env=env)
+    assert message in str(error.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.anyio
+async def test_tls_handshake_timeout_drops_silent_connections(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="keymgmt.server")
+    async with running_server(tmp_path, tls_handshake_timeout=0.2) as (runtime, _pki):
+        silent = await anyio.connect_tcp("127.0.0.1", runtime.port)
+        with anyio.fail_after(5):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await silent.receive()
+        await silent.aclose()
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_readme_lists_every_option():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for option in OPTIONS:
+        assert f"`{option.section}." in readme and option.env.rsplit("_", 1)[-1] in readme, option.key
