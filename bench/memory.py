@@ -34,16 +34,20 @@ from collections.abc import Callable
 import opaque_ke_py as ok
 
 from keymgmt_proto import (
+    HEADER_SIZE,
+    Channel,
     ClientConnection,
     Event,
+    FrameType,
     LoginRequested,
+    OpaqueSuite,
+    RealOpaque,
     ServerConnection,
+    ServerLoginStep,
     ServerSetup,
     SessionRegistry,
-    _opaque,
 )
-from keymgmt_proto._crypto import Channel
-from keymgmt_proto._messages import (
+from keymgmt_proto.wire import (
     CREDENTIAL_FINALIZATION_SIZE,
     CREDENTIAL_REQUEST_SIZE,
     CREDENTIAL_RESPONSE_SIZE,
@@ -51,8 +55,9 @@ from keymgmt_proto._messages import (
     LoginFinish,
     LoginResponse,
     LoginStart,
+    decode_header,
+    encode_frame,
 )
-from keymgmt_proto._wire import HEADER_SIZE, FrameType, decode_header, encode_frame
 
 from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, Pair, drain_server
 
@@ -67,16 +72,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _fake_server_login_start(
-    setup: ServerSetup, record: bytes, request: bytes, account: bytes
-) -> _opaque.ServerLoginStep:
-    del setup, record, request, account
-    return _opaque.ServerLoginStep(os.urandom(CREDENTIAL_RESPONSE_SIZE), os.urandom(32))
+class _StandInServerLogin(RealOpaque):
+    """The real suite, except that the server's login steps skip OPAQUE (stand-in logins)."""
 
+    __slots__ = ()
 
-def _fake_server_login_finish(state: bytes, finalization: bytes) -> bytes:
-    del finalization
-    return hashlib.sha512(state).digest()
+    def server_login_start(
+        self, setup: ServerSetup, registration_record: bytes, request: bytes, account_name: bytes
+    ) -> ServerLoginStep:
+        del setup, registration_record, request, account_name
+        return ServerLoginStep(os.urandom(CREDENTIAL_RESPONSE_SIZE), os.urandom(32))
+
+    def server_login_finish(self, state: bytes, finalization: bytes) -> bytes:
+        del finalization
+        return hashlib.sha512(state).digest()
 
 
 class _AcceptAll:
@@ -146,15 +155,15 @@ def measure(n: int, mode: str, meter: str) -> dict[str, float]:
     """Bytes per session for ``mode`` (sessions | real | channels), by ``meter`` (rss | tracemalloc)."""
     setup = ServerSetup.generate()
     client = _standin_login
+    opaque: OpaqueSuite = RealOpaque()
     if mode == "real":
         user_id, record = _real_account(setup)
         client = _real_login
     else:
         user_id, record = USER_ID, RECORD
-        _opaque.server_login_start = _fake_server_login_start  # type: ignore[assignment]
-        _opaque.server_login_finish = _fake_server_login_finish
+        opaque = _StandInServerLogin()
     registry = SessionRegistry(BENCH_CONFIG)
-    server = ServerConnection(setup, os.urandom, registry=registry, now=NOW)
+    server = ServerConnection(setup, os.urandom, registry=registry, now=NOW, opaque=opaque)
     app = _AcceptAll(user_id, record)
     keep: list[Channel] = []
 

@@ -30,23 +30,21 @@ from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.testing.memory import MemoryServerApp
 from keymgmt_proto import (
     Context,
+    CreateKeyIdRequest,
+    Empty,
     Event,
+    KeyIdResponse,
     RequestReceived,
     ResponseReceived,
+    RetrieveRequest,
     SecretKind,
     ServerConnection,
     ServerSetup,
     SessionEstablished,
     Status,
-    encode_response,
-)
-from keymgmt_proto._ops import (
-    CreateKeyIdRequest,
-    Empty,
-    KeyIdResponse,
-    RetrieveRequest,
     StoreSecretRequest,
     decode_response,
+    encode_response,
     seal_secret,
     secret_ad,
 )

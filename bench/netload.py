@@ -29,8 +29,7 @@ from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.tls import generate_dev_pki
-from keymgmt_proto import ClientConnection, Context, OpaqueStepRequired, Status
-from keymgmt_proto._ops import RetrieveRequest
+from keymgmt_proto import ClientConnection, Context, OpaqueStepRequired, RetrieveRequest, Status
 
 from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, process_cpu_seconds
 

@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from keymgmt_proto import (
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
     NEED_DATA,
+    Channel,
     ClientConnection,
     Event,
     FrameType,
@@ -24,11 +27,8 @@ from keymgmt_proto import (
     RemoteProtocolError,
     ServerConnection,
 )
-from keymgmt_proto._connection import ConnectionBase
-from keymgmt_proto._crypto import Channel
-from keymgmt_proto._messages import Record as SealedRecord
-from keymgmt_proto._messages import ResumedEnvelope, ResumeEnvelope, decode_message
-from keymgmt_proto._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, decode_header
+from keymgmt_proto.wire import MESSAGE_TYPES, ResumedEnvelope, ResumeEnvelope, decode_header
+from keymgmt_proto.wire import Record as SealedRecord
 
 __all__ = [
     "InvariantViolation",
@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+#: Either role's connection (what the cloning helpers walk).
+Connection = ClientConnection | ServerConnection
 
 
 class InvariantViolation(AssertionError):
@@ -81,7 +83,7 @@ det_random = DetRandom()
 # ------------------------------------------------------------------ cloning
 
 
-def _channels(conn: ConnectionBase) -> Iterable[Channel]:
+def _channels(conn: Connection) -> Iterable[Channel]:
     sessions: list[object] = list(getattr(conn, "_sessions", {}).values())
     sessions += list(getattr(conn, "_departed", {}).values())
     sessions += list(getattr(conn, "_detached", []))
@@ -101,7 +103,7 @@ def _share_keys(channel: Channel, memo: dict[int, object]) -> None:
             memo[id(value)] = value
 
 
-def clone(obj: T, *conns: ConnectionBase, extra: Iterable[object] = ()) -> T:
+def clone(obj: T, *conns: Connection, extra: Iterable[object] = ()) -> T:
     """Deep-copy ``obj`` (a connection, a channel, or a tuple of them).
 
     The only objects not copied are native ones that hold no mutable state:
@@ -217,7 +219,7 @@ def check_output(data: bytes, *, budget: int) -> None:
             elif frame_type.sealed:
                 SealedRecord.decode(payload)
             else:
-                decode_message(frame_type, payload)
+                MESSAGE_TYPES[frame_type].decode(payload)
         except RemoteProtocolError as exc:
             raise violated(f"connection sent a malformed {frame_type.name} payload: {exc}") from None
         pos += HEADER_SIZE + length

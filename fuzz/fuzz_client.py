@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import functools
 
-from keymgmt_proto import ClientConnection
-from keymgmt_proto._wire import HEADER_SIZE
+from keymgmt_proto import HEADER_SIZE, ClientConnection
 
 from ._common import check_bounded, check_output, clone, det_random, drain, main
 

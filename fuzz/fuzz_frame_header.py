@@ -8,16 +8,15 @@ the same bytes (one encoding per value).
 
 from __future__ import annotations
 
-from keymgmt_proto import RemoteProtocolError
-from keymgmt_proto._wire import (
+from keymgmt_proto import (
     DEFAULT_MAX_PAYLOAD,
     HEADER_SIZE,
     MAX_SESSION_ID,
     Frame,
     FrameType,
-    decode_header,
-    encode_frame,
+    RemoteProtocolError,
 )
+from keymgmt_proto.wire import decode_header, encode_frame
 
 from ._common import main, violated
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from keymgmt_proto import RemoteProtocolError
-from keymgmt_proto._messages import MESSAGE_TYPES, Record, ResumedEnvelope, ResumeEnvelope, decode_message
-from keymgmt_proto._ops import Op, decode_request, decode_response, encode_response
-from keymgmt_proto._wire import FrameType
+from keymgmt_proto import FrameType, Op, RemoteProtocolError, decode_request, decode_response, encode_response
+from keymgmt_proto.wire import MESSAGE_TYPES, Record, ResumedEnvelope, ResumeEnvelope
 
 from ._common import main, violated
 
 
 def _message(frame_type: FrameType) -> Callable[[bytes], bytes]:
     def run(payload: bytes) -> bytes:
-        message = decode_message(frame_type, payload)
+        message = MESSAGE_TYPES[frame_type].decode(payload)
         repr(message)
         return message.encode()
 

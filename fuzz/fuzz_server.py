@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 from keymgmt_proto import (
+    HEADER_SIZE,
     ClientConnection,
     Event,
     LoginRequested,
@@ -26,7 +27,6 @@ from keymgmt_proto import (
     ServerSetup,
     SessionRegistry,
 )
-from keymgmt_proto._wire import HEADER_SIZE
 
 from ._adapters import InMemoryPair, MemoryServerApp
 from ._common import check_bounded, check_output, det_random, drain, main

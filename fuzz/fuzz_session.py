@@ -57,8 +57,10 @@ import struct
 from dataclasses import dataclass
 
 from keymgmt_proto import (
+    Channel,
     ClientConnection,
     ErrorCode,
+    FrameType,
     LocalProtocolError,
     RegistrationSucceeded,
     RequestReceived,
@@ -69,9 +71,7 @@ from keymgmt_proto import (
     SessionEstablished,
     SessionRegistry,
 )
-from keymgmt_proto._crypto import Channel
-from keymgmt_proto._messages import ResumedEnvelope, ResumeEnvelope
-from keymgmt_proto._wire import FrameType, encode_frame
+from keymgmt_proto.wire import ResumedEnvelope, ResumeEnvelope, encode_frame
 
 from ._adapters import InMemoryPair, MemoryServerApp
 from ._common import Reader, check_bounded, check_output, clone, det_random, drain, main
@@ -116,7 +116,7 @@ def split_frames(data: bytes) -> list[bytes]:
 
 
 def request_bodies(user_id: bytes) -> list[bytes]:
-    from keymgmt_proto._ops import ListKeysRequest, RetrieveStorageKeyRequest
+    from keymgmt_proto import ListKeysRequest, RetrieveStorageKeyRequest
 
     return [
         RetrieveStorageKeyRequest(user_id).encode(),

@@ -29,40 +29,39 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from keymgmt_proto import (
+    AuditRequest,
+    AuditType,
     ClientConnection,
+    Context,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
     ErrorCode,
     Event,
     FrameType,
+    KeyIdResponse,
+    ListKeysRequest,
+    Op,
     RegistrationSucceeded,
     ResponseReceived,
+    RetrieveRequest,
+    RetrieveStorageKeyRequest,
+    SecretKind,
     ServerConfig,
     ServerConnection,
     ServerSetup,
     SessionEstablished,
     SessionRegistry,
-)
-from keymgmt_proto._crypto import decrypt_storage_key, derive_master_key
-from keymgmt_proto._messages import Close, CompleteRegistration, Request, Response, Resume, Resumed, Welcome
-from keymgmt_proto._ops import (
-    AuditRequest,
-    AuditType,
-    Context,
-    CreateKeyIdRequest,
-    DeleteKeyRequest,
-    KeyIdResponse,
-    ListKeysRequest,
-    Op,
-    RetrieveRequest,
-    RetrieveStorageKeyRequest,
-    SecretKind,
     Status,
     StorageKeyResponse,
     StoreSecretRequest,
     decode_response,
+    decrypt_storage_key,
+    derive_master_key,
     encode_portable,
     seal_secret,
     secret_ad,
 )
+from keymgmt_proto.wire import Close, CompleteRegistration, Request, Response, Resume, Resumed, Welcome
 
 from . import fuzz_messages, fuzz_session
 from ._adapters import InMemoryPair, KeyServer, SQLiteStorage

@@ -9,6 +9,7 @@ from ._admission import Admission, TokenBucket
 from ._client import ClientConnection, DetachedSession
 from ._crypto import (
     Channel,
+    ChannelState,
     Direction,
     RandomSource,
     decrypt_storage_key,
@@ -40,7 +41,7 @@ from ._events import (
     SessionHandle,
     SessionResumed,
 )
-from ._opaque import OpaqueSuite, RealOpaque, ServerSetup
+from ._opaque import ClientLoginResult, ClientStep, OpaqueSuite, RealOpaque, ServerLoginStep, ServerSetup
 from ._ops import (
     GENERATED_SECRET_SIZE,
     IMPORTED_KEY_AD_SUFFIX,
@@ -120,7 +121,10 @@ __all__ = [
     "AuditResponse",
     "AuditType",
     "Channel",
+    "ChannelState",
     "ClientConnection",
+    "ClientLoginResult",
+    "ClientStep",
     "Command",
     "ConnectionFailed",
     "Context",
@@ -175,6 +179,7 @@ __all__ = [
     "SecretResponse",
     "ServerConfig",
     "ServerConnection",
+    "ServerLoginStep",
     "ServerSetup",
     "SessionClosed",
     "SessionEstablished",

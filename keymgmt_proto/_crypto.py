@@ -59,6 +59,7 @@ __all__ = [
     "encrypt_storage_key",
     "hkdf_expand_sha3",
     "hkdf_sha3",
+    "record_nonce",
 ]
 
 #: Injected randomness: returns ``n`` bytes from a CSPRNG (``os.urandom`` in adapters).
@@ -112,9 +113,11 @@ def hkdf_expand_sha3(prk: bytes, info: bytes, length: int) -> bytes:
 _expand = hkdf_expand_sha3
 
 
-def _nonce(iv: bytes, seq: int) -> bytes:
-    """``iv XOR (0^4 || seq as u64)``, computed as one integer XOR (seq < 2**64 touches only
-    the last 8 bytes); tests/core/test_crypto_nonce.py checks it against the byte-wise definition."""
+def record_nonce(iv: bytes, seq: int) -> bytes:
+    """The AEAD nonce of the record with sequence number ``seq`` under ``iv`` (protocol.md
+    section 5.2): ``iv XOR (0^4 || seq as u64)``, computed as one integer XOR (seq < 2**64
+    touches only the last 8 bytes); tests/core/test_crypto_nonce.py checks it against the
+    byte-wise definition."""
     return (int.from_bytes(iv, "big") ^ seq).to_bytes(NONCE_SIZE, "big")
 
 
@@ -276,7 +279,7 @@ class Channel:
         if aead is None:
             aead = self._send_aead = ChaCha20Poly1305(self._send_key)
         ciphertext = aead.encrypt(
-            _nonce(self._send_iv, seq), plaintext, self._ad(self._send_dir, frame_type, seq)
+            record_nonce(self._send_iv, seq), plaintext, self._ad(self._send_dir, frame_type, seq)
         )
         self.send_seq = seq + 1
         self.sent_total = min(self.sent_total + 1, MAX_SEQ)
@@ -296,7 +299,7 @@ class Channel:
             aead = self._recv_aead = ChaCha20Poly1305(self._recv_key)
         try:
             plaintext = aead.decrypt(
-                _nonce(self._recv_iv, seq),
+                record_nonce(self._recv_iv, seq),
                 record.ciphertext,
                 self._ad(self._recv_dir, frame_type, seq),
             )
@@ -315,7 +318,7 @@ class Channel:
         if seq >= MAX_SEQ:
             raise ProtocolError("resume sequence numbers exhausted", ErrorCode.SEQUENCE_EXHAUSTED)
         ciphertext = ChaCha20Poly1305(self._resume_key).encrypt(
-            _nonce(self._resume_iv, seq), plaintext, self._resume_ad(seq)
+            record_nonce(self._resume_iv, seq), plaintext, self._resume_ad(seq)
         )
         self.resume_seq = seq + 1
         return Record(seq, ciphertext)
@@ -330,7 +333,7 @@ class Channel:
             raise RemoteProtocolError("sequence number out of range", ErrorCode.BAD_RECORD)
         try:
             plaintext = ChaCha20Poly1305(self._resume_key).decrypt(
-                _nonce(self._resume_iv, seq), record.ciphertext, self._resume_ad(seq)
+                record_nonce(self._resume_iv, seq), record.ciphertext, self._resume_ad(seq)
             )
         except InvalidTag:
             raise RemoteProtocolError("RESUME failed authentication", ErrorCode.BAD_RECORD) from None

@@ -94,7 +94,9 @@ class ServerSetup:
 
 @dataclass(frozen=True, slots=True)
 class ClientStep:
-    """A message to send and the private state (or key) the client keeps."""
+    """What a client step of an :class:`OpaqueSuite` returns: the message to send and the
+    private state the client keeps for the next step (for ``client_registration_finish``,
+    the export key)."""
 
     message: bytes = field(repr=False)
     state: bytes = field(repr=False)
@@ -102,6 +104,9 @@ class ClientStep:
 
 @dataclass(frozen=True, slots=True)
 class ClientLoginResult:
+    """What ``OpaqueSuite.client_login_finish`` returns: the finalization to send, the
+    session key both sides now share, and the export key (the same at every login)."""
+
     message: bytes = field(repr=False)
     session_key: bytes = field(repr=False)
     export_key: bytes = field(repr=False)
@@ -109,6 +114,9 @@ class ClientLoginResult:
 
 @dataclass(frozen=True, slots=True)
 class ServerLoginStep:
+    """What ``OpaqueSuite.server_login_start`` returns: the credential response to send and
+    the state the server keeps for ``server_login_finish``."""
+
     message: bytes = field(repr=False)
     state: bytes = field(repr=False)
 

@@ -208,6 +208,13 @@ class SessionRegistry:
     def detached_count(self) -> int:
         return sum(1 for s in self._sessions.values() if s.owner is None)
 
+    @property
+    def hot_channels(self) -> int:
+        """How many sessions keep their AEAD objects built (at most
+        ``config.max_hot_channels``, the most recently used); the others keep only their
+        keys (P4). With ``len(registry)``, what an operator watches for memory."""
+        return len(self._hot)
+
     def take_woken(self) -> list[ServerConnection]:
         """Connections whose output or deadlines another connection's work changed since
         the last call (a session moved away, expired, or got an answer there)."""

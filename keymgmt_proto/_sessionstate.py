@@ -34,6 +34,7 @@ from ._messages import USER_ID_SIZE
 from ._wire import Reader, Writer
 
 __all__ = [
+    "SESSION_STATE_AD_PREFIX",
     "SESSION_STATE_KEY_INFO",
     "DetachedSessionStore",
     "SessionState",
@@ -61,6 +62,9 @@ class DetachedSessionStore(Protocol):
 
 @dataclass(slots=True, repr=False)
 class SessionState:
+    """What :func:`seal_session_state` seals of a detached request session (the plaintext
+    layout in the module docstring); secret: the channel state holds key material."""
+
     user_id: bytes
     account_name: bytes
     created: float
@@ -80,6 +84,7 @@ def session_sealing_key(server_setup_bytes: bytes) -> bytes:
 
 
 def seal_session_state(state: SessionState, handle: bytes, key: bytes, random: RandomSource) -> bytes:
+    """``nonce 12 || ChaCha20-Poly1305(key, plaintext, AD = SESSION_STATE_AD_PREFIX || handle)``."""
     w = Writer().u8(_VERSION).fixed(state.user_id, USER_ID_SIZE).bytes8(state.account_name)
     channel = state.channel
     w.rest(struct.pack(">dd", state.created, state.last_activity))

@@ -3,10 +3,15 @@
 Conformance harnesses, fuzzers, vector generators and ports in other languages
 need what docs/protocol.md defines below the connection objects: the frame
 header codec, every frame payload (each class validates on construction and
-has ``encode()``/``decode()``), the sizes and limits, and the labels of the
-channel key schedule. Applications use :class:`~keymgmt_proto.ClientConnection`
-and :class:`~keymgmt_proto.ServerConnection` instead, which produce and check
-all of this themselves.
+has ``encode()``/``decode()``), the sizes and limits, the labels of the
+channel key schedule and the record nonce. Applications use
+:class:`~keymgmt_proto.ClientConnection` and :class:`~keymgmt_proto.ServerConnection`
+instead, which produce and check all of this themselves.
+
+Also here, though no client ever sees it: the sealed session state that server
+instances sharing a :class:`~keymgmt_proto.DetachedSessionStore` exchange
+(protocol.md section 13), for a server that runs next to these instances on one
+store, and for tests of that format.
 """
 
 from ._crypto import (
@@ -24,6 +29,7 @@ from ._crypto import (
     NONCE_SIZE,
     STORAGE_KEY_AD_SUFFIX,
     hkdf_expand_sha3,
+    record_nonce,
 )
 from ._messages import (
     ACCOUNT_NAME_MAX,
@@ -59,6 +65,13 @@ from ._messages import (
     ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
+)
+from ._sessionstate import (
+    SESSION_STATE_AD_PREFIX,
+    SESSION_STATE_KEY_INFO,
+    SessionState,
+    seal_session_state,
+    unseal_session_state,
 )
 from ._state import TRANSITIONS, Trigger
 from ._wire import (
@@ -103,6 +116,8 @@ __all__ = [
     "REGISTRATION_UPLOAD_SIZE",
     "RESUME_NONCE_SIZE",
     "SESSION_HANDLE_SIZE",
+    "SESSION_STATE_AD_PREFIX",
+    "SESSION_STATE_KEY_INFO",
     "STORAGE_KEY_AD_SUFFIX",
     "TAG_SIZE",
     "TRANSITIONS",
@@ -128,10 +143,14 @@ __all__ = [
     "ResumeEnvelope",
     "Resumed",
     "ResumedEnvelope",
+    "SessionState",
     "Trigger",
     "Welcome",
     "Writer",
     "decode_header",
     "encode_frame",
     "hkdf_expand_sha3",
+    "record_nonce",
+    "seal_session_state",
+    "unseal_session_state",
 ]

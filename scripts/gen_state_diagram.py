@@ -19,8 +19,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from keymgmt_proto._state import TRANSITIONS, Command, Role, SessionKind, State, Trigger
-from keymgmt_proto._wire import FrameType
+from keymgmt_proto import Command, FrameType, Role, SessionKind, State
+from keymgmt_proto.wire import TRANSITIONS, Trigger
 
 BEGIN_MARKER = "<!-- BEGIN GENERATED STATE DIAGRAMS -->"
 END_MARKER = "<!-- END GENERATED STATE DIAGRAMS -->"

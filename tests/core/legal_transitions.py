@@ -1,7 +1,7 @@
 """What each session kind allows, written by hand from docs/protocol.md (sections 7.2, 8.1-8.3).
 
 This is a second statement of the legal transitions, independent of the table that
-implements them (``keymgmt_proto._state.TRANSITIONS``): it imports nothing from it and is
+implements them (``keymgmt_proto.wire.TRANSITIONS``): it imports nothing from it and is
 not generated from it. ``tests/core/test_legal_transitions.py`` checks that the two agree
 exactly, so a wrong, missing or extra entry in the implementation fails a test.
 

@@ -10,29 +10,51 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from keymgmt_proto import (
+    MAX_AUDIT_PAGE,
+    MAX_LIST_PAGE,
     Action,
     AuditEntry,
+    AuditRequest,
+    AuditResponse,
     AuditType,
     Channel,
+    ChannelState,
+    CreateKeyIdRequest,
     ErrorCode,
     Frame,
     FrameType,
+    KeyIdResponse,
     KeyInfo,
+    KeyListResponse,
+    ListKeysRequest,
     Op,
+    OpRequest,
+    OpResponse,
     Outcome,
     ProtocolError,
     RealOpaque,
     RemoteProtocolError,
+    RetrieveStorageKeyRequest,
     SecretKind,
+    SecretResponse,
     ServerSetup,
     Status,
+    StorageKeyResponse,
+    decode_request,
     decode_response,
     derive_key_id,
     encode_response,
+    encrypt_storage_key,
+    joint_key_id,
+    open_secret,
+    seal_secret,
+    session_sealing_key,
 )
-from keymgmt_proto._crypto import MAX_SEQ, ChannelState, encrypt_storage_key, hkdf_expand_sha3
-from keymgmt_proto._messages import (
+from keymgmt_proto.testing import FakeOpaque
+from keymgmt_proto.wire import (
+    MAX_SEQ,
     REGISTRATION_TOKEN_MAX,
+    SESSION_STATE_AD_PREFIX,
     Abort,
     GoAway,
     LoginFinish,
@@ -44,36 +66,13 @@ from keymgmt_proto._messages import (
     Request,
     Response,
     Resume,
-    Welcome,
-)
-from keymgmt_proto._ops import (
-    MAX_AUDIT_PAGE,
-    MAX_LIST_PAGE,
-    AuditRequest,
-    AuditResponse,
-    CreateKeyIdRequest,
-    KeyIdResponse,
-    KeyListResponse,
-    ListKeysRequest,
-    OpRequest,
-    OpResponse,
-    RetrieveStorageKeyRequest,
-    SecretResponse,
-    StorageKeyResponse,
-    decode_request,
-    joint_key_id,
-    open_secret,
-    seal_secret,
-)
-from keymgmt_proto._sessionstate import (
-    SESSION_STATE_AD_PREFIX,
     SessionState,
+    Welcome,
+    Writer,
+    hkdf_expand_sha3,
     seal_session_state,
-    session_sealing_key,
     unseal_session_state,
 )
-from keymgmt_proto._wire import Writer
-from keymgmt_proto.testing import FakeOpaque
 
 USER = bytes(range(16))
 KEY_ID = bytes(range(16, 32))

@@ -20,6 +20,7 @@ from keymgmt_proto import (
     LoginRequested,
     LoginSucceeded,
     OpaqueStepRequired,
+    RealOpaque,
     RegistrationCompleted,
     RegistrationRequested,
     RequestReceived,
@@ -33,7 +34,8 @@ from keymgmt_proto import (
     SessionResumed,
     State,
 )
-from keymgmt_proto._messages import (
+from keymgmt_proto.testing import FakeOpaque
+from keymgmt_proto.wire import (
     Abort,
     CompleteRegistration,
     LoginStart,
@@ -42,8 +44,6 @@ from keymgmt_proto._messages import (
     Resume,
     ResumeEnvelope,
 )
-from keymgmt_proto._opaque import client_registration_start
-from keymgmt_proto.testing import FakeOpaque
 
 from ..support.fake_pairs import PASSWORD, FakeWorld, HoldingApp, lose
 from ..support.frames import forge, frame_type, parsed, split_frames
@@ -477,7 +477,7 @@ def test_a_registration_request_that_is_not_a_group_element_ends_the_session(ser
 
 def test_a_registration_upload_that_does_not_parse_ends_the_session(server_setup):
     server = ServerConnection(server_setup, os.urandom, now=0.0)
-    request = client_registration_start(PASSWORD).message
+    request = RealOpaque().client_registration_start(PASSWORD).message
     server.receive_data(forge(FrameType.REG_START, 1, RegStart(ACCOUNT, request).encode()), 0.0)
     assert isinstance(server.next_event(), RegistrationRequested)
     server.accept_registration(1, USER_ID)

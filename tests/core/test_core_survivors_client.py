@@ -23,9 +23,7 @@ from keymgmt_proto import (
     SessionResumed,
     State,
 )
-from keymgmt_proto._crypto import MAX_SEQ
-from keymgmt_proto._messages import Abort, GoAway, LoginResponse
-from keymgmt_proto._wire import encode_frame
+from keymgmt_proto.wire import MAX_SEQ, Abort, GoAway, LoginResponse, encode_frame
 
 from ..support.fake_pairs import PASSWORD, FakeWorld, HoldingApp, fake_client, lose
 from ..support.frames import forge, frame_type, split_frames

@@ -8,10 +8,8 @@ import os
 
 import pytest
 
-from keymgmt_proto import ServerSetup
-from keymgmt_proto._crypto import HotChannels, hkdf_expand_sha3, hkdf_sha3
-from keymgmt_proto._messages import REGISTRATION_UPLOAD_SIZE, USER_ID_SIZE
-from keymgmt_proto._wire import Reader, Writer
+from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry, hkdf_sha3
+from keymgmt_proto.wire import REGISTRATION_UPLOAD_SIZE, USER_ID_SIZE, Reader, Writer, hkdf_expand_sha3
 
 NAME = b"nobody@example.org"
 
@@ -26,9 +24,9 @@ def test_hkdf_expand_gives_any_length_from_one_byte():
 
 
 def test_a_hot_channel_set_may_hold_a_single_channel():
-    assert len(HotChannels(1)) == 0
+    assert SessionRegistry(ServerConfig(max_hot_channels=1)).hot_channels == 0
     with pytest.raises(ValueError, match="at least 1"):
-        HotChannels(0)
+        ServerConfig(max_hot_channels=0)
 
 
 def test_length_prefixed_fields_take_their_maximum_length():

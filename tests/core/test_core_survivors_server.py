@@ -24,6 +24,7 @@ from keymgmt_proto import (
     ResponseReceived,
     ServerConfig,
     ServerConnection,
+    ServerLoginStep,
     ServerSetup,
     SessionClosed,
     SessionFailed,
@@ -31,9 +32,10 @@ from keymgmt_proto import (
     SessionResumed,
     State,
 )
-from keymgmt_proto._crypto import MAX_SEQ
-from keymgmt_proto._messages import (
+from keymgmt_proto.testing import FakeOpaque
+from keymgmt_proto.wire import (
     CREDENTIAL_REQUEST_SIZE,
+    MAX_SEQ,
     REGISTRATION_UPLOAD_SIZE,
     Abort,
     GoAway,
@@ -42,8 +44,6 @@ from keymgmt_proto._messages import (
     Resume,
     ResumeEnvelope,
 )
-from keymgmt_proto._opaque import ServerLoginStep
-from keymgmt_proto.testing import FakeOpaque
 
 from ..support.fake_pairs import PASSWORD, FakeWorld, HoldingApp, lose
 from ..support.frames import forge, parsed
@@ -170,13 +170,13 @@ def test_ended_sessions_leave_the_hot_channel_set(world):
     """P4: the hot set holds only live sessions' channels (registration and request alike)."""
     pair = world.pair()
     register(pair, ACCOUNT)
-    assert len(world.registry._hot) == 0  # the registration session's channel was let go
+    assert world.registry.hot_channels == 0  # the registration session's channel was let go
     sid = login(pair, ACCOUNT).session_id
     channel = pair.server._sessions[sid].channel
-    assert len(world.registry._hot) == 1 and channel.is_hot
+    assert world.registry.hot_channels == 1 and channel.is_hot
     pair.client.close_session(sid)
     pair.pump()
-    assert len(world.registry._hot) == 0 and not channel.is_hot
+    assert world.registry.hot_channels == 0 and not channel.is_hot
 
 
 def test_server_channels_holding_aead_objects_never_exceed_max_hot_channels(server_setup):
@@ -198,9 +198,9 @@ def test_server_channels_holding_aead_objects_never_exceed_max_hot_channels(serv
 def test_an_expired_detached_session_releases_its_channel(world):
     pair, _ = _established(world)
     lose(pair)
-    assert len(world.registry._hot) == 1
+    assert world.registry.hot_channels == 1
     world.registry.handle_timer(300.0)
-    assert len(world.registry) == 0 and len(world.registry._hot) == 0
+    assert len(world.registry) == 0 and world.registry.hot_channels == 0
 
 
 def test_a_resumed_session_keeps_only_its_new_epoch_channel_hot(world):
@@ -211,7 +211,7 @@ def test_a_resumed_session_keeps_only_its_new_epoch_channel_hot(world):
     new_sid = fresh.client.resume_session(detached)
     only(fresh.pump(), SessionResumed)
     new_channel = fresh.server._sessions[new_sid].channel
-    assert list(world.registry._hot._channels.values()) == [new_channel]
+    assert world.registry.hot_channels == 1 and new_channel.is_hot
     assert not old_channel.is_hot
 
 
@@ -237,7 +237,7 @@ def test_a_session_handed_to_the_store_carries_its_deadline_and_leaves_memory(se
     lose(pair)
     ((_, expires_at),) = store.saved.values()
     assert expires_at == 300.0
-    assert len(registry) == 0 and len(registry._hot) == 0
+    assert len(registry) == 0 and registry.hot_channels == 0
 
 
 # ------------------------------------------------------------------------ abandon

@@ -28,8 +28,8 @@ from keymgmt_proto import (
     SessionRegistry,
     State,
 )
-from keymgmt_proto._state import TRANSITIONS
 from keymgmt_proto.testing import FakeOpaque
+from keymgmt_proto.wire import TRANSITIONS
 
 from ..support.frames import forge, split_frames
 from ..support.helpers import PASSWORD, login, only, register

@@ -7,9 +7,7 @@ import os
 
 import pytest
 
-from keymgmt_proto import ResponseReceived, ServerConfig
-from keymgmt_proto._crypto import Channel, HotChannels
-from keymgmt_proto._wire import FrameType
+from keymgmt_proto import Channel, FrameType, ResponseReceived, ServerConfig, SessionRegistry
 
 from ..support.helpers import Harness, login, register
 
@@ -32,19 +30,19 @@ def test_a_released_channel_seals_and_opens_exactly_as_before() -> None:
 
 
 def test_hot_channels_keep_the_most_recently_used() -> None:
-    hot = HotChannels(2)
+    """The registry's hot set, driven the way server connections drive it (``warm`` on use,
+    ``cool`` when a session ends)."""
+    registry = SessionRegistry(ServerConfig(max_hot_channels=2))
     a, b, c = (Channel(os.urandom(64), is_client=False) for _ in range(3))
     for channel in (a, b):
         channel.seal(FrameType.RESPONSE, b"x")
-        hot.touch(channel)
-    hot.touch(a)  # a is now the most recent: b is the one to go
+        registry.warm(channel)
+    registry.warm(a)  # a is now the most recent: b is the one to go
     c.seal(FrameType.RESPONSE, b"x")
-    hot.touch(c)
-    assert (a.is_hot, b.is_hot, c.is_hot, len(hot)) == (True, False, True, 2)
-    hot.discard(a)
-    assert (a.is_hot, len(hot)) == (False, 1)
-    with pytest.raises(ValueError):
-        HotChannels(0)
+    registry.warm(c)
+    assert (a.is_hot, b.is_hot, c.is_hot, registry.hot_channels) == (True, False, True, 2)
+    registry.cool(a)
+    assert (a.is_hot, registry.hot_channels) == (False, 1)
     with pytest.raises(ValueError):
         ServerConfig(max_hot_channels=0)
 
@@ -57,7 +55,7 @@ def test_server_keeps_at_most_max_hot_channels_and_cold_sessions_still_work(serv
     server_channels = [s.channel for s in pair.server._sessions.values() if s.channel is not None]
     assert len(server_channels) == 5
     assert sum(c.is_hot for c in server_channels) == 2
-    assert len(harness.registry._hot) == 2
+    assert harness.registry.hot_channels == 2
     for sid in sessions:  # every session, hot or not, answers; the set never grows past 2
         request_id = pair.client.send_request(sid, b"ping %d" % sid)
         responses = [e for e in pair.pump() if isinstance(e, ResponseReceived)]
@@ -67,5 +65,5 @@ def test_server_keeps_at_most_max_hot_channels_and_cold_sessions_still_work(serv
         assert sum(c.is_hot for c in server_channels) == 2
     pair.client.close_session(sessions[-1])
     pair.pump()
-    assert len(harness.registry._hot) == 1  # an ended session leaves the hot set
+    assert harness.registry.hot_channels == 1  # an ended session leaves the hot set
     assert sum(c.is_hot for c in server_channels) == 1

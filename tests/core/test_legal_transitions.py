@@ -8,7 +8,7 @@ from pathlib import Path
 
 import keymgmt_proto
 from keymgmt_proto import Command, FrameType
-from keymgmt_proto._state import TRANSITIONS
+from keymgmt_proto.wire import TRANSITIONS
 
 from .legal_transitions import expected_transitions
 

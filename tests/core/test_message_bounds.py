@@ -12,8 +12,30 @@ from collections.abc import Callable
 
 import pytest
 
-from keymgmt_proto import Action, AuditType, Context, ErrorCode, Outcome, RemoteProtocolError, SecretKind
-from keymgmt_proto._messages import (
+from keymgmt_proto import (
+    MAX_AUDIT_PAGE,
+    MAX_LIST_PAGE,
+    Action,
+    AuditEntry,
+    AuditRequest,
+    AuditType,
+    Context,
+    CreateKeyIdRequest,
+    DeleteKeyRequest,
+    ErrorCode,
+    KeyIdResponse,
+    KeyInfo,
+    ListKeysRequest,
+    Outcome,
+    RemoteProtocolError,
+    RetrieveRequest,
+    SecretKind,
+    SecretResponse,
+    StoreSecretRequest,
+    derive_key_id,
+    secret_ad,
+)
+from keymgmt_proto.wire import (
     Abort,
     CompleteRegistration,
     GoAway,
@@ -29,24 +51,8 @@ from keymgmt_proto._messages import (
     Resume,
     ResumedEnvelope,
     ResumeEnvelope,
+    Writer,
 )
-from keymgmt_proto._ops import (
-    MAX_AUDIT_PAGE,
-    MAX_LIST_PAGE,
-    AuditEntry,
-    AuditRequest,
-    CreateKeyIdRequest,
-    DeleteKeyRequest,
-    KeyIdResponse,
-    KeyInfo,
-    ListKeysRequest,
-    RetrieveRequest,
-    SecretResponse,
-    StoreSecretRequest,
-    derive_key_id,
-    secret_ad,
-)
-from keymgmt_proto._wire import Writer
 
 UID = bytes(16)
 KID = bytes(16)

@@ -28,7 +28,7 @@ from keymgmt_proto import (
     SessionFailed,
     State,
 )
-from keymgmt_proto._messages import Abort
+from keymgmt_proto.wire import Abort
 
 from ..support.fake_pairs import FakeWorld, lose, spied_pair
 from ..support.frames import forge, parsed

@@ -18,23 +18,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keymgmt_proto import (
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    MAX_SESSION_ID,
     NEED_DATA,
+    PROTOCOL_VERSION,
+    Channel,
     ClientConnection,
     ConnectionFailed,
+    ErrorCode,
     Event,
+    FrameType,
     OpaqueStepRequired,
+    RealOpaque,
+    RemoteProtocolError,
     ServerConnection,
     ServerSetup,
-    _opaque,
-)
-from keymgmt_proto._crypto import (
-    Channel,
     decrypt_storage_key,
     derive_master_key,
     encrypt_storage_key,
 )
-from keymgmt_proto._errors import ErrorCode, RemoteProtocolError
-from keymgmt_proto._messages import (
+from keymgmt_proto.wire import (
     CREDENTIAL_FINALIZATION_SIZE,
     CREDENTIAL_REQUEST_SIZE,
     CREDENTIAL_RESPONSE_SIZE,
@@ -65,13 +69,6 @@ from keymgmt_proto._messages import (
     ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
-)
-from keymgmt_proto._wire import (
-    DEFAULT_MAX_PAYLOAD,
-    HEADER_SIZE,
-    MAX_SESSION_ID,
-    PROTOCOL_VERSION,
-    FrameType,
     decode_header,
     encode_frame,
 )
@@ -706,7 +703,7 @@ def raw_frame(
 
 
 #: A well-formed OPAQUE RegistrationRequest, so fuzzed REG_STARTs can get past OPAQUE on the server.
-VALID_REGISTRATION_REQUEST = _opaque.client_registration_start(b"password").message
+VALID_REGISTRATION_REQUEST = RealOpaque().client_registration_start(b"password").message
 FUZZ_STRATEGIES = {
     **STRATEGIES,
     RegStart: st.builds(

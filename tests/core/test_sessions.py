@@ -514,7 +514,7 @@ def test_every_resume_starts_a_new_key_epoch_with_counters_at_zero(harness):
 def test_sequence_exhaustion_ends_the_session_with_a_clean_close(harness):
     """NET-14: the epoch's last sequence number is kept for CLOSE: a session that reaches it
     ends with CLOSE(SEQUENCE_EXHAUSTED) on both sides; nothing raises."""
-    from keymgmt_proto._crypto import MAX_SEQ
+    from keymgmt_proto.wire import MAX_SEQ
 
     pair = harness.pair()
     register(pair, b"exhaust")

@@ -16,8 +16,8 @@ from keymgmt_proto import (
     SessionFailed,
     SessionRegistry,
     SessionResumed,
+    session_sealing_key,
 )
-from keymgmt_proto._sessionstate import session_sealing_key
 
 from ..support.helpers import login, only, register
 
@@ -154,7 +154,7 @@ class _SealLog:
     """Records the (key, iv, seq) of every record the server seals, to prove none repeats."""
 
     def __init__(self, monkeypatch) -> None:
-        from keymgmt_proto._crypto import Channel
+        from keymgmt_proto import Channel
 
         self.used: list[tuple[bytes, bytes, int]] = []
         original = Channel.seal

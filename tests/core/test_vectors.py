@@ -27,49 +27,55 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-import keymgmt_proto._crypto as crypto_module
-import keymgmt_proto._messages as messages_module
-import keymgmt_proto._ops as ops_module
+import keymgmt_proto
+import keymgmt_proto.wire as wire
 from keymgmt.adapters import MemoryServerApp
 from keymgmt_proto import (
     NEED_DATA,
+    Channel,
     ClientConnection,
+    ClientLoginResult,
+    Context,
+    Direction,
+    ErrorCode,
     Event,
+    FrameType,
+    Op,
     OpaqueStepRequired,
+    OpRequest,
+    OpResponse,
+    RealOpaque,
     RegistrationSucceeded,
+    RemoteProtocolError,
+    SecretKind,
     ServerConfig,
     ServerConnection,
     ServerSetup,
     SessionEstablished,
-    _opaque,
-)
-from keymgmt_proto._crypto import (
-    Channel,
-    Direction,
-    decrypt_storage_key,
-    derive_master_key,
-    encrypt_storage_key,
-)
-from keymgmt_proto._errors import ErrorCode, RemoteProtocolError
-from keymgmt_proto._messages import MESSAGE_TYPES, Record, Request, Resume, ResumedEnvelope, ResumeEnvelope
-from keymgmt_proto._ops import (
-    Context,
-    Op,
-    OpRequest,
-    OpResponse,
-    SecretKind,
     Status,
     decode_portable,
     decode_request,
     decode_response,
+    decrypt_storage_key,
     derive_key_id,
+    derive_master_key,
     encode_portable,
     encode_response,
+    encrypt_storage_key,
     open_secret,
     seal_secret,
     secret_ad,
 )
-from keymgmt_proto._wire import FrameType, decode_header, encode_frame
+from keymgmt_proto.wire import (
+    MESSAGE_TYPES,
+    Record,
+    Request,
+    Resume,
+    ResumedEnvelope,
+    ResumeEnvelope,
+    decode_header,
+    encode_frame,
+)
 
 from ..support.frames import split_frames
 
@@ -98,7 +104,7 @@ def h(text: str) -> bytes:
 
 def build(class_name: str, fields: dict) -> object:
     """Construct a message or op class from a vector's fields."""
-    cls = getattr(messages_module, class_name, None) or getattr(ops_module, class_name)
+    cls = getattr(wire, class_name, None) or getattr(keymgmt_proto, class_name)
     return generator().build(cls, fields)
 
 
@@ -202,17 +208,20 @@ def test_message_vectors():
 
 def test_rejected_message_encodings():
     for vector in load("messages.json")["rejected"]:
-        cls = getattr(messages_module, vector["class"])
+        cls = getattr(wire, vector["class"])
         with pytest.raises(RemoteProtocolError):
             cls.decode(h(vector["encoding"]))
 
 
 def _subclasses(base: type) -> set[str]:
-    return {
-        name
-        for name, value in vars(ops_module).items()
-        if isinstance(value, type) and issubclass(value, base) and value is not base
-    }
+    """The names of every class derived from ``base``, however deep (not only the exported)."""
+    found: set[str] = set()
+    todo = list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return found
 
 
 def test_op_vectors_cover_every_request_response_op_status_and_context():
@@ -260,7 +269,7 @@ def _sha3_expand(prk: bytes, info: bytes, length: int) -> bytes:
 def test_key_schedule_vectors():
     data = load("key_schedule.json")
     labels = {name: value.encode("ascii") for name, value in data["labels"].items()}
-    assert labels == {name: getattr(crypto_module, name) for name in labels}
+    assert labels == {name: getattr(wire, name) for name in labels}
     for vector in data["vectors"]:
         session_key = h(vector["session_key"])
         prk = hmac.digest(labels["CHANNEL_SALT"], session_key, "sha3_256")
@@ -328,9 +337,9 @@ def test_resumption_vectors():
     HKDF, gives the file's bytes; and the library's Channel agrees at every step."""
     data = load("resumption.json")
     session_key, handle = h(data["session_key"]), h(data["session_handle"])
-    prk = hmac.digest(crypto_module.CHANNEL_SALT, session_key, "sha3_256")
-    resume_key = _sha3_expand(prk, crypto_module.LABEL_RESUME_KEY, 32)
-    resume_iv = _sha3_expand(prk, crypto_module.LABEL_RESUME_IV, 12)
+    prk = hmac.digest(wire.CHANNEL_SALT, session_key, "sha3_256")
+    resume_key = _sha3_expand(prk, wire.LABEL_RESUME_KEY, 32)
+    resume_iv = _sha3_expand(prk, wire.LABEL_RESUME_IV, 12)
     assert (resume_key.hex(), resume_iv.hex()) == (data["resume_key"], data["resume_iv"])
     client_nonce, server_nonce = h(data["client_nonce"]), h(data["server_nonce"])
     resume_seq = data["resume_seq"]
@@ -344,10 +353,10 @@ def test_resumption_vectors():
         encode_frame(FrameType.RESUME, data["new_session_id"], handle + resume_record).hex()
         == data["resume_frame"]
     )
-    epoch_secret = _sha3_expand(prk, crypto_module.LABEL_EPOCH + client_nonce + server_nonce, 32)
+    epoch_secret = _sha3_expand(prk, wire.LABEL_EPOCH + client_nonce + server_nonce, 32)
     assert epoch_secret.hex() == data["epoch_secret"]
     epoch = {
-        name: _sha3_expand(epoch_secret, getattr(crypto_module, label), size)
+        name: _sha3_expand(epoch_secret, getattr(wire, label), size)
         for name, label, size in [
             ("c2s_key", "LABEL_C2S_KEY", 32),
             ("c2s_iv", "LABEL_C2S_IV", 12),
@@ -395,7 +404,7 @@ def test_resumption_vectors():
 def test_key_id_vectors():
     data = load("key_id.json")
     domain = data["domain"].encode("ascii")
-    assert domain == ops_module.KEY_ID_DOMAIN
+    assert domain == keymgmt_proto.KEY_ID_DOMAIN
     for vector in data["vectors"]:
         user_id, r = h(vector["user_id"]), h(vector["r"])
         preimage = b"".join(struct.pack(">H", len(part)) + part for part in (domain, user_id, r))
@@ -403,7 +412,7 @@ def test_key_id_vectors():
         assert hashlib.sha3_256(preimage).hexdigest() == vector["sha3_256"]
         assert derive_key_id(user_id, r).hex() == vector["key_id"] == vector["sha3_256"][:32]
     contribution_domain = data["contribution_domain"].encode("ascii")
-    assert contribution_domain == ops_module.KEY_ID_CONTRIBUTION_DOMAIN
+    assert contribution_domain == keymgmt_proto.KEY_ID_CONTRIBUTION_DOMAIN
     assert data["joint"]
     for vector in data["joint"]:
         user_id, client_nonce, server_nonce = (
@@ -416,7 +425,7 @@ def test_key_id_vectors():
         r = hashlib.sha3_256(preimage).digest()
         assert r.hex() == vector["r"]
         assert derive_key_id(user_id, r).hex() == vector["key_id"]
-        assert ops_module.joint_key_id(user_id, client_nonce, server_nonce).hex() == vector["key_id"]
+        assert keymgmt_proto.joint_key_id(user_id, client_nonce, server_nonce).hex() == vector["key_id"]
 
 
 def test_storage_key_vectors():
@@ -514,8 +523,27 @@ def _drain(conn, app=None) -> list[Event]:
     return events
 
 
+class _StandInSessionKey(RealOpaque):
+    """Real OPAQUE (each login still has to verify), ending in the file's stand-in session key."""
+
+    __slots__ = ("session_key",)
+
+    def __init__(self, session_key: bytes) -> None:
+        self.session_key = session_key
+
+    def client_login_finish(
+        self, password: bytes, state: bytes, credential_response: bytes
+    ) -> ClientLoginResult:
+        result = super().client_login_finish(password, state, credential_response)
+        return ClientLoginResult(result.message, self.session_key, result.export_key)
+
+    def server_login_finish(self, state: bytes, finalization: bytes) -> bytes:
+        super().server_login_finish(state, finalization)
+        return self.session_key
+
+
 @pytest.mark.parametrize("name", ["client_logout", "server_close"])
-def test_transcript_replays_through_real_connections(monkeypatch, name):
+def test_transcript_replays_through_real_connections(name):
     """Real OPAQUE login, then the stand-in session key: the connections emit the file's frames."""
     data = load("transcript.json")
     (transcript,) = [t for t in data["transcripts"] if t["name"] == name]
@@ -524,26 +552,14 @@ def test_transcript_replays_through_real_connections(monkeypatch, name):
     (response_entry,) = [e for e in transcript["frames"] if e["frame_type"] == "RESPONSE"]
     response_body = build(response_entry["message"]["class"], response_entry["message"]["fields"]).body
 
-    real_client_finish, real_server_finish = _opaque.client_login_finish, _opaque.server_login_finish
-
-    def client_finish(password, state, response):
-        result = real_client_finish(password, state, response)
-        return _opaque.ClientLoginResult(result.message, session_key, result.export_key)
-
-    def server_finish(state, finalization):
-        real_server_finish(state, finalization)  # OPAQUE still has to verify
-        return session_key
-
-    monkeypatch.setattr(_opaque, "client_login_finish", client_finish)
-    monkeypatch.setattr(_opaque, "server_login_finish", server_finish)
-
+    suite = _StandInSessionKey(session_key)
     setup = ServerSetup.generate()
     app = MemoryServerApp(random=lambda n: user_id, handler=lambda uid, body: response_body)
     config = ServerConfig(**transcript["server_config"])
     # Register on one connection...
     reg_client, reg_server = (
-        ClientConnection(os.urandom),
-        ServerConnection(setup, os.urandom, config=config, now=0.0),
+        ClientConnection(os.urandom, opaque=suite),
+        ServerConnection(setup, os.urandom, config=config, now=0.0, opaque=suite),
     )
     reg_client.open_registration(b"alice@example.org", b"password")
     reg_events: list[Event] = []
@@ -555,7 +571,8 @@ def test_transcript_replays_through_real_connections(monkeypatch, name):
     assert any(isinstance(e, RegistrationSucceeded) for e in reg_events)
 
     # ...and log in on a fresh one, so the request session is session 1.
-    client, server = ClientConnection(os.urandom), ServerConnection(setup, os.urandom, config=config, now=0.0)
+    client = ClientConnection(os.urandom, opaque=suite)
+    server = ServerConnection(setup, os.urandom, config=config, now=0.0, opaque=suite)
     session_id = client.open_request_session(b"alice@example.org", b"password")
     assert session_id == data["session_id"]
     sealed: list[bytes] = []

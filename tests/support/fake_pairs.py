@@ -7,6 +7,8 @@ import os
 from keymgmt.adapters import InMemoryPair, MemoryServerApp
 from keymgmt_proto import (
     ClientConnection,
+    ClientLoginResult,
+    ClientStep,
     DetachedSession,
     Event,
     RandomSource,
@@ -16,7 +18,6 @@ from keymgmt_proto import (
     ServerSetup,
     SessionRegistry,
 )
-from keymgmt_proto._opaque import ClientLoginResult, ClientStep
 from keymgmt_proto.testing import FakeOpaque
 
 from .helpers import PASSWORD

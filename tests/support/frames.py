@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from keymgmt_proto import FrameType
-from keymgmt_proto._wire import HEADER_SIZE, encode_frame
+from keymgmt_proto import HEADER_SIZE, FrameType
+from keymgmt_proto.wire import encode_frame
 
 
 def split_frames(data: bytes) -> list[bytes]:
