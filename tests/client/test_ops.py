@@ -22,16 +22,17 @@ from keymgmt.adapters.client.async_client import (
 )
 from keymgmt.adapters.client.localstore import LocalStore
 from keymgmt.adapters.storage.base import SecretRecord
-from keymgmt_proto import ErrorCode, ServerConfig
-from keymgmt_proto._ops import (
+from keymgmt_proto import (
     Action,
     AuditType,
     Context,
     CreateKeyIdRequest,
+    ErrorCode,
     Op,
     Outcome,
     RetrieveRequest,
     SecretKind,
+    ServerConfig,
     Status,
     StoreSecretRequest,
     decode_response,
@@ -419,7 +420,7 @@ async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, mon
     client refuses before sealing anything, and nothing more is stored."""
     from keymgmt.adapters.client.async_client import IntegrityError
     from keymgmt.adapters.server.app import KeyServer
-    from keymgmt_proto._ops import KeyIdResponse, joint_key_id
+    from keymgmt_proto import KeyIdResponse, joint_key_id
 
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(b"kim@example.org", PW)

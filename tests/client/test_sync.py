@@ -11,8 +11,7 @@ from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.server.driver import serve_stream
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
-from keymgmt_proto import ServerSetup, SessionRegistry
-from keymgmt_proto._ops import Action, AuditType, Context
+from keymgmt_proto import Action, AuditType, Context, ServerSetup, SessionRegistry
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -25,10 +25,18 @@ from types import ModuleType
 import pytest
 
 import keymgmt_proto
-from keymgmt_proto._crypto import Direction
-from keymgmt_proto._errors import ErrorCode
-from keymgmt_proto._ops import Action, AuditType, Context, Op, Outcome, SecretKind, Status
-from keymgmt_proto._wire import FrameType
+from keymgmt_proto import (
+    Action,
+    AuditType,
+    Context,
+    Direction,
+    ErrorCode,
+    FrameType,
+    Op,
+    Outcome,
+    SecretKind,
+    Status,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL_MD = ROOT / "docs" / "protocol.md"

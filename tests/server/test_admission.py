@@ -18,7 +18,7 @@ from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.admission import AddressLimits, address_key
 from keymgmt_proto import ClientConnection, ErrorCode, FrameType, LoginRequested, ServerConfig, TokenBucket
-from keymgmt_proto._messages import GoAway
+from keymgmt_proto.wire import GoAway
 
 from ..support.net_world import raw_login, running_server, tls_from
 
@@ -325,7 +325,7 @@ def test_failed_resumes_pay_and_a_refused_one_leaves_the_session_resumable():
     RESUME refused while it is empty is not lost: the client core says ResumeDeferred, keeps
     the session detached, and a RESUME once the bucket has refilled works."""
     from keymgmt_proto import ResponseReceived, ResumeDeferred, SessionFailed, SessionResumed
-    from keymgmt_proto._messages import Record, ResumeEnvelope
+    from keymgmt_proto.wire import Record, ResumeEnvelope
 
     from ..support.frames import forge
 
@@ -410,7 +410,7 @@ async def test_the_client_resumes_again_when_a_prober_on_its_address_drained_the
             sessions = [await client.login(b"nat@example.org", PW) for _ in range(3)]
             prober = await tls_from(runtime.port, pki.ca_cert, "127.0.0.4")
             try:
-                from keymgmt_proto._messages import Record, ResumeEnvelope
+                from keymgmt_proto.wire import Record, ResumeEnvelope
 
                 from ..support.frames import forge
 
@@ -436,7 +436,7 @@ async def test_the_client_resumes_again_when_a_prober_on_its_address_drained_the
 async def test_the_client_gives_up_on_a_resumption_deferred_round_after_round(tmp_path):
     """If the address's bucket stays empty, the deferred sessions fail after
     ``reconnect_attempts`` rounds with a RateLimitedError that says what to do."""
-    from keymgmt_proto._messages import Record, ResumeEnvelope
+    from keymgmt_proto.wire import Record, ResumeEnvelope
 
     from ..support.frames import forge
 

@@ -16,8 +16,7 @@ import pytest
 from keymgmt.adapters.server.admission import AddressLimits
 from keymgmt.adapters.server.app import ThrottlePolicy
 from keymgmt.adapters.server.invitations import InvitationAuthorizer
-from keymgmt_proto import MAX_SESSION_ID, Frame, FrameType, ServerConfig
-from keymgmt_proto._crypto import HotChannels
+from keymgmt_proto import MAX_SESSION_ID, Frame, FrameType, ServerConfig, SessionRegistry
 
 Build = Callable[[], object]
 
@@ -71,7 +70,11 @@ CASES: list[tuple[str, Build, Build]] = [
         lambda: Frame(FrameType.REQUEST, MAX_SESSION_ID, b""),
         lambda: Frame(FrameType.REQUEST, MAX_SESSION_ID + 1, b""),
     ),
-    ("hot channels", lambda: HotChannels(1), lambda: HotChannels(0)),
+    (
+        "hot channels",
+        lambda: SessionRegistry(ServerConfig(max_hot_channels=1)),
+        lambda: SessionRegistry(ServerConfig(max_hot_channels=0)),
+    ),
     (
         "address connections",
         lambda: AddressLimits(max_connections_per_address=1),

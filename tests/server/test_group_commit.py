@@ -95,13 +95,14 @@ def test_a_failed_batch_after_the_connection_failed_sends_nothing_and_resumes_no
     from keymgmt_proto import (
         NEED_DATA,
         ClientConnection,
+        CreateKeyIdRequest,
         ErrorCode,
+        SecretKind,
         ServerConnection,
         SessionFailed,
         SessionRegistry,
+        session_sealing_key,
     )
-    from keymgmt_proto._ops import CreateKeyIdRequest, SecretKind
-    from keymgmt_proto._sessionstate import session_sealing_key
 
     from ..support.helpers import login, register
 

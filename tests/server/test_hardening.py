@@ -30,7 +30,7 @@ from keymgmt_proto import (
     SessionRegistry,
     Status,
 )
-from keymgmt_proto._wire import encode_frame
+from keymgmt_proto.wire import encode_frame
 
 from ..support.frames import frame_type, split_frames
 from ..support.helpers import PASSWORD, register
@@ -199,7 +199,7 @@ async def test_per_user_key_limit(tmp_path):
 @pytest.mark.anyio
 async def test_key_id_reservations_per_session_are_bounded(tmp_path):
     from keymgmt.adapters.server.app import MAX_RESERVED_KEY_IDS
-    from keymgmt_proto._ops import (
+    from keymgmt_proto import (
         CreateKeyIdRequest,
         KeyIdResponse,
         SecretKind,
@@ -342,7 +342,7 @@ async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog):
     from keymgmt.adapters.server.driver import ConnectionDriver
     from keymgmt.adapters.testing.streams import memory_stream_pair
     from keymgmt_proto import FrameType
-    from keymgmt_proto._messages import REGISTRATION_REQUEST_SIZE, RegStart
+    from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart
 
     caplog.set_level(logging.INFO, logger="keymgmt.server")
     storage = SQLiteStorage(tmp_path / "ks.db")

@@ -27,8 +27,16 @@ from keymgmt.adapters.server.app import (
     default_account_name_policy,
 )
 from keymgmt.adapters.storage.base import SecretRecord
-from keymgmt_proto import Action, Op, Outcome, SecretKind, Status
-from keymgmt_proto._ops import CreateKeyIdRequest, KeyIdResponse, StoreSecretRequest
+from keymgmt_proto import (
+    Action,
+    CreateKeyIdRequest,
+    KeyIdResponse,
+    Op,
+    Outcome,
+    SecretKind,
+    Status,
+    StoreSecretRequest,
+)
 
 from ..support.fake_pairs import FakeWorld
 from ..support.keyserver_world import key_server

@@ -15,7 +15,7 @@ import pytest
 from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError, RegistrationError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.invitations import InvitationAuthorizer
-from keymgmt_proto import ClientConnection, ErrorCode, _opaque
+from keymgmt_proto import ClientConnection, ErrorCode, RealOpaque
 
 from ..support.keyserver_world import SETUP
 from ..support.net_world import running_server, tls_from
@@ -57,13 +57,13 @@ def test_invitations_are_checked_for_signature_expiry_and_name():
 @pytest.mark.anyio
 async def test_a_server_that_requires_invitations(tmp_path, monkeypatch):
     calls = []
-    real_start = _opaque.server_registration_start
+    real_start = RealOpaque.server_registration_start  # the server's default suite
 
-    def counting(*args):
+    def counting(self, *args):
         calls.append(args)
-        return real_start(*args)
+        return real_start(self, *args)
 
-    monkeypatch.setattr(_opaque, "server_registration_start", counting)
+    monkeypatch.setattr(RealOpaque, "server_registration_start", counting)
     async with running_server(tmp_path, require_invitation=True) as (runtime, pki):
         authorizer = InvitationAuthorizer.from_setup(runtime.setup)
         connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)

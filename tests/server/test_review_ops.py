@@ -13,15 +13,17 @@ from keymgmt.adapters.server.driver import serve_stream
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
-from keymgmt_proto import FrameType, ServerConnection, SessionHandle
-from keymgmt_proto._ops import (
+from keymgmt_proto import (
     Action,
     AuditType,
     CreateKeyIdRequest,
+    FrameType,
     KeyIdResponse,
     Op,
     Outcome,
     SecretKind,
+    ServerConnection,
+    SessionHandle,
     Status,
     StoreSecretRequest,
     seal_secret,

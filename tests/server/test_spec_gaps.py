@@ -23,31 +23,28 @@ from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.storage.base import Account, AuditQuery, SecretRecord
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
+    Action,
+    AuditEntry,
+    AuditType,
     ClientConnection,
+    Context,
+    CreateKeyIdRequest,
     ErrorCode,
     FrameType,
+    KeyIdResponse,
+    Op,
+    Outcome,
     RegistrationCompleted,
+    SecretKind,
     ServerConfig,
     ServerConnection,
     SessionFailed,
     SessionHandle,
-)
-from keymgmt_proto._messages import CompleteRegistration
-from keymgmt_proto._ops import (
-    Action,
-    AuditEntry,
-    AuditType,
-    Context,
-    CreateKeyIdRequest,
-    KeyIdResponse,
-    Op,
-    Outcome,
-    SecretKind,
     Status,
     decode_response,
     joint_key_id,
 )
-from keymgmt_proto._wire import encode_frame
+from keymgmt_proto.wire import CompleteRegistration, encode_frame
 
 from ..support.frames import frame_type, split_frames
 from ..support.helpers import PASSWORD, only, register

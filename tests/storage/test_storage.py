@@ -13,8 +13,15 @@ from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import ErrorCode, RegistrationCompleted, SessionFailed
-from keymgmt_proto._ops import Action, AuditType, Outcome, SecretKind
+from keymgmt_proto import (
+    Action,
+    AuditType,
+    ErrorCode,
+    Outcome,
+    RegistrationCompleted,
+    SecretKind,
+    SessionFailed,
+)
 
 from ..support.helpers import PASSWORD, Harness, only
 

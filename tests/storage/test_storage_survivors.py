@@ -15,8 +15,7 @@ import pytest
 from keymgmt.adapters.files import BUSY_TIMEOUT_MS
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
-from keymgmt_proto._ops import AuditEntry, KeyInfo
+from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
 from ..support.pg import drop_schema, fresh_schema, postgres_or_skip, schema_fixture
 

@@ -35,8 +35,7 @@ import anyio
 from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError, KeySession, NotFoundError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.client.localstore import LocalStore
-from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
-from keymgmt_proto._ops import encode_portable, open_secret
+from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind, encode_portable, open_secret
 
 from ..support.server_proc import ServerProcess, init_server_dir
 

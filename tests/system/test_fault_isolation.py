@@ -23,10 +23,8 @@ from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.storage.base import Transaction
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import NEED_DATA, Context, ErrorCode, FrameType
-from keymgmt_proto._messages import Resume, ResumeEnvelope
-from keymgmt_proto._server import ServerConnection
-from keymgmt_proto._wire import encode_frame
+from keymgmt_proto import NEED_DATA, Context, ErrorCode, FrameType, ServerConnection
+from keymgmt_proto.wire import Resume, ResumeEnvelope, encode_frame
 
 from ..support.net_world import raw_login, running_server, tls_from
 from ..support.server_proc import ServerProcess, init_server_dir

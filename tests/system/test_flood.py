@@ -21,7 +21,7 @@ import pytest
 from keymgmt.adapters.client.async_client import KeymgmtClient, ThrottledError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt_proto import Action, AuditType, ErrorCode, FrameType
-from keymgmt_proto._messages import Abort, LoginStart
+from keymgmt_proto.wire import Abort, LoginStart
 
 from ..support.frames import forge, frame_session, frame_type, split_frames
 from ..support.net_world import tls_from

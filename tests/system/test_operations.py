@@ -16,27 +16,25 @@ from keymgmt.adapters.server.app import HANDLERS
 from keymgmt_proto import (
     OPERATIONS,
     Action,
+    AuditRequest,
+    AuditResponse,
     AuditType,
+    Empty,
+    KeyIdResponse,
+    KeyListResponse,
     Op,
     OpRequest,
     OpResponse,
     RemoteProtocolError,
     SecretKind,
+    SecretResponse,
     Status,
+    StorageKeyResponse,
     decode_request,
     decode_response,
     encode_response,
 )
 from keymgmt_proto import _ops as ops_module
-from keymgmt_proto._ops import (
-    AuditRequest,
-    AuditResponse,
-    Empty,
-    KeyIdResponse,
-    KeyListResponse,
-    SecretResponse,
-    StorageKeyResponse,
-)
 
 
 def _cli_commands() -> set[str]:
@@ -68,6 +66,7 @@ def test_an_op_the_table_does_not_declare_is_refused_not_guessed(monkeypatch: py
     body = bytes([Op.DELETE_KEY]) + bytes(16) + bytes(16)
     assert decode_request(body).op is Op.DELETE_KEY
     undeclared = {op: o for op, o in OPERATIONS.items() if op is not Op.DELETE_KEY}
+    # The decoders read the table from their own (private) module; the public one is read-only.
     monkeypatch.setattr(ops_module, "OPERATIONS", undeclared)
     with pytest.raises(RemoteProtocolError, match="not supported"):
         decode_request(body)

@@ -57,21 +57,32 @@ from keymgmt.adapters.client.localstore import LocalStore
 from keymgmt.adapters.server import driver as serve_module
 from keymgmt_proto import (
     AuditType,
+    Channel,
     ClientConnection,
     Context,
+    FrameType,
+    Op,
+    RealOpaque,
     RegistrationSucceeded,
     ServerConnection,
     SessionEstablished,
-    _connection,
-    _crypto,
-    _opaque,
     _server,
+    decode_request,
+    decode_response,
+    decrypt_storage_key,
     derive_master_key,
+    encode_portable,
     hkdf_sha3,
 )
-from keymgmt_proto._messages import Record, ResumeEnvelope, decode_message
-from keymgmt_proto._ops import Op, decode_request, decode_response, encode_portable
-from keymgmt_proto._wire import FrameType
+from keymgmt_proto.wire import (
+    CHANNEL_SALT,
+    LABEL_C2S_KEY,
+    LABEL_S2C_KEY,
+    MESSAGE_TYPES,
+    Record,
+    ResumeEnvelope,
+    hkdf_expand_sha3,
+)
 
 from ..support.helpers import register
 from ..support.net_world import Proxy, running_server
@@ -203,7 +214,7 @@ class Recorder:
 
     def decode_sent(self, frame_type: FrameType, payload: bytes, sealed: bool) -> None:
         """Decode a payload as sent (clear or sealed plaintext) into message objects."""
-        candidates = [lambda: decode_message(frame_type, payload)]
+        candidates = [lambda: MESSAGE_TYPES[frame_type].decode(payload)]
         if not sealed:
             candidates += [lambda: Record.decode(payload), lambda: ResumeEnvelope.decode(payload)]
         for decode in candidates:
@@ -251,23 +262,25 @@ def recorder(monkeypatch) -> Recorder:
     monkeypatch.setattr(client_module, "ClientConnection", RecordingClientConnection)
     monkeypatch.setattr(serve_module, "ServerConnection", RecordingServerConnection)
 
-    client_finish, server_finish = _opaque.client_login_finish, _opaque.server_login_finish
+    # Every connection here runs the default suite, a RealOpaque.
+    client_finish, server_finish = RealOpaque.client_login_finish, RealOpaque.server_login_finish
 
-    def recording_client_finish(*args):
-        result = client_finish(*args)
+    def recording_client_finish(self, *args):
+        result = client_finish(self, *args)
         rec.session_keys.append(result.session_key)
         rec.messages.append(result)
         return result
 
-    def recording_server_finish(*args):
-        session_key = server_finish(*args)
+    def recording_server_finish(self, *args):
+        session_key = server_finish(self, *args)
         rec.server_session_keys.append(session_key)
         return session_key
 
-    monkeypatch.setattr(_opaque, "client_login_finish", recording_client_finish)
-    monkeypatch.setattr(_opaque, "server_login_finish", recording_server_finish)
+    monkeypatch.setattr(RealOpaque, "client_login_finish", recording_client_finish)
+    monkeypatch.setattr(RealOpaque, "server_login_finish", recording_server_finish)
 
-    send, seal = _connection.ConnectionBase._send, _crypto.Channel.seal
+    # Every clear frame either role queues goes through the _send both inherit.
+    send, seal = ClientConnection._send, Channel.seal
 
     def recording_send(self, frame_type, session_id, payload):
         rec.decode_sent(frame_type, payload, sealed=False)
@@ -277,10 +290,12 @@ def recorder(monkeypatch) -> Recorder:
         rec.decode_sent(frame_type, plaintext, sealed=True)
         return seal(self, frame_type, plaintext)
 
-    monkeypatch.setattr(_connection.ConnectionBase, "_send", recording_send)
-    monkeypatch.setattr(_crypto.Channel, "seal", recording_seal)
+    monkeypatch.setattr(ClientConnection, "_send", recording_send)
+    monkeypatch.setattr(ServerConnection, "_send", recording_send)
+    monkeypatch.setattr(Channel, "seal", recording_seal)
 
-    # Detached server sessions sealed for the shared session store (where the core has one).
+    # Detached server sessions sealed for the shared session store (where the core has one):
+    # recorded where the server connection calls them, so in its private module.
     for name in ("seal_session_state", "unseal_session_state"):
         original = getattr(_server, name, None)
         if original is None:
@@ -321,11 +336,11 @@ def capture_all_logs():
 
 def _channel_keys(session_key: bytes) -> dict[str, bytes]:
     """The channel's working keys, derived here from session_key as docs/protocol.md says."""
-    prk = hmac.digest(_crypto.CHANNEL_SALT, session_key, "sha3_256")
+    prk = hmac.digest(CHANNEL_SALT, session_key, "sha3_256")
     return {
         "channel prk": prk,
-        "c2s key": _crypto._expand(prk, _crypto.LABEL_C2S_KEY, 32),
-        "s2c key": _crypto._expand(prk, _crypto.LABEL_S2C_KEY, 32),
+        "c2s key": hkdf_expand_sha3(prk, LABEL_C2S_KEY, 32),
+        "s2c key": hkdf_expand_sha3(prk, LABEL_S2C_KEY, 32),
     }
 
 
@@ -418,7 +433,7 @@ async def test_no_secret_in_logs_reprs_or_errors(tmp_path, recorder, capture_all
     assert {e.export_key for e in registered if e.user_id == user_id} == {export_key}
     master_key = derive_master_key(export_key)
     assert account is not None
-    assert _crypto.decrypt_storage_key(master_key, account.encrypted_storage_key, user_id) == storage_key
+    assert decrypt_storage_key(master_key, account.encrypted_storage_key, user_id) == storage_key
     assert recorder.session_keys and sorted(recorder.session_keys) == sorted(
         k for k in recorder.server_session_keys if k in recorder.session_keys
     )
@@ -434,7 +449,7 @@ async def test_no_secret_in_logs_reprs_or_errors(tmp_path, recorder, capture_all
         "decoy secret": hkdf_sha3(runtime.setup.to_bytes(), b"keymgmt v1 decoy records", 32),
     }
     try:
-        from keymgmt_proto._sessionstate import session_sealing_key
+        from keymgmt_proto import session_sealing_key
     except ImportError:  # a core without a shared session store
         pass
     else:
