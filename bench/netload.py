@@ -29,7 +29,14 @@ from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.tls import generate_dev_pki
-from keymgmt_proto import ClientConnection, Context, OpaqueStepRequired, RetrieveRequest, Status
+from keymgmt_proto import (
+    ClientConnection,
+    Context,
+    OpaqueStepRequired,
+    RetrieveRequest,
+    SessionHandle,
+    Status,
+)
 
 from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, process_cpu_seconds
 
@@ -148,9 +155,9 @@ async def throughput(server: Server, sessions: int, duration: float, warmup: flo
         body = RetrieveRequest(first.user_id, key_id, Context.NULL).encode()
         state = {"measuring": False, "stop": False, "done": 0, "failed": 0}
 
-        async def worker(token: int) -> None:
+        async def worker(handle: SessionHandle) -> None:
             while not state["stop"]:
-                answer = await client.request(token, body)
+                answer = await client.request(handle, body)
                 if state["measuring"]:
                     state["done"] += 1
                     state["failed"] += answer[0] != Status.OK

@@ -38,6 +38,7 @@ from ._events import (
     SessionClosed,
     SessionEstablished,
     SessionFailed,
+    SessionHandle,
     SessionResumed,
 )
 from ._messages import (
@@ -96,6 +97,8 @@ class _ClientSession:
     unanswered: dict[int, bytes] = field(default_factory=dict)
     #: This side's contribution to the key epoch a RESUME under way starts (NET-14).
     resume_nonce: bytes | None = None
+    #: What every event of the session carries: the same object across resumptions.
+    handle: SessionHandle = field(default_factory=SessionHandle)
 
     def __repr__(self) -> str:
         return f"<client session {self.session_id} {self.kind.value} {self.state.name}>"
@@ -114,6 +117,11 @@ class DetachedSession:
     def user_id(self) -> bytes:
         assert self._session.user_id is not None
         return self._session.user_id
+
+    @property
+    def handle(self) -> SessionHandle:
+        """The session's handle: the same on its events before and after the resumption."""
+        return self._session.handle
 
     @property
     def session_id(self) -> int:
@@ -296,6 +304,10 @@ class ClientConnection(ConnectionBase):
                 ErrorCode.CONNECTION_LOST, "connection lost", remote=False, send_goaway=False
             )
 
+    def session_handle(self, session_id: int) -> SessionHandle:
+        """The handle of a live session (the one its events carry, across resumptions)."""
+        return self._live(session_id).handle
+
     def session_state(self, session_id: int) -> State:
         """The session's state (CLOSED for ended or unknown ids)."""
         session = self._sessions.get(session_id)
@@ -367,7 +379,9 @@ class ClientConnection(ConnectionBase):
         if notify:
             self._send_abort(session.session_id, error.code, str(error))
         self._end(session, Command.ABORT)
-        self._events.append(SessionFailed(session.session_id, error.code, str(error), remote))
+        self._events.append(
+            SessionFailed(session.session_id, error.code, str(error), remote, handle=session.handle)
+        )
 
     def _on_connection_failed(self) -> None:
         for session in list(self._sessions.values()):
@@ -384,6 +398,7 @@ class ClientConnection(ConnectionBase):
                         ErrorCode.CONNECTION_LOST,
                         "connection ended before the session was established",
                         False,
+                        handle=session.handle,
                     )
                 )
 
@@ -431,11 +446,15 @@ class ClientConnection(ConnectionBase):
                 transition(Role.CLIENT, session, Command.DEFER)
                 self._sessions.pop(session.session_id)
                 self._detached.append(session)
-                self._events.append(ResumeDeferred(session.session_id, abort.reason or abort.code.name))
+                self._events.append(
+                    ResumeDeferred(session.session_id, abort.reason or abort.code.name, handle=session.handle)
+                )
                 return
         self._end(session, FrameType.ABORT)
         self._events.append(
-            SessionFailed(session.session_id, abort.code, abort.reason or abort.code.name, True)
+            SessionFailed(
+                session.session_id, abort.code, abort.reason or abort.code.name, True, handle=session.handle
+            )
         )
 
     def _open_sealed(self, session: _ClientSession, frame: Frame) -> bytes:
@@ -459,7 +478,11 @@ class ClientConnection(ConnectionBase):
                     "response to a request that is not in flight", ErrorCode.INVALID_REQUEST
                 )
             del session.unanswered[response.request_id]
-            self._events.append(ResponseReceived(session.session_id, response.request_id, response.body))
+            self._events.append(
+                ResponseReceived(
+                    session.session_id, response.request_id, response.body, handle=session.handle
+                )
+            )
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
             self._on_close(session, close)
@@ -525,7 +548,11 @@ class ClientConnection(ConnectionBase):
         session.user_id = welcome.user_id
         assert session.export_key is not None
         if session.kind is SessionKind.REQUEST:
-            self._events.append(SessionEstablished(session.session_id, welcome.user_id, session.export_key))
+            self._events.append(
+                SessionEstablished(
+                    session.session_id, welcome.user_id, session.export_key, handle=session.handle
+                )
+            )
             return
         # REG-3: master_key and storage_key live only inside this call.
         master_key = derive_master_key(session.export_key)
@@ -547,7 +574,7 @@ class ClientConnection(ConnectionBase):
             self._end(session, Command.ABORT)
             return
         assert session.user_id is not None
-        self._events.append(SessionResumed(session.session_id, session.user_id))
+        self._events.append(SessionResumed(session.session_id, session.user_id, handle=session.handle))
         for request_id, body in session.unanswered.items():
             self._send_sealed(session, FrameType.REQUEST, Request(request_id, body).encode())
 
@@ -556,9 +583,13 @@ class ClientConnection(ConnectionBase):
         if session.kind is SessionKind.REGISTRATION and close.code is ErrorCode.OK:
             assert session.user_id is not None and session.export_key is not None
             self._events.append(
-                RegistrationSucceeded(session.session_id, session.user_id, session.export_key)
+                RegistrationSucceeded(
+                    session.session_id, session.user_id, session.export_key, handle=session.handle
+                )
             )
         elif session.kind is SessionKind.REGISTRATION:
-            self._events.append(SessionFailed(session.session_id, close.code, close.code.name, True))
+            self._events.append(
+                SessionFailed(session.session_id, close.code, close.code.name, True, handle=session.handle)
+            )
         else:
-            self._events.append(SessionClosed(session.session_id, close.code))
+            self._events.append(SessionClosed(session.session_id, close.code, handle=session.handle))

@@ -16,7 +16,7 @@ from collections import deque
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._events import NEED_DATA, ConnectionFailed, Event, NeedData
-from ._messages import Abort, GoAway
+from ._messages import Abort, GoAway, printable_reason
 from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Frame, FrameType, decode_header, encode_frame
 
 __all__ = ["ConnectionBase"]
@@ -130,8 +130,7 @@ class ConnectionBase:
         self._outbox += encode_frame(frame_type, session_id, payload)
 
     def _send_abort(self, session_id: int, code: ErrorCode, reason: str) -> None:
-        printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in reason)[:255]
-        self._send(FrameType.ABORT, session_id, Abort(code, printable).encode())
+        self._send(FrameType.ABORT, session_id, Abort(code, printable_reason(reason)).encode())
 
     def _fail_connection(
         self, code: ErrorCode, reason: str, *, remote: bool, send_goaway: bool = True
@@ -139,8 +138,7 @@ class ConnectionBase:
         if self.failed is not None:
             return
         if send_goaway:
-            printable = "".join(c if c.isascii() and c.isprintable() else "?" for c in reason)[:255]
-            self._send(FrameType.GOAWAY, 0, GoAway(code, printable).encode())
+            self._send(FrameType.GOAWAY, 0, GoAway(code, printable_reason(reason)).encode())
         self.failed = ConnectionFailed(code, reason, remote)
         self._inbox.clear()
         self._events.append(self.failed)

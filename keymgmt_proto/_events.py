@@ -222,6 +222,8 @@ class RegistrationSucceeded(Event):
     session_id: int
     user_id: bytes
     export_key: bytes = field(repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,8 @@ class SessionEstablished(Event):
     session_id: int
     user_id: bytes
     export_key: bytes = field(repr=False)
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +245,9 @@ class ResponseReceived(Event):
     request_id: int
     body: bytes = field(repr=False)
 
-
-# ------------------------------------------------------------- both sides
+    # ------------------------------------------------------------- both sides
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +271,8 @@ class ResumeDeferred(Event):
 
     session_id: int
     reason: str
+    #: The session's handle, stable across resumptions (None where the session has none).
+    handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ __all__ = [
     "CREDENTIAL_RESPONSE_SIZE",
     "ENCRYPTED_STORAGE_KEY_SIZE",
     "MESSAGE_TYPES",
+    "REASON_MAX",
     "REGISTRATION_REQUEST_SIZE",
     "REGISTRATION_RESPONSE_SIZE",
     "REGISTRATION_TOKEN_MAX",
@@ -49,6 +50,8 @@ __all__ = [
     "ResumedEnvelope",
     "Welcome",
     "decode_message",
+    "is_printable_reason",
+    "printable_reason",
 ]
 
 # OPAQUE-3DH (ristretto255, SHA-512, Argon2) message sizes, as produced by opaque-ke.
@@ -70,6 +73,19 @@ ENCRYPTED_STORAGE_KEY_SIZE = 12 + 32 + TAG_SIZE
 ACCOUNT_NAME_MAX = 255
 #: ABORT/GOAWAY reasons are short ASCII text.
 REASON_MAX = 255
+
+
+def printable_reason(reason: str) -> str:
+    """``reason`` made fit for ABORT and GOAWAY: non-printable or non-ASCII characters become
+    ``?`` and it is cut to REASON_MAX characters."""
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in reason)[:REASON_MAX]
+
+
+def is_printable_reason(reason: str) -> bool:
+    """Whether ``reason`` may go in ABORT or GOAWAY as it is."""
+    return len(reason) <= REASON_MAX and reason.isascii() and reason.isprintable()
+
+
 #: A registration token (an invitation, REG-5) is at most this many bytes.
 REGISTRATION_TOKEN_MAX = 1024
 
@@ -158,7 +174,7 @@ class _AbortOrGoAway(_Decodable):
     reason: str = ""
 
     def __post_init__(self) -> None:
-        if len(self.reason) > REASON_MAX or not self.reason.isascii() or not self.reason.isprintable():
+        if not is_printable_reason(self.reason):
             raise ValueError(f"reason must be printable ASCII of at most {REASON_MAX} characters")
 
     def encode(self) -> bytes:

@@ -38,6 +38,7 @@ from ._events import (
     SessionResumed,
 )
 from ._messages import (
+    REASON_MAX,
     REGISTRATION_UPLOAD_SIZE,
     RESUME_NONCE_SIZE,
     USER_ID_SIZE,
@@ -58,6 +59,7 @@ from ._messages import (
     ResumedEnvelope,
     ResumeEnvelope,
     Welcome,
+    is_printable_reason,
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
@@ -551,8 +553,8 @@ class ServerConnection(ConnectionBase):
         self._check(session, Command.ABORT)
         if code is ErrorCode.OK:
             raise LocalProtocolError("reject_session needs an error code")
-        if len(reason) > 255 or not reason.isascii() or not reason.isprintable():
-            raise LocalProtocolError("reason must be printable ASCII of at most 255 characters")
+        if not is_printable_reason(reason):
+            raise LocalProtocolError(f"reason must be printable ASCII of at most {REASON_MAX} characters")
         self._close_with(session, code, reason)
 
     def close_session(self, session_id: int, code: ErrorCode = ErrorCode.OK) -> None:

@@ -51,6 +51,7 @@ TARGETS: dict[str, str] = {
             "server.admission",
             "server.invitations",
             "storage.base",
+            "storage.sql",
             "storage.sqlite",
             "storage.postgres",
         )

@@ -57,6 +57,7 @@ from keymgmt_proto import (
     SessionClosed,
     SessionEstablished,
     SessionFailed,
+    SessionHandle,
     SessionResumed,
     State,
     Status,
@@ -235,18 +236,17 @@ class KeymgmtClient:
         self._connected = anyio.Event()
         #: Set when a call needs a connection while there is none (see _supervise).
         self._wanted = anyio.Event()
-        # Sessions are known by a token that survives resumption on a new connection.
-        self._next_token = 1
-        self._token_of: dict[int, int] = {}  # session id on the current connection -> token
-        self._sid_of: dict[int, int] = {}  # token -> session id on the current connection
-        self._session_waiters: dict[int, _Waiter] = {}
-        self._request_waiters: dict[tuple[int, int], _Waiter] = {}
+        # Sessions are known by the core's handle, which survives resumption; commands
+        # take the session's id on the current connection.
+        self._sid_of: dict[SessionHandle, int] = {}
+        self._session_waiters: dict[SessionHandle, _Waiter] = {}
+        self._request_waiters: dict[tuple[SessionHandle, int], _Waiter] = {}
         #: Why recent sessions ended, so later calls on them say so (bounded).
-        self._ended: dict[int, KeymgmtError] = {}
+        self._ended: dict[SessionHandle, KeymgmtError] = {}
         self._detached: list[DetachedSession] = []
-        #: Sessions whose RESUME the server deferred (RATE_LIMITED): token -> set when it is
+        #: Sessions whose RESUME the server deferred (RATE_LIMITED): handle -> set when it is
         #: resumed again or has failed. Calls on them wait for it.
-        self._deferred: dict[int, anyio.Event] = {}
+        self._deferred: dict[SessionHandle, anyio.Event] = {}
         self._deferred_rounds = 0
         #: OPAQUE steps the core asked for, not yet run (see _run_opaque_steps).
         self._steps: collections.deque[tuple[ClientConnection, OpaqueStepRequired]] = collections.deque()
@@ -289,7 +289,7 @@ class KeymgmtClient:
         """Log out of every open session and close the connection with GOAWAY (best effort)."""
         if self._closed is not None or self._conn.failed is not None or self._stream is None:
             return
-        for session_id in list(self._token_of):
+        for session_id in list(self._sid_of.values()):
             try:
                 self._conn.close_session(session_id)
             except LocalProtocolError:
@@ -307,8 +307,8 @@ class KeymgmtClient:
         """Register a new account (NET-5, REG-3); returns its ``user_id``. ``invitation`` is
         the token a key server that authorizes registrations asks for (REG-5)."""
         await self._ready()
-        token = self._open(lambda: self._conn.open_registration(account_name, password, invitation))
-        event = await self._await_session(token)
+        handle = self._open(lambda: self._conn.open_registration(account_name, password, invitation))
+        event = await self._await_session(handle)
         assert isinstance(event, RegistrationSucceeded)
         return event.user_id
 
@@ -319,10 +319,10 @@ class KeymgmtClient:
         logins of one account would trip its throttle."""
         async with self._login_turn(account_name):
             await self._ready()
-            token = self._open(lambda: self._conn.open_request_session(account_name, password))
-            event = await self._await_session(token)
+            handle = self._open(lambda: self._conn.open_request_session(account_name, password))
+            event = await self._await_session(handle)
         assert isinstance(event, SessionEstablished)
-        return KeySession(self, token, event.user_id, event.export_key)
+        return KeySession(self, handle, event.user_id, event.export_key)
 
     @contextlib.asynccontextmanager
     async def _login_turn(self, account_name: bytes) -> AsyncIterator[None]:
@@ -340,34 +340,34 @@ class KeymgmtClient:
             else:
                 self._login_turns[account_name] = (lock, users - 1)
 
-    async def request(self, token: int, body: bytes) -> bytes:
+    async def request(self, handle: SessionHandle, body: bytes) -> bytes:
         """Send a request body on a session and wait for its answer."""
         await self._ready()
-        await self._resumed(token)
-        if token in self._ended:
-            raise self._ended[token]
-        session_id = self._sid_of.get(token)
+        await self._resumed(handle)
+        if handle in self._ended:
+            raise self._ended[handle]
+        session_id = self._sid_of.get(handle)
         if session_id is None:
             raise KeymgmtError("no such session")
         request_id = self._command(lambda: self._conn.send_request(session_id, body))
         waiter = _Waiter()
-        self._request_waiters[(token, request_id)] = waiter
+        self._request_waiters[(handle, request_id)] = waiter
         await self._flush()
         event = await waiter.wait()
         assert isinstance(event, ResponseReceived)
         return event.body
 
-    async def close_session(self, token: int) -> None:
+    async def close_session(self, handle: SessionHandle) -> None:
         """Log out of a session."""
         await self._ready()
-        await self._resumed(token)
-        if token in self._ended:
-            raise self._ended[token]
-        session_id = self._sid_of.get(token)
+        await self._resumed(handle)
+        if handle in self._ended:
+            raise self._ended[handle]
+        session_id = self._sid_of.get(handle)
         if session_id is None:
             raise KeymgmtError("no such session")
         self._command(lambda: self._conn.close_session(session_id))
-        self._fail_session(token, SessionEndedError("logged out", ErrorCode.CLIENT_CLOSED))
+        self._fail_session(handle, SessionEndedError("logged out", ErrorCode.CLIENT_CLOSED))
         await self._flush()
 
     # ------------------------------------------------------------ internals
@@ -383,9 +383,9 @@ class KeymgmtClient:
         if self._closed is not None:
             raise self._closed
 
-    async def _resumed(self, token: int) -> None:
+    async def _resumed(self, handle: SessionHandle) -> None:
         """Wait while the session's resumption is deferred (see _resume_deferred)."""
-        while (event := self._deferred.get(token)) is not None:
+        while (event := self._deferred.get(handle)) is not None:
             await event.wait()
             await self._ready()
 
@@ -397,17 +397,15 @@ class KeymgmtClient:
         except LocalProtocolError as exc:
             raise KeymgmtError(str(exc)) from None
 
-    def _open(self, action: Callable[[], int]) -> int:
+    def _open(self, action: Callable[[], int]) -> SessionHandle:
         session_id = self._command(action)
-        token = self._next_token
-        self._next_token += 1
-        self._token_of[session_id] = token
-        self._sid_of[token] = session_id
-        self._session_waiters[token] = _Waiter()
-        return token
+        handle = self._conn.session_handle(session_id)
+        self._sid_of[handle] = session_id
+        self._session_waiters[handle] = _Waiter()
+        return handle
 
-    async def _await_session(self, token: int) -> Event:
-        waiter = self._session_waiters[token]
+    async def _await_session(self, handle: SessionHandle) -> Event:
+        waiter = self._session_waiters[handle]
         try:
             await self._flush()
             return await waiter.wait()
@@ -416,16 +414,16 @@ class KeymgmtClient:
             # before the caller goes on, so no session is left that nobody holds, and the
             # next login of this account starts only after the server has heard of it.
             with anyio.CancelScope(shield=True):
-                await self._abort_handshake(token)
+                await self._abort_handshake(handle)
             raise
 
-    async def _abort_handshake(self, token: int) -> None:
-        session_id = self._sid_of.get(token)
+    async def _abort_handshake(self, handle: SessionHandle) -> None:
+        session_id = self._sid_of.get(handle)
         if session_id is None:  # it has ended already (that is what raised)
             return
         with contextlib.suppress(LocalProtocolError):
             self._conn.abort_session(session_id, "abandoned by the client")
-        self._fail_session(token, KeymgmtError("abandoned while opening"))
+        self._fail_session(handle, KeymgmtError("abandoned while opening"))
         await self._flush()
 
     async def _flush(self) -> None:
@@ -442,45 +440,42 @@ class KeymgmtClient:
                     self._conn.connection_lost()
                     self._dispatch_all()
 
-    def _fail_session(self, token: int, error: KeymgmtError) -> None:
-        self._ended[token] = error
+    def _fail_session(self, handle: SessionHandle, error: KeymgmtError) -> None:
+        self._ended[handle] = error
         while len(self._ended) > 1024:
             del self._ended[next(iter(self._ended))]
-        session_id = self._sid_of.pop(token, None)
-        if session_id is not None:
-            self._token_of.pop(session_id, None)
-        waiter = self._session_waiters.pop(token, None)
+        self._sid_of.pop(handle, None)
+        waiter = self._session_waiters.pop(handle, None)
         if waiter is not None:
             waiter.fail(error)
-        for key in [k for k in self._request_waiters if k[0] == token]:
+        for key in [k for k in self._request_waiters if k[0] is handle]:
             self._request_waiters.pop(key).fail(error)
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, ConnectionFailed):
             self._on_connection_failed(event)
             return
-        token = self._token_of.get(getattr(event, "session_id", -1))
-        if token is None:
-            return
+        handle = getattr(event, "handle", None)
+        if handle is None or handle not in self._sid_of:
+            return  # not one of this client's live sessions
         if isinstance(event, ResponseReceived):
-            waiter = self._request_waiters.pop((token, event.request_id), None)
+            waiter = self._request_waiters.pop((handle, event.request_id), None)
             if waiter is not None:
                 waiter.resolve(event)
         elif isinstance(event, SessionEstablished):
-            waiter = self._session_waiters.pop(token, None)
+            waiter = self._session_waiters.pop(handle, None)
             if waiter is not None:
                 waiter.resolve(event)
         elif isinstance(event, RegistrationSucceeded):
-            waiter = self._session_waiters.pop(token, None)
-            self._sid_of.pop(token, None)
-            self._token_of.pop(event.session_id, None)
+            waiter = self._session_waiters.pop(handle, None)
+            self._sid_of.pop(handle, None)
             if waiter is not None:
                 waiter.resolve(event)
         elif isinstance(event, ResumeDeferred):
             if not self._deferred:
                 assert self._task_group is not None
                 self._task_group.start_soon(self._resume_deferred, self._conn)
-            self._deferred.setdefault(token, anyio.Event())
+            self._deferred.setdefault(handle, anyio.Event())
         elif isinstance(event, SessionResumed):
             self._deferred_rounds = 0
         elif isinstance(event, SessionFailed | SessionClosed):
@@ -491,17 +486,17 @@ class KeymgmtClient:
                 )
             else:
                 error = _session_error(event)
-            self._fail_session(token, error)
+            self._fail_session(handle, error)
 
     def _on_connection_failed(self, event: ConnectionFailed) -> None:
         self._connected = anyio.Event()  # callers wait for the reconnection
         self._wanted = anyio.Event()
         lost = ConnectionLostError(f"connection to the key server lost: {event.reason}")
         self._detached = self._conn.take_detached_sessions()
-        detached = {d.session_id for d in self._detached}
-        for session_id, token in list(self._token_of.items()):
-            if session_id not in detached or self._connector is None:
-                self._fail_session(token, lost)
+        detached = {d.handle for d in self._detached}
+        for handle in list(self._sid_of):
+            if handle not in detached or self._connector is None:
+                self._fail_session(handle, lost)
         if self._connector is None:
             self._close(lost)
 
@@ -518,21 +513,19 @@ class KeymgmtClient:
             self._deferred_rounds += 1
             give_up = self._deferred_rounds > self.reconnect_attempts
             for session in conn.take_detached_sessions():
-                token = self._token_of.pop(session.session_id, None)
-                if token is None:
+                handle = session.handle
+                if handle not in self._sid_of:
                     continue
                 if give_up:
                     self._fail_session(
-                        token,
+                        handle,
                         RateLimitedError(
                             "the key server kept deferring the session's resumption (too many "
                             "attempts from this address); log in again"
                         ),
                     )
                     continue
-                new_id = conn.resume_session(session)
-                self._token_of[new_id] = token
-                self._sid_of[token] = new_id
+                self._sid_of[handle] = conn.resume_session(session)
             if give_up:
                 self._deferred_rounds = 0
         finally:
@@ -542,8 +535,8 @@ class KeymgmtClient:
 
     def _close(self, error: KeymgmtError) -> None:
         self._closed = error
-        for token in list(self._sid_of):
-            self._fail_session(token, error)
+        for handle in list(self._sid_of):
+            self._fail_session(handle, error)
         for waiter in self._request_waiters.values():
             waiter.fail(error)
         self._request_waiters.clear()
@@ -628,15 +621,9 @@ class KeymgmtClient:
             return False
         self._conn = ClientConnection(self._random)
         self.connection_count += 1
-        tokens = {session_id: token for session_id, token in self._token_of.items()}
-        self._token_of.clear()
         for session in detached:
-            token = tokens.get(session.session_id)
-            if token is None:
-                continue
-            new_id = self._conn.resume_session(session)
-            self._token_of[new_id] = token
-            self._sid_of[token] = new_id
+            if session.handle in self._sid_of:  # not ended meanwhile
+                self._sid_of[session.handle] = self._conn.resume_session(session)
         self._connected.set()
         await self._flush()
         return True
@@ -649,15 +636,18 @@ class KeySession:
     core's :class:`~keymgmt_proto.SecretOps`; this class carries its requests and answers
     and keeps the local store."""
 
-    def __init__(self, client: KeymgmtClient, session_id: int, user_id: bytes, export_key: bytes) -> None:
+    def __init__(
+        self, client: KeymgmtClient, session_id: SessionHandle, user_id: bytes, export_key: bytes
+    ) -> None:
         self._client = client
-        #: This session's id in the client: stable across reconnections.
+        #: This session's handle in the client (the core's, stable across reconnections):
+        #: what :meth:`KeymgmtClient.request` and :meth:`KeymgmtClient.close_session` take.
         self.session_id = session_id
         self.user_id = user_id
         self._ops = SecretOps(user_id, export_key, client._random)
 
     def __repr__(self) -> str:
-        return f"<KeySession {self.session_id} user_id={self.user_id.hex()}>"
+        return f"<KeySession user_id={self.user_id.hex()}>"
 
     async def _run(self, plan: Plan[_R]) -> _R:
         """Send the plan's requests one by one and hand it the answers; its result."""

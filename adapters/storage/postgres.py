@@ -11,7 +11,8 @@ them (NET-10).
 
 Everything lives in one schema (``keymgmt`` by default), created and migrated
 on startup under an advisory lock so that instances starting together agree.
-Uses psycopg 3 with a connection pool (psycopg_pool).
+Uses psycopg 3 with a connection pool (psycopg_pool). The statements it shares
+with the SQLite backend are in :mod:`.sql`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,28 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..redaction import database_url_secrets, redact_database_url
 from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from .sql import (
+    Statements,
+    account_values,
+    audit_page,
+    audit_values,
+    check_schema_version,
+    eviction_params,
+    key_page,
+    lock_end,
+    migration_statements,
+    rows_to_fetch,
+    secret_values,
+    start_login_params,
+    sweep_params,
+    to_account,
+    to_login_record,
+    to_secret,
+)
 
 __all__ = ["PostgresStorage"]
 
@@ -92,10 +111,12 @@ _MIGRATIONS: list[str] = [
     """,
 ]
 
-_KEY_ACTIONS = [int(a) for a in Action if a.is_key_action]
-_LOGIN_COLUMNS = (
-    "account_name, failures, unlogged, throttled, last_failure_us, last_throttled_us, locked_until_us"
-)
+_SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
+# A name or key id that is taken inserts nothing (rowcount 0) instead of failing the transaction.
+_INSERT_ACCOUNT = _SQL.insert_account + " ON CONFLICT DO NOTHING"
+_INSERT_SECRET = _SQL.insert_secret + " ON CONFLICT (key_id) DO NOTHING"
+# A success locks the record before it reads the counts it hands over.
+_LOGIN_RECORD_FOR_UPDATE = _SQL.login_record + " FOR UPDATE"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -119,87 +140,45 @@ class _PgTransaction:
         return self._conn.execute(query, params).fetchone()
 
     def get_account(self, account_name: bytes) -> Account | None:
-        row = self._one(
-            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
-            "FROM accounts WHERE account_name = %s",
-            (account_name,),
-        )
-        return Account(*row) if row else None
+        row = self._one(_SQL.account_by_name, (account_name,))
+        return None if row is None else to_account(row)
 
     def get_account_by_user_id(self, user_id: bytes) -> Account | None:
-        row = self._one(
-            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
-            "FROM accounts WHERE user_id = %s",
-            (user_id,),
-        )
-        return Account(*row) if row else None
+        row = self._one(_SQL.account_by_user_id, (user_id,))
+        return None if row is None else to_account(row)
 
     def user_id_exists(self, user_id: bytes) -> bool:
-        return self._one("SELECT 1 FROM accounts WHERE user_id = %s", (user_id,)) is not None
+        return self._one(_SQL.user_id_exists, (user_id,)) is not None
 
     def insert_account(self, account: Account) -> bool:
-        cursor = self._conn.execute(
-            "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
-            "created_us) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (
-                account.user_id,
-                account.account_name,
-                account.registration_record,
-                account.encrypted_storage_key,
-                account.created,
-            ),
-        )
+        cursor = self._conn.execute(_INSERT_ACCOUNT, account_values(account))
         return cursor.rowcount == 1
 
     def key_id_exists(self, key_id: bytes) -> bool:
-        return self._one("SELECT 1 FROM secrets WHERE key_id = %s", (key_id,)) is not None
+        return self._one(_SQL.key_id_exists, (key_id,)) is not None
 
     def count_keys(self, user_id: bytes) -> int:
-        row = self._one("SELECT count(*) FROM secrets WHERE user_id = %s", (user_id,))
+        row = self._one(_SQL.count_keys, (user_id,))
         assert row is not None
         return int(row[0])
 
     def insert_secret(self, secret: SecretRecord) -> bool:
         try:
-            cursor = self._conn.execute(
-                "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (key_id) DO NOTHING",
-                (
-                    secret.key_id,
-                    secret.user_id,
-                    int(secret.kind),
-                    secret.ciphertext,
-                    secret.associated_data,
-                    secret.created,
-                ),
-            )
+            cursor = self._conn.execute(_INSERT_SECRET, secret_values(secret))
         except psycopg.errors.ForeignKeyViolation:
             raise StorageError("the secret's user has no account") from None
         return cursor.rowcount == 1
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
-        row = self._one(
-            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM secrets "
-            "WHERE user_id = %s AND key_id = %s",
-            (user_id, key_id),
-        )
-        if row is None:
-            return None
-        return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+        row = self._one(_SQL.secret, (user_id, key_id))
+        return None if row is None else to_secret(row)
 
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
-        rows = self._conn.execute(
-            "SELECT key_id, kind, created_us FROM secrets WHERE user_id = %s "
-            "ORDER BY created_us, key_id LIMIT %s OFFSET %s",
-            (user_id, limit + 1, offset),
-        ).fetchall()
-        keys = [KeyInfo(bytes(r[0]), SecretKind(r[1]), r[2]) for r in rows[:limit]]
-        return keys, offset + limit if len(rows) > limit else 0
+        rows = self._conn.execute(_SQL.list_keys, (user_id, rows_to_fetch(limit), offset)).fetchall()
+        return key_page(rows, offset, limit)
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
-        cursor = self._conn.execute(
-            "DELETE FROM secrets WHERE user_id = %s AND key_id = %s", (user_id, key_id)
-        )
+        cursor = self._conn.execute(_SQL.delete_secret, (user_id, key_id))
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord) -> None:
@@ -213,77 +192,18 @@ class _PgTransaction:
         self._conn.execute(
             "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                record.user_id,
-                row[0],
-                int(record.action),
-                record.timestamp,
-                int(record.outcome),
-                record.key_id,
-                None if record.context is None else int(record.context),
-                record.count,
-            ),
+            (record.user_id, row[0], *audit_values(record)),
         )
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
-        clauses = ["user_id = %s", "seq > %s"]
-        params: list[object] = [user_id, query.cursor]
-        if query.audit_type is AuditType.KEY_ONLY:
-            clauses.append("action = ANY(%s)")
-            params.append(_KEY_ACTIONS)
-        elif query.audit_type is AuditType.SYSTEM_ONLY:
-            clauses.append("NOT (action = ANY(%s))")
-            params.append(_KEY_ACTIONS)
-        if query.key_ids:
-            clauses.append("key_id = ANY(%s)")
-            params.append(list(query.key_ids))
-        if query.after is not None:
-            clauses.append("timestamp_us >= %s")
-            params.append(query.after)
-        if query.before is not None:
-            clauses.append("timestamp_us < %s")
-            params.append(query.before)
-        params.append(query.limit + 1)
-        rows = self._conn.execute(
-            "SELECT seq, action, timestamp_us, outcome, key_id, context, event_count FROM audit WHERE "  # noqa: S608
-            + " AND ".join(clauses)
-            + " ORDER BY seq LIMIT %s",
-            params,
-        ).fetchall()
-        entries = [
-            AuditEntry(
-                r[0],
-                Action(r[1]),
-                r[2],
-                Outcome(r[3]),
-                None if r[4] is None else bytes(r[4]),
-                None if r[5] is None else Context(r[5]),
-                r[6],
-            )
-            for r in rows[: query.limit]
-        ]
-        return entries, entries[-1].entry_id if len(rows) > query.limit else 0
+        rows = self._conn.execute(*_SQL.audit_query(user_id, query)).fetchall()
+        return audit_page(rows, query.limit)
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
         # One statement: concurrent starts on several instances serialize on the row's lock.
-        t = "login_throttle"
-        in_flight = f"(CASE WHEN {t}.last_start_us > %(recent)s THEN {t}.pending ELSE 0 END)"
-        admit = (
-            f"({t}.locked_until_us <= %(now)s AND ({t}.failures + {in_flight} < %(threshold)s "
-            f"OR {in_flight} = 0))"
-        )
         with self._own() as conn:
             row = conn.execute(
-                "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
-                "pending, last_start_us, admitted, unlogged, throttled) "
-                "VALUES (%(name)s, 0, 0, 0, 1, %(now)s, TRUE, 0, 0) "
-                f"ON CONFLICT (account_name) DO UPDATE SET admitted = {admit}, "
-                f"pending = CASE WHEN {admit} THEN {in_flight} + 1 ELSE {t}.pending END, "
-                f"throttled = CASE WHEN {admit} THEN {t}.throttled ELSE {t}.throttled + 1 END, "
-                f"last_throttled_us = CASE WHEN {admit} THEN {t}.last_throttled_us ELSE %(now)s END, "
-                f"last_start_us = CASE WHEN {admit} THEN %(now)s ELSE {t}.last_start_us END "
-                "RETURNING admitted",
-                {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for},
+                _SQL.start_login, start_login_params(account_name, now, threshold, in_flight_for)
             ).fetchone()
         assert row is not None
         return bool(row[0])
@@ -293,44 +213,23 @@ class _PgTransaction:
     ) -> LoginRecord | None:
         with self._own() as conn:
             if succeeded:
-                row = conn.execute(
-                    f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s FOR UPDATE",  # noqa: S608
-                    (account_name,),
-                ).fetchone()
+                row = conn.execute(_LOGIN_RECORD_FOR_UPDATE, (account_name,)).fetchone()
                 if row is not None:
-                    conn.execute(
-                        "UPDATE login_throttle SET pending = GREATEST(pending - 1, 0), unlogged = 0, "
-                        "throttled = 0 WHERE account_name = %s",
-                        (account_name,),
-                    )
-                return None if row is None else _login_record(row)
-            # An upsert: a failure counts even if the record went while the login ran.
-            row = conn.execute(
-                "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
-                "unlogged) VALUES (%s, 1, 0, %s, 1) ON CONFLICT (account_name) DO UPDATE SET "
-                "pending = GREATEST(login_throttle.pending - 1, 0), "
-                "failures = login_throttle.failures + 1, unlogged = login_throttle.unlogged + 1, "
-                f"last_failure_us = EXCLUDED.last_failure_us RETURNING {_LOGIN_COLUMNS}",
-                (account_name, now),
-            ).fetchone()
+                    conn.execute(_SQL.login_succeeded, (account_name,))
+                return None if row is None else to_login_record(row)
+            row = conn.execute(_SQL.login_failed, (account_name, now)).fetchone()
             assert row is not None
-            record = _login_record(row)
-            wait = lock_for(record.failures) if lock_for is not None else 0
-            if wait > 0 and now + wait > record.locked_until:
-                conn.execute(
-                    "UPDATE login_throttle SET locked_until_us = %s WHERE account_name = %s",
-                    (now + wait, account_name),
-                )
-                record = replace(record, locked_until=now + wait)
+            record = to_login_record(row)
+            locked_until = lock_end(record, now, lock_for)
+            if locked_until is not None:
+                conn.execute(_SQL.lock_login, (locked_until, account_name))
+                record = replace(record, locked_until=locked_until)
             return record
 
     def get_login_record(self, account_name: bytes) -> LoginRecord | None:
         with self._own() as conn:
-            row = conn.execute(
-                f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = %s",  # noqa: S608
-                (account_name,),
-            ).fetchone()
-        return None if row is None else _login_record(row)
+            row = conn.execute(_SQL.login_record, (account_name,)).fetchone()
+        return None if row is None else to_login_record(row)
 
     def sweep_login_records(
         self, now: int, stale_before: int, in_flight_for: int, limit: int
@@ -338,52 +237,28 @@ class _PgTransaction:
         # SKIP LOCKED: instances sweeping at once take disjoint rows, and never wait on a login.
         with self._own() as conn:
             rows = conn.execute(
-                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists, values bound
-                "WHERE last_failure_us < %s AND locked_until_us < %s "
-                "AND (pending = 0 OR last_start_us < %s) LIMIT %s "
-                f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
-                (stale_before, now, now - in_flight_for, limit),
+                _SQL.sweep_login_records, sweep_params(now, stale_before, in_flight_for, limit)
             ).fetchall()
-        return [_login_record(row) for row in rows]
+        return [to_login_record(row) for row in rows]
 
     def evict_login_records(
         self, now: int, threshold: int, in_flight_for: int, count: int
     ) -> list[LoginRecord]:
-        # Oldest last failure first, from an index: the harmless, then the unlocked, then any.
-        tiers = (
-            "failures < %(threshold)s AND locked_until_us < %(now)s "
-            "AND (pending = 0 OR last_start_us < %(recent)s)",
-            "locked_until_us < %(now)s",
-            "TRUE",
-        )
+        # Tier after tier (the harmless, the unlocked, any), until enough are gone.
         rows: list[TupleRow] = []
         with self._own() as conn:
-            for where in tiers:
+            for statement in _SQL.evict_login_records:
                 if len(rows) == count:
                     break
-                rows += conn.execute(
-                    "DELETE FROM login_throttle WHERE account_name IN "  # noqa: S608 - constant column lists and conditions, values bound
-                    f"(SELECT account_name FROM login_throttle WHERE {where} "
-                    "ORDER BY last_failure_us LIMIT %(limit)s "
-                    f"FOR UPDATE SKIP LOCKED) RETURNING {_LOGIN_COLUMNS}",
-                    {
-                        "threshold": threshold,
-                        "now": now,
-                        "recent": now - in_flight_for,
-                        "limit": count - len(rows),
-                    },
-                ).fetchall()
-        return [_login_record(row) for row in rows]
+                params = eviction_params(now, threshold, in_flight_for, count - len(rows))
+                rows += conn.execute(statement, params).fetchall()
+        return [to_login_record(row) for row in rows]
 
     def count_login_records(self) -> int:
         with self._own() as conn:
-            row = conn.execute("SELECT count(*) FROM login_throttle").fetchone()
+            row = conn.execute(_SQL.count_login_records).fetchone()
         assert row is not None
         return int(row[0])
-
-
-def _login_record(row: TupleRow) -> LoginRecord:
-    return LoginRecord(bytes(row[0]), row[1], row[2], row[3], row[4], row[5], row[6])
 
 
 class _PgSessionStore:
@@ -394,19 +269,12 @@ class _PgSessionStore:
 
     def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
         with self._storage._connection() as conn:
-            conn.execute(
-                "INSERT INTO detached_sessions (handle, sealed_state, expires_at) VALUES (%s, %s, %s) "
-                "ON CONFLICT (handle) DO UPDATE SET sealed_state = EXCLUDED.sealed_state, "
-                "expires_at = EXCLUDED.expires_at",
-                (handle, sealed_state, expires_at),
-            )
+            conn.execute(_SQL.save_session, (handle, sealed_state, expires_at))
             conn.execute("DELETE FROM detached_sessions WHERE expires_at < extract(epoch FROM now()) - 3600")
 
     def claim(self, handle: bytes) -> bytes | None:
         with self._storage._connection() as conn:
-            row = conn.execute(
-                "DELETE FROM detached_sessions WHERE handle = %s RETURNING sealed_state", (handle,)
-            ).fetchone()
+            row = conn.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
 
 
@@ -464,21 +332,19 @@ class PostgresStorage:
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('keymgmt schema migration'))")
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            conn.execute(_SQL.create_schema_version)
+            row = conn.execute(_SQL.schema_version).fetchone()
             current = (row[0] if row else None) or 0
-            if current > len(_MIGRATIONS):
-                raise StorageError(f"database schema {current} is newer than this code ({len(_MIGRATIONS)})")
+            check_schema_version(current, _MIGRATIONS)
             for version in range(current + 1, len(_MIGRATIONS) + 1):
-                for statement in _MIGRATIONS[version - 1].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                for statement in migration_statements(_MIGRATIONS[version - 1]):
+                    conn.execute(statement)
+                conn.execute(_SQL.record_schema_version, (version,))
 
     @property
     def schema_version(self) -> int:
         with self._connection() as conn:
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            row = conn.execute(_SQL.schema_version).fetchone()
         assert row is not None
         return int(row[0])
 

@@ -6,7 +6,8 @@ WAL file, which the OS keeps), but may lose the last transactions on power
 loss; an acknowledged store must survive both, so every commit syncs the WAL.
 Foreign keys are on. The file is created with owner-only permissions.
 
-Schema changes are numbered migrations recorded in ``schema_version``.
+Schema changes are numbered migrations recorded in ``schema_version``. The
+statements it shares with the PostgreSQL backend are in :mod:`.sql`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,29 @@ from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from .sql import (
+    Row,
+    Statements,
+    account_values,
+    audit_page,
+    audit_values,
+    check_schema_version,
+    eviction_params,
+    key_page,
+    lock_end,
+    migration_statements,
+    rows_to_fetch,
+    secret_values,
+    start_login_params,
+    sweep_params,
+    to_account,
+    to_login_record,
+    to_secret,
+)
 
 __all__ = ["SQLiteStorage"]
 
@@ -88,10 +108,7 @@ _MIGRATIONS: list[str] = [
     """,
 ]
 
-_KEY_ACTIONS = tuple(int(a) for a in Action if a.is_key_action)
-_LOGIN_COLUMNS = (
-    "account_name, failures, unlogged, throttled, last_failure_us, last_throttled_us, locked_until_us"
-)
+_SQL = Statements("qmark")
 
 
 class _SQLiteTransaction:
@@ -99,60 +116,31 @@ class _SQLiteTransaction:
         self._db = db
 
     def get_account(self, account_name: bytes) -> Account | None:
-        row = self._db.execute(
-            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
-            "FROM accounts WHERE account_name = ?",
-            (account_name,),
-        ).fetchone()
-        return Account(*row) if row else None
+        row = self._db.execute(_SQL.account_by_name, (account_name,)).fetchone()
+        return None if row is None else to_account(row)
 
     def get_account_by_user_id(self, user_id: bytes) -> Account | None:
-        row = self._db.execute(
-            "SELECT account_name, user_id, registration_record, encrypted_storage_key, created_us "
-            "FROM accounts WHERE user_id = ?",
-            (user_id,),
-        ).fetchone()
-        return Account(*row) if row else None
+        row = self._db.execute(_SQL.account_by_user_id, (user_id,)).fetchone()
+        return None if row is None else to_account(row)
 
     def user_id_exists(self, user_id: bytes) -> bool:
-        return self._db.execute("SELECT 1 FROM accounts WHERE user_id = ?", (user_id,)).fetchone() is not None
+        return self._db.execute(_SQL.user_id_exists, (user_id,)).fetchone() is not None
 
     def insert_account(self, account: Account) -> bool:
         try:
-            self._db.execute(
-                "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
-                "created_us) VALUES (?, ?, ?, ?, ?)",
-                (
-                    account.user_id,
-                    account.account_name,
-                    account.registration_record,
-                    account.encrypted_storage_key,
-                    account.created,
-                ),
-            )
+            self._db.execute(_SQL.insert_account, account_values(account))
         except sqlite3.IntegrityError:
             return False
         return True
 
     def count_keys(self, user_id: bytes) -> int:
-        count: int = self._db.execute(
-            "SELECT count(*) FROM secrets WHERE user_id = ?", (user_id,)
-        ).fetchone()[0]
+        count: int = self._db.execute(_SQL.count_keys, (user_id,)).fetchone()[0]
         return count
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
         # One statement, so that concurrent starts (other processes) serialize on the row.
-        in_flight = "(CASE WHEN last_start_us > :recent THEN pending ELSE 0 END)"
-        admit = f"(locked_until_us <= :now AND (failures + {in_flight} < :threshold OR {in_flight} = 0))"
         row = self._db.execute(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, pending, "  # noqa: S608 - constant column lists, values bound
-            "last_start_us, admitted, unlogged, throttled) VALUES (:name, 0, 0, 0, 1, :now, 1, 0, 0) "
-            f"ON CONFLICT (account_name) DO UPDATE SET admitted = {admit}, "
-            f"pending = CASE WHEN {admit} THEN {in_flight} + 1 ELSE pending END, "
-            f"throttled = CASE WHEN {admit} THEN throttled ELSE throttled + 1 END, "
-            f"last_throttled_us = CASE WHEN {admit} THEN last_throttled_us ELSE :now END, "
-            f"last_start_us = CASE WHEN {admit} THEN :now ELSE last_start_us END RETURNING admitted",
-            {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for},
+            _SQL.start_login, start_login_params(account_name, now, threshold, in_flight_for)
         ).fetchone()
         return bool(row[0])
 
@@ -163,97 +151,48 @@ class _SQLiteTransaction:
         if succeeded:
             record = self.get_login_record(account_name)
             if record is not None:
-                self._db.execute(
-                    "UPDATE login_throttle SET pending = max(pending - 1, 0), unlogged = 0, throttled = 0 "
-                    "WHERE account_name = ?",
-                    (account_name,),
-                )
+                self._db.execute(_SQL.login_succeeded, (account_name,))
             return record
-        # An upsert: a failure counts even if the record went while the login ran.
-        row = self._db.execute(
-            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "  # noqa: S608 - constant column lists, values bound
-            "unlogged) VALUES (?, 1, 0, ?, 1) ON CONFLICT (account_name) DO UPDATE SET "
-            "pending = max(pending - 1, 0), failures = failures + 1, unlogged = unlogged + 1, "
-            f"last_failure_us = excluded.last_failure_us RETURNING {_LOGIN_COLUMNS}",
-            (account_name, now),
-        ).fetchone()
-        record = LoginRecord(*row)
-        wait = lock_for(record.failures) if lock_for is not None else 0
-        if wait > 0 and now + wait > record.locked_until:
-            self._db.execute(
-                "UPDATE login_throttle SET locked_until_us = ? WHERE account_name = ?",
-                (now + wait, account_name),
-            )
-            record = replace(record, locked_until=now + wait)
+        record = to_login_record(self._db.execute(_SQL.login_failed, (account_name, now)).fetchone())
+        locked_until = lock_end(record, now, lock_for)
+        if locked_until is not None:
+            self._db.execute(_SQL.lock_login, (locked_until, account_name))
+            record = replace(record, locked_until=locked_until)
         return record
 
     def get_login_record(self, account_name: bytes) -> LoginRecord | None:
-        row = self._db.execute(
-            f"SELECT {_LOGIN_COLUMNS} FROM login_throttle WHERE account_name = ?",  # noqa: S608
-            (account_name,),
-        ).fetchone()
-        return None if row is None else LoginRecord(*row)
+        row = self._db.execute(_SQL.login_record, (account_name,)).fetchone()
+        return None if row is None else to_login_record(row)
 
     def sweep_login_records(
         self, now: int, stale_before: int, in_flight_for: int, limit: int
     ) -> list[LoginRecord]:
-        rows = self._db.execute(
-            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists, values bound
-            "WHERE last_failure_us < ? AND locked_until_us < ? "
-            "AND (pending = 0 OR last_start_us < ?) LIMIT ?) "
-            f"RETURNING {_LOGIN_COLUMNS}",
-            (stale_before, now, now - in_flight_for, limit),
-        ).fetchall()
-        return [LoginRecord(*row) for row in rows]
+        params = sweep_params(now, stale_before, in_flight_for, limit)
+        rows = self._db.execute(_SQL.sweep_login_records, params).fetchall()
+        return [to_login_record(row) for row in rows]
 
     def evict_login_records(
         self, now: int, threshold: int, in_flight_for: int, count: int
     ) -> list[LoginRecord]:
-        # Oldest last failure first, from an index: the harmless, then the unlocked, then any.
-        # (Not by last use: a success moves that, and the order would tell a prober, NET-9.)
-        tiers = (
-            ("failures < :threshold AND locked_until_us < :now AND (pending = 0 OR last_start_us < :recent)"),
-            "locked_until_us < :now",
-            "1",
-        )
-        rows: list[tuple[bytes, int, int, int, int, int, int]] = []
-        for where in tiers:
+        # Tier after tier (the harmless, the unlocked, any), until enough are gone.
+        rows: list[Row] = []
+        for statement in _SQL.evict_login_records:
             if len(rows) == count:
                 break
-            rows += self._db.execute(
-                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "  # noqa: S608 - constant column lists and conditions, values bound
-                f"WHERE {where} ORDER BY last_failure_us LIMIT :limit) "
-                f"RETURNING {_LOGIN_COLUMNS}",
-                {
-                    "threshold": threshold,
-                    "now": now,
-                    "recent": now - in_flight_for,
-                    "limit": count - len(rows),
-                },
-            ).fetchall()
-        return [LoginRecord(*row) for row in rows]
+            params = eviction_params(now, threshold, in_flight_for, count - len(rows))
+            rows += self._db.execute(statement, params).fetchall()
+        return [to_login_record(row) for row in rows]
 
     def count_login_records(self) -> int:
-        count: int = self._db.execute("SELECT count(*) FROM login_throttle").fetchone()[0]
+        count: int = self._db.execute(_SQL.count_login_records).fetchone()[0]
         return count
 
     def key_id_exists(self, key_id: bytes) -> bool:
-        return self._db.execute("SELECT 1 FROM secrets WHERE key_id = ?", (key_id,)).fetchone() is not None
+        return self._db.execute(_SQL.key_id_exists, (key_id,)).fetchone() is not None
 
     def insert_secret(self, secret: SecretRecord) -> bool:
         try:
-            self._db.execute(
-                "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    secret.key_id,
-                    secret.user_id,
-                    int(secret.kind),
-                    secret.ciphertext,
-                    secret.associated_data,
-                    secret.created,
-                ),
-            )
+            self._db.execute(_SQL.insert_secret, secret_values(secret))
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc):
                 return False
@@ -261,77 +200,28 @@ class _SQLiteTransaction:
         return True
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
-        row = self._db.execute(
-            "SELECT user_id, key_id, kind, ciphertext, associated_data, created_us FROM secrets "
-            "WHERE user_id = ? AND key_id = ?",
-            (user_id, key_id),
-        ).fetchone()
-        if row is None:
-            return None
-        return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+        row = self._db.execute(_SQL.secret, (user_id, key_id)).fetchone()
+        return None if row is None else to_secret(row)
 
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
-        rows = self._db.execute(
-            "SELECT key_id, kind, created_us FROM secrets WHERE user_id = ? "
-            "ORDER BY created_us, key_id LIMIT ? OFFSET ?",
-            (user_id, limit + 1, offset),
-        ).fetchall()
-        keys = [KeyInfo(r[0], SecretKind(r[1]), r[2]) for r in rows[:limit]]
-        return keys, offset + limit if len(rows) > limit else 0
+        rows = self._db.execute(_SQL.list_keys, (user_id, rows_to_fetch(limit), offset)).fetchall()
+        return key_page(rows, offset, limit)
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
-        cursor = self._db.execute("DELETE FROM secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))
+        cursor = self._db.execute(_SQL.delete_secret, (user_id, key_id))
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord) -> None:
+        # Numbered in the same statement: SQLite has one writer at a time.
         self._db.execute(
             "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
             "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?, ?)",
-            (
-                record.user_id,
-                record.user_id,
-                int(record.action),
-                record.timestamp,
-                int(record.outcome),
-                record.key_id,
-                None if record.context is None else int(record.context),
-                record.count,
-            ),
+            (record.user_id, record.user_id, *audit_values(record)),
         )
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
-        sql = [
-            "SELECT seq, action, timestamp_us, outcome, key_id, context, event_count FROM audit "
-            "WHERE user_id = ? AND seq > ?"
-        ]
-        params: list[object] = [user_id, query.cursor]
-        marks = ", ".join("?" * len(_KEY_ACTIONS))
-        if query.audit_type is AuditType.KEY_ONLY:
-            sql.append(f"AND action IN ({marks})")
-            params += _KEY_ACTIONS
-        elif query.audit_type is AuditType.SYSTEM_ONLY:
-            sql.append(f"AND action NOT IN ({marks})")
-            params += _KEY_ACTIONS
-        if query.key_ids:
-            sql.append(f"AND key_id IN ({', '.join('?' * len(query.key_ids))})")
-            params += list(query.key_ids)
-        if query.after is not None:
-            sql.append("AND timestamp_us >= ?")
-            params.append(query.after)
-        if query.before is not None:
-            sql.append("AND timestamp_us < ?")
-            params.append(query.before)
-        sql.append("ORDER BY seq LIMIT ?")
-        params.append(query.limit + 1)
-        rows = self._db.execute(" ".join(sql), params).fetchall()
-        entries = [
-            AuditEntry(
-                r[0], Action(r[1]), r[2], Outcome(r[3]), r[4], None if r[5] is None else Context(r[5]), r[6]
-            )
-            for r in rows[: query.limit]
-        ]
-        next_cursor = entries[-1].entry_id if len(rows) > query.limit else 0
-        return entries, next_cursor
+        rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()
+        return audit_page(rows, query.limit)
 
 
 class _SQLiteSessionStore:
@@ -342,18 +232,12 @@ class _SQLiteSessionStore:
 
     def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
         with self._storage._locked() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO detached_sessions (handle, sealed_state, expires_at) "
-                "VALUES (?, ?, ?)",
-                (handle, sealed_state, expires_at),
-            )
+            db.execute(_SQL.save_session, (handle, sealed_state, expires_at))
             db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
 
     def claim(self, handle: bytes) -> bytes | None:
         with self._storage._locked() as db:
-            row = db.execute(
-                "DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state", (handle,)
-            ).fetchone()
+            row = db.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
 
 
@@ -379,22 +263,18 @@ class SQLiteStorage:
         return f"SQLiteStorage({str(self.path)!r})"
 
     def _migrate(self) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        self._db.execute(_SQL.create_schema_version)
         while True:
             self._db.execute("BEGIN IMMEDIATE")  # read the version under the write lock
             try:
-                current = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-                if current > len(_MIGRATIONS):
-                    raise StorageError(
-                        f"database schema {current} is newer than this code ({len(_MIGRATIONS)})"
-                    )
+                current = self._db.execute(_SQL.schema_version).fetchone()[0] or 0
+                check_schema_version(current, _MIGRATIONS)
                 if current == len(_MIGRATIONS):
                     self._db.execute("COMMIT")
                     return
-                for statement in _MIGRATIONS[current].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
+                for statement in migration_statements(_MIGRATIONS[current]):
+                    self._db.execute(statement)
+                self._db.execute(_SQL.record_schema_version, (current + 1,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._rollback()
@@ -402,7 +282,7 @@ class SQLiteStorage:
 
     @property
     def schema_version(self) -> int:
-        value: int = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        value: int = self._db.execute(_SQL.schema_version).fetchone()[0]
         return value
 
     def _rollback(self) -> None:

@@ -604,3 +604,27 @@ def test_a_resume_of_an_expired_session_ends_it_on_the_connection_that_holds_it(
     closed = only(pair.server_events, SessionClosed)
     assert closed.code is ErrorCode.IDLE_TIMEOUT and closed.handle is succeeded.handle
     assert len(harness.registry) == 0
+
+
+def test_client_events_carry_one_handle_across_resumption(harness):
+    """The client's events name the session by a handle that survives resumption (session
+    ids change with the connection); a DetachedSession exposes it."""
+    pair = harness.pair()
+    register(pair, b"clienthandle")
+    established = login(pair, b"clienthandle")
+    assert established.handle is not None
+    pair.client.send_request(established.session_id, b"one")
+    first = only(pair.pump(), ResponseReceived)
+    (detached,) = _lose(pair)
+    assert detached.handle is established.handle
+    pair2 = harness.pair()
+    new_sid = pair2.client.resume_session(detached)
+    resumed = only(pair2.pump(), SessionResumed)
+    pair2.client.send_request(new_sid, b"two")
+    second = only(pair2.pump(), ResponseReceived)
+    assert new_sid != established.session_id
+    assert first.handle is resumed.handle is second.handle is established.handle
+    pair2.client.close_session(new_sid)
+    pair2.pump()
+    other = login(pair2, b"clienthandle")
+    assert other.handle is not established.handle

@@ -5,6 +5,7 @@ the database itself fails (always StorageError, nothing half-written, store stil
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from keymgmt.adapters.files import BUSY_TIMEOUT_MS
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
+from keymgmt.adapters.storage.sql import Statements
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
 
@@ -194,6 +196,39 @@ def test_postgres_session_store_forgets_long_expired_sessions(open_pg):
     sessions.save(b"fresh", b"state-2", time.time() + 600)
     assert sessions.claim(b"stale") is None
     assert sessions.claim(b"fresh") == b"state-2"
+
+
+# --- the shared statements (adapters/storage/sql.py) ------------------------------------------
+
+
+def _spelled(statements: Statements) -> dict[str, str]:
+    """Every statement by attribute name (the eviction tiers as evict_login_records[i])."""
+    spelled: dict[str, str] = {}
+    for name, value in vars(statements).items():
+        if isinstance(value, tuple):
+            spelled |= {f"{name}[{i}]": tier for i, tier in enumerate(value)}
+        else:
+            spelled[name] = value
+    return spelled
+
+
+def test_each_shared_statement_is_spelled_for_its_driver():
+    """Written once as sqlite3 takes it (?, :name), each statement reaches psycopg as %s,
+    %(name)s and otherwise the same text; the row locks go only where PostgreSQL picks
+    login records to delete."""
+    qmark = _spelled(Statements("qmark"))
+    pyformat = _spelled(Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED"))
+    assert qmark.keys() == pyformat.keys() and len(qmark) > 20
+    assert (qmark["mark"], pyformat["mark"]) == ("?", "%s")
+    assert qmark["login_record"].endswith("FROM login_throttle WHERE account_name = ?")
+    for name, text in qmark.items():
+        assert "%" not in text and "FOR UPDATE" not in text, name
+        as_psycopg = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", text.replace("?", "%s"))
+        if name.startswith(("sweep_login_records", "evict_login_records")):
+            as_psycopg = as_psycopg.replace(") RETURNING", " FOR UPDATE SKIP LOCKED) RETURNING")
+        assert pyformat[name] == as_psycopg, name
+        assert "?" not in pyformat[name] and not re.search(r"(?<![:\w]):\w", pyformat[name]), name
+    assert ":now" in qmark["start_login"] and "%(now)s" in pyformat["start_login"]
 
 
 # --- SQLite: opening, pragmas, failures -----------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from keymgmt.adapters.cli.client import CLI_COMMANDS, _parser
 from keymgmt.adapters.client.async_client import CLIENT_METHODS, KeySession
+from keymgmt.adapters.client.sync_client import SyncKeySession
 from keymgmt.adapters.server.app import HANDLERS
 from keymgmt_proto import (
     OPERATIONS,
@@ -53,6 +54,22 @@ def test_every_operation_is_declared_served_sent_and_offered(op: Op) -> None:
     method = getattr(KeySession, CLIENT_METHODS[op])
     assert inspect.iscoroutinefunction(method), f"KeySession.{CLIENT_METHODS[op]} is not a method"
     assert CLI_COMMANDS[op] in _cli_commands(), f"no CLI command runs {op.name}"
+
+
+def test_the_blocking_client_offers_every_public_operation_with_the_same_signature() -> None:
+    """The sync facade is one line per KeySession method: an operation added to the async
+    client without its blocking twin (or with another signature) fails here."""
+    for name in sorted(set(CLIENT_METHODS.values())):
+        if name.startswith("_"):
+            continue  # internal steps of other operations (the storage key, OPS-1)
+        twin = getattr(SyncKeySession, name, None)
+        assert twin is not None, f"SyncKeySession has no {name}"
+        asynchronous = inspect.signature(getattr(KeySession, name))
+        assert inspect.signature(twin).parameters.keys() == asynchronous.parameters.keys(), name
+    public = {
+        n for n, v in vars(KeySession).items() if not n.startswith("_") and inspect.iscoroutinefunction(v)
+    }
+    assert public <= set(vars(SyncKeySession)), public - set(vars(SyncKeySession))
 
 
 def test_the_table_and_the_maps_name_no_operation_that_does_not_exist() -> None:

@@ -1,0 +1,341 @@
+"""The SQL both key-server backends run: statements, the audit-query builder, the
+parameters of each statement and the records made from its rows.
+
+SQLite and PostgreSQL hold the same tables with the same columns, so most statements are
+the same text except for how the driver marks a parameter: sqlite3 takes ``?`` and
+``:name``, psycopg ``%s`` and ``%(name)s``. :class:`Statements` writes each statement once,
+as sqlite3 takes it, and spells it for one driver. The login-throttling statements are
+written to run on both: column references in ``ON CONFLICT DO UPDATE`` are qualified with
+the table (PostgreSQL finds a bare one ambiguous), ``TRUE`` for the boolean (1 in SQLite)
+and a ``CASE`` where SQLite would say ``max(x, 0)`` and PostgreSQL ``GREATEST(x, 0)``.
+
+What differs stays in each backend: connections, transactions and locks (and which
+connection a throttling statement runs on), the migrations (BLOB against BYTEA, and their
+own history), how a taken account name or key id is told apart from another error, how
+audit entries are numbered, and when old detached sessions are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+
+from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError
+
+__all__ = [
+    "Row",
+    "Statements",
+    "account_values",
+    "audit_page",
+    "audit_values",
+    "check_schema_version",
+    "eviction_params",
+    "key_page",
+    "lock_end",
+    "migration_statements",
+    "rows_to_fetch",
+    "secret_values",
+    "start_login_params",
+    "sweep_params",
+    "to_account",
+    "to_login_record",
+    "to_secret",
+]
+
+#: A row as either driver returns it.
+Row = Sequence[Any]
+
+ACCOUNT_COLUMNS = "account_name, user_id, registration_record, encrypted_storage_key, created_us"
+SECRET_COLUMNS = "user_id, key_id, kind, ciphertext, associated_data, created_us"  # noqa: S105
+AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count"
+LOGIN_COLUMNS = (
+    "account_name, failures, unlogged, throttled, last_failure_us, last_throttled_us, locked_until_us"
+)
+#: The actions an OPS-6 KEY_ONLY selection keeps (SYSTEM_ONLY keeps the others).
+KEY_ACTIONS = tuple(int(a) for a in Action if a.is_key_action)
+
+# NET-10: a login counts as in flight from its admission until it finishes, for at most
+# ``in_flight_for`` us (:recent is now - in_flight_for); a name admits a login unless it is
+# locked, or unless failures and logins in flight reach the threshold while one is in flight.
+_IN_FLIGHT = "(CASE WHEN login_throttle.last_start_us > :recent THEN login_throttle.pending ELSE 0 END)"
+_ADMIT = (
+    f"(login_throttle.locked_until_us <= :now AND (login_throttle.failures + {_IN_FLIGHT} < :threshold "
+    f"OR {_IN_FLIGHT} = 0))"
+)
+#: One login fewer in flight, never below 0.
+_ONE_FEWER_PENDING = "CASE WHEN login_throttle.pending > 0 THEN login_throttle.pending - 1 ELSE 0 END"
+#: Which records an eviction takes, tier after tier, oldest last failure first: the harmless
+#: (below the threshold, not locked, no login in flight), then the unlocked, then any.
+_EVICTION_TIERS = (
+    "failures < :threshold AND locked_until_us < :now AND (pending = 0 OR last_start_us < :recent)",
+    "locked_until_us < :now",
+    "TRUE",
+)
+_NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def _pyformat(statement: str) -> str:
+    """The statement as psycopg takes it: ``?`` becomes ``%s``, ``:name`` ``%(name)s``."""
+    assert "%" not in statement, statement  # psycopg would read it as a placeholder
+    return _NAMED_PARAMETER.sub(r"%(\1)s", statement.replace("?", "%s"))
+
+
+def _as_written(statement: str) -> str:
+    return statement
+
+
+class Statements:
+    """The statements both backends run, spelled for one driver: ``qmark`` for sqlite3,
+    ``pyformat`` for psycopg. ``lock_rows`` ends the subqueries that pick login records
+    to delete (PostgreSQL's ``FOR UPDATE SKIP LOCKED``)."""
+
+    def __init__(self, paramstyle: Literal["qmark", "pyformat"] = "qmark", lock_rows: str = "") -> None:
+        spell: Callable[[str], str] = _pyformat if paramstyle == "pyformat" else _as_written
+        #: How a positional parameter is marked, for statements built per call.
+        self.mark = spell("?")
+
+        # Accounts
+        self.account_by_name = spell(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_name = ?")
+        self.account_by_user_id = spell(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE user_id = ?")
+        self.user_id_exists = spell("SELECT 1 FROM accounts WHERE user_id = ?")
+        #: Values: :func:`account_values`.
+        self.insert_account = spell(
+            "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
+            "created_us) VALUES (?, ?, ?, ?, ?)"
+        )
+
+        # Secrets
+        self.key_id_exists = spell("SELECT 1 FROM secrets WHERE key_id = ?")
+        self.count_keys = spell("SELECT count(*) FROM secrets WHERE user_id = ?")
+        #: Values: :func:`secret_values`.
+        self.insert_secret = spell(
+            "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
+            "VALUES (?, ?, ?, ?, ?, ?)"
+        )
+        self.secret = spell(f"SELECT {SECRET_COLUMNS} FROM secrets WHERE user_id = ? AND key_id = ?")
+        #: Parameters: user id, :func:`rows_to_fetch`, offset; rows: :func:`key_page`.
+        self.list_keys = spell(
+            "SELECT key_id, kind, created_us FROM secrets WHERE user_id = ? "
+            "ORDER BY created_us, key_id LIMIT ? OFFSET ?"
+        )
+        self.delete_secret = spell("DELETE FROM secrets WHERE user_id = ? AND key_id = ?")
+
+        # Login throttling (NET-10); rows: :func:`to_login_record`
+        #: Admit a login or count it throttled, in one statement; parameters:
+        #: :func:`start_login_params`.
+        self.start_login = spell(
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "
+            "pending, last_start_us, admitted, unlogged, throttled) "
+            "VALUES (:name, 0, 0, 0, 1, :now, TRUE, 0, 0) "
+            f"ON CONFLICT (account_name) DO UPDATE SET admitted = {_ADMIT}, "
+            f"pending = CASE WHEN {_ADMIT} THEN {_IN_FLIGHT} + 1 ELSE login_throttle.pending END, "
+            f"throttled = CASE WHEN {_ADMIT} THEN login_throttle.throttled "
+            "ELSE login_throttle.throttled + 1 END, "
+            f"last_throttled_us = CASE WHEN {_ADMIT} THEN login_throttle.last_throttled_us ELSE :now END, "
+            f"last_start_us = CASE WHEN {_ADMIT} THEN :now ELSE login_throttle.last_start_us END "
+            "RETURNING admitted"
+        )
+        #: A login succeeded: the counts waiting for the owner's log are handed over.
+        self.login_succeeded = spell(
+            f"UPDATE login_throttle SET pending = {_ONE_FEWER_PENDING}, unlogged = 0, throttled = 0 "
+            "WHERE account_name = ?"
+        )
+        #: A login failed: an upsert, so that a failure counts even if the record went while
+        #: the login ran. Parameters: the name, now.
+        self.login_failed = spell(
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "
+            "unlogged) VALUES (?, 1, 0, ?, 1) ON CONFLICT (account_name) DO UPDATE SET "
+            f"pending = {_ONE_FEWER_PENDING}, failures = login_throttle.failures + 1, "
+            "unlogged = login_throttle.unlogged + 1, last_failure_us = excluded.last_failure_us "
+            f"RETURNING {LOGIN_COLUMNS}"
+        )
+        #: Parameters: the end of the lock (:func:`lock_end`), the name.
+        self.lock_login = spell("UPDATE login_throttle SET locked_until_us = ? WHERE account_name = ?")
+        self.login_record = spell(f"SELECT {LOGIN_COLUMNS} FROM login_throttle WHERE account_name = ?")
+        #: Parameters: :func:`sweep_params`.
+        self.sweep_login_records = spell(
+            "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "
+            "WHERE last_failure_us < ? AND locked_until_us < ? AND (pending = 0 OR last_start_us < ?) "
+            f"LIMIT ?{lock_rows}) RETURNING {LOGIN_COLUMNS}"
+        )
+        #: One statement per tier, run in this order until enough are gone; parameters:
+        #: :func:`eviction_params`. By last failure, not last use: a success moves that, and
+        #: the order would tell a prober, NET-9.
+        self.evict_login_records = tuple(
+            spell(
+                "DELETE FROM login_throttle WHERE account_name IN (SELECT account_name FROM login_throttle "
+                f"WHERE {where} ORDER BY last_failure_us LIMIT :limit{lock_rows}) RETURNING {LOGIN_COLUMNS}"
+            )
+            for where in _EVICTION_TIERS
+        )
+        self.count_login_records = spell("SELECT count(*) FROM login_throttle")
+
+        # Detached sessions
+        self.save_session = spell(
+            "INSERT INTO detached_sessions (handle, sealed_state, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (handle) DO UPDATE SET sealed_state = excluded.sealed_state, "
+            "expires_at = excluded.expires_at"
+        )
+        #: Exactly once: two claims of one handle cannot both get the row.
+        self.claim_session = spell("DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state")
+
+        # Schema version
+        self.create_schema_version = spell(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+        )
+        self.schema_version = spell("SELECT max(version) FROM schema_version")
+        self.record_schema_version = spell("INSERT INTO schema_version (version) VALUES (?)")
+
+    def audit_query(self, user_id: bytes, query: AuditQuery) -> tuple[str, list[object]]:
+        """The SELECT of the user's entries that ``query`` selects, from its cursor on, one
+        more than its limit (:func:`audit_page` cuts the page), and its parameters."""
+        mark = self.mark
+        clauses = [f"user_id = {mark}", f"seq > {mark}"]
+        params: list[object] = [user_id, query.cursor]
+        key_actions = ", ".join([mark] * len(KEY_ACTIONS))
+        if query.audit_type is AuditType.KEY_ONLY:
+            clauses.append(f"action IN ({key_actions})")
+            params += KEY_ACTIONS
+        elif query.audit_type is AuditType.SYSTEM_ONLY:
+            clauses.append(f"action NOT IN ({key_actions})")
+            params += KEY_ACTIONS
+        if query.key_ids:
+            clauses.append(f"key_id IN ({', '.join([mark] * len(query.key_ids))})")
+            params += query.key_ids
+        if query.after is not None:
+            clauses.append(f"timestamp_us >= {mark}")
+            params.append(query.after)
+        if query.before is not None:
+            clauses.append(f"timestamp_us < {mark}")
+            params.append(query.before)
+        params.append(rows_to_fetch(query.limit))
+        where = " AND ".join(clauses)
+        return f"SELECT {AUDIT_COLUMNS} FROM audit WHERE {where} ORDER BY seq LIMIT {mark}", params
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+
+def account_values(account: Account) -> tuple[object, ...]:
+    """The values of :attr:`Statements.insert_account`."""
+    return (
+        account.user_id,
+        account.account_name,
+        account.registration_record,
+        account.encrypted_storage_key,
+        account.created,
+    )
+
+
+def secret_values(secret: SecretRecord) -> tuple[object, ...]:
+    """The values of :attr:`Statements.insert_secret`."""
+    return (
+        secret.key_id,
+        secret.user_id,
+        int(secret.kind),
+        secret.ciphertext,
+        secret.associated_data,
+        secret.created,
+    )
+
+
+def audit_values(record: AuditRecord) -> tuple[object, ...]:
+    """An audit entry's columns after ``user_id`` and ``seq`` (each backend numbers entries
+    its own way): action, timestamp_us, outcome, key_id, context, event_count."""
+    return (
+        int(record.action),
+        record.timestamp,
+        int(record.outcome),
+        record.key_id,
+        None if record.context is None else int(record.context),
+        record.count,
+    )
+
+
+def rows_to_fetch(limit: int) -> int:
+    """Rows to read for a page of ``limit``: one more tells whether a next page exists."""
+    return limit + 1
+
+
+def start_login_params(
+    account_name: bytes, now: int, threshold: int, in_flight_for: int
+) -> dict[str, object]:
+    """The parameters of :attr:`Statements.start_login`."""
+    return {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for}
+
+
+def sweep_params(now: int, stale_before: int, in_flight_for: int, limit: int) -> tuple[object, ...]:
+    """The parameters of :attr:`Statements.sweep_login_records`."""
+    return (stale_before, now, now - in_flight_for, limit)
+
+
+def eviction_params(now: int, threshold: int, in_flight_for: int, limit: int) -> dict[str, object]:
+    """The parameters of each of :attr:`Statements.evict_login_records`."""
+    return {"threshold": threshold, "now": now, "recent": now - in_flight_for, "limit": limit}
+
+
+def lock_end(record: LoginRecord, now: int, lock_for: Callable[[int], int] | None) -> int | None:
+    """When a name whose login just failed is locked until, if that is later than its lock
+    (a lock never shortens); None when its lock stays as it is."""
+    wait = lock_for(record.failures) if lock_for is not None else 0
+    return now + wait if wait > 0 and now + wait > record.locked_until else None
+
+
+# --- records from rows -----------------------------------------------------------------------
+
+
+def to_account(row: Row) -> Account:
+    """An :data:`ACCOUNT_COLUMNS` row."""
+    return Account(*row)
+
+
+def to_secret(row: Row) -> SecretRecord:
+    """A :data:`SECRET_COLUMNS` row."""
+    return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+
+
+def key_page(rows: Sequence[Row], offset: int, limit: int) -> tuple[list[KeyInfo], int]:
+    """The keys of a :attr:`Statements.list_keys` page, and the offset of the next page
+    (0 when there is none)."""
+    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2]) for row in rows[:limit]]
+    return keys, offset + limit if len(rows) > limit else 0
+
+
+def audit_page(rows: Sequence[Row], limit: int) -> tuple[list[AuditEntry], int]:
+    """The entries of a :meth:`Statements.audit_query` page, and the cursor of the next
+    page (0 when there is none)."""
+    entries = [
+        AuditEntry(
+            row[0],
+            Action(row[1]),
+            row[2],
+            Outcome(row[3]),
+            row[4],
+            None if row[5] is None else Context(row[5]),
+            row[6],
+        )
+        for row in rows[:limit]
+    ]
+    return entries, entries[-1].entry_id if len(rows) > limit else 0
+
+
+def to_login_record(row: Row) -> LoginRecord:
+    """A :data:`LOGIN_COLUMNS` row."""
+    return LoginRecord(*row)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+def check_schema_version(current: int, migrations: Sequence[str]) -> None:
+    """Refuse a database whose schema is newer than this code knows."""
+    if current > len(migrations):
+        raise StorageError(f"database schema {current} is newer than this code ({len(migrations)})")
+
+
+def migration_statements(migration: str) -> list[str]:
+    """A migration's statements, one by one (drivers run one statement per call)."""
+    return [statement for statement in migration.split(";") if statement.strip()]
