@@ -18,7 +18,7 @@ from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.admission import AddressLimits, address_key
 from keymgmt_proto import ClientConnection, ErrorCode, FrameType, LoginRequested, ServerConfig, TokenBucket
-from keymgmt_proto.wire import GoAway
+from keymgmt_proto.wire import Abort, GoAway
 
 from ..support.net_world import raw_login, running_server, tls_from
 
@@ -393,12 +393,19 @@ async def test_the_client_resumes_again_when_a_prober_on_its_address_drained_the
     deferrals = []
     original = KeymgmtClient._resume_deferred
 
+    # The address's bucket refills on a clock the test moves: it stands still while the
+    # prober drains the bucket and the owner reconnects (however slow a loaded machine makes
+    # that), and moves on once the owner's RESUMEs were deferred.
+    admission_now = [0.0]
+
     async def counting(self, conn):
         deferrals.append(len(self._deferred))
+        admission_now[0] += 5.0  # time for the bucket to refill before the retry
         await original(self, conn)
 
     monkeypatch.setattr(KeymgmtClient, "_resume_deferred", counting)
     async with running_server(tmp_path, admission_rate=10.0, admission_burst=20) as (runtime, pki):
+        runtime.address_limits.clock = lambda: admission_now[0]
         streams: list[_Breakable] = []
 
         async def connect():
@@ -412,7 +419,7 @@ async def test_the_client_resumes_again_when_a_prober_on_its_address_drained_the
             try:
                 from keymgmt_proto.wire import Record, ResumeEnvelope
 
-                from ..support.frames import forge
+                from ..support.frames import forge, parsed
 
                 frames = b"".join(
                     forge(
@@ -423,6 +430,16 @@ async def test_the_client_resumes_again_when_a_prober_on_its_address_drained_the
                     for n in range(1, 60)
                 )
                 await prober.send(frames)
+                # The owner's connection drops once the prober has drained the bucket (some
+                # of its RESUMEs came back RATE_LIMITED): else, on a loaded machine, the
+                # owner's RESUMEs could reach the server first and take the tokens.
+                received = b""
+                with anyio.fail_after(10):
+                    while not any(
+                        kind is FrameType.ABORT and Abort.decode(payload).code is ErrorCode.RATE_LIMITED
+                        for kind, _sid, payload in parsed(received[: _whole(received)])
+                    ):
+                        received += await prober.receive()
                 streams[-1].broken.set()  # the owner's connection drops now
                 with anyio.fail_after(20):
                     for session in sessions:
@@ -544,3 +561,14 @@ async def test_a_full_server_makes_room_from_idle_connections_before_logged_in_o
             for client, session in users:
                 assert await session.list_keys() == []
                 assert client.connection_count == 1
+
+
+def _whole(data: bytes) -> int:
+    """How many leading bytes of ``data`` are whole frames."""
+    end = 0
+    while len(data) - end >= 10:
+        length = int.from_bytes(data[end + 6 : end + 10], "big")
+        if len(data) - end < 10 + length:
+            break
+        end += 10 + length
+    return end
