@@ -304,11 +304,10 @@ class SessionRegistry:
             transition(Role.SERVER, session, Command.CLOSE)
 
     def deliver(self, session: _ServerSession, request_id: int, body: bytes) -> bool:
-        """An answer computed on a connection the session has left: it goes to the
-        connection the session is on now (or waits in the reply cache while detached)."""
+        """An answer computed on a connection the session has left: the connection the
+        session is on now sends it (and is listed by take_woken)."""
         owner = session.owner
-        if owner is None:
-            return False
+        assert owner is not None  # the caller answers a detached session itself
         self._woken.add(owner)
         return owner.send_response(session.session_id, request_id, body)
 
@@ -632,7 +631,9 @@ class ServerConnection(ConnectionBase):
             raise LocalProtocolError(f"no live session {session_id}")
         return session
 
-    def _check(self, session: _ServerSession, trigger: Trigger) -> State:
+    def _check(self, session: _ServerSession, trigger: Trigger) -> None:
+        """Refuse ``trigger`` unless the table has a row for it (before any work is done; the
+        state itself changes later, through transition())."""
         target = next_state(Role.SERVER, session.kind, session.state, trigger)
         if target is None:
             if isinstance(trigger, Command):
@@ -642,7 +643,6 @@ class ServerConnection(ConnectionBase):
             raise RemoteProtocolError(
                 f"unexpected {trigger.name} in state {session.state.name}", ErrorCode.UNEXPECTED_FRAME
             )
-        return target
 
     def _send_sealed(self, session: _ServerSession, frame_type: FrameType, plaintext: bytes) -> None:
         """Seal and queue a record. The epoch's last sequence number is kept for CLOSE: a
@@ -826,7 +826,6 @@ class ServerConnection(ConnectionBase):
                     self._admission.refund(frame.type, self._now)
                 return
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
-            self._check(session, frame.type)
             if frame.type is FrameType.REG_START:
                 # The OPAQUE step waits for accept_registration: a registration the server
                 # refuses (name taken, not authorized) costs no OPAQUE work.

@@ -712,3 +712,64 @@ def test_a_session_closed_with_a_request_in_progress_awaits_no_answer(server_set
     assert session.state is State.CLOSED and not session.pending
     assert pair.server.send_response(sid, request_id, b"late") is False
     assert pair.server.data_to_send() == b""
+
+
+# ------------------------------------------------------- issue 13 survivors
+
+
+@pytest.mark.parametrize("second", ["accept_login", "accept_unknown_login"])
+def test_a_second_login_decision_is_refused_and_changes_nothing(server_setup, second):
+    """accept_login / accept_unknown_login twice: the second is a LocalProtocolError before any
+    OPAQUE work, and the login the first one started goes on untouched."""
+    server = _server(server_setup, now=0.0)
+    server.receive_data(_login_start(1), 0.0)
+    (requested,) = _drain(server)
+    assert isinstance(requested, LoginRequested)
+    server.accept_unknown_login(1)
+    first = parsed(server.data_to_send())
+    assert [kind for kind, _, _ in first] == [FrameType.LOGIN_RESPONSE]
+    with pytest.raises(LocalProtocolError, match="cannot accept_login"):
+        if second == "accept_login":
+            server.accept_login(1, USER_ID, bytes(REGISTRATION_UPLOAD_SIZE))
+        else:
+            server.accept_unknown_login(1)
+    assert server.data_to_send() == b""  # no second LOGIN_RESPONSE, no ABORT
+    assert server.session_state(1) is State.AWAIT_LOGIN_FINISH
+
+
+def test_an_answer_for_session_one_after_it_ended_is_dropped_not_refused(world):
+    """send_response for an ended session id of this connection returns False; session 1,
+    the first id a connection uses, included."""
+    world.app = HoldingApp()
+    pair = world.pair()
+    register(pair, ACCOUNT)  # session 1
+    sid = login(pair, ACCOUNT).session_id
+    pair.client.send_request(sid, b"late")
+    pair.pump()
+    (held,) = world.app.held
+    pair.client.close_session(sid)
+    pair.pump()
+    assert pair.server.send_response(held.session_id, held.request_id, b"too late") is False
+    # Session 1 was the registration session: ended long ago, its id is spent.
+    assert pair.server.send_response(1, 1, b"never asked") is False
+    with pytest.raises(LocalProtocolError):
+        pair.server.send_response(sid + 1, 1, b"no such session yet")
+
+
+def test_an_answer_for_a_session_that_expired_while_detached_is_dropped(world):
+    """A request is pending in the application when its connection dies; the session then
+    expires, found stale by a RESUME. The late answer is dropped (False), not cached for a
+    resumption that can never come."""
+    world = FakeWorld(world.setup, ServerConfig(idle_timeout=50.0), app=HoldingApp())
+    pair = world.pair()
+    register(pair, ACCOUNT)
+    sid = login(pair, ACCOUNT).session_id
+    pair.client.send_request(sid, b"slow")
+    pair.pump()
+    (held,) = world.app.held
+    (detached,) = lose(pair)
+    late = world.pair(now=100.0)
+    late.client.resume_session(detached)
+    late.pump()
+    assert only(late.server_events, SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+    assert pair.server.send_response(held.session_id, held.request_id, b"done") is False
