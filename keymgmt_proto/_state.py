@@ -202,8 +202,8 @@ class _Session(Protocol):
     state: State
 
 
-def transition(role: Role, session: _Session, trigger: Trigger) -> State:
-    """Move ``session`` to the state the table gives for ``trigger`` and return it: the one
+def transition(role: Role, session: _Session, trigger: Trigger) -> None:
+    """Move ``session`` to the state the table gives for ``trigger``: the one
     place a session's state changes. Callers check legality first (``next_state``), so a
     missing row here is a bug, reported as LocalProtocolError."""
     target = TRANSITIONS.get((role, session.kind, session.state, trigger))
@@ -211,4 +211,3 @@ def transition(role: Role, session: _Session, trigger: Trigger) -> State:
         name = trigger.name if isinstance(trigger, FrameType) else trigger.value
         raise LocalProtocolError(f"no {name} transition from {session.state.name}")
     session.state = target
-    return target

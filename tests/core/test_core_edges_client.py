@@ -311,3 +311,23 @@ def test_the_shared_base_leaves_every_role_hook_to_the_subclass():
         base.next_event()
     with pytest.raises(NotImplementedError):
         base_class().close()
+
+
+def test_resuming_a_session_twice_is_refused_before_anything_is_sent_or_spent(world):
+    """A DetachedSession handed to resume_session a second time (while the first RESUME is
+    under way) is a LocalProtocolError that uses no session id, draws no nonce and sends
+    nothing; the first resumption completes."""
+    pair = world.pair()
+    register(pair, ACCOUNT)
+    login(pair, ACCOUNT)
+    (detached,) = lose(pair)
+    fresh = world.pair()
+    sid = fresh.client.resume_session(detached)
+    sent = fresh.client.data_to_send()
+    with pytest.raises(LocalProtocolError, match="cannot resume"):
+        fresh.client.resume_session(detached)
+    assert fresh.client.data_to_send() == b""
+    assert fresh.client.session_state(sid + 1) is State.CLOSED
+    fresh.to_server(sent)
+    assert only(fresh.pump(), SessionResumed).session_id == sid
+    assert fresh.client.open_request_session(ACCOUNT, PASSWORD) == sid + 1  # no id was spent

@@ -465,3 +465,21 @@ def test_a_key_id_reserved_before_a_resumption_can_be_stored_after_it(server_set
     status, _ = decode_response(Op.STORE_SECRET, only(pair2.pump(), ResponseReceived).body)
     assert status is Status.OK
     storage.close()
+
+
+def test_a_session_refused_before_it_existed_is_handled_without_error(server_setup, caplog):
+    """A session start refused before the core made a session (rate limited, malformed) is a
+    SessionFailed with no handle: the key server has nothing to forget and logs no error."""
+    import logging
+
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
+    from keymgmt_proto import ErrorCode, SessionFailed
+
+    storage = SQLiteStorage(":memory:")
+    keyserver = KeyServer(storage)
+    pair = FakeWorld(server_setup, app=keyserver).pair()
+    with caplog.at_level(logging.DEBUG, logger="keymgmt"):
+        keyserver(pair.server, SessionFailed(1, ErrorCode.RATE_LIMITED, "slow down", True))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    storage.close()
