@@ -25,7 +25,7 @@ from ..server.setupfile import SetupFileError, create_server_setup_file, load_se
 from ..storage.base import StorageError
 from ..tls import PKIError, generate_dev_pki
 
-__all__ = ["main"]
+__all__ = ["main", "serve_until_signal"]
 
 CONFIG_NAME = "keymgmt-server.toml"
 
@@ -120,7 +120,8 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(runtime: KeyServerRuntime) -> None:
+async def serve_until_signal(runtime: KeyServerRuntime) -> None:
+    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT."""
     async with anyio.create_task_group() as tg:
         port = await tg.start(runtime.run)
         print(f"listening on {runtime.settings.host}:{port}", flush=True)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         runtime = KeyServerRuntime(settings)
         try:
-            anyio.run(_serve, runtime)
+            anyio.run(serve_until_signal, runtime)
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
         return 0

@@ -30,6 +30,7 @@ import anyio
 from anyio.abc import ByteStream, TaskGroup
 
 from keymgmt_proto import (
+    KEY_ID_SIZE,
     NEED_DATA,
     AuditEntry,
     AuditType,
@@ -342,13 +343,7 @@ class KeymgmtClient:
 
     async def request(self, handle: SessionHandle, body: bytes) -> bytes:
         """Send a request body on a session and wait for its answer."""
-        await self._ready()
-        await self._resumed(handle)
-        if handle in self._ended:
-            raise self._ended[handle]
-        session_id = self._sid_of.get(handle)
-        if session_id is None:
-            raise KeymgmtError("no such session")
+        session_id = await self._current_id(handle)
         request_id = self._command(lambda: self._conn.send_request(session_id, body))
         waiter = _Waiter()
         self._request_waiters[(handle, request_id)] = waiter
@@ -359,13 +354,7 @@ class KeymgmtClient:
 
     async def close_session(self, handle: SessionHandle) -> None:
         """Log out of a session."""
-        await self._ready()
-        await self._resumed(handle)
-        if handle in self._ended:
-            raise self._ended[handle]
-        session_id = self._sid_of.get(handle)
-        if session_id is None:
-            raise KeymgmtError("no such session")
+        session_id = await self._current_id(handle)
         self._command(lambda: self._conn.close_session(session_id))
         self._fail_session(handle, SessionEndedError("logged out", ErrorCode.CLIENT_CLOSED))
         await self._flush()
@@ -382,6 +371,18 @@ class KeymgmtClient:
         await self._connected.wait()
         if self._closed is not None:
             raise self._closed
+
+    async def _current_id(self, handle: SessionHandle) -> int:
+        """The session's id on the current connection, once it is usable (connected, not
+        waiting for a deferred resumption); the reason it ended if it has."""
+        await self._ready()
+        await self._resumed(handle)
+        if handle in self._ended:
+            raise self._ended[handle]
+        session_id = self._sid_of.get(handle)
+        if session_id is None:
+            raise KeymgmtError("no such session")
+        return session_id
 
     async def _resumed(self, handle: SessionHandle) -> None:
         """Wait while the session's resumption is deferred (see _resume_deferred)."""
@@ -715,7 +716,7 @@ class KeySession:
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
         """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: ``len || secret``."""
-        local = self._client.local_store.get(self.user_id, key_id) if len(key_id) == 16 else None
+        local = self._client.local_store.get(self.user_id, key_id) if len(key_id) == KEY_ID_SIZE else None
         copy = None if local is None else SealedCopy(local.kind, local.ciphertext, local.associated_data)
         secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
         if to_keep is not None:
@@ -737,7 +738,7 @@ class KeySession:
         try:
             await self._run(self._ops.delete(key_id))
         finally:
-            if len(key_id) == 16:
+            if len(key_id) == KEY_ID_SIZE:
                 self._client.local_store.delete(self.user_id, key_id)
 
     async def audit(

@@ -628,3 +628,6 @@ def test_client_events_carry_one_handle_across_resumption(harness):
     pair2.pump()
     other = login(pair2, b"clienthandle")
     assert other.handle is not established.handle
+    assert pair2.client.session_handle(other.session_id) is other.handle
+    with pytest.raises(LocalProtocolError, match="no live session"):
+        pair2.client.session_handle(new_sid)  # logged out: it has no handle to give

@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
 import anyio
 
+from keymgmt.adapters.cli.server import serve_until_signal
 from keymgmt.adapters.server.config import load_settings
 from keymgmt.adapters.server.runtime import KeyServerRuntime
-
-
-async def _serve(runtime: KeyServerRuntime) -> None:
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(runtime.run)
-        print(f"listening on {runtime.settings.host}:{port}", flush=True)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for received in signals:
-                logging.getLogger("keymgmt.server").info("received %s", signal.Signals(received).name)
-                runtime.shutdown()
-                break
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     runtime = KeyServerRuntime(load_settings(args.config))
-    anyio.run(_serve, runtime, backend=args.backend)
+    anyio.run(serve_until_signal, runtime, backend=args.backend)
     return 0
 
 
