@@ -32,6 +32,7 @@ from ..storage.sqlite import SQLiteStorage
 from ..tls import server_context
 from .admission import AddressLimits, address_key
 from .app import KeyServer, ThrottlePolicy
+from .commit import GroupCommit
 from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
 from .setupfile import load_server_setup_file
@@ -135,6 +136,8 @@ class KeyServerRuntime:
             sealing_key=session_sealing_key(self.setup.to_bytes()),
             random=os.urandom,
         )
+        #: One group commit for every connection and background task of this server.
+        self.committer = GroupCommit(self.keyserver.batch)
         self.port: int | None = None
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
@@ -213,13 +216,17 @@ class KeyServerRuntime:
 
     async def _expire_detached_sessions(self) -> None:
         """Expire (and audit) detached sessions even when no connection is open to do it."""
+
+        def expire() -> None:
+            expired = self.registry.handle_timer(time.time())
+            if expired:
+                self.keyserver.sessions_expired(expired)
+
         while True:
             deadline = self.registry.get_timer()
             await anyio.sleep(1.0 if deadline is None else min(60.0, max(0.0, deadline - time.time())))
             try:
-                expired = self.registry.handle_timer(time.time())
-                if expired:
-                    self.keyserver.sessions_expired(expired)
+                await self.committer.run(expire)
             except Exception:  # e.g. the database is briefly unreachable: try again later
                 log.error("expiring detached sessions failed", exc_info=True)
 
@@ -229,7 +236,7 @@ class KeyServerRuntime:
         while True:
             await anyio.sleep(self.settings.maintenance_interval)
             try:
-                while self.keyserver.maintain(batch=1000) == 1000:
+                while await self.committer.run(lambda: self.keyserver.maintain(batch=1000)) == 1000:
                     await anyio.sleep(0)
             except Exception:
                 log.error("sweeping login-throttling records failed", exc_info=True)
@@ -331,7 +338,13 @@ class KeyServerRuntime:
             await anyio.aclose_forcefully(tcp)
             return
         driver = ConnectionDriver(
-            stream, self.setup, self.keyserver, self.registry, peer=peer, admission=bucket
+            stream,
+            self.setup,
+            self.keyserver,
+            self.registry,
+            peer=peer,
+            admission=bucket,
+            committer=self.committer,
         )
         self._drivers.add(driver)
         slot.driver = driver
