@@ -238,7 +238,12 @@ def test_workers_leave_when_the_parent_is_killed(tmp_path):
     server = ServerProcess(directory, env={"KEYMGMT_WORKERS": "2"})  # (from the environment this time)
     pids = wait_for(lambda: len(worker_pids(server)) == 2 and worker_pids(server), "two workers")
     server.kill()  # SIGKILL: the parent cannot pass anything on
-    wait_for(lambda: all(gone(pid) for pid in pids), "the workers to exit", timeout=60)
+    try:
+        wait_for(lambda: all(gone(pid) for pid in pids), "the workers to exit", timeout=60)
+    finally:
+        for pid in pids:  # (if they stay, they would outlive the test)
+            with _suppress_gone():
+                os.kill(pid, signal.SIGKILL)
     # (their stderr is the same pipe: the reader has their last words)
     assert "the supervising process is gone: shutting down" in server.log_text()
 
