@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 import pyperf
 
-from . import micro, netload
+from . import micro, netload, workers
 from .common import CLIENT_CPU_SET, Line, machine_description, pinned
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,12 @@ FULL: Config = {
     "throughput_warmup": 1.0,
     "multiplex_sessions": 1000,
     "lag_logins": 20,
+    # P8: connections x sessions each, interleaved windows per worker count
+    "workers_connections": 8,
+    "workers_sessions": 4,
+    "workers_runs": 5,
+    "workers_seconds": 3.0,
+    "workers_warmup": 1.0,
 }
 SMOKE: Config = {
     "pyperf": {group: ["--debug-single-value", "--loops", "2"] for group in micro.GROUPS},
@@ -62,6 +68,11 @@ SMOKE: Config = {
     "throughput_warmup": 0.1,
     "multiplex_sessions": 3,
     "lag_logins": 3,
+    "workers_connections": 2,
+    "workers_sessions": 2,
+    "workers_runs": 1,
+    "workers_seconds": 0.2,
+    "workers_warmup": 0.1,
 }
 
 
@@ -269,6 +280,55 @@ def bench_lag(cfg: Config, workdir: Path) -> list[Line]:
     ]
 
 
+def bench_workers(cfg: Config, workdir: Path) -> list[Line]:
+    """P8: cost per request and throughput with 1 and 2 workers (bench/workers.py)."""
+    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    with (
+        workers.workers_server(workdir / "p8-1", 1) as one,
+        workers.workers_server(workdir / "p8-2", 2) as two,
+    ):
+        for _ in range(cfg["workers_runs"]):
+            for server in (one, two):
+                runs[server.workers].append(
+                    anyio.run(
+                        workers.measure,
+                        server,
+                        cfg["workers_connections"],
+                        cfg["workers_sessions"],
+                        cfg["workers_seconds"],
+                        cfg["workers_warmup"],
+                    )
+                )
+
+    def fmt(key: str, n: int, unit: str, scale: float = 1.0) -> str:
+        median, low, high = workers.summarize(runs[n], key)
+        return f"{median * scale:,.2f}{unit} ({low * scale:,.2f}-{high * scale:,.2f})"
+
+    cost = {n: workers.summarize(runs[n], "server_cpu_per_request_us")[0] for n in runs}
+    rate = {n: workers.summarize(runs[n], "per_second")[0] for n in runs}
+    cores = {n: workers.summarize(runs[n], "server_cores")[0] for n in runs}
+    load = f"{cfg['workers_connections']} TLS conns x {cfg['workers_sessions']} sessions"
+    return [
+        Line(
+            "p8_workers",
+            f"P8 server CPU per durable retrieve, 2 workers, SQLite, {load}",
+            "us",
+            cost[2],
+            cost[1],
+            "1 worker, same load",
+            "max_ratio",
+            1.15,
+            notes=f"medians (range) of {cfg['workers_runs']} interleaved runs; retrieves/s "
+            f"{fmt('per_second', 1, '')} vs {fmt('per_second', 2, '')} (x{rate[2] / rate[1]:.2f}); "
+            f"server cores {fmt('server_cores', 1, '')} vs {fmt('server_cores', 2, '')} "
+            f"(x{cores[2] / cores[1]:.2f}); throughput per server core "
+            f"{rate[1] / cores[1]:,.0f} vs {rate[2] / cores[2]:,.0f}; load generator (pinned to CPU 1, "
+            f"not counted) {fmt('client_cores', 1, '')} vs {fmt('client_cores', 2, '')} cores",
+            extra={f"workers{n}_runs": runs[n] for n in runs},
+        )
+    ]
+
+
 BENCHES: dict[str, Callable[[Config, Path], list[Line]]] = {
     "channel": bench_channel,
     "login": bench_login,
@@ -277,6 +337,7 @@ BENCHES: dict[str, Callable[[Config, Path], list[Line]]] = {
     "memory": bench_memory,
     "multiplex": bench_multiplex,
     "lag": bench_lag,
+    "workers": bench_workers,
 }
 
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import Listener, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry, session_sealing_key
@@ -71,6 +73,8 @@ class ServerSettings:
     key_path: Path
     host: str = "127.0.0.1"
     port: int = 7443
+    #: Server processes sharing the listening socket (``keymgmt-server serve``; 1 = this one).
+    workers: int = 1
     #: The TLS handshake must finish within this many seconds.
     tls_handshake_timeout: float = 10.0
     #: Open connections beyond this are refused.
@@ -115,8 +119,12 @@ class KeyServerRuntime:
         storage: Storage | None = None,
         setup: ServerSetup | None = None,
         clock: Callable[[], float] | None = None,
+        sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.settings = settings
+        #: Listening sockets bound by someone else (``serve --workers``): used instead of
+        #: binding ``settings.host``/``settings.port``; the runtime closes them when it stops.
+        self._sockets = tuple(sockets)
         self.setup = setup if setup is not None else load_server_setup_file(settings.setup_path)
         self.ssl_context = server_context(settings.cert_path, settings.key_path)
         self.storage: Storage = storage if storage is not None else open_storage(settings)
@@ -167,9 +175,16 @@ class KeyServerRuntime:
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``shutdown()``; reports the bound port through ``task_status``."""
-        listener = await anyio.create_tcp_listener(
-            local_host=self.settings.host, local_port=self.settings.port
-        )
+        listener: MultiListener[SocketStream]
+        if self._sockets:
+            wrapped: list[Listener[SocketStream]] = [
+                await SocketListener.from_socket(s) for s in self._sockets
+            ]
+            listener = MultiListener(wrapped)
+        else:
+            listener = await anyio.create_tcp_listener(
+                local_host=self.settings.host, local_port=self.settings.port
+            )
         self.port = listener.extra(SocketAttribute.local_port)
         log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
         try:

@@ -25,6 +25,7 @@ EXPECTED = {
     "p4_memory",
     "p5_multiplex",
     "p7_loop_lag",
+    "p8_workers",
 }
 
 
