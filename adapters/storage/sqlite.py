@@ -1,9 +1,13 @@
 """SQLite key-server storage: the embedded default (STO-1).
 
-Durability: WAL journal with ``synchronous=FULL``. In WAL mode ``NORMAL``
-already survives a crash of the server *process* (committed pages are in the
-WAL file, which the OS keeps), but may lose the last transactions on power
-loss; an acknowledged store must survive both, so every commit syncs the WAL.
+Durability: WAL journal with ``synchronous=NORMAL``, and the WAL synced by this
+module (``fdatasync``) after every commit that wrote acknowledged state (an account,
+a secret, an operation's audit entry): exactly what ``FULL`` does for those commits.
+In WAL mode ``NORMAL`` already survives a crash of the server *process* (committed
+pages are in the WAL file, which the OS keeps), but may lose the last transactions on
+power loss; an acknowledged store must survive both. Commits that wrote only login
+bookkeeping (throttling rows, login and logout entries, detached sessions) skip the
+sync: they become durable with the next commit that syncs (base.SOFT_AUDIT_ACTIONS).
 Foreign keys are on. The file is created with owner-only permissions.
 
 Schema changes are numbered migrations recorded in ``schema_version``. The
@@ -22,7 +26,16 @@ from pathlib import Path
 from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
-from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from .base import (
+    Account,
+    AuditQuery,
+    AuditRecord,
+    LoginRecord,
+    SecretRecord,
+    StorageError,
+    Transaction,
+    needs_sync,
+)
 from .sql import (
     Row,
     Statements,
@@ -112,8 +125,9 @@ _SQL = Statements("qmark")
 
 
 class _SQLiteTransaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
         self._db = db
+        self._storage = storage
 
     def get_account(self, account_name: bytes) -> Account | None:
         row = self._db.execute(_SQL.account_by_name, (account_name,)).fetchone()
@@ -127,6 +141,7 @@ class _SQLiteTransaction:
         return self._db.execute(_SQL.user_id_exists, (user_id,)).fetchone() is not None
 
     def insert_account(self, account: Account) -> bool:
+        self._storage.sync_needed = True
         try:
             self._db.execute(_SQL.insert_account, account_values(account))
         except sqlite3.IntegrityError:
@@ -191,6 +206,7 @@ class _SQLiteTransaction:
         return self._db.execute(_SQL.key_id_exists, (key_id,)).fetchone() is not None
 
     def insert_secret(self, secret: SecretRecord) -> bool:
+        self._storage.sync_needed = True
         try:
             self._db.execute(_SQL.insert_secret, secret_values(secret))
         except sqlite3.IntegrityError as exc:
@@ -208,11 +224,14 @@ class _SQLiteTransaction:
         return key_page(rows, offset, limit)
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
+        self._storage.sync_needed = True
         cursor = self._db.execute(_SQL.delete_secret, (user_id, key_id))
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord) -> None:
         # Numbered in the same statement: SQLite has one writer at a time.
+        if needs_sync(record):
+            self._storage.sync_needed = True
         self._db.execute(
             "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
             "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?, ?)",
@@ -222,6 +241,36 @@ class _SQLiteTransaction:
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()
         return audit_page(rows, query.limit)
+
+
+class _WalFile:
+    """The database's WAL file, synced after the commits that must be durable (the same
+    ``fdatasync`` that ``synchronous=FULL`` would run at every commit)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: an in-memory database, nothing to sync
+        self._fd: int | None = None
+        self._inode = 0
+
+    def sync(self) -> None:
+        if self.path is None:
+            return
+        inode = os.stat(self.path).st_ino  # (a WAL file replaced meanwhile is opened again)
+        if self._fd is None or inode != self._inode:
+            self.close()
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._inode = os.fstat(self._fd).st_ino
+            directory = os.open(self.path.parent, os.O_RDONLY)  # the file's name, too
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _SQLiteSessionStore:
@@ -236,7 +285,9 @@ class _SQLiteSessionStore:
             db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
 
     def claim(self, handle: bytes) -> bytes | None:
+        # Durable: a claim lost to a power cut would let the session be resumed twice.
         with self._storage._locked() as db:
+            self._storage.sync_needed = True
             row = db.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -248,6 +299,11 @@ class SQLiteStorage:
         self.path = Path(path)
         ensure_private_file(self.path, StorageError)
         self._batch_depth = 0
+        #: Set by a write whose commit must reach the disk before anything is answered.
+        self.sync_needed = False
+        self._wal = _WalFile(None if str(path) == ":memory:" else Path(f"{self.path}-wal"))
+        #: Commits that synced the WAL (for tests and metrics).
+        self.syncs = 0
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -255,6 +311,8 @@ class SQLiteStorage:
             enable_wal(self._db, self.path, StorageError)
             self._db.execute("PRAGMA synchronous = FULL")
             self._migrate()
+            # From here on this module syncs the WAL itself, after the commits that need it.
+            self._db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
         self.session_store = _SQLiteSessionStore(self)
@@ -318,11 +376,25 @@ class SQLiteStorage:
             raise
         finally:
             self._batch_depth = 0
+        self._commit()
+
+    def _commit(self) -> None:
+        """COMMIT, then sync the WAL if what was committed must be durable. A failed sync is
+        a failed commit: the caller acknowledges nothing (the data may or may not be on
+        disk, as after any failed commit)."""
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
+            self.sync_needed = False
             raise StorageError(f"commit failed: {type(exc).__name__}") from None
+        if self.sync_needed:
+            self.sync_needed = False
+            try:
+                self._wal.sync()
+            except OSError as exc:
+                raise StorageError(f"commit failed: cannot sync the WAL ({exc.strerror or exc})") from None
+            self.syncs += 1
 
     @contextmanager
     def _savepoint(self) -> Iterator[Transaction]:
@@ -337,7 +409,7 @@ class SQLiteStorage:
             raise StorageError("the batch's transaction was rolled back")
         self._db.execute("SAVEPOINT op")
         try:
-            yield _SQLiteTransaction(self._db)
+            yield _SQLiteTransaction(self._db, self)
         except BaseException as exc:
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK TO op")
@@ -358,18 +430,15 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
         try:
-            yield _SQLiteTransaction(self._db)
+            yield _SQLiteTransaction(self._db, self)
         except sqlite3.Error as exc:
             self._rollback()
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
         except BaseException:
             self._rollback()
             raise
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise StorageError(f"commit failed: {type(exc).__name__}") from None
+        self._commit()
 
     def close(self) -> None:
+        self._wal.close()
         self._db.close()

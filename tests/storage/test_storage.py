@@ -16,6 +16,7 @@ from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     Action,
     AuditType,
+    Context,
     ErrorCode,
     Outcome,
     RegistrationCompleted,
@@ -251,12 +252,82 @@ def test_enable_wal_reports_a_refusal_and_does_not_retry_other_errors(tmp_path):
     assert (_Refusing.calls, _Broken.calls) == (1, 1)  # only "locked" is retried
 
 
-def test_sqlite_storage_syncs_every_commit_to_disk(tmp_path):
-    """STO-1: WAL with synchronous=FULL, so an acknowledged commit survives a power cut
-    (synchronous=OFF would pass every other test and lose the last commits)."""
+def _sync_log(storage, monkeypatch) -> list[str]:
+    """What SQLite executed, with "fdatasync WAL" where the storage synced the WAL file."""
+    log: list[str] = []
+    storage._db.set_trace_callback(log.append)
+    real = os.fdatasync
+    wal = storage.path.with_name(storage.path.name + "-wal")
+
+    def fdatasync(fd: int) -> None:
+        assert os.fstat(fd).st_ino == os.stat(wal).st_ino, "synced something else than the WAL"
+        log.append("fdatasync WAL")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    assert wal.exists()
+    return log
+
+
+def test_sqlite_storage_syncs_every_commit_of_acknowledged_state(tmp_path, monkeypatch):
+    """STO-1: in WAL mode synchronous=NORMAL survives a crash of the process but not a power
+    cut; a commit that wrote an account, a secret or an operation's audit entry must reach
+    the disk before it is acknowledged, so the storage syncs the WAL right after it (what
+    synchronous=FULL does), and only then returns."""
     storage = SQLiteStorage(tmp_path / "ks.db")
     assert storage._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert storage._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    log = _sync_log(storage, monkeypatch)
+    user = os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"sync@example.org", user, b"r", bytes(60)))
+    assert log[-2:] == ["COMMIT", "fdatasync WAL"]
+    with storage.batch():
+        with storage.transaction() as tx:
+            tx.insert_secret(SecretRecord(user, os.urandom(16), SecretKind.GENERATED, b"c", b"ad"))
+        with storage.transaction() as tx:
+            tx.append_audit(AuditRecord(user, Action.LOGIN, 1, Outcome.SUCCESS))
+    assert log[-2:] == ["COMMIT", "fdatasync WAL"] and log.count("fdatasync WAL") == 2
+    with storage.transaction() as tx:
+        tx.append_audit(AuditRecord(user, Action.RETRIEVE, 2, Outcome.SUCCESS, os.urandom(16), Context.NULL))
+    assert log[-2:] == ["COMMIT", "fdatasync WAL"]
+    assert storage.syncs == 3
+    storage.close()
+
+
+def test_sqlite_storage_commits_login_bookkeeping_without_a_sync(tmp_path, monkeypatch):
+    """A login's throttling rows and its audit entry do not wait for the disk (they become
+    durable with the next sync); a crash of the process still keeps them (WAL)."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    user = os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"soft@example.org", user, b"r", bytes(60)))
+    log = _sync_log(storage, monkeypatch)
+    syncs = storage.syncs
+    with storage.batch():
+        with storage.transaction() as tx:
+            assert tx.start_login(b"soft@example.org", 1, 5, 10**6)
+        with storage.transaction() as tx:
+            tx.finish_login(b"soft@example.org", 2, succeeded=True)
+            tx.append_audit(AuditRecord(user, Action.LOGIN, 2, Outcome.SUCCESS))
+        storage.session_store.save(os.urandom(16), b"sealed", 1e12)
+    assert "COMMIT" in log and "fdatasync WAL" not in log
+    assert storage.syncs == syncs
+    storage.close()
+
+
+def test_a_failed_sync_is_a_failed_commit(tmp_path, monkeypatch):
+    storage = SQLiteStorage(tmp_path / "ks.db")
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StorageError, match="cannot sync the WAL"), storage.transaction() as tx:
+        tx.insert_account(Account(b"eio@example.org", os.urandom(16), b"r", bytes(60)))
+    monkeypatch.undo()
+    with storage.transaction() as tx:  # the next commit works (and syncs) again
+        tx.insert_account(Account(b"fine@example.org", os.urandom(16), b"r", bytes(60)))
+    assert storage.syncs == 1
     storage.close()
 
 
