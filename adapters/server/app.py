@@ -433,11 +433,12 @@ class KeyServer:
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
-        reservations = self._reserved.setdefault(session, OrderedDict())
+        op = request.op
+        reservations = self._reserved.setdefault(session, OrderedDict()) if op in _RESERVING else _NONE
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
-            with self.storage.transaction() as tx:
+            with self.storage.transaction(atomic=op not in _ONE_WRITE) as tx:
                 response, key_id = self._perform(tx, user_id, request, now, reservations)
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
         except _Refused as refused:
@@ -513,6 +514,16 @@ class KeyServer:
         if not op.tx.delete_secret(op.user_id, request.key_id):
             raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
         return Empty(), request.key_id
+
+
+#: Operations that use the session's key-id reservations.
+_RESERVING = frozenset({Op.CREATE_KEY_ID, Op.STORE_SECRET})
+#: The reservations of a request that uses none (never written to).
+_NONE: OrderedDict[bytes, SecretKind] = OrderedDict()
+#: Operations whose only write is their audit entry: they need no savepoint of their own
+#: inside a batch (a failed statement leaves nothing behind). A test checks that each
+#: writes one statement at most.
+_ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID})
 
 
 @dataclass(frozen=True, slots=True)

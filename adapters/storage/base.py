@@ -206,7 +206,11 @@ class Transaction(Protocol):
 
 
 class Storage(Protocol):
-    def transaction(self) -> AbstractContextManager[Transaction]: ...
+    def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
+        """A transaction (inside a batch, a part of it that rolls back alone). With
+        ``atomic=False`` the caller promises to write at most one statement, and a backend
+        may then skip the savepoint inside a batch."""
+        ...
 
     @property
     def session_store(self) -> DetachedSessionStore:

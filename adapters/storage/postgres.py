@@ -389,7 +389,9 @@ class PostgresStorage:
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, atomic: bool = True) -> Iterator[Transaction]:
+        # Always a savepoint inside a batch, atomic or not: in PostgreSQL a failed statement
+        # aborts the whole transaction, so every part needs one to fail alone.
         try:
             if self._batch_conn is not None:  # inside batch(): a savepoint
                 with self._batch_conn.transaction():

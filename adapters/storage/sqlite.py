@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,6 +122,13 @@ _MIGRATIONS: list[str] = [
 ]
 
 _SQL = Statements("qmark")
+_INSERT_AUDIT = (
+    "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LAST_AUDIT_NUMBER = "SELECT coalesce(max(seq), 0) FROM audit WHERE user_id = ?"
+#: Users whose last audit number the storage remembers (then it starts again).
+_AUDIT_NUMBERS_KEPT = 100_000
 
 
 class _SQLiteTransaction:
@@ -229,18 +236,52 @@ class _SQLiteTransaction:
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord) -> None:
-        # Numbered in the same statement: SQLite has one writer at a time.
+        # Numbered from the storage's memory of each user's last number: one statement. A
+        # number another process took meanwhile is refused by the primary key, and the
+        # last number is then read again (a batch holds the write lock: nobody appends
+        # during it). Every rollback forgets the numbers, so none is ever skipped.
         if needs_sync(record):
             self._storage.sync_needed = True
-        self._db.execute(
-            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
-            "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?, ?)",
-            (record.user_id, record.user_id, *audit_values(record)),
-        )
+        user_id = record.user_id
+        numbers = self._storage.audit_numbers
+        last = numbers.get(user_id)
+        if last is not None:
+            try:
+                self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record)))
+            except sqlite3.IntegrityError:
+                pass
+            else:
+                numbers[user_id] = last + 1
+                return
+        last = self._db.execute(_LAST_AUDIT_NUMBER, (user_id,)).fetchone()[0]
+        self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record)))
+        if len(numbers) >= _AUDIT_NUMBERS_KEPT:
+            numbers.clear()
+        numbers[user_id] = last + 1
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()
         return audit_page(rows, query.limit)
+
+
+class _InBatch:
+    """``transaction(atomic=False)`` inside a batch: no savepoint of its own (see there)."""
+
+    __slots__ = ("_storage", "_tx")
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self._storage = storage
+        self._tx = _SQLiteTransaction(storage._db, storage)
+
+    def __enter__(self) -> Transaction:
+        if not self._storage._db.in_transaction:  # (as in _savepoint)
+            raise StorageError("the batch's transaction was rolled back")
+        return self._tx
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            self._storage.forget_audit_numbers()
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 
 
 class _WalFile:
@@ -304,6 +345,9 @@ class SQLiteStorage:
         self._wal = _WalFile(None if str(path) == ":memory:" else Path(f"{self.path}-wal"))
         #: Commits that synced the WAL (for tests and metrics).
         self.syncs = 0
+        #: The last audit entry number of each user as committed or written in the open
+        #: transaction (see append_audit); forgotten on every rollback.
+        self.audit_numbers: dict[bytes, int] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -316,6 +360,7 @@ class SQLiteStorage:
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
         self.session_store = _SQLiteSessionStore(self)
+        self._in_batch = _InBatch(self)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self.path)!r})"
@@ -343,8 +388,13 @@ class SQLiteStorage:
         value: int = self._db.execute(_SQL.schema_version).fetchone()[0]
         return value
 
+    def forget_audit_numbers(self) -> None:
+        """Something was rolled back: the remembered numbers may be ahead of the table."""
+        self.audit_numbers.clear()
+
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite may already have done it)."""
+        self.forget_audit_numbers()
         if self._db.in_transaction:
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
@@ -411,6 +461,7 @@ class SQLiteStorage:
         try:
             yield _SQLiteTransaction(self._db, self)
         except BaseException as exc:
+            self.forget_audit_numbers()
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK TO op")
                 self._db.execute("RELEASE op")
@@ -419,12 +470,16 @@ class SQLiteStorage:
             raise
         self._db.execute("RELEASE op")
 
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
+        """A transaction; inside :meth:`batch` a savepoint, or, when ``atomic`` is False (the
+        caller writes at most one statement, so a failure leaves nothing half-done: SQLite
+        undoes a failed statement itself), the batch's transaction as it is."""
         if self._batch_depth:
-            with self._savepoint() as tx:
-                yield tx
-            return
+            return self._savepoint() if atomic else self._in_batch
+        return self._transaction()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Transaction]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:

@@ -274,12 +274,12 @@ class _Flaky(SQLiteStorage):
 
         return failing()
 
-    def transaction(self):
+    def transaction(self, **options):
         from keymgmt.adapters.storage.base import StorageError
 
         if self.down:
             raise StorageError("injected: storage unreachable")
-        return SQLiteStorage.transaction(self)
+        return SQLiteStorage.transaction(self, **options)
 
 
 def _login_then_cut(keyserver: KeyServer, registry: SessionRegistry, *, commit_fails: bool = False) -> None:

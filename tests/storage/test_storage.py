@@ -96,8 +96,8 @@ class _FailingStorage:
     def __init__(self, inner):
         self.inner = inner
 
-    def transaction(self):
-        inner_cm = self.inner.transaction()
+    def transaction(self, **options):
+        inner_cm = self.inner.transaction(**options)
 
         class _CM:
             def __enter__(self_cm):
@@ -336,10 +336,10 @@ class _AuditFails(SQLiteStorage):
 
     fail_on: frozenset[Action] = frozenset()
 
-    def transaction(self):
+    def transaction(self, **options):
         from contextlib import contextmanager
 
-        inner = SQLiteStorage.transaction(self)
+        inner = SQLiteStorage.transaction(self, **options)
         storage = self
 
         @contextmanager
@@ -395,4 +395,66 @@ async def test_the_key_server_writes_each_effect_and_its_audit_entry_in_one_tran
             storage.fail_on = frozenset()
             assert [k.key_id for k in await session.list_keys()] == [kept]
         tg.cancel_scope.cancel()
+    storage.close()
+
+
+def _numbers(storage, user: bytes) -> list[int]:
+    rows = storage._db.execute("SELECT seq FROM audit WHERE user_id = ? ORDER BY seq", (user,))
+    return [row[0] for row in rows]
+
+
+def test_audit_numbers_stay_dense_across_rollbacks_and_other_writers(tmp_path):
+    """The storage remembers each user's last audit number (one statement per append): a
+    rolled-back batch or savepoint, and another process appending meanwhile, must not make
+    it skip or reuse a number."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    user = os.urandom(16)
+    entry = AuditRecord(user, Action.RETRIEVE, 1, Outcome.SUCCESS, os.urandom(16), Context.NULL)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"dense@example.org", user, b"r", bytes(60)))
+        tx.append_audit(entry)
+    with pytest.raises(RuntimeError), storage.batch():  # a batch rolled back whole
+        with storage.transaction() as tx:
+            tx.append_audit(entry)
+        raise RuntimeError("the batch fails")
+    with storage.transaction() as tx:
+        tx.append_audit(entry)
+    assert _numbers(storage, user) == [1, 2]
+    with storage.batch():
+        with pytest.raises(RuntimeError), storage.transaction() as tx:  # a savepoint rolled back
+            tx.append_audit(entry)
+            raise RuntimeError("the operation fails")
+        with storage.transaction(atomic=False) as tx:
+            tx.append_audit(entry)
+    other = SQLiteStorage(tmp_path / "ks.db")  # another process appends twice
+    for _ in range(2):
+        with other.transaction() as tx:
+            tx.append_audit(entry)
+    with storage.transaction() as tx:  # its remembered number is stale: refused, read again
+        tx.append_audit(entry)
+    with storage.transaction() as tx:
+        tx.append_audit(entry)
+    assert _numbers(storage, user) == [1, 2, 3, 4, 5, 6, 7]
+    other.close()
+    storage.close()
+
+
+def test_a_one_write_request_runs_without_a_savepoint(tmp_path):
+    """Inside a batch, transaction(atomic=False) is the batch itself: no SAVEPOINT/RELEASE
+    pair around a retrieve's one audit write, and a failed statement still leaves nothing."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    user = os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"lean@example.org", user, b"r", bytes(60)))
+    log: list[str] = []
+    storage._db.set_trace_callback(log.append)
+    with storage.batch():
+        with storage.transaction(atomic=False) as tx:
+            tx.append_audit(AuditRecord(user, Action.LIST_KEYS, 1, Outcome.SUCCESS))
+        with pytest.raises(StorageError), storage.transaction(atomic=False) as tx:
+            tx.append_audit(AuditRecord(os.urandom(16), Action.LIST_KEYS, 1, Outcome.SUCCESS))  # no account
+        with storage.transaction() as tx:
+            tx.append_audit(AuditRecord(user, Action.LIST_KEYS, 2, Outcome.SUCCESS))
+    assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in log[: log.index("SAVEPOINT op")])
+    assert _numbers(storage, user) == [1, 2]
     storage.close()
