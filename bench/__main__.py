@@ -154,6 +154,16 @@ def bench_ops(cfg: Config, workdir: Path) -> list[Line]:
             r[micro.OP_STORE_CHANNEL] * 1e6,
             "channel-only processing",
         ),
+        Line(
+            "p8_big_retrieve",
+            "P8 retrieve of a 60 KiB secret, client + server CPU, in process",
+            "us",
+            r[micro.P8_RETRIEVE_60K] * 1e6,
+            r[micro.P8_RETRIEVE_32] * 1e6,
+            "the same retrieve of a 32-byte secret",
+            "max_ratio",
+            2.0,
+        ),
     ]
 
 

@@ -179,11 +179,13 @@ async def test_oversized_and_mislabelled_secrets_are_refused(tmp_path):
         alice = await client.login(ALICE, PW)
         with pytest.raises(KeymgmtError, match="length byte says 5 but 3"):
             await alice.import_secret(bytes([5]) + b"abc")
-        with pytest.raises(KeymgmtError, match=r"1\.\.255"):
+        with pytest.raises(KeymgmtError, match=r"1\.\.255 bytes, or the long form"):
             await alice.import_secret(bytes([0]))
         with pytest.raises(KeymgmtError):
             await alice.import_secret(bytes([255]) + bytes(256))
-        # A raw store of a 300-byte "secret" does not even parse on the server.
+        with pytest.raises(KeymgmtError, match="at most 65536"):
+            await alice.import_secret(b"\x00\x01" + (65537).to_bytes(4, "big") + bytes(65537))
+        # A raw store of a 65537-byte "secret" does not even parse on the server.
         key_reply = await client.request(
             alice.session_id, CreateKeyIdRequest(alice.user_id, SecretKind.IMPORTED, bytes(32)).encode()
         )
@@ -191,7 +193,7 @@ async def test_oversized_and_mislabelled_secrets_are_refused(tmp_path):
         raw = StoreSecretRequest(
             alice.user_id, reply.key_id, SecretKind.IMPORTED, bytes(12 + 255 + 16)
         ).encode()
-        oversized = raw[:34] + (12 + 300 + 16).to_bytes(2, "big") + bytes(12 + 300 + 16)
+        oversized = raw[:34] + (12 + 65537 + 16).to_bytes(4, "big") + bytes(12 + 65537 + 16)
         assert await client.request(alice.session_id, oversized) == bytes([Status.INVALID])
         # A key id the server never issued cannot be stored under.
         forged = StoreSecretRequest(alice.user_id, bytes(16), SecretKind.GENERATED, bytes(60)).encode()
@@ -408,7 +410,7 @@ def test_store_secret_request_rejects_wrong_sizes():
     with pytest.raises(ValueError):
         StoreSecretRequest(bytes(16), bytes(16), SecretKind.GENERATED, bytes(61))
     with pytest.raises(ValueError):
-        StoreSecretRequest(bytes(16), bytes(16), SecretKind.IMPORTED, bytes(12 + 256 + 16))
+        StoreSecretRequest(bytes(16), bytes(16), SecretKind.IMPORTED, bytes(12 + 65537 + 16))
 
 
 @pytest.mark.anyio

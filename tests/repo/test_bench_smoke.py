@@ -20,6 +20,7 @@ EXPECTED = {
     "p7_client_opaque",
     "op_retrieve",
     "op_store",
+    "p8_big_retrieve",
     "p3_throughput_asyncio",
     "p3_throughput_trio",
     "p4_memory",
