@@ -232,6 +232,30 @@ def bench_throughput(cfg: Config, workdir: Path) -> list[Line]:
     return lines
 
 
+def bench_stores(cfg: Config, workdir: Path) -> list[Line]:
+    n, seconds, warmup = cfg["throughput_sessions"], cfg["throughput_seconds"], cfg["throughput_warmup"]
+    with netload.server_process(workdir / "p9") as server:
+        retrieves = anyio.run(netload.throughput, server, n, seconds, warmup, "retrieve", b"p9-retrieve")
+        stores = anyio.run(netload.throughput, server, n, seconds, warmup, "store", b"p9-store")
+    return [
+        Line(
+            "p9_store_throughput",
+            f"P9 durable stores/s (generate), {n} sessions, 1 TLS conn, asyncio",
+            "/s",
+            stores["per_second"],
+            retrieves["per_second"],
+            "durable retrieves/s, same server, same load",
+            "min_ratio",
+            0.7,
+            notes=f"server CPU busy {stores['server_cpu_share']:.0%} (retrieves: "
+            f"{retrieves['server_cpu_share']:.0%}); client CPU {stores['client_cpu_share']:.0%} "
+            f"(retrieves: {retrieves['client_cpu_share']:.0%})",
+            extra={f"store_{k}": v for k, v in stores.items()}
+            | {f"retrieve_{k}": v for k, v in retrieves.items()},
+        )
+    ]
+
+
 def bench_multiplex(cfg: Config, workdir: Path) -> list[Line]:
     n = cfg["multiplex_sessions"]
     results = {}
@@ -284,6 +308,7 @@ BENCHES: dict[str, Callable[[Config, Path], list[Line]]] = {
     "login": bench_login,
     "ops": bench_ops,
     "throughput": bench_throughput,
+    "stores": bench_stores,
     "memory": bench_memory,
     "multiplex": bench_multiplex,
     "lag": bench_lag,

@@ -183,7 +183,8 @@ class Line:
     value: float
     baseline: float
     baseline_label: str
-    #: "max_ratio" (value/baseline <= target), "min_value" (value >= target),
+    #: "max_ratio" (value/baseline <= target), "min_ratio" (value/baseline >= target),
+    #: "min_value" (value >= target),
     #: "max_value" (value <= target) or "" (reported, no target).
     target_kind: str = ""
     target: float | None = None
@@ -200,6 +201,8 @@ class Line:
             return None
         if self.target_kind == "max_ratio":
             return self.ratio <= self.target
+        if self.target_kind == "min_ratio":
+            return self.ratio >= self.target
         if self.target_kind == "min_value":
             return self.value >= self.target
         if self.target_kind == "max_value":
@@ -211,6 +214,8 @@ class Line:
             return "(report)"
         if self.target_kind == "max_ratio":
             return f"<= {self.target:g}x"
+        if self.target_kind == "min_ratio":
+            return f">= {self.target:g}x"
         if self.target_kind == "min_value":
             return f">= {self.target:,.0f} {self.unit}"
         return f"<= {self.target:,.0f} {self.unit}"

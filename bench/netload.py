@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeySession
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
@@ -34,7 +34,6 @@ from keymgmt_proto import (
     Context,
     OpaqueStepRequired,
     RetrieveRequest,
-    SessionHandle,
     Status,
 )
 
@@ -74,6 +73,7 @@ async def _serve(directory: Path, nosync: bool) -> None:
     )
     storage = NoSyncSQLiteStorage(settings.storage_path) if nosync else None
     runtime = KeyServerRuntime(settings, storage=storage)
+    runtime.keyserver.max_keys_per_user = 2**31  # P9 stores more keys than the default limit
     async with anyio.create_task_group() as tg:
         port = await tg.start(runtime.run)
         print(f"PORT {port}", flush=True)
@@ -145,26 +145,40 @@ async def _client(server: Server, cls: type[KeymgmtClient] = KeymgmtClient) -> K
 # ------------------------------------------------------------------ P3: throughput
 
 
-async def throughput(server: Server, sessions: int, duration: float, warmup: float) -> dict[str, float]:
-    """Durable retrieves per second from ``sessions`` sessions sharing one TLS connection."""
+async def throughput(
+    server: Server,
+    sessions: int,
+    duration: float,
+    warmup: float,
+    operation: str = "retrieve",
+    account: bytes = ACCOUNT,
+) -> dict[str, float]:
+    """Durable operations per second from ``sessions`` sessions sharing one TLS connection:
+    ``retrieve`` (RETRIEVE, context NULL, as raw requests) or ``store`` (``generate()``, the
+    client's whole store: seal, KEY-2 checks, local copy; one request per store once a
+    session has its first next key id)."""
     async with await _client(server) as client:
-        await client.register(ACCOUNT, PASSWORD)
-        first = await client.login(ACCOUNT, PASSWORD)
+        await client.register(account, PASSWORD)
+        first = await client.login(account, PASSWORD)
         key_id = await first.generate()
-        logged_in = [first] + [await client.login(ACCOUNT, PASSWORD) for _ in range(sessions - 1)]
+        logged_in = [first] + [await client.login(account, PASSWORD) for _ in range(sessions - 1)]
         body = RetrieveRequest(first.user_id, key_id, Context.NULL).encode()
         state = {"measuring": False, "stop": False, "done": 0, "failed": 0}
 
-        async def worker(handle: SessionHandle) -> None:
+        async def worker(session: KeySession) -> None:
             while not state["stop"]:
-                answer = await client.request(handle, body)
+                if operation == "store":
+                    await session.generate()
+                    ok = True
+                else:
+                    ok = (await client.request(session.session_id, body))[0] == Status.OK
                 if state["measuring"]:
                     state["done"] += 1
-                    state["failed"] += answer[0] != Status.OK
+                    state["failed"] += not ok
 
         async with anyio.create_task_group() as tg:
             for session in logged_in:
-                tg.start_soon(worker, session.session_id)
+                tg.start_soon(worker, session)
             await anyio.sleep(warmup)
             cpu0, client0, t0 = server.cpu_seconds, time.process_time(), time.perf_counter()
             state["measuring"] = True
@@ -174,7 +188,7 @@ async def throughput(server: Server, sessions: int, duration: float, warmup: flo
             state["stop"] = True
     elapsed = t1 - t0
     if state["failed"]:
-        raise RuntimeError(f"{state['failed']} retrieves failed")
+        raise RuntimeError(f"{state['failed']} {operation}s failed")
     return {
         "per_second": state["done"] / elapsed,
         "requests": state["done"],

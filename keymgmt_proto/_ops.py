@@ -72,6 +72,7 @@ __all__ = [
     "Status",
     "StorageKeyResponse",
     "StoreSecretRequest",
+    "StoredResponse",
     "ad_matches",
     "decode_portable",
     "decode_request",
@@ -308,35 +309,51 @@ class CreateKeyIdRequest(OpRequest):
 
 @dataclass(frozen=True, slots=True)
 class StoreSecretRequest(OpRequest):
-    """OPS-2/OPS-3, second step: the sealed secret under a key id this session reserved."""
+    """OPS-2/OPS-3, second step: the sealed secret under a key id this session reserved.
+
+    With ``next_kind`` and ``next_client_nonce`` it also asks for the next key id, reserved
+    as CREATE_KEY_ID would reserve it and sent back in the OK answer (:class:`StoredResponse`),
+    so that the following store is a single request."""
 
     OP: ClassVar[Op] = Op.STORE_SECRET
     user_id: bytes
     key_id: bytes
     kind: SecretKind
     ciphertext: bytes = field(repr=False)
+    next_kind: SecretKind | None = None
+    next_client_nonce: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_user_id(self.user_id)
         _check_key_id(self.key_id)
         _check_sealed_secret(self.kind, self.ciphertext)
+        if (self.next_kind is None) != (self.next_client_nonce is None):
+            raise ValueError("a next key id needs both its kind and the client's nonce")
+        if self.next_client_nonce is not None and len(self.next_client_nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"next_client_nonce must be {KEY_ID_NONCE_SIZE} bytes")
 
     def encode(self) -> bytes:
-        return (
+        w = (
             Writer()
             .u8(self.OP)
             .fixed(self.user_id, USER_ID_SIZE)
             .fixed(self.key_id, KEY_ID_SIZE)
             .u8(self.kind)
             .bytes32(self.ciphertext)
-            .getvalue()
         )
+        if self.next_kind is None or self.next_client_nonce is None:
+            return w.u8(0).getvalue()
+        return w.u8(1).u8(self.next_kind).fixed(self.next_client_nonce, KEY_ID_NONCE_SIZE).getvalue()
 
     @classmethod
     def read_fields(cls, user_id: bytes, r: Reader) -> Self:
         key_id = r.fixed(KEY_ID_SIZE)
         kind = _enum(SecretKind, r.u8(), "secret kind")
-        return cls._build("request", user_id, key_id, kind, r.bytes32(MAX_SEALED_SIZE))
+        ciphertext = r.bytes32(MAX_SEALED_SIZE)
+        if not _flag(r):
+            return cls._build("request", user_id, key_id, kind, ciphertext)
+        next_kind = _enum(SecretKind, r.u8(), "secret kind")
+        return cls._build("request", user_id, key_id, kind, ciphertext, next_kind, r.fixed(KEY_ID_NONCE_SIZE))
 
     @property
     def audit_action(self) -> Action:
@@ -470,13 +487,16 @@ class DeleteKeyRequest(OpRequest):
         return cls._build("request", user_id, r.fixed(KEY_ID_SIZE))
 
 
-def _optional_u64(r: Reader) -> int | None:
+def _flag(r: Reader) -> bool:
+    """An optional field's flag: 0 = absent, 1 = present, anything else an error."""
     flag = r.u8()
-    if flag == 0:
-        return None
-    if flag != 1:
+    if flag not in (0, 1):
         raise RemoteProtocolError("optional field flag must be 0 or 1")
-    return r.u64()
+    return flag == 1
+
+
+def _optional_u64(r: Reader) -> int | None:
+    return r.u64() if _flag(r) else None
 
 
 def decode_request(body: bytes) -> OpRequest:
@@ -511,7 +531,7 @@ class OpResponse(_Decodable):
 
 @dataclass(frozen=True, slots=True)
 class Empty(OpResponse):
-    """OK with nothing more (store, delete)."""
+    """OK with nothing more (delete)."""
 
     def encode_fields(self) -> bytes:
         return b""
@@ -519,6 +539,34 @@ class Empty(OpResponse):
     @classmethod
     def read_fields(cls, r: Reader) -> Self:
         return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse(OpResponse):
+    """OK to STORE_SECRET: the next key id and the server's contribution to it (KEY-2) when
+    the request asked for one and the server reserved it, else neither."""
+
+    next_key_id: bytes | None = None
+    next_server_nonce: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.next_key_id is None) != (self.next_server_nonce is None):
+            raise ValueError("a next key id comes with the server's nonce")
+        if self.next_key_id is not None:
+            _check_key_id(self.next_key_id)
+        if self.next_server_nonce is not None and len(self.next_server_nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"next_server_nonce must be {KEY_ID_NONCE_SIZE} bytes")
+
+    def encode_fields(self) -> bytes:
+        if self.next_key_id is None or self.next_server_nonce is None:
+            return b"\x00"
+        return b"\x01" + self.next_key_id + self.next_server_nonce
+
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        if not _flag(r):
+            return cls()
+        return cls._build("response", r.fixed(KEY_ID_SIZE), r.fixed(KEY_ID_NONCE_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -751,7 +799,7 @@ OPERATIONS: Mapping[Op, Operation] = MappingProxyType(
             ),
             Operation(Op.CREATE_KEY_ID, CreateKeyIdRequest, KeyIdResponse, Action.CREATE_KEY_ID),
             # GENERATE or IMPORT by the secret's kind (StoreSecretRequest.audit_action)
-            Operation(Op.STORE_SECRET, StoreSecretRequest, Empty, Action.GENERATE),
+            Operation(Op.STORE_SECRET, StoreSecretRequest, StoredResponse, Action.GENERATE),
             Operation(Op.RETRIEVE, RetrieveRequest, SecretResponse, Action.RETRIEVE),
             Operation(Op.AUDIT, AuditRequest, AuditResponse, Action.AUDIT),
             Operation(Op.LIST_KEYS, ListKeysRequest, KeyListResponse, Action.LIST_KEYS),

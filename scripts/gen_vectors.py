@@ -76,6 +76,7 @@ from keymgmt_proto import (
     SecretResponse,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     StoreSecretRequest,
     decode_portable,
     decode_request,
@@ -444,6 +445,8 @@ def ops() -> JSON:
     key_a, key_b = joint_key_id(user_id, client_nonce, server_nonce), derive_key_id(user_id, rng(32))
     generated_sealed, imported_sealed = rng(12 + 32 + 16), rng(12 + 5 + 16)
     large_sealed = rng(12 + 256 + 16)
+    next_client_nonce, next_server_nonce = rng(32), rng(32)
+    next_key = joint_key_id(user_id, next_client_nonce, next_server_nonce)
     t0 = 1_700_000_000_123_456
     requests: list[tuple[str, OpRequest]] = [
         ("retrieve storage key", RetrieveStorageKeyRequest(user_id)),
@@ -452,6 +455,17 @@ def ops() -> JSON:
         ("store generated", StoreSecretRequest(user_id, key_a, SecretKind.GENERATED, generated_sealed)),
         ("store imported", StoreSecretRequest(user_id, key_b, SecretKind.IMPORTED, imported_sealed)),
         ("store imported 256 bytes", StoreSecretRequest(user_id, key_b, SecretKind.IMPORTED, large_sealed)),
+        (
+            "store generated asking for the next key id",
+            StoreSecretRequest(
+                user_id,
+                key_a,
+                SecretKind.GENERATED,
+                generated_sealed,
+                SecretKind.GENERATED,
+                next_client_nonce,
+            ),
+        ),
         *[(f"retrieve {c.name.lower()}", RetrieveRequest(user_id, key_a, c)) for c in Context],
         ("audit all, defaults", AuditRequest(user_id, AuditType.ALL)),
         (
@@ -472,7 +486,8 @@ def ops() -> JSON:
     ok: list[tuple[str, Op, OpResponse]] = [
         ("storage key", Op.RETRIEVE_STORAGE_KEY, StorageKeyResponse(rng(60))),
         ("key id", Op.CREATE_KEY_ID, KeyIdResponse(key_a, server_nonce)),
-        ("stored", Op.STORE_SECRET, Empty()),
+        ("stored", Op.STORE_SECRET, StoredResponse()),
+        ("stored with the next key id", Op.STORE_SECRET, StoredResponse(next_key, next_server_nonce)),
         (
             "secret generated",
             Op.RETRIEVE,
@@ -546,6 +561,10 @@ def ops() -> JSON:
             "generated secret sealed to 61 bytes",
         ),
         (store[:34] + b"\x00\x3c" + generated_sealed, "sealed length as u16 (it is u32)"),
+        (store[:-1], "store without its next-key-id flag"),
+        (store[:-1] + b"\x02", "next-key-id flag 2"),
+        (store[:-1] + b"\x01\x03" + next_client_nonce, "next key id of an unknown kind"),
+        (store[:-1] + b"\x01\x01" + next_client_nonce[:31], "next key id with a 31-byte nonce"),
         (
             store[:33] + bytes([SecretKind.IMPORTED]) + struct.pack(">I", MAX_SEALED_SIZE + 1),
             "sealed length 65565 (a 65537-byte secret): over the limit, refused before the bytes",

@@ -681,7 +681,12 @@ class KeySession:
             request = next(plan)
             while True:
                 body = await self._client.request(self.session_id, request.encode())
-                request = plan.send(self._ops.answer(request, body))
+                try:
+                    answer = self._ops.answer(request, body)
+                except OperationRefused as refused:
+                    request = plan.throw(refused)  # the plan may recover (a lost key-id reservation)
+                else:
+                    request = plan.send(answer)
         except StopIteration as done:
             result: _R = done.value
             return result

@@ -103,6 +103,7 @@ def test_a_64_kib_secret_seals_and_travels_in_store_and_retrieve_bodies():
     store = StoreSecretRequest(USER, KEY, SecretKind.IMPORTED, sealed)
     body = store.encode()
     assert body[34:38] == struct.pack(">I", MAX_SEALED_SIZE)  # the sealed length is a u32
+    assert body[-1:] == b"\x00"  # no next key id asked for
     assert decode_request(body) == store
     answer = encode_response(Status.OK, SecretResponse(SecretKind.IMPORTED, sealed, ad))
     _, response = decode_response(Op.RETRIEVE, answer)
@@ -122,18 +123,20 @@ def test_a_sealed_secret_one_byte_too_long_is_refused_both_ways():
             decode_request(head + struct.pack(">I", MAX_SEALED_SIZE + 1) + tail)
     # Too short for an imported secret (28 bytes: an empty one): the size rule.
     with pytest.raises(RemoteProtocolError, match=r"1\.\.65536 bytes"):
-        decode_request(head + struct.pack(">I", 28) + bytes(28))
+        decode_request(head + struct.pack(">I", 28) + bytes(28) + b"\x00")
     with pytest.raises(RemoteProtocolError, match="over its limit"):
         decode_response(Op.RETRIEVE, b"\x00\x02" + struct.pack(">I", 2**32 - 1))
 
 
 def test_the_largest_store_and_retrieve_fit_the_default_frame_limit():
     """Every frame that carries a 64 KiB secret fits DEFAULT_MAX_PAYLOAD: a REQUEST or
-    RESPONSE record is seq (8) || request id (4) || body || tag (16). The STORE_SECRET body is
-    given room for a next-key-id request as well (kind and a client nonce)."""
+    RESPONSE record is seq (8) || request id (4) || body || tag (16). The largest is a
+    STORE_SECRET that also asks for the next key id."""
     sealed = bytes(MAX_SEALED_SIZE)
-    store = StoreSecretRequest(USER, KEY, SecretKind.IMPORTED, sealed).encode()
-    store_frame = 8 + len(Request(1, store + bytes(2 + KEY_ID_NONCE_SIZE)).encode()) + 16
+    nonce = bytes(KEY_ID_NONCE_SIZE)
+    store = StoreSecretRequest(USER, KEY, SecretKind.IMPORTED, sealed, SecretKind.IMPORTED, nonce).encode()
+    store_frame = 8 + len(Request(1, store).encode()) + 16
+    assert store_frame == 65664  # docs/protocol.md section 10, max_payload
     ad = secret_ad(USER, KEY, SecretKind.IMPORTED)
     answer = encode_response(Status.OK, SecretResponse(SecretKind.IMPORTED, sealed, ad))
     answer_frame = 8 + len(Response(1, answer).encode()) + 16

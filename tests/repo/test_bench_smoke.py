@@ -21,6 +21,7 @@ EXPECTED = {
     "op_retrieve",
     "op_store",
     "p8_big_retrieve",
+    "p9_store_throughput",
     "p3_throughput_asyncio",
     "p3_throughput_trio",
     "p4_memory",
