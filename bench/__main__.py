@@ -194,6 +194,16 @@ def bench_ops(cfg: Config, workdir: Path) -> list[Line]:
             r[micro.OP_STORE_CHANNEL] * 1e6,
             "channel-only processing",
         ),
+        Line(
+            "p9_big_retrieve",
+            "P9 retrieve of a 60 KiB secret, client + server CPU, in process",
+            "us",
+            r[micro.P8_RETRIEVE_60K] * 1e6,
+            r[micro.P8_RETRIEVE_32] * 1e6,
+            "the same retrieve of a 32-byte secret",
+            "max_ratio",
+            2.0,
+        ),
     ]
 
 
@@ -340,6 +350,35 @@ def bench_throughput(cfg: Config, workdir: Path) -> list[Line]:
     return lines
 
 
+def bench_stores(cfg: Config, workdir: Path) -> list[Line]:
+    """P10: durable stores against durable retrieves, interleaved runs on fresh servers."""
+    n, seconds, warmup = cfg["throughput_sessions"], cfg["throughput_seconds"], cfg["throughput_warmup"]
+    runs: dict[str, list[dict[str, float]]] = {"store": [], "retrieve": []}
+    for run in range(cfg["throughput_runs"]):
+        for operation in runs:
+            with netload.server_process(workdir / f"p10-{operation}-{run}") as server:
+                measure = partial(netload.throughput, server, n, seconds, warmup, operation=operation)
+                runs[operation].append(anyio.run(measure))
+    stores, low, high = spread([r["per_second"] for r in runs["store"]])
+    retrieves = spread([r["per_second"] for r in runs["retrieve"]])[0]
+    cpu = {op: spread([r["server_cpu_per_request_us"] for r in runs[op]])[0] for op in runs}
+    return [
+        Line(
+            "p10_store_throughput",
+            f"P10 durable stores/s (generate), {n} sessions, 1 TLS conn (median of {len(runs['store'])})",
+            "/s",
+            stores,
+            retrieves,
+            "durable retrieves/s, same load",
+            "min_ratio",
+            0.7,
+            notes=f"range {low:,.0f}-{high:,.0f}/s; server CPU {cpu['store']:.0f} us per store, "
+            f"{cpu['retrieve']:.0f} us per retrieve",
+            extra=runs,
+        )
+    ]
+
+
 def bench_multiplex(cfg: Config, workdir: Path) -> list[Line]:
     n = cfg["multiplex_sessions"]
     results = {}
@@ -441,6 +480,7 @@ BENCHES: dict[str, Callable[[Config, Path], list[Line]]] = {
     "login": bench_login,
     "ops": bench_ops,
     "throughput": bench_throughput,
+    "stores": bench_stores,
     "memory": bench_memory,
     "multiplex": bench_multiplex,
     "lag": bench_lag,

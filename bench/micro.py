@@ -38,6 +38,7 @@ from keymgmt_proto import (
     ResponseReceived,
     RetrieveRequest,
     SecretKind,
+    SecretResponse,
     ServerConnection,
     ServerSetup,
     SessionEstablished,
@@ -45,6 +46,7 @@ from keymgmt_proto import (
     StoreSecretRequest,
     decode_response,
     encode_response,
+    open_secret,
     seal_secret,
     secret_ad,
 )
@@ -63,6 +65,11 @@ OP_RETRIEVE = "op_retrieve_server_cpu"
 OP_RETRIEVE_CHANNEL = "op_retrieve_channel_only_cpu"
 OP_STORE = "op_store_server_cpu"
 OP_STORE_CHANNEL = "op_store_channel_only_cpu"
+P8_RETRIEVE_60K = "p8_retrieve_60KiB_round_trip_cpu"
+P8_RETRIEVE_32 = "p8_retrieve_32B_round_trip_cpu"
+#: P8: the large secret's size (the issue's "60 KiB retrieve") and the small one's.
+BIG_SECRET_SIZE = 60 * 1024
+SMALL_SECRET_SIZE = 32
 
 _cache: dict[str, Any] = {}
 
@@ -255,6 +262,37 @@ class _OpsWorld:
         assert status is Status.OK
         return key_id
 
+    def store_imported(self, secret: bytes) -> bytes:
+        """Store ``secret`` as an imported key (untimed set-up); returns its key id."""
+        body = self.call(CreateKeyIdRequest(self.user_id, SecretKind.IMPORTED, os.urandom(32)).encode())
+        status, reply = decode_response(CreateKeyIdRequest.OP, body)
+        assert status is Status.OK and isinstance(reply, KeyIdResponse)
+        ad = secret_ad(self.user_id, reply.key_id, SecretKind.IMPORTED)
+        sealed = seal_secret(self.storage_key, secret, ad, os.urandom)
+        request = StoreSecretRequest(self.user_id, reply.key_id, SecretKind.IMPORTED, sealed)
+        status, _ = decode_response(StoreSecretRequest.OP, self.call(request.encode()))
+        assert status is Status.OK
+        return reply.key_id
+
+    def timed_round_trip(self, key_id: bytes, size: int) -> float:
+        """P8: CPU of one whole retrieve, both sides in this process: the client builds and
+        seals the request, the server opens it, reads SQLite, audits, seals the answer; the
+        client opens the record and the secret (what ``SecretOps.retrieve`` does)."""
+        client, server = self.pair.client, self.pair.server
+        body = RetrieveRequest(self.user_id, key_id, Context.LOCAL_ONLY).encode()
+        t0 = time.process_time()
+        client.send_request(self.sid, body)
+        server.receive_data(client.data_to_send(), self.pair.now)
+        _drain(server, self.app)
+        client.receive_data(server.data_to_send())
+        (response,) = [e for e in _drain_client(client) if isinstance(e, ResponseReceived)]
+        status, answer = decode_response(RetrieveRequest.OP, response.body)
+        assert status is Status.OK and isinstance(answer, SecretResponse)
+        secret = open_secret(self.storage_key, answer.ciphertext, answer.associated_data)
+        elapsed = time.process_time() - t0
+        assert len(secret) == size
+        return elapsed
+
     def timed(self, body: bytes) -> float:
         """Server CPU for one request frame: parse, open, answer, seal, frame."""
         client, server = self.pair.client, self.pair.server
@@ -298,6 +336,24 @@ def time_store(loops: int) -> float:
     return total
 
 
+def _sized(size: int) -> tuple[_OpsWorld, bytes]:
+    world = _ops()
+    key_id: bytes = _once(f"sized-{size}", lambda: world.store_imported(os.urandom(size)))
+    return world, key_id
+
+
+def time_retrieve_big(loops: int) -> float:
+    world, key_id = _sized(BIG_SECRET_SIZE)
+    world.app.fixed = None
+    return sum(world.timed_round_trip(key_id, BIG_SECRET_SIZE) for _ in range(loops))
+
+
+def time_retrieve_small(loops: int) -> float:
+    world, key_id = _sized(SMALL_SECRET_SIZE)
+    world.app.fixed = None
+    return sum(world.timed_round_trip(key_id, SMALL_SECRET_SIZE) for _ in range(loops))
+
+
 def time_store_channel(loops: int) -> float:
     world = _ops()
     world.app.fixed = encode_response(Status.OK, Empty())
@@ -329,6 +385,8 @@ BENCHMARKS: dict[str, list[tuple[str, Callable[[int], float]]]] = {
         (OP_RETRIEVE_CHANNEL, time_retrieve_channel),
         (OP_STORE, time_store),
         (OP_STORE_CHANNEL, time_store_channel),
+        (P8_RETRIEVE_60K, time_retrieve_big),
+        (P8_RETRIEVE_32, time_retrieve_small),
     ],
 }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeySession
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
@@ -71,6 +71,7 @@ async def _serve(directory: Path, channel_only: bool) -> None:
         admission_burst=1e9,
     )
     runtime = KeyServerRuntime(settings)
+    runtime.keyserver.max_keys_per_user = 2**31  # P9 stores more keys than the default limit
     if channel_only:
         # BASELINE ONLY: logins and stores are real, retrieves are answered without storage (no
         # read, no audit entry, nothing to commit): TLS, framing, channel, driver, group commit.
@@ -154,32 +155,45 @@ async def _client(server: Server, cls: type[KeymgmtClient] = KeymgmtClient) -> K
 
 
 async def throughput(
-    server: Server, sessions: int, duration: float, warmup: float, connections: int = 1
+    server: Server,
+    sessions: int,
+    duration: float,
+    warmup: float,
+    connections: int = 1,
+    operation: str = "retrieve",
+    account: bytes = ACCOUNT,
 ) -> dict[str, float]:
-    """Durable retrieves per second from ``sessions`` sessions spread over ``connections``
-    TLS connections, each session sending its next retrieve as soon as it has an answer."""
+    """Durable operations per second from ``sessions`` sessions spread over ``connections``
+    TLS connections, each session starting its next operation as soon as it has an answer:
+    ``retrieve`` (RETRIEVE, context NULL, as raw requests) or ``store`` (``generate()``, the
+    client's whole store: seal, KEY-2 checks, local copy; one request per store once a
+    session has its first next key id)."""
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(await _client(server)) for _ in range(connections)]
-        await clients[0].register(ACCOUNT, PASSWORD)
-        first = await clients[0].login(ACCOUNT, PASSWORD)
+        await clients[0].register(account, PASSWORD)
+        first = await clients[0].login(account, PASSWORD)
         key_id = await first.generate()
-        logged_in = [(clients[0], first.session_id)]
+        logged_in = [(clients[0], first)]
         for n in range(1, sessions):
             client = clients[n % connections]
-            logged_in.append((client, (await client.login(ACCOUNT, PASSWORD)).session_id))
+            logged_in.append((client, await client.login(account, PASSWORD)))
         body = RetrieveRequest(first.user_id, key_id, Context.NULL).encode()
         state = {"measuring": False, "stop": False, "done": 0, "failed": 0}
 
-        async def worker(client: KeymgmtClient, handle: SessionHandle) -> None:
+        async def worker(client: KeymgmtClient, session: KeySession) -> None:
             while not state["stop"]:
-                answer = await client.request(handle, body)
+                if operation == "store":
+                    await session.generate()
+                    ok = True
+                else:
+                    ok = (await client.request(session.session_id, body))[0] == Status.OK
                 if state["measuring"]:
                     state["done"] += 1
-                    state["failed"] += answer[0] != Status.OK
+                    state["failed"] += not ok
 
         async with anyio.create_task_group() as tg:
-            for client, handle in logged_in:
-                tg.start_soon(worker, client, handle)
+            for client, session in logged_in:
+                tg.start_soon(worker, client, session)
             await anyio.sleep(warmup)
             cpu0, client0, t0 = server.cpu_seconds, time.process_time(), time.perf_counter()
             state["measuring"] = True
@@ -189,7 +203,7 @@ async def throughput(
             state["stop"] = True
     elapsed = t1 - t0
     if state["failed"]:
-        raise RuntimeError(f"{state['failed']} retrieves failed")
+        raise RuntimeError(f"{state['failed']} {operation}s failed")
     return {
         "per_second": state["done"] / elapsed,
         "requests": state["done"],
@@ -325,7 +339,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve_main(sys.argv[2:])
         return
-    raise SystemExit("usage: python -m bench.netload serve --dir DIR [--backend asyncio|trio] [--nosync]")
+    raise SystemExit(
+        "usage: python -m bench.netload serve --dir DIR [--backend asyncio|trio] [--channel-only]"
+    )
 
 
 if __name__ == "__main__":

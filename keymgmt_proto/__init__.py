@@ -51,8 +51,14 @@ from ._ops import (
     KEY_ID_SIZE,
     MAX_AUDIT_PAGE,
     MAX_LIST_PAGE,
+    MAX_SEALED_SIZE,
     MAX_SECRET_SIZE,
+    MAX_SHORT_PORTABLE_SIZE,
     OPERATIONS,
+    PORTABLE_LONG_HEADER_SIZE,
+    PORTABLE_LONG_MARKER,
+    PORTABLE_LONG_VERSION,
+    SEALED_OVERHEAD,
     Action,
     AuditEntry,
     AuditRequest,
@@ -77,6 +83,7 @@ from ._ops import (
     SecretResponse,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     StoreSecretRequest,
     ad_matches,
     decode_portable,
@@ -90,7 +97,7 @@ from ._ops import (
     seal_secret,
     secret_ad,
 )
-from ._secrets import IntegrityFailure, OperationRefused, Plan, SealedCopy, SecretOps
+from ._secrets import MAX_NEXT_KEY_IDS, IntegrityFailure, OperationRefused, Plan, SealedCopy, SecretOps
 from ._server import ExpiredSession, ServerConfig, ServerConnection, SessionRegistry
 from ._sessionstate import DetachedSessionStore, session_sealing_key
 from ._state import Command, Role, SessionKind, State
@@ -109,11 +116,18 @@ __all__ = [
     "KEY_ID_SIZE",
     "MAX_AUDIT_PAGE",
     "MAX_LIST_PAGE",
+    "MAX_NEXT_KEY_IDS",
+    "MAX_SEALED_SIZE",
     "MAX_SECRET_SIZE",
     "MAX_SESSION_ID",
+    "MAX_SHORT_PORTABLE_SIZE",
     "NEED_DATA",
     "OPERATIONS",
+    "PORTABLE_LONG_HEADER_SIZE",
+    "PORTABLE_LONG_MARKER",
+    "PORTABLE_LONG_VERSION",
     "PROTOCOL_VERSION",
+    "SEALED_OVERHEAD",
     "Action",
     "Admission",
     "AuditEntry",
@@ -192,6 +206,7 @@ __all__ = [
     "Status",
     "StorageKeyResponse",
     "StoreSecretRequest",
+    "StoredResponse",
     "TokenBucket",
     "ad_matches",
     "decode_portable",

@@ -7,7 +7,8 @@ response. Fixed binary layout as in :mod:`keymgmt_proto._wire`; see
 docs/protocol.md.
 
 Also here: KEY-1 key identifiers, sealing of secrets under ``storage_key``
-with the AD the spec prescribes, and the portable ``len || secret`` format.
+with the AD the spec prescribes, and the portable format of a secret (``len || secret``
+for 1..255 bytes, a versioned long form for larger ones, OPS-12).
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ __all__ = [
     "KEY_ID_SIZE",
     "MAX_AUDIT_PAGE",
     "MAX_LIST_PAGE",
+    "MAX_SEALED_SIZE",
     "MAX_SECRET_SIZE",
+    "MAX_SHORT_PORTABLE_SIZE",
     "OPERATIONS",
+    "PORTABLE_LONG_HEADER_SIZE",
+    "PORTABLE_LONG_MARKER",
+    "PORTABLE_LONG_VERSION",
+    "SEALED_OVERHEAD",
     "Action",
     "AuditEntry",
     "AuditRequest",
@@ -65,6 +72,7 @@ __all__ = [
     "Status",
     "StorageKeyResponse",
     "StoreSecretRequest",
+    "StoredResponse",
     "ad_matches",
     "decode_portable",
     "decode_request",
@@ -89,8 +97,20 @@ KEY_ID_NONCE_SIZE = 32
 IMPORTED_KEY_AD_SUFFIX = b"imported key"
 #: OPS-2: generated secrets are 32 uniformly random bytes.
 GENERATED_SECRET_SIZE = 32
-#: OPS-3/OPS-5: the portable format's one length byte bounds a secret to 1..255 bytes.
-MAX_SECRET_SIZE = 255
+#: OPS-12: secrets are 1..MAX_SECRET_SIZE bytes (64 KiB).
+MAX_SECRET_SIZE = 64 * 1024
+#: OPS-3/OPS-5: secrets of 1..255 bytes keep the spec's portable form ``len u8 || secret``.
+MAX_SHORT_PORTABLE_SIZE = 255
+#: OPS-12: first byte of the long portable form (never a valid short length byte).
+PORTABLE_LONG_MARKER = 0x00
+#: OPS-12: second byte of the long portable form: its version.
+PORTABLE_LONG_VERSION = 0x01
+#: Marker, version and the u32 length before a secret in the long portable form.
+PORTABLE_LONG_HEADER_SIZE = 6
+#: A sealed secret is the secret plus a 12-byte nonce and a 16-byte tag.
+SEALED_OVERHEAD = 28
+#: The largest sealed secret (a 64 KiB secret plus nonce and tag).
+MAX_SEALED_SIZE = MAX_SECRET_SIZE + SEALED_OVERHEAD
 #: Most audit entries one response carries; ask again with ``cursor`` for more.
 MAX_AUDIT_PAGE = 256
 #: Most keys one LIST_KEYS response carries (25 bytes each: well inside a frame).
@@ -209,7 +229,7 @@ def _check_key_id(key_id: bytes) -> None:
 
 
 def _check_sealed_secret(kind: SecretKind, ciphertext: bytes) -> None:
-    size = len(ciphertext) - _NONCE - _TAG
+    size = len(ciphertext) - SEALED_OVERHEAD
     if kind is SecretKind.GENERATED and size != GENERATED_SECRET_SIZE:
         raise ValueError("a generated secret's ciphertext must hold 32 bytes")
     if not 1 <= size <= MAX_SECRET_SIZE:
@@ -289,35 +309,51 @@ class CreateKeyIdRequest(OpRequest):
 
 @dataclass(frozen=True, slots=True)
 class StoreSecretRequest(OpRequest):
-    """OPS-2/OPS-3, second step: the sealed secret under a key id this session reserved."""
+    """OPS-2/OPS-3, second step: the sealed secret under a key id this session reserved.
+
+    With ``next_kind`` and ``next_client_nonce`` it also asks for the next key id, reserved
+    as CREATE_KEY_ID would reserve it and sent back in the OK answer (:class:`StoredResponse`),
+    so that the following store is a single request."""
 
     OP: ClassVar[Op] = Op.STORE_SECRET
     user_id: bytes
     key_id: bytes
     kind: SecretKind
     ciphertext: bytes = field(repr=False)
+    next_kind: SecretKind | None = None
+    next_client_nonce: bytes | None = None
 
     def __post_init__(self) -> None:
         _check_user_id(self.user_id)
         _check_key_id(self.key_id)
         _check_sealed_secret(self.kind, self.ciphertext)
+        if (self.next_kind is None) != (self.next_client_nonce is None):
+            raise ValueError("a next key id needs both its kind and the client's nonce")
+        if self.next_client_nonce is not None and len(self.next_client_nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"next_client_nonce must be {KEY_ID_NONCE_SIZE} bytes")
 
     def encode(self) -> bytes:
-        return (
+        w = (
             Writer()
             .u8(self.OP)
             .fixed(self.user_id, USER_ID_SIZE)
             .fixed(self.key_id, KEY_ID_SIZE)
             .u8(self.kind)
-            .bytes16(self.ciphertext)
-            .getvalue()
+            .bytes32(self.ciphertext)
         )
+        if self.next_kind is None or self.next_client_nonce is None:
+            return w.u8(0).getvalue()
+        return w.u8(1).u8(self.next_kind).fixed(self.next_client_nonce, KEY_ID_NONCE_SIZE).getvalue()
 
     @classmethod
     def read_fields(cls, user_id: bytes, r: Reader) -> Self:
         key_id = r.fixed(KEY_ID_SIZE)
         kind = _enum(SecretKind, r.u8(), "secret kind")
-        return cls._build("request", user_id, key_id, kind, r.bytes16())
+        ciphertext = r.bytes32(MAX_SEALED_SIZE)
+        if not _flag(r):
+            return cls._build("request", user_id, key_id, kind, ciphertext)
+        next_kind = _enum(SecretKind, r.u8(), "secret kind")
+        return cls._build("request", user_id, key_id, kind, ciphertext, next_kind, r.fixed(KEY_ID_NONCE_SIZE))
 
     @property
     def audit_action(self) -> Action:
@@ -451,13 +487,16 @@ class DeleteKeyRequest(OpRequest):
         return cls._build("request", user_id, r.fixed(KEY_ID_SIZE))
 
 
-def _optional_u64(r: Reader) -> int | None:
+def _flag(r: Reader) -> bool:
+    """An optional field's flag: 0 = absent, 1 = present, anything else an error."""
     flag = r.u8()
-    if flag == 0:
-        return None
-    if flag != 1:
+    if flag not in (0, 1):
         raise RemoteProtocolError("optional field flag must be 0 or 1")
-    return r.u64()
+    return flag == 1
+
+
+def _optional_u64(r: Reader) -> int | None:
+    return r.u64() if _flag(r) else None
 
 
 def decode_request(body: bytes) -> OpRequest:
@@ -492,7 +531,7 @@ class OpResponse(_Decodable):
 
 @dataclass(frozen=True, slots=True)
 class Empty(OpResponse):
-    """OK with nothing more (store, delete)."""
+    """OK with nothing more (delete)."""
 
     def encode_fields(self) -> bytes:
         return b""
@@ -500,6 +539,34 @@ class Empty(OpResponse):
     @classmethod
     def read_fields(cls, r: Reader) -> Self:
         return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse(OpResponse):
+    """OK to STORE_SECRET: the next key id and the server's contribution to it (KEY-2) when
+    the request asked for one and the server reserved it, else neither."""
+
+    next_key_id: bytes | None = None
+    next_server_nonce: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.next_key_id is None) != (self.next_server_nonce is None):
+            raise ValueError("a next key id comes with the server's nonce")
+        if self.next_key_id is not None:
+            _check_key_id(self.next_key_id)
+        if self.next_server_nonce is not None and len(self.next_server_nonce) != KEY_ID_NONCE_SIZE:
+            raise ValueError(f"next_server_nonce must be {KEY_ID_NONCE_SIZE} bytes")
+
+    def encode_fields(self) -> bytes:
+        if self.next_key_id is None or self.next_server_nonce is None:
+            return b"\x00"
+        return b"\x01" + self.next_key_id + self.next_server_nonce
+
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        if not _flag(r):
+            return cls()
+        return cls._build("response", r.fixed(KEY_ID_SIZE), r.fixed(KEY_ID_NONCE_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,12 +620,12 @@ class SecretResponse(OpResponse):
             raise ValueError("associated data too long")
 
     def encode_fields(self) -> bytes:
-        return Writer().u8(self.kind).bytes16(self.ciphertext).bytes8(self.associated_data).getvalue()
+        return Writer().u8(self.kind).bytes32(self.ciphertext).bytes8(self.associated_data).getvalue()
 
     @classmethod
     def read_fields(cls, r: Reader) -> Self:
         kind = _enum(SecretKind, r.u8(), "secret kind")
-        return cls._build("response", kind, r.bytes16(), r.bytes8())
+        return cls._build("response", kind, r.bytes32(MAX_SEALED_SIZE), r.bytes8())
 
 
 @dataclass(frozen=True, slots=True)
@@ -732,7 +799,7 @@ OPERATIONS: Mapping[Op, Operation] = MappingProxyType(
             ),
             Operation(Op.CREATE_KEY_ID, CreateKeyIdRequest, KeyIdResponse, Action.CREATE_KEY_ID),
             # GENERATE or IMPORT by the secret's kind (StoreSecretRequest.audit_action)
-            Operation(Op.STORE_SECRET, StoreSecretRequest, Empty, Action.GENERATE),
+            Operation(Op.STORE_SECRET, StoreSecretRequest, StoredResponse, Action.GENERATE),
             Operation(Op.RETRIEVE, RetrieveRequest, SecretResponse, Action.RETRIEVE),
             Operation(Op.AUDIT, AuditRequest, AuditResponse, Action.AUDIT),
             Operation(Op.LIST_KEYS, ListKeysRequest, KeyListResponse, Action.LIST_KEYS),
@@ -812,16 +879,36 @@ def ad_matches(expected: bytes, received: bytes) -> bool:
 
 
 def encode_portable(secret: bytes) -> bytes:
-    """OPS-3/OPS-5 portable format: one length byte, then the secret."""
-    if not 1 <= len(secret) <= MAX_SECRET_SIZE:
+    """OPS-3/OPS-5/OPS-12 portable format: ``len u8 || secret`` for 1..255 bytes, else
+    ``0x00 || 0x01 (version) || len u32 || secret`` for 256..65536 bytes."""
+    size = len(secret)
+    if not 1 <= size <= MAX_SECRET_SIZE:
         raise ValueError(f"a secret must be 1..{MAX_SECRET_SIZE} bytes")
-    return bytes([len(secret)]) + secret
+    if size <= MAX_SHORT_PORTABLE_SIZE:
+        return bytes([size]) + secret
+    return struct.pack(">BBI", PORTABLE_LONG_MARKER, PORTABLE_LONG_VERSION, size) + secret
 
 
 def decode_portable(data: bytes) -> bytes:
-    """Parse ``len || secret``; ValueError if the length byte does not match."""
+    """Parse either portable form; ValueError for anything else, including a long form used
+    for a secret the short form holds (one encoding per secret)."""
     if len(data) < 2:
-        raise ValueError("portable secret must be a length byte and 1..255 bytes")
-    if data[0] != len(data) - 1:
-        raise ValueError(f"length byte says {data[0]} but {len(data) - 1} secret bytes follow")
-    return data[1:]
+        raise ValueError("a portable secret is a length byte and 1..255 bytes, or the long form")
+    if data[0] != PORTABLE_LONG_MARKER:
+        if data[0] != len(data) - 1:
+            raise ValueError(f"length byte says {data[0]} but {len(data) - 1} secret bytes follow")
+        return data[1:]
+    if data[1] != PORTABLE_LONG_VERSION:
+        raise ValueError(f"unknown portable format version {data[1]}")
+    if len(data) < PORTABLE_LONG_HEADER_SIZE:
+        raise ValueError("the long portable form is cut short in its length")
+    (size,) = struct.unpack(">I", data[2:PORTABLE_LONG_HEADER_SIZE])
+    if size <= MAX_SHORT_PORTABLE_SIZE:
+        raise ValueError(f"a secret of {size} bytes must use the one-byte-length form")
+    if size > MAX_SECRET_SIZE:
+        raise ValueError(f"the long form says {size} bytes; a secret is at most {MAX_SECRET_SIZE}")
+    if size != len(data) - PORTABLE_LONG_HEADER_SIZE:
+        raise ValueError(
+            f"the long form says {size} bytes but {len(data) - PORTABLE_LONG_HEADER_SIZE} secret bytes follow"
+        )
+    return data[PORTABLE_LONG_HEADER_SIZE:]

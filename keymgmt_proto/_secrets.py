@@ -11,7 +11,12 @@ client lives here, so an adapter only carries requests and answers::
         request = next(plan)
         while True:
             body = send_and_wait(request.encode())      # the adapter's I/O
-            request = plan.send(ops.answer(request, body))
+            try:
+                answer = ops.answer(request, body)
+            except OperationRefused as refused:
+                request = plan.throw(refused)           # a plan may recover from a refusal
+            else:
+                request = plan.send(answer)
     except StopIteration as done:
         secret, to_keep = done.value
 
@@ -50,6 +55,7 @@ from ._ops import (
     SecretResponse,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     StoreSecretRequest,
     ad_matches,
     decode_portable,
@@ -61,7 +67,7 @@ from ._ops import (
     secret_ad,
 )
 
-__all__ = ["IntegrityFailure", "OperationRefused", "Plan", "SealedCopy", "SecretOps"]
+__all__ = ["MAX_NEXT_KEY_IDS", "IntegrityFailure", "OperationRefused", "Plan", "SealedCopy", "SecretOps"]
 
 _T = TypeVar("_T")
 
@@ -82,6 +88,21 @@ class OperationRefused(Exception):
         self.status = status
 
 
+#: Most next key ids (OPS-2/OPS-3 answers to STORE_SECRET) a session keeps per kind; the
+#: key server keeps 16 reservations a session (docs/protocol.md section 12.8).
+MAX_NEXT_KEY_IDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _NextKeyId:
+    """A key id the server reserved for this session's next store, with both contributions
+    (checked, as any new key id, when it is used: KEY-2)."""
+
+    key_id: bytes
+    client_nonce: bytes = field(repr=False)
+    server_nonce: bytes = field(repr=False)
+
+
 @dataclass(frozen=True, slots=True)
 class SealedCopy:
     """A sealed secret as the local store keeps it (ciphertext and AD only, STO-2)."""
@@ -98,20 +119,24 @@ class SecretOps:
     (OPS-1) is fetched by the first plan that needs it and kept until :meth:`forget`.
     """
 
-    __slots__ = ("_export_key", "_random", "_storage_key", "user_id")
+    __slots__ = ("_export_key", "_next", "_random", "_storage_key", "user_id")
 
     def __init__(self, user_id: bytes, export_key: bytes, random: RandomSource) -> None:
         self.user_id = user_id
         self._export_key = export_key
         self._random = random
         self._storage_key: bytes | None = None
+        #: Key ids the server reserved ahead, by kind, oldest first (one-request stores).
+        self._next: dict[SecretKind, list[_NextKeyId]] = {kind: [] for kind in SecretKind}
 
     def __repr__(self) -> str:
         return f"<SecretOps user_id={self.user_id.hex()}>"
 
     def forget(self) -> None:
-        """Drop the storage key (logout)."""
+        """Drop the storage key and the key ids reserved ahead (logout)."""
         self._storage_key = None
+        for pending in self._next.values():
+            pending.clear()
 
     @staticmethod
     def answer(request: OpRequest, body: bytes) -> OpResponse:
@@ -146,23 +171,27 @@ class SecretOps:
         self, secret: bytes, kind: SecretKind, holds: Callable[[bytes], bool]
     ) -> Plan[tuple[bytes, SealedCopy]]:
         """OPS-2/OPS-3: store ``secret``; returns its key id and the copy to keep locally.
-        ``holds(key_id)`` says whether the local store already has a key id."""
+        ``holds(key_id)`` says whether the local store already has a key id.
+
+        One request when an earlier store of this kind brought a next key id; else
+        CREATE_KEY_ID first. Every STORE_SECRET asks for the next key id. A next key id the
+        server no longer holds (INVALID: the session moved to another instance, or the
+        server restarted) costs one CREATE_KEY_ID and one more try."""
         storage_key = yield from self.storage_key()
+        pending = self._next[kind]
+        if pending:
+            ahead = pending.pop(0)  # used once, whatever the answer: never a stale id
+            key_id = self._checked_key_id(ahead.key_id, ahead.client_nonce, ahead.server_nonce, holds)
+            try:
+                return (yield from self._seal_and_store(storage_key, secret, kind, key_id))
+            except OperationRefused as refused:
+                if refused.status is not Status.INVALID:
+                    raise
         client_nonce = self._random(KEY_ID_NONCE_SIZE)
         reply = yield CreateKeyIdRequest(self.user_id, kind, client_nonce)
         assert isinstance(reply, KeyIdResponse)
-        key_id = reply.key_id
-        # KEY-2: the id must come from our fresh nonce, so a server cannot hand one id to two
-        # stores (and later serve either ciphertext); and it must be new to us.
-        expected = joint_key_id(self.user_id, client_nonce, reply.server_nonce)
-        if not hmac.compare_digest(expected, key_id):
-            raise IntegrityFailure("the key id from the key server is not derived from this client's nonce")
-        if holds(key_id):
-            raise IntegrityFailure("the key server handed out a key id this client already holds")
-        ad = secret_ad(self.user_id, key_id, kind)
-        ciphertext = seal_secret(storage_key, secret, ad, self._random)
-        yield StoreSecretRequest(self.user_id, key_id, kind, ciphertext)
-        return key_id, SealedCopy(kind, ciphertext, ad)
+        key_id = self._checked_key_id(reply.key_id, client_nonce, reply.server_nonce, holds)
+        return (yield from self._seal_and_store(storage_key, secret, kind, key_id))
 
     def generate(self, holds: Callable[[bytes], bool]) -> Plan[tuple[bytes, SealedCopy]]:
         """OPS-2: store a fresh random secret."""
@@ -234,6 +263,33 @@ class SecretOps:
         yield DeleteKeyRequest(self.user_id, key_id)
 
     # ------------------------------------------------------------ internals
+
+    def _checked_key_id(
+        self, key_id: bytes, client_nonce: bytes, server_nonce: bytes, holds: Callable[[bytes], bool]
+    ) -> bytes:
+        """KEY-2: the id must come from our fresh nonce, so a server cannot hand one id to two
+        stores (and later serve either ciphertext); and it must be new to us."""
+        expected = joint_key_id(self.user_id, client_nonce, server_nonce)
+        if not hmac.compare_digest(expected, key_id):
+            raise IntegrityFailure("the key id from the key server is not derived from this client's nonce")
+        if holds(key_id):
+            raise IntegrityFailure("the key server handed out a key id this client already holds")
+        return key_id
+
+    def _seal_and_store(
+        self, storage_key: bytes, secret: bytes, kind: SecretKind, key_id: bytes
+    ) -> Plan[tuple[bytes, SealedCopy]]:
+        """Seal under ``key_id``, STORE_SECRET asking for the next key id of ``kind``, keep it."""
+        ad = secret_ad(self.user_id, key_id, kind)
+        ciphertext = seal_secret(storage_key, secret, ad, self._random)
+        next_nonce = self._random(KEY_ID_NONCE_SIZE)
+        reply = yield StoreSecretRequest(self.user_id, key_id, kind, ciphertext, kind, next_nonce)
+        assert isinstance(reply, StoredResponse)
+        if reply.next_key_id is not None and reply.next_server_nonce is not None:
+            pending = self._next[kind]
+            pending.append(_NextKeyId(reply.next_key_id, next_nonce, reply.next_server_nonce))
+            del pending[:-MAX_NEXT_KEY_IDS]
+        return key_id, SealedCopy(kind, ciphertext, ad)
 
     def _open(self, storage_key: bytes, key_id: bytes, sealed: SealedCopy) -> bytes:
         expected = secret_ad(self.user_id, key_id, sealed.kind)

@@ -39,8 +39,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 HEADER_SIZE = 10
-#: Default cap on a frame's payload length (the receiver's limit; configurable).
-DEFAULT_MAX_PAYLOAD = 64 * 1024
+#: Default cap on a frame's payload length (the receiver's limit; configurable): 65 KiB, so
+#: the largest operation (a 64 KiB secret, sealed, in a STORE_SECRET or a RETRIEVE answer:
+#: about 65.7 KB with its record) fits with room to spare (OPS-12).
+DEFAULT_MAX_PAYLOAD = 65 * 1024
 #: Session ids are 1..MAX_SESSION_ID; 0 names the connection.
 MAX_SESSION_ID = 2**31 - 1
 
@@ -167,6 +169,13 @@ class Writer:
         self._parts.append(struct.pack(">H", len(value)) + value)
         return self
 
+    def bytes32(self, value: bytes) -> Writer:
+        """Byte string with a four-byte length prefix."""
+        if len(value) > 0xFFFFFFFF:
+            raise ValueError("value longer than 2**32 - 1 bytes")
+        self._parts.append(struct.pack(">I", len(value)) + value)
+        return self
+
     def rest(self, value: bytes) -> Writer:
         """Trailing bytes that run to the end of the payload (no prefix)."""
         self._parts.append(value)
@@ -217,6 +226,15 @@ class Reader:
 
     def bytes16(self) -> bytes:
         return self._take(self.u16())
+
+    def bytes32(self, max_size: int) -> bytes:
+        """A u32-prefixed byte string of at most ``max_size`` bytes (checked before reading it)."""
+        size = self.u32()
+        if size > max_size:
+            raise RemoteProtocolError(
+                f"{self._what}: a field of {size} bytes is over its limit of {max_size}"
+            )
+        return self._take(size)
 
     def rest(self) -> bytes:
         chunk = self._data[self._pos :]

@@ -44,6 +44,8 @@ from keymgmt_proto import (
     HEADER_SIZE,
     KEY_ID_CONTRIBUTION_DOMAIN,
     KEY_ID_DOMAIN,
+    MAX_SEALED_SIZE,
+    MAX_SECRET_SIZE,
     MAX_SESSION_ID,
     PROTOCOL_VERSION,
     Action,
@@ -74,6 +76,7 @@ from keymgmt_proto import (
     SecretResponse,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     StoreSecretRequest,
     decode_portable,
     decode_request,
@@ -441,6 +444,9 @@ def ops() -> JSON:
     client_nonce, server_nonce = rng(32), rng(32)
     key_a, key_b = joint_key_id(user_id, client_nonce, server_nonce), derive_key_id(user_id, rng(32))
     generated_sealed, imported_sealed = rng(12 + 32 + 16), rng(12 + 5 + 16)
+    large_sealed = rng(12 + 256 + 16)
+    next_client_nonce, next_server_nonce = rng(32), rng(32)
+    next_key = joint_key_id(user_id, next_client_nonce, next_server_nonce)
     t0 = 1_700_000_000_123_456
     requests: list[tuple[str, OpRequest]] = [
         ("retrieve storage key", RetrieveStorageKeyRequest(user_id)),
@@ -448,6 +454,18 @@ def ops() -> JSON:
         ("create key id imported", CreateKeyIdRequest(user_id, SecretKind.IMPORTED, rng(32))),
         ("store generated", StoreSecretRequest(user_id, key_a, SecretKind.GENERATED, generated_sealed)),
         ("store imported", StoreSecretRequest(user_id, key_b, SecretKind.IMPORTED, imported_sealed)),
+        ("store imported 256 bytes", StoreSecretRequest(user_id, key_b, SecretKind.IMPORTED, large_sealed)),
+        (
+            "store generated asking for the next key id",
+            StoreSecretRequest(
+                user_id,
+                key_a,
+                SecretKind.GENERATED,
+                generated_sealed,
+                SecretKind.GENERATED,
+                next_client_nonce,
+            ),
+        ),
         *[(f"retrieve {c.name.lower()}", RetrieveRequest(user_id, key_a, c)) for c in Context],
         ("audit all, defaults", AuditRequest(user_id, AuditType.ALL)),
         (
@@ -468,7 +486,8 @@ def ops() -> JSON:
     ok: list[tuple[str, Op, OpResponse]] = [
         ("storage key", Op.RETRIEVE_STORAGE_KEY, StorageKeyResponse(rng(60))),
         ("key id", Op.CREATE_KEY_ID, KeyIdResponse(key_a, server_nonce)),
-        ("stored", Op.STORE_SECRET, Empty()),
+        ("stored", Op.STORE_SECRET, StoredResponse()),
+        ("stored with the next key id", Op.STORE_SECRET, StoredResponse(next_key, next_server_nonce)),
         (
             "secret generated",
             Op.RETRIEVE,
@@ -482,6 +501,11 @@ def ops() -> JSON:
             SecretResponse(
                 SecretKind.IMPORTED, imported_sealed, secret_ad(user_id, key_b, SecretKind.IMPORTED)
             ),
+        ),
+        (
+            "secret imported 256 bytes",
+            Op.RETRIEVE,
+            SecretResponse(SecretKind.IMPORTED, large_sealed, secret_ad(user_id, key_b, SecretKind.IMPORTED)),
         ),
         ("audit page with more", Op.AUDIT, AuditResponse(entries[:2], 8)),
         ("audit last page", Op.AUDIT, AuditResponse(entries[2:], 0)),
@@ -532,7 +556,23 @@ def ops() -> JSON:
         (retrieve[:-1] + b"\x09", "unknown retrieve context"),
         (retrieve + b"\x00", "trailing byte"),
         (retrieve[:-1], "truncated"),
-        (store[:34] + b"\x00\x3d" + generated_sealed + b"\x00", "generated secret sealed to 61 bytes"),
+        (
+            store[:34] + b"\x00\x00\x00\x3d" + generated_sealed + b"\x00",
+            "generated secret sealed to 61 bytes",
+        ),
+        (store[:34] + b"\x00\x3c" + generated_sealed, "sealed length as u16 (it is u32)"),
+        (store[:-1], "store without its next-key-id flag"),
+        (store[:-1] + b"\x02", "next-key-id flag 2"),
+        (store[:-1] + b"\x01\x03" + next_client_nonce, "next key id of an unknown kind"),
+        (store[:-1] + b"\x01\x01" + next_client_nonce[:31], "next key id with a 31-byte nonce"),
+        (
+            store[:33] + bytes([SecretKind.IMPORTED]) + struct.pack(">I", MAX_SEALED_SIZE + 1),
+            "sealed length 65565 (a 65537-byte secret): over the limit, refused before the bytes",
+        ),
+        (
+            store[:33] + bytes([SecretKind.IMPORTED]) + struct.pack(">I", 28),
+            "imported secret sealed to 28 bytes (an empty secret)",
+        ),
         (
             bytes([Op.AUDIT]) + user_id + b"\x01\x00\x01" + key_a + b"\x00\x00" + bytes(8) + b"\x01\x00",
             "key ids with audit type SYSTEM_ONLY",
@@ -968,6 +1008,8 @@ def secrets_file() -> JSON:
         (SecretKind.IMPORTED, rng(32), rng(16), rng(16), b"\x07", rng(12)),
         (SecretKind.IMPORTED, rng(32), rng(16), rng(16), rng(255), rng(12)),
         (SecretKind.IMPORTED, rng(32), rng(16), rng(16), b"hello world", rng(12)),
+        (SecretKind.IMPORTED, rng(32), rng(16), rng(16), rng(256), rng(12)),
+        (SecretKind.IMPORTED, rng(32), rng(16), rng(16), rng(4096), rng(12)),
     ]
     vectors = []
     for kind, storage_key, user_id, key_id, secret, nonce in inputs:
@@ -1003,7 +1045,11 @@ def secrets_file() -> JSON:
 
 def portable_file() -> JSON:
     rng = Drbg("portable")
-    secrets = [b"\x07", bytes.fromhex("aabbcc"), rng(32), rng(255)]
+    secrets = [b"\x07", bytes.fromhex("aabbcc"), rng(32), rng(255), rng(256), rng(1000), rng(MAX_SECRET_SIZE)]
+
+    def long_form(length: int, body: bytes, version: int = 1) -> bytes:
+        return bytes([0, version]) + struct.pack(">I", length) + body
+
     rejected = [
         (b"", "empty: no length byte"),
         (b"\x00", "length 0 and no secret"),
@@ -1012,6 +1058,16 @@ def portable_file() -> JSON:
         (b"\x03abcd", "length byte says 3 but 4 bytes follow"),
         (b"\xff" + rng(254), "length byte says 255 but 254 bytes follow"),
         (b"\x00" + rng(1), "length byte 0 with a byte after it"),
+        (long_form(256, rng(256))[:5], "long form cut short in its length"),
+        (long_form(256, rng(256), version=2), "long form of an unknown version (2)"),
+        (long_form(256, rng(256), version=0), "long form of version 0"),
+        (long_form(255, rng(255)), "long form for 255 bytes (the short form holds it)"),
+        (long_form(3, b"abc"), "long form for 3 bytes (the short form holds it)"),
+        (long_form(0, b""), "long form of length 0"),
+        (long_form(256, rng(255)), "long form says 256 but 255 bytes follow"),
+        (long_form(256, rng(257)), "long form says 256 but 257 bytes follow"),
+        (long_form(MAX_SECRET_SIZE + 1, b""), "long form says 65537 (over the limit)"),
+        (long_form(2**32 - 1, b""), "long form says 2^32 - 1"),
     ]
     for raw, why in rejected:  # must really be rejected
         try:
@@ -1021,8 +1077,10 @@ def portable_file() -> JSON:
         raise AssertionError(f"portable rejection vector {why!r} decodes")
     return {
         "description": describe(
-            "The portable secret format of import (OPS-3) and export (OPS-5), docs/protocol.md "
-            "section 12.7: len u8 || secret[len], len = 1..255.",
+            "The portable secret format of import (OPS-3) and export (OPS-5, OPS-12), "
+            "docs/protocol.md section 12.7: len u8 || secret[len] for len = 1..255; "
+            "0x00 || 0x01 (version) || len u32 || secret[len] for len = 256..65536. Exactly one "
+            "encoding per secret: the long form for a secret of 255 bytes or fewer is refused.",
             {
                 "valid[].secret": "the secret",
                 "valid[].portable": "its portable encoding",
@@ -1032,7 +1090,7 @@ def portable_file() -> JSON:
         ),
         "valid": [{"secret": s.hex(), "portable": encode_portable(s).hex()} for s in secrets],
         "rejected": [{"portable": raw.hex(), "why": why} for raw, why in rejected],
-        "unencodable_secret_lengths": [0, 256],
+        "unencodable_secret_lengths": [0, MAX_SECRET_SIZE + 1],
     }
 
 

@@ -32,7 +32,17 @@ from types import MappingProxyType
 
 import anyio
 
-from keymgmt_proto import MAX_SECRET_SIZE, AuditEntry, AuditType, Context, ErrorCode, Op, decode_portable
+from keymgmt_proto import (
+    MAX_SECRET_SIZE,
+    PORTABLE_LONG_HEADER_SIZE,
+    AuditEntry,
+    AuditType,
+    Context,
+    ErrorCode,
+    Op,
+    decode_portable,
+    encode_portable,
+)
 
 from ..client.async_client import (
     AuthenticationError,
@@ -149,11 +159,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("generate", help="generate and store a random 32-byte secret; prints its key id")
     imp = sub.add_parser(
         "import",
-        help="store a secret of 1..255 bytes; prints its key id",
-        description="Store a secret of 1..255 bytes and print its key id. The secret comes from "
+        help="store a secret of 1..65536 bytes; prints its key id",
+        description="Store a secret of 1..65536 bytes and print its key id. The secret comes from "
         "--file (its raw bytes; - for stdin), from stdin when stdin is not a terminal, or else "
-        "from a prompt that does not echo (hex). When the secret comes from stdin, give the "
-        "password with --password-file or at the prompt.",
+        "from a prompt that does not echo (hex; a terminal line holds a few KiB at most: give a "
+        "large secret with --file). When the secret comes from stdin, give the password with "
+        "--password-file or at the prompt.",
     )
     source = imp.add_mutually_exclusive_group()
     source.add_argument("--file", type=Path, help="a file holding the secret's raw bytes (- = stdin)")
@@ -162,7 +173,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the secret as hex; avoid it: a command line is visible to other users (ps) and kept "
         "in shell history",
     )
-    imp.add_argument("--portable", action="store_true", help="the input is already in `len || secret` form")
+    imp.add_argument(
+        "--portable",
+        action="store_true",
+        help="the input is already in the portable form (`len || secret`, or the long form "
+        "`00 01 || len u32 || secret` for more than 255 bytes)",
+    )
     ret = sub.add_parser("retrieve", help="retrieve a secret")
     ret.add_argument("key_id", help="key id (hex)")
     ret.add_argument(
@@ -170,9 +186,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(CONTEXTS),
         default="null",
         help="null: check it can be retrieved; local-only: print the secret (hex); "
-        "export: print len || secret (hex)",
+        "export: print the portable form (hex)",
     )
-    exp = sub.add_parser("export", help="print a secret in the portable `len || secret` form (hex)")
+    exp = sub.add_parser(
+        "export",
+        help="print a secret in the portable form (hex): `len || secret`, or the long form "
+        "`00 01 || len u32 || secret` for more than 255 bytes",
+    )
     exp.add_argument("key_id", help="key id (hex)")
     lst = sub.add_parser("list", help="list your key ids")
     lst.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -215,6 +235,11 @@ def _format_time(microseconds: int) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+#: The most input ``import`` reads: the largest secret in the long portable form (a longer
+#: file or stdin is refused after reading one byte more, never read whole).
+_MAX_IMPORT_INPUT = MAX_SECRET_SIZE + PORTABLE_LONG_HEADER_SIZE
+
+
 def _read_import_secret(args: argparse.Namespace) -> bytes:
     """The secret to import, in the portable form, checked before anything else happens.
     Returns it and marks ``args.stdin_taken`` when it came from stdin."""
@@ -230,12 +255,13 @@ def _read_import_secret(args: argparse.Namespace) -> bytes:
             raise UsageError("--hex is not hexadecimal") from None
     elif args.file is not None and str(args.file) != "-":
         try:
-            raw = args.file.read_bytes()
+            with open(args.file, "rb") as file:
+                raw = file.read(_MAX_IMPORT_INPUT + 1)
         except OSError as exc:
             raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     elif args.file is not None or not sys.stdin.isatty():
         args.stdin_taken = True
-        raw = sys.stdin.buffer.read(MAX_SECRET_SIZE + 2)
+        raw = sys.stdin.buffer.read(_MAX_IMPORT_INPUT + 1)
     else:
         try:
             raw = bytes.fromhex(getpass.getpass("secret (hex, not echoed): "))
@@ -249,7 +275,7 @@ def _read_import_secret(args: argparse.Namespace) -> bytes:
         return raw
     if not 0 < len(raw) <= MAX_SECRET_SIZE:
         raise UsageError(f"a secret must be 1..{MAX_SECRET_SIZE} bytes")
-    return bytes([len(raw)]) + raw
+    return encode_portable(raw)
 
 
 def _read_invitation(args: argparse.Namespace) -> bytes:

@@ -511,6 +511,18 @@ class KeymgmtClient:
         self._wanted = anyio.Event()
         lost = ConnectionLostError(f"connection to the key server lost: {event.reason}")
         self._detached = self._conn.take_detached_sessions()
+        if event.code is ErrorCode.FRAME_TOO_LARGE:
+            # A request (or its answer) over a frame limit: a resumption would send it again
+            # and meet the same refusal, forever. The sessions awaiting answers end here; the
+            # others resume as after any lost connection (OPS-12).
+            too_large = SessionEndedError(
+                "a request or its answer was larger than the frame limit (FRAME_TOO_LARGE); "
+                "the session ended and its requests were not sent again",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+            for session in [d for d in self._detached if d.unanswered_requests]:
+                self._detached.remove(session)
+                self._fail_session(session.handle, too_large)
         detached = {d.handle for d in self._detached}
         for handle in list(self._sid_of):
             if handle not in detached or self._connector is None:
@@ -682,7 +694,12 @@ class KeySession:
             request = next(plan)
             while True:
                 body = await self._client.request(self.session_id, request.encode())
-                request = plan.send(self._ops.answer(request, body))
+                try:
+                    answer = self._ops.answer(request, body)
+                except OperationRefused as refused:
+                    request = plan.throw(refused)  # the plan may recover (a lost key-id reservation)
+                else:
+                    request = plan.send(answer)
         except StopIteration as done:
             result: _R = done.value
             return result
@@ -718,7 +735,8 @@ class KeySession:
         return key_id
 
     async def import_secret(self, portable: bytes) -> bytes:
-        """OPS-3: store ``len || secret`` (one length byte); returns the key id."""
+        """OPS-3/OPS-12: store a secret in the portable form (``len || secret`` up to 255 bytes,
+        the long form above); returns the key id."""
         try:
             plan = self._ops.import_portable(portable, self._holds)
         except ValueError as exc:
@@ -728,7 +746,7 @@ class KeySession:
         return key_id
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
-        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: ``len || secret``."""
+        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: the portable form."""
         local = self._client.local_store.get(self.user_id, key_id) if len(key_id) == KEY_ID_SIZE else None
         copy = None if local is None else SealedCopy(local.kind, local.ciphertext, local.associated_data)
         secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
@@ -737,7 +755,8 @@ class KeySession:
         return secret
 
     async def export(self, key_id: bytes) -> bytes:
-        """OPS-5: the secret in the portable ``len || secret`` format."""
+        """OPS-5: the secret in the portable format (``len || secret``, or the long form above
+        255 bytes)."""
         result = await self.retrieve(key_id, Context.EXPORT)
         assert result is not None
         return result

@@ -59,6 +59,7 @@ from keymgmt_proto import (
     SessionHandle,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     StoreSecretRequest,
     decode_request,
     encode_response,
@@ -433,14 +434,17 @@ class KeyServer:
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
-        op = request.op
-        reservations = self._reserved.setdefault(session, OrderedDict()) if op in _RESERVING else _NONE
+        kind = request.op
+        reservations = self._reserved.setdefault(session, OrderedDict()) if kind in _RESERVING else _NONE
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
-            with self.storage.transaction(atomic=op not in _ONE_WRITE) as tx:
-                response, key_id = self._perform(tx, user_id, request, now, reservations)
+            with self.storage.transaction(atomic=kind not in _ONE_WRITE) as tx:
+                op = _Op(tx, user_id, now, reservations, [])
+                response, key_id = self._perform(op, request)
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
+                for record in op.later:  # e.g. the next key id a store reserved
+                    tx.append_audit(record)
         except _Refused as refused:
             with self.storage.transaction() as tx:
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context))
@@ -449,18 +453,11 @@ class KeyServer:
             reservations.pop(request.key_id, None)
         return encode_response(Status.OK, response)
 
-    def _perform(
-        self,
-        tx: Transaction,
-        user_id: bytes,
-        request: OpRequest,
-        now: int,
-        reservations: OrderedDict[bytes, SecretKind],
-    ) -> tuple[OpResponse, bytes | None]:
+    def _perform(self, op: _Op, request: OpRequest) -> tuple[OpResponse, bytes | None]:
         handler = HANDLERS.get(request.op)
         if handler is None:  # declared in the core's OPERATIONS but not served here
             raise _Refused(Status.INVALID, request.audit_action)
-        return handler(self, _Op(tx, user_id, now, reservations), request)
+        return handler(self, op, request)
 
     def _retrieve_storage_key(self, op: _Op, request: RetrieveStorageKeyRequest) -> _Answer:
         account = op.tx.get_account_by_user_id(op.user_id)
@@ -471,27 +468,45 @@ class KeyServer:
     def _create_key_id(self, op: _Op, request: CreateKeyIdRequest) -> _Answer:
         if op.tx.count_keys(op.user_id) >= self.max_keys_per_user:
             raise _Refused(Status.LIMIT_REACHED, Action.CREATE_KEY_ID)
-        # KEY-1/KEY-2: the client's nonce and ours; redraw ours while the id is taken.
+        key_id, server_nonce = self._reserve_key_id(op, request.kind, request.client_nonce)
+        return KeyIdResponse(key_id, server_nonce), key_id
+
+    def _reserve_key_id(self, op: _Op, kind: SecretKind, client_nonce: bytes) -> tuple[bytes, bytes]:
+        """KEY-1/KEY-2: a key id from the client's nonce and ours (redrawn while the id is
+        taken), reserved for this session and ``kind``; returns it with our nonce."""
         reservations = op.reservations
         server_nonce = self._random(KEY_ID_NONCE_SIZE)
-        key_id = joint_key_id(op.user_id, request.client_nonce, server_nonce)
+        key_id = joint_key_id(op.user_id, client_nonce, server_nonce)
         while key_id in reservations or op.tx.key_id_exists(key_id):
             server_nonce = self._random(KEY_ID_NONCE_SIZE)
-            key_id = joint_key_id(op.user_id, request.client_nonce, server_nonce)
-        reservations[key_id] = request.kind
+            key_id = joint_key_id(op.user_id, client_nonce, server_nonce)
+        reservations[key_id] = kind
         while len(reservations) > MAX_RESERVED_KEY_IDS:
             reservations.popitem(last=False)
-        return KeyIdResponse(key_id, server_nonce), key_id
+        return key_id, server_nonce
 
     def _store_secret(self, op: _Op, request: StoreSecretRequest) -> _Answer:
         action = request.audit_action
         if op.reservations.get(request.key_id) is not request.kind:
             raise _Refused(Status.INVALID, action, request.key_id)
+        # The key limit holds at the store too: ids reserved ahead (CREATE_KEY_ID or a next key
+        # id) were drawn below it, and their stores must not pass it.
+        stored = op.tx.count_keys(op.user_id)
+        if stored >= self.max_keys_per_user:
+            raise _Refused(Status.LIMIT_REACHED, action, request.key_id)
         ad = secret_ad(op.user_id, request.key_id, request.kind)
         record = SecretRecord(op.user_id, request.key_id, request.kind, request.ciphertext, ad, op.now)
         if not op.tx.insert_secret(record):
             raise _Refused(Status.INVALID, action, request.key_id)
-        return Empty(), request.key_id
+        # The next key id, when asked for: reserved and audited exactly as CREATE_KEY_ID would
+        # (after the store's own entry), unless the user is at the key limit (the client then
+        # asks CREATE_KEY_ID, which says LIMIT_REACHED).
+        next_kind, next_nonce = request.next_kind, request.next_client_nonce
+        if next_kind is None or next_nonce is None or stored + 1 >= self.max_keys_per_user:
+            return StoredResponse(), request.key_id
+        next_id, server_nonce = self._reserve_key_id(op, next_kind, next_nonce)
+        op.later.append(AuditRecord(op.user_id, Action.CREATE_KEY_ID, op.now, Outcome.SUCCESS, next_id))
+        return StoredResponse(next_id, server_nonce), request.key_id
 
     def _retrieve(self, op: _Op, request: RetrieveRequest) -> _Answer:
         secret = op.tx.get_secret(op.user_id, request.key_id)
@@ -529,12 +544,14 @@ _ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE
 @dataclass(frozen=True, slots=True)
 class _Op:
     """What every operation handler works with: the request's transaction, its user, the
-    time and the session's key-id reservations."""
+    time, the session's key-id reservations, and audit entries to write after the request's
+    own (in the same transaction)."""
 
     tx: Transaction
     user_id: bytes
     now: int
     reservations: OrderedDict[bytes, SecretKind]
+    later: list[AuditRecord]
 
 
 #: An OK response and the key id its audit entry names (None for none).

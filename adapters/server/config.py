@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from keymgmt_proto import ServerConfig
+from keymgmt_proto import DEFAULT_MAX_PAYLOAD, ServerConfig
 
 from .app import ThrottlePolicy
 from .runtime import ServerSettings
@@ -158,7 +158,14 @@ OPTIONS: tuple[Option, ...] = (
         "KEYMGMT_MAX_SESSIONS_PER_CONNECTION",
         "live sessions per connection",
     ),
-    Option("sessions", "max_payload", int, 65536, "KEYMGMT_MAX_PAYLOAD", "largest frame payload in bytes"),
+    Option(
+        "sessions",
+        "max_payload",
+        int,
+        DEFAULT_MAX_PAYLOAD,
+        "KEYMGMT_MAX_PAYLOAD",
+        "largest frame payload in bytes (the default fits a 64 KiB secret)",
+    ),
     Option(
         "sessions",
         "max_hot",

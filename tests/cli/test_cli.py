@@ -138,14 +138,14 @@ def test_cli_end_to_end(server, tmp_path):
 def test_cli_errors_are_one_line_with_documented_exit_codes(server, tmp_path):
     assert run_client(server, tmp_path, "register").returncode == 0
     big_file = tmp_path / "big.bin"
-    big_file.write_bytes(bytes(256))
+    big_file.write_bytes(bytes(65537))
     cases = [
         (run_client(server, tmp_path, "list", password="wrong"), 3, "login failed"),
         (run_client(server, tmp_path, "list", account="nobody@example.org"), 3, "login failed"),
         (run_client(server, tmp_path, "retrieve", "00" * 16), 4, "no such key"),
         (run_client(server, tmp_path, "register"), 5, "already registered"),
         (run_client(server, tmp_path, "retrieve", "xyz"), 2, "not hex"),
-        (run_client(server, tmp_path, "import", "--file", str(big_file)), 2, "1..255"),
+        (run_client(server, tmp_path, "import", "--file", str(big_file)), 2, "1..65536"),
         (run_client(server, tmp_path, "list", ca=tmp_path / "nope.pem"), 6, "CA bundle"),
         (run_client(server, tmp_path, "list", password=""), 2, "password is empty"),
     ]
@@ -261,6 +261,26 @@ def test_secrets_to_import_never_need_the_command_line(server, tmp_path):
     assert "warning: --hex puts the secret in the process list" in warned.stderr
 
 
+def test_a_64_kib_secret_goes_in_from_a_file_and_comes_out_in_the_long_portable_form(server, tmp_path):
+    """OPS-12 through the CLI: raw bytes from --file, the long portable form from --portable;
+    export prints the long form (hex), retrieve the secret itself."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    secret = os.urandom(65536)
+    raw_file = tmp_path / "big.bin"
+    raw_file.write_bytes(secret)
+    stored = run_client(server, tmp_path, "import", "--file", str(raw_file))
+    assert stored.returncode == 0, stored.stderr
+    exported = run_client(server, tmp_path, "export", stored.stdout.strip())
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.strip() == ("0001" + "00010000" + secret.hex())
+    portable_file = tmp_path / "big.portable"
+    portable_file.write_bytes(bytes.fromhex(exported.stdout.strip()))
+    again = run_client(server, tmp_path, "import", "--portable", "--file", str(portable_file))
+    assert again.returncode == 0, again.stderr
+    shown = run_client(server, tmp_path, "retrieve", again.stdout.strip(), "--context", "local-only")
+    assert shown.stdout.strip() == secret.hex()
+
+
 def test_bad_import_input_is_refused_before_connecting(tmp_path):
     """Checked locally first: one line, exit 2, and no connection attempt (the server address
     here is closed, which would be exit 6)."""
@@ -274,7 +294,9 @@ def test_bad_import_input_is_refused_before_connecting(tmp_path):
         (["--password-stdin", "import", "--file", "-"], b"hello", "give the password with --password-file"),
         (["--password-stdin", "import"], b"hello", "give the password with --password-file"),
         (["import", "--portable"], b"\x05abc", "not in the portable form"),
-        (["import"], b"", "1..255 bytes"),
+        (["import"], b"", "1..65536 bytes"),
+        (["import"], bytes(65537), "1..65536 bytes"),
+        (["import", "--portable"], b"\x00\x01\x00\x00\x00\x10" + bytes(16), "one-byte-length form"),
     ]
     for args, stdin, message in cases:
         result = subprocess.run([*CLIENT, *args], input=stdin, capture_output=True, env=env, timeout=60)

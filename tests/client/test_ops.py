@@ -179,11 +179,13 @@ async def test_oversized_and_mislabelled_secrets_are_refused(tmp_path):
         alice = await client.login(ALICE, PW)
         with pytest.raises(KeymgmtError, match="length byte says 5 but 3"):
             await alice.import_secret(bytes([5]) + b"abc")
-        with pytest.raises(KeymgmtError, match=r"1\.\.255"):
+        with pytest.raises(KeymgmtError, match=r"1\.\.255 bytes, or the long form"):
             await alice.import_secret(bytes([0]))
         with pytest.raises(KeymgmtError):
             await alice.import_secret(bytes([255]) + bytes(256))
-        # A raw store of a 300-byte "secret" does not even parse on the server.
+        with pytest.raises(KeymgmtError, match="at most 65536"):
+            await alice.import_secret(b"\x00\x01" + (65537).to_bytes(4, "big") + bytes(65537))
+        # A raw store of a 65537-byte "secret" does not even parse on the server.
         key_reply = await client.request(
             alice.session_id, CreateKeyIdRequest(alice.user_id, SecretKind.IMPORTED, bytes(32)).encode()
         )
@@ -191,7 +193,7 @@ async def test_oversized_and_mislabelled_secrets_are_refused(tmp_path):
         raw = StoreSecretRequest(
             alice.user_id, reply.key_id, SecretKind.IMPORTED, bytes(12 + 255 + 16)
         ).encode()
-        oversized = raw[:34] + (12 + 300 + 16).to_bytes(2, "big") + bytes(12 + 300 + 16)
+        oversized = raw[:34] + (12 + 65537 + 16).to_bytes(4, "big") + bytes(12 + 65537 + 16)
         assert await client.request(alice.session_id, oversized) == bytes([Status.INVALID])
         # A key id the server never issued cannot be stored under.
         forged = StoreSecretRequest(alice.user_id, bytes(16), SecretKind.GENERATED, bytes(60)).encode()
@@ -352,14 +354,19 @@ async def test_audit_log_records_every_action_and_filters_exactly(tmp_path):
         entries = await session.audit(AuditType.ALL)
         got = [(e.action, e.outcome, e.key_id, e.context, e.timestamp // 1_000_000) for e in entries]
         S, F = Outcome.SUCCESS, Outcome.FAILURE
+        # Each store also reserved the next key id of its kind (audited after it).
+        next_generated, next_imported = got[5][2], got[8][2]
+        assert next_generated not in (None, first, second) and next_imported not in (None, first, second)
         assert got == [
             (Action.REGISTER, S, None, None, 1000),
             (Action.LOGIN, S, None, None, 2000),
             (Action.RETRIEVE_STORAGE_KEY, S, None, None, 2000),
             (Action.CREATE_KEY_ID, S, first, None, 2000),
             (Action.GENERATE, S, first, None, 2000),
+            (Action.CREATE_KEY_ID, S, next_generated, None, 2000),
             (Action.CREATE_KEY_ID, S, second, None, 3000),
             (Action.IMPORT, S, second, None, 3000),
+            (Action.CREATE_KEY_ID, S, next_imported, None, 3000),
             (Action.RETRIEVE, S, first, Context.EXPORT, 3000),
             (Action.RETRIEVE, F, bytes(16), Context.NULL, 4000),
             (Action.LIST_KEYS, S, None, None, 4000),
@@ -378,7 +385,7 @@ async def test_audit_log_records_every_action_and_filters_exactly(tmp_path):
         by_key = await session.audit(AuditType.KEY_ONLY, key_ids=[first])
         assert [e.action for e in by_key] == [Action.CREATE_KEY_ID, Action.GENERATE, Action.RETRIEVE]
         window = await session.audit(AuditType.ALL, after=2_000_000_000, before=4_000_000_000)
-        assert [e.timestamp // 1_000_000 for e in window] == [2000] * 4 + [3000] * 3
+        assert [e.timestamp // 1_000_000 for e in window] == [2000] * 5 + [3000] * 4
 
 
 async def test_audit_pages_through_long_logs(tmp_path):
@@ -408,19 +415,20 @@ def test_store_secret_request_rejects_wrong_sizes():
     with pytest.raises(ValueError):
         StoreSecretRequest(bytes(16), bytes(16), SecretKind.GENERATED, bytes(61))
     with pytest.raises(ValueError):
-        StoreSecretRequest(bytes(16), bytes(16), SecretKind.IMPORTED, bytes(12 + 256 + 16))
+        StoreSecretRequest(bytes(16), bytes(16), SecretKind.IMPORTED, bytes(12 + 65537 + 16))
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("lie", ["an id the client holds", "an id not from the client's nonce"])
 async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, monkeypatch):
-    """KEY-2: a malicious server answers CREATE_KEY_ID with a key id that is not derived from
-    the client's nonce, or with one the client already holds (here the client's randomness
-    repeats, and the server replays its own earlier nonce so the derivation matches). The
-    client refuses before sealing anything, and nothing more is stored."""
+    """KEY-2: a malicious server hands out a key id (the next key id in a STORE_SECRET answer,
+    or a CREATE_KEY_ID answer) that is not derived from the client's nonce, or one the client
+    already holds (here the client's randomness repeats, and the server replays its own
+    earlier nonce so the derivation matches). The client refuses before sealing anything, and
+    nothing more is stored."""
     from keymgmt.adapters.client.async_client import IntegrityError
     from keymgmt.adapters.server.app import KeyServer
-    from keymgmt_proto import KeyIdResponse, joint_key_id
+    from keymgmt_proto import KeyIdResponse, StoredResponse, joint_key_id
 
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(b"kim@example.org", PW)
@@ -430,15 +438,21 @@ async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, mon
         original = KeyServer._perform
         nonces: list[bytes] = []
 
-        def lying(self, tx, user_id, request, now, reservations):
-            response, key_id = original(self, tx, user_id, request, now, reservations)
+        def lying(self, op, request):
+            response, key_id = original(self, op, request)
+            holds = lie == "an id the client holds"
             if isinstance(response, KeyIdResponse):
                 nonces.append(response.server_nonce)
                 if len(nonces) > 1:
-                    client_nonce = request.client_nonce if lie == "an id the client holds" else bytes(32)
-                    forged = joint_key_id(user_id, client_nonce, nonces[0])
+                    forged = joint_key_id(op.user_id, request.client_nonce if holds else bytes(32), nonces[0])
                     response = KeyIdResponse(forged, nonces[0])
-                    reservations[forged] = request.kind
+                    op.reservations[forged] = request.kind
+            elif isinstance(response, StoredResponse) and response.next_key_id is not None:
+                forged = joint_key_id(
+                    op.user_id, request.next_client_nonce if holds else bytes(32), nonces[0]
+                )
+                response = StoredResponse(forged, nonces[0])
+                op.reservations[forged] = request.next_kind
             return response, key_id
 
         monkeypatch.setattr(KeyServer, "_perform", lying)
@@ -448,3 +462,39 @@ async def test_a_server_cannot_make_two_stores_share_a_key_id(tmp_path, lie, mon
         monkeypatch.setattr(KeyServer, "_perform", original)
         assert [k.key_id for k in await session.list_keys()] == [first]
         assert await session.export(first) == b"\x05first"
+
+
+async def test_after_the_first_store_each_store_is_one_request_and_a_lost_reservation_recovers(tmp_path):
+    """Issue 14, item 4, through the real client and key server: the first store of a kind
+    asks CREATE_KEY_ID, every later one is a single STORE_SECRET. When the server has lost
+    the reservation (in memory only: a restart, or the session resumed on another instance)
+    the client asks CREATE_KEY_ID and tries once more, and the secret is stored."""
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        ops: list[Op] = []
+        real_request = client.request
+
+        async def counting(session_id, body):
+            ops.append(Op(body[0]))
+            return await real_request(session_id, body)
+
+        client.request = counting  # type: ignore[method-assign]
+        first = await session.import_secret(b"\x03one")
+        assert ops == [Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID, Op.STORE_SECRET]
+        for n in range(5):
+            ops.clear()
+            await session.import_secret(bytes([1, n]))
+            assert ops == [Op.STORE_SECRET]
+        world.keyserver._reserved.clear()  # the server forgot every reservation
+        ops.clear()
+        recovered = await session.import_secret(b"\x05after")
+        assert ops == [Op.STORE_SECRET, Op.CREATE_KEY_ID, Op.STORE_SECRET]
+        ops.clear()
+        await session.import_secret(b"\x04next")
+        assert ops == [Op.STORE_SECRET]
+        client.local_store.delete(session.user_id, recovered)
+        assert await session.export(recovered) == b"\x05after"
+        assert len(await session.list_keys()) == 8
+        entries = await session.audit(AuditType.KEY_ONLY, key_ids=[first])
+        assert [e.action for e in entries] == [Action.CREATE_KEY_ID, Action.IMPORT]

@@ -33,6 +33,7 @@ from keymgmt_proto import (
     SecretResponse,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     StoreSecretRequest,
     derive_master_key,
     encode_response,
@@ -95,7 +96,7 @@ def _store(ops: SecretOps, secret: bytes, holds: frozenset[bytes] = NEVER, forge
     store = plan.send(reply)
     assert isinstance(store, StoreSecretRequest)
     with pytest.raises(StopIteration) as done:
-        plan.send(Empty())
+        plan.send(StoredResponse())  # no next key id: every store starts with CREATE_KEY_ID
     return done.value.value, store
 
 

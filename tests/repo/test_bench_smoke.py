@@ -26,6 +26,8 @@ EXPECTED = {
     "p3_busy",
     "p3_server_cpu",
     "p3_connections_2",
+    "p9_big_retrieve",
+    "p10_store_throughput",
     "p4_memory",
     "p5_multiplex",
     "p7_loop_lag",

@@ -81,7 +81,7 @@ async def test_requests_compare_user_ids_and_associated_data_in_constant_time(tm
     # The key server checks the user id each request names against the session's.
     assert Call("KeyServer.answer", user_id, user_id) in compared
     # The client checks that the key id the server drew is the one both nonces give (KEY-2).
-    assert Call("SecretOps.store", key_id, key_id) in compared
+    assert Call("SecretOps._checked_key_id", key_id, key_id) in compared
     # The client checks the associated data of the sealed secret it got back.
     ad = by(compared, "ad_matches")
     assert ad and all(call.a == call.b and len(call.a) == 32 for call in ad)

@@ -144,7 +144,9 @@ async def test_a_failed_login_and_an_ended_session_leave_nothing_behind_and_log_
         session = await client.login(ALICE, PW)
         await session.generate()
         reserved = list(world.keyserver._reserved.values())
-        assert reserved == [{}]  # the stored key's reservation is spent; the session's map stays
+        # The stored key's reservation is spent; the next key id the store asked for is held.
+        (next_id,) = session._ops._next[SecretKind.GENERATED]
+        assert reserved == [{next_id.key_id: SecretKind.GENERATED}]
         await session.logout()
         await client.login(ALICE, PW)  # the server has handled the CLOSE before this login
         assert len(world.keyserver._reserved) == 0

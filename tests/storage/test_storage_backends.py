@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -15,7 +16,7 @@ from keymgmt.adapters.storage.base import (
     StorageError,
 )
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import Action, AuditType, Context, Outcome, SecretKind
+from keymgmt_proto import MAX_SEALED_SIZE, Action, AuditType, Context, Outcome, SecretKind
 
 from ..support.pg import schema_fixture
 
@@ -92,6 +93,18 @@ def test_secrets_belong_to_their_user_only(storage):
         assert tx.count_keys(ALICE.user_id) == 0
     with pytest.raises(StorageError), storage.transaction() as tx:
         tx.insert_secret(_secret(b"Z" * 16, 9))  # no such account
+
+
+def test_the_largest_sealed_secret_is_stored_whole(make_storage):
+    """OPS-12: a 64 KiB secret sealed (65,564 bytes) fits the ciphertext column of both
+    backends (BLOB, BYTEA: no size CHECK), byte for byte, and reads back from a second opening."""
+    sealed = os.urandom(MAX_SEALED_SIZE)
+    record = SecretRecord(ALICE.user_id, b"K" * 16, SecretKind.IMPORTED, sealed, b"ad" * 22, 5)
+    with make_storage().transaction() as tx:
+        tx.insert_account(ALICE)
+        assert tx.insert_secret(record)
+    with make_storage().transaction() as tx:
+        assert tx.get_secret(ALICE.user_id, b"K" * 16) == record
 
 
 def test_list_keys_pages_in_creation_order(storage):

@@ -31,6 +31,7 @@ from keymgmt_proto import (
     SecretResponse,
     Status,
     StorageKeyResponse,
+    StoredResponse,
     decode_request,
     decode_response,
     encode_response,
@@ -113,7 +114,7 @@ def test_a_response_with_a_trailing_byte_is_refused(op: Op) -> None:
     ok = {
         Op.RETRIEVE_STORAGE_KEY: StorageKeyResponse(bytes(60)),
         Op.CREATE_KEY_ID: KeyIdResponse(bytes(16), bytes(32)),
-        Op.STORE_SECRET: Empty(),
+        Op.STORE_SECRET: StoredResponse(bytes(16), bytes(32)),
         Op.RETRIEVE: SecretResponse(SecretKind.GENERATED, bytes(60), b"ad"),
         Op.AUDIT: AuditResponse((), 0),
         Op.LIST_KEYS: KeyListResponse((), 0),
