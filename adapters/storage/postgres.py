@@ -18,6 +18,7 @@ with the SQLite backend are in :mod:`.sql`.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -321,6 +322,7 @@ class PostgresStorage:
         self._batch_conn: psycopg.Connection[TupleRow] | None = None
         #: Set by a write whose commit must reach the disk before anything is answered.
         self.sync_needed = False
+        self._writer = threading.Lock()
         secrets = database_url_secrets(conninfo)
         with suppress(psycopg.Error):  # (a string libpq cannot parse has no password to add)
             secrets.append(str(psycopg.conninfo.conninfo_to_dict(conninfo).get("password") or ""))
@@ -397,7 +399,7 @@ class PostgresStorage:
                 with self._batch_conn.transaction():
                     yield _PgTransaction(self._batch_conn, self._pool, self)
                 return
-            with self._pool.connection() as conn, conn.transaction():
+            with self._writer, self._pool.connection() as conn, conn.transaction():
                 self.sync_needed = False
                 yield _PgTransaction(conn, self._pool, self)
                 self._before_commit(conn)
@@ -412,7 +414,9 @@ class PostgresStorage:
             yield
             return
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            # _writer: held until the commit has ended, in whichever thread it runs (the
+            # sync_needed flag belongs to one transaction at a time).
+            with self._writer, self._pool.connection() as conn, conn.transaction():
                 self._batch_conn = conn
                 self.sync_needed = False
                 try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
@@ -342,6 +343,10 @@ class SQLiteStorage:
         self._batch_depth = 0
         #: Set by a write whose commit must reach the disk before anything is answered.
         self.sync_needed = False
+        #: Held by a batch from its BEGIN to the end of its commit (which may run in a worker
+        #: thread), and by a transaction outside a batch: whoever uses the storage outside
+        #: the group commit waits for it instead of interleaving with its COMMIT.
+        self._writer = threading.Lock()
         self._wal = _WalFile(None if str(path) == ":memory:" else Path(f"{self.path}-wal"))
         #: Commits that synced the WAL (for tests and metrics).
         self.syncs = 0
@@ -414,19 +419,20 @@ class SQLiteStorage:
         if self._batch_depth:
             yield
             return
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
-        self._batch_depth = 1
-        try:
-            yield
-        except BaseException:
-            self._rollback()
-            raise
-        finally:
-            self._batch_depth = 0
-        self._commit()
+        with self._writer:  # held until the commit has ended, in whichever thread it runs
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
+            self._batch_depth = 1
+            try:
+                yield
+            except BaseException:
+                self._rollback()
+                raise
+            finally:
+                self._batch_depth = 0
+            self._commit()
 
     def _commit(self) -> None:
         """COMMIT, then sync the WAL if what was committed must be durable. A failed sync is
@@ -480,6 +486,12 @@ class SQLiteStorage:
 
     @contextmanager
     def _transaction(self) -> Iterator[Transaction]:
+        # (waits for a batch committing in another thread)
+        with self._writer, self._unlocked_transaction() as tx:
+            yield tx
+
+    @contextmanager
+    def _unlocked_transaction(self) -> Iterator[Transaction]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:

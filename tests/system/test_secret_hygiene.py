@@ -405,11 +405,15 @@ async def test_no_secret_in_logs_reprs_or_errors(tmp_path, recorder, capture_all
             await second.logout()
             await session.logout()
         roots.append(live)
-        with runtime.storage.transaction() as tx:
-            account = tx.get_account(ACCOUNT)
-            roots.extend(
-                [tx, account, tx.get_secret(user_id, imported_id), tx.get_account_by_user_id(user_id)]
-            )
+
+        def read() -> object:
+            with runtime.storage.transaction() as tx:
+                found = tx.get_account(ACCOUNT)
+                secret = tx.get_secret(user_id, imported_id)
+                roots.extend([tx, found, secret, tx.get_account_by_user_id(user_id)])
+            return found
+
+        account = await runtime.committer.run(read)  # while a server runs, its storage is used only there
         roots.extend([runtime, runtime.keyserver, runtime.storage, runtime.registry, runtime.setup])
         tg.cancel_scope.cancel()
 
