@@ -16,7 +16,6 @@ in-memory data: all connections sharing it must be driven from one thread.
 from __future__ import annotations
 
 import hmac
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from weakref import WeakSet
@@ -136,8 +135,11 @@ class _ServerSession:
     decoy: bool = False
     highest_request_id: int = 0
     request_count: int = 0
-    pending: set[int] = field(default_factory=set)
-    answered: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    #: Requests awaiting an answer: a dict used as a set. An idle session keeps both tables
+    #: empty, and an empty dict is a quarter of an empty set's or OrderedDict's size (P4).
+    pending: dict[int, None] = field(default_factory=dict)
+    #: The latest answers (reply cache, oldest first), for re-sends after a resumption.
+    answered: dict[int, bytes] = field(default_factory=dict)
     #: What every event of the session carries: the same object across resumptions.
     handle: SessionHandle = field(default_factory=SessionHandle)
 
@@ -590,10 +592,14 @@ class ServerConnection(ConnectionBase):
         plaintext = response.encode()
         if 8 + len(plaintext) + 16 > self.config.max_payload:
             raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
-        session.pending.discard(request_id)
-        session.answered[request_id] = body
-        while len(session.answered) > self.config.max_requests_in_flight:
-            session.answered.popitem(last=False)
+        pending = session.pending
+        del pending[request_id]
+        if not pending:
+            pending.clear()  # frees the table a removal leaves: an idle session keeps none
+        answered = session.answered
+        answered[request_id] = body
+        while len(answered) > self.config.max_requests_in_flight:
+            del answered[next(iter(answered))]
         if session_id in self._departed and not session.pending:
             del self._departed[session_id]
         if session.owner is self and session.state is State.ESTABLISHED:
@@ -988,7 +994,7 @@ class ServerConnection(ConnectionBase):
             return
         session.highest_request_id = request_id
         session.request_count += 1
-        session.pending.add(request_id)
+        session.pending[request_id] = None
         assert session.user_id is not None
         self._events.append(
             RequestReceived(

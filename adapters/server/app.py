@@ -165,7 +165,8 @@ class KeyServer:
         self._name_ok = account_name_policy
         #: Key ids drawn by CREATE_KEY_ID and not yet stored, per session (by its handle, so
         #: they survive a resumption; in memory only: after a restart the client asks for a
-        #: fresh key id). Weak keys: a session gone for good takes its entry with it.
+        #: fresh key id). Weak keys: a session gone for good takes its entry with it. Only a
+        #: session holding a reservation has an entry (an idle session costs nothing here, P4).
         self._reserved: WeakKeyDictionary[SessionHandle, OrderedDict[bytes, SecretKind]] = WeakKeyDictionary()
         #: Admitted logins not yet ended: session handle -> account name. An entry lives as
         #: long as its session (every end pops it, whatever the name).
@@ -408,19 +409,24 @@ class KeyServer:
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
-        reservations = self._reserved.setdefault(session, OrderedDict())
+        reservations = self._reserved.get(session) or OrderedDict()
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
             with self.storage.transaction() as tx:
                 response, key_id = self._perform(tx, user_id, request, now, reservations)
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
+            if isinstance(request, StoreSecretRequest):  # only once the store committed
+                reservations.pop(request.key_id, None)
         except _Refused as refused:
             with self.storage.transaction() as tx:
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context))
             return encode_response(refused.status)
-        if isinstance(request, StoreSecretRequest):  # only once the store committed
-            reservations.pop(request.key_id, None)
+        finally:
+            if reservations:
+                self._reserved[session] = reservations
+            else:
+                self._reserved.pop(session, None)
         return encode_response(Status.OK, response)
 
     def _perform(

@@ -136,15 +136,18 @@ def test_a_malformed_request_is_audited_under_its_op_where_the_op_byte_says():
 @pytest.mark.anyio
 async def test_a_failed_login_and_an_ended_session_leave_nothing_behind_and_log_no_error(tmp_path, caplog):
     """A session's key-id reservations go when it ends (they would pile up per connection),
-    and a session that fails (a wrong password) is an ordinary event, not an error."""
+    a session holding none has no entry (P4: an idle session costs nothing there), and a
+    session that fails (a wrong password) is an ordinary event, not an error."""
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(ALICE, PW)
         with pytest.raises(AuthenticationError):
             await client.login(ALICE, b"wrong")
         session = await client.login(ALICE, PW)
         await session.generate()
-        reserved = list(world.keyserver._reserved.values())
-        assert reserved == [{}]  # the stored key's reservation is spent; the session's map stays
+        await session.list_keys()
+        assert len(world.keyserver._reserved) == 0  # the stored key's reservation is spent
+        key_id = await _reserve(session)
+        assert [list(r) for r in world.keyserver._reserved.values()] == [[key_id]]
         await session.logout()
         await client.login(ALICE, PW)  # the server has handled the CLOSE before this login
         assert len(world.keyserver._reserved) == 0
