@@ -61,7 +61,7 @@ SMOKE: Config = {
     "pyperf": {group: ["--debug-single-value", "--loops", "2"] for group in micro.GROUPS},
     "memory_sessions": 200,
     "memory_validate": 4,
-    "memory_server": [(8, 1)],
+    "memory_server": [(32, 1)],
     "memory_server_warmup": 4,
     "throughput_sessions": 3,
     "throughput_seconds": 0.2,

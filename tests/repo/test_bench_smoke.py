@@ -23,6 +23,7 @@ EXPECTED = {
     "p3_throughput_asyncio",
     "p3_throughput_trio",
     "p4_memory",
+    "p4_memory_server_32",
     "p5_multiplex",
     "p7_loop_lag",
 }
