@@ -37,6 +37,7 @@ __all__ = [
     "new_pair",
     "pinned",
     "process_cpu_seconds",
+    "spread",
     "sqlite_keyserver",
 ]
 
@@ -124,7 +125,7 @@ def new_pair(setup: ServerSetup, app: ServerApp, config: ServerConfig = BENCH_CO
 
 
 def sqlite_keyserver(directory: str | None = None) -> KeyServer:
-    """A KeyServer over a fresh SQLite file (WAL, synchronous=FULL: the product setting)."""
+    """A KeyServer over a fresh SQLite file (the product setting)."""
     path = Path(directory or tempfile.mkdtemp(prefix="keymgmt-bench-")) / "keyserver.db"
     return KeyServer(SQLiteStorage(path))
 
@@ -183,8 +184,8 @@ class Line:
     value: float
     baseline: float
     baseline_label: str
-    #: "max_ratio" (value/baseline <= target), "min_value" (value >= target),
-    #: "max_value" (value <= target) or "" (reported, no target).
+    #: "max_ratio" (value/baseline <= target), "min_ratio" (value/baseline >= target),
+    #: "min_value" (value >= target), "max_value" (value <= target) or "" (reported).
     target_kind: str = ""
     target: float | None = None
     notes: str = ""
@@ -200,6 +201,8 @@ class Line:
             return None
         if self.target_kind == "max_ratio":
             return self.ratio <= self.target
+        if self.target_kind == "min_ratio":
+            return self.ratio >= self.target
         if self.target_kind == "min_value":
             return self.value >= self.target
         if self.target_kind == "max_value":
@@ -211,6 +214,8 @@ class Line:
             return "(report)"
         if self.target_kind == "max_ratio":
             return f"<= {self.target:g}x"
+        if self.target_kind == "min_ratio":
+            return f">= {self.target:g}x"
         if self.target_kind == "min_value":
             return f">= {self.target:,.0f} {self.unit}"
         return f"<= {self.target:,.0f} {self.unit}"
@@ -220,6 +225,14 @@ class Line:
         data["ratio"] = self.ratio
         data["met"] = self.met
         return data
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest of several runs."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median, ordered[0], ordered[-1]
 
 
 #: The load drivers' client side runs here; the server subprocess is pinned to CPU 0.

@@ -213,6 +213,7 @@ class _Swappable:
     def __init__(self, keyserver: KeyServer) -> None:
         self.keyserver = keyserver
         self.fixed: bytes | None = None
+        self.batch = keyserver.batch  # each request is a batch of its own, as the driver runs it
 
     def __call__(self, conn: ServerConnection, event: Event) -> None:
         if self.fixed is not None and isinstance(event, RequestReceived):

@@ -1,6 +1,6 @@
 """Load drivers over loopback TLS 1.3: P3 throughput, P5 multiplexing, P7 client event-loop lag.
 
-The key server is a real ``KeyServerRuntime`` (SQLite, WAL, synchronous=FULL)
+The key server is a real ``KeyServerRuntime`` (SQLite, WAL, acknowledged commits synced)
 in a subprocess pinned to CPU 0 (``python -m bench.netload serve ...``); the
 client is the calling process, pinned to the other CPU. Server CPU is read
 from ``/proc/PID/task/*/schedstat`` (nanoseconds of CPU actually used by the
@@ -28,15 +28,18 @@ from keymgmt.adapters.client.async_client import KeymgmtClient
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
-from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.tls import generate_dev_pki
 from keymgmt_proto import (
     ClientConnection,
     Context,
+    Op,
     OpaqueStepRequired,
     RetrieveRequest,
+    SecretKind,
+    SecretResponse,
     SessionHandle,
     Status,
+    encode_response,
 )
 
 from .common import ACCOUNT, BENCH_CONFIG, PASSWORD, process_cpu_seconds
@@ -48,17 +51,12 @@ CLIENT_CPU = 1
 # ------------------------------------------------------------------ the server process
 
 
-class NoSyncSQLiteStorage(SQLiteStorage):
-    """BASELINE ONLY: the same schema and transactions with ``synchronous=OFF``.
-
-    It shows what the per-request fsync costs; it is never a product setting (STO-1)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self._db.execute("PRAGMA synchronous = OFF")
+#: What the channel-only server answers every request with: an OK retrieve answer of the
+#: real size (a generated secret: 60 bytes sealed, 32 bytes of AD).
+CANNED_RETRIEVE = encode_response(Status.OK, SecretResponse(SecretKind.GENERATED, bytes(60), bytes(32)))
 
 
-async def _serve(directory: Path, nosync: bool, idle_timeout: float | None = None) -> None:
+async def _serve(directory: Path, channel_only: bool, idle_timeout: float | None = None) -> None:
     protocol = BENCH_CONFIG
     if idle_timeout is not None:
         protocol = dataclasses.replace(protocol, idle_timeout=idle_timeout)
@@ -76,8 +74,16 @@ async def _serve(directory: Path, nosync: bool, idle_timeout: float | None = Non
         admission_rate=1e9,
         admission_burst=1e9,
     )
-    storage = NoSyncSQLiteStorage(settings.storage_path) if nosync else None
-    runtime = KeyServerRuntime(settings, storage=storage)
+    runtime = KeyServerRuntime(settings)
+    if channel_only:
+        # BASELINE ONLY: logins and stores are real, retrieves are answered without storage (no
+        # read, no audit entry, nothing to commit): TLS, framing, channel, driver, group commit.
+        real = runtime.keyserver.answer
+
+        def answer(session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+            return CANNED_RETRIEVE if body[:1] == bytes([Op.RETRIEVE]) else real(session, user_id, body)
+
+        runtime.keyserver.answer = answer  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:
         port = await tg.start(runtime.run)
         print(f"PORT {port}", flush=True)
@@ -92,12 +98,12 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--cpu", type=int, default=SERVER_CPU)
-    parser.add_argument("--nosync", action="store_true")
+    parser.add_argument("--channel-only", action="store_true")
     parser.add_argument("--idle-timeout", type=float, help="sessions' idle timeout (default: the policy's)")
     args = parser.parse_args(argv)
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {args.cpu})
-    anyio.run(_serve, args.dir, args.nosync, args.idle_timeout, backend=args.backend)
+    anyio.run(_serve, args.dir, args.channel_only, args.idle_timeout, backend=args.backend)
 
 
 @dataclass
@@ -113,7 +119,11 @@ class Server:
 
 @contextlib.contextmanager
 def server_process(
-    directory: Path, backend: str = "asyncio", *, nosync: bool = False, idle_timeout: float | None = None
+    directory: Path,
+    backend: str = "asyncio",
+    *,
+    channel_only: bool = False,
+    idle_timeout: float | None = None,
 ) -> Iterator[Server]:
     """A key server in a pinned subprocess, with a fresh database, setup and dev PKI
     (``idle_timeout``: the sessions' idle timeout, when the load takes longer to build)."""
@@ -121,8 +131,8 @@ def server_process(
     pki = generate_dev_pki(directory / "pki")
     create_server_setup_file(directory / "server_setup.bin")
     cmd = [sys.executable, "-m", "bench.netload", "serve", "--dir", str(directory), "--backend", backend]
-    if nosync:
-        cmd.append("--nosync")
+    if channel_only:
+        cmd.append("--channel-only")
     if idle_timeout is not None:
         cmd += ["--idle-timeout", str(idle_timeout)]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # noqa: S603 - our own module
@@ -155,17 +165,24 @@ async def _client(server: Server, cls: type[KeymgmtClient] = KeymgmtClient) -> K
 # ------------------------------------------------------------------ P3: throughput
 
 
-async def throughput(server: Server, sessions: int, duration: float, warmup: float) -> dict[str, float]:
-    """Durable retrieves per second from ``sessions`` sessions sharing one TLS connection."""
-    async with await _client(server) as client:
-        await client.register(ACCOUNT, PASSWORD)
-        first = await client.login(ACCOUNT, PASSWORD)
+async def throughput(
+    server: Server, sessions: int, duration: float, warmup: float, connections: int = 1
+) -> dict[str, float]:
+    """Durable retrieves per second from ``sessions`` sessions spread over ``connections``
+    TLS connections, each session sending its next retrieve as soon as it has an answer."""
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(await _client(server)) for _ in range(connections)]
+        await clients[0].register(ACCOUNT, PASSWORD)
+        first = await clients[0].login(ACCOUNT, PASSWORD)
         key_id = await first.generate()
-        logged_in = [first] + [await client.login(ACCOUNT, PASSWORD) for _ in range(sessions - 1)]
+        logged_in = [(clients[0], first.session_id)]
+        for n in range(1, sessions):
+            client = clients[n % connections]
+            logged_in.append((client, (await client.login(ACCOUNT, PASSWORD)).session_id))
         body = RetrieveRequest(first.user_id, key_id, Context.NULL).encode()
         state = {"measuring": False, "stop": False, "done": 0, "failed": 0}
 
-        async def worker(handle: SessionHandle) -> None:
+        async def worker(client: KeymgmtClient, handle: SessionHandle) -> None:
             while not state["stop"]:
                 answer = await client.request(handle, body)
                 if state["measuring"]:
@@ -173,8 +190,8 @@ async def throughput(server: Server, sessions: int, duration: float, warmup: flo
                     state["failed"] += answer[0] != Status.OK
 
         async with anyio.create_task_group() as tg:
-            for session in logged_in:
-                tg.start_soon(worker, session.session_id)
+            for client, handle in logged_in:
+                tg.start_soon(worker, client, handle)
             await anyio.sleep(warmup)
             cpu0, client0, t0 = server.cpu_seconds, time.process_time(), time.perf_counter()
             state["measuring"] = True
@@ -190,8 +207,20 @@ async def throughput(server: Server, sessions: int, duration: float, warmup: flo
         "requests": state["done"],
         "seconds": elapsed,
         "server_cpu_share": (cpu1 - cpu0) / elapsed,
+        "server_cpu_per_request_us": (cpu1 - cpu0) / max(1, state["done"]) * 1e6,
         "client_cpu_share": (client1 - client0) / elapsed,
     }
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """Another process keeping one core busy (a spinning loop, placed by the OS)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 # ------------------------------------------------------------------ P5: multiplexing

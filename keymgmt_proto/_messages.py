@@ -8,6 +8,7 @@ Fields that hold secrets or key material are excluded from ``repr``.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Protocol, Self
 
@@ -99,6 +100,10 @@ class Message(Protocol):
 
     @classmethod
     def decode(cls, payload: bytes) -> Self: ...
+
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 
 
 def _check_size(name: str, value: bytes, size: int) -> None:
@@ -203,14 +208,15 @@ class _RequestOrResponse(_Decodable):
             raise ValueError("request_id must be 1..2**32-1")
 
     def encode(self) -> bytes:
-        return Writer().u32(self.request_id).rest(self.body).getvalue()
+        return _U32.pack(self.request_id) + self.body
 
     @classmethod
     def decode(cls, payload: bytes) -> Self:
+        # Fixed layout, read in place: this is every request's and answer's path.
         what = cls.FRAME_TYPE.name
-        r = Reader(payload, what)
-        request_id = r.u32()
-        return cls._build(what, request_id, r.rest())
+        if len(payload) < 4:
+            raise RemoteProtocolError(f"truncated {what}")
+        return cls._build(what, _U32.unpack_from(payload)[0], payload[4:])
 
 
 # ---------------------------------------------------------------- clear frames
@@ -338,14 +344,13 @@ class Record(_Decodable):
             raise ValueError("ciphertext shorter than the tag")
 
     def encode(self) -> bytes:
-        return Writer().u64(self.seq).rest(self.ciphertext).getvalue()
+        return _U64.pack(self.seq) + self.ciphertext
 
     @classmethod
     def decode(cls, payload: bytes) -> Record:
-        r = Reader(payload, "sealed record")
-        seq = r.u64()
-        ciphertext = r.rest()
-        return cls._build("sealed record", seq, ciphertext)
+        if len(payload) < 8:  # (fixed layout, read in place: every sealed frame's path)
+            raise RemoteProtocolError("truncated sealed record")
+        return cls._build("sealed record", _U64.unpack_from(payload)[0], payload[8:])
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,19 +11,24 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
 from ..files import ensure_private_file
-from ..server.config import ConfigError, load_settings, options_help, render_config
+from ..server.config import ConfigError, check_workers, load_settings, options_help, render_config
 from ..server.invitations import InvitationAuthorizer
-from ..server.runtime import KeyServerRuntime
+from ..server.runtime import KeyServerRuntime, ServerSettings, open_storage
 from ..server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
+from ..server.workers import WorkerPool, bind_listeners
 from ..storage.base import StorageError
-from ..tls import PKIError, generate_dev_pki
+from ..tls import PKIError, generate_dev_pki, server_context
 
 __all__ = ["main", "serve_until_signal"]
 
@@ -59,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="server processes sharing the port, 1 to 64 (overrides server.workers; see the README, Workers)",
+    )
+    # A worker started by `serve --workers N`: serve on this inherited listening socket.
+    serve.add_argument("--listen-fd", type=int, action="append", default=[], help=argparse.SUPPRESS)
     invite = sub.add_parser(
         "invite",
         help="print an invitation to register (for registration.require_invitation)",
@@ -132,6 +144,76 @@ async def serve_until_signal(runtime: KeyServerRuntime) -> None:
                 break
 
 
+async def _serve_worker(runtime: KeyServerRuntime) -> None:
+    """A worker of ``serve --workers``: serve like ``serve_until_signal``, but take every
+    further SIGTERM/SIGINT calmly (the parent and a service manager may both send one) and
+    shut down if the parent that supervises this worker is gone."""
+    log = logging.getLogger("keymgmt.server")
+    parent = os.getppid()
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def serve(*, task_status: TaskStatus[int]) -> None:
+                try:
+                    await runtime.run(task_status=task_status)
+                finally:
+                    tg.cancel_scope.cancel()  # stopped: stop watching
+
+            async def watch_signals() -> None:
+                async for received in signals:
+                    log.info("received %s", signal.Signals(received).name)
+                    runtime.shutdown()
+
+            async def watch_parent() -> None:
+                while os.getppid() == parent:
+                    await anyio.sleep(1.0)
+                log.warning("the supervising process is gone: shutting down")
+                runtime.shutdown()
+
+            port = await tg.start(serve)
+            tg.start_soon(watch_signals)
+            tg.start_soon(watch_parent)
+            print(f"listening on {runtime.settings.host}:{port}", flush=True)
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    config = ["--config", str(args.config.resolve())] if args.config is not None else []
+    return [
+        sys.executable,
+        "-m",
+        "keymgmt.adapters.cli.server",
+        "serve",
+        *config,
+        "--log-level",
+        args.log_level,
+    ]
+
+
+def _serve_workers(args: argparse.Namespace, settings: ServerSettings) -> int:
+    """The parent of ``serve --workers N``: check what every worker will load (one error
+    here instead of N), migrate the database once, bind, start and supervise."""
+    load_server_setup_file(settings.setup_path)
+    server_context(settings.cert_path, settings.key_path)
+    open_storage(settings).close()
+    sockets = bind_listeners(settings.host, settings.port)
+    port = sockets[0].getsockname()[1]
+    command = _worker_command(args)
+    pool = WorkerPool(
+        settings.workers,
+        lambda fds: [*command, *(f"--listen-fd={fd}" for fd in fds)],
+        sockets,
+        stop_timeout=settings.shutdown_grace + 20.0,
+    )
+    return pool.run(announce=lambda: print(f"listening on {settings.host}:{port}", flush=True))
+
+
+def _run(serve: Callable[[KeyServerRuntime], Awaitable[None]], runtime: KeyServerRuntime) -> None:
+    try:
+        anyio.run(serve, runtime)
+    except BaseExceptionGroup as group:
+        raise _leaf(group) from None
+
+
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The first real exception inside (nested) task-group exception groups."""
     first = group.exceptions[0]
@@ -145,15 +227,23 @@ def main(argv: list[str] | None = None) -> int:
             return _init(args)
         if args.command == "invite":
             return _invite(args)
-        logging.basicConfig(
-            level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
         settings = load_settings(args.config)
-        runtime = KeyServerRuntime(settings)
-        try:
-            anyio.run(serve_until_signal, runtime)
-        except BaseExceptionGroup as group:
-            raise _leaf(group) from None
+        if args.workers is not None:
+            settings = replace(settings, workers=check_workers(args.workers, "--workers"))
+        several = settings.workers > 1 or bool(args.listen_fd)
+        logging.basicConfig(
+            level=args.log_level,
+            # With workers, each line names the process that wrote it.
+            format=f"%(asctime)s %(levelname)s %(name)s{'[%(process)d]' if several else ''}: %(message)s",
+            stream=sys.stderr,
+        )
+        if args.listen_fd:
+            sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
+            _run(_serve_worker, KeyServerRuntime(settings, sockets=sockets))
+            return 0
+        if settings.workers > 1:
+            return _serve_workers(args, settings)
+        _run(serve_until_signal, KeyServerRuntime(settings))
         return 0
     except (ConfigError, SetupFileError, PKIError, StorageError) as exc:
         print(f"keymgmt-server: error: {exc}", file=sys.stderr)

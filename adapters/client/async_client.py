@@ -232,6 +232,7 @@ class KeymgmtClient:
         #: Bumped on every (re)connection; tells you how often the link was replaced.
         self.connection_count = 0
         self._send_lock = anyio.Lock()
+        self._flush_scheduled = False
         # account name -> (lock, logins holding or waiting for it); see _login_turn
         self._login_turns: dict[bytes, tuple[anyio.Lock, int]] = {}
         self._connected = anyio.Event()
@@ -428,8 +429,20 @@ class KeymgmtClient:
         await self._flush()
 
     async def _flush(self) -> None:
-        async with self._send_lock:
-            await self._send_pending()
+        """Send what the core has queued, once per event-loop turn: the first caller waits
+        one turn before it sends, so the requests other tasks make in that turn leave in
+        the same write (and reach the server's same batch); they need not flush again.
+        Shielded, so a cancelled caller cannot leave the others' requests unsent."""
+        if self._flush_scheduled:
+            return
+        self._flush_scheduled = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.lowlevel.checkpoint()
+            finally:
+                self._flush_scheduled = False
+            async with self._send_lock:
+                await self._send_pending()
 
     async def _send_pending(self) -> None:
         """Send what the core has queued (the caller holds ``_send_lock``)."""

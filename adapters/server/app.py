@@ -15,7 +15,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -183,17 +183,27 @@ class KeyServer:
     def batch(self) -> Iterator[None]:
         """Group commit for a run of events (the storage's ``batch()`` if it has one): the
         driver answers nothing from inside until this exits normally (STO-1). The failed
-        logins of the batch are counted as it ends, committed or not (see
-        :meth:`_record_failures`)."""
+        logins waiting to be counted are written as the batch ends, in the same commit, and
+        stay queued until one has committed them (see :meth:`_record_failures`)."""
         storage_batch = getattr(self.storage, "batch", None)
-        self._batch_depth += 1
-        try:
-            with storage_batch() if storage_batch is not None else nullcontext():
+        if storage_batch is None or self._batch_depth:
+            self._batch_depth += 1
+            try:
                 yield
+            finally:
+                self._batch_depth -= 1
+                if self._batch_depth == 0:
+                    self._record_failures()
+            return
+        self._batch_depth = 1
+        written = 0
+        try:
+            with storage_batch():
+                yield
+                written = self._write_failures()
         finally:
-            self._batch_depth -= 1
-            if self._batch_depth == 0:
-                self._record_failures()
+            self._batch_depth = 0
+        del self._failures[:written]  # committed (a failed commit raised: they stay queued)
 
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -294,11 +304,11 @@ class KeyServer:
             tx.append_audit(AuditRecord(user_id, Action.LOGIN, now, Outcome.SUCCESS))
 
     def _record_failures(self) -> None:
-        """Count the failed logins waiting to be counted, each in a transaction of its own
-        and outside any batch: a storage failure in a batch, or its commit failing, cannot
-        make a tested guess go uncounted (NET-10). What storage refuses stays queued for the
-        next batch or :meth:`maintain` (a crash loses it; the login then stops counting as
-        in flight after ``in_flight_for``)."""
+        """Count the failed logins waiting to be counted, outside any batch, each in a
+        transaction of its own. What storage refuses stays queued for the next batch or
+        :meth:`maintain`, so a storage failure cannot make a tested guess go uncounted
+        (NET-10; a crash loses the queue: such a login then stops counting as in flight
+        after ``in_flight_for``)."""
         lock_for = self._lock_for_us
         while self._failures:
             name, when = self._failures[0]
@@ -309,6 +319,21 @@ class KeyServer:
                 log.error("could not count %d failed logins yet: %s", len(self._failures), exc)
                 return
             self._failures.pop(0)
+
+    def _write_failures(self) -> int:
+        """Inside a batch, as it ends: write the queued failed logins, each in a savepoint;
+        how many were written (the batch drops them from the queue once it commits)."""
+        lock_for = self._lock_for_us
+        written = 0
+        for name, when in self._failures:
+            try:
+                with self.storage.transaction() as tx:
+                    tx.finish_login(name, when, succeeded=False, lock_for=lock_for)
+            except StorageError as exc:
+                log.error("could not count %d failed logins yet: %s", len(self._failures) - written, exc)
+                break
+            written += 1
+        return written
 
     def _lock_for_us(self, failures: int) -> int:
         return int(self.throttle.locked_for(failures) * 1_000_000)
@@ -409,11 +434,13 @@ class KeyServer:
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
-        reservations = self._reserved.get(session) or OrderedDict()
+        op = request.op
+        reserving = op in _RESERVING
+        reservations = (self._reserved.get(session) or OrderedDict()) if reserving else _NONE
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
-            with self.storage.transaction() as tx:
+            with self.storage.transaction(atomic=op not in _ONE_WRITE) as tx:
                 response, key_id = self._perform(tx, user_id, request, now, reservations)
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
             if isinstance(request, StoreSecretRequest):  # only once the store committed
@@ -423,9 +450,11 @@ class KeyServer:
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context))
             return encode_response(refused.status)
         finally:
-            if reservations:
+            if not reserving:
+                pass
+            elif reservations:
                 self._reserved[session] = reservations
-            else:
+            else:  # only a session holding a reservation keeps an entry (P4)
                 self._reserved.pop(session, None)
         return encode_response(Status.OK, response)
 
@@ -494,6 +523,16 @@ class KeyServer:
         if not op.tx.delete_secret(op.user_id, request.key_id):
             raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
         return Empty(), request.key_id
+
+
+#: Operations that use the session's key-id reservations.
+_RESERVING = frozenset({Op.CREATE_KEY_ID, Op.STORE_SECRET})
+#: The reservations of a request that uses none (never written to).
+_NONE: OrderedDict[bytes, SecretKind] = OrderedDict()
+#: Operations whose only write is their audit entry: they need no savepoint of their own
+#: inside a batch (a failed statement leaves nothing behind). A test checks that each
+#: writes one statement at most.
+_ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID})
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,21 @@ from keymgmt_proto import ServerConfig
 from .app import ThrottlePolicy
 from .runtime import ServerSettings
 
-__all__ = ["OPTIONS", "ConfigError", "Option", "load_settings", "options_help", "render_config"]
+__all__ = [
+    "MAX_WORKERS",
+    "MIN_WORKERS",
+    "OPTIONS",
+    "ConfigError",
+    "Option",
+    "check_workers",
+    "load_settings",
+    "options_help",
+    "render_config",
+]
+
+#: ``server.workers`` / ``--workers``: how many server processes may share the port.
+MIN_WORKERS = 1
+MAX_WORKERS = 64
 
 
 class ConfigError(Exception):
@@ -41,6 +55,14 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("server", "host", str, "127.0.0.1", "KEYMGMT_HOST", "address to listen on"),
     Option("server", "port", int, 7443, "KEYMGMT_PORT", "TCP port (0 picks a free one)"),
+    Option(
+        "server",
+        "workers",
+        int,
+        1,
+        "KEYMGMT_WORKERS",
+        f"server processes sharing the port ({MIN_WORKERS}..{MAX_WORKERS}; 1 = no extra process)",
+    ),
     Option("server", "storage", Path, "keyserver.db", "KEYMGMT_STORAGE", "SQLite database file"),
     Option(
         "server",
@@ -323,6 +345,9 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     assert isinstance(port, int)
     if port > 65535:
         raise ConfigError("server.port must be at most 65535")
+    workers = values["server.workers"]
+    assert isinstance(workers, int)
+    check_workers(workers, "server.workers")
     return ServerSettings(
         storage_path=values["server.storage"],  # type: ignore[arg-type]
         setup_path=values["server.setup"],  # type: ignore[arg-type]
@@ -330,6 +355,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         key_path=values["server.tls_key"],  # type: ignore[arg-type]
         host=values["server.host"],  # type: ignore[arg-type]
         port=port,
+        workers=workers,
         tls_handshake_timeout=values["server.tls_handshake_timeout"],  # type: ignore[arg-type]
         max_connections=values["server.max_connections"],  # type: ignore[arg-type]
         max_connections_per_address=values["server.max_connections_per_address"],  # type: ignore[arg-type]
@@ -343,6 +369,14 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         database_url=values["server.database_url"] or None,  # type: ignore[arg-type]
         database_schema=values["server.database_schema"],  # type: ignore[arg-type]
     )
+
+
+def check_workers(value: object, name: str) -> int:
+    """``value`` as a worker count from MIN_WORKERS to MAX_WORKERS, else one ConfigError line."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdecimal() or not MIN_WORKERS <= int(text) <= MAX_WORKERS:
+        raise ConfigError(f"{name} must be a whole number from {MIN_WORKERS} to {MAX_WORKERS}, not {text!r}")
+    return int(text)
 
 
 def options_help() -> str:

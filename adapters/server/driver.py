@@ -1,7 +1,9 @@
 """Drive one ServerConnection over any anyio byte stream (asyncio or trio).
 
-Reads only when the core needs data, writes what ``data_to_send()`` returns,
-and wakes for the core's next deadline with one timer. ``stop()`` ends the
+One task reads and buffers whatever arrives (also while a commit runs); the main
+task hands everything buffered to the server's group commit (adapters/server/commit.py),
+sends what the core queued once it has committed, and wakes for the core's next
+deadline with one timer. ``stop()`` ends the
 connection gracefully: requests already received have been answered (the
 application answers while the driver processes events), a GOAWAY goes out,
 and established sessions stay resumable on another connection.
@@ -14,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -33,9 +36,9 @@ from keymgmt_proto import (
     SessionRegistry,
 )
 
-from ..storage.base import StorageError
+from .commit import CommitFailed, GroupCommit
 
-__all__ = ["ConnectionDriver", "serve_stream"]
+__all__ = ["ConnectionDriver", "group_commit_for", "serve_stream"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -45,6 +48,23 @@ ExpiryHook = Callable[[Sequence[ExpiredSession]], None]
 #: The driver of each live server connection, so that a driver whose work changed another
 #: connection (SessionRegistry.take_woken) can wake that connection's driver.
 _DRIVERS: WeakKeyDictionary[ServerConnection, ConnectionDriver] = WeakKeyDictionary()
+
+
+#: The group commit of each application that drivers were given without one (tests and
+#: serve_stream): every connection of an application shares its batches.
+_COMMITS: WeakKeyDictionary[object, GroupCommit] = WeakKeyDictionary()
+
+
+def group_commit_for(app: ServerApp) -> GroupCommit:
+    """The group commit that the connections of ``app`` share (made on first use; batches
+    are the app's ``batch()`` when it has one)."""
+    try:
+        committer = _COMMITS.get(app)
+    except TypeError:  # an app that cannot be weakly referenced gets a group commit of its own
+        return GroupCommit(getattr(app, "batch", None))
+    if committer is None:
+        committer = _COMMITS[app] = GroupCommit(getattr(app, "batch", None))
+    return committer
 
 
 class ConnectionDriver:
@@ -64,6 +84,8 @@ class ConnectionDriver:
         clock: Callable[[], float] = time.time,
         send_timeout: float = 30.0,
         admission: Admission | None = None,
+        committer: GroupCommit | None = None,
+        max_unprocessed: int = 4 * 65536,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
         self.stream = stream
@@ -82,29 +104,29 @@ class ConnectionDriver:
         self._stuck = False
         #: Set when an internal error ended the connection (see run()).
         self.faulted = False
-        self._receive_scope: anyio.CancelScope | None = None
         #: Set when another connection's work queued output here or changed its deadlines.
         self._woken = False
+        #: Where this connection's storage work runs: shared by every connection of the server.
+        self.committer = committer if committer is not None else group_commit_for(app)
+        #: Stop reading while this many received bytes wait for a batch.
+        self.max_unprocessed = max_unprocessed
+        self._unprocessed = 0
+        self._room = anyio.Event()
+        #: Set by input, a wake or a stop: the main loop runs another batch.
+        self._input = anyio.Event()
+        self._reader_failure: Exception | None = None
         _DRIVERS[self.conn] = self
 
     def wake(self) -> None:
         """Another connection changed this one (a session moved away, or an answer for a
         session now here was queued): send its output and recompute its timer now."""
         self._woken = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
-
-    def _wake_others(self) -> None:
-        for conn in self.registry.take_woken():
-            driver = _DRIVERS.get(conn)
-            if driver is not None and driver is not self:
-                driver.wake()
+        self._input.set()
 
     def stop(self) -> None:
         """Finish what was received, say GOAWAY and close (graceful shutdown)."""
         self._stopping = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        self._input.set()
 
     def _run_app(self, event: Event) -> None:
         try:
@@ -112,26 +134,35 @@ class ConnectionDriver:
         except Exception:  # one bad event must not take the other sessions down
             log.exception("server application failed on %s", type(event).__name__)
 
-    def _process(self) -> None:
-        """Handle every event ready now, as one group commit when the app offers batch():
-        the output they produce is sent only after the commit; if it fails, the connection is
-        abandoned (nothing sent, its sessions ended) so no uncommitted answer is ever seen."""
-        batch = getattr(self.app, "batch", None)
-        try:
-            if batch is None:
-                self._process_events()
-                return
+    async def _commit(self, work: Callable[[], bytes]) -> bytes | None:
+        """Run ``work`` in the server's next group commit; the bytes it took from the core
+        once they are committed, or None if the batch failed (the connection is then
+        abandoned: nothing of it is sent, its sessions end, so no answer that was never
+        committed is ever seen; a commit that raised something else is raised here, a fault).
+        Shielded: begun, it runs to the end even at shutdown."""
+        with anyio.CancelScope(shield=True):
             try:
-                with batch():
-                    self._process_events()
-            except StorageError as exc:
+                return await self.committer.run(work)
+            except CommitFailed as exc:
+                if exc.__cause__ is not None:  # not a storage failure but a bug: a fault
+                    raise exc.__cause__ from None
                 log.error("group commit failed; abandoning the connection from %s: %s", self.peer, exc)
-                self.conn.abandon()
-                self._process_events()
-        finally:
-            self._wake_others()
+                try:
+                    await self.committer.run(self._abandon)
+                except CommitFailed:
+                    log.error("could not end the sessions of the connection from %s", self.peer)
+                return None
+        return None  # (a shielded scope is never cancelled)
 
-    def _process_events(self) -> None:
+    def _abandon(self, reason: str = "server storage failure") -> bytes:
+        self.conn.abandon(reason)
+        return self._process_events()
+
+    def _process_events(self) -> bytes:
+        """Handle every event ready now; return the bytes they queued. Runs inside a batch
+        (:meth:`_commit`): output is taken from the core only here, so what a driver sends
+        always belongs to a batch that has committed; output another connection's work
+        queues here meanwhile waits for this connection's next batch."""
         while (event := self.conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
@@ -145,6 +176,27 @@ class ConnectionDriver:
                 if self.rate_limited == 1:  # one line per connection, not one per attempt
                     log.warning("connection from %s is rate limited: %s", self.peer, event.reason)
             self._run_app(event)
+        for conn in self.registry.take_woken():  # their drivers collect it in a later batch
+            driver = _DRIVERS.get(conn)
+            if driver is not None and driver is not self:
+                driver.wake()
+        return self.conn.data_to_send()
+
+    def _turn(self, timer_due: bool) -> bytes:
+        """One batch's work for this connection: the input buffered so far, the timers that
+        are due, a graceful close when stopping."""
+        conn = self.conn
+        self._unprocessed = 0
+        self._room.set()
+        if timer_due:
+            now = self.clock()
+            conn.handle_timer(now)
+            self._expire_detached(now)
+        output = self._process_events()
+        if self._stopping and conn.failed is None:
+            conn.close("server shutting down")
+            output += self._process_events()
+        return output
 
     async def run(self) -> None:
         """Serve until the connection ends. A fault while serving it (a bug in the core or the
@@ -157,31 +209,41 @@ class ConnectionDriver:
         except Exception:
             self.faulted = True
             log.error("connection from %s ended by an internal error", self.peer, exc_info=True)
-            try:
-                self.conn.abandon("internal error")
-                self._process_events()  # logins cut short still count as failed (NET-10)
+            try:  # logins cut short still count as failed (NET-10)
+                await self._commit(lambda: self._abandon("internal error"))
             except Exception:  # the core is in a state nobody planned for; the stream still closes
                 log.error("could not end the sessions of the connection from %s", self.peer)
         finally:
             await self._close_stream()
 
     async def _serve(self) -> None:
+        failure: Exception | None = None
         try:
-            await self._loop()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            log.info("connection from %s broke: %s", self.peer, type(exc).__name__)
-        except Exception:
-            raise  # a fault: run() abandons the connection, no graceful detach
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._read)
+                try:
+                    await self._loop()
+                except Exception as exc:  # re-raised below, not wrapped in an exception group
+                    failure = exc
+                tasks.cancel_scope.cancel()
         except BaseException:  # cancelled (shutdown grace over): detach what can be resumed
-            self._end_quietly()
+            await self._end_quietly()
             raise
-        self._end_quietly()
+        if isinstance(failure, anyio.BrokenResourceError | anyio.ClosedResourceError | OSError):
+            log.info("connection from %s broke: %s", self.peer, type(failure).__name__)
+        elif failure is not None:
+            raise failure  # a fault: run() abandons the connection, no graceful detach
+        await self._end_quietly()
 
-    def _end_quietly(self) -> None:
+    async def _end_quietly(self) -> None:
         """The transport is gone: established sessions detach, the rest end (and are audited)."""
-        if self.conn.failed is None:
-            self.conn.connection_lost()
-        self._process()
+
+        def work() -> bytes:
+            if self.conn.failed is None:
+                self.conn.connection_lost()
+            return self._process_events()
+
+        await self._commit(work)
 
     async def _close_stream(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -202,14 +264,42 @@ class ConnectionDriver:
         except Exception:
             log.error("expiring detached sessions failed", exc_info=True)
 
-    async def _loop(self) -> None:
+    async def _read(self) -> None:
+        """Receive until the peer closes, buffering everything in the core at once, also while
+        a batch commits: the next batch takes all of it. Stops reading while more than
+        ``max_unprocessed`` bytes wait for a batch (backpressure)."""
         conn = self.conn
         while True:
-            self._process()
-            if self._stopping and conn.failed is None:
-                conn.close("server shutting down")
-                self._process()
-            output = conn.data_to_send()
+            while self._unprocessed >= self.max_unprocessed:
+                self._room = anyio.Event()
+                await self._room.wait()
+            try:
+                data = await self.stream.receive(self.receive_size)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                data = b""
+            except Exception as exc:  # raised by the main loop as a fault
+                self._reader_failure = exc
+                self._input.set()
+                return
+            try:
+                conn.receive_data(data, self.clock())
+            except Exception as exc:
+                self._reader_failure = exc
+                self._input.set()
+                return
+            self._unprocessed += len(data)
+            self._input.set()
+            if not data:
+                return
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        timer_due = False
+        while True:
+            self._input = anyio.Event()
+            self._woken = False
+            output = await self._commit(partial(self._turn, timer_due))
+            timer_due = False
             if output:
                 try:
                     with anyio.fail_after(self.send_timeout):
@@ -220,25 +310,15 @@ class ConnectionDriver:
                     return
             if conn.failed is not None:
                 return
-            if self._woken:  # output or deadlines changed while this driver was busy
-                self._woken = False
+            if self._reader_failure is not None:
+                raise self._reader_failure
+            if self._input.is_set():  # input, a wake or a stop arrived meanwhile
                 continue
             deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
             wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
-            data: bytes | None = None
-            with anyio.CancelScope(deadline=anyio.current_time() + wait) as scope:
-                self._receive_scope = scope
-                try:
-                    data = await self.stream.receive(self.receive_size)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    data = b""
-            self._receive_scope = None
-            now = self.clock()
-            if data is not None:
-                conn.receive_data(data, now)
-            elif not self._stopping:
-                conn.handle_timer(now)
-                self._expire_detached(now)
+            with anyio.move_on_after(wait) as timeout:
+                await self._input.wait()
+            timer_due = timeout.cancelled_caught and not self._stopping
 
 
 async def serve_stream(

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import Listener, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry, session_sealing_key
@@ -32,6 +34,7 @@ from ..storage.sqlite import SQLiteStorage
 from ..tls import server_context
 from .admission import AddressLimits, address_key
 from .app import KeyServer, ThrottlePolicy
+from .commit import GroupCommit
 from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
 from .setupfile import load_server_setup_file
@@ -70,6 +73,8 @@ class ServerSettings:
     key_path: Path
     host: str = "127.0.0.1"
     port: int = 7443
+    #: Server processes sharing the listening socket (``keymgmt-server serve``; 1 = this one).
+    workers: int = 1
     #: The TLS handshake must finish within this many seconds.
     tls_handshake_timeout: float = 10.0
     #: Open connections beyond this are refused.
@@ -114,8 +119,12 @@ class KeyServerRuntime:
         storage: Storage | None = None,
         setup: ServerSetup | None = None,
         clock: Callable[[], float] | None = None,
+        sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.settings = settings
+        #: Listening sockets bound by someone else (``serve --workers``): used instead of
+        #: binding ``settings.host``/``settings.port``; the runtime closes them when it stops.
+        self._sockets = tuple(sockets)
         self.setup = setup if setup is not None else load_server_setup_file(settings.setup_path)
         self.ssl_context = server_context(settings.cert_path, settings.key_path)
         self.storage: Storage = storage if storage is not None else open_storage(settings)
@@ -135,6 +144,8 @@ class KeyServerRuntime:
             sealing_key=session_sealing_key(self.setup.to_bytes()),
             random=os.urandom,
         )
+        #: One group commit for every connection and background task of this server.
+        self.committer = GroupCommit(self.keyserver.batch)
         self.port: int | None = None
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
@@ -164,9 +175,16 @@ class KeyServerRuntime:
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``shutdown()``; reports the bound port through ``task_status``."""
-        listener = await anyio.create_tcp_listener(
-            local_host=self.settings.host, local_port=self.settings.port
-        )
+        listener: MultiListener[SocketStream]
+        if self._sockets:
+            wrapped: list[Listener[SocketStream]] = [
+                await SocketListener.from_socket(s) for s in self._sockets
+            ]
+            listener = MultiListener(wrapped)
+        else:
+            listener = await anyio.create_tcp_listener(
+                local_host=self.settings.host, local_port=self.settings.port
+            )
         self.port = listener.extra(SocketAttribute.local_port)
         log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
         try:
@@ -213,13 +231,17 @@ class KeyServerRuntime:
 
     async def _expire_detached_sessions(self) -> None:
         """Expire (and audit) detached sessions even when no connection is open to do it."""
+
+        def expire() -> None:
+            expired = self.registry.handle_timer(time.time())
+            if expired:
+                self.keyserver.sessions_expired(expired)
+
         while True:
             deadline = self.registry.get_timer()
             await anyio.sleep(1.0 if deadline is None else min(60.0, max(0.0, deadline - time.time())))
             try:
-                expired = self.registry.handle_timer(time.time())
-                if expired:
-                    self.keyserver.sessions_expired(expired)
+                await self.committer.run(expire)
             except Exception:  # e.g. the database is briefly unreachable: try again later
                 log.error("expiring detached sessions failed", exc_info=True)
 
@@ -229,7 +251,7 @@ class KeyServerRuntime:
         while True:
             await anyio.sleep(self.settings.maintenance_interval)
             try:
-                while self.keyserver.maintain(batch=1000) == 1000:
+                while await self.committer.run(lambda: self.keyserver.maintain(batch=1000)) == 1000:
                     await anyio.sleep(0)
             except Exception:
                 log.error("sweeping login-throttling records failed", exc_info=True)
@@ -331,7 +353,13 @@ class KeyServerRuntime:
             await anyio.aclose_forcefully(tcp)
             return
         driver = ConnectionDriver(
-            stream, self.setup, self.keyserver, self.registry, peer=peer, admission=bucket
+            stream,
+            self.setup,
+            self.keyserver,
+            self.registry,
+            peer=peer,
+            admission=bucket,
+            committer=self.committer,
         )
         self._drivers.add(driver)
         slot.driver = driver

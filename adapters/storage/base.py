@@ -32,11 +32,25 @@ __all__ = [
     "Storage",
     "StorageError",
     "Transaction",
+    "needs_sync",
 ]
 
 
 class StorageError(Exception):
     """The backend failed; the transaction was rolled back. Never carries secret data."""
+
+
+#: Audit entries that need not reach the disk before the answer goes out (STO-1 covers
+#: acknowledged state: accounts, secrets, the log of operations on them). They become
+#: durable with the next commit that syncs, and every request of a session syncs; so
+#: only a power loss before the session did anything can lose them, and a crash of the
+#: server process never does (the backends still commit them before answering).
+SOFT_AUDIT_ACTIONS = frozenset({Action.LOGIN, Action.LOGIN_THROTTLED, Action.LOGOUT, Action.SESSION_EXPIRED})
+
+
+def needs_sync(record: AuditRecord) -> bool:
+    """Whether the commit writing this audit entry must reach the disk before answering."""
+    return record.action not in SOFT_AUDIT_ACTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +206,11 @@ class Transaction(Protocol):
 
 
 class Storage(Protocol):
-    def transaction(self) -> AbstractContextManager[Transaction]: ...
+    def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
+        """A transaction (inside a batch, a part of it that rolls back alone). With
+        ``atomic=False`` the caller promises to write at most one statement, and a backend
+        may then skip the savepoint inside a batch."""
+        ...
 
     @property
     def session_store(self) -> DetachedSessionStore:

@@ -30,7 +30,16 @@ from psycopg_pool import ConnectionPool
 from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..redaction import database_url_secrets, redact_database_url
-from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from .base import (
+    Account,
+    AuditQuery,
+    AuditRecord,
+    LoginRecord,
+    SecretRecord,
+    StorageError,
+    Transaction,
+    needs_sync,
+)
 from .sql import (
     Statements,
     account_values,
@@ -120,12 +129,20 @@ _LOGIN_RECORD_FOR_UPDATE = _SQL.login_record + " FOR UPDATE"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+#: For one transaction: commit without waiting for the WAL flush.
+_NO_SYNC = "SET LOCAL synchronous_commit TO OFF"
+
+
 class _PgTransaction:
     def __init__(
-        self, conn: psycopg.Connection[TupleRow], pool: ConnectionPool[psycopg.Connection[TupleRow]]
+        self,
+        conn: psycopg.Connection[TupleRow],
+        pool: ConnectionPool[psycopg.Connection[TupleRow]],
+        storage: PostgresStorage,
     ) -> None:
         self._conn = conn
         self._pool = pool
+        self._storage = storage
 
     @contextmanager
     def _own(self) -> Iterator[psycopg.Connection[TupleRow]]:
@@ -134,6 +151,7 @@ class _PgTransaction:
         row locks would be held to its end, and two instances could wait on each other's
         (a deadlock, which loses a write and stalls both event loops)."""
         with self._pool.connection() as conn, conn.transaction():
+            conn.execute(_NO_SYNC)  # login bookkeeping (see base.SOFT_AUDIT_ACTIONS)
             yield conn
 
     def _one(self, query: str, params: tuple[object, ...]) -> TupleRow | None:
@@ -151,6 +169,7 @@ class _PgTransaction:
         return self._one(_SQL.user_id_exists, (user_id,)) is not None
 
     def insert_account(self, account: Account) -> bool:
+        self._storage.sync_needed = True
         cursor = self._conn.execute(_INSERT_ACCOUNT, account_values(account))
         return cursor.rowcount == 1
 
@@ -163,6 +182,7 @@ class _PgTransaction:
         return int(row[0])
 
     def insert_secret(self, secret: SecretRecord) -> bool:
+        self._storage.sync_needed = True
         try:
             cursor = self._conn.execute(_INSERT_SECRET, secret_values(secret))
         except psycopg.errors.ForeignKeyViolation:
@@ -178,10 +198,13 @@ class _PgTransaction:
         return key_page(rows, offset, limit)
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
+        self._storage.sync_needed = True
         cursor = self._conn.execute(_SQL.delete_secret, (user_id, key_id))
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord) -> None:
+        if needs_sync(record):
+            self._storage.sync_needed = True
         # The row lock taken by this UPDATE orders concurrent appends for one user (any instance).
         row = self._one(
             "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s RETURNING audit_seq",
@@ -273,6 +296,7 @@ class _PgSessionStore:
             conn.execute("DELETE FROM detached_sessions WHERE expires_at < extract(epoch FROM now()) - 3600")
 
     def claim(self, handle: bytes) -> bytes | None:
+        self._storage.sync_needed = True  # a claim lost to a crash would let it resume twice
         with self._storage._connection() as conn:
             row = conn.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
@@ -295,6 +319,8 @@ class PostgresStorage:
         self.schema = schema
         self._conninfo_display = redact_database_url(conninfo)
         self._batch_conn: psycopg.Connection[TupleRow] | None = None
+        #: Set by a write whose commit must reach the disk before anything is answered.
+        self.sync_needed = False
         secrets = database_url_secrets(conninfo)
         with suppress(psycopg.Error):  # (a string libpq cannot parse has no password to add)
             secrets.append(str(psycopg.conninfo.conninfo_to_dict(conninfo).get("password") or ""))
@@ -363,14 +389,18 @@ class PostgresStorage:
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, atomic: bool = True) -> Iterator[Transaction]:
+        # Always a savepoint inside a batch, atomic or not: in PostgreSQL a failed statement
+        # aborts the whole transaction, so every part needs one to fail alone.
         try:
             if self._batch_conn is not None:  # inside batch(): a savepoint
                 with self._batch_conn.transaction():
-                    yield _PgTransaction(self._batch_conn, self._pool)
+                    yield _PgTransaction(self._batch_conn, self._pool, self)
                 return
             with self._pool.connection() as conn, conn.transaction():
-                yield _PgTransaction(conn, self._pool)
+                self.sync_needed = False
+                yield _PgTransaction(conn, self._pool, self)
+                self._before_commit(conn)
         except psycopg.Error as exc:
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 
@@ -384,12 +414,22 @@ class PostgresStorage:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 self._batch_conn = conn
+                self.sync_needed = False
                 try:
                     yield
                 finally:
                     self._batch_conn = None
+                self._before_commit(conn)
         except psycopg.Error as exc:
             raise StorageError(f"commit failed: {type(exc).__name__}") from None
+
+    def _before_commit(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """A transaction that wrote only login bookkeeping commits without waiting for the
+        database's WAL flush (``synchronous_commit`` off for it alone): it becomes durable
+        with the next flush, and a crash of this process never loses it."""
+        if not self.sync_needed:
+            conn.execute(_NO_SYNC)
+        self.sync_needed = False
 
     def close(self) -> None:
         self._pool.close()

@@ -1,9 +1,13 @@
 """SQLite key-server storage: the embedded default (STO-1).
 
-Durability: WAL journal with ``synchronous=FULL``. In WAL mode ``NORMAL``
-already survives a crash of the server *process* (committed pages are in the
-WAL file, which the OS keeps), but may lose the last transactions on power
-loss; an acknowledged store must survive both, so every commit syncs the WAL.
+Durability: WAL journal with ``synchronous=NORMAL``, and the WAL synced by this
+module (``fdatasync``) after every commit that wrote acknowledged state (an account,
+a secret, an operation's audit entry): exactly what ``FULL`` does for those commits.
+In WAL mode ``NORMAL`` already survives a crash of the server *process* (committed
+pages are in the WAL file, which the OS keeps), but may lose the last transactions on
+power loss; an acknowledged store must survive both. Commits that wrote only login
+bookkeeping (throttling rows, login and logout entries, detached sessions) skip the
+sync: they become durable with the next commit that syncs (base.SOFT_AUDIT_ACTIONS).
 Foreign keys are on. The file is created with owner-only permissions.
 
 Schema changes are numbered migrations recorded in ``schema_version``. The
@@ -15,14 +19,23 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
 from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
-from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError, Transaction
+from .base import (
+    Account,
+    AuditQuery,
+    AuditRecord,
+    LoginRecord,
+    SecretRecord,
+    StorageError,
+    Transaction,
+    needs_sync,
+)
 from .sql import (
     Row,
     Statements,
@@ -109,11 +122,19 @@ _MIGRATIONS: list[str] = [
 ]
 
 _SQL = Statements("qmark")
+_INSERT_AUDIT = (
+    "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LAST_AUDIT_NUMBER = "SELECT coalesce(max(seq), 0) FROM audit WHERE user_id = ?"
+#: Users whose last audit number the storage remembers (then it starts again).
+_AUDIT_NUMBERS_KEPT = 100_000
 
 
 class _SQLiteTransaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
         self._db = db
+        self._storage = storage
 
     def get_account(self, account_name: bytes) -> Account | None:
         row = self._db.execute(_SQL.account_by_name, (account_name,)).fetchone()
@@ -127,6 +148,7 @@ class _SQLiteTransaction:
         return self._db.execute(_SQL.user_id_exists, (user_id,)).fetchone() is not None
 
     def insert_account(self, account: Account) -> bool:
+        self._storage.sync_needed = True
         try:
             self._db.execute(_SQL.insert_account, account_values(account))
         except sqlite3.IntegrityError:
@@ -191,6 +213,7 @@ class _SQLiteTransaction:
         return self._db.execute(_SQL.key_id_exists, (key_id,)).fetchone() is not None
 
     def insert_secret(self, secret: SecretRecord) -> bool:
+        self._storage.sync_needed = True
         try:
             self._db.execute(_SQL.insert_secret, secret_values(secret))
         except sqlite3.IntegrityError as exc:
@@ -208,20 +231,87 @@ class _SQLiteTransaction:
         return key_page(rows, offset, limit)
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
+        self._storage.sync_needed = True
         cursor = self._db.execute(_SQL.delete_secret, (user_id, key_id))
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord) -> None:
-        # Numbered in the same statement: SQLite has one writer at a time.
-        self._db.execute(
-            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
-            "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?), ?, ?, ?, ?, ?, ?)",
-            (record.user_id, record.user_id, *audit_values(record)),
-        )
+        # Numbered from the storage's memory of each user's last number: one statement. A
+        # number another process took meanwhile is refused by the primary key, and the
+        # last number is then read again (a batch holds the write lock: nobody appends
+        # during it). Every rollback forgets the numbers, so none is ever skipped.
+        if needs_sync(record):
+            self._storage.sync_needed = True
+        user_id = record.user_id
+        numbers = self._storage.audit_numbers
+        last = numbers.get(user_id)
+        if last is not None:
+            try:
+                self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record)))
+            except sqlite3.IntegrityError:
+                pass
+            else:
+                numbers[user_id] = last + 1
+                return
+        last = self._db.execute(_LAST_AUDIT_NUMBER, (user_id,)).fetchone()[0]
+        self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record)))
+        if len(numbers) >= _AUDIT_NUMBERS_KEPT:
+            numbers.clear()
+        numbers[user_id] = last + 1
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()
         return audit_page(rows, query.limit)
+
+
+class _InBatch:
+    """``transaction(atomic=False)`` inside a batch: no savepoint of its own (see there)."""
+
+    __slots__ = ("_storage", "_tx")
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self._storage = storage
+        self._tx = _SQLiteTransaction(storage._db, storage)
+
+    def __enter__(self) -> Transaction:
+        if not self._storage._db.in_transaction:  # (as in _savepoint)
+            raise StorageError("the batch's transaction was rolled back")
+        return self._tx
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            self._storage.forget_audit_numbers()
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+
+
+class _WalFile:
+    """The database's WAL file, synced after the commits that must be durable (the same
+    ``fdatasync`` that ``synchronous=FULL`` would run at every commit)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: an in-memory database, nothing to sync
+        self._fd: int | None = None
+        self._inode = 0
+
+    def sync(self) -> None:
+        if self.path is None:
+            return
+        inode = os.stat(self.path).st_ino  # (a WAL file replaced meanwhile is opened again)
+        if self._fd is None or inode != self._inode:
+            self.close()
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._inode = os.fstat(self._fd).st_ino
+            directory = os.open(self.path.parent, os.O_RDONLY)  # the file's name, too
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _SQLiteSessionStore:
@@ -236,7 +326,9 @@ class _SQLiteSessionStore:
             db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
 
     def claim(self, handle: bytes) -> bytes | None:
+        # Durable: a claim lost to a power cut would let the session be resumed twice.
         with self._storage._locked() as db:
+            self._storage.sync_needed = True
             row = db.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -248,6 +340,14 @@ class SQLiteStorage:
         self.path = Path(path)
         ensure_private_file(self.path, StorageError)
         self._batch_depth = 0
+        #: Set by a write whose commit must reach the disk before anything is answered.
+        self.sync_needed = False
+        self._wal = _WalFile(None if str(path) == ":memory:" else Path(f"{self.path}-wal"))
+        #: Commits that synced the WAL (for tests and metrics).
+        self.syncs = 0
+        #: The last audit entry number of each user as committed or written in the open
+        #: transaction (see append_audit); forgotten on every rollback.
+        self.audit_numbers: dict[bytes, int] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -255,9 +355,12 @@ class SQLiteStorage:
             enable_wal(self._db, self.path, StorageError)
             self._db.execute("PRAGMA synchronous = FULL")
             self._migrate()
+            # From here on this module syncs the WAL itself, after the commits that need it.
+            self._db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
         self.session_store = _SQLiteSessionStore(self)
+        self._in_batch = _InBatch(self)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self.path)!r})"
@@ -285,8 +388,13 @@ class SQLiteStorage:
         value: int = self._db.execute(_SQL.schema_version).fetchone()[0]
         return value
 
+    def forget_audit_numbers(self) -> None:
+        """Something was rolled back: the remembered numbers may be ahead of the table."""
+        self.audit_numbers.clear()
+
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite may already have done it)."""
+        self.forget_audit_numbers()
         if self._db.in_transaction:
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
@@ -318,11 +426,25 @@ class SQLiteStorage:
             raise
         finally:
             self._batch_depth = 0
+        self._commit()
+
+    def _commit(self) -> None:
+        """COMMIT, then sync the WAL if what was committed must be durable. A failed sync is
+        a failed commit: the caller acknowledges nothing (the data may or may not be on
+        disk, as after any failed commit)."""
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
+            self.sync_needed = False
             raise StorageError(f"commit failed: {type(exc).__name__}") from None
+        if self.sync_needed:
+            self.sync_needed = False
+            try:
+                self._wal.sync()
+            except OSError as exc:
+                raise StorageError(f"commit failed: cannot sync the WAL ({exc.strerror or exc})") from None
+            self.syncs += 1
 
     @contextmanager
     def _savepoint(self) -> Iterator[Transaction]:
@@ -337,8 +459,9 @@ class SQLiteStorage:
             raise StorageError("the batch's transaction was rolled back")
         self._db.execute("SAVEPOINT op")
         try:
-            yield _SQLiteTransaction(self._db)
+            yield _SQLiteTransaction(self._db, self)
         except BaseException as exc:
+            self.forget_audit_numbers()
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK TO op")
                 self._db.execute("RELEASE op")
@@ -347,29 +470,30 @@ class SQLiteStorage:
             raise
         self._db.execute("RELEASE op")
 
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
+        """A transaction; inside :meth:`batch` a savepoint, or, when ``atomic`` is False (the
+        caller writes at most one statement, so a failure leaves nothing half-done: SQLite
+        undoes a failed statement itself), the batch's transaction as it is."""
         if self._batch_depth:
-            with self._savepoint() as tx:
-                yield tx
-            return
+            return self._savepoint() if atomic else self._in_batch
+        return self._transaction()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Transaction]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
         try:
-            yield _SQLiteTransaction(self._db)
+            yield _SQLiteTransaction(self._db, self)
         except sqlite3.Error as exc:
             self._rollback()
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
         except BaseException:
             self._rollback()
             raise
-        try:
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise StorageError(f"commit failed: {type(exc).__name__}") from None
+        self._commit()
 
     def close(self) -> None:
+        self._wal.close()
         self._db.close()

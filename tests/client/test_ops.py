@@ -235,8 +235,8 @@ async def test_client_detects_tampered_or_swapped_ciphertexts(tmp_path, mode):
         client.local_store.delete(alice.user_id, target)  # force a server round trip
         original = world.storage.transaction
 
-        def tampered():
-            context = original()
+        def tampered(**options):
+            context = original(**options)
 
             class _Wrap:
                 def __enter__(self_inner):

@@ -17,15 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "p1_channel",
     "p2_login",
+    "p2_login_network",
     "p7_client_opaque",
     "op_retrieve",
     "op_store",
-    "p3_throughput_asyncio",
-    "p3_throughput_trio",
+    "p3_throughput",
+    "p3_slowest",
+    "p3_busy",
+    "p3_server_cpu",
+    "p3_connections_2",
     "p4_memory",
     "p4_memory_server_32",
     "p5_multiplex",
     "p7_loop_lag",
+    "p8_workers",
 }
 
 

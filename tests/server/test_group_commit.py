@@ -233,3 +233,71 @@ def test_abandon_leaves_alone_a_session_that_has_moved_to_another_connection():
     first.server.abandon()
     second.client.send_request(new_sid, b"ping")
     assert only(second.pump(), ResponseReceived).body == b"ping"
+
+
+@pytest.mark.anyio
+async def test_other_connections_are_read_while_a_commit_is_slow(tmp_path):
+    """A commit that takes long (a slow fsync) runs in a worker thread: meanwhile the event
+    loop goes on reading the other connections' frames, and the commit's own answer is
+    held until it has committed. With the commit on the event loop, nothing would be read
+    until it finished."""
+    import threading
+
+    from keymgmt.adapters.testing.streams import MemoryByteStream
+
+    async with key_server(tmp_path) as world:
+        storage = world.storage
+        real_batch = storage.batch
+        state = {"slow": False, "committing": False, "read_meanwhile": 0}
+        blocked, release = threading.Event(), threading.Event()
+
+        @contextmanager
+        def slow_batch():
+            with real_batch():
+                yield
+                if state["slow"]:
+                    state["slow"], state["committing"] = False, True
+                    blocked.set()
+                    release.wait(10)  # bounded: a broken server fails the test, never hangs it
+                    state["committing"] = False
+
+        storage.batch = slow_batch
+
+        class Counting(MemoryByteStream):
+            async def receive(self, max_bytes: int = 65536) -> bytes:
+                data = await super().receive(max_bytes)
+                if state["committing"]:
+                    state["read_meanwhile"] += len(data)
+                return data
+
+        async def connect():
+            client_end, server_end = memory_stream_pair()
+            counted = Counting(server_end._send, server_end._receive)
+            world.task_group.start_soon(serve_stream, counted, SETUP, world.keyserver, world.registry)
+            return client_end
+
+        async with KeymgmtClient(connect) as first, KeymgmtClient(connect) as second:
+            await first.register(b"slow@example.org", PW)
+            one = await first.login(b"slow@example.org", PW)
+            two = await second.login(b"slow@example.org", PW)
+            key_id = await one.import_secret(b"\x03abc")
+            answers: dict[str, object] = {}
+
+            async def ask(name: str, session) -> None:
+                answers[name] = await session.list_keys()
+
+            async with anyio.create_task_group() as tg:
+                state["slow"] = True
+                tg.start_soon(ask, "first", one)
+                with anyio.fail_after(10):
+                    while not blocked.is_set():
+                        await anyio.sleep(0.005)
+                tg.start_soon(ask, "second", two)
+                with anyio.fail_after(10):
+                    while state["read_meanwhile"] == 0:
+                        await anyio.sleep(0.005)
+                assert state["committing"]  # still committing: the second request was read meanwhile
+                assert answers == {}  # and the first answer waits for its commit
+                release.set()
+            assert [k.key_id for k in answers["first"]] == [key_id]
+            assert [k.key_id for k in answers["second"]] == [key_id]

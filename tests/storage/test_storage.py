@@ -16,6 +16,7 @@ from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     Action,
     AuditType,
+    Context,
     ErrorCode,
     Outcome,
     RegistrationCompleted,
@@ -95,8 +96,8 @@ class _FailingStorage:
     def __init__(self, inner):
         self.inner = inner
 
-    def transaction(self):
-        inner_cm = self.inner.transaction()
+    def transaction(self, **options):
+        inner_cm = self.inner.transaction(**options)
 
         class _CM:
             def __enter__(self_cm):
@@ -251,12 +252,82 @@ def test_enable_wal_reports_a_refusal_and_does_not_retry_other_errors(tmp_path):
     assert (_Refusing.calls, _Broken.calls) == (1, 1)  # only "locked" is retried
 
 
-def test_sqlite_storage_syncs_every_commit_to_disk(tmp_path):
-    """STO-1: WAL with synchronous=FULL, so an acknowledged commit survives a power cut
-    (synchronous=OFF would pass every other test and lose the last commits)."""
+def _sync_log(storage, monkeypatch) -> list[str]:
+    """What SQLite executed, with "fdatasync WAL" where the storage synced the WAL file."""
+    log: list[str] = []
+    storage._db.set_trace_callback(log.append)
+    real = os.fdatasync
+    wal = storage.path.with_name(storage.path.name + "-wal")
+
+    def fdatasync(fd: int) -> None:
+        assert os.fstat(fd).st_ino == os.stat(wal).st_ino, "synced something else than the WAL"
+        log.append("fdatasync WAL")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    assert wal.exists()
+    return log
+
+
+def test_sqlite_storage_syncs_every_commit_of_acknowledged_state(tmp_path, monkeypatch):
+    """STO-1: in WAL mode synchronous=NORMAL survives a crash of the process but not a power
+    cut; a commit that wrote an account, a secret or an operation's audit entry must reach
+    the disk before it is acknowledged, so the storage syncs the WAL right after it (what
+    synchronous=FULL does), and only then returns."""
     storage = SQLiteStorage(tmp_path / "ks.db")
     assert storage._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert storage._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    log = _sync_log(storage, monkeypatch)
+    user = os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"sync@example.org", user, b"r", bytes(60)))
+    assert log[-2:] == ["COMMIT", "fdatasync WAL"]
+    with storage.batch():
+        with storage.transaction() as tx:
+            tx.insert_secret(SecretRecord(user, os.urandom(16), SecretKind.GENERATED, b"c", b"ad"))
+        with storage.transaction() as tx:
+            tx.append_audit(AuditRecord(user, Action.LOGIN, 1, Outcome.SUCCESS))
+    assert log[-2:] == ["COMMIT", "fdatasync WAL"] and log.count("fdatasync WAL") == 2
+    with storage.transaction() as tx:
+        tx.append_audit(AuditRecord(user, Action.RETRIEVE, 2, Outcome.SUCCESS, os.urandom(16), Context.NULL))
+    assert log[-2:] == ["COMMIT", "fdatasync WAL"]
+    assert storage.syncs == 3
+    storage.close()
+
+
+def test_sqlite_storage_commits_login_bookkeeping_without_a_sync(tmp_path, monkeypatch):
+    """A login's throttling rows and its audit entry do not wait for the disk (they become
+    durable with the next sync); a crash of the process still keeps them (WAL)."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    user = os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"soft@example.org", user, b"r", bytes(60)))
+    log = _sync_log(storage, monkeypatch)
+    syncs = storage.syncs
+    with storage.batch():
+        with storage.transaction() as tx:
+            assert tx.start_login(b"soft@example.org", 1, 5, 10**6)
+        with storage.transaction() as tx:
+            tx.finish_login(b"soft@example.org", 2, succeeded=True)
+            tx.append_audit(AuditRecord(user, Action.LOGIN, 2, Outcome.SUCCESS))
+        storage.session_store.save(os.urandom(16), b"sealed", 1e12)
+    assert "COMMIT" in log and "fdatasync WAL" not in log
+    assert storage.syncs == syncs
+    storage.close()
+
+
+def test_a_failed_sync_is_a_failed_commit(tmp_path, monkeypatch):
+    storage = SQLiteStorage(tmp_path / "ks.db")
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StorageError, match="cannot sync the WAL"), storage.transaction() as tx:
+        tx.insert_account(Account(b"eio@example.org", os.urandom(16), b"r", bytes(60)))
+    monkeypatch.undo()
+    with storage.transaction() as tx:  # the next commit works (and syncs) again
+        tx.insert_account(Account(b"fine@example.org", os.urandom(16), b"r", bytes(60)))
+    assert storage.syncs == 1
     storage.close()
 
 
@@ -265,10 +336,10 @@ class _AuditFails(SQLiteStorage):
 
     fail_on: frozenset[Action] = frozenset()
 
-    def transaction(self):
+    def transaction(self, **options):
         from contextlib import contextmanager
 
-        inner = SQLiteStorage.transaction(self)
+        inner = SQLiteStorage.transaction(self, **options)
         storage = self
 
         @contextmanager
@@ -324,4 +395,66 @@ async def test_the_key_server_writes_each_effect_and_its_audit_entry_in_one_tran
             storage.fail_on = frozenset()
             assert [k.key_id for k in await session.list_keys()] == [kept]
         tg.cancel_scope.cancel()
+    storage.close()
+
+
+def _numbers(storage, user: bytes) -> list[int]:
+    rows = storage._db.execute("SELECT seq FROM audit WHERE user_id = ? ORDER BY seq", (user,))
+    return [row[0] for row in rows]
+
+
+def test_audit_numbers_stay_dense_across_rollbacks_and_other_writers(tmp_path):
+    """The storage remembers each user's last audit number (one statement per append): a
+    rolled-back batch or savepoint, and another process appending meanwhile, must not make
+    it skip or reuse a number."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    user = os.urandom(16)
+    entry = AuditRecord(user, Action.RETRIEVE, 1, Outcome.SUCCESS, os.urandom(16), Context.NULL)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"dense@example.org", user, b"r", bytes(60)))
+        tx.append_audit(entry)
+    with pytest.raises(RuntimeError), storage.batch():  # a batch rolled back whole
+        with storage.transaction() as tx:
+            tx.append_audit(entry)
+        raise RuntimeError("the batch fails")
+    with storage.transaction() as tx:
+        tx.append_audit(entry)
+    assert _numbers(storage, user) == [1, 2]
+    with storage.batch():
+        with pytest.raises(RuntimeError), storage.transaction() as tx:  # a savepoint rolled back
+            tx.append_audit(entry)
+            raise RuntimeError("the operation fails")
+        with storage.transaction(atomic=False) as tx:
+            tx.append_audit(entry)
+    other = SQLiteStorage(tmp_path / "ks.db")  # another process appends twice
+    for _ in range(2):
+        with other.transaction() as tx:
+            tx.append_audit(entry)
+    with storage.transaction() as tx:  # its remembered number is stale: refused, read again
+        tx.append_audit(entry)
+    with storage.transaction() as tx:
+        tx.append_audit(entry)
+    assert _numbers(storage, user) == [1, 2, 3, 4, 5, 6, 7]
+    other.close()
+    storage.close()
+
+
+def test_a_one_write_request_runs_without_a_savepoint(tmp_path):
+    """Inside a batch, transaction(atomic=False) is the batch itself: no SAVEPOINT/RELEASE
+    pair around a retrieve's one audit write, and a failed statement still leaves nothing."""
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    user = os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"lean@example.org", user, b"r", bytes(60)))
+    log: list[str] = []
+    storage._db.set_trace_callback(log.append)
+    with storage.batch():
+        with storage.transaction(atomic=False) as tx:
+            tx.append_audit(AuditRecord(user, Action.LIST_KEYS, 1, Outcome.SUCCESS))
+        with pytest.raises(StorageError), storage.transaction(atomic=False) as tx:
+            tx.append_audit(AuditRecord(os.urandom(16), Action.LIST_KEYS, 1, Outcome.SUCCESS))  # no account
+        with storage.transaction() as tx:
+            tx.append_audit(AuditRecord(user, Action.LIST_KEYS, 2, Outcome.SUCCESS))
+    assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in log[: log.index("SAVEPOINT op")])
+    assert _numbers(storage, user) == [1, 2]
     storage.close()

@@ -437,3 +437,42 @@ def test_a_batch_holds_no_lock_on_the_throttling_rows(make_storage):
             assert tx.start_login(b"victim", 102, 5, 10**9)
             assert tx.finish_login(b"victim", 103, succeeded=False).failures == 2
         assert time.monotonic() - started < 1.0  # no wait for the batch's commit
+
+
+def test_postgres_waits_for_the_wal_flush_only_where_it_must():
+    """STO-1 on PostgreSQL: a commit with acknowledged state waits for the database's WAL
+    flush (synchronous_commit on); one with only login bookkeeping does not (set off for
+    that transaction alone), and neither do the throttling rows' own transactions."""
+    from keymgmt.adapters.storage.postgres import PostgresStorage
+
+    fixture = schema_fixture()
+    conninfo, schema = next(fixture)
+    storage = PostgresStorage(conninfo, schema=schema)
+    seen: list[str] = []
+    real = storage._before_commit
+
+    def before_commit(conn):
+        real(conn)
+        seen.append(conn.execute("SHOW synchronous_commit").fetchone()[0])
+
+    storage._before_commit = before_commit
+    try:
+        with storage.transaction() as tx:
+            tx.insert_account(ALICE)
+        with storage.batch():
+            with storage.transaction() as tx:
+                assert tx.start_login(ALICE.account_name, 1, 5, 10**6)
+            with storage.transaction() as tx:
+                tx.finish_login(ALICE.account_name, 2, succeeded=True)
+                tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGIN, 2, Outcome.SUCCESS))
+        with storage.batch():
+            with storage.transaction() as tx:
+                tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGOUT, 3, Outcome.SUCCESS))
+            with storage.transaction() as tx:
+                tx.insert_secret(_secret(ALICE.user_id, 1))
+        assert seen == ["on", "off", "on"]
+        with storage._pool.connection() as conn, conn.transaction():  # settings stay per transaction
+            assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        storage.close()
+        next(fixture, None)

@@ -41,7 +41,8 @@ def _limit_open_files(limit: int) -> None:
 
 class ServerProcess:
     """One running server. ``backend=None`` runs the real ``keymgmt-server serve`` (asyncio);
-    ``"asyncio"``/``"trio"`` run tests/support/serve_backend.py on that backend."""
+    ``"asyncio"``/``"trio"`` run tests/support/serve_backend.py on that backend. ``args``
+    are added to the command line (e.g. ``("--workers", "2")``)."""
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         start_timeout: float = 30.0,
         max_open_files: int | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         config = str(directory / CONFIG_NAME)
@@ -60,7 +62,7 @@ class ServerProcess:
         else:
             command = [sys.executable, str(BACKEND_SCRIPT), "--backend", backend, "--config", config]
         self.proc = subprocess.Popen(
-            [*command, "--log-level", log_level],
+            [*command, "--log-level", log_level, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

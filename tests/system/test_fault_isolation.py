@@ -44,8 +44,8 @@ class PoisonedStorage(SQLiteStorage):
         self._poisoned = False
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        with super().transaction() as tx:
+    def transaction(self, **options: bool) -> Iterator[Transaction]:  # type: ignore[override]
+        with super().transaction(**options) as tx:
             lookup = tx.get_account
 
             def get_account(name: bytes):

@@ -1,0 +1,146 @@
+"""One group commit for every connection of a key server, committed off the event loop.
+
+Each connection driver hands its storage work (the events its core has ready, a timer,
+the end of the connection) to :meth:`GroupCommit.run`. The work of every driver that
+asked while the previous batch was committing runs in the next batch: one storage
+transaction, whose commit (with its fsync) runs in a worker thread. Meanwhile the event
+loop goes on reading every connection's frames and queueing their work for the batch
+after. So the size of a batch follows the load (batch by arrival): one request alone
+is committed at once, and under load every commit carries whatever arrived during the
+one before it.
+
+The storage is touched by one batch at a time, and only from inside :meth:`run`: the
+work runs on the event loop, the commit in a thread, never both at once. A driver sends
+the output of its work only after ``run`` has returned, that is after the commit
+(STO-1: nothing is acknowledged before it is durable).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from ..storage.base import StorageError
+
+__all__ = ["CommitFailed", "GroupCommit"]
+
+log = logging.getLogger("keymgmt.server")
+
+_T = TypeVar("_T")
+
+#: Opens one batch: entering begins the storage transaction, leaving it commits.
+BatchFactory = Callable[[], AbstractContextManager[Any]]
+
+
+class CommitFailed(StorageError):
+    """The batch a work ran in did not commit: everything it wrote was rolled back. Its
+    ``__cause__`` is set when the commit raised something other than StorageError (a bug)."""
+
+
+class _Work(Generic[_T]):
+    __slots__ = ("call", "done", "error", "failure", "result", "turn")
+
+    def __init__(self, call: Callable[[], _T]) -> None:
+        self.call = call
+        #: Set when the batch has ended, or when this work's caller is to lead the next one.
+        self.turn = anyio.Event()
+        self.done = False
+        self.result: _T | None = None
+        self.error: BaseException | None = None
+        self.failure: StorageError | None = None
+
+
+class GroupCommit:
+    """Runs storage work in shared batches, one at a time, each committed in a worker thread.
+
+    ``batch`` opens a batch (the key server's ``batch()``); without one, work runs
+    without a transaction of its own (each storage call commits itself)."""
+
+    def __init__(self, batch: BatchFactory | None = None) -> None:
+        self._batch = batch
+        self._queue: list[_Work[Any]] = []
+        self._leading = False
+        #: Batches committed and failed so far (for tests and metrics).
+        self.batches = 0
+        self.failed_batches = 0
+
+    async def run(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` in the next batch; return its result once the batch has committed.
+
+        Raises :class:`CommitFailed` if the batch did not commit (the work's writes were
+        rolled back; when the batch could not begin, ``work`` did not run), or what
+        ``work`` raised (its earlier writes commit with the batch)."""
+        item: _Work[_T] = _Work(work)
+        self._queue.append(item)
+        if self._leading:
+            try:
+                await item.turn.wait()
+            except BaseException:  # cancelled while waiting: never strand the lead
+                if item in self._queue:
+                    self._queue.remove(item)
+                if item.turn.is_set() and not item.done:
+                    self._pass_lead()
+                raise
+        else:
+            self._leading = True
+        if not item.done:  # this caller leads the batch holding its work
+            try:
+                with anyio.CancelScope(shield=True):  # a begun batch always ends
+                    await self._run_batch()
+            finally:
+                self._pass_lead()
+        if item.failure is not None:
+            raise item.failure
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value]
+
+    def _pass_lead(self) -> None:
+        if self._queue:
+            self._queue[0].turn.set()
+        else:
+            self._leading = False
+
+    async def _run_batch(self) -> None:
+        items, self._queue = self._queue, []
+        failure: StorageError | None = None
+        batch = self._batch() if self._batch is not None else None
+        try:
+            if batch is not None:
+                batch.__enter__()
+        except StorageError as exc:
+            failure = CommitFailed(str(exc))
+        else:
+            for item in items:
+                try:
+                    item.result = item.call()
+                except BaseException as exc:  # reaches the work's own caller, not the batch
+                    item.error = exc
+            if batch is not None:
+                failure = await anyio.to_thread.run_sync(_commit, batch)
+        if failure is None:
+            self.batches += 1
+        else:
+            self.failed_batches += 1
+            log.error("group commit of %d works failed: %s", len(items), failure)
+        for item in items:
+            item.failure = failure
+            item.done = True
+            item.turn.set()
+
+
+def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
+    """Leave the batch (its commit and fsync), in a worker thread; what failed, or None."""
+    try:
+        batch.__exit__(None, None, None)
+    except StorageError as exc:
+        return CommitFailed(str(exc))
+    except Exception as exc:  # a bug in a storage: the batch's works must still all end
+        failure = CommitFailed(f"commit failed: {type(exc).__name__}")
+        failure.__cause__ = exc  # their drivers treat it as a fault (NET-12)
+        return failure
+    return None

@@ -1,0 +1,178 @@
+"""GroupCommit: the shared batches every connection's storage work runs in."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import anyio
+import pytest
+
+from keymgmt.adapters.server.commit import CommitFailed, GroupCommit
+from keymgmt.adapters.storage.base import StorageError
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A batch factory that records what ran in each batch; its commit can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.current: list[str] | None = None
+        self.hold = threading.Event()
+        self.hold.set()
+        self.holding = threading.Event()
+        self.fail_next: BaseException | None = None
+
+    @contextmanager
+    def batch(self):
+        self.current = []
+        yield
+        self.holding.set()
+        self.hold.wait(10)
+        self.holding.clear()
+        batch, self.current = self.current, None
+        if self.fail_next is not None:
+            failure, self.fail_next = self.fail_next, None
+            raise failure
+        self.batches.append(batch)
+
+    def work(self, name: str):
+        def run() -> str:
+            assert self.current is not None, "work ran outside a batch"
+            self.current.append(name)
+            return name.upper()
+
+        return run
+
+
+async def _wait_holding(recorder: Recorder) -> None:
+    with anyio.fail_after(10):
+        while not recorder.holding.is_set():
+            await anyio.sleep(0.001)
+
+
+async def test_work_that_arrives_during_a_commit_shares_the_next_batch():
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    results: dict[str, str] = {}
+
+    async def run(name: str) -> None:
+        results[name] = await commit.run(recorder.work(name))
+
+    recorder.hold.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "a")
+        await _wait_holding(recorder)
+        for name in "bcd":
+            tg.start_soon(run, name)
+        await anyio.sleep(0.05)
+        assert results == {}  # nothing returns before its commit
+        recorder.hold.set()
+    assert [sorted(b) for b in recorder.batches] == [["a"], ["b", "c", "d"]]
+    assert results == {"a": "A", "b": "B", "c": "C", "d": "D"}
+    assert commit.batches == 2 and commit.failed_batches == 0
+
+
+async def test_a_failed_commit_fails_every_work_of_its_batch_only():
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    outcomes: dict[str, object] = {}
+
+    async def run(name: str) -> None:
+        try:
+            outcomes[name] = await commit.run(recorder.work(name))
+        except CommitFailed as exc:
+            outcomes[name] = exc
+
+    recorder.hold.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "a")
+        await _wait_holding(recorder)
+        tg.start_soon(run, "b")
+        tg.start_soon(run, "c")
+        await anyio.sleep(0.01)
+        recorder.fail_next = StorageError("disk full")
+        recorder.hold.set()
+    assert isinstance(outcomes["a"], CommitFailed) and "disk full" in str(outcomes["a"])
+    assert outcomes["a"].__cause__ is None  # a storage failure, not a bug
+    assert outcomes["b"] == "B" and outcomes["c"] == "C"
+    assert commit.failed_batches == 1
+
+
+async def test_a_commit_that_raises_a_bug_names_its_cause():
+    recorder = Recorder()
+    recorder.fail_next = RuntimeError("bug in the storage")
+    commit = GroupCommit(recorder.batch)
+    with pytest.raises(CommitFailed) as raised:
+        await commit.run(recorder.work("a"))
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert await commit.run(recorder.work("b")) == "B"  # the next batch is unaffected
+
+
+async def test_a_batch_that_cannot_begin_runs_no_work():
+    ran = []
+
+    @contextmanager
+    def refusing():
+        raise StorageError("database is locked")
+        yield
+
+    commit = GroupCommit(refusing)
+    with pytest.raises(CommitFailed, match="locked"):
+        await commit.run(lambda: ran.append(1))
+    assert ran == []
+
+
+async def test_a_work_that_raises_fails_alone_and_its_batch_commits():
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+
+    def broken() -> None:
+        recorder.work("broken")()
+        raise ValueError("bug in one connection")
+
+    outcomes: dict[str, object] = {}
+
+    async def run(name: str, work) -> None:
+        try:
+            outcomes[name] = await commit.run(work)
+        except ValueError as exc:
+            outcomes[name] = exc
+
+    recorder.hold.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "first", recorder.work("first"))
+        await _wait_holding(recorder)
+        tg.start_soon(run, "broken", broken)
+        tg.start_soon(run, "fine", recorder.work("fine"))
+        await anyio.sleep(0.01)
+        recorder.hold.set()
+    assert isinstance(outcomes["broken"], ValueError)
+    assert outcomes["fine"] == "FINE"
+    assert [sorted(b) for b in recorder.batches] == [["first"], ["broken", "fine"]]
+
+
+async def test_a_caller_cancelled_while_waiting_does_not_strand_the_others():
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    results: dict[str, str] = {}
+
+    async def run(name: str) -> None:
+        results[name] = await commit.run(recorder.work(name))
+
+    recorder.hold.clear()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "a")
+        await _wait_holding(recorder)
+        with anyio.CancelScope() as doomed:
+            doomed.cancel()
+            await run("cancelled")  # waits behind "a", cancelled before its batch
+        tg.start_soon(run, "b")
+        await anyio.sleep(0.01)
+        recorder.hold.set()
+    assert "cancelled" not in results
+    assert recorder.batches == [["a"], ["b"]]
+    with anyio.fail_after(5):  # and the lead is free for the next caller
+        assert await commit.run(recorder.work("c")) == "C"
