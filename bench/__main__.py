@@ -33,8 +33,9 @@ from typing import Any
 import anyio
 import pyperf
 
-from . import micro, netload, workers
+from . import memory, micro, netload, workers
 from .common import CLIENT_CPU_SET, Line, machine_description, pinned, spread
+from .memory import TARGET_BYTES_PER_IDLE_SESSION
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Sizes and pyperf options of one mode.
@@ -48,6 +49,9 @@ FULL: Config = {
     },
     "memory_sessions": 10_000,
     "memory_validate": 32,
+    #: (sessions, runs) on the real server; 10,000 real logins take several minutes.
+    "memory_server": [(1000, 3), (10_000, 1)],
+    "memory_server_warmup": memory.WARMUP_SESSIONS,
     "login_network": 200,
     "login_network_runs": 5,
     "throughput_sessions": 100,
@@ -68,6 +72,8 @@ SMOKE: Config = {
     "pyperf": {group: ["--debug-single-value", "--loops", "2"] for group in micro.GROUPS},
     "memory_sessions": 200,
     "memory_validate": 4,
+    "memory_server": [(32, 1)],
+    "memory_server_warmup": 4,
     "login_network": 3,
     "login_network_runs": 1,
     "throughput_sessions": 4,
@@ -225,7 +231,7 @@ def bench_memory(cfg: Config, workdir: Path) -> list[Line]:
             rss_channels,
             "bare Channel objects (the key state alone)",
             "max_value",
-            4096.0,
+            TARGET_BYTES_PER_IDLE_SESSION,
             notes="Python heap (tracemalloc) per session vs per bare Channel: "
             f"{heap:,.0f} B vs {heap_channels:,.0f} B; real OPAQUE logins vs stand-ins at N={small}: "
             f"{real:,.0f} B vs {standin:,.0f} B",
@@ -236,7 +242,27 @@ def bench_memory(cfg: Config, workdir: Path) -> list[Line]:
                 "validate_standin": standin,
             },
         )
+    ] + [
+        bench_memory_server(workdir, sessions, runs, cfg, rss_channels)
+        for sessions, runs in cfg["memory_server"]
     ]
+
+
+def bench_memory_server(workdir: Path, sessions: int, runs: int, cfg: Config, channels: float) -> Line:
+    """P4 as deployed: a real key server (TLS, real logins), RSS growth per idle session."""
+    result = memory.server_per_session(workdir, sessions, runs, cfg["memory_server_warmup"])
+    return Line(
+        f"p4_memory_server_{sessions}",
+        f"P4 memory per idle session, real server, {sessions:,} real logins (RSS)",
+        "B",
+        result["median"],
+        channels,
+        "bare Channel objects (the key state alone)",
+        "max_value",
+        TARGET_BYTES_PER_IDLE_SESSION,
+        notes=f"median of {runs} run(s), range {result['min']:,.0f}-{result['max']:,.0f} B",
+        extra=result,
+    )
 
 
 def bench_throughput(cfg: Config, workdir: Path) -> list[Line]:

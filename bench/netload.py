@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -55,7 +56,10 @@ CLIENT_CPU = 1
 CANNED_RETRIEVE = encode_response(Status.OK, SecretResponse(SecretKind.GENERATED, bytes(60), bytes(32)))
 
 
-async def _serve(directory: Path, channel_only: bool) -> None:
+async def _serve(directory: Path, channel_only: bool, idle_timeout: float | None = None) -> None:
+    protocol = BENCH_CONFIG
+    if idle_timeout is not None:
+        protocol = dataclasses.replace(protocol, idle_timeout=idle_timeout)
     settings = ServerSettings(
         storage_path=directory / "keyserver.db",
         setup_path=directory / "server_setup.bin",
@@ -63,7 +67,7 @@ async def _serve(directory: Path, channel_only: bool) -> None:
         key_path=directory / "pki" / "server.key",
         port=0,
         max_connections=5000,
-        protocol=BENCH_CONFIG,
+        protocol=protocol,
         # Every load client runs on 127.0.0.1: per-address limits (NET-13) would measure
         # themselves, not the server.
         max_connections_per_address=5000,
@@ -96,10 +100,11 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--cpu", type=int, default=SERVER_CPU)
     parser.add_argument("--channel-only", action="store_true")
+    parser.add_argument("--idle-timeout", type=float, help="sessions' idle timeout (default: the policy's)")
     args = parser.parse_args(argv)
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {args.cpu})
-    anyio.run(_serve, args.dir, args.channel_only, backend=args.backend)
+    anyio.run(_serve, args.dir, args.channel_only, args.idle_timeout, backend=args.backend)
 
 
 @dataclass
@@ -115,15 +120,22 @@ class Server:
 
 @contextlib.contextmanager
 def server_process(
-    directory: Path, backend: str = "asyncio", *, channel_only: bool = False
+    directory: Path,
+    backend: str = "asyncio",
+    *,
+    channel_only: bool = False,
+    idle_timeout: float | None = None,
 ) -> Iterator[Server]:
-    """A key server in a pinned subprocess, with a fresh database, setup and dev PKI."""
+    """A key server in a pinned subprocess, with a fresh database, setup and dev PKI
+    (``idle_timeout``: the sessions' idle timeout, when the load takes longer to build)."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = generate_dev_pki(directory / "pki")
     create_server_setup_file(directory / "server_setup.bin")
     cmd = [sys.executable, "-m", "bench.netload", "serve", "--dir", str(directory), "--backend", backend]
     if channel_only:
         cmd.append("--channel-only")
+    if idle_timeout is not None:
+        cmd += ["--idle-timeout", str(idle_timeout)]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # noqa: S603 - our own module
     try:
         assert process.stdout is not None

@@ -164,8 +164,6 @@ class Channel:
         "_recv_dir",
         "_recv_iv",
         "_recv_key",
-        "_resume_iv",
-        "_resume_key",
         "_send_aead",
         "_send_dir",
         "_send_iv",
@@ -213,8 +211,6 @@ class Channel:
         self._prk = prk
         self._is_client = is_client
         self.session_handle = _expand(prk, LABEL_HANDLE, SESSION_HANDLE_SIZE)
-        self._resume_key = _expand(prk, LABEL_RESUME_KEY, KEY_SIZE)
-        self._resume_iv = _expand(prk, LABEL_RESUME_IV, NONCE_SIZE)
         self.resume_seq = state.resume_seq
         self.sent_total = state.sent_total
         self.received_total = state.received_total
@@ -312,14 +308,19 @@ class Channel:
     def _resume_ad(self, seq: int) -> bytes:
         return self._ad(Direction.CLIENT_TO_SERVER, FrameType.RESUME, seq)
 
+    def _resume_aead(self) -> tuple[ChaCha20Poly1305, bytes]:
+        """The resume key's AEAD object and IV, derived when a RESUME is sealed or opened (once
+        per resumption): an idle session does not keep them (P4)."""
+        key = _expand(self._prk, LABEL_RESUME_KEY, KEY_SIZE)
+        return ChaCha20Poly1305(key), _expand(self._prk, LABEL_RESUME_IV, NONCE_SIZE)
+
     def seal_resume(self, plaintext: bytes) -> Record:
         """Client: seal a RESUME record under the resume key at the next resume sequence number."""
         seq = self.resume_seq
         if seq >= MAX_SEQ:
             raise ProtocolError("resume sequence numbers exhausted", ErrorCode.SEQUENCE_EXHAUSTED)
-        ciphertext = ChaCha20Poly1305(self._resume_key).encrypt(
-            record_nonce(self._resume_iv, seq), plaintext, self._resume_ad(seq)
-        )
+        aead, iv = self._resume_aead()
+        ciphertext = aead.encrypt(record_nonce(iv, seq), plaintext, self._resume_ad(seq))
         self.resume_seq = seq + 1
         return Record(seq, ciphertext)
 
@@ -331,10 +332,9 @@ class Channel:
             raise RemoteProtocolError("replayed RESUME", ErrorCode.BAD_RECORD)
         if seq >= MAX_SEQ:
             raise RemoteProtocolError("sequence number out of range", ErrorCode.BAD_RECORD)
+        aead, iv = self._resume_aead()
         try:
-            plaintext = ChaCha20Poly1305(self._resume_key).decrypt(
-                record_nonce(self._resume_iv, seq), record.ciphertext, self._resume_ad(seq)
-            )
+            plaintext = aead.decrypt(record_nonce(iv, seq), record.ciphertext, self._resume_ad(seq))
         except InvalidTag:
             raise RemoteProtocolError("RESUME failed authentication", ErrorCode.BAD_RECORD) from None
         self.resume_seq = seq + 1
@@ -345,7 +345,8 @@ class HotChannels:
     """The channels allowed to keep their AEAD objects built: the ``capacity`` most
     recently used. Touching a channel past capacity releases the least recently used
     one, so memory for idle sessions stays at their keys (P4) while busy ones pay nothing
-    (a released channel rebuilds its AEAD object on next use, about 2 µs)."""
+    (a released channel rebuilds its AEAD objects on next use: a request and its answer on a
+    cold channel cost about 7 µs more than on a hot one)."""
 
     __slots__ = ("_capacity", "_channels")
 

@@ -21,7 +21,6 @@ shared by instances running the same version; it never reaches a client.
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,7 +71,7 @@ class SessionState:
     channel: ChannelState
     highest_request_id: int
     request_count: int
-    answered: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    answered: dict[int, bytes] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return "SessionState(<secret>)"
@@ -114,7 +113,7 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
         prk, epoch_secret = r.fixed(32), r.fixed(32)
         channel = ChannelState(prk, epoch_secret, r.u64(), r.u64(), r.u64(), r.u64(), r.u64())
         highest, count = r.u32(), r.u32()
-        answered: OrderedDict[int, bytes] = OrderedDict()
+        answered: dict[int, bytes] = {}
         for _ in range(r.u16()):
             request_id = r.u32()
             answered[request_id] = r.fixed(r.u32())

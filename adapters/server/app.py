@@ -166,7 +166,8 @@ class KeyServer:
         self._name_ok = account_name_policy
         #: Key ids drawn by CREATE_KEY_ID and not yet stored, per session (by its handle, so
         #: they survive a resumption; in memory only: after a restart the client asks for a
-        #: fresh key id). Weak keys: a session gone for good takes its entry with it.
+        #: fresh key id). Weak keys: a session gone for good takes its entry with it. Only a
+        #: session holding a reservation has an entry (an idle session costs nothing here, P4).
         self._reserved: WeakKeyDictionary[SessionHandle, OrderedDict[bytes, SecretKind]] = WeakKeyDictionary()
         #: Admitted logins not yet ended: session handle -> account name. An entry lives as
         #: long as its session (every end pops it, whatever the name).
@@ -435,7 +436,8 @@ class KeyServer:
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
         kind = request.op
-        reservations = self._reserved.setdefault(session, OrderedDict()) if kind in _RESERVING else _NONE
+        reserving = kind in _RESERVING
+        reservations = (self._reserved.get(session) or OrderedDict()) if reserving else _NONE
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
@@ -445,12 +447,19 @@ class KeyServer:
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
                 for record in op.later:  # e.g. the next key id a store reserved
                     tx.append_audit(record)
+            if isinstance(request, StoreSecretRequest):  # only once the store committed
+                reservations.pop(request.key_id, None)
         except _Refused as refused:
             with self.storage.transaction() as tx:
                 tx.append_audit(AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context))
             return encode_response(refused.status)
-        if isinstance(request, StoreSecretRequest):  # only once the store committed
-            reservations.pop(request.key_id, None)
+        finally:
+            if not reserving:
+                pass
+            elif reservations:
+                self._reserved[session] = reservations
+            else:  # only a session holding a reservation keeps an entry (P4)
+                self._reserved.pop(session, None)
         return encode_response(Status.OK, response)
 
     def _perform(self, op: _Op, request: OpRequest) -> tuple[OpResponse, bytes | None]:

@@ -170,7 +170,7 @@ OPTIONS: tuple[Option, ...] = (
         "sessions",
         "max_hot",
         int,
-        1024,
+        64,
         "KEYMGMT_MAX_HOT_SESSIONS",
         "sessions whose ciphers stay built; idle ones beyond keep only their keys",
     ),

@@ -4,6 +4,7 @@ when a session falls out of the registry's hot set, with no change on the wire."
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -67,3 +68,33 @@ def test_server_keeps_at_most_max_hot_channels_and_cold_sessions_still_work(serv
     pair.pump()
     assert harness.registry.hot_channels == 1  # an ended session leaves the hot set
     assert sum(c.is_hot for c in server_channels) == 1
+
+
+def test_an_idle_session_beyond_the_hot_set_holds_no_cipher_and_no_table_and_works_again(
+    server_setup,
+) -> None:
+    """What an idle session keeps (P4): past the hot set its channel has no AEAD object, its
+    request tables are empty plain dicts (no table left over from the requests it made),
+    and no resume key. Used again, it becomes hot, answers, and pushes out the oldest."""
+    assert ServerConfig().max_hot_channels <= 64  # the default bounds the built contexts
+    harness = Harness(server_setup, ServerConfig(max_hot_channels=2))
+    pair = harness.pair()
+    register(pair, b"alice")
+    sessions = [login(pair, b"alice").session_id for _ in range(4)]
+    server = {sid: pair.server._sessions[sid] for sid in sessions}
+    for sid in sessions:  # each session makes requests, then goes idle
+        for i in range(3):
+            pair.client.send_request(sid, b"%d" % i)
+        assert len([e for e in pair.pump() if isinstance(e, ResponseReceived)]) == 3
+    first = server[sessions[0]]
+    assert first.channel is not None and not first.channel.is_hot  # two newer sessions were used
+    empty = sys.getsizeof({})
+    for session in server.values():
+        assert session.pending == {} and sys.getsizeof(session.pending) == empty
+        assert type(session.answered) is dict and len(session.answered) == 3
+    assert not any(name.startswith("_resume") for name in Channel.__slots__)
+    request_id = pair.client.send_request(sessions[0], b"again")
+    responses = [e for e in pair.pump() if isinstance(e, ResponseReceived)]
+    assert [(r.session_id, r.request_id, r.body) for r in responses] == [(sessions[0], request_id, b"again")]
+    assert first.channel.is_hot and harness.registry.hot_channels == 2
+    assert [server[sid].channel.is_hot for sid in sessions] == [True, False, False, True]

@@ -29,6 +29,7 @@ EXPECTED = {
     "p9_big_retrieve",
     "p10_store_throughput",
     "p4_memory",
+    "p4_memory_server_32",
     "p5_multiplex",
     "p7_loop_lag",
     "p8_workers",

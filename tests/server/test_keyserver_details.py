@@ -136,7 +136,8 @@ def test_a_malformed_request_is_audited_under_its_op_where_the_op_byte_says():
 @pytest.mark.anyio
 async def test_a_failed_login_and_an_ended_session_leave_nothing_behind_and_log_no_error(tmp_path, caplog):
     """A session's key-id reservations go when it ends (they would pile up per connection),
-    and a session that fails (a wrong password) is an ordinary event, not an error."""
+    a session holding none has no entry (P4: an idle session costs nothing there), and a
+    session that fails (a wrong password) is an ordinary event, not an error."""
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(ALICE, PW)
         with pytest.raises(AuthenticationError):
