@@ -90,7 +90,7 @@ def test_a_refused_store_reserves_no_next_key_id(world):
     keyserver, session = KeyServer(world), SessionHandle()
     nonce = os.urandom(32)
     assert _store(keyserver, session, os.urandom(16), next_nonce=nonce) == (Status.INVALID, None)
-    assert keyserver._reserved[session] == {}
+    assert not keyserver._reserved.get(session)  # nothing reserved (and no entry kept, P4)
     assert [a for a, _, _ in _log(world)] == [Action.GENERATE]
 
 
