@@ -549,8 +549,16 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write JSON"
     )
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these")
+    parser.add_argument(
+        "--memory-server",
+        metavar="SESSIONS:RUNS,...",
+        help="real-server P4 sizes instead of the mode's (10,000 real logins take about 20 minutes)",
+    )
     args = parser.parse_args(argv)
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.memory_server:
+        pairs = (pair.split(":") for pair in args.memory_server.split(","))
+        cfg["memory_server"] = [(int(size), int(runs)) for size, runs in pairs]
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     lines: list[Line] = []
