@@ -188,10 +188,13 @@ async def test_a_store_onto_a_key_id_taken_behind_the_servers_back_is_refused(tm
         session = await client.login(ALICE, PW)
         key_id = await _reserve(session)
         sealed = bytes(12 + 32 + 16)
-        with world.storage.transaction() as tx:
-            assert tx.insert_secret(
-                SecretRecord(session.user_id, key_id, SecretKind.GENERATED, sealed, b"ad", 1)
-            )
+
+        def insert() -> bool:
+            with world.storage.transaction() as tx:
+                record = SecretRecord(session.user_id, key_id, SecretKind.GENERATED, sealed, b"ad", 1)
+                return tx.insert_secret(record)
+
+        assert await world.storage_do(insert)
         with pytest.raises(RequestRefusedError) as refused:
             await session._call(StoreSecretRequest(session.user_id, key_id, SecretKind.GENERATED, sealed))
         assert refused.value.status is Status.INVALID

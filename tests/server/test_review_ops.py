@@ -117,10 +117,14 @@ async def test_list_keys_of_a_user_with_many_keys_is_a_clear_answer(tmp_path):
 
     async with key_server(tmp_path) as world, world.client() as client:
         user_id = await client.register(ALICE, PW)
-        with world.storage.transaction() as tx:
-            for i in range(3000):
-                key_id = i.to_bytes(16, "big")
-                tx.insert_secret(SecretRecord(user_id, key_id, SecretKind.GENERATED, bytes(60), b"", i))
+
+        def insert() -> None:
+            with world.storage.transaction() as tx:
+                for i in range(3000):
+                    key_id = i.to_bytes(16, "big")
+                    tx.insert_secret(SecretRecord(user_id, key_id, SecretKind.GENERATED, bytes(60), b"", i))
+
+        await world.storage_do(insert)
         session = await client.login(ALICE, PW)
         other = await client.login(ALICE, PW)
         try:

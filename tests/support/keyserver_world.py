@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -13,12 +14,13 @@ from anyio.abc import TaskGroup
 from keymgmt.adapters.client.async_client import KeymgmtClient
 from keymgmt.adapters.client.localstore import LocalStore
 from keymgmt.adapters.server.app import KeyServer
-from keymgmt.adapters.server.driver import serve_stream
+from keymgmt.adapters.server.driver import group_commit_for, serve_stream
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry
 
 SETUP = ServerSetup.generate()
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,6 +30,11 @@ class World:
     keyserver: KeyServer
     registry: SessionRegistry
     task_group: TaskGroup
+
+    async def storage_do(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the storage in the server's group commit: while the server runs,
+        its storage is used only there (a batch may be committing in a worker thread)."""
+        return await group_commit_for(self.keyserver).run(work)
 
     @asynccontextmanager
     async def client(self, local_store: LocalStore | None = None) -> AsyncIterator[KeymgmtClient]:
