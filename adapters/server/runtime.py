@@ -240,6 +240,9 @@ class KeyServerRuntime:
         while True:
             deadline = self.registry.get_timer()
             await anyio.sleep(1.0 if deadline is None else min(60.0, max(0.0, deadline - time.time())))
+            due = self.registry.get_timer()
+            if due is None or due > time.time():
+                continue  # nothing to expire: no batch (it would take the database's write lock)
             try:
                 await self.committer.run(expire)
             except Exception:  # e.g. the database is briefly unreachable: try again later

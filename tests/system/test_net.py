@@ -226,3 +226,16 @@ async def test_a_connection_whose_session_resumed_elsewhere_is_closed_when_idle_
         assert event.code is ErrorCode.IDLE_TIMEOUT and event.remote
         await anyio.aclose_forcefully(first)
         await anyio.aclose_forcefully(second)
+
+
+async def test_an_idle_server_takes_no_write_lock(tmp_path):
+    """With nothing to expire, the background expiry runs no batch: a batch takes the
+    database's write lock (BEGIN IMMEDIATE), which every other worker or instance sharing
+    the file would wait on, and a stopped process holding it would block them all."""
+    async with running_server(tmp_path) as (runtime, pki):
+        await anyio.sleep(2.5)  # the expiry task wakes once a second
+        assert runtime.committer.batches == 0
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"idle@example.org", b"correct horse battery staple")
+        assert runtime.committer.batches > 0  # (the count does count)
