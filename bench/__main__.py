@@ -542,6 +542,17 @@ def render_table(lines: list[Line]) -> str:
     return "\n".join(out)
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """``--memory-server`` as (sessions, runs) pairs; argparse turns the error into one line."""
+    try:
+        pairs = [tuple(int(n) for n in pair.split(":")) for pair in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected SESSIONS:RUNS[,SESSIONS:RUNS...], got {text!r}")
+    return [(p[0], p[1]) for p in pairs]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: exercise every path in seconds")
@@ -552,13 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-server",
         metavar="SESSIONS:RUNS,...",
+        type=_sizes,
         help="real-server P4 sizes instead of the mode's (10,000 real logins take about 20 minutes)",
     )
     args = parser.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.memory_server:
-        pairs = (pair.split(":") for pair in args.memory_server.split(","))
-        cfg["memory_server"] = [(int(size), int(runs)) for size, runs in pairs]
+        cfg["memory_server"] = args.memory_server
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     lines: list[Line] = []

@@ -310,20 +310,12 @@ class KeyServer:
         :meth:`maintain`, so a storage failure cannot make a tested guess go uncounted
         (NET-10; a crash loses the queue: such a login then stops counting as in flight
         after ``in_flight_for``)."""
-        lock_for = self._lock_for_us
-        while self._failures:
-            name, when = self._failures[0]
-            try:
-                with self.storage.transaction() as tx:
-                    tx.finish_login(name, when, succeeded=False, lock_for=lock_for)
-            except StorageError as exc:
-                log.error("could not count %d failed logins yet: %s", len(self._failures), exc)
-                return
-            self._failures.pop(0)
+        del self._failures[: self._write_failures()]  # (each one written is committed)
 
     def _write_failures(self) -> int:
-        """Inside a batch, as it ends: write the queued failed logins, each in a savepoint;
-        how many were written (the batch drops them from the queue once it commits)."""
+        """Write the queued failed logins in order, each in a transaction of its own (inside
+        a batch, a savepoint), until storage refuses one; how many were written. Inside a
+        batch they leave the queue only once the batch commits."""
         lock_for = self._lock_for_us
         written = 0
         for name, when in self._failures:

@@ -104,8 +104,6 @@ class ConnectionDriver:
         self._stuck = False
         #: Set when an internal error ended the connection (see run()).
         self.faulted = False
-        #: Set when another connection's work queued output here or changed its deadlines.
-        self._woken = False
         #: Where this connection's storage work runs: shared by every connection of the server.
         self.committer = committer if committer is not None else group_commit_for(app)
         #: Stop reading while this many received bytes wait for a batch.
@@ -120,7 +118,6 @@ class ConnectionDriver:
     def wake(self) -> None:
         """Another connection changed this one (a session moved away, or an answer for a
         session now here was queued): send its output and recompute its timer now."""
-        self._woken = True
         self._input.set()
 
     def stop(self) -> None:
@@ -297,7 +294,6 @@ class ConnectionDriver:
         timer_due = False
         while True:
             self._input = anyio.Event()
-            self._woken = False
             output = await self._commit(partial(self._turn, timer_due))
             timer_due = False
             if output:

@@ -57,3 +57,15 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert line["met"] in (True, False, None)
     for key in EXPECTED:
         assert lines[key]["title"] in done.stdout  # the printed table names every line
+
+
+def test_a_bad_memory_server_size_is_one_clear_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--memory-server", "10x3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "expected SESSIONS:RUNS" in done.stderr and "Traceback" not in done.stderr
