@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (and exit code 2), not a usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"keymgmt-server: error: {message} (see {self.prog} --help)\n")
 
 
 def _version() -> str:
