@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -173,12 +174,17 @@ def test_json_logs_one_object_per_line_in_utc(server_dir):
 
 
 def test_text_logs_carry_utc_timestamps_with_the_zone(server_dir):
-    server = ServerProcess(server_dir)
+    # In a zone 5:30 from UTC: a local-time stamp would be hours off.
+    server = ServerProcess(server_dir, env={"TZ": "Asia/Kolkata"})
     assert server.stop() == 0
     lines = server.log_text().splitlines()
     assert lines
+    now = datetime.datetime.now(datetime.UTC)
     for line in lines:
-        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ", line), line
+        stamp = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z (DEBUG|INFO|WARNING|ERROR) ", line)
+        assert stamp, line
+        logged = datetime.datetime.fromisoformat(stamp[1]).replace(tzinfo=datetime.UTC)
+        assert abs(logged - now) < datetime.timedelta(minutes=30), line
 
 
 # ------------------------------------------------------------------ certificates and SIGHUP
