@@ -247,7 +247,7 @@ class KeyServer:
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
             assert event.handle is not None
-            body = self.answer(event.handle, event.user_id, event.body)
+            body = self._answer_counted(event.handle, event.user_id, event.body)
             conn.send_response(event.session_id, event.request_id, body)
         elif isinstance(event, RegistrationRequested):
             self._on_registration_requested(conn, event)
@@ -434,18 +434,19 @@ class KeyServer:
 
     # ------------------------------------------------------------ requests
 
-    def answer(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
-        """Answer one request body from ``session`` (its handle) of ``user_id``."""
+    def _answer_counted(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+        """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
         if self.metrics is None:
-            return self._answer(session, user_id, body)
+            return self.answer(session, user_id, body)
         started = time.perf_counter()
-        response = self._answer(session, user_id, body)
+        response = self.answer(session, user_id, body)
         op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
         status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
 
-    def _answer(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+    def answer(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+        """Answer one request body from ``session`` (its handle) of ``user_id``."""
         now = self.now_us()
         try:
             request = decode_request(body)
