@@ -249,7 +249,11 @@ class KeyServerRuntime:
         try:
             if self.settings.health_listen is not None:
                 ops_host, ops_port = self.settings.health_listen
-                ops = await anyio.create_tcp_listener(local_host=ops_host, local_port=ops_port)
+                try:
+                    ops = await anyio.create_tcp_listener(local_host=ops_host, local_port=ops_port)
+                except OSError as exc:
+                    why = exc.strerror or str(exc)
+                    raise OSError(exc.errno, f"health listener {ops_host}:{ops_port}: {why}") from None
                 self.health_port = int(ops.extra(SocketAttribute.local_port))
                 log.info(
                     "health and metrics on http://%s:%d (/healthz, /metrics)", ops_host, self.health_port

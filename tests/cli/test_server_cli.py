@@ -148,6 +148,23 @@ def test_a_bad_health_listen_is_one_line_before_anything_listens(server_dir):
     one_line_error(result, 1, "server.health_listen")
 
 
+def test_a_health_port_in_use_is_one_line_naming_it(server_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(
+            "serve",
+            "--config",
+            str(server_dir / CONFIG),
+            "--health-listen",
+            str(port),
+            "--log-level",
+            "ERROR",
+        )
+    one_line_error(result, 1, f"health listener 127.0.0.1:{port}")
+
+
 # ------------------------------------------------------------------ logs
 
 
