@@ -119,7 +119,7 @@ def test_backend_errors_are_one_line(server_dir):
         "import main; sys.exit(main())",
     ]
     one_line_error(
-        run("serve", "--config", config, "--backend", "trio", python=blocked), 1, "pip install trio"
+        run("serve", "--config", config, "--backend", "trio", python=blocked), 1, "'keymgmt[trio]'"
     )
 
 
