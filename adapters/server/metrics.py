@@ -123,6 +123,7 @@ class ServerMetrics:
             ["code"],
             registry=r,
         )
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.connections = Counter(
             "keymgmt_connections", "Connections accepted, by how they went", ["result"], registry=r
         )
@@ -137,8 +138,16 @@ class ServerMetrics:
             self.throttled.labels("login").inc()
 
     def request(self, op: str, status: str, seconds: float) -> None:
-        self.requests.labels(op, status).inc()
-        self.request_seconds.labels(op).observe(seconds)
+        """One request answered (on every request's path: the labelled children are cached,
+        which saves a few microseconds each; ops and statuses are small fixed sets)."""
+        children = self._children.get((op, status))
+        if children is None:
+            children = self._children[(op, status)] = (
+                self.requests.labels(op, status),
+                self.request_seconds.labels(op),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch(self, works: int, seconds: float, failed: bool) -> None:
         """One group commit ended (GroupCommit's observer)."""
