@@ -243,3 +243,37 @@ async def test_reload_tls_serves_a_renewed_certificate_to_new_connections(tmp_pa
         assert third.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary) == second
         for stream in (old, new, third):
             await stream.aclose()
+
+
+async def test_broken_framing_is_a_warning_line_with_the_peer(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with running_server(tmp_path) as (runtime, pki):
+        stream = await tls_from(runtime.port, pki.ca_cert)
+        local = stream.extra(anyio.abc.SocketAttribute.local_address)
+        await stream.send(b"\xff" * 64)  # no frame header of any version
+        with anyio.fail_after(30):
+            while not warnings_about(caplog, f"refused from {local[0]}:{local[1]}"):
+                await anyio.sleep(0.01)
+        await stream.aclose()
+    (line,) = warnings_about(caplog, "refused from")
+    assert line.event in {"UNSUPPORTED_VERSION", "MALFORMED"}
+
+
+async def test_a_replayed_record_is_a_warning_line_with_the_peer(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with running_server(tmp_path) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"replayed@example.org", PW)
+        stream = await tls_from(runtime.port, pki.ca_cert)
+        conn, sid = await raw_login(stream, b"replayed@example.org", PW)
+        conn.send_request(sid, b"\x05")
+        (frame,) = split_frames(conn.data_to_send())
+        await stream.send(frame + frame)  # the same sealed record twice
+        with anyio.fail_after(30):
+            while not warnings_about(caplog, "BAD_RECORD"):
+                await anyio.sleep(0.01)
+        local = stream.extra(anyio.abc.SocketAttribute.local_address)
+        await stream.aclose()
+    (line,) = warnings_about(caplog, "BAD_RECORD")
+    assert line.peer == f"{local[0]}:{local[1]}"
