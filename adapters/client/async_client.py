@@ -730,11 +730,11 @@ class KeymgmtClient:
             if remaining <= 0 or (
                 self.reconnect_attempts is not None and attempts >= self.reconnect_attempts
             ):
+                spent = f"within {self.reconnect_budget:g} s" if remaining <= 0 else f"in {attempts} attempts"
                 self._close(
                     ClientClosedError(
-                        f"client closed: could not reconnect to the key server within "
-                        f"{self.reconnect_budget:g} s ({attempts} attempts; last: {last_error}); "
-                        "open a new client"
+                        f"client closed: could not reconnect to the key server {spent} "
+                        f"(last error: {last_error}); open a new client"
                     )
                 )
                 return False

@@ -5,7 +5,7 @@ fails, and a store whose key-id reservation is lost between its two requests."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +54,9 @@ class Line:
             self.down = False
         client_end, server_end = memory_stream_pair()
         self.server_ends.append(server_end)
-        self.world.task_group.start_soon(serve_stream, server_end, SETUP, self.world.keyserver, self.world.registry)
+        self.world.task_group.start_soon(
+            serve_stream, server_end, SETUP, self.world.keyserver, self.world.registry
+        )
         return client_end
 
     async def cut(self) -> None:
@@ -63,9 +65,9 @@ class Line:
 
 
 @asynccontextmanager
-async def line_world(tmp_path: Path) -> AsyncIterator[tuple[World, Line]]:
+async def line_world(tmp_path: Path) -> AsyncIterator[Line]:
     async with key_server(tmp_path) as world:
-        yield world, Line(world)
+        yield Line(world)
 
 
 def test_reconnect_delays_are_capped_exponential_backoff_with_jitter():
@@ -78,11 +80,6 @@ def test_reconnect_delays_are_capped_exponential_backoff_with_jitter():
     assert list(itertools.islice(reconnect_delays(1, 8, lambda: 1.0), 6)) == [1, 2, 4, 8, 8, 8]
 
 
-def _always(value: float) -> Iterator[float]:
-    while True:
-        yield value
-
-
 def test_the_default_budget_outlasts_a_restart():
     """A restart takes seconds (about 2.3 s measured in issue 15): the default budget is 30 s,
     and the default schedule makes attempts all along it (no pause above 5 s)."""
@@ -90,7 +87,9 @@ def test_the_default_budget_outlasts_a_restart():
     client = KeymgmtClient(memory_stream_pair()[0])
     assert client.reconnect_budget == 30.0
     assert client.reconnect_attempts is None
-    first = list(itertools.islice(reconnect_delays(client.reconnect_delay, client.reconnect_max_delay, lambda: 1), 9))
+    first = list(
+        itertools.islice(reconnect_delays(client.reconnect_delay, client.reconnect_max_delay, lambda: 1), 9)
+    )
     assert max(first) == 5.0
     assert sum(first) < 30.0  # at least ten attempts within the budget, the last ones 5 s apart
 
@@ -105,22 +104,24 @@ def test_bad_reconnect_settings_are_refused_at_once():
 async def test_the_client_keeps_reconnecting_within_its_budget(tmp_path):
     """Far more refused connections than the old five attempts: the budget, not a count,
     decides, and the session resumes without a new login."""
-    async with line_world(tmp_path) as (world, line):
-        async with KeymgmtClient(
+    async with (
+        line_world(tmp_path) as line,
+        KeymgmtClient(
             line.connect, reconnect_delay=0.001, reconnect_max_delay=0.005, jitter=lambda: 0.5
-        ) as client:
-            await client.register(ALICE, PW)
-            session = await client.login(ALICE, PW)
-            key_id = await session.import_secret(b"\x03abc")
-            line.down, line.up_after = True, 25
-            await line.cut()
-            with anyio.fail_after(60):
-                assert await session.export(key_id) == b"\x03abc"
-                client.local_store.delete(session.user_id, key_id)
-                assert await session.export(key_id) == b"\x03abc"
-            assert line.refused == 26 and client.connection_count == 2
-            entries = await session.audit(AuditType.ALL)
-            assert [e.action for e in entries].count(Action.LOGIN) == 1
+        ) as client,
+    ):
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.import_secret(b"\x03abc")
+        line.down, line.up_after = True, 25
+        await line.cut()
+        with anyio.fail_after(60):
+            assert await session.export(key_id) == b"\x03abc"
+            client.local_store.delete(session.user_id, key_id)
+            assert await session.export(key_id) == b"\x03abc"
+        assert line.refused == 26 and client.connection_count == 2
+        entries = await session.audit(AuditType.ALL)
+        assert [e.action for e in entries].count(Action.LOGIN) == 1
 
 
 async def test_an_exhausted_budget_closes_the_client_clearly_and_a_new_client_works(tmp_path):
@@ -128,7 +129,7 @@ async def test_an_exhausted_budget_closes_the_client_clearly_and_a_new_client_wo
     connect error. Now the waiting call and every later one raise ClientClosedError
     ("client closed ... open a new client"), the connector is not called again, and a new
     client on the same connector works once the server is back."""
-    async with line_world(tmp_path) as (world, line):
+    async with line_world(tmp_path) as line:
         async with KeymgmtClient(line.connect, reconnect_budget=0.2, reconnect_delay=0.01) as client:
             await client.register(ALICE, PW)
             session = await client.login(ALICE, PW)
@@ -144,8 +145,12 @@ async def test_an_exhausted_budget_closes_the_client_clearly_and_a_new_client_wo
             assert isinstance(waiting.value, ConnectionLostError)  # callers that catch it go on working
             refused = line.refused
             line.down = False  # the server is back: the closed client stays closed, clearly
-            for call in (session.list_keys, lambda: client.login(ALICE, PW), lambda: client.register(b"b", PW)):
-                with pytest.raises(ClientClosedError, match="^client closed: could not reconnect"):
+            for call in (
+                session.list_keys,
+                lambda: client.login(ALICE, PW),
+                lambda: client.register(b"b", PW),
+            ):
+                with pytest.raises(ClientClosedError, match=r"^client closed: could not reconnect"):
                     await call()
             assert line.refused == refused
         async with KeymgmtClient(line.connect) as fresh:
@@ -157,16 +162,24 @@ async def test_an_exhausted_budget_closes_the_client_clearly_and_a_new_client_wo
 
 
 async def test_reconnect_attempts_still_caps_the_attempts(tmp_path):
-    async with line_world(tmp_path) as (world, line):
-        async with KeymgmtClient(line.connect, reconnect_attempts=3, reconnect_delay=0.001) as client:
-            await client.register(ALICE, PW)
-            session = await client.login(ALICE, PW)
+    async with (
+        line_world(tmp_path) as line,
+        KeymgmtClient(line.connect, reconnect_attempts=3, reconnect_delay=0.001) as client,
+    ):
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        await session.list_keys()
+        line.down = True
+        await line.cut()
+        with (
+            anyio.fail_after(60),
+            pytest.raises(
+                ClientClosedError,
+                match=r"^client closed: could not reconnect to the key server in 3 attempts \(last error: ",
+            ),
+        ):
             await session.list_keys()
-            line.down = True
-            await line.cut()
-            with anyio.fail_after(60), pytest.raises(ClientClosedError, match=r"\(3 attempts; last: "):
-                await session.list_keys()
-            assert line.refused == 3
+        assert line.refused == 3
 
 
 async def test_a_client_without_connector_says_it_is_closed(tmp_path):
@@ -184,28 +197,28 @@ async def test_a_call_made_as_the_connection_fails_waits_for_the_reconnection(tm
     dead connection (``KeymgmtError: no live session N``): ``_ready()`` waited on an event
     that was already set, which let the reader see the end of stream meanwhile, and did not
     check again. The connection is cut in the very turn the calls start."""
-    async with line_world(tmp_path) as (world, line):
-        async with KeymgmtClient(line.connect, reconnect_delay=0.001) as client:
-            await client.register(ALICE, PW)
-            session = await client.login(ALICE, PW)
-            stored = [await session.import_secret(bytes([1, n])) for n in range(3)]
-            for round_ in range(5):
-                results: list[object] = []
+    async with line_world(tmp_path) as line, KeymgmtClient(line.connect, reconnect_delay=0.001) as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        stored = [await session.import_secret(bytes([1, n])) for n in range(3)]
+        results: list[object] = []
 
-                async def call(key_id: bytes) -> None:
-                    client.local_store.delete(session.user_id, key_id)
-                    results.append(await session.export(key_id))
+        async def call(key_id: bytes) -> None:
+            client.local_store.delete(session.user_id, key_id)
+            results.append(await session.export(key_id))
 
-                with anyio.fail_after(60):
-                    async with anyio.create_task_group() as tg:
-                        await line.cut()  # no checkpoint: the reader has not seen it yet
-                        for key_id in stored:
-                            tg.start_soon(call, key_id)
-                        results.append(await session.list_keys())
-                assert sorted(r for r in results if isinstance(r, bytes)) == [bytes([1, n]) for n in range(3)]
-                assert client.connection_count == round_ + 2
-            entries = await session.audit(AuditType.ALL)
-            assert [e.action for e in entries].count(Action.LOGIN) == 1
+        for round_ in range(5):
+            results.clear()
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    await line.cut()  # no checkpoint: the reader has not seen it yet
+                    for key_id in stored:
+                        tg.start_soon(call, key_id)
+                    results.append(await session.list_keys())
+            assert sorted(r for r in results if isinstance(r, bytes)) == [bytes([1, n]) for n in range(3)]
+            assert client.connection_count == round_ + 2
+        entries = await session.audit(AuditType.ALL)
+        assert [e.action for e in entries].count(Action.LOGIN) == 1
 
 
 async def test_a_store_whose_fresh_reservation_was_lost_asks_again(tmp_path):
@@ -231,7 +244,13 @@ async def test_a_store_whose_fresh_reservation_was_lost_asks_again(tmp_path):
         client.request = losing  # type: ignore[method-assign]
         lose_next[:] = [True]
         first = await session.import_secret(b"\x03one")
-        assert ops == [Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID, Op.STORE_SECRET, Op.CREATE_KEY_ID, Op.STORE_SECRET]
+        assert ops == [
+            Op.RETRIEVE_STORAGE_KEY,
+            Op.CREATE_KEY_ID,
+            Op.STORE_SECRET,
+            Op.CREATE_KEY_ID,
+            Op.STORE_SECRET,
+        ]
         # A next key id lost, then the fresh one too: both recovered.
         ops.clear()
         lose_next[:] = [True, True]
