@@ -19,6 +19,7 @@ from keymgmt.adapters.client.async_client import (
     ClientClosedError,
     ConnectionLostError,
     KeymgmtClient,
+    KeymgmtError,
     RequestRefusedError,
     reconnect_delays,
 )
@@ -268,3 +269,29 @@ async def test_a_store_whose_fresh_reservation_was_lost_asks_again(tmp_path):
         assert refused.value.status is Status.INVALID
         assert ops == [Op.STORE_SECRET] + [Op.CREATE_KEY_ID, Op.STORE_SECRET] * (STORE_RETRIES + 1)
         assert {k.key_id for k in await session.list_keys()} == {first, second}
+
+
+async def test_a_call_waits_while_the_connection_has_failed_but_is_not_yet_handled(tmp_path):
+    """The core may mark the connection failed before the client has handled its
+    ConnectionFailed (as while the client says goodbye): a call then waits, and ends
+    with the client's closing error, instead of going out on the failed connection."""
+    async with line_world(tmp_path) as line, KeymgmtClient(line.connect) as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        await session.list_keys()
+        client._conn.close("closing")  # failed in the core; nothing dispatched yet
+        outcome: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await session.list_keys()
+            except KeymgmtError as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                await anyio.sleep(0.05)
+                assert outcome == []  # waiting, not refused by the failed connection
+                client._close(ClientClosedError("client closed: test"))
+        assert len(outcome) == 1 and isinstance(outcome[0], ClientClosedError)
