@@ -84,7 +84,46 @@ def _parser() -> argparse.ArgumentParser:
     invite.add_argument(
         "--valid-for", default="7d", help="how long it is valid: seconds, or a number with s, m, h or d"
     )
+    wait = sub.add_parser(
+        "wait",
+        help="wait until the configured key server accepts connections",
+        description="Wait until the server of the config file accepts TCP connections on its port "
+        "(after `serve ... &` in a script), then exit 0; exit 1 with one line if it does not within "
+        "--timeout. It connects and closes without TLS, which the server logs at DEBUG only.",
+        epilog="example:\n  keymgmt-server serve --config srv/keymgmt-server.toml 2>srv/server.log &\n"
+        "  keymgmt-server wait --config srv/keymgmt-server.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wait.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    wait.add_argument("--timeout", default="30", help="how long to wait, in seconds (default 30)")
     return parser
+
+
+def _wait(args: argparse.Namespace) -> int:
+    try:
+        timeout = float(args.timeout)
+    except ValueError:
+        timeout = math.nan
+    if not 0 < timeout <= 3600:  # (also false for nan)
+        raise ConfigError(f"--timeout {args.timeout!r} is not a number of seconds from 0 to 3600")
+    settings = load_settings(args.config)
+    if settings.port == 0:
+        raise ConfigError("the config says port 0 (a free port picked at start): wait needs a fixed port")
+    # a wildcard listen address is reached on loopback
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - not a bind
+    host = wildcard.get(settings.host, settings.host)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, settings.port), timeout=1.0):
+                return 0
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"no key server accepted connections on {host}:{settings.port} within {timeout:g} s "
+                    f"({exc.strerror or exc})"
+                ) from None
+            time.sleep(0.1)
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -227,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             return _init(args)
         if args.command == "invite":
             return _invite(args)
+        if args.command == "wait":
+            return _wait(args)
         settings = load_settings(args.config)
         if args.workers is not None:
             settings = replace(settings, workers=check_workers(args.workers, "--workers"))
