@@ -469,9 +469,9 @@ class _Inputs:
 
     host: str
     port: int
-    context: ssl.SSLContext
     account: bytes
     local_store: str
+    context: ssl.SSLContext | None = None
     password: bytes | None = field(default=None, repr=False)
     portable_secret: bytes = field(default=b"", repr=False)
     invitation: bytes = field(default=b"", repr=False)
@@ -574,9 +574,8 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         account = args.account.encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError("--account is not valid text") from None
-    context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
     local_store = ":memory:" if args.no_local_store else str(args.local_store or default_local_store())
-    inputs = _Inputs(host, port, context, account, local_store)
+    inputs = _Inputs(host, port, account, local_store)
     command = args.command
     if command in ("retrieve", "export", "delete"):
         inputs.key_id = _key_id(args.key_id)
@@ -594,6 +593,7 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         inputs.password = _read_first_line(args.password_file, "password file").encode("utf-8")
         if not inputs.password:
             raise UsageError("the password is empty")
+    inputs.context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
     if command == "delete" and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("delete asks for confirmation: give --yes when stdin is not a terminal")
