@@ -247,3 +247,16 @@ def test_the_local_store_follows_the_platform_and_keeps_an_old_one(tmp_path, mon
         timeout=60,
     )
     assert str(legacy) in " ".join(shown.stdout.split()).replace(" ", "")
+
+
+def test_output_never_replaces_a_file_that_appears_after_the_check(tmp_path):
+    """-o FILE is checked before connecting; a file created meanwhile is still not replaced
+    without --force (the write links a finished temporary file, which fails if one exists)."""
+    target = tmp_path / "late.bin"
+    target.write_bytes(b"arrived meanwhile")
+    with pytest.raises(cli.UsageError, match="the file exists"):
+        cli._write_output(str(target), b"secret", force=False)
+    assert target.read_bytes() == b"arrived meanwhile"
+    cli._write_output(str(target), b"secret", force=True)
+    assert target.read_bytes() == b"secret" and target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.bin"]
