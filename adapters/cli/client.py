@@ -556,6 +556,15 @@ def _check_output(args: argparse.Namespace) -> None:
         raise UsageError(f"-o {output}: the file exists (--force replaces it)")
 
 
+def _have_terminal() -> bool:
+    """Whether getpass can prompt on a terminal (the process has a controlling one)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
 def _confirm(question: str) -> bool:
     print(question, end="", file=sys.stderr, flush=True)
     answer = sys.stdin.readline()
@@ -593,6 +602,11 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         inputs.password = _read_first_line(args.password_file, "password file").encode("utf-8")
         if not inputs.password:
             raise UsageError("the password is empty")
+    elif inputs.stdin_taken and not sys.stdin.isatty() and not _have_terminal():
+        raise UsageError(
+            "the secret comes from stdin and there is no terminal to ask the password on; "
+            "give it with --password-file"
+        )
     inputs.context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
     if command == "delete" and not args.yes:
         if not sys.stdin.isatty():

@@ -148,6 +148,22 @@ def test_every_bad_input_is_one_line_before_any_connection(tmp_path, listener):
     assert listener.accepted == 1
 
 
+def test_a_secret_from_stdin_without_a_terminal_needs_a_password_file(tmp_path, listener):
+    """getpass would fall back to the used-up stdin (and warn that it may echo): refused
+    first, in one line."""
+    result = subprocess.run(
+        [*CLIENT, "import"],
+        input="hello",
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path, listener.port),
+        start_new_session=True,  # no controlling terminal, as under cron or CI
+        timeout=60,
+    )
+    _assert_one_line(result, 2, "no terminal to ask the password on; give it with --password-file")
+    assert listener.accepted == 0
+
+
 def test_the_trio_backend_without_trio_is_a_usage_error(tmp_path, listener):
     shim = tmp_path / "shim"
     shim.mkdir()
