@@ -480,6 +480,8 @@ class _Inputs:
     audit_keys: list[bytes] = field(default_factory=list)
     after: int | None = None
     before: int | None = None
+    #: Printed once every check has passed, so a usage error stays one line.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _read_import_secret(args: argparse.Namespace, inputs: _Inputs) -> bytes:
@@ -490,10 +492,8 @@ def _read_import_secret(args: argparse.Namespace, inputs: _Inputs) -> bytes:
             raw = bytes.fromhex(args.hex)
         except ValueError:
             raise UsageError("--hex is not hexadecimal") from None
-        print(
-            "keymgmt: warning: --hex puts the secret in the process list and shell history; "
-            "use --file, stdin or the prompt",
-            file=sys.stderr,
+        inputs.warnings.append(
+            "--hex puts the secret in the process list and shell history; use --file, stdin or the prompt"
         )
     elif args.file is not None and args.file != "-":
         try:
@@ -520,7 +520,7 @@ def _read_import_secret(args: argparse.Namespace, inputs: _Inputs) -> bytes:
     return encode_portable(raw)
 
 
-def _read_invitation(args: argparse.Namespace) -> bytes:
+def _read_invitation(args: argparse.Namespace, inputs: _Inputs) -> bytes:
     """The registration token (REG-5): --token-file, --token (warned) or KEYMGMT_INVITATION."""
     if args.token_file is not None:
         try:
@@ -528,10 +528,9 @@ def _read_invitation(args: argparse.Namespace) -> bytes:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the invitation file {args.token_file}: {_reason(exc)}") from None
     if args.token is not None:
-        print(
-            "keymgmt: warning: --token puts the invitation in the process list and shell history; "
-            "use --token-file or KEYMGMT_INVITATION",
-            file=sys.stderr,
+        inputs.warnings.append(
+            "--token puts the invitation in the process list and shell history; "
+            "use --token-file or KEYMGMT_INVITATION"
         )
         return str(args.token).strip().encode()
     return os.environ.get("KEYMGMT_INVITATION", "").strip().encode()
@@ -593,7 +592,7 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         inputs.after, inputs.before = _time(args.after), _time(args.before)
     _check_output(args)
     if command == "register":
-        inputs.invitation = _read_invitation(args)
+        inputs.invitation = _read_invitation(args, inputs)
     if command == "import":
         inputs.portable_secret = _read_import_secret(args, inputs)
     if args.password_stdin and inputs.stdin_taken:
@@ -613,6 +612,8 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
             raise UsageError("delete asks for confirmation: give --yes when stdin is not a terminal")
         if not _confirm(f"delete key {args.key_id} of {args.account}? This cannot be undone. [y/N] "):
             raise _Cancelled("not confirmed; nothing deleted")
+    for warning in inputs.warnings:
+        print(f"keymgmt: warning: {warning}", file=sys.stderr)
     return inputs
 
 

@@ -99,6 +99,8 @@ def test_every_bad_input_is_one_line_before_any_connection(tmp_path, listener):
     key = "00" * 16
     cases: list[tuple[list[str], dict[str, str], int, str]] = [
         (["import", "--hex", "zz"], {}, 2, "--hex is not hexadecimal"),
+        (["import", "--hex", "00", "--ca", str(tmp_path / "x.pem")], {}, 6, "cannot load the CA bundle"),
+        (["register", "--token", "t", "--ca", str(tmp_path / "x.pem")], {}, 6, "cannot load the CA bundle"),
         (["--server", "127.0.0.1:99999", "list"], {}, 2, "port 99999 is not in 1..65535"),
         (["--server", "127.0.0.1:0", "list"], {}, 2, "not in 1..65535"),
         (["--server", "127.0.0.1", "list"], {}, 2, "must be HOST:PORT"),
