@@ -798,9 +798,10 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
 #: What a throttled login can be told: the key server's policy (README, *Configuration*,
 #: throttle.*), since the ABORT it answers with carries no duration.
 THROTTLE_HINT = (
-    "too many login attempts for this account; try again later: after 5 failed logins in a row "
-    "the key server (by default) locks the name for 1 s, doubling with each further failure up to "
-    "15 min, and it runs at most 5 logins of one name at once"
+    "too many login attempts for this account; try again later: by default the key server locks "
+    "a name for 1 s from its 5th failed login on, doubling with each further failure up to 15 min "
+    "(a success does not reset the count; it is forgotten a day after the last failure), and runs "
+    "at most 5 logins of one name at once"
 )
 RATE_LIMIT_HINT = "too many logins from this address; try again in a few seconds"
 CA_HINT = "give the CA that signs it with --ca FILE or KEYMGMT_CA (and --server-name if the name differs)"
