@@ -149,6 +149,7 @@ class Terminal:
         )
         os.close(slave)
         self.output = b""
+        self.cursor = 0
 
     def _read(self, timeout: float) -> bool:
         ready, _, _ = select.select([self.master], [], [], timeout)
@@ -162,10 +163,12 @@ class Terminal:
         return bool(chunk)
 
     def expect(self, prompt: str, timeout: float = 60) -> None:
+        """Wait for ``prompt`` after what the previous expect matched (it may have arrived in
+        the same read as that)."""
         deadline = time.monotonic() + timeout
-        start = len(self.output)
-        while prompt.encode() not in self.output[start:]:
+        while (found := self.output.find(prompt.encode(), self.cursor)) < 0:
             assert time.monotonic() < deadline and self._read(0.2), (prompt, self.output.decode())
+        self.cursor = found + len(prompt.encode())
 
     def type(self, answer: str) -> None:
         os.write(self.master, answer.encode() + b"\n")
