@@ -47,6 +47,21 @@ from ..tls import PKIError, generate_dev_pki, renew_server_certificate, server_c
 __all__ = ["main", "serve_until_signal"]
 
 CONFIG_NAME = "keymgmt-server.toml"
+#: Where `init` writes without --dir; the other commands read its config file from there
+#: when neither --config nor KEYMGMT_CONFIG names one.
+DEFAULT_DIR = Path("keymgmt-server")
+
+
+def default_config(env: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
+    """The config file a command uses without --config: KEYMGMT_CONFIG, else the one `init`
+    writes by default (keymgmt-server/keymgmt-server.toml) if it exists, else none (defaults)."""
+    named = env.get("KEYMGMT_CONFIG")
+    if named:
+        return Path(named)
+    path = DEFAULT_DIR / CONFIG_NAME
+    return path if path.is_file() else None
+
+
 BACKENDS = ("asyncio", "trio")
 #: Set by ``serve --workers`` for each worker: its number (0, 1, ...), which offsets its
 #: health listener's port.
@@ -67,6 +82,12 @@ def _version() -> str:
         return "unknown"
 
 
+CONFIG_HELP = (
+    f"TOML config file (as written by init). Default: $KEYMGMT_CONFIG, else {DEFAULT_DIR / CONFIG_NAME} "
+    "if it exists, else the built-in defaults (paths relative to the working directory)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="keymgmt-server",
@@ -81,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         "overwritten), a development CA and server certificate (ca.pem, server.pem, server.key) "
         f"and {CONFIG_NAME}. Production deployments replace the certificates with their own PKI.",
     )
-    init.add_argument("--dir", type=Path, default=Path("keymgmt-server"), help="folder to create files in")
+    init.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help=f"folder to create files in (default {DEFAULT_DIR})"
+    )
     init.add_argument(
         "--hostname",
         action="append",
@@ -101,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    serve.add_argument("--config", type=Path, help=CONFIG_HELP)
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
         "--log-format",
@@ -136,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         "server_setup.bin as well (see docs/operations.md, Backups).",
         epilog="example: keymgmt-server backup --config srv/keymgmt-server.toml --to keyserver-backup.db",
     )
-    backup.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    backup.add_argument("--config", type=Path, help=CONFIG_HELP)
     backup.add_argument("--to", type=Path, required=True, metavar="FILE", help="the new backup file")
     invite = sub.add_parser(
         "invite",
@@ -146,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         "server's OPAQUE setup, so every instance sharing the setup accepts it. With --account "
         "it registers that name only (so it works once); without, any name until it expires.",
     )
-    invite.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    invite.add_argument("--config", type=Path, help=CONFIG_HELP)
     invite.add_argument("--account", help="the only account name the invitation registers")
     invite.add_argument(
         "--valid-for", default="7d", help="how long it is valid: seconds, or a number with s, m, h or d"
@@ -161,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         "  keymgmt-server wait --config srv/keymgmt-server.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    wait.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    wait.add_argument("--config", type=Path, help=CONFIG_HELP)
     wait.add_argument("--timeout", default="30", help="how long to wait, in seconds (default 30)")
     return parser
 
@@ -435,6 +458,8 @@ def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "config", False) is None:
+        args.config = default_config()
     try:
         if args.command == "init":
             return _init(args)
