@@ -47,7 +47,6 @@ from ._messages import (
     LoginFinish,
     LoginResponse,
     LoginStart,
-    Record,
     RegResponse,
     RegStart,
     RegUpload,
@@ -62,7 +61,7 @@ from ._messages import (
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
-from ._state import Command, Role, SessionKind, State, Trigger, next_state, transition
+from ._state import TRANSITIONS, Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
 __all__ = ["ExpiredSession", "ServerConfig", "ServerConnection", "SessionRegistry"]
@@ -589,8 +588,7 @@ class ServerConnection(ConnectionBase):
                 self._departed.pop(session_id, None)
             return delivered
         self._check(session, Command.SEND_RESPONSE)
-        response = Response(request_id, body)
-        plaintext = response.encode()
+        plaintext = Response.encode_fields(request_id, body)
         if 8 + len(plaintext) + 16 > self.config.max_payload:
             raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
         pending = session.pending
@@ -661,7 +659,7 @@ class ServerConnection(ConnectionBase):
             self._send(
                 FrameType.CLOSE,
                 session.session_id,
-                channel.seal(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()).encode(),
+                channel.seal_payload(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()),
             )
             self._end(session, Command.CLOSE)
             self._events.append(
@@ -670,8 +668,7 @@ class ServerConnection(ConnectionBase):
                 )
             )
             return
-        record = channel.seal(frame_type, plaintext)
-        self._send(frame_type, session.session_id, record.encode())
+        self._send(frame_type, session.session_id, channel.seal_payload(frame_type, plaintext))
 
     def _sessions_changed(self) -> None:
         """Keep the idle-connection clock: it runs while the connection carries no session."""
@@ -783,7 +780,8 @@ class ServerConnection(ConnectionBase):
             self._on_abort(session, frame)
             return
         try:
-            self._check(session, frame.type)
+            if TRANSITIONS.get((Role.SERVER, session.kind, session.state, frame.type)) is None:
+                self._check(session, frame.type)  # raises the error
             self._apply(session, frame)
         except ProtocolError as exc:
             self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
@@ -900,12 +898,15 @@ class ServerConnection(ConnectionBase):
     def _open_sealed(self, session: _ServerSession, frame: Frame) -> bytes:
         assert session.channel is not None
         self.registry.warm(session.channel)
-        plaintext = session.channel.open(frame.type, Record.decode(frame.payload))
+        plaintext = session.channel.open_payload(frame.type, frame.payload)
         session.last_activity = self._now
         return plaintext
 
     def _apply(self, session: _ServerSession, frame: Frame) -> None:
         t = frame.type
+        if t is FrameType.REQUEST:  # the common case first
+            self._on_request(session, *Request.decode_fields(self._open_sealed(session, frame)))
+            return
         if t is FrameType.REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
             session.registration_record = self._opaque.server_registration_finish(upload.registration_upload)
@@ -940,9 +941,6 @@ class ServerConnection(ConnectionBase):
                     handle=session.handle,
                 )
             )
-        elif t is FrameType.REQUEST:
-            self._on_request(session, Request.decode(self._open_sealed(session, frame)))
-            return
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
             self._end(session, FrameType.CLOSE)
@@ -972,13 +970,12 @@ class ServerConnection(ConnectionBase):
                 )
             )
 
-    def _on_request(self, session: _ServerSession, request: Request) -> None:
-        request_id = request.request_id
+    def _on_request(self, session: _ServerSession, request_id: int, body: bytes) -> None:
         if request_id in session.pending:
             return  # a re-send after resumption; the answer is on its way
         if request_id in session.answered:
             self._send_sealed(
-                session, FrameType.RESPONSE, Response(request_id, session.answered[request_id]).encode()
+                session, FrameType.RESPONSE, Response.encode_fields(request_id, session.answered[request_id])
             )
             return
         if request_id <= session.highest_request_id:
@@ -998,7 +995,5 @@ class ServerConnection(ConnectionBase):
         session.pending[request_id] = None
         assert session.user_id is not None
         self._events.append(
-            RequestReceived(
-                session.session_id, session.user_id, request_id, request.body, handle=session.handle
-            )
+            RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
         )
