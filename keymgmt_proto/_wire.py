@@ -48,6 +48,7 @@ DEFAULT_MAX_PAYLOAD = 65 * 1024
 MAX_SESSION_ID = 2**31 - 1
 
 _HEADER = struct.Struct(">BBII")
+_U8, _U16, _U32, _U64 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
 
 
 class FrameType(IntEnum):
@@ -164,19 +165,19 @@ class Writer:
         self._parts: list[bytes] = []
 
     def u8(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">B", value))
+        self._parts.append(_U8.pack(value))
         return self
 
     def u16(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">H", value))
+        self._parts.append(_U16.pack(value))
         return self
 
     def u32(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">I", value))
+        self._parts.append(_U32.pack(value))
         return self
 
     def u64(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">Q", value))
+        self._parts.append(_U64.pack(value))
         return self
 
     def fixed(self, value: bytes, size: int) -> Writer:
@@ -189,21 +190,21 @@ class Writer:
         """Byte string with a one-byte length prefix (at most 255 bytes)."""
         if len(value) > 0xFF:
             raise ValueError("value longer than 255 bytes")
-        self._parts.append(struct.pack(">B", len(value)) + value)
+        self._parts.append(_U8.pack(len(value)) + value)
         return self
 
     def bytes16(self, value: bytes) -> Writer:
         """Byte string with a two-byte length prefix."""
         if len(value) > 0xFFFF:
             raise ValueError("value longer than 65535 bytes")
-        self._parts.append(struct.pack(">H", len(value)) + value)
+        self._parts.append(_U16.pack(len(value)) + value)
         return self
 
     def bytes32(self, value: bytes) -> Writer:
         """Byte string with a four-byte length prefix."""
         if len(value) > 0xFFFFFFFF:
             raise ValueError("value longer than 2**32 - 1 bytes")
-        self._parts.append(struct.pack(">I", len(value)) + value)
+        self._parts.append(_U32.pack(len(value)) + value)
         return self
 
     def rest(self, value: bytes) -> Writer:
@@ -237,15 +238,15 @@ class Reader:
         return self._take(1)[0]
 
     def u16(self) -> int:
-        value: int = struct.unpack(">H", self._take(2))[0]
+        value: int = _U16.unpack(self._take(2))[0]
         return value
 
     def u32(self) -> int:
-        value: int = struct.unpack(">I", self._take(4))[0]
+        value: int = _U32.unpack(self._take(4))[0]
         return value
 
     def u64(self) -> int:
-        value: int = struct.unpack(">Q", self._take(8))[0]
+        value: int = _U64.unpack(self._take(8))[0]
         return value
 
     def fixed(self, size: int) -> bytes:

@@ -542,7 +542,7 @@ _NONE: OrderedDict[bytes, SecretKind] = OrderedDict()
 _ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: built for every request, and a frozen __init__ costs twice as much)
 class _Op:
     """What every operation handler works with: the request's transaction, its user, the
     time, the session's key-id reservations, and audit entries to write after the request's

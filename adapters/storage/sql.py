@@ -294,7 +294,13 @@ def to_account(row: Row) -> Account:
 
 def to_secret(row: Row) -> SecretRecord:
     """A :data:`SECRET_COLUMNS` row."""
-    return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+    kind = _SECRET_KINDS.get(row[2])  # (a dict lookup: SecretKind(value) runs Enum's Python code)
+    if kind is None:
+        kind = SecretKind(row[2])  # raises ValueError for a kind no version wrote
+    return SecretRecord(row[0], row[1], kind, row[3], row[4], row[5])
+
+
+_SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
 
 
 def key_page(rows: Sequence[Row], offset: int, limit: int) -> tuple[list[KeyInfo], int]:

@@ -7,10 +7,33 @@ import os
 
 import pytest
 
-from keymgmt_proto import Channel, FrameType, RemoteProtocolError
-from keymgmt_proto._crypto import HotChannels
-from keymgmt_proto._messages import Record, Request, Response
-from keymgmt_proto._wire import HEADER_SIZE, Frame, decode_header, decode_header_from, encode_frame
+from keymgmt_proto import (
+    SEALED_OVERHEAD,
+    Channel,
+    Context,
+    FrameType,
+    Op,
+    RemoteProtocolError,
+    RetrieveRequest,
+    SecretKind,
+    SecretResponse,
+    ServerConfig,
+    SessionRegistry,
+    Status,
+    decode_request,
+    decode_response,
+    encode_response,
+)
+from keymgmt_proto.wire import (
+    HEADER_SIZE,
+    Frame,
+    Record,
+    Request,
+    Response,
+    decode_header,
+    decode_header_from,
+    encode_frame,
+)
 
 
 @pytest.mark.parametrize("cls", [Request, Response])
@@ -103,19 +126,59 @@ def test_frames_compare_by_value() -> None:
 
 
 def test_a_channel_touched_again_after_it_left_the_hot_set_is_tracked_again() -> None:
-    """The set skips a touch of the channel it touched last; a discarded channel must not be
-    skipped, or it would keep its AEAD objects outside the bound (P4)."""
-    hot = HotChannels(1)
+    """The hot set skips a touch of the channel it touched last; a channel whose session
+    ended (``cool``) must not be skipped when touched again, or it would keep its AEAD
+    objects outside the bound (P4)."""
+    registry = SessionRegistry(ServerConfig(max_hot_channels=1))
     a, b = Channel(os.urandom(64), is_client=False), Channel(os.urandom(64), is_client=False)
     a.seal_payload(FrameType.RESPONSE, b"x")
-    hot.touch(a)
-    hot.touch(a)  # the shortcut
-    assert len(hot) == 1
-    hot.discard(a)
-    assert not a.is_hot and len(hot) == 0
-    a.seal_payload(FrameType.RESPONSE, b"x")  # the session is used again: built again
-    hot.touch(a)
-    assert len(hot) == 1
+    registry.warm(a)
+    registry.warm(a)  # the shortcut
+    assert registry.hot_channels == 1
+    registry.cool(a)
+    assert not a.is_hot and registry.hot_channels == 0
+    a.seal_payload(FrameType.RESPONSE, b"x")  # used again: built again
+    registry.warm(a)
+    assert registry.hot_channels == 1
     b.seal_payload(FrameType.RESPONSE, b"x")
-    hot.touch(b)
-    assert (a.is_hot, b.is_hot, len(hot)) == (False, True, 1)
+    registry.warm(b)
+    assert (a.is_hot, b.is_hot, registry.hot_channels) == (False, True, 1)
+
+
+def _retrieve_body_by_fields(user_id: bytes, key_id: bytes, context: int) -> bytes:
+    return bytes([Op.RETRIEVE]) + user_id + key_id + bytes([context])
+
+
+@pytest.mark.parametrize("context", list(Context))
+def test_a_retrieve_decodes_on_its_fast_path_as_any_request(context: Context) -> None:
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    body = _retrieve_body_by_fields(user_id, key_id, context)
+    assert body == RetrieveRequest(user_id, key_id, context).encode()
+    decoded = decode_request(body)
+    assert decoded == RetrieveRequest(user_id, key_id, context)
+    assert type(decoded.context) is Context  # the member, not a bare int
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _retrieve_body_by_fields(bytes(16), bytes(16), 0x77),  # unknown context
+        _retrieve_body_by_fields(bytes(16), bytes(16), 0)[:-1],  # one byte short
+        _retrieve_body_by_fields(bytes(16), bytes(16), 0) + b"\x00",  # one byte over
+        bytes([0xEE]) + bytes(33),  # unknown op, a retrieve's size
+    ],
+)
+def test_malformed_retrieves_are_refused(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_request(body)
+
+
+@pytest.mark.parametrize(
+    ("kind", "size"), [(SecretKind.GENERATED, 32), (SecretKind.IMPORTED, 1), (SecretKind.IMPORTED, 60 * 1024)]
+)
+def test_a_secret_response_encodes_field_by_field_as_before(kind: SecretKind, size: int) -> None:
+    ciphertext, ad = os.urandom(size + SEALED_OVERHEAD), os.urandom(40)
+    response = SecretResponse(kind, ciphertext, ad)
+    expected = bytes([kind]) + len(ciphertext).to_bytes(4, "big") + ciphertext + bytes([len(ad)]) + ad
+    assert response.encode_fields() == expected
+    assert decode_response(Op.RETRIEVE, encode_response(Status.OK, response)) == (Status.OK, response)
