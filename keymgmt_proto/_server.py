@@ -16,6 +16,7 @@ in-memory data: all connections sharing it must be driven from one thread.
 from __future__ import annotations
 
 import hmac
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from weakref import WeakSet
@@ -407,6 +408,8 @@ class ServerConnection(ConnectionBase):
         self._idle_since: float | None = now
         #: When the first byte of a frame not yet whole arrived (None when none is pending).
         self._partial_since: float | None = None
+        #: At or before every session's deadline (see timer_hint); None: to be computed.
+        self._deadline_bound: float | None = math.inf
 
     def __repr__(self) -> str:
         return f"<ServerConnection {len(self._sessions)} sessions>"
@@ -432,10 +435,44 @@ class ServerConnection(ConnectionBase):
                 deadlines.append(self._partial_since + self.config.frame_timeout)
         return min(deadlines, default=None)
 
+    def timer_hint(self) -> float | None:
+        """A time at or before :meth:`get_timer`, in constant time between two
+        :meth:`handle_timer` calls: what a driver waits for before it calls ``handle_timer``.
+
+        ``get_timer`` looks at every session, and a driver asks after each batch; with
+        hundreds of sessions on a connection that was a large part of a login's cost. A
+        session's deadline only moves later as it is used, so the earliest deadline once
+        computed stays a lower bound; a session that arrives, or becomes ESTABLISHED (whose
+        idle deadline may be the earlier one), lowers it. It may be early (a session that
+        was due to end has been used or has ended): ``handle_timer`` then ends nothing,
+        and the hint after it is exact again."""
+        bound = self._deadline_bound
+        if bound is None:
+            config = self.config
+            bound = self._deadline_bound = min(
+                (s.deadline(config)[0] for s in self._sessions.values()), default=math.inf
+            )
+        deadlines = [bound] if bound != math.inf else []
+        if self.failed is None:
+            if self._idle_since is not None:
+                deadlines.append(self._idle_since + self.config.connection_idle_timeout)
+            if self._partial_since is not None:
+                deadlines.append(self._partial_since + self.config.frame_timeout)
+        return min(deadlines, default=None)
+
+    def _lower_deadline_bound(self, session: _ServerSession) -> None:
+        """``session`` arrived or its deadline may have moved earlier: keep the bound below it."""
+        bound = self._deadline_bound
+        if bound is not None:
+            deadline = session.deadline(self.config)[0]
+            if deadline < bound:
+                self._deadline_bound = deadline
+
     def handle_timer(self, now: float) -> None:
         """End every session whose deadline is at or before ``now``; close the connection if
         it has carried no session, or has waited for the rest of a frame, for too long."""
         self._advance(now)
+        self._deadline_bound = None  # computed again from the sessions left
         for session in list(self._sessions.values()):
             deadline, code = session.deadline(self.config)
             if deadline <= now:
@@ -851,6 +888,7 @@ class ServerConnection(ConnectionBase):
             return
         transition(Role.SERVER, session, frame.type)
         self._sessions[session_id] = session
+        self._lower_deadline_bound(session)
         self._sessions_changed()
         self._events.append(event)
 
@@ -889,6 +927,7 @@ class ServerConnection(ConnectionBase):
         transition(Role.SERVER, session, Command.RESUME)
         session.last_activity = self._now
         self._sessions[session_id] = session
+        self._lower_deadline_bound(session)
         self._sessions_changed()
         record = channel.seal(FrameType.RESUMED, Resumed().encode())
         self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
@@ -962,6 +1001,7 @@ class ServerConnection(ConnectionBase):
             raise RemoteProtocolError("session handle collision", ErrorCode.INTERNAL_ERROR)
         transition(Role.SERVER, session, FrameType.LOGIN_FINISH)
         session.last_activity = self._now
+        self._lower_deadline_bound(session)  # ESTABLISHED: its idle deadline may come sooner
         self._send_sealed(session, FrameType.WELCOME, Welcome(session.user_id).encode())
         if session.kind is SessionKind.REQUEST:
             self._events.append(
