@@ -240,7 +240,9 @@ class ClientConnection(ConnectionBase):
         if request_id >= 2**32:
             raise LocalProtocolError("request ids exhausted; open a new session")
         assert session.channel is not None
-        if session.state is State.ESTABLISHED and session.channel.sends_left <= 1:  # the last is CLOSE's
+        if (
+            session.channel.send_seq >= MAX_SEQ - 1 and session.state is State.ESTABLISHED
+        ):  # the last is CLOSE's
             raise LocalProtocolError(
                 "sequence numbers exhausted; open a new session", ErrorCode.SEQUENCE_EXHAUSTED
             )

@@ -23,7 +23,7 @@ from weakref import WeakSet
 
 from ._admission import Admission
 from ._connection import ConnectionBase
-from ._crypto import Channel, HotChannels, RandomSource
+from ._crypto import MAX_SEQ, Channel, HotChannels, RandomSource
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     LoginFailed,
@@ -395,6 +395,8 @@ class ServerConnection(ConnectionBase):
         self._random = random
         self._opaque = opaque
         self.registry = registry if registry is not None else SessionRegistry(config)
+        #: The registry's hot-channel set, touched on every record (SessionRegistry.warm, direct).
+        self._warm = self.registry._hot.touch
         self._sessions: dict[int, _ServerSession] = {}
         #: Sessions that left this connection (moved or detached) while requests were pending.
         self._departed: dict[int, _ServerSession] = {}
@@ -419,7 +421,8 @@ class ServerConnection(ConnectionBase):
     def receive_data(self, data: bytes, now: float) -> None:  # type: ignore[override]
         """Buffer bytes received at time ``now``. The time is required: every input moves
         the connection's clock, so no deadline is measured from a stale time."""
-        self._advance(now)
+        if now > self._now:  # (_advance, inline: every input passes here)
+            self._now = now
         super().receive_data(data)
         if self._inbox and self._partial_since is None:
             self._partial_since = self._now
@@ -665,7 +668,8 @@ class ServerConnection(ConnectionBase):
     # ------------------------------------------------------------ internals
 
     def _advance(self, now: float) -> None:
-        self._now = max(self._now, now)  # a clock that steps back (NTP) never undoes time
+        if now > self._now:  # a clock that steps back (NTP) never undoes time
+            self._now = now
 
     def _live(self, session_id: int) -> _ServerSession:
         session = self._sessions.get(session_id)
@@ -691,8 +695,8 @@ class ServerConnection(ConnectionBase):
         session that reaches it ends with CLOSE(SEQUENCE_EXHAUSTED) instead."""
         channel = session.channel
         assert channel is not None
-        self.registry.warm(channel)
-        if frame_type is not FrameType.CLOSE and channel.sends_left <= 1:
+        self._warm(channel)
+        if channel.send_seq >= MAX_SEQ - 1 and frame_type is not FrameType.CLOSE:  # (sends_left <= 1)
             self._send(
                 FrameType.CLOSE,
                 session.session_id,
@@ -936,7 +940,7 @@ class ServerConnection(ConnectionBase):
 
     def _open_sealed(self, session: _ServerSession, frame: Frame) -> bytes:
         assert session.channel is not None
-        self.registry.warm(session.channel)
+        self._warm(session.channel)
         plaintext = session.channel.open_payload(frame.type, frame.payload)
         session.last_activity = self._now
         return plaintext
