@@ -267,7 +267,8 @@ class KeyServer:
         nor its timing says whether the name exists."""
         now = self.now_us()
         policy = self.throttle
-        with self.storage.transaction() as tx:
+        # One write (start_login is one statement): no savepoint of its own inside a batch.
+        with self.storage.transaction(atomic=False) as tx:
             account = tx.get_account(event.account_name)
             admitted = tx.start_login(
                 event.account_name, now, policy.threshold, int(policy.in_flight_for * 1_000_000)
