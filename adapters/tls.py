@@ -23,7 +23,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .files import ensure_private_file
 
-__all__ = ["DevPKI", "PKIError", "client_context", "generate_dev_pki", "server_context"]
+__all__ = [
+    "DevPKI",
+    "PKIError",
+    "client_context",
+    "generate_dev_pki",
+    "renew_server_certificate",
+    "server_context",
+]
+
+#: The development CA's lifetime; each server certificate it signs lives ``days`` (365).
+CA_DAYS = 3650
 
 
 class PKIError(Exception):
@@ -37,6 +47,8 @@ class DevPKI:
     ca_cert: Path
     server_cert: Path
     server_key: Path
+    #: The CA's private key (0600), needed only to renew the server certificate.
+    ca_key: Path
 
 
 def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.SSLContext:
@@ -74,12 +86,13 @@ def generate_dev_pki(
     hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
     days: int = 365,
 ) -> DevPKI:
-    """Create ``ca.pem``, ``server.pem`` and ``server.key`` (0600) in ``directory``.
+    """Create ``ca.pem``, ``ca.key`` (0600), ``server.pem`` and ``server.key`` (0600) in
+    ``directory``: a CA valid CA_DAYS and a server certificate valid ``days``.
 
     Refuses to overwrite existing files. For development and tests only."""
     directory = Path(directory)
-    paths = DevPKI(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    for path in (paths.ca_cert, paths.server_cert, paths.server_key):
+    paths = _paths(directory)
+    for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key):
         if path.exists():
             raise PKIError(f"{path} already exists; refusing to overwrite it")
     now = datetime.datetime.now(datetime.UTC)
@@ -92,7 +105,7 @@ def generate_dev_pki(
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(now + datetime.timedelta(days=max(days, CA_DAYS)))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -111,6 +124,91 @@ def generate_dev_pki(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    server_key, server_cert = _server_certificate(ca_cert, ca_key, hostnames, days, now)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(paths.ca_key, _pem_key(ca_key))
+    paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(paths.server_key, _pem_key(server_key))
+    return paths
+
+
+def renew_server_certificate(
+    directory: str | os.PathLike[str], hostnames: tuple[str, ...] | None = None, days: int = 365
+) -> x509.Certificate:
+    """Replace ``server.pem`` and ``server.key`` in ``directory`` with a new key and a
+    certificate signed by the development CA there (``ca.pem``, ``ca.key``), for
+    ``hostnames`` (default: the names of the current certificate), valid ``days`` but never
+    past the CA. Each file is replaced whole (a reader sees the old or the new one)."""
+    directory = Path(directory)
+    paths = _paths(directory)
+    try:
+        ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise PKIError(
+            f"{exc.filename} not found: renewal needs the development CA made by `keymgmt-server init` "
+            "(ca.pem and ca.key); a deployment with its own PKI renews there"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise PKIError(f"cannot load the development CA in {directory}: {exc}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise PKIError(f"{paths.ca_key} is not the development CA's key")
+    now = datetime.datetime.now(datetime.UTC)
+    if ca_cert.not_valid_after_utc <= now + datetime.timedelta(days=1):
+        raise PKIError(
+            f"the development CA {paths.ca_cert} expires {ca_cert.not_valid_after_utc:%Y-%m-%d}: "
+            "run init in a new folder"
+        )
+    if hostnames is None:
+        hostnames = _names_of(paths.server_cert)
+    server_key, server_cert = _server_certificate(ca_cert, ca_key, hostnames, days, now)
+    for path, data in (
+        (paths.server_key, _pem_key(server_key)),
+        (paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM)),
+    ):
+        fresh = path.with_name(path.name + ".new")
+        fresh.unlink(missing_ok=True)
+        _write_private(fresh, data)
+        if path == paths.server_cert:
+            fresh.chmod(0o644)
+        os.replace(fresh, path)
+    return server_cert
+
+
+def _paths(directory: Path) -> DevPKI:
+    return DevPKI(
+        directory / "ca.pem", directory / "server.pem", directory / "server.key", directory / "ca.key"
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _names_of(cert_path: Path) -> tuple[str, ...]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise PKIError(f"cannot read the names of {cert_path} (give --hostname): {exc}") from None
+    found = [*names.get_values_for_type(x509.DNSName)]
+    found += [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    if not found:
+        raise PKIError(f"{cert_path} names no host (give --hostname)")
+    return tuple(found)
+
+
+def _server_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    hostnames: tuple[str, ...],
+    days: int,
+    now: datetime.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     server_key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for host in hostnames:
@@ -118,14 +216,15 @@ def generate_dev_pki(
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
+    expires = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(expires)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -134,13 +233,4 @@ def generate_dev_pki(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
-        paths.server_key,
-        server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
-    return paths
+    return server_key, server_cert

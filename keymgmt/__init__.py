@@ -11,6 +11,7 @@ doubles). This module only re-exports.
 
 from keymgmt.adapters.client import (
     AuthenticationError,
+    ClientClosedError,
     ConnectionLostError,
     IntegrityError,
     KeymgmtError,
@@ -33,6 +34,7 @@ from keymgmt.adapters.server import KeyServer, KeyServerRuntime, ServerSettings
 __all__ = [
     "AuthenticationError",
     "Client",
+    "ClientClosedError",
     "ConnectionLostError",
     "IntegrityError",
     "KeyServer",

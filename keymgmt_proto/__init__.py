@@ -97,7 +97,15 @@ from ._ops import (
     seal_secret,
     secret_ad,
 )
-from ._secrets import MAX_NEXT_KEY_IDS, IntegrityFailure, OperationRefused, Plan, SealedCopy, SecretOps
+from ._secrets import (
+    MAX_NEXT_KEY_IDS,
+    STORE_RETRIES,
+    IntegrityFailure,
+    OperationRefused,
+    Plan,
+    SealedCopy,
+    SecretOps,
+)
 from ._server import ExpiredSession, ServerConfig, ServerConnection, SessionRegistry
 from ._sessionstate import DetachedSessionStore, session_sealing_key
 from ._state import Command, Role, SessionKind, State
@@ -128,6 +136,7 @@ __all__ = [
     "PORTABLE_LONG_VERSION",
     "PROTOCOL_VERSION",
     "SEALED_OVERHEAD",
+    "STORE_RETRIES",
     "Action",
     "Admission",
     "AuditEntry",

@@ -67,7 +67,15 @@ from ._ops import (
     secret_ad,
 )
 
-__all__ = ["MAX_NEXT_KEY_IDS", "IntegrityFailure", "OperationRefused", "Plan", "SealedCopy", "SecretOps"]
+__all__ = [
+    "MAX_NEXT_KEY_IDS",
+    "STORE_RETRIES",
+    "IntegrityFailure",
+    "OperationRefused",
+    "Plan",
+    "SealedCopy",
+    "SecretOps",
+]
 
 _T = TypeVar("_T")
 
@@ -87,6 +95,10 @@ class OperationRefused(Exception):
         super().__init__(f"request refused: {status.name.lower().replace('_', ' ')}")
         self.status = status
 
+
+#: Fresh key ids (CREATE_KEY_ID) a store may ask for again after its store was refused
+#: ``INVALID`` because the server lost the reservation (each reconnection can lose one).
+STORE_RETRIES = 2
 
 #: Most next key ids (OPS-2/OPS-3 answers to STORE_SECRET) a session keeps per kind; the
 #: key server keeps 16 reservations a session (docs/protocol.md section 12.8).
@@ -174,9 +186,11 @@ class SecretOps:
         ``holds(key_id)`` says whether the local store already has a key id.
 
         One request when an earlier store of this kind brought a next key id; else
-        CREATE_KEY_ID first. Every STORE_SECRET asks for the next key id. A next key id the
-        server no longer holds (INVALID: the session moved to another instance, or the
-        server restarted) costs one CREATE_KEY_ID and one more try."""
+        CREATE_KEY_ID first. Every STORE_SECRET asks for the next key id. A store refused
+        ``INVALID`` has lost its reservation (reservations are server memory: the session
+        resumed on another instance, or the server restarted, between the reservation and
+        the store); the client asks CREATE_KEY_ID and tries again, sealing afresh, at most
+        ``STORE_RETRIES`` times; any other refusal, or the last ``INVALID``, is reported."""
         storage_key = yield from self.storage_key()
         pending = self._next[kind]
         if pending:
@@ -187,11 +201,17 @@ class SecretOps:
             except OperationRefused as refused:
                 if refused.status is not Status.INVALID:
                     raise
-        client_nonce = self._random(KEY_ID_NONCE_SIZE)
-        reply = yield CreateKeyIdRequest(self.user_id, kind, client_nonce)
-        assert isinstance(reply, KeyIdResponse)
-        key_id = self._checked_key_id(reply.key_id, client_nonce, reply.server_nonce, holds)
-        return (yield from self._seal_and_store(storage_key, secret, kind, key_id))
+        for retries_left in range(STORE_RETRIES, -1, -1):
+            client_nonce = self._random(KEY_ID_NONCE_SIZE)
+            reply = yield CreateKeyIdRequest(self.user_id, kind, client_nonce)
+            assert isinstance(reply, KeyIdResponse)
+            key_id = self._checked_key_id(reply.key_id, client_nonce, reply.server_nonce, holds)
+            try:
+                return (yield from self._seal_and_store(storage_key, secret, kind, key_id))
+            except OperationRefused as refused:
+                if refused.status is not Status.INVALID or retries_left == 0:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def generate(self, holds: Callable[[bytes], bool]) -> Plan[tuple[bytes, SealedCopy]]:
         """OPS-2: store a fresh random secret."""

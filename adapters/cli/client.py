@@ -2,13 +2,16 @@
 
 Every command opens a TLS 1.3 connection to the key server, logs in with OPAQUE
 (the password comes from a prompt, or from stdin when it is not a terminal or
-with ``--password-stdin``; never from the command line), does its work in one
-request session and logs out.
+with ``--password-stdin``, or from ``--password-file``; never from the command
+line), does its work in one request session and logs out. Everything that can be
+checked locally (arguments, files, the server address, the event loop) is checked
+first: bad input is one line and exit code 2, with no connection made and no
+password asked.
 
 Exit codes (also in the README; docs/operations.md names the exceptions behind each):
 
     0  success
-    1  any other error
+    1  any other error (also an unexpected one: KEYMGMT_DEBUG=1 shows its traceback)
     2  usage error
     3  login failed (wrong password or unknown account), or throttled
     4  no such key
@@ -20,17 +23,27 @@ Exit codes (also in the README; docs/operations.md names the exceptions behind e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import hmac
+import importlib
+import importlib.metadata
 import json
 import os
+import ssl
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+import tempfile
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NoReturn
 
 import anyio
+import platformdirs
+import shtab
 
 from keymgmt_proto import (
     MAX_SECRET_SIZE,
@@ -52,17 +65,18 @@ from ..client.async_client import (
     KeymgmtError,
     KeySession,
     NotFoundError,
+    RateLimitedError,
     RegistrationError,
     RequestRefusedError,
     SessionEndedError,
     ThrottledError,
     audit_to_json,
 )
-from ..client.connect import tls_connector
+from ..client.connect import CertificateNotTrustedError, tls_connector
 from ..client.localstore import LocalStore, LocalStoreError
-from ..tls import PKIError
+from ..tls import PKIError, client_context
 
-__all__ = ["CLI_COMMANDS", "EXIT_CODES", "main"]
+__all__ = ["CLI_COMMANDS", "ENVIRONMENT", "EXIT_CODES", "default_local_store", "main"]
 
 EXIT_CODES: dict[type[BaseException], int] = {
     AuthenticationError: 3,
@@ -79,10 +93,32 @@ EXIT_CODES: dict[type[BaseException], int] = {
 }
 CONTEXTS = {"null": Context.NULL, "local-only": Context.LOCAL_ONLY, "export": Context.EXPORT}
 AUDIT_TYPES = {"all": AuditType.ALL, "system": AuditType.SYSTEM_ONLY, "key": AuditType.KEY_ONLY}
+BACKENDS = ("asyncio", "trio")
+#: Password attempts ``register`` allows at a prompt (a mismatch or a rejected weak one).
+REGISTER_TRIES = 3
+#: zxcvbn scores 0..4; below this ``register`` warns (3: "safely unguessable").
+STRONG_SCORE = 3
+
+#: Environment variables and what they set; each command's --help lists those it reads.
+ENVIRONMENT: Mapping[str, str] = MappingProxyType(
+    {
+        "KEYMGMT_SERVER": "key server HOST:PORT (--server)",
+        "KEYMGMT_CA": "CA certificate file that signs the server's (--ca)",
+        "KEYMGMT_ACCOUNT": "account name (--account)",
+        "KEYMGMT_PASSWORD_FILE": "file whose first line is the password (--password-file)",
+        "KEYMGMT_LOCAL_STORE": "local ciphertext cache (--local-store)",
+        "KEYMGMT_BACKEND": "event loop: asyncio or trio (--backend)",
+        "KEYMGMT_DEBUG": "1: print the traceback of an unexpected error",
+    }
+)
 
 
 class UsageError(Exception):
-    """Bad arguments found after parsing (exit code 2)."""
+    """Bad arguments or input (exit code 2)."""
+
+
+class _Cancelled(Exception):
+    """The user declined a confirmation (exit code 1)."""
 
 
 #: The command that runs each operation of ``keymgmt_proto.OPERATIONS`` (every command
@@ -100,74 +136,188 @@ CLI_COMMANDS: Mapping[Op, str] = MappingProxyType(
 )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="keymgmt",
-        description="Store, retrieve and audit end-to-end encrypted secrets on a keymgmt key server.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 login failed, 4 no such key, 5 refused, "
-        "6 cannot reach the server, 7 session ended",
-    )
+def default_local_store() -> Path:
+    """Where the local ciphertext cache lives: ``~/.keymgmt/local.db`` if it exists (the
+    place before platformdirs; kept so nothing moves), else ``local.db`` in the user data
+    directory (``$XDG_DATA_HOME/keymgmt`` or ``~/.local/share/keymgmt`` on Linux)."""
+    legacy = Path.home() / ".keymgmt" / "local.db"
+    if legacy.exists():
+        return legacy
+    return Path(platformdirs.user_data_dir("keymgmt", appauthor=False)) / "local.db"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("keymgmt")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the CLI's one line (``keymgmt: error: ...``, exit 2)
+    instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _epilog(example: str, extra_env: Mapping[str, str] = MappingProxyType({})) -> str:
+    env = {**ENVIRONMENT, **extra_env}
+    width = max(len(name) for name in env)
+    lines = ["example:", *(f"  {line}" for line in example.splitlines()), "", "environment:"]
+    lines += [f"  {name:{width}}  {meaning}" for name, meaning in env.items()]
+    return "\n".join(lines)
+
+
+def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The connection and output options, accepted before or after the command. The
+    top-level parser holds the defaults; a command's copy only overrides them."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    env = os.environ
     parser.add_argument(
         "--server",
-        default=os.environ.get("KEYMGMT_SERVER", "127.0.0.1:7443"),
-        help="key server HOST:PORT (env KEYMGMT_SERVER; default 127.0.0.1:7443)",
+        default=default(env.get("KEYMGMT_SERVER", "127.0.0.1:7443")),
+        metavar="HOST:PORT",
+        help="key server (env KEYMGMT_SERVER; default 127.0.0.1:7443)",
     )
     parser.add_argument(
         "--ca",
-        type=Path,
-        default=os.environ.get("KEYMGMT_CA") or None,
-        help="CA certificate that signs the server's (env KEYMGMT_CA; default: system store)",
+        default=default(env.get("KEYMGMT_CA") or None),
+        metavar="FILE",
+        help="CA certificate that signs the server's (env KEYMGMT_CA; default: the system store)",
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    parser.add_argument(
+        "--server-name",
+        default=default(None),
+        metavar="NAME",
+        help="name to verify in the server's certificate (default: the host of --server)",
     )
-    parser.add_argument("--server-name", help="name to verify in the server's certificate (default: host)")
     parser.add_argument(
         "--account",
-        default=os.environ.get("KEYMGMT_ACCOUNT"),
+        default=default(env.get("KEYMGMT_ACCOUNT")),
+        metavar="NAME",
         help="account name, e.g. an email address (env KEYMGMT_ACCOUNT)",
     )
     parser.add_argument(
         "--local-store",
-        type=Path,
-        default=os.environ.get("KEYMGMT_LOCAL_STORE", str(Path.home() / ".keymgmt" / "local.db")),
-        help="client-side ciphertext cache (env KEYMGMT_LOCAL_STORE)",
+        default=default(env.get("KEYMGMT_LOCAL_STORE") or None),
+        metavar="FILE",
+        help=f"local ciphertext cache (env KEYMGMT_LOCAL_STORE; default {default_local_store()}); "
+        "a retrieve answered from it reaches no server and leaves no audit entry",
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    parser.add_argument(
+        "--no-local-store",
+        action="store_true",
+        default=default(False),
+        help="use no local cache: every retrieve goes to the server (and is audited there)",
     )
     parser.add_argument(
-        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
+        "--password-stdin",
+        action="store_true",
+        default=default(False),
+        help="read the password from the first line of stdin",
     )
     parser.add_argument(
         "--password-file",
-        type=Path,
-        default=os.environ.get("KEYMGMT_PASSWORD_FILE") or None,
-        help="read the password from the first line of this file (env KEYMGMT_PASSWORD_FILE)",
-    )
+        default=default(env.get("KEYMGMT_PASSWORD_FILE") or None),
+        metavar="FILE",
+        help="read the password from the first line of FILE (env KEYMGMT_PASSWORD_FILE)",
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
     parser.add_argument(
         "--backend",
-        choices=["asyncio", "trio"],
-        default=os.environ.get("KEYMGMT_BACKEND", "asyncio"),
-        help="event loop to run on",
+        default=default(env.get("KEYMGMT_BACKEND") or "asyncio"),
+        metavar="{asyncio,trio}",
+        help="event loop to run on (env KEYMGMT_BACKEND; default asyncio; trio needs the trio package)",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the result as JSON (times in ISO 8601 UTC, e.g. 2026-11-30T04:00:00Z)",
+    )
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the raw bytes to FILE (created 0600; - for stdout) instead of hex on stdout",
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    parser.add_argument("--force", action="store_true", help="let -o FILE replace an existing file")
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="keymgmt",
+        description="Store, retrieve and audit end-to-end encrypted secrets on a keymgmt key server.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 login failed, 4 no such key, 5 refused, "
+        "6 cannot reach the server, 7 session ended\n\n"
+        + _epilog(
+            "export KEYMGMT_SERVER=127.0.0.1:7443 KEYMGMT_CA=srv/ca.pem KEYMGMT_ACCOUNT=alice\n"
+            'keymgmt register\nKEY_ID=$(keymgmt generate)\nkeymgmt retrieve "$KEY_ID"'
+        ),
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"keymgmt {_version()}")
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script and exit")
+    _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    reg = sub.add_parser(
+
+    def command(
+        name: str, summary: str, description: str, example: str, env: Mapping[str, str] | None = None
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=_epilog(example, env or {}),
+            formatter_class=formatter,
+        )
+        _add_common(p, top=False)
+        return p
+
+    reg = command(
         "register",
-        help="create the account (asks for a new password)",
-        description="Create the account; the password is asked twice. A key server that "
-        "requires invitations wants one: --token-file FILE or KEYMGMT_INVITATION (--token works "
-        "but puts it on the command line, visible to other users).",
+        "create the account (asks for a new password)",
+        "Create the account. At a terminal the password is asked twice (again on a mismatch,\n"
+        f"{REGISTER_TRIES} tries), and a weak one (zxcvbn) is refused unless you confirm it; from\n"
+        "stdin or --password-file a weak password is warned about. A key server that requires\n"
+        "invitations wants one: --token-file FILE or KEYMGMT_INVITATION (--token works but puts\n"
+        "it on the command line, visible to other users).",
+        "keymgmt --account alice@example.org register --token-file invitation.txt",
+        {"KEYMGMT_INVITATION": "the invitation itself (instead of --token-file)"},
     )
     invitation = reg.add_mutually_exclusive_group()
     invitation.add_argument("--token", help="the invitation itself (visible in ps: prefer --token-file)")
-    invitation.add_argument("--token-file", type=Path, help="a file holding the invitation")
-    sub.add_parser("generate", help="generate and store a random 32-byte secret; prints its key id")
-    imp = sub.add_parser(
+    invitation.add_argument(
+        "--token-file", metavar="FILE", help="a file holding the invitation"
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    command(
+        "generate",
+        "generate and store a random 32-byte secret; prints its key id",
+        "Generate a random 32-byte secret on this machine, store it (encrypted) on the key\n"
+        "server and in the local cache, and print its key id.",
+        "KEY_ID=$(keymgmt generate)",
+    )
+    imp = command(
         "import",
-        help="store a secret of 1..65536 bytes; prints its key id",
-        description="Store a secret of 1..65536 bytes and print its key id. The secret comes from "
-        "--file (its raw bytes; - for stdin), from stdin when stdin is not a terminal, or else "
-        "from a prompt that does not echo (hex; a terminal line holds a few KiB at most: give a "
-        "large secret with --file). When the secret comes from stdin, give the password with "
+        "store a secret of 1..65536 bytes; prints its key id",
+        "Store a secret of 1..65536 bytes and print its key id. The secret comes from --file\n"
+        "(its raw bytes; - for stdin), from stdin when stdin is not a terminal, or else from a\n"
+        "prompt that does not echo (hex; a terminal line holds a few KiB at most: give a large\n"
+        "secret with --file). When the secret comes from stdin, give the password with\n"
         "--password-file or at the prompt.",
+        "KEY_ID=$(keymgmt import --file secret.bin)",
     )
     source = imp.add_mutually_exclusive_group()
-    source.add_argument("--file", type=Path, help="a file holding the secret's raw bytes (- = stdin)")
+    source.add_argument(
+        "--file", metavar="FILE", help="a file holding the secret's raw bytes (- = stdin)"
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
     source.add_argument(
         "--hex",
         help="the secret as hex; avoid it: a command line is visible to other users (ps) and kept "
@@ -179,33 +329,69 @@ def _parser() -> argparse.ArgumentParser:
         help="the input is already in the portable form (`len || secret`, or the long form "
         "`00 01 || len u32 || secret` for more than 255 bytes)",
     )
-    ret = sub.add_parser("retrieve", help="retrieve a secret")
-    ret.add_argument("key_id", help="key id (hex)")
+    ret = command(
+        "retrieve",
+        "print a secret (hex), or write it raw with -o FILE",
+        "Retrieve a secret. The context says what for, and is audited with the retrieve:\n"
+        "local-only (the default) prints the secret as hex (or writes its raw bytes with -o);\n"
+        "export prints the portable form; null only checks that it can be retrieved and prints\n"
+        "'retrievable'. A secret in the local cache is not fetched again: that retrieve reaches\n"
+        "no server and leaves no audit entry (--no-local-store fetches it).",
+        'keymgmt retrieve "$KEY_ID" -o secret.bin',
+    )
+    ret.add_argument("key_id", help="key id (32 hex digits)")
     ret.add_argument(
         "--context",
         choices=list(CONTEXTS),
-        default="null",
-        help="null: check it can be retrieved; local-only: print the secret (hex); "
-        "export: print the portable form (hex)",
+        default="local-only",
+        help="local-only (default): the secret; export: the portable form; null: check only",
     )
-    exp = sub.add_parser(
+    _output_options(ret)
+    exp = command(
         "export",
-        help="print a secret in the portable form (hex): `len || secret`, or the long form "
-        "`00 01 || len u32 || secret` for more than 255 bytes",
+        "print a secret in the portable form (hex), or write it raw with -o FILE",
+        "Print a secret in the portable form (hex): `len || secret`, or the long form\n"
+        "`00 01 || len u32 || secret` for more than 255 bytes; `import --portable` reads it.",
+        'keymgmt export "$KEY_ID" -o key.portable',
     )
-    exp.add_argument("key_id", help="key id (hex)")
-    lst = sub.add_parser("list", help="list your key ids")
-    lst.add_argument("--json", action="store_true", help="JSON instead of a table")
-    dele = sub.add_parser("delete", help="delete a key")
-    dele.add_argument("key_id", help="key id (hex)")
-    aud = sub.add_parser("audit", help="read your audit log")
+    exp.add_argument("key_id", help="key id (32 hex digits)")
+    _output_options(exp)
+    command(
+        "list",
+        "list your key ids",
+        "List your key ids with their kind and creation time (UTC).",
+        "keymgmt list --json",
+    )
+    dele = command(
+        "delete",
+        "delete a key (asks first unless --yes)",
+        "Delete a key on the server and from the local cache. Asks for confirmation at a\n"
+        "terminal; without one (a script), --yes is required.",
+        'keymgmt delete --yes "$KEY_ID"',
+    )
+    dele.add_argument("key_id", help="key id (32 hex digits)")
+    dele.add_argument("-y", "--yes", action="store_true", help="delete without asking")
+    aud = command(
+        "audit",
+        "read your audit log",
+        "Read your audit log: a table, or with --json the documented export (AUD-2,\n"
+        "docs/protocol.md section 12.11; its times are timestamp_us, microseconds UTC).",
+        "keymgmt audit --type key --after 2026-01-01",
+    )
     aud.add_argument("--type", choices=list(AUDIT_TYPES), default="all", help="which entries")
     aud.add_argument("--key", action="append", default=[], help="only this key id (repeatable)")
     aud.add_argument("--after", help="only entries at or after this ISO date/time (UTC if no zone)")
     aud.add_argument("--before", help="only entries before this ISO date/time (UTC if no zone)")
-    aud.add_argument("--json", action="store_true", help="the documented JSON export (AUD-2)")
-    sub.add_parser("logout", help="log in and out again (checks the password; audited)")
+    command(
+        "logout",
+        "log in and out again (checks the password; audited)",
+        "Log in and out again: checks the password (and leaves a login in the audit log).",
+        "keymgmt logout",
+    )
     return parser
+
+
+# --- checks made before anything else happens ---------------------------------------------
 
 
 def _key_id(text: str) -> bytes:
@@ -214,7 +400,7 @@ def _key_id(text: str) -> bytes:
     except ValueError:
         raise UsageError(f"key id {text!r} is not hex") from None
     if len(key_id) != 16:
-        raise UsageError("a key id is 16 bytes (32 hex digits)")
+        raise UsageError(f"a key id is 16 bytes (32 hex digits), not {len(key_id)}")
     return key_id
 
 
@@ -231,8 +417,45 @@ def _time(text: str | None) -> int | None:
 
 
 def _format_time(microseconds: int) -> str:
+    """The CLI's one time format: ISO 8601 in UTC to the second, e.g. 2026-11-30T04:00:00Z."""
     moment = datetime.datetime.fromtimestamp(microseconds / 1_000_000, datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _server_address(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
+        raise UsageError(f"--server (or KEYMGMT_SERVER) must be HOST:PORT, e.g. 127.0.0.1:7443, not {text!r}")
+    port = int(port_text)
+    if not 0 < port <= 65535:
+        raise UsageError(f"--server (or KEYMGMT_SERVER): port {port_text} is not in 1..65535")
+    return host, port
+
+
+def _check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise UsageError(f"--backend (or KEYMGMT_BACKEND) must be asyncio or trio, not {name!r}")
+    if name == "trio":
+        try:
+            importlib.import_module("trio")
+        except ImportError:
+            raise UsageError("the trio backend needs the trio package: pip install 'keymgmt[trio]'") from None
+
+
+def _read_first_line(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the {what} {path}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 #: The most input ``import`` reads: the largest secret in the long portable form (a longer
@@ -240,27 +463,46 @@ def _format_time(microseconds: int) -> str:
 _MAX_IMPORT_INPUT = MAX_SECRET_SIZE + PORTABLE_LONG_HEADER_SIZE
 
 
-def _read_import_secret(args: argparse.Namespace) -> bytes:
-    """The secret to import, in the portable form, checked before anything else happens.
-    Returns it and marks ``args.stdin_taken`` when it came from stdin."""
+@dataclass
+class _Inputs:
+    """What the command needs, read and checked before connecting (secrets kept out of repr)."""
+
+    host: str
+    port: int
+    account: bytes
+    local_store: str
+    context: ssl.SSLContext | None = None
+    password: bytes | None = field(default=None, repr=False)
+    portable_secret: bytes = field(default=b"", repr=False)
+    invitation: bytes = field(default=b"", repr=False)
+    stdin_taken: bool = False
+    key_id: bytes = b""
+    audit_keys: list[bytes] = field(default_factory=list)
+    after: int | None = None
+    before: int | None = None
+    #: Printed once every check has passed, so a usage error stays one line.
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_import_secret(args: argparse.Namespace, inputs: _Inputs) -> bytes:
+    """The secret to import, in the portable form; marks ``stdin_taken`` when it came from
+    stdin."""
     if args.hex is not None:
-        print(
-            "keymgmt: warning: --hex puts the secret in the process list and shell history; "
-            "use --file, stdin or the prompt",
-            file=sys.stderr,
-        )
         try:
             raw = bytes.fromhex(args.hex)
         except ValueError:
             raise UsageError("--hex is not hexadecimal") from None
-    elif args.file is not None and str(args.file) != "-":
+        inputs.warnings.append(
+            "--hex puts the secret in the process list and shell history; use --file, stdin or the prompt"
+        )
+    elif args.file is not None and args.file != "-":
         try:
             with open(args.file, "rb") as file:
                 raw = file.read(_MAX_IMPORT_INPUT + 1)
         except OSError as exc:
-            raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot read {args.file}: {_reason(exc)}") from None
     elif args.file is not None or not sys.stdin.isatty():
-        args.stdin_taken = True
+        inputs.stdin_taken = True
         raw = sys.stdin.buffer.read(_MAX_IMPORT_INPUT + 1)
     else:
         try:
@@ -278,44 +520,168 @@ def _read_import_secret(args: argparse.Namespace) -> bytes:
     return encode_portable(raw)
 
 
-def _read_invitation(args: argparse.Namespace) -> bytes:
+def _read_invitation(args: argparse.Namespace, inputs: _Inputs) -> bytes:
     """The registration token (REG-5): --token-file, --token (warned) or KEYMGMT_INVITATION."""
     if args.token_file is not None:
         try:
             return Path(args.token_file).read_text(encoding="utf-8").strip().encode()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read the invitation file {args.token_file}: {exc}") from None
+            raise UsageError(f"cannot read the invitation file {args.token_file}: {_reason(exc)}") from None
     if args.token is not None:
-        print(
-            "keymgmt: warning: --token puts the invitation in the process list and shell history; "
-            "use --token-file or KEYMGMT_INVITATION",
-            file=sys.stderr,
+        inputs.warnings.append(
+            "--token puts the invitation in the process list and shell history; "
+            "use --token-file or KEYMGMT_INVITATION"
         )
         return str(args.token).strip().encode()
     return os.environ.get("KEYMGMT_INVITATION", "").strip().encode()
 
 
-def _read_password(args: argparse.Namespace, confirm: bool) -> bytes:
-    stdin_taken = getattr(args, "stdin_taken", False)
-    if args.password_file is not None:
-        try:
-            with open(args.password_file, encoding="utf-8") as file:
-                password = file.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read the password file {args.password_file}: {exc}") from None
-    elif args.password_stdin and stdin_taken:
+def _check_output(args: argparse.Namespace) -> None:
+    output = getattr(args, "output", None)
+    if output is None:
+        return
+    if getattr(args, "context", "local-only") == "null":
+        raise UsageError("-o needs a secret to write: --context local-only or export, not null")
+    if output == "-":
+        if args.json:
+            raise UsageError("-o - and --json both write to stdout; give -o a file")
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"-o {output}: is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"-o {output}: no such directory {target.parent}")
+    if (target.exists() or target.is_symlink()) and not args.force:
+        raise UsageError(f"-o {output}: the file exists (--force replaces it)")
+
+
+def _have_terminal() -> bool:
+    """Whether getpass can prompt on a terminal (the process has a controlling one)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
+def _confirm(question: str) -> bool:
+    print(question, end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    if not answer:
+        raise EOFError
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _prepare(args: argparse.Namespace) -> _Inputs:
+    """Every check that needs no server, in one place, before any connection or prompt."""
+    _check_backend(args.backend)
+    host, port = _server_address(args.server)
+    if not args.account:
+        raise UsageError("--account (or KEYMGMT_ACCOUNT) is required")
+    try:
+        account = args.account.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--account is not valid text") from None
+    local_store = ":memory:" if args.no_local_store else str(args.local_store or default_local_store())
+    inputs = _Inputs(host, port, account, local_store)
+    command = args.command
+    if command in ("retrieve", "export", "delete"):
+        inputs.key_id = _key_id(args.key_id)
+    if command == "audit":
+        inputs.audit_keys = [_key_id(k) for k in args.key]
+        inputs.after, inputs.before = _time(args.after), _time(args.before)
+    _check_output(args)
+    if command == "register":
+        inputs.invitation = _read_invitation(args, inputs)
+    if command == "import":
+        inputs.portable_secret = _read_import_secret(args, inputs)
+    if args.password_stdin and inputs.stdin_taken:
         raise UsageError("the secret comes from stdin; give the password with --password-file")
-    elif args.password_stdin or (not sys.stdin.isatty() and not stdin_taken):
-        line = sys.stdin.readline()
-        password = line.rstrip("\r\n")
+    if args.password_file is not None:
+        inputs.password = _read_first_line(args.password_file, "password file").encode("utf-8")
+        if not inputs.password:
+            raise UsageError("the password is empty")
+    elif inputs.stdin_taken and not sys.stdin.isatty() and not _have_terminal():
+        raise UsageError(
+            "the secret comes from stdin and there is no terminal to ask the password on; "
+            "give it with --password-file"
+        )
+    inputs.context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
+    if command == "delete" and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("delete asks for confirmation: give --yes when stdin is not a terminal")
+        if not _confirm(f"delete key {args.key_id} of {args.account}? This cannot be undone. [y/N] "):
+            raise _Cancelled("not confirmed; nothing deleted")
+    for warning in inputs.warnings:
+        print(f"keymgmt: warning: {warning}", file=sys.stderr)
+    return inputs
+
+
+# --- passwords ------------------------------------------------------------------------------
+
+
+def _weakness(password: str, account: str) -> str | None:
+    """A one-line warning when zxcvbn rates ``password`` below STRONG_SCORE, else None."""
+    from zxcvbn import zxcvbn  # imported here: its word lists take a moment to load
+
+    hints = [account, *account.replace("@", " ").replace(".", " ").split()]
+    # zxcvbn refuses more than 72 characters; a password that long is judged by its start.
+    result = zxcvbn(password[:72], user_inputs=hints)
+    score = int(result["score"])
+    if score >= STRONG_SCORE:
+        return None
+    feedback = result.get("feedback") or {}
+    advice = " ".join(
+        str(part) for part in [feedback.get("warning"), *feedback.get("suggestions", [])] if part
+    )
+    return f"this password is weak (strength {score} of 4){': ' + advice if advice else ''}"
+
+
+def _password_from_stdin(inputs: _Inputs, args: argparse.Namespace) -> bool:
+    return bool(args.password_stdin) or (not sys.stdin.isatty() and not inputs.stdin_taken)
+
+
+def _read_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
+    """The login password: --password-file (already read), stdin, or a no-echo prompt."""
+    if inputs.password is not None:
+        return inputs.password
+    if _password_from_stdin(inputs, args):
+        password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = getpass.getpass("password: ")
-        again = getpass.getpass("password again: ") if confirm else password
-        if not hmac.compare_digest(again.encode("utf-8"), password.encode("utf-8")):
-            raise UsageError("the passwords do not match")
     if not password:
         raise UsageError("the password is empty")
     return password.encode("utf-8")
+
+
+def _new_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
+    """A new password for ``register``. From a file or stdin it is taken as it is (a weak
+    one is warned about); at a prompt it is asked twice, and asked again on a mismatch, an
+    empty one or a weak one the user does not confirm, REGISTER_TRIES times at most."""
+    if inputs.password is not None or _password_from_stdin(inputs, args):
+        given = _read_password(args, inputs)
+        weakness = _weakness(given.decode("utf-8"), args.account)
+        if weakness:
+            print(f"keymgmt: warning: {weakness}", file=sys.stderr)
+        return given
+    for _ in range(REGISTER_TRIES):
+        password = getpass.getpass("new password: ")
+        if not password:
+            print("keymgmt: the password is empty; try again", file=sys.stderr)
+            continue
+        weakness = _weakness(password, args.account)
+        if weakness:
+            print(f"keymgmt: warning: {weakness}", file=sys.stderr)
+            if not _confirm("use it anyway? [y/N] "):
+                continue
+        again = getpass.getpass("new password again: ")
+        if hmac.compare_digest(again.encode("utf-8"), password.encode("utf-8")):
+            return password.encode("utf-8")
+        print("keymgmt: the passwords do not match; try again", file=sys.stderr)
+    raise UsageError(f"no password chosen after {REGISTER_TRIES} tries")
+
+
+# --- the commands -----------------------------------------------------------------------------
 
 
 def _audit_table(entries: list[AuditEntry]) -> str:
@@ -330,81 +696,125 @@ def _audit_table(entries: list[AuditEntry]) -> str:
     return "\n".join(rows)
 
 
-async def _session_command(args: argparse.Namespace, session: KeySession) -> None:
+def _write_output(target: str, data: bytes, force: bool) -> None:
+    """Write ``data`` to ``target`` (owner-only, whole or not at all); ``-`` is stdout."""
+    if target == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(target)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if force:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # fails if the file appeared meanwhile: never overwritten
+            except FileExistsError:
+                raise UsageError(f"-o {target}: the file exists (--force replaces it)") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def _emit(args: argparse.Namespace, text: str, document: object) -> None:
+    print(json.dumps(document, indent=2) if args.json else text)
+
+
+async def _session_command(args: argparse.Namespace, inputs: _Inputs, session: KeySession) -> None:
     command = args.command
-    if command == "generate":
-        print((await session.generate()).hex())
-    elif command == "import":
-        print((await session.import_secret(args.portable_secret)).hex())
+    if command in ("generate", "import"):
+        if command == "generate":
+            key_id = await session.generate()
+        else:
+            key_id = await session.import_secret(inputs.portable_secret)
+        _emit(args, key_id.hex(), {"key_id": key_id.hex()})
     elif command in ("retrieve", "export"):
-        context = CONTEXTS[args.context] if command == "retrieve" else Context.EXPORT
-        result = await session.retrieve(_key_id(args.key_id), context)
-        print("ok" if result is None else result.hex())
+        context_name = args.context if command == "retrieve" else "export"
+        result = await session.retrieve(inputs.key_id, CONTEXTS[context_name])
+        document: dict[str, object] = {"key_id": inputs.key_id.hex(), "context": context_name}
+        if result is None:
+            _emit(args, "retrievable", {**document, "retrievable": True})
+        elif args.output is not None:
+            _write_output(args.output, result, args.force)
+            if args.json:
+                _emit(args, "", {**document, "output": args.output, "bytes": len(result)})
+        else:
+            member = "portable_hex" if context_name == "export" else "secret_hex"
+            _emit(args, result.hex(), {**document, member: result.hex()})
     elif command == "list":
         keys = await session.list_keys()
-        if args.json:
-            print(
-                json.dumps(
-                    [
-                        {
-                            "key_id": k.key_id.hex(),
-                            "kind": k.kind.name.lower(),
-                            "created": _format_time(k.created),
-                        }
-                        for k in keys
-                    ],
-                    indent=2,
-                )
-            )
-        else:
-            print(f"{'key id':32}  {'kind':9}  created (UTC)")
-            for k in keys:
-                print(f"{k.key_id.hex():32}  {k.kind.name.lower():9}  {_format_time(k.created)}")
+        rows = [
+            {"key_id": k.key_id.hex(), "kind": k.kind.name.lower(), "created": _format_time(k.created)}
+            for k in keys
+        ]
+        table = [f"{'key id':32}  {'kind':9}  created (UTC)"]
+        table += [f"{r['key_id']:32}  {r['kind']:9}  {r['created']}" for r in rows]
+        _emit(args, "\n".join(table), rows)
     elif command == "delete":
-        await session.delete(_key_id(args.key_id))
-        print("deleted")
+        await session.delete(inputs.key_id)
+        _emit(args, f"deleted {inputs.key_id.hex()}", {"key_id": inputs.key_id.hex(), "deleted": True})
     elif command == "audit":
-        key_ids = [_key_id(k) for k in args.key]
-        entries = await session.audit(AUDIT_TYPES[args.type], key_ids, _time(args.after), _time(args.before))
+        entries = await session.audit(AUDIT_TYPES[args.type], inputs.audit_keys, inputs.after, inputs.before)
         print(audit_to_json(entries, session.user_id) if args.json else _audit_table(entries))
     elif command == "logout":
-        print("logged out")
+        _emit(args, "logged out", {"account": args.account, "logged_out": True})
 
 
-async def _run(args: argparse.Namespace) -> None:
-    if not args.account:
-        raise UsageError("--account (or KEYMGMT_ACCOUNT) is required")
-    if args.command == "register":
-        args.invitation = _read_invitation(args)
-    if args.command == "import":  # local input first: bad input costs no connection, no login
-        args.portable_secret = _read_import_secret(args)
-        if args.password_stdin and getattr(args, "stdin_taken", False):
-            raise UsageError("the secret comes from stdin; give the password with --password-file")
-    account = args.account.encode("utf-8")
-    host, sep, port_text = args.server.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise UsageError(f"--server must be HOST:PORT, not {args.server!r}")
-    connect: Callable[[], Awaitable[object]] = tls_connector(
-        host.strip("[]"), int(port_text), cafile=args.ca, server_hostname=args.server_name
+async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
+    connect = tls_connector(
+        inputs.host, inputs.port, context=inputs.context, server_hostname=args.server_name
     )
-    local_path: Path = args.local_store
-    local_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    local = LocalStore(local_path)
+    if inputs.local_store != ":memory:":
+        Path(inputs.local_store).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    local = LocalStore(inputs.local_store)
     try:
-        async with KeymgmtClient(connect, local_store=local, reconnect_attempts=2) as client:  # type: ignore[arg-type]
+        async with KeymgmtClient(connect, local_store=local, reconnect_attempts=2) as client:
             # Connected first, so an unreachable server is reported before asking for a password.
-            password = _read_password(args, confirm=args.command == "register")
             if args.command == "register":
-                user_id = await client.register(account, password, invitation=args.invitation)
-                print(f"registered {args.account} (user id {user_id.hex()})")
+                password = _new_password(args, inputs)
+                user_id = await client.register(inputs.account, password, invitation=inputs.invitation)
+                _emit(
+                    args,
+                    f"registered {args.account} (user id {user_id.hex()})",
+                    {"account": args.account, "user_id": user_id.hex()},
+                )
                 return
-            session = await client.login(account, password)
+            session = await client.login(inputs.account, _read_password(args, inputs))
             try:
-                await _session_command(args, session)
+                await _session_command(args, inputs, session)
             finally:
                 await session.logout()
     finally:
         local.close()
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+#: What a throttled login can be told: the key server's policy (README, *Configuration*,
+#: throttle.*), since the ABORT it answers with carries no duration.
+THROTTLE_HINT = (
+    "too many login attempts for this account; try again later: by default the key server locks "
+    "a name for 1 s from its 5th failed login on, doubling with each further failure up to 15 min "
+    "(a success does not reset the count; it is forgotten a day after the last failure), and runs "
+    "at most 5 logins of one name at once"
+)
+RATE_LIMIT_HINT = "too many logins from this address; try again in a few seconds"
+CA_HINT = "give the CA that signs it with --ca FILE or KEYMGMT_CA (and --server-name if the name differs)"
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, RateLimitedError):
+        return RATE_LIMIT_HINT
+    if isinstance(exc, ThrottledError):
+        return THROTTLE_HINT
+    if isinstance(exc, CertificateNotTrustedError):
+        return f"{exc}; {CA_HINT}"
+    return str(exc)
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -416,32 +826,50 @@ def _exit_code(exc: BaseException) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _fail(message: str, code: int) -> int:
+    print(f"keymgmt: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    inputs = _prepare(args)
     try:
-        try:
-            anyio.run(_run, args, backend=args.backend)
-        except BaseExceptionGroup as group:
-            first: BaseException = group
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+        anyio.run(_run, args, inputs, backend=args.backend)
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code. Never lets a traceback out, unless
+    KEYMGMT_DEBUG=1 asks for it (with an unexpected error)."""
+    try:
+        return _main(argv)
     except UsageError as exc:
-        print(f"keymgmt: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except _Cancelled as exc:
+        return _fail(str(exc), 1)
     except (KeymgmtError, PKIError, LocalStoreError) as exc:
-        print(f"keymgmt: error: {exc}", file=sys.stderr)
-        return _exit_code(exc)
+        return _fail(_message(exc), _exit_code(exc))
     except KeyboardInterrupt:
         print("keymgmt: interrupted", file=sys.stderr)
         return 130
+    except EOFError:
+        return _fail("no answer (end of input)", 2)
     except BrokenPipeError:  # e.g. `keymgmt audit | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:
-        print(f"keymgmt: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+        return _fail(_reason(exc), 1)
+    except Exception as exc:  # the last resort: one line, the traceback only on request
+        if os.environ.get("KEYMGMT_DEBUG") == "1":
+            traceback.print_exc()
+            return _fail(f"unexpected {type(exc).__name__}: {exc}", 1)
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (KEYMGMT_DEBUG=1 shows the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,99 @@
-"""``keymgmt-server``: create a key server's files once (``init``), then ``serve``.
+"""``keymgmt-server``: create a key server's files once (``init``), then ``serve``;
+``invite``, ``backup`` and ``init --renew-cert`` for its operator.
 
 Exit codes: 0 success (and after a graceful SIGTERM/SIGINT shutdown), 1 a
-runtime or configuration error (one line on stderr), 2 a usage error.
+runtime or configuration error (one line on stderr), 2 a usage error (one line).
+SIGHUP makes a running server load its TLS certificate and key again.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import anyio
 from anyio.abc import TaskStatus
 
 from ..files import ensure_private_file
-from ..server.config import ConfigError, check_workers, load_settings, options_help, render_config
+from ..server.config import (
+    ConfigError,
+    check_listen,
+    check_workers,
+    load_settings,
+    options_help,
+    render_config,
+)
 from ..server.invitations import InvitationAuthorizer
+from ..server.logs import LOG_FORMATS, configure_logging
 from ..server.runtime import KeyServerRuntime, ServerSettings, open_storage
 from ..server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
 from ..server.workers import WorkerPool, bind_listeners
 from ..storage.base import StorageError
-from ..tls import PKIError, generate_dev_pki, server_context
+from ..tls import PKIError, generate_dev_pki, renew_server_certificate, server_context
 
 __all__ = ["main", "serve_until_signal"]
 
 CONFIG_NAME = "keymgmt-server.toml"
+#: Where `init` writes without --dir; the other commands read its config file from there
+#: when neither --config nor KEYMGMT_CONFIG names one.
+DEFAULT_DIR = Path("keymgmt-server")
+
+
+def default_config(env: dict[str, str] | os._Environ[str] = os.environ) -> Path | None:
+    """The config file a command uses without --config: KEYMGMT_CONFIG, else the one `init`
+    writes by default (keymgmt-server/keymgmt-server.toml) if it exists, else none (defaults)."""
+    named = env.get("KEYMGMT_CONFIG")
+    if named:
+        return Path(named)
+    path = DEFAULT_DIR / CONFIG_NAME
+    return path if path.is_file() else None
+
+
+BACKENDS = ("asyncio", "trio")
+#: Set by ``serve --workers`` for each worker: its number (0, 1, ...), which offsets its
+#: health listener's port.
+WORKER_NUMBER_ENV = "KEYMGMT_WORKER_NUMBER"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"keymgmt-server: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("keymgmt")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+CONFIG_HELP = (
+    f"TOML config file (as written by init). Default: $KEYMGMT_CONFIG, else {DEFAULT_DIR / CONFIG_NAME} "
+    "if it exists, else the built-in defaults (paths relative to the working directory)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="keymgmt-server",
         description="Key server for keymgmt: OPAQUE logins, end-to-end encrypted secrets, TLS 1.3.",
     )
+    parser.add_argument("--version", action="version", version=f"keymgmt-server {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser(
         "init",
@@ -48,13 +102,21 @@ def _parser() -> argparse.ArgumentParser:
         "overwritten), a development CA and server certificate (ca.pem, server.pem, server.key) "
         f"and {CONFIG_NAME}. Production deployments replace the certificates with their own PKI.",
     )
-    init.add_argument("--dir", type=Path, default=Path("keymgmt-server"), help="folder to create files in")
+    init.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help=f"folder to create files in (default {DEFAULT_DIR})"
+    )
     init.add_argument(
         "--hostname",
         action="append",
         help="host name or IP the certificate is valid for (repeatable; default localhost, 127.0.0.1, ::1)",
     )
-    init.add_argument("--port", type=int, default=7443, help="port written into the config file")
+    init.add_argument("--port", type=_port, default=7443, help="port written into the config file")
+    init.add_argument(
+        "--renew-cert",
+        action="store_true",
+        help="only issue a new server certificate and key from the development CA in DIR "
+        "(keeps the CA, the setup file and the config; names from --hostname or the old certificate)",
+    )
     serve = sub.add_parser(
         "serve",
         help="run the key server",
@@ -62,8 +124,25 @@ def _parser() -> argparse.ArgumentParser:
         epilog=options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    serve.add_argument("--config", type=Path, help=CONFIG_HELP)
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line (timestamps in UTC either way)",
+    )
+    serve.add_argument(
+        "--health-listen",
+        metavar="[HOST:]PORT",
+        help="serve /healthz and /metrics over plain HTTP there (overrides server.health_listen; "
+        "host 127.0.0.1 unless given)",
+    )
+    serve.add_argument(
+        "--backend",
+        default=None,
+        help="event loop: asyncio (default) or trio (needs the trio package); env KEYMGMT_BACKEND",
+    )
     serve.add_argument(
         "--workers",
         metavar="N",
@@ -71,6 +150,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     # A worker started by `serve --workers N`: serve on this inherited listening socket.
     serve.add_argument("--listen-fd", type=int, action="append", default=[], help=argparse.SUPPRESS)
+    backup = sub.add_parser(
+        "backup",
+        help="copy the SQLite database to a new file, also while the server runs",
+        description="Copy the server's SQLite database (server.storage) to FILE with SQLite's online "
+        "backup API: a consistent copy, also while the server runs, WAL included. FILE is created "
+        "0600 and never overwritten. PostgreSQL deployments use pg_dump instead; back up "
+        "server_setup.bin as well (see docs/operations.md, Backups).",
+        epilog="example: keymgmt-server backup --config srv/keymgmt-server.toml --to keyserver-backup.db",
+    )
+    backup.add_argument("--config", type=Path, help=CONFIG_HELP)
+    backup.add_argument("--to", type=Path, required=True, metavar="FILE", help="the new backup file")
     invite = sub.add_parser(
         "invite",
         help="print an invitation to register (for registration.require_invitation)",
@@ -79,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         "server's OPAQUE setup, so every instance sharing the setup accepts it. With --account "
         "it registers that name only (so it works once); without, any name until it expires.",
     )
-    invite.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    invite.add_argument("--config", type=Path, help=CONFIG_HELP)
     invite.add_argument("--account", help="the only account name the invitation registers")
     invite.add_argument(
         "--valid-for", default="7d", help="how long it is valid: seconds, or a number with s, m, h or d"
@@ -94,9 +184,15 @@ def _parser() -> argparse.ArgumentParser:
         "  keymgmt-server wait --config srv/keymgmt-server.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    wait.add_argument("--config", type=Path, help=f"TOML config file (as written by init: {CONFIG_NAME})")
+    wait.add_argument("--config", type=Path, help=CONFIG_HELP)
     wait.add_argument("--timeout", default="30", help="how long to wait, in seconds (default 30)")
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdecimal() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0 to 65535)")
+    return int(text)
 
 
 def _wait(args: argparse.Namespace) -> int:
@@ -152,7 +248,68 @@ def _invite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _renew(args: argparse.Namespace) -> int:
+    directory: Path = args.dir
+    hostnames = tuple(args.hostname) if args.hostname else None
+    cert = renew_server_certificate(directory, hostnames)
+    print(f"renewed {directory / 'server.pem'} and {directory / 'server.key'}")
+    print(f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    print("a running server uses it for new connections after SIGHUP (kill -HUP PID)")
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """SQLite's online backup of the server's database into a new 0600 file."""
+    settings = load_settings(args.config)
+    if settings.database_url:
+        raise ConfigError(
+            "this server stores its data in PostgreSQL: back it up with pg_dump (docs/operations.md)"
+        )
+    source, target = settings.storage_path, args.to
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist (server.storage)")
+    if target.exists():
+        raise ConfigError(f"{target} already exists; refusing to overwrite it")
+    try:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {target}: {exc.strerror}") from None
+    os.close(fd)
+    done = False
+    try:
+        with _closing(sqlite3.connect(source, timeout=30)) as src, _closing(sqlite3.connect(target)) as dst:
+            src.backup(dst)  # one step: a consistent snapshot (WAL readers do not block writers)
+            dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            check = dst.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise ConfigError(f"the backup in {target} does not check out: {check}")
+        done = True
+    except sqlite3.Error as exc:
+        raise ConfigError(f"backup of {source} failed: {exc}") from None
+    finally:
+        if not done:
+            target.unlink(missing_ok=True)
+    print(f"backed up {source} to {target} ({target.stat().st_size} bytes)")
+    print("keep server_setup.bin with it: without that file nobody can log in")
+    return 0
+
+
+class _closing:
+    """Close a SQLite connection on leaving (sqlite3's own context manager only commits)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+
+
 def _init(args: argparse.Namespace) -> int:
+    if args.renew_cert:
+        return _renew(args)
     directory: Path = args.dir
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / CONFIG_NAME
@@ -165,6 +322,7 @@ def _init(args: argparse.Namespace) -> int:
     config.write_text(render_config({"server.port": args.port}))
     print(f"created {directory / 'server_setup.bin'} (OPAQUE server setup, keep it secret)")
     print(f"created {pki.ca_cert} (development CA: give it to clients with --ca)")
+    print(f"created {pki.ca_key} (the CA's key, keep it secret: init --renew-cert uses it)")
     print(f"created {pki.server_cert} and {pki.server_key}")
     print(f"created {config}")
     print(f"next: keymgmt-server serve --config {config}")
@@ -172,13 +330,17 @@ def _init(args: argparse.Namespace) -> int:
 
 
 async def serve_until_signal(runtime: KeyServerRuntime) -> None:
-    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT."""
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(runtime.run)
-        print(f"listening on {runtime.settings.host}:{port}", flush=True)
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT;
+    on SIGHUP load the TLS certificate and key again."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(runtime.run)
+            print(f"listening on {runtime.settings.host}:{port}", flush=True)
             async for received in signals:
                 logging.getLogger("keymgmt.server").info("received %s", signal.Signals(received).name)
+                if received == signal.SIGHUP:
+                    runtime.reload_tls()
+                    continue
                 runtime.shutdown()
                 break
 
@@ -189,7 +351,7 @@ async def _serve_worker(runtime: KeyServerRuntime) -> None:
     shut down if the parent that supervises this worker is gone."""
     log = logging.getLogger("keymgmt.server")
     parent = os.getppid()
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
 
             async def serve(*, task_status: TaskStatus[int]) -> None:
@@ -201,7 +363,10 @@ async def _serve_worker(runtime: KeyServerRuntime) -> None:
             async def watch_signals() -> None:
                 async for received in signals:
                     log.info("received %s", signal.Signals(received).name)
-                    runtime.shutdown()
+                    if received == signal.SIGHUP:
+                        runtime.reload_tls()
+                    else:
+                        runtime.shutdown()
 
             async def watch_parent() -> None:
                 while os.getppid() == parent:
@@ -215,28 +380,38 @@ async def _serve_worker(runtime: KeyServerRuntime) -> None:
             print(f"listening on {runtime.settings.host}:{port}", flush=True)
 
 
-def _worker_command(args: argparse.Namespace) -> list[str]:
+def _worker_command(args: argparse.Namespace, backend: str) -> list[str]:
     config = ["--config", str(args.config.resolve())] if args.config is not None else []
+    health = ["--health-listen", args.health_listen] if args.health_listen is not None else []
     return [
         sys.executable,
         "-m",
         "keymgmt.adapters.cli.server",
         "serve",
         *config,
+        *health,
         "--log-level",
         args.log_level,
+        "--log-format",
+        args.log_format,
+        "--backend",
+        backend,
     ]
 
 
-def _serve_workers(args: argparse.Namespace, settings: ServerSettings) -> int:
+def _serve_workers(args: argparse.Namespace, settings: ServerSettings, backend: str) -> int:
     """The parent of ``serve --workers N``: check what every worker will load (one error
     here instead of N), migrate the database once, bind, start and supervise."""
+    if settings.health_listen is not None and settings.health_listen[1]:
+        last = settings.health_listen[1] + settings.workers - 1
+        if last > 65535:
+            raise ConfigError(f"health ports {settings.health_listen[1]}..{last} (one per worker) pass 65535")
     load_server_setup_file(settings.setup_path)
     server_context(settings.cert_path, settings.key_path)
     open_storage(settings).close()
     sockets = bind_listeners(settings.host, settings.port)
     port = sockets[0].getsockname()[1]
-    command = _worker_command(args)
+    command = _worker_command(args, backend)
     pool = WorkerPool(
         settings.workers,
         lambda fds: [*command, *(f"--listen-fd={fd}" for fd in fds)],
@@ -246,9 +421,31 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings) -> int:
     return pool.run(announce=lambda: print(f"listening on {settings.host}:{port}", flush=True))
 
 
-def _run(serve: Callable[[KeyServerRuntime], Awaitable[None]], runtime: KeyServerRuntime) -> None:
+def _backend(args: argparse.Namespace) -> str:
+    """The event loop asked for (--backend, else KEYMGMT_BACKEND, else asyncio), checked."""
+    backend = args.backend if args.backend is not None else os.environ.get("KEYMGMT_BACKEND", "asyncio")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r} (--backend or KEYMGMT_BACKEND): asyncio or trio")
+    if backend == "trio" and importlib.util.find_spec("trio") is None:
+        raise ConfigError("the trio backend needs the trio package: pip install 'keymgmt[trio]'")
+    return backend
+
+
+def _worker_settings(settings: ServerSettings) -> ServerSettings:
+    """A worker of ``serve --workers``: worker K's health listener is on the given port + K
+    (port 0: a free port each; every worker logs its own)."""
+    number = os.environ.get(WORKER_NUMBER_ENV, "0")
+    if settings.health_listen is None or not settings.health_listen[1] or not number.isdecimal():
+        return settings
+    host, port = settings.health_listen
+    return replace(settings, health_listen=(host, port + int(number)))
+
+
+def _run(
+    serve: Callable[[KeyServerRuntime], Awaitable[None]], runtime: KeyServerRuntime, backend: str = "asyncio"
+) -> None:
     try:
-        anyio.run(serve, runtime)
+        anyio.run(serve, runtime, backend=backend)
     except BaseExceptionGroup as group:
         raise _leaf(group) from None
 
@@ -261,37 +458,53 @@ def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "config", False) is None:
+        args.config = default_config()
     try:
         if args.command == "init":
             return _init(args)
         if args.command == "invite":
             return _invite(args)
+        if args.command == "backup":
+            return _backup(args)
         if args.command == "wait":
             return _wait(args)
         settings = load_settings(args.config)
         if args.workers is not None:
             settings = replace(settings, workers=check_workers(args.workers, "--workers"))
+        if args.health_listen is not None:
+            settings = replace(settings, health_listen=check_listen(args.health_listen, "--health-listen"))
+        backend = _backend(args)
         several = settings.workers > 1 or bool(args.listen_fd)
-        logging.basicConfig(
-            level=args.log_level,
-            # With workers, each line names the process that wrote it.
-            format=f"%(asctime)s %(levelname)s %(name)s{'[%(process)d]' if several else ''}: %(message)s",
-            stream=sys.stderr,
-        )
+        # With workers, each line names the process that wrote it.
+        configure_logging(args.log_level, args.log_format, sys.stderr, with_process=several)
         if args.listen_fd:
             sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
-            _run(_serve_worker, KeyServerRuntime(settings, sockets=sockets))
+            _run(_serve_worker, KeyServerRuntime(_worker_settings(settings), sockets=sockets), backend)
             return 0
         if settings.workers > 1:
-            return _serve_workers(args, settings)
-        _run(serve_until_signal, KeyServerRuntime(settings))
+            return _serve_workers(args, settings, backend)
+        _run(serve_until_signal, KeyServerRuntime(settings), backend)
         return 0
     except (ConfigError, SetupFileError, PKIError, StorageError) as exc:
         print(f"keymgmt-server: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:  # an optional dependency (psycopg for database_url)
+        print(f"keymgmt-server: error: {_missing(exc)}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"keymgmt-server: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        print("keymgmt-server: interrupted", file=sys.stderr)
+        return 130
+
+
+def _missing(exc: ModuleNotFoundError) -> str:
+    name = (exc.name or "").split(".")[0]
+    if name in ("psycopg", "psycopg_pool"):
+        return f"server.database_url needs the {name} package: pip install 'keymgmt[postgres]'"
+    return f"a module this needs is not installed: {exc.name}"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 :func:`tls_connector`, the way to a key server over TLS 1.3."""
 
 from .async_client import (
+    DEFAULT_RECONNECT_BUDGET,
     AuthenticationError,
+    ClientClosedError,
     ConnectionLostError,
     Connector,
     IntegrityError,
@@ -17,13 +19,16 @@ from .async_client import (
     SessionEndedError,
     ThrottledError,
     audit_to_json,
+    reconnect_delays,
 )
 from .connect import TLSConnectError, tls_connector
 from .localstore import LocalStore, LocalStoreError
 from .sync_client import SyncKeymgmtClient, SyncKeySession
 
 __all__ = [
+    "DEFAULT_RECONNECT_BUDGET",
     "AuthenticationError",
+    "ClientClosedError",
     "ConnectionLostError",
     "Connector",
     "IntegrityError",
@@ -42,5 +47,6 @@ __all__ = [
     "TLSConnectError",
     "ThrottledError",
     "audit_to_json",
+    "reconnect_delays",
     "tls_connector",
 ]

@@ -21,8 +21,9 @@ import collections
 import contextlib
 import json
 import os
+import random as _random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import TypeVar
 
@@ -69,7 +70,9 @@ from .localstore import LocalStore
 
 __all__ = [
     "CLIENT_METHODS",
+    "DEFAULT_RECONNECT_BUDGET",
     "AuthenticationError",
+    "ClientClosedError",
     "ConnectionLostError",
     "Connector",
     "IntegrityError",
@@ -83,6 +86,7 @@ __all__ = [
     "SessionEndedError",
     "ThrottledError",
     "audit_to_json",
+    "reconnect_delays",
 ]
 
 _T = TypeVar("_T")
@@ -125,6 +129,12 @@ class SessionEndedError(_CodedError):
 
 class ConnectionLostError(KeymgmtError):
     """The connection to the key server failed."""
+
+
+class ClientClosedError(ConnectionLostError):
+    """The client is closed for good: it could not reconnect within its reconnect budget,
+    lost a connection it cannot reopen (built on a bare stream), or its ``async with``
+    block is over. Every later call raises it; open a new client."""
 
 
 class NotFoundError(KeymgmtError):
@@ -193,6 +203,21 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
 #: Opens a new byte stream to the key server (used again to reconnect).
 Connector = Callable[[], Awaitable[ByteStream]]
 
+#: Seconds a client keeps trying to reconnect before it closes (longer than a restart).
+DEFAULT_RECONNECT_BUDGET = 30.0
+
+
+def reconnect_delays(first: float, cap: float, jitter: Callable[[], float]) -> Iterator[float]:
+    """The pauses between reconnection attempts: capped exponential backoff with jitter.
+
+    The n-th base pause is ``min(cap, first * 2**n)``; each pause is that base times a
+    factor between 0.5 and 1 drawn from ``jitter()`` (a float in [0, 1)), so clients cut
+    off together do not come back in lockstep, and no pause is ever zero."""
+    base = first
+    while True:
+        yield min(cap, base) * (0.5 + 0.5 * jitter())
+        base = min(cap, base * 2)
+
 
 class KeymgmtClient:
     """One connection to a key server, carrying any number of sessions.
@@ -202,6 +227,15 @@ class KeymgmtClient:
     connection drops, resuming every established session without a new login
     (NET-2); requests in flight are answered exactly once. Given a bare stream
     it cannot reconnect.
+
+    Reconnection keeps calling the connector for ``reconnect_budget`` seconds
+    (default 30, longer than a server restart), pausing between attempts as
+    :func:`reconnect_delays` says (``reconnect_delay`` doubling up to
+    ``reconnect_max_delay``, times a jitter factor from ``jitter``);
+    ``reconnect_attempts`` optionally caps the attempts too (and the rounds of
+    deferred resumptions, default 5). When the budget is spent the client closes:
+    pending and later calls raise :class:`ClientClosedError`, and a new client is
+    needed.
     """
 
     def __init__(
@@ -211,9 +245,19 @@ class KeymgmtClient:
         local_store: LocalStore | None = None,
         random: RandomSource = os.urandom,
         clock: Callable[[], float] = time.time,
-        reconnect_attempts: int = 5,
+        reconnect_budget: float = DEFAULT_RECONNECT_BUDGET,
         reconnect_delay: float = 0.1,
+        reconnect_max_delay: float = 5.0,
+        reconnect_attempts: int | None = None,
+        jitter: Callable[[], float] = _random.random,
     ) -> None:
+        if reconnect_budget < 0 or reconnect_delay <= 0 or reconnect_max_delay < reconnect_delay:
+            raise ValueError(
+                "reconnect_budget must be >= 0, reconnect_delay > 0 and "
+                "reconnect_max_delay >= reconnect_delay"
+            )
+        if reconnect_attempts is not None and reconnect_attempts < 1:
+            raise ValueError("reconnect_attempts must be at least 1 (or None)")
         # A stream is anything with receive/send (duck-typed, as anyio does); else a connector.
         if hasattr(transport, "receive") and hasattr(transport, "send"):
             self._stream: ByteStream | None = transport  # type: ignore[assignment]
@@ -225,10 +269,15 @@ class KeymgmtClient:
         self._clock = clock
         self._conn = ClientConnection(random)
         self.local_store = local_store if local_store is not None else LocalStore(":memory:")
+        #: Seconds of reconnection attempts before the client closes (see the class docstring).
+        self.reconnect_budget = reconnect_budget
+        #: The optional cap on connector calls per reconnection (None: as the budget allows).
         self.reconnect_attempts = reconnect_attempts
         #: A send that takes longer (the server stopped reading) counts as a lost connection.
         self.send_timeout = 30.0
         self.reconnect_delay = reconnect_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self._jitter = jitter
         #: Bumped on every (re)connection; tells you how often the link was replaced.
         self.connection_count = 0
         self._send_lock = anyio.Lock()
@@ -278,6 +327,8 @@ class KeymgmtClient:
         self._task_group.cancel_scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
             await self._say_goodbye()
+        if self._closed is None:
+            self._close(ClientClosedError("client closed: its `async with` block is over; open a new client"))
         try:
             # The block's own exception is not the reader's business: let it propagate
             # unwrapped instead of inside an ExceptionGroup.
@@ -362,16 +413,29 @@ class KeymgmtClient:
 
     # ------------------------------------------------------------ internals
 
+    def _check_open(self) -> None:
+        """Raise the client's closing error (a fresh instance each time) once it is closed."""
+        if self._closed is not None:
+            raise ClientClosedError(str(self._closed))
+
     async def _ready(self) -> None:
         """Wait while a reconnection is under way (asking for one if the connection was
-        closed while idle); raise if the client is closed."""
-        if self._closed is not None:
-            raise self._closed
-        if not self._connected.is_set():
-            self._wanted.set()
-        await self._connected.wait()
-        if self._closed is not None:
-            raise self._closed
+        closed while idle); raise if the client is closed.
+
+        Returns only with a live connection and without yielding after checking it: a
+        connection may fail while a caller waits (its event was set, then replaced), so
+        the check is repeated after every wait, and the caller's next step (a command on
+        the core) runs before any other task."""
+        while True:
+            self._check_open()
+            connected = self._connected
+            if connected.is_set() and self._conn.failed is None:
+                return
+            if not connected.is_set():
+                self._wanted.set()
+                await connected.wait()
+            else:  # failed, its ConnectionFailed not yet dispatched: let the reader run
+                await anyio.sleep(0.001)
 
     async def _current_id(self, handle: SessionHandle) -> int:
         """The session's id on the current connection, once it is usable (connected, not
@@ -392,8 +456,7 @@ class KeymgmtClient:
             await self._ready()
 
     def _command(self, action: Callable[[], _T]) -> _T:
-        if self._closed is not None:
-            raise self._closed
+        self._check_open()
         try:
             return action()
         except LocalProtocolError as exc:
@@ -509,7 +572,14 @@ class KeymgmtClient:
     def _on_connection_failed(self, event: ConnectionFailed) -> None:
         self._connected = anyio.Event()  # callers wait for the reconnection
         self._wanted = anyio.Event()
-        lost = ConnectionLostError(f"connection to the key server lost: {event.reason}")
+        lost = (
+            ConnectionLostError(f"connection to the key server lost: {event.reason}")
+            if self._connector is not None
+            else ClientClosedError(
+                f"client closed: connection to the key server lost ({event.reason}) and the "
+                "client has no connector to reopen it; open a new client"
+            )
+        )
         self._detached = self._conn.take_detached_sessions()
         if event.code is ErrorCode.FRAME_TOO_LARGE:
             # A request (or its answer) over a frame limit: a resumption would send it again
@@ -541,7 +611,7 @@ class KeymgmtClient:
             if conn is not self._conn or conn.failed is not None:
                 return  # the reconnection took them (they were detached with the rest)
             self._deferred_rounds += 1
-            give_up = self._deferred_rounds > self.reconnect_attempts
+            give_up = self._deferred_rounds > (self.reconnect_attempts or 5)
             for session in conn.take_detached_sessions():
                 handle = session.handle
                 if handle not in self._sid_of:
@@ -638,26 +708,37 @@ class KeymgmtClient:
                 return
 
     async def _reconnect(self) -> bool:
-        """Open a new connection and resume every detached session on it."""
+        """Open a new connection and resume every detached session on it; close the client
+        when the reconnect budget is spent."""
         assert self._connector is not None
         detached, self._detached = self._detached, []
         old_stream, self._stream = self._stream, None
         if old_stream is not None:
             with anyio.CancelScope(shield=True):
                 await old_stream.aclose()
-        delay = self.reconnect_delay
-        for attempt in range(self.reconnect_attempts):
+        deadline = anyio.current_time() + self.reconnect_budget
+        delays = reconnect_delays(self.reconnect_delay, self.reconnect_max_delay, self._jitter)
+        attempts = 0
+        while True:
+            attempts += 1
             try:
                 self._stream = await self._connector()
                 break
             except KeymgmtError as exc:
                 last_error: KeymgmtError = exc
-                if attempt + 1 < self.reconnect_attempts:
-                    await anyio.sleep(delay)
-                    delay *= 2
-        if self._stream is None:
-            self._close(ConnectionLostError(f"cannot reconnect to the key server: {last_error}"))
-            return False
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0 or (
+                self.reconnect_attempts is not None and attempts >= self.reconnect_attempts
+            ):
+                spent = f"within {self.reconnect_budget:g} s" if remaining <= 0 else f"in {attempts} attempts"
+                self._close(
+                    ClientClosedError(
+                        f"client closed: could not reconnect to the key server {spent} "
+                        f"(last error: {last_error}); open a new client"
+                    )
+                )
+                return False
+            await anyio.sleep(min(next(delays), remaining))
         self._conn = ClientConnection(self._random)
         self.connection_count += 1
         for session in detached:

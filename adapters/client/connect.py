@@ -15,11 +15,15 @@ from anyio.streams.tls import TLSStream
 from ..tls import client_context
 from .async_client import ConnectionLostError, Connector
 
-__all__ = ["TLSConnectError", "tls_connector"]
+__all__ = ["CertificateNotTrustedError", "TLSConnectError", "tls_connector"]
 
 
 class TLSConnectError(ConnectionLostError):
     """The client could not open a verified TLS 1.3 connection to the key server."""
+
+
+class CertificateNotTrustedError(TLSConnectError):
+    """The key server's certificate failed verification (unknown CA, wrong name, expired)."""
 
 
 def tls_connector(
@@ -51,7 +55,10 @@ def tls_connector(
                     standard_compatible=False,
                 )
         except ssl.SSLCertVerificationError as exc:
-            reason = f"the key server's certificate is not trusted: {exc.verify_message}"
+            await anyio.aclose_forcefully(stream)
+            raise CertificateNotTrustedError(
+                f"the key server's certificate is not trusted: {exc.verify_message}"
+            ) from None
         except ssl.SSLError as exc:
             reason = f"TLS 1.3 handshake with {host}:{port} failed: {exc.reason}"
         except TimeoutError:

@@ -12,16 +12,18 @@ It runs an event loop in a helper thread (anyio's blocking portal).
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from types import TracebackType
+from typing import Any
 
 from anyio.abc import ByteStream
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from keymgmt_proto import AuditEntry, AuditType, Context, KeyInfo
 
-from .async_client import KeymgmtClient, KeySession
+from .async_client import DEFAULT_RECONNECT_BUDGET, KeymgmtClient, KeySession
 from .localstore import LocalStore
 
 __all__ = ["SyncKeySession", "SyncKeymgmtClient"]
@@ -70,7 +72,11 @@ class SyncKeySession:
 
 
 class SyncKeymgmtClient:
-    """Blocking client: ``connect`` opens the byte stream inside the helper loop.
+    """Blocking client: ``connect`` is a connector (an async callable returning a fresh
+    byte stream, e.g. :func:`tls_connector`), called inside the helper loop for the first
+    connection and again to reconnect, so the sessions resume after a restart or failover
+    as with :class:`KeymgmtClient`, which takes the ``reconnect_*`` options and
+    ``jitter`` as they are given here.
 
     Pass ``portal`` to share an event loop you already run (anyio blocking portal);
     otherwise one is started on ``backend``.
@@ -83,8 +89,20 @@ class SyncKeymgmtClient:
         local_store: LocalStore | None = None,
         backend: str = "asyncio",
         portal: BlockingPortal | None = None,
+        reconnect_budget: float = DEFAULT_RECONNECT_BUDGET,
+        reconnect_delay: float = 0.1,
+        reconnect_max_delay: float = 5.0,
+        reconnect_attempts: int | None = None,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._connect = connect
+        self._options: dict[str, Any] = dict(
+            reconnect_budget=reconnect_budget,
+            reconnect_delay=reconnect_delay,
+            reconnect_max_delay=reconnect_max_delay,
+            reconnect_attempts=reconnect_attempts,
+            jitter=jitter,
+        )
         self._local_store = local_store
         self._backend = backend
         self._stack = ExitStack()
@@ -107,7 +125,7 @@ class SyncKeymgmtClient:
         return self
 
     async def _make_client(self) -> KeymgmtClient:
-        return KeymgmtClient(self._connect, local_store=self._local_store)
+        return KeymgmtClient(self._connect, local_store=self._local_store, **self._options)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

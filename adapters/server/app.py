@@ -77,7 +77,9 @@ from ..storage.base import (
     StorageError,
     Transaction,
 )
+from .driver import warn_peer
 from .invitations import RegistrationAuthorizer
+from .metrics import ServerMetrics
 
 __all__ = ["KeyServer", "ThrottlePolicy", "default_account_name_policy"]
 
@@ -155,8 +157,11 @@ class KeyServer:
         throttle: ThrottlePolicy | None = None,
         max_keys_per_user: int = 10_000,
         registration_authorizer: RegistrationAuthorizer | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.storage = storage
+        #: Counts logins, requests and storage failures when set (the runtime's).
+        self.metrics = metrics
         self.throttle = throttle or ThrottlePolicy()
         #: REG-5: asked first for every registration; None lets anyone register.
         self.registration_authorizer = registration_authorizer
@@ -213,6 +218,8 @@ class KeyServer:
         try:
             self._dispatch(conn, event)
         except StorageError as exc:
+            if self.metrics is not None:
+                self.metrics.storage_errors.inc()
             log.error("storage failure while handling %s: %s", type(event).__name__, exc)
             self._refuse(conn, event, Status.INTERNAL_ERROR)
         except Exception:
@@ -240,7 +247,7 @@ class KeyServer:
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
             assert event.handle is not None
-            body = self.answer(event.handle, event.user_id, event.body)
+            body = self._answer_counted(event.handle, event.user_id, event.body)
             conn.send_response(event.session_id, event.request_id, body)
         elif isinstance(event, RegistrationRequested):
             self._on_registration_requested(conn, event)
@@ -250,8 +257,13 @@ class KeyServer:
             self._on_login_requested(conn, event)
         elif isinstance(event, LoginSucceeded):
             self._login_ended(event.handle, event.user_id)
+            if self.metrics is not None:
+                self.metrics.login("ok")
         elif isinstance(event, LoginFailed):
             self._login_ended(event.handle, None)
+            if self.metrics is not None:
+                self.metrics.login("failed")
+            warn_peer(conn, "failed logins", "failed login from %s (wrong password or unknown account)")
         elif isinstance(event, SessionClosed | SessionFailed):
             self._login_ended(event.handle, None)  # a login abandoned on the way
             if event.handle is not None:
@@ -275,6 +287,11 @@ class KeyServer:
             )
         if not admitted:
             conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many login attempts; retry later")
+            if self.metrics is not None:
+                self.metrics.login("throttled")
+            warn_peer(
+                conn, "throttled logins", "throttled a login from %s (too many failed logins of the name)"
+            )
             return
         assert event.handle is not None
         self._in_flight[event.handle] = event.account_name
@@ -417,6 +434,17 @@ class KeyServer:
             tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
 
     # ------------------------------------------------------------ requests
+
+    def _answer_counted(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+        """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
+        if self.metrics is None:
+            return self.answer(session, user_id, body)
+        started = time.perf_counter()
+        response = self.answer(session, user_id, body)
+        op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
+        status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
+        self.metrics.request(op, status, time.perf_counter() - started)
+        return response
 
     def answer(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
         """Answer one request body from ``session`` (its handle) of ``user_id``."""

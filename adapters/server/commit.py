@@ -18,6 +18,7 @@ the output of its work only after ``run`` has returned, that is after the commit
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
@@ -60,8 +61,12 @@ class GroupCommit:
     ``batch`` opens a batch (the key server's ``batch()``); without one, work runs
     without a transaction of its own (each storage call commits itself)."""
 
-    def __init__(self, batch: BatchFactory | None = None) -> None:
+    def __init__(
+        self, batch: BatchFactory | None = None, observe: Callable[[int, float, bool], None] | None = None
+    ) -> None:
         self._batch = batch
+        #: Told of every batch: its number of works, its commit's seconds, whether it failed.
+        self.observe = observe
         self._queue: list[_Work[Any]] = []
         self._leading = False
         #: Batches committed and failed so far (for tests and metrics).
@@ -108,6 +113,7 @@ class GroupCommit:
     async def _run_batch(self) -> None:
         items, self._queue = self._queue, []
         failure: StorageError | None = None
+        seconds = 0.0
         batch = self._batch() if self._batch is not None else None
         try:
             if batch is not None:
@@ -121,7 +127,14 @@ class GroupCommit:
                 except BaseException as exc:  # reaches the work's own caller, not the batch
                     item.error = exc
             if batch is not None:
+                started = time.perf_counter()
                 failure = await anyio.to_thread.run_sync(_commit, batch)
+                seconds = time.perf_counter() - started
+        if self.observe is not None:
+            try:
+                self.observe(len(items), seconds, failure is not None)
+            except Exception:  # metrics must never fail a batch
+                log.error("group commit observer failed", exc_info=True)
         if failure is None:
             self.batches += 1
         else:

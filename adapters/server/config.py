@@ -19,6 +19,7 @@ from pathlib import Path
 from keymgmt_proto import DEFAULT_MAX_PAYLOAD, ServerConfig
 
 from .app import ThrottlePolicy
+from .metrics import parse_listen
 from .runtime import ServerSettings
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "OPTIONS",
     "ConfigError",
     "Option",
+    "check_listen",
     "check_workers",
     "load_settings",
     "options_help",
@@ -62,6 +64,14 @@ OPTIONS: tuple[Option, ...] = (
         1,
         "KEYMGMT_WORKERS",
         f"server processes sharing the port ({MIN_WORKERS}..{MAX_WORKERS}; 1 = no extra process)",
+    ),
+    Option(
+        "server",
+        "health_listen",
+        str,
+        "",
+        "KEYMGMT_HEALTH_LISTEN",
+        "[HOST:]PORT of the plain-HTTP /healthz and /metrics listener (host 127.0.0.1); empty: off",
     ),
     Option("server", "storage", Path, "keyserver.db", "KEYMGMT_STORAGE", "SQLite database file"),
     Option(
@@ -355,6 +365,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     workers = values["server.workers"]
     assert isinstance(workers, int)
     check_workers(workers, "server.workers")
+    health_listen = check_listen(values["server.health_listen"], "server.health_listen")
     return ServerSettings(
         storage_path=values["server.storage"],  # type: ignore[arg-type]
         setup_path=values["server.setup"],  # type: ignore[arg-type]
@@ -375,7 +386,16 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         throttle=throttle,
         database_url=values["server.database_url"] or None,  # type: ignore[arg-type]
         database_schema=values["server.database_schema"],  # type: ignore[arg-type]
+        health_listen=health_listen,
     )
+
+
+def check_listen(value: object, name: str) -> tuple[str, int] | None:
+    """``value`` as the health listener's (host, port), None when empty, else one ConfigError line."""
+    try:
+        return parse_listen(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def check_workers(value: object, name: str) -> int:

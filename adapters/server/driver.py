@@ -37,8 +37,9 @@ from keymgmt_proto import (
 )
 
 from .commit import CommitFailed, GroupCommit
+from .metrics import ServerMetrics
 
-__all__ = ["ConnectionDriver", "group_commit_for", "serve_stream"]
+__all__ = ["ATTACK_CODES", "ConnectionDriver", "group_commit_for", "serve_stream", "warn_peer"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -48,6 +49,40 @@ ExpiryHook = Callable[[Sequence[ExpiredSession]], None]
 #: The driver of each live server connection, so that a driver whose work changed another
 #: connection (SessionRegistry.take_woken) can wake that connection's driver.
 _DRIVERS: WeakKeyDictionary[ServerConnection, ConnectionDriver] = WeakKeyDictionary()
+
+
+#: Errors a peer causes only by sending what no honest client sends: a forged, replayed or
+#: reordered record (BAD_RECORD), a RESUME of a session it does not hold (UNKNOWN_SESSION),
+#: frames that do not parse or do not belong where they came. Each is logged at WARNING
+#: with the peer's address (see :meth:`ConnectionDriver.warn`).
+ATTACK_CODES = frozenset(
+    {
+        ErrorCode.BAD_RECORD,
+        ErrorCode.UNKNOWN_SESSION,
+        ErrorCode.MALFORMED,
+        ErrorCode.UNEXPECTED_FRAME,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.BAD_SESSION_ID,
+        ErrorCode.INVALID_REQUEST,
+    }
+)
+
+#: WARNING lines of one kind a connection may cause; further ones are counted, and the
+#: count is logged when the connection ends (an attacker must not flood the log).
+WARNINGS_PER_CONNECTION = 5
+
+
+def warn_peer(conn: ServerConnection, kind: str, message: str, *args: object) -> None:
+    """Log a WARNING about the peer of ``conn`` (through its driver, which bounds the lines
+    per connection and adds the peer's address); ``message`` starts with ``%s``, the peer.
+    A connection no driver runs (a test driving the core by hand) has no peer and no bound:
+    its line is DEBUG."""
+    driver = _DRIVERS.get(conn)
+    if driver is not None:
+        driver.warn(kind, message, *args)
+    else:
+        log.debug(message, "a connection without a driver", *args)
 
 
 #: The group commit of each application that drivers were given without one (tests and
@@ -86,6 +121,7 @@ class ConnectionDriver:
         admission: Admission | None = None,
         committer: GroupCommit | None = None,
         max_unprocessed: int = 4 * 65536,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
         self.stream = stream
@@ -113,7 +149,30 @@ class ConnectionDriver:
         #: Set by input, a wake or a stop: the main loop runs another batch.
         self._input = anyio.Event()
         self._reader_failure: Exception | None = None
+        #: WARNING lines logged and left out, per kind (see warn()).
+        self._warned: dict[str, int] = {}
+        self.metrics = metrics
         _DRIVERS[self.conn] = self
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """A WARNING line about this connection's peer (``message`` starts with ``%s``, the
+        peer's address, also given as the structured field ``peer``); at most
+        WARNINGS_PER_CONNECTION of one ``kind``, the rest counted and reported at the end."""
+        seen = self._warned.get(kind, 0)
+        self._warned[kind] = seen + 1
+        if seen < WARNINGS_PER_CONNECTION:
+            log.warning(message, self.peer, *args, extra={"peer": self.peer, "event": kind})
+
+    def _report_warnings(self) -> None:
+        for kind, seen in self._warned.items():
+            if seen > WARNINGS_PER_CONNECTION:
+                log.warning(
+                    "connection from %s: %d more %s not logged",
+                    self.peer,
+                    seen - WARNINGS_PER_CONNECTION,
+                    kind,
+                    extra={"peer": self.peer, "event": kind},
+                )
 
     def wake(self) -> None:
         """Another connection changed this one (a session moved away, or an answer for a
@@ -163,21 +222,37 @@ class ConnectionDriver:
         while (event := self.conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
-                if event.remote:
+                if event.remote and event.code in ATTACK_CODES:
+                    self._attack(event.code, event.reason)
+                elif event.remote:
                     log.info("connection from %s ended: %s", self.peer, event.reason)
                 elif event.code is ErrorCode.IDLE_TIMEOUT:
                     log.info("connection from %s closed: %s", self.peer, event.reason)
                 continue
             if isinstance(event, SessionFailed) and event.code is ErrorCode.RATE_LIMITED:
                 self.rate_limited += 1
+                if self.metrics is not None:
+                    self.metrics.throttled.labels("rate").inc()
                 if self.rate_limited == 1:  # one line per connection, not one per attempt
-                    log.warning("connection from %s is rate limited: %s", self.peer, event.reason)
+                    log.warning(
+                        "connection from %s is rate limited: %s",
+                        self.peer,
+                        event.reason,
+                        extra={"peer": self.peer, "event": "rate limited"},
+                    )
+            elif isinstance(event, SessionFailed) and event.remote and event.code in ATTACK_CODES:
+                self._attack(event.code, event.reason)
             self._run_app(event)
         for conn in self.registry.take_woken():  # their drivers collect it in a later batch
             driver = _DRIVERS.get(conn)
             if driver is not None and driver is not self:
                 driver.wake()
         return self.conn.data_to_send()
+
+    def _attack(self, code: ErrorCode, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.attacks.labels(code.name).inc()
+        self.warn(code.name, "refused from %s: %s (%s)", code.name, reason)
 
     def _turn(self, timer_due: bool) -> bytes:
         """One batch's work for this connection: the input buffered so far, the timers that
@@ -211,6 +286,7 @@ class ConnectionDriver:
             except Exception:  # the core is in a state nobody planned for; the stream still closes
                 log.error("could not end the sessions of the connection from %s", self.peer)
         finally:
+            self._report_warnings()
             await self._close_stream()
 
     async def _serve(self) -> None:

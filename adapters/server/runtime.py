@@ -18,12 +18,21 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
-from anyio.abc import Listener, SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import (
+    ByteStream,
+    Listener,
+    SocketAttribute,
+    SocketListener,
+    SocketStream,
+    TaskGroup,
+    TaskStatus,
+)
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
@@ -31,12 +40,13 @@ from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry,
 
 from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
-from ..tls import server_context
+from ..tls import PKIError, server_context
 from .admission import AddressLimits, address_key
 from .app import KeyServer, ThrottlePolicy
 from .commit import GroupCommit
 from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
+from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
 
 __all__ = ["KeyServerRuntime", "ServerSettings", "open_storage"]
@@ -98,6 +108,8 @@ class ServerSettings:
     database_url: str | None = field(default=None, repr=False)
     #: The PostgreSQL schema holding the tables (one per deployment).
     database_schema: str = "keymgmt"
+    #: (host, port) of the plain-HTTP /healthz and /metrics listener; None = none (the default).
+    health_listen: tuple[str, int] | None = None
 
 
 def open_storage(settings: ServerSettings) -> Storage:
@@ -130,10 +142,13 @@ class KeyServerRuntime:
         self.storage: Storage = storage if storage is not None else open_storage(settings)
         kwargs = {} if clock is None else {"clock": clock}
         authorizer = InvitationAuthorizer.from_setup(self.setup) if settings.require_invitation else None
+        #: This server's Prometheus metrics (a registry of its own; served when health_listen is set).
+        self.metrics = ServerMetrics()
         self.keyserver = KeyServer(
             self.storage,
             registration_authorizer=authorizer,
             throttle=settings.throttle,
+            metrics=self.metrics,
             **kwargs,  # type: ignore[arg-type]
         )
         # Detached sessions go to the storage's session store: they resume on any instance
@@ -145,8 +160,10 @@ class KeyServerRuntime:
             random=os.urandom,
         )
         #: One group commit for every connection and background task of this server.
-        self.committer = GroupCommit(self.keyserver.batch)
+        self.committer = GroupCommit(self.keyserver.batch, observe=self.metrics.batch)
         self.port: int | None = None
+        #: The port of the /healthz and /metrics listener once it listens.
+        self.health_port: int | None = None
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
         self._stop = anyio.Event()
@@ -165,6 +182,47 @@ class KeyServerRuntime:
         self.connections_preempted = 0
         self._slots: dict[str, list[_Slot]] = {}
         self._warnings = _WarningThrottle()
+        #: Accepted connections closed before they sent a byte (TCP health checks).
+        self.connections_probed = 0
+        self._serving = False
+        self.metrics.watch(self._gauges)
+
+    def _gauges(self) -> list[tuple[str, str, dict[str, float]]]:
+        live = len(self.registry) - self.registry.detached_count()
+        return [
+            (
+                "keymgmt_open_connections",
+                "Open connections (including TLS handshakes)",
+                {"": self._open_connections},
+            ),
+            (
+                "keymgmt_sessions",
+                "Established sessions held by this process: live (on a connection) or detached",
+                {"live": live, "detached": self.registry.detached_count()},
+            ),
+            (
+                "keymgmt_serving",
+                "1 while serving, 0 while starting, draining or stopped",
+                {"": float(self.healthy)},
+            ),
+        ]
+
+    @property
+    def healthy(self) -> bool:
+        """Serving and not shutting down (what /healthz answers)."""
+        return self._serving and not self._stop.is_set()
+
+    def reload_tls(self) -> bool:
+        """Load the certificate and key again (SIGHUP): new connections use them, open ones
+        keep theirs. A certificate that does not load is logged and the old one kept."""
+        try:
+            context = server_context(self.settings.cert_path, self.settings.key_path)
+        except PKIError as exc:
+            log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
+            return False
+        self.ssl_context = context
+        log.info("reloaded the TLS certificate %s", self.settings.cert_path)
+        return True
 
     def __repr__(self) -> str:
         return f"<KeyServerRuntime {self.settings.host}:{self.port} {len(self._drivers)} connections>"
@@ -185,33 +243,57 @@ class KeyServerRuntime:
             listener = await anyio.create_tcp_listener(
                 local_host=self.settings.host, local_port=self.settings.port
             )
-        self.port = listener.extra(SocketAttribute.local_port)
+        self.port = port = int(listener.extra(SocketAttribute.local_port))
         log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        ops: MultiListener[SocketStream] | None = None
         try:
-            async with anyio.create_task_group() as connections:
-                async with anyio.create_task_group() as accepting:
-                    for each in listener.listeners:
-                        assert isinstance(each, SocketListener)
-                        accepting.start_soon(self._accept, each, connections)
-                    accepting.start_soon(self._expire_detached_sessions)
-                    accepting.start_soon(self._maintain)
-                    task_status.started(self.port)
-                    await self._stop.wait()
-                    accepting.cancel_scope.cancel()
-                log.info("shutting down: no new connections; finishing %d", len(self._drivers))
-                for driver in list(self._drivers):
-                    driver.stop()
-                with anyio.move_on_after(self.settings.shutdown_grace) as grace:
-                    while self._drivers:
-                        await anyio.sleep(0.01)
-                if grace.cancelled_caught:
-                    log.warning("shutdown grace period over; closing %d connections", len(self._drivers))
-                    connections.cancel_scope.cancel()
+            if self.settings.health_listen is not None:
+                ops_host, ops_port = self.settings.health_listen
+                try:
+                    ops = await anyio.create_tcp_listener(local_host=ops_host, local_port=ops_port)
+                except OSError as exc:
+                    why = exc.strerror or str(exc)
+                    raise OSError(exc.errno, f"health listener {ops_host}:{ops_port}: {why}") from None
+                self.health_port = int(ops.extra(SocketAttribute.local_port))
+                log.info(
+                    "health and metrics on http://%s:%d (/healthz, /metrics)", ops_host, self.health_port
+                )
+            async with anyio.create_task_group() as health:
+                if ops is not None:
+                    health.start_soon(serve_ops, ops.listeners, lambda: self.healthy, self.metrics)
+                await self._serve(listener, port, task_status)
+                health.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
+                if ops is not None:
+                    await ops.aclose()
             self.storage.close()
             log.info("stopped")
+
+    async def _serve(
+        self, listener: MultiListener[SocketStream], port: int, task_status: TaskStatus[int]
+    ) -> None:
+        async with anyio.create_task_group() as connections:
+            async with anyio.create_task_group() as accepting:
+                for each in listener.listeners:
+                    assert isinstance(each, SocketListener)
+                    accepting.start_soon(self._accept, each, connections)
+                accepting.start_soon(self._expire_detached_sessions)
+                accepting.start_soon(self._maintain)
+                task_status.started(port)
+                self._serving = True
+                await self._stop.wait()
+                accepting.cancel_scope.cancel()
+            log.info("shutting down: no new connections; finishing %d", len(self._drivers))
+            for driver in list(self._drivers):
+                driver.stop()
+            with anyio.move_on_after(self.settings.shutdown_grace) as grace:
+                while self._drivers:
+                    await anyio.sleep(0.01)
+            if grace.cancelled_caught:
+                log.warning("shutdown grace period over; closing %d connections", len(self._drivers))
+                connections.cancel_scope.cancel()
 
     async def _accept(self, listener: SocketListener, connections: TaskGroup) -> None:
         """Accept connections until cancelled. An accept that fails (out of file descriptors,
@@ -332,27 +414,39 @@ class KeyServerRuntime:
 
     def _refuse(self, tcp: SocketStream, peer: str, why: str) -> None:
         self.connections_refused += 1
+        self.metrics.connections.labels("refused").inc()
         self._warnings.warn(why, "refused a connection from %s: %s", peer, why)
 
     async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: Admission, slot: _Slot) -> None:
+        counted = _CountingStream(tcp)
         try:
             with anyio.fail_after(self.settings.tls_handshake_timeout):
                 stream = await TLSStream.wrap(
-                    tcp, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
+                    counted, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
                 )
         except TimeoutError:
             self._warnings.warn("tls timeout", "TLS handshake with %s timed out", peer)
             await anyio.aclose_forcefully(tcp)
             return
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+            if not counted.received:
+                # A load balancer's or monitor's TCP check: not a failed TLS handshake.
+                self.connections_probed += 1
+                self.metrics.connections.labels("probe").inc()
+                log.debug("connection from %s closed before sending anything (a TCP check)", peer)
+                await anyio.aclose_forcefully(tcp)
+                return
+            if not isinstance(exc, ssl.SSLError):
+                self._warnings.warn(
+                    "tls closed",
+                    "TLS handshake with %s failed: connection closed (%s)",
+                    peer,
+                    type(exc).__name__,
+                )
+                await anyio.aclose_forcefully(tcp)
+                return
             reason = exc.reason or type(exc).__name__
             self._warnings.warn(f"tls {reason}", "TLS handshake with %s failed: %s", peer, reason)
-            await anyio.aclose_forcefully(tcp)
-            return
-        except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
-            self._warnings.warn(
-                "tls closed", "TLS handshake with %s failed: connection closed (%s)", peer, type(exc).__name__
-            )
             await anyio.aclose_forcefully(tcp)
             return
         driver = ConnectionDriver(
@@ -363,17 +457,48 @@ class KeyServerRuntime:
             peer=peer,
             admission=bucket,
             committer=self.committer,
+            metrics=self.metrics,
         )
         self._drivers.add(driver)
         slot.driver = driver
         self.connections_served += 1
-        log.info("connection from %s (TLS 1.3)", peer)
+        self.metrics.connections.labels("served").inc()
+        log.info("connection from %s (TLS 1.3)", peer, extra={"peer": peer})
         try:
             await driver.run()
         finally:
             self._drivers.discard(driver)
             if driver.faulted:
                 self.connection_faults += 1
+
+
+class _CountingStream(ByteStream):
+    """The TCP stream under a TLS stream, counting the bytes received: a connection that
+    ends before its first byte was a TCP check, not a failed TLS handshake."""
+
+    __slots__ = ("inner", "received")
+
+    def __init__(self, inner: SocketStream) -> None:
+        self.inner = inner
+        self.received = 0
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self.inner.receive(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def send(self, item: bytes) -> None:
+        await self.inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.inner.extra_attributes
 
 
 class _WarningThrottle:

@@ -20,7 +20,9 @@ the others and exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -128,7 +130,12 @@ class WorkerPool:
         # Their own process group: a terminal's Ctrl-C reaches the parent alone, which
         # passes one SIGTERM on to each worker.
         worker.process = subprocess.Popen(  # noqa: S603 - this package's own command line
-            self.command(fds), pass_fds=fds, stdout=subprocess.PIPE, process_group=0
+            self.command(fds),
+            pass_fds=fds,
+            stdout=subprocess.PIPE,
+            process_group=0,
+            # its number: worker K serves its health listener on the configured port + K
+            env={**os.environ, "KEYMGMT_WORKER_NUMBER": str(worker.number)},
         )
         worker.restart_at = None
         log.info("started worker %d (pid %d)", worker.number, worker.process.pid)
@@ -137,10 +144,17 @@ class WorkerPool:
         if self._signal is None:
             self._signal = signum
 
+    def _on_hangup(self, signum: int, _frame: FrameType | None) -> None:
+        """SIGHUP: each worker reloads its TLS certificate."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     def run(self, announce: Callable[[], None] = lambda: None) -> int:
         """Start the workers, call ``announce`` once every one listens, supervise until
         SIGTERM or SIGINT, stop them; 0 if all stopped cleanly."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             for worker in self.workers:
                 self._start(worker)

@@ -8,77 +8,11 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import pytest
-
-BIN = Path(sys.executable).parent
-SERVER = [sys.executable, "-m", "keymgmt.adapters.cli.server"]
-CLIENT = [sys.executable, "-m", "keymgmt.adapters.cli.client"]
-
-
-class ServerProcess:
-    def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
-        self.directory = directory
-        self.proc = subprocess.Popen(
-            [*SERVER, "serve", "--config", str(directory / "keymgmt-server.toml"), "--log-level", "DEBUG"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        line = self.proc.stdout.readline()
-        assert line.startswith("listening on "), line + self.proc.stderr.read()
-        self.port = int(line.rsplit(":", 1)[1])
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-
-    def _read_log(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=20)
-        self._reader.join(timeout=5)
-        return code
-
-
-@pytest.fixture
-def server_dir(tmp_path):
-    result = subprocess.run(
-        [*SERVER, "init", "--dir", str(tmp_path / "srv"), "--port", "0"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "created" in result.stdout
-    return tmp_path / "srv"
-
-
-@pytest.fixture
-def server(server_dir):
-    process = ServerProcess(server_dir)
-    yield process
-    if process.proc.poll() is None:
-        assert process.stop() == 0
-
-
-def run_client(server, tmp_path, *args, password="hunter2 but longer", account="alice@example.org", ca=None):
-    env = {
-        **os.environ,
-        "KEYMGMT_SERVER": f"127.0.0.1:{server.port}",
-        "KEYMGMT_CA": str(ca or server.directory / "ca.pem"),
-        "KEYMGMT_ACCOUNT": account,
-        "KEYMGMT_LOCAL_STORE": str(tmp_path / "client" / "local.db"),
-    }
-    return subprocess.run(
-        [*CLIENT, *args], input=f"{password}\n", capture_output=True, text=True, env=env, timeout=60
-    )
+from tests.support.cli import CLIENT, SERVER, client_env, run_client
 
 
 def test_init_refuses_to_overwrite(server_dir):
@@ -122,10 +56,14 @@ def test_cli_end_to_end(server, tmp_path):
     assert run_client(
         server, tmp_path, "retrieve", imported_id, "--context", "local-only"
     ).stdout.strip() == ("68656c6c6f")
-    assert run_client(server, tmp_path, "retrieve", key_id).stdout.strip() == "ok"
+    # Without --context, retrieve prints the secret (local-only); null only checks.
+    assert len(bytes.fromhex(run_client(server, tmp_path, "retrieve", key_id).stdout.strip())) == 32
+    assert (
+        run_client(server, tmp_path, "retrieve", key_id, "--context", "null").stdout.strip() == "retrievable"
+    )
     listed = json.loads(run_client(server, tmp_path, "list", "--json").stdout)
     assert {k["key_id"] for k in listed} == {key_id, imported_id}
-    assert run_client(server, tmp_path, "delete", key_id).returncode == 0
+    assert run_client(server, tmp_path, "delete", "--yes", key_id).returncode == 0
     table = run_client(server, tmp_path, "audit", "--type", "key").stdout
     assert "generate" in table and "import" in table and "delete_key" in table and "register" not in table
     document = json.loads(run_client(server, tmp_path, "audit", "--json", "--key", imported_id).stdout)
@@ -159,6 +97,7 @@ def test_cli_errors_are_one_line_with_documented_exit_codes(server, tmp_path):
     assert other.returncode == 0
     untrusted = run_client(server, tmp_path, "list", ca=tmp_path / "other" / "ca.pem")
     assert untrusted.returncode == 6 and "not trusted" in untrusted.stderr
+    assert "--ca FILE or KEYMGMT_CA" in untrusted.stderr and untrusted.stderr.count("\n") == 1
     deadline = time.monotonic() + 10  # the server logs the refused handshake on its own time
     while not any("TLS handshake" in line for line in server.log) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -213,17 +152,6 @@ def test_sigterm_during_requests_is_graceful_and_loses_nothing(server, tmp_path)
         assert error.startswith("keymgmt: error:") and "Traceback" not in error
 
 
-def _client_env(port: int, ca: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "KEYMGMT_SERVER": f"127.0.0.1:{port}",
-        "KEYMGMT_CA": str(ca),
-        "KEYMGMT_ACCOUNT": "alice@example.org",
-        "KEYMGMT_LOCAL_STORE": str(tmp_path / "client" / "local.db"),
-        **extra,
-    }
-
-
 def test_secrets_to_import_never_need_the_command_line(server, tmp_path):
     """A secret on a command line is visible to every local user (ps, /proc) and kept in shell
     history: `import` reads it from stdin, a file or a no-echo prompt; --hex still works but
@@ -232,7 +160,7 @@ def test_secrets_to_import_never_need_the_command_line(server, tmp_path):
     password_file = tmp_path / "password"
     password_file.write_text("hunter2 but longer\n")
     password_file.chmod(0o600)
-    env = _client_env(server.port, server.directory / "ca.pem", tmp_path)
+    env = client_env(server.port, server.directory / "ca.pem", tmp_path)
     secret = b"\x00ZQX-4417\nsecret bytes\xff"
     proc = subprocess.Popen(
         [*CLIENT, "--password-file", str(password_file), "import"],
@@ -287,7 +215,7 @@ def test_bad_import_input_is_refused_before_connecting(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    env = _client_env(closed_port, tmp_path / "ca.pem", tmp_path)
+    env = client_env(closed_port, tmp_path / "ca.pem", tmp_path)
     cases = [
         (["import", "--hex", "zz"], b"", "not hexadecimal"),
         (["import", "--file", str(tmp_path / "missing")], b"", "cannot read"),

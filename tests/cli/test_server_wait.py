@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -52,3 +53,24 @@ def test_wait_refuses_a_bad_timeout_before_waiting(tmp_path: Path) -> None:
         assert result.returncode == 1
         assert result.stderr.startswith("keymgmt-server: error: --timeout"), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_without_config_the_commands_read_the_file_init_writes_by_default(tmp_path: Path) -> None:
+    port = _free_port()
+    # `init` without --dir writes keymgmt-server/; `wait` (like serve, invite, backup) then finds it
+    subprocess.run([*SERVER, "init", "--port", str(port)], cwd=tmp_path, check=True, capture_output=True)
+    assert (tmp_path / "keymgmt-server" / "keymgmt-server.toml").is_file()
+    result = subprocess.run(
+        [*SERVER, "wait", "--timeout", "0.2"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert f"127.0.0.1:{port} within" in result.stderr, result.stderr
+    # KEYMGMT_CONFIG names another one
+    other = _init(tmp_path / "other", _free_port())
+    result = subprocess.run(
+        [*SERVER, "wait", "--timeout", "0.2"],
+        cwd=tmp_path,
+        env={**os.environ, "KEYMGMT_CONFIG": str(other)},
+        capture_output=True,
+        text=True,
+    )
+    assert f"127.0.0.1:{port} within" not in result.stderr and "no key server accepted" in result.stderr

@@ -1,6 +1,6 @@
 """One request per store (issue 14, item 4): a STORE_SECRET asks for the next key id and the
 client's next store of that kind uses it, with every KEY-2 check; a reservation the server lost
-costs one CREATE_KEY_ID and one more try. SecretOps driven by hand, no I/O."""
+costs a CREATE_KEY_ID and another try (at most STORE_RETRIES). SecretOps driven by hand, no I/O."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from keymgmt_proto import (
     MAX_NEXT_KEY_IDS,
+    STORE_RETRIES,
     CreateKeyIdRequest,
     IntegrityFailure,
     KeyIdResponse,
@@ -127,12 +128,32 @@ def test_a_reservation_the_server_lost_costs_one_create_key_id_and_one_more_try(
     assert sent[0].key_id != key_id and sent[2].key_id == key_id
     assert copy.associated_data == USER + key_id + b"imported key"
     assert open_secret(STORAGE_KEY, copy.ciphertext, copy.associated_data) == b"two"
-    # Only once: a second INVALID is the caller's error.
-    server.refuse = [Status.INVALID, Status.INVALID]
+    # Bounded: after STORE_RETRIES fresh key ids refused too, the INVALID is the caller's error.
+    server.refuse = [Status.INVALID] * (STORE_RETRIES + 2)
     with pytest.raises(OperationRefused) as refused:
         store(ops, server, b"three")
     assert refused.value.status is Status.INVALID
-    assert kinds(server.sent[-3:]) == ["StoreSecretRequest", "CreateKeyIdRequest", "StoreSecretRequest"]
+    tries = 2 * STORE_RETRIES + 3
+    assert kinds(server.sent[-tries:]) == ["StoreSecretRequest"] + [
+        "CreateKeyIdRequest",
+        "StoreSecretRequest",
+    ] * (STORE_RETRIES + 1)
+
+
+def test_a_fresh_reservation_lost_before_its_store_is_asked_for_again():
+    """Issue 15, defect (a): the reservation made by the store's own CREATE_KEY_ID is lost
+    too when a reconnection falls between the two requests (another instance, a restarted
+    server). The client asks for a fresh key id (never reusing the refused one) and seals
+    afresh; each further reconnection may cost one more, up to STORE_RETRIES."""
+    assert STORE_RETRIES >= 2
+    ops, server = SecretOps(USER, EXPORT_KEY, os.urandom), Server()
+    server.refuse = [Status.INVALID] * STORE_RETRIES
+    (key_id, copy), sent = store(ops, server, b"one")
+    expected = ["CreateKeyIdRequest", "StoreSecretRequest"] * (STORE_RETRIES + 1)
+    assert kinds(sent) == ["RetrieveStorageKeyRequest", *expected]
+    stored_ids = [r.key_id for r in sent if isinstance(r, StoreSecretRequest)]
+    assert len(set(stored_ids)) == len(stored_ids) and stored_ids[-1] == key_id
+    assert open_secret(STORAGE_KEY, copy.ciphertext, copy.associated_data) == b"one"
 
 
 @pytest.mark.parametrize("status", [Status.INTERNAL_ERROR, Status.LIMIT_REACHED, Status.WRONG_USER])

@@ -1,0 +1,274 @@
+"""Prometheus metrics of one key server, and its health and metrics HTTP listener.
+
+:class:`ServerMetrics` keeps its own ``CollectorRegistry`` (never prometheus_client's
+global one), so several runtimes in one process (tests) do not clash. The counters are
+moved by the key server (logins, requests), the group commit (batch sizes, failed
+batches) and the connection drivers (attacks, rate limiting); the gauges (connections,
+sessions) are read from the runtime when scraped.
+
+:func:`serve_ops` answers ``GET /healthz`` (200 while serving, 503 while draining) and
+``GET /metrics`` (Prometheus text format) on a plain HTTP/1.1 port of its own. Plain
+HTTP: it is meant for loopback or an operations network (see docs/operations.md). A
+request must arrive whole within ``READ_TIMEOUT`` seconds and fit ``MAX_REQUEST`` bytes,
+at most ``MAX_CLIENTS`` are served at once, and every answer closes the connection, so
+the port cannot hold the server's resources.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import anyio
+from anyio.abc import Listener, SocketListener, SocketStream, TaskGroup
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "MAX_CLIENTS",
+    "MAX_REQUEST",
+    "READ_TIMEOUT",
+    "ServerMetrics",
+    "answer",
+    "parse_listen",
+    "serve_ops",
+]
+
+log = logging.getLogger("keymgmt.server")
+
+#: Largest request (request line and headers) the listener reads.
+MAX_REQUEST = 4096
+#: Seconds a client has to send its request.
+READ_TIMEOUT = 5.0
+#: Connections served at once; more are closed at once.
+MAX_CLIENTS = 16
+
+#: Request latency buckets, seconds (the handler's work, without the group commit).
+_LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: Works per group commit.
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Commit (and fsync) seconds of one batch.
+_COMMIT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class _Gauges(Collector):
+    """The gauges read from the runtime at scrape time: (name, help, labels -> value)."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, str, dict[str, float]]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, values in self._read():
+            labelled = [k for k in values if k]
+            family = GaugeMetricFamily(name, text, labels=["state"] if labelled else None)
+            for label, value in values.items():
+                if label:
+                    family.add_metric([label], value)
+                else:
+                    family.add_metric([], value)
+            yield family
+
+
+class ServerMetrics:
+    """The metrics of one key server, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.logins = Counter(
+            "keymgmt_logins", "Logins by outcome (ok, failed, throttled)", ["outcome"], registry=r
+        )
+        for outcome in ("ok", "failed", "throttled"):
+            self.logins.labels(outcome)
+        self.throttled = Counter(
+            "keymgmt_throttled_attempts",
+            "Session starts refused: login (a name's failed-login lock) or rate (an address's rate)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("login", "rate"):
+            self.throttled.labels(kind)
+        self.requests = Counter(
+            "keymgmt_requests", "Requests answered, by operation and status", ["op", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "keymgmt_request_duration_seconds",
+            "Time the key server took to answer a request (storage work, without the group commit)",
+            ["op"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "keymgmt_group_commit_batch_size",
+            "Works committed together in one group commit",
+            buckets=_BATCH,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "keymgmt_group_commit_duration_seconds",
+            "Time one group commit took to commit (and sync)",
+            buckets=_COMMIT,
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "keymgmt_storage_errors",
+            "Storage failures: failed group commits and failed storage calls",
+            registry=r,
+        )
+        self.attacks = Counter(
+            "keymgmt_session_attacks",
+            "Sessions or connections ended for a forged, replayed or malformed frame, by error code",
+            ["code"],
+            registry=r,
+        )
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self.connections = Counter(
+            "keymgmt_connections", "Connections accepted, by how they went", ["result"], registry=r
+        )
+
+    def watch(self, read: Callable[[], Iterable[tuple[str, str, dict[str, float]]]]) -> None:
+        """Register gauges read at every scrape (see :class:`_Gauges`)."""
+        self.registry.register(_Gauges(read))
+
+    def login(self, outcome: str) -> None:
+        self.logins.labels(outcome).inc()
+        if outcome == "throttled":
+            self.throttled.labels("login").inc()
+
+    def request(self, op: str, status: str, seconds: float) -> None:
+        """One request answered (on every request's path: the labelled children are cached,
+        which saves a few microseconds each; ops and statuses are small fixed sets)."""
+        children = self._children.get((op, status))
+        if children is None:
+            children = self._children[(op, status)] = (
+                self.requests.labels(op, status),
+                self.request_seconds.labels(op),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def batch(self, works: int, seconds: float, failed: bool) -> None:
+        """One group commit ended (GroupCommit's observer)."""
+        self.batch_size.observe(works)
+        self.commit_seconds.observe(seconds)
+        if failed:
+            self.storage_errors.inc()
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+def parse_listen(text: str, default_host: str = "127.0.0.1") -> tuple[str, int] | None:
+    """``""`` (off), ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT`` as (host, port); ValueError
+    with one line if it is none of these."""
+    text = text.strip()
+    if not text:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = default_host, text
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port_text.isdecimal() or int(port_text) > 65535:
+        raise ValueError(f"{text!r} is not PORT, HOST:PORT or [IPV6]:PORT")
+    return host, int(port_text)
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+def _response(
+    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", head: bool = False
+) -> bytes:
+    header = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    return header if head else header + body
+
+
+async def _read_request(stream: SocketStream) -> bytes | None:
+    """The request line and headers, or None if it is too large, too slow or cut short."""
+    data = b""
+    with anyio.move_on_after(READ_TIMEOUT):
+        while b"\r\n\r\n" not in data and b"\n\n" not in data:
+            if len(data) > MAX_REQUEST:
+                return None
+            try:
+                data += await stream.receive(MAX_REQUEST + 1 - len(data))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return None
+        return data
+    return None
+
+
+def answer(request: bytes, healthy: bool, metrics: ServerMetrics) -> bytes:
+    """The HTTP response to one request (request line and headers)."""
+    line = request.split(b"\n", 1)[0].strip()
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return _response(400, b"bad request\n")
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method not in (b"GET", b"HEAD"):
+        return _response(405, b"GET or HEAD only\n")
+    head = method == b"HEAD"
+    if target == b"/healthz":
+        if healthy:
+            return _response(200, b"ok\n", head=head)
+        return _response(503, b"draining\n", head=head)
+    if target == b"/metrics":
+        return _response(200, metrics.exposition(), CONTENT_TYPE_LATEST, head=head)
+    return _response(404, b"not found: /healthz or /metrics\n", head=head)
+
+
+async def serve_ops(
+    listeners: Sequence[Listener[SocketStream]], healthy: Callable[[], bool], metrics: ServerMetrics
+) -> None:
+    """Serve /healthz and /metrics on ``listeners`` until cancelled."""
+    busy = 0
+
+    async def handle(stream: SocketStream) -> None:
+        nonlocal busy
+        busy += 1
+        try:
+            async with stream:
+                request = await _read_request(stream)
+                if request is None:
+                    return
+                with anyio.move_on_after(READ_TIMEOUT):
+                    await stream.send(answer(request, healthy(), metrics))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # a bug here must not end the key server
+            log.error("health listener failed on a request", exc_info=True)
+        finally:
+            busy -= 1
+
+    async def accept(listener: SocketListener, tg: TaskGroup) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError:
+                await anyio.sleep(0.05)
+                continue
+            if busy >= MAX_CLIENTS:
+                await anyio.aclose_forcefully(stream)
+                continue
+            tg.start_soon(handle, stream)
+
+    async with anyio.create_task_group() as tg:
+        for listener in listeners:
+            assert isinstance(listener, SocketListener)
+            tg.start_soon(accept, listener, tg)

@@ -1,0 +1,96 @@
+"""ServerMetrics without a network: a registry per instance, storage failures counted from
+failed group commits and failed storage calls, the listen-address parser, the HTTP answers."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.commit import CommitFailed, GroupCommit
+from keymgmt.adapters.server.metrics import ServerMetrics, answer, parse_listen
+from keymgmt.adapters.storage.base import StorageError
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt_proto import LoginRequested
+
+
+def sample(metrics: ServerMetrics, name: str, **labels: str) -> float:
+    found = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def test_two_runtimes_in_one_process_keep_their_own_counters():
+    first, second = ServerMetrics(), ServerMetrics()
+    first.login("ok")
+    assert sample(first, "keymgmt_logins_total", outcome="ok") == 1
+    assert sample(second, "keymgmt_logins_total", outcome="ok") == 0
+
+
+@pytest.mark.anyio
+async def test_a_failed_group_commit_is_a_storage_error_and_a_batch():
+    metrics = ServerMetrics()
+
+    class Failing:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise StorageError("disk full")
+
+    committer = GroupCommit(Failing, observe=metrics.batch)
+    with pytest.raises(CommitFailed):
+        await committer.run(lambda: None)
+    assert sample(metrics, "keymgmt_storage_errors_total") == 1
+    assert sample(metrics, "keymgmt_group_commit_batch_size_count") == 1
+    ok = GroupCommit(None, observe=metrics.batch)
+    assert await ok.run(lambda: 7) == 7
+    assert sample(metrics, "keymgmt_storage_errors_total") == 1
+    assert sample(metrics, "keymgmt_group_commit_batch_size_sum") == 2
+
+
+def test_a_storage_failure_while_handling_an_event_is_counted(tmp_path):
+    metrics = ServerMetrics()
+    storage = SQLiteStorage(tmp_path / "db")
+    keyserver = KeyServer(storage, metrics=metrics)
+
+    @contextmanager
+    def broken(*args, **kwargs):
+        raise StorageError("database is gone")
+        yield
+
+    storage.transaction = broken  # type: ignore[method-assign]
+
+    class Conn:
+        def __init__(self) -> None:
+            self.rejected: list[int] = []
+
+        def reject_session(self, session_id, code, reason):
+            self.rejected.append(session_id)
+
+    conn = Conn()
+    keyserver(conn, LoginRequested(3, b"someone"))  # type: ignore[arg-type]
+    assert conn.rejected == [3]
+    assert sample(metrics, "keymgmt_storage_errors_total") == 1
+    storage.close()
+
+
+def test_parse_listen():
+    assert parse_listen("") is None and parse_listen("  ") is None
+    assert parse_listen("9464") == ("127.0.0.1", 9464)
+    assert parse_listen("0.0.0.0:9464") == ("0.0.0.0", 9464)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    for bad in ("65536", "host:", ":1", "x", "1:2:x", "-1"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_http_answers():
+    metrics = ServerMetrics()
+    assert answer(b"GET /healthz HTTP/1.1\r\n\r\n", True, metrics).startswith(b"HTTP/1.1 200 ")
+    assert answer(b"GET /healthz HTTP/1.0\r\n\r\n", False, metrics).startswith(b"HTTP/1.1 503 ")
+    assert answer(b"GET /healthz?x=1 HTTP/1.1\r\n\r\n", True, metrics).endswith(b"\r\n\r\nok\n")
+    scraped = answer(b"GET /metrics HTTP/1.1\r\n\r\n", True, metrics)
+    assert b"text/plain; version=" in scraped and b"keymgmt_logins_total" in scraped
+    assert answer(b"DELETE / HTTP/1.1\r\n\r\n", True, metrics).startswith(b"HTTP/1.1 405 ")
+    assert answer(b"\x16\x03\x01 binary\r\n\r\n", True, metrics).startswith(b"HTTP/1.1 400 ")
