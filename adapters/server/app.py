@@ -279,7 +279,8 @@ class KeyServer:
         nor its timing says whether the name exists."""
         now = self.now_us()
         policy = self.throttle
-        with self.storage.transaction() as tx:
+        # One write (start_login is one statement): no savepoint of its own inside a batch.
+        with self.storage.transaction(atomic=False) as tx:
             account = tx.get_account(event.account_name)
             admitted = tx.start_login(
                 event.account_name, now, policy.threshold, int(policy.in_flight_for * 1_000_000)
@@ -570,7 +571,7 @@ _NONE: OrderedDict[bytes, SecretKind] = OrderedDict()
 _ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: built for every request, and a frozen __init__ costs twice as much)
 class _Op:
     """What every operation handler works with: the request's transaction, its user, the
     time, the session's key-id reservations, and audit entries to write after the request's
