@@ -285,7 +285,9 @@ class KeyServer:
             assert event.handle is not None
             age = conn.login_age(event.session_id)
             recent = age is not None and age <= self.reauth_window
-            body = self._answer_counted(event.handle, event.user_id, event.body, conn if recent else None)
+            body = self._answer_counted(
+                event.handle, event.user_id, event.body, registrar=conn if recent else None
+            )
             conn.send_response(event.session_id, event.request_id, body)
             if body[:1] == _OK and event.body[:1] in _ENDING_SESSIONS:
                 # The password changed (every other session of the account ends) or the
@@ -486,20 +488,30 @@ class KeyServer:
     # ------------------------------------------------------------ requests
 
     def _answer_counted(
-        self, session: SessionHandle, user_id: bytes, body: bytes, registrar: PasswordRegistrar | None = None
+        self,
+        session: SessionHandle,
+        user_id: bytes,
+        body: bytes,
+        *,
+        registrar: PasswordRegistrar | None = None,
     ) -> bytes:
         """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
         if self.metrics is None:
-            return self.answer(session, user_id, body, registrar)
+            return self.answer(session, user_id, body, registrar=registrar)
         started = time.perf_counter()
-        response = self.answer(session, user_id, body, registrar)
+        response = self.answer(session, user_id, body, registrar=registrar)
         op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
         status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
 
     def answer(
-        self, session: SessionHandle, user_id: bytes, body: bytes, registrar: PasswordRegistrar | None = None
+        self,
+        session: SessionHandle,
+        user_id: bytes,
+        body: bytes,
+        *,
+        registrar: PasswordRegistrar | None = None,
     ) -> bytes:
         """Answer one request body from ``session`` (its handle) of ``user_id``. A password
         change or an account deletion needs ``registrar`` (the session's connection, given
