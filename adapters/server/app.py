@@ -482,8 +482,15 @@ class KeyServer:
         log.info("registered a new account (session %d)", event.session_id)
 
     def _audit(self, user_id: bytes, action: Action, outcome: Outcome) -> None:
-        with self.storage.transaction() as tx:
-            tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
+        try:
+            with self.storage.transaction() as tx:
+                tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
+        except StorageError:
+            if not self._account_gone(user_id):
+                raise
+            # A session of a deleted account ended (on an instance that could not end it
+            # when the account went): its log went with the account.
+            log.debug("no audit entry for a session of a deleted account")
 
     # ------------------------------------------------------------ requests
 
@@ -497,13 +504,34 @@ class KeyServer:
     ) -> bytes:
         """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
         if self.metrics is None:
-            return self.answer(session, user_id, body, registrar=registrar)
+            return self._answer_or_gone(session, user_id, body, registrar)
         started = time.perf_counter()
-        response = self.answer(session, user_id, body, registrar=registrar)
+        response = self._answer_or_gone(session, user_id, body, registrar)
         op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
         status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
+
+    def _answer_or_gone(
+        self, session: SessionHandle, user_id: bytes, body: bytes, registrar: PasswordRegistrar | None
+    ) -> bytes:
+        """:meth:`answer`; a request whose account was deleted meanwhile (a session of it that
+        this instance could not end: attached on another instance) is answered ``NOT_FOUND``
+        with no audit entry (there is no log to write to) instead of a storage error."""
+        try:
+            return self.answer(session, user_id, body, registrar=registrar)
+        except StorageError:
+            if self._account_gone(user_id):
+                return encode_response(Status.NOT_FOUND)
+            raise
+
+    def _account_gone(self, user_id: bytes) -> bool:
+        """Whether ``user_id`` has no account (deleted); False when storage cannot say."""
+        try:
+            with self.storage.transaction() as tx:
+                return tx.get_account_by_user_id(user_id) is None
+        except StorageError:
+            return False
 
     def answer(
         self,

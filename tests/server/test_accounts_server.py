@@ -236,3 +236,24 @@ def test_a_deleted_name_costs_the_same_storage_work_as_an_unknown_one(tmp_path):
     deleted = traced.probe(ALICE)
     unknown = traced.probe(b"alfie@example.org")
     assert deleted == unknown
+
+
+def test_a_session_on_another_instance_finds_nothing_once_the_account_is_deleted(backend_storage, caplog):  # noqa: F811
+    """Another instance (its own registry, the same database) cannot be told to end its
+    sessions: their requests are answered NOT_FOUND, and their end is not an error."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="keymgmt.server")
+    here, there = _World(backend_storage), _World(backend_storage)
+    pair, remote = here.pair(), there.pair()
+    register(pair, ALICE)
+    session = login(pair, ALICE)
+    elsewhere = login(remote, ALICE)
+    _run(pair, session, SecretOps(session.user_id, session.export_key, os.urandom).delete_account())
+    ops = SecretOps(elsewhere.user_id, elsewhere.export_key, os.urandom)
+    with pytest.raises(OperationRefused) as refused:
+        _run(remote, elsewhere, ops.list_keys())
+    assert refused.value.status is Status.NOT_FOUND
+    remote.client.close_session(elsewhere.session_id)
+    remote.pump()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
