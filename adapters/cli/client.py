@@ -393,7 +393,8 @@ def _parser() -> argparse.ArgumentParser:
         "it, in one step on the server. Your secrets, local cache and audit log stay as they\n"
         "are; every other session of the account ends. At a terminal the new password is asked\n"
         f"twice (a weak one, zxcvbn, only if you confirm it; {REGISTER_TRIES} tries); from stdin it is the\n"
-        "line after the current password, or give it with --new-password-file.",
+        "next line (after the current password when that comes from stdin too), or give it with\n"
+        "--new-password-file.",
         "keymgmt passwd --password-file old.txt --new-password-file new.txt",
     )
     pwd.add_argument(
@@ -632,17 +633,17 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         inputs.password = _read_first_line(args.password_file, "password file").encode("utf-8")
         if not inputs.password:
             raise UsageError("the password is empty")
+    elif inputs.stdin_taken and not sys.stdin.isatty() and not _have_terminal():
+        raise UsageError(
+            "the secret comes from stdin and there is no terminal to ask the password on; "
+            "give it with --password-file"
+        )
     if command == "passwd" and args.new_password_file is not None:
         inputs.new_password = _read_first_line(args.new_password_file, "new password file").encode("utf-8")
         if not inputs.new_password:
             raise UsageError("the new password is empty")
         if inputs.password is not None and hmac.compare_digest(inputs.password, inputs.new_password):
             raise UsageError("the new password is the current one")
-    elif inputs.stdin_taken and not sys.stdin.isatty() and not _have_terminal():
-        raise UsageError(
-            "the secret comes from stdin and there is no terminal to ask the password on; "
-            "give it with --password-file"
-        )
     inputs.context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
     if command == "delete" and not args.yes:
         if not sys.stdin.isatty():
@@ -712,16 +713,14 @@ def _new_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
 
 
 def _changed_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
-    """The new password for ``passwd``: --new-password-file (already read), the line after
+    """The new password for ``passwd``: --new-password-file (already read), the next line of
     the current password on stdin, or asked twice at a prompt (as for ``register``)."""
     if inputs.new_password is not None:
         given = inputs.new_password
     elif _password_from_stdin(inputs, args):
         given = sys.stdin.readline().rstrip("\r\n").encode("utf-8")
         if not given:
-            raise UsageError(
-                "the new password is empty (passwd reads it from the line after the current one)"
-            )
+            raise UsageError("the new password is empty (passwd reads it from the next line of stdin)")
     else:
         return _prompt_new_password(args.account)
     _warn_if_weak(given, args.account)

@@ -182,6 +182,10 @@ class _Waiter:
 
 
 def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
+    if isinstance(event, SessionClosed) and event.code is ErrorCode.NOT_AUTHORIZED:
+        return SessionEndedError(
+            "session ended: the account's password was changed or the account was deleted", event.code
+        )
     if isinstance(event, SessionClosed):
         return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
     if event.code is ErrorCode.AUTHENTICATION_FAILED:
