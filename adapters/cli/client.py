@@ -714,7 +714,7 @@ def _new_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
 
 def _changed_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
     """The new password for ``passwd``: --new-password-file (already read), the next line of
-    the current password on stdin, or asked twice at a prompt (as for ``register``)."""
+    stdin, or asked twice at a prompt (as for ``register``)."""
     if inputs.new_password is not None:
         given = inputs.new_password
     elif _password_from_stdin(inputs, args):
