@@ -26,6 +26,7 @@ import anyio
 
 from keymgmt.adapters.client.async_client import KeymgmtClient, KeySession
 from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server.app import PasswordRegistrar
 from keymgmt.adapters.server.runtime import KeyServerRuntime, ServerSettings
 from keymgmt.adapters.server.setupfile import create_server_setup_file
 from keymgmt.adapters.tls import generate_dev_pki
@@ -81,8 +82,12 @@ async def _serve(directory: Path, channel_only: bool, idle_timeout: float | None
         # read, no audit entry, nothing to commit): TLS, framing, channel, driver, group commit.
         real = runtime.keyserver.answer
 
-        def answer(session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
-            return CANNED_RETRIEVE if body[:1] == bytes([Op.RETRIEVE]) else real(session, user_id, body)
+        def answer(
+            session: SessionHandle, user_id: bytes, body: bytes, *, registrar: PasswordRegistrar | None = None
+        ) -> bytes:
+            if body[:1] == bytes([Op.RETRIEVE]):
+                return CANNED_RETRIEVE
+            return real(session, user_id, body, registrar=registrar)
 
         runtime.keyserver.answer = answer  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:

@@ -72,7 +72,8 @@ class ErrorCode(IntEnum):
     SEQUENCE_EXHAUSTED = 21
     #: Too many registration, login or resumption starts from this client address (NET-13).
     RATE_LIMITED = 22
-    #: Registration needs an authorization the client did not give (REG-5: an invitation).
+    #: Registration needs an authorization the client did not give (REG-5: an invitation);
+    #: also a session ended because its account's password changed or the account was deleted.
     NOT_AUTHORIZED = 23
 
 

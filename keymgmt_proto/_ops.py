@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ._crypto import RandomSource
 from ._errors import ErrorCode, RemoteProtocolError
-from ._messages import USER_ID_SIZE, _Decodable
+from ._messages import (
+    ENCRYPTED_STORAGE_KEY_SIZE,
+    REGISTRATION_REQUEST_SIZE,
+    REGISTRATION_RESPONSE_SIZE,
+    REGISTRATION_UPLOAD_SIZE,
+    USER_ID_SIZE,
+    _Decodable,
+)
 from ._wire import Reader, Writer
 
 __all__ = [
@@ -52,8 +59,11 @@ __all__ = [
     "AuditRequest",
     "AuditResponse",
     "AuditType",
+    "ChangePasswordFinishRequest",
+    "ChangePasswordStartRequest",
     "Context",
     "CreateKeyIdRequest",
+    "DeleteAccountRequest",
     "DeleteKeyRequest",
     "Empty",
     "KeyIdResponse",
@@ -65,6 +75,7 @@ __all__ = [
     "OpResponse",
     "Operation",
     "Outcome",
+    "PasswordRegistrationResponse",
     "RetrieveRequest",
     "RetrieveStorageKeyRequest",
     "SecretKind",
@@ -131,6 +142,12 @@ class Op(IntEnum):
     AUDIT = 5
     LIST_KEYS = 6
     DELETE_KEY = 7
+    #: Password change, first step: the OPAQUE registration response for the new password.
+    CHANGE_PASSWORD_START = 8
+    #: Password change, second step: the new record and the re-wrapped storage key.
+    CHANGE_PASSWORD_FINISH = 9
+    #: Delete the account: record, secrets and throttling state; the name stays reserved.
+    DELETE_ACCOUNT = 10
 
 
 class Status(IntEnum):
@@ -190,6 +207,12 @@ class Action(IntEnum):
     MALFORMED_REQUEST = 13
     #: A login refused because of earlier failed logins (NET-10).
     LOGIN_THROTTLED = 14
+    #: The password was changed (CHANGE_PASSWORD_FINISH).
+    CHANGE_PASSWORD = 15
+    #: The account was deleted (only a refusal stays in the log: a deletion takes the log along).
+    DELETE_ACCOUNT = 16
+    #: A password change started (CHANGE_PASSWORD_START).
+    CHANGE_PASSWORD_START = 17
 
     @property
     def is_key_action(self) -> bool:
@@ -492,6 +515,78 @@ class DeleteKeyRequest(OpRequest):
         return cls._build("request", user_id, r.fixed(KEY_ID_SIZE))
 
 
+@dataclass(frozen=True, slots=True)
+class ChangePasswordStartRequest(OpRequest):
+    """Password change, step 1: an OPAQUE RegistrationRequest for the new password (the
+    blinded password; the server answers with its RegistrationResponse for the account's
+    name, :class:`PasswordRegistrationResponse`). Changes nothing on the server."""
+
+    OP: ClassVar[Op] = Op.CHANGE_PASSWORD_START
+    user_id: bytes
+    registration_request: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        if len(self.registration_request) != REGISTRATION_REQUEST_SIZE:
+            raise ValueError(f"registration_request must be {REGISTRATION_REQUEST_SIZE} bytes")
+
+    def encode(self) -> bytes:
+        w = Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE)
+        return w.fixed(self.registration_request, REGISTRATION_REQUEST_SIZE).getvalue()
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        return cls._build("request", user_id, r.fixed(REGISTRATION_REQUEST_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePasswordFinishRequest(OpRequest):
+    """Password change, step 2: the OPAQUE RegistrationUpload (the new record) and the
+    account's storage key encrypted under the new export key's master key. The server
+    replaces both in one transaction and ends the account's other sessions."""
+
+    OP: ClassVar[Op] = Op.CHANGE_PASSWORD_FINISH
+    user_id: bytes
+    registration_upload: bytes = field(repr=False)
+    encrypted_storage_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        if len(self.registration_upload) != REGISTRATION_UPLOAD_SIZE:
+            raise ValueError(f"registration_upload must be {REGISTRATION_UPLOAD_SIZE} bytes")
+        if len(self.encrypted_storage_key) != ENCRYPTED_STORAGE_KEY_SIZE:
+            raise ValueError(f"encrypted_storage_key must be {ENCRYPTED_STORAGE_KEY_SIZE} bytes")
+
+    def encode(self) -> bytes:
+        w = Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE)
+        w.fixed(self.registration_upload, REGISTRATION_UPLOAD_SIZE)
+        return w.fixed(self.encrypted_storage_key, ENCRYPTED_STORAGE_KEY_SIZE).getvalue()
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        upload = r.fixed(REGISTRATION_UPLOAD_SIZE)
+        return cls._build("request", user_id, upload, r.fixed(ENCRYPTED_STORAGE_KEY_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAccountRequest(OpRequest):
+    """Delete the session's account: its record, every secret and the name's throttling
+    state, in one transaction; every session of the account ends, this one after the answer."""
+
+    OP: ClassVar[Op] = Op.DELETE_ACCOUNT
+    user_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+
+    def encode(self) -> bytes:
+        return Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).getvalue()
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        return cls._build("request", user_id)
+
+
 #: A RETRIEVE request body: op, user id, key id, context.
 _RETRIEVE = struct.Struct(f">B{USER_ID_SIZE}s{KEY_ID_SIZE}sB")
 
@@ -552,6 +647,24 @@ class Empty(OpResponse):
     @classmethod
     def read_fields(cls, r: Reader) -> Self:
         return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordRegistrationResponse(OpResponse):
+    """OK to CHANGE_PASSWORD_START: the OPAQUE RegistrationResponse for the new password."""
+
+    registration_response: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.registration_response) != REGISTRATION_RESPONSE_SIZE:
+            raise ValueError(f"registration_response must be {REGISTRATION_RESPONSE_SIZE} bytes")
+
+    def encode_fields(self) -> bytes:
+        return self.registration_response
+
+    @classmethod
+    def read_fields(cls, r: Reader) -> Self:
+        return cls._build("response", r.fixed(REGISTRATION_RESPONSE_SIZE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -819,6 +932,14 @@ OPERATIONS: Mapping[Op, Operation] = MappingProxyType(
             Operation(Op.AUDIT, AuditRequest, AuditResponse, Action.AUDIT),
             Operation(Op.LIST_KEYS, ListKeysRequest, KeyListResponse, Action.LIST_KEYS),
             Operation(Op.DELETE_KEY, DeleteKeyRequest, Empty, Action.DELETE_KEY),
+            Operation(
+                Op.CHANGE_PASSWORD_START,
+                ChangePasswordStartRequest,
+                PasswordRegistrationResponse,
+                Action.CHANGE_PASSWORD_START,
+            ),
+            Operation(Op.CHANGE_PASSWORD_FINISH, ChangePasswordFinishRequest, Empty, Action.CHANGE_PASSWORD),
+            Operation(Op.DELETE_ACCOUNT, DeleteAccountRequest, Empty, Action.DELETE_ACCOUNT),
         )
     }
 )

@@ -31,8 +31,10 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ._crypto import RandomSource, decrypt_storage_key, derive_master_key
+from ._crypto import RandomSource, decrypt_storage_key, derive_master_key, encrypt_storage_key
 from ._errors import RemoteProtocolError
+from ._events import OpaqueStep, OpaqueStepRequired, OpaqueStepResult
+from ._opaque import OpaqueSuite
 from ._ops import (
     GENERATED_SECRET_SIZE,
     KEY_ID_NONCE_SIZE,
@@ -40,8 +42,11 @@ from ._ops import (
     AuditRequest,
     AuditResponse,
     AuditType,
+    ChangePasswordFinishRequest,
+    ChangePasswordStartRequest,
     Context,
     CreateKeyIdRequest,
+    DeleteAccountRequest,
     DeleteKeyRequest,
     KeyIdResponse,
     KeyInfo,
@@ -49,6 +54,7 @@ from ._ops import (
     ListKeysRequest,
     OpRequest,
     OpResponse,
+    PasswordRegistrationResponse,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
     SecretKind,
@@ -281,6 +287,41 @@ class SecretOps:
     def delete(self, key_id: bytes) -> Plan[None]:
         """OPS-8: delete a key on the server (the adapter drops its local copy either way)."""
         yield DeleteKeyRequest(self.user_id, key_id)
+
+    def change_password_start(self, new_password: bytes, opaque: OpaqueSuite) -> Plan[OpaqueStepRequired]:
+        """Password change, step 1: fetch (and verify) the storage key, then send the OPAQUE
+        registration request for ``new_password``. Returns the expensive OPAQUE step (Argon2)
+        for the adapter to run, as for a login (``step.run(opaque)``); hand its result to
+        :meth:`change_password_finish`. The step holds the new password: drop it once run."""
+        if not new_password:
+            raise ValueError("the new password must not be empty")
+        yield from self.storage_key()
+        start = opaque.client_registration_start(new_password)
+        response = yield ChangePasswordStartRequest(self.user_id, start.message)
+        assert isinstance(response, PasswordRegistrationResponse)
+        return OpaqueStepRequired(
+            0, OpaqueStep.REGISTRATION_FINISH, new_password, start.state, response.registration_response
+        )
+
+    def change_password_finish(self, result: OpaqueStepResult) -> Plan[None]:
+        """Password change, step 2: upload the new record with the storage key re-wrapped
+        under the new export key (REG-3: the storage key itself never changes, so every
+        stored secret stays readable). The session goes on with the new export key."""
+        if result.step is not OpaqueStep.REGISTRATION_FINISH:
+            raise ValueError("not the result of a registration step")
+        if result.error is not None:
+            raise IntegrityFailure("the key server's registration response is invalid")
+        if len(result.export_key) != 64:
+            raise ValueError("not an OPAQUE registration result")
+        storage_key = yield from self.storage_key()
+        master_key = derive_master_key(result.export_key)
+        encrypted = encrypt_storage_key(master_key, storage_key, self.user_id, self._random)
+        yield ChangePasswordFinishRequest(self.user_id, result.message, encrypted)
+        self._export_key = result.export_key
+
+    def delete_account(self) -> Plan[None]:
+        """Delete the account on the server (the adapter wipes its local store for the user)."""
+        yield DeleteAccountRequest(self.user_id)
 
     # ------------------------------------------------------------ internals
 

@@ -248,6 +248,30 @@ class SessionRegistry:
                 expired.append(ExpiredSession(session.user_id, code, session.handle))
         return expired
 
+    def end_user_sessions(self, user_id: bytes, code: ErrorCode, keep: SessionHandle | None = None) -> int:
+        """End every session of ``user_id`` this registry holds except ``keep`` (a password
+        change or an account deletion): an attached one with a sealed CLOSE(``code``) on its
+        connection (listed by :meth:`take_woken`; its ``SessionClosed`` carries no user id,
+        so nothing is audited per session), a detached one silently (a RESUME then finds no
+        session). Sessions sealed into a shared store are the store's to drop. Returns how
+        many ended."""
+        ended = 0
+        for session in list(self._sessions.values()):
+            if session.handle is keep or session.user_id is None:
+                continue
+            if not hmac.compare_digest(session.user_id, user_id):
+                continue
+            owner = session.owner
+            if owner is not None:
+                owner._revoke(session, code)
+                self._woken.add(owner)
+            else:
+                self.remove(session)
+                if session.state is not State.CLOSED:
+                    transition(Role.SERVER, session, Command.CLOSE)
+            ended += 1
+        return ended
+
     # --------------------------------------------- used by ServerConnection
 
     def add(self, session: _ServerSession) -> bool:
@@ -335,7 +359,7 @@ class SessionRegistry:
         key = session.channel.session_handle
         sealed = seal_session_state(state, key, self._sealing_key, self._random)
         try:
-            self._store.save(key, sealed, session.deadline(self.config)[0])
+            self._store.save(key, sealed, session.deadline(self.config)[0], session.user_id)
         except Exception:  # an injected store may fail: keep the session here instead
             return
         self._sessions.pop(key, None)
@@ -646,6 +670,23 @@ class ServerConnection(ConnectionBase):
             self._maybe_close_at_limit(session)
         return True
 
+    def login_age(self, session_id: int) -> float | None:
+        """Seconds since the live session's login started (None for no such session): the
+        key server asks for a recent login before a password change or a deletion."""
+        session = self._sessions.get(session_id)
+        return None if session is None else self._now - session.created
+
+    def password_registration_response(self, account_name: bytes, registration_request: bytes) -> bytes:
+        """Password change (CHANGE_PASSWORD_START): the OPAQUE RegistrationResponse for a
+        new password of ``account_name``, under this connection's server setup.
+        RemoteProtocolError for a malformed request."""
+        return self._opaque.server_registration_start(self._setup, registration_request, account_name)
+
+    def password_registration_record(self, registration_upload: bytes) -> bytes:
+        """Password change (CHANGE_PASSWORD_FINISH): the registration record an upload
+        gives. RemoteProtocolError for a malformed upload."""
+        return self._opaque.server_registration_finish(registration_upload)
+
     def release(self, session_id: int) -> None:
         """The session resumed on another connection (the registry calls this): it leaves
         this one quietly; answers to its requests still pending here follow it there."""
@@ -737,6 +778,20 @@ class ServerConnection(ConnectionBase):
             self.registry.remove(session)
         elif session.channel is not None:
             self.registry.cool(session.channel)
+
+    def _revoke(self, session: _ServerSession, code: ErrorCode) -> None:
+        """End a session the registry revokes (its account's password changed or the account
+        was deleted): sealed CLOSE where the table allows it, else a silent end."""
+        if self._sessions.get(session.session_id) is not session:
+            self.registry.remove(session)
+            return
+        if next_state(Role.SERVER, session.kind, session.state, Command.CLOSE) is not None:
+            self._send_sealed(session, FrameType.CLOSE, Close(code).encode())
+            if session.state is not State.CLOSED:
+                self._end(session, Command.CLOSE)
+        else:
+            self._end(session)
+        self._events.append(SessionClosed(session.session_id, code, None, handle=session.handle))
 
     def _close_with(self, session: _ServerSession, code: ErrorCode, reason: str) -> None:
         """End a session, telling the peer: sealed CLOSE if the channel exists, else ABORT."""

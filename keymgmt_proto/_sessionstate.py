@@ -50,8 +50,12 @@ _VERSION = 2
 class DetachedSessionStore(Protocol):
     """Where detached sessions wait to be resumed (shared by all server instances)."""
 
-    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
-        """Store (or replace) a sealed session; it may be dropped after ``expires_at``."""
+    def save(
+        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+    ) -> None:
+        """Store (or replace) a sealed session of ``user_id``; it may be dropped after
+        ``expires_at``. A store that keeps ``user_id`` can drop every session of an account
+        whose password changed or that was deleted."""
         ...
 
     def claim(self, handle: bytes) -> bytes | None:

@@ -53,9 +53,12 @@ from keymgmt_proto import (
     AuditRequest,
     AuditResponse,
     AuditType,
+    ChangePasswordFinishRequest,
+    ChangePasswordStartRequest,
     Channel,
     Context,
     CreateKeyIdRequest,
+    DeleteAccountRequest,
     DeleteKeyRequest,
     Direction,
     Empty,
@@ -69,6 +72,7 @@ from keymgmt_proto import (
     OpRequest,
     OpResponse,
     Outcome,
+    PasswordRegistrationResponse,
     RemoteProtocolError,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
@@ -448,6 +452,7 @@ def ops() -> JSON:
     next_client_nonce, next_server_nonce = rng(32), rng(32)
     next_key = joint_key_id(user_id, next_client_nonce, next_server_nonce)
     t0 = 1_700_000_000_123_456
+    accounts_rng = Drbg("ops accounts")
     requests: list[tuple[str, OpRequest]] = [
         ("retrieve storage key", RetrieveStorageKeyRequest(user_id)),
         ("create key id generated", CreateKeyIdRequest(user_id, SecretKind.GENERATED, client_nonce)),
@@ -476,6 +481,10 @@ def ops() -> JSON:
         ("list keys first page", ListKeysRequest(user_id)),
         ("list keys later page", ListKeysRequest(user_id, 1024, 5)),
         ("delete key", DeleteKeyRequest(user_id, key_a)),
+        # Issue 16 (their own random source, so the vectors above keep their values)
+        ("change password start", ChangePasswordStartRequest(user_id, accounts_rng(32))),
+        ("change password finish", ChangePasswordFinishRequest(user_id, accounts_rng(192), accounts_rng(60))),
+        ("delete account", DeleteAccountRequest(user_id)),
     ]
     entries = (
         AuditEntry(7, Action.RETRIEVE, t0, Outcome.SUCCESS, key_a, Context.EXPORT),
@@ -524,6 +533,13 @@ def ops() -> JSON:
         ),
         ("key list empty", Op.LIST_KEYS, KeyListResponse((), 0)),
         ("deleted", Op.DELETE_KEY, Empty()),
+        (
+            "password registration response",
+            Op.CHANGE_PASSWORD_START,
+            PasswordRegistrationResponse(accounts_rng(64)),
+        ),
+        ("password changed", Op.CHANGE_PASSWORD_FINISH, Empty()),
+        ("account deleted", Op.DELETE_ACCOUNT, Empty()),
     ]
     responses: list[JSON] = [
         {

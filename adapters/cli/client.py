@@ -132,6 +132,9 @@ CLI_COMMANDS: Mapping[Op, str] = MappingProxyType(
         Op.AUDIT: "audit",
         Op.LIST_KEYS: "list",
         Op.DELETE_KEY: "delete",
+        Op.CHANGE_PASSWORD_START: "passwd",
+        Op.CHANGE_PASSWORD_FINISH: "passwd",
+        Op.DELETE_ACCOUNT: "delete-account",
     }
 )
 
@@ -382,6 +385,34 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--key", action="append", default=[], help="only this key id (repeatable)")
     aud.add_argument("--after", help="only entries at or after this ISO date/time (UTC if no zone)")
     aud.add_argument("--before", help="only entries before this ISO date/time (UTC if no zone)")
+    pwd = command(
+        "passwd",
+        "change the account's password (asks for the current one, then the new one)",
+        "Change the password. The current password is checked by a fresh login (a wrong one\n"
+        "changes nothing); then the new one is registered and the storage key re-wrapped under\n"
+        "it, in one step on the server. Your secrets, local cache and audit log stay as they\n"
+        "are; every other session of the account ends. At a terminal the new password is asked\n"
+        f"twice (a weak one, zxcvbn, only if you confirm it; {REGISTER_TRIES} tries); from stdin it is the\n"
+        "next line (after the current password when that comes from stdin too), or give it with\n"
+        "--new-password-file.",
+        "keymgmt passwd --password-file old.txt --new-password-file new.txt",
+    )
+    pwd.add_argument(
+        "--new-password-file",
+        metavar="FILE",
+        help="read the new password from the first line of FILE",
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    dacc = command(
+        "delete-account",
+        "delete the account and every secret in it (asks first unless --yes)",
+        "Delete the account: every secret, the audit log and the account itself, on the key\n"
+        "server (in one step), and this machine's cached copies. Every session of the account\n"
+        "ends. The key server keeps the name reserved for a while (30 days by default), so\n"
+        "nobody else can take it meanwhile. Asks for confirmation at a terminal; without one\n"
+        "(a script), --yes is required.",
+        "keymgmt delete-account --yes --password-file pw.txt",
+    )
+    dacc.add_argument("-y", "--yes", action="store_true", help="delete without asking")
     command(
         "logout",
         "log in and out again (checks the password; audited)",
@@ -475,6 +506,7 @@ class _Inputs:
     password: bytes | None = field(default=None, repr=False)
     portable_secret: bytes = field(default=b"", repr=False)
     invitation: bytes = field(default=b"", repr=False)
+    new_password: bytes | None = field(default=None, repr=False)
     stdin_taken: bool = False
     key_id: bytes = b""
     audit_keys: list[bytes] = field(default_factory=list)
@@ -606,11 +638,26 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
             "the secret comes from stdin and there is no terminal to ask the password on; "
             "give it with --password-file"
         )
+    if command == "passwd" and args.new_password_file is not None:
+        inputs.new_password = _read_first_line(args.new_password_file, "new password file").encode("utf-8")
+        if not inputs.new_password:
+            raise UsageError("the new password is empty")
+        if inputs.password is not None and hmac.compare_digest(inputs.password, inputs.new_password):
+            raise UsageError("the new password is the current one")
     inputs.context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
     if command == "delete" and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("delete asks for confirmation: give --yes when stdin is not a terminal")
         if not _confirm(f"delete key {args.key_id} of {args.account}? This cannot be undone. [y/N] "):
+            raise _Cancelled("not confirmed; nothing deleted")
+    if command == "delete-account" and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("delete-account asks for confirmation: give --yes when stdin is not a terminal")
+        question = (
+            f"delete the account {args.account} with every secret in it and its audit log? "
+            "This cannot be undone. [y/N] "
+        )
+        if not _confirm(question):
             raise _Cancelled("not confirmed; nothing deleted")
     for warning in inputs.warnings:
         print(f"keymgmt: warning: {warning}", file=sys.stderr)
@@ -660,16 +707,40 @@ def _new_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
     empty one or a weak one the user does not confirm, REGISTER_TRIES times at most."""
     if inputs.password is not None or _password_from_stdin(inputs, args):
         given = _read_password(args, inputs)
-        weakness = _weakness(given.decode("utf-8"), args.account)
-        if weakness:
-            print(f"keymgmt: warning: {weakness}", file=sys.stderr)
+        _warn_if_weak(given, args.account)
         return given
+    return _prompt_new_password(args.account)
+
+
+def _changed_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
+    """The new password for ``passwd``: --new-password-file (already read), the next line of
+    stdin, or asked twice at a prompt (as for ``register``)."""
+    if inputs.new_password is not None:
+        given = inputs.new_password
+    elif _password_from_stdin(inputs, args):
+        given = sys.stdin.readline().rstrip("\r\n").encode("utf-8")
+        if not given:
+            raise UsageError("the new password is empty (passwd reads it from the next line of stdin)")
+    else:
+        return _prompt_new_password(args.account)
+    _warn_if_weak(given, args.account)
+    return given
+
+
+def _warn_if_weak(password: bytes, account: str) -> None:
+    weakness = _weakness(password.decode("utf-8", errors="replace"), account)
+    if weakness:
+        print(f"keymgmt: warning: {weakness}", file=sys.stderr)
+
+
+def _prompt_new_password(account: str) -> bytes:
+    """Ask for a new password twice at the terminal (see :func:`_new_password`)."""
     for _ in range(REGISTER_TRIES):
         password = getpass.getpass("new password: ")
         if not password:
             print("keymgmt: the password is empty; try again", file=sys.stderr)
             continue
-        weakness = _weakness(password, args.account)
+        weakness = _weakness(password, account)
         if weakness:
             print(f"keymgmt: warning: {weakness}", file=sys.stderr)
             if not _confirm("use it anyway? [y/N] "):
@@ -782,6 +853,26 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
                     args,
                     f"registered {args.account} (user id {user_id.hex()})",
                     {"account": args.account, "user_id": user_id.hex()},
+                )
+                return
+            if args.command == "passwd":
+                current = _read_password(args, inputs)
+                new = _changed_password(args, inputs)
+                if hmac.compare_digest(current, new):
+                    raise UsageError("the new password is the current one")
+                await client.change_password(inputs.account, current, new)
+                _emit(
+                    args,
+                    f"changed the password of {args.account}; its other sessions ended",
+                    {"account": args.account, "password_changed": True},
+                )
+                return
+            if args.command == "delete-account":
+                await client.delete_account(inputs.account, _read_password(args, inputs))
+                _emit(
+                    args,
+                    f"deleted the account {args.account} and every secret in it",
+                    {"account": args.account, "deleted": True},
                 )
                 return
             session = await client.login(inputs.account, _read_password(args, inputs))

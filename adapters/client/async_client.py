@@ -191,6 +191,10 @@ _RETRY_IN = re.compile(r"retry in ([0-9]{1,9}) s$")
 
 
 def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
+    if isinstance(event, SessionClosed) and event.code is ErrorCode.NOT_AUTHORIZED:
+        return SessionEndedError(
+            "session ended: the account's password was changed or the account was deleted", event.code
+        )
     if isinstance(event, SessionClosed):
         return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
     if event.code is ErrorCode.AUTHENTICATION_FAILED:
@@ -203,7 +207,7 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
             return ThrottledError(
                 f"too many failed logins for this account; try again in {seconds} s", seconds
             )
-        return ThrottledError("too many logins of this account at once; try again in a moment")
+        return ThrottledError("too many login attempts for this account; try again in a moment")
     if event.code is ErrorCode.RATE_LIMITED:
         return RateLimitedError("too many attempts from this address; try again in a few seconds")
     refusals = {
@@ -392,6 +396,32 @@ class KeymgmtClient:
             event = await self._await_session(handle)
         assert isinstance(event, SessionEstablished)
         return KeySession(self, handle, event.user_id, event.export_key)
+
+    async def change_password(
+        self, account_name: bytes, current_password: bytes, new_password: bytes
+    ) -> None:
+        """Change the account's password. The current password is proved afresh by a login
+        (a wrong one raises :class:`AuthenticationError` and changes nothing); the change
+        runs in that session, which is then logged out. Every other session of the account
+        ends; stored secrets, the local store, the audit log and the throttling state carry
+        over (the storage key is re-wrapped, not replaced)."""
+        if not new_password:
+            raise KeymgmtError("invalid argument: the new password must not be empty")
+        session = await self.login(account_name, current_password)
+        try:
+            await session.change_password(new_password)
+        finally:
+            with contextlib.suppress(KeymgmtError):
+                await session.logout()
+
+    async def delete_account(self, account_name: bytes, password: bytes) -> None:
+        """Delete the account: its record, every secret, its audit log and its throttling
+        state, on the server in one transaction; every session of the account ends, and this
+        client's local store drops the account's copies. The password is proved afresh by a
+        login (a wrong one raises :class:`AuthenticationError` and deletes nothing). The
+        server keeps the name reserved for a while (docs/operations.md)."""
+        session = await self.login(account_name, password)
+        await session.delete_account()
 
     @contextlib.asynccontextmanager
     async def _login_turn(self, account_name: bytes) -> AsyncIterator[None]:
@@ -880,6 +910,32 @@ class KeySession:
         """OPS-6: matching audit entries (all pages). Times in microseconds since the epoch."""
         return await self._run(self._ops.audit(audit_type, key_ids, after, before))
 
+    async def change_password(self, new_password: bytes) -> None:
+        """Change the account's password inside this session: a fresh OPAQUE registration
+        (its Argon2 step runs here, as a login's does) and the storage key re-wrapped under
+        the new export key, committed by the server in one transaction. This session goes
+        on; every other session of the account ends. The key server accepts it only in a
+        session that logged in recently (``reauth_window``); :meth:`KeymgmtClient.change_password`
+        logs in afresh first."""
+        try:
+            start = self._ops.change_password_start(new_password, self._client._conn.opaque)
+        except ValueError as exc:
+            raise KeymgmtError(f"invalid argument: {exc}") from None
+        step = await self._run(start)
+        result = step.run(self._client._conn.opaque)
+        del step  # it holds the new password
+        await self._run(self._ops.change_password_finish(result))
+
+    async def delete_account(self) -> None:
+        """Delete the account on the server (record, every secret, audit log, throttling
+        state) and this client's local copies of its secrets; the session ends with it."""
+        await self._run(self._ops.delete_account())
+        self._client.local_store.delete_user(self.user_id)
+        self._ops.forget()
+        self._client._fail_session(
+            self.session_id, SessionEndedError("the account was deleted", ErrorCode.NOT_AUTHORIZED)
+        )
+
     async def logout(self) -> None:
         """Close the session on the server (OPS-8)."""
         try:
@@ -905,6 +961,9 @@ CLIENT_METHODS: Mapping[Op, str] = MappingProxyType(
         Op.AUDIT: "audit",
         Op.LIST_KEYS: "list_keys",
         Op.DELETE_KEY: "delete",
+        Op.CHANGE_PASSWORD_START: "change_password",
+        Op.CHANGE_PASSWORD_FINISH: "change_password",
+        Op.DELETE_ACCOUNT: "delete_account",
     }
 )
 

@@ -79,6 +79,10 @@ class LocalStore:
     def delete(self, user_id: bytes, key_id: bytes) -> None:
         self._db.execute("DELETE FROM local_secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))
 
+    def delete_user(self, user_id: bytes) -> int:
+        """Drop every entry of ``user_id`` (the account was deleted); how many."""
+        return self._db.execute("DELETE FROM local_secrets WHERE user_id = ?", (user_id,)).rowcount
+
     def key_ids(self, user_id: bytes) -> list[bytes]:
         rows = self._db.execute(
             "SELECT key_id FROM local_secrets WHERE user_id = ? ORDER BY created_us", (user_id,)

@@ -67,6 +67,12 @@ class SyncKeySession:
     ) -> list[AuditEntry]:
         return self._portal.call(self._session.audit, audit_type, key_ids, after, before)
 
+    def change_password(self, new_password: bytes) -> None:
+        self._portal.call(self._session.change_password, new_password)
+
+    def delete_account(self) -> None:
+        self._portal.call(self._session.delete_account)
+
     def logout(self) -> None:
         self._portal.call(self._session.logout)
 
@@ -144,3 +150,13 @@ class SyncKeymgmtClient:
     def login(self, account_name: bytes, password: bytes) -> SyncKeySession:
         portal, client = self._require()
         return SyncKeySession(portal, portal.call(client.login, account_name, password))
+
+    def change_password(self, account_name: bytes, current_password: bytes, new_password: bytes) -> None:
+        """See :meth:`KeymgmtClient.change_password`."""
+        portal, client = self._require()
+        portal.call(client.change_password, account_name, current_password, new_password)
+
+    def delete_account(self, account_name: bytes, password: bytes) -> None:
+        """See :meth:`KeymgmtClient.delete_account`."""
+        portal, client = self._require()
+        portal.call(client.delete_account, account_name, password)

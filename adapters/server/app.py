@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
@@ -27,7 +27,10 @@ from keymgmt_proto import (
     Action,
     AuditRequest,
     AuditResponse,
+    ChangePasswordFinishRequest,
+    ChangePasswordStartRequest,
     CreateKeyIdRequest,
+    DeleteAccountRequest,
     DeleteKeyRequest,
     Empty,
     ErrorCode,
@@ -43,6 +46,7 @@ from keymgmt_proto import (
     OpRequest,
     OpResponse,
     Outcome,
+    PasswordRegistrationResponse,
     ProtocolError,
     RandomSource,
     RegistrationCompleted,
@@ -81,12 +85,36 @@ from .driver import warn_peer
 from .invitations import RegistrationAuthorizer
 from .metrics import ServerMetrics
 
-__all__ = ["KeyServer", "ThrottlePolicy", "default_account_name_policy"]
+__all__ = [
+    "DEFAULT_NAME_RESERVATION",
+    "DEFAULT_REAUTH_WINDOW",
+    "KeyServer",
+    "PasswordRegistrar",
+    "ThrottlePolicy",
+    "default_account_name_policy",
+]
 
 log = logging.getLogger("keymgmt.server")
 
 #: Key ids one session may have drawn but not yet stored.
 MAX_RESERVED_KEY_IDS = 16
+#: Seconds a deleted account's name stays reserved (nobody may register it meanwhile).
+DEFAULT_NAME_RESERVATION = 30 * 86_400.0
+#: A password change or an account deletion needs a session whose login started at most
+#: this many seconds before (the owner proves the current password afresh).
+DEFAULT_REAUTH_WINDOW = 300.0
+
+
+class PasswordRegistrar(Protocol):
+    """The OPAQUE server steps of a password change (a ``ServerConnection`` is one)."""
+
+    def password_registration_response(self, account_name: bytes, registration_request: bytes) -> bytes:
+        """The RegistrationResponse for a new password; RemoteProtocolError if malformed."""
+        ...
+
+    def password_registration_record(self, registration_upload: bytes) -> bytes:
+        """The registration record an upload gives; RemoteProtocolError if malformed."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +174,11 @@ class _Refused(Exception):
 
 def throttle_reason(record: LoginRecord | None, now_us: int) -> str:
     """The ABORT reason of a throttled login: how long the name stays locked, in whole seconds
-    rounded up (docs/protocol.md, section 7.1), or that too many of its logins run at once."""
+    rounded up (docs/protocol.md, section 7.1); else (too many of its logins in flight, a failed
+    one among them not yet counted) a moment."""
     if record is not None and record.locked_until > now_us:
         return f"too many failed logins; retry in {-(-(record.locked_until - now_us) // 1_000_000)} s"
-    return "too many logins at once; retry in a moment"
+    return "too many login attempts; retry in a moment"
 
 
 class KeyServer:
@@ -166,8 +195,16 @@ class KeyServer:
         max_keys_per_user: int = 10_000,
         registration_authorizer: RegistrationAuthorizer | None = None,
         metrics: ServerMetrics | None = None,
+        name_reservation: float = DEFAULT_NAME_RESERVATION,
+        reauth_window: float = DEFAULT_REAUTH_WINDOW,
     ) -> None:
+        if name_reservation < 0 or reauth_window <= 0:
+            raise ValueError("name_reservation must be >= 0 seconds and reauth_window > 0")
+        #: Seconds after its login a session may still change the password or delete the account.
+        self.reauth_window = reauth_window
         self.storage = storage
+        #: Seconds a deleted account's name stays reserved (see DELETE_ACCOUNT).
+        self.name_reservation = name_reservation
         #: Counts logins, requests and storage failures when set (the runtime's).
         self.metrics = metrics
         self.throttle = throttle or ThrottlePolicy()
@@ -255,8 +292,21 @@ class KeyServer:
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
             assert event.handle is not None
-            body = self._answer_counted(event.handle, event.user_id, event.body)
+            age = conn.login_age(event.session_id)
+            recent = age is not None and age <= self.reauth_window
+            body = self._answer_counted(
+                event.handle, event.user_id, event.body, registrar=conn if recent else None
+            )
             conn.send_response(event.session_id, event.request_id, body)
+            if body[:1] == _OK and event.body[:1] in _ENDING_SESSIONS:
+                # The password changed (every other session of the account ends) or the
+                # account is gone (every session ends, this one after its answer).
+                keep = event.handle if event.body[0] == Op.CHANGE_PASSWORD_FINISH else None
+                ended = conn.registry.end_user_sessions(event.user_id, ErrorCode.NOT_AUTHORIZED, keep)
+                self._drop_stored_sessions(event.user_id)
+                log.info(
+                    "ended %d session(s) of an account whose credentials changed or that was deleted", ended
+                )
         elif isinstance(event, RegistrationRequested):
             self._on_registration_requested(conn, event)
         elif isinstance(event, RegistrationCompleted):
@@ -402,6 +452,7 @@ class KeyServer:
                 account = tx.get_account(record.account_name)
                 if account is not None:
                     self._log_attempts(tx, account.user_id, record)
+            tx.forget_reserved_names(now)  # names of deleted accounts whose reservation ended
         return len(records)
 
     def _on_registration_requested(self, conn: ServerConnection, event: RegistrationRequested) -> None:
@@ -416,7 +467,10 @@ class KeyServer:
             conn.reject_session(event.session_id, ErrorCode.NOT_AUTHORIZED, reason)
             return
         with self.storage.transaction() as tx:
-            taken = tx.get_account(event.account_name) is not None
+            # A deleted account's name stays reserved for a while: answered as a taken name.
+            taken = tx.get_account(event.account_name) is not None or tx.name_reserved(
+                event.account_name, self.now_us()
+            )
             user_id = self._random(16)
             while tx.user_id_exists(user_id):  # REG-2: redraw on collision
                 user_id = self._random(16)
@@ -431,7 +485,7 @@ class KeyServer:
             event.account_name, event.user_id, event.registration_record, event.encrypted_storage_key, now
         )
         with self.storage.transaction() as tx:  # REG-4: the account and its audit entry, or nothing
-            stored = tx.insert_account(account)
+            stored = not tx.name_reserved(event.account_name, now) and tx.insert_account(account)
             if stored:
                 tx.append_audit(AuditRecord(event.user_id, Action.REGISTER, now, Outcome.SUCCESS))
         if not stored:
@@ -441,24 +495,69 @@ class KeyServer:
         log.info("registered a new account (session %d)", event.session_id)
 
     def _audit(self, user_id: bytes, action: Action, outcome: Outcome) -> None:
-        with self.storage.transaction() as tx:
-            tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
+        try:
+            with self.storage.transaction() as tx:
+                tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
+        except StorageError:
+            if not self._account_gone(user_id):
+                raise
+            # A session of a deleted account ended (on an instance that could not end it
+            # when the account went): its log went with the account.
+            log.debug("no audit entry for a session of a deleted account")
 
     # ------------------------------------------------------------ requests
 
-    def _answer_counted(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
+    def _answer_counted(
+        self,
+        session: SessionHandle,
+        user_id: bytes,
+        body: bytes,
+        *,
+        registrar: PasswordRegistrar | None = None,
+    ) -> bytes:
         """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
         if self.metrics is None:
-            return self.answer(session, user_id, body)
+            return self._answer_or_gone(session, user_id, body, registrar)
         started = time.perf_counter()
-        response = self.answer(session, user_id, body)
+        response = self._answer_or_gone(session, user_id, body, registrar)
         op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
         status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
 
-    def answer(self, session: SessionHandle, user_id: bytes, body: bytes) -> bytes:
-        """Answer one request body from ``session`` (its handle) of ``user_id``."""
+    def _answer_or_gone(
+        self, session: SessionHandle, user_id: bytes, body: bytes, registrar: PasswordRegistrar | None
+    ) -> bytes:
+        """:meth:`answer`; a request whose account was deleted meanwhile (a session of it that
+        this instance could not end: attached on another instance) is answered ``NOT_FOUND``
+        with no audit entry (there is no log to write to) instead of a storage error."""
+        try:
+            return self.answer(session, user_id, body, registrar=registrar)
+        except StorageError:
+            if self._account_gone(user_id):
+                return encode_response(Status.NOT_FOUND)
+            raise
+
+    def _account_gone(self, user_id: bytes) -> bool:
+        """Whether ``user_id`` has no account (deleted); False when storage cannot say."""
+        try:
+            with self.storage.transaction() as tx:
+                return tx.get_account_by_user_id(user_id) is None
+        except StorageError:
+            return False
+
+    def answer(
+        self,
+        session: SessionHandle,
+        user_id: bytes,
+        body: bytes,
+        *,
+        registrar: PasswordRegistrar | None = None,
+    ) -> bytes:
+        """Answer one request body from ``session`` (its handle) of ``user_id``. A password
+        change or an account deletion needs ``registrar`` (the session's connection, given
+        only while the session's login is recent: ``reauth_window``); without one it is
+        refused ``INVALID``."""
         now = self.now_us()
         try:
             request = decode_request(body)
@@ -474,9 +573,10 @@ class KeyServer:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
             with self.storage.transaction(atomic=kind not in _ONE_WRITE) as tx:
-                op = _Op(tx, user_id, now, reservations, [])
+                op = _Op(tx, user_id, now, reservations, [], registrar)
                 response, key_id = self._perform(op, request)
-                tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
+                if kind is not Op.DELETE_ACCOUNT:  # a deletion takes the log with it
+                    tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
                 for record in op.later:  # e.g. the next key id a store reserved
                     tx.append_audit(record)
             if isinstance(request, StoreSecretRequest):  # only once the store committed
@@ -571,6 +671,55 @@ class KeyServer:
             raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
         return Empty(), request.key_id
 
+    def _change_password_start(self, op: _Op, request: ChangePasswordStartRequest) -> _Answer:
+        action = Action.CHANGE_PASSWORD_START
+        account = op.tx.get_account_by_user_id(op.user_id)
+        if account is None:
+            raise _Refused(Status.NOT_FOUND, action)
+        if op.registrar is None:
+            raise _Refused(Status.INVALID, action)
+        try:
+            response = op.registrar.password_registration_response(
+                account.account_name, request.registration_request
+            )
+        except RemoteProtocolError:
+            raise _Refused(Status.INVALID, action) from None
+        return PasswordRegistrationResponse(response), None
+
+    def _change_password_finish(self, op: _Op, request: ChangePasswordFinishRequest) -> _Answer:
+        """The new record and the re-wrapped storage key replace the old ones in this one
+        transaction (with its audit entry): a crash leaves the old password or the new one."""
+        action = Action.CHANGE_PASSWORD
+        if op.registrar is None:
+            raise _Refused(Status.INVALID, action)
+        try:
+            record = op.registrar.password_registration_record(request.registration_upload)
+        except RemoteProtocolError:
+            raise _Refused(Status.INVALID, action) from None
+        if not op.tx.replace_credentials(op.user_id, record, request.encrypted_storage_key):
+            raise _Refused(Status.NOT_FOUND, action)
+        return Empty(), None
+
+    def _delete_account(self, op: _Op, request: DeleteAccountRequest) -> _Answer:
+        """The record, every secret, the audit log and the name's throttling state go in
+        this one transaction; the name stays reserved for ``name_reservation`` seconds."""
+        if op.registrar is None:  # not a recent login
+            raise _Refused(Status.INVALID, Action.DELETE_ACCOUNT)
+        reserved_until = op.now + int(self.name_reservation * 1_000_000)
+        if not op.tx.delete_account(op.user_id, reserved_until):
+            raise _Refused(Status.NOT_FOUND, Action.DELETE_ACCOUNT)
+        return Empty(), None
+
+    def _drop_stored_sessions(self, user_id: bytes) -> None:
+        """Drop the account's sessions sealed into the shared session store (other
+        instances, restarts) when the storage can."""
+        self.storage.session_store.drop_user(user_id)
+
+
+#: First byte of an OK answer.
+_OK = bytes([Status.OK])
+#: Op bytes of the requests that end sessions of the account when they succeed.
+_ENDING_SESSIONS = frozenset({bytes([Op.CHANGE_PASSWORD_FINISH]), bytes([Op.DELETE_ACCOUNT])})
 
 #: Operations that use the session's key-id reservations.
 _RESERVING = frozenset({Op.CREATE_KEY_ID, Op.STORE_SECRET})
@@ -579,7 +728,16 @@ _NONE: OrderedDict[bytes, SecretKind] = OrderedDict()
 #: Operations whose only write is their audit entry: they need no savepoint of their own
 #: inside a batch (a failed statement leaves nothing behind). A test checks that each
 #: writes one statement at most.
-_ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID})
+_ONE_WRITE = frozenset(
+    {
+        Op.RETRIEVE,
+        Op.AUDIT,
+        Op.LIST_KEYS,
+        Op.RETRIEVE_STORAGE_KEY,
+        Op.CREATE_KEY_ID,
+        Op.CHANGE_PASSWORD_START,
+    }
+)
 
 
 @dataclass(slots=True)  # (not frozen: built for every request, and a frozen __init__ costs twice as much)
@@ -593,6 +751,8 @@ class _Op:
     now: int
     reservations: OrderedDict[bytes, SecretKind]
     later: list[AuditRecord]
+    #: The OPAQUE server steps of a password change (None: password changes are refused).
+    registrar: PasswordRegistrar | None = None
 
 
 #: An OK response and the key id its audit entry names (None for none).
@@ -609,6 +769,9 @@ HANDLERS: Mapping[Op, Callable[[KeyServer, _Op, Any], _Answer]] = MappingProxyTy
         Op.AUDIT: KeyServer._audit_query,
         Op.LIST_KEYS: KeyServer._list_keys,
         Op.DELETE_KEY: KeyServer._delete_key,
+        Op.CHANGE_PASSWORD_START: KeyServer._change_password_start,
+        Op.CHANGE_PASSWORD_FINISH: KeyServer._change_password_finish,
+        Op.DELETE_ACCOUNT: KeyServer._delete_account,
     }
 )
 

@@ -185,6 +185,14 @@ OPTIONS: tuple[Option, ...] = (
         "sessions whose ciphers stay built; idle ones beyond keep only their keys",
     ),
     Option(
+        "sessions",
+        "reauth_window",
+        float,
+        300.0,
+        "KEYMGMT_REAUTH_WINDOW",
+        "seconds after its login a session may change the password or delete the account",
+    ),
+    Option(
         "throttle",
         "threshold",
         int,
@@ -226,6 +234,14 @@ OPTIONS: tuple[Option, ...] = (
         False,
         "KEYMGMT_REQUIRE_INVITATION",
         "registration needs an invitation from `keymgmt-server invite` (REG-5)",
+    ),
+    Option(
+        "registration",
+        "name_reservation",
+        float,
+        2_592_000.0,
+        "KEYMGMT_NAME_RESERVATION",
+        "seconds a deleted account's name stays reserved (30 days)",
     ),
     Option(
         "admission",
@@ -356,6 +372,10 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         )
         if values["throttle.sweep_interval"] <= 0:  # type: ignore[operator]
             raise ValueError("throttle.sweep_interval must be positive")
+        if values["sessions.reauth_window"] <= 0:  # type: ignore[operator]
+            raise ValueError("sessions.reauth_window must be positive")
+        if values["registration.name_reservation"] < 0:  # type: ignore[operator]
+            raise ValueError("registration.name_reservation must be 0 or more")
     except ValueError as exc:
         raise ConfigError(f"invalid settings: {exc}") from None
     port = values["server.port"]
@@ -381,6 +401,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         admission_burst=values["admission.burst"],  # type: ignore[arg-type]
         maintenance_interval=values["throttle.sweep_interval"],  # type: ignore[arg-type]
         require_invitation=values["registration.require_invitation"],  # type: ignore[arg-type]
+        name_reservation=values["registration.name_reservation"],  # type: ignore[arg-type]
+        reauth_window=values["sessions.reauth_window"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,

@@ -42,7 +42,7 @@ from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
 from ..tls import PKIError, server_context
 from .admission import AddressLimits, address_key
-from .app import KeyServer, ThrottlePolicy
+from .app import DEFAULT_NAME_RESERVATION, DEFAULT_REAUTH_WINDOW, KeyServer, ThrottlePolicy
 from .commit import GroupCommit
 from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
@@ -99,6 +99,10 @@ class ServerSettings:
     maintenance_interval: float = 60.0
     #: Registration needs an invitation minted with ``keymgmt-server invite`` (REG-5).
     require_invitation: bool = False
+    #: Seconds a deleted account's name stays reserved (nobody may register it meanwhile).
+    name_reservation: float = DEFAULT_NAME_RESERVATION
+    #: Seconds after its login a session may change the password or delete the account.
+    reauth_window: float = DEFAULT_REAUTH_WINDOW
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
@@ -149,6 +153,8 @@ class KeyServerRuntime:
             registration_authorizer=authorizer,
             throttle=settings.throttle,
             metrics=self.metrics,
+            name_reservation=settings.name_reservation,
+            reauth_window=settings.reauth_window,
             **kwargs,  # type: ignore[arg-type]
         )
         # Detached sessions go to the storage's session store: they resume on any instance

@@ -194,6 +194,27 @@ class Transaction(Protocol):
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool: ...
 
+    def replace_credentials(
+        self, user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes
+    ) -> bool:
+        """Password change: the account's new registration record and re-wrapped storage key,
+        both in this transaction (never one without the other). False if there is no account."""
+        ...
+
+    def delete_account(self, user_id: bytes, reserved_until: int) -> bool:
+        """Delete the account with every secret, its audit log and its name's throttling
+        state, and reserve the name until ``reserved_until`` (microseconds); all in this
+        transaction. False if there is no account."""
+        ...
+
+    def name_reserved(self, account_name: bytes, now: int) -> bool:
+        """Whether a deleted account's name is still reserved at ``now`` (microseconds)."""
+        ...
+
+    def forget_reserved_names(self, now: int) -> int:
+        """Release the names whose reservation ended by ``now``; how many."""
+        ...
+
     def append_audit(self, record: AuditRecord) -> None:
         """Append an entry; entries are numbered 1, 2, ... per user (OPS-7: a user's
         numbering reveals nothing about other users)."""
@@ -205,6 +226,14 @@ class Transaction(Protocol):
         ...
 
 
+class SessionStore(DetachedSessionStore, Protocol):
+    """A detached-session store that can drop every session of an account."""
+
+    def drop_user(self, user_id: bytes) -> int:
+        """Drop every stored session of ``user_id`` (password changed, account deleted)."""
+        ...
+
+
 class Storage(Protocol):
     def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
         """A transaction (inside a batch, a part of it that rolls back alone). With
@@ -213,7 +242,7 @@ class Storage(Protocol):
         ...
 
     @property
-    def session_store(self) -> DetachedSessionStore:
+    def session_store(self) -> SessionStore:
         """Where detached sessions wait to be resumed (on this or another instance)."""
         ...
 

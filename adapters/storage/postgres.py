@@ -124,6 +124,16 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE accounts ADD COLUMN key_count BIGINT NOT NULL DEFAULT 0;
     UPDATE accounts SET key_count = (SELECT count(*) FROM secrets WHERE secrets.user_id = accounts.user_id)
     """,
+    # 4: password change and account deletion: a deleted account's name stays reserved for a
+    # while; detached sessions name their user, so a password change can drop them
+    """
+    CREATE TABLE reserved_names (
+        account_name BYTEA PRIMARY KEY,
+        reserved_until_us BIGINT NOT NULL
+    );
+    ALTER TABLE detached_sessions ADD COLUMN user_id BYTEA;
+    CREATE INDEX detached_sessions_by_user ON detached_sessions(user_id)
+    """,
 ]
 
 _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
@@ -213,6 +223,37 @@ class _PgTransaction:
         self._conn.execute(_SQL.add_to_key_count, (-1, user_id))
         return True
 
+    def replace_credentials(
+        self, user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes
+    ) -> bool:
+        self._storage.sync_needed = True
+        cursor = self._conn.execute(
+            _SQL.replace_credentials, (registration_record, encrypted_storage_key, user_id)
+        )
+        return cursor.rowcount == 1
+
+    def delete_account(self, user_id: bytes, reserved_until: int) -> bool:
+        # The account's row first, locked: appends for the user (any instance) wait for it.
+        row = self._one(_SQL.account_by_user_id + " FOR UPDATE", (user_id,))
+        if row is None:
+            return False
+        account = to_account(row)
+        self._storage.sync_needed = True
+        self._conn.execute(_SQL.delete_user_secrets, (user_id,))
+        self._conn.execute(_SQL.delete_user_audit, (user_id,))
+        # In this transaction (not _own): the deletion is all or nothing. Its row lock is held
+        # to the commit; a login of the name on another instance waits for it (lock_timeout).
+        self._conn.execute(_SQL.delete_login_record, (account.account_name,))
+        self._conn.execute(_SQL.delete_account, (user_id,))
+        self._conn.execute(_SQL.reserve_name, (account.account_name, reserved_until))
+        return True
+
+    def name_reserved(self, account_name: bytes, now: int) -> bool:
+        return self._one(_SQL.name_reserved, (account_name, now)) is not None
+
+    def forget_reserved_names(self, now: int) -> int:
+        return self._conn.execute(_SQL.forget_reserved_names, (now,)).rowcount
+
     def append_audit(self, record: AuditRecord) -> None:
         if needs_sync(record):
             self._storage.sync_needed = True
@@ -301,9 +342,11 @@ class _PgSessionStore:
     def __init__(self, storage: PostgresStorage) -> None:
         self._storage = storage
 
-    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+    def save(
+        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+    ) -> None:
         with self._storage._connection() as conn:
-            conn.execute(_SQL.save_session, (handle, sealed_state, expires_at))
+            conn.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
             conn.execute("DELETE FROM detached_sessions WHERE expires_at < extract(epoch FROM now()) - 3600")
 
     def claim(self, handle: bytes) -> bytes | None:
@@ -311,6 +354,11 @@ class _PgSessionStore:
         with self._storage._connection() as conn:
             row = conn.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def drop_user(self, user_id: bytes) -> int:
+        self._storage.sync_needed = True  # a dropped session must not come back
+        with self._storage._connection() as conn:
+            return conn.execute(_SQL.drop_user_sessions, (user_id,)).rowcount
 
 
 class PostgresStorage:

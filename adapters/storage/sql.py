@@ -179,10 +179,29 @@ class Statements:
 
         # Detached sessions
         self.save_session = spell(
-            "INSERT INTO detached_sessions (handle, sealed_state, expires_at) VALUES (?, ?, ?) "
+            "INSERT INTO detached_sessions (handle, sealed_state, expires_at, user_id) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (handle) DO UPDATE SET sealed_state = excluded.sealed_state, "
-            "expires_at = excluded.expires_at"
+            "expires_at = excluded.expires_at, user_id = excluded.user_id"
         )
+        #: Every stored session of an account (its password changed, or it was deleted).
+        self.drop_user_sessions = spell("DELETE FROM detached_sessions WHERE user_id = ?")
+
+        # Password change, account deletion, reserved names
+        self.replace_credentials = spell(
+            "UPDATE accounts SET registration_record = ?, encrypted_storage_key = ? WHERE user_id = ?"
+        )
+        self.delete_user_secrets = spell("DELETE FROM secrets WHERE user_id = ?")
+        self.delete_user_audit = spell("DELETE FROM audit WHERE user_id = ?")
+        self.delete_login_record = spell("DELETE FROM login_throttle WHERE account_name = ?")
+        self.delete_account = spell("DELETE FROM accounts WHERE user_id = ?")
+        self.reserve_name = spell(
+            "INSERT INTO reserved_names (account_name, reserved_until_us) VALUES (?, ?) "
+            "ON CONFLICT (account_name) DO UPDATE SET reserved_until_us = excluded.reserved_until_us"
+        )
+        self.name_reserved = spell(
+            "SELECT 1 FROM reserved_names WHERE account_name = ? AND reserved_until_us > ?"
+        )
+        self.forget_reserved_names = spell("DELETE FROM reserved_names WHERE reserved_until_us <= ?")
         #: Exactly once: two claims of one handle cannot both get the row.
         self.claim_session = spell("DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state")
 

@@ -125,6 +125,16 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE accounts ADD COLUMN key_count INTEGER NOT NULL DEFAULT 0;
     UPDATE accounts SET key_count = (SELECT count(*) FROM secrets WHERE secrets.user_id = accounts.user_id);
     """,
+    # 6: password change and account deletion: a deleted account's name stays reserved for a
+    # while; detached sessions name their user, so a password change can drop them
+    """
+    CREATE TABLE reserved_names (
+        account_name BLOB PRIMARY KEY,
+        reserved_until_us INTEGER NOT NULL
+    );
+    ALTER TABLE detached_sessions ADD COLUMN user_id BLOB;
+    CREATE INDEX detached_sessions_by_user ON detached_sessions(user_id);
+    """,
 ]
 
 _SQL = Statements("qmark")
@@ -245,6 +255,34 @@ class _SQLiteTransaction:
         self._db.execute(_SQL.add_to_key_count, (-1, user_id))
         return True
 
+    def replace_credentials(
+        self, user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes
+    ) -> bool:
+        self._storage.sync_needed = True
+        cursor = self._db.execute(
+            _SQL.replace_credentials, (registration_record, encrypted_storage_key, user_id)
+        )
+        return cursor.rowcount == 1
+
+    def delete_account(self, user_id: bytes, reserved_until: int) -> bool:
+        account = self.get_account_by_user_id(user_id)
+        if account is None:
+            return False
+        self._storage.sync_needed = True
+        self._db.execute(_SQL.delete_user_secrets, (user_id,))
+        self._db.execute(_SQL.delete_user_audit, (user_id,))
+        self._db.execute(_SQL.delete_login_record, (account.account_name,))
+        self._db.execute(_SQL.delete_account, (user_id,))
+        self._db.execute(_SQL.reserve_name, (account.account_name, reserved_until))
+        self._storage.audit_numbers.pop(user_id, None)
+        return True
+
+    def name_reserved(self, account_name: bytes, now: int) -> bool:
+        return self._db.execute(_SQL.name_reserved, (account_name, now)).fetchone() is not None
+
+    def forget_reserved_names(self, now: int) -> int:
+        return self._db.execute(_SQL.forget_reserved_names, (now,)).rowcount
+
     def append_audit(self, record: AuditRecord) -> None:
         # Numbered from the storage's memory of each user's last number: one statement. A
         # number another process took meanwhile is refused by the primary key, and the
@@ -330,9 +368,11 @@ class _SQLiteSessionStore:
     def __init__(self, storage: SQLiteStorage) -> None:
         self._storage = storage
 
-    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+    def save(
+        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+    ) -> None:
         with self._storage._locked() as db:
-            db.execute(_SQL.save_session, (handle, sealed_state, expires_at))
+            db.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
             db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
 
     def claim(self, handle: bytes) -> bytes | None:
@@ -341,6 +381,12 @@ class _SQLiteSessionStore:
             self._storage.sync_needed = True
             row = db.execute(_SQL.claim_session, (handle,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def drop_user(self, user_id: bytes) -> int:
+        with self._storage._locked() as db:
+            self._storage.sync_needed = True  # a dropped session must not come back
+            dropped: int = db.execute(_SQL.drop_user_sessions, (user_id,)).rowcount
+        return dropped
 
 
 class SQLiteStorage:

@@ -134,7 +134,9 @@ class _DictStore:
     def __init__(self) -> None:
         self.saved: dict[bytes, bytes] = {}
 
-    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+    def save(
+        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+    ) -> None:
         self.saved[handle] = sealed_state
 
     def claim(self, handle: bytes) -> bytes | None:

@@ -219,7 +219,9 @@ class _ListStore:
     def __init__(self) -> None:
         self.saved: dict[bytes, tuple[bytes, float]] = {}
 
-    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+    def save(
+        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+    ) -> None:
         self.saved[handle] = (sealed_state, expires_at)
 
     def claim(self, handle: bytes) -> bytes | None:

@@ -30,7 +30,9 @@ class DictStore:
     def __init__(self) -> None:
         self.rows: dict[bytes, tuple[bytes, float]] = {}
 
-    def save(self, handle: bytes, sealed_state: bytes, expires_at: float) -> None:
+    def save(
+        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+    ) -> None:
         self.rows[handle] = (sealed_state, expires_at)
 
     def claim(self, handle: bytes) -> bytes | None:

@@ -31,10 +31,10 @@ async def test_nothing_is_acknowledged_when_the_group_commit_fails(tmp_path):
         real_batch, real_answer = storage.batch, keyserver.answer
         fail = {"store": False}
 
-        def answer(session, user_id, body):
+        def answer(session, user_id, body, *, registrar=None):
             if body[:1] == bytes([Op.STORE_SECRET]):
                 fail["store"] = True
-            return real_answer(session, user_id, body)
+            return real_answer(session, user_id, body, registrar=registrar)
 
         @contextmanager
         def failing_batch():
@@ -156,7 +156,7 @@ def test_a_failing_session_store_keeps_the_session_in_memory():
     from ..support.helpers import login, register
 
     class BrokenStore:
-        def save(self, handle, sealed_state, expires_at):
+        def save(self, handle, sealed_state, expires_at, user_id=None):
             raise StorageError("database is locked")
 
         def claim(self, handle):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from keymgmt.adapters.server.app import _ONE_WRITE
-from keymgmt_proto import AuditType, Context, Op
+from keymgmt_proto import AuditType, ChangePasswordStartRequest, Context, Op
+from keymgmt_proto._opaque import client_registration_start
 
 from ..support.keyserver_world import key_server
 
@@ -26,6 +27,9 @@ async def test_each_one_write_operation_writes_one_statement_without_a_savepoint
             Op.RETRIEVE: lambda: session.retrieve(key_id, Context.NULL),
             Op.LIST_KEYS: session.list_keys,
             Op.AUDIT: lambda: session.audit(AuditType.ALL),
+            Op.CHANGE_PASSWORD_START: lambda: session._call(
+                ChangePasswordStartRequest(session.user_id, client_registration_start(b"new pw").message)
+            ),
         }
         for op, call in calls.items():
             statements.clear()

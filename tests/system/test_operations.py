@@ -26,6 +26,7 @@ from keymgmt_proto import (
     Op,
     OpRequest,
     OpResponse,
+    PasswordRegistrationResponse,
     RemoteProtocolError,
     SecretKind,
     SecretResponse,
@@ -119,6 +120,9 @@ def test_a_response_with_a_trailing_byte_is_refused(op: Op) -> None:
         Op.AUDIT: AuditResponse((), 0),
         Op.LIST_KEYS: KeyListResponse((), 0),
         Op.DELETE_KEY: Empty(),
+        Op.CHANGE_PASSWORD_START: PasswordRegistrationResponse(bytes(64)),
+        Op.CHANGE_PASSWORD_FINISH: Empty(),
+        Op.DELETE_ACCOUNT: Empty(),
     }[op]
     body = encode_response(Status.OK, ok)
     assert decode_response(op, body) == (Status.OK, ok)

@@ -1,0 +1,169 @@
+"""Password change and account deletion through the high-level clients over SQLite (issue 16)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from keymgmt.adapters.client.async_client import (
+    AuthenticationError,
+    KeymgmtError,
+    RegistrationError,
+    RequestRefusedError,
+    SessionEndedError,
+)
+from keymgmt.adapters.client.localstore import LocalStore
+from keymgmt_proto import Action, AuditType, Context, Outcome, Status
+
+from ..support.keyserver_world import key_server
+
+pytestmark = pytest.mark.anyio
+
+ALICE, BOB = b"alice@example.org", b"bob@example.org"
+PW, NEW_PW, WRONG = b"correct horse battery staple", b"new horse battery staple", b"wrong password"
+
+
+async def test_password_change_keeps_secrets_and_log_and_ends_other_sessions(tmp_path):
+    async with key_server(tmp_path) as world, world.client() as client, world.client() as other:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.generate()
+        secret = await session.retrieve(key_id, Context.LOCAL_ONLY)
+        same_connection = await client.login(ALICE, PW)
+        elsewhere = await other.login(ALICE, PW)
+        bob = await other.register(BOB, PW) and await other.login(BOB, PW)
+        entries_before = await session.audit()
+
+        await client.change_password(ALICE, PW, NEW_PW)
+
+        # Every other session of the account ended: on this connection and on another one.
+        for ended in (session, same_connection, elsewhere):
+            with pytest.raises(SessionEndedError, match="password was changed or the account was deleted"):
+                await ended.list_keys()
+        assert await bob.list_keys() == []  # another account's session goes on
+        with pytest.raises(AuthenticationError):
+            await client.login(ALICE, PW)
+        fresh = await other.login(ALICE, NEW_PW)
+        # The storage key was re-wrapped, not replaced: the secret is the same (read from the server).
+        other.local_store.delete(fresh.user_id, key_id)
+        assert await fresh.retrieve(key_id, Context.LOCAL_ONLY) == secret
+        # The audit log carries over, with the change in it.
+        entries = await fresh.audit()
+        assert [e.entry_id for e in entries[: len(entries_before)]] == [e.entry_id for e in entries_before]
+        changes = [e for e in entries if e.action is Action.CHANGE_PASSWORD]
+        assert [e.outcome for e in changes] == [Outcome.SUCCESS]
+        assert any(e.action is Action.CHANGE_PASSWORD_START for e in entries)
+
+
+async def test_a_wrong_current_password_changes_nothing(tmp_path):
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        live = await client.login(ALICE, PW)
+        with pytest.raises(AuthenticationError):
+            await client.change_password(ALICE, WRONG, NEW_PW)
+        assert await live.list_keys() == []  # nothing ended either
+        with pytest.raises(AuthenticationError):
+            await client.login(ALICE, NEW_PW)
+        session = await client.login(ALICE, PW)
+        assert not [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD]
+
+
+async def test_the_session_continues_after_its_own_password_change(tmp_path):
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.generate()
+        await session.change_password(NEW_PW)
+        client.local_store.delete(session.user_id, key_id)
+        assert await session.retrieve(key_id, Context.LOCAL_ONLY)
+        assert await session.generate()  # the session's storage key still works for stores
+
+
+async def test_an_empty_new_password_is_refused_before_anything_is_sent(tmp_path):
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        with pytest.raises(KeymgmtError, match="must not be empty"):
+            await session.change_password(b"")
+        assert not [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD_START]
+
+
+async def test_an_old_session_must_log_in_again_to_change_the_password_or_delete(tmp_path):
+    async with key_server(tmp_path, reauth_window=0.05) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        await anyio.sleep(0.2)
+        with pytest.raises(RequestRefusedError) as refused:
+            await session.change_password(NEW_PW)
+        assert refused.value.status is Status.INVALID
+        with pytest.raises(RequestRefusedError):
+            await session.delete_account()
+        assert await session.list_keys() == []  # still there, and still usable
+        await client.login(ALICE, PW)  # the password did not change
+        # (a fresh login passes: the other tests, with the default window of 300 s)
+
+
+async def test_account_deletion_removes_everything_and_reserves_the_name(tmp_path):
+    store = LocalStore(tmp_path / "local.db")
+    async with key_server(tmp_path) as world, world.client(store) as client, world.client() as other:
+        user_id = await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        kept = await session.generate()
+        await session.import_secret(bytes([3]) + b"abc")
+        elsewhere = await other.login(ALICE, PW)
+        bob_session = await other.register(BOB, PW) and await other.login(BOB, PW)
+        bob_key = await bob_session.generate()
+        assert store.key_ids(user_id)
+
+        def leftovers() -> list[int]:
+            db = world.storage._db
+            return [
+                db.execute(f"SELECT count(*) FROM {table} WHERE user_id = ?", (user_id,)).fetchone()[0]
+                for table in ("accounts", "secrets", "audit")
+            ] + [
+                db.execute("SELECT count(*) FROM login_throttle WHERE account_name = ?", (ALICE,)).fetchone()[
+                    0
+                ]
+            ]
+
+        assert all(await world.storage_do(leftovers))  # (logins made the throttling row)
+        await client.delete_account(ALICE, PW)
+        # account, secrets, audit log, the name's throttling row: all gone
+        assert await world.storage_do(leftovers) == [0, 0, 0, 0]
+        assert store.key_ids(user_id) == []  # the local copies went with it
+        for ended in (session, elsewhere):
+            with pytest.raises(SessionEndedError):
+                await ended.retrieve(kept)
+        with pytest.raises(AuthenticationError):
+            await client.login(ALICE, PW)
+        with pytest.raises(RegistrationError):  # reserved: nobody takes over the name
+            await client.register(ALICE, NEW_PW)
+        assert await bob_session.retrieve(bob_key, Context.LOCAL_ONLY)  # other accounts untouched
+
+
+async def test_a_wrong_password_deletes_nothing(tmp_path):
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        with pytest.raises(AuthenticationError):
+            await client.delete_account(ALICE, WRONG)
+        session = await client.login(ALICE, PW)
+        assert not [
+            e for e in await session.audit(AuditType.SYSTEM_ONLY) if e.action is Action.DELETE_ACCOUNT
+        ]
+
+
+async def test_the_name_is_free_again_after_the_reservation(tmp_path):
+    async with key_server(tmp_path, name_reservation=0.0) as world, world.client() as client:
+        first = await client.register(ALICE, PW)
+        await client.delete_account(ALICE, PW)
+        second = await client.register(ALICE, NEW_PW)
+        assert second != first
+        session = await client.login(ALICE, NEW_PW)
+        assert await session.list_keys() == []
+        # A new account under the name starts with an empty log of its own.
+        assert {e.action for e in await session.audit()} <= {
+            Action.REGISTER,
+            Action.LOGIN,
+            Action.LIST_KEYS,
+            Action.AUDIT,
+        }
