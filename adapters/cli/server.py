@@ -330,19 +330,26 @@ def _init(args: argparse.Namespace) -> int:
 
 
 async def serve_until_signal(runtime: KeyServerRuntime) -> None:
-    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT;
-    on SIGHUP load the TLS certificate and key again."""
+    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT
+    (a second one ends ``server.shutdown_delay`` at once); on SIGHUP load the TLS certificate
+    and key again."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
-            port = await tg.start(runtime.run)
+
+            async def serve(*, task_status: TaskStatus[int]) -> None:
+                try:
+                    await runtime.run(task_status=task_status)
+                finally:
+                    tg.cancel_scope.cancel()  # stopped: stop watching the signals
+
+            port = await tg.start(serve)
             print(f"listening on {runtime.settings.host}:{port}", flush=True)
             async for received in signals:
                 logging.getLogger("keymgmt.server").info("received %s", signal.Signals(received).name)
                 if received == signal.SIGHUP:
                     runtime.reload_tls()
-                    continue
-                runtime.shutdown()
-                break
+                else:
+                    runtime.shutdown()
 
 
 async def _serve_worker(runtime: KeyServerRuntime) -> None:
@@ -416,7 +423,7 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings, backend: 
         settings.workers,
         lambda fds: [*command, *(f"--listen-fd={fd}" for fd in fds)],
         sockets,
-        stop_timeout=settings.shutdown_grace + 20.0,
+        stop_timeout=settings.shutdown_delay + settings.shutdown_grace + 20.0,
     )
     return pool.run(announce=lambda: print(f"listening on {settings.host}:{port}", flush=True))
 

@@ -135,6 +135,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds shutdown waits for connections to finish",
     ),
     Option(
+        "server",
+        "shutdown_delay",
+        float,
+        0.0,
+        "KEYMGMT_SHUTDOWN_DELAY",
+        "seconds SIGTERM keeps serving with /healthz at 503 before the graceful stop",
+    ),
+    Option(
         "sessions",
         "handshake_timeout",
         float,
@@ -382,6 +390,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         maintenance_interval=values["throttle.sweep_interval"],  # type: ignore[arg-type]
         require_invitation=values["registration.require_invitation"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
+        shutdown_delay=values["server.shutdown_delay"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,
         database_url=values["server.database_url"] or None,  # type: ignore[arg-type]

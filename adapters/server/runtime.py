@@ -6,8 +6,9 @@ TLS stream wraps the standard ``ssl`` module on either loop.
 Server: accepts connections up to a limit, completes the TLS handshake within a
 timeout (a plaintext, TLS 1.2 or otherwise failed handshake is logged and
 dropped), then hands the stream to a :class:`ConnectionDriver`. ``shutdown()``
-stops accepting, lets every connection finish what it has received, sends
-GOAWAY, waits for them (bounded), and closes the storage.
+makes /healthz say 503, keeps serving for ``shutdown_delay`` seconds, then
+stops accepting, lets every connection finish what it has received, sends GOAWAY,
+waits for them (bounded), and closes the storage.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class ServerSettings:
     require_invitation: bool = False
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
+    #: Seconds between SIGTERM and the graceful stop: /healthz says 503 while the TLS port
+    #: still serves, so a load balancer takes the instance out before the port closes.
+    shutdown_delay: float = 0.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     #: A PostgreSQL connection string: use PostgreSQL (several instances) instead of SQLite.
@@ -167,6 +171,7 @@ class KeyServerRuntime:
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
         self._stop = anyio.Event()
+        self._hurry = anyio.Event()  # a second shutdown(): skip the rest of the delay
         self.connections_served = 0
         #: Connections ended by an internal error (NET-12); each is logged with its traceback.
         self.connection_faults = 0
@@ -185,6 +190,8 @@ class KeyServerRuntime:
         #: Accepted connections closed before they sent a byte (TCP health checks).
         self.connections_probed = 0
         self._serving = False
+        #: Set when the shutdown delay is over: new connections are refused from then on.
+        self._closing = False
         self.metrics.watch(self._gauges)
 
     def _gauges(self) -> list[tuple[str, str, dict[str, float]]]:
@@ -228,7 +235,10 @@ class KeyServerRuntime:
         return f"<KeyServerRuntime {self.settings.host}:{self.port} {len(self._drivers)} connections>"
 
     def shutdown(self) -> None:
-        """Begin a graceful shutdown (safe to call more than once)."""
+        """Begin a graceful shutdown (safe to call more than once; a second call while the
+        shutdown delay runs ends the delay at once)."""
+        if self._stop.is_set():
+            self._hurry.set()
         self._stop.set()
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -284,6 +294,14 @@ class KeyServerRuntime:
                 task_status.started(port)
                 self._serving = True
                 await self._stop.wait()
+                if self.settings.shutdown_delay > 0:
+                    log.info(
+                        "draining: /healthz says 503; still serving for %g s (server.shutdown_delay)",
+                        self.settings.shutdown_delay,
+                    )
+                    with anyio.move_on_after(self.settings.shutdown_delay):
+                        await self._hurry.wait()
+                self._closing = True
                 accepting.cancel_scope.cancel()
             log.info("shutting down: no new connections; finishing %d", len(self._drivers))
             for driver in list(self._drivers):
@@ -358,7 +376,7 @@ class KeyServerRuntime:
         address = tcp.extra(SocketAttribute.remote_address, None)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         key = address_key(str(address[0]) if isinstance(address, tuple) else str(address))
-        if self._stop.is_set():
+        if self._closing:
             self._refuse(tcp, peer, "shutting down")
             await anyio.aclose_forcefully(tcp)
             return

@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -327,3 +328,23 @@ def test_each_worker_serves_its_own_health_listener(server_dir):
                 assert b"keymgmt_logins_total" in answer.read()
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_with_a_shutdown_delay_drains_then_a_second_sigterm_stops(server_dir):
+    server = ServerProcess(server_dir, args=("--health-listen", "0"), env={"KEYMGMT_SHUTDOWN_DELAY": "600"})
+    try:
+        pattern = re.compile(r"health and metrics on http://127\.0\.0\.1:(\d+)")
+        wait_for(lambda: pattern.search(server.log_text()) is not None, "the health listener")
+        match = pattern.search(server.log_text())
+        assert match is not None
+        health = f"http://127.0.0.1:{match[1]}/healthz"
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "still serving for 600 s" in server.log_text(), "the draining line")
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(health, timeout=30)
+        assert answer.value.code == 503
+        register(server.port, server_dir / "ca.pem", b"late@example.org")  # still served
+        assert server.proc.poll() is None
+    finally:
+        assert server.stop() == 0  # the second SIGTERM ends the delay
+    assert "stopped" in server.log_text()

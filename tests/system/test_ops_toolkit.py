@@ -333,3 +333,31 @@ async def test_a_request_too_large_is_answered_431(tmp_path):
         request = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n"
         status, _body = await http_get(runtime.health_port, "", request)
     assert status == 431
+
+
+async def test_shutdown_delay_says_503_while_the_tls_port_still_serves(tmp_path):
+    """server.shutdown_delay: after shutdown() /healthz says 503 while new clients still log
+    in on the TLS port, for the delay; then the normal graceful stop."""
+    async with running_server(tmp_path, health_listen=("127.0.0.1", 0), shutdown_delay=30.0) as (
+        runtime,
+        pki,
+    ):
+        assert runtime.health_port is not None
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"drain@example.org", PW)
+        runtime.shutdown()
+        assert await http_get(runtime.health_port, "/healthz") == (503, b"draining\n")
+        async with KeymgmtClient(connect) as client:  # a new connection, during the delay
+            session = await client.login(b"drain@example.org", PW)
+            assert await session.list_keys() == []
+        assert await http_get(runtime.health_port, "/healthz") == (503, b"draining\n")
+        runtime.shutdown()  # a second one (SIGTERM) ends the delay: the port closes
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    probe = await anyio.connect_tcp("127.0.0.1", runtime.port)
+                except OSError:
+                    break
+                await probe.aclose()
+                await anyio.sleep(0.05)
