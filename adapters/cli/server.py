@@ -37,14 +37,14 @@ from ..server.config import (
     render_config,
 )
 from ..server.invitations import InvitationAuthorizer
-from ..server.logs import LOG_FORMATS, configure_logging
+from ..server.logs import LOG_FORMATS, JSONFormatter, configure_logging
 from ..server.runtime import KeyServerRuntime, ServerSettings, open_storage
 from ..server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
 from ..server.workers import WorkerPool, bind_listeners
 from ..storage.base import StorageError
 from ..tls import PKIError, generate_dev_pki, renew_server_certificate, server_context
 
-__all__ = ["main", "serve_until_signal"]
+__all__ = ["check_ports", "main", "serve_until_signal"]
 
 CONFIG_NAME = "keymgmt-server.toml"
 #: Where `init` writes without --dir; the other commands read its config file from there
@@ -337,10 +337,9 @@ async def serve_until_signal(runtime: KeyServerRuntime) -> None:
         async with anyio.create_task_group() as tg:
 
             async def serve(*, task_status: TaskStatus[int]) -> None:
-                try:
-                    await runtime.run(task_status=task_status)
-                finally:
-                    tg.cancel_scope.cancel()  # stopped: stop watching the signals
+                # Not in a finally: cancelling here would swallow an error raised at start.
+                await runtime.run(task_status=task_status)
+                tg.cancel_scope.cancel()  # stopped: stop watching the signals
 
             port = await tg.start(serve)
             print(f"listening on {runtime.settings.host}:{port}", flush=True)
@@ -362,10 +361,10 @@ async def _serve_worker(runtime: KeyServerRuntime) -> None:
         async with anyio.create_task_group() as tg:
 
             async def serve(*, task_status: TaskStatus[int]) -> None:
-                try:
-                    await runtime.run(task_status=task_status)
-                finally:
-                    tg.cancel_scope.cancel()  # stopped: stop watching
+                # Not in a finally: cancelling here would swallow an error raised at start
+                # (the worker exited 0 and its cause was lost).
+                await runtime.run(task_status=task_status)
+                tg.cancel_scope.cancel()  # stopped: stop watching
 
             async def watch_signals() -> None:
                 async for received in signals:
@@ -416,7 +415,11 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings, backend: 
     load_server_setup_file(settings.setup_path)
     server_context(settings.cert_path, settings.key_path)
     open_storage(settings).close()
-    sockets = bind_listeners(settings.host, settings.port)
+    try:
+        sockets = bind_listeners(settings.host, settings.port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"TLS listener {settings.host}:{settings.port}: {why}") from None
     port = sockets[0].getsockname()[1]
     command = _worker_command(args, backend)
     pool = WorkerPool(
@@ -426,6 +429,25 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings, backend: 
         stop_timeout=settings.shutdown_delay + settings.shutdown_grace + 20.0,
     )
     return pool.run(announce=lambda: print(f"listening on {settings.host}:{port}", flush=True))
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared, not bound
+
+
+def check_ports(settings: ServerSettings) -> None:
+    """A ConfigError if a health port (worker K's: the given port + K) is the TLS port on an
+    address both listen on: caught here, with both named, instead of a worker failing."""
+    if settings.health_listen is None or not settings.health_listen[1] or not settings.port:
+        return
+    host, first = settings.health_listen
+    last = first + settings.workers - 1
+    overlap = host == settings.host or host in _WILDCARDS or settings.host in _WILDCARDS
+    if overlap and first <= settings.port <= last:
+        ports = f"port {first}" if first == last else f"ports {first}..{last} (one per worker)"
+        raise ConfigError(
+            f"the health listener's {ports} include the TLS port {settings.port} (server.port): "
+            "pick a health port outside it"
+        )
 
 
 def _backend(args: argparse.Namespace) -> str:
@@ -481,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, workers=check_workers(args.workers, "--workers"))
         if args.health_listen is not None:
             settings = replace(settings, health_listen=check_listen(args.health_listen, "--health-listen"))
+        check_ports(settings)
         backend = _backend(args)
         several = settings.workers > 1 or bool(args.listen_fd)
         # With workers, each line names the process that wrote it.
@@ -494,17 +517,28 @@ def main(argv: list[str] | None = None) -> int:
         _run(serve_until_signal, KeyServerRuntime(settings), backend)
         return 0
     except (ConfigError, SetupFileError, PKIError, StorageError) as exc:
-        print(f"keymgmt-server: error: {exc}", file=sys.stderr)
-        return 1
+        return _fatal(args, str(exc))
     except ModuleNotFoundError as exc:  # an optional dependency (psycopg for database_url)
-        print(f"keymgmt-server: error: {_missing(exc)}", file=sys.stderr)
-        return 1
+        return _fatal(args, _missing(exc))
     except OSError as exc:
-        print(f"keymgmt-server: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fatal(args, exc.strerror or str(exc))
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
         print("keymgmt-server: interrupted", file=sys.stderr)
         return 130
+
+
+def _fatal(args: argparse.Namespace, message: str) -> int:
+    """Report an error that stops the command, as one line; 1. A worker of ``serve --workers``
+    writes it to its stdout, where the parent reads it and logs it as the cause; with
+    ``--log-format json`` it is a JSON log line like the others."""
+    if getattr(args, "listen_fd", None):
+        print(f"error: {message}", flush=True)
+    elif getattr(args, "log_format", "text") == "json":
+        record = logging.LogRecord("keymgmt-server", logging.ERROR, __file__, 0, "%s", (message,), None)
+        print(JSONFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"keymgmt-server: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _missing(exc: ModuleNotFoundError) -> str:

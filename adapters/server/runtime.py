@@ -242,28 +242,32 @@ class KeyServerRuntime:
         self._stop.set()
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve until ``shutdown()``; reports the bound port through ``task_status``."""
-        listener: MultiListener[SocketStream]
-        if self._sockets:
-            wrapped: list[Listener[SocketStream]] = [
-                await SocketListener.from_socket(s) for s in self._sockets
-            ]
-            listener = MultiListener(wrapped)
-        else:
-            listener = await anyio.create_tcp_listener(
-                local_host=self.settings.host, local_port=self.settings.port
-            )
-        self.port = port = int(listener.extra(SocketAttribute.local_port))
-        log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        """Serve until ``shutdown()``; reports the bound port through ``task_status``. A port
+        that cannot be bound is an OSError naming the listener and its address, raised before
+        anything is logged as listening."""
         ops: MultiListener[SocketStream] | None = None
         try:
-            if self.settings.health_listen is not None:
+            if self.settings.health_listen is not None:  # first: it is the one more likely taken
                 ops_host, ops_port = self.settings.health_listen
-                try:
-                    ops = await anyio.create_tcp_listener(local_host=ops_host, local_port=ops_port)
-                except OSError as exc:
-                    why = exc.strerror or str(exc)
-                    raise OSError(exc.errno, f"health listener {ops_host}:{ops_port}: {why}") from None
+                ops = await _bind("health listener", ops_host, ops_port)
+            listener: MultiListener[SocketStream]
+            if self._sockets:
+                wrapped: list[Listener[SocketStream]] = [
+                    await SocketListener.from_socket(s) for s in self._sockets
+                ]
+                listener = MultiListener(wrapped)
+            else:
+                listener = await _bind("TLS listener", self.settings.host, self.settings.port)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if ops is not None:
+                    await ops.aclose()
+            self.storage.close()
+            raise
+        self.port = port = int(listener.extra(SocketAttribute.local_port))
+        log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        try:
+            if ops is not None:
                 self.health_port = int(ops.extra(SocketAttribute.local_port))
                 log.info(
                     "health and metrics on http://%s:%d (/healthz, /metrics)", ops_host, self.health_port
@@ -488,6 +492,14 @@ class KeyServerRuntime:
             self._drivers.discard(driver)
             if driver.faulted:
                 self.connection_faults += 1
+
+
+async def _bind(what: str, host: str, port: int) -> MultiListener[SocketStream]:
+    """A TCP listener on ``host``:``port``; an OSError that names ``what`` and the address."""
+    try:
+        return await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} {host}:{port}: {exc.strerror or exc}") from None
 
 
 class _CountingStream(ByteStream):

@@ -348,3 +348,65 @@ def test_sigterm_with_a_shutdown_delay_drains_then_a_second_sigterm_stops(server
     finally:
         assert server.stop() == 0  # the second SIGTERM ends the delay
     assert "stopped" in server.log_text()
+
+
+# ------------------------------------------------------------------ ports and start-up failures
+
+
+def busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_health_port_that_is_the_tls_port_is_one_line_before_anything_starts(server_dir):
+    config = str(server_dir / CONFIG)
+    # worker 1's health port (7942 + 1) would be the TLS port: caught before any worker starts
+    result = run(
+        "serve", "--config", config, "--workers", "2", "--health-listen", "7942", env={"KEYMGMT_PORT": "7943"}
+    )
+    one_line_error(result, 1, "7942..7943", "TLS port 7943")
+    result = run("serve", "--config", config, "--health-listen", "7943", env={"KEYMGMT_PORT": "7943"})
+    one_line_error(result, 1, "port 7943", "TLS port 7943")
+
+
+def test_a_worker_that_cannot_start_has_its_cause_and_exit_code_in_the_parents_log(server_dir):
+    with busy_port() as taken:
+        health = taken.getsockname()[1] - 1  # worker 1's health port is the taken one
+        result = run(
+            "serve", "--config", str(server_dir / CONFIG), "--workers", "2", "--health-listen", str(health)
+        )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    failed = [line for line in result.stderr.splitlines() if "failed to start" in line]
+    assert len(failed) == 1, result.stderr
+    assert re.search(
+        rf"worker 1 \(pid \d+\) failed to start \(exit code 1\): health listener 127\.0\.0\.1:{health + 1}: ",
+        failed[0],
+    ), failed[0]
+
+
+def test_busy_ports_are_one_line_naming_the_listener_and_nothing_claims_to_listen(server_dir):
+    config = str(server_dir / CONFIG)
+    with busy_port() as taken:
+        port = str(taken.getsockname()[1])
+        # INFO logs: one line means no "listening on" / "stopped" before the error
+        one_line_error(
+            run("serve", "--config", config, "--health-listen", port), 1, f"health listener 127.0.0.1:{port}"
+        )
+        one_line_error(
+            run("serve", "--config", config, env={"KEYMGMT_PORT": port}), 1, f"TLS listener 127.0.0.1:{port}"
+        )
+        result = run("serve", "--config", config, "--workers", "2", env={"KEYMGMT_PORT": port})
+        one_line_error(result, 1, f"TLS listener 127.0.0.1:{port}")
+
+
+def test_with_json_logs_a_fatal_error_is_a_json_line(server_dir):
+    result = run(
+        "serve", "--config", str(server_dir / CONFIG), "--log-format", "json", env={"KEYMGMT_PORT": "x"}
+    )
+    assert result.returncode == 1, result
+    (line,) = result.stderr.splitlines()
+    error = json.loads(line)
+    assert error["level"] == "ERROR" and "server.port" in error["message"], error
