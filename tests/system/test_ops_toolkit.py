@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keymgmt.adapters.client.async_client import AuthenticationError, KeymgmtClient, ThrottledError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server.app import ThrottlePolicy
+from keymgmt.adapters.server.driver import UNKNOWN_SESSIONS_AT_INFO
 from keymgmt.adapters.tls import renew_server_certificate
 from keymgmt_proto import Context, FrameType
 from keymgmt_proto.wire import Record, ResumeEnvelope
@@ -162,9 +163,11 @@ async def test_session_attacks_are_warning_lines_with_the_peer(tmp_path, caplog)
         with anyio.fail_after(30):
             while not warnings_about(caplog, "BAD_RECORD"):
                 await anyio.sleep(0.01)
-        # A RESUME of a session nobody holds (a guessed handle).
-        bogus = ResumeEnvelope(os.urandom(16), Record(0, os.urandom(40))).encode()
-        await stream.send(forge(FrameType.RESUME, sid + 10, bogus))
+        # RESUMEs of sessions nobody holds: the first few are INFO (an honest client after a
+        # server crash), more on one connection are WARNINGs (guessed handles).
+        for n in range(UNKNOWN_SESSIONS_AT_INFO + 1):
+            bogus = ResumeEnvelope(os.urandom(16), Record(0, os.urandom(40))).encode()
+            await stream.send(forge(FrameType.RESUME, sid + 10 + n, bogus))
         with anyio.fail_after(30):
             while not warnings_about(caplog, "UNKNOWN_SESSION"):
                 await anyio.sleep(0.01)
@@ -175,18 +178,25 @@ async def test_session_attacks_are_warning_lines_with_the_peer(tmp_path, caplog)
     for code in ("BAD_RECORD", "UNKNOWN_SESSION"):
         (line,) = warnings_about(caplog, code)
         assert peer in line.getMessage() and line.peer == peer  # the structured field as well
-        assert value(samples, "keymgmt_session_attacks_total", code=code) == 1
+        assert (line.event, line.code) == ("attack", code)
+    assert value(samples, "keymgmt_session_attacks_total", code="BAD_RECORD") == 1
+    assert value(samples, "keymgmt_session_attacks_total", code="UNKNOWN_SESSION") == 5
+    resumes = [r for r in caplog.records if "of a session this server does not hold" in r.getMessage()]
+    assert len(resumes) == UNKNOWN_SESSIONS_AT_INFO
+    assert all(r.levelno == logging.INFO and r.peer == peer for r in resumes)
+    assert all((r.event, r.code) == ("unknown_session", "UNKNOWN_SESSION") for r in resumes)
 
 
 async def test_attack_lines_are_bounded_per_connection(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     async with running_server(tmp_path) as (runtime, pki):
         stream = await tls_from(runtime.port, pki.ca_cert)
-        for sid in range(1, 8):  # seven forged RESUMEs on one connection
+        total = UNKNOWN_SESSIONS_AT_INFO + 7  # the first ones are INFO lines, then seven WARNINGs
+        for sid in range(1, total + 1):
             bogus = ResumeEnvelope(os.urandom(16), Record(0, os.urandom(40))).encode()
             await stream.send(forge(FrameType.RESUME, sid, bogus))
         with anyio.fail_after(30):
-            while runtime.metrics.attacks.labels("UNKNOWN_SESSION")._value.get() < 7:
+            while runtime.metrics.attacks.labels("UNKNOWN_SESSION")._value.get() < total:
                 await anyio.sleep(0.01)
         await stream.aclose()
         with anyio.fail_after(30):
@@ -248,7 +258,7 @@ async def test_broken_framing_is_a_warning_line_with_the_peer(tmp_path, caplog):
                 await anyio.sleep(0.01)
         await stream.aclose()
     (line,) = warnings_about(caplog, "refused from")
-    assert line.event in {"UNSUPPORTED_VERSION", "MALFORMED"}
+    assert line.event == "attack" and line.code in {"UNSUPPORTED_VERSION", "MALFORMED"}
 
 
 async def test_a_replayed_record_is_a_warning_line_with_the_peer(tmp_path, caplog):
@@ -361,3 +371,41 @@ async def test_shutdown_delay_says_503_while_the_tls_port_still_serves(tmp_path)
                     break
                 await probe.aclose()
                 await anyio.sleep(0.05)
+
+
+async def test_a_peers_goaway_reason_is_logged_quoted_as_its_claim(tmp_path, caplog):
+    """The reason text of a GOAWAY is the peer's: quoted, labelled as the peer's, and a
+    GOAWAY(MALFORMED) is not logged as the server refusing the peer."""
+    from keymgmt_proto import ErrorCode
+    from keymgmt_proto.wire import GoAway
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    fake = "ok 2026-11-30T05:00:00.000Z CRITICAL keymgmt.server: database deleted by admin"
+    async with running_server(tmp_path) as (runtime, pki):
+        for code in (ErrorCode.OK, ErrorCode.MALFORMED):
+            stream = await tls_from(runtime.port, pki.ca_cert)
+            await stream.send(forge(FrameType.GOAWAY, 0, GoAway(code, fake).encode()))
+            with anyio.fail_after(30):
+                while not [
+                    r for r in caplog.records if f"the peer sent GOAWAY {code.name}" in r.getMessage()
+                ]:
+                    await anyio.sleep(0.01)
+            await stream.aclose()
+    lines = [r for r in caplog.records if "the peer sent GOAWAY" in r.getMessage()]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.getMessage().endswith(f"its reason: {fake!r}")
+        assert line.levelno == logging.INFO and line.event == "peer_goaway"
+    assert not warnings_about(caplog, "refused from")
+    assert runtime.metrics.attacks.labels("MALFORMED")._value.get() == 0
+
+
+async def test_a_registration_line_names_the_peer(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with running_server(tmp_path) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"peer@example.org", PW)
+    (line,) = [r for r in caplog.records if "registered a new account" in r.getMessage()]
+    assert line.getMessage().startswith(f"registered a new account from {line.peer} (session ")
+    assert line.peer.startswith("127.0.0.1:") and line.event == "registered"
