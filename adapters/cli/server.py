@@ -14,10 +14,12 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -259,37 +261,53 @@ def _renew(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    """SQLite's online backup of the server's database into a new 0600 file."""
+    """SQLite's online backup of the server's database into a new 0600 file.
+
+    The copy is written into a fresh 0700 directory next to the target (nobody else can
+    reach it there) and then hard-linked into place, which fails rather than overwrite
+    anything that appeared at the target meanwhile: no path is ever reopened by name where
+    others could swap it. The source is opened read-only (``mode=ro``), so backing up a
+    stopped server's database never checkpoints its WAL."""
     settings = load_settings(args.config)
     if settings.database_url:
         raise ConfigError(
             "this server stores its data in PostgreSQL: back it up with pg_dump (docs/operations.md)"
         )
-    source, target = settings.storage_path, args.to
+    source, target = settings.storage_path, Path(args.to)
     if not source.exists():
         raise ConfigError(f"{source} does not exist (server.storage)")
-    if target.exists():
+    if os.path.lexists(target):
         raise ConfigError(f"{target} already exists; refusing to overwrite it")
     try:
-        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        private = Path(tempfile.mkdtemp(prefix=".keymgmt-backup-", dir=target.parent))  # 0700
     except OSError as exc:
         raise ConfigError(f"cannot create {target}: {exc.strerror}") from None
-    os.close(fd)
-    done = False
     try:
-        with _closing(sqlite3.connect(source, timeout=30)) as src, _closing(sqlite3.connect(target)) as dst:
-            src.backup(dst)  # one step: a consistent snapshot (WAL readers do not block writers)
-            dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
-            check = dst.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise ConfigError(f"the backup in {target} does not check out: {check}")
-        done = True
-    except sqlite3.Error as exc:
-        raise ConfigError(f"backup of {source} failed: {exc}") from None
+        copy = private / "backup.db"
+        os.close(os.open(copy, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:
+            read_only = f"{source.resolve().as_uri()}?mode=ro"
+            with (
+                _closing(sqlite3.connect(read_only, uri=True, timeout=30)) as src,
+                _closing(sqlite3.connect(copy)) as dst,
+            ):
+                src.backup(dst)  # one step: a consistent snapshot (WAL readers do not block writers)
+                dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+                check = dst.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise ConfigError(f"the backup of {source} does not check out: {check}")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"backup of {source} failed: {exc}") from None
+        size = copy.stat().st_size
+        try:
+            os.link(copy, target)  # never replaces an existing name
+        except FileExistsError:
+            raise ConfigError(f"{target} already exists; refusing to overwrite it") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create {target}: {exc.strerror}") from None
     finally:
-        if not done:
-            target.unlink(missing_ok=True)
-    print(f"backed up {source} to {target} ({target.stat().st_size} bytes)")
+        shutil.rmtree(private, ignore_errors=True)
+    print(f"backed up {source} to {target} ({size} bytes)")
     print("keep server_setup.bin with it: without that file nobody can log in")
     return 0
 

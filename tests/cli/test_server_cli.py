@@ -410,3 +410,57 @@ def test_with_json_logs_a_fatal_error_is_a_json_line(server_dir):
     (line,) = result.stderr.splitlines()
     error = json.loads(line)
     assert error["level"] == "ERROR" and "server.port" in error["message"], error
+
+
+def test_backup_of_a_killed_servers_database_leaves_its_wal_alone(server_dir, tmp_path):
+    """The source is opened read-only: backing up the database of a server that died with a
+    WAL (SIGKILL) copies the WAL's data without checkpointing it into the database."""
+    server = ServerProcess(server_dir)
+    register(server.port, server_dir / "ca.pem", b"in-the-wal@example.org")
+    server.kill()
+    wal = server_dir / "keyserver.db-wal"
+    assert wal.stat().st_size > 0
+    files = [server_dir / "keyserver.db", wal]  # (the -shm index may be rebuilt: it is a cache)
+    before = [p.read_bytes() for p in files]
+    backup = tmp_path / "backup.db"
+    result = run("backup", "--config", str(server_dir / CONFIG), "--to", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert [p.read_bytes() for p in files] == before
+    with sqlite3.connect(backup) as db:
+        names = [row[0] for row in db.execute("SELECT account_name FROM accounts")]
+    assert names == [b"in-the-wal@example.org"]
+    assert oct(os.stat(backup).st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.db", "srv"]  # no leftovers
+
+
+def test_backup_never_writes_through_a_name_swapped_meanwhile(server_dir, tmp_path, monkeypatch, capsys):
+    """Someone who can write to the backup's folder replaces the target with a symlink to a
+    path of their choosing while the backup runs: the backup refuses, nothing is written
+    through the link, and no temporary file is left."""
+    from keymgmt.adapters.cli.server import main
+
+    server = ServerProcess(server_dir)
+    try:
+        register(server.port, server_dir / "ca.pem", b"swap@example.org")
+    finally:
+        assert server.stop() == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target, victim = shared / "backup.db", tmp_path / "victim"
+    real_connect = sqlite3.connect
+    calls = []
+
+    def connect(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:  # between creating the backup file and writing it: swap the name
+            if os.path.lexists(target):
+                os.unlink(target)
+            os.symlink(victim, target)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    code = main(["backup", "--config", str(server_dir / CONFIG), "--to", str(target)])
+    err = capsys.readouterr().err
+    assert not victim.exists()  # nothing written through the link
+    assert code == 1 and "already exists; refusing to overwrite it" in err, err
+    assert [p.name for p in shared.iterdir()] == ["backup.db"]  # the planted link only
