@@ -30,6 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..files import ensure_private_file
+from ..server.app import default_account_name_policy
 from ..server.config import (
     ConfigError,
     check_listen,
@@ -103,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Create, in DIR: server_setup.bin (the long-term OPAQUE secret, 0600; never "
         "overwritten), a development CA and server certificate (ca.pem, server.pem, server.key) "
         f"and {CONFIG_NAME}. Production deployments replace the certificates with their own PKI.",
+        epilog="examples:\n  keymgmt-server init --dir srv\n"
+        "  keymgmt-server init --dir srv --hostname keys.example.org --port 7443\n"
+        "  keymgmt-server init --dir srv --renew-cert",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     init.add_argument(
         "--dir", type=Path, default=DEFAULT_DIR, help=f"folder to create files in (default {DEFAULT_DIR})"
@@ -123,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the key server",
         description="Run the key server until SIGTERM or SIGINT, then shut down gracefully.",
-        epilog=options_help(),
+        epilog="examples:\n  keymgmt-server serve --config srv/keymgmt-server.toml\n"
+        "  keymgmt-server serve --config srv/keymgmt-server.toml --workers 4 --health-listen 9464 "
+        "--log-format json\n\n" + options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--config", type=Path, help=CONFIG_HELP)
@@ -170,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file FILE, or KEYMGMT_INVITATION. It is signed with a key derived from the "
         "server's OPAQUE setup, so every instance sharing the setup accepts it. With --account "
         "it registers that name only (so it works once); without, any name until it expires.",
+        epilog="examples:\n"
+        "  keymgmt-server invite --config srv/keymgmt-server.toml --account alice@example.org "
+        "> invitation.txt\n"
+        "  keymgmt-server invite --config srv/keymgmt-server.toml --valid-for 12h",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     invite.add_argument("--config", type=Path, help=CONFIG_HELP)
     invite.add_argument("--account", help="the only account name the invitation registers")
@@ -242,6 +254,19 @@ def _duration(text: str) -> float:
 
 
 def _invite(args: argparse.Namespace) -> int:
+    if args.account is not None:
+        try:
+            name: bytes | None = args.account.encode("utf-8")
+        except UnicodeEncodeError:
+            name = None
+        if name is None or not default_account_name_policy(name):
+            print(
+                f"keymgmt-server: error: --account {args.account!r} can never be registered: an account "
+                "name is printable UTF-8 without surrounding spaces, 1 to 255 bytes "
+                "(see keymgmt-server invite --help)",
+                file=sys.stderr,
+            )
+            return 2
     valid_for = _duration(args.valid_for)
     settings = load_settings(args.config)
     authorizer = InvitationAuthorizer.from_setup(load_server_setup_file(settings.setup_path))

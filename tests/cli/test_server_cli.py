@@ -464,3 +464,23 @@ def test_backup_never_writes_through_a_name_swapped_meanwhile(server_dir, tmp_pa
     assert not victim.exists()  # nothing written through the link
     assert code == 1 and "already exists; refusing to overwrite it" in err, err
     assert [p.name for p in shared.iterdir()] == ["backup.db"]  # the planted link only
+
+
+# ------------------------------------------------------------------ help and invite
+
+
+def test_init_serve_and_invite_help_show_examples():
+    for command in ("init", "serve", "invite", "backup", "wait"):
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"keymgmt-server {command} --" in result.stdout.split("example", 1)[1], command
+
+
+def test_invite_for_a_name_that_can_never_register_is_a_usage_error(server_dir):
+    config = str(server_dir / CONFIG)
+    for bad in ("a\nb", " alice", "a" * 256, ""):
+        result = run("invite", "--config", config, "--account", bad)
+        one_line_error(result, 2, "--account", "can never be registered")
+        assert result.stdout == ""
+    result = run("invite", "--config", config, "--account", "alice@example.org")
+    assert result.returncode == 0 and result.stdout.startswith("kmi1."), result
