@@ -143,6 +143,11 @@ class WorkerPool:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._signal is None:
             self._signal = signum
+            return
+        # A further one is passed on at once: it ends the workers' server.shutdown_delay.
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def _on_hangup(self, signum: int, _frame: FrameType | None) -> None:
         """SIGHUP: each worker reloads its TLS certificate."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -346,7 +347,10 @@ def test_sigterm_with_a_shutdown_delay_drains_then_a_second_sigterm_stops(server
         register(server.port, server_dir / "ca.pem", b"late@example.org")  # still served
         assert server.proc.poll() is None
     finally:
-        assert server.stop() == 0  # the second SIGTERM ends the delay
+        try:
+            assert server.stop() == 0  # the second SIGTERM ends the delay
+        finally:
+            server.kill()  # (a no-op once it exited; else it would serve out its 600 s)
     assert "stopped" in server.log_text()
 
 
@@ -484,3 +488,20 @@ def test_invite_for_a_name_that_can_never_register_is_a_usage_error(server_dir):
         assert result.stdout == ""
     result = run("invite", "--config", config, "--account", "alice@example.org")
     assert result.returncode == 0 and result.stdout.startswith("kmi1."), result
+
+
+def test_with_workers_a_second_sigterm_to_the_parent_ends_the_shutdown_delay(server_dir):
+    server = ServerProcess(server_dir, args=("--workers", "2"), env={"KEYMGMT_SHUTDOWN_DELAY": "600"})
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: server.log_text().count("still serving for 600 s") == 2, "both workers draining")
+        assert server.proc.poll() is None
+    finally:
+        try:
+            assert server.stop() == 0  # the second SIGTERM, passed on to the workers
+        finally:
+            server.kill()  # (no-ops once they exited; else they would serve out their 600 s)
+            for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", server.log_text()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+    assert "all workers stopped" in server.log_text()
