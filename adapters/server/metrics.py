@@ -253,7 +253,7 @@ def answer(request: bytes, healthy: bool, metrics: ServerMetrics) -> bytes:
 class _Client:
     """One open connection to the health listener."""
 
-    key: str
+    address: str  # its address key (admission.address_key)
     opened: float
     scope: anyio.CancelScope
     reading: bool = True  # still sending its request (may be closed to make room)
@@ -267,10 +267,10 @@ class _Clients:
         self.total = total
         self.open: list[_Client] = []
 
-    def admit(self, key: str, now: float) -> _Client | None:
-        """A slot for a new connection from ``key``, closing the oldest one still reading
+    def admit(self, address: str, now: float) -> _Client | None:
+        """A slot for a new connection from ``address``, closing the oldest one still reading
         when the address or the listener is full; None (refuse it) only if none is reading."""
-        same = [c for c in self.open if c.key == key]
+        same = [c for c in self.open if c.address == address]
         crowd = same if len(same) >= self.per_address else self.open if len(self.open) >= self.total else []
         if crowd:
             reading = [c for c in crowd if c.reading]
@@ -279,7 +279,7 @@ class _Clients:
             victim = min(reading, key=lambda c: c.opened)
             self.drop(victim)
             victim.scope.cancel()
-        client = _Client(key, now, anyio.CancelScope())
+        client = _Client(address, now, anyio.CancelScope())
         self.open.append(client)
         return client
 
@@ -340,8 +340,9 @@ async def serve_ops(
                 await anyio.sleep(0.05)
                 continue
             address = stream.extra(SocketAttribute.remote_address, None)
-            key = address_key(str(address[0]) if isinstance(address, tuple) else str(address))
-            client = table.admit(key, time.monotonic())
+            client = table.admit(
+                address_key(str(address[0]) if isinstance(address, tuple) else str(address)), time.monotonic()
+            )
             if client is None:
                 await anyio.aclose_forcefully(stream)
                 continue
