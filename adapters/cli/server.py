@@ -14,10 +14,12 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -28,6 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..files import ensure_private_file
+from ..server.app import default_account_name_policy
 from ..server.config import (
     ConfigError,
     check_listen,
@@ -37,14 +40,14 @@ from ..server.config import (
     render_config,
 )
 from ..server.invitations import InvitationAuthorizer
-from ..server.logs import LOG_FORMATS, configure_logging
+from ..server.logs import LOG_FORMATS, JSONFormatter, configure_logging
 from ..server.runtime import KeyServerRuntime, ServerSettings, open_storage
 from ..server.setupfile import SetupFileError, create_server_setup_file, load_server_setup_file
 from ..server.workers import WorkerPool, bind_listeners
 from ..storage.base import StorageError
 from ..tls import PKIError, generate_dev_pki, renew_server_certificate, server_context
 
-__all__ = ["main", "serve_until_signal"]
+__all__ = ["check_ports", "main", "serve_until_signal"]
 
 CONFIG_NAME = "keymgmt-server.toml"
 #: Where `init` writes without --dir; the other commands read its config file from there
@@ -101,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Create, in DIR: server_setup.bin (the long-term OPAQUE secret, 0600; never "
         "overwritten), a development CA and server certificate (ca.pem, server.pem, server.key) "
         f"and {CONFIG_NAME}. Production deployments replace the certificates with their own PKI.",
+        epilog="examples:\n  keymgmt-server init --dir srv\n"
+        "  keymgmt-server init --dir srv --hostname keys.example.org --port 7443\n"
+        "  keymgmt-server init --dir srv --renew-cert",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     init.add_argument(
         "--dir", type=Path, default=DEFAULT_DIR, help=f"folder to create files in (default {DEFAULT_DIR})"
@@ -121,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the key server",
         description="Run the key server until SIGTERM or SIGINT, then shut down gracefully.",
-        epilog=options_help(),
+        epilog="examples:\n  keymgmt-server serve --config srv/keymgmt-server.toml\n"
+        "  keymgmt-server serve --config srv/keymgmt-server.toml --workers 4 --health-listen 9464 "
+        "--log-format json\n\n" + options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--config", type=Path, help=CONFIG_HELP)
@@ -168,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file FILE, or KEYMGMT_INVITATION. It is signed with a key derived from the "
         "server's OPAQUE setup, so every instance sharing the setup accepts it. With --account "
         "it registers that name only (so it works once); without, any name until it expires.",
+        epilog="examples:\n"
+        "  keymgmt-server invite --config srv/keymgmt-server.toml --account alice@example.org "
+        "> invitation.txt\n"
+        "  keymgmt-server invite --config srv/keymgmt-server.toml --valid-for 12h",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     invite.add_argument("--config", type=Path, help=CONFIG_HELP)
     invite.add_argument("--account", help="the only account name the invitation registers")
@@ -240,6 +254,19 @@ def _duration(text: str) -> float:
 
 
 def _invite(args: argparse.Namespace) -> int:
+    if args.account is not None:
+        try:
+            name: bytes | None = args.account.encode("utf-8")
+        except UnicodeEncodeError:
+            name = None
+        if name is None or not default_account_name_policy(name):
+            print(
+                f"keymgmt-server: error: --account {args.account!r} can never be registered: an account "
+                "name is printable UTF-8 without surrounding spaces, 1 to 255 bytes "
+                "(see keymgmt-server invite --help)",
+                file=sys.stderr,
+            )
+            return 2
     valid_for = _duration(args.valid_for)
     settings = load_settings(args.config)
     authorizer = InvitationAuthorizer.from_setup(load_server_setup_file(settings.setup_path))
@@ -259,37 +286,53 @@ def _renew(args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    """SQLite's online backup of the server's database into a new 0600 file."""
+    """SQLite's online backup of the server's database into a new 0600 file.
+
+    The copy is written into a fresh 0700 directory next to the target (nobody else can
+    reach it there) and then hard-linked into place, which fails rather than overwrite
+    anything that appeared at the target meanwhile: no path is ever reopened by name where
+    others could swap it. The source is opened read-only (``mode=ro``), so backing up a
+    stopped server's database never checkpoints its WAL."""
     settings = load_settings(args.config)
     if settings.database_url:
         raise ConfigError(
             "this server stores its data in PostgreSQL: back it up with pg_dump (docs/operations.md)"
         )
-    source, target = settings.storage_path, args.to
+    source, target = settings.storage_path, Path(args.to)
     if not source.exists():
         raise ConfigError(f"{source} does not exist (server.storage)")
-    if target.exists():
+    if os.path.lexists(target):
         raise ConfigError(f"{target} already exists; refusing to overwrite it")
     try:
-        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        private = Path(tempfile.mkdtemp(prefix=".keymgmt-backup-", dir=target.parent))  # 0700
     except OSError as exc:
         raise ConfigError(f"cannot create {target}: {exc.strerror}") from None
-    os.close(fd)
-    done = False
     try:
-        with _closing(sqlite3.connect(source, timeout=30)) as src, _closing(sqlite3.connect(target)) as dst:
-            src.backup(dst)  # one step: a consistent snapshot (WAL readers do not block writers)
-            dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
-            check = dst.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise ConfigError(f"the backup in {target} does not check out: {check}")
-        done = True
-    except sqlite3.Error as exc:
-        raise ConfigError(f"backup of {source} failed: {exc}") from None
+        copy = private / "backup.db"
+        os.close(os.open(copy, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:
+            read_only = f"{source.resolve().as_uri()}?mode=ro"
+            with (
+                _closing(sqlite3.connect(read_only, uri=True, timeout=30)) as src,
+                _closing(sqlite3.connect(copy)) as dst,
+            ):
+                src.backup(dst)  # one step: a consistent snapshot (WAL readers do not block writers)
+                dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+                check = dst.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise ConfigError(f"the backup of {source} does not check out: {check}")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"backup of {source} failed: {exc}") from None
+        size = copy.stat().st_size
+        try:
+            os.link(copy, target)  # never replaces an existing name
+        except FileExistsError:
+            raise ConfigError(f"{target} already exists; refusing to overwrite it") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create {target}: {exc.strerror}") from None
     finally:
-        if not done:
-            target.unlink(missing_ok=True)
-    print(f"backed up {source} to {target} ({target.stat().st_size} bytes)")
+        shutil.rmtree(private, ignore_errors=True)
+    print(f"backed up {source} to {target} ({size} bytes)")
     print("keep server_setup.bin with it: without that file nobody can log in")
     return 0
 
@@ -330,19 +373,25 @@ def _init(args: argparse.Namespace) -> int:
 
 
 async def serve_until_signal(runtime: KeyServerRuntime) -> None:
-    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT;
-    on SIGHUP load the TLS certificate and key again."""
+    """Run ``runtime``, print "listening on HOST:PORT", shut down gracefully on SIGTERM/SIGINT
+    (a second one ends ``server.shutdown_delay`` at once); on SIGHUP load the TLS certificate
+    and key again."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
-            port = await tg.start(runtime.run)
+
+            async def serve(*, task_status: TaskStatus[int]) -> None:
+                # Not in a finally: cancelling here would swallow an error raised at start.
+                await runtime.run(task_status=task_status)
+                tg.cancel_scope.cancel()  # stopped: stop watching the signals
+
+            port = await tg.start(serve)
             print(f"listening on {runtime.settings.host}:{port}", flush=True)
             async for received in signals:
                 logging.getLogger("keymgmt.server").info("received %s", signal.Signals(received).name)
                 if received == signal.SIGHUP:
                     runtime.reload_tls()
-                    continue
-                runtime.shutdown()
-                break
+                else:
+                    runtime.shutdown()
 
 
 async def _serve_worker(runtime: KeyServerRuntime) -> None:
@@ -355,10 +404,10 @@ async def _serve_worker(runtime: KeyServerRuntime) -> None:
         async with anyio.create_task_group() as tg:
 
             async def serve(*, task_status: TaskStatus[int]) -> None:
-                try:
-                    await runtime.run(task_status=task_status)
-                finally:
-                    tg.cancel_scope.cancel()  # stopped: stop watching
+                # Not in a finally: cancelling here would swallow an error raised at start
+                # (the worker exited 0 and its cause was lost).
+                await runtime.run(task_status=task_status)
+                tg.cancel_scope.cancel()  # stopped: stop watching
 
             async def watch_signals() -> None:
                 async for received in signals:
@@ -409,16 +458,39 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings, backend: 
     load_server_setup_file(settings.setup_path)
     server_context(settings.cert_path, settings.key_path)
     open_storage(settings).close()
-    sockets = bind_listeners(settings.host, settings.port)
+    try:
+        sockets = bind_listeners(settings.host, settings.port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"TLS listener {settings.host}:{settings.port}: {why}") from None
     port = sockets[0].getsockname()[1]
     command = _worker_command(args, backend)
     pool = WorkerPool(
         settings.workers,
         lambda fds: [*command, *(f"--listen-fd={fd}" for fd in fds)],
         sockets,
-        stop_timeout=settings.shutdown_grace + 20.0,
+        stop_timeout=settings.shutdown_delay + settings.shutdown_grace + 20.0,
     )
     return pool.run(announce=lambda: print(f"listening on {settings.host}:{port}", flush=True))
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared, not bound
+
+
+def check_ports(settings: ServerSettings) -> None:
+    """A ConfigError if a health port (worker K's: the given port + K) is the TLS port on an
+    address both listen on: caught here, with both named, instead of a worker failing."""
+    if settings.health_listen is None or not settings.health_listen[1] or not settings.port:
+        return
+    host, first = settings.health_listen
+    last = first + settings.workers - 1
+    overlap = host == settings.host or host in _WILDCARDS or settings.host in _WILDCARDS
+    if overlap and first <= settings.port <= last:
+        ports = f"port {first}" if first == last else f"ports {first}..{last} (one per worker)"
+        raise ConfigError(
+            f"the health listener's {ports} include the TLS port {settings.port} (server.port): "
+            "pick a health port outside it"
+        )
 
 
 def _backend(args: argparse.Namespace) -> str:
@@ -474,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, workers=check_workers(args.workers, "--workers"))
         if args.health_listen is not None:
             settings = replace(settings, health_listen=check_listen(args.health_listen, "--health-listen"))
+        check_ports(settings)
         backend = _backend(args)
         several = settings.workers > 1 or bool(args.listen_fd)
         # With workers, each line names the process that wrote it.
@@ -487,17 +560,28 @@ def main(argv: list[str] | None = None) -> int:
         _run(serve_until_signal, KeyServerRuntime(settings), backend)
         return 0
     except (ConfigError, SetupFileError, PKIError, StorageError) as exc:
-        print(f"keymgmt-server: error: {exc}", file=sys.stderr)
-        return 1
+        return _fatal(args, str(exc))
     except ModuleNotFoundError as exc:  # an optional dependency (psycopg for database_url)
-        print(f"keymgmt-server: error: {_missing(exc)}", file=sys.stderr)
-        return 1
+        return _fatal(args, _missing(exc))
     except OSError as exc:
-        print(f"keymgmt-server: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fatal(args, exc.strerror or str(exc))
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
         print("keymgmt-server: interrupted", file=sys.stderr)
         return 130
+
+
+def _fatal(args: argparse.Namespace, message: str) -> int:
+    """Report an error that stops the command, as one line; 1. A worker of ``serve --workers``
+    writes it to its stdout, where the parent reads it and logs it as the cause; with
+    ``--log-format json`` it is a JSON log line like the others."""
+    if getattr(args, "listen_fd", None):
+        print(f"error: {message}", flush=True)
+    elif getattr(args, "log_format", "text") == "json":
+        record = logging.LogRecord("keymgmt-server", logging.ERROR, __file__, 0, "%s", (message,), None)
+        print(JSONFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"keymgmt-server: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _missing(exc: ModuleNotFoundError) -> str:

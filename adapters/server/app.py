@@ -81,7 +81,7 @@ from ..storage.base import (
     StorageError,
     Transaction,
 )
-from .driver import warn_peer
+from .driver import peer_of, warn_peer
 from .invitations import RegistrationAuthorizer
 from .metrics import ServerMetrics
 
@@ -321,7 +321,12 @@ class KeyServer:
             self._login_ended(event.handle, None)
             if self.metrics is not None:
                 self.metrics.login("failed")
-            warn_peer(conn, "failed logins", "failed login from %s (wrong password or unknown account)")
+            warn_peer(
+                conn,
+                "failed logins",
+                "failed login from %s (wrong password or unknown account)",
+                event="login_failed",
+            )
         elif isinstance(event, SessionClosed | SessionFailed):
             self._login_ended(event.handle, None)  # a login abandoned on the way
             if event.handle is not None:
@@ -351,7 +356,10 @@ class KeyServer:
             if self.metrics is not None:
                 self.metrics.login("throttled")
             warn_peer(
-                conn, "throttled logins", "throttled a login from %s (too many failed logins of the name)"
+                conn,
+                "throttled logins",
+                "throttled a login from %s (too many failed logins of the name)",
+                event="login_throttled",
             )
             return
         assert event.handle is not None
@@ -492,7 +500,13 @@ class KeyServer:
             conn.reject_session(event.session_id, ErrorCode.ACCOUNT_EXISTS, "account name taken")
             return
         conn.confirm_registration(event.session_id)
-        log.info("registered a new account (session %d)", event.session_id)
+        peer = peer_of(conn) or "a connection without a driver"
+        log.info(
+            "registered a new account from %s (session %d)",
+            peer,
+            event.session_id,
+            extra={"peer": peer, "event": "registered"},
+        )
 
     def _audit(self, user_id: bytes, action: Action, outcome: Outcome) -> None:
         try:

@@ -24,6 +24,7 @@ from .runtime import ServerSettings
 
 __all__ = [
     "MAX_WORKERS",
+    "MIN_MAX_PAYLOAD",
     "MIN_WORKERS",
     "OPTIONS",
     "ConfigError",
@@ -34,6 +35,10 @@ __all__ = [
     "options_help",
     "render_config",
 ]
+
+#: The smallest ``sessions.max_payload``: the core refuses less (a login's frames would not
+#: fit), so a smaller value would start a server that fails every connection.
+MIN_MAX_PAYLOAD = 1024
 
 #: ``server.workers`` / ``--workers``: how many server processes may share the port.
 MIN_WORKERS = 1
@@ -133,6 +138,14 @@ OPTIONS: tuple[Option, ...] = (
         10.0,
         "KEYMGMT_SHUTDOWN_GRACE",
         "seconds shutdown waits for connections to finish",
+    ),
+    Option(
+        "server",
+        "shutdown_delay",
+        float,
+        0.0,
+        "KEYMGMT_SHUTDOWN_DELAY",
+        "seconds SIGTERM keeps serving with /healthz at 503 before the graceful stop",
     ),
     Option(
         "sessions",
@@ -342,6 +355,11 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             converted = (base if origin == str(path) or origin == "default" else Path.cwd()) / converted
         values[name] = converted
     try:
+        if values["sessions.max_payload"] < MIN_MAX_PAYLOAD:  # type: ignore[operator]
+            raise ValueError(
+                f"sessions.max_payload must be at least {MIN_MAX_PAYLOAD} bytes (a login's frames "
+                f"do not fit in less; the default {DEFAULT_MAX_PAYLOAD} fits a 64 KiB secret)"
+            )
         protocol = ServerConfig(
             handshake_timeout=values["sessions.handshake_timeout"],  # type: ignore[arg-type]
             idle_timeout=values["sessions.idle_timeout"],  # type: ignore[arg-type]
@@ -404,6 +422,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         name_reservation=values["registration.name_reservation"],  # type: ignore[arg-type]
         reauth_window=values["sessions.reauth_window"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
+        shutdown_delay=values["server.shutdown_delay"],  # type: ignore[arg-type]
         protocol=protocol,
         throttle=throttle,
         database_url=values["server.database_url"] or None,  # type: ignore[arg-type]

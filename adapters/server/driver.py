@@ -39,7 +39,15 @@ from keymgmt_proto import (
 from .commit import CommitFailed, GroupCommit
 from .metrics import ServerMetrics
 
-__all__ = ["ATTACK_CODES", "ConnectionDriver", "group_commit_for", "serve_stream", "warn_peer"]
+__all__ = [
+    "ATTACK_CODES",
+    "UNKNOWN_SESSIONS_AT_INFO",
+    "ConnectionDriver",
+    "group_commit_for",
+    "peer_of",
+    "serve_stream",
+    "warn_peer",
+]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -68,21 +76,38 @@ ATTACK_CODES = frozenset(
     }
 )
 
+#: RESUMEs of an unknown session on one connection logged at INFO before the next ones are
+#: WARNINGs: after a server crash (SIGKILL) or a session's expiry an honest client resumes
+#: the sessions it had, gets UNKNOWN_SESSION and logs in again; many on one connection look
+#: like guessed or stolen handles.
+UNKNOWN_SESSIONS_AT_INFO = 4
+
+#: The prefix the core puts before the reason text of a GOAWAY the peer sent.
+_PEER_GOAWAY = "peer sent GOAWAY: "
+
 #: WARNING lines of one kind a connection may cause; further ones are counted, and the
 #: count is logged when the connection ends (an attacker must not flood the log).
 WARNINGS_PER_CONNECTION = 5
 
 
-def warn_peer(conn: ServerConnection, kind: str, message: str, *args: object) -> None:
+def warn_peer(
+    conn: ServerConnection, kind: str, message: str, *args: object, event: str | None = None
+) -> None:
     """Log a WARNING about the peer of ``conn`` (through its driver, which bounds the lines
-    per connection and adds the peer's address); ``message`` starts with ``%s``, the peer.
-    A connection no driver runs (a test driving the core by hand) has no peer and no bound:
-    its line is DEBUG."""
+    per connection and adds the peer's address); ``message`` starts with ``%s``, the peer;
+    ``event`` is the line's structured ``event`` field (default ``kind``). A connection no
+    driver runs (a test driving the core by hand) has no peer and no bound: its line is DEBUG."""
     driver = _DRIVERS.get(conn)
     if driver is not None:
-        driver.warn(kind, message, *args)
+        driver.warn(kind, message, *args, event=event)
     else:
         log.debug(message, "a connection without a driver", *args)
+
+
+def peer_of(conn: ServerConnection) -> str | None:
+    """The peer address (``HOST:PORT``) of the driver running ``conn``, if one does."""
+    driver = _DRIVERS.get(conn)
+    return None if driver is None else driver.peer
 
 
 #: The group commit of each application that drivers were given without one (tests and
@@ -151,17 +176,31 @@ class ConnectionDriver:
         self._reader_failure: Exception | None = None
         #: WARNING lines logged and left out, per kind (see warn()).
         self._warned: dict[str, int] = {}
+        #: RESUMEs of sessions the server does not hold (see UNKNOWN_SESSIONS_AT_INFO).
+        self._unknown_sessions = 0
         self.metrics = metrics
         _DRIVERS[self.conn] = self
 
-    def warn(self, kind: str, message: str, *args: object) -> None:
+    def warn(
+        self,
+        kind: str,
+        message: str,
+        *args: object,
+        event: str | None = None,
+        code: str | None = None,
+        level: int = logging.WARNING,
+    ) -> None:
         """A WARNING line about this connection's peer (``message`` starts with ``%s``, the
-        peer's address, also given as the structured field ``peer``); at most
-        WARNINGS_PER_CONNECTION of one ``kind``, the rest counted and reported at the end."""
+        peer's address, also given as the structured field ``peer``; ``event``, default
+        ``kind``, and ``code`` as fields too); at most WARNINGS_PER_CONNECTION of one
+        ``kind``, the rest counted and reported at the end."""
         seen = self._warned.get(kind, 0)
         self._warned[kind] = seen + 1
         if seen < WARNINGS_PER_CONNECTION:
-            log.warning(message, self.peer, *args, extra={"peer": self.peer, "event": kind})
+            extra = {"peer": self.peer, "event": event or kind}
+            if code is not None:
+                extra["code"] = code
+            log.log(level, message, self.peer, *args, extra=extra)
 
     def _report_warnings(self) -> None:
         for kind, seen in self._warned.items():
@@ -171,7 +210,7 @@ class ConnectionDriver:
                     self.peer,
                     seen - WARNINGS_PER_CONNECTION,
                     kind,
-                    extra={"peer": self.peer, "event": kind},
+                    extra={"peer": self.peer, "event": "not_logged"},
                 )
 
     def wake(self) -> None:
@@ -222,10 +261,20 @@ class ConnectionDriver:
         while (event := self.conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
-                if event.remote and event.code in ATTACK_CODES:
+                if event.remote and event.reason.startswith(_PEER_GOAWAY):
+                    # The peer's own words, quoted: they may claim anything (even look like
+                    # a log line), and a GOAWAY(MALFORMED) is its claim, not our finding.
+                    log.info(
+                        "connection from %s ended: the peer sent GOAWAY %s, its reason: %r",
+                        self.peer,
+                        event.code.name,
+                        event.reason.removeprefix(_PEER_GOAWAY),
+                        extra={"peer": self.peer, "event": "peer_goaway", "code": event.code.name},
+                    )
+                elif event.remote and event.code in ATTACK_CODES:
                     self._attack(event.code, event.reason)
                 elif event.remote:
-                    log.info("connection from %s ended: %s", self.peer, event.reason)
+                    log.info("connection from %s ended: %r", self.peer, event.reason)
                 elif event.code is ErrorCode.IDLE_TIMEOUT:
                     log.info("connection from %s closed: %s", self.peer, event.reason)
                 continue
@@ -238,7 +287,7 @@ class ConnectionDriver:
                         "connection from %s is rate limited: %s",
                         self.peer,
                         event.reason,
-                        extra={"peer": self.peer, "event": "rate limited"},
+                        extra={"peer": self.peer, "event": "rate_limited"},
                     )
             elif isinstance(event, SessionFailed) and event.remote and event.code in ATTACK_CODES:
                 self._attack(event.code, event.reason)
@@ -250,9 +299,22 @@ class ConnectionDriver:
         return self.conn.data_to_send()
 
     def _attack(self, code: ErrorCode, reason: str) -> None:
+        """A session or connection ended for an attack code. The reason is quoted (%r): for
+        an ABORT the peer sent, it is the peer's text."""
         if self.metrics is not None:
             self.metrics.attacks.labels(code.name).inc()
-        self.warn(code.name, "refused from %s: %s (%s)", code.name, reason)
+        if code is ErrorCode.UNKNOWN_SESSION:
+            self._unknown_sessions += 1
+            if self._unknown_sessions <= UNKNOWN_SESSIONS_AT_INFO:
+                log.info(
+                    "resumption from %s of a session this server does not hold (%r): normal after "
+                    "a server crash or the session's expiry; the client logs in again",
+                    self.peer,
+                    reason,
+                    extra={"peer": self.peer, "event": "unknown_session", "code": code.name},
+                )
+                return
+        self.warn(code.name, "refused from %s: %s (%r)", code.name, reason, event="attack", code=code.name)
 
     def _turn(self, timer_due: bool) -> bytes:
         """One batch's work for this connection: the input buffered so far, the timers that

@@ -9,25 +9,33 @@ sessions) are read from the runtime when scraped.
 :func:`serve_ops` answers ``GET /healthz`` (200 while serving, 503 while draining) and
 ``GET /metrics`` (Prometheus text format) on a plain HTTP/1.1 port of its own. Plain
 HTTP: it is meant for loopback or an operations network (see docs/operations.md). A
-request must arrive whole within ``READ_TIMEOUT`` seconds and fit ``MAX_REQUEST`` bytes,
-at most ``MAX_CLIENTS`` are served at once, and every answer closes the connection, so
-the port cannot hold the server's resources.
+request must arrive whole within ``READ_TIMEOUT`` seconds and fit ``MAX_REQUEST`` bytes
+(a larger one is answered 431), and every answer closes the connection. At most
+``MAX_PER_ADDRESS`` connections from one client address and ``MAX_CLIENTS`` in all are
+open at once; a connection beyond either closes the oldest one still sending its request
+(of that address, or of all), never the newcomer: a client holding half-sent requests
+(a slowloris) cannot keep a load balancer's health checks out.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import anyio
-from anyio.abc import Listener, SocketListener, SocketStream, TaskGroup
+from anyio.abc import Listener, SocketAttribute, SocketListener, SocketStream, TaskGroup
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .admission import address_key
+
 __all__ = [
     "MAX_CLIENTS",
+    "MAX_PER_ADDRESS",
     "MAX_REQUEST",
     "READ_TIMEOUT",
     "ServerMetrics",
@@ -40,10 +48,13 @@ log = logging.getLogger("keymgmt.server")
 
 #: Largest request (request line and headers) the listener reads.
 MAX_REQUEST = 4096
-#: Seconds a client has to send its request.
-READ_TIMEOUT = 5.0
-#: Connections served at once; more are closed at once.
-MAX_CLIENTS = 16
+#: Seconds a client has to send its request (a health check sends it at once).
+READ_TIMEOUT = 2.0
+#: Connections open at once; one more closes the oldest one still sending its request.
+MAX_CLIENTS = 64
+#: Connections open at once from one client address (an IPv6 /64); one more closes that
+#: address's oldest one still sending its request.
+MAX_PER_ADDRESS = 8
 
 #: Request latency buckets, seconds (the handler's work, without the group commit).
 _LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -182,6 +193,7 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
 
@@ -199,13 +211,17 @@ def _response(
     return header if head else header + body
 
 
+#: What _read_request returns for a request larger than MAX_REQUEST.
+_TOO_LARGE = b"\x00too large"
+
+
 async def _read_request(stream: SocketStream) -> bytes | None:
-    """The request line and headers, or None if it is too large, too slow or cut short."""
+    """The request line and headers, ``_TOO_LARGE``, or None if it is too slow or cut short."""
     data = b""
     with anyio.move_on_after(READ_TIMEOUT):
         while b"\r\n\r\n" not in data and b"\n\n" not in data:
             if len(data) > MAX_REQUEST:
-                return None
+                return _TOO_LARGE
             try:
                 data += await stream.receive(MAX_REQUEST + 1 - len(data))
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
@@ -233,28 +249,88 @@ def answer(request: bytes, healthy: bool, metrics: ServerMetrics) -> bytes:
     return _response(404, b"not found: /healthz or /metrics\n", head=head)
 
 
+@dataclass(eq=False, slots=True)
+class _Client:
+    """One open connection to the health listener."""
+
+    address: str  # its address key (admission.address_key)
+    opened: float
+    scope: anyio.CancelScope
+    reading: bool = True  # still sending its request (may be closed to make room)
+
+
+class _Clients:
+    """The open connections by client address, and the room rules (see the module docstring)."""
+
+    def __init__(self, per_address: int = MAX_PER_ADDRESS, total: int = MAX_CLIENTS) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.open: list[_Client] = []
+
+    def admit(self, address: str, now: float) -> _Client | None:
+        """A slot for a new connection from ``address``, closing the oldest one still reading
+        when the address or the listener is full; None (refuse it) only if none is reading."""
+        same = [c for c in self.open if c.address == address]
+        crowd = same if len(same) >= self.per_address else self.open if len(self.open) >= self.total else []
+        if crowd:
+            reading = [c for c in crowd if c.reading]
+            if not reading:
+                return None
+            victim = min(reading, key=lambda c: c.opened)
+            self.drop(victim)
+            victim.scope.cancel()
+        client = _Client(address, now, anyio.CancelScope())
+        self.open.append(client)
+        return client
+
+    def drop(self, client: _Client) -> None:
+        if client in self.open:
+            self.open.remove(client)
+
+
+async def _linger_close(stream: SocketStream) -> None:
+    """Close after an answer sent before the whole request was read: stop sending, then
+    read (and drop) a little of what the client still sends, so that closing with unread
+    bytes does not reset the connection before the client has read the answer."""
+    with anyio.move_on_after(1.0):
+        try:
+            await stream.send_eof()
+            taken = 0
+            while taken < 1 << 20:
+                taken += len(await stream.receive())
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+
 async def serve_ops(
-    listeners: Sequence[Listener[SocketStream]], healthy: Callable[[], bool], metrics: ServerMetrics
+    listeners: Sequence[Listener[SocketStream]],
+    healthy: Callable[[], bool],
+    metrics: ServerMetrics,
 ) -> None:
     """Serve /healthz and /metrics on ``listeners`` until cancelled."""
-    busy = 0
+    table = _Clients()
 
-    async def handle(stream: SocketStream) -> None:
-        nonlocal busy
-        busy += 1
+    async def handle(stream: SocketStream, client: _Client) -> None:
         try:
             async with stream:
-                request = await _read_request(stream)
+                request = None  # (closed to make room: no answer)
+                with client.scope:
+                    request = await _read_request(stream)
+                client.reading = False
                 if request is None:
                     return
                 with anyio.move_on_after(READ_TIMEOUT):
-                    await stream.send(answer(request, healthy(), metrics))
+                    if request is _TOO_LARGE:
+                        await stream.send(_response(431, b"request too large\n"))
+                        await _linger_close(stream)
+                    else:
+                        await stream.send(answer(request, healthy(), metrics))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         except Exception:  # a bug here must not end the key server
             log.error("health listener failed on a request", exc_info=True)
         finally:
-            busy -= 1
+            table.drop(client)
 
     async def accept(listener: SocketListener, tg: TaskGroup) -> None:
         while True:
@@ -263,10 +339,14 @@ async def serve_ops(
             except OSError:
                 await anyio.sleep(0.05)
                 continue
-            if busy >= MAX_CLIENTS:
+            address = stream.extra(SocketAttribute.remote_address, None)
+            client = table.admit(
+                address_key(str(address[0]) if isinstance(address, tuple) else str(address)), time.monotonic()
+            )
+            if client is None:
                 await anyio.aclose_forcefully(stream)
                 continue
-            tg.start_soon(handle, stream)
+            tg.start_soon(handle, stream, client)
 
     async with anyio.create_task_group() as tg:
         for listener in listeners:

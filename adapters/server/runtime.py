@@ -6,8 +6,9 @@ TLS stream wraps the standard ``ssl`` module on either loop.
 Server: accepts connections up to a limit, completes the TLS handshake within a
 timeout (a plaintext, TLS 1.2 or otherwise failed handshake is logged and
 dropped), then hands the stream to a :class:`ConnectionDriver`. ``shutdown()``
-stops accepting, lets every connection finish what it has received, sends
-GOAWAY, waits for them (bounded), and closes the storage.
+makes /healthz say 503, keeps serving for ``shutdown_delay`` seconds, then
+stops accepting, lets every connection finish what it has received, sends GOAWAY,
+waits for them (bounded), and closes the storage.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class ServerSettings:
     reauth_window: float = DEFAULT_REAUTH_WINDOW
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
+    #: Seconds between SIGTERM and the graceful stop: /healthz says 503 while the TLS port
+    #: still serves, so a load balancer takes the instance out before the port closes.
+    shutdown_delay: float = 0.0
     protocol: ServerConfig = field(default_factory=ServerConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     #: A PostgreSQL connection string: use PostgreSQL (several instances) instead of SQLite.
@@ -173,6 +177,7 @@ class KeyServerRuntime:
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
         self._stop = anyio.Event()
+        self._hurry = anyio.Event()  # a second shutdown(): skip the rest of the delay
         self.connections_served = 0
         #: Connections ended by an internal error (NET-12); each is logged with its traceback.
         self.connection_faults = 0
@@ -191,6 +196,8 @@ class KeyServerRuntime:
         #: Accepted connections closed before they sent a byte (TCP health checks).
         self.connections_probed = 0
         self._serving = False
+        #: Set when the shutdown delay is over: new connections are refused from then on.
+        self._closing = False
         self.metrics.watch(self._gauges)
 
     def _gauges(self) -> list[tuple[str, str, dict[str, float]]]:
@@ -234,32 +241,39 @@ class KeyServerRuntime:
         return f"<KeyServerRuntime {self.settings.host}:{self.port} {len(self._drivers)} connections>"
 
     def shutdown(self) -> None:
-        """Begin a graceful shutdown (safe to call more than once)."""
+        """Begin a graceful shutdown (safe to call more than once; a second call while the
+        shutdown delay runs ends the delay at once)."""
+        if self._stop.is_set():
+            self._hurry.set()
         self._stop.set()
 
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve until ``shutdown()``; reports the bound port through ``task_status``."""
-        listener: MultiListener[SocketStream]
-        if self._sockets:
-            wrapped: list[Listener[SocketStream]] = [
-                await SocketListener.from_socket(s) for s in self._sockets
-            ]
-            listener = MultiListener(wrapped)
-        else:
-            listener = await anyio.create_tcp_listener(
-                local_host=self.settings.host, local_port=self.settings.port
-            )
-        self.port = port = int(listener.extra(SocketAttribute.local_port))
-        log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        """Serve until ``shutdown()``; reports the bound port through ``task_status``. A port
+        that cannot be bound is an OSError naming the listener and its address, raised before
+        anything is logged as listening."""
         ops: MultiListener[SocketStream] | None = None
         try:
-            if self.settings.health_listen is not None:
+            if self.settings.health_listen is not None:  # first: it is the one more likely taken
                 ops_host, ops_port = self.settings.health_listen
-                try:
-                    ops = await anyio.create_tcp_listener(local_host=ops_host, local_port=ops_port)
-                except OSError as exc:
-                    why = exc.strerror or str(exc)
-                    raise OSError(exc.errno, f"health listener {ops_host}:{ops_port}: {why}") from None
+                ops = await _bind("health listener", ops_host, ops_port)
+            listener: MultiListener[SocketStream]
+            if self._sockets:
+                wrapped: list[Listener[SocketStream]] = [
+                    await SocketListener.from_socket(s) for s in self._sockets
+                ]
+                listener = MultiListener(wrapped)
+            else:
+                listener = await _bind("TLS listener", self.settings.host, self.settings.port)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if ops is not None:
+                    await ops.aclose()
+            self.storage.close()
+            raise
+        self.port = port = int(listener.extra(SocketAttribute.local_port))
+        log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        try:
+            if ops is not None:
                 self.health_port = int(ops.extra(SocketAttribute.local_port))
                 log.info(
                     "health and metrics on http://%s:%d (/healthz, /metrics)", ops_host, self.health_port
@@ -290,6 +304,14 @@ class KeyServerRuntime:
                 task_status.started(port)
                 self._serving = True
                 await self._stop.wait()
+                if self.settings.shutdown_delay > 0:
+                    log.info(
+                        "draining: /healthz says 503; still serving for %g s (server.shutdown_delay)",
+                        self.settings.shutdown_delay,
+                    )
+                    with anyio.move_on_after(self.settings.shutdown_delay):
+                        await self._hurry.wait()
+                self._closing = True
                 accepting.cancel_scope.cancel()
             log.info("shutting down: no new connections; finishing %d", len(self._drivers))
             for driver in list(self._drivers):
@@ -364,7 +386,7 @@ class KeyServerRuntime:
         address = tcp.extra(SocketAttribute.remote_address, None)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         key = address_key(str(address[0]) if isinstance(address, tuple) else str(address))
-        if self._stop.is_set():
+        if self._closing:
             self._refuse(tcp, peer, "shutting down")
             await anyio.aclose_forcefully(tcp)
             return
@@ -476,6 +498,14 @@ class KeyServerRuntime:
             self._drivers.discard(driver)
             if driver.faulted:
                 self.connection_faults += 1
+
+
+async def _bind(what: str, host: str, port: int) -> MultiListener[SocketStream]:
+    """A TCP listener on ``host``:``port``; an OSError that names ``what`` and the address."""
+    try:
+        return await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} {host}:{port}: {exc.strerror or exc}") from None
 
 
 class _CountingStream(ByteStream):

@@ -143,6 +143,11 @@ class WorkerPool:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._signal is None:
             self._signal = signum
+            return
+        # A further one is passed on at once: it ends the workers' server.shutdown_delay.
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def _on_hangup(self, signum: int, _frame: FrameType | None) -> None:
         """SIGHUP: each worker reloads its TLS certificate."""
@@ -187,13 +192,18 @@ class WorkerPool:
                     selector.unregister(key.fileobj)
                     assert worker.process is not None
                     assert worker.process.stdout is not None
-                    if not worker.process.stdout.readline().startswith(b"listening on "):
+                    line = worker.process.stdout.readline()
+                    if not line.startswith(b"listening on "):
                         worker.process.wait()
+                        # A worker that cannot start writes "error: CAUSE" where "listening
+                        # on" would be (keymgmt-server's main).
+                        cause = line.decode("utf-8", "replace").strip().removeprefix("error: ")
                         log.error(
-                            "worker %d (pid %d) failed to start (exit code %s)",
+                            "worker %d (pid %d) failed to start (%s): %s",
                             worker.number,
                             worker.process.pid,
-                            worker.process.returncode,
+                            _describe(worker.process.returncode),
+                            cause or "no reason given (see its log lines)",
                         )
                         return False
         return self._signal is None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -15,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -327,3 +329,179 @@ def test_each_worker_serves_its_own_health_listener(server_dir):
                 assert b"keymgmt_logins_total" in answer.read()
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_with_a_shutdown_delay_drains_then_a_second_sigterm_stops(server_dir):
+    server = ServerProcess(server_dir, args=("--health-listen", "0"), env={"KEYMGMT_SHUTDOWN_DELAY": "600"})
+    try:
+        pattern = re.compile(r"health and metrics on http://127\.0\.0\.1:(\d+)")
+        wait_for(lambda: pattern.search(server.log_text()) is not None, "the health listener")
+        match = pattern.search(server.log_text())
+        assert match is not None
+        health = f"http://127.0.0.1:{match[1]}/healthz"
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "still serving for 600 s" in server.log_text(), "the draining line")
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(health, timeout=30)
+        assert answer.value.code == 503
+        register(server.port, server_dir / "ca.pem", b"late@example.org")  # still served
+        assert server.proc.poll() is None
+    finally:
+        try:
+            assert server.stop() == 0  # the second SIGTERM ends the delay
+        finally:
+            server.kill()  # (a no-op once it exited; else it would serve out its 600 s)
+    assert "stopped" in server.log_text()
+
+
+# ------------------------------------------------------------------ ports and start-up failures
+
+
+def busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_health_port_that_is_the_tls_port_is_one_line_before_anything_starts(server_dir):
+    config = str(server_dir / CONFIG)
+    # worker 1's health port (7942 + 1) would be the TLS port: caught before any worker starts
+    result = run(
+        "serve", "--config", config, "--workers", "2", "--health-listen", "7942", env={"KEYMGMT_PORT": "7943"}
+    )
+    one_line_error(result, 1, "7942..7943", "TLS port 7943")
+    result = run("serve", "--config", config, "--health-listen", "7943", env={"KEYMGMT_PORT": "7943"})
+    one_line_error(result, 1, "port 7943", "TLS port 7943")
+
+
+def test_a_worker_that_cannot_start_has_its_cause_and_exit_code_in_the_parents_log(server_dir):
+    with busy_port() as taken:
+        health = taken.getsockname()[1] - 1  # worker 1's health port is the taken one
+        result = run(
+            "serve", "--config", str(server_dir / CONFIG), "--workers", "2", "--health-listen", str(health)
+        )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    failed = [line for line in result.stderr.splitlines() if "failed to start" in line]
+    assert len(failed) == 1, result.stderr
+    assert re.search(
+        rf"worker 1 \(pid \d+\) failed to start \(exit code 1\): health listener 127\.0\.0\.1:{health + 1}: ",
+        failed[0],
+    ), failed[0]
+
+
+def test_busy_ports_are_one_line_naming_the_listener_and_nothing_claims_to_listen(server_dir):
+    config = str(server_dir / CONFIG)
+    with busy_port() as taken:
+        port = str(taken.getsockname()[1])
+        # INFO logs: one line means no "listening on" / "stopped" before the error
+        one_line_error(
+            run("serve", "--config", config, "--health-listen", port), 1, f"health listener 127.0.0.1:{port}"
+        )
+        one_line_error(
+            run("serve", "--config", config, env={"KEYMGMT_PORT": port}), 1, f"TLS listener 127.0.0.1:{port}"
+        )
+        result = run("serve", "--config", config, "--workers", "2", env={"KEYMGMT_PORT": port})
+        one_line_error(result, 1, f"TLS listener 127.0.0.1:{port}")
+
+
+def test_with_json_logs_a_fatal_error_is_a_json_line(server_dir):
+    result = run(
+        "serve", "--config", str(server_dir / CONFIG), "--log-format", "json", env={"KEYMGMT_PORT": "x"}
+    )
+    assert result.returncode == 1, result
+    (line,) = result.stderr.splitlines()
+    error = json.loads(line)
+    assert error["level"] == "ERROR" and "server.port" in error["message"], error
+
+
+def test_backup_of_a_killed_servers_database_leaves_its_wal_alone(server_dir, tmp_path):
+    """The source is opened read-only: backing up the database of a server that died with a
+    WAL (SIGKILL) copies the WAL's data without checkpointing it into the database."""
+    server = ServerProcess(server_dir)
+    register(server.port, server_dir / "ca.pem", b"in-the-wal@example.org")
+    server.kill()
+    wal = server_dir / "keyserver.db-wal"
+    assert wal.stat().st_size > 0
+    files = [server_dir / "keyserver.db", wal]  # (the -shm index may be rebuilt: it is a cache)
+    before = [p.read_bytes() for p in files]
+    backup = tmp_path / "backup.db"
+    result = run("backup", "--config", str(server_dir / CONFIG), "--to", str(backup))
+    assert result.returncode == 0, result.stderr
+    assert [p.read_bytes() for p in files] == before
+    with sqlite3.connect(backup) as db:
+        names = [row[0] for row in db.execute("SELECT account_name FROM accounts")]
+    assert names == [b"in-the-wal@example.org"]
+    assert oct(os.stat(backup).st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.db", "srv"]  # no leftovers
+
+
+def test_backup_never_writes_through_a_name_swapped_meanwhile(server_dir, tmp_path, monkeypatch, capsys):
+    """Someone who can write to the backup's folder replaces the target with a symlink to a
+    path of their choosing while the backup runs: the backup refuses, nothing is written
+    through the link, and no temporary file is left."""
+    from keymgmt.adapters.cli.server import main
+
+    server = ServerProcess(server_dir)
+    try:
+        register(server.port, server_dir / "ca.pem", b"swap@example.org")
+    finally:
+        assert server.stop() == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target, victim = shared / "backup.db", tmp_path / "victim"
+    real_connect = sqlite3.connect
+    calls = []
+
+    def connect(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:  # between creating the backup file and writing it: swap the name
+            if os.path.lexists(target):
+                os.unlink(target)
+            os.symlink(victim, target)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    code = main(["backup", "--config", str(server_dir / CONFIG), "--to", str(target)])
+    err = capsys.readouterr().err
+    assert not victim.exists()  # nothing written through the link
+    assert code == 1 and "already exists; refusing to overwrite it" in err, err
+    assert [p.name for p in shared.iterdir()] == ["backup.db"]  # the planted link only
+
+
+# ------------------------------------------------------------------ help and invite
+
+
+def test_init_serve_and_invite_help_show_examples():
+    for command in ("init", "serve", "invite", "backup", "wait"):
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"keymgmt-server {command} --" in result.stdout.split("example", 1)[1], command
+
+
+def test_invite_for_a_name_that_can_never_register_is_a_usage_error(server_dir):
+    config = str(server_dir / CONFIG)
+    for bad in ("a\nb", " alice", "a" * 256, ""):
+        result = run("invite", "--config", config, "--account", bad)
+        one_line_error(result, 2, "--account", "can never be registered")
+        assert result.stdout == ""
+    result = run("invite", "--config", config, "--account", "alice@example.org")
+    assert result.returncode == 0 and result.stdout.startswith("kmi1."), result
+
+
+def test_with_workers_a_second_sigterm_to_the_parent_ends_the_shutdown_delay(server_dir):
+    server = ServerProcess(server_dir, args=("--workers", "2"), env={"KEYMGMT_SHUTDOWN_DELAY": "600"})
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: server.log_text().count("still serving for 600 s") == 2, "both workers draining")
+        assert server.proc.poll() is None
+    finally:
+        try:
+            assert server.stop() == 0  # the second SIGTERM, passed on to the workers
+        finally:
+            server.kill()  # (no-ops once they exited; else they would serve out their 600 s)
+            for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", server.log_text()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+    assert "all workers stopped" in server.log_text()

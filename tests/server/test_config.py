@@ -98,3 +98,11 @@ def test_readme_lists_every_option():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for option in OPTIONS:
         assert f"`{option.section}." in readme and option.env.rsplit("_", 1)[-1] in readme, option.key
+
+
+def test_a_max_payload_no_login_fits_in_is_a_config_error():
+    """1 byte started a server that failed every connection (review 15, finding 6)."""
+    for too_small in ("1", "1023"):
+        with pytest.raises(ConfigError, match=r"sessions\.max_payload must be at least 1024 bytes"):
+            load_settings(None, env={"KEYMGMT_MAX_PAYLOAD": too_small})
+    assert load_settings(None, env={"KEYMGMT_MAX_PAYLOAD": "1024"}).protocol.max_payload == 1024
