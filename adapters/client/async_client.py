@@ -291,6 +291,8 @@ class KeymgmtClient:
         # take the session's id on the current connection.
         self._sid_of: dict[SessionHandle, int] = {}
         self._session_waiters: dict[SessionHandle, _Waiter] = {}
+        #: Sessions being opened -> whether the server has answered yet (see _open_retrying).
+        self._answered: dict[SessionHandle, bool] = {}
         self._request_waiters: dict[tuple[SessionHandle, int], _Waiter] = {}
         #: Why recent sessions ended, so later calls on them say so (bounded).
         self._ended: dict[SessionHandle, KeymgmtError] = {}
@@ -358,10 +360,12 @@ class KeymgmtClient:
 
     async def register(self, account_name: bytes, password: bytes, *, invitation: bytes = b"") -> bytes:
         """Register a new account (NET-5, REG-3); returns its ``user_id``. ``invitation`` is
-        the token a key server that authorizes registrations asks for (REG-5)."""
-        await self._ready()
-        handle = self._open(lambda: self._conn.open_registration(account_name, password, invitation))
-        event = await self._await_session(handle)
+        the token a key server that authorizes registrations asks for (REG-5). Retried once
+        on a new connection if the first was lost before the server answered (see
+        :meth:`_open_retrying`)."""
+        _, event = await self._open_retrying(
+            lambda: self._conn.open_registration(account_name, password, invitation)
+        )
         assert isinstance(event, RegistrationSucceeded)
         return event.user_id
 
@@ -371,9 +375,9 @@ class KeymgmtClient:
         login as a failed attempt until it succeeds (NET-10), so a burst of parallel
         logins of one account would trip its throttle."""
         async with self._login_turn(account_name):
-            await self._ready()
-            handle = self._open(lambda: self._conn.open_request_session(account_name, password))
-            event = await self._await_session(handle)
+            handle, event = await self._open_retrying(
+                lambda: self._conn.open_request_session(account_name, password)
+            )
         assert isinstance(event, SessionEstablished)
         return KeySession(self, handle, event.user_id, event.export_key)
 
@@ -436,6 +440,27 @@ class KeymgmtClient:
                 await connected.wait()
             else:  # failed, its ConnectionFailed not yet dispatched: let the reader run
                 await anyio.sleep(0.001)
+
+    async def _open_retrying(self, action: Callable[[], int]) -> tuple[SessionHandle, Event]:
+        """Open a session (login or registration) and wait for its outcome; if the connection
+        is lost before the server answered its first frame, open it once more on a new
+        connection. That happens when the server closed an idle connection (its GOAWAY
+        waiting unread while the event loop was blocked, e.g. by a password prompt). Once
+        the server has answered, a lost connection is the caller's error: a registration
+        may have been stored, and sending it again could not tell."""
+        for attempt in (1, 2):
+            await self._ready()
+            handle = self._open(action)
+            self._answered[handle] = False
+            try:
+                return handle, await self._await_session(handle)
+            except ConnectionLostError as exc:
+                answered = self._answered.get(handle, False)
+                if attempt == 2 or answered or isinstance(exc, ClientClosedError) or self._connector is None:
+                    raise
+            finally:
+                self._answered.pop(handle, None)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _current_id(self, handle: SessionHandle) -> int:
         """The session's id on the current connection, once it is usable (connected, not
@@ -646,6 +671,10 @@ class KeymgmtClient:
         while (event := self._conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, OpaqueStepRequired):
+                # A step follows the server's first answer (REG_RESPONSE, LOGIN_RESPONSE).
+                for handle in self._answered:
+                    if self._sid_of.get(handle) == event.session_id:
+                        self._answered[handle] = True
                 self._steps.append((self._conn, event))
             else:
                 self._dispatch(event)
