@@ -71,6 +71,7 @@ from .localstore import LocalStore
 __all__ = [
     "CLIENT_METHODS",
     "DEFAULT_RECONNECT_BUDGET",
+    "MAX_PASSWORD_SIZE",
     "AuthenticationError",
     "ClientClosedError",
     "ConnectionLostError",
@@ -198,6 +199,16 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     if event.code in refusals:
         return RegistrationError(f"registration refused: {refusals[event.code]}", event.code)
     return SessionEndedError(f"session failed: {event.code.name.lower().replace('_', ' ')}", event.code)
+
+
+#: The longest password OPAQUE takes (its OPRF input carries a 2-byte length): a longer one
+#: would fail at the registration's or login's last step, after a round trip.
+MAX_PASSWORD_SIZE = 65535
+
+
+def _check_password(password: bytes) -> None:
+    if len(password) > MAX_PASSWORD_SIZE:
+        raise KeymgmtError(f"a password is at most {MAX_PASSWORD_SIZE} bytes, not {len(password)}")
 
 
 #: Opens a new byte stream to the key server (used again to reconnect).
@@ -363,6 +374,7 @@ class KeymgmtClient:
         the token a key server that authorizes registrations asks for (REG-5). Retried once
         on a new connection if the first was lost before the server answered (see
         :meth:`_open_retrying`)."""
+        _check_password(password)
         _, event = await self._open_retrying(
             lambda: self._conn.open_registration(account_name, password, invitation)
         )
@@ -374,6 +386,7 @@ class KeymgmtClient:
         turns (logins of different accounts run in parallel): the key server counts every
         login as a failed attempt until it succeeds (NET-10), so a burst of parallel
         logins of one account would trip its throttle."""
+        _check_password(password)
         async with self._login_turn(account_name):
             handle, event = await self._open_retrying(
                 lambda: self._conn.open_request_session(account_name, password)
@@ -856,10 +869,18 @@ class KeySession:
         return key_id
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
-        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: the portable form."""
+        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: the portable form.
+
+        A copy in the local store that verifies is used without asking the server; a key
+        the server answers "no such key" for is removed from the local store."""
         local = self._client.local_store.get(self.user_id, key_id) if len(key_id) == KEY_ID_SIZE else None
         copy = None if local is None else SealedCopy(local.kind, local.ciphertext, local.associated_data)
-        secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
+        try:
+            secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
+        except NotFoundError:
+            if local is not None:  # deleted on the server (e.g. from another device): drop the copy
+                self._client.local_store.delete(self.user_id, key_id)
+            raise
         if to_keep is not None:
             self._keep(key_id, to_keep)
         return secret

@@ -291,6 +291,42 @@ async def test_local_store_first_and_damaged_copies_are_replaced(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "keyserver.db").st_mode) == 0o600
 
 
+async def test_a_key_deleted_from_another_device_leaves_this_cache_when_the_server_says_so(tmp_path):
+    """Deleting through a client drops its own cached copy; a key deleted through another
+    client (another device, another cache) stays readable from this cache until a fetch
+    gets "no such key", which drops the entry (issue 15 review, finding 12)."""
+    phone, laptop = LocalStore(tmp_path / "phone.db"), LocalStore(tmp_path / "laptop.db")
+    async with key_server(tmp_path) as world:
+        async with world.client(phone) as client:
+            await client.register(ALICE, PW)
+            alice = await client.login(ALICE, PW)
+            key_id = await alice.generate()
+            secret = await alice.retrieve(key_id, Context.LOCAL_ONLY)
+        async with world.client(laptop) as client:
+            alice = await client.login(ALICE, PW)
+            assert await alice.retrieve(key_id, Context.LOCAL_ONLY) == secret  # fetched, now cached
+            await alice.delete(key_id)
+            assert laptop.get(alice.user_id, key_id) is None  # its own copy went with it
+        async with world.client(phone) as client:
+            alice = await client.login(ALICE, PW)
+            assert await alice.retrieve(key_id, Context.LOCAL_ONLY) == secret  # the cache answers
+            record = phone.get(alice.user_id, key_id)
+            # A copy that fails to decrypt makes the client ask the server: "no such key".
+            phone.put(
+                SecretRecord(
+                    record.user_id,
+                    record.key_id,
+                    record.kind,
+                    bytes(len(record.ciphertext)),
+                    record.associated_data,
+                    record.created,
+                )
+            )
+            with pytest.raises(NotFoundError):
+                await alice.retrieve(key_id, Context.LOCAL_ONLY)
+            assert phone.get(alice.user_id, key_id) is None
+
+
 async def test_requests_after_logout_and_after_expiry_fail_clearly(tmp_path):
     config = ServerConfig(idle_timeout=1.5)  # wide enough for a stalled machine between steps
     async with key_server(tmp_path, config) as world, world.client() as client:
