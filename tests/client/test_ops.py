@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from keymgmt.adapters.client.async_client import (
+    MAX_PASSWORD_SIZE,
     AuthenticationError,
     IntegrityError,
     KeymgmtError,
@@ -325,6 +326,23 @@ async def test_a_key_deleted_from_another_device_leaves_this_cache_when_the_serv
             with pytest.raises(NotFoundError):
                 await alice.retrieve(key_id, Context.LOCAL_ONLY)
             assert phone.get(alice.user_id, key_id) is None
+
+
+async def test_a_password_longer_than_opaque_takes_is_refused_before_sending(tmp_path):
+    """OPAQUE takes at most 65535 bytes of password (issue 15 review, finding 11): that
+    many work; one more is a clear error before anything is sent, not a session that
+    fails as "malformed" after a round trip."""
+    longest = b"p" * MAX_PASSWORD_SIZE
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, longest)
+        assert await (await client.login(ALICE, longest)).list_keys() == []
+        for call in (
+            client.register(b"bob@example.org", longest + b"p"),
+            client.login(ALICE, longest + b"p"),
+        ):
+            with pytest.raises(KeymgmtError, match="a password is at most 65535 bytes, not 65536"):
+                await call
+        await client.register(b"bob@example.org", PW)  # not taken: nothing of the refused one was sent
 
 
 async def test_requests_after_logout_and_after_expiry_fail_clearly(tmp_path):
