@@ -120,6 +120,11 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1;
     """,
+    # 5: each account's number of stored keys (the per-user key limit reads it; issue 14)
+    """
+    ALTER TABLE accounts ADD COLUMN key_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE accounts SET key_count = (SELECT count(*) FROM secrets WHERE secrets.user_id = accounts.user_id);
+    """,
 ]
 
 _SQL = Statements("qmark")
@@ -157,8 +162,8 @@ class _SQLiteTransaction:
         return True
 
     def count_keys(self, user_id: bytes) -> int:
-        count: int = self._db.execute(_SQL.count_keys, (user_id,)).fetchone()[0]
-        return count
+        row = self._db.execute(_SQL.count_keys, (user_id,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
         # One statement, so that concurrent starts (other processes) serialize on the row.
@@ -221,6 +226,7 @@ class _SQLiteTransaction:
             if "UNIQUE" in str(exc):
                 return False
             raise StorageError("the secret's user has no account") from None
+        self._db.execute(_SQL.add_to_key_count, (1, secret.user_id))
         return True
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
@@ -234,7 +240,10 @@ class _SQLiteTransaction:
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
         self._storage.sync_needed = True
         cursor = self._db.execute(_SQL.delete_secret, (user_id, key_id))
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self._db.execute(_SQL.add_to_key_count, (-1, user_id))
+        return True
 
     def append_audit(self, record: AuditRecord) -> None:
         # Numbered from the storage's memory of each user's last number: one statement. A
