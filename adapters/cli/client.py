@@ -58,6 +58,7 @@ from keymgmt_proto import (
 )
 
 from ..client.async_client import (
+    MAX_PASSWORD_SIZE,
     AuthenticationError,
     ConnectionLostError,
     IntegrityError,
@@ -89,7 +90,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     SessionEndedError: 7,
     IntegrityError: 1,
     KeymgmtError: 1,
-    LocalStoreError: 1,
+    LocalStoreError: 2,
 }
 CONTEXTS = {"null": Context.NULL, "local-only": Context.LOCAL_ONLY, "export": Context.EXPORT}
 AUDIT_TYPES = {"all": AuditType.ALL, "system": AuditType.SYSTEM_ONLY, "key": AuditType.KEY_ONLY}
@@ -98,6 +99,8 @@ BACKENDS = ("asyncio", "trio")
 REGISTER_TRIES = 3
 #: zxcvbn scores 0..4; below this ``register`` warns (3: "safely unguessable").
 STRONG_SCORE = 3
+#: The protocol's limit on an account name (docs/protocol.md; the core refuses a longer one).
+ACCOUNT_NAME_MAX = 255
 
 #: Environment variables and what they set; each command's --help lists those it reads.
 ENVIRONMENT: Mapping[str, str] = MappingProxyType(
@@ -512,6 +515,8 @@ class _Inputs:
     audit_keys: list[bytes] = field(default_factory=list)
     after: int | None = None
     before: int | None = None
+    #: The cache --no-local-store leaves unread: a key found deleted is still dropped from it.
+    bypassed_store: str | None = None
     #: Printed once every check has passed, so a usage error stays one line.
     warnings: list[str] = field(default_factory=list)
 
@@ -585,6 +590,29 @@ def _check_output(args: argparse.Namespace) -> None:
         raise UsageError(f"-o {output}: no such directory {target.parent}")
     if (target.exists() or target.is_symlink()) and not args.force:
         raise UsageError(f"-o {output}: the file exists (--force replaces it)")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {output}: cannot write in {target.parent}")
+
+
+def _check_local_store(path: str) -> None:
+    """A local store that exists must be a regular file of this user's, closed to others
+    (named as it is: through a symbolic link, the file it points to)."""
+    if path == ":memory:":
+        return
+    given = Path(path)
+    if not given.exists():
+        return
+    real = given.resolve()
+    named = f"--local-store {path}" + (f" (a link to {real})" if given.is_symlink() else "")
+    if real.is_dir():
+        raise UsageError(f"{named} is a directory; give a file, e.g. {given / 'local.db'}")
+    if not real.is_file():
+        raise UsageError(f"{named} is not a regular file")
+    info = real.stat()
+    if info.st_uid != os.getuid():
+        raise UsageError(f"{named} belongs to another user; give a file of your own")
+    if info.st_mode & 0o077:
+        raise UsageError(f"{named} is accessible to other users; run `chmod 600 {real}`")
 
 
 def _have_terminal() -> bool:
@@ -614,14 +642,25 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         account = args.account.encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError("--account is not valid text") from None
+    if len(account) > ACCOUNT_NAME_MAX:
+        raise UsageError(
+            f"--account (or KEYMGMT_ACCOUNT) is at most {ACCOUNT_NAME_MAX} bytes, not {len(account)}"
+        )
     local_store = ":memory:" if args.no_local_store else str(args.local_store or default_local_store())
+    _check_local_store(local_store)
     inputs = _Inputs(host, port, account, local_store)
+    if args.no_local_store:
+        inputs.bypassed_store = str(args.local_store or default_local_store())
     command = args.command
     if command in ("retrieve", "export", "delete"):
         inputs.key_id = _key_id(args.key_id)
     if command == "audit":
         inputs.audit_keys = [_key_id(k) for k in args.key]
         inputs.after, inputs.before = _time(args.after), _time(args.before)
+        if inputs.after is not None and inputs.before is not None and inputs.after >= inputs.before:
+            inputs.warnings.append(
+                f"--after {args.after} is not before --before {args.before}: no entry can match"
+            )
     _check_output(args)
     if command == "register":
         inputs.invitation = _read_invitation(args, inputs)
@@ -630,9 +669,7 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
     if args.password_stdin and inputs.stdin_taken:
         raise UsageError("the secret comes from stdin; give the password with --password-file")
     if args.password_file is not None:
-        inputs.password = _read_first_line(args.password_file, "password file").encode("utf-8")
-        if not inputs.password:
-            raise UsageError("the password is empty")
+        inputs.password = _checked_password(_read_first_line(args.password_file, "password file"))
     elif inputs.stdin_taken and not sys.stdin.isatty() and not _have_terminal():
         raise UsageError(
             "the secret comes from stdin and there is no terminal to ask the password on; "
@@ -644,7 +681,10 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
             raise UsageError("the new password is empty")
         if inputs.password is not None and hmac.compare_digest(inputs.password, inputs.new_password):
             raise UsageError("the new password is the current one")
-    inputs.context = client_context(args.ca)  # a missing or bad CA file: PKIError, exit 6
+    try:
+        inputs.context = client_context(args.ca)
+    except PKIError as exc:  # a missing or bad CA file: a setting to fix, before any connection
+        raise UsageError(f"--ca (or KEYMGMT_CA): {exc}") from None
     if command == "delete" and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("delete asks for confirmation: give --yes when stdin is not a terminal")
@@ -696,9 +736,17 @@ def _read_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = getpass.getpass("password: ")
+    return _checked_password(password)
+
+
+def _checked_password(password: str) -> bytes:
+    """``password`` as bytes; a usage error if it is empty or longer than OPAQUE takes."""
     if not password:
         raise UsageError("the password is empty")
-    return password.encode("utf-8")
+    encoded = password.encode("utf-8")
+    if len(encoded) > MAX_PASSWORD_SIZE:
+        raise UsageError(f"the password is {len(encoded)} bytes; at most {MAX_PASSWORD_SIZE}")
+    return encoded
 
 
 def _new_password(args: argparse.Namespace, inputs: _Inputs) -> bytes:
@@ -737,8 +785,9 @@ def _prompt_new_password(account: str) -> bytes:
     """Ask for a new password twice at the terminal (see :func:`_new_password`)."""
     for _ in range(REGISTER_TRIES):
         password = getpass.getpass("new password: ")
-        if not password:
-            print("keymgmt: the password is empty; try again", file=sys.stderr)
+        if not password or len(password.encode("utf-8")) > MAX_PASSWORD_SIZE:
+            what = "empty" if not password else f"longer than {MAX_PASSWORD_SIZE} bytes"
+            print(f"keymgmt: the password is {what}; try again", file=sys.stderr)
             continue
         weakness = _weakness(password, account)
         if weakness:
@@ -774,6 +823,13 @@ def _write_output(target: str, data: bytes, force: bool) -> None:
         sys.stdout.buffer.flush()
         return
     path = Path(target)
+    try:
+        _write_file(path, data, force)
+    except OSError as exc:
+        raise KeymgmtError(f"cannot write -o {target}: {_reason(exc)}") from None
+
+
+def _write_file(path: Path, data: bytes, force: bool) -> None:
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
     try:
         with os.fdopen(fd, "wb") as file:
@@ -786,7 +842,7 @@ def _write_output(target: str, data: bytes, force: bool) -> None:
             try:
                 os.link(temporary, path)  # fails if the file appeared meanwhile: never overwritten
             except FileExistsError:
-                raise UsageError(f"-o {target}: the file exists (--force replaces it)") from None
+                raise UsageError(f"-o {path}: the file exists (--force replaces it)") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -836,6 +892,24 @@ async def _session_command(args: argparse.Namespace, inputs: _Inputs, session: K
         _emit(args, "logged out", {"account": args.account, "logged_out": True})
 
 
+def _forget_bypassed(inputs: _Inputs, user_id: bytes) -> None:
+    """With --no-local-store, drop a deleted key from the cache left unread (if it exists),
+    so a later retrieve without the option cannot answer from it."""
+    if inputs.bypassed_store is None or inputs.bypassed_store == ":memory:":
+        return
+    if not Path(inputs.bypassed_store).exists():
+        return
+    try:
+        store = LocalStore(inputs.bypassed_store)
+    except LocalStoreError as exc:
+        print(f"keymgmt: warning: the key stays in the local cache: {exc}", file=sys.stderr)
+        return
+    try:
+        store.delete(user_id, inputs.key_id)
+    finally:
+        store.close()
+
+
 async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
     connect = tls_connector(
         inputs.host, inputs.port, context=inputs.context, server_hostname=args.server_name
@@ -844,10 +918,16 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
         Path(inputs.local_store).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     local = LocalStore(inputs.local_store)
     try:
+        # Every local input before connecting: a prompt answered slowly must not keep an idle
+        # connection open, which the key server closes (connection_idle_timeout).
+        password = _new_password(args, inputs) if args.command == "register" else _read_password(args, inputs)
+        new_password = None
+        if args.command == "passwd":
+            new_password = _changed_password(args, inputs)
+            if hmac.compare_digest(password, new_password):
+                raise UsageError("the new password is the current one")
         async with KeymgmtClient(connect, local_store=local, reconnect_attempts=2) as client:
-            # Connected first, so an unreachable server is reported before asking for a password.
             if args.command == "register":
-                password = _new_password(args, inputs)
                 user_id = await client.register(inputs.account, password, invitation=inputs.invitation)
                 _emit(
                     args,
@@ -856,11 +936,8 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
                 )
                 return
             if args.command == "passwd":
-                current = _read_password(args, inputs)
-                new = _changed_password(args, inputs)
-                if hmac.compare_digest(current, new):
-                    raise UsageError("the new password is the current one")
-                await client.change_password(inputs.account, current, new)
+                assert new_password is not None
+                await client.change_password(inputs.account, password, new_password)
                 _emit(
                     args,
                     f"changed the password of {args.account}; its other sessions ended",
@@ -868,18 +945,24 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
                 )
                 return
             if args.command == "delete-account":
-                await client.delete_account(inputs.account, _read_password(args, inputs))
+                await client.delete_account(inputs.account, password)
                 _emit(
                     args,
                     f"deleted the account {args.account} and every secret in it",
                     {"account": args.account, "deleted": True},
                 )
                 return
-            session = await client.login(inputs.account, _read_password(args, inputs))
+            session = await client.login(inputs.account, password)
             try:
                 await _session_command(args, inputs, session)
+            except NotFoundError:
+                if args.command in ("retrieve", "export", "delete"):
+                    _forget_bypassed(inputs, session.user_id)
+                raise
             finally:
                 await session.logout()
+            if args.command == "delete":
+                _forget_bypassed(inputs, session.user_id)
     finally:
         local.close()
 
@@ -895,6 +978,7 @@ THROTTLE_HINT = (
     "at most 5 logins of one name at once"
 )
 RATE_LIMIT_HINT = "too many logins from this address; try again in a few seconds"
+NAME_HINT = "--server-name (default: the host of --server) must be a name the certificate holds"
 CA_HINT = "give the CA that signs it with --ca FILE or KEYMGMT_CA (and --server-name if the name differs)"
 
 
@@ -904,6 +988,8 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, ThrottledError):
         # the key server named the wait: say it; else (too many logins at once) the policy
         return str(exc) if exc.retry_after is not None else f"{exc}; {THROTTLE_HINT}"
+    if isinstance(exc, CertificateNotTrustedError) and exc.name_mismatch:
+        return f"{exc}; {NAME_HINT}"
     if isinstance(exc, CertificateNotTrustedError):
         return f"{exc}; {CA_HINT}"
     return str(exc)

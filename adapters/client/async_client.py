@@ -72,6 +72,7 @@ from .localstore import LocalStore
 __all__ = [
     "CLIENT_METHODS",
     "DEFAULT_RECONNECT_BUDGET",
+    "MAX_PASSWORD_SIZE",
     "AuthenticationError",
     "ClientClosedError",
     "ConnectionLostError",
@@ -220,6 +221,16 @@ def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     return SessionEndedError(f"session failed: {event.code.name.lower().replace('_', ' ')}", event.code)
 
 
+#: The longest password OPAQUE takes (its OPRF input carries a 2-byte length): a longer one
+#: would fail at the registration's or login's last step, after a round trip.
+MAX_PASSWORD_SIZE = 65535
+
+
+def _check_password(password: bytes) -> None:
+    if len(password) > MAX_PASSWORD_SIZE:
+        raise KeymgmtError(f"a password is at most {MAX_PASSWORD_SIZE} bytes, not {len(password)}")
+
+
 #: Opens a new byte stream to the key server (used again to reconnect).
 Connector = Callable[[], Awaitable[ByteStream]]
 
@@ -311,6 +322,8 @@ class KeymgmtClient:
         # take the session's id on the current connection.
         self._sid_of: dict[SessionHandle, int] = {}
         self._session_waiters: dict[SessionHandle, _Waiter] = {}
+        #: Sessions being opened -> whether the server has answered yet (see _open_retrying).
+        self._answered: dict[SessionHandle, bool] = {}
         self._request_waiters: dict[tuple[SessionHandle, int], _Waiter] = {}
         #: Why recent sessions ended, so later calls on them say so (bounded).
         self._ended: dict[SessionHandle, KeymgmtError] = {}
@@ -378,10 +391,13 @@ class KeymgmtClient:
 
     async def register(self, account_name: bytes, password: bytes, *, invitation: bytes = b"") -> bytes:
         """Register a new account (NET-5, REG-3); returns its ``user_id``. ``invitation`` is
-        the token a key server that authorizes registrations asks for (REG-5)."""
-        await self._ready()
-        handle = self._open(lambda: self._conn.open_registration(account_name, password, invitation))
-        event = await self._await_session(handle)
+        the token a key server that authorizes registrations asks for (REG-5). Retried once
+        on a new connection if the first was lost before the server answered (see
+        :meth:`_open_retrying`)."""
+        _check_password(password)
+        _, event = await self._open_retrying(
+            lambda: self._conn.open_registration(account_name, password, invitation)
+        )
         assert isinstance(event, RegistrationSucceeded)
         return event.user_id
 
@@ -390,10 +406,11 @@ class KeymgmtClient:
         turns (logins of different accounts run in parallel): the key server counts every
         login as a failed attempt until it succeeds (NET-10), so a burst of parallel
         logins of one account would trip its throttle."""
+        _check_password(password)
         async with self._login_turn(account_name):
-            await self._ready()
-            handle = self._open(lambda: self._conn.open_request_session(account_name, password))
-            event = await self._await_session(handle)
+            handle, event = await self._open_retrying(
+                lambda: self._conn.open_request_session(account_name, password)
+            )
         assert isinstance(event, SessionEstablished)
         return KeySession(self, handle, event.user_id, event.export_key)
 
@@ -482,6 +499,27 @@ class KeymgmtClient:
                 await connected.wait()
             else:  # failed, its ConnectionFailed not yet dispatched: let the reader run
                 await anyio.sleep(0.001)
+
+    async def _open_retrying(self, action: Callable[[], int]) -> tuple[SessionHandle, Event]:
+        """Open a session (login or registration) and wait for its outcome; if the connection
+        is lost before the server answered its first frame, open it once more on a new
+        connection. That happens when the server closed an idle connection (its GOAWAY
+        waiting unread while the event loop was blocked, e.g. by a password prompt). Once
+        the server has answered, a lost connection is the caller's error: a registration
+        may have been stored, and sending it again could not tell."""
+        for attempt in (1, 2):
+            await self._ready()
+            handle = self._open(action)
+            self._answered[handle] = False
+            try:
+                return handle, await self._await_session(handle)
+            except ConnectionLostError as exc:
+                answered = self._answered.get(handle, False)
+                if attempt == 2 or answered or isinstance(exc, ClientClosedError) or self._connector is None:
+                    raise
+            finally:
+                self._answered.pop(handle, None)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _current_id(self, handle: SessionHandle) -> int:
         """The session's id on the current connection, once it is usable (connected, not
@@ -692,6 +730,10 @@ class KeymgmtClient:
         while (event := self._conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, OpaqueStepRequired):
+                # A step follows the server's first answer (REG_RESPONSE, LOGIN_RESPONSE).
+                for handle in self._answered:
+                    if self._sid_of.get(handle) == event.session_id:
+                        self._answered[handle] = True
                 self._steps.append((self._conn, event))
             else:
                 self._dispatch(event)
@@ -873,10 +915,18 @@ class KeySession:
         return key_id
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
-        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: the portable form."""
+        """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: the portable form.
+
+        A copy in the local store that verifies is used without asking the server; a key
+        the server answers "no such key" for is removed from the local store."""
         local = self._client.local_store.get(self.user_id, key_id) if len(key_id) == KEY_ID_SIZE else None
         copy = None if local is None else SealedCopy(local.kind, local.ciphertext, local.associated_data)
-        secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
+        try:
+            secret, to_keep = await self._run(self._ops.retrieve(key_id, context, copy))
+        except NotFoundError:
+            if local is not None:  # deleted on the server (e.g. from another device): drop the copy
+                self._client.local_store.delete(self.user_id, key_id)
+            raise
         if to_keep is not None:
             self._keep(key_id, to_keep)
         return secret

@@ -23,7 +23,16 @@ class TLSConnectError(ConnectionLostError):
 
 
 class CertificateNotTrustedError(TLSConnectError):
-    """The key server's certificate failed verification (unknown CA, wrong name, expired)."""
+    """The key server's certificate failed verification (unknown CA, wrong name, expired);
+    ``name_mismatch`` is true when only the name was wrong (the CA was right)."""
+
+    def __init__(self, message: str, *, name_mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.name_mismatch = name_mismatch
+
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate verified but names another host.
+_HOSTNAME_MISMATCH = 62
 
 
 def tls_connector(
@@ -57,7 +66,8 @@ def tls_connector(
         except ssl.SSLCertVerificationError as exc:
             await anyio.aclose_forcefully(stream)
             raise CertificateNotTrustedError(
-                f"the key server's certificate is not trusted: {exc.verify_message}"
+                f"the key server's certificate is not trusted: {str(exc.verify_message).rstrip('.')}",
+                name_mismatch=exc.verify_code == _HOSTNAME_MISMATCH,
             ) from None
         except ssl.SSLError as exc:
             reason = f"TLS 1.3 handshake with {host}:{port} failed: {exc.reason}"

@@ -125,6 +125,40 @@ def test_a_cached_read_leaves_no_audit_entry_unless_the_cache_is_skipped(server,
     assert _audited_retrieves(server, tmp_path, key_id) == 1
 
 
+def test_a_key_deleted_elsewhere_stays_cached_until_a_fetch_finds_it_gone(server, tmp_path):
+    """Issue 15 review, finding 12: a delete through another cache (another device) leaves
+    this cache's copy readable; a --no-local-store fetch that gets "no such key" removes it,
+    and a --no-local-store delete removes the key from the cache it bypasses."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    key_id = run_client(server, tmp_path, "generate").stdout.strip()
+    other_device = run_client(server, tmp_path, "--local-store", ":memory:", "delete", key_id, "--yes")
+    assert other_device.returncode == 0, other_device.stderr
+    assert run_client(server, tmp_path, "retrieve", key_id).returncode == 0  # as documented
+    fetched = run_client(server, tmp_path, "--no-local-store", "retrieve", key_id)
+    assert fetched.returncode == 4 and "no such key" in fetched.stderr
+    assert run_client(server, tmp_path, "retrieve", key_id).returncode == 4  # the copy is gone
+    second = run_client(server, tmp_path, "generate").stdout.strip()
+    assert run_client(server, tmp_path, "--no-local-store", "delete", second, "--yes").returncode == 0
+    assert run_client(server, tmp_path, "retrieve", second).returncode == 4
+
+
+def test_a_name_mismatch_points_to_server_name_and_an_unwritable_output_is_named(server, tmp_path):
+    """Issue 15 review, findings 22 and 25."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    result = run_client(server, tmp_path, "--server-name", "evil.example", "list")
+    assert result.returncode == 6
+    assert result.stderr == (
+        "keymgmt: error: the key server's certificate is not trusted: Hostname mismatch, certificate "
+        "is not valid for 'evil.example'; --server-name (default: the host of --server) must be a "
+        "name the certificate holds\n"
+    )
+    key_id = run_client(server, tmp_path, "generate").stdout.strip()
+    written = run_client(server, tmp_path, "retrieve", key_id, "-o", "/proc/version", "--force")
+    # root may create files anywhere, so /proc fails only at the write itself (exit 1)
+    assert written.returncode == (1 if os.geteuid() == 0 else 2), written.stderr
+    assert written.stderr.startswith("keymgmt: error: ") and "-o /proc/version" in written.stderr
+
+
 def test_the_default_local_store_is_in_the_user_data_directory(server, tmp_path):
     home = tmp_path / "home"
     env = client_env(server.port, server.directory / "ca.pem", tmp_path, HOME=str(home))

@@ -97,10 +97,26 @@ def test_every_bad_input_is_one_line_before_any_connection(tmp_path, listener):
     a_directory = tmp_path / "a-directory"
     a_directory.mkdir()
     key = "00" * 16
+    long_password = tmp_path / "long-password"
+    long_password.write_text("p" * 70_000 + "\n")
+    open_store = tmp_path / "shared" / "store.db"
+    open_store.parent.mkdir()
+    open_store.write_bytes(b"")
+    open_store.chmod(0o644)
+    open_link = tmp_path / "link.db"
+    open_link.symlink_to(open_store)
+    others_store = tmp_path / "others.db"
+    others_store.write_bytes(b"")
+    others_store.chmod(0o600)
     cases: list[tuple[list[str], dict[str, str], int, str]] = [
         (["import", "--hex", "zz"], {}, 2, "--hex is not hexadecimal"),
-        (["import", "--hex", "00", "--ca", str(tmp_path / "x.pem")], {}, 6, "cannot load the CA bundle"),
-        (["register", "--token", "t", "--ca", str(tmp_path / "x.pem")], {}, 6, "cannot load the CA bundle"),
+        (
+            ["import", "--hex", "00", "--ca", str(tmp_path / "x.pem")],
+            {},
+            2,
+            "--ca (or KEYMGMT_CA): cannot load",
+        ),
+        (["register", "--token", "t", "--ca", str(tmp_path / "x.pem")], {}, 2, "cannot load the CA bundle"),
         (["--server", "127.0.0.1:99999", "list"], {}, 2, "port 99999 is not in 1..65535"),
         (["--server", "127.0.0.1:0", "list"], {}, 2, "not in 1..65535"),
         (["--server", "127.0.0.1", "list"], {}, 2, "must be HOST:PORT"),
@@ -118,8 +134,28 @@ def test_every_bad_input_is_one_line_before_any_connection(tmp_path, listener):
         (["audit", "--key", "00"], {}, 2, "a key id is 16 bytes"),
         (["audit", "--after", "last tuesday"], {}, 2, "is not an ISO date"),
         (["list"], {"KEYMGMT_ACCOUNT": ""}, 2, "--account (or KEYMGMT_ACCOUNT) is required"),
-        (["--ca", str(tmp_path / "missing.pem"), "list"], {}, 6, "cannot load the CA bundle"),
-        (["--ca", str(a_directory), "list"], {}, 6, "cannot load the CA bundle"),
+        (["--ca", str(tmp_path / "missing.pem"), "list"], {}, 2, "cannot load the CA bundle"),
+        (["--ca", str(a_directory), "list"], {}, 2, "cannot load the CA bundle"),
+        (
+            ["--account", "a" * 300, "list"],
+            {},
+            2,
+            "--account (or KEYMGMT_ACCOUNT) is at most 255 bytes, not 300",
+        ),
+        (["list"], {"KEYMGMT_ACCOUNT": "é" * 128}, 2, "is at most 255 bytes, not 256"),
+        (
+            ["--password-file", str(long_password), "register"],
+            {},
+            2,
+            "the password is 70000 bytes; at most 65535",
+        ),
+        (["--local-store", str(a_directory), "list"], {}, 2, "is a directory; give a file"),
+        (
+            ["--local-store", str(open_link), "list"],
+            {},
+            2,
+            f"(a link to {open_store}) is accessible to other users; run `chmod 600 {open_store}`",
+        ),
         (["--password-file", str(tmp_path / "missing"), "list"], {}, 2, "cannot read the password file"),
         (["--password-file", str(a_directory), "list"], {}, 2, "Is a directory"),
         (["list"], {"KEYMGMT_PASSWORD_FILE": str(tmp_path / "missing")}, 2, "cannot read the password file"),
@@ -140,8 +176,15 @@ def test_every_bad_input_is_one_line_before_any_connection(tmp_path, listener):
         (["retrieve", key, "--context", "sideways"], {}, 2, "invalid choice: 'sideways'"),
         (["audit", "--type", "everything"], {}, 2, "invalid choice"),
     ]
+    if os.geteuid() == 0:
+        os.chown(others_store, 65534, 65534)
+        cases.append((["--local-store", str(others_store), "list"], {}, 2, "belongs to another user"))
+    else:
+        print("not root: cannot give a file to another user; the other user's local store is not tried")
     for args, extra, code, text in cases:
         _assert_one_line(_run(args, _env(tmp_path, listener.port, **extra)), code, text)
+    # A password too long for OPAQUE from stdin: the same, read before connecting.
+    _assert_one_line(_run(["list"], _env(tmp_path, listener.port), "p" * 70_000 + "\n"), 2, "at most 65535")
     assert existing.read_bytes() == b"keep me"
     assert listener.accepted == 0
     # The listener does see a client that gets past the checks (it fails at TLS: exit 6).
@@ -278,3 +321,31 @@ def test_output_never_replaces_a_file_that_appears_after_the_check(tmp_path):
     cli._write_output(str(target), b"secret", force=True)
     assert target.read_bytes() == b"secret" and target.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.bin"]
+
+
+@pytest.mark.parametrize("command", ["list", "register"])
+def test_the_password_is_asked_before_connecting(tmp_path, listener, command):
+    """A prompt answered slowly must not hold a connection the key server closes as idle
+    (issue 15 review, finding 1): nothing connects until the password is in."""
+    from tests.cli.test_cli_interactive import Terminal
+
+    term = Terminal([command], _env(tmp_path, listener.port))
+    term.expect("password: ")
+    assert listener.accepted == 0
+    password = "correct horse battery staple 9Q"
+    term.type(password)
+    if command == "register":
+        term.expect("new password again: ")
+        term.type(password)
+    code, output = term.finish()
+    assert code == 6 and "TLS 1.3 handshake" in output, output  # then it connects
+    assert listener.accepted == 1
+
+
+def test_an_audit_range_that_cannot_match_is_warned_about(tmp_path, listener):
+    result = _run(["audit", "--after", "2027-01-01", "--before", "2026-01-01"], _env(tmp_path, listener.port))
+    warning, error = result.stderr.splitlines()
+    assert warning == (
+        "keymgmt: warning: --after 2027-01-01 is not before --before 2026-01-01: no entry can match"
+    )
+    assert error.startswith("keymgmt: error: ") and result.returncode == 6

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from keymgmt.adapters.client.async_client import (
+    MAX_PASSWORD_SIZE,
     AuthenticationError,
     IntegrityError,
     KeymgmtError,
@@ -289,6 +290,59 @@ async def test_local_store_first_and_damaged_copies_are_replaced(tmp_path):
     assert secret not in raw
     assert stat.S_IMODE(os.stat(tmp_path / "client.db").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "keyserver.db").st_mode) == 0o600
+
+
+async def test_a_key_deleted_from_another_device_leaves_this_cache_when_the_server_says_so(tmp_path):
+    """Deleting through a client drops its own cached copy; a key deleted through another
+    client (another device, another cache) stays readable from this cache until a fetch
+    gets "no such key", which drops the entry (issue 15 review, finding 12)."""
+    phone, laptop = LocalStore(tmp_path / "phone.db"), LocalStore(tmp_path / "laptop.db")
+    async with key_server(tmp_path) as world:
+        async with world.client(phone) as client:
+            await client.register(ALICE, PW)
+            alice = await client.login(ALICE, PW)
+            key_id = await alice.generate()
+            secret = await alice.retrieve(key_id, Context.LOCAL_ONLY)
+        async with world.client(laptop) as client:
+            alice = await client.login(ALICE, PW)
+            assert await alice.retrieve(key_id, Context.LOCAL_ONLY) == secret  # fetched, now cached
+            await alice.delete(key_id)
+            assert laptop.get(alice.user_id, key_id) is None  # its own copy went with it
+        async with world.client(phone) as client:
+            alice = await client.login(ALICE, PW)
+            assert await alice.retrieve(key_id, Context.LOCAL_ONLY) == secret  # the cache answers
+            record = phone.get(alice.user_id, key_id)
+            # A copy that fails to decrypt makes the client ask the server: "no such key".
+            phone.put(
+                SecretRecord(
+                    record.user_id,
+                    record.key_id,
+                    record.kind,
+                    bytes(len(record.ciphertext)),
+                    record.associated_data,
+                    record.created,
+                )
+            )
+            with pytest.raises(NotFoundError):
+                await alice.retrieve(key_id, Context.LOCAL_ONLY)
+            assert phone.get(alice.user_id, key_id) is None
+
+
+async def test_a_password_longer_than_opaque_takes_is_refused_before_sending(tmp_path):
+    """OPAQUE takes at most 65535 bytes of password (issue 15 review, finding 11): that
+    many work; one more is a clear error before anything is sent, not a session that
+    fails as "malformed" after a round trip."""
+    longest = b"p" * MAX_PASSWORD_SIZE
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, longest)
+        assert await (await client.login(ALICE, longest)).list_keys() == []
+        for call in (
+            client.register(b"bob@example.org", longest + b"p"),
+            client.login(ALICE, longest + b"p"),
+        ):
+            with pytest.raises(KeymgmtError, match="a password is at most 65535 bytes, not 65536"):
+                await call
+        await client.register(b"bob@example.org", PW)  # not taken: nothing of the refused one was sent
 
 
 async def test_requests_after_logout_and_after_expiry_fail_clearly(tmp_path):

@@ -295,3 +295,62 @@ async def test_a_call_waits_while_the_connection_has_failed_but_is_not_yet_handl
                 assert outcome == []  # waiting, not refused by the failed connection
                 client._close(ClientClosedError("client closed: test"))
         assert len(outcome) == 1 and isinstance(outcome[0], ClientClosedError)
+
+
+class CutAfterAnswers(ByteStream):
+    """A client end that reads ``answers`` chunks from the server, then ends the stream as
+    soon as the client has sent something more (the connection lost at that point)."""
+
+    def __init__(self, inner: MemoryByteStream, answers: int) -> None:
+        self.inner = inner
+        self.answers = answers
+        self.sent_since = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self.answers == 0:
+            await self.sent_since.wait()
+            await self.inner.aclose()
+            raise anyio.EndOfStream
+        data = await self.inner.receive(max_bytes)
+        self.answers -= 1
+        self.sent_since = anyio.Event()
+        return data
+
+    async def send(self, item: bytes) -> None:
+        await self.inner.send(item)
+        self.sent_since.set()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("answers", [0, 1])
+async def test_a_registration_is_sent_again_only_if_the_server_never_answered(tmp_path, answers):
+    """The first connection is lost after the client sent REG_START and before any answer
+    (answers=0): the registration goes again on a new connection and succeeds. Lost after
+    the server's REG_RESPONSE (answers=1; the server may have stored the account by then):
+    the caller gets ConnectionLostError and nothing is sent again."""
+    async with line_world(tmp_path) as line:
+        calls = 0
+
+        async def connect() -> ByteStream:
+            nonlocal calls
+            calls += 1
+            stream = await line.connect()
+            assert isinstance(stream, MemoryByteStream)
+            return CutAfterAnswers(stream, answers) if calls == 1 else stream
+
+        async with KeymgmtClient(connect) as client:
+            if answers == 0:
+                await client.register(ALICE, PW)
+                session = await client.login(ALICE, PW)
+                assert await session.list_keys() == []
+                assert calls == 2
+            else:
+                with pytest.raises(ConnectionLostError) as lost:
+                    await client.register(ALICE, PW)
+                assert not isinstance(lost.value, ClientClosedError)
+                assert calls == 1
