@@ -48,6 +48,7 @@ from keymgmt_proto import (
     RegistrationCompleted,
     RegistrationRequested,
     RemoteProtocolError,
+    RenameKeyRequest,
     RequestReceived,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
@@ -559,6 +560,12 @@ class KeyServer:
             raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
         return Empty(), request.key_id
 
+    def _rename_key(self, op: _Op, request: RenameKeyRequest) -> _Answer:
+        # Named keys: the sealed label is stored as it came; the server cannot open it.
+        if not op.tx.set_label(op.user_id, request.key_id, request.sealed_label):
+            raise _Refused(Status.NOT_FOUND, Action.RENAME_KEY, request.key_id)
+        return Empty(), request.key_id
+
 
 #: Operations that use the session's key-id reservations.
 _RESERVING = frozenset({Op.CREATE_KEY_ID, Op.STORE_SECRET})
@@ -597,6 +604,7 @@ HANDLERS: Mapping[Op, Callable[[KeyServer, _Op, Any], _Answer]] = MappingProxyTy
         Op.AUDIT: KeyServer._audit_query,
         Op.LIST_KEYS: KeyServer._list_keys,
         Op.DELETE_KEY: KeyServer._delete_key,
+        Op.RENAME_KEY: KeyServer._rename_key,
     }
 )
 
