@@ -429,16 +429,6 @@ def _parser() -> argparse.ArgumentParser:
 # --- checks made before anything else happens ---------------------------------------------
 
 
-def _key_id(text: str) -> bytes:
-    try:
-        key_id = bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"key id {text!r} is not hex") from None
-    if len(key_id) != 16:
-        raise UsageError(f"a key id is 16 bytes (32 hex digits), not {len(key_id)}")
-    return key_id
-
-
 def _label(text: str) -> str:
     try:
         return check_label(text)
@@ -447,11 +437,10 @@ def _label(text: str) -> str:
 
 
 def _key(text: str) -> bytes | str:
-    """A KEY argument: 32 hex digits are a key id, anything else a label (resolved later)."""
+    """A KEY argument: 32 hex digits are a key id, any other text a label (resolved once
+    logged in; a mistyped key id thus names no key: exit 4)."""
     if len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text):
         return bytes.fromhex(text)
-    if all(c in "0123456789abcdefABCDEF" for c in text) and text:
-        return _key_id(text)  # hex of the wrong length: the key-id message says what is wrong
     return _label(text)
 
 
