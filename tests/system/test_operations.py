@@ -119,6 +119,7 @@ def test_a_response_with_a_trailing_byte_is_refused(op: Op) -> None:
         Op.AUDIT: AuditResponse((), 0),
         Op.LIST_KEYS: KeyListResponse((), 0),
         Op.DELETE_KEY: Empty(),
+        Op.RENAME_KEY: Empty(),
     }[op]
     body = encode_response(Status.OK, ok)
     assert decode_response(op, body) == (Status.OK, ok)
