@@ -50,7 +50,6 @@ from ._messages import (
     LoginFinish,
     LoginResponse,
     LoginStart,
-    Record,
     RegResponse,
     RegStart,
     RegUpload,
@@ -241,16 +240,18 @@ class ClientConnection(ConnectionBase):
         if request_id >= 2**32:
             raise LocalProtocolError("request ids exhausted; open a new session")
         assert session.channel is not None
-        if session.state is State.ESTABLISHED and session.channel.sends_left <= 1:  # the last is CLOSE's
+        if (
+            session.channel.send_seq >= MAX_SEQ - 1 and session.state is State.ESTABLISHED
+        ):  # the last is CLOSE's
             raise LocalProtocolError(
                 "sequence numbers exhausted; open a new session", ErrorCode.SEQUENCE_EXHAUSTED
             )
-        request = Request(request_id, body)
-        self._check_size(request.encode())
+        plaintext = Request.encode_fields(request_id, body)
+        self._check_size(plaintext)
         session.next_request_id += 1
         session.unanswered[request_id] = body
         if session.state is State.ESTABLISHED:
-            self._send_sealed(session, FrameType.REQUEST, request.encode())
+            self._send_sealed(session, FrameType.REQUEST, plaintext)
         return request_id
 
     def close_session(self, session_id: int) -> None:
@@ -362,8 +363,7 @@ class ClientConnection(ConnectionBase):
 
     def _send_sealed(self, session: _ClientSession, frame_type: FrameType, plaintext: bytes) -> None:
         assert session.channel is not None
-        record = session.channel.seal(frame_type, plaintext)
-        self._send(frame_type, session.session_id, record.encode())
+        self._send(frame_type, session.session_id, session.channel.seal_payload(frame_type, plaintext))
 
     def _end(self, session: _ClientSession, trigger: Trigger) -> None:
         """End a session by ``trigger`` (a no-op on the state if it already reached CLOSED)."""
@@ -459,11 +459,20 @@ class ClientConnection(ConnectionBase):
 
     def _open_sealed(self, session: _ClientSession, frame: Frame) -> bytes:
         assert session.channel is not None
-        return session.channel.open(frame.type, Record.decode(frame.payload))
+        return session.channel.open_payload(frame.type, frame.payload)
 
     def _apply(self, session: _ClientSession, frame: Frame, target: State) -> None:
         """Perform the transition to ``target``: compute first, then commit."""
         t = frame.type
+        if t is FrameType.RESPONSE:  # the common case first
+            request_id, body = Response.decode_fields(self._open_sealed(session, frame))
+            if request_id not in session.unanswered:
+                raise RemoteProtocolError(
+                    "response to a request that is not in flight", ErrorCode.INVALID_REQUEST
+                )
+            del session.unanswered[request_id]
+            self._events.append(ResponseReceived(session.session_id, request_id, body, handle=session.handle))
+            return  # ESTABLISHED stays ESTABLISHED (the table's row)
         if t is FrameType.REG_RESPONSE:
             self._on_reg_response(session, RegResponse.decode(frame.payload))
         elif t is FrameType.LOGIN_RESPONSE:
@@ -471,18 +480,6 @@ class ClientConnection(ConnectionBase):
         elif t is FrameType.WELCOME:
             welcome = Welcome.decode(self._open_sealed(session, frame))
             self._on_welcome(session, welcome)
-        elif t is FrameType.RESPONSE:
-            response = Response.decode(self._open_sealed(session, frame))
-            if response.request_id not in session.unanswered:
-                raise RemoteProtocolError(
-                    "response to a request that is not in flight", ErrorCode.INVALID_REQUEST
-                )
-            del session.unanswered[response.request_id]
-            self._events.append(
-                ResponseReceived(
-                    session.session_id, response.request_id, response.body, handle=session.handle
-                )
-            )
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
             self._on_close(session, close)

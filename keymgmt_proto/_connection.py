@@ -17,7 +17,7 @@ from collections import deque
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._events import NEED_DATA, ConnectionFailed, Event, NeedData
 from ._messages import Abort, GoAway, printable_reason
-from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Frame, FrameType, decode_header, encode_frame
+from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Frame, FrameType, decode_header_from, encode_header
 
 __all__ = ["ConnectionBase"]
 
@@ -87,18 +87,23 @@ class ConnectionBase:
     # ------------------------------------------------------------- internals
 
     def _next_frame(self) -> Frame | None:
-        if len(self._inbox) < HEADER_SIZE:
+        inbox = self._inbox
+        if len(inbox) < HEADER_SIZE:
             return None
         try:
-            frame_type, session_id, length = decode_header(bytes(self._inbox[:HEADER_SIZE]), self.max_payload)
+            frame_type, session_id, length = decode_header_from(inbox, self.max_payload)
         except RemoteProtocolError as exc:
             self._fail_connection(exc.code, str(exc), remote=True)
             return None
         end = HEADER_SIZE + length
-        if len(self._inbox) < end:
+        if len(inbox) < end:
             return None
-        payload = bytes(self._inbox[HEADER_SIZE:end])
-        del self._inbox[:end]
+        view = memoryview(inbox)  # one copy of the payload, not two
+        try:
+            payload = bytes(view[HEADER_SIZE:end])
+        finally:
+            view.release()  # (before the del below, which a live view would refuse)
+        del inbox[:end]
         return Frame(frame_type, session_id, payload)
 
     def _dispatch(self, frame: Frame) -> None:
@@ -127,7 +132,9 @@ class ConnectionBase:
         raise NotImplementedError
 
     def _send(self, frame_type: FrameType, session_id: int, payload: bytes) -> None:
-        self._outbox += encode_frame(frame_type, session_id, payload)
+        outbox = self._outbox
+        outbox += encode_header(frame_type, session_id, len(payload))
+        outbox += payload
 
     def _send_abort(self, session_id: int, code: ErrorCode, reason: str) -> None:
         self._send(FrameType.ABORT, session_id, Abort(code, printable_reason(reason)).encode())

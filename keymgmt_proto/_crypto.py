@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ._errors import ErrorCode, ProtocolError, RemoteProtocolError
-from ._messages import ENCRYPTED_STORAGE_KEY_SIZE, RESUME_NONCE_SIZE, SESSION_HANDLE_SIZE, Record
+from ._messages import ENCRYPTED_STORAGE_KEY_SIZE, RESUME_NONCE_SIZE, SESSION_HANDLE_SIZE, TAG_SIZE, Record
 from ._wire import FrameType
 
 __all__ = [
@@ -80,6 +80,10 @@ STORAGE_KEY_AD_SUFFIX = b"storage key"
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
+_SEQ_SIZE = 8
+_U64 = struct.Struct(">Q")
+#: A record's AD: session handle, direction, frame type, sequence number.
+_AD = struct.Struct(f">{SESSION_HANDLE_SIZE}sBBQ")
 #: Sequence numbers are below this (2**64 - 1); the last one a sender may use is MAX_SEQ - 1.
 MAX_SEQ = 2**64 - 1
 
@@ -223,11 +227,16 @@ class Channel:
         c2s = _expand(epoch_secret, LABEL_C2S_KEY, KEY_SIZE), _expand(epoch_secret, LABEL_C2S_IV, NONCE_SIZE)
         s2c = _expand(epoch_secret, LABEL_S2C_KEY, KEY_SIZE), _expand(epoch_secret, LABEL_S2C_IV, NONCE_SIZE)
         if self._is_client:
-            (self._send_key, self._send_iv), (self._recv_key, self._recv_iv) = c2s, s2c
-            self._send_dir, self._recv_dir = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
+            (self._send_key, send_iv), (self._recv_key, recv_iv) = c2s, s2c
+            send_dir, recv_dir = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
         else:
-            (self._send_key, self._send_iv), (self._recv_key, self._recv_iv) = s2c, c2s
-            self._send_dir, self._recv_dir = Direction.SERVER_TO_CLIENT, Direction.CLIENT_TO_SERVER
+            (self._send_key, send_iv), (self._recv_key, recv_iv) = s2c, c2s
+            send_dir, recv_dir = Direction.SERVER_TO_CLIENT, Direction.CLIENT_TO_SERVER
+        # The IVs as integers (a record's nonce is one XOR away) and the directions as plain
+        # ints (packed into every AD): the per-record path does no conversions.
+        self._send_iv = int.from_bytes(send_iv, "big")
+        self._recv_iv = int.from_bytes(recv_iv, "big")
+        self._send_dir, self._recv_dir = int(send_dir), int(recv_dir)
         self._send_aead: ChaCha20Poly1305 | None = None
         self._recv_aead: ChaCha20Poly1305 | None = None
         self.send_seq = 0
@@ -263,11 +272,17 @@ class Channel:
     def __repr__(self) -> str:
         return f"Channel(send_seq={self.send_seq}, recv_seq={self.recv_seq})"
 
-    def _ad(self, direction: Direction, frame_type: FrameType, seq: int) -> bytes:
-        return self.session_handle + struct.pack(">BBQ", direction, frame_type, seq)
+    def _ad(self, direction: int, frame_type: FrameType, seq: int) -> bytes:
+        return _AD.pack(self.session_handle, direction, frame_type, seq)
 
     def seal(self, frame_type: FrameType, plaintext: bytes) -> Record:
         """Encrypt the next outgoing record (ProtocolError if the epoch has no sequence number left)."""
+        seq = self.send_seq
+        return Record(seq, self.seal_payload(frame_type, plaintext)[_SEQ_SIZE:])
+
+    def seal_payload(self, frame_type: FrameType, plaintext: bytes) -> bytes:
+        """:meth:`seal`, returning the encoded record (the sealed frame's payload): the
+        per-request path, which builds no :class:`Record`."""
         seq = self.send_seq
         if seq >= MAX_SEQ:
             raise ProtocolError("sequence numbers exhausted", ErrorCode.SEQUENCE_EXHAUSTED)
@@ -275,18 +290,30 @@ class Channel:
         if aead is None:
             aead = self._send_aead = ChaCha20Poly1305(self._send_key)
         ciphertext = aead.encrypt(
-            record_nonce(self._send_iv, seq), plaintext, self._ad(self._send_dir, frame_type, seq)
+            (self._send_iv ^ seq).to_bytes(NONCE_SIZE, "big"),
+            plaintext,
+            _AD.pack(self.session_handle, self._send_dir, frame_type, seq),
         )
         self.send_seq = seq + 1
-        self.sent_total = min(self.sent_total + 1, MAX_SEQ)
-        return Record(seq, ciphertext)
+        if self.sent_total < MAX_SEQ:
+            self.sent_total += 1
+        return _U64.pack(seq) + ciphertext
 
     def open(self, frame_type: FrameType, record: Record) -> bytes:
         """Verify and decrypt an incoming record; raise RemoteProtocolError(BAD_RECORD) if it fails."""
-        seq = record.seq
-        if seq < self.recv_seq:
-            raise RemoteProtocolError("replayed or reordered record", ErrorCode.BAD_RECORD)
-        if seq != self.recv_seq:
+        return self.open_payload(frame_type, record.encode())
+
+    def open_payload(self, frame_type: FrameType, payload: bytes) -> bytes:
+        """:meth:`open` of an encoded record (a sealed frame's payload), decoded in place:
+        the per-request path, which builds no :class:`Record`. A payload
+        :meth:`Record.decode` refuses is refused with the same error."""
+        if len(payload) < _SEQ_SIZE + TAG_SIZE:
+            Record.decode(payload)  # raises the decoder's error for a truncated record
+        (seq,) = _U64.unpack_from(payload)
+        recv_seq = self.recv_seq
+        if seq != recv_seq:
+            if seq < recv_seq:
+                raise RemoteProtocolError("replayed or reordered record", ErrorCode.BAD_RECORD)
             raise RemoteProtocolError("record out of sequence", ErrorCode.BAD_RECORD)
         if seq >= MAX_SEQ:
             raise RemoteProtocolError("sequence number out of range", ErrorCode.BAD_RECORD)
@@ -295,14 +322,15 @@ class Channel:
             aead = self._recv_aead = ChaCha20Poly1305(self._recv_key)
         try:
             plaintext = aead.decrypt(
-                record_nonce(self._recv_iv, seq),
-                record.ciphertext,
-                self._ad(self._recv_dir, frame_type, seq),
+                (self._recv_iv ^ seq).to_bytes(NONCE_SIZE, "big"),
+                payload[_SEQ_SIZE:],
+                _AD.pack(self.session_handle, self._recv_dir, frame_type, seq),
             )
         except InvalidTag:
             raise RemoteProtocolError("record failed authentication", ErrorCode.BAD_RECORD) from None
         self.recv_seq = seq + 1
-        self.received_total = min(self.received_total + 1, MAX_SEQ)
+        if self.received_total < MAX_SEQ:
+            self.received_total += 1
         return plaintext
 
     def _resume_ad(self, seq: int) -> bytes:
@@ -348,19 +376,25 @@ class HotChannels:
     (a released channel rebuilds its AEAD objects on next use: a request and its answer on a
     cold channel cost about 7 µs more than on a hot one)."""
 
-    __slots__ = ("_capacity", "_channels")
+    __slots__ = ("_capacity", "_channels", "_last")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity
         self._channels: OrderedDict[int, Channel] = OrderedDict()
+        #: The most recently touched channel (touched again, nothing moves): a request and its
+        #: answer touch the same channel twice in a row.
+        self._last: Channel | None = None
 
     def __len__(self) -> int:
         return len(self._channels)
 
     def touch(self, channel: Channel) -> None:
         """Mark ``channel`` as just used (the dict holds it, so its id stays unique)."""
+        if channel is self._last:
+            return
+        self._last = channel
         channels = self._channels
         key = id(channel)
         if key in channels:
@@ -372,6 +406,8 @@ class HotChannels:
 
     def discard(self, channel: Channel) -> None:
         """Forget ``channel`` (its session ended) and drop its AEAD objects."""
+        if channel is self._last:
+            self._last = None
         self._channels.pop(id(channel), None)
         channel.release()
 

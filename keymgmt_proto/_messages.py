@@ -218,6 +218,24 @@ class _RequestOrResponse(_Decodable):
             raise RemoteProtocolError(f"truncated {what}")
         return cls._build(what, _U32.unpack_from(payload)[0], payload[4:])
 
+    @classmethod
+    def decode_fields(cls, payload: bytes) -> tuple[int, bytes]:
+        """:meth:`decode` without building the object: ``(request_id, body)``, or the same
+        RemoteProtocolError (the connections' per-request path)."""
+        if len(payload) >= 4:
+            (request_id,) = _U32.unpack_from(payload)
+            if request_id:
+                return request_id, payload[4:]
+        cls.decode(payload)  # raises the decoder's own error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def encode_fields(request_id: int, body: bytes) -> bytes:
+        """:meth:`encode` without building the object (ValueError for a request id out of range)."""
+        if not 0 < request_id < 2**32:
+            raise ValueError("request_id must be 1..2**32-1")
+        return _U32.pack(request_id) + body
+
 
 # ---------------------------------------------------------------- clear frames
 

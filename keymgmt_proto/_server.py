@@ -16,13 +16,14 @@ in-memory data: all connections sharing it must be driven from one thread.
 from __future__ import annotations
 
 import hmac
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from weakref import WeakSet
 
 from ._admission import Admission
 from ._connection import ConnectionBase
-from ._crypto import Channel, HotChannels, RandomSource
+from ._crypto import MAX_SEQ, Channel, HotChannels, RandomSource
 from ._errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     LoginFailed,
@@ -47,7 +48,6 @@ from ._messages import (
     LoginFinish,
     LoginResponse,
     LoginStart,
-    Record,
     RegResponse,
     RegStart,
     RegUpload,
@@ -62,7 +62,7 @@ from ._messages import (
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
-from ._state import Command, Role, SessionKind, State, Trigger, next_state, transition
+from ._state import TRANSITIONS, Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
 __all__ = ["ExpiredSession", "ServerConfig", "ServerConnection", "SessionRegistry"]
@@ -395,6 +395,8 @@ class ServerConnection(ConnectionBase):
         self._random = random
         self._opaque = opaque
         self.registry = registry if registry is not None else SessionRegistry(config)
+        #: The registry's hot-channel set, touched on every record (SessionRegistry.warm, direct).
+        self._warm = self.registry._hot.touch
         self._sessions: dict[int, _ServerSession] = {}
         #: Sessions that left this connection (moved or detached) while requests were pending.
         self._departed: dict[int, _ServerSession] = {}
@@ -408,6 +410,8 @@ class ServerConnection(ConnectionBase):
         self._idle_since: float | None = now
         #: When the first byte of a frame not yet whole arrived (None when none is pending).
         self._partial_since: float | None = None
+        #: At or before every session's deadline (see timer_hint); None: to be computed.
+        self._deadline_bound: float | None = math.inf
 
     def __repr__(self) -> str:
         return f"<ServerConnection {len(self._sessions)} sessions>"
@@ -417,7 +421,8 @@ class ServerConnection(ConnectionBase):
     def receive_data(self, data: bytes, now: float) -> None:  # type: ignore[override]
         """Buffer bytes received at time ``now``. The time is required: every input moves
         the connection's clock, so no deadline is measured from a stale time."""
-        self._advance(now)
+        if now > self._now:  # (_advance, inline: every input passes here)
+            self._now = now
         super().receive_data(data)
         if self._inbox and self._partial_since is None:
             self._partial_since = self._now
@@ -433,10 +438,44 @@ class ServerConnection(ConnectionBase):
                 deadlines.append(self._partial_since + self.config.frame_timeout)
         return min(deadlines, default=None)
 
+    def timer_hint(self) -> float | None:
+        """A time at or before :meth:`get_timer`, in constant time between two
+        :meth:`handle_timer` calls: what a driver waits for before it calls ``handle_timer``.
+
+        ``get_timer`` looks at every session, and a driver asks after each batch; with
+        hundreds of sessions on a connection that was a large part of a login's cost. A
+        session's deadline only moves later as it is used, so the earliest deadline once
+        computed stays a lower bound; a session that arrives, or becomes ESTABLISHED (whose
+        idle deadline may be the earlier one), lowers it. It may be early (a session that
+        was due to end has been used or has ended): ``handle_timer`` then ends nothing,
+        and the hint after it is exact again."""
+        bound = self._deadline_bound
+        if bound is None:
+            config = self.config
+            bound = self._deadline_bound = min(
+                (s.deadline(config)[0] for s in self._sessions.values()), default=math.inf
+            )
+        deadlines = [bound] if bound != math.inf else []
+        if self.failed is None:
+            if self._idle_since is not None:
+                deadlines.append(self._idle_since + self.config.connection_idle_timeout)
+            if self._partial_since is not None:
+                deadlines.append(self._partial_since + self.config.frame_timeout)
+        return min(deadlines, default=None)
+
+    def _lower_deadline_bound(self, session: _ServerSession) -> None:
+        """``session`` arrived or its deadline may have moved earlier: keep the bound below it."""
+        bound = self._deadline_bound
+        if bound is not None:
+            deadline = session.deadline(self.config)[0]
+            if deadline < bound:
+                self._deadline_bound = deadline
+
     def handle_timer(self, now: float) -> None:
         """End every session whose deadline is at or before ``now``; close the connection if
         it has carried no session, or has waited for the rest of a frame, for too long."""
         self._advance(now)
+        self._deadline_bound = None  # computed again from the sessions left
         for session in list(self._sessions.values()):
             deadline, code = session.deadline(self.config)
             if deadline <= now:
@@ -589,8 +628,7 @@ class ServerConnection(ConnectionBase):
                 self._departed.pop(session_id, None)
             return delivered
         self._check(session, Command.SEND_RESPONSE)
-        response = Response(request_id, body)
-        plaintext = response.encode()
+        plaintext = Response.encode_fields(request_id, body)
         if 8 + len(plaintext) + 16 > self.config.max_payload:
             raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
         pending = session.pending
@@ -630,7 +668,8 @@ class ServerConnection(ConnectionBase):
     # ------------------------------------------------------------ internals
 
     def _advance(self, now: float) -> None:
-        self._now = max(self._now, now)  # a clock that steps back (NTP) never undoes time
+        if now > self._now:  # a clock that steps back (NTP) never undoes time
+            self._now = now
 
     def _live(self, session_id: int) -> _ServerSession:
         session = self._sessions.get(session_id)
@@ -656,12 +695,12 @@ class ServerConnection(ConnectionBase):
         session that reaches it ends with CLOSE(SEQUENCE_EXHAUSTED) instead."""
         channel = session.channel
         assert channel is not None
-        self.registry.warm(channel)
-        if frame_type is not FrameType.CLOSE and channel.sends_left <= 1:
+        self._warm(channel)
+        if channel.send_seq >= MAX_SEQ - 1 and frame_type is not FrameType.CLOSE:  # (sends_left <= 1)
             self._send(
                 FrameType.CLOSE,
                 session.session_id,
-                channel.seal(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()).encode(),
+                channel.seal_payload(FrameType.CLOSE, Close(ErrorCode.SEQUENCE_EXHAUSTED).encode()),
             )
             self._end(session, Command.CLOSE)
             self._events.append(
@@ -670,8 +709,7 @@ class ServerConnection(ConnectionBase):
                 )
             )
             return
-        record = channel.seal(frame_type, plaintext)
-        self._send(frame_type, session.session_id, record.encode())
+        self._send(frame_type, session.session_id, channel.seal_payload(frame_type, plaintext))
 
     def _sessions_changed(self) -> None:
         """Keep the idle-connection clock: it runs while the connection carries no session."""
@@ -783,7 +821,8 @@ class ServerConnection(ConnectionBase):
             self._on_abort(session, frame)
             return
         try:
-            self._check(session, frame.type)
+            if TRANSITIONS.get((Role.SERVER, session.kind, session.state, frame.type)) is None:
+                self._check(session, frame.type)  # raises the error
             self._apply(session, frame)
         except ProtocolError as exc:
             self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
@@ -853,6 +892,7 @@ class ServerConnection(ConnectionBase):
             return
         transition(Role.SERVER, session, frame.type)
         self._sessions[session_id] = session
+        self._lower_deadline_bound(session)
         self._sessions_changed()
         self._events.append(event)
 
@@ -891,6 +931,7 @@ class ServerConnection(ConnectionBase):
         transition(Role.SERVER, session, Command.RESUME)
         session.last_activity = self._now
         self._sessions[session_id] = session
+        self._lower_deadline_bound(session)
         self._sessions_changed()
         record = channel.seal(FrameType.RESUMED, Resumed().encode())
         self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
@@ -899,13 +940,16 @@ class ServerConnection(ConnectionBase):
 
     def _open_sealed(self, session: _ServerSession, frame: Frame) -> bytes:
         assert session.channel is not None
-        self.registry.warm(session.channel)
-        plaintext = session.channel.open(frame.type, Record.decode(frame.payload))
+        self._warm(session.channel)
+        plaintext = session.channel.open_payload(frame.type, frame.payload)
         session.last_activity = self._now
         return plaintext
 
     def _apply(self, session: _ServerSession, frame: Frame) -> None:
         t = frame.type
+        if t is FrameType.REQUEST:  # the common case first
+            self._on_request(session, *Request.decode_fields(self._open_sealed(session, frame)))
+            return
         if t is FrameType.REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
             session.registration_record = self._opaque.server_registration_finish(upload.registration_upload)
@@ -940,9 +984,6 @@ class ServerConnection(ConnectionBase):
                     handle=session.handle,
                 )
             )
-        elif t is FrameType.REQUEST:
-            self._on_request(session, Request.decode(self._open_sealed(session, frame)))
-            return
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
             self._end(session, FrameType.CLOSE)
@@ -964,6 +1005,7 @@ class ServerConnection(ConnectionBase):
             raise RemoteProtocolError("session handle collision", ErrorCode.INTERNAL_ERROR)
         transition(Role.SERVER, session, FrameType.LOGIN_FINISH)
         session.last_activity = self._now
+        self._lower_deadline_bound(session)  # ESTABLISHED: its idle deadline may come sooner
         self._send_sealed(session, FrameType.WELCOME, Welcome(session.user_id).encode())
         if session.kind is SessionKind.REQUEST:
             self._events.append(
@@ -972,13 +1014,12 @@ class ServerConnection(ConnectionBase):
                 )
             )
 
-    def _on_request(self, session: _ServerSession, request: Request) -> None:
-        request_id = request.request_id
+    def _on_request(self, session: _ServerSession, request_id: int, body: bytes) -> None:
         if request_id in session.pending:
             return  # a re-send after resumption; the answer is on its way
         if request_id in session.answered:
             self._send_sealed(
-                session, FrameType.RESPONSE, Response(request_id, session.answered[request_id]).encode()
+                session, FrameType.RESPONSE, Response.encode_fields(request_id, session.answered[request_id])
             )
             return
         if request_id <= session.highest_request_id:
@@ -998,7 +1039,5 @@ class ServerConnection(ConnectionBase):
         session.pending[request_id] = None
         assert session.user_id is not None
         self._events.append(
-            RequestReceived(
-                session.session_id, session.user_id, request_id, request.body, handle=session.handle
-            )
+            RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
         )

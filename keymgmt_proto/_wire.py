@@ -19,7 +19,6 @@ error. There is exactly one encoding for every value.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 
 from ._errors import ErrorCode, RemoteProtocolError
@@ -34,7 +33,9 @@ __all__ = [
     "Reader",
     "Writer",
     "decode_header",
+    "decode_header_from",
     "encode_frame",
+    "encode_header",
 ]
 
 PROTOCOL_VERSION = 1
@@ -47,6 +48,7 @@ DEFAULT_MAX_PAYLOAD = 65 * 1024
 MAX_SESSION_ID = 2**31 - 1
 
 _HEADER = struct.Struct(">BBII")
+_U8, _U16, _U32, _U64 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
 
 
 class FrameType(IntEnum):
@@ -79,25 +81,49 @@ class FrameType(IntEnum):
         return self >= 0x20
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """One decoded frame: header fields and the raw payload."""
+    """One decoded frame: header fields and the raw payload (read-only by convention).
+
+    A plain slotted class rather than a frozen dataclass: one is built for every frame
+    received, and a frozen dataclass's ``__init__`` costs several times as much (P1)."""
+
+    __slots__ = ("payload", "session_id", "type")
 
     type: FrameType
     session_id: int
     payload: bytes
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.session_id <= MAX_SESSION_ID:
+    def __init__(self, type: FrameType, session_id: int, payload: bytes) -> None:
+        if not 0 <= session_id <= MAX_SESSION_ID:
             raise ValueError("session_id out of range")
+        self.type = type
+        self.session_id = session_id
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.type, self.session_id, self.payload) == (other.type, other.session_id, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.session_id, self.payload))
 
     def __repr__(self) -> str:
         return f"Frame({self.type.name}, session_id={self.session_id}, {len(self.payload)} bytes)"
 
 
+#: Byte -> FrameType: a dict lookup, where ``FrameType(byte)`` runs Enum's Python-level lookup.
+_FRAME_TYPES: dict[int, FrameType] = {t.value: t for t in FrameType}
+
+
 def encode_frame(frame_type: FrameType, session_id: int, payload: bytes) -> bytes:
     """Serialise one frame."""
     return _HEADER.pack(PROTOCOL_VERSION, frame_type, session_id, len(payload)) + payload
+
+
+def encode_header(frame_type: FrameType, session_id: int, length: int) -> bytes:
+    """The 10-byte header of a frame whose payload is ``length`` bytes long."""
+    return _HEADER.pack(PROTOCOL_VERSION, frame_type, session_id, length)
 
 
 def decode_header(header: bytes, max_payload: int) -> tuple[FrameType, int, int]:
@@ -108,13 +134,18 @@ def decode_header(header: bytes, max_payload: int) -> tuple[FrameType, int, int]
     """
     if len(header) != HEADER_SIZE:
         raise RemoteProtocolError("truncated frame header", ErrorCode.MALFORMED)
-    version, type_byte, session_id, length = _HEADER.unpack(header)
+    return decode_header_from(header, max_payload)
+
+
+def decode_header_from(buffer: bytes | bytearray, max_payload: int) -> tuple[FrameType, int, int]:
+    """:func:`decode_header` on the first 10 bytes of ``buffer`` (at least that long), read
+    in place: the connection parses its input buffer without copying the header out."""
+    version, type_byte, session_id, length = _HEADER.unpack_from(buffer)
     if version != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"unsupported protocol version {version}", ErrorCode.UNSUPPORTED_VERSION)
-    try:
-        frame_type = FrameType(type_byte)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown frame type 0x{type_byte:02x}") from None
+    frame_type = _FRAME_TYPES.get(type_byte)
+    if frame_type is None:
+        raise RemoteProtocolError(f"unknown frame type 0x{type_byte:02x}")
     if session_id > MAX_SESSION_ID:
         raise RemoteProtocolError("session id over the cap", ErrorCode.BAD_SESSION_ID)
     if length > max_payload:
@@ -134,19 +165,19 @@ class Writer:
         self._parts: list[bytes] = []
 
     def u8(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">B", value))
+        self._parts.append(_U8.pack(value))
         return self
 
     def u16(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">H", value))
+        self._parts.append(_U16.pack(value))
         return self
 
     def u32(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">I", value))
+        self._parts.append(_U32.pack(value))
         return self
 
     def u64(self, value: int) -> Writer:
-        self._parts.append(struct.pack(">Q", value))
+        self._parts.append(_U64.pack(value))
         return self
 
     def fixed(self, value: bytes, size: int) -> Writer:
@@ -159,21 +190,21 @@ class Writer:
         """Byte string with a one-byte length prefix (at most 255 bytes)."""
         if len(value) > 0xFF:
             raise ValueError("value longer than 255 bytes")
-        self._parts.append(struct.pack(">B", len(value)) + value)
+        self._parts.append(_U8.pack(len(value)) + value)
         return self
 
     def bytes16(self, value: bytes) -> Writer:
         """Byte string with a two-byte length prefix."""
         if len(value) > 0xFFFF:
             raise ValueError("value longer than 65535 bytes")
-        self._parts.append(struct.pack(">H", len(value)) + value)
+        self._parts.append(_U16.pack(len(value)) + value)
         return self
 
     def bytes32(self, value: bytes) -> Writer:
         """Byte string with a four-byte length prefix."""
         if len(value) > 0xFFFFFFFF:
             raise ValueError("value longer than 2**32 - 1 bytes")
-        self._parts.append(struct.pack(">I", len(value)) + value)
+        self._parts.append(_U32.pack(len(value)) + value)
         return self
 
     def rest(self, value: bytes) -> Writer:
@@ -207,15 +238,15 @@ class Reader:
         return self._take(1)[0]
 
     def u16(self) -> int:
-        value: int = struct.unpack(">H", self._take(2))[0]
+        value: int = _U16.unpack(self._take(2))[0]
         return value
 
     def u32(self) -> int:
-        value: int = struct.unpack(">I", self._take(4))[0]
+        value: int = _U32.unpack(self._take(4))[0]
         return value
 
     def u64(self) -> int:
-        value: int = struct.unpack(">Q", self._take(8))[0]
+        value: int = _U64.unpack(self._take(8))[0]
         return value
 
     def fixed(self, size: int) -> bytes:

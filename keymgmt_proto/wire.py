@@ -84,6 +84,7 @@ from ._wire import (
     Reader,
     Writer,
     decode_header,
+    decode_header_from,
     encode_frame,
 )
 
@@ -148,6 +149,7 @@ __all__ = [
     "Welcome",
     "Writer",
     "decode_header",
+    "decode_header_from",
     "encode_frame",
     "hkdf_expand_sha3",
     "record_nonce",

@@ -920,8 +920,8 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
 
 # --- errors -------------------------------------------------------------------------------------
 
-#: What a throttled login can be told: the key server's policy (README, *Configuration*,
-#: throttle.*), since the ABORT it answers with carries no duration.
+#: What a throttled login is told when the key server names no wait (too many of the name's
+#: logins at once): its default policy (README, *Configuration*, throttle.*).
 THROTTLE_HINT = (
     "too many login attempts for this account; try again later: by default the key server locks "
     "a name for 1 s from its 5th failed login on, doubling with each further failure up to 15 min "
@@ -936,7 +936,8 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, RateLimitedError):
         return RATE_LIMIT_HINT
     if isinstance(exc, ThrottledError):
-        return THROTTLE_HINT
+        # the key server named the wait: say it; else (too many logins at once) the policy
+        return str(exc) if exc.retry_after is not None else f"{exc}; {THROTTLE_HINT}"
     if isinstance(exc, CertificateNotTrustedError):
         return f"{exc}; {CA_HINT}"
     return str(exc)

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random as _random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
@@ -107,7 +108,12 @@ class AuthenticationError(KeymgmtError):
 
 class ThrottledError(KeymgmtError):
     """Too many login attempts for this account (failed, or started and not yet finished):
-    the server refuses logins for a while (NET-10)."""
+    the server refuses logins for a while (NET-10). ``retry_after`` is the wait in seconds the
+    key server named, None when it named none (too many logins at once)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RateLimitedError(ThrottledError):
@@ -190,13 +196,23 @@ class _Waiter:
         return self.value
 
 
+_RETRY_IN = re.compile(r"retry in ([0-9]{1,9}) s$")
+
+
 def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     if isinstance(event, SessionClosed):
         return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
     if event.code is ErrorCode.AUTHENTICATION_FAILED:
         return AuthenticationError("login failed: wrong password or unknown account")
     if event.code is ErrorCode.THROTTLED:
-        return ThrottledError("too many login attempts for this account; try again later")
+        # the key server's reason ends in "retry in N s" while the name is locked (protocol.md 7.1)
+        wait = _RETRY_IN.search(event.reason)
+        if wait is not None:
+            seconds = int(wait.group(1))
+            return ThrottledError(
+                f"too many failed logins for this account; try again in {seconds} s", seconds
+            )
+        return ThrottledError("too many logins of this account at once; try again in a moment")
     if event.code is ErrorCode.RATE_LIMITED:
         return RateLimitedError("too many attempts from this address; try again in a few seconds")
     refusals = {

@@ -145,6 +145,14 @@ class _Refused(Exception):
         self.key_id = key_id
 
 
+def throttle_reason(record: LoginRecord | None, now_us: int) -> str:
+    """The ABORT reason of a throttled login: how long the name stays locked, in whole seconds
+    rounded up (docs/protocol.md, section 7.1), or that too many of its logins run at once."""
+    if record is not None and record.locked_until > now_us:
+        return f"too many failed logins; retry in {-(-(record.locked_until - now_us) // 1_000_000)} s"
+    return "too many logins at once; retry in a moment"
+
+
 class KeyServer:
     """Server application: call it with each event of every ServerConnection."""
 
@@ -276,17 +284,21 @@ class KeyServer:
 
     def _on_login_requested(self, conn: ServerConnection, event: LoginRequested) -> None:
         """NET-9, NET-10: the storage work is the same for registered and unknown names (one
-        lookup each, then one write to the name's throttling record), so neither the answer
-        nor its timing says whether the name exists."""
+        lookup each, then one write to the name's throttling record, and when refused a read
+        of that record for the wait), so neither the answer nor its timing says whether the
+        name exists."""
         now = self.now_us()
         policy = self.throttle
-        with self.storage.transaction() as tx:
+        # One write (start_login is one statement): no savepoint of its own inside a batch.
+        with self.storage.transaction(atomic=False) as tx:
             account = tx.get_account(event.account_name)
             admitted = tx.start_login(
                 event.account_name, now, policy.threshold, int(policy.in_flight_for * 1_000_000)
             )
+            # refused: the record says how long the name stays locked (every name has one by now)
+            record = None if admitted else tx.get_login_record(event.account_name)
         if not admitted:
-            conn.reject_session(event.session_id, ErrorCode.THROTTLED, "too many login attempts; retry later")
+            conn.reject_session(event.session_id, ErrorCode.THROTTLED, throttle_reason(record, now))
             if self.metrics is not None:
                 self.metrics.login("throttled")
             warn_peer(
@@ -577,7 +589,7 @@ _NONE: OrderedDict[bytes, SecretKind] = OrderedDict()
 _ONE_WRITE = frozenset({Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.RETRIEVE_STORAGE_KEY, Op.CREATE_KEY_ID})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: built for every request, and a frozen __init__ costs twice as much)
 class _Op:
     """What every operation handler works with: the request's transaction, its user, the
     time, the session's key-id reservations, and audit entries to write after the request's

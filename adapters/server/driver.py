@@ -386,7 +386,8 @@ class ConnectionDriver:
                 raise self._reader_failure
             if self._input.is_set():  # input, a wake or a stop arrived meanwhile
                 continue
-            deadlines = [t for t in (conn.get_timer(), self.registry.get_timer()) if t is not None]
+            # (the connection's hint: at or before its next deadline, without a look at every session)
+            deadlines = [t for t in (conn.timer_hint(), self.registry.get_timer()) if t is not None]
             wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             with anyio.move_on_after(wait) as timeout:
                 await self._input.wait()

@@ -124,7 +124,12 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1
     """,
-    # 3: named keys (a sealed label the server cannot read), and the audit chain: each entry
+    # 3: each account's number of stored keys (the per-user key limit reads it; issue 14)
+    """
+    ALTER TABLE accounts ADD COLUMN key_count BIGINT NOT NULL DEFAULT 0;
+    UPDATE accounts SET key_count = (SELECT count(*) FROM secrets WHERE secrets.user_id = accounts.user_id)
+    """,
+    # 4: named keys (a sealed label the server cannot read), and the audit chain: each entry
     # stores its hash; the entries written before are chained by fill_audit_chain
     f"""
     ALTER TABLE secrets ADD COLUMN label BYTEA;
@@ -197,8 +202,7 @@ class _PgTransaction:
 
     def count_keys(self, user_id: bytes) -> int:
         row = self._one(_SQL.count_keys, (user_id,))
-        assert row is not None
-        return int(row[0])
+        return 0 if row is None else int(row[0])
 
     def insert_secret(self, secret: SecretRecord) -> bool:
         self._storage.sync_needed = True
@@ -206,7 +210,10 @@ class _PgTransaction:
             cursor = self._conn.execute(_INSERT_SECRET, secret_values(secret))
         except psycopg.errors.ForeignKeyViolation:
             raise StorageError("the secret's user has no account") from None
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self._conn.execute(_SQL.add_to_key_count, (1, secret.user_id))
+        return True
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
         row = self._one(_SQL.secret, (user_id, key_id))
@@ -219,7 +226,10 @@ class _PgTransaction:
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
         self._storage.sync_needed = True
         cursor = self._conn.execute(_SQL.delete_secret, (user_id, key_id))
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self._conn.execute(_SQL.add_to_key_count, (-1, user_id))
+        return True
 
     def set_label(self, user_id: bytes, key_id: bytes, sealed_label: bytes) -> bool:
         self._storage.sync_needed = True

@@ -123,7 +123,12 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX login_throttle_by_failure ON login_throttle(last_failure_us);
     ALTER TABLE audit ADD COLUMN event_count INTEGER NOT NULL DEFAULT 1;
     """,
-    # 5: named keys (a sealed label the server cannot read), and the audit chain: each entry
+    # 5: each account's number of stored keys (the per-user key limit reads it; issue 14)
+    """
+    ALTER TABLE accounts ADD COLUMN key_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE accounts SET key_count = (SELECT count(*) FROM secrets WHERE secrets.user_id = accounts.user_id);
+    """,
+    # 6: named keys (a sealed label the server cannot read), and the audit chain: each entry
     # stores its hash; the entries written before are chained by fill_audit_chain
     f"""
     ALTER TABLE secrets ADD COLUMN label BLOB;
@@ -167,8 +172,8 @@ class _SQLiteTransaction:
         return True
 
     def count_keys(self, user_id: bytes) -> int:
-        count: int = self._db.execute(_SQL.count_keys, (user_id,)).fetchone()[0]
-        return count
+        row = self._db.execute(_SQL.count_keys, (user_id,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
         # One statement, so that concurrent starts (other processes) serialize on the row.
@@ -231,6 +236,7 @@ class _SQLiteTransaction:
             if "UNIQUE" in str(exc):
                 return False
             raise StorageError("the secret's user has no account") from None
+        self._db.execute(_SQL.add_to_key_count, (1, secret.user_id))
         return True
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
@@ -244,7 +250,10 @@ class _SQLiteTransaction:
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
         self._storage.sync_needed = True
         cursor = self._db.execute(_SQL.delete_secret, (user_id, key_id))
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self._db.execute(_SQL.add_to_key_count, (-1, user_id))
+        return True
 
     def set_label(self, user_id: bytes, key_id: bytes, sealed_label: bytes) -> bool:
         self._storage.sync_needed = True

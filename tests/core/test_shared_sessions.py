@@ -156,15 +156,15 @@ class _SealLog:
     def __init__(self, monkeypatch) -> None:
         from keymgmt_proto import Channel
 
-        self.used: list[tuple[bytes, bytes, int]] = []
-        original = Channel.seal
+        self.used: list[tuple[bytes, int, int]] = []
+        original = Channel.seal_payload  # every record the server seals goes through it
 
         def seal(channel, frame_type, plaintext):
             if not channel._is_client:
                 self.used.append((channel._send_key, channel._send_iv, channel.send_seq))
             return original(channel, frame_type, plaintext)
 
-        monkeypatch.setattr(Channel, "seal", seal)
+        monkeypatch.setattr(Channel, "seal_payload", seal)
 
 
 def _lost(pair: InMemoryPair):

@@ -37,5 +37,9 @@ async def test_each_one_write_operation_writes_one_statement_without_a_savepoint
         await session.generate()  # CREATE_KEY_ID (one write), then STORE_SECRET (a savepoint)
         savepoints = [s for s in statements if s.startswith("SAVEPOINT")]
         assert len(savepoints) == 1, statements
+        statements.clear()
+        await client.login(b"lean@example.org", PW)  # LOGIN_START: a read and one write, no savepoint
+        savepoints = [s for s in statements if s.startswith("SAVEPOINT")]
+        assert len(savepoints) == 1, statements  # LOGIN_FINISH's (the throttle record and the audit entry)
         covered = set(calls) | {Op.CREATE_KEY_ID}
         assert covered >= _ONE_WRITE - {Op.RETRIEVE_STORAGE_KEY}  # (fetched once, at login)

@@ -345,3 +345,29 @@ def test_a_failed_login_storage_refused_is_counted_once_storage_is_back(tmp_path
     with storage.transaction() as tx:
         assert tx.get_login_record(b"nobody@example.org").failures == 1
     storage.close()
+
+
+def test_a_throttled_login_is_told_the_wait_in_whole_seconds_rounded_up():
+    from keymgmt.adapters.server.app import throttle_reason
+    from keymgmt.adapters.storage.base import LoginRecord
+
+    now = 1_000_000_000
+    fields = dict.fromkeys(LoginRecord.__dataclass_fields__, 0)
+    locked = LoginRecord(**{**fields, "locked_until": now + 1_500_000})
+    assert throttle_reason(locked, now) == "too many failed logins; retry in 2 s"
+    over = LoginRecord(**{**fields, "locked_until": now})
+    assert throttle_reason(over, now) == "too many logins at once; retry in a moment"
+    assert throttle_reason(None, now) == "too many logins at once; retry in a moment"
+
+
+def test_the_client_reads_the_wait_from_the_reason_and_nothing_else():
+    from keymgmt.adapters.client.async_client import ThrottledError, _session_error
+    from keymgmt_proto import ErrorCode, SessionFailed
+
+    reason = "too many failed logins; retry in 42 s"
+    error = _session_error(SessionFailed(1, ErrorCode.THROTTLED, reason, True))
+    assert isinstance(error, ThrottledError) and error.retry_after == 42
+    assert str(error) == "too many failed logins for this account; try again in 42 s"
+    for reason in ("too many logins at once; retry in a moment", "retry in 42 s and more", "retry in -1 s"):
+        error = _session_error(SessionFailed(1, ErrorCode.THROTTLED, reason, True))
+        assert isinstance(error, ThrottledError) and error.retry_after is None, reason

@@ -61,8 +61,8 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
     from keymgmt.adapters.storage.sqlite import _MIGRATIONS
 
-    # accounts etc., throttling, sessions, counts, labels and the audit chain
-    assert storage.schema_version == len(_MIGRATIONS) == 5
+    # accounts etc., throttling, sessions, counts, keys, labels and the audit chain
+    assert storage.schema_version == len(_MIGRATIONS) == 6
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     storage.close()

@@ -89,7 +89,15 @@ def test_secrets_belong_to_their_user_only(storage):
         assert tx.get_secret(ALICE.user_id, (1).to_bytes(16, "big")).associated_data == b"ad\x00\x00\x00\x01"
         assert not tx.delete_secret(BOB.user_id, (1).to_bytes(16, "big"))
         assert tx.count_keys(ALICE.user_id) == 1
+        # The count is kept in the account row: refused inserts and deletes leave it alone.
+        assert (tx.count_keys(BOB.user_id), tx.count_keys(b"Z" * 16)) == (0, 0)
+        assert tx.insert_secret(_secret(ALICE.user_id, 2))
+        assert not tx.insert_secret(_secret(ALICE.user_id, 2))
+        assert tx.count_keys(ALICE.user_id) == 2
         assert tx.delete_secret(ALICE.user_id, (1).to_bytes(16, "big"))
+        assert not tx.delete_secret(ALICE.user_id, (1).to_bytes(16, "big"))
+        assert tx.count_keys(ALICE.user_id) == 1
+        assert tx.delete_secret(ALICE.user_id, (2).to_bytes(16, "big"))
         assert tx.count_keys(ALICE.user_id) == 0
     with pytest.raises(StorageError), storage.transaction() as tx:
         tx.insert_secret(_secret(b"Z" * 16, 9))  # no such account
@@ -371,6 +379,11 @@ def _previous_schema_sqlite(tmp_path):
     )
     db.execute("INSERT INTO audit VALUES (?, 1, ?, 5, 0, NULL, NULL)", (ALICE.user_id, int(Action.REGISTER)))
     db.execute("INSERT INTO login_throttle VALUES (?, 2, 0, 777)", (b"alice",))
+    for n in (1, 2):  # keys stored before the key count existed (schema 5 counts them)
+        db.execute(
+            "INSERT INTO secrets VALUES (?, ?, 1, ?, ?, ?)",
+            (bytes([n]) * 16, ALICE.user_id, bytes(60), b"ad", n),
+        )
     db.close()
     path.chmod(0o600)
     return lambda: SQLiteStorage(path)
@@ -401,6 +414,11 @@ def _previous_schema_postgres():
             "INSERT INTO audit VALUES (%s, 1, %s, 5, 0, NULL, NULL)", (ALICE.user_id, int(Action.REGISTER))
         )
         conn.execute("INSERT INTO login_throttle VALUES (%s, 2, 0, 777)", (b"alice",))
+        for n in (1, 2):  # keys stored before the key count existed (schema 3 counts them)
+            conn.execute(
+                "INSERT INTO secrets VALUES (%s, %s, 1, %s, %s, %s)",
+                (bytes([n]) * 16, ALICE.user_id, bytes(60), b"ad", n),
+            )
     return (lambda: PostgresStorage(conninfo, schema=schema)), fixture
 
 
@@ -423,6 +441,9 @@ def test_a_database_of_the_previous_schema_is_upgraded_in_place(tmp_path, backen
             tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGIN, 950, Outcome.FAILURE, count=7))
             entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
             assert entries[-1].count == 7
+            assert tx.count_keys(ALICE.user_id) == 2  # counted by the migration
+            assert tx.delete_secret(ALICE.user_id, bytes([1]) * 16)
+            assert tx.count_keys(ALICE.user_id) == 1
     finally:
         storage.close()
     reopened = open_storage()  # already current: opens without migrating again

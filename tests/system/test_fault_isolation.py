@@ -107,10 +107,10 @@ async def test_a_raising_core_step_ends_only_its_connection(tmp_path, caplog, mo
     caplog.set_level(logging.INFO, logger="keymgmt")
     original = ServerConnection._on_request
 
-    def on_request(self, session, request):
-        if request.body == b"boom":
+    def on_request(self, session, request_id, body):
+        if body == b"boom":
             raise ValueError("injected core bug")
-        return original(self, session, request)
+        return original(self, session, request_id, body)
 
     monkeypatch.setattr(ServerConnection, "_on_request", on_request)
     async with running_server(tmp_path) as (runtime, pki):

@@ -301,6 +301,8 @@ def test_the_embedded_server_example_serves_and_stops_on_sigterm(scratch: Scratc
     assert server.returncode == 0, log
     assert f"listening on 127.0.0.1:{port}" in log
     assert "Traceback" not in log
+    # the server's own lines in UTC with their zone
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO keymgmt\.server", log, re.MULTILINE), log
 
 
 def test_the_toml_example_loads(tmp_path: Path) -> None:

@@ -280,7 +280,8 @@ def recorder(monkeypatch) -> Recorder:
     monkeypatch.setattr(RealOpaque, "server_login_finish", recording_server_finish)
 
     # Every clear frame either role queues goes through the _send both inherit.
-    send, seal = ClientConnection._send, Channel.seal
+    # Every sealed record, of either role, goes through Channel.seal_payload (seal calls it).
+    send, seal = ClientConnection._send, Channel.seal_payload
 
     def recording_send(self, frame_type, session_id, payload):
         rec.decode_sent(frame_type, payload, sealed=False)
@@ -292,7 +293,7 @@ def recorder(monkeypatch) -> Recorder:
 
     monkeypatch.setattr(ClientConnection, "_send", recording_send)
     monkeypatch.setattr(ServerConnection, "_send", recording_send)
-    monkeypatch.setattr(Channel, "seal", recording_seal)
+    monkeypatch.setattr(Channel, "seal_payload", recording_seal)
 
     # Detached server sessions sealed for the shared session store (where the core has one):
     # recorded where the server connection calls them, so in its private module.

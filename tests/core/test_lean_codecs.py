@@ -1,0 +1,184 @@
+"""The per-request fast paths (issue 14, P1) agree with the codec objects they bypass:
+same bytes out, the same errors in, and the hot-channel set's shortcut keeps its bound."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keymgmt_proto import (
+    SEALED_OVERHEAD,
+    Channel,
+    Context,
+    FrameType,
+    Op,
+    RemoteProtocolError,
+    RetrieveRequest,
+    SecretKind,
+    SecretResponse,
+    ServerConfig,
+    SessionRegistry,
+    Status,
+    decode_request,
+    decode_response,
+    encode_response,
+)
+from keymgmt_proto.wire import (
+    HEADER_SIZE,
+    Frame,
+    Record,
+    Request,
+    Response,
+    decode_header,
+    decode_header_from,
+    encode_frame,
+)
+
+
+@pytest.mark.parametrize("cls", [Request, Response])
+@pytest.mark.parametrize("request_id", [1, 7, 2**16, 2**32 - 1])
+@pytest.mark.parametrize("body", [b"", b"x", os.urandom(1024)])
+def test_request_fields_match_the_objects(cls: type[Request], request_id: int, body: bytes) -> None:
+    encoded = cls.encode_fields(request_id, body)
+    assert encoded == cls(request_id, body).encode()
+    decoded = cls.decode(encoded)
+    assert cls.decode_fields(encoded) == (decoded.request_id, decoded.body)
+
+
+@pytest.mark.parametrize("cls", [Request, Response])
+@pytest.mark.parametrize("payload", [b"", b"\x00\x00\x01", b"\x00\x00\x00\x00", b"\x00\x00\x00\x00body"])
+def test_request_fields_refuse_what_decode_refuses_with_its_error(cls: type[Request], payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as expected:
+        cls.decode(payload)
+    with pytest.raises(RemoteProtocolError) as got:
+        cls.decode_fields(payload)
+    assert (str(got.value), got.value.code) == (str(expected.value), expected.value.code)
+
+
+@pytest.mark.parametrize("request_id", [0, -1, 2**32])
+def test_encode_fields_refuses_request_ids_out_of_range(request_id: int) -> None:
+    with pytest.raises(ValueError):
+        Request.encode_fields(request_id, b"")
+
+
+def test_sealed_payloads_match_records_both_ways() -> None:
+    key = os.urandom(64)
+    by_record, by_payload = Channel(key, is_client=True), Channel(key, is_client=True)
+    server_a, server_b = Channel(key, is_client=False), Channel(key, is_client=False)
+    for i in range(5):
+        body = os.urandom(i * 300)
+        record = by_record.seal(FrameType.REQUEST, body)
+        payload = by_payload.seal_payload(FrameType.REQUEST, body)
+        assert payload == record.encode()
+        assert Record.decode(payload) == record
+        assert server_a.open(FrameType.REQUEST, record) == body
+        assert server_b.open_payload(FrameType.REQUEST, payload) == body
+    counters = (by_payload.send_seq, by_payload.sent_total, server_b.recv_seq, server_b.received_total)
+    assert counters == (5, 5, 5, 5)
+
+
+@pytest.mark.parametrize("size", [0, 7, 8, 23])
+def test_open_payload_refuses_a_truncated_record_as_the_decoder_does(size: int) -> None:
+    channel = Channel(os.urandom(64), is_client=False)
+    payload = bytes(size)
+    with pytest.raises(RemoteProtocolError) as expected:
+        Record.decode(payload)
+    with pytest.raises(RemoteProtocolError) as got:
+        channel.open_payload(FrameType.REQUEST, payload)
+    assert (str(got.value), got.value.code) == (str(expected.value), expected.value.code)
+    assert channel.recv_seq == 0
+
+
+def test_open_payload_refuses_replays_reordering_and_tampering_and_changes_nothing() -> None:
+    key = os.urandom(64)
+    client, server = Channel(key, is_client=True), Channel(key, is_client=False)
+    first = client.seal_payload(FrameType.REQUEST, b"one")
+    second = client.seal_payload(FrameType.REQUEST, b"two")
+    with pytest.raises(RemoteProtocolError, match="out of sequence"):
+        server.open_payload(FrameType.REQUEST, second)
+    tampered = first[:-1] + bytes([first[-1] ^ 1])
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        server.open_payload(FrameType.REQUEST, tampered)
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        server.open_payload(FrameType.RESPONSE, first)  # the frame type is in the AD
+    assert server.recv_seq == 0
+    assert server.open_payload(FrameType.REQUEST, first) == b"one"
+    with pytest.raises(RemoteProtocolError, match="replayed"):
+        server.open_payload(FrameType.REQUEST, first)
+    assert server.open_payload(FrameType.REQUEST, second) == b"two"
+
+
+def test_header_read_in_place_matches_the_copied_header() -> None:
+    frame = encode_frame(FrameType.REQUEST, 42, b"payload") + b"next frame's bytes"
+    buffer = bytearray(frame)
+    assert decode_header_from(buffer, 1024) == decode_header(frame[:HEADER_SIZE], 1024)
+    unknown = bytearray(frame)
+    unknown[1] = 0x30
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 0x30"):
+        decode_header_from(unknown, 1024)
+
+
+def test_frames_compare_by_value() -> None:
+    assert Frame(FrameType.REQUEST, 1, b"x") == Frame(FrameType.REQUEST, 1, b"x")
+    assert Frame(FrameType.REQUEST, 1, b"x") != Frame(FrameType.RESPONSE, 1, b"x")
+    assert len({Frame(FrameType.REQUEST, 1, b"x"), Frame(FrameType.REQUEST, 1, b"x")}) == 1
+
+
+def test_a_channel_touched_again_after_it_left_the_hot_set_is_tracked_again() -> None:
+    """The hot set skips a touch of the channel it touched last; a channel whose session
+    ended (``cool``) must not be skipped when touched again, or it would keep its AEAD
+    objects outside the bound (P4)."""
+    registry = SessionRegistry(ServerConfig(max_hot_channels=1))
+    a, b = Channel(os.urandom(64), is_client=False), Channel(os.urandom(64), is_client=False)
+    a.seal_payload(FrameType.RESPONSE, b"x")
+    registry.warm(a)
+    registry.warm(a)  # the shortcut
+    assert registry.hot_channels == 1
+    registry.cool(a)
+    assert not a.is_hot and registry.hot_channels == 0
+    a.seal_payload(FrameType.RESPONSE, b"x")  # used again: built again
+    registry.warm(a)
+    assert registry.hot_channels == 1
+    b.seal_payload(FrameType.RESPONSE, b"x")
+    registry.warm(b)
+    assert (a.is_hot, b.is_hot, registry.hot_channels) == (False, True, 1)
+
+
+def _retrieve_body_by_fields(user_id: bytes, key_id: bytes, context: int) -> bytes:
+    return bytes([Op.RETRIEVE]) + user_id + key_id + bytes([context])
+
+
+@pytest.mark.parametrize("context", list(Context))
+def test_a_retrieve_decodes_on_its_fast_path_as_any_request(context: Context) -> None:
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    body = _retrieve_body_by_fields(user_id, key_id, context)
+    assert body == RetrieveRequest(user_id, key_id, context).encode()
+    decoded = decode_request(body)
+    assert decoded == RetrieveRequest(user_id, key_id, context)
+    assert type(decoded.context) is Context  # the member, not a bare int
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _retrieve_body_by_fields(bytes(16), bytes(16), 0x77),  # unknown context
+        _retrieve_body_by_fields(bytes(16), bytes(16), 0)[:-1],  # one byte short
+        _retrieve_body_by_fields(bytes(16), bytes(16), 0) + b"\x00",  # one byte over
+        bytes([0xEE]) + bytes(33),  # unknown op, a retrieve's size
+    ],
+)
+def test_malformed_retrieves_are_refused(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_request(body)
+
+
+@pytest.mark.parametrize(
+    ("kind", "size"), [(SecretKind.GENERATED, 32), (SecretKind.IMPORTED, 1), (SecretKind.IMPORTED, 60 * 1024)]
+)
+def test_a_secret_response_encodes_field_by_field_as_before(kind: SecretKind, size: int) -> None:
+    ciphertext, ad = os.urandom(size + SEALED_OVERHEAD), os.urandom(40)
+    response = SecretResponse(kind, ciphertext, ad)
+    expected = bytes([kind]) + len(ciphertext).to_bytes(4, "big") + ciphertext + bytes([len(ad)]) + ad
+    assert response.encode_fields() == expected
+    assert decode_response(Op.RETRIEVE, encode_response(Status.OK, response)) == (Status.OK, response)
