@@ -7,6 +7,7 @@ trace in it)."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -227,3 +228,56 @@ def test_a_client_refuses_a_log_the_server_changed_in_storage(tmp_path):
     next(plan)
     with pytest.raises(IntegrityFailure, match="entry 2 does not match"):
         plan.send(AuditResponse(tuple(entries)))
+
+
+def _append_concurrently(first, second, per_instance: int) -> list[AuditEntry]:
+    """Two instances append entries for one user at the same time; the log they leave."""
+    with first.transaction() as tx:
+        tx.insert_account(_account())
+    errors: list[BaseException] = []
+
+    def append(storage, base: int) -> None:
+        try:
+            for n in range(per_instance):
+                with storage.transaction() as tx:
+                    tx.append_audit(AuditRecord(ALICE, Action.RETRIEVE, base + n, Outcome.SUCCESS, KEY))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(s, b)) for s, b in ((first, 0), (second, 10_000))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    with first.transaction() as tx:
+        entries, _ = tx.query_audit(ALICE, AuditQuery(AuditType.ALL))
+    return entries
+
+
+def _assert_one_chain(entries: list[AuditEntry], count: int) -> None:
+    plan = SecretOps(ALICE, bytes(64), lambda n: bytes(n)).verify_audit(None)
+    next(plan)
+    with pytest.raises(StopIteration) as done:
+        plan.send(AuditResponse(tuple(entries)))
+    assert done.value.value.head.position == count == len(entries)
+
+
+def test_sqlite_two_processes_appending_at_once_keep_one_chain(tmp_path):
+    first, second = SQLiteStorage(tmp_path / "ks.db"), SQLiteStorage(tmp_path / "ks.db")
+    try:
+        _assert_one_chain(_append_concurrently(first, second, 60), 120)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_postgres_two_instances_appending_at_once_keep_one_chain(pg):
+    conninfo, schema = pg
+    first = pg_backend.PostgresStorage(conninfo, schema=schema)
+    second = pg_backend.PostgresStorage(conninfo, schema=schema)
+    try:
+        _assert_one_chain(_append_concurrently(first, second, 60), 120)
+    finally:
+        first.close()
+        second.close()
