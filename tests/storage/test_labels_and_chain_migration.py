@@ -255,18 +255,21 @@ def _append_concurrently(first, second, per_instance: int) -> list[AuditEntry]:
     return entries
 
 
-def _assert_one_chain(entries: list[AuditEntry], count: int) -> None:
+def _verified_position(entries: list[AuditEntry]) -> int:
+    """The head position a client reaches walking ``entries`` (IntegrityFailure if the chain breaks)."""
     plan = SecretOps(ALICE, bytes(64), lambda n: bytes(n)).verify_audit(None)
     next(plan)
     with pytest.raises(StopIteration) as done:
         plan.send(AuditResponse(tuple(entries)))
-    assert done.value.value.head.position == count == len(entries)
+    position: int = done.value.value.head.position
+    return position
 
 
 def test_sqlite_two_processes_appending_at_once_keep_one_chain(tmp_path):
     first, second = SQLiteStorage(tmp_path / "ks.db"), SQLiteStorage(tmp_path / "ks.db")
     try:
-        _assert_one_chain(_append_concurrently(first, second, 60), 120)
+        entries = _append_concurrently(first, second, 60)
+        assert _verified_position(entries) == len(entries) == 120
     finally:
         first.close()
         second.close()
@@ -277,7 +280,8 @@ def test_postgres_two_instances_appending_at_once_keep_one_chain(pg):
     first = pg_backend.PostgresStorage(conninfo, schema=schema)
     second = pg_backend.PostgresStorage(conninfo, schema=schema)
     try:
-        _assert_one_chain(_append_concurrently(first, second, 60), 120)
+        entries = _append_concurrently(first, second, 60)
+        assert _verified_position(entries) == len(entries) == 120
     finally:
         first.close()
         second.close()
