@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from types import MappingProxyType
 from typing import ClassVar, Self, TypeVar
@@ -38,14 +39,19 @@ from ._messages import (
 from ._wire import Reader, Writer
 
 __all__ = [
+    "AUDIT_CHAIN_DOMAIN",
+    "AUDIT_HASH_SIZE",
     "GENERATED_SECRET_SIZE",
     "IMPORTED_KEY_AD_SUFFIX",
     "KEY_ID_CONTRIBUTION_DOMAIN",
     "KEY_ID_DOMAIN",
     "KEY_ID_NONCE_SIZE",
     "KEY_ID_SIZE",
+    "LABEL_AD_DOMAIN",
     "MAX_AUDIT_PAGE",
+    "MAX_LABEL_SIZE",
     "MAX_LIST_PAGE",
+    "MAX_SEALED_LABEL_SIZE",
     "MAX_SEALED_SIZE",
     "MAX_SECRET_SIZE",
     "MAX_SHORT_PORTABLE_SIZE",
@@ -76,6 +82,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "PasswordRegistrationResponse",
+    "RenameKeyRequest",
     "RetrieveRequest",
     "RetrieveStorageKeyRequest",
     "SecretKind",
@@ -85,6 +92,9 @@ __all__ = [
     "StoreSecretRequest",
     "StoredResponse",
     "ad_matches",
+    "audit_chain_hash",
+    "audit_genesis_hash",
+    "check_label",
     "decode_portable",
     "decode_request",
     "decode_response",
@@ -92,7 +102,10 @@ __all__ = [
     "encode_portable",
     "encode_response",
     "joint_key_id",
+    "label_ad",
+    "open_label",
     "open_secret",
+    "seal_label",
     "seal_secret",
     "secret_ad",
 ]
@@ -124,8 +137,20 @@ SEALED_OVERHEAD = 28
 MAX_SEALED_SIZE = MAX_SECRET_SIZE + SEALED_OVERHEAD
 #: Most audit entries one response carries; ask again with ``cursor`` for more.
 MAX_AUDIT_PAGE = 256
-#: Most keys one LIST_KEYS response carries (25 bytes each: well inside a frame).
-MAX_LIST_PAGE = 1024
+#: Most keys one LIST_KEYS response carries (26..118 bytes each with its sealed label: a full
+#: page of the longest labels, 60 423 bytes, stays inside a frame).
+MAX_LIST_PAGE = 512
+#: Named keys: the largest label, in UTF-8 bytes.
+MAX_LABEL_SIZE = 64
+#: A sealed label is the label plus a 12-byte nonce and a 16-byte tag.
+MAX_SEALED_LABEL_SIZE = MAX_LABEL_SIZE + 28
+#: Named keys: the first part of a sealed label's AD (distinct from a secret's AD, which
+#: is 32 or 44 bytes; a label's is 52).
+LABEL_AD_DOMAIN = b"keymgmt v1 key label"
+#: The audit chain: domain separation of each entry's hash.
+AUDIT_CHAIN_DOMAIN = b"keymgmt v1 audit chain"
+#: The audit chain: SHA3-256 output size.
+AUDIT_HASH_SIZE = 32
 _NONCE = 12
 _TAG = 16
 _E = TypeVar("_E", bound=IntEnum)
@@ -148,6 +173,8 @@ class Op(IntEnum):
     CHANGE_PASSWORD_FINISH = 9
     #: Delete the account: record, secrets and throttling state; the name stays reserved.
     DELETE_ACCOUNT = 10
+    #: Named keys: set, change or remove a key's sealed label (issue 16).
+    RENAME_KEY = 12
 
 
 class Status(IntEnum):
@@ -213,6 +240,8 @@ class Action(IntEnum):
     DELETE_ACCOUNT = 16
     #: A password change started (CHANGE_PASSWORD_START).
     CHANGE_PASSWORD_START = 17
+    #: A key's sealed label set, changed or removed (RENAME_KEY).
+    RENAME_KEY = 20
 
     @property
     def is_key_action(self) -> bool:
@@ -228,6 +257,7 @@ _KEY_ACTIONS = frozenset(
         Action.RETRIEVE,
         Action.LIST_KEYS,
         Action.DELETE_KEY,
+        Action.RENAME_KEY,
     }
 )
 
@@ -587,6 +617,35 @@ class DeleteAccountRequest(OpRequest):
         return cls._build("request", user_id)
 
 
+@dataclass(frozen=True, slots=True)
+class RenameKeyRequest(OpRequest):
+    """Named keys: set or change the sealed label of one of the user's keys (an empty
+    ``sealed_label`` removes it). The server stores it as it is and cannot read it."""
+
+    OP: ClassVar[Op] = Op.RENAME_KEY
+    user_id: bytes
+    key_id: bytes
+    sealed_label: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_user_id(self.user_id)
+        _check_key_id(self.key_id)
+        _check_sealed_label(self.sealed_label)
+
+    def encode(self) -> bytes:
+        w = Writer().u8(self.OP).fixed(self.user_id, USER_ID_SIZE).fixed(self.key_id, KEY_ID_SIZE)
+        return w.bytes8(self.sealed_label).getvalue()
+
+    @classmethod
+    def read_fields(cls, user_id: bytes, r: Reader) -> Self:
+        return cls._build("request", user_id, r.fixed(KEY_ID_SIZE), r.bytes8())
+
+
+def _check_sealed_label(sealed_label: bytes) -> None:
+    if sealed_label and not _NONCE + _TAG + 1 <= len(sealed_label) <= MAX_SEALED_LABEL_SIZE:
+        raise ValueError(f"a sealed label is empty or {_NONCE + _TAG + 1}..{MAX_SEALED_LABEL_SIZE} bytes")
+
+
 #: A RETRIEVE request body: op, user id, key id, context.
 _RETRIEVE = struct.Struct(f">B{USER_ID_SIZE}s{KEY_ID_SIZE}sB")
 
@@ -770,14 +829,21 @@ class AuditEntry:
     key_id: bytes | None = None
     context: Context | None = None
     count: int = 1
+    #: The audit chain: this entry's hash as the server sent it (:func:`audit_chain_hash`);
+    #: None for an entry not (yet) in a chain.
+    chain_hash: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.key_id is not None:
             _check_key_id(self.key_id)
         if not 1 <= self.count < 2**32:
             raise ValueError("count must be 1..2**32-1")
+        if self.chain_hash is not None and len(self.chain_hash) != AUDIT_HASH_SIZE:
+            raise ValueError(f"chain_hash must be {AUDIT_HASH_SIZE} bytes")
 
     def encode(self) -> bytes:
+        """The entry's canonical encoding (without its hash): on the wire, and what the
+        audit chain hashes."""
         w = Writer().u64(self.entry_id).u8(self.action).u64(self.timestamp).u8(self.outcome).u32(self.count)
         w.u8(0) if self.key_id is None else w.u8(1).fixed(self.key_id, KEY_ID_SIZE)
         w.u8(0xFF if self.context is None else self.context)
@@ -802,7 +868,7 @@ class AuditEntry:
             raise RemoteProtocolError(f"invalid audit entry: {exc}") from None
 
     def to_json(self) -> dict[str, object]:
-        """AUD-2: the documented JSON form of an entry."""
+        """AUD-2: the documented JSON form of an entry (``hash`` null when it has none)."""
         return {
             "entry_id": self.entry_id,
             "action": self.action.name.lower(),
@@ -811,6 +877,7 @@ class AuditEntry:
             "key_id": self.key_id.hex() if self.key_id is not None else None,
             "context": self.context.name.lower() if self.context is not None else None,
             "count": self.count,
+            "hash": self.chain_hash.hex() if self.chain_hash is not None else None,
         }
 
 
@@ -823,11 +890,14 @@ class AuditResponse(OpResponse):
     def __post_init__(self) -> None:
         if len(self.entries) > MAX_AUDIT_PAGE:
             raise ValueError("too many audit entries for one response")
+        if any(entry.chain_hash is None for entry in self.entries):
+            raise ValueError("every audit entry in a response carries its chain hash")
 
     def encode_fields(self) -> bytes:
         w = Writer().u16(len(self.entries))
         for entry in self.entries:
-            w.rest(entry.encode())
+            assert entry.chain_hash is not None
+            w.rest(entry.encode()).fixed(entry.chain_hash, AUDIT_HASH_SIZE)
         return w.u64(self.next_cursor).getvalue()
 
     @classmethod
@@ -835,18 +905,25 @@ class AuditResponse(OpResponse):
         count = r.u16()
         if count > MAX_AUDIT_PAGE:
             raise RemoteProtocolError("too many audit entries")
-        entries = tuple(AuditEntry.read(r) for _ in range(count))
-        return cls._build("response", entries, r.u64())
+        entries = []
+        for _ in range(count):
+            entry = AuditEntry.read(r)
+            entries.append(replace(entry, chain_hash=r.fixed(AUDIT_HASH_SIZE)))
+        return cls._build("response", tuple(entries), r.u64())
 
 
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
+    """One key in a LIST_KEYS answer; ``sealed_label`` is empty when the key has no label."""
+
     key_id: bytes
     kind: SecretKind
     created: int
+    sealed_label: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         _check_key_id(self.key_id)
+        _check_sealed_label(self.sealed_label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -862,7 +939,7 @@ class KeyListResponse(OpResponse):
     def encode_fields(self) -> bytes:
         w = Writer().u16(len(self.keys))
         for info in self.keys:
-            w.fixed(info.key_id, KEY_ID_SIZE).u8(info.kind).u64(info.created)
+            w.fixed(info.key_id, KEY_ID_SIZE).u8(info.kind).u64(info.created).bytes8(info.sealed_label)
         return w.u32(self.next_cursor).getvalue()
 
     @classmethod
@@ -874,7 +951,12 @@ class KeyListResponse(OpResponse):
         for _ in range(count):
             key_id = r.fixed(KEY_ID_SIZE)
             kind = _enum(SecretKind, r.u8(), "secret kind")
-            keys.append(KeyInfo(key_id, kind, r.u64()))
+            created = r.u64()
+            sealed_label = r.bytes8()
+            try:
+                keys.append(KeyInfo(key_id, kind, created, sealed_label))
+            except ValueError as exc:
+                raise RemoteProtocolError(f"invalid key in a key list: {exc}") from None
         return cls._build("response", tuple(keys), r.u32())
 
 
@@ -940,6 +1022,7 @@ OPERATIONS: Mapping[Op, Operation] = MappingProxyType(
             ),
             Operation(Op.CHANGE_PASSWORD_FINISH, ChangePasswordFinishRequest, Empty, Action.CHANGE_PASSWORD),
             Operation(Op.DELETE_ACCOUNT, DeleteAccountRequest, Empty, Action.DELETE_ACCOUNT),
+            Operation(Op.RENAME_KEY, RenameKeyRequest, Empty, Action.RENAME_KEY),
         )
     }
 )
@@ -1048,3 +1131,72 @@ def decode_portable(data: bytes) -> bytes:
             f"the long form says {size} bytes but {len(data) - PORTABLE_LONG_HEADER_SIZE} secret bytes follow"
         )
     return data[PORTABLE_LONG_HEADER_SIZE:]
+
+
+# ------------------------------------------------------------- named keys
+
+
+def check_label(label: str) -> str:
+    """A label as the client accepts it, else ValueError: 1..MAX_LABEL_SIZE bytes of UTF-8,
+    no control characters, no space at either end, and not 32 hex digits (which would read
+    as a key id)."""
+    encoded = label.encode("utf-8", errors="strict")
+    if not 1 <= len(encoded) <= MAX_LABEL_SIZE:
+        raise ValueError(f"a label is 1..{MAX_LABEL_SIZE} bytes of UTF-8")
+    if label != label.strip():
+        raise ValueError("a label does not start or end with a space")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in label):
+        raise ValueError("a label has no control characters")
+    if len(label) == 2 * KEY_ID_SIZE and all(c in "0123456789abcdefABCDEF" for c in label):
+        raise ValueError("a label of 32 hex digits would read as a key id")
+    return label
+
+
+def label_ad(user_id: bytes, key_id: bytes) -> bytes:
+    """Named keys: a sealed label's AD, ``"keymgmt v1 key label" || user_id || key_id``."""
+    _check_user_id(user_id)
+    _check_key_id(key_id)
+    return LABEL_AD_DOMAIN + user_id + key_id
+
+
+def seal_label(storage_key: bytes, user_id: bytes, key_id: bytes, label: str, random: RandomSource) -> bytes:
+    """``nonce (12) || ChaCha20-Poly1305(storage_key, UTF-8 label, label_ad)``."""
+    nonce = random(_NONCE)
+    plaintext = check_label(label).encode("utf-8")
+    return nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, plaintext, label_ad(user_id, key_id))
+
+
+def open_label(storage_key: bytes, user_id: bytes, key_id: bytes, sealed_label: bytes) -> str:
+    """Open a sealed label; RemoteProtocolError(BAD_RECORD) if it was altered, swapped from
+    another key or user, or does not hold a valid label."""
+    try:
+        _check_sealed_label(sealed_label)
+        if not sealed_label:
+            raise ValueError("empty")
+        plaintext = ChaCha20Poly1305(storage_key).decrypt(
+            sealed_label[:_NONCE], sealed_label[_NONCE:], label_ad(user_id, key_id)
+        )
+        return check_label(plaintext.decode("utf-8"))
+    except (InvalidTag, ValueError):
+        raise RemoteProtocolError("a key's label failed authentication", ErrorCode.BAD_RECORD) from None
+
+
+# ------------------------------------------------------------- the audit chain
+
+
+def audit_genesis_hash() -> bytes:
+    """The audit chain: what entry 1 commits to as the hash before it (32 zero bytes)."""
+    return bytes(AUDIT_HASH_SIZE)
+
+
+def audit_chain_hash(user_id: bytes, previous: bytes, entry: AuditEntry) -> bytes:
+    """The audit chain: ``SHA3-256(u16(22) || "keymgmt v1 audit chain" || user_id[16] ||
+    previous[32] || entry.encode())``, where ``previous`` is the hash of the user's entry
+    before (:func:`audit_genesis_hash` for entry 1) and ``entry.encode()`` the entry's canonical
+    24- or 40-byte encoding (docs/protocol.md section 12.9)."""
+    _check_user_id(user_id)
+    if len(previous) != AUDIT_HASH_SIZE:
+        raise ValueError(f"the previous hash is {AUDIT_HASH_SIZE} bytes")
+    return hashlib.sha3_256(
+        struct.pack(">H", len(AUDIT_CHAIN_DOMAIN)) + AUDIT_CHAIN_DOMAIN + user_id + previous + entry.encode()
+    ).digest()

@@ -55,6 +55,7 @@ from ._ops import (
     OpRequest,
     OpResponse,
     PasswordRegistrationResponse,
+    RenameKeyRequest,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
     SecretKind,
@@ -64,11 +65,16 @@ from ._ops import (
     StoredResponse,
     StoreSecretRequest,
     ad_matches,
+    audit_chain_hash,
+    audit_genesis_hash,
+    check_label,
     decode_portable,
     decode_response,
     encode_portable,
     joint_key_id,
+    open_label,
     open_secret,
+    seal_label,
     seal_secret,
     secret_ad,
 )
@@ -76,11 +82,15 @@ from ._ops import (
 __all__ = [
     "MAX_NEXT_KEY_IDS",
     "STORE_RETRIES",
+    "AuditHead",
     "IntegrityFailure",
+    "LabelError",
+    "LabeledKey",
     "OperationRefused",
     "Plan",
     "SealedCopy",
     "SecretOps",
+    "VerifiedAudit",
 ]
 
 _T = TypeVar("_T")
@@ -92,6 +102,49 @@ Plan = Generator[OpRequest, OpResponse, _T]
 class IntegrityFailure(Exception):
     """The key server's answer failed a check the client makes (a tampered, swapped or
     malformed answer); nothing it carried is used."""
+
+
+class LabelError(Exception):
+    """A label names no key, or more than one (``ambiguous``), or is already another
+    key's; nothing was sent for it."""
+
+    def __init__(self, message: str, *, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.not_found = not_found
+
+
+@dataclass(frozen=True, slots=True)
+class LabeledKey:
+    """A key as :meth:`SecretOps.list_keys` returns it: LIST_KEYS' fields and the label
+    opened on the client. ``label`` is None when the key has none, or when its sealed label
+    did not verify (then ``label_tampered`` is True: the server's copy was altered or moved
+    from another key)."""
+
+    key_id: bytes
+    kind: SecretKind
+    created: int
+    label: str | None = None
+    label_tampered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    """The newest verified entry of a user's audit chain: its position (entry id) and hash."""
+
+    position: int
+    hash: bytes
+
+    def __str__(self) -> str:
+        return f"{self.position} {self.hash.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedAudit:
+    """The result of :meth:`SecretOps.verify_audit`: every entry of the log, each checked
+    against the one before, and the new head."""
+
+    entries: list[AuditEntry]
+    head: AuditHead | None
 
 
 class OperationRefused(Exception):
@@ -219,15 +272,33 @@ class SecretOps:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def generate(self, holds: Callable[[bytes], bool]) -> Plan[tuple[bytes, SealedCopy]]:
-        """OPS-2: store a fresh random secret."""
-        return self.store(self._random(GENERATED_SECRET_SIZE), SecretKind.GENERATED, holds)
+    def generate(
+        self, holds: Callable[[bytes], bool], label: str | None = None
+    ) -> Plan[tuple[bytes, SealedCopy]]:
+        """OPS-2: store a fresh random secret (with ``label``: then name it, :meth:`rename`)."""
+        return self._store_named(self._random(GENERATED_SECRET_SIZE), SecretKind.GENERATED, holds, label)
 
     def import_portable(
-        self, portable: bytes, holds: Callable[[bytes], bool]
+        self, portable: bytes, holds: Callable[[bytes], bool], label: str | None = None
     ) -> Plan[tuple[bytes, SealedCopy]]:
         """OPS-3: store a secret given as ``len || secret`` (ValueError if it is not)."""
-        return self.store(decode_portable(portable), SecretKind.IMPORTED, holds)
+        return self._store_named(decode_portable(portable), SecretKind.IMPORTED, holds, label)
+
+    def _store_named(
+        self, secret: bytes, kind: SecretKind, holds: Callable[[bytes], bool], label: str | None
+    ) -> Plan[tuple[bytes, SealedCopy]]:
+        """Store, then give the key its label. A label is checked before anything is sent
+        (ValueError), and its uniqueness before the store (LabelError); if RENAME_KEY then
+        fails, the key stays stored without a label and the error is raised."""
+        if label is not None:
+            check_label(label)
+        if label is not None:
+            keys = yield from self.list_keys()
+            self._check_unique(keys, label, None)
+        key_id, copy = yield from self.store(secret, kind, holds)
+        if label is not None:
+            yield from self._send_label(key_id, label)
+        return key_id, copy
 
     def retrieve(
         self, key_id: bytes, context: Context, local: SealedCopy | None
@@ -254,17 +325,64 @@ class SecretOps:
             return encode_portable(secret), to_keep
         return secret, to_keep
 
-    def list_keys(self) -> Plan[list[KeyInfo]]:
-        """OPS-8: every key of the user, all pages."""
-        keys: list[KeyInfo] = []
+    def list_keys(self) -> Plan[list[LabeledKey]]:
+        """OPS-8: every key of the user, all pages, with its label opened (a label that does
+        not verify is reported as tampered, not raised: the keys stay usable by id)."""
+        infos: list[KeyInfo] = []
         cursor = 0
         while True:
             response = yield ListKeysRequest(self.user_id, cursor)
             assert isinstance(response, KeyListResponse)
-            keys += response.keys
+            infos += response.keys
             if response.next_cursor == 0:
-                return keys
+                break
             cursor = response.next_cursor
+        if any(info.sealed_label for info in infos):
+            storage_key = yield from self.storage_key()
+        keys = []
+        for info in infos:
+            label, tampered = None, False
+            if info.sealed_label:
+                try:
+                    label = open_label(storage_key, self.user_id, info.key_id, info.sealed_label)
+                except RemoteProtocolError:
+                    tampered = True
+            keys.append(LabeledKey(info.key_id, info.kind, info.created, label, tampered))
+        return keys
+
+    def resolve(self, label: str) -> Plan[bytes]:
+        """Named keys: the key id of the one key whose (verified) label is ``label``;
+        LabelError if none or several have it."""
+        check_label(label)
+        keys = yield from self.list_keys()
+        found = [key.key_id for key in keys if key.label == label]
+        if not found:
+            raise LabelError(f"no key is labelled {label!r}", not_found=True)
+        if len(found) > 1:
+            raise LabelError(f"the label {label!r} names {len(found)} keys; use a key id")
+        return found[0]
+
+    def rename(self, key_id: bytes, label: str | None) -> Plan[None]:
+        """Named keys: give ``key_id`` the label ``label`` (None removes its label). The label
+        must not be another key's (LabelError); ValueError for an invalid one."""
+        RenameKeyRequest(self.user_id, key_id, b"")  # invalid arguments: before any I/O
+        if label is not None:
+            check_label(label)
+            keys = yield from self.list_keys()
+            self._check_unique(keys, label, key_id)
+        yield from self._send_label(key_id, label)
+
+    def _send_label(self, key_id: bytes, label: str | None) -> Plan[None]:
+        sealed = b""
+        if label is not None:
+            storage_key = yield from self.storage_key()
+            sealed = seal_label(storage_key, self.user_id, key_id, label, self._random)
+        yield RenameKeyRequest(self.user_id, key_id, sealed)
+
+    @staticmethod
+    def _check_unique(keys: Sequence[LabeledKey], label: str, key_id: bytes | None) -> None:
+        if any(key.label == label and key.key_id != key_id for key in keys):
+            raise LabelError(f"another key is already labelled {label!r}")
 
     def audit(
         self,
@@ -283,6 +401,52 @@ class SecretOps:
             if response.next_cursor == 0:
                 return entries
             cursor = response.next_cursor
+
+    def verify_audit(self, head: AuditHead | None) -> Plan[VerifiedAudit]:
+        """The audit chain: walk the whole log (unfiltered, from entry 1), check that entry
+        ids run 1, 2, 3, ... and that each entry's hash is the hash of its content and the
+        hash before it (section 12.9), and that the entry at ``head`` (the newest this client
+        verified before) still has the hash it had. IntegrityFailure when not: an entry was
+        removed, changed or reordered, or the server shows a history that forks from the one
+        verified before. Returns the entries and the new head (None for an empty log)."""
+        entries: list[AuditEntry] = []
+        position, previous = 0, audit_genesis_hash()
+        cursor = 0
+        while True:
+            response = yield AuditRequest(self.user_id, AuditType.ALL, (), None, None, cursor)
+            assert isinstance(response, AuditResponse)
+            for entry in response.entries:
+                if entry.entry_id != position + 1:
+                    raise IntegrityFailure(
+                        f"audit log: entry {entry.entry_id} follows entry {position} "
+                        "(entries removed or reordered)"
+                    )
+                expected = audit_chain_hash(self.user_id, previous, entry)
+                if entry.chain_hash is None or not hmac.compare_digest(expected, entry.chain_hash):
+                    raise IntegrityFailure(
+                        f"audit log: entry {entry.entry_id} does not match its hash chain "
+                        "(changed, reordered or rewritten)"
+                    )
+                position, previous = entry.entry_id, expected
+                if (
+                    head is not None
+                    and position == head.position
+                    and not hmac.compare_digest(previous, head.hash)
+                ):
+                    raise IntegrityFailure(
+                        f"audit log: entry {position} differs from the one this client verified "
+                        "before (the history was rewritten or forked)"
+                    )
+                entries.append(entry)
+            if response.next_cursor == 0:
+                break
+            cursor = response.next_cursor
+        if head is not None and position < head.position:
+            raise IntegrityFailure(
+                f"audit log: it ends at entry {position}, before entry {head.position} that this "
+                "client verified before (entries removed)"
+            )
+        return VerifiedAudit(entries, AuditHead(position, previous) if position else None)
 
     def delete(self, key_id: bytes) -> Plan[None]:
         """OPS-8: delete a key on the server (the adapter drops its local copy either way)."""

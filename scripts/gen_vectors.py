@@ -40,10 +40,12 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from keymgmt_proto import (
+    AUDIT_CHAIN_DOMAIN,
     DEFAULT_MAX_PAYLOAD,
     HEADER_SIZE,
     KEY_ID_CONTRIBUTION_DOMAIN,
     KEY_ID_DOMAIN,
+    LABEL_AD_DOMAIN,
     MAX_SEALED_SIZE,
     MAX_SECRET_SIZE,
     MAX_SESSION_ID,
@@ -74,6 +76,7 @@ from keymgmt_proto import (
     Outcome,
     PasswordRegistrationResponse,
     RemoteProtocolError,
+    RenameKeyRequest,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
     SecretKind,
@@ -82,6 +85,8 @@ from keymgmt_proto import (
     StorageKeyResponse,
     StoredResponse,
     StoreSecretRequest,
+    audit_chain_hash,
+    audit_genesis_hash,
     decode_portable,
     decode_request,
     derive_key_id,
@@ -90,6 +95,8 @@ from keymgmt_proto import (
     encode_response,
     encrypt_storage_key,
     joint_key_id,
+    label_ad,
+    seal_label,
     seal_secret,
     secret_ad,
 )
@@ -453,6 +460,10 @@ def ops() -> JSON:
     next_key = joint_key_id(user_id, next_client_nonce, next_server_nonce)
     t0 = 1_700_000_000_123_456
     accounts_rng = Drbg("ops accounts")
+    more = Drbg("ops: labels and the audit chain")  # (rng's draws, and so the older vectors, stay)
+    storage_key = more(32)
+    label_sealed = seal_label(storage_key, user_id, key_a, "backup key", fixed_random(more(12)))
+    entry_6_hash = more(32)
     requests: list[tuple[str, OpRequest]] = [
         ("retrieve storage key", RetrieveStorageKeyRequest(user_id)),
         ("create key id generated", CreateKeyIdRequest(user_id, SecretKind.GENERATED, client_nonce)),
@@ -485,13 +496,20 @@ def ops() -> JSON:
         ("change password start", ChangePasswordStartRequest(user_id, accounts_rng(32))),
         ("change password finish", ChangePasswordFinishRequest(user_id, accounts_rng(192), accounts_rng(60))),
         ("delete account", DeleteAccountRequest(user_id)),
+        ("rename key", RenameKeyRequest(user_id, key_a, label_sealed)),
+        ("rename key, removing its label", RenameKeyRequest(user_id, key_a, b"")),
     ]
-    entries = (
+    unchained = (
         AuditEntry(7, Action.RETRIEVE, t0, Outcome.SUCCESS, key_a, Context.EXPORT),
         AuditEntry(8, Action.AUDIT, t0 + 76_544, Outcome.SUCCESS),
         AuditEntry(9, Action.RETRIEVE, t0 + 100_000, Outcome.FAILURE, key_b, Context.NULL),
         AuditEntry(10, Action.LOGIN, t0 + 200_000, Outcome.FAILURE),
     )
+    chained, previous = [], entry_6_hash
+    for entry in unchained:  # each entry's hash continues from the one before (section 12.9)
+        previous = audit_chain_hash(user_id, previous, entry)
+        chained.append(dataclasses.replace(entry, chain_hash=previous))
+    entries = tuple(chained)
     ok: list[tuple[str, Op, OpResponse]] = [
         ("storage key", Op.RETRIEVE_STORAGE_KEY, StorageKeyResponse(rng(60))),
         ("key id", Op.CREATE_KEY_ID, KeyIdResponse(key_a, server_nonce)),
@@ -527,6 +545,17 @@ def ops() -> JSON:
             ),
         ),
         (
+            "key list with a label",
+            Op.LIST_KEYS,
+            KeyListResponse(
+                (
+                    KeyInfo(key_a, SecretKind.GENERATED, t0, label_sealed),
+                    KeyInfo(key_b, SecretKind.IMPORTED, t0 + 1),
+                ),
+                0,
+            ),
+        ),
+        (
             "key list page with more",
             Op.LIST_KEYS,
             KeyListResponse((KeyInfo(key_a, SecretKind.GENERATED, t0),), 1),
@@ -540,6 +569,7 @@ def ops() -> JSON:
         ),
         ("password changed", Op.CHANGE_PASSWORD_FINISH, Empty()),
         ("account deleted", Op.DELETE_ACCOUNT, Empty()),
+        ("renamed", Op.RENAME_KEY, Empty()),
     ]
     responses: list[JSON] = [
         {
@@ -595,6 +625,9 @@ def ops() -> JSON:
         ),
         (bytes([Op.AUDIT]) + user_id + b"\x03\x00\x00\x02" + bytes(8 + 8 + 2), "optional flag 2"),
         (bytes([Op.LIST_KEYS]) + user_id + bytes(4) + b"\x00\x00", "list limit 0"),
+        (bytes([Op.RENAME_KEY]) + user_id + key_a + b"\x1c" + bytes(28), "sealed label of 28 bytes (empty)"),
+        (bytes([Op.RENAME_KEY]) + user_id + key_a + b"\x5d" + bytes(93), "sealed label of 93 bytes (65)"),
+        (bytes([Op.RENAME_KEY]) + user_id + key_a, "rename without its label length"),
     ]
     for body, why in rejected_requests:  # keep the file honest: each must really be rejected
         try:
@@ -1059,6 +1092,142 @@ def secrets_file() -> JSON:
     }
 
 
+def labels_file() -> JSON:
+    rng = Drbg("labels")
+    doc_user, doc_key = b"\x22" * 16, derive_key_id(b"\x22" * 16, b"\x44" * 32)
+    inputs = [
+        (b"\x11" * 32, doc_user, doc_key, "backup key", b"\x77" * 12),
+        (rng(32), rng(16), rng(16), "a", rng(12)),
+        (rng(32), rng(16), rng(16), "Schlüssel für das Archiv", rng(12)),
+        (rng(32), rng(16), rng(16), "x" * 64, rng(12)),
+    ]
+    vectors = []
+    for storage_key, user_id, key_id, label, nonce in inputs:
+        vectors.append(
+            {
+                "storage_key": storage_key.hex(),
+                "user_id": user_id.hex(),
+                "key_id": key_id.hex(),
+                "label_utf8": label.encode("utf-8").hex(),
+                "nonce": nonce.hex(),
+                "associated_data": label_ad(user_id, key_id).hex(),
+                "sealed": seal_label(storage_key, user_id, key_id, label, fixed_random(nonce)).hex(),
+            }
+        )
+    return {
+        "description": describe(
+            "Named keys (issue 16; docs/protocol.md section 12.6): a key's label sealed on the "
+            "client under storage_key, AD = 'keymgmt v1 key label' || user_id || key_id (52 "
+            "bytes), sealed = nonce[12] || ChaCha20-Poly1305(storage_key, nonce, UTF-8 label, AD). "
+            "A label is 1..64 bytes. The first vector is the worked example of section 12.12.",
+            {
+                "vectors[].storage_key / user_id / key_id / nonce": "inputs",
+                "vectors[].label_utf8": "the label's UTF-8 bytes",
+                "vectors[].associated_data": "the AD",
+                "vectors[].sealed": "nonce || ciphertext || tag (label length + 28 bytes)",
+            },
+        ),
+        "label_ad_domain": LABEL_AD_DOMAIN.decode("ascii"),
+        "vectors": vectors,
+    }
+
+
+def audit_chain_file() -> JSON:
+    user_id = b"\x11" * 16
+    key_id = derive_key_id(b"\x22" * 16, b"\x44" * 32)
+    t0 = 1_700_000_000_000_000
+    entries = [
+        AuditEntry(1, Action.REGISTER, t0, Outcome.SUCCESS),
+        AuditEntry(2, Action.LOGIN, t0 + 1_000, Outcome.SUCCESS),
+        AuditEntry(3, Action.GENERATE, t0 + 2_000, Outcome.SUCCESS, key_id),
+        AuditEntry(4, Action.RETRIEVE, t0 + 3_000, Outcome.SUCCESS, key_id, Context.EXPORT),
+        AuditEntry(5, Action.LOGIN, t0 + 4_000, Outcome.FAILURE, count=3),
+        AuditEntry(6, Action.RENAME_KEY, t0 + 5_000, Outcome.SUCCESS, key_id),
+    ]
+    chain = []
+    previous = audit_genesis_hash()
+    for entry in entries:
+        digest = audit_chain_hash(user_id, previous, entry)
+        preimage = (
+            struct.pack(">H", len(AUDIT_CHAIN_DOMAIN))
+            + AUDIT_CHAIN_DOMAIN
+            + user_id
+            + previous
+            + entry.encode()
+        )
+        assert hashlib.sha3_256(preimage).digest() == digest
+        chain.append(
+            {
+                "entry_id": entry.entry_id,
+                "encoding": entry.encode().hex(),
+                "previous": previous.hex(),
+                "preimage": preimage.hex(),
+                "hash": digest.hex(),
+            }
+        )
+        previous = digest
+    other = AuditEntry(3, Action.DELETE_KEY, t0 + 2_000, Outcome.SUCCESS, key_id)
+    return {
+        "description": describe(
+            "The audit chain (issue 16; docs/protocol.md section 12.9): hash(entry n) = SHA3-256("
+            "u16(22) || 'keymgmt v1 audit chain' || user_id[16] || hash(entry n-1)[32] || the "
+            "entry's 24- or 40-byte encoding), hash(entry 0) = 32 zero bytes. A client walking the "
+            "log from entry 1 recomputes every hash; 'tampered' lists logs it must refuse.",
+            {
+                "chain[].encoding": "the entry as in an AUDIT answer, without its hash",
+                "chain[].previous": "the hash it continues from",
+                "chain[].preimage": "what SHA3-256 hashes",
+                "chain[].hash": "its hash (sent after the entry in an AUDIT answer)",
+                "tampered[]": "entry ids and hashes as a server might send them; all fail",
+            },
+        ),
+        "user_id": user_id.hex(),
+        "genesis": audit_genesis_hash().hex(),
+        "chain": chain,
+        "tampered": [
+            {
+                "why": "entry 3 removed",
+                "entries": [[c["entry_id"], c["encoding"], c["hash"]] for c in chain if c["entry_id"] != 3],
+            },
+            {
+                "why": "entry 3 changed (its hash kept)",
+                "entries": [
+                    [c["entry_id"], other.encode().hex() if c["entry_id"] == 3 else c["encoding"], c["hash"]]
+                    for c in chain
+                ],
+            },
+            {
+                "why": "entries 3 and 4 swapped",
+                "entries": [
+                    [c["entry_id"], c["encoding"], c["hash"]]
+                    for c in (*chain[:2], chain[3], chain[2], *chain[4:])
+                ],
+            },
+            {
+                "why": "history forked after entry 2 (rehashed from there)",
+                "entries": _forked(user_id, chain, other),
+            },
+        ],
+    }
+
+
+def _forked(user_id: bytes, chain: list[JSON], replacement: AuditEntry) -> list[list[object]]:
+    """The chain with entry 3 replaced and every hash from there recomputed: valid on its
+    own, so only a client that verified the original entry 3 (its head) can tell."""
+    rows: list[list[object]] = []
+    previous = bytes.fromhex(cast(str, chain[1]["hash"]))
+    for c in chain:
+        if cast(int, c["entry_id"]) < 3:
+            rows.append([c["entry_id"], c["encoding"], c["hash"]])
+            continue
+        encoding = replacement.encode() if c["entry_id"] == 3 else bytes.fromhex(cast(str, c["encoding"]))
+        previous = hashlib.sha3_256(
+            struct.pack(">H", len(AUDIT_CHAIN_DOMAIN)) + AUDIT_CHAIN_DOMAIN + user_id + previous + encoding
+        ).digest()
+        rows.append([c["entry_id"], encoding.hex(), previous.hex()])
+    return rows
+
+
 def portable_file() -> JSON:
     rng = Drbg("portable")
     secrets = [b"\x07", bytes.fromhex("aabbcc"), rng(32), rng(255), rng(256), rng(1000), rng(MAX_SECRET_SIZE)]
@@ -1214,6 +1383,8 @@ BUILDERS: dict[str, Callable[[], JSON]] = {
     "key_id.json": key_id_file,
     "storage_key.json": storage_key_file,
     "secrets.json": secrets_file,
+    "labels.json": labels_file,
+    "audit_chain.json": audit_chain_file,
     "portable.json": portable_file,
     "transcript.json": transcript_file,
 }

@@ -52,7 +52,9 @@ from keymgmt_proto import (
     AuditType,
     Context,
     ErrorCode,
+    LabeledKey,
     Op,
+    check_label,
     decode_portable,
     encode_portable,
 )
@@ -65,6 +67,7 @@ from ..client.async_client import (
     KeymgmtClient,
     KeymgmtError,
     KeySession,
+    LabelConflictError,
     NotFoundError,
     RateLimitedError,
     RegistrationError,
@@ -83,6 +86,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     AuthenticationError: 3,
     ThrottledError: 3,
     NotFoundError: 4,
+    LabelConflictError: 1,
     RequestRefusedError: 5,
     RegistrationError: 5,
     ConnectionLostError: 6,
@@ -138,6 +142,7 @@ CLI_COMMANDS: Mapping[Op, str] = MappingProxyType(
         Op.CHANGE_PASSWORD_START: "passwd",
         Op.CHANGE_PASSWORD_FINISH: "passwd",
         Op.DELETE_ACCOUNT: "delete-account",
+        Op.RENAME_KEY: "rename",
     }
 )
 
@@ -256,6 +261,10 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="let -o FILE replace an existing file")
 
 
+_KEY_HELP = "key id (32 hex digits), or the key's label"
+_LABEL_HELP = "a name for the key, unique among yours (1..64 bytes; sealed: the server cannot read it)"
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -303,13 +312,15 @@ def _parser() -> argparse.ArgumentParser:
     invitation.add_argument(
         "--token-file", metavar="FILE", help="a file holding the invitation"
     ).complete = shtab.FILE  # type: ignore[attr-defined]
-    command(
+    gen = command(
         "generate",
         "generate and store a random 32-byte secret; prints its key id",
         "Generate a random 32-byte secret on this machine, store it (encrypted) on the key\n"
-        "server and in the local cache, and print its key id.",
-        "KEY_ID=$(keymgmt generate)",
+        "server and in the local cache, and print its key id. --label names it (sealed here:\n"
+        "the server cannot read it); later commands take the label in place of the key id.",
+        "KEY_ID=$(keymgmt generate --label 'backup key')",
     )
+    gen.add_argument("--label", help=_LABEL_HELP)
     imp = command(
         "import",
         "store a secret of 1..65536 bytes; prints its key id",
@@ -329,6 +340,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the secret as hex; avoid it: a command line is visible to other users (ps) and kept "
         "in shell history",
     )
+    imp.add_argument("--label", help=_LABEL_HELP)
     imp.add_argument(
         "--portable",
         action="store_true",
@@ -345,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
         "no server and leaves no audit entry (--no-local-store fetches it).",
         'keymgmt retrieve "$KEY_ID" -o secret.bin',
     )
-    ret.add_argument("key_id", help="key id (32 hex digits)")
+    ret.add_argument("key", metavar="KEY", help=_KEY_HELP)
     ret.add_argument(
         "--context",
         choices=list(CONTEXTS),
@@ -360,14 +372,28 @@ def _parser() -> argparse.ArgumentParser:
         "`00 01 || len u32 || secret` for more than 255 bytes; `import --portable` reads it.",
         'keymgmt export "$KEY_ID" -o key.portable',
     )
-    exp.add_argument("key_id", help="key id (32 hex digits)")
+    exp.add_argument("key", metavar="KEY", help=_KEY_HELP)
     _output_options(exp)
     command(
         "list",
-        "list your key ids",
-        "List your key ids with their kind and creation time (UTC).",
+        "list your keys and their labels",
+        "List your key ids with their kind, creation time (UTC) and label. Labels are opened\n"
+        "here; one that fails verification (altered on the server, or moved from another key)\n"
+        "is shown as <tampered> with a warning, and cannot be used to name the key.",
         "keymgmt list --json",
     )
+    ren = command(
+        "rename",
+        "give a key a label, change it, or remove it",
+        "Give a key a label, or change it (--remove takes it away). The label is sealed here\n"
+        "under your storage key, bound to the key id: the server stores only ciphertext. A\n"
+        "label is unique among your keys, 1..64 bytes of UTF-8, without control characters,\n"
+        "spaces at either end, or the look of a key id (32 hex digits).",
+        'keymgmt rename "$KEY_ID" "backup key"',
+    )
+    ren.add_argument("key", metavar="KEY", help=_KEY_HELP)
+    ren.add_argument("label", metavar="LABEL", nargs="?", help="the new label")
+    ren.add_argument("--remove", action="store_true", help="remove the key's label")
     dele = command(
         "delete",
         "delete a key (asks first unless --yes)",
@@ -375,17 +401,26 @@ def _parser() -> argparse.ArgumentParser:
         "terminal; without one (a script), --yes is required.",
         'keymgmt delete --yes "$KEY_ID"',
     )
-    dele.add_argument("key_id", help="key id (32 hex digits)")
+    dele.add_argument("key", metavar="KEY", help=_KEY_HELP)
     dele.add_argument("-y", "--yes", action="store_true", help="delete without asking")
     aud = command(
         "audit",
         "read your audit log",
         "Read your audit log: a table, or with --json the documented export (AUD-2,\n"
-        "docs/protocol.md section 12.11; its times are timestamp_us, microseconds UTC).",
-        "keymgmt audit --type key --after 2026-01-01",
+        "docs/protocol.md section 12.11; its times are timestamp_us, microseconds UTC, and\n"
+        "each entry carries its hash). --verify reads the whole log and checks its hash chain,\n"
+        "also against the newest entry verified before on this machine (kept in the local\n"
+        "store); a log that does not extend it is an integrity error (exit 1). --head does\n"
+        "the same and prints the newest entry's position and hash: compare it with another\n"
+        "device's (see README, 'The audit chain').",
+        "keymgmt audit --verify --type key --after 2026-01-01",
     )
     aud.add_argument("--type", choices=list(AUDIT_TYPES), default="all", help="which entries")
-    aud.add_argument("--key", action="append", default=[], help="only this key id (repeatable)")
+    aud.add_argument("--key", action="append", default=[], help="only this key (id or label; repeatable)")
+    aud.add_argument("--verify", action="store_true", help="check the hash chain before showing entries")
+    aud.add_argument(
+        "--head", action="store_true", help="check the hash chain and print its newest position and hash"
+    )
     aud.add_argument("--after", help="only entries at or after this ISO date/time (UTC if no zone)")
     aud.add_argument("--before", help="only entries before this ISO date/time (UTC if no zone)")
     pwd = command(
@@ -428,14 +463,19 @@ def _parser() -> argparse.ArgumentParser:
 # --- checks made before anything else happens ---------------------------------------------
 
 
-def _key_id(text: str) -> bytes:
+def _label(text: str) -> str:
     try:
-        key_id = bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"key id {text!r} is not hex") from None
-    if len(key_id) != 16:
-        raise UsageError(f"a key id is 16 bytes (32 hex digits), not {len(key_id)}")
-    return key_id
+        return check_label(text)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise UsageError(f"label {text!r}: {exc}") from None
+
+
+def _key(text: str) -> bytes | str:
+    """A KEY argument: 32 hex digits are a key id, any other text a label (resolved once
+    logged in; a mistyped key id thus names no key: exit 4)."""
+    if len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return bytes.fromhex(text)
+    return _label(text)
 
 
 def _time(text: str | None) -> int | None:
@@ -512,7 +552,10 @@ class _Inputs:
     new_password: bytes | None = field(default=None, repr=False)
     stdin_taken: bool = False
     key_id: bytes = b""
-    audit_keys: list[bytes] = field(default_factory=list)
+    #: A KEY given as a label, resolved to ``key_id`` once logged in.
+    key_label: str | None = None
+    new_label: str | None = None
+    audit_keys: list[bytes | str] = field(default_factory=list)
     after: int | None = None
     before: int | None = None
     #: The cache --no-local-store leaves unread: a key found deleted is still dropped from it.
@@ -652,10 +695,20 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
     if args.no_local_store:
         inputs.bypassed_store = str(args.local_store or default_local_store())
     command = args.command
-    if command in ("retrieve", "export", "delete"):
-        inputs.key_id = _key_id(args.key_id)
+    if command in ("retrieve", "export", "delete", "rename"):
+        key = _key(args.key)
+        if isinstance(key, str):
+            inputs.key_label = key
+        else:
+            inputs.key_id = key
+    if command in ("generate", "import") and args.label is not None:
+        inputs.new_label = _label(args.label)
+    if command == "rename":
+        if args.remove == (args.label is not None):
+            raise UsageError("rename takes a new LABEL, or --remove (not both)")
+        inputs.new_label = None if args.remove else _label(args.label)
     if command == "audit":
-        inputs.audit_keys = [_key_id(k) for k in args.key]
+        inputs.audit_keys = [_key(k) for k in args.key]
         inputs.after, inputs.before = _time(args.after), _time(args.before)
         if inputs.after is not None and inputs.before is not None and inputs.after >= inputs.before:
             inputs.warnings.append(
@@ -688,7 +741,7 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
     if command == "delete" and not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("delete asks for confirmation: give --yes when stdin is not a terminal")
-        if not _confirm(f"delete key {args.key_id} of {args.account}? This cannot be undone. [y/N] "):
+        if not _confirm(f"delete key {args.key} of {args.account}? This cannot be undone. [y/N] "):
             raise _Cancelled("not confirmed; nothing deleted")
     if command == "delete-account" and not args.yes:
         if not sys.stdin.isatty():
@@ -852,14 +905,71 @@ def _emit(args: argparse.Namespace, text: str, document: object) -> None:
     print(json.dumps(document, indent=2) if args.json else text)
 
 
+def _select_verified(
+    entries: list[AuditEntry], args: argparse.Namespace, inputs: _Inputs, keys: list[bytes]
+) -> list[AuditEntry]:
+    """The filters of ``audit`` applied here, to the entries a verification walk read."""
+    audit_type = AUDIT_TYPES[args.type]
+    chosen = []
+    for e in entries:
+        if audit_type is AuditType.KEY_ONLY and not e.action.is_key_action:
+            continue
+        if audit_type is AuditType.SYSTEM_ONLY and e.action.is_key_action:
+            continue
+        if keys and e.key_id not in keys:
+            continue
+        if inputs.after is not None and e.timestamp < inputs.after:
+            continue
+        if inputs.before is not None and e.timestamp >= inputs.before:
+            continue
+        chosen.append(e)
+    return chosen
+
+
+async def _audit_command(args: argparse.Namespace, inputs: _Inputs, session: KeySession) -> None:
+    keys = [k if isinstance(k, bytes) else await session.resolve(k) for k in inputs.audit_keys]
+    if args.verify or args.head:
+        verified = await session.verify_audit()
+        head = verified.head
+        where = f"entries 1..{head.position}, head {head.hash.hex()}" if head else "the log is empty"
+        if args.head:
+            document = {"position": head.position if head else 0, "hash": head.hash.hex() if head else None}
+            _emit(args, f"{head.position} {head.hash.hex()}" if head else "0 -", document)
+            return
+        print(f"keymgmt: audit log verified: {where}", file=sys.stderr)
+        entries = _select_verified(verified.entries, args, inputs, keys)
+    else:
+        entries = await session.audit(AUDIT_TYPES[args.type], keys, inputs.after, inputs.before)
+    print(audit_to_json(entries, session.user_id) if args.json else _audit_table(entries))
+
+
+def _label_cell(key: LabeledKey) -> str:
+    if key.label_tampered:
+        return "<tampered>"
+    return key.label if key.label is not None else "-"
+
+
 async def _session_command(args: argparse.Namespace, inputs: _Inputs, session: KeySession) -> None:
     command = args.command
+    if inputs.key_label is not None:
+        inputs.key_id = await session.resolve(inputs.key_label)
     if command in ("generate", "import"):
         if command == "generate":
-            key_id = await session.generate()
+            key_id = await session.generate(inputs.new_label)
         else:
-            key_id = await session.import_secret(inputs.portable_secret)
-        _emit(args, key_id.hex(), {"key_id": key_id.hex()})
+            key_id = await session.import_secret(inputs.portable_secret, inputs.new_label)
+        stored: dict[str, object] = {"key_id": key_id.hex()}
+        if inputs.new_label is not None:
+            stored["label"] = inputs.new_label
+        _emit(args, key_id.hex(), stored)
+    elif command == "rename":
+        await session.rename(inputs.key_id, inputs.new_label)
+        text = (
+            f"labelled {inputs.key_id.hex()} {inputs.new_label!r}"
+            if inputs.new_label is not None
+            else f"removed the label of {inputs.key_id.hex()}"
+        )
+        _emit(args, text, {"key_id": inputs.key_id.hex(), "label": inputs.new_label})
     elif command in ("retrieve", "export"):
         context_name = args.context if command == "retrieve" else "export"
         result = await session.retrieve(inputs.key_id, CONTEXTS[context_name])
@@ -876,18 +986,33 @@ async def _session_command(args: argparse.Namespace, inputs: _Inputs, session: K
     elif command == "list":
         keys = await session.list_keys()
         rows = [
-            {"key_id": k.key_id.hex(), "kind": k.kind.name.lower(), "created": _format_time(k.created)}
+            {
+                "key_id": k.key_id.hex(),
+                "kind": k.kind.name.lower(),
+                "created": _format_time(k.created),
+                "label": k.label,
+                "label_status": "tampered" if k.label_tampered else "none" if k.label is None else "ok",
+            }
             for k in keys
         ]
-        table = [f"{'key id':32}  {'kind':9}  created (UTC)"]
-        table += [f"{r['key_id']:32}  {r['kind']:9}  {r['created']}" for r in rows]
+        table = [f"{'key id':32}  {'kind':9}  {'created (UTC)':20}  label"]
+        table += [
+            f"{k.key_id.hex():32}  {k.kind.name.lower():9}  {_format_time(k.created):20}  {_label_cell(k)}"
+            for k in keys
+        ]
+        tampered = sum(k.label_tampered for k in keys)
+        if tampered:
+            print(
+                f"keymgmt: warning: {tampered} label(s) failed verification (altered on the key server, "
+                "or moved from another key); those keys are listed by id only",
+                file=sys.stderr,
+            )
         _emit(args, "\n".join(table), rows)
     elif command == "delete":
         await session.delete(inputs.key_id)
         _emit(args, f"deleted {inputs.key_id.hex()}", {"key_id": inputs.key_id.hex(), "deleted": True})
     elif command == "audit":
-        entries = await session.audit(AUDIT_TYPES[args.type], inputs.audit_keys, inputs.after, inputs.before)
-        print(audit_to_json(entries, session.user_id) if args.json else _audit_table(entries))
+        await _audit_command(args, inputs, session)
     elif command == "logout":
         _emit(args, "logged out", {"account": args.account, "logged_out": True})
 

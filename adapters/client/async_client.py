@@ -35,6 +35,7 @@ from keymgmt_proto import (
     KEY_ID_SIZE,
     NEED_DATA,
     AuditEntry,
+    AuditHead,
     AuditType,
     ClientConnection,
     ConnectionFailed,
@@ -43,7 +44,8 @@ from keymgmt_proto import (
     ErrorCode,
     Event,
     IntegrityFailure,
-    KeyInfo,
+    LabeledKey,
+    LabelError,
     LocalProtocolError,
     Op,
     OpaqueStepRequired,
@@ -64,6 +66,7 @@ from keymgmt_proto import (
     SessionResumed,
     State,
     Status,
+    VerifiedAudit,
 )
 
 from ..storage.base import SecretRecord
@@ -81,6 +84,7 @@ __all__ = [
     "KeySession",
     "KeymgmtClient",
     "KeymgmtError",
+    "LabelConflictError",
     "NotFoundError",
     "RateLimitedError",
     "RegistrationError",
@@ -157,7 +161,12 @@ class RequestRefusedError(KeymgmtError):
 
 
 class IntegrityError(KeymgmtError):
-    """Data from the server failed verification (tampered or swapped ciphertext, wrong AD)."""
+    """Data from the server failed verification (tampered or swapped ciphertext, wrong AD,
+    an audit log that does not extend the one verified before)."""
+
+
+class LabelConflictError(KeymgmtError):
+    """Named keys: a label names several keys, or is already another key's (nothing sent)."""
 
 
 class _Waiter:
@@ -878,6 +887,10 @@ class KeySession:
             raise RequestRefusedError(str(refused), refused.status) from None
         except IntegrityFailure as exc:
             raise IntegrityError(str(exc)) from None
+        except LabelError as exc:
+            if exc.not_found:
+                raise NotFoundError(str(exc)) from None
+            raise LabelConflictError(str(exc)) from None
         except ValueError as exc:  # an argument the core refused before sending anything
             raise KeymgmtError(f"invalid argument: {exc}") from None
 
@@ -897,22 +910,53 @@ class KeySession:
         """OPS-1: fetch and decrypt ``storage_key`` once per session; kept in memory only."""
         return await self._run(self._ops.storage_key())
 
-    async def generate(self) -> bytes:
-        """OPS-2: generate a random 32-byte secret, store it encrypted; returns its key id."""
-        key_id, copy = await self._run(self._ops.generate(self._holds))
+    async def generate(self, label: str | None = None) -> bytes:
+        """OPS-2: generate a random 32-byte secret, store it encrypted; returns its key id.
+        With ``label`` the key is named too (:meth:`rename`; LabelConflictError before
+        anything is stored if another key has that label)."""
+        key_id, copy = await self._run(self._ops.generate(self._holds, label))
         self._keep(key_id, copy)
         return key_id
 
-    async def import_secret(self, portable: bytes) -> bytes:
+    async def import_secret(self, portable: bytes, label: str | None = None) -> bytes:
         """OPS-3/OPS-12: store a secret in the portable form (``len || secret`` up to 255 bytes,
-        the long form above); returns the key id."""
+        the long form above); returns the key id. ``label`` as for :meth:`generate`."""
         try:
-            plan = self._ops.import_portable(portable, self._holds)
+            plan = self._ops.import_portable(portable, self._holds, label)
         except ValueError as exc:
             raise KeymgmtError(f"cannot import: {exc}") from None
         key_id, copy = await self._run(plan)
         self._keep(key_id, copy)
         return key_id
+
+    async def rename(self, key_id: bytes, label: str | None) -> None:
+        """Named keys: set or change the key's label (None removes it). The label is sealed
+        here under the storage key; the server stores only ciphertext. LabelConflictError if
+        another key has it, NotFoundError if the key does not exist."""
+        await self._run(self._ops.rename(key_id, label))
+
+    async def resolve(self, label: str) -> bytes:
+        """Named keys: the key id of the one key labelled ``label`` (NotFoundError if none,
+        LabelConflictError if several)."""
+        return await self._run(self._ops.resolve(label))
+
+    async def verify_audit(self) -> VerifiedAudit:
+        """The audit chain: read the whole log and check it (docs/protocol.md section 12.10),
+        also against the newest entry this client verified before (kept in the local store);
+        IntegrityError if it does not extend it. Returns the verified entries and the new
+        head, which the local store then keeps."""
+        stored = self._client.local_store.audit_head(self.user_id)
+        head = None if stored is None else AuditHead(*stored)
+        verified = await self._run(self._ops.verify_audit(head))
+        if verified.head is not None:
+            self._client.local_store.put_audit_head(self.user_id, verified.head.position, verified.head.hash)
+        return verified
+
+    def audit_head(self) -> AuditHead | None:
+        """The newest audit entry this client verified (position and hash), from the local
+        store; compare it with another device's to check both see the same history."""
+        stored = self._client.local_store.audit_head(self.user_id)
+        return None if stored is None else AuditHead(*stored)
 
     async def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
         """OPS-4. NULL: None on success; LOCAL_ONLY: the secret; EXPORT: the portable form.
@@ -938,8 +982,9 @@ class KeySession:
         assert result is not None
         return result
 
-    async def list_keys(self) -> list[KeyInfo]:
-        """OPS-8: this user's key ids with kind and creation time (microseconds), all pages."""
+    async def list_keys(self) -> list[LabeledKey]:
+        """OPS-8: this user's key ids with kind, creation time (microseconds) and label (opened
+        here; ``label_tampered`` marks one that failed verification), all pages."""
         return await self._run(self._ops.list_keys())
 
     async def delete(self, key_id: bytes) -> None:
@@ -1014,6 +1059,7 @@ CLIENT_METHODS: Mapping[Op, str] = MappingProxyType(
         Op.CHANGE_PASSWORD_START: "change_password",
         Op.CHANGE_PASSWORD_FINISH: "change_password",
         Op.DELETE_ACCOUNT: "delete_account",
+        Op.RENAME_KEY: "rename",
     }
 )
 
@@ -1023,4 +1069,4 @@ def audit_to_json(entries: Sequence[AuditEntry], actor: bytes) -> str:
     if len(actor) != 16:
         raise ValueError("actor is a 16-byte user_id")
     documents = [{**e.to_json(), "actor": actor.hex()} for e in entries]
-    return json.dumps({"format": "keymgmt-audit-v2", "entries": documents}, indent=2)
+    return json.dumps({"format": "keymgmt-audit-v3", "entries": documents}, indent=2)

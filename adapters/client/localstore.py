@@ -2,7 +2,8 @@
 
 A SQLite file created with owner-only permissions, keyed by ``(user_id, key_id)``.
 Retrieve looks here first (OPS-4); an entry that fails to decrypt is replaced
-by the server's copy.
+by the server's copy. It also keeps, per user, the newest audit entry the client
+verified (position and hash: the audit chain's head).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ CREATE TABLE IF NOT EXISTS local_secrets (
     PRIMARY KEY (user_id, key_id)
 )
 """
+_AUDIT_HEADS = """
+CREATE TABLE IF NOT EXISTS audit_heads (
+    user_id BLOB PRIMARY KEY,
+    position INTEGER NOT NULL,
+    hash BLOB NOT NULL
+)
+"""
 
 
 class LocalStore:
@@ -47,6 +55,7 @@ class LocalStore:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             enable_wal(self._db, Path(self.path), LocalStoreError)
             self._db.execute(_SCHEMA)
+            self._db.execute(_AUDIT_HEADS)
         except sqlite3.DatabaseError as exc:
             raise LocalStoreError(f"cannot open local store {self.path}: {exc}") from None
 
@@ -88,6 +97,21 @@ class LocalStore:
             "SELECT key_id FROM local_secrets WHERE user_id = ? ORDER BY created_us", (user_id,)
         ).fetchall()
         return [row[0] for row in rows]
+
+    def audit_head(self, user_id: bytes) -> tuple[int, bytes] | None:
+        """The newest verified audit entry of ``user_id``: its position and hash."""
+        row = self._db.execute(
+            "SELECT position, hash FROM audit_heads WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def put_audit_head(self, user_id: bytes, position: int, chain_hash: bytes) -> None:
+        """Keep a newer verified head; an older position never replaces a newer one."""
+        self._db.execute(
+            "INSERT INTO audit_heads VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET "
+            "position = excluded.position, hash = excluded.hash WHERE excluded.position > position",
+            (user_id, position, chain_hash),
+        )
 
     def close(self) -> None:
         self._db.close()

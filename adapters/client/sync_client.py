@@ -21,7 +21,7 @@ from typing import Any
 from anyio.abc import ByteStream
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from keymgmt_proto import AuditEntry, AuditType, Context, KeyInfo
+from keymgmt_proto import AuditEntry, AuditHead, AuditType, Context, LabeledKey, VerifiedAudit
 
 from .async_client import DEFAULT_RECONNECT_BUDGET, KeymgmtClient, KeySession
 from .localstore import LocalStore
@@ -40,11 +40,23 @@ class SyncKeySession:
     def __repr__(self) -> str:
         return f"<SyncKeySession user_id={self.user_id.hex()}>"
 
-    def generate(self) -> bytes:
-        return self._portal.call(self._session.generate)
+    def generate(self, label: str | None = None) -> bytes:
+        return self._portal.call(self._session.generate, label)
 
-    def import_secret(self, portable: bytes) -> bytes:
-        return self._portal.call(self._session.import_secret, portable)
+    def import_secret(self, portable: bytes, label: str | None = None) -> bytes:
+        return self._portal.call(self._session.import_secret, portable, label)
+
+    def rename(self, key_id: bytes, label: str | None) -> None:
+        self._portal.call(self._session.rename, key_id, label)
+
+    def resolve(self, label: str) -> bytes:
+        return self._portal.call(self._session.resolve, label)
+
+    def verify_audit(self) -> VerifiedAudit:
+        return self._portal.call(self._session.verify_audit)
+
+    def audit_head(self) -> AuditHead | None:
+        return self._session.audit_head()
 
     def retrieve(self, key_id: bytes, context: Context = Context.NULL) -> bytes | None:
         return self._portal.call(self._session.retrieve, key_id, context)
@@ -52,7 +64,7 @@ class SyncKeySession:
     def export(self, key_id: bytes) -> bytes:
         return self._portal.call(self._session.export, key_id)
 
-    def list_keys(self) -> list[KeyInfo]:
+    def list_keys(self) -> list[LabeledKey]:
         return self._portal.call(self._session.list_keys)
 
     def delete(self, key_id: bytes) -> None:

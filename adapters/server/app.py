@@ -52,6 +52,7 @@ from keymgmt_proto import (
     RegistrationCompleted,
     RegistrationRequested,
     RemoteProtocolError,
+    RenameKeyRequest,
     RequestReceived,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
@@ -685,6 +686,12 @@ class KeyServer:
             raise _Refused(Status.NOT_FOUND, Action.DELETE_KEY, request.key_id)
         return Empty(), request.key_id
 
+    def _rename_key(self, op: _Op, request: RenameKeyRequest) -> _Answer:
+        # Named keys: the sealed label is stored as it came; the server cannot open it.
+        if not op.tx.set_label(op.user_id, request.key_id, request.sealed_label):
+            raise _Refused(Status.NOT_FOUND, Action.RENAME_KEY, request.key_id)
+        return Empty(), request.key_id
+
     def _change_password_start(self, op: _Op, request: ChangePasswordStartRequest) -> _Answer:
         action = Action.CHANGE_PASSWORD_START
         account = op.tx.get_account_by_user_id(op.user_id)
@@ -786,6 +793,7 @@ HANDLERS: Mapping[Op, Callable[[KeyServer, _Op, Any], _Answer]] = MappingProxyTy
         Op.CHANGE_PASSWORD_START: KeyServer._change_password_start,
         Op.CHANGE_PASSWORD_FINISH: KeyServer._change_password_finish,
         Op.DELETE_ACCOUNT: KeyServer._delete_account,
+        Op.RENAME_KEY: KeyServer._rename_key,
     }
 )
 

@@ -215,14 +215,20 @@ class Transaction(Protocol):
         """Release the names whose reservation ended by ``now``; how many."""
         ...
 
+    def set_label(self, user_id: bytes, key_id: bytes, sealed_label: bytes) -> bool:
+        """Named keys: store the key's sealed label as it is (empty: none); False if the user
+        has no such key."""
+        ...
+
     def append_audit(self, record: AuditRecord) -> None:
         """Append an entry; entries are numbered 1, 2, ... per user (OPS-7: a user's
-        numbering reveals nothing about other users)."""
+        numbering reveals nothing about other users), and each stores its audit-chain hash
+        (``keymgmt_proto.audit_chain_hash`` of the user's entry before), in this transaction."""
         ...
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
-        """Matching entries in entry order, at most ``query.limit``, and the cursor for the
-        next page (0 when there is none)."""
+        """Matching entries in entry order, with their chain hashes, at most ``query.limit``,
+        and the cursor for the next page (0 when there is none)."""
         ...
 
 

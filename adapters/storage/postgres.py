@@ -17,9 +17,10 @@ with the SQLite backend are in :mod:`.sql`.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 
@@ -42,12 +43,16 @@ from .base import (
     needs_sync,
 )
 from .sql import (
+    AUDIT_CHAIN_MARK,
+    Row,
     Statements,
     account_values,
     audit_page,
     audit_values,
+    chain_hash_of,
     check_schema_version,
     eviction_params,
+    fill_audit_chain,
     key_page,
     lock_end,
     migration_statements,
@@ -134,6 +139,13 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE detached_sessions ADD COLUMN user_id BYTEA;
     CREATE INDEX detached_sessions_by_user ON detached_sessions(user_id)
     """,
+    # 5: named keys (a sealed label the server cannot read), and the audit chain: each entry
+    # stores its hash; the entries written before are chained by fill_audit_chain
+    f"""
+    ALTER TABLE secrets ADD COLUMN label BYTEA;
+    {AUDIT_CHAIN_MARK}
+    ALTER TABLE audit ADD COLUMN chain_hash BYTEA CHECK (chain_hash IS NULL OR length(chain_hash) = 32)
+    """,
 ]
 
 _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
@@ -143,6 +155,12 @@ _INSERT_SECRET = _SQL.insert_secret + " ON CONFLICT (key_id) DO NOTHING"
 # A success locks the record before it reads the counts it hands over.
 _LOGIN_RECORD_FOR_UPDATE = _SQL.login_record + " FOR UPDATE"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _run(conn: psycopg.Connection[TupleRow], statement: str, params: Sequence[object]) -> list[Row]:
+    """Run one statement on ``conn``; its rows (none for a statement that returns none)."""
+    cursor = conn.execute(statement, params)
+    return list(cursor.fetchall()) if cursor.description is not None else []
 
 
 #: For one transaction: commit without waiting for the WAL flush.
@@ -254,6 +272,11 @@ class _PgTransaction:
     def forget_reserved_names(self, now: int) -> int:
         return self._conn.execute(_SQL.forget_reserved_names, (now,)).rowcount
 
+    def set_label(self, user_id: bytes, key_id: bytes, sealed_label: bytes) -> bool:
+        self._storage.sync_needed = True
+        cursor = self._conn.execute(_SQL.set_label, (sealed_label or None, user_id, key_id))
+        return cursor.rowcount == 1
+
     def append_audit(self, record: AuditRecord) -> None:
         if needs_sync(record):
             self._storage.sync_needed = True
@@ -264,10 +287,17 @@ class _PgTransaction:
         )
         if row is None:
             raise StorageError("audit entry for a user that has no account")
+        seq = row[0]
+        # Under that lock the entry before is committed (or this transaction's own), so its
+        # hash is the one the chain continues from.
+        before = self._one(_SQL.audit_hash, (record.user_id, seq - 1)) if seq > 1 else None
+        if seq > 1 and (before is None or before[0] is None):
+            raise StorageError("the audit entry before is missing or not chained")
+        chain_hash = chain_hash_of(record, seq, None if before is None else bytes(before[0]))
         self._conn.execute(
-            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (record.user_id, row[0], *audit_values(record)),
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "
+            "chain_hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (record.user_id, seq, *audit_values(record, chain_hash)),
         )
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
@@ -425,6 +455,8 @@ class PostgresStorage:
             for version in range(current + 1, len(_MIGRATIONS) + 1):
                 for statement in migration_statements(_MIGRATIONS[version - 1]):
                     conn.execute(statement)
+                if AUDIT_CHAIN_MARK in _MIGRATIONS[version - 1]:
+                    fill_audit_chain(functools.partial(_run, conn), _SQL)
                 conn.execute(_SQL.record_schema_version, (version,))
 
     @property

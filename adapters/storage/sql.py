@@ -21,18 +21,31 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto import (
+    Action,
+    AuditEntry,
+    AuditType,
+    Context,
+    KeyInfo,
+    Outcome,
+    SecretKind,
+    audit_chain_hash,
+    audit_genesis_hash,
+)
 
 from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, StorageError
 
 __all__ = [
+    "AUDIT_CHAIN_MARK",
     "Row",
     "Statements",
     "account_values",
     "audit_page",
     "audit_values",
+    "chain_hash_of",
     "check_schema_version",
     "eviction_params",
+    "fill_audit_chain",
     "key_page",
     "lock_end",
     "migration_statements",
@@ -50,7 +63,10 @@ Row = Sequence[Any]
 
 ACCOUNT_COLUMNS = "account_name, user_id, registration_record, encrypted_storage_key, created_us"
 SECRET_COLUMNS = "user_id, key_id, kind, ciphertext, associated_data, created_us"  # noqa: S105
-AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count"
+AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count, chain_hash"
+#: In a migration's text: after its statements, compute the audit chain of the entries
+#: written before it (:func:`fill_audit_chain`), in the migration's transaction.
+AUDIT_CHAIN_MARK = "-- then: fill the audit chain"
 LOGIN_COLUMNS = (
     "account_name, failures, unlogged, throttled, last_failure_us, last_throttled_us, locked_until_us"
 )
@@ -122,10 +138,21 @@ class Statements:
         self.secret = spell(f"SELECT {SECRET_COLUMNS} FROM secrets WHERE user_id = ? AND key_id = ?")
         #: Parameters: user id, :func:`rows_to_fetch`, offset; rows: :func:`key_page`.
         self.list_keys = spell(
-            "SELECT key_id, kind, created_us FROM secrets WHERE user_id = ? "
+            "SELECT key_id, kind, created_us, label FROM secrets WHERE user_id = ? "
             "ORDER BY created_us, key_id LIMIT ? OFFSET ?"
         )
         self.delete_secret = spell("DELETE FROM secrets WHERE user_id = ? AND key_id = ?")
+        #: Parameters: the sealed label (NULL for none), user id, key id.
+        self.set_label = spell("UPDATE secrets SET label = ? WHERE user_id = ? AND key_id = ?")
+
+        # Audit chain
+        #: The hash of the user's entry ``seq``; parameters: user id, seq.
+        self.audit_hash = spell("SELECT chain_hash FROM audit WHERE user_id = ? AND seq = ?")
+        #: Users with entries not yet in the chain (the migration that adds it).
+        self.unchained_users = spell("SELECT DISTINCT user_id FROM audit WHERE chain_hash IS NULL")
+        self.user_audit = spell(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE user_id = ? ORDER BY seq")
+        #: Parameters: hash, user id, seq.
+        self.set_audit_hash = spell("UPDATE audit SET chain_hash = ? WHERE user_id = ? AND seq = ?")
 
         # Login throttling (NET-10); rows: :func:`to_login_record`
         #: Admit a login or count it throttled, in one statement; parameters:
@@ -265,9 +292,9 @@ def secret_values(secret: SecretRecord) -> tuple[object, ...]:
     )
 
 
-def audit_values(record: AuditRecord) -> tuple[object, ...]:
+def audit_values(record: AuditRecord, chain_hash: bytes) -> tuple[object, ...]:
     """An audit entry's columns after ``user_id`` and ``seq`` (each backend numbers entries
-    its own way): action, timestamp_us, outcome, key_id, context, event_count."""
+    its own way): action, timestamp_us, outcome, key_id, context, event_count, chain_hash."""
     return (
         int(record.action),
         record.timestamp,
@@ -275,7 +302,33 @@ def audit_values(record: AuditRecord) -> tuple[object, ...]:
         record.key_id,
         None if record.context is None else int(record.context),
         record.count,
+        chain_hash,
     )
+
+
+def chain_hash_of(record: AuditRecord, seq: int, previous: bytes | None) -> bytes:
+    """The audit-chain hash of ``record`` written as the user's entry ``seq``, after the entry
+    whose hash is ``previous`` (None for entry 1: the genesis hash)."""
+    entry = AuditEntry(
+        seq, record.action, record.timestamp, record.outcome, record.key_id, record.context, record.count
+    )
+    return audit_chain_hash(record.user_id, audit_genesis_hash() if previous is None else previous, entry)
+
+
+def fill_audit_chain(run: Callable[[str, Sequence[object]], list[Row]], statements: Statements) -> int:
+    """The migration that adds the audit chain: compute the hash of every entry written
+    before it, user by user in entry order from the genesis hash, as if the chain had always
+    been there. ``run`` executes a statement in the migration's transaction and returns its
+    rows. Returns how many entries were filled."""
+    filled = 0
+    for (user_id,) in run(statements.unchained_users, ()):
+        previous = audit_genesis_hash()
+        for row in run(statements.user_audit, (user_id,)):
+            entry = _entry(row)
+            previous = audit_chain_hash(bytes(user_id), previous, entry)
+            run(statements.set_audit_hash, (previous, user_id, entry.entry_id))
+            filled += 1
+    return filled
 
 
 def rows_to_fetch(limit: int) -> int:
@@ -329,26 +382,29 @@ _SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
 def key_page(rows: Sequence[Row], offset: int, limit: int) -> tuple[list[KeyInfo], int]:
     """The keys of a :attr:`Statements.list_keys` page, and the offset of the next page
     (0 when there is none)."""
-    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2]) for row in rows[:limit]]
+    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2], bytes(row[3] or b"")) for row in rows[:limit]]
     return keys, offset + limit if len(rows) > limit else 0
 
 
 def audit_page(rows: Sequence[Row], limit: int) -> tuple[list[AuditEntry], int]:
     """The entries of a :meth:`Statements.audit_query` page, and the cursor of the next
     page (0 when there is none)."""
-    entries = [
-        AuditEntry(
-            row[0],
-            Action(row[1]),
-            row[2],
-            Outcome(row[3]),
-            row[4],
-            None if row[5] is None else Context(row[5]),
-            row[6],
-        )
-        for row in rows[:limit]
-    ]
+    entries = [_entry(row) for row in rows[:limit]]
     return entries, entries[-1].entry_id if len(rows) > limit else 0
+
+
+def _entry(row: Row) -> AuditEntry:
+    """An :data:`AUDIT_COLUMNS` row."""
+    return AuditEntry(
+        row[0],
+        Action(row[1]),
+        row[2],
+        Outcome(row[3]),
+        None if row[4] is None else bytes(row[4]),
+        None if row[5] is None else Context(row[5]),
+        row[6],
+        None if row[7] is None else bytes(row[7]),
+    )
 
 
 def to_login_record(row: Row) -> LoginRecord:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
@@ -38,13 +38,16 @@ from .base import (
     needs_sync,
 )
 from .sql import (
+    AUDIT_CHAIN_MARK,
     Row,
     Statements,
     account_values,
     audit_page,
     audit_values,
+    chain_hash_of,
     check_schema_version,
     eviction_params,
+    fill_audit_chain,
     key_page,
     lock_end,
     migration_statements,
@@ -135,14 +138,21 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE detached_sessions ADD COLUMN user_id BLOB;
     CREATE INDEX detached_sessions_by_user ON detached_sessions(user_id);
     """,
+    # 7: named keys (a sealed label the server cannot read), and the audit chain: each entry
+    # stores its hash; the entries written before are chained by fill_audit_chain
+    f"""
+    ALTER TABLE secrets ADD COLUMN label BLOB;
+    {AUDIT_CHAIN_MARK}
+    ALTER TABLE audit ADD COLUMN chain_hash BLOB CHECK (chain_hash IS NULL OR length(chain_hash) = 32);
+    """,
 ]
 
 _SQL = Statements("qmark")
 _INSERT_AUDIT = (
-    "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "
+    "chain_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_LAST_AUDIT_NUMBER = "SELECT coalesce(max(seq), 0) FROM audit WHERE user_id = ?"
+_LAST_AUDIT_ENTRY = "SELECT seq, chain_hash FROM audit WHERE user_id = ? ORDER BY seq DESC LIMIT 1"
 #: Users whose last audit number the storage remembers (then it starts again).
 _AUDIT_NUMBERS_KEPT = 100_000
 
@@ -283,29 +293,39 @@ class _SQLiteTransaction:
     def forget_reserved_names(self, now: int) -> int:
         return self._db.execute(_SQL.forget_reserved_names, (now,)).rowcount
 
+    def set_label(self, user_id: bytes, key_id: bytes, sealed_label: bytes) -> bool:
+        self._storage.sync_needed = True
+        cursor = self._db.execute(_SQL.set_label, (sealed_label or None, user_id, key_id))
+        return cursor.rowcount == 1
+
     def append_audit(self, record: AuditRecord) -> None:
-        # Numbered from the storage's memory of each user's last number: one statement. A
-        # number another process took meanwhile is refused by the primary key, and the
-        # last number is then read again (a batch holds the write lock: nobody appends
-        # during it). Every rollback forgets the numbers, so none is ever skipped.
+        # Numbered, and chained, from the storage's memory of each user's last number and
+        # hash: one statement. A number another process took meanwhile is refused by the
+        # primary key, and the last entry is then read again (a batch holds the write lock:
+        # nobody appends during it). Every rollback forgets the numbers, so none is ever
+        # skipped, and no hash is ever computed from an entry that was rolled back.
         if needs_sync(record):
             self._storage.sync_needed = True
         user_id = record.user_id
         numbers = self._storage.audit_numbers
-        last = numbers.get(user_id)
-        if last is not None:
+        remembered = numbers.get(user_id)
+        if remembered is not None:
+            last, previous = remembered
+            chain_hash = chain_hash_of(record, last + 1, previous)
             try:
-                self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record)))
+                self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record, chain_hash)))
             except sqlite3.IntegrityError:
                 pass
             else:
-                numbers[user_id] = last + 1
+                numbers[user_id] = (last + 1, chain_hash)
                 return
-        last = self._db.execute(_LAST_AUDIT_NUMBER, (user_id,)).fetchone()[0]
-        self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record)))
+        row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
+        last = 0 if row is None else int(row[0])
+        chain_hash = chain_hash_of(record, last + 1, None if row is None else row[1])
+        self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record, chain_hash)))
         if len(numbers) >= _AUDIT_NUMBERS_KEPT:
             numbers.clear()
-        numbers[user_id] = last + 1
+        numbers[user_id] = (last + 1, chain_hash)
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()
@@ -405,9 +425,9 @@ class SQLiteStorage:
         self._wal = _WalFile(None if str(path) == ":memory:" else Path(f"{self.path}-wal"))
         #: Commits that synced the WAL (for tests and metrics).
         self.syncs = 0
-        #: The last audit entry number of each user as committed or written in the open
-        #: transaction (see append_audit); forgotten on every rollback.
-        self.audit_numbers: dict[bytes, int] = {}
+        #: The last audit entry number and chain hash of each user as committed or written in
+        #: the open transaction (see append_audit); forgotten on every rollback.
+        self.audit_numbers: dict[bytes, tuple[int, bytes]] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -437,11 +457,16 @@ class SQLiteStorage:
                     return
                 for statement in migration_statements(_MIGRATIONS[current]):
                     self._db.execute(statement)
+                if AUDIT_CHAIN_MARK in _MIGRATIONS[current]:
+                    fill_audit_chain(self._run, _SQL)
                 self._db.execute(_SQL.record_schema_version, (current + 1,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._rollback()
                 raise
+
+    def _run(self, statement: str, params: Sequence[object]) -> list[Row]:
+        return self._db.execute(statement, params).fetchall()
 
     @property
     def schema_version(self) -> int:

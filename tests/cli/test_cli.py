@@ -82,7 +82,8 @@ def test_cli_errors_are_one_line_with_documented_exit_codes(server, tmp_path):
         (run_client(server, tmp_path, "list", account="nobody@example.org"), 3, "login failed"),
         (run_client(server, tmp_path, "retrieve", "00" * 16), 4, "no such key"),
         (run_client(server, tmp_path, "register"), 5, "already registered"),
-        (run_client(server, tmp_path, "retrieve", "xyz"), 2, "not hex"),
+        (run_client(server, tmp_path, "retrieve", "xyz"), 4, "no key is labelled 'xyz'"),  # not a key id
+        (run_client(server, tmp_path, "retrieve", "x\ty"), 2, "control characters"),
         (run_client(server, tmp_path, "import", "--file", str(big_file)), 2, "1..65536"),
         (run_client(server, tmp_path, "list", ca=tmp_path / "nope.pem"), 2, "CA bundle"),
         (run_client(server, tmp_path, "list", password=""), 2, "password is empty"),

@@ -51,7 +51,7 @@ def test_every_command_speaks_json_with_iso_utc_times(server, tmp_path):
     assert all(ISO_UTC.match(k["created"]) for k in listed), listed
     assert _json(server, tmp_path, "delete", "--yes", key_id) == {"key_id": key_id, "deleted": True}
     audit = _json(server, tmp_path, "audit")
-    assert audit["format"] == "keymgmt-audit-v2" and audit["entries"]
+    assert audit["format"] == "keymgmt-audit-v3" and audit["entries"]
     assert _json(server, tmp_path, "logout") == {"account": "alice@example.org", "logged_out": True}
     # The table's times are the same format.
     table = run_client(server, tmp_path, "audit").stdout.splitlines()[1:]

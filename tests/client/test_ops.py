@@ -78,7 +78,7 @@ async def test_a_new_user_does_everything(tmp_path):
         assert all(e.key_id == imported for e in one_key) and one_key
         assert len(everything) > len(keys_only) > len(one_key)
         document = json.loads(audit_to_json(everything, user_id))
-        assert document["format"] == "keymgmt-audit-v2"
+        assert document["format"] == "keymgmt-audit-v3"
         assert document["entries"][0]["action"] == "register"
         assert {e["actor"] for e in document["entries"]} == {user_id.hex()}
 

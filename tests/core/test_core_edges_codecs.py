@@ -265,7 +265,7 @@ def _audit_response_body(*, flag: int = 0, count: int = 1) -> bytes:
     w.u64(1).u8(1).u64(0).u8(Outcome.SUCCESS).u32(count).u8(flag)
     if flag == 1:
         w.fixed(KEY_ID, 16)
-    return w.u8(0xFF).u64(0).getvalue()
+    return w.u8(0xFF).fixed(b"h" * 32, 32).u64(0).getvalue()
 
 
 def test_audit_entry_decodes_when_well_formed():
@@ -273,6 +273,13 @@ def test_audit_entry_decodes_when_well_formed():
     assert status is Status.OK
     assert isinstance(response, AuditResponse)
     assert response.entries[0].key_id == KEY_ID and response.entries[0].count == 1
+    assert response.entries[0].chain_hash == b"h" * 32  # each entry is followed by its hash
+
+
+def test_an_audit_entry_without_its_hash_is_truncated():
+    body = _audit_response_body(flag=1)
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        decode_response(Op.AUDIT, body[: -8 - 32] + body[-8:])
 
 
 @pytest.mark.parametrize(

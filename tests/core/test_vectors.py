@@ -12,6 +12,7 @@ file's stand-in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import importlib.util
@@ -600,3 +601,90 @@ def test_transcript_replays_through_real_connections(name):
         client.close_session(session_id)
         exchange()
     assert [f.hex() for f in sealed] == [e["frame"] for e in transcript["frames"]]
+
+
+# ------------------------------------------------------------------ named keys, the audit chain
+
+
+def test_label_vectors():
+    data = load("labels.json")
+    assert data["label_ad_domain"].encode("ascii") == keymgmt_proto.LABEL_AD_DOMAIN
+    for vector in data["vectors"]:
+        storage_key, user_id, key_id = h(vector["storage_key"]), h(vector["user_id"]), h(vector["key_id"])
+        label, nonce, sealed = (
+            h(vector["label_utf8"]).decode("utf-8"),
+            h(vector["nonce"]),
+            h(vector["sealed"]),
+        )
+        ad = b"keymgmt v1 key label" + user_id + key_id
+        assert keymgmt_proto.label_ad(user_id, key_id) == ad and ad.hex() == vector["associated_data"]
+        assert sealed == nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, label.encode("utf-8"), ad)
+        assert keymgmt_proto.seal_label(storage_key, user_id, key_id, label, fixed(nonce)) == sealed
+        assert keymgmt_proto.open_label(storage_key, user_id, key_id, sealed) == label
+        other_key = bytes(b ^ 1 for b in key_id)
+        with pytest.raises(RemoteProtocolError):  # the AD binds the key id: no moving labels
+            keymgmt_proto.open_label(storage_key, user_id, other_key, sealed)
+        with pytest.raises(RemoteProtocolError):  # nor altering them
+            keymgmt_proto.open_label(storage_key, user_id, key_id, sealed[:-1] + bytes([sealed[-1] ^ 1]))
+        # never readable as a secret of that key: the secret's AD is another length
+        for kind in SecretKind:
+            with pytest.raises(RemoteProtocolError):
+                open_secret(storage_key, sealed, secret_ad(user_id, key_id, kind))
+
+
+def _entry(encoding: str) -> keymgmt_proto.AuditEntry:
+    """An entry from its encoding, read as an AUDIT answer of one entry carries it."""
+    body = b"\x00\x00\x01" + h(encoding) + bytes(32) + bytes(8)
+    _, answer = decode_response(Op.AUDIT, body)
+    assert isinstance(answer, keymgmt_proto.AuditResponse)
+    return dataclasses.replace(answer.entries[0], chain_hash=None)
+
+
+def _chain_answer(rows: list[list]) -> keymgmt_proto.AuditResponse:
+    entries = []
+    for entry_id, encoding, digest in rows:
+        entry = _entry(encoding)
+        assert entry.entry_id == entry_id
+        entries.append(dataclasses.replace(entry, chain_hash=h(digest)))
+    return keymgmt_proto.AuditResponse(tuple(entries))
+
+
+def _verify(user_id: bytes, answer: keymgmt_proto.AuditResponse, head=None):
+    plan = keymgmt_proto.SecretOps(user_id, bytes(64), os.urandom).verify_audit(head)
+    request = next(plan)
+    assert (
+        isinstance(request, keymgmt_proto.AuditRequest) and request.audit_type is keymgmt_proto.AuditType.ALL
+    )
+    assert not request.key_ids and request.after is None and request.before is None  # an unfiltered walk
+    with pytest.raises(StopIteration) as done:
+        plan.send(answer)
+    return done.value.value
+
+
+def test_audit_chain_vectors():
+    data = load("audit_chain.json")
+    user_id, previous = h(data["user_id"]), h(data["genesis"])
+    assert previous == bytes(32) == keymgmt_proto.audit_genesis_hash()
+    for link in data["chain"]:
+        domain = b"keymgmt v1 audit chain"
+        preimage = struct.pack(">H", len(domain)) + domain + user_id + previous + h(link["encoding"])
+        assert link["previous"] == previous.hex() and link["preimage"] == preimage.hex()
+        assert hashlib.sha3_256(preimage).hexdigest() == link["hash"]
+        entry = _entry(link["encoding"])
+        assert keymgmt_proto.audit_chain_hash(user_id, previous, entry).hex() == link["hash"]
+        previous = h(link["hash"])
+    rows = [[link["entry_id"], link["encoding"], link["hash"]] for link in data["chain"]]
+    verified = _verify(user_id, _chain_answer(rows))
+    assert verified.head == keymgmt_proto.AuditHead(len(rows), previous)
+    for case in data["tampered"]:
+        answer = _chain_answer(case["entries"])
+        if case["why"].startswith("history forked"):
+            # valid on its own: only the head verified before (the original entry 6) tells
+            assert _verify(user_id, answer).head.position == len(rows)
+            with pytest.raises(
+                keymgmt_proto.IntegrityFailure, match="differs from the one this client verified"
+            ):
+                _verify(user_id, answer, keymgmt_proto.AuditHead(len(rows), previous))
+            continue
+        with pytest.raises(keymgmt_proto.IntegrityFailure, match="audit log"):
+            _verify(user_id, answer)

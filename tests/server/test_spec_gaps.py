@@ -9,6 +9,7 @@ writes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from keymgmt_proto import (
     SessionFailed,
     SessionHandle,
     Status,
+    audit_chain_hash,
     decode_response,
     joint_key_id,
 )
@@ -176,8 +178,13 @@ def test_audit_export_matches_the_documented_json():
     section = _section((ROOT / "docs" / "protocol.md").read_text(), "### 12.12")
     documented = json.loads(re.findall(r"```json\n(.*?)```", section, re.DOTALL)[-1])
     key_id = bytes.fromhex("b384814defc6f1621eb98517fda2ccd8")
+    actor = bytes.fromhex("11" * 16)
     entries = [
         AuditEntry(7, Action.RETRIEVE, 1700000000123456, Outcome.SUCCESS, key_id, Context.EXPORT),
         AuditEntry(8, Action.AUDIT, 1700000000200000, Outcome.SUCCESS),
     ]
-    assert json.loads(audit_to_json(entries, bytes.fromhex("11" * 16))) == documented
+    previous = b"\x33" * 32  # entry 6's hash, as the section says
+    for n, entry in enumerate(entries):
+        previous = audit_chain_hash(actor, previous, entry)
+        entries[n] = dataclasses.replace(entry, chain_hash=previous)
+    assert json.loads(audit_to_json(entries, actor)) == documented

@@ -61,9 +61,8 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
     from keymgmt.adapters.storage.sqlite import _MIGRATIONS
 
-    assert (
-        storage.schema_version == len(_MIGRATIONS) == 6
-    )  # accounts etc., throttling, sessions, counts, keys, names
+    # accounts etc., throttling, sessions, counts, keys, names, labels and the audit chain
+    assert storage.schema_version == len(_MIGRATIONS) == 7
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     storage.close()

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +18,17 @@ from keymgmt.adapters.files import BUSY_TIMEOUT_MS
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord, StorageError
 from keymgmt.adapters.storage.sql import Statements
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import Action, AuditEntry, AuditType, Context, KeyInfo, Outcome, SecretKind
+from keymgmt_proto import (
+    Action,
+    AuditEntry,
+    AuditType,
+    Context,
+    KeyInfo,
+    Outcome,
+    SecretKind,
+    audit_chain_hash,
+    audit_genesis_hash,
+)
 
 from ..support.pg import drop_schema, fresh_schema, postgres_or_skip, schema_fixture
 
@@ -133,6 +144,11 @@ def test_query_audit_returns_entries_field_for_field_and_stops_at_a_full_last_pa
             AuditEntry(2, Action.LOGIN, 2_000, Outcome.FAILURE, None, Context.EXPORT, 4),
             AuditEntry(3, Action.RETRIEVE, 3_000, Outcome.SUCCESS, b"j" * 16, Context.LOCAL_ONLY, 1),
         ]
+        # ... each with its audit-chain hash, computed by the backend from the one before
+        previous = audit_genesis_hash()
+        for n, entry in enumerate(expected):
+            previous = audit_chain_hash(ALICE.user_id, previous, entry)
+            expected[n] = replace(entry, chain_hash=previous)
         assert tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, limit=3)) == (expected, 0)
         assert tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, limit=2)) == (expected[:2], 2)
         assert tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL, cursor=2, limit=1)) == (

@@ -123,6 +123,7 @@ def test_a_response_with_a_trailing_byte_is_refused(op: Op) -> None:
         Op.CHANGE_PASSWORD_START: PasswordRegistrationResponse(bytes(64)),
         Op.CHANGE_PASSWORD_FINISH: Empty(),
         Op.DELETE_ACCOUNT: Empty(),
+        Op.RENAME_KEY: Empty(),
     }[op]
     body = encode_response(Status.OK, ok)
     assert decode_response(op, body) == (Status.OK, ok)
