@@ -83,11 +83,16 @@ async def _serve(directory: Path, channel_only: bool, idle_timeout: float | None
         real = runtime.keyserver.answer
 
         def answer(
-            session: SessionHandle, user_id: bytes, body: bytes, *, registrar: PasswordRegistrar | None = None
+            session: SessionHandle,
+            user_id: bytes,
+            body: bytes,
+            *,
+            registrar: PasswordRegistrar | None = None,
+            login_started: int = 0,
         ) -> bytes:
             if body[:1] == bytes([Op.RETRIEVE]):
                 return CANNED_RETRIEVE
-            return real(session, user_id, body, registrar=registrar)
+            return real(session, user_id, body, registrar=registrar, login_started=login_started)
 
         runtime.keyserver.answer = answer  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:

@@ -676,6 +676,13 @@ class ServerConnection(ConnectionBase):
         session = self._sessions.get(session_id)
         return None if session is None else self._now - session.created
 
+    def login_time(self, session_id: int) -> float | None:
+        """When the live session's login started, on the clock this connection is given
+        (None for no such session): a password change elsewhere after it makes the session
+        too old to change the password or delete the account."""
+        session = self._sessions.get(session_id)
+        return None if session is None else session.created
+
     def password_registration_response(self, account_name: bytes, registration_request: bytes) -> bytes:
         """Password change (CHANGE_PASSWORD_START): the OPAQUE RegistrationResponse for a
         new password of ``account_name``, under this connection's server setup.

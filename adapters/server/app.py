@@ -296,7 +296,11 @@ class KeyServer:
             age = conn.login_age(event.session_id)
             recent = age is not None and age <= self.reauth_window
             body = self._answer_counted(
-                event.handle, event.user_id, event.body, registrar=conn if recent else None
+                event.handle,
+                event.user_id,
+                event.body,
+                registrar=conn if recent else None,
+                login_started=int((conn.login_time(event.session_id) or 0) * 1_000_000) if recent else 0,
             )
             conn.send_response(event.session_id, event.request_id, body)
             if body[:1] == _OK and event.body[:1] in _ENDING_SESSIONS:
@@ -529,25 +533,31 @@ class KeyServer:
         body: bytes,
         *,
         registrar: PasswordRegistrar | None = None,
+        login_started: int = 0,
     ) -> bytes:
         """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
         if self.metrics is None:
-            return self._answer_or_gone(session, user_id, body, registrar)
+            return self._answer_or_gone(session, user_id, body, registrar, login_started)
         started = time.perf_counter()
-        response = self._answer_or_gone(session, user_id, body, registrar)
+        response = self._answer_or_gone(session, user_id, body, registrar, login_started)
         op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
         status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
 
     def _answer_or_gone(
-        self, session: SessionHandle, user_id: bytes, body: bytes, registrar: PasswordRegistrar | None
+        self,
+        session: SessionHandle,
+        user_id: bytes,
+        body: bytes,
+        registrar: PasswordRegistrar | None,
+        login_started: int = 0,
     ) -> bytes:
         """:meth:`answer`; a request whose account was deleted meanwhile (a session of it that
         this instance could not end: attached on another instance) is answered ``NOT_FOUND``
         with no audit entry (there is no log to write to) instead of a storage error."""
         try:
-            return self.answer(session, user_id, body, registrar=registrar)
+            return self.answer(session, user_id, body, registrar=registrar, login_started=login_started)
         except StorageError:
             if self._account_gone(user_id):
                 return encode_response(Status.NOT_FOUND)
@@ -568,11 +578,13 @@ class KeyServer:
         body: bytes,
         *,
         registrar: PasswordRegistrar | None = None,
+        login_started: int = 0,
     ) -> bytes:
         """Answer one request body from ``session`` (its handle) of ``user_id``. A password
         change or an account deletion needs ``registrar`` (the session's connection, given
         only while the session's login is recent: ``reauth_window``); without one it is
-        refused ``INVALID``."""
+        refused ``INVALID``, and so it is when the password changed at or after
+        ``login_started`` (us) (a session on another instance changed it)."""
         now = self.now_us()
         try:
             request = decode_request(body)
@@ -588,7 +600,7 @@ class KeyServer:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
             with self.storage.transaction(atomic=kind not in _ONE_WRITE) as tx:
-                op = _Op(tx, user_id, now, reservations, [], registrar)
+                op = _Op(tx, user_id, now, reservations, [], registrar, login_started)
                 response, key_id = self._perform(op, request)
                 if kind is not Op.DELETE_ACCOUNT:  # a deletion takes the log with it
                     tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
@@ -697,7 +709,7 @@ class KeyServer:
         account = op.tx.get_account_by_user_id(op.user_id)
         if account is None:
             raise _Refused(Status.NOT_FOUND, action)
-        if op.registrar is None:
+        if op.registrar is None or self._changed_since_login(op):
             raise _Refused(Status.INVALID, action)
         try:
             response = op.registrar.password_registration_response(
@@ -711,7 +723,7 @@ class KeyServer:
         """The new record and the re-wrapped storage key replace the old ones in this one
         transaction (with its audit entry): a crash leaves the old password or the new one."""
         action = Action.CHANGE_PASSWORD
-        if op.registrar is None:
+        if op.registrar is None or self._changed_since_login(op):
             raise _Refused(Status.INVALID, action)
         try:
             record = op.registrar.password_registration_record(request.registration_upload)
@@ -724,12 +736,19 @@ class KeyServer:
     def _delete_account(self, op: _Op, request: DeleteAccountRequest) -> _Answer:
         """The record, every secret, the audit log and the name's throttling state go in
         this one transaction; the name stays reserved for ``name_reservation`` seconds."""
-        if op.registrar is None:  # not a recent login
+        if op.registrar is None or self._changed_since_login(op):  # not a recent login
             raise _Refused(Status.INVALID, Action.DELETE_ACCOUNT)
         reserved_until = op.now + int(self.name_reservation * 1_000_000)
         if not op.tx.delete_account(op.user_id, reserved_until):
             raise _Refused(Status.NOT_FOUND, Action.DELETE_ACCOUNT)
         return Empty(), None
+
+    @staticmethod
+    def _changed_since_login(op: _Op) -> bool:
+        """Whether the account's password changed at or after this session's login: a session
+        that another instance could not end (it was attached there) must not change the new
+        password or delete the account with the old one's login (a takeover)."""
+        return op.tx.credentials_changed_since(op.user_id, op.login_started)
 
     def _drop_stored_sessions(self, user_id: bytes) -> None:
         """Drop the account's sessions sealed into the shared session store (other
@@ -774,6 +793,9 @@ class _Op:
     later: list[AuditRecord]
     #: The OPAQUE server steps of a password change (None: password changes are refused).
     registrar: PasswordRegistrar | None = None
+    #: When the session's login started (us; 0: unknown): a password change or deletion is
+    #: refused if the password changed since (by a session elsewhere: another instance).
+    login_started: int = 0
 
 
 #: An OK response and the key id its audit entry names (None for none).

@@ -211,6 +211,11 @@ class Transaction(Protocol):
         """Whether a deleted account's name is still reserved at ``now`` (microseconds)."""
         ...
 
+    def credentials_changed_since(self, user_id: bytes, since: int) -> bool:
+        """Whether the account's password was changed at or after ``since`` (microseconds;
+        its CHANGE_PASSWORD audit entries say when)."""
+        ...
+
     def forget_reserved_names(self, now: int) -> int:
         """Release the names whose reservation ended by ``now``; how many."""
         ...

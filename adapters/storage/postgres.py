@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from keymgmt_proto import AuditEntry, KeyInfo
+from keymgmt_proto import Action, AuditEntry, KeyInfo, Outcome
 
 from ..redaction import database_url_secrets, redact_database_url
 from .base import (
@@ -268,6 +268,10 @@ class _PgTransaction:
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         return self._one(_SQL.name_reserved, (account_name, now)) is not None
+
+    def credentials_changed_since(self, user_id: bytes, since: int) -> bool:
+        params = (user_id, int(Action.CHANGE_PASSWORD), int(Outcome.SUCCESS), since)
+        return self._one(_SQL.credentials_changed_since, params) is not None
 
     def forget_reserved_names(self, now: int) -> int:
         return self._conn.execute(_SQL.forget_reserved_names, (now,)).rowcount

@@ -229,6 +229,11 @@ class Statements:
             "SELECT 1 FROM reserved_names WHERE account_name = ? AND reserved_until_us > ?"
         )
         self.forget_reserved_names = spell("DELETE FROM reserved_names WHERE reserved_until_us <= ?")
+        #: Parameters: user id, action (CHANGE_PASSWORD), outcome (SUCCESS), since (us).
+        self.credentials_changed_since = spell(
+            "SELECT 1 FROM audit WHERE user_id = ? AND action = ? AND outcome = ? "
+            "AND timestamp_us >= ? LIMIT 1"
+        )
         #: Exactly once: two claims of one handle cannot both get the row.
         self.claim_session = spell("DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state")
 

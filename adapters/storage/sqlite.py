@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from keymgmt_proto import AuditEntry, KeyInfo
+from keymgmt_proto import Action, AuditEntry, KeyInfo, Outcome
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .base import (
@@ -289,6 +289,10 @@ class _SQLiteTransaction:
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         return self._db.execute(_SQL.name_reserved, (account_name, now)).fetchone() is not None
+
+    def credentials_changed_since(self, user_id: bytes, since: int) -> bool:
+        params = (user_id, int(Action.CHANGE_PASSWORD), int(Outcome.SUCCESS), since)
+        return self._db.execute(_SQL.credentials_changed_since, params).fetchone() is not None
 
     def forget_reserved_names(self, now: int) -> int:
         return self._db.execute(_SQL.forget_reserved_names, (now,)).rowcount

@@ -257,3 +257,32 @@ def test_a_session_on_another_instance_finds_nothing_once_the_account_is_deleted
     remote.client.close_session(elsewhere.session_id)
     remote.pump()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_session_elsewhere_cannot_take_the_account_after_a_password_change(backend_storage):  # noqa: F811
+    """The takeover a review found: an attacker logged in with the old password on another
+    instance (a session this instance cannot end) must not change the new password, nor
+    delete the account, once the owner changed it; the owner's new password keeps working."""
+    here, there = _World(backend_storage), _World(backend_storage)
+    owner_pair, attacker_pair = here.pair(), there.pair()
+    register(owner_pair, ALICE)
+    attacker = login(attacker_pair, ALICE)  # with the old password, before the change
+    ops = SecretOps(attacker.user_id, attacker.export_key, os.urandom)
+    _run(attacker_pair, attacker, ops.generate(lambda _key_id: False))  # it now holds the storage key
+    time.sleep(0.002)  # the change's audit time is after the attacker's login (microseconds)
+    owner = login(owner_pair, ALICE)
+    _change_password(owner_pair, owner, NEW)
+    with pytest.raises(OperationRefused) as refused:
+        _run(
+            attacker_pair,
+            attacker,
+            ops.change_password_start(b"the attacker's own", attacker_pair.client.opaque),
+        )
+    assert refused.value.status is Status.INVALID
+    with pytest.raises(OperationRefused) as refused:
+        _run(attacker_pair, attacker, ops.delete_account())
+    assert refused.value.status is Status.INVALID
+    # The owner's new password still opens the account; a fresh login elsewhere may change it.
+    fresh_pair = there.pair()
+    fresh = login(fresh_pair, ALICE, NEW)
+    _change_password(fresh_pair, fresh, b"and yet another long password")
