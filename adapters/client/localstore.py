@@ -89,7 +89,9 @@ class LocalStore:
         self._db.execute("DELETE FROM local_secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))
 
     def delete_user(self, user_id: bytes) -> int:
-        """Drop every entry of ``user_id`` (the account was deleted); how many."""
+        """Drop everything kept for ``user_id`` (the account was deleted): its copies and its
+        verified audit head; how many copies."""
+        self._db.execute("DELETE FROM audit_heads WHERE user_id = ?", (user_id,))
         return self._db.execute("DELETE FROM local_secrets WHERE user_id = ?", (user_id,)).rowcount
 
     def key_ids(self, user_id: bytes) -> list[bytes]:

@@ -114,6 +114,8 @@ async def test_account_deletion_removes_everything_and_reserves_the_name(tmp_pat
         bob_session = await other.register(BOB, PW) and await other.login(BOB, PW)
         bob_key = await bob_session.generate()
         assert store.key_ids(user_id)
+        await session.verify_audit()  # the local store keeps the verified head
+        assert store.audit_head(user_id) is not None
 
         def leftovers() -> list[int]:
             db = world.storage._db
@@ -131,6 +133,7 @@ async def test_account_deletion_removes_everything_and_reserves_the_name(tmp_pat
         # account, secrets, audit log, the name's throttling row: all gone
         assert await world.storage_do(leftovers) == [0, 0, 0, 0]
         assert store.key_ids(user_id) == []  # the local copies went with it
+        assert store.audit_head(user_id) is None  # and the audit head
         for ended in (session, elsewhere):
             with pytest.raises(SessionEndedError):
                 await ended.retrieve(kept)
