@@ -1097,7 +1097,7 @@ async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
 #: What a throttled login is told when the key server names no wait (too many of the name's
 #: logins at once): its default policy (README, *Configuration*, throttle.*).
 THROTTLE_HINT = (
-    "too many login attempts for this account; try again later: by default the key server locks "
+    "by default the key server locks "
     "a name for 1 s from its 5th failed login on, doubling with each further failure up to 15 min "
     "(a success does not reset the count; it is forgotten a day after the last failure), and runs "
     "at most 5 logins of one name at once"
@@ -1112,7 +1112,7 @@ def _message(exc: BaseException) -> str:
         return RATE_LIMIT_HINT
     if isinstance(exc, ThrottledError):
         # the key server named the wait: say it; else (too many logins at once) the policy
-        return str(exc) if exc.retry_after is not None else f"{exc}; {THROTTLE_HINT}"
+        return str(exc) if exc.retry_after is not None else f"{exc} ({THROTTLE_HINT})"
     if isinstance(exc, CertificateNotTrustedError) and exc.name_mismatch:
         return f"{exc}; {NAME_HINT}"
     if isinstance(exc, CertificateNotTrustedError):

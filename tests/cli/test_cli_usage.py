@@ -354,3 +354,12 @@ def test_an_audit_range_that_cannot_match_is_warned_about(tmp_path, listener):
         "keymgmt: warning: --after 2027-01-01 is not before --before 2026-01-01: no entry can match"
     )
     assert error.startswith("keymgmt: error: ") and result.returncode == 6
+
+
+def test_a_throttled_login_without_a_named_wait_says_it_once_then_the_policy():
+    from keymgmt.adapters.cli.client import _message
+    from keymgmt.adapters.client.async_client import ThrottledError
+
+    line = _message(ThrottledError("too many login attempts for this account; try again in a moment"))
+    assert line.count("too many login attempts") == 1, line
+    assert line.startswith("too many login attempts for this account; try again in a moment (by default")
