@@ -147,6 +147,13 @@ export class ClientConnection {
     return data;
   }
 
+  /** The same bytes as whole frames, one per array (for message transports like WebSocket). */
+  framesToSend(): Uint8Array[] {
+    const frames = this.outbox;
+    this.outbox = [];
+    return frames;
+  }
+
   /** The events produced since the last call. */
   takeEvents(): ClientEvent[] {
     const events = this.events;
