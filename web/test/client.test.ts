@@ -165,6 +165,14 @@ test("answers that fail the client's checks are integrity errors", async () => {
   };
   await assert.rejects(session.retrieve(keyId, Context.LOCAL_ONLY), IntegrityError);
   assert.equal(await store.get(session.userId, keyId), null, "an unverified copy is not kept");
+  // an AD that is not this user's and key's, next to a ciphertext that opens: refused too
+  server.tamper = (request, body) => {
+    if (request.op !== Op.RETRIEVE) return body;
+    const answer = decodeResponse(Op.RETRIEVE, body) as { status: Status.OK; fields: OkFields[Op.RETRIEVE] };
+    answer.fields.associatedData = Uint8Array.of(...answer.fields.associatedData, 0);
+    return encodeResponse(Op.RETRIEVE, answer);
+  };
+  await assert.rejects(session.retrieve(keyId, Context.LOCAL_ONLY), IntegrityError);
   // a key id the two nonces do not give (KEY-2): nothing stored
   server.tamper = (request, body) => {
     if (request.op !== Op.CREATE_KEY_ID && request.op !== Op.STORE_SECRET) return body;
