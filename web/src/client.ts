@@ -16,7 +16,7 @@
  * text that never carries a secret. */
 
 import { DecodeError, toHex, utf8 } from "./core/bytes.js";
-import { AuditType, Context, ErrorCode, KEY_ID_SIZE, Status } from "./core/constants.js";
+import { AuditType, Context, ErrorCode, KEY_ID_SIZE, MAX_PASSWORD_SIZE, Status } from "./core/constants.js";
 import { ClientConnection, ClientSession, State, type ClientEvent } from "./core/connection.js";
 import type { RandomSource } from "./core/crypto.js";
 import { IntegrityFailure, LabelError, LocalProtocolError, OperationRefused } from "./core/errors.js";
@@ -168,8 +168,6 @@ function deferred<T>(): Deferred<T> {
   return d;
 }
 
-/** The longest password OPAQUE takes, in UTF-8 bytes. */
-export const MAX_PASSWORD_SIZE = 65535;
 /** Milliseconds a client keeps trying to reconnect before it closes. */
 export const DEFAULT_RECONNECT_BUDGET_MS = 30_000;
 
