@@ -241,7 +241,7 @@ export class ClientConnection {
       try {
         finish = this.opaque.registrationFinish(password, session.opaqueState, response);
       } catch {
-        this.sessionError(session, sessionId, ErrorCode.AUTHENTICATION_FAILED, "the server's registration response is not valid");
+        this.sessionError(session, sessionId, ErrorCode.MALFORMED, "the server's registration response is not valid");
         return;
       }
       session.registrationExportKey = finish.exportKey;
