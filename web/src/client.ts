@@ -620,7 +620,7 @@ export class KeymgmtClient {
 /** An authenticated request session: the operations on secrets (OPS-1..OPS-8), with the
  * client's checks of docs/protocol.md section 12.10 (the core's SecretOps). */
 export class KeySession {
-  private readonly ops: SecretOps;
+  readonly #ops: SecretOps;
 
   constructor(
     private readonly client: KeymgmtClient,
@@ -628,7 +628,7 @@ export class KeySession {
     readonly userId: Uint8Array,
     exportKey: Uint8Array,
   ) {
-    this.ops = new SecretOps(userId, exportKey, client.randomSource);
+    this.#ops = new SecretOps(userId, exportKey, client.randomSource);
   }
 
   toString(): string {
@@ -678,7 +678,7 @@ export class KeySession {
   /** OPS-2: a random 32-byte secret, stored sealed; its key id (named with ``label``). */
   async generate(label: string | null = null): Promise<Uint8Array> {
     const holds = await this.holds();
-    const { keyId, copy } = await this.run(() => this.ops.generate(holds, label));
+    const { keyId, copy } = await this.run(() => this.#ops.generate(holds, label));
     await this.keep(keyId, copy);
     return keyId;
   }
@@ -686,7 +686,7 @@ export class KeySession {
   /** OPS-3/OPS-12: store a secret given in the portable form (``len || secret``, or the long form). */
   async importSecret(portable: Uint8Array, label: string | null = null): Promise<Uint8Array> {
     const holds = await this.holds();
-    const { keyId, copy } = await this.run(() => this.ops.importPortable(portable, holds, label));
+    const { keyId, copy } = await this.run(() => this.#ops.importPortable(portable, holds, label));
     await this.keep(keyId, copy);
     return keyId;
   }
@@ -698,7 +698,7 @@ export class KeySession {
     const copy: SealedCopy | null = local === null ? null : { kind: local.kind, ciphertext: local.ciphertext, associatedData: local.associatedData };
     let outcome;
     try {
-      outcome = await this.run(() => this.ops.retrieve(keyId, context, copy));
+      outcome = await this.run(() => this.#ops.retrieve(keyId, context, copy));
     } catch (error) {
       if (error instanceof NotFoundError && local !== null) await this.client.localStore.delete(this.userId, keyId);
       throw error;
@@ -714,13 +714,13 @@ export class KeySession {
 
   /** OPS-8: every key with kind, creation time (µs) and label. */
   async listKeys(): Promise<LabeledKey[]> {
-    return this.run(() => this.ops.listKeys());
+    return this.run(() => this.#ops.listKeys());
   }
 
   /** OPS-8: delete a key on the server and locally (the local copy goes either way). */
   async delete(keyId: Uint8Array): Promise<void> {
     try {
-      await this.run(() => this.ops.delete(keyId));
+      await this.run(() => this.#ops.delete(keyId));
     } finally {
       if (keyId.length === KEY_ID_SIZE) await this.client.localStore.delete(this.userId, keyId);
     }
@@ -728,13 +728,13 @@ export class KeySession {
 
   /** OPS-6: matching audit entries, all pages; times in µs since the epoch. */
   async audit(auditType: AuditType = AuditType.ALL, keyIds: Uint8Array[] = [], after: bigint | null = null, before: bigint | null = null): Promise<ChainedAuditEntry[]> {
-    return this.run(() => this.ops.audit(auditType, keyIds, after, before));
+    return this.run(() => this.#ops.audit(auditType, keyIds, after, before));
   }
 
   /** The audit chain: read and check the whole log, also against the head verified before. */
   async verifyAudit(): Promise<VerifiedAudit> {
     const head = await this.client.localStore.auditHead(this.userId);
-    const verified = await this.run(() => this.ops.verifyAudit(head));
+    const verified = await this.run(() => this.#ops.verifyAudit(head));
     if (verified.head !== null) await this.client.localStore.putAuditHead(this.userId, verified.head);
     return verified;
   }
@@ -746,25 +746,25 @@ export class KeySession {
 
   /** Named keys: set or change the key's label (null removes it). */
   async rename(keyId: Uint8Array, label: string | null): Promise<void> {
-    await this.run(() => this.ops.rename(keyId, label));
+    await this.run(() => this.#ops.rename(keyId, label));
   }
 
   /** Named keys: the key id of the one key labelled ``label``. */
   async resolve(label: string): Promise<Uint8Array> {
-    return this.run(() => this.ops.resolve(label));
+    return this.run(() => this.#ops.resolve(label));
   }
 
   /** Change the password inside this session (the key server wants a recent login). */
   async changePassword(newPassword: string): Promise<void> {
     checkPassword(newPassword);
-    await this.run(() => this.ops.changePassword(newPassword, this.client.opaqueClient));
+    await this.run(() => this.#ops.changePassword(newPassword, this.client.opaqueClient));
   }
 
   /** Delete the account on the server and this client's copies; the session ends with it. */
   async deleteAccount(): Promise<void> {
-    await this.run(() => this.ops.deleteAccount());
+    await this.run(() => this.#ops.deleteAccount());
     await this.client.localStore.deleteUser(this.userId);
-    this.ops.forget();
+    this.#ops.forget();
     this.client.forgetSession(this.session, new SessionEndedError("the account was deleted", ErrorCode.NOT_AUTHORIZED));
   }
 
@@ -773,7 +773,7 @@ export class KeySession {
     try {
       await this.client.closeSession(this.session);
     } finally {
-      this.ops.forget();
+      this.#ops.forget();
     }
   }
 }

@@ -18,6 +18,9 @@ import {
   SessionEndedError,
 } from "../src/client.js";
 import { MemoryStore } from "../src/store.js";
+import { serenityOpaque } from "../src/opaque.js";
+import { masterKey, unwrapStorageKey } from "../src/core/crypto.js";
+import type { OpaqueClient } from "../src/core/opaque.js";
 import { FakeKeyServer } from "./fakeserver.js";
 
 before(async () => {
@@ -219,5 +222,54 @@ test("password change keeps the secrets; account deletion drops everything", asy
   await client.deleteAccount(name, "a new password");
   assert.deepEqual(await store.keyIds(userId), []);
   await assert.rejects(client.login(name, "a new password"), AuthenticationError);
+  await client.close();
+});
+
+/** Every byte string and string reachable from ``root`` through enumerable properties, arrays,
+ * maps and sets: what a log line, an inspection or a serialization of it could show. */
+function reachable(root: unknown): { bytes: Uint8Array[]; strings: string[] } {
+  const seen = new Set<unknown>();
+  const bytes: Uint8Array[] = [];
+  const strings: string[] = [];
+  const walk = (value: unknown): void => {
+    if (typeof value === "string") strings.push(value);
+    if (value === null || typeof value !== "object" || seen.has(value)) return;
+    seen.add(value);
+    if (value instanceof Uint8Array) return void bytes.push(value);
+    if (value instanceof Map) for (const [k, v] of value) (walk(k), walk(v));
+    else if (value instanceof Set || Array.isArray(value)) for (const v of value) walk(v);
+    else for (const key of Object.keys(value)) walk((value as Record<string, unknown>)[key]);
+  };
+  walk(root);
+  return { bytes, strings };
+}
+
+test("no password, export key, session key, storage key or secret is reachable from the client's objects", async () => {
+  const seen: { exportKey?: Uint8Array; sessionKey?: Uint8Array } = {};
+  const recording: OpaqueClient = {
+    ...serenityOpaque,
+    loginFinish(password, state, response) {
+      const result = serenityOpaque.loginFinish(password, state, response);
+      if (result) Object.assign(seen, { exportKey: result.exportKey.slice(), sessionKey: result.sessionKey.slice() });
+      return result;
+    },
+  };
+  const server = new FakeKeyServer();
+  const client = new KeymgmtClient(server.connect, { opaque: recording });
+  await client.register("ivan@example.org", PASSWORD);
+  const session = await client.login("ivan@example.org", PASSWORD);
+  const keyId = await session.generate();
+  const secret = (await session.retrieve(keyId, Context.LOCAL_ONLY))!;
+  const account = [...server.accounts.values()][0]!;
+  const storageKey = unwrapStorageKey(masterKey(seen.exportKey!), session.userId, account.encryptedStorageKey);
+  const { bytes, strings } = reachable({ client, session });
+  assert.ok(bytes.length >= 4, "the walk reached the client's byte strings (user id, sealed copy, AD, handle)");
+  for (const [what, needle] of Object.entries({ exportKey: seen.exportKey!, sessionKey: seen.sessionKey!, storageKey, secret })) {
+    const hex = toHex(needle);
+    assert.ok(!bytes.some((b) => toHex(b).includes(hex)), `${what} is reachable`);
+  }
+  assert.ok(!strings.some((s) => s.includes(PASSWORD)), "the password is reachable");
+  assert.ok(!String(session).includes(toHex(secret)) && !String(client).includes(PASSWORD));
+  await session.logout();
   await client.close();
 });

@@ -72,12 +72,8 @@ export class ClientSession {
   /** Requests sent (or held while waiting for RESUMED) and not yet answered: id -> body. */
   readonly inFlight = new Map<number, Uint8Array>();
   nextRequestId = 1;
-  /** @internal */ channel: Channel | null = null;
-  /** @internal */ password: string | null = null;
-  /** @internal */ opaqueState: unknown = null;
-  /** @internal */ serverMessage: Uint8Array | null = null;
-  /** @internal */ registrationExportKey: Uint8Array | null = null;
-  /** @internal */ resumeNonce: Uint8Array | null = null;
+  /** The session's channel (its keys are private to it). */
+  channel: Channel | null = null;
 
   constructor(
     readonly kind: SessionKind,
@@ -90,6 +86,27 @@ export class ClientSession {
   toJSON(): string {
     return this.toString();
   }
+}
+
+/** What a session holds only while it opens or resumes: kept out of the session object so no
+ * inspection, logging or serialization of it shows a password or key. */
+interface SessionSecrets {
+  password: string | null;
+  opaqueState: unknown;
+  serverMessage: Uint8Array | null;
+  registrationExportKey: Uint8Array | null;
+  resumeNonce: Uint8Array | null;
+}
+
+const secretsOf = new WeakMap<ClientSession, SessionSecrets>();
+
+function secrets(session: ClientSession): SessionSecrets {
+  let held = secretsOf.get(session);
+  if (held === undefined) {
+    held = { password: null, opaqueState: null, serverMessage: null, registrationExportKey: null, resumeNonce: null };
+    secretsOf.set(session, held);
+  }
+  return held;
 }
 
 export type ClientEvent =
@@ -211,8 +228,8 @@ export class ClientConnection {
     if (token.length > REGISTRATION_TOKEN_MAX) throw new LocalProtocolError("a registration token is at most 1024 bytes");
     const session = new ClientSession("registration", accountName);
     const start = this.opaque.registrationStart(password);
-    session.password = password;
-    session.opaqueState = start.state;
+    secrets(session).password = password;
+    secrets(session).opaqueState = start.state;
     const id = this.allocate(session);
     session.state = State.AWAIT_REG_RESPONSE;
     this.send(FrameType.REG_START, id, encodeRegStart({ accountName, registrationRequest: start.request, token }));
@@ -233,42 +250,43 @@ export class ClientConnection {
     if (session === undefined || (session.state !== State.AWAIT_REG_STEP && session.state !== State.AWAIT_LOGIN_STEP)) {
       return; // ended meanwhile (aborted, connection failed): nothing to do
     }
-    const password = session.password!;
-    const response = session.serverMessage!;
-    session.serverMessage = null;
+    const password = secrets(session).password!;
+    const response = secrets(session).serverMessage!;
+    secrets(session).serverMessage = null;
     if (session.state === State.AWAIT_REG_STEP) {
       let finish;
       try {
-        finish = this.opaque.registrationFinish(password, session.opaqueState, response);
+        finish = this.opaque.registrationFinish(password, secrets(session).opaqueState, response);
       } catch {
         this.sessionError(session, sessionId, ErrorCode.MALFORMED, "the server's registration response is not valid");
         return;
       }
-      session.registrationExportKey = finish.exportKey;
+      secrets(session).registrationExportKey = finish.exportKey;
       this.send(FrameType.REG_UPLOAD, sessionId, RegUploadCodec.encode(finish.upload));
       this.startLogin(session, sessionId, password);
       return;
     }
     let login;
     try {
-      login = this.opaque.loginFinish(password, session.opaqueState, response);
+      login = this.opaque.loginFinish(password, secrets(session).opaqueState, response);
     } catch {
       login = null;
     }
-    session.opaqueState = null;
-    session.password = null;
+    secrets(session).opaqueState = null;
+    secrets(session).password = null;
     if (login === null || login.sessionKey.length !== OPAQUE_KEY_SIZE || login.exportKey.length !== OPAQUE_KEY_SIZE) {
       this.sessionError(session, sessionId, ErrorCode.AUTHENTICATION_FAILED, "login failed");
       return;
     }
     if (session.kind === "registration") {
-      const same = session.registrationExportKey !== null && ctEqual(session.registrationExportKey, login.exportKey);
+      const registered = secrets(session).registrationExportKey;
+      const same = registered !== null && ctEqual(registered, login.exportKey);
       if (!same) {
         this.sessionError(session, sessionId, ErrorCode.AUTHENTICATION_FAILED, "export keys of registration and login differ");
         return;
       }
     } else {
-      session.registrationExportKey = login.exportKey; // handed over at WELCOME
+      secrets(session).registrationExportKey = login.exportKey; // handed over at WELCOME
     }
     session.channel = new Channel(login.sessionKey, "client");
     login.sessionKey.fill(0);
@@ -321,7 +339,7 @@ export class ClientConnection {
     const channel = session.channel;
     const clientNonce = this.random(RESUME_NONCE_SIZE);
     const record = channel.sealResume(encodeResume({ clientNonce, receivedTotal: channel.openedTotal }));
-    session.resumeNonce = clientNonce;
+    secrets(session).resumeNonce = clientNonce;
     this.detached = this.detached.filter((s) => s !== session);
     const id = this.allocate(session);
     session.state = State.AWAIT_RESUMED;
@@ -347,8 +365,8 @@ export class ClientConnection {
 
   private startLogin(session: ClientSession, id: number, password: string): void {
     const start = this.opaque.loginStart(password);
-    session.password = password;
-    session.opaqueState = start.state;
+    secrets(session).password = password;
+    secrets(session).opaqueState = start.state;
     session.state = State.AWAIT_LOGIN_RESPONSE;
     this.send(FrameType.LOGIN_START, id, encodeLoginStart({ accountName: session.accountName, credentialRequest: start.request }));
   }
@@ -374,10 +392,9 @@ export class ClientConnection {
 
   /** Forget a session on this connection and wipe what it no longer needs. */
   private end(session: ClientSession, sessionId: number): void {
+    secrets(session).registrationExportKey?.fill(0);
+    secretsOf.delete(session);
     session.state = State.CLOSED;
-    session.password = null;
-    session.opaqueState = null;
-    session.registrationExportKey = null;
     session.channel = null;
     this.live.delete(sessionId);
     this.ids.delete(session);
@@ -476,13 +493,13 @@ export class ClientConnection {
       }
       case FrameType.REG_RESPONSE:
         if (state !== State.AWAIT_REG_RESPONSE) this.unexpected(frame, session);
-        session.serverMessage = RegResponseCodec.decode(frame.payload);
+        secrets(session).serverMessage = RegResponseCodec.decode(frame.payload);
         session.state = State.AWAIT_REG_STEP;
         this.events.push({ type: "opaque_step", session, sessionId });
         return;
       case FrameType.LOGIN_RESPONSE:
         if (state !== State.AWAIT_LOGIN_RESPONSE) this.unexpected(frame, session);
-        session.serverMessage = LoginResponseCodec.decode(frame.payload);
+        secrets(session).serverMessage = LoginResponseCodec.decode(frame.payload);
         session.state = State.AWAIT_LOGIN_STEP;
         this.events.push({ type: "opaque_step", session, sessionId });
         return;
@@ -491,17 +508,17 @@ export class ClientConnection {
         const userId = WelcomeCodec.decode(session.channel!.open(FrameType.WELCOME, frame.payload));
         session.userId = userId;
         if (session.kind === "registration") {
-          const master = masterKey(session.registrationExportKey!);
+          const master = masterKey(secrets(session).registrationExportKey!);
           const storageKey = this.random(KEY_SIZE);
           const encryptedStorageKey = wrapStorageKey(master, userId, storageKey, this.random(NONCE_SIZE));
           master.fill(0);
           storageKey.fill(0);
-          session.registrationExportKey = null;
+          secrets(session).registrationExportKey = null;
           this.sendSealed(session, sessionId, FrameType.COMPLETE_REGISTRATION, encodeCompleteRegistration({ userId, encryptedStorageKey }));
           session.state = State.AWAIT_REG_CLOSE;
         } else {
-          const exportKey = session.registrationExportKey!;
-          session.registrationExportKey = null;
+          const exportKey = secrets(session).registrationExportKey!;
+          secrets(session).registrationExportKey = null;
           session.state = State.ESTABLISHED;
           this.events.push({ type: "established", session, sessionId, userId, exportKey });
         }
@@ -535,8 +552,8 @@ export class ClientConnection {
         if (state !== State.AWAIT_RESUMED && state !== State.CLOSE_AFTER_RESUMED) this.unexpected(frame, session);
         const envelope = decodeResumedEnvelope(frame.payload);
         const channel = session.channel!;
-        channel.startEpoch(session.resumeNonce!, envelope.serverNonce);
-        session.resumeNonce = null;
+        channel.startEpoch(secrets(session).resumeNonce!, envelope.serverNonce);
+        secrets(session).resumeNonce = null;
         decodeResumed(channel.open(FrameType.RESUMED, frame.payload.subarray(32)));
         if (state === State.CLOSE_AFTER_RESUMED) {
           this.sendSealed(session, sessionId, FrameType.CLOSE, encodeClose(ErrorCode.CLIENT_CLOSED));

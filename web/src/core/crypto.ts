@@ -165,10 +165,11 @@ export type Role = "client" | "server";
  * and the lifetime record counts that resumption compares (section 5.4). */
 export class Channel {
   readonly sessionHandle: Uint8Array;
-  readonly resumeKey: Uint8Array;
-  readonly resumeIv: Uint8Array;
-  private readonly prk: Uint8Array;
-  private keys: EpochKeys;
+  // key material in private fields: not enumerable, not in util.inspect or JSON
+  readonly #resumeKey: Uint8Array;
+  readonly #resumeIv: Uint8Array;
+  readonly #prk: Uint8Array;
+  #keys: EpochKeys;
   sendSeq = 0n;
   recvSeq = 0n;
   /** Records sealed / opened over the session's life, all epochs. */
@@ -182,11 +183,11 @@ export class Channel {
     readonly role: Role,
   ) {
     const schedule = keySchedule(sessionKey);
-    this.prk = schedule.prk;
+    this.#prk = schedule.prk;
     this.sessionHandle = schedule.sessionHandle;
-    this.resumeKey = schedule.resumeKey;
-    this.resumeIv = schedule.resumeIv;
-    this.keys = schedule.epoch;
+    this.#resumeKey = schedule.resumeKey;
+    this.#resumeIv = schedule.resumeIv;
+    this.#keys = schedule.epoch;
   }
 
   private get sendDirection(): Direction {
@@ -202,7 +203,7 @@ export class Channel {
     if (this.sendSeq >= MAX_SEQ || (type !== FrameType.CLOSE && !this.canSendNonClose)) {
       throw new LocalProtocolError("the session's sequence numbers are used up; open a new session");
     }
-    const [key, iv] = this.role === "client" ? [this.keys.c2sKey, this.keys.c2sIv] : [this.keys.s2cKey, this.keys.s2cIv];
+    const [key, iv] = this.role === "client" ? [this.#keys.c2sKey, this.#keys.c2sIv] : [this.#keys.s2cKey, this.#keys.s2cIv];
     const payload = sealRecord(key, iv, this.sessionHandle, this.sendDirection, type, this.sendSeq, plaintext);
     this.sendSeq += 1n;
     this.sealedTotal += 1n;
@@ -213,8 +214,8 @@ export class Channel {
   open(type: FrameType, payload: Uint8Array): Uint8Array {
     const [key, iv, direction] =
       this.role === "client"
-        ? [this.keys.s2cKey, this.keys.s2cIv, Direction.SERVER_TO_CLIENT]
-        : [this.keys.c2sKey, this.keys.c2sIv, Direction.CLIENT_TO_SERVER];
+        ? [this.#keys.s2cKey, this.#keys.s2cIv, Direction.SERVER_TO_CLIENT]
+        : [this.#keys.c2sKey, this.#keys.c2sIv, Direction.CLIENT_TO_SERVER];
     const { plaintext } = openRecord(key, iv, this.sessionHandle, direction, type, payload, this.recvSeq);
     this.recvSeq += 1n;
     this.openedTotal += 1n;
@@ -224,21 +225,25 @@ export class Channel {
   /** Client: seal a RESUME plaintext under the resume key at the next resume seq. */
   sealResume(plaintext: Uint8Array): Uint8Array {
     if (this.role !== "client") throw new LocalProtocolError("only a client seals RESUME");
-    const payload = sealRecord(this.resumeKey, this.resumeIv, this.sessionHandle, Direction.CLIENT_TO_SERVER, FrameType.RESUME, this.resumeSeq, plaintext);
+    const payload = sealRecord(this.#resumeKey, this.#resumeIv, this.sessionHandle, Direction.CLIENT_TO_SERVER, FrameType.RESUME, this.resumeSeq, plaintext);
     this.resumeSeq += 1n;
     return payload;
   }
 
   /** Server: open a resume record whose seq is at or above the next expected one. */
   openResume(payload: Uint8Array): Uint8Array {
-    const { plaintext, seq } = openRecord(this.resumeKey, this.resumeIv, this.sessionHandle, Direction.CLIENT_TO_SERVER, FrameType.RESUME, payload, this.resumeSeq, true);
+    const { plaintext, seq } = openRecord(this.#resumeKey, this.#resumeIv, this.sessionHandle, Direction.CLIENT_TO_SERVER, FrameType.RESUME, payload, this.resumeSeq, true);
     this.resumeSeq = seq + 1n;
     return plaintext;
   }
 
+  toString(): string {
+    return `<Channel ${this.role}>`;
+  }
+
   /** Start the key epoch of the two nonces; both directions restart at seq 0. */
   startEpoch(clientNonce: Uint8Array, serverNonce: Uint8Array): void {
-    this.keys = epochKeys(epochSecret(this.prk, clientNonce, serverNonce));
+    this.#keys = epochKeys(epochSecret(this.#prk, clientNonce, serverNonce));
     this.sendSeq = 0n;
     this.recvSeq = 0n;
   }

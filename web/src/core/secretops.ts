@@ -87,7 +87,8 @@ export function presentSecret(secret: Uint8Array, context: Context): Uint8Array 
 
 /** One session's operations: holds ``storage_key`` (fetched once) and the next key ids. */
 export class SecretOps {
-  private storageKeyValue: Uint8Array | null = null;
+  #storageKey: Uint8Array | null = null;
+  #exportKey: Uint8Array;
   private readonly nextKeyIds = new Map<SecretKind, NextKeyId[]>([
     [SecretKind.GENERATED, []],
     [SecretKind.IMPORTED, []],
@@ -95,9 +96,11 @@ export class SecretOps {
 
   constructor(
     readonly userId: Uint8Array,
-    private exportKey: Uint8Array,
+    exportKey: Uint8Array,
     private readonly random: RandomSource,
-  ) {}
+  ) {
+    this.#exportKey = exportKey;
+  }
 
   toString(): string {
     return `<SecretOps user_id=${toHex(this.userId)}>`;
@@ -105,15 +108,15 @@ export class SecretOps {
 
   /** OPS-1: fetch and open the storage key once; kept in memory for the session. */
   *storageKey(): Plan<Uint8Array> {
-    if (this.storageKeyValue !== null) return this.storageKeyValue;
+    if (this.#storageKey !== null) return this.#storageKey;
     const fields = yield* ask({ op: Op.RETRIEVE_STORAGE_KEY, userId: this.userId });
-    const master = masterKey(this.exportKey);
+    const master = masterKey(this.#exportKey);
     try {
-      this.storageKeyValue = unwrapStorageKey(master, this.userId, fields.encryptedStorageKey);
+      this.#storageKey = unwrapStorageKey(master, this.userId, fields.encryptedStorageKey);
     } finally {
       master.fill(0);
     }
-    return this.storageKeyValue;
+    return this.#storageKey;
   }
 
   /** OPS-2: a random 32-byte secret, sealed and stored; its key id and the copy to keep. */
@@ -287,8 +290,8 @@ export class SecretOps {
     const encryptedStorageKey = wrapStorageKey(master, this.userId, storageKey, this.random(NONCE_SIZE));
     master.fill(0);
     yield* ask({ op: Op.CHANGE_PASSWORD_FINISH, userId: this.userId, registrationUpload: finish.upload, encryptedStorageKey });
-    this.exportKey.fill(0);
-    this.exportKey = finish.exportKey;
+    this.#exportKey.fill(0);
+    this.#exportKey = finish.exportKey;
   }
 
   *deleteAccount(): Plan<void> {
@@ -297,9 +300,9 @@ export class SecretOps {
 
   /** Logout: wipe the keys and drop the next key ids. */
   forget(): void {
-    this.storageKeyValue?.fill(0);
-    this.storageKeyValue = null;
-    this.exportKey.fill(0);
+    this.#storageKey?.fill(0);
+    this.#storageKey = null;
+    this.#exportKey.fill(0);
     for (const queue of this.nextKeyIds.values()) queue.length = 0;
   }
 }
