@@ -14,6 +14,8 @@ export const WS_PATH = "/keymgmt";
 export interface WebSocketLike {
   binaryType: string;
   readonly protocol: string;
+  /** The negotiated extensions (none is allowed: compression before encryption leaks lengths). */
+  readonly extensions?: string | object;
   readonly readyState: number;
   send(data: Uint8Array): void;
   close(code?: number, reason?: string): void;
@@ -77,6 +79,12 @@ export function openWebSocket(url: string, options: WebSocketOptions = {}): Prom
       if (protocols.length > 0 && !protocols.includes(socket.protocol)) {
         end(`the server chose subprotocol '${socket.protocol}'`);
         socket.close(1002, "subprotocol");
+        return;
+      }
+      const extensions = typeof socket.extensions === "string" ? socket.extensions : Object.keys(socket.extensions ?? {}).join(", ");
+      if (extensions) {
+        end(`the server selected WebSocket extensions (${extensions}); the binding has none`);
+        socket.close(1002, "extensions");
         return;
       }
       opened = true;

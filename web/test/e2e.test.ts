@@ -79,7 +79,7 @@ function wssConnector(port: number, ca: Buffer): Connector {
   // the ws package takes TLS and Origin options a browser sets itself
   const Impl = class extends WebSocket {
     constructor(url: string, protocols?: string | string[]) {
-      super(url, protocols, { ca, origin: ORIGIN });
+      super(url, protocols, { ca, origin: ORIGIN, perMessageDeflate: false });
     }
   } as unknown as WebSocketConstructor;
   return webSocketConnector(`wss://localhost:${port}/keymgmt`, { WebSocket: Impl });
