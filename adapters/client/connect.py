@@ -99,7 +99,9 @@ def ws_connector(
                     stream, host=f"{authority}:{port}", origin=sent_origin, path=path
                 )
         except WebSocketRefusedError as exc:
-            reason, status = f"the key server at {name}:{port} refused the WebSocket: {exc}", exc.status
+            reason, status = f"{name}:{port}: {exc}", exc.status
+            if status == 403:
+                reason += f" (the key server does not allow the origin {sent_origin})"
         except TimeoutError:
             reason, status = f"the WebSocket upgrade with {host}:{port} timed out", 0
         except (OSError, anyio.BrokenResourceError, anyio.EndOfStream):

@@ -377,3 +377,39 @@ async def test_long_output_goes_out_in_messages_of_at_most_send_chunk_bytes():
                         sizes.append(len(got) - sum(sizes))
     assert bytes(got) == data
     assert sizes and max(sizes) <= SEND_CHUNK < max_message_size(1024)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_keymgmt_server_serve_with_workers_serves_wss_from_every_worker(tmp_path):
+    """The real command line: the parent binds the WebSocket port and hands it to each
+    worker; a client registers and logs in over it; SIGTERM stops everything."""
+    from ..support.server_proc import ServerProcess, init_server_dir
+
+    directory = init_server_dir(tmp_path / "srv")
+    port = _free_port()
+    env = {"KEYMGMT_WEBSOCKET_LISTEN": f"127.0.0.1:{port}", "KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": ORIGIN}
+    server = await anyio.to_thread.run_sync(
+        lambda: ServerProcess(directory, env=env, args=("--workers", "2"))
+    )
+    try:
+        connect = ws_connector(
+            "127.0.0.1", port, cafile=directory / "ca.pem", server_hostname="localhost", origin=ORIGIN
+        )
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"alice", PW)
+            session = await client.login(b"alice", PW)
+            key_id = await session.import_secret(b"\x04abcd")
+            assert await session.export(key_id) == b"\x04abcd"
+            await session.logout()
+        with anyio.fail_after(10):
+            while server.log_text().count(f"WebSocket listener on wss://127.0.0.1:{port}/keymgmt") < 2:
+                await anyio.sleep(0.05)
+    finally:
+        assert await anyio.to_thread.run_sync(server.stop) == 0
