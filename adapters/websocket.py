@@ -151,6 +151,7 @@ class WebSocketStream(ByteStream):
         return chunk
 
     async def _handle_events(self) -> None:
+        last_ping: Ping | None = None
         for event in self._ws.events():
             if isinstance(event, BytesMessage):
                 self._message += len(event.data)
@@ -165,8 +166,7 @@ class WebSocketStream(ByteStream):
                 return
             elif isinstance(event, Ping):
                 self.pings += 1
-                if self._ws.state is ConnectionState.OPEN:
-                    await self._send_control(self._ws.send(event.response()))
+                last_ping = event  # answered below: one pong per read, not one per ping
             elif isinstance(event, CloseConnection):
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer
                     self.peer_close_code = event.code
@@ -179,6 +179,10 @@ class WebSocketStream(ByteStream):
                     await self._fail(CloseCode.PROTOCOL_ERROR, f"broken WebSocket framing ({event.reason})")
                 return
             # (Pong: nothing to do.)
+        if last_ping is not None and self._ws.state is ConnectionState.OPEN:
+            # RFC 6455 5.5.3: a pong for the most recent ping only, so a flood of pings
+            # costs one write per read.
+            await self._send_control(self._ws.send(last_ping.response()))
 
     async def _fail(self, code: CloseCode, why: str) -> None:
         """A violation: send the close frame (best effort), drop what was buffered."""

@@ -300,6 +300,22 @@ async def test_frames_may_span_messages_and_messages_may_hold_frames(tmp_path):
         assert runtime.connection_faults == 0
 
 
+async def test_a_ping_flood_gets_one_pong_per_read(tmp_path):
+    """A thousand pings in one write: the server answers the last one of each read (RFC
+    6455 allows it), not each one, and the connection goes on."""
+    async with wss_server(tmp_path) as (runtime, pki):
+        assert runtime.websocket_port is not None
+        client = await open_websocket(runtime.websocket_port, pki.ca_cert)
+        await client.stream.send(b"".join(client.ws.send(Ping(payload=b"%d" % i)) for i in range(1000)))
+        with anyio.fail_after(10):
+            while not any(isinstance(e, Pong) and e.payload == b"999" for e in client.events):
+                await client.next_events()
+        pongs = [e for e in client.events if isinstance(e, Pong)]
+        assert 1 <= len(pongs) <= 20, len(pongs)
+        await client.send(CloseConnection(code=1000))
+        assert (await client.closed()).code == 1000
+
+
 async def test_idle_wss_connections_do_not_lock_out_tcp_clients(tmp_path):
     """The WebSocket listener shares the TCP listener's admission: a full server makes room
     for an address holding fewer connections, whichever listener the others came in on,
