@@ -227,6 +227,18 @@ async def test_a_slow_upgrade_is_dropped_after_the_upgrade_timeout(tmp_path, cap
         await still_serves(runtime, pki)
 
 
+async def test_a_silent_connection_to_the_wss_port_is_dropped_after_the_tls_handshake_timeout(tmp_path):
+    async with wss_server(tmp_path, tls_handshake_timeout=0.3) as (runtime, _pki):
+        assert runtime.websocket_port is not None
+        silent = await anyio.connect_tcp("127.0.0.1", runtime.websocket_port)
+        await silent.send(b"\x16")  # the first byte of a TLS record, then nothing
+        with anyio.fail_after(5):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await silent.receive()
+        await silent.aclose()
+        assert runtime.connections_served == 0
+
+
 async def test_a_text_message_closes_the_connection(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
     async with wss_server(tmp_path) as (runtime, pki):
