@@ -275,13 +275,18 @@ _connect = sqlite3.connect
 
 
 class _LazyCommit(sqlite3.Connection):
+    # Commits honestly until the first secret is stored (start-up, migrations, registration and
+    # login then do not depend on how many commits they take), then skips all but every 500th.
+    storing = False
     commits = 0
 
     def execute(self, sql, *args):
         statement = sql.strip().upper()
-        if statement == "COMMIT":
+        if statement.startswith("INSERT INTO SECRETS"):
+            _LazyCommit.storing = True
+        elif statement == "COMMIT" and _LazyCommit.storing:
             _LazyCommit.commits += 1
-            if _LazyCommit.commits > 8 and _LazyCommit.commits % 500:
+            if _LazyCommit.commits % 500:
                 return self.cursor()
         elif statement.startswith("BEGIN") and self.in_transaction:
             return self.cursor()
