@@ -1,0 +1,237 @@
+"""Attacks on the key server's WebSocket listener beyond those of test_websocket.py (a
+security review of issue 17), over real TLS 1.3 on loopback: frames sent right behind the
+upgrade request, broken framing and refused compression, Origin tricks, a peer that takes
+no control frame.
+Each asserts the defended outcome."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import anyio
+import pytest
+from anyio.abc import ByteStream
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage
+
+from keymgmt.adapters.websocket import CloseCode, WebSocketStream
+from keymgmt_proto import (
+    NEED_DATA,
+    ClientConnection,
+    Event,
+    OpaqueStepRequired,
+    ServerConfig,
+    SessionEstablished,
+)
+
+from ..support.ws_client import ORIGIN, read_response_head, tls_to, upgrade_request
+from .test_websocket import PW, logins_ok, registered, still_serves, wss_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def client_frame(
+    opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, length: int | None = None
+) -> bytes:
+    """One masked client frame written by hand (so a test can get any bit of it wrong)."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv | opcode
+    if n < 126:
+        head = bytes([first, 0x80 | n])
+    elif n < 65536:
+        head = bytes([first, 0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", n)
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def read_head_and_rest(stream: ByteStream) -> tuple[int, bytes]:
+    """The status of an HTTP response and whatever came right behind its head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive()
+    head, rest = data.split(b"\r\n\r\n", 1)
+    return int(head[9:12]), rest
+
+
+async def login(stream: ByteStream, conn: ClientConnection | None = None) -> Event | None:
+    """Log alice in with the bare core over ``stream`` (or go on with ``conn``'s login):
+    SessionEstablished, the event that ended it (a GOAWAY is ConnectionFailed), or None
+    if the connection ended first."""
+    if conn is None:
+        conn = ClientConnection(os.urandom)
+        conn.open_request_session(b"alice", PW)
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            try:
+                if out := conn.data_to_send():
+                    await stream.send(out)
+                conn.receive_data(await stream.receive())
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return None
+            continue
+        if isinstance(event, OpaqueStepRequired):
+            conn.complete_opaque_step(event.run(conn.opaque))
+            continue
+        return event
+
+
+async def test_frames_sent_right_behind_the_upgrade_request_are_served_at_once(tmp_path):
+    """A client that sends its first frames in the same write as the upgrade request (no
+    wait for the 101): the server kept them behind the request's head, and answers them
+    at once instead of waiting for more bytes (which never come: the client waits for the
+    answer) until the idle timeout ends the connection."""
+    config = ServerConfig(connection_idle_timeout=5.0)
+    async with wss_server(tmp_path, protocol=config) as (runtime, pki):
+        await registered(runtime, pki)
+        assert runtime.websocket_port is not None
+        stream = await tls_to(runtime.websocket_port, pki.ca_cert)
+        conn = ClientConnection(os.urandom)
+        conn.open_request_session(b"alice", PW)
+        assert conn.next_event() is NEED_DATA
+        ws = Connection(ConnectionType.CLIENT)
+        first = ws.send(BytesMessage(data=conn.data_to_send()))
+        await stream.send(upgrade_request() + first + client_frame(0x9, b"behind"))
+        with anyio.fail_after(3):  # well inside connection_idle_timeout
+            status, rest = await read_head_and_rest(stream)
+            assert status == 101
+            client = WebSocketStream(stream, Connection(ConnectionType.CLIENT, trailing_data=rest))
+            event = await login(client, conn)
+        assert isinstance(event, SessionEstablished), event
+        assert logins_ok(runtime) == 1
+        await client.aclose()
+        await still_serves(runtime, pki)
+
+
+async def test_broken_framing_and_compressed_frames_close_with_1002(tmp_path):
+    """Each a connection of its own; the server answers close code 1002 and goes on."""
+    cases = {
+        "a ping over 125 bytes": client_frame(0x9, b"x" * 126),
+        "a fragmented ping": client_frame(0x9, b"x", fin=False),
+        "a reserved opcode": client_frame(0x3, b"x"),
+        "a continuation without a start": client_frame(0x0, b"x"),
+        "a 64-bit length with its top bit set": client_frame(0x2, length=1 << 63),
+        "an unmasked frame": b"\x82\x01x",
+        # permessage-deflate was offered but not selected: a frame with RSV1 set is broken
+        "a compressed frame (RSV1)": client_frame(0x2, b"\xf2\x48\xcd\xc9\xc9\x07\x00", rsv=0x40),
+    }
+    async with wss_server(tmp_path) as (runtime, pki):
+        await registered(runtime, pki)
+        assert runtime.websocket_port is not None
+        for what, raw in cases.items():
+            stream = await tls_to(runtime.websocket_port, pki.ca_cert)
+            offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            await stream.send(upgrade_request(extra=offer))
+            status, rest = await read_head_and_rest(stream)
+            assert status == 101 and rest == b"", what
+            await stream.send(raw)
+            ws = Connection(ConnectionType.CLIENT)
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        ws.receive_data(await stream.receive())
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        raise AssertionError(f"{what}: no close frame") from None
+                    closes = [e for e in ws.events() if type(e).__name__ == "CloseConnection"]
+                    if closes:
+                        break
+            assert closes[0].code == CloseCode.PROTOCOL_ERROR, (what, closes[0])
+            await anyio.aclose_forcefully(stream)
+        with anyio.fail_after(5):  # (counted when the server's side of the last one has ended)
+            while runtime.metrics.websocket_closed.labels("protocol_error")._value.get() < len(cases):
+                await anyio.sleep(0.01)
+        await still_serves(runtime, pki)
+
+
+async def test_no_extension_is_ever_selected(tmp_path):
+    async with wss_server(tmp_path) as (runtime, pki):
+        assert runtime.websocket_port is not None
+        stream = await tls_to(runtime.websocket_port, pki.ca_cert)
+        offers = (
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+            "Sec-WebSocket-Extensions: x-webkit-deflate-frame\r\n"
+        )
+        await stream.send(upgrade_request(extra=offers))
+        status, head = await read_response_head(stream)
+        assert status == 101
+        assert b"sec-websocket-extensions" not in head.lower()
+        await stream.aclose()
+
+
+async def test_origin_tricks(tmp_path):
+    """The allowed origin is https://app.example.org. Only what a browser of that page sends
+    (also upper case, or with the default port) gets in; anything else is 403."""
+    refused = [
+        upgrade_request(origin="https://app.example.org."),  # a trailing dot: another name to TLS
+        upgrade_request(origin="https://app.example.org:8443"),
+        upgrade_request(origin="http://app.example.org"),
+        upgrade_request(origin="https://app.example.org/"),
+        upgrade_request(origin="https://evil@app.example.org"),
+        upgrade_request(origin="https://app.example.org, https://evil.example"),
+        upgrade_request(origin="https://app.example.org\r\n https://evil.example"),  # obs-fold
+        upgrade_request(origin="https://evil.example", extra=f"Origin: {ORIGIN}\r\n"),  # two
+        upgrade_request(extra="Origin: https://evil.example\r\n"),  # two, the allowed one first
+        upgrade_request(origin="https://app.example.org\x00"),
+    ]
+    accepted = [
+        upgrade_request(origin="HTTPS://APP.EXAMPLE.ORG"),
+        upgrade_request(origin="https://app.example.org:443"),
+    ]
+    async with wss_server(tmp_path) as (runtime, pki):
+        assert runtime.websocket_port is not None
+        for request, expected in [(r, 403) for r in refused] + [(r, 101) for r in accepted]:
+            stream = await tls_to(runtime.websocket_port, pki.ca_cert)
+            await stream.send(request)
+            status, head = await read_response_head(stream)
+            assert status in ((400, 403) if b"\x00" in request else (expected,)), (request, head)
+            await anyio.aclose_forcefully(stream)
+        assert runtime.connections_served == len(accepted)
+
+
+class _NeverReads(ByteStream):
+    """A peer that sends ``data`` once and then takes nothing: every send blocks."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self.data:
+            data, self.data = self.data, b""
+            return data
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def send(self, item: bytes) -> None:
+        await anyio.sleep_forever()
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_peer_that_takes_no_pong_or_close_frame_is_given_up_after_control_timeout():
+    """Slow read: the peer pings but never reads. The pong may not block the reader for
+    longer than control_timeout (a violation ends the stream), and closing does not wait
+    for the peer either."""
+    transport = _NeverReads(client_frame(0x9, b"are you reading?"))
+    ws = WebSocketStream(transport, Connection(ConnectionType.SERVER), control_timeout=0.2)
+    started = time.monotonic()
+    with anyio.fail_after(3):
+        with pytest.raises(anyio.BrokenResourceError):
+            await ws.receive()
+        assert ws.violation is not None and "took no control frame" in ws.violation
+        await ws.aclose()
+    assert time.monotonic() - started < 1.5
+    assert transport.closed and ws.pings == 1
