@@ -1,7 +1,7 @@
 """Attacks on the key server's WebSocket listener beyond those of test_websocket.py (a
 security review of issue 17), over real TLS 1.3 on loopback: frames sent right behind the
-upgrade request, broken framing and refused compression, Origin tricks, a peer that takes
-no control frame.
+upgrade request, broken framing and refused compression, Origin tricks, a handshake held
+across the start of a shutdown (on both listeners), a peer that takes no control frame.
 Each asserts the defended outcome."""
 
 from __future__ import annotations
@@ -13,19 +13,25 @@ import time
 import anyio
 import pytest
 from anyio.abc import ByteStream
+from anyio.streams.tls import TLSStream
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage
 
+from keymgmt.adapters.client import KeymgmtClient, tls_connector
+from keymgmt.adapters.server.runtime import KeyServerRuntime
+from keymgmt.adapters.tls import client_context
 from keymgmt.adapters.websocket import CloseCode, WebSocketStream
 from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
+    ConnectionFailed,
     Event,
     OpaqueStepRequired,
     ServerConfig,
     SessionEstablished,
 )
 
+from ..support.net_world import make_settings
 from ..support.ws_client import ORIGIN, read_response_head, tls_to, upgrade_request
 from .test_websocket import PW, logins_ok, registered, still_serves, wss_server
 
@@ -195,6 +201,120 @@ async def test_origin_tricks(tmp_path):
             assert status in ((400, 403) if b"\x00" in request else (expected,)), (request, head)
             await anyio.aclose_forcefully(stream)
         assert runtime.connections_served == len(accepted)
+
+
+class _HeldSend(ByteStream):
+    """A byte stream whose send number ``hold`` waits for ``gate``: the TLS client's second
+    flight (its Finished) or the upgrade request's last line, sent when the test says."""
+
+    def __init__(self, inner: ByteStream, hold: int, gate: anyio.Event, keep: int = 0) -> None:
+        self.inner, self.hold, self.gate, self.keep, self.sends = inner, hold, gate, keep, 0
+
+    async def send(self, item: bytes) -> None:
+        self.sends += 1
+        if self.sends == self.hold:
+            await self.inner.send(item[: self.keep])
+            await self.gate.wait()
+            item = item[self.keep :]
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def extra_attributes(self):  # type: ignore[no-untyped-def]
+        return self.inner.extra_attributes
+
+
+@pytest.mark.parametrize("finishes", [True, False], ids=["finishes", "never-finishes"])
+@pytest.mark.parametrize("listener", ["tcp", "wss"])
+async def test_a_handshake_held_across_the_start_of_shutdown_does_not_hold_the_server(
+    tmp_path, listener, finishes
+):
+    """A client holds its TLS handshake (TCP) or its upgrade request (wss) unfinished and
+    the server begins to shut down. Then the client either finishes it and logs in, to hold
+    a session open, or never finishes it (both timeouts here are 30 s). Either way the
+    server stops within shutdown_grace: a late connection gets GOAWAY (or is closed), not
+    service, and an unfinished one is cut when the grace period ends."""
+    settings, pki = make_settings(
+        tmp_path,
+        websocket_listen=("127.0.0.1", 0),
+        websocket_origins=frozenset({ORIGIN}),
+        websocket_upgrade_timeout=30.0,
+        tls_handshake_timeout=30.0,
+        shutdown_grace=1.0,
+    )
+    runtime = KeyServerRuntime(settings)
+    stopped = anyio.Event()
+
+    async def run(*, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await runtime.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(run)
+        assert runtime.port is not None and runtime.websocket_port is not None
+        async with KeymgmtClient(tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)) as client:
+            await client.register(b"alice", PW)
+        gate = anyio.Event()
+        port = runtime.port if listener == "tcp" else runtime.websocket_port
+        tcp = await anyio.connect_tcp("127.0.0.1", port)
+        context = client_context(pki.ca_cert)
+
+        async def finish() -> ByteStream:
+            if listener == "tcp":  # send 1: ClientHello; send 2: the client's Finished
+                return await TLSStream.wrap(
+                    _HeldSend(tcp, 2, gate),
+                    hostname="localhost",
+                    ssl_context=context,
+                    standard_compatible=False,
+                )
+            stream = await TLSStream.wrap(
+                tcp, hostname="localhost", ssl_context=context, standard_compatible=False
+            )
+            request = upgrade_request()
+            held = _HeldSend(stream, 1, gate, keep=len(request) - 2)
+            await held.send(request)
+            status, rest = await read_head_and_rest(stream)
+            assert status == 101
+            return WebSocketStream(stream, Connection(ConnectionType.CLIENT, trailing_data=rest))
+
+        outcome: list[Event | None] = []
+
+        async def attacker() -> None:
+            stream = await finish()
+            outcome.append(await login(stream))
+            if isinstance(outcome[0], SessionEstablished):
+                await anyio.sleep(60)  # holds its session (and so the server) open
+            await anyio.aclose_forcefully(stream)
+
+        tg.start_soon(attacker)
+        with anyio.fail_after(5):
+            while runtime._open_connections < 1:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.2)  # the held part is not sent: the server waits in the handshake
+        logins = logins_ok(runtime)
+        started = time.monotonic()
+        runtime.shutdown()
+        await anyio.sleep(0.3)  # the shutdown has begun (accepting stopped, drivers told)
+        if finishes:
+            gate.set()
+        with anyio.fail_after(settings.shutdown_grace + 4):
+            await stopped.wait()
+        assert time.monotonic() - started < settings.shutdown_grace + 2
+        assert not (outcome and isinstance(outcome[0], SessionEstablished)), outcome
+        assert logins_ok(runtime) == logins
+        if outcome and outcome[0] is not None:  # it got as far as the keymgmt protocol: a GOAWAY
+            assert isinstance(outcome[0], ConnectionFailed), outcome
+        tg.cancel_scope.cancel()
 
 
 class _NeverReads(ByteStream):
