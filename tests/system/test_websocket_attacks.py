@@ -1,8 +1,9 @@
 """Attacks on the key server's WebSocket listener beyond those of test_websocket.py (a
 security review of issue 17), over real TLS 1.3 on loopback: frames sent right behind the
 upgrade request, broken framing and refused compression, Origin tricks, a handshake held
-across the start of a shutdown (on both listeners), a peer that takes no control frame.
-Each asserts the defended outcome."""
+across the start of a shutdown, a connection that never pauses its input to escape the
+idle timeout (these two on both listeners), a peer that takes no control frame. Each
+asserts the defended outcome."""
 
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ from keymgmt_proto import (
     ClientConnection,
     ConnectionFailed,
     Event,
+    FrameType,
     OpaqueStepRequired,
     ServerConfig,
     SessionEstablished,
 )
 
-from ..support.net_world import make_settings
-from ..support.ws_client import ORIGIN, read_response_head, tls_to, upgrade_request
+from ..support.net_world import make_settings, tls_from
+from ..support.ws_client import ORIGIN, open_websocket, read_response_head, tls_to, upgrade_request
 from .test_websocket import PW, logins_ok, registered, still_serves, wss_server
 
 pytestmark = pytest.mark.anyio
@@ -355,3 +357,30 @@ async def test_a_peer_that_takes_no_pong_or_close_frame_is_given_up_after_contro
         await ws.aclose()
     assert time.monotonic() - started < 1.5
     assert transport.closed and ws.pings == 1
+
+
+@pytest.mark.parametrize("listener", ["tcp", "wss"])
+async def test_a_connection_that_never_stops_sending_is_still_closed_when_idle(tmp_path, listener):
+    """A connection that opens no session but sends without a pause (ABORT frames for a
+    session it never opened, which the server ignores; over the WebSocket one byte a
+    message) must still be closed after connection_idle_timeout: input that never stops
+    may not keep the connection's deadlines from being checked."""
+    config = ServerConfig(connection_idle_timeout=1.0)
+    async with wss_server(tmp_path, protocol=config) as (runtime, pki):
+        assert runtime.port is not None and runtime.websocket_port is not None
+        ignored = struct.pack(">BBII", 1, FrameType.ABORT, 1, 0)
+        stream: ByteStream
+        if listener == "tcp":
+            stream = await tls_from(runtime.port, pki.ca_cert)
+            blob = ignored * 2000
+        else:
+            stream = (await open_websocket(runtime.websocket_port, pki.ca_cert)).stream
+            blob = b"".join(client_frame(0x2, bytes([b])) for b in ignored) * 200
+        started = time.monotonic()
+        with anyio.fail_after(8):
+            with pytest.raises((anyio.BrokenResourceError, anyio.EndOfStream, OSError)):
+                while True:
+                    await stream.send(blob)
+        assert time.monotonic() - started < 5
+        await anyio.aclose_forcefully(stream)
+        assert runtime.connections_served == 1
