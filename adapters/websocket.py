@@ -112,6 +112,10 @@ class WebSocketStream(ByteStream):
         self._buffer = bytearray()
         self._message = 0  # bytes of the binary message being received so far
         self._eof = False
+        #: wsproto may hold bytes not yet parsed: those that came right behind the upgrade
+        #: (``trailing_data``). They are handled before the transport is read: the peer may
+        #: be waiting for their answer and send nothing more.
+        self._unparsed = True
         self._send_lock = anyio.Lock()
         #: Why this end closed the WebSocket (a text message, a message too big, broken
         #: framing, a peer that took no control frame); None while all is well.
@@ -136,6 +140,10 @@ class WebSocketStream(ByteStream):
                 raise anyio.BrokenResourceError(self.violation)
             if self._eof:
                 raise anyio.EndOfStream
+            if self._unparsed:
+                self._unparsed = False
+                await self._handle_events()
+                continue
             try:
                 data = await self.transport.receive(self.receive_size)
             except anyio.EndOfStream:

@@ -364,11 +364,14 @@ class KeyServerRuntime:
             log.info("shutting down: no new connections; finishing %d", len(self._drivers))
             for driver in list(self._drivers):
                 driver.stop()
+            # Also connections still in their TLS handshake or WebSocket upgrade: one that
+            # finishes it from now on is stopped at once (_serve_tls), and whatever is not
+            # done when the grace period ends is cut, so no peer holds the shutdown open.
             with anyio.move_on_after(self.settings.shutdown_grace) as grace:
-                while self._drivers:
+                while self._open_connections:
                     await anyio.sleep(0.01)
             if grace.cancelled_caught:
-                log.warning("shutdown grace period over; closing %d connections", len(self._drivers))
+                log.warning("shutdown grace period over; closing %d connections", self._open_connections)
                 connections.cancel_scope.cancel()
 
     async def _accept(self, listener: SocketListener, connections: TaskGroup, websocket: bool) -> None:
@@ -545,6 +548,8 @@ class KeyServerRuntime:
         )
         self._drivers.add(driver)
         slot.driver = driver
+        if self._closing:  # its handshake ended after the shutdown began: GOAWAY, not service
+            driver.stop()
         self.connections_served += 1
         self.metrics.connections.labels("served").inc()
         log.info(
