@@ -107,8 +107,11 @@ def test_the_metadata_bounds_opaque_and_offers_the_extras(sdist: Path) -> None:
     # the 0.1 series (0.1.0 on 3.11, 0.1.2 on 3.12+) is the protocol's wire format
     assert opaque and "<0.2" in opaque[0] and ">=0.1.0" in opaque[0], opaque
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert {"postgres", "trio", "dev"} <= extras
+    assert {"postgres", "trio", "dev", "testing"} <= extras
     assert any(r.startswith("trio") and 'extra == "trio"' in r for r in requires)
+    # the harness (issue 18): Hypothesis only with the testing extra, never for the core
+    assert any(r.startswith("hypothesis") and 'extra == "testing"' in r for r in requires)
+    assert not any(r.startswith("hypothesis") and "extra ==" not in r for r in requires)
     assert meta["License-Expression"] == "MIT"
     classifiers = meta.get_all("Classifier") or []
     assert "Programming Language :: Python :: 3.11" in classifiers
