@@ -1,0 +1,88 @@
+"""The server conformance machine against real key servers over loopback TLS 1.3: our own
+passes it, and each deliberately broken variant (tests/support/broken_server.py: one
+protection taken out, in the server process only) fails it with a shrunk transcript that
+names the broken rule.
+
+Each run is short (few examples, derandomized, a few seconds of shrinking): real OPAQUE
+costs tens of milliseconds a login, so the budget is in examples, not in steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keymgmt.adapters.conformance import ConformanceFailure, ServerRunSettings, Target, run_server_conformance
+from tests.support.server_proc import ServerProcess, init_server_dir
+
+BROKEN_SERVER = Path(__file__).resolve().parents[1] / "support" / "broken_server.py"
+#: The machine's logins and registrations from one address: more than the default per-address
+#: admission allows (the model counts RATE_LIMITED as policy, but the runs would do less).
+FAST_ADMISSION = {"KEYMGMT_ADMISSION_RATE": "1000", "KEYMGMT_ADMISSION_BURST": "1000"}
+
+
+def _target(directory: Path, server: ServerProcess) -> Target:
+    return Target("127.0.0.1", server.port, ca=directory / "ca.pem", timeout=5.0)
+
+
+@pytest.fixture
+def server_dir(tmp_path: Path) -> Path:
+    return init_server_dir(tmp_path / "srv")
+
+
+@pytest.fixture
+def real_server(server_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(server_dir, env=FAST_ADMISSION)
+    yield server
+    assert server.stop() == 0
+
+
+def test_the_real_key_server_passes(server_dir: Path, real_server: ServerProcess) -> None:
+    settings = ServerRunSettings(max_examples=12, steps=15, derandomize=True, time_limit=60)
+    report = run_server_conformance(_target(server_dir, real_server), settings)
+    assert report.examples >= 12 and report.steps >= 12 * 5
+    # the runs reached the operations, resumption and the misbehaviour, not only logins
+    assert len(report.rules) >= 20, report.rules
+    assert "Traceback" not in real_server.log_text()
+
+
+#: variant -> what the violation (or the transcript) must say
+BROKEN = {
+    "replay": "a replayed record",
+    "bit-flip": "a record with a flipped bit",
+    "sequence-reuse": "the client had to refuse the server's RESPONSE",
+    "unknown-account": "an unknown name and a wrong password must look the same",
+    "other-users-key": "OPS-7",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(BROKEN))
+def test_a_broken_server_fails_with_a_shrunk_transcript(server_dir: Path, variant: str) -> None:
+    server = ServerProcess(
+        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), variant]
+    )
+    try:
+        settings = ServerRunSettings(
+            max_examples=40, steps=8, derandomize=True, time_limit=30, shrink_time_limit=5
+        )
+        with pytest.raises(ConformanceFailure) as caught:
+            run_server_conformance(_target(server_dir, server), settings)
+    finally:
+        server.stop()
+    failure = caught.value
+    assert BROKEN[variant] in failure.violation, failure.violation
+    # a readable transcript: numbered steps, what was sent and received, the model's view
+    transcript = failure.transcript
+    assert transcript.startswith("step 1: ") and "VIOLATION: " in transcript
+    assert " -> " in transcript and " <- " in transcript and "model: " in transcript
+    # shrunk: Hypothesis's account of the failing run is a handful of steps
+    steps = [
+        line
+        for line in failure.hypothesis_report.splitlines()
+        if line.startswith("state.") and "nothing_unexpected_arrived" not in line
+    ]
+    print(variant, len(steps), steps)
+    assert 2 <= len(steps) <= 10, failure.hypothesis_report
