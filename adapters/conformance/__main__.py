@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--max-examples", type=int, default=25, help="runs of the machine at most (default 25)"
     )
-    server.add_argument("--steps", type=int, default=20, help="steps per run at most (default 20)")
+    server.add_argument("--steps", type=int, default=12, help="steps per run at most (default 12)")
     server.add_argument(
         "--time-limit", type=float, default=120.0, help="seconds after which no new run starts (default 120)"
     )
