@@ -49,13 +49,17 @@ def test_the_real_key_server_passes(server_dir: Path, real_server: ServerProcess
     assert "Traceback" not in real_server.log_text()
 
 
-#: variant -> what the violation (or the transcript) must say
+#: variant -> what the violation must say, and the rules the shrunk run may end with (the
+#: step that shows the broken behaviour; None: any, the first request shows it)
 BROKEN = {
-    "replay": "a replayed record",
-    "bit-flip": "a record with a flipped bit",
-    "sequence-reuse": "the client had to refuse the server's RESPONSE",
-    "unknown-account": "an unknown name and a wrong password must look the same",
-    "other-users-key": "OPS-7",
+    "replay": ("a replayed record", {"replay_a_record"}),
+    "bit-flip": ("a record with a flipped bit", {"flip_a_bit"}),
+    "sequence-reuse": ("the client had to refuse the server's RESPONSE", None),
+    "unknown-account": (
+        "an unknown name and a wrong password must look the same",
+        {"login_to_an_unknown_name"},
+    ),
+    "other-users-key": ("OPS-7", {"retrieve"}),
 }
 
 
@@ -73,7 +77,8 @@ def test_a_broken_server_fails_with_a_shrunk_transcript(server_dir: Path, varian
     finally:
         server.stop()
     failure = caught.value
-    assert BROKEN[variant] in failure.violation, failure.violation
+    violation, last_rules = BROKEN[variant]
+    assert violation in failure.violation, failure.violation
     # a readable transcript: numbered steps, what was sent and received, the model's view
     transcript = failure.transcript
     assert transcript.startswith("step 1: ") and "VIOLATION: " in transcript
@@ -81,3 +86,6 @@ def test_a_broken_server_fails_with_a_shrunk_transcript(server_dir: Path, varian
     # shrunk: Hypothesis's account of the failing run is a handful of steps
     steps = [line for line in failure.hypothesis_report.splitlines() if line.startswith("state.")]
     assert 2 <= len(steps) <= 10, failure.hypothesis_report
+    assert steps[0] == "state.two_accounts()" and steps[-1] == "state.teardown()"
+    if last_rules is not None:
+        assert steps[-2].split("(")[0].removeprefix("state.") in last_rules, steps
