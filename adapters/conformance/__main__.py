@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..tls import PKIError
 from .client import DEFAULT_SCENARIOS, ClientScenarioResult, default_scenarios, run_client_conformance
 from .link import Target, parse_target
 from .server import ConformanceFailure, ServerRunSettings, run_server_conformance
@@ -62,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--steps", type=int, default=12, help="steps per run at most (default 12)")
     server.add_argument(
-        "--time-limit", type=float, default=120.0, help="seconds after which no new run starts (default 120)"
+        "--time-limit",
+        type=float,
+        default=120.0,
+        help="seconds after which no new batch of 20 runs starts (default 120; not with --derandomize)",
     )
     server.add_argument(
         "--shrink-time-limit",
@@ -103,13 +107,17 @@ def _server(args: argparse.Namespace) -> int:
         return 2
     token = b""
     if args.invitation_file is not None:
-        token = args.invitation_file.read_bytes().strip()
+        try:
+            token = args.invitation_file.read_bytes().strip()
+        except OSError as exc:
+            print(f"error: --invitation-file: {exc}", file=sys.stderr)
+            return 2
     elif os.environ.get("KEYMGMT_INVITATION"):
         token = os.environ["KEYMGMT_INVITATION"].strip().encode()
     target = Target(host, port, ca=args.ca, server_name=args.server_name, timeout=args.timeout, token=token)
     try:
         target.connect().close()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, PKIError) as exc:
         print(f"error: cannot reach {target.address} over TLS 1.3: {exc}", file=sys.stderr)
         return 3
     settings = ServerRunSettings(

@@ -799,9 +799,21 @@ def _play(
     started = time.monotonic()
     output_file = work / "output.txt"
     with output_file.open("wb") as output:
-        proc = subprocess.Popen(  # noqa: S603 - the command under test, as the user gave it
-            argv, cwd=work, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
-        )
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - the command under test, as the user gave it
+                argv, cwd=work, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+        except OSError as exc:
+            return ClientScenarioResult(
+                scenario.name,
+                scenario.description,
+                scenario.expect,
+                "fail",
+                None,
+                0.0,
+                reason=f"cannot run the command: {exc}",
+                log=log,
+            )
         served = server.serve_until(
             lambda: proc.poll() is not None or time.monotonic() - started > timeout, log
         )

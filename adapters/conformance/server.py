@@ -29,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from hypothesis import HealthCheck, Phase, reject, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import engine as _engine
 from hypothesis.reporting import with_reporter
@@ -249,8 +249,10 @@ class ServerRunSettings:
     max_examples: int = 40
     #: Steps (rules) per run at most.
     steps: int = 12
-    #: Seconds after which no new run starts (the current one finishes).
+    #: Seconds after which no new batch of runs starts; not with ``derandomize``.
     time_limit: float = 120.0
+    #: Runs per Hypothesis run (a batch): the time limit is checked between batches.
+    batch: int = 20
     #: Seconds Hypothesis may spend shrinking a failure.
     shrink_time_limit: float = 60.0
     #: The same runs every time (no random seed).
@@ -303,8 +305,6 @@ class ServerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         run = self.run
-        if not run.failed and time.monotonic() - run.started > run.settings.time_limit:
-            reject()  # the time limit: no new runs (a failure being shrunk still runs)
         self.target = run.target
         self.transcript = Transcript()
         self.links: list[Link] = []
@@ -2279,16 +2279,6 @@ def run_server_conformance(target: Target, run_settings: ServerRunSettings | Non
     run_settings = run_settings or ServerRunSettings()
     run = _Run(target, run_settings)
     machine = type("ServerConformance", (ServerMachine,), {"run": run})
-    hypothesis_settings = settings(
-        max_examples=run_settings.max_examples,
-        stateful_step_count=run_settings.steps,
-        deadline=None,
-        derandomize=run_settings.derandomize,
-        database=None,
-        report_multiple_bugs=False,
-        phases=[Phase.generate, Phase.shrink],
-        suppress_health_check=list(HealthCheck),
-    )
     reports: list[str] = []
 
     def reporter(value: object) -> None:
@@ -2299,12 +2289,31 @@ def run_server_conformance(target: Target, run_settings: ServerRunSettings | Non
             return
         reports.append(text)
 
+    # The time limit is checked between batches of runs: a Hypothesis run cannot be stopped
+    # half-way without confusing it. With derandomize, one batch of every run (the same runs
+    # each time), the time limit then does not apply.
+    left = run_settings.max_examples
     saved = _engine.MAX_SHRINKING_SECONDS
     # Hypothesis documents this constant as one users may monkeypatch (its engine module).
     _engine.MAX_SHRINKING_SECONDS = max(1, int(run_settings.shrink_time_limit))
     try:
-        with with_reporter(reporter):
-            run_state_machine_as_test(machine, settings=hypothesis_settings)
+        while left > 0 and (
+            run.report.examples == 0 or time.monotonic() - run.started < run_settings.time_limit
+        ):
+            batch = left if run_settings.derandomize else min(left, max(1, run_settings.batch))
+            left -= batch
+            hypothesis_settings = settings(
+                max_examples=batch,
+                stateful_step_count=run_settings.steps,
+                deadline=None,
+                derandomize=run_settings.derandomize,
+                database=None,
+                report_multiple_bugs=False,
+                phases=[Phase.generate, Phase.shrink],
+                suppress_health_check=list(HealthCheck),
+            )
+            with with_reporter(reporter):
+                run_state_machine_as_test(machine, settings=hypothesis_settings)
     except ConformanceFailure as failure:
         notes = [n for n in getattr(failure, "__notes__", []) if "nothing_unexpected_arrived" not in n]
         failure.hypothesis_report = "\n".join([*reports, *notes])

@@ -65,3 +65,9 @@ def test_a_client_that_never_ends_is_a_hang() -> None:
 def test_unknown_scenarios_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown scenarios: nope"):
         run_client_conformance("true", scenarios=["nope"])
+
+
+def test_a_command_that_cannot_run_fails_every_scenario_it_was_given() -> None:
+    report = run_client_conformance("/nonexistent/client {address}", scenarios=["honest", "bad-version"])
+    assert [r.verdict for r in report.results] == ["fail", "fail"]
+    assert all(r.reason.startswith("cannot run the command") for r in report.results)

@@ -89,3 +89,9 @@ def test_a_broken_server_fails_with_a_shrunk_transcript(server_dir: Path, varian
     assert steps[0] == "state.two_accounts()" and steps[-1] == "state.teardown()"
     if last_rules is not None:
         assert steps[-2].split("(")[0].removeprefix("state.") in last_rules, steps
+
+
+def test_the_time_limit_stops_new_runs(server_dir: Path, real_server: ServerProcess) -> None:
+    settings = ServerRunSettings(max_examples=1000, steps=5, time_limit=0.5, batch=2)
+    report = run_server_conformance(_target(server_dir, real_server), settings)
+    assert 2 <= report.examples <= 6 and report.seconds < 30, report
