@@ -477,6 +477,12 @@ class ServerMachine(RuleBasedStateMachine):
             self.accounts.remove(account)
             raise
         if not isinstance(event, RegistrationSucceeded):
+            abort = self.server_abort(link, sid)
+            if abort is not None and abort.code is ErrorCode.NOT_AUTHORIZED and not self.target.token:
+                self.fail(
+                    "registration of a fresh name failed: ABORT(NOT_AUTHORIZED); this server requires an "
+                    "authorization to register (REG-5): give the machine an invitation (--invitation-file)"
+                )
             self.fail(f"registration of a fresh name failed: {event}")
         self.expect(
             link.frames_on(sid)

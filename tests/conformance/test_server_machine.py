@@ -9,6 +9,7 @@ costs tens of milliseconds a login, so the budget is in examples, not in steps.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from keymgmt.adapters.conformance import ConformanceFailure, ServerRunSettings, Target, run_server_conformance
-from tests.support.server_proc import ServerProcess, init_server_dir
+from tests.support.server_proc import SERVER, ServerProcess, init_server_dir
 
 BROKEN_SERVER = Path(__file__).resolve().parents[1] / "support" / "broken_server.py"
 #: The machine's logins and registrations from one address: more than the default per-address
@@ -95,3 +96,31 @@ def test_the_time_limit_stops_new_runs(server_dir: Path, real_server: ServerProc
     settings = ServerRunSettings(max_examples=1000, steps=5, time_limit=0.5, batch=2)
     report = run_server_conformance(_target(server_dir, real_server), settings)
     assert 2 <= report.examples <= 6 and report.seconds < 30, report
+
+
+def test_a_server_that_requires_invitations_passes_with_one(server_dir: Path) -> None:
+    """registration.require_invitation: the machine registers with an unbound invitation
+    (`keymgmt-server invite --valid-for`) and checks that a forged token is refused."""
+    env = {**FAST_ADMISSION, "KEYMGMT_REQUIRE_INVITATION": "true"}
+    invite = subprocess.run(
+        [*SERVER, "invite", "--config", str(server_dir / "keymgmt-server.toml"), "--valid-for", "1h"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    token = invite.stdout.strip().encode()
+    assert token.startswith(b"kmi1.")
+    server = ServerProcess(server_dir, env=env)
+    try:
+        target = _target(server_dir, server)
+        target.token = token
+        settings = ServerRunSettings(max_examples=10, steps=10, derandomize=True)
+        report = run_server_conformance(target, settings)
+        assert report.rules.get("register_with_a_forged_token", 0) > 0, report.rules
+        # without the invitation the run stops at once, saying what is missing
+        target.token = b""
+        with pytest.raises(ConformanceFailure, match="requires an authorization to register"):
+            run_server_conformance(target, ServerRunSettings(max_examples=1, steps=1, shrink_time_limit=1))
+    finally:
+        server.stop()
