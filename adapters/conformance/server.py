@@ -198,6 +198,8 @@ class Account:
 
 @dataclass(eq=False)
 class Key:
+    """The model of one stored key: what the server must give back for it."""
+
     label: str
     kind: SecretKind
     sealed: bytes = field(repr=False)
@@ -236,6 +238,8 @@ Check = Callable[[Status, OpResponse | None, bytes], None]
 
 @dataclass(eq=False)
 class Pending:
+    """A request in flight and the check its answer must pass."""
+
     request: OpRequest
     check: Check
     what: str
@@ -285,7 +289,6 @@ class _Run:
         self.prefix = f"cf-{os.urandom(4).hex()}"
         self.names = 0
         self.started = time.monotonic()
-        self.failed = False
         self.report = ServerReport()
 
     def new_name(self, what: str) -> bytes:
@@ -322,7 +325,6 @@ class ServerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ plumbing
 
     def fail(self, violation: str) -> NoReturn:
-        self.run.failed = True
         self.transcript.note(f"VIOLATION: {violation}")
         raise ConformanceFailure(violation, self.transcript.render())
 
