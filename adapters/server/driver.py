@@ -365,7 +365,9 @@ class ConnectionDriver:
         except BaseException:  # cancelled (shutdown grace over): detach what can be resumed
             await self._end_quietly()
             raise
-        if isinstance(failure, anyio.BrokenResourceError | anyio.ClosedResourceError | OSError):
+        if isinstance(
+            failure, anyio.BrokenResourceError | anyio.ClosedResourceError | anyio.EndOfStream | OSError
+        ):
             log.info("connection from %s broke: %s", self.peer, type(failure).__name__)
         elif failure is not None:
             raise failure  # a fault: run() abandons the connection, no graceful detach

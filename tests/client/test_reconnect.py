@@ -354,3 +354,56 @@ async def test_a_registration_is_sent_again_only_if_the_server_never_answered(tm
                     await client.register(ALICE, PW)
                 assert not isinstance(lost.value, ClientClosedError)
                 assert calls == 1
+
+
+class _PeerGoneOnSend(ByteStream):
+    """A server end whose ``send`` fails as a TLS stream's does once the peer has closed its
+    side (anyio.EndOfStream), when tripped."""
+
+    def __init__(self, inner: MemoryByteStream) -> None:
+        self.inner = inner
+        self.tripped = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        if self.tripped:
+            raise anyio.EndOfStream
+        await self.inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_peer_gone_as_its_answer_is_sent_leaves_the_session_resumable(tmp_path, caplog):
+    """Found by the server conformance machine (issue 18): a client that sent a request and
+    closed its side at once (GOAWAY(OK), then close) made the key server's send fail with
+    anyio.EndOfStream, which the driver took for an internal fault: it abandoned the
+    session, and the RESUME got UNKNOWN_SESSION (protocol.md 7.2: established sessions stay
+    resumable, unanswered requests are answered once on the new connection)."""
+    ends: list[_PeerGoneOnSend] = []
+    async with line_world(tmp_path) as line:
+
+        async def connect() -> ByteStream:
+            client_end, server_end = memory_stream_pair()
+            end = _PeerGoneOnSend(server_end)
+            ends.append(end)
+            line.world.task_group.start_soon(
+                serve_stream, end, SETUP, line.world.keyserver, line.world.registry
+            )
+            return client_end
+
+        async with KeymgmtClient(connect, reconnect_delay=0.01) as client:
+            await client.register(ALICE, PW)
+            session = await client.login(ALICE, PW)
+            key_id = await session.import_secret(b"\x03abc")
+            ends[-1].tripped = True  # the answer to the next request cannot be sent
+            client.local_store.delete(session.user_id, key_id)
+            with anyio.fail_after(60):
+                assert await session.export(key_id) == b"\x03abc"
+            assert client.connection_count == 2
+    assert "ended by an internal error" not in caplog.text

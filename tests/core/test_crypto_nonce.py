@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 
 from hypothesis import given
-from hypothesis import strategies as st
 
+from keymgmt_proto import strategies as S
 from keymgmt_proto.wire import MAX_SEQ, NONCE_SIZE, record_nonce
 
 
@@ -14,7 +14,7 @@ def reference_nonce(iv: bytes, seq: int) -> bytes:
     return bytes(a ^ b for a, b in zip(iv, b"\x00\x00\x00\x00" + struct.pack(">Q", seq), strict=True))
 
 
-@given(st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE), st.integers(0, MAX_SEQ))
+@given(S.fixed_bytes(NONCE_SIZE), S.sequence_numbers())
 def test_nonce_matches_the_bytewise_definition(iv: bytes, seq: int) -> None:
     assert record_nonce(iv, seq) == reference_nonce(iv, seq)
 

@@ -38,81 +38,40 @@ from keymgmt_proto import (
     derive_master_key,
     encrypt_storage_key,
 )
+from keymgmt_proto import strategies as S
 from keymgmt_proto.wire import (
-    CREDENTIAL_FINALIZATION_SIZE,
-    CREDENTIAL_REQUEST_SIZE,
-    CREDENTIAL_RESPONSE_SIZE,
     ENCRYPTED_STORAGE_KEY_SIZE,
     MESSAGE_TYPES,
     REGISTRATION_REQUEST_SIZE,
-    REGISTRATION_RESPONSE_SIZE,
-    REGISTRATION_UPLOAD_SIZE,
     RESUME_NONCE_SIZE,
     SESSION_HANDLE_SIZE,
     TAG_SIZE,
     USER_ID_SIZE,
     Abort,
     Close,
-    CompleteRegistration,
     GoAway,
-    LoginFinish,
-    LoginResponse,
-    LoginStart,
     Record,
-    RegResponse,
-    RegStart,
-    RegUpload,
     Request,
     Response,
-    Resume,
-    Resumed,
     ResumedEnvelope,
     ResumeEnvelope,
-    Welcome,
     decode_header,
     encode_frame,
 )
 
 # ----------------------------------------------------------------- strategies
+# The public strategies (keymgmt_proto.strategies, the `testing` extra) are what this file
+# draws from; a harness testing another implementation draws from the same ones.
 
-
-def fixed(size: int) -> st.SearchStrategy[bytes]:
-    return st.binary(min_size=size, max_size=size)
-
-
-account_names = st.binary(min_size=1, max_size=255)
-error_codes = st.sampled_from(ErrorCode)
-reasons = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=255)
-request_ids = st.integers(min_value=1, max_value=2**32 - 1)
+fixed = S.fixed_bytes
+error_codes = S.error_codes()
 bodies = st.binary(max_size=512)
-seqs = st.integers(min_value=0, max_value=2**64 - 1)
-records = st.builds(Record, seqs, st.binary(min_size=TAG_SIZE, max_size=256))
 
-STRATEGIES: dict[type, st.SearchStrategy[object]] = {
-    GoAway: st.builds(GoAway, error_codes, reasons),
-    RegStart: st.builds(RegStart, account_names, fixed(REGISTRATION_REQUEST_SIZE)),
-    RegResponse: st.builds(RegResponse, fixed(REGISTRATION_RESPONSE_SIZE)),
-    RegUpload: st.builds(RegUpload, fixed(REGISTRATION_UPLOAD_SIZE)),
-    LoginStart: st.builds(LoginStart, account_names, fixed(CREDENTIAL_REQUEST_SIZE)),
-    LoginResponse: st.builds(LoginResponse, fixed(CREDENTIAL_RESPONSE_SIZE)),
-    LoginFinish: st.builds(LoginFinish, fixed(CREDENTIAL_FINALIZATION_SIZE)),
-    Abort: st.builds(Abort, error_codes, reasons),
-    Welcome: st.builds(Welcome, fixed(USER_ID_SIZE)),
-    CompleteRegistration: st.builds(
-        CompleteRegistration, fixed(USER_ID_SIZE), fixed(ENCRYPTED_STORAGE_KEY_SIZE)
-    ),
-    Request: st.builds(Request, request_ids, bodies),
-    Response: st.builds(Response, request_ids, bodies),
-    Close: st.builds(Close, error_codes),
-    Resume: st.builds(Resume, fixed(RESUME_NONCE_SIZE), st.integers(0, 2**64 - 1)),
-    Resumed: st.just(Resumed()),
-    Record: records,
-    ResumeEnvelope: st.builds(ResumeEnvelope, fixed(SESSION_HANDLE_SIZE), records),
-    ResumedEnvelope: st.builds(ResumedEnvelope, fixed(RESUME_NONCE_SIZE), records),
-}
+STRATEGIES: dict[type, st.SearchStrategy[object]] = {cls: S.messages(cls) for cls in S.MESSAGE_CLASSES}
 
 #: Every payload class under test: MESSAGE_TYPES' values plus the envelope classes.
 ALL_CLASSES = [*dict.fromkeys([*MESSAGE_TYPES.values(), Record, ResumeEnvelope, ResumedEnvelope])]
+assert list(S.MESSAGE_CLASSES) == ALL_CLASSES
 
 #: Classes whose last field is a ``rest`` run to the end of the payload (no length prefix):
 #: name of that field and the number of bytes that precede it.
@@ -169,18 +128,6 @@ def test_round_trip(cls: type, data: st.DataObject) -> None:
     assert decoded.encode() == encoded  # type: ignore[attr-defined]
 
 
-def _mutate(data: st.DataObject, payload: bytes) -> bytes:
-    """A near-valid payload: a few bytes overwritten, maybe truncated or extended."""
-    buf = bytearray(payload)
-    for _ in range(data.draw(st.integers(0, 3), label="writes")):
-        if not buf:
-            break
-        i = data.draw(st.integers(0, len(buf) - 1), label="at")
-        buf[i] = data.draw(st.integers(0, 255), label="byte")
-    cut = data.draw(st.integers(0, len(buf)), label="cut")
-    return bytes(buf[:cut]) + data.draw(st.binary(max_size=4), label="tail")
-
-
 @parametrize_classes
 @given(data=st.data())
 def test_encoding_is_canonical(cls: type, data: st.DataObject) -> None:
@@ -189,7 +136,7 @@ def test_encoding_is_canonical(cls: type, data: st.DataObject) -> None:
     if data.draw(st.booleans(), label="arbitrary"):
         payload = data.draw(st.binary(max_size=600), label="payload")
     else:
-        payload = _mutate(data, data.draw(STRATEGIES[cls]).encode())  # type: ignore[attr-defined]
+        payload = data.draw(S.mutations(data.draw(STRATEGIES[cls]).encode()))  # type: ignore[attr-defined]
     try:
         value = decode(cls, payload)
     except RemoteProtocolError as exc:
@@ -704,41 +651,10 @@ def raw_frame(
 
 #: A well-formed OPAQUE RegistrationRequest, so fuzzed REG_STARTs can get past OPAQUE on the server.
 VALID_REGISTRATION_REQUEST = RealOpaque().client_registration_start(b"password").message
-FUZZ_STRATEGIES = {
-    **STRATEGIES,
-    RegStart: st.builds(
-        RegStart,
-        account_names,
-        st.one_of(*[st.just(VALID_REGISTRATION_REQUEST)] * 3, fixed(REGISTRATION_REQUEST_SIZE)),
-    ),
-}
-
-
-def _rarely(draw: st.DrawFn, one_in: int) -> bool:
-    return draw(st.integers(0, one_in - 1)) == 0
-
-
-@st.composite
-def frames(draw: st.DrawFn) -> bytes:
-    """One frame, mostly well-formed with a payload that decodes as its frame type's class (a
-    Record for sealed types) so the session state machines are reached; sometimes with a bad
-    version, type byte, session id, length field or a random payload."""
-    frame_type = draw(st.sampled_from(FrameType))
-    version = draw(st.integers(0, 255)) if _rarely(draw, 20) else PROTOCOL_VERSION
-    type_byte = draw(st.integers(0, 255)) if _rarely(draw, 10) else int(frame_type)
-    session_id = draw(st.integers(0, 2**32 - 1)) if _rarely(draw, 10) else draw(st.integers(1, 4))
-    if _rarely(draw, 4):
-        payload = draw(st.binary(max_size=400))
-    else:
-        cls = Record if frame_type.sealed else MESSAGE_TYPES[frame_type]
-        payload = draw(FUZZ_STRATEGIES[cls]).encode()  # type: ignore[attr-defined]
-    length = draw(st.integers(0, 2**32 - 1)) if _rarely(draw, 10) else None
-    return raw_frame(version, type_byte, session_id, payload, length)
-
-
-wire_bytes = st.one_of(
-    st.binary(max_size=4096),
-    st.lists(frames(), max_size=8).map(b"".join),
+wire_bytes = S.wire_bytes(
+    registration_requests=st.one_of(
+        *[st.just(VALID_REGISTRATION_REQUEST)] * 3, fixed(REGISTRATION_REQUEST_SIZE)
+    )
 )
 
 

@@ -107,8 +107,11 @@ def test_the_metadata_bounds_opaque_and_offers_the_extras(sdist: Path) -> None:
     # the 0.1 series (0.1.0 on 3.11, 0.1.2 on 3.12+) is the protocol's wire format
     assert opaque and "<0.2" in opaque[0] and ">=0.1.0" in opaque[0], opaque
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert {"postgres", "trio", "dev"} <= extras
+    assert {"postgres", "trio", "dev", "testing"} <= extras
     assert any(r.startswith("trio") and 'extra == "trio"' in r for r in requires)
+    # the harness (issue 18): Hypothesis only with the testing extra, never for the core
+    assert any(r.startswith("hypothesis") and 'extra == "testing"' in r for r in requires)
+    assert not any(r.startswith("hypothesis") and "extra ==" not in r for r in requires)
     assert meta["License-Expression"] == "MIT"
     classifiers = meta.get_all("Classifier") or []
     assert "Programming Language :: Python :: 3.11" in classifiers
@@ -139,3 +142,98 @@ def test_the_sdist_tests_run_against_the_installed_wheel(sdist: Path, tmp_path: 
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def _installed(tmp_path: Path, sdist: Path) -> tuple[Path, dict[str, str]]:
+    """The package from the sdist installed alone into a scratch folder, and an environment
+    that imports it from there (never from this checkout)."""
+    site = tmp_path / "site"
+    subprocess.run(
+        [*PIP_INSTALL, "--target", str(site), str(sdist)], check=True, capture_output=True, timeout=300
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYMGMT_", "PYTHON"))}
+    env.update(PYTHONPATH=str(site), KEYMGMT_ADMISSION_RATE="1000", KEYMGMT_ADMISSION_BURST="1000")
+    return site, env
+
+
+def test_the_installed_package_runs_the_conformance_harness(sdist: Path, tmp_path: Path) -> None:
+    """Issue 18, done when: with only the installed package (no checkout on sys.path: -P and
+    a scratch working folder), `keymgmt-server` runs and `python -m keymgmt.adapters.conformance
+    server` passes against it; against a server with a protection broken it prints a shrunk
+    transcript and exits 1."""
+    site, env = _installed(tmp_path, sdist)
+    work = tmp_path / "work"
+    work.mkdir()
+    python = [sys.executable, "-P"]
+    where = subprocess.run(
+        [*python, "-c", "import keymgmt_proto, keymgmt.adapters.conformance as c; print(c.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert where.stdout.startswith(str(site)), where.stdout
+    subprocess.run(
+        [*python, "-m", "keymgmt.adapters.cli.server", "init", "--dir", "srv", "--port", "0"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    # a broken server: someone's own, here our test's variant copied next to the scratch folder
+    broken = work / "broken_server.py"
+    shutil.copy(ROOT / "tests" / "support" / "broken_server.py", broken)
+    for program, expect in (
+        (["-m", "keymgmt.adapters.cli.server"], 0),
+        ([str(broken), "unknown-account"], 1),
+    ):
+        server = subprocess.Popen(
+            [*python, *program, "serve", "--config", "srv/keymgmt-server.toml"],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            assert line.startswith("listening on "), line
+            port = line.rsplit(":", 1)[1].strip()
+            run = subprocess.run(
+                [
+                    *python,
+                    "-m",
+                    "keymgmt.adapters.conformance",
+                    "server",
+                    "--target",
+                    f"127.0.0.1:{port}",
+                    "--ca",
+                    "srv/ca.pem",
+                    "--max-examples",
+                    "8",
+                    "--steps",
+                    "10",
+                    "--derandomize",
+                    "--shrink-time-limit",
+                    "3",
+                ],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        assert run.returncode == expect, run.stdout[-3000:] + run.stderr[-3000:]
+        if expect == 0:
+            assert run.stdout.splitlines()[-1].startswith("passed: "), run.stdout
+        else:
+            assert "step 1: " in run.stdout and "\nVIOLATION: " in run.stdout, run.stdout
+            assert "an unknown name and a wrong password must look the same" in run.stdout
+            assert "state." in run.stdout  # Hypothesis's shrunk steps

@@ -80,6 +80,7 @@ from keymgmt_proto import (
     secret_ad,
     session_sealing_key,
 )
+from keymgmt_proto import strategies as S
 from keymgmt_proto.testing import FakeOpaque
 
 from ..support.helpers import drain
@@ -365,7 +366,7 @@ class KeyServerMachine(RuleBasedStateMachine):
         return self.fake.server_registration_start(SETUP, bytes(32), live.name)
 
     @precondition(lambda self: self.sessions)
-    @rule(data=st.data(), imported=st.one_of(st.none(), st.binary(min_size=1, max_size=40)))
+    @rule(data=st.data(), imported=st.one_of(st.none(), S.secrets(max_size=40)))
     def store(self, data: st.DataObject, imported: bytes | None) -> None:
         live = data.draw(st.sampled_from(self.sessions), label="session")
         storage_key = self._storage_key(live)

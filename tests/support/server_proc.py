@@ -42,7 +42,9 @@ def _limit_open_files(limit: int) -> None:
 class ServerProcess:
     """One running server. ``backend=None`` runs the real ``keymgmt-server serve`` (asyncio);
     ``"asyncio"``/``"trio"`` run tests/support/serve_backend.py on that backend. ``args``
-    are added to the command line (e.g. ``("--workers", "2")``)."""
+    are added to the command line (e.g. ``("--workers", "2")``). ``program`` replaces the
+    ``keymgmt-server`` command (e.g. tests/support/broken_server.py with its variant); the
+    ``serve`` arguments follow it."""
 
     def __init__(
         self,
@@ -54,10 +56,13 @@ class ServerProcess:
         start_timeout: float = 30.0,
         max_open_files: int | None = None,
         args: tuple[str, ...] = (),
+        program: list[str] | None = None,
     ) -> None:
         self.directory = directory
         config = str(directory / CONFIG_NAME)
-        if backend is None:
+        if program is not None:
+            command = [*program, "serve", "--config", config]
+        elif backend is None:
             command = [*SERVER, "serve", "--config", config]
         else:
             command = [sys.executable, str(BACKEND_SCRIPT), "--backend", backend, "--config", config]

@@ -70,6 +70,7 @@ RUN_SYNC_CLIENT = "with SyncClient(tls_connector"
 RUN_CORE = "conn = ClientConnection(random=os.urandom)"
 RUN_EMBEDDED_SERVER = "runtime = KeyServerRuntime(settings)"
 LOAD_TOML = "# keymgmt-server.toml, the same on every instance"
+RUN_CONFORMANCE = "python -m keymgmt.adapters.conformance server --target"
 NOT_RUN = {
     "make demo    #": "make demo runs in tests/cli/test_demo.py; make test is what runs this test",
     "pip install 'keymgmt[postgres]'": "downloads from PyPI; the dev extra installs the same packages, "
@@ -82,7 +83,15 @@ NOT_RUN = {
     "against a real key server, and in the demo page (web/demo/demo.ts)",
     "stream {": "nginx's configuration (not installed here)",
 }
-RUN = (RUN_QUICK_START, RUN_CLIENT, RUN_SYNC_CLIENT, RUN_CORE, RUN_EMBEDDED_SERVER, LOAD_TOML)
+RUN = (
+    RUN_QUICK_START,
+    RUN_CLIENT,
+    RUN_SYNC_CLIENT,
+    RUN_CORE,
+    RUN_EMBEDDED_SERVER,
+    LOAD_TOML,
+    RUN_CONFORMANCE,
+)
 
 
 def _block(marker: str) -> Block:
@@ -306,6 +315,26 @@ def test_the_embedded_server_example_serves_and_stops_on_sigterm(scratch: Scratc
     assert "Traceback" not in log
     # the server's own lines in UTC with their zone
     assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO keymgmt\.server", log, re.MULTILINE), log
+
+
+def test_the_conformance_example_tests_the_quick_start_server_and_our_client(scratch: Scratch) -> None:
+    """Testing your implementation (issue 18): the server machine against the quick start's
+    running server, the client mode against our `keymgmt`, as written."""
+    script = scratch.folder / "conformance.sh"
+    text = _block(RUN_CONFORMANCE).text.replace("7443", str(scratch.port))
+    script.write_text("set -e -o pipefail\n. .venv/bin/activate\n" + text)
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", str(script)],
+        cwd=scratch.folder,
+        env=scratch.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    passed = [line for line in result.stdout.splitlines() if line.startswith("passed: ")]
+    assert len(passed) == 2, result.stdout
+    assert "FAIL" not in result.stdout
 
 
 def test_the_toml_example_loads(tmp_path: Path) -> None:

@@ -1,0 +1,126 @@
+"""The server conformance machine against real key servers over loopback TLS 1.3: our own
+passes it, and each deliberately broken variant (tests/support/broken_server.py: one
+protection taken out, in the server process only) fails it with a shrunk transcript that
+names the broken rule.
+
+Each run is short (few examples, derandomized, a few seconds of shrinking): real OPAQUE
+costs tens of milliseconds a login, so the budget is in examples, not in steps.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keymgmt.adapters.conformance import ConformanceFailure, ServerRunSettings, Target, run_server_conformance
+from tests.support.server_proc import SERVER, ServerProcess, init_server_dir
+
+BROKEN_SERVER = Path(__file__).resolve().parents[1] / "support" / "broken_server.py"
+#: The machine's logins and registrations from one address: more than the default per-address
+#: admission allows (the model counts RATE_LIMITED as policy, but the runs would do less).
+FAST_ADMISSION = {"KEYMGMT_ADMISSION_RATE": "1000", "KEYMGMT_ADMISSION_BURST": "1000"}
+
+
+def _target(directory: Path, server: ServerProcess) -> Target:
+    return Target("127.0.0.1", server.port, ca=directory / "ca.pem", timeout=5.0)
+
+
+@pytest.fixture
+def server_dir(tmp_path: Path) -> Path:
+    return init_server_dir(tmp_path / "srv")
+
+
+@pytest.fixture
+def real_server(server_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(server_dir, env=FAST_ADMISSION)
+    yield server
+    assert server.stop() == 0
+
+
+def test_the_real_key_server_passes(server_dir: Path, real_server: ServerProcess) -> None:
+    settings = ServerRunSettings(max_examples=12, steps=15, derandomize=True, time_limit=60)
+    report = run_server_conformance(_target(server_dir, real_server), settings)
+    assert report.examples >= 12 and report.steps >= 12 * 5
+    # the runs reached the operations, resumption and the misbehaviour, not only logins
+    assert len(report.rules) >= 20, report.rules
+    assert "Traceback" not in real_server.log_text()
+
+
+#: variant -> what the violation must say, and the rules the shrunk run may end with (the
+#: step that shows the broken behaviour; None: any, the first request shows it)
+BROKEN = {
+    "replay": ("a replayed record", {"replay_a_record"}),
+    "bit-flip": ("a record with a flipped bit", {"flip_a_bit"}),
+    "sequence-reuse": ("the client had to refuse the server's RESPONSE", None),
+    "unknown-account": (
+        "an unknown name and a wrong password must look the same",
+        {"login_to_an_unknown_name"},
+    ),
+    "other-users-key": ("OPS-7", {"retrieve"}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(BROKEN))
+def test_a_broken_server_fails_with_a_shrunk_transcript(server_dir: Path, variant: str) -> None:
+    server = ServerProcess(
+        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), variant]
+    )
+    try:
+        settings = ServerRunSettings(
+            max_examples=40, steps=8, derandomize=True, time_limit=30, shrink_time_limit=4
+        )
+        with pytest.raises(ConformanceFailure) as caught:
+            run_server_conformance(_target(server_dir, server), settings)
+    finally:
+        server.stop()
+    failure = caught.value
+    violation, last_rules = BROKEN[variant]
+    assert violation in failure.violation, failure.violation
+    # a readable transcript: numbered steps, what was sent and received, the model's view
+    transcript = failure.transcript
+    assert transcript.startswith("step 1: ") and "VIOLATION: " in transcript
+    assert " -> " in transcript and " <- " in transcript and "model: " in transcript
+    # shrunk: Hypothesis's account of the failing run is a handful of steps
+    steps = [line for line in failure.hypothesis_report.splitlines() if line.startswith("state.")]
+    assert 2 <= len(steps) <= 10, failure.hypothesis_report
+    assert steps[0] == "state.two_accounts()" and steps[-1] == "state.teardown()"
+    if last_rules is not None:
+        assert steps[-2].split("(")[0].removeprefix("state.") in last_rules, steps
+
+
+def test_the_time_limit_stops_new_runs(server_dir: Path, real_server: ServerProcess) -> None:
+    settings = ServerRunSettings(max_examples=1000, steps=5, time_limit=0.5, batch=2)
+    report = run_server_conformance(_target(server_dir, real_server), settings)
+    assert 2 <= report.examples <= 6 and report.seconds < 30, report
+
+
+def test_a_server_that_requires_invitations_passes_with_one(server_dir: Path) -> None:
+    """registration.require_invitation: the machine registers with an unbound invitation
+    (`keymgmt-server invite --valid-for`) and checks that a forged token is refused."""
+    env = {**FAST_ADMISSION, "KEYMGMT_REQUIRE_INVITATION": "true"}
+    invite = subprocess.run(
+        [*SERVER, "invite", "--config", str(server_dir / "keymgmt-server.toml"), "--valid-for", "1h"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    token = invite.stdout.strip().encode()
+    assert token.startswith(b"kmi1.")
+    server = ServerProcess(server_dir, env=env)
+    try:
+        target = _target(server_dir, server)
+        target.token = token
+        settings = ServerRunSettings(max_examples=10, steps=10, derandomize=True)
+        report = run_server_conformance(target, settings)
+        assert report.rules.get("register_with_a_forged_token", 0) > 0, report.rules
+        # without the invitation the run stops at once, saying what is missing
+        target.token = b""
+        with pytest.raises(ConformanceFailure, match="requires an authorization to register"):
+            run_server_conformance(target, ServerRunSettings(max_examples=1, steps=1, shrink_time_limit=1))
+    finally:
+        server.stop()
