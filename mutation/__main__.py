@@ -45,6 +45,10 @@ DESELECTED = (
     "tests/server/test_spec_gaps.py",
     "tests/repo/test_spec_mapping.py",
     "tests/repo/test_mutation_tool.py",
+    # a key server, Chromium and node in other processes; seconds of start-up per run
+    "tests/system/test_browser.py",
+    "tests/system/test_web_demo.py",
+    "tests/repo/test_web.py",
 )
 TARGET_RATES = {"keymgmt_proto": 0.90, "keymgmt.adapters": 0.85}
 

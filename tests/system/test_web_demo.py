@@ -28,6 +28,16 @@ from scripts.web_demo import ROOT, WebUnavailableError, build_web
 REQUIRED = os.environ.get("KEYMGMT_REQUIRE_WEB") == "1"
 
 
+def _built() -> None:
+    """web/ bundled, else a skip with the reason (a failure with KEYMGMT_REQUIRE_WEB=1)."""
+    try:
+        build_web()
+    except WebUnavailableError as exc:
+        if REQUIRED:
+            pytest.fail(f"{exc} (KEYMGMT_REQUIRE_WEB=1 makes this a failure)")
+        pytest.skip(f"{exc}: make demo-web was not tried")
+
+
 def test_make_demo_web_runs_the_module() -> None:
     venv = Path(sys.prefix)
     dry = subprocess.run(
@@ -42,12 +52,7 @@ def test_make_demo_web_runs_the_module() -> None:
 
 
 def test_demo_web_serves_the_page_and_a_key_server_for_it(tmp_path: Path) -> None:
-    try:
-        build_web()
-    except WebUnavailableError as exc:
-        if REQUIRED:
-            pytest.fail(f"{exc} (KEYMGMT_REQUIRE_WEB=1 makes this a failure)")
-        pytest.skip(f"{exc}: make demo-web was not tried")
+    _built()
     args = [
         "--dir",
         str(tmp_path / "demo"),
