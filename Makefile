@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit demo diagram clean test-long load durability bench bench-smoke fuzz fuzz-smoke fuzz-corpus coverage mutation
+.PHONY: test lint typecheck unit demo demo-web diagram clean test-long load durability bench bench-smoke fuzz fuzz-smoke fuzz-corpus coverage mutation
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
@@ -66,6 +66,14 @@ durability: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m keymgmt.adapters.cli.demo
 
+## The browser client's demo page (web/demo/) against a local key server over wss: builds web/
+## (npm ci when web/node_modules is missing), keeps the key server and its development CA in
+## .demo-web/, serves the page on http://127.0.0.1:8080/ and prints how to trust the CA.
+## DEMO_WEB_ARGS="--page-port 8081 --port 7445 --wss-port 7446" for other ports.
+DEMO_WEB_ARGS ?=
+demo-web: $(STAMP)
+	$(BIN)/python -m scripts.web_demo $(DEMO_WEB_ARGS)
+
 ## Benchmarks: prints the table, writes bench/results.json; about 35 minutes on 2 cores (20 of them the
 ## 10,000-session real-server P4 line: BENCH_ARGS="--memory-server 1000:3" leaves it out).
 BENCH_ARGS ?=
@@ -95,4 +103,4 @@ diagram: $(STAMP)
 	$(BIN)/python scripts/gen_state_diagram.py --write
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis .mutation .coverage
+	rm -rf $(VENV) .demo-web .mypy_cache .pytest_cache .ruff_cache .hypothesis .mutation .coverage

@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 import pyperf
 
-from . import memory, micro, netload, workers
+from . import browser, memory, micro, netload, workers
 from .common import CLIENT_CPU_SET, Line, machine_description, pinned, spread
 from .memory import TARGET_BYTES_PER_IDLE_SESSION
 
@@ -67,6 +67,9 @@ FULL: Config = {
     "workers_runs": 5,
     "workers_seconds": 3.0,
     "workers_warmup": 1.0,
+    # the browser client (headless Chromium over wss) next to the Python client
+    "browser_runs": 5,
+    "browser_requests": 200,
 }
 SMOKE: Config = {
     "pyperf": {group: ["--debug-single-value", "--loops", "2"] for group in micro.GROUPS},
@@ -89,7 +92,11 @@ SMOKE: Config = {
     "workers_runs": 1,
     "workers_seconds": 0.2,
     "workers_warmup": 0.1,
+    "browser_runs": 1,
+    "browser_requests": 3,
 }
+#: Benchmarks that could not run here, with the reason (written to the JSON).
+SKIPPED: dict[str, str] = {}
 
 
 def _log(message: str) -> None:
@@ -502,6 +509,53 @@ def bench_workers(cfg: Config, workdir: Path) -> list[Line]:
     ]
 
 
+def bench_browser(cfg: Config, workdir: Path) -> list[Line]:
+    """The browser client: login and per-request time in headless Chromium over wss, next to
+    the Python client's over TLS (bench/browser.py); skipped, with the reason, without Chromium,
+    node or playwright."""
+    runs, requests = cfg["browser_runs"], cfg["browser_requests"]
+    try:
+        results = anyio.run(browser.measure, workdir / "web", runs, requests)
+    except (browser.WebUnavailableError, ImportError) as exc:
+        SKIPPED["browser"] = str(exc)
+        _log(f"browser skipped: {exc}")
+        return []
+    login, retrieve = browser.summary(results, "login_ms"), browser.summary(results, "retrieve_ms")
+
+    def shown(values: tuple[float, float, float], scale: float = 1.0, unit: str = "ms") -> str:
+        median, low, high = (v * scale for v in values)
+        return f"{median:,.1f} {unit} ({low:,.1f}-{high:,.1f})"
+
+    version = browser.chromium_version()
+    return [
+        Line(
+            "web_login",
+            "Browser login (headless Chromium; OPAQUE, Argon2id in WebAssembly) over wss",
+            "ms",
+            login["browser"][0],
+            login["python_tls"][0],
+            "Python client login over TLS",
+            notes=f"medians (range) of {runs} interleaved runs: browser {shown(login['browser'])}, "
+            f"Python over TLS {shown(login['python_tls'])}, Python over wss {shown(login['python_wss'])}; "
+            f"{version}",
+            extra=results,
+        ),
+        Line(
+            "web_retrieve",
+            f"Browser retrieve over wss, one at a time ({requests} per run), per request",
+            "us",
+            retrieve["browser"][0] * 1e3,
+            retrieve["python_tls"][0] * 1e3,
+            "Python client over TLS",
+            notes=f"medians (range) of {runs} interleaved runs: browser "
+            f"{shown(retrieve['browser'], 1e3, 'us')}, Python over TLS "
+            f"{shown(retrieve['python_tls'], 1e3, 'us')}, Python over wss "
+            f"{shown(retrieve['python_wss'], 1e3, 'us')} (LOCAL_ONLY, no local copy: each a round "
+            "trip, a SQLite read and an audit entry)",
+        ),
+    ]
+
+
 BENCHES: dict[str, Callable[[Config, Path], list[Line]]] = {
     "channel": bench_channel,
     "login": bench_login,
@@ -512,6 +566,7 @@ BENCHES: dict[str, Callable[[Config, Path], list[Line]]] = {
     "multiplex": bench_multiplex,
     "lag": bench_lag,
     "workers": bench_workers,
+    "browser": bench_browser,
 }
 
 
@@ -594,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": [load_before, os.getloadavg()[0]],
         "seconds": time.perf_counter() - started,
         "lines": [line.to_json() for line in lines],
+        "skipped": SKIPPED,
         "table": table,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

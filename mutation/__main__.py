@@ -48,6 +48,10 @@ DESELECTED = (
     # the conformance harness: servers and clients in other processes, seconds per test
     "tests/conformance/test_server_machine.py",
     "tests/conformance/test_client_mode.py",
+    # a key server, Chromium and node in other processes; seconds of start-up per run
+    "tests/system/test_browser.py",
+    "tests/system/test_web_demo.py",
+    "tests/repo/test_web.py",
 )
 TARGET_RATES = {"keymgmt_proto": 0.90, "keymgmt.adapters": 0.85}
 

@@ -79,6 +79,8 @@ NOT_RUN = {
     "and runs its tests this way",
     "frontend keymgmt": "HAProxy's configuration (not installed here)",
     "cd web && npm ci && npm test": "tests/repo/test_web.py runs npm ci and npm test in web/",
+    "make demo-web    #": "serves until Ctrl-C: tests/system/test_web_demo.py runs it on free ports and "
+    "checks the page, the key server and the stop; the page runs in Chromium in tests/system/test_browser.py",
     'from "./keymgmt.js"': "JavaScript for a browser page: the same calls run in web/test/e2e.test.ts "
     "against a real key server, and in the demo page (web/demo/demo.ts)",
     "stream {": "nginx's configuration (not installed here)",
