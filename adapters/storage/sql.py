@@ -44,6 +44,7 @@ __all__ = [
     "audit_values",
     "chain_hash_of",
     "check_schema_version",
+    "credentials_params",
     "eviction_params",
     "fill_audit_chain",
     "key_page",
@@ -61,7 +62,9 @@ __all__ = [
 #: A row as either driver returns it.
 Row = Sequence[Any]
 
-ACCOUNT_COLUMNS = "account_name, user_id, registration_record, encrypted_storage_key, created_us"
+ACCOUNT_COLUMNS = (
+    "account_name, user_id, registration_record, encrypted_storage_key, created_us, credentials_changed_us"
+)
 SECRET_COLUMNS = "user_id, key_id, kind, ciphertext, associated_data, created_us"  # noqa: S105
 AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count, chain_hash"
 #: In a migration's text: after its statements, compute the audit chain of the entries
@@ -214,9 +217,21 @@ class Statements:
         self.drop_user_sessions = spell("DELETE FROM detached_sessions WHERE user_id = ?")
 
         # Password change, account deletion, reserved names
+        #: Parameters: :func:`credentials_params`; the new credentials_changed_us is now, or
+        #: one more than before when that is not less (it changes with every change).
         self.replace_credentials = spell(
-            "UPDATE accounts SET registration_record = ?, encrypted_storage_key = ? WHERE user_id = ?"
+            "UPDATE accounts SET registration_record = :record, encrypted_storage_key = :key, "
+            "credentials_changed_us = CASE WHEN :now > credentials_changed_us THEN :now "
+            "ELSE credentials_changed_us + 1 END WHERE user_id = :user RETURNING credentials_changed_us"
         )
+        #: The same, only while the credentials are still those a session logged in with.
+        self.replace_current_credentials = spell(
+            "UPDATE accounts SET registration_record = :record, encrypted_storage_key = :key, "
+            "credentials_changed_us = CASE WHEN :now > credentials_changed_us THEN :now "
+            "ELSE credentials_changed_us + 1 END "
+            "WHERE user_id = :user AND credentials_changed_us = :expected RETURNING credentials_changed_us"
+        )
+        self.credentials_changed = spell("SELECT credentials_changed_us FROM accounts WHERE user_id = ?")
         self.delete_user_secrets = spell("DELETE FROM secrets WHERE user_id = ?")
         self.delete_user_audit = spell("DELETE FROM audit WHERE user_id = ?")
         self.delete_login_record = spell("DELETE FROM login_throttle WHERE account_name = ?")
@@ -229,11 +244,6 @@ class Statements:
             "SELECT 1 FROM reserved_names WHERE account_name = ? AND reserved_until_us > ?"
         )
         self.forget_reserved_names = spell("DELETE FROM reserved_names WHERE reserved_until_us <= ?")
-        #: Parameters: user id, action (CHANGE_PASSWORD), outcome (SUCCESS), since (us).
-        self.credentials_changed_since = spell(
-            "SELECT 1 FROM audit WHERE user_id = ? AND action = ? AND outcome = ? "
-            "AND timestamp_us >= ? LIMIT 1"
-        )
         #: Exactly once: two claims of one handle cannot both get the row.
         self.claim_session = spell("DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state")
 
@@ -283,6 +293,22 @@ def account_values(account: Account) -> tuple[object, ...]:
         account.encrypted_storage_key,
         account.created,
     )
+
+
+def credentials_params(
+    user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes, now: int, expected: int | None
+) -> dict[str, object]:
+    """The parameters of :attr:`Statements.replace_credentials` (``expected`` None) or of
+    :attr:`Statements.replace_current_credentials`."""
+    params: dict[str, object] = {
+        "record": registration_record,
+        "key": encrypted_storage_key,
+        "now": now,
+        "user": user_id,
+    }
+    if expected is not None:
+        params["expected"] = expected
+    return params
 
 
 def secret_values(secret: SecretRecord) -> tuple[object, ...]:
