@@ -76,6 +76,7 @@ __all__ = [
     "CLIENT_METHODS",
     "DEFAULT_RECONNECT_BUDGET",
     "MAX_PASSWORD_SIZE",
+    "SESSION_REVOKED",
     "AuthenticationError",
     "ClientClosedError",
     "ConnectionLostError",
@@ -198,13 +199,17 @@ class _Waiter:
 
 
 _RETRY_IN = re.compile(r"retry in ([0-9]{1,9}) s$")
+#: Why a session ended with CLOSE(NOT_AUTHORIZED) (docs/protocol.md, section 12.13): the key
+#: server cannot say which of the two, and either way a fresh login is the way on.
+SESSION_REVOKED = (
+    "session ended: the account's password was changed after this session logged in, "
+    "or the account was deleted; log in again"
+)
 
 
 def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     if isinstance(event, SessionClosed) and event.code is ErrorCode.NOT_AUTHORIZED:
-        return SessionEndedError(
-            "session ended: the account's password was changed or the account was deleted", event.code
-        )
+        return SessionEndedError(SESSION_REVOKED, event.code)
     if isinstance(event, SessionClosed):
         return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
     if event.code is ErrorCode.AUTHENTICATION_FAILED:

@@ -38,7 +38,7 @@ async def test_password_change_keeps_secrets_and_log_and_ends_other_sessions(tmp
 
         # Every other session of the account ended: on this connection and on another one.
         for ended in (session, same_connection, elsewhere):
-            with pytest.raises(SessionEndedError, match="password was changed or the account was deleted"):
+            with pytest.raises(SessionEndedError, match="password was changed after this session logged in"):
                 await ended.list_keys()
         assert await bob.list_keys() == []  # another account's session goes on
         with pytest.raises(AuthenticationError):
