@@ -316,7 +316,6 @@ class KeyServer:
                 log.info(
                     "ended a session whose account %s elsewhere",
                     "was deleted" if changed.gone else "changed its password",
-                    extra={"event": "session_revoked"},
                 )
                 return
             conn.send_response(event.session_id, event.request_id, body)
