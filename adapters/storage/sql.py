@@ -17,11 +17,14 @@ audit entries are numbered, and when old detached sessions are dropped.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from keymgmt_proto import (
+    MAX_SEALED_LABEL_SIZE,
+    SEALED_OVERHEAD,
     Action,
     AuditEntry,
     AuditType,
@@ -37,6 +40,7 @@ from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, S
 
 __all__ = [
     "AUDIT_CHAIN_MARK",
+    "UNOPENABLE_LABEL",
     "Row",
     "Statements",
     "account_values",
@@ -48,6 +52,7 @@ __all__ = [
     "eviction_params",
     "fill_audit_chain",
     "key_page",
+    "listed_label",
     "lock_end",
     "migration_statements",
     "rows_to_fetch",
@@ -58,6 +63,8 @@ __all__ = [
     "to_login_record",
     "to_secret",
 ]
+
+log = logging.getLogger("keymgmt.server")
 
 #: A row as either driver returns it.
 Row = Sequence[Any]
@@ -413,8 +420,35 @@ _SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
 def key_page(rows: Sequence[Row], offset: int, limit: int) -> tuple[list[KeyInfo], int]:
     """The keys of a :attr:`Statements.list_keys` page, and the offset of the next page
     (0 when there is none)."""
-    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2], bytes(row[3] or b"")) for row in rows[:limit]]
+    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2], listed_label(row[3])) for row in rows[:limit]]
     return keys, offset + limit if len(rows) > limit else 0
+
+
+#: What LIST_KEYS carries for a stored label that no sealed label can be: a well-formed one
+#: (the shortest) that never opens, so the client lists the key with its label as tampered.
+UNOPENABLE_LABEL = bytes(SEALED_OVERHEAD + 1)
+
+
+def listed_label(stored: object) -> bytes:
+    """A key's stored label as LIST_KEYS carries it: as it is when it can be a sealed label
+    (empty, or 29..MAX_SEALED_LABEL_SIZE bytes), else (a wrong length, not bytes at all: the
+    database was altered or damaged) :data:`UNOPENABLE_LABEL`, with a warning. So one bad
+    row cannot make the whole list an internal error."""
+    if stored is None:
+        return b""
+    if isinstance(stored, bytes | bytearray | memoryview):
+        label = bytes(stored)
+        if not label or len(UNOPENABLE_LABEL) <= len(label) <= MAX_SEALED_LABEL_SIZE:
+            return label
+        what = f"{len(label)} bytes"
+    else:
+        what = f"a {type(stored).__name__}, not bytes"
+    log.warning(
+        "a key's stored label is not a sealed label (%s): listed as one that does not open "
+        "(the database was altered or damaged)",
+        what,
+    )
+    return UNOPENABLE_LABEL
 
 
 def audit_page(rows: Sequence[Row], limit: int) -> tuple[list[AuditEntry], int]:

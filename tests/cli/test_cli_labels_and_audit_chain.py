@@ -78,6 +78,22 @@ def test_labels_from_the_command_line(server, tmp_path):
     _one_line_error(run_client(server, tmp_path, "export", "tamper me"), 4, "no key is labelled")
 
 
+def test_list_shows_a_label_of_the_wrong_length_as_tampered(server, tmp_path):
+    """Review of issue 16, gap 3: a stored label of a length no sealed label has broke `list`
+    (the key server answered INTERNAL)."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    key_id = run_client(server, tmp_path, "generate", "--label", "fine").stdout.strip()
+    other = run_client(server, tmp_path, "generate", "--label", "to be cut").stdout.strip()
+    db = _server_db(server)
+    db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (b"cut", bytes.fromhex(other)))
+    listing = run_client(server, tmp_path, "list")
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split()[-1] for line in listing.stdout.splitlines()[1:]}
+    assert rows == {key_id: "fine", other: "<tampered>"}
+    assert "1 label(s) failed verification" in listing.stderr and "error" not in listing.stderr
+    assert run_client(server, tmp_path, "export", "fine").returncode == 0
+
+
 def test_audit_verify_head_and_a_tampered_log(server, tmp_path):
     assert run_client(server, tmp_path, "register").returncode == 0
     key_id = run_client(server, tmp_path, "generate").stdout.strip()

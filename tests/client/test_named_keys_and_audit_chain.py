@@ -121,6 +121,44 @@ async def test_a_tampered_or_moved_label_is_shown_as_tampered_and_names_nothing(
         assert await session.resolve("first again") == first
 
 
+async def test_a_stored_label_that_is_no_sealed_label_is_listed_as_tampered(tmp_path, caplog):
+    """Review of issue 16, gap 3: a label column holding something no sealed label can be (a
+    wrong length, too long for the wire, text or a number: an altered or damaged database)
+    made LIST_KEYS an internal error, so no key could be listed or named. The key server now
+    lists such a key with a sealed label that never opens: the client shows it tampered and
+    every other key as usual."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="keymgmt")
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        good = await session.generate(label="good")
+        broken = {value: await session.generate(label=f"broken {n}") for n, value in enumerate(
+            (b"short", bytes(93), bytes(300), "text", 7)
+        )}  # fmt: skip
+
+        def damage() -> None:
+            for value, key_id in broken.items():
+                world.storage._db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (value, key_id))
+
+        await world.storage_do(damage)
+        keys = {k.key_id: k for k in await session.list_keys()}
+        assert set(keys) == {good, *broken.values()}
+        assert keys[good].label == "good" and not keys[good].label_tampered
+        for key_id in broken.values():
+            assert keys[key_id].label_tampered and keys[key_id].label is None
+        assert await session.resolve("good") == good  # naming keys still works
+        with pytest.raises(NotFoundError):
+            await session.resolve("broken 0")
+        await session.rename(broken[b"short"], "repaired")  # and a new label repairs one
+        assert await session.resolve("repaired") == broken[b"short"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, caplog.text
+    warned = [r.getMessage() for r in caplog.records if "not a sealed label" in r.getMessage()]
+    assert warned  # the operator hears of it
+
+
 async def test_a_label_two_keys_share_is_ambiguous(tmp_path):
     """Two devices naming keys at once can both pass the uniqueness check: the label then
     names nothing until one is renamed."""
