@@ -76,6 +76,7 @@ __all__ = [
     "CLIENT_METHODS",
     "DEFAULT_RECONNECT_BUDGET",
     "MAX_PASSWORD_SIZE",
+    "NOT_RECENT_LOGIN",
     "SESSION_REVOKED",
     "AuthenticationError",
     "ClientClosedError",
@@ -889,7 +890,7 @@ class KeySession:
         except OperationRefused as refused:
             if refused.status is Status.NOT_FOUND:
                 raise NotFoundError("no such key") from None
-            raise RequestRefusedError(str(refused), refused.status) from None
+            raise RequestRefusedError(_refusal(request.op, refused), refused.status) from None
         except IntegrityFailure as exc:
             raise IntegrityError(str(exc)) from None
         except LabelError as exc:
@@ -1042,6 +1043,23 @@ class KeySession:
             await self._client.close_session(self.session_id)
         finally:
             self._ops.forget()
+
+
+#: The operations the key server accepts only in a session with a recent login.
+_NEEDING_A_RECENT_LOGIN = frozenset({Op.CHANGE_PASSWORD_START, Op.CHANGE_PASSWORD_FINISH, Op.DELETE_ACCOUNT})
+#: Why the key server refuses them INVALID (docs/protocol.md, section 12.13).
+NOT_RECENT_LOGIN = (
+    "request refused: a password change or an account deletion needs a recent login (within the "
+    "key server's sessions.reauth_window, 5 minutes by default), and this session's login is older; "
+    "log in again"
+)
+
+
+def _refusal(op: Op, refused: OperationRefused) -> str:
+    """The text of a refusal: what it means for ``op`` where the protocol says so."""
+    if refused.status is Status.INVALID and op in _NEEDING_A_RECENT_LOGIN:
+        return NOT_RECENT_LOGIN
+    return str(refused)
 
 
 def _one(request: OpRequest) -> Plan[OpResponse]:

@@ -135,3 +135,23 @@ def test_delete_account_asks_first_at_a_terminal(server, tmp_path):
     code, output = term.finish()
     assert code == 0 and "deleted the account alice@example.org" in output, output
     assert run_client(server, tmp_path, "logout").returncode == 3
+
+
+def test_passwd_and_delete_account_refused_for_an_old_login_say_why_in_one_line(server_dir, tmp_path):
+    """Review of issue 16, gap 4: a refused password change or deletion printed only
+    'request refused: invalid'. With a reauthentication window shorter than a login takes,
+    every login is already too old: the refusal says so, and what to do, in one line."""
+    from tests.support.cli import ServerProcess
+
+    server = ServerProcess(server_dir, env={"KEYMGMT_REAUTH_WINDOW": "0.001"})
+    try:
+        assert run_client(server, tmp_path, "register").returncode == 0
+        for args, password in (("passwd",), f"{PASSWORD}\n{NEW}"), (("delete-account", "--yes"), PASSWORD):
+            refused = run_client(server, tmp_path, *args, password=password)
+            assert refused.returncode == 5, refused.stderr
+            assert refused.stderr.startswith("keymgmt: error: request refused: a password change or an")
+            assert "needs a recent login" in refused.stderr and refused.stderr.endswith("log in again\n")
+            assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert run_client(server, tmp_path, "logout").returncode == 0  # nothing changed
+    finally:
+        assert server.stop() == 0

@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from keymgmt.adapters.client.async_client import (
+    NOT_RECENT_LOGIN,
     AuthenticationError,
     KeymgmtError,
     RegistrationError,
@@ -93,11 +94,13 @@ async def test_an_old_session_must_log_in_again_to_change_the_password_or_delete
         await client.register(ALICE, PW)
         session = await client.login(ALICE, PW)
         await anyio.sleep(0.2)
-        with pytest.raises(RequestRefusedError) as refused:
+        # Review of issue 16, gap 4: the refusal says why and what to do, not only "invalid".
+        with pytest.raises(RequestRefusedError, match=r"needs a recent login .* log in again") as refused:
             await session.change_password(NEW_PW)
-        assert refused.value.status is Status.INVALID
-        with pytest.raises(RequestRefusedError):
+        assert refused.value.status is Status.INVALID and str(refused.value) == NOT_RECENT_LOGIN
+        with pytest.raises(RequestRefusedError) as refused:
             await session.delete_account()
+        assert str(refused.value) == NOT_RECENT_LOGIN
         assert await session.list_keys() == []  # still there, and still usable
         await client.login(ALICE, PW)  # the password did not change
         # (a fresh login passes: the other tests, with the default window of 300 s)

@@ -23,7 +23,7 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
 from keymgmt.adapters.cli.server import main
-from keymgmt.adapters.client.async_client import KeymgmtClient, SessionEndedError
+from keymgmt.adapters.client.async_client import SESSION_REVOKED, KeymgmtClient, SessionEndedError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt_proto import Action, AuditType, Context, ErrorCode
 
@@ -227,6 +227,8 @@ async def test_a_session_on_the_other_worker_ends_when_the_password_changes_or_t
             await setup.logout()
             stale = await b.login(name, PW)  # with the old password; no storage key yet
             b.local_store.delete(stale.user_id, key_id)  # and no local copy
+            # two more, to take the account over: change the password, or delete it
+            stale_changer, stale_deleter = await b.login(name, PW), await b.login(name, PW)
         with _Steered([w1, w2], w2):
             a = await clients.enter_async_context(KeymgmtClient(on_w2, reconnect_attempts=1))
         with anyio.fail_after(60), _Steered([w1, w2], w2):
@@ -235,6 +237,13 @@ async def test_a_session_on_the_other_worker_ends_when_the_password_changes_or_t
             with pytest.raises(SessionEndedError, match="changed after this session logged in") as ended:
                 await stale.retrieve(key_id, Context.LOCAL_ONLY)
             assert ended.value.code is ErrorCode.NOT_AUTHORIZED and "log in again" in str(ended.value)
+            # gap 4: the takeover attempts are told why, in one line (not "request refused: invalid")
+            with pytest.raises(SessionEndedError) as ended:
+                await stale_changer.change_password(b"the attacker's own")
+            assert str(ended.value) == SESSION_REVOKED
+            with pytest.raises(SessionEndedError) as ended:
+                await stale_deleter.delete_account()
+            assert str(ended.value) == SESSION_REVOKED
             fresh = await b.login(name, b"the new password")
             assert await fresh.retrieve(key_id, Context.LOCAL_ONLY) == b"abcd"
         with anyio.fail_after(60), _Steered([w1, w2], w2):
