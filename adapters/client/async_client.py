@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hmac
 import json
 import os
 import random as _random
@@ -436,9 +437,12 @@ class KeymgmtClient:
         (a wrong one raises :class:`AuthenticationError` and changes nothing); the change
         runs in that session, which is then logged out. Every other session of the account
         ends; stored secrets, the local store, the audit log and the throttling state carry
-        over (the storage key is re-wrapped, not replaced)."""
+        over (the storage key is re-wrapped, not replaced). A new password equal to the current
+        one, or an empty one, is refused before anything is sent."""
         if not new_password:
             raise KeymgmtError("invalid argument: the new password must not be empty")
+        if hmac.compare_digest(new_password, current_password):  # before anything is sent
+            raise KeymgmtError("invalid argument: the new password is the current one")
         session = await self.login(account_name, current_password)
         try:
             await session.change_password(new_password)

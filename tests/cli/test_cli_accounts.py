@@ -75,6 +75,22 @@ def test_passwd_checks_its_files_before_connecting(tmp_path):
         assert result.stderr.count("\n") == 1
 
 
+def test_passwd_refuses_the_current_password_from_stdin_before_connecting(server_dir, tmp_path):
+    """Review of issue 16, gap 5 (the stdin path; the file path is above): the two lines are
+    compared before any connection is made (nothing listens on port 9)."""
+    env = client_env(9, server_dir / "ca.pem", tmp_path)
+    result = subprocess.run(
+        [*CLIENT, "passwd"],
+        input=f"{PASSWORD}\n{PASSWORD}\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "keymgmt: error: the new password is the current one\n"
+
+
 def test_passwd_at_a_terminal_asks_twice(server, tmp_path):
     assert run_client(server, tmp_path, "register").returncode == 0
     term = Terminal(["passwd"], client_env(server.port, server.directory / "ca.pem", tmp_path))

@@ -89,6 +89,21 @@ async def test_an_empty_new_password_is_refused_before_anything_is_sent(tmp_path
         assert not [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD_START]
 
 
+async def test_the_current_password_as_the_new_one_is_refused_before_anything_is_sent(tmp_path):
+    """Review of issue 16, gap 5: it was accepted (a login, a registration, a re-wrap, every
+    other session ended, for nothing)."""
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        live = await client.login(ALICE, PW)
+        with pytest.raises(KeymgmtError) as refused:
+            await client.change_password(ALICE, PW, bytes(PW))
+        assert str(refused.value) == "invalid argument: the new password is the current one"
+        assert not isinstance(refused.value, RequestRefusedError | AuthenticationError)
+        entries = await live.audit()  # the live session goes on: nothing reached the server
+        assert [e.action for e in entries].count(Action.LOGIN) == 1
+        assert not [e for e in entries if e.action is Action.CHANGE_PASSWORD_START]
+
+
 async def test_an_old_session_must_log_in_again_to_change_the_password_or_delete(tmp_path):
     async with key_server(tmp_path, reauth_window=0.05) as world, world.client() as client:
         await client.register(ALICE, PW)
