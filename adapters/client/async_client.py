@@ -939,11 +939,12 @@ class KeySession:
         self._keep(key_id, copy)
         return key_id
 
-    async def rename(self, key_id: bytes, label: str | None) -> None:
+    async def rename(self, key_id: bytes, label: str | None) -> bool:
         """Named keys: set or change the key's label (None removes it). The label is sealed
         here under the storage key; the server stores only ciphertext. LabelConflictError if
-        another key has it, NotFoundError if the key does not exist."""
-        await self._run(self._ops.rename(key_id, label))
+        another key has it, NotFoundError if the key does not exist. Returns whether the key
+        had a label before (removing the label of a key that has none sends nothing)."""
+        return await self._run(self._ops.rename(key_id, label))
 
     async def resolve(self, label: str) -> bytes:
         """Named keys: the key id of the one key labelled ``label`` (NotFoundError if none,

@@ -46,8 +46,8 @@ class SyncKeySession:
     def import_secret(self, portable: bytes, label: str | None = None) -> bytes:
         return self._portal.call(self._session.import_secret, portable, label)
 
-    def rename(self, key_id: bytes, label: str | None) -> None:
-        self._portal.call(self._session.rename, key_id, label)
+    def rename(self, key_id: bytes, label: str | None) -> bool:
+        return self._portal.call(self._session.rename, key_id, label)
 
     def resolve(self, label: str) -> bytes:
         return self._portal.call(self._session.resolve, label)

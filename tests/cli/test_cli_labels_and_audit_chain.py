@@ -63,7 +63,12 @@ def test_labels_from_the_command_line(server, tmp_path):
     _one_line_error(run_client(server, tmp_path, "delete", "--yes", "a\tb"), 2, "control characters")
 
     removed = run_client(server, tmp_path, "rename", "--remove", "main")
-    assert removed.returncode == 0 and "removed the label" in removed.stdout
+    assert removed.returncode == 0 and removed.stdout.strip() == f"removed the label of {key_id}"
+    # review of issue 16, gap 6: a key without a label is said to have none
+    again = run_client(server, tmp_path, "rename", "--remove", key_id)
+    assert again.returncode == 0 and again.stdout.strip() == f"{key_id} has no label; nothing removed"
+    again = json.loads(run_client(server, tmp_path, "rename", "--remove", key_id, "--json").stdout)
+    assert again == {"key_id": key_id, "label": None, "removed": False}
     assert run_client(server, tmp_path, "delete", "--yes", "greeting").returncode == 0
     assert [k["label"] for k in json.loads(run_client(server, tmp_path, "list", "--json").stdout)] == [None]
 

@@ -78,9 +78,10 @@ async def test_named_keys_round_trip_and_the_server_stores_only_ciphertext(tmp_p
         with pytest.raises(LabelConflictError):  # refused before anything is stored
             await session.generate(label="main key")
         assert len(await session.list_keys()) == 3
-        await session.rename(backup, "main key")  # its own label again: fine
-        await session.rename(backup, None)
+        assert await session.rename(backup, "main key") is True  # its own label again: fine
+        assert await session.rename(backup, None) is True  # it had one
         assert {k.key_id: k.label for k in await session.list_keys()}[backup] is None
+        assert await session.rename(backup, None) is False  # none left: nothing sent (gap 6)
         with pytest.raises(NotFoundError):
             await session.rename(os.urandom(16), "nothing")
         for bad in ("", "x" * 65, "two\nlines", " padded", "00112233445566778899aabbccddeeff"):
