@@ -78,6 +78,7 @@ __all__ = [
     "DEFAULT_RECONNECT_BUDGET",
     "MAX_PASSWORD_SIZE",
     "NOT_RECENT_LOGIN",
+    "NO_ACCOUNT",
     "SESSION_REVOKED",
     "AuthenticationError",
     "ClientClosedError",
@@ -893,7 +894,7 @@ class KeySession:
             return result
         except OperationRefused as refused:
             if refused.status is Status.NOT_FOUND:
-                raise NotFoundError("no such key") from None
+                raise NotFoundError("no such key" if request.op in _ABOUT_A_KEY else NO_ACCOUNT) from None
             raise RequestRefusedError(_refusal(request.op, refused), refused.status) from None
         except IntegrityFailure as exc:
             raise IntegrityError(str(exc)) from None
@@ -1050,6 +1051,12 @@ class KeySession:
             self._ops.forget()
 
 
+#: The operations on one existing key: their NOT_FOUND means no such key. Any other
+#: operation finds nothing only when the session's account is gone (a key server of the
+#: release before; this one ends such a session instead: docs/protocol.md, section 12.13).
+_ABOUT_A_KEY = frozenset({Op.RETRIEVE, Op.DELETE_KEY, Op.RENAME_KEY})
+#: NOT_FOUND to any other operation.
+NO_ACCOUNT = "the account does not exist (it was deleted)"
 #: The operations the key server accepts only in a session with a recent login.
 _NEEDING_A_RECENT_LOGIN = frozenset({Op.CHANGE_PASSWORD_START, Op.CHANGE_PASSWORD_FINISH, Op.DELETE_ACCOUNT})
 #: Why the key server refuses them INVALID (docs/protocol.md, section 12.13).

@@ -9,6 +9,7 @@ from keymgmt.adapters.client.async_client import (
     NOT_RECENT_LOGIN,
     AuthenticationError,
     KeymgmtError,
+    NotFoundError,
     RegistrationError,
     RequestRefusedError,
     SessionEndedError,
@@ -188,3 +189,29 @@ async def test_the_name_is_free_again_after_the_reservation(tmp_path):
             Action.LIST_KEYS,
             Action.AUDIT,
         }
+
+
+async def test_not_found_for_the_account_itself_says_the_account_does_not_exist(tmp_path, monkeypatch):
+    """Review of issue 16, gap 7: a session whose account was deleted (here: by a key server of
+    the release before, which answers such a session's requests NOT_FOUND instead of ending
+    it) was told "no such key" by list_keys. An operation that names no key finds nothing only
+    when the account is gone, and says so; one on a key still says "no such key"."""
+    from keymgmt_proto import ServerConnection
+
+    monkeypatch.setattr(ServerConnection, "credentials_version", lambda self, session_id: None)
+    async with key_server(tmp_path) as world, world.client() as client:
+        user_id = await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.generate()
+        client.local_store.delete(user_id, key_id)
+
+        def delete_the_account() -> None:  # (as another instance's deletion leaves it)
+            world.storage._db.execute("DELETE FROM accounts WHERE user_id = ?", (user_id,))
+
+        await world.storage_do(delete_the_account)
+        for call in (session.list_keys, session.audit, session.generate):
+            with pytest.raises(NotFoundError) as missing:
+                await call()
+            assert str(missing.value) == "the account does not exist (it was deleted)"
+        with pytest.raises(NotFoundError, match=r"^no such key$"):
+            await session.retrieve(key_id)
