@@ -265,9 +265,10 @@ async def test_acknowledged_stores_survive_sigkill(tmp_path):
     assert verified >= ROUNDS
 
 
-#: Loaded into the server process only (PYTHONPATH): once the schema is in place (the first
-#: commits), SQLite COMMITs are swallowed except every 500th, so the server acknowledges stores
-#: that are not yet committed (a write-back cache bug).
+#: Loaded into the server process only (PYTHONPATH): once the schema is in place (the storage
+#: sets synchronous = NORMAL after its migrations, however many there are), SQLite COMMITs are
+#: swallowed except every 500th, so the server acknowledges stores that are not yet committed
+#: (a write-back cache bug).
 _LAZY_COMMIT = """
 import sqlite3
 
@@ -276,12 +277,15 @@ _connect = sqlite3.connect
 
 class _LazyCommit(sqlite3.Connection):
     commits = 0
+    migrated = False
 
     def execute(self, sql, *args):
         statement = sql.strip().upper()
-        if statement == "COMMIT":
+        if statement.startswith("PRAGMA SYNCHRONOUS = NORMAL"):
+            _LazyCommit.migrated = True
+        elif statement == "COMMIT" and _LazyCommit.migrated:
             _LazyCommit.commits += 1
-            if _LazyCommit.commits > 8 and _LazyCommit.commits % 500:
+            if _LazyCommit.commits % 500:
                 return self.cursor()
         elif statement.startswith("BEGIN") and self.in_transaction:
             return self.cursor()
