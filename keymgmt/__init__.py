@@ -23,7 +23,9 @@ from keymgmt.adapters.client import (
     SessionEndedError,
     ThrottledError,
     TLSConnectError,
+    WebSocketConnectError,
     tls_connector,
+    ws_connector,
 )
 from keymgmt.adapters.client import KeymgmtClient as Client
 from keymgmt.adapters.client import KeySession as Session
@@ -52,5 +54,7 @@ __all__ = [
     "SyncSession",
     "TLSConnectError",
     "ThrottledError",
+    "WebSocketConnectError",
     "tls_connector",
+    "ws_connector",
 ]

@@ -76,7 +76,7 @@ from ..client.async_client import (
     ThrottledError,
     audit_to_json,
 )
-from ..client.connect import CertificateNotTrustedError, tls_connector
+from ..client.connect import CertificateNotTrustedError, tls_connector, ws_connector
 from ..client.localstore import LocalStore, LocalStoreError
 from ..tls import PKIError, client_context
 
@@ -192,7 +192,8 @@ def _add_common(parser: argparse.ArgumentParser, top: bool) -> None:
         "--server",
         default=default(env.get("KEYMGMT_SERVER", "127.0.0.1:7443")),
         metavar="HOST:PORT",
-        help="key server (env KEYMGMT_SERVER; default 127.0.0.1:7443)",
+        help="key server (env KEYMGMT_SERVER; default 127.0.0.1:7443); wss://HOST:PORT: its WebSocket "
+        "listener, which must allow the origin https://HOST:PORT",
     )
     parser.add_argument(
         "--ca",
@@ -496,16 +497,23 @@ def _format_time(microseconds: int) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _server_address(text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
+def _server_address(text: str) -> tuple[str, int, bool]:
+    """HOST:PORT (the TLS port) or wss://HOST:PORT (the WebSocket listener): host, port and
+    whether it is the WebSocket."""
+    websocket = text.startswith("wss://")
+    address = text.removeprefix("wss://").removesuffix("/keymgmt") if websocket else text
+    host, sep, port_text = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
-        raise UsageError(f"--server (or KEYMGMT_SERVER) must be HOST:PORT, e.g. 127.0.0.1:7443, not {text!r}")
+        raise UsageError(
+            "--server (or KEYMGMT_SERVER) must be HOST:PORT or wss://HOST:PORT, e.g. 127.0.0.1:7443, "
+            f"not {text!r}"
+        )
     port = int(port_text)
     if not 0 < port <= 65535:
         raise UsageError(f"--server (or KEYMGMT_SERVER): port {port_text} is not in 1..65535")
-    return host, port
+    return host, port, websocket
 
 
 def _check_backend(name: str) -> None:
@@ -545,6 +553,8 @@ class _Inputs:
     port: int
     account: bytes
     local_store: str
+    #: --server wss://HOST:PORT: the key server's WebSocket listener.
+    websocket: bool = False
     context: ssl.SSLContext | None = None
     password: bytes | None = field(default=None, repr=False)
     portable_secret: bytes = field(default=b"", repr=False)
@@ -678,7 +688,7 @@ def _confirm(question: str) -> bool:
 def _prepare(args: argparse.Namespace) -> _Inputs:
     """Every check that needs no server, in one place, before any connection or prompt."""
     _check_backend(args.backend)
-    host, port = _server_address(args.server)
+    host, port, websocket = _server_address(args.server)
     if not args.account:
         raise UsageError("--account (or KEYMGMT_ACCOUNT) is required")
     try:
@@ -691,7 +701,7 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
         )
     local_store = ":memory:" if args.no_local_store else str(args.local_store or default_local_store())
     _check_local_store(local_store)
-    inputs = _Inputs(host, port, account, local_store)
+    inputs = _Inputs(host, port, account, local_store, websocket=websocket)
     if args.no_local_store:
         inputs.bypassed_store = str(args.local_store or default_local_store())
     command = args.command
@@ -1041,7 +1051,7 @@ def _forget_bypassed(inputs: _Inputs, user_id: bytes) -> None:
 
 
 async def _run(args: argparse.Namespace, inputs: _Inputs) -> None:
-    connect = tls_connector(
+    connect = (ws_connector if inputs.websocket else tls_connector)(
         inputs.host, inputs.port, context=inputs.context, server_hostname=args.server_name
     )
     if inputs.local_store != ":memory:":

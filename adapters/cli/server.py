@@ -159,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     # A worker started by `serve --workers N`: serve on this inherited listening socket.
     serve.add_argument("--listen-fd", type=int, action="append", default=[], help=argparse.SUPPRESS)
+    # ... and on this inherited WebSocket listening socket (websocket.listen).
+    serve.add_argument("--websocket-fd", type=int, action="append", default=[], help=argparse.SUPPRESS)
     backup = sub.add_parser(
         "backup",
         help="copy the SQLite database to a new file, also while the server runs",
@@ -463,12 +465,26 @@ def _serve_workers(args: argparse.Namespace, settings: ServerSettings, backend: 
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise OSError(exc.errno, f"TLS listener {settings.host}:{settings.port}: {why}") from None
+    websocket: list[socket.socket] = []
+    if settings.websocket_listen is not None:
+        ws_host, ws_port = settings.websocket_listen
+        try:
+            websocket = bind_listeners(ws_host, ws_port)
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            why = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"WebSocket listener {ws_host}:{ws_port}: {why}") from None
     port = sockets[0].getsockname()[1]
     command = _worker_command(args, backend)
+    tls_fds = {s.fileno() for s in sockets}
     pool = WorkerPool(
         settings.workers,
-        lambda fds: [*command, *(f"--listen-fd={fd}" for fd in fds)],
-        sockets,
+        lambda fds: [
+            *command,
+            *(f"--listen-fd={fd}" if fd in tls_fds else f"--websocket-fd={fd}" for fd in fds),
+        ],
+        [*sockets, *websocket],
         stop_timeout=settings.shutdown_delay + settings.shutdown_grace + 20.0,
     )
     return pool.run(announce=lambda: print(f"listening on {settings.host}:{port}", flush=True))
@@ -478,8 +494,25 @@ _WILDCARDS = ("", "0.0.0.0", "::")  # noqa: S104 - compared, not bound
 
 
 def check_ports(settings: ServerSettings) -> None:
-    """A ConfigError if a health port (worker K's: the given port + K) is the TLS port on an
-    address both listen on: caught here, with both named, instead of a worker failing."""
+    """A ConfigError if a health port (worker K's: the given port + K) is the TLS port or the
+    WebSocket port, or the WebSocket port is the TLS port, on an address both listen on:
+    caught here, with both named, instead of a worker failing."""
+    if settings.websocket_listen is not None and settings.websocket_listen[1]:
+        ws_host, ws_port = settings.websocket_listen
+        overlap = ws_host == settings.host or ws_host in _WILDCARDS or settings.host in _WILDCARDS
+        if overlap and ws_port == settings.port:
+            raise ConfigError(
+                f"websocket.listen's port {ws_port} is the TLS port (server.port): pick another port"
+            )
+        if settings.health_listen is not None and settings.health_listen[1]:
+            host, first = settings.health_listen
+            last = first + settings.workers - 1
+            overlap = host == ws_host or host in _WILDCARDS or ws_host in _WILDCARDS
+            if overlap and first <= ws_port <= last:
+                raise ConfigError(
+                    f"the health listener's port(s) {first}..{last} include the WebSocket port {ws_port} "
+                    "(websocket.listen): pick a health port outside it"
+                )
     if settings.health_listen is None or not settings.health_listen[1] or not settings.port:
         return
     host, first = settings.health_listen
@@ -553,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level, args.log_format, sys.stderr, with_process=several)
         if args.listen_fd:
             sockets = [socket.socket(fileno=fd) for fd in args.listen_fd]
-            _run(_serve_worker, KeyServerRuntime(_worker_settings(settings), sockets=sockets), backend)
+            ws_sockets = [socket.socket(fileno=fd) for fd in args.websocket_fd]
+            runtime = KeyServerRuntime(
+                _worker_settings(settings), sockets=sockets, websocket_sockets=ws_sockets
+            )
+            _run(_serve_worker, runtime, backend)
             return 0
         if settings.workers > 1:
             return _serve_workers(args, settings, backend)

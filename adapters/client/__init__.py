@@ -1,6 +1,7 @@
 """The client: :class:`KeymgmtClient` (async, asyncio or trio), its blocking facade
 :class:`SyncKeymgmtClient`, the local ciphertext cache :class:`LocalStore`, and
-:func:`tls_connector`, the way to a key server over TLS 1.3."""
+:func:`tls_connector`, the way to a key server over TLS 1.3 (:func:`ws_connector`: the
+same in a WebSocket)."""
 
 from .async_client import (
     DEFAULT_RECONNECT_BUDGET,
@@ -22,7 +23,7 @@ from .async_client import (
     audit_to_json,
     reconnect_delays,
 )
-from .connect import TLSConnectError, tls_connector
+from .connect import TLSConnectError, WebSocketConnectError, tls_connector, ws_connector
 from .localstore import LocalStore, LocalStoreError
 from .sync_client import SyncKeymgmtClient, SyncKeySession
 
@@ -48,7 +49,9 @@ __all__ = [
     "SyncKeymgmtClient",
     "TLSConnectError",
     "ThrottledError",
+    "WebSocketConnectError",
     "audit_to_json",
     "reconnect_delays",
     "tls_connector",
+    "ws_connector",
 ]

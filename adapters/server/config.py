@@ -21,6 +21,7 @@ from keymgmt_proto import DEFAULT_MAX_PAYLOAD, ServerConfig
 from .app import ThrottlePolicy
 from .metrics import parse_listen
 from .runtime import ServerSettings
+from .websocket import normalize_origin
 
 __all__ = [
     "MAX_WORKERS",
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "Option",
     "check_listen",
+    "check_origins",
     "check_workers",
     "load_settings",
     "options_help",
@@ -257,6 +259,30 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a deleted account's name stays reserved (30 days)",
     ),
     Option(
+        "websocket",
+        "listen",
+        str,
+        "",
+        "KEYMGMT_WEBSOCKET_LISTEN",
+        "[HOST:]PORT of the wss listener for browsers (host: server.host); empty: off",
+    ),
+    Option(
+        "websocket",
+        "allowed_origins",
+        list,
+        (),
+        "KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS",
+        "origins (https://host[:port]) whose pages may connect; environment: comma-separated",
+    ),
+    Option(
+        "websocket",
+        "upgrade_timeout",
+        float,
+        10.0,
+        "KEYMGMT_WEBSOCKET_UPGRADE_TIMEOUT",
+        "seconds the HTTP upgrade request may take after the TLS handshake",
+    ),
+    Option(
         "admission",
         "rate",
         float,
@@ -279,6 +305,11 @@ _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "
 
 
 def _convert(option: Option, raw: object, origin: str) -> object:
+    if option.kind is list:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{origin}: {option.section}.{option.key} must be a list of strings")
+        return tuple(i.strip() for i in items if i.strip())
     if option.kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -394,6 +425,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             raise ValueError("sessions.reauth_window must be positive")
         if values["registration.name_reservation"] < 0:  # type: ignore[operator]
             raise ValueError("registration.name_reservation must be 0 or more")
+        if values["websocket.upgrade_timeout"] <= 0:  # type: ignore[operator]
+            raise ValueError("websocket.upgrade_timeout must be positive")
     except ValueError as exc:
         raise ConfigError(f"invalid settings: {exc}") from None
     port = values["server.port"]
@@ -404,6 +437,15 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     assert isinstance(workers, int)
     check_workers(workers, "server.workers")
     health_listen = check_listen(values["server.health_listen"], "server.health_listen")
+    host = values["server.host"]
+    assert isinstance(host, str)
+    websocket_listen = check_listen(values["websocket.listen"], "websocket.listen", default_host=host)
+    origins = check_origins(values["websocket.allowed_origins"], "websocket.allowed_origins")
+    if websocket_listen is not None and not origins:
+        raise ConfigError(
+            "websocket.listen is set but websocket.allowed_origins is empty: name the origins "
+            "(e.g. https://app.example.org) whose pages may connect; every other one is refused"
+        )
     return ServerSettings(
         storage_path=values["server.storage"],  # type: ignore[arg-type]
         setup_path=values["server.setup"],  # type: ignore[arg-type]
@@ -428,13 +470,25 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         database_url=values["server.database_url"] or None,  # type: ignore[arg-type]
         database_schema=values["server.database_schema"],  # type: ignore[arg-type]
         health_listen=health_listen,
+        websocket_listen=websocket_listen,
+        websocket_origins=origins,
+        websocket_upgrade_timeout=values["websocket.upgrade_timeout"],  # type: ignore[arg-type]
     )
 
 
-def check_listen(value: object, name: str) -> tuple[str, int] | None:
-    """``value`` as the health listener's (host, port), None when empty, else one ConfigError line."""
+def check_listen(value: object, name: str, default_host: str = "127.0.0.1") -> tuple[str, int] | None:
+    """``value`` as a listener's (host, port), None when empty, else one ConfigError line."""
     try:
-        return parse_listen(str(value))
+        return parse_listen(str(value), default_host)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def check_origins(value: object, name: str) -> frozenset[str]:
+    """``value`` (a sequence of origins) normalized, else one ConfigError line."""
+    assert isinstance(value, tuple)
+    try:
+        return frozenset(normalize_origin(origin) for origin in value)
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
 
@@ -451,14 +505,15 @@ def options_help() -> str:
     """The option table for ``keymgmt-server serve --help``."""
     lines = ["configuration (TOML section.key, environment override, default):"]
     for o in OPTIONS:
-        lines.append(f"  {o.section}.{o.key:22s} ${o.env:36s} {o.default!s:>16s}  {o.help}")
+        default = "[]" if o.kind is list else str(o.default)
+        lines.append(f"  {o.section}.{o.key:22s} ${o.env:36s} {default:>16s}  {o.help}")
     return "\n".join(lines)
 
 
 def render_config(overrides: Mapping[str, object]) -> str:
     """A complete TOML config with defaults, ``overrides`` keyed by ``section.key``."""
     out: list[str] = []
-    for section in ("server", "sessions", "throttle", "admission", "registration"):
+    for section in ("server", "sessions", "throttle", "admission", "registration", "websocket"):
         out.append(f"[{section}]")
         for o in OPTIONS:
             if o.section != section:
@@ -466,6 +521,8 @@ def render_config(overrides: Mapping[str, object]) -> str:
             value = overrides.get(f"{section}.{o.key}", o.default)
             if isinstance(value, bool):
                 text = "true" if value else "false"
+            elif isinstance(value, list | tuple):
+                text = "[" + ", ".join(f'"{v}"' for v in value) + "]"
             else:
                 text = f'"{value}"' if isinstance(value, str | Path) else repr(value)
             out.append(f"{f'{o.key} = {text}':44s} # {o.help}")

@@ -3,7 +3,8 @@
 One task reads and buffers whatever arrives (also while a commit runs); the main
 task hands everything buffered to the server's group commit (adapters/server/commit.py),
 sends what the core queued once it has committed, and wakes for the core's next
-deadline with one timer. ``stop()`` ends the
+deadline with one timer (a deadline that passes while input never pauses is handled
+at the next batch). ``stop()`` ends the
 connection gracefully: requests already received have been answered (the
 application answers while the driver processes events), a GOAWAY goes out,
 and established sessions stay resumable on another connection.
@@ -446,10 +447,14 @@ class ConnectionDriver:
                 return
             if self._reader_failure is not None:
                 raise self._reader_failure
-            if self._input.is_set():  # input, a wake or a stop arrived meanwhile
-                continue
             # (the connection's hint: at or before its next deadline, without a look at every session)
-            deadlines = [t for t in (conn.timer_hint(), self.registry.get_timer()) if t is not None]
+            hint = conn.timer_hint()
+            if self._input.is_set():  # input, a wake or a stop arrived meanwhile
+                # A peer that never pauses must not keep this connection's deadlines from
+                # being checked (no session for too long, a slow frame, a session's end).
+                timer_due = hint is not None and hint <= self.clock() and not self._stopping
+                continue
+            deadlines = [t for t in (hint, self.registry.get_timer()) if t is not None]
             wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             with anyio.move_on_after(wait) as timeout:
                 await self._input.wait()

@@ -138,6 +138,19 @@ class ServerMetrics:
         self.connections = Counter(
             "keymgmt_connections", "Connections accepted, by how they went", ["result"], registry=r
         )
+        self.websocket_upgrades = Counter(
+            "keymgmt_websocket_upgrades",
+            "WebSocket upgrades: accepted, refused by HTTP status (403 origin, 404 path, 431 size...), "
+            "timeout, or closed by the peer first",
+            ["result"],
+            registry=r,
+        )
+        self.websocket_closed = Counter(
+            "keymgmt_websocket_violations",
+            "WebSockets the server closed for the peer's fault, by close code name",
+            ["code"],
+            registry=r,
+        )
 
     def watch(self, read: Callable[[], Iterable[tuple[str, str, dict[str, float]]]]) -> None:
         """Register gauges read at every scrape (see :class:`_Gauges`)."""

@@ -5,7 +5,12 @@ TLS stream wraps the standard ``ssl`` module on either loop.
 
 Server: accepts connections up to a limit, completes the TLS handshake within a
 timeout (a plaintext, TLS 1.2 or otherwise failed handshake is logged and
-dropped), then hands the stream to a :class:`ConnectionDriver`. ``shutdown()``
+dropped), then hands the stream to a :class:`ConnectionDriver`. With
+``websocket_listen`` set, a second listener takes browsers: the same TLS 1.3 (the same
+certificate, reloaded with it), then an HTTP upgrade to a WebSocket
+(adapters/server/websocket.py), whose byte stream goes to the same driver; both
+listeners share the connection limits, the per-address admission, the metrics and the
+session registry, so a session resumes across them. ``shutdown()``
 makes /healthz say 503, keeps serving for ``shutdown_delay`` seconds, then
 stops accepting, lets every connection finish what it has received, sends GOAWAY,
 waits for them (bounded), and closes the storage.
@@ -42,6 +47,7 @@ from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry,
 from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
 from ..tls import PKIError, server_context
+from ..websocket import WebSocketStream, max_message_size
 from .admission import AddressLimits, address_key
 from .app import DEFAULT_NAME_RESERVATION, DEFAULT_REAUTH_WINDOW, KeyServer, ThrottlePolicy
 from .commit import GroupCommit
@@ -49,6 +55,7 @@ from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
 from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
+from .websocket import UpgradeRefusedError, accept_upgrade
 
 __all__ = ["KeyServerRuntime", "ServerSettings", "open_storage"]
 
@@ -118,6 +125,12 @@ class ServerSettings:
     database_schema: str = "keymgmt"
     #: (host, port) of the plain-HTTP /healthz and /metrics listener; None = none (the default).
     health_listen: tuple[str, int] | None = None
+    #: (host, port) of the WebSocket (wss) listener for browsers; None = none (the default).
+    websocket_listen: tuple[str, int] | None = None
+    #: Origins (normalized: ``scheme://host[:port]``) whose pages may open a WebSocket.
+    websocket_origins: frozenset[str] = frozenset()
+    #: Seconds the HTTP upgrade request may take after the TLS handshake.
+    websocket_upgrade_timeout: float = 10.0
 
 
 def open_storage(settings: ServerSettings) -> Storage:
@@ -140,11 +153,14 @@ class KeyServerRuntime:
         setup: ServerSetup | None = None,
         clock: Callable[[], float] | None = None,
         sockets: Sequence[socket.socket] = (),
+        websocket_sockets: Sequence[socket.socket] = (),
     ) -> None:
         self.settings = settings
         #: Listening sockets bound by someone else (``serve --workers``): used instead of
         #: binding ``settings.host``/``settings.port``; the runtime closes them when it stops.
         self._sockets = tuple(sockets)
+        #: The same for the WebSocket listener (instead of binding ``websocket_listen``).
+        self._websocket_sockets = tuple(websocket_sockets)
         self.setup = setup if setup is not None else load_server_setup_file(settings.setup_path)
         self.ssl_context = server_context(settings.cert_path, settings.key_path)
         self.storage: Storage = storage if storage is not None else open_storage(settings)
@@ -174,6 +190,10 @@ class KeyServerRuntime:
         self.port: int | None = None
         #: The port of the /healthz and /metrics listener once it listens.
         self.health_port: int | None = None
+        #: The port of the WebSocket listener once it listens (None: no such listener).
+        self.websocket_port: int | None = None
+        #: WebSocket upgrades refused (origin, path, method, size, time) or closed early.
+        self.upgrades_refused = 0
         self._drivers: set[ConnectionDriver] = set()
         self._open_connections = 0  # accepted, including those still in the TLS handshake
         self._stop = anyio.Event()
@@ -252,10 +272,18 @@ class KeyServerRuntime:
         that cannot be bound is an OSError naming the listener and its address, raised before
         anything is logged as listening."""
         ops: MultiListener[SocketStream] | None = None
+        websocket: MultiListener[SocketStream] | None = None
         try:
             if self.settings.health_listen is not None:  # first: it is the one more likely taken
                 ops_host, ops_port = self.settings.health_listen
                 ops = await _bind("health listener", ops_host, ops_port)
+            if self._websocket_sockets:
+                websocket = MultiListener(
+                    [await SocketListener.from_socket(s) for s in self._websocket_sockets]
+                )
+            elif self.settings.websocket_listen is not None:
+                ws_host, ws_port = self.settings.websocket_listen
+                websocket = await _bind("WebSocket listener", ws_host, ws_port)
             listener: MultiListener[SocketStream]
             if self._sockets:
                 wrapped: list[Listener[SocketStream]] = [
@@ -266,12 +294,24 @@ class KeyServerRuntime:
                 listener = await _bind("TLS listener", self.settings.host, self.settings.port)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if ops is not None:
-                    await ops.aclose()
+                for other in (ops, websocket):
+                    if other is not None:
+                        await other.aclose()
             self.storage.close()
             raise
         self.port = port = int(listener.extra(SocketAttribute.local_port))
         log.info("listening on %s:%d (TLS 1.3)", self.settings.host, self.port)
+        if websocket is not None:
+            self.websocket_port = int(websocket.extra(SocketAttribute.local_port))
+            listen = self.settings.websocket_listen
+            ws_host = listen[0] if listen is not None else self.settings.host
+            log.info(
+                "WebSocket listener on wss://%s:%d%s (TLS 1.3; origins: %s)",
+                ws_host,
+                self.websocket_port,
+                "/keymgmt",
+                ", ".join(sorted(self.settings.websocket_origins)) or "none",
+            )
         try:
             if ops is not None:
                 self.health_port = int(ops.extra(SocketAttribute.local_port))
@@ -281,24 +321,32 @@ class KeyServerRuntime:
             async with anyio.create_task_group() as health:
                 if ops is not None:
                     health.start_soon(serve_ops, ops.listeners, lambda: self.healthy, self.metrics)
-                await self._serve(listener, port, task_status)
+                await self._serve(listener, websocket, port, task_status)
                 health.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
-                if ops is not None:
-                    await ops.aclose()
+                for other in (ops, websocket):
+                    if other is not None:
+                        await other.aclose()
             self.storage.close()
             log.info("stopped")
 
     async def _serve(
-        self, listener: MultiListener[SocketStream], port: int, task_status: TaskStatus[int]
+        self,
+        listener: MultiListener[SocketStream],
+        websocket: MultiListener[SocketStream] | None,
+        port: int,
+        task_status: TaskStatus[int],
     ) -> None:
         async with anyio.create_task_group() as connections:
             async with anyio.create_task_group() as accepting:
                 for each in listener.listeners:
                     assert isinstance(each, SocketListener)
-                    accepting.start_soon(self._accept, each, connections)
+                    accepting.start_soon(self._accept, each, connections, False)
+                for each in websocket.listeners if websocket is not None else ():
+                    assert isinstance(each, SocketListener)
+                    accepting.start_soon(self._accept, each, connections, True)
                 accepting.start_soon(self._expire_detached_sessions)
                 accepting.start_soon(self._maintain)
                 task_status.started(port)
@@ -316,14 +364,17 @@ class KeyServerRuntime:
             log.info("shutting down: no new connections; finishing %d", len(self._drivers))
             for driver in list(self._drivers):
                 driver.stop()
+            # Also connections still in their TLS handshake or WebSocket upgrade: one that
+            # finishes it from now on is stopped at once (_serve_tls), and whatever is not
+            # done when the grace period ends is cut, so no peer holds the shutdown open.
             with anyio.move_on_after(self.settings.shutdown_grace) as grace:
-                while self._drivers:
+                while self._open_connections:
                     await anyio.sleep(0.01)
             if grace.cancelled_caught:
-                log.warning("shutdown grace period over; closing %d connections", len(self._drivers))
+                log.warning("shutdown grace period over; closing %d connections", self._open_connections)
                 connections.cancel_scope.cancel()
 
-    async def _accept(self, listener: SocketListener, connections: TaskGroup) -> None:
+    async def _accept(self, listener: SocketListener, connections: TaskGroup, websocket: bool) -> None:
         """Accept connections until cancelled. An accept that fails (out of file descriptors,
         a connection reset before it was taken) is logged and retried shortly: it never
         ends the server (NET-12)."""
@@ -337,7 +388,7 @@ class KeyServerRuntime:
                     log.warning("accepting connections fails (%s); retrying", exc.strerror or exc)
                 await anyio.sleep(0.05)
                 continue
-            connections.start_soon(self._handle, tcp)
+            connections.start_soon(self._handle, tcp, websocket)
 
     async def _expire_detached_sessions(self) -> None:
         """Expire (and audit) detached sessions even when no connection is open to do it."""
@@ -369,11 +420,11 @@ class KeyServerRuntime:
             except Exception:
                 log.error("sweeping login-throttling records failed", exc_info=True)
 
-    async def _handle(self, tcp: SocketStream) -> None:
+    async def _handle(self, tcp: SocketStream, websocket: bool = False) -> None:
         """One connection, from accept to close. Whatever goes wrong stays here (NET-12)."""
         self._open_connections += 1
         try:
-            await self._handle_connection(tcp)
+            await self._handle_connection(tcp, websocket)
         except Exception:
             self.connection_faults += 1
             log.error("connection handler failed", exc_info=True)
@@ -382,7 +433,7 @@ class KeyServerRuntime:
         finally:
             self._open_connections -= 1
 
-    async def _handle_connection(self, tcp: SocketStream) -> None:
+    async def _handle_connection(self, tcp: SocketStream, websocket: bool) -> None:
         address = tcp.extra(SocketAttribute.remote_address, None)
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         key = address_key(str(address[0]) if isinstance(address, tuple) else str(address))
@@ -403,7 +454,7 @@ class KeyServerRuntime:
         self._slots.setdefault(key, []).append(slot)
         try:
             with slot.scope:
-                await self._serve_tls(tcp, peer, bucket, slot)
+                await self._serve_tls(tcp, peer, bucket, slot, websocket)
             if slot.scope.cancelled_caught:
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(tcp)
@@ -445,7 +496,9 @@ class KeyServerRuntime:
         self.metrics.connections.labels("refused").inc()
         self._warnings.warn(why, "refused a connection from %s: %s", peer, why)
 
-    async def _serve_tls(self, tcp: SocketStream, peer: str, bucket: Admission, slot: _Slot) -> None:
+    async def _serve_tls(
+        self, tcp: SocketStream, peer: str, bucket: Admission, slot: _Slot, websocket: bool
+    ) -> None:
         counted = _CountingStream(tcp)
         try:
             with anyio.fail_after(self.settings.tls_handshake_timeout):
@@ -477,8 +530,14 @@ class KeyServerRuntime:
             self._warnings.warn(f"tls {reason}", "TLS handshake with %s failed: %s", peer, reason)
             await anyio.aclose_forcefully(tcp)
             return
+        transport: ByteStream = stream
+        if websocket:
+            upgraded = await self._upgrade(stream, peer)
+            if upgraded is None:
+                return
+            transport = upgraded
         driver = ConnectionDriver(
-            stream,
+            transport,
             self.setup,
             self.keyserver,
             self.registry,
@@ -489,15 +548,61 @@ class KeyServerRuntime:
         )
         self._drivers.add(driver)
         slot.driver = driver
+        if self._closing:  # its handshake ended after the shutdown began: GOAWAY, not service
+            driver.stop()
         self.connections_served += 1
         self.metrics.connections.labels("served").inc()
-        log.info("connection from %s (TLS 1.3)", peer, extra={"peer": peer})
+        log.info(
+            "connection from %s (TLS 1.3%s)", peer, ", WebSocket" if websocket else "", extra={"peer": peer}
+        )
         try:
             await driver.run()
         finally:
             self._drivers.discard(driver)
             if driver.faulted:
                 self.connection_faults += 1
+            if isinstance(transport, WebSocketStream) and transport.violation is not None:
+                self.metrics.websocket_closed.labels(transport.close_code.name.lower()).inc()
+                self._warnings.warn(
+                    f"ws {transport.close_code.name}",
+                    "closed the WebSocket from %s: %s (close code %d)",
+                    peer,
+                    transport.violation,
+                    int(transport.close_code),
+                )
+
+    async def _upgrade(self, stream: TLSStream, peer: str) -> WebSocketStream | None:
+        """The HTTP upgrade of a WebSocket connection, within ``websocket_upgrade_timeout``:
+        the open WebSocket, or None once a refusal was answered (and logged) and the
+        connection closed."""
+        why: str
+        try:
+            with anyio.fail_after(self.settings.websocket_upgrade_timeout):
+                upgraded = await accept_upgrade(
+                    stream,
+                    allowed_origins=self.settings.websocket_origins,
+                    max_message=max_message_size(self.settings.protocol.max_payload),
+                )
+            self.metrics.websocket_upgrades.labels("accepted").inc()
+            return upgraded
+        except TimeoutError:
+            result, why = "timeout", "upgrade request took too long"
+        except UpgradeRefusedError as exc:
+            result, why = (str(exc.status) if exc.status else "closed"), str(exc)
+        self.upgrades_refused += 1
+        self.metrics.websocket_upgrades.labels(result).inc()
+        if result == "closed":  # the peer left (a TLS check): nothing refused
+            log.info("WebSocket connection from %s %s", peer, why)
+        else:
+            self._warnings.warn(
+                f"upgrade {result}", "refused a WebSocket upgrade from %s (%s): %s", peer, result, why
+            )
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(1.0) as graceful:
+                await stream.aclose()
+            if graceful.cancelled_caught:
+                await anyio.aclose_forcefully(stream)
+        return None
 
 
 async def _bind(what: str, host: str, port: int) -> MultiListener[SocketStream]:

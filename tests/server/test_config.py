@@ -106,3 +106,70 @@ def test_a_max_payload_no_login_fits_in_is_a_config_error():
         with pytest.raises(ConfigError, match=r"sessions\.max_payload must be at least 1024 bytes"):
             load_settings(None, env={"KEYMGMT_MAX_PAYLOAD": too_small})
     assert load_settings(None, env={"KEYMGMT_MAX_PAYLOAD": "1024"}).protocol.max_payload == 1024
+
+
+def test_websocket_settings_from_the_file_and_the_environment(tmp_path):
+    """Off by default; the listener's host defaults to server.host; origins are normalized
+    as browsers send them (lower case, no default port)."""
+    assert load_settings(None, env={}).websocket_listen is None
+    config = tmp_path / "server.toml"
+    text = render_config({"server.host": "0.0.0.0", "websocket.listen": "7444"})
+    text = text.replace(
+        "allowed_origins = []", 'allowed_origins = ["HTTPS://App.Example.org:443", "http://localhost:8080"]'
+    )
+    config.write_text(text)
+    settings = load_settings(config, env={})
+    assert settings.websocket_listen == ("0.0.0.0", 7444)
+    assert settings.websocket_origins == {"https://app.example.org", "http://localhost:8080"}
+    assert settings.websocket_upgrade_timeout == 10.0
+    settings = load_settings(
+        config,
+        env={
+            "KEYMGMT_WEBSOCKET_LISTEN": "127.0.0.1:0",
+            "KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "https://a.example, https://b.example:8443",
+            "KEYMGMT_WEBSOCKET_UPGRADE_TIMEOUT": "2.5",
+        },
+    )
+    assert settings.websocket_listen == ("127.0.0.1", 0)
+    assert settings.websocket_origins == {"https://a.example", "https://b.example:8443"}
+    assert settings.websocket_upgrade_timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"KEYMGMT_WEBSOCKET_LISTEN": "7444"},
+            r"websocket\.listen is set but websocket\.allowed_origins is empty",
+        ),
+        ({"KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "*"}, r"websocket\.allowed_origins: '\*' is not an origin"),
+        ({"KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "null"}, r"'null' is not an origin"),
+        (
+            {"KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "https://a.example/app"},
+            r"'https://a.example/app' is not an",
+        ),
+        ({"KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "ftp://a.example"}, r"is not an origin"),
+        ({"KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "https://a.example:0"}, r"port 0 is not in 1\.\.65535"),
+        ({"KEYMGMT_WEBSOCKET_LISTEN": "a:b:c"}, r"websocket\.listen: 'a:b:c' is not PORT"),
+        ({"KEYMGMT_WEBSOCKET_UPGRADE_TIMEOUT": "0"}, r"websocket\.upgrade_timeout must be positive"),
+    ],
+)
+def test_bad_websocket_settings_are_one_line_errors(env, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_settings(None, env=env)
+    assert "\n" not in str(error.value)
+
+
+def test_a_websocket_port_that_is_the_tls_or_a_health_port_is_refused():
+    from keymgmt.adapters.cli.server import check_ports
+
+    origins = {"KEYMGMT_WEBSOCKET_ALLOWED_ORIGINS": "https://a.example"}
+    same = load_settings(None, env={**origins, "KEYMGMT_WEBSOCKET_LISTEN": "7443"})
+    with pytest.raises(ConfigError, match=r"websocket\.listen's port 7443 is the TLS port"):
+        check_ports(same)
+    health = load_settings(
+        None, env={**origins, "KEYMGMT_WEBSOCKET_LISTEN": "7444", "KEYMGMT_HEALTH_LISTEN": "7444"}
+    )
+    with pytest.raises(ConfigError, match=r"include the WebSocket port 7444"):
+        check_ports(health)
+    check_ports(load_settings(None, env={**origins, "KEYMGMT_WEBSOCKET_LISTEN": "7444"}))

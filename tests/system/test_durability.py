@@ -265,10 +265,9 @@ async def test_acknowledged_stores_survive_sigkill(tmp_path):
     assert verified >= ROUNDS
 
 
-#: Loaded into the server process only (PYTHONPATH): once the schema is in place (the storage
-#: sets synchronous = NORMAL after its migrations, however many there are), SQLite COMMITs are
-#: swallowed except every 500th, so the server acknowledges stores that are not yet committed
-#: (a write-back cache bug).
+#: Loaded into the server process only (PYTHONPATH): once the schema is in place (the first
+#: commits), SQLite COMMITs are swallowed except every 500th, so the server acknowledges stores
+#: that are not yet committed (a write-back cache bug).
 _LAZY_COMMIT = """
 import sqlite3
 
@@ -276,14 +275,16 @@ _connect = sqlite3.connect
 
 
 class _LazyCommit(sqlite3.Connection):
+    # Commits honestly until the first secret is stored (start-up, migrations, registration and
+    # login then do not depend on how many commits they take), then skips all but every 500th.
+    storing = False
     commits = 0
-    migrated = False
 
     def execute(self, sql, *args):
         statement = sql.strip().upper()
-        if statement.startswith("PRAGMA SYNCHRONOUS = NORMAL"):
-            _LazyCommit.migrated = True
-        elif statement == "COMMIT" and _LazyCommit.migrated:
+        if statement.startswith("INSERT INTO SECRETS"):
+            _LazyCommit.storing = True
+        elif statement == "COMMIT" and _LazyCommit.storing:
             _LazyCommit.commits += 1
             if _LazyCommit.commits % 500:
                 return self.cursor()

@@ -77,6 +77,9 @@ NOT_RUN = {
     "pip install 'keymgmt-0.1.0.tar.gz[dev]'": "tests/repo/test_packaging.py builds the sdist, installs it "
     "and runs its tests this way",
     "frontend keymgmt": "HAProxy's configuration (not installed here)",
+    "cd web && npm ci && npm test": "tests/repo/test_web.py runs npm ci and npm test in web/",
+    'from "./keymgmt.js"': "JavaScript for a browser page: the same calls run in web/test/e2e.test.ts "
+    "against a real key server, and in the demo page (web/demo/demo.ts)",
     "stream {": "nginx's configuration (not installed here)",
 }
 RUN = (RUN_QUICK_START, RUN_CLIENT, RUN_SYNC_CLIENT, RUN_CORE, RUN_EMBEDDED_SERVER, LOAD_TOML)
