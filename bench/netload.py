@@ -88,11 +88,11 @@ async def _serve(directory: Path, channel_only: bool, idle_timeout: float | None
             body: bytes,
             *,
             registrar: PasswordRegistrar | None = None,
-            login_started: int = 0,
+            credentials: int | None = None,
         ) -> bytes:
             if body[:1] == bytes([Op.RETRIEVE]):
                 return CANNED_RETRIEVE
-            return real(session, user_id, body, registrar=registrar, login_started=login_started)
+            return real(session, user_id, body, registrar=registrar, credentials=credentials)
 
         runtime.keyserver.answer = answer  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:

@@ -48,6 +48,7 @@ __all__ = [
     "KEY_ID_NONCE_SIZE",
     "KEY_ID_SIZE",
     "LABEL_AD_DOMAIN",
+    "LABEL_PAD_SIZE",
     "MAX_AUDIT_PAGE",
     "MAX_LABEL_SIZE",
     "MAX_LIST_PAGE",
@@ -144,6 +145,10 @@ MAX_LIST_PAGE = 512
 MAX_LABEL_SIZE = 64
 #: A sealed label is the label plus a 12-byte nonce and a 16-byte tag.
 MAX_SEALED_LABEL_SIZE = MAX_LABEL_SIZE + 28
+#: Named keys: a label is padded with zero bytes to a multiple of this many bytes before it
+#: is sealed, so a sealed label's length tells only whether the label has up to 32 bytes or
+#: more (sealed: 60 or 92 bytes), not its length.
+LABEL_PAD_SIZE = 32
 #: Named keys: the first part of a sealed label's AD (distinct from a secret's AD, which
 #: is 32 or 44 bytes; a label's is 52).
 LABEL_AD_DOMAIN = b"keymgmt v1 key label"
@@ -1160,15 +1165,20 @@ def label_ad(user_id: bytes, key_id: bytes) -> bytes:
 
 
 def seal_label(storage_key: bytes, user_id: bytes, key_id: bytes, label: str, random: RandomSource) -> bytes:
-    """``nonce (12) || ChaCha20-Poly1305(storage_key, UTF-8 label, label_ad)``."""
+    """``nonce (12) || ChaCha20-Poly1305(storage_key, padded label, label_ad)``, the padded
+    label being its UTF-8 bytes and then zero bytes up to the next multiple of
+    ``LABEL_PAD_SIZE`` (32 or 64 bytes in all)."""
     nonce = random(_NONCE)
-    plaintext = check_label(label).encode("utf-8")
+    encoded = check_label(label).encode("utf-8")
+    plaintext = encoded + bytes(-len(encoded) % LABEL_PAD_SIZE)
     return nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, plaintext, label_ad(user_id, key_id))
 
 
 def open_label(storage_key: bytes, user_id: bytes, key_id: bytes, sealed_label: bytes) -> str:
     """Open a sealed label; RemoteProtocolError(BAD_RECORD) if it was altered, swapped from
-    another key or user, or does not hold a valid label."""
+    another key or user, or does not hold a valid label. The zero bytes at the end of the
+    plaintext are padding (a label has none): a label sealed unpadded, as before padding
+    came in, opens just the same."""
     try:
         _check_sealed_label(sealed_label)
         if not sealed_label:
@@ -1176,7 +1186,7 @@ def open_label(storage_key: bytes, user_id: bytes, key_id: bytes, sealed_label: 
         plaintext = ChaCha20Poly1305(storage_key).decrypt(
             sealed_label[:_NONCE], sealed_label[_NONCE:], label_ad(user_id, key_id)
         )
-        return check_label(plaintext.decode("utf-8"))
+        return check_label(plaintext.rstrip(b"\x00").decode("utf-8"))
     except (InvalidTag, ValueError):
         raise RemoteProtocolError("a key's label failed authentication", ErrorCode.BAD_RECORD) from None
 

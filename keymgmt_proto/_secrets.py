@@ -362,15 +362,24 @@ class SecretOps:
             raise LabelError(f"the label {label!r} names {len(found)} keys; use a key id")
         return found[0]
 
-    def rename(self, key_id: bytes, label: str | None) -> Plan[None]:
+    def rename(self, key_id: bytes, label: str | None) -> Plan[bool]:
         """Named keys: give ``key_id`` the label ``label`` (None removes its label). The label
-        must not be another key's (LabelError); ValueError for an invalid one."""
+        must not be another key's (LabelError); ValueError for an invalid one. Returns whether
+        the key had a label before (one that does not verify counts). Removing the label of a
+        key listed without one sends nothing and returns False; a key not listed at all is
+        left to the server (NOT_FOUND)."""
         RenameKeyRequest(self.user_id, key_id, b"")  # invalid arguments: before any I/O
         if label is not None:
             check_label(label)
-            keys = yield from self.list_keys()
+        keys = yield from self.list_keys()
+        if label is not None:
             self._check_unique(keys, label, key_id)
+        listed = [key for key in keys if key.key_id == key_id]
+        had_label = any(key.label is not None or key.label_tampered for key in listed)
+        if label is None and listed and not had_label:
+            return False
         yield from self._send_label(key_id, label)
+        return had_label
 
     def _send_label(self, key_id: bytes, label: str | None) -> Plan[None]:
         sealed = b""

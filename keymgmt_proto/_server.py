@@ -143,6 +143,9 @@ class _ServerSession:
     answered: dict[int, bytes] = field(default_factory=dict)
     #: What every event of the session carries: the same object across resumptions.
     handle: SessionHandle = field(default_factory=SessionHandle)
+    #: The application's name for the credentials the session logged in with
+    #: (``accept_login``'s ``credentials_version``; ``renew_credentials`` moves it on).
+    credentials_version: int = 0
 
     def __repr__(self) -> str:
         return f"<server session {self.session_id} {self.kind.value} {self.state.name}>"
@@ -261,16 +264,29 @@ class SessionRegistry:
                 continue
             if not hmac.compare_digest(session.user_id, user_id):
                 continue
-            owner = session.owner
-            if owner is not None:
-                owner._revoke(session, code)
-                self._woken.add(owner)
-            else:
-                self.remove(session)
-                if session.state is not State.CLOSED:
-                    transition(Role.SERVER, session, Command.CLOSE)
+            self._end_one(session, code)
             ended += 1
         return ended
+
+    def end_session(self, handle: SessionHandle, code: ErrorCode) -> bool:
+        """End one session, by its handle, as :meth:`end_user_sessions` ends each (the
+        application found its credentials out of date: changed or deleted through another
+        instance). Requests it has in flight get no answer. False if no such session is held."""
+        for session in self._sessions.values():
+            if session.handle is handle:
+                self._end_one(session, code)
+                return True
+        return False
+
+    def _end_one(self, session: _ServerSession, code: ErrorCode) -> None:
+        owner = session.owner
+        if owner is not None:
+            owner._revoke(session, code)
+            self._woken.add(owner)
+        else:
+            self.remove(session)
+            if session.state is not State.CLOSED:
+                transition(Role.SERVER, session, Command.CLOSE)
 
     # --------------------------------------------- used by ServerConnection
 
@@ -355,6 +371,7 @@ class SessionRegistry:
             session.highest_request_id,
             session.request_count,
             session.answered,
+            session.credentials_version,
         )
         key = session.channel.session_handle
         sealed = seal_session_state(state, key, self._sealing_key, self._random)
@@ -389,6 +406,7 @@ class SessionRegistry:
             highest_request_id=state.highest_request_id,
             request_count=state.request_count,
             answered=state.answered,
+            credentials_version=state.credentials_version,
         )
         self._sessions[key] = session
         return session
@@ -568,14 +586,21 @@ class ServerConnection(ConnectionBase):
         transition(Role.SERVER, session, Command.ACCEPT_REGISTRATION)
         self._send(FrameType.REG_RESPONSE, session_id, response.encode())
 
-    def accept_login(self, session_id: int, user_id: bytes, registration_record: bytes) -> None:
-        """Continue the login with the account's stored record."""
+    def accept_login(
+        self, session_id: int, user_id: bytes, registration_record: bytes, credentials_version: int = 0
+    ) -> None:
+        """Continue the login with the account's stored record. ``credentials_version`` is the
+        application's name for that record (0..2**64-1, e.g. when the password last changed):
+        the session keeps it (sealed with it when it moves) and :meth:`credentials_version`
+        returns it, so the application can tell a session of credentials since replaced."""
         session = self._live(session_id)
         self._check(session, Command.ACCEPT_LOGIN)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         if len(registration_record) != REGISTRATION_UPLOAD_SIZE:
             raise LocalProtocolError("registration_record has the wrong size")
+        _check_credentials_version(credentials_version)
+        session.credentials_version = credentials_version
         # The work accept_unknown_login does, done and dropped: a login costs the same
         # whether or not the name is registered (NET-9; a timing probe sees no difference).
         self._setup.decoy_record(session.account_name, self._random)
@@ -676,12 +701,17 @@ class ServerConnection(ConnectionBase):
         session = self._sessions.get(session_id)
         return None if session is None else self._now - session.created
 
-    def login_time(self, session_id: int) -> float | None:
-        """When the live session's login started, on the clock this connection is given
-        (None for no such session): a password change elsewhere after it makes the session
-        too old to change the password or delete the account."""
+    def credentials_version(self, session_id: int) -> int | None:
+        """The credentials the live session logged in with, as the application named them
+        (``accept_login``, ``renew_credentials``); None for no such session."""
         session = self._sessions.get(session_id)
-        return None if session is None else session.created
+        return None if session is None else session.credentials_version
+
+    def renew_credentials(self, session_id: int, credentials_version: int) -> None:
+        """The live session changed its account's credentials itself (a password change):
+        it holds the new ones, named ``credentials_version``, from now on."""
+        _check_credentials_version(credentials_version)
+        self._live(session_id).credentials_version = credentials_version
 
     def password_registration_response(self, account_name: bytes, registration_request: bytes) -> bytes:
         """Password change (CHANGE_PASSWORD_START): the OPAQUE RegistrationResponse for a
@@ -1103,3 +1133,8 @@ class ServerConnection(ConnectionBase):
         self._events.append(
             RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
         )
+
+
+def _check_credentials_version(credentials_version: int) -> None:
+    if not 0 <= credentials_version < 2**64:
+        raise LocalProtocolError("credentials_version must fit in 64 bits (0..2**64-1)")

@@ -8,11 +8,13 @@ ChaCha20-Poly1305 under a key every instance derives from the OPAQUE server
 setup they already share (``session_sealing_key``), with the session handle as
 AD. Layout of the plaintext (big-endian)::
 
-    version u8 (2) || user_id 16 || account_name (u8 length) || created f64 ||
-    last_activity f64 || prk 32 || epoch_secret 32 || send_seq u64 || recv_seq u64 ||
-    resume_seq u64 || sent_total u64 || received_total u64 ||
+    version u8 (3) || user_id 16 || account_name (u8 length) || created f64 ||
+    last_activity f64 || credentials_version u64 || prk 32 || epoch_secret 32 ||
+    send_seq u64 || recv_seq u64 || resume_seq u64 || sent_total u64 || received_total u64 ||
     highest_request_id u32 || request_count u32 ||
     answered count u16 || count x (request_id u32 || body (u32 length))
+
+Version 2 (sealed by the release before) has no ``credentials_version``; it is read as 0.
 
 Sealed: ``nonce 12 || ciphertext || tag 16``. This is a server-internal format
 shared by instances running the same version; it never reaches a client.
@@ -44,7 +46,9 @@ __all__ = [
 
 SESSION_STATE_KEY_INFO = b"keymgmt v1 session state key"
 SESSION_STATE_AD_PREFIX = b"keymgmt v1 session state"
-_VERSION = 2
+_VERSION = 3
+#: The version before, still read (its sessions count as logged in with credentials version 0).
+_VERSION_2 = 2
 
 
 class DetachedSessionStore(Protocol):
@@ -76,6 +80,8 @@ class SessionState:
     highest_request_id: int
     request_count: int
     answered: dict[int, bytes] = field(default_factory=dict)
+    #: The application's name for the credentials the session logged in with.
+    credentials_version: int = 0
 
     def __repr__(self) -> str:
         return "SessionState(<secret>)"
@@ -90,7 +96,7 @@ def seal_session_state(state: SessionState, handle: bytes, key: bytes, random: R
     """``nonce 12 || ChaCha20-Poly1305(key, plaintext, AD = SESSION_STATE_AD_PREFIX || handle)``."""
     w = Writer().u8(_VERSION).fixed(state.user_id, USER_ID_SIZE).bytes8(state.account_name)
     channel = state.channel
-    w.rest(struct.pack(">dd", state.created, state.last_activity))
+    w.rest(struct.pack(">dd", state.created, state.last_activity)).u64(state.credentials_version)
     w.fixed(channel.prk, 32).fixed(channel.epoch_secret, 32).u64(channel.send_seq).u64(channel.recv_seq)
     w.u64(channel.resume_seq).u64(channel.sent_total).u64(channel.received_total)
     w.u32(state.highest_request_id).u32(state.request_count)
@@ -109,11 +115,13 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
         return None
     try:
         r = Reader(plaintext, "session state")
-        if r.u8() != _VERSION:
+        version = r.u8()
+        if version not in (_VERSION, _VERSION_2):
             return None
         user_id = r.fixed(USER_ID_SIZE)
         account_name = r.bytes8()
         created, last_activity = struct.unpack(">dd", r.fixed(16))
+        credentials_version = r.u64() if version == _VERSION else 0
         prk, epoch_secret = r.fixed(32), r.fixed(32)
         channel = ChannelState(prk, epoch_secret, r.u64(), r.u64(), r.u64(), r.u64(), r.u64())
         highest, count = r.u32(), r.u32()
@@ -124,4 +132,6 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
         r.done()
     except (RemoteProtocolError, struct.error):  # verifies but does not parse: another version
         return None
-    return SessionState(user_id, account_name, created, last_activity, channel, highest, count, answered)
+    return SessionState(
+        user_id, account_name, created, last_activity, channel, highest, count, answered, credentials_version
+    )

@@ -46,6 +46,7 @@ from keymgmt_proto import (
     KEY_ID_CONTRIBUTION_DOMAIN,
     KEY_ID_DOMAIN,
     LABEL_AD_DOMAIN,
+    LABEL_PAD_SIZE,
     MAX_SEALED_SIZE,
     MAX_SECRET_SIZE,
     MAX_SESSION_ID,
@@ -1100,34 +1101,48 @@ def labels_file() -> JSON:
         (rng(32), rng(16), rng(16), "a", rng(12)),
         (rng(32), rng(16), rng(16), "Schlüssel für das Archiv", rng(12)),
         (rng(32), rng(16), rng(16), "x" * 64, rng(12)),
+        (rng(32), rng(16), rng(16), "é" * 16 + "!", rng(12)),  # 33 bytes: the second bucket
     ]
     vectors = []
     for storage_key, user_id, key_id, label, nonce in inputs:
+        encoded, ad = label.encode("utf-8"), label_ad(user_id, key_id)
+        padded = encoded + bytes(-len(encoded) % LABEL_PAD_SIZE)
         vectors.append(
             {
                 "storage_key": storage_key.hex(),
                 "user_id": user_id.hex(),
                 "key_id": key_id.hex(),
-                "label_utf8": label.encode("utf-8").hex(),
+                "label_utf8": encoded.hex(),
                 "nonce": nonce.hex(),
-                "associated_data": label_ad(user_id, key_id).hex(),
+                "associated_data": ad.hex(),
+                "padded": padded.hex(),
                 "sealed": seal_label(storage_key, user_id, key_id, label, fixed_random(nonce)).hex(),
+                "sealed_unpadded": (nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, encoded, ad)).hex(),
             }
         )
     return {
         "description": describe(
             "Named keys (issue 16; docs/protocol.md section 12.6): a key's label sealed on the "
             "client under storage_key, AD = 'keymgmt v1 key label' || user_id || key_id (52 "
-            "bytes), sealed = nonce[12] || ChaCha20-Poly1305(storage_key, nonce, UTF-8 label, AD). "
-            "A label is 1..64 bytes. The first vector is the worked example of section 12.12.",
+            "bytes), sealed = nonce[12] || ChaCha20-Poly1305(storage_key, nonce, padded label, AD), "
+            "the padded label being the label's UTF-8 bytes and zero bytes up to the next multiple "
+            "of label_pad_size (32 or 64 bytes: a sealed label is 60 or 92 bytes). A label is "
+            "1..64 bytes with no zero byte; a reader strips the zero bytes at the end, so a label "
+            "sealed unpadded (by the release before padding) opens to the same label. The first "
+            "vector is the worked example of section 12.12.",
             {
                 "vectors[].storage_key / user_id / key_id / nonce": "inputs",
                 "vectors[].label_utf8": "the label's UTF-8 bytes",
                 "vectors[].associated_data": "the AD",
-                "vectors[].sealed": "nonce || ciphertext || tag (label length + 28 bytes)",
+                "vectors[].padded": "the plaintext sealed: the label, then zero bytes to 32 or 64",
+                "vectors[].sealed": "nonce || ciphertext || tag (60 or 92 bytes), as seal_label makes it",
+                "vectors[].sealed_unpadded": (
+                    "the same label sealed without padding (label length + 28 bytes): it must open too"
+                ),
             },
         ),
         "label_ad_domain": LABEL_AD_DOMAIN.decode("ascii"),
+        "label_pad_size": LABEL_PAD_SIZE,
         "vectors": vectors,
     }
 

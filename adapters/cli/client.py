@@ -973,13 +973,18 @@ async def _session_command(args: argparse.Namespace, inputs: _Inputs, session: K
             stored["label"] = inputs.new_label
         _emit(args, key_id.hex(), stored)
     elif command == "rename":
-        await session.rename(inputs.key_id, inputs.new_label)
-        text = (
-            f"labelled {inputs.key_id.hex()} {inputs.new_label!r}"
-            if inputs.new_label is not None
-            else f"removed the label of {inputs.key_id.hex()}"
-        )
-        _emit(args, text, {"key_id": inputs.key_id.hex(), "label": inputs.new_label})
+        had_label = await session.rename(inputs.key_id, inputs.new_label)
+        renamed: dict[str, object] = {"key_id": inputs.key_id.hex(), "label": inputs.new_label}
+        if inputs.new_label is not None:
+            text = f"labelled {inputs.key_id.hex()} {inputs.new_label!r}"
+        else:
+            renamed["removed"] = had_label
+            text = (
+                f"removed the label of {inputs.key_id.hex()}"
+                if had_label
+                else f"{inputs.key_id.hex()} has no label; nothing removed"
+            )
+        _emit(args, text, renamed)
     elif command in ("retrieve", "export"):
         context_name = args.context if command == "retrieve" else "export"
         result = await session.retrieve(inputs.key_id, CONTEXTS[context_name])

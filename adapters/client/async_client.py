@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hmac
 import json
 import os
 import random as _random
@@ -76,6 +77,9 @@ __all__ = [
     "CLIENT_METHODS",
     "DEFAULT_RECONNECT_BUDGET",
     "MAX_PASSWORD_SIZE",
+    "NOT_RECENT_LOGIN",
+    "NO_ACCOUNT",
+    "SESSION_REVOKED",
     "AuthenticationError",
     "ClientClosedError",
     "ConnectionLostError",
@@ -198,13 +202,17 @@ class _Waiter:
 
 
 _RETRY_IN = re.compile(r"retry in ([0-9]{1,9}) s$")
+#: Why a session ended with CLOSE(NOT_AUTHORIZED) (docs/protocol.md, section 12.13): the key
+#: server cannot say which of the two, and either way a fresh login is the way on.
+SESSION_REVOKED = (
+    "session ended: the account's password was changed after this session logged in, "
+    "or the account was deleted; log in again"
+)
 
 
 def _session_error(event: SessionFailed | SessionClosed) -> KeymgmtError:
     if isinstance(event, SessionClosed) and event.code is ErrorCode.NOT_AUTHORIZED:
-        return SessionEndedError(
-            "session ended: the account's password was changed or the account was deleted", event.code
-        )
+        return SessionEndedError(SESSION_REVOKED, event.code)
     if isinstance(event, SessionClosed):
         return SessionEndedError(f"session ended: {event.code.name.lower().replace('_', ' ')}", event.code)
     if event.code is ErrorCode.AUTHENTICATION_FAILED:
@@ -430,9 +438,12 @@ class KeymgmtClient:
         (a wrong one raises :class:`AuthenticationError` and changes nothing); the change
         runs in that session, which is then logged out. Every other session of the account
         ends; stored secrets, the local store, the audit log and the throttling state carry
-        over (the storage key is re-wrapped, not replaced)."""
+        over (the storage key is re-wrapped, not replaced). A new password equal to the current
+        one, or an empty one, is refused before anything is sent."""
         if not new_password:
             raise KeymgmtError("invalid argument: the new password must not be empty")
+        if hmac.compare_digest(new_password, current_password):  # before anything is sent
+            raise KeymgmtError("invalid argument: the new password is the current one")
         session = await self.login(account_name, current_password)
         try:
             await session.change_password(new_password)
@@ -883,8 +894,8 @@ class KeySession:
             return result
         except OperationRefused as refused:
             if refused.status is Status.NOT_FOUND:
-                raise NotFoundError("no such key") from None
-            raise RequestRefusedError(str(refused), refused.status) from None
+                raise NotFoundError("no such key" if request.op in _ABOUT_A_KEY else NO_ACCOUNT) from None
+            raise RequestRefusedError(_refusal(request.op, refused), refused.status) from None
         except IntegrityFailure as exc:
             raise IntegrityError(str(exc)) from None
         except LabelError as exc:
@@ -929,11 +940,12 @@ class KeySession:
         self._keep(key_id, copy)
         return key_id
 
-    async def rename(self, key_id: bytes, label: str | None) -> None:
+    async def rename(self, key_id: bytes, label: str | None) -> bool:
         """Named keys: set or change the key's label (None removes it). The label is sealed
         here under the storage key; the server stores only ciphertext. LabelConflictError if
-        another key has it, NotFoundError if the key does not exist."""
-        await self._run(self._ops.rename(key_id, label))
+        another key has it, NotFoundError if the key does not exist. Returns whether the key
+        had a label before (removing the label of a key that has none sends nothing)."""
+        return await self._run(self._ops.rename(key_id, label))
 
     async def resolve(self, label: str) -> bytes:
         """Named keys: the key id of the one key labelled ``label`` (NotFoundError if none,
@@ -1037,6 +1049,29 @@ class KeySession:
             await self._client.close_session(self.session_id)
         finally:
             self._ops.forget()
+
+
+#: The operations on one existing key: their NOT_FOUND means no such key. Any other
+#: operation finds nothing only when the session's account is gone (a key server of the
+#: release before; this one ends such a session instead: docs/protocol.md, section 12.13).
+_ABOUT_A_KEY = frozenset({Op.RETRIEVE, Op.DELETE_KEY, Op.RENAME_KEY})
+#: NOT_FOUND to any other operation.
+NO_ACCOUNT = "the account does not exist (it was deleted)"
+#: The operations the key server accepts only in a session with a recent login.
+_NEEDING_A_RECENT_LOGIN = frozenset({Op.CHANGE_PASSWORD_START, Op.CHANGE_PASSWORD_FINISH, Op.DELETE_ACCOUNT})
+#: Why the key server refuses them INVALID (docs/protocol.md, section 12.13).
+NOT_RECENT_LOGIN = (
+    "request refused: a password change or an account deletion needs a recent login (within the "
+    "key server's sessions.reauth_window, 5 minutes by default), and this session's login is older; "
+    "log in again"
+)
+
+
+def _refusal(op: Op, refused: OperationRefused) -> str:
+    """The text of a refusal: what it means for ``op`` where the protocol says so."""
+    if refused.status is Status.INVALID and op in _NEEDING_A_RECENT_LOGIN:
+        return NOT_RECENT_LOGIN
+    return str(refused)
 
 
 def _one(request: OpRequest) -> Plan[OpResponse]:

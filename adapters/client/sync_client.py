@@ -46,8 +46,8 @@ class SyncKeySession:
     def import_secret(self, portable: bytes, label: str | None = None) -> bytes:
         return self._portal.call(self._session.import_secret, portable, label)
 
-    def rename(self, key_id: bytes, label: str | None) -> None:
-        self._portal.call(self._session.rename, key_id, label)
+    def rename(self, key_id: bytes, label: str | None) -> bool:
+        return self._portal.call(self._session.rename, key_id, label)
 
     def resolve(self, label: str) -> bytes:
         return self._portal.call(self._session.resolve, label)
@@ -164,7 +164,8 @@ class SyncKeymgmtClient:
         return SyncKeySession(portal, portal.call(client.login, account_name, password))
 
     def change_password(self, account_name: bytes, current_password: bytes, new_password: bytes) -> None:
-        """See :meth:`KeymgmtClient.change_password`."""
+        """See :meth:`KeymgmtClient.change_password` (a new password equal to the current one
+        is refused before anything is sent)."""
         portal, client = self._require()
         portal.call(client.change_password, account_name, current_password, new_password)
 

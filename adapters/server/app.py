@@ -76,6 +76,7 @@ from ..storage.base import (
     Account,
     AuditQuery,
     AuditRecord,
+    CredentialsChanged,
     LoginRecord,
     SecretRecord,
     Storage,
@@ -220,6 +221,9 @@ class KeyServer:
         #: fresh key id). Weak keys: a session gone for good takes its entry with it. Only a
         #: session holding a reservation has an entry (an idle session costs nothing here, P4).
         self._reserved: WeakKeyDictionary[SessionHandle, OrderedDict[bytes, SecretKind]] = WeakKeyDictionary()
+        #: A session's new credentials version after its own password change, until the
+        #: dispatcher hands it to the core (see take_renewed).
+        self._renewed: WeakKeyDictionary[SessionHandle, int] = WeakKeyDictionary()
         #: Admitted logins not yet ended: session handle -> account name. An entry lives as
         #: long as its session (every end pops it, whatever the name).
         self._in_flight: dict[SessionHandle, bytes] = {}
@@ -295,14 +299,29 @@ class KeyServer:
             assert event.handle is not None
             age = conn.login_age(event.session_id)
             recent = age is not None and age <= self.reauth_window
-            body = self._answer_counted(
-                event.handle,
-                event.user_id,
-                event.body,
-                registrar=conn if recent else None,
-                login_started=int((conn.login_time(event.session_id) or 0) * 1_000_000) if recent else 0,
-            )
+            try:
+                body = self._answer_counted(
+                    event.handle,
+                    event.user_id,
+                    event.body,
+                    registrar=conn if recent else None,
+                    credentials=conn.credentials_version(event.session_id),
+                )
+            except CredentialsChanged as changed:
+                # The session logged in with credentials since replaced, or its account was
+                # deleted, through another instance or worker (this one ends its own sessions
+                # as it makes the change): it ends here, its request unanswered.
+                self._reserved.pop(event.handle, None)
+                conn.registry.end_session(event.handle, ErrorCode.NOT_AUTHORIZED)
+                log.info(
+                    "ended a session whose account %s elsewhere",
+                    "was deleted" if changed.gone else "changed its password",
+                )
+                return
             conn.send_response(event.session_id, event.request_id, body)
+            renewed = self.take_renewed(event.handle)
+            if renewed is not None:  # this session changed the password: it goes on with the new one
+                conn.renew_credentials(event.session_id, renewed)
             if body[:1] == _OK and event.body[:1] in _ENDING_SESSIONS:
                 # The password changed (every other session of the account ends) or the
                 # account is gone (every session ends, this one after its answer).
@@ -370,7 +389,11 @@ class KeyServer:
         assert event.handle is not None
         self._in_flight[event.handle] = event.account_name
         if account is not None:
-            conn.accept_login(event.session_id, account.user_id, account.registration_record)
+            # The record and its credentials version come from one row: a session knows exactly
+            # which credentials it logged in with (a change committed after this read ends it).
+            conn.accept_login(
+                event.session_id, account.user_id, account.registration_record, account.credentials_changed
+            )
         else:
             conn.accept_unknown_login(event.session_id)
 
@@ -533,14 +556,19 @@ class KeyServer:
         body: bytes,
         *,
         registrar: PasswordRegistrar | None = None,
-        login_started: int = 0,
+        credentials: int | None = None,
     ) -> bytes:
-        """:meth:`answer`, counted in the metrics (operation, status, time) when there are any."""
+        """:meth:`answer`, counted in the metrics (operation, status, time) when there are any
+        (a request whose session ends for its changed credentials counts as ``ENDED``)."""
         if self.metrics is None:
-            return self._answer_or_gone(session, user_id, body, registrar, login_started)
+            return self._answer_or_gone(session, user_id, body, registrar, credentials)
         started = time.perf_counter()
-        response = self._answer_or_gone(session, user_id, body, registrar, login_started)
         op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
+        try:
+            response = self._answer_or_gone(session, user_id, body, registrar, credentials)
+        except CredentialsChanged:
+            self.metrics.request(op, "ENDED", time.perf_counter() - started)
+            raise
         status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
@@ -551,15 +579,18 @@ class KeyServer:
         user_id: bytes,
         body: bytes,
         registrar: PasswordRegistrar | None,
-        login_started: int = 0,
+        credentials: int | None,
     ) -> bytes:
-        """:meth:`answer`; a request whose account was deleted meanwhile (a session of it that
-        this instance could not end: attached on another instance) is answered ``NOT_FOUND``
-        with no audit entry (there is no log to write to) instead of a storage error."""
+        """:meth:`answer`; a request whose account was deleted meanwhile, found by a storage
+        error (e.g. a store under a user with no account), is CredentialsChanged for a session
+        (``credentials`` given), else answered ``NOT_FOUND``; neither writes an audit entry
+        (there is no log to write to)."""
         try:
-            return self.answer(session, user_id, body, registrar=registrar, login_started=login_started)
+            return self.answer(session, user_id, body, registrar=registrar, credentials=credentials)
         except StorageError:
             if self._account_gone(user_id):
+                if credentials is not None:
+                    raise CredentialsChanged(gone=True) from None
                 return encode_response(Status.NOT_FOUND)
             raise
 
@@ -578,13 +609,19 @@ class KeyServer:
         body: bytes,
         *,
         registrar: PasswordRegistrar | None = None,
-        login_started: int = 0,
+        credentials: int | None = None,
     ) -> bytes:
         """Answer one request body from ``session`` (its handle) of ``user_id``. A password
         change or an account deletion needs ``registrar`` (the session's connection, given
         only while the session's login is recent: ``reauth_window``); without one it is
-        refused ``INVALID``, and so it is when the password changed at or after
-        ``login_started`` (us) (a session on another instance changed it)."""
+        refused ``INVALID``.
+
+        ``credentials`` is the version of the credentials the session logged in with
+        (``ServerConnection.credentials_version``): if the account's are no longer those (its
+        password changed, or it was deleted, through another instance), nothing is done and
+        CredentialsChanged is raised: the session must end. After the session's own password
+        change, :meth:`take_renewed` has its new version. None skips the check (tests and
+        tools calling this directly)."""
         now = self.now_us()
         try:
             request = decode_request(body)
@@ -600,18 +637,30 @@ class KeyServer:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
             with self.storage.transaction(atomic=kind not in _ONE_WRITE) as tx:
-                op = _Op(tx, user_id, now, reservations, [], registrar, login_started)
+                op = _Op(tx, user_id, now, reservations, [], registrar, credentials)
                 response, key_id = self._perform(op, request)
                 if kind is not Op.DELETE_ACCOUNT:  # a deletion takes the log with it
-                    tx.append_audit(AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context))
+                    record = AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context)
+                    tx.append_audit(record, op.credentials)  # (op.credentials: renewed by a change)
                 for record in op.later:  # e.g. the next key id a store reserved
                     tx.append_audit(record)
             if isinstance(request, StoreSecretRequest):  # only once the store committed
                 reservations.pop(request.key_id, None)
+            if kind is Op.CHANGE_PASSWORD_FINISH and op.credentials is not None:
+                self._renewed[session] = op.credentials
         except _Refused as refused:
-            with self.storage.transaction() as tx:
-                tx.append_audit(AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context))
+            record = AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context)
+            try:
+                with self.storage.transaction() as tx:
+                    tx.append_audit(record, credentials)
+            except CredentialsChanged as changed:
+                self._log_ended(record, changed)
+                raise
             return encode_response(refused.status)
+        except CredentialsChanged as changed:
+            key_id = getattr(request, "key_id", None)
+            self._log_ended(AuditRecord(user_id, action, now, Outcome.FAILURE, key_id, context), changed)
+            raise
         finally:
             if not reserving:
                 pass
@@ -620,6 +669,18 @@ class KeyServer:
             else:  # only a session holding a reservation keeps an entry (P4)
                 self._reserved.pop(session, None)
         return encode_response(Status.OK, response)
+
+    def take_renewed(self, session: SessionHandle) -> int | None:
+        """The new credentials version of a session that just changed its password itself
+        (:meth:`answer`), once; None if it did not."""
+        return self._renewed.pop(session, None)
+
+    def _log_ended(self, record: AuditRecord, changed: CredentialsChanged) -> None:
+        """A request whose session ends for its changed credentials did nothing: the owner's
+        log shows the attempt as a failure (a deleted account has no log left)."""
+        if not changed.gone:
+            with self.storage.transaction() as tx:
+                tx.append_audit(record)
 
     def _perform(self, op: _Op, request: OpRequest) -> tuple[OpResponse, bytes | None]:
         handler = HANDLERS.get(request.op)
@@ -709,7 +770,7 @@ class KeyServer:
         account = op.tx.get_account_by_user_id(op.user_id)
         if account is None:
             raise _Refused(Status.NOT_FOUND, action)
-        if op.registrar is None or self._changed_since_login(op):
+        if op.registrar is None:
             raise _Refused(Status.INVALID, action)
         try:
             response = op.registrar.password_registration_response(
@@ -723,32 +784,33 @@ class KeyServer:
         """The new record and the re-wrapped storage key replace the old ones in this one
         transaction (with its audit entry): a crash leaves the old password or the new one."""
         action = Action.CHANGE_PASSWORD
-        if op.registrar is None or self._changed_since_login(op):
+        if op.registrar is None:
             raise _Refused(Status.INVALID, action)
         try:
             record = op.registrar.password_registration_record(request.registration_upload)
         except RemoteProtocolError:
             raise _Refused(Status.INVALID, action) from None
-        if not op.tx.replace_credentials(op.user_id, record, request.encrypted_storage_key):
+        # Only while the credentials are still the session's (a session of the old password
+        # on another instance cannot take the account over); the refusal's entry then finds
+        # them changed, and the session ends.
+        renewed = op.tx.replace_credentials(
+            op.user_id, record, request.encrypted_storage_key, op.now, op.credentials
+        )
+        if renewed is None:
             raise _Refused(Status.NOT_FOUND, action)
+        if op.credentials is not None:
+            op.credentials = renewed  # this session's own entry, and the session, go on with them
         return Empty(), None
 
     def _delete_account(self, op: _Op, request: DeleteAccountRequest) -> _Answer:
         """The record, every secret, the audit log and the name's throttling state go in
         this one transaction; the name stays reserved for ``name_reservation`` seconds."""
-        if op.registrar is None or self._changed_since_login(op):  # not a recent login
+        if op.registrar is None:  # not a recent login
             raise _Refused(Status.INVALID, Action.DELETE_ACCOUNT)
         reserved_until = op.now + int(self.name_reservation * 1_000_000)
-        if not op.tx.delete_account(op.user_id, reserved_until):
+        if not op.tx.delete_account(op.user_id, reserved_until, op.credentials):
             raise _Refused(Status.NOT_FOUND, Action.DELETE_ACCOUNT)
         return Empty(), None
-
-    @staticmethod
-    def _changed_since_login(op: _Op) -> bool:
-        """Whether the account's password changed at or after this session's login: a session
-        that another instance could not end (it was attached there) must not change the new
-        password or delete the account with the old one's login (a takeover)."""
-        return op.tx.credentials_changed_since(op.user_id, op.login_started)
 
     def _drop_stored_sessions(self, user_id: bytes) -> None:
         """Drop the account's sessions sealed into the shared session store (other
@@ -793,9 +855,9 @@ class _Op:
     later: list[AuditRecord]
     #: The OPAQUE server steps of a password change (None: password changes are refused).
     registrar: PasswordRegistrar | None = None
-    #: When the session's login started (us; 0: unknown): a password change or deletion is
-    #: refused if the password changed since (by a session elsewhere: another instance).
-    login_started: int = 0
+    #: The credentials version the session logged in with (None: not checked); a password
+    #: change in this request moves it to the new one.
+    credentials: int | None = None
 
 
 #: An OK response and the key id its audit entry names (None for none).

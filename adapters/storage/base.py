@@ -27,6 +27,7 @@ __all__ = [
     "Account",
     "AuditQuery",
     "AuditRecord",
+    "CredentialsChanged",
     "LoginRecord",
     "SecretRecord",
     "Storage",
@@ -38,6 +39,16 @@ __all__ = [
 
 class StorageError(Exception):
     """The backend failed; the transaction was rolled back. Never carries secret data."""
+
+
+class CredentialsChanged(Exception):
+    """A write made for a session was refused, and nothing written: the account's credentials
+    are no longer those the session logged in with (its password changed since, through any
+    instance), or the account is gone (``gone``). The session must end."""
+
+    def __init__(self, gone: bool) -> None:
+        super().__init__("the account was deleted" if gone else "the account's password changed")
+        self.gone = gone
 
 
 #: Audit entries that need not reach the disk before the answer goes out (STO-1 covers
@@ -60,6 +71,9 @@ class Account:
     registration_record: bytes = field(repr=False)
     encrypted_storage_key: bytes = field(repr=False)
     created: int = 0
+    #: When the password last changed (us; 0: never), and the version of the credentials a
+    #: login reads with the record: it changes with every change (see replace_credentials).
+    credentials_changed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,25 +209,30 @@ class Transaction(Protocol):
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool: ...
 
     def replace_credentials(
-        self, user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes
-    ) -> bool:
+        self,
+        user_id: bytes,
+        registration_record: bytes,
+        encrypted_storage_key: bytes,
+        now: int = 0,
+        credentials: int | None = None,
+    ) -> int | None:
         """Password change: the account's new registration record and re-wrapped storage key,
-        both in this transaction (never one without the other). False if there is no account."""
+        both in this transaction (never one without the other), and its new
+        ``credentials_changed``: ``now`` (us), or one more than before when that is not less
+        (so it changes with every change, whatever the clocks). Returns that; None if there
+        is no account, or, given ``credentials``, if its credentials are no longer those
+        (nothing written)."""
         ...
 
-    def delete_account(self, user_id: bytes, reserved_until: int) -> bool:
+    def delete_account(self, user_id: bytes, reserved_until: int, credentials: int | None = None) -> bool:
         """Delete the account with every secret, its audit log and its name's throttling
         state, and reserve the name until ``reserved_until`` (microseconds); all in this
-        transaction. False if there is no account."""
+        transaction. False if there is no account. Given ``credentials``, CredentialsChanged
+        (nothing deleted) if the account's ``credentials_changed`` is not that."""
         ...
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         """Whether a deleted account's name is still reserved at ``now`` (microseconds)."""
-        ...
-
-    def credentials_changed_since(self, user_id: bytes, since: int) -> bool:
-        """Whether the account's password was changed at or after ``since`` (microseconds;
-        its CHANGE_PASSWORD audit entries say when)."""
         ...
 
     def forget_reserved_names(self, now: int) -> int:
@@ -225,10 +244,15 @@ class Transaction(Protocol):
         has no such key."""
         ...
 
-    def append_audit(self, record: AuditRecord) -> None:
+    def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
         """Append an entry; entries are numbered 1, 2, ... per user (OPS-7: a user's
         numbering reveals nothing about other users), and each stores its audit-chain hash
-        (``keymgmt_proto.audit_chain_hash`` of the user's entry before), in this transaction."""
+        (``keymgmt_proto.audit_chain_hash`` of the user's entry before), in this transaction.
+
+        Given ``credentials`` (a request's entry, for the session's credentials), the entry is
+        written only if the account's ``credentials_changed`` is still that: else
+        CredentialsChanged and nothing written. The check rides on the append (every request
+        writes one), so it costs no statement of its own."""
         ...
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:

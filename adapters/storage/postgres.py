@@ -29,13 +29,14 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from keymgmt_proto import Action, AuditEntry, KeyInfo, Outcome
+from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..redaction import database_url_secrets, redact_database_url
 from .base import (
     Account,
     AuditQuery,
     AuditRecord,
+    CredentialsChanged,
     LoginRecord,
     SecretRecord,
     StorageError,
@@ -51,6 +52,7 @@ from .sql import (
     audit_values,
     chain_hash_of,
     check_schema_version,
+    credentials_params,
     eviction_params,
     fill_audit_chain,
     key_page,
@@ -146,6 +148,14 @@ _MIGRATIONS: list[str] = [
     {AUDIT_CHAIN_MARK}
     ALTER TABLE audit ADD COLUMN chain_hash BYTEA CHECK (chain_hash IS NULL OR length(chain_hash) = 32)
     """,
+    # 6: when each account's password last changed (us; 0: never), read with the record by
+    # every login: each instance ends a session that logged in before it. The changes made
+    # before are read from the log (action 15 CHANGE_PASSWORD, outcome 0 SUCCESS).
+    """
+    ALTER TABLE accounts ADD COLUMN credentials_changed_us BIGINT NOT NULL DEFAULT 0;
+    UPDATE accounts SET credentials_changed_us = coalesce((SELECT max(timestamp_us) FROM audit
+        WHERE audit.user_id = accounts.user_id AND audit.action = 15 AND audit.outcome = 0), 0)
+    """,
 ]
 
 _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
@@ -154,6 +164,10 @@ _INSERT_ACCOUNT = _SQL.insert_account + " ON CONFLICT DO NOTHING"
 _INSERT_SECRET = _SQL.insert_secret + " ON CONFLICT (key_id) DO NOTHING"
 # A success locks the record before it reads the counts it hands over.
 _LOGIN_RECORD_FOR_UPDATE = _SQL.login_record + " FOR UPDATE"
+_NEXT_AUDIT_SEQ = (
+    "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s "
+    "RETURNING audit_seq, credentials_changed_us"
+)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -242,20 +256,27 @@ class _PgTransaction:
         return True
 
     def replace_credentials(
-        self, user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes
-    ) -> bool:
+        self,
+        user_id: bytes,
+        registration_record: bytes,
+        encrypted_storage_key: bytes,
+        now: int = 0,
+        credentials: int | None = None,
+    ) -> int | None:
         self._storage.sync_needed = True
-        cursor = self._conn.execute(
-            _SQL.replace_credentials, (registration_record, encrypted_storage_key, user_id)
-        )
-        return cursor.rowcount == 1
+        statement = _SQL.replace_credentials if credentials is None else _SQL.replace_current_credentials
+        params = credentials_params(user_id, registration_record, encrypted_storage_key, now, credentials)
+        row = self._conn.execute(statement, params).fetchone()
+        return None if row is None else int(row[0])
 
-    def delete_account(self, user_id: bytes, reserved_until: int) -> bool:
+    def delete_account(self, user_id: bytes, reserved_until: int, credentials: int | None = None) -> bool:
         # The account's row first, locked: appends for the user (any instance) wait for it.
         row = self._one(_SQL.account_by_user_id + " FOR UPDATE", (user_id,))
         if row is None:
             return False
         account = to_account(row)
+        if credentials is not None and account.credentials_changed != credentials:
+            raise CredentialsChanged(gone=False)
         self._storage.sync_needed = True
         self._conn.execute(_SQL.delete_user_secrets, (user_id,))
         self._conn.execute(_SQL.delete_user_audit, (user_id,))
@@ -269,10 +290,6 @@ class _PgTransaction:
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         return self._one(_SQL.name_reserved, (account_name, now)) is not None
 
-    def credentials_changed_since(self, user_id: bytes, since: int) -> bool:
-        params = (user_id, int(Action.CHANGE_PASSWORD), int(Outcome.SUCCESS), since)
-        return self._one(_SQL.credentials_changed_since, params) is not None
-
     def forget_reserved_names(self, now: int) -> int:
         return self._conn.execute(_SQL.forget_reserved_names, (now,)).rowcount
 
@@ -281,16 +298,19 @@ class _PgTransaction:
         cursor = self._conn.execute(_SQL.set_label, (sealed_label or None, user_id, key_id))
         return cursor.rowcount == 1
 
-    def append_audit(self, record: AuditRecord) -> None:
+    def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
         if needs_sync(record):
             self._storage.sync_needed = True
-        # The row lock taken by this UPDATE orders concurrent appends for one user (any instance).
-        row = self._one(
-            "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s RETURNING audit_seq",
-            (record.user_id,),
-        )
+        # The row lock taken by this UPDATE orders concurrent appends for one user (any
+        # instance); it also reads the account's credentials for the check (no extra round
+        # trip: a mismatch raises, and the transaction or savepoint rolls the UPDATE back).
+        row = self._one(_NEXT_AUDIT_SEQ, (record.user_id,))
         if row is None:
+            if credentials is not None:
+                raise CredentialsChanged(gone=True)
             raise StorageError("audit entry for a user that has no account")
+        if credentials is not None and row[1] != credentials:
+            raise CredentialsChanged(gone=False)
         seq = row[0]
         # Under that lock the entry before is committed (or this transaction's own), so its
         # hash is the one the chain continues from.

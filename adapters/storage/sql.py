@@ -17,11 +17,14 @@ audit entries are numbered, and when old detached sessions are dropped.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from keymgmt_proto import (
+    MAX_SEALED_LABEL_SIZE,
+    SEALED_OVERHEAD,
     Action,
     AuditEntry,
     AuditType,
@@ -37,6 +40,7 @@ from .base import Account, AuditQuery, AuditRecord, LoginRecord, SecretRecord, S
 
 __all__ = [
     "AUDIT_CHAIN_MARK",
+    "UNOPENABLE_LABEL",
     "Row",
     "Statements",
     "account_values",
@@ -44,9 +48,11 @@ __all__ = [
     "audit_values",
     "chain_hash_of",
     "check_schema_version",
+    "credentials_params",
     "eviction_params",
     "fill_audit_chain",
     "key_page",
+    "listed_label",
     "lock_end",
     "migration_statements",
     "rows_to_fetch",
@@ -58,10 +64,14 @@ __all__ = [
     "to_secret",
 ]
 
+log = logging.getLogger("keymgmt.server")
+
 #: A row as either driver returns it.
 Row = Sequence[Any]
 
-ACCOUNT_COLUMNS = "account_name, user_id, registration_record, encrypted_storage_key, created_us"
+ACCOUNT_COLUMNS = (
+    "account_name, user_id, registration_record, encrypted_storage_key, created_us, credentials_changed_us"
+)
 SECRET_COLUMNS = "user_id, key_id, kind, ciphertext, associated_data, created_us"  # noqa: S105
 AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count, chain_hash"
 #: In a migration's text: after its statements, compute the audit chain of the entries
@@ -214,9 +224,21 @@ class Statements:
         self.drop_user_sessions = spell("DELETE FROM detached_sessions WHERE user_id = ?")
 
         # Password change, account deletion, reserved names
+        #: Parameters: :func:`credentials_params`; the new credentials_changed_us is now, or
+        #: one more than before when that is not less (it changes with every change).
         self.replace_credentials = spell(
-            "UPDATE accounts SET registration_record = ?, encrypted_storage_key = ? WHERE user_id = ?"
+            "UPDATE accounts SET registration_record = :record, encrypted_storage_key = :key, "
+            "credentials_changed_us = CASE WHEN :now > credentials_changed_us THEN :now "
+            "ELSE credentials_changed_us + 1 END WHERE user_id = :user RETURNING credentials_changed_us"
         )
+        #: The same, only while the credentials are still those a session logged in with.
+        self.replace_current_credentials = spell(
+            "UPDATE accounts SET registration_record = :record, encrypted_storage_key = :key, "
+            "credentials_changed_us = CASE WHEN :now > credentials_changed_us THEN :now "
+            "ELSE credentials_changed_us + 1 END "
+            "WHERE user_id = :user AND credentials_changed_us = :expected RETURNING credentials_changed_us"
+        )
+        self.credentials_changed = spell("SELECT credentials_changed_us FROM accounts WHERE user_id = ?")
         self.delete_user_secrets = spell("DELETE FROM secrets WHERE user_id = ?")
         self.delete_user_audit = spell("DELETE FROM audit WHERE user_id = ?")
         self.delete_login_record = spell("DELETE FROM login_throttle WHERE account_name = ?")
@@ -229,11 +251,6 @@ class Statements:
             "SELECT 1 FROM reserved_names WHERE account_name = ? AND reserved_until_us > ?"
         )
         self.forget_reserved_names = spell("DELETE FROM reserved_names WHERE reserved_until_us <= ?")
-        #: Parameters: user id, action (CHANGE_PASSWORD), outcome (SUCCESS), since (us).
-        self.credentials_changed_since = spell(
-            "SELECT 1 FROM audit WHERE user_id = ? AND action = ? AND outcome = ? "
-            "AND timestamp_us >= ? LIMIT 1"
-        )
         #: Exactly once: two claims of one handle cannot both get the row.
         self.claim_session = spell("DELETE FROM detached_sessions WHERE handle = ? RETURNING sealed_state")
 
@@ -283,6 +300,22 @@ def account_values(account: Account) -> tuple[object, ...]:
         account.encrypted_storage_key,
         account.created,
     )
+
+
+def credentials_params(
+    user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes, now: int, expected: int | None
+) -> dict[str, object]:
+    """The parameters of :attr:`Statements.replace_credentials` (``expected`` None) or of
+    :attr:`Statements.replace_current_credentials`."""
+    params: dict[str, object] = {
+        "record": registration_record,
+        "key": encrypted_storage_key,
+        "now": now,
+        "user": user_id,
+    }
+    if expected is not None:
+        params["expected"] = expected
+    return params
 
 
 def secret_values(secret: SecretRecord) -> tuple[object, ...]:
@@ -387,8 +420,35 @@ _SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
 def key_page(rows: Sequence[Row], offset: int, limit: int) -> tuple[list[KeyInfo], int]:
     """The keys of a :attr:`Statements.list_keys` page, and the offset of the next page
     (0 when there is none)."""
-    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2], bytes(row[3] or b"")) for row in rows[:limit]]
+    keys = [KeyInfo(row[0], SecretKind(row[1]), row[2], listed_label(row[3])) for row in rows[:limit]]
     return keys, offset + limit if len(rows) > limit else 0
+
+
+#: What LIST_KEYS carries for a stored label that no sealed label can be: a well-formed one
+#: (the shortest) that never opens, so the client lists the key with its label as tampered.
+UNOPENABLE_LABEL = bytes(SEALED_OVERHEAD + 1)
+
+
+def listed_label(stored: object) -> bytes:
+    """A key's stored label as LIST_KEYS carries it: as it is when it can be a sealed label
+    (empty, or 29..MAX_SEALED_LABEL_SIZE bytes), else (a wrong length, not bytes at all: the
+    database was altered or damaged) :data:`UNOPENABLE_LABEL`, with a warning. So one bad
+    row cannot make the whole list an internal error."""
+    if stored is None:
+        return b""
+    if isinstance(stored, bytes | bytearray | memoryview):
+        label = bytes(stored)
+        if not label or len(UNOPENABLE_LABEL) <= len(label) <= MAX_SEALED_LABEL_SIZE:
+            return label
+        what = f"{len(label)} bytes"
+    else:
+        what = f"a {type(stored).__name__}, not bytes"
+    log.warning(
+        "a key's stored label is not a sealed label (%s): listed as one that does not open "
+        "(the database was altered or damaged)",
+        what,
+    )
+    return UNOPENABLE_LABEL
 
 
 def audit_page(rows: Sequence[Row], limit: int) -> tuple[list[AuditEntry], int]:

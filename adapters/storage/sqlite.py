@@ -24,13 +24,14 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from keymgmt_proto import Action, AuditEntry, KeyInfo, Outcome
+from keymgmt_proto import AuditEntry, KeyInfo
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .base import (
     Account,
     AuditQuery,
     AuditRecord,
+    CredentialsChanged,
     LoginRecord,
     SecretRecord,
     StorageError,
@@ -46,6 +47,7 @@ from .sql import (
     audit_values,
     chain_hash_of,
     check_schema_version,
+    credentials_params,
     eviction_params,
     fill_audit_chain,
     key_page,
@@ -145,12 +147,26 @@ _MIGRATIONS: list[str] = [
     {AUDIT_CHAIN_MARK}
     ALTER TABLE audit ADD COLUMN chain_hash BLOB CHECK (chain_hash IS NULL OR length(chain_hash) = 32);
     """,
+    # 8: when each account's password last changed (us; 0: never), read with the record by
+    # every login: each instance ends a session that logged in before it. The changes made
+    # before are read from the log (action 15 CHANGE_PASSWORD, outcome 0 SUCCESS).
+    """
+    ALTER TABLE accounts ADD COLUMN credentials_changed_us INTEGER NOT NULL DEFAULT 0;
+    UPDATE accounts SET credentials_changed_us = coalesce((SELECT max(timestamp_us) FROM audit
+        WHERE audit.user_id = accounts.user_id AND audit.action = 15 AND audit.outcome = 0), 0);
+    """,
 ]
 
 _SQL = Statements("qmark")
 _INSERT_AUDIT = (
     "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "
     "chain_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: The same, only while the account's credentials are the session's (see append_audit).
+_INSERT_CURRENT_AUDIT = (
+    "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "
+    "chain_hash) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? "
+    "WHERE EXISTS (SELECT 1 FROM accounts WHERE user_id = ? AND credentials_changed_us = ?)"
 )
 _LAST_AUDIT_ENTRY = "SELECT seq, chain_hash FROM audit WHERE user_id = ? ORDER BY seq DESC LIMIT 1"
 #: Users whose last audit number the storage remembers (then it starts again).
@@ -266,18 +282,25 @@ class _SQLiteTransaction:
         return True
 
     def replace_credentials(
-        self, user_id: bytes, registration_record: bytes, encrypted_storage_key: bytes
-    ) -> bool:
+        self,
+        user_id: bytes,
+        registration_record: bytes,
+        encrypted_storage_key: bytes,
+        now: int = 0,
+        credentials: int | None = None,
+    ) -> int | None:
         self._storage.sync_needed = True
-        cursor = self._db.execute(
-            _SQL.replace_credentials, (registration_record, encrypted_storage_key, user_id)
-        )
-        return cursor.rowcount == 1
+        statement = _SQL.replace_credentials if credentials is None else _SQL.replace_current_credentials
+        params = credentials_params(user_id, registration_record, encrypted_storage_key, now, credentials)
+        row = self._db.execute(statement, params).fetchone()
+        return None if row is None else int(row[0])
 
-    def delete_account(self, user_id: bytes, reserved_until: int) -> bool:
+    def delete_account(self, user_id: bytes, reserved_until: int, credentials: int | None = None) -> bool:
         account = self.get_account_by_user_id(user_id)
         if account is None:
             return False
+        if credentials is not None and account.credentials_changed != credentials:
+            raise CredentialsChanged(gone=False)
         self._storage.sync_needed = True
         self._db.execute(_SQL.delete_user_secrets, (user_id,))
         self._db.execute(_SQL.delete_user_audit, (user_id,))
@@ -290,10 +313,6 @@ class _SQLiteTransaction:
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         return self._db.execute(_SQL.name_reserved, (account_name, now)).fetchone() is not None
 
-    def credentials_changed_since(self, user_id: bytes, since: int) -> bool:
-        params = (user_id, int(Action.CHANGE_PASSWORD), int(Outcome.SUCCESS), since)
-        return self._db.execute(_SQL.credentials_changed_since, params).fetchone() is not None
-
     def forget_reserved_names(self, now: int) -> int:
         return self._db.execute(_SQL.forget_reserved_names, (now,)).rowcount
 
@@ -302,12 +321,14 @@ class _SQLiteTransaction:
         cursor = self._db.execute(_SQL.set_label, (sealed_label or None, user_id, key_id))
         return cursor.rowcount == 1
 
-    def append_audit(self, record: AuditRecord) -> None:
+    def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
         # Numbered, and chained, from the storage's memory of each user's last number and
         # hash: one statement. A number another process took meanwhile is refused by the
         # primary key, and the last entry is then read again (a batch holds the write lock:
         # nobody appends during it). Every rollback forgets the numbers, so none is ever
-        # skipped, and no hash is ever computed from an entry that was rolled back.
+        # skipped, and no hash is ever computed from an entry that was rolled back. With
+        # ``credentials`` the same statement checks the account's (INSERT ... SELECT ...
+        # WHERE EXISTS): an entry of a session whose credentials changed inserts no row.
         if needs_sync(record):
             self._storage.sync_needed = True
         user_id = record.user_id
@@ -317,7 +338,7 @@ class _SQLiteTransaction:
             last, previous = remembered
             chain_hash = chain_hash_of(record, last + 1, previous)
             try:
-                self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record, chain_hash)))
+                self._insert_audit(record, last + 1, chain_hash, credentials)
             except sqlite3.IntegrityError:
                 pass
             else:
@@ -326,10 +347,23 @@ class _SQLiteTransaction:
         row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
         last = 0 if row is None else int(row[0])
         chain_hash = chain_hash_of(record, last + 1, None if row is None else row[1])
-        self._db.execute(_INSERT_AUDIT, (user_id, last + 1, *audit_values(record, chain_hash)))
+        self._insert_audit(record, last + 1, chain_hash, credentials)
         if len(numbers) >= _AUDIT_NUMBERS_KEPT:
             numbers.clear()
         numbers[user_id] = (last + 1, chain_hash)
+
+    def _insert_audit(
+        self, record: AuditRecord, seq: int, chain_hash: bytes, credentials: int | None
+    ) -> None:
+        values = (record.user_id, seq, *audit_values(record, chain_hash))
+        if credentials is None:
+            self._db.execute(_INSERT_AUDIT, values)
+            return
+        if self._db.execute(_INSERT_CURRENT_AUDIT, (*values, record.user_id, credentials)).rowcount == 1:
+            return
+        # (only when the session must end:) the account's credentials changed, or it is gone
+        gone = self._db.execute(_SQL.credentials_changed, (record.user_id,)).fetchone() is None
+        raise CredentialsChanged(gone)
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()

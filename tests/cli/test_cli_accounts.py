@@ -75,6 +75,22 @@ def test_passwd_checks_its_files_before_connecting(tmp_path):
         assert result.stderr.count("\n") == 1
 
 
+def test_passwd_refuses_the_current_password_from_stdin_before_connecting(server_dir, tmp_path):
+    """Review of issue 16, gap 5 (the stdin path; the file path is above): the two lines are
+    compared before any connection is made (nothing listens on port 9)."""
+    env = client_env(9, server_dir / "ca.pem", tmp_path)
+    result = subprocess.run(
+        [*CLIENT, "passwd"],
+        input=f"{PASSWORD}\n{PASSWORD}\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "keymgmt: error: the new password is the current one\n"
+
+
 def test_passwd_at_a_terminal_asks_twice(server, tmp_path):
     assert run_client(server, tmp_path, "register").returncode == 0
     term = Terminal(["passwd"], client_env(server.port, server.directory / "ca.pem", tmp_path))
@@ -135,3 +151,23 @@ def test_delete_account_asks_first_at_a_terminal(server, tmp_path):
     code, output = term.finish()
     assert code == 0 and "deleted the account alice@example.org" in output, output
     assert run_client(server, tmp_path, "logout").returncode == 3
+
+
+def test_passwd_and_delete_account_refused_for_an_old_login_say_why_in_one_line(server_dir, tmp_path):
+    """Review of issue 16, gap 4: a refused password change or deletion printed only
+    'request refused: invalid'. With a reauthentication window shorter than a login takes,
+    every login is already too old: the refusal says so, and what to do, in one line."""
+    from tests.support.cli import ServerProcess
+
+    server = ServerProcess(server_dir, env={"KEYMGMT_REAUTH_WINDOW": "0.001"})
+    try:
+        assert run_client(server, tmp_path, "register").returncode == 0
+        for args, password in (("passwd",), f"{PASSWORD}\n{NEW}"), (("delete-account", "--yes"), PASSWORD):
+            refused = run_client(server, tmp_path, *args, password=password)
+            assert refused.returncode == 5, refused.stderr
+            assert refused.stderr.startswith("keymgmt: error: request refused: a password change or an")
+            assert "needs a recent login" in refused.stderr and refused.stderr.endswith("log in again\n")
+            assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+        assert run_client(server, tmp_path, "logout").returncode == 0  # nothing changed
+    finally:
+        assert server.stop() == 0

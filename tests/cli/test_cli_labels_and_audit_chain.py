@@ -63,7 +63,12 @@ def test_labels_from_the_command_line(server, tmp_path):
     _one_line_error(run_client(server, tmp_path, "delete", "--yes", "a\tb"), 2, "control characters")
 
     removed = run_client(server, tmp_path, "rename", "--remove", "main")
-    assert removed.returncode == 0 and "removed the label" in removed.stdout
+    assert removed.returncode == 0 and removed.stdout.strip() == f"removed the label of {key_id}"
+    # review of issue 16, gap 6: a key without a label is said to have none
+    again = run_client(server, tmp_path, "rename", "--remove", key_id)
+    assert again.returncode == 0 and again.stdout.strip() == f"{key_id} has no label; nothing removed"
+    again = json.loads(run_client(server, tmp_path, "rename", "--remove", key_id, "--json").stdout)
+    assert again == {"key_id": key_id, "label": None, "removed": False}
     assert run_client(server, tmp_path, "delete", "--yes", "greeting").returncode == 0
     assert [k["label"] for k in json.loads(run_client(server, tmp_path, "list", "--json").stdout)] == [None]
 
@@ -76,6 +81,22 @@ def test_labels_from_the_command_line(server, tmp_path):
     listing = run_client(server, tmp_path, "list")
     assert "<tampered>" in listing.stdout and "failed verification" in listing.stderr
     _one_line_error(run_client(server, tmp_path, "export", "tamper me"), 4, "no key is labelled")
+
+
+def test_list_shows_a_label_of_the_wrong_length_as_tampered(server, tmp_path):
+    """Review of issue 16, gap 3: a stored label of a length no sealed label has broke `list`
+    (the key server answered INTERNAL)."""
+    assert run_client(server, tmp_path, "register").returncode == 0
+    key_id = run_client(server, tmp_path, "generate", "--label", "fine").stdout.strip()
+    other = run_client(server, tmp_path, "generate", "--label", "to be cut").stdout.strip()
+    db = _server_db(server)
+    db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (b"cut", bytes.fromhex(other)))
+    listing = run_client(server, tmp_path, "list")
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split()[-1] for line in listing.stdout.splitlines()[1:]}
+    assert rows == {key_id: "fine", other: "<tampered>"}
+    assert "1 label(s) failed verification" in listing.stderr and "error" not in listing.stderr
+    assert run_client(server, tmp_path, "export", "fine").returncode == 0
 
 
 def test_audit_verify_head_and_a_tampered_log(server, tmp_path):

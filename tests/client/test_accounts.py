@@ -6,8 +6,10 @@ import anyio
 import pytest
 
 from keymgmt.adapters.client.async_client import (
+    NOT_RECENT_LOGIN,
     AuthenticationError,
     KeymgmtError,
+    NotFoundError,
     RegistrationError,
     RequestRefusedError,
     SessionEndedError,
@@ -38,7 +40,7 @@ async def test_password_change_keeps_secrets_and_log_and_ends_other_sessions(tmp
 
         # Every other session of the account ended: on this connection and on another one.
         for ended in (session, same_connection, elsewhere):
-            with pytest.raises(SessionEndedError, match="password was changed or the account was deleted"):
+            with pytest.raises(SessionEndedError, match="password was changed after this session logged in"):
                 await ended.list_keys()
         assert await bob.list_keys() == []  # another account's session goes on
         with pytest.raises(AuthenticationError):
@@ -88,16 +90,33 @@ async def test_an_empty_new_password_is_refused_before_anything_is_sent(tmp_path
         assert not [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD_START]
 
 
+async def test_the_current_password_as_the_new_one_is_refused_before_anything_is_sent(tmp_path):
+    """Review of issue 16, gap 5: it was accepted (a login, a registration, a re-wrap, every
+    other session ended, for nothing)."""
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        live = await client.login(ALICE, PW)
+        with pytest.raises(KeymgmtError) as refused:
+            await client.change_password(ALICE, PW, bytes(PW))
+        assert str(refused.value) == "invalid argument: the new password is the current one"
+        assert not isinstance(refused.value, RequestRefusedError | AuthenticationError)
+        entries = await live.audit()  # the live session goes on: nothing reached the server
+        assert [e.action for e in entries].count(Action.LOGIN) == 1
+        assert not [e for e in entries if e.action is Action.CHANGE_PASSWORD_START]
+
+
 async def test_an_old_session_must_log_in_again_to_change_the_password_or_delete(tmp_path):
     async with key_server(tmp_path, reauth_window=0.05) as world, world.client() as client:
         await client.register(ALICE, PW)
         session = await client.login(ALICE, PW)
         await anyio.sleep(0.2)
-        with pytest.raises(RequestRefusedError) as refused:
+        # Review of issue 16, gap 4: the refusal says why and what to do, not only "invalid".
+        with pytest.raises(RequestRefusedError, match=r"needs a recent login .* log in again") as refused:
             await session.change_password(NEW_PW)
-        assert refused.value.status is Status.INVALID
-        with pytest.raises(RequestRefusedError):
+        assert refused.value.status is Status.INVALID and str(refused.value) == NOT_RECENT_LOGIN
+        with pytest.raises(RequestRefusedError) as refused:
             await session.delete_account()
+        assert str(refused.value) == NOT_RECENT_LOGIN
         assert await session.list_keys() == []  # still there, and still usable
         await client.login(ALICE, PW)  # the password did not change
         # (a fresh login passes: the other tests, with the default window of 300 s)
@@ -170,3 +189,29 @@ async def test_the_name_is_free_again_after_the_reservation(tmp_path):
             Action.LIST_KEYS,
             Action.AUDIT,
         }
+
+
+async def test_not_found_for_the_account_itself_says_the_account_does_not_exist(tmp_path, monkeypatch):
+    """Review of issue 16, gap 7: a session whose account was deleted (here: by a key server of
+    the release before, which answers such a session's requests NOT_FOUND instead of ending
+    it) was told "no such key" by list_keys. An operation that names no key finds nothing only
+    when the account is gone, and says so; one on a key still says "no such key"."""
+    from keymgmt_proto import ServerConnection
+
+    monkeypatch.setattr(ServerConnection, "credentials_version", lambda self, session_id: None)
+    async with key_server(tmp_path) as world, world.client() as client:
+        user_id = await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.generate()
+        client.local_store.delete(user_id, key_id)
+
+        def delete_the_account() -> None:  # (as another instance's deletion leaves it)
+            world.storage._db.execute("DELETE FROM accounts WHERE user_id = ?", (user_id,))
+
+        await world.storage_do(delete_the_account)
+        for call in (session.list_keys, session.audit, session.generate):
+            with pytest.raises(NotFoundError) as missing:
+                await call()
+            assert str(missing.value) == "the account does not exist (it was deleted)"
+        with pytest.raises(NotFoundError, match=r"^no such key$"):
+            await session.retrieve(key_id)

@@ -63,11 +63,12 @@ async def test_named_keys_round_trip_and_the_server_stores_only_ciphertext(tmp_p
         assert await session.resolve("backup key") == backup
         assert await session.export(await session.resolve("Schlüssel für das Archiv")) == b"\x05hello"
 
-        # Blind server: only ciphertext, label length + 28, nothing readable.
+        # Blind server: only ciphertext, nothing readable, and not even the label's length: both
+        # labels (10 and 26 bytes) are padded to 32 before sealing (review of issue 16, gap 8).
         stored = await world.storage_do(lambda: _labels(world.storage))
         assert stored[plain] is None
-        assert len(stored[backup]) == len(b"backup key") + 28 and b"backup" not in stored[backup]
-        assert b"Archiv" not in stored[document]
+        assert len(stored[backup]) == len(stored[document]) == 32 + 28
+        assert b"backup" not in stored[backup] and b"Archiv" not in stored[document]
 
         await session.rename(backup, "main key")
         assert await session.resolve("main key") == backup
@@ -78,9 +79,10 @@ async def test_named_keys_round_trip_and_the_server_stores_only_ciphertext(tmp_p
         with pytest.raises(LabelConflictError):  # refused before anything is stored
             await session.generate(label="main key")
         assert len(await session.list_keys()) == 3
-        await session.rename(backup, "main key")  # its own label again: fine
-        await session.rename(backup, None)
+        assert await session.rename(backup, "main key") is True  # its own label again: fine
+        assert await session.rename(backup, None) is True  # it had one
         assert {k.key_id: k.label for k in await session.list_keys()}[backup] is None
+        assert await session.rename(backup, None) is False  # none left: nothing sent (gap 6)
         with pytest.raises(NotFoundError):
             await session.rename(os.urandom(16), "nothing")
         for bad in ("", "x" * 65, "two\nlines", " padded", "00112233445566778899aabbccddeeff"):
@@ -119,6 +121,78 @@ async def test_a_tampered_or_moved_label_is_shown_as_tampered_and_names_nothing(
         assert await session.retrieve(first, Context.NULL) is None  # still usable by id
         await session.rename(first, "first again")  # and a new label repairs it
         assert await session.resolve("first again") == first
+
+
+async def test_a_stored_label_that_is_no_sealed_label_is_listed_as_tampered(tmp_path, caplog):
+    """Review of issue 16, gap 3: a label column holding something no sealed label can be (a
+    wrong length, too long for the wire, text or a number: an altered or damaged database)
+    made LIST_KEYS an internal error, so no key could be listed or named. The key server now
+    lists such a key with a sealed label that never opens: the client shows it tampered and
+    every other key as usual."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="keymgmt")
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        good = await session.generate(label="good")
+        broken = {value: await session.generate(label=f"broken {n}") for n, value in enumerate(
+            (b"short", bytes(93), bytes(300), "text", 7)
+        )}  # fmt: skip
+
+        def damage() -> None:
+            for value, key_id in broken.items():
+                world.storage._db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (value, key_id))
+
+        await world.storage_do(damage)
+        keys = {k.key_id: k for k in await session.list_keys()}
+        assert set(keys) == {good, *broken.values()}
+        assert keys[good].label == "good" and not keys[good].label_tampered
+        for key_id in broken.values():
+            assert keys[key_id].label_tampered and keys[key_id].label is None
+        assert await session.resolve("good") == good  # naming keys still works
+        with pytest.raises(NotFoundError):
+            await session.resolve("broken 0")
+        await session.rename(broken[b"short"], "repaired")  # and a new label repairs one
+        assert await session.resolve("repaired") == broken[b"short"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, caplog.text
+    warned = [r.getMessage() for r in caplog.records if "not a sealed label" in r.getMessage()]
+    assert warned  # the operator hears of it
+
+
+async def test_labels_are_padded_and_old_unpadded_ones_still_open(tmp_path):
+    """Review of issue 16, gap 8: a sealed label's length gave away the label's length. Labels
+    are now padded with zero bytes to 32 or 64 before sealing, so the key server sees 60 or 92
+    bytes; a label sealed unpadded by a client of the release before opens as it did, and a
+    rename seals it afresh, padded."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from keymgmt_proto import label_ad
+
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        lengths = {}
+        for label in ("a", "x" * 32, "y" * 33, "z" * 64):
+            key_id = await session.generate(label=label)
+            lengths[label] = len((await world.storage_do(lambda: _labels(world.storage)))[key_id])
+        assert lengths == {"a": 60, "x" * 32: 60, "y" * 33: 92, "z" * 64: 92}
+
+        old = await session.generate()
+        storage_key = await session._get_storage_key()
+        nonce = os.urandom(12)
+        unpadded = nonce + ChaCha20Poly1305(storage_key).encrypt(
+            nonce, b"old style", label_ad(session.user_id, old)
+        )
+        await session._call(RenameKeyRequest(session.user_id, old, unpadded))  # as the older client did
+        assert len((await world.storage_do(lambda: _labels(world.storage)))[old]) == len(b"old style") + 28
+        listed = {k.key_id: (k.label, k.label_tampered) for k in await session.list_keys()}
+        assert listed[old] == ("old style", False)
+        assert await session.resolve("old style") == old
+        await session.rename(old, "old style")  # the same label again: now padded
+        assert len((await world.storage_do(lambda: _labels(world.storage)))[old]) == 60
+        assert await session.resolve("old style") == old
 
 
 async def test_a_label_two_keys_share_is_ambiguous(tmp_path):

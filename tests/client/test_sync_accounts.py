@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from keymgmt.adapters.client.async_client import AuthenticationError, SessionEndedError
+from keymgmt.adapters.client.async_client import AuthenticationError, KeymgmtError, SessionEndedError
 from keymgmt.adapters.client.localstore import LocalStore
 from keymgmt.adapters.client.sync_client import SyncKeymgmtClient
 from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.server.driver import serve_stream
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
-from keymgmt_proto import Context, SessionRegistry
+from keymgmt_proto import Action, Context, SessionRegistry
 
 from ..support.keyserver_world import SETUP
 
@@ -37,6 +37,11 @@ def test_the_sync_client_changes_the_password_and_deletes_the_account(tmp_path, 
             key_id = other.import_secret(b"\x02hi")
             with pytest.raises(AuthenticationError):
                 client.change_password(NAME, b"not it", NEW)
+            # review of issue 16, gap 5: the current password again is refused before any request
+            same = r"^invalid argument: the new password is the current one$"
+            with pytest.raises(KeymgmtError, match=same):
+                client.change_password(NAME, OLD, OLD)
+            assert [e.action for e in other.audit()].count(Action.LOGIN) == 1  # no login: nothing sent
             client.change_password(NAME, OLD, NEW)
             with pytest.raises(SessionEndedError):
                 other.list_keys()

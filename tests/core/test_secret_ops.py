@@ -213,3 +213,37 @@ def test_invalid_arguments_are_refused_before_any_request():
         next(_ops().delete(b"short"))
     with pytest.raises(ValueError):
         _ops().import_portable(b"\x05abc", NEVER.__contains__)
+
+
+def test_removing_a_label_says_whether_the_key_had_one_and_sends_nothing_when_it_had_none():
+    """Review of issue 16, gap 6: `rename --remove` on a key without a label said "removed".
+    The plan lists the keys first: a key listed without a label gets no RENAME_KEY (False);
+    one with a label, or one that does not verify, gets the empty label (True); a key not
+    listed is left to the server."""
+    from keymgmt_proto import RenameKeyRequest, seal_label
+
+    bare, named, tampered, unknown = (bytes([n]) * 16 for n in (1, 2, 3, 4))
+    sealed = seal_label(STORAGE_KEY, USER, named, "named", os.urandom)
+    listing = KeyListResponse(
+        (
+            KeyInfo(bare, SecretKind.GENERATED, 1),
+            KeyInfo(named, SecretKind.GENERATED, 2, sealed),
+            KeyInfo(tampered, SecretKind.GENERATED, 3, sealed),  # named's label: it does not open here
+        )
+    )
+    answers = {ListKeysRequest: listing, RetrieveStorageKeyRequest: _storage_key_answer()}
+    for key_id, had_label, sends in (
+        (bare, False, False),
+        (named, True, True),
+        (tampered, True, True),
+        (unknown, False, True),
+    ):
+        result, sent = _run(_ops().rename(key_id, None), {**answers, RenameKeyRequest: Empty()})
+        renames = [r for r in sent if isinstance(r, RenameKeyRequest)]
+        assert (result, bool(renames)) == (had_label, sends), key_id
+        assert all(r.key_id == key_id and r.sealed_label == b"" for r in renames)
+    # Setting a label says the same of the label before, and always sends it.
+    result, sent = _run(_ops().rename(bare, "fresh"), {**answers, RenameKeyRequest: Empty()})
+    assert result is False and isinstance(sent[-1], RenameKeyRequest) and sent[-1].sealed_label
+    result, _ = _run(_ops().rename(named, "fresh"), {**answers, RenameKeyRequest: Empty()})
+    assert result is True

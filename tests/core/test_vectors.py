@@ -618,9 +618,21 @@ def test_label_vectors():
         )
         ad = b"keymgmt v1 key label" + user_id + key_id
         assert keymgmt_proto.label_ad(user_id, key_id) == ad and ad.hex() == vector["associated_data"]
-        assert sealed == nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, label.encode("utf-8"), ad)
+        # padded with zero bytes to the next multiple of 32 (review of issue 16, gap 8)
+        encoded = label.encode("utf-8")
+        padded = encoded + bytes(32 - len(encoded) if len(encoded) <= 32 else 64 - len(encoded))
+        assert (
+            data["label_pad_size"] == keymgmt_proto.LABEL_PAD_SIZE == 32 and padded.hex() == vector["padded"]
+        )
+        assert sealed == nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, padded, ad)
+        assert len(sealed) == (60 if len(encoded) <= 32 else 92)
         assert keymgmt_proto.seal_label(storage_key, user_id, key_id, label, fixed(nonce)) == sealed
         assert keymgmt_proto.open_label(storage_key, user_id, key_id, sealed) == label
+        # a label sealed unpadded (the release before) opens to the same label
+        unpadded = h(vector["sealed_unpadded"])
+        assert unpadded == nonce + ChaCha20Poly1305(storage_key).encrypt(nonce, encoded, ad)
+        assert len(unpadded) == len(encoded) + 28
+        assert keymgmt_proto.open_label(storage_key, user_id, key_id, unpadded) == label
         other_key = bytes(b ^ 1 for b in key_id)
         with pytest.raises(RemoteProtocolError):  # the AD binds the key id: no moving labels
             keymgmt_proto.open_label(storage_key, user_id, other_key, sealed)

@@ -18,7 +18,9 @@ from keymgmt_proto import (
     AuditType,
     ChangePasswordFinishRequest,
     ClientConnection,
+    Context,
     ErrorCode,
+    ListKeysRequest,
     OperationRefused,
     ResponseReceived,
     SecretOps,
@@ -32,7 +34,7 @@ from keymgmt_proto import (
 )
 from keymgmt_proto._secrets import Plan
 
-from ..support.helpers import PASSWORD, login, register
+from ..support.helpers import PASSWORD, login, only, register
 from ..support.keyserver_world import SETUP
 from .test_enumeration import _Traced
 from .test_group_commit import backend_storage  # noqa: F401 (fixture)
@@ -238,51 +240,142 @@ def test_a_deleted_name_costs_the_same_storage_work_as_an_unknown_one(tmp_path):
     assert deleted == unknown
 
 
-def test_a_session_on_another_instance_finds_nothing_once_the_account_is_deleted(backend_storage, caplog):  # noqa: F811
-    """Another instance (its own registry, the same database) cannot be told to end its
-    sessions: their requests are answered NOT_FOUND, and their end is not an error."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def two_storages(request, tmp_path):
+    """Two storages on one database, as two key-server instances (or --workers processes)
+    hold them: SQLite, two connections to one file; PostgreSQL, two pools on one schema."""
+    if request.param == "sqlite":
+        first, second = SQLiteStorage(tmp_path / "ks.db"), SQLiteStorage(tmp_path / "ks.db")
+        yield first, second
+        first.close()
+        second.close()
+        return
+    from keymgmt.adapters.storage.postgres import PostgresStorage
+
+    from ..support.pg import schema_fixture
+
+    fixture = schema_fixture()
+    conninfo, schema = next(fixture)
+    first, second = PostgresStorage(conninfo, schema=schema), PostgresStorage(conninfo, schema=schema)
+    yield first, second
+    first.close()
+    second.close()
+    next(fixture, None)
+
+
+def _ended_unanswered(pair: InMemoryPair, session: SessionEstablished, plan: Plan[object]) -> None:
+    """The plan's first request gets no answer: its session ends with CLOSE(NOT_AUTHORIZED)."""
+    request_id = pair.client.send_request(session.session_id, next(plan).encode())
+    events = pair.pump()
+    assert not [e for e in events if isinstance(e, ResponseReceived) and e.request_id == request_id]
+    assert [(e.session_id, e.code) for e in events if isinstance(e, SessionClosed)] == [
+        (session.session_id, ErrorCode.NOT_AUTHORIZED)
+    ]
+
+
+def test_a_session_on_another_instance_ends_once_the_password_changes(two_storages):
+    """Review of issue 16: a session on instance B, logged in with the old password, kept
+    reading keys after the owner changed the password on instance A. Every request of such a
+    session now ends it, whatever it asks (reading keys, or taking the account over: changing
+    the password again, deleting the account); a fresh login with the new password works."""
+    here, there = _World(two_storages[0]), _World(two_storages[1])
+    owner_pair = here.pair()
+    register(owner_pair, ALICE)
+    stale = {}
+    for name in ("read", "change", "delete", "store"):  # with the old password, before the change
+        pair = there.pair()
+        session = login(pair, ALICE)
+        stale[name] = (pair, session, SecretOps(session.user_id, session.export_key, os.urandom))
+    reader_pair, reader, reader_ops = stale["read"]
+    (key_id, _copy), _ = _run(reader_pair, reader, reader_ops.generate(lambda _key_id: False))
+    change_pair, changer, changer_ops = stale["change"]
+    _run(change_pair, changer, changer_ops.storage_key())  # it holds the storage key too
+    owner = login(owner_pair, ALICE)
+    _change_password(owner_pair, owner, NEW)
+
+    for name, plan_of in (
+        ("read", lambda ops, pair: ops.retrieve(key_id, Context.LOCAL_ONLY, None)),
+        ("change", lambda ops, pair: ops.change_password_start(b"the attacker's own", pair.client.opaque)),
+        ("delete", lambda ops, pair: ops.delete_account()),
+        ("store", lambda ops, pair: ops.generate(lambda _key_id: False)),
+    ):
+        pair, session, ops = stale[name]
+        _ended_unanswered(pair, session, plan_of(ops, pair))
+    # The owner's session (it made the change) goes on; a fresh login with the new password works
+    # on the other instance, and the owner's log shows the refused attempts.
+    fresh_pair = there.pair()
+    fresh = login(fresh_pair, ALICE, NEW)
+    fresh_ops = SecretOps(fresh.user_id, fresh.export_key, os.urandom)
+    assert [k.key_id for k in _run(fresh_pair, fresh, fresh_ops.list_keys())[0]] == [key_id]
+    owner_ops = SecretOps(owner.user_id, owner.export_key, os.urandom)
+    entries, _ = _run(owner_pair, owner, owner_ops.audit())
+    after_change = entries[[e.action for e in entries].index(Action.CHANGE_PASSWORD) + 1 :]
+    assert {(e.action, e.outcome.name) for e in after_change} >= {
+        (Action.RETRIEVE, "FAILURE"),  # the reader held the storage key: no secret for it
+        (Action.RETRIEVE_STORAGE_KEY, "FAILURE"),
+        (Action.CHANGE_PASSWORD_START, "FAILURE"),
+        (Action.DELETE_ACCOUNT, "FAILURE"),
+    }
+    _change_password(fresh_pair, fresh, b"and yet another long password")  # a fresh login may
+
+
+def test_a_session_on_another_instance_ends_once_the_account_is_deleted(two_storages, caplog):
+    """Its request gets no answer (no NOT_FOUND, no storage error): the session ends, and
+    nothing is logged as a warning."""
     import logging
 
     caplog.set_level(logging.DEBUG, logger="keymgmt.server")
-    here, there = _World(backend_storage), _World(backend_storage)
+    here, there = _World(two_storages[0]), _World(two_storages[1])
     pair, remote = here.pair(), there.pair()
     register(pair, ALICE)
     session = login(pair, ALICE)
     elsewhere = login(remote, ALICE)
+    holding = login(remote, ALICE)  # this one holds the storage key and a next key id: it stores
+    holding_ops = SecretOps(holding.user_id, holding.export_key, os.urandom)
+    _run(remote, holding, holding_ops.generate(lambda _key_id: False))  # (a STORE_SECRET next: the
+    # store under a deleted account is a storage error, answered as the session's end too)
     _run(pair, session, SecretOps(session.user_id, session.export_key, os.urandom).delete_account())
-    ops = SecretOps(elsewhere.user_id, elsewhere.export_key, os.urandom)
-    with pytest.raises(OperationRefused) as refused:
-        _run(remote, elsewhere, ops.list_keys())
-    assert refused.value.status is Status.NOT_FOUND
-    remote.client.close_session(elsewhere.session_id)
-    remote.pump()
+    _ended_unanswered(
+        remote, elsewhere, SecretOps(elsewhere.user_id, elsewhere.export_key, os.urandom).list_keys()
+    )
+    _ended_unanswered(remote, holding, holding_ops.generate(lambda _key_id: False))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    with two_storages[1].transaction() as tx:  # nothing was written for the deleted account
+        assert tx.get_account(ALICE) is None
 
 
-def test_a_session_elsewhere_cannot_take_the_account_after_a_password_change(backend_storage):  # noqa: F811
-    """The takeover a review found: an attacker logged in with the old password on another
-    instance (a session this instance cannot end) must not change the new password, nor
-    delete the account, once the owner changed it; the owner's new password keeps working."""
-    here, there = _World(backend_storage), _World(backend_storage)
-    owner_pair, attacker_pair = here.pair(), there.pair()
+def test_a_login_that_read_the_old_record_ends_at_its_first_request(two_storages):
+    """A login on instance B that loaded the old record before the change on A, and finished
+    after it (its OPAQUE exchange was under way), holds the old credentials: its first
+    request ends it (the check compares the credentials it read with the record, not times)."""
+    here, there = _World(two_storages[0]), _World(two_storages[1])
+    owner_pair = here.pair()
     register(owner_pair, ALICE)
-    attacker = login(attacker_pair, ALICE)  # with the old password, before the change
-    ops = SecretOps(attacker.user_id, attacker.export_key, os.urandom)
-    _run(attacker_pair, attacker, ops.generate(lambda _key_id: False))  # it now holds the storage key
-    time.sleep(0.002)  # the change's audit time is after the attacker's login (microseconds)
-    owner = login(owner_pair, ALICE)
-    _change_password(owner_pair, owner, NEW)
-    with pytest.raises(OperationRefused) as refused:
-        _run(
-            attacker_pair,
-            attacker,
-            ops.change_password_start(b"the attacker's own", attacker_pair.client.opaque),
-        )
-    assert refused.value.status is Status.INVALID
-    with pytest.raises(OperationRefused) as refused:
-        _run(attacker_pair, attacker, ops.delete_account())
-    assert refused.value.status is Status.INVALID
-    # The owner's new password still opens the account; a fresh login elsewhere may change it.
-    fresh_pair = there.pair()
-    fresh = login(fresh_pair, ALICE, NEW)
-    _change_password(fresh_pair, fresh, b"and yet another long password")
+    late = there.pair()
+    late.run_opaque_steps = False
+    late.client.open_request_session(ALICE, PASSWORD)
+    (step,) = late.pump()  # the server answered with the old record; the client's step waits
+    _change_password(owner_pair, login(owner_pair, ALICE), NEW)
+    late.client.complete_opaque_step(step.run(late.client.opaque))
+    session = only(late.pump(), SessionEstablished)
+    assert late.server.credentials_version(session.session_id) == 0  # the old record's (never changed)
+    _ended_unanswered(late, session, SecretOps(session.user_id, session.export_key, os.urandom).list_keys())
+
+
+def test_the_changing_session_goes_on_after_moving_to_another_instance(two_storages):
+    """The session that changed the password holds the new credentials, also when it moves
+    (sealed into the shared store) to another instance; a stale one sealed before the change
+    is dropped from the store (it could not be resumed anywhere)."""
+    here = _World(two_storages[0], shared_store=True)
+    there = _World(two_storages[1], shared_store=True)
+    pair = here.pair()
+    register(pair, ALICE)
+    changing = login(pair, ALICE)
+    _change_password(pair, changing, NEW)
+    (detached,) = _lose(pair)
+    other = there.pair()
+    session_id = other.client.resume_session(detached)
+    assert not [e for e in other.pump() if isinstance(e, SessionFailed | SessionClosed)]
+    request_id = other.client.send_request(session_id, ListKeysRequest(changing.user_id).encode())
+    (answer,) = [e for e in other.pump() if isinstance(e, ResponseReceived) and e.request_id == request_id]
+    assert answer.body[:1] == bytes([Status.OK])

@@ -31,10 +31,10 @@ async def test_nothing_is_acknowledged_when_the_group_commit_fails(tmp_path):
         real_batch, real_answer = storage.batch, keyserver.answer
         fail = {"store": False}
 
-        def answer(session, user_id, body, *, registrar=None, login_started=0):
+        def answer(session, user_id, body, *, registrar=None, credentials=None):
             if body[:1] == bytes([Op.STORE_SECRET]):
                 fail["store"] = True
-            return real_answer(session, user_id, body, registrar=registrar, login_started=login_started)
+            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
 
         @contextmanager
         def failing_batch():

@@ -61,8 +61,9 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     storage = SQLiteStorage(tmp_path / "ks.db")
     from keymgmt.adapters.storage.sqlite import _MIGRATIONS
 
-    # accounts etc., throttling, sessions, counts, keys, names, labels and the audit chain
-    assert storage.schema_version == len(_MIGRATIONS) == 7
+    # accounts etc., throttling, sessions, counts, keys, names, labels and the audit chain,
+    # credentials versions
+    assert storage.schema_version == len(_MIGRATIONS) == 8
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     storage.close()
@@ -348,10 +349,10 @@ class _AuditFails(SQLiteStorage):
             with inner as tx:
                 append = tx.append_audit
 
-                def failing(record: AuditRecord) -> None:
+                def failing(record: AuditRecord, credentials: int | None = None) -> None:
                     if record.action in storage.fail_on:
                         raise StorageError("injected: the audit write failed")
-                    append(record)
+                    append(record, credentials)
 
                 tx.append_audit = failing
                 yield tx

@@ -510,3 +510,31 @@ def test_postgres_waits_for_the_wal_flush_only_where_it_must():
     finally:
         storage.close()
         next(fixture, None)
+
+
+def test_a_stored_label_no_sealed_label_can_be_is_listed_as_one_that_does_not_open(storage, caplog):
+    """Review of issue 16, gap 3: LIST_KEYS turned a label of a wrong length into an internal
+    error (KeyInfo refuses it). A label column altered to such a value now lists as the
+    shortest well-formed sealed label, which never opens; the others as they are."""
+    import logging
+
+    from keymgmt.adapters.storage.sql import UNOPENABLE_LABEL
+
+    caplog.set_level(logging.WARNING, logger="keymgmt.server")
+    good, short, long = bytes([1]) * 16, bytes([2]) * 16, bytes([3]) * 16
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+        for n, key_id in enumerate((good, short, long)):
+            tx.insert_secret(SecretRecord(ALICE.user_id, key_id, SecretKind.GENERATED, bytes(60), b"ad", n))
+        assert tx.set_label(ALICE.user_id, good, b"g" * 60)
+        assert tx.set_label(ALICE.user_id, short, b"s" * 28)  # (storage takes what it is given)
+        assert tx.set_label(ALICE.user_id, long, b"l" * 256)
+        keys, _ = tx.list_keys(ALICE.user_id, 0, 10)
+    assert [(k.key_id, k.sealed_label) for k in keys] == [
+        (good, b"g" * 60),
+        (short, UNOPENABLE_LABEL),
+        (long, UNOPENABLE_LABEL),
+    ]
+    assert len(UNOPENABLE_LABEL) == 29 and not any(UNOPENABLE_LABEL)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "28 bytes" in warnings[0] and "256 bytes" in warnings[1]

@@ -8,6 +8,7 @@ SIGSTOP (it stays alive but accepts nothing) and let it continue afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -22,9 +23,9 @@ import pytest
 from anyio.abc import ByteStream, SocketAttribute
 
 from keymgmt.adapters.cli.server import main
-from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.async_client import SESSION_REVOKED, KeymgmtClient, SessionEndedError
 from keymgmt.adapters.client.connect import tls_connector
-from keymgmt_proto import Action, AuditType, Context
+from keymgmt_proto import Action, AuditType, Context, ErrorCode
 
 from ..support.pg import schema_fixture
 from ..support.server_proc import SERVER, ServerProcess, init_server_dir
@@ -186,6 +187,78 @@ async def test_both_workers_accept_a_session_moves_between_them_and_sigterm_stop
         assert f"keymgmt.server[{pid}]: received SIGTERM" in log
         assert f"keymgmt.server[{pid}]: stopped" in log
     assert "all workers stopped" in log
+
+
+class _Steered:
+    """Makes worker ``pid`` take the next connections: the other one is stopped (SIGSTOP) for
+    the block, and continues afterwards."""
+
+    def __init__(self, pids: list[int], pid: int) -> None:
+        self.others = [p for p in pids if p != pid]
+
+    def __enter__(self) -> None:
+        for other in self.others:
+            os.kill(other, signal.SIGSTOP)
+
+    def __exit__(self, kind, value, tb) -> None:
+        for other in self.others:
+            os.kill(other, signal.SIGCONT)
+
+
+async def test_a_session_on_the_other_worker_ends_when_the_password_changes_or_the_account_goes(pool):
+    """Review of issue 16, gaps 1 and 2: a session held by one worker, logged in with the old
+    password and without the storage key yet, got IntegrityError after the password changed
+    through the other worker (the re-wrapped key does not open under the old login), and could
+    read keys holding it. Now its next request ends it with the protocol's reason
+    (SessionEndedError, NOT_AUTHORIZED: log in again); a fresh login with the new password
+    works on that worker; after a deletion through the other worker the same."""
+    server, _ = pool
+    w1, w2 = wait_for(lambda: len(worker_pids(server)) == 2 and worker_pids(server), "two workers")
+    name = b"shared@example.org"
+    on_w1, on_w2 = GatedConnector(server), GatedConnector(server)
+    async with contextlib.AsyncExitStack() as clients:
+        # Each client connects (and does its steps) while the other worker is stopped.
+        with _Steered([w1, w2], w1):
+            b = await clients.enter_async_context(KeymgmtClient(on_w1, reconnect_attempts=1))
+        with anyio.fail_after(60), _Steered([w1, w2], w1):
+            await b.register(name, PW)
+            setup = await b.login(name, PW)
+            key_id = await setup.import_secret(b"\x04abcd")
+            await setup.logout()
+            stale = await b.login(name, PW)  # with the old password; no storage key yet
+            b.local_store.delete(stale.user_id, key_id)  # and no local copy
+            # two more, to take the account over: change the password, or delete it
+            stale_changer, stale_deleter = await b.login(name, PW), await b.login(name, PW)
+        with _Steered([w1, w2], w2):
+            a = await clients.enter_async_context(KeymgmtClient(on_w2, reconnect_attempts=1))
+        with anyio.fail_after(60), _Steered([w1, w2], w2):
+            await a.change_password(name, PW, b"the new password")
+        with anyio.fail_after(60):
+            with pytest.raises(SessionEndedError, match="changed after this session logged in") as ended:
+                await stale.retrieve(key_id, Context.LOCAL_ONLY)
+            assert ended.value.code is ErrorCode.NOT_AUTHORIZED and "log in again" in str(ended.value)
+            # gap 4: the takeover attempts are told why, in one line (not "request refused: invalid")
+            with pytest.raises(SessionEndedError) as ended:
+                await stale_changer.change_password(b"the attacker's own")
+            assert str(ended.value) == SESSION_REVOKED
+            with pytest.raises(SessionEndedError) as ended:
+                await stale_deleter.delete_account()
+            assert str(ended.value) == SESSION_REVOKED
+            fresh = await b.login(name, b"the new password")
+            assert await fresh.retrieve(key_id, Context.LOCAL_ONLY) == b"abcd"
+        with anyio.fail_after(60), _Steered([w1, w2], w2):
+            await a.delete_account(name, b"the new password")
+        with (
+            anyio.fail_after(60),
+            pytest.raises(SessionEndedError, match="or the account was deleted") as ended,
+        ):
+            await fresh.list_keys()
+        assert ended.value.code is ErrorCode.NOT_AUTHORIZED
+    # Every connection of each client went to its worker (none was replaced on the other).
+    assert {served_by(server, port) for port in on_w1.ports} == {w1}
+    assert {served_by(server, port) for port in on_w2.ports} == {w2}
+    assert "ended a session whose account changed its password elsewhere" in server.log_text()
+    assert "ended a session whose account was deleted elsewhere" in server.log_text()
 
 
 async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(pool):

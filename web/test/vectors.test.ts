@@ -312,10 +312,14 @@ checkers["secrets.json"] = () => {
 checkers["labels.json"] = () => {
   const data = loadVector("labels.json");
   assert.equal(data.label_ad_domain, C.LABEL_AD_DOMAIN);
+  assert.equal(data.label_pad_size, C.LABEL_PAD_SIZE);
   for (const v of data.vectors as J[]) {
     assert.equal(toHex(labelAd(h(v.user_id), h(v.key_id))), v.associated_data);
     assert.equal(toHex(sealLabel(h(v.storage_key), h(v.user_id), h(v.key_id), h(v.label_utf8), h(v.nonce))), v.sealed);
     assert.equal(openLabel(h(v.storage_key), h(v.user_id), h(v.key_id), h(v.sealed)), fromUtf8(h(v.label_utf8)));
+    // the plaintext sealed is the padded label, and a label sealed unpadded (older clients) opens too
+    assert.equal(toHex(openSecret(h(v.storage_key), labelAd(h(v.user_id), h(v.key_id)), h(v.sealed))!), v.padded);
+    assert.equal(openLabel(h(v.storage_key), h(v.user_id), h(v.key_id), h(v.sealed_unpadded)), fromUtf8(h(v.label_utf8)));
   }
 };
 

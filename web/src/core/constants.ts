@@ -124,6 +124,8 @@ export const MAX_AUDIT_PAGE = 256;
 export const MAX_LIST_PAGE = 512;
 export const MAX_LABEL_SIZE = 64;
 export const MAX_SEALED_LABEL_SIZE = MAX_LABEL_SIZE + SEALED_OVERHEAD;
+/** A label is padded with zero bytes to a multiple of this before it is sealed (section 12.6). */
+export const LABEL_PAD_SIZE = 32;
 export const AUDIT_HASH_SIZE = 32;
 export const MAX_AUDIT_KEY_IDS = 1024;
 export const MAX_TIME = (1n << 63n) - 1n;

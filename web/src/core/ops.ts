@@ -17,6 +17,7 @@ import {
   KEY_ID_NONCE_SIZE,
   KEY_ID_SIZE,
   LABEL_AD_DOMAIN,
+  LABEL_PAD_SIZE,
   MAX_AUDIT_KEY_IDS,
   MAX_AUDIT_PAGE,
   MAX_LABEL_SIZE,
@@ -506,18 +507,25 @@ export function checkLabel(label: string): Uint8Array {
   return bytes;
 }
 
+/** Seal a label, padded with zero bytes to the next multiple of LABEL_PAD_SIZE (32 or 64 bytes in
+ * all), so the sealed length does not give the label's length away (section 12.6). */
 export function sealLabel(storageKey: Uint8Array, userId: Uint8Array, keyId: Uint8Array, label: Uint8Array, nonce: Uint8Array): Uint8Array {
   if (label.length < 1 || label.length > MAX_LABEL_SIZE) throw new RangeError("a label is 1..64 bytes");
   fixed(nonce, NONCE_SIZE, "nonce");
-  return concat(nonce, aeadSeal(storageKey, nonce, label, labelAd(userId, keyId)));
+  const padded = new Uint8Array(Math.ceil(label.length / LABEL_PAD_SIZE) * LABEL_PAD_SIZE);
+  padded.set(label);
+  return concat(nonce, aeadSeal(storageKey, nonce, padded, labelAd(userId, keyId)));
 }
 
-/** The label text, or null when it does not open (or is not UTF-8). */
+/** The label text, or null when it does not open (or is not UTF-8). The zero bytes at the end are
+ * padding (a label has none), so a label sealed unpadded by an older client opens the same. */
 export function openLabel(storageKey: Uint8Array, userId: Uint8Array, keyId: Uint8Array, sealed: Uint8Array): string | null {
   const bytes = openSecret(storageKey, labelAd(userId, keyId), sealed);
   if (bytes === null) return null;
+  let end = bytes.length;
+  while (end > 0 && bytes[end - 1] === 0) end -= 1;
   try {
-    return fromUtf8(bytes);
+    return fromUtf8(bytes.subarray(0, end));
   } catch {
     return null;
   }

@@ -1,0 +1,163 @@
+"""Review of issue 16, storage: each account's credentials version (``credentials_changed_us``),
+which every key-server instance checks on every request of a session. It changes with every
+password change, guards the writes made for a session (the request's audit entry, a password
+change, a deletion), and the migration that adds it upgrades a database of the previous schema
+in place on SQLite and PostgreSQL, reading the changes made before from the audit log."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from keymgmt.adapters.storage import postgres as pg_backend
+from keymgmt.adapters.storage import sqlite as sqlite_backend
+from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, CredentialsChanged
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt_proto import Action, AuditType, Outcome
+
+from ..support.pg import schema_fixture
+from .test_storage_backends import make_storage, storage  # noqa: F401 (fixtures)
+
+ALICE = Account(b"alice", b"A" * 16, b"r" * 192, b"k" * 60, 1)
+BOB = Account(b"bob", b"B" * 16, b"s" * 192, b"l" * 60, 2)
+CAROL = Account(b"carol", b"C" * 16, b"t" * 192, b"m" * 60, 3)
+
+
+def _entries(db, user_id: bytes) -> list:
+    with db.transaction() as tx:
+        return tx.query_audit(user_id, AuditQuery(AuditType.ALL))[0]
+
+
+def test_the_version_changes_with_every_change_and_guards_a_sessions_writes(storage):  # noqa: F811
+    with storage.transaction() as tx:
+        assert tx.insert_account(ALICE)
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.REGISTER, 5, Outcome.SUCCESS))
+        assert tx.get_account(b"alice").credentials_changed == 0  # never changed
+        assert tx.replace_credentials(ALICE.user_id, b"n" * 192, b"o" * 60, 1_000) == 1_000
+        # A clock behind the last change (another instance's) still moves it on.
+        assert tx.replace_credentials(ALICE.user_id, b"p" * 192, b"q" * 60, 500) == 1_001
+        # Only while the credentials are still those a session logged in with:
+        assert tx.replace_credentials(ALICE.user_id, b"x" * 192, b"y" * 60, 2_000, credentials=1_000) is None
+        assert tx.get_account(b"alice").registration_record == b"p" * 192  # nothing written
+        assert tx.replace_credentials(ALICE.user_id, b"u" * 192, b"v" * 60, 2_000, credentials=1_001) == 2_000
+        assert tx.get_account_by_user_id(ALICE.user_id).credentials_changed == 2_000
+        assert tx.replace_credentials(b"Z" * 16, b"n" * 192, b"o" * 60, 3_000) is None  # no account
+
+    # A request's entry for a session of older credentials: refused, nothing written.
+    with pytest.raises(CredentialsChanged) as refused, storage.transaction() as tx:
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.RETRIEVE, 3_000, Outcome.SUCCESS), 1_001)
+    assert not refused.value.gone
+    assert [e.action for e in _entries(storage, ALICE.user_id)] == [Action.REGISTER]
+    with storage.transaction() as tx:  # the current credentials: written, and chained on
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.RETRIEVE, 3_000, Outcome.SUCCESS), 2_000)
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGOUT, 3_001, Outcome.SUCCESS))
+    assert [e.entry_id for e in _entries(storage, ALICE.user_id)] == [1, 2, 3]
+
+    with pytest.raises(CredentialsChanged), storage.transaction() as tx:
+        tx.delete_account(ALICE.user_id, reserved_until=10_000, credentials=1_001)
+    with storage.transaction() as tx:
+        assert tx.get_account(b"alice") is not None  # not deleted
+        assert tx.delete_account(ALICE.user_id, reserved_until=10_000, credentials=2_000)
+    with pytest.raises(CredentialsChanged) as refused, storage.transaction() as tx:
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.LIST_KEYS, 4_000, Outcome.SUCCESS), 2_000)
+    assert refused.value.gone
+
+
+# ------------------------------------------------------------ upgrade from the previous schema
+
+#: (user, seq, action, time, outcome): Alice changed her password twice (the second change
+#: is the newer), then failed a third change; Bob failed one; Carol never tried.
+_OLD_ENTRIES = [
+    (ALICE, 1, Action.REGISTER, 100, Outcome.SUCCESS),
+    (ALICE, 2, Action.CHANGE_PASSWORD, 200, Outcome.SUCCESS),
+    (ALICE, 3, Action.CHANGE_PASSWORD, 300, Outcome.SUCCESS),
+    (ALICE, 4, Action.CHANGE_PASSWORD, 400, Outcome.FAILURE),
+    (BOB, 1, Action.CHANGE_PASSWORD, 150, Outcome.FAILURE),
+]
+
+
+def _fill_previous_schema(execute, mark: str) -> None:
+    for account in (ALICE, BOB, CAROL):
+        execute(
+            "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
+            f"created_us) VALUES ({mark}, {mark}, {mark}, {mark}, {mark})",
+            (
+                account.user_id,
+                account.account_name,
+                account.registration_record,
+                account.encrypted_storage_key,
+                account.created,
+            ),
+        )
+    for account, seq, action, ts, outcome in _OLD_ENTRIES:
+        execute(
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, chain_hash) "
+            f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark}, {mark})",
+            (account.user_id, seq, int(action), ts, int(outcome), bytes(32)),
+        )
+
+
+def _check_upgraded(upgraded) -> None:
+    with upgraded.transaction() as tx:
+        # The last successful change of each account, read from its log; 0 for none.
+        assert tx.get_account(b"alice").credentials_changed == 300
+        assert tx.get_account(b"bob").credentials_changed == 0
+        assert tx.get_account_by_user_id(CAROL.user_id).credentials_changed == 0
+        assert tx.get_account(b"carol") == CAROL  # the rest of the row as it was
+        # and the new statements run on it
+        assert tx.replace_credentials(ALICE.user_id, b"n" * 192, b"o" * 60, 250, credentials=300) == 301
+        assert tx.replace_credentials(BOB.user_id, b"n" * 192, b"o" * 60, 1_000, credentials=300) is None
+
+
+def _previous(migrations: list[str]) -> list[str]:
+    """The migrations of the previous schema: those before the one that adds the column."""
+    (index,) = [n for n, migration in enumerate(migrations) if "credentials_changed_us" in migration]
+    assert index == len(migrations) - 1
+    return migrations[:index]
+
+
+def test_sqlite_upgrades_a_database_of_the_previous_schema(tmp_path, monkeypatch):
+    path = tmp_path / "ks.db"
+    previous = _previous(sqlite_backend._MIGRATIONS)
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_backend, "_MIGRATIONS", previous)
+        SQLiteStorage(path).close()  # made by the code of before: schema len(previous)
+    db = sqlite3.connect(path, isolation_level=None)
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(previous)
+    _fill_previous_schema(lambda statement, params: db.execute(statement, params), "?")
+    db.close()
+    upgraded = SQLiteStorage(path)
+    try:
+        assert upgraded.schema_version == len(sqlite_backend._MIGRATIONS)
+        _check_upgraded(upgraded)
+    finally:
+        upgraded.close()
+
+
+@pytest.fixture
+def pg():
+    fixture = schema_fixture()
+    yield next(fixture)
+    next(fixture, None)
+
+
+def test_postgres_upgrades_a_database_of_the_previous_schema(pg, monkeypatch):
+    import psycopg
+    from psycopg import sql
+
+    conninfo, schema = pg
+    previous = _previous(pg_backend._MIGRATIONS)
+    with monkeypatch.context() as m:
+        m.setattr(pg_backend, "_MIGRATIONS", previous)
+        pg_backend.PostgresStorage(conninfo, schema=schema).close()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(previous)
+        _fill_previous_schema(lambda statement, params: conn.execute(statement, params), "%s")
+    upgraded = pg_backend.PostgresStorage(conninfo, schema=schema)
+    try:
+        assert upgraded.schema_version == len(pg_backend._MIGRATIONS)
+        _check_upgraded(upgraded)
+    finally:
+        upgraded.close()
