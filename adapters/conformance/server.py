@@ -178,9 +178,6 @@ class Account:
     #: (pipelined requests, requests re-sent after a resumption).
     audit: list[list[AuditItem]] = field(default_factory=list)
     failures: int = 0
-    #: When the password last changed (monotonic): sessions whose login started before it
-    #: may no longer change the password or delete the account (protocol.md 12.13).
-    changed_at: float = 0.0
     #: Requests of this account may or may not have run (a session that never resumed with
     #: requests in flight): the model no longer checks it.
     tainted: bool = False
@@ -1456,8 +1453,6 @@ class ServerMachine(RuleBasedStateMachine):
         account = chosen.account
         with self.step(f"{chosen.label}: change {account.label}'s password"):
             storage_key = self.storage_key(chosen)
-            if self.stale(chosen, Op.CHANGE_PASSWORD_START):
-                return
             new_password = os.urandom(12).hex().encode()
             start = self.opaque.client_registration_start(new_password)
             responses: list[bytes] = []
@@ -1487,7 +1482,6 @@ class ServerMachine(RuleBasedStateMachine):
                 self.expect(status is Status.OK, f"CHANGE_PASSWORD_FINISH answered {status.name}")
                 account.password = new_password
                 account.export_key = export_key
-                account.changed_at = time.monotonic()
                 account.log(Action.CHANGE_PASSWORD)
 
             self.call(
@@ -1498,38 +1492,10 @@ class ServerMachine(RuleBasedStateMachine):
             )
             self.note(
                 f"model: every other session of {account.label} ends: attached ones with "
-                "CLOSE(NOT_AUTHORIZED), detached ones cannot resume (protocol.md 12.13)"
+                "CLOSE(NOT_AUTHORIZED), detached ones cannot resume; this one goes on, and may "
+                "change the password again (protocol.md 12.13)"
             )
             self.revoke(account, keep=chosen)
-
-    def stale(self, session: Session, op: Op) -> bool:
-        """A session whose login predates the account's last password change: ``op`` must
-        be refused INVALID (protocol.md 12.13). True when it was (the step ends there)."""
-        account = session.account
-        if session.login_at >= account.changed_at:
-            return False
-        self.note(
-            f"model: {session.label} logged in before the password changed: {op.name} is refused INVALID "
-            "(protocol.md 12.13)"
-        )
-        request: OpRequest
-        if op is Op.DELETE_ACCOUNT:
-            request = DeleteAccountRequest(account.user_id)
-        else:
-            request = ChangePasswordStartRequest(
-                account.user_id, self.opaque.client_registration_start(b"x").message
-            )
-
-        def check(status: Status, response: OpResponse | None, body: bytes) -> None:
-            self.expect(
-                status is Status.INVALID,
-                f"{op.name} in a session older than the password change answered "
-                f"{status.name}, not INVALID (protocol.md 12.13)",
-            )
-            account.log(_ACTIONS[op], Outcome.FAILURE)
-
-        self.call(session, request, check, op.name)
-        return True
 
     def revoke(self, account: Account, keep: Session | None) -> None:
         for other in [s for s in self.sessions if s.account is account and s is not keep]:
@@ -1555,9 +1521,6 @@ class ServerMachine(RuleBasedStateMachine):
         chosen: Session = self.pick([s for s in self.live_sessions() if self.recent(s)], session)
         account = chosen.account
         with self.step(f"{chosen.label}: delete {account.label}"):
-            if self.stale(chosen, Op.DELETE_ACCOUNT):
-                return
-
             def check(status: Status, response: OpResponse | None, body: bytes) -> None:
                 self.expect(status is Status.OK, f"DELETE_ACCOUNT answered {status.name}")
                 account.deleted = True
