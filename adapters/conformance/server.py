@@ -781,14 +781,19 @@ class ServerMachine(RuleBasedStateMachine):
             )
             assert isinstance(response, SecretResponse)
             self.expect(response.kind is key.kind, "RETRIEVE returned another kind")
-            self.expect(response.ciphertext == key.sealed, "RETRIEVE returned another sealed secret")
             self.expect(
-                response.associated_data == secret_ad(account.user_id, key_id, key.kind),
+                hmac.compare_digest(response.ciphertext, key.sealed),
+                "RETRIEVE returned another sealed secret",
+            )
+            self.expect(
+                hmac.compare_digest(response.associated_data, secret_ad(account.user_id, key_id, key.kind)),
                 "RETRIEVE returned an AD other than user_id || key_id (|| 'imported key') (protocol.md 12.6)",
             )
             if account.storage_key is not None:
                 opened = open_secret(account.storage_key, response.ciphertext, response.associated_data)
-                self.expect(opened == key.secret, "the retrieved secret is not the stored one")
+                self.expect(
+                    hmac.compare_digest(opened, key.secret), "the retrieved secret is not the stored one"
+                )
             account.log(Action.RETRIEVE, key_id=key_id, context=context)
 
         return check
@@ -1521,6 +1526,7 @@ class ServerMachine(RuleBasedStateMachine):
         chosen: Session = self.pick([s for s in self.live_sessions() if self.recent(s)], session)
         account = chosen.account
         with self.step(f"{chosen.label}: delete {account.label}"):
+
             def check(status: Status, response: OpResponse | None, body: bytes) -> None:
                 self.expect(status is Status.OK, f"DELETE_ACCOUNT answered {status.name}")
                 account.deleted = True
