@@ -47,6 +47,7 @@ from .sql import (
     AUDIT_CHAIN_MARK,
     Row,
     Statements,
+    account_if_named,
     account_values,
     audit_page,
     audit_values,
@@ -206,8 +207,7 @@ class _PgTransaction:
         return self._conn.execute(query, params).fetchone()
 
     def get_account(self, account_name: bytes) -> Account | None:
-        row = self._one(_SQL.account_by_name, (account_name,))
-        return None if row is None else to_account(row)
+        return account_if_named(self._one(_SQL.account_by_name, (account_name,)), account_name)
 
     def get_account_by_user_id(self, user_id: bytes) -> Account | None:
         row = self._one(_SQL.account_by_user_id, (user_id,))

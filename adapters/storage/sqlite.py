@@ -42,6 +42,7 @@ from .sql import (
     AUDIT_CHAIN_MARK,
     Row,
     Statements,
+    account_if_named,
     account_values,
     audit_page,
     audit_values,
@@ -179,8 +180,9 @@ class _SQLiteTransaction:
         self._storage = storage
 
     def get_account(self, account_name: bytes) -> Account | None:
-        row = self._db.execute(_SQL.account_by_name, (account_name,)).fetchone()
-        return None if row is None else to_account(row)
+        return account_if_named(
+            self._db.execute(_SQL.account_by_name, (account_name,)).fetchone(), account_name
+        )
 
     def get_account_by_user_id(self, user_id: bytes) -> Account | None:
         row = self._db.execute(_SQL.account_by_user_id, (user_id,)).fetchone()
