@@ -41,11 +41,21 @@ def _built() -> None:
 def test_make_demo_web_runs_the_module() -> None:
     venv = Path(sys.prefix)
     dry = subprocess.run(
-        ["make", "-n", "-o", str(venv / ".installed-stamp"), "demo-web", f"VENV={venv}"],
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "-o",
+            str(venv / ".installed-stamp"),
+            "demo-web",
+            f"VENV={venv}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
+        # under `make test` the parent make's MAKEFLAGS would add "Entering directory" lines
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip() == f"{venv}/bin/python -m scripts.web_demo"
