@@ -74,7 +74,7 @@ DEMO_WEB_ARGS ?=
 demo-web: $(STAMP)
 	$(BIN)/python -m scripts.web_demo $(DEMO_WEB_ARGS)
 
-## Benchmarks: prints the table, writes bench/results.json; about 35 minutes on 2 cores (20 of them the
+## Benchmarks: prints the table, writes bench/results.json; about 30 minutes on 2 cores (20 of them the
 ## 10,000-session real-server P4 line: BENCH_ARGS="--memory-server 1000:3" leaves it out).
 BENCH_ARGS ?=
 bench: $(STAMP)

@@ -111,7 +111,8 @@ def find_chromium() -> str:
 
 def build_web(*, typecheck: bool = False) -> None:
     """``npm ci`` in web/ when node_modules is missing, then the esbuild bundles
-    (web/build/keymgmt.js and web/demo/dist/demo.js); ``typecheck``: ``npm run build`` (tsc
+    (web/build/keymgmt.js, web/demo/dist/demo.js and, for node, the conformance shim
+    web/build/conformance-client.mjs); ``typecheck``: ``npm run build`` (tsc
     first). WebUnavailableError when node, web/ or the packages are missing."""
     if not (WEB / "package.json").is_file():
         raise WebUnavailableError("web/ is not in this tree (an sdist carries the Python package only)")

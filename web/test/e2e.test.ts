@@ -1,7 +1,7 @@
 /** End to end against a real keymgmt-server (the Python key server, a subprocess on loopback):
  * the TypeScript client over TLS 1.3 (node's tls: the same byte stream a browser's wss carries)
- * and, when the installed key server has the WebSocket listener, over wss too (the ``ws``
- * package). Interop both ways with the Python CLI: what ``keymgmt`` stored is read here, and
+ * (src/tls.ts, the transport of the client conformance shim) and, when the installed key server
+ * has the WebSocket listener, over wss too (the ``ws`` package). Interop both ways with the Python CLI: what ``keymgmt`` stored is read here, and
  * what this client stores is read by ``keymgmt retrieve``; a dropped connection resumes.
  *
  * The key server comes from $KEYMGMT_BIN_DIR (a folder with keymgmt-server and keymgmt), else
@@ -15,7 +15,6 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connect as tlsConnect } from "node:tls";
 import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
 import { ready } from "@serenity-kit/opaque";
@@ -33,6 +32,7 @@ import {
   type KeySession,
 } from "../src/client.js";
 import { MemoryStore } from "../src/store.js";
+import { tlsConnector } from "../src/tls.js";
 import type { Connector, Transport } from "../src/transport.js";
 import { webSocketConnector, type WebSocketConstructor } from "../src/ws.js";
 
@@ -64,25 +64,8 @@ interface Running {
 
 let running: Running | null = null;
 
-function tlsConnector(port: number, ca: Buffer): Connector {
-  return () =>
-    new Promise<Transport>((resolve, reject) => {
-      const socket = tlsConnect({ host: "127.0.0.1", port, ca, servername: "localhost", minVersion: "TLSv1.3" });
-      let open = false;
-      const transport: Transport = {
-        onData: null,
-        onClose: null,
-        send: (frame) => void socket.write(frame),
-        close: () => socket.destroy(),
-      };
-      socket.once("secureConnect", () => {
-        open = true;
-        resolve(transport);
-      });
-      socket.on("data", (data: Buffer) => transport.onData?.(new Uint8Array(data)));
-      socket.on("error", (error) => (open ? undefined : reject(error)));
-      socket.on("close", () => (open ? transport.onClose?.("TLS connection closed") : reject(new Error("closed before TLS"))));
-    });
+function tlsTo(port: number, ca: Buffer): Connector {
+  return tlsConnector("127.0.0.1", port, { ca, serverName: "localhost" });
 }
 
 function wssConnector(port: number, ca: Buffer): Connector {
@@ -169,7 +152,7 @@ describe("end to end against a real keymgmt-server", { skip: MISSING !== null &&
   });
 
   const transports: [string, () => Connector][] = [
-    ["tls", () => tlsConnector(running!.port, readFileSync(join(running!.dir, "ca.pem")))],
+    ["tls", () => tlsTo(running!.port, readFileSync(join(running!.dir, "ca.pem")))],
     ["wss", () => wssConnector(running!.wsPort!, readFileSync(join(running!.dir, "ca.pem")))],
   ];
 
@@ -230,10 +213,21 @@ describe("end to end against a real keymgmt-server", { skip: MISSING !== null &&
     });
   }
 
+  test("the TLS transport checks the key server's certificate: another name or another CA is refused", async () => {
+    const ca = readFileSync(join(running!.dir, "ca.pem"));
+    await tlsTo(running!.port, ca)().then((transport) => transport.close());
+    await assert.rejects(tlsConnector("127.0.0.1", running!.port, { ca, serverName: "keys.example.org" })(), /keys\.example\.org/);
+    // node's own list of CAs does not hold the key server's development CA
+    await assert.rejects(tlsConnector("127.0.0.1", running!.port, { serverName: "localhost" })(), /self[- ]signed|unable to (get|verify)/i);
+    const client = new KeymgmtClient(tlsConnector("127.0.0.1", running!.port, { ca, serverName: "keys.example.org" }), { localStore: new MemoryStore() });
+    await assert.rejects(client.login("nobody@example.org", "irrelevant"), (error: Error) => error.name === "ConnectionLostError" && /cannot connect/.test(error.message));
+    await client.close();
+  });
+
   test("a session opened over TLS resumes over wss (one session registry)", async (t) => {
     if (running?.wsPort === null) return t.skip("this keymgmt-server has no WebSocket listener");
     const ca = readFileSync(join(running!.dir, "ca.pem"));
-    const connectors = [tlsConnector(running!.port, ca), wssConnector(running!.wsPort!, ca)];
+    const connectors = [tlsTo(running!.port, ca), wssConnector(running!.wsPort!, ca)];
     const opened: Transport[] = [];
     let calls = 0;
     const switching: Connector = async () => {
