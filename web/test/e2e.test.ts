@@ -251,7 +251,7 @@ describe("end to end against a real keymgmt-server", { skip: MISSING !== null &&
   });
 
   describe("accounts and named keys as the Python client says them (review of issue 16)", () => {
-    const tls = () => tlsConnector(running!.port, readFileSync(join(running!.dir, "ca.pem")));
+    const tls = () => tlsTo(running!.port, readFileSync(join(running!.dir, "ca.pem")));
     const revoked = (e: unknown) => e instanceof SessionEndedError && e.code === ErrorCode.NOT_AUTHORIZED && e.message === SESSION_REVOKED;
 
     test("gap 2: a session ended by a password change or a deletion elsewhere raises SessionEndedError: log in again", async () => {
@@ -313,7 +313,7 @@ describe("end to end against a real keymgmt-server", { skip: MISSING !== null &&
     test("gap 4: a key server whose reauth window is shorter than a login: the change and the deletion say why", async () => {
       const strict = await startKeyServer({ KEYMGMT_REAUTH_WINDOW: "0.001" });
       try {
-        const client = new KeymgmtClient(tlsConnector(strict.port, readFileSync(join(strict.dir, "ca.pem"))), { localStore: new MemoryStore() });
+        const client = new KeymgmtClient(tlsTo(strict.port, readFileSync(join(strict.dir, "ca.pem"))), { localStore: new MemoryStore() });
         const name = "gap4-e2e@example.org";
         await client.register(name, "pw gap4");
         const notRecent = (e: unknown) => e instanceof RequestRefusedError && e.status === Status.INVALID && e.message === NOT_RECENT_LOGIN;
