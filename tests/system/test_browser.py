@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from keymgmt import SyncClient, tls_connector
+from keymgmt_proto import Action
 from scripts.web_demo import (
     DemoPageServer,
     KeyServer,
@@ -379,6 +380,74 @@ def test_the_demo_page_in_chromium_against_a_real_key_server(world: World) -> No
     demo.ok("logout")
     status, _ = demo.act("list")
     assert status == "error: Error: log in first"
+    demo.page.close()
+
+
+#: The browser client's texts (web/src/client.ts), the Python client's words (review of issue 16).
+SESSION_REVOKED = (
+    "session ended: the account's password was changed after this session logged in, "
+    "or the account was deleted; log in again"
+)
+
+
+def test_the_demo_page_says_what_the_python_client_says_about_accounts_and_labels(world: World) -> None:
+    """Review of issue 16 in the page (gaps 2, 3, 5, 6): removing a label a key lacks says so;
+    a label altered in the key server's database lists as <tampered> with the warning; the same
+    password again is refused; a password change, then a deletion, end the page's session with
+    the SessionEndedError text. Each message is what #status shows."""
+    account, password, new_password = "issue16@example.org", "page password, 2026", "page password, 2027"
+    demo = open_page(world)
+    user_id = demo.ok("register", {"account": account, "password": password})
+    demo.ok("login", {"account": account, "password": password})
+    unnamed = demo.ok("generate", {"label": ""})
+    named = demo.ok("generate", {"label": "named in the page"})
+
+    # gap 6: removing the label of a key that has none sends nothing and says so
+    def renames() -> list[tuple[Any, ...]]:
+        sql = "SELECT count(*) FROM audit WHERE user_id = ? AND action = ?"
+        return server_rows(world.server, sql, bytes.fromhex(user_id), int(Action.RENAME_KEY))
+
+    before = renames()
+    status, _ = demo.act("rename", {"key-id": unnamed, "label": ""})
+    assert status == f"ok: {unnamed} has no label; nothing removed"
+    assert renames() == before
+    assert demo.act("rename", {"key-id": named, "label": ""})[0] == f"ok: removed the label of {named}"
+    assert demo.act("rename", {"key-id": named, "label": "again"})[0] == f"ok: labelled {named} 'again'"
+
+    # gap 3: a label column altered on the key server lists as <tampered>, the other key as usual
+    db = sqlite3.connect(world.server.directory / "keyserver.db")
+    try:
+        with db:
+            db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (b"cut", bytes.fromhex(named)))
+    finally:
+        db.close()
+    status, result = demo.act("list")
+    assert status == (
+        "ok: 2 keys; warning: 1 label(s) failed verification (altered on the key server, or moved "
+        "from another key); those keys are listed by id only"
+    )
+    assert sorted(result.splitlines()) == sorted([f"{unnamed} generated", f"{named} generated <tampered>"])
+
+    # gap 5: the same password again is refused before anything is sent
+    same = {"account": account, "password": password, "new-password": password}
+    status, _ = demo.act("change-password", same)
+    assert status == "error: KeymgmtError: invalid argument: the new password is the current one"
+
+    # gap 2: a change (a fresh login of its own) ends the page's session; so does a deletion
+    change = {"account": account, "password": password, "new-password": new_password}
+    status, _ = demo.act("change-password", change)
+    assert status == f"ok: changed the password of {account}; its other sessions ended"
+    assert demo.act("list")[0] == f"error: SessionEndedError: {SESSION_REVOKED}"
+    demo.ok("login", {"account": account, "password": new_password})
+    assert demo.act("delete-account", {"account": account, "password": new_password})[0] == (
+        "error: Error: tick the box to confirm the deletion first"
+    )
+    demo.page.check("#confirm-delete")
+    status, _ = demo.act("delete-account", {"account": account, "password": new_password})
+    assert status == f"ok: deleted the account {account} and every secret in it"
+    assert demo.act("list")[0] == f"error: SessionEndedError: {SESSION_REVOKED}"
+    left = server_rows(world.server, "SELECT count(*) FROM secrets WHERE user_id = ?", bytes.fromhex(user_id))
+    assert left == [(0,)]
     demo.page.close()
 
 

@@ -1,6 +1,7 @@
 /** The demo page's script: every button drives one KeymgmtClient call; #status says "ok: ..."
- * or "error: <ErrorName>: ..." and #result holds the result; body[data-state] is "ready",
- * "busy" or "loading" (for a test driving the page). Nothing but ciphertexts is stored. */
+ * or "error: <ErrorName>: ..." (the client's own one-line texts, as the keymgmt CLI prints them)
+ * and #result holds the result; body[data-state] is "ready", "busy" or "loading" (for a test
+ * driving the page). Nothing but ciphertexts is stored. */
 
 import {
   AuditType,
@@ -10,7 +11,9 @@ import {
   auditToJson,
   encodePortable,
   fromHex,
+  labelText,
   opaqueReady,
+  tamperedLabelsWarning,
   toHex,
   webSocketConnector,
   type KeySession,
@@ -95,8 +98,31 @@ const actions: Record<string, () => Promise<[string, string?]>> = {
   },
   list: async () => {
     const keys = await needSession().listKeys();
-    const lines = keys.map((k) => `${toHex(k.keyId)} ${k.kind === 1 ? "generated" : "imported"} ${k.labelTampered ? "(label tampered)" : (k.label ?? "")}`.trim());
-    return [`${keys.length} keys`, lines.join("\n")];
+    const lines = keys.map((k) => `${toHex(k.keyId)} ${k.kind === 1 ? "generated" : "imported"} ${labelText(k)}`.trim());
+    const warning = tamperedLabelsWarning(keys);
+    return [`${keys.length} keys${warning === null ? "" : `; warning: ${warning}`}`, lines.join("\n")];
+  },
+  rename: async () => {
+    const keyId = keyIdInput("key-id");
+    const label = value("label") || null;
+    const hadLabel = await needSession().rename(keyId, label);
+    if (label !== null) return [`labelled ${toHex(keyId)} '${label}'`];
+    return [hadLabel ? `removed the label of ${toHex(keyId)}` : `${toHex(keyId)} has no label; nothing removed`];
+  },
+  "change-password": async () => {
+    const account = value("account");
+    await (await getClient()).changePassword(account, $<HTMLInputElement>("password").value, $<HTMLInputElement>("new-password").value);
+    $<HTMLInputElement>("password").value = "";
+    $<HTMLInputElement>("new-password").value = "";
+    return [`changed the password of ${account}; its other sessions ended`];
+  },
+  "delete-account": async () => {
+    if (!$<HTMLInputElement>("confirm-delete").checked) throw new Error("tick the box to confirm the deletion first");
+    const account = value("account");
+    await (await getClient()).deleteAccount(account, $<HTMLInputElement>("password").value);
+    $<HTMLInputElement>("password").value = "";
+    $<HTMLInputElement>("confirm-delete").checked = false;
+    return [`deleted the account ${account} and every secret in it`];
   },
   audit: async () => {
     const s = needSession();

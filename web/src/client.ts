@@ -15,8 +15,8 @@
  * the local store gets ciphertexts only. Errors are KeymgmtError subclasses with one line of
  * text that never carries a secret. */
 
-import { DecodeError, toHex, utf8 } from "./core/bytes.js";
-import { AuditType, Context, ErrorCode, KEY_ID_SIZE, MAX_PASSWORD_SIZE, Status } from "./core/constants.js";
+import { DecodeError, ctEqual, toHex, utf8 } from "./core/bytes.js";
+import { AuditType, Context, ErrorCode, KEY_ID_SIZE, MAX_PASSWORD_SIZE, Op, Status } from "./core/constants.js";
 import { ClientConnection, ClientSession, State, type ClientEvent } from "./core/connection.js";
 import type { RandomSource } from "./core/crypto.js";
 import { IntegrityFailure, LabelError, LocalProtocolError, OperationRefused } from "./core/errors.js";
@@ -98,15 +98,45 @@ export class LabelConflictError extends KeymgmtError {
 
 const RETRY_IN = /retry in ([0-9]{1,9}) s$/;
 
+/** Why a session ended with CLOSE(NOT_AUTHORIZED) (docs/protocol.md section 12.13): the key
+ * server cannot say which of the two, and either way a fresh login is the way on. */
+export const SESSION_REVOKED =
+  "session ended: the account's password was changed after this session logged in, or the account was deleted; log in again";
+
+/** NOT_FOUND to an operation that names no key: only the session's account can be gone (a key
+ * server of the release before; this one ends such a session instead, section 12.13). */
+export const NO_ACCOUNT = "the account does not exist (it was deleted)";
+
+/** Why the key server refuses a password change or an account deletion INVALID (section 12.13). */
+export const NOT_RECENT_LOGIN =
+  "request refused: a password change or an account deletion needs a recent login (within the key server's sessions.reauth_window, 5 minutes by default), and this session's login is older; log in again";
+
+/** The operations on one existing key: their NOT_FOUND means no such key. */
+const ABOUT_A_KEY: ReadonlySet<Op> = new Set([Op.RETRIEVE, Op.DELETE_KEY, Op.RENAME_KEY]);
+/** The operations the key server accepts only in a session with a recent login. */
+const NEEDING_A_RECENT_LOGIN: ReadonlySet<Op> = new Set([Op.CHANGE_PASSWORD_START, Op.CHANGE_PASSWORD_FINISH, Op.DELETE_ACCOUNT]);
+
+/** A listed key's label as a listing shows it (as ``keymgmt list`` does): ``<tampered>`` for a
+ * label that did not open, "" for none. */
+export function labelText(key: LabeledKey): string {
+  if (key.labelTampered) return "<tampered>";
+  return key.label ?? "";
+}
+
+/** The warning a listing with tampered labels comes with (as ``keymgmt list`` prints it), or null. */
+export function tamperedLabelsWarning(keys: LabeledKey[]): string | null {
+  const tampered = keys.filter((k) => k.labelTampered).length;
+  if (tampered === 0) return null;
+  return `${tampered} label(s) failed verification (altered on the key server, or moved from another key); those keys are listed by id only`;
+}
+
 function codeName(code: ErrorCode): string {
   return (ErrorCode[code] ?? String(code)).toLowerCase().replace(/_/g, " ");
 }
 
 function sessionError(event: Extract<ClientEvent, { type: "failed" } | { type: "closed" }>): KeymgmtError {
   if (event.type === "closed") {
-    if (event.code === ErrorCode.NOT_AUTHORIZED) {
-      return new SessionEndedError("session ended: the account's password was changed or the account was deleted", event.code);
-    }
+    if (event.code === ErrorCode.NOT_AUTHORIZED) return new SessionEndedError(SESSION_REVOKED, event.code);
     return new SessionEndedError(`session ended: ${codeName(event.code)}`, event.code);
   }
   switch (event.code) {
@@ -284,9 +314,12 @@ export class KeymgmtClient {
     return new KeySession(this, event.session, event.userId, event.exportKey);
   }
 
-  /** Change the password: a fresh login proves the current one, the change runs in it, then logout. */
+  /** Change the password: a fresh login proves the current one, the change runs in it, then
+   * logout. A new password equal to the current one, or an empty one, is refused before
+   * anything is sent. */
   async changePassword(accountName: string | Uint8Array, currentPassword: string, newPassword: string): Promise<void> {
     if (!newPassword) throw new KeymgmtError("invalid argument: the new password must not be empty");
+    if (ctEqual(utf8(newPassword), utf8(currentPassword))) throw new KeymgmtError("invalid argument: the new password is the current one");
     const session = await this.login(accountName, currentPassword);
     try {
       await session.changePassword(newPassword);
@@ -636,11 +669,13 @@ export class KeySession {
   }
 
   private async run<R>(plan: () => Plan<R>): Promise<R> {
+    let op: Op | null = null; // the last request sent: what a refusal answered
     try {
       const steps = plan();
       let step = steps.next();
       while (!step.done) {
         const request = step.value;
+        op = request.op;
         const body = await this.client.request(this.session, encodeRequest(request));
         let answer;
         try {
@@ -655,7 +690,8 @@ export class KeySession {
     } catch (error) {
       if (error instanceof KeymgmtError) throw error;
       if (error instanceof OperationRefused) {
-        if (error.status === Status.NOT_FOUND) throw new NotFoundError("no such key");
+        if (error.status === Status.NOT_FOUND) throw new NotFoundError(op !== null && ABOUT_A_KEY.has(op) ? "no such key" : NO_ACCOUNT);
+        if (error.status === Status.INVALID && op !== null && NEEDING_A_RECENT_LOGIN.has(op)) throw new RequestRefusedError(NOT_RECENT_LOGIN, error.status);
         throw new RequestRefusedError(error.message, error.status);
       }
       if (error instanceof IntegrityFailure) throw new IntegrityError(error.message);
@@ -744,9 +780,10 @@ export class KeySession {
     return this.client.localStore.auditHead(this.userId);
   }
 
-  /** Named keys: set or change the key's label (null removes it). */
-  async rename(keyId: Uint8Array, label: string | null): Promise<void> {
-    await this.run(() => this.#ops.rename(keyId, label));
+  /** Named keys: set or change the key's label (null removes it). Whether the key had a label
+   * before: removing the label of a key that has none sends nothing and gives false. */
+  async rename(keyId: Uint8Array, label: string | null): Promise<boolean> {
+    return this.run(() => this.#ops.rename(keyId, label));
   }
 
   /** Named keys: the key id of the one key labelled ``label``. */

@@ -19,8 +19,18 @@ import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
 import { ready } from "@serenity-kit/opaque";
 import { fromHex, toHex } from "../src/core/bytes.js";
-import { Action, Context } from "../src/core/constants.js";
-import { KeymgmtClient, type KeySession } from "../src/client.js";
+import { Action, Context, ErrorCode, Status } from "../src/core/constants.js";
+import {
+  KeymgmtClient,
+  KeymgmtError,
+  NOT_RECENT_LOGIN,
+  RequestRefusedError,
+  SESSION_REVOKED,
+  SessionEndedError,
+  labelText,
+  tamperedLabelsWarning,
+  type KeySession,
+} from "../src/client.js";
 import { MemoryStore } from "../src/store.js";
 import { tlsConnector } from "../src/tls.js";
 import type { Connector, Transport } from "../src/transport.js";
@@ -79,48 +89,66 @@ function cli(args: string[], password: string): string {
   return result.stdout.trim();
 }
 
+/** ``keymgmt-server init`` in a fresh folder, then ``serve`` (with the WebSocket listener when
+ * this key server has one), with ``env`` added to its environment; resolves once it answers. */
+async function startKeyServer(env: Record<string, string> = {}): Promise<Running> {
+  const dir = mkdtempSync(join(tmpdir(), "keymgmt-web-e2e-"));
+  const port = await freePort();
+  const init = spawnSync(SERVER_BIN, ["init", "--dir", dir, "--port", String(port)], { encoding: "utf-8", env: ENV });
+  assert.equal(init.status, 0, init.stderr);
+  const configPath = join(dir, "keymgmt-server.toml");
+  let config = readFileSync(configPath, "utf-8");
+  let wsPort: number | null = null;
+  if (/^\[websocket\]/m.test(config)) {
+    wsPort = await freePort();
+    config = config.replace(/^listen = ""/m, `listen = "${wsPort}"`).replace(/^allowed_origins = \[\]/m, `allowed_origins = ["${ORIGIN}"]`);
+  }
+  // quick logins for the test: Argon2 is the same, only the limits change
+  config = config.replace(/^rate = .*$/m, "rate = 1000.0").replace(/^burst = .*$/m, "burst = 1000.0");
+  writeFileSync(configPath, config);
+  const server = spawn(SERVER_BIN, ["serve", "--config", configPath], { env: { ...ENV, ...env }, stdio: ["ignore", "ignore", "pipe"] });
+  let log = "";
+  server.stderr!.on("data", (d: Buffer) => (log += d.toString()));
+  const started: Running = { dir, port, wsPort, process: server };
+  try {
+    const wait = spawnSync(SERVER_BIN, ["wait", "--config", configPath, "--timeout", "30"], { encoding: "utf-8", env: ENV });
+    assert.equal(wait.status, 0, `${wait.stdout}${wait.stderr}\n${log}`);
+  } catch (error) {
+    await stopKeyServer(started);
+    throw error;
+  }
+  if (wsPort !== null) {
+    for (let i = 0; i < 100; i++) {
+      const open = await new Promise<boolean>((resolve) => {
+        const s = createServer();
+        s.once("error", () => resolve(true)); // in use: the listener is up
+        s.listen(wsPort!, "127.0.0.1", () => s.close(() => resolve(false)));
+      });
+      if (open) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return started;
+}
+
+async function stopKeyServer(server: Running): Promise<void> {
+  if (server.process.exitCode === null && server.process.signalCode === null) {
+    const exited = new Promise((resolve) => server.process.once("exit", resolve));
+    server.process.kill("SIGTERM");
+    await exited;
+  }
+  rmSync(server.dir, { recursive: true, force: true });
+}
+
 describe("end to end against a real keymgmt-server", { skip: MISSING !== null && !REQUIRED ? MISSING! : false }, () => {
   before(async () => {
     if (MISSING !== null) throw new Error(`KEYMGMT_REQUIRE_WEB=1 but ${MISSING}`);
     await ready;
-    const dir = mkdtempSync(join(tmpdir(), "keymgmt-web-e2e-"));
-    const port = await freePort();
-    const init = spawnSync(SERVER_BIN, ["init", "--dir", dir, "--port", String(port)], { encoding: "utf-8", env: ENV });
-    assert.equal(init.status, 0, init.stderr);
-    const configPath = join(dir, "keymgmt-server.toml");
-    let config = readFileSync(configPath, "utf-8");
-    let wsPort: number | null = null;
-    if (/^\[websocket\]/m.test(config)) {
-      wsPort = await freePort();
-      config = config.replace(/^listen = ""/m, `listen = "${wsPort}"`).replace(/^allowed_origins = \[\]/m, `allowed_origins = ["${ORIGIN}"]`);
-    }
-    // quick logins for the test: Argon2 is the same, only the limits change
-    config = config.replace(/^rate = .*$/m, "rate = 1000.0").replace(/^burst = .*$/m, "burst = 1000.0");
-    writeFileSync(configPath, config);
-    const server = spawn(SERVER_BIN, ["serve", "--config", configPath], { env: ENV, stdio: ["ignore", "ignore", "pipe"] });
-    let log = "";
-    server.stderr!.on("data", (d: Buffer) => (log += d.toString()));
-    running = { dir, port, wsPort, process: server };
-    const wait = spawnSync(SERVER_BIN, ["wait", "--config", configPath, "--timeout", "30"], { encoding: "utf-8", env: ENV });
-    assert.equal(wait.status, 0, `${wait.stdout}${wait.stderr}\n${log}`);
-    if (wsPort !== null) {
-      for (let i = 0; i < 100; i++) {
-        const open = await new Promise<boolean>((resolve) => {
-          const s = createServer();
-          s.once("error", () => resolve(true)); // in use: the listener is up
-          s.listen(wsPort!, "127.0.0.1", () => s.close(() => resolve(false)));
-        });
-        if (open) break;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
+    running = await startKeyServer();
   });
 
   after(async () => {
-    if (running === null) return;
-    running.process.kill("SIGTERM");
-    await new Promise((resolve) => running!.process.once("exit", resolve));
-    rmSync(running.dir, { recursive: true, force: true });
+    if (running !== null) await stopKeyServer(running);
   });
 
   const transports: [string, () => Connector][] = [
@@ -220,5 +248,82 @@ describe("end to end against a real keymgmt-server", { skip: MISSING !== null &&
     assert.equal(logins.length, 1);
     await session.logout();
     await client.close();
+  });
+
+  describe("accounts and named keys as the Python client says them (review of issue 16)", () => {
+    const tls = () => tlsTo(running!.port, readFileSync(join(running!.dir, "ca.pem")));
+    const revoked = (e: unknown) => e instanceof SessionEndedError && e.code === ErrorCode.NOT_AUTHORIZED && e.message === SESSION_REVOKED;
+
+    test("gap 2: a session ended by a password change or a deletion elsewhere raises SessionEndedError: log in again", async () => {
+      const name = "gap2-e2e@example.org";
+      const owner = new KeymgmtClient(tls(), { localStore: new MemoryStore() });
+      const device = new KeymgmtClient(tls(), { localStore: new MemoryStore() });
+      await owner.register(name, "pw gap2 one");
+      const other = await device.login(name, "pw gap2 one");
+      const keyId = await other.generate();
+      await owner.changePassword(name, "pw gap2 one", "pw gap2 two");
+      await assert.rejects(other.listKeys(), revoked);
+      await assert.rejects(other.delete(keyId), revoked);
+      const fresh = await device.login(name, "pw gap2 two");
+      assert.equal((await fresh.listKeys()).length, 1);
+      await owner.deleteAccount(name, "pw gap2 two");
+      await assert.rejects(fresh.listKeys(), revoked);
+      await owner.close();
+      await device.close();
+    });
+
+    test("gap 3: a stored label that is no sealed label is listed as <tampered>; the other keys as usual", async () => {
+      const name = "gap3-e2e@example.org";
+      const client = new KeymgmtClient(tls(), { localStore: new MemoryStore() });
+      await client.register(name, "pw gap3");
+      const session = await client.login(name, "pw gap3");
+      const fine = await session.generate("fine");
+      const cut = await session.generate("to be cut");
+      // the key server's database altered: a label of a length no sealed label has
+      const python = join(BIN, "python");
+      const damage = spawnSync(
+        python,
+        ["-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute('UPDATE secrets SET label = ? WHERE key_id = ?', (b'cut', bytes.fromhex(sys.argv[2]))); db.commit()", join(running!.dir, "keyserver.db"), toHex(cut)],
+        { encoding: "utf-8", env: ENV },
+      );
+      assert.equal(damage.status, 0, damage.stderr);
+      const keys = await session.listKeys();
+      assert.deepEqual(Object.fromEntries(keys.map((k) => [toHex(k.keyId), labelText(k)])), { [toHex(fine)]: "fine", [toHex(cut)]: "<tampered>" });
+      assert.match(tamperedLabelsWarning(keys) ?? "", /^1 label\(s\) failed verification/);
+      assert.deepEqual(await session.resolve("fine"), fine);
+      await client.close();
+    });
+
+    test("gaps 5 and 6: the same password again, or removing a label a key lacks, sends nothing", async () => {
+      const name = "gap56-e2e@example.org";
+      const client = new KeymgmtClient(tls(), { localStore: new MemoryStore() });
+      await client.register(name, "pw gap5");
+      await assert.rejects(client.changePassword(name, "pw gap5", "pw gap5"), (e: unknown) => e instanceof KeymgmtError && e.message === "invalid argument: the new password is the current one");
+      const session = await client.login(name, "pw gap5");
+      const unnamed = await session.generate();
+      const named = await session.generate("named");
+      assert.equal(await session.rename(unnamed, null), false);
+      assert.equal(await session.rename(named, null), true);
+      const actions = (await session.verifyAudit()).entries.map((e) => e.action);
+      assert.equal(actions.filter((a) => a === Action.LOGIN).length, 1, "the refused change did not log in");
+      assert.equal(actions.filter((a) => a === Action.RENAME_KEY).length, 2, "the label of 'named' set and removed; nothing for the key without one");
+      await client.close();
+    });
+
+    test("gap 4: a key server whose reauth window is shorter than a login: the change and the deletion say why", async () => {
+      const strict = await startKeyServer({ KEYMGMT_REAUTH_WINDOW: "0.001" });
+      try {
+        const client = new KeymgmtClient(tlsTo(strict.port, readFileSync(join(strict.dir, "ca.pem"))), { localStore: new MemoryStore() });
+        const name = "gap4-e2e@example.org";
+        await client.register(name, "pw gap4");
+        const notRecent = (e: unknown) => e instanceof RequestRefusedError && e.status === Status.INVALID && e.message === NOT_RECENT_LOGIN;
+        await assert.rejects(client.changePassword(name, "pw gap4", "pw gap4 new"), notRecent);
+        await assert.rejects(client.deleteAccount(name, "pw gap4"), notRecent);
+        await (await client.login(name, "pw gap4")).logout(); // nothing changed
+        await client.close();
+      } finally {
+        await stopKeyServer(strict);
+      }
+    });
   });
 });

@@ -1,10 +1,15 @@
 /** A small in-memory key server for the client's tests: real OPAQUE (the server side of
  * @serenity-kit/opaque), the channel, resumption and the operations, written from
  * docs/protocol.md with the core's codecs. Not the key server: only what the tests need,
- * plus hooks to drop connections and to tamper with answers. */
+ * plus hooks to drop connections and to tamper with answers. Section 12.13 as the key server
+ * does it: a password change or deletion needs a login younger than ``reauthWindowUs``
+ * (else INVALID); after a change every other session of the account gets CLOSE(NOT_AUTHORIZED),
+ * and a session whose account's credentials version moved on (a change made on another
+ * instance: ``changedElsewhere``) or whose account is gone is ended at its next request, with
+ * no answer; ``releaseBefore`` answers such a request as the release before did (NOT_FOUND). */
 
 import * as opaque from "@serenity-kit/opaque";
-import { concat, ctEqual, toHex, u8 } from "../src/core/bytes.js";
+import { concat, ctEqual, toHex, u8, utf8 } from "../src/core/bytes.js";
 import { Action, AuditType, Context, ErrorCode, FrameType, KEY_ACTIONS, Op, Outcome, SecretKind, Status } from "../src/core/constants.js";
 import { Channel } from "../src/core/crypto.js";
 import { FrameBuffer, encodeFrame, type Frame } from "../src/core/framing.js";
@@ -31,6 +36,8 @@ interface Account {
   userId: Uint8Array;
   record: string;
   encryptedStorageKey: Uint8Array;
+  /** Moves on with every password change (section 12.13). */
+  credentialsVersion: number;
 }
 
 interface StoredSecret {
@@ -54,6 +61,9 @@ interface ServerSession {
   reservations: Map<string, SecretKind>;
   highestRequest: number;
   answers: Map<number, Uint8Array>;
+  /** The account's credentials version the login read, and when the login started (µs). */
+  credentialsVersion: number;
+  loginAt: bigint;
 }
 
 export class FakeKeyServer {
@@ -72,6 +82,11 @@ export class FakeKeyServer {
   /** ABORT(RATE_LIMITED) this many RESUMEs before accepting them. */
   refuseResumes = 0;
   clock = 1_700_000_000_000_000n;
+  /** sessions.reauth_window: how old (µs of ``clock``) a login may be to change the password or delete the account. */
+  reauthWindowUs = 300_000_000n;
+  /** Behave as the key server of the release before: no credentials check, so a session of a
+   * deleted account gets NOT_FOUND to its requests. */
+  releaseBefore = false;
 
   /** A Connector's transport: the client's end of a new in-memory connection. */
   connect = async (): Promise<Transport> => {
@@ -79,6 +94,22 @@ export class FakeKeyServer {
     this.connections.add(conn);
     return conn.clientEnd;
   };
+
+  /** A password change made on another instance sharing the database: the account's
+   * credentials version moves on, and nothing here is told. */
+  changedElsewhere(name: string): void {
+    this.accounts.get(toHex(utf8(name)))!.credentialsVersion += 1;
+  }
+
+  /** After a password change: every other session of the account ends (CLOSE(NOT_AUTHORIZED)
+   * to the attached ones, the detached ones forgotten). */
+  endOtherSessions(userId: Uint8Array, keep: ServerSession): void {
+    for (const [handle, session] of [...this.registry]) {
+      if (session === keep || session.userId === null || !ctEqual(session.userId, userId)) continue;
+      this.registry.delete(handle);
+      session.conn?.closeSession(session, ErrorCode.NOT_AUTHORIZED);
+    }
+  }
 
   /** Drop every connection (as a network failure would): sessions stay for resumption. */
   dropAll(): void {
@@ -102,6 +133,8 @@ export class FakeKeyServer {
     const secrets = this.secrets.get(user) ?? new Map<string, StoredSecret>();
     this.secrets.set(user, secrets);
     const account = [...this.accounts.values()].find((a) => ctEqual(a.userId, userId));
+    if (this.releaseBefore && !account) return refuse(Status.NOT_FOUND);
+    const recent = this.clock - session.loginAt <= this.reauthWindowUs;
     switch (request.op) {
       case Op.RETRIEVE_STORAGE_KEY:
         return account ? ok({ encryptedStorageKey: account.encryptedStorageKey }) : refuse(Status.NOT_FOUND);
@@ -159,19 +192,26 @@ export class FakeKeyServer {
       }
       case Op.CHANGE_PASSWORD_START: {
         if (!account) return refuse(Status.NOT_FOUND);
+        if (!recent) return refuse(Status.INVALID);
         const { registrationResponse } = opaque.server.createRegistrationResponse({ serverSetup: this.setup, userIdentifier: account.name, registrationRequest: toBase64Url(request.registrationRequest) });
         return ok({ registrationResponse: fromBase64Url(registrationResponse) });
       }
       case Op.CHANGE_PASSWORD_FINISH:
         if (!account) return refuse(Status.NOT_FOUND);
+        if (!recent) return refuse(Status.INVALID);
         account.record = toBase64Url(request.registrationUpload);
         account.encryptedStorageKey = request.encryptedStorageKey;
+        account.credentialsVersion += 1;
+        session.credentialsVersion = account.credentialsVersion;
+        this.endOtherSessions(userId, session);
         return ok({});
       case Op.DELETE_ACCOUNT:
         if (!account) return refuse(Status.NOT_FOUND);
+        if (!recent) return refuse(Status.INVALID);
         this.accounts.delete(account.name);
         this.secrets.delete(user);
         this.audit.delete(user);
+        this.endOtherSessions(userId, session);
         return ok({});
     }
   }
@@ -236,6 +276,15 @@ export class FakeConnection {
     this.send(FrameType.ABORT, sessionId, M.encodeAbort({ code, reason }));
     const session = this.sessions.get(sessionId);
     if (session) this.forget(sessionId, session);
+  }
+
+  /** End a session attached here with a sealed CLOSE(``code``). */
+  closeSession(session: ServerSession, code: ErrorCode): void {
+    for (const [sid, s] of this.sessions) {
+      if (s !== session) continue;
+      this.sealed(session, sid, FrameType.CLOSE, M.encodeClose(code));
+      this.forget(sid, session);
+    }
   }
 
   private forget(sessionId: number, session: ServerSession): void {
@@ -336,6 +385,7 @@ export class FakeConnection {
           session.channel = new Channel(fromBase64Url(sessionKey), "server");
           session.userId = session.kind === "registration" ? random(16) : account!.userId;
           if (session.kind === "request") {
+            session.credentialsVersion = account!.credentialsVersion;
             session.handle = toHex(session.channel.sessionHandle);
             server.registry.set(session.handle, session);
             server.writeAudit(session.userId, Action.LOGIN, Outcome.SUCCESS);
@@ -347,7 +397,7 @@ export class FakeConnection {
         case FrameType.COMPLETE_REGISTRATION: {
           const m = M.decodeCompleteRegistration(session.channel!.open(FrameType.COMPLETE_REGISTRATION, frame.payload));
           if (!ctEqual(m.userId, session.userId!)) return this.abort(sid, ErrorCode.INVALID_REQUEST);
-          server.accounts.set(session.name, { name: session.name, userId: m.userId, record: session.upload!, encryptedStorageKey: m.encryptedStorageKey });
+          server.accounts.set(session.name, { name: session.name, userId: m.userId, record: session.upload!, encryptedStorageKey: m.encryptedStorageKey, credentialsVersion: 0 });
           server.writeAudit(m.userId, Action.REGISTER, Outcome.SUCCESS);
           this.sealed(session, sid, FrameType.CLOSE, M.encodeClose(ErrorCode.OK));
           this.forget(sid, session);
@@ -367,6 +417,12 @@ export class FakeConnection {
           }
           if (requestId <= session.highestRequest) return this.abort(sid, ErrorCode.INVALID_REQUEST);
           session.highestRequest = requestId;
+          const account = server.accounts.get(session.name);
+          if (!server.releaseBefore && account?.credentialsVersion !== session.credentialsVersion) {
+            // the password changed after this login, or the account is gone: no answer, CLOSE
+            this.closeSession(session, ErrorCode.NOT_AUTHORIZED);
+            return;
+          }
           let answer: Uint8Array;
           let request: OpRequest | null = null;
           try {
@@ -407,7 +463,7 @@ export class FakeConnection {
   }
 
   private newSession(kind: "registration" | "request", name: string): ServerSession {
-    return { kind, state: "NEW", name, userId: null, channel: null, loginState: null, upload: null, handle: null, conn: this, reservations: new Map(), highestRequest: 0, answers: new Map() };
+    return { kind, state: "NEW", name, userId: null, channel: null, loginState: null, upload: null, handle: null, conn: this, reservations: new Map(), highestRequest: 0, answers: new Map(), credentialsVersion: 0, loginAt: this.server.clock };
   }
 
   private startLogin(session: ServerSession, sid: number, credentialRequest: Uint8Array, record: string | null): void {

@@ -517,15 +517,20 @@ export function sealLabel(storageKey: Uint8Array, userId: Uint8Array, keyId: Uin
   return concat(nonce, aeadSeal(storageKey, nonce, padded, labelAd(userId, keyId)));
 }
 
-/** The label text, or null when it does not open (or is not UTF-8). The zero bytes at the end are
- * padding (a label has none), so a label sealed unpadded by an older client opens the same. */
+/** The label text, or null when it does not open, is not UTF-8 or is no label the client accepts
+ * (checkLabel: empty, control characters, 32 hex digits, ...), as the Python client's
+ * open_label. The zero bytes at the end are padding (a label has none), so a label sealed
+ * unpadded by an older client opens the same. */
 export function openLabel(storageKey: Uint8Array, userId: Uint8Array, keyId: Uint8Array, sealed: Uint8Array): string | null {
   const bytes = openSecret(storageKey, labelAd(userId, keyId), sealed);
   if (bytes === null) return null;
   let end = bytes.length;
   while (end > 0 && bytes[end - 1] === 0) end -= 1;
   try {
-    return fromUtf8(bytes.subarray(0, end));
+    // a byte order mark stays in (ignoreBOM), so checkLabel refuses it as Python's does
+    const label = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(bytes.subarray(0, end));
+    checkLabel(label);
+    return label;
   } catch {
     return null;
   }

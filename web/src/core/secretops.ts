@@ -246,17 +246,25 @@ export class SecretOps {
     return { entries, head: newHead };
   }
 
-  /** Named keys: set, change (or with null remove) a key's label. */
-  *rename(keyId: Uint8Array, label: string | null): Plan<void> {
+  /** Named keys: set, change (or with null remove) a key's label; whether the key had a label
+   * before (one that does not open counts). The keys are listed first: removing the label of a
+   * key listed without one sends nothing and gives false; a key not listed at all is left to
+   * the server (NOT_FOUND). */
+  *rename(keyId: Uint8Array, label: string | null): Plan<boolean> {
     keyIdArg(keyId);
     const labelBytes = label === null ? null : checkLabel(label);
-    const storageKey = yield* this.storageKey();
+    const keys = yield* this.listKeys();
+    if (label !== null) this.refuseTaken(keys, label, keyId);
+    const listed = keys.filter((k) => ctEqual(k.keyId, keyId));
+    const hadLabel = listed.some((k) => k.label !== null || k.labelTampered);
+    if (labelBytes === null && listed.length > 0 && !hadLabel) return false;
     let sealedLabel: Uint8Array = new Uint8Array(0);
-    if (label !== null && labelBytes !== null) {
-      yield* this.refuseTakenLabel(label, keyId);
+    if (labelBytes !== null) {
+      const storageKey = yield* this.storageKey();
       sealedLabel = sealLabel(storageKey, this.userId, keyId, labelBytes, this.random(NONCE_SIZE));
     }
     yield* ask({ op: Op.RENAME_KEY, userId: this.userId, keyId, sealedLabel });
+    return hadLabel;
   }
 
   /** Named keys: the one key labelled ``label``. */
@@ -268,7 +276,11 @@ export class SecretOps {
   }
 
   private *refuseTakenLabel(label: string, keyId: Uint8Array | null): Plan<void> {
-    for (const key of yield* this.listKeys()) {
+    this.refuseTaken(yield* this.listKeys(), label, keyId);
+  }
+
+  private refuseTaken(keys: LabeledKey[], label: string, keyId: Uint8Array | null): void {
+    for (const key of keys) {
       if (key.label === label && (keyId === null || !ctEqual(key.keyId, keyId))) throw new LabelError("another key already has this label");
     }
   }
