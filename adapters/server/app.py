@@ -626,7 +626,14 @@ class KeyServer:
         try:
             request = decode_request(body)
         except RemoteProtocolError:
-            self._audit(user_id, _action_of_malformed(body), Outcome.FAILURE)
+            # Checked like any request: a session of replaced credentials gets no INVALID
+            # either (it would go on, writing entries into the owner's log): it ends.
+            if credentials is None:
+                self._audit(user_id, _action_of_malformed(body), Outcome.FAILURE)
+            else:
+                self._audit_failure(
+                    AuditRecord(user_id, _action_of_malformed(body), now, Outcome.FAILURE), credentials
+                )
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
@@ -649,13 +656,9 @@ class KeyServer:
             if kind is Op.CHANGE_PASSWORD_FINISH and op.credentials is not None:
                 self._renewed[session] = op.credentials
         except _Refused as refused:
-            record = AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context)
-            try:
-                with self.storage.transaction() as tx:
-                    tx.append_audit(record, credentials)
-            except CredentialsChanged as changed:
-                self._log_ended(record, changed)
-                raise
+            self._audit_failure(
+                AuditRecord(user_id, action, now, Outcome.FAILURE, refused.key_id, context), credentials
+            )
             return encode_response(refused.status)
         except CredentialsChanged as changed:
             key_id = getattr(request, "key_id", None)
@@ -674,6 +677,17 @@ class KeyServer:
         """The new credentials version of a session that just changed its password itself
         (:meth:`answer`), once; None if it did not."""
         return self._renewed.pop(session, None)
+
+    def _audit_failure(self, record: AuditRecord, credentials: int | None) -> None:
+        """The failure entry of a refused request, written only while the session's credentials
+        are the account's (``credentials``; None: not checked); else CredentialsChanged (after
+        the entry, unchecked, for a password change): the session must end."""
+        try:
+            with self.storage.transaction() as tx:
+                tx.append_audit(record, credentials)
+        except CredentialsChanged as changed:
+            self._log_ended(record, changed)
+            raise
 
     def _log_ended(self, record: AuditRecord, changed: CredentialsChanged) -> None:
         """A request whose session ends for its changed credentials did nothing: the owner's

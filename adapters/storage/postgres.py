@@ -157,6 +157,17 @@ _MIGRATIONS: list[str] = [
     UPDATE accounts SET credentials_changed_us = coalesce((SELECT max(timestamp_us) FROM audit
         WHERE audit.user_id = accounts.user_id AND audit.action = 15 AND audit.outcome = 0), 0)
     """,
+    # 7: a registration record replaced without its credentials version (by an instance of the
+    # release of schema 5, still running during a rolling upgrade) moves the version on all the
+    # same, so the sessions of the old password end on every upgraded instance. (The function's
+    # body keeps its ';' inside the line: see migration_statements.)
+    """
+    CREATE FUNCTION credentials_moved() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN NEW.credentials_changed_us := OLD.credentials_changed_us + 1; RETURN NEW; END $$;
+    CREATE TRIGGER accounts_credentials_moved BEFORE UPDATE OF registration_record ON accounts
+        FOR EACH ROW WHEN (NEW.credentials_changed_us = OLD.credentials_changed_us)
+        EXECUTE FUNCTION credentials_moved()
+    """,
 ]
 
 _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")

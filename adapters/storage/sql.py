@@ -506,5 +506,10 @@ def check_schema_version(current: int, migrations: Sequence[str]) -> None:
 
 
 def migration_statements(migration: str) -> list[str]:
-    """A migration's statements, one by one (drivers run one statement per call)."""
-    return [statement for statement in migration.split(";") if statement.strip()]
+    """A migration's statements, one by one (drivers run one statement per call): each ends
+    with ';' at the end of its line (or the migration's end), so a trigger's body keeps the
+    ';' it has inside a line."""
+    return [statement for statement in _STATEMENT_END.split(migration) if statement.strip()]
+
+
+_STATEMENT_END = re.compile(r";[ \t]*(?:\n|$)")

@@ -156,6 +156,16 @@ _MIGRATIONS: list[str] = [
     UPDATE accounts SET credentials_changed_us = coalesce((SELECT max(timestamp_us) FROM audit
         WHERE audit.user_id = accounts.user_id AND audit.action = 15 AND audit.outcome = 0), 0);
     """,
+    # 9: a registration record replaced without its credentials version (by an instance of the
+    # release of schema 7, still running during a rolling upgrade) moves the version on all the
+    # same, so the sessions of the old password end on every upgraded instance. (The trigger's
+    # body keeps its ';' inside the line: see migration_statements.)
+    """
+    CREATE TRIGGER accounts_credentials_moved AFTER UPDATE OF registration_record ON accounts
+        FOR EACH ROW WHEN NEW.credentials_changed_us = OLD.credentials_changed_us
+        BEGIN UPDATE accounts SET credentials_changed_us = OLD.credentials_changed_us + 1
+            WHERE user_id = OLD.user_id; END;
+    """,
 ]
 
 _SQL = Statements("qmark")

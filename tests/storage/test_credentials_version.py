@@ -24,6 +24,43 @@ BOB = Account(b"bob", b"B" * 16, b"s" * 192, b"l" * 60, 2)
 CAROL = Account(b"carol", b"C" * 16, b"t" * 192, b"m" * 60, 3)
 
 
+#: The password change of the release before the credentials version (its
+#: ``Statements.replace_credentials``), as an instance of it still running during a rolling
+#: upgrade writes it: the record and the wrapped key, and nothing else.
+PREVIOUS_RELEASE_CHANGE = (
+    "UPDATE accounts SET registration_record = ?, encrypted_storage_key = ? WHERE user_id = ?"
+)
+
+
+def previous_release_change(db, user_id: bytes, record: bytes, key: bytes = b"w" * 60) -> None:
+    """Write a password change into the storage ``db``'s database as the release before does."""
+    with db.transaction() as tx:
+        if isinstance(db, pg_backend.PostgresStorage):
+            tx._conn.execute(PREVIOUS_RELEASE_CHANGE.replace("?", "%s"), (record, key, user_id))
+        else:
+            tx._db.execute(PREVIOUS_RELEASE_CHANGE, (record, key, user_id))
+
+
+def test_a_record_replaced_without_its_version_moves_the_version_on(storage):  # noqa: F811
+    """Review of issue 16 (rolling upgrades): an instance of the release before replaces the
+    record without the version; the database moves it on (one more each time), and only then:
+    the version a change of this release writes stays as written."""
+    with storage.transaction() as tx:
+        assert tx.insert_account(ALICE)
+        assert tx.insert_account(BOB)
+    previous_release_change(storage, ALICE.user_id, b"n" * 192)
+    previous_release_change(storage, ALICE.user_id, b"p" * 192)
+    with storage.transaction() as tx:
+        alice = tx.get_account(b"alice")
+        assert (alice.registration_record, alice.credentials_changed) == (b"p" * 192, 2)
+        assert tx.get_account(b"bob").credentials_changed == 0  # only the row changed
+        assert tx.replace_credentials(ALICE.user_id, b"q" * 192, b"r" * 60, 5_000, credentials=2) == 5_000
+        assert tx.get_account(b"alice").credentials_changed == 5_000
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.RETRIEVE, 6_000, Outcome.SUCCESS), 5_000)
+    with storage.transaction() as tx:  # the rest of the row's writes leave it alone
+        assert tx.get_account(b"alice").credentials_changed == 5_000
+
+
 def _entries(db, user_id: bytes) -> list:
     with db.transaction() as tx:
         return tx.query_audit(user_id, AuditQuery(AuditType.ALL))[0]
@@ -108,12 +145,18 @@ def _check_upgraded(upgraded) -> None:
         # and the new statements run on it
         assert tx.replace_credentials(ALICE.user_id, b"n" * 192, b"o" * 60, 250, credentials=300) == 301
         assert tx.replace_credentials(BOB.user_id, b"n" * 192, b"o" * 60, 1_000, credentials=300) is None
+    # A change written as the release before writes it (record and key, no version) moves the
+    # version on: the upgraded database has the trigger.
+    previous_release_change(upgraded, BOB.user_id, b"p" * 192)
+    with upgraded.transaction() as tx:
+        assert tx.get_account(b"bob").credentials_changed == 1
 
 
 def _previous(migrations: list[str]) -> list[str]:
-    """The migrations of the previous schema: those before the one that adds the column."""
-    (index,) = [n for n, migration in enumerate(migrations) if "credentials_changed_us" in migration]
-    assert index == len(migrations) - 1
+    """The migrations of the previous schema: those before the one that adds the column (the
+    upgrade runs it and the one after it, the trigger)."""
+    (index,) = [n for n, m in enumerate(migrations) if "ADD COLUMN credentials_changed_us" in m]
+    assert index == len(migrations) - 2
     return migrations[:index]
 
 
