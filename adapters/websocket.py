@@ -207,7 +207,7 @@ class WebSocketStream(ByteStream):
             try:
                 async with self._send_lock:
                     await self.transport.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
                 self._eof = True
         if scope.cancelled_caught:
             self.violation = self.violation or "the peer took no control frame (it stopped reading)"
@@ -238,8 +238,8 @@ class WebSocketStream(ByteStream):
         try:
             with anyio.move_on_after(self.control_timeout):
                 await self._close_frame()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+            pass  # the peer has gone (anyio's TLS stream may say so with EndOfStream)
         finally:
             await self.transport.aclose()
 
