@@ -9,7 +9,10 @@ carry no meaning: the payloads of the binary messages, concatenated, are the str
 frames. A text message, a message over the size limit or broken WebSocket framing ends
 the connection with a close code (``violation`` says why). Pings are answered. Shared by
 the key server (adapters/server/websocket.py does its HTTP upgrade) and the client
-(:func:`client_handshake`).
+(:func:`client_handshake`). On the key server, ``on_small_input`` is told of every piece
+that carries fewer than ``SMALL_PIECE_SIZE`` bytes (a TLS record, a WebSocket frame, a
+ping, a pong): the connection's budget for unproductive input pays for them
+(docs/protocol.md, section 10).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import anyio
 import h11
 from anyio.abc import ByteStream
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from keymgmt_proto import DEFAULT_MAX_PAYLOAD, HEADER_SIZE
+from keymgmt_proto import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, SMALL_PIECE_SIZE
 
 __all__ = [
     "MESSAGE_SLACK",
@@ -52,6 +55,9 @@ SEND_CHUNK = 65536
 MESSAGE_SLACK = 1024
 #: The largest HTTP response head a client reads during the upgrade.
 MAX_RESPONSE_HEAD = 16384
+
+#: Small pieces counted before ``on_small_input`` is told (and may stop the parsing).
+_REPORT_EVERY = 32
 
 #: RFC 6455's GUID for Sec-WebSocket-Accept.
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -126,6 +132,12 @@ class WebSocketStream(ByteStream):
         self.peer_close_code: int | None = None
         #: Pings answered.
         self.pings = 0
+        #: Told how many small pieces arrived (see the module docstring); True from it means
+        #: the connection is ending: nothing more is read. None: nobody asks.
+        self.on_small_input: Callable[[int], bool] | None = None
+        self._halted = False
+        self._frame = 0  # bytes of the WebSocket frame being received so far
+        self._small = 0  # small pieces of the read being handled
 
     def __repr__(self) -> str:
         return f"<WebSocketStream {self._ws.state.name}>"
@@ -135,6 +147,8 @@ class WebSocketStream(ByteStream):
         return self.transport.extra_attributes
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._halted:  # its budget for unproductive input ran out: the caller ends the connection
+            await anyio.sleep_forever()
         while not self._buffer:
             if self.violation is not None:
                 raise anyio.BrokenResourceError(self.violation)
@@ -153,20 +167,44 @@ class WebSocketStream(ByteStream):
             if self._ws.state is ConnectionState.CLOSED:
                 continue  # after the close handshake: nothing more is read
             self._ws.receive_data(data)
-            await self._handle_events()
+            await self._handle_events(1 if len(data) < SMALL_PIECE_SIZE else 0)
+            if self._halted:
+                await anyio.sleep_forever()
         chunk = bytes(self._buffer[:max_bytes])
         del self._buffer[:max_bytes]
         return chunk
 
-    async def _handle_events(self) -> None:
+    async def _handle_events(self, small: int = 0) -> None:
+        """Act on what wsproto parsed; ``small``: small pieces counted so far in this read."""
+        self._small = small
+        try:
+            await self._take_events()
+        finally:
+            self._report_small()
+
+    def _report_small(self) -> None:
+        if self._small and self.on_small_input is not None and self.on_small_input(self._small):
+            self._halted = True
+        self._small = 0
+
+    async def _take_events(self) -> None:
         last_ping: Ping | None = None
         for event in self._ws.events():
+            if self._small >= _REPORT_EVERY:  # (wsproto parses as it is asked for events)
+                self._report_small()
+                if self._halted:
+                    return
             if isinstance(event, BytesMessage):
                 self._message += len(event.data)
                 if self._message > self.max_message:
                     await self._fail(CloseCode.MESSAGE_TOO_BIG, f"a message over {self.max_message} bytes")
                     return
                 self._buffer += event.data
+                self._frame += len(event.data)
+                if event.frame_finished:
+                    if self._frame < SMALL_PIECE_SIZE:
+                        self._small += 1
+                    self._frame = 0
                 if event.message_finished:
                     self._message = 0
             elif isinstance(event, TextMessage):
@@ -174,7 +212,10 @@ class WebSocketStream(ByteStream):
                 return
             elif isinstance(event, Ping):
                 self.pings += 1
+                self._small += 1
                 last_ping = event  # answered below: one pong per read, not one per ping
+            elif isinstance(event, Pong):
+                self._small += 1  # (nothing else to do)
             elif isinstance(event, CloseConnection):
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer
                     self.peer_close_code = event.code
@@ -186,7 +227,6 @@ class WebSocketStream(ByteStream):
                 else:  # still OPEN: wsproto found broken framing and reports it as a close
                     await self._fail(CloseCode.PROTOCOL_ERROR, f"broken WebSocket framing ({event.reason})")
                 return
-            # (Pong: nothing to do.)
         if last_ping is not None and self._ws.state is ConnectionState.OPEN:
             # RFC 6455 5.5.3: a pong for the most recent ping only, so a flood of pings
             # costs one write per read.
@@ -207,7 +247,7 @@ class WebSocketStream(ByteStream):
             try:
                 async with self._send_lock:
                     await self.transport.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
                 self._eof = True
         if scope.cancelled_caught:
             self.violation = self.violation or "the peer took no control frame (it stopped reading)"
@@ -238,8 +278,8 @@ class WebSocketStream(ByteStream):
         try:
             with anyio.move_on_after(self.control_timeout):
                 await self._close_frame()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+            pass  # the peer has gone (anyio's TLS stream may say so with EndOfStream)
         finally:
             await self.transport.aclose()
 

@@ -127,7 +127,14 @@ from ._secrets import (
     SecretOps,
     VerifiedAudit,
 )
-from ._server import ExpiredSession, ServerConfig, ServerConnection, SessionRegistry
+from ._server import (
+    SMALL_PIECE_SIZE,
+    UNPRODUCTIVE_BLOCK_SIZE,
+    ExpiredSession,
+    ServerConfig,
+    ServerConnection,
+    SessionRegistry,
+)
 from ._sessionstate import DetachedSessionStore, session_sealing_key
 from ._state import Command, Role, SessionKind, State
 from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_SESSION_ID, PROTOCOL_VERSION, Frame, FrameType
@@ -163,7 +170,9 @@ __all__ = [
     "PORTABLE_LONG_VERSION",
     "PROTOCOL_VERSION",
     "SEALED_OVERHEAD",
+    "SMALL_PIECE_SIZE",
     "STORE_RETRIES",
+    "UNPRODUCTIVE_BLOCK_SIZE",
     "Action",
     "Admission",
     "AuditEntry",

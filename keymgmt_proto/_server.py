@@ -65,7 +65,21 @@ from ._sessionstate import DetachedSessionStore, SessionState, seal_session_stat
 from ._state import TRANSITIONS, Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
-__all__ = ["ExpiredSession", "ServerConfig", "ServerConnection", "SessionRegistry"]
+__all__ = [
+    "SMALL_PIECE_SIZE",
+    "UNPRODUCTIVE_BLOCK_SIZE",
+    "ExpiredSession",
+    "ServerConfig",
+    "ServerConnection",
+    "SessionRegistry",
+]
+
+#: A frame the server does nothing with costs one unit of its connection's budget for
+#: unproductive input, plus one per this many bytes of its payload (protocol.md section 10).
+UNPRODUCTIVE_BLOCK_SIZE = 4096
+#: A transport piece (a TLS record, a WebSocket frame, ping or pong) carrying fewer bytes
+#: than this costs one unit (:meth:`ServerConnection.note_small_input`).
+SMALL_PIECE_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +110,12 @@ class ServerConfig:
     connection_idle_timeout: float = 10.0
     #: A frame must arrive whole within this many seconds of its first byte (slowloris).
     frame_timeout: float = 10.0
+    #: Units of input that does nothing (frames ignored or refused without a session, small
+    #: transport pieces, WebSocket pings) a connection may send at once; past them it gets
+    #: GOAWAY(LIMIT_EXCEEDED) (protocol.md section 10).
+    unproductive_burst: int = 1024
+    #: Units of that budget regained per second, up to ``unproductive_burst``.
+    unproductive_rate: float = 64.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -104,6 +124,7 @@ class ServerConfig:
             "session_lifetime",
             "connection_idle_timeout",
             "frame_timeout",
+            "unproductive_rate",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -112,6 +133,7 @@ class ServerConfig:
             "max_requests_in_flight",
             "max_sessions_per_connection",
             "max_hot_channels",
+            "unproductive_burst",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -454,6 +476,22 @@ class ServerConnection(ConnectionBase):
         self._partial_since: float | None = None
         #: At or before every session's deadline (see timer_hint); None: to be computed.
         self._deadline_bound: float | None = math.inf
+        #: The budget for unproductive input (protocol.md section 10): units left, counted at
+        #: ``_budget_at``. Frames and small pieces that do nothing spend it; frames acted on
+        #: and time give it back (up to the burst); a session the server ends, or one that
+        #: resumes here, adds what an honest client may still send for it (late frames,
+        #: re-sent requests), up to ``_budget_cap``.
+        self._budget = float(config.unproductive_burst)
+        self._budget_at = now
+        #: The most one such frame may cost: its payload, the TLS record and the WebSocket
+        #: frame it came in.
+        self._late_frame_cost = 3 + config.max_payload // UNPRODUCTIVE_BLOCK_SIZE
+        self._budget_cap = float(
+            config.unproductive_burst
+            + config.max_sessions_per_connection * (config.max_requests_in_flight + 1) * self._late_frame_cost
+        )
+        #: Set once the budget ran out: the connection fails at the next frame it reads.
+        self._exhausted = False
 
     def __repr__(self) -> str:
         return f"<ServerConnection {len(self._sessions)} sessions>"
@@ -468,6 +506,29 @@ class ServerConnection(ConnectionBase):
         super().receive_data(data)
         if self._inbox and self._partial_since is None:
             self._partial_since = self._now
+
+    def note_small_input(self, pieces: int, now: float) -> bool:
+        """The transport received ``pieces`` pieces carrying fewer than ``SMALL_PIECE_SIZE``
+        bytes each (TLS records, WebSocket frames, pings, pongs): one unit each of the
+        budget for unproductive input (protocol.md section 10). True once the budget has
+        run out: the connection then fails (GOAWAY(LIMIT_EXCEEDED)) at the next
+        ``next_event``, which the caller should call soon (pieces that carry no frame
+        bytes give a driver no other reason to), and need read nothing more."""
+        if pieces < 0:
+            raise LocalProtocolError("pieces must not be negative")
+        self._advance(now)
+        self._refill()
+        self._budget -= pieces
+        if self._budget < 0:
+            self._exhausted = True
+        return self._exhausted
+
+    @property
+    def unproductive_budget(self) -> float:
+        """Units of the budget for unproductive input left at the connection's latest time
+        (negative once it ran out)."""
+        self._refill()
+        return self._budget
 
     def get_timer(self) -> float | None:
         """The earliest deadline of this connection (its sessions', an idle connection's,
@@ -796,14 +857,48 @@ class ServerConnection(ConnectionBase):
         elif self._idle_since is None:
             self._idle_since = self._now
 
+    def _refill(self) -> None:
+        burst = self.config.unproductive_burst
+        if self._budget < burst:
+            budget = self._budget + (self._now - self._budget_at) * self.config.unproductive_rate
+            self._budget = budget if budget < burst else float(burst)
+        self._budget_at = self._now
+
+    def _spend(self, units: int) -> None:
+        """Charge unproductive input; out of budget, the connection fails (GOAWAY)."""
+        self._refill()
+        self._budget -= units
+        if self._budget < 0:
+            self._exhausted = True
+            self._out_of_budget()
+
+    def _out_of_budget(self) -> None:
+        if self.failed is None:
+            self._fail_connection(ErrorCode.LIMIT_EXCEEDED, "too much input that does nothing", remote=True)
+
+    def _earn(self, units: float, cap: float) -> None:
+        if self._budget < cap:
+            budget = self._budget + units
+            self._budget = budget if budget < cap else cap
+
     def _next_frame(self) -> Frame | None:
+        if self._exhausted:  # (by small pieces, noted outside next_event)
+            self._out_of_budget()
+            return None
         frame = super()._next_frame()
         if frame is not None:  # what is left, if anything, is the start of the next frame
             self._partial_since = self._now if self._inbox else None
         return frame
 
-    def _end(self, session: _ServerSession, trigger: Trigger = Command.ABORT) -> None:
-        """End a live session (by ``trigger``: ABORT unless the caller checked another)."""
+    def _end(self, session: _ServerSession, trigger: Trigger = Command.ABORT, *, credit: bool = True) -> None:
+        """End a live session (by ``trigger``: ABORT unless the caller checked another).
+        ``credit``: the server ends it, so the client may still send frames for it (the
+        requests it pipelined, its own ABORT or CLOSE): the budget for unproductive input
+        takes them (protocol.md section 10)."""
+        if credit:
+            established = session.kind is SessionKind.REQUEST and session.channel is not None
+            late = self.config.max_requests_in_flight + 1 if established else 2
+            self._earn(late * self._late_frame_cost, self._budget_cap)
         if session.state is not State.CLOSED:
             transition(Role.SERVER, session, trigger)
         session.pending.clear()
@@ -854,7 +949,7 @@ class ServerConnection(ConnectionBase):
         login_pending = session.state is State.AWAIT_LOGIN_FINISH
         if notify:
             self._send_abort(session.session_id, error.code, str(error))
-        self._end(session)
+        self._end(session, credit=notify)
         if login_pending and session.kind is SessionKind.REQUEST:
             self._login_failed(session)
         self._events.append(
@@ -906,18 +1001,26 @@ class ServerConnection(ConnectionBase):
 
     def _handle_frame(self, frame: Frame) -> None:
         session = self._sessions.get(frame.session_id)
+        acted = True
         if session is None:
-            self._handle_new(frame)
-            return
-        if frame.type is FrameType.ABORT:
+            acted = self._handle_new(frame)
+        elif frame.type is FrameType.ABORT:
             self._on_abort(session, frame)
-            return
-        try:
-            if TRANSITIONS.get((Role.SERVER, session.kind, session.state, frame.type)) is None:
-                self._check(session, frame.type)  # raises the error
-            self._apply(session, frame)
-        except ProtocolError as exc:
-            self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
+        else:
+            try:
+                if TRANSITIONS.get((Role.SERVER, session.kind, session.state, frame.type)) is None:
+                    self._check(session, frame.type)  # raises the error
+                acted = self._apply(session, frame)
+            except ProtocolError as exc:
+                self._fail(session, exc, remote=exc.code is not ErrorCode.AUTHENTICATION_FAILED)
+        # The budget for unproductive input (protocol.md section 10): a frame acted on gives
+        # back the units of the TLS record and the WebSocket frame it may have come in.
+        if acted:
+            budget = self._budget
+            if budget < self.config.unproductive_burst:
+                self._budget = min(budget + 2, self.config.unproductive_burst)
+        else:
+            self._spend(1 + len(frame.payload) // UNPRODUCTIVE_BLOCK_SIZE)
 
     def _on_abort(self, session: _ServerSession, frame: Frame) -> None:
         try:
@@ -932,37 +1035,38 @@ class ServerConnection(ConnectionBase):
             notify=False,
         )
 
-    def _handle_new(self, frame: Frame) -> None:
-        """A frame for a session id this connection has no live session under."""
+    def _handle_new(self, frame: Frame) -> bool:
+        """A frame for a session id this connection has no live session under. False if it
+        opened nothing: ignored, or refused before admission (unproductive input)."""
         session_id = frame.session_id
         opening = frame.type in (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME)
         if session_id <= self._highest_session_id:
             if opening:  # ids must increase; this one is spent
                 self._send_abort(session_id, ErrorCode.BAD_SESSION_ID, "session id already used")
-            return  # else a late frame for a session that ended here; ignore it
+            return False  # else a late frame for a session that ended here; ignore it
         if not opening:
             if frame.type is not FrameType.ABORT:
                 self._send_abort(
                     session_id, ErrorCode.UNEXPECTED_FRAME, f"{frame.type.name} does not open a session"
                 )
-            return
+            return False
         self._highest_session_id = session_id
         if len(self._sessions) >= self.config.max_sessions_per_connection:
             self._send_abort(session_id, ErrorCode.LIMIT_EXCEEDED, "too many sessions on this connection")
-            return
+            return False
         if self._admission is not None and not self._admission.admit(frame.type, self._now):
             # Refused before any OPAQUE work, storage access or session lookup (NET-13).
             reason = "too many attempts from this address; retry later"
             self._send_abort(session_id, ErrorCode.RATE_LIMITED, reason)
             self._events.append(SessionFailed(session_id, ErrorCode.RATE_LIMITED, reason, True))
-            return
+            return False
         kind = SessionKind.REGISTRATION if frame.type is FrameType.REG_START else SessionKind.REQUEST
         try:
             if frame.type is FrameType.RESUME:
                 self._on_resume(session_id, frame)
                 if self._admission is not None:  # a real resumption costs nothing (NET-13)
                     self._admission.refund(frame.type, self._now)
-                return
+                return True
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
             if frame.type is FrameType.REG_START:
                 # The OPAQUE step waits for accept_registration: a registration the server
@@ -981,12 +1085,13 @@ class ServerConnection(ConnectionBase):
         except ProtocolError as exc:
             self._send_abort(session_id, exc.code, str(exc))
             self._events.append(SessionFailed(session_id, exc.code, str(exc), True))
-            return
+            return True  # (admitted: it paid for its attempt)
         transition(Role.SERVER, session, frame.type)
         self._sessions[session_id] = session
         self._lower_deadline_bound(session)
         self._sessions_changed()
         self._events.append(event)
+        return True
 
     def _on_resume(self, session_id: int, frame: Frame) -> None:
         envelope = ResumeEnvelope.decode(frame.payload)
@@ -1025,6 +1130,8 @@ class ServerConnection(ConnectionBase):
         self._sessions[session_id] = session
         self._lower_deadline_bound(session)
         self._sessions_changed()
+        # The client re-sends each request it has unanswered (section 9): not unproductive.
+        self._earn(self.config.max_requests_in_flight * self._late_frame_cost, self._budget_cap)
         record = channel.seal(FrameType.RESUMED, Resumed().encode())
         self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
         assert session.user_id is not None
@@ -1037,11 +1144,11 @@ class ServerConnection(ConnectionBase):
         session.last_activity = self._now
         return plaintext
 
-    def _apply(self, session: _ServerSession, frame: Frame) -> None:
+    def _apply(self, session: _ServerSession, frame: Frame) -> bool:
+        """Act on a frame for a live session; False if it changed nothing (a re-sent request)."""
         t = frame.type
         if t is FrameType.REQUEST:  # the common case first
-            self._on_request(session, *Request.decode_fields(self._open_sealed(session, frame)))
-            return
+            return self._on_request(session, *Request.decode_fields(self._open_sealed(session, frame)))
         if t is FrameType.REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
             session.registration_record = self._opaque.server_registration_finish(upload.registration_upload)
@@ -1060,7 +1167,7 @@ class ServerConnection(ConnectionBase):
             self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
         elif t is FrameType.LOGIN_FINISH:
             self._on_login_finish(session, LoginFinish.decode(frame.payload))
-            return
+            return True
         elif t is FrameType.COMPLETE_REGISTRATION:
             message = CompleteRegistration.decode(self._open_sealed(session, frame))
             assert session.user_id is not None and session.registration_record is not None
@@ -1078,14 +1185,15 @@ class ServerConnection(ConnectionBase):
             )
         elif t is FrameType.CLOSE:
             close = Close.decode(self._open_sealed(session, frame))
-            self._end(session, FrameType.CLOSE)
+            self._end(session, FrameType.CLOSE, credit=False)
             self._events.append(
                 SessionClosed(session.session_id, close.code, session.user_id, handle=session.handle)
             )
-            return
+            return True
         else:  # pragma: no cover - the table admits no other frame types for the server
             raise RemoteProtocolError(f"unexpected {t.name}", ErrorCode.UNEXPECTED_FRAME)
         transition(Role.SERVER, session, t)
+        return True
 
     def _on_login_finish(self, session: _ServerSession, finish: LoginFinish) -> None:
         assert session.opaque_value is not None and session.user_id is not None
@@ -1106,14 +1214,15 @@ class ServerConnection(ConnectionBase):
                 )
             )
 
-    def _on_request(self, session: _ServerSession, request_id: int, body: bytes) -> None:
+    def _on_request(self, session: _ServerSession, request_id: int, body: bytes) -> bool:
+        """False for a re-sent request (unproductive beyond what a resumption allows)."""
         if request_id in session.pending:
-            return  # a re-send after resumption; the answer is on its way
+            return False  # a re-send after resumption; the answer is on its way
         if request_id in session.answered:
             self._send_sealed(
                 session, FrameType.RESPONSE, Response.encode_fields(request_id, session.answered[request_id])
             )
-            return
+            return False
         if request_id <= session.highest_request_id:
             raise RemoteProtocolError("request id reused", ErrorCode.INVALID_REQUEST)
         if len(session.pending) >= self.config.max_requests_in_flight:
@@ -1125,7 +1234,7 @@ class ServerConnection(ConnectionBase):
                     session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
                 )
             )
-            return
+            return True
         session.highest_request_id = request_id
         session.request_count += 1
         session.pending[request_id] = None
@@ -1133,6 +1242,7 @@ class ServerConnection(ConnectionBase):
         self._events.append(
             RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
         )
+        return True
 
 
 def _check_credentials_version(credentials_version: int) -> None:

@@ -383,6 +383,8 @@ def messages() -> JSON:
     samples: list[tuple[str, object]] = [
         ("goaway empty reason", GoAway(ErrorCode.FRAME_TOO_LARGE, "")),
         ("goaway with reason", GoAway(ErrorCode.UNSUPPORTED_VERSION, "unsupported protocol version 2")),
+        # what the key server sends a connection whose unproductive input ran out (section 10)
+        ("goaway unproductive input", GoAway(ErrorCode.LIMIT_EXCEEDED, "too much input that does nothing")),
         ("reg_start", RegStart(b"alice@example.org", rng(32))),
         ("reg_start one-byte name", RegStart(b"a", rng(32))),
         ("reg_response", RegResponse(rng(64))),

@@ -135,6 +135,23 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "server",
+        "unproductive_burst",
+        int,
+        1024,
+        "KEYMGMT_UNPRODUCTIVE_BURST",
+        "units of input that does nothing (ignored frames, small TLS records and WebSocket "
+        "frames, pings) a connection may send at once; past them: GOAWAY(LIMIT_EXCEEDED)",
+    ),
+    Option(
+        "server",
+        "unproductive_rate",
+        float,
+        64.0,
+        "KEYMGMT_UNPRODUCTIVE_RATE",
+        "units of that budget a connection regains per second",
+    ),
+    Option(
+        "server",
         "shutdown_grace",
         float,
         10.0,
@@ -402,6 +419,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             max_hot_channels=values["sessions.max_hot"],  # type: ignore[arg-type]
             connection_idle_timeout=values["server.connection_idle_timeout"],  # type: ignore[arg-type]
             frame_timeout=values["server.frame_timeout"],  # type: ignore[arg-type]
+            unproductive_burst=values["server.unproductive_burst"],  # type: ignore[arg-type]
+            unproductive_rate=values["server.unproductive_rate"],  # type: ignore[arg-type]
         )
         if values["server.max_connections_per_address"] < 1:  # type: ignore[operator]
             raise ValueError("server.max_connections_per_address must be at least 1")

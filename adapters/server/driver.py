@@ -25,6 +25,7 @@ from anyio.abc import ByteStream
 
 from keymgmt_proto import (
     NEED_DATA,
+    SMALL_PIECE_SIZE,
     Admission,
     ConnectionFailed,
     ErrorCode,
@@ -37,6 +38,7 @@ from keymgmt_proto import (
     SessionRegistry,
 )
 
+from ..websocket import WebSocketStream
 from .commit import CommitFailed, GroupCommit
 from .metrics import ServerMetrics
 
@@ -62,11 +64,13 @@ _DRIVERS: WeakKeyDictionary[ServerConnection, ConnectionDriver] = WeakKeyDiction
 
 #: Errors a peer causes only by sending what no honest client sends: a forged, replayed or
 #: reordered record (BAD_RECORD), a RESUME of a session it does not hold (UNKNOWN_SESSION),
-#: frames that do not parse or do not belong where they came. Each is logged at WARNING
-#: with the peer's address (see :meth:`ConnectionDriver.warn`).
+#: frames that do not parse or do not belong where they came, more requests in flight than
+#: allowed or a flood of input that does nothing (LIMIT_EXCEEDED). Each is logged at
+#: WARNING with the peer's address (see :meth:`ConnectionDriver.warn`).
 ATTACK_CODES = frozenset(
     {
         ErrorCode.BAD_RECORD,
+        ErrorCode.LIMIT_EXCEEDED,
         ErrorCode.UNKNOWN_SESSION,
         ErrorCode.MALFORMED,
         ErrorCode.UNEXPECTED_FRAME,
@@ -180,6 +184,13 @@ class ConnectionDriver:
         #: RESUMEs of sessions the server does not hold (see UNKNOWN_SESSIONS_AT_INFO).
         self._unknown_sessions = 0
         self.metrics = metrics
+        #: Each read under SMALL_PIECE_SIZE bytes (a small TLS record) is a unit of the
+        #: connection's budget for unproductive input (protocol.md section 10). A WebSocket
+        #: counts its own pieces instead: its TLS records and WebSocket frames.
+        self._count_reads = True
+        if isinstance(stream, WebSocketStream):
+            stream.on_small_input = self._small_input
+            self._count_reads = False
         _DRIVERS[self.conn] = self
 
     def warn(
@@ -213,6 +224,14 @@ class ConnectionDriver:
                     kind,
                     extra={"peer": self.peer, "event": "not_logged"},
                 )
+
+    def _small_input(self, pieces: int) -> bool:
+        """The WebSocket received ``pieces`` small pieces (pings, pongs, frames, TLS records);
+        True once the connection's budget has run out (it need read nothing more)."""
+        if self.conn.note_small_input(pieces, self.clock()):
+            self._input.set()  # the next batch ends the connection
+            return True
+        return False
 
     def wake(self) -> None:
         """Another connection changed this one (a session moved away, or an answer for a
@@ -420,7 +439,10 @@ class ConnectionDriver:
                 self._input.set()
                 return
             try:
-                conn.receive_data(data, self.clock())
+                now = self.clock()
+                small = self._count_reads and 0 < len(data) < SMALL_PIECE_SIZE
+                spent = small and conn.note_small_input(1, now)
+                conn.receive_data(data, now)
             except Exception as exc:
                 self._reader_failure = exc
                 self._input.set()
@@ -429,6 +451,8 @@ class ConnectionDriver:
             self._input.set()
             if not data:
                 return
+            if spent:  # the budget for unproductive input ran out: the next batch ends it
+                await anyio.sleep_forever()
 
     async def _loop(self) -> None:
         conn = self.conn

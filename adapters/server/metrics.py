@@ -130,7 +130,8 @@ class ServerMetrics:
         )
         self.attacks = Counter(
             "keymgmt_session_attacks",
-            "Sessions or connections ended for a forged, replayed or malformed frame, by error code",
+            "Sessions or connections ended for a forged, replayed or malformed frame, or for a flood of "
+            "input that does nothing (LIMIT_EXCEEDED), by error code",
             ["code"],
             registry=r,
         )

@@ -31,10 +31,15 @@ def test_defaults_file_and_environment_layer_in_that_order(tmp_path):
             "KEYMGMT_MAX_CONNECTIONS_PER_ADDRESS": "3",
             "KEYMGMT_FRAME_TIMEOUT": "4",
             "KEYMGMT_CONNECTION_IDLE_TIMEOUT": "6",
+            "KEYMGMT_UNPRODUCTIVE_BURST": "300",
+            "KEYMGMT_UNPRODUCTIVE_RATE": "8.5",
         },
     )
     assert (admission.admission_rate, admission.max_connections_per_address) == (2.5, 3)
     assert (admission.protocol.frame_timeout, admission.protocol.connection_idle_timeout) == (4, 6)
+    assert (admission.protocol.unproductive_burst, admission.protocol.unproductive_rate) == (300, 8.5)
+    defaults = load_settings(None, env={}).protocol
+    assert (defaults.unproductive_burst, defaults.unproductive_rate) == (1024, 64.0)
     assert load_settings(None, env={}).port == 7443
 
 
@@ -55,6 +60,8 @@ def test_every_option_is_rendered_and_parsed(tmp_path):
         ("[server]\nprot = 1\n", {}, "unknown option server.prot"),
         ("[sessions]\nidle_timeout = 0\n", {}, "idle_timeout must be positive"),
         ("[sessions]\nmax_hot = 0\n", {}, "max_hot_channels must be at least 1"),
+        ("[server]\nunproductive_burst = 0\n", {}, "unproductive_burst must be at least 1"),
+        ("", {"KEYMGMT_UNPRODUCTIVE_RATE": "0"}, "unproductive_rate must be positive"),
         ("[server\n", {}, "not valid TOML"),
         ("", {"KEYMGMT_MAX_CONNECTIONS": "-3"}, "$KEYMGMT_MAX_CONNECTIONS"),
         ("server = 3\n", {}, "must be a table"),

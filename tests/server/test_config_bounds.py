@@ -50,6 +50,7 @@ CASES: list[tuple[str, Build, Build]] = [
             "session_lifetime",
             "connection_idle_timeout",
             "frame_timeout",
+            "unproductive_rate",
         )
     ],
     *[
@@ -63,6 +64,7 @@ CASES: list[tuple[str, Build, Build]] = [
             "max_requests_in_flight",
             "max_sessions_per_connection",
             "max_hot_channels",
+            "unproductive_burst",
         )
     ],
     (

@@ -359,6 +359,37 @@ async def test_a_peer_that_takes_no_pong_or_close_frame_is_given_up_after_contro
     assert transport.closed and ws.pings == 1
 
 
+class _Gone(ByteStream):
+    """A transport whose peer has gone: receive and send raise EndOfStream, as anyio's TLS
+    stream may when the peer closed while the server was still sending."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        raise anyio.EndOfStream
+
+    async def send(self, item: bytes) -> None:
+        raise anyio.EndOfStream
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_closing_a_websocket_whose_peer_has_gone_is_not_a_fault():
+    """The close frame cannot go out: aclose still closes the transport and raises nothing (a
+    flooding peer that the server cut used to leave a 'connection handler failed' traceback,
+    counted as a fault, when the close frame met EndOfStream)."""
+    transport = _Gone()
+    ws = WebSocketStream(transport, Connection(ConnectionType.SERVER), control_timeout=0.2)
+    with anyio.fail_after(3):
+        await ws.aclose()
+    assert transport.closed
+
+
 @pytest.mark.parametrize("listener", ["tcp", "wss"])
 async def test_a_connection_that_never_stops_sending_is_still_closed_when_idle(tmp_path, listener):
     """A connection that opens no session but sends without a pause (ABORT frames for a
