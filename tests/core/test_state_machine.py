@@ -212,14 +212,19 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.logins = 0
         self.counter = 0
         self.rng = random.Random(0)
+        # The core's randomness (session handles, nonces, key ids) from a seeded source, so a
+        # test case and its replay see the same bytes: with os.urandom a replay once met frames
+        # of other sizes at the same step (probably the order of a walk over sessions keyed by
+        # random handles) and Hypothesis stopped the run with FlakyStrategyDefinition in CI.
+        self.random = random.Random(1).randbytes
         self.pair = self._new_pair(Delivery.WHOLE)
 
     # ------------------------------------------------------------ plumbing
 
     def _new_pair(self, delivery: Delivery) -> InMemoryPair:
-        server = ServerConnection(SETUP, os.urandom, config=CONFIG, registry=self.registry, now=self.now)
+        server = ServerConnection(SETUP, self.random, config=CONFIG, registry=self.registry, now=self.now)
         return InMemoryPair(
-            ClientConnection(os.urandom), server, self.app, delivery=delivery, rng=self.rng, now=self.now
+            ClientConnection(self.random), server, self.app, delivery=delivery, rng=self.rng, now=self.now
         )
 
     def _live(self) -> list[Sess]:

@@ -84,6 +84,8 @@ NOT_RUN = {
     'from "./keymgmt.js"': "JavaScript for a browser page: the same calls run in web/test/e2e.test.ts "
     "against a real key server, and in the demo page (web/demo/demo.ts)",
     "stream {": "nginx's configuration (not installed here)",
+    "bundle.mjs --only conformance-client": "tests/conformance/test_web_client_mode.py bundles the shim and "
+    "runs the client mode against it the same way",
 }
 RUN = (
     RUN_QUICK_START,
