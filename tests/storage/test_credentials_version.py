@@ -6,8 +6,6 @@ in place on SQLite and PostgreSQL, reading the changes made before from the audi
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from keymgmt.adapters.storage import postgres as pg_backend
@@ -16,6 +14,7 @@ from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, Cred
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import Action, AuditType, Outcome
 
+from ..support.migrations import postgres_at, sqlite_at
 from ..support.pg import schema_fixture
 from .test_storage_backends import make_storage, storage  # noqa: F401 (fixtures)
 
@@ -162,14 +161,8 @@ def _previous(migrations: list[str]) -> list[str]:
 
 def test_sqlite_upgrades_a_database_of_the_previous_schema(tmp_path, monkeypatch):
     path = tmp_path / "ks.db"
-    previous = _previous(sqlite_backend._MIGRATIONS)
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_backend, "_MIGRATIONS", previous)
-        SQLiteStorage(path).close()  # made by the code of before: schema len(previous)
-    db = sqlite3.connect(path, isolation_level=None)
-    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(previous)
-    _fill_previous_schema(lambda statement, params: db.execute(statement, params), "?")
-    db.close()
+    with sqlite_at(path, _previous(sqlite_backend._MIGRATIONS), monkeypatch) as execute:
+        _fill_previous_schema(execute, "?")
     upgraded = SQLiteStorage(path)
     try:
         assert upgraded.schema_version == len(sqlite_backend._MIGRATIONS)
@@ -186,18 +179,9 @@ def pg():
 
 
 def test_postgres_upgrades_a_database_of_the_previous_schema(pg, monkeypatch):
-    import psycopg
-    from psycopg import sql
-
     conninfo, schema = pg
-    previous = _previous(pg_backend._MIGRATIONS)
-    with monkeypatch.context() as m:
-        m.setattr(pg_backend, "_MIGRATIONS", previous)
-        pg_backend.PostgresStorage(conninfo, schema=schema).close()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(previous)
-        _fill_previous_schema(lambda statement, params: conn.execute(statement, params), "%s")
+    with postgres_at(conninfo, schema, _previous(pg_backend._MIGRATIONS), monkeypatch) as execute:
+        _fill_previous_schema(execute, "%s")
     upgraded = pg_backend.PostgresStorage(conninfo, schema=schema)
     try:
         assert upgraded.schema_version == len(pg_backend._MIGRATIONS)

@@ -6,7 +6,6 @@ trace in it)."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 
 import pytest
@@ -29,6 +28,7 @@ from keymgmt_proto import (
     audit_genesis_hash,
 )
 
+from ..support.migrations import postgres_at, sqlite_at
 from ..support.pg import schema_fixture
 
 ALICE, BOB = b"A" * 16, b"B" * 16
@@ -123,14 +123,8 @@ def _check_upgraded(storage) -> None:
 
 def test_sqlite_upgrades_a_database_of_the_previous_schema(tmp_path, monkeypatch):
     path = tmp_path / "ks.db"
-    previous = _before_the_chain(sqlite_backend._MIGRATIONS)
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_backend, "_MIGRATIONS", previous)
-        SQLiteStorage(path).close()  # made by the code of before: schema len(previous)
-    db = sqlite3.connect(path, isolation_level=None)
-    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(previous)
-    _fill_previous_schema(lambda sql, params: db.execute(sql, params), "?")
-    db.close()
+    with sqlite_at(path, _before_the_chain(sqlite_backend._MIGRATIONS), monkeypatch) as execute:
+        _fill_previous_schema(execute, "?")
 
     storage = SQLiteStorage(path)
     try:
@@ -188,21 +182,12 @@ def pg():
 
 
 def test_postgres_upgrades_a_database_of_the_previous_schema(pg, monkeypatch):
-    import psycopg
-    from psycopg import sql
-
     conninfo, schema = pg
-    previous = _before_the_chain(pg_backend._MIGRATIONS)
-    with monkeypatch.context() as m:
-        m.setattr(pg_backend, "_MIGRATIONS", previous)
-        pg_backend.PostgresStorage(conninfo, schema=schema).close()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(previous)
-        _fill_previous_schema(lambda statement, params: conn.execute(statement, params), "%s")
+    with postgres_at(conninfo, schema, _before_the_chain(pg_backend._MIGRATIONS), monkeypatch) as execute:
+        _fill_previous_schema(execute, "%s")
         # the previous schema numbers entries from the account's counter
-        conn.execute("UPDATE accounts SET audit_seq = 3 WHERE user_id = %s", (ALICE,))
-        conn.execute("UPDATE accounts SET audit_seq = 1 WHERE user_id = %s", (BOB,))
+        execute("UPDATE accounts SET audit_seq = 3 WHERE user_id = %s", (ALICE,))
+        execute("UPDATE accounts SET audit_seq = 1 WHERE user_id = %s", (BOB,))
     storage = pg_backend.PostgresStorage(conninfo, schema=schema)
     try:
         assert storage.schema_version == len(pg_backend._MIGRATIONS)
