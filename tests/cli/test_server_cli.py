@@ -375,8 +375,26 @@ def test_a_health_port_that_is_the_tls_port_is_one_line_before_anything_starts(s
     one_line_error(result, 1, "port 7943", "TLS port 7943")
 
 
+def busy_port_after_a_free_one() -> socket.socket:
+    """A listening socket whose port number minus one was free a moment ago (so worker 0 can bind it)."""
+    for _ in range(50):
+        taken = busy_port()
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", taken.getsockname()[1] - 1))
+        except OSError:
+            taken.close()
+            continue
+        finally:
+            probe.close()
+        return taken
+    raise AssertionError("no free port below a busy one in 50 tries")
+
+
 def test_a_worker_that_cannot_start_has_its_cause_and_exit_code_in_the_parents_log(server_dir):
-    with busy_port() as taken:
+    # worker 0's health port must be free, or worker 0 fails first (seen in CI: a port below an
+    # ephemeral one was in use by another test's connection)
+    with busy_port_after_a_free_one() as taken:
         health = taken.getsockname()[1] - 1  # worker 1's health port is the taken one
         result = run(
             "serve", "--config", str(server_dir / CONFIG), "--workers", "2", "--health-listen", str(health)
