@@ -59,6 +59,9 @@ MAX_RESPONSE_HEAD = 16384
 #: Small pieces counted before ``on_small_input`` is told (and may stop the parsing).
 _REPORT_EVERY = 32
 
+#: The code wsproto reports (as a close, RFC 6455's 1007) for text that is not UTF-8.
+_NOT_UTF8 = 1007
+
 #: RFC 6455's GUID for Sec-WebSocket-Accept.
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -224,6 +227,10 @@ class WebSocketStream(ByteStream):
                 elif self._ws.state is ConnectionState.CLOSED:  # the answer to our close
                     self.peer_close_code = event.code
                     self._eof = True
+                elif event.code == _NOT_UTF8:  # still OPEN: text that is not UTF-8 is text too
+                    await self._fail(
+                        CloseCode.UNSUPPORTED_DATA, "text that is not UTF-8 (binary messages only)"
+                    )
                 else:  # still OPEN: wsproto found broken framing and reports it as a close
                     await self._fail(CloseCode.PROTOCOL_ERROR, f"broken WebSocket framing ({event.reason})")
                 return

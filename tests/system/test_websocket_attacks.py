@@ -160,6 +160,41 @@ async def test_broken_framing_and_compressed_frames_close_with_1002(tmp_path):
         await still_serves(runtime, pki)
 
 
+async def test_text_frames_that_are_not_utf8_close_as_any_text_message_does(tmp_path):
+    """A text message is refused with 1003 whatever it holds: bytes that are not UTF-8 (which
+    wsproto reports as a broken frame) are a text message too, not broken framing (1002)."""
+    cases = {
+        "a text frame that is not UTF-8": client_frame(0x1, b"\xff\xfe"),
+        "a fragmented text message cut in a code point": client_frame(0x1, b"\xc3", fin=False)
+        + client_frame(0x0, b"x"),
+    }
+    async with wss_server(tmp_path) as (runtime, pki):
+        await registered(runtime, pki)
+        assert runtime.websocket_port is not None
+        for what, raw in cases.items():
+            stream = await tls_to(runtime.websocket_port, pki.ca_cert)
+            await stream.send(upgrade_request())
+            status, rest = await read_head_and_rest(stream)
+            assert status == 101 and rest == b"", what
+            await stream.send(raw)
+            ws = Connection(ConnectionType.CLIENT)
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        ws.receive_data(await stream.receive())
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        raise AssertionError(f"{what}: no close frame") from None
+                    closes = [e for e in ws.events() if type(e).__name__ == "CloseConnection"]
+                    if closes:
+                        break
+            assert closes[0].code == CloseCode.UNSUPPORTED_DATA, (what, closes[0])
+            await anyio.aclose_forcefully(stream)
+        with anyio.fail_after(5):
+            while runtime.metrics.websocket_closed.labels("unsupported_data")._value.get() < len(cases):
+                await anyio.sleep(0.01)
+        await still_serves(runtime, pki)
+
+
 async def test_no_extension_is_ever_selected(tmp_path):
     async with wss_server(tmp_path) as (runtime, pki):
         assert runtime.websocket_port is not None
