@@ -142,6 +142,10 @@ class _Decodable:
 # (whose name labels decode errors) and, where the shape has one, its field and SIZE.
 
 
+#: The one field's name of each _FixedSize class.
+_FIELD_NAMES: dict[type, str] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class _FixedSize(_Decodable):
     """A payload that is exactly one fixed-size value (an OPAQUE message, a user id). A subclass
@@ -151,9 +155,12 @@ class _FixedSize(_Decodable):
     SIZE: ClassVar[int]
 
     def _field(self) -> tuple[str, bytes]:
-        (only,) = fields(self)
-        value: bytes = getattr(self, only.name)
-        return only.name, value
+        name = _FIELD_NAMES.get(type(self))
+        if name is None:  # (once per class: dataclasses.fields costs more than the rest)
+            (only,) = fields(self)
+            name = _FIELD_NAMES[type(self)] = only.name
+        value: bytes = getattr(self, name)
+        return name, value
 
     def __post_init__(self) -> None:
         _check_size(*self._field(), self.SIZE)

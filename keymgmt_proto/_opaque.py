@@ -14,7 +14,7 @@ from typing import Protocol
 
 import opaque_ke_py as _ok
 
-from ._crypto import RandomSource, hkdf_expand_sha3, hkdf_sha3
+from ._crypto import HmacSha3, RandomSource, hkdf_sha3
 from ._errors import ErrorCode, RemoteProtocolError
 
 __all__ = [
@@ -42,11 +42,12 @@ _DECOY_LABEL = b"keymgmt v1 decoy records"
 class ServerSetup:
     """The long-term OPAQUE server secret (CRY-5). Its repr shows nothing."""
 
-    __slots__ = ("_decoy_public_key", "_decoy_secret", "_setup")
+    __slots__ = ("_decoy_mac", "_decoy_public_key", "_setup")
 
     def __init__(self, setup: _ok.ServerSetupData) -> None:
         self._setup = setup
-        self._decoy_secret: bytes | None = None
+        #: HMAC under the decoy secret (its key states hashed once), and the decoy public key.
+        self._decoy_mac: HmacSha3 | None = None
         self._decoy_public_key: bytes | None = None
 
     @classmethod
@@ -77,18 +78,20 @@ class ServerSetup:
         masking key, the envelope and the user id come from a secret derived from this
         setup and the name, so every instance sharing the setup answers repeated probes of
         one name like probes of one real account. The public key must be a valid
-        ristretto255 point: it comes from one throwaway registration made the first time
-        (``random`` draws its password). No password opens the envelope."""
-        if self._decoy_secret is None or self._decoy_public_key is None:
-            password = random(32)
-            start = _ok.client_registration_start(password)
+        ristretto255 point: the first time, the public key of a throwaway server setup (a
+        uniformly random point, as a client's is), read from a RegistrationResponse
+        (evaluated element (32) || server public key (32); ``random`` draws the request's
+        password). No client step runs, so no Argon2: the first login costs what the others
+        do. No password opens the envelope."""
+        if self._decoy_mac is None or self._decoy_public_key is None:
+            start = _ok.client_registration_start(random(32))
             response = _ok.server_registration_start(_ok.server_setup(), start.get_message(), b"decoy")
-            finish = _ok.client_registration_finish(password, start.get_state(), response.get_message())
-            self._decoy_public_key = finish.get_message()[:32]
-            self._decoy_secret = hkdf_sha3(self.to_bytes(), _DECOY_LABEL, 32)
-        # user id (16) || masking key (64) || envelope (96), in one expansion: a few
-        # microseconds, and the same work whether or not the name exists (see accept_login).
-        material = hkdf_expand_sha3(self._decoy_secret, b"decoy record" + account_name, 176)
+            self._decoy_public_key = response.get_message()[32:64]
+            self._decoy_mac = HmacSha3(hkdf_sha3(self.to_bytes(), _DECOY_LABEL, 32))
+        # user id (16) || masking key (64) || envelope (96), in one expansion (HKDF-Expand
+        # under the decoy secret): a few microseconds, and the same work whether or not the
+        # name exists (see accept_login).
+        material = self._decoy_mac.expand(b"decoy record" + account_name, 176)
         return material[:16], self._decoy_public_key + material[16:]
 
 

@@ -28,6 +28,7 @@ from ._crypto import (
     MAX_SEQ,
     NONCE_SIZE,
     STORAGE_KEY_AD_SUFFIX,
+    HmacSha3,
     hkdf_expand_sha3,
     record_nonce,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "Frame",
     "FrameType",
     "GoAway",
+    "HmacSha3",
     "LoginFinish",
     "LoginResponse",
     "LoginStart",

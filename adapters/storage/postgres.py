@@ -174,8 +174,6 @@ _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
 # A name or key id that is taken inserts nothing (rowcount 0) instead of failing the transaction.
 _INSERT_ACCOUNT = _SQL.insert_account + " ON CONFLICT DO NOTHING"
 _INSERT_SECRET = _SQL.insert_secret + " ON CONFLICT (key_id) DO NOTHING"
-# A success locks the record before it reads the counts it hands over.
-_LOGIN_RECORD_FOR_UPDATE = _SQL.login_record + " FOR UPDATE"
 _NEXT_AUDIT_SEQ = (
     "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s "
     "RETURNING audit_seq, credentials_changed_us"
@@ -353,10 +351,15 @@ class _PgTransaction:
     ) -> LoginRecord | None:
         with self._own() as conn:
             if succeeded:
-                row = conn.execute(_LOGIN_RECORD_FOR_UPDATE, (account_name,)).fetchone()
-                if row is not None:
-                    conn.execute(_SQL.login_succeeded, (account_name,))
-                return None if row is None else to_login_record(row)
+                # The UPDATE locks the row until this transaction ends: nothing counts between
+                # reading the waiting counts and clearing them.
+                row = conn.execute(_SQL.login_succeeded, (account_name,)).fetchone()
+                if row is None:
+                    return None
+                record = to_login_record(row)
+                if record.unlogged or record.throttled:
+                    conn.execute(_SQL.login_counts_logged, (account_name,))
+                return record
             row = conn.execute(_SQL.login_failed, (account_name, now)).fetchone()
             assert row is not None
             record = to_login_record(row)

@@ -189,10 +189,17 @@ class Statements:
             f"last_start_us = CASE WHEN {_ADMIT} THEN :now ELSE login_throttle.last_start_us END "
             "RETURNING admitted"
         )
-        #: A login succeeded: the counts waiting for the owner's log are handed over.
+        #: A login succeeded: no longer in flight; the record is returned (with the counts
+        #: waiting for the owner's log) from the same statement, so the common success (no
+        #: counts waiting) costs one statement. Parameters: the name.
         self.login_succeeded = spell(
-            f"UPDATE login_throttle SET pending = {_ONE_FEWER_PENDING}, unlogged = 0, throttled = 0 "
-            "WHERE account_name = ?"
+            f"UPDATE login_throttle SET pending = {_ONE_FEWER_PENDING} WHERE account_name = ? "
+            f"RETURNING {LOGIN_COLUMNS}"
+        )
+        #: After a success whose record held counts for the owner's log (its row was just
+        #: written, so it is locked): they are being logged. Parameters: the name.
+        self.login_counts_logged = spell(
+            "UPDATE login_throttle SET unlogged = 0, throttled = 0 WHERE account_name = ?"
         )
         #: A login failed: an upsert, so that a failure counts even if the record went while
         #: the login ran. Parameters: the name, now.

@@ -225,9 +225,12 @@ class _SQLiteTransaction:
     ) -> LoginRecord | None:
         # In the caller's transaction: SQLite has one writer at a time, so no lock cycle.
         if succeeded:
-            record = self.get_login_record(account_name)
-            if record is not None:
-                self._db.execute(_SQL.login_succeeded, (account_name,))
+            row = self._db.execute(_SQL.login_succeeded, (account_name,)).fetchone()
+            if row is None:
+                return None
+            record = to_login_record(row)
+            if record.unlogged or record.throttled:  # handed over: cleared in the same transaction
+                self._db.execute(_SQL.login_counts_logged, (account_name,))
             return record
         record = to_login_record(self._db.execute(_SQL.login_failed, (account_name, now)).fetchone())
         locked_until = lock_end(record, now, lock_for)

@@ -8,7 +8,15 @@ import os
 
 import pytest
 
-from keymgmt_proto import ServerConfig, ServerSetup, SessionRegistry, hkdf_sha3
+from keymgmt_proto import (
+    ErrorCode,
+    RealOpaque,
+    RemoteProtocolError,
+    ServerConfig,
+    ServerSetup,
+    SessionRegistry,
+    hkdf_sha3,
+)
 from keymgmt_proto.wire import REGISTRATION_UPLOAD_SIZE, USER_ID_SIZE, Reader, Writer, hkdf_expand_sha3
 
 NAME = b"nobody@example.org"
@@ -76,3 +84,26 @@ def test_the_decoy_derivation_is_fixed_by_the_setup_and_the_name(setup):
     twin = ServerSetup.from_bytes(setup.to_bytes())
     twin_user_id, twin_record = twin.decoy_record(NAME, os.urandom)
     assert (twin_user_id, twin_record[32:]) == (user_id, record[32:])
+
+
+def test_the_first_decoy_runs_no_client_step(monkeypatch):
+    """The decoy's public key comes from a throwaway server setup, not a throwaway client
+    registration: the first login a server answers pays no Argon2 (a one-off ~15 ms that made
+    the first login stand out and weighed on the benchmarks' per-login CPU). The record still
+    holds a valid ristretto255 point: OPAQUE accepts it, and no password opens it."""
+    import opaque_ke_py
+
+    OPAQUE = RealOpaque()
+
+    def no_argon2(*args: object) -> None:
+        raise AssertionError("the decoy ran a client registration step (Argon2)")
+
+    monkeypatch.setattr(opaque_ke_py, "client_registration_finish", no_argon2)
+    fresh = ServerSetup.generate()
+    _, record = fresh.decoy_record(NAME, os.urandom)
+    monkeypatch.undo()
+    client = OPAQUE.client_login_start(b"any password")
+    step = OPAQUE.server_login_start(fresh, record, client.message, NAME)
+    with pytest.raises(RemoteProtocolError) as failed:
+        OPAQUE.client_login_finish(b"any password", client.state, step.message)
+    assert failed.value.code is ErrorCode.AUTHENTICATION_FAILED

@@ -6,6 +6,7 @@ Run with ``HYPOTHESIS_PROFILE=ci`` (or ``long``) for more examples; profiles liv
 from __future__ import annotations
 
 import dataclasses
+import hmac as std_hmac
 import os
 import struct
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from keymgmt_proto import (
@@ -50,6 +51,7 @@ from keymgmt_proto.wire import (
     Abort,
     Close,
     GoAway,
+    HmacSha3,
     Record,
     Request,
     Response,
@@ -57,6 +59,7 @@ from keymgmt_proto.wire import (
     ResumeEnvelope,
     decode_header,
     encode_frame,
+    hkdf_expand_sha3,
 )
 
 # ----------------------------------------------------------------- strategies
@@ -528,6 +531,30 @@ def test_channel_known_answer() -> None:
 
 def _sha3_expand(prk: bytes, info: bytes, length: int) -> bytes:
     return HKDFExpand(algorithm=hashes.SHA3_256(), length=length, info=info).derive(prk)
+
+
+@given(key=st.binary(max_size=300), message=st.binary(max_size=400))
+@example(key=b"", message=b"")
+@example(key=bytes(range(136)), message=b"m")
+@example(key=bytes(range(137)), message=b"m")
+@example(key=bytes(200), message=bytes(300))
+def test_hmac_sha3_is_hmac_sha3_256(key: bytes, message: bytes) -> None:
+    """The channel's and the decoy's HMAC (key states hashed once) is RFC 2104 HMAC-SHA3-256,
+    for keys shorter than, as long as and longer than SHA3-256's 136-byte block; one object
+    gives the same MAC every time."""
+    mac = HmacSha3(key)
+    expected = std_hmac.digest(key, message, "sha3_256")
+    assert mac.digest(message) == expected
+    assert mac.digest(message) == expected
+    assert repr(mac) == "HmacSha3(<secret>)"
+
+
+@given(prk=st.binary(min_size=32, max_size=64), info=st.binary(max_size=200), length=st.integers(1, 400))
+def test_hkdf_expand_sha3_is_rfc5869(prk: bytes, info: bytes, length: int) -> None:
+    """HKDF-Expand on HmacSha3, one block (the channel's keys) or many (the decoy's 176 bytes),
+    against cryptography's HKDFExpand."""
+    assert hkdf_expand_sha3(prk, info, length) == _sha3_expand(prk, info, length)
+    assert HmacSha3(prk).expand(info, length) == _sha3_expand(prk, info, length)
 
 
 def test_channel_key_schedule_matches_documentation() -> None:

@@ -199,6 +199,20 @@ def test_login_throttling_state(storage):
         assert tx.finish_login(b"gone", 320, succeeded=False) == LoginRecord(b"gone", 1, 1, 0, 320, 0, 0)
 
 
+def test_a_success_ends_its_login_in_flight_in_one_step(storage):
+    """A success ends its login in flight and hands over the counts waiting for the owner's
+    log; with none waiting (the common case) its one statement still ends the login."""
+    y = b"y"
+    with storage.transaction() as tx:
+        assert [tx.start_login(y, now, 2, 1000) for now in (1, 2, 3)] == [True, True, False]
+        assert tx.finish_login(y, 4, succeeded=True) == LoginRecord(y, 0, 0, 1, 0, 3, 0)
+        assert tx.get_login_record(y) == LoginRecord(y, 0, 0, 0, 0, 3, 0)
+        assert tx.start_login(y, 5, 2, 1000)  # one in flight again: the success ended its own
+        assert tx.finish_login(y, 6, succeeded=True) == LoginRecord(y, 0, 0, 0, 0, 3, 0)
+        assert tx.finish_login(y, 7, succeeded=True) == LoginRecord(y, 0, 0, 0, 0, 3, 0)
+        assert [tx.start_login(y, now, 2, 1000) for now in (8, 9, 10)] == [True, True, False]
+
+
 def _fail(tx, name: bytes, now: int, locked_until: int = 0) -> None:
     assert tx.start_login(name, now, 5, 50)
     tx.finish_login(name, now, succeeded=False, lock_for=lambda n: max(0, locked_until - now))
