@@ -33,6 +33,7 @@ from keymgmt_proto import (
     Outcome,
     SecretKind,
     audit_chain_hash,
+    audit_chain_hash_of,
     audit_genesis_hash,
 )
 
@@ -357,10 +358,20 @@ def audit_values(record: AuditRecord, chain_hash: bytes) -> tuple[object, ...]:
 def chain_hash_of(record: AuditRecord, seq: int, previous: bytes | None) -> bytes:
     """The audit-chain hash of ``record`` written as the user's entry ``seq``, after the entry
     whose hash is ``previous`` (None for entry 1: the genesis hash)."""
-    entry = AuditEntry(
-        seq, record.action, record.timestamp, record.outcome, record.key_id, record.context, record.count
+    return audit_chain_hash_of(
+        record.user_id,
+        _GENESIS if previous is None else previous,
+        seq,
+        record.action,
+        record.timestamp,
+        record.outcome,
+        record.key_id,
+        record.context,
+        record.count,
     )
-    return audit_chain_hash(record.user_id, audit_genesis_hash() if previous is None else previous, entry)
+
+
+_GENESIS = audit_genesis_hash()
 
 
 def fill_audit_chain(run: Callable[[str, Sequence[object]], list[Row]], statements: Statements) -> int:
