@@ -24,10 +24,11 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from keymgmt_proto import AuditEntry, KeyInfo
+from keymgmt_proto import AuditEntry, KeyInfo, audit_chain_hash_of
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .base import (
+    SOFT_AUDIT_ACTIONS,
     Account,
     AuditQuery,
     AuditRecord,
@@ -36,7 +37,6 @@ from .base import (
     SecretRecord,
     StorageError,
     Transaction,
-    needs_sync,
 )
 from .sql import (
     AUDIT_CHAIN_MARK,
@@ -348,14 +348,24 @@ class _SQLiteTransaction:
         # skipped, and no hash is ever computed from an entry that was rolled back. With
         # ``credentials`` the same statement checks the account's (INSERT ... SELECT ...
         # WHERE EXISTS): an entry of a session whose credentials changed inserts no row.
-        if needs_sync(record):
+        if record.action not in SOFT_AUDIT_ACTIONS:  # (needs_sync, inline)
             self._storage.sync_needed = True
         user_id = record.user_id
         numbers = self._storage.audit_numbers
         remembered = numbers.get(user_id)
         if remembered is not None:
             last, previous = remembered
-            chain_hash = chain_hash_of(record, last + 1, previous)
+            chain_hash = audit_chain_hash_of(  # (chain_hash_of, inline)
+                user_id,
+                previous,
+                last + 1,
+                record.action,
+                record.timestamp,
+                record.outcome,
+                record.key_id,
+                record.context,
+                record.count,
+            )
             try:
                 self._insert_audit(record, last + 1, chain_hash, credentials)
             except sqlite3.IntegrityError:
