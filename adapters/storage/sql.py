@@ -73,7 +73,8 @@ Row = Sequence[Any]
 ACCOUNT_COLUMNS = (
     "account_name, user_id, registration_record, encrypted_storage_key, created_us, credentials_changed_us"
 )
-SECRET_COLUMNS = "user_id, key_id, kind, ciphertext, associated_data, created_us"  # noqa: S105
+#: A secret's columns besides the user id and key id it is looked up by.
+SECRET_COLUMNS = "kind, ciphertext, associated_data, created_us"  # noqa: S105
 AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count, chain_hash"
 #: In a migration's text: after its statements, compute the audit chain of the entries
 #: written before it (:func:`fill_audit_chain`), in the migration's transaction.
@@ -156,6 +157,7 @@ class Statements:
             "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
             "VALUES (?, ?, ?, ?, ?, ?)"
         )
+        #: Parameters: user id, key id; rows: :func:`to_secret`.
         self.secret = spell(f"SELECT {SECRET_COLUMNS} FROM secrets WHERE user_id = ? AND key_id = ?")
         #: Parameters: user id, :func:`rows_to_fetch`, offset; rows: :func:`key_page`.
         self.list_keys = spell(
@@ -436,12 +438,13 @@ def account_if_named(row: Row | None, account_name: bytes) -> Account | None:
     return account if row[0] == account_name else None
 
 
-def to_secret(row: Row) -> SecretRecord:
-    """A :data:`SECRET_COLUMNS` row."""
-    kind = _SECRET_KINDS.get(row[2])  # (a dict lookup: SecretKind(value) runs Enum's Python code)
+def to_secret(user_id: bytes, key_id: bytes, row: Row) -> SecretRecord:
+    """The secret of a :data:`SECRET_COLUMNS` row, looked up by ``user_id`` and ``key_id`` (not
+    read back: two fewer BLOBs copied out of the row)."""
+    kind = _SECRET_KINDS.get(row[0])  # (a dict lookup: SecretKind(value) runs Enum's Python code)
     if kind is None:
-        kind = SecretKind(row[2])  # raises ValueError for a kind no version wrote
-    return SecretRecord(row[0], row[1], kind, row[3], row[4], row[5])
+        kind = SecretKind(row[0])  # raises ValueError for a kind no version wrote
+    return SecretRecord(user_id, key_id, kind, row[1], row[2], row[3])
 
 
 _SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
