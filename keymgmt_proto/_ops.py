@@ -660,6 +660,9 @@ def _check_sealed_label(sealed_label: bytes) -> None:
 
 #: A RETRIEVE request body: op, user id, key id, context.
 _RETRIEVE = struct.Struct(f">B{USER_ID_SIZE}s{KEY_ID_SIZE}sB")
+_CONTEXTS: dict[int, Context] = {int(context): context for context in Context}
+_new_object = object.__new__
+_set_field = object.__setattr__
 
 
 def _flag(r: Reader) -> bool:
@@ -677,9 +680,18 @@ def _optional_u64(r: Reader) -> int | None:
 def decode_request(body: bytes) -> OpRequest:
     """Parse a request body; RemoteProtocolError if it is malformed or names no operation."""
     if len(body) == _RETRIEVE.size and body[0] == Op.RETRIEVE:
-        # The commonest request, fixed layout: one unpack (the same checks as below).
-        _, user_id, key_id, context = _RETRIEVE.unpack(body)
-        return RetrieveRequest(user_id, key_id, _enum(Context, context, "retrieve context"))
+        # The commonest request, fixed layout: one unpack (the same checks as below). The
+        # layout fixed the ids' sizes, which RetrieveRequest's __post_init__ would check
+        # again (three Python calls): its fields are set as its frozen __init__ sets them.
+        _, user_id, key_id, raw_context = _RETRIEVE.unpack(body)
+        context = _CONTEXTS.get(raw_context)
+        if context is None:
+            raise RemoteProtocolError(f"unknown retrieve context {raw_context}")
+        retrieve = _new_object(RetrieveRequest)
+        _set_field(retrieve, "user_id", user_id)
+        _set_field(retrieve, "key_id", key_id)
+        _set_field(retrieve, "context", context)
+        return retrieve
     r = Reader(body, "request")
     op = _enum(Op, r.u8(), "op")
     user_id = r.fixed(USER_ID_SIZE)
