@@ -94,6 +94,7 @@ __all__ = [
     "StoredResponse",
     "ad_matches",
     "audit_chain_hash",
+    "audit_chain_hash_of",
     "audit_genesis_hash",
     "check_label",
     "decode_portable",
@@ -162,6 +163,12 @@ _E = TypeVar("_E", bound=IntEnum)
 _U8 = struct.Struct(">B")
 #: A SecretResponse's kind and ciphertext length.
 _KIND_AND_SIZE = struct.Struct(">BI")
+#: An audit entry's canonical encoding (section 12.9) in one pack: entry id u64, action u8,
+#: timestamp u64, outcome u8, count u32, key-id flag u8 (+ key id), context u8 (0xFF: none).
+_ENTRY_WITH_KEY = struct.Struct(f">QBQBIB{KEY_ID_SIZE}sB")
+_ENTRY_WITHOUT_KEY = struct.Struct(">QBQBIBB")
+#: What every audit-chain hash input starts with: u16 length of the domain, the domain.
+_AUDIT_CHAIN_PREFIX = struct.pack(">H", len(AUDIT_CHAIN_DOMAIN)) + AUDIT_CHAIN_DOMAIN
 
 
 class Op(IntEnum):
@@ -653,6 +660,9 @@ def _check_sealed_label(sealed_label: bytes) -> None:
 
 #: A RETRIEVE request body: op, user id, key id, context.
 _RETRIEVE = struct.Struct(f">B{USER_ID_SIZE}s{KEY_ID_SIZE}sB")
+_CONTEXTS: dict[int, Context] = {int(context): context for context in Context}
+_new_object = object.__new__
+_set_field = object.__setattr__
 
 
 def _flag(r: Reader) -> bool:
@@ -670,9 +680,18 @@ def _optional_u64(r: Reader) -> int | None:
 def decode_request(body: bytes) -> OpRequest:
     """Parse a request body; RemoteProtocolError if it is malformed or names no operation."""
     if len(body) == _RETRIEVE.size and body[0] == Op.RETRIEVE:
-        # The commonest request, fixed layout: one unpack (the same checks as below).
-        _, user_id, key_id, context = _RETRIEVE.unpack(body)
-        return RetrieveRequest(user_id, key_id, _enum(Context, context, "retrieve context"))
+        # The commonest request, fixed layout: one unpack (the same checks as below). The
+        # layout fixed the ids' sizes, which RetrieveRequest's __post_init__ would check
+        # again (three Python calls): its fields are set as its frozen __init__ sets them.
+        _, user_id, key_id, raw_context = _RETRIEVE.unpack(body)
+        context = _CONTEXTS.get(raw_context)
+        if context is None:
+            raise RemoteProtocolError(f"unknown retrieve context {raw_context}")
+        retrieve = _new_object(RetrieveRequest)
+        _set_field(retrieve, "user_id", user_id)
+        _set_field(retrieve, "key_id", key_id)
+        _set_field(retrieve, "context", context)
+        return retrieve
     r = Reader(body, "request")
     op = _enum(Op, r.u8(), "op")
     user_id = r.fixed(USER_ID_SIZE)
@@ -849,10 +868,9 @@ class AuditEntry:
     def encode(self) -> bytes:
         """The entry's canonical encoding (without its hash): on the wire, and what the
         audit chain hashes."""
-        w = Writer().u64(self.entry_id).u8(self.action).u64(self.timestamp).u8(self.outcome).u32(self.count)
-        w.u8(0) if self.key_id is None else w.u8(1).fixed(self.key_id, KEY_ID_SIZE)
-        w.u8(0xFF if self.context is None else self.context)
-        return w.getvalue()
+        return _encode_entry(
+            self.entry_id, self.action, self.timestamp, self.outcome, self.key_id, self.context, self.count
+        )
 
     @classmethod
     def read(cls, r: Reader) -> AuditEntry:
@@ -1204,9 +1222,55 @@ def audit_chain_hash(user_id: bytes, previous: bytes, entry: AuditEntry) -> byte
     previous[32] || entry.encode())``, where ``previous`` is the hash of the user's entry
     before (:func:`audit_genesis_hash` for entry 1) and ``entry.encode()`` the entry's canonical
     24- or 40-byte encoding (docs/protocol.md section 12.9)."""
-    _check_user_id(user_id)
+    return audit_chain_hash_of(
+        user_id,
+        previous,
+        entry.entry_id,
+        entry.action,
+        entry.timestamp,
+        entry.outcome,
+        entry.key_id,
+        entry.context,
+        entry.count,
+    )
+
+
+def audit_chain_hash_of(
+    user_id: bytes,
+    previous: bytes,
+    entry_id: int,
+    action: Action,
+    timestamp: int,
+    outcome: Outcome,
+    key_id: bytes | None = None,
+    context: Context | None = None,
+    count: int = 1,
+) -> bytes:
+    """:func:`audit_chain_hash` of the entry with these fields, without building an
+    :class:`AuditEntry` (the server hashes one entry per request)."""
+    if len(user_id) != USER_ID_SIZE:
+        raise ValueError("user_id must be 16 bytes")
     if len(previous) != AUDIT_HASH_SIZE:
         raise ValueError(f"the previous hash is {AUDIT_HASH_SIZE} bytes")
-    return hashlib.sha3_256(
-        struct.pack(">H", len(AUDIT_CHAIN_DOMAIN)) + AUDIT_CHAIN_DOMAIN + user_id + previous + entry.encode()
-    ).digest()
+    entry = _encode_entry(entry_id, action, timestamp, outcome, key_id, context, count)
+    return hashlib.sha3_256(_AUDIT_CHAIN_PREFIX + user_id + previous + entry).digest()
+
+
+def _encode_entry(
+    entry_id: int,
+    action: int,
+    timestamp: int,
+    outcome: int,
+    key_id: bytes | None,
+    context: int | None,
+    count: int,
+) -> bytes:
+    """An audit entry's canonical 24- or 40-byte encoding (section 12.9)."""
+    if not 1 <= count < 2**32:
+        raise ValueError("count must be 1..2**32-1")
+    raw_context = 0xFF if context is None else context
+    if key_id is None:
+        return _ENTRY_WITHOUT_KEY.pack(entry_id, action, timestamp, outcome, count, 0, raw_context)
+    if len(key_id) != KEY_ID_SIZE:  # (a "16s" field would pad or cut it silently)
+        raise ValueError(f"expected {KEY_ID_SIZE} bytes, got {len(key_id)}")
+    return _ENTRY_WITH_KEY.pack(entry_id, action, timestamp, outcome, count, 1, key_id, raw_context)

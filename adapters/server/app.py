@@ -297,14 +297,18 @@ class KeyServer:
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
             assert event.handle is not None
-            age = conn.login_age(event.session_id)
-            recent = age is not None and age <= self.reauth_window
+            op_byte = event.body[:1]
+            registrar = None
+            if op_byte in _NEED_RECENT_LOGIN:  # (only these use the registrar)
+                age = conn.login_age(event.session_id)
+                if age is not None and age <= self.reauth_window:
+                    registrar = conn
             try:
                 body = self._answer_counted(
                     event.handle,
                     event.user_id,
                     event.body,
-                    registrar=conn if recent else None,
+                    registrar=registrar,
                     credentials=conn.credentials_version(event.session_id),
                 )
             except CredentialsChanged as changed:
@@ -319,10 +323,11 @@ class KeyServer:
                 )
                 return
             conn.send_response(event.session_id, event.request_id, body)
-            renewed = self.take_renewed(event.handle)
+            # (only a CHANGE_PASSWORD_FINISH answer leaves a renewed version to take)
+            renewed = self.take_renewed(event.handle) if op_byte == _CHANGE_PASSWORD_FINISH else None
             if renewed is not None:  # this session changed the password: it goes on with the new one
                 conn.renew_credentials(event.session_id, renewed)
-            if body[:1] == _OK and event.body[:1] in _ENDING_SESSIONS:
+            if body[:1] == _OK and op_byte in _ENDING_SESSIONS:
                 # The password changed (every other session of the account ends) or the
                 # account is gone (every session ends, this one after its answer).
                 keep = event.handle if event.body[0] == Op.CHANGE_PASSWORD_FINISH else None
@@ -563,13 +568,13 @@ class KeyServer:
         if self.metrics is None:
             return self._answer_or_gone(session, user_id, body, registrar, credentials)
         started = time.perf_counter()
-        op = Op(body[0]).name if body and body[0] in Op._value2member_map_ else "MALFORMED"
+        op = _OP_LABELS.get(body[0], "MALFORMED") if body else "MALFORMED"
         try:
             response = self._answer_or_gone(session, user_id, body, registrar, credentials)
         except CredentialsChanged:
             self.metrics.request(op, "ENDED", time.perf_counter() - started)
             raise
-        status = Status(response[0]).name if response and response[0] in Status._value2member_map_ else "?"
+        status = _STATUS_LABELS.get(response[0], "?") if response else "?"
         self.metrics.request(op, status, time.perf_counter() - started)
         return response
 
@@ -637,7 +642,7 @@ class KeyServer:
             return encode_response(Status.INVALID)
         action = request.audit_action
         context = request.context if isinstance(request, RetrieveRequest) else None
-        kind = request.op
+        kind = request.OP
         reserving = kind in _RESERVING
         reservations = (self._reserved.get(session) or OrderedDict()) if reserving else _NONE
         try:
@@ -671,7 +676,7 @@ class KeyServer:
                 self._reserved[session] = reservations
             else:  # only a session holding a reservation keeps an entry (P4)
                 self._reserved.pop(session, None)
-        return encode_response(Status.OK, response)
+        return _OK + response.encode_fields()  # (encode_response's, without its checks)
 
     def take_renewed(self, session: SessionHandle) -> int | None:
         """The new credentials version of a session that just changed its password itself
@@ -836,6 +841,15 @@ class KeyServer:
 _OK = bytes([Status.OK])
 #: Op bytes of the requests that end sessions of the account when they succeed.
 _ENDING_SESSIONS = frozenset({bytes([Op.CHANGE_PASSWORD_FINISH]), bytes([Op.DELETE_ACCOUNT])})
+_CHANGE_PASSWORD_FINISH = bytes([Op.CHANGE_PASSWORD_FINISH])
+#: Op bytes of the requests that need a recent login (their handlers use ``_Op.registrar``;
+#: every other request is answered without asking the connection for the login's age).
+_NEED_RECENT_LOGIN = frozenset(
+    {bytes([Op.CHANGE_PASSWORD_START]), bytes([Op.CHANGE_PASSWORD_FINISH]), bytes([Op.DELETE_ACCOUNT])}
+)
+#: Metric labels by op and status byte (an Enum lookup and ``.name`` run Python code per request).
+_OP_LABELS = {int(op): op.name for op in Op}
+_STATUS_LABELS = {int(status): status.name for status in Status}
 
 #: Operations that use the session's key-id reservations.
 _RESERVING = frozenset({Op.CREATE_KEY_ID, Op.STORE_SECRET})

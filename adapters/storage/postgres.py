@@ -250,7 +250,7 @@ class _PgTransaction:
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
         row = self._one(_SQL.secret, (user_id, key_id))
-        return None if row is None else to_secret(row)
+        return None if row is None else to_secret(user_id, key_id, row)
 
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
         rows = self._conn.execute(_SQL.list_keys, (user_id, rows_to_fetch(limit), offset)).fetchall()

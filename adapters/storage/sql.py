@@ -33,6 +33,7 @@ from keymgmt_proto import (
     Outcome,
     SecretKind,
     audit_chain_hash,
+    audit_chain_hash_of,
     audit_genesis_hash,
 )
 
@@ -72,7 +73,8 @@ Row = Sequence[Any]
 ACCOUNT_COLUMNS = (
     "account_name, user_id, registration_record, encrypted_storage_key, created_us, credentials_changed_us"
 )
-SECRET_COLUMNS = "user_id, key_id, kind, ciphertext, associated_data, created_us"  # noqa: S105
+#: A secret's columns besides the user id and key id it is looked up by.
+SECRET_COLUMNS = "kind, ciphertext, associated_data, created_us"  # noqa: S105
 AUDIT_COLUMNS = "seq, action, timestamp_us, outcome, key_id, context, event_count, chain_hash"
 #: In a migration's text: after its statements, compute the audit chain of the entries
 #: written before it (:func:`fill_audit_chain`), in the migration's transaction.
@@ -155,6 +157,7 @@ class Statements:
             "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
             "VALUES (?, ?, ?, ?, ?, ?)"
         )
+        #: Parameters: user id, key id; rows: :func:`to_secret`.
         self.secret = spell(f"SELECT {SECRET_COLUMNS} FROM secrets WHERE user_id = ? AND key_id = ?")
         #: Parameters: user id, :func:`rows_to_fetch`, offset; rows: :func:`key_page`.
         self.list_keys = spell(
@@ -364,10 +367,20 @@ def audit_values(record: AuditRecord, chain_hash: bytes) -> tuple[object, ...]:
 def chain_hash_of(record: AuditRecord, seq: int, previous: bytes | None) -> bytes:
     """The audit-chain hash of ``record`` written as the user's entry ``seq``, after the entry
     whose hash is ``previous`` (None for entry 1: the genesis hash)."""
-    entry = AuditEntry(
-        seq, record.action, record.timestamp, record.outcome, record.key_id, record.context, record.count
+    return audit_chain_hash_of(
+        record.user_id,
+        _GENESIS if previous is None else previous,
+        seq,
+        record.action,
+        record.timestamp,
+        record.outcome,
+        record.key_id,
+        record.context,
+        record.count,
     )
-    return audit_chain_hash(record.user_id, audit_genesis_hash() if previous is None else previous, entry)
+
+
+_GENESIS = audit_genesis_hash()
 
 
 def fill_audit_chain(run: Callable[[str, Sequence[object]], list[Row]], statements: Statements) -> int:
@@ -432,12 +445,13 @@ def account_if_named(row: Row | None, account_name: bytes) -> Account | None:
     return account if row[0] == account_name else None
 
 
-def to_secret(row: Row) -> SecretRecord:
-    """A :data:`SECRET_COLUMNS` row."""
-    kind = _SECRET_KINDS.get(row[2])  # (a dict lookup: SecretKind(value) runs Enum's Python code)
+def to_secret(user_id: bytes, key_id: bytes, row: Row) -> SecretRecord:
+    """The secret of a :data:`SECRET_COLUMNS` row, looked up by ``user_id`` and ``key_id`` (not
+    read back: two fewer BLOBs copied out of the row)."""
+    kind = _SECRET_KINDS.get(row[0])  # (a dict lookup: SecretKind(value) runs Enum's Python code)
     if kind is None:
-        kind = SecretKind(row[2])  # raises ValueError for a kind no version wrote
-    return SecretRecord(row[0], row[1], kind, row[3], row[4], row[5])
+        kind = SecretKind(row[0])  # raises ValueError for a kind no version wrote
+    return SecretRecord(user_id, key_id, kind, row[1], row[2], row[3])
 
 
 _SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}

@@ -3,16 +3,21 @@ same bytes out, the same errors in, and the hot-channel set's shortcut keeps its
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
 
 from keymgmt_proto import (
+    AUDIT_CHAIN_DOMAIN,
     SEALED_OVERHEAD,
+    Action,
+    AuditEntry,
     Channel,
     Context,
     FrameType,
     Op,
+    Outcome,
     RemoteProtocolError,
     RetrieveRequest,
     SecretKind,
@@ -20,6 +25,8 @@ from keymgmt_proto import (
     ServerConfig,
     SessionRegistry,
     Status,
+    audit_chain_hash,
+    audit_chain_hash_of,
     decode_request,
     decode_response,
     encode_response,
@@ -182,3 +189,58 @@ def test_a_secret_response_encodes_field_by_field_as_before(kind: SecretKind, si
     expected = bytes([kind]) + len(ciphertext).to_bytes(4, "big") + ciphertext + bytes([len(ad)]) + ad
     assert response.encode_fields() == expected
     assert decode_response(Op.RETRIEVE, encode_response(Status.OK, response)) == (Status.OK, response)
+
+
+def _entry_by_fields(entry: AuditEntry) -> bytes:
+    """Section 12.9's encoding, written out field by field."""
+    key = b"\x00" if entry.key_id is None else b"\x01" + entry.key_id
+    return (
+        entry.entry_id.to_bytes(8, "big")
+        + bytes([entry.action])
+        + entry.timestamp.to_bytes(8, "big")
+        + bytes([entry.outcome])
+        + entry.count.to_bytes(4, "big")
+        + key
+        + bytes([0xFF if entry.context is None else entry.context])
+    )
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        AuditEntry(1, Action.RETRIEVE, 1_700_000_000_000_000, Outcome.SUCCESS, os.urandom(16), Context.NULL),
+        AuditEntry(2**64 - 1, Action.LOGIN, 2**63 - 1, Outcome.FAILURE, None, None, 2**32 - 1),
+        AuditEntry(7, Action.GENERATE, 0, Outcome.SUCCESS, os.urandom(16)),
+        AuditEntry(3, Action.RETRIEVE, 5, Outcome.FAILURE, None, Context.LOCAL_ONLY, 1),
+    ],
+)
+def test_an_audit_entry_encodes_and_chains_in_one_pack_as_field_by_field(entry: AuditEntry) -> None:
+    user_id, previous = os.urandom(16), os.urandom(32)
+    encoded = _entry_by_fields(entry)
+    assert entry.encode() == encoded
+    assert len(encoded) in (24, 40)
+    expected = hashlib.sha3_256(
+        len(AUDIT_CHAIN_DOMAIN).to_bytes(2, "big") + AUDIT_CHAIN_DOMAIN + user_id + previous + encoded
+    ).digest()
+    assert audit_chain_hash(user_id, previous, entry) == expected
+    fields = (entry.entry_id, entry.action, entry.timestamp, entry.outcome, entry.key_id, entry.context)
+    assert audit_chain_hash_of(user_id, previous, *fields, entry.count) == expected
+
+
+@pytest.mark.parametrize(
+    ("user_id", "previous", "key_id", "count"),
+    [
+        (bytes(15), bytes(32), None, 1),
+        (bytes(16), bytes(31), None, 1),
+        (bytes(16), bytes(32), bytes(15), 1),  # a "16s" field would pad it
+        (bytes(16), bytes(32), bytes(17), 1),  # or cut it
+        (bytes(16), bytes(32), None, 0),
+        (bytes(16), bytes(32), None, 2**32),
+    ],
+    ids=["short user id", "short previous hash", "short key id", "long key id", "count 0", "count 2**32"],
+)
+def test_the_chain_hash_of_fields_refuses_what_an_entry_refuses(
+    user_id: bytes, previous: bytes, key_id: bytes | None, count: int
+) -> None:
+    with pytest.raises(ValueError):
+        audit_chain_hash_of(user_id, previous, 1, Action.RETRIEVE, 0, Outcome.SUCCESS, key_id, None, count)

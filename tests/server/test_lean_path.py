@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+
 import pytest
 
 from keymgmt.adapters.server.app import _ONE_WRITE
-from keymgmt_proto import AuditType, ChangePasswordStartRequest, Context, Op
+from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt_proto import Action, AuditType, ChangePasswordStartRequest, Context, Op, Outcome, SecretKind
 from keymgmt_proto._opaque import client_registration_start
 
 from ..support.keyserver_world import key_server
@@ -47,3 +52,39 @@ async def test_each_one_write_operation_writes_one_statement_without_a_savepoint
         assert len(savepoints) == 1, statements  # LOGIN_FINISH's (the throttle record and the audit entry)
         covered = set(calls) | {Op.CREATE_KEY_ID}
         assert covered >= _ONE_WRITE - {Op.RETRIEVE_STORAGE_KEY}  # (fetched once, at login)
+
+
+def test_a_retrieve_binds_no_bytes_through_sqlite3s_adapters(tmp_path):
+    """sqlite3 asks its adapter registry (and, failing that, the object and the protocol,
+    raising and clearing an AttributeError each time) about every parameter that is not
+    exactly an int, float, str or bytearray: the retrieve's read and its audit entry pass
+    their BLOBs as bytearray. A spy adapter for bytes sees every bytes parameter."""
+    storage = SQLiteStorage(tmp_path / "keys.db")
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"lean@example.org", user_id, b"record", bytes(60), 1))
+        tx.insert_secret(SecretRecord(user_id, key_id, SecretKind.GENERATED, os.urandom(60), b"ad", 1))
+        tx.append_audit(AuditRecord(user_id, Action.GENERATE, 1, Outcome.SUCCESS, key_id))
+    seen: list[bytes] = []
+
+    def spy(value: bytes) -> bytes:
+        seen.append(value)
+        return value
+
+    # (Registering an adapter for a base type leaves sqlite3 asking about every parameter of
+    # this process afterwards: slower, not different.)
+    sqlite3.register_adapter(bytes, spy)
+    try:
+        with storage.batch(), storage.transaction(atomic=False) as tx:
+            secret = tx.get_secret(user_id, key_id)
+            record = AuditRecord(user_id, Action.RETRIEVE, 2, Outcome.SUCCESS, key_id, Context.NULL)
+            tx.append_audit(record, credentials=0)
+    finally:
+        del sqlite3.adapters[(bytes, sqlite3.PrepareProtocol)]
+    assert secret is not None and secret.key_id == key_id and type(secret.ciphertext) is bytes
+    assert seen == []
+    with storage.transaction() as tx:
+        (last,) = tx.query_audit(user_id, AuditQuery(AuditType.ALL, cursor=1))[0]
+    written = (last.entry_id, last.action, last.key_id, last.context)
+    assert written == (2, Action.RETRIEVE, key_id, Context.NULL)
+    storage.close()

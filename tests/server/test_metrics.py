@@ -3,13 +3,22 @@ failed group commits and failed storage calls, the listen-address parser, the HT
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.server.commit import CommitFailed, GroupCommit
-from keymgmt.adapters.server.metrics import ServerMetrics, answer, parse_listen
+from keymgmt.adapters.server.metrics import (
+    _LATENCY,
+    _REQUEST_SECONDS_HELP,
+    _REQUESTS_HELP,
+    ServerMetrics,
+    answer,
+    parse_listen,
+)
 from keymgmt.adapters.storage.base import StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import LoginRequested
@@ -94,3 +103,38 @@ def test_http_answers():
     assert b"text/plain; version=" in scraped and b"keymgmt_logins_total" in scraped
     assert answer(b"DELETE / HTTP/1.1\r\n\r\n", True, metrics).startswith(b"HTTP/1.1 405 ")
     assert answer(b"\x16\x03\x01 binary\r\n\r\n", True, metrics).startswith(b"HTTP/1.1 400 ")
+
+
+def _without_created_times(text: bytes) -> str:
+    return re.sub(r"(_created(\{[^}]*\})?) \S+", r"\1 T", text.decode())
+
+
+def test_the_request_metrics_read_as_prometheus_clients_counter_and_histogram_would():
+    """ServerMetrics counts requests in plain lists (cheaper per request) and writes them out
+    when scraped: the same text as a prometheus_client Counter and Histogram fed the same
+    requests (bucket edges included: a time equal to a bound is in that bound's bucket)."""
+    reference = CollectorRegistry(auto_describe=True)
+    counter = Counter("keymgmt_requests", _REQUESTS_HELP, ["op", "status"], registry=reference)
+    histogram = Histogram(
+        "keymgmt_request_duration_seconds",
+        _REQUEST_SECONDS_HELP,
+        ["op"],
+        buckets=_LATENCY,
+        registry=reference,
+    )
+    metrics = ServerMetrics()
+    requests = [("RETRIEVE", "OK", seconds) for seconds in (*_LATENCY, 0.0, 0.00011, 3.5)]
+    requests += [("RETRIEVE", "NOT_FOUND", 0.0003), ("LIST_KEYS", "OK", 0.001), ("AUDIT", "ENDED", 2.0)]
+    for op, status, seconds in requests:
+        counter.labels(op, status).inc()
+        histogram.labels(op).observe(seconds)
+        metrics.request(op, status, seconds)
+    ours = _without_created_times(metrics.exposition())
+    theirs = _without_created_times(generate_latest(reference))
+    assert "keymgmt_request_duration_seconds_bucket" in theirs and "keymgmt_requests_created" in theirs
+    assert theirs in ours  # (ours has the other metrics around them)
+    assert sample(metrics, "keymgmt_requests_total", op="RETRIEVE", status="OK") == len(_LATENCY) + 3
+    assert (
+        sample(metrics, "keymgmt_request_duration_seconds_bucket", op="RETRIEVE", le="0.0001") == 2
+    )  # 0.0 and 0.0001
+    assert sample(metrics, "keymgmt_request_duration_seconds_sum", op="AUDIT") == 2.0
