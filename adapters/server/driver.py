@@ -41,6 +41,7 @@ from keymgmt_proto import (
 from ..websocket import WebSocketStream
 from .commit import CommitFailed, GroupCommit
 from .metrics import ServerMetrics
+from .tlsfast import FastTLSStream
 
 __all__ = [
     "ATTACK_CODES",
@@ -186,9 +187,10 @@ class ConnectionDriver:
         self.metrics = metrics
         #: Each read under SMALL_PIECE_SIZE bytes (a small TLS record) is a unit of the
         #: connection's budget for unproductive input (protocol.md section 10). A WebSocket
-        #: counts its own pieces instead: its TLS records and WebSocket frames.
+        #: counts its own pieces instead (its TLS records and WebSocket frames), and so does
+        #: a FastTLSStream (its TLS records: one of its reads may carry many).
         self._count_reads = True
-        if isinstance(stream, WebSocketStream):
+        if isinstance(stream, WebSocketStream | FastTLSStream):
             stream.on_small_input = self._small_input
             self._count_reads = False
         _DRIVERS[self.conn] = self
@@ -226,8 +228,9 @@ class ConnectionDriver:
                 )
 
     def _small_input(self, pieces: int) -> bool:
-        """The WebSocket received ``pieces`` small pieces (pings, pongs, frames, TLS records);
-        True once the connection's budget has run out (it need read nothing more)."""
+        """The stream received ``pieces`` small pieces (a WebSocket's pings, pongs, frames and
+        TLS records; a FastTLSStream's TLS records); True once the connection's budget has run
+        out (it need read nothing more)."""
         if self.conn.note_small_input(pieces, self.clock()):
             self._input.set()  # the next batch ends the connection
             return True
