@@ -177,6 +177,12 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         return data[:max_bytes]
 
     async def send(self, item: bytes) -> None:
+        if not self.send_nowait(item):
+            await self.drain()
+
+    def send_nowait(self, item: bytes) -> bool:
+        """Hand ``item`` to the transport; False if it now holds more than its high-water
+        mark: the caller then waits for :meth:`drain` (under its own timeout)."""
         if self._closed:
             raise anyio.ClosedResourceError
         if self._connection_lost or self._transport.is_closing():
@@ -186,6 +192,10 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         except ssl.SSLError as exc:
             raise anyio.BrokenResourceError from exc
         self._transport.write(self._outgoing.read())
+        return not self._writing_paused
+
+    async def drain(self) -> None:
+        """Wait until the transport holds less than its low-water mark."""
         while self._writing_paused and not self._connection_lost:
             self._drained = asyncio.get_running_loop().create_future()
             try:

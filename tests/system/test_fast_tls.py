@@ -4,6 +4,7 @@ fallback to anyio's own TLS stream when anyio's internals are not as it expects.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,11 +17,16 @@ from anyio.streams.tls import TLSStream
 from keymgmt.adapters.client.async_client import KeymgmtClient
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server import runtime as runtime_module
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.driver import ConnectionDriver
 from keymgmt.adapters.server.tlsfast import FastTLSStream, take_over
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt.adapters.tls import client_context, generate_dev_pki, server_context
-from keymgmt_proto import encode_portable
+from keymgmt_proto import FrameType, ServerConfig, SessionRegistry, encode_portable
+from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart, encode_frame
 
+from ..support.keyserver_world import SETUP
 from ..support.net_world import running_server
 
 pytestmark = pytest.mark.anyio
@@ -192,3 +198,33 @@ async def test_a_forged_record_breaks_the_stream(tmp_path):
         with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError) as info:
             await server.receive()
         assert isinstance(info.value.__cause__, ssl.SSLError)
+
+
+async def test_a_peer_that_stops_reading_is_dropped_over_the_fast_stream(tmp_path, caplog):
+    """The driver hands its output to the stream without a timeout and waits for the stream
+    to drain under ``send_timeout`` only when the transport holds too much: a peer that
+    leaves the answers unread is still dropped."""
+    caplog.set_level(logging.INFO, logger="keymgmt.server")
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    refused = RegStart(b" not a valid name ", bytes(REGISTRATION_REQUEST_SIZE)).encode()
+    async with _pair(tmp_path) as (server, client):
+        # (a budget for unproductive input that the flood does not spend: the socket buffers
+        # of loopback TCP hold many answers before the server's sends wait)
+        config = ServerConfig(unproductive_burst=10**9, unproductive_rate=10**9)
+        driver = ConnectionDriver(
+            server, SETUP, KeyServer(storage), SessionRegistry(config), send_timeout=0.3
+        )
+
+        async def flood() -> None:  # each frame draws an ABORT; none is ever read
+            frames = b"".join(encode_frame(FrameType.REG_START, n, refused) for n in range(1, 200, 2))
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+                while True:
+                    await client.send(frames)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flood)
+                await driver.run()
+                tg.cancel_scope.cancel()
+    assert any("stopped reading" in r.getMessage() for r in caplog.records)
+    storage.close()
