@@ -2,9 +2,9 @@
 
 One task reads and buffers whatever arrives (also while a commit runs); the main
 task hands everything buffered to the server's group commit (adapters/server/commit.py),
-sends what the core queued once it has committed, and wakes for the core's next
-deadline with one timer (a deadline that passes while input never pauses is handled
-at the next batch). ``stop()`` ends the
+sends what the core queued once it has committed, and arms the core's next deadline
+for a third task, the connection's one timer, which wakes it when that deadline is due
+(a deadline that passes while input never pauses is handled at the next batch). ``stop()`` ends the
 connection gracefully: requests already received have been answered (the
 application answers while the driver processes events), a GOAWAY goes out,
 and established sessions stay resumable on another connection.
@@ -41,6 +41,7 @@ from keymgmt_proto import (
 from ..websocket import WebSocketStream
 from .commit import CommitFailed, GroupCommit
 from .metrics import ServerMetrics
+from .tlsfast import FastTLSStream
 
 __all__ = [
     "ATTACK_CODES",
@@ -179,6 +180,12 @@ class ConnectionDriver:
         #: Set by input, a wake or a stop: the main loop runs another batch.
         self._input = anyio.Event()
         self._reader_failure: Exception | None = None
+        #: The timer task's state (see _timers): the deadline the main loop armed, the one
+        #: the timer task sleeps for, its wake-up for an earlier one, and whether it fired.
+        self._deadline = math.inf
+        self._armed = math.inf
+        self._rearm = anyio.Event()
+        self._timer_fired = False
         #: WARNING lines logged and left out, per kind (see warn()).
         self._warned: dict[str, int] = {}
         #: RESUMEs of sessions the server does not hold (see UNKNOWN_SESSIONS_AT_INFO).
@@ -186,9 +193,10 @@ class ConnectionDriver:
         self.metrics = metrics
         #: Each read under SMALL_PIECE_SIZE bytes (a small TLS record) is a unit of the
         #: connection's budget for unproductive input (protocol.md section 10). A WebSocket
-        #: counts its own pieces instead: its TLS records and WebSocket frames.
+        #: counts its own pieces instead (its TLS records and WebSocket frames), and so does
+        #: a FastTLSStream (its TLS records: one of its reads may carry many).
         self._count_reads = True
-        if isinstance(stream, WebSocketStream):
+        if isinstance(stream, WebSocketStream | FastTLSStream):
             stream.on_small_input = self._small_input
             self._count_reads = False
         _DRIVERS[self.conn] = self
@@ -226,8 +234,9 @@ class ConnectionDriver:
                 )
 
     def _small_input(self, pieces: int) -> bool:
-        """The WebSocket received ``pieces`` small pieces (pings, pongs, frames, TLS records);
-        True once the connection's budget has run out (it need read nothing more)."""
+        """The stream received ``pieces`` small pieces (a WebSocket's pings, pongs, frames and
+        TLS records; a FastTLSStream's TLS records); True once the connection's budget has run
+        out (it need read nothing more)."""
         if self.conn.note_small_input(pieces, self.clock()):
             self._input.set()  # the next batch ends the connection
             return True
@@ -376,6 +385,7 @@ class ConnectionDriver:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._read)
+                tasks.start_soon(self._timers)
                 try:
                     await self._loop()
                 except Exception as exc:  # re-raised below, not wrapped in an exception group
@@ -454,6 +464,26 @@ class ConnectionDriver:
             if spent:  # the budget for unproductive input ran out: the next batch ends it
                 await anyio.sleep_forever()
 
+    async def _send(self, output: bytes) -> bool:
+        """Send ``output``; False if the peer took longer than ``send_timeout`` to take it
+        (the connection is then dropped). A FastTLSStream that takes it at once needs no
+        timeout (no cancel scope, no timer)."""
+        stream = self.stream
+        try:
+            if isinstance(stream, FastTLSStream):
+                if stream.send_nowait(output):
+                    return True
+                with anyio.fail_after(self.send_timeout):
+                    await stream.drain()
+            else:
+                with anyio.fail_after(self.send_timeout):
+                    await stream.send(output)
+        except TimeoutError:
+            log.info("connection from %s dropped: it stopped reading", self.peer)
+            self._stuck = True
+            return False
+        return True
+
     async def _loop(self) -> None:
         conn = self.conn
         timer_due = False
@@ -461,14 +491,8 @@ class ConnectionDriver:
             self._input = anyio.Event()
             output = await self._commit(partial(self._turn, timer_due))
             timer_due = False
-            if output:
-                try:
-                    with anyio.fail_after(self.send_timeout):
-                        await self.stream.send(output)
-                except TimeoutError:
-                    log.info("connection from %s dropped: it stopped reading", self.peer)
-                    self._stuck = True
-                    return
+            if output and not await self._send(output):
+                return
             if conn.failed is not None:
                 return
             if self._reader_failure is not None:
@@ -479,12 +503,45 @@ class ConnectionDriver:
                 # A peer that never pauses must not keep this connection's deadlines from
                 # being checked (no session for too long, a slow frame, a session's end).
                 timer_due = hint is not None and hint <= self.clock() and not self._stopping
+                self._timer_fired = False  # (a deadline it fired for is in the hint, or due below)
                 continue
             deadlines = [t for t in (hint, self.registry.get_timer()) if t is not None]
-            wait = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
-            with anyio.move_on_after(wait) as timeout:
-                await self._input.wait()
-            timer_due = timeout.cancelled_caught and not self._stopping
+            deadline = min(deadlines) if deadlines else math.inf
+            if deadline <= self.clock():
+                await anyio.lowlevel.checkpoint()
+                timer_due = not self._stopping
+                continue
+            self._arm(deadline)
+            await self._input.wait()
+            timer_due = self._timer_fired and not self._stopping
+            self._timer_fired = False
+
+    def _arm(self, deadline: float) -> None:
+        """Have the timer task wake this connection at ``deadline`` (on self.clock). A later
+        deadline than the one it sleeps for costs nothing now: it sleeps on when it wakes."""
+        self._deadline = deadline
+        if deadline < self._armed:
+            self._rearm.set()
+
+    async def _timers(self) -> None:
+        """The connection's one timer: sleeps until the deadline the main loop armed last and
+        wakes the loop if it is due then. The loop arms a deadline after each batch without
+        a cancel scope or a timer of its own; under load the deadline stays the same or
+        moves later (a session's deadline only moves later as it is used), so this task
+        wakes about once per deadline, not once per batch."""
+        while True:
+            self._rearm = anyio.Event()
+            deadline = self._armed = self._deadline
+            if deadline == math.inf:
+                await self._rearm.wait()
+                continue
+            with anyio.move_on_after(max(0.0, deadline - self.clock())):
+                await self._rearm.wait()
+                continue  # an earlier deadline was armed
+            if self._deadline <= self.clock():  # (not moved later meanwhile)
+                self._deadline = math.inf  # until the loop arms the next one
+                self._timer_fired = True
+                self._input.set()
 
 
 async def serve_stream(

@@ -55,6 +55,7 @@ from .driver import ConnectionDriver
 from .invitations import InvitationAuthorizer
 from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
+from .tlsfast import take_over
 from .websocket import UpgradeRefusedError, accept_upgrade
 
 __all__ = ["KeyServerRuntime", "ServerSettings", "open_storage"]
@@ -531,6 +532,8 @@ class KeyServerRuntime:
             await anyio.aclose_forcefully(tcp)
             return
         transport: ByteStream = stream
+        if not websocket:
+            transport = take_over(stream) or stream  # (anyio's own stream on trio)
         if websocket:
             upgraded = await self._upgrade(stream, peer)
             if upgraded is None:

@@ -124,8 +124,10 @@ async def _flood(stream: ByteStream, kind: str, record: dict[str, Any], started:
             await stream.send(blob)
             record["sent"] += len(blob)
             started.set()
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        await anyio.sleep_forever()  # the server ended it: the watcher notes when
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+        # The server ended it (a reset, or an orderly close that TLS reports as EndOfStream
+        # on a write): the watcher notes when.
+        await anyio.sleep_forever()
 
 
 async def _connection(args: argparse.Namespace, kind: str, started: anyio.Event) -> dict[str, Any]:

@@ -13,22 +13,29 @@ import pytest
 
 from .load import run_load
 
-#: Loaded into the server process only (PYTHONPATH): every TLS record the server receives is
-#: kept forever, padded to 256 KiB, so memory grows with the traffic: a leak.
+#: Loaded into the server process only (PYTHONPATH): every read of the server's TLS stream
+#: (anyio's, or on asyncio the server's own FastTLSStream) is kept forever, padded to
+#: 256 KiB, so memory grows with the traffic: a leak.
 _LEAK = """
 from anyio.streams.tls import TLSStream
+from keymgmt.adapters.server.tlsfast import FastTLSStream
 
-_receive = TLSStream.receive
 _kept = []
 
 
-async def receive(self, max_bytes=65536):
-    data = await _receive(self, max_bytes)
-    _kept.append((bytes(data) or b"x") * max(1, 262144 // max(1, len(data))))
-    return data
+def leaking(cls):
+    original = cls.receive
+
+    async def receive(self, max_bytes=65536):
+        data = await original(self, max_bytes)
+        _kept.append((bytes(data) or b"x") * max(1, 262144 // max(1, len(data))))
+        return data
+
+    cls.receive = receive
 
 
-TLSStream.receive = receive
+leaking(TLSStream)
+leaking(FastTLSStream)
 """
 
 

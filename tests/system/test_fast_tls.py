@@ -1,0 +1,230 @@
+"""The key server's thinner TLS stream on asyncio (adapters/server/tlsfast.py), and its
+fallback to anyio's own TLS stream when anyio's internals are not as it expects."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+from anyio.streams.tls import TLSStream
+
+from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server import runtime as runtime_module
+from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.driver import ConnectionDriver
+from keymgmt.adapters.server.tlsfast import FastTLSStream, take_over
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt.adapters.testing.streams import memory_stream_pair
+from keymgmt.adapters.tls import client_context, generate_dev_pki, server_context
+from keymgmt_proto import FrameType, ServerConfig, SessionRegistry, encode_portable
+from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart, encode_frame
+
+from ..support.keyserver_world import SETUP
+from ..support.net_world import running_server
+
+pytestmark = pytest.mark.anyio
+
+PW = b"correct horse battery staple"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # (the stream is asyncio's; on trio the server keeps anyio's stream)
+
+
+async def _flow(runtime: runtime_module.KeyServerRuntime, ca: Path) -> type:
+    """Register, log in, store and read back secrets of several TLS records each, from
+    several sessions at once; the type of the stream the server's driver used."""
+    connect = tls_connector("127.0.0.1", runtime.port, cafile=ca)
+    async with KeymgmtClient(connect) as client:
+        await client.register(b"alice@example.org", PW)
+        sessions = [await client.login(b"alice@example.org", PW) for _ in range(4)]
+        (driver,) = runtime._drivers
+        kind = type(driver.stream)
+        secrets = [bytes([n]) * 50_000 for n in range(1, 5)]
+
+        async def one(n: int) -> None:
+            key_id = await sessions[n].import_secret(encode_portable(secrets[n]))
+            assert await sessions[n].export(key_id) == encode_portable(secrets[n])
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(one, n)
+        for session in sessions:
+            await session.logout()
+    return kind
+
+
+async def test_the_server_uses_the_fast_stream_on_asyncio(tmp_path):
+    async with running_server(tmp_path) as (runtime, pki):
+        assert await _flow(runtime, pki.ca_cert) is FastTLSStream
+        assert runtime.connection_faults == 0
+
+
+async def test_without_it_the_server_keeps_anyios_stream(tmp_path, monkeypatch):
+    """What happens on trio, or if anyio's internals change: take_over says None."""
+    monkeypatch.setattr(runtime_module, "take_over", lambda stream: None)
+    async with running_server(tmp_path) as (runtime, pki):
+        assert await _flow(runtime, pki.ca_cert) is TLSStream
+        assert runtime.connection_faults == 0
+
+
+async def test_take_over_refuses_a_tls_stream_not_over_an_asyncio_transport(tmp_path):
+    pki = generate_dev_pki(tmp_path / "pki")
+    client_end, server_end = memory_stream_pair()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            lambda: TLSStream.wrap(client_end, hostname="localhost", ssl_context=client_context(pki.ca_cert))
+        )
+        tls = await TLSStream.wrap(
+            server_end, server_side=True, ssl_context=server_context(pki.server_cert, pki.server_key)
+        )
+    assert take_over(tls) is None
+
+
+@contextlib.asynccontextmanager
+async def _pair(tmp_path: Path) -> AsyncIterator[tuple[FastTLSStream, TLSStream]]:
+    """A FastTLSStream (server side) and an anyio TLS client stream over loopback TCP."""
+    pki = generate_dev_pki(tmp_path / "pki")
+    accepted: list[SocketStream] = []
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+
+            async def accept() -> None:
+                accepted.append(await listener.listeners[0].accept())
+
+            tg.start_soon(accept)
+            tcp = await anyio.connect_tcp("127.0.0.1", port)
+        async with anyio.create_task_group() as tg:
+            client: list[TLSStream] = []
+
+            async def connect() -> None:
+                client.append(
+                    await TLSStream.wrap(
+                        tcp,
+                        hostname="localhost",
+                        ssl_context=client_context(pki.ca_cert),
+                        standard_compatible=False,
+                    )
+                )
+
+            tg.start_soon(connect)
+            tls = await TLSStream.wrap(
+                accepted[0],
+                server_side=True,
+                ssl_context=server_context(pki.server_cert, pki.server_key),
+                standard_compatible=False,
+            )
+        fast = take_over(tls)
+        assert isinstance(fast, FastTLSStream)
+        try:
+            yield fast, client[0]
+        finally:
+            await anyio.aclose_forcefully(fast)
+            await anyio.aclose_forcefully(client[0])
+
+
+async def test_a_receive_returns_whole_records_up_to_its_size_and_keeps_the_rest(tmp_path):
+    async with _pair(tmp_path) as (server, client):
+        sent = b"".join(bytes([n]) * 20_000 for n in range(5))
+        for n in range(5):
+            await client.send(sent[n * 20_000 : (n + 1) * 20_000])
+        received = b""
+        with anyio.fail_after(10):
+            while len(received) < len(sent):
+                piece = await server.receive(7000)
+                assert 0 < len(piece) <= 7000
+                received += piece
+        assert received == sent
+        await client.transport_stream.send_eof()
+        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+            await server.receive()
+
+
+async def test_a_send_waits_while_the_peer_reads_nothing_and_goes_on_when_it_reads(tmp_path):
+    async with _pair(tmp_path) as (server, client):
+        blob = bytes(1 << 20)
+        with anyio.move_on_after(0.5) as stuck:
+            for _ in range(64):  # far more than the socket buffers and the high-water mark
+                await server.send(blob)
+        assert stuck.cancelled_caught  # backpressure: the driver's send_timeout can apply
+
+        async def drain() -> None:
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    await client.receive()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            with anyio.fail_after(20):
+                await server.send(b"after the wait")
+            tg.cancel_scope.cancel()
+
+
+async def test_small_records_are_counted_and_a_spent_budget_stops_reading(tmp_path):
+    async with _pair(tmp_path) as (server, client):
+        told: list[int] = []
+
+        def small_input(pieces: int) -> bool:
+            told.append(pieces)
+            return sum(told) >= 10
+
+        server.on_small_input = small_input
+        for n in range(10):  # ten records of one byte each
+            await client.send(bytes([n]))
+        received = b""
+        with anyio.move_on_after(2):
+            while True:
+                received += await server.receive()
+        assert sum(told) == 10
+        assert received == bytes(range(10))[: len(received)]  # what came before the end
+        with anyio.move_on_after(0.2) as halted:
+            await server.receive()
+        assert halted.cancelled_caught  # nothing more is read once the budget is spent
+
+
+async def test_a_forged_record_breaks_the_stream(tmp_path):
+    async with _pair(tmp_path) as (server, client):
+        raw = client.transport_stream
+        await raw.send(bytes([23, 3, 3, 0, 40]) + bytes(40))  # application data no key opens
+        with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError) as info:
+            await server.receive()
+        assert isinstance(info.value.__cause__, ssl.SSLError)
+
+
+async def test_a_peer_that_stops_reading_is_dropped_over_the_fast_stream(tmp_path, caplog):
+    """The driver hands its output to the stream without a timeout and waits for the stream
+    to drain under ``send_timeout`` only when the transport holds too much: a peer that
+    leaves the answers unread is still dropped."""
+    caplog.set_level(logging.INFO, logger="keymgmt.server")
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    refused = RegStart(b" not a valid name ", bytes(REGISTRATION_REQUEST_SIZE)).encode()
+    async with _pair(tmp_path) as (server, client):
+        # (a budget for unproductive input that the flood does not spend: the socket buffers
+        # of loopback TCP hold many answers before the server's sends wait)
+        config = ServerConfig(unproductive_burst=10**9, unproductive_rate=10**9)
+        driver = ConnectionDriver(
+            server, SETUP, KeyServer(storage), SessionRegistry(config), send_timeout=0.3
+        )
+
+        async def flood() -> None:  # each frame draws an ABORT; none is ever read
+            frames = b"".join(encode_frame(FrameType.REG_START, n, refused) for n in range(1, 200, 2))
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+                while True:
+                    await client.send(frames)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flood)
+                await driver.run()
+                tg.cancel_scope.cancel()
+    assert any("stopped reading" in r.getMessage() for r in caplog.records)
+    storage.close()
