@@ -653,9 +653,10 @@ class KeyServer:
                 response, key_id = self._perform(op, request)
                 if kind is not Op.DELETE_ACCOUNT:  # a deletion takes the log with it
                     record = AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context)
-                    tx.append_audit(record, op.credentials)  # (op.credentials: renewed by a change)
-                for record in op.later:  # e.g. the next key id a store reserved
-                    tx.append_audit(record)
+                    if op.later:  # e.g. the next key id a store reserved: one statement for both
+                        tx.append_audits([record, *op.later], op.credentials)
+                    else:
+                        tx.append_audit(record, op.credentials)  # (op.credentials: renewed by a change)
             if isinstance(request, StoreSecretRequest):  # only once the store committed
                 reservations.pop(request.key_id, None)
             if kind is Op.CHANGE_PASSWORD_FINISH and op.credentials is not None:
@@ -737,20 +738,21 @@ class KeyServer:
         action = request.audit_action
         if op.reservations.get(request.key_id) is not request.kind:
             raise _Refused(Status.INVALID, action, request.key_id)
-        # The key limit holds at the store too: ids reserved ahead (CREATE_KEY_ID or a next key
-        # id) were drawn below it, and their stores must not pass it.
-        stored = op.tx.count_keys(op.user_id)
-        if stored >= self.max_keys_per_user:
-            raise _Refused(Status.LIMIT_REACHED, action, request.key_id)
         ad = secret_ad(op.user_id, request.key_id, request.kind)
         record = SecretRecord(op.user_id, request.key_id, request.kind, request.ciphertext, ad, op.now)
-        if not op.tx.insert_secret(record):
+        # The key limit holds at the store too: ids reserved ahead (CREATE_KEY_ID or a next key
+        # id) were drawn below it, and their stores must not pass it. Checked, and the count
+        # moved, in the insert's own step.
+        stored = op.tx.insert_secret_below(record, self.max_keys_per_user)
+        if stored is None:
             raise _Refused(Status.INVALID, action, request.key_id)
+        if stored == 0:
+            raise _Refused(Status.LIMIT_REACHED, action, request.key_id)
         # The next key id, when asked for: reserved and audited exactly as CREATE_KEY_ID would
-        # (after the store's own entry), unless the user is at the key limit (the client then
-        # asks CREATE_KEY_ID, which says LIMIT_REACHED).
+        # (after the store's own entry, in the same statement), unless the user is at the key
+        # limit (the client then asks CREATE_KEY_ID, which says LIMIT_REACHED).
         next_kind, next_nonce = request.next_kind, request.next_client_nonce
-        if next_kind is None or next_nonce is None or stored + 1 >= self.max_keys_per_user:
+        if next_kind is None or next_nonce is None or stored >= self.max_keys_per_user:
             return StoredResponse(), request.key_id
         next_id, server_nonce = self._reserve_key_id(op, next_kind, next_nonce)
         op.later.append(AuditRecord(op.user_id, Action.CREATE_KEY_ID, op.now, Outcome.SUCCESS, next_id))

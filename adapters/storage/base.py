@@ -197,6 +197,15 @@ class Transaction(Protocol):
         """False if the key id is taken."""
         ...
 
+    def insert_secret_below(self, secret: SecretRecord, max_keys: int) -> int | None:
+        """:meth:`insert_secret` only while the user has fewer than ``max_keys`` keys, the
+        check and the count's update in one step (a store's key limit, issue 14: one
+        statement fewer than :meth:`count_keys` and :meth:`insert_secret`). Returns the
+        user's number of keys after the insert; 0 (nothing written) if the user already has
+        ``max_keys``; None (nothing written) if the key id is taken. StorageError if the
+        user has no account."""
+        ...
+
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
         """The user's secret; None for a missing key *and* for another user's key (OPS-7)."""
         ...
@@ -253,6 +262,13 @@ class Transaction(Protocol):
         written only if the account's ``credentials_changed`` is still that: else
         CredentialsChanged and nothing written. The check rides on the append (every request
         writes one), so it costs no statement of its own."""
+        ...
+
+    def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
+        """:meth:`append_audit` of each record in order (one user's, numbered and chained one
+        after the other), written in one statement where the backend can (a store's entry
+        and its next key id's); ``credentials`` is checked once, for all of them, and
+        CredentialsChanged writes none."""
         ...
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:

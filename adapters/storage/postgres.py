@@ -178,6 +178,23 @@ _NEXT_AUDIT_SEQ = (
     "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s "
     "RETURNING audit_seq, credentials_changed_us"
 )
+#: The same for several entries at once; parameters: how many, the user id.
+_TAKE_AUDIT_SEQS = (
+    "UPDATE accounts SET audit_seq = audit_seq + %s WHERE user_id = %s "
+    "RETURNING audit_seq, credentials_changed_us"
+)
+
+
+@functools.cache
+def _insert_audits(count: int) -> str:
+    """One INSERT of ``count`` audit entries (placeholders only: no value is spliced in)."""
+    rows = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s)"] * count)
+    return (
+        "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "  # noqa: S608
+        f"chain_hash) VALUES {rows}"
+    )
+
+
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -247,6 +264,20 @@ class _PgTransaction:
             return False
         self._conn.execute(_SQL.add_to_key_count, (1, secret.user_id))
         return True
+
+    def insert_secret_below(self, secret: SecretRecord, max_keys: int) -> int | None:
+        self._storage.sync_needed = True
+        # The UPDATE locks the account's row: concurrent stores of the user (any instance)
+        # count one after the other, so none passes the limit.
+        row = self._one(_SQL.add_key_below, (secret.user_id, max_keys))
+        if row is None:  # at the limit, or no account
+            if self._one(_SQL.count_keys, (secret.user_id,)) is None:
+                raise StorageError("the secret's user has no account")
+            return 0
+        if self._conn.execute(_INSERT_SECRET, secret_values(secret)).rowcount != 1:
+            self._conn.execute(_SQL.add_to_key_count, (-1, secret.user_id))  # nothing written
+            return None
+        return int(row[0])
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
         row = self._one(_SQL.secret, (user_id, key_id))
@@ -332,6 +363,35 @@ class _PgTransaction:
             "chain_hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (record.user_id, seq, *audit_values(record, chain_hash)),
         )
+
+    def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
+        # As append_audit: one UPDATE takes all the numbers (and checks the credentials
+        # once), one INSERT writes every entry.
+        if len(records) == 1:
+            self.append_audit(records[0], credentials)
+            return
+        user_id = records[0].user_id
+        if any(record.user_id != user_id for record in records):
+            raise ValueError("append_audits takes the entries of one user")
+        if any(needs_sync(record) for record in records):
+            self._storage.sync_needed = True
+        row = self._one(_TAKE_AUDIT_SEQS, (len(records), user_id))
+        if row is None:
+            if credentials is not None:
+                raise CredentialsChanged(gone=True)
+            raise StorageError("audit entry for a user that has no account")
+        if credentials is not None and row[1] != credentials:
+            raise CredentialsChanged(gone=False)
+        seq = row[0] - len(records) + 1  # the first of the numbers taken
+        before = self._one(_SQL.audit_hash, (user_id, seq - 1)) if seq > 1 else None
+        if seq > 1 and (before is None or before[0] is None):
+            raise StorageError("the audit entry before is missing or not chained")
+        previous = None if before is None else bytes(before[0])
+        values: list[object] = []
+        for number, record in enumerate(records, seq):
+            previous = chain_hash_of(record, number, previous)
+            values += (user_id, number, *audit_values(record, previous))
+        self._conn.execute(_insert_audits(len(records)), values)
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
         rows = self._conn.execute(*_SQL.audit_query(user_id, query)).fetchall()

@@ -152,6 +152,14 @@ class Statements:
         self.count_keys = spell("SELECT key_count FROM accounts WHERE user_id = ?")
         #: Parameters: +1 or -1, the user id; in the transaction that inserts or deletes the key.
         self.add_to_key_count = spell("UPDATE accounts SET key_count = key_count + ? WHERE user_id = ?")
+        #: One key more, only below the limit: the store's limit check and its count's update in
+        #: one statement, under the account row's lock (PostgreSQL: concurrent stores of several
+        #: instances cannot pass the limit). No row: the limit is reached, or there is no
+        #: account. Parameters: user id, the limit.
+        self.add_key_below = spell(
+            "UPDATE accounts SET key_count = key_count + 1 WHERE user_id = ? AND key_count < ? "
+            "RETURNING key_count"
+        )
         #: Values: :func:`secret_values`.
         self.insert_secret = spell(
             "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "

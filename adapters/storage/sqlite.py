@@ -16,6 +16,7 @@ statements it shares with the PostgreSQL backend are in :mod:`.sql`.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -181,6 +182,24 @@ _INSERT_CURRENT_AUDIT = (
 _LAST_AUDIT_ENTRY = "SELECT seq, chain_hash FROM audit WHERE user_id = ? ORDER BY seq DESC LIMIT 1"
 #: Users whose last audit number the storage remembers (then it starts again).
 _AUDIT_NUMBERS_KEPT = 100_000
+_AUDIT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+@functools.cache
+def _audits_insert(count: int) -> str:
+    """_INSERT_AUDIT of ``count`` entries in one statement."""
+    return _INSERT_AUDIT.removesuffix(_AUDIT_ROW) + ", ".join([_AUDIT_ROW] * count)
+
+
+@functools.cache
+def _current_audits_insert(count: int) -> str:
+    """_INSERT_CURRENT_AUDIT of ``count`` entries: all of them or none."""
+    return (  # (placeholders only: no value is ever spliced into the text)
+        _INSERT_AUDIT.removesuffix("VALUES " + _AUDIT_ROW)  # noqa: S608
+        + "SELECT * FROM (VALUES "
+        + ", ".join([_AUDIT_ROW] * count)
+        + ") WHERE EXISTS (SELECT 1 FROM accounts WHERE user_id = ? AND credentials_changed_us = ?)"
+    )
 
 
 #: A bytes parameter as sqlite3 binds it without asking its adapters first: sqlite3 looks
@@ -286,6 +305,16 @@ class _SQLiteTransaction:
             raise StorageError("the secret's user has no account") from None
         self._db.execute(_SQL.add_to_key_count, (1, secret.user_id))
         return True
+
+    def insert_secret_below(self, secret: SecretRecord, max_keys: int) -> int | None:
+        # (SQLite has one writer: the count read here is still the count at the insert. An
+        # UPDATE ... RETURNING instead costs as much as these two statements.)
+        row = self._db.execute(_SQL.count_keys, (secret.user_id,)).fetchone()
+        if row is None:
+            raise StorageError("the secret's user has no account")
+        if row[0] >= max_keys:
+            return 0
+        return row[0] + 1 if self.insert_secret(secret) else None
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
         row = self._db.execute(_SQL.secret, (_blob(user_id), _blob(key_id))).fetchone()
@@ -406,6 +435,54 @@ class _SQLiteTransaction:
             return
         # (only when the session must end:) the account's credentials changed, or it is gone
         gone = self._db.execute(_SQL.credentials_changed, (record.user_id,)).fetchone() is None
+        raise CredentialsChanged(gone)
+
+    def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
+        # As append_audit, with every entry in one INSERT (and one credentials check).
+        if len(records) == 1:
+            self.append_audit(records[0], credentials)
+            return
+        user_id = records[0].user_id
+        for record in records:
+            if record.user_id != user_id:
+                raise ValueError("append_audits takes the entries of one user")
+            if needs_sync(record):
+                self._storage.sync_needed = True
+        numbers = self._storage.audit_numbers
+        remembered = numbers.get(user_id)
+        if remembered is not None:
+            try:
+                numbers[user_id] = self._insert_audits(records, *remembered, credentials)
+            except sqlite3.IntegrityError:
+                pass  # a number another process took meanwhile: read the last entry again
+            else:
+                return
+        row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
+        last, previous = (0, None) if row is None else (int(row[0]), row[1])
+        written = self._insert_audits(records, last, previous, credentials)
+        if len(numbers) >= _AUDIT_NUMBERS_KEPT:
+            numbers.clear()
+        numbers[user_id] = written
+
+    def _insert_audits(
+        self, records: Sequence[AuditRecord], last: int, previous: bytes | None, credentials: int | None
+    ) -> tuple[int, bytes]:
+        """Insert ``records`` as the user's entries after ``last`` (whose hash is
+        ``previous``) in one statement; the number and hash of the last one written."""
+        values: list[object] = []
+        for record in records:
+            last += 1
+            previous = chain_hash_of(record, last, previous)
+            values += (record.user_id, last, *audit_values(record, previous))
+        assert previous is not None
+        user_id = records[0].user_id
+        if credentials is None:
+            self._db.execute(_audits_insert(len(records)), values)
+            return last, previous
+        statement = _current_audits_insert(len(records))
+        if self._db.execute(statement, (*values, user_id, credentials)).rowcount == len(records):
+            return last, previous
+        gone = self._db.execute(_SQL.credentials_changed, (user_id,)).fetchone() is None
         raise CredentialsChanged(gone)
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:

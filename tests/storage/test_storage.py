@@ -354,7 +354,15 @@ class _AuditFails(SQLiteStorage):
                         raise StorageError("injected: the audit write failed")
                     append(record, credentials)
 
+                append_all = tx.append_audits
+
+                def failing_all(records: list[AuditRecord], credentials: int | None = None) -> None:
+                    if any(record.action in storage.fail_on for record in records):
+                        raise StorageError("injected: the audit write failed")
+                    append_all(records, credentials)
+
                 tx.append_audit = failing
+                tx.append_audits = failing_all  # (a store with its next key id's entry)
                 yield tx
 
         return with_failing_audit()

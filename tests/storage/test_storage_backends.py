@@ -103,6 +103,81 @@ def test_secrets_belong_to_their_user_only(storage):
         tx.insert_secret(_secret(b"Z" * 16, 9))  # no such account
 
 
+def test_a_store_checks_the_key_limit_and_counts_in_its_own_step(storage):
+    """insert_secret_below (a store: issue 14): the user's count after the insert; 0 at the
+    limit and None for a taken key id, both with nothing written; no account: StorageError."""
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 1), 2) == 1
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 2), 2) == 2
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 3), 2) == 0  # at the limit
+        assert tx.get_secret(ALICE.user_id, (3).to_bytes(16, "big")) is None
+        assert tx.count_keys(ALICE.user_id) == 2
+        assert tx.insert_secret_below(_secret(BOB.user_id, 1), 5) is None  # taken (by Alice)
+        assert tx.count_keys(BOB.user_id) == 0 and tx.get_secret(BOB.user_id, (1).to_bytes(16, "big")) is None
+        assert tx.delete_secret(ALICE.user_id, (1).to_bytes(16, "big"))
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 3), 2) == 2  # below the limit again
+        assert [k.key_id[-1] for k in tx.list_keys(ALICE.user_id, 0, 10)[0]] == [2, 3]
+    with pytest.raises(StorageError), storage.transaction() as tx:
+        tx.insert_secret_below(_secret(b"Z" * 16, 9), 5)  # no such account
+
+
+def test_several_audit_entries_in_one_step_are_numbered_and_chained_as_one_by_one(make_storage):
+    """append_audits (a store's entry and its next key id's): numbered and chained as if
+    appended one at a time, after entries of either kind, also from a second opening; with
+    the session's credentials checked once: changed or gone, none is written."""
+    from keymgmt.adapters.storage.base import CredentialsChanged
+    from keymgmt_proto import audit_chain_hash, audit_genesis_hash
+
+    def records(base):
+        return [
+            AuditRecord(ALICE.user_id, Action.GENERATE, base, Outcome.SUCCESS, b"k" * 16),
+            AuditRecord(ALICE.user_id, Action.CREATE_KEY_ID, base, Outcome.SUCCESS, b"n" * 16),
+        ]
+
+    def log(storage):
+        with storage.transaction() as tx:
+            return tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))[0]
+
+    one, other = make_storage(), make_storage()
+    with one.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGIN, 1, Outcome.SUCCESS))
+        tx.append_audits(records(2), credentials=0)
+        tx.append_audits(records(3))
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.RETRIEVE, 4, Outcome.SUCCESS, b"k" * 16))
+    with pytest.raises(CredentialsChanged) as changed, one.transaction() as tx:
+        tx.append_audits(records(5), credentials=7)
+    assert not changed.value.gone
+    with other.transaction() as tx:  # another opening (process) goes on from the committed entries
+        tx.append_audits(records(6), credentials=0)
+    with one.transaction() as tx:  # and this one after it
+        tx.append_audits(records(7), credentials=0)
+    entries = log(one)
+    assert [(e.entry_id, e.timestamp) for e in entries] == [
+        (1, 1),
+        (2, 2),
+        (3, 2),
+        (4, 3),
+        (5, 3),
+        (6, 4),
+        (7, 6),
+        (8, 6),
+        (9, 7),
+        (10, 7),
+    ]
+    assert [e.action for e in entries[1:3]] == [Action.GENERATE, Action.CREATE_KEY_ID]
+    previous = audit_genesis_hash()
+    for entry in entries:
+        assert entry.chain_hash == audit_chain_hash(ALICE.user_id, previous, entry)
+        previous = entry.chain_hash
+    with pytest.raises(CredentialsChanged) as gone, other.transaction() as tx:
+        tx.append_audits([AuditRecord(b"Z" * 16, Action.GENERATE, 1, Outcome.SUCCESS)] * 2, credentials=0)
+    assert gone.value.gone
+    assert log(other) == entries
+
+
 def test_the_largest_sealed_secret_is_stored_whole(make_storage):
     """OPS-12: a 64 KiB secret sealed (65,564 bytes) fits the ciphertext column of both
     backends (BLOB, BYTEA: no size CHECK), byte for byte, and reads back from a second opening."""
