@@ -446,7 +446,7 @@ class _SQLiteTransaction:
         for record in records:
             if record.user_id != user_id:
                 raise ValueError("append_audits takes the entries of one user")
-            if needs_sync(record):
+            if record.action not in SOFT_AUDIT_ACTIONS:  # (needs_sync, inline)
                 self._storage.sync_needed = True
         numbers = self._storage.audit_numbers
         remembered = numbers.get(user_id)
@@ -473,14 +473,25 @@ class _SQLiteTransaction:
         for record in records:
             last += 1
             previous = chain_hash_of(record, last, previous)
-            values += (record.user_id, last, *audit_values(record, previous))
+            key_id, context = record.key_id, record.context
+            values += (
+                _blob(record.user_id),
+                last,
+                int(record.action),
+                record.timestamp,
+                int(record.outcome),
+                None if key_id is None else _blob(key_id),
+                None if context is None else int(context),
+                record.count,
+                _blob(previous),
+            )
         assert previous is not None
         user_id = records[0].user_id
         if credentials is None:
             self._db.execute(_audits_insert(len(records)), values)
             return last, previous
         statement = _current_audits_insert(len(records))
-        if self._db.execute(statement, (*values, user_id, credentials)).rowcount == len(records):
+        if self._db.execute(statement, (*values, _blob(user_id), credentials)).rowcount == len(records):
             return last, previous
         gone = self._db.execute(_SQL.credentials_changed, (user_id,)).fetchone() is None
         raise CredentialsChanged(gone)
