@@ -174,11 +174,7 @@ _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
 # A name or key id that is taken inserts nothing (rowcount 0) instead of failing the transaction.
 _INSERT_ACCOUNT = _SQL.insert_account + " ON CONFLICT DO NOTHING"
 _INSERT_SECRET = _SQL.insert_secret + " ON CONFLICT (key_id) DO NOTHING"
-_NEXT_AUDIT_SEQ = (
-    "UPDATE accounts SET audit_seq = audit_seq + 1 WHERE user_id = %s "
-    "RETURNING audit_seq, credentials_changed_us"
-)
-#: The same for several entries at once; parameters: how many, the user id.
+#: Takes a user's next audit numbers (returning the last); parameters: how many, the user id.
 _TAKE_AUDIT_SEQS = (
     "UPDATE accounts SET audit_seq = audit_seq + %s WHERE user_id = %s "
     "RETURNING audit_seq, credentials_changed_us"
@@ -339,37 +335,13 @@ class _PgTransaction:
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
-        if needs_sync(record):
-            self._storage.sync_needed = True
-        # The row lock taken by this UPDATE orders concurrent appends for one user (any
-        # instance); it also reads the account's credentials for the check (no extra round
-        # trip: a mismatch raises, and the transaction or savepoint rolls the UPDATE back).
-        row = self._one(_NEXT_AUDIT_SEQ, (record.user_id,))
-        if row is None:
-            if credentials is not None:
-                raise CredentialsChanged(gone=True)
-            raise StorageError("audit entry for a user that has no account")
-        if credentials is not None and row[1] != credentials:
-            raise CredentialsChanged(gone=False)
-        seq = row[0]
-        # Under that lock the entry before is committed (or this transaction's own), so its
-        # hash is the one the chain continues from.
-        before = self._one(_SQL.audit_hash, (record.user_id, seq - 1)) if seq > 1 else None
-        if seq > 1 and (before is None or before[0] is None):
-            raise StorageError("the audit entry before is missing or not chained")
-        chain_hash = chain_hash_of(record, seq, None if before is None else bytes(before[0]))
-        self._conn.execute(
-            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "
-            "chain_hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (record.user_id, seq, *audit_values(record, chain_hash)),
-        )
+        self.append_audits((record,), credentials)
 
     def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
-        # As append_audit: one UPDATE takes all the numbers (and checks the credentials
-        # once), one INSERT writes every entry.
-        if len(records) == 1:
-            self.append_audit(records[0], credentials)
-            return
+        # One UPDATE takes all the numbers; its row lock orders concurrent appends for one
+        # user (any instance), and it reads the account's credentials for the check (no extra
+        # round trip: a mismatch raises, and the transaction or savepoint rolls the UPDATE
+        # back). One INSERT writes every entry.
         user_id = records[0].user_id
         if any(record.user_id != user_id for record in records):
             raise ValueError("append_audits takes the entries of one user")
@@ -383,6 +355,8 @@ class _PgTransaction:
         if credentials is not None and row[1] != credentials:
             raise CredentialsChanged(gone=False)
         seq = row[0] - len(records) + 1  # the first of the numbers taken
+        # Under that lock the entry before is committed (or this transaction's own), so its
+        # hash is the one the chain continues from.
         before = self._one(_SQL.audit_hash, (user_id, seq - 1)) if seq > 1 else None
         if seq > 1 and (before is None or before[0] is None):
             raise StorageError("the audit entry before is missing or not chained")

@@ -210,6 +210,22 @@ def _current_audits_insert(count: int) -> str:
 _blob = bytearray
 
 
+def _audit_row(record: AuditRecord, seq: int, chain_hash: bytes) -> tuple[object, ...]:
+    """An audit entry's columns in table order, BLOBs bound as bytearray (see _blob)."""
+    key_id, context = record.key_id, record.context
+    return (
+        _blob(record.user_id),
+        seq,
+        int(record.action),
+        record.timestamp,
+        int(record.outcome),
+        None if key_id is None else _blob(key_id),
+        None if context is None else int(context),
+        record.count,
+        _blob(chain_hash),
+    )
+
+
 class _SQLiteTransaction:
     def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
         self._db = db
@@ -416,18 +432,7 @@ class _SQLiteTransaction:
     def _insert_audit(
         self, record: AuditRecord, seq: int, chain_hash: bytes, credentials: int | None
     ) -> None:
-        key_id, context = record.key_id, record.context
-        values = (
-            _blob(record.user_id),
-            seq,
-            int(record.action),
-            record.timestamp,
-            int(record.outcome),
-            None if key_id is None else _blob(key_id),
-            None if context is None else int(context),
-            record.count,
-            _blob(chain_hash),
-        )
+        values = _audit_row(record, seq, chain_hash)
         if credentials is None:
             self._db.execute(_INSERT_AUDIT, values)
             return
@@ -473,18 +478,7 @@ class _SQLiteTransaction:
         for record in records:
             last += 1
             previous = chain_hash_of(record, last, previous)
-            key_id, context = record.key_id, record.context
-            values += (
-                _blob(record.user_id),
-                last,
-                int(record.action),
-                record.timestamp,
-                int(record.outcome),
-                None if key_id is None else _blob(key_id),
-                None if context is None else int(context),
-                record.count,
-                _blob(previous),
-            )
+            values += _audit_row(record, last, previous)
         assert previous is not None
         user_id = records[0].user_id
         if credentials is None:

@@ -16,7 +16,7 @@ import pytest
 from anyio.abc import ByteStream
 from anyio.streams.tls import TLSStream
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage
+from wsproto.events import BytesMessage, CloseConnection
 
 from keymgmt.adapters.client import KeymgmtClient, tls_connector
 from keymgmt.adapters.server.runtime import KeyServerRuntime
@@ -120,6 +120,20 @@ async def test_frames_sent_right_behind_the_upgrade_request_are_served_at_once(t
         await still_serves(runtime, pki)
 
 
+async def first_close(stream: ByteStream, what: str) -> CloseConnection:
+    """The first close frame the server sends on ``stream`` (within 5 s), as wsproto reads it."""
+    ws = Connection(ConnectionType.CLIENT)
+    with anyio.fail_after(5):
+        while True:
+            try:
+                ws.receive_data(await stream.receive())
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                raise AssertionError(f"{what}: no close frame") from None
+            closes = [e for e in ws.events() if isinstance(e, CloseConnection)]
+            if closes:
+                return closes[0]
+
+
 async def test_broken_framing_and_compressed_frames_close_with_1002(tmp_path):
     """Each a connection of its own; the server answers close code 1002 and goes on."""
     cases = {
@@ -142,16 +156,7 @@ async def test_broken_framing_and_compressed_frames_close_with_1002(tmp_path):
             status, rest = await read_head_and_rest(stream)
             assert status == 101 and rest == b"", what
             await stream.send(raw)
-            ws = Connection(ConnectionType.CLIENT)
-            with anyio.fail_after(5):
-                while True:
-                    try:
-                        ws.receive_data(await stream.receive())
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        raise AssertionError(f"{what}: no close frame") from None
-                    closes = [e for e in ws.events() if type(e).__name__ == "CloseConnection"]
-                    if closes:
-                        break
+            closes = [await first_close(stream, what)]
             assert closes[0].code == CloseCode.PROTOCOL_ERROR, (what, closes[0])
             await anyio.aclose_forcefully(stream)
         with anyio.fail_after(5):  # (counted when the server's side of the last one has ended)
@@ -177,16 +182,7 @@ async def test_text_frames_that_are_not_utf8_close_as_any_text_message_does(tmp_
             status, rest = await read_head_and_rest(stream)
             assert status == 101 and rest == b"", what
             await stream.send(raw)
-            ws = Connection(ConnectionType.CLIENT)
-            with anyio.fail_after(5):
-                while True:
-                    try:
-                        ws.receive_data(await stream.receive())
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        raise AssertionError(f"{what}: no close frame") from None
-                    closes = [e for e in ws.events() if type(e).__name__ == "CloseConnection"]
-                    if closes:
-                        break
+            closes = [await first_close(stream, what)]
             assert closes[0].code == CloseCode.UNSUPPORTED_DATA, (what, closes[0])
             await anyio.aclose_forcefully(stream)
         with anyio.fail_after(5):
