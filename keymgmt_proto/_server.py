@@ -100,10 +100,11 @@ class ServerConfig:
     max_sessions_per_connection: int = 256
     #: Largest frame payload accepted.
     max_payload: int = DEFAULT_MAX_PAYLOAD
-    #: Sessions (across the registry) whose AEAD objects stay built: the most recently
-    #: used. The others keep only their keys and rebuild them on use (a request and its
-    #: answer cost about 7 µs more); this bounds the memory of idle sessions (P4): a built channel
-    #: holds about 4.2 KB of OpenSSL contexts, a whole idle session less than 2 KB.
+    #: Sessions (across the registry) whose AEAD objects stay built (recently used ones:
+    #: :class:`HotChannels`). The others keep only their keys and rebuild them on use (a
+    #: request and its answer cost about 3.5 µs more); this bounds the memory of idle sessions
+    #: (P4): a built channel holds about 4.2 KB of OpenSSL contexts, a whole idle session less
+    #: than 2 KB.
     max_hot_channels: int = 64
     #: A connection that carries no session for this long (from its start, or since its
     #: last session ended) is closed with GOAWAY(IDLE_TIMEOUT) (NET-13).
@@ -241,7 +242,7 @@ class SessionRegistry:
     @property
     def hot_channels(self) -> int:
         """How many sessions keep their AEAD objects built (at most
-        ``config.max_hot_channels``, the most recently used); the others keep only their
+        ``config.max_hot_channels``, recently used ones); the others keep only their
         keys (P4). With ``len(registry)``, what an operator watches for memory."""
         return len(self._hot)
 
@@ -337,7 +338,7 @@ class SessionRegistry:
         return session
 
     def warm(self, channel: Channel) -> None:
-        """The channel is in use: keep its AEAD objects built (most recently used first)."""
+        """The channel is in use: keep its AEAD objects built (in the hot set)."""
         self._hot.touch(channel)
 
     def cool(self, channel: Channel) -> None:
