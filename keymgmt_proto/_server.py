@@ -227,6 +227,11 @@ class SessionRegistry:
         self._sealing_key = sealing_key
         self._random = random
         self._hot = HotChannels(self.config.max_hot_channels)
+        #: At or before every detached session's deadline (math.inf: none is detached). A
+        #: detached session's deadline does not move, so the bound is lowered when one
+        #: detaches and made exact again by handle_timer: get_timer, which every idle
+        #: connection asks, then costs no walk over every session of the registry.
+        self._detached_bound = math.inf
         #: Weak: a connection nobody drives any more is not kept alive by being listed.
         self._woken: WeakSet[ServerConnection] = WeakSet()
 
@@ -254,24 +259,35 @@ class SessionRegistry:
         return woken
 
     def get_timer(self) -> float | None:
-        """The earliest deadline among detached sessions."""
-        deadlines = [s.deadline(self.config)[0] for s in self._sessions.values() if s.owner is None]
-        return min(deadlines, default=None)
+        """A time at or before the earliest deadline among detached sessions (None: none is
+        detached), in constant time. It may be early (that session resumed or ended since):
+        :meth:`handle_timer` then ends nothing, and the timer after it is exact."""
+        bound = self._detached_bound
+        return None if bound == math.inf else bound
+
+    def _lower_detached_bound(self, session: _ServerSession) -> None:
+        deadline = session.deadline(self.config)[0]
+        if deadline < self._detached_bound:
+            self._detached_bound = deadline
 
     def handle_timer(self, now: float) -> list[ExpiredSession]:
         """End detached sessions whose deadline passed; returns them for auditing."""
         expired: list[ExpiredSession] = []
+        bound = math.inf
         for key, session in list(self._sessions.items()):
             if session.owner is not None:
                 continue
             deadline, code = session.deadline(self.config)
-            if deadline <= now:
+            if deadline > now:
+                bound = min(bound, deadline)
+            else:
                 del self._sessions[key]
                 transition(Role.SERVER, session, Command.CLOSE)  # expired while detached
                 if session.channel is not None:
                     self._hot.discard(session.channel)
                 assert session.user_id is not None
                 expired.append(ExpiredSession(session.user_id, code, session.handle))
+        self._detached_bound = bound
         return expired
 
     def end_user_sessions(self, user_id: bytes, code: ErrorCode, keep: SessionHandle | None = None) -> int:
@@ -382,6 +398,7 @@ class SessionRegistry:
         if session.state is not State.DETACHED:  # (a claimed session put back is DETACHED already)
             transition(Role.SERVER, session, Command.DETACH)
         session.owner = None
+        self._lower_detached_bound(session)
         if self._store is None or session.pending or session.channel is None:
             return
         assert self._sealing_key is not None and self._random is not None and session.user_id is not None
@@ -432,6 +449,7 @@ class SessionRegistry:
             credentials_version=state.credentials_version,
         )
         self._sessions[key] = session
+        self._lower_detached_bound(session)
         return session
 
 

@@ -130,6 +130,37 @@ def test_detached_sessions_expire_only_once_their_deadline_passes(server_setup):
     assert len(world.registry) == 0 and world.registry.get_timer() is None
 
 
+def test_the_registry_timer_is_a_bound_kept_without_looking_at_every_session(server_setup, monkeypatch):
+    """Every idle connection asks the registry for its timer: that must not walk every
+    session (at 50 connections of 2 sessions each it was paid every 2 requests). The timer
+    may be early once a detached session resumed; handling it makes it exact again."""
+    world = FakeWorld(server_setup, ServerConfig(idle_timeout=50.0))
+    pair = world.pair(now=0.0)
+    register(pair, ACCOUNT)
+    for _ in range(20):
+        login(pair, ACCOUNT)
+    assert world.registry.get_timer() is None  # attached sessions are their connection's
+    (detached, *others) = lose(pair)
+    assert world.registry.get_timer() == 50.0
+    looked = []
+    deadline = type(next(iter(world.registry._sessions.values()))).deadline
+    monkeypatch.setattr(
+        type(next(iter(world.registry._sessions.values()))),
+        "deadline",
+        lambda self, config: looked.append(self) or deadline(self, config),
+    )
+    assert [world.registry.get_timer() for _ in range(10)] == [50.0] * 10 and looked == []
+    monkeypatch.undo()
+    again = world.pair(now=20.0)
+    for session in (detached, *others):  # every one resumes: the bound is now early
+        again.client.resume_session(session)
+    assert len([e for e in again.pump() if isinstance(e, SessionResumed)]) == 20
+    assert world.registry.get_timer() == 50.0
+    assert world.registry.handle_timer(50.0) == [] and world.registry.get_timer() is None
+    assert len(lose(again)) == 20  # detached again at 20: their deadline is now 70
+    assert world.registry.get_timer() == 70.0
+
+
 class _DictStore:
     def __init__(self) -> None:
         self.saved: dict[bytes, bytes] = {}
