@@ -403,6 +403,21 @@ class StoreSecretRequest(OpRequest):
             raise ValueError(f"next_client_nonce must be {KEY_ID_NONCE_SIZE} bytes")
 
     def encode(self) -> bytes:
+        next_kind, next_nonce = self.next_kind, self.next_client_nonce
+        if len(self.ciphertext) == _STORE_NEXT_SEALED and next_kind is not None and next_nonce is not None:
+            # The one-request store of a generated secret (section 12.10): one pack, the bytes
+            # the general path below writes (every size was checked by __post_init__).
+            return _STORE_NEXT.pack(
+                self.OP,
+                self.user_id,
+                self.key_id,
+                self.kind,
+                _STORE_NEXT_SEALED,
+                self.ciphertext,
+                1,
+                next_kind,
+                next_nonce,
+            )
         w = (
             Writer()
             .u8(self.OP)
@@ -677,8 +692,38 @@ def _optional_u64(r: Reader) -> int | None:
     return r.u64() if _flag(r) else None
 
 
+#: A STORE_SECRET body of a generated secret (32 bytes sealed: 60) that asks for the next key
+#: id: op, user id, key id, kind, u32 length and sealed secret, flag 1, next kind, client nonce.
+_STORE_NEXT_SEALED = GENERATED_SECRET_SIZE + SEALED_OVERHEAD
+_STORE_NEXT = struct.Struct(f">B{USER_ID_SIZE}s{KEY_ID_SIZE}sBI{_STORE_NEXT_SEALED}sBB{KEY_ID_NONCE_SIZE}s")
+_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
+
+
+def _decode_store_next(body: bytes) -> StoreSecretRequest | None:
+    """A body of the _STORE_NEXT layout as read_fields reads it, with the same checks (the
+    layout fixes every size); None for another layout (the general path reads it)."""
+    _, user_id, key_id, raw_kind, size, ciphertext, flag, raw_next, nonce = _STORE_NEXT.unpack(body)
+    if size != _STORE_NEXT_SEALED or flag != 1:
+        return None
+    kind, next_kind = _KINDS.get(raw_kind), _KINDS.get(raw_next)
+    if kind is None or next_kind is None:
+        return None  # (the general path raises the error)
+    store = _new_object(StoreSecretRequest)
+    _set_field(store, "user_id", user_id)
+    _set_field(store, "key_id", key_id)
+    _set_field(store, "kind", kind)
+    _set_field(store, "ciphertext", ciphertext)
+    _set_field(store, "next_kind", next_kind)
+    _set_field(store, "next_client_nonce", nonce)
+    return store
+
+
 def decode_request(body: bytes) -> OpRequest:
     """Parse a request body; RemoteProtocolError if it is malformed or names no operation."""
+    if len(body) == _STORE_NEXT.size and body[0] == Op.STORE_SECRET:
+        store = _decode_store_next(body)
+        if store is not None:
+            return store
     if len(body) == _RETRIEVE.size and body[0] == Op.RETRIEVE:
         # The commonest request, fixed layout: one unpack (the same checks as below). The
         # layout fixed the ids' sizes, which RetrieveRequest's __post_init__ would check
@@ -991,8 +1036,20 @@ def encode_response(status: Status, response: OpResponse | None = None) -> bytes
     return head if response is None else head + response.encode_fields()
 
 
+#: An OK answer to STORE_SECRET that brings the next key id: status, flag 1, key id, nonce.
+_STORED_NEXT = struct.Struct(f">BB{KEY_ID_SIZE}s{KEY_ID_NONCE_SIZE}s")
+
+
 def decode_response(op: Op, body: bytes) -> tuple[Status, OpResponse | None]:
     """Parse the response to a request of type ``op``."""
+    if op == Op.STORE_SECRET and len(body) == _STORED_NEXT.size and body[0] == Status.OK and body[1] == 1:
+        # The answer to every one-request store: one unpack (the layout fixes both sizes that
+        # StoredResponse's __post_init__ checks); its fields set as its frozen __init__ sets them.
+        _, _, next_key_id, next_server_nonce = _STORED_NEXT.unpack(body)
+        stored = _new_object(StoredResponse)
+        _set_field(stored, "next_key_id", next_key_id)
+        _set_field(stored, "next_server_nonce", next_server_nonce)
+        return Status.OK, stored
     r = Reader(body, "response")
     status = _enum(Status, r.u8(), "status")
     operation = OPERATIONS.get(op)
@@ -1054,20 +1111,26 @@ OPERATIONS: Mapping[Op, Operation] = MappingProxyType(
 # ------------------------------------------------------ KEY-1, sealing, export
 
 
+#: KEY-1's preimage up to ``user_id``, and the prefix of ``r`` in it: fixed, so built once.
+_KEY_ID_HEAD = struct.pack(">H", len(KEY_ID_DOMAIN)) + KEY_ID_DOMAIN + struct.pack(">H", USER_ID_SIZE)
+_KEY_ID_R = struct.pack(">H", 32)
+#: KEY-2's preimage up to ``client_nonce``, and the prefix of ``server_nonce`` in it.
+_CONTRIBUTIONS_HEAD = (
+    struct.pack(">H", len(KEY_ID_CONTRIBUTION_DOMAIN))
+    + KEY_ID_CONTRIBUTION_DOMAIN
+    + struct.pack(">H", KEY_ID_NONCE_SIZE)
+)
+_CONTRIBUTIONS_SERVER = struct.pack(">H", KEY_ID_NONCE_SIZE)
+_sha3_256 = hashlib.sha3_256
+
+
 def derive_key_id(user_id: bytes, r: bytes) -> bytes:
     """KEY-1: SHA3-256(len(d) || d || 16 || user_id || 32 || r)[:16], lengths as u16 big-endian."""
-    _check_user_id(user_id)
+    if len(user_id) != USER_ID_SIZE:
+        raise ValueError("user_id must be 16 bytes")
     if len(r) != 32:
         raise ValueError("r must be 32 random bytes")
-    data = (
-        struct.pack(">H", len(KEY_ID_DOMAIN))
-        + KEY_ID_DOMAIN
-        + struct.pack(">H", USER_ID_SIZE)
-        + user_id
-        + struct.pack(">H", 32)
-        + r
-    )
-    return hashlib.sha3_256(data).digest()[:KEY_ID_SIZE]
+    return _sha3_256(b"".join((_KEY_ID_HEAD, user_id, _KEY_ID_R, r))).digest()[:KEY_ID_SIZE]
 
 
 def joint_key_id(user_id: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
@@ -1075,17 +1138,9 @@ def joint_key_id(user_id: bytes, client_nonce: bytes, server_nonce: bytes) -> by
     ``r = SHA3-256(len(d2) || d2 || 32 || client_nonce || 32 || server_nonce)`` (lengths u16):
     the client's fresh nonce means no server can make two stores share a key id (it would
     need a SHA3-256 collision), and the server's keeps it unpredictable to the client."""
-    for nonce in (client_nonce, server_nonce):
-        if len(nonce) != KEY_ID_NONCE_SIZE:
-            raise ValueError(f"key id contributions are {KEY_ID_NONCE_SIZE} bytes")
-    r = hashlib.sha3_256(
-        struct.pack(">H", len(KEY_ID_CONTRIBUTION_DOMAIN))
-        + KEY_ID_CONTRIBUTION_DOMAIN
-        + struct.pack(">H", KEY_ID_NONCE_SIZE)
-        + client_nonce
-        + struct.pack(">H", KEY_ID_NONCE_SIZE)
-        + server_nonce
-    ).digest()
+    if len(client_nonce) != KEY_ID_NONCE_SIZE or len(server_nonce) != KEY_ID_NONCE_SIZE:
+        raise ValueError(f"key id contributions are {KEY_ID_NONCE_SIZE} bytes")
+    r = _sha3_256(b"".join((_CONTRIBUTIONS_HEAD, client_nonce, _CONTRIBUTIONS_SERVER, server_nonce))).digest()
     return derive_key_id(user_id, r)
 
 

@@ -55,7 +55,6 @@ from .sql import (
     lock_end,
     migration_statements,
     rows_to_fetch,
-    secret_values,
     start_login_params,
     sweep_params,
     to_account,
@@ -226,6 +225,18 @@ def _audit_row(record: AuditRecord, seq: int, chain_hash: bytes) -> tuple[object
     )
 
 
+def _secret_row(secret: SecretRecord) -> tuple[object, ...]:
+    """:func:`.sql.secret_values` with the BLOBs bound as bytearray (see _blob)."""
+    return (
+        _blob(secret.key_id),
+        _blob(secret.user_id),
+        int(secret.kind),
+        _blob(secret.ciphertext),
+        _blob(secret.associated_data),
+        secret.created,
+    )
+
+
 class _SQLiteTransaction:
     def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
         self._db = db
@@ -252,7 +263,7 @@ class _SQLiteTransaction:
         return True
 
     def count_keys(self, user_id: bytes) -> int:
-        row = self._db.execute(_SQL.count_keys, (user_id,)).fetchone()
+        row = self._db.execute(_SQL.count_keys, (_blob(user_id),)).fetchone()
         return 0 if row is None else int(row[0])
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
@@ -309,23 +320,23 @@ class _SQLiteTransaction:
         return count
 
     def key_id_exists(self, key_id: bytes) -> bool:
-        return self._db.execute(_SQL.key_id_exists, (key_id,)).fetchone() is not None
+        return self._db.execute(_SQL.key_id_exists, (_blob(key_id),)).fetchone() is not None
 
     def insert_secret(self, secret: SecretRecord) -> bool:
         self._storage.sync_needed = True
         try:
-            self._db.execute(_SQL.insert_secret, secret_values(secret))
+            self._db.execute(_SQL.insert_secret, _secret_row(secret))
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc):
                 return False
             raise StorageError("the secret's user has no account") from None
-        self._db.execute(_SQL.add_to_key_count, (1, secret.user_id))
+        self._db.execute(_SQL.add_to_key_count, (1, _blob(secret.user_id)))
         return True
 
     def insert_secret_below(self, secret: SecretRecord, max_keys: int) -> int | None:
         # (SQLite has one writer: the count read here is still the count at the insert. An
         # UPDATE ... RETURNING instead costs as much as these two statements.)
-        row = self._db.execute(_SQL.count_keys, (secret.user_id,)).fetchone()
+        row = self._db.execute(_SQL.count_keys, (_blob(secret.user_id),)).fetchone()
         if row is None:
             raise StorageError("the secret's user has no account")
         if row[0] >= max_keys:

@@ -25,11 +25,14 @@ from keymgmt_proto import (
     ServerConfig,
     SessionRegistry,
     Status,
+    StoredResponse,
+    StoreSecretRequest,
     audit_chain_hash,
     audit_chain_hash_of,
     decode_request,
     decode_response,
     encode_response,
+    joint_key_id,
 )
 from keymgmt_proto.wire import (
     HEADER_SIZE,
@@ -178,6 +181,81 @@ def test_a_retrieve_decodes_on_its_fast_path_as_any_request(context: Context) ->
 def test_malformed_retrieves_are_refused(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_request(body)
+
+
+def _store_body_by_fields(
+    user_id: bytes, key_id: bytes, kind: int, ciphertext: bytes, flag: int, next_kind: int, nonce: bytes
+) -> bytes:
+    """Section 12.4's STORE_SECRET body, written out field by field."""
+    head = bytes([Op.STORE_SECRET]) + user_id + key_id + bytes([kind])
+    return head + len(ciphertext).to_bytes(4, "big") + ciphertext + bytes([flag, next_kind]) + nonce
+
+
+@pytest.mark.parametrize("kind", list(SecretKind))
+@pytest.mark.parametrize("next_kind", list(SecretKind))
+def test_a_one_request_store_encodes_and_decodes_on_its_fast_path_as_field_by_field(
+    kind: SecretKind, next_kind: SecretKind
+) -> None:
+    user_id, key_id, nonce = os.urandom(16), os.urandom(16), os.urandom(32)
+    ciphertext = os.urandom(32 + SEALED_OVERHEAD)
+    request = StoreSecretRequest(user_id, key_id, kind, ciphertext, next_kind, nonce)
+    body = _store_body_by_fields(user_id, key_id, kind, ciphertext, 1, next_kind, nonce)
+    assert request.encode() == body
+    decoded = decode_request(body)
+    assert decoded == request
+    assert type(decoded.kind) is SecretKind and type(decoded.next_kind) is SecretKind  # members
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _store_body_by_fields(bytes(16), bytes(16), 0x77, bytes(60), 1, 1, bytes(32)),  # unknown kind
+        _store_body_by_fields(bytes(16), bytes(16), 1, bytes(60), 1, 0x77, bytes(32)),  # unknown next kind
+        _store_body_by_fields(bytes(16), bytes(16), 1, bytes(60), 2, 1, bytes(32)),  # flag neither 0 nor 1
+        # the layout's size, but the length field says 59: the general reader finds the rest malformed
+        _store_body_by_fields(bytes(16), bytes(16), 1, bytes(60), 1, 1, bytes(32)).replace(
+            (60).to_bytes(4, "big"), (59).to_bytes(4, "big"), 1
+        ),
+        _store_body_by_fields(bytes(16), bytes(16), 1, bytes(60), 1, 1, bytes(32))[:-1],  # one byte short
+        _store_body_by_fields(bytes(16), bytes(16), 1, bytes(60), 1, 1, bytes(32)) + b"\x00",  # one byte over
+    ],
+)
+def test_malformed_one_request_stores_are_refused(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_request(body)
+
+
+def test_a_store_with_the_fast_layout_but_flag_0_reads_as_the_general_path_reads_it() -> None:
+    # flag 0 ends the body after the ciphertext: 33 more bytes are malformed, never a store
+    body = _store_body_by_fields(bytes(16), bytes(16), 1, bytes(60), 0, 1, bytes(32))
+    with pytest.raises(RemoteProtocolError):
+        decode_request(body)
+
+
+def test_a_stored_answer_with_the_next_key_id_decodes_on_its_fast_path_as_field_by_field() -> None:
+    key_id, nonce = os.urandom(16), os.urandom(32)
+    body = encode_response(Status.OK, StoredResponse(key_id, nonce))
+    assert body == b"\x00\x01" + key_id + nonce
+    assert decode_response(Op.STORE_SECRET, body) == (Status.OK, StoredResponse(key_id, nonce))
+    assert decode_response(Op.STORE_SECRET, b"\x00\x00") == (Status.OK, StoredResponse())
+    with pytest.raises(RemoteProtocolError):  # flag 2, at the fast layout's size
+        decode_response(Op.STORE_SECRET, b"\x00\x02" + key_id + nonce)
+    # another status at that size is not an OK answer (a refusal carries nothing more)
+    with pytest.raises(RemoteProtocolError):
+        decode_response(Op.STORE_SECRET, b"\x01\x01" + key_id + nonce)
+
+
+def test_the_joint_key_id_is_key_1_of_key_2_written_out() -> None:
+    user_id, client_nonce, server_nonce = os.urandom(16), os.urandom(32), os.urandom(32)
+    d2, d = b"keymgmt v1 key id contributions", b"keymgmt v1 key id"
+    r = hashlib.sha3_256(b"\x00\x1f" + d2 + b"\x00\x20" + client_nonce + b"\x00\x20" + server_nonce).digest()
+    expected = hashlib.sha3_256(b"\x00\x11" + d + b"\x00\x10" + user_id + b"\x00\x20" + r).digest()[:16]
+    assert joint_key_id(user_id, client_nonce, server_nonce) == expected
+    for bad in ((user_id[:15], client_nonce, server_nonce), (user_id, client_nonce[:31], server_nonce)):
+        with pytest.raises(ValueError):
+            joint_key_id(*bad)
+    with pytest.raises(ValueError):
+        joint_key_id(user_id, client_nonce, server_nonce + b"\x00")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,33 @@
+"""The local store binds its BLOBs as bytearray (issue 14, P10): what it keeps and gives back
+is the same as with bytes: BLOB columns, bytes out, found by the same key."""
+
+from __future__ import annotations
+
+import os
+
+from keymgmt.adapters.client.localstore import LocalStore
+from keymgmt.adapters.storage.base import SecretRecord
+from keymgmt_proto import SecretKind
+
+
+def test_a_copy_is_stored_as_blobs_and_read_back_as_the_bytes_put() -> None:
+    store = LocalStore(":memory:")
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    record = SecretRecord(user_id, key_id, SecretKind.GENERATED, os.urandom(60), user_id + key_id, 42)
+    store.put(record)
+    types = store._db.execute(
+        "SELECT typeof(user_id), typeof(key_id), typeof(ciphertext), typeof(associated_data) "
+        "FROM local_secrets"
+    ).fetchone()
+    assert types == ("blob", "blob", "blob", "blob")
+    got = store.get(user_id, key_id)
+    assert got == record
+    assert got is not None and all(type(v) is bytes for v in (got.user_id, got.key_id, got.ciphertext))
+    # a copy put again replaces the first, and an id stored as bytes before is found the same way
+    store.put(record)
+    assert store.key_ids(user_id) == [key_id]
+    store._db.execute(
+        "INSERT INTO local_secrets VALUES (?, ?, 1, ?, ?, 1)", (user_id, b"k" * 16, b"c" * 60, b"a" * 32)
+    )
+    assert store.get(user_id, b"k" * 16) is not None
+    assert store.get(user_id, os.urandom(16)) is None
