@@ -13,14 +13,23 @@ The storage is touched by one batch at a time, and only from inside :meth:`run`:
 work runs on the event loop, the commit in a thread, never both at once. A driver sends
 the output of its work only after ``run`` has returned, that is after the commit
 (STO-1: nothing is acknowledged before it is durable).
+
+On asyncio every commit of a group commit runs in one long-lived thread of its own
+(:class:`_CommitThread`), handed over through a queue and answered through the loop's
+``call_soon_threadsafe``: a fraction of the CPU of ``anyio.to_thread.run_sync`` (its
+capacity limiter, worker pool, context copy and cancel scope) on every batch. On trio the
+commit runs through ``anyio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -69,6 +78,7 @@ class GroupCommit:
         self.observe = observe
         self._queue: list[_Work[Any]] = []
         self._leading = False
+        self._thread = _CommitThread()
         #: Batches committed and failed so far (for tests and metrics).
         self.batches = 0
         self.failed_batches = 0
@@ -128,7 +138,7 @@ class GroupCommit:
                     item.error = exc
             if batch is not None:
                 started = time.perf_counter()
-                failure = await anyio.to_thread.run_sync(_commit, batch)
+                failure = await self._thread.commit(batch)
                 seconds = time.perf_counter() - started
         if self.observe is not None:
             try:
@@ -157,3 +167,81 @@ def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
         failure.__cause__ = exc  # their drivers treat it as a fault (NET-12)
         return failure
     return None
+
+
+class _Handover:
+    """One commit handed to a :class:`_CommitThread`; settled on the event loop."""
+
+    __slots__ = ("batch", "failure", "finished", "future", "loop")
+
+    def __init__(self, batch: AbstractContextManager[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.batch = batch
+        self.loop = loop
+        self.future: asyncio.Future[StorageError | None] = loop.create_future()
+        #: Set by the thread once the commit has ended, with what failed (or None).
+        self.finished = False
+        self.failure: StorageError | None = None
+
+
+def _settle(future: asyncio.Future[StorageError | None], failure: StorageError | None) -> None:
+    if not future.done():
+        future.set_result(failure)
+
+
+class _CommitThread:
+    """The thread a group commit's commits run in on asyncio, one at a time: started with
+    the first commit and ended after ``idle`` seconds without one (started again by the
+    next), so an idle or dropped group commit leaves no thread behind for long."""
+
+    def __init__(self, idle: float = 10.0) -> None:
+        self.idle = idle
+        self._handovers: queue.SimpleQueue[_Handover] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
+
+    async def commit(self, batch: AbstractContextManager[Any]) -> StorageError | None:
+        """Leave ``batch`` (its commit and sync) in the thread; what failed, or None. Returns
+        only once the commit has ended: a cancellation that arrives meanwhile (asyncio's own,
+        which a shielded scope does not hold back) waits for it, and is delivered again at
+        the caller's next checkpoint, so its batch still ends for every work in it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): anyio's worker threads
+            return await anyio.to_thread.run_sync(_commit, batch)
+        handover = _Handover(batch, loop)
+        with self._lock:
+            self._handovers.put(handover)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._serve, name="keymgmt-commit", daemon=True).start()
+        try:
+            return await handover.future
+        except asyncio.CancelledError:
+            # The storage is the commit's until it ends (bounded by the storage's own
+            # timeouts): wait for that here, on the loop, on this rare path.
+            while not handover.finished:
+                time.sleep(0.001)
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+            return handover.failure
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                handover = self._handovers.get(timeout=self.idle)
+            except queue.Empty:
+                with self._lock:
+                    if self._handovers.empty():
+                        self._running = False
+                        return
+                continue
+            try:
+                failure = _commit(handover.batch)
+            except BaseException as exc:  # (not from a storage; still, nobody may wait forever)
+                failure = CommitFailed(f"commit failed: {type(exc).__name__}")
+                failure.__cause__ = exc
+            handover.failure = failure
+            handover.finished = True
+            with suppress(RuntimeError):  # (the loop has closed: nobody waits for this commit)
+                handover.loop.call_soon_threadsafe(_settle, handover.future, failure)

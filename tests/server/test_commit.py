@@ -176,3 +176,60 @@ async def test_a_caller_cancelled_while_waiting_does_not_strand_the_others():
     assert recorder.batches == [["a"], ["b"]]
     with anyio.fail_after(5):  # and the lead is free for the next caller
         assert await commit.run(recorder.work("c")) == "C"
+
+
+async def test_commits_run_off_the_event_loop_in_one_thread_that_ends_when_idle(anyio_backend):
+    """On asyncio every commit runs in the group commit's own thread (no worker pool, no
+    thread per commit), which ends once idle and starts again with the next commit; on
+    trio in anyio's worker threads. Never on the event loop's thread."""
+    committed_in: list[threading.Thread] = []
+
+    @contextmanager
+    def batch():
+        yield
+        committed_in.append(threading.current_thread())
+
+    commit = GroupCommit(batch)
+    commit._thread.idle = 0.05
+    for n in range(3):
+        assert await commit.run(lambda n=n: n) == n
+    assert threading.current_thread() not in committed_in
+    if anyio_backend == "asyncio":
+        first = committed_in[0]
+        assert first.name == "keymgmt-commit" and committed_in == [first] * 3
+        with anyio.fail_after(10):
+            while first.is_alive():
+                await anyio.sleep(0.01)
+        assert await commit.run(lambda: "again") == "again"
+        assert committed_in[-1] is not first and committed_in[-1].is_alive()
+    else:
+        assert all(thread.name != "keymgmt-commit" for thread in committed_in)
+
+
+async def test_a_native_cancel_during_a_commit_waits_for_it_and_ends_the_batch(anyio_backend):
+    """asyncio's own cancellation (task.cancel(), which a shielded scope does not hold back)
+    of the task that leads a batch while its commit runs: the caller waits for the commit
+    to end, every work of the batch gets its result, the work queued behind runs in the next
+    batch, and the cancellation reaches the caller afterwards."""
+    if anyio_backend != "asyncio":
+        assert anyio_backend == "trio"  # trio has no cancellation outside its cancel scopes
+        return
+    import asyncio
+
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    recorder.hold.clear()
+    leader = asyncio.ensure_future(commit.run(recorder.work("a")))
+    await _wait_holding(recorder)
+    follower = asyncio.ensure_future(commit.run(recorder.work("b")))
+    await asyncio.sleep(0.01)
+    released = threading.Timer(0.1, recorder.hold.set)  # from a thread: the loop waits for it
+    released.start()
+    leader.cancel()
+    with anyio.fail_after(10):
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        assert await follower == "B"
+    released.join()
+    assert recorder.batches == [["a"], ["b"]]
+    assert commit.batches == 2 and commit.failed_batches == 0
