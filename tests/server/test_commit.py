@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
 import anyio
@@ -233,3 +234,44 @@ async def test_a_native_cancel_during_a_commit_waits_for_it_and_ends_the_batch(a
     released.join()
     assert recorder.batches == [["a"], ["b"]]
     assert commit.batches == 2 and commit.failed_batches == 0
+
+
+async def test_a_batch_that_waits_for_another_process_s_write_lock_waits_off_the_loop(tmp_path):
+    """With a begin (the key server's): while another process holds the database's write
+    lock, the batch waits for it in the commit thread, not on the event loop, which runs on
+    meanwhile; the works that arrive during the wait join the batch."""
+    import sqlite3
+
+    from keymgmt.adapters.storage.base import Account
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    commit = GroupCommit(storage.batch, begin=lambda wait: storage.begin_batch(wait=wait))
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another worker's batch
+    results: dict[str, bool] = {}
+
+    def insert(name: bytes):
+        def work() -> bool:
+            with storage.transaction() as tx:
+                return tx.insert_account(Account(name, name.ljust(16, b"-"), b"r" * 32, b"e" * 60))
+
+        return work
+
+    async def run(name: bytes) -> None:
+        results[name.decode()] = await commit.run(insert(name))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, b"first")
+        started = time.monotonic()
+        await anyio.sleep(0.05)  # the loop runs on while the batch waits
+        assert time.monotonic() - started < 1.0
+        tg.start_soon(run, b"second")
+        tg.start_soon(run, b"third")
+        await anyio.sleep(0.05)
+        assert results == {}
+        other.execute("ROLLBACK")
+    assert results == {"first": True, "second": True, "third": True}
+    assert commit.batches == 1 and storage.syncs == 1
+    other.close()
+    storage.close()
