@@ -707,19 +707,26 @@ class SQLiteStorage:
                 finally:
                     self._db.execute(_WAIT_FOR_WRITERS)
         except sqlite3.Error as exc:
-            with suppress(sqlite3.Error):  # (begun, if only the busy timeout's reset failed)
-                self._rollback()
-            self._writer.release()
+            self._undo_begin()
             if not wait and isinstance(exc, sqlite3.OperationalError) and _busy(exc):
                 return False
             raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
         except BaseException:
-            with suppress(sqlite3.Error):
-                self._rollback()
-            self._writer.release()
+            self._undo_begin()
             raise
         self._batch_begun = True
         return True
+
+    def _undo_begin(self) -> None:
+        """A begin_batch that failed: roll back if it had begun after all (only the busy
+        timeout's reset failed; a refused BEGIN leaves no transaction, and the remembered
+        audit numbers stay), and free the writer lock."""
+        try:
+            with suppress(sqlite3.Error):  # (a closed connection cannot even say)
+                if self._db.in_transaction:
+                    self._rollback()
+        finally:
+            self._writer.release()
 
     def _commit(self) -> None:
         """COMMIT, then sync the WAL if what was committed must be durable. A failed sync is

@@ -589,3 +589,22 @@ def test_postgres_close_releases_the_connections(pg):
     assert connections() == 0
     with pytest.raises(StorageError), storage.transaction() as tx:
         tx.get_account(b"alice")
+
+
+def test_sqlite_batch_refused_ahead_keeps_the_remembered_audit_numbers(tmp_path):
+    """A begin refused for another process's write lock began nothing, so it keeps what the
+    storage remembers of each user's last audit entry (forgetting it would cost every
+    contended batch a read of the last entry per user)."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS))
+    remembered = dict(store.audit_numbers)
+    assert remembered
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    assert store.begin_batch(wait=False) is False
+    other.execute("ROLLBACK")
+    assert store.audit_numbers == remembered
+    other.close()
+    store.close()
