@@ -261,6 +261,15 @@ class KeyServer:
             self._batch_depth = 0
         del self._failures[:written]  # committed (a failed commit raised: they stay queued)
 
+    def begin_batch(self, wait: bool) -> bool:
+        """Begin the storage transaction of the next :meth:`batch` ahead of it, if the storage
+        can (see GroupCommit): False if it would have to wait for another process's write
+        lock and ``wait`` is False."""
+        begin = getattr(self.storage, "begin_batch", None)
+        if begin is None or self._batch_depth:
+            return True
+        return bool(begin(wait=wait))
+
     def now_us(self) -> int:
         return int(self._clock() * 1_000_000)
 

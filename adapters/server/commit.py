@@ -13,14 +13,24 @@ The storage is touched by one batch at a time, and only from inside :meth:`run`:
 work runs on the event loop, the commit in a thread, never both at once. A driver sends
 the output of its work only after ``run`` has returned, that is after the commit
 (STO-1: nothing is acknowledged before it is durable).
+
+On asyncio every commit of a group commit runs in one long-lived thread of its own
+(:class:`_CommitThread`), handed over through a queue and answered through the loop's
+``call_soon_threadsafe``: a fraction of the CPU of ``anyio.to_thread.run_sync`` (its
+capacity limiter, worker pool, context copy and cancel scope) on every batch. On trio the
+commit runs through ``anyio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -62,13 +72,21 @@ class GroupCommit:
     without a transaction of its own (each storage call commits itself)."""
 
     def __init__(
-        self, batch: BatchFactory | None = None, observe: Callable[[int, float, bool], None] | None = None
+        self,
+        batch: BatchFactory | None = None,
+        observe: Callable[[int, float, bool], None] | None = None,
+        begin: Callable[[bool], bool] | None = None,
     ) -> None:
         self._batch = batch
+        #: Begins the next batch's transaction ahead of ``batch``, which then takes it over:
+        #: ``begin(False)`` on the event loop, False if it would have to wait for another
+        #: process's write lock; ``begin(True)`` waits for it (here: in the commit thread).
+        self._begin = begin
         #: Told of every batch: its number of works, its commit's seconds, whether it failed.
         self.observe = observe
         self._queue: list[_Work[Any]] = []
         self._leading = False
+        self._thread = _CommitThread()
         #: Batches committed and failed so far (for tests and metrics).
         self.batches = 0
         self.failed_batches = 0
@@ -111,16 +129,24 @@ class GroupCommit:
             self._leading = False
 
     async def _run_batch(self) -> None:
-        items, self._queue = self._queue, []
         failure: StorageError | None = None
         seconds = 0.0
-        batch = self._batch() if self._batch is not None else None
+        begin = self._begin if self._batch is not None else None
+        try:
+            if begin is not None and not begin(False):
+                # Another process is writing: wait for its lock off the loop, which reads on
+                # meanwhile; what arrives during the wait joins this batch.
+                await self._thread.run(partial(begin, True))
+        except StorageError as exc:
+            failure = CommitFailed(str(exc))
+        items, self._queue = self._queue, []
+        batch = self._batch() if self._batch is not None and failure is None else None
         try:
             if batch is not None:
                 batch.__enter__()
         except StorageError as exc:
             failure = CommitFailed(str(exc))
-        else:
+        if failure is None:
             for item in items:
                 try:
                     item.result = item.call()
@@ -128,7 +154,7 @@ class GroupCommit:
                     item.error = exc
             if batch is not None:
                 started = time.perf_counter()
-                failure = await anyio.to_thread.run_sync(_commit, batch)
+                failure = await self._thread.run(partial(_commit, batch))
                 seconds = time.perf_counter() - started
         if self.observe is not None:
             try:
@@ -157,3 +183,84 @@ def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
         failure.__cause__ = exc  # their drivers treat it as a fault (NET-12)
         return failure
     return None
+
+
+class _Handover:
+    """One call handed to a :class:`_CommitThread`; settled on the event loop."""
+
+    __slots__ = ("call", "error", "finished", "future", "loop", "result")
+
+    def __init__(self, call: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.call = call
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        #: Set by the thread once the call has ended, with what it returned or raised.
+        self.finished = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _CommitThread:
+    """The thread a group commit's storage calls (its commits, and the begins that must
+    wait for another process's write lock) run in on asyncio, one at a time: started with
+    the first call and ended after ``idle`` seconds without one (started again by the next),
+    so an idle or dropped group commit leaves no thread behind for long."""
+
+    def __init__(self, idle: float = 10.0) -> None:
+        self.idle = idle
+        self._handovers: queue.SimpleQueue[_Handover] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
+
+    async def run(self, call: Callable[[], _T]) -> _T:
+        """``call()`` in the thread; what it returned, or raise what it raised. Returns only
+        once the call has ended: a cancellation that arrives meanwhile (asyncio's own, which
+        a shielded scope does not hold back) waits for it, and is delivered again at the
+        caller's next checkpoint, so its batch still ends for every work in it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): anyio's worker threads
+            return await anyio.to_thread.run_sync(call)
+        handover = _Handover(call, loop)
+        with self._lock:
+            self._handovers.put(handover)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._serve, name="keymgmt-commit", daemon=True).start()
+        try:
+            await handover.future
+        except asyncio.CancelledError:
+            # The storage is the call's until it ends (bounded by the storage's own
+            # timeouts): wait for that here, on the loop, on this rare path.
+            while not handover.finished:
+                time.sleep(0.001)
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+        if handover.error is not None:
+            raise handover.error
+        result: _T = handover.result
+        return result
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                handover = self._handovers.get(timeout=self.idle)
+            except queue.Empty:
+                with self._lock:
+                    if self._handovers.empty():
+                        self._running = False
+                        return
+                continue
+            try:
+                handover.result = handover.call()
+            except BaseException as exc:  # raised to the caller, on the loop
+                handover.error = exc
+            handover.finished = True
+            with suppress(RuntimeError):  # (the loop has closed: nobody waits for this call)
+                handover.loop.call_soon_threadsafe(_settle, handover.future)

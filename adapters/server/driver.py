@@ -123,14 +123,18 @@ _COMMITS: WeakKeyDictionary[object, GroupCommit] = WeakKeyDictionary()
 
 def group_commit_for(app: ServerApp) -> GroupCommit:
     """The group commit that the connections of ``app`` share (made on first use; batches
-    are the app's ``batch()`` when it has one)."""
+    are the app's ``batch()`` when it has one, begun ahead by its ``begin_batch()``)."""
     try:
         committer = _COMMITS.get(app)
     except TypeError:  # an app that cannot be weakly referenced gets a group commit of its own
-        return GroupCommit(getattr(app, "batch", None))
+        return _group_commit(app)
     if committer is None:
-        committer = _COMMITS[app] = GroupCommit(getattr(app, "batch", None))
+        committer = _COMMITS[app] = _group_commit(app)
     return committer
+
+
+def _group_commit(app: ServerApp) -> GroupCommit:
+    return GroupCommit(getattr(app, "batch", None), begin=getattr(app, "begin_batch", None))
 
 
 class ConnectionDriver:

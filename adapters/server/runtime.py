@@ -187,7 +187,9 @@ class KeyServerRuntime:
             random=os.urandom,
         )
         #: One group commit for every connection and background task of this server.
-        self.committer = GroupCommit(self.keyserver.batch, observe=self.metrics.batch)
+        self.committer = GroupCommit(
+            self.keyserver.batch, observe=self.metrics.batch, begin=self.keyserver.begin_batch
+        )
         self.port: int | None = None
         #: The port of the /healthz and /metrics listener once it listens.
         self.health_port: int | None = None

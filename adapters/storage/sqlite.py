@@ -168,6 +168,14 @@ _MIGRATIONS: list[str] = [
 ]
 
 _SQL = Statements("qmark")
+_WAIT_FOR_WRITERS = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock another connection holds (SQLITE_BUSY)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+
+
 _INSERT_AUDIT = (
     "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, key_id, context, event_count, "
     "chain_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -590,6 +598,8 @@ class SQLiteStorage:
         self.path = Path(path)
         ensure_private_file(self.path, StorageError)
         self._batch_depth = 0
+        #: Set by begin_batch: the next batch() takes over the transaction it began.
+        self._batch_begun = False
         #: Set by a write whose commit must reach the disk before anything is answered.
         self.sync_needed = False
         #: Held by a batch from its BEGIN to the end of its commit (which may run in a worker
@@ -604,7 +614,7 @@ class SQLiteStorage:
         self.audit_numbers: dict[bytes, tuple[int, bytes]] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute(_WAIT_FOR_WRITERS)
             self._db.execute("PRAGMA foreign_keys = ON")
             enable_wal(self._db, self.path, StorageError)
             self._db.execute("PRAGMA synchronous = FULL")
@@ -673,11 +683,10 @@ class SQLiteStorage:
         if self._batch_depth:
             yield
             return
-        with self._writer:  # held until the commit has ended, in whichever thread it runs
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
+        if not self._batch_begun:
+            self.begin_batch(wait=True)
+        self._batch_begun = False
+        try:  # (_writer is held until the commit has ended, in whichever thread it runs)
             self._batch_depth = 1
             try:
                 yield
@@ -687,6 +696,48 @@ class SQLiteStorage:
             finally:
                 self._batch_depth = 0
             self._commit()
+        finally:
+            self._writer.release()
+
+    def begin_batch(self, *, wait: bool) -> bool:
+        """Begin the write transaction of the next :meth:`batch`, which takes it over (the
+        group commit begins it first on the event loop and, when another process holds the
+        write lock, waits for it in its commit thread). True once begun; False, with nothing
+        begun, when ``wait`` is False and the lock is another connection's. With ``wait``
+        the busy timeout applies, as in batch(); StorageError if it runs out."""
+        if self._batch_begun:
+            return True
+        self._writer.acquire()
+        try:
+            if wait:
+                self._db.execute("BEGIN IMMEDIATE")
+            else:
+                self._db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                finally:
+                    self._db.execute(_WAIT_FOR_WRITERS)
+        except sqlite3.Error as exc:
+            self._undo_begin()
+            if not wait and isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                return False
+            raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
+        except BaseException:
+            self._undo_begin()
+            raise
+        self._batch_begun = True
+        return True
+
+    def _undo_begin(self) -> None:
+        """A begin_batch that failed: roll back if it had begun after all (only the busy
+        timeout's reset failed; a refused BEGIN leaves no transaction, and the remembered
+        audit numbers stay), and free the writer lock."""
+        try:
+            with suppress(sqlite3.Error):  # (a closed connection cannot even say)
+                if self._db.in_transaction:
+                    self._rollback()
+        finally:
+            self._writer.release()
 
     def _commit(self) -> None:
         """COMMIT, then sync the WAL if what was committed must be durable. A failed sync is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
 import anyio
@@ -176,3 +177,101 @@ async def test_a_caller_cancelled_while_waiting_does_not_strand_the_others():
     assert recorder.batches == [["a"], ["b"]]
     with anyio.fail_after(5):  # and the lead is free for the next caller
         assert await commit.run(recorder.work("c")) == "C"
+
+
+async def test_commits_run_off_the_event_loop_in_one_thread_that_ends_when_idle(anyio_backend):
+    """On asyncio every commit runs in the group commit's own thread (no worker pool, no
+    thread per commit), which ends once idle and starts again with the next commit; on
+    trio in anyio's worker threads. Never on the event loop's thread."""
+    committed_in: list[threading.Thread] = []
+
+    @contextmanager
+    def batch():
+        yield
+        committed_in.append(threading.current_thread())
+
+    commit = GroupCommit(batch)
+    commit._thread.idle = 0.05
+    for n in range(3):
+        assert await commit.run(lambda n=n: n) == n
+    assert threading.current_thread() not in committed_in
+    if anyio_backend == "asyncio":
+        first = committed_in[0]
+        assert first.name == "keymgmt-commit" and committed_in == [first] * 3
+        with anyio.fail_after(10):
+            while first.is_alive():
+                await anyio.sleep(0.01)
+        assert await commit.run(lambda: "again") == "again"
+        assert committed_in[-1] is not first and committed_in[-1].is_alive()
+    else:
+        assert all(thread.name != "keymgmt-commit" for thread in committed_in)
+
+
+async def test_a_native_cancel_during_a_commit_waits_for_it_and_ends_the_batch(anyio_backend):
+    """asyncio's own cancellation (task.cancel(), which a shielded scope does not hold back)
+    of the task that leads a batch while its commit runs: the caller waits for the commit
+    to end, every work of the batch gets its result, the work queued behind runs in the next
+    batch, and the cancellation reaches the caller afterwards."""
+    if anyio_backend != "asyncio":
+        assert anyio_backend == "trio"  # trio has no cancellation outside its cancel scopes
+        return
+    import asyncio
+
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    recorder.hold.clear()
+    leader = asyncio.ensure_future(commit.run(recorder.work("a")))
+    await _wait_holding(recorder)
+    follower = asyncio.ensure_future(commit.run(recorder.work("b")))
+    await asyncio.sleep(0.01)
+    released = threading.Timer(0.1, recorder.hold.set)  # from a thread: the loop waits for it
+    released.start()
+    leader.cancel()
+    with anyio.fail_after(10):
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        assert await follower == "B"
+    released.join()
+    assert recorder.batches == [["a"], ["b"]]
+    assert commit.batches == 2 and commit.failed_batches == 0
+
+
+async def test_a_batch_that_waits_for_another_process_s_write_lock_waits_off_the_loop(tmp_path):
+    """With a begin (the key server's): while another process holds the database's write
+    lock, the batch waits for it in the commit thread, not on the event loop, which runs on
+    meanwhile; the works that arrive during the wait join the batch."""
+    import sqlite3
+
+    from keymgmt.adapters.storage.base import Account
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    commit = GroupCommit(storage.batch, begin=lambda wait: storage.begin_batch(wait=wait))
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another worker's batch
+    results: dict[str, bool] = {}
+
+    def insert(name: bytes):
+        def work() -> bool:
+            with storage.transaction() as tx:
+                return tx.insert_account(Account(name, name.ljust(16, b"-"), b"r" * 32, b"e" * 60))
+
+        return work
+
+    async def run(name: bytes) -> None:
+        results[name.decode()] = await commit.run(insert(name))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, b"first")
+        started = time.monotonic()
+        await anyio.sleep(0.05)  # the loop runs on while the batch waits
+        assert time.monotonic() - started < 1.0
+        tg.start_soon(run, b"second")
+        tg.start_soon(run, b"third")
+        await anyio.sleep(0.05)
+        assert results == {}
+        other.execute("ROLLBACK")
+    assert results == {"first": True, "second": True, "third": True}
+    assert commit.batches == 1 and storage.syncs == 1
+    other.close()
+    storage.close()

@@ -364,6 +364,32 @@ def test_sqlite_refused_batch_commit_writes_nothing_and_store_stays_usable(tmp_p
     store.close()
 
 
+def test_sqlite_batch_begun_ahead_refuses_at_once_while_another_process_writes(tmp_path):
+    """begin_batch(wait=False) answers False at once, with nothing begun and the store free,
+    while another connection (another worker process) holds the write lock; once it is
+    released, begin_batch(wait=True) begins and the next batch() takes that transaction over."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    assert store.begin_batch(wait=False) is False
+    assert time.monotonic() - started < BUSY_TIMEOUT_MS / 1000 / 2  # not the busy timeout
+    assert not store._db.in_transaction
+    other.execute("ROLLBACK")
+    assert store.begin_batch(wait=True) is True
+    assert store._db.in_transaction
+    with store.batch(), store.transaction() as tx:
+        tx.insert_account(ALICE)
+    assert not store._db.in_transaction
+    other.execute("BEGIN IMMEDIATE")  # the batch released the lock: the other can write again
+    assert other.execute("SELECT count(*) FROM accounts").fetchone() == (1,)
+    other.execute("ROLLBACK")
+    with store.transaction() as tx:  # and this store is free for more
+        assert tx.get_account(b"alice") is not None
+    other.close()
+    store.close()
+
+
 def test_sqlite_batch_failed_outer_transaction_undoes_its_completed_inner_one(tmp_path):
     """In a batch, a failing transaction rolls back all its work, nested transactions included."""
     store = SQLiteStorage(tmp_path / "ks.db")
@@ -563,3 +589,22 @@ def test_postgres_close_releases_the_connections(pg):
     assert connections() == 0
     with pytest.raises(StorageError), storage.transaction() as tx:
         tx.get_account(b"alice")
+
+
+def test_sqlite_batch_refused_ahead_keeps_the_remembered_audit_numbers(tmp_path):
+    """A begin refused for another process's write lock began nothing, so it keeps what the
+    storage remembers of each user's last audit entry (forgetting it would cost every
+    contended batch a read of the last entry per user)."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS))
+    remembered = dict(store.audit_numbers)
+    assert remembered
+    other = sqlite3.connect(tmp_path / "ks.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    assert store.begin_batch(wait=False) is False
+    other.execute("ROLLBACK")
+    assert store.audit_numbers == remembered
+    other.close()
+    store.close()
