@@ -13,6 +13,12 @@ The storage is touched by one batch at a time, and only from inside :meth:`run`:
 work runs on the event loop, the commit in a thread, never both at once. A driver sends
 the output of its work only after ``run`` has returned, that is after the commit
 (STO-1: nothing is acknowledged before it is durable).
+
+With ``loop_commits`` (SQLite, one server process), a batch whose commit can reach no
+fsync (it wrote only login bookkeeping, and SQLite can neither checkpoint nor start the
+WAL over in it: see :meth:`SQLiteStorage.commit_on_loop`) commits on the event loop: a
+login is two such batches, and each trip to the thread and back costs more than the
+commit. Every other commit, and every sync or checkpoint, runs in the thread.
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
 from ..storage.base import StorageError
 
-__all__ = ["CommitFailed", "GroupCommit"]
+__all__ = ["CommitFailed", "GroupCommit", "LoopCommits"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -35,6 +41,22 @@ _T = TypeVar("_T")
 
 #: Opens one batch: entering begins the storage transaction, leaving it commits.
 BatchFactory = Callable[[], AbstractContextManager[Any]]
+
+
+class LoopCommits(Protocol):
+    """A storage whose commits may run on the event loop when they can reach no fsync
+    (SQLiteStorage)."""
+
+    #: Set by a commit on the loop that turned out to need a sync: settle() runs it.
+    sync_owed: bool
+
+    def commit_on_loop(self) -> bool:
+        """Whether the open batch may commit on the event loop (asked just before its commit)."""
+        ...
+
+    def settle(self) -> None:
+        """Run the sync a commit on the loop owes (in a worker thread)."""
+        ...
 
 
 class CommitFailed(StorageError):
@@ -59,12 +81,18 @@ class GroupCommit:
     """Runs storage work in shared batches, one at a time, each committed in a worker thread.
 
     ``batch`` opens a batch (the key server's ``batch()``); without one, work runs
-    without a transaction of its own (each storage call commits itself)."""
+    without a transaction of its own (each storage call commits itself). ``loop_commits``:
+    the storage those batches commit, if its commits that reach no fsync may run on the
+    event loop (see the module docstring)."""
 
     def __init__(
-        self, batch: BatchFactory | None = None, observe: Callable[[int, float, bool], None] | None = None
+        self,
+        batch: BatchFactory | None = None,
+        observe: Callable[[int, float, bool], None] | None = None,
+        loop_commits: LoopCommits | None = None,
     ) -> None:
         self._batch = batch
+        self._loop_commits = loop_commits
         #: Told of every batch: its number of works, its commit's seconds, whether it failed.
         self.observe = observe
         self._queue: list[_Work[Any]] = []
@@ -128,7 +156,13 @@ class GroupCommit:
                     item.error = exc
             if batch is not None:
                 started = time.perf_counter()
-                failure = await anyio.to_thread.run_sync(_commit, batch)
+                loop = self._loop_commits
+                if loop is not None and _on_loop(loop):
+                    failure = _commit(batch)
+                    if failure is None and loop.sync_owed:
+                        failure = await anyio.to_thread.run_sync(_settle, loop)
+                else:
+                    failure = await anyio.to_thread.run_sync(_commit, batch)
                 seconds = time.perf_counter() - started
         if self.observe is not None:
             try:
@@ -147,9 +181,28 @@ class GroupCommit:
 
 
 def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
-    """Leave the batch (its commit and fsync), in a worker thread; what failed, or None."""
+    """Leave the batch (its commit and fsync), in a worker thread (or on the loop, for a
+    commit that reaches no fsync); what failed, or None."""
+    return _failure_of(batch.__exit__, None, None, None)
+
+
+def _on_loop(loop: LoopCommits) -> bool:
+    """Whether the batch commits on the loop; False (the thread) if the storage cannot tell."""
     try:
-        batch.__exit__(None, None, None)
+        return loop.commit_on_loop()
+    except Exception:
+        log.error("cannot tell where the batch may commit; committing in a worker thread", exc_info=True)
+        return False
+
+
+def _settle(loop: LoopCommits) -> StorageError | None:
+    """The sync a commit on the loop owes, in a worker thread; what failed, or None."""
+    return _failure_of(loop.settle)
+
+
+def _failure_of(call: Callable[..., object], *args: object) -> StorageError | None:
+    try:
+        call(*args)
     except StorageError as exc:
         return CommitFailed(str(exc))
     except Exception as exc:  # a bug in a storage: the batch's works must still all end
