@@ -713,14 +713,15 @@ class SQLiteStorage:
         runs no fsync: it wrote nothing that must be synced, automatic checkpoints are off
         for it, and it cannot start the WAL over (the first write after a checkpoint, which
         SQLite syncs). Otherwise False, and the commit runs in the worker thread as always,
-        with automatic checkpoints on, unless it is the write that may start the WAL over
-        (then off, so that it does not checkpoint again). Every
+        with automatic checkpoints on, unless it syncs nothing and may start the WAL over
+        (then off: the commit after it can then go to the loop). Every
         ``LOOP_COMMITS_PER_CHECKPOINT`` commits one goes to the thread, where SQLite
         checkpoints once the WAL holds ``WAL_AUTOCHECKPOINT_PAGES``."""
         if not self._batch_depth or not self._db.in_transaction:
             return False
         if self.sync_needed or self._restart_possible or self._loop_run >= LOOP_COMMITS_PER_CHECKPOINT:
-            self._set_checkpoints(not self._restart_possible)
+            # (a commit that syncs keeps checkpoints on: a run of them toggles nothing)
+            self._set_checkpoints(self.sync_needed or not self._restart_possible)
             self._loop_run = 0
             return False
         self._set_checkpoints(False)

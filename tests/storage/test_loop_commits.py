@@ -282,3 +282,19 @@ class _NotSQLite:
         if name == "commit_on_loop":
             raise AttributeError(name)
         return getattr(self._inner, name)
+
+
+async def test_a_run_of_commits_that_sync_sets_no_pragma_each_time(tmp_path):
+    """Acknowledged state commits in the thread with checkpoints on, whatever came before:
+    a run of such batches (retrieves under load) costs no PRAGMA per batch."""
+    storage, user = _storage(tmp_path)
+    committer = GroupCommit(storage.batch, loop_commits=storage)
+    for n in range(3):
+        await committer.run(lambda n=n: _login(storage, user, n))
+    statements: list[str] = []
+    storage._db.set_trace_callback(statements.append)
+    for n in range(10):
+        await committer.run(lambda n=n: _retrieve(storage, user, 10 + n))
+    assert sum("wal_autocheckpoint" in s for s in statements) <= 1
+    assert storage._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    storage.close()
