@@ -19,6 +19,12 @@ On asyncio every commit of a group commit runs in one long-lived thread of its o
 ``call_soon_threadsafe``: a fraction of the CPU of ``anyio.to_thread.run_sync`` (its
 capacity limiter, worker pool, context copy and cancel scope) on every batch. On trio the
 commit runs through ``anyio.to_thread.run_sync``.
+
+With ``loop_commits`` (SQLite, one server process), a batch whose commit can reach no
+fsync (it wrote only login bookkeeping, and SQLite can neither checkpoint nor start the
+WAL over in it: see :meth:`SQLiteStorage.commit_on_loop`) commits on the event loop: a
+login is two such batches, and each trip to the thread and back costs more than the
+commit. Every other commit, and every sync or checkpoint, runs in the thread.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
 from ..storage.base import StorageError
 
-__all__ = ["CommitFailed", "GroupCommit"]
+__all__ = ["CommitFailed", "GroupCommit", "LoopCommits"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -45,6 +51,22 @@ _T = TypeVar("_T")
 
 #: Opens one batch: entering begins the storage transaction, leaving it commits.
 BatchFactory = Callable[[], AbstractContextManager[Any]]
+
+
+class LoopCommits(Protocol):
+    """A storage whose commits may run on the event loop when they can reach no fsync
+    (SQLiteStorage)."""
+
+    #: Set by a commit on the loop that turned out to need a sync: settle() runs it.
+    sync_owed: bool
+
+    def commit_on_loop(self) -> bool:
+        """Whether the open batch may commit on the event loop (asked just before its commit)."""
+        ...
+
+    def settle(self) -> None:
+        """Run the sync a commit on the loop owes (in a worker thread)."""
+        ...
 
 
 class CommitFailed(StorageError):
@@ -69,19 +91,23 @@ class GroupCommit:
     """Runs storage work in shared batches, one at a time, each committed in a worker thread.
 
     ``batch`` opens a batch (the key server's ``batch()``); without one, work runs
-    without a transaction of its own (each storage call commits itself)."""
+    without a transaction of its own (each storage call commits itself). ``loop_commits``:
+    the storage those batches commit, if its commits that reach no fsync may run on the
+    event loop (see the module docstring)."""
 
     def __init__(
         self,
         batch: BatchFactory | None = None,
         observe: Callable[[int, float, bool], None] | None = None,
         begin: Callable[[bool], bool] | None = None,
+        loop_commits: LoopCommits | None = None,
     ) -> None:
         self._batch = batch
         #: Begins the next batch's transaction ahead of ``batch``, which then takes it over:
         #: ``begin(False)`` on the event loop, False if it would have to wait for another
         #: process's write lock; ``begin(True)`` waits for it (here: in the commit thread).
         self._begin = begin
+        self._loop_commits = loop_commits
         #: Told of every batch: its number of works, its commit's seconds, whether it failed.
         self.observe = observe
         self._queue: list[_Work[Any]] = []
@@ -154,7 +180,13 @@ class GroupCommit:
                     item.error = exc
             if batch is not None:
                 started = time.perf_counter()
-                failure = await self._thread.run(partial(_commit, batch))
+                loop = self._loop_commits
+                if loop is not None and _on_loop(loop):
+                    failure = _commit(batch)
+                    if failure is None and loop.sync_owed:
+                        failure = await self._thread.run(partial(_pay_owed_sync, loop))
+                else:
+                    failure = await self._thread.run(partial(_commit, batch))
                 seconds = time.perf_counter() - started
         if self.observe is not None:
             try:
@@ -173,9 +205,28 @@ class GroupCommit:
 
 
 def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
-    """Leave the batch (its commit and fsync), in a worker thread; what failed, or None."""
+    """Leave the batch (its commit and fsync), in a worker thread (or on the loop, for a
+    commit that reaches no fsync); what failed, or None."""
+    return _failure_of(batch.__exit__, None, None, None)
+
+
+def _on_loop(loop: LoopCommits) -> bool:
+    """Whether the batch commits on the loop; False (the thread) if the storage cannot tell."""
     try:
-        batch.__exit__(None, None, None)
+        return loop.commit_on_loop()
+    except Exception:
+        log.error("cannot tell where the batch may commit; committing in a worker thread", exc_info=True)
+        return False
+
+
+def _pay_owed_sync(loop: LoopCommits) -> StorageError | None:
+    """The sync a commit on the loop owes, in a worker thread; what failed, or None."""
+    return _failure_of(loop.settle)
+
+
+def _failure_of(call: Callable[..., object], *args: object) -> StorageError | None:
+    try:
+        call(*args)
     except StorageError as exc:
         return CommitFailed(str(exc))
     except Exception as exc:  # a bug in a storage: the batch's works must still all end

@@ -186,9 +186,18 @@ class KeyServerRuntime:
             sealing_key=session_sealing_key(self.setup.to_bytes()),
             random=os.urandom,
         )
-        #: One group commit for every connection and background task of this server.
+        #: One group commit for every connection and background task of this server. Its
+        #: commits that reach no fsync run on the event loop when this process alone writes
+        #: the SQLite file (another writer's checkpoint could make such a commit start the
+        #: WAL over, which syncs: see SQLiteStorage.commit_on_loop).
+        loop_commits = self.storage if isinstance(self.storage, SQLiteStorage) else None
+        if settings.workers > 1 or self._sockets:
+            loop_commits = None
         self.committer = GroupCommit(
-            self.keyserver.batch, observe=self.metrics.batch, begin=self.keyserver.begin_batch
+            self.keyserver.batch,
+            observe=self.metrics.batch,
+            begin=self.keyserver.begin_batch,
+            loop_commits=loop_commits,
         )
         self.port: int | None = None
         #: The port of the /healthz and /metrics listener once it listens.

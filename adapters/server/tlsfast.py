@@ -139,9 +139,12 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         pieces = [self._leftover] if self._leftover else []
         size = len(self._leftover)
         small = 0
+        incoming, tls = self._incoming, self._ssl
         while size < max_bytes and self._bad_record is None:
+            if not incoming.pending and not incoming.eof and not tls.pending():
+                break  # (what read() would say by raising SSLWantReadError, for less)
             try:
-                piece = self._ssl.read(_RECORD)
+                piece = tls.read(_RECORD)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or EOF: the end

@@ -10,6 +10,14 @@ bookkeeping (throttling rows, login and logout entries, detached sessions) skip 
 sync: they become durable with the next commit that syncs (base.SOFT_AUDIT_ACTIONS).
 Foreign keys are on. The file is created with owner-only permissions.
 
+Commits on the event loop (:meth:`SQLiteStorage.commit_on_loop`, asked by the key server's
+group commit): a batch that wrote nothing to sync may commit on the event loop instead of
+in a worker thread, but only a commit that cannot reach an fsync: automatic checkpoints
+are off for it, and it never is the first write after a checkpoint (SQLite syncs the WAL
+header when it starts the WAL over). Checkpoints run in the worker thread: every commit
+there has them on, and after ``LOOP_COMMITS_PER_CHECKPOINT`` commits on the loop the next
+one goes to the thread.
+
 Schema changes are numbered migrations recorded in ``schema_version``. The
 statements it shares with the PostgreSQL backend are in :mod:`.sql`.
 """
@@ -62,7 +70,14 @@ from .sql import (
     to_secret,
 )
 
-__all__ = ["SQLiteStorage"]
+__all__ = ["LOOP_COMMITS_PER_CHECKPOINT", "SQLiteStorage"]
+
+#: Commits in a row that may run on the event loop (see :meth:`SQLiteStorage.commit_on_loop`);
+#: the next one commits in the worker thread, where SQLite may checkpoint the WAL, so the
+#: WAL is checkpointed even when nothing but login bookkeeping is written.
+LOOP_COMMITS_PER_CHECKPOINT = 64
+#: WAL pages at which a commit in the worker thread checkpoints (SQLite's default).
+WAL_AUTOCHECKPOINT_PAGES = 1000
 
 _MIGRATIONS: list[str] = [
     # 1: accounts, secrets, audit
@@ -609,12 +624,25 @@ class SQLiteStorage:
         self._wal = _WalFile(None if str(path) == ":memory:" else Path(f"{self.path}-wal"))
         #: Commits that synced the WAL (for tests and metrics).
         self.syncs = 0
+        #: Commits run on the event loop, and their state (see commit_on_loop).
+        self.loop_commits = 0
+        self._loop_run = 0  # commits on the loop since the last one in the thread
+        self._on_loop = False  # the open batch commits on the loop: it syncs nothing itself
+        #: The WAL may start over at the next write (a commit with checkpoints on ran since
+        #: the last one that wrote with them off): that write syncs the WAL header.
+        self._restart_possible = True
+        self._checkpoints = True  # PRAGMA wal_autocheckpoint is on (WAL_AUTOCHECKPOINT_PAGES)
+        self._changes = 0  # total_changes when the open transaction began
+        #: Owed by a commit on the loop that was asked for a sync after it was placed there:
+        #: run by settle() in the worker thread before anything is answered.
+        self.sync_owed = False
         #: The last audit entry number and chain hash of each user as committed or written in
         #: the open transaction (see append_audit); forgotten on every rollback.
         self.audit_numbers: dict[bytes, tuple[int, bytes]] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(_WAIT_FOR_WRITERS)
+            self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             self._db.execute("PRAGMA foreign_keys = ON")
             enable_wal(self._db, self.path, StorageError)
             self._db.execute("PRAGMA synchronous = FULL")
@@ -663,6 +691,7 @@ class SQLiteStorage:
 
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite may already have done it)."""
+        self._on_loop = False
         self.forget_audit_numbers()
         if self._db.in_transaction:
             with suppress(sqlite3.Error):
@@ -725,6 +754,7 @@ class SQLiteStorage:
         except BaseException:
             self._undo_begin()
             raise
+        self._changes = self._db.total_changes
         self._batch_begun = True
         return True
 
@@ -739,23 +769,71 @@ class SQLiteStorage:
         finally:
             self._writer.release()
 
+    def commit_on_loop(self) -> bool:
+        """Whether the open batch may commit on the event loop: asked by the group commit, on
+        the loop, after the batch's work and before its commit. True only for a commit that
+        runs no fsync: it wrote nothing that must be synced, automatic checkpoints are off
+        for it, and it cannot start the WAL over (the first write after a checkpoint, which
+        SQLite syncs). Otherwise False, and the commit runs in the worker thread as always,
+        with automatic checkpoints on, unless it syncs nothing and may start the WAL over
+        (then off: the commit after it can then go to the loop). Every
+        ``LOOP_COMMITS_PER_CHECKPOINT`` commits one goes to the thread, where SQLite
+        checkpoints once the WAL holds ``WAL_AUTOCHECKPOINT_PAGES``."""
+        if not self._batch_depth or not self._db.in_transaction:
+            return False
+        if self.sync_needed or self._restart_possible or self._loop_run >= LOOP_COMMITS_PER_CHECKPOINT:
+            # (a commit that syncs keeps checkpoints on: a run of them toggles nothing)
+            self._set_checkpoints(self.sync_needed or not self._restart_possible)
+            self._loop_run = 0
+            return False
+        self._set_checkpoints(False)
+        self._loop_run += 1
+        self._on_loop = True
+        return True
+
+    def _set_checkpoints(self, on: bool) -> None:
+        if on != self._checkpoints:
+            self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES if on else 0}")
+            self._checkpoints = on
+
+    def settle(self) -> None:
+        """Run the WAL sync that a commit on the event loop owes (``sync_owed``): in the
+        worker thread, before anything that commit wrote is answered."""
+        if self.sync_owed:
+            self.sync_owed = False
+            self._sync()
+
     def _commit(self) -> None:
         """COMMIT, then sync the WAL if what was committed must be durable. A failed sync is
         a failed commit: the caller acknowledges nothing (the data may or may not be on
-        disk, as after any failed commit)."""
+        disk, as after any failed commit). A commit on the event loop never syncs: what it
+        should have synced is owed (``sync_owed``) to :meth:`settle`."""
+        on_loop, self._on_loop = self._on_loop, False
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
             self.sync_needed = False
             raise StorageError(f"commit failed: {type(exc).__name__}") from None
+        if on_loop:
+            self.loop_commits += 1
+        elif self._checkpoints:  # it may have checkpointed: the next write may start the WAL over
+            self._restart_possible = True
+        elif self._db.total_changes != self._changes:  # it wrote (and so started the WAL over if due)
+            self._restart_possible = False
         if self.sync_needed:
             self.sync_needed = False
-            try:
-                self._wal.sync()
-            except OSError as exc:
-                raise StorageError(f"commit failed: cannot sync the WAL ({exc.strerror or exc})") from None
-            self.syncs += 1
+            if on_loop:
+                self.sync_owed = True
+            else:
+                self._sync()
+
+    def _sync(self) -> None:
+        try:
+            self._wal.sync()
+        except OSError as exc:
+            raise StorageError(f"commit failed: cannot sync the WAL ({exc.strerror or exc})") from None
+        self.syncs += 1
 
     @contextmanager
     def _savepoint(self) -> Iterator[Transaction]:
@@ -801,6 +879,7 @@ class SQLiteStorage:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot start a transaction: {type(exc).__name__}") from None
+        self._changes = self._db.total_changes
         try:
             yield _SQLiteTransaction(self._db, self)
         except sqlite3.Error as exc:
