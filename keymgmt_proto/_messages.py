@@ -142,6 +142,11 @@ class _Decodable:
 # (whose name labels decode errors) and, where the shape has one, its field and SIZE.
 
 
+#: Each frame type's name, for decode errors (an Enum's ``.name`` runs Python code on every
+#: decode; a dict lookup does not).
+_TYPE_NAMES: dict[FrameType, str] = {t: t.name for t in FrameType}
+
+
 #: The one field's name of each _FixedSize class.
 _FIELD_NAMES: dict[type, str] = {}
 
@@ -170,7 +175,7 @@ class _FixedSize(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> Self:
-        what = cls.FRAME_TYPE.name
+        what = _TYPE_NAMES[cls.FRAME_TYPE]
         r = Reader(payload, what)
         value = r.fixed(cls.SIZE)
         r.done()
@@ -194,7 +199,7 @@ class _AbortOrGoAway(_Decodable):
 
     @classmethod
     def decode(cls, payload: bytes) -> Self:
-        what = cls.FRAME_TYPE.name
+        what = _TYPE_NAMES[cls.FRAME_TYPE]
         r = Reader(payload, what)
         code = _read_code(r)
         reason = r.bytes8().decode("latin-1")  # any byte decodes; the constructor wants ASCII
@@ -220,7 +225,7 @@ class _RequestOrResponse(_Decodable):
     @classmethod
     def decode(cls, payload: bytes) -> Self:
         # Fixed layout, read in place: this is every request's and answer's path.
-        what = cls.FRAME_TYPE.name
+        what = _TYPE_NAMES[cls.FRAME_TYPE]
         if len(payload) < 4:
             raise RemoteProtocolError(f"truncated {what}")
         return cls._build(what, _U32.unpack_from(payload)[0], payload[4:])
