@@ -122,11 +122,12 @@ def test_every_target_module_can_be_mutated():
 
 def test_a_named_mutant_planted_before_a_run_makes_its_killing_test_fail():
     """--mutation-apply: how `make mutation`'s findings are reproduced by hand. The joint
-    key id computed with a nonce size one too large (KEY-2): the vectors must fail."""
+    key id's size check turned around, so every proper pair of nonces is refused (KEY-2):
+    the vectors must fail."""
     (mutant,) = [
         m
         for m in find_mutants(ROOT / "keymgmt_proto/_ops.py", "keymgmt_proto._ops")
-        if m.function == "joint_key_id" and m.operator == "binop:Add->Sub"
+        if m.function == "joint_key_id" and m.operator == "compare0:NotEq->Eq"
     ][:1]
     test = "tests/core/test_vectors.py"
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "mutation.plugin", test]
