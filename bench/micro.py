@@ -138,34 +138,41 @@ def time_p1_raw(loops: int) -> float:
 # ------------------------------------------------------------------ P2: login
 
 
+def _registered_pair(name: str) -> Pair:
+    """A client/server pair over a fresh SQLite key server, with ACCOUNT registered (once)."""
+    pair: Pair = _once(name, lambda: new_pair(ServerSetup.generate(), sqlite_keyserver()))
+    if f"{name}_registered" not in _cache:
+        pair.register()
+        _cache[f"{name}_registered"] = True
+    return pair
+
+
+def _server_step(pair: Pair, up: bytes) -> tuple[bytes, float]:
+    """The server takes ``up`` (one frame, one batch): what it sends back, and its CPU seconds."""
+    server = pair.server
+    t0 = time.process_time()
+    server.receive_data(up, pair.now)
+    _drain(server, pair.app)
+    down = server.data_to_send()
+    return down, time.process_time() - t0
+
+
 def time_p2_core(loops: int) -> float:
     """Server CPU of whole logins: framing, OPAQUE, the SQLite account lookup and the audit write.
 
     A real ClientConnection does the client's half (Argon2) outside the timed
     region; the session is closed (untimed) so the connection stays under its limits."""
-    pair = _once("p2", lambda: new_pair(ServerSetup.generate(), sqlite_keyserver()))
-    if "p2_registered" not in _cache:
-        pair.register()
-        _cache["p2_registered"] = True
-    client, server, app = pair.client, pair.server, pair.app
-    clock = time.process_time
+    pair = _registered_pair("p2")
+    client, server = pair.client, pair.server
     total = 0.0
     for _ in range(loops):
         sid = client.open_request_session(ACCOUNT, PASSWORD)
-        up = client.data_to_send()
-        t0 = clock()
-        server.receive_data(up, pair.now)
-        _drain(server, app)
-        down = server.data_to_send()
-        total += clock() - t0
+        down, seconds = _server_step(pair, client.data_to_send())
+        total += seconds
         client.receive_data(down)
         _drain_client(client)  # client_login_finish: Argon2, not timed
-        up = client.data_to_send()
-        t0 = clock()
-        server.receive_data(up, pair.now)
-        _drain(server, app)
-        down = server.data_to_send()
-        total += clock() - t0
+        down, seconds = _server_step(pair, client.data_to_send())
+        total += seconds
         client.receive_data(down)
         assert any(isinstance(e, SessionEstablished) for e in _drain_client(client))
         client.close_session(sid)
@@ -185,12 +192,8 @@ def time_p2_core_client_steps_first(loops: int) -> float:
     half that follows pays to bring its code and data back (in :func:`time_p2_core` the
     LOGIN_FINISH half costs about 3x what it does a moment later). A server never runs the
     client's Argon2; this reading shows the server's own cost next to the one above."""
-    pair = _once("p2first", lambda: new_pair(ServerSetup.generate(), sqlite_keyserver()))
-    if "p2first_registered" not in _cache:
-        pair.register()
-        _cache["p2first_registered"] = True
-    client, server, app = pair.client, pair.server, pair.app
-    clock = time.process_time
+    pair = _registered_pair("p2first")
+    client, server = pair.client, pair.server
     total = 0.0
     groups = -(-loops // P2_GROUP)
     for _ in range(groups):
@@ -198,12 +201,8 @@ def time_p2_core_client_steps_first(loops: int) -> float:
         downs = []
         for _ in range(P2_GROUP):
             sids.append(client.open_request_session(ACCOUNT, PASSWORD))
-            up = client.data_to_send()
-            t0 = clock()
-            server.receive_data(up, pair.now)
-            _drain(server, app)
-            down = server.data_to_send()
-            total += clock() - t0
+            down, seconds = _server_step(pair, client.data_to_send())
+            total += seconds
             downs.append(down)
         finishes = []
         for down in downs:  # the client's Argon2s, not timed
@@ -214,11 +213,8 @@ def time_p2_core_client_steps_first(loops: int) -> float:
                 finishes.append(client.data_to_send())
         assert len(finishes) == P2_GROUP
         for up in finishes:
-            t0 = clock()
-            server.receive_data(up, pair.now)
-            _drain(server, app)
-            down = server.data_to_send()
-            total += clock() - t0
+            down, seconds = _server_step(pair, up)
+            total += seconds
             client.receive_data(down)
             assert any(isinstance(e, SessionEstablished) for e in _drain_client(client))
         for sid in sids:

@@ -1126,8 +1126,7 @@ _sha3_256 = hashlib.sha3_256
 
 def derive_key_id(user_id: bytes, r: bytes) -> bytes:
     """KEY-1: SHA3-256(len(d) || d || 16 || user_id || 32 || r)[:16], lengths as u16 big-endian."""
-    if len(user_id) != USER_ID_SIZE:
-        raise ValueError("user_id must be 16 bytes")
+    _check_user_id(user_id)
     if len(r) != 32:
         raise ValueError("r must be 32 random bytes")
     return _sha3_256(b"".join((_KEY_ID_HEAD, user_id, _KEY_ID_R, r))).digest()[:KEY_ID_SIZE]
