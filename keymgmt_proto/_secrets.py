@@ -31,6 +31,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
 from ._crypto import RandomSource, decrypt_storage_key, derive_master_key, encrypt_storage_key
 from ._errors import RemoteProtocolError
 from ._events import OpaqueStep, OpaqueStepRequired, OpaqueStepResult
@@ -75,7 +77,7 @@ from ._ops import (
     open_label,
     open_secret,
     seal_label,
-    seal_secret,
+    seal_secret_with,
     secret_ad,
 )
 
@@ -190,13 +192,15 @@ class SecretOps:
     (OPS-1) is fetched by the first plan that needs it and kept until :meth:`forget`.
     """
 
-    __slots__ = ("_export_key", "_next", "_random", "_storage_key", "user_id")
+    __slots__ = ("_export_key", "_next", "_random", "_sealer", "_storage_key", "user_id")
 
     def __init__(self, user_id: bytes, export_key: bytes, random: RandomSource) -> None:
         self.user_id = user_id
         self._export_key = export_key
         self._random = random
         self._storage_key: bytes | None = None
+        #: The storage key's cipher, built once with it (every store seals under it).
+        self._sealer: ChaCha20Poly1305 | None = None
         #: Key ids the server reserved ahead, by kind, oldest first (one-request stores).
         self._next: dict[SecretKind, list[_NextKeyId]] = {kind: [] for kind in SecretKind}
 
@@ -206,6 +210,7 @@ class SecretOps:
     def forget(self) -> None:
         """Drop the storage key and the key ids reserved ahead (logout)."""
         self._storage_key = None
+        self._sealer = None
         for pending in self._next.values():
             pending.clear()
 
@@ -515,7 +520,9 @@ class SecretOps:
     ) -> Plan[tuple[bytes, SealedCopy]]:
         """Seal under ``key_id``, STORE_SECRET asking for the next key id of ``kind``, keep it."""
         ad = secret_ad(self.user_id, key_id, kind)
-        ciphertext = seal_secret(storage_key, secret, ad, self._random)
+        if self._sealer is None:
+            self._sealer = ChaCha20Poly1305(storage_key)
+        ciphertext = seal_secret_with(self._sealer, secret, ad, self._random)
         next_nonce = self._random(KEY_ID_NONCE_SIZE)
         reply = yield StoreSecretRequest(self.user_id, key_id, kind, ciphertext, kind, next_nonce)
         assert isinstance(reply, StoredResponse)

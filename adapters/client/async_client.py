@@ -915,7 +915,7 @@ class KeySession:
         self._client.local_store.put(record)
 
     def _holds(self, key_id: bytes) -> bool:
-        return self._client.local_store.get(self.user_id, key_id) is not None
+        return self._client.local_store.holds(self.user_id, key_id)
 
     async def _get_storage_key(self) -> bytes:
         """OPS-1: fetch and decrypt ``storage_key`` once per session; kept in memory only."""

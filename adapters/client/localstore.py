@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS audit_heads (
 _blob = bytearray
 
 
+_HOLDS = "SELECT 1 FROM local_secrets WHERE user_id = ? AND key_id = ?"
+
+
 class LocalStore:
     """Ciphertext cache on the asset owner's device; ``":memory:"`` for a throwaway one."""
 
@@ -90,6 +93,11 @@ class LocalStore:
         if row is None:
             return None
         return SecretRecord(row[0], row[1], SecretKind(row[2]), row[3], row[4], row[5])
+
+    def holds(self, user_id: bytes, key_id: bytes) -> bool:
+        """Whether a copy of ``key_id`` is kept (KEY-2's "new to us" check before every store:
+        no record is built, and SQLite reads the index only)."""
+        return self._db.execute(_HOLDS, (_blob(user_id), _blob(key_id))).fetchone() is not None
 
     def delete(self, user_id: bytes, key_id: bytes) -> None:
         self._db.execute("DELETE FROM local_secrets WHERE user_id = ? AND key_id = ?", (user_id, key_id))

@@ -31,3 +31,20 @@ def test_a_copy_is_stored_as_blobs_and_read_back_as_the_bytes_put() -> None:
     )
     assert store.get(user_id, b"k" * 16) is not None
     assert store.get(user_id, os.urandom(16)) is None
+
+
+def test_holds_answers_as_get_does() -> None:
+    """KEY-2's "new to us" check asks ``holds`` (no record built): the same answer as ``get``
+    for a copy put here, one stored with bytes keys, another user's id and an unknown id."""
+    store = LocalStore(":memory:")
+    user_id, other_user, key_id = os.urandom(16), os.urandom(16), os.urandom(16)
+    store.put(SecretRecord(user_id, key_id, SecretKind.GENERATED, os.urandom(60), user_id + key_id, 1))
+    store._db.execute(
+        "INSERT INTO local_secrets VALUES (?, ?, 1, ?, ?, 1)", (user_id, b"k" * 16, b"c" * 60, b"a" * 32)
+    )
+    asked = [(user_id, key_id), (user_id, b"k" * 16), (other_user, key_id), (user_id, os.urandom(16))]
+    for user, key in asked:
+        assert store.holds(user, key) is (store.get(user, key) is not None)
+    assert store.holds(user_id, key_id) and not store.holds(other_user, key_id)
+    store.delete(user_id, key_id)
+    assert not store.holds(user_id, key_id)

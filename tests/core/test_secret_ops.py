@@ -39,6 +39,7 @@ from keymgmt_proto import (
     encode_response,
     encrypt_storage_key,
     joint_key_id,
+    open_secret,
 )
 
 T = TypeVar("T")
@@ -111,6 +112,23 @@ def test_a_store_seals_under_the_key_id_both_nonces_give_and_fetches_the_storage
     # ... and forget() drops it (logout).
     ops.forget()
     assert isinstance(next(ops.generate(NEVER.__contains__)), RetrieveStorageKeyRequest)
+
+
+def test_the_storage_keys_cipher_is_kept_with_it_and_forgotten_with_it():
+    """Stores seal with the storage key's cipher built once: each ciphertext opens under the
+    storage key with its AD; forget() drops the cipher with the key, and the next session's
+    storage key (another one here) is the one its stores seal under."""
+    ops = _ops()
+    for secret in (b"one", b"two"):
+        (_, copy), _ = _store(ops, secret)
+        assert open_secret(STORAGE_KEY, copy.ciphertext, copy.associated_data) == secret
+    assert ops._sealer is not None
+    ops.forget()
+    assert ops._sealer is None and ops._storage_key is None
+    other = bytes(32)
+    ops._storage_key = other  # as if fetched again: a store then seals under this one
+    (_, copy), _ = _store(ops, b"three")
+    assert open_secret(other, copy.ciphertext, copy.associated_data) == b"three"
 
 
 def test_a_key_id_not_from_the_clients_nonce_or_already_held_is_an_integrity_failure():
