@@ -539,13 +539,50 @@ class _InBatch:
         self._tx = _SQLiteTransaction(storage._db, storage)
 
     def __enter__(self) -> Transaction:
-        if not self._storage._db.in_transaction:  # (as in _savepoint)
+        if not self._storage._db.in_transaction:  # (as in _Savepoint)
             raise StorageError("the batch's transaction was rolled back")
         return self._tx
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, sqlite3.Error):
             self._storage.forget_audit_numbers()
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+
+
+class _Savepoint:
+    """``transaction()`` inside a batch: a savepoint that rolls back on its own. Nested ones
+    share the name (SQLite pairs ROLLBACK TO and RELEASE with the innermost), so the three
+    statements stay in sqlite3's prepared-statement cache. One object per storage, entered by
+    every atomic request of a batch (a @contextmanager cost a generator and a transaction
+    object per request)."""
+
+    __slots__ = ("_storage", "_tx")
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self._storage = storage
+        self._tx = _SQLiteTransaction(storage._db, storage)
+
+    def __enter__(self) -> Transaction:
+        db = self._storage._db
+        if not db.in_transaction:
+            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
+            # whole batch, not just their savepoint. Without this check the next SAVEPOINT
+            # would start, and its RELEASE commit, a transaction of its own: writes whose
+            # answers abandon() drops would be durable all the same.
+            raise StorageError("the batch's transaction was rolled back")
+        db.execute("SAVEPOINT op")
+        return self._tx
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        db = self._storage._db
+        if exc is None:
+            db.execute("RELEASE op")
+            return
+        self._storage.forget_audit_numbers()
+        with suppress(sqlite3.Error):
+            db.execute("ROLLBACK TO op")
+            db.execute("RELEASE op")
+        if isinstance(exc, sqlite3.Error):
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 
 
@@ -653,6 +690,7 @@ class SQLiteStorage:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
         self.session_store = _SQLiteSessionStore(self)
         self._in_batch = _InBatch(self)
+        self._savepoints = _Savepoint(self)
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self.path)!r})"
@@ -835,36 +873,12 @@ class SQLiteStorage:
             raise StorageError(f"commit failed: cannot sync the WAL ({exc.strerror or exc})") from None
         self.syncs += 1
 
-    @contextmanager
-    def _savepoint(self) -> Iterator[Transaction]:
-        """A transaction() inside batch(): a savepoint that rolls back on its own. Nested
-        ones share the name (SQLite pairs ROLLBACK TO and RELEASE with the innermost), so
-        the three statements stay in sqlite3's prepared-statement cache."""
-        if not self._db.in_transaction:
-            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
-            # whole batch, not just their savepoint. Without this check the next SAVEPOINT
-            # would start, and its RELEASE commit, a transaction of its own: writes whose
-            # answers abandon() drops would be durable all the same.
-            raise StorageError("the batch's transaction was rolled back")
-        self._db.execute("SAVEPOINT op")
-        try:
-            yield _SQLiteTransaction(self._db, self)
-        except BaseException as exc:
-            self.forget_audit_numbers()
-            with suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK TO op")
-                self._db.execute("RELEASE op")
-            if isinstance(exc, sqlite3.Error):
-                raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
-            raise
-        self._db.execute("RELEASE op")
-
     def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
         """A transaction; inside :meth:`batch` a savepoint, or, when ``atomic`` is False (the
         caller writes at most one statement, so a failure leaves nothing half-done: SQLite
         undoes a failed statement itself), the batch's transaction as it is."""
         if self._batch_depth:
-            return self._savepoint() if atomic else self._in_batch
+            return self._savepoints if atomic else self._in_batch
         return self._transaction()
 
     @contextmanager
