@@ -255,7 +255,9 @@ class SecretOps:
         resumed on another instance, or the server restarted, between the reservation and
         the store); the client asks CREATE_KEY_ID and tries again, sealing afresh, at most
         ``STORE_RETRIES`` times; any other refusal, or the last ``INVALID``, is reported."""
-        storage_key = yield from self.storage_key()
+        storage_key = self._storage_key
+        if storage_key is None:  # (once per session: no generator for the kept key)
+            storage_key = yield from self.storage_key()
         pending = self._next[kind]
         if pending:
             ahead = pending.pop(0)  # used once, whatever the answer: never a stale id
@@ -281,7 +283,10 @@ class SecretOps:
         self, holds: Callable[[bytes], bool], label: str | None = None
     ) -> Plan[tuple[bytes, SealedCopy]]:
         """OPS-2: store a fresh random secret (with ``label``: then name it, :meth:`rename`)."""
-        return self._store_named(self._random(GENERATED_SECRET_SIZE), SecretKind.GENERATED, holds, label)
+        secret = self._random(GENERATED_SECRET_SIZE)
+        if label is None:  # (the plain store itself, without _store_named's generator around it)
+            return self.store(secret, SecretKind.GENERATED, holds)
+        return self._store_named(secret, SecretKind.GENERATED, holds, label)
 
     def import_portable(
         self, portable: bytes, holds: Callable[[bytes], bool], label: str | None = None
