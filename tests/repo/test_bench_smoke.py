@@ -86,3 +86,29 @@ def test_a_bad_memory_server_size_is_one_clear_line() -> None:
     )
     assert done.returncode == 2
     assert "expected SESSIONS:RUNS" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_instruction_counts_harness_puts_only_the_named_sides_calls_under_reduce() -> None:
+    """bench.instructions (callgrind's --toggle-collect=functools_reduce): with ``server``
+    only the server's calls run inside functools.reduce, one per request; with ``none``
+    nothing does. Run in a child with reduce counted (no timing)."""
+    probe = (
+        "import functools, sys\n"
+        "from bench import instructions\n"
+        "calls = []\n"
+        "real = functools.reduce\n"
+        "def counted(f, items):\n"
+        "    calls.append(1)\n"
+        "    return real(f, items)\n"
+        "instructions.functools.reduce = counted\n"
+        "instructions.main(sys.argv[1:])\n"
+        "print(len(calls))\n"
+    )
+    counts = {}
+    for args in (["store", "server", "3"], ["retrieve", "server", "3"], ["store", "none", "3"]):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        counts[args[0], args[1]] = int(done.stdout.split()[-1])
+    assert counts == {("store", "server"): 3, ("retrieve", "server"): 3, ("store", "none"): 0}
