@@ -95,6 +95,9 @@ class Direction(IntEnum):
     SERVER_TO_CLIENT = 2
 
 
+#: The directions as the plain ints an AD packs (read once: see _server on Enum attributes).
+_C2S, _S2C = int(Direction.CLIENT_TO_SERVER), int(Direction.SERVER_TO_CLIENT)
+
 #: SHA3-256's rate in bytes: HMAC's block size for it (FIPS 202, RFC 2104).
 _SHA3_256_BLOCK = 136
 _IPAD = bytes(byte ^ 0x36 for byte in range(256))
@@ -274,15 +277,14 @@ class Channel:
         s2c = expand(LABEL_S2C_KEY, KEY_SIZE), expand(LABEL_S2C_IV, NONCE_SIZE)
         if self._is_client:
             (self._send_key, send_iv), (self._recv_key, recv_iv) = c2s, s2c
-            send_dir, recv_dir = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
+            self._send_dir, self._recv_dir = _C2S, _S2C
         else:
             (self._send_key, send_iv), (self._recv_key, recv_iv) = s2c, c2s
-            send_dir, recv_dir = Direction.SERVER_TO_CLIENT, Direction.CLIENT_TO_SERVER
+            self._send_dir, self._recv_dir = _S2C, _C2S
         # The IVs as integers (a record's nonce is one XOR away) and the directions as plain
         # ints (packed into every AD): the per-record path does no conversions.
         self._send_iv = int.from_bytes(send_iv, "big")
         self._recv_iv = int.from_bytes(recv_iv, "big")
-        self._send_dir, self._recv_dir = int(send_dir), int(recv_dir)
         self._send_aead: ChaCha20Poly1305 | None = None
         self._recv_aead: ChaCha20Poly1305 | None = None
         self.send_seq = 0

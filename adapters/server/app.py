@@ -431,7 +431,7 @@ class KeyServer:
             # PostgreSQL the counts it took are then lost from the owner's log.)
             if record is not None:
                 self._log_attempts(tx, user_id, record)
-            tx.append_audit(AuditRecord(user_id, Action.LOGIN, now, Outcome.SUCCESS))
+            tx.append_audit(AuditRecord(user_id, _LOGIN, now, _SUCCESS))
 
     def _record_failures(self) -> None:
         """Count the failed logins waiting to be counted, outside any batch, each in a
@@ -850,6 +850,8 @@ class KeyServer:
 
 #: First byte of an OK answer.
 _OK = bytes([Status.OK])
+#: Read once (on Python 3.11 an attribute of an Enum class costs a slow hook: see _server).
+_LOGIN, _SUCCESS = Action.LOGIN, Outcome.SUCCESS
 #: Op bytes of the requests that end sessions of the account when they succeed.
 _ENDING_SESSIONS = frozenset({bytes([Op.CHANGE_PASSWORD_FINISH]), bytes([Op.DELETE_ACCOUNT])})
 _CHANGE_PASSWORD_FINISH = bytes([Op.CHANGE_PASSWORD_FINISH])

@@ -413,7 +413,7 @@ def rows_to_fetch(limit: int) -> int:
 
 
 def start_login_params(
-    account_name: bytes, now: int, threshold: int, in_flight_for: int
+    account_name: bytes | bytearray, now: int, threshold: int, in_flight_for: int
 ) -> dict[str, object]:
     """The parameters of :attr:`Statements.start_login`."""
     return {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for}

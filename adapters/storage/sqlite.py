@@ -267,7 +267,7 @@ class _SQLiteTransaction:
 
     def get_account(self, account_name: bytes) -> Account | None:
         return account_if_named(
-            self._db.execute(_SQL.account_by_name, (account_name,)).fetchone(), account_name
+            self._db.execute(_SQL.account_by_name, (_blob(account_name),)).fetchone(), account_name
         )
 
     def get_account_by_user_id(self, user_id: bytes) -> Account | None:
@@ -292,7 +292,7 @@ class _SQLiteTransaction:
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
         # One statement, so that concurrent starts (other processes) serialize on the row.
         row = self._db.execute(
-            _SQL.start_login, start_login_params(account_name, now, threshold, in_flight_for)
+            _SQL.start_login, start_login_params(_blob(account_name), now, threshold, in_flight_for)
         ).fetchone()
         return bool(row[0])
 
@@ -300,23 +300,24 @@ class _SQLiteTransaction:
         self, account_name: bytes, now: int, succeeded: bool, lock_for: Callable[[int], int] | None = None
     ) -> LoginRecord | None:
         # In the caller's transaction: SQLite has one writer at a time, so no lock cycle.
+        name = _blob(account_name)
         if succeeded:
-            row = self._db.execute(_SQL.login_succeeded, (account_name,)).fetchone()
+            row = self._db.execute(_SQL.login_succeeded, (name,)).fetchone()
             if row is None:
                 return None
             record = to_login_record(row)
             if record.unlogged or record.throttled:  # handed over: cleared in the same transaction
-                self._db.execute(_SQL.login_counts_logged, (account_name,))
+                self._db.execute(_SQL.login_counts_logged, (name,))
             return record
-        record = to_login_record(self._db.execute(_SQL.login_failed, (account_name, now)).fetchone())
+        record = to_login_record(self._db.execute(_SQL.login_failed, (name, now)).fetchone())
         locked_until = lock_end(record, now, lock_for)
         if locked_until is not None:
-            self._db.execute(_SQL.lock_login, (locked_until, account_name))
+            self._db.execute(_SQL.lock_login, (locked_until, name))
             record = replace(record, locked_until=locked_until)
         return record
 
     def get_login_record(self, account_name: bytes) -> LoginRecord | None:
-        row = self._db.execute(_SQL.login_record, (account_name,)).fetchone()
+        row = self._db.execute(_SQL.login_record, (_blob(account_name),)).fetchone()
         return None if row is None else to_login_record(row)
 
     def sweep_login_records(
