@@ -290,11 +290,13 @@ class _SQLiteTransaction:
         return 0 if row is None else int(row[0])
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
-        # One statement, so that concurrent starts (other processes) serialize on the row.
-        row = self._db.execute(
-            _SQL.start_login, start_login_params(_blob(account_name), now, threshold, in_flight_for)
-        ).fetchone()
-        return bool(row[0])
+        # The decision is one statement (concurrent starts of other processes serialize on
+        # the write lock); a refusal is counted by a second one (see Statements.admit_login).
+        params = start_login_params(_blob(account_name), now, threshold, in_flight_for)
+        if self._db.execute(_SQL.admit_login, params).rowcount == 1:
+            return True
+        self._db.execute(_SQL.count_throttled, params)
+        return False
 
     def finish_login(
         self, account_name: bytes, now: int, succeeded: bool, lock_for: Callable[[int], int] | None = None
@@ -302,12 +304,16 @@ class _SQLiteTransaction:
         # In the caller's transaction: SQLite has one writer at a time, so no lock cycle.
         name = _blob(account_name)
         if succeeded:
-            row = self._db.execute(_SQL.login_succeeded, (name,)).fetchone()
+            # Read, then written (no RETURNING: see Statements.admit_login); under the write
+            # lock nothing comes between.
+            row = self._db.execute(_SQL.login_record, (name,)).fetchone()
             if row is None:
                 return None
             record = to_login_record(row)
-            if record.unlogged or record.throttled:  # handed over: cleared in the same transaction
-                self._db.execute(_SQL.login_counts_logged, (name,))
+            if record.unlogged or record.throttled:  # handed over: cleared in the same statement
+                self._db.execute(_SQL.login_done_logged, (name,))
+            else:
+                self._db.execute(_SQL.login_done, (name,))
             return record
         record = to_login_record(self._db.execute(_SQL.login_failed, (name, now)).fetchone())
         locked_until = lock_end(record, now, lock_for)
