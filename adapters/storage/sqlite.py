@@ -556,6 +556,81 @@ class _InBatch:
             raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
 
 
+class _Batch:
+    """:meth:`SQLiteStorage.batch` (a class, not a generator: about 3,000 instructions less
+    per batch). Outermost: takes over the transaction begin_batch began (or begins it), and
+    on leaving commits it, or rolls it back when the block raised; the writer lock is held
+    until the commit has ended, in whichever thread ``__exit__`` runs. Nested: nothing."""
+
+    __slots__ = ("_outer", "_storage")
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self._storage = storage
+        self._outer = False
+
+    def __enter__(self) -> None:
+        storage = self._storage
+        if storage._batch_depth:
+            return
+        if not storage._batch_begun:
+            storage.begin_batch(wait=True)
+        storage._batch_begun = False
+        storage._batch_depth = 1
+        self._outer = True
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if not self._outer:
+            return
+        storage = self._storage
+        try:
+            try:
+                if kind is not None:
+                    storage._rollback()
+                    return  # (what the block raised goes on)
+            finally:
+                storage._batch_depth = 0
+            storage._commit()
+        finally:
+            storage._writer.release()
+
+
+class _Savepoint:
+    """A transaction() inside batch(): a savepoint that rolls back on its own (a class, not
+    a generator: see _Batch). Nested ones share the name (SQLite pairs ROLLBACK TO and
+    RELEASE with the innermost), so the three statements stay in sqlite3's
+    prepared-statement cache."""
+
+    __slots__ = ("_storage",)
+
+    def __init__(self, storage: SQLiteStorage) -> None:
+        self._storage = storage
+
+    def __enter__(self) -> Transaction:
+        storage = self._storage
+        db = storage._db
+        if not db.in_transaction:
+            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
+            # whole batch, not just their savepoint. Without this check the next SAVEPOINT
+            # would start, and its RELEASE commit, a transaction of its own: writes whose
+            # answers abandon() drops would be durable all the same.
+            raise StorageError("the batch's transaction was rolled back")
+        db.execute("SAVEPOINT op")
+        return _SQLiteTransaction(db, storage)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        storage = self._storage
+        db = storage._db
+        if kind is None:
+            db.execute("RELEASE op")
+            return
+        storage.forget_audit_numbers()
+        with suppress(sqlite3.Error):
+            db.execute("ROLLBACK TO op")
+            db.execute("RELEASE op")
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+
+
 class _WalFile:
     """The database's WAL file, synced after the commits that must be durable (the same
     ``fdatasync`` that ``synchronous=FULL`` would run at every commit)."""
@@ -710,30 +785,12 @@ class SQLiteStorage:
         with self.transaction():
             yield self._db
 
-    @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> AbstractContextManager[None]:
         """Group commit: every ``transaction()`` inside becomes a savepoint of one SQLite
         transaction, committed (and synced) once at the end. The caller must not
         acknowledge anything done inside before this block has exited normally: if the
         commit fails, StorageError is raised and all of it is rolled back."""
-        if self._batch_depth:
-            yield
-            return
-        if not self._batch_begun:
-            self.begin_batch(wait=True)
-        self._batch_begun = False
-        try:  # (_writer is held until the commit has ended, in whichever thread it runs)
-            self._batch_depth = 1
-            try:
-                yield
-            except BaseException:
-                self._rollback()
-                raise
-            finally:
-                self._batch_depth = 0
-            self._commit()
-        finally:
-            self._writer.release()
+        return _Batch(self)
 
     def begin_batch(self, *, wait: bool) -> bool:
         """Begin the write transaction of the next :meth:`batch`, which takes it over (the
@@ -842,36 +899,13 @@ class SQLiteStorage:
             raise StorageError(f"commit failed: cannot sync the WAL ({exc.strerror or exc})") from None
         self.syncs += 1
 
-    @contextmanager
-    def _savepoint(self) -> Iterator[Transaction]:
-        """A transaction() inside batch(): a savepoint that rolls back on its own. Nested
-        ones share the name (SQLite pairs ROLLBACK TO and RELEASE with the innermost), so
-        the three statements stay in sqlite3's prepared-statement cache."""
-        if not self._db.in_transaction:
-            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
-            # whole batch, not just their savepoint. Without this check the next SAVEPOINT
-            # would start, and its RELEASE commit, a transaction of its own: writes whose
-            # answers abandon() drops would be durable all the same.
-            raise StorageError("the batch's transaction was rolled back")
-        self._db.execute("SAVEPOINT op")
-        try:
-            yield _SQLiteTransaction(self._db, self)
-        except BaseException as exc:
-            self.forget_audit_numbers()
-            with suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK TO op")
-                self._db.execute("RELEASE op")
-            if isinstance(exc, sqlite3.Error):
-                raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
-            raise
-        self._db.execute("RELEASE op")
-
     def transaction(self, *, atomic: bool = True) -> AbstractContextManager[Transaction]:
-        """A transaction; inside :meth:`batch` a savepoint, or, when ``atomic`` is False (the
-        caller writes at most one statement, so a failure leaves nothing half-done: SQLite
-        undoes a failed statement itself), the batch's transaction as it is."""
+        """A transaction; inside :meth:`batch` a savepoint (:class:`_Savepoint`), or, when
+        ``atomic`` is False (the caller writes at most one statement, so a failure leaves
+        nothing half-done: SQLite undoes a failed statement itself), the batch's
+        transaction as it is."""
         if self._batch_depth:
-            return self._savepoint() if atomic else self._in_batch
+            return _Savepoint(self) if atomic else self._in_batch
         return self._transaction()
 
     @contextmanager
