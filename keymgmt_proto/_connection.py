@@ -21,6 +21,9 @@ from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Frame, FrameType, decode_he
 
 __all__ = ["ConnectionBase"]
 
+#: (read once: an attribute of an Enum class costs a slow hook on Python 3.11, see _server)
+_GOAWAY = FrameType.GOAWAY
+
 
 class ConnectionBase:
     """Framing, output buffer and event queue. Subclasses implement ``_handle_frame``."""
@@ -107,7 +110,7 @@ class ConnectionBase:
         return Frame(frame_type, session_id, payload)
 
     def _dispatch(self, frame: Frame) -> None:
-        if frame.type is FrameType.GOAWAY:
+        if frame.type is _GOAWAY:
             try:
                 if frame.session_id != 0:
                     raise RemoteProtocolError("GOAWAY on a session id")

@@ -95,6 +95,9 @@ class Direction(IntEnum):
     SERVER_TO_CLIENT = 2
 
 
+#: The directions as the plain ints an AD packs (read once: see _server on Enum attributes).
+_C2S, _S2C = int(Direction.CLIENT_TO_SERVER), int(Direction.SERVER_TO_CLIENT)
+
 #: SHA3-256's rate in bytes: HMAC's block size for it (FIPS 202, RFC 2104).
 _SHA3_256_BLOCK = 136
 _IPAD = bytes(byte ^ 0x36 for byte in range(256))
@@ -225,7 +228,8 @@ class Channel:
 
     def __init__(self, session_key: bytes, *, is_client: bool) -> None:
         prk = _CHANNEL_EXTRACT.digest(session_key)
-        self._setup(ChannelState(prk, prk), is_client)
+        # (no ChannelState at login: a frozen dataclass of 7 fields costs ~12,000 instructions)
+        self._setup(prk, prk, 0, 0, 0, 0, 0, is_client)
 
     @classmethod
     def restore(cls, state: ChannelState, *, is_client: bool) -> Channel:
@@ -238,7 +242,16 @@ class Channel:
         ):
             raise ValueError("invalid channel state")
         channel = cls.__new__(cls)
-        channel._setup(state, is_client)
+        channel._setup(
+            state.prk,
+            state.epoch_secret,
+            state.send_seq,
+            state.recv_seq,
+            state.resume_seq,
+            state.sent_total,
+            state.received_total,
+            is_client,
+        )
         return channel
 
     def export(self) -> ChannelState:
@@ -253,19 +266,29 @@ class Channel:
             self.received_total,
         )
 
-    def _setup(self, state: ChannelState, is_client: bool) -> None:
-        prk = state.prk
+    def _setup(
+        self,
+        prk: bytes,
+        epoch_secret: bytes,
+        send_seq: int,
+        recv_seq: int,
+        resume_seq: int,
+        sent_total: int,
+        received_total: int,
+        is_client: bool,
+    ) -> None:
+        """The channel of a :class:`ChannelState` with these fields."""
         self._prk = prk
         self._is_client = is_client
         prk_mac = HmacSha3(prk)
         self.session_handle = prk_mac.expand(LABEL_HANDLE, SESSION_HANDLE_SIZE)
-        self.resume_seq = state.resume_seq
-        self.sent_total = state.sent_total
-        self.received_total = state.received_total
+        self.resume_seq = resume_seq
+        self.sent_total = sent_total
+        self.received_total = received_total
         # At login the epoch secret is the PRK itself: its key states are hashed once.
-        self._set_epoch(state.epoch_secret, prk_mac if state.epoch_secret is prk else None)
-        self.send_seq = state.send_seq
-        self.recv_seq = state.recv_seq
+        self._set_epoch(epoch_secret, prk_mac if epoch_secret is prk else None)
+        self.send_seq = send_seq
+        self.recv_seq = recv_seq
 
     def _set_epoch(self, epoch_secret: bytes, epoch_mac: HmacSha3 | None = None) -> None:
         self._epoch_secret = epoch_secret
@@ -274,15 +297,14 @@ class Channel:
         s2c = expand(LABEL_S2C_KEY, KEY_SIZE), expand(LABEL_S2C_IV, NONCE_SIZE)
         if self._is_client:
             (self._send_key, send_iv), (self._recv_key, recv_iv) = c2s, s2c
-            send_dir, recv_dir = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
+            self._send_dir, self._recv_dir = _C2S, _S2C
         else:
             (self._send_key, send_iv), (self._recv_key, recv_iv) = s2c, c2s
-            send_dir, recv_dir = Direction.SERVER_TO_CLIENT, Direction.CLIENT_TO_SERVER
+            self._send_dir, self._recv_dir = _S2C, _C2S
         # The IVs as integers (a record's nonce is one XOR away) and the directions as plain
         # ints (packed into every AD): the per-record path does no conversions.
         self._send_iv = int.from_bytes(send_iv, "big")
         self._recv_iv = int.from_bytes(recv_iv, "big")
-        self._send_dir, self._recv_dir = int(send_dir), int(recv_dir)
         self._send_aead: ChaCha20Poly1305 | None = None
         self._recv_aead: ChaCha20Poly1305 | None = None
         self.send_seq = 0

@@ -81,6 +81,28 @@ UNPRODUCTIVE_BLOCK_SIZE = 4096
 #: than this costs one unit (:meth:`ServerConnection.note_small_input`).
 SMALL_PIECE_SIZE = 1024
 
+# Enum members the per-frame and login paths name, read once here: on Python 3.11 every
+# attribute read on an Enum class goes through EnumType's __getattr__ hook, a call into
+# type.__getattribute__ of about 900 instructions (36 of them per login before this).
+_SERVER = Role.SERVER
+_REQUEST_SESSION = SessionKind.REQUEST
+_REGISTRATION_SESSION = SessionKind.REGISTRATION
+_LIVE = (State.ESTABLISHED, State.DETACHED)  # (tuples: `in` compares by identity first)
+_ACCEPT_LOGIN = Command.ACCEPT_LOGIN
+_IDLE_TIMEOUT = ErrorCode.IDLE_TIMEOUT
+_LIFETIME_EXPIRED = ErrorCode.LIFETIME_EXPIRED
+_HANDSHAKE_TIMEOUT = ErrorCode.HANDSHAKE_TIMEOUT
+_F_ABORT = FrameType.ABORT
+_F_REQUEST = FrameType.REQUEST
+_F_REG_START = FrameType.REG_START
+_F_REG_UPLOAD = FrameType.REG_UPLOAD
+_F_LOGIN_START = FrameType.LOGIN_START
+_F_LOGIN_RESPONSE = FrameType.LOGIN_RESPONSE
+_F_LOGIN_FINISH = FrameType.LOGIN_FINISH
+_F_RESUME = FrameType.RESUME
+_F_WELCOME = FrameType.WELCOME
+_OPENING = (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME)
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -174,13 +196,13 @@ class _ServerSession:
         return f"<server session {self.session_id} {self.kind.value} {self.state.name}>"
 
     def deadline(self, config: ServerConfig) -> tuple[float, ErrorCode]:
-        if self.state in (State.ESTABLISHED, State.DETACHED):
+        if self.state in _LIVE:
             idle = self.last_activity + config.idle_timeout
             lifetime = self.created + config.session_lifetime
             if lifetime <= idle:
-                return lifetime, ErrorCode.LIFETIME_EXPIRED
-            return idle, ErrorCode.IDLE_TIMEOUT
-        return self.created + config.handshake_timeout, ErrorCode.HANDSHAKE_TIMEOUT
+                return lifetime, _LIFETIME_EXPIRED
+            return idle, _IDLE_TIMEOUT
+        return self.created + config.handshake_timeout, _HANDSHAKE_TIMEOUT
 
 
 class ExpiredSession(NamedTuple):
@@ -674,7 +696,7 @@ class ServerConnection(ConnectionBase):
         the session keeps it (sealed with it when it moves) and :meth:`credentials_version`
         returns it, so the application can tell a session of credentials since replaced."""
         session = self._live(session_id)
-        self._check(session, Command.ACCEPT_LOGIN)
+        self._check(session, _ACCEPT_LOGIN)
         if len(user_id) != USER_ID_SIZE:
             raise LocalProtocolError("user_id must be 16 bytes")
         if len(registration_record) != REGISTRATION_UPLOAD_SIZE:
@@ -707,8 +729,8 @@ class ServerConnection(ConnectionBase):
             return
         session.user_id = user_id
         session.opaque_value = step.state
-        transition(Role.SERVER, session, Command.ACCEPT_LOGIN)
-        self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
+        transition(_SERVER, session, _ACCEPT_LOGIN)
+        self._send(_F_LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
 
     def confirm_registration(self, session_id: int) -> None:
         """The registration is stored (REG-4): tell the client and close the session."""
@@ -838,7 +860,7 @@ class ServerConnection(ConnectionBase):
     def _check(self, session: _ServerSession, trigger: Trigger) -> None:
         """Refuse ``trigger`` unless the table has a row for it (before any work is done; the
         state itself changes later, through transition())."""
-        target = next_state(Role.SERVER, session.kind, session.state, trigger)
+        target = next_state(_SERVER, session.kind, session.state, trigger)
         if target is None:
             if isinstance(trigger, Command):
                 raise LocalProtocolError(
@@ -1023,11 +1045,11 @@ class ServerConnection(ConnectionBase):
         acted = True
         if session is None:
             acted = self._handle_new(frame)
-        elif frame.type is FrameType.ABORT:
+        elif frame.type is _F_ABORT:
             self._on_abort(session, frame)
         else:
             try:
-                if TRANSITIONS.get((Role.SERVER, session.kind, session.state, frame.type)) is None:
+                if TRANSITIONS.get((_SERVER, session.kind, session.state, frame.type)) is None:
                     self._check(session, frame.type)  # raises the error
                 acted = self._apply(session, frame)
             except ProtocolError as exc:
@@ -1058,7 +1080,7 @@ class ServerConnection(ConnectionBase):
         """A frame for a session id this connection has no live session under. False if it
         opened nothing: ignored, or refused before admission (unproductive input)."""
         session_id = frame.session_id
-        opening = frame.type in (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME)
+        opening = frame.type in _OPENING
         if session_id <= self._highest_session_id:
             if opening:  # ids must increase; this one is spent
                 self._send_abort(session_id, ErrorCode.BAD_SESSION_ID, "session id already used")
@@ -1079,15 +1101,15 @@ class ServerConnection(ConnectionBase):
             self._send_abort(session_id, ErrorCode.RATE_LIMITED, reason)
             self._events.append(SessionFailed(session_id, ErrorCode.RATE_LIMITED, reason, True))
             return False
-        kind = SessionKind.REGISTRATION if frame.type is FrameType.REG_START else SessionKind.REQUEST
+        kind = _REGISTRATION_SESSION if frame.type is _F_REG_START else _REQUEST_SESSION
         try:
-            if frame.type is FrameType.RESUME:
+            if frame.type is _F_RESUME:
                 self._on_resume(session_id, frame)
                 if self._admission is not None:  # a real resumption costs nothing (NET-13)
                     self._admission.refund(frame.type, self._now)
                 return True
             session = _ServerSession(kind, session_id, b"", self._now, self._now, owner=self)
-            if frame.type is FrameType.REG_START:
+            if frame.type is _F_REG_START:
                 # The OPAQUE step waits for accept_registration: a registration the server
                 # refuses (name taken, not authorized) costs no OPAQUE work.
                 reg_start = RegStart.decode(frame.payload)
@@ -1105,7 +1127,7 @@ class ServerConnection(ConnectionBase):
             self._send_abort(session_id, exc.code, str(exc))
             self._events.append(SessionFailed(session_id, exc.code, str(exc), True))
             return True  # (admitted: it paid for its attempt)
-        transition(Role.SERVER, session, frame.type)
+        transition(_SERVER, session, frame.type)
         self._sessions[session_id] = session
         self._lower_deadline_bound(session)
         self._sessions_changed()
@@ -1166,12 +1188,12 @@ class ServerConnection(ConnectionBase):
     def _apply(self, session: _ServerSession, frame: Frame) -> bool:
         """Act on a frame for a live session; False if it changed nothing (a re-sent request)."""
         t = frame.type
-        if t is FrameType.REQUEST:  # the common case first
+        if t is _F_REQUEST:  # the common case first
             return self._on_request(session, *Request.decode_fields(self._open_sealed(session, frame)))
-        if t is FrameType.REG_UPLOAD:
+        if t is _F_REG_UPLOAD:
             upload = RegUpload.decode(frame.payload)
             session.registration_record = self._opaque.server_registration_finish(upload.registration_upload)
-        elif t is FrameType.LOGIN_START:  # inside a registration session
+        elif t is _F_LOGIN_START:  # inside a registration session
             login_start = LoginStart.decode(frame.payload)
             if not hmac.compare_digest(login_start.account_name, session.account_name):
                 raise RemoteProtocolError("login names another account", ErrorCode.INVALID_REQUEST)
@@ -1184,7 +1206,7 @@ class ServerConnection(ConnectionBase):
             )
             session.opaque_value = step.state
             self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
-        elif t is FrameType.LOGIN_FINISH:
+        elif t is _F_LOGIN_FINISH:
             self._on_login_finish(session, LoginFinish.decode(frame.payload))
             return True
         elif t is FrameType.COMPLETE_REGISTRATION:
@@ -1220,13 +1242,13 @@ class ServerConnection(ConnectionBase):
         channel = Channel(session_key, is_client=False)
         session.channel = channel
         session.opaque_value = None
-        if session.kind is SessionKind.REQUEST and not self.registry.add(session):
+        if session.kind is _REQUEST_SESSION and not self.registry.add(session):
             raise RemoteProtocolError("session handle collision", ErrorCode.INTERNAL_ERROR)
-        transition(Role.SERVER, session, FrameType.LOGIN_FINISH)
+        transition(_SERVER, session, _F_LOGIN_FINISH)
         session.last_activity = self._now
         self._lower_deadline_bound(session)  # ESTABLISHED: its idle deadline may come sooner
-        self._send_sealed(session, FrameType.WELCOME, Welcome(session.user_id).encode())
-        if session.kind is SessionKind.REQUEST:
+        self._send_sealed(session, _F_WELCOME, Welcome(session.user_id).encode())
+        if session.kind is _REQUEST_SESSION:
             self._events.append(
                 LoginSucceeded(
                     session.session_id, session.account_name, session.user_id, handle=session.handle

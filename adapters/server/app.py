@@ -14,10 +14,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
@@ -235,31 +235,12 @@ class KeyServer:
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
 
-    @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> AbstractContextManager[None]:
         """Group commit for a run of events (the storage's ``batch()`` if it has one): the
         driver answers nothing from inside until this exits normally (STO-1). The failed
         logins waiting to be counted are written as the batch ends, in the same commit, and
         stay queued until one has committed them (see :meth:`_record_failures`)."""
-        storage_batch = getattr(self.storage, "batch", None)
-        if storage_batch is None or self._batch_depth:
-            self._batch_depth += 1
-            try:
-                yield
-            finally:
-                self._batch_depth -= 1
-                if self._batch_depth == 0:
-                    self._record_failures()
-            return
-        self._batch_depth = 1
-        written = 0
-        try:
-            with storage_batch():
-                yield
-                written = self._write_failures()
-        finally:
-            self._batch_depth = 0
-        del self._failures[:written]  # committed (a failed commit raised: they stay queued)
+        return _Batch(self)
 
     def begin_batch(self, wait: bool) -> bool:
         """Begin the storage transaction of the next :meth:`batch` ahead of it, if the storage
@@ -431,7 +412,7 @@ class KeyServer:
             # PostgreSQL the counts it took are then lost from the owner's log.)
             if record is not None:
                 self._log_attempts(tx, user_id, record)
-            tx.append_audit(AuditRecord(user_id, Action.LOGIN, now, Outcome.SUCCESS))
+            tx.append_audit(AuditRecord(user_id, _LOGIN, now, _SUCCESS))
 
     def _record_failures(self) -> None:
         """Count the failed logins waiting to be counted, outside any batch, each in a
@@ -850,6 +831,8 @@ class KeyServer:
 
 #: First byte of an OK answer.
 _OK = bytes([Status.OK])
+#: Read once (on Python 3.11 an attribute of an Enum class costs a slow hook: see _server).
+_LOGIN, _SUCCESS = Action.LOGIN, Outcome.SUCCESS
 #: Op bytes of the requests that end sessions of the account when they succeed.
 _ENDING_SESSIONS = frozenset({bytes([Op.CHANGE_PASSWORD_FINISH]), bytes([Op.DELETE_ACCOUNT])})
 _CHANGE_PASSWORD_FINISH = bytes([Op.CHANGE_PASSWORD_FINISH])
@@ -879,6 +862,63 @@ _ONE_WRITE = frozenset(
         Op.CHANGE_PASSWORD_START,
     }
 )
+
+
+class _Batch:
+    """:meth:`KeyServer.batch` (a class, not a generator: about 9,000 instructions less per
+    batch). Outermost, over a storage with ``batch()``: the storage's batch, with the queued
+    failed logins written at its end, inside it, and dropped from the queue once it has
+    committed. Otherwise a depth count: the queue is written, each in a transaction of its
+    own, when the outermost ends."""
+
+    __slots__ = ("_inner", "_server")
+
+    def __init__(self, server: KeyServer) -> None:
+        self._server = server
+        self._inner: AbstractContextManager[object] | None = None
+
+    def __enter__(self) -> None:
+        server = self._server
+        storage_batch = getattr(server.storage, "batch", None)
+        if storage_batch is None or server._batch_depth:
+            server._batch_depth += 1
+            return
+        server._batch_depth = 1
+        inner: AbstractContextManager[object] = storage_batch()
+        try:
+            inner.__enter__()
+        except BaseException:
+            server._batch_depth = 0
+            raise
+        self._inner = inner
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        server = self._server
+        inner = self._inner
+        if inner is None:
+            server._batch_depth -= 1
+            if server._batch_depth == 0:
+                server._record_failures()
+            return False
+        written = 0
+        suppressed = False
+        try:
+            if kind is None:
+                try:
+                    written = server._write_failures()
+                except BaseException as error:
+                    if not inner.__exit__(type(error), error, error.__traceback__):
+                        raise
+                else:
+                    inner.__exit__(None, None, None)  # the commit (raises if it failed)
+            else:
+                suppressed = bool(inner.__exit__(kind, exc, tb))
+        finally:
+            server._batch_depth = 0
+        del server._failures[:written]  # committed (a failed commit raised: they stay queued)
+        return suppressed
 
 
 @dataclass(slots=True)  # (not frozen: built for every request, and a frozen __init__ costs twice as much)

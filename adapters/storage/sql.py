@@ -200,6 +200,35 @@ class Statements:
             f"last_start_us = CASE WHEN {_ADMIT} THEN :now ELSE login_throttle.last_start_us END "
             "RETURNING admitted"
         )
+        #: start_login without RETURNING, for SQLite (where a RETURNING clause fills an
+        #: ephemeral table on every run: an UPDATE ... RETURNING of one row cost about 40,000
+        #: instructions against 14,000 without it): the upsert writes only when it admits,
+        #: so its row count (1) says admitted; 0 leaves the refusal to :attr:`count_throttled`
+        #: in the same transaction (SQLite has one writer: nothing comes between). The
+        #: decision is still one statement. Parameters: :func:`start_login_params`.
+        self.admit_login = spell(
+            "INSERT INTO login_throttle (account_name, failures, locked_until_us, last_failure_us, "
+            "pending, last_start_us, admitted, unlogged, throttled) "
+            "VALUES (:name, 0, 0, 0, 1, :now, TRUE, 0, 0) "
+            f"ON CONFLICT (account_name) DO UPDATE SET admitted = TRUE, pending = {_IN_FLIGHT} + 1, "
+            f"last_start_us = :now WHERE {_ADMIT}"
+        )
+        #: The refusal admit_login left undone (what start_login writes for one); parameters:
+        #: :func:`start_login_params`.
+        self.count_throttled = spell(
+            "UPDATE login_throttle SET admitted = FALSE, throttled = login_throttle.throttled + 1, "
+            "last_throttled_us = :now WHERE account_name = :name"
+        )
+        #: login_succeeded in two statements without RETURNING, for SQLite (see admit_login):
+        #: :attr:`login_record` read first, then one of these. Parameters: the name.
+        self.login_done = spell(
+            f"UPDATE login_throttle SET pending = {_ONE_FEWER_PENDING} WHERE account_name = ?"
+        )
+        #: The same, with the counts the success hands over to the owner's log cleared.
+        self.login_done_logged = spell(
+            f"UPDATE login_throttle SET pending = {_ONE_FEWER_PENDING}, unlogged = 0, throttled = 0 "
+            "WHERE account_name = ?"
+        )
         #: A login succeeded: no longer in flight; the record is returned (with the counts
         #: waiting for the owner's log) from the same statement, so the common success (no
         #: counts waiting) costs one statement. Parameters: the name.
@@ -413,7 +442,7 @@ def rows_to_fetch(limit: int) -> int:
 
 
 def start_login_params(
-    account_name: bytes, now: int, threshold: int, in_flight_for: int
+    account_name: bytes | bytearray, now: int, threshold: int, in_flight_for: int
 ) -> dict[str, object]:
     """The parameters of :attr:`Statements.start_login`."""
     return {"name": account_name, "now": now, "threshold": threshold, "recent": now - in_flight_for}

@@ -489,3 +489,43 @@ def test_a_session_refused_before_it_existed_is_handled_without_error(server_set
         keyserver(pair.server, SessionFailed(1, ErrorCode.RATE_LIMITED, "slow down", True))
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     storage.close()
+
+
+def test_a_key_server_batch_commits_when_it_ends_and_rolls_back_when_it_raises(tmp_path):
+    """KeyServer.batch (a class since the login path was trimmed): what the block wrote is
+    committed when it ends normally, rolled back when it raises (the exception goes on), a
+    nested batch is part of the outer one, and a failed login queued inside is written in
+    the outer batch's commit and leaves the queue only then."""
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt.adapters.storage.base import Account
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
+
+    storage = SQLiteStorage(tmp_path / "k.db")
+    keyserver = KeyServer(storage)
+
+    def account(name: bytes) -> Account:
+        return Account(name, os.urandom(16), bytes(192), bytes(60), 1, 0)
+
+    with keyserver.batch():
+        with keyserver.batch(), storage.transaction() as tx:  # nested: the same transaction
+            assert tx.insert_account(account(b"kept"))
+        keyserver._failures.append((b"kept", 5))  # a failed login to count in this commit
+    assert keyserver._failures == []
+    with pytest.raises(RuntimeError, match="boom"), keyserver.batch():
+        with storage.transaction() as tx:
+            assert tx.insert_account(account(b"dropped"))
+        keyserver._failures.append((b"kept", 6))
+        raise RuntimeError("boom")
+    assert keyserver._failures == [(b"kept", 6)]  # not committed: still queued
+    with storage.transaction() as tx:
+        assert tx.get_account(b"kept") is not None
+        assert tx.get_account(b"dropped") is None
+        record = tx.get_login_record(b"kept")
+    assert record is not None and record.failures == 1  # the first queued failure only
+    with keyserver.batch():
+        pass
+    assert keyserver._failures == []
+    with storage.transaction() as tx:
+        record = tx.get_login_record(b"kept")
+    assert record is not None and record.failures == 2
+    storage.close()
