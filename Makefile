@@ -26,8 +26,12 @@ typecheck: $(STAMP)
 	ln -sfn "$(CURDIR)/keymgmt/__init__.py" .mypy_cache/paths/keymgmt/__init__.py
 	MYPYPATH=.mypy_cache/paths $(BIN)/mypy --strict bench keymgmt/__init__.py
 
+## The suite on every core (pytest-xdist): most of its time is spent waiting on server and CLI
+## processes, so one worker per core about halves it. Tests that build web/ in place share one
+## worker (tests/conftest.py). TEST_WORKERS=0 runs it in one process, as plain `pytest` does.
+TEST_WORKERS ?= auto
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## The README's test command: lint, strict typing, the whole suite.
 test: lint typecheck unit

@@ -31,6 +31,27 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+#: Test files that build web/ in place (web/build/, web/demo/dist/: ``npm test``, ``build_web()``,
+#: the bench smoke's browser line): under pytest-xdist (``make unit`` runs ``-n auto --dist
+#: loadgroup``) they share one worker, so two of them never write the same bundle at once.
+WEB_BUILDERS = frozenset(
+    {
+        "tests/repo/test_web.py",
+        "tests/repo/test_bench_smoke.py",
+        "tests/system/test_browser.py",
+        "tests/system/test_web_demo.py",
+        "tests/conformance/test_web_client_mode.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # a plain run (or an environment without the dev extra): serial anyway
+    for item in items:
+        if item.nodeid.split("::")[0] in WEB_BUILDERS:
+            item.add_marker(pytest.mark.xdist_group("web"))
+
 
 @pytest.fixture(scope="session")
 def server_setup() -> ServerSetup:
