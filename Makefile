@@ -29,9 +29,11 @@ typecheck: $(STAMP)
 ## The suite on every core (pytest-xdist): most of its time is spent waiting on server and CLI
 ## processes, so one worker per core about halves it. Tests that build web/ in place share one
 ## worker (tests/conftest.py). TEST_WORKERS=0 runs it in one process, as plain `pytest` does.
+## Tests marked serial (timing probes) run afterwards, alone.
 TEST_WORKERS ?= auto
 unit: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+	$(BIN)/pytest -p no:xdist -m serial
 
 ## The README's test command: lint, strict typing, the whole suite.
 test: lint typecheck unit

@@ -39,3 +39,33 @@ def test_the_group_marks_those_files_only() -> None:
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
     files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
     assert files == set(WEB_BUILDERS)
+
+
+def test_timing_probes_run_alone_after_the_parallel_run() -> None:
+    """A test that times the server (``time.perf_counter`` around a request) is marked
+    ``serial``, and ``make unit`` runs those in a second pytest without xdist: next to another
+    worker's load, a small timing difference would drown in noise."""
+    probes = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if path != Path(__file__).resolve() and "_held_out_accuracy" in path.read_text(encoding="utf-8")
+    }
+    assert probes == {"tests/server/test_enumeration.py"}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--collect-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "serial",
+    ]
+    collected = subprocess.run(
+        [*command, *sorted(probes)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert "test_a_timing_probe_cannot_tell_registered_names_apart" in collected.stdout
+    unit = (ROOT / "Makefile").read_text(encoding="utf-8").split("\nunit:", 1)[1].split("\n\n", 1)[0]
+    assert '-m "not serial"' in unit and "-p no:xdist -m serial" in unit
