@@ -43,7 +43,7 @@ import anyio
 
 from ..storage.base import StorageError
 
-__all__ = ["CommitFailed", "GroupCommit", "LoopCommits"]
+__all__ = ["CommitFailed", "GroupCommit", "LoopCommits", "Work"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -74,13 +74,18 @@ class CommitFailed(StorageError):
     ``__cause__`` is set when the commit raised something other than StorageError (a bug)."""
 
 
-class _Work(Generic[_T]):
-    __slots__ = ("call", "done", "error", "failure", "result", "turn")
+class Work(Generic[_T]):
+    """One storage work in the queue of a :class:`GroupCommit`, and how it went."""
 
-    def __init__(self, call: Callable[[], _T]) -> None:
+    __slots__ = ("call", "done", "error", "failure", "finished", "result", "turn")
+
+    def __init__(self, call: Callable[[], _T], finished: Callable[[Work[_T]], None] | None = None) -> None:
         self.call = call
-        #: Set when the batch has ended, or when this work's caller is to lead the next one.
-        self.turn = anyio.Event()
+        #: Set when the batch has ended, or when this work's caller is to lead the next one;
+        #: None for a work handed over by :meth:`GroupCommit.submit` (no task waits for it).
+        self.turn: anyio.Event | None = anyio.Event() if finished is None else None
+        #: Called on the event loop when the batch has ended (a submitted work).
+        self.finished = finished
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -110,9 +115,11 @@ class GroupCommit:
         self._loop_commits = loop_commits
         #: Told of every batch: its number of works, its commit's seconds, whether it failed.
         self.observe = observe
-        self._queue: list[_Work[Any]] = []
+        self._queue: list[Work[Any]] = []
         self._leading = False
         self._thread = _CommitThread()
+        #: The task leading batches of submitted works (see :meth:`submit`), while one does.
+        self._leader: asyncio.Task[None] | None = None
         #: Batches committed and failed so far (for tests and metrics).
         self.batches = 0
         self.failed_batches = 0
@@ -123,15 +130,17 @@ class GroupCommit:
         Raises :class:`CommitFailed` if the batch did not commit (the work's writes were
         rolled back; when the batch could not begin, ``work`` did not run), or what
         ``work`` raised (its earlier writes commit with the batch)."""
-        item: _Work[_T] = _Work(work)
+        item: Work[_T] = Work(work)
+        turn = item.turn
+        assert turn is not None
         self._queue.append(item)
         if self._leading:
             try:
-                await item.turn.wait()
+                await turn.wait()
             except BaseException:  # cancelled while waiting: never strand the lead
                 if item in self._queue:
                     self._queue.remove(item)
-                if item.turn.is_set() and not item.done:
+                if turn.is_set() and not item.done:
                     self._pass_lead()
                 raise
         else:
@@ -148,11 +157,41 @@ class GroupCommit:
             raise item.error
         return item.result  # type: ignore[return-value]
 
+    def submit(self, work: Callable[[], _T], finished: Callable[[Work[_T]], None]) -> None:
+        """Run ``work`` in the next batch without a task waiting for it (asyncio only): once
+        the batch has ended, ``finished`` is called on the event loop with the work, whose
+        ``failure`` (the batch did not commit), ``error`` (what ``work`` raised) or ``result``
+        tell how it went. The batches run as for :meth:`run`; when no caller of ``run`` leads
+        one, a task of the group commit's own does (one wake-up per batch, not per work)."""
+        self._queue.append(Work(work, finished))
+        if not self._leading:
+            self._leading = True
+            self._spawn_leader()
+
+    def _spawn_leader(self) -> None:
+        self._leader = asyncio.get_running_loop().create_task(self._lead())
+
+    async def _lead(self) -> None:
+        """Lead batches while the work at the head of the queue was submitted (no task of
+        its own waits to lead); then hand the lead to the next waiting caller, if any."""
+        try:
+            while True:
+                await self._run_batch()
+                if not self._queue or self._queue[0].turn is not None:
+                    break
+        finally:
+            self._leader = None
+            self._pass_lead()
+
     def _pass_lead(self) -> None:
-        if self._queue:
-            self._queue[0].turn.set()
-        else:
+        if not self._queue:
             self._leading = False
+            return
+        turn = self._queue[0].turn
+        if turn is not None:
+            turn.set()
+        else:
+            self._spawn_leader()
 
     async def _run_batch(self) -> None:
         failure: StorageError | None = None
@@ -201,7 +240,14 @@ class GroupCommit:
         for item in items:
             item.failure = failure
             item.done = True
-            item.turn.set()
+            if item.turn is not None:
+                item.turn.set()
+        for item in items:
+            if item.finished is not None:
+                try:
+                    item.finished(item)
+                except Exception:  # its own failures are its own; the other works still end
+                    log.error("a group commit work's completion failed", exc_info=True)
 
 
 def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
