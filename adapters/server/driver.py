@@ -381,8 +381,9 @@ class ConnectionDriver:
         """One batch's work for this connection: the input buffered so far, the timers that
         are due, a graceful close when stopping."""
         conn = self.conn
+        if self._unprocessed >= self.max_unprocessed:  # (only then does the reader wait for room)
+            self._room.set()
         self._unprocessed = 0
-        self._room.set()
         if timer_due:
             now = self.clock()
             conn.handle_timer(now)

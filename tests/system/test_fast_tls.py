@@ -6,24 +6,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import SocketStream
 from anyio.streams.tls import TLSStream
 
-from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server import runtime as runtime_module
 from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.commit import GroupCommit
 from keymgmt.adapters.server.driver import ConnectionDriver
 from keymgmt.adapters.server.tlsfast import FastTLSStream, take_over
+from keymgmt.adapters.storage.base import StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt.adapters.tls import client_context, generate_dev_pki, server_context
-from keymgmt_proto import FrameType, ServerConfig, SessionRegistry, encode_portable
+from keymgmt_proto import FrameType, Op, ServerConfig, SessionRegistry, encode_portable
 from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart, encode_frame
 
 from ..support.keyserver_world import SETUP
@@ -228,3 +231,51 @@ async def test_a_peer_that_stops_reading_is_dropped_over_the_fast_stream(tmp_pat
                 tg.cancel_scope.cancel()
     assert any("stopped reading" in r.getMessage() for r in caplog.records)
     storage.close()
+
+
+async def test_turns_over_the_fast_stream_go_to_the_group_commit_and_wait_for_it(tmp_path, monkeypatch):
+    """Over a FastTLSStream a parked connection's turns are handed to the group commit
+    (GroupCommit.submit) and their output is sent from the batch's end. The batch holding
+    a STORE fails at its commit: the store must not be acknowledged (not even after the
+    client reconnects and resumes), and the server must go on serving."""
+    submitted: list[int] = []
+    real_submit = GroupCommit.submit
+
+    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
+        submitted.append(1)
+        real_submit(self, work, finished)
+
+    monkeypatch.setattr(GroupCommit, "submit", submit)
+    async with running_server(tmp_path) as (runtime, pki):
+        storage, keyserver = runtime.storage, runtime.keyserver
+        real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
+        fail = {"armed": True, "store": False}  # (the first store only)
+
+        def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
+            if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
+                fail["armed"], fail["store"] = False, True
+            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
+
+        @contextlib.contextmanager
+        def failing_batch() -> Iterator[None]:
+            with real_batch():
+                yield
+                if fail["store"]:
+                    fail["store"] = False
+                    raise StorageError("disk full at commit")
+
+        monkeypatch.setattr(storage, "batch", failing_batch)
+        monkeypatch.setattr(keyserver, "answer", answer)
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"fragile@example.org", PW)
+            session = await client.login(b"fragile@example.org", PW)
+            assert await session.list_keys() == []
+            assert submitted  # the batched path ran
+            with pytest.raises(KeymgmtError), anyio.fail_after(10):
+                await session.generate()
+            fresh = await client.login(b"fragile@example.org", PW)
+            assert await fresh.list_keys() == []
+            key_id = await fresh.generate()  # the server goes on serving
+            assert [k.key_id for k in await fresh.list_keys()] == [key_id]
+        assert runtime.connection_faults == 0
