@@ -210,6 +210,12 @@ class ConnectionDriver:
         #: no event of its own per batch. Anything else (a wake, a stop, a timer, EOF, a
         #: failure, a send that must wait) wakes the main loop, which takes over as before.
         self._fast = isinstance(stream, FastTLSStream)
+        #: The stream hands records to _consume as they arrive, while the reader waits.
+        self._consumer: FastTLSStream | None = None
+        if isinstance(stream, FastTLSStream):
+            self._consumer = stream
+            stream.consumer_size = receive_size
+            stream.consumer = self._consume
         self._parked = False
         #: A submitted turn has not ended yet / has not run yet / input came after it ran.
         self._in_flight = False
@@ -384,6 +390,8 @@ class ConnectionDriver:
         if self._unprocessed >= self.max_unprocessed:  # (only then does the reader wait for room)
             self._room.set()
         self._unprocessed = 0
+        if self._consumer is not None and self._reader_failure is None:
+            self._consumer.consumer = self._consume
         if timer_due:
             now = self.clock()
             conn.handle_timer(now)
@@ -478,8 +486,7 @@ class ConnectionDriver:
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 data = b""
             except Exception as exc:  # raised by the main loop as a fault
-                self._reader_failure = exc
-                self._signal()
+                self._reader_failed(exc)
                 return
             try:
                 now = self.clock()
@@ -487,8 +494,7 @@ class ConnectionDriver:
                 spent = small and conn.note_small_input(1, now)
                 conn.receive_data(data, now)
             except Exception as exc:
-                self._reader_failure = exc
-                self._signal()
+                self._reader_failed(exc)
                 return
             self._unprocessed += len(data)
             if data and self._parked:
@@ -530,6 +536,33 @@ class ConnectionDriver:
         return False
 
     # ---------------------------------------------------------------- the batched path
+
+    def _consume(self, data: bytes) -> None:
+        """Records the FastTLSStream decrypted as they arrived, while the reader waits: what
+        the reader does with what it receives, without its wake-up. Past ``max_unprocessed``
+        the stream is told to stop (the reader takes over and waits for room); a batch's
+        turn tells it to go on."""
+        stream = self._consumer
+        assert stream is not None
+        try:
+            self.conn.receive_data(data, self.clock())
+        except Exception as exc:
+            self._reader_failed(exc)
+            return
+        self._unprocessed += len(data)
+        if self._unprocessed >= self.max_unprocessed:
+            stream.consumer = None
+        if self._parked:
+            self._arrived()
+        else:
+            self._signal()
+
+    def _reader_failed(self, exc: Exception) -> None:
+        """Receiving failed (raised by the main loop as a fault): nothing more is taken in."""
+        if self._consumer is not None:
+            self._consumer.consumer = None
+        self._reader_failure = exc
+        self._signal()
 
     def _arrived(self) -> None:
         """Input arrived while the main loop is parked: a turn for it in the next batch."""

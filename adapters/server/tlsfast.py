@@ -69,6 +69,12 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         #: Told how many small records arrived in one receive (see the module docstring);
         #: True from it means the connection is ending: nothing more is read.
         self.on_small_input: Callable[[int], bool] | None = None
+        #: While a ``receive()`` waits, the records that arrive are decrypted at once (up to
+        #: ``consumer_size`` bytes) and handed to this instead of waking the receiver (the
+        #: driver's batched path: no task wake-up per arrival). Whatever else happens (the
+        #: end, a broken record, more than it took) still wakes the receiver.
+        self.consumer: Callable[[bytes], None] | None = None
+        self.consumer_size = 65536
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -77,6 +83,13 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         if self._incoming.pending > _READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
+        consumer, waiter = self.consumer, self._waiter
+        if consumer is not None and waiter is not None and not waiter.done() and not self._halted:
+            records = self._decrypt(self.consumer_size)
+            if records:
+                consumer(records)
+            if not (self._leftover or self._bad_record or self._eof or self._failure or self._halted):
+                return  # (all taken, or a record not yet whole: the receiver sleeps on)
         self._wake()
 
     def eof_received(self) -> bool:
