@@ -204,6 +204,8 @@ class GroupCommit:
                 await self._thread.run(partial(begin, True))
         except StorageError as exc:
             failure = CommitFailed(str(exc))
+        except Exception as exc:  # a bug: the batch's works must still all end (a fault each)
+            failure = _bug(exc)
         items, self._queue = self._queue, []
         batch = self._batch() if self._batch is not None and failure is None else None
         try:
@@ -211,6 +213,8 @@ class GroupCommit:
                 batch.__enter__()
         except StorageError as exc:
             failure = CommitFailed(str(exc))
+        except Exception as exc:
+            failure = _bug(exc)
         if failure is None:
             for item in items:
                 try:
@@ -276,10 +280,16 @@ def _failure_of(call: Callable[..., object], *args: object) -> StorageError | No
     except StorageError as exc:
         return CommitFailed(str(exc))
     except Exception as exc:  # a bug in a storage: the batch's works must still all end
-        failure = CommitFailed(f"commit failed: {type(exc).__name__}")
-        failure.__cause__ = exc  # their drivers treat it as a fault (NET-12)
-        return failure
+        return _bug(exc, "commit")
     return None
+
+
+def _bug(exc: Exception, what: str = "batch") -> CommitFailed:
+    """The failure of a batch that a bug (not a StorageError) ended: it names its cause, so
+    the drivers of its works treat it as a fault (NET-12)."""
+    failure = CommitFailed(f"{what} failed: {type(exc).__name__}")
+    failure.__cause__ = exc
+    return failure
 
 
 class _Handover:

@@ -683,8 +683,10 @@ class ConnectionDriver:
                 continue
             self._arm(deadline)
             self._parked = self._fast
-            await self._input.wait()
-            self._parked = False
+            try:
+                await self._input.wait()
+            finally:  # (also when cancelled: a turn in flight then submits no other)
+                self._parked = False
             if self._fast and not await self._settle():
                 return
             timer_due = self._timer_fired and not self._stopping
