@@ -4,7 +4,11 @@ One task reads and buffers whatever arrives (also while a commit runs); the main
 task hands everything buffered to the server's group commit (adapters/server/commit.py),
 sends what the core queued once it has committed, and arms the core's next deadline
 for a third task, the connection's one timer, which wakes it when that deadline is due
-(a deadline that passes while input never pauses is handled at the next batch). ``stop()`` ends the
+(a deadline that passes while input never pauses is handled at the next batch). Over a
+FastTLSStream, while the main task has nothing else to do, what arrives goes to the core
+as the stream decrypts it and the connection's turn straight to the group commit, whose
+batch's end sends the output (the batched path: see ``_consume`` and ``_turn_ended``);
+the main task is woken only for the rest. ``stop()`` ends the
 connection gracefully: requests already received have been answered (the
 application answers while the driver processes events), a GOAWAY goes out,
 and established sessions stay resumable on another connection.
