@@ -451,6 +451,17 @@ class ConnectionDriver:
         """The transport is gone: established sessions detach, the rest end (and are audited)."""
 
         def work() -> bytes:
+            # A submitted turn's batch that failed while the main loop could not deal with it
+            # (cancelled while parked or settling): it ran before this work, and its
+            # connection is abandoned, not detached (its reply caches hold uncommitted answers).
+            if isinstance(self._fast_failure, CommitFailed) and self.conn.failed is None:
+                log.error(
+                    "group commit failed; abandoning the connection from %s: %s",
+                    self.peer,
+                    self._fast_failure,
+                )
+                self._fast_failure = None
+                self.conn.abandon()
             if self.conn.failed is None:
                 self.conn.connection_lost()
             return self._process_events()

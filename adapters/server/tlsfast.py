@@ -88,7 +88,11 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
             records = self._decrypt(self.consumer_size)
             if records:
                 consumer(records)
-            if not (self._leftover or self._bad_record or self._eof or self._failure or self._halted):
+            # A decrypt that stopped at consumer_size may leave whole records in the BIO with
+            # no more data to come (the peer waits for an answer): the receiver takes them.
+            if len(records) < self.consumer_size and not (
+                self._leftover or self._bad_record or self._eof or self._failure or self._halted
+            ):
                 return  # (all taken, or a record not yet whole: the receiver sleeps on)
         self._wake()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,38 @@ async def test_a_send_waits_while_the_peer_reads_nothing_and_goes_on_when_it_rea
             tg.cancel_scope.cancel()
 
 
+async def test_whole_records_beyond_what_the_consumer_takes_reach_the_receiver(tmp_path):
+    """One socket read may bring more whole records than the consumer takes at once
+    (``consumer_size``): the rest must wake the receiver, not wait in the BIO for more data
+    that may never come (the peer waits for its answer: a 64 KiB STORE stalled until the
+    frame timeout)."""
+    async with _pair(tmp_path) as (server, client):
+        taken = bytearray()
+        server.consumer = taken.extend
+        server.consumer_size = 16384  # one whole record
+        sent = bytes(range(256)) * 200  # 51200 bytes: four records
+        client._ssl_object.write(sent)
+        ciphertext = client._write_bio.read()  # (delivered below in one piece, as one read brings)
+        received = bytearray()
+
+        async def reader() -> None:
+            while True:
+                received.extend(await server.receive(65536))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            with anyio.fail_after(5):
+                while server._waiter is None:
+                    await anyio.sleep(0.001)
+            server.data_received(ciphertext)
+            with anyio.fail_after(5):
+                while len(taken) + len(received) < len(sent):
+                    await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+        assert len(taken) == 16384
+        assert bytes(taken + received) == sent
+
+
 async def test_small_records_are_counted_and_a_spent_budget_stops_reading(tmp_path):
     async with _pair(tmp_path) as (server, client):
         told: list[int] = []
@@ -279,3 +313,69 @@ async def test_turns_over_the_fast_stream_go_to_the_group_commit_and_wait_for_it
             key_id = await fresh.generate()  # the server goes on serving
             assert [k.key_id for k in await fresh.list_keys()] == [key_id]
         assert runtime.connection_faults == 0
+
+
+async def test_a_submitted_turn_s_failed_batch_abandons_a_cancelled_driver(tmp_path, monkeypatch):
+    """The batch holding a parked connection's STORE fails at its commit while the driver is
+    cancelled (preempted to make room, or the shutdown grace is over): the connection must
+    be abandoned, not detached, so the client's resumption cannot fetch the uncommitted
+    answer from the reply cache (the STORE is not acknowledged)."""
+    submitted: list[int] = []
+    real_submit = GroupCommit.submit
+
+    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
+        submitted.append(1)
+        real_submit(self, work, finished)
+
+    monkeypatch.setattr(GroupCommit, "submit", submit)
+    async with running_server(tmp_path) as (runtime, pki):
+        storage, keyserver = runtime.storage, runtime.keyserver
+        monkeypatch.setattr(runtime.committer, "_loop_commits", None)  # (the commit waits in its thread)
+        real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
+        fail = {"armed": False, "store": False}
+        committing = threading.Event()
+
+        def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
+            if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
+                fail["armed"], fail["store"] = False, True
+            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
+
+        @contextlib.contextmanager
+        def failing_batch() -> Iterator[None]:
+            with real_batch():
+                yield
+                if fail["store"]:
+                    fail["store"] = False
+                    committing.set()
+                    time.sleep(0.3)  # (the driver is cancelled meanwhile)
+                    raise StorageError("disk full at commit")
+
+        monkeypatch.setattr(storage, "batch", failing_batch)
+        monkeypatch.setattr(keyserver, "answer", answer)
+        outcome: dict[str, object] = {}
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"fragile@example.org", PW)
+            session = await client.login(b"fragile@example.org", PW)
+            assert await session.list_keys() == []
+            (driver,) = runtime._drivers
+            before = len(submitted)
+            fail["armed"] = True
+
+            async def store() -> None:
+                try:
+                    outcome["key"] = await session.generate()
+                except KeymgmtError as exc:
+                    outcome["error"] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store)
+                with anyio.fail_after(10):
+                    while not committing.is_set():
+                        await anyio.sleep(0.005)
+                assert len(submitted) > before and driver._parked  # the batched path holds it
+                (slot,) = [s for slots in runtime._slots.values() for s in slots if s.driver is driver]
+                slot.scope.cancel()  # as _make_room does
+            assert "error" in outcome, outcome  # not acknowledged, not even after resuming
+            fresh = await client.login(b"fragile@example.org", PW)
+            assert await fresh.list_keys() == []
