@@ -379,3 +379,50 @@ async def test_a_submitted_turn_s_failed_batch_abandons_a_cancelled_driver(tmp_p
             assert "error" in outcome, outcome  # not acknowledged, not even after resuming
             fresh = await client.login(b"fragile@example.org", PW)
             assert await fresh.list_keys() == []
+
+
+async def _parked_session(
+    runtime: runtime_module.KeyServerRuntime, client: KeymgmtClient
+) -> tuple[Any, ConnectionDriver]:
+    """A logged-in session whose connection's driver is parked on the batched path."""
+    await client.register(b"fragile@example.org", PW)
+    session = await client.login(b"fragile@example.org", PW)
+    assert await session.list_keys() == []
+    (driver,) = runtime._drivers
+    with anyio.fail_after(10):
+        while not driver._parked:
+            await anyio.sleep(0.005)
+    return session, driver
+
+
+async def _driver_ended(runtime: runtime_module.KeyServerRuntime, driver: ConnectionDriver) -> None:
+    with anyio.fail_after(10):
+        while driver in runtime._drivers:
+            await anyio.sleep(0.01)
+
+
+async def test_an_exception_inside_data_received_is_a_fault(tmp_path, monkeypatch, caplog):
+    """The driver's code that FastTLSStream.data_received runs (records handed over as they
+    arrive) raises: a fault like one raised on the driver's main path (counted, logged, the
+    connection abandoned), not a transport asyncio closes that the server takes for a peer
+    that went away (sessions left resumable)."""
+    caplog.set_level(logging.INFO, logger="keymgmt.server")
+    async with running_server(tmp_path) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            session, driver = await _parked_session(runtime, client)
+
+            def boom() -> None:
+                raise RuntimeError("bug on the batched path")
+
+            monkeypatch.setattr(driver, "_arrived", boom)
+            with pytest.raises(KeymgmtError), anyio.fail_after(10):
+                await session.list_keys()
+            await _driver_ended(runtime, driver)
+            assert driver.faulted
+            assert runtime.connection_faults == 1
+            assert not [r for r in caplog.records if "broke" in r.getMessage()]
+            assert any("internal error" in r.getMessage() for r in caplog.records)
+            fresh = await client.login(b"fragile@example.org", PW)  # the server goes on serving
+            assert await fresh.list_keys() == []
+
