@@ -603,12 +603,20 @@ class ConnectionDriver:
         again, self._again = self._again, False
         try:
             self._send_submitted(work)
+            if self._parked:  # (else the main loop was woken, or just now: it takes over)
+                self._follow_up(again)
+        except Exception as exc:  # a bug: raised by the main loop as a fault (not lost here)
+            if self._fast_failure is None:
+                self._fast_failure = exc
+            self._signal()
         finally:
             settled, self._settled = self._settled, None
             if settled is not None:
                 settled.set()
-        if not self._parked:  # the main loop was woken (or just now): it takes over
-            return
+
+    def _follow_up(self, again: bool) -> None:
+        """After a submitted turn, while parked: wake the main loop for a failed connection
+        or a due deadline, else arm the timer and submit the next turn if input came."""
         conn = self.conn
         if conn.failed is not None:
             self._signal()

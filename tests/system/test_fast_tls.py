@@ -426,3 +426,22 @@ async def test_an_exception_inside_data_received_is_a_fault(tmp_path, monkeypatc
             fresh = await client.login(b"fragile@example.org", PW)  # the server goes on serving
             assert await fresh.list_keys() == []
 
+
+async def test_an_exception_after_a_submitted_turn_s_send_is_a_fault(tmp_path, monkeypatch):
+    """What follows the send at a submitted turn's end (the connection's next deadline, the
+    next turn) raises: a fault the main loop raises, not an exception the group commit logs
+    while the connection waits, parked, for input it already has or a timer never armed."""
+    async with running_server(tmp_path) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            session, driver = await _parked_session(runtime, client)
+
+            def boom(deadline: float) -> None:
+                raise RuntimeError("bug after the send")
+
+            monkeypatch.setattr(driver, "_arm", boom)
+            with contextlib.suppress(KeymgmtError), anyio.fail_after(10):
+                await session.list_keys()  # (answered, or cut by the fault that follows)
+            await _driver_ended(runtime, driver)
+            assert driver.faulted
+            assert runtime.connection_faults == 1
