@@ -120,6 +120,8 @@ class GroupCommit:
         self._thread = _CommitThread()
         #: The task leading batches of submitted works (see :meth:`submit`), while one does.
         self._leader: asyncio.Task[None] | None = None
+        #: The batch entered and not yet committed (rolled back if its leader dies).
+        self._open: AbstractContextManager[Any] | None = None
         #: Batches committed and failed so far (for tests and metrics).
         self.batches = 0
         self.failed_batches = 0
@@ -194,6 +196,51 @@ class GroupCommit:
             self._spawn_leader()
 
     async def _run_batch(self) -> None:
+        """Run one batch. Whatever the leader dies of (a cancellation, KeyboardInterrupt, a
+        bug that escapes), every work taken into the batch still ends (failed, its batch
+        rolled back) before that is raised; a submitted work that raised something that is
+        not an Exception (KeyboardInterrupt, SystemExit) ends as the others do and that is
+        then raised here, in the leader (its caller would have raised it; it has none)."""
+        items: list[Work[Any]] = []
+        try:
+            await self._run_works(items)
+        except BaseException as exc:
+            self._end_interrupted(items, exc)
+            raise
+        for item in items:
+            if item.turn is None and item.error is not None and not isinstance(item.error, Exception):
+                raise item.error
+
+    def _end_interrupted(self, items: list[Work[Any]], exc: BaseException) -> None:
+        """The leader died of ``exc`` inside a batch: roll back what it began and fail every
+        work in it that has not ended yet (a submitted work's ``finished`` is still called)."""
+        batch, self._open = self._open, None
+        if batch is not None:
+            try:
+                batch.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:  # (dying already: the storage's own rollback is all there is)
+                log.error("could not roll back an interrupted batch", exc_info=True)
+        failure = CommitFailed(f"batch interrupted: {type(exc).__name__}")
+        if isinstance(exc, Exception):  # a bug: the drivers of its works treat it as a fault
+            failure.__cause__ = exc
+        self.failed_batches += 1
+        log.error("group commit of %d works interrupted: %s", len(items), failure)
+        for item in items:
+            if not item.done:
+                item.failure = failure
+                item.done = True
+                if item.turn is not None:
+                    item.turn.set()
+        for item in items:
+            finished, item.finished = item.finished, None
+            if finished is not None:
+                try:
+                    finished(item)
+                except BaseException:
+                    log.error("a group commit work's completion failed", exc_info=True)
+
+    async def _run_works(self, items: list[Work[Any]]) -> None:
+        """The batch itself: takes the queue's works into ``items`` (see _run_batch)."""
         failure: StorageError | None = None
         seconds = 0.0
         begin = self._begin if self._batch is not None else None
@@ -206,11 +253,13 @@ class GroupCommit:
             failure = CommitFailed(str(exc))
         except Exception as exc:  # a bug: the batch's works must still all end (a fault each)
             failure = _bug(exc)
-        items, self._queue = self._queue, []
+        items.extend(self._queue)
+        self._queue = []
         batch = self._batch() if self._batch is not None and failure is None else None
         try:
             if batch is not None:
                 batch.__enter__()
+                self._open = batch  # (until its commit: rolled back if the leader dies first)
         except StorageError as exc:
             failure = CommitFailed(str(exc))
         except Exception as exc:
@@ -222,6 +271,7 @@ class GroupCommit:
                 except BaseException as exc:  # reaches the work's own caller, not the batch
                     item.error = exc
             if batch is not None:
+                self._open = None
                 started = time.perf_counter()
                 loop = self._loop_commits
                 if loop is not None and _on_loop(loop):
@@ -247,9 +297,10 @@ class GroupCommit:
             if item.turn is not None:
                 item.turn.set()
         for item in items:
-            if item.finished is not None:
+            finished, item.finished = item.finished, None  # (called once, also if interrupted)
+            if finished is not None:
                 try:
-                    item.finished(item)
+                    finished(item)
                 except Exception:  # its own failures are its own; the other works still end
                     log.error("a group commit work's completion failed", exc_info=True)
 
