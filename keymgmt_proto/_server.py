@@ -276,6 +276,8 @@ class SessionRegistry:
     def take_woken(self) -> list[ServerConnection]:
         """Connections whose output or deadlines another connection's work changed since
         the last call (a session moved away, expired, or got an answer there)."""
+        if not self._woken:  # (every driver asks after every batch; this is the usual answer)
+            return []
         woken = list(self._woken)
         self._woken.clear()
         return woken

@@ -43,7 +43,7 @@ import anyio
 
 from ..storage.base import StorageError
 
-__all__ = ["CommitFailed", "GroupCommit", "LoopCommits"]
+__all__ = ["CommitFailed", "GroupCommit", "LoopCommits", "Work"]
 
 log = logging.getLogger("keymgmt.server")
 
@@ -74,13 +74,18 @@ class CommitFailed(StorageError):
     ``__cause__`` is set when the commit raised something other than StorageError (a bug)."""
 
 
-class _Work(Generic[_T]):
-    __slots__ = ("call", "done", "error", "failure", "result", "turn")
+class Work(Generic[_T]):
+    """One storage work in the queue of a :class:`GroupCommit`, and how it went."""
 
-    def __init__(self, call: Callable[[], _T]) -> None:
+    __slots__ = ("call", "done", "error", "failure", "finished", "result", "turn")
+
+    def __init__(self, call: Callable[[], _T], finished: Callable[[Work[_T]], None] | None = None) -> None:
         self.call = call
-        #: Set when the batch has ended, or when this work's caller is to lead the next one.
-        self.turn = anyio.Event()
+        #: Set when the batch has ended, or when this work's caller is to lead the next one;
+        #: None for a work handed over by :meth:`GroupCommit.submit` (no task waits for it).
+        self.turn: anyio.Event | None = anyio.Event() if finished is None else None
+        #: Called on the event loop when the batch has ended (a submitted work).
+        self.finished = finished
         self.done = False
         self.result: _T | None = None
         self.error: BaseException | None = None
@@ -110,9 +115,13 @@ class GroupCommit:
         self._loop_commits = loop_commits
         #: Told of every batch: its number of works, its commit's seconds, whether it failed.
         self.observe = observe
-        self._queue: list[_Work[Any]] = []
+        self._queue: list[Work[Any]] = []
         self._leading = False
         self._thread = _CommitThread()
+        #: The task leading batches of submitted works (see :meth:`submit`), while one does.
+        self._leader: asyncio.Task[None] | None = None
+        #: The batch entered and not yet committed (rolled back if its leader dies).
+        self._open: AbstractContextManager[Any] | None = None
         #: Batches committed and failed so far (for tests and metrics).
         self.batches = 0
         self.failed_batches = 0
@@ -123,15 +132,17 @@ class GroupCommit:
         Raises :class:`CommitFailed` if the batch did not commit (the work's writes were
         rolled back; when the batch could not begin, ``work`` did not run), or what
         ``work`` raised (its earlier writes commit with the batch)."""
-        item: _Work[_T] = _Work(work)
+        item: Work[_T] = Work(work)
+        turn = item.turn
+        assert turn is not None
         self._queue.append(item)
         if self._leading:
             try:
-                await item.turn.wait()
+                await turn.wait()
             except BaseException:  # cancelled while waiting: never strand the lead
                 if item in self._queue:
                     self._queue.remove(item)
-                if item.turn.is_set() and not item.done:
+                if turn.is_set() and not item.done:
                     self._pass_lead()
                 raise
         else:
@@ -148,13 +159,88 @@ class GroupCommit:
             raise item.error
         return item.result  # type: ignore[return-value]
 
+    def submit(self, work: Callable[[], _T], finished: Callable[[Work[_T]], None]) -> None:
+        """Run ``work`` in the next batch without a task waiting for it (asyncio only): once
+        the batch has ended, ``finished`` is called on the event loop with the work, whose
+        ``failure`` (the batch did not commit), ``error`` (what ``work`` raised) or ``result``
+        tell how it went. The batches run as for :meth:`run`; when no caller of ``run`` leads
+        one, a task of the group commit's own does (one wake-up per batch, not per work)."""
+        self._queue.append(Work(work, finished))
+        if not self._leading:
+            self._leading = True
+            self._spawn_leader()
+
+    def _spawn_leader(self) -> None:
+        self._leader = asyncio.get_running_loop().create_task(self._lead())
+
+    async def _lead(self) -> None:
+        """Lead batches while the work at the head of the queue was submitted (no task of
+        its own waits to lead); then hand the lead to the next waiting caller, if any."""
+        try:
+            while True:
+                await self._run_batch()
+                if not self._queue or self._queue[0].turn is not None:
+                    break
+        finally:
+            self._leader = None
+            self._pass_lead()
+
     def _pass_lead(self) -> None:
-        if self._queue:
-            self._queue[0].turn.set()
-        else:
+        if not self._queue:
             self._leading = False
+            return
+        turn = self._queue[0].turn
+        if turn is not None:
+            turn.set()
+        else:
+            self._spawn_leader()
 
     async def _run_batch(self) -> None:
+        """Run one batch. Whatever the leader dies of (a cancellation, KeyboardInterrupt, a
+        bug that escapes), every work taken into the batch still ends (failed, its batch
+        rolled back) before that is raised; a submitted work that raised something that is
+        not an Exception (KeyboardInterrupt, SystemExit) ends as the others do and that is
+        then raised here, in the leader (its caller would have raised it; it has none)."""
+        items: list[Work[Any]] = []
+        try:
+            await self._run_works(items)
+        except BaseException as exc:
+            self._end_interrupted(items, exc)
+            raise
+        for item in items:
+            if item.turn is None and item.error is not None and not isinstance(item.error, Exception):
+                raise item.error
+
+    def _end_interrupted(self, items: list[Work[Any]], exc: BaseException) -> None:
+        """The leader died of ``exc`` inside a batch: roll back what it began and fail every
+        work in it that has not ended yet (a submitted work's ``finished`` is still called)."""
+        batch, self._open = self._open, None
+        if batch is not None:
+            try:
+                batch.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:  # (dying already: the storage's own rollback is all there is)
+                log.error("could not roll back an interrupted batch", exc_info=True)
+        failure = CommitFailed(f"batch interrupted: {type(exc).__name__}")
+        if isinstance(exc, Exception):  # a bug: the drivers of its works treat it as a fault
+            failure.__cause__ = exc
+        self.failed_batches += 1
+        log.error("group commit of %d works interrupted: %s", len(items), failure)
+        for item in items:
+            if not item.done:
+                item.failure = failure
+                item.done = True
+                if item.turn is not None:
+                    item.turn.set()
+        for item in items:
+            finished, item.finished = item.finished, None
+            if finished is not None:
+                try:
+                    finished(item)
+                except BaseException:
+                    log.error("a group commit work's completion failed", exc_info=True)
+
+    async def _run_works(self, items: list[Work[Any]]) -> None:
+        """The batch itself: takes the queue's works into ``items`` (see _run_batch)."""
         failure: StorageError | None = None
         seconds = 0.0
         begin = self._begin if self._batch is not None else None
@@ -165,13 +251,19 @@ class GroupCommit:
                 await self._thread.run(partial(begin, True))
         except StorageError as exc:
             failure = CommitFailed(str(exc))
-        items, self._queue = self._queue, []
+        except Exception as exc:  # a bug: the batch's works must still all end (a fault each)
+            failure = _bug(exc)
+        items.extend(self._queue)
+        self._queue = []
         batch = self._batch() if self._batch is not None and failure is None else None
         try:
             if batch is not None:
                 batch.__enter__()
+                self._open = batch  # (until its commit: rolled back if the leader dies first)
         except StorageError as exc:
             failure = CommitFailed(str(exc))
+        except Exception as exc:
+            failure = _bug(exc)
         if failure is None:
             for item in items:
                 try:
@@ -179,6 +271,7 @@ class GroupCommit:
                 except BaseException as exc:  # reaches the work's own caller, not the batch
                     item.error = exc
             if batch is not None:
+                self._open = None
                 started = time.perf_counter()
                 loop = self._loop_commits
                 if loop is not None and _on_loop(loop):
@@ -201,7 +294,15 @@ class GroupCommit:
         for item in items:
             item.failure = failure
             item.done = True
-            item.turn.set()
+            if item.turn is not None:
+                item.turn.set()
+        for item in items:
+            finished, item.finished = item.finished, None  # (called once, also if interrupted)
+            if finished is not None:
+                try:
+                    finished(item)
+                except Exception:  # its own failures are its own; the other works still end
+                    log.error("a group commit work's completion failed", exc_info=True)
 
 
 def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:
@@ -230,10 +331,16 @@ def _failure_of(call: Callable[..., object], *args: object) -> StorageError | No
     except StorageError as exc:
         return CommitFailed(str(exc))
     except Exception as exc:  # a bug in a storage: the batch's works must still all end
-        failure = CommitFailed(f"commit failed: {type(exc).__name__}")
-        failure.__cause__ = exc  # their drivers treat it as a fault (NET-12)
-        return failure
+        return _bug(exc, "commit")
     return None
+
+
+def _bug(exc: Exception, what: str = "batch") -> CommitFailed:
+    """The failure of a batch that a bug (not a StorageError) ended: it names its cause, so
+    the drivers of its works treat it as a fault (NET-12)."""
+    failure = CommitFailed(f"{what} failed: {type(exc).__name__}")
+    failure.__cause__ = exc
+    return failure
 
 
 class _Handover:

@@ -4,7 +4,11 @@ One task reads and buffers whatever arrives (also while a commit runs); the main
 task hands everything buffered to the server's group commit (adapters/server/commit.py),
 sends what the core queued once it has committed, and arms the core's next deadline
 for a third task, the connection's one timer, which wakes it when that deadline is due
-(a deadline that passes while input never pauses is handled at the next batch). ``stop()`` ends the
+(a deadline that passes while input never pauses is handled at the next batch). Over a
+FastTLSStream, while the main task has nothing else to do, what arrives goes to the core
+as the stream decrypts it and the connection's turn straight to the group commit, whose
+batch's end sends the output (the batched path: see ``_consume`` and ``_turn_ended``);
+the main task is woken only for the rest. ``stop()`` ends the
 connection gracefully: requests already received have been answered (the
 application answers while the driver processes events), a GOAWAY goes out,
 and established sessions stay resumable on another connection.
@@ -39,7 +43,7 @@ from keymgmt_proto import (
 )
 
 from ..websocket import WebSocketStream
-from .commit import CommitFailed, GroupCommit
+from .commit import CommitFailed, GroupCommit, Work
 from .metrics import ServerMetrics
 from .tlsfast import FastTLSStream
 
@@ -203,6 +207,30 @@ class ConnectionDriver:
         if isinstance(stream, WebSocketStream | FastTLSStream):
             stream.on_small_input = self._small_input
             self._count_reads = False
+        #: The batched path, over a FastTLSStream (asyncio): while the main loop waits with
+        #: nothing to do (``_parked``), the reader hands each arrival's turn straight to the
+        #: group commit (GroupCommit.submit) and the output goes out when that batch has
+        #: committed, from the batch's end: no wake-up of the main loop, no cancel scope and
+        #: no event of its own per batch. Anything else (a wake, a stop, a timer, EOF, a
+        #: failure, a send that must wait) wakes the main loop, which takes over as before.
+        self._fast = isinstance(stream, FastTLSStream)
+        #: The stream hands records to _consume as they arrive, while the reader waits.
+        self._consumer: FastTLSStream | None = None
+        if isinstance(stream, FastTLSStream):
+            self._consumer = stream
+            stream.consumer_size = receive_size
+            stream.consumer = self._consume
+        self._parked = False
+        #: A submitted turn has not ended yet / has not run yet / input came after it ran.
+        self._in_flight = False
+        self._queued = False
+        self._again = False
+        #: Set when the submitted turn in flight ends (the main loop waits for it).
+        self._settled: anyio.Event | None = None
+        #: What the main loop must deal with from a submitted turn: the batch's failure or
+        #: an exception (the work's, or the stream's on send); a send that must wait to drain.
+        self._fast_failure: Exception | None = None
+        self._drain_owed = False
         _DRIVERS[self.conn] = self
 
     def warn(
@@ -242,18 +270,23 @@ class ConnectionDriver:
         TLS records; a FastTLSStream's TLS records); True once the connection's budget has run
         out (it need read nothing more)."""
         if self.conn.note_small_input(pieces, self.clock()):
-            self._input.set()  # the next batch ends the connection
+            self._signal()  # the next batch ends the connection
             return True
         return False
 
     def wake(self) -> None:
         """Another connection changed this one (a session moved away, or an answer for a
         session now here was queued): send its output and recompute its timer now."""
-        self._input.set()
+        self._signal()
 
     def stop(self) -> None:
         """Finish what was received, say GOAWAY and close (graceful shutdown)."""
         self._stopping = True
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the main loop for another batch (and end the batched path until it parks)."""
+        self._parked = False
         self._input.set()
 
     def _run_app(self, event: Event) -> None:
@@ -272,15 +305,20 @@ class ConnectionDriver:
             try:
                 return await self.committer.run(work)
             except CommitFailed as exc:
-                if exc.__cause__ is not None:  # not a storage failure but a bug: a fault
-                    raise exc.__cause__ from None
-                log.error("group commit failed; abandoning the connection from %s: %s", self.peer, exc)
-                try:
-                    await self.committer.run(self._abandon)
-                except CommitFailed:
-                    log.error("could not end the sessions of the connection from %s", self.peer)
+                await self._committed_nothing(exc)
                 return None
         return None  # (a shielded scope is never cancelled)
+
+    async def _committed_nothing(self, exc: CommitFailed) -> None:
+        """A batch holding this connection's work failed (the caller shields this): a bug is
+        raised as a fault, a storage failure abandons the connection."""
+        if exc.__cause__ is not None:  # not a storage failure but a bug: a fault
+            raise exc.__cause__ from None
+        log.error("group commit failed; abandoning the connection from %s: %s", self.peer, exc)
+        try:
+            await self.committer.run(self._abandon)
+        except CommitFailed:
+            log.error("could not end the sessions of the connection from %s", self.peer)
 
     def _abandon(self, reason: str = "server storage failure") -> bytes:
         self.conn.abandon(reason)
@@ -353,8 +391,11 @@ class ConnectionDriver:
         """One batch's work for this connection: the input buffered so far, the timers that
         are due, a graceful close when stopping."""
         conn = self.conn
+        if self._unprocessed >= self.max_unprocessed:  # (only then does the reader wait for room)
+            self._room.set()
         self._unprocessed = 0
-        self._room.set()
+        if self._consumer is not None and self._reader_failure is None:
+            self._consumer.consumer = self._consume
         if timer_due:
             now = self.clock()
             conn.handle_timer(now)
@@ -410,6 +451,17 @@ class ConnectionDriver:
         """The transport is gone: established sessions detach, the rest end (and are audited)."""
 
         def work() -> bytes:
+            # A submitted turn's batch that failed while the main loop could not deal with it
+            # (cancelled while parked or settling): it ran before this work, and its
+            # connection is abandoned, not detached (its reply caches hold uncommitted answers).
+            if isinstance(self._fast_failure, CommitFailed) and self.conn.failed is None:
+                log.error(
+                    "group commit failed; abandoning the connection from %s: %s",
+                    self.peer,
+                    self._fast_failure,
+                )
+                self._fast_failure = None
+                self.conn.abandon()
             if self.conn.failed is None:
                 self.conn.connection_lost()
             return self._process_events()
@@ -449,8 +501,7 @@ class ConnectionDriver:
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 data = b""
             except Exception as exc:  # raised by the main loop as a fault
-                self._reader_failure = exc
-                self._input.set()
+                self._reader_failed(exc)
                 return
             try:
                 now = self.clock()
@@ -458,11 +509,13 @@ class ConnectionDriver:
                 spent = small and conn.note_small_input(1, now)
                 conn.receive_data(data, now)
             except Exception as exc:
-                self._reader_failure = exc
-                self._input.set()
+                self._reader_failed(exc)
                 return
             self._unprocessed += len(data)
-            self._input.set()
+            if data and self._parked:
+                self._arrived()
+            else:
+                self._signal()
             if not data:
                 return
             if spent:  # the budget for unproductive input ran out: the next batch ends it
@@ -473,19 +526,155 @@ class ConnectionDriver:
         (the connection is then dropped). A FastTLSStream that takes it at once needs no
         timeout (no cancel scope, no timer)."""
         stream = self.stream
+        if isinstance(stream, FastTLSStream):
+            return stream.send_nowait(output) or await self._drain()
         try:
-            if isinstance(stream, FastTLSStream):
-                if stream.send_nowait(output):
-                    return True
-                with anyio.fail_after(self.send_timeout):
-                    await stream.drain()
-            else:
-                with anyio.fail_after(self.send_timeout):
-                    await stream.send(output)
+            with anyio.fail_after(self.send_timeout):
+                await stream.send(output)
         except TimeoutError:
-            log.info("connection from %s dropped: it stopped reading", self.peer)
-            self._stuck = True
+            return self._dropped()
+        return True
+
+    async def _drain(self) -> bool:
+        """Wait for the FastTLSStream to drain; False if that took longer than ``send_timeout``."""
+        assert isinstance(self.stream, FastTLSStream)
+        try:
+            with anyio.fail_after(self.send_timeout):
+                await self.stream.drain()
+        except TimeoutError:
+            return self._dropped()
+        return True
+
+    def _dropped(self) -> bool:
+        log.info("connection from %s dropped: it stopped reading", self.peer)
+        self._stuck = True
+        return False
+
+    # ---------------------------------------------------------------- the batched path
+
+    def _consume(self, data: bytes) -> None:
+        """Records the FastTLSStream decrypted as they arrived, while the reader waits: what
+        the reader does with what it receives, without its wake-up. Past ``max_unprocessed``
+        the stream is told to stop (the reader takes over and waits for room); a batch's
+        turn tells it to go on."""
+        stream = self._consumer
+        assert stream is not None
+        try:
+            self.conn.receive_data(data, self.clock())
+        except Exception as exc:
+            self._reader_failed(exc)
+            return
+        self._unprocessed += len(data)
+        if self._unprocessed >= self.max_unprocessed:
+            stream.consumer = None
+        if self._parked:
+            self._arrived()
+        else:
+            self._signal()
+
+    def _reader_failed(self, exc: Exception) -> None:
+        """Receiving failed (raised by the main loop as a fault): nothing more is taken in."""
+        if self._consumer is not None:
+            self._consumer.consumer = None
+        self._reader_failure = exc
+        self._signal()
+
+    def _arrived(self) -> None:
+        """Input arrived while the main loop is parked: a turn for it in the next batch."""
+        if not self._in_flight:
+            self._submit()
+        elif not self._queued:  # the turn in flight ran before this input: another follows
+            self._again = True
+
+    def _submit(self) -> None:
+        self._in_flight = self._queued = True
+        self._again = False
+        self.committer.submit(self._submitted_turn, self._turn_ended)
+
+    def _submitted_turn(self) -> bytes:
+        self._queued = False
+        return self._turn(False)
+
+    def _turn_ended(self, work: Work[bytes]) -> None:
+        """A submitted turn's batch has ended (called on the loop, at the batch's end): send
+        its output if it committed, then arm the timer and submit the next turn if input came
+        meanwhile, or wake the main loop for anything else."""
+        self._in_flight = False
+        again, self._again = self._again, False
+        try:
+            self._send_submitted(work)
+            if self._parked:  # (else the main loop was woken, or just now: it takes over)
+                self._follow_up(again)
+        except Exception as exc:  # a bug: raised by the main loop as a fault (not lost here)
+            if self._fast_failure is None:
+                self._fast_failure = exc
+            self._signal()
+        finally:
+            settled, self._settled = self._settled, None
+            if settled is not None:
+                settled.set()
+
+    def _follow_up(self, again: bool) -> None:
+        """After a submitted turn, while parked: wake the main loop for a failed connection
+        or a due deadline, else arm the timer and submit the next turn if input came."""
+        conn = self.conn
+        if conn.failed is not None:
+            self._signal()
+            return
+        hint = conn.timer_hint()
+        registry = self.registry.get_timer()
+        deadline = math.inf if hint is None else hint
+        if registry is not None and registry < deadline:
+            deadline = registry
+        if deadline <= self.clock():
+            self._timer_fired = True
+            self._signal()
+            return
+        self._arm(deadline)
+        if again:
+            self._submit()
+
+    def _send_submitted(self, work: Work[bytes]) -> None:
+        failure = work.failure if work.failure is not None else work.error
+        if failure is not None:  # nothing of it is sent; the main loop deals with it
+            self._fast_failure = failure if isinstance(failure, Exception) else RuntimeError(failure)
+            self._signal()
+            return
+        output = work.result
+        if not output:
+            return
+        assert isinstance(self.stream, FastTLSStream)
+        try:
+            sent = self.stream.send_nowait(output)
+        except Exception as exc:  # the stream is broken or closed: raised by the main loop
+            self._fast_failure = exc
+            self._signal()
+            return
+        if not sent:  # the transport holds too much: the main loop waits for it to drain
+            self._drain_owed = True
+            self._signal()
+
+    async def _settle(self) -> bool:
+        """The main loop woke while parked: wait for a submitted turn still in flight and
+        deal with what it left (a failed batch, a fault, a send that must drain); False if
+        the connection ends."""
+        if self._in_flight:
+            settled = self._settled = anyio.Event()
+            await settled.wait()
+        failure, self._fast_failure = self._fast_failure, None
+        if isinstance(failure, CommitFailed):
+            with anyio.CancelScope(shield=True):
+                await self._committed_nothing(failure)
+        elif failure is not None:
+            raise failure
+        if self._drain_owed:
+            self._drain_owed = False
+            if not await self._drain():
+                return False
+        if self.conn.failed is not None:
             return False
+        if self._reader_failure is not None:
+            raise self._reader_failure
         return True
 
     async def _loop(self) -> None:
@@ -516,7 +705,13 @@ class ConnectionDriver:
                 timer_due = not self._stopping
                 continue
             self._arm(deadline)
-            await self._input.wait()
+            self._parked = self._fast
+            try:
+                await self._input.wait()
+            finally:  # (also when cancelled: a turn in flight then submits no other)
+                self._parked = False
+            if self._fast and not await self._settle():
+                return
             timer_due = self._timer_fired and not self._stopping
             self._timer_fired = False
 
@@ -545,7 +740,7 @@ class ConnectionDriver:
             if self._deadline <= self.clock():  # (not moved later meanwhile)
                 self._deadline = math.inf  # until the loop arms the next one
                 self._timer_fired = True
-                self._input.set()
+                self._signal()
 
 
 async def serve_stream(

@@ -66,9 +66,17 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         self._bad_record: ssl.SSLError | None = None  # the TLS layer's: nothing more is read
         self._closed = False
         self._halted = False
+        #: What the consumer raised from data_received (receive() raises it).
+        self._consumer_failure: Exception | None = None
         #: Told how many small records arrived in one receive (see the module docstring);
         #: True from it means the connection is ending: nothing more is read.
         self.on_small_input: Callable[[int], bool] | None = None
+        #: While a ``receive()`` waits, the records that arrive are decrypted at once (up to
+        #: ``consumer_size`` bytes) and handed to this instead of waking the receiver (the
+        #: driver's batched path: no task wake-up per arrival). Whatever else happens (the
+        #: end, a broken record, more than it took) still wakes the receiver.
+        self.consumer: Callable[[bytes], None] | None = None
+        self.consumer_size = 65536
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -77,6 +85,26 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         if self._incoming.pending > _READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
+        consumer, waiter = self.consumer, self._waiter
+        if consumer is not None and waiter is not None and not waiter.done() and not self._halted:
+            try:
+                records = self._decrypt(self.consumer_size)
+                if records:
+                    consumer(records)
+            except Exception as exc:
+                # The driver's (or the core's) bug, raised in asyncio's callback: asyncio
+                # would close the transport and the driver see only a broken stream. Nothing
+                # more is handed over; receive() raises it, a fault like any other.
+                self.consumer = None
+                self._consumer_failure = exc
+                self._wake()
+                return
+            # A decrypt that stopped at consumer_size may leave whole records in the BIO with
+            # no more data to come (the peer waits for an answer): the receiver takes them.
+            if len(records) < self.consumer_size and not (
+                self._leftover or self._bad_record or self._eof or self._failure or self._halted
+            ):
+                return  # (all taken, or a record not yet whole: the receiver sleeps on)
         self._wake()
 
     def eof_received(self) -> bool:
@@ -119,6 +147,8 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                 await anyio.sleep_forever()
             if self._closed:
                 raise anyio.ClosedResourceError
+            if self._consumer_failure is not None:
+                raise self._consumer_failure
             data = self._decrypt(max_bytes)
             if data:
                 return data

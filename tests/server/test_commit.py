@@ -275,3 +275,143 @@ async def test_a_batch_that_waits_for_another_process_s_write_lock_waits_off_the
     assert commit.batches == 1 and storage.syncs == 1
     other.close()
     storage.close()
+
+
+async def test_submitted_works_end_after_their_commit_in_batches_their_own_task_leads(anyio_backend):
+    """GroupCommit.submit (asyncio): no task waits for the work; ``finished`` is called once
+    its batch has committed (not before), with its result. The works submitted while a
+    commit runs share the next batch with the callers of ``run`` waiting meanwhile, and a
+    caller of ``run`` finds the lead free afterwards."""
+    if anyio_backend != "asyncio":
+        return  # (the batched path is asyncio's only)
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    ended: list[tuple[str, object, object]] = []
+
+    def finished(work) -> None:
+        assert recorder.current is None, "finished before its batch committed"
+        ended.append((work.result, work.failure, work.error))
+
+    recorder.hold.clear()
+    commit.submit(recorder.work("a"), finished)
+    await _wait_holding(recorder)
+    assert ended == []  # its commit is held
+    commit.submit(recorder.work("b"), finished)
+    results: dict[str, str] = {}
+
+    async def run(name: str) -> None:
+        results[name] = await commit.run(recorder.work(name))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "c")
+        await anyio.sleep(0.01)
+        commit.submit(recorder.work("d"), finished)
+        recorder.hold.set()
+    with anyio.fail_after(10):
+        while len(ended) < 3:
+            await anyio.sleep(0.001)
+    assert ended == [("A", None, None), ("B", None, None), ("D", None, None)]
+    assert results == {"c": "C"}
+    assert [sorted(b) for b in recorder.batches] == [["a"], ["b", "c", "d"]]
+    with anyio.fail_after(5):
+        assert await commit.run(recorder.work("e")) == "E"
+
+
+async def test_a_batch_whose_begin_raises_a_bug_ends_every_work_in_it(anyio_backend):
+    """A begin that raises something other than StorageError (a bug) fails the batch for
+    every work in it, naming its cause (their drivers treat it as a fault), submitted works
+    included: none is left waiting, and no leader retries them forever."""
+    calls = {"begin": 0}
+
+    def begin(wait: bool) -> bool:
+        calls["begin"] += 1
+        if calls["begin"] == 1:
+            raise RuntimeError("bug in begin")
+        return True
+
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch, begin=begin)
+    with pytest.raises(CommitFailed) as raised:
+        await commit.run(recorder.work("a"))
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert recorder.batches == []  # the work did not run
+    assert await commit.run(recorder.work("b")) == "B"
+    if anyio_backend == "asyncio":
+        calls["begin"] = 0
+        ended: list[object] = []
+        commit.submit(recorder.work("c"), lambda work: ended.append(work.failure))
+        with anyio.fail_after(10):
+            while not ended:
+                await anyio.sleep(0.001)
+        (failure,) = ended
+        assert isinstance(failure, CommitFailed) and isinstance(failure.__cause__, RuntimeError)
+        assert calls["begin"] == 1
+
+
+class _Fatal(BaseException):
+    """Not an Exception (as KeyboardInterrupt or SystemExit, which asyncio would raise out
+    of the test's own event loop)."""
+
+
+async def _ended(ended: list, count: int) -> None:
+    with anyio.fail_after(10):
+        while len(ended) < count:
+            await anyio.sleep(0.001)
+
+
+async def test_a_leader_that_dies_in_a_batch_still_ends_every_work_in_it(anyio_backend):
+    """The task leading a batch of submitted works dies of something that is not an
+    Exception (here in the commit): every work of the batch still ends, failed (nothing of
+    it committed), before the leader's death is raised; the group commit goes on."""
+    if anyio_backend != "asyncio":
+        return  # (the batched path is asyncio's only)
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    ended: list[tuple[object, object]] = []
+    recorder.hold.clear()
+    recorder.fail_next = _Fatal()
+    commit.submit(recorder.work("a"), lambda work: ended.append((work.failure, work.error)))
+    leader = commit._leader
+    assert leader is not None
+    await _wait_holding(recorder)
+    commit.submit(recorder.work("b"), lambda work: ended.append((work.failure, work.error)))
+    recorder.hold.set()
+    await _ended(ended, 1)
+    ((failure, error),) = ended[:1]
+    assert isinstance(failure, CommitFailed) and error is None
+    with pytest.raises(_Fatal), anyio.fail_after(10):
+        await leader
+    await _ended(ended, 2)  # the next batch is led by another task
+    assert ended[1] == (None, None)
+    assert await commit.run(recorder.work("c")) == "C"
+    assert commit.failed_batches == 1
+
+
+async def test_a_submitted_work_that_raises_a_base_exception_ends_and_it_is_raised(anyio_backend):
+    """A submitted work raises something that is not an Exception (KeyboardInterrupt): it
+    has no caller to raise it, so once every work of its batch has its outcome the leader
+    raises it, instead of it ending as one work's error and nothing more."""
+    if anyio_backend != "asyncio":
+        return
+    recorder = Recorder()
+    commit = GroupCommit(recorder.batch)
+    ended: list[tuple[object, object, object]] = []
+
+    def interrupted() -> str:
+        raise _Fatal
+
+    def finished(work) -> None:
+        ended.append((work.result, work.failure, type(work.error)))
+
+    recorder.hold.clear()
+    commit.submit(recorder.work("a"), finished)
+    leader = commit._leader  # (it leads the batches of the submitted works that follow)
+    assert leader is not None
+    await _wait_holding(recorder)
+    commit.submit(interrupted, finished)
+    commit.submit(recorder.work("b"), finished)
+    recorder.hold.set()
+    with pytest.raises(_Fatal), anyio.fail_after(10):
+        await leader
+    assert ended == [("A", None, type(None)), (None, None, _Fatal), ("B", None, type(None))]
+    assert await commit.run(recorder.work("c")) == "C"

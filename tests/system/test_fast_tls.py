@@ -6,24 +6,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import SocketStream
 from anyio.streams.tls import TLSStream
 
-from keymgmt.adapters.client.async_client import KeymgmtClient
+from keymgmt.adapters.client.async_client import KeymgmtClient, KeymgmtError
 from keymgmt.adapters.client.connect import tls_connector
 from keymgmt.adapters.server import runtime as runtime_module
 from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.server.commit import GroupCommit
 from keymgmt.adapters.server.driver import ConnectionDriver
 from keymgmt.adapters.server.tlsfast import FastTLSStream, take_over
+from keymgmt.adapters.storage.base import StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt.adapters.testing.streams import memory_stream_pair
 from keymgmt.adapters.tls import client_context, generate_dev_pki, server_context
-from keymgmt_proto import FrameType, ServerConfig, SessionRegistry, encode_portable
+from keymgmt_proto import FrameType, Op, ServerConfig, SessionRegistry, encode_portable
 from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart, encode_frame
 
 from ..support.keyserver_world import SETUP
@@ -169,6 +174,38 @@ async def test_a_send_waits_while_the_peer_reads_nothing_and_goes_on_when_it_rea
             tg.cancel_scope.cancel()
 
 
+async def test_whole_records_beyond_what_the_consumer_takes_reach_the_receiver(tmp_path):
+    """One socket read may bring more whole records than the consumer takes at once
+    (``consumer_size``): the rest must wake the receiver, not wait in the BIO for more data
+    that may never come (the peer waits for its answer: a 64 KiB STORE stalled until the
+    frame timeout)."""
+    async with _pair(tmp_path) as (server, client):
+        taken = bytearray()
+        server.consumer = taken.extend
+        server.consumer_size = 16384  # one whole record
+        sent = bytes(range(256)) * 200  # 51200 bytes: four records
+        client._ssl_object.write(sent)
+        ciphertext = client._write_bio.read()  # (delivered below in one piece, as one read brings)
+        received = bytearray()
+
+        async def reader() -> None:
+            while True:
+                received.extend(await server.receive(65536))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            with anyio.fail_after(5):
+                while server._waiter is None:
+                    await anyio.sleep(0.001)
+            server.data_received(ciphertext)
+            with anyio.fail_after(5):
+                while len(taken) + len(received) < len(sent):
+                    await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+        assert len(taken) == 16384
+        assert bytes(taken + received) == sent
+
+
 async def test_small_records_are_counted_and_a_spent_budget_stops_reading(tmp_path):
     async with _pair(tmp_path) as (server, client):
         told: list[int] = []
@@ -228,3 +265,183 @@ async def test_a_peer_that_stops_reading_is_dropped_over_the_fast_stream(tmp_pat
                 tg.cancel_scope.cancel()
     assert any("stopped reading" in r.getMessage() for r in caplog.records)
     storage.close()
+
+
+async def test_turns_over_the_fast_stream_go_to_the_group_commit_and_wait_for_it(tmp_path, monkeypatch):
+    """Over a FastTLSStream a parked connection's turns are handed to the group commit
+    (GroupCommit.submit) and their output is sent from the batch's end. The batch holding
+    a STORE fails at its commit: the store must not be acknowledged (not even after the
+    client reconnects and resumes), and the server must go on serving."""
+    submitted: list[int] = []
+    real_submit = GroupCommit.submit
+
+    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
+        submitted.append(1)
+        real_submit(self, work, finished)
+
+    monkeypatch.setattr(GroupCommit, "submit", submit)
+    async with running_server(tmp_path) as (runtime, pki):
+        storage, keyserver = runtime.storage, runtime.keyserver
+        real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
+        fail = {"armed": True, "store": False}  # (the first store only)
+
+        def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
+            if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
+                fail["armed"], fail["store"] = False, True
+            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
+
+        @contextlib.contextmanager
+        def failing_batch() -> Iterator[None]:
+            with real_batch():
+                yield
+                if fail["store"]:
+                    fail["store"] = False
+                    raise StorageError("disk full at commit")
+
+        monkeypatch.setattr(storage, "batch", failing_batch)
+        monkeypatch.setattr(keyserver, "answer", answer)
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"fragile@example.org", PW)
+            session = await client.login(b"fragile@example.org", PW)
+            assert await session.list_keys() == []
+            assert submitted  # the batched path ran
+            with pytest.raises(KeymgmtError), anyio.fail_after(10):
+                await session.generate()
+            fresh = await client.login(b"fragile@example.org", PW)
+            assert await fresh.list_keys() == []
+            key_id = await fresh.generate()  # the server goes on serving
+            assert [k.key_id for k in await fresh.list_keys()] == [key_id]
+        assert runtime.connection_faults == 0
+
+
+async def test_a_submitted_turn_s_failed_batch_abandons_a_cancelled_driver(tmp_path, monkeypatch):
+    """The batch holding a parked connection's STORE fails at its commit while the driver is
+    cancelled (preempted to make room, or the shutdown grace is over): the connection must
+    be abandoned, not detached, so the client's resumption cannot fetch the uncommitted
+    answer from the reply cache (the STORE is not acknowledged)."""
+    submitted: list[int] = []
+    real_submit = GroupCommit.submit
+
+    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
+        submitted.append(1)
+        real_submit(self, work, finished)
+
+    monkeypatch.setattr(GroupCommit, "submit", submit)
+    async with running_server(tmp_path) as (runtime, pki):
+        storage, keyserver = runtime.storage, runtime.keyserver
+        monkeypatch.setattr(runtime.committer, "_loop_commits", None)  # (the commit waits in its thread)
+        real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
+        fail = {"armed": False, "store": False}
+        committing = threading.Event()
+
+        def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
+            if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
+                fail["armed"], fail["store"] = False, True
+            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
+
+        @contextlib.contextmanager
+        def failing_batch() -> Iterator[None]:
+            with real_batch():
+                yield
+                if fail["store"]:
+                    fail["store"] = False
+                    committing.set()
+                    time.sleep(0.3)  # (the driver is cancelled meanwhile)
+                    raise StorageError("disk full at commit")
+
+        monkeypatch.setattr(storage, "batch", failing_batch)
+        monkeypatch.setattr(keyserver, "answer", answer)
+        outcome: dict[str, object] = {}
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            await client.register(b"fragile@example.org", PW)
+            session = await client.login(b"fragile@example.org", PW)
+            assert await session.list_keys() == []
+            (driver,) = runtime._drivers
+            before = len(submitted)
+            fail["armed"] = True
+
+            async def store() -> None:
+                try:
+                    outcome["key"] = await session.generate()
+                except KeymgmtError as exc:
+                    outcome["error"] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store)
+                with anyio.fail_after(10):
+                    while not committing.is_set():
+                        await anyio.sleep(0.005)
+                assert len(submitted) > before and driver._parked  # the batched path holds it
+                (slot,) = [s for slots in runtime._slots.values() for s in slots if s.driver is driver]
+                slot.scope.cancel()  # as _make_room does
+            assert "error" in outcome, outcome  # not acknowledged, not even after resuming
+            fresh = await client.login(b"fragile@example.org", PW)
+            assert await fresh.list_keys() == []
+
+
+async def _parked_session(
+    runtime: runtime_module.KeyServerRuntime, client: KeymgmtClient
+) -> tuple[Any, ConnectionDriver]:
+    """A logged-in session whose connection's driver is parked on the batched path."""
+    await client.register(b"fragile@example.org", PW)
+    session = await client.login(b"fragile@example.org", PW)
+    assert await session.list_keys() == []
+    (driver,) = runtime._drivers
+    with anyio.fail_after(10):
+        while not driver._parked:
+            await anyio.sleep(0.005)
+    return session, driver
+
+
+async def _driver_ended(runtime: runtime_module.KeyServerRuntime, driver: ConnectionDriver) -> None:
+    with anyio.fail_after(10):
+        while driver in runtime._drivers:
+            await anyio.sleep(0.01)
+
+
+async def test_an_exception_inside_data_received_is_a_fault(tmp_path, monkeypatch, caplog):
+    """The driver's code that FastTLSStream.data_received runs (records handed over as they
+    arrive) raises: a fault like one raised on the driver's main path (counted, logged, the
+    connection abandoned), not a transport asyncio closes that the server takes for a peer
+    that went away (sessions left resumable)."""
+    caplog.set_level(logging.INFO, logger="keymgmt.server")
+    async with running_server(tmp_path) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            session, driver = await _parked_session(runtime, client)
+
+            def boom() -> None:
+                raise RuntimeError("bug on the batched path")
+
+            monkeypatch.setattr(driver, "_arrived", boom)
+            with pytest.raises(KeymgmtError), anyio.fail_after(10):
+                await session.list_keys()
+            await _driver_ended(runtime, driver)
+            assert driver.faulted
+            assert runtime.connection_faults == 1
+            assert not [r for r in caplog.records if "broke" in r.getMessage()]
+            assert any("internal error" in r.getMessage() for r in caplog.records)
+            fresh = await client.login(b"fragile@example.org", PW)  # the server goes on serving
+            assert await fresh.list_keys() == []
+
+
+async def test_an_exception_after_a_submitted_turn_s_send_is_a_fault(tmp_path, monkeypatch):
+    """What follows the send at a submitted turn's end (the connection's next deadline, the
+    next turn) raises: a fault the main loop raises, not an exception the group commit logs
+    while the connection waits, parked, for input it already has or a timer never armed."""
+    async with running_server(tmp_path) as (runtime, pki):
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
+        async with KeymgmtClient(connect) as client:
+            session, driver = await _parked_session(runtime, client)
+
+            def boom(deadline: float) -> None:
+                raise RuntimeError("bug after the send")
+
+            monkeypatch.setattr(driver, "_arm", boom)
+            with contextlib.suppress(KeymgmtError), anyio.fail_after(10):
+                await session.list_keys()  # (answered, or cut by the fault that follows)
+            await _driver_ended(runtime, driver)
+            assert driver.faulted
+            assert runtime.connection_faults == 1
