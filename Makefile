@@ -29,8 +29,9 @@ typecheck: $(STAMP)
 ## The suite on every core (pytest-xdist): most of its time is spent waiting on server and CLI
 ## processes, so one worker per core about halves it. Tests that build web/ in place share one
 ## worker (tests/conftest.py). TEST_WORKERS=0 runs it in one process, as plain `pytest` does.
-## Tests marked serial (timing probes) run afterwards, alone.
-TEST_WORKERS ?= auto
+## Tests marked serial (timing probes) run afterwards, alone. One worker per core, at most 4:
+## only 2 and 4 were tried, and each worker's servers hold PostgreSQL connections of their own.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 unit: $(STAMP)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 	$(BIN)/pytest -p no:xdist -m serial

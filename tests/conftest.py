@@ -32,7 +32,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 #: Test files that build web/ in place (web/build/, web/demo/dist/: ``npm test``, ``build_web()``,
-#: the bench smoke's browser line): under pytest-xdist (``make unit`` runs ``-n auto --dist
+#: the bench smoke's browser line): under pytest-xdist (``make unit`` runs ``-n N --dist
 #: loadgroup``) they share one worker, so two of them never write the same bundle at once.
 WEB_BUILDERS = frozenset(
     {

@@ -1,7 +1,7 @@
-"""`make unit` runs the suite under pytest-xdist (``-n auto --dist loadgroup``). The test files
-that build web/ in place (``npm test``, ``build_web()``, the bench smoke's browser line) write
-the same bundles, so tests/conftest.py puts them in one xdist group, which runs on one worker:
-check that the list there names every such file and that the group is applied."""
+"""`make unit` runs the suite under pytest-xdist (``-n N --dist loadgroup``, a worker per core
+up to 4). The test files that build web/ in place (``npm test``, ``build_web()``, the bench
+smoke's browser line) write the same bundles, so tests/conftest.py puts them in one xdist group,
+which runs on one worker: check that the list there names every such file and that the group is applied."""
 
 from __future__ import annotations
 
