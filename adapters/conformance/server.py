@@ -574,7 +574,11 @@ class ServerMachine(RuleBasedStateMachine):
         session.pending[request_id] = Pending(request, check, what)
         self.note(f"{session.label} request {request_id}: {what}")
         frames = link.flush(transform)
-        session.sealed_frames.extend(f for f in frames if len(f) > 1 and f[1] >= 0x20)
+        # Only this session's own records: a transform may add a copy on another session's id,
+        # and replaying that copy would test the other session, not this one.
+        session.sealed_frames.extend(
+            f for f in frames if len(f) >= 6 and f[1] >= 0x20 and int.from_bytes(f[2:6], "big") == session.sid
+        )
         return request_id
 
     def answers(self, session: Session, count: int | None = None) -> None:

@@ -124,3 +124,25 @@ def test_a_server_that_requires_invitations_passes_with_one(server_dir: Path) ->
             run_server_conformance(target, ServerRunSettings(max_examples=1, steps=1, shrink_time_limit=1))
     finally:
         server.stop()
+
+
+def test_a_session_replays_only_its_own_records(server_dir: Path, real_server: ServerProcess) -> None:
+    """A rule that sends a copy of one session's record on another session's id must not leave
+    that copy among the first session's records: replaying it later tested the other (already
+    ended) session, which rightly stays silent, and the machine reported a violation against a
+    correct server (seen once in CI, in the README's conformance example)."""
+    from keymgmt.adapters.conformance.server import ServerMachine, _Run
+
+    run = _Run(_target(server_dir, real_server), ServerRunSettings())
+    machine = type("Scripted", (ServerMachine,), {"run": run})()
+    try:
+        machine.two_accounts()
+        machine.login(0, 0)
+        machine.login(0, 0)  # a second session on the same connection
+        machine.move_a_record_to_another_session(0)
+        assert any(session.sealed_frames for session in machine.sessions)
+        for session in machine.sessions:
+            assert all(int.from_bytes(f[2:6], "big") == session.sid for f in session.sealed_frames)
+        machine.replay_a_record(0, 1)  # before the fix: the copy sent on the other session's id
+    finally:
+        machine.teardown()
