@@ -199,7 +199,8 @@ class SecretOps:
         self._export_key = export_key
         self._random = random
         self._storage_key: bytes | None = None
-        #: The storage key's cipher, built once with it (every store seals under it).
+        #: The storage key's cipher, built with it and dropped with it (every store seals
+        #: under it; building one costs about as much as sealing 32 bytes).
         self._sealer: ChaCha20Poly1305 | None = None
         #: Key ids the server reserved ahead, by kind, oldest first (one-request stores).
         self._next: dict[SecretKind, list[_NextKeyId]] = {kind: [] for kind in SecretKind}
@@ -236,11 +237,10 @@ class SecretOps:
             assert isinstance(response, StorageKeyResponse)
             master_key = derive_master_key(self._export_key)
             try:
-                self._storage_key = decrypt_storage_key(
-                    master_key, response.encrypted_storage_key, self.user_id
-                )
+                storage_key = decrypt_storage_key(master_key, response.encrypted_storage_key, self.user_id)
             except RemoteProtocolError:
                 raise IntegrityFailure("the stored storage key failed verification") from None
+            self._storage_key, self._sealer = storage_key, ChaCha20Poly1305(storage_key)
         return self._storage_key
 
     def store(
@@ -255,15 +255,14 @@ class SecretOps:
         resumed on another instance, or the server restarted, between the reservation and
         the store); the client asks CREATE_KEY_ID and tries again, sealing afresh, at most
         ``STORE_RETRIES`` times; any other refusal, or the last ``INVALID``, is reported."""
-        storage_key = self._storage_key
-        if storage_key is None:  # (once per session: no generator for the kept key)
-            storage_key = yield from self.storage_key()
+        if self._sealer is None:  # (once per session: no generator for the kept key)
+            yield from self.storage_key()
         pending = self._next[kind]
         if pending:
             ahead = pending.pop(0)  # used once, whatever the answer: never a stale id
             key_id = self._checked_key_id(ahead.key_id, ahead.client_nonce, ahead.server_nonce, holds)
             try:
-                return (yield from self._seal_and_store(storage_key, secret, kind, key_id))
+                return (yield from self._seal_and_store(secret, kind, key_id))
             except OperationRefused as refused:
                 if refused.status is not Status.INVALID:
                     raise
@@ -273,7 +272,7 @@ class SecretOps:
             assert isinstance(reply, KeyIdResponse)
             key_id = self._checked_key_id(reply.key_id, client_nonce, reply.server_nonce, holds)
             try:
-                return (yield from self._seal_and_store(storage_key, secret, kind, key_id))
+                return (yield from self._seal_and_store(secret, kind, key_id))
             except OperationRefused as refused:
                 if refused.status is not Status.INVALID or retries_left == 0:
                     raise
@@ -521,12 +520,12 @@ class SecretOps:
         return key_id
 
     def _seal_and_store(
-        self, storage_key: bytes, secret: bytes, kind: SecretKind, key_id: bytes
+        self, secret: bytes, kind: SecretKind, key_id: bytes
     ) -> Plan[tuple[bytes, SealedCopy]]:
-        """Seal under ``key_id``, STORE_SECRET asking for the next key id of ``kind``, keep it."""
+        """Seal under ``key_id`` (with the storage key's cipher: :meth:`storage_key` ran),
+        STORE_SECRET asking for the next key id of ``kind``, keep it."""
+        assert self._sealer is not None
         ad = secret_ad(self.user_id, key_id, kind)
-        if self._sealer is None:
-            self._sealer = ChaCha20Poly1305(storage_key)
         ciphertext = seal_secret_with(self._sealer, secret, ad, self._random)
         next_nonce = self._random(KEY_ID_NONCE_SIZE)
         reply = yield StoreSecretRequest(self.user_id, key_id, kind, ciphertext, kind, next_nonce)

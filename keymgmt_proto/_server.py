@@ -1207,7 +1207,7 @@ class ServerConnection(ConnectionBase):
                 session.account_name,
             )
             session.opaque_value = step.state
-            self._send(FrameType.LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
+            self._send(_F_LOGIN_RESPONSE, session.session_id, LoginResponse(step.message).encode())
         elif t is _F_LOGIN_FINISH:
             self._on_login_finish(session, LoginFinish.decode(frame.payload))
             return True

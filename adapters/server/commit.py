@@ -231,13 +231,7 @@ class GroupCommit:
                 item.done = True
                 if item.turn is not None:
                     item.turn.set()
-        for item in items:
-            finished, item.finished = item.finished, None
-            if finished is not None:
-                try:
-                    finished(item)
-                except BaseException:
-                    log.error("a group commit work's completion failed", exc_info=True)
+        _call_finished(items, BaseException)
 
     async def _run_works(self, items: list[Work[Any]]) -> None:
         """The batch itself: takes the queue's works into ``items`` (see _run_batch)."""
@@ -296,13 +290,20 @@ class GroupCommit:
             item.done = True
             if item.turn is not None:
                 item.turn.set()
-        for item in items:
-            finished, item.finished = item.finished, None  # (called once, also if interrupted)
-            if finished is not None:
-                try:
-                    finished(item)
-                except Exception:  # its own failures are its own; the other works still end
-                    log.error("a group commit work's completion failed", exc_info=True)
+        _call_finished(items, Exception)
+
+
+def _call_finished(items: list[Work[Any]], catch: type[BaseException]) -> None:
+    """Call each submitted work's ``finished`` once (also when its batch was interrupted); what
+    one raises (``catch``: anything, when the leader is dying already) is logged, and the
+    other works still end."""
+    for item in items:
+        finished, item.finished = item.finished, None
+        if finished is not None:
+            try:
+                finished(item)
+            except catch:
+                log.error("a group commit work's completion failed", exc_info=True)
 
 
 def _commit(batch: AbstractContextManager[Any]) -> StorageError | None:

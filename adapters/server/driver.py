@@ -213,8 +213,8 @@ class ConnectionDriver:
         #: committed, from the batch's end: no wake-up of the main loop, no cancel scope and
         #: no event of its own per batch. Anything else (a wake, a stop, a timer, EOF, a
         #: failure, a send that must wait) wakes the main loop, which takes over as before.
-        self._fast = isinstance(stream, FastTLSStream)
-        #: The stream hands records to _consume as they arrive, while the reader waits.
+        #: The stream hands records to _consume as they arrive, while the reader waits (None:
+        #: not a FastTLSStream, no batched path).
         self._consumer: FastTLSStream | None = None
         if isinstance(stream, FastTLSStream):
             self._consumer = stream
@@ -705,12 +705,13 @@ class ConnectionDriver:
                 timer_due = not self._stopping
                 continue
             self._arm(deadline)
-            self._parked = self._fast
+            batched = self._consumer is not None
+            self._parked = batched
             try:
                 await self._input.wait()
             finally:  # (also when cancelled: a turn in flight then submits no other)
                 self._parked = False
-            if self._fast and not await self._settle():
+            if batched and not await self._settle():
                 return
             timer_due = self._timer_fired and not self._stopping
             self._timer_fired = False

@@ -375,14 +375,15 @@ def credentials_params(
     return params
 
 
-def secret_values(secret: SecretRecord) -> tuple[object, ...]:
-    """The values of :attr:`Statements.insert_secret`."""
+def secret_values(secret: SecretRecord, blob: Callable[[bytes], object] = bytes) -> tuple[object, ...]:
+    """The values of :attr:`Statements.insert_secret`, each BLOB as ``blob`` makes it (SQLite
+    binds ``bytearray``: see sqlite._blob)."""
     return (
-        secret.key_id,
-        secret.user_id,
+        blob(secret.key_id),
+        blob(secret.user_id),
         int(secret.kind),
-        secret.ciphertext,
-        secret.associated_data,
+        blob(secret.ciphertext),
+        blob(secret.associated_data),
         secret.created,
     )
 

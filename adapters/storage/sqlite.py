@@ -63,6 +63,7 @@ from .sql import (
     lock_end,
     migration_statements,
     rows_to_fetch,
+    secret_values,
     start_login_params,
     sweep_params,
     to_account,
@@ -248,18 +249,6 @@ def _audit_row(record: AuditRecord, seq: int, chain_hash: bytes) -> tuple[object
     )
 
 
-def _secret_row(secret: SecretRecord) -> tuple[object, ...]:
-    """:func:`.sql.secret_values` with the BLOBs bound as bytearray (see _blob)."""
-    return (
-        _blob(secret.key_id),
-        _blob(secret.user_id),
-        int(secret.kind),
-        _blob(secret.ciphertext),
-        _blob(secret.associated_data),
-        secret.created,
-    )
-
-
 class _SQLiteTransaction:
     def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
         self._db = db
@@ -355,7 +344,7 @@ class _SQLiteTransaction:
     def insert_secret(self, secret: SecretRecord) -> bool:
         self._storage.sync_needed = True
         try:
-            self._db.execute(_SQL.insert_secret, _secret_row(secret))
+            self._db.execute(_SQL.insert_secret, secret_values(secret, _blob))
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc):
                 return False
@@ -546,7 +535,11 @@ class _InBatch:
         self._tx = _SQLiteTransaction(storage._db, storage)
 
     def __enter__(self) -> Transaction:
-        if not self._storage._db.in_transaction:  # (as in _Savepoint)
+        if not self._storage._db.in_transaction:
+            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
+            # whole batch, not just a savepoint. Without this check the next statement would
+            # start (and a savepoint's RELEASE commit) a transaction of its own: writes whose
+            # answers abandon() drops would be durable all the same.
             raise StorageError("the batch's transaction was rolled back")
         return self._tx
 
@@ -594,29 +587,19 @@ class _Batch:
             storage._writer.release()
 
 
-class _Savepoint:
+class _Savepoint(_InBatch):
     """``transaction()`` inside a batch: a savepoint that rolls back on its own. Nested ones
     share the name (SQLite pairs ROLLBACK TO and RELEASE with the innermost), so the three
     statements stay in sqlite3's prepared-statement cache. One object per storage, entered by
     every atomic request of a batch (a @contextmanager cost a generator and a transaction
     object per request)."""
 
-    __slots__ = ("_storage", "_tx")
-
-    def __init__(self, storage: SQLiteStorage) -> None:
-        self._storage = storage
-        self._tx = _SQLiteTransaction(storage._db, storage)
+    __slots__ = ()
 
     def __enter__(self) -> Transaction:
-        db = self._storage._db
-        if not db.in_transaction:
-            # Some errors (disk full, I/O error, a trigger's RAISE(ROLLBACK)) roll back the
-            # whole batch, not just their savepoint. Without this check the next SAVEPOINT
-            # would start, and its RELEASE commit, a transaction of its own: writes whose
-            # answers abandon() drops would be durable all the same.
-            raise StorageError("the batch's transaction was rolled back")
-        db.execute("SAVEPOINT op")
-        return self._tx
+        tx = super().__enter__()
+        self._storage._db.execute("SAVEPOINT op")
+        return tx
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         db = self._storage._db

@@ -53,8 +53,8 @@ def _ops() -> SecretOps:
     return SecretOps(USER, EXPORT_KEY, os.urandom)
 
 
-def _storage_key_answer() -> StorageKeyResponse:
-    wrapped = encrypt_storage_key(derive_master_key(EXPORT_KEY), STORAGE_KEY, USER, os.urandom)
+def _storage_key_answer(storage_key: bytes = STORAGE_KEY) -> StorageKeyResponse:
+    wrapped = encrypt_storage_key(derive_master_key(EXPORT_KEY), storage_key, USER, os.urandom)
     return StorageKeyResponse(wrapped)
 
 
@@ -85,11 +85,17 @@ class HonestKeyIds:
         return KeyIdResponse(key_id, self.server_nonce)
 
 
-def _store(ops: SecretOps, secret: bytes, holds: frozenset[bytes] = NEVER, forge: bool = False):
+def _store(
+    ops: SecretOps,
+    secret: bytes,
+    holds: frozenset[bytes] = NEVER,
+    forge: bool = False,
+    storage_key: bytes = STORAGE_KEY,
+):
     plan = ops.store(secret, SecretKind.IMPORTED, holds.__contains__)
     create = next(plan)
     if isinstance(create, RetrieveStorageKeyRequest):  # the first plan of the session
-        create = plan.send(_storage_key_answer())
+        create = plan.send(_storage_key_answer(storage_key))
     assert isinstance(create, CreateKeyIdRequest) and create.kind is SecretKind.IMPORTED
     reply = HonestKeyIds().answer(create)
     if forge:
@@ -126,8 +132,7 @@ def test_the_storage_keys_cipher_is_kept_with_it_and_forgotten_with_it():
     ops.forget()
     assert ops._sealer is None and ops._storage_key is None
     other = bytes(32)
-    ops._storage_key = other  # as if fetched again: a store then seals under this one
-    (_, copy), _ = _store(ops, b"three")
+    (_, copy), _ = _store(ops, b"three", storage_key=other)  # fetched again: this one seals
     assert open_secret(other, copy.ciphertext, copy.associated_data) == b"three"
 
 

@@ -8,7 +8,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,34 +272,9 @@ async def test_turns_over_the_fast_stream_go_to_the_group_commit_and_wait_for_it
     (GroupCommit.submit) and their output is sent from the batch's end. The batch holding
     a STORE fails at its commit: the store must not be acknowledged (not even after the
     client reconnects and resumes), and the server must go on serving."""
-    submitted: list[int] = []
-    real_submit = GroupCommit.submit
-
-    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
-        submitted.append(1)
-        real_submit(self, work, finished)
-
-    monkeypatch.setattr(GroupCommit, "submit", submit)
+    submitted = _count_submits(monkeypatch)
     async with running_server(tmp_path) as (runtime, pki):
-        storage, keyserver = runtime.storage, runtime.keyserver
-        real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
-        fail = {"armed": True, "store": False}  # (the first store only)
-
-        def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
-            if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
-                fail["armed"], fail["store"] = False, True
-            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
-
-        @contextlib.contextmanager
-        def failing_batch() -> Iterator[None]:
-            with real_batch():
-                yield
-                if fail["store"]:
-                    fail["store"] = False
-                    raise StorageError("disk full at commit")
-
-        monkeypatch.setattr(storage, "batch", failing_batch)
-        monkeypatch.setattr(keyserver, "answer", answer)
+        _fail_a_store_at_commit(runtime, monkeypatch, armed=True)  # (the first store only)
         connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
         async with KeymgmtClient(connect) as client:
             await client.register(b"fragile@example.org", PW)
@@ -320,38 +295,16 @@ async def test_a_submitted_turn_s_failed_batch_abandons_a_cancelled_driver(tmp_p
     cancelled (preempted to make room, or the shutdown grace is over): the connection must
     be abandoned, not detached, so the client's resumption cannot fetch the uncommitted
     answer from the reply cache (the STORE is not acknowledged)."""
-    submitted: list[int] = []
-    real_submit = GroupCommit.submit
-
-    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
-        submitted.append(1)
-        real_submit(self, work, finished)
-
-    monkeypatch.setattr(GroupCommit, "submit", submit)
+    submitted = _count_submits(monkeypatch)
     async with running_server(tmp_path) as (runtime, pki):
-        storage, keyserver = runtime.storage, runtime.keyserver
         monkeypatch.setattr(runtime.committer, "_loop_commits", None)  # (the commit waits in its thread)
-        real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
-        fail = {"armed": False, "store": False}
         committing = threading.Event()
 
-        def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
-            if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
-                fail["armed"], fail["store"] = False, True
-            return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
+        def slow_commit() -> None:
+            committing.set()
+            time.sleep(0.3)  # (the driver is cancelled meanwhile)
 
-        @contextlib.contextmanager
-        def failing_batch() -> Iterator[None]:
-            with real_batch():
-                yield
-                if fail["store"]:
-                    fail["store"] = False
-                    committing.set()
-                    time.sleep(0.3)  # (the driver is cancelled meanwhile)
-                    raise StorageError("disk full at commit")
-
-        monkeypatch.setattr(storage, "batch", failing_batch)
-        monkeypatch.setattr(keyserver, "answer", answer)
+        fail = _fail_a_store_at_commit(runtime, monkeypatch, armed=False, at_commit=slow_commit)
         outcome: dict[str, object] = {}
         connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert)
         async with KeymgmtClient(connect) as client:
@@ -445,3 +398,50 @@ async def test_an_exception_after_a_submitted_turn_s_send_is_a_fault(tmp_path, m
             await _driver_ended(runtime, driver)
             assert driver.faulted
             assert runtime.connection_faults == 1
+
+
+def _count_submits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one for every turn handed to GroupCommit.submit (the batched path)."""
+    submitted: list[int] = []
+    real_submit = GroupCommit.submit
+
+    def submit(self: GroupCommit, work: Any, finished: Any) -> None:
+        submitted.append(1)
+        real_submit(self, work, finished)
+
+    monkeypatch.setattr(GroupCommit, "submit", submit)
+    return submitted
+
+
+def _fail_a_store_at_commit(
+    runtime: runtime_module.KeyServerRuntime,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    armed: bool,
+    at_commit: Callable[[], None] | None = None,
+) -> dict[str, bool]:
+    """Once armed (``["armed"] = True``), the batch holding the next STORE_SECRET fails at its
+    commit with a StorageError, after ``at_commit`` ran (in the commit's thread); returns the
+    switch."""
+    storage, keyserver = runtime.storage, runtime.keyserver
+    real_batch, real_answer = storage.batch, keyserver.answer  # type: ignore[attr-defined]
+    fail = {"armed": armed, "store": False}
+
+    def answer(session, user_id, body, *, registrar=None, credentials=None):  # type: ignore[no-untyped-def]
+        if body[:1] == bytes([Op.STORE_SECRET]) and fail["armed"]:
+            fail["armed"], fail["store"] = False, True
+        return real_answer(session, user_id, body, registrar=registrar, credentials=credentials)
+
+    @contextlib.contextmanager
+    def failing_batch() -> Iterator[None]:
+        with real_batch():
+            yield
+            if fail["store"]:
+                fail["store"] = False
+                if at_commit is not None:
+                    at_commit()
+                raise StorageError("disk full at commit")
+
+    monkeypatch.setattr(storage, "batch", failing_batch)
+    monkeypatch.setattr(keyserver, "answer", answer)
+    return fail
