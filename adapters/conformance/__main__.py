@@ -143,7 +143,8 @@ def _server(args: argparse.Namespace) -> int:
         return 1
     print(
         f"passed: {report.examples} runs, {report.steps} steps in {report.seconds:.1f} s; "
-        f"{len(report.rules)} kinds of step; {report.policy_refusals} refused by the server's policy"
+        f"{len(report.rules)} kinds of step; {report.policy_refusals} refused by the server's policy; "
+        f"{sum(report.skipped.values())} steps picked with nothing to act on (skipped)"
     )
     return 0
 

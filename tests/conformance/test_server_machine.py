@@ -146,3 +146,19 @@ def test_a_session_replays_only_its_own_records(server_dir: Path, real_server: S
         machine.replay_a_record(0, 1)  # before the fix: the copy sent on the other session's id
     finally:
         machine.teardown()
+
+
+def test_refusals_by_policy_at_random_do_not_confuse_the_machine(server_dir: Path) -> None:
+    """A server that refuses a third of the logins and registrations with RATE_LIMITED, at
+    random (allowed policy: protocol.md 7.1), passes. Which ones are refused varies from one
+    replay of the same steps to the next, as a loaded server's refusals do; the machine's
+    choice of rules must not depend on them, or Hypothesis stops the run as flaky."""
+    server = ServerProcess(
+        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), "random-refusals"]
+    )
+    try:
+        settings = ServerRunSettings(max_examples=12, steps=15, derandomize=True, time_limit=60)
+        report = run_server_conformance(_target(server_dir, server), settings)
+    finally:
+        assert server.stop() == 0
+    assert report.examples >= 12 and report.policy_refusals > 0, report

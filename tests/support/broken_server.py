@@ -105,6 +105,25 @@ def tell_that_another_users_key_exists() -> None:
     app.HANDLERS = MappingProxyType({**app.HANDLERS, Op.RETRIEVE: retrieve})  # type: ignore[misc]
 
 
+def refuse_logins_at_random() -> None:
+    """Not broken: about one login or registration in three is refused with
+    ABORT(RATE_LIMITED), at random. A server may refuse by policy (protocol.md 7.1), and how
+    often depends on its load and clock, so a run of the machine must not depend on which
+    ones were refused."""
+    import random
+
+    from keymgmt.adapters.server import admission
+
+    original = admission._BucketAdmission.admit
+
+    def admit(self: admission._BucketAdmission, frame_type: FrameType, now: float) -> bool:
+        if frame_type is not FrameType.RESUME and random.random() < 1 / 3:
+            return False
+        return original(self, frame_type, now)
+
+    admission._BucketAdmission.admit = admit  # type: ignore[method-assign]
+
+
 #: Variant name -> the patch that makes it.
 VARIANTS: dict[str, Callable[[], None]] = {
     "replay": skip_the_replay_check,
@@ -112,6 +131,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "sequence-reuse": reuse_a_sequence_number,
     "unknown-account": answer_an_unknown_account_differently,
     "other-users-key": tell_that_another_users_key_exists,
+    "random-refusals": refuse_logins_at_random,  # not broken: policy the machine must allow
 }
 
 
