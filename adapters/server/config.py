@@ -135,6 +135,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "server",
+        "send_timeout",
+        float,
+        30.0,
+        "KEYMGMT_SEND_TIMEOUT",
+        "seconds a peer may leave what the server sends unread (answers, WebSocket control "
+        "frames) before its connection is dropped",
+    ),
+    Option(
+        "server",
         "unproductive_burst",
         int,
         1024,
@@ -444,6 +453,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             raise ValueError("sessions.reauth_window must be positive")
         if values["registration.name_reservation"] < 0:  # type: ignore[operator]
             raise ValueError("registration.name_reservation must be 0 or more")
+        if values["server.send_timeout"] <= 0:  # type: ignore[operator]
+            raise ValueError("server.send_timeout must be positive")
         if values["websocket.upgrade_timeout"] <= 0:  # type: ignore[operator]
             raise ValueError("websocket.upgrade_timeout must be positive")
     except ValueError as exc:
@@ -474,6 +485,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         port=port,
         workers=workers,
         tls_handshake_timeout=values["server.tls_handshake_timeout"],  # type: ignore[arg-type]
+        send_timeout=values["server.send_timeout"],  # type: ignore[arg-type]
         max_connections=values["server.max_connections"],  # type: ignore[arg-type]
         max_connections_per_address=values["server.max_connections_per_address"],  # type: ignore[arg-type]
         admission_rate=values["admission.rate"],  # type: ignore[arg-type]

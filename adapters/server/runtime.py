@@ -96,6 +96,8 @@ class ServerSettings:
     workers: int = 1
     #: The TLS handshake must finish within this many seconds.
     tls_handshake_timeout: float = 10.0
+    #: A peer that leaves the server's bytes unread this long is dropped (its sessions detach).
+    send_timeout: float = 30.0
     #: Open connections beyond this are refused.
     max_connections: int = 1000
     #: Open connections from one client address (an IPv6 /64) beyond this are refused (NET-13).
@@ -559,6 +561,7 @@ class KeyServerRuntime:
             admission=bucket,
             committer=self.committer,
             metrics=self.metrics,
+            send_timeout=self.settings.send_timeout,
         )
         self._drivers.add(driver)
         slot.driver = driver
@@ -596,6 +599,7 @@ class KeyServerRuntime:
                     stream,
                     allowed_origins=self.settings.websocket_origins,
                     max_message=max_message_size(self.settings.protocol.max_payload),
+                    control_timeout=self.settings.send_timeout,
                 )
             self.metrics.websocket_upgrades.labels("accepted").inc()
             return upgraded

@@ -33,8 +33,10 @@ def test_defaults_file_and_environment_layer_in_that_order(tmp_path):
             "KEYMGMT_CONNECTION_IDLE_TIMEOUT": "6",
             "KEYMGMT_UNPRODUCTIVE_BURST": "300",
             "KEYMGMT_UNPRODUCTIVE_RATE": "8.5",
+            "KEYMGMT_SEND_TIMEOUT": "2.5",
         },
     )
+    assert admission.send_timeout == 2.5 and load_settings(None, env={}).send_timeout == 30.0
     assert (admission.admission_rate, admission.max_connections_per_address) == (2.5, 3)
     assert (admission.protocol.frame_timeout, admission.protocol.connection_idle_timeout) == (4, 6)
     assert (admission.protocol.unproductive_burst, admission.protocol.unproductive_rate) == (300, 8.5)
@@ -72,6 +74,7 @@ def test_every_option_is_rendered_and_parsed(tmp_path):
         ("", {"KEYMGMT_ADMISSION_BURST": "0.5"}, "admission.burst must be at least 1"),
         ("[server]\nmax_connections_per_address = 0\n", {}, "at least 1"),
         ("[server]\nconnection_idle_timeout = 0\n", {}, "connection_idle_timeout must be positive"),
+        ("", {"KEYMGMT_SEND_TIMEOUT": "0"}, "server.send_timeout must be positive"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, content, env, message):
