@@ -1,4 +1,4 @@
-"""Instruction counts of one store and one retrieve, server and client halves, in process.
+"""Instruction counts of one store, one retrieve or one login, server and client halves, in process.
 
 The machine is shared and noisy, so the cost of a request's path is judged by the
 instructions it executes (deterministic) rather than by its time::
@@ -10,7 +10,8 @@ counts only what the named side runs, for 200 operations after a warm-up (divide
 total that ``callgrind_annotate OUT`` prints by 200). ``store`` is the client's whole
 ``KeySession.generate()`` (the plan of ``SecretOps``, the KEY-2 checks, sealing, the local
 copy in an in-memory ``LocalStore``; one STORE_SECRET with a next key id per store, as in
-P10); ``retrieve`` is P3's raw RETRIEVE (context NULL, a pre-encoded body). The server is
+P10); ``retrieve`` is P3's raw RETRIEVE (context NULL, a pre-encoded body); ``login`` is
+P2's login (LOGIN_START and LOGIN_FINISH, one batch each; the logout is not counted). The server is
 the real ``KeyServer`` over a durable SQLite file, each request a batch of its own (its
 BEGIN and COMMIT included, as the real driver's are shared by a whole batch). The
 client's asyncio plumbing (``KeymgmtClient.request``) is not included: it is the same for
@@ -39,9 +40,10 @@ from keymgmt_proto import (
     SealedCopy,
     SecretOps,
     ServerSetup,
+    SessionEstablished,
 )
 
-from .common import drain_client, drain_server, new_pair, sqlite_keyserver
+from .common import ACCOUNT, PASSWORD, drain_client, drain_server, new_pair, sqlite_keyserver
 
 T = TypeVar("T")
 #: Stores and retrieves before the measured ones (the storage key fetched, a next key id
@@ -105,6 +107,28 @@ class _World:
             result: T = done.value
             return result
 
+    def login(self) -> None:
+        """One whole login (LOGIN_START and LOGIN_FINISH, one batch each, as P2's server
+        steps), then its logout, uncounted. The server's two steps are ``serve``; the client's
+        are its OPAQUE calls (Argon2) and framing."""
+        client, server = self.pair.client, self.pair.server
+
+        def serve(up: bytes) -> bytes:
+            server.receive_data(up, self.pair.now)
+            drain_server(server, self.app)
+            return server.data_to_send()
+
+        sid = self.side("client", client.open_request_session, ACCOUNT, PASSWORD)
+        down = self.side("server", serve, self.side("client", client.data_to_send))
+        self.side("client", client.receive_data, down)
+        self.side("client", drain_client, client)
+        down = self.side("server", serve, self.side("client", client.data_to_send))
+        self.side("client", client.receive_data, down)
+        assert any(isinstance(e, SessionEstablished) for e in self.side("client", drain_client, client))
+        client.close_session(sid)
+        self.pair.to_server()  # the logout and its audit entry: not part of a login
+        server.data_to_send()
+
     def generate(self) -> bytes:
         plan: Plan[tuple[bytes, SealedCopy]] = self.side("client", self.ops.generate, self.session._holds)
         key_id, copy = self.run(plan)
@@ -114,16 +138,18 @@ class _World:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
-    parser.add_argument("operation", choices=["store", "retrieve"])
+    parser.add_argument("operation", choices=["store", "retrieve", "login"])
     parser.add_argument("side", choices=["server", "client", "none"], help="whose instructions to count")
     parser.add_argument("count", type=int)
     args = parser.parse_args(argv)
     world = _World()
     key_id = world.generate()
     body = RetrieveRequest(world.user_id, key_id, Context.NULL).encode()
-    operation: Callable[[], Any] = (
-        world.generate if args.operation == "store" else lambda: world.round_trip(body)
-    )
+    operation: Callable[[], Any] = {
+        "store": world.generate,
+        "retrieve": lambda: world.round_trip(body),
+        "login": world.login,
+    }[args.operation]
     for _ in range(WARM_UP):
         operation()
     world.measured = args.side

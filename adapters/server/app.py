@@ -533,7 +533,8 @@ class KeyServer:
 
     def _audit(self, user_id: bytes, action: Action, outcome: Outcome) -> None:
         try:
-            with self.storage.transaction() as tx:
+            # One write (a session's end: every login's): no savepoint of its own in a batch.
+            with self.storage.transaction(atomic=False) as tx:
                 tx.append_audit(AuditRecord(user_id, action, self.now_us(), outcome))
         except StorageError:
             if not self._account_gone(user_id):
@@ -679,7 +680,7 @@ class KeyServer:
         are the account's (``credentials``; None: not checked); else CredentialsChanged (after
         the entry, unchecked, for a password change): the session must end."""
         try:
-            with self.storage.transaction() as tx:
+            with self.storage.transaction(atomic=False) as tx:  # (one write)
                 tx.append_audit(record, credentials)
         except CredentialsChanged as changed:
             self._log_ended(record, changed)
@@ -689,7 +690,7 @@ class KeyServer:
         """A request whose session ends for its changed credentials did nothing: the owner's
         log shows the attempt as a failure (a deleted account has no log left)."""
         if not changed.gone:
-            with self.storage.transaction() as tx:
+            with self.storage.transaction(atomic=False) as tx:  # (one write)
                 tx.append_audit(record)
 
     def _perform(self, op: _Op, request: OpRequest) -> tuple[OpResponse, bytes | None]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import anyio
 from anyio.abc import Listener, SocketAttribute, SocketListener, SocketStream, TaskGroup
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -139,6 +139,45 @@ class _RequestTally(Collector):
         yield latency
 
 
+class _HistogramTally(Collector):
+    """One histogram without labels, counted in a plain list (``observe``) and made into its
+    metric family only when scraped: the family a prometheus_client Histogram with these
+    buckets would give (samples, ``le`` labels, ``_created``), at a third of its cost per
+    observation (no lock, no loop over the bounds). The group commit observes two per batch."""
+
+    def __init__(self, name: str, text: str, bounds: Sequence[float]) -> None:
+        self._name = name
+        self._text = text
+        self._bounds = tuple(float(bound) for bound in bounds)
+        self._le = (*(repr(bound) for bound in self._bounds), "+Inf")  # (as _LATENCY_LE)
+        #: the count of each bucket alone (the last: above every bound), then the sum
+        self._counts = [0.0] * (len(self._bounds) + 2)
+        self._created = time.time()
+
+    def observe(self, value: float) -> None:
+        counts = self._counts
+        counts[bisect_left(self._bounds, value)] += 1  # (bucket i: value <= bound i)
+        counts[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        name = self._name
+        family = Metric(name, self._text, "histogram")
+        counts = list(self._counts)  # (as it is now, whatever is counted while this runs)
+        cumulative = 0.0
+        for le, alone in zip(self._le, counts, strict=False):
+            cumulative += alone
+            family.add_sample(f"{name}_bucket", {"le": le}, cumulative)
+        family.add_sample(f"{name}_count", {}, cumulative)
+        family.add_sample(f"{name}_sum", {}, counts[-1])
+        family.add_sample(f"{name}_created", {}, self._created)
+        yield family
+
+
+#: The help texts of the group commit's two histograms.
+_BATCH_HELP = "Works committed together in one group commit"
+_COMMIT_HELP = "Time one group commit took to commit (and sync)"
+
+
 class ServerMetrics:
     """The metrics of one key server, in a registry of their own."""
 
@@ -148,8 +187,8 @@ class ServerMetrics:
         self.logins = Counter(
             "keymgmt_logins", "Logins by outcome (ok, failed, throttled)", ["outcome"], registry=r
         )
-        for outcome in ("ok", "failed", "throttled"):
-            self.logins.labels(outcome)
+        #: Each outcome's counter, looked up once (labels() costs four times an inc()).
+        self._logins = {outcome: self.logins.labels(outcome) for outcome in ("ok", "failed", "throttled")}
         self.throttled = Counter(
             "keymgmt_throttled_attempts",
             "Session starts refused: login (a name's failed-login lock) or rate (an address's rate)",
@@ -161,18 +200,11 @@ class ServerMetrics:
         #: keymgmt_requests_total and keymgmt_request_duration_seconds (see _RequestTally).
         self._requests = _RequestTally()
         r.register(self._requests)
-        self.batch_size = Histogram(
-            "keymgmt_group_commit_batch_size",
-            "Works committed together in one group commit",
-            buckets=_BATCH,
-            registry=r,
-        )
-        self.commit_seconds = Histogram(
-            "keymgmt_group_commit_duration_seconds",
-            "Time one group commit took to commit (and sync)",
-            buckets=_COMMIT,
-            registry=r,
-        )
+        #: Observed once per batch (see _HistogramTally).
+        self.batch_size = _HistogramTally("keymgmt_group_commit_batch_size", _BATCH_HELP, _BATCH)
+        self.commit_seconds = _HistogramTally("keymgmt_group_commit_duration_seconds", _COMMIT_HELP, _COMMIT)
+        r.register(self.batch_size)
+        r.register(self.commit_seconds)
         self.storage_errors = Counter(
             "keymgmt_storage_errors",
             "Storage failures: failed group commits and failed storage calls",
@@ -207,7 +239,7 @@ class ServerMetrics:
         self.registry.register(_Gauges(read))
 
     def login(self, outcome: str) -> None:
-        self.logins.labels(outcome).inc()
+        self._logins[outcome].inc()
         if outcome == "throttled":
             self.throttled.labels("login").inc()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
+import anyio
 import pytest
 
 from keymgmt.adapters.server.app import _ONE_WRITE
@@ -50,6 +51,14 @@ async def test_each_one_write_operation_writes_one_statement_without_a_savepoint
         await client.login(b"lean@example.org", PW)  # LOGIN_START: a read and one write, no savepoint
         savepoints = [s for s in statements if s.startswith("SAVEPOINT")]
         assert len(savepoints) == 1, statements  # LOGIN_FINISH's (the throttle record and the audit entry)
+        statements.clear()
+        await client.close_session(session.session_id)  # its end: the LOGOUT entry, no savepoint
+        with anyio.fail_after(5):
+            while not any("INSERT INTO audit" in s for s in statements):
+                await anyio.sleep(0.01)
+        writes = [s for s in statements if s.lstrip().upper().startswith(WRITES)]
+        assert len(writes) == 1 and "INSERT INTO audit" in writes[0], statements
+        assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in statements), statements
         covered = set(calls) | {Op.CREATE_KEY_ID}
         assert covered >= _ONE_WRITE - {Op.RETRIEVE_STORAGE_KEY}  # (fetched once, at login)
 

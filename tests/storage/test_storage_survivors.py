@@ -390,6 +390,44 @@ def test_sqlite_batch_begun_ahead_refuses_at_once_while_another_process_writes(t
     store.close()
 
 
+def test_sqlite_batches_begun_on_the_loop_run_no_pragma_and_waiting_begins_still_wait(tmp_path):
+    """The busy timeout is set only when a BEGIN needs the other setting than the last one:
+    a run of batches begun ahead (begin_batch(wait=False)) runs no PRAGMA per batch, and a
+    transaction outside a batch, or a waiting begin, after them still waits for another
+    process's write lock instead of failing at once."""
+    path = tmp_path / "ks.db"
+    store = SQLiteStorage(path)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    for _ in range(3):
+        assert store.begin_batch(wait=False) is True
+        with store.batch(), store.transaction(atomic=False) as tx:
+            tx.get_account(b"alice")
+    assert [s for s in statements if s.startswith("PRAGMA")] == ["PRAGMA busy_timeout = 0"]
+    other = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+    for begin in ("transaction", "batch"):
+        other.execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(0.2, other.execute, ("COMMIT",))
+        timer.start()
+        try:
+            if begin == "transaction":
+                with store.transaction() as tx:
+                    assert tx.insert_account(ALICE)
+            else:
+                assert store.begin_batch(wait=True) is True
+                with store.batch(), store.transaction() as tx:
+                    assert tx.insert_account(BOB)
+        finally:
+            timer.join()
+        assert store.begin_batch(wait=False) is True  # (the timeout is off again)
+        with store.batch():
+            pass
+    other.close()
+    with store.transaction() as tx:
+        assert tx.get_account(b"alice") == ALICE and tx.get_account(b"bob") == BOB
+    store.close()
+
+
 def test_sqlite_batch_failed_outer_transaction_undoes_its_completed_inner_one(tmp_path):
     """In a batch, a failing transaction rolls back all its work, nested transactions included."""
     store = SQLiteStorage(tmp_path / "ks.db")
