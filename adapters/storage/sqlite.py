@@ -254,7 +254,9 @@ def _audit_row(record: AuditRecord, seq: int, chain_hash: bytes) -> tuple[object
 
 class _SQLiteTransaction:
     def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
-        self._db = db
+        #: Every statement through one cursor: Connection.execute makes a cursor per call
+        #: (about 1,000 instructions a statement); each result is read before the next runs.
+        self._db = db.cursor()
         self._storage = storage
 
     def get_account(self, account_name: bytes) -> Account | None:
@@ -625,11 +627,11 @@ class _Savepoint(_InBatch):
 
     def __enter__(self) -> Transaction:
         tx = super().__enter__()
-        self._storage._db.execute("SAVEPOINT op")
+        self._tx._db.execute("SAVEPOINT op")
         return tx
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        db = self._storage._db
+        db = self._tx._db
         if exc is None:
             db.execute("RELEASE op")
             return
