@@ -70,7 +70,6 @@ from keymgmt_proto import (
     VerifiedAudit,
 )
 
-from ..storage.base import SecretRecord
 from .localstore import LocalStore
 
 __all__ = [
@@ -911,8 +910,9 @@ class KeySession:
 
     def _keep(self, key_id: bytes, copy: SealedCopy) -> None:
         created = int(self._client._clock() * 1_000_000)
-        record = SecretRecord(self.user_id, key_id, copy.kind, copy.ciphertext, copy.associated_data, created)
-        self._client.local_store.put(record)
+        self._client.local_store.keep(
+            self.user_id, key_id, copy.kind, copy.ciphertext, copy.associated_data, created
+        )
 
     def _holds(self, key_id: bytes) -> bool:
         return self._client.local_store.holds(self.user_id, key_id)

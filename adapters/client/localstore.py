@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS audit_heads (
 _blob = bytearray
 
 
+_PUT = "INSERT OR REPLACE INTO local_secrets VALUES (?, ?, ?, ?, ?, ?)"
 _HOLDS = "SELECT 1 FROM local_secrets WHERE user_id = ? AND key_id = ?"
 
 
@@ -72,16 +73,22 @@ class LocalStore:
         return f"LocalStore({self.path!r})"
 
     def put(self, record: SecretRecord) -> None:
+        r = record
+        self.keep(r.user_id, r.key_id, r.kind, r.ciphertext, r.associated_data, r.created)
+
+    def keep(
+        self,
+        user_id: bytes,
+        key_id: bytes,
+        kind: SecretKind,
+        ciphertext: bytes,
+        associated_data: bytes,
+        created: int,
+    ) -> None:
+        """:meth:`put` of the record with these fields, without building it (a store's copy)."""
         self._db.execute(
-            "INSERT OR REPLACE INTO local_secrets VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                _blob(record.user_id),
-                _blob(record.key_id),
-                int(record.kind),
-                _blob(record.ciphertext),
-                _blob(record.associated_data),
-                record.created,
-            ),
+            _PUT,
+            (_blob(user_id), _blob(key_id), int(kind), _blob(ciphertext), _blob(associated_data), created),
         )
 
     def get(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:

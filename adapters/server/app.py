@@ -635,7 +635,8 @@ class KeyServer:
         context = request.context if isinstance(request, RetrieveRequest) else None
         kind = request.OP
         reserving = kind in _RESERVING
-        reservations = (self._reserved.get(session) or OrderedDict()) if reserving else _NONE
+        held = self._reserved.get(session) if reserving else None
+        reservations = (held or OrderedDict()) if reserving else _NONE
         try:
             if not hmac.compare_digest(request.user_id, user_id):
                 raise _Refused(Status.WRONG_USER, action)
@@ -665,8 +666,9 @@ class KeyServer:
             if not reserving:
                 pass
             elif reservations:
-                self._reserved[session] = reservations
-            else:  # only a session holding a reservation keeps an entry (P4)
+                if reservations is not held:  # (a held entry is already there: no new weak ref)
+                    self._reserved[session] = reservations
+            elif held is not None:  # only a session holding a reservation keeps an entry (P4)
                 self._reserved.pop(session, None)
         return _OK + response.encode_fields()  # (encode_response's, without its checks)
 

@@ -202,8 +202,11 @@ _INSERT_CURRENT_AUDIT = (
     "chain_hash) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 "
     "WHERE EXISTS (SELECT 1 FROM accounts WHERE user_id = ?1 AND credentials_changed_us = ?10)"
 )
+#: One key more for a user whose count the storage remembers (SQLiteStorage.key_counts):
+#: applies only while the row still holds that count. Parameters: user id, the count.
+_ADD_KEY_AT = "UPDATE accounts SET key_count = key_count + 1 WHERE user_id = ? AND key_count = ?"
 _LAST_AUDIT_ENTRY = "SELECT seq, chain_hash FROM audit WHERE user_id = ? ORDER BY seq DESC LIMIT 1"
-#: Users whose last audit number the storage remembers (then it starts again).
+#: Users whose last audit number (or key count) the storage remembers (then it starts again).
 _AUDIT_NUMBERS_KEPT = 100_000
 _AUDIT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -251,7 +254,9 @@ def _audit_row(record: AuditRecord, seq: int, chain_hash: bytes) -> tuple[object
 
 class _SQLiteTransaction:
     def __init__(self, db: sqlite3.Connection, storage: SQLiteStorage) -> None:
-        self._db = db
+        #: Every statement through one cursor: Connection.execute makes a cursor per call
+        #: (about 1,000 instructions a statement); each result is read before the next runs.
+        self._db = db.cursor()
         self._storage = storage
 
     def get_account(self, account_name: bytes) -> Account | None:
@@ -350,17 +355,39 @@ class _SQLiteTransaction:
                 return False
             raise StorageError("the secret's user has no account") from None
         self._db.execute(_SQL.add_to_key_count, (1, _blob(secret.user_id)))
+        self._storage.key_counts.pop(secret.user_id, None)
         return True
 
     def insert_secret_below(self, secret: SecretRecord, max_keys: int) -> int | None:
-        # (SQLite has one writer: the count read here is still the count at the insert. An
-        # UPDATE ... RETURNING instead costs as much as these two statements.)
-        row = self._db.execute(_SQL.count_keys, (_blob(secret.user_id),)).fetchone()
-        if row is None:
-            raise StorageError("the secret's user has no account")
-        if row[0] >= max_keys:
-            return 0
-        return row[0] + 1 if self.insert_secret(secret) else None
+        # The count's update first, from the count the storage remembers (see key_counts):
+        # one statement that applies only while the row still holds that count, so the limit
+        # is checked against the count the update moves. Without a remembered count, or when
+        # another process moved it, read it (SQLite has one writer: it holds until the insert).
+        storage = self._storage
+        storage.sync_needed = True
+        user_id = secret.user_id
+        counts = storage.key_counts
+        count = counts.get(user_id, max_keys)
+        if count >= max_keys or self._db.execute(_ADD_KEY_AT, (_blob(user_id), count)).rowcount != 1:
+            row = self._db.execute(_SQL.count_keys, (_blob(user_id),)).fetchone()
+            if row is None:
+                raise StorageError("the secret's user has no account")
+            count = int(row[0])
+            if count >= max_keys:
+                return 0
+            self._db.execute(_SQL.add_to_key_count, (1, _blob(user_id)))
+        try:
+            self._db.execute(_SQL.insert_secret, secret_values(secret, _blob))
+        except sqlite3.IntegrityError as exc:
+            counts.pop(user_id, None)
+            self._db.execute(_SQL.add_to_key_count, (-1, _blob(user_id)))  # nothing written
+            if "UNIQUE" in str(exc):
+                return None
+            raise StorageError("the secret's user has no account") from None
+        if len(counts) >= _AUDIT_NUMBERS_KEPT:
+            counts.clear()
+        counts[user_id] = count + 1
+        return count + 1
 
     def get_secret(self, user_id: bytes, key_id: bytes) -> SecretRecord | None:
         row = self._db.execute(_SQL.secret, (_blob(user_id), _blob(key_id))).fetchone()
@@ -376,6 +403,7 @@ class _SQLiteTransaction:
         if cursor.rowcount != 1:
             return False
         self._db.execute(_SQL.add_to_key_count, (-1, user_id))
+        self._storage.key_counts.pop(user_id, None)
         return True
 
     def replace_credentials(
@@ -405,6 +433,7 @@ class _SQLiteTransaction:
         self._db.execute(_SQL.delete_account, (user_id,))
         self._db.execute(_SQL.reserve_name, (account.account_name, reserved_until))
         self._storage.audit_numbers.pop(user_id, None)
+        self._storage.key_counts.pop(user_id, None)
         return True
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:
@@ -598,11 +627,11 @@ class _Savepoint(_InBatch):
 
     def __enter__(self) -> Transaction:
         tx = super().__enter__()
-        self._storage._db.execute("SAVEPOINT op")
+        self._tx._db.execute("SAVEPOINT op")
         return tx
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        db = self._storage._db
+        db = self._tx._db
         if exc is None:
             db.execute("RELEASE op")
             return
@@ -704,6 +733,10 @@ class SQLiteStorage:
         #: The last audit entry number and chain hash of each user as committed or written in
         #: the open transaction (see append_audit); forgotten on every rollback.
         self.audit_numbers: dict[bytes, tuple[int, bytes]] = {}
+        #: Each user's number of keys as committed or written in the open transaction, kept by
+        #: insert_secret_below (a store then updates the count without reading it first: the
+        #: update applies only while the row still holds it); forgotten on every rollback.
+        self.key_counts: dict[bytes, int] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(_WAIT_FOR_WRITERS)
@@ -754,8 +787,10 @@ class SQLiteStorage:
         return value
 
     def forget_audit_numbers(self) -> None:
-        """Something was rolled back: the remembered numbers may be ahead of the table."""
+        """Something was rolled back: the remembered audit numbers and key counts may be
+        ahead of the tables."""
         self.audit_numbers.clear()
+        self.key_counts.clear()
 
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite may already have done it)."""

@@ -48,3 +48,15 @@ def test_holds_answers_as_get_does() -> None:
     assert store.holds(user_id, key_id) and not store.holds(other_user, key_id)
     store.delete(user_id, key_id)
     assert not store.holds(user_id, key_id)
+
+
+def test_keep_stores_what_put_of_the_same_record_stores() -> None:
+    """A store's copy is kept with ``keep`` (its fields, no record built): read back as the
+    record ``put`` would have kept, replacing an earlier copy as ``put`` does."""
+    store = LocalStore(":memory:")
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    record = SecretRecord(user_id, key_id, SecretKind.IMPORTED, os.urandom(61), user_id + key_id + b"x", 7)
+    store.keep(user_id, key_id, SecretKind.GENERATED, os.urandom(60), user_id + key_id, 6)
+    store.keep(user_id, key_id, record.kind, record.ciphertext, record.associated_data, record.created)
+    assert store.get(user_id, key_id) == record
+    assert store.key_ids(user_id) == [key_id]

@@ -63,6 +63,31 @@ async def test_each_one_write_operation_writes_one_statement_without_a_savepoint
         assert covered >= _ONE_WRITE - {Op.RETRIEVE_STORAGE_KEY}  # (fetched once, at login)
 
 
+@pytest.mark.anyio
+async def test_a_one_request_store_moves_the_key_count_without_reading_it(tmp_path):
+    """A store of a session holding its next key id, whose key count the storage remembers
+    from the store before: the count's UPDATE, the secret's INSERT, the next key id's check
+    and the audit INSERT (both entries), in a savepoint; no SELECT of the count (issue 14)."""
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(b"lean@example.org", PW)
+        session = await client.login(b"lean@example.org", PW)
+        await session.generate()  # CREATE_KEY_ID, then STORE_SECRET: the count read once
+        statements: list[str] = []
+        world.storage._db.set_trace_callback(statements.append)
+        await session.generate()
+        batch = ("BEGIN", "COMMIT", "PRAGMA")
+        kinds = [" ".join(s.split()[:3]) for s in statements if not s.startswith(batch)]
+        assert kinds == [
+            "SAVEPOINT op",
+            "UPDATE accounts SET",
+            "INSERT INTO secrets",
+            "SELECT 1 FROM",
+            "INSERT INTO audit",
+            "RELEASE op",
+        ], statements
+        assert not any("key_count FROM" in s for s in statements), statements
+
+
 def test_a_retrieve_binds_no_bytes_through_sqlite3s_adapters(tmp_path):
     """sqlite3 asks its adapter registry (and, failing that, the object and the protocol,
     raising and clearing an AttributeError each time) about every parameter that is not

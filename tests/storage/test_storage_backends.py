@@ -123,6 +123,38 @@ def test_a_store_checks_the_key_limit_and_counts_in_its_own_step(storage):
         tx.insert_secret_below(_secret(b"Z" * 16, 9), 5)  # no such account
 
 
+def test_a_store_counts_the_keys_another_opening_or_a_rollback_changed(make_storage):
+    """insert_secret_below after another opening (process) stored or deleted the user's keys,
+    and after a store that was rolled back: the count and the limit are the table's (SQLite
+    remembers each user's count and updates it only while the row still holds it)."""
+    one, other = make_storage(), make_storage()
+    with one.transaction() as tx:
+        tx.insert_account(ALICE)
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 1), 3) == 1
+    with other.transaction() as tx:
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 2), 3) == 2
+    with one.transaction() as tx:  # (one last saw 1 key)
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 3), 3) == 3
+    with other.transaction() as tx:  # (other last saw 2: the table has 3, the limit)
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 4), 3) == 0
+        assert tx.delete_secret(ALICE.user_id, (1).to_bytes(16, "big"))
+    with one.transaction() as tx:  # (one last saw 3: the table has 2)
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 4), 3) == 3
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 5), 3) == 0
+    with other.transaction() as tx:
+        assert tx.delete_secret(ALICE.user_id, (4).to_bytes(16, "big"))
+        assert tx.delete_secret(ALICE.user_id, (3).to_bytes(16, "big"))
+    with pytest.raises(RuntimeError), one.transaction() as tx:
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 6), 3) == 2
+        raise RuntimeError("rolled back")
+    with one.transaction() as tx:
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 7), 3) == 2
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 8), 3) == 3
+        assert tx.insert_secret_below(_secret(ALICE.user_id, 9), 3) == 0
+        assert tx.count_keys(ALICE.user_id) == 3
+        assert [k.key_id[-1] for k in tx.list_keys(ALICE.user_id, 0, 10)[0]] == [2, 7, 8]
+
+
 def test_several_audit_entries_in_one_step_are_numbered_and_chained_as_one_by_one(make_storage):
     """append_audits (a store's entry and its next key id's): numbered and chained as if
     appended one at a time, after entries of either kind, also from a second opening; with

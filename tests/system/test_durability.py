@@ -276,10 +276,21 @@ import sqlite3
 _connect = sqlite3.connect
 
 
+class _StoreSpotter(sqlite3.Cursor):
+    # The storage runs a transaction's statements through a cursor it keeps.
+    def execute(self, sql, *args):
+        if sql.strip().upper().startswith("INSERT INTO SECRETS"):
+            _LazyCommit.storing = True
+        return super().execute(sql, *args)
+
+
 class _LazyCommit(sqlite3.Connection):
     # Commits honestly until the first secret is stored (start-up, migrations, registration and
     # login then do not depend on how many commits they take), then skips every one.
     storing = False
+
+    def cursor(self, factory=_StoreSpotter):
+        return super().cursor(factory)
 
     def execute(self, sql, *args):
         statement = sql.strip().upper()
