@@ -779,7 +779,8 @@ class KeymgmtClient:
         would not free the event loop (it waits for the GIL just the same), and twenty
         of them would contend with it for the GIL. So the steps run here, inline, and
         the reader sleeps briefly after each, letting timers and other tasks in (a zero
-        sleep would requeue this task ahead of timers that fell due meanwhile). The
+        sleep would requeue this task ahead of timers that fell due meanwhile), then
+        yields once more, so that every task ready when it wakes runs before the next step. The
         result goes to the connection that asked; one that failed meanwhile drops it.
 
         What the steps queue (LOGIN_FINISH, REG_UPLOAD) leaves in one write once the
@@ -800,6 +801,10 @@ class KeymgmtClient:
                 if conn is self._conn:
                     self._dispatch_all()
                 await anyio.sleep(0.0005)
+                # Then to the back of the queue once more: woken in the same batch as other
+                # ready tasks, this one may run first (trio picks the order at random), and
+                # the next Argon2 would then start before they ran at all.
+                await anyio.lowlevel.checkpoint()
             await self._send_pending()
 
     async def _supervise(self) -> None:
