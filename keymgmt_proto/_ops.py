@@ -107,9 +107,11 @@ __all__ = [
     "label_ad",
     "open_label",
     "open_secret",
+    "retrieve_fields",
     "seal_label",
     "seal_secret",
     "secret_ad",
+    "secret_answer",
 ]
 
 KEY_ID_SIZE = 16
@@ -718,6 +720,20 @@ def _decode_store_next(body: bytes) -> StoreSecretRequest | None:
     return store
 
 
+def retrieve_fields(body: bytes) -> tuple[bytes, bytes, Context] | None:
+    """The user id, key id and context of a RETRIEVE body of the fixed layout, as
+    :func:`decode_request` reads them, without a RetrieveRequest (the server's commonest
+    request); None for any other body, or a context it would refuse (it reads those)."""
+    if len(body) != _RETRIEVE.size or body[0] != _RETRIEVE_OP:
+        return None
+    _, user_id, key_id, raw_context = _RETRIEVE.unpack(body)
+    context = _CONTEXTS.get(raw_context)
+    return None if context is None else (user_id, key_id, context)
+
+
+_RETRIEVE_OP = int(Op.RETRIEVE)
+
+
 def decode_request(body: bytes) -> OpRequest:
     """Parse a request body; RemoteProtocolError if it is malformed or names no operation."""
     if len(body) == _STORE_NEXT.size and body[0] == Op.STORE_SECRET:
@@ -1034,6 +1050,27 @@ def encode_response(status: Status, response: OpResponse | None = None) -> bytes
         raise ValueError("an OK status needs a response and an error status none")
     head = _U8.pack(status)
     return head if response is None else head + response.encode_fields()
+
+
+def secret_answer(kind: SecretKind, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+    """``encode_response(Status.OK, SecretResponse(kind, ciphertext, associated_data))``
+    without building the response (RETRIEVE's answer); None where SecretResponse would
+    refuse the fields (ValueError)."""
+    size = len(ciphertext) - SEALED_OVERHEAD
+    if not 1 <= size <= MAX_SECRET_SIZE or len(associated_data) > 255:
+        return None
+    if size != GENERATED_SECRET_SIZE and kind is _GENERATED:
+        return None
+    return (
+        _OK_KIND_AND_SIZE.pack(Status.OK, kind, len(ciphertext))
+        + ciphertext
+        + _U8.pack(len(associated_data))
+        + associated_data
+    )
+
+
+_OK_KIND_AND_SIZE = struct.Struct(">BBI")
+_GENERATED = SecretKind.GENERATED
 
 
 #: An OK answer to STORE_SECRET that brings the next key id: status, flag 1, key id, nonce.
