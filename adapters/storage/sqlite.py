@@ -432,6 +432,7 @@ class _SQLiteTransaction:
         credentials: int | None = None,
     ) -> int | None:
         self._storage.sync_needed = True
+        self._storage.checked_credentials.clear()
         statement = _SQL.replace_credentials if credentials is None else _SQL.replace_current_credentials
         params = credentials_params(user_id, registration_record, encrypted_storage_key, now, credentials)
         row = self._db.execute(statement, params).fetchone()
@@ -444,6 +445,7 @@ class _SQLiteTransaction:
         if credentials is not None and account.credentials_changed != credentials:
             raise CredentialsChanged(gone=False)
         self._storage.sync_needed = True
+        self._storage.checked_credentials.clear()
         self._db.execute(_SQL.delete_user_secrets, (user_id,))
         self._db.execute(_SQL.delete_user_audit, (user_id,))
         self._db.execute(_SQL.delete_login_record, (account.account_name,))
@@ -493,11 +495,15 @@ class _SQLiteTransaction:
         # nobody appends during it). Every rollback forgets the numbers, so none is ever
         # skipped, and no hash is ever computed from an entry that was rolled back. With
         # ``credentials`` the same statement checks the account's (INSERT ... SELECT ...
-        # WHERE EXISTS): an entry of a session whose credentials changed inserts no row.
+        # WHERE EXISTS): an entry of a session whose credentials changed inserts no row. Once
+        # that check passed for a user and credentials in the open batch, which holds the
+        # write lock (no other process writes before its commit), the user's next entries
+        # for the same credentials are plain INSERTs: only this batch could change them, and
+        # every change of credentials, every rollback and the batch's end forget the checks.
         storage = self._storage
         if action not in SOFT_AUDIT_ACTIONS:  # (needs_sync, inline)
             storage.sync_needed = True
-        numbers = storage.audit_numbers
+        numbers, checked = storage.audit_numbers, storage.checked_credentials
         remembered = numbers.get(user_id)
         if remembered is not None:
             last, previous = remembered
@@ -521,12 +527,14 @@ class _SQLiteTransaction:
                 _blob(chain_hash),
             )
             try:
-                if credentials is None:
+                if credentials is None or checked.get(user_id) == credentials:
                     self._cursor.execute(_INSERT_AUDIT, values)
                 elif self._cursor.execute(_INSERT_CURRENT_AUDIT, (*values, credentials)).rowcount != 1:
                     # (only when the session must end:) its credentials changed, or the account is gone
                     gone = self._db.execute(_SQL.credentials_changed, (user_id,)).fetchone() is None
                     raise CredentialsChanged(gone)
+                elif storage._batch_depth:
+                    checked[user_id] = credentials
             except sqlite3.IntegrityError:
                 if remembered is None:
                     raise
@@ -637,6 +645,7 @@ class _Batch:
             storage.begin_batch(wait=True)
         storage._batch_begun = False
         storage._batch_depth = 1
+        storage.checked_credentials.clear()
         self._outer = True
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
@@ -650,6 +659,7 @@ class _Batch:
                     return  # (what the block raised goes on)
             finally:
                 storage._batch_depth = 0
+                storage.checked_credentials.clear()
             storage._commit()
         finally:
             storage._writer.release()
@@ -776,6 +786,10 @@ class SQLiteStorage:
         #: insert_secret_below (a store then updates the count without reading it first: the
         #: update applies only while the row still holds it); forgotten on every rollback.
         self.key_counts: dict[bytes, int] = {}
+        #: The credentials version each user's audit entries were checked against in the open
+        #: batch (see append_audit_fields); forgotten with the audit numbers, by a change of
+        #: credentials, and when the batch begins and ends.
+        self.checked_credentials: dict[bytes, int] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(_WAIT_FOR_WRITERS)
@@ -827,9 +841,10 @@ class SQLiteStorage:
 
     def forget_audit_numbers(self) -> None:
         """Something was rolled back: the remembered audit numbers and key counts may be
-        ahead of the tables."""
+        ahead of the tables (and the credentials checked in the batch are checked again)."""
         self.audit_numbers.clear()
         self.key_counts.clear()
+        self.checked_credentials.clear()
 
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite may already have done it)."""
