@@ -268,9 +268,6 @@ class _SQLiteTransaction:
         #: (about 1,000 instructions a statement); each result is read before the next runs.
         self._db = db.cursor()
         self._storage = storage
-        #: RETRIEVE's two statements run on this cursor (db.execute makes a cursor each
-        #: time); each runs to its end (a read of one row by key steps past it: reset).
-        self._cursor = db.cursor()
 
     def get_account(self, account_name: bytes) -> Account | None:
         return account_if_named(
@@ -407,7 +404,7 @@ class _SQLiteTransaction:
         return None if row is None else to_secret(user_id, key_id, row)
 
     def secret_fields(self, user_id: bytes, key_id: bytes) -> tuple[int, bytes, bytes] | None:
-        row = self._cursor.execute(_SQL.secret, (_blob(user_id), _blob(key_id))).fetchone()
+        row = self._db.execute(_SQL.secret, (_blob(user_id), _blob(key_id))).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
@@ -528,8 +525,8 @@ class _SQLiteTransaction:
             )
             try:
                 if credentials is None or checked.get(user_id) == credentials:
-                    self._cursor.execute(_INSERT_AUDIT, values)
-                elif self._cursor.execute(_INSERT_CURRENT_AUDIT, (*values, credentials)).rowcount != 1:
+                    self._db.execute(_INSERT_AUDIT, values)
+                elif self._db.execute(_INSERT_CURRENT_AUDIT, (*values, credentials)).rowcount != 1:
                     # (only when the session must end:) its credentials changed, or the account is gone
                     gone = self._db.execute(_SQL.credentials_changed, (user_id,)).fetchone() is None
                     raise CredentialsChanged(gone)
