@@ -11,6 +11,7 @@ by a count or a deadline and only 127.0.0.1 is used.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +96,30 @@ async def _serve(directory: Path, channel_only: bool, idle_timeout: float | None
             return real(session, user_id, body, registrar=registrar, credentials=credentials)
 
         runtime.keyserver.answer = answer  # type: ignore[method-assign]
+    profile = os.environ.get("KEYMGMT_BENCH_PROFILE")
+    if profile:  # bench.serverprof: SIGUSR1 starts a cProfile of the event loop, SIGUSR2 saves it
+        import cProfile
+
+        profiler = cProfile.Profile()
+        loop = asyncio.get_running_loop()
+
+        def save() -> None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+
+        loop.add_signal_handler(signal.SIGUSR1, profiler.enable)
+        loop.add_signal_handler(signal.SIGUSR2, save)
     async with anyio.create_task_group() as tg:
         port = await tg.start(runtime.run)
         print(f"PORT {port}", flush=True)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
+                if os.environ.get("KEYMGMT_BENCH_STATS"):  # bench.serverprof: batches committed
+                    storage = runtime.keyserver.storage
+                    print(
+                        f"batches {runtime.committer.batches} syncs {getattr(storage, 'syncs', '?')}",
+                        file=sys.stderr,
+                    )
                 runtime.shutdown()
                 break
 
@@ -135,18 +155,32 @@ def server_process(
     *,
     channel_only: bool = False,
     idle_timeout: float | None = None,
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """A key server in a pinned subprocess, with a fresh database, setup and dev PKI
-    (``idle_timeout``: the sessions' idle timeout, when the load takes longer to build)."""
+    (``idle_timeout``: the sessions' idle timeout, when the load takes longer to build;
+    ``prefix``: a command that runs it, e.g. valgrind; ``env``: added to its environment)."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = generate_dev_pki(directory / "pki")
     create_server_setup_file(directory / "server_setup.bin")
-    cmd = [sys.executable, "-m", "bench.netload", "serve", "--dir", str(directory), "--backend", backend]
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "bench.netload",
+        "serve",
+        "--dir",
+        str(directory),
+        "--backend",
+        backend,
+    ]
     if channel_only:
         cmd.append("--channel-only")
     if idle_timeout is not None:
         cmd += ["--idle-timeout", str(idle_timeout)]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # noqa: S603 - our own module
+    environment = None if env is None else {**os.environ, **env}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=environment)  # noqa: S603 - our own module
     try:
         assert process.stdout is not None
         line = process.stdout.readline()

@@ -111,9 +111,11 @@ from ._ops import (
     label_ad,
     open_label,
     open_secret,
+    retrieve_fields,
     seal_label,
     seal_secret,
     secret_ad,
+    secret_answer,
 )
 from ._secrets import (
     MAX_NEXT_KEY_IDS,
@@ -282,8 +284,10 @@ __all__ = [
     "label_ad",
     "open_label",
     "open_secret",
+    "retrieve_fields",
     "seal_label",
     "seal_secret",
     "secret_ad",
+    "secret_answer",
     "session_sealing_key",
 ]

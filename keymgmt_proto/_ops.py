@@ -107,9 +107,11 @@ __all__ = [
     "label_ad",
     "open_label",
     "open_secret",
+    "retrieve_fields",
     "seal_label",
     "seal_secret",
     "secret_ad",
+    "secret_answer",
 ]
 
 KEY_ID_SIZE = 16
@@ -718,6 +720,20 @@ def _decode_store_next(body: bytes) -> StoreSecretRequest | None:
     return store
 
 
+def retrieve_fields(body: bytes) -> tuple[bytes, bytes, Context] | None:
+    """The user id, key id and context of a RETRIEVE body of the fixed layout, as
+    :func:`decode_request` reads them, without a RetrieveRequest (the server's commonest
+    request); None for any other body, or a context it would refuse (it reads those)."""
+    if len(body) != _RETRIEVE.size or body[0] != _RETRIEVE_OP:
+        return None
+    _, user_id, key_id, raw_context = _RETRIEVE.unpack(body)
+    context = _CONTEXTS.get(raw_context)
+    return None if context is None else (user_id, key_id, context)
+
+
+_RETRIEVE_OP = int(Op.RETRIEVE)
+
+
 def decode_request(body: bytes) -> OpRequest:
     """Parse a request body; RemoteProtocolError if it is malformed or names no operation."""
     if len(body) == _STORE_NEXT.size and body[0] == Op.STORE_SECRET:
@@ -1036,6 +1052,26 @@ def encode_response(status: Status, response: OpResponse | None = None) -> bytes
     return head if response is None else head + response.encode_fields()
 
 
+def secret_answer(kind: SecretKind, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+    """``encode_response(Status.OK, SecretResponse(kind, ciphertext, associated_data))``
+    without building the response (RETRIEVE's answer); None where SecretResponse would
+    refuse the fields (ValueError)."""
+    size = len(ciphertext) - SEALED_OVERHEAD
+    if not 1 <= size <= MAX_SECRET_SIZE or len(associated_data) > 255:
+        return None
+    if size != GENERATED_SECRET_SIZE and kind is _GENERATED:
+        return None
+    head = _OK_KIND_AND_SIZE.pack(_STATUS_OK, kind, len(ciphertext))
+    return b"".join((head, ciphertext, _AD_SIZES[len(associated_data)], associated_data))
+
+
+_OK_KIND_AND_SIZE = struct.Struct(">BBI")
+#: Read once (on Python 3.11 an attribute of an Enum class costs about 900 instructions).
+_STATUS_OK, _GENERATED = int(Status.OK), SecretKind.GENERATED
+#: The one-byte length of each associated data size.
+_AD_SIZES = [bytes([size]) for size in range(256)]
+
+
 #: An OK answer to STORE_SECRET that brings the next key id: status, flag 1, key id, nonce.
 _STORED_NEXT = struct.Struct(f">BB{KEY_ID_SIZE}s{KEY_ID_NONCE_SIZE}s")
 
@@ -1312,8 +1348,16 @@ def audit_chain_hash_of(
         raise ValueError("user_id must be 16 bytes")
     if len(previous) != AUDIT_HASH_SIZE:
         raise ValueError(f"the previous hash is {AUDIT_HASH_SIZE} bytes")
-    entry = _encode_entry(entry_id, action, timestamp, outcome, key_id, context, count)
-    return hashlib.sha3_256(_AUDIT_CHAIN_PREFIX + user_id + previous + entry).digest()
+    if key_id is not None and len(key_id) == KEY_ID_SIZE and 1 <= count < 2**32:
+        # (the commonest entry, a request's: _encode_entry's checks and packing, inline)
+        raw_context = 0xFF if context is None else context
+        entry = _ENTRY_WITH_KEY.pack(entry_id, action, timestamp, outcome, count, 1, key_id, raw_context)
+    else:
+        entry = _encode_entry(entry_id, action, timestamp, outcome, key_id, context, count)
+    return _sha3_256(b"".join((_AUDIT_CHAIN_PREFIX, user_id, previous, entry))).digest()
+
+
+_sha3_256 = hashlib.sha3_256
 
 
 def _encode_entry(

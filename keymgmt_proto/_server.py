@@ -101,6 +101,9 @@ _F_LOGIN_RESPONSE = FrameType.LOGIN_RESPONSE
 _F_LOGIN_FINISH = FrameType.LOGIN_FINISH
 _F_RESUME = FrameType.RESUME
 _F_WELCOME = FrameType.WELCOME
+_F_RESPONSE = FrameType.RESPONSE
+_CLOSED, _ESTABLISHED = State.CLOSED, State.ESTABLISHED
+_SEND_RESPONSE = Command.SEND_RESPONSE
 _OPENING = (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME)
 
 
@@ -769,7 +772,7 @@ class ServerConnection(ConnectionBase):
                 if 0 < session_id <= self._highest_session_id:
                     return False
                 raise LocalProtocolError(f"no session {session_id}")
-        if session.state is State.CLOSED:
+        if session.state is _CLOSED:
             self._departed.pop(session_id, None)
             return False
         if request_id not in session.pending:
@@ -780,7 +783,7 @@ class ServerConnection(ConnectionBase):
             if not session.pending:
                 self._departed.pop(session_id, None)
             return delivered
-        self._check(session, Command.SEND_RESPONSE)
+        self._check(session, _SEND_RESPONSE)
         plaintext = Response.encode_fields(request_id, body)
         if 8 + len(plaintext) + 16 > self.config.max_payload:
             raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
@@ -794,8 +797,8 @@ class ServerConnection(ConnectionBase):
             del answered[next(iter(answered))]
         if session_id in self._departed and not session.pending:
             del self._departed[session_id]
-        if session.owner is self and session.state is State.ESTABLISHED:
-            self._send_sealed(session, FrameType.RESPONSE, plaintext)
+        if session.owner is self and session.state is _ESTABLISHED:
+            self._send_sealed(session, _F_RESPONSE, plaintext)
             self._maybe_close_at_limit(session)
         return True
 

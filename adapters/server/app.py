@@ -29,6 +29,7 @@ from keymgmt_proto import (
     AuditResponse,
     ChangePasswordFinishRequest,
     ChangePasswordStartRequest,
+    Context,
     CreateKeyIdRequest,
     DeleteAccountRequest,
     DeleteKeyRequest,
@@ -69,7 +70,9 @@ from keymgmt_proto import (
     decode_request,
     encode_response,
     joint_key_id,
+    retrieve_fields,
     secret_ad,
+    secret_answer,
 )
 
 from ..storage.base import (
@@ -618,6 +621,11 @@ class KeyServer:
         CredentialsChanged is raised: the session must end. After the session's own password
         change, :meth:`take_renewed` has its new version. None skips the check (tests and
         tools calling this directly)."""
+        fields = retrieve_fields(body)
+        if fields is not None:
+            answered = self._retrieve_found(user_id, fields, credentials)
+            if answered is not None:
+                return answered
         now = self.now_us()
         try:
             request = decode_request(body)
@@ -671,6 +679,33 @@ class KeyServer:
             elif held is not None:  # only a session holding a reservation keeps an entry (P4)
                 self._reserved.pop(session, None)
         return _OK + response.encode_fields()  # (encode_response's, without its checks)
+
+    def _retrieve_found(
+        self, user_id: bytes, fields: tuple[bytes, bytes, Context], credentials: int | None
+    ) -> bytes | None:
+        """RETRIEVE of the fixed layout (``retrieve_fields``) of a secret that is there: what
+        :meth:`answer` does, without its request, record and response objects (the server's
+        commonest request). None, with nothing read or written yet but the secret, when the
+        request is not answered OK (another user's id, no such secret, a stored secret that
+        SecretResponse refuses): :meth:`answer` then refuses it, with its audit entry."""
+        request_user, key_id, context = fields
+        if not hmac.compare_digest(request_user, user_id):
+            return None
+        now = self.now_us()
+        try:
+            with self.storage.transaction(atomic=False) as tx:
+                row = tx.secret_fields(user_id, key_id)
+                if row is None:
+                    return None
+                kind = _SECRET_KINDS.get(row[0])
+                answered = None if kind is None else secret_answer(kind, row[1], row[2])
+                if answered is None:
+                    return None
+                tx.append_audit_fields(user_id, _RETRIEVE, now, _SUCCESS, key_id, context, credentials)
+        except CredentialsChanged as changed:
+            self._log_ended(AuditRecord(user_id, _RETRIEVE, now, Outcome.FAILURE, key_id, context), changed)
+            raise
+        return answered
 
     def take_renewed(self, session: SessionHandle) -> int | None:
         """The new credentials version of a session that just changed its password itself
@@ -835,7 +870,9 @@ class KeyServer:
 #: First byte of an OK answer.
 _OK = bytes([Status.OK])
 #: Read once (on Python 3.11 an attribute of an Enum class costs a slow hook: see _server).
-_LOGIN, _SUCCESS = Action.LOGIN, Outcome.SUCCESS
+_LOGIN, _SUCCESS, _RETRIEVE = Action.LOGIN, Outcome.SUCCESS, Action.RETRIEVE
+#: Secret kinds by their stored number (a dict lookup: SecretKind(value) runs Enum's code).
+_SECRET_KINDS: dict[int, SecretKind] = {int(kind): kind for kind in SecretKind}
 #: Op bytes of the requests that end sessions of the account when they succeed.
 _ENDING_SESSIONS = frozenset({bytes([Op.CHANGE_PASSWORD_FINISH]), bytes([Op.DELETE_ACCOUNT])})
 _CHANGE_PASSWORD_FINISH = bytes([Op.CHANGE_PASSWORD_FINISH])

@@ -210,6 +210,11 @@ class Transaction(Protocol):
         """The user's secret; None for a missing key *and* for another user's key (OPS-7)."""
         ...
 
+    def secret_fields(self, user_id: bytes, key_id: bytes) -> tuple[int, bytes, bytes] | None:
+        """:meth:`get_secret`'s kind (the stored number), ciphertext and associated data,
+        without a SecretRecord (RETRIEVE's path)."""
+        ...
+
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
         """The user's keys in creation order from ``offset``, at most ``limit``, and the
         offset of the next page (0 when there is none)."""
@@ -262,6 +267,20 @@ class Transaction(Protocol):
         written only if the account's ``credentials_changed`` is still that: else
         CredentialsChanged and nothing written. The check rides on the append (every request
         writes one), so it costs no statement of its own."""
+        ...
+
+    def append_audit_fields(
+        self,
+        user_id: bytes,
+        action: Action,
+        timestamp: int,
+        outcome: Outcome,
+        key_id: bytes | None,
+        context: Context | None,
+        credentials: int | None = None,
+    ) -> None:
+        """``append_audit(AuditRecord(user_id, action, timestamp, outcome, key_id, context),
+        credentials)`` without building the record (RETRIEVE's path)."""
         ...
 
     def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:

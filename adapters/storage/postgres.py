@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from keymgmt_proto import AuditEntry, KeyInfo
+from keymgmt_proto import Action, AuditEntry, Context, KeyInfo, Outcome
 
 from ..redaction import database_url_secrets, redact_database_url
 from .base import (
@@ -279,6 +279,10 @@ class _PgTransaction:
         row = self._one(_SQL.secret, (user_id, key_id))
         return None if row is None else to_secret(user_id, key_id, row)
 
+    def secret_fields(self, user_id: bytes, key_id: bytes) -> tuple[int, bytes, bytes] | None:
+        row = self._one(_SQL.secret, (user_id, key_id))
+        return None if row is None else (row[0], row[1], row[2])
+
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
         rows = self._conn.execute(_SQL.list_keys, (user_id, rows_to_fetch(limit), offset)).fetchall()
         return key_page(rows, offset, limit)
@@ -336,6 +340,18 @@ class _PgTransaction:
 
     def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
         self.append_audits((record,), credentials)
+
+    def append_audit_fields(
+        self,
+        user_id: bytes,
+        action: Action,
+        timestamp: int,
+        outcome: Outcome,
+        key_id: bytes | None,
+        context: Context | None,
+        credentials: int | None = None,
+    ) -> None:
+        self.append_audits((AuditRecord(user_id, action, timestamp, outcome, key_id, context),), credentials)
 
     def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
         # One UPDATE takes all the numbers; its row lock orders concurrent appends for one

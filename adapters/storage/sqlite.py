@@ -33,7 +33,15 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from keymgmt_proto import AuditEntry, KeyInfo, audit_chain_hash_of
+from keymgmt_proto import (
+    Action,
+    AuditEntry,
+    Context,
+    KeyInfo,
+    Outcome,
+    audit_chain_hash_of,
+    audit_genesis_hash,
+)
 
 from ..files import BUSY_TIMEOUT_MS, enable_wal, ensure_private_file
 from .base import (
@@ -205,6 +213,8 @@ _INSERT_CURRENT_AUDIT = (
 #: One key more for a user whose count the storage remembers (SQLiteStorage.key_counts):
 #: applies only while the row still holds that count. Parameters: user id, the count.
 _ADD_KEY_AT = "UPDATE accounts SET key_count = key_count + 1 WHERE user_id = ? AND key_count = ?"
+#: The chain hash before a user's first entry.
+_GENESIS = audit_genesis_hash()
 _LAST_AUDIT_ENTRY = "SELECT seq, chain_hash FROM audit WHERE user_id = ? ORDER BY seq DESC LIMIT 1"
 #: Users whose last audit number (or key count) the storage remembers (then it starts again).
 _AUDIT_NUMBERS_KEPT = 100_000
@@ -393,6 +403,10 @@ class _SQLiteTransaction:
         row = self._db.execute(_SQL.secret, (_blob(user_id), _blob(key_id))).fetchone()
         return None if row is None else to_secret(user_id, key_id, row)
 
+    def secret_fields(self, user_id: bytes, key_id: bytes) -> tuple[int, bytes, bytes] | None:
+        row = self._db.execute(_SQL.secret, (_blob(user_id), _blob(key_id))).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
         rows = self._db.execute(_SQL.list_keys, (user_id, rows_to_fetch(limit), offset)).fetchall()
         return key_page(rows, offset, limit)
@@ -415,6 +429,7 @@ class _SQLiteTransaction:
         credentials: int | None = None,
     ) -> int | None:
         self._storage.sync_needed = True
+        self._storage.checked_credentials.clear()
         statement = _SQL.replace_credentials if credentials is None else _SQL.replace_current_credentials
         params = credentials_params(user_id, registration_record, encrypted_storage_key, now, credentials)
         row = self._db.execute(statement, params).fetchone()
@@ -427,6 +442,7 @@ class _SQLiteTransaction:
         if credentials is not None and account.credentials_changed != credentials:
             raise CredentialsChanged(gone=False)
         self._storage.sync_needed = True
+        self._storage.checked_credentials.clear()
         self._db.execute(_SQL.delete_user_secrets, (user_id,))
         self._db.execute(_SQL.delete_user_audit, (user_id,))
         self._db.execute(_SQL.delete_login_record, (account.account_name,))
@@ -448,58 +464,86 @@ class _SQLiteTransaction:
         return cursor.rowcount == 1
 
     def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
+        self.append_audit_fields(
+            record.user_id,
+            record.action,
+            record.timestamp,
+            record.outcome,
+            record.key_id,
+            record.context,
+            credentials,
+            record.count,
+        )
+
+    def append_audit_fields(
+        self,
+        user_id: bytes,
+        action: Action,
+        timestamp: int,
+        outcome: Outcome,
+        key_id: bytes | None,
+        context: Context | None,
+        credentials: int | None = None,
+        count: int = 1,
+    ) -> None:
         # Numbered, and chained, from the storage's memory of each user's last number and
         # hash: one statement. A number another process took meanwhile is refused by the
         # primary key, and the last entry is then read again (a batch holds the write lock:
         # nobody appends during it). Every rollback forgets the numbers, so none is ever
         # skipped, and no hash is ever computed from an entry that was rolled back. With
         # ``credentials`` the same statement checks the account's (INSERT ... SELECT ...
-        # WHERE EXISTS): an entry of a session whose credentials changed inserts no row.
-        if record.action not in SOFT_AUDIT_ACTIONS:  # (needs_sync, inline)
-            self._storage.sync_needed = True
-        user_id = record.user_id
-        numbers = self._storage.audit_numbers
+        # WHERE EXISTS): an entry of a session whose credentials changed inserts no row. Once
+        # that check passed for a user and credentials in the open batch, which holds the
+        # write lock (no other process writes before its commit), the user's next entries
+        # for the same credentials are plain INSERTs: only this batch could change them, and
+        # every change of credentials, every rollback and the batch's end forget the checks.
+        storage = self._storage
+        if action not in SOFT_AUDIT_ACTIONS:  # (needs_sync, inline)
+            storage.sync_needed = True
+        numbers, checked = storage.audit_numbers, storage.checked_credentials
         remembered = numbers.get(user_id)
         if remembered is not None:
             last, previous = remembered
-            chain_hash = audit_chain_hash_of(  # (chain_hash_of, inline)
-                user_id,
-                previous,
-                last + 1,
-                record.action,
-                record.timestamp,
-                record.outcome,
-                record.key_id,
-                record.context,
-                record.count,
+        else:
+            row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
+            last, previous = (0, _GENESIS) if row is None else (int(row[0]), row[1])
+        while True:
+            seq = last + 1
+            chain_hash = audit_chain_hash_of(
+                user_id, previous, seq, action, timestamp, outcome, key_id, context, count
+            )
+            values = (
+                _blob(user_id),
+                seq,
+                int(action),
+                timestamp,
+                int(outcome),
+                None if key_id is None else _blob(key_id),
+                None if context is None else int(context),
+                count,
+                _blob(chain_hash),
             )
             try:
-                self._insert_audit(record, last + 1, chain_hash, credentials)
+                if credentials is None or checked.get(user_id) == credentials:
+                    self._db.execute(_INSERT_AUDIT, values)
+                elif self._db.execute(_INSERT_CURRENT_AUDIT, (*values, credentials)).rowcount != 1:
+                    # (only when the session must end:) its credentials changed, or the account is gone
+                    gone = self._db.execute(_SQL.credentials_changed, (user_id,)).fetchone() is None
+                    raise CredentialsChanged(gone)
+                elif storage._batch_depth:
+                    checked[user_id] = credentials
             except sqlite3.IntegrityError:
-                pass
-            else:
-                numbers[user_id] = (last + 1, chain_hash)
-                return
-        row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
-        last = 0 if row is None else int(row[0])
-        chain_hash = chain_hash_of(record, last + 1, None if row is None else row[1])
-        self._insert_audit(record, last + 1, chain_hash, credentials)
-        if len(numbers) >= _AUDIT_NUMBERS_KEPT:
+                if remembered is None:
+                    raise
+                # A number another process took meanwhile: read the last entry again.
+                remembered = None
+                row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
+                last, previous = (0, _GENESIS) if row is None else (int(row[0]), row[1])
+                continue
+            break
+        if remembered is None and len(numbers) >= _AUDIT_NUMBERS_KEPT:
             numbers.clear()
-        numbers[user_id] = (last + 1, chain_hash)
-
-    def _insert_audit(
-        self, record: AuditRecord, seq: int, chain_hash: bytes, credentials: int | None
-    ) -> None:
-        values = _audit_row(record, seq, chain_hash)
-        if credentials is None:
-            self._db.execute(_INSERT_AUDIT, values)
-            return
-        if self._db.execute(_INSERT_CURRENT_AUDIT, (*values, credentials)).rowcount == 1:
-            return
-        # (only when the session must end:) the account's credentials changed, or it is gone
-        gone = self._db.execute(_SQL.credentials_changed, (record.user_id,)).fetchone() is None
-        raise CredentialsChanged(gone)
+        numbers[user_id] = (seq, chain_hash)
 
     def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
         # As append_audit, with every entry in one INSERT (and one credentials check).
@@ -598,6 +642,7 @@ class _Batch:
             storage.begin_batch(wait=True)
         storage._batch_begun = False
         storage._batch_depth = 1
+        storage.checked_credentials.clear()
         self._outer = True
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
@@ -611,6 +656,7 @@ class _Batch:
                     return  # (what the block raised goes on)
             finally:
                 storage._batch_depth = 0
+                storage.checked_credentials.clear()
             storage._commit()
         finally:
             storage._writer.release()
@@ -737,6 +783,10 @@ class SQLiteStorage:
         #: insert_secret_below (a store then updates the count without reading it first: the
         #: update applies only while the row still holds it); forgotten on every rollback.
         self.key_counts: dict[bytes, int] = {}
+        #: The credentials version each user's audit entries were checked against in the open
+        #: batch (see append_audit_fields); forgotten with the audit numbers, by a change of
+        #: credentials, and when the batch begins and ends.
+        self.checked_credentials: dict[bytes, int] = {}
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(_WAIT_FOR_WRITERS)
@@ -788,9 +838,10 @@ class SQLiteStorage:
 
     def forget_audit_numbers(self) -> None:
         """Something was rolled back: the remembered audit numbers and key counts may be
-        ahead of the tables."""
+        ahead of the tables (and the credentials checked in the batch are checked again)."""
         self.audit_numbers.clear()
         self.key_counts.clear()
+        self.checked_credentials.clear()
 
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite may already have done it)."""

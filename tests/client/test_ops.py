@@ -203,13 +203,18 @@ async def test_oversized_and_mislabelled_secrets_are_refused(tmp_path):
 
 
 class _Tampering:
-    """Wraps a transaction so that get_secret returns altered data."""
+    """Wraps a transaction so that get_secret (and secret_fields, the retrieve's read) returns
+    altered data."""
 
     def __init__(self, inner, mode, other_key=None):
         self._inner, self._mode, self._other = inner, mode, other_key
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
+
+    def secret_fields(self, user_id, key_id):
+        record = self.get_secret(user_id, key_id)
+        return None if record is None else (int(record.kind), record.ciphertext, record.associated_data)
 
     def get_secret(self, user_id, key_id):
         record = self._inner.get_secret(user_id, key_id)

@@ -33,6 +33,8 @@ from keymgmt_proto import (
     decode_response,
     encode_response,
     joint_key_id,
+    retrieve_fields,
+    secret_answer,
 )
 from keymgmt_proto.wire import (
     HEADER_SIZE,
@@ -322,3 +324,37 @@ def test_the_chain_hash_of_fields_refuses_what_an_entry_refuses(
 ) -> None:
     with pytest.raises(ValueError):
         audit_chain_hash_of(user_id, previous, 1, Action.RETRIEVE, 0, Outcome.SUCCESS, key_id, None, count)
+
+
+@pytest.mark.parametrize("context", list(Context))
+def test_retrieve_fields_read_what_decode_request_reads(context: Context) -> None:
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    body = RetrieveRequest(user_id, key_id, context).encode()
+    request = decode_request(body)
+    assert isinstance(request, RetrieveRequest)
+    assert (
+        retrieve_fields(body)
+        == (request.user_id, request.key_id, request.context)
+        == (user_id, key_id, context)
+    )
+
+
+def test_retrieve_fields_leave_every_other_body_to_decode_request() -> None:
+    body = RetrieveRequest(os.urandom(16), os.urandom(16), Context.NULL).encode()
+    unknown_context = body[:-1] + bytes([max(Context) + 1])
+    with pytest.raises(RemoteProtocolError):
+        decode_request(unknown_context)
+    others = [b"", body[:-1], body + b"\x00", bytes([Op.LIST_KEYS]) + body[1:], unknown_context]
+    assert [retrieve_fields(other) for other in others] == [None] * len(others)
+
+
+@pytest.mark.parametrize("kind", list(SecretKind))
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 2000])
+@pytest.mark.parametrize("ad_size", [0, 32, 255, 256])
+def test_secret_answer_is_the_encoded_secret_response(kind: SecretKind, size: int, ad_size: int) -> None:
+    ciphertext, ad = os.urandom(size + SEALED_OVERHEAD), os.urandom(ad_size)
+    try:
+        expected: bytes | None = encode_response(Status.OK, SecretResponse(kind, ciphertext, ad))
+    except ValueError:
+        expected = None  # refused by SecretResponse: the caller takes the general path
+    assert secret_answer(kind, ciphertext, ad) == expected

@@ -8,10 +8,26 @@ import sqlite3
 import anyio
 import pytest
 
-from keymgmt.adapters.server.app import _ONE_WRITE
-from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, SecretRecord
+from keymgmt.adapters.server import app as app_module
+from keymgmt.adapters.server.app import _ONE_WRITE, KeyServer
+from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, CredentialsChanged, SecretRecord
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import Action, AuditType, ChangePasswordStartRequest, Context, Op, Outcome, SecretKind
+from keymgmt_proto import (
+    Action,
+    AuditType,
+    ChangePasswordStartRequest,
+    Context,
+    Op,
+    Outcome,
+    RetrieveRequest,
+    SecretKind,
+    SecretResponse,
+    SessionHandle,
+    Status,
+    audit_chain_hash,
+    audit_genesis_hash,
+    encode_response,
+)
 from keymgmt_proto._opaque import client_registration_start
 
 from ..support.keyserver_world import key_server
@@ -121,4 +137,78 @@ def test_a_retrieve_binds_no_bytes_through_sqlite3s_adapters(tmp_path):
         (last,) = tx.query_audit(user_id, AuditQuery(AuditType.ALL, cursor=1))[0]
     written = (last.entry_id, last.action, last.key_id, last.context)
     assert written == (2, Action.RETRIEVE, key_id, Context.NULL)
+    storage.close()
+
+
+def _with_a_secret(directory):
+    directory.mkdir(exist_ok=True)
+    storage = SQLiteStorage(directory / "ks.db")
+    user_id, key_id = bytes(range(16)), os.urandom(16)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"lean@example.org", user_id, bytes(192), bytes(60)))
+        tx.insert_secret(
+            SecretRecord(user_id, key_id, SecretKind.GENERATED, os.urandom(60), os.urandom(32), 1)
+        )
+    return storage, KeyServer(storage), user_id, key_id
+
+
+def _entries(storage, user_id):
+    with storage.transaction() as tx:
+        entries, _ = tx.query_audit(user_id, AuditQuery(AuditType.ALL))
+    return entries
+
+
+def test_a_found_retrieve_is_answered_without_the_general_path(tmp_path, monkeypatch):
+    """RETRIEVE of a secret that is there (the commonest request) builds no request, record or
+    response object (decode_request is not called), and answers and audits exactly as the
+    general path does, chain hash included."""
+    answers, logs = [], []
+    for lean in (False, True):
+        storage, server, user_id, key_id = _with_a_secret(tmp_path / ("lean" if lean else "general"))
+        if lean:
+            monkeypatch.setattr(app_module, "decode_request", _not_called)
+        else:
+            monkeypatch.setattr(app_module, "retrieve_fields", lambda body: None)
+        body = RetrieveRequest(user_id, key_id, Context.LOCAL_ONLY).encode()
+        with storage.batch():
+            answers.append([server.answer(SessionHandle(), user_id, body, credentials=0) for _ in range(3)])
+        logs.append(
+            [(e.entry_id, e.action, e.outcome, e.key_id, e.context) for e in _entries(storage, user_id)]
+        )
+        with storage.transaction() as tx:
+            secret = tx.get_secret(user_id, key_id)
+        assert secret is not None
+        expected = encode_response(
+            Status.OK, SecretResponse(secret.kind, secret.ciphertext, secret.associated_data)
+        )
+        assert answers[-1] == [expected] * 3
+        assert logs[-1] == [
+            (n, Action.RETRIEVE, Outcome.SUCCESS, key_id, Context.LOCAL_ONLY) for n in (1, 2, 3)
+        ]
+        entries = _entries(storage, user_id)
+        previous = audit_genesis_hash()
+        for entry in entries:
+            assert entry.chain_hash == audit_chain_hash(user_id, previous, entry)
+            previous = entry.chain_hash
+        storage.close()
+        monkeypatch.undo()
+
+
+def _not_called(body: bytes) -> None:
+    raise AssertionError("the general path")
+
+
+def test_a_retrieve_the_lean_path_does_not_answer_is_refused_as_before(tmp_path):
+    """No such secret, another user's id, or a session whose credentials changed: refused (or
+    ended) by the general path, with its failure entry."""
+    storage, server, user_id, key_id = _with_a_secret(tmp_path)
+    missing = RetrieveRequest(user_id, os.urandom(16), Context.NULL).encode()
+    assert server.answer(SessionHandle(), user_id, missing, credentials=0) == bytes([Status.NOT_FOUND])
+    other = RetrieveRequest(bytes(16), key_id, Context.NULL).encode()
+    assert server.answer(SessionHandle(), user_id, other, credentials=0) == bytes([Status.WRONG_USER])
+    found = RetrieveRequest(user_id, key_id, Context.NULL).encode()
+    with pytest.raises(CredentialsChanged):
+        server.answer(SessionHandle(), user_id, found, credentials=1)
+    log = [(e.action, e.outcome) for e in _entries(storage, user_id)]
+    assert log == [(Action.RETRIEVE, Outcome.FAILURE)] * 3
     storage.close()

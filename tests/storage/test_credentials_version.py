@@ -188,3 +188,63 @@ def test_postgres_upgrades_a_database_of_the_previous_schema(pg, monkeypatch):
         _check_upgraded(upgraded)
     finally:
         upgraded.close()
+
+
+def _append(tx, n: int, credentials: int) -> None:
+    tx.append_audit_fields(ALICE.user_id, Action.RETRIEVE, n, Outcome.SUCCESS, b"K" * 16, None, credentials)
+
+
+def test_sqlite_checks_a_users_credentials_once_per_batch_and_never_past_a_change(tmp_path):
+    """In a batch (it holds the write lock: no other process writes before its commit) the
+    credentials check of a user's entries runs once; the next entries for the same version
+    are plain INSERTs. A change of credentials or a deletion in the batch, a rollback, and
+    the batch's end forget the check: another process's change between batches, or this
+    batch's own, is still found."""
+    db = SQLiteStorage(tmp_path / "ks.db")
+    other = SQLiteStorage(tmp_path / "ks.db")  # another process, as far as SQLite can tell
+    with db.transaction() as tx:
+        assert tx.insert_account(ALICE)
+    statements: list[str] = []
+    db._db.set_trace_callback(statements.append)
+    with db.batch(), db.transaction(atomic=False) as tx:
+        for n in (1, 2, 3):
+            _append(tx, n, 0)
+    checks = [s for s in statements if "credentials_changed_us" in s and s.startswith("INSERT")]
+    assert len(checks) == 1 and len([s for s in statements if s.startswith("INSERT")]) == 3
+    # Another process changes the password between two batches: the next batch checks again.
+    with other.transaction() as tx:
+        assert tx.replace_credentials(ALICE.user_id, b"n" * 192, b"w" * 60, 5_000) == 5_000
+    with pytest.raises(CredentialsChanged), db.batch(), db.transaction(atomic=False) as tx:
+        _append(tx, 4, 0)
+    # This batch's own change: the check made before it does not hold after it.
+    with pytest.raises(CredentialsChanged), db.batch(), db.transaction() as tx:
+        _append(tx, 5, 5_000)
+        assert tx.replace_credentials(ALICE.user_id, b"o" * 192, b"w" * 60, 6_000) == 6_000
+        _append(tx, 6, 5_000)
+    # (rolled back: the version is 5,000 again) A check made in a savepoint that is rolled back
+    # (here against the version it wrote) is forgotten with it.
+    with pytest.raises(CredentialsChanged), db.batch():
+        with pytest.raises(RuntimeError), db.transaction() as tx:
+            assert tx.replace_credentials(ALICE.user_id, b"o" * 192, b"w" * 60, 6_000) == 6_000
+            _append(tx, 5, 6_000)
+            raise RuntimeError("rolled back")
+        assert db.checked_credentials == {}
+        with db.transaction(atomic=False) as tx:
+            _append(tx, 5, 6_000)
+    with db.batch():
+        with db.transaction(atomic=False) as tx:
+            _append(tx, 5, 5_000)
+            _append(tx, 6, 5_000)
+        assert db.checked_credentials == {ALICE.user_id: 5_000}
+    assert db.checked_credentials == {}
+    with db.transaction() as tx:
+        entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
+    assert [e.timestamp for e in entries] == [1, 2, 3, 5, 6]
+    # A deletion in the batch: the account is gone, as the check says.
+    with pytest.raises(CredentialsChanged) as ended, db.batch(), db.transaction() as tx:
+        _append(tx, 7, 5_000)
+        assert tx.delete_account(ALICE.user_id, 0)
+        _append(tx, 8, 5_000)
+    assert ended.value.gone
+    other.close()
+    db.close()

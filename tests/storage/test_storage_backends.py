@@ -11,12 +11,22 @@ from keymgmt.adapters.storage.base import (
     Account,
     AuditQuery,
     AuditRecord,
+    CredentialsChanged,
     LoginRecord,
     SecretRecord,
     StorageError,
 )
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import MAX_SEALED_SIZE, Action, AuditType, Context, Outcome, SecretKind
+from keymgmt_proto import (
+    MAX_SEALED_SIZE,
+    Action,
+    AuditType,
+    Context,
+    Outcome,
+    SecretKind,
+    audit_chain_hash,
+    audit_genesis_hash,
+)
 
 from ..support.pg import schema_fixture
 
@@ -659,3 +669,35 @@ def test_a_stored_label_no_sealed_label_can_be_is_listed_as_one_that_does_not_op
     assert len(UNOPENABLE_LABEL) == 29 and not any(UNOPENABLE_LABEL)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "28 bytes" in warnings[0] and "256 bytes" in warnings[1]
+
+
+def test_the_retrieve_paths_read_and_entry_are_get_secret_and_append_audits(storage):
+    """secret_fields is get_secret's kind, ciphertext and AD (None alike for a missing key and
+    for another user's, OPS-7); append_audit_fields writes the entry append_audit would,
+    numbered and chained after the others, and checks the session's credentials."""
+    with storage.transaction() as tx:
+        assert tx.insert_account(ALICE)
+        assert tx.insert_account(BOB)
+        secret = SecretRecord(ALICE.user_id, b"k" * 16, SecretKind.GENERATED, bytes(range(60)), b"ad", 5)
+        assert tx.insert_secret(secret)
+    with storage.transaction() as tx:
+        assert tx.secret_fields(ALICE.user_id, b"k" * 16) == (SecretKind.GENERATED, secret.ciphertext, b"ad")
+        assert tx.secret_fields(BOB.user_id, b"k" * 16) is None
+        assert tx.secret_fields(ALICE.user_id, b"x" * 16) is None
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.GENERATE, 1, Outcome.SUCCESS, b"k" * 16))
+        tx.append_audit_fields(ALICE.user_id, Action.RETRIEVE, 2, Outcome.SUCCESS, b"k" * 16, Context.NULL, 0)
+        tx.append_audit_fields(ALICE.user_id, Action.RETRIEVE, 3, Outcome.FAILURE, None, None)
+    with pytest.raises(CredentialsChanged), storage.transaction() as tx:
+        tx.append_audit_fields(ALICE.user_id, Action.RETRIEVE, 4, Outcome.SUCCESS, b"k" * 16, None, 7)
+    with storage.transaction() as tx:
+        entries, _ = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))
+    fields = [(e.entry_id, e.action, e.timestamp, e.outcome, e.key_id, e.context) for e in entries]
+    assert fields == [
+        (1, Action.GENERATE, 1, Outcome.SUCCESS, b"k" * 16, None),
+        (2, Action.RETRIEVE, 2, Outcome.SUCCESS, b"k" * 16, Context.NULL),
+        (3, Action.RETRIEVE, 3, Outcome.FAILURE, None, None),
+    ]
+    previous = audit_genesis_hash()
+    for entry in entries:
+        assert entry.chain_hash == audit_chain_hash(ALICE.user_id, previous, entry)
+        previous = entry.chain_hash
