@@ -753,13 +753,23 @@ async def serve_stream(
     random: RandomSource = os.urandom,
     receive_size: int = 65536,
     on_expired: ExpiryHook | None = None,
+    send_timeout: float = 30.0,
 ) -> None:
     """Serve one connection until the peer closes it or it fails; then close the stream.
 
     ``on_expired`` receives the (user_id, reason) of detached sessions the registry
     expired; by default the app's ``sessions_expired`` method, if it has one.
+    ``send_timeout``: seconds the peer may leave what is sent unread before the
+    connection is dropped (the key server's ``server.send_timeout``).
     """
     driver = ConnectionDriver(
-        stream, setup, app, registry, random=random, receive_size=receive_size, on_expired=on_expired
+        stream,
+        setup,
+        app,
+        registry,
+        random=random,
+        receive_size=receive_size,
+        on_expired=on_expired,
+        send_timeout=send_timeout,
     )
     await driver.run()

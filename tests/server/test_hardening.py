@@ -350,14 +350,16 @@ async def test_a_cancelled_login_is_aborted_before_the_next_one(tmp_path):
 
 
 @pytest.mark.anyio
-async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog):
+@pytest.mark.parametrize("how", ["driver", "serve_stream"])
+async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog, how):
     """A driver stuck in send() would run no timers (its sessions would never expire):
-    a peer that leaves the server's answers unread past send_timeout is dropped."""
+    a peer that leaves the server's answers unread past send_timeout is dropped, also
+    when served with serve_stream (the library's one-call form takes the limit too)."""
     import logging
 
     import anyio
 
-    from keymgmt.adapters.server.driver import ConnectionDriver
+    from keymgmt.adapters.server.driver import ConnectionDriver, serve_stream
     from keymgmt.adapters.testing.streams import memory_stream_pair
     from keymgmt_proto import FrameType
     from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart
@@ -368,9 +370,14 @@ async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog):
     # (refused frames also spend the budget for unproductive input: under load the server
     # could read 1,024 of them before its send blocked and end the connection for that)
     config = ServerConfig(unproductive_burst=10_000_000)
-    driver = ConnectionDriver(
-        server_end, SETUP, KeyServer(storage), SessionRegistry(config), send_timeout=0.3
-    )
+    app, registry = KeyServer(storage), SessionRegistry(config)
+    if how == "driver":
+        serve = ConnectionDriver(server_end, SETUP, app, registry, send_timeout=0.3).run
+    else:
+
+        async def serve() -> None:
+            await serve_stream(server_end, SETUP, app, registry, send_timeout=0.3)
+
     refused = RegStart(b" not a valid name ", bytes(REGISTRATION_REQUEST_SIZE)).encode()
 
     async def flood() -> None:  # each frame draws an ABORT; none is ever read
@@ -386,7 +393,7 @@ async def test_a_peer_that_stops_reading_is_dropped(tmp_path, caplog):
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(flood)
-            await driver.run()
+            await serve()
             tg.cancel_scope.cancel()
     assert any("stopped reading" in r.getMessage() for r in caplog.records)
     storage.close()

@@ -7,6 +7,7 @@ trace in it)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -270,3 +271,64 @@ def test_postgres_two_instances_appending_at_once_keep_one_chain(pg):
     finally:
         first.close()
         second.close()
+
+
+def test_sqlite_two_workers_batching_ahead_never_fail_for_each_other_and_keep_one_chain(tmp_path):
+    """Two connections on one file, as two server workers: batches begun on the loop
+    (begin_batch(wait=False), then wait=True when refused), one-write audit entries without
+    a savepoint (atomic=False: a logout, a refused request's entry), savepoints rolled back
+    in a batch, transactions outside a batch and detached sessions saved, all at once. The
+    busy timeout is left off after a batch begun ahead, so whatever must wait for the other's
+    write lock must turn it back on: nothing fails with "database is locked" (a stress check:
+    test_storage_survivors.py checks each waiting begin deterministically), and every entry
+    written is in the one chain, numbered without a gap, none from a rolled-back savepoint."""
+
+    class Refused(Exception):
+        pass
+
+    first, second = SQLiteStorage(tmp_path / "ks.db"), SQLiteStorage(tmp_path / "ks.db")
+    with first.transaction() as tx:
+        tx.insert_account(_account())
+    errors: list[BaseException] = []
+    written = [0, 0]
+    together = threading.Barrier(2)
+
+    def work(storage: SQLiteStorage, me: int) -> None:
+        try:
+            together.wait(timeout=60)
+            for n in range(1, 61):
+                if n % 3 == 0:  # outside a batch: waits for the other's lock
+                    with storage.transaction() as tx:
+                        tx.append_audit(AuditRecord(ALICE, Action.RETRIEVE, n, Outcome.SUCCESS, KEY))
+                    written[me] += 1
+                    continue
+                if not storage.begin_batch(wait=False):
+                    assert storage.begin_batch(wait=True)
+                with storage.batch():
+                    with storage.transaction(atomic=False) as tx:
+                        tx.append_audit(AuditRecord(ALICE, Action.LOGOUT, n, Outcome.SUCCESS))
+                    with pytest.raises(Refused), storage.transaction() as tx:
+                        tx.append_audit(AuditRecord(ALICE, Action.GENERATE, n, Outcome.SUCCESS, KEY))
+                        raise Refused  # rolled back: no entry, no number taken
+                    with storage.transaction(atomic=False) as tx:
+                        tx.append_audit(AuditRecord(ALICE, Action.RETRIEVE, n, Outcome.FAILURE, KEY))
+                    storage.session_store.save(bytes([me, n]) * 8, b"s" * 64, 1e10)
+                    time.sleep(0.005)  # (holding the write lock: the other must wait)
+                written[me] += 2
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s, m)) for m, s in enumerate((first, second))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors and not any(t.is_alive() for t in threads), errors
+        with first.transaction() as tx:
+            entries, _ = tx.query_audit(ALICE, AuditQuery(AuditType.ALL))
+    finally:
+        first.close()
+        second.close()
+    assert sorted(e.entry_id for e in entries) == list(range(1, sum(written) + 1)) and sum(written) == 200
+    assert _verified_position(entries) == 200
