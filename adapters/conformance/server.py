@@ -164,11 +164,20 @@ class _Policy(Exception):
 _Rule = Callable[..., None]
 _T = TypeVar("_T")
 
+#: What ServerMachine.revive makes, by the name a rule gives it.
+_NEEDS = {
+    "session": "a live session",
+    "records": "a session that has sent records",
+    "pair": "two sessions on one connection",
+}
+
 #: How often the first step of a run tries an opening the server refuses by policy.
 POLICY_RETRIES = 20
 
 
-def _when(condition: Callable[[Any], object], *, after: tuple[str, ...] = ()) -> Callable[[_Rule], _Rule]:
+def _when(
+    condition: Callable[[Any], object], *, after: tuple[str, ...] = (), revive: str | None = None
+) -> Callable[[_Rule], _Rule]:
     """A rule's precondition, checked when the rule runs instead of when Hypothesis picks
     rules: what it reads (the accounts and sessions that exist, the links still open)
     depends on the server's refusals by policy and on timing, which vary from one replay of
@@ -178,12 +187,18 @@ def _when(condition: Callable[[Any], object], *, after: tuple[str, ...] = ()) ->
     ``after``: Hypothesis picks the rule only once one of these rules was picked (what
     makes the condition possible, e.g. a dropped connection before a resume): that depends
     on the picks alone, the same in every replay, and keeps rare rules from being picked
-    (and skipped) in vain."""
+    (and skipped) in vain.
+
+    ``revive``: when the condition does not hold, first make what the rule needs (see
+    ServerMachine.revive: a live session, one that has sent records, two on one
+    connection), so that a rule picked after every session was cut still tests something."""
 
     def wrap(function: _Rule) -> _Rule:
         @functools.wraps(function)
         def checked(self: Any, *args: Any, **kwargs: Any) -> None:
             self.picked.add(function.__name__)
+            if revive is not None and not condition(self):
+                self.revive(revive)
             if condition(self):
                 function(self, *args, **kwargs)
             else:
@@ -1137,11 +1152,33 @@ class ServerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ rules: operations
 
+    def revive(self, need: str) -> None:
+        """Make what a picked rule needs when the run has none of it: a live session
+        (``session``: resume a detached one, else log in), one that has sent records
+        (``records``: a RETRIEVE_STORAGE_KEY on it) or two on one connection (``pair``: one
+        more login there). Refused by policy: the rule is then skipped."""
+        with self.step(f"(the next step needs {_NEEDS[need]}: make it)"):
+            live = self.live_sessions()
+            if not live and self.detached:
+                self.resume_(self.detached[0], self.pick_link(0))
+                live = self.live_sessions()
+            accounts = [a for a in self.accounts if not a.deleted and not a.tainted]
+            if not live or need == "pair":
+                if not accounts or len(self.sessions) >= MAX_SESSIONS:
+                    return
+                link = live[0].link if live and live[0].link is not None else self.pick_link(0)
+                self.do_login(link, accounts[0], accounts[0].name, accounts[0].password)
+                live = self.live_sessions()
+            if need == "records" and live:
+                chosen = live[0]
+                request = RetrieveStorageKeyRequest(chosen.account.user_id)
+                self.call(chosen, request, self.check_storage_key(chosen), "RETRIEVE_STORAGE_KEY")
+
     def live_sessions(self) -> list[Session]:
         return [s for s in self.sessions if s.link is not None and s.link.alive and not s.account.tainted]
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def retrieve_storage_key(self, session: int) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: RETRIEVE_STORAGE_KEY"):
@@ -1153,7 +1190,7 @@ class ServerMachine(RuleBasedStateMachine):
             )
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), kind=st.sampled_from(SecretKind))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def create_key_id(self, session: int, kind: SecretKind) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: CREATE_KEY_ID {kind.name}"):
@@ -1172,7 +1209,7 @@ class ServerMachine(RuleBasedStateMachine):
         size=st.integers(1, 300),
         reuse=st.booleans(),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def store_secret(self, session: int, kind: SecretKind, ask_next: bool, size: int, reuse: bool) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: store a {kind.name} secret"):
@@ -1215,7 +1252,7 @@ class ServerMachine(RuleBasedStateMachine):
         kind=st.sampled_from(SecretKind),
         whose=st.sampled_from(["random", "stored", "other session", "other kind"]),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def store_under_a_key_id_not_reserved(self, session: int, kind: SecretKind, whose: str) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: STORE_SECRET under a key id not reserved for it ({whose})"):
@@ -1256,7 +1293,7 @@ class ServerMachine(RuleBasedStateMachine):
         which=st.sampled_from(["own", "not its own"]),
         context=st.sampled_from(Context),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def retrieve(self, session: int, which: str, context: Context) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         key_id = self.any_key_id(chosen, which)
@@ -1271,7 +1308,7 @@ class ServerMachine(RuleBasedStateMachine):
             )
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), limit=st.sampled_from([MAX_LIST_PAGE, 1, 2, 3]))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def list_keys(self, session: int, limit: int) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: LIST_KEYS, pages of {limit}"):
@@ -1293,7 +1330,7 @@ class ServerMachine(RuleBasedStateMachine):
             )
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), which=st.sampled_from(["own", "not its own"]))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def delete_key(self, session: int, which: str) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         key_id = self.any_key_id(chosen, which)
@@ -1310,7 +1347,7 @@ class ServerMachine(RuleBasedStateMachine):
         which=st.sampled_from(["own", "not its own"]),
         label=st.none() | st.sampled_from(["backup", "ključ", "work key 2"]),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def rename_key(self, session: int, which: str, label: str | None) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         key_id = self.any_key_id(chosen, which)
@@ -1328,7 +1365,7 @@ class ServerMachine(RuleBasedStateMachine):
             )
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), limit=st.sampled_from([MAX_AUDIT_PAGE, 1, 3]))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def audit(self, session: int, limit: int) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: read the whole audit log, pages of {limit}"):
@@ -1339,7 +1376,7 @@ class ServerMachine(RuleBasedStateMachine):
         audit_type=st.sampled_from([AuditType.KEY_ONLY, AuditType.SYSTEM_ONLY]),
         by_key=st.booleans(),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def audit_filtered(self, session: int, audit_type: AuditType, by_key: bool) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         account = chosen.account
@@ -1374,7 +1411,7 @@ class ServerMachine(RuleBasedStateMachine):
             account.log(Action.AUDIT)
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), body=kst.malformed_request_bodies())
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def malformed_request(self, session: int, body: bytes) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: a request body that does not decode ({len(body)} bytes)"):
@@ -1419,7 +1456,7 @@ class ServerMachine(RuleBasedStateMachine):
         op=st.sampled_from([Op.RETRIEVE_STORAGE_KEY, Op.LIST_KEYS, Op.RETRIEVE, Op.DELETE_KEY]),
         other=st.booleans(),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def request_naming_another_user(self, session: int, op: Op, other: bool) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         others = [a.user_id for a in self.accounts if a is not chosen.account]
@@ -1450,7 +1487,7 @@ class ServerMachine(RuleBasedStateMachine):
             self.call(chosen, request, check, f"{op.name} for user {user_id.hex()[:8]}: expect WRONG_USER")
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), count=st.integers(2, 6))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def pipeline(self, session: int, count: int) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: {count} requests in flight at once"):
@@ -1489,7 +1526,7 @@ class ServerMachine(RuleBasedStateMachine):
             account.audit.append(group)
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1))
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def logout(self, session: int) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: log out"):
@@ -1506,7 +1543,7 @@ class ServerMachine(RuleBasedStateMachine):
         return time.monotonic() - session.login_at < 240
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1))
-    @_when(lambda self: any(self.recent(s) for s in self.live_sessions()))
+    @_when(lambda self: any(self.recent(s) for s in self.live_sessions()), revive="session")
     def change_password(self, session: int) -> None:
         chosen: Session = self.pick([s for s in self.live_sessions() if self.recent(s)], session)
         account = chosen.account
@@ -1575,7 +1612,7 @@ class ServerMachine(RuleBasedStateMachine):
                 account.tainted = True  # whether those requests ran is unknown
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1))
-    @_when(lambda self: any(self.recent(s) for s in self.live_sessions()))
+    @_when(lambda self: any(self.recent(s) for s in self.live_sessions()), revive="session")
     def delete_account(self, session: int) -> None:
         chosen: Session = self.pick([s for s in self.live_sessions() if self.recent(s)], session)
         account = chosen.account
@@ -1608,7 +1645,7 @@ class ServerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ rules: connections and resumption
 
     @rule(link=st.integers(0, MAX_LINKS), graceful=st.booleans(), in_flight=st.booleans())
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def cut_connection(self, link: int, graceful: bool, in_flight: bool) -> None:
         links = sorted(
             {id(s.link): s.link for s in self.live_sessions() if s.link}.values(), key=lambda k: k.name
@@ -1744,7 +1781,7 @@ class ServerMachine(RuleBasedStateMachine):
         self.forget(session)
 
     @rule(session=st.integers(0, MAX_SESSIONS - 1), which=st.integers(0, 10))
-    @_when(lambda self: any(s.sealed_frames for s in self.live_sessions()))
+    @_when(lambda self: any(s.sealed_frames for s in self.live_sessions()), revive="records")
     def replay_a_record(self, session: int, which: int) -> None:
         chosen: Session = self.pick([s for s in self.live_sessions() if s.sealed_frames], session)
         frame = self.pick(chosen.sealed_frames, which)
@@ -1763,7 +1800,7 @@ class ServerMachine(RuleBasedStateMachine):
         bit=st.integers(0, 7),
         store=st.booleans(),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def flip_a_bit(self, session: int, position: int, bit: int, store: bool) -> None:
         chosen: Session = self.pick(self.live_sessions(), session)
         with self.step(f"{chosen.label}: send a request with one bit flipped in its record"):
@@ -1813,7 +1850,10 @@ class ServerMachine(RuleBasedStateMachine):
 
     @rule(pair=st.integers(0, 20))
     @_when(
-        lambda self: any(len([s for s in self.live_sessions() if s.link is link]) >= 2 for link in self.links)
+        lambda self: any(
+            len([s for s in self.live_sessions() if s.link is link]) >= 2 for link in self.links
+        ),
+        revive="pair",
     )
     def move_a_record_to_another_session(self, pair: int) -> None:
         groups = [[s for s in self.live_sessions() if s.link is link] for link in self.links]
@@ -1985,7 +2025,7 @@ class ServerMachine(RuleBasedStateMachine):
         ),
         link=st.integers(0, MAX_LINKS),
     )
-    @_when(lambda self: self.live_sessions())
+    @_when(lambda self: self.live_sessions(), revive="session")
     def connection_error(self, kind: str, link: int) -> None:
         links = sorted(
             {id(s.link): s.link for s in self.live_sessions() if s.link}.values(), key=lambda k: k.name
