@@ -7,6 +7,7 @@ leave neither a credentials check nor an audit number behind that is not true.""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -19,9 +20,15 @@ from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
     MAX_SECRET_SIZE,
     Action,
+    AuditEntry,
     Context,
+    ErrorCode,
     Outcome,
+    ResponseReceived,
     RetrieveRequest,
+    SecretOps,
+    SessionClosed,
+    SessionEstablished,
     SessionHandle,
     audit_chain_hash_of,
     audit_genesis_hash,
@@ -273,3 +280,73 @@ def test_a_failed_batch_forgets_its_checks_and_numbers(tmp_path):
     _check_chain(storage)
     other.close()
     storage.close()
+
+
+def test_one_batch_of_frames_from_old_sessions_around_a_password_change(tmp_path):
+    """The protocol, in group-commit batches: one batch holds a retrieve of an old session,
+    the owner's CHANGE_PASSWORD_FINISH, the old session's next retrieve (same connection) and
+    the LOGIN_FINISH of a login that read the old record before the change. The old session
+    has its first answer, then CLOSE(NOT_AUTHORIZED) and no second answer; the late login is
+    established with the old credentials, and its first retrieve (next batch) ends it with
+    no answer and no success entry. The owner's log verifies."""
+    from ..support.helpers import PASSWORD, only, register
+    from .test_accounts_server import ALICE, NEW, _run, _World
+
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    world = _World(storage)
+    owner_pair, pair, late = world.pair(), world.pair(), world.pair()
+    register(owner_pair, ALICE)
+    old = _login(pair, ALICE, PASSWORD)
+    old_ops = SecretOps(old.user_id, old.export_key, os.urandom)
+    (key_id, _copy), _ = _run(pair, old, old_ops.generate(lambda _key_id: False))
+    late.run_opaque_steps = False
+    late.client.open_request_session(ALICE, PASSWORD)
+    (step,) = late.pump()  # the old record, read before the change
+    owner = _login(owner_pair, ALICE, PASSWORD)
+    owner_ops = SecretOps(owner.user_id, owner.export_key, os.urandom)
+    registration, _ = _run(owner_pair, owner, owner_ops.change_password_start(NEW, owner_pair.client.opaque))
+    finish = owner_ops.change_password_finish(registration.run(owner_pair.client.opaque))
+    body = RetrieveRequest(old.user_id, key_id, Context.LOCAL_ONLY).encode()
+    late.client.complete_opaque_step(step.run(late.client.opaque))
+    with world.keyserver.batch():
+        first = pair.client.send_request(old.session_id, body)
+        pair.to_server(pair.client.data_to_send())
+        changed = owner_pair.client.send_request(owner.session_id, next(finish).encode())
+        owner_pair.to_server(owner_pair.client.data_to_send())
+        second = pair.client.send_request(old.session_id, body)
+        pair.to_server(pair.client.data_to_send())
+        late.to_server(late.client.data_to_send())
+    events = pair.pump()
+    answers = {e.request_id: e.body for e in events if isinstance(e, ResponseReceived)}
+    assert set(answers) == {first} and second != first and answers[first][0] == 0
+    assert [(e.session_id, e.code) for e in events if isinstance(e, SessionClosed)] == [
+        (old.session_id, ErrorCode.NOT_AUTHORIZED)
+    ]
+    assert [e.request_id for e in owner_pair.pump() if isinstance(e, ResponseReceived)] == [changed]
+    established = only(late.pump(), SessionEstablished)
+    assert late.server.credentials_version(established.session_id) == 0
+    with world.keyserver.batch():
+        third = late.client.send_request(established.session_id, body)
+        late.to_server(late.client.data_to_send())
+    events = late.pump()
+    assert not [e for e in events if isinstance(e, ResponseReceived) and e.request_id == third]
+    assert [(e.session_id, e.code) for e in events if isinstance(e, SessionClosed)] == [
+        (established.session_id, ErrorCode.NOT_AUTHORIZED)
+    ]
+    entries = [(e.action, e.outcome) for e in _verified(owner_pair, owner, owner_ops)]
+    after = entries[entries.index((Action.CHANGE_PASSWORD, Outcome.SUCCESS)) + 1 :]
+    assert (Action.RETRIEVE, Outcome.SUCCESS) not in after
+    assert (Action.RETRIEVE, Outcome.FAILURE) in after  # the late session's ended request
+    storage.close()
+
+
+def _login(pair, account: bytes, password: bytes) -> SessionEstablished:
+    pair.client.open_request_session(account, password)
+    return next(e for e in pair.pump() if isinstance(e, SessionEstablished))
+
+
+def _verified(pair, session: SessionEstablished, ops: SecretOps) -> list[AuditEntry]:
+    from .test_accounts_server import _run
+
+    verified, _ = _run(pair, session, ops.verify_audit(None))
+    return list(verified.entries)
