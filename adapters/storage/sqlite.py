@@ -505,8 +505,7 @@ class _SQLiteTransaction:
         if remembered is not None:
             last, previous = remembered
         else:
-            row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
-            last, previous = (0, _GENESIS) if row is None else (int(row[0]), row[1])
+            last, previous = self._last_audit_entry(user_id)
         while True:
             seq = last + 1
             chain_hash = audit_chain_hash_of(
@@ -537,13 +536,23 @@ class _SQLiteTransaction:
                     raise
                 # A number another process took meanwhile: read the last entry again.
                 remembered = None
-                row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
-                last, previous = (0, _GENESIS) if row is None else (int(row[0]), row[1])
+                last, previous = self._last_audit_entry(user_id)
                 continue
             break
         if remembered is None and len(numbers) >= _AUDIT_NUMBERS_KEPT:
             numbers.clear()
         numbers[user_id] = (seq, chain_hash)
+
+    def _last_audit_entry(self, user_id: bytes) -> tuple[int, bytes]:
+        """The number and chain hash of the user's last audit entry ((0, the genesis hash)
+        for none). An entry without a hash (written by a release before the audit chain)
+        is a StorageError, as on PostgreSQL: the chain cannot go on from it."""
+        row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
+        if row is None:
+            return 0, _GENESIS
+        if row[1] is None:
+            raise StorageError("the audit entry before is missing or not chained")
+        return int(row[0]), row[1]
 
     def append_audits(self, records: Sequence[AuditRecord], credentials: int | None = None) -> None:
         # As append_audit, with every entry in one INSERT (and one credentials check).
@@ -565,9 +574,7 @@ class _SQLiteTransaction:
                 pass  # a number another process took meanwhile: read the last entry again
             else:
                 return
-        row = self._db.execute(_LAST_AUDIT_ENTRY, (user_id,)).fetchone()
-        last, previous = (0, None) if row is None else (int(row[0]), row[1])
-        written = self._insert_audits(records, last, previous, credentials)
+        written = self._insert_audits(records, *self._last_audit_entry(user_id), credentials)
         if len(numbers) >= _AUDIT_NUMBERS_KEPT:
             numbers.clear()
         numbers[user_id] = written

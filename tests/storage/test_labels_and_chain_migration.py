@@ -169,6 +169,35 @@ def test_sqlite_append_after_another_process_appended_reads_the_chain_again(tmp_
         second.close()
 
 
+@pytest.mark.parametrize("entries", [1, 2])
+def test_sqlite_refuses_to_chain_after_an_entry_without_a_hash(tmp_path, entries):
+    """An entry with no chain hash (only a release before the chain could write one) ends
+    the chain: appending after it is a StorageError, as on PostgreSQL, not an internal
+    error (it was a TypeError) nor a chain silently started again from the genesis hash."""
+    import sqlite3
+
+    from keymgmt.adapters.storage.base import StorageError
+
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    try:
+        with storage.transaction() as tx:
+            tx.insert_account(_account())
+            tx.append_audit(AuditRecord(ALICE, Action.REGISTER, 1, Outcome.SUCCESS))
+    finally:
+        storage.close()
+    raw = sqlite3.connect(tmp_path / "ks.db")
+    raw.execute("UPDATE audit SET chain_hash = NULL WHERE user_id = ?", (ALICE,))
+    raw.commit()
+    raw.close()
+    storage = SQLiteStorage(tmp_path / "ks.db")  # (a new storage remembers no number)
+    try:
+        records = [AuditRecord(ALICE, Action.LOGIN, 2 + n, Outcome.SUCCESS) for n in range(entries)]
+        with pytest.raises(StorageError, match="not chained"), storage.transaction() as tx:
+            tx.append_audits(records)
+    finally:
+        storage.close()
+
+
 def _account():
     from keymgmt.adapters.storage.base import Account
 
