@@ -646,3 +646,35 @@ def test_sqlite_batch_refused_ahead_keeps_the_remembered_audit_numbers(tmp_path)
     assert store.audit_numbers == remembered
     other.close()
     store.close()
+
+
+def test_sqlite_remembered_counts_and_audit_numbers_stay_bounded(tmp_path, monkeypatch):
+    """What SQLiteStorage remembers per user (its key count, its last audit entry) is
+    forgotten wholesale once it holds _AUDIT_NUMBERS_KEPT users, for stores, single entries
+    and runs of entries alike; a run of one entry is written as one."""
+    from keymgmt.adapters.storage import sqlite as module
+
+    monkeypatch.setattr(module, "_AUDIT_NUMBERS_KEPT", 2)
+    store = SQLiteStorage(tmp_path / "ks.db")
+    users = [Account(bytes([65 + i]) * 5, bytes([65 + i]) * 16, b"r" * 192, b"e" * 60, 7) for i in range(3)]
+    for n, user in enumerate(users):
+        with store.transaction() as tx:
+            tx.insert_account(user)
+            assert tx.insert_secret_below(_secret(n, user), 10) == 1
+            tx.append_audit(AuditRecord(user.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS))
+        assert 1 <= len(store.key_counts) <= 2
+        assert 1 <= len(store.audit_numbers) <= 2
+    store.forget_audit_numbers()
+    for user in users:
+        with store.transaction() as tx:
+            tx.append_audits([AuditRecord(user.user_id, Action.RETRIEVE, 2, Outcome.SUCCESS)] * 2)
+        assert 1 <= len(store.audit_numbers) <= 2
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(users[0].user_id, Action.RETRIEVE, 3, Outcome.SUCCESS)])
+    db = sqlite3.connect(tmp_path / "ks.db")
+    rows = db.execute("SELECT count(*) FROM audit WHERE user_id = ?", (users[0].user_id,)).fetchone()
+    assert rows == (4,)
+    db.close()
+    with pytest.raises(ValueError, match="one user"), store.transaction() as tx:
+        tx.append_audits([AuditRecord(u.user_id, Action.RETRIEVE, 4, Outcome.SUCCESS) for u in users[:2]])
+    store.close()
