@@ -678,3 +678,36 @@ def test_sqlite_remembered_counts_and_audit_numbers_stay_bounded(tmp_path, monke
     with pytest.raises(ValueError, match="one user"), store.transaction() as tx:
         tx.append_audits([AuditRecord(u.user_id, Action.RETRIEVE, 4, Outcome.SUCCESS) for u in users[:2]])
     store.close()
+
+
+_DURABLE_WRITES = {
+    "insert_secret": lambda tx: tx.insert_secret(_secret(2)),
+    "insert_secret_below": lambda tx: tx.insert_secret_below(_secret(2), 10),
+    "delete_secret": lambda tx: tx.delete_secret(ALICE.user_id, _secret(1).key_id),
+    "replace_credentials": lambda tx: tx.replace_credentials(ALICE.user_id, b"n" * 192, b"m" * 60, 5),
+    "delete_account": lambda tx: tx.delete_account(ALICE.user_id, 10),
+    "set_label": lambda tx: tx.set_label(ALICE.user_id, _secret(1).key_id, b"L" * 40),
+    "append_audits": lambda tx: tx.append_audits(
+        [AuditRecord(ALICE.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS)] * 2
+    ),
+}
+
+
+@pytest.mark.parametrize("write", sorted(_DURABLE_WRITES))
+def test_sqlite_each_durable_write_syncs_its_commit(tmp_path, write):
+    """Durability: a transaction that only changes an account, a secret, a label or writes
+    a hard audit entry syncs the WAL when it commits (nothing is answered before that);
+    soft entries alone (logins, logouts) do not."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        assert tx.insert_secret(_secret(1))
+    syncs: list[int] = []
+    store._sync = lambda: syncs.append(1)  # type: ignore[method-assign]
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(ALICE.user_id, Action.LOGIN, 1, Outcome.SUCCESS)] * 2)
+    assert syncs == []
+    with store.transaction() as tx:
+        _DURABLE_WRITES[write](tx)
+    assert syncs == [1]
+    store.close()
