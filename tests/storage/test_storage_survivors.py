@@ -711,3 +711,29 @@ def test_sqlite_each_durable_write_syncs_its_commit(tmp_path, write):
         _DURABLE_WRITES[write](tx)
     assert syncs == [1]
     store.close()
+
+
+@pytest.mark.parametrize("write", sorted(_DURABLE_WRITES))
+def test_postgres_each_durable_write_commits_synchronously(open_pg, write):
+    """As for SQLite: such a transaction commits with synchronous_commit on (its commit waits
+    for the WAL flush); soft entries alone, before or after it, commit without waiting."""
+    store = open_pg()
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        assert tx.insert_secret(_secret(1))
+    synchronous: list[bool] = []
+    real = store._before_commit
+
+    def before_commit(conn):  # type: ignore[no-untyped-def]
+        real(conn)
+        synchronous.append(conn.execute("SHOW synchronous_commit").fetchone()[0] != "off")
+
+    store._before_commit = before_commit  # type: ignore[method-assign]
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(ALICE.user_id, Action.LOGIN, 1, Outcome.SUCCESS)] * 2)
+    with store.transaction() as tx:
+        _DURABLE_WRITES[write](tx)
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(BOB.user_id, Action.LOGOUT, 2, Outcome.SUCCESS)] * 2)
+    assert synchronous == [False, True, False]
