@@ -737,3 +737,42 @@ def test_postgres_each_durable_write_commits_synchronously(open_pg, write):
     with store.transaction() as tx:
         tx.append_audits([AuditRecord(BOB.user_id, Action.LOGOUT, 2, Outcome.SUCCESS)] * 2)
     assert synchronous == [False, True, False]
+
+
+def test_sqlite_claiming_or_dropping_stored_sessions_syncs(tmp_path):
+    """A claimed session (lost to a power cut, it could be resumed twice) and a user's
+    dropped sessions (they must not come back) are synced when committed; a save is not."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    syncs: list[int] = []
+    store._sync = lambda: syncs.append(1)  # type: ignore[method-assign]
+    sessions = store.session_store
+    sessions.save(b"h" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+    sessions.save(b"i" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+    assert syncs == []
+    assert sessions.claim(b"h" * 16) == b"sealed"
+    assert syncs == [1]
+    assert sessions.drop_user(ALICE.user_id) == 1
+    assert syncs == [1, 1]
+    store.close()
+
+
+def test_postgres_claiming_or_dropping_stored_sessions_commits_synchronously(open_pg):
+    """As for SQLite, inside a batch: its commit waits for the WAL flush."""
+    store = open_pg()
+    synchronous: list[bool] = []
+    real = store._before_commit
+
+    def before_commit(conn):  # type: ignore[no-untyped-def]
+        real(conn)
+        synchronous.append(conn.execute("SHOW synchronous_commit").fetchone()[0] != "off")
+
+    store._before_commit = before_commit  # type: ignore[method-assign]
+    sessions = store.session_store
+    with store.batch():
+        sessions.save(b"h" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+        sessions.save(b"i" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+    with store.batch():
+        assert sessions.claim(b"h" * 16) == b"sealed"
+    with store.batch():
+        assert sessions.drop_user(ALICE.user_id) == 1
+    assert synchronous == [False, True, True]
