@@ -776,3 +776,23 @@ def test_postgres_claiming_or_dropping_stored_sessions_commits_synchronously(ope
     with store.batch():
         assert sessions.drop_user(ALICE.user_id) == 1
     assert synchronous == [False, True, True]
+
+
+@pytest.mark.parametrize("damage", ["unchained", "missing"])
+def test_postgres_audit_entries_continue_only_a_chained_entry(open_pg, damage):
+    """The audit chain: entries are appended only after a committed entry with its chain
+    hash; one whose predecessor is gone or has no hash is refused (StorageError), and a run
+    of several users' entries is refused outright."""
+    store = open_pg()
+    entry = AuditRecord(ALICE.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS)
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        tx.append_audits([entry])
+    with pytest.raises(ValueError, match="one user"), store.transaction() as tx:
+        tx.append_audits([entry, AuditRecord(BOB.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS)])
+    statement = "UPDATE audit SET chain_hash = NULL" if damage == "unchained" else "DELETE FROM audit"
+    with store._pool.connection() as conn:
+        conn.execute(statement + " WHERE user_id = %s AND seq = 1", (ALICE.user_id,))
+    with pytest.raises(StorageError, match="missing or not chained"), store.transaction() as tx:
+        tx.append_audits([entry, entry])
