@@ -421,20 +421,17 @@ def chain_hash_of(record: AuditRecord, seq: int, previous: bytes | None) -> byte
 _GENESIS = audit_genesis_hash()
 
 
-def fill_audit_chain(run: Callable[[str, Sequence[object]], list[Row]], statements: Statements) -> int:
+def fill_audit_chain(run: Callable[[str, Sequence[object]], list[Row]], statements: Statements) -> None:
     """The migration that adds the audit chain: compute the hash of every entry written
     before it, user by user in entry order from the genesis hash, as if the chain had always
     been there. ``run`` executes a statement in the migration's transaction and returns its
-    rows. Returns how many entries were filled."""
-    filled = 0
+    rows."""
     for (user_id,) in run(statements.unchained_users, ()):
         previous = audit_genesis_hash()
         for row in run(statements.user_audit, (user_id,)):
             entry = _entry(row)
             previous = audit_chain_hash(bytes(user_id), previous, entry)
             run(statements.set_audit_hash, (previous, user_id, entry.entry_id))
-            filled += 1
-    return filled
 
 
 def rows_to_fetch(limit: int) -> int:

@@ -550,9 +550,13 @@ def test_hmac_sha3_is_hmac_sha3_256(key: bytes, message: bytes) -> None:
 
 
 @given(prk=st.binary(min_size=32, max_size=64), info=st.binary(max_size=200), length=st.integers(1, 400))
+@example(prk=bytes(32), info=b"i", length=32)
+@example(prk=bytes(32), info=b"i", length=33)
+@example(prk=bytes(32), info=b"i", length=65)
+@example(prk=bytes(32), info=b"i", length=255 * 32)
 def test_hkdf_expand_sha3_is_rfc5869(prk: bytes, info: bytes, length: int) -> None:
     """HKDF-Expand on HmacSha3, one block (the channel's keys) or many (the decoy's 176 bytes),
-    against cryptography's HKDFExpand."""
+    against cryptography's HKDFExpand; the block boundaries and the longest output always."""
     assert hkdf_expand_sha3(prk, info, length) == _sha3_expand(prk, info, length)
     assert HmacSha3(prk).expand(info, length) == _sha3_expand(prk, info, length)
 

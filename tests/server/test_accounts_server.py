@@ -17,6 +17,7 @@ from keymgmt_proto import (
     Action,
     AuditType,
     ChangePasswordFinishRequest,
+    ChangePasswordStartRequest,
     ClientConnection,
     Context,
     ErrorCode,
@@ -33,6 +34,7 @@ from keymgmt_proto import (
     session_sealing_key,
 )
 from keymgmt_proto._secrets import Plan
+from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE
 
 from ..support.helpers import PASSWORD, login, only, register
 from ..support.keyserver_world import SETUP
@@ -379,3 +381,41 @@ def test_the_changing_session_goes_on_after_moving_to_another_instance(two_stora
     request_id = other.client.send_request(session_id, ListKeysRequest(changing.user_id).encode())
     (answer,) = [e for e in other.pump() if isinstance(e, ResponseReceived) and e.request_id == request_id]
     assert answer.body[:1] == bytes([Status.OK])
+
+
+def test_the_settings_of_deletion_and_reauthentication_are_checked(sqlite_storage):
+    """A negative name reservation or a reauthentication window that is not positive is
+    refused at start-up; no reservation at all and a window under a second are allowed."""
+    for bad in ({"name_reservation": -0.5}, {"reauth_window": 0.0}, {"reauth_window": -1.0}):
+        with pytest.raises(ValueError, match="name_reservation"):
+            KeyServer(sqlite_storage, **bad)  # type: ignore[arg-type]
+    assert KeyServer(sqlite_storage, name_reservation=0.0).name_reservation == 0.0
+    assert KeyServer(sqlite_storage, reauth_window=0.5).reauth_window == 0.5
+
+
+def test_an_old_session_cannot_skip_to_the_password_finish(sqlite_storage):
+    """The reauthentication window holds for CHANGE_PASSWORD_FINISH sent without its start:
+    an old session gets INVALID (not an internal error) and the password stays."""
+    world = _World(sqlite_storage, reauth_window=100.0)
+    pair = world.pair()
+    register(pair, ALICE)
+    session = login(pair, ALICE)
+    pair.advance(120.0)
+    bogus = ChangePasswordFinishRequest(session.user_id, bytes(192), bytes(60))
+    request_id = pair.client.send_request(session.session_id, bogus.encode())
+    (answer,) = [e for e in pair.pump() if isinstance(e, ResponseReceived) and e.request_id == request_id]
+    assert answer.body == bytes([Status.INVALID])
+    login(world.pair(), ALICE)  # the old password still works
+
+
+def test_a_malformed_registration_request_is_refused_as_invalid(sqlite_storage):
+    """CHANGE_PASSWORD_START with bytes that are no blinded element: INVALID, not an
+    internal error."""
+    world = _World(sqlite_storage)
+    pair = world.pair()
+    register(pair, ALICE)
+    session = login(pair, ALICE)
+    bogus = ChangePasswordStartRequest(session.user_id, bytes([0xFF]) * REGISTRATION_REQUEST_SIZE)
+    request_id = pair.client.send_request(session.session_id, bogus.encode())
+    (answer,) = [e for e in pair.pump() if isinstance(e, ResponseReceived) and e.request_id == request_id]
+    assert answer.body == bytes([Status.INVALID])

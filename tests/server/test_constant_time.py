@@ -97,3 +97,16 @@ def test_invitations_compare_tags_and_name_hashes_in_constant_time(compared):
     tag, name = calls
     assert tag.a == tag.b and len(tag.a) == 32  # the HMAC tag
     assert name.a == name.b and len(name.a) == 32  # SHA3-256 of the bound name
+
+
+@pytest.mark.anyio
+async def test_ending_a_users_sessions_compares_user_ids_in_constant_time(tmp_path, compared):
+    """A password change ends the user's other sessions: the registry picks them by user id
+    through compare_digest (which user ids a registry holds is not timing-visible)."""
+    async with key_server(tmp_path) as world, world.client() as client:
+        user_id = await client.register(ALICE, PW)
+        await client.login(ALICE, PW)
+        changing = await client.login(ALICE, PW)
+        await changing.change_password(b"another long enough password")
+
+    assert Call("SessionRegistry.end_user_sessions", user_id, user_id) in compared

@@ -244,6 +244,26 @@ async def test_one_failed_login_reaches_the_owners_log_at_the_next_success(tmp_p
 
 
 @pytest.mark.anyio
+async def test_a_login_logs_its_counted_failures_then_its_success_and_nothing_else(tmp_path):
+    """AUD-1, NET-6: the owner's log of logins is each counted kind once (no entry for a kind
+    with nothing counted) followed by the login's own success."""
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        with pytest.raises(AuthenticationError):
+            await client.login(ALICE, b"wrong")
+        first = await client.login(ALICE, PW)
+        await client.login(ALICE, PW)
+        entries = await first.audit()
+    kinds = (Action.LOGIN, Action.LOGIN_THROTTLED)
+    logins = [(e.action, e.outcome, e.count) for e in entries if e.action in kinds]
+    assert logins == [
+        (Action.LOGIN, Outcome.FAILURE, 1),
+        (Action.LOGIN, Outcome.SUCCESS, 1),
+        (Action.LOGIN, Outcome.SUCCESS, 1),
+    ]
+
+
+@pytest.mark.anyio
 async def test_maintain_forgets_stale_records_into_the_owners_log_and_keeps_the_table_under_its_cap(tmp_path):
     """NET-13: over ``max_records`` the table shrinks to 90% of it, oldest failure first; a
     record is forgotten ``forget_after`` seconds after its last failure. What a forgotten

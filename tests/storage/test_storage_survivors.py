@@ -646,3 +646,153 @@ def test_sqlite_batch_refused_ahead_keeps_the_remembered_audit_numbers(tmp_path)
     assert store.audit_numbers == remembered
     other.close()
     store.close()
+
+
+def test_sqlite_remembered_counts_and_audit_numbers_stay_bounded(tmp_path, monkeypatch):
+    """What SQLiteStorage remembers per user (its key count, its last audit entry) is
+    forgotten wholesale once it holds _AUDIT_NUMBERS_KEPT users, for stores, single entries
+    and runs of entries alike; a run of one entry is written as one."""
+    from keymgmt.adapters.storage import sqlite as module
+
+    monkeypatch.setattr(module, "_AUDIT_NUMBERS_KEPT", 2)
+    store = SQLiteStorage(tmp_path / "ks.db")
+    users = [Account(bytes([65 + i]) * 5, bytes([65 + i]) * 16, b"r" * 192, b"e" * 60, 7) for i in range(3)]
+    for n, user in enumerate(users):
+        with store.transaction() as tx:
+            tx.insert_account(user)
+            assert tx.insert_secret_below(_secret(n, user), 10) == 1
+            tx.append_audit(AuditRecord(user.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS))
+        assert 1 <= len(store.key_counts) <= 2
+        assert 1 <= len(store.audit_numbers) <= 2
+    store.forget_audit_numbers()
+    for user in users:
+        with store.transaction() as tx:
+            tx.append_audits([AuditRecord(user.user_id, Action.RETRIEVE, 2, Outcome.SUCCESS)] * 2)
+        assert 1 <= len(store.audit_numbers) <= 2
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(users[0].user_id, Action.RETRIEVE, 3, Outcome.SUCCESS)])
+    db = sqlite3.connect(tmp_path / "ks.db")
+    rows = db.execute("SELECT count(*) FROM audit WHERE user_id = ?", (users[0].user_id,)).fetchone()
+    assert rows == (4,)
+    db.close()
+    with pytest.raises(ValueError, match="one user"), store.transaction() as tx:
+        tx.append_audits([AuditRecord(u.user_id, Action.RETRIEVE, 4, Outcome.SUCCESS) for u in users[:2]])
+    store.close()
+
+
+_DURABLE_WRITES = {
+    "insert_secret": lambda tx: tx.insert_secret(_secret(2)),
+    "insert_secret_below": lambda tx: tx.insert_secret_below(_secret(2), 10),
+    "delete_secret": lambda tx: tx.delete_secret(ALICE.user_id, _secret(1).key_id),
+    "replace_credentials": lambda tx: tx.replace_credentials(ALICE.user_id, b"n" * 192, b"m" * 60, 5),
+    "delete_account": lambda tx: tx.delete_account(ALICE.user_id, 10),
+    "set_label": lambda tx: tx.set_label(ALICE.user_id, _secret(1).key_id, b"L" * 40),
+    "append_audits": lambda tx: tx.append_audits(
+        [AuditRecord(ALICE.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS)] * 2
+    ),
+}
+
+
+@pytest.mark.parametrize("write", sorted(_DURABLE_WRITES))
+def test_sqlite_each_durable_write_syncs_its_commit(tmp_path, write):
+    """Durability: a transaction that only changes an account, a secret, a label or writes
+    a hard audit entry syncs the WAL when it commits (nothing is answered before that);
+    soft entries alone (logins, logouts) do not."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        assert tx.insert_secret(_secret(1))
+    syncs: list[int] = []
+    store._sync = lambda: syncs.append(1)  # type: ignore[method-assign]
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(ALICE.user_id, Action.LOGIN, 1, Outcome.SUCCESS)] * 2)
+    assert syncs == []
+    with store.transaction() as tx:
+        _DURABLE_WRITES[write](tx)
+    assert syncs == [1]
+    store.close()
+
+
+@pytest.mark.parametrize("write", sorted(_DURABLE_WRITES))
+def test_postgres_each_durable_write_commits_synchronously(open_pg, write):
+    """As for SQLite: such a transaction commits with synchronous_commit on (its commit waits
+    for the WAL flush); soft entries alone, before or after it, commit without waiting."""
+    store = open_pg()
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        assert tx.insert_secret(_secret(1))
+    synchronous: list[bool] = []
+    real = store._before_commit
+
+    def before_commit(conn):  # type: ignore[no-untyped-def]
+        real(conn)
+        synchronous.append(conn.execute("SHOW synchronous_commit").fetchone()[0] != "off")
+
+    store._before_commit = before_commit  # type: ignore[method-assign]
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(ALICE.user_id, Action.LOGIN, 1, Outcome.SUCCESS)] * 2)
+    with store.transaction() as tx:
+        _DURABLE_WRITES[write](tx)
+    with store.transaction() as tx:
+        tx.append_audits([AuditRecord(BOB.user_id, Action.LOGOUT, 2, Outcome.SUCCESS)] * 2)
+    assert synchronous == [False, True, False]
+
+
+def test_sqlite_claiming_or_dropping_stored_sessions_syncs(tmp_path):
+    """A claimed session (lost to a power cut, it could be resumed twice) and a user's
+    dropped sessions (they must not come back) are synced when committed; a save is not."""
+    store = SQLiteStorage(tmp_path / "ks.db")
+    syncs: list[int] = []
+    store._sync = lambda: syncs.append(1)  # type: ignore[method-assign]
+    sessions = store.session_store
+    sessions.save(b"h" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+    sessions.save(b"i" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+    assert syncs == []
+    assert sessions.claim(b"h" * 16) == b"sealed"
+    assert syncs == [1]
+    assert sessions.drop_user(ALICE.user_id) == 1
+    assert syncs == [1, 1]
+    store.close()
+
+
+def test_postgres_claiming_or_dropping_stored_sessions_commits_synchronously(open_pg):
+    """As for SQLite, inside a batch: its commit waits for the WAL flush."""
+    store = open_pg()
+    synchronous: list[bool] = []
+    real = store._before_commit
+
+    def before_commit(conn):  # type: ignore[no-untyped-def]
+        real(conn)
+        synchronous.append(conn.execute("SHOW synchronous_commit").fetchone()[0] != "off")
+
+    store._before_commit = before_commit  # type: ignore[method-assign]
+    sessions = store.session_store
+    with store.batch():
+        sessions.save(b"h" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+        sessions.save(b"i" * 16, b"sealed", time.time() + 60, ALICE.user_id)
+    with store.batch():
+        assert sessions.claim(b"h" * 16) == b"sealed"
+    with store.batch():
+        assert sessions.drop_user(ALICE.user_id) == 1
+    assert synchronous == [False, True, True]
+
+
+@pytest.mark.parametrize("damage", ["unchained", "missing"])
+def test_postgres_audit_entries_continue_only_a_chained_entry(open_pg, damage):
+    """The audit chain: entries are appended only after a committed entry with its chain
+    hash; one whose predecessor is gone or has no hash is refused (StorageError), and a run
+    of several users' entries is refused outright."""
+    store = open_pg()
+    entry = AuditRecord(ALICE.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS)
+    with store.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+        tx.append_audits([entry])
+    with pytest.raises(ValueError, match="one user"), store.transaction() as tx:
+        tx.append_audits([entry, AuditRecord(BOB.user_id, Action.RETRIEVE, 1, Outcome.SUCCESS)])
+    statement = "UPDATE audit SET chain_hash = NULL" if damage == "unchained" else "DELETE FROM audit"
+    with store._pool.connection() as conn:
+        conn.execute(statement + " WHERE user_id = %s AND seq = 1", (ALICE.user_id,))
+    with pytest.raises(StorageError, match="missing or not chained"), store.transaction() as tx:
+        tx.append_audits([entry, entry])
