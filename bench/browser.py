@@ -81,6 +81,9 @@ class _KeepsNothing(LocalStore):
     def put(self, record: SecretRecord) -> None:
         pass
 
+    def keep(self, *fields: object) -> None:  # (a store's copy, without a record)
+        pass
+
 
 async def _python_run(stream: ByteStream, key_id: bytes, requests: int) -> dict[str, float]:
     async with KeymgmtClient(stream, local_store=_KeepsNothing()) as client:
@@ -93,6 +96,8 @@ async def _python_run(stream: ByteStream, key_id: bytes, requests: int) -> dict[
         for _ in range(requests):
             assert await session.retrieve(key_id, Context.LOCAL_ONLY) is not None
         retrieve = (time.perf_counter() - start) / requests
+        # Every retrieve was a round trip: no copy was kept by any path.
+        assert client.local_store.get(session.user_id, key_id) is None
         await session.logout()
     return {"login_ms": login * 1e3, "retrieve_ms": retrieve * 1e3}
 
