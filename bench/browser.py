@@ -81,9 +81,6 @@ class _KeepsNothing(LocalStore):
     def put(self, record: SecretRecord) -> None:
         pass
 
-    def keep(self, *fields: object) -> None:  # (a store's copy, without a record)
-        pass
-
 
 async def _python_run(stream: ByteStream, key_id: bytes, requests: int) -> dict[str, float]:
     async with KeymgmtClient(stream, local_store=_KeepsNothing()) as client:

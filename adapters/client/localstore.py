@@ -85,7 +85,11 @@ class LocalStore:
         associated_data: bytes,
         created: int,
     ) -> None:
-        """:meth:`put` of the record with these fields, without building it (a store's copy)."""
+        """:meth:`put` of the record with these fields, without building it (a store's copy).
+        A subclass that overrides only :meth:`put` still gets every copy through it."""
+        if type(self).put is not LocalStore.put:
+            self.put(SecretRecord(user_id, key_id, kind, ciphertext, associated_data, created))
+            return
         self._db.execute(
             _PUT,
             (_blob(user_id), _blob(key_id), int(kind), _blob(ciphertext), _blob(associated_data), created),

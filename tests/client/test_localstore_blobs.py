@@ -60,3 +60,24 @@ def test_keep_stores_what_put_of_the_same_record_stores() -> None:
     store.keep(user_id, key_id, record.kind, record.ciphertext, record.associated_data, record.created)
     assert store.get(user_id, key_id) == record
     assert store.key_ids(user_id) == [key_id]
+
+
+def test_a_subclass_that_overrides_put_gets_every_copy_through_it() -> None:
+    """``put`` stays the one place a subclass hooks copies (a store that keeps nothing, or
+    mirrors them): the client's ``keep`` goes through an overriding ``put``."""
+
+    class Counting(LocalStore):
+        def __init__(self) -> None:
+            super().__init__(":memory:")
+            self.records: list[SecretRecord] = []
+
+        def put(self, record: SecretRecord) -> None:
+            self.records.append(record)
+
+    store = Counting()
+    user_id, key_id = os.urandom(16), os.urandom(16)
+    store.keep(user_id, key_id, SecretKind.GENERATED, b"c" * 60, user_id + key_id, 5)
+    assert store.records == [
+        SecretRecord(user_id, key_id, SecretKind.GENERATED, b"c" * 60, user_id + key_id, 5)
+    ]
+    assert store.get(user_id, key_id) is None  # kept nothing itself
