@@ -186,3 +186,17 @@ def test_a_flipped_bit_lands_where_the_server_must_authenticate(server_dir: Path
     finally:
         machine.teardown()
         server.stop()
+
+
+def test_a_server_that_refuses_every_opening_is_reported_in_one_line(server_dir: Path) -> None:
+    """The first step retries a refused opening a bounded number of times, then the run
+    stops with what happened (not a hang, not a Hypothesis error)."""
+    server = ServerProcess(
+        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), "all-refusals"]
+    )
+    try:
+        settings = ServerRunSettings(max_examples=3, steps=3, derandomize=True, shrink_time_limit=1)
+        with pytest.raises(ConformanceFailure, match="refused 20 openings in a row by policy"):
+            run_server_conformance(_target(server_dir, server), settings)
+    finally:
+        assert server.stop() == 0

@@ -105,8 +105,8 @@ def tell_that_another_users_key_exists() -> None:
     app.HANDLERS = MappingProxyType({**app.HANDLERS, Op.RETRIEVE: retrieve})  # type: ignore[misc]
 
 
-def refuse_logins_at_random() -> None:
-    """Not broken: about one login or registration in three is refused with
+def refuse_logins_at_random(share: float = 1 / 3) -> None:
+    """Not broken: about one login or registration in three (``share``) is refused with
     ABORT(RATE_LIMITED), at random. A server may refuse by policy (protocol.md 7.1), and how
     often depends on its load and clock, so a run of the machine must not depend on which
     ones were refused."""
@@ -117,11 +117,17 @@ def refuse_logins_at_random() -> None:
     original = admission._BucketAdmission.admit
 
     def admit(self: admission._BucketAdmission, frame_type: FrameType, now: float) -> bool:
-        if frame_type is not FrameType.RESUME and random.random() < 1 / 3:
+        if frame_type is not FrameType.RESUME and random.random() < share:
             return False
         return original(self, frame_type, now)
 
     admission._BucketAdmission.admit = admit  # type: ignore[method-assign]
+
+
+def refuse_every_login() -> None:
+    """Every login and registration refused with ABORT(RATE_LIMITED): allowed, but the
+    machine cannot start a run, and says so."""
+    refuse_logins_at_random(share=1.0)
 
 
 #: Variant name -> the patch that makes it.
@@ -132,6 +138,7 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "unknown-account": answer_an_unknown_account_differently,
     "other-users-key": tell_that_another_users_key_exists,
     "random-refusals": refuse_logins_at_random,  # not broken: policy the machine must allow
+    "all-refusals": refuse_every_login,
 }
 
 
