@@ -30,6 +30,8 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # the server's bounds default to ServerRunSettings' (the README states those)
+    run = ServerRunSettings()
     parser = argparse.ArgumentParser(
         prog="python -m keymgmt.adapters.conformance",
         description="Test a keymgmt server or client implementation against docs/protocol.md.",
@@ -59,20 +61,26 @@ def _parser() -> argparse.ArgumentParser:
         "unbound to a name); env KEYMGMT_INVITATION",
     )
     server.add_argument(
-        "--max-examples", type=int, default=25, help="runs of the machine at most (default 25)"
+        "--max-examples",
+        type=int,
+        default=run.max_examples,
+        help=f"runs of the machine at most (default {run.max_examples})",
     )
-    server.add_argument("--steps", type=int, default=12, help="steps per run at most (default 12)")
+    server.add_argument(
+        "--steps", type=int, default=run.steps, help=f"steps per run at most (default {run.steps})"
+    )
     server.add_argument(
         "--time-limit",
         type=float,
-        default=120.0,
-        help="seconds after which no new batch of 20 runs starts (default 120; not with --derandomize)",
+        default=run.time_limit,
+        help=f"seconds after which no new batch of {run.batch} runs starts "
+        f"(default {run.time_limit:g}; not with --derandomize)",
     )
     server.add_argument(
         "--shrink-time-limit",
         type=float,
-        default=60.0,
-        help="seconds to shrink a failure at most (default 60)",
+        default=run.shrink_time_limit,
+        help=f"seconds to shrink a failure at most (default {run.shrink_time_limit:g})",
     )
     server.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)"
