@@ -7,7 +7,10 @@ over the wire (needs the ``testing`` extra: ``pip install 'keymgmt[testing]'``).
   against it, with valid, adversarial and truncated answers.
 
 From a shell: ``python -m keymgmt.adapters.conformance server --target HOST:PORT --ca CA.pem``
-and ``python -m keymgmt.adapters.conformance client --client-cmd '...'``; see the README,
+and ``python -m keymgmt.adapters.conformance client --client-cmd '...'``;
+``python -m keymgmt.adapters.conformance broken-server VARIANT --config FILE`` serves our
+key server with one protection broken on purpose (:mod:`.broken`), to see the machine
+catch it. See the README,
 "Testing your implementation". Importing :mod:`keymgmt.adapters` does not import this
 package (nor Hypothesis).
 """

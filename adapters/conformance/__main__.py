@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..tls import PKIError
+from .broken import HONEST_VARIANTS, SUMMARIES, VARIANTS, serve_broken
 from .client import DEFAULT_SCENARIOS, ClientScenarioResult, default_scenarios, run_client_conformance
 from .link import Target, parse_target
 from .server import ConformanceFailure, ServerRunSettings, run_server_conformance
@@ -23,6 +24,7 @@ examples:
   python -m keymgmt.adapters.conformance server --target 127.0.0.1:7443 --ca srv/ca.pem
   python -m keymgmt.adapters.conformance server --target keys.example.org:7443 --ca ca.pem \\
       --max-examples 100 --time-limit 600 --invitation-file invitation.txt
+  python -m keymgmt.adapters.conformance broken-server replay --config srv/keymgmt-server.toml
   python -m keymgmt.adapters.conformance client --client-cmd \\
       'keymgmt --server {address} --ca {ca} --account {account} --password-file {password_file} \\
        --no-local-store generate'
@@ -104,7 +106,34 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--show-output", action="store_true", help="print the client's output of failed scenarios"
     )
+    broken = sub.add_parser(
+        "broken-server",
+        help="run keymgmt-server serve with one protection broken on purpose, to see a violation",
+        description="Run the real keymgmt-server serve (one process) with one protection taken out, "
+        "so that the server machine has a bug to find: point `server` at it and it fails with a shrunk "
+        "transcript. For testing only, never for real users. --list shows the variants.",
+    )
+    broken.add_argument("--list", action="store_true", help="list the variants and exit")
+    broken.add_argument("variant", nargs="?", metavar="VARIANT", help="which protection to break (--list)")
+    broken.add_argument(
+        "serve_args",
+        nargs=argparse.REMAINDER,
+        metavar="SERVE-ARGS",
+        help="keymgmt-server serve's arguments, e.g. --config srv/keymgmt-server.toml",
+    )
     return parser
+
+
+def _broken_server(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in VARIANTS:
+            print(f"{name:16} {'policy' if name in HONEST_VARIANTS else 'broken':7} {SUMMARIES[name]}")
+        return 0
+    if args.variant not in VARIANTS:
+        what = "needs a VARIANT" if args.variant is None else f"no variant {args.variant!r}"
+        print(f"error: broken-server {what}: one of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    return serve_broken(args.variant, args.serve_args)
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -193,6 +222,8 @@ def _client(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "broken-server":
+        return _broken_server(args)
     return _server(args) if args.command == "server" else _client(args)
 
 

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-from keymgmt.adapters.conformance.__main__ import _parser
+import pytest
+
+from keymgmt.adapters.conformance.__main__ import _parser, main
+from keymgmt.adapters.conformance.broken import HONEST_VARIANTS, VARIANTS
 from keymgmt.adapters.conformance.link import Target
 from keymgmt.adapters.conformance.server import ServerRunSettings
+from keymgmt_proto import Channel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,3 +42,50 @@ def test_the_server_options_default_to_the_run_settings_the_readme_states() -> N
         stated = re.search(rf"`--{option}` [^`]*?default (\d+)", text)
         assert stated is not None, f"the README states no default for --{option}"
         assert float(stated.group(1)) == expected, (option, stated.group(0))
+
+
+def test_broken_server_lists_its_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broken-server", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(VARIANTS)
+    assert all(
+        line.split()[1] == ("policy" if line.split()[0] in HONEST_VARIANTS else "broken") for line in lines
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["broken-server"], "broken-server needs a VARIANT"),
+        (["broken-server", "nope", "--config", "x.toml"], "no variant 'nope'"),
+        # workers are separate processes started unpatched: they would serve an honest server
+        (["broken-server", "replay", "--workers", "2", "--config", "x.toml"], "runs one process"),
+        (["broken-server", "replay", "--workers=2", "--config", "x.toml"], "runs one process"),
+    ],
+)
+def test_broken_server_refuses_in_one_line_before_patching_anything(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    open_payload = Channel.open_payload
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert Channel.open_payload is open_payload
+
+
+def test_broken_server_serves_in_one_process_whatever_the_settings_say(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """server.workers (or KEYMGMT_WORKERS) above 1 would start unpatched worker processes:
+    broken-server sets KEYMGMT_WORKERS=1, which overrides the file, then runs `serve`."""
+    from keymgmt.adapters.cli import server
+
+    seen: list[tuple[list[str], str | None]] = []
+    monkeypatch.setenv("KEYMGMT_WORKERS", "4")
+    monkeypatch.setitem(VARIANTS, "replay", lambda: None)  # nothing patched in this process
+    monkeypatch.setattr(
+        server, "main", lambda argv: seen.append((argv, os.environ.get("KEYMGMT_WORKERS"))) or 0
+    )
+    assert main(["broken-server", "replay", "--config", "x.toml", "--log-level", "DEBUG"]) == 0
+    assert seen == [(["serve", "--config", "x.toml", "--log-level", "DEBUG"], "1")]
+    assert "BROKEN on purpose (replay): opens a replayed record" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The server conformance machine against real key servers over loopback TLS 1.3: our own
-passes it, and each deliberately broken variant (tests/support/broken_server.py: one
-protection taken out, in the server process only) fails it with a shrunk transcript that
+passes it, and each deliberately broken variant (keymgmt.adapters.conformance.broken, run
+as ``python -m keymgmt.adapters.conformance broken-server VARIANT``: one protection taken
+out, in the server process only) fails it with a shrunk transcript that
 names the broken rule.
 
 Each run is short (few examples, derandomized, a few seconds of shrinking): real OPAQUE
@@ -17,9 +18,15 @@ from pathlib import Path
 import pytest
 
 from keymgmt.adapters.conformance import ConformanceFailure, ServerRunSettings, Target, run_server_conformance
+from keymgmt.adapters.conformance.broken import HONEST_VARIANTS, VARIANTS
 from tests.support.server_proc import SERVER, ServerProcess, init_server_dir
 
-BROKEN_SERVER = Path(__file__).resolve().parents[1] / "support" / "broken_server.py"
+
+def _broken(variant: str) -> list[str]:
+    """The command that serves ``variant`` (its ``serve`` arguments follow)."""
+    return [sys.executable, "-m", "keymgmt.adapters.conformance", "broken-server", variant]
+
+
 #: The machine's logins and registrations from one address: more than the default per-address
 #: admission allows (the model counts RATE_LIMITED as policy, but the runs would do less).
 FAST_ADMISSION = {"KEYMGMT_ADMISSION_RATE": "1000", "KEYMGMT_ADMISSION_BURST": "1000"}
@@ -64,11 +71,13 @@ BROKEN = {
 }
 
 
+def test_every_broken_variant_the_package_ships_is_checked_here() -> None:
+    assert set(BROKEN) == set(VARIANTS) - HONEST_VARIANTS
+
+
 @pytest.mark.parametrize("variant", sorted(BROKEN))
 def test_a_broken_server_fails_with_a_shrunk_transcript(server_dir: Path, variant: str) -> None:
-    server = ServerProcess(
-        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), variant]
-    )
+    server = ServerProcess(server_dir, env=FAST_ADMISSION, program=_broken(variant))
     try:
         # (80 runs: which sessions a run has depends on the server's timing, e.g. a second
         # login of one account in flight may be THROTTLED, so under load a run can take
@@ -156,9 +165,7 @@ def test_refusals_by_policy_at_random_do_not_confuse_the_machine(server_dir: Pat
     random (allowed policy: protocol.md 7.1), passes. Which ones are refused varies from one
     replay of the same steps to the next, as a loaded server's refusals do; the machine's
     choice of rules must not depend on them, or Hypothesis stops the run as flaky."""
-    server = ServerProcess(
-        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), "random-refusals"]
-    )
+    server = ServerProcess(server_dir, env=FAST_ADMISSION, program=_broken("random-refusals"))
     try:
         settings = ServerRunSettings(max_examples=12, steps=15, derandomize=True, time_limit=60)
         report = run_server_conformance(_target(server_dir, server), settings)
@@ -174,9 +181,7 @@ def test_a_flipped_bit_lands_where_the_server_must_authenticate(server_dir: Path
     again: with one derandomized seed every flip of 80 runs landed on payload byte 3."""
     from keymgmt.adapters.conformance.server import ServerMachine, _Run
 
-    server = ServerProcess(
-        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), "bit-flip"]
-    )
+    server = ServerProcess(server_dir, env=FAST_ADMISSION, program=_broken("bit-flip"))
     run = _Run(_target(server_dir, server), ServerRunSettings())
     machine = type("Scripted", (ServerMachine,), {"run": run})()
     try:
@@ -191,9 +196,7 @@ def test_a_flipped_bit_lands_where_the_server_must_authenticate(server_dir: Path
 def test_a_server_that_refuses_every_opening_is_reported_in_one_line(server_dir: Path) -> None:
     """The first step retries a refused opening a bounded number of times, then the run
     stops with what happened (not a hang, not a Hypothesis error)."""
-    server = ServerProcess(
-        server_dir, env=FAST_ADMISSION, program=[sys.executable, str(BROKEN_SERVER), "all-refusals"]
-    )
+    server = ServerProcess(server_dir, env=FAST_ADMISSION, program=_broken("all-refusals"))
     try:
         settings = ServerRunSettings(max_examples=3, steps=3, derandomize=True, shrink_time_limit=1)
         with pytest.raises(ConformanceFailure, match="refused 20 openings in a row by policy"):

@@ -10,6 +10,7 @@ part of the suite from the unpacked sdist against that installation
 from __future__ import annotations
 
 import email.parser
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -144,37 +145,100 @@ def test_the_sdist_tests_run_against_the_installed_wheel(sdist: Path, tmp_path: 
     assert " passed" in result.stdout and "failed" not in result.stdout
 
 
+#: Run with ``python -P -S`` and the installation's folders alone on PYTHONPATH: imports what
+#: the harness imports (the server and client modes, the broken variants, both command lines,
+#: the strategies) and prints every module loaded from neither folder nor the standard library.
+HARNESS_IMPORTS = """
+import os, sys, sysconfig
+import keymgmt, keymgmt_proto.strategies, keymgmt.adapters.cli.client, keymgmt.adapters.cli.server
+import keymgmt.adapters.conformance, keymgmt.adapters.conformance.__main__
+import keymgmt.adapters.conformance.broken
+allowed = (*os.environ["PYTHONPATH"].split(os.pathsep), sysconfig.get_paths()["stdlib"])
+print(sorted(
+    n for n, m in list(sys.modules.items())
+    if (getattr(m, "__file__", None) or "").startswith("/") and not m.__file__.startswith(allowed)
+))
+"""
+
+
+def _requirement_names(requires: list[str] | None, extra: str = "") -> list[str]:
+    """The distributions that Requires-Dist lines ``requires`` name for this interpreter,
+    with ``extra`` asked for (pytest brings ``packaging``, pip's parser of them)."""
+    from packaging.requirements import Requirement
+
+    names = []
+    for line in requires or []:
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": extra}):
+            names.append(requirement.name)
+    return names
+
+
+def _testing_extra_dependencies(site: Path, into: Path) -> list[str]:
+    """What ``pip install 'keymgmt[testing]'`` brings besides keymgmt, as links in ``into``
+    to this environment's copies: the installed wheel's requirements and its testing extra,
+    and what those require in turn (no extras). Anything else a module of the harness
+    imports is missing there, as in a user's fresh environment."""
+    (dist_info,) = site.glob("keymgmt-*.dist-info")
+    todo = _requirement_names(importlib.metadata.Distribution.at(dist_info).requires, "testing")
+    into.mkdir()
+    done: list[str] = []
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        name = dist.metadata["Name"]
+        if name in done:
+            continue
+        done.append(name)
+        todo.extend(_requirement_names(dist.requires))
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")}:
+            source = Path(str(dist.locate_file(top)))
+            if source.exists() and not (into / top).exists():
+                (into / top).symlink_to(source)
+    return sorted(done)
+
+
 def _installed(tmp_path: Path, sdist: Path) -> tuple[Path, dict[str, str]]:
     """The package from the sdist installed alone into a scratch folder, and an environment
-    that imports it from there (never from this checkout)."""
+    that imports it from there (never from this checkout) and its dependencies with the
+    testing extra from a folder of their own: run ``python -P -S`` with it. -S keeps this
+    environment's site-packages away, and with it the editable install's import hook, which
+    would find a package the wheel lacks in this checkout."""
     site = tmp_path / "site"
     subprocess.run(
         [*PIP_INSTALL, "--target", str(site), str(sdist)], check=True, capture_output=True, timeout=300
     )
+    deps = tmp_path / "deps"
+    assert "hypothesis" in _testing_extra_dependencies(site, deps)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYMGMT_", "PYTHON"))}
-    env.update(PYTHONPATH=str(site), KEYMGMT_ADMISSION_RATE="1000", KEYMGMT_ADMISSION_BURST="1000")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(site), str(deps)]),
+        KEYMGMT_ADMISSION_RATE="1000",
+        KEYMGMT_ADMISSION_BURST="1000",
+    )
     return site, env
 
 
 def test_the_installed_package_runs_the_conformance_harness(sdist: Path, tmp_path: Path) -> None:
-    """Issue 18, done when: with only the installed package (no checkout on sys.path: -P and
-    a scratch working folder), `keymgmt-server` runs and `python -m keymgmt.adapters.conformance
-    server` passes against it; against a server with a protection broken it prints a shrunk
-    transcript and exits 1."""
-    site, env = _installed(tmp_path, sdist)
+    """Issue 18, done when: with only the installed package (no checkout on sys.path: -P, -S
+    and a scratch working folder), `keymgmt-server` runs and `python -m
+    keymgmt.adapters.conformance server` passes against it; against the package's own
+    broken variant (`broken-server unknown-account`) it prints a shrunk transcript and exits
+    1. Every module the harness imports comes from the installation or the dependencies
+    that it and its testing extra declare."""
+    _site, env = _installed(tmp_path, sdist)
     work = tmp_path / "work"
     work.mkdir()
-    python = [sys.executable, "-P"]
+    python = [sys.executable, "-P", "-S"]
     where = subprocess.run(
-        [*python, "-c", "import keymgmt_proto, keymgmt.adapters.conformance as c; print(c.__file__)"],
+        [*python, "-c", HARNESS_IMPORTS],
         cwd=work,
         env=env,
         capture_output=True,
         text=True,
-        check=True,
         timeout=60,
     )
-    assert where.stdout.startswith(str(site)), where.stdout
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert where.stdout == "[]\n", f"loaded from elsewhere: {where.stdout}"
     subprocess.run(
         [*python, "-m", "keymgmt.adapters.cli.server", "init", "--dir", "srv", "--port", "0"],
         cwd=work,
@@ -183,15 +247,13 @@ def test_the_installed_package_runs_the_conformance_harness(sdist: Path, tmp_pat
         capture_output=True,
         timeout=60,
     )
-    # a broken server: someone's own, here our test's variant copied next to the scratch folder
-    broken = work / "broken_server.py"
-    shutil.copy(ROOT / "tests" / "support" / "broken_server.py", broken)
+    harness = [*python, "-m", "keymgmt.adapters.conformance"]
     for program, expect in (
-        (["-m", "keymgmt.adapters.cli.server"], 0),
-        ([str(broken), "unknown-account"], 1),
+        ([*python, "-m", "keymgmt.adapters.cli.server", "serve"], 0),
+        ([*harness, "broken-server", "unknown-account"], 1),
     ):
         server = subprocess.Popen(
-            [*python, *program, "serve", "--config", "srv/keymgmt-server.toml"],
+            [*program, "--config", "srv/keymgmt-server.toml"],
             cwd=work,
             env=env,
             stdout=subprocess.PIPE,
@@ -205,9 +267,7 @@ def test_the_installed_package_runs_the_conformance_harness(sdist: Path, tmp_pat
             port = line.rsplit(":", 1)[1].strip()
             run = subprocess.run(
                 [
-                    *python,
-                    "-m",
-                    "keymgmt.adapters.conformance",
+                    *harness,
                     "server",
                     "--target",
                     f"127.0.0.1:{port}",

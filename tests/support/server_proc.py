@@ -43,8 +43,8 @@ class ServerProcess:
     """One running server. ``backend=None`` runs the real ``keymgmt-server serve`` (asyncio);
     ``"asyncio"``/``"trio"`` run tests/support/serve_backend.py on that backend. ``args``
     are added to the command line (e.g. ``("--workers", "2")``). ``program`` replaces the
-    ``keymgmt-server`` command (e.g. tests/support/broken_server.py with its variant); the
-    ``serve`` arguments follow it."""
+    ``keymgmt-server serve`` command (e.g. ``python -m keymgmt.adapters.conformance
+    broken-server VARIANT``); the ``serve`` arguments follow it."""
 
     def __init__(
         self,
@@ -61,7 +61,7 @@ class ServerProcess:
         self.directory = directory
         config = str(directory / CONFIG_NAME)
         if program is not None:
-            command = [*program, "serve", "--config", config]
+            command = [*program, "--config", config]
         elif backend is None:
             command = [*SERVER, "serve", "--config", config]
         else:

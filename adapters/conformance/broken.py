@@ -1,14 +1,18 @@
-"""``keymgmt-server`` with one protection broken on purpose: the targets the conformance
-machine must catch (tests/conformance/test_server_machine.py).
+"""``keymgmt-server`` with one protection broken on purpose: targets that show what the
+server conformance machine reports when a key server breaks a rule of docs/protocol.md.
 
-Run as ``python tests/support/broken_server.py VARIANT serve --config FILE ...``: the
-variant's patch is applied in this process only (the server's), then the real
-``keymgmt-server`` main runs. Each patch is the smallest change that breaks one rule of
-docs/protocol.md; :data:`VARIANTS` says which.
+``python -m keymgmt.adapters.conformance broken-server VARIANT --config FILE`` applies the
+variant's patch in its own process only, then runs the real ``keymgmt-server serve`` with
+the rest of the arguments (one process: ``--workers`` is refused and ``KEYMGMT_WORKERS`` set
+to 1, since workers would run the unbroken server). Each patch is the smallest change that
+breaks one rule; :data:`VARIANTS` names them. Never serve real users with it: it is there so
+that someone with only the installed package can see the machine catch a real bug, and so
+that tests/conformance/ can check that it does.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Callable
@@ -51,8 +55,8 @@ def accept_a_bit_flipped_record() -> None:
             if "authentication" not in str(exc):
                 raise
         (seq,) = struct.unpack_from(">Q", payload)
-        nonce = (self._recv_iv ^ seq).to_bytes(12, "big")  # type: ignore[attr-defined]
-        stream = Cipher(algorithms.ChaCha20(self._recv_key, (1).to_bytes(4, "little") + nonce), None)  # type: ignore[attr-defined]
+        nonce = (self._recv_iv ^ seq).to_bytes(12, "big")
+        stream = Cipher(algorithms.ChaCha20(self._recv_key, (1).to_bytes(4, "little") + nonce), None)
         self.recv_seq = seq + 1
         return stream.decryptor().update(payload[8:-16])
 
@@ -75,7 +79,7 @@ def reuse_a_sequence_number() -> None:
 def answer_an_unknown_account_differently() -> None:
     """A login to a name nobody registered is refused at once, before LOGIN_RESPONSE, where
     a wrong password gets LOGIN_RESPONSE and fails later (NET-9: they must look the same)."""
-    from keymgmt.adapters.server import app
+    from ..server import app
 
     original = app.KeyServer._on_login_requested
 
@@ -93,7 +97,7 @@ def answer_an_unknown_account_differently() -> None:
 def tell_that_another_users_key_exists() -> None:
     """RETRIEVE of a key id another user stores answers WRONG_USER instead of the NOT_FOUND a
     missing key gets (OPS-7: exactly the same one byte)."""
-    from keymgmt.adapters.server import app
+    from ..server import app
 
     original = app.HANDLERS[Op.RETRIEVE]
 
@@ -102,7 +106,7 @@ def tell_that_another_users_key_exists() -> None:
             raise app._Refused(Status.WRONG_USER, Action.RETRIEVE, request.key_id)
         return original(self, op, request)
 
-    app.HANDLERS = MappingProxyType({**app.HANDLERS, Op.RETRIEVE: retrieve})  # type: ignore[misc]
+    app.HANDLERS = MappingProxyType({**app.HANDLERS, Op.RETRIEVE: retrieve})
 
 
 def refuse_logins_at_random(share: float = 1 / 3) -> None:
@@ -112,12 +116,12 @@ def refuse_logins_at_random(share: float = 1 / 3) -> None:
     ones were refused."""
     import random
 
-    from keymgmt.adapters.server import admission
+    from ..server import admission
 
     original = admission._BucketAdmission.admit
 
     def admit(self: admission._BucketAdmission, frame_type: FrameType, now: float) -> bool:
-        if frame_type is not FrameType.RESUME and random.random() < share:
+        if frame_type is not FrameType.RESUME and random.random() < share:  # noqa: S311 - not a secret
             return False
         return original(self, frame_type, now)
 
@@ -142,12 +146,37 @@ VARIANTS: dict[str, Callable[[], None]] = {
 }
 
 
-def main(argv: list[str]) -> int:
-    VARIANTS[argv[0]]()
-    from keymgmt.adapters.cli.server import main as server_main
-
-    return server_main(argv[1:])
+#: The variants that are not broken: a server's policy the machine must allow.
+HONEST_VARIANTS = frozenset({"random-refusals", "all-refusals"})
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+#: Variant name -> what it does, in one line (``--list``; the server's first log line).
+SUMMARIES: dict[str, str] = {
+    "replay": "opens a replayed record (protocol.md 5.3)",
+    "bit-flip": "opens a record whose tag does not verify (protocol.md 5.2)",
+    "sequence-reuse": "seals each RESPONSE at the sequence number before it (protocol.md 5.3)",
+    "unknown-account": "refuses a login to an unknown name at once, unlike a wrong password (NET-9)",
+    "other-users-key": "answers WRONG_USER for another user's key, not NOT_FOUND (OPS-7)",
+    "random-refusals": "refuses a third of the openings RATE_LIMITED, at random",
+    "all-refusals": "refuses every opening RATE_LIMITED (no run can start)",
+}
+
+
+def serve_broken(variant: str, serve_args: list[str]) -> int:
+    """Apply ``variant``'s patch to this process, then run ``keymgmt-server serve
+    *serve_args`` in it (one process). Returns its exit status; 2 for ``--workers``."""
+    if any(arg == "--workers" or arg.startswith("--workers=") for arg in serve_args):
+        print("error: broken-server runs one process: --workers would serve unbroken", file=sys.stderr)
+        return 2
+    os.environ["KEYMGMT_WORKERS"] = "1"
+    VARIANTS[variant]()
+    kind = "policy" if variant in HONEST_VARIANTS else "BROKEN on purpose"
+    print(
+        f"keymgmt-server, {kind} ({variant}): {SUMMARIES[variant]}; for testing the conformance "
+        "machine only, never for real users",
+        file=sys.stderr,
+        flush=True,
+    )
+    from ..cli.server import main as server_main
+
+    return server_main(["serve", *serve_args])
