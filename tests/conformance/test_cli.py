@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,27 @@ def test_broken_server_serves_in_one_process_whatever_the_settings_say(
     assert main(["broken-server", "replay", "--config", "x.toml", "--log-level", "DEBUG"]) == 0
     assert seen == [(["serve", "--config", "x.toml", "--log-level", "DEBUG"], "1")]
     assert "BROKEN on purpose (replay): opens a replayed record" in capsys.readouterr().err
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``python -m keymgmt.adapters.conformance`` command of the README's shell
+    blocks, continuation lines joined, without redirections and ``&``."""
+    readme = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if words[:3] == ["python", "-m", "keymgmt.adapters.conformance"]:
+                commands.append([w for w in words[3:] if w != "&" and not re.match(r"\d?>", w)])
+    return commands
+
+
+def test_the_readme_commands_parse_and_name_real_variants() -> None:
+    """The worked example and the other commands the README gives use options and variants
+    the command line has (the packaging test runs the same steps from a wheel)."""
+    commands = _readme_commands()
+    assert {argv[0] for argv in commands} == {"server", "client", "broken-server"}, commands
+    for argv in commands:
+        args = _parser().parse_args(argv)
+        if args.command == "broken-server":
+            assert args.variant in VARIANTS and args.serve_args[:1] == ["--config"], argv
