@@ -535,3 +535,22 @@ def test_the_readme_embedding_example_runs_as_written_in_a_page(world: World) ->
             "() => new Promise((done) => { indexedDB.deleteDatabase('keymgmt').onsuccess = done; })"
         )
         page.close()
+
+
+def test_no_page_of_another_site_can_frame_the_demo_page(world: World) -> None:
+    """Clickjacking: the page's header CSP says frame-ancestors 'none' (a <meta> CSP cannot),
+    so Chromium refuses to show it in another page's frame; the same URL loads on its own."""
+    page = world.context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.set_content(f'<iframe id="victim" src="{world.pages.url}"></iframe>')
+    page.wait_for_load_state("load")
+    frames = [f for f in page.frames if f is not page.main_frame]
+    assert len(frames) == 1
+    # Chromium shows its error page in the frame instead (chrome-error://chromewebdata/)
+    assert frames[0].url != world.pages.url and frames[0].query_selector("body[data-state]") is None
+    assert any("frame-ancestors" in line for line in console), console
+    page.close()
+    on_its_own = open_page(world)
+    assert on_its_own.page.get_attribute("body", "data-state") == "ready"
+    on_its_own.page.close()
