@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = [
     "CHROMIUM_ARGS",
+    "FRAME_POLICY",
     "DemoPageServer",
     "KeyServer",
     "WebUnavailableError",
@@ -68,6 +69,8 @@ CHROMIUM_ARGS = (
     "--disable-sync",
     "--no-first-run",
 )
+#: The page's header policy, on top of the strict one its <meta> sets (index.html).
+FRAME_POLICY = "frame-ancestors 'none'"
 _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -176,6 +179,9 @@ class DemoPageServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("X-Content-Type-Options", "nosniff")
                 self.send_header("Cache-Control", "no-store")
+                # What a <meta> CSP cannot say: no other site may frame the page (clickjacking
+                # its password field and buttons).
+                self.send_header("Content-Security-Policy", FRAME_POLICY)
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -48,6 +48,8 @@ from scripts.web_demo import (
     key_server,
 )
 
+from .test_readme import readme_blocks
+
 REQUIRED = os.environ.get("KEYMGMT_REQUIRE_WEB") == "1"
 CLIENT_CLI = [sys.executable, "-m", "keymgmt.adapters.cli.client"]
 CLI_ACCOUNT, CLI_PASSWORD = "cli-user@example.org", "the CLI's password, long enough"
@@ -481,3 +483,74 @@ def test_a_page_of_an_origin_not_allowed_cannot_reach_the_key_server(world: Worl
     assert status.startswith("error: "), status
     assert world.server.log_text().count("is not allowed") > refused_before
     page.close()
+
+
+#: The README's example of a Service Provider's page (*Browser client*, "Embedding it").
+README_EMBEDDING = 'from "./keymgmt.js"'
+
+
+def test_the_readme_embedding_example_runs_as_written_in_a_page(world: World) -> None:
+    """The README's JavaScript for a Service Provider's page, run in Chromium in a page of
+    an allowed origin whose CSP is the one the README asks for: the bundle served as
+    /keymgmt.js beside the page, the example's own lines (its static import made the
+    dynamic import a page script may do, its key server URL this test's). It logs in to its
+    account, which the CLI registered, generates, retrieves and logs out; `keymgmt retrieve` reads
+    the same secret, and the example's IndexedDB store holds its ciphertext only."""
+    (block,) = [b for b in readme_blocks() if README_EMBEDDING in b.text]
+    example = block.text
+    names = re.fullmatch(r'import \{ ([\w, ]+) \} from "\./keymgmt\.js";', example.splitlines()[0])
+    assert names, f"README.md line {block.line}: the example no longer starts with its import"
+    readme_url = re.search(r'webSocketConnector\("(wss://[^"]+)"\)', example)
+    assert readme_url, f"README.md line {block.line}: no webSocketConnector(URL) in the example"
+    body = "\n".join(
+        [
+            f'const {{ {names.group(1)} }} = await import("/keymgmt.js");',
+            *example.replace(readme_url.group(1), world.pages.wss_url).splitlines()[1:],
+            "return [toHex(keyId), toHex(secret)];",
+        ]
+    )
+    login = re.search(r'client\.login\("([^"]+)", password\)', example)
+    assert login, f"README.md line {block.line}: no client.login(NAME, password) in the example"
+    account, password = login.group(1), "the embedding example's password"
+    cli(world, account, password, "register")
+    page = world.context.new_page()
+    page.goto(world.pages.url)
+    page.wait_for_selector("body[data-state=ready]", timeout=ACTION_TIMEOUT_MS)
+    csp = page.get_attribute('meta[http-equiv="Content-Security-Policy"]', "content")
+    assert "script-src 'self' 'wasm-unsafe-eval'" in csp and "'unsafe-eval'" not in csp.replace("'wasm-", "")
+    try:
+        key_id, secret = page.evaluate(
+            "async (password) => {\n"
+            "  const toHex = (b) => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');\n"
+            f"{body}\n}}",
+            password,
+        )
+        assert re.fullmatch(r"[0-9a-f]{64}", secret), secret
+        assert cli(world, account, password, "retrieve", key_id) == secret
+        databases = {d["database"]: d for d in page.evaluate(DUMP_INDEXEDDB) if d["store"] == "local_secrets"}
+        (row,) = databases["keymgmt"]["rows"]
+        assert row["key"] == key_id and secret not in json.dumps(row)
+    finally:
+        page.evaluate(
+            "() => new Promise((done) => { indexedDB.deleteDatabase('keymgmt').onsuccess = done; })"
+        )
+        page.close()
+
+
+def test_no_page_of_another_site_can_frame_the_demo_page(world: World) -> None:
+    """Clickjacking: the page's header CSP says frame-ancestors 'none' (a <meta> CSP cannot),
+    so Chromium refuses to show it in another page's frame; the same URL loads on its own."""
+    page = world.context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    page.set_content(f'<iframe id="victim" src="{world.pages.url}"></iframe>')
+    page.wait_for_load_state("load")
+    frames = [f for f in page.frames if f is not page.main_frame]
+    assert len(frames) == 1
+    # Chromium shows its error page in the frame instead (chrome-error://chromewebdata/)
+    assert frames[0].url != world.pages.url and frames[0].query_selector("body[data-state]") is None
+    assert any("frame-ancestors" in line for line in console), console
+    page.close()
+    on_its_own = open_page(world)
+    assert on_its_own.page.get_attribute("body", "data-state") == "ready"
+    on_its_own.page.close()

@@ -81,8 +81,8 @@ NOT_RUN = {
     "cd web && npm ci && npm test": "tests/repo/test_web.py runs npm ci and npm test in web/",
     "make demo-web    #": "serves until Ctrl-C: tests/system/test_web_demo.py runs it on free ports and "
     "checks the page, the key server and the stop; the page runs in Chromium in tests/system/test_browser.py",
-    'from "./keymgmt.js"': "JavaScript for a browser page: the same calls run in web/test/e2e.test.ts "
-    "against a real key server, and in the demo page (web/demo/demo.ts)",
+    'from "./keymgmt.js"': "JavaScript for a browser page: tests/system/test_browser.py runs it as "
+    "written in headless Chromium (its import made dynamic, its key server URL the test's)",
     "stream {": "nginx's configuration (not installed here)",
     "bundle.mjs --only conformance-client": "tests/conformance/test_web_client_mode.py bundles the shim and "
     "runs the client mode against it the same way",

@@ -7,6 +7,7 @@ server still serves an honest client."""
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
 from pathlib import Path
 
@@ -14,10 +15,16 @@ import anyio
 import pytest
 from anyio.abc import ByteStream
 
-from keymgmt.adapters.client import KeymgmtClient, WebSocketConnectError, tls_connector, ws_connector
+from keymgmt.adapters.client import (
+    KeymgmtClient,
+    TLSConnectError,
+    WebSocketConnectError,
+    tls_connector,
+    ws_connector,
+)
 from keymgmt.adapters.server.runtime import KeyServerRuntime
 from keymgmt.adapters.server.websocket import MAX_UPGRADE_REQUEST
-from keymgmt.adapters.tls import DevPKI, renew_server_certificate
+from keymgmt.adapters.tls import DevPKI, client_context, renew_server_certificate
 from keymgmt.adapters.websocket import SEND_CHUNK, CloseCode, WebSocketStream, max_message_size
 from keymgmt_proto import (
     HEADER_SIZE,
@@ -377,6 +384,26 @@ async def test_sighup_reload_serves_the_renewed_certificate_on_wss_too(tmp_path)
         assert new.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary) != first
         assert new.extra(anyio.streams.tls.TLSAttribute.tls_version) == "TLSv1.3"
         for stream in (old, new):
+            await stream.aclose()
+
+
+async def test_the_wss_port_refuses_tls_1_2_and_shows_the_tls_ports_certificate(tmp_path):
+    """The WebSocket listener is the TLS port's TLS 1.3: a client that offers only TLS 1.2
+    gets no handshake (no WebSocket, nothing served), and the certificate both ports present
+    is the one certificate of ``cert_path``."""
+    async with wss_server(tmp_path) as (runtime, pki):
+        assert runtime.websocket_port is not None and runtime.port is not None
+        old = client_context(pki.ca_cert)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(TLSConnectError, match="handshake"):
+            await ws_connector("127.0.0.1", runtime.websocket_port, context=old, origin=ORIGIN)()
+        assert runtime.connections_served == 0
+        streams = [await tls_to(port, pki.ca_cert) for port in (runtime.port, runtime.websocket_port)]
+        certificates = {s.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary) for s in streams}
+        versions = {s.extra(anyio.streams.tls.TLSAttribute.tls_version) for s in streams}
+        assert certificates == {ssl.PEM_cert_to_DER_cert(pki.server_cert.read_text())}
+        assert versions == {"TLSv1.3"}
+        for stream in streams:
             await stream.aclose()
 
 

@@ -19,15 +19,18 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection
 
 from keymgmt.adapters.client import KeymgmtClient, tls_connector
+from keymgmt.adapters.client.async_client import RateLimitedError
 from keymgmt.adapters.server.runtime import KeyServerRuntime
 from keymgmt.adapters.tls import client_context
-from keymgmt.adapters.websocket import CloseCode, WebSocketStream
+from keymgmt.adapters.websocket import CloseCode, WebSocketStream, client_handshake
 from keymgmt_proto import (
     NEED_DATA,
     ClientConnection,
     ConnectionFailed,
+    ErrorCode,
     Event,
     FrameType,
+    LoginRequested,
     OpaqueStepRequired,
     ServerConfig,
     SessionEstablished,
@@ -35,7 +38,7 @@ from keymgmt_proto import (
 
 from ..support.net_world import make_settings, tls_from
 from ..support.ws_client import ORIGIN, open_websocket, read_response_head, tls_to, upgrade_request
-from .test_websocket import PW, logins_ok, registered, still_serves, wss_server
+from .test_websocket import PW, logins_ok, registered, still_serves, wss, wss_server
 
 pytestmark = pytest.mark.anyio
 
@@ -446,3 +449,65 @@ async def test_a_connection_that_never_stops_sending_is_still_closed_when_idle(t
         assert time.monotonic() - started < 5
         await anyio.aclose_forcefully(stream)
         assert runtime.connections_served == 1
+
+
+def _aborts(received: bytes) -> list[int]:
+    """The error codes of the ABORT frames in a run of whole frames (the rest ignored)."""
+    codes = []
+    while len(received) >= 10 and len(received) >= 10 + int.from_bytes(received[6:10], "big"):
+        end = 10 + int.from_bytes(received[6:10], "big")
+        frame, received = received[:end], received[end:]
+        if frame[1] == FrameType.ABORT:
+            codes.append(int.from_bytes(frame[10:12], "big"))
+    return codes
+
+
+async def test_login_starts_over_wss_draw_on_the_address_bucket_the_tls_port_uses(tmp_path, monkeypatch):
+    """The admission control of the TLS port (a token bucket per client address for
+    registration, login and resumption starts, NET-13) applies over wss, and it is the same
+    bucket: a burst of LOGIN_STARTs in WebSocket messages from one address has the first
+    ``admission_burst`` reach the application and the rest answered ABORT(RATE_LIMITED)
+    without it; then a login from that address is refused on the TLS port and on the wss
+    port alike, while another address logs in over wss at once."""
+    async with wss_server(tmp_path, admission_rate=1.0, admission_burst=20) as (runtime, pki):
+        assert runtime.websocket_port is not None and runtime.port is not None
+        async with KeymgmtClient(wss(runtime, pki)) as client:
+            await client.register(b"other@example.org", PW)
+        seen: list[bytes] = []
+        original = type(runtime.keyserver).__call__
+
+        def counting(self, conn, event):
+            if isinstance(event, LoginRequested):
+                seen.append(event.account_name)
+            return original(self, conn, event)
+
+        monkeypatch.setattr(type(runtime.keyserver), "__call__", counting)
+        flood = await open_websocket(runtime.websocket_port, pki.ca_cert, local_host="127.0.0.2")
+        try:
+            conn = ClientConnection(os.urandom)
+            for n in range(300):
+                conn.open_request_session(b"victim%d@example.org" % n, b"guess")
+            data = conn.data_to_send()
+            for start in range(0, len(data), 4096):  # frames may span messages
+                await flood.send_bytes(data[start : start + 4096])
+            with anyio.fail_after(20):
+                while len(_aborts(bytes(flood.received))) < 280:
+                    await flood.next_events()
+        finally:
+            await anyio.aclose_forcefully(flood.stream)
+        aborts = _aborts(bytes(flood.received))
+        assert aborts.count(ErrorCode.RATE_LIMITED) >= 275
+        assert 20 <= len(seen) <= 25  # the burst, plus what the rate refilled meanwhile
+        # The same address's bucket is empty on the TLS port too, and on a new WebSocket.
+        async with KeymgmtClient(await tls_from(runtime.port, pki.ca_cert, "127.0.0.2")) as client:
+            with pytest.raises(RateLimitedError, match="too many attempts from this address"):
+                await client.login(b"other@example.org", PW)
+        ws_stream = await client_handshake(
+            await tls_to(runtime.websocket_port, pki.ca_cert, "127.0.0.2"), host="localhost", origin=ORIGIN
+        )
+        async with KeymgmtClient(ws_stream) as client:
+            with pytest.raises(RateLimitedError, match="too many attempts from this address"):
+                await client.login(b"other@example.org", PW)
+        # Another address is not affected.
+        async with KeymgmtClient(wss(runtime, pki)) as client:
+            await (await client.login(b"other@example.org", PW)).logout()

@@ -32,7 +32,9 @@ createServer(async (req, res) => {
           .replace(/(<meta name="keymgmt-server" content=")[^"]*"/, `$1${wss.href}"`),
       );
     }
-    res.writeHead(200, { "Content-Type": types[extname(path)], "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store" });
+    // frame-ancestors: what the page's <meta> CSP cannot say (no other site may frame it).
+    const headers = { "Content-Type": types[extname(path)], "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store" };
+    res.writeHead(200, { ...headers, "Content-Security-Policy": "frame-ancestors 'none'" });
     res.end(body);
   } catch {
     res.writeHead(404).end();

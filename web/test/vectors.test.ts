@@ -1,5 +1,6 @@
 /** The TypeScript core against EVERY entry of EVERY file in tests/vectors/ (docs/protocol.md).
- * A file with no checker here fails the first test, so a new vector file is never skipped. */
+ * A file with no checker here fails the first test, so a new vector file is never skipped; a
+ * top-level section of a file its checker never reads fails that file's test. */
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -50,7 +51,7 @@ import {
   type OpResponse,
 } from "../src/core/ops.js";
 import { ClientConnection, type ClientEvent } from "../src/core/connection.js";
-import { fakeOpaque, h, loadVector, vectorFiles } from "./support.js";
+import { fakeOpaque, h, loadVector as loadVectorFile, vectorFiles } from "./support.js";
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type J = any;
@@ -68,6 +69,23 @@ function expectCode(fn: () => unknown, code: ErrorCode, why: string): void {
 }
 
 const checkers: Record<string, () => void> = {};
+
+/** The top-level sections each checker read, by file: a section no checker reads fails the
+ * file's test, so a section added to a vector file is not silently left out either. */
+const sectionsRead = new Map<string, Set<string>>();
+
+/** A vector file, its top-level sections recorded as the checker reads them. */
+function loadVector(name: string): J {
+  const data: J = loadVectorFile(name);
+  const read = sectionsRead.get(name) ?? new Set<string>();
+  sectionsRead.set(name, read);
+  return new Proxy(data, {
+    get(target, key, receiver) {
+      if (typeof key === "string") read.add(key);
+      return Reflect.get(target, key, receiver);
+    },
+  });
+}
 
 // ------------------------------------------------------------------ framing.json
 checkers["framing.json"] = () => {
@@ -721,5 +739,8 @@ for (const name of vectorFiles()) {
     const checker = checkers[name];
     assert.ok(checker, `no checker for ${name}`);
     checker();
+    const read = sectionsRead.get(name) ?? new Set<string>();
+    const unread = Object.keys(loadVectorFile(name)).filter((section) => section !== "description" && !read.has(section));
+    assert.deepEqual(unread, [], `sections of ${name} its checker in web/test/vectors.test.ts never reads: ${unread.join(", ")}`);
   });
 }
