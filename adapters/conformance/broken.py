@@ -5,17 +5,22 @@ server conformance machine reports when a key server breaks a rule of docs/proto
 variant's patch in its own process only, then runs the real ``keymgmt-server serve`` with
 the rest of the arguments (one process: ``--workers`` is refused and ``KEYMGMT_WORKERS`` set
 to 1, since workers would run the unbroken server). Each patch is the smallest change that
-breaks one rule; :data:`VARIANTS` names them. Never serve real users with it: it is there so
+breaks one rule; :data:`VARIANTS` names them. It listens on loopback addresses only (it
+refuses a configuration that would listen beyond this machine). Never serve real users with
+it: it is there so
 that someone with only the installed package can see the machine catch a real bug, and so
 that tests/conformance/ can check that it does.
 """
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import os
 import struct
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -162,11 +167,53 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
+
+
+def beyond_this_machine(serve_args: list[str]) -> str | None:
+    """Why ``serve *serve_args`` would listen beyond loopback (or on sockets it is handed),
+    in one line; None when every listener is on a loopback address."""
+    if any(arg.startswith(("--listen-fd", "--websocket-fd")) for arg in serve_args):
+        return "broken-server opens its own listeners: it takes no --listen-fd or --websocket-fd"
+    from ..cli.server import default_config
+    from ..server.config import ConfigError, load_settings
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", type=Path)
+    known, _ = parser.parse_known_args(serve_args)
+    try:
+        settings = load_settings(known.config or default_config())
+    except ConfigError as exc:
+        return str(exc)
+    listeners = [("server.host", settings.host)]
+    if settings.websocket_listen is not None:
+        listeners.append(("websocket.listen", settings.websocket_listen[0]))
+    for name, host in listeners:
+        if not _is_loopback(host):
+            return (
+                f"broken-server listens on loopback only, and {name} is {host!r} "
+                "(a broken server must not be reachable from other machines)"
+            )
+    return None
+
+
 def serve_broken(variant: str, serve_args: list[str]) -> int:
     """Apply ``variant``'s patch to this process, then run ``keymgmt-server serve
-    *serve_args`` in it (one process). Returns its exit status; 2 for ``--workers``."""
+    *serve_args`` in it (one process, every listener on a loopback address). Returns its
+    exit status; 2, with one line and nothing patched, for ``--workers`` or a listener that
+    other machines could reach."""
     if any(arg == "--workers" or arg.startswith("--workers=") for arg in serve_args):
         print("error: broken-server runs one process: --workers would serve unbroken", file=sys.stderr)
+        return 2
+    why = beyond_this_machine(serve_args)
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     os.environ["KEYMGMT_WORKERS"] = "1"
     VARIANTS[variant]()

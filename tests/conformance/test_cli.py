@@ -75,20 +75,22 @@ def test_broken_server_refuses_in_one_line_before_patching_anything(
 
 
 def test_broken_server_serves_in_one_process_whatever_the_settings_say(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """server.workers (or KEYMGMT_WORKERS) above 1 would start unpatched worker processes:
     broken-server sets KEYMGMT_WORKERS=1, which overrides the file, then runs `serve`."""
     from keymgmt.adapters.cli import server
 
+    config = tmp_path / "x.toml"
+    config.write_text('[server]\nhost = "127.0.0.1"\nworkers = 4\n')
     seen: list[tuple[list[str], str | None]] = []
     monkeypatch.setenv("KEYMGMT_WORKERS", "4")
     monkeypatch.setitem(VARIANTS, "replay", lambda: None)  # nothing patched in this process
     monkeypatch.setattr(
         server, "main", lambda argv: seen.append((argv, os.environ.get("KEYMGMT_WORKERS"))) or 0
     )
-    assert main(["broken-server", "replay", "--config", "x.toml", "--log-level", "DEBUG"]) == 0
-    assert seen == [(["serve", "--config", "x.toml", "--log-level", "DEBUG"], "1")]
+    assert main(["broken-server", "replay", "--config", str(config), "--log-level", "DEBUG"]) == 0
+    assert seen == [(["serve", "--config", str(config), "--log-level", "DEBUG"], "1")]
     assert "BROKEN on purpose (replay): opens a replayed record" in capsys.readouterr().err
 
 
@@ -114,3 +116,60 @@ def test_the_readme_commands_parse_and_name_real_variants() -> None:
         args = _parser().parse_args(argv)
         if args.command == "broken-server":
             assert args.variant in VARIANTS and args.serve_args[:1] == ["--config"], argv
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "extra", "message"),
+    [
+        ('[server]\nhost = "0.0.0.0"\n', {}, [], "server.host is '0.0.0.0'"),
+        ("", {"KEYMGMT_HOST": "192.0.2.7"}, [], "server.host is '192.0.2.7'"),
+        ("", {"KEYMGMT_HOST": "keys.example.org"}, [], "server.host is 'keys.example.org'"),
+        (
+            '[server]\nhost = "::1"\n[websocket]\nlisten = "0.0.0.0:8443"\n'
+            'allowed_origins = ["https://app.example.org"]\n',
+            {},
+            [],
+            "websocket.listen is '0.0.0.0'",
+        ),
+        ('[server]\nhost = "127.0.0.1"\n', {}, ["--listen-fd", "3"], "no --listen-fd"),
+    ],
+)
+def test_broken_server_listens_on_loopback_only(
+    toml: str,
+    env: dict[str, str],
+    extra: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A server broken on purpose that other machines could reach would serve them a broken
+    protocol: refused in one line, before anything is patched or served."""
+    from keymgmt.adapters.cli import server
+
+    config = tmp_path / "srv.toml"
+    config.write_text(toml)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    served: list[list[str]] = []
+    monkeypatch.setattr(server, "main", lambda argv: served.append(argv) or 0)
+    open_payload = Channel.open_payload
+    assert main(["broken-server", "replay", "--config", str(config), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert served == [] and Channel.open_payload is open_payload
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_broken_server_serves_on_a_loopback_host(
+    host: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from keymgmt.adapters.cli import server
+
+    config = tmp_path / "srv.toml"
+    config.write_text(f'[server]\nhost = "{host}"\n')
+    served: list[list[str]] = []
+    monkeypatch.setitem(VARIANTS, "replay", lambda: None)
+    monkeypatch.setattr(server, "main", lambda argv: served.append(argv) or 0)
+    assert main(["broken-server", "replay", "--config", str(config)]) == 0
+    assert served == [["serve", "--config", str(config)]]
