@@ -53,6 +53,7 @@ from keymgmt_proto import (
     OperationRefused,
     OpRequest,
     OpResponse,
+    PasswordCheck,
     Plan,
     RandomSource,
     RegistrationSucceeded,
@@ -428,7 +429,7 @@ class KeymgmtClient:
                 lambda: self._conn.open_request_session(account_name, password)
             )
         assert isinstance(event, SessionEstablished)
-        return KeySession(self, handle, event.user_id, event.export_key)
+        return KeySession(self, handle, event.user_id, event.export_key, password_check=event.password_check)
 
     async def change_password(
         self, account_name: bytes, current_password: bytes, new_password: bytes
@@ -869,14 +870,20 @@ class KeySession:
     and keeps the local store."""
 
     def __init__(
-        self, client: KeymgmtClient, session_id: SessionHandle, user_id: bytes, export_key: bytes
+        self,
+        client: KeymgmtClient,
+        session_id: SessionHandle,
+        user_id: bytes,
+        export_key: bytes,
+        *,
+        password_check: PasswordCheck | None = None,
     ) -> None:
         self._client = client
         #: This session's handle in the client (the core's, stable across reconnections):
         #: what :meth:`KeymgmtClient.request` and :meth:`KeymgmtClient.close_session` take.
         self.session_id = session_id
         self.user_id = user_id
-        self._ops = SecretOps(user_id, export_key, client._random)
+        self._ops = SecretOps(user_id, export_key, client._random, password_check=password_check)
 
     def __repr__(self) -> str:
         return f"<KeySession user_id={self.user_id.hex()}>"

@@ -105,6 +105,32 @@ async def test_the_current_password_as_the_new_one_is_refused_before_anything_is
         assert not [e for e in entries if e.action is Action.CHANGE_PASSWORD_START]
 
 
+async def test_a_session_refuses_to_change_to_the_password_it_logged_in_with(tmp_path):
+    """Review of issue 16, gap 5, in a session: KeySession.change_password has no current
+    password to compare with, and accepted the same one (every other session ended for
+    nothing). It now tells from the new registration that the password is the login's, and
+    refuses before CHANGE_PASSWORD_FINISH is sent: nothing changes (step 1 is stateless)."""
+    async with key_server(tmp_path) as world, world.client() as client, world.client() as other:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        elsewhere = await other.login(ALICE, PW)
+        with pytest.raises(KeymgmtError) as refused:
+            await session.change_password(bytes(PW))
+        assert str(refused.value) == "invalid argument: the new password is the current one"
+        assert not isinstance(refused.value, RequestRefusedError | SessionEndedError)
+        assert await elsewhere.list_keys() == []  # not ended: nothing changed
+        assert not [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD]
+        # The session goes on; a different password is changed to, and from then on that one
+        # is the session's current password (refused), the login's is not.
+        await session.change_password(NEW_PW)
+        with pytest.raises(KeymgmtError, match=r"^invalid argument: the new password is the current one$"):
+            await session.change_password(bytes(NEW_PW))
+        await session.change_password(PW)
+        changes = [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD]
+        assert [e.outcome for e in changes] == [Outcome.SUCCESS, Outcome.SUCCESS]
+        await client.login(ALICE, PW)
+
+
 async def test_an_old_session_must_log_in_again_to_change_the_password_or_delete(tmp_path):
     async with key_server(tmp_path, reauth_window=0.05) as world, world.client() as client:
         await client.register(ALICE, PW)
