@@ -21,6 +21,7 @@ import { ClientConnection, ClientSession, State, type ClientEvent } from "./core
 import type { RandomSource } from "./core/crypto.js";
 import { IntegrityFailure, LabelError, LocalProtocolError, OperationRefused } from "./core/errors.js";
 import type { OpaqueClient } from "./core/opaque.js";
+import type { PasswordCheck } from "./core/passwordcheck.js";
 import { PortableError, decodeResponse, encodeRequest, type AuditHead, type ChainedAuditEntry } from "./core/ops.js";
 import { SecretOps, type LabeledKey, type Plan, type SealedCopy, type VerifiedAudit } from "./core/secretops.js";
 import { opaqueReady, serenityOpaque } from "./opaque.js";
@@ -311,7 +312,7 @@ export class KeymgmtClient {
     const name = nameBytes(accountName);
     const event = await this.loginTurn(toHex(name), () => this.openRetrying(() => this.conn.openRequestSession(name, password)));
     if (event.type !== "established") throw new KeymgmtError("login did not complete");
-    return new KeySession(this, event.session, event.userId, event.exportKey);
+    return new KeySession(this, event.session, event.userId, event.exportKey, event.passwordCheck);
   }
 
   /** Change the password: a fresh login proves the current one, the change runs in it, then
@@ -660,8 +661,9 @@ export class KeySession {
     readonly session: ClientSession,
     readonly userId: Uint8Array,
     exportKey: Uint8Array,
+    passwordCheck: PasswordCheck | null = null,
   ) {
-    this.#ops = new SecretOps(userId, exportKey, client.randomSource);
+    this.#ops = new SecretOps(userId, exportKey, client.randomSource, passwordCheck);
   }
 
   toString(): string {
