@@ -57,6 +57,56 @@ async def test_password_change_keeps_secrets_and_log_and_ends_other_sessions(tmp
         assert any(e.action is Action.CHANGE_PASSWORD_START for e in entries)
 
 
+async def _until_ended(session) -> None:
+    """Until the client has been told that the session ended (its CLOSE arrived)."""
+    with anyio.fail_after(5):
+        while session.session_id not in session._client._ended:
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["password changed", "account deleted", "logged out"])
+async def test_an_ended_session_answers_nothing_more_not_even_from_the_local_store(tmp_path, how):
+    """A session the key server ended (CLOSE) kept its storage key and went on answering
+    retrieves from the local store, which never ask the server: 'other sessions of the
+    account end' held only for calls that reach the server. It now drops the storage key as
+    it ends, and every later call raises why it ended."""
+    async with key_server(tmp_path) as world, world.client() as client, world.client() as other:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.generate()  # kept in the local store
+        assert await session.retrieve(key_id, Context.LOCAL_ONLY)
+        assert session._ops._storage_key is not None
+        if how == "password changed":
+            await other.change_password(ALICE, PW, NEW_PW)
+            expected = "password was changed after this session logged in"
+        elif how == "account deleted":
+            await other.delete_account(ALICE, PW)  # another client: this local store keeps its copy
+            expected = "the account was deleted"
+        else:
+            await (await client.login(ALICE, PW)).logout()  # another session's logout ends nothing
+            assert await session.retrieve(key_id, Context.LOCAL_ONLY)
+            await session.logout()
+            expected = "logged out"
+        await _until_ended(session)
+        assert client.local_store.get(session.user_id, key_id) is not None  # a copy it could read
+        assert session._ops._storage_key is None  # dropped as the session ended
+        calls = (
+            lambda: session.retrieve(key_id, Context.LOCAL_ONLY),
+            lambda: session.export(key_id),
+            session.list_keys,
+            session.verify_audit,
+        )
+        for call in calls:
+            with pytest.raises(SessionEndedError, match=expected):
+                await call()
+        # The client remembers why only its last 1024 ended sessions ended; the session itself
+        # keeps its own reason (and raises it without asking the client).
+        client._ended.clear()
+        for call in calls:
+            with pytest.raises(SessionEndedError, match=expected):
+                await call()
+
+
 async def test_a_wrong_current_password_changes_nothing(tmp_path):
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(ALICE, PW)
