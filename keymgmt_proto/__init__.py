@@ -41,7 +41,15 @@ from ._events import (
     SessionHandle,
     SessionResumed,
 )
-from ._opaque import ClientLoginResult, ClientStep, OpaqueSuite, RealOpaque, ServerLoginStep, ServerSetup
+from ._opaque import (
+    ClientLoginResult,
+    ClientStep,
+    OpaqueSuite,
+    PasswordCheck,
+    RealOpaque,
+    ServerLoginStep,
+    ServerSetup,
+)
 from ._ops import (
     AUDIT_CHAIN_DOMAIN,
     AUDIT_HASH_SIZE,
@@ -227,6 +235,7 @@ __all__ = [
     "Operation",
     "OperationRefused",
     "Outcome",
+    "PasswordCheck",
     "PasswordRegistrationResponse",
     "Plan",
     "ProtocolError",

@@ -62,7 +62,7 @@ from ._messages import (
     Welcome,
     _check_account_name,
 )
-from ._opaque import REAL_OPAQUE, OpaqueSuite
+from ._opaque import REAL_OPAQUE, OpaqueSuite, PasswordCheck
 from ._state import Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SESSION_ID, Frame, FrameType
 
@@ -89,6 +89,8 @@ class _ClientSession:
     opaque_state: bytes | None = None
     registration_export_key: bytes | None = None
     export_key: bytes | None = None
+    #: From the login's credential response: tells a new password from this one (public).
+    password_check: PasswordCheck | None = None
     user_id: bytes | None = None
     channel: Channel | None = None
     next_request_id: int = 1
@@ -514,6 +516,7 @@ class ClientConnection(ConnectionBase):
         )
         session.password = None  # the step is the last to need it
         session.opaque_state = None
+        session.password_check = PasswordCheck.from_login(message.credential_response)
         self._events.append(step)
 
     def _after_registration_step(self, session: _ClientSession, upload: RegUpload, export_key: bytes) -> None:
@@ -547,7 +550,11 @@ class ClientConnection(ConnectionBase):
         if session.kind is SessionKind.REQUEST:
             self._events.append(
                 SessionEstablished(
-                    session.session_id, welcome.user_id, session.export_key, handle=session.handle
+                    session.session_id,
+                    welcome.user_id,
+                    session.export_key,
+                    handle=session.handle,
+                    password_check=session.password_check,
                 )
             )
             return

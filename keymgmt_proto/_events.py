@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ._errors import ErrorCode, RemoteProtocolError
 
 if TYPE_CHECKING:
-    from ._opaque import OpaqueSuite
+    from ._opaque import OpaqueSuite, PasswordCheck
 
 __all__ = [
     "NEED_DATA",
@@ -235,6 +235,9 @@ class SessionEstablished(Event):
     export_key: bytes = field(repr=False)
     #: The session's handle, stable across resumptions (None where the session has none).
     handle: SessionHandle | None = field(default=None, compare=False, kw_only=True)
+    #: Tells a new password from the one of this login (``SecretOps(password_check=...)``);
+    #: None when the OPAQUE suite's messages are not OPAQUE's layout.
+    password_check: PasswordCheck | None = field(default=None, compare=False, repr=False, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@ secret setup.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +24,7 @@ __all__ = [
     "ClientLoginResult",
     "ClientStep",
     "OpaqueSuite",
+    "PasswordCheck",
     "RealOpaque",
     "ServerLoginStep",
     "ServerSetup",
@@ -113,6 +116,77 @@ class ClientLoginResult:
     message: bytes = field(repr=False)
     session_key: bytes = field(repr=False)
     export_key: bytes = field(repr=False)
+
+
+#: OPAQUE's sizes (RFC 9807, ristretto255 and SHA-512): an element or public key, a nonce,
+#: a masking key, and where a credential response's masking nonce and masked server key sit.
+_NPK, _NN, _NH = 32, 32, 64
+_PAD_INFO = b"CredentialResponsePad"
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordCheck:
+    """Tells whether a new registration's password is the one a session logged in with,
+    from public data only: the login's masking nonce and the server's public key as the
+    credential response masked it (OPAQUE masks it with a pad from the masking key, and the
+    masking key depends only on the password and the server's OPRF key for the name).
+
+    A new registration's upload carries its masking key and its response the server's
+    public key: the new password is the old one exactly when that masking key unmasks the
+    login's server key. Built by the client core from the login (``SessionEstablished``),
+    and after a password change from the change itself."""
+
+    nonce: bytes = field(repr=False)
+    masked_server_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_login(cls, credential_response: bytes) -> PasswordCheck | None:
+        """From a login's credential response (KE2); None when it is not OPAQUE's layout."""
+        if len(credential_response) < _NPK + _NN + _NPK:
+            return None
+        start = _NPK + _NN
+        return cls(credential_response[_NPK:start], credential_response[start : start + _NPK])
+
+    @classmethod
+    def from_registration(
+        cls, registration_response: bytes, upload: bytes, nonce: bytes
+    ) -> PasswordCheck | None:
+        """As a login with the registration's password would give (``nonce``: 32 fresh
+        bytes); None when the messages are not OPAQUE's layout."""
+        parts = _registration_parts(registration_response, upload)
+        if parts is None or len(nonce) != _NN:
+            return None
+        server_key, masking_key = parts
+        return cls(nonce, _xor(server_key, _pad(masking_key, nonce)))
+
+    def same_password(self, registration_response: bytes, upload: bytes) -> bool:
+        """True if the registration (its response and upload) is for the password of the
+        login this check came from (False when the messages are not OPAQUE's layout)."""
+        parts = _registration_parts(registration_response, upload)
+        if parts is None:
+            return False
+        server_key, masking_key = parts
+        unmasked = _xor(self.masked_server_key, _pad(masking_key, self.nonce))
+        return hmac.compare_digest(unmasked, server_key)
+
+
+def _registration_parts(registration_response: bytes, upload: bytes) -> tuple[bytes, bytes] | None:
+    """The server's public key (after the evaluated element) and the masking key (after the
+    client's public key) of a RegistrationResponse and RegistrationUpload."""
+    if len(registration_response) != 2 * _NPK or len(upload) < _NPK + _NH:
+        return None
+    return registration_response[_NPK:], upload[_NPK : _NPK + _NH]
+
+
+def _pad(masking_key: bytes, nonce: bytes) -> bytes:
+    """The first 32 bytes of HKDF-Expand-SHA512(masking_key, nonce || "CredentialResponsePad"):
+    the pad over the server's public key (one HMAC block; Expand's output is a prefix of any
+    longer one)."""
+    return hmac.new(masking_key, nonce + _PAD_INFO + b"\x01", hashlib.sha512).digest()[:_NPK]
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 @dataclass(frozen=True, slots=True)

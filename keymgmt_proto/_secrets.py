@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from ._crypto import RandomSource, decrypt_storage_key, derive_master_key, encrypt_storage_key
 from ._errors import RemoteProtocolError
 from ._events import OpaqueStep, OpaqueStepRequired, OpaqueStepResult
-from ._opaque import OpaqueSuite
+from ._opaque import OpaqueSuite, PasswordCheck
 from ._ops import (
     GENERATED_SECRET_SIZE,
     KEY_ID_NONCE_SIZE,
@@ -192,12 +192,33 @@ class SecretOps:
     (OPS-1) is fetched by the first plan that needs it and kept until :meth:`forget`.
     """
 
-    __slots__ = ("_export_key", "_next", "_random", "_sealer", "_storage_key", "user_id")
+    __slots__ = (
+        "_export_key",
+        "_next",
+        "_password_check",
+        "_random",
+        "_registration_response",
+        "_sealer",
+        "_storage_key",
+        "user_id",
+    )
 
-    def __init__(self, user_id: bytes, export_key: bytes, random: RandomSource) -> None:
+    def __init__(
+        self,
+        user_id: bytes,
+        export_key: bytes,
+        random: RandomSource,
+        *,
+        password_check: PasswordCheck | None = None,
+    ) -> None:
         self.user_id = user_id
         self._export_key = export_key
         self._random = random
+        #: The login's (``SessionEstablished.password_check``): a password change to the
+        #: password the session logged in with is refused before it is sent.
+        self._password_check = password_check
+        #: The key server's answer to the password change under way (its public key).
+        self._registration_response: bytes | None = None
         self._storage_key: bytes | None = None
         #: The storage key's cipher, built with it and dropped with it (every store seals
         #: under it; building one costs about as much as sealing 32 bytes).
@@ -481,6 +502,7 @@ class SecretOps:
         start = opaque.client_registration_start(new_password)
         response = yield ChangePasswordStartRequest(self.user_id, start.message)
         assert isinstance(response, PasswordRegistrationResponse)
+        self._registration_response = response.registration_response
         return OpaqueStepRequired(
             0, OpaqueStep.REGISTRATION_FINISH, new_password, start.state, response.registration_response
         )
@@ -488,18 +510,28 @@ class SecretOps:
     def change_password_finish(self, result: OpaqueStepResult) -> Plan[None]:
         """Password change, step 2: upload the new record with the storage key re-wrapped
         under the new export key (REG-3: the storage key itself never changes, so every
-        stored secret stays readable). The session goes on with the new export key."""
+        stored secret stays readable). The session goes on with the new export key.
+
+        A new password that is the one the session logged in with (or last changed to) is
+        refused here, before anything is sent (ValueError): the session's ``password_check``
+        tells it from the new registration, and step 1 changed nothing on the server."""
         if result.step is not OpaqueStep.REGISTRATION_FINISH:
             raise ValueError("not the result of a registration step")
         if result.error is not None:
             raise IntegrityFailure("the key server's registration response is invalid")
         if len(result.export_key) != 64:
             raise ValueError("not an OPAQUE registration result")
+        answered, check = self._registration_response, self._password_check
+        if answered is not None and check is not None and check.same_password(answered, result.message):
+            raise ValueError("the new password is the current one")
         storage_key = yield from self.storage_key()
         master_key = derive_master_key(result.export_key)
         encrypted = encrypt_storage_key(master_key, storage_key, self.user_id, self._random)
         yield ChangePasswordFinishRequest(self.user_id, result.message, encrypted)
         self._export_key = result.export_key
+        if answered is not None:  # what a login with the new password would give
+            self._password_check = PasswordCheck.from_registration(answered, result.message, self._random(32))
+        self._registration_response = None
 
     def delete_account(self) -> Plan[None]:
         """Delete the account on the server (the adapter wipes its local store for the user)."""

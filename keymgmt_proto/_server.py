@@ -334,6 +334,14 @@ class SessionRegistry:
             ended += 1
         return ended
 
+    def credentials_held(self) -> list[tuple[SessionHandle, bytes, int]]:
+        """``(handle, user_id, credentials_version)`` of every logged-in session this
+        registry holds (attached or detached in memory): what the application compares with
+        its accounts' current credentials, to end sessions whose password changed, or whose
+        account was deleted, elsewhere without waiting for their next request."""
+        held = self._sessions.values()
+        return [(s.handle, s.user_id, s.credentials_version) for s in held if s.user_id is not None]
+
     def end_session(self, handle: SessionHandle, code: ErrorCode) -> bool:
         """End one session, by its handle, as :meth:`end_user_sessions` ends each (the
         application found its credentials out of date: changed or deleted through another

@@ -25,6 +25,7 @@ import os
 import random as _random
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import TypeVar
@@ -53,6 +54,7 @@ from keymgmt_proto import (
     OperationRefused,
     OpRequest,
     OpResponse,
+    PasswordCheck,
     Plan,
     RandomSource,
     RegistrationSucceeded,
@@ -343,6 +345,11 @@ class KeymgmtClient:
         self._request_waiters: dict[tuple[SessionHandle, int], _Waiter] = {}
         #: Why recent sessions ended, so later calls on them say so (bounded).
         self._ended: dict[SessionHandle, KeymgmtError] = {}
+        #: The KeySession of each live session, told when it ends (it drops its storage key
+        #: and answers nothing more, not even from the local store).
+        self._key_sessions: weakref.WeakValueDictionary[SessionHandle, KeySession] = (
+            weakref.WeakValueDictionary()
+        )
         self._detached: list[DetachedSession] = []
         #: Sessions whose RESUME the server deferred (RATE_LIMITED): handle -> set when it is
         #: resumed again or has failed. Calls on them wait for it.
@@ -428,7 +435,13 @@ class KeymgmtClient:
                 lambda: self._conn.open_request_session(account_name, password)
             )
         assert isinstance(event, SessionEstablished)
-        return KeySession(self, handle, event.user_id, event.export_key)
+        check = event.password_check
+        session = KeySession(self, handle, event.user_id, event.export_key, password_check=check)
+        if handle in self._ended:  # ended before this call saw it established
+            session._end(self._ended[handle])
+        else:
+            self._key_sessions[handle] = session
+        return session
 
     async def change_password(
         self, account_name: bytes, current_password: bytes, new_password: bytes
@@ -626,6 +639,9 @@ class KeymgmtClient:
 
     def _fail_session(self, handle: SessionHandle, error: KeymgmtError) -> None:
         self._ended[handle] = error
+        key_session = self._key_sessions.pop(handle, None)
+        if key_session is not None:
+            key_session._end(error)
         while len(self._ended) > 1024:
             del self._ended[next(iter(self._ended))]
         self._sid_of.pop(handle, None)
@@ -869,20 +885,38 @@ class KeySession:
     and keeps the local store."""
 
     def __init__(
-        self, client: KeymgmtClient, session_id: SessionHandle, user_id: bytes, export_key: bytes
+        self,
+        client: KeymgmtClient,
+        session_id: SessionHandle,
+        user_id: bytes,
+        export_key: bytes,
+        *,
+        password_check: PasswordCheck | None = None,
     ) -> None:
         self._client = client
         #: This session's handle in the client (the core's, stable across reconnections):
         #: what :meth:`KeymgmtClient.request` and :meth:`KeymgmtClient.close_session` take.
         self.session_id = session_id
         self.user_id = user_id
-        self._ops = SecretOps(user_id, export_key, client._random)
+        self._ops = SecretOps(user_id, export_key, client._random, password_check=password_check)
+        #: Why the session ended (the client tells it): every later call raises it.
+        self._ended: KeymgmtError | None = None
 
     def __repr__(self) -> str:
         return f"<KeySession user_id={self.user_id.hex()}>"
 
+    def _end(self, error: KeymgmtError) -> None:
+        """The session ended (logout, expiry, a password change or deletion, a lost
+        resumption): drop the storage key now, and refuse every later call with ``error``,
+        also one the local store could answer without the server."""
+        self._ended = error
+        self._ops.forget()
+
     async def _run(self, plan: Plan[_R]) -> _R:
         """Send the plan's requests one by one and hand it the answers; its result."""
+        if self._ended is not None:
+            plan.close()
+            raise self._ended
         try:
             request = next(plan)
             while True:

@@ -63,6 +63,7 @@ from keymgmt_proto import (
     SessionClosed,
     SessionFailed,
     SessionHandle,
+    SessionRegistry,
     Status,
     StorageKeyResponse,
     StoredResponse,
@@ -278,6 +279,37 @@ class KeyServer:
                 conn.reject_session(event.session_id, ErrorCode.INTERNAL_ERROR, "server error")
         except ProtocolError:
             log.exception("could not refuse %s", type(event).__name__)
+
+    def end_outdated_sessions(
+        self,
+        registry: SessionRegistry,
+        held: Sequence[tuple[SessionHandle, bytes, int]],
+        current: Mapping[bytes, int],
+    ) -> int:
+        """End the sessions whose account's password changed, or that was deleted, through
+        another instance or worker, without waiting for their next request (the runtime's
+        periodic check). ``held`` is ``registry.credentials_held()`` taken before
+        ``current`` (each user's credentials version as committed, a deleted account
+        missing) was read. A session ends if it was held then and still holds an older
+        version now (versions only grow: one that moved on since, the session that made a
+        change, stays), or its account is gone. Each gets a sealed CLOSE(NOT_AUTHORIZED)
+        (``registry.take_woken`` lists the connections to wake). Returns how many ended."""
+        checked = {handle for handle, _, _ in held}
+        ended = 0
+        for handle, user_id, version in registry.credentials_held():
+            if handle not in checked:
+                continue  # logged in after the read: its version is at least what was read
+            now = current.get(user_id)
+            if now is not None and version >= now:
+                continue
+            self._reserved.pop(handle, None)
+            if registry.end_session(handle, ErrorCode.NOT_AUTHORIZED):
+                ended += 1
+                log.info(
+                    "ended a session whose account %s elsewhere",
+                    "was deleted" if now is None else "changed its password",
+                )
+        return ended
 
     def sessions_expired(self, expired: Sequence[ExpiredSession]) -> None:
         """Audit sessions the registry expired while detached (``SessionRegistry.handle_timer``)."""

@@ -234,6 +234,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds after its login a session may change the password or delete the account",
     ),
     Option(
+        "sessions",
+        "credentials_check",
+        float,
+        5.0,
+        "KEYMGMT_CREDENTIALS_CHECK",
+        "seconds until a session ends whose password changed or account went elsewhere (0: at a request)",
+    ),
+    Option(
         "throttle",
         "threshold",
         int,
@@ -494,6 +502,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         require_invitation=values["registration.require_invitation"],  # type: ignore[arg-type]
         name_reservation=values["registration.name_reservation"],  # type: ignore[arg-type]
         reauth_window=values["sessions.reauth_window"],  # type: ignore[arg-type]
+        credentials_check=values["sessions.credentials_check"],  # type: ignore[arg-type]
         shutdown_grace=values["server.shutdown_grace"],  # type: ignore[arg-type]
         shutdown_delay=values["server.shutdown_delay"],  # type: ignore[arg-type]
         protocol=protocol,

@@ -67,6 +67,15 @@ ExpiryHook = Callable[[Sequence[ExpiredSession]], None]
 _DRIVERS: WeakKeyDictionary[ServerConnection, ConnectionDriver] = WeakKeyDictionary()
 
 
+def wake_woken(registry: SessionRegistry) -> None:
+    """Wake the driver of every connection the registry changed from outside a driver (a
+    session ended by the runtime's credentials check): it sends what was queued."""
+    for conn in registry.take_woken():
+        driver = _DRIVERS.get(conn)
+        if driver is not None:
+            driver.wake()
+
+
 #: Errors a peer causes only by sending what no honest client sends: a forged, replayed or
 #: reordered record (BAD_RECORD), a RESUME of a session it does not hold (UNKNOWN_SESSION),
 #: frames that do not parse or do not belong where they came, more requests in flight than

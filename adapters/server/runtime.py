@@ -51,7 +51,7 @@ from ..websocket import WebSocketStream, max_message_size
 from .admission import AddressLimits, address_key
 from .app import DEFAULT_NAME_RESERVATION, DEFAULT_REAUTH_WINDOW, KeyServer, ThrottlePolicy
 from .commit import GroupCommit
-from .driver import ConnectionDriver
+from .driver import ConnectionDriver, wake_woken
 from .invitations import InvitationAuthorizer
 from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
@@ -114,6 +114,10 @@ class ServerSettings:
     name_reservation: float = DEFAULT_NAME_RESERVATION
     #: Seconds after its login a session may change the password or delete the account.
     reauth_window: float = DEFAULT_REAUTH_WINDOW
+    #: Seconds between checks that the sessions held here still have their account's
+    #: credentials: one whose password changed, or whose account was deleted, through another
+    #: instance or worker ends within this, even if it sends nothing. 0: only at its next request.
+    credentials_check: float = 5.0
     #: How long shutdown waits for connections to finish before cutting them.
     shutdown_grace: float = 10.0
     #: Seconds between SIGTERM and the graceful stop: /healthz says 503 while the TLS port
@@ -363,6 +367,7 @@ class KeyServerRuntime:
                     accepting.start_soon(self._accept, each, connections, True)
                 accepting.start_soon(self._expire_detached_sessions)
                 accepting.start_soon(self._maintain)
+                accepting.start_soon(self._check_credentials)
                 task_status.started(port)
                 self._serving = True
                 await self._stop.wait()
@@ -433,6 +438,29 @@ class KeyServerRuntime:
                     await anyio.sleep(0)
             except Exception:
                 log.error("sweeping login-throttling records failed", exc_info=True)
+
+    async def _check_credentials(self) -> None:
+        """Now and then, end the sessions held here whose account's password changed, or that
+        was deleted, elsewhere (another instance or worker; this process ends its own at once),
+        so that they end within ``credentials_check`` seconds even if they send nothing: a
+        request would end them anyway (docs/protocol.md section 12.13). The read runs in a
+        worker thread on a connection of its own, outside the group commit: it takes no write
+        lock and waits for no writer. A storage failure is logged and the check tried later."""
+        read = getattr(self.storage, "credentials_versions", None)
+        if self.settings.credentials_check <= 0 or read is None:
+            return
+        while True:
+            await anyio.sleep(self.settings.credentials_check)
+            held = self.registry.credentials_held()
+            if not held:
+                continue
+            try:
+                current = await anyio.to_thread.run_sync(read, sorted({user for _, user, _ in held}))
+            except Exception:
+                log.error("checking the credentials of the sessions held failed", exc_info=True)
+                continue
+            if self.keyserver.end_outdated_sessions(self.registry, held, current):
+                wake_woken(self.registry)
 
     async def _handle(self, tcp: SocketStream, websocket: bool = False) -> None:
         """One connection, from accept to close. Whatever goes wrong stays here (NET-12)."""

@@ -613,5 +613,22 @@ class PostgresStorage:
             conn.execute(_NO_SYNC)
         self.sync_needed = False
 
+    def credentials_versions(self, user_ids: Sequence[bytes]) -> dict[bytes, int]:
+        """The credentials version of each of ``user_ids`` that has an account (a deleted one
+        is missing), as committed: one read on a pool connection of its own, outside every
+        batch (it waits for no writer). For the key server's periodic check of the sessions
+        it holds."""
+        if not user_ids:
+            return {}
+        try:
+            with self._pool.connection() as conn:
+                rows = conn.execute(
+                    "SELECT user_id, credentials_changed_us FROM accounts WHERE user_id = ANY(%s)",
+                    (list(user_ids),),
+                ).fetchall()
+        except psycopg.Error as exc:
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+        return {bytes(user_id): int(version) for user_id, version in rows}
+
     def close(self) -> None:
         self._pool.close()

@@ -193,6 +193,8 @@ _MIGRATIONS: list[str] = [
 
 _SQL = Statements("qmark")
 _WAIT_FOR_WRITERS = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
+#: User ids per statement of credentials_versions (SQLite allows 32766 parameters).
+_CHECK_CHUNK = 500
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -794,6 +796,8 @@ class SQLiteStorage:
         #: batch (see append_audit_fields); forgotten with the audit numbers, by a change of
         #: credentials, and when the batch begins and ends.
         self.checked_credentials: dict[bytes, int] = {}
+        #: The connection of credentials_versions (opened on first use).
+        self._reader: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute(_WAIT_FOR_WRITERS)
@@ -1016,6 +1020,33 @@ class SQLiteStorage:
             raise
         self._commit()
 
+    def credentials_versions(self, user_ids: Sequence[bytes]) -> dict[bytes, int]:
+        """The credentials version of each of ``user_ids`` that has an account (a deleted one
+        is missing), as committed. A read on a connection of its own, outside every batch and
+        transaction: it takes no lock a writer waits for (WAL: readers never block writers
+        nor wait for them), so a writer stopped mid-batch in another process stalls nothing.
+        For the key server's periodic check of the sessions it holds; call it from one
+        thread at a time."""
+        found: dict[bytes, int] = {}
+        if str(self.path) == ":memory:" or not user_ids:
+            return found
+        try:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            for start in range(0, len(user_ids), _CHECK_CHUNK):
+                chunk = user_ids[start : start + _CHECK_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                rows = self._reader.execute(
+                    f"SELECT user_id, credentials_changed_us FROM accounts WHERE user_id IN ({marks})",  # noqa: S608
+                    chunk,
+                )
+                found.update((bytes(user_id), int(version)) for user_id, version in rows)
+        except sqlite3.Error as exc:
+            raise StorageError(f"storage operation failed: {type(exc).__name__}") from None
+        return found
+
     def close(self) -> None:
         self._wal.close()
+        if self._reader is not None:
+            self._reader.close()
         self._db.close()

@@ -57,6 +57,56 @@ async def test_password_change_keeps_secrets_and_log_and_ends_other_sessions(tmp
         assert any(e.action is Action.CHANGE_PASSWORD_START for e in entries)
 
 
+async def _until_ended(session) -> None:
+    """Until the client has been told that the session ended (its CLOSE arrived)."""
+    with anyio.fail_after(5):
+        while session.session_id not in session._client._ended:
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["password changed", "account deleted", "logged out"])
+async def test_an_ended_session_answers_nothing_more_not_even_from_the_local_store(tmp_path, how):
+    """A session the key server ended (CLOSE) kept its storage key and went on answering
+    retrieves from the local store, which never ask the server: 'other sessions of the
+    account end' held only for calls that reach the server. It now drops the storage key as
+    it ends, and every later call raises why it ended."""
+    async with key_server(tmp_path) as world, world.client() as client, world.client() as other:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        key_id = await session.generate()  # kept in the local store
+        assert await session.retrieve(key_id, Context.LOCAL_ONLY)
+        assert session._ops._storage_key is not None
+        if how == "password changed":
+            await other.change_password(ALICE, PW, NEW_PW)
+            expected = "password was changed after this session logged in"
+        elif how == "account deleted":
+            await other.delete_account(ALICE, PW)  # another client: this local store keeps its copy
+            expected = "the account was deleted"
+        else:
+            await (await client.login(ALICE, PW)).logout()  # another session's logout ends nothing
+            assert await session.retrieve(key_id, Context.LOCAL_ONLY)
+            await session.logout()
+            expected = "logged out"
+        await _until_ended(session)
+        assert client.local_store.get(session.user_id, key_id) is not None  # a copy it could read
+        assert session._ops._storage_key is None  # dropped as the session ended
+        calls = (
+            lambda: session.retrieve(key_id, Context.LOCAL_ONLY),
+            lambda: session.export(key_id),
+            session.list_keys,
+            session.verify_audit,
+        )
+        for call in calls:
+            with pytest.raises(SessionEndedError, match=expected):
+                await call()
+        # The client remembers why only its last 1024 ended sessions ended; the session itself
+        # keeps its own reason (and raises it without asking the client).
+        client._ended.clear()
+        for call in calls:
+            with pytest.raises(SessionEndedError, match=expected):
+                await call()
+
+
 async def test_a_wrong_current_password_changes_nothing(tmp_path):
     async with key_server(tmp_path) as world, world.client() as client:
         await client.register(ALICE, PW)
@@ -103,6 +153,32 @@ async def test_the_current_password_as_the_new_one_is_refused_before_anything_is
         entries = await live.audit()  # the live session goes on: nothing reached the server
         assert [e.action for e in entries].count(Action.LOGIN) == 1
         assert not [e for e in entries if e.action is Action.CHANGE_PASSWORD_START]
+
+
+async def test_a_session_refuses_to_change_to_the_password_it_logged_in_with(tmp_path):
+    """Review of issue 16, gap 5, in a session: KeySession.change_password has no current
+    password to compare with, and accepted the same one (every other session ended for
+    nothing). It now tells from the new registration that the password is the login's, and
+    refuses before CHANGE_PASSWORD_FINISH is sent: nothing changes (step 1 is stateless)."""
+    async with key_server(tmp_path) as world, world.client() as client, world.client() as other:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        elsewhere = await other.login(ALICE, PW)
+        with pytest.raises(KeymgmtError) as refused:
+            await session.change_password(bytes(PW))
+        assert str(refused.value) == "invalid argument: the new password is the current one"
+        assert not isinstance(refused.value, RequestRefusedError | SessionEndedError)
+        assert await elsewhere.list_keys() == []  # not ended: nothing changed
+        assert not [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD]
+        # The session goes on; a different password is changed to, and from then on that one
+        # is the session's current password (refused), the login's is not.
+        await session.change_password(NEW_PW)
+        with pytest.raises(KeymgmtError, match=r"^invalid argument: the new password is the current one$"):
+            await session.change_password(bytes(NEW_PW))
+        await session.change_password(PW)
+        changes = [e for e in await session.audit() if e.action is Action.CHANGE_PASSWORD]
+        assert [e.outcome for e in changes] == [Outcome.SUCCESS, Outcome.SUCCESS]
+        await client.login(ALICE, PW)
 
 
 async def test_an_old_session_must_log_in_again_to_change_the_password_or_delete(tmp_path):

@@ -49,6 +49,8 @@ def test_the_sync_client_changes_the_password_and_deletes_the_account(tmp_path, 
                 client.login(NAME, OLD)
             session = client.login(NAME, NEW)
             assert session.retrieve(key_id, Context.LOCAL_ONLY) == b"hi"
+            with pytest.raises(KeymgmtError, match=same):  # in a session, too: the login's password
+                session.change_password(NEW)
             session.change_password(OLD)  # in a session, too
             assert local.key_ids(user_id) == [key_id]
             client.delete_account(NAME, OLD)

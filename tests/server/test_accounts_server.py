@@ -419,3 +419,67 @@ def test_a_malformed_registration_request_is_refused_as_invalid(sqlite_storage):
     request_id = pair.client.send_request(session.session_id, bogus.encode())
     (answer,) = [e for e in pair.pump() if isinstance(e, ResponseReceived) and e.request_id == request_id]
     assert answer.body == bytes([Status.INVALID])
+
+
+def test_the_periodic_check_ends_exactly_the_outdated_sessions(two_storages):
+    """KeyServer.end_outdated_sessions, what the runtime's credentials check runs (review of
+    issue 16, gap 1: sessions elsewhere ended only at their next request). Against a read of
+    the versions taken after the registry's list: a session of the old password ends with a
+    sealed CLOSE(NOT_AUTHORIZED) without sending anything, another account's does not; one
+    that logged in after the list (its account was not read) goes on, and so does a session
+    that changed the password between the list and the read (its version moved on); a
+    deleted account's sessions end."""
+    here, there = _World(two_storages[0]), _World(two_storages[1])
+    owner_pair = here.pair()
+    for name in (ALICE, BOB, b"carol@example.org"):
+        register(owner_pair, name)
+    old_pair, bob_pair = there.pair(), there.pair()
+    old, bob = login(old_pair, ALICE), login(bob_pair, BOB)
+    owner = login(owner_pair, ALICE)
+    _change_password(owner_pair, owner, NEW)  # on the other instance: nothing ends here
+    assert not [e for p in (old_pair, bob_pair) for e in p.pump() if isinstance(e, SessionClosed)]
+
+    held = there.registry.credentials_held()
+    assert sorted(version for _, _, version in held) == [0, 0]
+    late_pair = there.pair()
+    late = login(late_pair, b"carol@example.org")  # after the list
+    current = two_storages[1].credentials_versions([user for _, user, _ in held])
+    assert set(current) == {old.user_id, bob.user_id}  # only the accounts listed
+    assert there.keyserver.end_outdated_sessions(there.registry, held, current) == 1
+    assert [e.code for e in old_pair.pump() if isinstance(e, SessionClosed)] == [ErrorCode.NOT_AUTHORIZED]
+    for pair, session in ((bob_pair, bob), (late_pair, late)):
+        assert not [e for e in pair.pump() if isinstance(e, SessionClosed)]
+        assert (
+            _run(pair, session, SecretOps(session.user_id, session.export_key, os.urandom).list_keys())[0]
+            == []
+        )
+
+    # A session that changes the password during the check (between the list and the read,
+    # or after the read) goes on: it holds a version as new as the read's, or newer.
+    changer_pair = there.pair()
+    changer = login(changer_pair, ALICE, NEW)
+    changer_ops = SecretOps(changer.user_id, changer.export_key, os.urandom)  # one, as a client keeps it
+    opaque = changer_pair.client.opaque
+    for read_first in (False, True):
+        held = there.registry.credentials_held()
+        if read_first:
+            current = two_storages[1].credentials_versions([user for _, user, _ in held])
+        step, _ = _run(
+            changer_pair, changer, changer_ops.change_password_start(b"new %d" % read_first, opaque)
+        )
+        _run(changer_pair, changer, changer_ops.change_password_finish(step.run(opaque)))
+        if not read_first:
+            current = two_storages[1].credentials_versions([user for _, user, _ in held])
+        assert there.keyserver.end_outdated_sessions(there.registry, held, current) == 0
+        assert not [e for e in changer_pair.pump() if isinstance(e, SessionClosed)]
+
+    # The account deleted elsewhere: its sessions end at the next check; the others go on.
+    owner = login(owner_pair, ALICE, b"new 1")
+    _run(owner_pair, owner, SecretOps(owner.user_id, owner.export_key, os.urandom).delete_account())
+    held = there.registry.credentials_held()
+    current = two_storages[1].credentials_versions([user for _, user, _ in held])
+    assert changer.user_id not in current
+    assert there.keyserver.end_outdated_sessions(there.registry, held, current) == 1
+    assert [e.code for e in changer_pair.pump() if isinstance(e, SessionClosed)] == [ErrorCode.NOT_AUTHORIZED]
+    assert not [e for p in (bob_pair, late_pair) for e in p.pump() if isinstance(e, SessionClosed)]
+    assert two_storages[1].credentials_versions([]) == {}

@@ -37,6 +37,9 @@ def test_defaults_file_and_environment_layer_in_that_order(tmp_path):
         },
     )
     assert admission.send_timeout == 2.5 and load_settings(None, env={}).send_timeout == 30.0
+    # issue 16: how often sessions are checked against their account's credentials (0: off)
+    assert load_settings(None, env={}).credentials_check == 5.0
+    assert load_settings(None, env={"KEYMGMT_CREDENTIALS_CHECK": "0"}).credentials_check == 0.0
     assert (admission.admission_rate, admission.max_connections_per_address) == (2.5, 3)
     assert (admission.protocol.frame_timeout, admission.protocol.connection_idle_timeout) == (4, 6)
     assert (admission.protocol.unproductive_burst, admission.protocol.unproductive_rate) == (300, 8.5)
@@ -75,6 +78,7 @@ def test_every_option_is_rendered_and_parsed(tmp_path):
         ("[server]\nmax_connections_per_address = 0\n", {}, "at least 1"),
         ("[server]\nconnection_idle_timeout = 0\n", {}, "connection_idle_timeout must be positive"),
         ("", {"KEYMGMT_SEND_TIMEOUT": "0"}, "server.send_timeout must be positive"),
+        ("", {"KEYMGMT_CREDENTIALS_CHECK": "-1"}, "sessions.credentials_check must be a finite non-negative"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, content, env, message):

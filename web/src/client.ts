@@ -21,6 +21,7 @@ import { ClientConnection, ClientSession, State, type ClientEvent } from "./core
 import type { RandomSource } from "./core/crypto.js";
 import { IntegrityFailure, LabelError, LocalProtocolError, OperationRefused } from "./core/errors.js";
 import type { OpaqueClient } from "./core/opaque.js";
+import type { PasswordCheck } from "./core/passwordcheck.js";
 import { PortableError, decodeResponse, encodeRequest, type AuditHead, type ChainedAuditEntry } from "./core/ops.js";
 import { SecretOps, type LabeledKey, type Plan, type SealedCopy, type VerifiedAudit } from "./core/secretops.js";
 import { opaqueReady, serenityOpaque } from "./opaque.js";
@@ -261,6 +262,9 @@ export class KeymgmtClient {
   /** Established sessions of this client (logged out by ``close``). */
   private readonly sessions = new Set<ClientSession>();
   private readonly ended = new Map<ClientSession, KeymgmtError>();
+  /** The KeySession of each live session, told when it ends (it wipes its keys and answers
+   * nothing more, not even from the local store). */
+  private readonly keySessions = new Map<ClientSession, KeySession>();
   private readonly loginTurns = new Map<string, Promise<unknown>>();
   private detached: ClientSession[] = [];
   private deferredRounds = 0;
@@ -311,7 +315,11 @@ export class KeymgmtClient {
     const name = nameBytes(accountName);
     const event = await this.loginTurn(toHex(name), () => this.openRetrying(() => this.conn.openRequestSession(name, password)));
     if (event.type !== "established") throw new KeymgmtError("login did not complete");
-    return new KeySession(this, event.session, event.userId, event.exportKey);
+    const session = new KeySession(this, event.session, event.userId, event.exportKey, event.passwordCheck);
+    const ended = this.ended.get(event.session);
+    if (ended !== undefined) session.sessionEnded(ended); // ended before this call saw it established
+    else this.keySessions.set(event.session, session);
+    return session;
   }
 
   /** Change the password: a fresh login proves the current one, the change runs in it, then
@@ -488,6 +496,8 @@ export class KeymgmtClient {
 
   private failSession(session: ClientSession, error: KeymgmtError): void {
     this.ended.set(session, error);
+    this.keySessions.get(session)?.sessionEnded(error);
+    this.keySessions.delete(session);
     this.sessions.delete(session);
     while (this.ended.size > 1024) this.ended.delete(this.ended.keys().next().value!);
     this.sessionWaiters.get(session)?.reject(error);
@@ -654,21 +664,32 @@ export class KeymgmtClient {
  * client's checks of docs/protocol.md section 12.10 (the core's SecretOps). */
 export class KeySession {
   readonly #ops: SecretOps;
+  #ended: KeymgmtError | null = null;
 
   constructor(
     private readonly client: KeymgmtClient,
     readonly session: ClientSession,
     readonly userId: Uint8Array,
     exportKey: Uint8Array,
+    passwordCheck: PasswordCheck | null = null,
   ) {
-    this.#ops = new SecretOps(userId, exportKey, client.randomSource);
+    this.#ops = new SecretOps(userId, exportKey, client.randomSource, passwordCheck);
   }
 
   toString(): string {
     return `<KeySession user_id=${toHex(this.userId)}>`;
   }
 
+  /** Called by the client when the session ends (logout, expiry, a password change or
+   * deletion, a lost resumption): its keys are wiped now, and every later call raises
+   * ``error``, also one the local store could answer without the server. */
+  sessionEnded(error: KeymgmtError): void {
+    this.#ended = error;
+    this.#ops.forget();
+  }
+
   private async run<R>(plan: () => Plan<R>): Promise<R> {
+    if (this.#ended !== null) throw this.#ended;
     let op: Op | null = null; // the last request sent: what a refusal answered
     try {
       const steps = plan();

@@ -159,6 +159,41 @@ test("gap 5: a new password equal to the current one is refused before anything 
   await client.close();
 });
 
+test("gap 5, in a session: the password it logged in with (or last changed to) is refused before the change is sent", async () => {
+  const { server, client, name } = await setUp("gap5s@example.org");
+  const session = await client.login(name, PASSWORD);
+  const other = await another(server).login(name, PASSWORD);
+  const finishes = () => server.requests.filter((op) => op === Op.CHANGE_PASSWORD_FINISH).length;
+  const same = (e: unknown) => e instanceof KeymgmtError && e.message === "invalid argument: the new password is the current one";
+  await assert.rejects(session.changePassword(PASSWORD), same);
+  assert.equal(finishes(), 0, "no CHANGE_PASSWORD_FINISH");
+  assert.deepEqual(await other.listKeys(), [], "nothing changed: the other session goes on");
+  await session.changePassword(NEW_PASSWORD);
+  assert.equal(finishes(), 1);
+  await assert.rejects(session.changePassword(NEW_PASSWORD), same);
+  assert.equal(finishes(), 1);
+  await session.changePassword(PASSWORD);
+  await (await client.login(name, PASSWORD)).logout();
+  await client.close();
+});
+
+test("a session the server ended answers nothing more, not even from the local store", async () => {
+  const { server, client, name } = await setUp("ended@example.org");
+  const session = await client.login(name, PASSWORD);
+  const keyId = await session.generate(); // kept in the local store
+  assert.ok(await session.retrieve(keyId, Context.LOCAL_ONLY));
+  await another(server).changePassword(name, PASSWORD, NEW_PASSWORD);
+  await tick();
+  assert.ok(await client.localStore.get(session.userId, keyId), "a copy it could read");
+  await assert.rejects(session.retrieve(keyId, Context.LOCAL_ONLY), revoked);
+  await assert.rejects(session.export(keyId), revoked);
+  // the session keeps its own reason beyond the client's bounded memory of ended sessions
+  (client as unknown as { ended: Map<unknown, unknown> }).ended.clear();
+  await assert.rejects(session.retrieve(keyId, Context.LOCAL_ONLY), revoked);
+  await assert.rejects(session.listKeys(), revoked);
+  await client.close();
+});
+
 test("gap 6: removing the label of a key that has none says so and sends nothing", async () => {
   const { server, client, name } = await setUp("gap6@example.org");
   const session = await client.login(name, PASSWORD);

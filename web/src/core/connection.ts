@@ -45,6 +45,7 @@ import {
   encodeResume,
 } from "./messages.js";
 import type { OpaqueClient } from "./opaque.js";
+import { PasswordCheck } from "./passwordcheck.js";
 
 /** Client session states (the generated diagrams of docs/protocol.md section 8.4). */
 export enum State {
@@ -96,6 +97,8 @@ interface SessionSecrets {
   serverMessage: Uint8Array | null;
   registrationExportKey: Uint8Array | null;
   resumeNonce: Uint8Array | null;
+  /** From the login's credential response: tells a new password from this one (public). */
+  passwordCheck: PasswordCheck | null;
 }
 
 const secretsOf = new WeakMap<ClientSession, SessionSecrets>();
@@ -103,7 +106,7 @@ const secretsOf = new WeakMap<ClientSession, SessionSecrets>();
 function secrets(session: ClientSession): SessionSecrets {
   let held = secretsOf.get(session);
   if (held === undefined) {
-    held = { password: null, opaqueState: null, serverMessage: null, registrationExportKey: null, resumeNonce: null };
+    held = { password: null, opaqueState: null, serverMessage: null, registrationExportKey: null, resumeNonce: null, passwordCheck: null };
     secretsOf.set(session, held);
   }
   return held;
@@ -112,8 +115,9 @@ function secrets(session: ClientSession): SessionSecrets {
 export type ClientEvent =
   /** The core needs an OPAQUE finish step (Argon2): call ``completeOpaqueStep(sessionId)``. */
   | { type: "opaque_step"; session: ClientSession; sessionId: number }
-  /** A request session is established; ``exportKey`` is handed over once. */
-  | { type: "established"; session: ClientSession; sessionId: number; userId: Uint8Array; exportKey: Uint8Array }
+  /** A request session is established; ``exportKey`` is handed over once, with the check that
+   * tells a new password from the login's (null when the OPAQUE messages are not OPAQUE's layout). */
+  | { type: "established"; session: ClientSession; sessionId: number; userId: Uint8Array; exportKey: Uint8Array; passwordCheck: PasswordCheck | null }
   | { type: "registered"; session: ClientSession; sessionId: number; userId: Uint8Array }
   | { type: "response"; session: ClientSession; sessionId: number; requestId: number; body: Uint8Array }
   /** The session ended with an error (ABORT either way, a failed step, a lost handshake). */
@@ -287,6 +291,7 @@ export class ClientConnection {
       }
     } else {
       secrets(session).registrationExportKey = login.exportKey; // handed over at WELCOME
+      secrets(session).passwordCheck = PasswordCheck.fromLogin(response);
     }
     session.channel = new Channel(login.sessionKey, "client");
     login.sessionKey.fill(0);
@@ -518,9 +523,11 @@ export class ClientConnection {
           session.state = State.AWAIT_REG_CLOSE;
         } else {
           const exportKey = secrets(session).registrationExportKey!;
+          const passwordCheck = secrets(session).passwordCheck;
           secrets(session).registrationExportKey = null;
+          secrets(session).passwordCheck = null;
           session.state = State.ESTABLISHED;
-          this.events.push({ type: "established", session, sessionId, userId, exportKey });
+          this.events.push({ type: "established", session, sessionId, userId, exportKey, passwordCheck });
         }
         return;
       }

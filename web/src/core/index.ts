@@ -9,3 +9,4 @@ export * from "./ops.js";
 export * from "./opaque.js";
 export * from "./connection.js";
 export * from "./secretops.js";
+export * from "./passwordcheck.js";

@@ -20,6 +20,7 @@ import {
 import { masterKey, unwrapStorageKey, wrapStorageKey, type RandomSource } from "./crypto.js";
 import { IntegrityFailure, LabelError, OperationRefused } from "./errors.js";
 import type { OpaqueClient } from "./opaque.js";
+import { PasswordCheck } from "./passwordcheck.js";
 import {
   checkAuditFilter,
   checkLabel,
@@ -94,12 +95,18 @@ export class SecretOps {
     [SecretKind.IMPORTED, []],
   ]);
 
+  /** The login's (the ``established`` event's): a password change to the password the
+   * session logged in with (or last changed to) is refused before it is sent. */
+  #passwordCheck: PasswordCheck | null;
+
   constructor(
     readonly userId: Uint8Array,
     exportKey: Uint8Array,
     private readonly random: RandomSource,
+    passwordCheck: PasswordCheck | null = null,
   ) {
     this.#exportKey = exportKey;
+    this.#passwordCheck = passwordCheck;
   }
 
   toString(): string {
@@ -286,7 +293,9 @@ export class SecretOps {
   }
 
   /** Password change: a fresh OPAQUE registration under the new password, and the same
-   * storage key re-wrapped under the new export key (section 12.13). */
+   * storage key re-wrapped under the new export key (section 12.13). The password the session
+   * logged in with (or last changed to) is refused (RangeError) before CHANGE_PASSWORD_FINISH
+   * is sent: the check tells it from the new registration; step 1 changed nothing. */
   *changePassword(newPassword: string, opaque: OpaqueClient): Plan<void> {
     if (newPassword.length === 0) throw new RangeError("the new password must not be empty");
     const storageKey = yield* this.storageKey();
@@ -298,12 +307,16 @@ export class SecretOps {
     } catch {
       throw new IntegrityFailure("the server's registration response is not valid");
     }
+    if (this.#passwordCheck !== null && this.#passwordCheck.samePassword(reply.registrationResponse, finish.upload)) {
+      throw new RangeError("the new password is the current one");
+    }
     const master = masterKey(finish.exportKey);
     const encryptedStorageKey = wrapStorageKey(master, this.userId, storageKey, this.random(NONCE_SIZE));
     master.fill(0);
     yield* ask({ op: Op.CHANGE_PASSWORD_FINISH, userId: this.userId, registrationUpload: finish.upload, encryptedStorageKey });
     this.#exportKey.fill(0);
     this.#exportKey = finish.exportKey;
+    this.#passwordCheck = PasswordCheck.fromRegistration(reply.registrationResponse, finish.upload, this.random(32)); // as a login with it would give
   }
 
   *deleteAccount(): Plan<void> {
