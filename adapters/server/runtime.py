@@ -445,7 +445,8 @@ class KeyServerRuntime:
         so that they end within ``credentials_check`` seconds even if they send nothing: a
         request would end them anyway (docs/protocol.md section 12.13). The read runs in a
         worker thread on a connection of its own, outside the group commit: it takes no write
-        lock and waits for no writer. A storage failure is logged and the check tried later."""
+        lock and waits for no writer. A storage failure is logged and the check tried later; a
+        storage that no other process can share (SQLite in memory) ends the check."""
         read = getattr(self.storage, "credentials_versions", None)
         if self.settings.credentials_check <= 0 or read is None:
             return
@@ -459,6 +460,8 @@ class KeyServerRuntime:
             except Exception:
                 log.error("checking the credentials of the sessions held failed", exc_info=True)
                 continue
+            if current is None:  # a storage no other process shares (SQLite in memory)
+                return
             if self.keyserver.end_outdated_sessions(self.registry, held, current):
                 wake_woken(self.registry)
 

@@ -1020,15 +1020,19 @@ class SQLiteStorage:
             raise
         self._commit()
 
-    def credentials_versions(self, user_ids: Sequence[bytes]) -> dict[bytes, int]:
+    def credentials_versions(self, user_ids: Sequence[bytes]) -> dict[bytes, int] | None:
         """The credentials version of each of ``user_ids`` that has an account (a deleted one
         is missing), as committed. A read on a connection of its own, outside every batch and
         transaction: it takes no lock a writer waits for (WAL: readers never block writers
         nor wait for them), so a writer stopped mid-batch in another process stalls nothing.
         For the key server's periodic check of the sessions it holds; call it from one
-        thread at a time."""
+        thread at a time. None for an in-memory database: no other process can change its
+        accounts (and a connection of its own would see an empty database, every account
+        missing, as if deleted)."""
+        if str(self.path) == ":memory:":
+            return None
         found: dict[bytes, int] = {}
-        if str(self.path) == ":memory:" or not user_ids:
+        if not user_ids:
             return found
         try:
             if self._reader is None:

@@ -111,3 +111,25 @@ async def test_the_session_that_changed_the_password_goes_on_on_an_instance_that
         assert session.session_id not in on_b._ended
         assert await session.list_keys() == []
     assert "ended a session whose account" not in second.log_text()
+
+
+async def test_an_in_memory_database_ends_no_session_at_the_check(tmp_path) -> None:
+    """A storage that only this process can use (SQLite ``:memory:``) has no other instance
+    to change credentials behind its back: the check must not read its missing rows as
+    deleted accounts and end every session."""
+    from pathlib import Path
+
+    from ..support.net_world import running_server
+
+    async with running_server(tmp_path, storage_path=Path(":memory:"), credentials_check=0.05) as (
+        runtime,
+        pki,
+    ):
+        assert runtime.port is not None
+        connect = tls_connector("127.0.0.1", runtime.port, cafile=pki.ca_cert, server_hostname="localhost")
+        async with KeymgmtClient(connect, reconnect_attempts=1) as client:
+            await client.register(b"mem@example.org", PW)
+            session = await client.login(b"mem@example.org", PW)
+            key_id = await session.generate()
+            await anyio.sleep(0.4)  # eight checks
+            assert await session.retrieve(key_id, Context.NULL) is None
