@@ -632,7 +632,12 @@ class ServerConnection(ConnectionBase):
         if self.failed is not None:
             return
         if self._partial_since is not None and self._partial_since + self.config.frame_timeout <= now:
-            self._fail_connection(ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive", remote=False)
+            if self._whole_frame_buffered():
+                # Not late: whole frames wait for the caller, which stopped taking them (its
+                # output waited for the peer); taking the next one starts the clock again.
+                self._partial_since = None
+            else:
+                self._fail_connection(ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive", remote=False)
         elif self._idle_since is not None and self._idle_since + self.config.connection_idle_timeout <= now:
             self._fail_connection(ErrorCode.IDLE_TIMEOUT, "no session on this connection", remote=False)
 

@@ -95,6 +95,10 @@ UNKNOWN_SESSIONS_AT_INFO = 4
 #: The prefix the core puts before the reason text of a GOAWAY the peer sent.
 _PEER_GOAWAY = "peer sent GOAWAY: "
 
+#: Bytes of output one batch of a connection may queue before the rest of its input waits for
+#: the next batch (:attr:`ConnectionDriver.max_output`): 16 answers of a 64 KiB secret.
+MAX_OUTPUT = 1 << 20
+
 #: WARNING lines of one kind a connection may cause; further ones are counted, and the
 #: count is logged when the connection ends (an attacker must not flood the log).
 WARNINGS_PER_CONNECTION = 5
@@ -160,6 +164,7 @@ class ConnectionDriver:
         admission: Admission | None = None,
         committer: GroupCommit | None = None,
         max_unprocessed: int = 4 * 65536,
+        max_output: int = MAX_OUTPUT,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
@@ -183,6 +188,9 @@ class ConnectionDriver:
         self.committer = committer if committer is not None else group_commit_for(app)
         #: Stop reading while this many received bytes wait for a batch.
         self.max_unprocessed = max_unprocessed
+        #: Stop handling frames in a batch once this many bytes of output wait to be sent:
+        #: the rest of the input stays in the core for the batch after the send.
+        self.max_output = max_output
         self._unprocessed = 0
         self._room = anyio.Event()
         #: Set by input, a wake or a stop: the main loop runs another batch.
@@ -324,12 +332,14 @@ class ConnectionDriver:
         self.conn.abandon(reason)
         return self._process_events()
 
-    def _process_events(self) -> bytes:
-        """Handle every event ready now; return the bytes they queued. Runs inside a batch
-        (:meth:`_commit`): output is taken from the core only here, so what a driver sends
-        always belongs to a batch that has committed; output another connection's work
-        queues here meanwhile waits for this connection's next batch."""
-        while (event := self.conn.next_event()) is not NEED_DATA:
+    def _process_events(self, max_output: float = math.inf) -> bytes:
+        """Handle every event ready now, or those until ``max_output`` bytes are queued;
+        return the bytes they queued. Runs inside a batch (:meth:`_commit`): output is taken
+        from the core only here, so what a driver sends always belongs to a batch that has
+        committed; output another connection's work queues here meanwhile waits for this
+        connection's next batch."""
+        conn = self.conn
+        while conn.pending_output < max_output and (event := conn.next_event()) is not NEED_DATA:
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
                 if event.remote and event.reason.startswith(_PEER_GOAWAY):
@@ -363,11 +373,13 @@ class ConnectionDriver:
             elif isinstance(event, SessionFailed) and event.remote and event.code in ATTACK_CODES:
                 self._attack(event.code, event.reason)
             self._run_app(event)
-        for conn in self.registry.take_woken():  # their drivers collect it in a later batch
-            driver = _DRIVERS.get(conn)
+        if conn.pending_output >= max_output and conn.failed is None:
+            self._signal()  # frames may be left: another turn once this output has gone
+        for other in self.registry.take_woken():  # their drivers collect it in a later batch
+            driver = _DRIVERS.get(other)
             if driver is not None and driver is not self:
                 driver.wake()
-        return self.conn.data_to_send()
+        return conn.data_to_send()
 
     def _attack(self, code: ErrorCode, reason: str) -> None:
         """A session or connection ended for an attack code. The reason is quoted (%r): for
@@ -391,19 +403,27 @@ class ConnectionDriver:
         """One batch's work for this connection: the input buffered so far, the timers that
         are due, a graceful close when stopping."""
         conn = self.conn
-        if self._unprocessed >= self.max_unprocessed:  # (only then does the reader wait for room)
-            self._room.set()
-        self._unprocessed = 0
-        if self._consumer is not None and self._reader_failure is None:
-            self._consumer.consumer = self._consume
         if timer_due:
             now = self.clock()
             conn.handle_timer(now)
             self._expire_detached(now)
-        output = self._process_events()
-        if self._stopping and conn.failed is None:
-            conn.close("server shutting down")
-            output += self._process_events()
+        if self._stopping:  # every request read is answered before the GOAWAY
+            output = self._process_events()
+            if conn.failed is None:
+                conn.close("server shutting down")
+                output += self._process_events()
+        else:
+            # A few bytes of requests can ask for megabytes of answers (a RETRIEVE of a 64 KiB
+            # secret is 72 bytes): past max_output the rest waits in the core, and another
+            # turn follows once this output has been sent (the peer has taken it in).
+            output = self._process_events(self.max_output)
+        # What the core still holds counts against max_unprocessed: the reader takes in no
+        # more while the frames left for later fill it.
+        self._unprocessed = left = conn.pending_input
+        if left < self.max_unprocessed:
+            self._room.set()  # (only a reader waiting for room looks at it)
+            if self._consumer is not None and self._reader_failure is None:
+                self._consumer.consumer = self._consume
         return output
 
     async def run(self) -> None:
