@@ -98,6 +98,9 @@ _PEER_GOAWAY = "peer sent GOAWAY: "
 #: Bytes of output one batch of a connection may queue before the rest of its input waits for
 #: the next batch (:attr:`ConnectionDriver.max_output`): 16 answers of a 64 KiB secret.
 MAX_OUTPUT = 1 << 20
+#: Events one batch handles for a connection before the rest of its input waits for the next
+#: batch (:attr:`ConnectionDriver.max_events`): sixteen sessions' worth of pipelined requests.
+MAX_EVENTS = 256
 
 #: WARNING lines of one kind a connection may cause; further ones are counted, and the
 #: count is logged when the connection ends (an attacker must not flood the log).
@@ -165,6 +168,7 @@ class ConnectionDriver:
         committer: GroupCommit | None = None,
         max_unprocessed: int = 4 * 65536,
         max_output: int = MAX_OUTPUT,
+        max_events: int = MAX_EVENTS,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
@@ -191,6 +195,10 @@ class ConnectionDriver:
         #: Stop handling frames in a batch once this many bytes of output wait to be sent:
         #: the rest of the input stays in the core for the batch after the send.
         self.max_output = max_output
+        #: The same for the events handled in one batch: a connection's turn cannot make every
+        #: other connection of the batch wait for all it has sent (256 KiB of requests is
+        #: thousands of them), however many of its sessions it spreads them over.
+        self.max_events = max_events
         self._unprocessed = 0
         self._room = anyio.Event()
         #: Set by input, a wake or a stop: the main loop runs another batch.
@@ -332,14 +340,20 @@ class ConnectionDriver:
         self.conn.abandon(reason)
         return self._process_events()
 
-    def _process_events(self, max_output: float = math.inf) -> bytes:
-        """Handle every event ready now, or those until ``max_output`` bytes are queued;
-        return the bytes they queued. Runs inside a batch (:meth:`_commit`): output is taken
-        from the core only here, so what a driver sends always belongs to a batch that has
-        committed; output another connection's work queues here meanwhile waits for this
-        connection's next batch."""
+    def _process_events(self, max_output: float = math.inf, max_events: float = math.inf) -> bytes:
+        """Handle every event ready now, or those until ``max_output`` bytes are queued or
+        ``max_events`` were handled; return the bytes they queued. Runs inside a batch
+        (:meth:`_commit`): output is taken from the core only here, so what a driver sends
+        always belongs to a batch that has committed; output another connection's work queues
+        here meanwhile waits for this connection's next batch."""
         conn = self.conn
-        while conn.pending_output < max_output and (event := conn.next_event()) is not NEED_DATA:
+        handled = 0
+        while (
+            conn.pending_output < max_output
+            and handled < max_events
+            and (event := conn.next_event()) is not NEED_DATA
+        ):
+            handled += 1
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
                 if event.remote and event.reason.startswith(_PEER_GOAWAY):
@@ -373,7 +387,7 @@ class ConnectionDriver:
             elif isinstance(event, SessionFailed) and event.remote and event.code in ATTACK_CODES:
                 self._attack(event.code, event.reason)
             self._run_app(event)
-        if conn.pending_output >= max_output and conn.failed is None:
+        if (conn.pending_output >= max_output or handled >= max_events) and conn.failed is None:
             self._signal()  # frames may be left: another turn once this output has gone
         for other in self.registry.take_woken():  # their drivers collect it in a later batch
             driver = _DRIVERS.get(other)
@@ -416,7 +430,7 @@ class ConnectionDriver:
             # A few bytes of requests can ask for megabytes of answers (a RETRIEVE of a 64 KiB
             # secret is 72 bytes): past max_output the rest waits in the core, and another
             # turn follows once this output has been sent (the peer has taken it in).
-            output = self._process_events(self.max_output)
+            output = self._process_events(self.max_output, self.max_events)
         # What the core still holds counts against max_unprocessed: the reader takes in no
         # more while the frames left for later fill it.
         self._unprocessed = left = conn.pending_input
