@@ -199,6 +199,8 @@ class ConnectionDriver:
         #: other connection of the batch wait for all it has sent (256 KiB of requests is
         #: thousands of them), however many of its sessions it spreads them over.
         self.max_events = max_events
+        #: Set by a turn that stopped at one of those bounds (frames may be left in the core).
+        self._held_back = False
         self._unprocessed = 0
         self._room = anyio.Event()
         #: Set by input, a wake or a stop: the main loop runs another batch.
@@ -296,8 +298,11 @@ class ConnectionDriver:
         self._signal()
 
     def stop(self) -> None:
-        """Finish what was received, say GOAWAY and close (graceful shutdown)."""
+        """Finish what was received, say GOAWAY and close (graceful shutdown). Nothing more is
+        taken in: what was received is answered in turns bounded as usual, then the GOAWAY."""
         self._stopping = True
+        if self._consumer is not None:
+            self._consumer.consumer = None
         self._signal()
 
     def _signal(self) -> None:
@@ -387,7 +392,8 @@ class ConnectionDriver:
             elif isinstance(event, SessionFailed) and event.remote and event.code in ATTACK_CODES:
                 self._attack(event.code, event.reason)
             self._run_app(event)
-        if (conn.pending_output >= max_output or handled >= max_events) and conn.failed is None:
+        self._held_back = (conn.pending_output >= max_output or handled >= max_events) and conn.failed is None
+        if self._held_back:
             self._signal()  # frames may be left: another turn once this output has gone
         for other in self.registry.take_woken():  # their drivers collect it in a later batch
             driver = _DRIVERS.get(other)
@@ -421,20 +427,17 @@ class ConnectionDriver:
             now = self.clock()
             conn.handle_timer(now)
             self._expire_detached(now)
-        if self._stopping:  # every request read is answered before the GOAWAY
-            output = self._process_events()
-            if conn.failed is None:
-                conn.close("server shutting down")
-                output += self._process_events()
-        else:
-            # A few bytes of requests can ask for megabytes of answers (a RETRIEVE of a 64 KiB
-            # secret is 72 bytes): past max_output the rest waits in the core, and another
-            # turn follows once this output has been sent (the peer has taken it in).
-            output = self._process_events(self.max_output, self.max_events)
+        # A few bytes of requests can ask for megabytes of answers (a RETRIEVE of a 64 KiB secret
+        # is 72 bytes): past max_output (or max_events) the rest waits in the core, and another
+        # turn follows once this output has been sent (the peer has taken it in).
+        output = self._process_events(self.max_output, self.max_events)
+        if self._stopping and not self._held_back and conn.failed is None:
+            conn.close("server shutting down")  # every request read has been answered
+            output += self._process_events()
         # What the core still holds counts against max_unprocessed: the reader takes in no
-        # more while the frames left for later fill it.
+        # more while the frames left for later fill it (nor anything once stopping).
         self._unprocessed = left = conn.pending_input
-        if left < self.max_unprocessed:
+        if left < self.max_unprocessed and not self._stopping:
             self._room.set()  # (only a reader waiting for room looks at it)
             if self._consumer is not None and self._reader_failure is None:
                 self._consumer.consumer = self._consume
@@ -527,8 +530,8 @@ class ConnectionDriver:
         ``max_unprocessed`` bytes wait for a batch (backpressure)."""
         conn = self.conn
         while True:
-            while self._unprocessed >= self.max_unprocessed:
-                self._room = anyio.Event()
+            while self._unprocessed >= self.max_unprocessed or self._stopping:
+                self._room = anyio.Event()  # (stopping: nothing more is taken in)
                 await self._room.wait()
             try:
                 data = await self.stream.receive(self.receive_size)

@@ -25,7 +25,9 @@ from keymgmt.adapters.server.driver import ConnectionDriver
 from keymgmt.adapters.testing.streams import MemoryByteStream, memory_stream_pair
 from keymgmt_proto import (
     NEED_DATA,
+    ConnectionFailed,
     Context,
+    ErrorCode,
     OpaqueStepRequired,
     RequestReceived,
     ResponseReceived,
@@ -216,3 +218,42 @@ async def test_a_connection_full_of_requests_does_not_hold_up_another(tmp_path):
         assert before <= 2 * cap, f"{before} of the other connection's requests were handled first"
         for end, _driver in ends:
             await end.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_graceful_stop_answers_what_was_read_a_bounded_amount_at_a_time(tmp_path):
+    """``stop()`` (server shutdown) answers every request already read before its GOAWAY, in
+    turns bounded as usual: the shutdown turn once handled all of them at once, so a
+    connection holding 256 KiB of pipelined RETRIEVEs of a 64 KiB secret queued hundreds of
+    megabytes as the server drained. Nothing more is taken in once stopping."""
+    max_output = 200_000
+    async with key_server(tmp_path) as world:
+        async with world.client() as client:
+            user_id = await client.register(ACCOUNT, PASSWORD)
+            session = await client.login(ACCOUNT, PASSWORD)
+            key_id = await session.import_secret(BIG)
+            await session.logout()
+        client_end, server_end = memory_stream_pair(buffer=2)
+        recording = _Recording(server_end)
+        driver = ConnectionDriver(recording, SETUP, world.keyserver, world.registry, max_output=max_output)
+        world.task_group.start_soon(driver.run)
+        conn, sid = await raw_login(client_end, ACCOUNT, PASSWORD)
+        conn.max_requests_in_flight = COUNT
+        body = RetrieveRequest(user_id, key_id, Context.LOCAL_ONLY).encode()
+        for _ in range(COUNT):
+            conn.send_request(sid, body)
+        await client_end.send(conn.data_to_send())  # one piece: the server reads it at once
+        answered, stopped, goaway = 0, False, None
+        with anyio.fail_after(60):
+            while goaway is None:
+                conn.receive_data(await client_end.receive())
+                while (event := conn.next_event()) is not NEED_DATA:
+                    if isinstance(event, ResponseReceived):
+                        answered += 1
+                    elif isinstance(event, ConnectionFailed):
+                        goaway = event
+                if answered and not stopped:  # (the server has read every request by now)
+                    driver.stop()
+                    stopped = True
+        assert goaway.code is ErrorCode.OK and answered == COUNT
+        assert recording.largest <= max_output + 66_000, recording.largest
