@@ -77,6 +77,17 @@ class ConnectionBase:
         """Bytes waiting in ``data_to_send`` (for backpressure)."""
         return len(self._outbox)
 
+    @property
+    def pending_input(self) -> int:
+        """Bytes received and not yet handled: whole frames a caller left for later (it
+        stopped calling ``next_event``), and the start of the next frame (for backpressure)."""
+        return len(self._inbox)
+
+    def _whole_frame_buffered(self) -> bool:
+        """Whether the buffered input starts with a whole frame (by its header's length)."""
+        inbox = self._inbox
+        return len(inbox) >= HEADER_SIZE and len(inbox) >= HEADER_SIZE + int.from_bytes(inbox[6:10], "big")
+
     def connection_lost(self) -> None:
         """The transport is gone. Established sessions detach; the others end."""
         raise NotImplementedError

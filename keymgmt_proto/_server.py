@@ -640,7 +640,12 @@ class ServerConnection(ConnectionBase):
         if self.failed is not None:
             return
         if self._partial_since is not None and self._partial_since + self.config.frame_timeout <= now:
-            self._fail_connection(ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive", remote=False)
+            if self._whole_frame_buffered():
+                # Not late: whole frames wait for the caller, which stopped taking them (its
+                # output waited for the peer); taking the next one starts the clock again.
+                self._partial_since = None
+            else:
+                self._fail_connection(ErrorCode.IDLE_TIMEOUT, "a frame took too long to arrive", remote=False)
         elif self._idle_since is not None and self._idle_since + self.config.connection_idle_timeout <= now:
             self._fail_connection(ErrorCode.IDLE_TIMEOUT, "no session on this connection", remote=False)
 
@@ -1176,6 +1181,9 @@ class ServerConnection(ConnectionBase):
             raise RemoteProtocolError(
                 "the session's stored state is older than the client's", code=ErrorCode.UNKNOWN_SESSION
             )
+        # Records sealed for the client that it has not received: each may be an answer whose
+        # request it re-sends (with those still pending), paid for below.
+        lost = session.channel.sent_total - resume.received_total
         server_nonce = self._random(RESUME_NONCE_SIZE)
         channel = session.channel.next_epoch(resume.client_nonce, server_nonce)
         self.registry.move(session, self, session_id, channel)
@@ -1184,8 +1192,12 @@ class ServerConnection(ConnectionBase):
         self._sessions[session_id] = session
         self._lower_deadline_bound(session)
         self._sessions_changed()
-        # The client re-sends each request it has unanswered (section 9): not unproductive.
-        self._earn(self.config.max_requests_in_flight * self._late_frame_cost, self._budget_cap)
+        # The client re-sends each request it has unanswered (section 9): not unproductive. Only
+        # those it can have (pending here, or answered in records it did not receive): a session
+        # resumed back and forth between two connections must not buy input that does nothing.
+        resent = min(self.config.max_requests_in_flight, len(session.pending) + lost)
+        if resent:
+            self._earn(resent * self._late_frame_cost, self._budget_cap)
         record = channel.seal(FrameType.RESUMED, Resumed().encode())
         self._send(FrameType.RESUMED, session_id, ResumedEnvelope(server_nonce, record).encode())
         assert session.user_id is not None

@@ -104,6 +104,13 @@ UNKNOWN_SESSIONS_AT_INFO = 4
 #: The prefix the core puts before the reason text of a GOAWAY the peer sent.
 _PEER_GOAWAY = "peer sent GOAWAY: "
 
+#: Bytes of output one batch of a connection may queue before the rest of its input waits for
+#: the next batch (:attr:`ConnectionDriver.max_output`): 16 answers of a 64 KiB secret.
+MAX_OUTPUT = 1 << 20
+#: Events one batch handles for a connection before the rest of its input waits for the next
+#: batch (:attr:`ConnectionDriver.max_events`): sixteen sessions' worth of pipelined requests.
+MAX_EVENTS = 256
+
 #: WARNING lines of one kind a connection may cause; further ones are counted, and the
 #: count is logged when the connection ends (an attacker must not flood the log).
 WARNINGS_PER_CONNECTION = 5
@@ -169,6 +176,8 @@ class ConnectionDriver:
         admission: Admission | None = None,
         committer: GroupCommit | None = None,
         max_unprocessed: int = 4 * 65536,
+        max_output: int = MAX_OUTPUT,
+        max_events: int = MAX_EVENTS,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.clock = clock  # wall clock: session deadlines must agree across instances
@@ -192,6 +201,15 @@ class ConnectionDriver:
         self.committer = committer if committer is not None else group_commit_for(app)
         #: Stop reading while this many received bytes wait for a batch.
         self.max_unprocessed = max_unprocessed
+        #: Stop handling frames in a batch once this many bytes of output wait to be sent:
+        #: the rest of the input stays in the core for the batch after the send.
+        self.max_output = max_output
+        #: The same for the events handled in one batch: a connection's turn cannot make every
+        #: other connection of the batch wait for all it has sent (256 KiB of requests is
+        #: thousands of them), however many of its sessions it spreads them over.
+        self.max_events = max_events
+        #: Set by a turn that stopped at one of those bounds (frames may be left in the core).
+        self._held_back = False
         self._unprocessed = 0
         self._room = anyio.Event()
         #: Set by input, a wake or a stop: the main loop runs another batch.
@@ -289,8 +307,11 @@ class ConnectionDriver:
         self._signal()
 
     def stop(self) -> None:
-        """Finish what was received, say GOAWAY and close (graceful shutdown)."""
+        """Finish what was received, say GOAWAY and close (graceful shutdown). Nothing more is
+        taken in: what was received is answered in turns bounded as usual, then the GOAWAY."""
         self._stopping = True
+        if self._consumer is not None:
+            self._consumer.consumer = None
         self._signal()
 
     def _signal(self) -> None:
@@ -333,12 +354,20 @@ class ConnectionDriver:
         self.conn.abandon(reason)
         return self._process_events()
 
-    def _process_events(self) -> bytes:
-        """Handle every event ready now; return the bytes they queued. Runs inside a batch
+    def _process_events(self, max_output: float = math.inf, max_events: float = math.inf) -> bytes:
+        """Handle every event ready now, or those until ``max_output`` bytes are queued or
+        ``max_events`` were handled; return the bytes they queued. Runs inside a batch
         (:meth:`_commit`): output is taken from the core only here, so what a driver sends
-        always belongs to a batch that has committed; output another connection's work
-        queues here meanwhile waits for this connection's next batch."""
-        while (event := self.conn.next_event()) is not NEED_DATA:
+        always belongs to a batch that has committed; output another connection's work queues
+        here meanwhile waits for this connection's next batch."""
+        conn = self.conn
+        handled = 0
+        while (
+            conn.pending_output < max_output
+            and handled < max_events
+            and (event := conn.next_event()) is not NEED_DATA
+        ):
+            handled += 1
             assert isinstance(event, Event)
             if isinstance(event, ConnectionFailed):
                 if event.remote and event.reason.startswith(_PEER_GOAWAY):
@@ -372,11 +401,14 @@ class ConnectionDriver:
             elif isinstance(event, SessionFailed) and event.remote and event.code in ATTACK_CODES:
                 self._attack(event.code, event.reason)
             self._run_app(event)
-        for conn in self.registry.take_woken():  # their drivers collect it in a later batch
-            driver = _DRIVERS.get(conn)
+        self._held_back = (conn.pending_output >= max_output or handled >= max_events) and conn.failed is None
+        if self._held_back:
+            self._signal()  # frames may be left: another turn once this output has gone
+        for other in self.registry.take_woken():  # their drivers collect it in a later batch
+            driver = _DRIVERS.get(other)
             if driver is not None and driver is not self:
                 driver.wake()
-        return self.conn.data_to_send()
+        return conn.data_to_send()
 
     def _attack(self, code: ErrorCode, reason: str) -> None:
         """A session or connection ended for an attack code. The reason is quoted (%r): for
@@ -400,19 +432,24 @@ class ConnectionDriver:
         """One batch's work for this connection: the input buffered so far, the timers that
         are due, a graceful close when stopping."""
         conn = self.conn
-        if self._unprocessed >= self.max_unprocessed:  # (only then does the reader wait for room)
-            self._room.set()
-        self._unprocessed = 0
-        if self._consumer is not None and self._reader_failure is None:
-            self._consumer.consumer = self._consume
         if timer_due:
             now = self.clock()
             conn.handle_timer(now)
             self._expire_detached(now)
-        output = self._process_events()
-        if self._stopping and conn.failed is None:
-            conn.close("server shutting down")
+        # A few bytes of requests can ask for megabytes of answers (a RETRIEVE of a 64 KiB secret
+        # is 72 bytes): past max_output (or max_events) the rest waits in the core, and another
+        # turn follows once this output has been sent (the peer has taken it in).
+        output = self._process_events(self.max_output, self.max_events)
+        if self._stopping and not self._held_back and conn.failed is None:
+            conn.close("server shutting down")  # every request read has been answered
             output += self._process_events()
+        # What the core still holds counts against max_unprocessed: the reader takes in no
+        # more while the frames left for later fill it (nor anything once stopping).
+        self._unprocessed = left = conn.pending_input
+        if left < self.max_unprocessed and not self._stopping:
+            self._room.set()  # (only a reader waiting for room looks at it)
+            if self._consumer is not None and self._reader_failure is None:
+                self._consumer.consumer = self._consume
         return output
 
     async def run(self) -> None:
@@ -502,8 +539,8 @@ class ConnectionDriver:
         ``max_unprocessed`` bytes wait for a batch (backpressure)."""
         conn = self.conn
         while True:
-            while self._unprocessed >= self.max_unprocessed:
-                self._room = anyio.Event()
+            while self._unprocessed >= self.max_unprocessed or self._stopping:
+                self._room = anyio.Event()  # (stopping: nothing more is taken in)
                 await self._room.wait()
             try:
                 data = await self.stream.receive(self.receive_size)

@@ -25,9 +25,11 @@ statements it shares with the PostgreSQL backend are in :mod:`.sql`.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
@@ -728,18 +730,36 @@ class _WalFile:
             self._fd = None
 
 
+#: Seconds past its deadline a detached session's row may stay before a save sweeps it (as on
+#: PostgreSQL): an expired session is never resumed, whatever its row says.
+EXPIRED_SESSION_GRACE = 3600.0
+#: Seconds between two sweeps of expired rows by saves: the sweep reads every row (the table
+#: has no index on expires_at), so it must not run on every save.
+SESSION_SWEEP_INTERVAL = 60.0
+_SWEEP_SESSIONS = "DELETE FROM detached_sessions WHERE expires_at < ?"
+
+
 class _SQLiteSessionStore:
     """Detached sessions in the database file (they survive a restart of this server)."""
 
-    def __init__(self, storage: SQLiteStorage) -> None:
+    def __init__(self, storage: SQLiteStorage, clock: Callable[[], float] = time.time) -> None:
         self._storage = storage
+        self._clock = clock
+        self._swept_at = -math.inf
 
     def save(
         self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
     ) -> None:
+        now = self._clock()
+        sweep = now - self._swept_at >= SESSION_SWEEP_INTERVAL
         with self._storage._locked() as db:
             db.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
-            db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
+            if sweep:
+                # Every login that ends with its connection leaves a row: kept until a week after
+                # its deadline, the rows of a day of logins made every save read them all.
+                db.execute(_SWEEP_SESSIONS, (now - EXPIRED_SESSION_GRACE,))
+        if sweep:
+            self._swept_at = now
 
     def claim(self, handle: bytes) -> bytes | None:
         # Durable: a claim lost to a power cut would let the session be resumed twice.

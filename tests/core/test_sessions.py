@@ -302,6 +302,35 @@ def test_a_frame_that_trickles_in_is_cut_off_at_its_deadline(server_setup):
     assert other.server.failed is None
 
 
+def test_whole_frames_left_for_later_are_not_late(server_setup):
+    """A driver may stop taking frames while its answers wait for the peer (the key server's
+    driver does past ``max_output``): whole frames still buffered then are not a frame that
+    trickles in, however long the wait. The deadline runs again from the moment the next
+    one is taken, for what is left after it, and a frame left incomplete is still cut off."""
+    config = ServerConfig(frame_timeout=5, connection_idle_timeout=1000)
+    harness = Harness(server_setup, config)
+    pair = harness.pair(now=0.0)
+    register(pair, b"patient")
+    sid = login(pair, b"patient").session_id
+    for _ in range(3):
+        pair.client.send_request(sid, b"x" * 100)
+    frames = pair.client.data_to_send()
+    pair.server.receive_data(frames, 10.0)
+    assert isinstance(pair.server.next_event(), RequestReceived)  # one taken, two left whole
+    pair.server.handle_timer(60.0)  # the caller came back late
+    assert pair.server.failed is None
+    assert isinstance(pair.server.next_event(), RequestReceived)
+    assert isinstance(pair.server.next_event(), RequestReceived)
+    # What is left now is the start of a frame: its clock runs from when it was buffered.
+    pair.client.send_request(sid, b"y" * 100)
+    pair.server.receive_data(pair.client.data_to_send()[:7], 61.0)
+    assert pair.server.next_event() is NEED_DATA
+    pair.server.handle_timer(65.999)
+    assert pair.server.failed is None
+    pair.server.handle_timer(66.0)
+    assert pair.server.failed is not None and pair.server.failed.reason == "a frame took too long to arrive"
+
+
 def test_the_server_clock_is_the_now_each_input_comes_with(server_setup):
     """Issue 13: time is a required argument of the server's receive_data (and of its
     constructor), so an adapter cannot forget it and leave the connection on a stale clock.

@@ -19,6 +19,7 @@ import pytest
 from keymgmt_proto import (
     NEED_DATA,
     UNPRODUCTIVE_BLOCK_SIZE,
+    ClientConnection,
     ConnectionFailed,
     ErrorCode,
     FrameType,
@@ -271,6 +272,60 @@ def test_requests_re_sent_after_a_resumption_are_taken(server_setup):
     _deliver_as_a_browser(second, second.client.data_to_send())  # the re-sent requests
     assert second.server.failed is None
     assert len(app.held) == len(sids) * config.max_requests_in_flight  # none delivered twice
+
+
+def test_a_session_resumed_back_and_forth_buys_no_input_that_does_nothing(server_setup):
+    """A successful RESUME costs no admission token, and the server paid
+    max_requests_in_flight x W units of budget in advance for the requests it re-sends. A
+    client that resumed one idle session back and forth between two connections bought that
+    much every time and spent it on ignored frames, so the budget never ran out (protocol.md
+    section 10): the server now pays only for the requests the client can re-send, those
+    pending and those answered in records the RESUME says it did not receive."""
+    world = FakeWorld(server_setup)
+    home, (_sid,) = _many_sessions(world, b"pingpong", 1)
+    away = world.pair()
+    pairs = [home, away]
+    for turn in range(40):
+        source, target = pairs[turn % 2], pairs[(turn + 1) % 2]
+        last = source.client._last_session_id
+        source.client.connection_lost()  # (the client's end only: the server's goes on)
+        (detached,) = source.client.take_detached_sessions()
+        fresh = ClientConnection(os.urandom, opaque=FakeOpaque(os.urandom))
+        fresh._last_session_id = last  # the connection goes on: new session ids go up
+        source.client = fresh
+        target.client.resume_session(detached)
+        only(target.pump(), SessionResumed)
+        if target is home:
+            home.to_server(IGNORED * 300)  # each return home bought that many, before
+            if home.server.failed is not None:
+                break
+    assert home.server.failed is not None and home.server.failed.code is ErrorCode.LIMIT_EXCEEDED
+
+
+def test_answers_lost_with_a_connection_are_paid_for_when_their_requests_come_again(server_setup):
+    """The honest case of the test above: every session of a full connection had 16 requests
+    answered, and the answers were lost with the connection; each session resumes on a new
+    connection and re-sends them (answered again from the reply cache), as a browser would
+    send them, without running out of budget."""
+    config = ServerConfig()
+    world = FakeWorld(server_setup, config)
+    pair, sids = _many_sessions(world, b"unlucky", config.max_sessions_per_connection)
+    for sid in sids:
+        for n in range(config.max_requests_in_flight):
+            pair.client.send_request(sid, b"answered %d" % n)
+    pair.to_server(pair.client.data_to_send())
+    assert pair.server.data_to_send()  # the answers, never delivered
+    detached = lose(pair)
+    second = world.pair()
+    for session in detached:
+        second.client.resume_session(session)
+    _deliver_as_a_browser(second, second.client.data_to_send())
+    events = second.to_client(second.server.data_to_send())
+    assert sum(isinstance(e, SessionResumed) for e in events) == len(sids)
+    _deliver_as_a_browser(second, second.client.data_to_send())  # the re-sent requests
+    assert second.server.failed is None
+    answers = second.to_client(second.server.data_to_send())
+    assert sum(isinstance(e, ResponseReceived) for e in answers) == len(sids) * config.max_requests_in_flight
 
 
 def test_a_flood_on_a_connection_with_a_session_leaves_the_session_resumable(server_setup):

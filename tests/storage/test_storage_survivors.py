@@ -190,18 +190,38 @@ def test_evict_removes_exactly_count_records_across_tiers(storage):
 # --- detached-session cleanup ------------------------------------------------------------
 
 
-def test_sqlite_session_store_forgets_sessions_expired_a_week_before_the_newest(tmp_path):
-    """Saving a session removes those that expired over a week before it, keeping younger ones."""
+def test_sqlite_session_store_forgets_sessions_expired_over_an_hour_ago_once_a_minute(tmp_path):
+    """A save sweeps the rows of sessions whose deadline passed over an hour ago (as on
+    PostgreSQL; they were kept until a week after the newest deadline, so the rows of a day of
+    logins that ended with their connections piled up, and the sweep, which reads every row,
+    ran on every save), at most once a minute; rows of live or recently expired sessions stay."""
+    from keymgmt.adapters.storage import sqlite as sqlite_backend
+
     store = SQLiteStorage(tmp_path / "ks.db")
-    sessions = store.session_store
-    t = time.time() + 60
-    sessions.save(b"week-old", b"state-1", t)
-    sessions.save(b"newest", b"state-2", t + 7 * DAY + 1)
-    assert sessions.claim(b"week-old") is None
-    sessions.save(b"day-old", b"state-3", t)
-    sessions.save(b"next", b"state-4", t + 6 * DAY)
-    assert sessions.claim(b"day-old") == b"state-3"
-    assert sessions.claim(b"newest") == b"state-2"
+    now = [1_000_000.0]
+    sessions = sqlite_backend._SQLiteSessionStore(store, clock=lambda: now[0])
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    sweeps = lambda: sum(1 for s in statements if s.startswith("DELETE FROM detached_sessions"))  # noqa: E731
+    sessions.save(b"stale", b"state-1", now[0] - 3601)
+    sessions.save(b"recent", b"state-2", now[0] - 3599)
+    sessions.save(b"live", b"state-3", now[0] + 300)
+    assert sweeps() == 1  # the first save swept; the next ones within the minute did not
+    assert [row[0] for row in store._db.execute("SELECT handle FROM detached_sessions ORDER BY handle")] == [
+        b"live",
+        b"recent",
+    ]  # (stale was saved before the sweep of its own save: gone)
+    now[0] += 59
+    sessions.save(b"old", b"state-4", now[0] - 7200)
+    assert sweeps() == 1
+    now[0] += 1
+    sessions.save(b"next", b"state-5", now[0] + 300)
+    assert sweeps() == 2
+    assert sessions.claim(b"old") is None  # swept a minute after the previous sweep
+    assert sessions.claim(b"recent") is None  # (now over an hour past its deadline too)
+    assert sessions.claim(b"live") == b"state-3"
+    assert sessions.claim(b"next") == b"state-5"
+    store._db.set_trace_callback(None)
     store.close()
 
 

@@ -202,3 +202,100 @@ def test_failed_logins_leave_no_bookkeeping_behind(tmp_path, valid_ke1):
     growth = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert growth < 64 * 1024, f"{growth} bytes retained after 5,000 failed logins"
+
+
+BIG_SECRET = b"\x00\x01" + (65536).to_bytes(4, "big") + os.urandom(65536)  # the long portable form
+PIPELINED = 1000  # RETRIEVEs per session: max_requests_per_session
+SESSIONS = 3
+OUTPUT_RSS_BOUND_KIB = 100 * 1024
+
+
+async def _pipelined_retrieves(server: ServerProcess, ca) -> tuple[int, int]:
+    """An authenticated user pipelines RETRIEVEs of its 64 KiB secret on one connection: a
+    few first, left unread so that the rest gathers into one batch, then the rest (about
+    200 KB of requests for about 200 MB of answers), then reads everything while the
+    server's RSS is watched. Returns (answers received, peak RSS growth in KiB)."""
+    from keymgmt_proto import (
+        NEED_DATA,
+        Context,
+        OpaqueStepRequired,
+        ResponseReceived,
+        RetrieveRequest,
+        SessionClosed,
+        SessionEstablished,
+    )
+
+    from ..support.net_world import raw_login
+
+    account, password = b"pipeline@example.org", b"the pipeliner's long password"
+    connect = tls_connector("127.0.0.1", server.port, cafile=ca)
+    async with KeymgmtClient(connect) as client:
+        user_id = await client.register(account, password)
+        session = await client.login(account, password)
+        key_id = await session.import_secret(BIG_SECRET)
+        await session.logout()
+    stream = await tls_from(server.port, ca)
+    try:
+        conn, first = await raw_login(stream, account, password)
+        sids = [first]
+        while len(sids) < SESSIONS:
+            sids.append(conn.open_request_session(account, password))
+            while not isinstance(event := conn.next_event(), SessionEstablished):
+                if event is NEED_DATA:
+                    await stream.send(conn.data_to_send())
+                    conn.receive_data(await stream.receive())
+                elif isinstance(event, OpaqueStepRequired):
+                    conn.complete_opaque_step(event.run(conn.opaque))
+        conn.max_requests_in_flight = PIPELINED
+        body = RetrieveRequest(user_id, key_id, Context.LOCAL_ONLY).encode()
+        for sid in sids:
+            for _ in range(PIPELINED):
+                conn.send_request(sid, body)
+        requests = conn.data_to_send()
+        rss_before = server.rss_kib()
+        await stream.send(requests[: 72 * 50])
+        await anyio.sleep(1.0)  # (unread: the server's send waits, and the rest gathers)
+        with anyio.fail_after(20):
+            await stream.send(requests[72 * 50 :])
+        await anyio.sleep(1.0)
+        answered, peak = 0, 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, server.rss_kib() - rss_before)
+                await anyio.sleep(0.02)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            with anyio.fail_after(120):
+                while answered < SESSIONS * PIPELINED:
+                    conn.receive_data(await stream.receive())
+                    while (event := conn.next_event()) is not NEED_DATA:
+                        if isinstance(event, ResponseReceived):
+                            answered += 1
+                        else:  # each session ends after its last answer (at the request limit)
+                            assert isinstance(event, SessionClosed), event
+                            assert event.code is ErrorCode.REQUEST_LIMIT
+            tg.cancel_scope.cancel()
+        return answered, peak
+    finally:
+        await anyio.aclose_forcefully(stream)
+
+
+def test_pipelined_retrieves_of_a_big_secret_leave_memory_bounded(tmp_path):
+    """One authenticated user, one connection: a 72-byte RETRIEVE of a 64 KiB secret draws a
+    65 KB answer, and the server answers a batch's requests at once. Without a bound on a
+    batch's output, this run's 200 KB of requests queued about 200 MB of answers at once
+    (RSS grew by 1.2 GB with 345 KB of requests), and a few such connections would end the
+    process. The driver now sends at most about 1 MiB per batch (tests/server/
+    test_answer_amplification.py); every answer still arrives."""
+    directory = init_server_dir(tmp_path / "srv")
+    server = ServerProcess(directory)
+    try:
+        answered, growth = anyio.run(_pipelined_retrieves, server, directory / "ca.pem")
+        assert answered == SESSIONS * PIPELINED
+        assert growth <= OUTPUT_RSS_BOUND_KIB, f"RSS grew by {growth} KiB"
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
