@@ -295,21 +295,22 @@ class KeyServer:
         change, stays), or its account is gone. Each gets a sealed CLOSE(NOT_AUTHORIZED)
         (``registry.take_woken`` lists the connections to wake). Returns how many ended."""
         checked = {handle for handle, _, _ in held}
-        ended = 0
+        outdated: dict[SessionHandle, bool] = {}  # handle -> its account was deleted
         for handle, user_id, version in registry.credentials_held():
             if handle not in checked:
                 continue  # logged in after the read: its version is at least what was read
             now = current.get(user_id)
             if now is not None and version >= now:
                 continue
+            outdated[handle] = now is None
+        ended = registry.end_sessions(outdated, ErrorCode.NOT_AUTHORIZED)  # (one walk for all)
+        for handle in ended:
             self._reserved.pop(handle, None)
-            if registry.end_session(handle, ErrorCode.NOT_AUTHORIZED):
-                ended += 1
-                log.info(
-                    "ended a session whose account %s elsewhere",
-                    "was deleted" if now is None else "changed its password",
-                )
-        return ended
+            log.info(
+                "ended a session whose account %s elsewhere",
+                "was deleted" if outdated[handle] else "changed its password",
+            )
+        return len(ended)
 
     def sessions_expired(self, expired: Sequence[ExpiredSession]) -> None:
         """Audit sessions the registry expired while detached (``SessionRegistry.handle_timer``)."""

@@ -2,7 +2,8 @@
 them at ``accept_login`` (the key server: when the account's password last changed); the
 session keeps the name, also when it is sealed into a shared store and resumed on another
 instance, and the session that changes the password itself moves on to the new one. One
-session can be ended alone (``SessionRegistry.end_session``), as another instance finds its
+session can be ended alone (``SessionRegistry.end_session``, or many in one walk:
+``end_sessions``), as another instance finds its
 credentials out of date."""
 
 from __future__ import annotations
@@ -182,3 +183,36 @@ def test_end_session_ends_that_one_session_only():
     late = _pair(registry, app)
     late.client.resume_session(detached)
     assert only(late.pump(), SessionFailed).code is ErrorCode.UNKNOWN_SESSION
+
+
+class _CountedWalks(dict):  # type: ignore[type-arg]
+    """The registry's session table, counting the walks over it."""
+
+    walks = 0
+
+    def values(self):  # type: ignore[no-untyped-def]
+        type(self).walks += 1
+        return super().values()
+
+
+def test_end_sessions_ends_many_in_one_walk():
+    """Review of issue 16: an account whose password changed elsewhere may hold thousands
+    of sessions on this instance; ending each by its own walk over every session held cost
+    sessions x ended steps on the event loop (seconds, for everyone on this instance)."""
+    registry, app = SessionRegistry(), _VersionedApp()
+    pair, other = _pair(registry, app), _pair(registry, app)
+    register(pair, b"one")
+    register(other, b"two")
+    ending = [login(pair, b"one") for _ in range(6)]
+    kept = login(other, b"two")
+    handles = {e.handle for e in pair.server_events if isinstance(e, LoginSucceeded)}
+    assert len(handles) == 6
+    registry._sessions = _CountedWalks(registry._sessions)  # type: ignore[attr-defined]
+    ended = registry.end_sessions([*handles, object()], ErrorCode.NOT_AUTHORIZED)  # type: ignore[list-item]
+    assert set(ended) == handles and len(ended) == 6
+    assert _CountedWalks.walks == 1
+    closed = [(e.session_id, e.code) for e in pair.pump() if isinstance(e, SessionClosed)]
+    assert sorted(closed) == sorted((s.session_id, ErrorCode.NOT_AUTHORIZED) for s in ending)
+    other.client.send_request(kept.session_id, b"still here")
+    assert only(other.pump(), ResponseReceived).body == b"still here"
+    assert registry.end_sessions(handles, ErrorCode.NOT_AUTHORIZED) == []  # gone already
