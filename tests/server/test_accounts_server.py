@@ -483,3 +483,49 @@ def test_the_periodic_check_ends_exactly_the_outdated_sessions(two_storages):
     assert [e.code for e in changer_pair.pump() if isinstance(e, SessionClosed)] == [ErrorCode.NOT_AUTHORIZED]
     assert not [e for p in (bob_pair, late_pair) for e in p.pump() if isinstance(e, SessionClosed)]
     assert two_storages[1].credentials_versions([]) == {}
+
+
+class _CountingSessions(dict):  # type: ignore[type-arg]
+    """A registry's session table that counts the sessions its walks visit."""
+
+    visits = 0
+
+    def values(self):  # type: ignore[override]
+        for session in super().values():
+            _CountingSessions.visits += 1
+            yield session
+
+
+def test_the_periodic_check_ends_many_sessions_in_one_walk_of_the_registry(caplog):
+    """Review of issue 16: the check ended its outdated sessions one by one, each a walk over
+    every session the registry holds, so thousands of sessions of one account whose password
+    changed elsewhere cost a quadratic stall of the event loop (16,000 of them: about 8 s here,
+    every connection of the instance waiting). Counted in sessions visited, not in time: the
+    walks stay linear. Detached sessions made directly (thousands of logins would take
+    minutes); another account's session is not touched."""
+    from keymgmt_proto._server import SessionRegistry, _ServerSession
+    from keymgmt_proto._state import SessionKind, State
+
+    registry = SessionRegistry()
+    registry._sessions = _CountingSessions()
+    changed, deleted, other = os.urandom(16), os.urandom(16), os.urandom(16)
+    count = 3000
+    for i in range(count):
+        user = changed if i % 3 else deleted
+        registry._sessions[os.urandom(32)] = _ServerSession(
+            SessionKind.REQUEST, i, b"n", 0.0, 0.0, state=State.DETACHED, user_id=user, credentials_version=1
+        )
+    registry._sessions[os.urandom(32)] = _ServerSession(
+        SessionKind.REQUEST, count, b"o", 0.0, 0.0, state=State.DETACHED, user_id=other, credentials_version=1
+    )
+    keyserver = KeyServer(SQLiteStorage(":memory:"))
+    held = registry.credentials_held()
+    _CountingSessions.visits = 0
+    with caplog.at_level("INFO", logger="keymgmt"):
+        ended = keyserver.end_outdated_sessions(registry, held, {changed: 2, other: 1})
+    assert ended == count
+    states = [s.state for s in dict.values(registry._sessions)]
+    assert states.count(State.CLOSED) == count and states[-1] is State.DETACHED  # (no channel: kept)
+    assert _CountingSessions.visits <= 3 * (count + 1)  # one by one: about 4.5 million
+    assert "ended 2000 sessions whose account changed its password elsewhere" in caplog.text
+    assert "ended 1000 sessions whose account was deleted elsewhere" in caplog.text
