@@ -230,9 +230,13 @@ class SecretOps:
         return f"<SecretOps user_id={self.user_id.hex()}>"
 
     def forget(self) -> None:
-        """Drop the storage key and the key ids reserved ahead (logout)."""
+        """Drop the storage key, the export key that unwraps it, and the key ids reserved
+        ahead (logout, or the session ended). A plan that needs the storage key afterwards
+        raises ValueError instead of fetching it again."""
         self._storage_key = None
         self._sealer = None
+        self._export_key = b""  # (bytes cannot be wiped: the reference at least goes)
+        self._registration_response = None
         for pending in self._next.values():
             pending.clear()
 
@@ -254,6 +258,8 @@ class SecretOps:
     def storage_key(self) -> Plan[bytes]:
         """OPS-1: the session's storage key, fetched and opened once."""
         if self._storage_key is None:
+            if not self._export_key:
+                raise ValueError("the session's keys were dropped (it ended or logged out)")
             response = yield RetrieveStorageKeyRequest(self.user_id)
             assert isinstance(response, StorageKeyResponse)
             master_key = derive_master_key(self._export_key)
