@@ -76,6 +76,7 @@ from ._ops import (
     joint_key_id,
     open_label,
     open_secret,
+    same_label,
     seal_label,
     seal_secret_with,
     secret_ad,
@@ -391,7 +392,7 @@ class SecretOps:
         LabelError if none or several have it."""
         check_label(label)
         keys = yield from self.list_keys()
-        found = [key.key_id for key in keys if key.label == label]
+        found = [key.key_id for key in keys if key.label is not None and same_label(key.label, label)]
         if not found:
             raise LabelError(f"no key is labelled {label!r}", not_found=True)
         if len(found) > 1:
@@ -426,7 +427,9 @@ class SecretOps:
 
     @staticmethod
     def _check_unique(keys: Sequence[LabeledKey], label: str, key_id: bytes | None) -> None:
-        if any(key.label == label and key.key_id != key_id for key in keys):
+        if any(
+            key.label is not None and same_label(key.label, label) and key.key_id != key_id for key in keys
+        ):
             raise LabelError(f"another key is already labelled {label!r}")
 
     def audit(
