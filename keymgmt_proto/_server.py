@@ -462,7 +462,13 @@ class SessionRegistry:
         key = session.channel.session_handle
         sealed = seal_session_state(state, key, self._sealing_key, self._random)
         try:
-            self._store.save(key, sealed, session.deadline(self.config)[0], session.user_id)
+            self._store.save(
+                key,
+                sealed,
+                session.deadline(self.config)[0],
+                session.user_id,
+                credentials_version=session.credentials_version,
+            )
         except Exception:  # an injected store may fail: keep the session here instead
             return
         self._sessions.pop(key, None)

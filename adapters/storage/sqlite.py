@@ -735,10 +735,19 @@ class _SQLiteSessionStore:
         self._storage = storage
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         with self._storage._locked() as db:
-            db.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
+            if credentials_version is None or user_id is None:
+                db.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
+            else:  # not stored if the password changed meanwhile, or the account is gone
+                params = (handle, sealed_state, expires_at, user_id, user_id, credentials_version)
+                db.execute(_SQL.save_current_session, params)
             db.execute("DELETE FROM detached_sessions WHERE expires_at < ?", (expires_at - 86_400 * 7,))
 
     def claim(self, handle: bytes) -> bytes | None:

@@ -531,20 +531,13 @@ def test_the_periodic_check_ends_many_sessions_in_one_walk_of_the_registry(caplo
     assert "ended 1000 sessions whose account was deleted elsewhere" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review of issue 16, left open: a session of the old password that another instance "
-    "seals into the shared store after the change (its connection dropped between the change and "
-    "that instance's next check) escapes the check and resumes; it ends only at the first check "
-    "after the resumption, or at its first request. Closing it needs the store to know a stored "
-    "session's credentials version (a column, both backends' migrations, the store interface).",
-)
 def test_a_session_sealed_into_the_store_after_the_change_does_not_resume(two_storages):
-    """The instance that changes the password deletes the account's stored sessions; the other
-    instance's periodic check ends the ones it holds in memory. A session held by the other
-    instance whose connection drops after the change but before that instance's next check is
-    sealed into the store then, with the old credentials version, after the deletion, and is
-    held by nobody at the check."""
+    """Review of issue 16: the instance that changes the password deletes the account's stored
+    sessions, and the other instance's periodic check ends the ones it holds in memory; but a
+    session held by the other instance whose connection dropped after the change, before that
+    instance's next check, was sealed into the store then, with the old credentials version,
+    after the deletion: held by nobody at the check, it escaped it and resumed. The store now
+    saves a session only while its account still has the session's credentials version."""
     here = _World(two_storages[0], shared_store=True)
     there = _World(two_storages[1], shared_store=True)
     owner_pair = here.pair()
@@ -560,21 +553,26 @@ def test_a_session_sealed_into_the_store_after_the_change_does_not_resume(two_st
     assert [e.code for e in resumed if isinstance(e, SessionFailed)] == [ErrorCode.UNKNOWN_SESSION]
 
 
-def test_a_session_sealed_after_the_change_ends_at_the_first_check_after_it_resumes(two_storages):
-    """What bounds the gap the test above leaves open: once such a session resumes, it is held
-    in memory again, and the next periodic check ends it with a sealed CLOSE(NOT_AUTHORIZED)."""
+def test_a_session_of_the_current_password_is_stored_and_one_of_a_deleted_account_is_not(two_storages):
+    """The other side of the test above: a session whose account still has its credentials
+    version (here one moved on by an earlier change) is sealed into the store and resumes on
+    the other instance; one whose account was deleted elsewhere while it was attached is not
+    stored when its connection drops, and its RESUME finds nothing."""
     here = _World(two_storages[0], shared_store=True)
     there = _World(two_storages[1], shared_store=True)
     owner_pair = here.pair()
     register(owner_pair, ALICE)
-    old_pair = there.pair()
-    login(old_pair, ALICE)
-    _change_password(owner_pair, login(owner_pair, ALICE))
-    (detached,) = _lose(old_pair)
-    back = there.pair()
+    _change_password(owner_pair, login(owner_pair, ALICE))  # the version is no longer 0
+    pair = there.pair()
+    login(pair, ALICE, NEW)
+    (detached,) = _lose(pair)
+    back = here.pair()
     back.client.resume_session(detached)
-    back.pump()
-    held = there.registry.credentials_held()
-    current = two_storages[1].credentials_versions([user for _, user, _ in held])
-    assert there.keyserver.end_outdated_sessions(there.registry, held, current) == 1
-    assert [e.code for e in back.pump() if isinstance(e, SessionClosed)] == [ErrorCode.NOT_AUTHORIZED]
+    assert [type(e).__name__ for e in back.pump()] == ["SessionResumed"]
+    doomed_pair = there.pair()
+    login(doomed_pair, ALICE, NEW)
+    owner = login(owner_pair, ALICE, NEW)
+    _run(owner_pair, owner, SecretOps(owner.user_id, owner.export_key, os.urandom).delete_account())
+    (doomed,) = _lose(doomed_pair)
+    resumed = _resume(here, doomed)
+    assert [e.code for e in resumed if isinstance(e, SessionFailed)] == [ErrorCode.UNKNOWN_SESSION]
