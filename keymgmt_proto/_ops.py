@@ -1271,6 +1271,14 @@ def check_label(label: str) -> str:
     return label
 
 
+def same_label(a: str, b: str) -> bool:
+    """Whether two labels name the same key: equal once both are in Unicode NFC. A label is
+    sealed as given, but an accented letter typed as one code point on one device and as a
+    letter and a combining mark on another is one label (two keys cannot both have it, and
+    naming it finds either)."""
+    return a == b or unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+
+
 def label_ad(user_id: bytes, key_id: bytes) -> bytes:
     """Named keys: a sealed label's AD, ``"keymgmt v1 key label" || user_id || key_id``."""
     _check_user_id(user_id)

@@ -76,6 +76,7 @@ from ._ops import (
     joint_key_id,
     open_label,
     open_secret,
+    same_label,
     seal_label,
     seal_secret_with,
     secret_ad,
@@ -230,9 +231,13 @@ class SecretOps:
         return f"<SecretOps user_id={self.user_id.hex()}>"
 
     def forget(self) -> None:
-        """Drop the storage key and the key ids reserved ahead (logout)."""
+        """Drop the storage key, the export key that unwraps it, and the key ids reserved
+        ahead (logout, or the session ended). A plan that needs the storage key afterwards
+        raises ValueError instead of fetching it again."""
         self._storage_key = None
         self._sealer = None
+        self._export_key = b""  # (bytes cannot be wiped: the reference at least goes)
+        self._registration_response = None
         for pending in self._next.values():
             pending.clear()
 
@@ -254,6 +259,8 @@ class SecretOps:
     def storage_key(self) -> Plan[bytes]:
         """OPS-1: the session's storage key, fetched and opened once."""
         if self._storage_key is None:
+            if not self._export_key:
+                raise ValueError("the session's keys were dropped (it ended or logged out)")
             response = yield RetrieveStorageKeyRequest(self.user_id)
             assert isinstance(response, StorageKeyResponse)
             master_key = derive_master_key(self._export_key)
@@ -385,7 +392,7 @@ class SecretOps:
         LabelError if none or several have it."""
         check_label(label)
         keys = yield from self.list_keys()
-        found = [key.key_id for key in keys if key.label == label]
+        found = [key.key_id for key in keys if key.label is not None and same_label(key.label, label)]
         if not found:
             raise LabelError(f"no key is labelled {label!r}", not_found=True)
         if len(found) > 1:
@@ -420,7 +427,9 @@ class SecretOps:
 
     @staticmethod
     def _check_unique(keys: Sequence[LabeledKey], label: str, key_id: bytes | None) -> None:
-        if any(key.label == label and key.key_id != key_id for key in keys):
+        if any(
+            key.label is not None and same_label(key.label, label) and key.key_id != key_id for key in keys
+        ):
             raise LabelError(f"another key is already labelled {label!r}")
 
     def audit(

@@ -55,11 +55,19 @@ class DetachedSessionStore(Protocol):
     """Where detached sessions wait to be resumed (shared by all server instances)."""
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         """Store (or replace) a sealed session of ``user_id``; it may be dropped after
         ``expires_at``. A store that keeps ``user_id`` can drop every session of an account
-        whose password changed or that was deleted."""
+        whose password changed or that was deleted. ``credentials_version`` is the one the
+        session logged in with: a store that knows the accounts' versions stores nothing
+        when the account's is no longer that one, or the account is gone (the session then
+        ends: its RESUME finds nothing)."""
         ...
 
     def claim(self, handle: bytes) -> bytes | None:

@@ -295,21 +295,28 @@ class KeyServer:
         change, stays), or its account is gone. Each gets a sealed CLOSE(NOT_AUTHORIZED)
         (``registry.take_woken`` lists the connections to wake). Returns how many ended."""
         checked = {handle for handle, _, _ in held}
-        outdated: dict[SessionHandle, bool] = {}  # handle -> its account was deleted
+        deleted: set[SessionHandle] = set()
+        outdated: set[SessionHandle] = set()
         for handle, user_id, version in registry.credentials_held():
             if handle not in checked:
                 continue  # logged in after the read: its version is at least what was read
             now = current.get(user_id)
-            if now is not None and version >= now:
-                continue
-            outdated[handle] = now is None
-        ended = registry.end_sessions(outdated, ErrorCode.NOT_AUTHORIZED)  # (one walk for all)
+            if now is None:
+                deleted.add(handle)
+            elif version < now:
+                outdated.add(handle)
+        # One pass over the registry for all of them (not one per session: thousands of
+        # sessions of one account would make the check quadratic, the event loop stalled).
+        ended = registry.end_sessions(deleted | outdated, ErrorCode.NOT_AUTHORIZED)
+        gone = 0
         for handle in ended:
             self._reserved.pop(handle, None)
-            log.info(
-                "ended a session whose account %s elsewhere",
-                "was deleted" if outdated[handle] else "changed its password",
-            )
+            gone += handle in deleted
+        for count, what in ((gone, "was deleted"), (len(ended) - gone, "changed its password")):
+            if count == 1:
+                log.info("ended a session whose account %s elsewhere", what)
+            elif count:
+                log.info("ended %d sessions whose account %s elsewhere", count, what)
         return len(ended)
 
     def sessions_expired(self, expired: Sequence[ExpiredSession]) -> None:

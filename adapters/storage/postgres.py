@@ -170,7 +170,7 @@ _MIGRATIONS: list[str] = [
     """,
 ]
 
-_SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED")
+_SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED", lock_shared=" FOR SHARE")
 # A name or key id that is taken inserts nothing (rowcount 0) instead of failing the transaction.
 _INSERT_ACCOUNT = _SQL.insert_account + " ON CONFLICT DO NOTHING"
 _INSERT_SECRET = _SQL.insert_secret + " ON CONFLICT (key_id) DO NOTHING"
@@ -461,10 +461,19 @@ class _PgSessionStore:
         self._storage = storage
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         with self._storage._connection() as conn:
-            conn.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
+            if credentials_version is None or user_id is None:
+                conn.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
+            else:  # not stored if the password changed meanwhile, or the account is gone
+                params = (handle, sealed_state, expires_at, user_id, user_id, credentials_version)
+                conn.execute(_SQL.save_current_session, params)
             conn.execute("DELETE FROM detached_sessions WHERE expires_at < extract(epoch FROM now()) - 3600")
 
     def claim(self, handle: bytes) -> bytes | None:

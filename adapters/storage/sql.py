@@ -118,9 +118,13 @@ def _as_written(statement: str) -> str:
 class Statements:
     """The statements both backends run, spelled for one driver: ``qmark`` for sqlite3,
     ``pyformat`` for psycopg. ``lock_rows`` ends the subqueries that pick login records
-    to delete (PostgreSQL's ``FOR UPDATE SKIP LOCKED``)."""
+    to delete (PostgreSQL's ``FOR UPDATE SKIP LOCKED``); ``lock_shared`` the one that reads
+    an account's credentials version for a session being stored (PostgreSQL's ``FOR
+    SHARE``: it waits for a password change under way and reads the version it commits)."""
 
-    def __init__(self, paramstyle: Literal["qmark", "pyformat"] = "qmark", lock_rows: str = "") -> None:
+    def __init__(
+        self, paramstyle: Literal["qmark", "pyformat"] = "qmark", lock_rows: str = "", lock_shared: str = ""
+    ) -> None:
         spell: Callable[[str], str] = _pyformat if paramstyle == "pyformat" else _as_written
         #: How a positional parameter is marked, for statements built per call.
         self.mark = spell("?")
@@ -278,6 +282,16 @@ class Statements:
             "expires_at = excluded.expires_at, user_id = excluded.user_id"
         )
         #: Every stored session of an account (its password changed, or it was deleted).
+        #: save_session, only while the account's credentials version is the session's
+        #: (parameters: save_session's, then the user id and the version): a session of a
+        #: password changed meanwhile, or of a deleted account, is not stored.
+        self.save_current_session = spell(
+            "INSERT INTO detached_sessions (handle, sealed_state, expires_at, user_id) SELECT ?, ?, ?, ? "
+            "WHERE EXISTS (SELECT 1 FROM accounts WHERE user_id = ? AND credentials_changed_us = ?"
+            + lock_shared
+            + ") ON CONFLICT (handle) DO UPDATE SET sealed_state = excluded.sealed_state, "
+            "expires_at = excluded.expires_at, user_id = excluded.user_id"
+        )
         self.drop_user_sessions = spell("DELETE FROM detached_sessions WHERE user_id = ?")
 
         # Password change, account deletion, reserved names

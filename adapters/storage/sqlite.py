@@ -748,12 +748,21 @@ class _SQLiteSessionStore:
         self._swept_at = -math.inf
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         now = self._clock()
         sweep = now - self._swept_at >= SESSION_SWEEP_INTERVAL
         with self._storage._locked() as db:
-            db.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
+            if credentials_version is None or user_id is None:
+                db.execute(_SQL.save_session, (handle, sealed_state, expires_at, user_id))
+            else:  # not stored if the password changed meanwhile, or the account is gone
+                params = (handle, sealed_state, expires_at, user_id, user_id, credentials_version)
+                db.execute(_SQL.save_current_session, params)
             if sweep:
                 # Every login that ends with its connection leaves a row: kept until a week after
                 # its deadline, the rows of a day of logins made every save read them all.

@@ -212,6 +212,36 @@ async def test_a_label_two_keys_share_is_ambiguous(tmp_path):
         assert await session.resolve("shared") == first
 
 
+async def test_a_label_is_one_label_however_its_accents_were_typed(tmp_path):
+    """Review of issue 16: labels were compared code point by code point, so 'café' typed as
+    one code point (NFC, most keyboards) and as 'e' and a combining accent (NFD, as some
+    systems enter it) were two labels: a second key could take the label the first one
+    shows, and naming it found whichever matched the bytes typed, another device's choice.
+    They are compared in NFC now (each is still sealed as given)."""
+    composed, decomposed = "caf\u00e9 key", "cafe\u0301 key"
+    assert composed != decomposed
+    async with key_server(tmp_path) as world, world.client() as client:
+        await client.register(ALICE, PW)
+        session = await client.login(ALICE, PW)
+        first = await session.generate(label=composed)
+        with pytest.raises(LabelConflictError, match="already labelled"):
+            await session.generate(label=decomposed)
+        assert len(await session.list_keys()) == 1  # refused before anything was stored
+        second = await session.generate()
+        with pytest.raises(LabelConflictError, match="already labelled"):
+            await session.rename(second, decomposed)
+        assert await session.resolve(decomposed) == first
+        assert await session.rename(first, decomposed)  # the key's own label: no conflict
+        assert [k.label for k in await session.list_keys() if k.key_id == first] == [decomposed]
+        assert await session.resolve(composed) == first
+        # Two such labels on two keys (two devices at once) are ambiguous, as equal ones are.
+        storage_key = await session._get_storage_key()
+        sealed = seal_label(storage_key, session.user_id, second, composed, os.urandom)
+        await session._call(RenameKeyRequest(session.user_id, second, sealed))
+        with pytest.raises(LabelConflictError, match="names 2 keys"):
+            await session.resolve(composed)
+
+
 # --- the audit chain -------------------------------------------------------------------------
 
 

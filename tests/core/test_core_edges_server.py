@@ -166,7 +166,12 @@ class _DictStore:
         self.saved: dict[bytes, bytes] = {}
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         self.saved[handle] = sealed_state
 

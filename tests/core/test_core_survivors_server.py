@@ -220,7 +220,12 @@ class _ListStore:
         self.saved: dict[bytes, tuple[bytes, float]] = {}
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         self.saved[handle] = (sealed_state, expires_at)
 

@@ -31,7 +31,12 @@ class DictStore:
         self.rows: dict[bytes, tuple[bytes, float]] = {}
 
     def save(
-        self, handle: bytes, sealed_state: bytes, expires_at: float, user_id: bytes | None = None
+        self,
+        handle: bytes,
+        sealed_state: bytes,
+        expires_at: float,
+        user_id: bytes | None = None,
+        credentials_version: int | None = None,
     ) -> None:
         self.rows[handle] = (sealed_state, expires_at)
 

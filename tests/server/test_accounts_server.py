@@ -483,3 +483,96 @@ def test_the_periodic_check_ends_exactly_the_outdated_sessions(two_storages):
     assert [e.code for e in changer_pair.pump() if isinstance(e, SessionClosed)] == [ErrorCode.NOT_AUTHORIZED]
     assert not [e for p in (bob_pair, late_pair) for e in p.pump() if isinstance(e, SessionClosed)]
     assert two_storages[1].credentials_versions([]) == {}
+
+
+class _CountingSessions(dict):  # type: ignore[type-arg]
+    """A registry's session table that counts the sessions its walks visit."""
+
+    visits = 0
+
+    def values(self):  # type: ignore[override]
+        for session in super().values():
+            _CountingSessions.visits += 1
+            yield session
+
+
+def test_the_periodic_check_ends_many_sessions_in_one_walk_of_the_registry(caplog):
+    """Review of issue 16: the check ended its outdated sessions one by one, each a walk over
+    every session the registry holds, so thousands of sessions of one account whose password
+    changed elsewhere cost a quadratic stall of the event loop (16,000 of them: about 8 s here,
+    every connection of the instance waiting). Counted in sessions visited, not in time: the
+    walks stay linear. Detached sessions made directly (thousands of logins would take
+    minutes); another account's session is not touched."""
+    from keymgmt_proto._server import SessionRegistry, _ServerSession
+    from keymgmt_proto._state import SessionKind, State
+
+    registry = SessionRegistry()
+    registry._sessions = _CountingSessions()
+    changed, deleted, other = os.urandom(16), os.urandom(16), os.urandom(16)
+    count = 3000
+    for i in range(count):
+        user = changed if i % 3 else deleted
+        registry._sessions[os.urandom(32)] = _ServerSession(
+            SessionKind.REQUEST, i, b"n", 0.0, 0.0, state=State.DETACHED, user_id=user, credentials_version=1
+        )
+    registry._sessions[os.urandom(32)] = _ServerSession(
+        SessionKind.REQUEST, count, b"o", 0.0, 0.0, state=State.DETACHED, user_id=other, credentials_version=1
+    )
+    keyserver = KeyServer(SQLiteStorage(":memory:"))
+    held = registry.credentials_held()
+    _CountingSessions.visits = 0
+    with caplog.at_level("INFO", logger="keymgmt"):
+        ended = keyserver.end_outdated_sessions(registry, held, {changed: 2, other: 1})
+    assert ended == count
+    states = [s.state for s in dict.values(registry._sessions)]
+    assert states.count(State.CLOSED) == count and states[-1] is State.DETACHED  # (no channel: kept)
+    assert _CountingSessions.visits <= 3 * (count + 1)  # one by one: about 4.5 million
+    assert "ended 2000 sessions whose account changed its password elsewhere" in caplog.text
+    assert "ended 1000 sessions whose account was deleted elsewhere" in caplog.text
+
+
+def test_a_session_sealed_into_the_store_after_the_change_does_not_resume(two_storages):
+    """Review of issue 16: the instance that changes the password deletes the account's stored
+    sessions, and the other instance's periodic check ends the ones it holds in memory; but a
+    session held by the other instance whose connection dropped after the change, before that
+    instance's next check, was sealed into the store then, with the old credentials version,
+    after the deletion: held by nobody at the check, it escaped it and resumed. The store now
+    saves a session only while its account still has the session's credentials version."""
+    here = _World(two_storages[0], shared_store=True)
+    there = _World(two_storages[1], shared_store=True)
+    owner_pair = here.pair()
+    register(owner_pair, ALICE)
+    old_pair = there.pair()
+    login(old_pair, ALICE)
+    _change_password(owner_pair, login(owner_pair, ALICE))  # here: deletes the stored sessions
+    (detached,) = _lose(old_pair)  # there, after the change: sealed into the store
+    held = there.registry.credentials_held()
+    current = two_storages[1].credentials_versions([user for _, user, _ in held])
+    assert there.keyserver.end_outdated_sessions(there.registry, held, current) == 0  # held by none
+    resumed = _resume(there, detached)
+    assert [e.code for e in resumed if isinstance(e, SessionFailed)] == [ErrorCode.UNKNOWN_SESSION]
+
+
+def test_a_session_of_the_current_password_is_stored_and_one_of_a_deleted_account_is_not(two_storages):
+    """The other side of the test above: a session whose account still has its credentials
+    version (here one moved on by an earlier change) is sealed into the store and resumes on
+    the other instance; one whose account was deleted elsewhere while it was attached is not
+    stored when its connection drops, and its RESUME finds nothing."""
+    here = _World(two_storages[0], shared_store=True)
+    there = _World(two_storages[1], shared_store=True)
+    owner_pair = here.pair()
+    register(owner_pair, ALICE)
+    _change_password(owner_pair, login(owner_pair, ALICE))  # the version is no longer 0
+    pair = there.pair()
+    login(pair, ALICE, NEW)
+    (detached,) = _lose(pair)
+    back = here.pair()
+    back.client.resume_session(detached)
+    assert [type(e).__name__ for e in back.pump()] == ["SessionResumed"]
+    doomed_pair = there.pair()
+    login(doomed_pair, ALICE, NEW)
+    owner = login(owner_pair, ALICE, NEW)
+    _run(owner_pair, owner, SecretOps(owner.user_id, owner.export_key, os.urandom).delete_account())
+    (doomed,) = _lose(doomed_pair)
+    resumed = _resume(here, doomed)
+    assert [e.code for e in resumed if isinstance(e, SessionFailed)] == [ErrorCode.UNKNOWN_SESSION]

@@ -156,7 +156,7 @@ def test_a_failing_session_store_keeps_the_session_in_memory():
     from ..support.helpers import login, register
 
     class BrokenStore:
-        def save(self, handle, sealed_state, expires_at, user_id=None):
+        def save(self, handle, sealed_state, expires_at, user_id=None, credentials_version=None):
             raise StorageError("database is locked")
 
         def claim(self, handle):

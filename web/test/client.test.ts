@@ -117,6 +117,24 @@ test("named keys: labels sealed, resolved, conflicts refused before sending", as
   await client.close();
 });
 
+test("named keys: a label is one label however its accents were typed (compared in NFC)", async () => {
+  const { server, client, name } = await setUp("carol-nfc@example.org");
+  const session = await client.login(name, PASSWORD);
+  const composed = "caf\u00e9 key";
+  const decomposed = "cafe\u0301 key";
+  assert.notEqual(composed, decomposed);
+  const first = await session.generate(composed);
+  const stores = server.requests.filter((op) => op === Op.STORE_SECRET).length;
+  await assert.rejects(session.generate(decomposed), LabelConflictError);
+  assert.equal(server.requests.filter((op) => op === Op.STORE_SECRET).length, stores, "nothing stored");
+  const second = await session.generate();
+  await assert.rejects(session.rename(second, decomposed), LabelConflictError);
+  assert.deepEqual(await session.resolve(decomposed), first);
+  await session.rename(first, decomposed); // the key's own label: no conflict
+  assert.deepEqual(await session.resolve(composed), first);
+  await client.close();
+});
+
 test("a dropped connection resumes every session without a new login; requests are answered once", async () => {
   const { server, client, userId, name } = await setUp("dave@example.org");
   const session = await client.login(name, PASSWORD);

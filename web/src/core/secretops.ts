@@ -276,7 +276,7 @@ export class SecretOps {
 
   /** Named keys: the one key labelled ``label``. */
   *resolve(label: string): Plan<Uint8Array> {
-    const matches = (yield* this.listKeys()).filter((k) => k.label === label);
+    const matches = (yield* this.listKeys()).filter((k) => k.label !== null && sameLabel(k.label, label));
     if (matches.length === 0) throw new LabelError("no key has this label", true);
     if (matches.length > 1) throw new LabelError("several keys have this label; name the key by its id");
     return matches[0]!.keyId;
@@ -288,7 +288,7 @@ export class SecretOps {
 
   private refuseTaken(keys: LabeledKey[], label: string, keyId: Uint8Array | null): void {
     for (const key of keys) {
-      if (key.label === label && (keyId === null || !ctEqual(key.keyId, keyId))) throw new LabelError("another key already has this label");
+      if (key.label !== null && sameLabel(key.label, label) && (keyId === null || !ctEqual(key.keyId, keyId))) throw new LabelError("another key already has this label");
     }
   }
 
@@ -330,4 +330,11 @@ export class SecretOps {
     this.#exportKey.fill(0);
     for (const queue of this.nextKeyIds.values()) queue.length = 0;
   }
+}
+
+/** Whether two labels name the same key: equal once both are in Unicode NFC (an accented
+ * letter typed as one code point or as a letter and a combining mark is one label; each is
+ * sealed as given). As the Python core's ``same_label``. */
+export function sameLabel(a: string, b: string): boolean {
+  return a === b || a.normalize("NFC") === b.normalize("NFC");
 }
