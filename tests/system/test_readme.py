@@ -64,13 +64,15 @@ def readme_blocks() -> list[Block]:
 
 
 # How each block is proved, by a text only it contains. RUN_* blocks run here; the others say why not.
-RUN_QUICK_START = "keymgmt-server init --dir srv"
+RUN_QUICK_START = "keymgmt-server init --dir srv                  # OPAQUE setup"
 RUN_CLIENT = "async with Client(connect"
 RUN_SYNC_CLIENT = "with SyncClient(tls_connector"
 RUN_CORE = "conn = ClientConnection(random=os.urandom)"
 RUN_EMBEDDED_SERVER = "runtime = KeyServerRuntime(settings)"
 LOAD_TOML = "# keymgmt-server.toml, the same on every instance"
-RUN_CONFORMANCE = "python -m keymgmt.adapters.conformance server --target"
+RUN_CONFORMANCE = "--password-file {password_file} --no-local-store generate'"
+#: The worked example's server-machine line (its block runs from a wheel in test_packaging).
+CONFORMANCE_SERVER = "python -m keymgmt.adapters.conformance server --target"
 NOT_RUN = {
     "make demo    #": "make demo runs in tests/cli/test_demo.py; make test is what runs this test",
     "pip install 'keymgmt[postgres]'": "downloads from PyPI; the dev extra installs the same packages, "
@@ -86,6 +88,14 @@ NOT_RUN = {
     "stream {": "nginx's configuration (not installed here)",
     "bundle.mjs --only conformance-client": "tests/conformance/test_web_client_mode.py bundles the shim and "
     "runs the client mode against it the same way",
+    "pip install 'keymgmt-0.1.0-py3-none-any.whl[testing]'": "a wheel in a fresh environment: "
+    "tests/repo/test_packaging.py::test_the_installed_package_runs_the_conformance_harness performs these "
+    "steps; its server-machine line also runs below, against the quick start's server",
+    "The server violated docs/protocol.md. Hypothesis's shrunk run:": "what the broken-server run above "
+    "prints, not a command: test_packaging checks that run's exit status and transcript",
+    "conformance broken-server unknown-account": "tests/repo/test_packaging.py::"
+    "test_the_installed_package_runs_the_conformance_harness serves this variant from the wheel and checks "
+    "the shrunk transcript and exit 1",
 }
 RUN = (
     RUN_QUICK_START,
@@ -325,7 +335,10 @@ def test_the_conformance_example_tests_the_quick_start_server_and_our_client(scr
     """Testing your implementation (issue 18): the server machine against the quick start's
     running server, the client mode against our `keymgmt`, as written."""
     script = scratch.folder / "conformance.sh"
-    text = _block(RUN_CONFORMANCE).text.replace("7443", str(scratch.port))
+    (server_line,) = [
+        line for line in _block("whl[testing]").text.splitlines() if line.startswith(CONFORMANCE_SERVER)
+    ]
+    text = (server_line + "\n" + _block(RUN_CONFORMANCE).text).replace("7443", str(scratch.port))
     script.write_text("set -e -o pipefail\n. .venv/bin/activate\n" + text)
     result = subprocess.run(
         ["bash", "--noprofile", "--norc", str(script)],
