@@ -168,6 +168,9 @@ def test_broken_server_serves_on_a_loopback_host(
 
     config = tmp_path / "srv.toml"
     config.write_text(f'[server]\nhost = "{host}"\n')
+    # broken-server sets KEYMGMT_WORKERS in its process: monkeypatch then undoes it after the test
+    # (left set, it made later tests' key servers start one worker whatever their config said)
+    monkeypatch.setenv("KEYMGMT_WORKERS", "1")
     served: list[list[str]] = []
     monkeypatch.setitem(VARIANTS, "replay", lambda: None)
     monkeypatch.setattr(server, "main", lambda argv: served.append(argv) or 0)
