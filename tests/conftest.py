@@ -6,6 +6,7 @@ The helpers themselves live in tests/support/."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -51,6 +52,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.nodeid.split("::")[0] in WEB_BUILDERS:
             item.add_marker(pytest.mark.xdist_group("web"))
+
+
+def _keymgmt_environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name.startswith("KEYMGMT_")}
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found() -> Iterator[None]:
+    """Fail a test that leaves a ``KEYMGMT_*`` variable changed (and put it back): a
+    variable a test sets in this process reaches every later test of the same xdist worker
+    (a ``KEYMGMT_WORKERS=1`` left behind once made another file's server start one worker
+    whatever its config said). Set them with ``monkeypatch.setenv``, which undoes them."""
+    before = _keymgmt_environment()
+    yield
+    after = _keymgmt_environment()
+    if after != before:
+        os.environ.update(before)
+        for name in after.keys() - before.keys():
+            del os.environ[name]
+        changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        pytest.fail(f"the test left {', '.join(changed)} changed in os.environ (use monkeypatch.setenv)")
 
 
 @pytest.fixture(scope="session")
