@@ -1,4 +1,4 @@
-"""Instructions (or a Python profile) of the real P3 server process, per retrieve.
+"""Instructions (or a Python profile) of the real P3 server process, per retrieve (or store).
 
 ``bench.instructions`` counts one request's path in process; this counts the real
 ``bench.netload`` server subprocess (asyncio, TLS 1.3, SQLite, the driver's batched path,
@@ -10,6 +10,7 @@ while they run, so the count is exact::
     .venv/bin/python -m bench.serverprof callgrind --sessions 100 --requests 50
     .venv/bin/python -m bench.serverprof callgrind --channel-only ...   # the P3 baseline
     .venv/bin/python -m bench.serverprof cprofile --requests 200        # where it goes, by function
+    .venv/bin/python -m bench.serverprof callgrind --operation store    # P10's stores instead
 
 ``callgrind`` runs the server under ``valgrind --tool=callgrind --instr-atstart=no``
 and switches instrumentation on and off with ``callgrind_control``; it prints the
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import anyio
 
-from keymgmt_proto import Context, RetrieveRequest, SessionHandle, Status
+from keymgmt.adapters.client.async_client import KeySession
+from keymgmt_proto import Context, RetrieveRequest, Status
 
 from .common import ACCOUNT, PASSWORD
 from .netload import CLIENT_CPU, Server, _client, server_process
@@ -41,28 +43,38 @@ from .netload import CLIENT_CPU, Server, _client, server_process
 __all__ = ["main"]
 
 
-async def _load(server: Server, sessions: int, requests: int, warmup: int, on: object, off: object) -> int:
-    """Logins, ``warmup`` retrieves per session, then ``requests`` per session between
-    ``on()`` and ``off()``; the number of retrieves measured."""
+async def _load(
+    server: Server,
+    sessions: int,
+    requests: int,
+    warmup: int,
+    on: object,
+    off: object,
+    operation: str = "retrieve",
+) -> int:
+    """Logins, ``warmup`` operations per session, then ``requests`` per session between
+    ``on()`` and ``off()``; the number of operations measured. ``operation`` is P3's raw
+    ``retrieve`` or P10's ``store`` (the client's whole ``generate()``)."""
     async with await _client(server) as client:
         await client.register(ACCOUNT, PASSWORD)
         first = await client.login(ACCOUNT, PASSWORD)
         key_id = await first.generate()
-        ids = [first.session_id] + [
-            (await client.login(ACCOUNT, PASSWORD)).session_id for _ in range(sessions - 1)
-        ]
+        logged_in = [first] + [await client.login(ACCOUNT, PASSWORD) for _ in range(sessions - 1)]
         body = RetrieveRequest(first.user_id, key_id, Context.NULL).encode()
 
-        async def loop(session_id: SessionHandle, count: int) -> None:
+        async def loop(session: KeySession, count: int) -> None:
             for _ in range(count):
-                status = (await client.request(session_id, body))[0]
+                if operation == "store":
+                    await session.generate()
+                    continue
+                status = (await client.request(session.session_id, body))[0]
                 if status != Status.OK:
                     raise RuntimeError(f"a retrieve failed: {status}")
 
         async def all_sessions(count: int) -> None:
             async with anyio.create_task_group() as tg:
-                for session_id in ids:
-                    tg.start_soon(loop, session_id, count)
+                for session in logged_in:
+                    tg.start_soon(loop, session, count)
 
         await all_sessions(warmup)
         await anyio.to_thread.run_sync(on)  # type: ignore[arg-type]
@@ -94,6 +106,7 @@ def _callgrind(args: argparse.Namespace, directory: Path) -> None:
             args.warmup,
             lambda: control("-i", "on"),
             lambda: control("-i", "off"),
+            args.operation,
         )
         control("-d")  # dump what was counted
         time.sleep(0.5)
@@ -106,8 +119,8 @@ def _callgrind(args: argparse.Namespace, directory: Path) -> None:
         if match:
             total += int(match.group(1).replace(",", ""))
     which = "channel-only" if args.channel_only else "real"
-    print(f"{which} server: {total:,} instructions over {count} retrieves")
-    print(f"per retrieve: {total / count:,.0f} instructions")
+    print(f"{which} server: {total:,} instructions over {count} {args.operation}s")
+    print(f"per {args.operation}: {total / count:,.0f} instructions")
     if args.keep:
         print("dumps:", *dumps)
 
@@ -125,6 +138,7 @@ def _cprofile(args: argparse.Namespace, directory: Path) -> None:
             args.warmup,
             lambda: os.kill(pid, signal.SIGUSR1),
             lambda: os.kill(pid, signal.SIGUSR2),
+            args.operation,
         )
         for _ in range(100):
             if out.exists():
@@ -133,7 +147,7 @@ def _cprofile(args: argparse.Namespace, directory: Path) -> None:
     import pstats
 
     time.sleep(0.3)
-    print(f"{count} retrieves")
+    print(f"{count} {args.operation}s")
     stats = pstats.Stats(str(out))
     stats.sort_stats(args.sort).print_stats(args.top)
     if args.keep:
@@ -143,6 +157,7 @@ def _cprofile(args: argparse.Namespace, directory: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serverprof", description=__doc__.splitlines()[0])
     parser.add_argument("tool", choices=["callgrind", "cprofile"])
+    parser.add_argument("--operation", choices=["retrieve", "store"], default="retrieve")
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--requests", type=int, default=50, help="measured retrieves per session")
     parser.add_argument("--warmup", type=int, default=10, help="retrieves per session before")

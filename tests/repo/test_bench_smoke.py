@@ -36,6 +36,7 @@ EXPECTED = {
     "p3_connections_2",
     "p9_big_retrieve",
     "p10_store_throughput",
+    "p10_store_throughput_one_session",
     "p4_memory",
     "p4_memory_server_32",
     "p5_multiplex",
