@@ -191,7 +191,37 @@ _MIGRATIONS: list[str] = [
         BEGIN UPDATE accounts SET credentials_changed_us = OLD.credentials_changed_us + 1
             WHERE user_id = OLD.user_id; END;
     """,
+    # 10: labels in a table of their own. In the secrets row the label came after the
+    # ciphertext, whose overflow pages SQLite walks to reach it: listing the keys of 64 KiB
+    # secrets read every ciphertext, and a rename rewrote the whole row. (A release of schema
+    # 9, still running during an upgrade, writes secrets.label: the trigger copies it here.)
+    """
+    CREATE TABLE key_labels (
+        key_id BLOB PRIMARY KEY REFERENCES secrets(key_id) ON DELETE CASCADE,
+        label BLOB NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO key_labels (key_id, label) SELECT key_id, label FROM secrets WHERE label IS NOT NULL;
+    UPDATE secrets SET label = NULL WHERE label IS NOT NULL;
+    CREATE TRIGGER secrets_label_written AFTER UPDATE OF label ON secrets FOR EACH ROW
+        BEGIN DELETE FROM key_labels WHERE key_id = NEW.key_id; -- then the new label, if any
+        INSERT INTO key_labels SELECT NEW.key_id, NEW.label WHERE NEW.label IS NOT NULL; END;
+    """,
 ]
+#: LIST_KEYS on SQLite: the label from key_labels, no column after the ciphertext read.
+#: Parameters: user id, rows_to_fetch, offset.
+_LIST_KEYS = (
+    "SELECT s.key_id, s.kind, s.created_us, l.label FROM secrets AS s "
+    "LEFT JOIN key_labels AS l ON l.key_id = s.key_id WHERE s.user_id = ? "
+    "ORDER BY s.created_us, s.key_id LIMIT ? OFFSET ?"
+)
+#: RENAME_KEY with a label: parameters: user id, key id, the sealed label.
+_SET_LABEL = (
+    "INSERT INTO key_labels (key_id, label) SELECT key_id, ?3 FROM secrets "
+    "WHERE user_id = ?1 AND key_id = ?2 ON CONFLICT (key_id) DO UPDATE SET label = excluded.label"
+)
+#: RENAME_KEY to no label: the key's existence, then the delete. Parameters: user id, key id.
+_KEY_EXISTS = "SELECT 1 FROM secrets WHERE user_id = ? AND key_id = ?"
+_CLEAR_LABEL = "DELETE FROM key_labels WHERE key_id = ?"
 
 _SQL = Statements("qmark")
 _WAIT_FOR_WRITERS = f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"
@@ -412,7 +442,7 @@ class _SQLiteTransaction:
         return None if row is None else (row[0], row[1], row[2])
 
     def list_keys(self, user_id: bytes, offset: int, limit: int) -> tuple[list[KeyInfo], int]:
-        rows = self._db.execute(_SQL.list_keys, (user_id, rows_to_fetch(limit), offset)).fetchall()
+        rows = self._db.execute(_LIST_KEYS, (user_id, rows_to_fetch(limit), offset)).fetchall()
         return key_page(rows, offset, limit)
 
     def delete_secret(self, user_id: bytes, key_id: bytes) -> bool:
@@ -464,8 +494,12 @@ class _SQLiteTransaction:
 
     def set_label(self, user_id: bytes, key_id: bytes, sealed_label: bytes) -> bool:
         self._storage.sync_needed = True
-        cursor = self._db.execute(_SQL.set_label, (sealed_label or None, user_id, key_id))
-        return cursor.rowcount == 1
+        if sealed_label:
+            return self._db.execute(_SET_LABEL, (user_id, key_id, sealed_label)).rowcount == 1
+        if self._db.execute(_KEY_EXISTS, (user_id, key_id)).fetchone() is None:
+            return False
+        self._db.execute(_CLEAR_LABEL, (key_id,))
+        return True
 
     def append_audit(self, record: AuditRecord, credentials: int | None = None) -> None:
         self.append_audit_fields(

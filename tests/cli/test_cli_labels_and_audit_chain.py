@@ -52,7 +52,8 @@ def test_labels_from_the_command_line(server, tmp_path):
 
     # the server never sees a label
     db = _server_db(server)
-    labels = [row[0] for row in db.execute("SELECT label FROM secrets")]
+    labels = [row[0] for row in db.execute("SELECT label FROM key_labels")]
+    assert len(labels) == 2
     assert all(b"main" not in label and b"greeting" not in label for label in labels)
 
     # unknown, taken and invalid labels: one line each, the README's exit codes
@@ -74,9 +75,11 @@ def test_labels_from_the_command_line(server, tmp_path):
 
     # a tampered label: shown, warned about, and it names nothing
     run_client(server, tmp_path, "rename", key_id, "tamper me")
-    sealed = db.execute("SELECT label FROM secrets WHERE key_id = ?", (bytes.fromhex(key_id),)).fetchone()[0]
+    sealed = db.execute("SELECT label FROM key_labels WHERE key_id = ?", (bytes.fromhex(key_id),)).fetchone()[
+        0
+    ]
     db.execute(
-        "UPDATE secrets SET label = ? WHERE label = ?", (sealed[:-1] + bytes([sealed[-1] ^ 1]), sealed)
+        "UPDATE key_labels SET label = ? WHERE label = ?", (sealed[:-1] + bytes([sealed[-1] ^ 1]), sealed)
     )
     listing = run_client(server, tmp_path, "list")
     assert "<tampered>" in listing.stdout and "failed verification" in listing.stderr

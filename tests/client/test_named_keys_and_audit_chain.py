@@ -44,7 +44,12 @@ PW = b"correct horse battery staple"
 
 
 def _labels(db: SQLiteStorage) -> dict[bytes, bytes | None]:
-    return dict(db._db.execute("SELECT key_id, label FROM secrets").fetchall())
+    # (SQLite keeps labels in a table of their own: key_labels, schema 10)
+    return dict(
+        db._db.execute(
+            "SELECT key_id, key_labels.label FROM secrets LEFT JOIN key_labels USING (key_id)"
+        ).fetchall()
+    )
 
 
 async def test_named_keys_round_trip_and_the_server_stores_only_ciphertext(tmp_path):
@@ -103,12 +108,12 @@ async def test_a_tampered_or_moved_label_is_shown_as_tampered_and_names_nothing(
 
         def tamper() -> None:
             db = world.storage._db
-            sealed = db.execute("SELECT label FROM secrets WHERE key_id = ?", (first,)).fetchone()[0]
+            sealed = db.execute("SELECT label FROM key_labels WHERE key_id = ?", (first,)).fetchone()[0]
             flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
-            db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (flipped, first))
+            db.execute("UPDATE key_labels SET label = ? WHERE key_id = ?", (flipped, first))
             # moved: the second key's sealed label put on the third (its AD names the second)
-            moved = db.execute("SELECT label FROM secrets WHERE key_id = ?", (second,)).fetchone()[0]
-            db.execute("UPDATE secrets SET label = ? WHERE key_id = ?", (moved, third))
+            moved = db.execute("SELECT label FROM key_labels WHERE key_id = ?", (second,)).fetchone()[0]
+            db.execute("UPDATE key_labels SET label = ? WHERE key_id = ?", (moved, third))
 
         await world.storage_do(tamper)
         keys = {k.key_id: k for k in await session.list_keys()}

@@ -155,7 +155,7 @@ def _previous(migrations: list[str]) -> list[str]:
     """The migrations of the previous schema: those before the one that adds the column (the
     upgrade runs it and the one after it, the trigger)."""
     (index,) = [n for n, m in enumerate(migrations) if "ADD COLUMN credentials_changed_us" in m]
-    assert index == len(migrations) - 2
+    assert "accounts_credentials_moved" in migrations[index + 1]
     return migrations[:index]
 
 
