@@ -391,7 +391,7 @@ def test_reference_check_finds_broken_references():
     )
     assert reference_problems({sample: fine}) == []
     # Renaming a heading breaks the references to it, wherever they are.
-    renamed = readme.read_text(encoding="utf-8").replace("\n## Security\n", "\n## Safety\n")
+    renamed = readme.read_text(encoding="utf-8").replace("\n## Workers\n", "\n## Processes\n")
     problems = reference_problems({readme: renamed, operations: operations.read_text(encoding="utf-8")})
-    assert any("docs/operations.md" in p and "Security" in p for p in problems)
-    assert any("README.md" in p and "see *Security*" in p for p in problems)
+    assert any("docs/operations.md" in p and "workers" in p for p in problems)
+    assert any("README.md" in p and "see *Workers*" in p for p in problems)
