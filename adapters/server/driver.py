@@ -198,6 +198,9 @@ class ConnectionDriver:
         #: Set when an internal error ended the connection (see run()).
         self.faulted = False
         #: Where this connection's storage work runs: shared by every connection of the server.
+        #: Without ``committer``, the one every driver of ``app`` shares: an object wrapping
+        #: an application must pass the wrapped one's (``group_commit_for(inner)``), since two
+        #: group commits over one storage would interleave their batches.
         self.committer = committer if committer is not None else group_commit_for(app)
         #: Stop reading while this many received bytes wait for a batch.
         self.max_unprocessed = max_unprocessed
