@@ -26,6 +26,7 @@ EXPECTED = {
     "p1_channel",
     "p2_login",
     "p2_login_network",
+    "p2_login_network_busy",
     "p7_client_opaque",
     "op_retrieve",
     "op_store",
