@@ -593,8 +593,8 @@ class SecretOps:
 
 def _check_audit_page(cursor: int, response: AuditResponse) -> None:
     """An AUDIT page asked for with ``cursor`` (section 12.9): its entries come after the
-    cursor in increasing entry order, and a ``next_cursor`` other than 0 is past both the
-    cursor and the last entry returned. So every walk moves forward and ends; a page with
+    cursor in increasing entry order, and a ``next_cursor`` other than 0 is past the cursor
+    and not before the last entry returned. So every walk moves forward and ends; a page with
     fewer entries than asked for, or none, is not the end unless ``next_cursor`` is 0."""
     last = cursor
     for entry in response.entries:
@@ -606,6 +606,6 @@ def _check_audit_page(cursor: int, response: AuditResponse) -> None:
         last = entry.entry_id
     if response.next_cursor != 0 and (response.next_cursor <= cursor or response.next_cursor < last):
         raise IntegrityFailure(
-            f"audit log: next cursor {response.next_cursor} does not move past cursor {cursor} "
-            f"and entry {last} (the walk would repeat entries or never end)"
+            f"audit log: next cursor {response.next_cursor} does not move past cursor {cursor}, "
+            f"or lies before entry {last} of its page (the walk would repeat entries or never end)"
         )
