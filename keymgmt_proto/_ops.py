@@ -50,6 +50,7 @@ __all__ = [
     "LABEL_AD_DOMAIN",
     "LABEL_PAD_SIZE",
     "MAX_AUDIT_PAGE",
+    "MAX_AUDIT_SCAN",
     "MAX_LABEL_SIZE",
     "MAX_LIST_PAGE",
     "MAX_SEALED_LABEL_SIZE",
@@ -141,6 +142,10 @@ SEALED_OVERHEAD = 28
 MAX_SEALED_SIZE = MAX_SECRET_SIZE + SEALED_OVERHEAD
 #: Most audit entries one response carries; ask again with ``cursor`` for more.
 MAX_AUDIT_PAGE = 256
+#: Most of the user's entries one AUDIT request reads (16 pages): a filter that matches little
+#: gets a short or empty page with a ``next_cursor`` past the entries read, not a scan of the
+#: whole log (protocol.md 12.9).
+MAX_AUDIT_SCAN = 16 * MAX_AUDIT_PAGE
 #: Most keys one LIST_KEYS response carries (26..118 bytes each with its sealed label: a full
 #: page of the longest labels, 60 423 bytes, stays inside a frame).
 MAX_LIST_PAGE = 512

@@ -439,12 +439,15 @@ class SecretOps:
         after: int | None = None,
         before: int | None = None,
     ) -> Plan[list[AuditEntry]]:
-        """OPS-6: the matching audit entries, all pages."""
+        """OPS-6: the matching audit entries, all pages. A page may hold fewer entries than
+        asked for, or none, before the log's end (the server reads a bounded part of the log
+        per request): the walk goes on until ``next_cursor`` is 0."""
         entries: list[AuditEntry] = []
         cursor = 0
         while True:
             response = yield AuditRequest(self.user_id, audit_type, tuple(key_ids), after, before, cursor)
             assert isinstance(response, AuditResponse)
+            _check_audit_page(cursor, response)
             entries += response.entries
             if response.next_cursor == 0:
                 return entries
@@ -463,6 +466,7 @@ class SecretOps:
         while True:
             response = yield AuditRequest(self.user_id, AuditType.ALL, (), None, None, cursor)
             assert isinstance(response, AuditResponse)
+            _check_audit_page(cursor, response)
             for entry in response.entries:
                 if entry.entry_id != position + 1:
                     raise IntegrityFailure(
@@ -585,3 +589,23 @@ class SecretOps:
             return open_secret(storage_key, sealed.ciphertext, sealed.associated_data)
         except RemoteProtocolError:
             raise IntegrityFailure("the ciphertext failed verification (tampered or swapped)") from None
+
+
+def _check_audit_page(cursor: int, response: AuditResponse) -> None:
+    """An AUDIT page asked for with ``cursor`` (section 12.9): its entries come after the
+    cursor in increasing entry order, and a ``next_cursor`` other than 0 is past the cursor
+    and not before the last entry returned. So every walk moves forward and ends; a page with
+    fewer entries than asked for, or none, is not the end unless ``next_cursor`` is 0."""
+    last = cursor
+    for entry in response.entries:
+        if entry.entry_id <= last:
+            raise IntegrityFailure(
+                f"audit log: entry {entry.entry_id} does not come after entry {last} in its page "
+                "(entries repeated or out of order)"
+            )
+        last = entry.entry_id
+    if response.next_cursor != 0 and (response.next_cursor <= cursor or response.next_cursor < last):
+        raise IntegrityFailure(
+            f"audit log: next cursor {response.next_cursor} does not move past cursor {cursor}, "
+            f"or lies before entry {last} of its page (the walk would repeat entries or never end)"
+        )

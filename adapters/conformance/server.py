@@ -46,6 +46,7 @@ from hypothesis.stateful import (
 from keymgmt_proto import (
     AUDIT_HASH_SIZE,
     MAX_AUDIT_PAGE,
+    MAX_AUDIT_SCAN,
     MAX_LIST_PAGE,
     Action,
     AuditEntry,
@@ -940,12 +941,35 @@ class ServerMachine(RuleBasedStateMachine):
 
         return check
 
-    def check_audit_page(self, session: Session, pages: list[AuditResponse]) -> Check:
+    def check_audit_page(self, session: Session, request: AuditRequest, pages: list[AuditResponse]) -> Check:
+        """An OK page that follows protocol.md 12.9's paging, whatever the filter: at most
+        ``limit`` entries after the cursor, in increasing order, and a ``next_cursor`` that is
+        0, the last entry returned (a full page), or the last entry read, the
+        MAX_AUDIT_SCAN-th after the cursor (entry ids are dense and every cursor the machine
+        sends is 0 or an entry id, so that is ``cursor + MAX_AUDIT_SCAN``)."""
+
         def check(status: Status, response: OpResponse | None, body: bytes) -> None:
             self.expect(
                 status is Status.OK and isinstance(response, AuditResponse), f"AUDIT answered {status.name}"
             )
             assert isinstance(response, AuditResponse)
+            ids = [entry.entry_id for entry in response.entries]
+            self.expect(
+                len(ids) <= request.limit, f"AUDIT returned {len(ids)} entries for limit {request.limit}"
+            )
+            self.expect(
+                all(a < b for a, b in zip([request.cursor, *ids], ids, strict=False)),
+                f"AUDIT from cursor {request.cursor} returned entries {ids[:20]}: not after the cursor "
+                "in increasing order (protocol.md 12.9)",
+            )
+            scan_end = request.cursor + MAX_AUDIT_SCAN
+            allowed = {scan_end} | ({ids[-1]} if len(ids) == request.limit else set())
+            self.expect(
+                response.next_cursor == 0 or response.next_cursor in allowed,
+                f"AUDIT from cursor {request.cursor} (limit {request.limit}, {len(ids)} entries) gave "
+                f"next_cursor {response.next_cursor}: not 0, the last entry of a full page, nor the "
+                f"last entry read ({scan_end}) (protocol.md 12.9)",
+            )
             pages.append(response)
 
         return check
@@ -968,22 +992,22 @@ class ServerMachine(RuleBasedStateMachine):
             self.call(
                 session,
                 request,
-                self.check_audit_page(session, pages),
+                self.check_audit_page(session, request, pages),
                 f"AUDIT ALL cursor {cursor} limit {limit}",
             )
             page = pages[-1]
-            self.expect(
-                len(page.entries) <= limit, f"AUDIT returned {len(page.entries)} entries for limit {limit}"
-            )
             entries.extend(page.entries)
             audits = [e for e in entries if e.action is Action.AUDIT]
             if len(audits) > known_audits:
                 own = audits[known_audits].entry_id
             if not page.next_cursor or own is not None:
                 break
+            # Unfiltered, every entry read matches: a page that is not the last is full
+            # (limit <= MAX_AUDIT_PAGE < MAX_AUDIT_SCAN) and goes on from its last entry.
             self.expect(
                 len(page.entries) == limit and page.next_cursor == page.entries[-1].entry_id,
-                "AUDIT next_cursor is not the last entry's id of a full page (protocol.md 12.9)",
+                "AUDIT ALL: a page that is not the last is not full, or its next_cursor is not its "
+                "last entry's id (protocol.md 12.9)",
             )
             cursor = page.next_cursor
         self.expect(
@@ -1384,7 +1408,9 @@ class ServerMachine(RuleBasedStateMachine):
         with self.step(f"{chosen.label}: AUDIT {audit_type.name}" + (" of one key" if key_ids else "")):
             pages: list[AuditResponse] = []
             request = AuditRequest(account.user_id, audit_type, key_ids, limit=MAX_AUDIT_PAGE)
-            self.call(chosen, request, self.check_audit_page(chosen, pages), f"AUDIT {audit_type.name}")
+            self.call(
+                chosen, request, self.check_audit_page(chosen, request, pages), f"AUDIT {audit_type.name}"
+            )
             entries = pages[0].entries
 
             def selected(item: AuditItem) -> bool:

@@ -49,7 +49,6 @@ from .sql import (
     Statements,
     account_if_named,
     account_values,
-    audit_page,
     audit_values,
     chain_hash_of,
     check_schema_version,
@@ -59,6 +58,7 @@ from .sql import (
     key_page,
     lock_end,
     migration_statements,
+    read_audit,
     rows_to_fetch,
     secret_values,
     start_login_params,
@@ -384,8 +384,9 @@ class _PgTransaction:
         self._conn.execute(_insert_audits(len(records)), values)
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
-        rows = self._conn.execute(*_SQL.audit_query(user_id, query)).fetchall()
-        return audit_page(rows, query.limit)
+        return read_audit(
+            lambda sql, params: self._conn.execute(sql, params).fetchall(), _SQL, user_id, query
+        )
 
     def start_login(self, account_name: bytes, now: int, threshold: int, in_flight_for: int) -> bool:
         # One statement: concurrent starts on several instances serialize on the row's lock.

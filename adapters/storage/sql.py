@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from keymgmt_proto import (
+    MAX_AUDIT_SCAN,
     MAX_SEALED_LABEL_SIZE,
     SEALED_OVERHEAD,
     Action,
@@ -56,6 +57,7 @@ __all__ = [
     "listed_label",
     "lock_end",
     "migration_statements",
+    "read_audit",
     "rows_to_fetch",
     "secret_values",
     "start_login_params",
@@ -188,6 +190,12 @@ class Statements:
         self.user_audit = spell(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE user_id = ? ORDER BY seq")
         #: Parameters: hash, user id, seq.
         self.set_audit_hash = spell("UPDATE audit SET chain_hash = ? WHERE user_id = ? AND seq = ?")
+        #: Where one AUDIT request stops reading (protocol.md 12.9): the entry ids of the
+        #: MAX_AUDIT_SCAN-th entry after the cursor and of the one after it, when there are
+        #: such. Parameters: user id, cursor, MAX_AUDIT_SCAN - 1. Reads entry ids only.
+        self.audit_scan_end = spell(
+            "SELECT seq FROM audit WHERE user_id = ? AND seq > ? ORDER BY seq LIMIT 2 OFFSET ?"
+        )
 
         # Login throttling (NET-10); rows: :func:`to_login_record`
         #: Admit a login or count it throttled, in one statement; parameters:
@@ -332,12 +340,16 @@ class Statements:
         self.schema_version = spell("SELECT max(version) FROM schema_version")
         self.record_schema_version = spell("INSERT INTO schema_version (version) VALUES (?)")
 
-    def audit_query(self, user_id: bytes, query: AuditQuery) -> tuple[str, list[object]]:
-        """The SELECT of the user's entries that ``query`` selects, from its cursor on, one
-        more than its limit (:func:`audit_page` cuts the page), and its parameters."""
+    def audit_query(self, user_id: bytes, query: AuditQuery, last: int | None) -> tuple[str, list[object]]:
+        """The SELECT of the user's entries that ``query`` selects, from its cursor on up to
+        entry ``last`` (None: to the log's end), one more than its limit (:func:`audit_page`
+        cuts the page), and its parameters."""
         mark = self.mark
         clauses = [f"user_id = {mark}", f"seq > {mark}"]
         params: list[object] = [user_id, query.cursor]
+        if last is not None:
+            clauses.append(f"seq <= {mark}")
+            params.append(last)
         key_actions = ", ".join([mark] * len(KEY_ACTIONS))
         if query.audit_type is AuditType.KEY_ONLY:
             clauses.append(f"action IN ({key_actions})")
@@ -540,11 +552,30 @@ def listed_label(stored: object) -> bytes:
     return UNOPENABLE_LABEL
 
 
-def audit_page(rows: Sequence[Row], limit: int) -> tuple[list[AuditEntry], int]:
+def read_audit(
+    run: Callable[[str, Sequence[object]], Sequence[Row]],
+    statements: Statements,
+    user_id: bytes,
+    query: AuditQuery,
+) -> tuple[list[AuditEntry], int]:
+    """One AUDIT page (protocol.md 12.9): read at most MAX_AUDIT_SCAN of the user's entries
+    after the cursor, return the first ``query.limit`` that match, and the cursor where the
+    next request goes on: the last entry returned if more of those read match, else 0 if they
+    reach the log's end, else the last entry read. ``run`` runs one statement (both in one
+    transaction)."""
+    ends: list[int] = [
+        row[0] for row in run(statements.audit_scan_end, (user_id, query.cursor, MAX_AUDIT_SCAN - 1))
+    ]
+    rows = run(*statements.audit_query(user_id, query, ends[0] if ends else None))
+    return audit_page(rows, query.limit, ends[0] if len(ends) > 1 else 0)
+
+
+def audit_page(rows: Sequence[Row], limit: int, read_up_to: int) -> tuple[list[AuditEntry], int]:
     """The entries of a :meth:`Statements.audit_query` page, and the cursor of the next
-    page (0 when there is none)."""
+    page: the last entry's id when more rows than ``limit`` came, else ``read_up_to`` (the
+    last entry read when entries follow it, 0 at the log's end)."""
     entries = [_entry(row) for row in rows[:limit]]
-    return entries, entries[-1].entry_id if len(rows) > limit else 0
+    return entries, entries[-1].entry_id if len(rows) > limit else read_up_to
 
 
 def _entry(row: Row) -> AuditEntry:

@@ -63,7 +63,6 @@ from .sql import (
     Statements,
     account_if_named,
     account_values,
-    audit_page,
     chain_hash_of,
     check_schema_version,
     credentials_params,
@@ -72,6 +71,7 @@ from .sql import (
     key_page,
     lock_end,
     migration_statements,
+    read_audit,
     rows_to_fetch,
     secret_values,
     start_login_params,
@@ -639,8 +639,7 @@ class _SQLiteTransaction:
         raise CredentialsChanged(gone)
 
     def query_audit(self, user_id: bytes, query: AuditQuery) -> tuple[list[AuditEntry], int]:
-        rows = self._db.execute(*_SQL.audit_query(user_id, query)).fetchall()
-        return audit_page(rows, query.limit)
+        return read_audit(lambda sql, params: self._db.execute(sql, params).fetchall(), _SQL, user_id, query)
 
 
 class _InBatch:

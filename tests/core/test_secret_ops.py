@@ -4,13 +4,18 @@ without any I/O: each test plays the key server by hand, honest or lying."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import TypeVar
 
 import pytest
 
 from keymgmt_proto import (
+    Action,
+    AuditEntry,
+    AuditHead,
     AuditRequest,
     AuditResponse,
+    AuditType,
     Context,
     CreateKeyIdRequest,
     DeleteKeyRequest,
@@ -24,6 +29,7 @@ from keymgmt_proto import (
     OperationRefused,
     OpRequest,
     OpResponse,
+    Outcome,
     Plan,
     RetrieveRequest,
     RetrieveStorageKeyRequest,
@@ -35,6 +41,8 @@ from keymgmt_proto import (
     StorageKeyResponse,
     StoredResponse,
     StoreSecretRequest,
+    audit_chain_hash,
+    audit_genesis_hash,
     derive_master_key,
     encode_response,
     encrypt_storage_key,
@@ -231,6 +239,79 @@ def test_list_and_audit_follow_the_cursor_to_the_last_page():
     audits = [AuditResponse((), next_cursor=3), AuditResponse(())]
     entries, sent = _run(_ops().audit(), {AuditRequest: audits})
     assert entries == [] and [r.cursor for r in sent if isinstance(r, AuditRequest)] == [0, 3]
+
+
+def _chained(*ids_and_actions: tuple[int, Action]) -> list[AuditEntry]:
+    """Entries 1, 2, 3, ... of USER's log with their true chain hashes."""
+    entries, previous = [], audit_genesis_hash()
+    for entry_id, action in ids_and_actions:
+        entry = AuditEntry(entry_id, action, 1_700_000_000_000_000 + entry_id, Outcome.SUCCESS)
+        previous = audit_chain_hash(USER, previous, entry)
+        entries.append(replace(entry, chain_hash=previous))
+    return entries
+
+
+def test_audit_goes_on_across_short_and_empty_pages_to_the_logs_end():
+    """Protocol.md 12.9: a page may hold fewer entries than asked for, or none, with a
+    next_cursor past the entries the server read; only next_cursor 0 ends the walk. The
+    filtered walk and the chain walk (verify_audit) both go on, and verify the chain
+    across the pages."""
+    found = [
+        AuditEntry(
+            entry_id, Action.RETRIEVE, 1_700_000_000_000_000, Outcome.SUCCESS, bytes(16), None, 1, bytes(32)
+        )
+        for entry_id in (1, 9000, 13000, 13001)
+    ]
+    pages = [
+        AuditResponse(tuple(found[:1]), next_cursor=4096),  # short: the server read 4096 entries
+        AuditResponse((), next_cursor=8192),  # empty, not done
+        AuditResponse(tuple(found[1:2]), next_cursor=12288),
+        AuditResponse(tuple(found[2:3]), next_cursor=13000),  # full: the last one returned
+        AuditResponse(tuple(found[3:])),  # the log's end
+    ]
+    entries, sent = _run(_ops().audit(AuditType.KEY_ONLY, [bytes(16)]), {AuditRequest: pages})
+    assert entries == found
+    assert [r.cursor for r in sent if isinstance(r, AuditRequest)] == [0, 4096, 8192, 12288, 13000]
+    # The chain walk: short pages, and an empty last one.
+    one, two, three = _chained((1, Action.REGISTER), (2, Action.LOGIN), (3, Action.AUDIT))
+    pages = [
+        AuditResponse((one,), next_cursor=1),
+        AuditResponse((two,), next_cursor=2),
+        AuditResponse((three,), next_cursor=3),
+        AuditResponse(()),
+    ]
+    verified, sent = _run(_ops().verify_audit(None), {AuditRequest: pages})
+    assert verified.entries == [one, two, three] and verified.head == AuditHead(3, three.chain_hash)
+    assert [r.cursor for r in sent if isinstance(r, AuditRequest)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        [AuditResponse((), next_cursor=5), AuditResponse((), next_cursor=5)],  # stays put: forever
+        [AuditResponse((), next_cursor=5), AuditResponse((), next_cursor=4)],  # goes back
+        "entry at the cursor",
+        "next before the last entry",
+        "out of order",
+    ],
+    ids=["cursor-stays", "cursor-goes-back", "entry-at-cursor", "next-before-last-entry", "out-of-order"],
+)
+@pytest.mark.parametrize("walk", ["audit", "verify_audit"])
+def test_an_audit_walk_that_would_repeat_entries_or_never_end_is_refused(pages, walk):
+    """A lying server cannot keep the client walking forever (a next_cursor that does not
+    move forward) nor make it take entries twice (entries at or before the cursor, out of
+    order, or a next_cursor before the last entry it returned): IntegrityFailure."""
+    one, two, three = _chained((1, Action.REGISTER), (2, Action.LOGIN), (3, Action.AUDIT))
+    if pages == "entry at the cursor":
+        pages = [AuditResponse((one, two), next_cursor=2), AuditResponse((two, three))]
+    elif pages == "next before the last entry":
+        pages = [AuditResponse((one, two), next_cursor=1), AuditResponse((two, three))]
+    elif pages == "out of order":
+        pages = [AuditResponse((two, one))]
+    plan = _ops().audit() if walk == "audit" else _ops().verify_audit(None)
+    answers = list(pages) + [AuditResponse((), next_cursor=9)] * 10  # never 0
+    with pytest.raises(IntegrityFailure, match=r"audit log: .*(does not come after|does not move past)"):
+        _run(plan, {AuditRequest: answers})
 
 
 def test_invalid_arguments_are_refused_before_any_request():

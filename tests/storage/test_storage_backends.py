@@ -18,6 +18,8 @@ from keymgmt.adapters.storage.base import (
 )
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import (
+    MAX_AUDIT_PAGE,
+    MAX_AUDIT_SCAN,
     MAX_SEALED_SIZE,
     Action,
     AuditType,
@@ -701,3 +703,84 @@ def test_the_retrieve_paths_read_and_entry_are_get_secret_and_append_audits(stor
     for entry in entries:
         assert entry.chain_hash == audit_chain_hash(ALICE.user_id, previous, entry)
         previous = entry.chain_hash
+
+
+@pytest.mark.parametrize("tail", [0, 5], ids=["log-ends-at-a-scan-bound", "log-ends-past-one"])
+@pytest.mark.parametrize("limit", [MAX_AUDIT_PAGE, 2])
+def test_a_client_pages_through_a_big_log_with_a_selective_filter(make_storage, tail, limit):
+    """Protocol.md 12.9, the bounded scan: a user's log of four scans' worth of entries, a
+    filter that matches a few of them (at the scan bounds, both sides, and at the log's end),
+    and the client's pager (SecretOps.audit, as every client adapter runs it) against the key
+    server: exactly the matching entries, in entry order, none twice, on both backends. Along
+    the way, pages that are empty but not the end; no request reads more than
+    MAX_AUDIT_SCAN entries (a short page's next_cursor is its cursor plus the bound)."""
+    from keymgmt.adapters.server.app import KeyServer
+    from keymgmt_proto import AuditRequest, SecretOps, SessionHandle
+
+    storage = make_storage()
+    total = 4 * MAX_AUDIT_SCAN + tail
+    wanted, other = b"w" * 16, b"o" * 16
+    hits = {1, 2, MAX_AUDIT_SCAN - 1, MAX_AUDIT_SCAN, MAX_AUDIT_SCAN + 1, 3 * MAX_AUDIT_SCAN + 7, total}
+    with storage.transaction() as tx:
+        tx.insert_account(ALICE)
+        tx.insert_account(BOB)
+    for start in range(1, total + 1, 1024):
+        seqs = range(start, min(start + 1024, total + 1))
+        with storage.transaction() as tx:
+            tx.append_audits(
+                [
+                    AuditRecord(
+                        ALICE.user_id, Action.RETRIEVE, seq, Outcome.SUCCESS, wanted if seq in hits else other
+                    )
+                    for seq in seqs
+                ]
+            )
+            # Another user's entries for the same key id are never read nor returned.
+            tx.append_audits(
+                [AuditRecord(BOB.user_id, Action.RETRIEVE, seq, Outcome.SUCCESS, wanted) for seq in seqs]
+            )
+    # The bounds exactly, before the walk adds entries: a scan that reaches the log's last
+    # entry ends the walk; one that stops an entry before it goes on from its last entry.
+    with storage.transaction() as tx:
+        query = AuditQuery(AuditType.KEY_ONLY, [wanted], cursor=total - MAX_AUDIT_SCAN, limit=limit)
+        entries, next_cursor = tx.query_audit(ALICE.user_id, query)
+        assert ([e.entry_id for e in entries], next_cursor) == ([3 * MAX_AUDIT_SCAN + 7, total], 0)
+        query = AuditQuery(AuditType.KEY_ONLY, [wanted], cursor=total - MAX_AUDIT_SCAN - 1, limit=limit)
+        entries, next_cursor = tx.query_audit(ALICE.user_id, query)
+        assert ([e.entry_id for e in entries], next_cursor) == ([3 * MAX_AUDIT_SCAN + 7], total - 1)
+    server = KeyServer(storage)
+    ops = SecretOps(ALICE.user_id, bytes(64), os.urandom)
+    plan = ops.audit(AuditType.KEY_ONLY, [wanted])
+    pages: list[tuple[AuditRequest, object]] = []
+    try:
+        request = next(plan)
+        while True:
+            assert isinstance(request, AuditRequest)
+            request = AuditRequest(
+                request.user_id,
+                request.audit_type,
+                request.key_ids,
+                request.after,
+                request.before,
+                request.cursor,
+                limit,
+            )
+            response = SecretOps.answer(
+                request, server.answer(SessionHandle(), ALICE.user_id, request.encode())
+            )
+            pages.append((request, response))
+            request = plan.send(response)
+    except StopIteration as done:
+        entries = done.value
+    assert [e.entry_id for e in entries] == sorted(hits)
+    assert [e.timestamp for e in entries] == sorted(hits)
+    assert all(e.key_id == wanted for e in entries)
+    empty_not_done = [(q.cursor, r.next_cursor) for q, r in pages if not r.entries and r.next_cursor]
+    assert empty_not_done, "the walk met no empty page that is not the end"
+    for request, response in pages:
+        if response.next_cursor and len(response.entries) < request.limit:
+            assert response.next_cursor == request.cursor + MAX_AUDIT_SCAN
+    # Each page's own AUDIT entry went to the end of the log as the walk went on: it ends
+    # there (next_cursor 0), after at most a page per scan of the log and per full page.
+    assert pages[-1][1].next_cursor == 0
+    assert len(pages) <= (total + len(pages)) // MAX_AUDIT_SCAN + 1 + len(hits) // limit + 1

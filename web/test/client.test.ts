@@ -5,7 +5,7 @@ import { before, test } from "node:test";
 import assert from "node:assert/strict";
 import { ready } from "@serenity-kit/opaque";
 import { toHex, utf8 } from "../src/core/bytes.js";
-import { Action, AuditType, Context, ErrorCode, Op, Status } from "../src/core/constants.js";
+import { Action, AuditType, Context, ErrorCode, Op, Outcome, Status } from "../src/core/constants.js";
 import { decodeResponse, encodeResponse, type OkFields } from "../src/core/ops.js";
 import {
   AuthenticationError,
@@ -289,5 +289,57 @@ test("no password, export key, session key, storage key or secret is reachable f
   assert.ok(!strings.some((s) => s.includes(PASSWORD)), "the password is reachable");
   assert.ok(!String(session).includes(toHex(secret)) && !String(client).includes(PASSWORD));
   await session.logout();
+  await client.close();
+});
+
+test("an audit walk goes on across short and empty pages to the log's end (section 12.9)", async () => {
+  const { server, client, userId, name } = await setUp("ivan@example.org");
+  const session = await client.login(name, PASSWORD);
+  const keyId = await session.generate();
+  const other = await session.generate();
+  // A long log where the key's entries are few and far apart, and a server that reads only
+  // 4 entries a request: most pages of the filtered walk are short or empty, not the end.
+  server.auditScan = 4;
+  for (let round = 0; round < 6; round++) {
+    for (let i = 0; i < 5 + round; i++) server.writeAudit(userId, Action.LIST_KEYS, Outcome.SUCCESS);
+    server.writeAudit(userId, Action.RETRIEVE, Outcome.SUCCESS, round % 2 ? keyId : other, Context.EXPORT);
+  }
+  server.writeAudit(userId, Action.RETRIEVE, Outcome.SUCCESS, keyId, Context.EXPORT); // the log's last entry
+  const log = server.audit.get(toHex(userId))!;
+  const expected = log.filter((e) => e.keyId !== null && toHex(e.keyId) === toHex(keyId)).map((e) => e.entryId);
+  server.auditPages.length = 0;
+  const entries = await session.audit(AuditType.KEY_ONLY, [keyId]);
+  assert.deepEqual(entries.map((e) => e.entryId), expected, "exactly the matching entries, in order, none twice");
+  const emptyNotDone = server.auditPages.filter((p) => p.count === 0 && p.nextCursor !== 0n);
+  assert.ok(emptyNotDone.length >= 3, `empty pages that are not the end: ${emptyNotDone.length}`);
+  assert.equal(server.auditPages.at(-1)!.nextCursor, 0n);
+  // The chain walk reads short pages too, and verifies across them.
+  const verified = await session.verifyAudit();
+  assert.equal(verified.head?.position, BigInt(verified.entries.length));
+  await client.close();
+});
+
+test("an audit page whose next_cursor does not move forward is an integrity error, not an endless walk", async () => {
+  const { server, client, name } = await setUp("judy@example.org");
+  const session = await client.login(name, PASSWORD);
+  for (const lie of ["stays", "goes back", "before the last entry"] as const) {
+    let answered = 0;
+    server.tamper = (request, body) => {
+      if (request.op !== Op.AUDIT) return body;
+      answered += 1;
+      const answer = decodeResponse(Op.AUDIT, body) as { status: Status.OK; fields: OkFields[Op.AUDIT] };
+      const cursor = (request as { cursor: bigint }).cursor;
+      const entries = answer.fields.entries;
+      if (answered > 20) answer.fields = { entries: [], nextCursor: 0n }; // a client that does not check ends here
+      else if (lie === "stays") answer.fields = { entries: [], nextCursor: cursor === 0n ? 1n : cursor };
+      else if (lie === "goes back") answer.fields = { entries: [], nextCursor: cursor === 0n ? 5n : cursor - 1n };
+      else answer.fields = { entries, nextCursor: entries[0]!.entryId };
+      return encodeResponse(Op.AUDIT, answer);
+    };
+    await assert.rejects(session.audit(), (error: Error) => error instanceof IntegrityError && /does not move past/.test(error.message), lie);
+    await assert.rejects(session.verifyAudit(), IntegrityError, lie);
+    assert.ok(answered <= 4, `${lie}: ${answered} pages before the refusal`);
+  }
+  server.tamper = null;
   await client.close();
 });

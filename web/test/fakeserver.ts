@@ -10,7 +10,7 @@
 
 import * as opaque from "@serenity-kit/opaque";
 import { concat, ctEqual, toHex, u8, utf8 } from "../src/core/bytes.js";
-import { Action, AuditType, Context, ErrorCode, FrameType, KEY_ACTIONS, Op, Outcome, SecretKind, Status } from "../src/core/constants.js";
+import { Action, AuditType, Context, ErrorCode, FrameType, KEY_ACTIONS, MAX_AUDIT_SCAN, Op, Outcome, SecretKind, Status } from "../src/core/constants.js";
 import { Channel } from "../src/core/crypto.js";
 import { FrameBuffer, encodeFrame, type Frame } from "../src/core/framing.js";
 import * as M from "../src/core/messages.js";
@@ -79,6 +79,10 @@ export class FakeKeyServer {
   tamper: ((request: OpRequest, body: Uint8Array) => Uint8Array) | null = null;
   /** When it returns true for a request, the server answers it (cached) but the connection drops first. */
   dropBeforeAnswer: ((request: OpRequest) => boolean) | null = null;
+  /** Most entries one AUDIT reads (MAX_AUDIT_SCAN; a test may make it small). */
+  auditScan = MAX_AUDIT_SCAN;
+  /** Each AUDIT page answered: its cursor, how many entries, its next_cursor. */
+  readonly auditPages: { cursor: bigint; count: number; nextCursor: bigint }[] = [];
   /** ABORT(RATE_LIMITED) this many RESUMEs before accepting them. */
   refuseResumes = 0;
   clock = 1_700_000_000_000_000n;
@@ -163,8 +167,11 @@ export class FakeKeyServer {
         return stored ? ok({ kind: stored.kind, sealed: stored.sealed, associatedData: stored.ad }) : refuse(Status.NOT_FOUND);
       }
       case Op.AUDIT: {
-        const all = (this.audit.get(user) ?? []).filter((e) => {
-          if (e.entryId <= request.cursor) return false;
+        // Section 12.9: read at most auditScan entries after the cursor; a short or empty
+        // page goes on from the last entry read, 0 when those reach the log's end.
+        const after = (this.audit.get(user) ?? []).filter((e) => e.entryId > request.cursor);
+        const read = after.slice(0, this.auditScan);
+        const all = read.filter((e) => {
           if (request.auditType === AuditType.SYSTEM_ONLY && KEY_ACTIONS.has(e.action)) return false;
           if (request.auditType === AuditType.KEY_ONLY && !KEY_ACTIONS.has(e.action)) return false;
           if (request.keyIds.length > 0 && (e.keyId === null || !request.keyIds.some((k) => ctEqual(k, e.keyId!)))) return false;
@@ -173,7 +180,10 @@ export class FakeKeyServer {
           return true;
         });
         const entries = all.slice(0, request.limit);
-        const nextCursor = all.length > request.limit ? entries[entries.length - 1]!.entryId : 0n;
+        let nextCursor = 0n;
+        if (all.length > request.limit) nextCursor = entries[entries.length - 1]!.entryId;
+        else if (after.length > read.length) nextCursor = read[read.length - 1]!.entryId;
+        this.auditPages.push({ cursor: request.cursor, count: entries.length, nextCursor });
         return ok({ entries, nextCursor });
       }
       case Op.LIST_KEYS: {

@@ -121,6 +121,9 @@ export const MAX_SEALED_SIZE = MAX_SECRET_SIZE + SEALED_OVERHEAD;
 export const MAX_NEXT_KEY_IDS = 4;
 export const STORE_RETRIES = 2;
 export const MAX_AUDIT_PAGE = 256;
+/** Most of the user's entries one AUDIT request reads (section 12.9): a page may hold fewer
+ * than its limit, or none, before the log's end; only next_cursor 0 ends a walk. */
+export const MAX_AUDIT_SCAN = 16 * MAX_AUDIT_PAGE;
 export const MAX_LIST_PAGE = 512;
 export const MAX_LABEL_SIZE = 64;
 export const MAX_SEALED_LABEL_SIZE = MAX_LABEL_SIZE + SEALED_OVERHEAD;

@@ -74,6 +74,20 @@ function* ask<O extends Op>(request: OpRequest & { op: O }): Generator<OpRequest
   return (yield request) as OkFields[O];
 }
 
+/** An AUDIT page asked for from ``cursor`` (section 12.9): entries after the cursor in
+ * increasing order, and a next_cursor of 0, or past the cursor and not before the last
+ * entry. So a walk moves forward and ends, and takes no entry twice. */
+function checkAuditPage(cursor: bigint, entries: readonly ChainedAuditEntry[], nextCursor: bigint): void {
+  let last = cursor;
+  for (const entry of entries) {
+    if (entry.entryId <= last) throw new IntegrityFailure(`audit log: entry ${entry.entryId} does not come after entry ${last} in its page (entries repeated or out of order)`);
+    last = entry.entryId;
+  }
+  if (nextCursor !== 0n && (nextCursor <= cursor || nextCursor < last)) {
+    throw new IntegrityFailure(`audit log: next cursor ${nextCursor} does not move past cursor ${cursor}, or lies before entry ${last} of its page (the walk would repeat entries or never end)`);
+  }
+}
+
 function keyIdArg(keyId: Uint8Array): Uint8Array {
   if (keyId.length !== KEY_ID_SIZE) throw new RangeError("a key id is 16 bytes");
   return keyId;
@@ -233,13 +247,17 @@ export class SecretOps {
     yield* ask({ op: Op.DELETE_KEY, userId: this.userId, keyId: keyIdArg(keyId) });
   }
 
-  /** OPS-6: the matching entries, all pages (a filtered answer is not chain-verified). */
+  /** OPS-6: the matching entries, all pages (a filtered answer is not chain-verified). A page
+   * may hold fewer entries than asked for, or none, before the log's end (the server reads at
+   * most MAX_AUDIT_SCAN entries a request, section 12.9): the walk goes on until next_cursor is
+   * 0, and each page must move it forward (else IntegrityFailure: a walk that never ends). */
   *audit(auditType: AuditType = AuditType.ALL, keyIds: Uint8Array[] = [], after: bigint | null = null, before: bigint | null = null): Plan<ChainedAuditEntry[]> {
     checkAuditFilter(auditType, keyIds, after, before);
     const entries: ChainedAuditEntry[] = [];
     let cursor = 0n;
     do {
       const page = yield* ask({ op: Op.AUDIT, userId: this.userId, auditType, keyIds, after, before, cursor, limit: MAX_AUDIT_PAGE });
+      checkAuditPage(cursor, page.entries, page.nextCursor);
       entries.push(...page.entries);
       cursor = page.nextCursor;
     } while (cursor !== 0n);
