@@ -72,6 +72,7 @@ from ._ops import (
     PORTABLE_LONG_HEADER_SIZE,
     PORTABLE_LONG_MARKER,
     PORTABLE_LONG_VERSION,
+    READ_OPS,
     SEALED_OVERHEAD,
     Action,
     AuditEntry,
@@ -139,6 +140,7 @@ from ._secrets import (
     VerifiedAudit,
 )
 from ._server import (
+    REPLY_CACHE_BYTES,
     SMALL_PIECE_SIZE,
     UNPRODUCTIVE_BLOCK_SIZE,
     ExpiredSession,
@@ -180,6 +182,8 @@ __all__ = [
     "PORTABLE_LONG_MARKER",
     "PORTABLE_LONG_VERSION",
     "PROTOCOL_VERSION",
+    "READ_OPS",
+    "REPLY_CACHE_BYTES",
     "SEALED_OVERHEAD",
     "SMALL_PIECE_SIZE",
     "STORE_RETRIES",
