@@ -836,37 +836,36 @@ class ServerConnection(ConnectionBase):
             return delivered
         self._check(session, _SEND_RESPONSE)
         plaintext = Response.encode_fields(request_id, body)
-        if 8 + len(plaintext) + 16 > self.config.max_payload:
+        config = self.config
+        if 8 + len(plaintext) + 16 > config.max_payload:
             raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
         pending = session.pending
         del pending[request_id]
         if not pending:
             pending.clear()  # frees the table a removal leaves: an idle session keeps none
-        self._remember(session, request_id, body, read)
+        # The reply cache (protocol.md section 9): the oldest answered requests past
+        # max_requests_in_flight leave it; a read's answer stays only if it fits in
+        # reply_cache_bytes beside the answers kept, else only its id stays (None).
+        # (Inline: this runs for every answer.)
+        answered = session.answered
+        kept = session.answered_bytes
+        while len(answered) >= config.max_requests_in_flight:
+            old = answered.pop(next(iter(answered)))
+            if old is not None:
+                kept -= len(old)
+        size = len(body)
+        if read and kept + size > config.reply_cache_bytes:
+            answered[request_id] = None
+            session.answered_bytes = kept
+        else:
+            answered[request_id] = body
+            session.answered_bytes = kept + size
         if session_id in self._departed and not session.pending:
             del self._departed[session_id]
         if session.owner is self and session.state is _ESTABLISHED:
             self._send_sealed(session, _F_RESPONSE, plaintext)
             self._maybe_close_at_limit(session)
         return True
-
-    def _remember(self, session: _ServerSession, request_id: int, body: bytes, read: bool) -> None:
-        """Put the answer in the reply cache (protocol.md section 9): the oldest answered
-        requests past ``max_requests_in_flight`` leave it; a read's answer stays only if it
-        fits in ``reply_cache_bytes`` with the answers kept, else only its id stays (None)."""
-        answered = session.answered
-        kept = session.answered_bytes
-        while len(answered) >= self.config.max_requests_in_flight:
-            old = answered.pop(next(iter(answered)))
-            if old is not None:
-                kept -= len(old)
-        size = len(body)
-        if read and kept + size > self.config.reply_cache_bytes:
-            answered[request_id] = None
-        else:
-            answered[request_id] = body
-            kept += size
-        session.answered_bytes = kept
 
     def login_age(self, session_id: int) -> float | None:
         """Seconds since the live session's login started (None for no such session): the
@@ -1337,19 +1336,11 @@ class ServerConnection(ConnectionBase):
         """False for a re-sent request (unproductive beyond what a resumption allows)."""
         if request_id in session.pending:
             return False  # a re-send after resumption; the answer is on its way
-        answered = session.answered
-        rerun = False
-        if request_id in answered:
-            answer = answered[request_id]
-            if answer is not None:
-                self._send_sealed(session, FrameType.RESPONSE, Response.encode_fields(request_id, answer))
-                return False
-            # A read whose answer was not kept: it runs again (section 9), if it is a read.
-            if body[:1] not in _READS:
-                raise RemoteProtocolError("a re-sent request that is not a read", ErrorCode.INVALID_REQUEST)
-            rerun = True
-        elif request_id <= session.highest_request_id:
+        if request_id in session.answered:
+            return self._on_answered_again(session, request_id, body)
+        if request_id <= session.highest_request_id:
             raise RemoteProtocolError("request id reused", ErrorCode.INVALID_REQUEST)
+        # (_refuse_request, inline: this runs for every request)
         if len(session.pending) >= self.config.max_requests_in_flight:
             raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
         if session.request_count >= self.config.max_requests_per_session:
@@ -1360,17 +1351,53 @@ class ServerConnection(ConnectionBase):
                 )
             )
             return True
-        if rerun:
-            del answered[request_id]
-        else:
-            session.highest_request_id = request_id
+        session.highest_request_id = request_id
         session.request_count += 1
         session.pending[request_id] = body[:1] in _READS
         assert session.user_id is not None
         self._events.append(
             RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
         )
-        return not rerun  # a read run again is a re-send all the same (section 10)
+        return True
+
+    def _refuse_request(self, session: _ServerSession) -> bool:
+        """The session's request limits, for a read run again (``_on_request`` has them
+        inline): raise for too many in flight, True (the session closed) if it carried
+        ``max_requests_per_session`` already."""
+        if len(session.pending) >= self.config.max_requests_in_flight:
+            raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
+        if session.request_count >= self.config.max_requests_per_session:
+            self.close_session(session.session_id, ErrorCode.REQUEST_LIMIT)
+            self._events.append(
+                SessionClosed(
+                    session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
+                )
+            )
+            return True
+        return False
+
+    def _on_answered_again(self, session: _ServerSession, request_id: int, body: bytes) -> bool:
+        """A re-send of a request in the reply cache (protocol.md section 9): its kept answer
+        is sent again; a read whose answer was not kept runs again under the same id, as a
+        new request of the session; anything else re-sent there is INVALID_REQUEST. False
+        unless the session closed at its request limit: a re-send is unproductive input
+        (section 10), paid for by the resumption."""
+        answer = session.answered[request_id]
+        if answer is not None:
+            self._send_sealed(session, FrameType.RESPONSE, Response.encode_fields(request_id, answer))
+            return False
+        if body[:1] not in _READS:
+            raise RemoteProtocolError("a re-sent request that is not a read", ErrorCode.INVALID_REQUEST)
+        if self._refuse_request(session):
+            return True
+        del session.answered[request_id]
+        session.request_count += 1
+        session.pending[request_id] = True
+        assert session.user_id is not None
+        self._events.append(
+            RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
+        )
+        return False
 
 
 def _check_credentials_version(credentials_version: int) -> None:
