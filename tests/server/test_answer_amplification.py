@@ -26,13 +26,19 @@ from keymgmt.adapters.testing.streams import MemoryByteStream, memory_stream_pai
 from keymgmt_proto import (
     NEED_DATA,
     REPLY_CACHE_BYTES,
+    Action,
+    AuditType,
+    ClientConnection,
     ConnectionFailed,
     Context,
+    DeleteKeyRequest,
     ErrorCode,
     OpaqueStepRequired,
+    Outcome,
     RequestReceived,
     ResponseReceived,
     RetrieveRequest,
+    ServerConfig,
     SessionEstablished,
 )
 
@@ -148,6 +154,62 @@ async def test_reply_caches_of_big_answers_stay_bounded(tmp_path):
         assert cached <= sessions * REPLY_CACHE_BYTES, f"{cached} bytes kept by {sessions} sessions"
         assert all(s.answered_bytes <= REPLY_CACHE_BYTES for s in kept)
         await client_end.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("budget", [REPLY_CACHE_BYTES, 0])
+async def test_a_re_sent_retrieve_runs_again_and_a_re_sent_delete_does_not(tmp_path, budget):
+    """protocol.md section 9 on the key server: a RETRIEVE of a 64 KiB secret and a DELETE_KEY
+    are answered, and both answers are lost with the connection. After the resumption the
+    client re-sends both: the RETRIEVE, whose answer was not kept, runs again (the owner's log
+    shows two RETRIEVE entries for one call), and the DELETE_KEY gets its kept answer (OK, not
+    the NOT_FOUND a second run would give; one DELETE_KEY entry), also when no read's answer
+    is kept at all (``reply_cache_bytes`` 0)."""
+    async with key_server(tmp_path, ServerConfig(reply_cache_bytes=budget)) as world:
+        async with world.client() as client:
+            user_id = await client.register(ACCOUNT, PASSWORD)
+            session = await client.login(ACCOUNT, PASSWORD)
+            key_id = await session.import_secret(BIG)
+            doomed = await session.import_secret(b"\x03abc")
+            await session.logout()
+        client_end, server_end = memory_stream_pair()
+        world.task_group.start_soon(ConnectionDriver(server_end, SETUP, world.keyserver, world.registry).run)
+        conn, sid = await raw_login(client_end, ACCOUNT, PASSWORD)
+        retrieve = conn.send_request(sid, RetrieveRequest(user_id, key_id, Context.LOCAL_ONLY).encode())
+        delete = conn.send_request(sid, DeleteKeyRequest(user_id, doomed).encode())
+        await client_end.send(conn.data_to_send())
+        lost = b""
+        with anyio.fail_after(30):
+            while len(lost) < 65_600 + 40:  # both answers arrive, and are never read
+                lost += await client_end.receive()
+        await client_end.aclose()
+        conn.connection_lost()
+        (detached,) = conn.take_detached_sessions()
+
+        client_end, server_end = memory_stream_pair()
+        world.task_group.start_soon(ConnectionDriver(server_end, SETUP, world.keyserver, world.registry).run)
+        conn = ClientConnection(os.urandom)
+        conn.resume_session(detached)
+        answers: dict[int, bytes] = {}
+        with anyio.fail_after(30):
+            while len(answers) < 2:
+                await client_end.send(conn.data_to_send())
+                conn.receive_data(await client_end.receive())
+                while (event := conn.next_event()) is not NEED_DATA:
+                    if isinstance(event, ResponseReceived):
+                        assert event.request_id not in answers  # each answered once
+                        answers[event.request_id] = event.body
+        assert answers[retrieve][:1] == b"\x00" and answers[delete] == b"\x00"
+        await client_end.aclose()
+
+        async with world.client() as client:
+            session = await client.login(ACCOUNT, PASSWORD)
+            entries = await session.audit(AuditType.ALL)
+        retrieves = [e for e in entries if e.action is Action.RETRIEVE]
+        assert [(e.key_id, e.context, e.outcome) for e in retrieves] == [
+            (key_id, Context.LOCAL_ONLY, Outcome.SUCCESS)
+        ] * 2
+        assert [e.key_id for e in entries if e.action is Action.DELETE_KEY] == [doomed]
 
 
 class _Order:
