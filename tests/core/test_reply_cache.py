@@ -18,11 +18,14 @@ from keymgmt_proto import (
     Context,
     DeleteKeyRequest,
     ErrorCode,
+    Event,
     RequestReceived,
     ResponseReceived,
     RetrieveRequest,
     ServerConfig,
+    ServerConnection,
     ServerSetup,
+    SessionClosed,
     SessionFailed,
     SessionResumed,
     session_sealing_key,
@@ -208,3 +211,33 @@ def test_reply_cache_bytes_is_checked():
     assert ServerConfig(reply_cache_bytes=0).reply_cache_bytes == 0
     with pytest.raises(ValueError, match="reply_cache_bytes"):
         ServerConfig(reply_cache_bytes=-1)
+
+
+class _Deferring(MemoryServerApp):
+    """Answers reads at once (big) and leaves a DELETE_KEY awaiting its answer."""
+
+    def __init__(self) -> None:
+        super().__init__(handler=_answer)
+
+    def __call__(self, conn: ServerConnection, event: Event) -> None:
+        if isinstance(event, RequestReceived) and event.body[0] == 7:
+            self.events.append(event)  # left pending
+            return
+        super().__call__(conn, event)
+
+
+def test_a_read_run_again_counts_against_the_session_request_limit(server_setup: ServerSetup):
+    """A read run again is a request of the session: at ``max_requests_per_session`` the
+    session closes with REQUEST_LIMIT instead (as for a new request), and nothing runs."""
+    harness = Harness(server_setup, ServerConfig(max_requests_per_session=2))
+    harness.app = _Deferring()
+    pair, sid, read, write = _setup(harness)
+    read_id = pair.client.send_request(sid, read)
+    pair.client.send_request(sid, write)  # stays pending: the session is not closed at 2
+    _answered_and_lost(pair)
+    (detached,) = pair.client.take_detached_sessions()
+    other = harness.pair()
+    other.client.resume_session(detached)
+    closed = only(other.pump(), SessionClosed)
+    assert closed.code is ErrorCode.REQUEST_LIMIT
+    assert _runs(harness, read_id) == 1
