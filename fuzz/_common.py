@@ -188,6 +188,8 @@ def check_bounded(conn: ClientConnection | ServerConnection) -> None:
                 raise violated(f"{len(session.pending)} requests pending in one session")
             if len(session.answered) > config.max_requests_in_flight:
                 raise violated(f"reply cache holds {len(session.answered)} answers")
+            if session.answered_bytes != sum(len(a) for a in session.answered.values() if a is not None):
+                raise violated("the reply cache's byte count is not the bytes it keeps")
             if session.request_count > config.max_requests_per_session:
                 raise violated("session carried more requests than allowed")
     else:

@@ -73,6 +73,7 @@ from ._ops import (
     PORTABLE_LONG_HEADER_SIZE,
     PORTABLE_LONG_MARKER,
     PORTABLE_LONG_VERSION,
+    READ_OPS,
     SEALED_OVERHEAD,
     Action,
     AuditEntry,
@@ -140,6 +141,7 @@ from ._secrets import (
     VerifiedAudit,
 )
 from ._server import (
+    REPLY_CACHE_BYTES,
     SMALL_PIECE_SIZE,
     UNPRODUCTIVE_BLOCK_SIZE,
     ExpiredSession,
@@ -182,6 +184,8 @@ __all__ = [
     "PORTABLE_LONG_MARKER",
     "PORTABLE_LONG_VERSION",
     "PROTOCOL_VERSION",
+    "READ_OPS",
+    "REPLY_CACHE_BYTES",
     "SEALED_OVERHEAD",
     "SMALL_PIECE_SIZE",
     "STORE_RETRIES",

@@ -61,6 +61,7 @@ __all__ = [
     "PORTABLE_LONG_HEADER_SIZE",
     "PORTABLE_LONG_MARKER",
     "PORTABLE_LONG_VERSION",
+    "READ_OPS",
     "SEALED_OVERHEAD",
     "Action",
     "AuditEntry",
@@ -194,6 +195,14 @@ class Op(IntEnum):
     DELETE_ACCOUNT = 10
     #: Named keys: set, change or remove a key's sealed label (issue 16).
     RENAME_KEY = 12
+
+
+#: The reads: operations that change nothing but the audit log (protocol.md section 9).
+#: A server may drop the answer to one of them from its reply cache and run the request
+#: again if the client re-sends it; every other request's answer is kept.
+READ_OPS: frozenset[Op] = frozenset(
+    {Op.RETRIEVE_STORAGE_KEY, Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.CHANGE_PASSWORD_START}
+)
 
 
 class Status(IntEnum):

@@ -62,11 +62,13 @@ from ._messages import (
     is_printable_reason,
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
+from ._ops import READ_OPS
 from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
 from ._state import TRANSITIONS, Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
 __all__ = [
+    "REPLY_CACHE_BYTES",
     "SMALL_PIECE_SIZE",
     "UNPRODUCTIVE_BLOCK_SIZE",
     "ExpiredSession",
@@ -81,6 +83,9 @@ UNPRODUCTIVE_BLOCK_SIZE = 4096
 #: A transport piece (a TLS record, a WebSocket frame, ping or pong) carrying fewer bytes
 #: than this costs one unit (:meth:`ServerConnection.note_small_input`).
 SMALL_PIECE_SIZE = 1024
+#: Bytes of answers to reads (``READ_OPS``) a session keeps for re-sends, beside the answers
+#: of its other requests (protocol.md section 9): ``ServerConfig.reply_cache_bytes``.
+REPLY_CACHE_BYTES = 4096
 
 # Enum members the per-frame and login paths name, read once here: on Python 3.11 every
 # attribute read on an Enum class goes through EnumType's __getattr__ hook, a call into
@@ -106,6 +111,8 @@ _F_RESPONSE = FrameType.RESPONSE
 _CLOSED, _ESTABLISHED = State.CLOSED, State.ESTABLISHED
 _SEND_RESPONSE = Command.SEND_RESPONSE
 _OPENING = (FrameType.REG_START, FrameType.LOGIN_START, FrameType.RESUME)
+#: First bytes (the op) of the request bodies that are reads: their answers may be dropped.
+_READS = frozenset(bytes((op,)) for op in READ_OPS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +127,14 @@ class ServerConfig:
     session_lifetime: float = 3600.0
     #: Requests one request session may carry (NET-11); 1 is the spec's strict mode.
     max_requests_per_session: int = 1000
-    #: Requests awaiting an answer in one session; also the size of the reply cache.
+    #: Requests awaiting an answer in one session; also how many answered requests a
+    #: session remembers for re-sends (the reply cache).
     max_requests_in_flight: int = 16
+    #: Bytes of answers a session keeps for re-sends: the answer of a read (``READ_OPS``)
+    #: that would pass this is not kept, and the read runs again if re-sent (protocol.md
+    #: section 9). Other answers are always kept (at most 50 bytes each with the key
+    #: server's operations).
+    reply_cache_bytes: int = REPLY_CACHE_BYTES
     #: Live sessions one connection may carry.
     max_sessions_per_connection: int = 256
     #: Largest frame payload accepted.
@@ -164,6 +177,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.reply_cache_bytes < 0:
+            raise ValueError("reply_cache_bytes must not be negative")
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -185,11 +200,15 @@ class _ServerSession:
     decoy: bool = False
     highest_request_id: int = 0
     request_count: int = 0
-    #: Requests awaiting an answer: a dict used as a set. An idle session keeps both tables
-    #: empty, and an empty dict is a quarter of an empty set's or OrderedDict's size (P4).
-    pending: dict[int, None] = field(default_factory=dict)
-    #: The latest answers (reply cache, oldest first), for re-sends after a resumption.
-    answered: dict[int, bytes] = field(default_factory=dict)
+    #: Requests awaiting an answer, each with whether it is a read (its answer may be
+    #: dropped). An idle session keeps it empty, and an empty dict is a quarter of an empty
+    #: set's or OrderedDict's size (P4).
+    pending: dict[int, bool] = field(default_factory=dict)
+    #: The latest answered requests (reply cache, oldest first), for re-sends after a
+    #: resumption: the answer, or None for a read whose answer was not kept (run again).
+    answered: dict[int, bytes | None] = field(default_factory=dict)
+    #: Bytes of the answers ``answered`` keeps.
+    answered_bytes: int = 0
     #: What every event of the session carries: the same object across resumptions.
     handle: SessionHandle = field(default_factory=SessionHandle)
     #: The application's name for the credentials the session logged in with
@@ -498,6 +517,7 @@ class SessionRegistry:
             highest_request_id=state.highest_request_id,
             request_count=state.request_count,
             answered=state.answered,
+            answered_bytes=sum(len(answer) for answer in state.answered.values() if answer is not None),
             credentials_version=state.credentials_version,
         )
         self._sessions[key] = session
@@ -805,7 +825,8 @@ class ServerConnection(ConnectionBase):
         if session.state is _CLOSED:
             self._departed.pop(session_id, None)
             return False
-        if request_id not in session.pending:
+        read = session.pending.get(request_id)
+        if read is None:
             raise LocalProtocolError(f"request {request_id} is not awaiting an answer")
         if session.owner is not None and session.owner is not self:
             # The session resumed elsewhere: the connection it is on now sends the answer.
@@ -815,16 +836,30 @@ class ServerConnection(ConnectionBase):
             return delivered
         self._check(session, _SEND_RESPONSE)
         plaintext = Response.encode_fields(request_id, body)
-        if 8 + len(plaintext) + 16 > self.config.max_payload:
+        config = self.config
+        if 8 + len(plaintext) + 16 > config.max_payload:
             raise LocalProtocolError("response larger than the frame limit", ErrorCode.FRAME_TOO_LARGE)
         pending = session.pending
         del pending[request_id]
         if not pending:
             pending.clear()  # frees the table a removal leaves: an idle session keeps none
+        # The reply cache (protocol.md section 9): the oldest answered requests past
+        # max_requests_in_flight leave it; a read's answer stays only if it fits in
+        # reply_cache_bytes beside the answers kept, else only its id stays (None).
+        # (Inline: this runs for every answer.)
         answered = session.answered
-        answered[request_id] = body
-        while len(answered) > self.config.max_requests_in_flight:
-            del answered[next(iter(answered))]
+        kept = session.answered_bytes
+        while len(answered) >= config.max_requests_in_flight:
+            old = answered.pop(next(iter(answered)))
+            if old is not None:
+                kept -= len(old)
+        size = len(body)
+        if read and kept + size > config.reply_cache_bytes:
+            answered[request_id] = None
+            session.answered_bytes = kept
+        else:
+            answered[request_id] = body
+            session.answered_bytes = kept + size
         if session_id in self._departed and not session.pending:
             del self._departed[session_id]
         if session.owner is self and session.state is _ESTABLISHED:
@@ -1302,12 +1337,10 @@ class ServerConnection(ConnectionBase):
         if request_id in session.pending:
             return False  # a re-send after resumption; the answer is on its way
         if request_id in session.answered:
-            self._send_sealed(
-                session, FrameType.RESPONSE, Response.encode_fields(request_id, session.answered[request_id])
-            )
-            return False
+            return self._on_answered_again(session, request_id, body)
         if request_id <= session.highest_request_id:
             raise RemoteProtocolError("request id reused", ErrorCode.INVALID_REQUEST)
+        # (_refuse_request, inline: this runs for every request)
         if len(session.pending) >= self.config.max_requests_in_flight:
             raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
         if session.request_count >= self.config.max_requests_per_session:
@@ -1320,12 +1353,51 @@ class ServerConnection(ConnectionBase):
             return True
         session.highest_request_id = request_id
         session.request_count += 1
-        session.pending[request_id] = None
+        session.pending[request_id] = body[:1] in _READS
         assert session.user_id is not None
         self._events.append(
             RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
         )
         return True
+
+    def _refuse_request(self, session: _ServerSession) -> bool:
+        """The session's request limits, for a read run again (``_on_request`` has them
+        inline): raise for too many in flight, True (the session closed) if it carried
+        ``max_requests_per_session`` already."""
+        if len(session.pending) >= self.config.max_requests_in_flight:
+            raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
+        if session.request_count >= self.config.max_requests_per_session:
+            self.close_session(session.session_id, ErrorCode.REQUEST_LIMIT)
+            self._events.append(
+                SessionClosed(
+                    session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
+                )
+            )
+            return True
+        return False
+
+    def _on_answered_again(self, session: _ServerSession, request_id: int, body: bytes) -> bool:
+        """A re-send of a request in the reply cache (protocol.md section 9): its kept answer
+        is sent again; a read whose answer was not kept runs again under the same id, as a
+        new request of the session; anything else re-sent there is INVALID_REQUEST. False
+        unless the session closed at its request limit: a re-send is unproductive input
+        (section 10), paid for by the resumption."""
+        answer = session.answered[request_id]
+        if answer is not None:
+            self._send_sealed(session, FrameType.RESPONSE, Response.encode_fields(request_id, answer))
+            return False
+        if body[:1] not in _READS:
+            raise RemoteProtocolError("a re-sent request that is not a read", ErrorCode.INVALID_REQUEST)
+        if self._refuse_request(session):
+            return True
+        del session.answered[request_id]
+        session.request_count += 1
+        session.pending[request_id] = True
+        assert session.user_id is not None
+        self._events.append(
+            RequestReceived(session.session_id, session.user_id, request_id, body, handle=session.handle)
+        )
+        return False
 
 
 def _check_credentials_version(credentials_version: int) -> None:

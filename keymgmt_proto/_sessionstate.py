@@ -8,13 +8,16 @@ ChaCha20-Poly1305 under a key every instance derives from the OPAQUE server
 setup they already share (``session_sealing_key``), with the session handle as
 AD. Layout of the plaintext (big-endian)::
 
-    version u8 (3) || user_id 16 || account_name (u8 length) || created f64 ||
+    version u8 (4) || user_id 16 || account_name (u8 length) || created f64 ||
     last_activity f64 || credentials_version u64 || prk 32 || epoch_secret 32 ||
     send_seq u64 || recv_seq u64 || resume_seq u64 || sent_total u64 || received_total u64 ||
     highest_request_id u32 || request_count u32 ||
-    answered count u16 || count x (request_id u32 || body (u32 length))
+    answered count u16 || count x (request_id u32 || kept u8 || body (u32 length) if kept)
 
-Version 2 (sealed by the release before) has no ``credentials_version``; it is read as 0.
+``kept`` is 1 when the answer follows, 0 for a read whose answer was not kept (the read
+runs again if re-sent, protocol.md section 9). Version 3 (the release before) has no
+``kept`` byte: every answer follows, and it is read so. Version 2 (the one before) also
+has no ``credentials_version``; it is read as 0.
 
 Sealed: ``nonce 12 || ciphertext || tag 16``. This is a server-internal format
 shared by instances running the same version; it never reaches a client.
@@ -46,8 +49,10 @@ __all__ = [
 
 SESSION_STATE_KEY_INFO = b"keymgmt v1 session state key"
 SESSION_STATE_AD_PREFIX = b"keymgmt v1 session state"
-_VERSION = 3
-#: The version before, still read (its sessions count as logged in with credentials version 0).
+_VERSION = 4
+#: The versions before, still read: every answer kept, and (version 2) no credentials
+#: version (its sessions count as logged in with credentials version 0).
+_VERSION_3 = 3
 _VERSION_2 = 2
 
 
@@ -87,7 +92,9 @@ class SessionState:
     channel: ChannelState
     highest_request_id: int
     request_count: int
-    answered: dict[int, bytes] = field(default_factory=dict)
+    #: The reply cache: each answered request's answer, or None for a read whose answer
+    #: was not kept.
+    answered: dict[int, bytes | None] = field(default_factory=dict)
     #: The application's name for the credentials the session logged in with.
     credentials_version: int = 0
 
@@ -110,7 +117,10 @@ def seal_session_state(state: SessionState, handle: bytes, key: bytes, random: R
     w.u32(state.highest_request_id).u32(state.request_count)
     w.u16(len(state.answered))
     for request_id, body in state.answered.items():
-        w.u32(request_id).u32(len(body)).rest(body)
+        if body is None:
+            w.u32(request_id).u8(0)
+        else:
+            w.u32(request_id).u8(1).u32(len(body)).rest(body)
     nonce = random(12)
     return nonce + ChaCha20Poly1305(key).encrypt(nonce, w.getvalue(), SESSION_STATE_AD_PREFIX + handle)
 
@@ -124,19 +134,25 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
     try:
         r = Reader(plaintext, "session state")
         version = r.u8()
-        if version not in (_VERSION, _VERSION_2):
+        if version not in (_VERSION, _VERSION_3, _VERSION_2):
             return None
         user_id = r.fixed(USER_ID_SIZE)
         account_name = r.bytes8()
         created, last_activity = struct.unpack(">dd", r.fixed(16))
-        credentials_version = r.u64() if version == _VERSION else 0
+        credentials_version = 0 if version == _VERSION_2 else r.u64()
         prk, epoch_secret = r.fixed(32), r.fixed(32)
         channel = ChannelState(prk, epoch_secret, r.u64(), r.u64(), r.u64(), r.u64(), r.u64())
         highest, count = r.u32(), r.u32()
-        answered: dict[int, bytes] = {}
+        answered: dict[int, bytes | None] = {}
         for _ in range(r.u16()):
             request_id = r.u32()
-            answered[request_id] = r.fixed(r.u32())
+            kept = 1 if version != _VERSION else r.u8()
+            if kept == 1:
+                answered[request_id] = r.fixed(r.u32())
+            elif kept == 0:
+                answered[request_id] = None
+            else:
+                return None
         r.done()
     except (RemoteProtocolError, struct.error):  # verifies but does not parse: another version
         return None

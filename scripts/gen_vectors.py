@@ -59,6 +59,7 @@ from keymgmt_proto import (
     ChangePasswordFinishRequest,
     ChangePasswordStartRequest,
     Channel,
+    ChannelState,
     Context,
     CreateKeyIdRequest,
     DeleteAccountRequest,
@@ -95,6 +96,7 @@ from keymgmt_proto import (
     encode_portable,
     encode_response,
     encrypt_storage_key,
+    hkdf_sha3,
     joint_key_id,
     label_ad,
     seal_label,
@@ -112,6 +114,8 @@ from keymgmt_proto.wire import (
     LABEL_S2C_IV,
     LABEL_S2C_KEY,
     MASTER_KEY_INFO,
+    SESSION_STATE_AD_PREFIX,
+    SESSION_STATE_KEY_INFO,
     STORAGE_KEY_AD_SUFFIX,
     Abort,
     Close,
@@ -130,9 +134,12 @@ from keymgmt_proto.wire import (
     Resumed,
     ResumedEnvelope,
     ResumeEnvelope,
+    SessionState,
     Welcome,
     decode_header,
     encode_frame,
+    seal_session_state,
+    unseal_session_state,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1388,6 +1395,169 @@ def transcript_file() -> JSON:
     }
 
 
+# --------------------------------------------------------------------------- sealed session state
+
+#: (op, answer size) of each request the reply-cache scenario answers, in order (request ids
+#: 1, 2, ...): reads of every size around the budget, writes between them, and more requests
+#: than the cache remembers.
+REPLY_CACHE_SCENARIO: list[tuple[Op, int]] = [
+    (Op.RETRIEVE_STORAGE_KEY, 61),
+    (Op.LIST_KEYS, 1000),
+    (Op.STORE_SECRET, 50),
+    (Op.RETRIEVE, 65615),
+    (Op.AUDIT, 2900),
+    (Op.RETRIEVE, 99),
+    (Op.DELETE_KEY, 1),
+    (Op.RETRIEVE_STORAGE_KEY, 61),
+    (Op.CREATE_KEY_ID, 49),
+    (Op.RENAME_KEY, 1),
+    (Op.CHANGE_PASSWORD_START, 65),
+    (Op.RETRIEVE, 80),
+    (Op.AUDIT, 18443),
+    (Op.LIST_KEYS, 60423),
+    (Op.RETRIEVE, 99),
+    (Op.STORE_SECRET, 2),
+    (Op.RETRIEVE, 99),
+    (Op.LIST_KEYS, 900),
+    (Op.CHANGE_PASSWORD_FINISH, 1),
+    (Op.RETRIEVE, 99),
+]
+
+
+def reply_cache_model(
+    answers: list[tuple[Op, int]], budget: int, window: int
+) -> tuple[list[tuple[int, bool]], int]:
+    """protocol.md section 9, written out again from the text: the last ``window`` answered
+    requests, each kept or (a read that would pass ``budget``) not. Returns the cache,
+    oldest first, as (request id, kept), and the bytes it keeps."""
+    cache: list[tuple[int, int | None]] = []
+    for request_id, (op, size) in enumerate(answers, start=1):
+        while len(cache) >= window:
+            cache.pop(0)
+        kept = sum(n for _, n in cache if n is not None)
+        read = op in (Op.RETRIEVE_STORAGE_KEY, Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.CHANGE_PASSWORD_START)
+        cache.append((request_id, None if read and kept + size > budget else size))
+    return [(i, n is not None) for i, n in cache], sum(n for _, n in cache if n is not None)
+
+
+def session_state_file() -> JSON:
+    rng = Drbg("session_state")
+    setup_stand_in, handle, user_id = rng(64), rng(16), rng(16)
+    sealing_key = hkdf_sha3(setup_stand_in, SESSION_STATE_KEY_INFO, 32)
+    channel = ChannelState(rng(32), rng(32), 7, 9, 2, 31, 29)
+    answered: dict[int, bytes | None] = {12: None, 13: b"\x00", 14: None, 15: b"\x00" + rng(60)}
+    state = SessionState(user_id, b"alice", 1_700_000_000.25, 1_700_000_600.5, channel, 15, 15, answered, 7)
+    nonce = rng(12)
+    sealed = seal_session_state(state, handle, sealing_key, fixed_random(nonce))
+    ad = SESSION_STATE_AD_PREFIX + handle
+    plaintext = ChaCha20Poly1305(sealing_key).decrypt(sealed[:12], sealed[12:], ad)
+
+    def reseal(body: bytes) -> str:
+        return (nonce + ChaCha20Poly1305(sealing_key).encrypt(nonce, body, ad)).hex()
+
+    # The same session as the release before sealed it (version 3: no kept byte, every answer
+    # follows; so only the kept answers), and as the one before that (version 2: no
+    # credentials version either).
+    head_end = 1 + 16 + 1 + len(state.account_name) + 16  # version, user, name, times
+    cache_at = len(plaintext) - sum(5 + (0 if a is None else 4 + len(a)) for a in answered.values()) - 2
+    kept = {i: a for i, a in answered.items() if a is not None}
+    v3_cache = struct.pack(">H", len(kept)) + b"".join(
+        struct.pack(">II", i, len(a)) + a for i, a in kept.items()
+    )
+    v3 = b"\x03" + plaintext[1:cache_at] + v3_cache
+    v2 = b"\x02" + v3[1:head_end] + v3[head_end + 8 :]
+    for older, version in ((v3, 3), (v2, 2)):
+        read = unseal_session_state(bytes.fromhex(reseal(older)), handle, sealing_key)
+        assert read is not None and read.answered == kept, version
+        assert read.credentials_version == (7 if version == 3 else 0)
+    bad_kept = plaintext[:cache_at] + struct.pack(">HIB", 1, 12, 2)
+    assert unseal_session_state(bytes.fromhex(reseal(bad_kept)), handle, sealing_key) is None
+
+    budget, window = 4096, 16
+    cache, kept_bytes = reply_cache_model(REPLY_CACHE_SCENARIO, budget, window)
+    return {
+        "description": describe(
+            "Server-internal, not the wire (docs/protocol.md sections 9 and 13), but every server "
+            "instance sharing a session store must agree on it: the sealed state of a detached "
+            "request session, version 4, and the reply cache it carries. sealing key = "
+            "HKDF-SHA3-256(ikm = the serialized OPAQUE server setup, info = "
+            "SESSION_STATE_KEY_INFO, 32); sealed = nonce 12 || ChaCha20-Poly1305(sealing key, "
+            "plaintext, AD = SESSION_STATE_AD_PREFIX || session_handle). Plaintext, big-endian: "
+            "version u8 (4) || user_id 16 || account_name (u8 length) || created f64 || "
+            "last_activity f64 || credentials_version u64 || prk 32 || epoch_secret 32 || "
+            "send_seq u64 || recv_seq u64 || resume_seq u64 || sent_total u64 || "
+            "received_total u64 || highest_request_id u32 || request_count u32 || count u16 || "
+            "count x (request_id u32 || kept u8 || answer (u32 length) if kept = 1). Then the "
+            "reply cache rule of section 9, on a run of answers.",
+            {
+                "server_setup": "stands in for the serialized OPAQUE server setup (input)",
+                "sealing_key": "derived",
+                "session_handle": "the session's handle (input; in the AD)",
+                "state": (
+                    "the fields sealed; answered, oldest first: [request_id, the answer, or "
+                    "null for a read whose answer was not kept]"
+                ),
+                "nonce / plaintext / sealed": "the version-4 blob",
+                "older[]": (
+                    "blobs of the releases before, still read: version 3 (no kept byte, every "
+                    "answer follows) and version 2 (also no credentials_version, read as 0); "
+                    "reads_as: the reply cache they give"
+                ),
+                "refused[]": "blobs that verify but must be treated as no session",
+                "reply_cache.reply_cache_bytes / max_requests_in_flight": "the server's config",
+                "reply_cache.answers[]": "requests 1, 2, ... answered in this order: op and answer size",
+                "reply_cache.cache": (
+                    "afterwards, oldest first: [request_id, kept]; not kept: a read, run again if re-sent"
+                ),
+                "reply_cache.kept_bytes": "the bytes of the answers kept",
+            },
+        ),
+        "server_setup": setup_stand_in.hex(),
+        "sealing_key": sealing_key.hex(),
+        "session_handle": handle.hex(),
+        "state": {
+            "user_id": user_id.hex(),
+            "account_name": state.account_name.hex(),
+            "created": state.created,
+            "last_activity": state.last_activity,
+            "credentials_version": state.credentials_version,
+            "prk": channel.prk.hex(),
+            "epoch_secret": channel.epoch_secret.hex(),
+            "send_seq": channel.send_seq,
+            "recv_seq": channel.recv_seq,
+            "resume_seq": channel.resume_seq,
+            "sent_total": channel.sent_total,
+            "received_total": channel.received_total,
+            "highest_request_id": state.highest_request_id,
+            "request_count": state.request_count,
+            "answered": [[i, None if a is None else a.hex()] for i, a in answered.items()],
+        },
+        "nonce": nonce.hex(),
+        "plaintext": plaintext.hex(),
+        "sealed": sealed.hex(),
+        "older": [
+            {
+                "version": version,
+                "sealed": reseal(older),
+                "credentials_version": 7 if version == 3 else 0,
+                "reads_as": [[i, a.hex()] for i, a in kept.items()],
+            }
+            for older, version in ((v3, 3), (v2, 2))
+        ],
+        "refused": [
+            {"name": "a kept byte other than 0 or 1", "sealed": reseal(bad_kept)},
+            {"name": "an unknown version (5)", "sealed": reseal(b"\x05" + plaintext[1:])},
+        ],
+        "reply_cache": {
+            "reply_cache_bytes": budget,
+            "max_requests_in_flight": window,
+            "answers": [[op.name, size] for op, size in REPLY_CACHE_SCENARIO],
+            "cache": [[i, kept_flag] for i, kept_flag in cache],
+            "kept_bytes": kept_bytes,
+        },
+    }
+
+
 # --------------------------------------------------------------------------- files, main
 
 BUILDERS: dict[str, Callable[[], JSON]] = {
@@ -1404,6 +1574,7 @@ BUILDERS: dict[str, Callable[[], JSON]] = {
     "audit_chain.json": audit_chain_file,
     "portable.json": portable_file,
     "transcript.json": transcript_file,
+    "session_state.json": session_state_file,
 }
 
 

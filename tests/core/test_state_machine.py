@@ -20,7 +20,10 @@ duplicate, same-session reorder, tamper, truncate, re-target from or to it), or 
 its connection's framing is broken (raw truncation, duplicated header): then only the
 client-view rules apply to it. The server application defers requests whose body starts
 with ``defer`` so that answers can arrive after a session moved to another connection,
-was detached, or ended.
+was detached, or ended. A body that starts with byte 4 (RETRIEVE) is a read: with a small
+``reply_cache_bytes`` its answer is often not kept, and its re-send after a resumption
+runs it again (protocol.md section 9); the mirror predicts which. Reads are deferred too
+(``\x04defer``), so that their answers come while their session is away.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -62,7 +66,10 @@ from ..support.helpers import drain
 #: Made once: generating the OPAQUE server setup is the slow part of a fresh server.
 SETUP = ServerSetup.generate()
 REQUEST_LIMIT = 6
+#: Small: a padded read's answer never fits, two short ones do (answers are 24 bytes plus the body).
+REPLY_BUDGET = 100
 CONFIG = ServerConfig(
+    reply_cache_bytes=REPLY_BUDGET,
     handshake_timeout=10,
     idle_timeout=30,
     session_lifetime=120,
@@ -111,7 +118,12 @@ def answer_for(user_id: bytes, body: bytes) -> bytes:
 
 
 def is_deferred(body: bytes) -> bool:
-    return body.startswith(b"defer")
+    return body.removeprefix(b"\x04").startswith(b"defer")
+
+
+def is_read(body: bytes) -> bool:
+    """The op byte of RETRIEVE: its answer may be dropped, and the request run again."""
+    return body[:1] == b"\x04"
 
 
 class RecordingApp:
@@ -119,7 +131,7 @@ class RecordingApp:
 
     def __init__(self) -> None:
         self.inner = MemoryServerApp(handler=answer_for)
-        #: Bodies of every RequestReceived, in order (each must be executed once).
+        #: Bodies of every RequestReceived, in order (each executed once, but for reads).
         self.executed: list[bytes] = []
         #: (connection, session id there, request id, body, answer) awaiting send_response.
         self.deferred: list[tuple[ServerConnection, int, int, bytes, bytes]] = []
@@ -157,8 +169,13 @@ class Sess:
     created: float = 0.0
     last_activity: float = 0.0
     processed: set[int] = field(default_factory=set)
+    #: Requests the server accepted (a read run again counts again), and runs per request.
+    runs: int = 0
+    executions: Counter[int] = field(default_factory=Counter)
     pending: set[int] = field(default_factory=set)
-    answered: set[int] = field(default_factory=set)
+    #: The reply cache: answered request ids, each with whether its answer was kept.
+    answered: dict[int, bool] = field(default_factory=dict)
+    kept_bytes: int = 0
     #: client frames not yet delivered: ("open",), ("req", id), ("close",), ("resume",)
     queued: list[tuple] = field(default_factory=list)
     #: events the current step must produce for this session, in order
@@ -295,14 +312,21 @@ class ProtocolMachine(RuleBasedStateMachine):
         request_id = item[1]
         if request_id in s.pending:
             return
-        if request_id in s.answered:
+        rerun = request_id in s.answered
+        if rerun and s.answered[request_id]:
             s.expect(("response", request_id))  # re-sent after resumption: the cached answer
             return
-        if len(s.processed) >= REQUEST_LIMIT:
+        # (else a read whose answer was not kept: it runs again, a request like a new one)
+        if s.runs >= REQUEST_LIMIT:
             s.server = "dead"
             s.expect(("closed", ErrorCode.REQUEST_LIMIT))
             return
+        if rerun:
+            del s.answered[request_id]
+            event("a read run again")
         s.processed.add(request_id)
+        s.runs += 1
+        s.executions[request_id] += 1
         if is_deferred(s.requests[request_id]):
             s.pending.add(request_id)
         else:
@@ -310,10 +334,14 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def _server_answers(self, s: Sess, request_id: int) -> None:
         s.pending.discard(request_id)
-        s.answered.add(request_id)
+        body = s.requests[request_id]
+        size = len(answer_for(bytes(16), body))
+        kept = not is_read(body) or s.kept_bytes + size <= REPLY_BUDGET
+        s.answered[request_id] = kept
+        s.kept_bytes += size if kept else 0
         if s.server == "current":
             s.expect(("response", request_id))
-        if s.server in ("current", "stale") and len(s.processed) >= REQUEST_LIMIT and not s.pending:
+        if s.server in ("current", "stale") and s.runs >= REQUEST_LIMIT and not s.pending:
             if s.server == "current":
                 s.expect(("closed", ErrorCode.REQUEST_LIMIT))
             s.server = "dead"
@@ -388,13 +416,17 @@ class ProtocolMachine(RuleBasedStateMachine):
                 # Everything delivered and not deferred by the application has been answered.
                 assert set(s.unanswered()) <= s.pending, (s, s.unanswered(), s.pending)
         executed = self.app.executed
-        assert len(executed) == len(set(executed)), "a request was executed twice"
+        writes = [body for body in executed if not is_read(body)]
+        assert len(writes) == len(set(writes)), "a request that is not a read was executed twice"
         executed_set = set(executed)
         assert executed_set <= self.body_owner.keys(), "the server executed a request nobody sent"
+        times = Counter(executed)
         for s in self.sessions:
             if not s.tainted:
                 mine = {rid for rid, body in s.requests.items() if body in executed_set}
                 assert mine == s.processed, (s, mine, s.processed)
+                runs = {rid: times[body] for rid, body in s.requests.items() if body in executed_set}
+                assert runs == dict(s.executions), (s, runs, s.executions)
 
     def _pump(self) -> None:
         self._deliver_queued()
@@ -471,7 +503,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         count = data.draw(st.integers(1, min(3, MAX_IN_FLIGHT - len(s.unanswered()))), label="count")
         for _ in range(count):
             self.counter += 1
-            prefix = b"defer" if data.draw(st.integers(0, 2), label="defer") == 0 else b"req"
+            kinds = [b"defer", b"\x04defer", b"\x04read", b"req"]
+            prefix = kinds[data.draw(st.integers(0, 5), label="kind") % 4]
             padding = b"." * data.draw(st.sampled_from([0, 1, 300]), label="padding")
             body = b"%s-%d%s" % (prefix, self.counter, padding)
             request_id = self.pair.client.send_request(s.sid, body)

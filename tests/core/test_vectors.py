@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 import keymgmt_proto
 import keymgmt_proto.wire as wire
-from keymgmt.adapters import MemoryServerApp
+from keymgmt.adapters import InMemoryPair, MemoryServerApp
 from keymgmt_proto import (
     NEED_DATA,
     Channel,
@@ -79,6 +79,7 @@ from keymgmt_proto.wire import (
 )
 
 from ..support.frames import split_frames
+from ..support.helpers import login, register
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
@@ -700,3 +701,71 @@ def test_audit_chain_vectors():
             continue
         with pytest.raises(keymgmt_proto.IntegrityFailure, match="audit log"):
             _verify(user_id, answer)
+
+
+# ------------------------------------------------------------------ sealed session state
+
+
+def test_session_state_vectors():
+    """The version-4 blob, built here from the layout of protocol.md section 13, is the
+    file's; the library seals the same bytes and reads them back; the older versions read as
+    documented; the refused ones are no session."""
+    data = load("session_state.json")
+    key = HKDF(algorithm=hashes.SHA3_256(), length=32, salt=None, info=wire.SESSION_STATE_KEY_INFO).derive(
+        h(data["server_setup"])
+    )
+    assert key.hex() == data["sealing_key"]
+    handle, nonce, st = h(data["session_handle"]), h(data["nonce"]), data["state"]
+    name = h(st["account_name"])
+    plaintext = b"\x04" + h(st["user_id"]) + bytes([len(name)]) + name
+    plaintext += struct.pack(">ddQ", st["created"], st["last_activity"], st["credentials_version"])
+    plaintext += h(st["prk"]) + h(st["epoch_secret"])
+    plaintext += struct.pack(
+        ">QQQQQII",
+        *(st[f] for f in ("send_seq", "recv_seq", "resume_seq", "sent_total", "received_total")),
+        st["highest_request_id"],
+        st["request_count"],
+    )
+    plaintext += struct.pack(">H", len(st["answered"]))
+    for request_id, answer in st["answered"]:
+        kept = b"" if answer is None else struct.pack(">I", len(h(answer))) + h(answer)
+        plaintext += struct.pack(">IB", request_id, answer is not None) + kept
+    assert plaintext.hex() == data["plaintext"]
+    ad = wire.SESSION_STATE_AD_PREFIX + handle
+    sealed = nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
+    assert sealed.hex() == data["sealed"]
+
+    state = wire.unseal_session_state(sealed, handle, key)
+    assert state is not None
+    answered = {i: None if a is None else h(a) for i, a in st["answered"]}
+    assert state.answered == answered and list(state.answered) == list(answered)  # (oldest first)
+    assert (state.user_id.hex(), state.credentials_version) == (st["user_id"], st["credentials_version"])
+    assert wire.seal_session_state(state, handle, key, fixed(nonce)) == sealed
+    for older in data["older"]:
+        state = wire.unseal_session_state(h(older["sealed"]), handle, key)
+        assert state is not None, older["version"]
+        assert state.answered == {i: h(a) for i, a in older["reads_as"]}
+        assert state.credentials_version == older["credentials_version"]
+    for refused in data["refused"]:
+        assert wire.unseal_session_state(h(refused["sealed"]), handle, key) is None, refused["name"]
+
+
+def test_reply_cache_vectors():
+    """The real server core, answering the file's requests with answers of the file's sizes,
+    keeps exactly the file's reply cache (protocol.md section 9)."""
+    data = load("session_state.json")["reply_cache"]
+    config = ServerConfig(
+        reply_cache_bytes=data["reply_cache_bytes"], max_requests_in_flight=data["max_requests_in_flight"]
+    )
+    sizes = iter([size for _, size in data["answers"]])
+    app = MemoryServerApp(handler=lambda user_id, body: bytes(next(sizes)))
+    server = ServerConnection(ServerSetup.generate(), os.urandom, config=config, now=0.0)
+    pair = InMemoryPair(ClientConnection(os.urandom), server, app, now=0.0)
+    register(pair, b"cache")
+    established = login(pair, b"cache")
+    for op_name, _ in data["answers"]:
+        pair.client.send_request(established.session_id, bytes([Op[op_name]]) + established.user_id)
+        pair.pump()
+    session = server._sessions[established.session_id]
+    assert [[i, a is not None] for i, a in session.answered.items()] == data["cache"]
+    assert session.answered_bytes == data["kept_bytes"]

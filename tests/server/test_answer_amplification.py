@@ -25,13 +25,20 @@ from keymgmt.adapters.server.driver import ConnectionDriver, group_commit_for
 from keymgmt.adapters.testing.streams import MemoryByteStream, memory_stream_pair
 from keymgmt_proto import (
     NEED_DATA,
+    REPLY_CACHE_BYTES,
+    Action,
+    AuditType,
+    ClientConnection,
     ConnectionFailed,
     Context,
+    DeleteKeyRequest,
     ErrorCode,
     OpaqueStepRequired,
+    Outcome,
     RequestReceived,
     ResponseReceived,
     RetrieveRequest,
+    ServerConfig,
     SessionEstablished,
 )
 
@@ -103,23 +110,12 @@ async def test_pipelined_big_answers_go_out_a_bounded_amount_at_a_time(tmp_path)
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "not fixed: a session's reply cache keeps its last max_requests_in_flight (16) answers "
-        "whole, so 16 RETRIEVEs of a 64 KiB secret leave about 1 MiB per session in memory for "
-        "as long as the session lives (256 sessions a connection, 64 connections an address), "
-        "and sealed into the session store when it detaches. A fix (answers of reads not "
-        "cached but run again for a re-sent request) changes the core, the sealed session "
-        "state and protocol.md section 9: reported, not made here"
-    ),
-)
 async def test_reply_caches_of_big_answers_stay_bounded(tmp_path):
     """An authenticated user opens sessions on one connection and has each retrieve its 64 KiB
     secret 16 times, reading every answer: what the server keeps afterwards for re-sends
-    should not grow by a 64 KiB answer per request (measured on a real process: 64 sessions
-    kept 65 MiB of RSS, and 67 MB in the detached_sessions table after the connection
-    closed)."""
+    does not grow by a 64 KiB answer per request (before the fix, measured on a real
+    process: 64 sessions kept 65 MiB of RSS, and 67 MB in the detached_sessions table after
+    the connection closed). The sealed state stays as small: tests/core/test_reply_cache.py."""
     sessions, per_session = 4, 16
     async with key_server(tmp_path) as world:
         async with world.client() as client:
@@ -151,9 +147,69 @@ async def test_reply_caches_of_big_answers_stay_bounded(tmp_path):
                 while (event := conn.next_event()) is not NEED_DATA:
                     assert isinstance(event, ResponseReceived), event
                     answered += 1
-        cached = sum(len(answer) for s in world.registry._sessions.values() for answer in s.answered.values())
-        assert cached <= sessions * 70_000, f"{cached} bytes of cached answers for {sessions} sessions"
+        kept = [s for s in world.registry._sessions.values() if s.answered]
+        assert len(kept) == sessions  # each remembers its answered requests...
+        cached = sum(len(answer) for s in kept for answer in s.answered.values() if answer is not None)
+        # ... but not their 64 KiB answers: each is a read, run again if re-sent (protocol.md 9).
+        assert cached <= sessions * REPLY_CACHE_BYTES, f"{cached} bytes kept by {sessions} sessions"
+        assert all(s.answered_bytes <= REPLY_CACHE_BYTES for s in kept)
         await client_end.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("budget", [REPLY_CACHE_BYTES, 0])
+async def test_a_re_sent_retrieve_runs_again_and_a_re_sent_delete_does_not(tmp_path, budget):
+    """protocol.md section 9 on the key server: a RETRIEVE of a 64 KiB secret and a DELETE_KEY
+    are answered, and both answers are lost with the connection. After the resumption the
+    client re-sends both: the RETRIEVE, whose answer was not kept, runs again (the owner's log
+    shows two RETRIEVE entries for one call), and the DELETE_KEY gets its kept answer (OK, not
+    the NOT_FOUND a second run would give; one DELETE_KEY entry), also when no read's answer
+    is kept at all (``reply_cache_bytes`` 0)."""
+    async with key_server(tmp_path, ServerConfig(reply_cache_bytes=budget)) as world:
+        async with world.client() as client:
+            user_id = await client.register(ACCOUNT, PASSWORD)
+            session = await client.login(ACCOUNT, PASSWORD)
+            key_id = await session.import_secret(BIG)
+            doomed = await session.import_secret(b"\x03abc")
+            await session.logout()
+        client_end, server_end = memory_stream_pair()
+        world.task_group.start_soon(ConnectionDriver(server_end, SETUP, world.keyserver, world.registry).run)
+        conn, sid = await raw_login(client_end, ACCOUNT, PASSWORD)
+        retrieve = conn.send_request(sid, RetrieveRequest(user_id, key_id, Context.LOCAL_ONLY).encode())
+        delete = conn.send_request(sid, DeleteKeyRequest(user_id, doomed).encode())
+        await client_end.send(conn.data_to_send())
+        lost = b""
+        with anyio.fail_after(30):
+            while len(lost) < 65_600 + 40:  # both answers arrive, and are never read
+                lost += await client_end.receive()
+        await client_end.aclose()
+        conn.connection_lost()
+        (detached,) = conn.take_detached_sessions()
+
+        client_end, server_end = memory_stream_pair()
+        world.task_group.start_soon(ConnectionDriver(server_end, SETUP, world.keyserver, world.registry).run)
+        conn = ClientConnection(os.urandom)
+        conn.resume_session(detached)
+        answers: dict[int, bytes] = {}
+        with anyio.fail_after(30):
+            while len(answers) < 2:
+                await client_end.send(conn.data_to_send())
+                conn.receive_data(await client_end.receive())
+                while (event := conn.next_event()) is not NEED_DATA:
+                    if isinstance(event, ResponseReceived):
+                        assert event.request_id not in answers  # each answered once
+                        answers[event.request_id] = event.body
+        assert answers[retrieve][:1] == b"\x00" and answers[delete] == b"\x00"
+        await client_end.aclose()
+
+        async with world.client() as client:
+            session = await client.login(ACCOUNT, PASSWORD)
+            entries = await session.audit(AuditType.ALL)
+        retrieves = [e for e in entries if e.action is Action.RETRIEVE]
+        assert [(e.key_id, e.context, e.outcome) for e in retrieves] == [
+            (key_id, Context.LOCAL_ONLY, Outcome.SUCCESS)
+        ] * 2
+        assert [e.key_id for e in entries if e.action is Action.DELETE_KEY] == [doomed]
 
 
 class _Order:

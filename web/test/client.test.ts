@@ -161,6 +161,26 @@ test("a dropped connection resumes every session without a new login; requests a
   await client.close();
 });
 
+test("a re-sent RETRIEVE whose big answer the server did not keep runs again; a re-sent STORE does not", async () => {
+  const { server, client, userId, name, store } = await setUp("rita@example.org");
+  const session = await client.login(name, PASSWORD);
+  const secret = Uint8Array.from({ length: 8000 }, (_, i) => i % 251);
+  const portable = Uint8Array.of(0, 1, 0, 0, 8000 >> 8, 8000 & 0xff, ...secret);
+  server.dropBeforeAnswer = (request) => request.op === Op.STORE_SECRET;
+  const keyId = await session.importSecret(portable);
+  assert.equal(server.requests.filter((op) => op === Op.STORE_SECRET).length, 1, "the store's kept answer was sent again");
+  await store.delete(session.userId, keyId); // so that the server is asked
+  // the answer (about 8 KB) is more than the 4 KiB a session keeps: after the drop, the
+  // client's re-send runs the RETRIEVE again, and the owner's log shows it twice
+  server.dropBeforeAnswer = (request) => request.op === Op.RETRIEVE;
+  assert.deepEqual(await session.retrieve(keyId, Context.LOCAL_ONLY), secret);
+  assert.equal(server.requests.filter((op) => op === Op.RETRIEVE).length, 2);
+  const retrieves = (server.audit.get(toHex(userId)) ?? []).filter((e) => e.action === Action.RETRIEVE);
+  assert.equal(retrieves.length, 2);
+  assert.equal(logins(server, userId), 1, "resumed, not logged in again");
+  await client.close();
+});
+
 test("a session the server forgot ends with a clear error (log in again)", async () => {
   const { server, client, name } = await setUp("erin@example.org");
   const session = await client.login(name, PASSWORD);

@@ -60,10 +60,40 @@ interface ServerSession {
   conn: FakeConnection | null;
   reservations: Map<string, SecretKind>;
   highestRequest: number;
-  answers: Map<number, Uint8Array>;
+  answers: ReplyCache;
   /** The account's credentials version the login read, and when the login started (µs). */
   credentialsVersion: number;
   loginAt: bigint;
+}
+
+/** docs/protocol.md section 9: the ops that change nothing but the audit log. */
+export const READ_OPS: ReadonlySet<number> = new Set([Op.RETRIEVE_STORAGE_KEY, Op.RETRIEVE, Op.AUDIT, Op.LIST_KEYS, Op.CHANGE_PASSWORD_START]);
+
+/** A session's reply cache as the key server keeps it (docs/protocol.md section 9): the last
+ * ``window`` answered requests, oldest first, each with its answer, or null for a read whose
+ * answer would have passed ``budget`` bytes beside the answers kept (run again if re-sent). */
+export class ReplyCache {
+  readonly entries = new Map<number, Uint8Array | null>();
+  keptBytes = 0;
+
+  constructor(
+    readonly budget = 4096,
+    readonly window = 16,
+  ) {}
+
+  remember(requestId: number, answer: Uint8Array, read: boolean): void {
+    for (const [oldest, old] of this.entries) {
+      if (this.entries.size < this.window) break;
+      this.entries.delete(oldest);
+      if (old !== null) this.keptBytes -= old.length;
+    }
+    if (read && this.keptBytes + answer.length > this.budget) {
+      this.entries.set(requestId, null);
+    } else {
+      this.entries.set(requestId, answer);
+      this.keptBytes += answer.length;
+    }
+  }
 }
 
 export class FakeKeyServer {
@@ -420,13 +450,20 @@ export class FakeConnection {
           return;
         case FrameType.REQUEST: {
           const { requestId, body } = M.decodeRequestMessage(session.channel!.open(FrameType.REQUEST, frame.payload));
-          const cached = session.answers.get(requestId);
-          if (cached) {
-            this.sealed(session, sid, FrameType.RESPONSE, M.encodeRequestMessage({ requestId, body: cached }));
-            return;
+          const read = body.length > 0 && READ_OPS.has(body[0]!);
+          if (session.answers.entries.has(requestId)) {
+            const cached = session.answers.entries.get(requestId)!;
+            if (cached !== null) {
+              this.sealed(session, sid, FrameType.RESPONSE, M.encodeRequestMessage({ requestId, body: cached }));
+              return;
+            }
+            // a read whose answer was not kept runs again; nothing else may come on its id
+            if (!read) return this.abort(sid, ErrorCode.INVALID_REQUEST);
+            session.answers.entries.delete(requestId);
+          } else {
+            if (requestId <= session.highestRequest) return this.abort(sid, ErrorCode.INVALID_REQUEST);
+            session.highestRequest = requestId;
           }
-          if (requestId <= session.highestRequest) return this.abort(sid, ErrorCode.INVALID_REQUEST);
-          session.highestRequest = requestId;
           const account = server.accounts.get(session.name);
           if (!server.releaseBefore && account?.credentialsVersion !== session.credentialsVersion) {
             // the password changed after this login, or the account is gone: no answer, CLOSE
@@ -450,7 +487,7 @@ export class FakeConnection {
             }
             answer = encodeResponse(request.op, response);
             if (response.status === Status.OK && server.tamper) answer = server.tamper(request, answer);
-            session.answers.set(requestId, answer);
+            session.answers.remember(requestId, answer, read);
             if (server.dropBeforeAnswer?.(request)) {
               server.dropBeforeAnswer = null;
               this.drop("dropped before the answer");
@@ -473,7 +510,7 @@ export class FakeConnection {
   }
 
   private newSession(kind: "registration" | "request", name: string): ServerSession {
-    return { kind, state: "NEW", name, userId: null, channel: null, loginState: null, upload: null, handle: null, conn: this, reservations: new Map(), highestRequest: 0, answers: new Map(), credentialsVersion: 0, loginAt: this.server.clock };
+    return { kind, state: "NEW", name, userId: null, channel: null, loginState: null, upload: null, handle: null, conn: this, reservations: new Map(), highestRequest: 0, answers: new ReplyCache(), credentialsVersion: 0, loginAt: this.server.clock };
   }
 
   private startLogin(session: ServerSession, sid: number, credentialRequest: Uint8Array, record: string | null): void {

@@ -4,7 +4,10 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ascii, fromUtf8, toHex, utf8 } from "../src/core/bytes.js";
+import { chacha20poly1305 } from "@noble/ciphers/chacha.js";
+import { hkdf } from "@noble/hashes/hkdf.js";
+import { sha3_256 } from "@noble/hashes/sha3.js";
+import { Reader, ascii, concat, fromUtf8, toHex, u16, u32, u64, u8, utf8 } from "../src/core/bytes.js";
 import * as C from "../src/core/constants.js";
 import { Action, AuditType, Context, Direction, ErrorCode, FrameType, Op, Outcome, SecretKind, Status } from "../src/core/constants.js";
 import {
@@ -51,6 +54,7 @@ import {
   type OpResponse,
 } from "../src/core/ops.js";
 import { ClientConnection, type ClientEvent } from "../src/core/connection.js";
+import { READ_OPS, ReplyCache } from "./fakeserver.js";
 import { fakeOpaque, h, loadVector as loadVectorFile, vectorFiles } from "./support.js";
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
@@ -723,6 +727,85 @@ checkers["transcript.json"] = () => {
     }
     assert.equal(conn.session(sid), undefined, `${t.name}: the session ended`);
   }
+};
+
+// ------------------------------------------------------------------ session_state.json
+// Server-internal (a browser never sees it), checked here all the same: the sealed state of
+// docs/protocol.md section 13 rebuilt from its layout, a reader of it written from the text,
+// and the reply cache rule of section 9 as the fake key server keeps it.
+
+/** The reply cache a version 2, 3 or 4 plaintext holds (null: not a session state). */
+function readSessionState(plaintext: Uint8Array): { credentialsVersion: bigint; answered: [number, string | null][] } | null {
+  try {
+    const r = new Reader(plaintext);
+    const version = r.u8();
+    if (version < 2 || version > 4) return null;
+    r.bytes(16);
+    r.bytes(r.u8());
+    r.bytes(16); // created, last_activity
+    const credentialsVersion = version === 2 ? 0n : r.u64();
+    r.bytes(64 + 5 * 8 + 2 * 4);
+    const answered: [number, string | null][] = [];
+    for (let count = r.u16(); count > 0; count--) {
+      const requestId = r.u32();
+      const kept = version === 4 ? r.u8() : 1;
+      if (kept > 1) return null;
+      answered.push([requestId, kept === 1 ? toHex(r.bytes(r.u32())) : null]);
+    }
+    r.end();
+    return { credentialsVersion, answered };
+  } catch {
+    return null;
+  }
+}
+
+checkers["session_state.json"] = () => {
+  const data = loadVector("session_state.json");
+  const key = hkdf(sha3_256, h(data.server_setup), undefined, ascii("keymgmt v1 session state key"), 32);
+  assert.equal(toHex(key), data.sealing_key);
+  const ad = concat(ascii("keymgmt v1 session state"), h(data.session_handle));
+  const st = data.state;
+  const times = new Uint8Array(16);
+  new DataView(times.buffer).setFloat64(0, st.created);
+  new DataView(times.buffer).setFloat64(8, st.last_activity);
+  const name = h(st.account_name);
+  const plaintext = concat(
+    u8(4),
+    h(st.user_id),
+    u8(name.length),
+    name,
+    times,
+    u64(BigInt(st.credentials_version)),
+    h(st.prk),
+    h(st.epoch_secret),
+    ...["send_seq", "recv_seq", "resume_seq", "sent_total", "received_total"].map((f) => u64(BigInt(st[f]))),
+    u32(st.highest_request_id),
+    u32(st.request_count),
+    u16(st.answered.length),
+    ...st.answered.map(([id, answer]: [number, string | null]) =>
+      answer === null ? concat(u32(id), u8(0)) : concat(u32(id), u8(1), u32(h(answer).length), h(answer)),
+    ),
+  );
+  assert.equal(toHex(plaintext), data.plaintext);
+  const nonce = h(data.nonce);
+  assert.equal(toHex(concat(nonce, chacha20poly1305(key, nonce, ad).encrypt(plaintext))), data.sealed);
+  const open = (sealed: string) => chacha20poly1305(key, h(sealed).subarray(0, 12), ad).decrypt(h(sealed).subarray(12));
+  assert.deepEqual(readSessionState(open(data.sealed))?.answered, st.answered);
+  for (const older of data.older) {
+    const state = readSessionState(open(older.sealed));
+    assert.ok(state !== null, `version ${older.version}`);
+    assert.equal(state.credentialsVersion, BigInt(older.credentials_version));
+    assert.deepEqual(state.answered, older.reads_as);
+  }
+  for (const refused of data.refused) assert.equal(readSessionState(open(refused.sealed)), null, refused.name);
+
+  const rule = data.reply_cache;
+  const cache = new ReplyCache(rule.reply_cache_bytes, rule.max_requests_in_flight);
+  rule.answers.forEach(([op, size]: [string, number], i: number) => {
+    cache.remember(i + 1, new Uint8Array(size), READ_OPS.has(enumValue(Op, op)));
+  });
+  assert.deepEqual([...cache.entries].map(([id, answer]) => [id, answer !== null]), rule.cache);
+  assert.equal(cache.keptBytes, rule.kept_bytes);
 };
 
 // ------------------------------------------------------------------ the tests
