@@ -21,6 +21,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from keymgmt.adapters.storage.base import Account
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 
@@ -87,3 +89,41 @@ def test_listing_and_renaming_keys_of_big_secrets_costs_what_it_does_for_small_o
     small_read, small_written = _costs(tmp_path / "ks.db", SMALL, keys[SMALL])
     assert big_read <= 4 * small_read + 65_536, (big_read, small_read)
     assert big_written <= 4 * small_written + 65_536, (big_written, small_written)
+
+
+def _listing_cost(path: Path, sealed_size: int, offset: int) -> int:
+    """Bytes read, from a fresh connection, by one LIST_KEYS page at ``offset`` of a user whose
+    KEYS secrets are each sealed_size bytes long."""
+    storage = SQLiteStorage(path)
+    with storage.transaction() as tx:
+        tx.insert_account(Account(b"lister@example.org", BIG, bytes(192), bytes(60)))
+    storage.close()
+    db = sqlite3.connect(path)
+    db.executemany(
+        "INSERT INTO secrets (key_id, user_id, kind, ciphertext, associated_data, created_us) "
+        "VALUES (?, ?, 2, ?, ?, ?)",
+        ((os.urandom(16), BIG, os.urandom(sealed_size), b"a" * 44, created) for created in range(KEYS)),
+    )
+    db.commit()
+    db.close()
+    storage = SQLiteStorage(path)
+    try:
+        before = _read_bytes()
+        with storage.transaction() as tx:
+            listed, _ = tx.list_keys(BIG, offset, 5)
+        read = _read_bytes() - before
+        assert len(listed) == 5
+    finally:
+        storage.close()
+    return read
+
+
+@pytest.mark.parametrize("sealed_size", [1_000, 3_000, 65_536 + 28])
+def test_a_listing_page_far_into_the_keys_of_mid_sized_secrets_reads_no_secret_rows(tmp_path, sealed_size):
+    """A secret of a few KiB is no overflow chain, but its row fills a table page of its own:
+    a LIST_KEYS page at an offset read the row (for key id and kind) of every key it skipped,
+    so its cost grew with the secrets' sizes (4 MB read for the last page of 1,000 keys of
+    3,000 bytes, against 0.2 MB for small ones). The listing now reads an index alone."""
+    small = _listing_cost(tmp_path / "small.db", 60, KEYS - 5)
+    sized = _listing_cost(tmp_path / "sized.db", sealed_size, KEYS - 5)
+    assert sized <= 2 * small + 16_384, (sized, small)

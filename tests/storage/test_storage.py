@@ -63,7 +63,7 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
 
     # accounts etc., throttling, sessions, counts, keys, names, labels and the audit chain,
     # credentials versions, their trigger, and the labels' own table
-    assert storage.schema_version == len(_MIGRATIONS) == 10
+    assert storage.schema_version == len(_MIGRATIONS) == 11
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     storage.close()
