@@ -444,10 +444,11 @@ class SecretOps:
         per request): the walk goes on until ``next_cursor`` is 0."""
         entries: list[AuditEntry] = []
         cursor = 0
+        unfiltered = audit_type is AuditType.ALL and not key_ids and after is None and before is None
         while True:
             response = yield AuditRequest(self.user_id, audit_type, tuple(key_ids), after, before, cursor)
             assert isinstance(response, AuditResponse)
-            _check_audit_page(cursor, response)
+            _check_audit_page(cursor, response, unfiltered=unfiltered)
             entries += response.entries
             if response.next_cursor == 0:
                 return entries
@@ -466,7 +467,7 @@ class SecretOps:
         while True:
             response = yield AuditRequest(self.user_id, AuditType.ALL, (), None, None, cursor)
             assert isinstance(response, AuditResponse)
-            _check_audit_page(cursor, response)
+            _check_audit_page(cursor, response, unfiltered=True)
             for entry in response.entries:
                 if entry.entry_id != position + 1:
                     raise IntegrityFailure(
@@ -591,11 +592,14 @@ class SecretOps:
             raise IntegrityFailure("the ciphertext failed verification (tampered or swapped)") from None
 
 
-def _check_audit_page(cursor: int, response: AuditResponse) -> None:
+def _check_audit_page(cursor: int, response: AuditResponse, *, unfiltered: bool) -> None:
     """An AUDIT page asked for with ``cursor`` (section 12.9): its entries come after the
     cursor in increasing entry order, and a ``next_cursor`` other than 0 is past the cursor
-    and not before the last entry returned. So every walk moves forward and ends; a page with
-    fewer entries than asked for, or none, is not the end unless ``next_cursor`` is 0."""
+    and not before the last entry returned. So every walk moves forward; a page with fewer
+    entries than asked for, or none, is not the end unless ``next_cursor`` is 0. An
+    ``unfiltered`` page (type ALL, no key ids, no time bounds) matches every entry read: one
+    that is not the last holds entries and ends at its ``next_cursor``, so a lying server
+    cannot keep the chain walk going on empty pages (up to 2**64 of them)."""
     last = cursor
     for entry in response.entries:
         if entry.entry_id <= last:
@@ -608,4 +612,9 @@ def _check_audit_page(cursor: int, response: AuditResponse) -> None:
         raise IntegrityFailure(
             f"audit log: next cursor {response.next_cursor} does not move past cursor {cursor}, "
             f"or lies before entry {last} of its page (the walk would repeat entries or never end)"
+        )
+    if unfiltered and response.next_cursor != 0 and (not response.entries or response.next_cursor != last):
+        raise IntegrityFailure(
+            f"audit log: next cursor {response.next_cursor} of an unfiltered page is not its last "
+            f"entry ({last}): every entry read matches, so a page that is not the last ends there"
         )

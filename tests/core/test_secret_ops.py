@@ -236,8 +236,8 @@ def test_list_and_audit_follow_the_cursor_to_the_last_page():
         (second.key_id, second.kind, second.created, None),
     ]
     assert [r.cursor for r in sent if isinstance(r, ListKeysRequest)] == [0, 9]
-    audits = [AuditResponse((), next_cursor=3), AuditResponse(())]
-    entries, sent = _run(_ops().audit(), {AuditRequest: audits})
+    audits = [AuditResponse((), next_cursor=3), AuditResponse(())]  # filtered: may be empty, not the end
+    entries, sent = _run(_ops().audit(AuditType.KEY_ONLY), {AuditRequest: audits})
     assert entries == [] and [r.cursor for r in sent if isinstance(r, AuditRequest)] == [0, 3]
 
 
@@ -310,8 +310,33 @@ def test_an_audit_walk_that_would_repeat_entries_or_never_end_is_refused(pages, 
         pages = [AuditResponse((two, one))]
     plan = _ops().audit() if walk == "audit" else _ops().verify_audit(None)
     answers = list(pages) + [AuditResponse((), next_cursor=9)] * 10  # never 0
-    with pytest.raises(IntegrityFailure, match=r"audit log: .*(does not come after|does not move past)"):
+    with pytest.raises(IntegrityFailure, match=r"audit log: .*(does not come after|does not move past|is not its last)"):
         _run(plan, {AuditRequest: answers})
+
+
+@pytest.mark.parametrize("first", ["empty", "past its last entry"])
+@pytest.mark.parametrize("walk", ["audit", "verify_audit"])
+def test_an_unfiltered_walk_on_pages_that_return_no_entry_is_refused_at_once(first, walk):
+    """Review of the auscan merge: a lying server answered the chain walk with empty pages whose
+    next_cursor moves by one (each is "past the cursor"), or first a page whose next_cursor
+    jumps past its last entry (no later entry can then follow it in the chain): verify_audit
+    went on asking, up to 2**64 times, holding nothing new (so did an unfiltered audit()). An
+    unfiltered page matches every
+    entry the server read, so an honest one that is not the last is full and its next_cursor is
+    its last entry (protocol.md 12.9): anything else is refused on the page that shows it."""
+    (one,) = _chained((1, Action.REGISTER))
+    plan = _ops().audit() if walk == "audit" else _ops().verify_audit(None)
+    request = next(plan)
+    asked = 1
+    with pytest.raises(IntegrityFailure, match=r"audit log: .*unfiltered page"):
+        if first == "past its last entry":
+            request = plan.send(AuditResponse((one,), next_cursor=1_000))
+            asked += 1
+        while asked < 10_000:
+            assert isinstance(request, AuditRequest)
+            request = plan.send(AuditResponse((), next_cursor=request.cursor + 1))
+            asked += 1
+    assert asked == 1
 
 
 def test_invalid_arguments_are_refused_before_any_request():

@@ -342,7 +342,7 @@ test("an audit walk goes on across short and empty pages to the log's end (secti
 test("an audit page whose next_cursor does not move forward is an integrity error, not an endless walk", async () => {
   const { server, client, name } = await setUp("judy@example.org");
   const session = await client.login(name, PASSWORD);
-  for (const lie of ["stays", "goes back", "before the last entry"] as const) {
+  for (const lie of ["stays", "goes back", "before the last entry", "one ahead, empty", "past the last entry"] as const) {
     let answered = 0;
     server.tamper = (request, body) => {
       if (request.op !== Op.AUDIT) return body;
@@ -353,10 +353,14 @@ test("an audit page whose next_cursor does not move forward is an integrity erro
       if (answered > 20) answer.fields = { entries: [], nextCursor: 0n }; // a client that does not check ends here
       else if (lie === "stays") answer.fields = { entries: [], nextCursor: cursor === 0n ? 1n : cursor };
       else if (lie === "goes back") answer.fields = { entries: [], nextCursor: cursor === 0n ? 5n : cursor - 1n };
+      else if (lie === "one ahead, empty") answer.fields = { entries: [], nextCursor: cursor + 1n };
+      else if (lie === "past the last entry") answer.fields = { entries: entries.slice(0, 1), nextCursor: cursor + 1000n };
       else answer.fields = { entries, nextCursor: entries[0]!.entryId };
       return encodeResponse(Op.AUDIT, answer);
     };
-    await assert.rejects(session.audit(), (error: Error) => error instanceof IntegrityError && /does not move past/.test(error.message), lie);
+    const moves = lie === "one ahead, empty" || lie === "past the last entry";
+    const refusal = moves ? /of an unfiltered page is not its last entry/ : /does not move past|of an unfiltered page/;
+    await assert.rejects(session.audit(), (error: Error) => error instanceof IntegrityError && refusal.test(error.message), lie);
     await assert.rejects(session.verifyAudit(), IntegrityError, lie);
     assert.ok(answered <= 4, `${lie}: ${answered} pages before the refusal`);
   }

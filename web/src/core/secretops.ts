@@ -77,7 +77,7 @@ function* ask<O extends Op>(request: OpRequest & { op: O }): Generator<OpRequest
 /** An AUDIT page asked for from ``cursor`` (section 12.9): entries after the cursor in
  * increasing order, and a next_cursor of 0, or past the cursor and not before the last
  * entry. So a walk moves forward and ends, and takes no entry twice. */
-function checkAuditPage(cursor: bigint, entries: readonly ChainedAuditEntry[], nextCursor: bigint): void {
+function checkAuditPage(cursor: bigint, entries: readonly ChainedAuditEntry[], nextCursor: bigint, unfiltered: boolean): void {
   let last = cursor;
   for (const entry of entries) {
     if (entry.entryId <= last) throw new IntegrityFailure(`audit log: entry ${entry.entryId} does not come after entry ${last} in its page (entries repeated or out of order)`);
@@ -85,6 +85,12 @@ function checkAuditPage(cursor: bigint, entries: readonly ChainedAuditEntry[], n
   }
   if (nextCursor !== 0n && (nextCursor <= cursor || nextCursor < last)) {
     throw new IntegrityFailure(`audit log: next cursor ${nextCursor} does not move past cursor ${cursor}, or lies before entry ${last} of its page (the walk would repeat entries or never end)`);
+  }
+  // Unfiltered (type ALL, no key ids, no time bounds), every entry read matches: a page that is
+  // not the last holds entries and ends at its next_cursor. Else empty pages that move the
+  // cursor by one could keep the walk (and the chain walk) going up to 2**64 requests.
+  if (unfiltered && nextCursor !== 0n && (entries.length === 0 || nextCursor !== last)) {
+    throw new IntegrityFailure(`audit log: next cursor ${nextCursor} of an unfiltered page is not its last entry (${last}): every entry read matches, so a page that is not the last ends there`);
   }
 }
 
@@ -250,14 +256,16 @@ export class SecretOps {
   /** OPS-6: the matching entries, all pages (a filtered answer is not chain-verified). A page
    * may hold fewer entries than asked for, or none, before the log's end (the server reads at
    * most MAX_AUDIT_SCAN entries a request, section 12.9): the walk goes on until next_cursor is
-   * 0, and each page must move it forward (else IntegrityFailure: a walk that never ends). */
+   * 0, and each page must move it forward (else IntegrityFailure: a walk that never ends); an
+   * unfiltered page that is not the last must end at its next_cursor. */
   *audit(auditType: AuditType = AuditType.ALL, keyIds: Uint8Array[] = [], after: bigint | null = null, before: bigint | null = null): Plan<ChainedAuditEntry[]> {
     checkAuditFilter(auditType, keyIds, after, before);
     const entries: ChainedAuditEntry[] = [];
     let cursor = 0n;
+    const unfiltered = auditType === AuditType.ALL && keyIds.length === 0 && after === null && before === null;
     do {
       const page = yield* ask({ op: Op.AUDIT, userId: this.userId, auditType, keyIds, after, before, cursor, limit: MAX_AUDIT_PAGE });
-      checkAuditPage(cursor, page.entries, page.nextCursor);
+      checkAuditPage(cursor, page.entries, page.nextCursor, unfiltered);
       entries.push(...page.entries);
       cursor = page.nextCursor;
     } while (cursor !== 0n);
