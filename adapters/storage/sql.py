@@ -564,7 +564,12 @@ def read_audit(
     reach the log's end, else the last entry read. ``run`` runs one statement (both in one
     transaction). An unfiltered query matches every entry it reads: its page is full unless
     the log ends first, so it reads no further than the page (no scan bound needed)."""
-    if query.audit_type is AuditType.ALL and not query.key_ids and query.after is None and query.before is None:
+    if (
+        query.audit_type is AuditType.ALL
+        and not query.key_ids
+        and query.after is None
+        and query.before is None
+    ):
         return audit_page(run(*statements.audit_query(user_id, query, None)), query.limit, 0)
     ends: list[int] = [
         row[0] for row in run(statements.audit_scan_end, (user_id, query.cursor, MAX_AUDIT_SCAN - 1))

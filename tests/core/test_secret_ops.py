@@ -310,7 +310,9 @@ def test_an_audit_walk_that_would_repeat_entries_or_never_end_is_refused(pages, 
         pages = [AuditResponse((two, one))]
     plan = _ops().audit() if walk == "audit" else _ops().verify_audit(None)
     answers = list(pages) + [AuditResponse((), next_cursor=9)] * 10  # never 0
-    with pytest.raises(IntegrityFailure, match=r"audit log: .*(does not come after|does not move past|is not its last)"):
+    with pytest.raises(
+        IntegrityFailure, match=r"audit log: .*(does not come after|does not move past|is not its last)"
+    ):
         _run(plan, {AuditRequest: answers})
 
 
