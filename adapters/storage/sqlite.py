@@ -1068,6 +1068,13 @@ class SQLiteStorage:
     @contextmanager
     def _transaction(self) -> Iterator[Transaction]:
         # (waits for a batch committing in another thread)
+        if self._batch_begun:
+            # A batch's transaction was begun ahead (begin_batch) and its batch() has not taken
+            # it over: the writer lock is that batch's, which needs this thread (the event
+            # loop) to go on. Waiting here would hang for good; refused instead.
+            raise StorageError(
+                "a transaction outside the batch begun ahead of it (two group commits over one storage?)"
+            )
         with self._writer, self._unlocked_transaction() as tx:
             yield tx
 

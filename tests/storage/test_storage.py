@@ -468,3 +468,37 @@ def test_a_one_write_request_runs_without_a_savepoint(tmp_path):
     assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in log[: log.index("SAVEPOINT op")])
     assert _numbers(storage, user) == [1, 2]
     storage.close()
+
+
+def test_a_transaction_outside_a_batch_begun_ahead_is_refused_not_a_hang(tmp_path):
+    """A batch begun ahead (the group commit's begin_batch, on the event loop) holds the writer
+    lock until its batch() takes it over and commits. A transaction() outside that batch, on
+    the same thread, waited for the lock for good: two group commits over one storage hung the
+    suite that way. It is refused at once, and the batch goes on."""
+    import threading
+
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    outcome: list[object] = []
+
+    def attempt() -> None:
+        assert storage.begin_batch(wait=False)
+        try:
+            with storage.transaction() as tx:
+                tx.count_login_records()
+            outcome.append("ran")
+        except StorageError as exc:
+            outcome.append(exc)
+
+    try:
+        worker = threading.Thread(target=attempt, daemon=True)  # (a hang must not keep pytest alive)
+        worker.start()
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "transaction() waited for the lock its own thread holds"
+        (refused,) = outcome
+        assert isinstance(refused, StorageError) and "begun ahead" in str(refused)
+        with storage.batch(), storage.transaction() as tx:  # the begun batch is taken over and commits
+            tx.insert_account(Account(b"after", bytes(16), bytes(192), bytes(60), 1))
+        with storage.transaction() as tx:
+            assert tx.get_account(b"after") is not None
+    finally:
+        storage.close()
