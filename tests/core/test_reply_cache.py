@@ -241,3 +241,42 @@ def test_a_read_run_again_counts_against_the_session_request_limit(server_setup:
     closed = only(other.pump(), SessionClosed)
     assert closed.code is ErrorCode.REQUEST_LIMIT
     assert _runs(harness, read_id) == 1
+
+
+def test_the_server_app_hears_of_a_session_closed_at_its_request_limit_by_a_read_run_again(
+    server_setup: ServerSetup,
+):
+    """The application is told, as for a new request past the limit: SessionClosed with
+    REQUEST_LIMIT, so it can drop what it keeps for the session."""
+    harness = Harness(server_setup, ServerConfig(max_requests_per_session=2))
+    harness.app = _Deferring()
+    pair, sid, read, write = _setup(harness)
+    pair.client.send_request(sid, read)
+    pair.client.send_request(sid, write)
+    _answered_and_lost(pair)
+    (detached,) = pair.client.take_detached_sessions()
+    other = harness.pair()
+    other.client.resume_session(detached)
+    other.pump()
+    closed = [e for e in harness.app.events if isinstance(e, SessionClosed)]
+    assert [e.code for e in closed] == [ErrorCode.REQUEST_LIMIT]
+
+
+def test_a_read_run_again_counts_against_the_requests_in_flight(server_setup: ServerSetup):
+    """A read run again is a request awaiting its answer: with ``max_requests_in_flight``
+    others already awaiting theirs, the session fails LIMIT_EXCEEDED (as for a new request),
+    and the read does not run."""
+    harness = Harness(server_setup, ServerConfig(max_requests_in_flight=2))
+    harness.app = _Deferring()
+    pair, sid, read, write = _setup(harness)
+    read_id = pair.client.send_request(sid, read)
+    pair.client.send_request(sid, write)  # both left awaiting their answers
+    pair.client.send_request(sid, DeleteKeyRequest(write[1:17], bytes(16)).encode())
+    _answered_and_lost(pair)
+    assert _runs(harness, read_id) == 1
+    (detached,) = pair.client.take_detached_sessions()
+    other = harness.pair()
+    other.client.resume_session(detached)
+    failed = only(other.pump(), SessionFailed)
+    assert failed.code is ErrorCode.LIMIT_EXCEEDED
+    assert _runs(harness, read_id) == 1
