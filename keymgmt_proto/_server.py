@@ -1340,16 +1340,7 @@ class ServerConnection(ConnectionBase):
             return self._on_answered_again(session, request_id, body)
         if request_id <= session.highest_request_id:
             raise RemoteProtocolError("request id reused", ErrorCode.INVALID_REQUEST)
-        # (_refuse_request, inline: this runs for every request)
-        if len(session.pending) >= self.config.max_requests_in_flight:
-            raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
-        if session.request_count >= self.config.max_requests_per_session:
-            self.close_session(session.session_id, ErrorCode.REQUEST_LIMIT)
-            self._events.append(
-                SessionClosed(
-                    session.session_id, ErrorCode.REQUEST_LIMIT, session.user_id, handle=session.handle
-                )
-            )
+        if self._refuse_request(session):
             return True
         session.highest_request_id = request_id
         session.request_count += 1
@@ -1361,8 +1352,8 @@ class ServerConnection(ConnectionBase):
         return True
 
     def _refuse_request(self, session: _ServerSession) -> bool:
-        """The session's request limits, for a read run again (``_on_request`` has them
-        inline): raise for too many in flight, True (the session closed) if it carried
+        """The session's request limits, for a new request and for a read run again: raise
+        for too many in flight, True (the session closed) if it carried
         ``max_requests_per_session`` already."""
         if len(session.pending) >= self.config.max_requests_in_flight:
             raise RemoteProtocolError("too many requests in flight", ErrorCode.LIMIT_EXCEEDED)
