@@ -83,6 +83,8 @@ def workers_server(directory: Path, workers: int) -> Iterator[WorkersServer]:
                 "server.max_connections_per_address": 5000,
                 "admission.rate": 1e9,
                 "admission.burst": 1e9,
+                "requests.per_user_rate": 1e9,  # (and so would the per-user rate)
+                "requests.per_user_burst": 1e9,
                 "sessions.max_requests": 2**31,
             }
         )

@@ -219,6 +219,9 @@ class Status(IntEnum):
     INTERNAL_ERROR = 4
     #: A per-user limit of the server was reached (e.g. the number of stored keys).
     LIMIT_REACHED = 5
+    #: The user's requests came faster than the server's per-user rate: nothing was done
+    #: (nothing audited); send the request again after a moment.
+    RATE_LIMITED = 6
 
 
 class SecretKind(IntEnum):

@@ -102,6 +102,11 @@ __all__ = [
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+#: The whole answer to a request the key server refused for its user's rate.
+_RATE_LIMITED = bytes([Status.RATE_LIMITED])
+#: Seconds before sending such a request again the first time, and at most.
+_FIRST_RATE_DELAY = 0.05
+_LAST_RATE_DELAY = 1.0
 
 
 class KeymgmtError(Exception):
@@ -124,7 +129,9 @@ class ThrottledError(KeymgmtError):
 
 class RateLimitedError(ThrottledError):
     """Too many registration, login or resumption attempts from this client's address:
-    the server refuses new ones for a moment (NET-13)."""
+    the server refuses new ones for a moment (NET-13); or an operation the key server kept
+    refusing because the account's requests went faster than its per-user rate (the client
+    sends it again for ``KeymgmtClient.rate_limit_wait`` seconds first)."""
 
 
 class _CodedError(KeymgmtError):
@@ -324,6 +331,10 @@ class KeymgmtClient:
         self.reconnect_attempts = reconnect_attempts
         #: A send that takes longer (the server stopped reading) counts as a lost connection.
         self.send_timeout = 30.0
+        #: Seconds an operation keeps sending a request again while the key server answers it
+        #: RATE_LIMITED (the user's requests passed its per-user rate; nothing was done), after
+        #: waits doubling from 50 ms to 1 s; then RateLimitedError.
+        self.rate_limit_wait = 30.0
         self.reconnect_delay = reconnect_delay
         self.reconnect_max_delay = reconnect_max_delay
         self._jitter = jitter
@@ -498,6 +509,27 @@ class KeymgmtClient:
         event = await waiter.wait()
         assert isinstance(event, ResponseReceived)
         return event.body
+
+    async def _request_paced(self, handle: SessionHandle, body: bytes) -> bytes:
+        """:meth:`request`, sent again while the key server answers RATE_LIMITED (its per-user
+        rate: nothing was done) for up to ``rate_limit_wait`` seconds; then RateLimitedError."""
+        answer = await self.request(handle, body)
+        if answer != _RATE_LIMITED:
+            return answer
+        deadline = anyio.current_time() + self.rate_limit_wait
+        delay = _FIRST_RATE_DELAY
+        while True:
+            wait = delay * (0.5 + 0.5 * self._jitter())
+            if anyio.current_time() + wait > deadline:
+                raise RateLimitedError(
+                    "the key server refused this account's requests for going faster than its "
+                    f"per-user rate, for {self.rate_limit_wait:g} s; try again later"
+                )
+            await anyio.sleep(wait)
+            answer = await self.request(handle, body)
+            if answer != _RATE_LIMITED:
+                return answer
+            delay = min(delay * 2, _LAST_RATE_DELAY)
 
     async def close_session(self, handle: SessionHandle) -> None:
         """Log out of a session."""
@@ -920,7 +952,7 @@ class KeySession:
         try:
             request = next(plan)
             while True:
-                body = await self._client.request(self.session_id, request.encode())
+                body = await self._client._request_paced(self.session_id, request.encode())
                 try:
                     answer = self._ops.answer(request, body)
                 except OperationRefused as refused:

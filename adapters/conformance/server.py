@@ -284,6 +284,10 @@ class Session:
 
 
 Check = Callable[[Status, OpResponse | None, bytes], None]
+#: The whole answer to a request refused for the account's rate (protocol.md 10).
+_RATE_LIMITED_ANSWER = bytes([Status.RATE_LIMITED])
+#: Times one request is sent again while it is answered RATE_LIMITED (about 30 s of pauses).
+MAX_RATE_LIMITED_RESENDS = 35
 
 
 @dataclass(eq=False)
@@ -293,6 +297,8 @@ class Pending:
     request: OpRequest
     check: Check
     what: str
+    #: Times it was sent again after a RATE_LIMITED answer.
+    resent: int = 0
 
 
 @dataclass
@@ -669,8 +675,25 @@ class ServerMachine(RuleBasedStateMachine):
                 f"{session.label}: an answer to request {event.request_id}, which is not in flight",
             )
             assert pending is not None
+            if event.body == _RATE_LIMITED_ANSWER:
+                self.send_again(session, pending)  # (its answer is still to come)
+                continue
             self.check_answer(session, pending, event.body)
             got += 1
+
+    def send_again(self, session: Session, pending: Pending) -> None:
+        """A request answered RATE_LIMITED (the account's requests passed the server's per-user
+        rate; nothing was done, protocol.md 10): sent again after a pause, as the clients do,
+        a bounded number of times."""
+        self.run.report.policy_refusals += 1
+        self.expect(
+            pending.resent < MAX_RATE_LIMITED_RESENDS,
+            f"{pending.what}: answered RATE_LIMITED {pending.resent + 1} times in a row",
+        )
+        self.note(f"model: {session.label} {pending.what} answered RATE_LIMITED (per-user rate); sent again")
+        time.sleep(min(0.05 * 2**pending.resent, 1.0))
+        request_id = self.send(session, pending.request, pending.check, pending.what)
+        session.pending[request_id].resent = pending.resent + 1
 
     def check_answer(self, session: Session, pending: Pending, body: bytes) -> None:
         op = pending.request.op

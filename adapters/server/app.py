@@ -90,6 +90,7 @@ from ..storage.base import (
 from .driver import peer_of, warn_peer
 from .invitations import RegistrationAuthorizer
 from .metrics import ServerMetrics
+from .userrate import UserRequestRates
 
 __all__ = [
     "DEFAULT_NAME_RESERVATION",
@@ -109,6 +110,8 @@ DEFAULT_NAME_RESERVATION = 30 * 86_400.0
 #: A password change or an account deletion needs a session whose login started at most
 #: this many seconds before (the owner proves the current password afresh).
 DEFAULT_REAUTH_WINDOW = 300.0
+#: KeyServer's default ``request_rates``: a UserRequestRates of its own (not one shared).
+_DEFAULT_RATES: Any = object()
 
 
 class PasswordRegistrar(Protocol):
@@ -203,6 +206,7 @@ class KeyServer:
         metrics: ServerMetrics | None = None,
         name_reservation: float = DEFAULT_NAME_RESERVATION,
         reauth_window: float = DEFAULT_REAUTH_WINDOW,
+        request_rates: UserRequestRates | None = _DEFAULT_RATES,
     ) -> None:
         if name_reservation < 0 or reauth_window <= 0:
             raise ValueError("name_reservation must be >= 0 seconds and reauth_window > 0")
@@ -217,6 +221,10 @@ class KeyServer:
         #: REG-5: asked first for every registration; None lets anyone register.
         self.registration_authorizer = registration_authorizer
         self.max_keys_per_user = max_keys_per_user
+        #: The per-user request rate (a request past it is answered RATE_LIMITED, nothing
+        #: done); None: no such limit (benchmarks, tools). The default is a fresh
+        #: UserRequestRates() with the default rate.
+        self.request_rates = UserRequestRates() if request_rates is _DEFAULT_RATES else request_rates
         self._random = random
         self._clock = clock
         self._name_ok = account_name_policy
@@ -330,6 +338,10 @@ class KeyServer:
     def _dispatch(self, conn: ServerConnection, event: Event) -> None:
         if isinstance(event, RequestReceived):
             assert event.handle is not None
+            rates = self.request_rates
+            if rates is not None and not rates.take(event.user_id):
+                self._refuse_rate(conn, event)
+                return
             op_byte = event.body[:1]
             registrar = None
             if op_byte in _NEED_RECENT_LOGIN:  # (only these use the registrar)
@@ -587,6 +599,20 @@ class KeyServer:
             log.debug("no audit entry for a session of a deleted account")
 
     # ------------------------------------------------------------ requests
+
+    def _refuse_rate(self, conn: ServerConnection, event: RequestReceived) -> None:
+        """A request past its user's rate: answered RATE_LIMITED before anything is read,
+        written or audited (the point is that a flood costs nothing more)."""
+        conn.send_response(event.session_id, event.request_id, _RATE_LIMITED)
+        if self.metrics is not None:
+            op = _OP_LABELS.get(event.body[0], "MALFORMED") if event.body else "MALFORMED"
+            self.metrics.request(op, "RATE_LIMITED", 0.0)
+        warn_peer(
+            conn,
+            "requests past the per-user rate",
+            "%s: requests past their user's rate (requests.per_user_rate) answered RATE_LIMITED",
+            event="user_rate_limited",
+        )
 
     def _answer_counted(
         self,
@@ -909,6 +935,7 @@ class KeyServer:
 
 #: First byte of an OK answer.
 _OK = bytes([Status.OK])
+_RATE_LIMITED = bytes([Status.RATE_LIMITED])
 #: Read once (on Python 3.11 an attribute of an Enum class costs a slow hook: see _server).
 _LOGIN, _SUCCESS, _RETRIEVE = Action.LOGIN, Outcome.SUCCESS, Action.RETRIEVE
 #: Secret kinds by their stored number (a dict lookup: SecretKind(value) runs Enum's code).

@@ -21,6 +21,7 @@ from keymgmt_proto import DEFAULT_MAX_PAYLOAD, ServerConfig
 from .app import ThrottlePolicy
 from .metrics import parse_listen
 from .runtime import ServerSettings
+from .userrate import DEFAULT_USER_BURST, DEFAULT_USER_RATE
 from .websocket import normalize_origin
 
 __all__ = [
@@ -332,6 +333,23 @@ OPTIONS: tuple[Option, ...] = (
         "KEYMGMT_ADMISSION_BURST",
         "how many of those one address may start at once",
     ),
+    Option(
+        "requests",
+        "per_user_rate",
+        float,
+        DEFAULT_USER_RATE,
+        "KEYMGMT_REQUESTS_PER_USER_RATE",
+        "requests a second one user's sessions may make, all together, on one server process; "
+        "beyond it they are answered RATE_LIMITED and nothing is done",
+    ),
+    Option(
+        "requests",
+        "per_user_burst",
+        float,
+        DEFAULT_USER_BURST,
+        "KEYMGMT_REQUESTS_PER_USER_BURST",
+        "how many of those one user may make at once",
+    ),
 )
 
 
@@ -445,6 +463,10 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
             raise ValueError("admission.rate must be positive")
         if values["admission.burst"] < 1:  # type: ignore[operator]
             raise ValueError("admission.burst must be at least 1")
+        if not values["requests.per_user_rate"] > 0:  # type: ignore[operator]
+            raise ValueError("requests.per_user_rate must be positive")
+        if not values["requests.per_user_burst"] >= 1:  # type: ignore[operator]
+            raise ValueError("requests.per_user_burst must be at least 1")
         throttle = ThrottlePolicy(
             threshold=values["throttle.threshold"],  # type: ignore[arg-type]
             base_delay=values["throttle.base_delay"],  # type: ignore[arg-type]
@@ -498,6 +520,8 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         max_connections_per_address=values["server.max_connections_per_address"],  # type: ignore[arg-type]
         admission_rate=values["admission.rate"],  # type: ignore[arg-type]
         admission_burst=values["admission.burst"],  # type: ignore[arg-type]
+        user_request_rate=values["requests.per_user_rate"],  # type: ignore[arg-type]
+        user_request_burst=values["requests.per_user_burst"],  # type: ignore[arg-type]
         maintenance_interval=values["throttle.sweep_interval"],  # type: ignore[arg-type]
         require_invitation=values["registration.require_invitation"],  # type: ignore[arg-type]
         name_reservation=values["registration.name_reservation"],  # type: ignore[arg-type]
@@ -553,7 +577,7 @@ def options_help() -> str:
 def render_config(overrides: Mapping[str, object]) -> str:
     """A complete TOML config with defaults, ``overrides`` keyed by ``section.key``."""
     out: list[str] = []
-    for section in ("server", "sessions", "throttle", "admission", "registration", "websocket"):
+    for section in ("server", "sessions", "throttle", "admission", "requests", "registration", "websocket"):
         out.append(f"[{section}]")
         for o in OPTIONS:
             if o.section != section:

@@ -56,6 +56,7 @@ from .invitations import InvitationAuthorizer
 from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
 from .tlsfast import take_over
+from .userrate import DEFAULT_USER_BURST, DEFAULT_USER_RATE, UserRequestRates
 from .websocket import UpgradeRefusedError, accept_upgrade
 
 __all__ = ["KeyServerRuntime", "ServerSettings", "open_storage"]
@@ -106,6 +107,10 @@ class ServerSettings:
     admission_rate: float = 20.0
     #: ...with this many allowed in a burst (NET-13).
     admission_burst: float = 100.0
+    #: Requests a second one user's sessions may make on this process, all together...
+    user_request_rate: float = DEFAULT_USER_RATE
+    #: ...with this many allowed in a burst; past it: RATE_LIMITED, nothing done.
+    user_request_burst: float = DEFAULT_USER_BURST
     #: Seconds between sweeps of the login-throttling records (KeyServer.maintain).
     maintenance_interval: float = 60.0
     #: Registration needs an invitation minted with ``keymgmt-server invite`` (REG-5).
@@ -182,6 +187,7 @@ class KeyServerRuntime:
             metrics=self.metrics,
             name_reservation=settings.name_reservation,
             reauth_window=settings.reauth_window,
+            request_rates=UserRequestRates(settings.user_request_rate, settings.user_request_burst),
             **kwargs,  # type: ignore[arg-type]
         )
         # Detached sessions go to the storage's session store: they resume on any instance

@@ -203,3 +203,18 @@ def test_a_server_that_refuses_every_opening_is_reported_in_one_line(server_dir:
             run_server_conformance(_target(server_dir, server), settings)
     finally:
         assert server.stop() == 0
+
+
+def test_requests_past_the_per_user_rate_are_sent_again(server_dir: Path) -> None:
+    """A server whose per-user rate is tiny answers many requests RATE_LIMITED (nothing done,
+    protocol.md 10): the machine sends them again after a pause, as the clients do, and the
+    run passes, its model unharmed."""
+    env = {**FAST_ADMISSION, "KEYMGMT_REQUESTS_PER_USER_RATE": "20", "KEYMGMT_REQUESTS_PER_USER_BURST": "2"}
+    server = ServerProcess(server_dir, env=env)
+    try:
+        settings = ServerRunSettings(max_examples=6, steps=12, derandomize=True, time_limit=60)
+        report = run_server_conformance(_target(server_dir, server), settings)
+    finally:
+        assert server.stop() == 0
+    assert report.examples >= 6 and report.policy_refusals > 0, report
+    assert "requests past their user's rate" in server.log_text()

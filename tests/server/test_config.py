@@ -79,6 +79,9 @@ def test_every_option_is_rendered_and_parsed(tmp_path):
         ("[server]\nconnection_idle_timeout = 0\n", {}, "connection_idle_timeout must be positive"),
         ("", {"KEYMGMT_SEND_TIMEOUT": "0"}, "server.send_timeout must be positive"),
         ("", {"KEYMGMT_CREDENTIALS_CHECK": "-1"}, "sessions.credentials_check must be a finite non-negative"),
+        ("[requests]\nper_user_rate = 0\n", {}, "requests.per_user_rate must be positive"),
+        ("", {"KEYMGMT_REQUESTS_PER_USER_BURST": "0.5"}, "requests.per_user_burst must be at least 1"),
+        ("", {"KEYMGMT_REQUESTS_PER_USER_RATE": "inf"}, "must be a finite non-negative number"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(tmp_path, content, env, message):

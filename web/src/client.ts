@@ -45,7 +45,9 @@ export class ThrottledError extends KeymgmtError {
     super(message);
   }
 }
-/** Too many registration, login or resumption attempts from this address (NET-13). */
+/** Too many registration, login or resumption attempts from this address (NET-13); or an
+ * operation the key server kept refusing because the account's requests went faster than its
+ * per-user rate (the client sends it again for ``rateLimitWaitMs`` first). */
 export class RateLimitedError extends ThrottledError {
   override name = "RateLimitedError";
 }
@@ -217,10 +219,16 @@ export interface ClientOptions {
   jitter?: () => number;
   maxPayload?: number;
   maxInFlight?: number;
+  /** How long an operation keeps sending a request again while the key server answers it
+   * RATE_LIMITED (its per-user rate; nothing was done), after waits doubling from 50 ms to
+   * 1 s; then RateLimitedError (default 30,000). */
+  rateLimitWaitMs?: number;
 }
 
 const defaultRandom: RandomSource = (n) => globalThis.crypto.getRandomValues(new Uint8Array(n));
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+/** Whether a response body is the key server's RATE_LIMITED answer (one byte, nothing done). */
+const isRateLimited = (body: Uint8Array): boolean => body.length === 1 && body[0] === Status.RATE_LIMITED;
 
 function nameBytes(accountName: string | Uint8Array): Uint8Array {
   return typeof accountName === "string" ? utf8(accountName) : accountName;
@@ -391,6 +399,25 @@ export class KeymgmtClient {
       waiters.set(requestId, waiter);
       this.flush();
       return waiter.promise;
+    }
+  }
+
+  /** ``request``, sent again while the key server answers RATE_LIMITED (its per-user rate:
+   * nothing was done) for up to ``rateLimitWaitMs``; then RateLimitedError. */
+  async requestPaced(session: ClientSession, body: Uint8Array): Promise<Uint8Array> {
+    let answer = await this.request(session, body);
+    if (!isRateLimited(answer)) return answer;
+    const budget = this.options.rateLimitWaitMs ?? 30_000;
+    const deadline = Date.now() + budget;
+    const jitter = this.options.jitter ?? Math.random;
+    for (let delay = 50; ; delay = Math.min(delay * 2, 1000)) {
+      const wait = delay * (0.5 + 0.5 * jitter());
+      if (Date.now() + wait > deadline) {
+        throw new RateLimitedError(`the key server refused this account's requests for going faster than its per-user rate, for ${budget / 1000} s; try again later`);
+      }
+      await sleep(wait);
+      answer = await this.request(session, body);
+      if (!isRateLimited(answer)) return answer;
     }
   }
 
@@ -697,7 +724,7 @@ export class KeySession {
       while (!step.done) {
         const request = step.value;
         op = request.op;
-        const body = await this.client.request(this.session, encodeRequest(request));
+        const body = await this.client.requestPaced(this.session, encodeRequest(request));
         let answer;
         try {
           answer = decodeResponse(request.op, body);

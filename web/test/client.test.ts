@@ -14,6 +14,7 @@ import {
   KeymgmtClient,
   LabelConflictError,
   NotFoundError,
+  RateLimitedError,
   RegistrationError,
   SessionEndedError,
 } from "../src/client.js";
@@ -190,6 +191,29 @@ test("a session the server forgot ends with a clear error (log in again)", async
   const again = await client.login(name, PASSWORD);
   assert.deepEqual(await again.listKeys(), []);
   await client.close();
+});
+
+test("a request answered RATE_LIMITED is sent again after a pause; past rateLimitWaitMs it is an error", async () => {
+  const server = new FakeKeyServer();
+  const client = new KeymgmtClient(server.connect, { localStore: new MemoryStore(), rateLimitWaitMs: 2000 });
+  await client.register("rita@example.org", PASSWORD);
+  const session = await client.login("rita@example.org", PASSWORD);
+  const keyId = await session.generate();
+  const before = (server.audit.get(toHex(session.userId)) ?? []).length;
+  let refusals = 3;
+  server.rateLimited = () => refusals-- > 0;
+  const started = Date.now();
+  assert.deepEqual((await session.listKeys()).map((k) => toHex(k.keyId)), [toHex(keyId)]);
+  assert.equal(refusals, -1, "refused three times, then served");
+  assert.ok(Date.now() - started >= 25 + 50 + 100 - 5, "with pauses between the sends");
+  assert.equal((server.audit.get(toHex(session.userId)) ?? []).length, before + 1, "one LIST audited, no refusal");
+  const slow = new KeymgmtClient(server.connect, { localStore: new MemoryStore(), rateLimitWaitMs: 200 });
+  const other = await slow.login("rita@example.org", PASSWORD);
+  server.rateLimited = (request) => request.op === Op.LIST_KEYS;
+  await assert.rejects(other.listKeys(), (error: unknown) => error instanceof RateLimitedError && /per-user rate/.test((error as Error).message));
+  server.rateLimited = null;
+  await client.close();
+  await slow.close();
 });
 
 test("answers that fail the client's checks are integrity errors", async () => {

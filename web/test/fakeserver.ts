@@ -107,6 +107,8 @@ export class FakeKeyServer {
   readonly requests: Op[] = [];
   /** Called with each OK answer before it is sent; may return other bytes. */
   tamper: ((request: OpRequest, body: Uint8Array) => Uint8Array) | null = null;
+  /** When it returns true for a request, the server answers RATE_LIMITED and does nothing (its per-user rate). */
+  rateLimited: ((request: OpRequest) => boolean) | null = null;
   /** When it returns true for a request, the server answers it (cached) but the connection drops first. */
   dropBeforeAnswer: ((request: OpRequest) => boolean) | null = null;
   /** Most entries one AUDIT reads (MAX_AUDIT_SCAN; a test may make it small). */
@@ -477,7 +479,11 @@ export class FakeConnection {
           } catch {
             answer = u8(Status.INVALID);
           }
-          if (request !== null) {
+          if (request !== null && server.rateLimited?.(request)) {
+            answer = u8(Status.RATE_LIMITED); // nothing done, nothing audited
+            session.answers.remember(requestId, answer, read);
+            request = null;
+          } else if (request !== null) {
             server.requests.push(request.op);
             const response = server.handleOp(session, request);
             const action = OP_ACTIONS[request.op] ?? (request.op === Op.STORE_SECRET ? (request.kind === SecretKind.IMPORTED ? Action.IMPORT : Action.GENERATE) : null);

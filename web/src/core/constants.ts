@@ -156,6 +156,8 @@ export enum Status {
   INVALID = 3,
   INTERNAL_ERROR = 4,
   LIMIT_REACHED = 5,
+  /** The user's requests passed the key server's per-user rate: nothing was done; send it again later. */
+  RATE_LIMITED = 6,
 }
 
 export enum SecretKind {
