@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from functools import partial
-from weakref import WeakKeyDictionary
+from weakref import ReferenceType, WeakKeyDictionary, ref
 
 import anyio
 from anyio.abc import ByteStream
@@ -140,8 +140,12 @@ def peer_of(conn: ServerConnection) -> str | None:
 
 
 #: The group commit of each storage (see group_commit_key) for drivers given none (tests,
-#: serve_stream), or the one the runtime made for its storage (use_group_commit).
+#: serve_stream), made on first use and kept: connections that come one after another
+#: share one, and its commit thread.
 _COMMITS: WeakKeyDictionary[object, GroupCommit] = WeakKeyDictionary()
+#: The group commit a runtime made for its storage (use_group_commit), held by the runtime:
+#: held weakly here, so that a runtime gone takes its storage and key server with it.
+_GIVEN: WeakKeyDictionary[object, ReferenceType[GroupCommit]] = WeakKeyDictionary()
 
 
 def group_commit_for(app: ServerApp) -> GroupCommit:
@@ -150,7 +154,11 @@ def group_commit_for(app: ServerApp) -> GroupCommit:
     its ``begin_batch()``); keyed by :func:`group_commit_key`."""
     key = group_commit_key(app)
     try:
-        committer = _COMMITS.get(key)
+        given = _GIVEN.get(key)
+        committer = None if given is None else given()
+        if committer is None:
+            _GIVEN.pop(key, None)  # (none, or its runtime is gone)
+            committer = _COMMITS.get(key)
     except TypeError:  # a key that cannot be weakly referenced gets a group commit of its own
         return _group_commit(app)
     if committer is None:
@@ -177,9 +185,11 @@ def group_commit_key(app: ServerApp) -> object:
 
 def use_group_commit(app: ServerApp, committer: GroupCommit) -> None:
     """Make ``committer`` the group commit of ``app`` and of every app over the same storage
-    (the runtime's, made with its metrics): :func:`group_commit_for` gives it from now on."""
+    while it lives (the runtime's, made with its metrics): :func:`group_commit_for` gives it."""
+    key = group_commit_key(app)
     with suppress(TypeError):  # (a key that cannot be weakly referenced: nothing to share)
-        _COMMITS[group_commit_key(app)] = committer
+        _GIVEN[key] = ref(committer)
+        _COMMITS.pop(key, None)
 
 
 def _group_commit(app: ServerApp) -> GroupCommit:

@@ -8,7 +8,9 @@ batch holds (a hang, refused since as a StorageError by the storage).
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -219,3 +221,18 @@ async def test_a_wrapper_and_the_key_server_serve_one_storage_at_once(tmp_path: 
             return str(world.storage._db.execute("PRAGMA integrity_check").fetchone()[0])
 
         assert await world.storage_do(check) == "ok"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_runtime_gone_leaves_its_storage_free(tmp_path: Path) -> None:
+    """The registry of group commits holds a runtime's weakly: once the runtime is gone its
+    key server can go too, and its storage gets one group commit of its own."""
+    runtime = KeyServerRuntime(_settings(tmp_path))
+    storage, keyserver = runtime.storage, weakref.ref(runtime.keyserver)
+    runtime.storage.close()
+    del runtime
+    gc.collect()
+    assert keyserver() is None
+    committer = group_commit_for(_Logged(KeyServer(storage)))
+    assert group_commit_for(KeyServer(storage)) is committer
