@@ -984,6 +984,12 @@ class _Batch:
         self._server = server
         self._inner: AbstractContextManager[object] | None = None
 
+    @property
+    def storage(self) -> Storage:
+        """The storage this batch runs over: the driver keys group commits by it, so a wrapper
+        forwarding ``batch()`` shares the key server's (see driver.group_commit_key)."""
+        return self._server.storage
+
     def __enter__(self) -> None:
         server = self._server
         storage_batch = getattr(server.storage, "batch", None)

@@ -21,8 +21,9 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from functools import partial
-from weakref import WeakKeyDictionary
+from weakref import ReferenceType, WeakKeyDictionary, ref
 
 import anyio
 from anyio.abc import ByteStream
@@ -52,8 +53,10 @@ __all__ = [
     "UNKNOWN_SESSIONS_AT_INFO",
     "ConnectionDriver",
     "group_commit_for",
+    "group_commit_key",
     "peer_of",
     "serve_stream",
+    "use_group_commit",
     "warn_peer",
 ]
 
@@ -136,21 +139,57 @@ def peer_of(conn: ServerConnection) -> str | None:
     return None if driver is None else driver.peer
 
 
-#: The group commit of each application that drivers were given without one (tests and
-#: serve_stream): every connection of an application shares its batches.
+#: The group commit of each storage (see group_commit_key) for drivers given none (tests,
+#: serve_stream), made on first use and kept: connections that come one after another
+#: share one, and its commit thread.
 _COMMITS: WeakKeyDictionary[object, GroupCommit] = WeakKeyDictionary()
+#: The group commit a runtime made for its storage (use_group_commit), held by the runtime:
+#: held weakly here, so that a runtime gone takes its storage and key server with it.
+_GIVEN: WeakKeyDictionary[object, ReferenceType[GroupCommit]] = WeakKeyDictionary()
 
 
 def group_commit_for(app: ServerApp) -> GroupCommit:
-    """The group commit that the connections of ``app`` share (made on first use; batches
-    are the app's ``batch()`` when it has one, begun ahead by its ``begin_batch()``)."""
+    """The group commit that the connections of ``app`` share with every app over the same
+    storage (made on first use, from the app's ``batch()`` when it has one, begun ahead by
+    its ``begin_batch()``); keyed by :func:`group_commit_key`."""
+    key = group_commit_key(app)
     try:
-        committer = _COMMITS.get(app)
-    except TypeError:  # an app that cannot be weakly referenced gets a group commit of its own
+        given = _GIVEN.get(key)
+        committer = None if given is None else given()
+        if committer is None:
+            _GIVEN.pop(key, None)  # (none, or its runtime is gone)
+            committer = _COMMITS.get(key)
+    except TypeError:  # a key that cannot be weakly referenced gets a group commit of its own
         return _group_commit(app)
     if committer is None:
-        committer = _COMMITS[app] = _group_commit(app)
+        committer = _COMMITS[key] = _group_commit(app)
     return committer
+
+
+def group_commit_key(app: ServerApp) -> object:
+    """What the group commit of ``app`` is keyed by: the storage its batches run over, so
+    that everything sharing one storage shares one group commit (two would interleave their
+    batches). The storage is the ``storage`` of the object ``app.batch()`` returns (made,
+    not entered: that begins nothing): a KeyServer's batch has one, so a wrapper that
+    forwards ``batch()`` to a key server is keyed as it is, however it forwards. Else the
+    app's own ``storage`` (a wrapper making batches of its own says so there), else the
+    app itself, as for an app without ``batch()``."""
+    batch = getattr(app, "batch", None)
+    if batch is None:
+        return app
+    storage = getattr(batch(), "storage", None)
+    if storage is None:
+        storage = getattr(app, "storage", None)
+    return app if storage is None else storage
+
+
+def use_group_commit(app: ServerApp, committer: GroupCommit) -> None:
+    """Make ``committer`` the group commit of ``app`` and of every app over the same storage
+    while it lives (the runtime's, made with its metrics): :func:`group_commit_for` gives it."""
+    key = group_commit_key(app)
+    with suppress(TypeError):  # (a key that cannot be weakly referenced: nothing to share)
+        _GIVEN[key] = ref(committer)
+        _COMMITS.pop(key, None)
 
 
 def _group_commit(app: ServerApp) -> GroupCommit:
@@ -198,9 +237,8 @@ class ConnectionDriver:
         #: Set when an internal error ended the connection (see run()).
         self.faulted = False
         #: Where this connection's storage work runs: shared by every connection of the server.
-        #: Without ``committer``, the one every driver of ``app`` shares: an object wrapping
-        #: an application must pass the wrapped one's (``group_commit_for(inner)``), since two
-        #: group commits over one storage would interleave their batches.
+        #: Without ``committer``, the one of the app's storage (group_commit_for): an app
+        #: wrapping a key server gets the key server's.
         self.committer = committer if committer is not None else group_commit_for(app)
         #: Stop reading while this many received bytes wait for a batch.
         self.max_unprocessed = max_unprocessed

@@ -51,7 +51,7 @@ from ..websocket import WebSocketStream, max_message_size
 from .admission import AddressLimits, address_key
 from .app import DEFAULT_NAME_RESERVATION, DEFAULT_REAUTH_WINDOW, KeyServer, ThrottlePolicy
 from .commit import GroupCommit
-from .driver import ConnectionDriver, wake_woken
+from .driver import ConnectionDriver, use_group_commit, wake_woken
 from .invitations import InvitationAuthorizer
 from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
@@ -211,6 +211,9 @@ class KeyServerRuntime:
             begin=self.keyserver.begin_batch,
             loop_commits=loop_commits,
         )
+        # Anything served beside the runtime over its storage (serve_stream, an app wrapping
+        # its key server) joins this group commit.
+        use_group_commit(self.keyserver, self.committer)
         self.port: int | None = None
         #: The port of the /healthz and /metrics listener once it listens.
         self.health_port: int | None = None

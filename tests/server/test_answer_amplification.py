@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from keymgmt.adapters.server.app import KeyServer
-from keymgmt.adapters.server.driver import ConnectionDriver, group_commit_for
+from keymgmt.adapters.server.driver import ConnectionDriver
 from keymgmt.adapters.testing.streams import MemoryByteStream, memory_stream_pair
 from keymgmt_proto import (
     NEED_DATA,
@@ -247,16 +247,8 @@ async def test_a_connection_full_of_requests_does_not_hold_up_another(tmp_path):
         ends = []
         for _ in range(2):
             client_end, server_end = memory_stream_pair()
-            # (the key server's own group commit: a second one on the same storage, as the
-            # wrapper would get, let two batches interleave, and the test hung in CI once)
-            driver = ConnectionDriver(
-                server_end,
-                SETUP,
-                app,  # type: ignore[arg-type]
-                world.registry,
-                max_events=cap,
-                committer=group_commit_for(world.keyserver),
-            )
+            # (the wrapper forwards batch(): it shares the key server's group commit)
+            driver = ConnectionDriver(server_end, SETUP, app, world.registry, max_events=cap)  # type: ignore[arg-type]
             world.task_group.start_soon(driver.run)
             ends.append((client_end, driver))
         (flooder_end, _), (honest_end, honest) = ends
