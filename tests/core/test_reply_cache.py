@@ -15,13 +15,17 @@ import pytest
 from keymgmt.adapters import InMemoryPair, MemoryServerApp
 from keymgmt_proto import (
     REPLY_CACHE_BYTES,
+    UNPRODUCTIVE_BLOCK_SIZE,
     Context,
+    CreateKeyIdRequest,
     DeleteKeyRequest,
     ErrorCode,
     Event,
+    FrameType,
     RequestReceived,
     ResponseReceived,
     RetrieveRequest,
+    SecretKind,
     ServerConfig,
     ServerConnection,
     ServerSetup,
@@ -30,13 +34,15 @@ from keymgmt_proto import (
     SessionResumed,
     session_sealing_key,
 )
-from keymgmt_proto.wire import unseal_session_state
+from keymgmt_proto.wire import Request, unseal_session_state
 
+from ..support.frames import forge
 from ..support.helpers import Harness, login, only, register
 from .test_shared_sessions import SETUP, DictStore, _instance, _pair
 
 KEY = bytes(range(16))
 BIG = 10_000  # a read's answer: more than the whole budget (a 64 KiB secret's is 65,615)
+IGNORED = forge(FrameType.ABORT, 1, b"")  # for the registration session, ended: one unit
 
 
 def _answer(user_id: bytes, body: bytes) -> bytes:
@@ -280,3 +286,118 @@ def test_a_read_run_again_counts_against_the_requests_in_flight(server_setup: Se
     failed = only(other.pump(), SessionFailed)
     assert failed.code is ErrorCode.LIMIT_EXCEEDED
     assert _runs(harness, read_id) == 1
+
+
+def _re_send(pair: InMemoryPair, session_id: int, request_id: int, body: bytes) -> None:
+    """The client sends a REQUEST again under an id it used before, on the same connection
+    (an honest client does so after a resumption; a hostile one whenever it likes). What the
+    server sends back is not delivered."""
+    client = pair.client
+    client._send_sealed(client._sessions[session_id], FrameType.REQUEST, Request(request_id, body).encode())
+    pair.to_server(client.data_to_send())
+    pair.server.data_to_send()
+
+
+def test_a_read_whose_answer_just_fits_is_kept(server_setup: ServerSetup):
+    """A read's answer is kept if it fits (protocol.md section 9): one that fills what is left
+    of ``reply_cache_bytes`` exactly is kept and sent again; one byte more and the read runs
+    again."""
+    harness = Harness(server_setup, ServerConfig(reply_cache_bytes=100))
+    pair, sid, read, _ = _setup(harness)
+    sizes = iter([60, 40, 1])  # 60 + 40 = 100: both kept; then nothing is left for 1 byte
+    harness.app.handler = lambda user_id, body: bytes(next(sizes))
+    ids = [pair.client.send_request(sid, read) for _ in range(3)]
+    _answered_and_lost(pair)
+    session = next(iter(harness.registry._sessions.values()))
+    assert session.answered_bytes == 100
+    assert [a is not None for a in session.answered.values()] == [True, True, False]
+    harness.app.handler = lambda user_id, body: b"again"
+    other = _resume(harness, pair)
+    responses = {e.request_id: e.body for e in other.pump() if isinstance(e, ResponseReceived)}
+    assert responses == {ids[0]: bytes(60), ids[1]: bytes(40), ids[2]: b"again"}
+    assert [_runs(harness, i) for i in ids] == [1, 1, 2]
+
+
+def test_a_write_re_sent_under_the_highest_id_after_its_answer_left_the_cache_is_refused(
+    server_setup: ServerSetup,
+):
+    """Reads run again are answered without a new id: a hostile client that re-sends a read
+    the server answered (its answer not kept) can push the answer of its newest request, a
+    CREATE_KEY_ID, out of the reply cache. Re-sent then, that id is at the highest seen and
+    no longer remembered: it is refused (INVALID_REQUEST), and no second key id is
+    reserved."""
+    harness = Harness(server_setup, ServerConfig(max_requests_in_flight=2))
+    harness.app = _Deferring()  # leaves DELETE_KEY awaiting its answer
+    pair, sid, read, write = _setup(harness)
+    reserve = CreateKeyIdRequest(write[1:17], SecretKind.GENERATED, bytes(32)).encode()
+    read_id = pair.client.send_request(sid, read)  # answered (big): only its id is kept
+    held_id = pair.client.send_request(sid, write)  # awaits its answer
+    reserve_id = pair.client.send_request(sid, reserve)  # answered, kept; the highest id
+    pair.to_server(pair.client.data_to_send())
+    pair.server.data_to_send()
+    session = next(iter(harness.registry._sessions.values()))
+    assert session.answered == {read_id: None, reserve_id: b"\x00"}
+    _re_send(pair, sid, read_id, read)  # runs again; its answer comes after reserve_id's
+    assert _runs(harness, read_id) == 2
+    pair.server.send_response(sid, held_id, b"\x00")  # the held answer pushes reserve_id out
+    assert list(session.answered) == [read_id, held_id] and session.highest_request_id == reserve_id
+    _re_send(pair, sid, reserve_id, reserve)
+    failed = [e for e in harness.app.events if isinstance(e, SessionFailed)]
+    assert [e.code for e in failed] == [ErrorCode.INVALID_REQUEST]
+    assert _runs(harness, reserve_id) == 1
+
+
+@pytest.mark.parametrize("kind", ["awaiting its answer", "answer kept", "read run again"])
+def test_re_sent_requests_are_paid_for_until_the_connection_fails(server_setup: ServerSetup, kind: str):
+    """A re-sent REQUEST is unproductive input (protocol.md section 10), one unit each,
+    whatever the server does with it: ignores it (its answer is on its way), sends the kept
+    answer again, or runs the read again. A client re-sending one request in a loop to make
+    the server send or read the same answer again and again runs out of budget:
+    GOAWAY(LIMIT_EXCEEDED)."""
+    harness = Harness(server_setup, ServerConfig(unproductive_burst=16))
+    harness.app = _Deferring()
+    pair, sid, read, write = _setup(harness)
+    reserve = CreateKeyIdRequest(write[1:17], SecretKind.GENERATED, bytes(32)).encode()
+    body = {"awaiting its answer": write, "answer kept": reserve, "read run again": read}[kind]
+    request_id = pair.client.send_request(sid, body)
+    pair.to_server(pair.client.data_to_send())
+    pair.server.data_to_send()
+    before = pair.server.unproductive_budget
+    _re_send(pair, sid, request_id, body)
+    assert pair.server.unproductive_budget == before - 1
+    for _ in range(1000):
+        if pair.server.failed is not None:
+            break
+        _re_send(pair, sid, request_id, body)
+    assert pair.server.failed is not None and pair.server.failed.code is ErrorCode.LIMIT_EXCEEDED
+    # Run once, or once and then once per unit of the budget (the re-send that overdrew it
+    # included), not without end.
+    runs = _runs(harness, request_id)
+    assert runs == (before + 2 if kind == "read run again" else 1)
+
+
+@pytest.mark.parametrize("how", ["new request", "read run again"])
+def test_the_request_that_finds_the_session_at_its_limit_is_not_charged(server_setup: ServerSetup, how: str):
+    """The REQUEST that finds the session at ``max_requests_per_session`` reaches a live
+    session, which the server then ends with CLOSE(REQUEST_LIMIT): it costs nothing, and the
+    end pays in advance for what the client pipelined, (max_requests_in_flight + 1) x W
+    units (protocol.md section 10), not one unit less."""
+    config = ServerConfig(max_requests_per_session=2, max_requests_in_flight=4)
+    harness = Harness(server_setup, config)
+    harness.app = _Deferring()
+    pair, sid, read, write = _setup(harness)
+    read_id = pair.client.send_request(sid, read)  # answered, not kept (big)
+    pair.client.send_request(sid, write)  # awaits its answer: the session stays open at 2
+    pair.to_server(pair.client.data_to_send())
+    pair.server.data_to_send()
+    pair.to_server(IGNORED * 50)  # below the burst
+    before = pair.server.unproductive_budget
+    if how == "new request":
+        pair.client.send_request(sid, read)
+        pair.to_server(pair.client.data_to_send())
+    else:
+        _re_send(pair, sid, read_id, read)
+    closed = [e for e in harness.app.events if isinstance(e, SessionClosed)]
+    assert [e.code for e in closed] == [ErrorCode.REQUEST_LIMIT]
+    w = 3 + config.max_payload // UNPRODUCTIVE_BLOCK_SIZE
+    assert pair.server.unproductive_budget == before + (config.max_requests_in_flight + 1) * w

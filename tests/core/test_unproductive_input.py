@@ -173,6 +173,43 @@ def test_frames_acted_on_give_back_the_pieces_they_came_in(server_setup):
     assert pair.server.unproductive_budget == BURST
 
 
+def test_each_frame_of_a_registration_and_a_login_gives_units_back(server_setup):
+    """Every frame of a registration (REG_START, REG_UPLOAD, the LOGIN_START and LOGIN_FINISH
+    inside it, COMPLETE_REGISTRATION) and of a login reaches a session: acted on, it gives
+    back 2 units (protocol.md section 10), never costs one, so a client that registers and
+    logs in with the budget low does not lower it further."""
+    world = FakeWorld(server_setup)
+    pair = world.pair()
+    pair.to_server(IGNORED * 100)  # well below the burst: every unit given back shows
+    pair.client.open_registration(b"newcomer", PASSWORD)
+    changes = _frame_by_frame(pair)
+    pair.client.open_request_session(b"newcomer", PASSWORD)
+    changes += _frame_by_frame(pair)
+    assert [kind for kind, _ in changes] == [
+        FrameType.REG_START,
+        FrameType.REG_UPLOAD,
+        FrameType.LOGIN_START,
+        FrameType.LOGIN_FINISH,
+        FrameType.COMPLETE_REGISTRATION,
+        FrameType.LOGIN_START,
+        FrameType.LOGIN_FINISH,
+    ]
+    assert all(change >= 2 for _, change in changes), changes
+
+
+def _frame_by_frame(pair) -> list[tuple[FrameType, float]]:
+    """Exchange frames until both are quiet, the server taking the client's one at a time:
+    each one's type and what it did to the budget."""
+    changes = []
+    while out := pair.client.data_to_send():
+        for frame in split_frames(out):
+            before = pair.server.unproductive_budget
+            pair.to_server(frame)
+            changes.append((frame_type(frame), pair.server.unproductive_budget - before))
+        pair.to_client(pair.server.data_to_send())
+    return changes
+
+
 def _browse(pair) -> None:
     """Exchange frames until both are quiet, each frame to the server as a browser sends it."""
     while out := pair.client.data_to_send():
