@@ -139,6 +139,31 @@ def refuse_every_login() -> None:
     refuse_logins_at_random(share=1.0)
 
 
+def refuse_each_request_once() -> None:
+    """Not broken: every request is answered RATE_LIMITED (its user's rate: nothing done) the
+    first time its body comes, and served when the same body comes again. A server may refuse
+    any request so (protocol.md 10), a malformed body or an account deletion too; a client
+    sends it again after a pause."""
+    from keymgmt_proto import RequestReceived
+
+    from ..server import app
+
+    original = app.KeyServer._dispatch
+    refused: set[tuple[bytes, bytes]] = set()
+
+    def dispatch(self: app.KeyServer, conn: Any, event: Any) -> None:
+        if isinstance(event, RequestReceived):
+            sent = (event.user_id, event.body)
+            if sent not in refused:
+                refused.add(sent)
+                self._refuse_rate(conn, event)
+                return
+            refused.discard(sent)
+        original(self, conn, event)
+
+    app.KeyServer._dispatch = dispatch  # type: ignore[method-assign]
+
+
 #: Variant name -> the patch that makes it.
 VARIANTS: dict[str, Callable[[], None]] = {
     "replay": skip_the_replay_check,
@@ -148,11 +173,12 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "other-users-key": tell_that_another_users_key_exists,
     "random-refusals": refuse_logins_at_random,  # not broken: policy the machine must allow
     "all-refusals": refuse_every_login,
+    "request-refusals": refuse_each_request_once,  # not broken either
 }
 
 
 #: The variants that are not broken: a server's policy the machine must allow.
-HONEST_VARIANTS = frozenset({"random-refusals", "all-refusals"})
+HONEST_VARIANTS = frozenset({"random-refusals", "all-refusals", "request-refusals"})
 
 
 #: Variant name -> what it does, in one line (``--list``; the server's first log line).
@@ -164,6 +190,7 @@ SUMMARIES: dict[str, str] = {
     "other-users-key": "answers WRONG_USER for another user's key, not NOT_FOUND (OPS-7)",
     "random-refusals": "refuses a third of the openings RATE_LIMITED, at random",
     "all-refusals": "refuses every opening RATE_LIMITED (no run can start)",
+    "request-refusals": "answers each request RATE_LIMITED once, then serves it (per-user rate)",
 }
 
 

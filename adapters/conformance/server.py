@@ -685,15 +685,20 @@ class ServerMachine(RuleBasedStateMachine):
         """A request answered RATE_LIMITED (the account's requests passed the server's per-user
         rate; nothing was done, protocol.md 10): sent again after a pause, as the clients do,
         a bounded number of times."""
-        self.run.report.policy_refusals += 1
-        self.expect(
-            pending.resent < MAX_RATE_LIMITED_RESENDS,
-            f"{pending.what}: answered RATE_LIMITED {pending.resent + 1} times in a row",
-        )
-        self.note(f"model: {session.label} {pending.what} answered RATE_LIMITED (per-user rate); sent again")
-        time.sleep(min(0.05 * 2**pending.resent, 1.0))
+        self.rate_limited(session, pending.what, pending.resent)
         request_id = self.send(session, pending.request, pending.check, pending.what)
         session.pending[request_id].resent = pending.resent + 1
+
+    def rate_limited(self, session: Session, what: str, resent: int) -> None:
+        """``what`` was answered RATE_LIMITED after ``resent`` sends again: counted as policy,
+        failed past MAX_RATE_LIMITED_RESENDS, else a pause before it is sent again."""
+        self.run.report.policy_refusals += 1
+        self.expect(
+            resent < MAX_RATE_LIMITED_RESENDS,
+            f"{what}: answered RATE_LIMITED {resent + 1} times in a row",
+        )
+        self.note(f"model: {session.label} {what} answered RATE_LIMITED (per-user rate); sent again")
+        time.sleep(min(0.05 * 2**resent, 1.0))
 
     def check_answer(self, session: Session, pending: Pending, body: bytes) -> None:
         op = pending.request.op
@@ -1469,22 +1474,29 @@ class ServerMachine(RuleBasedStateMachine):
     def send_malformed(self, chosen: Session, body: bytes) -> None:
         link = chosen.link
         assert link is not None
-        request_id = link.conn.send_request(chosen.sid, body)
-        self.note(
-            f"{chosen.label} request {request_id}: {body[:40].hex()}; expect the one byte 03 (INVALID), "
-            "the session goes on (protocol.md 12.2)"
-        )
-        link.flush()
-        event = self.wait_event(
-            link,
-            lambda e: (
-                isinstance(e, ResponseReceived | SessionFailed | SessionClosed) and e.session_id == chosen.sid
-            ),
-            "no answer to a malformed request",
-        )
-        if not isinstance(event, ResponseReceived):
-            self.session_ended(chosen, event)
-        assert isinstance(event, ResponseReceived)
+        resent = 0
+        while True:
+            request_id = link.conn.send_request(chosen.sid, body)
+            self.note(
+                f"{chosen.label} request {request_id}: {body[:40].hex()}; expect the one byte 03 "
+                "(INVALID), the session goes on (protocol.md 12.2)"
+            )
+            link.flush()
+            event = self.wait_event(
+                link,
+                lambda e: (
+                    isinstance(e, ResponseReceived | SessionFailed | SessionClosed)
+                    and e.session_id == chosen.sid
+                ),
+                "no answer to a malformed request",
+            )
+            if not isinstance(event, ResponseReceived):
+                self.session_ended(chosen, event)
+            assert isinstance(event, ResponseReceived)
+            if event.body != _RATE_LIMITED_ANSWER:
+                break
+            self.rate_limited(chosen, "a malformed request", resent)  # (nothing was done)
+            resent += 1
         self.expect(
             event.body == b"\x03",
             f"a malformed request body was answered {event.body[:8].hex()}, not 03 (INVALID)",
@@ -1675,10 +1687,19 @@ class ServerMachine(RuleBasedStateMachine):
             self.send(chosen, DeleteAccountRequest(account.user_id), check, "DELETE_ACCOUNT")
             link = chosen.link
             assert link is not None
-            event = link.wait_for(lambda e: isinstance(e, ResponseReceived) and e.session_id == chosen.sid)
-            self.expect(event is not None, "no answer to DELETE_ACCOUNT")
-            assert isinstance(event, ResponseReceived)
-            self.check_answer(chosen, chosen.pending.pop(event.request_id), event.body)
+
+            def answered(e: Event) -> bool:
+                return isinstance(e, ResponseReceived) and e.session_id == chosen.sid
+
+            while True:
+                event = link.wait_for(answered)
+                self.expect(event is not None, "no answer to DELETE_ACCOUNT")
+                assert isinstance(event, ResponseReceived)
+                pending = chosen.pending.pop(event.request_id)
+                if event.body != _RATE_LIMITED_ANSWER:
+                    break
+                self.send_again(chosen, pending)  # (nothing was done: the account is still there)
+            self.check_answer(chosen, pending, event.body)
             self.note(
                 "model: the session ends right after the answer with CLOSE(NOT_AUTHORIZED), and so does "
                 "every other session of the account (protocol.md 12.13)"

@@ -218,3 +218,23 @@ def test_requests_past_the_per_user_rate_are_sent_again(server_dir: Path) -> Non
         assert server.stop() == 0
     assert report.examples >= 6 and report.policy_refusals > 0, report
     assert "requests past their user's rate" in server.log_text()
+
+
+def test_a_malformed_request_or_a_deletion_answered_rate_limited_is_sent_again(server_dir: Path) -> None:
+    """A key server may answer any request RATE_LIMITED (its per-user rate, protocol.md 10),
+    a body that does not decode and DELETE_ACCOUNT too: nothing was done, and the machine
+    must send it again as for any other request, not fail the server. The 'request-refusals'
+    variant (honest) refuses every request once, then serves it."""
+    from keymgmt.adapters.conformance.server import ServerMachine, _Run
+
+    server = ServerProcess(server_dir, env=FAST_ADMISSION, program=_broken("request-refusals"))
+    run = _Run(_target(server_dir, server), ServerRunSettings())
+    machine = type("Scripted", (ServerMachine,), {"run": run})()
+    try:
+        machine.two_accounts()
+        machine.malformed_request(0, b"\x01")  # RETRIEVE_STORAGE_KEY without its user id
+        machine.delete_account(0)
+    finally:
+        machine.teardown()
+        assert server.stop() == 0
+    assert not run.report.skipped and run.report.policy_refusals >= 3, run.report
