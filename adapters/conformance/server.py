@@ -270,6 +270,10 @@ class Session:
     detached: DetachedSession | None = None
     #: Key ids reserved for this session, oldest first, with their kind.
     reserved: dict[bytes, SecretKind] = field(default_factory=dict)
+    #: Key ids reserved before the session last detached: the server still holds them if it
+    #: kept the session in memory (a request of it in flight), not if it put it in its
+    #: session store (nothing in flight): a STORE under one may be OK or INVALID.
+    kept: dict[bytes, SecretKind] = field(default_factory=dict)
     #: Requests sent and not answered yet: request id -> (request, check).
     pending: dict[int, Pending] = field(default_factory=dict)
     #: RESUME frames this session sent (for replays).
@@ -743,6 +747,7 @@ class ServerMachine(RuleBasedStateMachine):
                 pool.remove(session)
         session.pending.clear()
         session.reserved.clear()
+        session.kept.clear()
 
     # ---- checks per operation
 
@@ -817,7 +822,19 @@ class ServerMachine(RuleBasedStateMachine):
         reserved = session.reserved.get(request.key_id) is request.kind
 
         def check(status: Status, response: OpResponse | None, body: bytes) -> None:
-            if not reserved:
+            key_id = request.key_id
+            if session.kept.get(key_id) is request.kind and key_id not in session.reserved:
+                del session.kept[key_id]  # reserved before a detach: the server may have lost it
+                if status is Status.INVALID:
+                    self.note(
+                        f"model: {_short(key_id)} was reserved before {session.label} detached; the "
+                        "server kept it only if it kept the session in memory: INVALID allowed "
+                        "(protocol.md 12.8)"
+                    )
+                    account.log(action, Outcome.FAILURE, key_id)
+                    return
+                session.reserved[key_id] = request.kind  # it was kept: the store must succeed
+            elif not reserved:
                 self.expect(
                     status is Status.INVALID,
                     f"STORE_SECRET under a key id not reserved for this session with this kind answered "
@@ -1779,6 +1796,8 @@ class ServerMachine(RuleBasedStateMachine):
             session.detached = d
             session.link = None
             session.sealed_frames.clear()
+            session.kept.update(session.reserved)  # (the server may keep them, or not)
+            session.reserved.clear()
             self.sessions.remove(session)
             self.detached.append(session)
             self.note(
