@@ -606,7 +606,7 @@ class KeyServer:
         conn.send_response(event.session_id, event.request_id, _RATE_LIMITED)
         if self.metrics is not None:
             op = _OP_LABELS.get(event.body[0], "MALFORMED") if event.body else "MALFORMED"
-            self.metrics.request(op, "RATE_LIMITED", 0.0)
+            self.metrics.refused(op, "RATE_LIMITED")
         warn_peer(
             conn,
             "requests past the per-user rate",

@@ -107,6 +107,13 @@ class _RequestTally(Collector):
         #: op -> [count of each bucket alone (the last: above every bound), sum, created]
         self._times: dict[str, list[float]] = {}
 
+    def count(self, op: str, status: str) -> None:
+        """A request answered without being served (no time observed)."""
+        count = self._counts.get((op, status))
+        if count is None:
+            count = self._counts[(op, status)] = [0.0, time.time()]
+        count[0] += 1
+
     def record(self, op: str, status: str, seconds: float) -> None:
         count = self._counts.get((op, status))
         if count is None:
@@ -246,6 +253,11 @@ class ServerMetrics:
     def request(self, op: str, status: str, seconds: float) -> None:
         """One request answered (on every request's path; ops and statuses are small fixed sets)."""
         self._requests.record(op, status, seconds)
+
+    def refused(self, op: str, status: str) -> None:
+        """One request refused before any work (the per-user rate): counted by op and status,
+        kept out of the request times (a flood of refusals would make them look fast)."""
+        self._requests.count(op, status)
 
     def batch(self, works: int, seconds: float, failed: bool) -> None:
         """One group commit ended (GroupCommit's observer)."""

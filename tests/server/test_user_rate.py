@@ -13,10 +13,21 @@ import pytest
 
 from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError, SessionEndedError
 from keymgmt.adapters.client.connect import tls_connector
+from keymgmt.adapters.server.app import KeyServer
 from keymgmt.adapters.server.config import load_settings
 from keymgmt.adapters.server.driver import WARNINGS_PER_CONNECTION
+from keymgmt.adapters.server.metrics import ServerMetrics
 from keymgmt.adapters.server.userrate import UserRequestRates
-from keymgmt_proto import Context, ErrorCode, RetrieveRequest, Status
+from keymgmt.adapters.storage.sqlite import SQLiteStorage
+from keymgmt_proto import (
+    Context,
+    ErrorCode,
+    ListKeysRequest,
+    RequestReceived,
+    RetrieveRequest,
+    SessionHandle,
+    Status,
+)
 
 from ..support.helpers import PASSWORD
 from ..support.net_world import running_server
@@ -92,6 +103,37 @@ def test_the_settings_reach_the_server():
     assert (settings.user_request_rate, settings.user_request_burst) == (12.5, 40.0)
     defaults = load_settings(None, env={})
     assert (defaults.user_request_rate, defaults.user_request_burst) == (500.0, 2000.0)
+
+
+def test_refusals_are_counted_but_kept_out_of_the_request_times(tmp_path):
+    """A refused request costs no time to speak of: counted as RATE_LIMITED, but not put in
+    keymgmt_request_duration_seconds, or a flood of refusals would drag the times the
+    operators watch towards 0 while the requests served slow down."""
+    metrics = ServerMetrics()
+    rates = UserRequestRates(1.0, 2.0, clock=lambda: 100.0)  # (frozen: two requests, no more)
+    storage = SQLiteStorage(tmp_path / "db")
+    keyserver = KeyServer(storage, metrics=metrics, request_rates=rates)
+    answers: list[bytes] = []
+
+    class Conn:  # what the key server asks of a connection for a LIST_KEYS
+        def send_response(self, session_id: int, request_id: int, body: bytes) -> None:
+            answers.append(body)
+
+        def credentials_version(self, session_id: int) -> None:
+            return None
+
+    user_id, handle = b"u" * 16, SessionHandle()
+    body = ListKeysRequest(user_id).encode()
+    for request_id in range(1, 11):
+        keyserver(Conn(), RequestReceived(1, user_id, request_id, body, handle=handle))  # type: ignore[arg-type]
+    storage.close()
+    assert [a == bytes([_RATE_LIMITED]) for a in answers] == [False] * 2 + [True] * 8
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    assert sample("keymgmt_requests_total", op="LIST_KEYS", status="RATE_LIMITED") == 8
+    assert sample("keymgmt_request_duration_seconds_count", op="LIST_KEYS") == 2
 
 
 # ------------------------------------------------------------------ the attack
