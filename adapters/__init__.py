@@ -23,6 +23,7 @@ from .client.async_client import (
     RequestRefusedError,
     SessionEndedError,
     ThrottledError,
+    UserRateLimitedError,
     audit_to_json,
 )
 from .client.localstore import LocalStore
@@ -65,6 +66,7 @@ __all__ = [
     "SyncKeymgmtClient",
     "ThrottledError",
     "Transaction",
+    "UserRateLimitedError",
     "audit_to_json",
     "create_server_setup_file",
     "default_account_name_policy",

@@ -74,6 +74,7 @@ from ..client.async_client import (
     RequestRefusedError,
     SessionEndedError,
     ThrottledError,
+    UserRateLimitedError,
     audit_to_json,
 )
 from ..client.connect import CertificateNotTrustedError, tls_connector, ws_connector
@@ -1123,6 +1124,8 @@ CA_HINT = "give the CA that signs it with --ca FILE or KEYMGMT_CA (and --server-
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, UserRateLimitedError):  # the account's requests, not this address's logins
+        return str(exc)
     if isinstance(exc, RateLimitedError):
         return RATE_LIMIT_HINT
     if isinstance(exc, ThrottledError):

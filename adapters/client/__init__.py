@@ -20,6 +20,7 @@ from .async_client import (
     RequestRefusedError,
     SessionEndedError,
     ThrottledError,
+    UserRateLimitedError,
     audit_to_json,
     reconnect_delays,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "SyncKeymgmtClient",
     "TLSConnectError",
     "ThrottledError",
+    "UserRateLimitedError",
     "WebSocketConnectError",
     "audit_to_json",
     "reconnect_delays",

@@ -96,6 +96,7 @@ __all__ = [
     "RequestRefusedError",
     "SessionEndedError",
     "ThrottledError",
+    "UserRateLimitedError",
     "audit_to_json",
     "reconnect_delays",
 ]
@@ -131,7 +132,14 @@ class RateLimitedError(ThrottledError):
     """Too many registration, login or resumption attempts from this client's address:
     the server refuses new ones for a moment (NET-13); or an operation the key server kept
     refusing because the account's requests went faster than its per-user rate (the client
-    sends it again for ``KeymgmtClient.rate_limit_wait`` seconds first)."""
+    sends it again for ``KeymgmtClient.rate_limit_wait`` seconds first): then the subclass
+    :class:`UserRateLimitedError`."""
+
+
+class UserRateLimitedError(RateLimitedError):
+    """An operation the key server kept answering RATE_LIMITED for ``rate_limit_wait``
+    seconds: the account's requests, from all its sessions, went faster than the server's
+    per-user rate (not this address's logins)."""
 
 
 class _CodedError(KeymgmtError):
@@ -521,7 +529,7 @@ class KeymgmtClient:
         while True:
             wait = delay * (0.5 + 0.5 * self._jitter())
             if anyio.current_time() + wait > deadline:
-                raise RateLimitedError(
+                raise UserRateLimitedError(
                     "the key server refused this account's requests for going faster than its "
                     f"per-user rate, for {self.rate_limit_wait:g} s; try again later"
                 )

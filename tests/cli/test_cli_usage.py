@@ -363,3 +363,27 @@ def test_a_throttled_login_without_a_named_wait_says_it_once_then_the_policy():
     line = _message(ThrottledError("too many login attempts for this account; try again in a moment"))
     assert line.count("too many login attempts") == 1, line
     assert line.startswith("too many login attempts for this account; try again in a moment (by default")
+
+
+def test_an_operation_refused_for_the_per_user_rate_is_not_blamed_on_this_addresss_logins():
+    """A KeySession operation that the key server kept answering RATE_LIMITED (the account's
+    per-user request rate) is reported as such by the CLI, not as the per-address login
+    limit's "too many logins from this address"."""
+    import anyio
+
+    from keymgmt.adapters.cli.client import _message
+    from keymgmt.adapters.client.async_client import KeymgmtClient, RateLimitedError
+    from keymgmt_proto import SessionHandle, Status
+
+    client = KeymgmtClient(lambda: None)  # type: ignore[arg-type,return-value]  # (never connects)
+    client.rate_limit_wait = 0.1
+
+    async def refused(handle: SessionHandle, body: bytes) -> bytes:
+        return bytes([Status.RATE_LIMITED])
+
+    client.request = refused  # type: ignore[method-assign]
+    with pytest.raises(RateLimitedError) as caught:
+        anyio.run(client._request_paced, SessionHandle(), b"\x07")
+    line = _message(caught.value)
+    assert "per-user rate" in line and "logins from this address" not in line, line
+    assert cli._exit_code(caught.value) == 3  # (a throttle, as before)
