@@ -50,6 +50,7 @@ TARGETS: dict[str, str] = {
             "server.app",
             "server.admission",
             "server.invitations",
+            "server.userrate",
             "storage.base",
             "storage.sql",
             "storage.sqlite",

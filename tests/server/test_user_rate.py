@@ -90,10 +90,35 @@ def test_the_table_of_users_is_bounded_and_forgets_refilled_buckets_first():
     assert rates.take(busy)  # (forgotten: a new, full bucket)
 
 
+def test_pruning_keeps_a_bucket_still_refilling_and_stops_at_nine_tenths():
+    """At the cap the table drops refilled buckets first, even newer ones, and keeps an older
+    one still refilling; it goes down to exactly 90% of the cap, then takes the newcomer."""
+    now = [100.0]
+    rates = UserRequestRates(2.0, 3.0, max_users=100, clock=lambda: now[0])
+    early = b"early".ljust(16, b"\0")
+    for _ in range(3):
+        assert rates.take(early)  # the oldest entry, and empty
+    for n in range(99):
+        rates.take(n.to_bytes(16, "big"))  # 2 tokens left each
+    assert len(rates) == 100
+    now[0] = 100.5  # the 99 have refilled (3 tokens), the early one holds 1
+    rates.take(b"newcomer".ljust(16, b"\0"))
+    assert len(rates) == 91  # down to 90, then the newcomer
+    assert [rates.take(early), rates.take(early)] == [True, False]  # kept, with its 1 token
+
+
 @pytest.mark.parametrize(("rate", "burst"), [(0.0, 10.0), (-1.0, 10.0), (10.0, 0.5), (float("nan"), 10.0)])
 def test_bad_rates_are_refused(rate, burst):
     with pytest.raises(ValueError, match="per-user rate"):
         UserRequestRates(rate, burst)
+    with pytest.raises(ValueError, match="per-user rate"):
+        UserRequestRates(10.0, 10.0, max_users=0)
+
+
+def test_the_smallest_settings_are_allowed():
+    rates = UserRequestRates(0.001, 1.0, max_users=1, clock=lambda: 0.0)
+    assert rates.take(b"a") and not rates.take(b"a")
+    assert rates.take(b"b") and len(rates) == 1  # (a forgotten: the cap is one user)
 
 
 def test_the_settings_reach_the_server():
