@@ -213,6 +213,39 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX secrets_listing ON secrets(user_id, created_us, key_id, kind);
     DROP INDEX secrets_by_user;
     """,
+    # 12: a deleted account's audit log goes after the deletion, a chunk per transaction
+    # (audit_purges queues it: _SQLiteTransaction.purge_audit), not in it: one DELETE of a
+    # large log held the write lock for seconds. The audit table is rebuilt without its
+    # foreign key, whose ON DELETE CASCADE deleted the log with the account (SQLite cannot
+    # drop one in place); a trigger still refuses an entry for a user who has no account.
+    # Entries no account owns (none, with the key on) are queued too.
+    """
+    CREATE TABLE audit_purges (
+        user_id BLOB PRIMARY KEY CHECK (length(user_id) = 16)
+    ) WITHOUT ROWID;
+    CREATE TABLE audit_unowned (
+        user_id BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        action INTEGER NOT NULL,
+        timestamp_us INTEGER NOT NULL,
+        outcome INTEGER NOT NULL,
+        key_id BLOB,
+        context INTEGER,
+        event_count INTEGER NOT NULL DEFAULT 1,
+        chain_hash BLOB CHECK (chain_hash IS NULL OR length(chain_hash) = 32),
+        PRIMARY KEY (user_id, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO audit_unowned (user_id, seq, action, timestamp_us, outcome, key_id, context,
+        event_count, chain_hash) SELECT user_id, seq, action, timestamp_us, outcome, key_id,
+        context, event_count, chain_hash FROM audit;
+    DROP TABLE audit;
+    ALTER TABLE audit_unowned RENAME TO audit;
+    INSERT INTO audit_purges (user_id) SELECT DISTINCT user_id FROM audit
+        WHERE user_id NOT IN (SELECT user_id FROM accounts);
+    CREATE TRIGGER audit_needs_account BEFORE INSERT ON audit FOR EACH ROW
+        WHEN NOT EXISTS (SELECT 1 FROM accounts WHERE user_id = NEW.user_id)
+        BEGIN SELECT RAISE(ABORT, 'audit entry for a user who has no account'); END;
+    """,
 ]
 #: LIST_KEYS on SQLite: the label from key_labels, no column after the ciphertext read.
 #: Parameters: user id, rows_to_fetch, offset.
@@ -320,7 +353,7 @@ class _SQLiteTransaction:
         return None if row is None else to_account(row)
 
     def user_id_exists(self, user_id: bytes) -> bool:
-        return self._db.execute(_SQL.user_id_exists, (user_id,)).fetchone() is not None
+        return self._db.execute(_SQL.user_id_exists, {"user": user_id}).fetchone() is not None
 
     def insert_account(self, account: Account) -> bool:
         self._storage.sync_needed = True
@@ -485,13 +518,27 @@ class _SQLiteTransaction:
         self._storage.sync_needed = True
         self._storage.checked_credentials.clear()
         self._db.execute(_SQL.delete_user_secrets, (user_id,))
-        self._db.execute(_SQL.delete_user_audit, (user_id,))
+        self._db.execute(_SQL.queue_audit_purge, (user_id,))  # the log: purge_audit, later
         self._db.execute(_SQL.delete_login_record, (account.account_name,))
         self._db.execute(_SQL.delete_account, (user_id,))
         self._db.execute(_SQL.reserve_name, (account.account_name, reserved_until))
         self._storage.audit_numbers.pop(user_id, None)
         self._storage.key_counts.pop(user_id, None)
         return True
+
+    def purge_audit(self, limit: int) -> int | None:
+        # Nothing to sync: a chunk a power cut loses is deleted again, and the queue row goes
+        # in the transaction that finds the log empty. Under the write lock (one writer), a
+        # chunk short of the limit found the log's end; the check says so all the same.
+        row = self._db.execute(_SQL.next_audit_purge).fetchone()
+        if row is None:
+            return None
+        user_id = bytes(row[0])
+        deleted: int = self._db.execute(_SQL.purge_audit_chunk, (user_id, user_id, limit)).rowcount
+        if deleted < limit and self._db.execute(_SQL.audit_left, (user_id,)).fetchone() is None:
+            self._db.execute(_SQL.audit_purged, (user_id,))
+        self._storage.audit_numbers.pop(user_id, None)
+        return deleted
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         return self._db.execute(_SQL.name_reserved, (account_name, now)).fetchone() is not None
