@@ -151,10 +151,11 @@ class Statements:
             "SELECT 1 FROM accounts WHERE user_id = :user UNION ALL "
             "SELECT 1 FROM audit_purges WHERE user_id = :user LIMIT 1"
         )
-        #: Values: :func:`account_values`.
+        #: Values: :func:`account_values`. Nothing is inserted for a user id whose log still
+        #: waits to be purged (the new account would continue the deleted one's log).
         self.insert_account = spell(
             "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
-            "created_us) VALUES (?, ?, ?, ?, ?)"
+            "created_us) SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM audit_purges WHERE user_id = ?)"
         )
 
         # Secrets
@@ -402,6 +403,7 @@ def account_values(account: Account) -> tuple[object, ...]:
         account.registration_record,
         account.encrypted_storage_key,
         account.created,
+        account.user_id,
     )
 
 

@@ -9,8 +9,6 @@ queue (SQLite 12, PostgreSQL 8) upgrades a database of the schema before in plac
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
 from keymgmt.adapters.server.app import AUDIT_PURGE_CHUNK, KeyServer
@@ -18,8 +16,9 @@ from keymgmt.adapters.storage import postgres as pg_backend
 from keymgmt.adapters.storage import sqlite as sqlite_backend
 from keymgmt.adapters.storage.base import Account, AuditQuery, AuditRecord, StorageError
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
-from keymgmt_proto import Action, AuditType, Outcome
+from keymgmt_proto import Action, AuditEntry, AuditType, Outcome, audit_chain_hash, audit_genesis_hash
 
+from ..support.migrations import Execute, postgres_at, sqlite_at
 from ..support.pg import schema_fixture
 from .test_storage_backends import make_storage  # noqa: F401 (fixture)
 
@@ -49,12 +48,15 @@ def _queued(db) -> list[bytes]:
 def _fill_log(db, user_id: bytes, count: int) -> None:
     """``count`` more entries in the user's log, written straight into the tables (fast)."""
     with db.transaction() as tx:
-        first = int(_run(tx, "SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?", (user_id,))[0][0])
+        first = int(
+            _run(tx, "SELECT coalesce(max(seq), 0) + 1 FROM audit WHERE user_id = ?", (user_id,))[0][0]
+        )
         if hasattr(tx, "_conn"):
             _run(
                 tx,
                 "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, event_count, chain_hash) "
-                "SELECT ?, i, 6, i, 0, 1, decode(repeat('00', 32), 'hex') FROM generate_series(?::bigint, ?::bigint) AS i",
+                "SELECT ?, i, 6, i, 0, 1, decode(repeat('00', 32), 'hex') "
+                "FROM generate_series(?::bigint, ?::bigint) AS i",
                 (user_id, first, first + count - 1),
             )
             _run(tx, "UPDATE accounts SET audit_seq = ? WHERE user_id = ?", (first + count - 1, user_id))
@@ -127,16 +129,23 @@ def test_a_queued_log_survives_a_restart_and_stays_closed_until_purged(make_stor
     db = make_storage()
     _two_accounts(db)
     with db.transaction() as tx:
-        tx.append_audits([AuditRecord(ALICE.user_id, Action.RETRIEVE, n, Outcome.SUCCESS) for n in (3, 4, 5, 6)])
+        tx.append_audits(
+            [AuditRecord(ALICE.user_id, Action.RETRIEVE, n, Outcome.SUCCESS) for n in (3, 4, 5, 6)]
+        )
         assert tx.delete_account(ALICE.user_id, reserved_until=1_000)
     db.close()
 
     db = make_storage()
     assert _queued(db) == [ALICE.user_id] and _entries(db, ALICE.user_id) == 5
-    with pytest.raises(StorageError), db.transaction() as tx:  # a late entry: refused
-        tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGOUT, 7, Outcome.SUCCESS))
+    late = AuditRecord(ALICE.user_id, Action.LOGOUT, 7, Outcome.SUCCESS)  # a session ending elsewhere
+    with pytest.raises(StorageError), db.transaction() as tx:  # refused: no account
+        tx.append_audit(late)
+    with pytest.raises(StorageError), db.transaction() as tx:
+        tx.append_audits([late, late])
+    left = _entries(db, ALICE.user_id)
     with db.transaction() as tx:
         assert tx.user_id_exists(ALICE.user_id)  # a registration draws another id
+        assert not tx.insert_account(Account(b"carol", ALICE.user_id, b"t" * 192, b"m" * 60, 3))
     chunks = []
     while True:
         with db.transaction() as tx:
@@ -144,10 +153,12 @@ def test_a_queued_log_survives_a_restart_and_stays_closed_until_purged(make_stor
         if deleted is None:
             break
         chunks.append(deleted)
-    assert chunks == [2, 2, 1]
+    assert chunks == [2, 2, 1] and left == 5
     assert _queued(db) == [] and _entries(db, ALICE.user_id) == 0 and _entries(db, BOB.user_id) == 1
     with db.transaction() as tx:
         assert not tx.user_id_exists(ALICE.user_id)
+    with pytest.raises(StorageError), db.transaction() as tx:  # the log is gone: refused
+        tx.append_audit(late)
 
 
 def test_a_rolled_back_deletion_queues_nothing(make_storage):  # noqa: F811
@@ -164,17 +175,45 @@ def test_a_rolled_back_deletion_queues_nothing(make_storage):  # noqa: F811
 # ------------------------------------------------------------------ migration
 
 
-def _fill_previous(db) -> None:
-    """Alice (three entries), Bob (one), on the schema before the queue."""
-    with db.transaction() as tx:
-        assert tx.insert_account(ALICE) and tx.insert_account(BOB)
-        tx.append_audits([AuditRecord(ALICE.user_id, Action.RETRIEVE, n, Outcome.SUCCESS) for n in (1, 2, 3)])
-        tx.append_audit(AuditRecord(BOB.user_id, Action.REGISTER, 4, Outcome.SUCCESS))
+def _fill_previous(execute: Execute, mark: str) -> None:
+    """Alice (three entries), Bob (one), as the schema before the queue holds them (written
+    straight into the tables: this release's statements name the queue)."""
+    for account in (ALICE, BOB):
+        execute(
+            "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
+            "created_us) VALUES (?, ?, ?, ?, ?)".replace("?", mark),
+            (
+                account.user_id,
+                account.account_name,
+                account.registration_record,
+                account.encrypted_storage_key,
+                1,
+            ),
+        )
+    previous = audit_genesis_hash()
+    for user, seq, ts in (
+        (ALICE.user_id, 1, 1),
+        (ALICE.user_id, 2, 2),
+        (ALICE.user_id, 3, 3),
+        (BOB.user_id, 1, 4),
+    ):
+        if seq == 1:
+            previous = audit_genesis_hash()
+        entry = AuditEntry(seq, Action.RETRIEVE, ts, Outcome.SUCCESS)
+        previous = audit_chain_hash(user, previous, entry)
+        execute(
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome, event_count, chain_hash) "
+            "VALUES (?, ?, ?, ?, ?, 1, ?)".replace("?", mark),
+            (user, seq, int(Action.RETRIEVE), ts, int(Outcome.SUCCESS), previous),
+        )
+    if mark == "%s":  # PostgreSQL numbers entries from the account row
+        execute("UPDATE accounts SET audit_seq = 3 WHERE user_id = %s", (ALICE.user_id,))
+        execute("UPDATE accounts SET audit_seq = 1 WHERE user_id = %s", (BOB.user_id,))
 
 
 def _check_upgraded(db) -> None:
     """The entries are all there, chained as before; a deletion now leaves the log to the
-    purge, and an entry for a user with no account is still refused."""
+    purge, and an entry for a user who has no account is still refused."""
     with db.transaction() as tx:
         before = tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))[0]
     assert [e.timestamp for e in before] == [1, 2, 3] and all(e.chain_hash for e in before)
@@ -183,33 +222,28 @@ def _check_upgraded(db) -> None:
         assert tx.query_audit(ALICE.user_id, AuditQuery(AuditType.ALL))[0][:3] == before
         assert tx.delete_account(ALICE.user_id, reserved_until=1_000)
     assert _entries(db, ALICE.user_id) == 4 and ALICE.user_id in _queued(db)
-    with pytest.raises(StorageError), db.transaction() as tx:
-        tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGOUT, 6, Outcome.SUCCESS))
     keyserver = KeyServer(db)
     while keyserver.purge_audit_logs() is not None:
         pass
     assert _entries(db, ALICE.user_id) == 0 and _entries(db, BOB.user_id) == 1 and _queued(db) == []
+    with pytest.raises(StorageError), db.transaction() as tx:
+        tx.append_audit(AuditRecord(ALICE.user_id, Action.LOGOUT, 6, Outcome.SUCCESS))
 
 
 def test_sqlite_upgrades_a_database_of_schema_11(tmp_path, monkeypatch):
     path = tmp_path / "ks.db"
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_backend, "_MIGRATIONS", sqlite_backend._MIGRATIONS[:11])
-        previous = SQLiteStorage(path)
-        assert previous.schema_version == 11
-        _fill_previous(previous)
-        previous.close()
-    # Entries no account owns (written with the foreign key off): queued by the migration.
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute(
-        "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome) VALUES (?, 1, 1, 1, 0)", (b"O" * 16,)
-    )
-    raw.close()
+    with sqlite_at(path, sqlite_backend._MIGRATIONS[:11], monkeypatch) as execute:
+        _fill_previous(execute, "?")
+        # Entries no account owns (written with the foreign key off): queued by the migration.
+        execute(
+            "INSERT INTO audit (user_id, seq, action, timestamp_us, outcome) VALUES (?, 1, 1, 1, 0)",
+            (b"O" * 16,),
+        )
     upgraded = SQLiteStorage(path)
     try:
         assert upgraded.schema_version == len(sqlite_backend._MIGRATIONS) == 12
         assert _queued(upgraded) == [b"O" * 16]
-        assert upgraded._db.execute("PRAGMA foreign_key_list(audit)").fetchall() == []
+        assert upgraded._db.execute("PRAGMA foreign_key_list(audit)").fetchall() == []  # no cascade
         _check_upgraded(upgraded)
         assert _entries(upgraded, b"O" * 16) == 0
     finally:
@@ -225,12 +259,8 @@ def pg():
 
 def test_postgres_upgrades_a_database_of_schema_7(pg, monkeypatch):
     conninfo, schema = pg
-    with monkeypatch.context() as m:
-        m.setattr(pg_backend, "_MIGRATIONS", pg_backend._MIGRATIONS[:7])
-        previous = pg_backend.PostgresStorage(conninfo, schema=schema)
-        assert previous.schema_version == 7
-        _fill_previous(previous)
-        previous.close()
+    with postgres_at(conninfo, schema, pg_backend._MIGRATIONS[:7], monkeypatch) as execute:
+        _fill_previous(execute, "%s")
     upgraded = pg_backend.PostgresStorage(conninfo, schema=schema)
     try:
         assert upgraded.schema_version == len(pg_backend._MIGRATIONS) == 8

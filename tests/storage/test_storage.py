@@ -67,7 +67,7 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     assert storage.schema_version == len(_MIGRATIONS) == 12
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
-    with pytest.raises(StorageError), storage.transaction() as tx:  # nor a log (a trigger, not a key)
+    with pytest.raises(StorageError), storage.transaction() as tx:  # nor a log (checked by the INSERT)
         tx.append_audit(AuditRecord(bytes(16), Action.REGISTER, 1, Outcome.SUCCESS))
     storage.close()
     db = sqlite3.connect(tmp_path / "ks.db")
