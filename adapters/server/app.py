@@ -93,6 +93,7 @@ from .metrics import ServerMetrics
 from .userrate import UserRequestRates
 
 __all__ = [
+    "AUDIT_PURGE_CHUNK",
     "DEFAULT_NAME_RESERVATION",
     "DEFAULT_REAUTH_WINDOW",
     "KeyServer",
@@ -110,6 +111,9 @@ DEFAULT_NAME_RESERVATION = 30 * 86_400.0
 #: A password change or an account deletion needs a session whose login started at most
 #: this many seconds before (the owner proves the current password afresh).
 DEFAULT_REAUTH_WINDOW = 300.0
+#: Audit entries of a deleted account that one transaction deletes at most (see
+#: purge_audit_logs): a few milliseconds of SQLite's write lock.
+AUDIT_PURGE_CHUNK = 2_000
 #: KeyServer's default ``request_rates``: a UserRequestRates of its own (not one shared).
 _DEFAULT_RATES: Any = object()
 
@@ -243,6 +247,9 @@ class KeyServer:
         #: _record_failures); kept until storage takes them.
         self._failures: list[tuple[bytes, int]] = []
         self._batch_depth = 0
+        #: Called (on the event loop, inside the batch) when a request deleted an account:
+        #: the runtime then runs purge_audit_logs soon after that batch.
+        self.on_account_deleted: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"KeyServer({self.storage!r})"
@@ -378,6 +385,8 @@ class KeyServer:
                 keep = event.handle if event.body[0] == Op.CHANGE_PASSWORD_FINISH else None
                 ended = conn.registry.end_user_sessions(event.user_id, ErrorCode.NOT_AUTHORIZED, keep)
                 self._drop_stored_sessions(event.user_id)
+                if keep is None and self.on_account_deleted is not None:
+                    self.on_account_deleted()  # its log waits to be purged
                 log.info(
                     "ended %d session(s) of an account whose credentials changed or that was deleted", ended
                 )
@@ -541,6 +550,13 @@ class KeyServer:
             tx.forget_reserved_names(now)  # names of deleted accounts whose reservation ended
         return len(records)
 
+    def purge_audit_logs(self, chunk: int = AUDIT_PURGE_CHUNK) -> int | None:
+        """Delete at most ``chunk`` entries of the audit log of a deleted account (the
+        deletion queued it), in a transaction of its own: call again, one batch at a time,
+        until it returns None (no log left to purge). How many entries it deleted."""
+        with self.storage.transaction() as tx:
+            return tx.purge_audit(chunk)
+
     def _on_registration_requested(self, conn: ServerConnection, event: RegistrationRequested) -> None:
         if not self._name_ok(event.account_name):
             conn.reject_session(event.session_id, ErrorCode.INVALID_ACCOUNT_NAME, "account name not allowed")
@@ -595,7 +611,7 @@ class KeyServer:
             if not self._account_gone(user_id):
                 raise
             # A session of a deleted account ended (on an instance that could not end it
-            # when the account went): its log went with the account.
+            # when the account went): its log goes with the account.
             log.debug("no audit entry for a session of a deleted account")
 
     # ------------------------------------------------------------ requests
@@ -717,7 +733,7 @@ class KeyServer:
             with self.storage.transaction(atomic=kind not in _ONE_WRITE) as tx:
                 op = _Op(tx, user_id, now, reservations, [], registrar, credentials)
                 response, key_id = self._perform(op, request)
-                if kind is not Op.DELETE_ACCOUNT:  # a deletion takes the log with it
+                if kind is not Op.DELETE_ACCOUNT:  # a deletion writes none: its log goes
                     record = AuditRecord(user_id, action, now, Outcome.SUCCESS, key_id, context)
                     if op.later:  # e.g. the next key id a store reserved: one statement for both
                         tx.append_audits([record, *op.later], op.credentials)
@@ -918,8 +934,9 @@ class KeyServer:
         return Empty(), None
 
     def _delete_account(self, op: _Op, request: DeleteAccountRequest) -> _Answer:
-        """The record, every secret, the audit log and the name's throttling state go in
-        this one transaction; the name stays reserved for ``name_reservation`` seconds."""
+        """The record, every secret and the name's throttling state go in this one
+        transaction, and the audit log is queued for purge_audit_logs (it goes a chunk per
+        transaction, right after); the name stays reserved for ``name_reservation`` seconds."""
         if op.registrar is None:  # not a recent login
             raise _Refused(Status.INVALID, Action.DELETE_ACCOUNT)
         reserved_until = op.now + int(self.name_reservation * 1_000_000)

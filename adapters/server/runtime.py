@@ -214,6 +214,9 @@ class KeyServerRuntime:
         # Anything served beside the runtime over its storage (serve_stream, an app wrapping
         # its key server) joins this group commit.
         use_group_commit(self.keyserver, self.committer)
+        #: Set when a request here deleted an account: its audit log is purged right after.
+        self._purge_due = anyio.Event()
+        self.keyserver.on_account_deleted = lambda: self._purge_due.set()
         self.port: int | None = None
         #: The port of the /healthz and /metrics listener once it listens.
         self.health_port: int | None = None
@@ -376,6 +379,7 @@ class KeyServerRuntime:
                     accepting.start_soon(self._accept, each, connections, True)
                 accepting.start_soon(self._expire_detached_sessions)
                 accepting.start_soon(self._maintain)
+                accepting.start_soon(self._purge_audit_logs)
                 accepting.start_soon(self._check_credentials)
                 task_status.started(port)
                 self._serving = True
@@ -447,6 +451,22 @@ class KeyServerRuntime:
                     await anyio.sleep(0)
             except Exception:
                 log.error("sweeping login-throttling records failed", exc_info=True)
+
+    async def _purge_audit_logs(self) -> None:
+        """Delete the audit logs of deleted accounts (each deletion queues its log), at most
+        ``AUDIT_PURGE_CHUNK`` entries per batch: other users' requests commit between the
+        chunks, and none waits for a whole log. At startup (a log queued before a restart or
+        a crash), right after a deletion here, and every ``maintenance_interval`` (deletions
+        through other instances or workers); a storage failure is logged and tried later."""
+        while True:
+            self._purge_due = anyio.Event()
+            try:
+                while await self.committer.run(self.keyserver.purge_audit_logs) is not None:
+                    await anyio.sleep(0)
+            except Exception:
+                log.error("purging the audit logs of deleted accounts failed", exc_info=True)
+            with anyio.move_on_after(self.settings.maintenance_interval):
+                await self._purge_due.wait()
 
     async def _check_credentials(self) -> None:
         """Now and then, end the sessions held here whose account's password changed, or that

@@ -239,10 +239,19 @@ class Transaction(Protocol):
         ...
 
     def delete_account(self, user_id: bytes, reserved_until: int, credentials: int | None = None) -> bool:
-        """Delete the account with every secret, its audit log and its name's throttling
-        state, and reserve the name until ``reserved_until`` (microseconds); all in this
-        transaction. False if there is no account. Given ``credentials``, CredentialsChanged
-        (nothing deleted) if the account's ``credentials_changed`` is not that."""
+        """Delete the account with every secret and its name's throttling state, reserve the
+        name until ``reserved_until`` (microseconds), and queue its audit log for
+        :meth:`purge_audit`; all in this transaction (the log itself, which can be large, is
+        deleted later, a chunk at a time). False if there is no account. Given
+        ``credentials``, CredentialsChanged (nothing deleted) if the account's
+        ``credentials_changed`` is not that."""
+        ...
+
+    def purge_audit(self, limit: int) -> int | None:
+        """One step of deleting the audit logs that :meth:`delete_account` queued: at most
+        ``limit`` entries of one queued log; a log found empty leaves the queue. How many
+        entries it deleted; None when no log is queued (PostgreSQL: none that another
+        instance is not purging at this moment)."""
         ...
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:

@@ -168,6 +168,19 @@ _MIGRATIONS: list[str] = [
         FOR EACH ROW WHEN (NEW.credentials_changed_us = OLD.credentials_changed_us)
         EXECUTE FUNCTION credentials_moved()
     """,
+    # 8: a deleted account's audit log goes after the deletion, a chunk per transaction
+    # (audit_purges queues it: _PgTransaction.purge_audit), not in it: the audit table's
+    # foreign key, whose ON DELETE CASCADE deleted the log with the account, goes. An entry
+    # for a user who has no account is still refused (append_audits numbers it from the
+    # account's row). Entries no account owns (none, with the key on) are queued too.
+    """
+    CREATE TABLE audit_purges (
+        user_id BYTEA PRIMARY KEY CHECK (length(user_id) = 16)
+    );
+    ALTER TABLE audit DROP CONSTRAINT IF EXISTS audit_user_id_fkey;
+    INSERT INTO audit_purges (user_id) SELECT DISTINCT user_id FROM audit
+        WHERE NOT EXISTS (SELECT 1 FROM accounts WHERE accounts.user_id = audit.user_id)
+    """,
 ]
 
 _SQL = Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED", lock_shared=" FOR SHARE")
@@ -236,7 +249,7 @@ class _PgTransaction:
         return None if row is None else to_account(row)
 
     def user_id_exists(self, user_id: bytes) -> bool:
-        return self._one(_SQL.user_id_exists, (user_id,)) is not None
+        return self._conn.execute(_SQL.user_id_exists, {"user": user_id}).fetchone() is not None
 
     def insert_account(self, account: Account) -> bool:
         self._storage.sync_needed = True
@@ -319,13 +332,26 @@ class _PgTransaction:
             raise CredentialsChanged(gone=False)
         self._storage.sync_needed = True
         self._conn.execute(_SQL.delete_user_secrets, (user_id,))
-        self._conn.execute(_SQL.delete_user_audit, (user_id,))
+        self._conn.execute(_SQL.queue_audit_purge, (user_id,))  # the log: purge_audit, later
         # In this transaction (not _own): the deletion is all or nothing. Its row lock is held
         # to the commit; a login of the name on another instance waits for it (lock_timeout).
         self._conn.execute(_SQL.delete_login_record, (account.account_name,))
         self._conn.execute(_SQL.delete_account, (user_id,))
         self._conn.execute(_SQL.reserve_name, (account.account_name, reserved_until))
         return True
+
+    def purge_audit(self, limit: int) -> int | None:
+        # The queue row stays locked to the commit (SKIP LOCKED: instances purge different
+        # logs). A chunk short of the limit may only have met rows another transaction is
+        # deleting: the queue row goes only once no entry is left.
+        row = self._one(_SQL.next_audit_purge, ())
+        if row is None:
+            return None
+        user_id = bytes(row[0])
+        deleted = self._conn.execute(_SQL.purge_audit_chunk, (user_id, user_id, limit)).rowcount
+        if deleted < limit and self._one(_SQL.audit_left, (user_id,)) is None:
+            self._conn.execute(_SQL.audit_purged, (user_id,))
+        return deleted
 
     def name_reserved(self, account_name: bytes, now: int) -> bool:
         return self._one(_SQL.name_reserved, (account_name, now)) is not None

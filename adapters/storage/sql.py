@@ -120,9 +120,10 @@ def _as_written(statement: str) -> str:
 class Statements:
     """The statements both backends run, spelled for one driver: ``qmark`` for sqlite3,
     ``pyformat`` for psycopg. ``lock_rows`` ends the subqueries that pick login records
-    to delete (PostgreSQL's ``FOR UPDATE SKIP LOCKED``); ``lock_shared`` the one that reads
-    an account's credentials version for a session being stored (PostgreSQL's ``FOR
-    SHARE``: it waits for a password change under way and reads the version it commits)."""
+    to delete, and the pick of a log to purge (PostgreSQL's ``FOR UPDATE SKIP LOCKED``);
+    ``lock_shared`` the one that reads an account's credentials version for a session being
+    stored (PostgreSQL's ``FOR SHARE``: it waits for a password change under way and reads
+    the version it commits)."""
 
     def __init__(
         self, paramstyle: Literal["qmark", "pyformat"] = "qmark", lock_rows: str = "", lock_shared: str = ""
@@ -144,11 +145,17 @@ class Statements:
             "LIMIT 1"
         )
         self.account_by_user_id = spell(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE user_id = ?")
-        self.user_id_exists = spell("SELECT 1 FROM accounts WHERE user_id = ?")
-        #: Values: :func:`account_values`.
+        #: A user id that an account has, or whose log still waits to be purged (a new account
+        #: must not continue the log of a deleted one). Parameters: ``{"user": user id}``.
+        self.user_id_exists = spell(
+            "SELECT 1 FROM accounts WHERE user_id = :user UNION ALL "
+            "SELECT 1 FROM audit_purges WHERE user_id = :user LIMIT 1"
+        )
+        #: Values: :func:`account_values`. Nothing is inserted for a user id whose log still
+        #: waits to be purged (the new account would continue the deleted one's log).
         self.insert_account = spell(
             "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
-            "created_us) VALUES (?, ?, ?, ?, ?)"
+            "created_us) SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM audit_purges WHERE user_id = ?)"
         )
 
         # Secrets
@@ -319,7 +326,21 @@ class Statements:
         )
         self.credentials_changed = spell("SELECT credentials_changed_us FROM accounts WHERE user_id = ?")
         self.delete_user_secrets = spell("DELETE FROM secrets WHERE user_id = ?")
-        self.delete_user_audit = spell("DELETE FROM audit WHERE user_id = ?")
+        # A deleted account's audit log is purged later, a chunk per transaction (the deletion
+        # only queues it: one DELETE of a log of a million entries held SQLite's write lock
+        # for seconds, and every other user's request waited).
+        self.queue_audit_purge = spell(
+            "INSERT INTO audit_purges (user_id) VALUES (?) ON CONFLICT (user_id) DO NOTHING"
+        )
+        #: A user whose log is queued for purging (PostgreSQL: one no other instance is purging).
+        self.next_audit_purge = spell(f"SELECT user_id FROM audit_purges LIMIT 1{lock_rows}")
+        #: The user's first entries, at most the limit. Parameters: user id, user id, limit.
+        self.purge_audit_chunk = spell(
+            "DELETE FROM audit WHERE user_id = ? AND seq IN "
+            "(SELECT seq FROM audit WHERE user_id = ? ORDER BY seq LIMIT ?)"
+        )
+        self.audit_left = spell("SELECT 1 FROM audit WHERE user_id = ? LIMIT 1")
+        self.audit_purged = spell("DELETE FROM audit_purges WHERE user_id = ?")
         self.delete_login_record = spell("DELETE FROM login_throttle WHERE account_name = ?")
         self.delete_account = spell("DELETE FROM accounts WHERE user_id = ?")
         self.reserve_name = spell(
@@ -382,6 +403,7 @@ def account_values(account: Account) -> tuple[object, ...]:
         account.registration_record,
         account.encrypted_storage_key,
         account.created,
+        account.user_id,
     )
 
 

@@ -93,6 +93,27 @@ def test_user_id_is_redrawn_on_collision(server_setup, storage):
         assert tx.get_account(b"alice").user_id == taken
 
 
+def test_the_user_id_of_a_deleted_account_is_redrawn_until_its_log_is_purged(server_setup, storage):
+    """A deleted account's log goes after the deletion (tests/storage/test_audit_purge.py):
+    until it is gone its user id counts as taken, so a new account never continues its log
+    (numbers, chain) nor reads it."""
+    taken, fresh = b"\xaa" * 16, b"\xbb" * 16
+    random = Scripted(taken)
+    keyserver = KeyServer(storage, random=random)
+    assert register(_pair(server_setup, keyserver), b"alice").user_id == taken
+    with storage.transaction() as tx:
+        assert tx.delete_account(taken, reserved_until=0)
+    random.queue = [taken, fresh]  # the deleted account's id, its log still queued
+    assert register(_pair(server_setup, keyserver), b"bob").user_id == fresh
+    while keyserver.purge_audit_logs() is not None:
+        pass
+    random.queue = [taken]  # free once the log is gone (and 2**-128 likely anyway)
+    assert register(_pair(server_setup, keyserver), b"carol").user_id == taken
+    with storage.transaction() as tx:
+        entries, _ = tx.query_audit(taken, AuditQuery(AuditType.ALL))
+    assert [(e.entry_id, e.action) for e in entries] == [(1, Action.REGISTER)]  # carol's own
+
+
 def test_key_id_is_redrawn_when_it_exists(server_setup, storage):
     user_id, r1, r2, r3 = bytes(range(16)), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
     client_nonce = b"\x0c" * 32

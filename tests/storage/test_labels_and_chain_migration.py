@@ -45,7 +45,7 @@ OLD_ENTRIES = [
 
 def _before_the_chain(migrations: list[str]) -> list[str]:
     """The migrations of the previous schema: those before the one that adds the chain."""
-    (index,) = [n for n, migration in enumerate(migrations) if "chain_hash" in migration]
+    (index,) = [n for n, migration in enumerate(migrations) if "ADD COLUMN chain_hash" in migration]
     return migrations[:index]
 
 

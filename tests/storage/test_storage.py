@@ -62,10 +62,13 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     from keymgmt.adapters.storage.sqlite import _MIGRATIONS
 
     # accounts etc., throttling, sessions, counts, keys, names, labels and the audit chain,
-    # credentials versions, their trigger, and the labels' own table
-    assert storage.schema_version == len(_MIGRATIONS) == 11
+    # credentials versions, their trigger, the labels' own table, the listing index, and the
+    # queue of deleted accounts' logs
+    assert storage.schema_version == len(_MIGRATIONS) == 12
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
+    with pytest.raises(StorageError), storage.transaction() as tx:  # nor a log (checked by the INSERT)
+        tx.append_audit(AuditRecord(bytes(16), Action.REGISTER, 1, Outcome.SUCCESS))
     storage.close()
     db = sqlite3.connect(tmp_path / "ks.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -251,7 +251,7 @@ def _spelled(statements: Statements) -> dict[str, str]:
 def test_each_shared_statement_is_spelled_for_its_driver():
     """Written once as sqlite3 takes it (?, :name), each statement reaches psycopg as %s,
     %(name)s and otherwise the same text; the row locks go only where PostgreSQL picks
-    login records to delete."""
+    login records to delete, and a deleted account's log to purge."""
     qmark = _spelled(Statements("qmark"))
     pyformat = _spelled(Statements("pyformat", lock_rows=" FOR UPDATE SKIP LOCKED"))
     assert qmark.keys() == pyformat.keys() and len(qmark) > 20
@@ -262,6 +262,8 @@ def test_each_shared_statement_is_spelled_for_its_driver():
         as_psycopg = re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", text.replace("?", "%s"))
         if name.startswith(("sweep_login_records", "evict_login_records")):
             as_psycopg = as_psycopg.replace(") RETURNING", " FOR UPDATE SKIP LOCKED) RETURNING")
+        if name == "next_audit_purge":
+            as_psycopg += " FOR UPDATE SKIP LOCKED"
         assert pyformat[name] == as_psycopg, name
         assert "?" not in pyformat[name] and not re.search(r"(?<![:\w]):\w", pyformat[name]), name
     assert ":now" in qmark["start_login"] and "%(now)s" in pyformat["start_login"]
