@@ -456,15 +456,21 @@ class KeyServerRuntime:
         """Delete the audit logs of deleted accounts (each deletion queues its log), at most
         ``AUDIT_PURGE_CHUNK`` entries per batch: other users' requests commit between the
         chunks, and none waits for a whole log. At startup (a log queued before a restart or
-        a crash), right after a deletion here, and every ``maintenance_interval`` (deletions
-        through other instances or workers); a storage failure is logged and tried later."""
+        a crash; on SQLite only if the file held one when opened), right after a deletion
+        here, and every ``maintenance_interval`` (deletions through other instances or
+        workers); a storage failure is logged and tried later."""
+        # At startup only if the storage says a log is queued (SQLite, read as the file was
+        # opened): a batch takes the write lock, and an idle server takes none.
+        due = bool(getattr(self.storage, "audit_purges_queued", True))
         while True:
             self._purge_due = anyio.Event()
-            try:
-                while await self.committer.run(self.keyserver.purge_audit_logs) is not None:
-                    await anyio.sleep(0)
-            except Exception:
-                log.error("purging the audit logs of deleted accounts failed", exc_info=True)
+            if due:
+                try:
+                    while await self.committer.run(self.keyserver.purge_audit_logs) is not None:
+                        await anyio.sleep(0)
+                except Exception:
+                    log.error("purging the audit logs of deleted accounts failed", exc_info=True)
+            due = True
             with anyio.move_on_after(self.settings.maintenance_interval):
                 await self._purge_due.wait()
 

@@ -296,6 +296,7 @@ _ADD_KEY_AT = "UPDATE accounts SET key_count = key_count + 1 WHERE user_id = ? A
 #: The chain hash before a user's first entry.
 _GENESIS = audit_genesis_hash()
 _NO_ACCOUNT = "audit entry for a user who has no account"
+_ANY_AUDIT_PURGE = "SELECT 1 FROM audit_purges LIMIT 1"
 _LAST_AUDIT_ENTRY = "SELECT seq, chain_hash FROM audit WHERE user_id = ? ORDER BY seq DESC LIMIT 1"
 #: Users whose last audit number (or key count) the storage remembers (then it starts again).
 _AUDIT_NUMBERS_KEPT = 100_000
@@ -943,6 +944,10 @@ class SQLiteStorage:
             self._migrate()
             # From here on this module syncs the WAL itself, after the commits that need it.
             self._db.execute("PRAGMA synchronous = NORMAL")
+            #: Whether a deleted account's log waited in audit_purges when the file was opened:
+            #: the runtime then purges at once; else its first purge waits for a deletion or
+            #: its interval (an idle server takes no write lock).
+            self.audit_purges_queued = self._any_audit_purge()
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open key-server database {self.path}: {exc}") from None
         self.session_store = _SQLiteSessionStore(self)
@@ -951,6 +956,12 @@ class SQLiteStorage:
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({str(self.path)!r})"
+
+    def _any_audit_purge(self) -> bool:
+        try:
+            return self._db.execute(_ANY_AUDIT_PURGE).fetchone() is not None
+        except sqlite3.OperationalError:  # no queue yet (a file kept at an older schema)
+            return False
 
     def _migrate(self) -> None:
         self._db.execute(_SQL.create_schema_version)
