@@ -303,25 +303,22 @@ _AUDIT_NUMBERS_KEPT = 100_000
 _AUDIT_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
+#: The condition of a multi-row audit INSERT: the user has an account (entries written
+#: outside a session), or still has the session's credentials (see append_audit).
+_OWNED = "user_id = ?"
+_CURRENT = "user_id = ? AND credentials_changed_us = ?"
+
+
 @functools.cache
-def _owned_audits_insert(count: int) -> str:
-    """_INSERT_OWNED_AUDIT of ``count`` entries: all of them or none."""
+def _guarded_audits_insert(count: int, condition: str) -> str:
+    """_INSERT_AUDIT of ``count`` entries, all of them or none: only while an account row
+    matches ``condition`` (_OWNED or _CURRENT)."""
+    assert condition in (_OWNED, _CURRENT)  # (the text of one of these two constants, no input)
     return (  # (placeholders only: no value is ever spliced into the text)
         _INSERT_AUDIT.removesuffix("VALUES " + _AUDIT_ROW)  # noqa: S608
         + "SELECT * FROM (VALUES "
         + ", ".join([_AUDIT_ROW] * count)
-        + ") WHERE EXISTS (SELECT 1 FROM accounts WHERE user_id = ?)"
-    )
-
-
-@functools.cache
-def _current_audits_insert(count: int) -> str:
-    """_INSERT_CURRENT_AUDIT of ``count`` entries: all of them or none."""
-    return (  # (placeholders only: no value is ever spliced into the text)
-        _INSERT_AUDIT.removesuffix("VALUES " + _AUDIT_ROW)  # noqa: S608
-        + "SELECT * FROM (VALUES "
-        + ", ".join([_AUDIT_ROW] * count)
-        + ") WHERE EXISTS (SELECT 1 FROM accounts WHERE user_id = ? AND credentials_changed_us = ?)"
+        + f") WHERE EXISTS (SELECT 1 FROM accounts WHERE {condition})"  # noqa: S608
     )
 
 
@@ -700,11 +697,11 @@ class _SQLiteTransaction:
         assert previous is not None
         user_id = records[0].user_id
         if credentials is None:
-            statement = _owned_audits_insert(len(records))
+            statement = _guarded_audits_insert(len(records), _OWNED)
             if self._db.execute(statement, (*values, _blob(user_id))).rowcount != len(records):
                 raise StorageError(_NO_ACCOUNT)
             return last, previous
-        statement = _current_audits_insert(len(records))
+        statement = _guarded_audits_insert(len(records), _CURRENT)
         if self._db.execute(statement, (*values, _blob(user_id), credentials)).rowcount == len(records):
             return last, previous
         gone = self._db.execute(_SQL.credentials_changed, (user_id,)).fetchone() is None
