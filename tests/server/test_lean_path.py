@@ -31,6 +31,7 @@ from keymgmt_proto import (
 from keymgmt_proto._opaque import client_registration_start
 
 from ..support.keyserver_world import key_server
+from ..support.sqltrace import trace_statements
 
 PW = b"correct horse battery staple"
 WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
@@ -43,8 +44,7 @@ async def test_each_one_write_operation_writes_one_statement_without_a_savepoint
         session = await client.login(b"lean@example.org", PW)
         key_id = await session.import_secret(b"\x02hi")
         client.local_store.delete(session.user_id, key_id)
-        statements: list[str] = []
-        world.storage._db.set_trace_callback(statements.append)
+        statements = trace_statements(world.storage._db)
         calls = {
             Op.RETRIEVE: lambda: session.retrieve(key_id, Context.NULL),
             Op.LIST_KEYS: session.list_keys,
@@ -88,8 +88,7 @@ async def test_a_one_request_store_moves_the_key_count_without_reading_it(tmp_pa
         await client.register(b"lean@example.org", PW)
         session = await client.login(b"lean@example.org", PW)
         await session.generate()  # CREATE_KEY_ID, then STORE_SECRET: the count read once
-        statements: list[str] = []
-        world.storage._db.set_trace_callback(statements.append)
+        statements = trace_statements(world.storage._db)
         await session.generate()
         batch = ("BEGIN", "COMMIT", "PRAGMA")
         kinds = [" ".join(s.split()[:3]) for s in statements if not s.startswith(batch)]

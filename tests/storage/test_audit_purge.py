@@ -241,7 +241,7 @@ def test_sqlite_upgrades_a_database_of_schema_11(tmp_path, monkeypatch):
         )
     upgraded = SQLiteStorage(path)
     try:
-        assert upgraded.schema_version == len(sqlite_backend._MIGRATIONS) == 12
+        assert upgraded.schema_version == len(sqlite_backend._MIGRATIONS) == 13
         assert _queued(upgraded) == [b"O" * 16]
         assert upgraded._db.execute("PRAGMA foreign_key_list(audit)").fetchall() == []  # no cascade
         _check_upgraded(upgraded)

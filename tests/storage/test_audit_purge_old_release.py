@@ -1,8 +1,9 @@
-"""Review of the audit purge (SQLite migration 12): the audit table lost its foreign key to
-``accounts``, and only this release's INSERTs check the account. An instance of the release
-before, still running on the same file while the instances are restarted one at a time
-(schema upgrades: docs/operations.md), writes a credential-less entry (a LOGOUT, a
-SESSION_EXPIRED, a login's) with a plain INSERT and relied on the key to refuse it."""
+"""The audit purge (SQLite migration 12) took the audit table's foreign key to ``accounts``,
+and this release's INSERTs check the account themselves. An instance of the release before,
+still running on the same file while the instances are restarted one at a time (schema
+upgrades: docs/operations.md), writes a credential-less entry (a LOGOUT, a SESSION_EXPIRED,
+a login's) with a plain INSERT and relied on the key to refuse it: migration 13's trigger
+refuses it instead."""
 
 from __future__ import annotations
 
@@ -24,15 +25,9 @@ _PREVIOUS_RELEASE_INSERT = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # (pytest.raises: DID NOT RAISE)
-    reason="review finding: without the foreign key, an instance of the release before appends "
-    "to a deleted account's log after its purge; nothing queues or purges it",
-)
 def test_an_instance_of_the_release_before_writes_no_entry_for_a_purged_account(tmp_path):
     path = tmp_path / "ks.db"
-    storage = SQLiteStorage(path)  # this release: migrates to 12
+    storage = SQLiteStorage(path)  # this release: migrates to 13
     previous = sqlite3.connect(path, isolation_level=None)  # the release before's connection
     previous.execute("PRAGMA foreign_keys = ON")
     try:

@@ -16,6 +16,7 @@ from keymgmt_proto import Action, AuditType, Outcome
 
 from ..support.migrations import postgres_at, sqlite_at
 from ..support.pg import schema_fixture
+from ..support.sqltrace import trace_statements
 from .test_storage_backends import make_storage, storage  # noqa: F401 (fixtures)
 
 ALICE = Account(b"alice", b"A" * 16, b"r" * 192, b"k" * 60, 1)
@@ -204,8 +205,7 @@ def test_sqlite_checks_a_users_credentials_once_per_batch_and_never_past_a_chang
     other = SQLiteStorage(tmp_path / "ks.db")  # another process, as far as SQLite can tell
     with db.transaction() as tx:
         assert tx.insert_account(ALICE)
-    statements: list[str] = []
-    db._db.set_trace_callback(statements.append)
+    statements = trace_statements(db._db)
     with db.batch(), db.transaction(atomic=False) as tx:
         for n in (1, 2, 3):
             _append(tx, n, 0)

@@ -64,7 +64,7 @@ def test_schema_is_versioned_and_foreign_keys_hold(tmp_path):
     # accounts etc., throttling, sessions, counts, keys, names, labels and the audit chain,
     # credentials versions, their trigger, the labels' own table, the listing index, and the
     # queue of deleted accounts' logs
-    assert storage.schema_version == len(_MIGRATIONS) == 12
+    assert storage.schema_version == len(_MIGRATIONS) == 13
     with pytest.raises(StorageError), storage.transaction() as tx:  # no such account
         tx.insert_secret(SecretRecord(bytes(16), bytes(16), SecretKind.GENERATED, bytes(60), b"ad", 0))
     with pytest.raises(StorageError), storage.transaction() as tx:  # nor a log (checked by the INSERT)
