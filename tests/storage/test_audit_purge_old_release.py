@@ -12,9 +12,12 @@ import sqlite3
 import pytest
 
 from keymgmt.adapters.server.app import KeyServer
+from keymgmt.adapters.storage import sqlite as sqlite_backend
 from keymgmt.adapters.storage.base import Account, AuditRecord
 from keymgmt.adapters.storage.sqlite import SQLiteStorage
 from keymgmt_proto import Action, AuditEntry, Outcome, audit_chain_hash, audit_genesis_hash
+
+from ..support.migrations import sqlite_at
 
 ALICE = Account(b"alice", b"A" * 16, b"r" * 192, b"k" * 60, 1)
 #: What the release before (d503c67, adapters/storage/sqlite.py) runs for an entry written
@@ -49,3 +52,36 @@ def test_an_instance_of_the_release_before_writes_no_entry_for_a_purged_account(
     finally:
         storage.close()
         previous.close()
+
+
+def test_an_entry_written_while_the_file_was_at_schema_12_is_queued_by_the_upgrade(tmp_path, monkeypatch):
+    """Review of migration 13: the trigger refuses the release before's entries from the
+    upgrade on, but a file stays at schema 12 between the two migrations' transactions (each
+    commits on its own: an instance of the release before waiting for the write lock may take
+    it in between), or for longer where the release of schema 12 ran. An entry it let through
+    for a purged account then belongs to nobody; the upgrade queues it, as migration 12 did."""
+    path = tmp_path / "ks.db"
+    with sqlite_at(path, sqlite_backend._MIGRATIONS[:12], monkeypatch) as execute:
+        # The account, then its deletion and purge (schema 12: the log was queued and went)...
+        execute(
+            "INSERT INTO accounts (user_id, account_name, registration_record, encrypted_storage_key, "
+            "created_us) VALUES (?, ?, ?, ?, 1)",
+            (ALICE.user_id, ALICE.account_name, ALICE.registration_record, ALICE.encrypted_storage_key),
+        )
+        execute("DELETE FROM accounts WHERE user_id = ?", (ALICE.user_id,))
+        # ... then the old instance's LOGOUT for it: nothing at schema 12 refuses it.
+        entry = AuditEntry(1, Action.LOGOUT, 2, Outcome.SUCCESS)
+        chained = audit_chain_hash(ALICE.user_id, audit_genesis_hash(), entry)
+        values = (ALICE.user_id, 1, int(Action.LOGOUT), 2, int(Outcome.SUCCESS), None, None, 1, chained)
+        execute(_PREVIOUS_RELEASE_INSERT, values)
+    storage = SQLiteStorage(path)
+    try:
+        assert storage.schema_version == len(sqlite_backend._MIGRATIONS)
+        assert storage.audit_purges_queued  # the runtime purges at once
+        keyserver = KeyServer(storage)
+        while keyserver.purge_audit_logs() is not None:
+            pass
+        left = storage._db.execute("SELECT count(*) FROM audit WHERE user_id = ?", (ALICE.user_id,))
+        assert left.fetchone()[0] == 0
+    finally:
+        storage.close()
