@@ -248,11 +248,15 @@ _MIGRATIONS: list[str] = [
     # account themselves, but an instance of the release before 12, still running on the file
     # during a rolling restart, relied on the key: its entry for a deleted account (a logout,
     # a session's expiry) would have started a new log after the purge, owned by nobody and
-    # never queued. The trigger refuses it as the key did (an IntegrityError).
+    # never queued. The trigger refuses it as the key did (an IntegrityError). Such an entry
+    # written while the file was at 12 (the two migrations commit apart: a waiting instance
+    # may write in between; or the release of 12 ran) is queued, as migration 12 queued its.
     """
     CREATE TRIGGER audit_owned BEFORE INSERT ON audit FOR EACH ROW
         WHEN NOT EXISTS (SELECT 1 FROM accounts WHERE user_id = NEW.user_id)
         BEGIN SELECT RAISE(ABORT, 'FOREIGN KEY constraint failed'); END;
+    INSERT INTO audit_purges (user_id) SELECT DISTINCT user_id FROM audit
+        WHERE user_id NOT IN (SELECT user_id FROM accounts) ON CONFLICT (user_id) DO NOTHING;
     """,
 ]
 #: LIST_KEYS on SQLite: the label from key_labels, no column after the ciphertext read.
