@@ -576,3 +576,34 @@ def test_a_session_of_the_current_password_is_stored_and_one_of_a_deleted_accoun
     (doomed,) = _lose(doomed_pair)
     resumed = _resume(here, doomed)
     assert [e.code for e in resumed if isinstance(e, SessionFailed)] == [ErrorCode.UNKNOWN_SESSION]
+
+
+def test_a_deletion_and_a_session_of_it_elsewhere_in_one_batch_spare_the_other_users(sqlite_storage, caplog):
+    """Review of SQLite migration 13 (the trigger refusing an entry for a user who has no
+    account): in one group commit, a session of Alice on another instance (checked once in
+    the batch, so its next entries would be plain INSERTs), her deletion, that session's next
+    request, and Bob's. Her session ends unanswered, nothing escapes as an IntegrityError,
+    and Bob's request and the batch commit."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="keymgmt.server")
+    here, there = _World(sqlite_storage), _World(sqlite_storage)  # two instances, one connection
+    pair, remote, bobs = here.pair(), there.pair(), there.pair()
+    register(pair, ALICE)
+    register(bobs, BOB)
+    session = login(pair, ALICE)
+    elsewhere = login(remote, ALICE)
+    bob = login(bobs, BOB)
+    ops = SecretOps(elsewhere.user_id, elsewhere.export_key, os.urandom)
+    with sqlite_storage.batch():
+        _run(remote, elsewhere, ops.list_keys())  # checked for her credentials in this batch
+        assert sqlite_storage.checked_credentials.get(elsewhere.user_id) is not None
+        _run(pair, session, SecretOps(session.user_id, session.export_key, os.urandom).delete_account())
+        _ended_unanswered(remote, elsewhere, ops.list_keys())
+        keys, _ = _run(bobs, bob, SecretOps(bob.user_id, bob.export_key, os.urandom).list_keys())
+    assert list(keys) == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    with sqlite_storage.transaction() as tx:
+        assert tx.get_account(ALICE) is None
+        count = tx._db.execute("SELECT count(*) FROM audit WHERE user_id = ?", (bob.user_id,)).fetchone()[0]
+    assert count == 3  # Bob's registration, login and listing
