@@ -149,7 +149,7 @@ from ._server import (
     ServerConnection,
     SessionRegistry,
 )
-from ._sessionstate import DetachedSessionStore, session_sealing_key
+from ._sessionstate import DetachedSessionStore, SessionAppState, session_sealing_key
 from ._state import Command, Role, SessionKind, State
 from ._wire import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_SESSION_ID, PROTOCOL_VERSION, Frame, FrameType
 
@@ -266,6 +266,7 @@ __all__ = [
     "ServerConnection",
     "ServerLoginStep",
     "ServerSetup",
+    "SessionAppState",
     "SessionClosed",
     "SessionEstablished",
     "SessionFailed",

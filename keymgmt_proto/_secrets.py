@@ -279,9 +279,10 @@ class SecretOps:
 
         One request when an earlier store of this kind brought a next key id; else
         CREATE_KEY_ID first. Every STORE_SECRET asks for the next key id. A store refused
-        ``INVALID`` has lost its reservation (reservations are server memory: the session
-        resumed on another instance, or the server restarted, between the reservation and
-        the store); the client asks CREATE_KEY_ID and tries again, sealing afresh, at most
+        ``INVALID`` has lost its reservation (a server may lose it: this release's key server
+        seals it with a detached session, but an instance that crashed between the
+        reservation and the store had it in memory only); the client asks CREATE_KEY_ID and
+        tries again, sealing afresh, at most
         ``STORE_RETRIES`` times; any other refusal, or the last ``INVALID``, is reported."""
         if self._sealer is None:  # (once per session: no generator for the kept key)
             yield from self.storage_key()

@@ -63,7 +63,13 @@ from ._messages import (
 )
 from ._opaque import REAL_OPAQUE, OpaqueSuite, ServerSetup
 from ._ops import READ_OPS
-from ._sessionstate import DetachedSessionStore, SessionState, seal_session_state, unseal_session_state
+from ._sessionstate import (
+    DetachedSessionStore,
+    SessionAppState,
+    SessionState,
+    seal_session_state,
+    unseal_session_state,
+)
 from ._state import TRANSITIONS, Command, Role, SessionKind, State, Trigger, next_state, transition
 from ._wire import DEFAULT_MAX_PAYLOAD, Frame, FrameType
 
@@ -254,6 +260,8 @@ class SessionRegistry:
     memory, and a RESUME for a handle this instance does not hold claims it from the
     store: a session opened on one instance resumes on another (or after a restart).
     A session with requests still being answered stays in memory until it is resumed.
+    ``app_state`` (the application) gives what it keeps of a session to be sealed with it,
+    and takes it back on the instance that claims the session.
     """
 
     def __init__(
@@ -263,6 +271,7 @@ class SessionRegistry:
         store: DetachedSessionStore | None = None,
         sealing_key: bytes | None = None,
         random: RandomSource | None = None,
+        app_state: SessionAppState | None = None,
     ) -> None:
         if store is not None and (sealing_key is None or len(sealing_key) != 32 or random is None):
             raise ValueError("a session store needs a 32-byte sealing_key and a random source")
@@ -271,6 +280,7 @@ class SessionRegistry:
         self._store = store
         self._sealing_key = sealing_key
         self._random = random
+        self._app_state = app_state
         self._hot = HotChannels(self.config.max_hot_channels)
         #: At or before every detached session's deadline (math.inf: none is detached). A
         #: detached session's deadline does not move, so the bound is lowered when one
@@ -477,6 +487,7 @@ class SessionRegistry:
             session.request_count,
             session.answered,
             session.credentials_version,
+            b"" if self._app_state is None else self._app_state.export_session(session.handle),
         )
         key = session.channel.session_handle
         sealed = seal_session_state(state, key, self._sealing_key, self._random)
@@ -522,6 +533,8 @@ class SessionRegistry:
         )
         self._sessions[key] = session
         self._lower_detached_bound(session)
+        if state.app_state and self._app_state is not None:
+            self._app_state.import_session(session.handle, state.app_state)
         return session
 
 

@@ -8,16 +8,19 @@ ChaCha20-Poly1305 under a key every instance derives from the OPAQUE server
 setup they already share (``session_sealing_key``), with the session handle as
 AD. Layout of the plaintext (big-endian)::
 
-    version u8 (4) || user_id 16 || account_name (u8 length) || created f64 ||
+    version u8 (5) || user_id 16 || account_name (u8 length) || created f64 ||
     last_activity f64 || credentials_version u64 || prk 32 || epoch_secret 32 ||
     send_seq u64 || recv_seq u64 || resume_seq u64 || sent_total u64 || received_total u64 ||
     highest_request_id u32 || request_count u32 ||
-    answered count u16 || count x (request_id u32 || kept u8 || body (u32 length) if kept)
+    answered count u16 || count x (request_id u32 || kept u8 || body (u32 length) if kept) ||
+    app_state (u16 length)
 
 ``kept`` is 1 when the answer follows, 0 for a read whose answer was not kept (the read
-runs again if re-sent, protocol.md section 9). Version 3 (the release before) has no
-``kept`` byte: every answer follows, and it is read so. Version 2 (the one before) also
-has no ``credentials_version``; it is read as 0.
+runs again if re-sent, protocol.md section 9). ``app_state`` is what the application keeps
+of the session beside the core (:class:`SessionAppState`; the key server: its key-id
+reservations). Version 4 (the release before) has no ``app_state``: read as empty. Version
+3 (the one before) also has no ``kept`` byte: every answer follows, and it is read so.
+Version 2 (the one before that) also has no ``credentials_version``; it is read as 0.
 
 Sealed: ``nonce 12 || ciphertext || tag 16``. This is a server-internal format
 shared by instances running the same version; it never reaches a client.
@@ -34,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ._crypto import ChannelState, RandomSource, hkdf_sha3
 from ._errors import RemoteProtocolError
+from ._events import SessionHandle
 from ._messages import USER_ID_SIZE
 from ._wire import Reader, Writer
 
@@ -41,6 +45,7 @@ __all__ = [
     "SESSION_STATE_AD_PREFIX",
     "SESSION_STATE_KEY_INFO",
     "DetachedSessionStore",
+    "SessionAppState",
     "SessionState",
     "seal_session_state",
     "session_sealing_key",
@@ -49,7 +54,9 @@ __all__ = [
 
 SESSION_STATE_KEY_INFO = b"keymgmt v1 session state key"
 SESSION_STATE_AD_PREFIX = b"keymgmt v1 session state"
-_VERSION = 4
+_VERSION = 5
+#: The release before: no app_state.
+_VERSION_4 = 4
 #: The versions before, still read: every answer kept, and (version 2) no credentials
 #: version (its sessions count as logged in with credentials version 0).
 _VERSION_3 = 3
@@ -80,6 +87,22 @@ class DetachedSessionStore(Protocol):
         ...
 
 
+class SessionAppState(Protocol):
+    """What an application keeps of a request session beside the core, carried in its sealed
+    state when it detaches to the store and given back to the instance that claims it (the
+    key server: the key ids the session reserved, so a store after a resumption finds them)."""
+
+    def export_session(self, handle: SessionHandle) -> bytes:
+        """The application's state of the session ``handle`` (b"" for none), up to 65535
+        bytes; called as the session is sealed."""
+        ...
+
+    def import_session(self, handle: SessionHandle, state: bytes) -> None:
+        """A claimed session's state as :meth:`export_session` gave it (never b""), under
+        its new ``handle``."""
+        ...
+
+
 @dataclass(slots=True, repr=False)
 class SessionState:
     """What :func:`seal_session_state` seals of a detached request session (the plaintext
@@ -97,6 +120,8 @@ class SessionState:
     answered: dict[int, bytes | None] = field(default_factory=dict)
     #: The application's name for the credentials the session logged in with.
     credentials_version: int = 0
+    #: What the application keeps of the session (:class:`SessionAppState`), up to 65535 bytes.
+    app_state: bytes = b""
 
     def __repr__(self) -> str:
         return "SessionState(<secret>)"
@@ -121,6 +146,7 @@ def seal_session_state(state: SessionState, handle: bytes, key: bytes, random: R
             w.u32(request_id).u8(0)
         else:
             w.u32(request_id).u8(1).u32(len(body)).rest(body)
+    w.bytes16(state.app_state)
     nonce = random(12)
     return nonce + ChaCha20Poly1305(key).encrypt(nonce, w.getvalue(), SESSION_STATE_AD_PREFIX + handle)
 
@@ -134,7 +160,7 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
     try:
         r = Reader(plaintext, "session state")
         version = r.u8()
-        if version not in (_VERSION, _VERSION_3, _VERSION_2):
+        if version not in (_VERSION, _VERSION_4, _VERSION_3, _VERSION_2):
             return None
         user_id = r.fixed(USER_ID_SIZE)
         account_name = r.bytes8()
@@ -146,16 +172,26 @@ def unseal_session_state(sealed: bytes, handle: bytes, key: bytes) -> SessionSta
         answered: dict[int, bytes | None] = {}
         for _ in range(r.u16()):
             request_id = r.u32()
-            kept = 1 if version != _VERSION else r.u8()
+            kept = r.u8() if version >= _VERSION_4 else 1
             if kept == 1:
                 answered[request_id] = r.fixed(r.u32())
             elif kept == 0:
                 answered[request_id] = None
             else:
                 return None
+        app_state = r.bytes16() if version == _VERSION else b""
         r.done()
     except (RemoteProtocolError, struct.error):  # verifies but does not parse: another version
         return None
     return SessionState(
-        user_id, account_name, created, last_activity, channel, highest, count, answered, credentials_version
+        user_id,
+        account_name,
+        created,
+        last_activity,
+        channel,
+        highest,
+        count,
+        answered,
+        credentials_version,
+        app_state,
     )

@@ -1446,7 +1446,11 @@ def session_state_file() -> JSON:
     sealing_key = hkdf_sha3(setup_stand_in, SESSION_STATE_KEY_INFO, 32)
     channel = ChannelState(rng(32), rng(32), 7, 9, 2, 31, 29)
     answered: dict[int, bytes | None] = {12: None, 13: b"\x00", 14: None, 15: b"\x00" + rng(60)}
-    state = SessionState(user_id, b"alice", 1_700_000_000.25, 1_700_000_600.5, channel, 15, 15, answered, 7)
+    # The key server's app state: two key ids the session reserved (key_id 16 || kind u8 each).
+    app_state = rng(16) + bytes([SecretKind.GENERATED]) + rng(16) + bytes([SecretKind.IMPORTED])
+    state = SessionState(
+        user_id, b"alice", 1_700_000_000.25, 1_700_000_600.5, channel, 15, 15, answered, 7, app_state
+    )
     nonce = rng(12)
     sealed = seal_session_state(state, handle, sealing_key, fixed_random(nonce))
     ad = SESSION_STATE_AD_PREFIX + handle
@@ -1455,22 +1459,26 @@ def session_state_file() -> JSON:
     def reseal(body: bytes) -> str:
         return (nonce + ChaCha20Poly1305(sealing_key).encrypt(nonce, body, ad)).hex()
 
-    # The same session as the release before sealed it (version 3: no kept byte, every answer
-    # follows; so only the kept answers), and as the one before that (version 2: no
-    # credentials version either).
+    # The same session as the release before sealed it (version 4: no app state), the one
+    # before that (version 3: no kept byte either, every answer follows; so only the kept
+    # answers), and the one before that (version 2: no credentials version either).
     head_end = 1 + 16 + 1 + len(state.account_name) + 16  # version, user, name, times
-    cache_at = len(plaintext) - sum(5 + (0 if a is None else 4 + len(a)) for a in answered.values()) - 2
+    app_at = len(plaintext) - 2 - len(app_state)
+    cache_at = app_at - sum(5 + (0 if a is None else 4 + len(a)) for a in answered.values()) - 2
     kept = {i: a for i, a in answered.items() if a is not None}
+    v4 = b"\x04" + plaintext[1:app_at]
     v3_cache = struct.pack(">H", len(kept)) + b"".join(
         struct.pack(">II", i, len(a)) + a for i, a in kept.items()
     )
     v3 = b"\x03" + plaintext[1:cache_at] + v3_cache
     v2 = b"\x02" + v3[1:head_end] + v3[head_end + 8 :]
-    for older, version in ((v3, 3), (v2, 2)):
+    olders = ((v4, 4, answered), (v3, 3, kept), (v2, 2, kept))
+    for older, version, reads_as in olders:
         read = unseal_session_state(bytes.fromhex(reseal(older)), handle, sealing_key)
-        assert read is not None and read.answered == kept, version
-        assert read.credentials_version == (7 if version == 3 else 0)
-    bad_kept = plaintext[:cache_at] + struct.pack(">HIB", 1, 12, 2)
+        assert read is not None and read.answered == reads_as and read.app_state == b"", version
+        assert read.credentials_version == (0 if version == 2 else 7)
+    bad_kept = plaintext[:cache_at] + struct.pack(">HIB", 1, 12, 2) + struct.pack(">H", 0)
+    long_app = plaintext[:app_at] + struct.pack(">H", len(app_state) + 1) + app_state
     assert unseal_session_state(bytes.fromhex(reseal(bad_kept)), handle, sealing_key) is None
 
     budget, window = 4096, 16
@@ -1479,15 +1487,17 @@ def session_state_file() -> JSON:
         "description": describe(
             "Server-internal, not the wire (docs/protocol.md sections 9 and 13), but every server "
             "instance sharing a session store must agree on it: the sealed state of a detached "
-            "request session, version 4, and the reply cache it carries. sealing key = "
+            "request session, version 5, and the reply cache it carries. sealing key = "
             "HKDF-SHA3-256(ikm = the serialized OPAQUE server setup, info = "
             "SESSION_STATE_KEY_INFO, 32); sealed = nonce 12 || ChaCha20-Poly1305(sealing key, "
             "plaintext, AD = SESSION_STATE_AD_PREFIX || session_handle). Plaintext, big-endian: "
-            "version u8 (4) || user_id 16 || account_name (u8 length) || created f64 || "
+            "version u8 (5) || user_id 16 || account_name (u8 length) || created f64 || "
             "last_activity f64 || credentials_version u64 || prk 32 || epoch_secret 32 || "
             "send_seq u64 || recv_seq u64 || resume_seq u64 || sent_total u64 || "
             "received_total u64 || highest_request_id u32 || request_count u32 || count u16 || "
-            "count x (request_id u32 || kept u8 || answer (u32 length) if kept = 1). Then the "
+            "count x (request_id u32 || kept u8 || answer (u32 length) if kept = 1) || "
+            "app_state (u16 length), the key server's: its key-id reservations, key_id 16 || "
+            "kind u8 each, oldest first. Then the "
             "reply cache rule of section 9, on a run of answers.",
             {
                 "server_setup": "stands in for the serialized OPAQUE server setup (input)",
@@ -1497,11 +1507,12 @@ def session_state_file() -> JSON:
                     "the fields sealed; answered, oldest first: [request_id, the answer, or "
                     "null for a read whose answer was not kept]"
                 ),
-                "nonce / plaintext / sealed": "the version-4 blob",
+                "nonce / plaintext / sealed": "the version-5 blob",
                 "older[]": (
-                    "blobs of the releases before, still read: version 3 (no kept byte, every "
-                    "answer follows) and version 2 (also no credentials_version, read as 0); "
-                    "reads_as: the reply cache they give"
+                    "blobs of the releases before, still read: version 4 (no app_state, read "
+                    "as empty), version 3 (also no kept byte, every answer follows) and version "
+                    "2 (also no credentials_version, read as 0); reads_as: the reply cache "
+                    "they give"
                 ),
                 "refused[]": "blobs that verify but must be treated as no session",
                 "reply_cache.reply_cache_bytes / max_requests_in_flight": "the server's config",
@@ -1531,6 +1542,7 @@ def session_state_file() -> JSON:
             "highest_request_id": state.highest_request_id,
             "request_count": state.request_count,
             "answered": [[i, None if a is None else a.hex()] for i, a in answered.items()],
+            "app_state": app_state.hex(),
         },
         "nonce": nonce.hex(),
         "plaintext": plaintext.hex(),
@@ -1539,14 +1551,15 @@ def session_state_file() -> JSON:
             {
                 "version": version,
                 "sealed": reseal(older),
-                "credentials_version": 7 if version == 3 else 0,
-                "reads_as": [[i, a.hex()] for i, a in kept.items()],
+                "credentials_version": 0 if version == 2 else 7,
+                "reads_as": [[i, None if a is None else a.hex()] for i, a in reads_as.items()],
             }
-            for older, version in ((v3, 3), (v2, 2))
+            for older, version, reads_as in olders
         ],
         "refused": [
             {"name": "a kept byte other than 0 or 1", "sealed": reseal(bad_kept)},
-            {"name": "an unknown version (5)", "sealed": reseal(b"\x05" + plaintext[1:])},
+            {"name": "an app state longer than what follows", "sealed": reseal(long_app)},
+            {"name": "an unknown version (6)", "sealed": reseal(b"\x06" + plaintext[1:])},
         ],
         "reply_cache": {
             "reply_cache_bytes": budget,

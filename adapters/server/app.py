@@ -23,6 +23,7 @@ from weakref import WeakKeyDictionary
 
 from keymgmt_proto import (
     KEY_ID_NONCE_SIZE,
+    KEY_ID_SIZE,
     OPERATIONS,
     Action,
     AuditRequest,
@@ -233,9 +234,11 @@ class KeyServer:
         self._clock = clock
         self._name_ok = account_name_policy
         #: Key ids drawn by CREATE_KEY_ID and not yet stored, per session (by its handle, so
-        #: they survive a resumption; in memory only: after a restart the client asks for a
-        #: fresh key id). Weak keys: a session gone for good takes its entry with it. Only a
-        #: session holding a reservation has an entry (an idle session costs nothing here, P4).
+        #: they survive a resumption; a session sealed into the session store carries them,
+        #: export_session, when this key server is its registry's app_state; after a restart
+        #: of a session kept in memory, the client asks for a fresh key id). Weak keys: a
+        #: session gone for good takes its entry with it. Only a session holding a
+        #: reservation has an entry (an idle session costs nothing here, P4).
         self._reserved: WeakKeyDictionary[SessionHandle, OrderedDict[bytes, SecretKind]] = WeakKeyDictionary()
         #: A session's new credentials version after its own password change, until the
         #: dispatcher hands it to the core (see take_renewed).
@@ -788,6 +791,30 @@ class KeyServer:
             self._log_ended(AuditRecord(user_id, _RETRIEVE, now, Outcome.FAILURE, key_id, context), changed)
             raise
         return answered
+
+    def export_session(self, handle: SessionHandle) -> bytes:
+        """The key ids the session ``handle`` reserved, oldest first, as ``key_id 16 ||
+        kind u8`` each, for its sealed state (SessionAppState; protocol.md section 13): a
+        store after the session resumed from the session store, here or on another
+        instance, still finds its key id."""
+        held = self._reserved.get(handle)
+        if not held:
+            return b""
+        return b"".join(key_id + bytes([kind]) for key_id, kind in held.items())
+
+    def import_session(self, handle: SessionHandle, state: bytes) -> None:
+        """The reservations :meth:`export_session` sealed, for the claimed session ``handle``
+        (what does not parse is dropped: the store is then refused INVALID, as without them)."""
+        reservations: OrderedDict[bytes, SecretKind] = OrderedDict()
+        size = KEY_ID_SIZE + 1
+        for at in range(0, len(state) - size + 1, size):
+            kind = _SECRET_KINDS.get(state[at + KEY_ID_SIZE])
+            if kind is not None:
+                reservations[state[at : at + KEY_ID_SIZE]] = kind
+        while len(reservations) > MAX_RESERVED_KEY_IDS:
+            reservations.popitem(last=False)
+        if reservations:
+            self._reserved[handle] = reservations
 
     def take_renewed(self, session: SessionHandle) -> int | None:
         """The new credentials version of a session that just changed its password itself

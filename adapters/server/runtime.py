@@ -197,6 +197,7 @@ class KeyServerRuntime:
             store=self.storage.session_store,
             sealing_key=session_sealing_key(self.setup.to_bytes()),
             random=os.urandom,
+            app_state=self.keyserver,  # its key-id reservations go with a session's sealed state
         )
         #: One group commit for every connection and background task of this server. Its
         #: commits that reach no fsync run on the event loop when this process alone writes

@@ -14,6 +14,7 @@ from keymgmt_proto import (
     ServerConnection,
     ServerSetup,
     SessionFailed,
+    SessionHandle,
     SessionRegistry,
     SessionResumed,
     session_sealing_key,
@@ -257,3 +258,48 @@ def test_a_session_attached_to_a_crashed_instance_cannot_be_resumed_elsewhere():
     other.client.resume_session(detached)
     assert only(other.pump(), SessionFailed).code is ErrorCode.UNKNOWN_SESSION
     assert login(other, b"crash").user_id is not None
+
+
+class _NotedApp:
+    """A SessionAppState keeping one note per session handle."""
+
+    def __init__(self) -> None:
+        self.notes: dict[SessionHandle, bytes] = {}
+        self.imported: list[tuple[SessionHandle, bytes]] = []
+
+    def export_session(self, handle: SessionHandle) -> bytes:
+        return self.notes.get(handle, b"")
+
+    def import_session(self, handle: SessionHandle, state: bytes) -> None:
+        self.imported.append((handle, state))
+
+
+def test_the_applications_state_of_a_session_goes_with_it_to_another_instance():
+    """SessionRegistry(app_state=...): what the application keeps of a session is sealed
+    with it and given to the instance that claims it, under the session's new handle; a
+    session with none gives nothing."""
+    store, app = DictStore(), MemoryServerApp()
+    noted_a, noted_b = _NotedApp(), _NotedApp()
+    key = session_sealing_key(SETUP.to_bytes())
+    instance_a = SessionRegistry(store=store, sealing_key=key, random=os.urandom, app_state=noted_a)
+    instance_b = SessionRegistry(store=store, sealing_key=key, random=os.urandom, app_state=noted_b)
+    pair = _pair(instance_a, app)
+    register(pair, b"noted")
+    login(pair, b"noted")
+    login(pair, b"noted")
+    noted, plain = (session.handle for session in instance_a._sessions.values())  # (server side)
+    noted_a.notes[noted] = b"reserved: k1"
+    pair.client.connection_lost()
+    pair.server.connection_lost()
+    pair.pump()
+    detached = pair.client.take_detached_sessions()
+    assert len(store.rows) == 2
+    other = _pair(instance_b, app)
+    for session in detached:
+        other.client.resume_session(session)
+    resumed = [e for e in other.pump() if isinstance(e, SessionResumed)]
+    assert len(resumed) == 2
+    ((handle, state),) = noted_b.imported  # the plain session's empty state is not imported
+    assert state == b"reserved: k1"
+    assert handle is not noted and handle is not plain
+    assert handle in {session.handle for session in instance_b._sessions.values()}

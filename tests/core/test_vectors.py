@@ -707,7 +707,7 @@ def test_audit_chain_vectors():
 
 
 def test_session_state_vectors():
-    """The version-4 blob, built here from the layout of protocol.md section 13, is the
+    """The version-5 blob, built here from the layout of protocol.md section 13, is the
     file's; the library seals the same bytes and reads them back; the older versions read as
     documented; the refused ones are no session."""
     data = load("session_state.json")
@@ -717,7 +717,7 @@ def test_session_state_vectors():
     assert key.hex() == data["sealing_key"]
     handle, nonce, st = h(data["session_handle"]), h(data["nonce"]), data["state"]
     name = h(st["account_name"])
-    plaintext = b"\x04" + h(st["user_id"]) + bytes([len(name)]) + name
+    plaintext = b"\x05" + h(st["user_id"]) + bytes([len(name)]) + name
     plaintext += struct.pack(">ddQ", st["created"], st["last_activity"], st["credentials_version"])
     plaintext += h(st["prk"]) + h(st["epoch_secret"])
     plaintext += struct.pack(
@@ -730,6 +730,8 @@ def test_session_state_vectors():
     for request_id, answer in st["answered"]:
         kept = b"" if answer is None else struct.pack(">I", len(h(answer))) + h(answer)
         plaintext += struct.pack(">IB", request_id, answer is not None) + kept
+    app_state = h(st["app_state"])
+    plaintext += struct.pack(">H", len(app_state)) + app_state
     assert plaintext.hex() == data["plaintext"]
     ad = wire.SESSION_STATE_AD_PREFIX + handle
     sealed = nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
@@ -740,12 +742,13 @@ def test_session_state_vectors():
     answered = {i: None if a is None else h(a) for i, a in st["answered"]}
     assert state.answered == answered and list(state.answered) == list(answered)  # (oldest first)
     assert (state.user_id.hex(), state.credentials_version) == (st["user_id"], st["credentials_version"])
+    assert state.app_state == app_state
     assert wire.seal_session_state(state, handle, key, fixed(nonce)) == sealed
     for older in data["older"]:
         state = wire.unseal_session_state(h(older["sealed"]), handle, key)
         assert state is not None, older["version"]
-        assert state.answered == {i: h(a) for i, a in older["reads_as"]}
-        assert state.credentials_version == older["credentials_version"]
+        assert state.answered == {i: None if a is None else h(a) for i, a in older["reads_as"]}
+        assert state.credentials_version == older["credentials_version"] and state.app_state == b""
     for refused in data["refused"]:
         assert wire.unseal_session_state(h(refused["sealed"]), handle, key) is None, refused["name"]
 

@@ -549,3 +549,43 @@ def test_a_key_server_batch_commits_when_it_ends_and_rolls_back_when_it_raises(t
         record = tx.get_login_record(b"kept")
     assert record is not None and record.failures == 2
     storage.close()
+
+
+def test_a_sessions_reservations_go_through_its_sealed_state_and_nothing_else_does(tmp_path):
+    """KeyServer.export_session / import_session (SessionAppState, protocol.md section 13):
+    the reservations come back under the claimed session's new handle, in order, at most
+    16; bytes that do not parse as ``key_id 16 || kind u8`` give no reservation."""
+    from collections import OrderedDict
+
+    from keymgmt.adapters.server.app import MAX_RESERVED_KEY_IDS, KeyServer
+    from keymgmt.adapters.storage.sqlite import SQLiteStorage
+    from keymgmt_proto import SessionHandle
+
+    storage = SQLiteStorage(tmp_path / "ks.db")
+    keyserver = KeyServer(storage)
+    old, new = SessionHandle(), SessionHandle()
+    assert keyserver.export_session(old) == b""  # nothing reserved: nothing sealed
+    held = OrderedDict(
+        (bytes([i]) * 16, SecretKind.GENERATED if i % 2 else SecretKind.IMPORTED) for i in range(1, 4)
+    )
+    keyserver._reserved[old] = held
+    sealed = keyserver.export_session(old)
+    assert sealed == b"".join(key_id + bytes([kind]) for key_id, kind in held.items())
+    keyserver.import_session(new, sealed)
+    assert list(keyserver._reserved[new].items()) == list(held.items())
+    # An unknown kind drops that entry; a cut-off tail is left out; nothing parses: no entry.
+    other = SessionHandle()
+    keyserver.import_session(
+        other, b"\x07" * 16 + b"\x09" + b"\x08" * 16 + bytes([SecretKind.IMPORTED]) + b"\x01"
+    )
+    assert list(keyserver._reserved[other].items()) == [(b"\x08" * 16, SecretKind.IMPORTED)]
+    nothing = SessionHandle()
+    keyserver.import_session(nothing, b"\x00" * 16)
+    assert nothing not in keyserver._reserved
+    # More than a session may hold (a blob from a server with a larger limit): the newest 16.
+    many = b"".join(bytes([i]) * 16 + bytes([SecretKind.GENERATED]) for i in range(20))
+    bounded = SessionHandle()
+    keyserver.import_session(bounded, many)
+    assert list(keyserver._reserved[bounded]) == [bytes([i]) * 16 for i in range(4, 20)]
+    assert len(keyserver._reserved[bounded]) == MAX_RESERVED_KEY_IDS
+    storage.close()

@@ -734,12 +734,14 @@ checkers["transcript.json"] = () => {
 // docs/protocol.md section 13 rebuilt from its layout, a reader of it written from the text,
 // and the reply cache rule of section 9 as the fake key server keeps it.
 
-/** The reply cache a version 2, 3 or 4 plaintext holds (null: not a session state). */
-function readSessionState(plaintext: Uint8Array): { credentialsVersion: bigint; answered: [number, string | null][] } | null {
+/** The reply cache and app state a version 2 to 5 plaintext holds (null: not a session state). */
+function readSessionState(
+  plaintext: Uint8Array,
+): { credentialsVersion: bigint; answered: [number, string | null][]; appState: string } | null {
   try {
     const r = new Reader(plaintext);
     const version = r.u8();
-    if (version < 2 || version > 4) return null;
+    if (version < 2 || version > 5) return null;
     r.bytes(16);
     r.bytes(r.u8());
     r.bytes(16); // created, last_activity
@@ -748,12 +750,13 @@ function readSessionState(plaintext: Uint8Array): { credentialsVersion: bigint; 
     const answered: [number, string | null][] = [];
     for (let count = r.u16(); count > 0; count--) {
       const requestId = r.u32();
-      const kept = version === 4 ? r.u8() : 1;
+      const kept = version >= 4 ? r.u8() : 1;
       if (kept > 1) return null;
       answered.push([requestId, kept === 1 ? toHex(r.bytes(r.u32())) : null]);
     }
+    const appState = version === 5 ? toHex(r.bytes(r.u16())) : "";
     r.end();
-    return { credentialsVersion, answered };
+    return { credentialsVersion, answered, appState };
   } catch {
     return null;
   }
@@ -769,8 +772,9 @@ checkers["session_state.json"] = () => {
   new DataView(times.buffer).setFloat64(0, st.created);
   new DataView(times.buffer).setFloat64(8, st.last_activity);
   const name = h(st.account_name);
+  const appState = h(st.app_state);
   const plaintext = concat(
-    u8(4),
+    u8(5),
     h(st.user_id),
     u8(name.length),
     name,
@@ -785,17 +789,21 @@ checkers["session_state.json"] = () => {
     ...st.answered.map(([id, answer]: [number, string | null]) =>
       answer === null ? concat(u32(id), u8(0)) : concat(u32(id), u8(1), u32(h(answer).length), h(answer)),
     ),
+    u16(appState.length),
+    appState,
   );
   assert.equal(toHex(plaintext), data.plaintext);
   const nonce = h(data.nonce);
   assert.equal(toHex(concat(nonce, chacha20poly1305(key, nonce, ad).encrypt(plaintext))), data.sealed);
   const open = (sealed: string) => chacha20poly1305(key, h(sealed).subarray(0, 12), ad).decrypt(h(sealed).subarray(12));
   assert.deepEqual(readSessionState(open(data.sealed))?.answered, st.answered);
+  assert.equal(readSessionState(open(data.sealed))?.appState, st.app_state);
   for (const older of data.older) {
     const state = readSessionState(open(older.sealed));
     assert.ok(state !== null, `version ${older.version}`);
     assert.equal(state.credentialsVersion, BigInt(older.credentials_version));
     assert.deepEqual(state.answered, older.reads_as);
+    assert.equal(state.appState, "");
   }
   for (const refused of data.refused) assert.equal(readSessionState(open(refused.sealed)), null, refused.name);
 
