@@ -11,6 +11,12 @@ memory BIO (paused only while too much waits), a ``receive()`` returns every rec
 decrypted so far at once, and a ``send()`` hands the records to the transport and
 waits only while its buffer is above a high-water mark.
 
+What the TLS layer writes by itself while it reads (OpenSSL's answer to each KeyUpdate
+that asks for one: a record out per record in) goes to the transport too, but a peer that
+reads nothing must not make it pile up there: once the transport holds more than its
+high-water mark after such a write, the stream stops reading (and decrypting) until the
+peer has taken enough of it (``resume_writing``). An honest peer reads what it is sent.
+
 A record that decrypts to fewer than ``SMALL_PIECE_SIZE`` bytes is still one unit of
 the connection's budget for unproductive input: like a WebSocket, this stream counts its
 records and tells ``on_small_input`` (the driver), since one receive may carry many.
@@ -60,6 +66,9 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         self._lost: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._writing_paused = False
+        #: The TLS layer's own output (KeyUpdate answers) found the transport above its
+        #: high-water mark: nothing more is read or decrypted until it drains.
+        self._held_for_output = False
         self._eof = False  # no more ciphertext will come
         self._connection_lost = False
         self._failure: BaseException | None = None  # the transport's
@@ -115,6 +124,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connection_lost = True
+        self._held_for_output = False  # (nothing more goes out: what came in may be decrypted)
         if not self._eof:
             self._eof = True
             self._incoming.write_eof()
@@ -130,6 +140,10 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._held_for_output:
+            self._held_for_output = False
+            self._resume_reading()
+            self._wake()  # (the receiver decrypts what waits)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -170,7 +184,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         size = len(self._leftover)
         small = 0
         incoming, tls = self._incoming, self._ssl
-        while size < max_bytes and self._bad_record is None:
+        while size < max_bytes and self._bad_record is None and not self._held_for_output:
             if not incoming.pending and not incoming.eof and not tls.pending():
                 break  # (what read() would say by raising SSLWantReadError, for less)
             try:
@@ -192,14 +206,12 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                 small += 1
         if self._outgoing.pending and not self._transport.is_closing():
             self._transport.write(self._outgoing.read())  # e.g. a KeyUpdate's answer
-        if (
-            self._reading_paused
-            and self._incoming.pending <= _READ_LIMIT
-            and not self._connection_lost
-            and not self._halted
-        ):
-            self._reading_paused = False
-            self._transport.resume_reading()
+            if self._writing_paused:  # the peer does not take what its own records make us write
+                self._held_for_output = True
+                if not self._reading_paused and not self._connection_lost:
+                    self._reading_paused = True
+                    self._transport.pause_reading()
+        self._resume_reading()
         if small and self.on_small_input is not None and self.on_small_input(small):
             self._halted = True  # nothing more is read (the connection ends)
             if not self._reading_paused and not self._connection_lost:
@@ -208,6 +220,18 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         data = b"".join(pieces)
         self._leftover = data[max_bytes:]
         return data[:max_bytes]
+
+    def _resume_reading(self) -> None:
+        """Read from the transport again if it was paused and nothing holds it any more."""
+        if (
+            self._reading_paused
+            and self._incoming.pending <= _READ_LIMIT
+            and not self._connection_lost
+            and not self._halted
+            and not self._held_for_output
+        ):
+            self._reading_paused = False
+            self._transport.resume_reading()
 
     async def send(self, item: bytes) -> None:
         if not self.send_nowait(item):
