@@ -13,10 +13,12 @@ object, and checked with ``SSL_version`` before use: the test skips if it is not
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import socket
 import ssl
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -24,6 +26,7 @@ import pytest
 
 from keymgmt.adapters.server.tlsfast import FastTLSStream
 from keymgmt.adapters.tls import client_context
+from keymgmt_proto import ServerConfig
 
 from ..support.net_world import running_server
 
@@ -122,5 +125,70 @@ async def test_key_updates_from_a_peer_that_reads_nothing_leave_bounded_output(t
             ]
             assert held, "the flooding connection was closed before it could be measured"
             assert max(held) < BOUNDED, f"{sent} bytes of KeyUpdates left {max(held)} bytes unsent"
+        finally:
+            client.close()
+
+
+def _flood_reading(port: int, ca: Path, updates: int) -> tuple[socket.socket, int]:
+    """As _flood, but with a thread that reads (and drops) what the server sends: the
+    server's answers never wait, only the budget for unproductive input may stop it."""
+    lib = _openssl()
+    sock = socket.create_connection(("127.0.0.1", port))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+    pointer = _ssl_pointer(tls, lib)
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(1 << 16):
+                pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    sent = 0
+    for _ in range(updates // 100):
+        records = []
+        for _ in range(100):
+            lib.SSL_key_update(pointer, 1)
+            lib.SSL_do_handshake(pointer)
+            records.append(outgoing.read())
+        try:
+            sock.sendall(b"".join(records))
+        except OSError:  # the server ended the connection
+            break
+        sent += 100
+    return sock, sent
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a record that decrypts to nothing (a KeyUpdate) is not charged to the budget for "
+    "unproductive input: FastTLSStream counts only records that yield plaintext",
+)
+async def test_key_update_records_spend_the_budget_for_unproductive_input(tmp_path):
+    """protocol.md section 10: every TLS record carrying fewer than SMALL_PIECE_SIZE bytes
+    costs one unit (it is decrypted for a byte or none). A KeyUpdate carries none, and costs
+    the server more than an empty record (two key derivations and a record of its own);
+    thousands of them, far past ``unproductive_burst``, must end the connection with
+    GOAWAY(LIMIT_EXCEEDED) well before its idle timeout (10 s without a session)."""
+    burst = ServerConfig().unproductive_burst
+    async with running_server(tmp_path) as (runtime, pki):
+        with anyio.fail_after(60):
+            client, sent = await anyio.to_thread.run_sync(
+                _flood_reading, runtime.port, pki.ca_cert, 5 * burst
+            )
+        try:
+            assert sent > 2 * burst
+            with anyio.move_on_after(3):  # (well before the connection's idle timeout)
+                while runtime._drivers:
+                    await anyio.sleep(0.05)
+            assert not runtime._drivers, f"{sent} KeyUpdate records did not end the connection"
         finally:
             client.close()
