@@ -43,6 +43,8 @@ from anyio.streams.tls import TLSStream
 
 from keymgmt_proto import SMALL_PIECE_SIZE
 
+from ..tls import TLSRecordCounter
+
 __all__ = ["FastTLSStream", "take_over"]
 
 #: Largest plaintext of one TLS record: each ``SSLObject.read`` asks for a whole record.
@@ -72,14 +74,8 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         #: The TLS layer's own output (KeyUpdate answers) found the transport above its
         #: high-water mark: nothing more is read or decrypted until it drains.
         self._held_for_output = False
-        #: Records whose header has arrived (see _note_records), records decrypted to
-        #: SMALL_PIECE_SIZE bytes or more, and units told to on_small_input so far.
-        self._records = 0
-        self._big_records = 0
-        self._charged = 0
-        #: The rest of the record being received to skip / the start of a header cut in two.
-        self._skip = 0
-        self._head = b""
+        #: The records received, for the budget for unproductive input.
+        self.records = TLSRecordCounter(SMALL_PIECE_SIZE)
         self._eof = False  # no more ciphertext will come
         self._connection_lost = False
         self._failure: BaseException | None = None  # the transport's
@@ -102,7 +98,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
-        self._note_records(data)
+        self.records.note(data)
         if self._incoming.pending > _READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
@@ -127,31 +123,6 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
             ):
                 return  # (all taken, or a record not yet whole: the receiver sleeps on)
         self._wake()
-
-    def _note_records(self, data: bytes) -> None:
-        """Count the TLS records whose 5-byte header comes in ``data``, the next piece of
-        ciphertext (the stream starts on a record boundary: see take_over)."""
-        size = len(data)
-        at = self._skip
-        if self._head:  # (then _skip is 0)
-            need = 5 - len(self._head)
-            head = self._head + data[:need]
-            if len(head) < 5:
-                self._head = head
-                return
-            self._head = b""
-            self._records += 1
-            at = need + ((head[3] << 8) | head[4])
-        records = 0
-        while at + 5 <= size:
-            records += 1
-            at += 5 + ((data[at + 3] << 8) | data[at + 4])
-        self._records += records
-        if at < size:
-            self._head = data[at:]
-            self._skip = 0
-        else:
-            self._skip = at - size
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -219,8 +190,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         """Every whole record decrypted so far (up to ``max_bytes``; the rest is kept)."""
         pieces = [self._leftover] if self._leftover else []
         size = len(self._leftover)
-        big = 0
-        incoming, tls = self._incoming, self._ssl
+        incoming, tls, records = self._incoming, self._ssl, self.records
         while size < max_bytes and self._bad_record is None and not self._held_for_output:
             if not incoming.pending and not incoming.eof and not tls.pending():
                 break  # (what read() would say by raising SSLWantReadError, for less)
@@ -239,8 +209,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                 break
             pieces.append(piece)
             size += len(piece)
-            if len(piece) >= SMALL_PIECE_SIZE:
-                big += 1
+            records.piece(len(piece))
         if self._outgoing.pending and not self._transport.is_closing():
             self._transport.write(self._outgoing.read())  # e.g. a KeyUpdate's answer
             if self._writing_paused:  # the peer does not take what its own records make us write
@@ -249,14 +218,8 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                     self._reading_paused = True
                     self._transport.pause_reading()
         self._resume_reading()
-        # Every record counted as its header came, less those that decrypted to a big piece:
-        # the records that carried little or nothing (those still to decrypt are paid for
-        # ahead; a big one among them is given back, from later charges, once decrypted).
-        self._big_records += big
-        small = self._records - self._big_records - self._charged
-        if small > 0:
-            self._charged += small
-        if small > 0 and self.on_small_input is not None and self.on_small_input(small):
+        small = records.owed()  # (the records that carried little or nothing)
+        if small and self.on_small_input is not None and self.on_small_input(small):
             self._halted = True  # nothing more is read (the connection ends)
             if not self._reading_paused and not self._connection_lost:
                 self._reading_paused = True
@@ -363,11 +326,11 @@ def take_over(tls: TLSStream) -> FastTLSStream | None:
     # time, so they start on a record boundary), and received but not yet taken by anyio.
     early = stream._incoming.read()
     stream._incoming.write(early)
-    stream._note_records(early)
+    stream.records.note(early)
     while queue:
         piece = queue.popleft()
         stream._incoming.write(piece)
-        stream._note_records(piece)
+        stream.records.note(piece)
     if failure is not None:
         stream._failure = failure
     if at_eof:
