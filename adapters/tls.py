@@ -26,11 +26,76 @@ from .files import ensure_private_file
 __all__ = [
     "DevPKI",
     "PKIError",
+    "TLSRecordCounter",
     "client_context",
     "generate_dev_pki",
     "renew_server_certificate",
     "server_context",
 ]
+
+
+class TLSRecordCounter:
+    """The key server's count of a connection's TLS records for its budget for unproductive
+    input (protocol.md section 10: every record carrying fewer than ``SMALL_PIECE_SIZE``
+    bytes costs a unit, also one that carries none, such as a KeyUpdate, which a TLS read
+    handles without returning anything). :meth:`note` counts the records whose 5-byte
+    header comes in each piece of ciphertext as it arrives (the first piece starts on a
+    record boundary); :meth:`piece` is told the size of each record decrypted; :meth:`owed`
+    says how many units to charge now: every record counted, less those that decrypted to
+    ``small`` bytes or more, less what was charged before (a big record still to decrypt is
+    paid for ahead, and given back from later charges once decrypted)."""
+
+    __slots__ = ("_head", "_skip", "big", "charged", "records", "small")
+
+    def __init__(self, small: int) -> None:
+        self.small = small
+        self.records = 0
+        self.big = 0
+        self.charged = 0
+        self._skip = 0  # bytes of the record being received still to come
+        self._head = b""  # the start of a header cut between two pieces (then _skip is 0)
+
+    def note(self, data: bytes) -> None:
+        """Count the records whose header comes in ``data``, the next piece of ciphertext."""
+        size = len(data)
+        at = self._skip
+        if self._head:
+            need = 5 - len(self._head)
+            head = self._head + data[:need]
+            if len(head) < 5:
+                self._head = head
+                return
+            self._head = b""
+            self.records += 1
+            at = need + ((head[3] << 8) | head[4])
+        records = 0
+        while at + 5 <= size:
+            records += 1
+            at += 5 + ((data[at + 3] << 8) | data[at + 4])
+        self.records += records
+        if at < size:
+            self._head = data[at:]
+            self._skip = 0
+        else:
+            self._skip = at - size
+
+    def piece(self, size: int) -> None:
+        """A record decrypted to ``size`` bytes."""
+        if size >= self.small:
+            self.big += 1
+
+    def owed(self) -> int:
+        """Units to charge now (see the class docstring), counted as charged."""
+        owed = self.records - self.big - self.charged
+        if owed <= 0:
+            return 0
+        self.charged += owed
+        return owed
+
+    def forgive(self) -> None:
+        """Count everything so far as paid (the records of the handshake, of an upgrade)."""
+        self.charged = max(self.charged, self.records - self.big)
+
 
 #: The development CA's lifetime; each server certificate it signs lives ``days`` (365).
 CA_DAYS = 3650

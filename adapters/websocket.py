@@ -32,6 +32,8 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from keymgmt_proto import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, SMALL_PIECE_SIZE
 
+from .tls import TLSRecordCounter
+
 __all__ = [
     "MESSAGE_SLACK",
     "SEND_CHUNK",
@@ -138,6 +140,10 @@ class WebSocketStream(ByteStream):
         #: Told how many small pieces arrived (see the module docstring); True from it means
         #: the connection is ending: nothing more is read. None: nobody asks.
         self.on_small_input: Callable[[int], bool] | None = None
+        #: Set when the transport's TLS records are counted below it (the key server's
+        #: runtime): each transport read (a record) then tells it its size and is not
+        #: counted here as a small piece.
+        self.tls_records: TLSRecordCounter | None = None
         self._halted = False
         self._frame = 0  # bytes of the WebSocket frame being received so far
         self._small = 0  # small pieces of the read being handled
@@ -170,7 +176,11 @@ class WebSocketStream(ByteStream):
             if self._ws.state is ConnectionState.CLOSED:
                 continue  # after the close handshake: nothing more is read
             self._ws.receive_data(data)
-            await self._handle_events(1 if len(data) < SMALL_PIECE_SIZE else 0)
+            if self.tls_records is not None:
+                self.tls_records.piece(len(data))
+                await self._handle_events()
+            else:
+                await self._handle_events(1 if len(data) < SMALL_PIECE_SIZE else 0)
             if self._halted:
                 await anyio.sleep_forever()
         chunk = bytes(self._buffer[:max_bytes])

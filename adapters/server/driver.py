@@ -43,6 +43,7 @@ from keymgmt_proto import (
     SessionRegistry,
 )
 
+from ..tls import TLSRecordCounter
 from ..websocket import WebSocketStream
 from .commit import CommitFailed, GroupCommit, Work
 from .metrics import ServerMetrics
@@ -272,6 +273,8 @@ class ConnectionDriver:
         #: counts its own pieces instead (its TLS records and WebSocket frames), and so does
         #: a FastTLSStream (its TLS records: one of its reads may carry many).
         self._count_reads = True
+        #: The transport's TLS records, counted below the TLS stream (count_tls_records).
+        self._tls_records: TLSRecordCounter | None = None
         if isinstance(stream, WebSocketStream | FastTLSStream):
             stream.on_small_input = self._small_input
             self._count_reads = False
@@ -341,6 +344,17 @@ class ConnectionDriver:
             self._signal()  # the next batch ends the connection
             return True
         return False
+
+    def count_tls_records(self, records: TLSRecordCounter) -> Callable[[int], bool]:
+        """The TLS records of this connection are counted as they arrive, below its TLS
+        stream (anyio's: the runtime's counting stream), where a record that carries nothing
+        (a KeyUpdate) is seen too: each TLS read now tells ``records`` its size instead of
+        counting as a small piece. Returns what the counter's owner tells the units to."""
+        self._tls_records = records
+        self._count_reads = False
+        if isinstance(self.stream, WebSocketStream):
+            self.stream.tls_records = records
+        return self._small_input
 
     def wake(self) -> None:
         """Another connection changed this one (a session moved away, or an answer for a
@@ -593,6 +607,8 @@ class ConnectionDriver:
             try:
                 now = self.clock()
                 small = self._count_reads and 0 < len(data) < SMALL_PIECE_SIZE
+                if data and self._tls_records is not None and not isinstance(self.stream, WebSocketStream):
+                    self._tls_records.piece(len(data))  # (one TLS read: one record)
                 spent = small and conn.note_small_input(1, now)
                 conn.receive_data(data, now)
             except Exception as exc:

@@ -42,11 +42,18 @@ from anyio.abc import (
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from keymgmt_proto import Admission, ServerConfig, ServerSetup, SessionRegistry, session_sealing_key
+from keymgmt_proto import (
+    SMALL_PIECE_SIZE,
+    Admission,
+    ServerConfig,
+    ServerSetup,
+    SessionRegistry,
+    session_sealing_key,
+)
 
 from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
-from ..tls import PKIError, server_context
+from ..tls import PKIError, TLSRecordCounter, server_context
 from ..websocket import WebSocketStream, max_message_size
 from .admission import AddressLimits, address_key
 from .app import DEFAULT_NAME_RESERVATION, DEFAULT_REAUTH_WINDOW, KeyServer, ThrottlePolicy
@@ -55,7 +62,7 @@ from .driver import ConnectionDriver, use_group_commit, wake_woken
 from .invitations import InvitationAuthorizer
 from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
-from .tlsfast import take_over
+from .tlsfast import FastTLSStream, take_over
 from .userrate import DEFAULT_USER_BURST, DEFAULT_USER_RATE, UserRequestRates
 from .websocket import UpgradeRefusedError, accept_upgrade
 
@@ -630,6 +637,11 @@ class KeyServerRuntime:
             metrics=self.metrics,
             send_timeout=self.settings.send_timeout,
         )
+        if not isinstance(transport, FastTLSStream):
+            # anyio's TLS stream reads through `counted`, which counts the records as they
+            # arrive: also those a TLS read handles without returning anything (KeyUpdate).
+            counted.records.forgive()  # (the handshake's, the upgrade request's)
+            counted.on_small_input = driver.count_tls_records(counted.records)
         self._drivers.add(driver)
         slot.driver = driver
         if self._closing:  # its handshake ended after the shutdown began: GOAWAY, not service
@@ -699,18 +711,27 @@ async def _bind(what: str, host: str, port: int) -> MultiListener[SocketStream]:
 
 
 class _CountingStream(ByteStream):
-    """The TCP stream under a TLS stream, counting the bytes received: a connection that
-    ends before its first byte was a TCP check, not a failed TLS handshake."""
+    """The TCP stream under a TLS stream, counting the bytes received (a connection that
+    ends before its first byte was a TCP check, not a failed TLS handshake) and the TLS
+    records: under anyio's TLS stream (not taken over by a FastTLSStream) the units they
+    cost go to ``on_small_input`` (the driver's) as they arrive."""
 
-    __slots__ = ("inner", "received")
+    __slots__ = ("inner", "on_small_input", "received", "records")
 
     def __init__(self, inner: SocketStream) -> None:
         self.inner = inner
         self.received = 0
+        self.records = TLSRecordCounter(SMALL_PIECE_SIZE)
+        self.on_small_input: Callable[[int], bool] | None = None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         data = await self.inner.receive(max_bytes)
         self.received += len(data)
+        self.records.note(data)
+        if self.on_small_input is not None:
+            owed = self.records.owed()
+            if owed:
+                self.on_small_input(owed)
         return data
 
     async def send(self, item: bytes) -> None:

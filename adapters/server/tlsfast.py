@@ -11,9 +11,18 @@ memory BIO (paused only while too much waits), a ``receive()`` returns every rec
 decrypted so far at once, and a ``send()`` hands the records to the transport and
 waits only while its buffer is above a high-water mark.
 
+What the TLS layer writes by itself while it reads (OpenSSL's answer to each KeyUpdate
+that asks for one: a record out per record in) goes to the transport too, but a peer that
+reads nothing must not make it pile up there: once the transport holds more than its
+high-water mark after such a write, the stream stops reading (and decrypting) until the
+peer has taken enough of it (``resume_writing``). An honest peer reads what it is sent.
+
 A record that decrypts to fewer than ``SMALL_PIECE_SIZE`` bytes is still one unit of
 the connection's budget for unproductive input: like a WebSocket, this stream counts its
-records and tells ``on_small_input`` (the driver), since one receive may carry many.
+records and tells ``on_small_input`` (the driver), since one receive may carry many. That
+includes the records that decrypt to nothing at all (a KeyUpdate, an empty record, which
+OpenSSL handles inside a read): the stream counts every record as its header arrives, and
+each that decrypted to ``SMALL_PIECE_SIZE`` bytes or more is given back.
 
 This reads private attributes of anyio (``TLSStream._ssl_object``, ``_read_bio``,
 ``_write_bio``; the asyncio ``SocketStream._transport`` and ``_protocol``).
@@ -33,6 +42,8 @@ from anyio.abc import ByteStream
 from anyio.streams.tls import TLSStream
 
 from keymgmt_proto import SMALL_PIECE_SIZE
+
+from ..tls import TLSRecordCounter
 
 __all__ = ["FastTLSStream", "take_over"]
 
@@ -60,6 +71,11 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         self._lost: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._writing_paused = False
+        #: The TLS layer's own output (KeyUpdate answers) found the transport above its
+        #: high-water mark: nothing more is read or decrypted until it drains.
+        self._held_for_output = False
+        #: The records received, for the budget for unproductive input.
+        self.records = TLSRecordCounter(SMALL_PIECE_SIZE)
         self._eof = False  # no more ciphertext will come
         self._connection_lost = False
         self._failure: BaseException | None = None  # the transport's
@@ -82,6 +98,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
+        self.records.note(data)
         if self._incoming.pending > _READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
@@ -115,6 +132,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connection_lost = True
+        self._held_for_output = False  # (nothing more goes out: what came in may be decrypted)
         if not self._eof:
             self._eof = True
             self._incoming.write_eof()
@@ -130,6 +148,10 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._held_for_output:
+            self._held_for_output = False
+            self._resume_reading()
+            self._wake()  # (the receiver decrypts what waits)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -168,9 +190,8 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         """Every whole record decrypted so far (up to ``max_bytes``; the rest is kept)."""
         pieces = [self._leftover] if self._leftover else []
         size = len(self._leftover)
-        small = 0
-        incoming, tls = self._incoming, self._ssl
-        while size < max_bytes and self._bad_record is None:
+        incoming, tls, records = self._incoming, self._ssl, self.records
+        while size < max_bytes and self._bad_record is None and not self._held_for_output:
             if not incoming.pending and not incoming.eof and not tls.pending():
                 break  # (what read() would say by raising SSLWantReadError, for less)
             try:
@@ -188,18 +209,16 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                 break
             pieces.append(piece)
             size += len(piece)
-            if len(piece) < SMALL_PIECE_SIZE:
-                small += 1
+            records.piece(len(piece))
         if self._outgoing.pending and not self._transport.is_closing():
             self._transport.write(self._outgoing.read())  # e.g. a KeyUpdate's answer
-        if (
-            self._reading_paused
-            and self._incoming.pending <= _READ_LIMIT
-            and not self._connection_lost
-            and not self._halted
-        ):
-            self._reading_paused = False
-            self._transport.resume_reading()
+            if self._writing_paused:  # the peer does not take what its own records make us write
+                self._held_for_output = True
+                if not self._reading_paused and not self._connection_lost:
+                    self._reading_paused = True
+                    self._transport.pause_reading()
+        self._resume_reading()
+        small = records.owed()  # (the records that carried little or nothing)
         if small and self.on_small_input is not None and self.on_small_input(small):
             self._halted = True  # nothing more is read (the connection ends)
             if not self._reading_paused and not self._connection_lost:
@@ -208,6 +227,18 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         data = b"".join(pieces)
         self._leftover = data[max_bytes:]
         return data[:max_bytes]
+
+    def _resume_reading(self) -> None:
+        """Read from the transport again if it was paused and nothing holds it any more."""
+        if (
+            self._reading_paused
+            and self._incoming.pending <= _READ_LIMIT
+            and not self._connection_lost
+            and not self._halted
+            and not self._held_for_output
+        ):
+            self._reading_paused = False
+            self._transport.resume_reading()
 
     async def send(self, item: bytes) -> None:
         if not self.send_nowait(item):
@@ -291,8 +322,15 @@ def take_over(tls: TLSStream) -> FastTLSStream | None:
         return None
     stream = FastTLSStream(tls, transport)
     transport.set_protocol(stream)
-    while queue:  # received after the handshake, not yet taken by anyio's stream
-        stream._incoming.write(queue.popleft())
+    # Records that came right behind the handshake: in the BIO (OpenSSL reads a record at a
+    # time, so they start on a record boundary), and received but not yet taken by anyio.
+    early = stream._incoming.read()
+    stream._incoming.write(early)
+    stream.records.note(early)
+    while queue:
+        piece = queue.popleft()
+        stream._incoming.write(piece)
+        stream.records.note(piece)
     if failure is not None:
         stream._failure = failure
     if at_eof:
