@@ -100,10 +100,13 @@ def _flood(port: int, ca: Path, updates: int) -> tuple[socket.socket, int]:
     return sock, sent
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # FastTLSStream is the asyncio server's stream
 async def test_key_updates_from_a_peer_that_reads_nothing_leave_bounded_output(tmp_path, anyio_backend):
-    if anyio_backend != "asyncio":  # (anyio's TLS stream waits on its sends)
-        pytest.skip("FastTLSStream is the asyncio server's stream")
-    async with running_server(tmp_path) as (runtime, pki):
+    # (on trio, anyio's TLS stream waits on its sends: what it writes while reading is bounded)
+    # The budget for unproductive input, which now also ends such a flood, is lifted here:
+    # this test is about the output, which must stay bounded whatever ends the connection.
+    unbudgeted = ServerConfig(unproductive_burst=1 << 30)
+    async with running_server(tmp_path, protocol=unbudgeted) as (runtime, pki):
         # The server's kernel send buffer kept small (as over a slow link), so the test
         # needs megabytes, not tens of them, to see what the server itself buffers.
 
@@ -197,7 +200,7 @@ async def test_key_update_records_spend_the_budget_for_unproductive_input(tmp_pa
                 _flood_reading, runtime.port, pki.ca_cert, 5 * burst
             )
         try:
-            assert sent > 2 * burst
+            assert sent > burst  # (past the burst: how far depends on the kernel's buffers)
             with anyio.move_on_after(3):  # (well before the connection's idle timeout)
                 while runtime._drivers:
                     await anyio.sleep(0.05)
@@ -238,7 +241,7 @@ async def test_key_update_records_spend_the_budget_over_the_websocket_listener_t
                 _flood_reading, runtime.websocket_port, pki.ca_cert, 5 * burst, True
             )
         try:
-            assert sent > 2 * burst
+            assert sent > burst  # (past the burst: how far depends on the kernel's buffers)
             with anyio.move_on_after(3):
                 while runtime._drivers:
                     await anyio.sleep(0.05)
