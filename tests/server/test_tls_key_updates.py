@@ -248,3 +248,81 @@ async def test_key_update_records_spend_the_budget_over_the_websocket_listener_t
             assert not runtime._drivers, f"{sent} KeyUpdate records did not end the connection"
         finally:
             client.close()
+
+
+def _flood_then_upgrade(port: int, ca: Path, updates: int) -> tuple[socket.socket, bytes]:
+    """Handshake, KeyUpdate(update_requested) records (a thread drops what the server
+    sends back), and only then the WebSocket upgrade request; returns the socket and the
+    start of the server's answer to the upgrade (b"" if the connection ended first)."""
+    lib = _openssl()
+    sock = socket.create_connection(("127.0.0.1", port))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+    pointer = _ssl_pointer(tls, lib)
+    # (what the server answers to the KeyUpdates is read here, under the TLS layer: the
+    # client's own SSL object must see it to read the upgrade's answer)
+    received = bytearray()
+    done = threading.Event()
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while not done.is_set():
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                received.extend(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with contextlib.suppress(OSError):
+        for _ in range(updates // 100):
+            records = []
+            for _ in range(100):
+                lib.SSL_key_update(pointer, 1)
+                lib.SSL_do_handshake(pointer)
+                records.append(outgoing.read())
+            sock.sendall(b"".join(records))
+        tls.write(upgrade_request())
+        sock.sendall(outgoing.read())
+    sock.settimeout(3.0)
+    reader.join(3.0)
+    done.set()
+    incoming.write(bytes(received))
+    head = b""
+    with contextlib.suppress(ssl.SSLError):
+        while True:
+            piece = tls.read(65536)
+            if not piece:
+                break
+            head += piece
+    return sock, head
+
+
+async def test_key_updates_sent_before_the_websocket_upgrade_spend_the_budget_too(tmp_path):
+    """The records a client sends between the TLS handshake and the end of its upgrade
+    request are TLS records like any other: thousands of KeyUpdates there (read by anyio's
+    TLS stream while the upgrade request is awaited, for up to ``websocket.upgrade_timeout``)
+    must not be forgiven once the upgrade is accepted."""
+    burst = ServerConfig().unproductive_burst
+    ws = {"websocket_listen": ("127.0.0.1", 0), "websocket_origins": frozenset({ORIGIN})}
+    async with running_server(tmp_path, **ws) as (runtime, pki):
+        assert runtime.websocket_port is not None
+        with anyio.fail_after(60):
+            client, head = await anyio.to_thread.run_sync(
+                _flood_then_upgrade, runtime.websocket_port, pki.ca_cert, 5 * burst
+            )
+        try:
+            with anyio.move_on_after(3):
+                while runtime._drivers:
+                    await anyio.sleep(0.05)
+            assert not runtime._drivers, f"{5 * burst} KeyUpdates before the upgrade were free ({head[:20]!r})"
+        finally:
+            client.close()
