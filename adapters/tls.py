@@ -92,10 +92,6 @@ class TLSRecordCounter:
         self.charged += owed
         return owed
 
-    def forgive(self) -> None:
-        """Count everything so far as paid (the records of the handshake, of an upgrade)."""
-        self.charged = max(self.charged, self.records - self.big)
-
 
 #: The development CA's lifetime; each server certificate it signs lives ``days`` (365).
 CA_DAYS = 3650

@@ -621,6 +621,11 @@ class KeyServerRuntime:
         transport: ByteStream = stream
         if not websocket:
             transport = take_over(stream) or stream  # (anyio's own stream on trio)
+        if not isinstance(transport, FastTLSStream):
+            # anyio's TLS stream reads through `counted`, which counts the records as they
+            # arrive: also those a TLS read handles without returning anything (KeyUpdate),
+            # from the first behind the handshake, those before the end of an upgrade too.
+            counted.handshake_done(stream, self.settings.protocol.unproductive_burst)
         if websocket:
             upgraded = await self._upgrade(stream, peer)
             if upgraded is None:
@@ -638,10 +643,7 @@ class KeyServerRuntime:
             send_timeout=self.settings.send_timeout,
         )
         if not isinstance(transport, FastTLSStream):
-            # anyio's TLS stream reads through `counted`, which counts the records as they
-            # arrive: also those a TLS read handles without returning anything (KeyUpdate).
-            counted.records.forgive()  # (the handshake's, the upgrade request's)
-            counted.on_small_input = driver.count_tls_records(counted.records)
+            counted.charge_to(driver.count_tls_records(counted.records))
         self._drivers.add(driver)
         slot.driver = driver
         if self._closing:  # its handshake ended after the shutdown began: GOAWAY, not service
@@ -716,22 +718,58 @@ class _CountingStream(ByteStream):
     records: under anyio's TLS stream (not taken over by a FastTLSStream) the units they
     cost go to ``on_small_input`` (the driver's) as they arrive."""
 
-    __slots__ = ("inner", "on_small_input", "received", "records")
+    __slots__ = ("inner", "limit", "on_small_input", "received", "records", "unpaid")
 
     def __init__(self, inner: SocketStream) -> None:
         self.inner = inner
         self.received = 0
         self.records = TLSRecordCounter(SMALL_PIECE_SIZE)
         self.on_small_input: Callable[[int], bool] | None = None
+        #: Units owed while nobody takes them yet (between the handshake and the driver: the
+        #: records behind the handshake, those of a WebSocket upgrade); past ``limit`` the
+        #: stream breaks. None: the handshake's records, not charged.
+        self.limit: int | None = None
+        self.unpaid = 0
+
+    def handshake_done(self, tls: TLSStream, limit: int) -> None:
+        """The TLS handshake over this stream ended: its records cost nothing, every record
+        after it does, including those already read behind it (in ``tls``'s read BIO, whole
+        records from a boundary: OpenSSL reads one record at a time). Until
+        :meth:`charge_to`, at most ``limit`` units (the budget's burst) are owed: past them
+        the stream breaks, so a peer cannot send KeyUpdates for free while its WebSocket
+        upgrade request is awaited."""
+        self.records = TLSRecordCounter(SMALL_PIECE_SIZE)
+        bio = getattr(tls, "_read_bio", None)
+        if isinstance(bio, ssl.MemoryBIO) and bio.pending:
+            early = bio.read()
+            bio.write(early)
+            self.records.note(early)
+        self.limit = limit
+        self.unpaid = self.records.owed()
+
+    def charge_to(self, on_small_input: Callable[[int], bool]) -> None:
+        """From now on the units go to ``on_small_input`` (the driver's), starting with
+        those owed since the handshake."""
+        self.on_small_input = on_small_input
+        owed = self.unpaid + self.records.owed()
+        self.unpaid = 0
+        if owed:
+            on_small_input(owed)
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         data = await self.inner.receive(max_bytes)
         self.received += len(data)
         self.records.note(data)
-        if self.on_small_input is not None:
+        if self.limit is not None:
             owed = self.records.owed()
-            if owed:
+            if not owed:
+                pass
+            elif self.on_small_input is not None:
                 self.on_small_input(owed)
+            else:
+                self.unpaid += owed
+                if self.unpaid > self.limit:
+                    raise anyio.BrokenResourceError("too much input that does nothing before the driver")
         return data
 
     async def send(self, item: bytes) -> None:
