@@ -445,3 +445,33 @@ def _fail_a_store_at_commit(
     monkeypatch.setattr(storage, "batch", failing_batch)
     monkeypatch.setattr(keyserver, "answer", answer)
     return fail
+
+
+async def test_records_not_yet_decrypted_are_not_charged_ahead(tmp_path):
+    """An honest client pipelining many small frames, each in its own TLS record (a
+    browser's WebSocket messages, a client flushing each request), while the server is busy:
+    up to ``_READ_LIMIT`` (256 KiB) of records wait in the stream. A receive decrypts only
+    ``max_bytes`` of them; charging every record that has arrived (2,000 here, past the
+    default burst of 1,024) before the frames of the first 64 KiB could give anything back
+    would end an honest connection: a receive charges the records it decrypted."""
+    async with _pair(tmp_path) as (server, client):
+        told: list[int] = []
+
+        def small_input(pieces: int) -> bool:
+            told.append(pieces)
+            return False
+
+        server.on_small_input = small_input
+        for n in range(2000):  # one record of 100 bytes each
+            client._ssl_object.write(bytes([n % 256]) * 100)
+        ciphertext = client._write_bio.read()
+        server.data_received(ciphertext)  # (what one busy turn of the event loop leaves)
+        received = b""
+        with anyio.fail_after(10):
+            while len(received) < 200_000:
+                before = sum(told)
+                piece = await server.receive(65536)
+                charged = sum(told) - before
+                assert charged <= len(piece) // 100 + 2, f"{charged} units charged for {len(piece)} bytes"
+                received += piece
+        assert sum(told) == 2000
