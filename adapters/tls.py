@@ -79,14 +79,22 @@ class TLSRecordCounter:
         else:
             self._skip = at - size
 
+    @staticmethod
+    def count(data: bytes) -> int:
+        """The records whose header is whole in ``data`` (which starts on a record boundary)."""
+        counter = TLSRecordCounter(0)
+        counter.note(data)
+        return counter.records
+
     def piece(self, size: int) -> None:
         """A record decrypted to ``size`` bytes."""
         if size >= self.small:
             self.big += 1
 
-    def owed(self) -> int:
-        """Units to charge now (see the class docstring), counted as charged."""
-        owed = self.records - self.big - self.charged
+    def owed(self, waiting: int = 0) -> int:
+        """Units to charge now (see the class docstring), counted as charged; ``waiting``:
+        records counted that are not decrypted yet, charged later (:meth:`count`)."""
+        owed = self.records - self.big - self.charged - waiting
         if owed <= 0:
             return 0
         self.charged += owed

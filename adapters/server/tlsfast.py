@@ -218,7 +218,16 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                     self._reading_paused = True
                     self._transport.pause_reading()
         self._resume_reading()
-        small = records.owed()  # (the records that carried little or nothing)
+        waiting = 0
+        if incoming.pending and not self._eof:
+            # Whole records this receive left to the next (OpenSSL reads one at a time, so
+            # they start on a boundary): charged once decrypted, not ahead, or an honest
+            # client's pipelined small records (up to _READ_LIMIT of them) would pay for
+            # far more than max_bytes before its frames give anything back.
+            tail = incoming.read()
+            incoming.write(tail)
+            waiting = TLSRecordCounter.count(tail)
+        small = records.owed(waiting)  # (the records that carried little or nothing)
         if small and self.on_small_input is not None and self.on_small_input(small):
             self._halted = True  # nothing more is read (the connection ends)
             if not self._reading_paused and not self._connection_lost:
