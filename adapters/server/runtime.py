@@ -765,7 +765,12 @@ class _CountingStream(ByteStream):
             if not owed:
                 pass
             elif self.on_small_input is not None:
-                self.on_small_input(owed)
+                if self.on_small_input(owed):
+                    # The budget ran out and the connection ends (the driver says GOAWAY):
+                    # nothing more is read, as from a WebSocket or a FastTLSStream. (Returned,
+                    # this would let anyio's TLS stream go on taking in records that return
+                    # nothing, KeyUpdates, until the connection closed.)
+                    await anyio.sleep_forever()
             else:
                 self.unpaid += owed
                 if self.unpaid > self.limit:
