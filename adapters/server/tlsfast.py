@@ -53,6 +53,9 @@ _RECORD = 16384
 _READ_LIMIT = 4 * 65536
 #: Bytes the transport may hold unsent before ``send()`` waits for the peer to take them.
 _WRITE_HIGH = 65536
+#: Records not decrypted yet that a receive may charge ahead without looking which they are
+#: (a few units of the budget, given back as they decrypt).
+_CHARGE_AHEAD = 64
 
 
 class FastTLSStream(ByteStream, asyncio.Protocol):
@@ -219,11 +222,16 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
                     self._transport.pause_reading()
         self._resume_reading()
         waiting = 0
-        if incoming.pending and not self._eof:
+        if (
+            incoming.pending
+            and not self._eof
+            and records.records - records.big - records.charged > _CHARGE_AHEAD
+        ):
             # Whole records this receive left to the next (OpenSSL reads one at a time, so
             # they start on a boundary): charged once decrypted, not ahead, or an honest
             # client's pipelined small records (up to _READ_LIMIT of them) would pay for
-            # far more than max_bytes before its frames give anything back.
+            # far more than max_bytes before its frames give anything back. (Only when
+            # that many may wait: big records, a 64 KiB secret's, are not copied for it.)
             tail = incoming.read()
             incoming.write(tail)
             waiting = TLSRecordCounter.count(tail)
