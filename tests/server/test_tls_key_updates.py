@@ -323,7 +323,8 @@ async def test_key_updates_sent_before_the_websocket_upgrade_spend_the_budget_to
             with anyio.move_on_after(3):
                 while runtime._drivers:
                     await anyio.sleep(0.05)
-            assert not runtime._drivers, f"{5 * burst} KeyUpdates before the upgrade were free ({head[:20]!r})"
+            free = f"{5 * burst} KeyUpdates before the upgrade were free"
+            assert not runtime._drivers, f"{free} ({head[:20]!r})"
         finally:
             client.close()
 
@@ -358,7 +359,7 @@ async def test_nothing_more_is_read_below_anyios_tls_stream_once_the_budget_ran_
     async with running_server(tmp_path, **ws) as (runtime, pki):
         assert runtime.websocket_port is not None
         with anyio.fail_after(60):
-            client, sent = await anyio.to_thread.run_sync(
+            client, _ = await anyio.to_thread.run_sync(
                 _flood_reading, runtime.websocket_port, pki.ca_cert, 20 * burst, True
             )
         try:
