@@ -523,8 +523,14 @@ class ConnectionDriver:
             except Exception:  # the core is in a state nobody planned for; the stream still closes
                 log.error("could not end the sessions of the connection from %s", self.peer)
         finally:
-            self._report_warnings()
-            await self._close_stream()
+            try:
+                self._report_warnings()
+                await self._close_stream()
+            finally:
+                # The map's value holds the connection, its key: left there, every connection
+                # ever served (its sessions, their handles, what the key server keys by
+                # them, such as key-id reservations) would stay in memory for good (P4).
+                _DRIVERS.pop(self.conn, None)
 
     async def _serve(self) -> None:
         failure: Exception | None = None
