@@ -43,7 +43,8 @@ class TLSRecordCounter:
     record boundary); :meth:`piece` is told the size of each record decrypted; :meth:`owed`
     says how many units to charge now: every record counted, less those that decrypted to
     ``small`` bytes or more, less what was charged before (a big record still to decrypt is
-    paid for ahead, and given back from later charges once decrypted)."""
+    paid for ahead, and given back from later charges once decrypted; ``waiting``, records
+    not taken in by the TLS layer yet, are not)."""
 
     __slots__ = ("_head", "_skip", "big", "charged", "records", "small")
 
