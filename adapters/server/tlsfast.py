@@ -194,7 +194,9 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         pieces = [self._leftover] if self._leftover else []
         size = len(self._leftover)
         incoming, tls, records = self._incoming, self._ssl, self.records
+        whole = False  # a record was just read whole here: what the BIO holds starts a record
         while size < max_bytes and self._bad_record is None and not self._held_for_output:
+            whole = False
             if not incoming.pending and not incoming.eof and not tls.pending():
                 break  # (what read() would say by raising SSLWantReadError, for less)
             try:
@@ -213,6 +215,7 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
             pieces.append(piece)
             size += len(piece)
             records.piece(len(piece))
+            whole = True
         if self._outgoing.pending and not self._transport.is_closing():
             self._transport.write(self._outgoing.read())  # e.g. a KeyUpdate's answer
             if self._writing_paused:  # the peer does not take what its own records make us write
@@ -223,7 +226,8 @@ class FastTLSStream(ByteStream, asyncio.Protocol):
         self._resume_reading()
         waiting = 0
         if (
-            incoming.pending
+            whole
+            and incoming.pending
             and not self._eof
             and records.records - records.big - records.charged > _CHARGE_AHEAD
         ):
