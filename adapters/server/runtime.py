@@ -64,7 +64,7 @@ from .metrics import ServerMetrics, serve_ops
 from .setupfile import load_server_setup_file
 from .tlsfast import FastTLSStream, take_over
 from .userrate import DEFAULT_USER_BURST, DEFAULT_USER_RATE, UserRequestRates
-from .websocket import UpgradeRefusedError, accept_upgrade
+from .websocket import InputBudgetSpent, UpgradeRefusedError, accept_upgrade
 
 __all__ = ["KeyServerRuntime", "ServerSettings", "open_storage"]
 
@@ -774,7 +774,7 @@ class _CountingStream(ByteStream):
             else:
                 self.unpaid += owed
                 if self.unpaid > self.limit:
-                    raise anyio.BrokenResourceError("too much input that does nothing before the driver")
+                    raise InputBudgetSpent("too much input that does nothing before the driver")
         return data
 
     async def send(self, item: bytes) -> None:

@@ -26,7 +26,13 @@ from wsproto.connection import Connection, ConnectionType
 
 from ..websocket import WS_PATH, WS_SUBPROTOCOL, WebSocketStream, accept_token
 
-__all__ = ["MAX_UPGRADE_REQUEST", "UpgradeRefusedError", "accept_upgrade", "normalize_origin"]
+__all__ = [
+    "MAX_UPGRADE_REQUEST",
+    "InputBudgetSpent",
+    "UpgradeRefusedError",
+    "accept_upgrade",
+    "normalize_origin",
+]
 
 #: The largest upgrade request head (request line and headers) the server reads.
 MAX_UPGRADE_REQUEST = 8192
@@ -69,6 +75,12 @@ class UpgradeRefusedError(Exception):
         self.status = status
 
 
+class InputBudgetSpent(anyio.BrokenResourceError):
+    """Raised by a stream whose peer sent more input that does nothing (TLS records that
+    carry little or none, protocol.md section 10) than the budget allows before the
+    upgrade was answered: the connection ends, and the log says why."""
+
+
 async def _refuse(stream: ByteStream, status: int, why: str, headers: bytes = b"") -> UpgradeRefusedError:
     head = (
         f"HTTP/1.1 {status} {_REASONS[status]}\r\n".encode()
@@ -109,6 +121,10 @@ async def accept_upgrade(
         if event is h11.NEED_DATA:
             try:
                 data = await stream.receive(4096)
+            except InputBudgetSpent:
+                raise UpgradeRefusedError(
+                    0, "sent more input that does nothing than its budget allows before its upgrade request"
+                ) from None
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 raise UpgradeRefusedError(0, "closed before its upgrade request was complete") from None
             http.receive_data(data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import random
 import socket
 import ssl
@@ -306,13 +307,14 @@ def _flood_then_upgrade(port: int, ca: Path, updates: int) -> tuple[socket.socke
     return sock, head
 
 
-async def test_key_updates_sent_before_the_websocket_upgrade_spend_the_budget_too(tmp_path):
+async def test_key_updates_sent_before_the_websocket_upgrade_spend_the_budget_too(tmp_path, caplog):
     """The records a client sends between the TLS handshake and the end of its upgrade
     request are TLS records like any other: thousands of KeyUpdates there (read by anyio's
     TLS stream while the upgrade request is awaited, for up to ``websocket.upgrade_timeout``)
     must not be forgiven once the upgrade is accepted."""
     burst = ServerConfig().unproductive_burst
     ws = {"websocket_listen": ("127.0.0.1", 0), "websocket_origins": frozenset({ORIGIN})}
+    caplog.set_level(logging.INFO, logger="keymgmt")
     async with running_server(tmp_path, **ws) as (runtime, pki):
         assert runtime.websocket_port is not None
         with anyio.fail_after(60):
@@ -325,6 +327,10 @@ async def test_key_updates_sent_before_the_websocket_upgrade_spend_the_budget_to
                     await anyio.sleep(0.05)
             free = f"{5 * burst} KeyUpdates before the upgrade were free"
             assert not runtime._drivers, f"{free} ({head[:20]!r})"
+            # The log says why the connection ended, not that the peer left.
+            lines = [r.getMessage() for r in caplog.records if r.name.startswith("keymgmt")]
+            assert any("than its budget allows before its upgrade request" in line for line in lines), lines
+            assert not any("closed before its upgrade request was complete" in line for line in lines), lines
         finally:
             client.close()
 
