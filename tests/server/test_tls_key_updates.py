@@ -27,10 +27,11 @@ import anyio
 import pytest
 
 from keymgmt.adapters.server.tlsfast import FastTLSStream
-from keymgmt.adapters.tls import TLSRecordCounter, client_context
+from keymgmt.adapters.tls import TLSRecordCounter
 from keymgmt_proto import ServerConfig
 
 from ..support.net_world import running_server
+from ..support.rawtls import handshake
 from ..support.ws_client import ORIGIN, upgrade_request
 
 pytestmark = pytest.mark.anyio
@@ -76,16 +77,7 @@ def _flood(port: int, ca: Path, updates: int) -> tuple[socket.socket, int]:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (a small window fills fast)
     sock.connect(("127.0.0.1", port))
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
+    tls, _incoming, outgoing = handshake(sock, ca)
     pointer = _ssl_pointer(tls, lib)
     sock.settimeout(3.0)
     sent = 0
@@ -145,16 +137,7 @@ def _flood_reading(port: int, ca: Path, updates: int, websocket: bool = False) -
     ``websocket``: upgrade to the WebSocket first (the wss listener)."""
     lib = _openssl()
     sock = socket.create_connection(("127.0.0.1", port))
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
+    tls, incoming, outgoing = handshake(sock, ca)
     if websocket:
         tls.write(upgrade_request())
         sock.sendall(outgoing.read())
@@ -257,16 +240,7 @@ def _flood_then_upgrade(port: int, ca: Path, updates: int) -> tuple[socket.socke
     start of the server's answer to the upgrade (b"" if the connection ended first)."""
     lib = _openssl()
     sock = socket.create_connection(("127.0.0.1", port))
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
+    tls, incoming, outgoing = handshake(sock, ca)
     pointer = _ssl_pointer(tls, lib)
     # (what the server answers to the KeyUpdates is read here, under the TLS layer: the
     # client's own SSL object must see it to read the upgrade's answer)

@@ -34,6 +34,7 @@ from keymgmt_proto.wire import REGISTRATION_REQUEST_SIZE, RegStart, encode_frame
 
 from ..support.keyserver_world import SETUP
 from ..support.net_world import running_server
+from ..support.rawtls import handshake
 
 pytestmark = pytest.mark.anyio
 
@@ -500,16 +501,7 @@ def _pipeline_in_small_records(
 
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(20)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
+    tls, incoming, outgoing = handshake(sock, ca)
     conn = ClientConnection(os.urandom)
     answered, failures = 0, []
 
